@@ -1,0 +1,39 @@
+/** What a sandbox's network looks like once Cubicle has made it. */
+export interface SandboxNetwork {
+  /** Name under /var/run/netns (`ip netns` name). */
+  netnsName: string;
+  /** Path a runtime joins: /var/run/netns/<netnsName>. */
+  netnsPath: string;
+  /** Host end of the veth pair. */
+  hostInterface: string;
+  /** Address of the host end, e.g. 10.88.0.1. */
+  hostAddress: string;
+  /** Address of the sandbox end, e.g. 10.88.0.2: the server reaches the agent here. */
+  sandboxAddress: string;
+  /** Prefix length of the point-to-point link, e.g. 30. */
+  prefixLength: number;
+}
+
+export interface NetworkPolicy {
+  /** Egress to the internet (NAT out of the host). Default true. */
+  allowInternetAccess: boolean;
+}
+
+/**
+ * Makes and removes per-sandbox network namespaces, veth pairs, addresses and nftables rules.
+ * Every method is idempotent so that recovery and cleanup can call it again safely.
+ */
+export interface NetworkManager {
+  /** Creates the nftables table, enables forwarding. Safe to call on every start. */
+  init(): Promise<void>;
+  /** Makes the namespace, veth pair and addresses for a sandbox and applies the policy. */
+  allocate(sandboxId: string, policy: NetworkPolicy): Promise<SandboxNetwork>;
+  /** Re-registers an existing network after a server restart (marks its addresses used). */
+  adopt(sandboxId: string, network: SandboxNetwork): Promise<void>;
+  /** Changes egress policy of a running sandbox. */
+  applyPolicy(sandboxId: string, policy: NetworkPolicy): Promise<void>;
+  /** Removes namespace, veth, rules and frees the address. No error if already gone. */
+  release(sandboxId: string): Promise<void>;
+  /** Names of the namespaces that this manager's prefix owns (to find leftovers). */
+  listNamespaces(): Promise<string[]>;
+}

@@ -1,0 +1,37 @@
+import path from "node:path";
+
+/** Server configuration, read from the environment with defaults (README lists them). */
+export interface CubicleConfig {
+  host: string;
+  port: number;
+  stateDir: string;
+  /** Where template rootfs trees are cached; shared between state dirs (tests) to avoid rebuilds. */
+  templateDir: string;
+  domain: string;
+  /** Fixed API key, or undefined to generate one on first start and keep it in the state dir. */
+  apiKey: string | undefined;
+  /** IPv4 pool sandboxes take their /30 from, e.g. 10.88.0.0/16. */
+  subnet: string;
+  /** Directory holding the bundled agent and the kit injected into sandboxes. */
+  distDir: string;
+  /** runc binary. */
+  runcPath: string;
+  /** Default sandbox lifetime when a create sends none (v2 semantics). */
+  defaultTimeoutSec: number;
+}
+
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig {
+  const stateDir = path.resolve(env.CUBICLE_STATE_DIR ?? "/var/lib/cubicle");
+  return {
+    host: env.CUBICLE_HOST ?? "127.0.0.1",
+    port: Number(env.CUBICLE_PORT ?? 3000),
+    stateDir,
+    templateDir: path.resolve(env.CUBICLE_TEMPLATE_DIR ?? path.join(stateDir, "templates")),
+    domain: env.CUBICLE_DOMAIN ?? "cubicle.local",
+    apiKey: env.CUBICLE_API_KEY || undefined,
+    subnet: env.CUBICLE_SUBNET ?? "10.88.0.0/16",
+    distDir: path.resolve(env.CUBICLE_DIST_DIR ?? path.join(path.dirname(new URL(import.meta.url).pathname), "..", "..", "dist")),
+    runcPath: env.CUBICLE_RUNC ?? "runc",
+    defaultTimeoutSec: Number(env.CUBICLE_DEFAULT_TIMEOUT_SEC ?? 300),
+  };
+}
