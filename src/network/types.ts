@@ -28,8 +28,12 @@ export interface NetworkManager {
   init(): Promise<void>;
   /** Makes the namespace, veth pair and addresses for a sandbox and applies the policy. */
   allocate(sandboxId: string, policy: NetworkPolicy): Promise<SandboxNetwork>;
-  /** Re-registers an existing network after a server restart (marks its addresses used). */
-  adopt(sandboxId: string, network: SandboxNetwork): Promise<void>;
+  /**
+   * Re-registers an existing network after a server restart (marks its addresses used). Pass the
+   * policy to restore it: `init()` recreates the nftables table, so until then the sandbox has no
+   * internet (fail closed).
+   */
+  adopt(sandboxId: string, network: SandboxNetwork, policy?: NetworkPolicy): Promise<void>;
   /** Changes egress policy of a running sandbox. */
   applyPolicy(sandboxId: string, policy: NetworkPolicy): Promise<void>;
   /** Removes namespace, veth, rules and frees the address. No error if already gone. */

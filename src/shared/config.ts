@@ -18,6 +18,10 @@ export interface CubicleConfig {
   runcPath: string;
   /** Default sandbox lifetime when a create sends none (v2 semantics). */
   defaultTimeoutSec: number;
+  /** Templates prepared before the server reports ready. */
+  defaultTemplates: string[];
+  /** Name of the nftables table this server owns (one per server on a host). */
+  nftTable: string;
 }
 
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig {
@@ -33,5 +37,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     distDir: path.resolve(env.CUBICLE_DIST_DIR ?? path.join(path.dirname(new URL(import.meta.url).pathname), "..", "..", "dist")),
     runcPath: env.CUBICLE_RUNC ?? "runc",
     defaultTimeoutSec: Number(env.CUBICLE_DEFAULT_TIMEOUT_SEC ?? 300),
+    defaultTemplates: (env.CUBICLE_DEFAULT_TEMPLATES ?? "base").split(",").map((s) => s.trim()).filter(Boolean),
+    nftTable: env.CUBICLE_NFT_TABLE ?? "cubicle",
   };
 }

@@ -14,6 +14,14 @@ export interface RpcContext {
   headers: Record<string, string | string[] | undefined>;
   /** Connect-Timeout-Ms of the request, if any (ms). */
   timeoutMs: number | undefined;
+  /**
+   * Streams only: true while the response is backed up (the client reads slower than the
+   * handler sends). A producer that can pause (process output) should pause, then resume
+   * after `waitForDrain`.
+   */
+  needsDrain?: () => boolean;
+  /** Resolves once the response buffer has drained or the connection is gone. */
+  waitForDrain?: () => Promise<void>;
 }
 
 /** A unary procedure: one JSON message in, one out. */

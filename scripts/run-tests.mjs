@@ -1,0 +1,34 @@
+// Runs the whole suite with node's test runner: unit tests next to the code (src/**/*.test.ts),
+// then end-to-end tests (test/e2e/*.test.ts) against real servers and sandboxes.
+// Extra arguments narrow the run to files whose path contains one of them.
+import { spawnSync } from "node:child_process";
+import fs from "node:fs";
+import path from "node:path";
+
+const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), "..");
+const filters = process.argv.slice(2);
+
+function collect(dir, suffix) {
+  const out = [];
+  if (!fs.existsSync(dir)) return out;
+  for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
+    const full = path.join(dir, entry.name);
+    if (entry.isDirectory()) out.push(...collect(full, suffix));
+    else if (entry.name.endsWith(suffix)) out.push(path.relative(root, full));
+  }
+  return out.sort();
+}
+
+let files = [...collect(path.join(root, "src"), ".test.ts"), ...collect(path.join(root, "test", "e2e"), ".test.ts")];
+if (filters.length) files = files.filter((f) => filters.some((needle) => f.includes(needle)));
+if (files.length === 0) {
+  console.error("no test files matched");
+  process.exit(1);
+}
+
+const result = spawnSync(
+  process.execPath,
+  ["--import", "tsx", "--test", "--test-concurrency=1", "--test-reporter=spec", ...files],
+  { cwd: root, stdio: "inherit", env: { ...process.env, CUBICLE_LOG_LEVEL: process.env.CUBICLE_LOG_LEVEL ?? "warn" } },
+);
+process.exit(result.status ?? 1);

@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# Installs what Cubicle needs on the host, and nothing when it is all there.
+#
+# Runs before every `./cubicle up` and `./cubicle test`, so the path where nothing is missing
+# must stay fast (well under a second): it only queries dpkg, runs `criu --version`/`check`,
+# and loads the native Node modules once. Prints one line per step that did something.
+#
+# Environment:
+#   CUBICLE_STATE_DIR   state directory (default /var/lib/cubicle); CRIU goes to <state>/criu
+#   CUBICLE_DEBIAN_MIRROR  Debian mirror for the private CRIU tree (default deb.debian.org)
+set -euo pipefail
+
+readonly REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+readonly STATE_DIR="${CUBICLE_STATE_DIR:-/var/lib/cubicle}"
+readonly CRIU_DIR="$STATE_DIR/criu"
+readonly CRIU_ROOT="$CRIU_DIR/root"
+readonly CRIU_WRAPPER="$CRIU_DIR/criu"
+# runc is pointed at this file's content (`runc --criu <path>`); see ARCHITECTURE.md §3.1.
+readonly CRIU_PATH_FILE="$CRIU_DIR/path"
+readonly DEBIAN_MIRROR="${CUBICLE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+# Debian 12's CRIU 3.17 fails on current kernels (vDSO), trixie's 4.1.1 fails on TCP sockets
+# with kernels >= 6.16; 4.2 (Debian testing, "forky") works.
+readonly CRIU_MIN_VERSION="4.2"
+readonly CRIU_SUITE="forky"
+readonly HOST_PACKAGES=(runc iproute2 nftables mmdebstrap uidmap iptables)
+
+staging=""
+
+say() { echo "setup-host: $*"; }
+die() { echo "setup-host: error: $*" >&2; exit 1; }
+
+need_root() {
+  [[ $EUID -eq 0 ]] || die "$1 needs root; run this script as root (sudo $0)"
+}
+
+# ---- Debian packages -------------------------------------------------------------------------
+
+install_missing_packages() {
+  local missing=() pkg status
+  for pkg in "${HOST_PACKAGES[@]}"; do
+    status="$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)"
+    [[ "$status" == "installed" ]] || missing+=("$pkg")
+  done
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  need_root "installing ${missing[*]}"
+  say "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null || die "apt-get update failed"
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || die "apt-get install ${missing[*]} failed"
+}
+
+# ---- CRIU ------------------------------------------------------------------------------------
+
+# True when version $1 (x.y[.z]) is at least $2 (x.y).
+version_at_least() {
+  local have_major have_minor want_major want_minor
+  IFS=. read -r have_major have_minor _ <<<"$1"
+  IFS=. read -r want_major want_minor _ <<<"$2"
+  [[ "$have_major" =~ ^[0-9]+$ && "${have_minor:-0}" =~ ^[0-9]+$ ]] || return 1
+  ((have_major > want_major || (have_major == want_major && ${have_minor:-0} >= want_minor)))
+}
+
+criu_version() {
+  "$1" --version 2>/dev/null | sed -n 's/^Version: *//p'
+}
+
+# True when binary $1 exists, is new enough and `criu check` passes on this kernel.
+criu_usable() {
+  local bin="$1" version
+  [[ -x "$bin" ]] || return 1
+  version="$(criu_version "$bin")"
+  version_at_least "$version" "$CRIU_MIN_VERSION" || return 1
+  "$bin" check >/dev/null 2>&1
+}
+
+record_criu_path() {
+  local bin="$1"
+  if [[ "$(cat "$CRIU_PATH_FILE" 2>/dev/null || true)" != "$bin" ]]; then
+    mkdir -p "$CRIU_DIR"
+    printf '%s\n' "$bin" >"$CRIU_PATH_FILE.tmp"
+    mv -f "$CRIU_PATH_FILE.tmp" "$CRIU_PATH_FILE"
+    say "criu $(criu_version "$bin") at $bin (recorded in $CRIU_PATH_FILE)"
+  fi
+}
+
+write_criu_wrapper() {
+  local root="$1"
+  # The tree's own loader and libraries run its criu, so the host's libc is never touched.
+  # The library path is not exported (no LD_LIBRARY_PATH), so the host tools criu executes
+  # (ip, iptables-restore, sh) keep using the host's libraries.
+  cat >"$CRIU_WRAPPER.tmp" <<EOF
+#!/bin/sh
+# Made by scripts/setup-host.sh: CRIU from Debian $CRIU_SUITE in a private tree.
+exec "$root/lib64/ld-linux-x86-64.so.2" --argv0 criu \\
+  --library-path "$root/lib/x86_64-linux-gnu:$root/usr/lib/x86_64-linux-gnu" \\
+  "$root/usr/sbin/criu" "\$@"
+EOF
+  chmod 755 "$CRIU_WRAPPER.tmp"
+  mv -f "$CRIU_WRAPPER.tmp" "$CRIU_WRAPPER"
+}
+
+build_private_criu() {
+  need_root "building the private CRIU tree"
+  command -v mmdebstrap >/dev/null || die "mmdebstrap is missing"
+  mkdir -p "$CRIU_DIR"
+  staging="$CRIU_DIR/root.building.$$"
+  rm -rf "$staging"
+  trap 'rm -rf "$staging"' EXIT
+  say "building CRIU $CRIU_MIN_VERSION+ from Debian $CRIU_SUITE into $CRIU_ROOT (~15 s)"
+  local started=$SECONDS
+  # forky's Release file is past its Valid-Until date; its signature still verifies with the
+  # keys in Debian 12's debian-archive-keyring.
+  mmdebstrap --quiet --variant=apt --include=criu,iptables \
+    --aptopt='Acquire::Check-Valid-Until "false"' \
+    "$CRIU_SUITE" "$staging" "$DEBIAN_MIRROR" >"$CRIU_DIR/build.log" 2>&1 \
+    || die "mmdebstrap of $CRIU_SUITE failed; see $CRIU_DIR/build.log"
+  rm -rf "$CRIU_ROOT.old"
+  [[ -e "$CRIU_ROOT" ]] && mv "$CRIU_ROOT" "$CRIU_ROOT.old"
+  mv "$staging" "$CRIU_ROOT"
+  rm -rf "$CRIU_ROOT.old"
+  trap - EXIT
+  write_criu_wrapper "$CRIU_ROOT"
+  local version
+  version="$(criu_version "$CRIU_WRAPPER")"
+  version_at_least "$version" "$CRIU_MIN_VERSION" \
+    || die "$CRIU_WRAPPER --version gave '${version:-nothing}', want >= $CRIU_MIN_VERSION"
+  "$CRIU_WRAPPER" check >"$CRIU_DIR/check.log" 2>&1 \
+    || die "$CRIU_WRAPPER check failed on kernel $(uname -r); see $CRIU_DIR/check.log"
+  say "criu $version built in $((SECONDS - started)) s"
+}
+
+ensure_criu() {
+  local recorded
+  recorded="$(cat "$CRIU_PATH_FILE" 2>/dev/null || true)"
+  if [[ -n "$recorded" ]] && criu_usable "$recorded"; then
+    return 0
+  fi
+  local host_criu
+  host_criu="$(command -v criu || true)"
+  if [[ -n "$host_criu" ]] && criu_usable "$host_criu"; then
+    record_criu_path "$host_criu"
+    return 0
+  fi
+  # Serialize with other setup runs (./cubicle up and ./cubicle test may start together).
+  mkdir -p "$CRIU_DIR"
+  exec {lock_fd}>"$CRIU_DIR/.lock"
+  flock "$lock_fd"
+  if ! criu_usable "$CRIU_WRAPPER"; then
+    if [[ -x "$CRIU_ROOT/usr/sbin/criu" ]]; then
+      write_criu_wrapper "$CRIU_ROOT"
+    fi
+    criu_usable "$CRIU_WRAPPER" || build_private_criu
+  fi
+  record_criu_path "$CRIU_WRAPPER"
+  flock -u "$lock_fd"
+}
+
+# ---- Node modules ----------------------------------------------------------------------------
+
+native_modules_load() {
+  (cd "$REPO_DIR" && node -e '
+    const Database = require("better-sqlite3");
+    new Database(":memory:").close(); // the addon loads on first use, not on require
+    require("node-pty");
+  ' >/dev/null 2>&1)
+}
+
+ensure_node_modules() {
+  command -v node >/dev/null || die "node is not installed (Cubicle needs Node 20)"
+  cd "$REPO_DIR"
+  # npm ci writes node_modules/.package-lock.json; older than the lockfile means stale.
+  if [[ ! -f node_modules/.package-lock.json || package-lock.json -nt node_modules/.package-lock.json ]]; then
+    say "npm ci"
+    npm ci --no-audit --no-fund --loglevel=error >/dev/null || die "npm ci failed"
+  fi
+  if ! native_modules_load; then
+    say "npm rebuild better-sqlite3 node-pty"
+    npm rebuild better-sqlite3 node-pty --loglevel=error >/dev/null || die "npm rebuild failed"
+    native_modules_load || die "better-sqlite3 or node-pty still fails to load after npm rebuild"
+  fi
+}
+
+install_missing_packages
+ensure_criu
+ensure_node_modules

@@ -1,0 +1,223 @@
+/**
+ * The unary filesystem operations of envd (wire-protocol §8.2), each run with the selected
+ * user's permissions. Error codes and messages follow upstream envd's
+ * `internal/services/filesystem`.
+ */
+import fs from "node:fs";
+import path from "node:path";
+import type { AgentUser } from "../users.js";
+import { resolveUserPath } from "../users.js";
+import { runAsUser } from "../as-user.js";
+import { CubicleError } from "../../shared/cubicle-error.js";
+import { entryInfoFromStats, readEntryInfo, baseName, type EntryInfoJson } from "./entry-info.js";
+import { metadataStore } from "./metadata-store.js";
+
+/** Resolves a request path for `user` (`~`, relative → home, empty → home). */
+export function resolveRequestPath(requested: unknown, user: AgentUser): string {
+  return resolveUserPath(typeof requested === "string" ? requested : "", user);
+}
+
+/** Go-style text of a failed syscall, e.g. `lstat /x: no such file or directory`. */
+export function syscallErrorText(operation: string, target: string, reason: unknown): string {
+  const errno = reason as NodeJS.ErrnoException;
+  const description: Record<string, string> = {
+    ENOENT: "no such file or directory",
+    EACCES: "permission denied",
+    EPERM: "operation not permitted",
+    ENOTDIR: "not a directory",
+    EISDIR: "is a directory",
+    EEXIST: "file exists",
+    ENOTEMPTY: "directory not empty",
+    EXDEV: "invalid cross-device link",
+    ELOOP: "too many levels of symbolic links",
+    ENOSPC: "no space left on device",
+    EDQUOT: "disk quota exceeded",
+    EROFS: "read-only file system",
+    EBUSY: "device or resource busy",
+    ENAMETOOLONG: "file name too long",
+  };
+  const text = (errno.code && description[errno.code]) ?? errno.message;
+  return `${operation} ${target}: ${text}`;
+}
+
+function isErrno(reason: unknown, ...codes: string[]): boolean {
+  const code = (reason as NodeJS.ErrnoException | undefined)?.code;
+  return code !== undefined && codes.includes(code);
+}
+
+/** Permission and other errno failures map through CubicleError.from; the prefix keeps context. */
+function failure(prefix: string, operation: string, target: string, reason: unknown, fallback: CubicleError["code"] = "internal"): CubicleError {
+  const mapped = CubicleError.from(reason, fallback);
+  const code = mapped.code === "permission_denied" || mapped.code === "insufficient_storage" ? mapped.code : fallback;
+  return new CubicleError(code, `${prefix}: ${syscallErrorText(operation, target, reason)}`, { cause: reason });
+}
+
+/** Adds stored user metadata to an entry. Must run as root (outside `runAsUser`). */
+export function withMetadata(entry: EntryInfoJson, identity?: { dev: bigint; ino: bigint }): EntryInfoJson {
+  let fileIdentity = identity;
+  if (!fileIdentity) {
+    try {
+      const stats = fs.lstatSync(entry.path, { bigint: true });
+      fileIdentity = { dev: stats.dev, ino: stats.ino };
+    } catch {
+      return entry;
+    }
+  }
+  const metadata = metadataStore().get(entry.path, fileIdentity);
+  if (metadata && Object.keys(metadata).length > 0) entry.metadata = metadata;
+  return entry;
+}
+
+export function statPath(user: AgentUser, requested: unknown): { entry: EntryInfoJson } {
+  const target = resolveRequestPath(requested, user);
+  const { entry, identity } = runAsUser(user, () => {
+    let stats: fs.BigIntStats;
+    try {
+      stats = fs.lstatSync(target, { bigint: true });
+    } catch (reason) {
+      if (isErrno(reason, "ENOENT", "ENOTDIR")) {
+        throw new CubicleError("not_found", `file not found: ${syscallErrorText("lstat", target, reason)}`, { cause: reason });
+      }
+      throw failure("error getting file info", "lstat", target, reason);
+    }
+    return { entry: entryInfoFromStats(target, stats), identity: { dev: stats.dev, ino: stats.ino } };
+  });
+  return { entry: withMetadata(entry, identity) };
+}
+
+interface WalkedEntry {
+  entry: EntryInfoJson;
+  identity: { dev: bigint; ino: bigint };
+}
+
+export function listDirectory(user: AgentUser, requested: unknown, requestedDepth: unknown): { entries: EntryInfoJson[] } {
+  let depth = Number(requestedDepth ?? 0);
+  if (!Number.isFinite(depth) || depth <= 0) depth = 1; // upstream: 0 means the directory itself
+  const requestedPath = resolveRequestPath(requested, user);
+
+  const walked = runAsUser(user, () => {
+    let resolved: string;
+    try {
+      resolved = fs.realpathSync.native(requestedPath);
+    } catch (reason) {
+      if (isErrno(reason, "ENOENT", "ENOTDIR")) {
+        throw new CubicleError("not_found", `directory not found: ${syscallErrorText("lstat", requestedPath, reason)}`, { cause: reason });
+      }
+      if (isErrno(reason, "ELOOP")) {
+        throw new CubicleError("invalid_argument", `cyclic symlink or chain >255 links at "${requestedPath}"`, { cause: reason });
+      }
+      throw failure("error resolving symlink", "lstat", requestedPath, reason);
+    }
+    let stats: fs.Stats;
+    try {
+      stats = fs.statSync(resolved);
+    } catch (reason) {
+      throw failure("error getting file info", "stat", resolved, reason);
+    }
+    if (!stats.isDirectory()) throw new CubicleError("invalid_argument", `path is not a directory: ${requestedPath}`);
+
+    const collected: WalkedEntry[] = [];
+    // Entries are reported under the requested path even when it is a symlink (§8.2);
+    // like Go's filepath.WalkDir: lexical order, depth first, symlinks not followed.
+    const walk = (directory: string, reportedDirectory: string, level: number) => {
+      let names: string[];
+      try {
+        names = fs.readdirSync(directory);
+      } catch (reason) {
+        if (level === 1) throw failure("error reading directory", "open", directory, reason);
+        return; // an unreadable or vanished subdirectory: list what the user can see
+      }
+      names.sort();
+      for (const name of names) {
+        const actual = path.join(directory, name);
+        const reported = path.join(reportedDirectory, name);
+        let entryStats: fs.BigIntStats;
+        try {
+          entryStats = fs.lstatSync(actual, { bigint: true });
+        } catch {
+          continue;
+        }
+        collected.push({ entry: entryInfoFromStats(reported, entryStats), identity: { dev: entryStats.dev, ino: entryStats.ino } });
+        if (entryStats.isDirectory() && level < depth) walk(actual, reported, level + 1);
+      }
+    };
+    walk(resolved, requestedPath, 1);
+    return collected;
+  });
+
+  return { entries: walked.map(({ entry, identity }) => withMetadata(entry, identity)) };
+}
+
+export function makeDirectory(user: AgentUser, requested: unknown): { entry: EntryInfoJson } {
+  const target = resolveRequestPath(requested, user);
+  const entry = runAsUser(user, () => {
+    let existing: fs.Stats | undefined;
+    try {
+      existing = fs.statSync(target);
+    } catch (reason) {
+      if (!isErrno(reason, "ENOENT")) throw failure("error getting file info", "stat", target, reason);
+    }
+    if (existing?.isDirectory()) throw new CubicleError("already_exists", `directory already exists: ${target}`);
+    if (existing) throw new CubicleError("invalid_argument", `path already exists but it is not a directory: ${target}`);
+    try {
+      // Created as the user: every new directory on the way is owned by them.
+      fs.mkdirSync(target, { recursive: true });
+    } catch (reason) {
+      if (isErrno(reason, "ENOTDIR", "EEXIST")) {
+        throw new CubicleError("invalid_argument", `error creating directory: ${syscallErrorText("mkdir", target, reason)}`, { cause: reason });
+      }
+      throw failure("error creating directory", "mkdir", target, reason);
+    }
+    try {
+      return readEntryInfo(target);
+    } catch {
+      return { name: baseName(target), type: "FILE_TYPE_DIRECTORY", path: target } as EntryInfoJson;
+    }
+  });
+  return { entry };
+}
+
+/** Creates `directory` and missing parents as the user (call inside `runAsUser`). */
+export function ensureDirectories(directory: string): void {
+  fs.mkdirSync(directory, { recursive: true });
+}
+
+export function movePath(user: AgentUser, requestedSource: unknown, requestedDestination: unknown): { entry: EntryInfoJson } {
+  const source = resolveRequestPath(requestedSource, user);
+  const destination = resolveRequestPath(requestedDestination, user);
+  const { entry, identity } = runAsUser(user, () => {
+    try {
+      ensureDirectories(path.dirname(destination));
+    } catch (reason) {
+      throw failure("error ensuring directories", "mkdir", path.dirname(destination), reason);
+    }
+    try {
+      fs.renameSync(source, destination);
+    } catch (reason) {
+      if (isErrno(reason, "ENOENT")) {
+        throw new CubicleError("not_found", `source file not found: ${syscallErrorText("rename", `${source} ${destination}`, reason)}`, {
+          cause: reason,
+        });
+      }
+      throw failure("error renaming", "rename", `${source} ${destination}`, reason);
+    }
+    const stats = fs.lstatSync(destination, { bigint: true });
+    return { entry: entryInfoFromStats(destination, stats), identity: { dev: stats.dev, ino: stats.ino } };
+  });
+  metadataStore().move(source, destination);
+  return { entry: withMetadata(entry, identity) };
+}
+
+export function removePath(user: AgentUser, requested: unknown): Record<string, never> {
+  const target = resolveRequestPath(requested, user);
+  runAsUser(user, () => {
+    try {
+      // Upstream: os.RemoveAll — recursive, and a missing path is success.
+      fs.rmSync(target, { recursive: true, force: true });
+    } catch (reason) {
+      throw failure("error removing file or directory", "unlinkat", target, reason);
+    }
+  });
+  metadataStore().removeTree(target);
+  return {};
+}

@@ -1,0 +1,136 @@
+/**
+ * `WatchDir` (server stream, JS SDK and Python async) and the polling trio `CreateWatcher` /
+ * `GetWatcherEvents` / `RemoveWatcher` (Python sync `watch_dir`), on DirectoryWatcher.
+ */
+import crypto from "node:crypto";
+import fs from "node:fs";
+import type { AgentUser } from "../users.js";
+import type { RpcContext } from "../rpc/types.js";
+import { runAsUser } from "../as-user.js";
+import { CubicleError } from "../../shared/cubicle-error.js";
+import { DirectoryWatcher, type FilesystemEventJson } from "./watcher.js";
+import { resolveRequestPath, syscallErrorText, withMetadata } from "./operations.js";
+
+/** Filesystem magic numbers of network mounts (include/uapi/linux/magic.h), as upstream. */
+const networkFilesystemTypes = new Set([0x6969, 0xff534d42, 0x517b, 0xfe534d42, 0x65735546]);
+
+/** Polled events kept per watcher; the oldest are dropped beyond this. */
+const maxQueuedEvents = 10_000;
+
+export interface WatchRequest {
+  path?: string;
+  recursive?: boolean;
+  includeEntry?: boolean;
+  include_entry?: boolean;
+  allowNetworkMounts?: boolean;
+  allow_network_mounts?: boolean;
+}
+
+/** Validates the request like upstream and starts a watcher. */
+export function startWatcher(user: AgentUser, request: WatchRequest, onEvent: (event: FilesystemEventJson) => void): DirectoryWatcher {
+  const watchPath = resolveRequestPath(request.path, user);
+  runAsUser(user, () => {
+    let stats: fs.Stats;
+    try {
+      stats = fs.statSync(watchPath);
+    } catch (reason) {
+      const code = (reason as NodeJS.ErrnoException).code;
+      if (code === "ENOENT" || code === "ENOTDIR") {
+        throw new CubicleError("not_found", `path ${watchPath} not found: ${syscallErrorText("stat", watchPath, reason)}`, { cause: reason });
+      }
+      const mapped = CubicleError.from(reason);
+      throw new CubicleError(mapped.code === "permission_denied" ? mapped.code : "internal", `error statting path ${watchPath}: ${syscallErrorText("stat", watchPath, reason)}`, {
+        cause: reason,
+      });
+    }
+    if (!stats.isDirectory()) throw new CubicleError("invalid_argument", `path ${watchPath} not a directory`);
+    const allowNetworkMounts = request.allowNetworkMounts ?? request.allow_network_mounts ?? false;
+    if (!allowNetworkMounts && networkFilesystemTypes.has(Number(fs.statfsSync(watchPath).type))) {
+      throw new CubicleError("invalid_argument", `cannot watch path on network filesystem: ${watchPath}`);
+    }
+  });
+  return new DirectoryWatcher(watchPath, {
+    user,
+    recursive: request.recursive === true,
+    includeEntry: (request.includeEntry ?? request.include_entry) === true,
+    onEvent,
+    decorateEntry: (entry) => withMetadata(entry),
+  });
+}
+
+/** `WatchDir`: `start`, then `filesystem` events and `keepalive`s until the client goes away. */
+export async function watchDirStream(request: WatchRequest, ctx: RpcContext, send: (message: unknown) => void): Promise<void> {
+  if (ctx.signal.aborted) return;
+  let lastSendMs = Date.now();
+  // Events are delivered from setImmediate at the earliest, so `start` always goes first.
+  const watcher = startWatcher(ctx.user, request, (event) => {
+    send({ filesystem: event });
+    lastSendMs = Date.now();
+  });
+  send({ start: {} });
+
+  // Keepalive-Ping-Interval (seconds) while idle, as upstream's GetKeepAliveTicker; default 90 s.
+  const header = ctx.headers["keepalive-ping-interval"];
+  const intervalSeconds = Number(Array.isArray(header) ? header[0] : header);
+  const keepaliveMs = (Number.isFinite(intervalSeconds) && intervalSeconds > 0 ? intervalSeconds : 90) * 1000;
+  const keepalive = setInterval(() => {
+    if (Date.now() - lastSendMs < keepaliveMs) return;
+    send({ keepalive: {} });
+    lastSendMs = Date.now();
+  }, Math.min(keepaliveMs, 1000));
+  keepalive.unref();
+
+  try {
+    await new Promise<void>((resolve) => {
+      if (ctx.signal.aborted) return resolve();
+      ctx.signal.addEventListener("abort", () => resolve(), { once: true });
+    });
+  } finally {
+    clearInterval(keepalive);
+    watcher.close();
+  }
+}
+
+interface PolledWatcher {
+  watcher: DirectoryWatcher;
+  events: FilesystemEventJson[];
+}
+
+const polledWatchers = new Map<string, PolledWatcher>();
+
+export function createWatcher(request: WatchRequest, ctx: RpcContext): { watcherId: string } {
+  const watcherId = crypto.randomUUID();
+  const events: FilesystemEventJson[] = [];
+  const watcher = startWatcher(ctx.user, request, (event) => {
+    events.push(event);
+    if (events.length > maxQueuedEvents) events.splice(0, events.length - maxQueuedEvents);
+  });
+  polledWatchers.set(watcherId, { watcher, events });
+  return { watcherId };
+}
+
+function watcherIdOf(request: { watcherId?: string; watcher_id?: string }): string {
+  return request.watcherId ?? request.watcher_id ?? "";
+}
+
+export function getWatcherEvents(request: { watcherId?: string; watcher_id?: string }): { events: FilesystemEventJson[] } {
+  const id = watcherIdOf(request);
+  const polled = polledWatchers.get(id);
+  if (!polled) throw new CubicleError("not_found", `watcher with id ${id} not found`);
+  return { events: polled.events.splice(0, polled.events.length) };
+}
+
+export function removeWatcher(request: { watcherId?: string; watcher_id?: string }): Record<string, never> {
+  const id = watcherIdOf(request);
+  const polled = polledWatchers.get(id);
+  if (!polled) throw new CubicleError("not_found", `watcher with id ${id} not found`);
+  polled.watcher.close();
+  polledWatchers.delete(id);
+  return {};
+}
+
+/** Closes every polled watcher (agent shutdown, tests). */
+export function closeAllWatchers(): void {
+  for (const polled of polledWatchers.values()) polled.watcher.close();
+  polledWatchers.clear();
+}

@@ -1,0 +1,406 @@
+import { spawn, type ChildProcess } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import fs from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import type * as Zmq from "zeromq";
+import { createLogger } from "../../shared/log.js";
+import { JupyterSession, type JupyterMessage } from "./jupyter-wire.js";
+import { resultFromMimeBundle } from "./mime-bundle.js";
+import { errorOutput, streamOutput, type ExecuteRequest, type Kernel, type KernelLaunch, type OutputSink } from "./types.js";
+
+const log = createLogger("interpreter");
+
+export interface PythonKernelOptions {
+  /** The interpreter with ipykernel installed. Default `/usr/bin/python3` (Debian's, inside sandboxes). */
+  pythonPath: string;
+  launch: KernelLaunch;
+  /** Parent of the per-kernel directory holding the connection file and the ipc sockets. */
+  runtimeDir?: string;
+  /** How long the kernel may take to answer its first kernel_info_request. */
+  startTimeoutMs?: number;
+  /** After an interrupt, how long the running cell may take to stop before the kernel is killed. */
+  interruptGraceMs?: number;
+}
+
+/**
+ * Runs once in every new kernel, silently: a `_cubicle` helper module for per-call env vars,
+ * and the `e2b/data` formatter that turns a pandas DataFrame into column lists, as the upstream
+ * template's startup script does (`to_dict(orient="list")`), with NaN as None so it stays JSON.
+ */
+const SETUP_CODE = String.raw`
+def _cubicle_setup():
+    import json, math, os, sys, types
+    helper = types.ModuleType("_cubicle")
+    helper.saved_env = {}
+    def set_env(encoded):
+        updates = json.loads(encoded)
+        helper.saved_env = {key: os.environ.get(key) for key in updates}
+        os.environ.update(updates)
+    def restore_env():
+        for key, value in helper.saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        helper.saved_env = {}
+    helper.set_env = set_env
+    helper.restore_env = restore_env
+    sys.modules["_cubicle"] = helper
+    try:
+        from IPython import get_ipython
+        from IPython.core.formatters import BaseFormatter
+        from traitlets import ObjectName, Unicode
+    except ImportError:
+        return
+    class E2BDataFormatter(BaseFormatter):
+        format_type = Unicode("e2b/data")
+        print_method = ObjectName("_repr_e2b_data_")
+        _return_type = (dict, str)
+    def clean(value):
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+    def dataframe_columns(frame):
+        return {str(name): [clean(v) for v in values] for name, values in frame.to_dict(orient="list").items()}
+    shell = get_ipython()
+    formatter = E2BDataFormatter(parent=shell.display_formatter)
+    formatter.for_type_by_name("pandas.core.frame", "DataFrame", dataframe_columns)
+    shell.display_formatter.formatters["e2b/data"] = formatter
+_cubicle_setup()
+del _cubicle_setup
+`;
+
+interface PendingExecution {
+  sink: OutputSink | undefined;
+  /** Set when the kernel reported an `error` on iopub (then an error execute_reply is not repeated). */
+  sawError: boolean;
+  done: () => void;
+}
+
+let zmqModule: Promise<typeof Zmq> | undefined;
+
+/** Loads the native zeromq addon on first use only, so the agent starts without it. */
+function loadZmq(): Promise<typeof Zmq> {
+  zmqModule ??= import("zeromq").catch((error: unknown) => {
+    zmqModule = undefined;
+    throw new Error(`the zeromq module could not be loaded: ${(error as Error).message}`);
+  });
+  return zmqModule;
+}
+
+/**
+ * An IPython kernel (`python3 -m ipykernel_launcher -f <connection file>`) spoken to over the
+ * Jupyter wire protocol on ipc sockets in a private directory (no TCP ports to collide with the
+ * user's servers). Execution ends on the iopub `status: idle` answering the request.
+ */
+export class PythonKernel implements Kernel {
+  readonly language = "python";
+  private process: ChildProcess | undefined;
+  private shell: Zmq.Dealer | undefined;
+  private control: Zmq.Dealer | undefined;
+  private iopub: Zmq.Subscriber | undefined;
+  private jupyter: JupyterSession | undefined;
+  private runtimeDir: string | undefined;
+  private readonly pending = new Map<string, PendingExecution>();
+  private stderrTail = "";
+  private exitReason: string | undefined;
+  private exitListeners = new Set<() => void>();
+
+  constructor(private readonly options: PythonKernelOptions) {}
+
+  get exited(): boolean {
+    return this.exitReason !== undefined;
+  }
+
+  async start(): Promise<void> {
+    try {
+      await this.launch();
+      await this.waitUntilReady();
+      await this.runSilently(SETUP_CODE);
+    } catch (error) {
+      await this.shutdown();
+      throw error;
+    }
+  }
+
+  private async launch(): Promise<void> {
+    const zmq = await loadZmq();
+    const { launch } = this.options;
+    const baseDir = this.options.runtimeDir ?? path.join(os.tmpdir(), "cubicle-kernels");
+    await fs.mkdir(baseDir, { recursive: true, mode: 0o711 });
+    const dir = await fs.mkdtemp(path.join(baseDir, "py-"));
+    this.runtimeDir = dir;
+    const key = randomBytes(32).toString("hex");
+    const socketBase = path.join(dir, "k");
+    const connection = {
+      transport: "ipc",
+      ip: socketBase,
+      shell_port: 1,
+      iopub_port: 2,
+      stdin_port: 3,
+      control_port: 4,
+      hb_port: 5,
+      key,
+      signature_scheme: "hmac-sha256",
+      kernel_name: "python3",
+    };
+    const connectionFile = path.join(dir, "connection.json");
+    await fs.writeFile(connectionFile, JSON.stringify(connection), { mode: 0o600 });
+    if (launch.uid !== undefined && launch.gid !== undefined) {
+      // The kernel binds its sockets in this directory, so it must own it.
+      await fs.chown(dir, launch.uid, launch.gid);
+      await fs.chown(connectionFile, launch.uid, launch.gid);
+    }
+    this.jupyter = new JupyterSession(key);
+
+    const child = spawn(this.options.pythonPath, ["-m", "ipykernel_launcher", "-f", connectionFile], {
+      cwd: launch.cwd,
+      env: launch.env,
+      uid: launch.uid,
+      gid: launch.gid,
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    this.process = child;
+    const keepTail = (chunk: Buffer) => {
+      this.stderrTail = (this.stderrTail + chunk.toString("utf8")).slice(-4000);
+    };
+    child.stdout!.on("data", keepTail);
+    child.stderr!.on("data", keepTail);
+    child.on("error", (error) => this.markExited(`the kernel could not be started: ${error.message}`));
+    child.on("exit", (code, signal) => this.markExited(signal ? `the kernel was killed by ${signal}` : `the kernel exited with code ${code}`));
+    log.debug("python kernel spawned", { pid: child.pid, cwd: launch.cwd, uid: launch.uid });
+
+    this.shell = new zmq.Dealer({ linger: 0 });
+    this.control = new zmq.Dealer({ linger: 0 });
+    this.iopub = new zmq.Subscriber({ linger: 0 });
+    this.shell.connect(`ipc://${socketBase}-1`);
+    this.iopub.connect(`ipc://${socketBase}-2`);
+    this.control.connect(`ipc://${socketBase}-4`);
+    this.iopub.subscribe();
+    void this.receiveLoop(this.iopub, (message) => this.onIopub(message));
+    void this.receiveLoop(this.shell, (message) => this.onShellReply(message));
+    void this.receiveLoop(this.control, () => {});
+  }
+
+  private async receiveLoop(socket: Zmq.Dealer | Zmq.Subscriber, handle: (message: JupyterMessage) => void): Promise<void> {
+    try {
+      for await (const frames of socket) {
+        let message: JupyterMessage;
+        try {
+          message = this.jupyter!.deserialize(frames);
+        } catch (error) {
+          log.warn("dropping a kernel message", { reason: (error as Error).message });
+          continue;
+        }
+        handle(message);
+      }
+    } catch (error) {
+      if (!this.exited && !socket.closed) log.warn("kernel socket failed", { reason: (error as Error).message });
+    }
+  }
+
+  /**
+   * Sends kernel_info_request until one is answered on iopub: only then is the SUB socket
+   * known to be connected (ZeroMQ drops what a publisher sends before that, the "slow joiner").
+   */
+  private async waitUntilReady(): Promise<void> {
+    const deadline = Date.now() + (this.options.startTimeoutMs ?? 30_000);
+    let ready = false;
+    const probes = new Set<string>();
+    const probeDone = new Promise<void>((resolve) => {
+      this.readyProbe = (parentId) => {
+        if (probes.has(parentId)) {
+          ready = true;
+          resolve();
+        }
+      };
+    });
+    try {
+      while (!ready) {
+        if (this.exited) throw new Error(`${this.exitReason}${this.stderrTail ? `\n${this.stderrTail.trim()}` : ""}`);
+        if (Date.now() > deadline) throw new Error(`the kernel did not answer within ${this.options.startTimeoutMs ?? 30_000} ms`);
+        const probe = this.jupyter!.createMessage("kernel_info_request", {});
+        probes.add(probe.header.msg_id);
+        await this.shell!.send(this.jupyter!.serialize(probe));
+        await Promise.race([probeDone, delay(probes.size < 10 ? 100 : 250), this.exitPromise()]);
+      }
+    } finally {
+      this.readyProbe = undefined;
+    }
+  }
+
+  private readyProbe: ((parentId: string) => void) | undefined;
+
+  private onIopub(message: JupyterMessage): void {
+    const parentId = message.parent_header.msg_id;
+    if (!parentId) return;
+    this.readyProbe?.(parentId);
+    const execution = this.pending.get(parentId);
+    if (!execution) return;
+    const content = message.content as Record<string, any>;
+    const sink = execution.sink;
+    switch (message.header.msg_type) {
+      case "execute_input":
+        sink?.({ type: "number_of_executions", execution_count: Number(content.execution_count) });
+        break;
+      case "stream":
+        sink?.(streamOutput(content.name === "stderr" ? "stderr" : "stdout", String(content.text ?? ""), toIsoDate(message.header.date)));
+        break;
+      case "execute_result":
+        sink?.(resultFromMimeBundle(content.data ?? {}, true));
+        break;
+      case "display_data":
+        sink?.(resultFromMimeBundle(content.data ?? {}, false));
+        break;
+      case "error":
+        execution.sawError = true;
+        sink?.(errorOutput(String(content.ename ?? "Error"), String(content.evalue ?? ""), joinTraceback(content.traceback)));
+        break;
+      case "status":
+        if (content.execution_state === "idle") execution.done();
+        break;
+    }
+  }
+
+  private onShellReply(message: JupyterMessage): void {
+    if (message.header.msg_type !== "execute_reply") return;
+    const parentId = message.parent_header.msg_id;
+    const execution = parentId ? this.pending.get(parentId) : undefined;
+    const content = message.content as Record<string, any>;
+    // An aborted request gets no iopub error; say so rather than end silently.
+    if (execution && !execution.sawError && content.status === "aborted") {
+      execution.sawError = true;
+      execution.sink?.(errorOutput("ExecutionAborted", "the kernel aborted the execution"));
+    }
+  }
+
+  async execute(request: ExecuteRequest, sink: OutputSink, signal: AbortSignal): Promise<void> {
+    const hasEnv = Object.keys(request.envVars).length > 0;
+    if (hasEnv) await this.runSilently(`__import__("_cubicle").set_env(${pythonStringLiteral(JSON.stringify(request.envVars))})`);
+    try {
+      await this.run(request.code, sink, signal);
+    } finally {
+      if (hasEnv && !this.exited) await this.runSilently(`__import__("_cubicle").restore_env()`).catch(() => {});
+    }
+  }
+
+  private runSilently(code: string): Promise<void> {
+    return this.run(code, undefined, undefined);
+  }
+
+  private async run(code: string, sink: OutputSink | undefined, signal: AbortSignal | undefined): Promise<void> {
+    if (this.exited) {
+      sink?.(this.deathError());
+      return;
+    }
+    const silent = sink === undefined;
+    const message = this.jupyter!.createMessage("execute_request", {
+      code,
+      silent,
+      store_history: !silent,
+      user_expressions: {},
+      allow_stdin: false,
+      // We serialise calls ourselves; never let one error abort what follows.
+      stop_on_error: false,
+    });
+    const msgId = message.header.msg_id;
+    let interruptTimer: NodeJS.Timeout | undefined;
+    let finished!: () => void;
+    const done = new Promise<void>((resolve) => (finished = resolve));
+    const execution: PendingExecution = { sink, sawError: false, done: finished };
+    this.pending.set(msgId, execution);
+    const onExit = () => {
+      if (!execution.sawError) sink?.(this.deathError());
+      finished();
+    };
+    const onAbort = () => {
+      this.interrupt();
+      // A cell stuck in native code may ignore SIGINT: then the kernel goes, so the next call runs.
+      interruptTimer = setTimeout(() => {
+        log.warn("kernel ignored the interrupt; killing it", { pid: this.process?.pid });
+        this.process?.kill("SIGKILL");
+      }, this.options.interruptGraceMs ?? 3_000);
+    };
+    this.exitListeners.add(onExit);
+    if (signal?.aborted) onAbort();
+    else signal?.addEventListener("abort", onAbort, { once: true });
+    try {
+      await this.shell!.send(this.jupyter!.serialize(message));
+      await done;
+    } finally {
+      clearTimeout(interruptTimer);
+      signal?.removeEventListener("abort", onAbort);
+      this.exitListeners.delete(onExit);
+      this.pending.delete(msgId);
+    }
+  }
+
+  /** SIGINT is what ipykernel's default `interrupt_mode: signal` expects; it raises KeyboardInterrupt in the cell. */
+  interrupt(): void {
+    if (!this.exited) this.process?.kill("SIGINT");
+  }
+
+  private deathError() {
+    const tail = this.stderrTail.trim().split("\n").slice(-20).join("\n");
+    return errorOutput(
+      "UnexpectedEndOfExecution",
+      `${this.exitReason ?? "the kernel exited"}; it will be restarted on the next execution (state is lost)`,
+      tail,
+    );
+  }
+
+  private markExited(reason: string): void {
+    if (this.exitReason !== undefined) return;
+    this.exitReason = reason;
+    log.info("python kernel exited", { pid: this.process?.pid, reason });
+    for (const listener of [...this.exitListeners]) listener();
+    this.closeSockets();
+    if (this.runtimeDir) void fs.rm(this.runtimeDir, { recursive: true, force: true }).catch(() => {});
+  }
+
+  private exitPromise(): Promise<void> {
+    if (this.exited) return Promise.resolve();
+    return new Promise((resolve) => {
+      const listener = () => {
+        this.exitListeners.delete(listener);
+        resolve();
+      };
+      this.exitListeners.add(listener);
+    });
+  }
+
+  private closeSockets(): void {
+    for (const socket of [this.shell, this.control, this.iopub]) {
+      if (socket && !socket.closed) socket.close();
+    }
+  }
+
+  async shutdown(): Promise<void> {
+    const child = this.process;
+    if (!child || child.exitCode !== null || child.signalCode !== null) {
+      this.markExited("the kernel was shut down");
+      return;
+    }
+    const exited = this.exitPromise();
+    child.kill("SIGTERM");
+    const timer = setTimeout(() => child.kill("SIGKILL"), 2_000);
+    await exited;
+    clearTimeout(timer);
+  }
+}
+
+function joinTraceback(traceback: unknown): string {
+  return Array.isArray(traceback) ? traceback.map(String).join("\n") : String(traceback ?? "");
+}
+
+function toIsoDate(date: unknown): string {
+  return typeof date === "string" && date ? date : new Date().toISOString();
+}
+
+/** A JSON string is a valid Python string literal (same escapes); wrapping it keeps user data out of the code. */
+function pythonStringLiteral(text: string): string {
+  return JSON.stringify(text);
+}
+
+function delay(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}

@@ -1,0 +1,201 @@
+import type { IncomingMessage, Server, ServerResponse } from "node:http";
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from "fastify";
+import { timingSafeEqual } from "node:crypto";
+import type { SandboxManager } from "../core/sandbox-manager.js";
+import type { Runtime } from "../runtime/types.js";
+import { CubicleError } from "../shared/cubicle-error.js";
+import { createLogger } from "../shared/log.js";
+import {
+  decodeCursor,
+  encodeCursor,
+  parseCreateRequest,
+  parseLimit,
+  parseMetadataFilter,
+  parseStartedAfter,
+  parseStates,
+  parseTimeoutBody,
+  parseTimeoutSec,
+} from "./request-parsing.js";
+import { listedSandboxView, sandboxDetailView, sandboxView } from "./sandbox-views.js";
+
+const log = createLogger("api");
+
+export interface ApiOptions {
+  manager: SandboxManager;
+  runtime: Runtime;
+  apiKey: string;
+  domain: string;
+  defaultTimeoutSec: number;
+  /** True once templates are ready and sandboxes can be created (GET /health answers 200). */
+  isReady: () => boolean;
+  /** Lists templates for `GET /templates`. */
+  listTemplates: () => Promise<{ templateID: string; aliases: string[]; cpuCount: number; memoryMB: number; diskSizeMB: number; buildStatus: string }[]>;
+  /** Receives requests before the API: the router claims sandbox traffic by returning true. */
+  serverFactory: (apiHandler: (req: IncomingMessage, res: ServerResponse) => void) => Server;
+}
+
+type Params = { sandboxID: string };
+
+function sameKey(given: string, expected: string): boolean {
+  const a = Buffer.from(given);
+  const b = Buffer.from(expected);
+  return a.length === b.length && timingSafeEqual(a, b);
+}
+
+/** The E2B control-plane REST API (and `GET /health`) as a fastify app. */
+export function createApiApp(options: ApiOptions): FastifyInstance {
+  const app = Fastify({
+    logger: false,
+    bodyLimit: 1024 * 1024,
+    serverFactory: options.serverFactory,
+    // Sandbox ids and paths are case-sensitive; trailing slashes are tolerated like upstream.
+    routerOptions: { ignoreTrailingSlash: true },
+  });
+  const view = { domain: options.domain };
+  const { manager } = options;
+
+  // Some clients send `Content-Type: application/json` with an empty body (DELETE, connect {}).
+  app.removeContentTypeParser("application/json");
+  app.addContentTypeParser("application/json", { parseAs: "string" }, (_req, body, done) => {
+    const text = (body as string).trim();
+    if (text === "") return done(null, undefined);
+    try {
+      done(null, JSON.parse(text));
+    } catch {
+      done(new CubicleError("invalid_argument", "the request body is not valid JSON"), undefined);
+    }
+  });
+
+  app.setErrorHandler((error: unknown, _request, reply) => {
+    let cubicleError: CubicleError;
+    const fastifyError = error as { statusCode?: number; code?: string; message?: string };
+    if (error instanceof CubicleError) cubicleError = error;
+    else if (fastifyError.statusCode === 413) cubicleError = new CubicleError("invalid_argument", "the request body is too large");
+    else if (fastifyError.statusCode && fastifyError.statusCode >= 400 && fastifyError.statusCode < 500)
+      cubicleError = new CubicleError("invalid_argument", fastifyError.message ?? "bad request");
+    else cubicleError = CubicleError.from(error);
+    if (cubicleError.httpStatus >= 500) log.error("request failed", { error: cubicleError.message, cause: String(cubicleError.cause ?? "") });
+    void reply.status(cubicleError.httpStatus).send(cubicleError.toE2bBody());
+  });
+
+  app.setNotFoundHandler((request, reply) => {
+    void reply.status(404).send({ code: 404, message: `no such endpoint: ${request.method} ${request.url.split("?")[0]}` });
+  });
+
+  app.addHook("onRequest", async (request: FastifyRequest) => {
+    if (request.url === "/health" || request.url.startsWith("/health?")) return;
+    const headerKey = request.headers["x-api-key"];
+    const bearer = request.headers.authorization?.match(/^Bearer\s+(.+)$/i)?.[1];
+    const given = (Array.isArray(headerKey) ? headerKey[0] : headerKey) ?? bearer;
+    if (!given) throw new CubicleError("unauthenticated", "missing API key: send it in the X-API-Key header (see `./cubicle up` output)");
+    if (!sameKey(given, options.apiKey)) throw new CubicleError("unauthenticated", "invalid API key");
+  });
+
+  app.get("/health", async (_request, reply) => {
+    if (options.isReady()) return reply.status(200).send({ status: "ok" });
+    return reply.status(503).send({ code: 503, message: "the server is starting: templates are being prepared" });
+  });
+
+  const createHandler = (version: 1 | 2) => async function createSandbox(request: FastifyRequest, reply: FastifyReply) {
+    if (!options.isReady()) throw new CubicleError("unavailable", "the server is still preparing its templates; retry in a moment");
+    const create = parseCreateRequest(request.body, version, options.defaultTimeoutSec);
+    const record = await manager.create(create);
+    return reply.status(201).send(sandboxView(record, view));
+  };
+  app.post("/sandboxes", createHandler(1));
+  app.post("/v2/sandboxes", createHandler(2));
+
+  app.get("/sandboxes", async function listSandboxesV1(request: FastifyRequest<{ Querystring: Record<string, string> }>) {
+    const metadata = parseMetadataFilter(request.query.metadata);
+    const records = await manager.list({ states: ["running"], metadata, order: "desc" });
+    return records.map(listedSandboxView);
+  });
+
+  app.get("/v2/sandboxes", async function listSandboxes(request: FastifyRequest<{ Querystring: Record<string, string> }>, reply) {
+    const query = request.query;
+    const limit = parseLimit(query.limit);
+    const order = query.order === "asc" ? "asc" : query.order === undefined || query.order === "desc" ? "desc" : undefined;
+    if (!order) throw new CubicleError("invalid_argument", "order must be asc or desc");
+    const templateIds = query.template ? [query.template] : undefined;
+    const records = await manager.list({
+      states: parseStates(query.state),
+      metadata: parseMetadataFilter(query.metadata),
+      startedAfter: parseStartedAfter(query.startedAfter),
+      order,
+      after: decodeCursor(query.nextToken),
+      limit: limit + 1,
+      templateIds,
+    });
+    const page = records.slice(0, limit);
+    if (records.length > limit) {
+      const last = page[page.length - 1]!;
+      void reply.header("X-Next-Token", encodeCursor(last.startedAt, last.sandboxId));
+    }
+    return page.map(listedSandboxView);
+  });
+
+  app.get("/sandboxes/:sandboxID", async (request: FastifyRequest<{ Params: Params }>) => {
+    return sandboxDetailView(await manager.get(request.params.sandboxID), view);
+  });
+
+  app.delete("/sandboxes/:sandboxID", async (request: FastifyRequest<{ Params: Params }>, reply) => {
+    const killed = await manager.kill(request.params.sandboxID);
+    if (!killed) throw new CubicleError("not_found", `sandbox "${request.params.sandboxID}" not found`);
+    return reply.status(204).send();
+  });
+
+  app.post("/sandboxes/:sandboxID/timeout", async (request: FastifyRequest<{ Params: Params }>, reply) => {
+    await manager.setTimeout(request.params.sandboxID, parseTimeoutBody(request.body));
+    return reply.status(204).send();
+  });
+
+  app.post("/sandboxes/:sandboxID/refreshes", async (request: FastifyRequest<{ Params: Params }>, reply) => {
+    const body = (request.body ?? {}) as Record<string, unknown>;
+    const durationSec = parseTimeoutSec(body.duration, "duration", options.defaultTimeoutSec);
+    await manager.connect(request.params.sandboxID, durationSec);
+    return reply.status(204).send();
+  });
+
+  const connectHandler = (version: 1 | 2) => async function connectSandbox(request: FastifyRequest<{ Params: Params }>, reply: FastifyReply) {
+    const body = (request.body ?? {}) as Record<string, unknown>;
+    if (typeof body !== "object" || Array.isArray(body)) throw new CubicleError("invalid_argument", "the request body must be a JSON object");
+    const timeoutSec = parseTimeoutSec(body.timeout, "timeout", version === 2 ? options.defaultTimeoutSec : 15);
+    const { record, resumed } = await manager.connect(request.params.sandboxID, timeoutSec);
+    return reply.status(resumed ? 201 : 200).send(sandboxView(record, view));
+  };
+  app.post("/sandboxes/:sandboxID/connect", connectHandler(1));
+  app.post("/v2/sandboxes/:sandboxID/connect", connectHandler(2));
+
+  app.get("/sandboxes/:sandboxID/metrics", async (request: FastifyRequest<{ Params: Params }>) => {
+    const record = await manager.get(request.params.sandboxID);
+    if (record.state !== "running") return [];
+    const stats = await options.runtime.stats(record.sandboxId);
+    const now = new Date();
+    return [
+      {
+        timestamp: now.toISOString(),
+        timestampUnix: Math.floor(now.getTime() / 1000),
+        cpuCount: stats.cpuCount,
+        cpuUsedPct: stats.cpuUsedPct,
+        memUsed: stats.memUsedBytes,
+        memTotal: stats.memTotalBytes,
+        memCache: stats.memCacheBytes,
+        diskUsed: stats.diskUsedBytes,
+        diskTotal: stats.diskTotalBytes,
+      },
+    ];
+  });
+
+  app.get("/templates", async () => options.listTemplates());
+
+  const notYet = (what: string) => async () => {
+    throw new CubicleError("unimplemented", `${what} is not available in this Cubicle version yet`);
+  };
+  app.post("/sandboxes/:sandboxID/pause", notYet("pause"));
+  app.post("/sandboxes/:sandboxID/resume", notYet("resume"));
+  app.post("/sandboxes/:sandboxID/snapshots", notYet("snapshots"));
+  app.post("/sandboxes/:sandboxID/fork", notYet("fork"));
+  app.get("/snapshots", notYet("snapshots"));
+
+  return app;
+}

@@ -1,0 +1,3 @@
+export { createApiApp } from "./app.js";
+export type { ApiOptions } from "./app.js";
+export { ENVD_VERSION } from "./sandbox-views.js";

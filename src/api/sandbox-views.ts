@@ -1,0 +1,55 @@
+import type { SandboxRecord } from "../store/types.js";
+
+/**
+ * envd version Cubicle's agent claims. Clients switch features on it (protocol doc §3.4):
+ * 0.6.4 = metadata, octet-stream/gzip uploads, watch includeEntry/allowNetworkMounts.
+ */
+export const ENVD_VERSION = "0.6.4";
+
+export interface ViewContext {
+  domain: string;
+}
+
+/** The `Sandbox` object of create, connect and fork results. */
+export function sandboxView(record: SandboxRecord, ctx: ViewContext) {
+  return {
+    templateID: record.templateId,
+    sandboxID: record.sandboxId,
+    clientID: record.clientId,
+    envdVersion: ENVD_VERSION,
+    ...(record.alias ? { alias: record.alias } : {}),
+    ...(record.envdAccessToken ? { envdAccessToken: record.envdAccessToken } : {}),
+    trafficAccessToken: record.trafficAccessToken ?? null,
+    domain: ctx.domain,
+  };
+}
+
+/** `ListedSandbox`: the detail fields without tokens, domain, network and lifecycle. */
+export function listedSandboxView(record: SandboxRecord) {
+  return {
+    templateID: record.templateId,
+    sandboxID: record.sandboxId,
+    clientID: record.clientId,
+    envdVersion: ENVD_VERSION,
+    ...(record.alias ? { alias: record.alias } : {}),
+    startedAt: new Date(record.startedAt).toISOString(),
+    endAt: new Date(record.endAt).toISOString(),
+    cpuCount: record.cpuCount,
+    memoryMB: record.memoryMB,
+    diskSizeMB: record.diskSizeMB,
+    state: record.state === "paused" ? "paused" : "running",
+    metadata: record.metadata,
+  };
+}
+
+/** `SandboxDetail` of `GET /sandboxes/{id}`. */
+export function sandboxDetailView(record: SandboxRecord, ctx: ViewContext) {
+  return {
+    ...listedSandboxView(record),
+    ...(record.envdAccessToken ? { envdAccessToken: record.envdAccessToken } : {}),
+    domain: ctx.domain,
+    allowInternetAccess: record.allowInternetAccess,
+    ...(record.networkConfig ? { network: record.networkConfig } : {}),
+    lifecycle: record.lifecycle,
+  };
+}

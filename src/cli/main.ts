@@ -1,0 +1,135 @@
+import path from "node:path";
+import { loadConfig, type CubicleConfig } from "../shared/config.js";
+import { CubicleError } from "../shared/cubicle-error.js";
+import { ApiClient } from "./api-client.js";
+import { loadOrCreateApiKey, startServer } from "./server.js";
+import { createTemplateCatalog } from "./template-catalog.js";
+
+const usage = `Usage: ./cubicle <command>
+
+  up                         set up the host, build, prepare templates and serve (foreground)
+  test                       set up, then run the whole test suite
+  serve                      serve without the setup step
+  sandbox ls                 list sandboxes
+  sandbox kill ID            kill a sandbox
+  sandbox exec ID -- CMD...  run a command in a sandbox (as root; --user NAME to change)
+  template ls                list templates
+  template build NAME        build (or rebuild) a template: base, code-interpreter-v1
+
+Configuration comes from the environment: CUBICLE_HOST (127.0.0.1), CUBICLE_PORT (3000),
+CUBICLE_STATE_DIR (/var/lib/cubicle), CUBICLE_DOMAIN, CUBICLE_API_KEY, CUBICLE_SUBNET.`;
+
+function clientFor(config: CubicleConfig): ApiClient {
+  const host = config.host === "0.0.0.0" ? "127.0.0.1" : config.host;
+  return new ApiClient(`http://${host}:${config.port}`, loadOrCreateApiKey(config));
+}
+
+async function serve(config: CubicleConfig): Promise<void> {
+  const server = await startServer(config);
+  const shutdown = async (signal: string) => {
+    process.stderr.write(`\n${signal}: stopping; running sandboxes stay up and are adopted on the next start\n`);
+    await server.close();
+    process.exit(0);
+  };
+  process.once("SIGINT", () => void shutdown("SIGINT"));
+  process.once("SIGTERM", () => void shutdown("SIGTERM"));
+  await server.ready.catch(() => undefined);
+  const publicUrl = server.url.replace("0.0.0.0", "127.0.0.1");
+  process.stdout.write(
+    [
+      "",
+      "Cubicle is ready. Point the E2B SDK at it:",
+      "",
+      `export E2B_API_URL=${publicUrl}`,
+      `export E2B_SANDBOX_URL=${publicUrl}`,
+      `export E2B_API_KEY=${server.apiKey}`,
+      `export E2B_DOMAIN=${config.domain}`,
+      "",
+    ].join("\n") + "\n",
+  );
+}
+
+async function sandboxCommand(config: CubicleConfig, args: string[]): Promise<number> {
+  const client = clientFor(config);
+  const [verb, ...rest] = args;
+  if (verb === "ls" || verb === "list") {
+    const { json } = await client.request("GET", "/v2/sandboxes?state=running,paused");
+    const rows = json as { sandboxID: string; templateID: string; state: string; startedAt: string; endAt: string }[];
+    process.stdout.write(["SANDBOX ID".padEnd(24) + "TEMPLATE".padEnd(22) + "STATE".padEnd(9) + "STARTED".padEnd(26) + "ENDS"]
+      .concat(rows.map((r) => r.sandboxID.padEnd(24) + r.templateID.padEnd(22) + r.state.padEnd(9) + r.startedAt.padEnd(26) + r.endAt))
+      .join("\n") + "\n");
+    return 0;
+  }
+  if (verb === "kill") {
+    if (!rest[0]) throw new CubicleError("invalid_argument", "usage: ./cubicle sandbox kill ID");
+    await client.request("DELETE", `/sandboxes/${encodeURIComponent(rest[0])}`);
+    process.stdout.write(`killed ${rest[0]}\n`);
+    return 0;
+  }
+  if (verb === "exec") {
+    const id = rest[0];
+    const dashes = rest.indexOf("--");
+    let user = "root";
+    const userFlag = rest.indexOf("--user");
+    if (userFlag !== -1 && (dashes === -1 || userFlag < dashes)) user = rest[userFlag + 1] ?? "root";
+    const argv = dashes === -1 ? rest.slice(1) : rest.slice(dashes + 1);
+    if (!id || argv.length === 0) throw new CubicleError("invalid_argument", "usage: ./cubicle sandbox exec ID [--user NAME] -- CMD [ARGS...]");
+    const { json } = await client.request("GET", `/sandboxes/${encodeURIComponent(id)}`);
+    return client.exec(id, (json as { envdAccessToken?: string }).envdAccessToken, argv, user);
+  }
+  throw new CubicleError("invalid_argument", `unknown sandbox command "${verb ?? ""}"\n\n${usage}`);
+}
+
+async function templateCommand(config: CubicleConfig, args: string[]): Promise<number> {
+  const catalog = createTemplateCatalog(config);
+  const [verb, name] = args;
+  if (verb === "ls" || verb === "list") {
+    for (const t of await catalog.list()) process.stdout.write(`${t.templateID.padEnd(24)}${t.aliases.join(",").padEnd(24)}${t.buildStatus}\n`);
+    return 0;
+  }
+  if (verb === "build" && name) {
+    await catalog.ensure(name, { force: true });
+    return 0;
+  }
+  throw new CubicleError("invalid_argument", `usage: ./cubicle template ls | template build NAME`);
+}
+
+async function main(argv: string[]): Promise<number> {
+  const config = loadConfig();
+  const [command, ...args] = argv;
+  switch (command) {
+    case "up":
+    case "serve":
+      await serve(config);
+      return -1; // keep running
+    case "sandbox":
+      return sandboxCommand(config, args);
+    case "template":
+      return templateCommand(config, args);
+    case "state-dir":
+      process.stdout.write(path.resolve(config.stateDir) + "\n");
+      return 0;
+    case undefined:
+    case "help":
+    case "--help":
+    case "-h":
+      process.stdout.write(usage + "\n");
+      return 0;
+    default:
+      process.stderr.write(`unknown command "${command}"\n\n${usage}\n`);
+      return 2;
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    if (code >= 0) process.exit(code);
+  },
+  (err) => {
+    const error = CubicleError.from(err);
+    process.stderr.write(`cubicle: ${error.message}\n`);
+    if (process.env.CUBICLE_LOG_LEVEL === "debug" && error.cause) process.stderr.write(String((error.cause as Error).stack ?? error.cause) + "\n");
+    process.exit(1);
+  },
+);
+

@@ -1,0 +1,100 @@
+import fs from "node:fs";
+import http from "node:http";
+import path from "node:path";
+import type { AddressInfo } from "node:net";
+import { createApiApp } from "../api/index.js";
+import { newApiKey, SandboxManager } from "../core/index.js";
+import { createNetworkManager } from "../network/index.js";
+import { SandboxRouter } from "../router/index.js";
+import { createContainerRuntime } from "../runtime/index.js";
+import type { CubicleConfig } from "../shared/config.js";
+import { createLogger } from "../shared/log.js";
+import { SqliteStore } from "../store/index.js";
+import { createTemplateCatalog } from "./template-catalog.js";
+
+const log = createLogger("server");
+
+export interface RunningServer {
+  url: string;
+  apiKey: string;
+  manager: SandboxManager;
+  /** Resolves once default templates are ready (GET /health answers 200). */
+  ready: Promise<void>;
+  /** Stops listening and closes the store; sandboxes keep running for the next start to adopt. */
+  close(): Promise<void>;
+}
+
+/** The API key: CUBICLE_API_KEY, or one generated on first start and kept in the state dir. */
+export function loadOrCreateApiKey(config: CubicleConfig): string {
+  if (config.apiKey) return config.apiKey;
+  const file = path.join(config.stateDir, "api-key");
+  try {
+    const existing = fs.readFileSync(file, "utf8").trim();
+    if (existing) return existing;
+  } catch {
+    // first start
+  }
+  const key = newApiKey();
+  fs.mkdirSync(config.stateDir, { recursive: true });
+  fs.writeFileSync(file, key + "\n", { mode: 0o600 });
+  return key;
+}
+
+/** Assembles store, network, runtime, core, API and router, recovers, and listens. */
+export async function startServer(config: CubicleConfig): Promise<RunningServer> {
+  fs.mkdirSync(config.stateDir, { recursive: true, mode: 0o700 });
+  const apiKey = loadOrCreateApiKey(config);
+  const store = new SqliteStore(path.join(config.stateDir, "cubicle.db"));
+  const network = createNetworkManager(config);
+  const runtime = createContainerRuntime(config);
+  const templates = createTemplateCatalog(config);
+  await network.init();
+  await runtime.init();
+
+  const manager = new SandboxManager({ store, runtime, network, templates });
+  await manager.recover();
+
+  const router = new SandboxRouter(manager, config.domain);
+  let templatesReady = false;
+  const app = createApiApp({
+    manager,
+    runtime,
+    apiKey,
+    domain: config.domain,
+    defaultTimeoutSec: config.defaultTimeoutSec,
+    isReady: () => templatesReady,
+    listTemplates: () => templates.list(),
+    serverFactory: (apiHandler) => {
+      const server = http.createServer({ keepAliveTimeout: 65_000, requestTimeout: 0, headersTimeout: 60_000 }, (req, res) => {
+        const match = router.match(req);
+        if (match) router.handleRequest(req, res, match);
+        else apiHandler(req, res);
+      });
+      server.on("upgrade", (req, socket, head) => router.handleUpgrade(req, socket, head));
+      return server;
+    },
+  });
+  await app.listen({ host: config.host, port: config.port });
+  const address = app.server.address() as AddressInfo;
+  const url = `http://${config.host.includes(":") ? `[${config.host}]` : config.host}:${address.port}`;
+  log.info("listening", { url });
+
+  const ready = (async () => {
+    for (const templateId of config.defaultTemplates) await templates.ensure(templateId);
+    templatesReady = true;
+    log.info("ready: default templates are built");
+  })();
+  ready.catch((err) => log.error("default templates failed to build; creates will fail until this is fixed", { error: String(err) }));
+
+  return {
+    url,
+    apiKey,
+    manager,
+    ready,
+    async close() {
+      manager.close();
+      await app.close();
+      await store.close();
+    },
+  };
+}

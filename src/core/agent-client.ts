@@ -1,0 +1,90 @@
+import http from "node:http";
+import { CubicleError } from "../shared/cubicle-error.js";
+
+/** Port of envd inside every sandbox. */
+export const ENVD_PORT = 49983;
+/** Port of the code interpreter inside every sandbox. */
+export const INTERPRETER_PORT = 49999;
+
+/** Keep-alive sockets to the agents: the server talks to them on every create and proxied call. */
+export const agentHttpAgent = new http.Agent({ keepAlive: true, maxSockets: 256, maxFreeSockets: 64, keepAliveMsecs: 10_000 });
+
+interface AgentResponse {
+  status: number;
+  body: string;
+}
+
+function requestAgent(address: string, method: string, path: string, body: unknown, timeoutMs: number): Promise<AgentResponse> {
+  return new Promise((resolve, reject) => {
+    const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
+    const req = http.request(
+      {
+        host: address,
+        port: ENVD_PORT,
+        method,
+        path,
+        agent: agentHttpAgent,
+        timeout: timeoutMs,
+        headers: payload ? { "content-type": "application/json", "content-length": payload.length } : {},
+      },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on("data", (chunk: Buffer) => chunks.push(chunk));
+        res.on("end", () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString("utf8") }));
+        res.on("error", reject);
+      },
+    );
+    req.on("timeout", () => req.destroy(new Error(`agent at ${address} did not answer within ${timeoutMs} ms`)));
+    req.on("error", reject);
+    req.end(payload);
+  });
+}
+
+/**
+ * Waits until the agent in a new sandbox answers `GET /health`. Polls with a short interval:
+ * a refused connection inside a fresh namespace costs microseconds.
+ */
+export async function waitForAgent(address: string, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  let lastError: unknown;
+  let delayMs = 1;
+  while (Date.now() < deadline) {
+    try {
+      const res = await requestAgent(address, "GET", "/health", undefined, Math.max(100, deadline - Date.now()));
+      if (res.status === 204 || res.status === 200) return;
+      lastError = new Error(`health answered ${res.status}`);
+    } catch (err) {
+      lastError = err;
+    }
+    await new Promise((r) => setTimeout(r, delayMs));
+    delayMs = Math.min(delayMs * 2, 20);
+  }
+  throw new CubicleError("unavailable", `the sandbox agent did not become ready within ${timeoutMs} ms: ${String((lastError as Error)?.message ?? lastError)}`);
+}
+
+/** Quick liveness probe used by recovery; false instead of throwing. */
+export async function agentIsHealthy(address: string, timeoutMs = 2000): Promise<boolean> {
+  try {
+    const res = await requestAgent(address, "GET", "/health", undefined, timeoutMs);
+    return res.status === 204 || res.status === 200;
+  } catch {
+    return false;
+  }
+}
+
+export interface AgentInit {
+  accessToken?: string;
+  envVars: Record<string, string>;
+  defaultUser: string;
+  defaultWorkdir: string;
+  hostname?: string;
+  timestamp: string;
+}
+
+/** Hands the sandbox its identity: env vars, access token and default user (envd's /init). */
+export async function initAgent(address: string, init: AgentInit): Promise<void> {
+  const res = await requestAgent(address, "POST", "/init", init, 5000);
+  if (res.status < 200 || res.status >= 300) {
+    throw new CubicleError("internal", `the sandbox agent refused its init (${res.status}): ${res.body.slice(0, 500)}`);
+  }
+}

@@ -1,0 +1,5 @@
+export { SandboxManager, MAX_TIMEOUT_SEC } from "./sandbox-manager.js";
+export type { RouteTarget, SandboxManagerOptions } from "./sandbox-manager.js";
+export type { TemplateCatalog, TemplateInfo, CreateSandboxRequest } from "./types.js";
+export { newApiKey } from "./ids.js";
+export { ENVD_PORT, INTERPRETER_PORT } from "./agent-client.js";

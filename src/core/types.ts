@@ -1,0 +1,31 @@
+import type { TemplateImage } from "../runtime/types.js";
+
+/** What the core needs to know of a template to start sandboxes from it. */
+export interface TemplateInfo {
+  templateId: string;
+  aliases: string[];
+  image: TemplateImage;
+  cpuCount: number;
+  memoryMB: number;
+  diskSizeMB: number;
+}
+
+/** Where the core finds templates (the template component implements it). */
+export interface TemplateCatalog {
+  /** By id or alias; undefined when there is none. */
+  resolve(idOrAlias: string): Promise<TemplateInfo | undefined>;
+}
+
+export interface CreateSandboxRequest {
+  templateId: string;
+  timeoutSec: number;
+  secure: boolean;
+  allowInternetAccess: boolean;
+  metadata: Record<string, string>;
+  envVars: Record<string, string>;
+  autoPause: boolean;
+  autoResume: boolean;
+  networkConfig: Record<string, unknown> | undefined;
+  cpuCount?: number;
+  memoryMB?: number;
+}

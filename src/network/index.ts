@@ -1,0 +1,12 @@
+import type { CubicleConfig } from "../shared/config.js";
+import { createNetnsManager, type NetnsManagerOptions } from "./netns-manager.js";
+import type { NetworkManager } from "./types.js";
+
+export type { NetworkManager, NetworkPolicy, SandboxNetwork } from "./types.js";
+export type { NetnsManagerOptions } from "./netns-manager.js";
+export { checkSandboxId } from "./netns-manager.js";
+
+/** The network manager for this host: netns + veth + one nftables table. */
+export function createNetworkManager(config: Pick<CubicleConfig, "subnet">, options?: NetnsManagerOptions): NetworkManager {
+  return createNetnsManager(config, options);
+}

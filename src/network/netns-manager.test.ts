@@ -1,0 +1,168 @@
+import assert from "node:assert/strict";
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync } from "node:fs";
+import { readFile } from "node:fs/promises";
+import net from "node:net";
+import { after, before, test } from "node:test";
+import { runCommand } from "../shared/exec.js";
+import { createNetnsManager } from "./netns-manager.js";
+import type { NetworkManager, SandboxNetwork } from "./types.js";
+
+// Real namespaces, veths and an nftables table of its own (so a running server's table is left
+// alone). Needs root. Every name carries this run's tag; `after` removes all of it.
+const tag = `t${process.pid.toString(36)}${Date.now().toString(36).slice(-4)}`;
+const tableName = `cubicle_test_${tag}`;
+const subnet = `10.231.${process.pid % 250}.0/24`;
+const netnsPrefix = `cubicle-${tag}-`;
+const isRoot = process.getuid?.() === 0;
+
+let manager: NetworkManager;
+const children: ChildProcess[] = [];
+
+before(async () => {
+  if (!isRoot) return;
+  manager = createNetnsManager({ subnet }, { tableName, netnsPrefix, interfacePrefix: "cbt" });
+  await manager.init();
+});
+
+after(async () => {
+  for (const child of children) if (child.exitCode === null) child.kill("SIGKILL");
+  if (!isRoot) return;
+  for (const name of await manager.listNamespaces()) await manager.release(name.slice(netnsPrefix.length)).catch(() => {});
+  await runCommand(["nft", "delete", "table", "inet", tableName], { allowFailure: true });
+});
+
+/** Runs `node -e script` inside a namespace; resolves with its stdout. */
+async function nodeInNetns(netnsName: string, script: string): Promise<string> {
+  const result = await runCommand(["ip", "netns", "exec", netnsName, process.execPath, "-e", script], { timeoutMs: 10_000 });
+  return result.stdout.trim();
+}
+
+/** A TCP listener inside a namespace that answers "hello" and stays until the test ends. */
+async function listenInNetns(netnsName: string, host: string, port: number): Promise<void> {
+  const script = `require("net").createServer((s) => s.end("hello")).listen(${port}, ${JSON.stringify(host)}, () => console.log("up"))`;
+  const child = spawn("ip", ["netns", "exec", netnsName, process.execPath, "-e", script], { stdio: ["ignore", "pipe", "inherit"] });
+  children.push(child);
+  await new Promise<void>((resolve, reject) => {
+    child.stdout!.once("data", () => resolve());
+    child.once("exit", (code) => reject(new Error(`listener exited with ${code}`)));
+  });
+}
+
+const connectScript = (host: string, port: number) =>
+  `const s = require("net").connect(${port}, ${JSON.stringify(host)}); s.setTimeout(700);` +
+  `s.on("data", (d) => { console.log("got " + d); s.destroy(); });` +
+  `s.on("timeout", () => { console.log("timeout"); s.destroy(); }); s.on("error", (e) => console.log(e.code));`;
+
+function readFromHost(host: string, port: number): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(port, host);
+    let data = "";
+    socket.setTimeout(2000, () => socket.destroy(new Error("timeout")));
+    socket.on("data", (d) => (data += d));
+    socket.on("end", () => resolve(data));
+    socket.on("error", reject);
+  });
+}
+
+async function nftSetElements(): Promise<string> {
+  return (await runCommand(["nft", "list", "set", "inet", tableName, "internet_allowed"])).stdout;
+}
+
+test("allocates a namespace with a veth, addresses, a default route and low ports for everyone", { skip: !isRoot && "needs root" }, async () => {
+  const started = performance.now();
+  const network = await manager.allocate(`${tag}a`, { allowInternetAccess: true });
+  const elapsedMs = performance.now() - started;
+  try {
+    assert.ok(existsSync(network.netnsPath));
+    assert.ok(network.hostInterface.length <= 15);
+    assert.ok(existsSync(`/sys/class/net/${network.hostInterface}`));
+    const inside = await runCommand(["ip", "-n", network.netnsName, "-j", "-4", "route", "show", "default"]);
+    assert.equal(JSON.parse(inside.stdout)[0].gateway, network.hostAddress);
+    const sysctl = await runCommand(["ip", "netns", "exec", network.netnsName, "sysctl", "-n", "net.ipv4.ip_unprivileged_port_start"]);
+    assert.equal(sysctl.stdout.trim(), "0");
+    assert.match(await nftSetElements(), new RegExp(network.sandboxAddress.replaceAll(".", "\\.")));
+    await listenInNetns(network.netnsName, network.sandboxAddress, 49983);
+    assert.equal(await readFromHost(network.sandboxAddress, 49983), "hello");
+    console.log(`allocate took ${elapsedMs.toFixed(1)} ms`);
+  } finally {
+    await manager.release(`${tag}a`);
+  }
+  assert.ok(!existsSync(network.netnsPath));
+  assert.ok(!existsSync(`/sys/class/net/${network.hostInterface}`));
+  assert.doesNotMatch(await nftSetElements(), new RegExp(network.sandboxAddress.replaceAll(".", "\\.")));
+});
+
+test("a sandbox reaches neither the host nor another sandbox, but the host reaches both", { skip: !isRoot && "needs root" }, async () => {
+  const a = await manager.allocate(`${tag}b`, { allowInternetAccess: true });
+  const b = await manager.allocate(`${tag}c`, { allowInternetAccess: true });
+  const hostServer = net.createServer((s) => s.end("host"));
+  await new Promise<void>((resolve) => hostServer.listen(47001, a.hostAddress, resolve));
+  try {
+    await listenInNetns(b.netnsName, b.sandboxAddress, 47002);
+    assert.equal(await readFromHost(b.sandboxAddress, 47002), "hello");
+    assert.equal(await nodeInNetns(a.netnsName, connectScript(a.hostAddress, 47001)), "timeout");
+    assert.equal(await nodeInNetns(a.netnsName, connectScript(b.sandboxAddress, 47002)), "timeout");
+    // Within its own namespace everything works, loopback included.
+    assert.equal(await nodeInNetns(b.netnsName, connectScript(b.sandboxAddress, 47002)), "got hello");
+  } finally {
+    hostServer.close();
+    await manager.release(`${tag}b`);
+    await manager.release(`${tag}c`);
+  }
+});
+
+test("policy changes move the sandbox address in and out of the internet set", { skip: !isRoot && "needs root" }, async () => {
+  const network: SandboxNetwork = await manager.allocate(`${tag}d`, { allowInternetAccess: false });
+  const address = new RegExp(`\\b${network.sandboxAddress.replaceAll(".", "\\.")}\\b`);
+  try {
+    assert.doesNotMatch(await nftSetElements(), address);
+    await manager.applyPolicy(`${tag}d`, { allowInternetAccess: true });
+    assert.match(await nftSetElements(), address);
+    await manager.applyPolicy(`${tag}d`, { allowInternetAccess: true });
+    await manager.applyPolicy(`${tag}d`, { allowInternetAccess: false });
+    assert.doesNotMatch(await nftSetElements(), address);
+    await manager.applyPolicy(`${tag}d`, { allowInternetAccess: false });
+  } finally {
+    await manager.release(`${tag}d`);
+  }
+});
+
+test("the ruleset masquerades allowed sandboxes and drops link-local, and re-init keeps the set", { skip: !isRoot && "needs root" }, async () => {
+  const network = await manager.allocate(`${tag}e`, { allowInternetAccess: true });
+  try {
+    await manager.init();
+    const table = (await runCommand(["nft", "list", "table", "inet", tableName])).stdout;
+    assert.match(table, /ip saddr @internet_allowed ip daddr != 10\.231\.\d+\.0\/24 masquerade/);
+    assert.match(table, /ip daddr 169\.254\.0\.0\/16 counter packets \d+ bytes \d+ drop/);
+    assert.match(table, new RegExp(network.sandboxAddress.replaceAll(".", "\\.")));
+    assert.equal((await readFile("/proc/sys/net/ipv4/ip_forward", "utf8")).trim(), "1");
+  } finally {
+    await manager.release(`${tag}e`);
+  }
+});
+
+test("release is idempotent and cleans a half-made network", { skip: !isRoot && "needs root" }, async () => {
+  const id = `${tag}f`;
+  await runCommand(["ip", "netns", "add", `${netnsPrefix}${id}`]);
+  assert.deepEqual((await manager.listNamespaces()).includes(`${netnsPrefix}${id}`), true);
+  await manager.release(id);
+  await manager.release(id);
+  assert.equal((await manager.listNamespaces()).includes(`${netnsPrefix}${id}`), false);
+});
+
+test("adopt marks the address used and restores the policy", { skip: !isRoot && "needs root" }, async () => {
+  const first = await manager.allocate(`${tag}g`, { allowInternetAccess: false });
+  try {
+    const restarted = createNetnsManager({ subnet }, { tableName, netnsPrefix, interfacePrefix: "cbt" });
+    await restarted.adopt(`${tag}g`, first, { allowInternetAccess: true });
+    assert.match(await nftSetElements(), new RegExp(first.sandboxAddress.replaceAll(".", "\\.")));
+    const second = await restarted.allocate(`${tag}h`, { allowInternetAccess: false });
+    assert.notEqual(second.sandboxAddress, first.sandboxAddress);
+    await restarted.release(`${tag}h`);
+    await restarted.release(`${tag}g`);
+    assert.doesNotMatch(await nftSetElements(), new RegExp(first.sandboxAddress.replaceAll(".", "\\.")));
+  } finally {
+    await manager.release(`${tag}g`);
+  }
+});

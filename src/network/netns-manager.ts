@@ -1,0 +1,180 @@
+import { createHash } from "node:crypto";
+import { access, readdir, writeFile } from "node:fs/promises";
+import path from "node:path";
+import type { CubicleConfig } from "../shared/config.js";
+import { CubicleError } from "../shared/cubicle-error.js";
+import { runCommand } from "../shared/exec.js";
+import { createLogger } from "../shared/log.js";
+import { AddressPool } from "./address-pool.js";
+import { buildPolicyUpdate, buildRuleset } from "./nft-ruleset.js";
+import type { NetworkManager, SandboxNetwork } from "./types.js";
+
+const log = createLogger("network");
+
+const NETNS_DIR = "/var/run/netns";
+/** Name of the sandbox end of the veth pair, inside its namespace. */
+const SANDBOX_INTERFACE = "eth0";
+const COMMAND_TIMEOUT_MS = 15_000;
+
+export interface NetnsManagerOptions {
+  /** nftables table (family inet) that this manager owns. Default "cubicle". */
+  tableName?: string;
+  /** Namespace names are this plus the sandbox id. Default "cubicle-". */
+  netnsPrefix?: string;
+  /** Host veth names are this plus a hash (≤ 15 chars in all). Default "cb". */
+  interfacePrefix?: string;
+}
+
+interface NetworkRecord {
+  network: SandboxNetwork;
+  blockIndex: number;
+  allowInternet: boolean;
+}
+
+/**
+ * Network manager built on `ip netns`, veth pairs and one nftables table. Every sandbox gets a
+ * /30: the host end holds .1, the sandbox's eth0 holds .2 and routes through .1.
+ */
+export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, options: NetnsManagerOptions = {}): NetworkManager {
+  const tableName = options.tableName ?? "cubicle";
+  const netnsPrefix = options.netnsPrefix ?? "cubicle-";
+  const interfacePrefix = options.interfacePrefix ?? "cb";
+  if (!/^[a-z][a-z0-9_]{0,30}$/.test(tableName)) throw new CubicleError("invalid_argument", `nftables table name ${JSON.stringify(tableName)} must be lowercase letters, digits and _`);
+  if (!/^[a-z][a-z0-9]{0,3}$/.test(interfacePrefix)) throw new CubicleError("invalid_argument", `interface prefix ${JSON.stringify(interfacePrefix)} must be 1–4 lowercase letters or digits`);
+  const pool = new AddressPool(config.subnet);
+  const records = new Map<string, NetworkRecord>();
+
+  const netnsName = (sandboxId: string) => netnsPrefix + checkSandboxId(sandboxId);
+  const hostInterfaceName = (sandboxId: string) =>
+    interfacePrefix + createHash("sha256").update(sandboxId).digest("hex").slice(0, 15 - interfacePrefix.length);
+
+  async function nft(script: string): Promise<void> {
+    await runCommand(["nft", "-f", "-"], { input: script, timeoutMs: COMMAND_TIMEOUT_MS });
+  }
+
+  async function setPolicy(address: string, allowInternet: boolean): Promise<void> {
+    await nft(buildPolicyUpdate(tableName, address, allowInternet));
+  }
+
+  return {
+    async init() {
+      // Forwarding is host-wide; the forward chain below keeps sandboxes from using it freely.
+      await writeFile("/proc/sys/net/ipv4/ip_forward", "1\n");
+      const internetAllowed = [...records.values()].filter((r) => r.allowInternet).map((r) => r.network.sandboxAddress);
+      await nft(buildRuleset({ tableName, subnet: pool.normalizedCidr, interfacePrefix, internetAllowed }));
+      log.info("nftables table ready", { table: `inet ${tableName}`, subnet: config.subnet });
+    },
+
+    async allocate(sandboxId, policy) {
+      const name = netnsName(sandboxId);
+      if (records.has(sandboxId)) throw new CubicleError("already_exists", `sandbox ${sandboxId} already has a network`);
+      const link = pool.allocate();
+      const network: SandboxNetwork = {
+        netnsName: name,
+        netnsPath: path.join(NETNS_DIR, name),
+        hostInterface: hostInterfaceName(sandboxId),
+        hostAddress: link.hostAddress,
+        sandboxAddress: link.sandboxAddress,
+        prefixLength: link.prefixLength,
+      };
+      const record: NetworkRecord = { network, blockIndex: link.blockIndex, allowInternet: policy.allowInternetAccess };
+      records.set(sandboxId, record);
+      try {
+        // Host side in one `ip` run; `netns exec` inside a batch forks only a tiny sysctl. The
+        // sandbox's root is in a user namespace that does not own this netns, so it has no
+        // CAP_NET_BIND_SERVICE here: let everyone bind low ports instead.
+        const hostSide = [
+          `netns add ${name}`,
+          `link add ${network.hostInterface} type veth peer name ${SANDBOX_INTERFACE} netns ${name}`,
+          `addr add ${network.hostAddress}/${network.prefixLength} dev ${network.hostInterface}`,
+          `link set ${network.hostInterface} up`,
+          `netns exec ${name} sysctl -qw net.ipv4.ip_unprivileged_port_start=0 net.ipv6.conf.${SANDBOX_INTERFACE}.disable_ipv6=1`,
+        ];
+        await runCommand(["ip", "-batch", "-"], { input: hostSide.join("\n") + "\n", timeoutMs: COMMAND_TIMEOUT_MS });
+        const sandboxSide = [
+          `link set lo up`,
+          `addr add ${network.sandboxAddress}/${network.prefixLength} dev ${SANDBOX_INTERFACE}`,
+          `link set ${SANDBOX_INTERFACE} up`,
+          `route add default via ${network.hostAddress}`,
+        ];
+        await Promise.all([
+          runCommand(["ip", "-n", name, "-batch", "-"], { input: sandboxSide.join("\n") + "\n", timeoutMs: COMMAND_TIMEOUT_MS }),
+          policy.allowInternetAccess ? setPolicy(network.sandboxAddress, true) : Promise.resolve(),
+        ]);
+        return { ...network };
+      } catch (err) {
+        await this.release(sandboxId).catch((cleanupErr) => log.warn("cleanup after failed allocate failed", { sandboxId, error: String(cleanupErr) }));
+        throw CubicleError.from(err);
+      }
+    },
+
+    async adopt(sandboxId, network, policy) {
+      checkSandboxId(sandboxId);
+      const existing = records.get(sandboxId);
+      if (existing) pool.release(existing.blockIndex);
+      const blockIndex = pool.claim(network.sandboxAddress);
+      const allowInternet = policy?.allowInternetAccess ?? existing?.allowInternet ?? false;
+      records.set(sandboxId, { network: { ...network }, blockIndex, allowInternet });
+      if (policy) await setPolicy(network.sandboxAddress, allowInternet);
+    },
+
+    async applyPolicy(sandboxId, policy) {
+      const record = records.get(sandboxId);
+      if (!record) throw new CubicleError("not_found", `sandbox ${sandboxId} has no network on this host`);
+      await setPolicy(record.network.sandboxAddress, policy.allowInternetAccess);
+      record.allowInternet = policy.allowInternetAccess;
+    },
+
+    async release(sandboxId) {
+      const name = netnsName(sandboxId);
+      const hostInterface = hostInterfaceName(sandboxId);
+      const record = records.get(sandboxId);
+      const netnsExists = await exists(path.join(NETNS_DIR, name));
+      let address = record?.network.sandboxAddress;
+      if (!address && netnsExists) address = await readSandboxAddress(name);
+      // Delete the veth explicitly: netns teardown is asynchronous, and a lingering host end
+      // would keep the /30's route alive when the block is handed out again.
+      const lines: string[] = [];
+      if (await exists(path.join("/sys/class/net", hostInterface))) lines.push(`link del ${hostInterface}`);
+      if (netnsExists) lines.push(`netns del ${name}`);
+      if (lines.length > 0) {
+        await runCommand(["ip", "-force", "-batch", "-"], { input: lines.join("\n") + "\n", timeoutMs: COMMAND_TIMEOUT_MS, allowFailure: true });
+      }
+      if (address && pool.contains(address)) await setPolicy(address, false).catch((err) => log.warn("could not remove address from the internet set", { sandboxId, error: String(err) }));
+      const leftovers = [
+        (await exists(path.join("/sys/class/net", hostInterface))) ? hostInterface : undefined,
+        (await exists(path.join(NETNS_DIR, name))) ? name : undefined,
+      ].filter(Boolean);
+      if (leftovers.length > 0) throw new CubicleError("internal", `could not remove ${leftovers.join(", ")} of sandbox ${sandboxId}; see the server log`);
+      if (record) pool.release(record.blockIndex);
+      records.delete(sandboxId);
+    },
+
+    async listNamespaces() {
+      const names = await readdir(NETNS_DIR).catch(() => [] as string[]);
+      return names.filter((n) => n.startsWith(netnsPrefix));
+    },
+  };
+}
+
+/** Sandbox ids become file, netns and container names: keep them to a safe alphabet. */
+export function checkSandboxId(sandboxId: string): string {
+  if (!/^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$/.test(sandboxId)) {
+    throw new CubicleError("invalid_argument", `sandbox id ${JSON.stringify(sandboxId)} must be 1–63 letters, digits, _ or -`);
+  }
+  return sandboxId;
+}
+
+async function exists(file: string): Promise<boolean> {
+  return access(file).then(() => true, () => false);
+}
+
+async function readSandboxAddress(netns: string): Promise<string | undefined> {
+  const result = await runCommand(["ip", "-n", netns, "-j", "-4", "addr", "show", "dev", SANDBOX_INTERFACE], { allowFailure: true, timeoutMs: COMMAND_TIMEOUT_MS });
+  try {
+    const parsed = JSON.parse(result.stdout) as { addr_info?: { local?: string }[] }[];
+    return parsed[0]?.addr_info?.[0]?.local;
+  } catch {
+    return undefined;
+  }
+}

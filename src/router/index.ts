@@ -1,0 +1,2 @@
+export { SandboxRouter } from "./sandbox-router.js";
+export type { RouteMatch, RouteSource } from "./sandbox-router.js";

@@ -1,0 +1,142 @@
+import fs from "node:fs/promises";
+import path from "node:path";
+import type { TemplateImage } from "../runtime/types.js";
+
+/** What `template.json` holds, next to the template's `rootfs/`. */
+export interface TemplateMetadata {
+  templateId: string;
+  aliases: string[];
+  defaultUser: string;
+  defaultWorkdir: string;
+  env: Record<string, string>;
+  cpuCount: number;
+  memoryMB: number;
+  diskSizeMB: number;
+  runtime: "container";
+  /** Hash of the recipe the tree was built from; a different hash means rebuild. */
+  recipeHash: string;
+  /** ISO 8601. */
+  builtAt: string;
+  /** Disk space the rootfs takes (allocated blocks). */
+  sizeBytes: number;
+}
+
+/** A built template on disk. */
+export interface TemplateRecord extends TemplateMetadata {
+  /** `<templateDir>/<templateId>`. */
+  dir: string;
+  /** `<dir>/rootfs`, owned by the sandbox uid range. */
+  rootfsDir: string;
+}
+
+export const METADATA_FILE = "template.json";
+export const ROOTFS_DIR = "rootfs";
+/** Prefix of directories a build works in; never listed, removed by the next build. */
+export const BUILD_DIR_PREFIX = ".build-";
+/** Prefix of replaced templates waiting to be removed. */
+export const RETIRED_DIR_PREFIX = ".old-";
+
+export function templatePath(templateDir: string, templateId: string): string {
+  return path.join(templateDir, templateId);
+}
+
+/** What is on disk for one template directory. */
+export interface TemplateDirState {
+  metadata: TemplateMetadata | undefined;
+  rootfsPresent: boolean;
+}
+
+export async function inspectTemplateDir(dir: string): Promise<TemplateDirState> {
+  const [metadata, rootfsPresent] = await Promise.all([
+    readMetadata(dir),
+    fs.stat(path.join(dir, ROOTFS_DIR)).then((s) => s.isDirectory(), () => false),
+  ]);
+  return { metadata, rootfsPresent };
+}
+
+export type CacheDecision = "ready" | "missing" | "incomplete" | "stale";
+
+/**
+ * Whether a cached template can be used as it is. `incomplete` (metadata or rootfs missing)
+ * cannot come from a build of ours, which renames a finished directory into place, but from a
+ * hand-made or half-deleted one; it is rebuilt like `stale`.
+ */
+export function cacheDecision(state: TemplateDirState, expectedRecipeHash: string): CacheDecision {
+  if (!state.metadata && !state.rootfsPresent) return "missing";
+  if (!state.metadata || !state.rootfsPresent) return "incomplete";
+  return state.metadata.recipeHash === expectedRecipeHash ? "ready" : "stale";
+}
+
+export async function readMetadata(dir: string): Promise<TemplateMetadata | undefined> {
+  let text: string;
+  try {
+    text = await fs.readFile(path.join(dir, METADATA_FILE), "utf8");
+  } catch {
+    return undefined;
+  }
+  try {
+    const parsed = JSON.parse(text) as Partial<TemplateMetadata>;
+    return isMetadata(parsed) ? parsed : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function isMetadata(value: Partial<TemplateMetadata>): value is TemplateMetadata {
+  return (
+    typeof value === "object" &&
+    value !== null &&
+    typeof value.templateId === "string" &&
+    Array.isArray(value.aliases) &&
+    typeof value.recipeHash === "string" &&
+    typeof value.defaultUser === "string" &&
+    typeof value.defaultWorkdir === "string" &&
+    typeof value.env === "object"
+  );
+}
+
+export async function writeMetadata(dir: string, metadata: TemplateMetadata): Promise<void> {
+  const file = path.join(dir, METADATA_FILE);
+  await fs.writeFile(`${file}.tmp`, JSON.stringify(metadata, null, 2) + "\n", { mode: 0o644 });
+  await fs.rename(`${file}.tmp`, file);
+}
+
+export function toRecord(dir: string, metadata: TemplateMetadata): TemplateRecord {
+  return { ...metadata, dir, rootfsDir: path.join(dir, ROOTFS_DIR) };
+}
+
+/** Every complete template under `templateDir`, sorted by id. */
+export async function listTemplates(templateDir: string): Promise<TemplateRecord[]> {
+  let names: string[];
+  try {
+    names = await fs.readdir(templateDir);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return [];
+    throw err;
+  }
+  const records: TemplateRecord[] = [];
+  for (const name of names.sort()) {
+    if (name.startsWith(".")) continue;
+    const dir = path.join(templateDir, name);
+    const state = await inspectTemplateDir(dir);
+    if (state.metadata && state.rootfsPresent) records.push(toRecord(dir, state.metadata));
+  }
+  return records;
+}
+
+/** The built template whose id or one of whose aliases is `idOrAlias`. */
+export async function findTemplate(templateDir: string, idOrAlias: string): Promise<TemplateRecord | undefined> {
+  const all = await listTemplates(templateDir);
+  return all.find((t) => t.templateId === idOrAlias) ?? all.find((t) => t.aliases.includes(idOrAlias));
+}
+
+/** The facts a runtime needs to start a sandbox from this template. */
+export function templateImage(record: TemplateRecord): TemplateImage {
+  return {
+    templateId: record.templateId,
+    rootfsDir: record.rootfsDir,
+    defaultUser: record.defaultUser,
+    defaultWorkdir: record.defaultWorkdir,
+    env: { ...record.env },
+  };
+}

@@ -1,0 +1,166 @@
+/**
+ * End-to-end harness: runs the real Cubicle server (dist/cli.js) as a child process with its
+ * own state directory, port, subnet and nftables table, and points the E2B SDKs at it.
+ * Template trees are shared with the default location so tests do not rebuild them.
+ */
+import { spawn, execFileSync, type ChildProcess } from "node:child_process";
+import fs from "node:fs";
+import net from "node:net";
+import os from "node:os";
+import path from "node:path";
+
+const repoRoot = path.resolve(path.dirname(new URL(import.meta.url).pathname), "..", "..");
+export const TEST_API_KEY = "e2b_" + "0123456789abcdef".repeat(2) + "01234567";
+
+export interface TestServer {
+  url: string;
+  apiKey: string;
+  stateDir: string;
+  env: NodeJS.ProcessEnv;
+  /** Process id of the server, for the recovery test's SIGKILL. */
+  pid(): number;
+  /** SIGKILL the server (sandboxes keep running) and start it again on the same state. */
+  crashAndRestart(): Promise<void>;
+  /** Kills every sandbox through the API, stops the server and removes its state dir. */
+  stop(): Promise<void>;
+  /** REST call with the API key. */
+  api(method: string, urlPath: string, body?: unknown, headers?: Record<string, string>): Promise<{ status: number; json: any; headers: Headers }>;
+  /** Server log so far (for failure messages). */
+  log(): string;
+}
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.listen(0, "127.0.0.1", () => {
+      const port = (srv.address() as net.AddressInfo).port;
+      srv.close(() => resolve(port));
+    });
+    srv.on("error", reject);
+  });
+}
+
+let serverCounter = 0;
+
+export async function startTestServer(options: { defaultTemplates?: string[]; extraEnv?: Record<string, string> } = {}): Promise<TestServer> {
+  const port = await freePort();
+  const stateDir = fs.mkdtempSync(path.join(os.tmpdir(), "cubicle-e2e-"));
+  // A subnet and nft table per test server, so a developer's own `./cubicle up` is untouched.
+  const slot = (process.pid + serverCounter++) % 200;
+  const env: NodeJS.ProcessEnv = {
+    ...process.env,
+    CUBICLE_PORT: String(port),
+    CUBICLE_HOST: "127.0.0.1",
+    CUBICLE_STATE_DIR: stateDir,
+    CUBICLE_TEMPLATE_DIR: process.env.CUBICLE_TEMPLATE_DIR ?? "/var/lib/cubicle/templates",
+    CUBICLE_API_KEY: TEST_API_KEY,
+    CUBICLE_SUBNET: `10.${100 + (slot % 50)}.0.0/16`,
+    CUBICLE_NFT_TABLE: `cubicle_t${slot}`,
+    CUBICLE_DOMAIN: "cubicle.test",
+    CUBICLE_DEFAULT_TEMPLATES: (options.defaultTemplates ?? ["base"]).join(","),
+    ...options.extraEnv,
+  };
+  const url = `http://127.0.0.1:${port}`;
+  let child: ChildProcess | undefined;
+  let output = "";
+
+  const launch = async () => {
+    child = spawn(process.execPath, [path.join(repoRoot, "dist", "cli.js"), "serve"], { env, stdio: ["ignore", "pipe", "pipe"] });
+    child.stdout!.on("data", (d: Buffer) => (output += d.toString()));
+    child.stderr!.on("data", (d: Buffer) => (output += d.toString()));
+    const deadline = Date.now() + 600_000;
+    while (Date.now() < deadline) {
+      if (child.exitCode !== null) throw new Error(`server exited with ${child.exitCode}:\n${output}`);
+      try {
+        const res = await fetch(url + "/health");
+        if (res.status === 200) return;
+      } catch {
+        // not listening yet
+      }
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    throw new Error(`server did not become ready:\n${output}`);
+  };
+
+  const api: TestServer["api"] = async (method, urlPath, body, headers = {}) => {
+    const res = await fetch(url + urlPath, {
+      method,
+      headers: { "x-api-key": TEST_API_KEY, ...(body === undefined ? {} : { "content-type": "application/json" }), ...headers },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const text = await res.text();
+    let json: unknown = text;
+    try {
+      json = text ? JSON.parse(text) : undefined;
+    } catch {
+      // not JSON
+    }
+    return { status: res.status, json, headers: res.headers };
+  };
+
+  const exited = (proc: ChildProcess) =>
+    new Promise<void>((resolve) => (proc.exitCode !== null || proc.signalCode !== null ? resolve() : proc.once("exit", () => resolve())));
+
+  await launch();
+  return {
+    url,
+    apiKey: TEST_API_KEY,
+    stateDir,
+    env,
+    pid: () => child!.pid!,
+    log: () => output,
+    api,
+    async crashAndRestart() {
+      const proc = child!;
+      proc.kill("SIGKILL");
+      await exited(proc);
+      await launch();
+    },
+    async stop() {
+      try {
+        if (child && child.exitCode === null) {
+          const list = await api("GET", "/v2/sandboxes?state=running,paused");
+          for (const sandbox of (list.json ?? []) as { sandboxID: string }[]) await api("DELETE", `/sandboxes/${sandbox.sandboxID}`);
+        }
+      } finally {
+        if (child && child.exitCode === null) {
+          child.kill("SIGTERM");
+          await exited(child);
+        }
+      }
+      const leftovers = hostLeftovers(stateDir);
+      fs.rmSync(path.join(stateDir, "cubicle.db"), { force: true });
+      if (leftovers.containers.length || leftovers.mounts.length) {
+        throw new Error(`the server left things behind: ${JSON.stringify(leftovers)}`);
+      }
+      fs.rmSync(stateDir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Sets the variables the E2B SDKs read, exactly as a user would export them. */
+export function useServerForSdk(server: TestServer): void {
+  process.env.E2B_API_URL = server.url;
+  process.env.E2B_SANDBOX_URL = server.url;
+  process.env.E2B_API_KEY = server.apiKey;
+  process.env.E2B_DOMAIN = "cubicle.test";
+}
+
+/** What a test server leaves on the host: checked after a suite to find leaks. */
+export function hostLeftovers(stateDir: string): { containers: string[]; namespaces: string[]; mounts: string[] } {
+  const runcList = (() => {
+    try {
+      return execFileSync("runc", ["list", "--format", "json"], { encoding: "utf8" });
+    } catch {
+      return "null";
+    }
+  })();
+  const containers = ((JSON.parse(runcList) ?? []) as { id: string; bundle: string }[])
+    .filter((c) => c.bundle.startsWith(stateDir))
+    .map((c) => c.id);
+  const mounts = fs
+    .readFileSync("/proc/mounts", "utf8")
+    .split("\n")
+    .filter((line) => line.includes(stateDir));
+  return { containers, namespaces: [], mounts };
+}

@@ -1,0 +1,197 @@
+/**
+ * Drives the interpreter from test/interpreter-dev/serve.ts with the real @e2b/code-interpreter
+ * SDK in debug mode (http://localhost:49999). Prints one line per check and exits non-zero when
+ * one fails. Run inside the same netns as serve.ts:
+ *   ip netns exec agentdev-ci node --import tsx test/interpreter-dev/sdk-dev.ts [only-check-name]
+ */
+import assert from "node:assert/strict";
+import { Sandbox } from "@e2b/code-interpreter";
+
+process.env.E2B_DEBUG = "true";
+process.env.E2B_API_KEY ??= "e2b_0123456789abcdef0123456789abcdef01234567";
+
+const sandbox = await Sandbox.create();
+const only = process.argv[2];
+let failures = 0;
+
+async function check(name: string, body: () => Promise<void>): Promise<void> {
+  if (only && !name.includes(only)) return;
+  const started = performance.now();
+  try {
+    await body();
+    console.log(`ok   ${name} (${Math.round(performance.now() - started)} ms)`);
+  } catch (error) {
+    failures++;
+    console.log(`FAIL ${name}: ${(error as Error).stack ?? error}`);
+  }
+}
+
+function percentile(sorted: number[], p: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
+}
+
+await check("first runCode starts the python kernel", async () => {
+  const execution = await sandbox.runCode("1+1");
+  assert.equal(execution.text, "2");
+});
+
+await check("state persists across runCode calls", async () => {
+  await sandbox.runCode("counter = 40");
+  const execution = await sandbox.runCode("counter += 2\ncounter");
+  assert.equal(execution.text, "42");
+  assert.ok((execution.executionCount ?? 0) > 1);
+});
+
+await check("onStdout/onStderr stream while the cell runs", async () => {
+  const seen: string[] = [];
+  const execution = await sandbox.runCode(
+    "import sys, time\nprint('one')\ntime.sleep(0.3)\nprint('two', file=sys.stderr)\n'done'",
+    { onStdout: (m) => void seen.push(`out:${m.line}`), onStderr: (m) => void seen.push(`err:${m.line}`) },
+  );
+  assert.deepEqual(seen, ["out:one\n", "err:two\n"]);
+  assert.deepEqual(execution.logs.stdout, ["one\n"]);
+  assert.deepEqual(execution.logs.stderr, ["two\n"]);
+  assert.equal(execution.text, "done");
+});
+
+await check("errors carry name, value and traceback", async () => {
+  const execution = await sandbox.runCode("def f():\n    raise ValueError('bad input')\nf()");
+  assert.equal(execution.error?.name, "ValueError");
+  assert.equal(execution.error?.value, "bad input");
+  assert.match(execution.error?.traceback ?? "", /f\(\)/);
+});
+
+await check("matplotlib figure comes back as png", async () => {
+  const execution = await sandbox.runCode("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.title('squares')\nplt.show()");
+  assert.equal(execution.error, undefined, execution.error?.traceback);
+  const png = execution.results.find((r) => r.png);
+  assert.ok(png, `no png among ${JSON.stringify(execution.results.map((r) => r.formats()))}`);
+  assert.ok(Buffer.from(png.png!, "base64").subarray(1, 4).toString() === "PNG");
+});
+
+await check("pandas DataFrame comes back as html and data", async () => {
+  const execution = await sandbox.runCode("import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': ['x', None], 'c': [1.5, float('nan')]})");
+  assert.equal(execution.error, undefined, execution.error?.traceback);
+  const main = execution.results.find((r) => r.isMainResult)!;
+  assert.match(main.html ?? "", /<table/);
+  assert.deepEqual(main.data, { a: [1, 2], b: ["x", null], c: [1.5, null] });
+});
+
+await check("per-call env vars apply once and are reverted", async () => {
+  const withEnv = await sandbox.runCode("import os\nos.environ.get('CALL_ONLY')", { envs: { CALL_ONLY: "yes" } });
+  assert.equal(withEnv.text, "yes");
+  const after = await sandbox.runCode("import os\nstr(os.environ.get('CALL_ONLY'))");
+  assert.equal(after.text, "None");
+  const sandboxWide = await sandbox.runCode("os.environ.get('SANDBOX_WIDE')");
+  assert.equal(sandboxWide.text, "from-envd");
+});
+
+await check("contexts: create, list, run, restart, delete", async () => {
+  const context = await sandbox.createCodeContext({ cwd: "/tmp" });
+  assert.equal(context.language, "python");
+  assert.equal(context.cwd, "/tmp");
+  const listed = await sandbox.listCodeContexts();
+  assert.ok(listed.some((c) => c.id === context.id));
+  assert.ok(listed.some((c) => c.language === "javascript"));
+  await sandbox.runCode("isolated = 7", { context });
+  assert.equal((await sandbox.runCode("import os\nos.getcwd()", { context })).text, "/tmp");
+  assert.equal((await sandbox.runCode("isolated", { context })).text, "7");
+  const fromDefault = await sandbox.runCode("isolated");
+  assert.equal(fromDefault.error?.name, "NameError");
+  await sandbox.restartCodeContext(context);
+  assert.equal((await sandbox.runCode("isolated", { context })).error?.name, "NameError");
+  await sandbox.removeCodeContext(context);
+  assert.ok(!(await sandbox.listCodeContexts()).some((c) => c.id === context.id));
+  await assert.rejects(sandbox.runCode("1", { context }), /not found/i);
+});
+
+await check("timeoutMs interrupts the kernel and the context stays usable", async () => {
+  await sandbox.runCode("survivor = 'still here'");
+  const started = performance.now();
+  await assert.rejects(sandbox.runCode("import time\nwhile True: time.sleep(0.1)", { timeoutMs: 1_000 }), /timed out|timeout/i);
+  const next = await sandbox.runCode("survivor");
+  assert.equal(next.text, "still here");
+  assert.ok(performance.now() - started < 6_000, "the next call waited for the interrupted one too long");
+});
+
+await check("a dying kernel is an error, then restarts", async () => {
+  const death = await sandbox.runCode("import os\nos._exit(3)");
+  assert.equal(death.error?.name, "UnexpectedEndOfExecution");
+  const next = await sandbox.runCode("2*21");
+  assert.equal(next.text, "42");
+});
+
+await check("javascript: state, console, last expression", async () => {
+  await sandbox.runCode("const greeting = 'hello'; let n = 1", { language: "js" });
+  const lines: string[] = [];
+  const execution = await sandbox.runCode("console.log(greeting, n); n += 1; ({ n, list: [1, 2] })", {
+    language: "javascript",
+    onStdout: (m) => void lines.push(m.line),
+  });
+  assert.equal(execution.error, undefined, JSON.stringify(execution.error));
+  assert.deepEqual(lines, ["hello 1\n"]);
+  assert.equal(execution.text, "{ n: 2, list: [ 1, 2 ] }");
+});
+
+await check("javascript: top-level await and errors", async () => {
+  const awaited = await sandbox.runCode("await new Promise((r) => setTimeout(() => r(5), 50))", { language: "js" });
+  assert.equal(awaited.text, "5");
+  const failed = await sandbox.runCode("null.x", { language: "js" });
+  assert.equal(failed.error?.name, "TypeError");
+});
+
+await check("typescript: types are stripped", async () => {
+  const execution = await sandbox.runCode(
+    "interface P { x: number }\nconst double = (p: P): number => p.x * 2;\nconst value: number = double({ x: 21 } as P);\nvalue",
+    { language: "ts" },
+  );
+  assert.equal(execution.error, undefined, JSON.stringify(execution.error));
+  assert.equal(execution.text, "42");
+});
+
+await check("javascript context: timeout interrupts a busy loop", async () => {
+  const context = await sandbox.createCodeContext({ language: "javascript" });
+  await sandbox.runCode("var kept = 'yes'", { context });
+  await assert.rejects(sandbox.runCode("while (true) {}", { context, timeoutMs: 1_000 }), /timed out|timeout/i);
+  assert.equal((await sandbox.runCode("kept", { context })).text, "yes");
+  await sandbox.removeCodeContext(context);
+});
+
+await check("bash runs with state", async () => {
+  await sandbox.runCode("export GREETING=hi; cd /tmp", { language: "bash" });
+  const execution = await sandbox.runCode("echo $GREETING from $(pwd); echo oops >&2", { language: "bash" });
+  assert.deepEqual(execution.logs.stdout.join(""), "hi from /tmp\n");
+  assert.deepEqual(execution.logs.stderr.join(""), "oops\n");
+});
+
+await check("unsupported languages answer with a clear error", async () => {
+  const execution = await sandbox.runCode("1", { language: "r" });
+  assert.match(execution.error?.value ?? "", /not installed/);
+});
+
+await check("runCode('1+1') round trip on a warm context, 50 calls", async () => {
+  const durations: number[] = [];
+  for (let i = 0; i < 50; i++) {
+    const started = performance.now();
+    const execution = await sandbox.runCode("1+1");
+    durations.push(performance.now() - started);
+    assert.equal(execution.text, "2");
+  }
+  durations.sort((a, b) => a - b);
+  console.log(`     p50 ${percentile(durations, 50).toFixed(1)} ms, p95 ${percentile(durations, 95).toFixed(1)} ms`);
+});
+
+await check("runCode('1+1') javascript round trip, 50 calls", async () => {
+  const durations: number[] = [];
+  for (let i = 0; i < 50; i++) {
+    const started = performance.now();
+    const execution = await sandbox.runCode("1+1", { language: "js" });
+    durations.push(performance.now() - started);
+    assert.equal(execution.text, "2");
+  }
+  durations.sort((a, b) => a - b);
+  console.log(`     p50 ${percentile(durations, 50).toFixed(1)} ms, p95 ${percentile(durations, 95).toFixed(1)} ms`);
+});
+
+console.log(failures === 0 ? "all checks passed" : `${failures} check(s) failed`);
+process.exit(failures === 0 ? 0 : 1);
