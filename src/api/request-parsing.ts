@@ -61,7 +61,8 @@ export function parseCreateRequest(body: unknown, version: 1 | 2, defaultTimeout
   return {
     templateId: templateId.trim(),
     timeoutSec: parseTimeoutSec(input.timeout, "timeout", version === 2 ? defaultTimeoutSec : 15),
-    secure: version === 2 ? true : optionalBool(input.secure, "secure", false),
+    // v2 creates are always secure; the field is still checked so a typo is not silently ignored.
+    secure: optionalBool(input.secure, "secure", false) || version === 2,
     allowInternetAccess: optionalBool(input.allow_internet_access ?? input.allowInternetAccess, "allow_internet_access", true),
     metadata: stringMap(input.metadata, "metadata"),
     envVars: stringMap(input.envVars, "envVars"),

@@ -1,6 +1,8 @@
+import fs from "node:fs";
 import path from "node:path";
 import { loadConfig, type CubicleConfig } from "../shared/config.js";
 import { CubicleError } from "../shared/cubicle-error.js";
+import { parseBenchArgs, runBench } from "../bench/index.js";
 import { ApiClient } from "./api-client.js";
 import { loadOrCreateApiKey, startServer } from "./server.js";
 import { createTemplateCatalog } from "./template-catalog.js";
@@ -15,6 +17,7 @@ const usage = `Usage: ./cubicle <command>
   sandbox exec ID -- CMD...  run a command in a sandbox (as root; --user NAME to change)
   template ls                list templates
   template build NAME        build (or rebuild) a template: base, code-interpreter-v1
+  bench SCENARIO [options]   measure a running server: create (-c -n -w -t), density (-n -c)
 
 Configuration comes from the environment: CUBICLE_HOST (127.0.0.1), CUBICLE_PORT (3000),
 CUBICLE_STATE_DIR (/var/lib/cubicle), CUBICLE_DOMAIN, CUBICLE_API_KEY, CUBICLE_SUBNET.`;
@@ -106,6 +109,12 @@ async function main(argv: string[]): Promise<number> {
       return sandboxCommand(config, args);
     case "template":
       return templateCommand(config, args);
+    case "bench": {
+      const file = await runBench(parseBenchArgs(args), config, loadOrCreateApiKey(config));
+      const { summary } = JSON.parse(fs.readFileSync(file, "utf8"));
+      process.stdout.write(`${JSON.stringify(summary, null, 2)}\nresult: ${file}\n`);
+      return 0;
+    }
     case "state-dir":
       process.stdout.write(path.resolve(config.stateDir) + "\n");
       return 0;
