@@ -169,8 +169,14 @@ native_modules_load() {
 ensure_node_modules() {
   command -v node >/dev/null || die "node is not installed (Cubicle needs Node 20)"
   cd "$REPO_DIR"
-  # npm ci writes node_modules/.package-lock.json; older than the lockfile means stale.
-  if [[ ! -f node_modules/.package-lock.json || package-lock.json -nt node_modules/.package-lock.json ]]; then
+  if ! node_modules_stale && native_modules_load; then
+    return 0
+  fi
+  # Two setups at once must not run npm ci over each other.
+  mkdir -p "$STATE_DIR"
+  exec {npm_lock_fd}>"$STATE_DIR/.setup-npm.lock"
+  flock "$npm_lock_fd"
+  if node_modules_stale; then
     say "npm ci"
     npm ci --no-audit --no-fund --loglevel=error >/dev/null || die "npm ci failed"
   fi
@@ -179,6 +185,12 @@ ensure_node_modules() {
     npm rebuild better-sqlite3 node-pty --loglevel=error >/dev/null || die "npm rebuild failed"
     native_modules_load || die "better-sqlite3 or node-pty still fails to load after npm rebuild"
   fi
+  flock -u "$npm_lock_fd"
+}
+
+# npm ci writes node_modules/.package-lock.json; older than the lockfile means stale.
+node_modules_stale() {
+  [[ ! -f node_modules/.package-lock.json || package-lock.json -nt node_modules/.package-lock.json ]]
 }
 
 install_missing_packages

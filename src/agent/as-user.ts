@@ -22,7 +22,15 @@ import type { AgentUser } from "./users.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 
 const agentIsRoot = typeof process.geteuid === "function" && process.geteuid() === 0;
-const rootGroups: number[] = agentIsRoot && typeof process.getgroups === "function" ? process.getgroups() : [];
+
+/**
+ * The supplementary groups last set, undefined until the first switch. Every credential call
+ * costs about 100 µs (glibc signals every thread of the process), so groups are only set when
+ * they change: root runs with none (CAP_DAC_OVERRIDE makes them irrelevant; `id` still shows
+ * group 0 as the primary group), and a user whose only group is its primary group needs none
+ * either, since the kernel checks the effective gid first.
+ */
+let currentGroups: number[] | undefined;
 
 /** The uid currently switched to, or undefined when running as root. */
 let switchedToUid: number | undefined;
@@ -52,9 +60,15 @@ export function runAsUser<T>(user: AgentUser, operation: () => T): T {
   }
 }
 
+function setGroups(groups: number[]): void {
+  if (currentGroups && currentGroups.length === groups.length && currentGroups.every((gid, index) => gid === groups[index])) return;
+  process.setgroups!(groups);
+  currentGroups = [...groups];
+}
+
 function switchCredentials(user: AgentUser): void {
   try {
-    process.setgroups!(user.groups.length > 0 ? user.groups : [user.gid]);
+    setGroups(user.groups.filter((gid) => gid !== user.gid));
     process.setegid!(user.gid);
     process.seteuid!(user.uid);
     switchedToUid = user.uid;
@@ -68,7 +82,7 @@ function restoreRoot(): void {
   // Order matters: seteuid(0) first restores the capabilities needed by setegid/setgroups.
   process.seteuid!(0);
   process.setegid!(0);
-  process.setgroups!(rootGroups);
+  setGroups([]);
   switchedToUid = undefined;
 }
 

@@ -42,10 +42,11 @@ export function loadOrCreateApiKey(config: CubicleConfig): string {
 
 /** Assembles store, network, runtime, core, API and router, recovers, and listens. */
 export async function startServer(config: CubicleConfig): Promise<RunningServer> {
-  fs.mkdirSync(config.stateDir, { recursive: true, mode: 0o700 });
+  // Search permission for others: the sandboxes' mapped root (uid 100000) walks to its bundle and the kit.
+  fs.mkdirSync(config.stateDir, { recursive: true, mode: 0o711 });
   const apiKey = loadOrCreateApiKey(config);
   const store = new SqliteStore(path.join(config.stateDir, "cubicle.db"));
-  const network = createNetworkManager(config);
+  const network = createNetworkManager(config, { tableName: config.nftTable });
   const runtime = createContainerRuntime(config);
   const templates = createTemplateCatalog(config);
   await network.init();

@@ -256,7 +256,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
         const state = await this.options.runtime.state(record.sandboxId);
         if (state === "frozen") await this.options.runtime.thaw(record.sandboxId);
         if (state === "running" || state === "frozen") {
-          await this.options.network.adopt(record.sandboxId, record.network);
+          await this.options.network.adopt(record.sandboxId, record.network, { allowInternetAccess: record.allowInternetAccess });
           alive = await agentIsHealthy(record.network.sandboxAddress);
         }
       }

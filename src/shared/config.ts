@@ -1,4 +1,12 @@
+import fs from "node:fs";
 import path from "node:path";
+
+/** The checkout this code runs from (source under src/ or the bundle under dist/). */
+function repositoryRoot(): string {
+  let dir = path.dirname(new URL(import.meta.url).pathname);
+  while (!fs.existsSync(path.join(dir, "package.json")) && path.dirname(dir) !== dir) dir = path.dirname(dir);
+  return dir;
+}
 
 /** Server configuration, read from the environment with defaults (README lists them). */
 export interface CubicleConfig {
@@ -34,7 +42,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     domain: env.CUBICLE_DOMAIN ?? "cubicle.local",
     apiKey: env.CUBICLE_API_KEY || undefined,
     subnet: env.CUBICLE_SUBNET ?? "10.88.0.0/16",
-    distDir: path.resolve(env.CUBICLE_DIST_DIR ?? path.join(path.dirname(new URL(import.meta.url).pathname), "..", "..", "dist")),
+    distDir: path.resolve(env.CUBICLE_DIST_DIR ?? path.join(repositoryRoot(), "dist")),
     runcPath: env.CUBICLE_RUNC ?? "runc",
     defaultTimeoutSec: Number(env.CUBICLE_DEFAULT_TIMEOUT_SEC ?? 300),
     defaultTemplates: (env.CUBICLE_DEFAULT_TEMPLATES ?? "base").split(",").map((s) => s.trim()).filter(Boolean),

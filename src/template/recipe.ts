@@ -93,6 +93,8 @@ export const baseRecipe: Recipe = {
     "git",
     "iproute2",
     "netbase",
+    // Resolves whatever hostname the runtime gives a sandbox (sudo warns when it cannot).
+    "libnss-myhostname",
     "python3",
     // Client code runs `python …` and `python -m http.server`.
     "python-is-python3",
@@ -158,6 +160,22 @@ export const codeInterpreterRecipe: Recipe = {
     "python3-numpy",
     "python3-pandas",
     "python3-matplotlib",
+    // Satisfies python3-fonttools' "python3-scipy | python3-munkres" with the small choice:
+    // scipy drags in pythran, g++ and boost (≈620 MB). Add "python3-scipy" here to have it.
+    "python3-munkres",
+  ],
+  env: {
+    ...baseRecipe.env,
+    // ipykernel starts debugpy, which otherwise warns on stderr about frozen modules at every
+    // kernel start.
+    PYDEVD_DISABLE_FILE_VALIDATION: "1",
+  },
+  steps: [
+    ...baseRecipe.steps,
+    // matplotlib builds its font cache on first import (seconds); do it once here for both
+    // users, so each sandbox's first plot does not pay for it.
+    ["python3", "-c", "import matplotlib.pyplot"],
+    ["runuser", "-u", "user", "--", "env", "HOME=/home/user", "python3", "-c", "import matplotlib.pyplot"],
   ],
 };
 

@@ -58,7 +58,7 @@ await check("errors carry name, value and traceback", async () => {
   const execution = await sandbox.runCode("def f():\n    raise ValueError('bad input')\nf()");
   assert.equal(execution.error?.name, "ValueError");
   assert.equal(execution.error?.value, "bad input");
-  assert.match(execution.error?.traceback ?? "", /f\(\)/);
+  assert.match(execution.error?.traceback.replace(/\x1b\[[0-9;]*m/g, "") ?? "", /f\(\)/);
 });
 
 await check("matplotlib figure comes back as png", async () => {
@@ -155,6 +155,28 @@ await check("javascript context: timeout interrupts a busy loop", async () => {
   await assert.rejects(sandbox.runCode("while (true) {}", { context, timeoutMs: 1_000 }), /timed out|timeout/i);
   assert.equal((await sandbox.runCode("kept", { context })).text, "yes");
   await sandbox.removeCodeContext(context);
+});
+
+await check("javascript: timeout interrupts a pending await; cells can be re-run", async () => {
+  const context = await sandbox.createCodeContext({ language: "ts" });
+  await sandbox.runCode("const kept: string = 'yes'", { context });
+  await sandbox.runCode("const kept: string = 'again'", { context });
+  await assert.rejects(sandbox.runCode("await new Promise(() => {})", { context, timeoutMs: 1_000 }), /timed out|timeout/i);
+  assert.equal((await sandbox.runCode("kept", { context })).text, "again");
+  await sandbox.removeCodeContext(context);
+});
+
+await check("bash: timeout interrupts a loop and the shell survives", async () => {
+  await sandbox.runCode("KEEP=1", { language: "bash" });
+  await assert.rejects(sandbox.runCode("while true; do sleep 0.1; done", { language: "bash", timeoutMs: 1_000 }), /timed out|timeout/i);
+  const after = await sandbox.runCode("echo keep=$KEEP; false", { language: "bash" });
+  assert.equal(after.logs.stdout.join(""), "keep=1\n");
+  assert.equal(after.error?.name, "ExitCodeError");
+});
+
+await check("python kernel runs as the default user in the context cwd", async () => {
+  const execution = await sandbox.runCode("import os, pwd\npwd.getpwuid(os.getuid()).pw_name + ' ' + os.getcwd()");
+  console.log(`     ${execution.text}`);
 });
 
 await check("bash runs with state", async () => {

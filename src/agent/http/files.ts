@@ -369,7 +369,7 @@ export async function writeUploadedFile(user: AgentUser, destination: string, so
     const stats = fs.fstatSync(fd, { bigint: true });
     identity = { dev: stats.dev, ino: stats.ino };
     if (Number(stats.uid) !== user.uid || Number(stats.gid) !== user.gid) fs.fchownSync(fd, user.uid, user.gid);
-    await pipeline(source, sink);
+    await copyInto(source, sink);
   } catch (reason) {
     sink.destroy();
     if (reason instanceof FilesError) throw reason;
@@ -388,4 +388,28 @@ export async function writeUploadedFile(user: AgentUser, destination: string, so
   const entry: UploadedEntry = { path: destination, name: path.basename(destination), type: "file" };
   if (Object.keys(metadata).length > 0) entry.metadata = { ...metadata };
   return entry;
+}
+
+/**
+ * Pipes `source` into `sink` and settles when the file is closed. Unlike `pipeline`, a failing
+ * sink (ENOSPC) does not destroy the source: for an octet-stream upload that is the request,
+ * and destroying it would cut the connection before the 507 answer is sent.
+ */
+function copyInto(source: Readable, sink: fs.WriteStream): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    let settled = false;
+    const settle = (reason?: unknown) => {
+      if (settled) return;
+      settled = true;
+      if (reason === undefined) return resolve();
+      source.unpipe(sink);
+      sink.destroy();
+      reject(reason);
+    };
+    source.once("error", settle);
+    source.once("aborted", () => settle(Object.assign(new Error("request aborted"), { code: "ECONNRESET" })));
+    sink.once("error", settle);
+    sink.once("close", () => settle());
+    source.pipe(sink);
+  });
 }

@@ -1,6 +1,8 @@
 import type { AddressInfo } from "node:net";
 import { createLogger } from "../../shared/log.js";
 import { ContextManager, type KernelFactory } from "./context-manager.js";
+import { BashKernel } from "./bash-kernel.js";
+import { JsKernel } from "./js-kernel.js";
 import { PythonKernel } from "./python-kernel.js";
 import { createInterpreterHttpServer } from "./server.js";
 import { UnavailableKernel } from "./unavailable-kernel.js";
@@ -44,10 +46,16 @@ export interface InterpreterServer {
  */
 export async function startInterpreterServer(options: InterpreterServerOptions): Promise<InterpreterServer> {
   const pythonPath = options.pythonPath ?? process.env.CUBICLE_PYTHON ?? "/usr/bin/python3";
+  const nodeCommand = options.nodeCommand ?? [process.execPath];
   const kernelFactory: KernelFactory = function createKernelForLanguage(language, launch) {
     switch (language) {
       case "python":
         return new PythonKernel({ pythonPath, launch, runtimeDir: options.runtimeDir });
+      case "javascript":
+      case "typescript":
+        return new JsKernel({ language, nodeCommand, launch });
+      case "bash":
+        return new BashKernel({ launch, runtimeDir: options.runtimeDir });
       default:
         return new UnavailableKernel(language, `${language} is not installed in this sandbox template; available languages: python, javascript, typescript, bash`);
     }

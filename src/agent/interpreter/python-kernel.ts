@@ -385,6 +385,7 @@ export class PythonKernel implements Kernel {
     const timer = setTimeout(() => child.kill("SIGKILL"), 2_000);
     await exited;
     clearTimeout(timer);
+    if (this.runtimeDir) await fs.rm(this.runtimeDir, { recursive: true, force: true }).catch(() => {});
   }
 }
 

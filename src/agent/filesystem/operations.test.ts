@@ -1,0 +1,123 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import fs from "node:fs";
+import path from "node:path";
+import { isRoot, makeTempDir, rootUser, syntheticUser } from "./test-helpers.js";
+import { listDirectory, makeDirectory, movePath, removePath, resolveRequestPath, statPath } from "./operations.js";
+import { metadataStore } from "./metadata-store.js";
+import { CubicleError } from "../../shared/cubicle-error.js";
+
+function assertCubicleError(fn: () => unknown, code: string, message?: RegExp): void {
+  assert.throws(fn, (reason: unknown) => {
+    assert.ok(reason instanceof CubicleError, `expected a CubicleError, got ${String(reason)}`);
+    assert.equal(reason.code, code);
+    if (message) assert.match(reason.message, message);
+    return true;
+  });
+}
+
+test("paths resolve against the user's home: ~, relative and empty", () => {
+  const user = syntheticUser("/home/someone");
+  assert.equal(resolveRequestPath("~", user), "/home/someone");
+  assert.equal(resolveRequestPath("~/a/b", user), "/home/someone/a/b");
+  assert.equal(resolveRequestPath("notes.txt", user), "/home/someone/notes.txt");
+  assert.equal(resolveRequestPath("", user), "/home/someone");
+  assert.equal(resolveRequestPath(undefined, user), "/home/someone");
+  assert.equal(resolveRequestPath("/etc/../tmp/x", user), "/tmp/x");
+});
+
+test("Stat of a missing path is not_found with upstream's message", () => {
+  const directory = makeTempDir();
+  const missing = path.join(directory, "nope");
+  assertCubicleError(() => statPath(rootUser, missing), "not_found", new RegExp(`^file not found: lstat ${missing}: no such file or directory$`));
+  fs.rmSync(directory, { recursive: true });
+});
+
+test("ListDir honours depth, skips nothing the user can see and reports under a symlinked path", () => {
+  const directory = makeTempDir();
+  fs.mkdirSync(path.join(directory, "real/sub/deeper"), { recursive: true });
+  fs.writeFileSync(path.join(directory, "real/a.txt"), "a");
+  fs.writeFileSync(path.join(directory, "real/sub/b.txt"), "b");
+  fs.writeFileSync(path.join(directory, "real/sub/deeper/c.txt"), "c");
+  fs.symlinkSync(path.join(directory, "real"), path.join(directory, "link"));
+
+  const names = (depth: number) => listDirectory(rootUser, path.join(directory, "real"), depth).entries.map((entry) => entry.path.slice(directory.length + 6));
+  assert.deepEqual(names(1), ["a.txt", "sub"]);
+  assert.deepEqual(names(2), ["a.txt", "sub", "sub/b.txt", "sub/deeper"]);
+  assert.deepEqual(names(0), ["a.txt", "sub"], "depth 0 means 1");
+
+  const viaLink = listDirectory(rootUser, path.join(directory, "link"), 1).entries;
+  assert.deepEqual(
+    viaLink.map((entry) => entry.path),
+    [path.join(directory, "link/a.txt"), path.join(directory, "link/sub")],
+  );
+  assertCubicleError(() => listDirectory(rootUser, path.join(directory, "real/a.txt"), 1), "invalid_argument", /path is not a directory/);
+  assertCubicleError(() => listDirectory(rootUser, path.join(directory, "missing"), 1), "not_found");
+  fs.rmSync(directory, { recursive: true });
+});
+
+test("MakeDir creates parents, then reports already_exists, and refuses a file in the way", () => {
+  const directory = makeTempDir();
+  const target = path.join(directory, "a/b/c");
+  const { entry } = makeDirectory(rootUser, target);
+  assert.equal(entry.type, "FILE_TYPE_DIRECTORY");
+  assert.equal(entry.path, target);
+  assertCubicleError(() => makeDirectory(rootUser, target), "already_exists", /^directory already exists: /);
+  fs.writeFileSync(path.join(directory, "file"), "");
+  assertCubicleError(() => makeDirectory(rootUser, path.join(directory, "file")), "invalid_argument", /not a directory/);
+  fs.rmSync(directory, { recursive: true });
+});
+
+test("Move creates destination parents, carries metadata and reports not_found for a missing source", () => {
+  const directory = makeTempDir();
+  const source = path.join(directory, "tree/file.txt");
+  fs.mkdirSync(path.dirname(source), { recursive: true });
+  fs.writeFileSync(source, "x");
+  const stats = fs.statSync(source, { bigint: true });
+  metadataStore().replace(source, stats, { owner: "test" });
+
+  const destination = path.join(directory, "moved/deeper/tree");
+  const { entry } = movePath(rootUser, path.join(directory, "tree"), destination);
+  assert.equal(entry.path, destination);
+  assert.equal(entry.type, "FILE_TYPE_DIRECTORY");
+  assert.deepEqual(statPath(rootUser, path.join(destination, "file.txt")).entry.metadata, { owner: "test" });
+
+  assertCubicleError(() => movePath(rootUser, path.join(directory, "missing"), path.join(directory, "x")), "not_found", /^source file not found/);
+  fs.rmSync(directory, { recursive: true });
+});
+
+test("Remove deletes recursively and succeeds for a missing path", () => {
+  const directory = makeTempDir();
+  fs.mkdirSync(path.join(directory, "a/b"), { recursive: true });
+  fs.writeFileSync(path.join(directory, "a/b/c"), "");
+  assert.deepEqual(removePath(rootUser, path.join(directory, "a")), {});
+  assert.equal(fs.existsSync(path.join(directory, "a")), false);
+  assert.deepEqual(removePath(rootUser, path.join(directory, "a")), {});
+  fs.rmSync(directory, { recursive: true });
+});
+
+test("a non-root user is denied what its permissions deny, and owns what it creates", { skip: !isRoot && "needs root" }, () => {
+  const directory = makeTempDir();
+  const secret = path.join(directory, "secret");
+  fs.mkdirSync(secret, { mode: 0o700 });
+  fs.writeFileSync(path.join(secret, "key"), "k");
+  const home = path.join(directory, "home");
+  fs.mkdirSync(home);
+  const user = syntheticUser(home);
+  fs.chownSync(home, user.uid, user.gid);
+
+  assertCubicleError(() => listDirectory(user, secret, 1), "permission_denied");
+  assertCubicleError(() => statPath(user, path.join(secret, "key")), "permission_denied");
+  assertCubicleError(() => removePath(user, path.join(secret, "key")), "permission_denied");
+  assertCubicleError(() => makeDirectory(user, path.join(secret, "sub")), "permission_denied");
+  assert.equal(fs.existsSync(path.join(secret, "key")), true);
+
+  makeDirectory(user, "projects/app");
+  const created = fs.statSync(path.join(home, "projects"));
+  assert.equal(created.uid, user.uid);
+  assert.equal(created.gid, user.gid);
+  assert.equal(fs.statSync(path.join(home, "projects/app")).uid, user.uid);
+  assert.equal(process.geteuid!(), 0, "credentials are restored");
+  assert.equal(process.getegid!(), 0);
+  fs.rmSync(directory, { recursive: true });
+});

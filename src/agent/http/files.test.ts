@@ -1,0 +1,242 @@
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import fs from "node:fs";
+import http from "node:http";
+import path from "node:path";
+import zlib from "node:zlib";
+import type { AddressInfo } from "node:net";
+import { isRoot, makeTempDir } from "../filesystem/test-helpers.js";
+import { handleFilesRequest } from "./files.js";
+import { statPath } from "../filesystem/operations.js";
+import { lookupUser } from "../users.js";
+
+let server: http.Server;
+let port: number;
+let directory: string;
+
+before(async () => {
+  directory = makeTempDir("cubicle-files-");
+  server = http.createServer((req, res) => {
+    const username = new URL(req.url ?? "/", "http://x").searchParams.get("username") ?? undefined;
+    void handleFilesRequest(req, res, { username, defaultUser: "root" });
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  port = (server.address() as AddressInfo).port;
+});
+
+after(() => {
+  server.close();
+  fs.rmSync(directory, { recursive: true, force: true });
+});
+
+interface Reply {
+  status: number;
+  headers: http.IncomingHttpHeaders;
+  body: Buffer;
+}
+
+/** Sends a request, writing the body in `chunkSize`-byte pieces to shake out framing bugs. */
+function send(method: string, query: Record<string, string>, headers: http.OutgoingHttpHeaders = {}, body?: Buffer, chunkSize = 7): Promise<Reply> {
+  const search = new URLSearchParams(query).toString();
+  return new Promise((resolve, reject) => {
+    const req = http.request({ host: "127.0.0.1", port, method, path: `/files?${search}`, headers }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on("data", (chunk: Buffer) => chunks.push(chunk));
+      res.on("end", () => resolve({ status: res.statusCode!, headers: res.headers, body: Buffer.concat(chunks) }));
+    });
+    req.on("error", reject);
+    void (async () => {
+      if (body) {
+        for (let offset = 0; offset < body.length; offset += chunkSize) {
+          req.write(body.subarray(offset, offset + chunkSize));
+          if (offset % (chunkSize * 16) === 0) await new Promise((r) => setImmediate(r));
+        }
+      }
+      req.end();
+    })();
+  });
+}
+
+function multipart(parts: Array<{ filename: string; data: string | Buffer; name?: string }>): { body: Buffer; contentType: string } {
+  const boundary = "----cubicle-test-boundary";
+  const pieces: Buffer[] = [];
+  for (const part of parts) {
+    // Raw UTF-8 in the filename, as undici's FormData sends it.
+    pieces.push(Buffer.from(`--${boundary}\r\nContent-Disposition: form-data; name="${part.name ?? "file"}"; filename="${part.filename}"\r\nContent-Type: application/octet-stream\r\n\r\n`, "utf8"));
+    pieces.push(Buffer.isBuffer(part.data) ? part.data : Buffer.from(part.data));
+    pieces.push(Buffer.from("\r\n"));
+  }
+  pieces.push(Buffer.from(`--${boundary}--\r\n`));
+  return { body: Buffer.concat(pieces), contentType: `multipart/form-data; boundary=${boundary}` };
+}
+
+test("a multi-file multipart upload writes every part to its full-path filename", async () => {
+  const { body, contentType } = multipart([
+    { filename: path.join(directory, "dir one/ä ö.txt"), data: "unicode" },
+    { filename: path.join(directory, "nested/a/b/c.bin"), data: Buffer.from([0, 1, 2, 255]) },
+    { filename: path.join(directory, "empty"), data: "" },
+  ]);
+  const reply = await send("POST", {}, { "Content-Type": contentType }, body);
+  assert.equal(reply.status, 200, reply.body.toString());
+  const entries = JSON.parse(reply.body.toString());
+  assert.deepEqual(entries, [
+    { path: path.join(directory, "dir one/ä ö.txt"), name: "ä ö.txt", type: "file" },
+    { path: path.join(directory, "nested/a/b/c.bin"), name: "c.bin", type: "file" },
+    { path: path.join(directory, "empty"), name: "empty", type: "file" },
+  ]);
+  assert.equal(fs.readFileSync(path.join(directory, "dir one/ä ö.txt"), "utf8"), "unicode");
+  assert.deepEqual([...fs.readFileSync(path.join(directory, "nested/a/b/c.bin"))], [0, 1, 2, 255]);
+  assert.equal(fs.readFileSync(path.join(directory, "empty")).length, 0);
+});
+
+test("home-relative filenames resolve against the user's home", { skip: !isRoot && "needs root" }, async () => {
+  const name = `cubicle-files-test-${process.pid}.txt`;
+  const { body, contentType } = multipart([{ filename: name, data: "in home" }]);
+  const reply = await send("POST", {}, { "Content-Type": contentType }, body);
+  assert.equal(reply.status, 200, reply.body.toString());
+  const home = lookupUser("root").home;
+  assert.equal(JSON.parse(reply.body.toString())[0].path, path.join(home, name));
+  fs.rmSync(path.join(home, name));
+});
+
+test("the same destination twice in one upload is a 400 and the first part stays written", async () => {
+  const target = path.join(directory, "dup.txt");
+  const { body, contentType } = multipart([
+    { filename: target, data: "first" },
+    { filename: target, data: "second" },
+  ]);
+  const reply = await send("POST", {}, { "Content-Type": contentType }, body);
+  assert.equal(reply.status, 400);
+  const error = JSON.parse(reply.body.toString());
+  assert.equal(error.code, 400);
+  assert.match(error.message, /you cannot upload multiple files to the same path/);
+  assert.equal(fs.readFileSync(target, "utf8"), "first");
+});
+
+test("an octet-stream upload needs a path, and gzip bodies are decompressed", async () => {
+  const target = path.join(directory, "octet/stream.txt");
+  const content = Buffer.from("compressed ".repeat(1000));
+  const reply = await send("POST", { path: target }, { "Content-Type": "application/octet-stream", "Content-Encoding": "gzip" }, zlib.gzipSync(content));
+  assert.equal(reply.status, 200, reply.body.toString());
+  assert.deepEqual(JSON.parse(reply.body.toString()), [{ path: target, name: "stream.txt", type: "file" }]);
+  assert.deepEqual(fs.readFileSync(target), content);
+
+  const missingPath = await send("POST", {}, { "Content-Type": "application/octet-stream" }, Buffer.from("x"));
+  assert.equal(missingPath.status, 400);
+  const badGzip = await send("POST", { path: target }, { "Content-Type": "application/octet-stream", "Content-Encoding": "gzip" }, Buffer.from("not gzip"));
+  assert.equal(badGzip.status, 400);
+  const unsupported = await send("POST", { path: target }, { "Content-Type": "text/plain" }, Buffer.from("x"));
+  assert.equal(unsupported.status, 400);
+});
+
+test("a gzip multipart upload works too", async () => {
+  const target = path.join(directory, "gz-multipart.txt");
+  const { body, contentType } = multipart([{ filename: target, data: "zipped part" }]);
+  const reply = await send("POST", {}, { "Content-Type": contentType, "Content-Encoding": "gzip" }, zlib.gzipSync(body));
+  assert.equal(reply.status, 200, reply.body.toString());
+  assert.equal(fs.readFileSync(target, "utf8"), "zipped part");
+});
+
+test("X-Metadata headers replace the metadata set, are returned and validated", async () => {
+  const target = path.join(directory, "meta.txt");
+  const first = await send("POST", { path: target }, { "Content-Type": "application/octet-stream", "X-Metadata-Owner": "alice", "x-metadata-stage": "draft" }, Buffer.from("1"));
+  assert.equal(first.status, 200, first.body.toString());
+  assert.deepEqual(JSON.parse(first.body.toString())[0].metadata, { owner: "alice", stage: "draft" });
+  assert.deepEqual(statPath({ name: "root", uid: 0, gid: 0, groups: [0], home: "/root", shell: "/bin/sh" }, target).entry.metadata, { owner: "alice", stage: "draft" });
+
+  const second = await send("POST", { path: target }, { "Content-Type": "application/octet-stream" }, Buffer.from("2"));
+  assert.equal(JSON.parse(second.body.toString())[0].metadata, undefined);
+  assert.equal(statPath({ name: "root", uid: 0, gid: 0, groups: [0], home: "/root", shell: "/bin/sh" }, target).entry.metadata, undefined, "an upload without headers clears it");
+
+  const tooLong = await send("POST", { path: target }, { "Content-Type": "application/octet-stream", "X-Metadata-Big": "v".repeat(5000) }, Buffer.from("3"));
+  assert.equal(tooLong.status, 400);
+  assert.match(JSON.parse(tooLong.body.toString()).message, /total metadata size/);
+});
+
+test("a download returns raw bytes, gzip when asked, and upstream's errors", async () => {
+  const target = path.join(directory, "download.bin");
+  const content = Buffer.alloc(100_000, "abc");
+  fs.writeFileSync(target, content);
+
+  const plain = await send("GET", { path: target });
+  assert.equal(plain.status, 200);
+  assert.equal(plain.headers["content-length"], String(content.length));
+  assert.deepEqual(plain.body, content);
+
+  const zipped = await send("GET", { path: target }, { "Accept-Encoding": "gzip" });
+  assert.equal(zipped.headers["content-encoding"], "gzip");
+  assert.deepEqual(zlib.gunzipSync(zipped.body), content);
+  assert.ok(zipped.body.length < content.length);
+
+  const identity = await send("GET", { path: target }, { "Accept-Encoding": "gzip;q=0.5, identity" });
+  assert.equal(identity.headers["content-encoding"], undefined);
+  const refused = await send("GET", { path: target }, { "Accept-Encoding": "br, identity;q=0" });
+  assert.equal(refused.status, 406);
+
+  const missing = await send("GET", { path: path.join(directory, "missing") });
+  assert.equal(missing.status, 404);
+  assert.deepEqual(JSON.parse(missing.body.toString()), { code: 404, message: `path '${path.join(directory, "missing")}' does not exist` });
+
+  const isDirectory = await send("GET", { path: directory });
+  assert.equal(isDirectory.status, 400);
+  assert.match(JSON.parse(isDirectory.body.toString()).message, /is a directory/);
+
+  const unknownUser = await send("GET", { path: target, username: "no-such-user-here" });
+  assert.equal(unknownUser.status, 401);
+});
+
+test("a non-root user cannot read or write where it has no permission, and owns what it writes", { skip: !isRoot && "needs root" }, async () => {
+  const nobody = lookupUser("nobody");
+  const secret = path.join(directory, "secret");
+  fs.mkdirSync(secret, { mode: 0o700 });
+  fs.writeFileSync(path.join(secret, "key"), "k");
+  const shared = path.join(directory, "shared");
+  fs.mkdirSync(shared);
+  fs.chmodSync(shared, 0o777);
+
+  const read = await send("GET", { path: path.join(secret, "key"), username: "nobody" });
+  assert.equal(read.status, 403, read.body.toString());
+  const write = await send("POST", { path: path.join(secret, "new"), username: "nobody" }, { "Content-Type": "application/octet-stream" }, Buffer.from("x"));
+  assert.equal(write.status, 403, write.body.toString());
+  assert.equal(fs.existsSync(path.join(secret, "new")), false);
+
+  const { body, contentType } = multipart([{ filename: path.join(shared, "deep/dir/file.txt"), data: "mine" }]);
+  const allowed = await send("POST", { username: "nobody" }, { "Content-Type": contentType }, body);
+  assert.equal(allowed.status, 200, allowed.body.toString());
+  assert.equal(fs.statSync(path.join(shared, "deep")).uid, nobody.uid);
+  assert.equal(fs.statSync(path.join(shared, "deep/dir/file.txt")).uid, nobody.uid);
+  assert.equal(fs.statSync(path.join(shared, "deep/dir/file.txt")).gid, nobody.gid);
+});
+
+test("concurrent uploads by different users each get their own ownership", { skip: !isRoot && "needs root" }, async () => {
+  const nobody = lookupUser("nobody");
+  const shared = path.join(directory, "concurrent");
+  fs.mkdirSync(shared);
+  fs.chmodSync(shared, 0o777);
+  const big = Buffer.alloc(256 * 1024, "z");
+  const uploads = Array.from({ length: 20 }, (_, index) => {
+    const username = index % 2 === 0 ? "nobody" : "root";
+    return send("POST", { path: path.join(shared, `${username}-${index}/f`), username }, { "Content-Type": "application/octet-stream" }, big, 4096);
+  });
+  const replies = await Promise.all(uploads);
+  for (const reply of replies) assert.equal(reply.status, 200, reply.body.toString());
+  for (let index = 0; index < 20; index++) {
+    const expectedUid = index % 2 === 0 ? nobody.uid : 0;
+    const username = index % 2 === 0 ? "nobody" : "root";
+    const stats = fs.statSync(path.join(shared, `${username}-${index}/f`));
+    assert.equal(stats.uid, expectedUid);
+    assert.equal(stats.size, big.length);
+    assert.equal(fs.statSync(path.join(shared, `${username}-${index}`)).uid, expectedUid);
+  }
+});
+
+test("a full disk answers 507 (octet-stream and multipart) and the connection survives", { skip: !(isRoot && fs.existsSync("/dev/full")) && "needs root and /dev/full" }, async () => {
+  // Writes to /dev/full fail with ENOSPC, like a full filesystem.
+  const big = Buffer.alloc(512 * 1024, "f");
+  const octet = await send("POST", { path: "/dev/full" }, { "Content-Type": "application/octet-stream" }, big, 65536);
+  assert.equal(octet.status, 507, octet.body.toString());
+  assert.equal(JSON.parse(octet.body.toString()).code, 507);
+  const { body, contentType } = multipart([{ filename: "/dev/full", data: big }]);
+  const form = await send("POST", {}, { "Content-Type": contentType }, body, 65536);
+  assert.equal(form.status, 507, form.body.toString());
+});

@@ -1,0 +1,162 @@
+import { copyFile, cp, link, mkdir, readFile, realpath, rename, rm, stat, writeFile } from "node:fs/promises";
+import { existsSync } from "node:fs";
+import { createRequire } from "node:module";
+import path from "node:path";
+import { CubicleError } from "../../shared/cubicle-error.js";
+import { runCommand } from "../../shared/exec.js";
+import { createLogger } from "../../shared/log.js";
+
+const log = createLogger("agent-kit");
+
+/** Where the kit appears inside every sandbox (read-only bind mount). */
+export const KIT_MOUNT_POINT = "/.cubicle";
+
+export interface AgentKitSources {
+  /** The Node binary to inject; the server's own by default. */
+  nodeBinary: string;
+  /** The bundled agent (`<distDir>/agent/agent.js`). */
+  agentScript: string;
+  /** Native packages the agent bundle leaves external, copied under `node_modules/`. */
+  nativePackages: NativePackage[];
+}
+
+export interface AgentKit {
+  dir: string;
+  /** argv that starts the agent inside a sandbox, independent of the template's libc. */
+  command: string[];
+}
+
+interface Manifest {
+  version: 1;
+  sources: Record<string, { size: number; mtimeMs: number }>;
+  loaderName: string;
+}
+
+/** A package the agent loads at run time (native addon), and the parts of it to copy. */
+export interface NativePackage {
+  name: string;
+  dir: string;
+  /** Paths inside the package to copy (files or directories). */
+  include: string[];
+  /** Native objects among them, whose libraries the kit must carry too. */
+  addons: string[];
+}
+
+const nativePackageParts: Record<string, { include: string[]; addons: string[] }> = {
+  "node-pty": { include: ["package.json", "lib", "build/Release/pty.node"], addons: ["build/Release/pty.node"] },
+  // zeromq picks its addon by platform, libc and ABI at load time through cmake-ts.
+  zeromq: { include: ["package.json", "lib", "build/manifest.json", `build/linux/${process.arch}`], addons: [] },
+  "cmake-ts": { include: ["package.json", "build/loader.js"], addons: [] },
+};
+
+/** The agent's native packages as installed next to the server; missing ones are left out. */
+export function findNativePackages(): NativePackage[] {
+  const found: NativePackage[] = [];
+  const require = createRequire(import.meta.url);
+  for (const [name, parts] of Object.entries(nativePackageParts)) {
+    // Look the directory up rather than resolving `name/package.json`: `exports` may hide it.
+    const dir = (require.resolve.paths(name) ?? []).map((base) => path.join(base, name)).find((candidate) => existsSync(path.join(candidate, "package.json")));
+    if (dir) found.push({ name, dir, ...parts });
+    else log.warn(`${name} is not installed: the agent feature that needs it will fail in sandboxes`);
+  }
+  return found;
+}
+
+/**
+ * Assembles `<stateDir>/kit`: the host's Node binary, its dynamic loader and every library that
+ * `ldd` lists for it and for node-pty's addon, the agent bundle and node-pty. Sandboxes run the
+ * agent through the kit's own loader, so any template rootfs works (glibc, musl or none).
+ *
+ * Rebuilt only when a source changed (size or mtime); a new kit replaces the old one by rename,
+ * so running sandboxes keep the files they mounted.
+ */
+export async function assembleAgentKit(kitDir: string, sources: AgentKitSources): Promise<AgentKit> {
+  await stat(sources.agentScript).catch((err) => {
+    throw new CubicleError("failed_precondition", `the agent bundle ${sources.agentScript} is missing; run \`npm run build\` first`, { cause: err });
+  });
+  const addons = sources.nativePackages.flatMap((pkg) => pkg.addons.map((addon) => path.join(pkg.dir, addon)));
+  const watched = [sources.nodeBinary, sources.agentScript, ...sources.nativePackages.map((pkg) => path.join(pkg.dir, "package.json")), ...addons];
+  const wanted: Manifest["sources"] = {};
+  for (const file of watched) {
+    const info = await stat(file);
+    wanted[file] = { size: info.size, mtimeMs: info.mtimeMs };
+  }
+
+  const existing = await readFile(path.join(kitDir, "manifest.json"), "utf8").then((text) => JSON.parse(text) as Manifest, () => undefined);
+  if (existing && JSON.stringify(existing.sources) === JSON.stringify(wanted)) {
+    return { dir: kitDir, command: agentCommand(existing.loaderName) };
+  }
+
+  const started = performance.now();
+  const staging = `${kitDir}.staging-${process.pid}`;
+  await rm(staging, { recursive: true, force: true });
+  await mkdir(path.join(staging, "lib"), { recursive: true, mode: 0o755 });
+
+  const libraries = new Map<string, string>();
+  let loaderPath: string | undefined;
+  for (const binary of [sources.nodeBinary, ...addons]) {
+    const listed = parseLdd((await runCommand(["ldd", binary], { timeoutMs: 10_000 })).stdout);
+    for (const [name, file] of listed.libraries) libraries.set(name, file);
+    loaderPath ??= listed.loader;
+  }
+  if (!loaderPath) throw new CubicleError("internal", `ldd ${sources.nodeBinary} names no dynamic loader; a statically linked Node cannot be injected this way`);
+  const loaderName = path.basename(loaderPath);
+  libraries.set(loaderName, loaderPath);
+  for (const [name, file] of libraries) {
+    await copyFile(await realpath(file), path.join(staging, "lib", name));
+  }
+
+  await linkOrCopy(sources.nodeBinary, path.join(staging, "node"));
+  await copyFile(sources.agentScript, path.join(staging, "agent.js"));
+  await copyFile(`${sources.agentScript}.map`, path.join(staging, "agent.js.map")).catch(() => {});
+  for (const pkg of sources.nativePackages) {
+    const target = path.join(staging, "node_modules", pkg.name);
+    for (const part of pkg.include) {
+      await mkdir(path.dirname(path.join(target, part)), { recursive: true });
+      await cp(path.join(pkg.dir, part), path.join(target, part), { recursive: true });
+    }
+  }
+  const manifest: Manifest = { version: 1, sources: wanted, loaderName };
+  await writeFile(path.join(staging, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n");
+
+  const retired = `${kitDir}.old-${process.pid}-${Date.now()}`;
+  await rename(kitDir, retired).catch(() => {});
+  await rename(staging, kitDir);
+  await rm(retired, { recursive: true, force: true });
+  log.info("agent kit assembled", { dir: kitDir, libraries: [...libraries.keys()], ms: Math.round(performance.now() - started) });
+  return { dir: kitDir, command: agentCommand(loaderName) };
+}
+
+function agentCommand(loaderName: string): string[] {
+  const lib = `${KIT_MOUNT_POINT}/lib`;
+  return [`${lib}/${loaderName}`, "--library-path", lib, `${KIT_MOUNT_POINT}/node`, `${KIT_MOUNT_POINT}/agent.js`];
+}
+
+/**
+ * Reads `ldd` output: `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)` lines give libraries,
+ * the line with an absolute path and no arrow is the loader; linux-vdso has no file.
+ */
+export function parseLdd(output: string): { libraries: Map<string, string>; loader: string | undefined } {
+  const libraries = new Map<string, string>();
+  let loader: string | undefined;
+  for (const line of output.split("\n")) {
+    const arrow = /^\s*(\S+)\s+=>\s+(\/\S+)\s+\(0x[0-9a-f]+\)/.exec(line);
+    if (arrow) {
+      libraries.set(arrow[1]!, arrow[2]!);
+      continue;
+    }
+    const bare = /^\s*(\/\S+)\s+\(0x[0-9a-f]+\)/.exec(line);
+    if (bare) loader = bare[1];
+    else if (/=>\s+not found/.test(line)) throw new CubicleError("internal", `ldd: ${line.trim()}; install the missing library on the host`);
+  }
+  return { libraries, loader };
+}
+
+/** A hard link costs nothing and the kit is mounted read-only; copy across filesystems. */
+async function linkOrCopy(source: string, target: string): Promise<void> {
+  try {
+    await link(source, target);
+  } catch {
+    await copyFile(source, target);
+  }
+}

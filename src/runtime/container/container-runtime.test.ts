@@ -1,0 +1,269 @@
+import assert from "node:assert/strict";
+import { existsSync } from "node:fs";
+import { mkdir, mkdtemp, readFile, rm, stat } from "node:fs/promises";
+import http from "node:http";
+import os from "node:os";
+import path from "node:path";
+import { after, before, describe, test } from "node:test";
+import { createNetworkManager } from "../../network/index.js";
+import type { NetworkManager, SandboxNetwork } from "../../network/types.js";
+import { runCommand } from "../../shared/exec.js";
+import { SANDBOX_UID_BASE, type SandboxSpec } from "../types.js";
+import { CONTAINER_PREFIX, ContainerRuntime } from "./container-runtime.js";
+
+// Real runc containers in real namespaces. Needs root and a template rootfs shifted into the
+// sandbox uid range: CUBICLE_TEST_ROOTFS=/var/tmp/rtdev-rootfs (make one with
+// `node --import tsx test/runtime-dev/prepare-rootfs.ts`). Without it the tests skip rather
+// than bootstrap Debian (a minute and a mirror) on every run.
+const rootfsDir = process.env.CUBICLE_TEST_ROOTFS;
+const skip = process.getuid?.() !== 0 ? "needs root" : !rootfsDir ? "set CUBICLE_TEST_ROOTFS to a shifted rootfs (test/runtime-dev/prepare-rootfs.ts)" : false;
+
+const tag = `r${process.pid.toString(36)}${Date.now().toString(36).slice(-4)}`;
+const tableName = `cubicle_test_${tag}`;
+const netnsPrefix = `cubicle-${tag}-`;
+const agentScript = path.join(import.meta.dirname, "..", "..", "..", "test", "runtime-dev", "health-agent.cjs");
+
+let stateDir: string;
+let runtime: ContainerRuntime;
+let network: NetworkManager;
+let counter = 0;
+
+function get(host: string, urlPath: string, timeoutMs = 1000): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    const req = http.get({ host, port: 49983, path: urlPath, timeout: timeoutMs, agent: false }, (res) => {
+      let body = "";
+      res.on("data", (d) => (body += d));
+      res.on("end", () => resolve({ status: res.statusCode ?? 0, body }));
+    });
+    req.on("error", reject);
+    req.on("timeout", () => req.destroy(new Error("timeout")));
+  });
+}
+
+async function waitForAgent(host: string): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    try {
+      if ((await get(host, "/health")).status === 204) return;
+    } catch (err) {
+      if (Date.now() > deadline) throw err;
+    }
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+/**
+ * Runs a command inside a sandbox through the development agent, so it has the agent's cgroup,
+ * capabilities and seccomp filter. (`runc exec` 1.1.5 cannot be used: it joins the container's
+ * user namespace before the host-owned netns, and setns then fails with EPERM.)
+ */
+async function execIn(net: SandboxNetwork, argv: string[]): Promise<{ exitCode: number; stdout: string; stderr: string }> {
+  const res = await get(net.sandboxAddress, `/run?argv=${encodeURIComponent(JSON.stringify(argv))}`, 15_000);
+  return JSON.parse(res.body);
+}
+
+async function newSandbox(overrides: Partial<SandboxSpec["resources"]> = {}): Promise<{ id: string; net: SandboxNetwork }> {
+  const id = `${tag}s${counter++}`;
+  const net = await network.allocate(id, { allowInternetAccess: false });
+  await runtime.create({
+    sandboxId: id,
+    hostname: `sb-${id}`,
+    template: { templateId: "dev", rootfsDir: rootfsDir!, defaultUser: "root", defaultWorkdir: "/", env: { LANG: "C.UTF-8" } },
+    resources: { cpuCount: 1.5, memoryMiB: 256, diskMiB: 0, pidsLimit: 200, ...overrides },
+    network: net,
+  });
+  return { id, net };
+}
+
+async function removeSandbox(id: string): Promise<void> {
+  await runtime.destroy(id);
+  await network.release(id);
+}
+
+async function mountsMentioning(text: string): Promise<string[]> {
+  return (await readFile("/proc/self/mountinfo", "utf8")).split("\n").filter((line) => line.includes(text));
+}
+
+describe("container runtime", { skip }, () => {
+  before(async () => {
+    stateDir = await mkdtemp(path.join(os.tmpdir(), "cubicle-rt-test-"));
+    network = createNetworkManager({ subnet: `10.230.${process.pid % 250}.0/24` }, { tableName, netnsPrefix });
+    await network.init();
+    runtime = new ContainerRuntime({ stateDir, distDir: "/nonexistent", runcPath: "runc" }, { agentScript });
+    await runtime.init();
+  });
+
+  after(async () => {
+    for (const id of (await runtime?.list()) ?? []) await runtime.destroy(id).catch((err) => console.error("cleanup", id, err));
+    for (const name of (await network?.listNamespaces()) ?? []) await network.release(name.slice(netnsPrefix.length)).catch(() => {});
+    await runCommand(["nft", "delete", "table", "inet", tableName], { allowFailure: true });
+    if (stateDir) await rm(stateDir, { recursive: true, force: true });
+  });
+
+  test("runs the agent as the mapped root, reachable from the host at the sandbox address", async () => {
+    const { id, net } = await newSandbox();
+    try {
+      await waitForAgent(net.sandboxAddress);
+      assert.equal(await runtime.state(id), "running");
+      assert.deepEqual(await runtime.list(), [id]);
+      const info = JSON.parse((await get(net.sandboxAddress, "/info")).body);
+      assert.equal(info.uid, 0);
+      assert.equal(info.pid, 1);
+      assert.equal(info.hostname, `sb-${id}`);
+      assert.equal(info.env.CUBICLE_AGENT, "1");
+      assert.match(info.uidMap, /^\s*0\s+100000\s+65536\s*$/);
+      // Seen from the host, the agent is an unprivileged uid.
+      const container = JSON.parse((await runCommand(["runc", "state", CONTAINER_PREFIX + id])).stdout) as { pid: number };
+      assert.match(await readFile(`/proc/${container.pid}/status`, "utf8"), new RegExp(`^Uid:\\s+${SANDBOX_UID_BASE}\\s`, "m"));
+      // A file written inside lands in the upper layer, owned by the mapped root.
+      assert.equal((await execIn(net, ["sh", "-c", "echo hi > /root/note"])).exitCode, 0);
+      const note = await stat(path.join(runtime.bundleDir(id), "upper", "root", "note"));
+      assert.equal(note.uid, SANDBOX_UID_BASE);
+      // The template's tree is untouched.
+      assert.ok(!existsSync(path.join(rootfsDir!, "root", "note")));
+    } finally {
+      await removeSandbox(id);
+    }
+  });
+
+  test("applies memory, CPU and pids limits through cgroups", async () => {
+    const { id, net } = await newSandbox({ memoryMiB: 300, cpuCount: 1.5, pidsLimit: 123 });
+    try {
+      await waitForAgent(net.sandboxAddress);
+      const dirs = runtime.cgroupDirectories(id);
+      const find = (file: string) => dirs.map((d) => path.join(d, file)).find((f) => existsSync(f));
+      const v2 = existsSync("/sys/fs/cgroup/cgroup.controllers");
+      if (v2) {
+        assert.equal((await readFile(find("memory.max")!, "utf8")).trim(), String(300 * 1024 * 1024));
+        assert.equal((await readFile(find("cpu.max")!, "utf8")).trim(), "150000 100000");
+        assert.equal((await readFile(find("pids.max")!, "utf8")).trim(), "123");
+      } else {
+        assert.equal((await readFile(find("memory.limit_in_bytes")!, "utf8")).trim(), String(300 * 1024 * 1024));
+        assert.equal((await readFile(find("cpu.cfs_quota_us")!, "utf8")).trim(), "150000");
+        assert.equal((await readFile(find("pids.max")!, "utf8")).trim(), "123");
+      }
+      // The limit is enforced: a fork bomb stops at pids.max (counted on the host).
+      await execIn(net, ["sh", "-c", "for i in $(seq 300); do sleep 3 </dev/null >/dev/null 2>&1 & done; exit 0"]);
+      const current = Number((await readFile(find("pids.current")!, "utf8")).trim());
+      const refused = Number(/max (\d+)/.exec(await readFile(find("pids.events")!, "utf8"))?.[1] ?? 0);
+      assert.ok(current <= 123 && current > 50, `pids.current ${current}`);
+      assert.ok(refused > 0, "pids.events shows no refused fork");
+    } finally {
+      await removeSandbox(id);
+    }
+  });
+
+  test("hardens the sandbox: capabilities, no_new_privs, seccomp, masked and read-only /proc, /dev", async () => {
+    const { id, net } = await newSandbox();
+    try {
+      await waitForAgent(net.sandboxAddress);
+      const status = (await execIn(net, ["cat", "/proc/self/status"])).stdout;
+      assert.match(status, /^NoNewPrivs:\s+1$/m);
+      assert.match(status, /^Seccomp:\s+2$/m);
+      const capEff = BigInt("0x" + /^CapEff:\s+([0-9a-f]+)$/m.exec(status)![1]);
+      const CAP_SYS_ADMIN = 21n;
+      const CAP_NET_ADMIN = 12n;
+      assert.equal(capEff & (1n << CAP_SYS_ADMIN), 0n);
+      assert.equal(capEff & (1n << CAP_NET_ADMIN), 0n);
+      assert.equal((await execIn(net, ["sh", "-c", "echo 1 > /proc/sys/kernel/panic"])).exitCode !== 0, true);
+      assert.equal((await execIn(net, ["cat", "/proc/kcore"])).stdout, "");
+      assert.equal((await execIn(net, ["cat", "/proc/keys"])).stdout, "");
+      const devices = (await execIn(net, ["ls", "/dev"])).stdout.split(/\s+/);
+      for (const device of ["null", "zero", "full", "random", "urandom", "tty", "ptmx", "pts", "shm"]) assert.ok(devices.includes(device), device);
+      assert.ok(!devices.includes("vda") && !devices.includes("kmsg"));
+      // The agent's stdio is /dev/null, never a host pipe (CRIU cannot dump those).
+      const fds = (await execIn(net, ["ls", "-l", "/proc/1/fd/0", "/proc/1/fd/1", "/proc/1/fd/2"])).stdout;
+      assert.equal((fds.match(/-> \/dev\/null/g) ?? []).length, 3, fds);
+      // The kit is read-only; unprivileged ports below 1024 can be bound.
+      assert.notEqual((await execIn(net, ["touch", "/.cubicle/x"])).exitCode, 0);
+      const lowPort = await execIn(net, [...["/.cubicle/lib/ld-linux-x86-64.so.2", "--library-path", "/.cubicle/lib", "/.cubicle/node"], "-e", "require('net').createServer().listen(80, () => process.exit(0))"]);
+      assert.equal(lowPort.exitCode, 0, lowPort.stderr);
+    } finally {
+      await removeSandbox(id);
+    }
+  });
+
+  test("freeze stops the agent answering and thaw brings it back", async () => {
+    const { id, net } = await newSandbox();
+    try {
+      await waitForAgent(net.sandboxAddress);
+      await runtime.freeze(id);
+      assert.equal(await runtime.state(id), "frozen");
+      await assert.rejects(get(net.sandboxAddress, "/health", 300), /timeout/);
+      await runtime.thaw(id);
+      assert.equal(await runtime.state(id), "running");
+      assert.equal((await get(net.sandboxAddress, "/health")).status, 204);
+      // Destroying a frozen sandbox works too.
+      await runtime.freeze(id);
+    } finally {
+      await removeSandbox(id);
+    }
+    assert.equal(await runtime.state(id), "missing");
+  });
+
+  test("reports CPU, memory and disk use", async () => {
+    const { id, net } = await newSandbox({ memoryMiB: 256, cpuCount: 2 });
+    try {
+      await waitForAgent(net.sandboxAddress);
+      const before = await runtime.stats(id);
+      assert.equal(before.cpuCount, 2);
+      assert.equal(before.memTotalBytes, 256 * 1024 * 1024);
+      assert.ok(before.memUsedBytes > 0);
+      await execIn(net, ["sh", "-c", "head -c 3000000 /dev/urandom > /root/blob"]);
+      const afterWrite = await runtime.stats(id);
+      assert.ok(afterWrite.diskUsedBytes - before.diskUsedBytes >= 3_000_000, `${before.diskUsedBytes} → ${afterWrite.diskUsedBytes}`);
+      assert.ok(afterWrite.cpuUsedPct >= 0 && afterWrite.cpuUsedPct <= 100);
+    } finally {
+      await removeSandbox(id);
+    }
+  });
+
+  test("destroy removes container, mount, directory and cgroups, and can be repeated", async () => {
+    const { id } = await newSandbox();
+    const bundle = runtime.bundleDir(id);
+    const cgroupDirs = runtime.cgroupDirectories(id);
+    assert.ok(cgroupDirs.some((d) => existsSync(d)));
+    await runtime.destroy(id);
+    await runtime.destroy(id);
+    await network.release(id);
+    assert.equal(await runtime.state(id), "missing");
+    assert.deepEqual(await mountsMentioning(bundle), []);
+    assert.ok(!existsSync(bundle));
+    assert.deepEqual(cgroupDirs.filter((d) => existsSync(d)), []);
+    assert.ok(!(await runtime.list()).includes(id));
+  });
+
+  test("destroy cleans a half-made sandbox (directory and overlay mount, no container)", async () => {
+    const id = `${tag}half`;
+    const bundle = runtime.bundleDir(id);
+    await mkdir(path.join(bundle, "upper"), { recursive: true });
+    await mkdir(path.join(bundle, "work"));
+    await mkdir(path.join(bundle, "rootfs"));
+    await runCommand(["mount", "-t", "overlay", "overlay", "-o", `lowerdir=${rootfsDir},upperdir=${bundle}/upper,workdir=${bundle}/work`, `${bundle}/rootfs`]);
+    assert.ok((await runtime.list()).includes(id));
+    await runtime.destroy(id);
+    assert.deepEqual(await mountsMentioning(bundle), []);
+    assert.ok(!existsSync(bundle));
+  });
+
+  test("a failed create leaves nothing behind", async () => {
+    const id = `${tag}bad`;
+    const net = await network.allocate(id, { allowInternetAccess: false });
+    try {
+      await assert.rejects(
+        runtime.create({
+          sandboxId: id,
+          hostname: "bad",
+          template: { templateId: "missing", rootfsDir: "/nonexistent/rootfs", defaultUser: "root", defaultWorkdir: "/", env: {} },
+          resources: { cpuCount: 1, memoryMiB: 128, diskMiB: 0, pidsLimit: 100 },
+          network: net,
+        }),
+        /does not exist/,
+      );
+      assert.ok(!existsSync(runtime.bundleDir(id)));
+      assert.equal(await runtime.state(id), "missing");
+    } finally {
+      await network.release(id);
+    }
+  });
+});

@@ -1,0 +1,134 @@
+import { SANDBOX_UID_BASE, SANDBOX_UID_COUNT, type SandboxSpec } from "../types.js";
+import { KIT_MOUNT_POINT } from "./agent-kit.js";
+import { buildSeccompProfile } from "./seccomp-profile.js";
+
+/** The capabilities a sandbox's root keeps: Docker's default set. */
+export const SANDBOX_CAPABILITIES: readonly string[] = [
+  "CAP_CHOWN",
+  "CAP_DAC_OVERRIDE",
+  "CAP_FSETID",
+  "CAP_FOWNER",
+  "CAP_MKNOD",
+  "CAP_NET_RAW",
+  "CAP_SETGID",
+  "CAP_SETUID",
+  "CAP_SETFCAP",
+  "CAP_SETPCAP",
+  "CAP_NET_BIND_SERVICE",
+  "CAP_SYS_CHROOT",
+  "CAP_KILL",
+  "CAP_AUDIT_WRITE",
+];
+
+/** /proc and /sys entries hidden (bind of /dev/null or an empty tmpfs), as Docker does. */
+export const MASKED_PATHS: readonly string[] = [
+  "/proc/acpi",
+  "/proc/asound",
+  "/proc/interrupts",
+  "/proc/kcore",
+  "/proc/keys",
+  "/proc/latency_stats",
+  "/proc/timer_list",
+  "/proc/timer_stats",
+  "/proc/sched_debug",
+  "/proc/scsi",
+  "/sys/firmware",
+  "/sys/devices/virtual/powercap",
+];
+
+export const READONLY_PATHS: readonly string[] = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
+
+export const CPU_PERIOD_USEC = 100_000;
+
+export interface OciSpecInput {
+  spec: SandboxSpec;
+  /** The agent's argv inside the sandbox. */
+  agentCommand: string[];
+  /** Host directory bind-mounted read-only at /.cubicle. */
+  kitDir: string;
+  /** `linux.cgroupsPath` (cgroupfs driver, absolute), e.g. /cubicle/<id>. */
+  cgroupsPath: string;
+  /** Put a swap limit equal to the memory limit (no swap) when the host can account swap. */
+  limitSwap: boolean;
+  /**
+   * How /sys is provided. "sysfs" needs the netns to be owned by the sandbox's user namespace;
+   * with a netns made by the host, the kernel refuses sysfs there (see container-runtime.ts).
+   */
+  sysfs: "sysfs" | "tmpfs";
+  /**
+   * RLIMIT_NOFILE for the agent. runc sets it inside the user namespace, where it cannot rise
+   * above the hard limit runc itself has: pass the server's own hard limit.
+   */
+  openFilesLimit: number;
+}
+
+/** Builds the OCI runtime config (config.json) for a sandbox; root.path is `rootfs` in the bundle. */
+export function buildOciSpec(input: OciSpecInput): Record<string, unknown> {
+  const { spec } = input;
+  const { resources, template } = spec;
+  const memoryBytes = Math.max(16, Math.floor(resources.memoryMiB)) * 1024 * 1024;
+  const env = {
+    PATH: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    HOME: "/root",
+    ...template.env,
+    CUBICLE_AGENT: "1",
+    CUBICLE_SANDBOX_ID: spec.sandboxId,
+  };
+  const caps = [...SANDBOX_CAPABILITIES];
+  const idMap = [{ containerID: 0, hostID: SANDBOX_UID_BASE, size: SANDBOX_UID_COUNT }];
+  const sysMount =
+    input.sysfs === "sysfs"
+      ? { destination: "/sys", type: "sysfs", source: "sysfs", options: ["nosuid", "noexec", "nodev", "ro"] }
+      : { destination: "/sys", type: "tmpfs", source: "tmpfs", options: ["nosuid", "noexec", "nodev", "ro", "size=4k", "mode=555"] };
+  return {
+    ociVersion: "1.0.2",
+    process: {
+      terminal: false,
+      user: { uid: 0, gid: 0 },
+      args: input.agentCommand,
+      env: Object.entries(env).map(([key, value]) => `${key}=${value}`),
+      cwd: "/",
+      capabilities: { bounding: caps, effective: caps, permitted: caps },
+      rlimits: [{ type: "RLIMIT_NOFILE", hard: input.openFilesLimit, soft: input.openFilesLimit }],
+      // Off so that `sudo` (setuid) works for the template's `user`, as on E2B. Root inside is
+      // uid 100000 on the host, so a setuid binary gains nothing outside the user namespace.
+      noNewPrivileges: false,
+    },
+    root: { path: "rootfs", readonly: false },
+    hostname: spec.hostname,
+    mounts: [
+      { destination: "/proc", type: "proc", source: "proc", options: ["nosuid", "noexec", "nodev"] },
+      { destination: "/dev", type: "tmpfs", source: "tmpfs", options: ["nosuid", "strictatime", "mode=755", "size=65536k"] },
+      { destination: "/dev/pts", type: "devpts", source: "devpts", options: ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"] },
+      { destination: "/dev/shm", type: "tmpfs", source: "shm", options: ["nosuid", "noexec", "nodev", "mode=1777", `size=${memoryBytes}`] },
+      { destination: "/dev/mqueue", type: "mqueue", source: "mqueue", options: ["nosuid", "noexec", "nodev"] },
+      sysMount,
+      { destination: KIT_MOUNT_POINT, type: "bind", source: input.kitDir, options: ["bind", "ro", "nosuid", "nodev"] },
+    ],
+    linux: {
+      uidMappings: idMap,
+      gidMappings: idMap,
+      namespaces: [
+        { type: "pid" },
+        { type: "ipc" },
+        { type: "uts" },
+        { type: "mount" },
+        { type: "cgroup" },
+        { type: "user" },
+        { type: "network", path: spec.network.netnsPath },
+      ],
+      cgroupsPath: input.cgroupsPath,
+      resources: {
+        // Deny every device node; runc adds its default allow-list (null, zero, full, random,
+        // urandom, tty, ptmx, pts) on top.
+        devices: [{ allow: false, access: "rwm" }],
+        memory: { limit: memoryBytes, ...(input.limitSwap ? { swap: memoryBytes } : {}) },
+        cpu: { quota: Math.max(1, Math.round(resources.cpuCount * CPU_PERIOD_USEC)), period: CPU_PERIOD_USEC },
+        pids: { limit: Math.max(16, resources.pidsLimit) },
+      },
+      maskedPaths: [...MASKED_PATHS],
+      readonlyPaths: [...READONLY_PATHS],
+      seccomp: buildSeccompProfile(),
+    },
+  };
+}
