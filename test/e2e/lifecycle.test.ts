@@ -2,12 +2,25 @@
  * Sandbox lifecycle through the official `e2b` SDK: 2.51 (v2 paths) and 2.45 (v1 paths).
  */
 import assert from "node:assert/strict";
+import http from "node:http";
 import { after, before, describe, test } from "node:test";
 import { Sandbox, SandboxNotFoundError, AuthenticationError } from "e2b";
 import { Sandbox as SandboxV1 } from "e2b-v1";
 import { startTestServer, useServerForSdk, type TestServer } from "./harness.js";
 
 let server: TestServer;
+
+/** fetch() may not set Host (a forbidden header); node:http can. */
+function getWithHost(url: string, host: string): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    const req = http.get(url, { headers: { host } }, (res) => {
+      let body = "";
+      res.on("data", (chunk) => (body += chunk));
+      res.on("end", () => resolve({ status: res.statusCode ?? 0, body }));
+    });
+    req.on("error", reject);
+  });
+}
 
 before(async () => {
   server = await startTestServer();
@@ -183,13 +196,13 @@ describe("secure sandboxes", () => {
 
     const sandbox = await Sandbox.create();
     try {
-      const byHost = await fetch(server.url + "/health", { headers: { host: `49983-${sandbox.sandboxId}.cubicle.test` } });
+      const byHost = await getWithHost(server.url + "/health", `49983-${sandbox.sandboxId}.cubicle.test`);
       assert.equal(byHost.status, 204);
       // Any other port goes to that port inside the sandbox.
       await sandbox.commands.run("python3 -m http.server 8080 --bind 0.0.0.0 >/dev/null 2>&1", { background: true });
       let status = 0;
       for (let i = 0; i < 50 && status !== 200; i++) {
-        const r = await fetch(server.url + "/", { headers: { host: `8080-${sandbox.sandboxId}.cubicle.test` } }).catch(() => undefined);
+        const r = await getWithHost(server.url + "/", `8080-${sandbox.sandboxId}.cubicle.test`).catch(() => undefined);
         status = r?.status ?? 0;
         if (status !== 200) await new Promise((r) => setTimeout(r, 100));
       }

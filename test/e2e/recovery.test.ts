@@ -65,7 +65,7 @@ test("after a SIGKILL of the server, running sandboxes are adopted and vanished 
   // The survivor works as before: same files, processes, token.
   const adopted = await Sandbox.connect(survivor.sandboxId);
   assert.equal((await adopted.files.read("/home/user/note.txt")), "still here");
-  const ps = await adopted.commands.run("pgrep -f 'sleep 600' | wc -l");
+  const ps = await adopted.commands.run("pgrep -x sleep | wc -l");
   assert.equal(ps.stdout.trim(), "1");
   const after = await server.api("GET", `/sandboxes/${survivor.sandboxId}`);
   assert.equal(after.json.envdAccessToken, survivorInfo.json.envdAccessToken);
