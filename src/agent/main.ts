@@ -3,6 +3,7 @@
  * CUBICLE_AGENT_PORT override it for tests) until SIGTERM.
  */
 import { createLogger } from "../shared/log.js";
+import { startInterpreterServer } from "./interpreter/index.js";
 import { createAgentServer } from "./server.js";
 
 const log = createLogger("agent");
@@ -14,8 +15,30 @@ process.on("unhandledRejection", (reason) => log.error("unhandled rejection", { 
 const host = process.env.CUBICLE_AGENT_HOST || "0.0.0.0";
 const port = Number(process.env.CUBICLE_AGENT_PORT || 49983);
 
-const { server } = createAgentServer();
+const { server, state } = createAgentServer();
 server.listen(port, host, () => log.info("envd listening", { host, port, pid: process.pid }));
+
+/**
+ * The injected Node runs through the kit's loader, so `process.execPath` may name the loader:
+ * kernels that need Node are started the way the runtime started us (CUBICLE_AGENT_NODE_COMMAND).
+ */
+function nodeCommand(): string[] {
+  const fromRuntime = process.env.CUBICLE_AGENT_NODE_COMMAND;
+  return fromRuntime ? (JSON.parse(fromRuntime) as string[]) : [process.execPath];
+}
+
+const interpreterPort = Number(process.env.CUBICLE_INTERPRETER_PORT || 49999);
+startInterpreterServer({
+  host,
+  port: interpreterPort,
+  getEnvVars: () => state.envVars,
+  getDefaultUser: () => state.defaultUser,
+  getDefaultWorkdir: () => state.defaultWorkdir ?? "/home/user",
+  nodeCommand: nodeCommand(),
+}).then(
+  () => log.info("code interpreter listening", { host, port: interpreterPort }),
+  (error: Error) => log.error("code interpreter failed to start", { error: error.message }),
+);
 server.on("error", (error) => {
   log.error("cannot listen", { host, port, error: error.message });
   process.exit(1);

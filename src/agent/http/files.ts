@@ -368,7 +368,9 @@ export async function writeUploadedFile(user: AgentUser, destination: string, so
   try {
     const stats = fs.fstatSync(fd, { bigint: true });
     identity = { dev: stats.dev, ino: stats.ino };
-    if (Number(stats.uid) !== user.uid || Number(stats.gid) !== user.gid) fs.fchownSync(fd, user.uid, user.gid);
+    // Only regular files change hands: devices and fifos (e.g. /dev/full, bound from the host
+    // and owned by an unmapped uid) cannot be chowned inside a user namespace.
+    if (stats.isFile() && (Number(stats.uid) !== user.uid || Number(stats.gid) !== user.gid)) fs.fchownSync(fd, user.uid, user.gid);
     await copyInto(source, sink);
   } catch (reason) {
     sink.destroy();

@@ -30,6 +30,7 @@ interface Manifest {
   version: 1;
   sources: Record<string, { size: number; mtimeMs: number }>;
   loaderName: string;
+  hasInit: boolean;
 }
 
 /** A package the agent loads at run time (native addon), and the parts of it to copy. */
@@ -75,7 +76,7 @@ export async function assembleAgentKit(kitDir: string, sources: AgentKitSources)
     throw new CubicleError("failed_precondition", `the agent bundle ${sources.agentScript} is missing; run \`npm run build\` first`, { cause: err });
   });
   const addons = sources.nativePackages.flatMap((pkg) => pkg.addons.map((addon) => path.join(pkg.dir, addon)));
-  const watched = [sources.nodeBinary, sources.agentScript, ...sources.nativePackages.map((pkg) => path.join(pkg.dir, "package.json")), ...addons];
+  const watched = [sources.nodeBinary, sources.agentScript, ...(existsSync(TINI_STATIC) ? [TINI_STATIC] : []), ...sources.nativePackages.map((pkg) => path.join(pkg.dir, "package.json")), ...addons];
   const wanted: Manifest["sources"] = {};
   for (const file of watched) {
     const info = await stat(file);
@@ -84,7 +85,7 @@ export async function assembleAgentKit(kitDir: string, sources: AgentKitSources)
 
   const existing = await readFile(path.join(kitDir, "manifest.json"), "utf8").then((text) => JSON.parse(text) as Manifest, () => undefined);
   if (existing && JSON.stringify(existing.sources) === JSON.stringify(wanted)) {
-    return { dir: kitDir, command: agentCommand(existing.loaderName) };
+    return { dir: kitDir, command: agentCommand(existing.loaderName, existing.hasInit) };
   }
 
   const started = performance.now();
@@ -107,6 +108,9 @@ export async function assembleAgentKit(kitDir: string, sources: AgentKitSources)
   }
 
   await linkOrCopy(sources.nodeBinary, path.join(staging, "node"));
+  const hasInit = existsSync(TINI_STATIC);
+  if (hasInit) await copyFile(TINI_STATIC, path.join(staging, "init"));
+  else log.warn(`${TINI_STATIC} is missing (apt-get install tini): orphaned processes in sandboxes will not be reaped`);
   await copyFile(sources.agentScript, path.join(staging, "agent.js"));
   await copyFile(`${sources.agentScript}.map`, path.join(staging, "agent.js.map")).catch(() => {});
   for (const pkg of sources.nativePackages) {
@@ -116,7 +120,7 @@ export async function assembleAgentKit(kitDir: string, sources: AgentKitSources)
       await cp(path.join(pkg.dir, part), path.join(target, part), { recursive: true });
     }
   }
-  const manifest: Manifest = { version: 1, sources: wanted, loaderName };
+  const manifest: Manifest = { version: 1, sources: wanted, loaderName, hasInit };
   await writeFile(path.join(staging, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n");
 
   const retired = `${kitDir}.old-${process.pid}-${Date.now()}`;
@@ -124,13 +128,21 @@ export async function assembleAgentKit(kitDir: string, sources: AgentKitSources)
   await rename(staging, kitDir);
   await rm(retired, { recursive: true, force: true });
   log.info("agent kit assembled", { dir: kitDir, libraries: [...libraries.keys()], ms: Math.round(performance.now() - started) });
-  return { dir: kitDir, command: agentCommand(loaderName) };
+  return { dir: kitDir, command: agentCommand(loaderName, hasInit) };
 }
 
-function agentCommand(loaderName: string): string[] {
+/**
+ * tini runs as PID 1 in front of the agent: Node reaps only its own children, so orphans of
+ * user commands (`cmd &`) would stay zombies with the agent as PID 1.
+ */
+function agentCommand(loaderName: string, hasInit: boolean): string[] {
   const lib = `${KIT_MOUNT_POINT}/lib`;
-  return [`${lib}/${loaderName}`, "--library-path", lib, `${KIT_MOUNT_POINT}/node`, `${KIT_MOUNT_POINT}/agent.js`];
+  const agent = [`${lib}/${loaderName}`, "--library-path", lib, `${KIT_MOUNT_POINT}/node`, `${KIT_MOUNT_POINT}/agent.js`];
+  return hasInit ? [`${KIT_MOUNT_POINT}/init`, "-g", "--", ...agent] : agent;
 }
+
+/** Debian's statically linked tini (package `tini`), when the host has it. */
+export const TINI_STATIC = "/usr/bin/tini-static";
 
 /**
  * Reads `ldd` output: `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)` lines give libraries,
