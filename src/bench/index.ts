@@ -6,7 +6,7 @@ import fs from "node:fs";
 import path from "node:path";
 import type { CubicleConfig } from "../shared/config.js";
 import { CubicleError } from "../shared/cubicle-error.js";
-import { describeMachine, memAvailableBytes } from "./machine.js";
+import { describeMachine, memAvailableBytes, memFreeBytes } from "./machine.js";
 import { summarize } from "./stats.js";
 
 export interface BenchOptions {
@@ -134,7 +134,8 @@ async function benchDensity(options: BenchOptions, target: SdkTarget) {
   await settle();
   const baseline = memAvailableBytes();
   const sandboxes: { kill(): Promise<boolean> }[] = [];
-  const points: { sandboxes: number; memAvailableBytes: number; perSandboxMiB: number }[] = [];
+  const baselineFree = memFreeBytes();
+  const points: { sandboxes: number; memAvailableBytes: number; perSandboxMiB: number; memFreeBytes: number; perSandboxFreeMiB: number }[] = [];
   let stoppedBecause = "reached the requested count";
   try {
     while (sandboxes.length < options.total) {
@@ -147,15 +148,23 @@ async function benchDensity(options: BenchOptions, target: SdkTarget) {
       sandboxes.push(...created);
       await settle();
       const available = memAvailableBytes();
+      const free = memFreeBytes();
       const perSandboxMiB = (baseline - available) / sandboxes.length / 2 ** 20;
-      points.push({ sandboxes: sandboxes.length, memAvailableBytes: available, perSandboxMiB: Math.round(perSandboxMiB * 100) / 100 });
+      const perSandboxFreeMiB = (baselineFree - free) / sandboxes.length / 2 ** 20;
+      points.push({
+        sandboxes: sandboxes.length,
+        memAvailableBytes: available,
+        perSandboxMiB: Math.round(perSandboxMiB * 100) / 100,
+        memFreeBytes: free,
+        perSandboxFreeMiB: Math.round(perSandboxFreeMiB * 100) / 100,
+      });
       if (options.progress) process.stderr.write(`\r${sandboxes.length} sandboxes, ${perSandboxMiB.toFixed(1)} MiB each`);
     }
   } finally {
     if (options.progress) process.stderr.write("\n");
     await Promise.all(sandboxes.map((s) => s.kill().catch(() => false)));
   }
-  return { samples: points, errors: [], summary: { baselineMemAvailableBytes: baseline, stoppedBecause, final: points[points.length - 1] } };
+  return { samples: points, errors: [], summary: { baselineMemAvailableBytes: baseline, baselineMemFreeBytes: baselineFree, stoppedBecause, final: points[points.length - 1] } };
 }
 
 const scenarios: Record<string, (options: BenchOptions, target: SdkTarget) => Promise<{ samples: unknown; errors: string[]; summary: unknown }>> = {
@@ -176,4 +185,12 @@ export async function runBench(options: BenchOptions, config: CubicleConfig, api
   const { outDir: _outDir, progress: _progress, ...parameters } = options;
   fs.writeFileSync(file, JSON.stringify({ scenario: options.scenario, startedAt: startedAt.toISOString(), machine: describeMachine(), parameters, ...result }, null, 2) + "\n");
   return file;
+}
+
+/** `./cubicle bench ...` as the CLI calls it; resolves to the exit code. */
+export async function runBenchCommand(args: string[], config: CubicleConfig, apiKey: string): Promise<number> {
+  const file = await runBench(parseBenchArgs(args), config, apiKey);
+  const { summary } = JSON.parse(fs.readFileSync(file, "utf8"));
+  process.stdout.write(`${JSON.stringify(summary, null, 2)}\nresult: ${file}\n`);
+  return 0;
 }

@@ -25,8 +25,17 @@ export function describeMachine() {
   };
 }
 
+function meminfoBytes(field: string): number {
+  const line = fs.readFileSync("/proc/meminfo", "utf8").split("\n").find((l) => l.startsWith(`${field}:`));
+  return Number(line?.split(/\s+/)[1] ?? 0) * 1024;
+}
+
 /** MemAvailable from /proc/meminfo, in bytes. */
 export function memAvailableBytes(): number {
-  const line = fs.readFileSync("/proc/meminfo", "utf8").split("\n").find((l) => l.startsWith("MemAvailable:"));
-  return Number(line?.split(/\s+/)[1] ?? 0) * 1024;
+  return meminfoBytes("MemAvailable");
+}
+
+/** MemFree from /proc/meminfo, in bytes (counts page cache as used: the stricter figure). */
+export function memFreeBytes(): number {
+  return meminfoBytes("MemFree");
 }

@@ -1,8 +1,7 @@
-import fs from "node:fs";
 import path from "node:path";
 import { loadConfig, type CubicleConfig } from "../shared/config.js";
 import { CubicleError } from "../shared/cubicle-error.js";
-import { parseBenchArgs, runBench } from "../bench/index.js";
+import { runBenchCommand } from "../bench/index.js";
 import { ApiClient } from "./api-client.js";
 import { loadOrCreateApiKey, startServer } from "./server.js";
 import { createTemplateCatalog } from "./template-catalog.js";
@@ -109,12 +108,8 @@ async function main(argv: string[]): Promise<number> {
       return sandboxCommand(config, args);
     case "template":
       return templateCommand(config, args);
-    case "bench": {
-      const file = await runBench(parseBenchArgs(args), config, loadOrCreateApiKey(config));
-      const { summary } = JSON.parse(fs.readFileSync(file, "utf8"));
-      process.stdout.write(`${JSON.stringify(summary, null, 2)}\nresult: ${file}\n`);
-      return 0;
-    }
+    case "bench":
+      return runBenchCommand(args, config, loadOrCreateApiKey(config));
     case "state-dir":
       process.stdout.write(path.resolve(config.stateDir) + "\n");
       return 0;

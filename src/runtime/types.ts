@@ -58,6 +58,36 @@ export interface Runtime {
   freeze(sandboxId: string): Promise<void>;
   thaw(sandboxId: string): Promise<void>;
   stats(sandboxId: string): Promise<SandboxStats>;
+  /**
+   * Saves the sandbox's state into `imageDir` (created by the call, complete only when it
+   * resolves: a failure leaves no directory behind): the filesystem (a copy of the upper
+   * layer) and, with `memory`, its processes (CRIU). With `leaveRunning` the sandbox is frozen
+   * only for the dump and keeps running; without it, the container is gone afterwards (durable
+   * pause) but its upper layer stays until destroy().
+   */
+  checkpoint(sandboxId: string, imageDir: string, options: CheckpointOptions): Promise<CheckpointInfo>;
+  /**
+   * Starts a sandbox from an image made by checkpoint(): a fresh upper layer copied from the
+   * image, processes restored (or, for a filesystem-only image, the agent started anew) into
+   * `spec.network`. `spec.sandboxId` may be the image's own sandbox (resume, rollback: the old
+   * container must be gone first) or a new one (create from snapshot, fork).
+   */
+  restore(spec: SandboxSpec, imageDir: string): Promise<void>;
+}
+
+export interface CheckpointOptions {
+  /** Dump processes and memory (CRIU); false = filesystem only. */
+  memory: boolean;
+  /** Keep the sandbox running after the dump (snapshot, fork) instead of stopping it (pause). */
+  leaveRunning: boolean;
+}
+
+export interface CheckpointInfo {
+  /** Bytes the image takes on disk. */
+  sizeBytes: number;
+  /** Time the sandbox was frozen for the dump (ms). */
+  frozenMs: number;
+  memory: boolean;
 }
 
 /** Root inside a sandbox is this uid on the host; template rootfs trees are owned by the shifted range. */

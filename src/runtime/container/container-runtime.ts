@@ -4,7 +4,7 @@ import type { CubicleConfig } from "../../shared/config.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
 import { createLogger } from "../../shared/log.js";
-import { SANDBOX_UID_BASE, type Runtime, type RuntimeState, type SandboxSpec, type SandboxStats } from "../types.js";
+import { SANDBOX_UID_BASE, type CheckpointInfo, type CheckpointOptions, type Runtime, type RuntimeState, type SandboxSpec, type SandboxStats } from "../types.js";
 import { assembleAgentKit, findNativePackages, type AgentKit } from "./agent-kit.js";
 import { cgroupDirectories, detectCgroupLayout, readCgroupUsage, removeCgroupDirectories, supportsSwapLimit, type CgroupLayout } from "./cgroups.js";
 import { buildOciSpec, CPU_PERIOD_USEC } from "./oci-spec.js";
@@ -223,6 +223,14 @@ export class ContainerRuntime implements Runtime {
     await this.runc.resume(CONTAINER_PREFIX + checkId(sandboxId)).catch((err) => {
       throw mapMissing(err, sandboxId);
     });
+  }
+
+  async checkpoint(sandboxId: string, _imageDir: string, _options: CheckpointOptions): Promise<CheckpointInfo> {
+    throw new CubicleError("unimplemented", `checkpoints are not available yet (sandbox ${sandboxId})`);
+  }
+
+  async restore(spec: SandboxSpec, _imageDir: string): Promise<void> {
+    throw new CubicleError("unimplemented", `restoring sandboxes is not available yet (sandbox ${spec.sandboxId})`);
   }
 
   async stats(sandboxId: string): Promise<SandboxStats> {

@@ -72,6 +72,8 @@ export function buildOciSpec(input: OciSpecInput): Record<string, unknown> {
     HOME: "/root",
     ...template.env,
     CUBICLE_AGENT: "1",
+    // tini is PID 1; the agent may still set the sandbox's hostname (its own UTS namespace).
+    CUBICLE_AGENT_SET_HOSTNAME: "1",
     // How to start Node inside the sandbox (through the kit's loader), for the JS kernels.
     CUBICLE_AGENT_NODE_COMMAND: JSON.stringify(input.agentCommand.slice(input.agentCommand.indexOf("--library-path") - 1, -1)),
     CUBICLE_SANDBOX_ID: spec.sandboxId,
