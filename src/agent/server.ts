@@ -10,7 +10,7 @@ import { CubicleError } from "../shared/cubicle-error.js";
 import { createLogger } from "../shared/log.js";
 import { checkAccessToken, checkFilesAuth, checkInitAuth, usernameFromAuthorization } from "./auth.js";
 import { createProcessService } from "./process/index.js";
-import { findProcedure, parseProcedurePath, serveProcedure, writeConnectError } from "./rpc/connect.js";
+import { findProcedure, parseProcedurePath, readBody, serveProcedure, writeConnectError } from "./rpc/connect.js";
 import type { ServiceDefinition } from "./rpc/types.js";
 import { applyInit, createAgentState, parseInitRequest, type AgentState } from "./state.js";
 import { lookupUser, type AgentUser } from "./users.js";
@@ -190,28 +190,14 @@ function sendError(res: ServerResponse, error: CubicleError): void {
   sendJson(res, error.httpStatus, error.toE2bBody());
 }
 
-function readJsonBody(req: IncomingMessage, limit: number): Promise<unknown> {
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = [];
-    let size = 0;
-    req.on("data", (chunk: Buffer) => {
-      size += chunk.length;
-      if (size > limit) {
-        reject(new CubicleError("invalid_argument", `body is larger than ${limit} bytes`));
-        req.destroy();
-      } else chunks.push(chunk);
-    });
-    req.on("end", () => {
-      const text = Buffer.concat(chunks).toString("utf8").trim();
-      if (text === "") return resolve({});
-      try {
-        resolve(JSON.parse(text));
-      } catch (error) {
-        reject(new CubicleError("invalid_argument", `cannot decode the body as JSON: ${(error as Error).message}`));
-      }
-    });
-    req.on("error", reject);
-  });
+async function readJsonBody(req: IncomingMessage, limit: number): Promise<unknown> {
+  const text = (await readBody(req, limit)).toString("utf8").trim();
+  if (text === "") return {};
+  try {
+    return JSON.parse(text);
+  } catch (error) {
+    throw new CubicleError("invalid_argument", `cannot decode the body as JSON: ${(error as Error).message}`);
+  }
 }
 
 async function handleInit(req: IncomingMessage, res: ServerResponse, state: AgentState): Promise<void> {

@@ -10,14 +10,21 @@ export interface ViewContext {
   domain: string;
 }
 
-/** The `Sandbox` object of create, connect and fork results. */
-export function sandboxView(record: SandboxRecord, ctx: ViewContext) {
+/** The identity fields every sandbox object starts with. */
+function identityFields(record: SandboxRecord) {
   return {
     templateID: record.templateId,
     sandboxID: record.sandboxId,
     clientID: record.clientId,
     envdVersion: ENVD_VERSION,
     ...(record.alias ? { alias: record.alias } : {}),
+  };
+}
+
+/** The `Sandbox` object of create, connect and fork results. */
+export function sandboxView(record: SandboxRecord, ctx: ViewContext) {
+  return {
+    ...identityFields(record),
     ...(record.envdAccessToken ? { envdAccessToken: record.envdAccessToken } : {}),
     trafficAccessToken: record.trafficAccessToken ?? null,
     domain: ctx.domain,
@@ -27,11 +34,7 @@ export function sandboxView(record: SandboxRecord, ctx: ViewContext) {
 /** `ListedSandbox`: the detail fields without tokens, domain, network and lifecycle. */
 export function listedSandboxView(record: SandboxRecord) {
   return {
-    templateID: record.templateId,
-    sandboxID: record.sandboxId,
-    clientID: record.clientId,
-    envdVersion: ENVD_VERSION,
-    ...(record.alias ? { alias: record.alias } : {}),
+    ...identityFields(record),
     startedAt: new Date(record.startedAt).toISOString(),
     endAt: new Date(record.endAt).toISOString(),
     cpuCount: record.cpuCount,

@@ -230,7 +230,8 @@ function checkEncoding(encoding: string): "gzip" | undefined {
   throw new CubicleError("unimplemented", `unknown compression "${encoding}": supported encodings are gzip, identity`);
 }
 
-function readBody(req: IncomingMessage, limit: number): Promise<Buffer> {
+/** Reads a whole request body, refusing more than `limit` bytes. */
+export function readBody(req: IncomingMessage, limit: number): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
     let size = 0;
