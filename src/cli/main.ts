@@ -16,7 +16,9 @@ const usage = `Usage: ./cubicle <command>
   sandbox exec ID -- CMD...  run a command in a sandbox (as root; --user NAME to change)
   template ls                list templates
   template build NAME        build (or rebuild) a template: base, code-interpreter-v1
-  bench SCENARIO [options]   measure a running server: create (-c -n -w -t), density (-n -c)
+  bench SCENARIO|report [options]
+                             measure a running server: create, density, exec, files, runcode,
+                             snapshot, restore, rollback, fork, pause-resume, baseline; see bench/README.md
 
 Configuration comes from the environment: CUBICLE_HOST (127.0.0.1), CUBICLE_PORT (3000),
 CUBICLE_STATE_DIR (/var/lib/cubicle), CUBICLE_DOMAIN, CUBICLE_API_KEY, CUBICLE_SUBNET.`;

@@ -1,0 +1,126 @@
+import path from "node:path";
+import { CubicleError } from "../shared/cubicle-error.js";
+
+/** How `create` treats the sandboxes it makes. */
+export type CreateMode = "create-delete" | "create-only";
+
+/** Parameters of one benchmark run; everything but the output settings lands in the JSON. */
+export interface BenchOptions {
+  scenario: string;
+  /** Requests in flight at once (create, restore, exec …), batch size (density), fork count (fork). */
+  concurrency: number;
+  /** Measured iterations (or sandboxes for create and density). */
+  total: number;
+  /** Warm-up iterations, run first and discarded. */
+  warmup: number;
+  template: string;
+  mode: CreateMode;
+  /** Dirty sizes written to /dev/shm before `snapshot`, in MiB. */
+  dirtyMiB: number[];
+  /** Pause after each density batch so page cache and the agents settle. */
+  settleMs: number;
+  /** Density stops before MemAvailable falls below this. */
+  memoryFloorMiB: number;
+  /** Where result JSON files go. */
+  outDir: string;
+  /** Where `report` writes REPORT.md and charts/ (default: the parent of outDir). */
+  reportDir: string;
+  /** Live progress on stderr (a TTY and not CI). */
+  progress: boolean;
+}
+
+export const SCENARIO_NAMES = ["create", "density", "exec", "files", "runcode", "snapshot", "restore", "rollback", "fork", "pause-resume", "baseline"] as const;
+
+export const BENCH_USAGE = `usage: ./cubicle bench SCENARIO [options] | ./cubicle bench report [-o RESULTS_DIR] [-r REPORT_DIR]
+
+scenarios: ${SCENARIO_NAMES.join(", ")}
+  -c N        concurrency (create, restore, rollback, pause-resume, exec), batch size (density), forks per call (fork)
+  -n N        measured iterations (sandboxes for create and density)
+  -w N        warm-up iterations, discarded (default 2 for create, 1 otherwise)
+  -m MODE     create: create-delete (default) or create-only (kill all at the end)
+  -t NAME     template (default base; runcode uses code-interpreter-v1)
+  -s LIST     snapshot: dirty sizes in MiB, comma-separated (default 0,10,100,500)
+  --settle-ms N   density: wait after each batch (default 3000)
+  --floor-mib N   density: stop when MemAvailable falls below this (default 2048)
+  -o DIR      results directory (default bench/results)
+  -r DIR      report directory (default: parent of the results directory)
+  --quiet     no live progress`;
+
+export function parseBenchArgs(args: string[], env: NodeJS.ProcessEnv = process.env, isTTY = process.stderr.isTTY === true): BenchOptions {
+  const [scenario, ...rest] = args;
+  if (!scenario || scenario === "help" || scenario === "--help") throw new CubicleError("invalid_argument", BENCH_USAGE);
+  const options: BenchOptions = {
+    scenario,
+    concurrency: 1,
+    total: scenario === "density" ? 10 : 20,
+    warmup: -1,
+    template: scenario === "runcode" ? "code-interpreter-v1" : "base",
+    mode: "create-delete",
+    dirtyMiB: [0, 10, 100, 500],
+    settleMs: 3000,
+    memoryFloorMiB: 2048,
+    outDir: path.resolve("bench/results"),
+    reportDir: "",
+    progress: isTTY && env.CI !== "true",
+  };
+  for (let i = 0; i < rest.length; i++) {
+    const flag = rest[i]!;
+    const value = rest[i + 1];
+    const text = () => {
+      if (value === undefined) throw new CubicleError("invalid_argument", `${flag} needs a value`);
+      i++;
+      return value;
+    };
+    const int = () => {
+      const n = Number(text());
+      if (!Number.isInteger(n) || n < 0) throw new CubicleError("invalid_argument", `${flag} takes a whole number, not ${JSON.stringify(value)}`);
+      return n;
+    };
+    switch (flag) {
+      case "-c":
+        options.concurrency = Math.max(1, int());
+        break;
+      case "-n":
+        options.total = Math.max(1, int());
+        break;
+      case "-w":
+        options.warmup = int();
+        break;
+      case "-t":
+        options.template = text();
+        break;
+      case "-m": {
+        const mode = text();
+        if (mode !== "create-delete" && mode !== "create-only") throw new CubicleError("invalid_argument", `-m takes create-delete or create-only, not ${mode}`);
+        options.mode = mode;
+        break;
+      }
+      case "-s":
+        options.dirtyMiB = text()
+          .split(",")
+          .map((s) => Number(s.trim()));
+        if (options.dirtyMiB.some((n) => !Number.isInteger(n) || n < 0)) throw new CubicleError("invalid_argument", "-s takes whole MiB sizes such as 0,10,100");
+        break;
+      case "--settle-ms":
+        options.settleMs = int();
+        break;
+      case "--floor-mib":
+        options.memoryFloorMiB = int();
+        break;
+      case "-o":
+        options.outDir = path.resolve(text());
+        break;
+      case "-r":
+        options.reportDir = path.resolve(text());
+        break;
+      case "--quiet":
+        options.progress = false;
+        break;
+      default:
+        throw new CubicleError("invalid_argument", `unknown bench option ${flag}\n\n${BENCH_USAGE}`);
+    }
+  }
+  if (options.warmup < 0) options.warmup = scenario === "create" ? 2 : scenario === "density" || scenario === "baseline" ? 0 : 1;
+  if (!options.reportDir) options.reportDir = path.dirname(options.outDir);
+  return options;
+}

@@ -1,0 +1,48 @@
+import { readFile } from "node:fs/promises";
+import path from "node:path";
+import { runCommand } from "../shared/exec.js";
+
+/** The memory fields of /proc/<pid>/smaps_rollup, in bytes. */
+export interface ProcessMemory {
+  rssBytes: number;
+  pssBytes: number;
+  /** Private_Clean + Private_Dirty: what killing the process would give back. */
+  privateBytes: number;
+}
+
+export function parseSmapsRollup(text: string): ProcessMemory {
+  const field = (name: string) => Number(new RegExp(`^${name}:\\s+(\\d+) kB`, "m").exec(text)?.[1] ?? 0) * 1024;
+  return { rssBytes: field("Rss"), pssBytes: field("Pss"), privateBytes: field("Private_Clean") + field("Private_Dirty") };
+}
+
+interface RuncListEntry {
+  id: string;
+  pid: number;
+  status: string;
+  bundle: string;
+}
+
+/**
+ * Memory of the agent process of each running sandbox of the server whose state dir is given:
+ * `runc list` → the container's init (tini, pid from runc) → its child, the agent →
+ * /proc/<pid>/smaps_rollup. Only containers whose bundle lives under `<stateDir>/sandboxes/`
+ * count, so another server's sandboxes are skipped; frozen ones (the warm pool) are skipped too.
+ * Bundles are named by the runtime id, which for a sandbox claimed from the warm pool is not
+ * its sandbox id: so this measures every running sandbox of that server, and the benchmark
+ * assumes nobody else uses the server meanwhile.
+ */
+export async function runningAgentMemory(runcPath: string, stateDir: string): Promise<{ runtimeId: string; agentPid: number; memory: ProcessMemory }[]> {
+  const { stdout } = await runCommand([runcPath, "list", "--format", "json"], { timeoutMs: 30_000 });
+  const containers = ((JSON.parse(stdout || "null") as RuncListEntry[] | null) ?? []).filter(
+    (c) => path.dirname(c.bundle) === path.join(stateDir, "sandboxes") && c.status === "running" && c.pid > 0,
+  );
+  const found: { runtimeId: string; agentPid: number; memory: ProcessMemory }[] = [];
+  for (const container of containers) {
+    const children = await readFile(`/proc/${container.pid}/task/${container.pid}/children`, "utf8").catch(() => "");
+    const agentPid = Number(children.trim().split(/\s+/)[0]);
+    if (!Number.isInteger(agentPid) || agentPid <= 0) continue;
+    const rollup = await readFile(`/proc/${agentPid}/smaps_rollup`, "utf8").catch(() => "");
+    if (rollup) found.push({ runtimeId: path.basename(container.bundle), agentPid, memory: parseSmapsRollup(rollup) });
+  }
+  return found;
+}

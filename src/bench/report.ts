@@ -1,0 +1,366 @@
+/**
+ * `./cubicle bench report`: the newest result of each scenario shape → REPORT.md + SVG charts.
+ * Every figure printed comes from a result file, named beside it; nothing is typed by hand
+ * except the published reference figures, which are quoted with their source hardware.
+ */
+import fs from "node:fs";
+import path from "node:path";
+import type { BenchResultFile } from "./result.js";
+import { renderLineChart, type ChartSeries } from "./svg-chart.js";
+
+export interface ReportInput {
+  resultsDir: string;
+  /** REPORT.md goes here, charts under `<reportDir>/charts/`. */
+  reportDir: string;
+}
+
+export interface ReportOutput {
+  reportPath: string;
+  charts: string[];
+  filesUsed: string[];
+}
+
+/** Published figures to compare against; `hardware` is stated beside every one. */
+export const REFERENCE_SYSTEMS = {
+  CubeSandbox: {
+    hardware: "16-core PVM server (CubeSandbox's published cube-bench figures)",
+    figures: { create: 67, snapshot: 41, restore: 67, rollback: 90, fork1: 270, pause: 371, resume: 19 } as Record<string, number>,
+  },
+  Coppice: { hardware: "—", figures: {} as Record<string, number> },
+  AgentFense: { hardware: "—", figures: {} as Record<string, number> },
+};
+
+interface Loaded {
+  file: string;
+  data: BenchResultFile;
+}
+
+type Summary = { count?: number; avg?: number; min?: number; p50?: number; p90?: number; p95?: number; p99?: number; max?: number };
+
+/** Reads a nested field (`a.b.c`) of a result without trusting its shape. */
+function pick(value: unknown, dotted: string): any {
+  return dotted.split(".").reduce<any>((v, key) => (v === null || v === undefined ? undefined : v[key]), value);
+}
+
+function fmt(v: unknown, digits = 1): string {
+  return typeof v === "number" && Number.isFinite(v) ? v.toFixed(digits) : "—";
+}
+
+function pct(v: unknown): string {
+  return typeof v === "number" ? `${Math.round(v * 1000) / 10} %` : "—";
+}
+
+function ratio(value: unknown, floor: unknown): string {
+  return typeof value === "number" && typeof floor === "number" && floor > 0 ? `${(value / floor).toFixed(1)}×` : "—";
+}
+
+function loadResults(dir: string): Loaded[] {
+  if (!fs.existsSync(dir)) return [];
+  return fs
+    .readdirSync(dir)
+    .filter((f) => f.endsWith(".json"))
+    .flatMap((f) => {
+      try {
+        const data = JSON.parse(fs.readFileSync(path.join(dir, f), "utf8")) as BenchResultFile;
+        // Files of the first harness (no schema, no status) are not read: their shapes differ.
+        return data.schema === "cubicle-bench/1" && typeof data.scenario === "string" && typeof data.startedAt === "string" ? [{ file: f, data }] : [];
+      } catch {
+        return [];
+      }
+    });
+}
+
+/** The shape a result belongs to: the newest result per shape is reported. */
+function shapeOf(data: BenchResultFile): string {
+  const p = data.parameters ?? {};
+  if (data.scenario === "create") return `create|${p.mode ?? "create-delete"}|${p.concurrency}`;
+  if (data.scenario === "density" || data.scenario === "baseline") return data.scenario;
+  if (["exec", "files", "runcode"].includes(data.scenario)) return `${data.scenario}|${p.concurrency}`;
+  return `${data.scenario}|${p.concurrency}`;
+}
+
+function newestPerShape(all: Loaded[]): Loaded[] {
+  const newest = new Map<string, Loaded>();
+  for (const entry of all) {
+    const key = shapeOf(entry.data);
+    const seen = newest.get(key);
+    if (!seen || entry.data.startedAt > seen.data.startedAt) newest.set(key, entry);
+  }
+  return [...newest.values()].sort((a, b) => Number(a.data.parameters?.concurrency ?? 0) - Number(b.data.parameters?.concurrency ?? 0));
+}
+
+function table(header: string[], rows: string[][]): string {
+  return [`| ${header.join(" | ")} |`, `|${header.map(() => "---").join("|")}|`, ...rows.map((r) => `| ${r.join(" | ")} |`)].join("\n");
+}
+
+function latencyCells(s: Summary | undefined): string[] {
+  return [fmt(s?.avg), fmt(s?.min), fmt(s?.p50), fmt(s?.p90), fmt(s?.p95), fmt(s?.p99), fmt(s?.max)];
+}
+const LATENCY_HEADER = ["avg", "min", "p50", "p90", "p95", "p99", "max"];
+
+function fileRef(entry: Loaded): string {
+  return `\`${entry.file}\``;
+}
+
+/** A reason (maybe a multi-line CRIU log) made fit for one table cell. */
+function brief(text: unknown, max = 200): string {
+  const line = String(text ?? "no reason recorded").replace(/\s+/g, " ").replace(/\|/g, "\\|");
+  return line.length > max ? `${line.slice(0, max)}…` : line;
+}
+
+function notAvailableLine(entry: Loaded): string {
+  return `**${entry.data.status}** — ${brief(entry.data.reason, 400)} (${fileRef(entry)})`;
+}
+
+/** Writes REPORT.md and the charts; returns what it wrote. */
+export function writeReport(input: ReportInput): ReportOutput {
+  const all = loadResults(input.resultsDir);
+  const chosen = newestPerShape(all);
+  const of = (scenario: string) => chosen.filter((e) => e.data.scenario === scenario);
+  const chartsDir = path.join(input.reportDir, "charts");
+  fs.mkdirSync(chartsDir, { recursive: true });
+  const charts: string[] = [];
+  const chart = (name: string, svg: string) => {
+    const file = path.join(chartsDir, name);
+    fs.writeFileSync(file, svg);
+    charts.push(file);
+    return `![${name}](charts/${name})`;
+  };
+  const resultsRel = path.relative(input.reportDir, input.resultsDir) || ".";
+  const out: string[] = [
+    "# Cubicle benchmark report",
+    "",
+    `Generated by \`./cubicle bench report\` from the newest result of each scenario shape in \`${resultsRel}/\` (${chosen.length} of ${all.length} result files). Do not edit by hand: rerun the commands in \`bench/README.md\` and regenerate. Latencies are milliseconds; each figure names its result file.`,
+    "",
+  ];
+
+  // Machine and revision.
+  const machines = new Map<string, string[]>();
+  for (const e of chosen) {
+    const m = e.data.machine ?? {};
+    const key = `${m.hostname} · ${m.cpuModel} · ${m.cores} cores · ${m.memoryGiB} GiB · kernel ${m.kernel} · Node ${m.node} · cgroup ${m.cgroup} · git ${m.gitRevision}`;
+    machines.set(key, [...(machines.get(key) ?? []), e.file]);
+  }
+  out.push("## Machine", "");
+  if (machines.size === 0) out.push("No result files yet.", "");
+  for (const [key, files] of machines) out.push(`- ${key} (${files.length === chosen.length ? "all files" : files.map((f) => `\`${f}\``).join(", ")})`);
+  if (machines.size > 1) out.push("", "⚠ The results come from more than one machine or revision: compare ratios, not absolute numbers.");
+  out.push("");
+
+  // Floors.
+  const baseline = of("baseline")[0];
+  const runcFloor = pick(baseline?.data.summary, "runc.totalMs.p50");
+  const criuFloor = pick(baseline?.data.summary, "criu.totalMs.p50");
+  const spawnFloor = pick(baseline?.data.summary, "spawn.totalMs.p50");
+  out.push("## Floor (baseline in the same run)", "");
+  if (!baseline) out.push("No baseline result: run `./cubicle bench baseline`.", "");
+  else {
+    const rows = (["runc", "criu", "spawn"] as const).map((k) => {
+      const part = pick(baseline.data.summary, k) ?? {};
+      const what = { runc: "`runc run --keep` + `runc delete` of `/bin/true` (userns, read-only template rootfs)", criu: "raw `criu restore` of one process", spawn: "Node fork+exec of `/bin/true`" }[k];
+      if (part.status !== "ok") return [what, `${part.status ?? "missing"}: ${brief(part.reason ?? pick(baseline.data.errors, "0"))}`, "", "", "", "", "", "", fileRef(baseline)];
+      return [what, ...latencyCells(part.totalMs), fileRef(baseline)];
+    });
+    out.push(table(["floor", ...LATENCY_HEADER, "file"], rows), "");
+  }
+
+  // Create.
+  const creates = of("create");
+  out.push("## Create → first successful command", "");
+  if (creates.length === 0) out.push("No create results.", "");
+  else {
+    const modes = [...new Set(creates.map((e) => String(e.data.parameters.mode ?? "create-delete")))];
+    const series: ChartSeries[] = modes.flatMap((mode) => {
+      const rows = creates.filter((e) => (e.data.parameters.mode ?? "create-delete") === mode && e.data.status === "ok");
+      return (["p50", "p95", "p99"] as const).map((p) => ({
+        name: `${p} ${mode}`,
+        points: rows.map((e) => [Number(e.data.parameters.concurrency), Number(pick(e.data.summary, `createToFirstCommandMs.${p}`))] as const),
+      }));
+    });
+    out.push(chart("create-latency-vs-concurrency.svg", renderLineChart({ title: "create → first command vs concurrency", xLabel: "concurrency", yLabel: "ms", series })), "");
+    out.push(
+      table(
+        ["c", "mode", "n", "success", ...LATENCY_HEADER, "wall", "per sandbox (amortized)", "API p50", "p50 ÷ runc floor", "file"],
+        creates.map((e) => {
+          const s = e.data.summary;
+          return [
+            String(e.data.parameters.concurrency),
+            String(e.data.parameters.mode ?? "create-delete"),
+            String(e.data.parameters.total),
+            pct(pick(s, "successRate")),
+            ...latencyCells(pick(s, "createToFirstCommandMs")),
+            fmt(pick(s, "wallMs"), 0),
+            fmt(pick(s, "amortizedMsPerSandbox")),
+            fmt(pick(s, "createApiMs.p50")),
+            ratio(pick(s, "createToFirstCommandMs.p50"), runcFloor),
+            fileRef(e),
+          ];
+        }),
+      ),
+      "",
+    );
+  }
+
+  // Density.
+  const density = of("density")[0];
+  out.push("## Density: idle sandboxes vs host memory", "");
+  if (!density) out.push("No density result.", "");
+  else {
+    const points = (density.data.samples as any[]) ?? [];
+    out.push(
+      chart(
+        "memory-vs-sandboxes.svg",
+        renderLineChart({
+          title: "memory per idle sandbox",
+          xLabel: "live sandboxes",
+          yLabel: "MiB per sandbox",
+          series: [
+            { name: "MemAvailable Δ ÷ N", points: points.map((p) => [p.sandboxes, p.perSandboxMiB] as const) },
+            { name: "MemFree Δ ÷ N", points: points.map((p) => [p.sandboxes, p.perSandboxFreeMiB] as const) },
+            { name: "agent PSS", points: points.map((p) => [p.sandboxes, pick(p, "agents.avgPssMiB")] as const) },
+            { name: "agent private", points: points.map((p) => [p.sandboxes, pick(p, "agents.avgPrivateMiB")] as const) },
+          ],
+        }),
+      ),
+      "",
+      `Stopped: ${pick(density.data.summary, "stoppedBecause")} (${fileRef(density)}).`,
+      "",
+      table(
+        ["sandboxes", "MemAvailable Δ ÷ N (MiB)", "MemFree Δ ÷ N (MiB)", "agent PSS avg (MiB)", "agent private avg (MiB)", "agents measured"],
+        points.map((p) => [String(p.sandboxes), fmt(p.perSandboxMiB, 2), fmt(p.perSandboxFreeMiB, 2), fmt(pick(p, "agents.avgPssMiB"), 2), fmt(pick(p, "agents.avgPrivateMiB"), 2), String(pick(p, "agents.measured") ?? "—")]),
+      ),
+      "",
+    );
+  }
+
+  // Round trips.
+  out.push("## Round trips on one sandbox", "");
+  const roundRows: string[][] = [];
+  for (const e of [...of("exec"), ...of("files"), ...of("runcode")]) {
+    const s = e.data.summary as Record<string, any>;
+    for (const [key, value] of Object.entries(s)) {
+      if (!value || typeof value !== "object" || !("p50" in value)) continue;
+      roundRows.push([`${e.data.scenario} ${key}`, String(e.data.parameters.concurrency), String(value.count), ...latencyCells(value), ratio(value.p50, spawnFloor), fileRef(e)]);
+    }
+    if (e.data.scenario === "runcode") roundRows.push(["runcode: create → first runCode('1+1')", "1", "1", "—", "—", fmt(s.createToFirstRunCodeMs), "—", "—", "—", "—", ratio(s.createToFirstRunCodeMs, spawnFloor), fileRef(e)]);
+  }
+  out.push(roundRows.length ? table(["operation", "c", "n", ...LATENCY_HEADER, "p50 ÷ spawn floor", "file"], roundRows) : "No exec, files or runcode results.", "");
+
+  // Snapshot family.
+  out.push("## Snapshots, restore, rollback, fork, pause/resume", "");
+  const snapshots = of("snapshot");
+  for (const e of snapshots) {
+    out.push(`### snapshot vs dirty memory, c=${e.data.parameters.concurrency}`, "");
+    if (e.data.status !== "ok") {
+      out.push(notAvailableLine(e), "");
+      continue;
+    }
+    const bySize = (pick(e.data.summary, "byDirtyMiB") ?? {}) as Record<string, any>;
+    out.push(
+      chart(
+        `snapshot-vs-dirty-c${e.data.parameters.concurrency}.svg`,
+        renderLineChart({
+          title: `createSnapshot vs dirty /dev/shm, c=${e.data.parameters.concurrency}`,
+          xLabel: "dirty MiB",
+          yLabel: "ms",
+          series: (["p50", "p95"] as const).map((p) => ({ name: p, points: Object.entries(bySize).map(([mib, v]) => [Number(mib), Number(pick(v, `snapshotMs.${p}`))] as const) })),
+        }),
+      ),
+      "",
+      table(
+        ["dirty MiB", "status", ...LATENCY_HEADER, "file"],
+        Object.entries(bySize).map(([mib, v]) => (v.status === "ok" ? [mib, `ok, ${pct(v.successRate)} succeeded`, ...latencyCells(v.snapshotMs), fileRef(e)] : [mib, `${v.status}: ${brief(v.reason)}`, "", "", "", "", "", "", "", fileRef(e)])),
+      ),
+      "",
+    );
+  }
+  const simple: [string, string, string][] = [
+    ["restore", "create from snapshot → first command", "firstCommandMs"],
+    ["rollback", "POST /sandboxes/{id}/rollback", "rollbackMs"],
+    ["fork", "fork of N → all forks answer", "allForksAnswerMs"],
+  ];
+  const lifecycleRows: string[][] = [];
+  for (const [scenario, label, field] of simple) {
+    for (const e of of(scenario)) {
+      const c = String(e.data.parameters.concurrency);
+      if (e.data.status !== "ok") lifecycleRows.push([label, c, `${e.data.status}: ${brief(e.data.reason)}`, ...LATENCY_HEADER.map(() => ""), "", fileRef(e)]);
+      else lifecycleRows.push([label, c, pct(pick(e.data.summary, "successRate")), ...latencyCells(pick(e.data.summary, field)), ratio(pick(e.data.summary, `${field}.p50`), criuFloor), fileRef(e)]);
+    }
+  }
+  for (const e of of("pause-resume")) {
+    const c = String(e.data.parameters.concurrency);
+    if (e.data.status !== "ok" && !pick(e.data.summary, "byVariant")) {
+      lifecycleRows.push(["pause / resume", c, `${e.data.status}: ${brief(e.data.reason)}`, ...LATENCY_HEADER.map(() => ""), "", fileRef(e)]);
+      continue;
+    }
+    for (const [variant, v] of Object.entries((pick(e.data.summary, "byVariant") ?? {}) as Record<string, any>)) {
+      for (const field of ["pauseMs", "resumeMs", "resumeToFirstCommandMs"]) {
+        if (v.status !== "ok") lifecycleRows.push([`${variant} ${field}`, c, `${v.status}: ${brief(v.reason)}`, ...LATENCY_HEADER.map(() => ""), "", fileRef(e)]);
+        else lifecycleRows.push([`${variant} ${field}`, c, pct(v.successRate), ...latencyCells(v[field]), ratio(v[field]?.p50, criuFloor), fileRef(e)]);
+      }
+    }
+  }
+  if (snapshots.length === 0 && lifecycleRows.length === 0) out.push("No snapshot-family results.", "");
+  if (lifecycleRows.length) out.push(table(["operation", "c", "success", ...LATENCY_HEADER, "p50 ÷ CRIU floor", "file"], lifecycleRows), "");
+
+  // Comparison.
+  const p50 = (scenario: string, field: string, c = 1): { value?: number; file?: string; note?: string } => {
+    const e = chosen.find((x) => x.data.scenario === scenario && Number(x.data.parameters.concurrency) === c && (scenario !== "create" || (x.data.parameters.mode ?? "create-delete") === "create-delete"));
+    if (!e) return { note: "not measured" };
+    if (e.data.status !== "ok" && !field.startsWith("byVariant")) return { note: e.data.status, file: e.file };
+    const value = pick(e.data.summary, field);
+    if (typeof value === "number") return { value, file: e.file };
+    const variantStatus = pick(e.data.summary, field.split(".").slice(0, 2).join(".") + ".status");
+    if (variantStatus === "not available") return { note: "not available", file: e.file };
+    const prefix = field.split(".").slice(0, -2).join(".");
+    const successRate = pick(e.data.summary, prefix ? `${prefix}.successRate` : "successRate");
+    return { note: successRate === 0 ? "every attempt failed" : "not measured", file: e.file };
+  };
+  const smallestDirty = (() => {
+    const e = chosen.find((x) => x.data.scenario === "snapshot" && Number(x.data.parameters.concurrency) === 1 && x.data.status === "ok");
+    const sizes = Object.keys((pick(e?.data.summary, "byDirtyMiB") ?? {}) as object).map(Number).sort((a, b) => a - b);
+    return sizes[0] ?? 0;
+  })();
+  const comparisons: [string, string, { value?: number; file?: string; note?: string }][] = [
+    ["create (→ first command, c=1, p50)", "create", p50("create", "createToFirstCommandMs.p50")],
+    [`snapshot (${smallestDirty} MiB dirty, c=1, p50)`, "snapshot", p50("snapshot", `byDirtyMiB.${smallestDirty}.snapshotMs.p50`)],
+    ["create from snapshot (c=1, p50)", "restore", p50("restore", "firstCommandMs.p50")],
+    ["rollback (c=1, p50)", "rollback", p50("rollback", "rollbackMs.p50")],
+    ["clone / fork of one (p50)", "fork1", p50("fork", "allForksAnswerMs.p50")],
+    ["pause (c=1, p50)", "pause", p50("pause-resume", "byVariant.pause().pauseMs.p50")],
+    ["resume (c=1, p50)", "resume", p50("pause-resume", "byVariant.pause().resumeMs.p50")],
+  ];
+  const cube = REFERENCE_SYSTEMS.CubeSandbox;
+  out.push(
+    "## Comparison with published figures",
+    "",
+    `CubeSandbox figures are its published numbers on a ${cube.hardware}; Cubicle's are from the files named, on the machine above. Different hardware and isolation (KVM microVMs vs runc containers): read these as orders of magnitude, and the ratios to the floor above as the fairer measure.`,
+    "",
+    table(
+      ["operation", "Cubicle (this machine)", "file", "CubeSandbox (16-core PVM server)", "Coppice", "AgentFense"],
+      comparisons.map(([label, key, ours]) => [
+        label,
+        ours.value !== undefined ? `${fmt(ours.value)} ms` : ours.note ?? "—",
+        ours.file ? `\`${ours.file}\`` : "—",
+        cube.figures[key] !== undefined ? `${key === "fork1" ? "~" : ""}${cube.figures[key]} ms` : "—",
+        "no comparable published figure",
+        "no comparable published figure",
+      ]),
+    ),
+    "",
+  );
+
+  // Errors.
+  const withErrors = chosen.filter((e) => (e.data.errors ?? []).length > 0);
+  if (withErrors.length) {
+    out.push("## Errors recorded", "");
+    for (const e of withErrors) out.push(`- ${fileRef(e)}: ${e.data.errors.length} — first: ${brief(e.data.errors[0], 300)}`);
+    out.push("");
+  }
+  out.push("## Files used", "", ...chosen.map((e) => `- \`${e.file}\` (${e.data.scenario}, ${e.data.startedAt})`), "");
+
+  fs.mkdirSync(input.reportDir, { recursive: true });
+  const reportPath = path.join(input.reportDir, "REPORT.md");
+  fs.writeFileSync(reportPath, out.join("\n"));
+  return { reportPath, charts, filesUsed: chosen.map((e) => e.file) };
+}

@@ -1,0 +1,59 @@
+/** Small helpers the scenarios share: bounded concurrency, timing, error classification. */
+
+/** Runs `worker` for `total` items with at most `concurrency` at once; never rejects. */
+export async function runPool<T>(total: number, concurrency: number, worker: (index: number) => Promise<T>): Promise<PromiseSettledResult<T>[]> {
+  const results: PromiseSettledResult<T>[] = new Array(total);
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: Math.min(concurrency, total) }, async () => {
+      while (next < total) {
+        const index = next++;
+        try {
+          results[index] = { status: "fulfilled", value: await worker(index) };
+        } catch (reason) {
+          results[index] = { status: "rejected", reason };
+        }
+      }
+    }),
+  );
+  return results;
+}
+
+export function fulfilled<T>(results: PromiseSettledResult<T>[]): T[] {
+  return results.filter((r): r is PromiseFulfilledResult<T> => r.status === "fulfilled").map((r) => r.value);
+}
+
+export function rejectedMessages<T>(results: PromiseSettledResult<T>[]): string[] {
+  return results.filter((r): r is PromiseRejectedResult => r.status === "rejected").map((r) => errorMessage(r.reason));
+}
+
+export function errorMessage(err: unknown): string {
+  return err instanceof Error ? `${err.name}: ${err.message}` : String(err);
+}
+
+/** Milliseconds `fn` took, rounded to 0.01 ms, with its value. */
+export async function timed<T>(fn: () => Promise<T>): Promise<{ ms: number; value: T }> {
+  const t0 = performance.now();
+  const value = await fn();
+  return { ms: round2(performance.now() - t0), value };
+}
+
+export function round2(v: number): number {
+  return Math.round(v * 100) / 100;
+}
+
+export const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
+
+/**
+ * True when a failure means "the server does not offer this" (HTTP 501 `unimplemented`, or an
+ * SDK error that says so), as opposed to a feature that exists and broke.
+ */
+export function isNotAvailable(err: unknown): boolean {
+  const text = errorMessage(err);
+  return /\b501\b|unimplemented|not available|not implemented|not supported/i.test(text);
+}
+
+/** Thrown by a scenario to record `{"status": "not available", "reason": …}` instead of numbers. */
+export class NotAvailable extends Error {
+  override name = "NotAvailable";
+}

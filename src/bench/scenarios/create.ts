@@ -1,0 +1,106 @@
+import type { BenchOptions } from "../options.js";
+import { Progress } from "../progress.js";
+import type { ScenarioResult } from "../result.js";
+import { errorMessage, fulfilled, rejectedMessages, round2, runPool, sleep } from "../run-helpers.js";
+import { summarize } from "../stats.js";
+import { loadSandboxSdk, type BenchTarget } from "../target.js";
+
+type SandboxClass = Awaited<ReturnType<typeof loadSandboxSdk>>;
+type SandboxInstance = InstanceType<SandboxClass>;
+
+export interface CreateSample {
+  /** `Sandbox.create` resolved (201 from the API). */
+  apiMs: number;
+  /** First successful `commands.run('true')` after the create started: the headline figure. */
+  firstCommandMs: number;
+  /** `commands.run('true')` calls until one succeeded (1 = the first). */
+  commandAttempts: number;
+  /** `kill()` time in create-delete mode. */
+  killMs?: number;
+}
+
+/**
+ * Runs `true` until it succeeds (at most `deadlineMs` after the create started): the clock of a
+ * create stops at the first command a user could really run.
+ */
+export async function firstSuccessfulCommand(sandbox: SandboxInstance, startedAt: number, deadlineMs = 30_000): Promise<{ ms: number; attempts: number }> {
+  for (let attempts = 1; ; attempts++) {
+    try {
+      const run = await sandbox.commands.run("true");
+      if (run.exitCode === 0) return { ms: round2(performance.now() - startedAt), attempts };
+    } catch (err) {
+      if (performance.now() - startedAt > deadlineMs) throw err;
+    }
+    if (performance.now() - startedAt > deadlineMs) throw new Error(`no successful command within ${deadlineMs} ms of the create`);
+    await sleep(5);
+  }
+}
+
+/** create → first successful `commands.run('true')`; warm-up rounds discarded. */
+export async function benchCreate(options: BenchOptions, target: BenchTarget): Promise<ScenarioResult> {
+  const Sandbox = await loadSandboxSdk(target);
+  const kept: SandboxInstance[] = [];
+  const once = async (): Promise<CreateSample> => {
+    const t0 = performance.now();
+    const sandbox = await Sandbox.create(options.template, { timeoutMs: 600_000 });
+    const apiMs = round2(performance.now() - t0);
+    try {
+      const first = await firstSuccessfulCommand(sandbox, t0);
+      const sample: CreateSample = { apiMs, firstCommandMs: first.ms, commandAttempts: first.attempts };
+      if (options.mode === "create-only") {
+        kept.push(sandbox);
+      } else {
+        const k0 = performance.now();
+        await sandbox.kill();
+        sample.killMs = round2(performance.now() - k0);
+      }
+      return sample;
+    } catch (err) {
+      await sandbox.kill().catch(() => false);
+      throw err;
+    }
+  };
+  let killAllMs: number | undefined;
+  const killKept = async () => {
+    const k0 = performance.now();
+    await Promise.all(kept.splice(0).map((s) => s.kill().catch(() => false)));
+    return round2(performance.now() - k0);
+  };
+  try {
+    if (options.warmup > 0) {
+      await runPool(options.warmup, options.concurrency, once);
+      await killKept();
+    }
+    const progress = new Progress(`create c=${options.concurrency}`, options.total, options.progress);
+    const wallStart = performance.now();
+    const results = await runPool(options.total, options.concurrency, async () => {
+      try {
+        const sample = await once();
+        progress.sample(sample.firstCommandMs);
+        return sample;
+      } catch (err) {
+        progress.error(errorMessage(err));
+        throw err;
+      }
+    });
+    const wallMs = performance.now() - wallStart;
+    progress.finish();
+    killAllMs = await killKept();
+    const ok = fulfilled(results);
+    return {
+      status: "ok",
+      samples: ok,
+      errors: rejectedMessages(results),
+      summary: {
+        successRate: ok.length / options.total,
+        createToFirstCommandMs: summarize(ok.map((s) => s.firstCommandMs)),
+        createApiMs: summarize(ok.map((s) => s.apiMs)),
+        ...(options.mode === "create-delete" ? { killMs: summarize(ok.map((s) => s.killMs ?? NaN).filter(Number.isFinite)) } : { killAllMs }),
+        wallMs: round2(wallMs),
+        amortizedMsPerSandbox: round2(wallMs / options.total),
+      },
+    };
+  } finally {
+    await killKept();
+  }
+}
