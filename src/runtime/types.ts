@@ -71,6 +71,8 @@ export interface Runtime {
    * image, processes restored (or, for a filesystem-only image, the agent started anew) into
    * `spec.network`. `spec.sandboxId` may be the image's own sandbox (resume, rollback: the old
    * container must be gone first) or a new one (create from snapshot, fork).
+   * Restored processes keep what was in their memory: the source's hostname and environment;
+   * established TCP connections come back closed, listening sockets listen again.
    */
   restore(spec: SandboxSpec, imageDir: string): Promise<void>;
 }

@@ -3,9 +3,15 @@
 const http = require("node:http");
 const fs = require("node:fs");
 
+// State that lives only in this process's memory: a checkpoint/restore must bring it back.
+let counter = 0;
+
 const server = http.createServer((req, res) => {
   if (req.method === "GET" && req.url === "/health") {
     res.writeHead(204).end();
+  } else if (req.method === "GET" && req.url === "/counter") {
+    counter += 1;
+    res.writeHead(200, { "content-type": "text/plain" }).end(String(counter));
   } else if (req.method === "GET" && req.url.startsWith("/run?")) {
     // Development only: runs an argv inside the sandbox, as the agent (its cgroup, caps, seccomp).
     const argv = JSON.parse(new URL(req.url, "http://x").searchParams.get("argv"));

@@ -1,4 +1,5 @@
-import { chmod, chown, lstat, mkdir, readdir, readFile, rm, stat, statfs, writeFile } from "node:fs/promises";
+import { createHash } from "node:crypto";
+import { access, chmod, chown, mkdir, readdir, readFile, rename, rm, stat, statfs, writeFile } from "node:fs/promises";
 import path from "node:path";
 import type { CubicleConfig } from "../../shared/config.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
@@ -6,8 +7,10 @@ import { runCommand } from "../../shared/exec.js";
 import { createLogger } from "../../shared/log.js";
 import { SANDBOX_UID_BASE, type CheckpointInfo, type CheckpointOptions, type Runtime, type RuntimeState, type SandboxSpec, type SandboxStats } from "../types.js";
 import { assembleAgentKit, findNativePackages, type AgentKit } from "./agent-kit.js";
+import { copyTree, imageLayout, PARTIAL_IMAGE_MARKER, readMeta, treeBytes, writeMeta, type CheckpointMeta } from "./checkpoint-image.js";
 import { cgroupDirectories, detectCgroupLayout, readCgroupUsage, removeCgroupDirectories, supportsSwapLimit, type CgroupLayout } from "./cgroups.js";
-import { buildOciSpec, CPU_PERIOD_USEC } from "./oci-spec.js";
+import { criuLogTail, findCriu, writeCriuConfig, writeTarShim } from "./criu.js";
+import { ANNOTATION_ROOTFS_DIR, ANNOTATION_TEMPLATE_ID, buildOciSpec, CPU_PERIOD_USEC } from "./oci-spec.js";
 import { Runc } from "./runc.js";
 
 const log = createLogger("container");
@@ -24,7 +27,12 @@ export interface ContainerRuntimeOptions {
    * How /sys is provided inside sandboxes (see `SYS_MOUNT_NOTE`). Default "tmpfs".
    */
   sysfs?: "sysfs" | "tmpfs";
+  /** CRIU binary for checkpoint/restore; default the one scripts/setup-host.sh recorded (see criu.ts). */
+  criuPath?: string;
 }
+
+/** Copying an upper layer or dumping memory may take long for big sandboxes. */
+const CHECKPOINT_TIMEOUT_MS = 10 * 60_000;
 
 /** Timings of the last create, for benchmarks and the debug log. */
 export interface CreateTimings {
@@ -51,6 +59,13 @@ interface SandboxFacts {
   diskBytes: number;
 }
 
+/** The parts of a bundle's config.json a checkpoint reads back. */
+interface OciConfigFacts {
+  hostname?: string;
+  annotations?: Record<string, string>;
+  linux?: { namespaces?: { type: string; path?: string }[] };
+}
+
 interface CpuSample {
   usageUsec: number;
   atMs: number;
@@ -75,6 +90,14 @@ export class ContainerRuntime implements Runtime {
   private openFilesLimit = 1024;
   private readonly facts = new Map<string, SandboxFacts>();
   private readonly cpuSamples = new Map<string, CpuSample>();
+  /** Per-sandbox queue: a checkpoint and a restore of one sandbox never overlap. */
+  private readonly busy = new Map<string, Promise<unknown>>();
+  private readonly criuConfigFile: string;
+  /** PATH entry holding the tar shim CRIU runs (see criu.ts). */
+  private readonly criuBinDir: string;
+  private criuPath: string | undefined;
+  private kitFingerprint: string | undefined;
+  private partialCounter = 0;
 
   constructor(
     private readonly config: Pick<CubicleConfig, "stateDir" | "distDir" | "runcPath">,
@@ -83,6 +106,8 @@ export class ContainerRuntime implements Runtime {
     this.runc = new Runc(config.runcPath);
     this.sandboxesDir = path.join(config.stateDir, "sandboxes");
     this.kitDir = path.join(config.stateDir, "kit");
+    this.criuConfigFile = path.join(config.stateDir, "criu-runc.conf");
+    this.criuBinDir = path.join(config.stateDir, "criu-bin");
   }
 
   async init(): Promise<void> {
@@ -98,6 +123,9 @@ export class ContainerRuntime implements Runtime {
       agentScript: this.options.agentScript ?? path.join(this.config.distDir, "agent", "agent.js"),
       nativePackages: findNativePackages(),
     });
+    this.kitFingerprint = await readFile(path.join(this.kit.dir, "manifest.json")).then((text) => createHash("sha256").update(text).digest("hex").slice(0, 16), () => undefined);
+    await writeCriuConfig(this.criuConfigFile);
+    await writeTarShim(this.criuBinDir, await findHostTar());
     this.cgroups = await detectCgroupLayout();
     this.limitSwap = await supportsSwapLimit(this.cgroups);
     this.openFilesLimit = await readOpenFilesHardLimit();
@@ -105,55 +133,14 @@ export class ContainerRuntime implements Runtime {
   }
 
   async create(spec: SandboxSpec): Promise<void> {
-    const kit = this.kit;
-    if (!kit) throw new CubicleError("failed_precondition", "the container runtime is not initialised; call init() first");
     const id = checkId(spec.sandboxId);
-    const paths = this.paths(id);
     const started = performance.now();
     try {
-      await checkOverlayPath(spec.template.rootfsDir);
-      const lower = await stat(spec.template.rootfsDir);
-      await mkdir(paths.dir, { mode: 0o711 });
-      await Promise.all([mkdir(paths.upper), mkdir(paths.work), mkdir(paths.rootfs)]);
-      // The merged root takes the upper dir's owner and mode: make it the lower root's.
-      await Promise.all([
-        chown(paths.upper, lower.uid, lower.gid).then(() => chmod(paths.upper, lower.mode & 0o7777)),
-        chown(paths.work, SANDBOX_UID_BASE, SANDBOX_UID_BASE),
-      ]);
-      const prepared = performance.now();
-
-      await runCommand(
-        ["mount", "-t", "overlay", "overlay", "-o", `lowerdir=${spec.template.rootfsDir},upperdir=${paths.upper},workdir=${paths.work}`, paths.rootfs],
-        { timeoutMs: 15_000 },
-      );
-      const mounted = performance.now();
-
-      const ociSpec = buildOciSpec({
-        spec,
-        agentCommand: kit.command,
-        kitDir: kit.dir,
-        cgroupsPath: cgroupsPathOf(id),
-        limitSwap: this.limitSwap,
-        sysfs: this.options.sysfs ?? "tmpfs",
-        openFilesLimit: this.openFilesLimit,
-      });
-      await writeFile(paths.config, JSON.stringify(ociSpec));
-      const configured = performance.now();
-
-      await this.runc.runDetached(CONTAINER_PREFIX + id, paths.dir, paths.runcLog);
+      const timings = await this.prepareBundle(spec, undefined);
+      await this.runc.runDetached(CONTAINER_PREFIX + id, this.paths(id).dir, this.paths(id).runcLog);
       const ran = performance.now();
-      this.facts.set(id, {
-        cpuCount: spec.resources.cpuCount,
-        memoryBytes: spec.resources.memoryMiB * 1024 * 1024,
-        diskBytes: spec.resources.diskMiB * 1024 * 1024,
-      });
-      this.lastCreateTimings = {
-        prepareMs: round(prepared - started),
-        mountMs: round(mounted - prepared),
-        configMs: round(configured - mounted),
-        runcMs: round(ran - configured),
-        totalMs: round(ran - started),
-      };
+      this.rememberFacts(spec);
+      this.lastCreateTimings = { ...timings, runcMs: round(ran - started - timings.totalMs), totalMs: round(ran - started) };
       log.debug("created", { sandboxId: id, ...this.lastCreateTimings });
     } catch (err) {
       const error = CubicleError.from(err);
@@ -161,6 +148,65 @@ export class ContainerRuntime implements Runtime {
       await this.destroy(id).catch((cleanupErr) => log.warn("cleanup after failed create failed", { sandboxId: id, error: String(cleanupErr) }));
       throw error;
     }
+  }
+
+  /**
+   * Makes the bundle: the upper layer (empty, or a copy of `upperSource` from an image), the
+   * overlay mount and config.json. Fails with already_exists when the directory exists.
+   */
+  private async prepareBundle(spec: SandboxSpec, upperSource: string | undefined): Promise<Omit<CreateTimings, "runcMs">> {
+    const kit = this.kit;
+    if (!kit) throw new CubicleError("failed_precondition", "the container runtime is not initialised; call init() first");
+    const id = spec.sandboxId;
+    const paths = this.paths(id);
+    const started = performance.now();
+    await checkOverlayPath(spec.template.rootfsDir);
+    const lower = await stat(spec.template.rootfsDir);
+    await mkdir(paths.dir, { mode: 0o711 });
+    await Promise.all([mkdir(paths.work), mkdir(paths.rootfs)]);
+    if (upperSource) {
+      // An image's upper layer already has the owner and mode of the root it was made for.
+      await copyTree(upperSource, paths.upper, CHECKPOINT_TIMEOUT_MS);
+    } else {
+      await mkdir(paths.upper);
+      // The merged root takes the upper dir's owner and mode: make it the lower root's.
+      await chown(paths.upper, lower.uid, lower.gid).then(() => chmod(paths.upper, lower.mode & 0o7777));
+    }
+    await chown(paths.work, SANDBOX_UID_BASE, SANDBOX_UID_BASE);
+    const prepared = performance.now();
+
+    await runCommand(
+      ["mount", "-t", "overlay", "overlay", "-o", `lowerdir=${spec.template.rootfsDir},upperdir=${paths.upper},workdir=${paths.work}`, paths.rootfs],
+      { timeoutMs: 15_000 },
+    );
+    const mounted = performance.now();
+
+    const ociSpec = buildOciSpec({
+      spec,
+      agentCommand: kit.command,
+      kitDir: kit.dir,
+      cgroupsPath: cgroupsPathOf(id),
+      limitSwap: this.limitSwap,
+      sysfs: this.options.sysfs ?? "tmpfs",
+      openFilesLimit: this.openFilesLimit,
+      criuConfigFile: this.criuConfigFile,
+    });
+    await writeFile(paths.config, JSON.stringify(ociSpec));
+    const configured = performance.now();
+    return {
+      prepareMs: round(prepared - started),
+      mountMs: round(mounted - prepared),
+      configMs: round(configured - mounted),
+      totalMs: round(configured - started),
+    };
+  }
+
+  private rememberFacts(spec: SandboxSpec): void {
+    this.facts.set(spec.sandboxId, {
+      cpuCount: spec.resources.cpuCount,
+      memoryBytes: spec.resources.memoryMiB * 1024 * 1024,
+      diskBytes: spec.resources.diskMiB * 1024 * 1024,
+    });
   }
 
   async destroy(sandboxId: string): Promise<void> {
@@ -174,13 +220,7 @@ export class ContainerRuntime implements Runtime {
     } else if (container) {
       log.warn("a container with this sandbox's id belongs to another state dir; leaving it", { containerId, bundle: container.bundle });
     }
-    for (const mountPoint of await mountsUnder(paths.dir)) {
-      const result = await runCommand(["umount", mountPoint], { timeoutMs: 15_000, allowFailure: true });
-      if (result.exitCode !== 0) {
-        log.warn("umount failed, detaching lazily", { mountPoint, stderr: result.stderr.trim() });
-        await runCommand(["umount", "--lazy", mountPoint], { timeoutMs: 15_000 });
-      }
-    }
+    await this.unmountAll(paths.dir);
     await rm(paths.dir, { recursive: true, force: true });
     if (this.cgroups) {
       const left = await removeCgroupDirectories(this.cgroups, cgroupsPathOf(id));
@@ -188,6 +228,16 @@ export class ContainerRuntime implements Runtime {
     }
     this.facts.delete(id);
     this.cpuSamples.delete(id);
+  }
+
+  private async unmountAll(dir: string): Promise<void> {
+    for (const mountPoint of await mountsUnder(dir)) {
+      const result = await runCommand(["umount", mountPoint], { timeoutMs: 15_000, allowFailure: true });
+      if (result.exitCode !== 0) {
+        log.warn("umount failed, detaching lazily", { mountPoint, stderr: result.stderr.trim() });
+        await runCommand(["umount", "--lazy", mountPoint], { timeoutMs: 15_000 });
+      }
+    }
   }
 
   async state(sandboxId: string): Promise<RuntimeState> {
@@ -225,12 +275,196 @@ export class ContainerRuntime implements Runtime {
     });
   }
 
-  async checkpoint(sandboxId: string, _imageDir: string, _options: CheckpointOptions): Promise<CheckpointInfo> {
-    throw new CubicleError("unimplemented", `checkpoints are not available yet (sandbox ${sandboxId})`);
+  /**
+   * See Runtime.checkpoint. The sandbox is frozen (cgroup freezer) while its upper layer is
+   * copied and CRIU dumps it, so both describe one instant; CRIU always dumps with
+   * `--leave-running`, and a durable pause (`leaveRunning: false`) kills the container only once
+   * the image is complete and renamed into place: a failed checkpoint never costs the sandbox.
+   * After a durable pause the bundle (upper layer, config.json) stays, unmounted, until
+   * destroy(); state() says "missing". A sandbox whose container is gone (after a durable pause)
+   * can still be checkpointed without memory. Established TCP connections are not saved (CRIU
+   * `tcp-close`, see criu.ts): they come back closed.
+   */
+  async checkpoint(sandboxId: string, imageDir: string, options: CheckpointOptions): Promise<CheckpointInfo> {
+    const id = checkId(sandboxId);
+    return this.exclusive(id, () => this.checkpointNow(id, path.resolve(imageDir), options));
   }
 
-  async restore(spec: SandboxSpec, _imageDir: string): Promise<void> {
-    throw new CubicleError("unimplemented", `restoring sandboxes is not available yet (sandbox ${spec.sandboxId})`);
+  private async checkpointNow(id: string, imageDir: string, options: CheckpointOptions): Promise<CheckpointInfo> {
+    const paths = this.paths(id);
+    const containerId = CONTAINER_PREFIX + id;
+    const found = await this.runc.state(containerId);
+    const container = found && this.owns(found.bundle) && (found.status === "running" || found.status === "paused") ? found : undefined;
+    if (!container && options.memory) throw new CubicleError("failed_precondition", `sandbox ${id} is not running on this host; only a filesystem checkpoint (memory: false) can be taken of it`);
+    if (!container && !(await exists(paths.upper))) throw new CubicleError("not_found", `sandbox ${id} does not exist on this host`);
+    const oci = await this.readOciConfig(id);
+    const criuPath = options.memory ? await this.criu() : undefined;
+
+    await mkdir(path.dirname(imageDir), { recursive: true });
+    if (await exists(imageDir)) throw new CubicleError("already_exists", `checkpoint image ${imageDir} already exists; choose a new directory`);
+    const partial = `${imageDir}${PARTIAL_IMAGE_MARKER}${process.pid}-${++this.partialCounter}`;
+    const layout = imageLayout(partial);
+    await mkdir(partial);
+    // Host root and the sandboxes' mapped root (group) only: the image holds the sandbox's memory.
+    await chown(partial, 0, SANDBOX_UID_BASE);
+    await chmod(partial, 0o750);
+    await mkdir(layout.log);
+
+    const freezeHere = container?.status === "running";
+    let frozenAt = performance.now();
+    let thawedAt: number | undefined;
+    try {
+      if (freezeHere) {
+        await this.runc.pause(containerId);
+        frozenAt = performance.now();
+      }
+      await copyTree(paths.upper, layout.upper, CHECKPOINT_TIMEOUT_MS);
+      const copied = performance.now();
+      if (criuPath) {
+        await mkdir(layout.criu);
+        const logFile = path.join(layout.log, "runc.log");
+        const netnsPath = oci.linux?.namespaces?.find((ns) => ns.type === "network")?.path;
+        if (!netnsPath) throw new CubicleError("internal", `sandbox ${id} has no netns path in its config.json`);
+        await this.runc.checkpoint(containerId, { criuPath, netnsPath, imagePath: layout.criu, workPath: layout.log, leaveRunning: true, logFile, timeoutMs: CHECKPOINT_TIMEOUT_MS, env: this.criuEnv() }).catch(async (err) => {
+          throw await withCriuLog(err, path.join(layout.log, "dump.log"), `checkpoint of sandbox ${id} failed`);
+        });
+      }
+      const dumped = performance.now();
+      // A snapshot thaws as soon as the dump is done; a durable pause stays frozen until the
+      // image is in place and the container is gone.
+      if (freezeHere && options.leaveRunning) {
+        await this.runc.resume(containerId);
+        thawedAt = performance.now();
+      }
+      if (criuPath) await shareWithSandboxRoot(layout.criu);
+      const meta: CheckpointMeta = {
+        version: 1,
+        sandboxId: id,
+        templateId: oci.annotations?.[ANNOTATION_TEMPLATE_ID] ?? "",
+        rootfsDir: oci.annotations?.[ANNOTATION_ROOTFS_DIR] ?? "",
+        memory: options.memory,
+        hostname: oci.hostname ?? "",
+        kitFingerprint: options.memory ? this.kitFingerprint : undefined,
+        createdAt: new Date().toISOString(),
+        frozenMs: thawedAt === undefined ? 0 : round(thawedAt - frozenAt),
+        upperCopyMs: round(copied - frozenAt),
+        dumpMs: round(dumped - copied),
+        upperBytes: await treeBytes(layout.upper),
+        criuBytes: criuPath ? await treeBytes(layout.criu) : 0,
+      };
+      await writeMeta(partial, meta);
+      await rename(partial, imageDir);
+      if (!options.leaveRunning && container) {
+        await this.stopKeepingBundle(id).catch((err) => {
+          throw new CubicleError("internal", `checkpoint image ${imageDir} is complete, but sandbox ${id} could not be stopped: ${CubicleError.from(err).message}`, { cause: err });
+        });
+        thawedAt = performance.now();
+        meta.frozenMs = round(thawedAt - frozenAt);
+        await writeMeta(imageDir, meta);
+      }
+      log.debug("checkpointed", { sandboxId: id, imageDir, ...options, frozenMs: meta.frozenMs, upperCopyMs: meta.upperCopyMs, dumpMs: meta.dumpMs });
+      return { sizeBytes: meta.upperBytes + meta.criuBytes, frozenMs: meta.frozenMs, memory: options.memory };
+    } catch (err) {
+      // The source sandbox must come out of a failed checkpoint running as it went in.
+      if (freezeHere && thawedAt === undefined) await this.runc.resume(containerId).catch((thawErr) => log.warn("thaw after failed checkpoint failed", { sandboxId: id, error: String(thawErr) }));
+      await rm(partial, { recursive: true, force: true });
+      throw CubicleError.from(err);
+    }
+  }
+
+  /**
+   * See Runtime.restore. Always builds the sandbox afresh: whatever is left of `spec.sandboxId`
+   * on the host (the bundle kept by a durable pause) is replaced by the image's upper layer, so
+   * a rollback gets exactly the snapshot's files. A container that still exists under that id
+   * is an error (already_exists): destroy() it first. The image is only read, so one image can
+   * feed many concurrent restores, each with its own upper layer, container, cgroup and netns.
+   *
+   * Restored processes keep what they had in memory: the old hostname (UTS namespace), the
+   * environment (CUBICLE_SANDBOX_ID of the source) and closed TCP connections; the caller
+   * re-initialises the agent.
+   */
+  async restore(spec: SandboxSpec, imageDir: string): Promise<void> {
+    const id = checkId(spec.sandboxId);
+    return this.exclusive(id, () => this.restoreNow(spec, path.resolve(imageDir)));
+  }
+
+  private async restoreNow(spec: SandboxSpec, imageDir: string): Promise<void> {
+    if (!this.kit) throw new CubicleError("failed_precondition", "the container runtime is not initialised; call init() first");
+    const id = spec.sandboxId;
+    const paths = this.paths(id);
+    const layout = imageLayout(imageDir);
+    const meta = await readMeta(imageDir);
+    if (meta.rootfsDir && meta.rootfsDir !== spec.template.rootfsDir) {
+      throw new CubicleError("failed_precondition", `checkpoint image ${imageDir} was made on template rootfs ${meta.rootfsDir}, not ${spec.template.rootfsDir}; restore it with the same template`);
+    }
+    const criuPath = meta.memory ? await this.criu() : undefined;
+    const existing = await this.runc.state(CONTAINER_PREFIX + id);
+    if (existing) throw new CubicleError("already_exists", `sandbox ${id} still has a container (${existing.status}); destroy it before restoring into the same id`);
+    if (await exists(paths.dir)) await this.destroy(id);
+
+    const started = performance.now();
+    try {
+      const timings = await this.prepareBundle(spec, layout.upper);
+      if (criuPath) {
+        const workPath = path.join(paths.dir, "criu-restore");
+        await mkdir(workPath);
+        await this.runc.restoreDetached(CONTAINER_PREFIX + id, paths.dir, { criuPath, netnsPath: spec.network.netnsPath, imagePath: layout.criu, workPath, logFile: paths.runcLog, timeoutMs: CHECKPOINT_TIMEOUT_MS, env: this.criuEnv() }).catch(async (err) => {
+          const kitChanged = meta.kitFingerprint && this.kitFingerprint && meta.kitFingerprint !== this.kitFingerprint;
+          const hint = kitChanged ? " (the agent kit changed since the checkpoint: processes still map the old Node binary; make a new image)" : "";
+          throw await withCriuLog(err, path.join(workPath, "restore.log"), `restore of sandbox ${id} from ${imageDir} failed${hint}`);
+        });
+      } else {
+        await this.runc.runDetached(CONTAINER_PREFIX + id, paths.dir, paths.runcLog);
+      }
+      this.rememberFacts(spec);
+      log.debug("restored", { sandboxId: id, imageDir, memory: meta.memory, ...timings, totalMs: round(performance.now() - started) });
+    } catch (err) {
+      const error = CubicleError.from(err);
+      await this.destroy(id).catch((cleanupErr) => log.warn("cleanup after failed restore failed", { sandboxId: id, error: String(cleanupErr) }));
+      if (error.code === "already_exists") throw new CubicleError("already_exists", `sandbox ${id} already exists on this host`, { cause: err });
+      throw error;
+    }
+  }
+
+  /** A durable pause: the container goes (processes, cgroups), the bundle stays for restore/destroy. */
+  private async stopKeepingBundle(id: string): Promise<void> {
+    const containerId = CONTAINER_PREFIX + id;
+    const container = await this.runc.state(containerId);
+    if (container) {
+      await this.runc.kill(container);
+      await this.runc.delete(containerId, false).catch(() => this.runc.delete(containerId, true));
+    }
+    await this.unmountAll(this.paths(id).dir);
+    if (this.cgroups) await removeCgroupDirectories(this.cgroups, cgroupsPathOf(id));
+    this.cpuSamples.delete(id);
+  }
+
+  private criuEnv(): NodeJS.ProcessEnv {
+    return { ...process.env, PATH: `${this.criuBinDir}:${process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin"}` };
+  }
+
+  private async criu(): Promise<string> {
+    return (this.criuPath ??= await findCriu(this.config.stateDir, this.options.criuPath));
+  }
+
+  private async readOciConfig(id: string): Promise<OciConfigFacts> {
+    const text = await readFile(this.paths(id).config, "utf8").catch((err) => {
+      throw new CubicleError("not_found", `sandbox ${id} has no bundle on this host`, { cause: err });
+    });
+    return JSON.parse(text) as OciConfigFacts;
+  }
+
+  /** Runs `task` after every earlier checkpoint/restore of the same sandbox has settled. */
+  private async exclusive<T>(id: string, task: () => Promise<T>): Promise<T> {
+    const previous = this.busy.get(id) ?? Promise.resolve();
+    const run = previous.then(task, task);
+    const settled = run.then(() => {}, () => {});
+    this.busy.set(id, settled);
+    try {
+      return await run;
+    } finally {
+      if (this.busy.get(id) === settled) this.busy.delete(id);
+    }
   }
 
   async stats(sandboxId: string): Promise<SandboxStats> {
@@ -335,22 +569,10 @@ async function mountsUnder(dir: string): Promise<string[]> {
   return found.sort((a, b) => b.length - a.length);
 }
 
-/** Allocated bytes of a tree (like `du -s`); the upper layer holds only what the sandbox changed. */
-async function treeBytes(root: string): Promise<number> {
-  let total = 0;
-  const walk = async (dir: string): Promise<void> => {
-    const entries = await readdir(dir, { withFileTypes: true }).catch(() => []);
-    await Promise.all(
-      entries.map(async (entry) => {
-        const full = path.join(dir, entry.name);
-        const info = await lstat(full).catch(() => undefined);
-        if (info) total += info.blocks * 512;
-        if (entry.isDirectory()) await walk(full);
-      }),
-    );
-  };
-  await walk(root);
-  return total;
+/** The host's tar, for the shim CRIU runs (never the shim itself). */
+async function findHostTar(): Promise<string> {
+  for (const candidate of ["/usr/bin/tar", "/bin/tar"]) if (await exists(candidate)) return candidate;
+  throw new CubicleError("failed_precondition", "GNU tar is missing on the host (apt-get install tar); CRIU needs it for tmpfs mounts");
 }
 
 /** The hard RLIMIT_NOFILE of this process (children such as runc inherit it). */
@@ -364,6 +586,27 @@ async function readOpenFilesHardLimit(): Promise<number> {
 function mapMissing(err: unknown, sandboxId: string): CubicleError {
   const error = CubicleError.from(err);
   return /does not exist|not found/i.test(error.message) ? new CubicleError("not_found", `sandbox ${sandboxId} is not running on this host`, { cause: err }) : error;
+}
+
+/** Adds the tail of CRIU's log to a failed runc checkpoint/restore: the only way to see why. */
+async function withCriuLog(err: unknown, logFile: string, what: string): Promise<CubicleError> {
+  const error = CubicleError.from(err);
+  const tail = await criuLogTail(logFile);
+  return new CubicleError(error.code, `${what}: ${error.message}\nCRIU log (${logFile}):\n${tail}`, { cause: err, details: { criuLog: logFile, criuLogTail: tail } });
+}
+
+/**
+ * Makes CRIU images readable for a restore, by nobody else: a restore reads them both as host
+ * root inside a fresh user namespace (no capabilities over host files, so plain owner rights)
+ * and, later, as the sandbox's mapped root. Owner root, group the mapped root, no "other".
+ */
+async function shareWithSandboxRoot(dir: string): Promise<void> {
+  await runCommand(["chown", "-R", `0:${SANDBOX_UID_BASE}`, dir], { timeoutMs: 60_000 });
+  await runCommand(["chmod", "-R", "u+rwX,g+rX,g-w,o-rwx", dir], { timeoutMs: 60_000 });
+}
+
+async function exists(file: string): Promise<boolean> {
+  return access(file).then(() => true, () => false);
 }
 
 function round(ms: number): number {

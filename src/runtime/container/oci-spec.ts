@@ -60,7 +60,13 @@ export interface OciSpecInput {
    * above the hard limit runc itself has: pass the server's own hard limit.
    */
   openFilesLimit: number;
+  /** CRIU config file runc hands to CRIU on checkpoint and restore (see criu.ts). */
+  criuConfigFile: string;
 }
+
+/** config.json annotations that let a checkpoint find what the sandbox was made from. */
+export const ANNOTATION_TEMPLATE_ID = "dev.cubicle.template-id";
+export const ANNOTATION_ROOTFS_DIR = "dev.cubicle.rootfs-dir";
 
 /** Builds the OCI runtime config (config.json) for a sandbox; root.path is `rootfs` in the bundle. */
 export function buildOciSpec(input: OciSpecInput): Record<string, unknown> {
@@ -100,6 +106,12 @@ export function buildOciSpec(input: OciSpecInput): Record<string, unknown> {
     },
     root: { path: "rootfs", readonly: false },
     hostname: spec.hostname,
+    annotations: {
+      // runc 1.1 passes this file to CRIU (CRIU options runc has no flag for).
+      "org.criu.config": input.criuConfigFile,
+      [ANNOTATION_TEMPLATE_ID]: template.templateId,
+      [ANNOTATION_ROOTFS_DIR]: template.rootfsDir,
+    },
     mounts: [
       { destination: "/proc", type: "proc", source: "proc", options: ["nosuid", "noexec", "nodev"] },
       { destination: "/dev", type: "tmpfs", source: "tmpfs", options: ["nosuid", "strictatime", "mode=755", "size=65536k"] },

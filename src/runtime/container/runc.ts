@@ -17,6 +17,22 @@ export interface RuncContainer {
 
 const TIMEOUT_MS = 30_000;
 
+/** What `runc checkpoint` and `runc restore` need to drive CRIU. */
+export interface CriuRunOptions {
+  /** `runc --criu`: the CRIU binary. */
+  criuPath: string;
+  /** The sandbox's netns; runc and CRIU run inside it (CRIU_NETNS_NOTE). */
+  netnsPath: string;
+  imagePath: string;
+  /** CRIU writes dump.log / restore.log here. */
+  workPath: string;
+  /** runc's own JSON log (its errors end up in the thrown error). */
+  logFile: string;
+  timeoutMs: number;
+  /** Environment of runc and so of CRIU (PATH with the tar shim). */
+  env: NodeJS.ProcessEnv;
+}
+
 /** A thin client of the runc CLI (default state root, so `runc list` shows our containers). */
 export class Runc {
   constructor(private readonly binary: string) {}
@@ -27,11 +43,42 @@ export class Runc {
    * one, and the pipe would never close). runc's own errors go to `logFile` instead.
    */
   async runDetached(id: string, bundle: string, logFile: string): Promise<void> {
-    const argv = [this.binary, "--log", logFile, "--log-format", "json", "run", "--detach", "--bundle", bundle, id];
+    await this.detached([this.binary, "--log", logFile, "--log-format", "json", "run", "--detach", "--bundle", bundle, id], `runc run ${id}`, logFile, TIMEOUT_MS);
+  }
+
+  /**
+   * `runc checkpoint`: CRIU dumps the container's processes into `imagePath` (its log, dump.log,
+   * goes to `workPath`). Without `leaveRunning` CRIU kills the processes and runc removes the
+   * container (state, cgroups); the bundle stays. A container paused before the call stays
+   * paused after a `leaveRunning` dump (CRIU restores the freezer state it found).
+   *
+   * runc (and so CRIU) runs inside the sandbox's netns (`netnsPath`), see CRIU_NETNS_NOTE.
+   */
+  async checkpoint(id: string, options: CriuRunOptions & { leaveRunning: boolean }): Promise<void> {
+    const argv = [...inNetns(options.netnsPath), this.binary, "--criu", options.criuPath, "--log", options.logFile, "--log-format", "json", "checkpoint"];
+    argv.push("--image-path", options.imagePath, "--work-path", options.workPath, "--file-locks");
+    if (options.leaveRunning) argv.push("--leave-running");
+    argv.push(id);
+    await this.detached(argv, `runc checkpoint ${id}`, options.logFile, options.timeoutMs, options.env);
+  }
+
+  /**
+   * `runc restore --detach`: a new container `id` from `bundle` (its config.json: cgroups,
+   * mounts) with the processes of the CRIU image, restored into the netns `netnsPath` (runc and
+   * CRIU run inside it, see CRIU_NETNS_NOTE). stdio is /dev/null as for run.
+   */
+  async restoreDetached(id: string, bundle: string, options: CriuRunOptions): Promise<void> {
+    const argv = [...inNetns(options.netnsPath), this.binary, "--criu", options.criuPath, "--log", options.logFile, "--log-format", "json", "restore", "--detach", "--bundle", bundle];
+    argv.push("--image-path", options.imagePath, "--work-path", options.workPath, "--file-locks", id);
+    await this.detached(argv, `runc restore ${id}`, options.logFile, options.timeoutMs, options.env);
+  }
+
+  /** Runs a runc command with stdio on /dev/null (see runDetached); errors come from its JSON log. */
+  private async detached(argv: string[], what: string, logFile: string, timeoutMs: number, env?: NodeJS.ProcessEnv): Promise<void> {
     log.debug("run", { argv });
     const exitCode = await new Promise<number>((resolve, reject) => {
-      const child = spawn(argv[0]!, argv.slice(1), { stdio: "ignore" });
-      const timer = setTimeout(() => child.kill("SIGKILL"), TIMEOUT_MS);
+      const child = spawn(argv[0]!, argv.slice(1), { stdio: "ignore", env: env ?? process.env });
+      const timer = setTimeout(() => child.kill("SIGKILL"), timeoutMs);
       child.on("error", (err) => {
         clearTimeout(timer);
         reject(new CubicleError("internal", `${this.binary}: ${err.message}`, { cause: err }));
@@ -43,8 +90,8 @@ export class Runc {
     });
     if (exitCode === 0) return;
     const detail = await readRuncErrors(logFile);
-    if (exitCode === -1) throw new CubicleError("deadline_exceeded", `runc run ${id} timed out after ${TIMEOUT_MS} ms: ${detail}`);
-    throw new CubicleError("internal", `runc run ${id} exited with ${exitCode}: ${detail}`, { details: { logFile } });
+    if (exitCode === -1) throw new CubicleError("deadline_exceeded", `${what} timed out after ${timeoutMs} ms: ${detail}`);
+    throw new CubicleError("internal", `${what} exited with ${exitCode}: ${detail}`, { details: { logFile } });
   }
 
   /**
@@ -93,6 +140,22 @@ export class Runc {
   async resume(id: string): Promise<void> {
     await runCommand([this.binary, "resume", id], { timeoutMs: TIMEOUT_MS });
   }
+}
+
+/**
+ * Why runc checkpoint/restore run inside the sandbox's netns (`nsenter --net=<path>`): the
+ * sandbox joins a netns Cubicle made in the host user namespace, and CRIU, when a namespace of
+ * the dumped tree differs from its own, takes it "into the image" and then checks, from inside
+ * the sandbox's user namespace, that it can setns() into each such namespace (namespaces.c
+ * check_user_ns): for a host-owned netns that fails with EPERM ("One or more namespaces doesn't
+ * belong to the target user namespace"), external or not. Run in that very netns, CRIU finds
+ * it is its own, leaves it out of the image (sockets are still dumped), and a restore puts the
+ * processes into whatever netns CRIU runs in: the clone's new one.
+ */
+export const CRIU_NETNS_NOTE = "CRIU runs in the sandbox's netns so that netns is not part of the image";
+
+function inNetns(netnsPath: string): string[] {
+  return ["nsenter", `--net=${netnsPath}`, "--"];
 }
 
 /** Alive = exists and is not a zombie (runc treats a zombie init as stopped). */

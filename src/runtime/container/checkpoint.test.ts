@@ -1,0 +1,384 @@
+import assert from "node:assert/strict";
+import { existsSync } from "node:fs";
+import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import http from "node:http";
+import net from "node:net";
+import os from "node:os";
+import path from "node:path";
+import { after, before, describe, test } from "node:test";
+import { createNetworkManager } from "../../network/index.js";
+import type { NetworkManager, SandboxNetwork } from "../../network/types.js";
+import { runCommand } from "../../shared/exec.js";
+import type { SandboxSpec } from "../types.js";
+import { ContainerRuntime } from "./container-runtime.js";
+
+// Real runc containers checkpointed and restored with CRIU. Needs root, CRIU 4.2+ set up by
+// scripts/setup-host.sh and a shifted template rootfs: CUBICLE_TEST_ROOTFS=/var/lib/cubicle/templates/base/rootfs.
+// The real agent test also needs the bundle (`node scripts/build.mjs` → dist/agent/agent.js).
+const rootfsDir = process.env.CUBICLE_TEST_ROOTFS;
+const criuInstalled = existsSync("/var/lib/cubicle/criu/path") || Boolean(process.env.CUBICLE_CRIU);
+const skip = process.getuid?.() !== 0 ? "needs root" : !rootfsDir ? "set CUBICLE_TEST_ROOTFS to a shifted rootfs" : !criuInstalled ? "CRIU is not set up (scripts/setup-host.sh)" : false;
+const repoRoot = path.join(import.meta.dirname, "..", "..", "..");
+const realAgent = path.join(repoRoot, "dist", "agent", "agent.js");
+
+const tag = `k${process.pid.toString(36)}${Date.now().toString(36).slice(-3)}`;
+const tableName = `cubicle_criu_${tag}`;
+const netnsPrefix = `cubicle-${tag}-`;
+
+let stateDir: string;
+let imagesDir: string;
+let runtime: ContainerRuntime;
+let network: NetworkManager;
+let counter = 0;
+
+function get(host: string, urlPath: string, options: { timeoutMs?: number; port?: number; agent?: http.Agent } = {}): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    const req = http.get({ host, port: options.port ?? 49983, path: urlPath, timeout: options.timeoutMs ?? 2000, agent: options.agent ?? false }, (res) => {
+      let body = "";
+      res.on("data", (d) => (body += d));
+      res.on("end", () => resolve({ status: res.statusCode ?? 0, body }));
+    });
+    req.on("error", reject);
+    req.on("timeout", () => req.destroy(new Error("timeout")));
+  });
+}
+
+async function waitForAgent(host: string): Promise<void> {
+  const deadline = Date.now() + 15_000;
+  for (;;) {
+    try {
+      if ((await get(host, "/health", { timeoutMs: 1000 })).status === 204) return;
+    } catch (err) {
+      if (Date.now() > deadline) throw err;
+    }
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+/** Runs an argv inside the sandbox through the development agent (see container-runtime.test.ts). */
+async function sh(sandbox: Sandbox, script: string): Promise<{ exitCode: number; stdout: string; stderr: string }> {
+  const res = await get(sandbox.net.sandboxAddress, `/run?argv=${encodeURIComponent(JSON.stringify(["sh", "-c", script]))}`, { timeoutMs: 15_000 });
+  return JSON.parse(res.body);
+}
+
+async function counterOf(sandbox: Sandbox): Promise<number> {
+  return Number((await get(sandbox.net.sandboxAddress, "/counter")).body);
+}
+
+interface Sandbox {
+  id: string;
+  net: SandboxNetwork;
+  spec: SandboxSpec;
+}
+
+async function specFor(id: string, memoryMiB = 256): Promise<SandboxSpec> {
+  const net = await network.allocate(id, { allowInternetAccess: false });
+  return {
+    sandboxId: id,
+    hostname: `sb-${id}`,
+    template: { templateId: "base", rootfsDir: rootfsDir!, defaultUser: "root", defaultWorkdir: "/", env: {} },
+    resources: { cpuCount: 1, memoryMiB, diskMiB: 0, pidsLimit: 200 },
+    network: net,
+  };
+}
+
+async function newSandbox(on = runtime): Promise<Sandbox> {
+  const spec = await specFor(`${tag}s${counter++}`);
+  await on.create(spec);
+  await waitForAgent(spec.network.sandboxAddress);
+  return { id: spec.sandboxId, net: spec.network, spec };
+}
+
+async function restoreClone(imageDir: string, memoryMiB = 256, on = runtime): Promise<Sandbox> {
+  const spec = await specFor(`${tag}c${counter++}`, memoryMiB);
+  await on.restore(spec, imageDir);
+  return { id: spec.sandboxId, net: spec.network, spec };
+}
+
+async function removeSandbox(sandbox: Sandbox, on = runtime): Promise<void> {
+  await on.destroy(sandbox.id);
+  await network.release(sandbox.id);
+}
+
+/** No runc container, mount, bundle or cgroup is left of the sandbox. */
+async function assertGone(id: string, on = runtime): Promise<void> {
+  assert.equal(await on.state(id), "missing");
+  const bundle = on.bundleDir(id);
+  const mountinfo = await readFile("/proc/self/mountinfo", "utf8");
+  assert.ok(!mountinfo.includes(bundle), `a mount of ${bundle} is left`);
+  assert.ok(!existsSync(bundle), `${bundle} is left`);
+  assert.deepEqual(on.cgroupDirectories(id).filter((dir) => existsSync(dir)), []);
+}
+
+function imageDir(name: string): string {
+  return path.join(imagesDir, name);
+}
+
+describe("container checkpoints (CRIU)", { skip }, () => {
+  before(async () => {
+    stateDir = await mkdtemp(path.join(os.tmpdir(), "cubicle-criu-test-"));
+    imagesDir = path.join(stateDir, "images");
+    network = createNetworkManager({ subnet: `10.77.${process.pid % 250}.0/24` }, { tableName, netnsPrefix });
+    await network.init();
+    runtime = new ContainerRuntime({ stateDir, distDir: "/nonexistent", runcPath: "runc" }, { agentScript: path.join(repoRoot, "test", "runtime-dev", "health-agent.cjs") });
+    await runtime.init();
+  });
+
+  after(async () => {
+    for (const id of (await runtime?.list()) ?? []) await runtime.destroy(id).catch((err) => console.error("cleanup", id, err));
+    for (const name of (await network?.listNamespaces()) ?? []) await network.release(name.slice(netnsPrefix.length)).catch(() => {});
+    await runCommand(["nft", "delete", "table", "inet", tableName], { allowFailure: true });
+    if (stateDir) await rm(stateDir, { recursive: true, force: true });
+  });
+
+  test("a clone restored into a new netns keeps memory, files, deletions and /dev/shm, while the source runs on", async () => {
+    const source = await newSandbox();
+    let clone: Sandbox | undefined;
+    try {
+      assert.equal(await counterOf(source), 1);
+      assert.equal(await counterOf(source), 2);
+      const prepared = await sh(source, "echo kept > /root/kept && rm /etc/motd && echo shm > /dev/shm/note");
+      assert.equal(prepared.exitCode, 0, prepared.stderr);
+      // A keep-alive connection from the host, as the server's agent client holds.
+      const keepAlive = new http.Agent({ keepAlive: true, maxSockets: 1 });
+      assert.equal((await get(source.net.sandboxAddress, "/health", { agent: keepAlive })).status, 204);
+
+      const info = await runtime.checkpoint(source.id, imageDir("clone"), { memory: true, leaveRunning: true });
+      assert.equal(info.memory, true);
+      assert.ok(info.frozenMs > 0 && info.sizeBytes > 0, JSON.stringify(info));
+      assert.deepEqual((await readdir(imagesDir)).sort(), ["clone"]);
+
+      // The source runs on, its established connection still works, its memory moves on.
+      assert.equal(await runtime.state(source.id), "running");
+      assert.equal((await get(source.net.sandboxAddress, "/health", { agent: keepAlive })).status, 204);
+      keepAlive.destroy();
+      assert.equal(await counterOf(source), 3);
+      assert.equal((await sh(source, "echo changed > /root/kept")).exitCode, 0);
+
+      clone = await restoreClone(imageDir("clone"), 300);
+      assert.notEqual(clone.net.sandboxAddress, source.net.sandboxAddress);
+      assert.equal(await runtime.state(clone.id), "running");
+      // The clone's memory is the source's at the checkpoint: its counter goes on from 2.
+      assert.equal(await counterOf(clone), 3);
+      assert.equal(await counterOf(clone), 4);
+      assert.equal(await counterOf(source), 4);
+      assert.equal((await sh(clone, "cat /root/kept")).stdout, "kept\n");
+      assert.notEqual((await sh(clone, "test -e /etc/motd")).exitCode, 0, "a file deleted before the checkpoint came back");
+      assert.equal((await sh(clone, "cat /dev/shm/note")).stdout, "shm\n");
+      assert.equal((await sh(source, "cat /root/kept")).stdout, "changed\n");
+      // The clone has its own cgroup, with the limits of its own spec.
+      const memoryLimit = runtime.cgroupDirectories(clone.id).map((dir) => path.join(dir, existsSync("/sys/fs/cgroup/cgroup.controllers") ? "memory.max" : "memory.limit_in_bytes")).find((file) => existsSync(file));
+      assert.ok(memoryLimit, "the clone has no memory cgroup");
+      assert.equal((await readFile(memoryLimit, "utf8")).trim(), String(300 * 1024 * 1024));
+      // The image is untouched by the restore and can be restored again.
+      const second = await restoreClone(imageDir("clone"));
+      assert.equal(await counterOf(second), 3);
+      await removeSandbox(second);
+      await assertGone(second.id);
+    } finally {
+      if (clone) await removeSandbox(clone);
+      await removeSandbox(source);
+    }
+    await assertGone(source.id);
+    if (clone) await assertGone(clone.id);
+  });
+
+  test("restores one image into several sandboxes at once", async () => {
+    const source = await newSandbox();
+    const clones: Sandbox[] = [];
+    try {
+      await counterOf(source);
+      await runtime.checkpoint(source.id, imageDir("fanout"), { memory: true, leaveRunning: true });
+      const specs = await Promise.all([0, 1, 2].map(() => specFor(`${tag}f${counter++}`)));
+      await Promise.all(specs.map((spec) => runtime.restore(spec, imageDir("fanout"))));
+      clones.push(...specs.map((spec) => ({ id: spec.sandboxId, net: spec.network, spec })));
+      for (const clone of clones) assert.equal(await counterOf(clone), 2);
+      assert.equal((await sh(clones[0]!, "echo mine > /root/own")).exitCode, 0);
+      assert.notEqual((await sh(clones[1]!, "test -e /root/own")).exitCode, 0, "clones share an upper layer");
+    } finally {
+      for (const clone of clones) await removeSandbox(clone);
+      await removeSandbox(source);
+    }
+    for (const clone of clones) await assertGone(clone.id);
+  });
+
+  test("a durable pause stops the container, keeps the sandbox, and resumes into the same id", async () => {
+    const sandbox = await newSandbox();
+    try {
+      await counterOf(sandbox);
+      assert.equal((await sh(sandbox, "echo before-pause > /root/p")).exitCode, 0);
+      const info = await runtime.checkpoint(sandbox.id, imageDir("pause"), { memory: true, leaveRunning: false });
+      assert.ok(info.frozenMs > 0);
+      assert.equal(await runtime.state(sandbox.id), "missing");
+      assert.ok((await runtime.list()).includes(sandbox.id), "the paused sandbox is no longer listed");
+      assert.deepEqual(runtime.cgroupDirectories(sandbox.id).filter((dir) => existsSync(dir)), [], "the paused sandbox still holds cgroups");
+      await assert.rejects(get(sandbox.net.sandboxAddress, "/health", { timeoutMs: 300 }));
+
+      await runtime.restore(sandbox.spec, imageDir("pause"));
+      assert.equal(await runtime.state(sandbox.id), "running");
+      assert.equal(await counterOf(sandbox), 2);
+      assert.equal((await sh(sandbox, "cat /root/p")).stdout, "before-pause\n");
+    } finally {
+      await removeSandbox(sandbox);
+    }
+    await assertGone(sandbox.id);
+  });
+
+  test("destroy cleans a sandbox left in durable pause", async () => {
+    const sandbox = await newSandbox();
+    await runtime.checkpoint(sandbox.id, imageDir("pause-destroy"), { memory: true, leaveRunning: false });
+    await removeSandbox(sandbox);
+    await assertGone(sandbox.id);
+    assert.ok(existsSync(path.join(imageDir("pause-destroy"), "meta.json")), "destroy removed the image");
+  });
+
+  test("a rollback (destroy, then restore the same id) brings the snapshot's files and memory back", async () => {
+    const sandbox = await newSandbox();
+    try {
+      await counterOf(sandbox);
+      assert.equal((await sh(sandbox, "echo v1 > /root/doc")).exitCode, 0);
+      await runtime.checkpoint(sandbox.id, imageDir("rollback"), { memory: true, leaveRunning: true });
+      assert.equal((await sh(sandbox, "echo v2 > /root/doc && echo new > /root/added && rm /etc/hostname")).exitCode, 0);
+      await counterOf(sandbox);
+      await assert.rejects(runtime.restore(sandbox.spec, imageDir("rollback")), /destroy it before restoring/);
+
+      await runtime.destroy(sandbox.id);
+      await runtime.restore(sandbox.spec, imageDir("rollback"));
+      assert.equal(await counterOf(sandbox), 2);
+      assert.equal((await sh(sandbox, "cat /root/doc")).stdout, "v1\n");
+      assert.notEqual((await sh(sandbox, "test -e /root/added")).exitCode, 0);
+      assert.equal((await sh(sandbox, "test -e /etc/hostname")).exitCode, 0);
+    } finally {
+      await removeSandbox(sandbox);
+    }
+  });
+
+  test("a filesystem-only checkpoint restores the files and starts the agent afresh", async () => {
+    const source = await newSandbox();
+    let clone: Sandbox | undefined;
+    try {
+      await counterOf(source);
+      await counterOf(source);
+      assert.equal((await sh(source, "echo fs-only > /root/f && rm /etc/motd")).exitCode, 0);
+      const info = await runtime.checkpoint(source.id, imageDir("fs"), { memory: false, leaveRunning: true });
+      assert.equal(info.memory, false);
+      assert.ok(!existsSync(path.join(imageDir("fs"), "criu")));
+      clone = await restoreClone(imageDir("fs"));
+      await waitForAgent(clone.net.sandboxAddress);
+      assert.equal(await counterOf(clone), 1, "a fresh agent starts counting at 1");
+      assert.equal((await sh(clone, "cat /root/f")).stdout, "fs-only\n");
+      assert.notEqual((await sh(clone, "test -e /etc/motd")).exitCode, 0);
+      assert.equal(await counterOf(source), 3);
+    } finally {
+      if (clone) await removeSandbox(clone);
+      await removeSandbox(source);
+    }
+  });
+
+  test("a filesystem-only durable pause stops the container and resumes with a fresh agent", async () => {
+    const sandbox = await newSandbox();
+    try {
+      assert.equal((await sh(sandbox, "echo paused > /root/f")).exitCode, 0);
+      await runtime.checkpoint(sandbox.id, imageDir("fs-pause"), { memory: false, leaveRunning: false });
+      assert.equal(await runtime.state(sandbox.id), "missing");
+      await runtime.restore(sandbox.spec, imageDir("fs-pause"));
+      await waitForAgent(sandbox.net.sandboxAddress);
+      assert.equal((await sh(sandbox, "cat /root/f")).stdout, "paused\n");
+    } finally {
+      await removeSandbox(sandbox);
+    }
+  });
+
+  test("a failed restore leaves the image intact, nothing of the sandbox behind, and says why", async () => {
+    const source = await newSandbox();
+    try {
+      await runtime.checkpoint(source.id, imageDir("corrupt"), { memory: true, leaveRunning: true });
+      const pagemap = (await readdir(path.join(imageDir("corrupt"), "criu"))).find((name) => name.startsWith("pagemap-"))!;
+      const pagemapFile = path.join(imageDir("corrupt"), "criu", pagemap);
+      await writeFile(pagemapFile, "garbage, not a CRIU image");
+      const spec = await specFor(`${tag}bad${counter++}`);
+      await assert.rejects(runtime.restore(spec, imageDir("corrupt")), (err: Error) => {
+        assert.match(err.message, /restore of sandbox .* failed/);
+        assert.match(err.message, /CRIU log/);
+        return true;
+      });
+      await assertGone(spec.sandboxId);
+      await network.release(spec.sandboxId);
+      assert.equal(await readFile(pagemapFile, "utf8"), "garbage, not a CRIU image");
+      assert.ok(existsSync(path.join(imageDir("corrupt"), "meta.json")));
+      // A directory that is not an image is refused before anything is made.
+      const other = await specFor(`${tag}bad${counter++}`);
+      await assert.rejects(runtime.restore(other, path.join(imagesDir, "nothing-here")), /not a complete checkpoint image/);
+      await assertGone(other.sandboxId);
+      await network.release(other.sandboxId);
+      assert.equal(await counterOf(source), 1);
+    } finally {
+      await removeSandbox(source);
+    }
+  });
+
+  test("a failed checkpoint leaves no image and the source running", async () => {
+    const source = await newSandbox();
+    try {
+      await runtime.checkpoint(source.id, imageDir("taken"), { memory: true, leaveRunning: true });
+      await assert.rejects(runtime.checkpoint(source.id, imageDir("taken"), { memory: true, leaveRunning: false }), /already exists/);
+      // A dump CRIU refuses: a process holding a host pipe it cannot see is not possible here,
+      // so use an image directory on a full filesystem instead (a 1 MiB tmpfs).
+      const tiny = path.join(stateDir, "tiny");
+      await runCommand(["mkdir", "-p", tiny]);
+      await runCommand(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", tiny]);
+      try {
+        assert.equal((await sh(source, "head -c 3000000 /dev/urandom > /root/big")).exitCode, 0);
+        await assert.rejects(runtime.checkpoint(source.id, path.join(tiny, "image"), { memory: true, leaveRunning: false }), (err: { code?: string }) => err.code === "insufficient_storage");
+        assert.deepEqual(await readdir(tiny), []);
+      } finally {
+        await runCommand(["umount", tiny]);
+      }
+      assert.equal(await runtime.state(source.id), "running");
+      assert.equal(await counterOf(source), 1);
+    } finally {
+      await removeSandbox(source);
+    }
+    await assert.rejects(runtime.checkpoint(source.id, imageDir("gone"), { memory: true, leaveRunning: true }), /not running/);
+  });
+
+  test("checkpoints the real agent and its clone serves envd and the interpreter port in the new netns", { skip: existsSync(realAgent) ? false : "build the agent first (node scripts/build.mjs)" }, async () => {
+    const agentState = await mkdtemp(path.join(os.tmpdir(), "cubicle-criu-agent-"));
+    const agentRuntime = new ContainerRuntime({ stateDir: agentState, distDir: path.join(repoRoot, "dist"), runcPath: "runc" });
+    await agentRuntime.init();
+    const source = await newSandbox(agentRuntime);
+    let clone: Sandbox | undefined;
+    try {
+      await waitForPort(source.net.sandboxAddress, 49999);
+      await agentRuntime.checkpoint(source.id, imageDir("real-agent"), { memory: true, leaveRunning: true });
+      clone = await restoreClone(imageDir("real-agent"), 256, agentRuntime);
+      assert.equal((await get(clone.net.sandboxAddress, "/health")).status, 204);
+      await waitForPort(clone.net.sandboxAddress, 49999);
+      assert.equal((await get(source.net.sandboxAddress, "/health")).status, 204);
+    } finally {
+      if (clone) await removeSandbox(clone, agentRuntime);
+      await removeSandbox(source, agentRuntime);
+      await rm(agentState, { recursive: true, force: true });
+    }
+  });
+});
+
+async function waitForPort(host: string, port: number): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    const open = await new Promise<boolean>((resolve) => {
+      const socket = net.connect({ host, port, timeout: 500 }, () => {
+        socket.destroy();
+        resolve(true);
+      });
+      socket.on("error", () => resolve(false));
+      socket.on("timeout", () => {
+        socket.destroy();
+        resolve(false);
+      });
+    });
+    if (open) return;
+    if (Date.now() > deadline) throw new Error(`${host}:${port} does not accept connections`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
