@@ -1,6 +1,7 @@
 import type { IncomingMessage, Server, ServerResponse } from "node:http";
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from "fastify";
 import { timingSafeEqual } from "node:crypto";
+import { decodeSnapshotCursor, DEFAULT_FORK_TIMEOUT_SEC, encodeSnapshotCursor } from "../core/index.js";
 import type { SandboxManager } from "../core/sandbox-manager.js";
 import type { Runtime } from "../runtime/types.js";
 import { CubicleError } from "../shared/cubicle-error.js";
@@ -15,8 +16,11 @@ import {
   parseStates,
   parseTimeoutBody,
   parseTimeoutSec,
+  parseForkRequest,
+  parseMemoryFlag,
+  parseBodyObject,
 } from "./request-parsing.js";
-import { listedSandboxView, sandboxDetailView, sandboxView } from "./sandbox-views.js";
+import { listedSandboxView, sandboxDetailView, sandboxView, snapshotView } from "./sandbox-views.js";
 
 const log = createLogger("api");
 
@@ -157,14 +161,77 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
   });
 
   const connectHandler = (version: 1 | 2) => async function connectSandbox(request: FastifyRequest<{ Params: Params }>, reply: FastifyReply) {
-    const body = (request.body ?? {}) as Record<string, unknown>;
-    if (typeof body !== "object" || Array.isArray(body)) throw new CubicleError("invalid_argument", "the request body must be a JSON object");
+    const body = parseBodyObject(request.body);
     const timeoutSec = parseTimeoutSec(body.timeout, "timeout", version === 2 ? options.defaultTimeoutSec : 15);
-    const { record, resumed } = await manager.connect(request.params.sandboxID, timeoutSec);
+    const { record, resumed } = await manager.connect(request.params.sandboxID, timeoutSec, parseMemoryFlag(body.memory));
     return reply.status(resumed ? 201 : 200).send(sandboxView(record, view));
   };
   app.post("/sandboxes/:sandboxID/connect", connectHandler(1));
   app.post("/v2/sandboxes/:sandboxID/connect", connectHandler(2));
+
+  // JS 2.0.x connect: {timeout, autoPause}; 201 when resumed, 409 when it was not paused.
+  app.post("/sandboxes/:sandboxID/resume", async function resumeSandbox(request: FastifyRequest<{ Params: Params }>, reply) {
+    const body = parseBodyObject(request.body);
+    const timeoutSec = parseTimeoutSec(body.timeout, "timeout", 15);
+    const { record } = await manager.resume(request.params.sandboxID, { timeoutSec, memory: parseMemoryFlag(body.memory), requirePaused: true });
+    return reply.status(201).send(sandboxView(record, view));
+  });
+
+  app.post("/sandboxes/:sandboxID/pause", async function pauseSandbox(request: FastifyRequest<{ Params: Params }>, reply) {
+    const body = parseBodyObject(request.body);
+    await manager.pause(request.params.sandboxID, { memory: parseMemoryFlag(body.memory) });
+    return reply.status(204).send();
+  });
+
+  app.post("/sandboxes/:sandboxID/snapshots", async function createSnapshot(request: FastifyRequest<{ Params: Params }>, reply) {
+    const body = parseBodyObject(request.body);
+    const snapshot = await manager.createSnapshot(request.params.sandboxID, body.name);
+    return reply.status(201).send(snapshotView(snapshot));
+  });
+
+  app.get("/snapshots", async function listSnapshots(request: FastifyRequest<{ Querystring: Record<string, string> }>, reply) {
+    const query = request.query;
+    const limit = parseLimit(query.limit);
+    const snapshots = await manager.listSnapshots({
+      sourceSandboxId: query.sandboxID || undefined,
+      name: query.name || undefined,
+      after: decodeSnapshotCursor(query.nextToken),
+      limit: limit + 1,
+    });
+    const page = snapshots.slice(0, limit);
+    if (snapshots.length > limit) {
+      const last = page[page.length - 1]!;
+      void reply.header("X-Next-Token", encodeSnapshotCursor(last.createdAt, last.snapshotId));
+    }
+    return page.map(snapshotView);
+  });
+
+  // Snapshots are templates upstream: the SDK deletes them through the template endpoint.
+  app.delete("/templates/:templateID", async function deleteSnapshot(request: FastifyRequest<{ Params: { templateID: string } }>, reply) {
+    const deleted = await manager.deleteSnapshot(request.params.templateID);
+    if (!deleted) throw new CubicleError("not_found", `snapshot "${request.params.templateID}" not found (templates are managed with \`./cubicle template\`)`);
+    return reply.status(204).send();
+  });
+
+  app.post("/sandboxes/:sandboxID/fork", async function forkSandbox(request: FastifyRequest<{ Params: Params }>, reply) {
+    const { timeoutSec, count } = parseForkRequest(request.body, DEFAULT_FORK_TIMEOUT_SEC);
+    const outcomes = await manager.fork(request.params.sandboxID, { timeoutSec, count });
+    return reply.status(201).send(
+      outcomes.map((outcome) => ("record" in outcome ? { sandbox: sandboxView(outcome.record, view) } : { error: outcome.error.toE2bBody() })),
+    );
+  });
+
+  // CubeSandbox extension: roll a sandbox back to one of its own snapshots, in place.
+  app.post("/sandboxes/:sandboxID/rollback", async function rollbackSandbox(request: FastifyRequest<{ Params: Params }>, reply) {
+    const body = parseBodyObject(request.body);
+    const snapshotId = body.snapshotID ?? body.snapshotId;
+    if (typeof snapshotId !== "string" || snapshotId === "") throw new CubicleError("invalid_argument", "snapshotID is required (an id or name from createSnapshot)");
+    const record = await manager.rollback(request.params.sandboxID, snapshotId);
+    return reply.status(200).send(sandboxView(record, view));
+  });
+
+  // Cubicle extension: warm pool levels per template.
+  app.get("/pools", async () => manager.poolCounts());
 
   app.get("/sandboxes/:sandboxID/metrics", async (request: FastifyRequest<{ Params: Params }>) => {
     const record = await manager.get(request.params.sandboxID);
@@ -187,15 +254,6 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
   });
 
   app.get("/templates", async () => options.listTemplates());
-
-  const notYet = (what: string) => async () => {
-    throw new CubicleError("unimplemented", `${what} is not available in this Cubicle version yet`);
-  };
-  app.post("/sandboxes/:sandboxID/pause", notYet("pause"));
-  app.post("/sandboxes/:sandboxID/resume", notYet("resume"));
-  app.post("/sandboxes/:sandboxID/snapshots", notYet("snapshots"));
-  app.post("/sandboxes/:sandboxID/fork", notYet("fork"));
-  app.get("/snapshots", notYet("snapshots"));
 
   return app;
 }

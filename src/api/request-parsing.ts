@@ -139,3 +139,25 @@ export function decodeCursor(raw: string | undefined): { startedAt: number; sand
   if (dot < 1 || !Number.isFinite(startedAt) || !/^[a-z0-9]+$/.test(sandboxId)) fail("nextToken is not a token this server issued");
   return { startedAt, sandboxId };
 }
+
+/** An optional JSON object body (`{}`, empty or absent are all "no options"). */
+export function parseBodyObject(body: unknown): Record<string, unknown> {
+  return asObject(body, "the request body");
+}
+
+/** `memory` of pause / connect / resume: undefined = keep memory (the default). */
+export function parseMemoryFlag(value: unknown): boolean | undefined {
+  if (value === undefined || value === null) return undefined;
+  return optionalBool(value, "memory", true);
+}
+
+/** Most sandboxes one fork request may make (the API spec's bound). */
+export const MAX_FORK_COUNT = 100;
+
+/** `SandboxForkRequest`: `{timeout?, count? 1–100}`. */
+export function parseForkRequest(body: unknown, defaultTimeoutSec: number): { timeoutSec: number; count: number } {
+  const input = asObject(body, "the request body");
+  const count = input.count === undefined || input.count === null ? 1 : input.count;
+  if (typeof count !== "number" || !Number.isInteger(count) || count < 1 || count > MAX_FORK_COUNT) fail(`count must be a whole number from 1 to ${MAX_FORK_COUNT}`);
+  return { timeoutSec: parseTimeoutSec(input.timeout, "timeout", defaultTimeoutSec), count };
+}

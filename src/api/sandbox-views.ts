@@ -1,4 +1,4 @@
-import type { SandboxRecord } from "../store/types.js";
+import type { SandboxRecord, SnapshotRecord } from "../store/types.js";
 
 /**
  * envd version Cubicle's agent claims. Clients switch features on it (protocol doc §3.4):
@@ -55,4 +55,9 @@ export function sandboxDetailView(record: SandboxRecord, ctx: ViewContext) {
     ...(record.networkConfig ? { network: record.networkConfig } : {}),
     lifecycle: record.lifecycle,
   };
+}
+
+/** `SnapshotInfo`: the id and the names that `Sandbox.create` accepts as `templateID`. */
+export function snapshotView(snapshot: SnapshotRecord) {
+  return { snapshotID: snapshot.snapshotId, names: snapshot.names };
 }

@@ -52,7 +52,15 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
   await network.init();
   await runtime.init();
 
-  const manager = new SandboxManager({ store, runtime, network, templates });
+  const manager = new SandboxManager({
+    store,
+    runtime,
+    network,
+    templates,
+    stateDir: config.stateDir,
+    poolSizes: config.poolSizes,
+    durablePauseAfterSec: config.durablePauseAfterSec,
+  });
   await manager.recover();
 
   const router = new SandboxRouter(manager, config.domain);
@@ -84,6 +92,7 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     for (const templateId of config.defaultTemplates) await templates.ensure(templateId);
     templatesReady = true;
     log.info("ready: default templates are built");
+    await manager.startPools();
   })();
   ready.catch((err) => log.error("default templates failed to build; creates will fail until this is fixed", { error: String(err) }));
 
@@ -93,7 +102,7 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     manager,
     ready,
     async close() {
-      manager.close();
+      await manager.close();
       await app.close();
       await store.close();
     },

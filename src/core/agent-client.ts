@@ -14,7 +14,7 @@ interface AgentResponse {
   body: string;
 }
 
-function requestAgent(address: string, method: string, path: string, body: unknown, timeoutMs: number): Promise<AgentResponse> {
+function requestAgent(address: string, method: string, path: string, body: unknown, timeoutMs: number, extraHeaders: Record<string, string> = {}): Promise<AgentResponse> {
   return new Promise((resolve, reject) => {
     const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
     const req = http.request(
@@ -25,7 +25,7 @@ function requestAgent(address: string, method: string, path: string, body: unkno
         path,
         agent: agentHttpAgent,
         timeout: timeoutMs,
-        headers: payload ? { "content-type": "application/json", "content-length": payload.length } : {},
+        headers: { ...extraHeaders, ...(payload ? { "content-type": "application/json", "content-length": payload.length } : {}) },
       },
       (res) => {
         const chunks: Buffer[] = [];
@@ -81,10 +81,32 @@ export interface AgentInit {
   timestamp: string;
 }
 
-/** Hands the sandbox its identity: env vars, access token and default user (envd's /init). */
-export async function initAgent(address: string, init: AgentInit): Promise<void> {
-  const res = await requestAgent(address, "POST", "/init", init, 5000);
+/**
+ * Hands the sandbox its identity: env vars, access token and default user (envd's /init).
+ * An agent that already holds a token (a restored image, a re-init) accepts a new init only
+ * with that token: pass it as `currentToken`.
+ */
+export async function initAgent(address: string, init: AgentInit, currentToken?: string): Promise<void> {
+  const res = await requestAgent(address, "POST", "/init", init, 5000, currentToken ? { "x-access-token": currentToken } : {});
   if (res.status < 200 || res.status >= 300) {
     throw new CubicleError("internal", `the sandbox agent refused its init (${res.status}): ${res.body.slice(0, 500)}`);
   }
+}
+
+/**
+ * Destroys the idle keep-alive sockets the server holds to one sandbox address. Before a memory
+ * dump (snapshot, fork, pause to disk) no idle TCP connection should be left for CRIU to carry
+ * into an image that will be restored at another address.
+ */
+export function dropIdleAgentSockets(address: string): number {
+  let dropped = 0;
+  for (const [name, sockets] of Object.entries(agentHttpAgent.freeSockets)) {
+    // http.Agent names connections "<host>:<port>:<localAddress>…".
+    if (!name.startsWith(`${address}:`)) continue;
+    for (const socket of sockets ?? []) {
+      socket.destroy();
+      dropped++;
+    }
+  }
+  return dropped;
 }

@@ -1,27 +1,48 @@
 import { EventEmitter } from "node:events";
+import { mkdir, readdir, rm } from "node:fs/promises";
+import path from "node:path";
 import type { NetworkManager } from "../network/types.js";
-import type { Runtime } from "../runtime/types.js";
-import type { SandboxRecord, SandboxQuery, Store } from "../store/types.js";
+import type { Runtime, SandboxSpec } from "../runtime/types.js";
+import { runtimeIdOf, type SandboxRecord, type SandboxQuery, type SnapshotQuery, type SnapshotRecord, type Store } from "../store/types.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { createLogger } from "../shared/log.js";
-import { agentIsHealthy, initAgent, waitForAgent } from "./agent-client.js";
-import { newSandboxId, newToken } from "./ids.js";
+import { agentIsHealthy, dropIdleAgentSockets, initAgent, waitForAgent } from "./agent-client.js";
+import { newImageId, newSandboxId, newSnapshotId, newToken } from "./ids.js";
 import { KeyedMutex } from "./keyed-mutex.js";
+import { normaliseSnapshotRef, parseSnapshotName } from "./snapshot-names.js";
 import type { CreateSandboxRequest, TemplateCatalog, TemplateInfo } from "./types.js";
+import { WarmPool } from "./warm-pool.js";
 
 const log = createLogger("core");
+
+async function exists(file: string): Promise<boolean> {
+  return readdir(file).then(
+    () => true,
+    () => false,
+  );
+}
 
 /** The most a sandbox may live from one timeout call: 24 h, as upstream's highest tier. */
 export const MAX_TIMEOUT_SEC = 24 * 60 * 60;
 const AGENT_READY_TIMEOUT_MS = 15_000;
+/** Restores of one fork request run this many at a time. */
+const FORK_PARALLELISM = 4;
+/** Timeout of a fork when the request names none (the API spec's default). */
+export const DEFAULT_FORK_TIMEOUT_SEC = 15;
 
 export interface SandboxManagerOptions {
   store: Store;
   runtime: Runtime;
   network: NetworkManager;
   templates: TemplateCatalog;
+  /** State directory: snapshot images under `snapshots/`, durable pauses under `paused/`. */
+  stateDir: string;
   /** Processes per sandbox. */
   pidsLimit?: number;
+  /** Warm pool size per template id or alias; empty = no pools. */
+  poolSizes?: Record<string, number>;
+  /** Seconds in the hot pause tier (frozen in RAM) before a checkpoint to disk. */
+  durablePauseAfterSec?: number;
 }
 
 /** Where the router sends traffic for a live sandbox. */
@@ -31,22 +52,70 @@ export interface RouteTarget {
 }
 
 export interface SandboxManagerEvents {
-  /** A sandbox stopped serving (killed, expired, vanished): open connections must be reset. */
+  /** A sandbox stopped serving (killed, expired, paused, rolled back): open connections must be reset. */
   ended: [sandboxId: string];
 }
 
+export interface ResumeOptions {
+  timeoutSec: number;
+  /** False = discard memory: boot from the filesystem only. */
+  memory?: boolean;
+  /** `POST /resume` refuses a running sandbox (409); connect returns it (200). */
+  requirePaused?: boolean;
+}
+
+/** One entry of a fork answer: a sandbox or why that fork failed. */
+export type ForkOutcome = { record: SandboxRecord } | { error: CubicleError };
+
 /**
- * The sandbox state machine: create, kill, timeouts, connect, recovery after a restart.
- * Keeps live sandboxes in memory for the router and mirrors every change into the store.
+ * The sandbox state machine: create (warm pool, cold, from a snapshot), kill, timeouts, pause and
+ * resume (hot: frozen in RAM; durable: a checkpoint on disk), snapshots, fork, rollback, and
+ * recovery after a restart. Keeps live sandboxes in memory for the router and mirrors every
+ * change into the store. Runtime and network calls use the record's runtime id, never the
+ * sandbox id (a pooled sandbox keeps the id it was made under).
  */
 export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   private readonly live = new Map<string, SandboxRecord>();
   private readonly mutex = new KeyedMutex();
+  /** Sandboxes with a snapshot or fork dump in progress: a second one is refused, not queued. */
+  private readonly dumping = new Set<string>();
+  /** Hot-paused sandboxes whose move to disk failed: not retried until resumed and paused again. */
+  private readonly durableFailed = new Set<string>();
+  private readonly pool: WarmPool;
   private reaperTimer: NodeJS.Timeout | undefined;
   private closed = false;
 
   constructor(private readonly options: SandboxManagerOptions) {
     super();
+    this.pool = new WarmPool({
+      store: options.store,
+      runtime: options.runtime,
+      network: options.network,
+      templates: options.templates,
+      sizes: options.poolSizes ?? {},
+      pidsLimit: options.pidsLimit ?? 4096,
+    });
+  }
+
+  private get snapshotsDir(): string {
+    return path.join(this.options.stateDir, "snapshots");
+  }
+
+  private get pausedDir(): string {
+    return path.join(this.options.stateDir, "paused");
+  }
+
+  private get durableAfterMs(): number {
+    return (this.options.durablePauseAfterSec ?? 60) * 1000;
+  }
+
+  /** Starts filling the warm pools; call once the templates are built. */
+  async startPools(): Promise<void> {
+    await this.pool.start();
+  }
+
+  poolCounts(): Record<string, { ready: number; creating: number; target: number }> {
+    return this.pool.counts();
   }
 
   /** The router's lookup: only running sandboxes with a network get traffic. */
@@ -56,23 +125,79 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     return { sandboxId, address: record.network.sandboxAddress };
   }
 
-  /** Access token of a live sandbox, for routing signed `/files` URLs that carry no sandbox id. */
+  /**
+   * The router's second chance: a paused sandbox with auto-resume (and its memory kept) is
+   * resumed for the request that arrived; undefined means answer "not found".
+   */
+  async resumeForTraffic(sandboxId: string): Promise<RouteTarget | undefined> {
+    const record = this.live.get(sandboxId);
+    if (!record || record.state !== "paused" || !record.lifecycle.autoResume || record.pause?.memory === false) return undefined;
+    try {
+      await this.resume(sandboxId, { timeoutSec: record.timeoutSec ?? 300 });
+    } catch (err) {
+      log.warn("auto-resume failed", { sandboxId, error: String(err) });
+      return undefined;
+    }
+    return this.routeTarget(sandboxId);
+  }
+
+  /** Live and paused sandboxes, for routing signed `/files` URLs that carry no sandbox id. */
   liveSandboxes(): SandboxRecord[] {
     return [...this.live.values()];
   }
+
+  // ---- create -------------------------------------------------------------------------------
 
   async create(request: CreateSandboxRequest): Promise<SandboxRecord> {
     if (this.closed) throw new CubicleError("unavailable", "the server is shutting down; try again shortly");
     const template = await this.options.templates.resolve(request.templateId);
     if (!template) {
-      throw new CubicleError("not_found", `template "${request.templateId}" not found; list templates with \`./cubicle template ls\``);
+      const snapshot = await this.options.store.findSnapshot(normaliseSnapshotRef(request.templateId));
+      if (snapshot && !snapshot.hidden) return this.createFromSnapshot(request, snapshot);
+      throw new CubicleError("not_found", `template or snapshot "${request.templateId}" not found; list templates with \`./cubicle template ls\` and snapshots with GET /snapshots`);
     }
+    const record = this.newRecord(request, template, template.aliases.includes(request.templateId) ? request.templateId : template.aliases[0]);
+    const entry = this.pool.claim({ templateId: template.templateId, cpuCount: request.cpuCount, memoryMB: request.memoryMB });
+    if (entry?.network) {
+      record.runtimeId = entry.runtimeId;
+      record.network = entry.network;
+      await this.options.store.insertSandbox(record);
+      await this.options.store.deletePoolEntry(entry.runtimeId);
+      this.live.set(record.sandboxId, record);
+      try {
+        await this.options.runtime.thaw(entry.runtimeId);
+        if (!request.allowInternetAccess) await this.options.network.applyPolicy(entry.runtimeId, { allowInternetAccess: false });
+        await this.initRecordAgent(record, template, undefined);
+        return await this.markRunning(record, { pooled: true });
+      } catch (err) {
+        // A broken pool entry must not fail the create: drop it and boot a fresh one.
+        log.warn("warm pool claim failed; creating cold", { sandboxId: record.sandboxId, runtimeId: entry.runtimeId, error: String(err) });
+        await this.teardown(record, "pool claim failed");
+        record.runtimeId = record.sandboxId;
+        record.network = undefined;
+        await this.options.store.updateSandbox(record.sandboxId, { runtimeId: record.runtimeId, network: undefined });
+      }
+    } else {
+      await this.options.store.insertSandbox(record);
+      this.live.set(record.sandboxId, record);
+    }
+    await this.startOrFail(record, async () => {
+      await this.allocateNetwork(record);
+      await this.options.runtime.create(this.specOf(record, template));
+      await waitForAgent(record.network!.sandboxAddress, AGENT_READY_TIMEOUT_MS);
+      await this.initRecordAgent(record, template, undefined);
+    });
+    return this.markRunning(record, { pooled: false });
+  }
+
+  private newRecord(request: CreateSandboxRequest, template: TemplateInfo, alias: string | undefined): SandboxRecord {
     const sandboxId = newSandboxId();
     const now = Date.now();
-    const record: SandboxRecord = {
+    return {
       sandboxId,
+      runtimeId: sandboxId,
       templateId: template.templateId,
-      alias: template.aliases.includes(request.templateId) ? request.templateId : template.aliases[0],
+      alias,
       clientId: "cubicle",
       state: "starting",
       startedAt: now,
@@ -91,67 +216,116 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       network: undefined,
       runtime: this.options.runtime.name,
       endReason: undefined,
+      timeoutSec: request.timeoutSec,
     };
-    await this.options.store.insertSandbox(record);
-    this.live.set(sandboxId, record);
+  }
+
+  /** Runs the start steps of a recorded `starting` sandbox; on failure tears down and marks it dead. */
+  private async startOrFail(record: SandboxRecord, start: () => Promise<void>): Promise<void> {
     try {
-      await this.startSandbox(record, template);
+      await start();
     } catch (err) {
-      log.warn("create failed", { sandboxId, error: String(err) });
+      log.warn("create failed", { sandboxId: record.sandboxId, error: String(err) });
       await this.teardown(record, "create failed");
+      this.live.delete(record.sandboxId);
       record.state = "dead";
       record.endReason = `create failed: ${(err as Error).message}`;
-      await this.options.store.updateSandbox(sandboxId, { state: "dead", endReason: record.endReason, network: undefined });
+      await this.options.store.updateSandbox(record.sandboxId, { state: "dead", endReason: record.endReason, network: undefined });
       throw CubicleError.from(err);
     }
+  }
+
+  private async markRunning(record: SandboxRecord, detail: Record<string, unknown>): Promise<SandboxRecord> {
     record.state = "running";
-    await this.options.store.updateSandbox(sandboxId, { state: "running", network: record.network });
-    await this.options.store.recordEvent({ sandboxId, at: Date.now(), kind: "created", detail: { templateId: record.templateId } });
+    await this.options.store.updateSandbox(record.sandboxId, { state: "running", network: record.network, runtimeId: record.runtimeId });
+    await this.options.store.recordEvent({ sandboxId: record.sandboxId, at: Date.now(), kind: "created", detail: { templateId: record.templateId, ...detail } });
     this.scheduleReaper();
     return record;
   }
 
-  private async startSandbox(record: SandboxRecord, template: TemplateInfo): Promise<void> {
-    const network = await this.options.network.allocate(record.sandboxId, { allowInternetAccess: record.allowInternetAccess });
+  private async allocateNetwork(record: SandboxRecord): Promise<void> {
+    const network = await this.options.network.allocate(runtimeIdOf(record), { allowInternetAccess: record.allowInternetAccess });
     record.network = network;
     await this.options.store.updateSandbox(record.sandboxId, { network });
-    await this.options.runtime.create({
-      sandboxId: record.sandboxId,
-      hostname: record.sandboxId,
-      template: template.image,
-      resources: {
-        cpuCount: record.cpuCount,
-        memoryMiB: record.memoryMB,
-        diskMiB: record.diskSizeMB,
-        pidsLimit: this.options.pidsLimit ?? 4096,
-      },
-      network,
-    });
-    await waitForAgent(network.sandboxAddress, AGENT_READY_TIMEOUT_MS);
-    await initAgent(network.sandboxAddress, {
-      accessToken: record.envdAccessToken,
-      envVars: record.envVars,
-      defaultUser: template.image.defaultUser,
-      defaultWorkdir: template.image.defaultWorkdir,
-      hostname: record.sandboxId,
-      timestamp: new Date().toISOString(),
-    });
   }
 
-  /** Removes the container and the network; never throws (cleanup must go on). */
+  private specOf(record: SandboxRecord, template: TemplateInfo): SandboxSpec {
+    if (!record.network) throw new CubicleError("internal", `sandbox ${record.sandboxId} has no network`);
+    return {
+      sandboxId: runtimeIdOf(record),
+      hostname: record.sandboxId,
+      template: template.image,
+      resources: { cpuCount: record.cpuCount, memoryMiB: record.memoryMB, diskMiB: record.diskSizeMB, pidsLimit: this.options.pidsLimit ?? 4096 },
+      network: record.network,
+    };
+  }
+
+  /** `/init` with the sandbox's identity; `currentToken` is the token the agent holds now, if any. */
+  private async initRecordAgent(record: SandboxRecord, template: TemplateInfo, currentToken: string | undefined): Promise<void> {
+    await initAgent(
+      record.network!.sandboxAddress,
+      {
+        accessToken: record.envdAccessToken,
+        envVars: record.envVars,
+        defaultUser: template.image.defaultUser,
+        defaultWorkdir: template.image.defaultWorkdir,
+        hostname: record.sandboxId,
+        timestamp: new Date().toISOString(),
+      },
+      currentToken,
+    );
+  }
+
+  private async templateOf(record: Pick<SandboxRecord, "templateId">): Promise<TemplateInfo> {
+    const template = await this.options.templates.resolve(record.templateId);
+    if (!template) throw new CubicleError("failed_precondition", `template "${record.templateId}" is gone; the sandbox cannot be restored without its root filesystem`);
+    return template;
+  }
+
+  /**
+   * Restores an image into a recorded sandbox: a network (new unless the record has one), the
+   * runtime restore, the agent's readiness, and a re-init that hands it this sandbox's identity.
+   */
+  private async restoreInto(record: SandboxRecord, template: TemplateInfo, imageDir: string, agentToken: string | undefined): Promise<void> {
+    if (!record.network) await this.allocateNetwork(record);
+    await this.options.runtime.restore(this.specOf(record, template), imageDir);
+    await waitForAgent(record.network!.sandboxAddress, AGENT_READY_TIMEOUT_MS);
+    await this.initRecordAgent(record, template, agentToken);
+  }
+
+  private async createFromSnapshot(request: CreateSandboxRequest, snapshot: SnapshotRecord): Promise<SandboxRecord> {
+    const template = await this.templateOf(snapshot);
+    const record = this.newRecord(request, template, undefined);
+    record.fromSnapshotId = snapshot.snapshotId;
+    // The image's cgroup limits and memory layout are the source's: keep its resources.
+    record.cpuCount = snapshot.cpuCount;
+    record.memoryMB = snapshot.memoryMB;
+    record.diskSizeMB = snapshot.diskSizeMB;
+    await this.options.store.insertSandbox(record);
+    this.live.set(record.sandboxId, record);
+    await this.startOrFail(record, () => this.restoreInto(record, template, snapshot.imageDir, snapshot.memory ? snapshot.agentAccessToken : undefined));
+    return this.markRunning(record, { snapshotId: snapshot.snapshotId });
+  }
+
+  /** Removes the container and the network (and a durable pause image); never throws. */
   private async teardown(record: SandboxRecord, reason: string): Promise<void> {
     this.emit("ended", record.sandboxId);
+    const runtimeId = runtimeIdOf(record);
     try {
-      await this.options.runtime.destroy(record.sandboxId);
+      await this.options.runtime.destroy(runtimeId);
     } catch (err) {
-      log.error("runtime destroy failed", { sandboxId: record.sandboxId, reason, error: String(err) });
+      log.error("runtime destroy failed", { sandboxId: record.sandboxId, runtimeId, reason, error: String(err) });
     }
     try {
-      await this.options.network.release(record.sandboxId);
+      await this.options.network.release(runtimeId);
     } catch (err) {
-      log.error("network release failed", { sandboxId: record.sandboxId, reason, error: String(err) });
+      log.error("network release failed", { sandboxId: record.sandboxId, runtimeId, reason, error: String(err) });
     }
+    if (record.pause?.imageDir) await rm(record.pause.imageDir, { recursive: true, force: true }).catch(() => undefined);
+    this.durableFailed.delete(record.sandboxId);
   }
+
+  // ---- queries, kill, timeout ---------------------------------------------------------------
 
   /** A sandbox the API can talk about: live, or paused. Throws not_found otherwise. */
   async get(sandboxId: string): Promise<SandboxRecord> {
@@ -194,25 +368,339 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     this.scheduleReaper();
   }
 
-  /** E2B connect: returns a running sandbox and only ever extends its TTL. */
-  async connect(sandboxId: string, timeoutSec: number): Promise<{ record: SandboxRecord; resumed: boolean }> {
-    const record = await this.mutex.run(sandboxId, async () => {
-      const current = await this.get(sandboxId);
-      if (current.state === "paused") {
-        throw new CubicleError("unimplemented", `sandbox "${sandboxId}" is paused and resuming is not available yet`);
-      }
-      const wanted = Date.now() + timeoutSec * 1000;
-      if (wanted > current.endAt) {
-        current.endAt = wanted;
-        await this.options.store.updateSandbox(sandboxId, { endAt: current.endAt });
-      }
-      return current;
-    });
-    this.scheduleReaper();
-    return { record, resumed: false };
+  /** E2B connect: resumes a paused sandbox (resumed: true) or returns a running one; only ever extends the TTL. */
+  async connect(sandboxId: string, timeoutSec: number, memory?: boolean): Promise<{ record: SandboxRecord; resumed: boolean }> {
+    return this.resume(sandboxId, { timeoutSec, memory });
   }
 
-  /** One timer for the earliest end: no polling when nothing is due. */
+  // ---- pause and resume ---------------------------------------------------------------------
+
+  /**
+   * Pauses a running sandbox. With memory (default) it is frozen in RAM (hot tier) and moved to
+   * disk after `durablePauseAfterSec`; without memory only its filesystem is kept, on disk, now.
+   * 409 when already paused.
+   */
+  async pause(sandboxId: string, options: { memory?: boolean } = {}): Promise<void> {
+    await this.mutex.run(sandboxId, async () => {
+      const record = await this.get(sandboxId);
+      if (record.state === "paused") throw new CubicleError("conflict", `sandbox "${sandboxId}" is already paused`);
+      const memory = options.memory !== false;
+      // Open streams would hang on a frozen agent: reset them like upstream does on pause.
+      this.emit("ended", sandboxId);
+      if (memory) {
+        await this.options.runtime.freeze(runtimeIdOf(record));
+        record.state = "paused";
+        record.pause = { tier: "hot", pausedAt: Date.now(), memory: true };
+      } else {
+        await this.checkpointToDisk(record, false, false);
+      }
+      await this.options.store.updateSandbox(sandboxId, { state: "paused", pause: record.pause, network: record.network });
+      await this.options.store.recordEvent({ sandboxId, at: Date.now(), kind: "paused", detail: { tier: record.pause!.tier, memory } });
+    });
+    this.scheduleReaper();
+  }
+
+  /**
+   * Writes a running or hot-paused sandbox to disk (durable tier): checkpoint, container gone,
+   * network released. On failure the sandbox is left as it truthfully is (still frozen or running,
+   * or marked dead when the runtime lost it) and the error is thrown.
+   */
+  private async checkpointToDisk(record: SandboxRecord, memory: boolean, wasFrozen: boolean): Promise<void> {
+    const runtimeId = runtimeIdOf(record);
+    const imageDir = path.join(this.pausedDir, record.sandboxId);
+    await rm(imageDir, { recursive: true, force: true });
+    await this.mkdirs(this.pausedDir);
+    try {
+      // The runtime dumps a frozen container as it is (no thaw: nothing runs between pause and dump).
+      if (record.network) dropIdleAgentSockets(record.network.sandboxAddress);
+      await this.options.runtime.checkpoint(runtimeId, imageDir, { memory, leaveRunning: false });
+    } catch (err) {
+      await rm(imageDir, { recursive: true, force: true }).catch(() => undefined);
+      const state = await this.options.runtime.state(runtimeId).catch(() => "missing" as const);
+      if (state === "running" && wasFrozen) await this.options.runtime.freeze(runtimeId).catch(() => undefined);
+      if (state === "missing" || state === "stopped") await this.markDead(record, `pause to disk failed: ${(err as Error).message}`);
+      throw CubicleError.from(err);
+    }
+    // Record the image first: a crash from here on finds a durable pause, not a vanished sandbox.
+    record.state = "paused";
+    record.pause = { tier: "durable", pausedAt: record.pause?.pausedAt ?? Date.now(), memory, imageDir };
+    await this.options.store.updateSandbox(record.sandboxId, { state: "paused", pause: record.pause });
+    await this.releaseHostResources(record);
+  }
+
+  /** A durable pause needs neither the bundle (the image holds a copy of the upper layer) nor the network. */
+  private async releaseHostResources(record: SandboxRecord): Promise<void> {
+    const runtimeId = runtimeIdOf(record);
+    await this.options.runtime.destroy(runtimeId).catch((err) => log.error("destroy after checkpoint failed", { sandboxId: record.sandboxId, error: String(err) }));
+    await this.options.network.release(runtimeId).catch((err) => log.error("network release after checkpoint failed", { sandboxId: record.sandboxId, error: String(err) }));
+    record.network = undefined;
+    await this.options.store.updateSandbox(record.sandboxId, { network: undefined });
+  }
+
+  private async markDead(record: SandboxRecord, reason: string): Promise<void> {
+    record.state = "dead";
+    record.endReason = reason;
+    this.live.delete(record.sandboxId);
+    await this.teardown(record, reason);
+    await this.options.store.updateSandbox(record.sandboxId, { state: "dead", endReason: reason, network: undefined, pause: undefined });
+    await this.options.store.recordEvent({ sandboxId: record.sandboxId, at: Date.now(), kind: "dead", detail: { reason } });
+  }
+
+  /** Moves a hot-paused sandbox to disk (called by the reaper after the hot tier's time). */
+  private async makeDurable(sandboxId: string): Promise<void> {
+    await this.mutex.run(sandboxId, async () => {
+      const record = this.live.get(sandboxId);
+      if (!record || record.state !== "paused" || record.pause?.tier !== "hot") return;
+      try {
+        await this.checkpointToDisk(record, true, true);
+      } catch (err) {
+        this.durableFailed.add(sandboxId);
+        log.warn("moving a paused sandbox to disk failed; it stays frozen in RAM", { sandboxId, error: String(err) });
+        return;
+      }
+      await this.options.store.updateSandbox(sandboxId, { pause: record.pause, network: undefined });
+      await this.options.store.recordEvent({ sandboxId, at: Date.now(), kind: "paused-to-disk" });
+    });
+  }
+
+  /**
+   * Resumes a paused sandbox (hot: thaw; durable: restore into a new network, re-init the agent)
+   * and extends its TTL to at least `now + timeout`. Returns a running one unchanged but for the
+   * TTL, unless `requirePaused` (409).
+   */
+  async resume(sandboxId: string, options: ResumeOptions): Promise<{ record: SandboxRecord; resumed: boolean }> {
+    const result = await this.mutex.run(sandboxId, async () => {
+      const record = await this.get(sandboxId);
+      let resumed = false;
+      if (record.state === "paused") {
+        await this.resumePaused(record, options.memory !== false);
+        resumed = true;
+      } else if (options.requirePaused) {
+        throw new CubicleError("conflict", `sandbox "${sandboxId}" is not paused`);
+      }
+      const wanted = Date.now() + options.timeoutSec * 1000;
+      if (wanted > record.endAt || resumed) {
+        record.endAt = Math.max(record.endAt, wanted);
+        await this.options.store.updateSandbox(sandboxId, { endAt: record.endAt });
+      }
+      return { record, resumed };
+    });
+    this.scheduleReaper();
+    return result;
+  }
+
+  private async resumePaused(record: SandboxRecord, memory: boolean): Promise<void> {
+    const pause = record.pause!;
+    const runtimeId = runtimeIdOf(record);
+    if (pause.tier === "hot" && !memory) {
+      // Reboot from the filesystem: write it to disk without memory, then restore that.
+      await this.checkpointToDisk(record, false, true);
+      await this.options.store.updateSandbox(record.sandboxId, { pause: record.pause, network: undefined });
+    }
+    if (record.pause!.tier === "hot") {
+      await this.options.runtime.thaw(runtimeId);
+    } else {
+      const imageDir = record.pause!.imageDir!;
+      const template = await this.templateOf(record);
+      try {
+        // A memory image's agent holds the sandbox's token; a filesystem-only restore starts a fresh agent.
+        await this.restoreInto(record, template, imageDir, record.pause!.memory && memory ? record.envdAccessToken : undefined);
+      } catch (err) {
+        // The image is intact: stay paused (durable) so a later resume can try again.
+        await this.options.runtime.destroy(runtimeId).catch(() => undefined);
+        await this.options.network.release(runtimeId).catch(() => undefined);
+        record.network = undefined;
+        await this.options.store.updateSandbox(record.sandboxId, { network: undefined });
+        throw CubicleError.from(err);
+      }
+      await rm(imageDir, { recursive: true, force: true }).catch(() => undefined);
+    }
+    record.state = "running";
+    record.pause = undefined;
+    this.durableFailed.delete(record.sandboxId);
+    await this.options.store.updateSandbox(record.sandboxId, { state: "running", pause: undefined, network: record.network });
+    await this.options.store.recordEvent({ sandboxId: record.sandboxId, at: Date.now(), kind: "resumed", detail: { tier: pause.tier } });
+  }
+
+  // ---- snapshots, fork, rollback ------------------------------------------------------------
+
+  /**
+   * Dumps a running sandbox's memory and files into a persistent snapshot; the sandbox is frozen
+   * only for the dump. A second snapshot (or fork) of the same sandbox while one runs → 409.
+   */
+  async createSnapshot(sandboxId: string, rawName: unknown): Promise<SnapshotRecord> {
+    const name = parseSnapshotName(rawName);
+    if (name && (await this.options.templates.resolve(name))) {
+      throw new CubicleError("conflict", `"${name}" is the name of a template; choose another snapshot name`);
+    }
+    return this.withDump(sandboxId, (record) => this.dump(record, newSnapshotId(), name ? [name] : [], false));
+  }
+
+  /** Runs a dump under the sandbox's lock, refusing a concurrent one (409, not queued). */
+  private async withDump<T>(sandboxId: string, operation: (record: SandboxRecord) => Promise<T>): Promise<T> {
+    await this.get(sandboxId);
+    if (this.dumping.has(sandboxId)) throw new CubicleError("conflict", `a snapshot of sandbox "${sandboxId}" is already being taken; retry when it is done`);
+    this.dumping.add(sandboxId);
+    try {
+      return await this.mutex.run(sandboxId, async () => {
+        const record = await this.get(sandboxId);
+        if (record.state !== "running") throw new CubicleError("conflict", `sandbox "${sandboxId}" is paused; resume it (connect) before taking a snapshot`);
+        return operation(record);
+      });
+    } finally {
+      this.dumping.delete(sandboxId);
+    }
+  }
+
+  private async dump(record: SandboxRecord, snapshotId: string, names: string[], hidden: boolean): Promise<SnapshotRecord> {
+    const runtimeId = runtimeIdOf(record);
+    const imageDir = path.join(this.snapshotsDir, snapshotId);
+    await this.mkdirs(this.snapshotsDir);
+    if (record.network) dropIdleAgentSockets(record.network.sandboxAddress);
+    let info;
+    try {
+      info = await this.options.runtime.checkpoint(runtimeId, imageDir, { memory: true, leaveRunning: true });
+    } catch (err) {
+      // A failed dump (disk full …) leaves no snapshot behind, whatever the runtime left.
+      await rm(imageDir, { recursive: true, force: true }).catch(() => undefined);
+      const state = await this.options.runtime.state(runtimeId).catch(() => "missing" as const);
+      if (state === "frozen") await this.options.runtime.thaw(runtimeId).catch(() => undefined);
+      if (state === "missing" || state === "stopped") await this.markDead(record, `the sandbox was lost during a snapshot: ${(err as Error).message}`);
+      throw CubicleError.from(err);
+    }
+    const snapshot: SnapshotRecord = {
+      snapshotId,
+      names,
+      sourceSandboxId: record.sandboxId,
+      sourceRuntimeId: runtimeId,
+      templateId: record.templateId,
+      createdAt: Date.now(),
+      imageDir,
+      sizeBytes: info.sizeBytes,
+      memory: info.memory,
+      agentAccessToken: record.envdAccessToken,
+      cpuCount: record.cpuCount,
+      memoryMB: record.memoryMB,
+      diskSizeMB: record.diskSizeMB,
+      hidden,
+    };
+    try {
+      await this.options.store.insertSnapshot(snapshot);
+    } catch (err) {
+      await rm(imageDir, { recursive: true, force: true }).catch(() => undefined);
+      throw err;
+    }
+    await this.options.store.recordEvent({ sandboxId: record.sandboxId, at: Date.now(), kind: "snapshot", detail: { snapshotId, frozenMs: info.frozenMs, sizeBytes: info.sizeBytes } });
+    return snapshot;
+  }
+
+  async listSnapshots(query: SnapshotQuery): Promise<SnapshotRecord[]> {
+    return this.options.store.querySnapshots({ ...query, name: query.name === undefined ? undefined : normaliseSnapshotRef(query.name) });
+  }
+
+  /** Deletes a snapshot and its image; false when there is none. Sandboxes made from it are not affected. */
+  async deleteSnapshot(idOrName: string): Promise<boolean> {
+    const snapshot = await this.options.store.findSnapshot(normaliseSnapshotRef(idOrName));
+    if (!snapshot || snapshot.hidden) return false;
+    return this.mutex.run(`snapshot:${snapshot.snapshotId}`, async () => {
+      if (!(await this.options.store.deleteSnapshot(snapshot.snapshotId))) return false;
+      await rm(snapshot.imageDir, { recursive: true, force: true });
+      return true;
+    });
+  }
+
+  /**
+   * Forks a running sandbox: one checkpoint (the source keeps running, its id and endAt unchanged),
+   * then `count` restores, `FORK_PARALLELISM` at a time. Each fork succeeds or fails on its own.
+   */
+  async fork(sandboxId: string, options: { timeoutSec: number; count: number }): Promise<ForkOutcome[]> {
+    let source!: SandboxRecord;
+    const image = await this.withDump(sandboxId, async (record) => {
+      source = { ...record };
+      return this.dump(record, newImageId(), [], true);
+    });
+    try {
+      const template = await this.templateOf(image);
+      const outcomes: ForkOutcome[] = new Array(options.count);
+      let next = 0;
+      const worker = async () => {
+        while (next < options.count) {
+          const index = next++;
+          outcomes[index] = await this.forkOne(source, image, template, options.timeoutSec).then(
+            (record) => ({ record }),
+            (err) => ({ error: CubicleError.from(err) }),
+          );
+        }
+      };
+      await Promise.all(Array.from({ length: Math.min(FORK_PARALLELISM, options.count) }, worker));
+      return outcomes;
+    } finally {
+      await this.options.store.deleteSnapshot(image.snapshotId).catch(() => undefined);
+      await rm(image.imageDir, { recursive: true, force: true }).catch(() => undefined);
+    }
+  }
+
+  private async forkOne(source: SandboxRecord, image: SnapshotRecord, template: TemplateInfo, timeoutSec: number): Promise<SandboxRecord> {
+    if (this.closed) throw new CubicleError("unavailable", "the server is shutting down; try again shortly");
+    const record = this.newRecord(
+      {
+        templateId: source.templateId,
+        timeoutSec,
+        secure: source.secure,
+        allowInternetAccess: source.allowInternetAccess,
+        metadata: source.metadata,
+        envVars: source.envVars,
+        autoPause: source.lifecycle.onTimeout === "pause",
+        autoResume: source.lifecycle.autoResume,
+        networkConfig: source.networkConfig,
+      },
+      template,
+      source.alias,
+    );
+    record.cpuCount = image.cpuCount;
+    record.memoryMB = image.memoryMB;
+    record.diskSizeMB = image.diskSizeMB;
+    record.metadata = { ...source.metadata };
+    await this.options.store.insertSandbox(record);
+    this.live.set(record.sandboxId, record);
+    await this.startOrFail(record, () => this.restoreInto(record, template, image.imageDir, image.agentAccessToken));
+    return this.markRunning(record, { forkedFrom: source.sandboxId });
+  }
+
+  /**
+   * Rolls a running sandbox back to one of its own snapshots, in place: same id, same network
+   * address, memory and files as at the snapshot. If the restore fails the sandbox is gone and
+   * is marked dead (never reported running while it is not).
+   */
+  async rollback(sandboxId: string, snapshotRef: string): Promise<SandboxRecord> {
+    const snapshot = await this.options.store.findSnapshot(normaliseSnapshotRef(snapshotRef));
+    if (!snapshot || snapshot.hidden) throw new CubicleError("not_found", `snapshot "${snapshotRef}" not found`);
+    return this.withDump(sandboxId, async (record) => {
+      if (snapshot.sourceSandboxId !== record.sandboxId || snapshot.sourceRuntimeId !== runtimeIdOf(record)) {
+        throw new CubicleError(
+          "conflict",
+          `snapshot "${snapshot.snapshotId}" was taken from sandbox "${snapshot.sourceSandboxId}", not "${sandboxId}"; a sandbox rolls back only to its own snapshots (create a new sandbox from it instead)`,
+        );
+      }
+      const template = await this.templateOf(record);
+      const runtimeId = runtimeIdOf(record);
+      this.emit("ended", sandboxId);
+      if (record.network) dropIdleAgentSockets(record.network.sandboxAddress);
+      await this.options.runtime.destroy(runtimeId);
+      try {
+        await this.restoreInto(record, template, snapshot.imageDir, snapshot.agentAccessToken);
+      } catch (err) {
+        await this.markDead(record, `rollback to ${snapshot.snapshotId} failed: ${(err as Error).message}`);
+        throw new CubicleError("internal", `rollback of sandbox "${sandboxId}" failed and the sandbox is gone: ${(err as Error).message}`, { cause: err });
+      }
+      await this.options.store.recordEvent({ sandboxId, at: Date.now(), kind: "rolled-back", detail: { snapshotId: snapshot.snapshotId } });
+      return record;
+    });
+  }
+
+  // ---- reaper -------------------------------------------------------------------------------
+
+  /** One timer for the earliest due time (an end of life, or a hot pause due for disk). */
   private scheduleReaper(): void {
     if (this.reaperTimer) clearTimeout(this.reaperTimer);
     this.reaperTimer = undefined;
@@ -220,6 +708,9 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     let next = Infinity;
     for (const record of this.live.values()) {
       if (record.state === "running" && record.endAt < next) next = record.endAt;
+      if (record.state === "paused" && record.pause?.tier === "hot" && !this.durableFailed.has(record.sandboxId)) {
+        next = Math.min(next, record.pause.pausedAt + this.durableAfterMs);
+      }
     }
     if (next === Infinity) return;
     // setTimeout overflows past 2^31-1 ms; wake up at least that often.
@@ -230,69 +721,130 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
 
   private async reap(): Promise<void> {
     const now = Date.now();
-    const due = [...this.live.values()].filter((r) => r.state === "running" && r.endAt <= now);
-    await Promise.all(
-      due.map(async (record) => {
-        log.info("sandbox reached its end of life", { sandboxId: record.sandboxId });
-        // Pause-on-timeout comes with the lifecycle milestone; until then a timeout kills.
-        await this.kill(record.sandboxId, "timeout").catch((err) => log.error("reaper kill failed", { error: String(err) }));
-      }),
+    const records = [...this.live.values()];
+    const due = records.filter((r) => r.state === "running" && r.endAt <= now);
+    const toDisk = records.filter(
+      (r) => r.state === "paused" && r.pause?.tier === "hot" && !this.durableFailed.has(r.sandboxId) && r.pause.pausedAt + this.durableAfterMs <= now,
     );
+    await Promise.all([
+      ...due.map(async (record) => {
+        log.info("sandbox reached its end of life", { sandboxId: record.sandboxId, onTimeout: record.lifecycle.onTimeout });
+        if (record.lifecycle.onTimeout === "pause") {
+          await this.pause(record.sandboxId).catch(async (err) => {
+            if (err instanceof CubicleError && err.code === "conflict") return;
+            log.error("pause at timeout failed; killing", { sandboxId: record.sandboxId, error: String(err) });
+            await this.kill(record.sandboxId, "timeout").catch(() => undefined);
+          });
+        } else {
+          await this.kill(record.sandboxId, "timeout").catch((err) => log.error("reaper kill failed", { error: String(err) }));
+        }
+      }),
+      ...toDisk.map((record) => this.makeDurable(record.sandboxId)),
+    ]);
     this.scheduleReaper();
   }
 
+  // ---- recovery and shutdown ----------------------------------------------------------------
+
   /**
-   * After a restart: adopt sandboxes that still run, mark vanished ones dead, and remove
-   * whatever the runtime or network still holds that no live sandbox owns.
+   * After a restart: adopt sandboxes that still run, keep paused ones paused (hot: still frozen;
+   * durable: their image), mark vanished ones dead, discard the previous process's pool entries
+   * and half-written images, and remove whatever the runtime or network holds that nothing owns.
    */
   async recover(): Promise<{ adopted: string[]; dead: string[]; orphansRemoved: string[] }> {
     const adopted: string[] = [];
     const dead: string[] = [];
     const orphansRemoved: string[] = [];
-    const records = await this.options.store.querySandboxes({ states: ["starting", "running", "paused"], order: "asc" });
+    const { store, runtime, network } = this.options;
+    orphansRemoved.push(...(await this.pool.discardRecorded()));
+    const records = await store.querySandboxes({ states: ["starting", "running", "paused"], order: "asc" });
     for (const record of records) {
+      const runtimeId = runtimeIdOf(record);
       let alive = false;
       if (record.state === "running" && record.network) {
-        const state = await this.options.runtime.state(record.sandboxId);
-        if (state === "frozen") await this.options.runtime.thaw(record.sandboxId);
+        const state = await runtime.state(runtimeId);
+        // Frozen while running: the server died during a snapshot dump.
+        if (state === "frozen") await runtime.thaw(runtimeId);
         if (state === "running" || state === "frozen") {
-          await this.options.network.adopt(record.sandboxId, record.network, { allowInternetAccess: record.allowInternetAccess });
+          await network.adopt(runtimeId, record.network, { allowInternetAccess: record.allowInternetAccess });
           alive = await agentIsHealthy(record.network.sandboxAddress);
         }
+      } else if (record.state === "paused" && record.pause?.tier === "hot" && record.network) {
+        const state = await runtime.state(runtimeId);
+        if (state === "running") await runtime.freeze(runtimeId);
+        if (state === "running" || state === "frozen") {
+          await network.adopt(runtimeId, record.network, { allowInternetAccess: record.allowInternetAccess });
+          alive = true;
+        } else if (await exists(path.join(this.pausedDir, record.sandboxId))) {
+          // The server died between the dump to disk and recording it.
+          record.pause = { ...record.pause, tier: "durable", imageDir: path.join(this.pausedDir, record.sandboxId) };
+          await store.updateSandbox(record.sandboxId, { pause: record.pause });
+        }
+      }
+      if (record.state === "paused" && record.pause?.tier === "durable" && record.pause.imageDir) {
+        alive = await exists(record.pause.imageDir);
+        if (alive && record.network) await this.releaseHostResources(record);
       }
       if (alive) {
         this.live.set(record.sandboxId, record);
         adopted.push(record.sandboxId);
-        await this.options.store.recordEvent({ sandboxId: record.sandboxId, at: Date.now(), kind: "adopted" });
+        await store.recordEvent({ sandboxId: record.sandboxId, at: Date.now(), kind: "adopted", detail: { state: record.state } });
       } else {
         const reason = record.state === "starting" ? "server stopped during create" : "vanished while the server was down";
         await this.teardown(record, reason);
-        await this.options.store.updateSandbox(record.sandboxId, { state: "dead", endReason: reason, network: undefined });
-        await this.options.store.recordEvent({ sandboxId: record.sandboxId, at: Date.now(), kind: "dead", detail: { reason } });
+        await store.updateSandbox(record.sandboxId, { state: "dead", endReason: reason, network: undefined, pause: undefined });
+        await store.recordEvent({ sandboxId: record.sandboxId, at: Date.now(), kind: "dead", detail: { reason } });
         dead.push(record.sandboxId);
       }
     }
-    for (const sandboxId of await this.options.runtime.list()) {
-      if (this.live.has(sandboxId)) continue;
-      await this.options.runtime.destroy(sandboxId).catch((err) => log.error("orphan destroy failed", { sandboxId, error: String(err) }));
-      orphansRemoved.push(sandboxId);
+    const liveRuntimeIds = new Set([...this.live.values()].map(runtimeIdOf));
+    for (const runtimeId of await runtime.list()) {
+      if (liveRuntimeIds.has(runtimeId)) continue;
+      await runtime.destroy(runtimeId).catch((err) => log.error("orphan destroy failed", { runtimeId, error: String(err) }));
+      orphansRemoved.push(runtimeId);
     }
-    for (const netnsName of await this.options.network.listNamespaces()) {
-      const sandboxId = netnsName.replace(/^cubicle-/, "");
+    for (const netnsName of await network.listNamespaces()) {
+      const runtimeId = netnsName.replace(/^cubicle-/, "");
       // Namespaces of sandboxes this store never knew belong to another server on the host.
-      if (this.live.has(sandboxId) || !(await this.options.store.getSandbox(sandboxId))) continue;
-      await this.options.network.release(sandboxId).catch((err) => log.error("orphan network release failed", { sandboxId, error: String(err) }));
-      if (!orphansRemoved.includes(sandboxId)) orphansRemoved.push(sandboxId);
+      if (liveRuntimeIds.has(runtimeId) || !(await store.knowsRuntimeId(runtimeId))) continue;
+      await network.release(runtimeId).catch((err) => log.error("orphan network release failed", { runtimeId, error: String(err) }));
+      if (!orphansRemoved.includes(runtimeId)) orphansRemoved.push(runtimeId);
     }
+    await this.removeUnownedImages();
     this.scheduleReaper();
     if (adopted.length || dead.length || orphansRemoved.length) log.info("recovered", { adopted, dead, orphansRemoved });
     return { adopted, dead, orphansRemoved };
   }
 
-  /** Stops timers; sandboxes keep running (they are adopted on the next start). */
-  close(): void {
+  /** Images without an owner: half-written dumps, a crashed fork's one-off image, stale pause images. */
+  private async removeUnownedImages(): Promise<void> {
+    const { store } = this.options;
+    for (const snapshot of await store.allSnapshots()) {
+      if (snapshot.hidden) {
+        await store.deleteSnapshot(snapshot.snapshotId);
+        await rm(snapshot.imageDir, { recursive: true, force: true }).catch(() => undefined);
+      }
+    }
+    const known = new Set((await store.allSnapshots()).map((s) => s.snapshotId));
+    for (const entry of await readdir(this.snapshotsDir).catch(() => [] as string[])) {
+      if (!known.has(entry)) await rm(path.join(this.snapshotsDir, entry), { recursive: true, force: true }).catch(() => undefined);
+    }
+    for (const entry of await readdir(this.pausedDir).catch(() => [] as string[])) {
+      const record = this.live.get(entry);
+      if (!record || record.pause?.tier !== "durable") await rm(path.join(this.pausedDir, entry), { recursive: true, force: true }).catch(() => undefined);
+    }
+  }
+
+  private async mkdirs(dir: string): Promise<void> {
+    // Search permission for others: the sandboxes' mapped root reads its image during a restore.
+    await mkdir(dir, { recursive: true, mode: 0o711 });
+  }
+
+  /** Stops timers and drains the warm pool; sandboxes keep running (they are adopted on the next start). */
+  async close(): Promise<void> {
     this.closed = true;
     if (this.reaperTimer) clearTimeout(this.reaperTimer);
+    await this.pool.drain();
   }
 
   /** Kills every live sandbox (used by tests and `cubicle down --kill`). */

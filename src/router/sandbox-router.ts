@@ -10,6 +10,11 @@ const log = createLogger("router");
 /** What the router needs from the core: where a sandbox lives, and a signal when it ends. */
 export interface RouteSource {
   routeTarget(sandboxId: string): { sandboxId: string; address: string } | undefined;
+  /**
+   * For a sandbox without a route: resume it if it is paused with auto-resume, and return its
+   * route then; undefined = answer "not found".
+   */
+  resumeForTraffic?(sandboxId: string): Promise<{ sandboxId: string; address: string } | undefined>;
   /** Secure live sandboxes, to route signed `/files` URLs that carry no sandbox id. */
   liveSandboxes(): { sandboxId: string; envdAccessToken: string | undefined; state: string }[];
   on(event: "ended", listener: (sandboxId: string) => void): unknown;
@@ -110,13 +115,34 @@ export class SandboxRouter {
     res.end(body);
   }
 
+  /** The route of a sandbox; a paused one with auto-resume is resumed first (the request waits). */
+  private async resolveTarget(sandboxId: string): Promise<{ sandboxId: string; address: string } | undefined> {
+    return this.source.routeTarget(sandboxId) ?? (await this.source.resumeForTraffic?.(sandboxId));
+  }
+
   handleRequest(req: IncomingMessage, res: ServerResponse, match: RouteMatch): void {
-    const target = this.source.routeTarget(match.sandboxId);
-    if (!target || !Number.isInteger(match.port) || match.port < 1 || match.port > 65535) {
+    if (!Number.isInteger(match.port) || match.port < 1 || match.port > 65535) {
       req.resume();
       this.sendNotFound(res, match.sandboxId);
       return;
     }
+    const immediate = this.source.routeTarget(match.sandboxId);
+    if (immediate) return this.forward(req, res, match, immediate);
+    // The body stays unread (not flowing) while the sandbox resumes.
+    this.resolveTarget(match.sandboxId).then(
+      (target) => {
+        if (target) return this.forward(req, res, match, target);
+        req.resume();
+        this.sendNotFound(res, match.sandboxId);
+      },
+      () => {
+        req.resume();
+        this.sendNotFound(res, match.sandboxId);
+      },
+    );
+  }
+
+  private forward(req: IncomingMessage, res: ServerResponse, match: RouteMatch, target: { address: string }): void {
     const upstream = http.request({
       host: target.address,
       port: match.port,
@@ -164,7 +190,14 @@ export class SandboxRouter {
 
   handleUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
     const match = this.match(req);
-    const target = match ? this.source.routeTarget(match.sandboxId) : undefined;
+    if (!match) return this.upgradeTo(req, socket, head, undefined, undefined);
+    this.resolveTarget(match.sandboxId).then(
+      (target) => this.upgradeTo(req, socket, head, match, target),
+      () => this.upgradeTo(req, socket, head, match, undefined),
+    );
+  }
+
+  private upgradeTo(req: IncomingMessage, socket: Duplex, head: Buffer, match: RouteMatch | undefined, target: { address: string } | undefined): void {
     if (!match || !target) {
       const body = JSON.stringify({ message: "The sandbox was not found", sandboxId: match?.sandboxId ?? "", code: 502 });
       socket.end(`HTTP/1.1 502 Bad Gateway\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);

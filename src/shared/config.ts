@@ -30,6 +30,21 @@ export interface CubicleConfig {
   defaultTemplates: string[];
   /** Name of the nftables table this server owns (one per server on a host). */
   nftTable: string;
+  /** Warm pool size per template id or alias (CUBICLE_POOL_SIZE, e.g. `base=2,code-interpreter-v1=1`). */
+  poolSizes: Record<string, number>;
+  /** Seconds a paused sandbox stays frozen in RAM before it is checkpointed to disk. */
+  durablePauseAfterSec: number;
+}
+
+/** Parses `base=2,code-interpreter-v1=1`; an empty string means no pools. */
+export function parsePoolSizes(raw: string): Record<string, number> {
+  const sizes: Record<string, number> = {};
+  for (const part of raw.split(",").map((s) => s.trim()).filter(Boolean)) {
+    const match = /^([A-Za-z0-9][A-Za-z0-9._:-]*)=(\d{1,4})$/.exec(part);
+    if (!match) throw new Error(`CUBICLE_POOL_SIZE: "${part}" is not <template>=<count>`);
+    sizes[match[1]!] = Number(match[2]);
+  }
+  return sizes;
 }
 
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig {
@@ -47,5 +62,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     defaultTimeoutSec: Number(env.CUBICLE_DEFAULT_TIMEOUT_SEC ?? 300),
     defaultTemplates: (env.CUBICLE_DEFAULT_TEMPLATES ?? "base").split(",").map((s) => s.trim()).filter(Boolean),
     nftTable: env.CUBICLE_NFT_TABLE ?? "cubicle",
+    poolSizes: parsePoolSizes(env.CUBICLE_POOL_SIZE ?? "base=2"),
+    durablePauseAfterSec: Number(env.CUBICLE_DURABLE_PAUSE_AFTER_SEC ?? 60),
   };
 }

@@ -57,3 +57,55 @@ test("records survive reopening the file, and queries filter, order and page", a
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test("snapshots: names move to the newest, queries filter and page, hidden ones stay out; pool rows and runtime ids", async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "cubicle-store-"));
+  try {
+    const store = new SqliteStore(path.join(dir, "cubicle.db"));
+    const snapshot = (id: string, createdAt: number, names: string[], extra: Record<string, unknown> = {}) => ({
+      snapshotId: id,
+      names,
+      sourceSandboxId: "ia",
+      sourceRuntimeId: "ia",
+      templateId: "base",
+      createdAt,
+      imageDir: `/x/${id}`,
+      sizeBytes: 1,
+      memory: true,
+      agentAccessToken: "t",
+      cpuCount: 1,
+      memoryMB: 512,
+      diskSizeMB: 0,
+      ...extra,
+    });
+    await store.insertSnapshot(snapshot("snap-a", 1, ["trained"]));
+    await store.insertSnapshot(snapshot("snap-b", 2, ["trained", "other"]));
+    await store.insertSnapshot(snapshot("snap-c", 3, [], { sourceSandboxId: "ib" }));
+    await store.insertSnapshot(snapshot("img-d", 4, [], { hidden: true }));
+    assert.deepEqual((await store.getSnapshot("snap-a"))!.names, []);
+    assert.equal((await store.findSnapshot("trained"))!.snapshotId, "snap-b");
+    assert.equal((await store.findSnapshot("snap-a"))!.snapshotId, "snap-a");
+    assert.equal(await store.findSnapshot("nothing"), undefined);
+    assert.deepEqual((await store.querySnapshots({})).map((s) => s.snapshotId), ["snap-c", "snap-b", "snap-a"]);
+    assert.deepEqual((await store.querySnapshots({ sourceSandboxId: "ia" })).map((s) => s.snapshotId), ["snap-b", "snap-a"]);
+    assert.deepEqual((await store.querySnapshots({ name: "other" })).map((s) => s.snapshotId), ["snap-b"]);
+    assert.deepEqual((await store.querySnapshots({ after: { createdAt: 3, snapshotId: "snap-c" }, limit: 1 })).map((s) => s.snapshotId), ["snap-b"]);
+    assert.equal((await store.allSnapshots()).length, 4);
+    assert.equal(await store.deleteSnapshot("snap-b"), true);
+    assert.equal(await store.deleteSnapshot("snap-b"), false);
+    assert.equal(await store.findSnapshot("trained"), undefined, "a deleted snapshot's names go with it");
+
+    await store.insertSandbox(record("ic", 1000, { runtimeId: "ppool1" }));
+    await store.insertPoolEntry({ runtimeId: "ppool2", templateId: "base", network: undefined, createdAt: 1, allowInternetAccess: true });
+    assert.equal(await store.knowsRuntimeId("ppool1"), true);
+    assert.equal(await store.knowsRuntimeId("ic"), true);
+    assert.equal(await store.knowsRuntimeId("ppool2"), true);
+    assert.equal(await store.knowsRuntimeId("pelse"), false);
+    assert.deepEqual((await store.listPoolEntries()).map((e) => e.runtimeId), ["ppool2"]);
+    await store.deletePoolEntry("ppool2");
+    assert.deepEqual(await store.listPoolEntries(), []);
+    await store.close();
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

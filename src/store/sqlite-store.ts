@@ -1,5 +1,5 @@
 import Database from "better-sqlite3";
-import type { EventRecord, SandboxQuery, SandboxRecord, Store } from "./types.js";
+import type { EventRecord, PoolEntryRecord, SandboxQuery, SandboxRecord, SnapshotQuery, SnapshotRecord, Store } from "./types.js";
 
 const schema = `
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -19,6 +19,24 @@ CREATE TABLE IF NOT EXISTS events (
   detail TEXT
 );
 CREATE INDEX IF NOT EXISTS events_sandbox ON events (sandbox_id, at);
+CREATE TABLE IF NOT EXISTS snapshots (
+  snapshot_id TEXT PRIMARY KEY,
+  source_sandbox_id TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  hidden INTEGER NOT NULL DEFAULT 0,
+  body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS snapshots_source ON snapshots (source_sandbox_id, created_at);
+CREATE TABLE IF NOT EXISTS snapshot_names (
+  name TEXT PRIMARY KEY,
+  snapshot_id TEXT NOT NULL REFERENCES snapshots (snapshot_id) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS snapshot_names_snapshot ON snapshot_names (snapshot_id);
+CREATE TABLE IF NOT EXISTS pool_entries (
+  runtime_id TEXT PRIMARY KEY,
+  template_id TEXT NOT NULL,
+  body TEXT NOT NULL
+);
 `;
 
 interface SandboxRow {
@@ -40,12 +58,17 @@ export class SqliteStore implements Store {
     this.db = new Database(file);
     this.db.pragma("journal_mode = WAL");
     this.db.pragma("synchronous = NORMAL");
+    this.db.pragma("foreign_keys = ON");
     this.db.exec(schema);
+    // Added with warm pools: the runtime id a pooled sandbox keeps after its claim.
+    const columns = this.db.prepare("PRAGMA table_info(sandboxes)").all() as { name: string }[];
+    if (!columns.some((c) => c.name === "runtime_id")) this.db.exec("ALTER TABLE sandboxes ADD COLUMN runtime_id TEXT");
+    this.db.exec("CREATE INDEX IF NOT EXISTS sandboxes_runtime ON sandboxes (runtime_id)");
     this.insertStmt = this.db.prepare(
-      "INSERT INTO sandboxes (sandbox_id, template_id, state, started_at, end_at, body) VALUES (@sandboxId, @templateId, @state, @startedAt, @endAt, @body)",
+      "INSERT INTO sandboxes (sandbox_id, template_id, state, started_at, end_at, runtime_id, body) VALUES (@sandboxId, @templateId, @state, @startedAt, @endAt, @runtimeId, @body)",
     );
     this.updateStmt = this.db.prepare(
-      "UPDATE sandboxes SET template_id = @templateId, state = @state, started_at = @startedAt, end_at = @endAt, body = @body WHERE sandbox_id = @sandboxId",
+      "UPDATE sandboxes SET template_id = @templateId, state = @state, started_at = @startedAt, end_at = @endAt, runtime_id = @runtimeId, body = @body WHERE sandbox_id = @sandboxId",
     );
     this.getStmt = this.db.prepare("SELECT body FROM sandboxes WHERE sandbox_id = ?");
     this.eventStmt = this.db.prepare("INSERT INTO events (sandbox_id, at, kind, detail) VALUES (?, ?, ?, ?)");
@@ -117,6 +140,93 @@ export class SqliteStore implements Store {
     }));
   }
 
+  async insertSnapshot(record: SnapshotRecord): Promise<void> {
+    const insert = this.db.transaction(() => {
+      for (const name of record.names) {
+        const previous = this.db.prepare("SELECT snapshot_id FROM snapshot_names WHERE name = ?").get(name) as { snapshot_id: string } | undefined;
+        if (previous) this.rewriteSnapshotNames(previous.snapshot_id, (names) => names.filter((n) => n !== name));
+      }
+      this.db
+        .prepare("INSERT INTO snapshots (snapshot_id, source_sandbox_id, created_at, hidden, body) VALUES (?, ?, ?, ?, ?)")
+        .run(record.snapshotId, record.sourceSandboxId, record.createdAt, record.hidden ? 1 : 0, JSON.stringify(record));
+      for (const name of record.names) this.db.prepare("INSERT OR REPLACE INTO snapshot_names (name, snapshot_id) VALUES (?, ?)").run(name, record.snapshotId);
+    });
+    insert();
+  }
+
+  async getSnapshot(snapshotId: string): Promise<SnapshotRecord | undefined> {
+    const row = this.db.prepare("SELECT body FROM snapshots WHERE snapshot_id = ?").get(snapshotId) as SandboxRow | undefined;
+    return row ? (JSON.parse(row.body) as SnapshotRecord) : undefined;
+  }
+
+  async findSnapshot(idOrName: string): Promise<SnapshotRecord | undefined> {
+    const byId = await this.getSnapshot(idOrName);
+    if (byId) return byId;
+    const named = this.db.prepare("SELECT snapshot_id FROM snapshot_names WHERE name = ?").get(idOrName) as { snapshot_id: string } | undefined;
+    return named ? this.getSnapshot(named.snapshot_id) : undefined;
+  }
+
+  async querySnapshots(query: SnapshotQuery): Promise<SnapshotRecord[]> {
+    const where = ["hidden = 0"];
+    const params: unknown[] = [];
+    if (query.sourceSandboxId !== undefined) {
+      where.push("source_sandbox_id = ?");
+      params.push(query.sourceSandboxId);
+    }
+    if (query.name !== undefined) {
+      where.push("(snapshot_id = ? OR snapshot_id IN (SELECT snapshot_id FROM snapshot_names WHERE name = ?))");
+      params.push(query.name, query.name);
+    }
+    if (query.after) {
+      where.push("(created_at < ? OR (created_at = ? AND snapshot_id < ?))");
+      params.push(query.after.createdAt, query.after.createdAt, query.after.snapshotId);
+    }
+    const limit = query.limit === undefined ? "" : ` LIMIT ${Math.max(0, Math.floor(query.limit))}`;
+    const rows = this.db
+      .prepare(`SELECT body FROM snapshots WHERE ${where.join(" AND ")} ORDER BY created_at DESC, snapshot_id DESC${limit}`)
+      .all(...params) as SandboxRow[];
+    return rows.map((row) => JSON.parse(row.body) as SnapshotRecord);
+  }
+
+  async allSnapshots(): Promise<SnapshotRecord[]> {
+    const rows = this.db.prepare("SELECT body FROM snapshots ORDER BY created_at").all() as SandboxRow[];
+    return rows.map((row) => JSON.parse(row.body) as SnapshotRecord);
+  }
+
+  async deleteSnapshot(snapshotId: string): Promise<boolean> {
+    return this.db.prepare("DELETE FROM snapshots WHERE snapshot_id = ?").run(snapshotId).changes > 0;
+  }
+
+  async insertPoolEntry(entry: PoolEntryRecord): Promise<void> {
+    this.db.prepare("INSERT OR REPLACE INTO pool_entries (runtime_id, template_id, body) VALUES (?, ?, ?)").run(entry.runtimeId, entry.templateId, JSON.stringify(entry));
+  }
+
+  async deletePoolEntry(runtimeId: string): Promise<void> {
+    this.db.prepare("DELETE FROM pool_entries WHERE runtime_id = ?").run(runtimeId);
+  }
+
+  async listPoolEntries(): Promise<PoolEntryRecord[]> {
+    const rows = this.db.prepare("SELECT body FROM pool_entries ORDER BY runtime_id").all() as SandboxRow[];
+    return rows.map((row) => JSON.parse(row.body) as PoolEntryRecord);
+  }
+
+  async knowsRuntimeId(runtimeId: string): Promise<boolean> {
+    const row = this.db
+      .prepare(
+        "SELECT 1 FROM sandboxes WHERE sandbox_id = ? OR runtime_id = ? UNION ALL SELECT 1 FROM pool_entries WHERE runtime_id = ? LIMIT 1",
+      )
+      .get(runtimeId, runtimeId, runtimeId);
+    return row !== undefined;
+  }
+
+  private rewriteSnapshotNames(snapshotId: string, change: (names: string[]) => string[]): void {
+    const row = this.db.prepare("SELECT body FROM snapshots WHERE snapshot_id = ?").get(snapshotId) as SandboxRow | undefined;
+    if (!row) return;
+    const record = JSON.parse(row.body) as SnapshotRecord;
+    record.names = change(record.names);
+    this.db.prepare("UPDATE snapshots SET body = ? WHERE snapshot_id = ?").run(JSON.stringify(record), snapshotId);
+  }
+
   async close(): Promise<void> {
     this.db.close();
   }
@@ -134,6 +244,7 @@ function toRow(record: SandboxRecord) {
     state: record.state,
     startedAt: record.startedAt,
     endAt: record.endAt,
+    runtimeId: record.runtimeId ?? record.sandboxId,
     body: JSON.stringify(record),
   };
 }

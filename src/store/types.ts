@@ -6,6 +6,12 @@ export type SandboxState = "starting" | "running" | "paused" | "killed" | "dead"
 /** A sandbox as the store keeps it: everything needed to serve the API and to recover after a restart. */
 export interface SandboxRecord {
   sandboxId: string;
+  /**
+   * The id the runtime and the network know this sandbox by (container, netns, directories).
+   * Equal to sandboxId unless the sandbox came from a warm pool, which made it under its own id.
+   * Records written before this field existed lack it: read it through `runtimeIdOf`.
+   */
+  runtimeId?: string;
   templateId: string;
   alias: string | undefined;
   clientId: string;
@@ -31,6 +37,73 @@ export interface SandboxRecord {
   runtime: "container" | "microvm";
   /** Why it ended (killed, timeout, vanished …), for terminal states. */
   endReason: string | undefined;
+  /** Set while paused: how, since when, and where a durable pause keeps its image. */
+  pause?: PauseInfo;
+  /** The snapshot a sandbox was created from (create from snapshot, fork). */
+  fromSnapshotId?: string;
+  /** The lifetime asked for at create (seconds): an auto-resume grants it again. */
+  timeoutSec?: number;
+}
+
+/**
+ * A paused sandbox is either frozen in RAM (`hot`: cgroup freezer, network kept) or on disk
+ * (`durable`: a checkpoint image, no container, no network).
+ */
+export interface PauseInfo {
+  tier: "hot" | "durable";
+  /** Epoch ms of the pause. */
+  pausedAt: number;
+  /** False = filesystem only: resuming starts the agent anew. */
+  memory: boolean;
+  /** Durable tier: the checkpoint image directory. */
+  imageDir?: string;
+}
+
+/** The runtime id of a sandbox record (older records have none: it was the sandbox id). */
+export function runtimeIdOf(record: Pick<SandboxRecord, "sandboxId" | "runtimeId">): string {
+  return record.runtimeId ?? record.sandboxId;
+}
+
+/** A snapshot: a checkpoint image of a sandbox that outlives it and can be restored into new ones. */
+export interface SnapshotRecord {
+  snapshotId: string;
+  /** Names that resolve to this snapshot (a reused name moves to the newest snapshot). */
+  names: string[];
+  sourceSandboxId: string;
+  /** Runtime id of the source at dump time (rollback accepts only its own snapshots). */
+  sourceRuntimeId: string;
+  templateId: string;
+  /** Epoch ms. */
+  createdAt: number;
+  imageDir: string;
+  sizeBytes: number;
+  memory: boolean;
+  /** The envd token the agent in the image holds: a restore must present it to re-init the agent. */
+  agentAccessToken: string | undefined;
+  cpuCount: number;
+  memoryMB: number;
+  diskSizeMB: number;
+  /** Hidden snapshots (a fork's one-off image) are not listed and are removed after use. */
+  hidden?: boolean;
+}
+
+export interface SnapshotQuery {
+  sourceSandboxId?: string;
+  /** A snapshot id or name (an optional `:tag` is ignored). */
+  name?: string;
+  /** Cursor: strictly older than this (createdAt, snapshotId), newest first. */
+  after?: { createdAt: number; snapshotId: string };
+  limit?: number;
+}
+
+/** A warm-pool sandbox: created ahead, frozen, not yet anyone's. */
+export interface PoolEntryRecord {
+  runtimeId: string;
+  templateId: string;
+  /** Undefined until the network is made (the entry is recorded first, so a crash leaks nothing). */
+  network: SandboxNetwork | undefined;
+  createdAt: number;
+  allowInternetAccess: boolean;
 }
 
 export interface SandboxQuery {
@@ -64,5 +137,20 @@ export interface Store {
   querySandboxes(query: SandboxQuery): Promise<SandboxRecord[]>;
   recordEvent(event: EventRecord): Promise<void>;
   listEvents(sandboxId: string): Promise<EventRecord[]>;
+  /** Inserts a snapshot; its names are taken away from any older snapshot holding them. */
+  insertSnapshot(record: SnapshotRecord): Promise<void>;
+  getSnapshot(snapshotId: string): Promise<SnapshotRecord | undefined>;
+  /** By id, or the newest snapshot holding that name. */
+  findSnapshot(idOrName: string): Promise<SnapshotRecord | undefined>;
+  /** Newest first; hidden snapshots are left out. */
+  querySnapshots(query: SnapshotQuery): Promise<SnapshotRecord[]>;
+  /** Every snapshot including hidden ones (recovery). */
+  allSnapshots(): Promise<SnapshotRecord[]>;
+  deleteSnapshot(snapshotId: string): Promise<boolean>;
+  insertPoolEntry(entry: PoolEntryRecord): Promise<void>;
+  deletePoolEntry(runtimeId: string): Promise<void>;
+  listPoolEntries(): Promise<PoolEntryRecord[]>;
+  /** True when a sandbox record or pool entry of this store uses the runtime id. */
+  knowsRuntimeId(runtimeId: string): Promise<boolean>;
   close(): Promise<void>;
 }

@@ -58,6 +58,9 @@ export async function startTestServer(options: { defaultTemplates?: string[]; ex
     CUBICLE_NFT_TABLE: `cubicle_t${slot}`,
     CUBICLE_DOMAIN: "cubicle.test",
     CUBICLE_DEFAULT_TEMPLATES: (options.defaultTemplates ?? ["base"]).join(","),
+    // No warm pools unless a test asks (extraEnv): tests that name containers by sandbox id need
+    // runtime id = sandbox id, and pools would make every test server boot sandboxes it never uses.
+    CUBICLE_POOL_SIZE: "",
     ...options.extraEnv,
   };
   const url = `http://127.0.0.1:${port}`;

@@ -1,0 +1,121 @@
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import type { NetworkManager, SandboxNetwork } from "../network/types.js";
+import type { Runtime } from "../runtime/types.js";
+import type { PoolEntryRecord, Store } from "../store/types.js";
+import type { TemplateCatalog } from "./types.js";
+import { WarmPool } from "./warm-pool.js";
+
+/** A runtime and network that only count; the agent "answers" because waitForAgent is never reached... */
+function fakes(options: { failCreates?: number } = {}) {
+  const containers = new Map<string, "running" | "frozen">();
+  const networks = new Set<string>();
+  const rows = new Map<string, PoolEntryRecord>();
+  let failures = options.failCreates ?? 0;
+  const runtime = {
+    name: "container",
+    async create(spec: { sandboxId: string }) {
+      if (failures > 0) {
+        failures--;
+        throw new Error("boom");
+      }
+      containers.set(spec.sandboxId, "running");
+    },
+    async freeze(id: string) {
+      containers.set(id, "frozen");
+    },
+    async destroy(id: string) {
+      containers.delete(id);
+    },
+  } as unknown as Runtime;
+  const network = {
+    async allocate(id: string): Promise<SandboxNetwork> {
+      networks.add(id);
+      return { netnsName: `cubicle-${id}`, netnsPath: "", hostInterface: "", hostAddress: "127.0.0.1", sandboxAddress: "127.0.0.1", prefixLength: 30 };
+    },
+    async release(id: string) {
+      networks.delete(id);
+    },
+  } as unknown as NetworkManager;
+  const store = {
+    async insertPoolEntry(entry: PoolEntryRecord) {
+      rows.set(entry.runtimeId, { ...entry });
+    },
+    async deletePoolEntry(id: string) {
+      rows.delete(id);
+    },
+    async listPoolEntries() {
+      return [...rows.values()];
+    },
+  } as unknown as Store;
+  const templates: TemplateCatalog = {
+    async resolve(idOrAlias) {
+      if (idOrAlias !== "base") return undefined;
+      return { templateId: "base", aliases: ["base"], cpuCount: 1, memoryMB: 512, diskSizeMB: 0, image: { templateId: "base", rootfsDir: "/x", defaultUser: "user", defaultWorkdir: "/home/user", env: {} } };
+    },
+  };
+  return { containers, networks, rows, runtime, network, store, templates };
+}
+
+async function until(check: () => boolean): Promise<void> {
+  for (let i = 0; i < 500 && !check(); i++) await new Promise((r) => setTimeout(r, 5));
+  assert.ok(check(), "condition not reached");
+}
+
+test("the pool fills to its size, hands each entry out once, refills, and drains to nothing", async (t) => {
+  // The agent health check talks HTTP; answer it from a tiny local server on the envd port is not
+  // possible here, so a pool entry's readiness probe is stubbed through a 127.0.0.1 listener.
+  const http = await import("node:http");
+  const agent = http.createServer((_req, res) => {
+    res.writeHead(204);
+    res.end();
+  });
+  const listening = await new Promise<boolean>((resolve) => {
+    agent.once("error", () => resolve(false));
+    agent.listen(49983, "127.0.0.1", () => resolve(true));
+  });
+  if (!listening) return t.skip("port 49983 is in use on this host");
+  try {
+    const f = fakes();
+    const pool = new WarmPool({ ...f, sizes: { base: 3, missing: 2 }, pidsLimit: 100 });
+    await pool.start();
+    await until(() => pool.counts().base?.ready === 3);
+    assert.deepEqual(Object.keys(pool.counts()), ["base"], "a pool for an unknown template is skipped");
+    assert.equal([...f.containers.values()].filter((s) => s === "frozen").length, 3);
+
+    const claimed = new Set<string>();
+    for (let i = 0; i < 5; i++) {
+      const entry = pool.claim({ templateId: "base", cpuCount: undefined, memoryMB: undefined });
+      if (entry) claimed.add(entry.runtimeId);
+    }
+    assert.equal(claimed.size, 3, "three entries, each handed out once, then none");
+    assert.equal(pool.claim({ templateId: "base", cpuCount: 4, memoryMB: undefined }), undefined, "other resources never take a pool entry");
+    await until(() => pool.counts().base?.ready === 3);
+
+    await pool.drain();
+    for (const id of claimed) f.containers.delete(id);
+    assert.equal(f.containers.size, 0);
+    assert.equal(f.networks.size, claimed.size, "only the claimed entries' networks remain (their sandboxes own them)");
+    assert.equal(f.rows.size, claimed.size);
+  } finally {
+    agent.close();
+  }
+});
+
+test("failed pool creates clean up after themselves and leftovers of a crash are discarded", async () => {
+  const f = fakes({ failCreates: 100 });
+  const pool = new WarmPool({ ...f, sizes: { base: 2 }, pidsLimit: 100 });
+  await pool.start();
+  await until(() => pool.counts().base?.creating === 0);
+  assert.equal(f.containers.size, 0);
+  assert.equal(f.networks.size, 0);
+  assert.equal(f.rows.size, 0);
+  await pool.drain();
+
+  await f.store.insertPoolEntry({ runtimeId: "pold", templateId: "base", network: undefined, createdAt: 0, allowInternetAccess: true });
+  f.containers.set("pold", "frozen");
+  f.networks.add("pold");
+  const again = new WarmPool({ ...f, sizes: {}, pidsLimit: 100 });
+  assert.deepEqual(await again.discardRecorded(), ["pold"]);
+  assert.equal(f.containers.size + f.networks.size + f.rows.size, 0);
+});

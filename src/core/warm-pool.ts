@@ -1,0 +1,177 @@
+import type { NetworkManager } from "../network/types.js";
+import type { Runtime } from "../runtime/types.js";
+import type { PoolEntryRecord, Store } from "../store/types.js";
+import { createLogger } from "../shared/log.js";
+import { waitForAgent } from "./agent-client.js";
+import { newPoolRuntimeId } from "./ids.js";
+import type { TemplateCatalog, TemplateInfo } from "./types.js";
+
+const log = createLogger("pool");
+
+const AGENT_READY_TIMEOUT_MS = 15_000;
+/** Parallel creations per template while refilling: a refill must not starve user creates. */
+const REFILL_PARALLELISM = 2;
+/** After a failed pool create, wait this long before trying again (no hot loop on a broken template). */
+const RETRY_AFTER_FAILURE_MS = 5_000;
+
+export interface WarmPoolOptions {
+  store: Store;
+  runtime: Runtime;
+  network: NetworkManager;
+  templates: TemplateCatalog;
+  /** Wanted entries per template id or alias. */
+  sizes: Record<string, number>;
+  pidsLimit: number;
+}
+
+/** What a create needs of a pool entry: the template's own resources and network policy. */
+export interface PoolClaimRequest {
+  templateId: string;
+  cpuCount: number | undefined;
+  memoryMB: number | undefined;
+}
+
+/**
+ * Keeps per template a number of sandboxes created ahead and frozen (`runtime.freeze`): only the
+ * agent runs in them, without a token, so the first `/init` of a claim succeeds. A claim hands an
+ * entry over synchronously (no two creates get the same one) and refills in the background.
+ * Entries are recorded in the store before anything is made, so a crash leaves nothing unowned:
+ * recovery discards them (`discardRecorded`), a graceful stop drains them (`drain`).
+ */
+export class WarmPool {
+  private readonly ready = new Map<string, PoolEntryRecord[]>();
+  private readonly inFlight = new Map<string, number>();
+  private readonly targets = new Map<string, { size: number; template: TemplateInfo }>();
+  private readonly retryTimers = new Set<NodeJS.Timeout>();
+  private readonly creations = new Set<Promise<void>>();
+  private stopped = false;
+
+  constructor(private readonly options: WarmPoolOptions) {}
+
+  /** Resolves the configured templates and starts filling. Call once templates are built. */
+  async start(): Promise<void> {
+    for (const [idOrAlias, size] of Object.entries(this.options.sizes)) {
+      if (size <= 0) continue;
+      const template = await this.options.templates.resolve(idOrAlias);
+      if (!template) {
+        log.warn("pool template not found; no pool for it", { template: idOrAlias });
+        continue;
+      }
+      this.targets.set(template.templateId, { size, template });
+    }
+    for (const templateId of this.targets.keys()) this.refill(templateId);
+  }
+
+  /** Frozen entries ready per template (for tests and the debug log). */
+  counts(): Record<string, { ready: number; creating: number; target: number }> {
+    const out: Record<string, { ready: number; creating: number; target: number }> = {};
+    for (const [templateId, { size }] of this.targets) {
+      out[templateId] = { ready: this.ready.get(templateId)?.length ?? 0, creating: this.inFlight.get(templateId) ?? 0, target: size };
+    }
+    return out;
+  }
+
+  /**
+   * Takes a frozen entry for a create, or undefined when none fits (other resources than the
+   * template's, or the pool is empty). The caller owns the entry from now on: it thaws it,
+   * records it under its sandbox and deletes the pool row. A refill starts in the background.
+   */
+  claim(request: PoolClaimRequest): PoolEntryRecord | undefined {
+    const target = this.targets.get(request.templateId);
+    if (!target || this.stopped) return undefined;
+    if (request.cpuCount !== undefined && request.cpuCount !== target.template.cpuCount) return undefined;
+    if (request.memoryMB !== undefined && request.memoryMB !== target.template.memoryMB) return undefined;
+    const entry = this.ready.get(request.templateId)?.shift();
+    this.refill(request.templateId);
+    return entry;
+  }
+
+  private refill(templateId: string): void {
+    const target = this.targets.get(templateId);
+    if (!target || this.stopped) return;
+    const have = () => (this.ready.get(templateId)?.length ?? 0) + (this.inFlight.get(templateId) ?? 0);
+    while (have() < target.size && (this.inFlight.get(templateId) ?? 0) < REFILL_PARALLELISM) {
+      this.inFlight.set(templateId, (this.inFlight.get(templateId) ?? 0) + 1);
+      const creation = this.createEntry(target.template)
+        .then(
+          (entry) => {
+            if (this.stopped) return this.destroyEntry(entry);
+            const list = this.ready.get(templateId) ?? [];
+            list.push(entry);
+            this.ready.set(templateId, list);
+          },
+          (err) => {
+            log.warn("pool entry create failed; retrying later", { templateId, error: String(err) });
+            const timer = setTimeout(() => {
+              this.retryTimers.delete(timer);
+              this.refill(templateId);
+            }, RETRY_AFTER_FAILURE_MS);
+            timer.unref();
+            this.retryTimers.add(timer);
+            return "failed" as const;
+          },
+        )
+        .then((outcome) => {
+          this.inFlight.set(templateId, (this.inFlight.get(templateId) ?? 1) - 1);
+          if (outcome !== "failed") this.refill(templateId);
+        });
+      const tracked = creation.finally(() => this.creations.delete(tracked));
+      this.creations.add(tracked);
+    }
+  }
+
+  private async createEntry(template: TemplateInfo): Promise<PoolEntryRecord> {
+    const { store, runtime, network } = this.options;
+    const entry: PoolEntryRecord = {
+      runtimeId: newPoolRuntimeId(),
+      templateId: template.templateId,
+      network: undefined,
+      createdAt: Date.now(),
+      allowInternetAccess: true,
+    };
+    await store.insertPoolEntry(entry);
+    try {
+      entry.network = await network.allocate(entry.runtimeId, { allowInternetAccess: entry.allowInternetAccess });
+      await store.insertPoolEntry(entry);
+      await runtime.create({
+        sandboxId: entry.runtimeId,
+        hostname: entry.runtimeId,
+        template: template.image,
+        resources: { cpuCount: template.cpuCount, memoryMiB: template.memoryMB, diskMiB: template.diskSizeMB, pidsLimit: this.options.pidsLimit },
+        network: entry.network,
+      });
+      await waitForAgent(entry.network.sandboxAddress, AGENT_READY_TIMEOUT_MS);
+      await runtime.freeze(entry.runtimeId);
+      return entry;
+    } catch (err) {
+      await this.destroyEntry(entry);
+      throw err;
+    }
+  }
+
+  /** Removes an entry's container, network and row; never throws. */
+  async destroyEntry(entry: Pick<PoolEntryRecord, "runtimeId">): Promise<void> {
+    const { store, runtime, network } = this.options;
+    await runtime.destroy(entry.runtimeId).catch((err) => log.error("pool entry destroy failed", { runtimeId: entry.runtimeId, error: String(err) }));
+    await network.release(entry.runtimeId).catch((err) => log.error("pool entry network release failed", { runtimeId: entry.runtimeId, error: String(err) }));
+    await store.deletePoolEntry(entry.runtimeId).catch(() => undefined);
+  }
+
+  /** After a restart: entries of the previous process are discarded (cheaper than proving them clean). */
+  async discardRecorded(): Promise<string[]> {
+    const entries = await this.options.store.listPoolEntries();
+    for (const entry of entries) await this.destroyEntry(entry);
+    return entries.map((e) => e.runtimeId);
+  }
+
+  /** Stops refilling and destroys every entry (graceful shutdown). */
+  async drain(): Promise<void> {
+    this.stopped = true;
+    for (const timer of this.retryTimers) clearTimeout(timer);
+    this.retryTimers.clear();
+    await Promise.allSettled([...this.creations]);
+    const entries = [...this.ready.values()].flat();
+    this.ready.clear();
+    await Promise.all(entries.map((entry) => this.destroyEntry(entry)));
+  }
+}
