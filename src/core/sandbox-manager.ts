@@ -166,6 +166,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       this.live.set(record.sandboxId, record);
       try {
         await this.options.runtime.thaw(entry.runtimeId);
+        await this.options.runtime.setHostname(entry.runtimeId, record.sandboxId);
         if (!request.allowInternetAccess) await this.options.network.applyPolicy(entry.runtimeId, { allowInternetAccess: false });
         await this.initRecordAgent(record, template, undefined);
         return await this.markRunning(record, { pooled: true });

@@ -57,6 +57,11 @@ export interface Runtime {
   list(): Promise<string[]>;
   freeze(sandboxId: string): Promise<void>;
   thaw(sandboxId: string): Promise<void>;
+  /**
+   * Renames a running sandbox's host (its UTS namespace) from outside: a claimed pool entry or a
+   * restored image carries the name it was made with, and the agent lacks CAP_SYS_ADMIN.
+   */
+  setHostname(sandboxId: string, hostname: string): Promise<void>;
   stats(sandboxId: string): Promise<SandboxStats>;
   /**
    * Saves the sandbox's state into `imageDir` (created by the call, complete only when it

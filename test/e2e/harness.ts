@@ -64,6 +64,7 @@ export async function startTestServer(options: { defaultTemplates?: string[]; ex
     ...options.extraEnv,
   };
   const url = `http://127.0.0.1:${port}`;
+  const namespacesBefore = new Set(listNamespaces());
   let child: ChildProcess | undefined;
   let output = "";
 
@@ -132,8 +133,15 @@ export async function startTestServer(options: { defaultTemplates?: string[]; ex
         }
       }
       const leftovers = hostLeftovers(stateDir);
+      leftovers.namespaces = listNamespaces().filter((name) => name.startsWith("cubicle-") && !namespacesBefore.has(name));
+      // The server keeps its nftables table for sandboxes it would adopt; the test is over.
+      try {
+        execFileSync("nft", ["delete", "table", "inet", env.CUBICLE_NFT_TABLE!], { stdio: "ignore" });
+      } catch {
+        // already gone
+      }
       fs.rmSync(path.join(stateDir, "cubicle.db"), { force: true });
-      if (leftovers.containers.length || leftovers.mounts.length) {
+      if (leftovers.containers.length || leftovers.mounts.length || leftovers.namespaces.length) {
         throw new Error(`the server left things behind: ${JSON.stringify(leftovers)}`);
       }
       fs.rmSync(stateDir, { recursive: true, force: true });
@@ -147,6 +155,17 @@ export function useServerForSdk(server: TestServer): void {
   process.env.E2B_SANDBOX_URL = server.url;
   process.env.E2B_API_KEY = server.apiKey;
   process.env.E2B_DOMAIN = "cubicle.test";
+}
+
+function listNamespaces(): string[] {
+  try {
+    return execFileSync("ip", ["netns", "list"], { encoding: "utf8" })
+      .split("\n")
+      .map((line) => line.split(" ")[0]!)
+      .filter(Boolean);
+  } catch {
+    return [];
+  }
 }
 
 /** What a test server leaves on the host: checked after a suite to find leaks. */

@@ -234,7 +234,7 @@ describe("fork", () => {
   });
 });
 
-test("restored and forked sandboxes report their own id as hostname", { todo: "the agent cannot set the hostname: /proc/sys is read-only in the OCI spec (agent/runtime change needed)" }, async () => {
+test("restored and forked sandboxes report their own id as hostname", async () => {
   const source = await Sandbox.create();
   try {
     const snapshot = await source.createSnapshot();

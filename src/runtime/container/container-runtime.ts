@@ -275,6 +275,14 @@ export class ContainerRuntime implements Runtime {
     });
   }
 
+  async setHostname(sandboxId: string, hostname: string): Promise<void> {
+    if (!/^[a-zA-Z0-9][a-zA-Z0-9.-]{0,62}$/.test(hostname)) throw new CubicleError("invalid_argument", `"${hostname}" is not a valid hostname`);
+    const container = await this.runc.state(CONTAINER_PREFIX + checkId(sandboxId));
+    if (!container || container.pid <= 0) throw new CubicleError("not_found", `sandbox ${sandboxId} is not running`);
+    // Host root may enter the container's UTS namespace; `hostname` there calls sethostname(2).
+    await runCommand(["nsenter", `--target=${container.pid}`, "--uts", "--", "hostname", hostname], { timeoutMs: 5_000 });
+  }
+
   /**
    * See Runtime.checkpoint. The sandbox is frozen (cgroup freezer) while its upper layer is
    * copied and CRIU dumps it, so both describe one instant; CRIU always dumps with
@@ -417,6 +425,8 @@ export class ContainerRuntime implements Runtime {
         await this.runc.runDetached(CONTAINER_PREFIX + id, paths.dir, paths.runcLog);
       }
       this.rememberFacts(spec);
+      // CRIU brings back the image's UTS namespace with the source's name.
+      if (criuPath) await this.setHostname(id, spec.hostname);
       log.debug("restored", { sandboxId: id, imageDir, memory: meta.memory, ...timings, totalMs: round(performance.now() - started) });
     } catch (err) {
       const error = CubicleError.from(err);
