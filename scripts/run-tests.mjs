@@ -26,9 +26,21 @@ if (files.length === 0) {
   process.exit(1);
 }
 
+// The runtime's own tests run real containers on the base template's tree: make sure it exists
+// (a fresh machine builds it here, once) and tell them where it is.
+const env = { ...process.env, CUBICLE_LOG_LEVEL: process.env.CUBICLE_LOG_LEVEL ?? "warn" };
+if (!env.CUBICLE_TEST_ROOTFS) {
+  const ensured = spawnSync(process.execPath, [path.join(root, "dist", "cli.js"), "template", "ensure", "base"], { cwd: root, env, encoding: "utf8", stdio: ["ignore", "pipe", "inherit"] });
+  if (ensured.status !== 0) {
+    console.error("could not prepare the base template for the runtime tests");
+    process.exit(1);
+  }
+  env.CUBICLE_TEST_ROOTFS = ensured.stdout.trim().split(" ready at ")[1];
+}
+
 const result = spawnSync(
   process.execPath,
   ["--import", "tsx", "--test", "--test-concurrency=1", "--test-reporter=spec", ...files],
-  { cwd: root, stdio: "inherit", env: { ...process.env, CUBICLE_LOG_LEVEL: process.env.CUBICLE_LOG_LEVEL ?? "warn" } },
+  { cwd: root, stdio: "inherit", env },
 );
 process.exit(result.status ?? 1);

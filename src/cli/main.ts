@@ -15,7 +15,8 @@ const usage = `Usage: ./cubicle <command>
   sandbox kill ID            kill a sandbox
   sandbox exec ID -- CMD...  run a command in a sandbox (as root; --user NAME to change)
   template ls                list templates
-  template build NAME        build (or rebuild) a template: base, code-interpreter-v1
+  template ensure NAME       build a template unless it is cached: base, code-interpreter-v1
+  template build NAME        rebuild a template
   bench SCENARIO|report [options]
                              measure a running server: create, density, exec, files, runcode,
                              snapshot, restore, rollback, fork, pause-resume, baseline; see bench/README.md
@@ -91,11 +92,12 @@ async function templateCommand(config: CubicleConfig, args: string[]): Promise<n
     for (const t of await catalog.list()) process.stdout.write(`${t.templateID.padEnd(24)}${t.aliases.join(",").padEnd(24)}${t.buildStatus}\n`);
     return 0;
   }
-  if (verb === "build" && name) {
-    await catalog.ensure(name, { force: true });
+  if ((verb === "build" || verb === "ensure") && name) {
+    const template = await catalog.ensure(name, { force: verb === "build" });
+    process.stdout.write(`${template.templateId} ready at ${template.image.rootfsDir}\n`);
     return 0;
   }
-  throw new CubicleError("invalid_argument", `usage: ./cubicle template ls | template build NAME`);
+  throw new CubicleError("invalid_argument", `usage: ./cubicle template ls | template ensure NAME | template build NAME`);
 }
 
 async function main(argv: string[]): Promise<number> {
