@@ -51,6 +51,8 @@ export async function runBench(options: BenchOptions, target: BenchTarget): Prom
   if (options.scenario !== "baseline" && (health instanceof Error || !health.ok)) {
     throw new CubicleError("unavailable", `no Cubicle server answers at ${target.apiUrl}; start one with ./cubicle up (or set CUBICLE_PORT)`);
   }
+  // The warm-pool levels decide which create path a run measures: record them with the numbers.
+  const pools = options.scenario === "baseline" ? undefined : await fetch(`${target.apiUrl}/pools`, { headers: { "x-api-key": target.apiKey } }).then((r) => (r.ok ? r.json() : undefined), () => undefined);
   const startedAt = new Date();
   // A scenario whose setup breaks still leaves a record: the report shows the failure.
   const result = await scenario(options, target).catch((err: unknown) => ({
@@ -67,7 +69,7 @@ export async function runBench(options: BenchOptions, target: BenchTarget): Prom
     startedAt: startedAt.toISOString(),
     finishedAt: new Date().toISOString(),
     machine: describeMachine(),
-    target: { apiUrl: target.apiUrl },
+    target: { apiUrl: target.apiUrl, pools },
     parameters,
     ...result,
   };

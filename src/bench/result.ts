@@ -23,7 +23,8 @@ export interface BenchResultFile extends ScenarioResult {
   startedAt: string;
   finishedAt: string;
   machine: Record<string, unknown>;
-  target: { apiUrl: string };
+  /** The server measured, with its warm-pool levels at the start (`GET /pools`). */
+  target: { apiUrl: string; pools?: unknown };
   parameters: Record<string, unknown>;
 }
 

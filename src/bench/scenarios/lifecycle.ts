@@ -27,9 +27,19 @@ async function guard<T>(what: string, op: () => Promise<T>): Promise<T> {
   }
 }
 
-/** Creates `count` sandboxes at once; kills any that did start if one failed. */
-async function createMany(Sandbox: SandboxClass, template: string, count: number): Promise<SandboxInstance[]> {
-  const results = await runPool(count, count, () => Sandbox.create(template, { timeoutMs: 1_800_000 }));
+/**
+ * Creates `count` sandboxes at once; kills any that did start if one failed. With `memoryMB`
+ * they are made through the REST API with that memory (a Cubicle extension of the create body:
+ * the SDK has no option for it) and then connected to with the SDK.
+ */
+async function createMany(Sandbox: SandboxClass, template: string, count: number, target?: BenchTarget, memoryMB?: number): Promise<SandboxInstance[]> {
+  const createOne = async (): Promise<SandboxInstance> => {
+    if (!memoryMB || !target) return Sandbox.create(template, { timeoutMs: 1_800_000 });
+    const created = await callApi(target, "POST", "/v2/sandboxes", { templateID: template, timeout: 1800, memoryMB });
+    if (created.status !== 201) throw new Error(`create with ${memoryMB} MiB: ${created.status} ${JSON.stringify(created.json)}`);
+    return Sandbox.connect(created.json.sandboxID, { timeoutMs: 1_800_000 });
+  };
+  const results = await runPool(count, count, createOne);
   const made = results.filter((r): r is PromiseFulfilledResult<SandboxInstance> => r.status === "fulfilled").map((r) => r.value);
   const failed = results.find((r): r is PromiseRejectedResult => r.status === "rejected");
   if (failed) {
@@ -101,7 +111,8 @@ export async function benchSnapshot(options: BenchOptions, target: BenchTarget):
     const samples: Record<string, unknown> = {};
     const errors: string[] = [];
     for (const dirtyMiB of options.dirtyMiB) {
-      const sandboxes = await createMany(Sandbox, options.template, options.concurrency);
+      // Room for the dirty pages on top of what the template gives a sandbox.
+      const sandboxes = await createMany(Sandbox, options.template, options.concurrency, target, dirtyMiB + AGENT_HEADROOM_MiB > 400 ? dirtyMiB + 2 * AGENT_HEADROOM_MiB : undefined);
       try {
         const { memoryMB } = await sandboxes[0]!.getInfo();
         if (dirtyMiB + AGENT_HEADROOM_MiB > memoryMB) {
