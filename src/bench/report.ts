@@ -70,11 +70,21 @@ function loadResults(dir: string): Loaded[] {
     });
 }
 
+/**
+ * Which create path a run measured: "warm pool" when the server had a pool for some template
+ * (creates claim frozen sandboxes), "cold" (runc run + agent start) when it had none.
+ */
+function createPath(data: BenchResultFile): string {
+  const pools = (data.target?.pools ?? {}) as Record<string, { target?: number }>;
+  return Object.values(pools).some((pool) => Number(pool?.target ?? 0) > 0) ? "warm pool" : "cold";
+}
+
 /** The shape a result belongs to: the newest result per shape is reported. */
 function shapeOf(data: BenchResultFile): string {
   const p = data.parameters ?? {};
-  if (data.scenario === "create") return `create|${p.mode ?? "create-delete"}|${p.concurrency}`;
-  if (data.scenario === "density" || data.scenario === "baseline") return data.scenario;
+  if (data.scenario === "create") return `create|${p.mode ?? "create-delete"}|${createPath(data)}|${p.concurrency}`;
+  if (data.scenario === "density") return `density|${p.concurrency}`;
+  if (data.scenario === "baseline") return data.scenario;
   if (["exec", "files", "runcode"].includes(data.scenario)) return `${data.scenario}|${p.concurrency}`;
   return `${data.scenario}|${p.concurrency}`;
 }
@@ -169,10 +179,11 @@ export function writeReport(input: ReportInput): ReportOutput {
   out.push("## Create → first successful command", "");
   if (creates.length === 0) out.push("No create results.", "");
   else {
-    const modes = [...new Set(creates.map((e) => String(e.data.parameters.mode ?? "create-delete")))];
+    const label = (e: Loaded) => `${e.data.parameters.mode ?? "create-delete"}, ${createPath(e.data)}`;
+    const modes = [...new Set(creates.map(label))];
     const series: ChartSeries[] = modes.flatMap((mode) => {
-      const rows = creates.filter((e) => (e.data.parameters.mode ?? "create-delete") === mode && e.data.status === "ok");
-      return (["p50", "p95", "p99"] as const).map((p) => ({
+      const rows = creates.filter((e) => label(e) === mode && e.data.status === "ok");
+      return (["p50", "p95"] as const).map((p) => ({
         name: `${p} ${mode}`,
         points: rows.map((e) => [Number(e.data.parameters.concurrency), Number(pick(e.data.summary, `createToFirstCommandMs.${p}`))] as const),
       }));
@@ -180,12 +191,13 @@ export function writeReport(input: ReportInput): ReportOutput {
     out.push(chart("create-latency-vs-concurrency.svg", renderLineChart({ title: "create → first command vs concurrency", xLabel: "concurrency", yLabel: "ms", series })), "");
     out.push(
       table(
-        ["c", "mode", "n", "success", ...LATENCY_HEADER, "wall", "per sandbox (amortized)", "API p50", "p50 ÷ runc floor", "file"],
+        ["c", "mode", "path", "n", "success", ...LATENCY_HEADER, "wall", "per sandbox (amortized)", "API p50", "p50 ÷ runc floor", "file"],
         creates.map((e) => {
           const s = e.data.summary;
           return [
             String(e.data.parameters.concurrency),
             String(e.data.parameters.mode ?? "create-delete"),
+            createPath(e.data),
             String(e.data.parameters.total),
             pct(pick(s, "successRate")),
             ...latencyCells(pick(s, "createToFirstCommandMs")),
@@ -202,14 +214,15 @@ export function writeReport(input: ReportInput): ReportOutput {
   }
 
   // Density.
-  const density = of("density")[0];
+  const densities = of("density");
   out.push("## Density: idle sandboxes vs host memory", "");
-  if (!density) out.push("No density result.", "");
-  else {
+  if (densities.length === 0) out.push("No density result.", "");
+  for (const [index, density] of densities.entries()) {
     const points = (density.data.samples as any[]) ?? [];
+    out.push(`### batches of ${density.data.parameters.concurrency}`, "");
     out.push(
       chart(
-        "memory-vs-sandboxes.svg",
+        index === densities.length - 1 ? "memory-vs-sandboxes.svg" : `memory-vs-sandboxes-c${density.data.parameters.concurrency}.svg`,
         renderLineChart({
           title: "memory per idle sandbox",
           xLabel: "live sandboxes",
@@ -304,8 +317,13 @@ export function writeReport(input: ReportInput): ReportOutput {
   if (lifecycleRows.length) out.push(table(["operation", "c", "success", ...LATENCY_HEADER, "p50 ÷ CRIU floor", "file"], lifecycleRows), "");
 
   // Comparison.
-  const p50 = (scenario: string, field: string, c = 1): { value?: number; file?: string; note?: string } => {
-    const e = chosen.find((x) => x.data.scenario === scenario && Number(x.data.parameters.concurrency) === c && (scenario !== "create" || (x.data.parameters.mode ?? "create-delete") === "create-delete"));
+  const p50 = (scenario: string, field: string, c = 1, path?: string): { value?: number; file?: string; note?: string } => {
+    const e = chosen.find(
+      (x) =>
+        x.data.scenario === scenario &&
+        Number(x.data.parameters.concurrency) === c &&
+        (scenario !== "create" || ((x.data.parameters.mode ?? "create-delete") === "create-delete" && (!path || createPath(x.data) === path))),
+    );
     if (!e) return { note: "not measured" };
     if (e.data.status !== "ok" && !field.startsWith("byVariant")) return { note: e.data.status, file: e.file };
     const value = pick(e.data.summary, field);
@@ -322,7 +340,8 @@ export function writeReport(input: ReportInput): ReportOutput {
     return sizes[0] ?? 0;
   })();
   const comparisons: [string, string, { value?: number; file?: string; note?: string }][] = [
-    ["create (→ first command, c=1, p50)", "create", p50("create", "createToFirstCommandMs.p50")],
+    ["create from the warm pool (→ first command, c=1, p50)", "create", p50("create", "createToFirstCommandMs.p50", 1, "warm pool")],
+    ["create, cold: runc run + agent start (→ first command, c=1, p50)", "create", p50("create", "createToFirstCommandMs.p50", 1, "cold")],
     [`snapshot (${smallestDirty} MiB dirty, c=1, p50)`, "snapshot", p50("snapshot", `byDirtyMiB.${smallestDirty}.snapshotMs.p50`)],
     ["create from snapshot (c=1, p50)", "restore", p50("restore", "firstCommandMs.p50")],
     ["rollback (c=1, p50)", "rollback", p50("rollback", "rollbackMs.p50")],

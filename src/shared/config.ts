@@ -60,7 +60,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     distDir: path.resolve(env.CUBICLE_DIST_DIR ?? path.join(repositoryRoot(), "dist")),
     runcPath: env.CUBICLE_RUNC ?? "runc",
     defaultTimeoutSec: Number(env.CUBICLE_DEFAULT_TIMEOUT_SEC ?? 300),
-    defaultTemplates: (env.CUBICLE_DEFAULT_TEMPLATES ?? "base").split(",").map((s) => s.trim()).filter(Boolean),
+    defaultTemplates: (env.CUBICLE_DEFAULT_TEMPLATES ?? "base,code-interpreter-v1").split(",").map((s) => s.trim()).filter(Boolean),
     nftTable: env.CUBICLE_NFT_TABLE ?? "cubicle",
     poolSizes: parsePoolSizes(env.CUBICLE_POOL_SIZE ?? "base=2"),
     durablePauseAfterSec: Number(env.CUBICLE_DURABLE_PAUSE_AFTER_SEC ?? 60),

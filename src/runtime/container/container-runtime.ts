@@ -129,6 +129,7 @@ export class ContainerRuntime implements Runtime {
     this.cgroups = await detectCgroupLayout();
     this.limitSwap = await supportsSwapLimit(this.cgroups);
     this.openFilesLimit = await readOpenFilesHardLimit();
+    await raiseKeyQuota();
     log.info("container runtime ready", { cgroupVersion: this.cgroups.version, limitSwap: this.limitSwap, sys: this.options.sysfs ?? "tmpfs" });
   }
 
@@ -621,4 +622,23 @@ async function exists(file: string): Promise<boolean> {
 
 function round(ms: number): number {
   return Math.round(ms * 10) / 10;
+}
+
+/**
+ * runc gives every container a new session keyring, charged to the container root's host uid.
+ * All sandboxes map root to the same uid (SANDBOX_UID_BASE), whose kernel key quota (200 keys by
+ * default) would stop creates at about 200 sandboxes with "disk quota exceeded".
+ */
+const KEY_QUOTA = { maxkeys: 1_000_000, maxbytes: 25_000_000 };
+
+async function raiseKeyQuota(): Promise<void> {
+  for (const [name, wanted] of Object.entries(KEY_QUOTA)) {
+    const file = `/proc/sys/kernel/keys/${name}`;
+    const current = Number((await readFile(file, "utf8").catch(() => "0")).trim());
+    if (current >= wanted) continue;
+    await writeFile(file, String(wanted)).then(
+      () => log.info("raised the kernel key quota for sandbox users", { [name]: wanted }),
+      (err: Error) => log.warn("cannot raise the kernel key quota: creates may fail past ~200 sandboxes", { file, error: err.message }),
+    );
+  }
 }
