@@ -133,7 +133,9 @@ export async function startTestServer(options: { defaultTemplates?: string[]; ex
         }
       }
       const leftovers = hostLeftovers(stateDir);
-      leftovers.namespaces = listNamespaces().filter((name) => name.startsWith("cubicle-") && !namespacesBefore.has(name));
+      // Other servers on the host (a developer's) make namespaces too: ours carry our subnet.
+      const subnetPrefix = env.CUBICLE_SUBNET!.split(".").slice(0, 2).join(".") + ".";
+      leftovers.namespaces = listNamespaces().filter((name) => name.startsWith("cubicle-") && !namespacesBefore.has(name) && namespaceAddresses(name).some((a) => a.startsWith(subnetPrefix)));
       // The server keeps its nftables table for sandboxes it would adopt; the test is over.
       try {
         execFileSync("nft", ["delete", "table", "inet", env.CUBICLE_NFT_TABLE!], { stdio: "ignore" });
@@ -163,6 +165,14 @@ function listNamespaces(): string[] {
       .split("\n")
       .map((line) => line.split(" ")[0]!)
       .filter(Boolean);
+  } catch {
+    return [];
+  }
+}
+
+function namespaceAddresses(name: string): string[] {
+  try {
+    return [...execFileSync("ip", ["-n", name, "-o", "-4", "addr", "show"], { encoding: "utf8" }).matchAll(/inet (\d+\.\d+\.\d+\.\d+)/g)].map((m) => m[1]!);
   } catch {
     return [];
   }
