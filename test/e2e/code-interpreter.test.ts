@@ -61,6 +61,29 @@ test("matplotlib figure comes back as png", async () => {
   assert.ok(Buffer.from(png.png!, "base64").subarray(1, 4).toString() === "PNG");
 });
 
+test("matplotlib figures also come back as chart data (line, bar, several axes)", async () => {
+  const line = await sandbox.runCode(
+    "import matplotlib.pyplot as plt\nplt.figure()\nplt.plot([1, 2, 3], [1, 4, 9], label='squares')\nplt.title('growth')\nplt.xlabel('n')\nplt.ylabel('n^2')\nplt.show()",
+  );
+  const lineChart = line.results.find((r) => r.chart)?.chart as any;
+  assert.ok(lineChart, `no chart among ${JSON.stringify(line.results.map((r) => r.formats()))}`);
+  assert.equal(lineChart.type, "line");
+  assert.equal(lineChart.title, "growth");
+  assert.equal(lineChart.x_label, "n");
+  assert.deepEqual(lineChart.elements[0].points, [[1, 1], [2, 4], [3, 9]]);
+  assert.equal(lineChart.elements[0].label, "squares");
+
+  const bar = await sandbox.runCode("plt.figure()\nplt.bar(['a', 'b'], [3, 5])\nplt.show()");
+  const barChart = bar.results.find((r) => r.chart)?.chart as any;
+  assert.equal(barChart.type, "bar");
+  assert.deepEqual(barChart.elements.map((e: { label: string; value: number }) => [e.label, e.value]), [["a", 3], ["b", 5]]);
+
+  const both = await sandbox.runCode("fig, (left, right) = plt.subplots(1, 2)\nleft.plot([0, 1], [0, 1])\nright.scatter([1, 2], [3, 4])\nplt.show()");
+  const superChart = both.results.find((r) => r.chart)?.chart as any;
+  assert.equal(superChart.type, "superchart");
+  assert.deepEqual(superChart.elements.map((c: { type: string }) => c.type), ["line", "scatter"]);
+});
+
 test("pandas DataFrame comes back as html and data", async () => {
   const execution = await sandbox.runCode("import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': ['x', None], 'c': [1.5, float('nan')]})");
   assert.equal(execution.error, undefined, execution.error?.traceback);
