@@ -7,7 +7,6 @@ import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import path from "node:path";
 import { after, before, test } from "node:test";
-import { promisify } from "node:util";
 import { Sandbox } from "e2b";
 import WebSocket from "ws";
 import { startTestServer, useServerForSdk, type TestServer } from "./harness.js";
@@ -46,11 +45,12 @@ async function unary(procedure: string, body: unknown): Promise<{ status: number
   return { status: res.status, json: await res.json() };
 }
 
-function envelope(message: unknown): Buffer {
+/** One Connect envelope: flags 0, 4-byte big-endian length, JSON. */
+function envelope(message: unknown): Uint8Array<ArrayBuffer> {
   const payload = Buffer.from(JSON.stringify(message));
-  const frame = Buffer.alloc(5 + payload.length);
-  frame.writeUInt32BE(payload.length, 1);
-  payload.copy(frame, 5);
+  const frame = new Uint8Array(new ArrayBuffer(5 + payload.length));
+  new DataView(frame.buffer).setUint32(1, payload.length);
+  frame.set(payload, 5);
   return frame;
 }
 

@@ -8,6 +8,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { Sandbox } from "e2b";
+import { hitStateServer, startStateServer as startStateServerIn } from "./state-server.js";
 import { startTestServer, useServerForSdk, type TestServer } from "./harness.js";
 
 let server: TestServer;
@@ -22,40 +23,13 @@ after(async () => {
   await server?.stop();
 });
 
-/** A Python HTTP server whose answer carries in-memory state: a secret and a hit counter. */
-const stateServer = `
-import http.server
-state = {"secret": "s3cret", "hits": 0}
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        state["hits"] += 1
-        body = f"{state['secret']}:{state['hits']}".encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-http.server.HTTPServer(("0.0.0.0", 8000), Handler).serve_forever()
-`;
-
 async function startStateServer(sandbox: Sandbox): Promise<void> {
-  await sandbox.files.write("/home/user/state_server.py", stateServer);
   await sandbox.files.write("/home/user/note.txt", "written before the pause");
-  await sandbox.commands.run("python3 /home/user/state_server.py", { background: true });
-  for (let i = 0; i < 100; i++) {
-    const res = await hit(sandbox.sandboxId).catch(() => undefined);
-    if (res?.status === 200) return;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error("the state server did not start");
+  await startStateServerIn(server.url, sandbox);
 }
 
 /** GET / on port 8000 of a sandbox, through the router. */
-async function hit(sandboxId: string): Promise<{ status: number; body: string }> {
-  const res = await fetch(server.url + "/", { headers: { "e2b-sandbox-id": sandboxId, "e2b-sandbox-port": "8000" } });
-  return { status: res.status, body: await res.text() };
-}
+const hit = (sandboxId: string) => hitStateServer(server.url, sandboxId);
 
 async function waitFor(what: string, check: () => boolean | Promise<boolean>, timeoutMs = 20_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;

@@ -6,6 +6,7 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 import { Sandbox, SandboxNotFoundError } from "e2b";
+import { hitWhenUp as hitWhenUpIn, median, startStateServer } from "./state-server.js";
 import { startTestServer, useServerForSdk, type TestServer } from "./harness.js";
 
 let server: TestServer;
@@ -19,49 +20,14 @@ after(async () => {
   await server?.stop();
 });
 
-const stateServer = `
-import http.server
-state = {"secret": "s3cret", "hits": 0}
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        state["hits"] += 1
-        body = f"{state['secret']}:{state['hits']}".encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-http.server.HTTPServer(("0.0.0.0", 8000), Handler).serve_forever()
-`;
-
-async function hit(sandboxId: string): Promise<{ status: number; body: string }> {
-  const res = await fetch(server.url + "/", { headers: { "e2b-sandbox-id": sandboxId, "e2b-sandbox-port": "8000" } });
-  return { status: res.status, body: await res.text() };
-}
-
-async function hitWhenUp(sandboxId: string): Promise<string> {
-  for (let i = 0; i < 100; i++) {
-    const res = await hit(sandboxId).catch(() => undefined);
-    if (res?.status === 200) return res.body;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`port 8000 of ${sandboxId} never answered\n${server.log().slice(-3000)}`);
-}
+const hitWhenUp = (sandboxId: string) => hitWhenUpIn(server.url, sandboxId);
 
 /** A sandbox running the state server (one hit taken: next answer is s3cret:2) and a file. */
 async function sandboxWithState(): Promise<Sandbox> {
   const sandbox = await Sandbox.create({ timeoutMs: 300_000, metadata: { suite: "snapshots" } });
-  await sandbox.files.write("/home/user/state_server.py", stateServer);
   await sandbox.files.write("/home/user/note.txt", "version 1");
-  await sandbox.commands.run("python3 /home/user/state_server.py", { background: true });
-  assert.equal(await hitWhenUp(sandbox.sandboxId), "s3cret:1");
+  assert.equal(await startStateServer(server.url, sandbox), "s3cret:1");
   return sandbox;
-}
-
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  return sorted[Math.floor(sorted.length / 2)]!;
 }
 
 describe("snapshots", () => {
