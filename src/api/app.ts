@@ -232,6 +232,8 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
 
   // Cubicle extension: warm pool levels per template.
   app.get("/pools", async () => manager.poolCounts());
+  // Cubicle extension: warm snapshots per template (ready, building, creates served).
+  app.get("/warm-snapshots", async () => manager.warmSnapshotCounts());
 
   app.get("/sandboxes/:sandboxID/metrics", async (request: FastifyRequest<{ Params: Params }>) => {
     const record = await manager.get(request.params.sandboxID);

@@ -10,6 +10,7 @@ import { createContainerRuntime } from "../runtime/index.js";
 import type { CubicleConfig } from "../shared/config.js";
 import { createLogger } from "../shared/log.js";
 import { SqliteStore } from "../store/index.js";
+import { getTemplate } from "../template/index.js";
 import { createTemplateCatalog } from "./template-catalog.js";
 
 const log = createLogger("server");
@@ -60,6 +61,8 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     stateDir: config.stateDir,
     poolSizes: config.poolSizes,
     durablePauseAfterSec: config.durablePauseAfterSec,
+    warmSnapshotTemplates: config.warmSnapshotTemplates,
+    templateFingerprint: async (template) => (await getTemplate(config, template.templateId)).recipeHash,
   });
   await manager.recover();
 
@@ -92,7 +95,7 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     for (const templateId of config.defaultTemplates) await templates.ensure(templateId);
     templatesReady = true;
     log.info("ready: default templates are built");
-    await manager.startPools();
+    await manager.startPools(config.defaultTemplates);
   })();
   ready.catch((err) => log.error("default templates failed to build; creates will fail until this is fixed", { error: String(err) }));
 

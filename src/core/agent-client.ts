@@ -14,18 +14,26 @@ interface AgentResponse {
   body: string;
 }
 
-function requestAgent(address: string, method: string, path: string, body: unknown, timeoutMs: number, extraHeaders: Record<string, string> = {}): Promise<AgentResponse> {
+function requestAgent(
+  address: string,
+  method: string,
+  path: string,
+  body: unknown,
+  timeoutMs: number,
+  extraHeaders: Record<string, string> = {},
+  port = ENVD_PORT,
+): Promise<AgentResponse> {
   return new Promise((resolve, reject) => {
-    const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
+    const payload = body === undefined ? undefined : Buffer.isBuffer(body) ? body : Buffer.from(JSON.stringify(body));
     const req = http.request(
       {
         host: address,
-        port: ENVD_PORT,
+        port,
         method,
         path,
         agent: agentHttpAgent,
         timeout: timeoutMs,
-        headers: { ...extraHeaders, ...(payload ? { "content-type": "application/json", "content-length": payload.length } : {}) },
+        headers: { ...(payload ? { "content-type": "application/json", "content-length": payload.length } : {}), ...extraHeaders },
       },
       (res) => {
         const chunks: Buffer[] = [];
@@ -70,6 +78,47 @@ export async function agentIsHealthy(address: string, timeoutMs = 2000): Promise
   } catch {
     return false;
   }
+}
+
+/**
+ * Runs the command an SDK's first `commands.run` runs (`/bin/bash -l -c true`, as upstream's
+ * SDK sends it) once through the agent's process service, so its first-call costs (JIT, the
+ * first spawn, reading passwd and the profile files) are paid before a warm-pool entry is
+ * frozen, not by the user's first command. Nothing is left behind: the process exits.
+ */
+export async function warmUpAgent(address: string, timeoutMs = 5000): Promise<void> {
+  const message = Buffer.from(JSON.stringify({ process: { cmd: "/bin/bash", args: ["-l", "-c", "true"], envs: {} } }));
+  // A Connect server-stream request: one envelope (flags 0, big-endian length, JSON message).
+  const envelope = Buffer.alloc(5 + message.length);
+  envelope.writeUInt32BE(message.length, 1);
+  message.copy(envelope, 5);
+  const res = await requestAgent(address, "POST", "/process.Process/Start", envelope, timeoutMs, {
+    "content-type": "application/connect+json",
+    "connect-protocol-version": "1",
+    authorization: `Basic ${Buffer.from("root:").toString("base64")}`,
+  });
+  if (res.status !== 200 || !res.body.includes('"end"')) throw new CubicleError("internal", `agent warm-up failed (${res.status}): ${res.body.slice(0, 300)}`);
+}
+
+/**
+ * Starts the default (Python) kernel of the code interpreter so that it is running but blank:
+ * an `/execute` of `pass` starts it, a restart of its context replaces it with a fresh one
+ * (no history, execution count 0) that starts at once. Throws when the sandbox has no working
+ * interpreter (an error line, or no end of the execution).
+ */
+export async function startInterpreterKernel(address: string, timeoutMs: number): Promise<void> {
+  const call = (method: string, path: string, body?: unknown) => requestAgent(address, method, path, body, timeoutMs, {}, INTERPRETER_PORT);
+  const res = await call("POST", "/execute", { code: "pass" });
+  const lines = res.body.split("\n").filter(Boolean).map((line) => JSON.parse(line) as { type?: string; value?: string });
+  const error = lines.find((line) => line.type === "error");
+  if (res.status !== 200 || error || !lines.some((line) => line.type === "end_of_execution")) {
+    throw new CubicleError("unavailable", `the interpreter did not run code (${res.status}): ${error?.value ?? res.body.slice(0, 300)}`);
+  }
+  const contexts = JSON.parse((await call("GET", "/contexts")).body) as { id: string; language: string }[];
+  const python = contexts.find((context) => context.language === "python");
+  if (!python) throw new CubicleError("internal", "the interpreter lists no python context");
+  const restarted = await call("POST", `/contexts/${encodeURIComponent(python.id)}/restart`);
+  if (restarted.status >= 300) throw new CubicleError("internal", `restarting the python context failed (${restarted.status}): ${restarted.body.slice(0, 300)}`);
 }
 
 export interface AgentInit {

@@ -24,11 +24,6 @@ export function newApiKey(): string {
   return "e2b_" + randomBytes(20).toString("hex");
 }
 
-/** Runtime ids of warm-pool sandboxes: `p` + 20 lowercase alphanumerics (never a sandbox id). */
-export function newPoolRuntimeId(): string {
-  return "p" + randomLowerAlnum(20);
-}
-
 /** Snapshot ids: `snap-` + 20 lowercase alphanumerics; valid as a `templateID` and in URL paths. */
 export function newSnapshotId(): string {
   return "snap-" + randomLowerAlnum(20);

@@ -3,7 +3,7 @@ import { mkdir, readdir, rm } from "node:fs/promises";
 import path from "node:path";
 import type { NetworkManager } from "../network/types.js";
 import type { Runtime, SandboxSpec } from "../runtime/types.js";
-import { runtimeIdOf, type SandboxRecord, type SandboxQuery, type SnapshotQuery, type SnapshotRecord, type Store } from "../store/types.js";
+import { runtimeIdOf, type PoolEntryRecord, type SandboxRecord, type SandboxQuery, type SnapshotQuery, type SnapshotRecord, type Store } from "../store/types.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { createLogger } from "../shared/log.js";
 import { agentIsHealthy, dropIdleAgentSockets, initAgent, waitForAgent } from "./agent-client.js";
@@ -12,8 +12,18 @@ import { KeyedMutex } from "./keyed-mutex.js";
 import { normaliseSnapshotRef, parseSnapshotName } from "./snapshot-names.js";
 import type { CreateSandboxRequest, TemplateCatalog, TemplateInfo } from "./types.js";
 import { WarmPool } from "./warm-pool.js";
+import { WarmSnapshots, type WarmSnapshotCounts } from "./warm-snapshots.js";
 
 const log = createLogger("core");
+
+/** The alias a create named, or the template's first one. */
+function aliasOf(template: TemplateInfo, requested: string): string | undefined {
+  return template.aliases.includes(requested) ? requested : template.aliases[0];
+}
+
+function round(ms: number): number {
+  return Math.round(ms * 10) / 10;
+}
 
 async function exists(file: string): Promise<boolean> {
   return readdir(file).then(
@@ -43,6 +53,10 @@ export interface SandboxManagerOptions {
   poolSizes?: Record<string, number>;
   /** Seconds in the hot pause tier (frozen in RAM) before a checkpoint to disk. */
   durablePauseAfterSec?: number;
+  /** Template ids or aliases whose creates restore a warm snapshot when no pool entry is ready. */
+  warmSnapshotTemplates?: string[];
+  /** Decides when a template's warm snapshot is stale (its recipe hash); default its rootfs path. */
+  templateFingerprint?: (template: TemplateInfo) => Promise<string>;
 }
 
 /** Where the router sends traffic for a live sandbox. */
@@ -71,8 +85,9 @@ export type ForkOutcome = { record: SandboxRecord } | { error: CubicleError };
  * The sandbox state machine: create (warm pool, cold, from a snapshot), kill, timeouts, pause and
  * resume (hot: frozen in RAM; durable: a checkpoint on disk), snapshots, fork, rollback, and
  * recovery after a restart. Keeps live sandboxes in memory for the router and mirrors every
- * change into the store. Runtime and network calls use the record's runtime id, never the
- * sandbox id (a pooled sandbox keeps the id it was made under).
+ * change into the store. Runtime and network calls use the record's runtime id (`runtimeIdOf`):
+ * it equals the sandbox id (a claimed pool entry's id becomes the sandbox's), but records of
+ * earlier versions kept the pool entry's own id.
  */
 export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   private readonly live = new Map<string, SandboxRecord>();
@@ -82,6 +97,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   /** Hot-paused sandboxes whose move to disk failed: not retried until resumed and paused again. */
   private readonly durableFailed = new Set<string>();
   private readonly pool: WarmPool;
+  private readonly warmSnapshots: WarmSnapshots;
   private reaperTimer: NodeJS.Timeout | undefined;
   private closed = false;
 
@@ -94,6 +110,15 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       templates: options.templates,
       sizes: options.poolSizes ?? {},
       pidsLimit: options.pidsLimit ?? 4096,
+    });
+    this.warmSnapshots = new WarmSnapshots({
+      store: options.store,
+      runtime: options.runtime,
+      network: options.network,
+      stateDir: options.stateDir,
+      templates: options.warmSnapshotTemplates ?? [],
+      pidsLimit: options.pidsLimit ?? 4096,
+      templateFingerprint: options.templateFingerprint,
     });
   }
 
@@ -109,9 +134,17 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     return (this.options.durablePauseAfterSec ?? 60) * 1000;
   }
 
-  /** Starts filling the warm pools; call once the templates are built. */
-  async startPools(): Promise<void> {
+  /**
+   * Starts filling the warm pools and building the warm snapshots of `prepared` templates
+   * (others get theirs on their first create); call once the templates are built.
+   */
+  async startPools(prepared: string[] = []): Promise<void> {
     await this.pool.start();
+    await this.warmSnapshots.start(prepared, (idOrAlias) => this.options.templates.resolve(idOrAlias));
+  }
+
+  warmSnapshotCounts(): Record<string, WarmSnapshotCounts> {
+    return this.warmSnapshots.counts();
   }
 
   poolCounts(): Record<string, { ready: number; creating: number; target: number }> {
@@ -150,37 +183,28 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
 
   async create(request: CreateSandboxRequest): Promise<SandboxRecord> {
     if (this.closed) throw new CubicleError("unavailable", "the server is shutting down; try again shortly");
-    const template = await this.options.templates.resolve(request.templateId);
+    const claimed = this.pool.claim({ templateIdOrAlias: request.templateId, cpuCount: request.cpuCount, memoryMB: request.memoryMB });
+    if (claimed) {
+      const record = await this.createFromPoolEntry(request, claimed.template, claimed.entry);
+      if (record) return record;
+    }
+    const template = claimed?.template ?? (await this.options.templates.resolve(request.templateId));
     if (!template) {
       const snapshot = await this.options.store.findSnapshot(normaliseSnapshotRef(request.templateId));
       if (snapshot && !snapshot.hidden) return this.createFromSnapshot(request, snapshot);
       throw new CubicleError("not_found", `template or snapshot "${request.templateId}" not found; list templates with \`./cubicle template ls\` and snapshots with GET /snapshots`);
     }
-    const record = this.newRecord(request, template, template.aliases.includes(request.templateId) ? request.templateId : template.aliases[0]);
-    const entry = this.pool.claim({ templateId: template.templateId, cpuCount: request.cpuCount, memoryMB: request.memoryMB });
-    if (entry?.network) {
-      record.runtimeId = entry.runtimeId;
-      record.network = entry.network;
-      await this.options.store.insertSandbox(record);
-      await this.options.store.deletePoolEntry(entry.runtimeId);
-      this.live.set(record.sandboxId, record);
-      try {
-        await this.options.runtime.thaw(entry.runtimeId);
-        await this.options.runtime.setHostname(entry.runtimeId, record.sandboxId);
-        if (!request.allowInternetAccess) await this.options.network.applyPolicy(entry.runtimeId, { allowInternetAccess: false });
-        await this.initRecordAgent(record, template, undefined);
-        return await this.markRunning(record, { pooled: true });
-      } catch (err) {
-        // A broken pool entry must not fail the create: drop it and boot a fresh one.
-        log.warn("warm pool claim failed; creating cold", { sandboxId: record.sandboxId, runtimeId: entry.runtimeId, error: String(err) });
-        await this.teardown(record, "pool claim failed");
-        record.runtimeId = record.sandboxId;
-        record.network = undefined;
-        await this.options.store.updateSandbox(record.sandboxId, { runtimeId: record.runtimeId, network: undefined });
-      }
-    } else {
-      await this.options.store.insertSandbox(record);
-      this.live.set(record.sandboxId, record);
+    const record = this.newRecord(request, template, aliasOf(template, request.templateId));
+    const warmImage = this.warmSnapshotFits(request, template) ? await this.warmSnapshots.imageFor(template) : undefined;
+    await this.options.store.insertSandbox(record);
+    this.live.set(record.sandboxId, record);
+    if (warmImage) {
+      const started = performance.now();
+      // The image's agent was never given a token: its first /init needs none.
+      await this.startOrFail(record, () => this.restoreInto(record, template, warmImage, undefined));
+      this.warmSnapshots.countRestore(template.templateId);
+      log.debug("created from the template's warm snapshot", { sandboxId: record.sandboxId, templateId: template.templateId, ms: round(performance.now() - started) });
+      return this.markRunning(record, { pooled: false, warmSnapshot: true });
     }
     await this.startOrFail(record, async () => {
       await this.allocateNetwork(record);
@@ -191,8 +215,62 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     return this.markRunning(record, { pooled: false });
   }
 
-  private newRecord(request: CreateSandboxRequest, template: TemplateInfo, alias: string | undefined): SandboxRecord {
-    const sandboxId = newSandboxId();
+  /**
+   * The warm path: the sandbox takes the frozen entry's id (its container already has that
+   * hostname), is recorded in the same transaction that removes the pool row, is thawed and
+   * given its identity. Undefined when the entry turns out broken: it is torn down and the
+   * caller creates cold.
+   */
+  private async createFromPoolEntry(request: CreateSandboxRequest, template: TemplateInfo, entry: PoolEntryRecord): Promise<SandboxRecord | undefined> {
+    const started = performance.now();
+    const record = this.newRecord(request, template, aliasOf(template, request.templateId), entry.runtimeId);
+    record.network = entry.network;
+    await this.options.store.claimPoolEntry(record);
+    this.live.set(record.sandboxId, record);
+    try {
+      const recorded = performance.now();
+      // Independent: the cgroup freezer and the nftables rules. Both settle before any teardown.
+      const steps = await Promise.allSettled([
+        this.options.runtime.thaw(record.sandboxId),
+        request.allowInternetAccess ? undefined : this.options.network.applyPolicy(record.sandboxId, { allowInternetAccess: false }),
+      ]);
+      const failed = steps.find((step) => step.status === "rejected");
+      if (failed) throw failed.reason;
+      const thawed = performance.now();
+      await this.initRecordAgent(record, template, undefined);
+      const initialised = performance.now();
+      await this.markRunning(record, { pooled: true });
+      log.debug("claimed a pool entry", {
+        sandboxId: record.sandboxId,
+        recordMs: round(recorded - started),
+        thawMs: round(thawed - recorded),
+        initMs: round(initialised - thawed),
+        totalMs: round(performance.now() - started),
+      });
+      return record;
+    } catch (err) {
+      // A broken pool entry must not fail the create: drop it, the caller boots a fresh one.
+      log.warn("warm pool claim failed; creating cold", { sandboxId: record.sandboxId, error: String(err) });
+      await this.teardown(record, "pool claim failed");
+      this.live.delete(record.sandboxId);
+      await this.options.store.updateSandbox(record.sandboxId, { state: "dead", endReason: `pool claim failed: ${(err as Error).message}`, network: undefined });
+      return undefined;
+    }
+  }
+
+  /**
+   * A warm snapshot serves a create that asks for the template's own resources and no env vars:
+   * processes restored from it (the interpreter's kernel) keep the environment they started
+   * with, while a cold sandbox's kernel starts after the /init that hands over the env vars.
+   */
+  private warmSnapshotFits(request: CreateSandboxRequest, template: TemplateInfo): boolean {
+    if (Object.keys(request.envVars).length > 0) return false;
+    if (request.cpuCount !== undefined && request.cpuCount !== template.cpuCount) return false;
+    if (request.memoryMB !== undefined && request.memoryMB !== template.memoryMB) return false;
+    return this.warmSnapshots.isEnabled(template);
+  }
+
+  private newRecord(request: CreateSandboxRequest, template: TemplateInfo, alias: string | undefined, sandboxId = newSandboxId()): SandboxRecord {
     const now = Date.now();
     return {
       sandboxId,
@@ -845,7 +923,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   async close(): Promise<void> {
     this.closed = true;
     if (this.reaperTimer) clearTimeout(this.reaperTimer);
-    await this.pool.drain();
+    await Promise.all([this.pool.drain(), this.warmSnapshots.close()]);
   }
 
   /** Kills every live sandbox (used by tests and `cubicle down --kill`). */

@@ -50,8 +50,8 @@ function fakes(options: { failCreates?: number } = {}) {
   } as unknown as Store;
   const templates: TemplateCatalog = {
     async resolve(idOrAlias) {
-      if (idOrAlias !== "base") return undefined;
-      return { templateId: "base", aliases: ["base"], cpuCount: 1, memoryMB: 512, diskSizeMB: 0, image: { templateId: "base", rootfsDir: "/x", defaultUser: "user", defaultWorkdir: "/home/user", env: {} } };
+      if (idOrAlias !== "base" && idOrAlias !== "base-alias") return undefined;
+      return { templateId: "base", aliases: ["base", "base-alias"], cpuCount: 1, memoryMB: 512, diskSizeMB: 0, image: { templateId: "base", rootfsDir: "/x", defaultUser: "user", defaultWorkdir: "/home/user", env: {} } };
     },
   };
   return { containers, networks, rows, runtime, network, store, templates };
@@ -85,11 +85,15 @@ test("the pool fills to its size, hands each entry out once, refills, and drains
 
     const claimed = new Set<string>();
     for (let i = 0; i < 5; i++) {
-      const entry = pool.claim({ templateId: "base", cpuCount: undefined, memoryMB: undefined });
-      if (entry) claimed.add(entry.runtimeId);
+      const claim = pool.claim({ templateIdOrAlias: i % 2 ? "base-alias" : "base", cpuCount: undefined, memoryMB: undefined });
+      if (!claim) continue;
+      assert.equal(claim.template.templateId, "base");
+      assert.match(claim.entry.runtimeId, /^i[a-z0-9]{20}$/, "an entry's id is a valid future sandbox id");
+      claimed.add(claim.entry.runtimeId);
     }
     assert.equal(claimed.size, 3, "three entries, each handed out once, then none");
-    assert.equal(pool.claim({ templateId: "base", cpuCount: 4, memoryMB: undefined }), undefined, "other resources never take a pool entry");
+    assert.equal(pool.claim({ templateIdOrAlias: "base", cpuCount: 4, memoryMB: undefined }), undefined, "other resources never take a pool entry");
+    assert.equal(pool.claim({ templateIdOrAlias: "other", cpuCount: undefined, memoryMB: undefined }), undefined);
     await until(() => pool.counts().base?.ready === 3);
 
     await pool.drain();

@@ -55,6 +55,12 @@ export interface Runtime {
   state(sandboxId: string): Promise<RuntimeState>;
   /** Sandbox ids this runtime has on the host (for recovery and leak checks). */
   list(): Promise<string[]>;
+  /**
+   * What a memory image depends on besides the template (the container runtime: its agent kit,
+   * whose Node binary restored processes still map); images made under another value cannot be
+   * restored. Undefined when the runtime has no such dependency.
+   */
+  memoryImageFingerprint?(): string | undefined;
   freeze(sandboxId: string): Promise<void>;
   thaw(sandboxId: string): Promise<void>;
   /**

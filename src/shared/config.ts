@@ -34,6 +34,14 @@ export interface CubicleConfig {
   poolSizes: Record<string, number>;
   /** Seconds a paused sandbox stays frozen in RAM before it is checkpointed to disk. */
   durablePauseAfterSec: number;
+  /**
+   * Templates whose creates without a pool entry restore a warm snapshot (agent and kernel
+   * started) instead of booting (CUBICLE_WARM_SNAPSHOT, comma-separated, e.g.
+   * `code-interpreter-v1`; empty or `none` = off). Off by default: a restored Python kernel
+   * still shares its `random` state with the other restores and its IPython history database
+   * fails on first use (the agent has to re-seed and reopen it after a restore).
+   */
+  warmSnapshotTemplates: string[];
 }
 
 /** Parses `base=2,code-interpreter-v1=1`; an empty string means no pools. */
@@ -64,5 +72,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     nftTable: env.CUBICLE_NFT_TABLE ?? "cubicle",
     poolSizes: parsePoolSizes(env.CUBICLE_POOL_SIZE ?? "base=2"),
     durablePauseAfterSec: Number(env.CUBICLE_DURABLE_PAUSE_AFTER_SEC ?? 60),
+    warmSnapshotTemplates: (env.CUBICLE_WARM_SNAPSHOT ?? "")
+      .split(",")
+      .map((s) => s.trim())
+      .filter((s) => s && s !== "none"),
   };
 }

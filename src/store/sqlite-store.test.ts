@@ -104,6 +104,11 @@ test("snapshots: names move to the newest, queries filter and page, hidden ones 
     assert.deepEqual((await store.listPoolEntries()).map((e) => e.runtimeId), ["ppool2"]);
     await store.deletePoolEntry("ppool2");
     assert.deepEqual(await store.listPoolEntries(), []);
+    await store.insertPoolEntry({ runtimeId: "iclaimed", templateId: "base", network: undefined, createdAt: 2, allowInternetAccess: true });
+    await store.claimPoolEntry(record("iclaimed", 1001, { runtimeId: "iclaimed" }));
+    assert.deepEqual(await store.listPoolEntries(), [], "a claim removes the pool row");
+    assert.equal((await store.getSandbox("iclaimed"))?.runtimeId, "iclaimed");
+    await assert.rejects(store.claimPoolEntry(record("iclaimed", 1002, { runtimeId: "iclaimed" })), /UNIQUE/);
     await store.close();
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });

@@ -53,6 +53,7 @@ export class SqliteStore implements Store {
   private readonly updateStmt: Database.Statement;
   private readonly getStmt: Database.Statement;
   private readonly eventStmt: Database.Statement;
+  private readonly deletePoolStmt: Database.Statement;
 
   constructor(file: string) {
     this.db = new Database(file);
@@ -72,6 +73,7 @@ export class SqliteStore implements Store {
     );
     this.getStmt = this.db.prepare("SELECT body FROM sandboxes WHERE sandbox_id = ?");
     this.eventStmt = this.db.prepare("INSERT INTO events (sandbox_id, at, kind, detail) VALUES (?, ?, ?, ?)");
+    this.deletePoolStmt = this.db.prepare("DELETE FROM pool_entries WHERE runtime_id = ?");
   }
 
   async insertSandbox(record: SandboxRecord): Promise<void> {
@@ -202,7 +204,15 @@ export class SqliteStore implements Store {
   }
 
   async deletePoolEntry(runtimeId: string): Promise<void> {
-    this.db.prepare("DELETE FROM pool_entries WHERE runtime_id = ?").run(runtimeId);
+    this.deletePoolStmt.run(runtimeId);
+  }
+
+  async claimPoolEntry(record: SandboxRecord): Promise<void> {
+    const claim = this.db.transaction(() => {
+      this.insertStmt.run(toRow(record));
+      this.deletePoolStmt.run(record.runtimeId ?? record.sandboxId);
+    });
+    claim();
   }
 
   async listPoolEntries(): Promise<PoolEntryRecord[]> {

@@ -149,6 +149,11 @@ export interface Store {
   deleteSnapshot(snapshotId: string): Promise<boolean>;
   insertPoolEntry(entry: PoolEntryRecord): Promise<void>;
   deletePoolEntry(runtimeId: string): Promise<void>;
+  /**
+   * Records a sandbox made from a pool entry: inserts it and deletes the pool row of its
+   * runtime id in one transaction, so a crash never finds the container owned twice or not at all.
+   */
+  claimPoolEntry(record: SandboxRecord): Promise<void>;
   listPoolEntries(): Promise<PoolEntryRecord[]>;
   /** True when a sandbox record or pool entry of this store uses the runtime id. */
   knowsRuntimeId(runtimeId: string): Promise<boolean>;

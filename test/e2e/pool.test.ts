@@ -69,6 +69,8 @@ test("a create claims a frozen pool sandbox that is indistinguishable from a fre
     const run = await sandbox.commands.run("true");
     claimMs.push(performance.now() - started);
     assert.equal(run.exitCode, 0);
+    // The entry was made under the id its sandbox takes, and runc sees the direct thaw.
+    assert.ok(containers().includes(`cubicle-${sandbox.sandboxId}:running`), `the claimed container runs under the sandbox's id: ${containers().join(", ")}`);
     await assertFresh(sandbox, `m${i}`);
     await sandbox.files.write("/home/user/claimed-by", sandbox.sandboxId);
     const token = (await server.api("GET", `/sandboxes/${sandbox.sandboxId}`)).json.envdAccessToken;

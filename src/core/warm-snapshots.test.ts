@@ -1,0 +1,89 @@
+import assert from "node:assert/strict";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { test } from "node:test";
+import type { NetworkManager, SandboxNetwork } from "../network/types.js";
+import type { Runtime } from "../runtime/types.js";
+import type { PoolEntryRecord, Store } from "../store/types.js";
+import type { TemplateInfo } from "./types.js";
+import { WarmSnapshots } from "./warm-snapshots.js";
+
+const template: TemplateInfo = {
+  templateId: "code-interpreter-v1",
+  aliases: ["code-interpreter-v1", "ci"],
+  cpuCount: 1,
+  memoryMB: 512,
+  diskSizeMB: 0,
+  image: { templateId: "code-interpreter-v1", rootfsDir: "/x", defaultUser: "user", defaultWorkdir: "/home/user", env: {} },
+};
+
+/** A runtime whose creates fail (no real sandbox), a network and store that only count. */
+function fakes(kit: { fingerprint: string }) {
+  const networks = new Set<string>();
+  const rows = new Map<string, PoolEntryRecord>();
+  const runtime = {
+    name: "container",
+    memoryImageFingerprint: () => kit.fingerprint,
+    async create() {
+      throw new Error("no sandboxes in unit tests");
+    },
+    async destroy() {},
+  } as unknown as Runtime;
+  const network = {
+    async allocate(id: string): Promise<SandboxNetwork> {
+      networks.add(id);
+      return { netnsName: `cubicle-${id}`, netnsPath: "", hostInterface: "", hostAddress: "127.0.0.1", sandboxAddress: "127.0.0.1", prefixLength: 30 };
+    },
+    async release(id: string) {
+      networks.delete(id);
+    },
+  } as unknown as NetworkManager;
+  const store = {
+    async insertPoolEntry(entry: PoolEntryRecord) {
+      rows.set(entry.runtimeId, { ...entry });
+    },
+    async deletePoolEntry(id: string) {
+      rows.delete(id);
+    },
+  } as unknown as Store;
+  return { runtime, network, store, networks, rows };
+}
+
+test("an image is used only while its template and kit fingerprints are current; a failed build leaves nothing", async () => {
+  const stateDir = fs.mkdtempSync(path.join(os.tmpdir(), "cubicle-warm-"));
+  try {
+    const kit = { fingerprint: "kit-1" };
+    let recipe = "recipe-1";
+    const f = fakes(kit);
+    const snapshots = new WarmSnapshots({ ...f, stateDir, templates: ["ci"], pidsLimit: 100, templateFingerprint: async () => recipe });
+    assert.equal(snapshots.isEnabled(template), true, "configured by alias");
+    assert.equal(snapshots.isEnabled({ ...template, templateId: "base", aliases: ["base"] }), false);
+
+    // Nothing built yet: no image, a build starts (and fails here: no real runtime).
+    assert.equal(await snapshots.imageFor(template), undefined);
+    await snapshots.close();
+    assert.deepEqual(snapshots.counts()[template.templateId], undefined);
+    assert.equal(f.networks.size, 0, "the failed build released its network");
+    assert.equal(f.rows.size, 0, "and its pool row");
+
+    // An image made under the current fingerprints is found (as after a restart).
+    const fresh = new WarmSnapshots({ ...f, stateDir, templates: ["ci"], pidsLimit: 100, templateFingerprint: async () => recipe });
+    const [built] = fs.readdirSync(path.join(stateDir, "warm"));
+    assert.equal(built, undefined, "a failed build leaves no image directory");
+    const imageDir = await fresh.currentImageDir(template);
+    fs.mkdirSync(imageDir, { recursive: true });
+    assert.equal(await fresh.imageFor(template), imageDir);
+    assert.equal(fresh.counts()[template.templateId]?.ready, true);
+
+    kit.fingerprint = "kit-2";
+    assert.equal(await fresh.imageFor(template), undefined, "a new agent kit invalidates memory images");
+    kit.fingerprint = "kit-1";
+    recipe = "recipe-2";
+    assert.equal(await fresh.imageFor(template), undefined, "so does a new template recipe");
+    await fresh.close();
+    assert.deepEqual(fs.readdirSync(path.join(stateDir, "warm")), [], "the rebuild removed the stale image");
+  } finally {
+    fs.rmSync(stateDir, { recursive: true, force: true });
+  }
+});

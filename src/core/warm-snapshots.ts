@@ -1,0 +1,197 @@
+import { createHash } from "node:crypto";
+import { access, mkdir, readdir, rm } from "node:fs/promises";
+import path from "node:path";
+import type { NetworkManager } from "../network/types.js";
+import type { Runtime } from "../runtime/types.js";
+import type { PoolEntryRecord, Store } from "../store/types.js";
+import { createLogger } from "../shared/log.js";
+import { dropIdleAgentSockets, initAgent, startInterpreterKernel, waitForAgent } from "./agent-client.js";
+import { newSandboxId } from "./ids.js";
+import type { TemplateInfo } from "./types.js";
+
+const log = createLogger("warm-snapshot");
+
+const AGENT_READY_TIMEOUT_MS = 15_000;
+/** Starting a Python kernel takes about a second; on a loaded host much more. */
+const KERNEL_START_TIMEOUT_MS = 60_000;
+/** After a failed build, the next create may try again this much later. */
+const RETRY_AFTER_FAILURE_MS = 60_000;
+
+export interface WarmSnapshotsOptions {
+  store: Store;
+  runtime: Runtime;
+  network: NetworkManager;
+  /** `<stateDir>/warm` holds the images. */
+  stateDir: string;
+  /** Template ids or aliases that get a warm snapshot. */
+  templates: string[];
+  pidsLimit: number;
+  /** What decides whether a template's rootfs changed (its recipe hash); default the rootfs path. */
+  templateFingerprint?: (template: TemplateInfo) => Promise<string>;
+}
+
+/** The state of one template's warm snapshot (`GET /warm-snapshots`). */
+export interface WarmSnapshotCounts {
+  ready: boolean;
+  building: boolean;
+  /** Creates served by restoring it since the server started. */
+  restores: number;
+}
+
+/**
+ * Per configured template, a memory image of a sandbox whose agent (and, where the template has
+ * one, the code interpreter's Python kernel) already started: a create without a pool entry
+ * restores it instead of booting (ARCHITECTURE §6). Built in the background once the server's
+ * templates are ready (others on their first create): one sandbox is booted, its kernel started (an `/execute` of
+ * `pass`), checkpointed without leaving it running, and destroyed. An image is keyed by the
+ * template's fingerprint and the runtime's memory-image fingerprint (the agent kit: restored
+ * processes map the kit's Node binary), so a changed template or kit makes a new one.
+ *
+ * The build sandbox is recorded as a pool entry while it exists, so a crash leaves nothing
+ * that recovery does not discard.
+ */
+export class WarmSnapshots {
+  private readonly enabled: Set<string>;
+  /** Ready image per template id. */
+  private readonly ready = new Map<string, string>();
+  private readonly building = new Map<string, Promise<void>>();
+  private readonly failedAt = new Map<string, number>();
+  private readonly restores = new Map<string, number>();
+  private stopped = false;
+
+  constructor(private readonly options: WarmSnapshotsOptions) {
+    this.enabled = new Set(options.templates);
+  }
+
+  private get dir(): string {
+    return path.join(this.options.stateDir, "warm");
+  }
+
+  isEnabled(template: TemplateInfo): boolean {
+    return this.enabled.has(template.templateId) || template.aliases.some((alias) => this.enabled.has(alias));
+  }
+
+  /**
+   * The image to restore for a create of `template`, or undefined (not configured, not built
+   * yet: a build starts in the background). Checks that the image's key is still current.
+   */
+  async imageFor(template: TemplateInfo): Promise<string | undefined> {
+    if (this.stopped || !this.isEnabled(template)) return undefined;
+    const wanted = await this.currentImageDir(template);
+    if (this.ready.get(template.templateId) === wanted) return wanted;
+    if (await exists(wanted)) {
+      this.ready.set(template.templateId, wanted);
+      return wanted;
+    }
+    this.ready.delete(template.templateId);
+    this.build(template);
+    return undefined;
+  }
+
+  /** Starts building the images of those of `prepared` templates that are configured and have none. */
+  async start(prepared: string[], resolve: (idOrAlias: string) => Promise<TemplateInfo | undefined>): Promise<void> {
+    for (const idOrAlias of prepared) {
+      const template = await resolve(idOrAlias);
+      if (template && this.isEnabled(template)) await this.imageFor(template);
+    }
+  }
+
+  /** Stops starting builds and waits for those in progress. */
+  async close(): Promise<void> {
+    this.stopped = true;
+    await Promise.allSettled([...this.building.values()]);
+  }
+
+  countRestore(templateId: string): void {
+    this.restores.set(templateId, (this.restores.get(templateId) ?? 0) + 1);
+  }
+
+  counts(): Record<string, WarmSnapshotCounts> {
+    const out: Record<string, WarmSnapshotCounts> = {};
+    for (const templateId of new Set([...this.ready.keys(), ...this.building.keys(), ...this.restores.keys()])) {
+      out[templateId] = { ready: this.ready.has(templateId), building: this.building.has(templateId), restores: this.restores.get(templateId) ?? 0 };
+    }
+    return out;
+  }
+
+  /** Where the image of `template` for the current template and kit fingerprints is (or goes). */
+  async currentImageDir(template: TemplateInfo): Promise<string> {
+    const templateKey = this.options.templateFingerprint ? await this.options.templateFingerprint(template) : template.image.rootfsDir;
+    const kitKey = this.options.runtime.memoryImageFingerprint?.() ?? "";
+    const key = createHash("sha256").update(`${templateKey}\n${kitKey}`).digest("hex").slice(0, 16);
+    return path.join(this.dir, `${template.templateId}-${key}`);
+  }
+
+  private build(template: TemplateInfo): void {
+    if (this.stopped || this.building.has(template.templateId)) return;
+    const failedAt = this.failedAt.get(template.templateId);
+    if (failedAt !== undefined && Date.now() - failedAt < RETRY_AFTER_FAILURE_MS) return;
+    const building = this.buildNow(template)
+      .then(
+        (imageDir) => {
+          this.failedAt.delete(template.templateId);
+          if (imageDir) this.ready.set(template.templateId, imageDir);
+        },
+        (err) => {
+          this.failedAt.set(template.templateId, Date.now());
+          log.warn("warm snapshot build failed; creates boot cold", { templateId: template.templateId, error: String(err) });
+        },
+      )
+      .finally(() => this.building.delete(template.templateId));
+    this.building.set(template.templateId, building);
+  }
+
+  private async buildNow(template: TemplateInfo): Promise<string | undefined> {
+    const { store, runtime, network } = this.options;
+    const imageDir = await this.currentImageDir(template);
+    if (await exists(imageDir)) return imageDir;
+    const started = performance.now();
+    await mkdir(this.dir, { recursive: true, mode: 0o711 });
+    // Images of older template or kit versions are of no use any more.
+    for (const entry of await readdir(this.dir)) {
+      if (entry.startsWith(`${template.templateId}-`) && path.join(this.dir, entry) !== imageDir) await rm(path.join(this.dir, entry), { recursive: true, force: true });
+    }
+    const entry: PoolEntryRecord = { runtimeId: newSandboxId(), templateId: template.templateId, network: undefined, createdAt: Date.now(), allowInternetAccess: true };
+    await store.insertPoolEntry(entry);
+    try {
+      entry.network = await network.allocate(entry.runtimeId, { allowInternetAccess: true });
+      await store.insertPoolEntry(entry);
+      await runtime.create({
+        sandboxId: entry.runtimeId,
+        hostname: entry.runtimeId,
+        template: template.image,
+        resources: { cpuCount: template.cpuCount, memoryMiB: template.memoryMB, diskMiB: template.diskSizeMB, pidsLimit: this.options.pidsLimit },
+        network: entry.network,
+      });
+      const address = entry.network.sandboxAddress;
+      await waitForAgent(address, AGENT_READY_TIMEOUT_MS);
+      // The kernel starts as the template's default user in its workdir: tell the agent first.
+      // No token and no env vars: the sandbox restored from the image gets its own in its /init.
+      await initAgent(address, { envVars: {}, defaultUser: template.image.defaultUser, defaultWorkdir: template.image.defaultWorkdir, timestamp: new Date().toISOString() });
+      const kernel = await startInterpreterKernel(address, KERNEL_START_TIMEOUT_MS).then(
+        () => true,
+        (err) => {
+          log.info("no interpreter kernel in the warm snapshot", { templateId: template.templateId, reason: String(err) });
+          return false;
+        },
+      );
+      if (this.stopped) return undefined;
+      // No idle keep-alive connection of ours may be carried into the image (see dropIdleAgentSockets).
+      dropIdleAgentSockets(address);
+      await runtime.checkpoint(entry.runtimeId, imageDir, { memory: true, leaveRunning: false });
+      log.info("warm snapshot ready", { templateId: template.templateId, imageDir, kernel, buildMs: Math.round(performance.now() - started) });
+      return imageDir;
+    } finally {
+      await runtime.destroy(entry.runtimeId).catch((err) => log.error("warm snapshot sandbox destroy failed", { runtimeId: entry.runtimeId, error: String(err) }));
+      await network.release(entry.runtimeId).catch((err) => log.error("warm snapshot network release failed", { runtimeId: entry.runtimeId, error: String(err) }));
+      await store.deletePoolEntry(entry.runtimeId).catch(() => undefined);
+    }
+  }
+}
+
+async function exists(file: string): Promise<boolean> {
+  return access(file).then(
+    () => true,
+    () => false,
+  );
+}
