@@ -37,9 +37,9 @@ export interface CubicleConfig {
   /**
    * Templates whose creates without a pool entry restore a warm snapshot (agent and kernel
    * started) instead of booting (CUBICLE_WARM_SNAPSHOT, comma-separated, e.g.
-   * `code-interpreter-v1`; empty or `none` = off). Off by default: a restored Python kernel
-   * still shares its `random` state with the other restores and its IPython history database
-   * fails on first use (the agent has to re-seed and reopen it after a restore).
+   * `code-interpreter-v1`, the default; empty or `none` = off). The agent reseeds Python's
+   * `random` in a restored kernel and keeps IPython's history in memory, so restores share
+   * neither.
    */
   warmSnapshotTemplates: string[];
 }
@@ -72,7 +72,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     nftTable: env.CUBICLE_NFT_TABLE ?? "cubicle",
     poolSizes: parsePoolSizes(env.CUBICLE_POOL_SIZE ?? "base=2"),
     durablePauseAfterSec: Number(env.CUBICLE_DURABLE_PAUSE_AFTER_SEC ?? 60),
-    warmSnapshotTemplates: (env.CUBICLE_WARM_SNAPSHOT ?? "")
+    warmSnapshotTemplates: (env.CUBICLE_WARM_SNAPSHOT ?? "code-interpreter-v1")
       .split(",")
       .map((s) => s.trim())
       .filter((s) => s && s !== "none"),

@@ -129,7 +129,7 @@ test("base creates boot as before and no base image is made", async () => {
   assert.deepEqual(images.filter((name) => !name.startsWith("code-interpreter-v1-")), [], `only the code interpreter's image: ${images.join(", ")}`);
 });
 
-test("restored kernels do not share random state or a broken history database", { todo: "needs the agent to re-seed and reopen the IPython history after a restore" }, async () => {
+test("restored kernels do not share random state or a broken history database", async () => {
   const outputs: string[] = [];
   for (let i = 0; i < 2; i++) {
     const sandbox = await Sandbox.create();

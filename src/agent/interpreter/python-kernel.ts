@@ -134,6 +134,21 @@ def _cubicle_setup():
             return charts[0]
         title = figure._suptitle.get_text() if getattr(figure, "_suptitle", None) else ""
         return {"type": "superchart", "title": title, "elements": charts}
+    # A kernel restored from a template's warm snapshot would repeat the snapshot's random
+    # sequence in every sandbox: reseed when the host (the sandbox id) is not the one seeded for.
+    import socket
+    seeded_for = [socket.gethostname()]
+    def reseed_after_restore(*_args):
+        host = socket.gethostname()
+        if host == seeded_for[0]:
+            return
+        seeded_for[0] = host
+        import random
+        random.seed()
+        numpy = sys.modules.get("numpy")
+        if numpy is not None:
+            numpy.random.seed()
+    shell.events.register("pre_run_cell", reseed_after_restore)
     chart_formatter = E2BChartFormatter(parent=shell.display_formatter)
     chart_formatter.for_type_by_name("matplotlib.figure", "Figure", figure_chart)
     shell.display_formatter.formatters["e2b/chart"] = chart_formatter
@@ -224,7 +239,9 @@ export class PythonKernel implements Kernel {
     }
     this.jupyter = new JupyterSession(key);
 
-    const child = spawn(this.options.pythonPath, ["-m", "ipykernel_launcher", "-f", connectionFile], {
+    // History in memory: a file-backed history database would be held open across a memory
+    // snapshot and refuse writes in every sandbox restored from it.
+    const child = spawn(this.options.pythonPath, ["-m", "ipykernel_launcher", "-f", connectionFile, "--HistoryManager.hist_file=:memory:"], {
       cwd: launch.cwd,
       env: launch.env,
       uid: launch.uid,
