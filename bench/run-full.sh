@@ -11,7 +11,12 @@ node scripts/build.mjs
 
 templates="${CUBICLE_TEMPLATE_DIR:-/var/lib/cubicle/templates}"
 pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; }
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+  # The servers keep their nftables tables for sandboxes they would adopt; this run is over.
+  nft delete table inet cubicle_bench_pooled 2>/dev/null || true
+  nft delete table inet cubicle_bench_cold 2>/dev/null || true
+}
 trap cleanup EXIT
 
 serve() { # PORT STATE_DIR SUBNET TABLE POOL
