@@ -5,7 +5,7 @@
 // 2. For each dirty size: a sandbox with that many MB written to /dev/shm → checkpoint time,
 //    frozen time and image size.
 // Everything it makes (sandboxes, netns, nft table, state dir, images) is removed at the end.
-import http from "node:http";
+import { waitForAgentHealth } from "../../src/runtime/container/test-helpers.js";
 import { writeFile, rm } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
@@ -36,30 +36,7 @@ const netnsPrefix = `cubicle-${tag}-`;
 const network = createNetworkManager({ subnet: "10.77.0.0/24" }, { tableName, netnsPrefix });
 const runtime = new ContainerRuntime({ stateDir, distDir: "/nonexistent", runcPath: "runc" }, { agentScript });
 
-function get(host: string, urlPath: string, timeoutMs = 1000): Promise<{ status: number; body: string }> {
-  return new Promise((resolve, reject) => {
-    const req = http.get({ host, port: 49983, path: urlPath, timeout: timeoutMs, agent: false }, (res) => {
-      let body = "";
-      res.on("data", (d) => (body += d));
-      res.on("end", () => resolve({ status: res.statusCode ?? 0, body }));
-    });
-    req.on("error", reject);
-    req.on("timeout", () => req.destroy(new Error("timeout")));
-  });
-}
-
-async function waitForHealth(host: string): Promise<void> {
-  const deadline = Date.now() + 15_000;
-  for (;;) {
-    try {
-      const res = await get(host, "/health");
-      if (res.status === 204 || res.status === 200) return;
-    } catch (err) {
-      if (Date.now() > deadline) throw err;
-    }
-    await new Promise((r) => setTimeout(r, 2));
-  }
-}
+const waitForHealth = (host: string) => waitForAgentHealth(host);
 
 let counter = 0;
 function specFor(id: string, net: SandboxNetwork): SandboxSpec {

@@ -11,6 +11,7 @@ import type { NetworkManager, SandboxNetwork } from "../../network/types.js";
 import { runCommand } from "../../shared/exec.js";
 import type { SandboxSpec } from "../types.js";
 import { ContainerRuntime } from "./container-runtime.js";
+import { agentGet, waitForAgentHealth } from "./test-helpers.js";
 
 // Real runc containers checkpointed and restored with CRIU. Needs root, CRIU 4.2+ set up by
 // scripts/setup-host.sh and a shifted template rootfs: CUBICLE_TEST_ROOTFS=/var/lib/cubicle/templates/base/rootfs.
@@ -31,29 +32,8 @@ let runtime: ContainerRuntime;
 let network: NetworkManager;
 let counter = 0;
 
-function get(host: string, urlPath: string, options: { timeoutMs?: number; port?: number; agent?: http.Agent } = {}): Promise<{ status: number; body: string }> {
-  return new Promise((resolve, reject) => {
-    const req = http.get({ host, port: options.port ?? 49983, path: urlPath, timeout: options.timeoutMs ?? 2000, agent: options.agent ?? false }, (res) => {
-      let body = "";
-      res.on("data", (d) => (body += d));
-      res.on("end", () => resolve({ status: res.statusCode ?? 0, body }));
-    });
-    req.on("error", reject);
-    req.on("timeout", () => req.destroy(new Error("timeout")));
-  });
-}
-
-async function waitForAgent(host: string): Promise<void> {
-  const deadline = Date.now() + 15_000;
-  for (;;) {
-    try {
-      if ((await get(host, "/health", { timeoutMs: 1000 })).status === 204) return;
-    } catch (err) {
-      if (Date.now() > deadline) throw err;
-    }
-    await new Promise((r) => setTimeout(r, 5));
-  }
-}
+const get = agentGet;
+const waitForAgent = (host: string) => waitForAgentHealth(host);
 
 /** Runs an argv inside the sandbox through the development agent (see container-runtime.test.ts). */
 async function sh(sandbox: Sandbox, script: string): Promise<{ exitCode: number; stdout: string; stderr: string }> {

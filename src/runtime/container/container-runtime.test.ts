@@ -1,7 +1,6 @@
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { mkdir, mkdtemp, readFile, rm, stat } from "node:fs/promises";
-import http from "node:http";
 import os from "node:os";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -10,6 +9,7 @@ import type { NetworkManager, SandboxNetwork } from "../../network/types.js";
 import { runCommand } from "../../shared/exec.js";
 import { SANDBOX_UID_BASE, type SandboxSpec } from "../types.js";
 import { CONTAINER_PREFIX, ContainerRuntime } from "./container-runtime.js";
+import { agentGet, waitForAgentHealth } from "./test-helpers.js";
 
 // Real runc containers in real namespaces. Needs root and a template rootfs shifted into the
 // sandbox uid range: CUBICLE_TEST_ROOTFS=/var/tmp/rtdev-rootfs (make one with
@@ -28,29 +28,8 @@ let runtime: ContainerRuntime;
 let network: NetworkManager;
 let counter = 0;
 
-function get(host: string, urlPath: string, timeoutMs = 1000): Promise<{ status: number; body: string }> {
-  return new Promise((resolve, reject) => {
-    const req = http.get({ host, port: 49983, path: urlPath, timeout: timeoutMs, agent: false }, (res) => {
-      let body = "";
-      res.on("data", (d) => (body += d));
-      res.on("end", () => resolve({ status: res.statusCode ?? 0, body }));
-    });
-    req.on("error", reject);
-    req.on("timeout", () => req.destroy(new Error("timeout")));
-  });
-}
-
-async function waitForAgent(host: string): Promise<void> {
-  const deadline = Date.now() + 10_000;
-  for (;;) {
-    try {
-      if ((await get(host, "/health")).status === 204) return;
-    } catch (err) {
-      if (Date.now() > deadline) throw err;
-    }
-    await new Promise((r) => setTimeout(r, 5));
-  }
-}
+const get = (host: string, urlPath: string, timeoutMs = 1000) => agentGet(host, urlPath, { timeoutMs });
+const waitForAgent = (host: string) => waitForAgentHealth(host, 10_000);
 
 /**
  * Runs a command inside a sandbox through the development agent, so it has the agent's cgroup,

@@ -1,0 +1,38 @@
+/** Helpers the runtime's tests and development scripts share: talking to a sandbox's agent. */
+import http from "node:http";
+
+export interface AgentGetOptions {
+  /** Default 49983 (envd). */
+  port?: number;
+  /** Default 2000 ms. */
+  timeoutMs?: number;
+  /** Default no keep-alive agent. */
+  agent?: http.Agent;
+}
+
+/** GET `urlPath` from the agent at `host`. */
+export function agentGet(host: string, urlPath: string, options: AgentGetOptions = {}): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    const req = http.get({ host, port: options.port ?? 49983, path: urlPath, timeout: options.timeoutMs ?? 2000, agent: options.agent ?? false }, (res) => {
+      let body = "";
+      res.on("data", (d) => (body += d));
+      res.on("end", () => resolve({ status: res.statusCode ?? 0, body }));
+    });
+    req.on("error", reject);
+    req.on("timeout", () => req.destroy(new Error("timeout")));
+  });
+}
+
+/** Polls the agent's `/health` until it answers, or fails after `timeoutMs`. */
+export async function waitForAgentHealth(host: string, timeoutMs = 15_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      const res = await agentGet(host, "/health", { timeoutMs: 1000 });
+      if (res.status === 204 || res.status === 200) return;
+    } catch (err) {
+      if (Date.now() > deadline) throw err;
+    }
+    await new Promise((r) => setTimeout(r, 2));
+  }
+}
