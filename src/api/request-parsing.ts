@@ -1,4 +1,5 @@
 import { CubicleError } from "../shared/cubicle-error.js";
+import { decodePageCursor, encodePageCursor } from "../shared/page-cursor.js";
 import type { SandboxState } from "../store/types.js";
 import type { CreateSandboxRequest } from "../core/types.js";
 import { MAX_TIMEOUT_SEC } from "../core/sandbox-manager.js";
@@ -125,19 +126,14 @@ export function parseStartedAfter(raw: string | undefined): number | undefined {
   return at;
 }
 
-/** Paging cursor: base64url of `<startedAt>.<sandboxId>`, opaque to clients. */
+/** Paging cursor of `GET /v2/sandboxes`: the last sandbox's start time and id. */
 export function encodeCursor(startedAt: number, sandboxId: string): string {
-  return Buffer.from(`${startedAt}.${sandboxId}`).toString("base64url");
+  return encodePageCursor(startedAt, sandboxId);
 }
 
 export function decodeCursor(raw: string | undefined): { startedAt: number; sandboxId: string } | undefined {
-  if (raw === undefined || raw === "") return undefined;
-  const text = Buffer.from(raw, "base64url").toString("utf8");
-  const dot = text.indexOf(".");
-  const startedAt = Number(text.slice(0, dot));
-  const sandboxId = text.slice(dot + 1);
-  if (dot < 1 || !Number.isFinite(startedAt) || !/^[a-z0-9]+$/.test(sandboxId)) fail("nextToken is not a token this server issued");
-  return { startedAt, sandboxId };
+  const cursor = decodePageCursor(raw, (id) => /^[a-z0-9]+$/.test(id));
+  return cursor && { startedAt: cursor.at, sandboxId: cursor.id };
 }
 
 /** An optional JSON object body (`{}`, empty or absent are all "no options"). */

@@ -1,4 +1,5 @@
 import { CubicleError } from "../shared/cubicle-error.js";
+import { decodePageCursor, encodePageCursor } from "../shared/page-cursor.js";
 
 const namePattern = /^[a-z0-9][a-z0-9._-]{0,62}$/;
 const snapshotIdPattern = /^snap-[a-z0-9]{20}$/;
@@ -32,19 +33,12 @@ function stripDefaultTag(value: string): string {
   return value.endsWith(":default") ? value.slice(0, -":default".length) : value;
 }
 
-/** Paging cursor of `GET /snapshots`: base64url of `<createdAt>.<snapshotId>`. */
+/** Paging cursor of `GET /snapshots`: the last snapshot's creation time and id. */
 export function encodeSnapshotCursor(createdAt: number, snapshotId: string): string {
-  return Buffer.from(`${createdAt}.${snapshotId}`).toString("base64url");
+  return encodePageCursor(createdAt, snapshotId);
 }
 
 export function decodeSnapshotCursor(raw: string | undefined): { createdAt: number; snapshotId: string } | undefined {
-  if (raw === undefined || raw === "") return undefined;
-  const text = Buffer.from(raw, "base64url").toString("utf8");
-  const dot = text.indexOf(".");
-  const createdAt = Number(text.slice(0, dot));
-  const snapshotId = text.slice(dot + 1);
-  if (dot < 1 || !Number.isFinite(createdAt) || !isSnapshotId(snapshotId)) {
-    throw new CubicleError("invalid_argument", "nextToken is not a token this server issued");
-  }
-  return { createdAt, snapshotId };
+  const cursor = decodePageCursor(raw, isSnapshotId);
+  return cursor && { createdAt: cursor.at, snapshotId: cursor.id };
 }
