@@ -1,3 +1,4 @@
+import { Progress } from "./progress.js";
 /** Small helpers the scenarios share: bounded concurrency, timing, error classification. */
 
 /** Runs `worker` for `total` items with at most `concurrency` at once; never rejects. */
@@ -56,4 +57,31 @@ export function isNotAvailable(err: unknown): boolean {
 /** Thrown by a scenario to record `{"status": "not available", "reason": …}` instead of numbers. */
 export class NotAvailable extends Error {
   override name = "NotAvailable";
+}
+
+/**
+ * Runs `once` `total` times at `concurrency`, drawing progress (its `firstCommandMs` samples and
+ * errors) under `label`. A `NotAvailable` failure is not counted as an error: the caller turns it
+ * into a "not available" result.
+ */
+export async function runMeasured<T extends { firstCommandMs: number }>(
+  label: string,
+  options: { total: number; concurrency: number; progress: boolean },
+  once: () => Promise<T>,
+): Promise<{ results: PromiseSettledResult<T>[]; wallMs: number }> {
+  const progress = new Progress(label, options.total, options.progress);
+  const started = performance.now();
+  const results = await runPool(options.total, options.concurrency, async () => {
+    try {
+      const sample = await once();
+      progress.sample(sample.firstCommandMs);
+      return sample;
+    } catch (err) {
+      if (!(err instanceof NotAvailable)) progress.error(errorMessage(err));
+      throw err;
+    }
+  });
+  const wallMs = performance.now() - started;
+  progress.finish();
+  return { results, wallMs };
 }

@@ -1,7 +1,6 @@
 import type { BenchOptions } from "../options.js";
-import { Progress } from "../progress.js";
 import type { ScenarioResult } from "../result.js";
-import { errorMessage, fulfilled, rejectedMessages, round2, runPool, sleep } from "../run-helpers.js";
+import { fulfilled, rejectedMessages, round2, runMeasured, runPool, sleep } from "../run-helpers.js";
 import { summarize } from "../stats.js";
 import { loadSandboxSdk, type BenchTarget } from "../target.js";
 
@@ -71,20 +70,7 @@ export async function benchCreate(options: BenchOptions, target: BenchTarget): P
       await runPool(options.warmup, options.concurrency, once);
       await killKept();
     }
-    const progress = new Progress(`create c=${options.concurrency}`, options.total, options.progress);
-    const wallStart = performance.now();
-    const results = await runPool(options.total, options.concurrency, async () => {
-      try {
-        const sample = await once();
-        progress.sample(sample.firstCommandMs);
-        return sample;
-      } catch (err) {
-        progress.error(errorMessage(err));
-        throw err;
-      }
-    });
-    const wallMs = performance.now() - wallStart;
-    progress.finish();
+    const { results, wallMs } = await runMeasured(`create c=${options.concurrency}`, options, once);
     killAllMs = await killKept();
     const ok = fulfilled(results);
     return {

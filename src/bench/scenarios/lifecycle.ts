@@ -6,7 +6,7 @@
 import type { BenchOptions } from "../options.js";
 import { Progress } from "../progress.js";
 import { notAvailable, type ScenarioResult } from "../result.js";
-import { errorMessage, isNotAvailable, NotAvailable, round2, runPool, timed } from "../run-helpers.js";
+import { errorMessage, isNotAvailable, NotAvailable, round2, runMeasured, runPool, timed } from "../run-helpers.js";
 import { summarize } from "../stats.js";
 import { callApi, loadSandboxSdk, type BenchTarget } from "../target.js";
 import { firstSuccessfulCommand } from "./create.js";
@@ -168,19 +168,7 @@ export async function benchRestore(options: BenchOptions, target: BenchTarget): 
         const refused = warm.find((r): r is PromiseRejectedResult => r.status === "rejected" && r.reason instanceof NotAvailable);
         if (refused) throw refused.reason;
       }
-      const progress = new Progress(`restore c=${options.concurrency}`, options.total, options.progress);
-      const wall0 = performance.now();
-      const results = await runPool(options.total, options.concurrency, async () => {
-        try {
-          const sample = await once();
-          progress.sample(sample.firstCommandMs);
-          return sample;
-        } catch (err) {
-          if (!(err instanceof NotAvailable)) progress.error(errorMessage(err));
-          throw err;
-        }
-      });
-      progress.finish();
+      const { results, wallMs: measuredWallMs } = await runMeasured(`restore c=${options.concurrency}`, options, once);
       const refused = results.find((r): r is PromiseRejectedResult => r.status === "rejected" && r.reason instanceof NotAvailable);
       if (refused) throw refused.reason;
       const ok = results.filter((r): r is PromiseFulfilledResult<{ firstCommandMs: number; apiMs: number }> => r.status === "fulfilled").map((r) => r.value);
@@ -188,7 +176,7 @@ export async function benchRestore(options: BenchOptions, target: BenchTarget): 
         status: "ok",
         samples: ok,
         errors: results.filter((r): r is PromiseRejectedResult => r.status === "rejected").map((r) => errorMessage(r.reason)),
-        summary: { ...summarizeFields(ok, options.total), wallMs: round2(performance.now() - wall0) },
+        summary: { ...summarizeFields(ok, options.total), wallMs: round2(measuredWallMs) },
       };
     } finally {
       await source!.kill().catch(() => false);
