@@ -11,7 +11,7 @@ import type { NetworkManager, SandboxNetwork } from "../../network/types.js";
 import { runCommand } from "../../shared/exec.js";
 import type { SandboxSpec } from "../types.js";
 import { ContainerRuntime } from "./container-runtime.js";
-import { agentGet, waitForAgentHealth } from "./test-helpers.js";
+import { agentGet, cleanUpRuntimeTest, waitForAgentHealth } from "./test-helpers.js";
 
 // Real runc containers checkpointed and restored with CRIU. Needs root, CRIU 4.2+ set up by
 // scripts/setup-host.sh and a shifted template rootfs: CUBICLE_TEST_ROOTFS=/var/lib/cubicle/templates/base/rootfs.
@@ -104,12 +104,7 @@ describe("container checkpoints (CRIU)", { skip }, () => {
     await runtime.init();
   });
 
-  after(async () => {
-    for (const id of (await runtime?.list()) ?? []) await runtime.destroy(id).catch((err) => console.error("cleanup", id, err));
-    for (const name of (await network?.listNamespaces()) ?? []) await network.release(name.slice(netnsPrefix.length)).catch(() => {});
-    await runCommand(["nft", "delete", "table", "inet", tableName], { allowFailure: true });
-    if (stateDir) await rm(stateDir, { recursive: true, force: true });
-  });
+  after(() => cleanUpRuntimeTest({ runtime, network, netnsPrefix, tableName, stateDir }));
 
   test("a clone restored into a new netns keeps memory, files, deletions and /dev/shm, while the source runs on", async () => {
     const source = await newSandbox();

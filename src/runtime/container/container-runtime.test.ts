@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { mkdir, mkdtemp, readFile, rm, stat } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, stat } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -9,7 +9,7 @@ import type { NetworkManager, SandboxNetwork } from "../../network/types.js";
 import { runCommand } from "../../shared/exec.js";
 import { SANDBOX_UID_BASE, type SandboxSpec } from "../types.js";
 import { CONTAINER_PREFIX, ContainerRuntime } from "./container-runtime.js";
-import { agentGet, waitForAgentHealth } from "./test-helpers.js";
+import { agentGet, cleanUpRuntimeTest, waitForAgentHealth } from "./test-helpers.js";
 
 // Real runc containers in real namespaces. Needs root and a template rootfs shifted into the
 // sandbox uid range: CUBICLE_TEST_ROOTFS=/var/tmp/rtdev-rootfs (make one with
@@ -72,12 +72,7 @@ describe("container runtime", { skip }, () => {
     await runtime.init();
   });
 
-  after(async () => {
-    for (const id of (await runtime?.list()) ?? []) await runtime.destroy(id).catch((err) => console.error("cleanup", id, err));
-    for (const name of (await network?.listNamespaces()) ?? []) await network.release(name.slice(netnsPrefix.length)).catch(() => {});
-    await runCommand(["nft", "delete", "table", "inet", tableName], { allowFailure: true });
-    if (stateDir) await rm(stateDir, { recursive: true, force: true });
-  });
+  after(() => cleanUpRuntimeTest({ runtime, network, netnsPrefix, tableName, stateDir }));
 
   test("runs the agent as the mapped root, reachable from the host at the sandbox address", async () => {
     const { id, net } = await newSandbox();

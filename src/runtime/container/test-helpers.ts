@@ -1,5 +1,9 @@
 /** Helpers the runtime's tests and development scripts share: talking to a sandbox's agent. */
+import { rm } from "node:fs/promises";
 import http from "node:http";
+import type { NetworkManager } from "../../network/types.js";
+import { runCommand } from "../../shared/exec.js";
+import type { Runtime } from "../types.js";
 
 export interface AgentGetOptions {
   /** Default 49983 (envd). */
@@ -35,4 +39,16 @@ export async function waitForAgentHealth(host: string, timeoutMs = 15_000): Prom
     }
     await new Promise((r) => setTimeout(r, 2));
   }
+}
+
+/**
+ * Removes everything a runtime test made, even after a failure: its sandboxes, namespaces,
+ * nftables table and state directory.
+ */
+export async function cleanUpRuntimeTest(parts: { runtime?: Runtime; network?: NetworkManager; netnsPrefix: string; tableName: string; stateDir?: string }): Promise<void> {
+  const { runtime, network } = parts;
+  for (const id of (await runtime?.list()) ?? []) await runtime!.destroy(id).catch((err) => console.error("cleanup", id, err));
+  for (const name of (await network?.listNamespaces()) ?? []) await network!.release(name.slice(parts.netnsPrefix.length)).catch(() => {});
+  await runCommand(["nft", "delete", "table", "inet", parts.tableName], { allowFailure: true });
+  if (parts.stateDir) await rm(parts.stateDir, { recursive: true, force: true });
 }
