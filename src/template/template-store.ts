@@ -1,17 +1,11 @@
 import fs from "node:fs/promises";
 import path from "node:path";
 import type { TemplateImage } from "../runtime/types.js";
+import type { Recipe } from "./recipe.js";
 
-/** What `template.json` holds, next to the template's `rootfs/`. */
-export interface TemplateMetadata {
-  templateId: string;
-  aliases: string[];
-  defaultUser: string;
-  defaultWorkdir: string;
-  env: Record<string, string>;
-  cpuCount: number;
-  memoryMB: number;
-  diskSizeMB: number;
+/** What `template.json` holds, next to the template's `rootfs/`: the recipe's sandbox defaults and build facts. */
+export interface TemplateMetadata
+  extends Pick<Recipe, "templateId" | "aliases" | "defaultUser" | "defaultWorkdir" | "env" | "cpuCount" | "memoryMB" | "diskSizeMB"> {
   runtime: "container";
   /** Hash of the recipe the tree was built from; a different hash means rebuild. */
   recipeHash: string;
