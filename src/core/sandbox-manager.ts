@@ -366,10 +366,21 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
    * runtime restore, the agent's readiness, and a re-init that hands it this sandbox's identity.
    */
   private async restoreInto(record: SandboxRecord, template: TemplateInfo, imageDir: string, agentToken: string | undefined): Promise<void> {
+    const started = performance.now();
     if (!record.network) await this.allocateNetwork(record);
+    const networked = performance.now();
     await this.options.runtime.restore(this.specOf(record, template), imageDir);
+    const restored = performance.now();
     await waitForAgent(record.network!.sandboxAddress, AGENT_READY_TIMEOUT_MS);
+    const ready = performance.now();
     await this.initRecordAgent(record, template, agentToken);
+    log.debug("restored into a sandbox", {
+      sandboxId: record.sandboxId,
+      networkMs: round(networked - started),
+      restoreMs: round(restored - networked),
+      agentReadyMs: round(ready - restored),
+      initMs: round(performance.now() - ready),
+    });
   }
 
   private async createFromSnapshot(request: CreateSandboxRequest, snapshot: SnapshotRecord): Promise<SandboxRecord> {

@@ -21,7 +21,7 @@ const stateDir = path.join(os.tmpdir(), `cubicle-smoke-${tag}`);
 const network = createNetworkManager({ subnet: "10.232.0.0/24" }, { tableName: `cubicle_smoke_${tag}`, netnsPrefix: `cubicle-${tag}-` });
 const runtime = createContainerRuntime(
   { stateDir, distDir: "/nonexistent", runcPath: "runc" },
-  { agentScript: path.join(import.meta.dirname, "health-agent.cjs"), sysfs: process.argv.includes("--sysfs") ? "sysfs" : "tmpfs" },
+  { agentScript: path.join(import.meta.dirname, "health-agent.cjs"), sysfs: process.argv.includes("--sysfs") ? "sysfs" : "empty" },
 );
 
 function get(host: string, urlPath: string): Promise<{ status: number; body: string }> {

@@ -54,18 +54,6 @@ export async function removeCgroupDirectories(layout: CgroupLayout, cgroupsPath:
   return left;
 }
 
-/**
- * The file that freezes and thaws a container's cgroup, and what to write to thaw it: v1
- * `freezer.state` (THAWED), v2 `cgroup.freeze` (0). runc uses the v1 freezer on hybrid hosts.
- */
-export function freezerStateFile(layout: CgroupLayout, cgroupsPath: string): { path: string; thawed: string } | undefined {
-  if (layout.version === 1) {
-    const mount = layout.v1Mounts.get("freezer");
-    return mount ? { path: path.join(mount, cgroupsPath, "freezer.state"), thawed: "THAWED" } : undefined;
-  }
-  return layout.v2Mount ? { path: path.join(layout.v2Mount, cgroupsPath, "cgroup.freeze"), thawed: "0" } : undefined;
-}
-
 export interface CgroupUsage {
   /** Total CPU time consumed, in microseconds. */
   cpuUsageUsec: number;

@@ -122,6 +122,8 @@ describe("container checkpoints (CRIU)", { skip }, () => {
       assert.equal(info.memory, true);
       assert.ok(info.frozenMs > 0 && info.sizeBytes > 0, JSON.stringify(info));
       assert.deepEqual((await readdir(imagesDir)).sort(), ["clone"]);
+      // CRIU used its kernel-feature cache (the runtime makes one where /run is no tmpfs).
+      assert.match(await readFile(path.join(imageDir("clone"), "log", "dump.log"), "utf8"), /Loaded kdat cache/);
 
       // The source runs on, its established connection still works, its memory moves on.
       assert.equal(await runtime.state(source.id), "running");
@@ -145,6 +147,9 @@ describe("container checkpoints (CRIU)", { skip }, () => {
       const memoryLimit = runtime.cgroupDirectories(clone.id).map((dir) => path.join(dir, existsSync("/sys/fs/cgroup/cgroup.controllers") ? "memory.max" : "memory.limit_in_bytes")).find((file) => existsSync(file));
       assert.ok(memoryLimit, "the clone has no memory cgroup");
       assert.equal((await readFile(memoryLimit, "utf8")).trim(), String(300 * 1024 * 1024));
+      // …and its restored processes are in that cgroup (CRIU leaves cgroups to runc).
+      const members = (await readFile(path.join(path.dirname(memoryLimit), "cgroup.procs"), "utf8")).split("\n").filter(Boolean);
+      assert.ok(members.length >= 2, `the clone's memory cgroup holds ${members.length} processes`);
       // The image is untouched by the restore and can be restored again.
       const second = await restoreClone(imageDir("clone"));
       assert.equal(await counterOf(second), 3);

@@ -8,8 +8,8 @@ import { createLogger } from "../../shared/log.js";
 import { SANDBOX_UID_BASE, type CheckpointInfo, type CheckpointOptions, type Runtime, type RuntimeState, type SandboxSpec, type SandboxStats } from "../types.js";
 import { assembleAgentKit, findNativePackages, type AgentKit } from "./agent-kit.js";
 import { copyTree, imageLayout, PARTIAL_IMAGE_MARKER, readMeta, treeBytes, writeMeta, type CheckpointMeta } from "./checkpoint-image.js";
-import { cgroupDirectories, detectCgroupLayout, freezerStateFile, readCgroupUsage, removeCgroupDirectories, supportsSwapLimit, type CgroupLayout } from "./cgroups.js";
-import { criuLogTail, findCriu, writeCriuConfig, writeTarShim } from "./criu.js";
+import { cgroupDirectories, detectCgroupLayout, readCgroupUsage, removeCgroupDirectories, supportsSwapLimit, type CgroupLayout } from "./cgroups.js";
+import { criuLogTail, ensureCriuKdatCache, findCriu, writeCriuConfig, writeTarShim } from "./criu.js";
 import { ANNOTATION_ROOTFS_DIR, ANNOTATION_TEMPLATE_ID, buildOciSpec, CPU_PERIOD_USEC } from "./oci-spec.js";
 import { Runc } from "./runc.js";
 
@@ -24,12 +24,19 @@ export interface ContainerRuntimeOptions {
   /** The Node binary to inject; default the server's own. */
   nodeBinary?: string;
   /**
-   * How /sys is provided inside sandboxes (see `SYS_MOUNT_NOTE`). Default "tmpfs".
+   * How /sys is provided inside sandboxes (see `SYS_MOUNT_NOTE`). Default "empty".
    */
-  sysfs?: "sysfs" | "tmpfs";
+  sysfs?: "sysfs" | "empty";
   /** CRIU binary for checkpoint/restore; default the one scripts/setup-host.sh recorded (see criu.ts). */
   criuPath?: string;
 }
+
+/**
+ * Version of the sandbox's mount layout (config.json). A memory image names every mount, so one
+ * made under another layout cannot be restored: the version is part of memoryImageFingerprint,
+ * and a template's warm snapshot is remade when it changes. 2: /sys became a bind, not a tmpfs.
+ */
+const SANDBOX_LAYOUT_VERSION = 2;
 
 /** Copying an upper layer or dumping memory may take long for big sandboxes. */
 const CHECKPOINT_TIMEOUT_MS = 10 * 60_000;
@@ -44,12 +51,13 @@ export interface CreateTimings {
 }
 
 /**
- * Why /sys is an empty read-only tmpfs by default: mounting sysfs requires CAP_SYS_ADMIN over
- * the user namespace that owns the *network* namespace (sysfs shows that netns's devices). The
- * sandbox joins a netns that Cubicle made in the host user namespace, so the kernel refuses
- * sysfs there (EPERM), and a bind of the host's /sys would show host devices and is not
- * something CRIU can restore into another host path. An empty /sys keeps the container
- * checkpointable; programs that need it (lscpu, udev) do not work.
+ * Why /sys is empty by default: mounting sysfs requires CAP_SYS_ADMIN over the user namespace
+ * that owns the *network* namespace (sysfs shows that netns's devices). The sandbox joins a
+ * netns that Cubicle made in the host user namespace, so the kernel refuses sysfs there
+ * (EPERM), and a bind of the host's /sys would show host devices. An empty /sys keeps the
+ * container checkpointable; programs that need it (lscpu, udev) do not work. It is a read-only
+ * bind of one empty host directory, not a tmpfs: CRIU archives every tmpfs with a `tar` run
+ * (~4 ms per dump and per restore), while a bind is an external mount it only names.
  */
 export const SYS_MOUNT_NOTE = "sysfs needs the netns to be owned by the sandbox's user namespace";
 
@@ -95,6 +103,8 @@ export class ContainerRuntime implements Runtime {
   private readonly criuConfigFile: string;
   /** PATH entry holding the tar shim CRIU runs (see criu.ts). */
   private readonly criuBinDir: string;
+  /** An empty directory owned by the sandboxes' root, bound read-only at /sys (SYS_MOUNT_NOTE). */
+  private readonly emptyDir: string;
   private criuPath: string | undefined;
   private kitFingerprint: string | undefined;
   private partialCounter = 0;
@@ -108,6 +118,7 @@ export class ContainerRuntime implements Runtime {
     this.kitDir = path.join(config.stateDir, "kit");
     this.criuConfigFile = path.join(config.stateDir, "criu-runc.conf");
     this.criuBinDir = path.join(config.stateDir, "criu-bin");
+    this.emptyDir = path.join(config.stateDir, "empty");
   }
 
   async init(): Promise<void> {
@@ -123,14 +134,21 @@ export class ContainerRuntime implements Runtime {
       agentScript: this.options.agentScript ?? path.join(this.config.distDir, "agent", "agent.js"),
       nativePackages: findNativePackages(),
     });
-    this.kitFingerprint = await readFile(path.join(this.kit.dir, "manifest.json")).then((text) => createHash("sha256").update(text).digest("hex").slice(0, 16), () => undefined);
+    this.kitFingerprint = await readFile(path.join(this.kit.dir, "manifest.json")).then(
+      (text) => createHash("sha256").update(text).update(`layout ${SANDBOX_LAYOUT_VERSION}`).digest("hex").slice(0, 16),
+      () => undefined,
+    );
+    await mkdir(this.emptyDir, { recursive: true });
+    await chown(this.emptyDir, SANDBOX_UID_BASE, SANDBOX_UID_BASE);
+    await chmod(this.emptyDir, 0o555);
     await writeCriuConfig(this.criuConfigFile);
     await writeTarShim(this.criuBinDir, await findHostTar());
+    await this.prepareCriuCache();
     this.cgroups = await detectCgroupLayout();
     this.limitSwap = await supportsSwapLimit(this.cgroups);
     this.openFilesLimit = await readOpenFilesHardLimit();
     await raiseKeyQuota();
-    log.info("container runtime ready", { cgroupVersion: this.cgroups.version, limitSwap: this.limitSwap, sys: this.options.sysfs ?? "tmpfs" });
+    log.info("container runtime ready", { cgroupVersion: this.cgroups.version, limitSwap: this.limitSwap, sys: this.options.sysfs ?? "empty" });
   }
 
   async create(spec: SandboxSpec): Promise<void> {
@@ -188,7 +206,8 @@ export class ContainerRuntime implements Runtime {
       kitDir: kit.dir,
       cgroupsPath: cgroupsPathOf(id),
       limitSwap: this.limitSwap,
-      sysfs: this.options.sysfs ?? "tmpfs",
+      sysfs: this.options.sysfs ?? "empty",
+      emptyDir: this.emptyDir,
       openFilesLimit: this.openFilesLimit,
       criuConfigFile: this.criuConfigFile,
     });
@@ -274,17 +293,9 @@ export class ContainerRuntime implements Runtime {
     });
   }
 
-  /**
-   * Thaws through the cgroup freezer directly (a `runc resume` is a process spawn, ~5–10 ms on
-   * the warm-pool claim path). runc keeps no paused flag of its own: `runc state` reads the
-   * freezer, so it says "running" afterwards. Falls back to runc when the file is not there.
-   */
+  /** Thaws (runc.resume writes the cgroup freezer directly: this is the warm-pool claim path). */
   async thaw(sandboxId: string): Promise<void> {
-    const id = checkId(sandboxId);
-    const file = this.cgroups ? freezerStateFile(this.cgroups, cgroupsPathOf(id)) : undefined;
-    const thawed = file ? await writeFile(file.path, file.thawed).then(() => true, () => false) : false;
-    if (thawed) return;
-    await this.runc.resume(CONTAINER_PREFIX + id).catch((err) => {
+    await this.runc.resume(CONTAINER_PREFIX + checkId(sandboxId)).catch((err) => {
       throw mapMissing(err, sandboxId);
     });
   }
@@ -467,6 +478,16 @@ export class ContainerRuntime implements Runtime {
     return { ...process.env, PATH: `${this.criuBinDir}:${process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin"}` };
   }
 
+  /** See ensureCriuKdatCache; without CRIU (not set up yet) or the cache, dumps are just slower. */
+  private async prepareCriuCache(): Promise<void> {
+    const criuPath = await this.criu().catch(() => undefined);
+    if (!criuPath) return;
+    await ensureCriuKdatCache(criuPath, path.join(this.config.stateDir, "criu-kdat")).then(
+      (outcome) => log.debug("CRIU kernel-feature cache", { outcome }),
+      (err: unknown) => log.warn("no CRIU kernel-feature cache: every dump and restore probes the kernel (~20 ms)", { error: String(err) }),
+    );
+  }
+
   private async criu(): Promise<string> {
     return (this.criuPath ??= await findCriu(this.config.stateDir, this.options.criuPath));
   }
@@ -625,8 +646,19 @@ async function withCriuLog(err: unknown, logFile: string, what: string): Promise
  * and, later, as the sandbox's mapped root. Owner root, group the mapped root, no "other".
  */
 async function shareWithSandboxRoot(dir: string): Promise<void> {
-  await runCommand(["chown", "-R", `0:${SANDBOX_UID_BASE}`, dir], { timeoutMs: 60_000 });
-  await runCommand(["chmod", "-R", "u+rwX,g+rX,g-w,o-rwx", dir], { timeoutMs: 60_000 });
+  // In process: CRIU writes one flat directory of a few dozen files (no chown/chmod spawns).
+  const entries = await readdir(dir, { withFileTypes: true });
+  await Promise.all(
+    entries.map(async (entry) => {
+      const file = path.join(dir, entry.name);
+      if (entry.isDirectory()) await shareWithSandboxRoot(file);
+      if (entry.isSymbolicLink()) return;
+      await chown(file, 0, SANDBOX_UID_BASE);
+      await chmod(file, entry.isDirectory() ? 0o750 : 0o640);
+    }),
+  );
+  await chown(dir, 0, SANDBOX_UID_BASE);
+  await chmod(dir, 0o750);
 }
 
 async function exists(file: string): Promise<boolean> {

@@ -54,7 +54,9 @@ export interface OciSpecInput {
    * How /sys is provided. "sysfs" needs the netns to be owned by the sandbox's user namespace;
    * with a netns made by the host, the kernel refuses sysfs there (see container-runtime.ts).
    */
-  sysfs: "sysfs" | "tmpfs";
+  sysfs: "sysfs" | "empty";
+  /** Host directory bound read-only at /sys when `sysfs` is "empty". */
+  emptyDir: string;
   /**
    * RLIMIT_NOFILE for the agent. runc sets it inside the user namespace, where it cannot rise
    * above the hard limit runc itself has: pass the server's own hard limit.
@@ -89,7 +91,7 @@ export function buildOciSpec(input: OciSpecInput): Record<string, unknown> {
   const sysMount =
     input.sysfs === "sysfs"
       ? { destination: "/sys", type: "sysfs", source: "sysfs", options: ["nosuid", "noexec", "nodev", "ro"] }
-      : { destination: "/sys", type: "tmpfs", source: "tmpfs", options: ["nosuid", "noexec", "nodev", "ro", "size=4k", "mode=555"] };
+      : { destination: "/sys", type: "bind", source: input.emptyDir, options: ["bind", "ro", "nosuid", "noexec", "nodev"] };
   return {
     ociVersion: "1.0.2",
     process: {

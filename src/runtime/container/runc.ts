@@ -1,5 +1,6 @@
 import { spawn } from "node:child_process";
-import { readFile } from "node:fs/promises";
+import { access, readFile, writeFile } from "node:fs/promises";
+import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
 import { createLogger } from "../../shared/log.js";
@@ -35,6 +36,9 @@ export interface CriuRunOptions {
 
 /** A thin client of the runc CLI (default state root, so `runc list` shows our containers). */
 export class Runc {
+  /** runc's state root for root (no `--root` is ever passed): one `<id>/state.json` per container. */
+  private readonly root = "/run/runc";
+
   constructor(private readonly binary: string) {}
 
   /**
@@ -119,7 +123,18 @@ export class Runc {
     }
   }
 
+  /**
+   * A container's state. Read from runc's own state file when it can be (`runc state` is a Go
+   * process start, ~8 ms, and the checkpoint, restore and destroy paths each need the state);
+   * `runc state` is the fallback for a file this reader does not understand.
+   */
   async state(id: string): Promise<RuncContainer | undefined> {
+    const fromFile = await readStateFile(this.root, id);
+    if (fromFile !== "unknown") return fromFile;
+    return this.stateFromCli(id);
+  }
+
+  private async stateFromCli(id: string): Promise<RuncContainer | undefined> {
     const result = await runCommand([this.binary, "state", id], { timeoutMs: TIMEOUT_MS, allowFailure: true });
     if (result.exitCode !== 0) {
       if (isMissing(result.stderr)) return undefined;
@@ -133,12 +148,33 @@ export class Runc {
     return (JSON.parse(result.stdout || "null") as RuncContainer[] | null) ?? [];
   }
 
+  /**
+   * Freezes every process of the container. Through the cgroup freezer directly when runc's
+   * state file names it (what `runc pause` does, without its ~8 ms process start): write the
+   * frozen state, then wait until the kernel reports it (v1 passes through FREEZING).
+   */
   async pause(id: string): Promise<void> {
-    await runCommand([this.binary, "pause", id], { timeoutMs: TIMEOUT_MS });
+    const freezer = await freezerOf(this.root, id);
+    if (!freezer) {
+      await runCommand([this.binary, "pause", id], { timeoutMs: TIMEOUT_MS });
+      return;
+    }
+    await writeFile(freezer.file, freezer.frozen);
+    const deadline = Date.now() + TIMEOUT_MS;
+    for (let delayMs = 0.1; !(await freezer.isFrozen()); delayMs = Math.min(delayMs * 2, 10)) {
+      if (Date.now() > deadline) throw new CubicleError("deadline_exceeded", `container ${id} did not freeze within ${TIMEOUT_MS} ms`);
+      await new Promise((resolve) => setTimeout(resolve, delayMs));
+    }
   }
 
+  /** Thaws the container (the cgroup freezer directly when known, else `runc resume`). */
   async resume(id: string): Promise<void> {
-    await runCommand([this.binary, "resume", id], { timeoutMs: TIMEOUT_MS });
+    const freezer = await freezerOf(this.root, id);
+    if (!freezer) {
+      await runCommand([this.binary, "resume", id], { timeoutMs: TIMEOUT_MS });
+      return;
+    }
+    await writeFile(freezer.file, freezer.thawed);
   }
 }
 
@@ -156,6 +192,90 @@ export const CRIU_NETNS_NOTE = "CRIU runs in the sandbox's netns so that netns i
 
 function inNetns(netnsPath: string): string[] {
   return ["nsenter", `--net=${netnsPath}`, "--"];
+}
+
+interface RuncStateFile {
+  init_process_pid?: number;
+  init_process_start?: number;
+  config?: { labels?: string[] };
+  cgroup_paths?: Record<string, string>;
+}
+
+/**
+ * What `runc state` would say, from `<root>/<id>/state.json` and the kernel, the way runc 1.1
+ * decides it: stopped when the init process is gone, a zombie or another process with a reused
+ * pid (start time differs); created while the exec fifo exists; paused when the freezer says so.
+ * undefined = no such container; "unknown" = a file this reader does not understand.
+ */
+async function readStateFile(root: string, id: string): Promise<RuncContainer | undefined | "unknown"> {
+  if (!/^[\w.-]+$/.test(id)) return "unknown";
+  const dir = path.join(root, id);
+  let state: RuncStateFile;
+  try {
+    state = JSON.parse(await readFile(path.join(dir, "state.json"), "utf8")) as RuncStateFile;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "ENOENT" ? undefined : "unknown";
+  }
+  const pid = state.init_process_pid;
+  const bundle = state.config?.labels?.find((label) => label.startsWith("bundle="))?.slice("bundle=".length);
+  if (typeof pid !== "number" || typeof state.init_process_start !== "number" || bundle === undefined) return "unknown";
+  const container: RuncContainer = { id, pid, status: "stopped", bundle };
+  const stat = await readFile(`/proc/${pid}/stat`, "utf8").catch(() => "");
+  if (!stat) return container;
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  // Fields after the command: [0] = state (field 3), [19] = start time (field 22).
+  if (fields[0] === "Z" || fields[0] === "X" || Number(fields[19]) !== state.init_process_start) return container;
+  if (await pathExists(path.join(dir, "exec.fifo"))) return { ...container, status: "created" };
+  const freezer = state.cgroup_paths?.freezer;
+  const unified = state.cgroup_paths?.[""];
+  if (freezer) {
+    const value = (await readFile(path.join(freezer, "freezer.state"), "utf8").catch(() => "")).trim();
+    if (!value) return "unknown";
+    return { ...container, status: value === "THAWED" ? "running" : "paused" };
+  }
+  if (unified) {
+    const value = (await readFile(path.join(unified, "cgroup.freeze"), "utf8").catch(() => "")).trim();
+    if (!value) return "unknown";
+    return { ...container, status: value === "0" ? "running" : "paused" };
+  }
+  return "unknown";
+}
+
+interface FreezerControl {
+  file: string;
+  frozen: string;
+  thawed: string;
+  isFrozen(): Promise<boolean>;
+}
+
+/** The freezer of a container from its state file (v1 freezer.state, v2 cgroup.freeze), if any. */
+async function freezerOf(root: string, id: string): Promise<FreezerControl | undefined> {
+  if (!/^[\w.-]+$/.test(id)) return undefined;
+  let state: RuncStateFile;
+  try {
+    state = JSON.parse(await readFile(path.join(root, id, "state.json"), "utf8")) as RuncStateFile;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") throw new CubicleError("not_found", `container ${id} does not exist`);
+    return undefined;
+  }
+  const v1 = state.cgroup_paths?.freezer;
+  if (v1) {
+    const file = path.join(v1, "freezer.state");
+    return { file, frozen: "FROZEN", thawed: "THAWED", isFrozen: async () => (await readFile(file, "utf8")).trim() === "FROZEN" };
+  }
+  const v2 = state.cgroup_paths?.[""];
+  if (v2) {
+    const events = path.join(v2, "cgroup.events");
+    return { file: path.join(v2, "cgroup.freeze"), frozen: "1", thawed: "0", isFrozen: async () => /^frozen 1$/m.test(await readFile(events, "utf8")) };
+  }
+  return undefined;
+}
+
+async function pathExists(file: string): Promise<boolean> {
+  return access(file).then(
+    () => true,
+    () => false,
+  );
 }
 
 /** Alive = exists and is not a zombie (runc treats a zombie init as stopped). */
