@@ -84,9 +84,11 @@ export async function agentIsHealthy(address: string, timeoutMs = 2000): Promise
  * Runs the command an SDK's first `commands.run` runs (`/bin/bash -l -c true`, as upstream's
  * SDK sends it) once through the agent's process service, so its first-call costs (JIT, the
  * first spawn, reading passwd and the profile files) are paid before a warm-pool entry is
- * frozen, not by the user's first command. Nothing is left behind: the process exits.
+ * frozen, not by the user's first command. It runs as `user`, the template's default user, so
+ * the same path is warm (switching credentials through setpriv, that user's profile files).
+ * Nothing is left behind: the process exits.
  */
-export async function warmUpAgent(address: string, timeoutMs = 5000): Promise<void> {
+export async function warmUpAgent(address: string, user: string, timeoutMs = 5000): Promise<void> {
   const message = Buffer.from(JSON.stringify({ process: { cmd: "/bin/bash", args: ["-l", "-c", "true"], envs: {} } }));
   // A Connect server-stream request: one envelope (flags 0, big-endian length, JSON message).
   const envelope = Buffer.alloc(5 + message.length);
@@ -95,7 +97,7 @@ export async function warmUpAgent(address: string, timeoutMs = 5000): Promise<vo
   const res = await requestAgent(address, "POST", "/process.Process/Start", envelope, timeoutMs, {
     "content-type": "application/connect+json",
     "connect-protocol-version": "1",
-    authorization: `Basic ${Buffer.from("root:").toString("base64")}`,
+    authorization: `Basic ${Buffer.from(`${user}:`).toString("base64")}`,
   });
   if (res.status !== 200 || !res.body.includes('"end"')) throw new CubicleError("internal", `agent warm-up failed (${res.status}): ${res.body.slice(0, 300)}`);
 }

@@ -2,7 +2,7 @@ import type { NetworkManager } from "../network/types.js";
 import type { Runtime } from "../runtime/types.js";
 import type { PoolEntryRecord, Store } from "../store/types.js";
 import { createLogger } from "../shared/log.js";
-import { waitForAgent, warmUpAgent } from "./agent-client.js";
+import { dropIdleAgentSockets, waitForAgent, warmUpAgent } from "./agent-client.js";
 import { newSandboxId } from "./ids.js";
 import type { TemplateCatalog, TemplateInfo } from "./types.js";
 
@@ -176,7 +176,10 @@ export class WarmPool {
         network: entry.network,
       });
       await waitForAgent(entry.network.sandboxAddress, AGENT_READY_TIMEOUT_MS);
-      await warmUpAgent(entry.network.sandboxAddress).catch((err) => log.debug("agent warm-up failed; freezing anyway", { runtimeId: entry.runtimeId, error: String(err) }));
+      await warmUpAgent(entry.network.sandboxAddress, template.image.defaultUser).catch((err) => log.debug("agent warm-up failed; freezing anyway", { runtimeId: entry.runtimeId, error: String(err) }));
+      // No keep-alive connection of ours may sit through the freeze: the agent closes idle ones
+      // after 65 s, and a frozen agent does so the moment it is thawed, racing the claim's /init.
+      dropIdleAgentSockets(entry.network.sandboxAddress);
       await runtime.freeze(entry.runtimeId);
       return entry;
     } catch (err) {

@@ -11,8 +11,9 @@ const log = createLogger("router");
 export interface RouteSource {
   routeTarget(sandboxId: string): { sandboxId: string; address: string } | undefined;
   /**
-   * For a sandbox without a route: resume it if it is paused with auto-resume, and return its
-   * route then; undefined = answer "not found".
+   * For a sandbox without a route: wait while a just-claimed sandbox's agent gets its identity,
+   * or resume it if it is paused with auto-resume, and return its route then; undefined =
+   * answer "not found".
    */
   resumeForTraffic?(sandboxId: string): Promise<{ sandboxId: string; address: string } | undefined>;
   /** Secure live sandboxes, to route signed `/files` URLs that carry no sandbox id. */

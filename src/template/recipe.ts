@@ -134,7 +134,12 @@ export const baseRecipe: Recipe = {
     // A regular file so the runtime can bind its own resolver configuration over it.
     { path: "/etc/resolv.conf", content: "# Replaced by the Cubicle runtime when a sandbox starts.\n", mode: 0o644 },
   ],
-  steps: [],
+  steps: [
+    // Every command runs as `bash -l -c …` (as upstream), so /etc/profile is read each time.
+    // Debian's asks `$(id -u)` twice: a process start each, ~1.6 of a command's ~4 ms in bash.
+    // bash knows its EUID; other shells still ask id.
+    ["sed", "-i", "s/\\$(id -u)/${EUID:-$(id -u)}/g", "/etc/profile"],
+  ],
   defaultUser: "user",
   defaultWorkdir: "/home/user",
   env: {
