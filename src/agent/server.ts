@@ -13,6 +13,7 @@ import { createProcessService } from "./process/index.js";
 import { findProcedure, parseProcedurePath, readBody, serveProcedure, writeConnectError } from "./rpc/connect.js";
 import type { ServiceDefinition } from "./rpc/types.js";
 import { applyInit, createAgentState, parseInitRequest, type AgentState } from "./state.js";
+import { KEEP_IDLE_CONNECTIONS } from "./http/keep-alive.js";
 import { lookupUser, type AgentUser } from "./users.js";
 
 const log = createLogger("agent");
@@ -142,7 +143,7 @@ export function createAgentServer(options: AgentServerOptions = {}): AgentServer
       requestTimeout: 0,
       headersTimeout: 0,
       connectionsCheckingInterval: 2 ** 31 - 1,
-      keepAliveTimeout: 65_000,
+      keepAliveTimeout: KEEP_IDLE_CONNECTIONS,
     },
     (req, res) => {
       route(req, res).catch((error) => {

@@ -27,6 +27,12 @@ export interface BenchOptions {
   reportDir: string;
   /** Live progress on stderr (a TTY and not CI). */
   progress: boolean;
+  /**
+   * create: before each create, wait (unmeasured) until the server's warm pool for the template
+   * is full again, so every sample is a claim from a ready pool and none competes with the refill
+   * of the one before.
+   */
+  waitForPool: boolean;
 }
 
 export const SCENARIO_NAMES = ["create", "density", "exec", "files", "runcode", "snapshot", "restore", "rollback", "fork", "pause-resume", "baseline"] as const;
@@ -38,6 +44,7 @@ scenarios: ${SCENARIO_NAMES.join(", ")}
   -n N        measured iterations (sandboxes for create and density)
   -w N        warm-up iterations, discarded (default 2 for create, 1 otherwise)
   -m MODE     create: create-delete (default) or create-only (kill all at the end)
+  --wait-pool create: wait until the warm pool is full again before each create (not measured)
   -t NAME     template (default base; runcode uses code-interpreter-v1)
   -s LIST     snapshot: dirty sizes in MiB, comma-separated (default 0,10,100,500)
   --settle-ms N   density: wait after each batch (default 3000)
@@ -62,6 +69,7 @@ export function parseBenchArgs(args: string[], env: NodeJS.ProcessEnv = process.
     outDir: path.resolve("bench/results"),
     reportDir: "",
     progress: isTTY && env.CI !== "true",
+    waitForPool: false,
   };
   for (let i = 0; i < rest.length; i++) {
     const flag = rest[i]!;
@@ -115,6 +123,9 @@ export function parseBenchArgs(args: string[], env: NodeJS.ProcessEnv = process.
         break;
       case "--quiet":
         options.progress = false;
+        break;
+      case "--wait-pool":
+        options.waitForPool = true;
         break;
       default:
         throw new CubicleError("invalid_argument", `unknown bench option ${flag}\n\n${BENCH_USAGE}`);

@@ -2,7 +2,7 @@ import type { NetworkManager } from "../network/types.js";
 import type { Runtime } from "../runtime/types.js";
 import type { PoolEntryRecord, Store } from "../store/types.js";
 import { createLogger } from "../shared/log.js";
-import { dropIdleAgentSockets, waitForAgent, warmUpAgent } from "./agent-client.js";
+import { waitForAgent, warmUpAgent } from "./agent-client.js";
 import { newSandboxId } from "./ids.js";
 import type { TemplateCatalog, TemplateInfo } from "./types.js";
 
@@ -177,9 +177,9 @@ export class WarmPool {
       });
       await waitForAgent(entry.network.sandboxAddress, AGENT_READY_TIMEOUT_MS);
       await warmUpAgent(entry.network.sandboxAddress, template.image.defaultUser).catch((err) => log.debug("agent warm-up failed; freezing anyway", { runtimeId: entry.runtimeId, error: String(err) }));
-      // No keep-alive connection of ours may sit through the freeze: the agent closes idle ones
-      // after 65 s, and a frozen agent does so the moment it is thawed, racing the claim's /init.
-      dropIdleAgentSockets(entry.network.sandboxAddress);
+      // The warm-up's keep-alive connection stays open through the freeze (the agent never closes
+      // idle ones, see KEEP_IDLE_CONNECTIONS): the claim's /init reuses it, no handshake with a
+      // just-thawed agent.
       await runtime.freeze(entry.runtimeId);
       return entry;
     } catch (err) {

@@ -1,6 +1,7 @@
 import http, { type IncomingMessage, type ServerResponse } from "node:http";
 import { createLogger } from "../../shared/log.js";
 import type { ContextManager } from "./context-manager.js";
+import { KEEP_IDLE_CONNECTIONS } from "../http/keep-alive.js";
 import { NdjsonStream } from "./ndjson.js";
 
 const log = createLogger("interpreter");
@@ -93,7 +94,7 @@ export function createInterpreterHttpServer(options: InterpreterHttpOptions): ht
     }
   }
 
-  return http.createServer((req, res) => {
+  return http.createServer({ keepAliveTimeout: KEEP_IDLE_CONNECTIONS }, (req, res) => {
     handle(req, res).catch((error: unknown) => {
       const failure = error instanceof HttpFailure ? error : new HttpFailure(500, (error as Error).message ?? String(error));
       if (failure.status >= 500) log.error("interpreter request failed", { url: req.url, reason: failure.message });

@@ -2,7 +2,7 @@ import type { BenchOptions } from "../options.js";
 import type { ScenarioResult } from "../result.js";
 import { fulfilled, rejectedMessages, round2, runMeasured, runPool, sleep } from "../run-helpers.js";
 import { summarize } from "../stats.js";
-import { loadSandboxSdk, type BenchTarget } from "../target.js";
+import { callApi, loadSandboxSdk, type BenchTarget } from "../target.js";
 
 type SandboxClass = Awaited<ReturnType<typeof loadSandboxSdk>>;
 type SandboxInstance = InstanceType<SandboxClass>;
@@ -35,11 +35,27 @@ export async function firstSuccessfulCommand(sandbox: SandboxInstance, startedAt
   }
 }
 
+/** Waits until `GET /pools` shows the template's pool full (see BenchOptions.waitForPool). */
+async function waitForFullPool(target: BenchTarget, template: string, timeoutMs = 60_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const { status, json } = await callApi(target, "GET", "/pools");
+    if (status !== 200) throw new Error(`GET /pools answered ${status}`);
+    const pools = json as Record<string, { ready: number; target: number }>;
+    const pool = pools[template] ?? Object.entries(pools).find(([id]) => id.startsWith(template))?.[1];
+    if (!pool || pool.target === 0) throw new Error(`the server has no warm pool for ${template} (start it with CUBICLE_POOL_SIZE=${template}=2)`);
+    if (pool.ready >= pool.target) return;
+    if (Date.now() > deadline) throw new Error(`the ${template} pool did not refill within ${timeoutMs} ms`);
+    await sleep(20);
+  }
+}
+
 /** create → first successful `commands.run('true')`; warm-up rounds discarded. */
 export async function benchCreate(options: BenchOptions, target: BenchTarget): Promise<ScenarioResult> {
   const Sandbox = await loadSandboxSdk(target);
   const kept: SandboxInstance[] = [];
   const once = async (): Promise<CreateSample> => {
+    if (options.waitForPool) await waitForFullPool(target, options.template);
     const t0 = performance.now();
     const sandbox = await Sandbox.create(options.template, { timeoutMs: 600_000 });
     const apiMs = round2(performance.now() - t0);
@@ -84,6 +100,7 @@ export async function benchCreate(options: BenchOptions, target: BenchTarget): P
         ...(options.mode === "create-delete" ? { killMs: summarize(ok.map((s) => s.killMs ?? NaN).filter(Number.isFinite)) } : { killAllMs }),
         wallMs: round2(wallMs),
         amortizedMsPerSandbox: round2(wallMs / options.total),
+        waitedForFullPool: options.waitForPool,
       },
     };
   } finally {
