@@ -61,6 +61,7 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     stateDir: config.stateDir,
     poolSizes: config.poolSizes,
     durablePauseAfterSec: config.durablePauseAfterSec,
+    pauseImageAfterMs: config.pauseImageAfterMs,
     warmSnapshotTemplates: config.warmSnapshotTemplates,
     templateFingerprint: async (template) => (await getTemplate(config, template.templateId)).recipeHash,
   });

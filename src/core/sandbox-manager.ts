@@ -1,5 +1,5 @@
 import { EventEmitter } from "node:events";
-import { mkdir, readdir, rm } from "node:fs/promises";
+import { mkdir, readdir, rename, rm } from "node:fs/promises";
 import path from "node:path";
 import type { NetworkManager } from "../network/types.js";
 import type { Runtime, SandboxSpec } from "../runtime/types.js";
@@ -53,6 +53,11 @@ export interface SandboxManagerOptions {
   poolSizes?: Record<string, number>;
   /** Seconds in the hot pause tier (frozen in RAM) before a checkpoint to disk. */
   durablePauseAfterSec?: number;
+  /**
+   * Milliseconds after a hot pause at which its image is written to disk while it stays frozen
+   * (so a host reboot does not lose it); default 1000, negative = never.
+   */
+  pauseImageAfterMs?: number;
   /** Template ids or aliases whose creates restore a warm snapshot when no pool entry is ready. */
   warmSnapshotTemplates?: string[];
   /** Decides when a template's warm snapshot is stale (its recipe hash); default its rootfs path. */
@@ -92,10 +97,16 @@ export type ForkOutcome = { record: SandboxRecord } | { error: CubicleError };
 export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   private readonly live = new Map<string, SandboxRecord>();
   private readonly mutex = new KeyedMutex();
+  /** Claimed pool entries whose agent is being given its identity (createFromPoolEntry). */
+  private readonly initialising = new Map<string, Promise<void>>();
   /** Sandboxes with a snapshot or fork dump in progress: a second one is refused, not queued. */
   private readonly dumping = new Set<string>();
   /** Hot-paused sandboxes whose move to disk failed: not retried until resumed and paused again. */
   private readonly durableFailed = new Set<string>();
+  /** Hot pauses waiting for their image write (see writePauseImage), by sandbox id. */
+  private readonly pauseImageTimers = new Map<string, NodeJS.Timeout>();
+  /** Image writes under way: close() waits for them (they record into the store). */
+  private readonly pauseImageWrites = new Set<Promise<void>>();
   private readonly pool: WarmPool;
   private readonly warmSnapshots: WarmSnapshots;
   private reaperTimer: NodeJS.Timeout | undefined;
@@ -153,6 +164,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
 
   /** The router's lookup: only running sandboxes with a network get traffic. */
   routeTarget(sandboxId: string): RouteTarget | undefined {
+    if (this.initialising.has(sandboxId)) return undefined;
     const record = this.live.get(sandboxId);
     if (!record || record.state !== "running" || !record.network) return undefined;
     return { sandboxId, address: record.network.sandboxAddress };
@@ -163,6 +175,11 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
    * resumed for the request that arrived; undefined means answer "not found".
    */
   async resumeForTraffic(sandboxId: string): Promise<RouteTarget | undefined> {
+    const initialising = this.initialising.get(sandboxId);
+    if (initialising) {
+      await initialising;
+      return this.routeTarget(sandboxId);
+    }
     const record = this.live.get(sandboxId);
     if (!record || record.state !== "paused" || !record.lifecycle.autoResume || record.pause?.memory === false) return undefined;
     try {
@@ -218,8 +235,14 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   /**
    * The warm path: the sandbox takes the frozen entry's id (its container already has that
    * hostname), is recorded in the same transaction that removes the pool row, is thawed and
-   * given its identity. Undefined when the entry turns out broken: it is torn down and the
-   * caller creates cold.
+   * given its identity. Undefined when the entry turns out broken (it cannot be thawed): it is
+   * torn down and the caller creates cold.
+   *
+   * The agent's /init (identity, env vars, token) is not awaited here: it runs while the 201
+   * goes out (~2.5 ms of a ~5 ms claim), under the sandbox's mutex, and the router holds the
+   * sandbox's traffic until it is done (routeTarget / resumeForTraffic), so no request reaches
+   * the agent before it knows its token. An init that fails then kills the sandbox (the warm-up
+   * before the freeze proved the agent answers, so this is a sandbox dying, not a bad entry).
    */
   private async createFromPoolEntry(request: CreateSandboxRequest, template: TemplateInfo, entry: PoolEntryRecord): Promise<SandboxRecord | undefined> {
     const started = performance.now();
@@ -237,14 +260,12 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       const failed = steps.find((step) => step.status === "rejected");
       if (failed) throw failed.reason;
       const thawed = performance.now();
-      await this.initRecordAgent(record, template, undefined);
-      const initialised = performance.now();
+      this.initialiseInBackground(record, template, thawed);
       await this.markRunning(record, { pooled: true });
       log.debug("claimed a pool entry", {
         sandboxId: record.sandboxId,
         recordMs: round(recorded - started),
         thawMs: round(thawed - recorded),
-        initMs: round(initialised - thawed),
         totalMs: round(performance.now() - started),
       });
       return record;
@@ -256,6 +277,25 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       await this.options.store.updateSandbox(record.sandboxId, { state: "dead", endReason: `pool claim failed: ${(err as Error).message}`, network: undefined });
       return undefined;
     }
+  }
+
+  /** See createFromPoolEntry: /init after the claim's response, the router waiting for it. */
+  private initialiseInBackground(record: SandboxRecord, template: TemplateInfo, thawedAt: number): void {
+    const sandboxId = record.sandboxId;
+    const done = this.mutex.run(sandboxId, async () => {
+      try {
+        await this.initRecordAgent(record, template, undefined);
+        log.debug("initialised a claimed pool entry", { sandboxId, initMs: round(performance.now() - thawedAt) });
+      } catch (err) {
+        // Killed meanwhile (the record left `live`): nothing to do.
+        if (this.live.get(sandboxId) !== record) return;
+        log.warn("agent init after a pool claim failed; killing the sandbox", { sandboxId, error: String(err) });
+        await this.markDead(record, `agent init failed: ${(err as Error).message}`).catch((markErr) => log.error("marking a sandbox dead failed", { sandboxId, error: String(markErr) }));
+      } finally {
+        this.initialising.delete(sandboxId);
+      }
+    });
+    this.initialising.set(sandboxId, done);
   }
 
   /**
@@ -397,9 +437,10 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     return this.markRunning(record, { snapshotId: snapshot.snapshotId });
   }
 
-  /** Removes the container and the network (and a durable pause image); never throws. */
+  /** Removes the container and the network (and a pause's image, either tier); never throws. */
   private async teardown(record: SandboxRecord, reason: string): Promise<void> {
     this.emit("ended", record.sandboxId);
+    this.cancelPauseImage(record.sandboxId);
     const runtimeId = runtimeIdOf(record);
     try {
       await this.options.runtime.destroy(runtimeId);
@@ -466,9 +507,10 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   // ---- pause and resume ---------------------------------------------------------------------
 
   /**
-   * Pauses a running sandbox. With memory (default) it is frozen in RAM (hot tier) and moved to
-   * disk after `durablePauseAfterSec`; without memory only its filesystem is kept, on disk, now.
-   * 409 when already paused.
+   * Pauses a running sandbox. With memory (default) it is frozen in RAM (hot tier), its image is
+   * written to disk in the background after `pauseImageAfterMs` (it stays frozen: a host reboot
+   * then finds it on disk), and it leaves RAM after `durablePauseAfterSec`; without memory only
+   * its filesystem is kept, on disk, now. 409 when already paused.
    */
   async pause(sandboxId: string, options: { memory?: boolean } = {}): Promise<void> {
     await this.mutex.run(sandboxId, async () => {
@@ -486,8 +528,83 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       }
       await this.options.store.updateSandbox(sandboxId, { state: "paused", pause: record.pause, network: record.network });
       await this.options.store.recordEvent({ sandboxId, at: Date.now(), kind: "paused", detail: { tier: record.pause!.tier, memory } });
+      if (memory) this.schedulePauseImage(record);
     });
     this.scheduleReaper();
+  }
+
+  /** Arms the background image write of a hot pause (cancelled by resume and teardown). */
+  private schedulePauseImage(record: SandboxRecord): void {
+    const afterMs = this.options.pauseImageAfterMs ?? 1000;
+    if (afterMs < 0 || this.closed) return;
+    const { sandboxId } = record;
+    const pausedAt = record.pause!.pausedAt;
+    this.cancelPauseImage(sandboxId);
+    const timer = setTimeout(() => {
+      this.pauseImageTimers.delete(sandboxId);
+      const write = this.writePauseImage(sandboxId, pausedAt).finally(() => this.pauseImageWrites.delete(write));
+      this.pauseImageWrites.add(write);
+    }, Math.max(0, pausedAt + afterMs - Date.now()));
+    timer.unref();
+    this.pauseImageTimers.set(sandboxId, timer);
+  }
+
+  private cancelPauseImage(sandboxId: string): void {
+    clearTimeout(this.pauseImageTimers.get(sandboxId));
+    this.pauseImageTimers.delete(sandboxId);
+  }
+
+  /**
+   * Writes a hot pause's memory and files to `paused/<id>` while the container stays frozen in
+   * RAM (a dump of a frozen container leaves it frozen), and records the image in the store: a
+   * host reboot, which takes the frozen processes, then leaves a durable pause for recover(), and
+   * makeDurable() later needs no second dump (nothing ran since). Under the sandbox's lock, so a
+   * resume that arrives meanwhile waits for it. Never throws: without an image the sandbox is
+   * still paused, only not reboot-proof until makeDurable() dumps it.
+   */
+  private async writePauseImage(sandboxId: string, pausedAt: number): Promise<void> {
+    await this.mutex.run(sandboxId, async () => {
+      const record = this.live.get(sandboxId);
+      // Resumed (and maybe paused again) since the timer was armed, killed, shutting down, or
+      // makeDurable() got here first (a failed move to disk is not retried: see durableFailed).
+      if (this.closed || !record || record.state !== "paused" || record.pause?.tier !== "hot" || record.pause.pausedAt !== pausedAt || record.pause.imageDir || this.durableFailed.has(sandboxId)) return;
+      const runtimeId = runtimeIdOf(record);
+      const imageDir = path.join(this.pausedDir, sandboxId);
+      const started = performance.now();
+      try {
+        await rm(imageDir, { recursive: true, force: true });
+        await this.mkdirs(this.pausedDir);
+        if (record.network) dropIdleAgentSockets(record.network.sandboxAddress);
+        await this.options.runtime.checkpoint(runtimeId, imageDir, { memory: true, leaveRunning: true });
+      } catch (err) {
+        const state = await this.options.runtime.state(runtimeId).catch(() => "missing" as const);
+        // A pause must stay a pause, whatever a failed dump did to the freezer.
+        if (state === "running") await this.options.runtime.freeze(runtimeId).catch(() => undefined);
+        if (state === "missing" || state === "stopped") await this.markDead(record, `the paused sandbox was lost while its image was written: ${(err as Error).message}`);
+        else log.warn("writing a paused sandbox's image failed; it stays frozen in RAM only (a host reboot would lose it)", { sandboxId, error: String(err) });
+        return;
+      }
+      record.pause = { ...record.pause, imageDir };
+      await this.options.store.updateSandbox(sandboxId, { pause: record.pause });
+      await this.options.store.recordEvent({ sandboxId, at: Date.now(), kind: "pause-image-written", detail: { ms: round(performance.now() - started) } });
+    }).catch((err) => log.error("writing or recording a paused sandbox's image failed", { sandboxId, error: String(err) }));
+  }
+
+  /**
+   * Takes a resumed hot pause's image out of the way at once (a rename: the next pause writes a
+   * fresh one at the same path, and recover() must never mistake it for the current state) and
+   * deletes it in the background: a resume does not wait for a large rm.
+   */
+  private async discardPauseImage(imageDir: string): Promise<void> {
+    const stale = `${imageDir}.stale-${newImageId()}`;
+    try {
+      await rename(imageDir, stale);
+    } catch (err) {
+      log.warn("could not move a stale pause image aside; deleting it in place", { imageDir, error: String(err) });
+      await rm(imageDir, { recursive: true, force: true }).catch((rmErr) => log.error("deleting a stale pause image failed", { imageDir, error: String(rmErr) }));
+      return;
+    }
+    void rm(stale, { recursive: true, force: true }).catch((err) => log.error("deleting a stale pause image failed", { imageDir: stale, error: String(err) }));
   }
 
   /**
@@ -536,20 +653,33 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     await this.options.store.recordEvent({ sandboxId: record.sandboxId, at: Date.now(), kind: "dead", detail: { reason } });
   }
 
-  /** Moves a hot-paused sandbox to disk (called by the reaper after the hot tier's time). */
+  /**
+   * Moves a hot-paused sandbox to disk (called by the reaper after the hot tier's time). The image
+   * writePauseImage() made is reused: the sandbox stayed frozen since, so only the container and
+   * the network go; without one (the write failed or is off) it is dumped now.
+   */
   private async makeDurable(sandboxId: string): Promise<void> {
     await this.mutex.run(sandboxId, async () => {
       const record = this.live.get(sandboxId);
       if (!record || record.state !== "paused" || record.pause?.tier !== "hot") return;
-      try {
-        await this.checkpointToDisk(record, true, true);
-      } catch (err) {
-        this.durableFailed.add(sandboxId);
-        log.warn("moving a paused sandbox to disk failed; it stays frozen in RAM", { sandboxId, error: String(err) });
-        return;
+      this.cancelPauseImage(sandboxId);
+      const imageDir = record.pause.imageDir;
+      if (imageDir) {
+        // Recorded before the release, as in checkpointToDisk: a crash midway finds a durable pause.
+        record.pause = { ...record.pause, tier: "durable" };
+        await this.options.store.updateSandbox(sandboxId, { pause: record.pause });
+        await this.releaseHostResources(record);
+      } else {
+        try {
+          await this.checkpointToDisk(record, true, true);
+        } catch (err) {
+          this.durableFailed.add(sandboxId);
+          log.warn("moving a paused sandbox to disk failed; it stays frozen in RAM", { sandboxId, error: String(err) });
+          return;
+        }
       }
       await this.options.store.updateSandbox(sandboxId, { pause: record.pause, network: undefined });
-      await this.options.store.recordEvent({ sandboxId, at: Date.now(), kind: "paused-to-disk" });
+      await this.options.store.recordEvent({ sandboxId, at: Date.now(), kind: "paused-to-disk", detail: { reusedPauseImage: imageDir !== undefined } });
     });
   }
 
@@ -582,13 +712,22 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   private async resumePaused(record: SandboxRecord, memory: boolean): Promise<void> {
     const pause = record.pause!;
     const runtimeId = runtimeIdOf(record);
+    this.cancelPauseImage(record.sandboxId);
     if (pause.tier === "hot" && !memory) {
+      if (pause.imageDir) {
+        // Replaced by a filesystem-only image at the same path: unrecorded first, so a failed
+        // checkpoint below never leaves a record pointing at a deleted image.
+        record.pause = { ...pause, imageDir: undefined };
+        await this.options.store.updateSandbox(record.sandboxId, { pause: record.pause });
+      }
       // Reboot from the filesystem: write it to disk without memory, then restore that.
       await this.checkpointToDisk(record, false, true);
       await this.options.store.updateSandbox(record.sandboxId, { pause: record.pause, network: undefined });
     }
     if (record.pause!.tier === "hot") {
       await this.options.runtime.thaw(runtimeId);
+      // Only after the thaw: were the thaw to fail, the image would still be the sandbox's state.
+      if (record.pause!.imageDir) await this.discardPauseImage(record.pause!.imageDir);
     } else {
       const imageDir = record.pause!.imageDir!;
       const template = await this.templateOf(record);
@@ -655,8 +794,19 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       await rm(imageDir, { recursive: true, force: true }).catch(() => undefined);
       const state = await this.options.runtime.state(runtimeId).catch(() => "missing" as const);
       if (state === "frozen") await this.options.runtime.thaw(runtimeId).catch(() => undefined);
-      if (state === "missing" || state === "stopped") await this.markDead(record, `the sandbox was lost during a snapshot: ${(err as Error).message}`);
-      throw CubicleError.from(err);
+      const lost = state === "missing" || state === "stopped";
+      if (lost) await this.markDead(record, `the sandbox was lost during a snapshot: ${(err as Error).message}`);
+      const error = CubicleError.from(err);
+      // runc exits 1 whatever made CRIU fail: a full disk shows only in the CRIU log the runtime
+      // appends to its message (bfd: "Error flushing image: No space left on device").
+      if (error.code === "insufficient_storage" || /No space left on device|Disk quota exceeded/i.test(error.message)) {
+        throw new CubicleError(
+          "insufficient_storage",
+          `not enough disk space on the server to save the memory and files of sandbox "${record.sandboxId}" (No space left on device)${lost ? "" : "; the sandbox keeps running"}. Delete snapshots you no longer need or free disk space on the host, then retry`,
+          { cause: error, details: error.details },
+        );
+      }
+      throw error;
     }
     const snapshot: SnapshotRecord = {
       snapshotId,
@@ -861,12 +1011,21 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
         }
       } else if (record.state === "paused" && record.pause?.tier === "hot" && record.network) {
         const state = await runtime.state(runtimeId);
-        if (state === "running") await runtime.freeze(runtimeId);
+        if (state === "running") {
+          await runtime.freeze(runtimeId);
+          // It ran after its image was written (the server died in a resume): the image is stale.
+          if (record.pause.imageDir) {
+            record.pause = { ...record.pause, imageDir: undefined };
+            await store.updateSandbox(record.sandboxId, { pause: record.pause });
+          }
+        }
         if (state === "running" || state === "frozen") {
           await network.adopt(runtimeId, record.network, { allowInternetAccess: record.allowInternetAccess });
           alive = true;
         } else if (await exists(path.join(this.pausedDir, record.sandboxId))) {
-          // The server died between the dump to disk and recording it.
+          // The frozen processes are gone (a host reboot; or the server died between a dump to
+          // disk and recording it) but the pause's image is complete (runtimes rename it into
+          // place): it becomes a durable pause. A resume moves a stale image aside first.
           record.pause = { ...record.pause, tier: "durable", imageDir: path.join(this.pausedDir, record.sandboxId) };
           await store.updateSandbox(record.sandboxId, { pause: record.pause });
         }
@@ -901,12 +1060,17 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       if (!orphansRemoved.includes(runtimeId)) orphansRemoved.push(runtimeId);
     }
     await this.removeUnownedImages();
+    // Hot pauses still frozen in RAM whose image the previous process did not write (after the
+    // cleanup above, which would delete a write's half-made directory).
+    for (const record of this.live.values()) {
+      if (record.state === "paused" && record.pause?.tier === "hot" && !record.pause.imageDir) this.schedulePauseImage(record);
+    }
     this.scheduleReaper();
     if (adopted.length || dead.length || orphansRemoved.length) log.info("recovered", { adopted, dead, orphansRemoved });
     return { adopted, dead, orphansRemoved };
   }
 
-  /** Images without an owner: half-written dumps, a crashed fork's one-off image, stale pause images. */
+  /** Images without an owner: half-written dumps, a crashed fork's one-off image, stale pause images (moved aside by a resume). */
   private async removeUnownedImages(): Promise<void> {
     const { store } = this.options;
     for (const snapshot of await store.allSnapshots()) {
@@ -920,8 +1084,8 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       if (!known.has(entry)) await rm(path.join(this.snapshotsDir, entry), { recursive: true, force: true }).catch(() => undefined);
     }
     for (const entry of await readdir(this.pausedDir).catch(() => [] as string[])) {
-      const record = this.live.get(entry);
-      if (!record || record.pause?.tier !== "durable") await rm(path.join(this.pausedDir, entry), { recursive: true, force: true }).catch(() => undefined);
+      const imageDir = path.join(this.pausedDir, entry);
+      if (this.live.get(entry)?.pause?.imageDir !== imageDir) await rm(imageDir, { recursive: true, force: true }).catch(() => undefined);
     }
   }
 
@@ -930,11 +1094,15 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     await mkdir(dir, { recursive: true, mode: 0o711 });
   }
 
-  /** Stops timers and drains the warm pool; sandboxes keep running (they are adopted on the next start). */
+  /**
+   * Stops timers, lets pause images being written finish (they record into the store) and drains
+   * the warm pool; sandboxes keep running (they are adopted on the next start).
+   */
   async close(): Promise<void> {
     this.closed = true;
     if (this.reaperTimer) clearTimeout(this.reaperTimer);
-    await Promise.all([this.pool.drain(), this.warmSnapshots.close()]);
+    for (const sandboxId of [...this.pauseImageTimers.keys()]) this.cancelPauseImage(sandboxId);
+    await Promise.all([this.pool.drain(), this.warmSnapshots.close(), ...this.pauseImageWrites]);
   }
 
   /** Kills every live sandbox (used by tests and `cubicle down --kill`). */

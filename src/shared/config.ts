@@ -35,6 +35,13 @@ export interface CubicleConfig {
   /** Seconds a paused sandbox stays frozen in RAM before it is checkpointed to disk. */
   durablePauseAfterSec: number;
   /**
+   * Milliseconds after a pause at which the frozen sandbox's memory and files are also written to
+   * disk, while it stays frozen in RAM (CUBICLE_PAUSE_IMAGE_AFTER_MS): a host reboot then finds a
+   * durable pause instead of a lost sandbox. The delay keeps quick pause/resume cycles free of a
+   * dump. Negative = never (a reboot within durablePauseAfterSec loses hot-paused sandboxes).
+   */
+  pauseImageAfterMs: number;
+  /**
    * Templates whose creates without a pool entry restore a warm snapshot (agent and kernel
    * started) instead of booting (CUBICLE_WARM_SNAPSHOT, comma-separated, e.g.
    * `code-interpreter-v1`, the default; empty or `none` = off). The agent reseeds Python's
@@ -55,6 +62,12 @@ export function parsePoolSizes(raw: string): Record<string, number> {
   return sizes;
 }
 
+/** An integer number of milliseconds from the environment (negative allowed: "never"). */
+function parseMilliseconds(name: string, raw: string): number {
+  if (!/^-?\d+$/.test(raw.trim())) throw new Error(`${name}: "${raw}" is not a whole number of milliseconds`);
+  return Number(raw);
+}
+
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig {
   const stateDir = path.resolve(env.CUBICLE_STATE_DIR ?? "/var/lib/cubicle");
   return {
@@ -72,6 +85,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     nftTable: env.CUBICLE_NFT_TABLE ?? "cubicle",
     poolSizes: parsePoolSizes(env.CUBICLE_POOL_SIZE ?? "base=2"),
     durablePauseAfterSec: Number(env.CUBICLE_DURABLE_PAUSE_AFTER_SEC ?? 60),
+    pauseImageAfterMs: parseMilliseconds("CUBICLE_PAUSE_IMAGE_AFTER_MS", env.CUBICLE_PAUSE_IMAGE_AFTER_MS ?? "1000"),
     warmSnapshotTemplates: (env.CUBICLE_WARM_SNAPSHOT ?? "code-interpreter-v1")
       .split(",")
       .map((s) => s.trim())

@@ -55,7 +55,11 @@ export interface PauseInfo {
   pausedAt: number;
   /** False = filesystem only: resuming starts the agent anew. */
   memory: boolean;
-  /** Durable tier: the checkpoint image directory. */
+  /**
+   * The checkpoint image directory: always set in the durable tier; in the hot tier once the
+   * image written in the background (the container still frozen) is complete, so a host reboot
+   * can resume from it.
+   */
   imageDir?: string;
 }
 

@@ -19,8 +19,11 @@ export interface TestServer {
   env: NodeJS.ProcessEnv;
   /** Process id of the server, for the recovery test's SIGKILL. */
   pid(): number;
-  /** SIGKILL the server (sandboxes keep running) and start it again on the same state. */
-  crashAndRestart(): Promise<void>;
+  /**
+   * SIGKILL the server (sandboxes keep running) and start it again on the same state;
+   * `whileDown` runs in between (e.g. simulateHostReboot).
+   */
+  crashAndRestart(whileDown?: () => void | Promise<void>): Promise<void>;
   /** Kills every sandbox through the API, stops the server and removes its state dir. */
   stop(): Promise<void>;
   /** REST call with the API key. */
@@ -42,7 +45,19 @@ async function freePort(): Promise<number> {
 
 let serverCounter = 0;
 
-export async function startTestServer(options: { defaultTemplates?: string[]; extraEnv?: Record<string, string> } = {}): Promise<TestServer> {
+export interface TestServerOptions {
+  defaultTemplates?: string[];
+  extraEnv?: Record<string, string>;
+  /** Runs on the fresh state dir before the server first starts (e.g. to mount a small tmpfs in it). */
+  beforeStart?: (stateDir: string) => void | Promise<void>;
+  /**
+   * Runs in stop() once the server has exited, before the leak check and the state dir's
+   * removal: undoes what beforeStart did (unmount). Also runs when the server never started.
+   */
+  afterStop?: (stateDir: string) => void | Promise<void>;
+}
+
+export async function startTestServer(options: TestServerOptions = {}): Promise<TestServer> {
   const port = await freePort();
   const stateDir = fs.mkdtempSync(path.join(os.tmpdir(), "cubicle-e2e-"));
   // A subnet and nft table per test server, so a developer's own `./cubicle up` is untouched.
@@ -105,7 +120,21 @@ export async function startTestServer(options: { defaultTemplates?: string[]; ex
   const exited = (proc: ChildProcess) =>
     new Promise<void>((resolve) => (proc.exitCode !== null || proc.signalCode !== null ? resolve() : proc.once("exit", () => resolve())));
 
-  await launch();
+  try {
+    await options.beforeStart?.(stateDir);
+    await launch();
+  } catch (err) {
+    if (options.afterStop) {
+      // A server that never became ready may still hold what afterStop undoes.
+      const proc = child as ChildProcess | undefined;
+      if (proc && proc.exitCode === null && proc.signalCode === null) {
+        proc.kill("SIGTERM");
+        await exited(proc);
+      }
+      await options.afterStop(stateDir);
+    }
+    throw err;
+  }
   return {
     url,
     apiKey: TEST_API_KEY,
@@ -114,10 +143,11 @@ export async function startTestServer(options: { defaultTemplates?: string[]; ex
     pid: () => child!.pid!,
     log: () => output,
     api,
-    async crashAndRestart() {
+    async crashAndRestart(whileDown) {
       const proc = child!;
       proc.kill("SIGKILL");
       await exited(proc);
+      await whileDown?.();
       await launch();
     },
     async stop() {
@@ -131,6 +161,7 @@ export async function startTestServer(options: { defaultTemplates?: string[]; ex
           child.kill("SIGTERM");
           await exited(child);
         }
+        await options.afterStop?.(stateDir);
       }
       const leftovers = hostLeftovers(stateDir);
       // Other servers on the host (a developer's) make namespaces too: ours carry our subnet.
@@ -149,6 +180,30 @@ export async function startTestServer(options: { defaultTemplates?: string[]; ex
       fs.rmSync(stateDir, { recursive: true, force: true });
     },
   };
+}
+
+/**
+ * Does to these sandboxes of a stopped server what a host reboot does: their processes die and
+ * runc forgets their containers (/run/runc is a tmpfs), their overlay root is unmounted, their
+ * network namespace (and its veth pair) is gone (/run/netns), and so is the nftables table. What
+ * is on disk (the state dir) stays. Assumes runtime id = sandbox id (no warm pool claims).
+ */
+export function simulateHostReboot(server: TestServer, sandboxIds: string[]): void {
+  const run = (argv: string[]) => {
+    try {
+      execFileSync(argv[0]!, argv.slice(1), { stdio: "pipe" });
+    } catch (err) {
+      const stderr = String((err as { stderr?: Buffer }).stderr ?? "");
+      // Whatever is already gone is what a reboot would have left.
+      if (!/does not exist|not found|not mounted|No such file|cannot remove namespace file/i.test(stderr)) throw new Error(`${argv.join(" ")} failed: ${stderr}`);
+    }
+  };
+  for (const sandboxId of sandboxIds) {
+    run(["runc", "delete", "--force", `cubicle-${sandboxId}`]);
+    run(["umount", path.join(server.stateDir, "sandboxes", sandboxId, "rootfs")]);
+    run(["ip", "netns", "delete", `cubicle-${sandboxId}`]);
+  }
+  run(["nft", "delete", "table", "inet", server.env.CUBICLE_NFT_TABLE!]);
 }
 
 /** Sets the variables the E2B SDKs read, exactly as a user would export them. */

@@ -1,18 +1,22 @@
 /**
- * Pause and resume through the official `e2b` SDK: the hot tier (frozen in RAM), the durable
- * tier (a checkpoint on disk), filesystem-only pauses, pause on timeout with auto-resume, the
- * JS 2.0.x resume endpoint, and paused sandboxes surviving a server restart.
+ * Pause and resume through the official `e2b` SDK: the hot tier (frozen in RAM, its image
+ * written to disk in the background), the durable tier (a checkpoint on disk), filesystem-only
+ * pauses, pause on timeout with auto-resume, the JS 2.0.x resume endpoint, and paused sandboxes
+ * surviving a server restart and a host reboot.
  */
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { Sandbox } from "e2b";
 import { hitStateServer, startStateServer as startStateServerIn } from "./state-server.js";
-import { startTestServer, useServerForSdk, type TestServer } from "./harness.js";
+import { simulateHostReboot, startTestServer, useServerForSdk, type TestServer } from "./harness.js";
 
 let server: TestServer;
 const DURABLE_AFTER_SEC = 4;
+/** The server's default CUBICLE_PAUSE_IMAGE_AFTER_MS. */
+const PAUSE_IMAGE_AFTER_MS = 1000;
 
 before(async () => {
   server = await startTestServer({ extraEnv: { CUBICLE_POOL_SIZE: "", CUBICLE_DURABLE_PAUSE_AFTER_SEC: String(DURABLE_AFTER_SEC) } });
@@ -23,24 +27,43 @@ after(async () => {
   await server?.stop();
 });
 
-async function startStateServer(sandbox: Sandbox): Promise<void> {
+async function startStateServer(sandbox: Sandbox, on = server): Promise<void> {
   await sandbox.files.write("/home/user/note.txt", "written before the pause");
-  await startStateServerIn(server.url, sandbox);
+  await startStateServerIn(on.url, sandbox);
 }
 
 /** GET / on port 8000 of a sandbox, through the router. */
-const hit = (sandboxId: string) => hitStateServer(server.url, sandboxId);
+const hit = (sandboxId: string, on = server) => hitStateServer(on.url, sandboxId);
 
-async function waitFor(what: string, check: () => boolean | Promise<boolean>, timeoutMs = 20_000): Promise<void> {
+async function waitFor(what: string, check: () => boolean | Promise<boolean>, timeoutMs = 20_000, on = server): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
     if (await check()) return;
     await new Promise((r) => setTimeout(r, 100));
   }
-  throw new Error(`timed out waiting for ${what}\n${server.log().slice(-3000)}`);
+  throw new Error(`timed out waiting for ${what}\n${on.log().slice(-3000)}`);
 }
 
-const durableImage = (sandboxId: string) => path.join(server.stateDir, "paused", sandboxId);
+/** Where a pause's image goes: written while hot (the container still frozen), kept when durable. */
+const pauseImage = (sandboxId: string, on = server) => path.join(on.stateDir, "paused", sandboxId);
+
+/** Everything of a sandbox under `paused/`: its image, and any half-written or discarded one. */
+function pauseImageEntries(sandboxId: string): string[] {
+  const dir = path.join(server.stateDir, "paused");
+  return fs.existsSync(dir) ? fs.readdirSync(dir).filter((entry) => entry.startsWith(sandboxId)) : [];
+}
+
+/** `createdAt` of a complete image: changes only when the sandbox is dumped again. */
+const imageCreatedAt = (imageDir: string) => JSON.parse(fs.readFileSync(path.join(imageDir, "meta.json"), "utf8")).createdAt as string;
+
+/** runc's status of a sandbox's container ("paused" = frozen in RAM), or "gone" (durable pause). */
+function containerStatus(sandboxId: string): string {
+  try {
+    return JSON.parse(execFileSync("runc", ["state", `cubicle-${sandboxId}`], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] })).status;
+  } catch {
+    return "gone";
+  }
+}
 
 describe("hot pause", () => {
   test("pause freezes the sandbox; connect resumes it with processes, memory and files intact", async () => {
@@ -101,11 +124,52 @@ describe("hot pause", () => {
     }
   });
 
-  test("a paused sandbox is killed cleanly", async () => {
+  test("a paused sandbox is killed cleanly, before and after its image is written", async () => {
+    const early = await Sandbox.create();
+    const late = await Sandbox.create();
+    await early.pause();
+    await late.pause();
+    assert.equal(await early.kill(), true);
+    await waitFor("the hot pause's image", () => fs.existsSync(pauseImage(late.sandboxId)));
+    assert.equal(await late.kill(), true);
+    for (const sandbox of [early, late]) {
+      assert.deepEqual(pauseImageEntries(sandbox.sandboxId), [], "no image is left behind");
+      assert.equal(await Sandbox.kill(sandbox.sandboxId), false);
+    }
+  });
+
+  test("a pause resumed within CUBICLE_PAUSE_IMAGE_AFTER_MS is a plain thaw: no image is written", async () => {
     const sandbox = await Sandbox.create();
-    await sandbox.pause();
-    assert.equal(await sandbox.kill(), true);
-    assert.equal(await Sandbox.kill(sandbox.sandboxId), false);
+    try {
+      const started = performance.now();
+      assert.equal((await server.api("POST", `/sandboxes/${sandbox.sandboxId}/pause`, {})).status, 204);
+      assert.equal((await server.api("POST", `/sandboxes/${sandbox.sandboxId}/resume`, { timeout: 60 })).status, 201);
+      const cycleMs = performance.now() - started;
+      // A loaded host may take longer than the delay; then the image exists and the resume drops it.
+      if (cycleMs < PAUSE_IMAGE_AFTER_MS * 0.8) assert.deepEqual(pauseImageEntries(sandbox.sandboxId), [], `nothing under paused/ after a ${cycleMs.toFixed(0)} ms cycle`);
+      await new Promise((r) => setTimeout(r, PAUSE_IMAGE_AFTER_MS + 1000));
+      assert.deepEqual(pauseImageEntries(sandbox.sandboxId), [], "no image is written for a sandbox that was resumed");
+      assert.equal((await sandbox.commands.run("echo alive")).stdout, "alive\n");
+    } finally {
+      await sandbox.kill();
+    }
+  });
+
+  test("a hot pause's image is written while it stays frozen; resume thaws it and drops the image", async () => {
+    const sandbox = await Sandbox.create({ timeoutMs: 120_000 });
+    try {
+      await startStateServer(sandbox);
+      await sandbox.pause();
+      await waitFor("the hot pause's image", () => fs.existsSync(pauseImage(sandbox.sandboxId)));
+      assert.equal(containerStatus(sandbox.sandboxId), "paused", "the container stays frozen in RAM while and after its image is written");
+      const resumed = await Sandbox.connect(sandbox.sandboxId);
+      assert.ok(!fs.existsSync(pauseImage(sandbox.sandboxId)), "the stale image is gone once resumed");
+      assert.equal((await hit(sandbox.sandboxId)).body, "s3cret:2");
+      assert.equal(await resumed.files.read("/home/user/note.txt"), "written before the pause");
+      await waitFor("the stale image's removal", () => pauseImageEntries(sandbox.sandboxId).length === 0);
+    } finally {
+      await sandbox.kill();
+    }
   });
 });
 
@@ -115,8 +179,11 @@ describe("durable pause", () => {
     try {
       await startStateServer(sandbox);
       await sandbox.pause();
-      await waitFor("the pause to reach disk", () => fs.existsSync(durableImage(sandbox.sandboxId)), (DURABLE_AFTER_SEC + 20) * 1000);
+      await waitFor("the hot pause's image", () => fs.existsSync(pauseImage(sandbox.sandboxId)), (DURABLE_AFTER_SEC + 20) * 1000);
+      const writtenWhileHot = imageCreatedAt(pauseImage(sandbox.sandboxId));
+      await waitFor("the pause to leave RAM", () => containerStatus(sandbox.sandboxId) === "gone", (DURABLE_AFTER_SEC + 20) * 1000);
       assert.equal((await sandbox.getInfo()).state, "paused");
+      assert.equal(imageCreatedAt(pauseImage(sandbox.sandboxId)), writtenWhileHot, "the image written while hot is kept, not dumped again");
 
       const started = performance.now();
       const resumed = await Sandbox.connect(sandbox.sandboxId);
@@ -124,7 +191,7 @@ describe("durable pause", () => {
       assert.equal((await hit(sandbox.sandboxId)).body, "s3cret:2", "memory came back from the checkpoint");
       assert.equal(await resumed.files.read("/home/user/note.txt"), "written before the pause");
       assert.equal((await resumed.commands.run("hostname")).stdout.trim(), sandbox.sandboxId);
-      assert.ok(!fs.existsSync(durableImage(sandbox.sandboxId)), "the image is removed once resumed");
+      assert.ok(!fs.existsSync(pauseImage(sandbox.sandboxId)), "the image is removed once resumed");
       console.log(`resume from disk ${resumeMs.toFixed(1)} ms`);
     } finally {
       await sandbox.kill();
@@ -136,7 +203,7 @@ describe("durable pause", () => {
     try {
       await startStateServer(sandbox);
       assert.equal(await sandbox.pause({ keepMemory: false }), true);
-      assert.ok(fs.existsSync(durableImage(sandbox.sandboxId)));
+      assert.ok(fs.existsSync(pauseImage(sandbox.sandboxId)));
       const resumed = await Sandbox.connect(sandbox.sandboxId);
       assert.equal(await resumed.files.read("/home/user/note.txt"), "written before the pause");
       const ps = await resumed.commands.run("pgrep -f 'state_serve[r].py' | wc -l; echo $KEPT; hostname");
@@ -173,7 +240,8 @@ describe("restart", () => {
       await startStateServer(hot);
       await startStateServer(durable);
       await durable.pause();
-      await waitFor("the pause to reach disk", () => fs.existsSync(durableImage(durable.sandboxId)), (DURABLE_AFTER_SEC + 20) * 1000);
+      await waitFor("the pause to leave RAM", () => containerStatus(durable.sandboxId) === "gone", (DURABLE_AFTER_SEC + 20) * 1000);
+      assert.ok(fs.existsSync(pauseImage(durable.sandboxId)));
       await hot.pause();
 
       await server.crashAndRestart();
@@ -188,6 +256,35 @@ describe("restart", () => {
     } finally {
       await hot.kill();
       await durable.kill();
+    }
+  });
+
+  test("a hot-paused sandbox survives a host reboot", async () => {
+    // Its own server, whose pauses stay hot for the whole test: the reboot hits the hot tier.
+    const rebooted = await startTestServer({ extraEnv: { CUBICLE_POOL_SIZE: "", CUBICLE_DURABLE_PAUSE_AFTER_SEC: "600" } });
+    useServerForSdk(rebooted);
+    try {
+      const sandbox = await Sandbox.create({ timeoutMs: 120_000 });
+      await startStateServer(sandbox, rebooted);
+      await sandbox.commands.run("echo 'written in /tmp before the pause' > /tmp/in-tmp.txt");
+      assert.equal((await hit(sandbox.sandboxId, rebooted)).body, "s3cret:2");
+      await sandbox.pause();
+      await waitFor("the hot pause's image", () => fs.existsSync(pauseImage(sandbox.sandboxId, rebooted)), 20_000, rebooted);
+      assert.equal(containerStatus(sandbox.sandboxId), "paused", "still hot: frozen in RAM");
+
+      await rebooted.crashAndRestart(() => simulateHostReboot(rebooted, [sandbox.sandboxId]));
+
+      const paused = await Sandbox.list({ query: { state: ["paused"] } }).nextItems();
+      assert.deepEqual(paused.map((s) => s.sandboxId), [sandbox.sandboxId], `the sandbox lists as paused after the reboot\n${rebooted.log().slice(-3000)}`);
+      const resumed = await Sandbox.connect(sandbox.sandboxId);
+      assert.equal((await hit(sandbox.sandboxId, rebooted)).body, "s3cret:3", "the background server's memory came back");
+      assert.equal(await resumed.files.read("/home/user/note.txt"), "written before the pause");
+      assert.equal(await resumed.files.read("/tmp/in-tmp.txt"), "written in /tmp before the pause\n");
+      assert.equal((await resumed.commands.run("hostname")).stdout.trim(), sandbox.sandboxId);
+      assert.ok(!fs.existsSync(pauseImage(sandbox.sandboxId, rebooted)), "the image is removed once resumed");
+    } finally {
+      useServerForSdk(server);
+      await rebooted.stop();
     }
   });
 });

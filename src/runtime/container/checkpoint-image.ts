@@ -83,8 +83,13 @@ export async function copyTree(source: string, target: string, timeoutMs: number
   const result = await runCommand(["cp", "-a", "--reflink=auto", "--no-target-directory", source, target], { timeoutMs, allowFailure: true });
   if (result.exitCode === 0) return;
   const stderr = result.stderr.trim();
-  const code = /No space left|Disk quota exceeded/i.test(stderr) ? "insufficient_storage" : "internal";
-  throw new CubicleError(code, `copying ${source} to ${target} failed: ${stderr.slice(-1000)}`);
+  if (/No space left|Disk quota exceeded/i.test(stderr)) {
+    // cp names every file it could not write: the user needs the cause, the server log the detail.
+    throw new CubicleError("insufficient_storage", `not enough disk space on the server to copy the sandbox's files (No space left on device); free disk space on the host, then retry`, {
+      cause: new Error(`copying ${source} to ${target} failed: ${stderr.slice(-1000)}`),
+    });
+  }
+  throw new CubicleError("internal", `copying ${source} to ${target} failed: ${stderr.slice(-1000)}`);
 }
 
 /** Allocated bytes of a tree (like `du -s`); the upper layer holds only what the sandbox changed. */

@@ -637,7 +637,9 @@ function mapMissing(err: unknown, sandboxId: string): CubicleError {
 async function withCriuLog(err: unknown, logFile: string, what: string): Promise<CubicleError> {
   const error = CubicleError.from(err);
   const tail = await criuLogTail(logFile);
-  return new CubicleError(error.code, `${what}: ${error.message}\nCRIU log (${logFile}):\n${tail}`, { cause: err, details: { criuLog: logFile, criuLogTail: tail } });
+  // runc exits 1 whatever CRIU's reason: a full disk shows only in the log (criuLogTail notes a full filesystem).
+  const code = /No space left on device|Disk quota exceeded/i.test(tail) ? "insufficient_storage" : error.code;
+  return new CubicleError(code, `${what}: ${error.message}\nCRIU log (${logFile}):\n${tail}`, { cause: err, details: { criuLog: logFile, criuLogTail: tail } });
 }
 
 /**

@@ -90,16 +90,41 @@ export async function writeTarShim(dir: string, realTar: string): Promise<void> 
 
 /**
  * The interesting part of a CRIU log (runc has CRIU write `dump.log` / `restore.log` into the
- * work path): the error lines, then the last lines, which name the step that failed.
+ * work path): the error lines, then the last lines, which name the step that failed, and a
+ * line saying so when the log's filesystem is full (see fullDiskNote). Call it right after the
+ * failure, before the image directory is removed.
  */
 export async function criuLogTail(logFile: string, lines = 12): Promise<string> {
-  const text = await readFile(logFile, "utf8").catch(() => "");
-  if (!text) return `(no CRIU log at ${logFile})`;
-  const all = text.split("\n").filter(Boolean);
-  const errors = all.filter((line) => /Error|error \(|fail/i.test(line)).slice(-6);
-  const tail = all.slice(-lines);
-  const picked = [...errors.filter((line) => !tail.includes(line)), ...tail];
+  const [text, fullDisk] = await Promise.all([readFile(logFile, "utf8").catch(() => ""), fullDiskNote(path.dirname(logFile))]);
+  const picked: string[] = [];
+  if (!text) {
+    picked.push(`(no CRIU log at ${logFile})`);
+  } else {
+    const all = text.split("\n").filter(Boolean);
+    const errors = all.filter((line) => /Error|error \(|fail/i.test(line)).slice(-6);
+    const tail = all.slice(-lines);
+    picked.push(...errors.filter((line) => !tail.includes(line)), ...tail);
+  }
+  if (fullDisk) picked.push(fullDisk);
   return picked.join("\n");
+}
+
+/** Less free space than this on a log's filesystem after a failure counts as a full disk. */
+const FULL_DISK_FREE_BYTES = 1024 * 1024;
+
+/**
+ * "No space left on device …" when the filesystem holding `dir` is (all but) full. During a
+ * dump CRIU's log lives in the image directory, on the disk that ran out: the log then stops
+ * mid-line, often before CRIU's own ENOSPC error or with only tar's "Wrote only 4096 of 10240
+ * bytes" (seen with a 48 MiB tmpfs and 100 MiB in /dev/shm), so the disk itself is the
+ * reliable witness. Free space as unprivileged users see it (`df`), though CRIU runs as root.
+ */
+async function fullDiskNote(dir: string): Promise<string | undefined> {
+  const stats = await statfs(dir).catch(() => undefined);
+  if (!stats) return undefined;
+  const freeBytes = stats.bavail * stats.bsize;
+  if (freeBytes >= FULL_DISK_FREE_BYTES) return undefined;
+  return `No space left on device: the filesystem of ${dir} has ${Math.floor(freeBytes / 1024)} KiB free`;
 }
 
 /** CRIU's kernel-feature cache (kerndat.c: KDAT_RUNDIR "/criu.kdat"). */

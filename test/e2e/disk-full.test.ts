@@ -1,0 +1,187 @@
+/**
+ * A full disk during a dump, through the official `e2b` SDK: the server's snapshot and
+ * paused-image directories are small tmpfs mounts, and sandboxes hold more than fits (100 MiB
+ * in /dev/shm, which CRIU archives, or in their files, which are copied). A snapshot or pause
+ * that does not fit must fail with 507 and a message that says so, leave no snapshot listed and
+ * no bytes on the disk, and leave the sandbox running (or paused) and usable. Once space is
+ * freed, the same sandbox snapshots and restores normally.
+ */
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import fs from "node:fs";
+import path from "node:path";
+import { after, before, describe, test } from "node:test";
+import { Sandbox, SandboxError } from "e2b";
+import { hitWhenUp as hitWhenUpIn, startStateServer } from "./state-server.js";
+import { startTestServer, useServerForSdk, type TestServer } from "./harness.js";
+
+/** Big enough for a snapshot of a small sandbox (its processes' memory), far too small for 100 MiB. */
+const DISK_MIB = 48;
+const BIG_FILE_MIB = 100;
+/** Where the server writes snapshot images and durable-pause images (see SandboxManager). */
+const imageDirs = (stateDir: string) => [path.join(stateDir, "snapshots"), path.join(stateDir, "paused")];
+
+let server: TestServer;
+let snapshotsDir: string;
+let pausedDir: string;
+
+before(async () => {
+  server = await startTestServer({
+    // A hot pause goes to disk after a second, so the durable tier's failure is seen quickly.
+    extraEnv: { CUBICLE_POOL_SIZE: "", CUBICLE_DURABLE_PAUSE_AFTER_SEC: "1" },
+    beforeStart(stateDir) {
+      for (const dir of imageDirs(stateDir)) {
+        fs.mkdirSync(dir);
+        // mode 0711 as the server makes these dirs: a restore reads images as the sandbox's mapped root.
+        execFileSync("mount", ["-t", "tmpfs", "-o", `size=${DISK_MIB}m,mode=0711`, "cubicle-e2e-disk-full", dir]);
+      }
+    },
+    afterStop(stateDir) {
+      for (const dir of imageDirs(stateDir)) {
+        if (!fs.readFileSync("/proc/mounts", "utf8").includes(` ${dir} `)) continue;
+        try {
+          execFileSync("umount", [dir]);
+        } catch {
+          // Still busy (a process of a sandbox we failed to kill): detach it so nothing stays mounted.
+          execFileSync("umount", ["--lazy", dir]);
+        }
+      }
+    },
+  });
+  useServerForSdk(server);
+  [snapshotsDir, pausedDir] = imageDirs(server.stateDir) as [string, string];
+});
+
+after(async () => {
+  await server?.stop();
+});
+
+const hitWhenUp = (sandboxId: string) => hitWhenUpIn(server.url, sandboxId);
+
+/** Bytes in use on the tmpfs holding `dir`. */
+function usedBytes(dir: string): number {
+  const stats = fs.statfsSync(dir);
+  return (stats.blocks - stats.bfree) * stats.bsize;
+}
+
+/** Asserts that a failed dump left nothing on the disk: no image, no `.partial-…` directory, no bytes. */
+function assertDiskEmpty(dir: string): void {
+  assert.deepEqual(fs.readdirSync(dir), [], `nothing is left in ${dir}`);
+  assert.ok(usedBytes(dir) < 1024 * 1024, `the disk at ${dir} is free again (${usedBytes(dir)} bytes used)`);
+}
+
+/** Asserts the SDK error of a dump that did not fit: HTTP 507 with a message that names the cause. */
+function isDiskFull(err: unknown): boolean {
+  assert.ok(err instanceof SandboxError, `a SandboxError, got ${String(err)}`);
+  assert.equal(err.statusCode, 507, err.message);
+  assert.match(err.message, /no space left|disk.*full|free (some )?space/i);
+  return true;
+}
+
+/** A sandbox running the state server (next answer s3cret:2) with BIG_FILE_MIB in `bigFile`. */
+async function sandboxWithBigFile(bigFile: string): Promise<Sandbox> {
+  const sandbox = await Sandbox.create({ timeoutMs: 120_000, metadata: { suite: "disk-full" } });
+  assert.equal(await startStateServer(server.url, sandbox), "s3cret:1");
+  await sandbox.commands.run(`head -c ${BIG_FILE_MIB}M /dev/urandom > ${bigFile}`);
+  return sandbox;
+}
+
+async function fileSize(sandbox: Sandbox, file: string): Promise<number> {
+  return Number((await sandbox.commands.run(`stat -c %s ${file}`)).stdout.trim());
+}
+
+describe("disk full during a dump", () => {
+  test("a snapshot whose memory does not fit fails with 507, leaves nothing behind and the sandbox running", async () => {
+    const sandbox = await sandboxWithBigFile("/dev/shm/big");
+    try {
+      await assert.rejects(sandbox.createSnapshot(), isDiskFull);
+
+      assert.deepEqual(await Sandbox.listSnapshots({ sandboxId: sandbox.sandboxId }).nextItems(), [], "no snapshot is listed");
+      assert.deepEqual((await server.api("GET", "/snapshots")).json, []);
+      assertDiskEmpty(snapshotsDir);
+
+      // Thawed and whole: processes keep their memory, /dev/shm keeps its file, commands run.
+      assert.equal((await sandbox.getInfo()).state, "running");
+      assert.equal(await hitWhenUp(sandbox.sandboxId), "s3cret:2");
+      assert.equal(await fileSize(sandbox, "/dev/shm/big"), BIG_FILE_MIB * 1024 * 1024);
+      assert.equal((await sandbox.commands.run("echo alive")).stdout, "alive\n");
+
+      // Once space is freed (here: in the sandbox), the same sandbox snapshots and restores.
+      await sandbox.commands.run("rm /dev/shm/big && echo kept > /dev/shm/small");
+      const snapshot = await sandbox.createSnapshot();
+      const listed = await Sandbox.listSnapshots({ sandboxId: sandbox.sandboxId }).nextItems();
+      assert.deepEqual(listed.map((s) => s.snapshotId), [snapshot.snapshotId]);
+      assert.deepEqual(fs.readdirSync(snapshotsDir), [snapshot.snapshotId], "only the complete image is on the disk");
+      const restored = await Sandbox.create(snapshot.snapshotId);
+      try {
+        assert.equal(await hitWhenUp(restored.sandboxId), "s3cret:3", "the restored process continues from the snapshot");
+        assert.equal((await restored.commands.run("cat /dev/shm/small")).stdout, "kept\n");
+      } finally {
+        await restored.kill();
+      }
+      assert.equal(await Sandbox.deleteSnapshot(snapshot.snapshotId), true);
+      assertDiskEmpty(snapshotsDir);
+    } finally {
+      await sandbox.kill();
+    }
+  });
+
+  test("a snapshot whose files do not fit fails with 507 and an E2B error body, and leaves nothing behind", async () => {
+    const sandbox = await sandboxWithBigFile("/home/user/big");
+    try {
+      const res = await server.api("POST", `/sandboxes/${sandbox.sandboxId}/snapshots`, {});
+      assert.equal(res.status, 507, JSON.stringify(res.json));
+      assert.equal(res.json.code, 507);
+      assert.match(res.json.message, /no space left|disk.*full|free (some )?space/i);
+
+      assert.deepEqual(await Sandbox.listSnapshots({ sandboxId: sandbox.sandboxId }).nextItems(), []);
+      assertDiskEmpty(snapshotsDir);
+      assert.equal((await sandbox.getInfo()).state, "running");
+      assert.equal(await hitWhenUp(sandbox.sandboxId), "s3cret:2");
+      assert.equal(await fileSize(sandbox, "/home/user/big"), BIG_FILE_MIB * 1024 * 1024);
+    } finally {
+      await sandbox.kill();
+    }
+  });
+
+  test("a filesystem-only pause that does not fit fails with 507 and the sandbox keeps running", async () => {
+    const sandbox = await sandboxWithBigFile("/home/user/big");
+    try {
+      const res = await server.api("POST", `/sandboxes/${sandbox.sandboxId}/pause`, { memory: false });
+      assert.equal(res.status, 507, JSON.stringify(res.json));
+      assert.match(res.json.message, /no space left|disk.*full|free (some )?space/i);
+
+      assertDiskEmpty(pausedDir);
+      assert.equal((await sandbox.getInfo()).state, "running");
+      assert.equal(await hitWhenUp(sandbox.sandboxId), "s3cret:2");
+      assert.equal(await fileSize(sandbox, "/home/user/big"), BIG_FILE_MIB * 1024 * 1024);
+    } finally {
+      await sandbox.kill();
+    }
+  });
+
+  test("a paused sandbox that does not fit on disk stays paused in RAM and resumes intact", async () => {
+    const sandbox = await sandboxWithBigFile("/dev/shm/big");
+    try {
+      const logStart = server.log().length;
+      const logSincePause = () => server.log().slice(logStart);
+      assert.equal(await sandbox.pause(), true);
+      // The move to disk (after CUBICLE_DURABLE_PAUSE_AFTER_SEC) fails in the background and is
+      // not retried; an earlier background image write may have failed before it. Only the
+      // server log tells when the last attempt is over.
+      const moveFailed = () => logSincePause().split("\n").find((line) => line.includes("moving a paused sandbox to disk failed") && line.includes(sandbox.sandboxId));
+      const deadline = Date.now() + 15_000;
+      while (!moveFailed() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+      assert.match(moveFailed() ?? "(no such log line)", /no space left/i, "the server tried to move the paused sandbox to disk, and says why it failed");
+
+      assertDiskEmpty(pausedDir);
+      assert.equal((await sandbox.getInfo()).state, "paused", "it is still paused (frozen in RAM), not dead");
+      const resumed = await Sandbox.connect(sandbox.sandboxId);
+      assert.equal(await hitWhenUp(resumed.sandboxId), "s3cret:2");
+      assert.equal(await fileSize(resumed, "/dev/shm/big"), BIG_FILE_MIB * 1024 * 1024);
+      assertDiskEmpty(pausedDir);
+    } finally {
+      await sandbox.kill();
+    }
+  });
+});
