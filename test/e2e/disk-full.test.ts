@@ -90,6 +90,14 @@ async function fileSize(sandbox: Sandbox, file: string): Promise<number> {
   return Number((await sandbox.commands.run(`stat -c %s ${file}`)).stdout.trim());
 }
 
+/** After a failed dump: nothing on the disk at `dir`, the sandbox running with its state and big file. */
+async function assertNothingWrittenAndRunning(sandbox: Sandbox, dir: string, bigFile: string): Promise<void> {
+  assertDiskEmpty(dir);
+  assert.equal((await sandbox.getInfo()).state, "running");
+  assert.equal(await hitWhenUp(sandbox.sandboxId), "s3cret:2");
+  assert.equal(await fileSize(sandbox, bigFile), BIG_FILE_MIB * 1024 * 1024);
+}
+
 describe("disk full during a dump", () => {
   test("a snapshot whose memory does not fit fails with 507, leaves nothing behind and the sandbox running", async () => {
     const sandbox = await sandboxWithBigFile("/dev/shm/big");
@@ -98,12 +106,8 @@ describe("disk full during a dump", () => {
 
       assert.deepEqual(await Sandbox.listSnapshots({ sandboxId: sandbox.sandboxId }).nextItems(), [], "no snapshot is listed");
       assert.deepEqual((await server.api("GET", "/snapshots")).json, []);
-      assertDiskEmpty(snapshotsDir);
-
       // Thawed and whole: processes keep their memory, /dev/shm keeps its file, commands run.
-      assert.equal((await sandbox.getInfo()).state, "running");
-      assert.equal(await hitWhenUp(sandbox.sandboxId), "s3cret:2");
-      assert.equal(await fileSize(sandbox, "/dev/shm/big"), BIG_FILE_MIB * 1024 * 1024);
+      await assertNothingWrittenAndRunning(sandbox, snapshotsDir, "/dev/shm/big");
       assert.equal((await sandbox.commands.run("echo alive")).stdout, "alive\n");
 
       // Once space is freed (here: in the sandbox), the same sandbox snapshots and restores.
@@ -135,10 +139,7 @@ describe("disk full during a dump", () => {
       assert.match(res.json.message, /no space left|disk.*full|free (some )?space/i);
 
       assert.deepEqual(await Sandbox.listSnapshots({ sandboxId: sandbox.sandboxId }).nextItems(), []);
-      assertDiskEmpty(snapshotsDir);
-      assert.equal((await sandbox.getInfo()).state, "running");
-      assert.equal(await hitWhenUp(sandbox.sandboxId), "s3cret:2");
-      assert.equal(await fileSize(sandbox, "/home/user/big"), BIG_FILE_MIB * 1024 * 1024);
+      await assertNothingWrittenAndRunning(sandbox, snapshotsDir, "/home/user/big");
     } finally {
       await sandbox.kill();
     }
@@ -151,10 +152,7 @@ describe("disk full during a dump", () => {
       assert.equal(res.status, 507, JSON.stringify(res.json));
       assert.match(res.json.message, /no space left|disk.*full|free (some )?space/i);
 
-      assertDiskEmpty(pausedDir);
-      assert.equal((await sandbox.getInfo()).state, "running");
-      assert.equal(await hitWhenUp(sandbox.sandboxId), "s3cret:2");
-      assert.equal(await fileSize(sandbox, "/home/user/big"), BIG_FILE_MIB * 1024 * 1024);
+      await assertNothingWrittenAndRunning(sandbox, pausedDir, "/home/user/big");
     } finally {
       await sandbox.kill();
     }
