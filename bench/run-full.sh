@@ -44,6 +44,7 @@ fi
 
 port=3101 state=$pooled_state
 bench create -c 1 -n 100 -w 2 --wait-pool
+bench create -t code-interpreter-v1 -c 1 -n 30 -w 2   # no pool of its own: the warm snapshot
 for c in 1 10; do bench create -c $c -n 100 -w 2; done
 bench exec -n 1000
 bench files -n 200

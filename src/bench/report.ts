@@ -76,6 +76,9 @@ function loadResults(dir: string): Loaded[] {
  */
 function createPath(data: BenchResultFile): string {
   const pools = (data.target?.pools ?? {}) as Record<string, { target?: number }>;
+  const template = String(data.parameters?.template ?? "base");
+  // The code interpreter without a pool of its own: its creates restore the warm snapshot.
+  if (template === "code-interpreter-v1" && !(Number(pools[template]?.target ?? 0) > 0)) return "code-interpreter-v1 warm snapshot";
   if (!Object.values(pools).some((pool) => Number(pool?.target ?? 0) > 0)) return "cold";
   // --wait-pool: every create claimed from a full pool, none raced the refill of the last one.
   return data.parameters?.waitForPool === true ? "warm pool, refilled" : "warm pool";
@@ -345,6 +348,7 @@ export function writeReport(input: ReportInput): ReportOutput {
     ["create from a full warm pool (→ first command, c=1, p50)", "create", p50("create", "createToFirstCommandMs.p50", 1, "warm pool, refilled")],
     ["create from the warm pool, back to back with its refill (→ first command, c=1, p50)", "create", p50("create", "createToFirstCommandMs.p50", 1, "warm pool")],
     ["create, cold: runc run + agent start (→ first command, c=1, p50)", "create", p50("create", "createToFirstCommandMs.p50", 1, "cold")],
+    ["create from the code interpreter's warm snapshot (→ first command, c=1, p50)", "restore", p50("create", "createToFirstCommandMs.p50", 1, "code-interpreter-v1 warm snapshot")],
     [`snapshot (${smallestDirty} MiB dirty, c=1, p50)`, "snapshot", p50("snapshot", `byDirtyMiB.${smallestDirty}.snapshotMs.p50`)],
     ["create from snapshot (c=1, p50)", "restore", p50("restore", "firstCommandMs.p50")],
     ["rollback (c=1, p50)", "rollback", p50("rollback", "rollbackMs.p50")],

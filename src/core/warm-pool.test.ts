@@ -29,9 +29,10 @@ function fakes(options: { failCreates?: number } = {}) {
     },
   } as unknown as Runtime;
   const network = {
-    async allocate(id: string): Promise<SandboxNetwork> {
+    begin(id: string): { network: SandboxNetwork; ready: Promise<SandboxNetwork> } {
       networks.add(id);
-      return { netnsName: `cubicle-${id}`, netnsPath: "", hostInterface: "", hostAddress: "127.0.0.1", sandboxAddress: "127.0.0.1", prefixLength: 30 };
+      const network = { netnsName: `cubicle-${id}`, netnsPath: "", hostInterface: "", hostAddress: "127.0.0.1", sandboxAddress: "127.0.0.1", prefixLength: 30 };
+      return { network, ready: Promise.resolve(network) };
     },
     async release(id: string) {
       networks.delete(id);

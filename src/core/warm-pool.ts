@@ -2,8 +2,8 @@ import type { NetworkManager } from "../network/types.js";
 import type { Runtime } from "../runtime/types.js";
 import type { PoolEntryRecord, Store } from "../store/types.js";
 import { createLogger } from "../shared/log.js";
-import { waitForAgent, warmUpAgent } from "./agent-client.js";
-import { newSandboxId } from "./ids.js";
+import { initAgent, waitForAgent, warmUpAgent } from "./agent-client.js";
+import { newSandboxId, newToken } from "./ids.js";
 import type { TemplateCatalog, TemplateInfo } from "./types.js";
 
 const log = createLogger("pool");
@@ -165,8 +165,12 @@ export class WarmPool {
       allowInternetAccess: true,
     };
     await store.insertPoolEntry(entry);
+    let networkReady: Promise<unknown> | undefined;
     try {
-      entry.network = await network.allocate(entry.runtimeId, { allowInternetAccess: entry.allowInternetAccess });
+      // The namespace is made while the runtime prepares the container (see NetworkManager.begin).
+      const { network: planned, ready } = network.begin(entry.runtimeId, { allowInternetAccess: entry.allowInternetAccess });
+      networkReady = ready.catch(() => undefined);
+      entry.network = planned;
       await store.insertPoolEntry(entry);
       await runtime.create({
         sandboxId: entry.runtimeId,
@@ -174,15 +178,29 @@ export class WarmPool {
         template: template.image,
         resources: { cpuCount: template.cpuCount, memoryMiB: template.memoryMB, diskMiB: template.diskSizeMB, pidsLimit: this.options.pidsLimit },
         network: entry.network,
+        networkReady: ready,
       });
       await waitForAgent(entry.network.sandboxAddress, AGENT_READY_TIMEOUT_MS);
       await warmUpAgent(entry.network.sandboxAddress, template.image.defaultUser).catch((err) => log.debug("agent warm-up failed; freezing anyway", { runtimeId: entry.runtimeId, error: String(err) }));
+      // The identity most creates want (see PoolEntryRecord.agentToken), given while it is cheap.
+      const agentToken = newToken();
+      await initAgent(entry.network.sandboxAddress, {
+        accessToken: agentToken,
+        envVars: {},
+        defaultUser: template.image.defaultUser,
+        defaultWorkdir: template.image.defaultWorkdir,
+        hostname: entry.runtimeId,
+        timestamp: new Date().toISOString(),
+      });
+      entry.agentToken = agentToken;
+      await store.insertPoolEntry(entry);
       // The warm-up's keep-alive connection stays open through the freeze (the agent never closes
       // idle ones, see KEEP_IDLE_CONNECTIONS): the claim's /init reuses it, no handshake with a
       // just-thawed agent.
       await runtime.freeze(entry.runtimeId);
       return entry;
     } catch (err) {
+      await networkReady;
       await this.destroyEntry(entry);
       throw err;
     }

@@ -7,7 +7,7 @@ import { runCommand } from "../shared/exec.js";
 import { createLogger } from "../shared/log.js";
 import { AddressPool } from "./address-pool.js";
 import { buildPolicyUpdate, buildRuleset } from "./nft-ruleset.js";
-import type { NetworkManager, SandboxNetwork } from "./types.js";
+import type { NetworkManager, NetworkPolicy, SandboxNetwork } from "./types.js";
 
 const log = createLogger("network");
 
@@ -56,7 +56,39 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
     await nft(buildPolicyUpdate(tableName, address, allowInternet));
   }
 
-  return {
+  /** The host half of allocate(): namespace, veth pair, addresses, policy; released again on failure. */
+  async function setUp(sandboxId: string, network: SandboxNetwork, policy: NetworkPolicy): Promise<SandboxNetwork> {
+    const name = network.netnsName;
+    try {
+      // Host side in one `ip` run; `netns exec` inside a batch forks only a tiny sysctl. The
+      // sandbox's root is in a user namespace that does not own this netns, so it has no
+      // CAP_NET_BIND_SERVICE here: let everyone bind low ports instead.
+      const hostSide = [
+        `netns add ${name}`,
+        `link add ${network.hostInterface} type veth peer name ${SANDBOX_INTERFACE} netns ${name}`,
+        `addr add ${network.hostAddress}/${network.prefixLength} dev ${network.hostInterface}`,
+        `link set ${network.hostInterface} up`,
+        `netns exec ${name} sysctl -qw net.ipv4.ip_unprivileged_port_start=0 net.ipv6.conf.${SANDBOX_INTERFACE}.disable_ipv6=1`,
+      ];
+      await runCommand(["ip", "-batch", "-"], { input: hostSide.join("\n") + "\n", timeoutMs: COMMAND_TIMEOUT_MS });
+      const sandboxSide = [
+        `link set lo up`,
+        `addr add ${network.sandboxAddress}/${network.prefixLength} dev ${SANDBOX_INTERFACE}`,
+        `link set ${SANDBOX_INTERFACE} up`,
+        `route add default via ${network.hostAddress}`,
+      ];
+      await Promise.all([
+        runCommand(["ip", "-n", name, "-batch", "-"], { input: sandboxSide.join("\n") + "\n", timeoutMs: COMMAND_TIMEOUT_MS }),
+        policy.allowInternetAccess ? setPolicy(network.sandboxAddress, true) : Promise.resolve(),
+      ]);
+      return { ...network };
+    } catch (err) {
+      await manager.release(sandboxId).catch((cleanupErr) => log.warn("cleanup after failed allocate failed", { sandboxId, error: String(cleanupErr) }));
+      throw CubicleError.from(err);
+    }
+  }
+
+  const manager: NetworkManager = {
     async init() {
       // Forwarding is host-wide; the forward chain below keeps sandboxes from using it freely.
       await writeFile("/proc/sys/net/ipv4/ip_forward", "1\n");
@@ -66,6 +98,10 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
     },
 
     async allocate(sandboxId, policy) {
+      return this.begin(sandboxId, policy).ready;
+    },
+
+    begin(sandboxId, policy) {
       const name = netnsName(sandboxId);
       if (records.has(sandboxId)) throw new CubicleError("already_exists", `sandbox ${sandboxId} already has a network`);
       const link = pool.allocate();
@@ -79,33 +115,7 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
       };
       const record: NetworkRecord = { network, blockIndex: link.blockIndex, allowInternet: policy.allowInternetAccess };
       records.set(sandboxId, record);
-      try {
-        // Host side in one `ip` run; `netns exec` inside a batch forks only a tiny sysctl. The
-        // sandbox's root is in a user namespace that does not own this netns, so it has no
-        // CAP_NET_BIND_SERVICE here: let everyone bind low ports instead.
-        const hostSide = [
-          `netns add ${name}`,
-          `link add ${network.hostInterface} type veth peer name ${SANDBOX_INTERFACE} netns ${name}`,
-          `addr add ${network.hostAddress}/${network.prefixLength} dev ${network.hostInterface}`,
-          `link set ${network.hostInterface} up`,
-          `netns exec ${name} sysctl -qw net.ipv4.ip_unprivileged_port_start=0 net.ipv6.conf.${SANDBOX_INTERFACE}.disable_ipv6=1`,
-        ];
-        await runCommand(["ip", "-batch", "-"], { input: hostSide.join("\n") + "\n", timeoutMs: COMMAND_TIMEOUT_MS });
-        const sandboxSide = [
-          `link set lo up`,
-          `addr add ${network.sandboxAddress}/${network.prefixLength} dev ${SANDBOX_INTERFACE}`,
-          `link set ${SANDBOX_INTERFACE} up`,
-          `route add default via ${network.hostAddress}`,
-        ];
-        await Promise.all([
-          runCommand(["ip", "-n", name, "-batch", "-"], { input: sandboxSide.join("\n") + "\n", timeoutMs: COMMAND_TIMEOUT_MS }),
-          policy.allowInternetAccess ? setPolicy(network.sandboxAddress, true) : Promise.resolve(),
-        ]);
-        return { ...network };
-      } catch (err) {
-        await this.release(sandboxId).catch((cleanupErr) => log.warn("cleanup after failed allocate failed", { sandboxId, error: String(cleanupErr) }));
-        throw CubicleError.from(err);
-      }
+      return { network: { ...network }, ready: setUp(sandboxId, network, policy) };
     },
 
     async adopt(sandboxId, network, policy) {
@@ -155,6 +165,7 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
       return names.filter((n) => n.startsWith(netnsPrefix));
     },
   };
+  return manager;
 }
 
 /** Sandbox ids become file, netns and container names: keep them to a safe alphabet. */

@@ -29,6 +29,12 @@ export interface NetworkManager {
   /** Makes the namespace, veth pair and addresses for a sandbox and applies the policy. */
   allocate(sandboxId: string, policy: NetworkPolicy): Promise<SandboxNetwork>;
   /**
+   * allocate() in two steps: the network's names and addresses at once, and `ready`, which
+   * settles when they exist on the host (a failure has released them). The caller can prepare
+   * what only needs the names (a container bundle) while the namespace is being made.
+   */
+  begin(sandboxId: string, policy: NetworkPolicy): { network: SandboxNetwork; ready: Promise<SandboxNetwork> };
+  /**
    * Re-registers an existing network after a server restart (marks its addresses used). Pass the
    * policy to restore it: `init()` recreates the nftables table, so until then the sandbox has no
    * internet (fail closed).

@@ -26,6 +26,12 @@ export interface SandboxSpec {
   template: TemplateImage;
   resources: SandboxResources;
   network: SandboxNetwork;
+  /**
+   * Settles when `network` exists on the host (NetworkManager.begin). The runtime prepares what
+   * needs only the names (bundle, upper layer, mounts) meanwhile and waits for it before the
+   * container joins the namespace. Absent = the network is ready.
+   */
+  networkReady?: Promise<unknown>;
 }
 
 export type RuntimeState = "running" | "frozen" | "stopped" | "missing";

@@ -108,6 +108,12 @@ export interface PoolEntryRecord {
   network: SandboxNetwork | undefined;
   createdAt: number;
   allowInternetAccess: boolean;
+  /**
+   * The access token the entry's agent was initialised with before the freeze (the template's
+   * defaults, no env vars). Made for this entry and never shown to anyone before a claim: a
+   * secure create without env vars takes it as its own and skips the /init round trip.
+   */
+  agentToken?: string;
 }
 
 export interface SandboxQuery {

@@ -86,6 +86,47 @@ test("a create claims a frozen pool sandbox that is indistinguishable from a fre
   console.log(`pool claim → first command: median ${median(claimMs).toFixed(1)} ms (${claimMs.map((v) => v.toFixed(0)).join(", ")})`);
 });
 
+/** Filesystem.Stat on / through the router, with or without an access token. */
+async function statRoot(sandboxId: string, token?: string): Promise<number> {
+  const res = await fetch(server.url + "/filesystem.Filesystem/Stat", {
+    method: "POST",
+    headers: { "e2b-sandbox-id": sandboxId, "e2b-sandbox-port": "49983", "content-type": "application/json", ...(token ? { "x-access-token": token } : {}) },
+    body: JSON.stringify({ path: "/" }),
+  });
+  await res.arrayBuffer();
+  return res.status;
+}
+
+test("a claim without env vars keeps the entry's own token: distinct per sandbox, demanded, and gone with a v1 insecure create", async () => {
+  await waitForPool(POOL_SIZE);
+  // Secure (the v2 SDK always is) and no env vars: the entry's agent was given its identity
+  // and a token of its own before the freeze; the claim hands that token to its creator.
+  const [a, b] = await Promise.all([Sandbox.create(), Sandbox.create()]);
+  try {
+    const tokens = await Promise.all([a, b].map(async (s) => (await server.api("GET", `/sandboxes/${s.sandboxId}`)).json.envdAccessToken as string));
+    assert.ok(tokens.every((t) => t && t.length >= 16));
+    assert.notEqual(tokens[0], tokens[1], "each claimed sandbox has a token of its own");
+    assert.equal(await statRoot(a.sandboxId), 401, "the token is demanded");
+    assert.equal(await statRoot(a.sandboxId, tokens[1]), 401, "another sandbox's token does not open it");
+    assert.equal(await statRoot(a.sandboxId, tokens[0]), 200);
+    const run = await a.commands.run("whoami; pwd; hostname");
+    assert.equal(run.stdout, `user\n/home/user\n${a.sandboxId}\n`, "the template's default user and workdir, its own hostname");
+  } finally {
+    await Promise.all([a.kill(), b.kill()]);
+  }
+  // A v1 create without `secure` gets no token: the claim re-initialises the agent, which then
+  // must not ask for the entry's token any more.
+  await waitForPool(POOL_SIZE);
+  const created = await server.api("POST", "/sandboxes", { templateID: "base", timeout: 60 });
+  assert.equal(created.status, 201, JSON.stringify(created.json));
+  try {
+    assert.equal(created.json.envdAccessToken ?? null, null);
+    assert.equal(await statRoot(created.json.sandboxID), 200, "an insecure sandbox needs no token");
+  } finally {
+    await server.api("DELETE", `/sandboxes/${created.json.sandboxID}`);
+  }
+});
+
 test("10 concurrent creates get distinct, clean sandboxes and the pool refills", async () => {
   await waitForPool(POOL_SIZE);
   const sandboxes = await Promise.all(Array.from({ length: 10 }, (_, i) => Sandbox.create({ envs: { MARKER: `c${i}` }, metadata: { i: String(i) } })));

@@ -3,7 +3,7 @@
  * List, SendInput, CloseStdin, SendSignal, Update. StreamInput (client streaming, unused by
  * the SDKs) answers `unimplemented`.
  */
-import fs from "node:fs/promises";
+import { statSync } from "node:fs";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import type { RpcContext, ServiceDefinition } from "../rpc/types.js";
 import {
@@ -158,7 +158,9 @@ export function processEnvironment(user: AgentUser, sandboxEnv: Record<string, s
 export async function resolveCwd(requested: string | undefined, user: AgentUser, defaultWorkdir: string | undefined): Promise<string> {
   const cwd = resolveUserPath(requested || defaultWorkdir || "", user);
   try {
-    await fs.stat(cwd);
+    // Synchronous: a local stat takes microseconds, a trip through libuv's thread pool far more
+    // (every command pays it, the first after a thaw most).
+    statSync(cwd);
   } catch {
     throw new CubicleError("invalid_argument", `cwd '${cwd}' does not exist`);
   }

@@ -156,12 +156,14 @@ export class ContainerRuntime implements Runtime {
     const started = performance.now();
     try {
       const timings = await this.prepareBundle(spec, undefined);
+      await spec.networkReady;
       await this.runc.runDetached(CONTAINER_PREFIX + id, this.paths(id).dir, this.paths(id).runcLog);
       const ran = performance.now();
       this.rememberFacts(spec);
       this.lastCreateTimings = { ...timings, runcMs: round(ran - started - timings.totalMs), totalMs: round(ran - started) };
       log.debug("created", { sandboxId: id, ...this.lastCreateTimings });
     } catch (err) {
+      await settled(spec.networkReady);
       const error = CubicleError.from(err);
       if (error.code === "already_exists") throw new CubicleError("already_exists", `sandbox ${id} already exists on this host`, { cause: err });
       await this.destroy(id).catch((cleanupErr) => log.warn("cleanup after failed create failed", { sandboxId: id, error: String(cleanupErr) }));
@@ -417,8 +419,13 @@ export class ContainerRuntime implements Runtime {
    * re-initialises the agent.
    */
   async restore(spec: SandboxSpec, imageDir: string): Promise<void> {
-    const id = checkId(spec.sandboxId);
-    return this.exclusive(id, () => this.restoreNow(spec, path.resolve(imageDir)));
+    try {
+      const id = checkId(spec.sandboxId);
+      return await this.exclusive(id, () => this.restoreNow(spec, path.resolve(imageDir)));
+    } catch (err) {
+      await settled(spec.networkReady);
+      throw err;
+    }
   }
 
   private async restoreNow(spec: SandboxSpec, imageDir: string): Promise<void> {
@@ -438,6 +445,7 @@ export class ContainerRuntime implements Runtime {
     const started = performance.now();
     try {
       const timings = await this.prepareBundle(spec, layout.upper);
+      await spec.networkReady;
       if (criuPath) {
         const workPath = path.join(paths.dir, "criu-restore");
         await mkdir(workPath);
@@ -454,6 +462,7 @@ export class ContainerRuntime implements Runtime {
       if (criuPath) await this.setHostname(id, spec.hostname);
       log.debug("restored", { sandboxId: id, imageDir, memory: meta.memory, ...timings, totalMs: round(performance.now() - started) });
     } catch (err) {
+      await settled(spec.networkReady);
       const error = CubicleError.from(err);
       await this.destroy(id).catch((cleanupErr) => log.warn("cleanup after failed restore failed", { sandboxId: id, error: String(cleanupErr) }));
       if (error.code === "already_exists") throw new CubicleError("already_exists", `sandbox ${id} already exists on this host`, { cause: err });
@@ -661,6 +670,14 @@ async function shareWithSandboxRoot(dir: string): Promise<void> {
   );
   await chown(dir, 0, SANDBOX_UID_BASE);
   await chmod(dir, 0o750);
+}
+
+/**
+ * Waits for a sandbox's network set-up to finish, however it ends: after a failed create or
+ * restore the caller releases the network, which must not race the set-up still under way.
+ */
+async function settled(networkReady: Promise<unknown> | undefined): Promise<void> {
+  await networkReady?.catch(() => undefined);
 }
 
 async function exists(file: string): Promise<boolean> {

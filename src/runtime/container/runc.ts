@@ -1,5 +1,6 @@
 import { spawn } from "node:child_process";
-import { access, readFile, writeFile } from "node:fs/promises";
+import { writeFileSync } from "node:fs";
+import { access, readFile } from "node:fs/promises";
 import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
@@ -38,6 +39,7 @@ export interface CriuRunOptions {
 export class Runc {
   /** runc's state root for root (no `--root` is ever passed): one `<id>/state.json` per container. */
   private readonly root = "/run/runc";
+  private readonly freezers = new Map<string, FreezerControl>();
 
   constructor(private readonly binary: string) {}
 
@@ -117,6 +119,7 @@ export class Runc {
   }
 
   async delete(id: string, force: boolean): Promise<void> {
+    this.freezers.delete(id);
     const result = await runCommand([this.binary, "delete", ...(force ? ["--force"] : []), id], { timeoutMs: TIMEOUT_MS, allowFailure: true });
     if (result.exitCode !== 0 && !isMissing(result.stderr)) {
       throw new CubicleError("internal", `runc delete ${id} failed: ${result.stderr.trim()}`);
@@ -154,12 +157,12 @@ export class Runc {
    * frozen state, then wait until the kernel reports it (v1 passes through FREEZING).
    */
   async pause(id: string): Promise<void> {
-    const freezer = await freezerOf(this.root, id);
+    const freezer = await this.freezer(id);
     if (!freezer) {
       await runCommand([this.binary, "pause", id], { timeoutMs: TIMEOUT_MS });
       return;
     }
-    await writeFile(freezer.file, freezer.frozen);
+    this.writeFreezer(id, freezer, freezer.frozen);
     const deadline = Date.now() + TIMEOUT_MS;
     for (let delayMs = 0.1; !(await freezer.isFrozen()); delayMs = Math.min(delayMs * 2, 10)) {
       if (Date.now() > deadline) throw new CubicleError("deadline_exceeded", `container ${id} did not freeze within ${TIMEOUT_MS} ms`);
@@ -169,12 +172,36 @@ export class Runc {
 
   /** Thaws the container (the cgroup freezer directly when known, else `runc resume`). */
   async resume(id: string): Promise<void> {
-    const freezer = await freezerOf(this.root, id);
+    const freezer = await this.freezer(id);
     if (!freezer) {
       await runCommand([this.binary, "resume", id], { timeoutMs: TIMEOUT_MS });
       return;
     }
-    await writeFile(freezer.file, freezer.thawed);
+    this.writeFreezer(id, freezer, freezer.thawed);
+  }
+
+  /**
+   * The container's freezer, remembered per id: its cgroup path follows from the id, so it stays
+   * right across a durable pause or a restore, and a thaw on the warm-pool claim path need not
+   * read state.json first.
+   */
+  private async freezer(id: string): Promise<FreezerControl | undefined> {
+    const known = this.freezers.get(id);
+    if (known) return known;
+    const found = await freezerOf(this.root, id);
+    if (found) this.freezers.set(id, found);
+    return found;
+  }
+
+  /** A cgroup file write returns at once (v1 reports FREEZING until done): no thread-pool trip. */
+  private writeFreezer(id: string, freezer: FreezerControl, value: string): void {
+    try {
+      writeFileSync(freezer.file, value);
+    } catch (err) {
+      this.freezers.delete(id);
+      if ((err as NodeJS.ErrnoException).code === "ENOENT") throw new CubicleError("not_found", `container ${id} does not exist`);
+      throw err;
+    }
   }
 }
 
