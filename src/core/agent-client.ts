@@ -145,6 +145,24 @@ export async function initAgent(address: string, init: AgentInit, currentToken?:
 }
 
 /**
+ * initAgent() for an agent that should be listening already (a restored one: its listening
+ * socket comes back with it), without a health probe first: retried like waitForAgent while the
+ * agent cannot be reached, never when it answers with an error.
+ */
+export async function initAgentWhenUp(address: string, init: AgentInit, currentToken: string | undefined, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (let delayMs = 1; ; delayMs = Math.min(delayMs * 2, 20)) {
+    try {
+      return await initAgent(address, init, currentToken);
+    } catch (err) {
+      if (err instanceof CubicleError) throw err;
+      if (Date.now() > deadline) throw new CubicleError("unavailable", `the sandbox agent did not become ready within ${timeoutMs} ms: ${(err as Error).message}`);
+    }
+    await new Promise((r) => setTimeout(r, delayMs));
+  }
+}
+
+/**
  * Destroys the idle keep-alive sockets the server holds to one sandbox address. Before a memory
  * dump (snapshot, fork, pause to disk) no idle TCP connection should be left for CRIU to carry
  * into an image that will be restored at another address.

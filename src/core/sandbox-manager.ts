@@ -6,7 +6,7 @@ import type { Runtime, SandboxSpec } from "../runtime/types.js";
 import { runtimeIdOf, type PoolEntryRecord, type SandboxRecord, type SandboxQuery, type SnapshotQuery, type SnapshotRecord, type Store } from "../store/types.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { createLogger } from "../shared/log.js";
-import { agentIsHealthy, dropIdleAgentSockets, initAgent, waitForAgent } from "./agent-client.js";
+import { agentIsHealthy, dropIdleAgentSockets, initAgent, initAgentWhenUp, waitForAgent, type AgentInit } from "./agent-client.js";
 import { newImageId, newSandboxId, newSnapshotId, newToken } from "./ids.js";
 import { KeyedMutex } from "./keyed-mutex.js";
 import { normaliseSnapshotRef, parseSnapshotName } from "./snapshot-names.js";
@@ -395,9 +395,13 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     };
   }
 
-  /** `/init` with the sandbox's identity; `currentToken` is the token the agent holds now, if any. */
-  private async initRecordAgent(record: SandboxRecord, template: TemplateInfo, currentToken: string | undefined): Promise<void> {
-    await initAgent(
+  /**
+   * `/init` with the sandbox's identity; `currentToken` is the token the agent holds now, if any;
+   * with `whenUpMs`, retried that long while the agent cannot be reached.
+   */
+  private async initRecordAgent(record: SandboxRecord, template: TemplateInfo, currentToken: string | undefined, whenUpMs?: number): Promise<void> {
+    const init = whenUpMs === undefined ? initAgent : (address: string, body: AgentInit, token: string | undefined) => initAgentWhenUp(address, body, token, whenUpMs);
+    await init(
       record.network!.sandboxAddress,
       {
         accessToken: record.envdAccessToken,
@@ -424,17 +428,11 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   private async restoreInto(record: SandboxRecord, template: TemplateInfo, imageDir: string, agentToken: string | undefined): Promise<void> {
     const started = performance.now();
     const network = record.network ? undefined : await this.beginNetwork(record);
-    await this.options.runtime.restore({ ...this.specOf(record, template), networkReady: network?.ready }, imageDir);
-    const restored = performance.now();
-    await waitForAgent(record.network!.sandboxAddress, AGENT_READY_TIMEOUT_MS);
-    const ready = performance.now();
-    await this.initRecordAgent(record, template, agentToken);
-    log.debug("restored into a sandbox", {
-      sandboxId: record.sandboxId,
-      restoreMs: round(restored - started),
-      agentReadyMs: round(ready - restored),
-      initMs: round(performance.now() - ready),
-    });
+    // The restored agent listens already: no health probe before its /init, which runs while
+    // the runtime renames the host.
+    const whenRunning = () => this.initRecordAgent(record, template, agentToken, AGENT_READY_TIMEOUT_MS);
+    await this.options.runtime.restore({ ...this.specOf(record, template), networkReady: network?.ready, whenRunning }, imageDir);
+    log.debug("restored into a sandbox", { sandboxId: record.sandboxId, ms: round(performance.now() - started) });
   }
 
   private async createFromSnapshot(request: CreateSandboxRequest, snapshot: SnapshotRecord): Promise<SandboxRecord> {

@@ -32,6 +32,12 @@ export interface SandboxSpec {
    * container joins the namespace. Absent = the network is ready.
    */
   networkReady?: Promise<unknown>;
+  /**
+   * restore(): the caller's first step once the processes run (the agent's /init), run
+   * concurrently with what the runtime still does then (renaming the host); restore() resolves
+   * when both are done and fails when either fails.
+   */
+  whenRunning?: () => Promise<void>;
 }
 
 export type RuntimeState = "running" | "frozen" | "stopped" | "missing";

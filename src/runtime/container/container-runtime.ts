@@ -458,9 +458,11 @@ export class ContainerRuntime implements Runtime {
         await this.runc.runDetached(CONTAINER_PREFIX + id, paths.dir, paths.runcLog);
       }
       this.rememberFacts(spec);
-      // CRIU brings back the image's UTS namespace with the source's name.
-      if (criuPath) await this.setHostname(id, spec.hostname);
-      log.debug("restored", { sandboxId: id, imageDir, memory: meta.memory, ...timings, totalMs: round(performance.now() - started) });
+      // CRIU brings back the image's UTS namespace with the source's name; the caller's own
+      // first step (the agent's /init) runs meanwhile.
+      const running = performance.now();
+      await allSettledOrThrow([criuPath ? this.setHostname(id, spec.hostname) : undefined, spec.whenRunning?.()]);
+      log.debug("restored", { sandboxId: id, imageDir, memory: meta.memory, ...timings, finishingMs: round(performance.now() - running), totalMs: round(performance.now() - started) });
     } catch (err) {
       await settled(spec.networkReady);
       const error = CubicleError.from(err);
@@ -670,6 +672,13 @@ async function shareWithSandboxRoot(dir: string): Promise<void> {
   );
   await chown(dir, 0, SANDBOX_UID_BASE);
   await chmod(dir, 0o750);
+}
+
+/** Waits for every step (undefined = none) and then throws the first failure, if any. */
+async function allSettledOrThrow(steps: (Promise<unknown> | undefined)[]): Promise<void> {
+  const results = await Promise.allSettled(steps);
+  const failed = results.find((result): result is PromiseRejectedResult => result.status === "rejected");
+  if (failed) throw failed.reason;
 }
 
 /**

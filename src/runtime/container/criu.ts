@@ -56,24 +56,24 @@ export async function writeCriuConfig(file: string): Promise<void> {
  * CRIU archives the sandbox's tmpfs mounts (/dev/shm, /dev) with `tar --gzip`, hard-coded
  * (mount.c): gzip manages ~35 MB/s, so 500 MB in /dev/shm kept the sandbox frozen for 25 s.
  * CRIU runs `tar` from PATH; runc gets this shim first in PATH for checkpoint and restore. It
- * drops `--gzip` when archiving and, when extracting, adds it back only for images that really
- * are gzip (magic 1f 8b; images made before the shim). GNU tar cannot detect compression on
- * stdin by itself. The image file keeps CRIU's `.tar.gz.img` name whatever its content.
+ * drops `--gzip`. When extracting, it has tar read the image through `/proc/self/fd/0` (CRIU
+ * hands it over as stdin, a regular file) instead of from the stream: GNU tar then recognises a
+ * compressed archive by itself (images made before the shim are gzip), which it cannot do on a
+ * stream, and no process has to look at the magic first. The image file keeps CRIU's
+ * `.tar.gz.img` name whatever its content.
  */
 export function tarShim(realTar: string): string {
   return `#!/bin/sh
 # Written by Cubicle (src/runtime/container/criu.ts): CRIU's tmpfs archives without gzip.
-gzip=
+file=
 case " $* " in
-  *" --extract "*)
-    # stdin is the image file: peek at its magic through a second open, not the shared offset.
-    [ "$(od -An -tx1 -N2 /proc/self/fd/0 2>/dev/null)" = " 1f 8b" ] && gzip=--gzip ;;
+  *" --extract "*) file=/proc/self/fd/0 ;;
 esac
 for arg do
   shift
   [ "$arg" = "--gzip" ] || set -- "$@" "$arg"
 done
-exec ${realTar} $gzip "$@"
+exec ${realTar} \${file:+--file=$file} "$@"
 `;
 }
 
