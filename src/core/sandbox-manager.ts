@@ -2,7 +2,7 @@ import { EventEmitter } from "node:events";
 import { mkdir, readdir, rename, rm } from "node:fs/promises";
 import path from "node:path";
 import type { NetworkManager } from "../network/types.js";
-import type { Runtime, SandboxSpec } from "../runtime/types.js";
+import type { RestoreOptions, Runtime, SandboxSpec } from "../runtime/types.js";
 import { runtimeIdOf, type PoolEntryRecord, type SandboxRecord, type SandboxQuery, type SnapshotQuery, type SnapshotRecord, type Store } from "../store/types.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { createLogger } from "../shared/log.js";
@@ -218,7 +218,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     if (warmImage) {
       const started = performance.now();
       // The image's agent was never given a token: its first /init needs none.
-      await this.startOrFail(record, () => this.restoreInto(record, template, warmImage, undefined));
+      await this.startOrFail(record, () => this.restoreInto(record, template, warmImage, undefined, { keepSpareUpper: true }));
       this.warmSnapshots.countRestore(template.templateId);
       log.debug("created from the template's warm snapshot", { sandboxId: record.sandboxId, templateId: template.templateId, ms: round(performance.now() - started) });
       return this.markRunning(record, { pooled: false, warmSnapshot: true });
@@ -425,13 +425,13 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
    * Restores an image into a recorded sandbox: a network (new unless the record has one), the
    * runtime restore, the agent's readiness, and a re-init that hands it this sandbox's identity.
    */
-  private async restoreInto(record: SandboxRecord, template: TemplateInfo, imageDir: string, agentToken: string | undefined): Promise<void> {
+  private async restoreInto(record: SandboxRecord, template: TemplateInfo, imageDir: string, agentToken: string | undefined, options: RestoreOptions = {}): Promise<void> {
     const started = performance.now();
     const network = record.network ? undefined : await this.beginNetwork(record);
     // The restored agent listens already: no health probe before its /init, which runs while
     // the runtime renames the host.
     const whenRunning = () => this.initRecordAgent(record, template, agentToken, AGENT_READY_TIMEOUT_MS);
-    await this.options.runtime.restore({ ...this.specOf(record, template), networkReady: network?.ready, whenRunning }, imageDir);
+    await this.options.runtime.restore({ ...this.specOf(record, template), networkReady: network?.ready, whenRunning }, imageDir, options);
     log.debug("restored into a sandbox", { sandboxId: record.sandboxId, ms: round(performance.now() - started) });
   }
 

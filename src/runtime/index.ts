@@ -1,7 +1,7 @@
 import type { CubicleConfig } from "../shared/config.js";
 import { ContainerRuntime, type ContainerRuntimeOptions } from "./container/container-runtime.js";
 
-export type { CheckpointInfo, CheckpointOptions, Runtime, RuntimeState, SandboxResources, SandboxSpec, SandboxStats, TemplateImage } from "./types.js";
+export type { CheckpointInfo, CheckpointOptions, RestoreOptions, Runtime, RuntimeState, SandboxResources, SandboxSpec, SandboxStats, TemplateImage } from "./types.js";
 export { PARTIAL_IMAGE_MARKER } from "./container/checkpoint-image.js";
 export { SANDBOX_UID_BASE, SANDBOX_UID_COUNT } from "./types.js";
 export { ContainerRuntime, CONTAINER_PREFIX, type ContainerRuntimeOptions, type CreateTimings } from "./container/container-runtime.js";

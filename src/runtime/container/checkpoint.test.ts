@@ -182,6 +182,40 @@ describe("container checkpoints (CRIU)", { skip }, () => {
     for (const clone of clones) await assertGone(clone.id);
   });
 
+  test("a restore that keeps a spare upper layer hands it to the next restore of that image, files and all", async () => {
+    const source = await newSandbox();
+    const clones: Sandbox[] = [];
+    const sparesDir = path.join(stateDir, "spare-uppers");
+    try {
+      assert.equal((await sh(source, "echo kept > /root/kept && rm /etc/motd")).exitCode, 0);
+      await runtime.checkpoint(source.id, imageDir("spare"), { memory: true, leaveRunning: true });
+      const seen: string[] = [];
+      for (let i = 0; i < 3; i++) {
+        const spec = await specFor(`${tag}p${counter++}`);
+        await runtime.restore(spec, imageDir("spare"), { keepSpareUpper: true });
+        clones.push({ id: spec.sandboxId, net: spec.network, spec });
+        // The copy for the next restore is made in the background: one, whatever the count.
+        const deadline = Date.now() + 10_000;
+        while ((await readdir(sparesDir)).length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+        const spares = await readdir(sparesDir);
+        assert.equal(spares.length, 1, "one spare upper layer is ready");
+        // Each restore took the previous spare (renamed into its bundle) and a new one was made.
+        assert.ok(!seen.includes(spares[0]!), `spare ${spares[0]} was not used by restore ${i}`);
+        seen.push(spares[0]!);
+      }
+      for (const clone of clones) {
+        assert.equal((await sh(clone, "cat /root/kept")).stdout, "kept\n");
+        assert.notEqual((await sh(clone, "test -e /etc/motd")).exitCode, 0, "a deletion (whiteout) came through the spare");
+      }
+      assert.equal((await sh(clones[1]!, "echo mine > /root/own")).exitCode, 0);
+      assert.notEqual((await sh(clones[2]!, "test -e /root/own")).exitCode, 0, "restores share no upper layer");
+    } finally {
+      for (const clone of clones) await removeSandbox(clone);
+      await removeSandbox(source);
+    }
+    for (const clone of clones) await assertGone(clone.id);
+  });
+
   test("a durable pause stops the container, keeps the sandbox, and resumes into the same id", async () => {
     const sandbox = await newSandbox();
     try {

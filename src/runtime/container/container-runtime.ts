@@ -5,7 +5,7 @@ import type { CubicleConfig } from "../../shared/config.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
 import { createLogger } from "../../shared/log.js";
-import { SANDBOX_UID_BASE, type CheckpointInfo, type CheckpointOptions, type Runtime, type RuntimeState, type SandboxSpec, type SandboxStats } from "../types.js";
+import { SANDBOX_UID_BASE, type CheckpointInfo, type CheckpointOptions, type RestoreOptions, type Runtime, type RuntimeState, type SandboxSpec, type SandboxStats } from "../types.js";
 import { assembleAgentKit, findNativePackages, type AgentKit } from "./agent-kit.js";
 import { copyTree, imageLayout, PARTIAL_IMAGE_MARKER, readMeta, treeBytes, writeMeta, type CheckpointMeta } from "./checkpoint-image.js";
 import { cgroupDirectories, detectCgroupLayout, readCgroupUsage, removeCgroupDirectories, supportsSwapLimit, type CgroupLayout } from "./cgroups.js";
@@ -105,6 +105,10 @@ export class ContainerRuntime implements Runtime {
   private readonly criuBinDir: string;
   /** An empty directory owned by the sandboxes' root, bound read-only at /sys (SYS_MOUNT_NOTE). */
   private readonly emptyDir: string;
+  /** Ready copies of image upper layers (RestoreOptions.keepSpareUpper), by image upper path. */
+  private readonly spareUppersDir: string;
+  private readonly spareUppers = new Map<string, string>();
+  private readonly makingSpares = new Set<string>();
   private criuPath: string | undefined;
   private kitFingerprint: string | undefined;
   private partialCounter = 0;
@@ -119,10 +123,14 @@ export class ContainerRuntime implements Runtime {
     this.criuConfigFile = path.join(config.stateDir, "criu-runc.conf");
     this.criuBinDir = path.join(config.stateDir, "criu-bin");
     this.emptyDir = path.join(config.stateDir, "empty");
+    this.spareUppersDir = path.join(config.stateDir, "spare-uppers");
   }
 
   async init(): Promise<void> {
     await mkdir(this.sandboxesDir, { recursive: true, mode: 0o711 });
+    // Spare copies of a previous process are not known to this one: start empty.
+    await rm(this.spareUppersDir, { recursive: true, force: true });
+    await mkdir(this.spareUppersDir, { mode: 0o700 });
     // The sandbox's root (an unprivileged uid on the host) must traverse the state dir to reach
     // its bundle and the kit: give "others" search (x) permission, never read.
     for (const dir of [this.config.stateDir, this.sandboxesDir]) {
@@ -187,7 +195,10 @@ export class ContainerRuntime implements Runtime {
     await Promise.all([mkdir(paths.work), mkdir(paths.rootfs)]);
     if (upperSource) {
       // An image's upper layer already has the owner and mode of the root it was made for.
-      await copyTree(upperSource, paths.upper, CHECKPOINT_TIMEOUT_MS);
+      const spare = this.spareUppers.get(upperSource);
+      this.spareUppers.delete(upperSource);
+      const renamed = spare ? await rename(spare, paths.upper).then(() => true, () => false) : false;
+      if (!renamed) await copyTree(upperSource, paths.upper, CHECKPOINT_TIMEOUT_MS);
     } else {
       await mkdir(paths.upper);
       // The merged root takes the upper dir's owner and mode: make it the lower root's.
@@ -418,14 +429,31 @@ export class ContainerRuntime implements Runtime {
    * environment (CUBICLE_SANDBOX_ID of the source) and closed TCP connections; the caller
    * re-initialises the agent.
    */
-  async restore(spec: SandboxSpec, imageDir: string): Promise<void> {
+  async restore(spec: SandboxSpec, imageDir: string, options: RestoreOptions = {}): Promise<void> {
     try {
       const id = checkId(spec.sandboxId);
-      return await this.exclusive(id, () => this.restoreNow(spec, path.resolve(imageDir)));
+      await this.exclusive(id, () => this.restoreNow(spec, path.resolve(imageDir)));
     } catch (err) {
       await settled(spec.networkReady);
       throw err;
     }
+    if (options.keepSpareUpper) this.makeSpareUpper(imageLayout(path.resolve(imageDir)).upper);
+  }
+
+  /** See RestoreOptions.keepSpareUpper: one ready copy per image, made in the background. */
+  private makeSpareUpper(upperSource: string): void {
+    if (this.spareUppers.has(upperSource) || this.makingSpares.has(upperSource)) return;
+    this.makingSpares.add(upperSource);
+    const target = path.join(this.spareUppersDir, String(++this.partialCounter));
+    copyTree(upperSource, target, CHECKPOINT_TIMEOUT_MS)
+      .then(
+        () => void this.spareUppers.set(upperSource, target),
+        async (err) => {
+          log.warn("copying a spare upper layer failed; the next restore copies it itself", { upperSource, error: String(err) });
+          await rm(target, { recursive: true, force: true });
+        },
+      )
+      .finally(() => this.makingSpares.delete(upperSource));
   }
 
   private async restoreNow(spec: SandboxSpec, imageDir: string): Promise<void> {
