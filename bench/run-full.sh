@@ -28,6 +28,12 @@ serve() { # PORT STATE_DIR SUBNET TABLE POOL
   echo "server on port $1 did not start; see $2.log" >&2; exit 1
 }
 bench() { CUBICLE_PORT=$port CUBICLE_STATE_DIR=$state node dist/cli.js bench "$@" --quiet; }
+# Waits (at most 2 min) for the 1-minute load average to fall below 0.5. A burst of hundreds of
+# sandboxes leaves the kernel tearing down their namespaces in the background for a while; the
+# next scenario would otherwise pay for the last one.
+settle() {
+  for _ in $(seq 1 120); do awk '{ exit !($1 < 0.5) }' /proc/loadavg && return 0; sleep 1; done
+}
 
 pooled_state=/var/lib/cubicle-bench-pooled; cold_state=/var/lib/cubicle-bench-cold
 rm -rf "$pooled_state" "$cold_state"
@@ -43,13 +49,16 @@ if [ "${BENCH_SKIP_DENSITY:-}" != 1 ]; then # BENCH_SKIP_DENSITY=1: keep the las
 fi
 
 port=3101 state=$pooled_state
+settle
 bench create -c 1 -n 100 -w 2 --wait-pool
 bench create -t code-interpreter-v1 -c 1 -n 30 -w 2   # no pool of its own: the warm snapshot
 for c in 1 10; do bench create -c $c -n 100 -w 2; done
+settle
 bench exec -n 1000
 bench files -n 200
 bench runcode -n 200
 for c in 1 10; do
+  settle
   bench snapshot -c $c -n 5 -s 0,10,100,500
   bench restore -c $c -n 50
   bench rollback -c $c -n 20
@@ -59,5 +68,6 @@ bench fork -c 1 -n 20
 bench fork -c 10 -n 10
 
 port=3102 state=$cold_state
+settle
 bench baseline -n 100
 node dist/cli.js bench report
