@@ -6,6 +6,9 @@ export const ENVD_PORT = 49983;
 /** Port of the code interpreter inside every sandbox. */
 export const INTERPRETER_PORT = 49999;
 
+/** How long a new or restored sandbox's agent may take to answer (a loaded host boots slowly). */
+export const AGENT_READY_TIMEOUT_MS = 15_000;
+
 /** Keep-alive sockets to the agents: the server talks to them on every create and proxied call. */
 export const agentHttpAgent = new http.Agent({ keepAlive: true, maxSockets: 256, maxFreeSockets: 64, keepAliveMsecs: 10_000 });
 
@@ -54,20 +57,28 @@ function requestAgent(
  */
 export async function waitForAgent(address: string, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
-  let lastError: unknown;
-  let delayMs = 1;
-  while (Date.now() < deadline) {
+  await whileUnreachable(timeoutMs, async () => {
+    const res = await requestAgent(address, "GET", "/health", undefined, Math.max(100, deadline - Date.now()));
+    if (res.status !== 204 && res.status !== 200) throw new Error(`health answered ${res.status}`);
+  });
+}
+
+/**
+ * Runs `attempt` again, 1 ms then doubling to 20 ms apart, while it fails with anything but a
+ * CubicleError (the agent is not listening yet, or not well); a CubicleError is its answer and
+ * is thrown at once. After `timeoutMs` the last failure becomes "unavailable".
+ */
+async function whileUnreachable<T>(timeoutMs: number, attempt: () => Promise<T>): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (let delayMs = 1; ; delayMs = Math.min(delayMs * 2, 20)) {
     try {
-      const res = await requestAgent(address, "GET", "/health", undefined, Math.max(100, deadline - Date.now()));
-      if (res.status === 204 || res.status === 200) return;
-      lastError = new Error(`health answered ${res.status}`);
+      return await attempt();
     } catch (err) {
-      lastError = err;
+      if (err instanceof CubicleError) throw err;
+      if (Date.now() > deadline) throw new CubicleError("unavailable", `the sandbox agent did not become ready within ${timeoutMs} ms: ${(err as Error).message ?? String(err)}`);
     }
     await new Promise((r) => setTimeout(r, delayMs));
-    delayMs = Math.min(delayMs * 2, 20);
   }
-  throw new CubicleError("unavailable", `the sandbox agent did not become ready within ${timeoutMs} ms: ${String((lastError as Error)?.message ?? lastError)}`);
 }
 
 /** Quick liveness probe used by recovery; false instead of throwing. */
@@ -150,16 +161,7 @@ export async function initAgent(address: string, init: AgentInit, currentToken?:
  * agent cannot be reached, never when it answers with an error.
  */
 export async function initAgentWhenUp(address: string, init: AgentInit, currentToken: string | undefined, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (let delayMs = 1; ; delayMs = Math.min(delayMs * 2, 20)) {
-    try {
-      return await initAgent(address, init, currentToken);
-    } catch (err) {
-      if (err instanceof CubicleError) throw err;
-      if (Date.now() > deadline) throw new CubicleError("unavailable", `the sandbox agent did not become ready within ${timeoutMs} ms: ${(err as Error).message}`);
-    }
-    await new Promise((r) => setTimeout(r, delayMs));
-  }
+  await whileUnreachable(timeoutMs, () => initAgent(address, init, currentToken));
 }
 
 /**

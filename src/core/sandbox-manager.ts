@@ -6,7 +6,7 @@ import type { RestoreOptions, Runtime, SandboxSpec } from "../runtime/types.js";
 import { runtimeIdOf, type PoolEntryRecord, type SandboxRecord, type SandboxQuery, type SnapshotQuery, type SnapshotRecord, type Store } from "../store/types.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { createLogger } from "../shared/log.js";
-import { agentIsHealthy, dropIdleAgentSockets, initAgent, initAgentWhenUp, waitForAgent, type AgentInit } from "./agent-client.js";
+import { AGENT_READY_TIMEOUT_MS, agentIsHealthy, dropIdleAgentSockets, initAgent, initAgentWhenUp, type AgentInit } from "./agent-client.js";
 import { newImageId, newSandboxId, newSnapshotId, newToken } from "./ids.js";
 import { KeyedMutex } from "./keyed-mutex.js";
 import { normaliseSnapshotRef, parseSnapshotName } from "./snapshot-names.js";
@@ -34,7 +34,6 @@ async function exists(file: string): Promise<boolean> {
 
 /** The most a sandbox may live from one timeout call: 24 h, as upstream's highest tier. */
 export const MAX_TIMEOUT_SEC = 24 * 60 * 60;
-const AGENT_READY_TIMEOUT_MS = 15_000;
 /** Restores of one fork request run this many at a time. */
 const FORK_PARALLELISM = 4;
 /** Timeout of a fork when the request names none (the API spec's default). */
@@ -226,8 +225,8 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     await this.startOrFail(record, async () => {
       const network = await this.beginNetwork(record);
       await this.options.runtime.create({ ...this.specOf(record, template), networkReady: network.ready });
-      await waitForAgent(record.network!.sandboxAddress, AGENT_READY_TIMEOUT_MS);
-      await this.initRecordAgent(record, template, undefined);
+      // Its first /init is retried until the agent listens: no separate health probe.
+      await this.initRecordAgent(record, template, undefined, AGENT_READY_TIMEOUT_MS);
     });
     return this.markRunning(record, { pooled: false });
   }
@@ -400,19 +399,16 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
    * with `whenUpMs`, retried that long while the agent cannot be reached.
    */
   private async initRecordAgent(record: SandboxRecord, template: TemplateInfo, currentToken: string | undefined, whenUpMs?: number): Promise<void> {
-    const init = whenUpMs === undefined ? initAgent : (address: string, body: AgentInit, token: string | undefined) => initAgentWhenUp(address, body, token, whenUpMs);
-    await init(
-      record.network!.sandboxAddress,
-      {
-        accessToken: record.envdAccessToken,
-        envVars: record.envVars,
-        defaultUser: template.image.defaultUser,
-        defaultWorkdir: template.image.defaultWorkdir,
-        hostname: record.sandboxId,
-        timestamp: new Date().toISOString(),
-      },
-      currentToken,
-    );
+    const address = record.network!.sandboxAddress;
+    const init: AgentInit = {
+      accessToken: record.envdAccessToken,
+      envVars: record.envVars,
+      defaultUser: template.image.defaultUser,
+      defaultWorkdir: template.image.defaultWorkdir,
+      hostname: record.sandboxId,
+      timestamp: new Date().toISOString(),
+    };
+    await (whenUpMs === undefined ? initAgent(address, init, currentToken) : initAgentWhenUp(address, init, currentToken, whenUpMs));
   }
 
   private async templateOf(record: Pick<SandboxRecord, "templateId">): Promise<TemplateInfo> {
@@ -809,9 +805,9 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       const lost = state === "missing" || state === "stopped";
       if (lost) await this.markDead(record, `the sandbox was lost during a snapshot: ${(err as Error).message}`);
       const error = CubicleError.from(err);
-      // runc exits 1 whatever made CRIU fail: a full disk shows only in the CRIU log the runtime
-      // appends to its message (bfd: "Error flushing image: No space left on device").
-      if (error.code === "insufficient_storage" || /No space left on device|Disk quota exceeded/i.test(error.message)) {
+      // The runtime gives a full disk its own code (the copy's ENOSPC, or the CRIU log's): say
+      // what it means for this sandbox.
+      if (error.code === "insufficient_storage") {
         throw new CubicleError(
           "insufficient_storage",
           `not enough disk space on the server to save the memory and files of sandbox "${record.sandboxId}" (No space left on device)${lost ? "" : "; the sandbox keeps running"}. Delete snapshots you no longer need or free disk space on the host, then retry`,

@@ -1,61 +1,18 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import type { NetworkManager, SandboxNetwork } from "../network/types.js";
-import type { Runtime } from "../runtime/types.js";
-import type { PoolEntryRecord, Store } from "../store/types.js";
+import { fakeHost } from "./test-fakes.js";
 import type { TemplateCatalog } from "./types.js";
 import { WarmPool } from "./warm-pool.js";
 
-/** A runtime and network that only count; the agent "answers" because waitForAgent is never reached... */
+/** The counting fakes, and a catalog with the base template under two names. */
 function fakes(options: { failCreates?: number } = {}) {
-  const containers = new Map<string, "running" | "frozen">();
-  const networks = new Set<string>();
-  const rows = new Map<string, PoolEntryRecord>();
-  let failures = options.failCreates ?? 0;
-  const runtime = {
-    name: "container",
-    async create(spec: { sandboxId: string }) {
-      if (failures > 0) {
-        failures--;
-        throw new Error("boom");
-      }
-      containers.set(spec.sandboxId, "running");
-    },
-    async freeze(id: string) {
-      containers.set(id, "frozen");
-    },
-    async destroy(id: string) {
-      containers.delete(id);
-    },
-  } as unknown as Runtime;
-  const network = {
-    begin(id: string): { network: SandboxNetwork; ready: Promise<SandboxNetwork> } {
-      networks.add(id);
-      const network = { netnsName: `cubicle-${id}`, netnsPath: "", hostInterface: "", hostAddress: "127.0.0.1", sandboxAddress: "127.0.0.1", prefixLength: 30 };
-      return { network, ready: Promise.resolve(network) };
-    },
-    async release(id: string) {
-      networks.delete(id);
-    },
-  } as unknown as NetworkManager;
-  const store = {
-    async insertPoolEntry(entry: PoolEntryRecord) {
-      rows.set(entry.runtimeId, { ...entry });
-    },
-    async deletePoolEntry(id: string) {
-      rows.delete(id);
-    },
-    async listPoolEntries() {
-      return [...rows.values()];
-    },
-  } as unknown as Store;
   const templates: TemplateCatalog = {
     async resolve(idOrAlias) {
       if (idOrAlias !== "base" && idOrAlias !== "base-alias") return undefined;
       return { templateId: "base", aliases: ["base", "base-alias"], cpuCount: 1, memoryMB: 512, diskSizeMB: 0, image: { templateId: "base", rootfsDir: "/x", defaultUser: "user", defaultWorkdir: "/home/user", env: {} } };
     },
   };
-  return { containers, networks, rows, runtime, network, store, templates };
+  return { ...fakeHost(options), templates };
 }
 
 async function until(check: () => boolean): Promise<void> {

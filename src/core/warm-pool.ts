@@ -1,14 +1,12 @@
-import type { NetworkManager } from "../network/types.js";
-import type { Runtime } from "../runtime/types.js";
-import type { PoolEntryRecord, Store } from "../store/types.js";
+import type { PoolEntryRecord } from "../store/types.js";
 import { createLogger } from "../shared/log.js";
-import { initAgent, waitForAgent, warmUpAgent } from "./agent-client.js";
-import { newSandboxId, newToken } from "./ids.js";
+import { initAgent, warmUpAgent } from "./agent-client.js";
+import { newToken } from "./ids.js";
 import type { TemplateCatalog, TemplateInfo } from "./types.js";
+import { bootUnclaimed, destroyUnclaimed, type UnclaimedSandboxDeps } from "./unclaimed-sandbox.js";
 
 const log = createLogger("pool");
 
-const AGENT_READY_TIMEOUT_MS = 15_000;
 /** Parallel creations per template while refilling: a refill must not starve user creates. */
 const REFILL_PARALLELISM = 2;
 /**
@@ -22,14 +20,10 @@ const REFILL_AFTER_CLAIM_MS = 30;
 /** After a failed pool create, wait this long before trying again (no hot loop on a broken template). */
 const RETRY_AFTER_FAILURE_MS = 5_000;
 
-export interface WarmPoolOptions {
-  store: Store;
-  runtime: Runtime;
-  network: NetworkManager;
+export interface WarmPoolOptions extends UnclaimedSandboxDeps {
   templates: TemplateCatalog;
   /** Wanted entries per template id or alias. */
   sizes: Record<string, number>;
-  pidsLimit: number;
 }
 
 /** What a create needs of a pool entry: the template's own resources and network policy. */
@@ -153,38 +147,15 @@ export class WarmPool {
     }
   }
 
+  /** An entry: booted under the id of the sandbox that will claim it (so a claim needs no rename), warmed up, given an identity, frozen. */
   private async createEntry(template: TemplateInfo): Promise<PoolEntryRecord> {
-    const { store, runtime, network } = this.options;
-    const entry: PoolEntryRecord = {
-      // The id of the sandbox that will claim it: the container is made under that name and
-      // hostname, so a claim needs no rename and runtime id = sandbox id afterwards.
-      runtimeId: newSandboxId(),
-      templateId: template.templateId,
-      network: undefined,
-      createdAt: Date.now(),
-      allowInternetAccess: true,
-    };
-    await store.insertPoolEntry(entry);
-    let networkReady: Promise<unknown> | undefined;
+    const entry = await bootUnclaimed(this.options, template);
+    const address = entry.network!.sandboxAddress;
     try {
-      // The namespace is made while the runtime prepares the container (see NetworkManager.begin).
-      const { network: planned, ready } = network.begin(entry.runtimeId, { allowInternetAccess: entry.allowInternetAccess });
-      networkReady = ready.catch(() => undefined);
-      entry.network = planned;
-      await store.insertPoolEntry(entry);
-      await runtime.create({
-        sandboxId: entry.runtimeId,
-        hostname: entry.runtimeId,
-        template: template.image,
-        resources: { cpuCount: template.cpuCount, memoryMiB: template.memoryMB, diskMiB: template.diskSizeMB, pidsLimit: this.options.pidsLimit },
-        network: entry.network,
-        networkReady: ready,
-      });
-      await waitForAgent(entry.network.sandboxAddress, AGENT_READY_TIMEOUT_MS);
-      await warmUpAgent(entry.network.sandboxAddress, template.image.defaultUser).catch((err) => log.debug("agent warm-up failed; freezing anyway", { runtimeId: entry.runtimeId, error: String(err) }));
+      await warmUpAgent(address, template.image.defaultUser).catch((err) => log.debug("agent warm-up failed; freezing anyway", { runtimeId: entry.runtimeId, error: String(err) }));
       // The identity most creates want (see PoolEntryRecord.agentToken), given while it is cheap.
       const agentToken = newToken();
-      await initAgent(entry.network.sandboxAddress, {
+      await initAgent(address, {
         accessToken: agentToken,
         envVars: {},
         defaultUser: template.image.defaultUser,
@@ -193,14 +164,13 @@ export class WarmPool {
         timestamp: new Date().toISOString(),
       });
       entry.agentToken = agentToken;
-      await store.insertPoolEntry(entry);
+      await this.options.store.insertPoolEntry(entry);
       // The warm-up's keep-alive connection stays open through the freeze (the agent never closes
       // idle ones, see KEEP_IDLE_CONNECTIONS): the claim's /init reuses it, no handshake with a
       // just-thawed agent.
-      await runtime.freeze(entry.runtimeId);
+      await this.options.runtime.freeze(entry.runtimeId);
       return entry;
     } catch (err) {
-      await networkReady;
       await this.destroyEntry(entry);
       throw err;
     }
@@ -208,10 +178,7 @@ export class WarmPool {
 
   /** Removes an entry's container, network and row; never throws. */
   async destroyEntry(entry: Pick<PoolEntryRecord, "runtimeId">): Promise<void> {
-    const { store, runtime, network } = this.options;
-    await runtime.destroy(entry.runtimeId).catch((err) => log.error("pool entry destroy failed", { runtimeId: entry.runtimeId, error: String(err) }));
-    await network.release(entry.runtimeId).catch((err) => log.error("pool entry network release failed", { runtimeId: entry.runtimeId, error: String(err) }));
-    await store.deletePoolEntry(entry.runtimeId).catch(() => undefined);
+    await destroyUnclaimed(this.options, entry.runtimeId);
   }
 
   /** After a restart: entries of the previous process are discarded (cheaper than proving them clean). */

@@ -3,9 +3,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
-import type { NetworkManager, SandboxNetwork } from "../network/types.js";
-import type { Runtime } from "../runtime/types.js";
-import type { PoolEntryRecord, Store } from "../store/types.js";
+import { fakeHost } from "./test-fakes.js";
 import type { TemplateInfo } from "./types.js";
 import { WarmSnapshots } from "./warm-snapshots.js";
 
@@ -18,36 +16,9 @@ const template: TemplateInfo = {
   image: { templateId: "code-interpreter-v1", rootfsDir: "/x", defaultUser: "user", defaultWorkdir: "/home/user", env: {} },
 };
 
-/** A runtime whose creates fail (no real sandbox), a network and store that only count. */
+/** The counting fakes, with creates that always fail (no real sandbox). */
 function fakes(kit: { fingerprint: string }) {
-  const networks = new Set<string>();
-  const rows = new Map<string, PoolEntryRecord>();
-  const runtime = {
-    name: "container",
-    memoryImageFingerprint: () => kit.fingerprint,
-    async create() {
-      throw new Error("no sandboxes in unit tests");
-    },
-    async destroy() {},
-  } as unknown as Runtime;
-  const network = {
-    async allocate(id: string): Promise<SandboxNetwork> {
-      networks.add(id);
-      return { netnsName: `cubicle-${id}`, netnsPath: "", hostInterface: "", hostAddress: "127.0.0.1", sandboxAddress: "127.0.0.1", prefixLength: 30 };
-    },
-    async release(id: string) {
-      networks.delete(id);
-    },
-  } as unknown as NetworkManager;
-  const store = {
-    async insertPoolEntry(entry: PoolEntryRecord) {
-      rows.set(entry.runtimeId, { ...entry });
-    },
-    async deletePoolEntry(id: string) {
-      rows.delete(id);
-    },
-  } as unknown as Store;
-  return { runtime, network, store, networks, rows };
+  return fakeHost({ failCreates: Infinity, fingerprint: () => kit.fingerprint });
 }
 
 test("an image is used only while its template and kit fingerprints are current; a failed build leaves nothing", async () => {

@@ -1,31 +1,23 @@
 import { createHash } from "node:crypto";
 import { access, mkdir, readdir, rm } from "node:fs/promises";
 import path from "node:path";
-import type { NetworkManager } from "../network/types.js";
-import type { Runtime } from "../runtime/types.js";
-import type { PoolEntryRecord, Store } from "../store/types.js";
 import { createLogger } from "../shared/log.js";
-import { dropIdleAgentSockets, initAgent, startInterpreterKernel, waitForAgent } from "./agent-client.js";
-import { newSandboxId } from "./ids.js";
+import { dropIdleAgentSockets, initAgent, startInterpreterKernel } from "./agent-client.js";
 import type { TemplateInfo } from "./types.js";
+import { bootUnclaimed, destroyUnclaimed, type UnclaimedSandboxDeps } from "./unclaimed-sandbox.js";
 
 const log = createLogger("warm-snapshot");
 
-const AGENT_READY_TIMEOUT_MS = 15_000;
 /** Starting a Python kernel takes about a second; on a loaded host much more. */
 const KERNEL_START_TIMEOUT_MS = 60_000;
 /** After a failed build, the next create may try again this much later. */
 const RETRY_AFTER_FAILURE_MS = 60_000;
 
-export interface WarmSnapshotsOptions {
-  store: Store;
-  runtime: Runtime;
-  network: NetworkManager;
+export interface WarmSnapshotsOptions extends UnclaimedSandboxDeps {
   /** `<stateDir>/warm` holds the images. */
   stateDir: string;
   /** Template ids or aliases that get a warm snapshot. */
   templates: string[];
-  pidsLimit: number;
   /** What decides whether a template's rootfs changed (its recipe hash); default the rootfs path. */
   templateFingerprint?: (template: TemplateInfo) => Promise<string>;
 }
@@ -142,7 +134,7 @@ export class WarmSnapshots {
   }
 
   private async buildNow(template: TemplateInfo): Promise<string | undefined> {
-    const { store, runtime, network } = this.options;
+    const { runtime } = this.options;
     const imageDir = await this.currentImageDir(template);
     if (await exists(imageDir)) return imageDir;
     const started = performance.now();
@@ -151,20 +143,9 @@ export class WarmSnapshots {
     for (const entry of await readdir(this.dir)) {
       if (entry.startsWith(`${template.templateId}-`) && path.join(this.dir, entry) !== imageDir) await rm(path.join(this.dir, entry), { recursive: true, force: true });
     }
-    const entry: PoolEntryRecord = { runtimeId: newSandboxId(), templateId: template.templateId, network: undefined, createdAt: Date.now(), allowInternetAccess: true };
-    await store.insertPoolEntry(entry);
+    const entry = await bootUnclaimed(this.options, template);
     try {
-      entry.network = await network.allocate(entry.runtimeId, { allowInternetAccess: true });
-      await store.insertPoolEntry(entry);
-      await runtime.create({
-        sandboxId: entry.runtimeId,
-        hostname: entry.runtimeId,
-        template: template.image,
-        resources: { cpuCount: template.cpuCount, memoryMiB: template.memoryMB, diskMiB: template.diskSizeMB, pidsLimit: this.options.pidsLimit },
-        network: entry.network,
-      });
-      const address = entry.network.sandboxAddress;
-      await waitForAgent(address, AGENT_READY_TIMEOUT_MS);
+      const address = entry.network!.sandboxAddress;
       // The kernel starts as the template's default user in its workdir: tell the agent first.
       // No token and no env vars: the sandbox restored from the image gets its own in its /init.
       await initAgent(address, { envVars: {}, defaultUser: template.image.defaultUser, defaultWorkdir: template.image.defaultWorkdir, timestamp: new Date().toISOString() });
@@ -182,9 +163,7 @@ export class WarmSnapshots {
       log.info("warm snapshot ready", { templateId: template.templateId, imageDir, kernel, buildMs: Math.round(performance.now() - started) });
       return imageDir;
     } finally {
-      await runtime.destroy(entry.runtimeId).catch((err) => log.error("warm snapshot sandbox destroy failed", { runtimeId: entry.runtimeId, error: String(err) }));
-      await network.release(entry.runtimeId).catch((err) => log.error("warm snapshot network release failed", { runtimeId: entry.runtimeId, error: String(err) }));
-      await store.deletePoolEntry(entry.runtimeId).catch(() => undefined);
+      await destroyUnclaimed(this.options, entry.runtimeId);
     }
   }
 }

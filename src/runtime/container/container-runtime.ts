@@ -492,7 +492,6 @@ export class ContainerRuntime implements Runtime {
       await allSettledOrThrow([criuPath ? this.setHostname(id, spec.hostname) : undefined, spec.whenRunning?.()]);
       log.debug("restored", { sandboxId: id, imageDir, memory: meta.memory, ...timings, finishingMs: round(performance.now() - running), totalMs: round(performance.now() - started) });
     } catch (err) {
-      await settled(spec.networkReady);
       const error = CubicleError.from(err);
       await this.destroy(id).catch((cleanupErr) => log.warn("cleanup after failed restore failed", { sandboxId: id, error: String(cleanupErr) }));
       if (error.code === "already_exists") throw new CubicleError("already_exists", `sandbox ${id} already exists on this host`, { cause: err });

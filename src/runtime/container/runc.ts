@@ -157,12 +157,11 @@ export class Runc {
    * frozen state, then wait until the kernel reports it (v1 passes through FREEZING).
    */
   async pause(id: string): Promise<void> {
-    const freezer = await this.freezer(id);
+    const freezer = await this.setFreezer(id, true);
     if (!freezer) {
       await runCommand([this.binary, "pause", id], { timeoutMs: TIMEOUT_MS });
       return;
     }
-    this.writeFreezer(id, freezer, freezer.frozen);
     const deadline = Date.now() + TIMEOUT_MS;
     for (let delayMs = 0.1; !(await freezer.isFrozen()); delayMs = Math.min(delayMs * 2, 10)) {
       if (Date.now() > deadline) throw new CubicleError("deadline_exceeded", `container ${id} did not freeze within ${TIMEOUT_MS} ms`);
@@ -172,36 +171,33 @@ export class Runc {
 
   /** Thaws the container (the cgroup freezer directly when known, else `runc resume`). */
   async resume(id: string): Promise<void> {
-    const freezer = await this.freezer(id);
-    if (!freezer) {
-      await runCommand([this.binary, "resume", id], { timeoutMs: TIMEOUT_MS });
-      return;
-    }
-    this.writeFreezer(id, freezer, freezer.thawed);
+    if (!(await this.setFreezer(id, false))) await runCommand([this.binary, "resume", id], { timeoutMs: TIMEOUT_MS });
   }
 
   /**
-   * The container's freezer, remembered per id: its cgroup path follows from the id, so it stays
-   * right across a durable pause or a restore, and a thaw on the warm-pool claim path need not
-   * read state.json first.
+   * Writes the container's freezer state; undefined when runc's state names no freezer (the
+   * caller falls back to runc). The freezer is remembered per id: its cgroup path follows from
+   * the id, so it stays right across a durable pause or a restore, and a thaw on the warm-pool
+   * claim path need not read state.json. A cgroup file write returns at once (v1 reports
+   * FREEZING until done): written synchronously, no thread-pool trip.
    */
-  private async freezer(id: string): Promise<FreezerControl | undefined> {
-    const known = this.freezers.get(id);
-    if (known) return known;
-    const found = await freezerOf(this.root, id);
-    if (found) this.freezers.set(id, found);
-    return found;
-  }
-
-  /** A cgroup file write returns at once (v1 reports FREEZING until done): no thread-pool trip. */
-  private writeFreezer(id: string, freezer: FreezerControl, value: string): void {
+  private async setFreezer(id: string, frozen: boolean): Promise<FreezerControl | undefined> {
+    let freezer = this.freezers.get(id);
+    if (!freezer) {
+      const state = await loadState(this.root, id);
+      if (state === undefined) throw new CubicleError("not_found", `container ${id} does not exist`);
+      freezer = state === "unknown" ? undefined : freezerOf(state);
+      if (!freezer) return undefined;
+      this.freezers.set(id, freezer);
+    }
     try {
-      writeFileSync(freezer.file, value);
+      writeFileSync(freezer.file, frozen ? freezer.frozen : freezer.thawed);
     } catch (err) {
       this.freezers.delete(id);
       if ((err as NodeJS.ErrnoException).code === "ENOENT") throw new CubicleError("not_found", `container ${id} does not exist`);
       throw err;
     }
+    return freezer;
   }
 }
 
@@ -235,14 +231,8 @@ interface RuncStateFile {
  * undefined = no such container; "unknown" = a file this reader does not understand.
  */
 async function readStateFile(root: string, id: string): Promise<RuncContainer | undefined | "unknown"> {
-  if (!/^[\w.-]+$/.test(id)) return "unknown";
-  const dir = path.join(root, id);
-  let state: RuncStateFile;
-  try {
-    state = JSON.parse(await readFile(path.join(dir, "state.json"), "utf8")) as RuncStateFile;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "ENOENT" ? undefined : "unknown";
-  }
+  const state = await loadState(root, id);
+  if (state === undefined || state === "unknown") return state;
   const pid = state.init_process_pid;
   const bundle = state.config?.labels?.find((label) => label.startsWith("bundle="))?.slice("bundle=".length);
   if (typeof pid !== "number" || typeof state.init_process_start !== "number" || bundle === undefined) return "unknown";
@@ -252,20 +242,22 @@ async function readStateFile(root: string, id: string): Promise<RuncContainer | 
   const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
   // Fields after the command: [0] = state (field 3), [19] = start time (field 22).
   if (fields[0] === "Z" || fields[0] === "X" || Number(fields[19]) !== state.init_process_start) return container;
-  if (await pathExists(path.join(dir, "exec.fifo"))) return { ...container, status: "created" };
-  const freezer = state.cgroup_paths?.freezer;
-  const unified = state.cgroup_paths?.[""];
-  if (freezer) {
-    const value = (await readFile(path.join(freezer, "freezer.state"), "utf8").catch(() => "")).trim();
-    if (!value) return "unknown";
-    return { ...container, status: value === "THAWED" ? "running" : "paused" };
+  if (await pathExists(path.join(root, id, "exec.fifo"))) return { ...container, status: "created" };
+  const freezer = freezerOf(state);
+  if (!freezer) return "unknown";
+  const value = (await readFile(freezer.file, "utf8").catch(() => "")).trim();
+  if (!value) return "unknown";
+  return { ...container, status: value === freezer.thawed ? "running" : "paused" };
+}
+
+/** runc's state.json of a container: undefined = no such container, "unknown" = unreadable. */
+async function loadState(root: string, id: string): Promise<RuncStateFile | undefined | "unknown"> {
+  if (!/^[\w.-]+$/.test(id)) return "unknown";
+  try {
+    return JSON.parse(await readFile(path.join(root, id, "state.json"), "utf8")) as RuncStateFile;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "ENOENT" ? undefined : "unknown";
   }
-  if (unified) {
-    const value = (await readFile(path.join(unified, "cgroup.freeze"), "utf8").catch(() => "")).trim();
-    if (!value) return "unknown";
-    return { ...container, status: value === "0" ? "running" : "paused" };
-  }
-  return "unknown";
 }
 
 interface FreezerControl {
@@ -275,16 +267,8 @@ interface FreezerControl {
   isFrozen(): Promise<boolean>;
 }
 
-/** The freezer of a container from its state file (v1 freezer.state, v2 cgroup.freeze), if any. */
-async function freezerOf(root: string, id: string): Promise<FreezerControl | undefined> {
-  if (!/^[\w.-]+$/.test(id)) return undefined;
-  let state: RuncStateFile;
-  try {
-    state = JSON.parse(await readFile(path.join(root, id, "state.json"), "utf8")) as RuncStateFile;
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === "ENOENT") throw new CubicleError("not_found", `container ${id} does not exist`);
-    return undefined;
-  }
+/** The freezer a state file names (v1 freezer.state, v2 cgroup.freeze), if any. */
+function freezerOf(state: RuncStateFile): FreezerControl | undefined {
   const v1 = state.cgroup_paths?.freezer;
   if (v1) {
     const file = path.join(v1, "freezer.state");

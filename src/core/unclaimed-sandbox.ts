@@ -1,0 +1,59 @@
+import type { NetworkManager } from "../network/types.js";
+import type { Runtime } from "../runtime/types.js";
+import { createLogger } from "../shared/log.js";
+import type { PoolEntryRecord, Store } from "../store/types.js";
+import { AGENT_READY_TIMEOUT_MS, waitForAgent } from "./agent-client.js";
+import { newSandboxId } from "./ids.js";
+import type { TemplateInfo } from "./types.js";
+
+const log = createLogger("core");
+
+/** What booting and removing a sandbox that belongs to no one needs. */
+export interface UnclaimedSandboxDeps {
+  store: Store;
+  runtime: Runtime;
+  network: NetworkManager;
+  pidsLimit: number;
+}
+
+/**
+ * Boots a sandbox of `template` that belongs to no one yet (a warm-pool entry, the source of a
+ * template's warm snapshot), under the id of the sandbox that may later take it, with the
+ * template's own resources and internet access. It is recorded as a `pool_entries` row before
+ * anything exists on the host, so recovery removes what a crash leaves; the namespace is made
+ * while the runtime prepares the container. Resolves once the agent answers; on failure,
+ * whatever was made is removed again.
+ */
+export async function bootUnclaimed(deps: UnclaimedSandboxDeps, template: TemplateInfo): Promise<PoolEntryRecord> {
+  const { store, runtime, network } = deps;
+  const entry: PoolEntryRecord = { runtimeId: newSandboxId(), templateId: template.templateId, network: undefined, createdAt: Date.now(), allowInternetAccess: true };
+  await store.insertPoolEntry(entry);
+  let networkReady: Promise<unknown> | undefined;
+  try {
+    const { network: planned, ready } = network.begin(entry.runtimeId, { allowInternetAccess: entry.allowInternetAccess });
+    networkReady = ready.catch(() => undefined);
+    entry.network = planned;
+    await store.insertPoolEntry(entry);
+    await runtime.create({
+      sandboxId: entry.runtimeId,
+      hostname: entry.runtimeId,
+      template: template.image,
+      resources: { cpuCount: template.cpuCount, memoryMiB: template.memoryMB, diskMiB: template.diskSizeMB, pidsLimit: deps.pidsLimit },
+      network: entry.network,
+      networkReady: ready,
+    });
+    await waitForAgent(entry.network.sandboxAddress, AGENT_READY_TIMEOUT_MS);
+    return entry;
+  } catch (err) {
+    await networkReady;
+    await destroyUnclaimed(deps, entry.runtimeId);
+    throw err;
+  }
+}
+
+/** Removes an unclaimed sandbox's container, network and row; never throws. */
+export async function destroyUnclaimed(deps: UnclaimedSandboxDeps, runtimeId: string): Promise<void> {
+  await deps.runtime.destroy(runtimeId).catch((err) => log.error("unclaimed sandbox destroy failed", { runtimeId, error: String(err) }));
+  await deps.network.release(runtimeId).catch((err) => log.error("unclaimed sandbox network release failed", { runtimeId, error: String(err) }));
+  await deps.store.deletePoolEntry(runtimeId).catch(() => undefined);
+}
