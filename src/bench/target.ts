@@ -39,11 +39,20 @@ export async function loadCodeInterpreterSdk(target: BenchTarget) {
   return Sandbox;
 }
 
-/** A REST call with the API key, for endpoints the SDK has no method for (rollback). */
-export async function callApi(target: BenchTarget, method: string, urlPath: string, body?: unknown): Promise<{ status: number; json: any }> {
+/**
+ * A REST call with the API key, for endpoints the SDK has no method for (rollback, pools);
+ * the body comes back parsed when it is JSON. The e2e harness makes its calls through it too.
+ */
+export async function callApi(
+  target: Pick<BenchTarget, "apiUrl" | "apiKey">,
+  method: string,
+  urlPath: string,
+  body?: unknown,
+  headers: Record<string, string> = {},
+): Promise<{ status: number; json: any; headers: Headers }> {
   const res = await fetch(target.apiUrl + urlPath, {
     method,
-    headers: { "x-api-key": target.apiKey, ...(body === undefined ? {} : { "content-type": "application/json" }) },
+    headers: { "x-api-key": target.apiKey, ...(body === undefined ? {} : { "content-type": "application/json" }), ...headers },
     body: body === undefined ? undefined : JSON.stringify(body),
   });
   const text = await res.text();
@@ -53,5 +62,5 @@ export async function callApi(target: BenchTarget, method: string, urlPath: stri
   } catch {
     // not JSON
   }
-  return { status: res.status, json };
+  return { status: res.status, json, headers: res.headers };
 }

@@ -8,6 +8,7 @@ import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
+import { callApi } from "../../src/bench/target.js";
 
 const repoRoot = path.resolve(path.dirname(new URL(import.meta.url).pathname), "..", "..");
 export const TEST_API_KEY = "e2b_" + "0123456789abcdef".repeat(2) + "01234567";
@@ -101,21 +102,7 @@ export async function startTestServer(options: TestServerOptions = {}): Promise<
     throw new Error(`server did not become ready:\n${output}`);
   };
 
-  const api: TestServer["api"] = async (method, urlPath, body, headers = {}) => {
-    const res = await fetch(url + urlPath, {
-      method,
-      headers: { "x-api-key": TEST_API_KEY, ...(body === undefined ? {} : { "content-type": "application/json" }), ...headers },
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
-    const text = await res.text();
-    let json: unknown = text;
-    try {
-      json = text ? JSON.parse(text) : undefined;
-    } catch {
-      // not JSON
-    }
-    return { status: res.status, json, headers: res.headers };
-  };
+  const api: TestServer["api"] = (method, urlPath, body, headers = {}) => callApi({ apiUrl: url, apiKey: TEST_API_KEY }, method, urlPath, body, headers);
 
   const exited = (proc: ChildProcess) =>
     new Promise<void>((resolve) => (proc.exitCode !== null || proc.signalCode !== null ? resolve() : proc.once("exit", () => resolve())));
