@@ -175,7 +175,33 @@ function loadZmq(): Promise<typeof Zmq> {
 }
 
 /**
- * An IPython kernel (`python3 -m ipykernel_launcher -f <connection file>`) spoken to over the
+ * What `python3 -m ipykernel_launcher` does, with the kernel's startup imports of debugpy (the
+ * Jupyter debugger) and jedi (IPython's completion engine) failing on purpose. Neither serves
+ * the E2B protocol (no debug_request, no complete_request), and together they are a third of a
+ * fresh kernel's memory (~17 of ~52 MB, 270 modules): every sandbox carries that, and every
+ * restore from the template's warm snapshot reads it back. ipykernel and IPython check both
+ * with try/except at import time and run without them. The block ends before the kernel starts,
+ * so user code can still `import debugpy` or `import jedi`.
+ */
+export const KERNEL_LAUNCHER = String.raw`
+import sys
+_skipped = ("debugpy", "jedi")
+for _name in _skipped:
+    sys.modules.setdefault(_name, None)
+try:
+    import ipykernel.ipkernel
+    from ipykernel import kernelapp
+finally:
+    for _name in _skipped:
+        if _name in sys.modules and sys.modules[_name] is None:
+            del sys.modules[_name]
+if sys.path and sys.path[0] == "":
+    del sys.path[0]
+kernelapp.launch_new_instance()
+`;
+
+/**
+ * An IPython kernel (KERNEL_LAUNCHER, like `python3 -m ipykernel_launcher -f <connection file>`) spoken to over the
  * Jupyter wire protocol on ipc sockets in a private directory (no TCP ports to collide with the
  * user's servers). Execution ends on the iopub `status: idle` answering the request.
  */
@@ -241,7 +267,7 @@ export class PythonKernel implements Kernel {
 
     // History in memory: a file-backed history database would be held open across a memory
     // snapshot and refuse writes in every sandbox restored from it.
-    const child = spawn(this.options.pythonPath, ["-m", "ipykernel_launcher", "-f", connectionFile, "--HistoryManager.hist_file=:memory:"], {
+    const child = spawn(this.options.pythonPath, ["-c", KERNEL_LAUNCHER, "-f", connectionFile, "--HistoryManager.hist_file=:memory:"], {
       cwd: launch.cwd,
       env: launch.env,
       uid: launch.uid,
