@@ -18,6 +18,8 @@ export interface AgentKitSources {
   agentScript: string;
   /** Native packages the agent bundle leaves external, copied under `node_modules/`. */
   nativePackages: NativePackage[];
+  /** The agent's static credential helper (`<distDir>/agent/run-as`, RUN_AS_NOTE), if built. */
+  runAs?: string;
 }
 
 export interface AgentKit {
@@ -65,7 +67,8 @@ export function findNativePackages(): NativePackage[] {
 
 /**
  * Assembles `<stateDir>/kit`: the host's Node binary, its dynamic loader and every library that
- * `ldd` lists for it and for node-pty's addon, the agent bundle and node-pty. Sandboxes run the
+ * `ldd` lists for it and for node-pty's addon, the agent bundle and node-pty, tini and the
+ * static run-as helper when there are. Sandboxes run the
  * agent through the kit's own loader, so any template rootfs works (glibc, musl or none).
  *
  * Rebuilt only when a source changed (size or mtime); a new kit replaces the old one by rename,
@@ -76,7 +79,8 @@ export async function assembleAgentKit(kitDir: string, sources: AgentKitSources)
     throw new CubicleError("failed_precondition", `the agent bundle ${sources.agentScript} is missing; run \`npm run build\` first`, { cause: err });
   });
   const addons = sources.nativePackages.flatMap((pkg) => pkg.addons.map((addon) => path.join(pkg.dir, addon)));
-  const watched = [sources.nodeBinary, sources.agentScript, ...(existsSync(TINI_STATIC) ? [TINI_STATIC] : []), ...sources.nativePackages.map((pkg) => path.join(pkg.dir, "package.json")), ...addons];
+  const runAs = sources.runAs && existsSync(sources.runAs) ? sources.runAs : undefined;
+  const watched = [sources.nodeBinary, sources.agentScript, ...(existsSync(TINI_STATIC) ? [TINI_STATIC] : []), ...(runAs ? [runAs] : []), ...sources.nativePackages.map((pkg) => path.join(pkg.dir, "package.json")), ...addons];
   const wanted: Manifest["sources"] = {};
   for (const file of watched) {
     const info = await stat(file);
@@ -111,6 +115,8 @@ export async function assembleAgentKit(kitDir: string, sources: AgentKitSources)
   const hasInit = existsSync(TINI_STATIC);
   if (hasInit) await copyFile(TINI_STATIC, path.join(staging, "init"));
   else log.warn(`${TINI_STATIC} is missing (apt-get install tini): orphaned processes in sandboxes will not be reaped`);
+  if (runAs) await copyFile(runAs, path.join(staging, "run-as"));
+  else log.warn("the agent's run-as helper is not built (no C compiler?): commands of other users start through setpriv, ~1 ms slower");
   await copyFile(sources.agentScript, path.join(staging, "agent.js"));
   await copyFile(`${sources.agentScript}.map`, path.join(staging, "agent.js.map")).catch(() => {});
   for (const pkg of sources.nativePackages) {
