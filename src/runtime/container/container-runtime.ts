@@ -9,7 +9,7 @@ import { SANDBOX_UID_BASE, type CheckpointInfo, type CheckpointOptions, type Res
 import { assembleAgentKit, findNativePackages, type AgentKit } from "./agent-kit.js";
 import { copyTree, imageLayout, PARTIAL_IMAGE_MARKER, readMeta, treeBytes, writeMeta, type CheckpointMeta } from "./checkpoint-image.js";
 import { cgroupDirectories, detectCgroupLayout, readCgroupUsage, removeCgroupDirectories, supportsSwapLimit, type CgroupLayout } from "./cgroups.js";
-import { criuLogTail, ensureCriuKdatCache, findCriu, writeCriuConfig, writeTarShim } from "./criu.js";
+import { criuLogTail, ensureCriuKdatCache, findCriu, linkCriuIntoPath, writeCriuConfig, writeTarShim } from "./criu.js";
 import { ANNOTATION_ROOTFS_DIR, ANNOTATION_TEMPLATE_ID, buildOciSpec, CPU_PERIOD_USEC } from "./oci-spec.js";
 import { Runc } from "./runc.js";
 
@@ -137,10 +137,12 @@ export class ContainerRuntime implements Runtime {
       const info = await stat(dir);
       if ((info.mode & 0o001) === 0) await chmod(dir, (info.mode & 0o7777) | 0o011);
     }
+    const agentScript = this.options.agentScript ?? path.join(this.config.distDir, "agent", "agent.js");
     this.kit = await assembleAgentKit(this.kitDir, {
       nodeBinary: this.options.nodeBinary ?? process.execPath,
-      agentScript: this.options.agentScript ?? path.join(this.config.distDir, "agent", "agent.js"),
+      agentScript,
       nativePackages: findNativePackages(),
+      runAs: path.join(path.dirname(agentScript), "run-as"),
     });
     this.kitFingerprint = await readFile(path.join(this.kit.dir, "manifest.json")).then(
       (text) => createHash("sha256").update(text).update(`layout ${SANDBOX_LAYOUT_VERSION}`).digest("hex").slice(0, 16),
@@ -472,8 +474,11 @@ export class ContainerRuntime implements Runtime {
 
     const started = performance.now();
     try {
-      const timings = await this.prepareBundle(spec, layout.upper);
+      const timings: Record<string, number> = await this.prepareBundle(spec, layout.upper);
+      const bundled = performance.now();
       await spec.networkReady;
+      timings.networkWaitMs = round(performance.now() - bundled);
+      const runcStarted = performance.now();
       if (criuPath) {
         const workPath = path.join(paths.dir, "criu-restore");
         await mkdir(workPath);
@@ -485,6 +490,7 @@ export class ContainerRuntime implements Runtime {
       } else {
         await this.runc.runDetached(CONTAINER_PREFIX + id, paths.dir, paths.runcLog);
       }
+      timings.runcMs = round(performance.now() - runcStarted);
       this.rememberFacts(spec);
       // CRIU brings back the image's UTS namespace with the source's name; the caller's own
       // first step (the agent's /init) runs meanwhile.
@@ -516,10 +522,14 @@ export class ContainerRuntime implements Runtime {
     return { ...process.env, PATH: `${this.criuBinDir}:${process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin"}` };
   }
 
-  /** See ensureCriuKdatCache; without CRIU (not set up yet) or the cache, dumps are just slower. */
+  /**
+   * CRIU in runc's PATH (CRIU_PATH_NOTE) and its kernel-feature cache (ensureCriuKdatCache).
+   * Without CRIU (not set up yet) there is nothing to do; without the cache dumps are slower.
+   */
   private async prepareCriuCache(): Promise<void> {
     const criuPath = await this.criu().catch(() => undefined);
     if (!criuPath) return;
+    await linkCriuIntoPath(this.criuBinDir, criuPath);
     await ensureCriuKdatCache(criuPath, path.join(this.config.stateDir, "criu-kdat")).then(
       (outcome) => log.debug("CRIU kernel-feature cache", { outcome }),
       (err: unknown) => log.warn("no CRIU kernel-feature cache: every dump and restore probes the kernel (~20 ms)", { error: String(err) }),

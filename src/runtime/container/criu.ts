@@ -1,4 +1,4 @@
-import { access, chmod, copyFile, mkdir, readFile, rename, rm, statfs, writeFile } from "node:fs/promises";
+import { access, chmod, copyFile, mkdir, readFile, readlink, rename, rm, statfs, symlink, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
@@ -7,7 +7,7 @@ import { runCommand } from "../../shared/exec.js";
 const DEFAULT_CRIU_PATH_FILE = "/var/lib/cubicle/criu/path";
 
 /**
- * The CRIU binary runc must use (`runc --criu <path>`). Never the host's `criu` from PATH:
+ * The CRIU binary runc must use (`runc --criu <path>`, or PATH: CRIU_PATH_NOTE). Never the host's `criu` from PATH:
  * Debian 12's 3.17 fails on current kernels, so only what setup-host.sh verified is used
  * (explicit option, `CUBICLE_CRIU`, `<stateDir>/criu/path`, then the default state dir's file).
  */
@@ -86,6 +86,19 @@ export async function writeTarShim(dir: string, realTar: string): Promise<void> 
   if ((await readFile(file, "utf8").catch(() => "")) === content) return;
   await writeFile(`${file}.tmp-${process.pid}`, content, { mode: 0o755 });
   await rename(`${file}.tmp-${process.pid}`, file);
+}
+
+/**
+ * CRIU_PATH_NOTE: runc ≥ 1.2 has no `--criu` flag and runs the first `criu` in PATH. The
+ * runtime's CRIU PATH directory (the tar shim's) gets a `criu` symlink to the verified binary,
+ * so any runc runs the CRIU setup-host.sh chose, never the host's.
+ */
+export async function linkCriuIntoPath(dir: string, criuPath: string): Promise<void> {
+  const link = path.join(dir, "criu");
+  if ((await readlink(link).catch(() => "")) === criuPath) return;
+  await rm(`${link}.tmp-${process.pid}`, { force: true });
+  await symlink(criuPath, `${link}.tmp-${process.pid}`);
+  await rename(`${link}.tmp-${process.pid}`, link);
 }
 
 /**

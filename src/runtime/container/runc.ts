@@ -21,7 +21,10 @@ const TIMEOUT_MS = 30_000;
 
 /** What `runc checkpoint` and `runc restore` need to drive CRIU. */
 export interface CriuRunOptions {
-  /** `runc --criu`: the CRIU binary. */
+  /**
+   * The CRIU binary: `runc --criu` for runc < 1.2. Newer runc has no such flag and runs the
+   * `criu` it finds in PATH, so `env.PATH` must lead to this same binary (CRIU_PATH_NOTE).
+   */
   criuPath: string;
   /** The sandbox's netns; runc and CRIU run inside it (CRIU_NETNS_NOTE). */
   netnsPath: string;
@@ -41,7 +44,15 @@ export class Runc {
   private readonly root = "/run/runc";
   private readonly freezers = new Map<string, FreezerControl>();
 
+  /** Whether this runc takes `--criu` (runc < 1.2); asked once. */
+  private takesCriuFlag: Promise<boolean> | undefined;
+
   constructor(private readonly binary: string) {}
+
+  private async criuArgs(criuPath: string): Promise<string[]> {
+    this.takesCriuFlag ??= runCommand([this.binary, "--help"], { timeoutMs: TIMEOUT_MS, allowFailure: true }).then((result) => /--criu\b/.test(result.stdout));
+    return (await this.takesCriuFlag) ? ["--criu", criuPath] : [];
+  }
 
   /**
    * `runc run --detach`. In detached, non-terminal mode the container inherits runc's stdio, so
@@ -61,7 +72,7 @@ export class Runc {
    * runc (and so CRIU) runs inside the sandbox's netns (`netnsPath`), see CRIU_NETNS_NOTE.
    */
   async checkpoint(id: string, options: CriuRunOptions & { leaveRunning: boolean }): Promise<void> {
-    const argv = [...inNetns(options.netnsPath), this.binary, "--criu", options.criuPath, "--log", options.logFile, "--log-format", "json", "checkpoint"];
+    const argv = [...inNetns(options.netnsPath), this.binary, ...(await this.criuArgs(options.criuPath)), "--log", options.logFile, "--log-format", "json", "checkpoint"];
     argv.push("--image-path", options.imagePath, "--work-path", options.workPath, "--file-locks");
     if (options.leaveRunning) argv.push("--leave-running");
     argv.push(id);
@@ -74,7 +85,7 @@ export class Runc {
    * CRIU run inside it, see CRIU_NETNS_NOTE). stdio is /dev/null as for run.
    */
   async restoreDetached(id: string, bundle: string, options: CriuRunOptions): Promise<void> {
-    const argv = [...inNetns(options.netnsPath), this.binary, "--criu", options.criuPath, "--log", options.logFile, "--log-format", "json", "restore", "--detach", "--bundle", bundle];
+    const argv = [...inNetns(options.netnsPath), this.binary, ...(await this.criuArgs(options.criuPath)), "--log", options.logFile, "--log-format", "json", "restore", "--detach", "--bundle", bundle];
     argv.push("--image-path", options.imagePath, "--work-path", options.workPath, "--file-locks", id);
     await this.detached(argv, `runc restore ${id}`, options.logFile, options.timeoutMs, options.env);
   }
