@@ -218,6 +218,7 @@ export class ContainerRuntime implements Runtime {
     const ociSpec = buildOciSpec({
       spec,
       agentCommand: kit.command,
+      nodeCommand: kit.nodeCommand,
       kitDir: kit.dir,
       cgroupsPath: cgroupsPathOf(id),
       limitSwap: this.limitSwap,
