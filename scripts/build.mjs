@@ -9,23 +9,25 @@ const dist = path.join(root, "dist");
 fs.mkdirSync(path.join(dist, "agent"), { recursive: true });
 
 /**
- * The agent's static credential helper (src/agent/native/run-as.c, see RUN_AS_NOTE), built with
- * the host's C compiler when the source is newer than the binary. Without a compiler (setup
- * installs gcc) the agent falls back to setpriv, so a failure here only warns.
+ * Static C helpers, built with the host's C compiler when the source is newer than the binary:
+ * the agent's credential switch (src/agent/native/run-as.c, RUN_AS_NOTE) and the runtime's CRIU
+ * front (src/runtime/container/native/criu-front.c, CRIU_FRONT_NOTE). Without a compiler (setup
+ * installs gcc) Cubicle falls back to setpriv and to starting CRIU directly, so a failure here
+ * only warns.
  */
-function buildRunAs() {
-  const source = path.join(root, "src/agent/native/run-as.c");
-  const output = path.join(dist, "agent", "run-as");
+function buildNative(source, output, fallback) {
+  source = path.join(root, source);
   if (fs.existsSync(output) && fs.statSync(output).mtimeMs >= fs.statSync(source).mtimeMs) return;
   const result = spawnSync("cc", ["-O2", "-static", "-Wall", "-Werror", "-o", `${output}.tmp`, source], { encoding: "utf8" });
   if (result.status !== 0) {
     fs.rmSync(`${output}.tmp`, { force: true });
-    console.warn(`build: run-as not built (${result.error?.message ?? result.stderr.trim()}); sandboxes switch users through setpriv`);
+    console.warn(`build: ${path.basename(output)} not built (${result.error?.message ?? result.stderr.trim()}); ${fallback}`);
     return;
   }
   fs.renameSync(`${output}.tmp`, output);
 }
-buildRunAs();
+buildNative("src/agent/native/run-as.c", path.join(dist, "agent", "run-as"), "sandboxes switch users through setpriv");
+buildNative("src/runtime/container/native/criu-front.c", path.join(dist, "criu-front"), "runc starts CRIU directly");
 
 const common = { bundle: true, platform: "node", target: "node20", sourcemap: "linked", logLevel: "warning", legalComments: "none" };
 

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import { lstat, mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import http from "node:http";
 import net from "node:net";
 import os from "node:os";
@@ -11,6 +11,7 @@ import type { NetworkManager, SandboxNetwork } from "../../network/types.js";
 import { runCommand } from "../../shared/exec.js";
 import type { SandboxSpec } from "../types.js";
 import { ContainerRuntime } from "./container-runtime.js";
+import { findCriu } from "./criu.js";
 import { agentGet, cleanUpRuntimeTest, waitForAgentHealth } from "./test-helpers.js";
 
 // Real runc containers checkpointed and restored with CRIU. Needs root, CRIU 4.2+ set up by
@@ -356,16 +357,30 @@ describe("container checkpoints (CRIU)", { skip }, () => {
     await assert.rejects(runtime.checkpoint(source.id, imageDir("gone"), { memory: true, leaveRunning: true }), /not running/);
   });
 
-  test("checkpoints the real agent and its clone serves envd and the interpreter port in the new netns", { skip: existsSync(realAgent) ? false : "build the agent first (node scripts/build.mjs)" }, async () => {
+  test("checkpoints the real agent and its clone serves envd and the interpreter port in the new netns; runc's CRIU version question is answered from the real CRIU's cached reply", { skip: existsSync(realAgent) ? false : "build the agent first (node scripts/build.mjs)" }, async () => {
+    assert.ok(existsSync(path.join(repoRoot, "dist", "criu-front")), "scripts/build.mjs builds dist/criu-front (gcc is a host package)");
     const agentState = await mkdtemp(path.join(os.tmpdir(), "cubicle-criu-agent-"));
     const agentRuntime = new ContainerRuntime({ stateDir: agentState, distDir: path.join(repoRoot, "dist"), runcPath: "runc" });
     await agentRuntime.init();
+    // A cache from another CRIU binary: the front must ask the real CRIU again, not trust it.
+    const versionCache = path.join(agentState, "criu-bin", "version-reply");
+    await writeFile(versionCache, "cubicle-criu-version 1 0 0 0 0.000000000\nstale");
     const source = await newSandbox(agentRuntime);
     let clone: Sandbox | undefined;
     try {
       await waitForPort(source.net.sandboxAddress, 49999);
       await agentRuntime.checkpoint(source.id, imageDir("real-agent"), { memory: true, leaveRunning: true });
+      const realCriu = await findCriu(agentState, undefined);
+      const info = await stat(realCriu);
+      const cached = await readFile(versionCache);
+      const stampEnd = cached.indexOf(0x0a) + 1;
+      assert.match(cached.subarray(0, stampEnd).toString(), new RegExp(`^cubicle-criu-version 1 ${info.dev} ${info.ino} ${info.size} \\d+\\.\\d{9}\\n$`));
+      // criu_resp: type = VERSION (10), success = true, then the version message.
+      assert.deepEqual([...cached.subarray(stampEnd, stampEnd + 4)], [0x08, 0x0a, 0x10, 0x01]);
+      assert.ok((await lstat(path.join(agentState, "criu-bin", "criu"))).isFile(), "runc runs the front, not a link to CRIU");
+      const cachedAt = (await stat(versionCache)).mtimeMs;
       clone = await restoreClone(imageDir("real-agent"), 256, agentRuntime);
+      assert.equal((await stat(versionCache)).mtimeMs, cachedAt, "the restore's version question was answered from the cache, not asked again");
       assert.equal((await get(clone.net.sandboxAddress, "/health")).status, 204);
       await waitForPort(clone.net.sandboxAddress, 49999);
       assert.equal((await get(source.net.sandboxAddress, "/health")).status, 204);

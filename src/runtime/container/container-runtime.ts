@@ -9,7 +9,7 @@ import { SANDBOX_UID_BASE, type CheckpointInfo, type CheckpointOptions, type Res
 import { assembleAgentKit, findNativePackages, type AgentKit } from "./agent-kit.js";
 import { copyTree, imageLayout, PARTIAL_IMAGE_MARKER, readMeta, treeBytes, writeMeta, type CheckpointMeta } from "./checkpoint-image.js";
 import { cgroupDirectories, detectCgroupLayout, readCgroupUsage, removeCgroupDirectories, supportsSwapLimit, type CgroupLayout } from "./cgroups.js";
-import { criuLogTail, ensureCriuKdatCache, findCriu, linkCriuIntoPath, writeCriuConfig, writeTarShim } from "./criu.js";
+import { criuLogTail, ensureCriuKdatCache, findCriu, criuFrontEnv, installCriuForRunc, writeCriuConfig, writeTarShim } from "./criu.js";
 import { ANNOTATION_ROOTFS_DIR, ANNOTATION_TEMPLATE_ID, buildOciSpec, CPU_PERIOD_USEC } from "./oci-spec.js";
 import { Runc } from "./runc.js";
 
@@ -110,6 +110,7 @@ export class ContainerRuntime implements Runtime {
   private readonly spareUppers = new Map<string, string>();
   private readonly makingSpares = new Set<string>();
   private criuPath: string | undefined;
+  private runcCriu: Promise<string> | undefined;
   private kitFingerprint: string | undefined;
   private partialCounter = 0;
 
@@ -347,7 +348,7 @@ export class ContainerRuntime implements Runtime {
     if (!container && options.memory) throw new CubicleError("failed_precondition", `sandbox ${id} is not running on this host; only a filesystem checkpoint (memory: false) can be taken of it`);
     if (!container && !(await exists(paths.upper))) throw new CubicleError("not_found", `sandbox ${id} does not exist on this host`);
     const oci = await this.readOciConfig(id);
-    const criuPath = options.memory ? await this.criu() : undefined;
+    const criuPath = options.memory ? await this.criuForRunc() : undefined;
 
     await mkdir(path.dirname(imageDir), { recursive: true });
     if (await exists(imageDir)) throw new CubicleError("already_exists", `checkpoint image ${imageDir} already exists; choose a new directory`);
@@ -468,7 +469,7 @@ export class ContainerRuntime implements Runtime {
     if (meta.rootfsDir && meta.rootfsDir !== spec.template.rootfsDir) {
       throw new CubicleError("failed_precondition", `checkpoint image ${imageDir} was made on template rootfs ${meta.rootfsDir}, not ${spec.template.rootfsDir}; restore it with the same template`);
     }
-    const criuPath = meta.memory ? await this.criu() : undefined;
+    const criuPath = meta.memory ? await this.criuForRunc() : undefined;
     const existing = await this.runc.state(CONTAINER_PREFIX + id);
     if (existing) throw new CubicleError("already_exists", `sandbox ${id} still has a container (${existing.status}); destroy it before restoring into the same id`);
     if (await exists(paths.dir)) await this.destroy(id);
@@ -519,18 +520,20 @@ export class ContainerRuntime implements Runtime {
     this.cpuSamples.delete(id);
   }
 
+  /** runc's environment for checkpoint and restore: the tar shim and CRIU first in PATH, and the CRIU front's settings (CRIU_FRONT_NOTE). */
   private criuEnv(): NodeJS.ProcessEnv {
-    return { ...process.env, PATH: `${this.criuBinDir}:${process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin"}` };
+    const front = this.criuPath ? criuFrontEnv(this.criuBinDir, this.criuPath) : {};
+    return { ...process.env, ...front, PATH: `${this.criuBinDir}:${process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin"}` };
   }
 
   /**
-   * CRIU in runc's PATH (CRIU_PATH_NOTE) and its kernel-feature cache (ensureCriuKdatCache).
+   * The CRIU runc runs (CRIU_FRONT_NOTE) and CRIU's kernel-feature cache (ensureCriuKdatCache).
    * Without CRIU (not set up yet) there is nothing to do; without the cache dumps are slower.
    */
   private async prepareCriuCache(): Promise<void> {
     const criuPath = await this.criu().catch(() => undefined);
     if (!criuPath) return;
-    await linkCriuIntoPath(this.criuBinDir, criuPath);
+    await this.criuForRunc();
     await ensureCriuKdatCache(criuPath, path.join(this.config.stateDir, "criu-kdat")).then(
       (outcome) => log.debug("CRIU kernel-feature cache", { outcome }),
       (err: unknown) => log.warn("no CRIU kernel-feature cache: every dump and restore probes the kernel (~20 ms)", { error: String(err) }),
@@ -539,6 +542,17 @@ export class ContainerRuntime implements Runtime {
 
   private async criu(): Promise<string> {
     return (this.criuPath ??= await findCriu(this.config.stateDir, this.options.criuPath));
+  }
+
+  /** What runc is told to run as CRIU: the front or a link to the real one (CRIU_FRONT_NOTE). */
+  private criuForRunc(): Promise<string> {
+    this.runcCriu ??= this.criu()
+      .then((real) => installCriuForRunc(this.criuBinDir, real, path.join(this.config.distDir, "criu-front")))
+      .catch((err: unknown) => {
+        this.runcCriu = undefined;
+        throw err;
+      });
+    return this.runcCriu;
   }
 
   private async readOciConfig(id: string): Promise<OciConfigFacts> {

@@ -7,7 +7,7 @@ import { runCommand } from "../../shared/exec.js";
 const DEFAULT_CRIU_PATH_FILE = "/var/lib/cubicle/criu/path";
 
 /**
- * The CRIU binary runc must use (`runc --criu <path>`, or PATH: CRIU_PATH_NOTE). Never the host's `criu` from PATH:
+ * The CRIU binary runc must use (through installCriuForRunc, CRIU_FRONT_NOTE). Never the host's `criu` from PATH:
  * Debian 12's 3.17 fails on current kernels, so only what setup-host.sh verified is used
  * (explicit option, `CUBICLE_CRIU`, `<stateDir>/criu/path`, then the default state dir's file).
  */
@@ -89,16 +89,36 @@ export async function writeTarShim(dir: string, realTar: string): Promise<void> 
 }
 
 /**
- * CRIU_PATH_NOTE: runc ≥ 1.2 has no `--criu` flag and runs the first `criu` in PATH. The
- * runtime's CRIU PATH directory (the tar shim's) gets a `criu` symlink to the verified binary,
- * so any runc runs the CRIU setup-host.sh chose, never the host's.
+ * CRIU_FRONT_NOTE: runc runs `<dir>/criu` as its CRIU, through `runc --criu` (runc 1.1) or as
+ * the first `criu` in PATH (runc >= 1.2 has no such flag; the runtime puts `dir` first in
+ * runc's PATH). That file is the CRIU front (src/runtime/container/native/criu-front.c) when it
+ * was built: runc asks CRIU its version before every checkpoint and restore by starting it,
+ * ~4.5 ms, and the front answers that question from a cache of the real CRIU's own reply
+ * (`criuFrontEnv`), execing the real CRIU for everything else. Without the front it is a
+ * symlink to the real CRIU. Either way runc runs the CRIU setup-host.sh chose, never the host's.
+ * Returns the path to give runc.
  */
-export async function linkCriuIntoPath(dir: string, criuPath: string): Promise<void> {
-  const link = path.join(dir, "criu");
-  if ((await readlink(link).catch(() => "")) === criuPath) return;
-  await rm(`${link}.tmp-${process.pid}`, { force: true });
-  await symlink(criuPath, `${link}.tmp-${process.pid}`);
-  await rename(`${link}.tmp-${process.pid}`, link);
+export async function installCriuForRunc(dir: string, realCriu: string, front: string | undefined): Promise<string> {
+  const target = path.join(dir, "criu");
+  const temporary = `${target}.tmp-${process.pid}`;
+  await rm(temporary, { force: true });
+  if (front && (await exists(front))) {
+    const [have, want] = await Promise.all([readFile(target).catch(() => undefined), readFile(front)]);
+    if (!have || !have.equals(want)) {
+      await copyFile(front, temporary);
+      await chmod(temporary, 0o755);
+      await rename(temporary, target);
+    }
+  } else if ((await readlink(target).catch(() => "")) !== realCriu) {
+    await symlink(realCriu, temporary);
+    await rename(temporary, target);
+  }
+  return target;
+}
+
+/** What the CRIU front needs in runc's environment (CRIU_FRONT_NOTE). */
+export function criuFrontEnv(dir: string, realCriu: string): Record<string, string> {
+  return { CUBICLE_CRIU_REAL: realCriu, CUBICLE_CRIU_VERSION_CACHE: path.join(dir, "version-reply") };
 }
 
 /**
@@ -181,3 +201,10 @@ export async function ensureCriuKdatCache(criuPath: string, scratchDir: string):
 }
 
 const TMPFS_MAGIC = 0x01021994;
+
+async function exists(file: string): Promise<boolean> {
+  return access(file).then(
+    () => true,
+    () => false,
+  );
+}
