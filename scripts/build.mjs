@@ -10,10 +10,10 @@ fs.mkdirSync(path.join(dist, "agent"), { recursive: true });
 
 /**
  * Static C helpers, built with the host's C compiler when the source is newer than the binary:
- * the agent's credential switch (src/agent/native/run-as.c, RUN_AS_NOTE) and the runtime's CRIU
- * front (src/runtime/container/native/criu-front.c, CRIU_FRONT_NOTE). Without a compiler (setup
- * installs gcc) Cubicle falls back to setpriv and to starting CRIU directly, so a failure here
- * only warns.
+ * the agent's credential switch (src/agent/native/run-as.c, RUN_AS_NOTE), the runtime's CRIU
+ * front and tar shim (src/runtime/container/native/, CRIU_FRONT_NOTE, TAR_SHIM_NOTE). Without a
+ * compiler (setup installs gcc) Cubicle falls back to setpriv, to starting CRIU directly and to
+ * the shell tar shim, so a failure here only warns.
  */
 function buildNative(source, output, fallback) {
   source = path.join(root, source);
@@ -28,6 +28,7 @@ function buildNative(source, output, fallback) {
 }
 buildNative("src/agent/native/run-as.c", path.join(dist, "agent", "run-as"), "sandboxes switch users through setpriv");
 buildNative("src/runtime/container/native/criu-front.c", path.join(dist, "criu-front"), "runc starts CRIU directly");
+buildNative("src/runtime/container/native/tar-shim.c", path.join(dist, "tar-shim"), "CRIU's tar goes through the shell shim");
 
 const common = { bundle: true, platform: "node", target: "node20", sourcemap: "linked", logLevel: "warning", legalComments: "none" };
 

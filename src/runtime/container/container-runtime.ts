@@ -9,7 +9,7 @@ import { SANDBOX_UID_BASE, type CheckpointInfo, type CheckpointOptions, type Res
 import { assembleAgentKit, findNativePackages, type AgentKit } from "./agent-kit.js";
 import { copyTree, imageLayout, PARTIAL_IMAGE_MARKER, readMeta, treeBytes, writeMeta, type CheckpointMeta } from "./checkpoint-image.js";
 import { cgroupDirectories, detectCgroupLayout, readCgroupUsage, removeCgroupDirectories, supportsSwapLimit, type CgroupLayout } from "./cgroups.js";
-import { criuLogTail, ensureCriuKdatCache, findCriu, criuFrontEnv, installCriuForRunc, writeCriuConfig, writeTarShim } from "./criu.js";
+import { criuLogTail, ensureCriuKdatCache, findCriu, criuFrontEnv, installCriuForRunc, tarShimEnv, writeCriuConfig, writeTarShim } from "./criu.js";
 import { ANNOTATION_ROOTFS_DIR, ANNOTATION_TEMPLATE_ID, buildOciSpec, CPU_PERIOD_USEC } from "./oci-spec.js";
 import { Runc } from "./runc.js";
 
@@ -111,6 +111,7 @@ export class ContainerRuntime implements Runtime {
   private readonly makingSpares = new Set<string>();
   private criuPath: string | undefined;
   private runcCriu: Promise<string> | undefined;
+  private hostTar = "/usr/bin/tar";
   private kitFingerprint: string | undefined;
   private partialCounter = 0;
 
@@ -153,7 +154,8 @@ export class ContainerRuntime implements Runtime {
     await chown(this.emptyDir, SANDBOX_UID_BASE, SANDBOX_UID_BASE);
     await chmod(this.emptyDir, 0o555);
     await writeCriuConfig(this.criuConfigFile);
-    await writeTarShim(this.criuBinDir, await findHostTar());
+    this.hostTar = await findHostTar();
+    await writeTarShim(this.criuBinDir, this.hostTar, path.join(this.config.distDir, "tar-shim"));
     await this.prepareCriuCache();
     this.cgroups = await detectCgroupLayout();
     this.limitSwap = await supportsSwapLimit(this.cgroups);
@@ -520,10 +522,13 @@ export class ContainerRuntime implements Runtime {
     this.cpuSamples.delete(id);
   }
 
-  /** runc's environment for checkpoint and restore: the tar shim and CRIU first in PATH, and the CRIU front's settings (CRIU_FRONT_NOTE). */
+  /**
+   * runc's environment for checkpoint and restore (and so CRIU's): the tar shim and CRIU first
+   * in PATH, and what the CRIU front and the static tar shim need (CRIU_FRONT_NOTE, TAR_SHIM_NOTE).
+   */
   private criuEnv(): NodeJS.ProcessEnv {
     const front = this.criuPath ? criuFrontEnv(this.criuBinDir, this.criuPath) : {};
-    return { ...process.env, ...front, PATH: `${this.criuBinDir}:${process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin"}` };
+    return { ...process.env, ...front, ...tarShimEnv(this.hostTar), PATH: `${this.criuBinDir}:${process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin"}` };
   }
 
   /**
