@@ -181,6 +181,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     }
     const record = this.live.get(sandboxId);
     if (!record || record.state !== "paused" || !record.lifecycle.autoResume || record.pause?.memory === false) return undefined;
+    log.info("resuming a paused sandbox for the traffic that reached it (autoResume)", { sandboxId });
     try {
       await this.resume(sandboxId, { timeoutSec: record.timeoutSec ?? 300 });
     } catch (err) {

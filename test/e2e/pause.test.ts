@@ -10,7 +10,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { Sandbox } from "e2b";
-import { hitStateServer, startStateServer as startStateServerIn } from "./state-server.js";
+import { hitStateServer, hitWhenUp, startStateServer as startStateServerIn, STATE_SERVER_SCRIPT } from "./state-server.js";
 import { simulateHostReboot, startTestServer, useServerForSdk, type TestServer } from "./harness.js";
 
 let server: TestServer;
@@ -218,11 +218,22 @@ describe("pause on timeout and auto-resume", () => {
   test("onTimeout pause keeps the sandbox; traffic resumes it when autoResume is on", async () => {
     const sandbox = await Sandbox.create({ timeoutMs: 60_000, lifecycle: { onTimeout: "pause", autoResume: true } });
     try {
-      await startStateServer(sandbox);
+      // Started detached, so that no command stream of this client is open when the timeout
+      // pauses the sandbox: nothing but the request below may resume it.
+      await sandbox.files.write("/home/user/state_server.py", STATE_SERVER_SCRIPT);
+      await sandbox.commands.run("nohup python3 /home/user/state_server.py > /dev/null 2>&1 &");
+      assert.equal(await hitWhenUp(server.url, sandbox.sandboxId), "s3cret:1");
       const detail = await server.api("GET", `/sandboxes/${sandbox.sandboxId}`);
       assert.deepEqual(detail.json.lifecycle, { autoResume: true, onTimeout: "pause" });
       await sandbox.setTimeout(1_000);
-      await waitFor("the pause at timeout", async () => (await sandbox.getInfo()).state === "paused");
+      const seen: string[] = [];
+      await waitFor("the pause at timeout", async () => {
+        const { state } = await sandbox.getInfo();
+        if (seen.at(-1) !== state) seen.push(state);
+        return state === "paused";
+      }).catch((err: Error) => {
+        throw new Error(`${err.message}\nstates seen: ${seen.join(" -> ")}`);
+      });
       // The request waits for the resume and gets its answer from the same process.
       assert.deepEqual(await hit(sandbox.sandboxId), { status: 200, body: "s3cret:2" });
       assert.equal((await sandbox.getInfo()).state, "running");
