@@ -26,8 +26,6 @@ export interface AgentKit {
   dir: string;
   /** argv that starts the agent inside a sandbox, independent of the template's libc. */
   command: string[];
-  /** argv prefix that starts the kit's Node (for the agent's JavaScript kernels), no flags. */
-  nodeCommand: string[];
 }
 
 interface Manifest {
@@ -91,7 +89,7 @@ export async function assembleAgentKit(kitDir: string, sources: AgentKitSources)
 
   const existing = await readFile(path.join(kitDir, "manifest.json"), "utf8").then((text) => JSON.parse(text) as Manifest, () => undefined);
   if (existing && JSON.stringify(existing.sources) === JSON.stringify(wanted)) {
-    return { dir: kitDir, command: agentCommand(existing.loaderName, existing.hasInit), nodeCommand: nodeCommandOf(existing.loaderName) };
+    return { dir: kitDir, command: agentCommand(existing.loaderName, existing.hasInit) };
   }
 
   const started = performance.now();
@@ -136,31 +134,17 @@ export async function assembleAgentKit(kitDir: string, sources: AgentKitSources)
   await rename(staging, kitDir);
   await rm(retired, { recursive: true, force: true });
   log.info("agent kit assembled", { dir: kitDir, libraries: [...libraries.keys()], ms: Math.round(performance.now() - started) });
-  return { dir: kitDir, command: agentCommand(loaderName, hasInit), nodeCommand: nodeCommandOf(loaderName) };
+  return { dir: kitDir, command: agentCommand(loaderName, hasInit) };
 }
-
-/**
- * V8 flags of the agent's own Node (not of the JavaScript kernels it starts, see
- * nodeCommandOf): a 1 MiB young generation and one V8 worker thread. The agent allocates little
- * and slowly; measured in a sandbox after 300 commands, anonymous memory 20.1 -> 14.9 MB and
- * threads 7 -> 4, command latency unchanged. Less memory per sandbox, and less for every
- * checkpoint to dump and every restore to read back.
- */
-export const AGENT_NODE_FLAGS: readonly string[] = ["--max-semi-space-size=1", "--v8-pool-size=1"];
 
 /**
  * tini runs as PID 1 in front of the agent: Node reaps only its own children, so orphans of
  * user commands (`cmd &`) would stay zombies with the agent as PID 1.
  */
 function agentCommand(loaderName: string, hasInit: boolean): string[] {
-  const agent = [...nodeCommandOf(loaderName), ...AGENT_NODE_FLAGS, `${KIT_MOUNT_POINT}/agent.js`];
-  return hasInit ? [`${KIT_MOUNT_POINT}/init`, "-g", "--", ...agent] : agent;
-}
-
-/** How to start the kit's Node inside a sandbox (its own loader and libraries), without flags. */
-function nodeCommandOf(loaderName: string): string[] {
   const lib = `${KIT_MOUNT_POINT}/lib`;
-  return [`${lib}/${loaderName}`, "--library-path", lib, `${KIT_MOUNT_POINT}/node`];
+  const agent = [`${lib}/${loaderName}`, "--library-path", lib, `${KIT_MOUNT_POINT}/node`, `${KIT_MOUNT_POINT}/agent.js`];
+  return hasInit ? [`${KIT_MOUNT_POINT}/init`, "-g", "--", ...agent] : agent;
 }
 
 /** Debian's statically linked tini (package `tini`), when the host has it. */

@@ -221,7 +221,6 @@ export class ContainerRuntime implements Runtime {
     const ociSpec = buildOciSpec({
       spec,
       agentCommand: kit.command,
-      nodeCommand: kit.nodeCommand,
       kitDir: kit.dir,
       cgroupsPath: cgroupsPathOf(id),
       limitSwap: this.limitSwap,

@@ -44,8 +44,6 @@ export interface OciSpecInput {
   spec: SandboxSpec;
   /** The agent's argv inside the sandbox. */
   agentCommand: string[];
-  /** How the agent starts Node for its JavaScript kernels (the kit's Node, no agent flags). */
-  nodeCommand: string[];
   /** Host directory bind-mounted read-only at /.cubicle. */
   kitDir: string;
   /** `linux.cgroupsPath` (cgroupfs driver, absolute), e.g. /cubicle/<id>. */
@@ -85,7 +83,7 @@ export function buildOciSpec(input: OciSpecInput): Record<string, unknown> {
     // tini is PID 1; the agent may still set the sandbox's hostname (its own UTS namespace).
     CUBICLE_AGENT_SET_HOSTNAME: "1",
     // How to start Node inside the sandbox (through the kit's loader), for the JS kernels.
-    CUBICLE_AGENT_NODE_COMMAND: JSON.stringify(input.nodeCommand),
+    CUBICLE_AGENT_NODE_COMMAND: JSON.stringify(input.agentCommand.slice(input.agentCommand.indexOf("--library-path") - 1, -1)),
     CUBICLE_SANDBOX_ID: spec.sandboxId,
   };
   const caps = [...SANDBOX_CAPABILITIES];
