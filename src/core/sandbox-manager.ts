@@ -171,16 +171,17 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
 
   /**
    * The router's second chance: a paused sandbox with auto-resume (and its memory kept) is
-   * resumed for the request that arrived; undefined means answer "not found".
+   * resumed for the request that arrived, unless `wake` is false (a health probe); undefined
+   * means answer "not found".
    */
-  async resumeForTraffic(sandboxId: string): Promise<RouteTarget | undefined> {
+  async resumeForTraffic(sandboxId: string, options: { wake?: boolean } = {}): Promise<RouteTarget | undefined> {
     const initialising = this.initialising.get(sandboxId);
     if (initialising) {
       await initialising;
       return this.routeTarget(sandboxId);
     }
     const record = this.live.get(sandboxId);
-    if (!record || record.state !== "paused" || !record.lifecycle.autoResume || record.pause?.memory === false) return undefined;
+    if (!record || record.state !== "paused" || !record.lifecycle.autoResume || record.pause?.memory === false || options.wake === false) return undefined;
     log.info("resuming a paused sandbox for the traffic that reached it (autoResume)", { sandboxId });
     try {
       await this.resume(sandboxId, { timeoutSec: record.timeoutSec ?? 300 });

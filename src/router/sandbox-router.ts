@@ -12,10 +12,10 @@ export interface RouteSource {
   routeTarget(sandboxId: string): { sandboxId: string; address: string } | undefined;
   /**
    * For a sandbox without a route: wait while a just-claimed sandbox's agent gets its identity,
-   * or resume it if it is paused with auto-resume, and return its route then; undefined =
-   * answer "not found".
+   * or resume it if it is paused with auto-resume (unless `wake` is false), and return its
+   * route then; undefined = answer "not found".
    */
-  resumeForTraffic?(sandboxId: string): Promise<{ sandboxId: string; address: string } | undefined>;
+  resumeForTraffic?(sandboxId: string, options?: { wake?: boolean }): Promise<{ sandboxId: string; address: string } | undefined>;
   /** Secure live sandboxes, to route signed `/files` URLs that carry no sandbox id. */
   liveSandboxes(): { sandboxId: string; envdAccessToken: string | undefined; state: string }[];
   on(event: "ended", listener: (sandboxId: string) => void): unknown;
@@ -116,9 +116,15 @@ export class SandboxRouter {
     res.end(body);
   }
 
-  /** The route of a sandbox; a paused one with auto-resume is resumed first (the request waits). */
-  private async resolveTarget(sandboxId: string): Promise<{ sandboxId: string; address: string } | undefined> {
-    return this.source.routeTarget(sandboxId) ?? (await this.source.resumeForTraffic?.(sandboxId));
+  /**
+   * The route of a sandbox; a paused one with auto-resume is resumed first (the request waits),
+   * except for envd's `GET /health`: that is how the SDK asks whether a sandbox runs
+   * (`isRunning()`, and its probe after a dropped stream), and a paused sandbox does not run.
+   * Waking it would undo every pause that cuts a client's open stream: the SDK probes at once.
+   */
+  private async resolveTarget(sandboxId: string, req: IncomingMessage, port: number): Promise<{ sandboxId: string; address: string } | undefined> {
+    const healthProbe = port === ENVD_PORT && req.method === "GET" && req.url?.split("?")[0] === "/health";
+    return this.source.routeTarget(sandboxId) ?? (await this.source.resumeForTraffic?.(sandboxId, { wake: !healthProbe }));
   }
 
   handleRequest(req: IncomingMessage, res: ServerResponse, match: RouteMatch): void {
@@ -130,7 +136,7 @@ export class SandboxRouter {
     const immediate = this.source.routeTarget(match.sandboxId);
     if (immediate) return this.forward(req, res, match, immediate);
     // The body stays unread (not flowing) while the sandbox resumes.
-    this.resolveTarget(match.sandboxId).then(
+    this.resolveTarget(match.sandboxId, req, match.port).then(
       (target) => {
         if (target) return this.forward(req, res, match, target);
         req.resume();
@@ -192,7 +198,7 @@ export class SandboxRouter {
   handleUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
     const match = this.match(req);
     if (!match) return this.upgradeTo(req, socket, head, undefined, undefined);
-    this.resolveTarget(match.sandboxId).then(
+    this.resolveTarget(match.sandboxId, req, match.port).then(
       (target) => this.upgradeTo(req, socket, head, match, target),
       () => this.upgradeTo(req, socket, head, match, undefined),
     );

@@ -10,7 +10,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { Sandbox } from "e2b";
-import { hitStateServer, hitWhenUp, startStateServer as startStateServerIn, STATE_SERVER_SCRIPT } from "./state-server.js";
+import { hitStateServer, startStateServer as startStateServerIn } from "./state-server.js";
 import { simulateHostReboot, startTestServer, useServerForSdk, type TestServer } from "./harness.js";
 
 let server: TestServer;
@@ -215,14 +215,13 @@ describe("durable pause", () => {
 });
 
 describe("pause on timeout and auto-resume", () => {
-  test("onTimeout pause keeps the sandbox; traffic resumes it when autoResume is on", async () => {
+  test("onTimeout pause keeps the sandbox, health probes leave it paused, traffic resumes it when autoResume is on", async () => {
     const sandbox = await Sandbox.create({ timeoutMs: 60_000, lifecycle: { onTimeout: "pause", autoResume: true } });
     try {
-      // Started detached, so that no command stream of this client is open when the timeout
-      // pauses the sandbox: nothing but the request below may resume it.
-      await sandbox.files.write("/home/user/state_server.py", STATE_SERVER_SCRIPT);
-      await sandbox.commands.run("nohup python3 /home/user/state_server.py > /dev/null 2>&1 &");
-      assert.equal(await hitWhenUp(server.url, sandbox.sandboxId), "s3cret:1");
+      // The state server runs as a background command: its stream is open when the timeout
+      // pauses the sandbox, and the pause cuts it. The SDK then probes envd's /health, which
+      // must not wake the sandbox (it used to, in one run of three or so).
+      await startStateServer(sandbox);
       const detail = await server.api("GET", `/sandboxes/${sandbox.sandboxId}`);
       assert.deepEqual(detail.json.lifecycle, { autoResume: true, onTimeout: "pause" });
       await sandbox.setTimeout(1_000);
@@ -234,6 +233,10 @@ describe("pause on timeout and auto-resume", () => {
       }).catch((err: Error) => {
         throw new Error(`${err.message}\nstates seen: ${seen.join(" -> ")}`);
       });
+      // isRunning() is a health probe: a paused sandbox is not running, and stays paused.
+      assert.equal(await sandbox.isRunning(), false);
+      await new Promise((r) => setTimeout(r, 300));
+      assert.equal((await sandbox.getInfo()).state, "paused");
       // The request waits for the resume and gets its answer from the same process.
       assert.deepEqual(await hit(sandbox.sandboxId), { status: 200, body: "s3cret:2" });
       assert.equal((await sandbox.getInfo()).state, "running");
