@@ -220,7 +220,7 @@ describe("pause on timeout and auto-resume", () => {
     try {
       // The state server runs as a background command: its stream is open when the timeout
       // pauses the sandbox, and the pause cuts it. The SDK then probes envd's /health, which
-      // must not wake the sandbox (it used to, in one run of three or so).
+      // must not wake the sandbox (it used to, in about one run of five).
       await startStateServer(sandbox);
       const detail = await server.api("GET", `/sandboxes/${sandbox.sandboxId}`);
       assert.deepEqual(detail.json.lifecycle, { autoResume: true, onTimeout: "pause" });
