@@ -1,6 +1,7 @@
 import { createHash } from "node:crypto";
-import { access, mkdir, readdir, rm } from "node:fs/promises";
+import { mkdir, readdir, rm } from "node:fs/promises";
 import path from "node:path";
+import { pathExists } from "../shared/fs.js";
 import { createLogger } from "../shared/log.js";
 import { dropIdleAgentSockets, initAgent, startInterpreterKernel } from "./agent-client.js";
 import type { TemplateInfo } from "./types.js";
@@ -71,7 +72,7 @@ export class WarmSnapshots {
     if (this.stopped || !this.isEnabled(template)) return undefined;
     const wanted = await this.currentImageDir(template);
     if (this.ready.get(template.templateId) === wanted) return wanted;
-    if (await exists(wanted)) {
+    if (await pathExists(wanted)) {
       this.ready.set(template.templateId, wanted);
       return wanted;
     }
@@ -136,7 +137,7 @@ export class WarmSnapshots {
   private async buildNow(template: TemplateInfo): Promise<string | undefined> {
     const { runtime } = this.options;
     const imageDir = await this.currentImageDir(template);
-    if (await exists(imageDir)) return imageDir;
+    if (await pathExists(imageDir)) return imageDir;
     const started = performance.now();
     await mkdir(this.dir, { recursive: true, mode: 0o711 });
     // Images of older template or kit versions are of no use any more.
@@ -168,9 +169,3 @@ export class WarmSnapshots {
   }
 }
 
-async function exists(file: string): Promise<boolean> {
-  return access(file).then(
-    () => true,
-    () => false,
-  );
-}

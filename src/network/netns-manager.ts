@@ -1,9 +1,10 @@
 import { createHash } from "node:crypto";
-import { access, readdir, writeFile } from "node:fs/promises";
+import { readdir, writeFile } from "node:fs/promises";
 import path from "node:path";
 import type { CubicleConfig } from "../shared/config.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { runCommand } from "../shared/exec.js";
+import { pathExists } from "../shared/fs.js";
 import { createLogger } from "../shared/log.js";
 import { AddressPool } from "./address-pool.js";
 import { buildPolicyUpdate, buildRuleset } from "./nft-ruleset.js";
@@ -139,21 +140,21 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
       const name = netnsName(sandboxId);
       const hostInterface = hostInterfaceName(sandboxId);
       const record = records.get(sandboxId);
-      const netnsExists = await exists(path.join(NETNS_DIR, name));
+      const netnsExists = await pathExists(path.join(NETNS_DIR, name));
       let address = record?.network.sandboxAddress;
       if (!address && netnsExists) address = await readSandboxAddress(name);
       // Delete the veth explicitly: netns teardown is asynchronous, and a lingering host end
       // would keep the /30's route alive when the block is handed out again.
       const lines: string[] = [];
-      if (await exists(path.join("/sys/class/net", hostInterface))) lines.push(`link del ${hostInterface}`);
+      if (await pathExists(path.join("/sys/class/net", hostInterface))) lines.push(`link del ${hostInterface}`);
       if (netnsExists) lines.push(`netns del ${name}`);
       if (lines.length > 0) {
         await runCommand(["ip", "-force", "-batch", "-"], { input: lines.join("\n") + "\n", timeoutMs: COMMAND_TIMEOUT_MS, allowFailure: true });
       }
       if (address && pool.contains(address)) await setPolicy(address, false).catch((err) => log.warn("could not remove address from the internet set", { sandboxId, error: String(err) }));
       const leftovers = [
-        (await exists(path.join("/sys/class/net", hostInterface))) ? hostInterface : undefined,
-        (await exists(path.join(NETNS_DIR, name))) ? name : undefined,
+        (await pathExists(path.join("/sys/class/net", hostInterface))) ? hostInterface : undefined,
+        (await pathExists(path.join(NETNS_DIR, name))) ? name : undefined,
       ].filter(Boolean);
       if (leftovers.length > 0) throw new CubicleError("internal", `could not remove ${leftovers.join(", ")} of sandbox ${sandboxId}; see the server log`);
       if (record) pool.release(record.blockIndex);
@@ -174,10 +175,6 @@ export function checkSandboxId(sandboxId: string): string {
     throw new CubicleError("invalid_argument", `sandbox id ${JSON.stringify(sandboxId)} must be 1–63 letters, digits, _ or -`);
   }
   return sandboxId;
-}
-
-async function exists(file: string): Promise<boolean> {
-  return access(file).then(() => true, () => false);
 }
 
 async function readSandboxAddress(netns: string): Promise<string | undefined> {

@@ -201,9 +201,10 @@ kernelapp.launch_new_instance()
 `;
 
 /**
- * An IPython kernel (KERNEL_LAUNCHER, like `python3 -m ipykernel_launcher -f <connection file>`) spoken to over the
- * Jupyter wire protocol on ipc sockets in a private directory (no TCP ports to collide with the
- * user's servers). Execution ends on the iopub `status: idle` answering the request.
+ * An IPython kernel (KERNEL_LAUNCHER, like `python3 -m ipykernel_launcher -f <connection file>`)
+ * spoken to over the Jupyter wire protocol on ipc sockets in a private directory (no TCP ports
+ * to collide with the user's servers). Execution ends on the iopub `status: idle` answering the
+ * request.
  */
 export class PythonKernel implements Kernel {
   readonly language = "python";

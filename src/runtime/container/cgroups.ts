@@ -1,5 +1,6 @@
-import { access, readFile, rmdir } from "node:fs/promises";
+import { readFile, rmdir } from "node:fs/promises";
 import path from "node:path";
+import { pathExists } from "../../shared/fs.js";
 
 /**
  * The host's cgroup layout, read once from /proc/self/mountinfo. Pure v2 hosts have one
@@ -47,9 +48,9 @@ export function cgroupDirectories(layout: CgroupLayout, cgroupsPath: string): st
 export async function removeCgroupDirectories(layout: CgroupLayout, cgroupsPath: string): Promise<string[]> {
   const left: string[] = [];
   for (const dir of cgroupDirectories(layout, cgroupsPath)) {
-    if (!(await exists(dir))) continue;
+    if (!(await pathExists(dir))) continue;
     await rmdir(dir).catch(() => {});
-    if (await exists(dir)) left.push(dir);
+    if (await pathExists(dir)) left.push(dir);
   }
   return left;
 }
@@ -102,10 +103,10 @@ export async function readCgroupUsage(layout: CgroupLayout, cgroupsPath: string)
 export async function supportsSwapLimit(layout: CgroupLayout): Promise<boolean> {
   if (layout.version === 1) {
     const memory = layout.v1Mounts.get("memory");
-    return memory ? exists(path.join(memory, "memory.memsw.limit_in_bytes")) : false;
+    return memory ? pathExists(path.join(memory, "memory.memsw.limit_in_bytes")) : false;
   }
   const controllers = await readFile(path.join(layout.v2Mount ?? "/sys/fs/cgroup", "cgroup.controllers"), "utf8").catch(() => "");
-  return controllers.split(/\s+/).includes("memory") && (await exists("/proc/swaps"));
+  return controllers.split(/\s+/).includes("memory") && (await pathExists("/proc/swaps"));
 }
 
 function keyedNumber(text: string, key: string): number {
@@ -118,6 +119,3 @@ function unescapeMountPath(text: string): string {
   return text.replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(parseInt(octal, 8)));
 }
 
-async function exists(file: string): Promise<boolean> {
-  return access(file).then(() => true, () => false);
-}

@@ -1,15 +1,16 @@
 import { createHash } from "node:crypto";
-import { access, chmod, chown, mkdir, readdir, readFile, rename, rm, stat, statfs, writeFile } from "node:fs/promises";
+import { chmod, chown, mkdir, readdir, readFile, rename, rm, stat, statfs, writeFile } from "node:fs/promises";
 import path from "node:path";
 import type { CubicleConfig } from "../../shared/config.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
+import { pathExists } from "../../shared/fs.js";
 import { createLogger } from "../../shared/log.js";
 import { SANDBOX_UID_BASE, type CheckpointInfo, type CheckpointOptions, type RestoreOptions, type Runtime, type RuntimeState, type SandboxSpec, type SandboxStats } from "../types.js";
 import { assembleAgentKit, findNativePackages, type AgentKit } from "./agent-kit.js";
 import { copyTree, imageLayout, PARTIAL_IMAGE_MARKER, readMeta, treeBytes, writeMeta, type CheckpointMeta } from "./checkpoint-image.js";
 import { cgroupDirectories, detectCgroupLayout, readCgroupUsage, removeCgroupDirectories, supportsSwapLimit, type CgroupLayout } from "./cgroups.js";
-import { criuLogTail, ensureCriuKdatCache, findCriu, criuFrontEnv, installCriuForRunc, tarShimEnv, writeCriuConfig, writeTarShim } from "./criu.js";
+import { criuFrontEnv, criuLogTail, ensureCriuKdatCache, findCriu, installCriuForRunc, tarShimEnv, writeCriuConfig, writeTarShim } from "./criu.js";
 import { ANNOTATION_ROOTFS_DIR, ANNOTATION_TEMPLATE_ID, buildOciSpec, CPU_PERIOD_USEC } from "./oci-spec.js";
 import { Runc } from "./runc.js";
 
@@ -347,12 +348,12 @@ export class ContainerRuntime implements Runtime {
     const found = await this.runc.state(containerId);
     const container = found && this.owns(found.bundle) && (found.status === "running" || found.status === "paused") ? found : undefined;
     if (!container && options.memory) throw new CubicleError("failed_precondition", `sandbox ${id} is not running on this host; only a filesystem checkpoint (memory: false) can be taken of it`);
-    if (!container && !(await exists(paths.upper))) throw new CubicleError("not_found", `sandbox ${id} does not exist on this host`);
+    if (!container && !(await pathExists(paths.upper))) throw new CubicleError("not_found", `sandbox ${id} does not exist on this host`);
     const oci = await this.readOciConfig(id);
     const criuPath = options.memory ? await this.criuForRunc() : undefined;
 
     await mkdir(path.dirname(imageDir), { recursive: true });
-    if (await exists(imageDir)) throw new CubicleError("already_exists", `checkpoint image ${imageDir} already exists; choose a new directory`);
+    if (await pathExists(imageDir)) throw new CubicleError("already_exists", `checkpoint image ${imageDir} already exists; choose a new directory`);
     const partial = `${imageDir}${PARTIAL_IMAGE_MARKER}${process.pid}-${++this.partialCounter}`;
     const layout = imageLayout(partial);
     await mkdir(partial);
@@ -473,7 +474,7 @@ export class ContainerRuntime implements Runtime {
     const criuPath = meta.memory ? await this.criuForRunc() : undefined;
     const existing = await this.runc.state(CONTAINER_PREFIX + id);
     if (existing) throw new CubicleError("already_exists", `sandbox ${id} still has a container (${existing.status}); destroy it before restoring into the same id`);
-    if (await exists(paths.dir)) await this.destroy(id);
+    if (await pathExists(paths.dir)) await this.destroy(id);
 
     const started = performance.now();
     try {
@@ -683,7 +684,7 @@ async function mountsUnder(dir: string): Promise<string[]> {
 
 /** The host's tar, for the shim CRIU runs (never the shim itself). */
 async function findHostTar(): Promise<string> {
-  for (const candidate of ["/usr/bin/tar", "/bin/tar"]) if (await exists(candidate)) return candidate;
+  for (const candidate of ["/usr/bin/tar", "/bin/tar"]) if (await pathExists(candidate)) return candidate;
   throw new CubicleError("failed_precondition", "GNU tar is missing on the host (apt-get install tar); CRIU needs it for tmpfs mounts");
 }
 
@@ -743,10 +744,6 @@ async function allSettledOrThrow(steps: (Promise<unknown> | undefined)[]): Promi
  */
 async function settled(networkReady: Promise<unknown> | undefined): Promise<void> {
   await networkReady?.catch(() => undefined);
-}
-
-async function exists(file: string): Promise<boolean> {
-  return access(file).then(() => true, () => false);
 }
 
 function round(ms: number): number {

@@ -1,14 +1,15 @@
-import { access, chmod, copyFile, mkdir, readFile, readlink, rename, rm, statfs, symlink, writeFile } from "node:fs/promises";
+import { chmod, copyFile, mkdir, readFile, readlink, rename, rm, statfs, symlink, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
+import { pathExists } from "../../shared/fs.js";
 
 /** Where `scripts/setup-host.sh` records the CRIU it installed, in the default state dir. */
 const DEFAULT_CRIU_PATH_FILE = "/var/lib/cubicle/criu/path";
 
 /**
- * The CRIU binary runc must use (through installCriuForRunc, CRIU_FRONT_NOTE). Never the host's `criu` from PATH:
- * Debian 12's 3.17 fails on current kernels, so only what setup-host.sh verified is used
+ * The CRIU binary runc must use (through installCriuForRunc, CRIU_FRONT_NOTE). Never the host's
+ * `criu` from PATH: Debian 12's 3.17 fails on current kernels, so only what setup-host.sh verified is used
  * (explicit option, `CUBICLE_CRIU`, `<stateDir>/criu/path`, then the default state dir's file).
  */
 export async function findCriu(stateDir: string, explicit: string | undefined): Promise<string> {
@@ -46,15 +47,26 @@ export const CRIU_CONFIG = ["tcp-close", "skip-in-flight", "ghost-limit 26843545
 
 /** Writes the CRIU config file named by every sandbox's `org.criu.config` annotation. */
 export async function writeCriuConfig(file: string): Promise<void> {
-  const current = await readFile(file, "utf8").catch(() => "");
-  if (current === CRIU_CONFIG) return;
-  await writeFile(`${file}.tmp-${process.pid}`, CRIU_CONFIG, { mode: 0o644 });
-  await rename(`${file}.tmp-${process.pid}`, file);
+  await replaceFile(file, Buffer.from(CRIU_CONFIG), 0o644);
 }
 
 /**
- * TAR_SHIM_NOTE: CRIU archives the sandbox's tmpfs mounts (/dev/shm, /dev) with `tar --gzip`, hard-coded
- * (mount.c): gzip manages ~35 MB/s, so 500 MB in /dev/shm kept the sandbox frozen for 25 s.
+ * Puts `content` at `file` through a temporary file and a rename, so runc and CRIU never run a
+ * half-written file; nothing happens when the file holds it already (every server start).
+ */
+async function replaceFile(file: string, content: Buffer, mode: number): Promise<void> {
+  const current = await readFile(file).catch(() => undefined);
+  if (current?.equals(content)) return;
+  const temporary = `${file}.tmp-${process.pid}`;
+  await rm(temporary, { force: true });
+  await writeFile(temporary, content, { mode });
+  await chmod(temporary, mode);
+  await rename(temporary, file);
+}
+
+/**
+ * TAR_SHIM_NOTE: CRIU archives the sandbox's tmpfs mounts (/dev/shm, /dev) with `tar --gzip`,
+ * hard-coded (mount.c): gzip manages ~35 MB/s, so 500 MB in /dev/shm kept the sandbox frozen for 25 s.
  * CRIU runs `tar` from PATH; runc gets this shim first in PATH for checkpoint and restore. It
  * drops `--gzip`. When extracting, it has tar read the image through `/proc/self/fd/0` (CRIU
  * hands it over as stdin, a regular file) instead of from the stream: GNU tar then recognises a
@@ -86,12 +98,8 @@ exec ${realTar} \${file:+--file=$file} "$@"
 export async function writeTarShim(dir: string, realTar: string, builtShim?: string): Promise<void> {
   await mkdir(dir, { recursive: true, mode: 0o755 });
   await chmod(dir, 0o755);
-  const content = builtShim && (await exists(builtShim)) ? await readFile(builtShim) : Buffer.from(tarShim(realTar));
-  const file = path.join(dir, "tar");
-  const current = await readFile(file).catch(() => undefined);
-  if (current?.equals(content)) return;
-  await writeFile(`${file}.tmp-${process.pid}`, content, { mode: 0o755 });
-  await rename(`${file}.tmp-${process.pid}`, file);
+  const content = builtShim && (await pathExists(builtShim)) ? await readFile(builtShim) : Buffer.from(tarShim(realTar));
+  await replaceFile(path.join(dir, "tar"), content, 0o755);
 }
 
 /** What the static tar shim needs in CRIU's environment (TAR_SHIM_NOTE). */
@@ -111,16 +119,11 @@ export function tarShimEnv(realTar: string): Record<string, string> {
  */
 export async function installCriuForRunc(dir: string, realCriu: string, front: string | undefined): Promise<string> {
   const target = path.join(dir, "criu");
-  const temporary = `${target}.tmp-${process.pid}`;
-  await rm(temporary, { force: true });
-  if (front && (await exists(front))) {
-    const [have, want] = await Promise.all([readFile(target).catch(() => undefined), readFile(front)]);
-    if (!have || !have.equals(want)) {
-      await copyFile(front, temporary);
-      await chmod(temporary, 0o755);
-      await rename(temporary, target);
-    }
+  if (front && (await pathExists(front))) {
+    await replaceFile(target, await readFile(front), 0o755);
   } else if ((await readlink(target).catch(() => "")) !== realCriu) {
+    const temporary = `${target}.tmp-${process.pid}`;
+    await rm(temporary, { force: true });
     await symlink(realCriu, temporary);
     await rename(temporary, target);
   }
@@ -190,7 +193,7 @@ export async function ensureCriuKdatCache(criuPath: string, scratchDir: string):
   if (runFs && runFs.type === TMPFS_MAGIC) return "tmpfs";
   const bootId = (await readFile("/proc/sys/kernel/random/boot_id", "utf8")).trim();
   const tagFile = `${CRIU_KDAT_FILE}.cubicle-boot-id`;
-  const [tag, cacheExists] = await Promise.all([readFile(tagFile, "utf8").catch(() => ""), access(CRIU_KDAT_FILE).then(() => true, () => false)]);
+  const [tag, cacheExists] = await Promise.all([readFile(tagFile, "utf8").catch(() => ""), pathExists(CRIU_KDAT_FILE)]);
   if (cacheExists && tag.trim() === `${bootId} ${criuPath}`) return "present";
 
   await mkdir(scratchDir, { recursive: true, mode: 0o700 });
@@ -213,9 +216,3 @@ export async function ensureCriuKdatCache(criuPath: string, scratchDir: string):
 
 const TMPFS_MAGIC = 0x01021994;
 
-async function exists(file: string): Promise<boolean> {
-  return access(file).then(
-    () => true,
-    () => false,
-  );
-}

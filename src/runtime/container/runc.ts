@@ -1,9 +1,10 @@
 import { spawn } from "node:child_process";
 import { writeFileSync } from "node:fs";
-import { access, readFile } from "node:fs/promises";
+import { readFile } from "node:fs/promises";
 import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
+import { pathExists } from "../../shared/fs.js";
 import { createLogger } from "../../shared/log.js";
 
 const log = createLogger("runc");
@@ -23,7 +24,7 @@ const TIMEOUT_MS = 30_000;
 export interface CriuRunOptions {
   /**
    * The CRIU binary: `runc --criu` for runc < 1.2. Newer runc has no such flag and runs the
-   * `criu` it finds in PATH, so `env.PATH` must lead to this same binary (CRIU_PATH_NOTE).
+   * `criu` it finds in PATH, so `env.PATH` must lead to this same binary (CRIU_FRONT_NOTE).
    */
   criuPath: string;
   /** The sandbox's netns; runc and CRIU run inside it (CRIU_NETNS_NOTE). */
@@ -49,9 +50,14 @@ export class Runc {
 
   constructor(private readonly binary: string) {}
 
-  private async criuArgs(criuPath: string): Promise<string[]> {
+  /**
+   * The argv of a checkpoint or restore: `runc <subcommand>` in the sandbox's netns, with CRIU
+   * named (runc < 1.2 only, CRIU_FRONT_NOTE), the JSON log, the image and work paths.
+   */
+  private async criuCommand(options: CriuRunOptions, subcommand: string[]): Promise<string[]> {
     this.takesCriuFlag ??= runCommand([this.binary, "--help"], { timeoutMs: TIMEOUT_MS, allowFailure: true }).then((result) => /--criu\b/.test(result.stdout));
-    return (await this.takesCriuFlag) ? ["--criu", criuPath] : [];
+    const criu = (await this.takesCriuFlag) ? ["--criu", options.criuPath] : [];
+    return [...inNetns(options.netnsPath), this.binary, ...criu, "--log", options.logFile, "--log-format", "json", ...subcommand, "--image-path", options.imagePath, "--work-path", options.workPath, "--file-locks"];
   }
 
   /**
@@ -72,8 +78,7 @@ export class Runc {
    * runc (and so CRIU) runs inside the sandbox's netns (`netnsPath`), see CRIU_NETNS_NOTE.
    */
   async checkpoint(id: string, options: CriuRunOptions & { leaveRunning: boolean }): Promise<void> {
-    const argv = [...inNetns(options.netnsPath), this.binary, ...(await this.criuArgs(options.criuPath)), "--log", options.logFile, "--log-format", "json", "checkpoint"];
-    argv.push("--image-path", options.imagePath, "--work-path", options.workPath, "--file-locks");
+    const argv = await this.criuCommand(options, ["checkpoint"]);
     if (options.leaveRunning) argv.push("--leave-running");
     argv.push(id);
     await this.detached(argv, `runc checkpoint ${id}`, options.logFile, options.timeoutMs, options.env);
@@ -85,8 +90,7 @@ export class Runc {
    * CRIU run inside it, see CRIU_NETNS_NOTE). stdio is /dev/null as for run.
    */
   async restoreDetached(id: string, bundle: string, options: CriuRunOptions): Promise<void> {
-    const argv = [...inNetns(options.netnsPath), this.binary, ...(await this.criuArgs(options.criuPath)), "--log", options.logFile, "--log-format", "json", "restore", "--detach", "--bundle", bundle];
-    argv.push("--image-path", options.imagePath, "--work-path", options.workPath, "--file-locks", id);
+    const argv = [...(await this.criuCommand(options, ["restore", "--detach", "--bundle", bundle])), id];
     await this.detached(argv, `runc restore ${id}`, options.logFile, options.timeoutMs, options.env);
   }
 
@@ -291,13 +295,6 @@ function freezerOf(state: RuncStateFile): FreezerControl | undefined {
     return { file: path.join(v2, "cgroup.freeze"), frozen: "1", thawed: "0", isFrozen: async () => /^frozen 1$/m.test(await readFile(events, "utf8")) };
   }
   return undefined;
-}
-
-async function pathExists(file: string): Promise<boolean> {
-  return access(file).then(
-    () => true,
-    () => false,
-  );
 }
 
 /** Alive = exists and is not a zombie (runc treats a zombie init as stopped). */
