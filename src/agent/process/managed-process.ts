@@ -324,7 +324,8 @@ let userSwitch: UserSwitch | undefined;
 
 function findUserSwitch(): UserSwitch {
   if (userSwitch !== undefined) return userSwitch;
-  const runAs = process.env.CUBICLE_AGENT_RUN_AS ?? path.join(path.dirname(process.argv[1] ?? "/"), "run-as");
+  // The kit puts run-as next to the agent's script (/.cubicle).
+  const runAs = path.join(path.dirname(process.argv[1] ?? "/"), "run-as");
   const candidates: Array<{ kind: "run-as" | "setpriv"; path: string }> = [
     { kind: "run-as", path: runAs },
     ...["/usr/bin/setpriv", "/bin/setpriv", "/usr/sbin/setpriv", "/sbin/setpriv"].map((file) => ({ kind: "setpriv" as const, path: file })),

@@ -140,12 +140,11 @@ export class ContainerRuntime implements Runtime {
       const info = await stat(dir);
       if ((info.mode & 0o001) === 0) await chmod(dir, (info.mode & 0o7777) | 0o011);
     }
-    const agentScript = this.options.agentScript ?? path.join(this.config.distDir, "agent", "agent.js");
     this.kit = await assembleAgentKit(this.kitDir, {
       nodeBinary: this.options.nodeBinary ?? process.execPath,
-      agentScript,
+      agentScript: this.options.agentScript ?? path.join(this.config.distDir, "agent", "agent.js"),
       nativePackages: findNativePackages(),
-      runAs: path.join(path.dirname(agentScript), "run-as"),
+      runAs: path.join(this.config.distDir, "agent", "run-as"),
     });
     this.kitFingerprint = await readFile(path.join(this.kit.dir, "manifest.json")).then(
       (text) => createHash("sha256").update(text).update(`layout ${SANDBOX_LAYOUT_VERSION}`).digest("hex").slice(0, 16),
