@@ -1,5 +1,6 @@
 // Runs the whole suite with node's test runner: unit tests next to the code (src/**/*.test.ts),
-// then end-to-end tests (test/e2e/*.test.ts) against real servers and sandboxes.
+// then end-to-end tests (test/e2e/*.test.ts) and the escape battery (test/security/*.test.ts)
+// against real servers and sandboxes.
 // Extra arguments narrow the run to files whose path contains one of them.
 import { spawnSync } from "node:child_process";
 import fs from "node:fs";
@@ -19,7 +20,11 @@ function collect(dir, suffix) {
   return out.sort();
 }
 
-let files = [...collect(path.join(root, "src"), ".test.ts"), ...collect(path.join(root, "test", "e2e"), ".test.ts")];
+let files = [
+  ...collect(path.join(root, "src"), ".test.ts"),
+  ...collect(path.join(root, "test", "e2e"), ".test.ts"),
+  ...collect(path.join(root, "test", "security"), ".test.ts"),
+];
 if (filters.length) files = files.filter((f) => filters.some((needle) => f.includes(needle)));
 if (files.length === 0) {
   console.error("no test files matched");
