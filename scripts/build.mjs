@@ -15,10 +15,10 @@ fs.mkdirSync(path.join(dist, "agent"), { recursive: true });
  * compiler (setup installs gcc) Cubicle falls back to setpriv, to starting CRIU directly and to
  * the shell tar shim, so a failure here only warns.
  */
-function buildNative(source, output, fallback) {
+function buildNative(source, output, fallback, flags = ["-static"]) {
   source = path.join(root, source);
   if (fs.existsSync(output) && fs.statSync(output).mtimeMs >= fs.statSync(source).mtimeMs) return;
-  const result = spawnSync("cc", ["-O2", "-static", "-Wall", "-Werror", "-o", `${output}.tmp`, source], { encoding: "utf8" });
+  const result = spawnSync("cc", ["-O2", ...flags, "-Wall", "-Werror", "-o", `${output}.tmp`, source], { encoding: "utf8" });
   if (result.status !== 0) {
     fs.rmSync(`${output}.tmp`, { force: true });
     console.warn(`build: ${path.basename(output)} not built (${result.error?.message ?? result.stderr.trim()}); ${fallback}`);
@@ -29,6 +29,9 @@ function buildNative(source, output, fallback) {
 buildNative("src/agent/native/run-as.c", path.join(dist, "agent", "run-as"), "sandboxes switch users through setpriv");
 buildNative("src/runtime/container/native/criu-front.c", path.join(dist, "criu-front"), "runc starts CRIU directly");
 buildNative("src/runtime/container/native/tar-shim.c", path.join(dist, "tar-shim"), "CRIU's tar goes through the shell shim");
+// Required (no fallback): the runtime refuses to start without them.
+buildNative("src/runtime/container/native/sandbox-helper.c", path.join(dist, "sandbox-helper"), "the container runtime cannot start sandboxes");
+buildNative("src/runtime/container/native/criu-userns-shim.c", path.join(dist, "criu-userns-shim.so"), "checkpoints and restores fail", ["-shared", "-fPIC"]);
 
 const common = { bundle: true, platform: "node", target: "node20", sourcemap: "linked", logLevel: "warning", legalComments: "none" };
 

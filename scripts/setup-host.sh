@@ -25,7 +25,7 @@ readonly DEBIAN_MIRROR="${CUBICLE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 # with kernels >= 6.16; 4.2 (Debian testing, "forky") works.
 readonly CRIU_MIN_VERSION="4.2"
 readonly CRIU_SUITE="forky"
-readonly HOST_PACKAGES=(runc iproute2 nftables mmdebstrap uidmap iptables tini patchelf gcc libc6-dev)
+readonly HOST_PACKAGES=(runc iproute2 nftables mmdebstrap uidmap iptables tini patchelf gcc libc6-dev btrfs-progs)
 
 staging=""
 

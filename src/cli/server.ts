@@ -36,15 +36,19 @@ export function loadOrCreateApiKey(config: CubicleConfig): string {
     // first start
   }
   const key = newApiKey();
-  fs.mkdirSync(config.stateDir, { recursive: true });
-  fs.writeFileSync(file, key + "\n", { mode: 0o600 });
+  fs.mkdirSync(config.stateDir, { recursive: true, mode: 0o700 });
+  // Created 0600 (an empty leftover is replaced, not reused with its mode).
+  fs.rmSync(file, { force: true });
+  fs.writeFileSync(file, key + "\n", { mode: 0o600, flag: "wx" });
   return key;
 }
 
 /** Assembles store, network, runtime, core, API and router, recovers, and listens. */
 export async function startServer(config: CubicleConfig): Promise<RunningServer> {
-  // Search permission for others: the sandboxes' mapped root (uid 100000) walks to its bundle and the kit.
-  fs.mkdirSync(config.stateDir, { recursive: true, mode: 0o711 });
+  // Host root's alone: the database (tokens, env vars), the API key, templates, the storage pool's
+  // image. What sandboxes must reach is under config.runDir.
+  fs.mkdirSync(config.stateDir, { recursive: true, mode: 0o700 });
+  if ((fs.statSync(config.stateDir).mode & 0o077) !== 0) fs.chmodSync(config.stateDir, 0o700);
   const apiKey = loadOrCreateApiKey(config);
   const store = new SqliteStore(path.join(config.stateDir, "cubicle.db"));
   const network = createNetworkManager(config, { tableName: config.nftTable });
@@ -58,7 +62,7 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     runtime,
     network,
     templates,
-    stateDir: config.stateDir,
+    imagesDir: runtime.imagesDir,
     poolSizes: config.poolSizes,
     durablePauseAfterSec: config.durablePauseAfterSec,
     pauseImageAfterMs: config.pauseImageAfterMs,

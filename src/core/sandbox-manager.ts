@@ -2,7 +2,7 @@ import { EventEmitter } from "node:events";
 import { mkdir, readdir, rename, rm } from "node:fs/promises";
 import path from "node:path";
 import type { NetworkManager } from "../network/types.js";
-import type { RestoreOptions, Runtime, SandboxSpec } from "../runtime/types.js";
+import type { Runtime, SandboxSpec } from "../runtime/types.js";
 import { runtimeIdOf, type PoolEntryRecord, type SandboxRecord, type SandboxQuery, type SnapshotQuery, type SnapshotRecord, type Store } from "../store/types.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { createLogger } from "../shared/log.js";
@@ -32,6 +32,20 @@ async function exists(file: string): Promise<boolean> {
   );
 }
 
+/**
+ * A dump that failed for lack of space (the runtime gives a full image budget or pool its own
+ * code: the snapshot's or CRIU's EDQUOT/ENOSPC) becomes a 507 that says what it means for this
+ * sandbox and what to do; any other error is returned as it is.
+ */
+function storageFullOr(error: CubicleError, sandboxId: string, outcome: string): CubicleError {
+  if (error.code !== "insufficient_storage") return error;
+  return new CubicleError(
+    "insufficient_storage",
+    `not enough space on the server to save the memory and files of sandbox "${sandboxId}": its storage for snapshots and paused sandboxes is full (No space left on device)${outcome}. Delete snapshots you no longer need, or free space on the host (or raise CUBICLE_IMAGE_BUDGET_GB), then retry`,
+    { cause: error, details: error.details },
+  );
+}
+
 /** The most a sandbox may live from one timeout call: 24 h, as upstream's highest tier. */
 export const MAX_TIMEOUT_SEC = 24 * 60 * 60;
 /** Restores of one fork request run this many at a time. */
@@ -44,8 +58,8 @@ export interface SandboxManagerOptions {
   runtime: Runtime;
   network: NetworkManager;
   templates: TemplateCatalog;
-  /** State directory: snapshot images under `snapshots/`, durable pauses under `paused/`. */
-  stateDir: string;
+  /** Images directory (the runtime's): snapshots under `snapshots/`, durable pauses under `paused/`. */
+  imagesDir: string;
   /** Processes per sandbox. */
   pidsLimit?: number;
   /** Warm pool size per template id or alias; empty = no pools. */
@@ -125,19 +139,46 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       store: options.store,
       runtime: options.runtime,
       network: options.network,
-      stateDir: options.stateDir,
+      imagesDir: options.imagesDir,
       templates: options.warmSnapshotTemplates ?? [],
       pidsLimit: options.pidsLimit ?? 4096,
       templateFingerprint: options.templateFingerprint,
     });
+    options.runtime.onExit((runtimeId) => void this.handleRuntimeExit(runtimeId));
+  }
+
+  /**
+   * A sandbox's processes ended on their own (its agent was OOM-killed, its init exited): it is
+   * dead. Marked so at once (gone from list and getInfo), its resources released and its open
+   * streams reset, unless a lifecycle step of ours already moved it on (kill, durable pause,
+   * rollback), which the check under the sandbox's lock sees.
+   */
+  private async handleRuntimeExit(runtimeId: string): Promise<void> {
+    const record = [...this.live.values()].find((candidate) => runtimeIdOf(candidate) === runtimeId);
+    if (!record) {
+      await this.pool.discardEnded(runtimeId).catch((err) => log.error("discarding an ended pool entry failed", { runtimeId, error: String(err) }));
+      return;
+    }
+    await this.mutex
+      .run(record.sandboxId, async () => {
+        if (this.live.get(record.sandboxId) !== record || runtimeIdOf(record) !== runtimeId) return;
+        const hot = record.state === "running" || (record.state === "paused" && record.pause?.tier === "hot");
+        if (!hot) return;
+        const state = await this.options.runtime.state(runtimeId).catch(() => "missing" as const);
+        if (state === "running" || state === "frozen") return;
+        log.warn("a sandbox's processes ended; marking it dead", { sandboxId: record.sandboxId, runtimeState: state });
+        await this.markDead(record, "the sandbox's processes ended (its agent was killed, e.g. out of memory)");
+      })
+      .catch((err) => log.error("handling a sandbox's end failed", { sandboxId: record.sandboxId, error: String(err) }));
+    this.scheduleReaper();
   }
 
   private get snapshotsDir(): string {
-    return path.join(this.options.stateDir, "snapshots");
+    return path.join(this.options.imagesDir, "snapshots");
   }
 
   private get pausedDir(): string {
-    return path.join(this.options.stateDir, "paused");
+    return path.join(this.options.imagesDir, "paused");
   }
 
   private get durableAfterMs(): number {
@@ -201,7 +242,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
 
   async create(request: CreateSandboxRequest): Promise<SandboxRecord> {
     if (this.closed) throw new CubicleError("unavailable", "the server is shutting down; try again shortly");
-    const claimed = this.pool.claim({ templateIdOrAlias: request.templateId, cpuCount: request.cpuCount, memoryMB: request.memoryMB });
+    const claimed = this.pool.claim({ templateIdOrAlias: request.templateId, cpuCount: request.cpuCount, memoryMB: request.memoryMB, diskSizeMB: request.diskSizeMB });
     if (claimed) {
       const record = await this.createFromPoolEntry(request, claimed.template, claimed.entry);
       if (record) return record;
@@ -219,7 +260,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     if (warmImage) {
       const started = performance.now();
       // The image's agent was never given a token: its first /init needs none.
-      await this.startOrFail(record, () => this.restoreInto(record, template, warmImage, undefined, { keepSpareUpper: true }));
+      await this.startOrFail(record, () => this.restoreInto(record, template, warmImage, undefined));
       this.warmSnapshots.countRestore(template.templateId);
       log.debug("created from the template's warm snapshot", { sandboxId: record.sandboxId, templateId: template.templateId, ms: round(performance.now() - started) });
       return this.markRunning(record, { pooled: false, warmSnapshot: true });
@@ -314,6 +355,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     if (Object.keys(request.envVars).length > 0) return false;
     if (request.cpuCount !== undefined && request.cpuCount !== template.cpuCount) return false;
     if (request.memoryMB !== undefined && request.memoryMB !== template.memoryMB) return false;
+    if (request.diskSizeMB !== undefined && request.diskSizeMB !== template.diskSizeMB) return false;
     return this.warmSnapshots.isEnabled(template);
   }
 
@@ -330,7 +372,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       endAt: now + request.timeoutSec * 1000,
       cpuCount: request.cpuCount ?? template.cpuCount,
       memoryMB: request.memoryMB ?? template.memoryMB,
-      diskSizeMB: template.diskSizeMB,
+      diskSizeMB: request.diskSizeMB ?? template.diskSizeMB,
       metadata: request.metadata,
       envVars: request.envVars,
       secure: request.secure,
@@ -423,13 +465,13 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
    * Restores an image into a recorded sandbox: a network (new unless the record has one), the
    * runtime restore, the agent's readiness, and a re-init that hands it this sandbox's identity.
    */
-  private async restoreInto(record: SandboxRecord, template: TemplateInfo, imageDir: string, agentToken: string | undefined, options: RestoreOptions = {}): Promise<void> {
+  private async restoreInto(record: SandboxRecord, template: TemplateInfo, imageDir: string, agentToken: string | undefined): Promise<void> {
     const started = performance.now();
     const network = record.network ? undefined : await this.beginNetwork(record);
     // The restored agent listens already: no health probe before its /init, which runs while
     // the runtime renames the host.
     const whenRunning = () => this.initRecordAgent(record, template, agentToken, AGENT_READY_TIMEOUT_MS);
-    await this.options.runtime.restore({ ...this.specOf(record, template), networkReady: network?.ready, whenRunning }, imageDir, options);
+    await this.options.runtime.restore({ ...this.specOf(record, template), networkReady: network?.ready, whenRunning }, imageDir);
     log.debug("restored into a sandbox", { sandboxId: record.sandboxId, ms: round(performance.now() - started) });
   }
 
@@ -635,8 +677,9 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       await rm(imageDir, { recursive: true, force: true }).catch(() => undefined);
       const state = await this.options.runtime.state(runtimeId).catch(() => "missing" as const);
       if (state === "running" && wasFrozen) await this.options.runtime.freeze(runtimeId).catch(() => undefined);
-      if (state === "missing" || state === "stopped") await this.markDead(record, `pause to disk failed: ${(err as Error).message}`);
-      throw CubicleError.from(err);
+      const lost = state === "missing" || state === "stopped";
+      if (lost) await this.markDead(record, `pause to disk failed: ${(err as Error).message}`);
+      throw storageFullOr(CubicleError.from(err), record.sandboxId, lost ? "" : wasFrozen ? "; the sandbox stays paused in memory" : "; the sandbox keeps running");
     }
     // Record the image first: a crash from here on finds a durable pause, not a vanished sandbox.
     record.state = "paused";
@@ -806,17 +849,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       if (state === "frozen") await this.options.runtime.thaw(runtimeId).catch(() => undefined);
       const lost = state === "missing" || state === "stopped";
       if (lost) await this.markDead(record, `the sandbox was lost during a snapshot: ${(err as Error).message}`);
-      const error = CubicleError.from(err);
-      // The runtime gives a full disk its own code (the copy's ENOSPC, or the CRIU log's): say
-      // what it means for this sandbox.
-      if (error.code === "insufficient_storage") {
-        throw new CubicleError(
-          "insufficient_storage",
-          `not enough disk space on the server to save the memory and files of sandbox "${record.sandboxId}" (No space left on device)${lost ? "" : "; the sandbox keeps running"}. Delete snapshots you no longer need or free disk space on the host, then retry`,
-          { cause: error, details: error.details },
-        );
-      }
-      throw error;
+      throw storageFullOr(CubicleError.from(err), record.sandboxId, lost ? "" : "; the sandbox keeps running");
     }
     const snapshot: SnapshotRecord = {
       snapshotId,
@@ -1046,6 +1079,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       }
       if (alive) {
         this.live.set(record.sandboxId, record);
+        if (record.network) await runtime.watch(runtimeId).catch((err) => log.warn("cannot watch an adopted sandbox", { sandboxId: record.sandboxId, error: String(err) }));
         adopted.push(record.sandboxId);
         await store.recordEvent({ sandboxId: record.sandboxId, at: Date.now(), kind: "adopted", detail: { state: record.state } });
       } else {

@@ -28,4 +28,6 @@ export interface CreateSandboxRequest {
   networkConfig: Record<string, unknown> | undefined;
   cpuCount?: number;
   memoryMB?: number;
+  /** The writable layer's quota (Cubicle extension); default the template's. */
+  diskSizeMB?: number;
 }

@@ -32,6 +32,7 @@ export interface PoolClaimRequest {
   templateIdOrAlias: string;
   cpuCount: number | undefined;
   memoryMB: number | undefined;
+  diskSizeMB?: number | undefined;
 }
 
 /** A claimed entry and the template it was made from. */
@@ -98,6 +99,7 @@ export class WarmPool {
     const { template } = target;
     if (request.cpuCount !== undefined && request.cpuCount !== template.cpuCount) return undefined;
     if (request.memoryMB !== undefined && request.memoryMB !== template.memoryMB) return undefined;
+    if (request.diskSizeMB !== undefined && request.diskSizeMB !== template.diskSizeMB) return undefined;
     const entry = this.ready.get(template.templateId)?.shift();
     this.refillLater(template.templateId);
     return entry?.network ? { entry, template } : undefined;
@@ -174,6 +176,23 @@ export class WarmPool {
       await this.destroyEntry(entry);
       throw err;
     }
+  }
+
+  /**
+   * An entry whose processes ended while it waited (the runtime reported it): taken out and
+   * removed, so no claim gets it; false when it is not a ready entry.
+   */
+  async discardEnded(runtimeId: string): Promise<boolean> {
+    for (const [templateId, list] of this.ready) {
+      const index = list.findIndex((entry) => entry.runtimeId === runtimeId);
+      if (index < 0) continue;
+      const [entry] = list.splice(index, 1);
+      log.warn("a pool entry's processes ended; replacing it", { runtimeId });
+      await this.destroyEntry(entry!);
+      this.refillLater(templateId);
+      return true;
+    }
+    return false;
   }
 
   /** Removes an entry's container, network and row; never throws. */

@@ -27,7 +27,7 @@ test("an image is used only while its template and kit fingerprints are current;
     const kit = { fingerprint: "kit-1" };
     let recipe = "recipe-1";
     const f = fakes(kit);
-    const snapshots = new WarmSnapshots({ ...f, stateDir, templates: ["ci"], pidsLimit: 100, templateFingerprint: async () => recipe });
+    const snapshots = new WarmSnapshots({ ...f, imagesDir: stateDir, templates: ["ci"], pidsLimit: 100, templateFingerprint: async () => recipe });
     assert.equal(snapshots.isEnabled(template), true, "configured by alias");
     assert.equal(snapshots.isEnabled({ ...template, templateId: "base", aliases: ["base"] }), false);
 
@@ -39,7 +39,7 @@ test("an image is used only while its template and kit fingerprints are current;
     assert.equal(f.rows.size, 0, "and its pool row");
 
     // An image made under the current fingerprints is found (as after a restart).
-    const fresh = new WarmSnapshots({ ...f, stateDir, templates: ["ci"], pidsLimit: 100, templateFingerprint: async () => recipe });
+    const fresh = new WarmSnapshots({ ...f, imagesDir: stateDir, templates: ["ci"], pidsLimit: 100, templateFingerprint: async () => recipe });
     const [built] = fs.readdirSync(path.join(stateDir, "warm"));
     assert.equal(built, undefined, "a failed build leaves no image directory");
     const imageDir = await fresh.currentImageDir(template);

@@ -15,8 +15,8 @@ const KERNEL_START_TIMEOUT_MS = 60_000;
 const RETRY_AFTER_FAILURE_MS = 60_000;
 
 export interface WarmSnapshotsOptions extends UnclaimedSandboxDeps {
-  /** `<stateDir>/warm` holds the images. */
-  stateDir: string;
+  /** `<imagesDir>/warm` holds the images (the runtime's images directory). */
+  imagesDir: string;
   /** Template ids or aliases that get a warm snapshot. */
   templates: string[];
   /** What decides whether a template's rootfs changed (its recipe hash); default the rootfs path. */
@@ -57,7 +57,7 @@ export class WarmSnapshots {
   }
 
   private get dir(): string {
-    return path.join(this.options.stateDir, "warm");
+    return path.join(this.options.imagesDir, "warm");
   }
 
   isEnabled(template: TemplateInfo): boolean {

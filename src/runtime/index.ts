@@ -1,13 +1,12 @@
-import type { CubicleConfig } from "../shared/config.js";
-import { ContainerRuntime, type ContainerRuntimeOptions } from "./container/container-runtime.js";
+import { ContainerRuntime, type ContainerRuntimeConfig, type ContainerRuntimeOptions } from "./container/container-runtime.js";
 
-export type { CheckpointInfo, CheckpointOptions, RestoreOptions, Runtime, RuntimeState, SandboxResources, SandboxSpec, SandboxStats, TemplateImage } from "./types.js";
+export type { CheckpointInfo, CheckpointOptions, Runtime, RuntimeState, SandboxResources, SandboxSpec, SandboxStats, TemplateImage } from "./types.js";
 export { PARTIAL_IMAGE_MARKER } from "./container/checkpoint-image.js";
 export { SANDBOX_UID_BASE, SANDBOX_UID_COUNT } from "./types.js";
-export { ContainerRuntime, CONTAINER_PREFIX, type ContainerRuntimeOptions, type CreateTimings } from "./container/container-runtime.js";
+export { ContainerRuntime, CONTAINER_PREFIX, type ContainerRuntimeConfig, type ContainerRuntimeOptions, type CreateTimings } from "./container/container-runtime.js";
 export { KIT_MOUNT_POINT } from "./container/agent-kit.js";
 
 /** The default runtime: runc + overlayfs + user namespace. */
-export function createContainerRuntime(config: Pick<CubicleConfig, "stateDir" | "distDir" | "runcPath">, options?: ContainerRuntimeOptions): ContainerRuntime {
+export function createContainerRuntime(config: ContainerRuntimeConfig, options?: ContainerRuntimeOptions): ContainerRuntime {
   return new ContainerRuntime(config, options);
 }

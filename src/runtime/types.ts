@@ -90,23 +90,23 @@ export interface Runtime {
    */
   checkpoint(sandboxId: string, imageDir: string, options: CheckpointOptions): Promise<CheckpointInfo>;
   /**
-   * Starts a sandbox from an image made by checkpoint(): a fresh upper layer copied from the
-   * image, processes restored (or, for a filesystem-only image, the agent started anew) into
+   * Starts a sandbox from an image made by checkpoint(): a fresh upper layer made from the
+   * image's, processes restored (or, for a filesystem-only image, the agent started anew) into
    * `spec.network`. `spec.sandboxId` may be the image's own sandbox (resume, rollback: the old
    * container must be gone first) or a new one (create from snapshot, fork).
    * Restored processes keep what was in their memory: the source's hostname and environment;
    * established TCP connections come back closed, listening sockets listen again.
    */
-  restore(spec: SandboxSpec, imageDir: string, options?: RestoreOptions): Promise<void>;
-}
-
-export interface RestoreOptions {
+  restore(spec: SandboxSpec, imageDir: string): Promise<void>;
   /**
-   * The image will be restored again soon (a template's warm snapshot): keep a copy of its upper
-   * layer ready, made in the background, so that the next restore renames it into place
-   * instead of copying it (a `cp` run, ~4 ms even for a small layer).
+   * Where checkpoint images must be made (checkpoint's `imageDir` is a new directory under
+   * it): the runtime's storage, counted in its image budget.
    */
-  keepSpareUpper?: boolean;
+  readonly imagesDir: string;
+  /** Registers for sandboxes whose processes ended on their own (crash, OOM, exit from inside). */
+  onExit(listener: (sandboxId: string) => void): void;
+  /** Starts reporting the end of a running sandbox found on the host (after a server restart). */
+  watch(sandboxId: string): Promise<void>;
 }
 
 export interface CheckpointOptions {
@@ -124,7 +124,11 @@ export interface CheckpointInfo {
   memory: boolean;
 }
 
-/** Root inside a sandbox is this uid on the host; template rootfs trees are owned by the shifted range. */
+/**
+ * Template rootfs trees and sandbox layers store ids shifted to this base on disk (root inside
+ * = 100000); each sandbox sees them through idmapped mounts in its own host range
+ * (USERNS_OWNER_NOTE), never as these ids.
+ */
 export const SANDBOX_UID_BASE = 100000;
 /** Size of the uid/gid range mapped into every sandbox's user namespace. */
 export const SANDBOX_UID_COUNT = 65536;

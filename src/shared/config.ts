@@ -1,3 +1,4 @@
+import { createHash } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 
@@ -49,6 +50,29 @@ export interface CubicleConfig {
    * neither.
    */
   warmSnapshotTemplates: string[];
+  /**
+   * What sandboxes must reach on the host (their bundles, the agent kit) lives here, outside the
+   * state directory (which is 0700): `<runDir>/pool` is the storage pool's mount point
+   * (STORAGE_POOL_NOTE), `<runDir>/kit` the kit. Default /run/cubicle/<hash of stateDir>.
+   */
+  runDir: string;
+  /** Size of the storage pool's image file when it is first made; undefined = from free space. */
+  storageBytes: number | undefined;
+  /** The server-wide budget for snapshots and pause images; undefined = half the pool. */
+  imageBudgetBytes: number | undefined;
+}
+
+/** The default runDir of a state directory (one per server on a host). */
+export function defaultRunDir(stateDir: string): string {
+  return path.join("/run/cubicle", createHash("sha256").update(path.resolve(stateDir)).digest("hex").slice(0, 12));
+}
+
+/** A size in GiB from the environment (decimals allowed), as bytes; undefined when unset. */
+function parseGibibytes(name: string, raw: string | undefined): number | undefined {
+  if (raw === undefined || raw.trim() === "") return undefined;
+  const value = Number(raw);
+  if (!Number.isFinite(value) || value <= 0) throw new Error(`${name}: "${raw}" is not a positive number of GiB`);
+  return Math.floor(value * 1024 ** 3);
 }
 
 /** Parses `base=2,code-interpreter-v1=1`; an empty string means no pools. */
@@ -90,5 +114,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
       .split(",")
       .map((s) => s.trim())
       .filter((s) => s && s !== "none"),
+    runDir: path.resolve(env.CUBICLE_RUN_DIR ?? defaultRunDir(stateDir)),
+    storageBytes: parseGibibytes("CUBICLE_STORAGE_GB", env.CUBICLE_STORAGE_GB),
+    imageBudgetBytes: parseGibibytes("CUBICLE_IMAGE_BUDGET_GB", env.CUBICLE_IMAGE_BUDGET_GB),
   };
 }

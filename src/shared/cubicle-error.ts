@@ -70,13 +70,16 @@ export class CubicleError extends Error {
   static from(reason: unknown, fallback: ErrorCode = "internal"): CubicleError {
     if (reason instanceof CubicleError) return reason;
     if (reason instanceof Error) {
-      const errno = (reason as NodeJS.ErrnoException).code;
-      const mapped = errno ? errnoToCode(errno) : undefined;
+      const { code: errno, errno: number } = reason as NodeJS.ErrnoException;
+      // libuv has no name for EDQUOT (a quota, e.g. a sandbox disk or the image budget, is full).
+      const mapped = number === -EDQUOT_LINUX ? "insufficient_storage" : errno ? errnoToCode(errno) : undefined;
       return new CubicleError(mapped ?? fallback, reason.message, { cause: reason });
     }
     return new CubicleError(fallback, String(reason), { cause: reason });
   }
 }
+
+const EDQUOT_LINUX = 122;
 
 /** Maps a Node errno string (ENOENT, EACCES …) to an error code, if it has an obvious one. */
 export function errnoToCode(errno: string): ErrorCode | undefined {

@@ -1,3 +1,4 @@
+import fs from "node:fs";
 import Database from "better-sqlite3";
 import type { EventRecord, PoolEntryRecord, SandboxQuery, SandboxRecord, SnapshotQuery, SnapshotRecord, Store } from "./types.js";
 
@@ -56,6 +57,7 @@ export class SqliteStore implements Store {
   private readonly deletePoolStmt: Database.Statement;
 
   constructor(file: string) {
+    ownerOnly(file);
     this.db = new Database(file);
     this.db.pragma("journal_mode = WAL");
     this.db.pragma("synchronous = NORMAL");
@@ -261,4 +263,21 @@ function toRow(record: SandboxRecord) {
 
 function matchesMetadata(actual: Record<string, string>, wanted: Record<string, string>): boolean {
   return Object.entries(wanted).every(([key, value]) => actual[key] === value);
+}
+
+/**
+ * The database holds access tokens and the env vars given at create: readable by host root only.
+ * A new file is created 0600 here, before SQLite opens it (SQLite gives its -wal and -shm files
+ * the database file's mode); files of an older install are tightened.
+ */
+function ownerOnly(file: string): void {
+  if (file === ":memory:") return;
+  fs.closeSync(fs.openSync(file, fs.constants.O_CREAT | fs.constants.O_RDWR, 0o600));
+  for (const name of [file, `${file}-wal`, `${file}-shm`]) {
+    try {
+      if ((fs.statSync(name).mode & 0o077) !== 0) fs.chmodSync(name, 0o600);
+    } catch {
+      // -wal and -shm exist only while the database is open
+    }
+  }
 }

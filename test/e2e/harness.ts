@@ -9,6 +9,7 @@ import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { callApi } from "../../src/bench/target.js";
+import { defaultRunDir } from "../../src/shared/config.js";
 
 const repoRoot = path.resolve(path.dirname(new URL(import.meta.url).pathname), "..", "..");
 export const TEST_API_KEY = "e2b_" + "0123456789abcdef".repeat(2) + "01234567";
@@ -17,6 +18,8 @@ export interface TestServer {
   url: string;
   apiKey: string;
   stateDir: string;
+  /** Where the server mounts its storage pool and kit (outside the 0700 state dir). */
+  runDir: string;
   env: NodeJS.ProcessEnv;
   /** Process id of the server, for the recovery test's SIGKILL. */
   pid(): number;
@@ -46,6 +49,24 @@ async function freePort(): Promise<number> {
 
 let serverCounter = 0;
 
+/**
+ * A slot (nftables table cubicle_t<slot> and a /18 of its own) no other test server on this host
+ * uses now: suites of other checkouts may run at the same time.
+ */
+function freeSlot(start: number): number {
+  let tables = "";
+  try {
+    tables = execFileSync("nft", ["list", "tables"], { encoding: "utf8" });
+  } catch {
+    // no nftables: nothing to collide with
+  }
+  for (let i = 0; i < 200; i++) {
+    const slot = (start + i) % 200;
+    if (!new RegExp(`\\bcubicle_t${slot}\\b`).test(tables)) return slot;
+  }
+  return start;
+}
+
 export interface TestServerOptions {
   defaultTemplates?: string[];
   extraEnv?: Record<string, string>;
@@ -62,7 +83,7 @@ export async function startTestServer(options: TestServerOptions = {}): Promise<
   const port = await freePort();
   const stateDir = fs.mkdtempSync(path.join(os.tmpdir(), "cubicle-e2e-"));
   // A subnet and nft table per test server, so a developer's own `./cubicle up` is untouched.
-  const slot = (process.pid + serverCounter++) % 200;
+  const slot = freeSlot((process.pid + serverCounter++) % 200);
   const env: NodeJS.ProcessEnv = {
     ...process.env,
     CUBICLE_PORT: String(port),
@@ -70,7 +91,7 @@ export async function startTestServer(options: TestServerOptions = {}): Promise<
     CUBICLE_STATE_DIR: stateDir,
     CUBICLE_TEMPLATE_DIR: process.env.CUBICLE_TEMPLATE_DIR ?? "/var/lib/cubicle/templates",
     CUBICLE_API_KEY: TEST_API_KEY,
-    CUBICLE_SUBNET: `10.${100 + (slot % 50)}.0.0/16`,
+    CUBICLE_SUBNET: `10.${100 + Math.floor(slot / 4)}.${(slot % 4) * 64}.0/18`,
     CUBICLE_NFT_TABLE: `cubicle_t${slot}`,
     CUBICLE_DOMAIN: "cubicle.test",
     CUBICLE_DEFAULT_TEMPLATES: (options.defaultTemplates ?? ["base"]).join(","),
@@ -126,6 +147,7 @@ export async function startTestServer(options: TestServerOptions = {}): Promise<
     url,
     apiKey: TEST_API_KEY,
     stateDir,
+    runDir: defaultRunDir(stateDir),
     env,
     pid: () => child!.pid!,
     log: () => output,
@@ -161,6 +183,8 @@ export async function startTestServer(options: TestServerOptions = {}): Promise<
         // already gone
       }
       fs.rmSync(path.join(stateDir, "cubicle.db"), { force: true });
+      // The storage pool and the kit stay mounted for sandboxes a restart would adopt; the test is over.
+      unmountRunDir(stateDir);
       if (leftovers.containers.length || leftovers.mounts.length || leftovers.namespaces.length) {
         throw new Error(`the server left things behind: ${JSON.stringify(leftovers)}`);
       }
@@ -187,9 +211,10 @@ export function simulateHostReboot(server: TestServer, sandboxIds: string[]): vo
   };
   for (const sandboxId of sandboxIds) {
     run(["runc", "delete", "--force", `cubicle-${sandboxId}`]);
-    run(["umount", path.join(server.stateDir, "sandboxes", sandboxId, "rootfs")]);
     run(["ip", "netns", "delete", `cubicle-${sandboxId}`]);
   }
+  // Every mount of the server goes, the storage pool and the kit included (/run is emptied).
+  unmountRunDir(server.stateDir);
   run(["nft", "delete", "table", "inet", server.env.CUBICLE_NFT_TABLE!]);
 }
 
@@ -220,8 +245,37 @@ function namespaceAddresses(name: string): string[] {
   }
 }
 
-/** What a test server leaves on the host: checked after a suite to find leaks. */
+/** Unmounts whatever is mounted under a state dir's run dir (deepest first) and removes it. */
+function unmountRunDir(stateDir: string): void {
+  const runDir = defaultRunDir(stateDir);
+  const mounts = fs
+    .readFileSync("/proc/mounts", "utf8")
+    .split("\n")
+    .map((line) => line.split(" ")[1] ?? "")
+    .filter((mountPoint) => mountPoint === runDir || mountPoint.startsWith(runDir + "/"))
+    .sort((a, b) => b.length - a.length);
+  for (const mountPoint of mounts) {
+    try {
+      execFileSync("umount", [mountPoint], { stdio: "pipe" });
+    } catch {
+      execFileSync("umount", ["--lazy", mountPoint], { stdio: "pipe" });
+    }
+  }
+  for (const dir of [path.join(runDir, "kit"), path.join(runDir, "pool"), runDir]) {
+    try {
+      fs.rmdirSync(dir);
+    } catch {
+      // not there, or not empty (then the leak check reports what is in it)
+    }
+  }
+}
+
+/**
+ * What a test server leaves on the host: containers and sandbox mounts (its storage pool and
+ * kit mounts are not leaks; stop() removes them).
+ */
 export function hostLeftovers(stateDir: string): { containers: string[]; namespaces: string[]; mounts: string[] } {
+  const runDir = defaultRunDir(stateDir);
   const runcList = (() => {
     try {
       return execFileSync("runc", ["list", "--format", "json"], { encoding: "utf8" });
@@ -230,11 +284,11 @@ export function hostLeftovers(stateDir: string): { containers: string[]; namespa
     }
   })();
   const containers = ((JSON.parse(runcList) ?? []) as { id: string; bundle: string }[])
-    .filter((c) => c.bundle.startsWith(stateDir))
+    .filter((c) => c.bundle.startsWith(stateDir) || c.bundle.startsWith(runDir + "/"))
     .map((c) => c.id);
   const mounts = fs
     .readFileSync("/proc/mounts", "utf8")
     .split("\n")
-    .filter((line) => line.includes(stateDir));
+    .filter((line) => line.includes(stateDir) || (line.includes(runDir + "/") && !line.includes(` ${runDir}/pool `) && !line.includes(` ${runDir}/kit `)));
   return { containers, namespaces: [], mounts };
 }

@@ -45,11 +45,11 @@ async function waitFor(what: string, check: () => boolean | Promise<boolean>, ti
 }
 
 /** Where a pause's image goes: written while hot (the container still frozen), kept when durable. */
-const pauseImage = (sandboxId: string, on = server) => path.join(on.stateDir, "paused", sandboxId);
+const pauseImage = (sandboxId: string, on = server) => path.join(on.runDir, "pool", "images", "paused", sandboxId);
 
 /** Everything of a sandbox under `paused/`: its image, and any half-written or discarded one. */
 function pauseImageEntries(sandboxId: string): string[] {
-  const dir = path.join(server.stateDir, "paused");
+  const dir = path.join(server.runDir, "pool", "images", "paused");
   return fs.existsSync(dir) ? fs.readdirSync(dir).filter((entry) => entry.startsWith(sandboxId)) : [];
 }
 

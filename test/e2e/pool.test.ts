@@ -38,7 +38,7 @@ async function waitForPool(count: number, timeoutMs = 30_000): Promise<void> {
 /** Containers of this server on the host (runc list, bundles under its state dir). */
 function containers(): string[] {
   const list = (JSON.parse(execFileSync("runc", ["list", "--format", "json"], { encoding: "utf8" })) ?? []) as { id: string; status: string; bundle: string }[];
-  return list.filter((c) => c.bundle.startsWith(server.stateDir)).map((c) => `${c.id}:${c.status}`);
+  return list.filter((c) => c.bundle.startsWith(server.runDir + "/")).map((c) => `${c.id}:${c.status}`);
 }
 
 function median(values: number[]): number {

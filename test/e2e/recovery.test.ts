@@ -84,5 +84,5 @@ test("after a SIGKILL of the server, running sandboxes are adopted and vanished 
   assert.deepEqual(leftovers.containers, []);
   assert.deepEqual(leftovers.mounts, []);
   assert.ok(!netnsList().some((n) => n === `cubicle-${survivor.sandboxId}` || n === `cubicle-${victim.sandboxId}`));
-  assert.ok(!fs.existsSync(`${server.stateDir}/sandboxes/${survivor.sandboxId}`), "sandbox dir removed");
+  assert.ok(!fs.existsSync(`${server.runDir}/pool/sandboxes/${survivor.sandboxId}`), "sandbox dir removed");
 });

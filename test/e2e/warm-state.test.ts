@@ -125,7 +125,7 @@ test("base creates boot as before and no base image is made", async () => {
   } finally {
     await sandbox.kill();
   }
-  const images = fs.readdirSync(path.join(server.stateDir, "warm"));
+  const images = fs.readdirSync(path.join(server.runDir, "pool", "images", "warm"));
   assert.deepEqual(images.filter((name) => !name.startsWith("code-interpreter-v1-")), [], `only the code interpreter's image: ${images.join(", ")}`);
 });
 

@@ -13,6 +13,7 @@ import { createNetworkManager } from "../../src/network/index.js";
 import type { SandboxNetwork } from "../../src/network/types.js";
 import { runCommand } from "../../src/shared/exec.js";
 import { ContainerRuntime } from "../../src/runtime/index.js";
+import { defaultRunDir } from "../../src/shared/config.js";
 import type { SandboxSpec } from "../../src/runtime/types.js";
 
 const argValue = (name: string) => {
@@ -30,11 +31,12 @@ if (!rootfsDir) {
 }
 const tag = `cb${process.pid.toString(36)}`;
 const stateDir = path.join(os.tmpdir(), `cubicle-ckpt-${tag}`);
-const imagesDir = path.join(stateDir, "images");
+const repoDist = path.join(import.meta.dirname, "..", "..", "dist");
 const tableName = `cubicle_criu_${tag}`;
 const netnsPrefix = `cubicle-${tag}-`;
 const network = createNetworkManager({ subnet: "10.77.0.0/24" }, { tableName, netnsPrefix });
-const runtime = new ContainerRuntime({ stateDir, distDir: "/nonexistent", runcPath: "runc" }, { agentScript });
+const runtime = new ContainerRuntime({ stateDir, distDir: repoDist, runcPath: "runc", runDir: defaultRunDir(stateDir) }, { agentScript });
+const imagesDir = path.join(runtime.imagesDir, "bench");
 
 const waitForHealth = (host: string) => waitForAgentHealth(host);
 

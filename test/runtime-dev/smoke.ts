@@ -8,6 +8,7 @@ import os from "node:os";
 import path from "node:path";
 import { createNetworkManager } from "../../src/network/index.js";
 import { createContainerRuntime } from "../../src/runtime/index.js";
+import { defaultRunDir } from "../../src/shared/config.js";
 
 const rounds = Number(process.argv.find((a) => /^\d+$/.test(a)) ?? 10);
 const showInfo = process.argv.includes("--info");
@@ -20,7 +21,7 @@ const tag = `s${process.pid.toString(36)}`;
 const stateDir = path.join(os.tmpdir(), `cubicle-smoke-${tag}`);
 const network = createNetworkManager({ subnet: "10.232.0.0/24" }, { tableName: `cubicle_smoke_${tag}`, netnsPrefix: `cubicle-${tag}-` });
 const runtime = createContainerRuntime(
-  { stateDir, distDir: "/nonexistent", runcPath: "runc" },
+  { stateDir, distDir: path.join(import.meta.dirname, "..", "..", "dist"), runcPath: "runc", runDir: defaultRunDir(stateDir) },
   { agentScript: path.join(import.meta.dirname, "health-agent.cjs"), sysfs: process.argv.includes("--sysfs") ? "sysfs" : "empty" },
 );
 

@@ -8,6 +8,7 @@ import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { createNetworkManager } from "../../network/index.js";
 import type { NetworkManager, SandboxNetwork } from "../../network/types.js";
+import { defaultRunDir } from "../../shared/config.js";
 import { runCommand } from "../../shared/exec.js";
 import type { SandboxSpec } from "../types.js";
 import { ContainerRuntime } from "./container-runtime.js";
@@ -98,11 +99,15 @@ function imageDir(name: string): string {
 describe("container checkpoints (CRIU)", { skip }, () => {
   before(async () => {
     stateDir = await mkdtemp(path.join(os.tmpdir(), "cubicle-criu-test-"));
-    imagesDir = path.join(stateDir, "images");
     network = createNetworkManager({ subnet: `10.77.${process.pid % 250}.0/24` }, { tableName, netnsPrefix });
     await network.init();
-    runtime = new ContainerRuntime({ stateDir, distDir: "/nonexistent", runcPath: "runc" }, { agentScript: path.join(repoRoot, "test", "runtime-dev", "health-agent.cjs") });
+    runtime = new ContainerRuntime(
+      { stateDir, distDir: path.join(repoRoot, "dist"), runcPath: "runc", runDir: defaultRunDir(stateDir), storageBytes: 8 * 1024 ** 3 },
+      { agentScript: path.join(repoRoot, "test", "runtime-dev", "health-agent.cjs") },
+    );
     await runtime.init();
+    // Images must be made on the runtime's storage (in its image budget).
+    imagesDir = path.join(runtime.imagesDir, "test");
   });
 
   after(() => cleanUpRuntimeTest({ runtime, network, netnsPrefix, tableName, stateDir }));
@@ -183,33 +188,23 @@ describe("container checkpoints (CRIU)", { skip }, () => {
     for (const clone of clones) await assertGone(clone.id);
   });
 
-  test("a restore that keeps a spare upper layer hands it to the next restore of that image, files and all", async () => {
+  test("every restore gets its own uid range; files keep their in-sandbox owners, tmpfs ones included", async () => {
     const source = await newSandbox();
     const clones: Sandbox[] = [];
-    const sparesDir = path.join(stateDir, "spare-uppers");
     try {
-      assert.equal((await sh(source, "echo kept > /root/kept && rm /etc/motd")).exitCode, 0);
-      await runtime.checkpoint(source.id, imageDir("spare"), { memory: true, leaveRunning: true });
-      const seen: string[] = [];
-      for (let i = 0; i < 3; i++) {
-        const spec = await specFor(`${tag}p${counter++}`);
-        await runtime.restore(spec, imageDir("spare"), { keepSpareUpper: true });
-        clones.push({ id: spec.sandboxId, net: spec.network, spec });
-        // The copy for the next restore is made in the background: one, whatever the count.
-        const deadline = Date.now() + 10_000;
-        while ((await readdir(sparesDir)).length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
-        const spares = await readdir(sparesDir);
-        assert.equal(spares.length, 1, "one spare upper layer is ready");
-        // Each restore took the previous spare (renamed into its bundle) and a new one was made.
-        assert.ok(!seen.includes(spares[0]!), `spare ${spares[0]} was not used by restore ${i}`);
-        seen.push(spares[0]!);
-      }
+      const prepared = await sh(source, "echo mine > /root/owned && chown 1000:1000 /root/owned && echo shm > /dev/shm/user && chown 1000:1000 /dev/shm/user && chmod 600 /dev/shm/user");
+      assert.equal(prepared.exitCode, 0, prepared.stderr);
+      await runtime.checkpoint(source.id, imageDir("ranges"), { memory: true, leaveRunning: true });
+      for (let i = 0; i < 2; i++) clones.push(await restoreClone(imageDir("ranges")));
+      const bases = [source, ...clones].map((sandbox) => runtime.uidBaseOf(sandbox.id)!);
+      assert.equal(new Set(bases).size, 3, `uid bases ${bases.join(", ")}`);
       for (const clone of clones) {
-        assert.equal((await sh(clone, "cat /root/kept")).stdout, "kept\n");
-        assert.notEqual((await sh(clone, "test -e /etc/motd")).exitCode, 0, "a deletion (whiteout) came through the spare");
+        const base = runtime.uidBaseOf(clone.id)!;
+        const container = JSON.parse((await runCommand(["runc", "state", `cubicle-${clone.id}`])).stdout) as { pid: number };
+        assert.match(await readFile(`/proc/${container.pid}/status`, "utf8"), new RegExp(`^Uid:\\s+${base}\\s`, "m"));
+        assert.equal((await sh(clone, "stat -c %u:%g /root/owned /dev/shm/user /dev/shm")).stdout, "1000:1000\n1000:1000\n0:0\n");
+        assert.equal((await sh(clone, "setpriv --reuid=1000 --regid=1000 --clear-groups cat /dev/shm/user")).stdout, "shm\n");
       }
-      assert.equal((await sh(clones[1]!, "echo mine > /root/own")).exitCode, 0);
-      assert.notEqual((await sh(clones[2]!, "test -e /root/own")).exitCode, 0, "restores share no upper layer");
     } finally {
       for (const clone of clones) await removeSandbox(clone);
       await removeSandbox(source);
@@ -323,7 +318,7 @@ describe("container checkpoints (CRIU)", { skip }, () => {
       assert.ok(existsSync(path.join(imageDir("corrupt"), "meta.json")));
       // A directory that is not an image is refused before anything is made.
       const other = await specFor(`${tag}bad${counter++}`);
-      await assert.rejects(runtime.restore(other, path.join(imagesDir, "nothing-here")), /not a complete checkpoint image/);
+      await assert.rejects(runtime.restore(other, path.join(imagesDir, "nothing-here")), /is not complete/);
       await assertGone(other.sandboxId);
       await network.release(other.sandboxId);
       assert.equal(await counterOf(source), 1);
@@ -337,17 +332,16 @@ describe("container checkpoints (CRIU)", { skip }, () => {
     try {
       await runtime.checkpoint(source.id, imageDir("taken"), { memory: true, leaveRunning: true });
       await assert.rejects(runtime.checkpoint(source.id, imageDir("taken"), { memory: true, leaveRunning: false }), /already exists/);
-      // A dump CRIU refuses: a process holding a host pipe it cannot see is not possible here,
-      // so use an image directory on a full filesystem instead (a 1 MiB tmpfs).
-      const tiny = path.join(stateDir, "tiny");
-      await runCommand(["mkdir", "-p", tiny]);
-      await runCommand(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", tiny]);
+      // A dump past the image budget (cut to what the images take now plus 1 MiB).
+      const budget = runtime.imageBudget();
+      runtime.setImageBudget(budget.usedBytes + 1024 * 1024);
       try {
         assert.equal((await sh(source, "head -c 3000000 /dev/urandom > /root/big")).exitCode, 0);
-        await assert.rejects(runtime.checkpoint(source.id, path.join(tiny, "image"), { memory: true, leaveRunning: false }), (err: { code?: string }) => err.code === "insufficient_storage");
-        assert.deepEqual(await readdir(tiny), []);
+        const before = await readdir(imagesDir);
+        await assert.rejects(runtime.checkpoint(source.id, imageDir("over-budget"), { memory: true, leaveRunning: false }), (err: { code?: string }) => err.code === "insufficient_storage");
+        assert.deepEqual(await readdir(imagesDir), before);
       } finally {
-        await runCommand(["umount", tiny]);
+        runtime.setImageBudget(budget.limitBytes);
       }
       assert.equal(await runtime.state(source.id), "running");
       assert.equal(await counterOf(source), 1);
@@ -360,7 +354,7 @@ describe("container checkpoints (CRIU)", { skip }, () => {
   test("checkpoints the real agent and its clone serves envd and the interpreter port in the new netns; runc's CRIU version question is answered from the real CRIU's cached reply", { skip: existsSync(realAgent) ? false : "build the agent first (node scripts/build.mjs)" }, async () => {
     assert.ok(existsSync(path.join(repoRoot, "dist", "criu-front")), "scripts/build.mjs builds dist/criu-front (gcc is a host package)");
     const agentState = await mkdtemp(path.join(os.tmpdir(), "cubicle-criu-agent-"));
-    const agentRuntime = new ContainerRuntime({ stateDir: agentState, distDir: path.join(repoRoot, "dist"), runcPath: "runc" });
+    const agentRuntime = new ContainerRuntime({ stateDir: agentState, distDir: path.join(repoRoot, "dist"), runcPath: "runc", runDir: defaultRunDir(agentState), storageBytes: 8 * 1024 ** 3 });
     await agentRuntime.init();
     // A cache from another CRIU binary: the front must ask the real CRIU again, not trust it.
     const versionCache = path.join(agentState, "criu-bin", "version-reply");
@@ -369,7 +363,8 @@ describe("container checkpoints (CRIU)", { skip }, () => {
     let clone: Sandbox | undefined;
     try {
       await waitForPort(source.net.sandboxAddress, 49999);
-      await agentRuntime.checkpoint(source.id, imageDir("real-agent"), { memory: true, leaveRunning: true });
+      const agentImage = path.join(agentRuntime.imagesDir, "real-agent");
+      await agentRuntime.checkpoint(source.id, agentImage, { memory: true, leaveRunning: true });
       const realCriu = await findCriu(agentState, undefined);
       const info = await stat(realCriu);
       const cached = await readFile(versionCache);
@@ -379,7 +374,7 @@ describe("container checkpoints (CRIU)", { skip }, () => {
       assert.deepEqual([...cached.subarray(stampEnd, stampEnd + 4)], [0x08, 0x0a, 0x10, 0x01]);
       assert.ok((await lstat(path.join(agentState, "criu-bin", "criu"))).isFile(), "runc runs the front, not a link to CRIU");
       const cachedAt = (await stat(versionCache)).mtimeMs;
-      clone = await restoreClone(imageDir("real-agent"), 256, agentRuntime);
+      clone = await restoreClone(agentImage, 256, agentRuntime);
       assert.equal((await stat(versionCache)).mtimeMs, cachedAt, "the restore's version question was answered from the cache, not asked again");
       assert.equal((await get(clone.net.sandboxAddress, "/health")).status, 204);
       await waitForPort(clone.net.sandboxAddress, 49999);
@@ -387,6 +382,7 @@ describe("container checkpoints (CRIU)", { skip }, () => {
     } finally {
       if (clone) await removeSandbox(clone, agentRuntime);
       await removeSandbox(source, agentRuntime);
+      await agentRuntime.releaseHostMounts();
       await rm(agentState, { recursive: true, force: true });
     }
   });

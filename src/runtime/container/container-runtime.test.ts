@@ -6,6 +6,7 @@ import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { createNetworkManager } from "../../network/index.js";
 import type { NetworkManager, SandboxNetwork } from "../../network/types.js";
+import { defaultRunDir } from "../../shared/config.js";
 import { runCommand } from "../../shared/exec.js";
 import { SANDBOX_UID_BASE, type SandboxSpec } from "../types.js";
 import { CONTAINER_PREFIX, ContainerRuntime } from "./container-runtime.js";
@@ -21,7 +22,10 @@ const skip = process.getuid?.() !== 0 ? "needs root" : !rootfsDir ? "set CUBICLE
 const tag = `r${process.pid.toString(36)}${Date.now().toString(36).slice(-4)}`;
 const tableName = `cubicle_test_${tag}`;
 const netnsPrefix = `cubicle-${tag}-`;
-const agentScript = path.join(import.meta.dirname, "..", "..", "..", "test", "runtime-dev", "health-agent.cjs");
+const repoRoot = path.join(import.meta.dirname, "..", "..", "..");
+const agentScript = path.join(repoRoot, "test", "runtime-dev", "health-agent.cjs");
+// The sandbox helper and the CRIU shim (`node scripts/build.mjs`).
+const distDir = path.join(repoRoot, "dist");
 
 let stateDir: string;
 let runtime: ContainerRuntime;
@@ -59,6 +63,12 @@ async function removeSandbox(id: string): Promise<void> {
   await network.release(id);
 }
 
+/** The host uid that owns a process's user namespace (ioctl NS_GET_OWNER_UID). */
+async function userNamespaceOwner(pid: number): Promise<number> {
+  const script = "import fcntl,os,struct,sys\nfd=os.open(sys.argv[1],os.O_RDONLY)\nb=bytearray(4)\nfcntl.ioctl(fd,0xb704,b)\nprint(struct.unpack('I',b)[0])";
+  return Number((await runCommand(["/usr/bin/python3", "-c", script, `/proc/${pid}/ns/user`])).stdout);
+}
+
 async function mountsMentioning(text: string): Promise<string[]> {
   return (await readFile("/proc/self/mountinfo", "utf8")).split("\n").filter((line) => line.includes(text));
 }
@@ -68,7 +78,7 @@ describe("container runtime", { skip }, () => {
     stateDir = await mkdtemp(path.join(os.tmpdir(), "cubicle-rt-test-"));
     network = createNetworkManager({ subnet: `10.230.${process.pid % 250}.0/24` }, { tableName, netnsPrefix });
     await network.init();
-    runtime = new ContainerRuntime({ stateDir, distDir: "/nonexistent", runcPath: "runc" }, { agentScript });
+    runtime = new ContainerRuntime({ stateDir, distDir, runcPath: "runc", runDir: defaultRunDir(stateDir), storageBytes: 8 * 1024 ** 3 }, { agentScript });
     await runtime.init();
   });
 
@@ -87,13 +97,16 @@ describe("container runtime", { skip }, () => {
       assert.ok(info.pid === 1 || init[0] === "/.cubicle/init", `PID 1 is ${init.join(" ")}, the agent is ${info.pid}`);
       assert.equal(info.hostname, `sb-${id}`);
       assert.equal(info.env.CUBICLE_AGENT, "1");
-      assert.match(info.uidMap, /^\s*0\s+100000\s+65536\s*$/);
-      // Seen from the host, the agent is an unprivileged uid.
+      // Root inside is the first uid of the sandbox's own range, far above host users.
+      const uidBase = runtime.uidBaseOf(id)!;
+      assert.ok(uidBase >= 2 ** 30, `uid base ${uidBase}`);
+      assert.match(info.uidMap, new RegExp(`^\\s*0\\s+${uidBase}\\s+65536\\s*$`));
+      // Seen from the host, the agent is that unprivileged uid.
       const container = JSON.parse((await runCommand(["runc", "state", CONTAINER_PREFIX + id])).stdout) as { pid: number };
-      assert.match(await readFile(`/proc/${container.pid}/status`, "utf8"), new RegExp(`^Uid:\\s+${SANDBOX_UID_BASE}\\s`, "m"));
-      // A file written inside lands in the upper layer, owned by the mapped root.
+      assert.match(await readFile(`/proc/${container.pid}/status`, "utf8"), new RegExp(`^Uid:\\s+${uidBase}\\s`, "m"));
+      // A file written inside lands in the layer with the canonical id on disk (idmapped mount).
       assert.equal((await execIn(net, ["sh", "-c", "echo hi > /root/note"])).exitCode, 0);
-      const note = await stat(path.join(runtime.bundleDir(id), "upper", "root", "note"));
+      const note = await stat(path.join(runtime.layerDir(id), "upper", "root", "note"));
       assert.equal(note.uid, SANDBOX_UID_BASE);
       // The template's tree is untouched.
       assert.ok(!existsSync(path.join(rootfsDir!, "root", "note")));
@@ -210,17 +223,20 @@ describe("container runtime", { skip }, () => {
     assert.ok(!(await runtime.list()).includes(id));
   });
 
-  test("destroy cleans a half-made sandbox (directory and overlay mount, no container)", async () => {
+  test("destroy cleans a half-made sandbox (bundle, layer and overlay mount, no container)", async () => {
     const id = `${tag}half`;
     const bundle = runtime.bundleDir(id);
-    await mkdir(path.join(bundle, "upper"), { recursive: true });
-    await mkdir(path.join(bundle, "work"));
-    await mkdir(path.join(bundle, "rootfs"));
-    await runCommand(["mount", "-t", "overlay", "overlay", "-o", `lowerdir=${rootfsDir},upperdir=${bundle}/upper,workdir=${bundle}/work`, `${bundle}/rootfs`]);
+    const layer = runtime.layerDir(id);
+    await runCommand(["btrfs", "subvolume", "create", layer]);
+    await mkdir(path.join(layer, "upper"));
+    await mkdir(path.join(layer, "work"));
+    await mkdir(path.join(bundle, "rootfs"), { recursive: true });
+    await runCommand(["mount", "-t", "overlay", "overlay", "-o", `lowerdir=${rootfsDir},upperdir=${layer}/upper,workdir=${layer}/work`, `${bundle}/rootfs`]);
     assert.ok((await runtime.list()).includes(id));
     await runtime.destroy(id);
     assert.deepEqual(await mountsMentioning(bundle), []);
     assert.ok(!existsSync(bundle));
+    assert.ok(!existsSync(layer));
   });
 
   test("a failed create leaves nothing behind", async () => {
@@ -235,12 +251,61 @@ describe("container runtime", { skip }, () => {
           resources: { cpuCount: 1, memoryMiB: 128, diskMiB: 0, pidsLimit: 100 },
           network: net,
         }),
-        /does not exist/,
+        /root filesystem is missing/,
       );
       assert.ok(!existsSync(runtime.bundleDir(id)));
       assert.equal(await runtime.state(id), "missing");
     } finally {
       await network.release(id);
+    }
+  });
+  test("each sandbox has its own uid range and owns its user namespace: inotify exhausted in one leaves the others and the host theirs", async () => {
+    const a = await newSandbox();
+    const b = await newSandbox();
+    try {
+      await Promise.all([waitForAgent(a.net.sandboxAddress), waitForAgent(b.net.sandboxAddress)]);
+      const [baseA, baseB] = [runtime.uidBaseOf(a.id)!, runtime.uidBaseOf(b.id)!];
+      assert.ok(Math.abs(baseA - baseB) >= 65536, `${baseA} and ${baseB} overlap`);
+      for (const [id, base] of [[a.id, baseA], [b.id, baseB]] as const) {
+        const container = JSON.parse((await runCommand(["runc", "state", CONTAINER_PREFIX + id])).stdout) as { pid: number };
+        assert.equal(await userNamespaceOwner(container.pid), base, `owner of ${id}'s user namespace`);
+      }
+      // Sandbox A takes every inotify instance its user may have (the host's per-user limit) and keeps them.
+      const hog = "import ctypes,time\nlibc=ctypes.CDLL(None)\nfds=[]\nwhile len(fds)<100000:\n  fd=libc.inotify_init()\n  if fd<0: break\n  fds.append(fd)\nopen('/tmp/held','w').write(str(len(fds)))\ntime.sleep(120)\n";
+      await execIn(a.net, ["sh", "-c", `printf '%s' "${hog.replace(/"/g, '\\"')}" > /tmp/hog.py && (/usr/bin/python3 /tmp/hog.py </dev/null >/dev/null 2>&1 &)`]);
+      let held = 0;
+      for (let i = 0; i < 100 && !held; i++) {
+        held = Number((await execIn(a.net, ["cat", "/tmp/held"])).stdout) || 0;
+        if (!held) await new Promise((r) => setTimeout(r, 100));
+      }
+      const limit = Number((await readFile("/proc/sys/fs/inotify/max_user_instances", "utf8")).trim());
+      assert.ok(held > 0 && held <= limit, `sandbox A holds ${held} inotify instances (limit ${limit})`);
+      const one = "import ctypes; print(ctypes.CDLL(None).inotify_init())";
+      assert.ok(Number((await execIn(b.net, ["/usr/bin/python3", "-c", one])).stdout) >= 0, "sandbox B cannot create an inotify instance");
+      const host = await runCommand(["/usr/bin/python3", "-c", one]);
+      assert.ok(Number(host.stdout) >= 0, "host root cannot create an inotify instance");
+    } finally {
+      await removeSandbox(a.id);
+      await removeSandbox(b.id);
+    }
+  });
+
+  test("the disk quota is enforced by the kernel: writes past it fail inside, other sandboxes write on", async () => {
+    const small = await newSandbox({ diskMiB: 64 });
+    const other = await newSandbox();
+    try {
+      await Promise.all([waitForAgent(small.net.sandboxAddress), waitForAgent(other.net.sandboxAddress)]);
+      const full = await execIn(small.net, ["sh", "-c", "dd if=/dev/zero of=/root/fill bs=1M count=200 2>&1; sync"]);
+      assert.match(full.stdout + full.stderr, /Disk quota exceeded|No space left/);
+      const size = Number((await execIn(small.net, ["stat", "-c", "%s", "/root/fill"])).stdout);
+      assert.ok(size <= 64 * 1024 * 1024 && size > 32 * 1024 * 1024, `wrote ${size} bytes into a 64 MiB disk`);
+      const stats = await runtime.stats(small.id);
+      assert.equal(stats.diskTotalBytes, 64 * 1024 * 1024);
+      const written = await execIn(other.net, ["sh", "-c", "dd if=/dev/zero of=/root/more bs=1M count=100 2>&1"]);
+      assert.equal(written.exitCode, 0, written.stdout + written.stderr);
+    } finally {
+      await removeSandbox(small.id);
+      await removeSandbox(other.id);
     }
   });
 });

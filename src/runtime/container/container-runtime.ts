@@ -1,18 +1,22 @@
 import { createHash } from "node:crypto";
-import { chmod, chown, mkdir, readdir, readFile, rename, rm, stat, statfs, writeFile } from "node:fs/promises";
+import { existsSync } from "node:fs";
+import { chmod, chown, mkdir, readdir, readFile, rename, rm, rmdir, stat, writeFile } from "node:fs/promises";
 import path from "node:path";
 import type { CubicleConfig } from "../../shared/config.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
 import { pathExists } from "../../shared/fs.js";
 import { createLogger } from "../../shared/log.js";
-import { SANDBOX_UID_BASE, type CheckpointInfo, type CheckpointOptions, type RestoreOptions, type Runtime, type RuntimeState, type SandboxSpec, type SandboxStats } from "../types.js";
+import { type CheckpointInfo, type CheckpointOptions, type Runtime, type RuntimeState, type SandboxSpec, type SandboxStats } from "../types.js";
 import { assembleAgentKit, findNativePackages, type AgentKit } from "./agent-kit.js";
-import { copyTree, imageLayout, PARTIAL_IMAGE_MARKER, readMeta, treeBytes, writeMeta, type CheckpointMeta } from "./checkpoint-image.js";
+import { CRIU_VIEW_PREFIX, IMAGE_VERSION, imageLayout, makeCriuFilesReadable, PARTIAL_IMAGE_MARKER, readMeta, writeMeta, type CheckpointMeta } from "./checkpoint-image.js";
 import { cgroupDirectories, detectCgroupLayout, readCgroupUsage, removeCgroupDirectories, supportsSwapLimit, type CgroupLayout } from "./cgroups.js";
 import { criuFrontEnv, criuLogTail, ensureCriuKdatCache, findCriu, installCriuForRunc, tarShimEnv, writeCriuConfig, writeTarShim } from "./criu.js";
-import { ANNOTATION_ROOTFS_DIR, ANNOTATION_TEMPLATE_ID, buildOciSpec, CPU_PERIOD_USEC } from "./oci-spec.js";
+import { ANNOTATION_NETNS_PATH, ANNOTATION_ROOTFS_DIR, ANNOTATION_TEMPLATE_ID, buildOciSpec, CPU_PERIOD_USEC } from "./oci-spec.js";
 import { Runc } from "./runc.js";
+import { ExitWatcher, SandboxHelper } from "./sandbox-helper.js";
+import { StoragePool } from "./storage-pool.js";
+import { UidRanges } from "./uid-ranges.js";
 
 const log = createLogger("container");
 
@@ -30,22 +34,28 @@ export interface ContainerRuntimeOptions {
   sysfs?: "sysfs" | "empty";
   /** CRIU binary for checkpoint/restore; default the one scripts/setup-host.sh recorded (see criu.ts). */
   criuPath?: string;
+  /** The static sandbox helper and the CRIU shim (SANDBOX_HELPER_NOTE); default from `<repo>/dist`. */
+  helperBinary?: string;
+  criuShim?: string;
 }
+
+/** Where the runtime keeps what sandboxes must reach, and the size of its storage pool. */
+export type ContainerRuntimeConfig = Pick<CubicleConfig, "stateDir" | "distDir" | "runcPath" | "runDir"> & Partial<Pick<CubicleConfig, "storageBytes" | "imageBudgetBytes">>;
 
 /**
  * Version of the sandbox's mount layout (config.json). A memory image names every mount, so one
  * made under another layout cannot be restored: the version is part of memoryImageFingerprint,
  * and a template's warm snapshot is remade when it changes. 2: /sys became a bind, not a tmpfs.
+ * 3: idmapped roots in per-sandbox uid ranges, layers on the storage pool.
  */
-const SANDBOX_LAYOUT_VERSION = 2;
+const SANDBOX_LAYOUT_VERSION = 3;
 
-/** Copying an upper layer or dumping memory may take long for big sandboxes. */
+/** Dumping memory may take long for big sandboxes. */
 const CHECKPOINT_TIMEOUT_MS = 10 * 60_000;
 
 /** Timings of the last create, for benchmarks and the debug log. */
 export interface CreateTimings {
   prepareMs: number;
-  mountMs: number;
   configMs: number;
   runcMs: number;
   totalMs: number;
@@ -62,17 +72,26 @@ export interface CreateTimings {
  */
 export const SYS_MOUNT_NOTE = "sysfs needs the netns to be owned by the sandbox's user namespace";
 
+/** What the runtime knows of a sandbox on this host (rebuilt from its bundle after a restart). */
 interface SandboxFacts {
   cpuCount: number;
   memoryBytes: number;
   diskBytes: number;
+  /** First host uid of its range (USERNS_OWNER_NOTE). */
+  uidBase: number;
+  /** Its layer's btrfs subvolume id (quota usage), once known. */
+  layerId: number | undefined;
 }
 
-/** The parts of a bundle's config.json a checkpoint reads back. */
+/** The parts of a bundle's config.json the runtime reads back. */
 interface OciConfigFacts {
   hostname?: string;
   annotations?: Record<string, string>;
-  linux?: { namespaces?: { type: string; path?: string }[] };
+  linux?: {
+    namespaces?: { type: string; path?: string }[];
+    uidMappings?: { hostID: number }[];
+    resources?: { cpu?: { quota?: number }; memory?: { limit?: number } };
+  };
 }
 
 interface CpuSample {
@@ -81,9 +100,10 @@ interface CpuSample {
 }
 
 /**
- * The container runtime: runc with a user namespace (root → SANDBOX_UID_BASE), an overlayfs
- * root (template rootfs read-only below, a per-sandbox upper layer), the pre-made netns joined
- * by path, and the agent started from the read-only kit at /.cubicle.
+ * The container runtime: runc in a user namespace of the sandbox's own uid range, owned by that
+ * range (USERNS_OWNER_NOTE); an overlayfs root (the template read-only below, the sandbox's
+ * layer above, both idmapped) on the storage pool with a quota (STORAGE_POOL_NOTE); the pre-made
+ * netns joined by path; and the agent started from the read-only kit at /.cubicle.
  */
 export class ContainerRuntime implements Runtime {
   readonly name = "container" as const;
@@ -91,12 +111,15 @@ export class ContainerRuntime implements Runtime {
   lastCreateTimings: CreateTimings | undefined;
 
   private readonly runc: Runc;
-  private readonly sandboxesDir: string;
-  private readonly kitDir: string;
+  private readonly pool: StoragePool;
+  private readonly helper: SandboxHelper;
+  private readonly uidRanges = new UidRanges();
+  private readonly exitWatcher: ExitWatcher;
+  private readonly exitListeners: ((sandboxId: string) => void)[] = [];
+  private readonly kitSourceDir: string;
   private kit: AgentKit | undefined;
   private cgroups: CgroupLayout | undefined;
   private limitSwap = false;
-  private openFilesLimit = 1024;
   private readonly facts = new Map<string, SandboxFacts>();
   private readonly cpuSamples = new Map<string, CpuSample>();
   /** Per-sandbox queue: a checkpoint and a restore of one sandbox never overlap. */
@@ -104,153 +127,215 @@ export class ContainerRuntime implements Runtime {
   private readonly criuConfigFile: string;
   /** PATH entry holding the tar shim CRIU runs (see criu.ts). */
   private readonly criuBinDir: string;
-  /** An empty directory owned by the sandboxes' root, bound read-only at /sys (SYS_MOUNT_NOTE). */
-  private readonly emptyDir: string;
-  /** Ready copies of image upper layers (RestoreOptions.keepSpareUpper), by image upper path. */
-  private readonly spareUppersDir: string;
-  private readonly spareUppers = new Map<string, string>();
-  private readonly makingSpares = new Set<string>();
+  private readonly criuShim: string;
   private criuPath: string | undefined;
   private runcCriu: Promise<string> | undefined;
   private hostTar = "/usr/bin/tar";
   private kitFingerprint: string | undefined;
   private partialCounter = 0;
+  private deletionsSinceGc = 0;
+  /** Bytes of each complete image under imagesDir, for the image budget (see usedImageBytes). */
+  private readonly imageBytes = new Map<string, number>();
 
   constructor(
-    private readonly config: Pick<CubicleConfig, "stateDir" | "distDir" | "runcPath">,
+    private readonly config: ContainerRuntimeConfig,
     private readonly options: ContainerRuntimeOptions = {},
   ) {
+    const helperBinary = options.helperBinary ?? path.join(config.distDir, "sandbox-helper");
+    this.criuShim = options.criuShim ?? path.join(config.distDir, "criu-userns-shim.so");
     this.runc = new Runc(config.runcPath);
-    this.sandboxesDir = path.join(config.stateDir, "sandboxes");
-    this.kitDir = path.join(config.stateDir, "kit");
+    this.helper = new SandboxHelper(helperBinary);
+    this.exitWatcher = new ExitWatcher(helperBinary, (id) => this.exitListeners.forEach((listener) => listener(id)));
+    this.pool = new StoragePool({
+      stateDir: config.stateDir,
+      mountDir: path.join(config.runDir, "pool"),
+      sizeBytes: config.storageBytes,
+      imageBudgetBytes: config.imageBudgetBytes,
+    });
+    this.kitSourceDir = path.join(config.stateDir, "kit");
     this.criuConfigFile = path.join(config.stateDir, "criu-runc.conf");
     this.criuBinDir = path.join(config.stateDir, "criu-bin");
-    this.emptyDir = path.join(config.stateDir, "empty");
-    this.spareUppersDir = path.join(config.stateDir, "spare-uppers");
+  }
+
+  /** Where checkpoint images must be made (on the storage pool, in the image budget). */
+  get imagesDir(): string {
+    return this.pool.imagesDir;
+  }
+
+  /** The kit as sandboxes reach it: a read-only bind of `<stateDir>/kit` under the run dir. */
+  private get kitDir(): string {
+    return path.join(this.config.runDir, "kit");
   }
 
   async init(): Promise<void> {
-    await mkdir(this.sandboxesDir, { recursive: true, mode: 0o711 });
-    // Spare copies of a previous process are not known to this one: start empty.
-    await rm(this.spareUppersDir, { recursive: true, force: true });
-    await mkdir(this.spareUppersDir, { mode: 0o700 });
-    // The sandbox's root (an unprivileged uid on the host) must traverse the state dir to reach
-    // its bundle and the kit: give "others" search (x) permission, never read.
-    for (const dir of [this.config.stateDir, this.sandboxesDir]) {
-      const info = await stat(dir);
-      if ((info.mode & 0o001) === 0) await chmod(dir, (info.mode & 0o7777) | 0o011);
+    for (const file of [this.helper.binary, this.criuShim]) {
+      if (!(await pathExists(file))) throw new CubicleError("failed_precondition", `${path.basename(file)} is not built; run \`node scripts/build.mjs\` (needs gcc)`);
     }
-    this.kit = await assembleAgentKit(this.kitDir, {
+    await mkdir(this.config.stateDir, { recursive: true, mode: 0o700 });
+    await mkdir(this.config.runDir, { recursive: true, mode: 0o711 });
+    await chmod(this.config.runDir, 0o711);
+    await this.pool.init();
+    const kit = await assembleAgentKit(this.kitSourceDir, {
       nodeBinary: this.options.nodeBinary ?? process.execPath,
       agentScript: this.options.agentScript ?? path.join(this.config.distDir, "agent", "agent.js"),
       nativePackages: findNativePackages(),
       runAs: path.join(this.config.distDir, "agent", "run-as"),
     });
-    this.kitFingerprint = await readFile(path.join(this.kit.dir, "manifest.json")).then(
+    await this.mountKit();
+    this.kit = { dir: this.kitDir, command: kit.command };
+    this.kitFingerprint = await readFile(path.join(this.kitSourceDir, "manifest.json")).then(
       (text) => createHash("sha256").update(text).update(`layout ${SANDBOX_LAYOUT_VERSION}`).digest("hex").slice(0, 16),
       () => undefined,
     );
-    await mkdir(this.emptyDir, { recursive: true });
-    await chown(this.emptyDir, SANDBOX_UID_BASE, SANDBOX_UID_BASE);
-    await chmod(this.emptyDir, 0o555);
     await writeCriuConfig(this.criuConfigFile);
     this.hostTar = await findHostTar();
     await writeTarShim(this.criuBinDir, this.hostTar, path.join(this.config.distDir, "tar-shim"));
     await this.prepareCriuCache();
     this.cgroups = await detectCgroupLayout();
     this.limitSwap = await supportsSwapLimit(this.cgroups);
-    this.openFilesLimit = await readOpenFilesHardLimit();
-    await raiseKeyQuota();
-    log.info("container runtime ready", { cgroupVersion: this.cgroups.version, limitSwap: this.limitSwap, sys: this.options.sysfs ?? "empty" });
+    // Ranges of sandboxes that outlived the previous server process.
+    for (const entry of await readdir(this.pool.sandboxesDir).catch(() => [] as string[])) {
+      const facts = await this.readFacts(entry).catch(() => undefined);
+      if (facts) this.uidRanges.claim(facts.uidBase);
+    }
+    await this.helper.collectQgroups(this.pool.mountDir).catch((err) => log.warn("collecting stale quota groups failed", { error: String(err) }));
+    await this.scanImages();
+    log.info("container runtime ready", { cgroupVersion: this.cgroups.version, limitSwap: this.limitSwap, sys: this.options.sysfs ?? "empty", pool: this.pool.mountDir });
+  }
+
+  /**
+   * The kit lives in the state directory (0700; the Node binary is hard-linked there) and is
+   * bound read-only where sandbox roots can reach it. Rebound when the kit was rebuilt (a new
+   * directory); running sandboxes keep the one they mounted.
+   */
+  private async mountKit(): Promise<void> {
+    await mkdir(this.kitDir, { recursive: true, mode: 0o755 });
+    const source = await stat(this.kitSourceDir);
+    const mounted = await stat(this.kitDir);
+    if (mounted.dev === source.dev && mounted.ino === source.ino) return;
+    if ((await mountsUnder(this.kitDir)).length > 0) await runCommand(["umount", "--lazy", this.kitDir], { timeoutMs: 15_000 });
+    await runCommand(["mount", "--bind", "-o", "ro", this.kitSourceDir, this.kitDir], { timeoutMs: 15_000 });
+    await runCommand(["mount", "-o", "remount,bind,ro,nosuid,nodev", this.kitDir], { timeoutMs: 15_000 });
+  }
+
+  /**
+   * Unmounts the storage pool and the kit (tests, and `cubicle` teardown on a host): only when
+   * no sandbox of this runtime is left.
+   */
+  async releaseHostMounts(): Promise<void> {
+    this.exitWatcher.close();
+    if ((await this.list()).length > 0) throw new CubicleError("failed_precondition", "sandboxes still use the storage pool");
+    for (const mountPoint of [...(await mountsUnder(this.config.runDir))]) {
+      await runCommand(["umount", mountPoint], { timeoutMs: 30_000, allowFailure: true }).then(async (result) => {
+        if (result.exitCode !== 0) await runCommand(["umount", "--lazy", mountPoint], { timeoutMs: 30_000 });
+      });
+    }
+    // Only the empty mount points are left; rmdir (not rm -r) cannot reach into a mount.
+    for (const dir of [path.join(this.config.runDir, "kit"), this.pool.mountDir, this.config.runDir]) await rmdir(dir).catch(() => undefined);
+  }
+
+  /** Registers for sandboxes whose processes ended (crash, OOM of the init, kill from inside). */
+  onExit(listener: (sandboxId: string) => void): void {
+    this.exitListeners.push(listener);
+  }
+
+  /** Watches a running sandbox found on the host (after a server restart). */
+  async watch(sandboxId: string): Promise<void> {
+    const container = await this.runc.state(CONTAINER_PREFIX + checkId(sandboxId));
+    if (container && this.owns(container.bundle) && container.pid > 0) this.exitWatcher.watch(sandboxId, container.pid);
   }
 
   async create(spec: SandboxSpec): Promise<void> {
     const id = checkId(spec.sandboxId);
     const started = performance.now();
+    const uidBase = this.uidRanges.allocate();
     try {
-      const timings = await this.prepareBundle(spec, undefined);
+      const timings = await this.prepareBundle(spec, uidBase, { kind: "fresh" });
       await spec.networkReady;
-      await this.runc.runDetached(CONTAINER_PREFIX + id, this.paths(id).dir, this.paths(id).runcLog);
+      await this.runc.runDetached(CONTAINER_PREFIX + id, this.paths(id).dir, this.paths(id).runcLog, spec.network.netnsPath);
       const ran = performance.now();
-      this.rememberFacts(spec);
+      await this.watch(id);
       this.lastCreateTimings = { ...timings, runcMs: round(ran - started - timings.totalMs), totalMs: round(ran - started) };
       log.debug("created", { sandboxId: id, ...this.lastCreateTimings });
     } catch (err) {
       await settled(spec.networkReady);
       const error = CubicleError.from(err);
-      if (error.code === "already_exists") throw new CubicleError("already_exists", `sandbox ${id} already exists on this host`, { cause: err });
+      if (error.code === "already_exists") {
+        this.uidRanges.release(uidBase);
+        throw new CubicleError("already_exists", `sandbox ${id} already exists on this host`, { cause: err });
+      }
       await this.destroy(id).catch((cleanupErr) => log.warn("cleanup after failed create failed", { sandboxId: id, error: String(cleanupErr) }));
+      this.uidRanges.release(uidBase);
       throw error;
     }
   }
 
   /**
-   * Makes the bundle: the upper layer (empty, or a copy of `upperSource` from an image), the
-   * overlay mount and config.json. Fails with already_exists when the directory exists.
+   * Makes the bundle: a layer (empty, or a snapshot of an image's), the user namespace (fresh
+   * sandboxes: CRIU makes a restored one), the idmapped overlay root and config.json. Fails with
+   * already_exists when the bundle exists. The facts are recorded first, so a failure is undone
+   * by destroy().
    */
-  private async prepareBundle(spec: SandboxSpec, upperSource: string | undefined): Promise<Omit<CreateTimings, "runcMs">> {
+  private async prepareBundle(
+    spec: SandboxSpec,
+    uidBase: number,
+    source: { kind: "fresh" } | { kind: "image"; imageDir: string; memory: boolean; criuView: string | undefined },
+  ): Promise<Omit<CreateTimings, "runcMs">> {
     const kit = this.kit;
     if (!kit) throw new CubicleError("failed_precondition", "the container runtime is not initialised; call init() first");
     const id = spec.sandboxId;
     const paths = this.paths(id);
     const started = performance.now();
-    await checkOverlayPath(spec.template.rootfsDir);
-    const lower = await stat(spec.template.rootfsDir);
-    await mkdir(paths.dir, { mode: 0o711 });
-    await Promise.all([mkdir(paths.work), mkdir(paths.rootfs)]);
-    if (upperSource) {
-      // An image's upper layer already has the owner and mode of the root it was made for.
-      const spare = this.spareUppers.get(upperSource);
-      this.spareUppers.delete(upperSource);
-      const renamed = spare ? await rename(spare, paths.upper).then(() => true, () => false) : false;
-      if (!renamed) await copyTree(upperSource, paths.upper, CHECKPOINT_TIMEOUT_MS);
-    } else {
-      await mkdir(paths.upper);
-      // The merged root takes the upper dir's owner and mode: make it the lower root's.
-      await chown(paths.upper, lower.uid, lower.gid).then(() => chmod(paths.upper, lower.mode & 0o7777));
-    }
-    await chown(paths.work, SANDBOX_UID_BASE, SANDBOX_UID_BASE);
+    await checkRootfsPath(spec.template.rootfsDir);
+    // The sandbox's root reaches its root mount through the group; nobody else gets in.
+    await mkdir(paths.dir, { mode: 0o710 });
+    this.facts.set(id, { cpuCount: spec.resources.cpuCount, memoryBytes: spec.resources.memoryMiB * 1024 * 1024, diskBytes: spec.resources.diskMiB * 1024 * 1024, uidBase, layerId: undefined });
+    await chown(paths.dir, 0, uidBase);
+    await chmod(paths.dir, 0o710);
+    await mkdir(paths.rootfs);
+    // The user namespace is in config.json before any of it exists: a failure is undone by destroy().
+    await this.writeConfig(spec, kit, uidBase, source.kind === "fresh" || !source.memory);
+    const configured = performance.now();
+    const layerId = await this.helper.prepare({
+      uidBase,
+      lowerDir: spec.template.rootfsDir,
+      layerDir: paths.layer,
+      rootfsDir: paths.rootfs,
+      quotaBytes: Math.max(0, Math.floor(spec.resources.diskMiB)) * 1024 * 1024,
+      fromLayer: source.kind === "image" ? imageLayout(source.imageDir).layer : undefined,
+      usernsPin: source.kind === "fresh" || !source.memory ? paths.userns : undefined,
+      criuImages: source.kind === "image" && source.criuView ? imageLayout(source.imageDir).criu : undefined,
+      criuView: source.kind === "image" ? source.criuView : undefined,
+    });
+    this.facts.get(id)!.layerId = layerId;
+    await writeFile(paths.layerId, `${layerId}\n`, { mode: 0o600 });
     const prepared = performance.now();
+    return { prepareMs: round(prepared - configured), configMs: round(configured - started), totalMs: round(prepared - started) };
+  }
 
-    await runCommand(
-      ["mount", "-t", "overlay", "overlay", "-o", `lowerdir=${spec.template.rootfsDir},upperdir=${paths.upper},workdir=${paths.work}`, paths.rootfs],
-      { timeoutMs: 15_000 },
-    );
-    const mounted = performance.now();
-
+  private async writeConfig(spec: SandboxSpec, kit: AgentKit, uidBase: number, joinsPinnedUserns: boolean): Promise<void> {
+    const paths = this.paths(spec.sandboxId);
     const ociSpec = buildOciSpec({
       spec,
       agentCommand: kit.command,
       kitDir: kit.dir,
-      cgroupsPath: cgroupsPathOf(id),
+      cgroupsPath: cgroupsPathOf(spec.sandboxId),
       limitSwap: this.limitSwap,
       sysfs: this.options.sysfs ?? "empty",
-      emptyDir: this.emptyDir,
-      openFilesLimit: this.openFilesLimit,
+      emptyDir: this.pool.emptyDir,
       criuConfigFile: this.criuConfigFile,
+      uidBase,
+      usernsPath: joinsPinnedUserns ? paths.userns : undefined,
     });
-    await writeFile(paths.config, JSON.stringify(ociSpec));
-    const configured = performance.now();
-    return {
-      prepareMs: round(prepared - started),
-      mountMs: round(mounted - prepared),
-      configMs: round(configured - mounted),
-      totalMs: round(configured - started),
-    };
-  }
-
-  private rememberFacts(spec: SandboxSpec): void {
-    this.facts.set(spec.sandboxId, {
-      cpuCount: spec.resources.cpuCount,
-      memoryBytes: spec.resources.memoryMiB * 1024 * 1024,
-      diskBytes: spec.resources.diskMiB * 1024 * 1024,
-    });
+    await writeFile(paths.config, JSON.stringify(ociSpec), { mode: 0o600 });
   }
 
   async destroy(sandboxId: string): Promise<void> {
     const id = checkId(sandboxId);
     const paths = this.paths(id);
     const containerId = CONTAINER_PREFIX + id;
+    this.exitWatcher.unwatch(id);
+    const facts = this.facts.get(id) ?? (await this.readFacts(id).catch(() => undefined));
     const container = await this.runc.state(containerId);
     if (container && this.owns(container.bundle)) {
       await this.runc.kill(container);
@@ -258,24 +343,88 @@ export class ContainerRuntime implements Runtime {
     } else if (container) {
       log.warn("a container with this sandbox's id belongs to another state dir; leaving it", { containerId, bundle: container.bundle });
     }
-    await this.unmountAll(paths.dir);
+    if ((await pathExists(paths.dir)) || (await pathExists(paths.layer))) {
+      await this.helper.teardown(paths.dir, (await pathExists(paths.layer)) ? paths.layer : undefined);
+      this.noteDeletion();
+    }
     await rm(paths.dir, { recursive: true, force: true });
     if (this.cgroups) {
       const left = await removeCgroupDirectories(this.cgroups, cgroupsPathOf(id));
       if (left.length > 0) throw new CubicleError("internal", `cgroups of sandbox ${id} are still in use: ${left.join(", ")}`);
     }
+    if (facts) this.uidRanges.release(facts.uidBase);
     this.facts.delete(id);
     this.cpuSamples.delete(id);
   }
 
-  private async unmountAll(dir: string): Promise<void> {
-    for (const mountPoint of await mountsUnder(dir)) {
-      const result = await runCommand(["umount", mountPoint], { timeoutMs: 15_000, allowFailure: true });
-      if (result.exitCode !== 0) {
-        log.warn("umount failed, detaching lazily", { mountPoint, stderr: result.stderr.trim() });
-        await runCommand(["umount", "--lazy", mountPoint], { timeoutMs: 15_000 });
+  /**
+   * Finds the images of earlier server processes (their meta.json) for the budget, and removes
+   * what a crash left of restores: their views of an image's CRIU files.
+   */
+  private async scanImages(): Promise<void> {
+    for (const kind of await readdir(this.pool.imagesDir).catch(() => [] as string[])) {
+      const kindDir = path.join(this.pool.imagesDir, kind);
+      for (const name of await readdir(kindDir).catch(() => [] as string[])) {
+        const imageDir = path.join(kindDir, name);
+        for (const entry of await readdir(imageDir).catch(() => [] as string[])) {
+          if (entry.startsWith(CRIU_VIEW_PREFIX)) await rm(path.join(imageDir, entry), { recursive: true, force: true });
+        }
+        const meta = await readMeta(imageDir).catch(() => undefined);
+        if (meta) this.imageBytes.set(imageDir, meta.layerBytes + meta.criuBytes);
       }
     }
+  }
+
+  /**
+   * Bytes the images take (IMAGE_BUDGET_NOTE). Whoever owns an image deletes its directory;
+   * images whose directory is gone stop counting here.
+   */
+  usedImageBytes(): number {
+    let total = 0;
+    for (const [imageDir, bytes] of this.imageBytes) {
+      if (existsSync(imageDir)) total += bytes;
+      else this.imageBytes.delete(imageDir);
+    }
+    return total;
+  }
+
+  /** Changes the image budget (bytes) of this running runtime; the configured one returns at the next start. */
+  setImageBudget(bytes: number): void {
+    this.pool.imageBudgetBytes = bytes;
+  }
+
+  /** The image budget and what of it is used. */
+  imageBudget(): { usedBytes: number; limitBytes: number } {
+    return { usedBytes: this.usedImageBytes(), limitBytes: this.pool.imageBudgetBytes };
+  }
+
+  /**
+   * IMAGE_BUDGET_NOTE: a checkpoint is refused (insufficient_storage, 507) before anything is
+   * frozen or written when the images already made plus this one's likely size (the layer's
+   * bytes and, with memory, the cgroup's memory use: an upper bound of what CRIU writes) would
+   * pass the budget; its real size counts from then on.
+   */
+  private async checkImageBudget(id: string, layerId: number | undefined, memory: boolean): Promise<void> {
+    const layerBytes = layerId === undefined ? 0 : (await this.pool.usage(layerId).catch(() => ({ usedBytes: 0 }))).usedBytes;
+    const memoryBytes = memory && this.cgroups ? (await readCgroupUsage(this.cgroups, cgroupsPathOf(id)).catch(() => undefined))?.memoryUsedBytes ?? 0 : 0;
+    const needed = layerBytes + memoryBytes;
+    const used = this.usedImageBytes();
+    const budget = this.pool.imageBudgetBytes;
+    if (used + needed > budget) {
+      const mib = (bytes: number) => Math.ceil(bytes / 1024 ** 2);
+      throw new CubicleError(
+        "insufficient_storage",
+        `No space left on device: the image budget is used up (${mib(used)} of ${mib(budget)} MiB in use; this image needs about ${mib(needed)} MiB)`,
+        { details: { usedBytes: used, budgetBytes: budget, neededBytes: needed } },
+      );
+    }
+  }
+
+  /** Deleted subvolumes leave qgroups behind until the cleaner is done: collect now and then. */
+  private noteDeletion(): void {
+    if (++this.deletionsSinceGc < 200) return;
+    this.deletionsSinceGc = 0;
+    void this.helper.collectQgroups(this.pool.mountDir).catch((err) => log.warn("collecting stale quota groups failed", { error: String(err) }));
   }
 
   async state(sandboxId: string): Promise<RuntimeState> {
@@ -296,8 +445,10 @@ export class ContainerRuntime implements Runtime {
     for (const container of await this.runc.list()) {
       if (container.id.startsWith(CONTAINER_PREFIX) && this.owns(container.bundle)) ids.add(container.id.slice(CONTAINER_PREFIX.length));
     }
-    // Half-made or half-destroyed sandboxes have a directory (maybe a mount) but no container.
-    for (const entry of await readdir(this.sandboxesDir).catch(() => [] as string[])) ids.add(entry);
+    // Half-made or half-destroyed sandboxes have a bundle or a layer but no container.
+    for (const dir of [this.pool.sandboxesDir, this.pool.layersDir]) {
+      for (const entry of await readdir(dir).catch(() => [] as string[])) ids.add(entry);
+    }
     return [...ids].sort();
   }
 
@@ -322,19 +473,20 @@ export class ContainerRuntime implements Runtime {
     if (!/^[a-zA-Z0-9][a-zA-Z0-9.-]{0,62}$/.test(hostname)) throw new CubicleError("invalid_argument", `"${hostname}" is not a valid hostname`);
     const container = await this.runc.state(CONTAINER_PREFIX + checkId(sandboxId));
     if (!container || container.pid <= 0) throw new CubicleError("not_found", `sandbox ${sandboxId} is not running`);
-    // Host root may enter the container's UTS namespace; `hostname` there calls sethostname(2).
-    await runCommand(["nsenter", `--target=${container.pid}`, "--uts", "--", "hostname", hostname], { timeoutMs: 5_000 });
+    const uidBase = (this.facts.get(sandboxId) ?? (await this.readFacts(sandboxId))).uidBase;
+    await this.helper.postRestore(container.pid, hostname, uidBase, uidBase);
   }
 
   /**
-   * See Runtime.checkpoint. The sandbox is frozen (cgroup freezer) while its upper layer is
-   * copied and CRIU dumps it, so both describe one instant; CRIU always dumps with
+   * See Runtime.checkpoint. The sandbox is frozen (cgroup freezer) while its layer is
+   * snapshotted and CRIU dumps it, so both describe one instant; CRIU always dumps with
    * `--leave-running`, and a durable pause (`leaveRunning: false`) kills the container only once
    * the image is complete and renamed into place: a failed checkpoint never costs the sandbox.
-   * After a durable pause the bundle (upper layer, config.json) stays, unmounted, until
-   * destroy(); state() says "missing". A sandbox whose container is gone (after a durable pause)
-   * can still be checkpointed without memory. Established TCP connections are not saved (CRIU
-   * `tcp-close`, see criu.ts): they come back closed.
+   * After a durable pause the bundle stays, unmounted, until destroy(); state() says "missing".
+   * A sandbox whose container is gone can still be checkpointed without memory. Established TCP
+   * connections are not saved (CRIU `tcp-close`, see criu.ts): they come back closed. The image
+   * counts against the pool's image budget: past it, the checkpoint fails with
+   * insufficient_storage and leaves nothing.
    */
   async checkpoint(sandboxId: string, imageDir: string, options: CheckpointOptions): Promise<CheckpointInfo> {
     const id = checkId(sandboxId);
@@ -347,19 +499,19 @@ export class ContainerRuntime implements Runtime {
     const found = await this.runc.state(containerId);
     const container = found && this.owns(found.bundle) && (found.status === "running" || found.status === "paused") ? found : undefined;
     if (!container && options.memory) throw new CubicleError("failed_precondition", `sandbox ${id} is not running on this host; only a filesystem checkpoint (memory: false) can be taken of it`);
-    if (!container && !(await pathExists(paths.upper))) throw new CubicleError("not_found", `sandbox ${id} does not exist on this host`);
+    if (!(await pathExists(paths.layer))) throw new CubicleError("not_found", `sandbox ${id} does not exist on this host`);
     const oci = await this.readOciConfig(id);
+    const facts = this.facts.get(id) ?? (await this.readFacts(id));
     const criuPath = options.memory ? await this.criuForRunc() : undefined;
+    if (!isInside(this.pool.imagesDir, imageDir)) throw new CubicleError("internal", `checkpoint images must be made under ${this.pool.imagesDir}`);
 
-    await mkdir(path.dirname(imageDir), { recursive: true });
-    if (await pathExists(imageDir)) throw new CubicleError("already_exists", `checkpoint image ${imageDir} already exists; choose a new directory`);
+    await mkdir(path.dirname(imageDir), { recursive: true, mode: 0o700 });
+    if (await pathExists(imageDir)) throw new CubicleError("already_exists", `checkpoint image ${path.basename(imageDir)} already exists; choose a new directory`);
+    await this.checkImageBudget(id, facts.layerId, options.memory);
     const partial = `${imageDir}${PARTIAL_IMAGE_MARKER}${process.pid}-${++this.partialCounter}`;
     const layout = imageLayout(partial);
-    await mkdir(partial);
-    // Host root and the sandboxes' mapped root (group) only: the image holds the sandbox's memory.
-    await chown(partial, 0, SANDBOX_UID_BASE);
-    await chmod(partial, 0o750);
-    await mkdir(layout.log);
+    await mkdir(partial, { mode: 0o755 });
+    await mkdir(layout.log, { mode: 0o700 });
 
     const freezeHere = container?.status === "running";
     let frozenAt = performance.now();
@@ -369,14 +521,14 @@ export class ContainerRuntime implements Runtime {
         await this.runc.pause(containerId);
         frozenAt = performance.now();
       }
-      await copyTree(paths.upper, layout.upper, CHECKPOINT_TIMEOUT_MS);
-      const copied = performance.now();
+      const snapshotId = await this.helper.snapshot(paths.layer, layout.layer);
+      const snapshotted = performance.now();
       if (criuPath) {
-        await mkdir(layout.criu);
+        await mkdir(layout.criu, { mode: 0o755 });
         const logFile = path.join(layout.log, "runc.log");
-        const netnsPath = oci.linux?.namespaces?.find((ns) => ns.type === "network")?.path;
-        if (!netnsPath) throw new CubicleError("internal", `sandbox ${id} has no netns path in its config.json`);
-        await this.runc.checkpoint(containerId, { criuPath, netnsPath, imagePath: layout.criu, workPath: layout.log, leaveRunning: true, logFile, timeoutMs: CHECKPOINT_TIMEOUT_MS, env: this.criuEnv() }).catch(async (err) => {
+        const netnsPath = oci.annotations?.[ANNOTATION_NETNS_PATH];
+        if (!netnsPath) throw new CubicleError("internal", `sandbox ${id} has no netns path in its config.json (made by an older Cubicle?)`);
+        await this.runc.checkpoint(containerId, { criuPath, netnsPath, imagePath: layout.criu, workPath: layout.log, leaveRunning: true, logFile, timeoutMs: CHECKPOINT_TIMEOUT_MS, env: this.criuEnv(undefined) }).catch(async (err) => {
           throw await withCriuLog(err, path.join(layout.log, "dump.log"), `checkpoint of sandbox ${id} failed`);
         });
       }
@@ -387,34 +539,37 @@ export class ContainerRuntime implements Runtime {
         await this.runc.resume(containerId);
         thawedAt = performance.now();
       }
-      if (criuPath) await shareWithSandboxRoot(layout.criu);
+      const criuBytes = criuPath ? await makeCriuFilesReadable(layout.criu) : 0;
+      const layerBytes = (await this.pool.usage(snapshotId).catch(() => ({ usedBytes: 0 }))).usedBytes;
       const meta: CheckpointMeta = {
-        version: 1,
+        version: IMAGE_VERSION,
         sandboxId: id,
         templateId: oci.annotations?.[ANNOTATION_TEMPLATE_ID] ?? "",
         rootfsDir: oci.annotations?.[ANNOTATION_ROOTFS_DIR] ?? "",
         memory: options.memory,
         hostname: oci.hostname ?? "",
+        uidBase: facts.uidBase,
         kitFingerprint: options.memory ? this.kitFingerprint : undefined,
         createdAt: new Date().toISOString(),
         frozenMs: thawedAt === undefined ? 0 : round(thawedAt - frozenAt),
-        upperCopyMs: round(copied - frozenAt),
-        dumpMs: round(dumped - copied),
-        upperBytes: await treeBytes(layout.upper),
-        criuBytes: criuPath ? await treeBytes(layout.criu) : 0,
+        layerSnapshotMs: round(snapshotted - frozenAt),
+        dumpMs: round(dumped - snapshotted),
+        layerBytes,
+        criuBytes,
       };
       await writeMeta(partial, meta);
       await rename(partial, imageDir);
+      this.imageBytes.set(imageDir, meta.layerBytes + meta.criuBytes);
       if (!options.leaveRunning && container) {
         await this.stopKeepingBundle(id).catch((err) => {
-          throw new CubicleError("internal", `checkpoint image ${imageDir} is complete, but sandbox ${id} could not be stopped: ${CubicleError.from(err).message}`, { cause: err });
+          throw new CubicleError("internal", `checkpoint image ${path.basename(imageDir)} is complete, but sandbox ${id} could not be stopped: ${CubicleError.from(err).message}`, { cause: err });
         });
         thawedAt = performance.now();
         meta.frozenMs = round(thawedAt - frozenAt);
         await writeMeta(imageDir, meta);
       }
-      log.debug("checkpointed", { sandboxId: id, imageDir, ...options, frozenMs: meta.frozenMs, upperCopyMs: meta.upperCopyMs, dumpMs: meta.dumpMs });
-      return { sizeBytes: meta.upperBytes + meta.criuBytes, frozenMs: meta.frozenMs, memory: options.memory };
+      log.debug("checkpointed", { sandboxId: id, imageDir, ...options, frozenMs: meta.frozenMs, layerSnapshotMs: meta.layerSnapshotMs, dumpMs: meta.dumpMs });
+      return { sizeBytes: meta.layerBytes + meta.criuBytes, frozenMs: meta.frozenMs, memory: options.memory };
     } catch (err) {
       // The source sandbox must come out of a failed checkpoint running as it went in.
       if (freezeHere && thawedAt === undefined) await this.runc.resume(containerId).catch((thawErr) => log.warn("thaw after failed checkpoint failed", { sandboxId: id, error: String(thawErr) }));
@@ -425,16 +580,17 @@ export class ContainerRuntime implements Runtime {
 
   /**
    * See Runtime.restore. Always builds the sandbox afresh: whatever is left of `spec.sandboxId`
-   * on the host (the bundle kept by a durable pause) is replaced by the image's upper layer, so
-   * a rollback gets exactly the snapshot's files. A container that still exists under that id
-   * is an error (already_exists): destroy() it first. The image is only read, so one image can
-   * feed many concurrent restores, each with its own upper layer, container, cgroup and netns.
+   * on the host (the bundle kept by a durable pause) is replaced by the image's layer, so a
+   * rollback gets exactly the snapshot's files. A container that still exists under that id is
+   * an error (already_exists): destroy() it first. The image is only read (but for the
+   * restore's own view of its CRIU files), so one image can feed many concurrent restores, each
+   * with its own layer (an O(1) snapshot), uid range, container, cgroup and netns.
    *
-   * Restored processes keep what they had in memory: the old hostname (UTS namespace), the
-   * environment (CUBICLE_SANDBOX_ID of the source) and closed TCP connections; the caller
-   * re-initialises the agent.
+   * Restored processes keep what they had in memory: the old hostname (UTS namespace, renamed
+   * here), the environment (CUBICLE_SANDBOX_ID of the source) and closed TCP connections; the
+   * caller re-initialises the agent.
    */
-  async restore(spec: SandboxSpec, imageDir: string, options: RestoreOptions = {}): Promise<void> {
+  async restore(spec: SandboxSpec, imageDir: string): Promise<void> {
     try {
       const id = checkId(spec.sandboxId);
       await this.exclusive(id, () => this.restoreNow(spec, path.resolve(imageDir)));
@@ -442,67 +598,57 @@ export class ContainerRuntime implements Runtime {
       await settled(spec.networkReady);
       throw err;
     }
-    if (options.keepSpareUpper) this.makeSpareUpper(imageLayout(path.resolve(imageDir)).upper);
-  }
-
-  /** See RestoreOptions.keepSpareUpper: one ready copy per image, made in the background. */
-  private makeSpareUpper(upperSource: string): void {
-    if (this.spareUppers.has(upperSource) || this.makingSpares.has(upperSource)) return;
-    this.makingSpares.add(upperSource);
-    const target = path.join(this.spareUppersDir, String(++this.partialCounter));
-    copyTree(upperSource, target, CHECKPOINT_TIMEOUT_MS)
-      .then(
-        () => void this.spareUppers.set(upperSource, target),
-        async (err) => {
-          log.warn("copying a spare upper layer failed; the next restore copies it itself", { upperSource, error: String(err) });
-          await rm(target, { recursive: true, force: true });
-        },
-      )
-      .finally(() => this.makingSpares.delete(upperSource));
   }
 
   private async restoreNow(spec: SandboxSpec, imageDir: string): Promise<void> {
     if (!this.kit) throw new CubicleError("failed_precondition", "the container runtime is not initialised; call init() first");
     const id = spec.sandboxId;
     const paths = this.paths(id);
-    const layout = imageLayout(imageDir);
     const meta = await readMeta(imageDir);
     if (meta.rootfsDir && meta.rootfsDir !== spec.template.rootfsDir) {
-      throw new CubicleError("failed_precondition", `checkpoint image ${imageDir} was made on template rootfs ${meta.rootfsDir}, not ${spec.template.rootfsDir}; restore it with the same template`);
+      throw new CubicleError("failed_precondition", `the image was made on another template tree than ${spec.template.templateId}'s current one; restore it with the same template`);
     }
     const criuPath = meta.memory ? await this.criuForRunc() : undefined;
     const existing = await this.runc.state(CONTAINER_PREFIX + id);
     if (existing) throw new CubicleError("already_exists", `sandbox ${id} still has a container (${existing.status}); destroy it before restoring into the same id`);
-    if (await pathExists(paths.dir)) await this.destroy(id);
+    if ((await pathExists(paths.dir)) || (await pathExists(paths.layer))) await this.destroy(id);
 
     const started = performance.now();
+    const uidBase = this.uidRanges.allocate();
+    const criuView = criuPath ? path.join(imageDir, `${CRIU_VIEW_PREFIX}${id}-${process.pid}-${++this.partialCounter}`) : undefined;
     try {
-      const timings: Record<string, number> = await this.prepareBundle(spec, layout.upper);
+      const timings: Record<string, number> = await this.prepareBundle(spec, uidBase, { kind: "image", imageDir, memory: meta.memory, criuView });
       const bundled = performance.now();
       await spec.networkReady;
       timings.networkWaitMs = round(performance.now() - bundled);
       const runcStarted = performance.now();
-      if (criuPath) {
+      if (criuPath && criuView) {
         const workPath = path.join(paths.dir, "criu-restore");
-        await mkdir(workPath);
-        await this.runc.restoreDetached(CONTAINER_PREFIX + id, paths.dir, { criuPath, netnsPath: spec.network.netnsPath, imagePath: layout.criu, workPath, logFile: paths.runcLog, timeoutMs: CHECKPOINT_TIMEOUT_MS, env: this.criuEnv() }).catch(async (err) => {
-          const kitChanged = meta.kitFingerprint && this.kitFingerprint && meta.kitFingerprint !== this.kitFingerprint;
-          const hint = kitChanged ? " (the agent kit changed since the checkpoint: processes still map the old Node binary; make a new image)" : "";
-          throw await withCriuLog(err, path.join(workPath, "restore.log"), `restore of sandbox ${id} from ${imageDir} failed${hint}`);
-        });
+        await mkdir(workPath, { mode: 0o700 });
+        await this.runc
+          .restoreDetached(CONTAINER_PREFIX + id, paths.dir, { criuPath, netnsPath: spec.network.netnsPath, imagePath: criuView, workPath, logFile: paths.runcLog, timeoutMs: CHECKPOINT_TIMEOUT_MS, env: this.criuEnv(uidBase) })
+          .catch(async (err) => {
+            const kitChanged = meta.kitFingerprint && this.kitFingerprint && meta.kitFingerprint !== this.kitFingerprint;
+            const hint = kitChanged ? " (the agent kit changed since the checkpoint: processes still map the old Node binary; make a new image)" : "";
+            throw await withCriuLog(err, path.join(workPath, "restore.log"), `restore of sandbox ${id} failed${hint}`);
+          })
+          .finally(() => rm(criuView, { recursive: true, force: true }));
       } else {
-        await this.runc.runDetached(CONTAINER_PREFIX + id, paths.dir, paths.runcLog);
+        await this.runc.runDetached(CONTAINER_PREFIX + id, paths.dir, paths.runcLog, spec.network.netnsPath);
       }
       timings.runcMs = round(performance.now() - runcStarted);
-      this.rememberFacts(spec);
-      // CRIU brings back the image's UTS namespace with the source's name; the caller's own
-      // first step (the agent's /init) runs meanwhile.
+      const container = await this.runc.state(CONTAINER_PREFIX + id);
+      if (!container || container.pid <= 0) throw new CubicleError("internal", `sandbox ${id} stopped right after its restore`);
+      this.exitWatcher.watch(id, container.pid);
+      // CRIU brings back the image's UTS namespace with the source's name, and its tmpfs files
+      // with the source's ids; the caller's own first step (the agent's /init) runs meanwhile.
       const running = performance.now();
-      await allSettledOrThrow([criuPath ? this.setHostname(id, spec.hostname) : undefined, spec.whenRunning?.()]);
+      await allSettledOrThrow([criuPath ? this.helper.postRestore(container.pid, spec.hostname, meta.uidBase, uidBase) : undefined, spec.whenRunning?.()]);
       log.debug("restored", { sandboxId: id, imageDir, memory: meta.memory, ...timings, finishingMs: round(performance.now() - running), totalMs: round(performance.now() - started) });
     } catch (err) {
       const error = CubicleError.from(err);
       await this.destroy(id).catch((cleanupErr) => log.warn("cleanup after failed restore failed", { sandboxId: id, error: String(cleanupErr) }));
+      this.uidRanges.release(uidBase);
       if (error.code === "already_exists") throw new CubicleError("already_exists", `sandbox ${id} already exists on this host`, { cause: err });
       throw error;
     }
@@ -511,23 +657,32 @@ export class ContainerRuntime implements Runtime {
   /** A durable pause: the container goes (processes, cgroups), the bundle stays for restore/destroy. */
   private async stopKeepingBundle(id: string): Promise<void> {
     const containerId = CONTAINER_PREFIX + id;
+    this.exitWatcher.unwatch(id);
     const container = await this.runc.state(containerId);
     if (container) {
       await this.runc.kill(container);
       await this.runc.delete(containerId, false).catch(() => this.runc.delete(containerId, true));
     }
-    await this.unmountAll(this.paths(id).dir);
+    await this.helper.teardown(this.paths(id).dir, undefined);
     if (this.cgroups) await removeCgroupDirectories(this.cgroups, cgroupsPathOf(id));
     this.cpuSamples.delete(id);
   }
 
   /**
    * runc's environment for checkpoint and restore (and so CRIU's): the tar shim and CRIU first
-   * in PATH, and what the CRIU front and the static tar shim need (CRIU_FRONT_NOTE, TAR_SHIM_NOTE).
+   * in PATH, what the CRIU front and the static tar shim need (CRIU_FRONT_NOTE, TAR_SHIM_NOTE),
+   * and the user-namespace shim with, for a restore, the new namespace's owner (USERNS_OWNER_NOTE).
    */
-  private criuEnv(): NodeJS.ProcessEnv {
+  private criuEnv(usernsOwner: number | undefined): NodeJS.ProcessEnv {
     const front = this.criuPath ? criuFrontEnv(this.criuBinDir, this.criuPath) : {};
-    return { ...process.env, ...front, ...tarShimEnv(this.hostTar), PATH: `${this.criuBinDir}:${process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin"}` };
+    return {
+      ...process.env,
+      ...front,
+      ...tarShimEnv(this.hostTar),
+      LD_PRELOAD: this.criuShim,
+      ...(usernsOwner === undefined ? {} : { CUBICLE_USERNS_OWNER: String(usernsOwner) }),
+      PATH: `${this.criuBinDir}:${process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin"}`,
+    };
   }
 
   /**
@@ -579,6 +734,10 @@ export class ContainerRuntime implements Runtime {
     }
   }
 
+  /**
+   * CPU and memory from the cgroup, disk from the layer's qgroup (kernel accounting, read from
+   * sysfs: no walk of the sandbox's files, whatever they hold).
+   */
   async stats(sandboxId: string): Promise<SandboxStats> {
     const id = checkId(sandboxId);
     const layout = this.cgroups ?? (this.cgroups = await detectCgroupLayout());
@@ -592,16 +751,15 @@ export class ContainerRuntime implements Runtime {
     this.cpuSamples.set(id, { usageUsec: usage.cpuUsageUsec, atMs: nowMs });
     const wallUsec = Math.max(1, (nowMs - previous.atMs) * 1000);
     const cpuUsedPct = Math.min(100, Math.max(0, ((usage.cpuUsageUsec - previous.usageUsec) / (wallUsec * facts.cpuCount)) * 100));
-    const diskUsedBytes = await treeBytes(paths.upper);
-    const diskTotalBytes = facts.diskBytes > 0 ? facts.diskBytes : await statfs(paths.upper).then((s) => s.blocks * s.bsize, () => 0);
+    const disk = facts.layerId === undefined ? undefined : await this.pool.usage(facts.layerId).catch(() => undefined);
     return {
       cpuUsedPct: Math.round(cpuUsedPct * 100) / 100,
       cpuCount: facts.cpuCount,
       memUsedBytes: usage.memoryUsedBytes,
       memTotalBytes: usage.memoryLimitBytes ?? facts.memoryBytes,
       memCacheBytes: usage.memoryCacheBytes,
-      diskUsedBytes,
-      diskTotalBytes,
+      diskUsedBytes: disk?.usedBytes ?? 0,
+      diskTotalBytes: facts.diskBytes > 0 ? facts.diskBytes : (disk?.limitBytes ?? 0),
     };
   }
 
@@ -610,41 +768,70 @@ export class ContainerRuntime implements Runtime {
     return this.cgroups ? cgroupDirectories(this.cgroups, cgroupsPathOf(checkId(sandboxId))) : [];
   }
 
-  /** The bundle directory of a sandbox (config.json, upper/, work/, rootfs/). */
+  /** The bundle directory of a sandbox (config.json, rootfs/, the namespace pin). */
   bundleDir(sandboxId: string): string {
     return this.paths(checkId(sandboxId)).dir;
   }
 
+  /** The writable layer of a sandbox (a subvolume: upper/ and work/), for tests. */
+  layerDir(sandboxId: string): string {
+    return this.paths(checkId(sandboxId)).layer;
+  }
+
+  /** The host uid range of a sandbox (its first id), for tests and leak checks. */
+  uidBaseOf(sandboxId: string): number | undefined {
+    return this.facts.get(sandboxId)?.uidBase;
+  }
+
   private paths(id: string) {
-    const dir = path.join(this.sandboxesDir, id);
+    const dir = path.join(this.pool.sandboxesDir, id);
     return {
       dir,
-      upper: path.join(dir, "upper"),
-      work: path.join(dir, "work"),
       rootfs: path.join(dir, "rootfs"),
       config: path.join(dir, "config.json"),
+      userns: path.join(dir, "userns"),
+      layerId: path.join(dir, "layer-id"),
       runcLog: path.join(dir, "runc.log"),
+      layer: path.join(this.pool.layersDir, id),
     };
   }
 
   private owns(bundle: string): boolean {
-    return path.dirname(bundle) === this.sandboxesDir;
+    return path.dirname(bundle) === this.pool.sandboxesDir;
   }
 
-  /** After a restart: recover what stats needs from the bundle's config.json. */
+  /** After a restart: what stats and destroy need, from the bundle. */
   private async readFacts(id: string): Promise<SandboxFacts> {
-    const text = await readFile(this.paths(id).config, "utf8").catch((err) => {
-      throw new CubicleError("not_found", `sandbox ${id} does not exist on this host`, { cause: err });
-    });
-    const oci = JSON.parse(text) as { linux?: { resources?: { cpu?: { quota?: number }; memory?: { limit?: number } } } };
+    const paths = this.paths(id);
+    const oci = await this.readOciConfig(id);
+    const uidBase = oci.linux?.uidMappings?.[0]?.hostID;
+    if (typeof uidBase !== "number") throw new CubicleError("failed_precondition", `sandbox ${id}'s config.json names no uid range`);
+    const layerId = Number((await readFile(paths.layerId, "utf8").catch(() => "")).trim()) || undefined;
     const facts: SandboxFacts = {
       cpuCount: (oci.linux?.resources?.cpu?.quota ?? CPU_PERIOD_USEC) / CPU_PERIOD_USEC,
       memoryBytes: oci.linux?.resources?.memory?.limit ?? 0,
       diskBytes: 0,
+      uidBase,
+      layerId,
     };
+    if (layerId !== undefined) facts.diskBytes = (await this.pool.usage(layerId).catch(() => undefined))?.limitBytes ?? 0;
     this.facts.set(id, facts);
     return facts;
   }
+}
+
+function isInside(dir: string, file: string): boolean {
+  const relative = path.relative(dir, file);
+  return relative !== "" && !relative.startsWith("..") && !path.isAbsolute(relative);
+}
+
+/** Template trees hold the canonical ids; a tree path is passed to the helper as an argument. */
+async function checkRootfsPath(dir: string): Promise<void> {
+  if (/[,:\\\s]/.test(dir)) throw new CubicleError("invalid_argument", `template rootfs path ${dir} must not contain commas, colons, backslashes or spaces`);
+  const info = await stat(dir).catch((err) => {
+    throw new CubicleError("not_found", `the template's root filesystem is missing; rebuild the template`, { cause: err });
+  });
+  if (!info.isDirectory()) throw new CubicleError("failed_precondition", `the template's root filesystem is not a directory; rebuild the template`);
 }
 
 /** The runc `linux.cgroupsPath` of a sandbox (cgroupfs driver). */
@@ -657,15 +844,6 @@ function checkId(sandboxId: string): string {
     throw new CubicleError("invalid_argument", `sandbox id ${JSON.stringify(sandboxId)} must be 1–63 letters, digits, _ or -`);
   }
   return sandboxId;
-}
-
-/** overlayfs options are comma- and colon-separated: such paths cannot be passed. */
-async function checkOverlayPath(dir: string): Promise<void> {
-  if (/[,:\\\s]/.test(dir)) throw new CubicleError("invalid_argument", `template rootfs path ${dir} must not contain commas, colons, backslashes or spaces`);
-  const info = await stat(dir).catch((err) => {
-    throw new CubicleError("not_found", `template rootfs ${dir} does not exist; rebuild the template`, { cause: err });
-  });
-  if (!info.isDirectory()) throw new CubicleError("failed_precondition", `template rootfs ${dir} is not a directory`);
 }
 
 /** Mount points at or below `dir`, deepest first, from this process's mountinfo. */
@@ -687,14 +865,6 @@ async function findHostTar(): Promise<string> {
   throw new CubicleError("failed_precondition", "GNU tar is missing on the host (apt-get install tar); CRIU needs it for tmpfs mounts");
 }
 
-/** The hard RLIMIT_NOFILE of this process (children such as runc inherit it). */
-async function readOpenFilesHardLimit(): Promise<number> {
-  const limits = await readFile("/proc/self/limits", "utf8").catch(() => "");
-  const match = /^Max open files\s+\S+\s+(\S+)/m.exec(limits);
-  const hard = match?.[1] === "unlimited" ? 1_048_576 : Number(match?.[1]);
-  return Number.isFinite(hard) && hard > 0 ? Math.min(hard, 1_048_576) : 1024;
-}
-
 function mapMissing(err: unknown, sandboxId: string): CubicleError {
   const error = CubicleError.from(err);
   return /does not exist|not found/i.test(error.message) ? new CubicleError("not_found", `sandbox ${sandboxId} is not running on this host`, { cause: err }) : error;
@@ -707,27 +877,6 @@ async function withCriuLog(err: unknown, logFile: string, what: string): Promise
   // runc exits 1 whatever CRIU's reason: a full disk shows only in the log (criuLogTail notes a full filesystem).
   const code = /No space left on device|Disk quota exceeded/i.test(tail) ? "insufficient_storage" : error.code;
   return new CubicleError(code, `${what}: ${error.message}\nCRIU log (${logFile}):\n${tail}`, { cause: err, details: { criuLog: logFile, criuLogTail: tail } });
-}
-
-/**
- * Makes CRIU images readable for a restore, by nobody else: a restore reads them both as host
- * root inside a fresh user namespace (no capabilities over host files, so plain owner rights)
- * and, later, as the sandbox's mapped root. Owner root, group the mapped root, no "other".
- */
-async function shareWithSandboxRoot(dir: string): Promise<void> {
-  // In process: CRIU writes one flat directory of a few dozen files (no chown/chmod spawns).
-  const entries = await readdir(dir, { withFileTypes: true });
-  await Promise.all(
-    entries.map(async (entry) => {
-      const file = path.join(dir, entry.name);
-      if (entry.isDirectory()) await shareWithSandboxRoot(file);
-      if (entry.isSymbolicLink()) return;
-      await chown(file, 0, SANDBOX_UID_BASE);
-      await chmod(file, entry.isDirectory() ? 0o750 : 0o640);
-    }),
-  );
-  await chown(dir, 0, SANDBOX_UID_BASE);
-  await chmod(dir, 0o750);
 }
 
 /** Waits for every step (undefined = none) and then throws the first failure, if any. */
@@ -747,23 +896,4 @@ async function settled(networkReady: Promise<unknown> | undefined): Promise<void
 
 function round(ms: number): number {
   return Math.round(ms * 10) / 10;
-}
-
-/**
- * runc gives every container a new session keyring, charged to the container root's host uid.
- * All sandboxes map root to the same uid (SANDBOX_UID_BASE), whose kernel key quota (200 keys by
- * default) would stop creates at about 200 sandboxes with "disk quota exceeded".
- */
-const KEY_QUOTA = { maxkeys: 1_000_000, maxbytes: 25_000_000 };
-
-async function raiseKeyQuota(): Promise<void> {
-  for (const [name, wanted] of Object.entries(KEY_QUOTA)) {
-    const file = `/proc/sys/kernel/keys/${name}`;
-    const current = Number((await readFile(file, "utf8").catch(() => "0")).trim());
-    if (current >= wanted) continue;
-    await writeFile(file, String(wanted)).then(
-      () => log.info("raised the kernel key quota for sandbox users", { [name]: wanted }),
-      (err: Error) => log.warn("cannot raise the kernel key quota: creates may fail past ~200 sandboxes", { file, error: err.message }),
-    );
-  }
 }

@@ -1,4 +1,4 @@
-import { SANDBOX_UID_BASE, SANDBOX_UID_COUNT, type SandboxSpec } from "../types.js";
+import { SANDBOX_UID_COUNT, type SandboxSpec } from "../types.js";
 import { KIT_MOUNT_POINT } from "./agent-kit.js";
 import { buildSeccompProfile } from "./seccomp-profile.js";
 
@@ -57,18 +57,25 @@ export interface OciSpecInput {
   sysfs: "sysfs" | "empty";
   /** Host directory bound read-only at /sys when `sysfs` is "empty". */
   emptyDir: string;
-  /**
-   * RLIMIT_NOFILE for the agent. runc sets it inside the user namespace, where it cannot rise
-   * above the hard limit runc itself has: pass the server's own hard limit.
-   */
-  openFilesLimit: number;
   /** CRIU config file runc hands to CRIU on checkpoint and restore (see criu.ts). */
   criuConfigFile: string;
+  /** First host uid (and gid) of the sandbox's own range: root inside is this uid outside. */
+  uidBase: number;
+  /**
+   * The sandbox's user namespace, made and pinned beforehand (owned by `uidBase`,
+   * USERNS_OWNER_NOTE): runc joins it. Absent for a CRIU restore, which makes its own.
+   */
+  usernsPath?: string;
 }
 
 /** config.json annotations that let a checkpoint find what the sandbox was made from. */
 export const ANNOTATION_TEMPLATE_ID = "dev.cubicle.template-id";
 export const ANNOTATION_ROOTFS_DIR = "dev.cubicle.rootfs-dir";
+/**
+ * The sandbox's netns. config.json names no network namespace: runc runs inside this one
+ * (RUNC_NETNS_NOTE in runc.ts) and the container shares it.
+ */
+export const ANNOTATION_NETNS_PATH = "dev.cubicle.netns-path";
 
 /** Builds the OCI runtime config (config.json) for a sandbox; root.path is `rootfs` in the bundle. */
 export function buildOciSpec(input: OciSpecInput): Record<string, unknown> {
@@ -87,7 +94,7 @@ export function buildOciSpec(input: OciSpecInput): Record<string, unknown> {
     CUBICLE_SANDBOX_ID: spec.sandboxId,
   };
   const caps = [...SANDBOX_CAPABILITIES];
-  const idMap = [{ containerID: 0, hostID: SANDBOX_UID_BASE, size: SANDBOX_UID_COUNT }];
+  const idMap = [{ containerID: 0, hostID: input.uidBase, size: SANDBOX_UID_COUNT }];
   const sysMount =
     input.sysfs === "sysfs"
       ? { destination: "/sys", type: "sysfs", source: "sysfs", options: ["nosuid", "noexec", "nodev", "ro"] }
@@ -101,9 +108,12 @@ export function buildOciSpec(input: OciSpecInput): Record<string, unknown> {
       env: Object.entries(env).map(([key, value]) => `${key}=${value}`),
       cwd: "/",
       capabilities: { bounding: caps, effective: caps, permitted: caps },
-      rlimits: [{ type: "RLIMIT_NOFILE", hard: input.openFilesLimit, soft: input.openFilesLimit }],
+      // No rlimits: runc sets them on the container's init from outside (prlimit), which needs
+      // CAP_SYS_RESOURCE over the sandbox's user namespace, and host root lacks it on hosts that
+      // drop it from the bounding set. The agent inherits runc's limits; Node raises its own
+      // soft RLIMIT_NOFILE to the hard one at startup.
       // Off so that `sudo` (setuid) works for the template's `user`, as on E2B. Root inside is
-      // uid 100000 on the host, so a setuid binary gains nothing outside the user namespace.
+      // an unprivileged uid of its own on the host, so a setuid binary gains nothing outside.
       noNewPrivileges: false,
     },
     root: { path: "rootfs", readonly: false },
@@ -113,6 +123,7 @@ export function buildOciSpec(input: OciSpecInput): Record<string, unknown> {
       "org.criu.config": input.criuConfigFile,
       [ANNOTATION_TEMPLATE_ID]: template.templateId,
       [ANNOTATION_ROOTFS_DIR]: template.rootfsDir,
+      [ANNOTATION_NETNS_PATH]: spec.network.netnsPath,
     },
     mounts: [
       { destination: "/proc", type: "proc", source: "proc", options: ["nosuid", "noexec", "nodev"] },
@@ -132,8 +143,7 @@ export function buildOciSpec(input: OciSpecInput): Record<string, unknown> {
         { type: "uts" },
         { type: "mount" },
         { type: "cgroup" },
-        { type: "user" },
-        { type: "network", path: spec.network.netnsPath },
+        input.usernsPath ? { type: "user", path: input.usernsPath } : { type: "user" },
       ],
       cgroupsPath: input.cgroupsPath,
       resources: {

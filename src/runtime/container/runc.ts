@@ -65,8 +65,8 @@ export class Runc {
    * runc gets /dev/null for all three: the agent must not hold a host pipe (CRIU refuses to dump
    * one, and the pipe would never close). runc's own errors go to `logFile` instead.
    */
-  async runDetached(id: string, bundle: string, logFile: string): Promise<void> {
-    await this.detached([this.binary, "--log", logFile, "--log-format", "json", "run", "--detach", "--bundle", bundle, id], `runc run ${id}`, logFile, TIMEOUT_MS);
+  async runDetached(id: string, bundle: string, logFile: string, netnsPath: string): Promise<void> {
+    await this.detached([...inNetns(netnsPath), this.binary, "--log", logFile, "--log-format", "json", "run", "--detach", "--bundle", bundle, id], `runc run ${id}`, logFile, TIMEOUT_MS);
   }
 
   /**
@@ -217,6 +217,14 @@ export class Runc {
 }
 
 /**
+ * RUNC_NETNS_NOTE: runc always runs inside the sandbox's netns (`nsenter --net=<path>`, which
+ * execs runc in place: no extra process), and config.json names no network namespace, so the
+ * container shares runc's. runc joins a user namespace given by path before any other
+ * namespace, and a sandbox's user namespace is its own (USERNS_OWNER_NOTE): from inside it,
+ * joining the host-owned netns would fail (EPERM). The netns stays owned by the host user
+ * namespace, so the sandbox's root has no capability over it (no raw sockets, no address
+ * changes).
+ *
  * Why runc checkpoint/restore run inside the sandbox's netns (`nsenter --net=<path>`): the
  * sandbox joins a netns Cubicle made in the host user namespace, and CRIU, when a namespace of
  * the dumped tree differs from its own, takes it "into the image" and then checks, from inside

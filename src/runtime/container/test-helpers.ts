@@ -48,6 +48,7 @@ export async function waitForAgentHealth(host: string, timeoutMs = 15_000): Prom
 export async function cleanUpRuntimeTest(parts: { runtime?: Runtime; network?: NetworkManager; netnsPrefix: string; tableName: string; stateDir?: string }): Promise<void> {
   const { runtime, network } = parts;
   for (const id of (await runtime?.list()) ?? []) await runtime!.destroy(id).catch((err) => console.error("cleanup", id, err));
+  await (runtime as { releaseHostMounts?: () => Promise<void> } | undefined)?.releaseHostMounts?.().catch((err) => console.error("cleanup: unmounting", err));
   for (const name of (await network?.listNamespaces()) ?? []) await network!.release(name.slice(parts.netnsPrefix.length)).catch(() => {});
   await runCommand(["nft", "delete", "table", "inet", parts.tableName], { allowFailure: true });
   if (parts.stateDir) await rm(parts.stateDir, { recursive: true, force: true });

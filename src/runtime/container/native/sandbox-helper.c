@@ -1,0 +1,700 @@
+/*
+ * sandbox-helper: the host-side steps of a container sandbox that Node cannot make (ioctls,
+ * namespaces, the new mount API), one process start per step that used to be one anyway.
+ * See SANDBOX_HELPER_NOTE in src/runtime/container/sandbox-helper.ts for why each exists.
+ *
+ *   prepare   --base X --lower DIR --layer DIR --rootfs DIR --quota BYTES
+ *             [--from IMAGE_LAYER] [--userns PIN] [--criu-images DIR --criu-view DIR]
+ *       Makes the sandbox's writable layer (a btrfs subvolume with upper/ and work/, new or a
+ *       snapshot of an image's layer) with a qgroup limit, optionally a user namespace owned
+ *       by host uid X mapping 0..65535 to X..X+65535 (pinned at PIN for runc to join), and
+ *       mounts the overlay root at DIR: the template (lower) and the layer are bound
+ *       idmapped, canonical ids 100000+n on disk becoming X+n, so one tree serves every
+ *       sandbox. With --criu-images, a view of a CRIU image for this restore: hard links to
+ *       its files, its user namespace map rewritten to X. Prints "subvol <id>".
+ *   snapshot  --from LAYER --to DIR
+ *       A snapshot of a layer (atomic, copy-on-write) for a checkpoint image. Prints
+ *       "subvol <id>".
+ *   teardown  --bundle DIR [--layer DIR]
+ *       Unmounts everything at or below DIR (the root, the namespace pin), deletes the layer
+ *       subvolume and its qgroup.
+ *   post-restore --pid P --hostname NAME --from-base A --to-base B
+ *       After a CRIU restore: names the host (the UTS namespace CRIU brought back has the
+ *       source's name) and moves the tmpfs entries CRIU extracted with the source's host ids
+ *       (A+n) to this sandbox's (B+n).
+ *   qgroup-gc --mount DIR
+ *       Removes the qgroups of deleted subvolumes.
+ *   watch
+ *       Reads "add TAG PID" / "del TAG" lines on stdin and writes "exit TAG" when PID ends
+ *       (pidfds, no polling). Ends when stdin closes.
+ */
+#define _GNU_SOURCE
+#include <ctype.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/btrfs.h>
+#include <linux/btrfs_tree.h>
+#include <linux/capability.h>
+#include <linux/mount.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/fsuid.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define ID_COUNT 65536u
+/* Template trees and layers store sandbox ids shifted to this base (SANDBOX_UID_BASE). */
+#define CANONICAL_BASE 100000u
+
+static const char *step = "start";
+
+static void fail(const char *what) {
+  fprintf(stderr, "sandbox-helper: %s: %s: %s\n", step, what, strerror(errno));
+  exit(errno == EDQUOT || errno == ENOSPC ? 28 : 1);
+}
+
+static void usage(const char *message) {
+  fprintf(stderr, "sandbox-helper: %s\n", message);
+  exit(2);
+}
+
+/* --name value pairs after the subcommand. */
+static const char *option(int argc, char **argv, const char *name, int required) {
+  for (int i = 2; i + 1 < argc; i += 2)
+    if (strcmp(argv[i], name) == 0) return argv[i + 1];
+  if (required) {
+    fprintf(stderr, "sandbox-helper: %s needs %s\n", argv[1], name);
+    exit(2);
+  }
+  return NULL;
+}
+
+static unsigned long long number(const char *text, const char *name) {
+  char *end;
+  errno = 0;
+  unsigned long long value = strtoull(text, &end, 10);
+  if (errno || *end || !*text) {
+    fprintf(stderr, "sandbox-helper: %s is not a number: %s\n", name, text);
+    exit(2);
+  }
+  return value;
+}
+
+static void write_file(const char *path, const char *text) {
+  int fd = open(path, O_WRONLY | O_CLOEXEC);
+  if (fd < 0) fail(path);
+  ssize_t length = (ssize_t)strlen(text);
+  if (write(fd, text, (size_t)length) != length) fail(path);
+  close(fd);
+}
+
+static void write_maps(pid_t pid, const char *line) {
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/uid_map", (int)pid);
+  write_file(path, line);
+  snprintf(path, sizeof path, "/proc/%d/gid_map", (int)pid);
+  write_file(path, line);
+}
+
+/* After an fsuid or euid change the kernel clears effective capabilities: take them back. */
+static void raise_effective_caps(void) {
+  struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+  struct __user_cap_data_struct data[2];
+  if (syscall(SYS_capget, &header, data) != 0) fail("capget");
+  data[0].effective = data[0].permitted;
+  data[1].effective = data[1].permitted;
+  if (syscall(SYS_capset, &header, data) != 0) fail("capset");
+}
+
+/*
+ * A user namespace whose map is `line`, created by a child running as host uid `owner` (0 =
+ * as root), so that the kernel records `owner` as its owner: per-user counts of the namespace's
+ * processes (inotify instances, nested namespaces …) are charged to the owner. Returns an fd.
+ */
+static int make_userns(uid_t owner, const char *line) {
+  int ready[2], go[2];
+  if (pipe2(ready, O_CLOEXEC) || pipe2(go, O_CLOEXEC)) fail("pipe");
+  pid_t child = fork();
+  if (child < 0) fail("fork");
+  if (child == 0) {
+    char byte = 0;
+    /* Only the parent's close of `go` may end our wait: drop our copies of the other ends. */
+    close(ready[0]);
+    close(go[1]);
+    if (owner != 0 && (setgroups(0, NULL) || setresgid(owner, owner, owner) || setresuid(owner, owner, owner))) _exit(3);
+    if (unshare(CLONE_NEWUSER) != 0) _exit(4);
+    /* A uid change made us undumpable: /proc/<pid>/ files would be root's, which is fine here. */
+    if (write(ready[1], &byte, 1) != 1) _exit(5);
+    if (read(go[0], &byte, 1) < 0) _exit(6);
+    _exit(0);
+  }
+  close(ready[1]);
+  close(go[0]);
+  char byte;
+  if (read(ready[0], &byte, 1) != 1) {
+    int status = 0;
+    waitpid(child, &status, 0);
+    errno = EPERM;
+    fail("creating a user namespace");
+  }
+  write_maps(child, line);
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/ns/user", (int)child);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fail(path);
+  close(go[1]);
+  waitpid(child, NULL, 0);
+  close(ready[0]);
+  return fd;
+}
+
+/* Binds `source` at `target` with the id mapping of user namespace `userns_fd`. */
+static void idmapped_bind(const char *source, const char *target, int userns_fd) {
+  int tree = (int)syscall(SYS_open_tree, AT_FDCWD, source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
+  if (tree < 0) fail(source);
+  struct mount_attr attr = {0};
+  attr.attr_set = MOUNT_ATTR_IDMAP;
+  attr.userns_fd = (uint64_t)userns_fd;
+  if (syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &attr, sizeof attr) != 0) fail("idmapping a mount");
+  if (syscall(SYS_move_mount, tree, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH) != 0) fail(target);
+  close(tree);
+}
+
+static int open_dir(const char *path) {
+  int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) fail(path);
+  return fd;
+}
+
+/* Splits "/a/b/name" into an fd on "/a/b" and "name". */
+static int open_parent(const char *path, char *name, size_t size) {
+  const char *slash = strrchr(path, '/');
+  if (!slash || !slash[1] || strlen(slash + 1) >= size) {
+    errno = EINVAL;
+    fail(path);
+  }
+  strcpy(name, slash + 1);
+  char parent[4096];
+  size_t length = (size_t)(slash - path);
+  if (length == 0) length = 1;
+  if (length >= sizeof parent) {
+    errno = ENAMETOOLONG;
+    fail(path);
+  }
+  memcpy(parent, path, length);
+  parent[length] = 0;
+  return open_dir(parent);
+}
+
+static unsigned long long subvolume_id(const char *path) {
+  int fd = open_dir(path);
+  struct btrfs_ioctl_ino_lookup_args args;
+  memset(&args, 0, sizeof args);
+  args.objectid = BTRFS_FIRST_FREE_OBJECTID;
+  if (ioctl(fd, BTRFS_IOC_INO_LOOKUP, &args) != 0) fail("looking up a subvolume id");
+  close(fd);
+  return args.treeid;
+}
+
+/* A new subvolume, or a snapshot of `from`, at `path`. */
+static void make_subvolume(const char *path, const char *from) {
+  char name[BTRFS_SUBVOL_NAME_MAX + 1];
+  int parent = open_parent(path, name, sizeof name);
+  struct btrfs_ioctl_vol_args_v2 args;
+  memset(&args, 0, sizeof args);
+  strcpy(args.name, name);
+  if (from) {
+    int source = open_dir(from);
+    args.fd = source;
+    if (ioctl(parent, BTRFS_IOC_SNAP_CREATE_V2, &args) != 0) fail("snapshotting a layer");
+    close(source);
+  } else if (ioctl(parent, BTRFS_IOC_SUBVOL_CREATE_V2, &args) != 0) {
+    fail("creating a layer subvolume");
+  }
+  close(parent);
+}
+
+static void limit_subvolume(const char *path, unsigned long long bytes) {
+  int fd = open_dir(path);
+  struct btrfs_ioctl_qgroup_limit_args args;
+  memset(&args, 0, sizeof args);
+  args.lim.flags = BTRFS_QGROUP_LIMIT_MAX_RFER;
+  args.lim.max_rfer = bytes;
+  if (ioctl(fd, BTRFS_IOC_QGROUP_LIMIT, &args) != 0) fail("setting the layer's quota");
+  close(fd);
+}
+
+/* Removes a tree below dirfd/name without following symlinks (a layer's leftovers). */
+static void remove_tree_at(int dirfd, const char *name) {
+  struct stat st;
+  if (fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0) {
+    if (errno == ENOENT) return;
+    fail(name);
+  }
+  if (S_ISDIR(st.st_mode)) {
+    int fd = openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) fail(name);
+    DIR *dir = fdopendir(fd);
+    if (!dir) fail(name);
+    struct dirent *entry;
+    while ((entry = readdir(dir)) != NULL) {
+      if (strcmp(entry->d_name, ".") == 0 || strcmp(entry->d_name, "..") == 0) continue;
+      remove_tree_at(fd, entry->d_name);
+    }
+    closedir(dir);
+    if (unlinkat(dirfd, name, AT_REMOVEDIR) != 0) fail(name);
+  } else if (unlinkat(dirfd, name, 0) != 0) {
+    fail(name);
+  }
+}
+
+static void make_dir(const char *path, mode_t mode, uid_t uid, gid_t gid) {
+  if (mkdir(path, mode) != 0 && errno != EEXIST) fail(path);
+  if (chown(path, uid, gid) != 0 || chmod(path, mode) != 0) fail(path);
+}
+
+static void join_path(char *out, size_t size, const char *a, const char *b) {
+  if ((size_t)snprintf(out, size, "%s/%s", a, b) >= size) {
+    errno = ENAMETOOLONG;
+    fail(a);
+  }
+}
+
+static void put_varint(unsigned char **at, unsigned long long value) {
+  do {
+    unsigned char byte = value & 0x7f;
+    value >>= 7;
+    *(*at)++ = byte | (value ? 0x80 : 0);
+  } while (value);
+}
+
+/*
+ * CRIU's userns-<id>.img: two magic words, then one entry (length, protobuf UsernsEntry with
+ * repeated uid_map = 1 and gid_map = 2, each UidGidExtent {first = 1, lower_first = 2,
+ * count = 3}). Written with one extent: 0 → base, ID_COUNT ids.
+ */
+static void write_userns_image(int dirfd, const char *name, const unsigned char magic[8], unsigned long long base) {
+  unsigned char extent[40], *at = extent;
+  *at++ = 0x08;
+  put_varint(&at, 0);
+  *at++ = 0x10;
+  put_varint(&at, base);
+  *at++ = 0x18;
+  put_varint(&at, ID_COUNT);
+  size_t extent_length = (size_t)(at - extent);
+  if (extent_length > 33) abort();
+  unsigned char entry[128];
+  at = entry;
+  for (int field = 0; field < 2; field++) {
+    *at++ = field == 0 ? 0x0a : 0x12;
+    put_varint(&at, extent_length);
+    memcpy(at, extent, extent_length);
+    at += extent_length;
+  }
+  uint32_t length = (uint32_t)(at - entry);
+  int fd = openat(dirfd, name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd < 0) fail(name);
+  if (write(fd, magic, 8) != 8 || write(fd, &length, 4) != 4 || write(fd, entry, length) != (ssize_t)length) fail(name);
+  if (fchmod(fd, 0644) != 0) fail(name);
+  close(fd);
+}
+
+/* Hard links every image file into `view`; userns-*.img are written anew for `base`. */
+static void make_criu_view(const char *images, const char *view, unsigned long long base) {
+  step = "criu view";
+  if (mkdir(view, 0755) != 0) fail(view);
+  if (chmod(view, 0755) != 0) fail(view);
+  int from = open_dir(images), to = open_dir(view);
+  DIR *dir = fdopendir(dup(from));
+  if (!dir) fail(images);
+  struct dirent *entry;
+  while ((entry = readdir(dir)) != NULL) {
+    if (entry->d_name[0] == '.') continue;
+    if (strncmp(entry->d_name, "userns-", 7) == 0) {
+      unsigned char magic[8];
+      int fd = openat(from, entry->d_name, O_RDONLY | O_CLOEXEC);
+      if (fd < 0 || read(fd, magic, 8) != 8) fail(entry->d_name);
+      close(fd);
+      write_userns_image(to, entry->d_name, magic, base);
+    } else if (linkat(from, entry->d_name, to, entry->d_name, 0) != 0) {
+      fail(entry->d_name);
+    }
+  }
+  closedir(dir);
+  close(from);
+  close(to);
+}
+
+static int cmd_prepare(int argc, char **argv) {
+  unsigned long long base = number(option(argc, argv, "--base", 1), "--base");
+  const char *lower = option(argc, argv, "--lower", 1);
+  const char *layer = option(argc, argv, "--layer", 1);
+  const char *rootfs = option(argc, argv, "--rootfs", 1);
+  unsigned long long quota = number(option(argc, argv, "--quota", 1), "--quota");
+  const char *from = option(argc, argv, "--from", 0);
+  const char *pin = option(argc, argv, "--userns", 0);
+  const char *criu_images = option(argc, argv, "--criu-images", 0);
+  const char *criu_view = option(argc, argv, "--criu-view", 0);
+  if (base < CANONICAL_BASE + ID_COUNT || base + ID_COUNT > 0xffffffffull) usage("--base is outside the sandbox id ranges");
+  if (!criu_images != !criu_view) usage("--criu-images and --criu-view go together");
+
+  step = "layer";
+  struct stat lower_root;
+  if (stat(lower, &lower_root) != 0) fail(lower);
+  make_subvolume(layer, from);
+  char upper[4096], work[4096];
+  join_path(upper, sizeof upper, layer, "upper");
+  join_path(work, sizeof work, layer, "work");
+  if (from) {
+    /* An image's layer: its upper is the sandbox's files; the rest of the image is not. */
+    int fd = open_dir(layer);
+    remove_tree_at(fd, "work");
+    close(fd);
+  } else {
+    /* The merged root takes the upper root's owner and mode: make them the template's. */
+    make_dir(upper, lower_root.st_mode & 07777, lower_root.st_uid, lower_root.st_gid);
+  }
+  make_dir(work, 0700, CANONICAL_BASE, CANONICAL_BASE);
+  if (quota) limit_subvolume(layer, quota);
+  printf("subvol %llu\n", subvolume_id(layer));
+
+  if (criu_images) make_criu_view(criu_images, criu_view, base);
+
+  step = "user namespace";
+  char line[64];
+  if (pin) {
+    snprintf(line, sizeof line, "0 %llu %u\n", base, ID_COUNT);
+    int sandbox_ns = make_userns((uid_t)base, line);
+    int fd = open(pin, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) fail(pin);
+    close(fd);
+    char self[64];
+    snprintf(self, sizeof self, "/proc/self/fd/%d", sandbox_ns);
+    if (mount(self, pin, NULL, MS_BIND, NULL) != 0) fail("pinning the user namespace");
+    close(sandbox_ns);
+  }
+
+  step = "root mount";
+  snprintf(line, sizeof line, "%u %llu %u\n", CANONICAL_BASE, base, ID_COUNT);
+  int idmap_ns = make_userns(0, line);
+  char lower_at[4096], layer_at[4096], dir[4096];
+  snprintf(dir, sizeof dir, "%s", rootfs);
+  char *slash = strrchr(dir, '/');
+  if (!slash) usage("--rootfs must be absolute");
+  *slash = 0;
+  join_path(lower_at, sizeof lower_at, dir, ".lower");
+  join_path(layer_at, sizeof layer_at, dir, ".layer");
+  if (mkdir(lower_at, 0700) != 0 || mkdir(layer_at, 0700) != 0) fail("mount points");
+  idmapped_bind(lower, lower_at, idmap_ns);
+  idmapped_bind(layer, layer_at, idmap_ns);
+  char options[8192];
+  if ((size_t)snprintf(options, sizeof options, "lowerdir=%s,upperdir=%s/upper,workdir=%s/work", lower_at, layer_at, layer_at) >= sizeof options) {
+    errno = ENAMETOOLONG;
+    fail("overlay options");
+  }
+  /*
+   * overlayfs works in the upper layer with its mounter's credentials: as host root (uid 0,
+   * which the idmapping cannot represent) it could not even make its work directory. Mount as
+   * the sandbox's root (fsuid = base), capabilities kept.
+   */
+  setfsgid((gid_t)base);
+  setfsuid((uid_t)base);
+  raise_effective_caps();
+  int mounted = mount("overlay", rootfs, "overlay", 0, options);
+  int saved = errno;
+  setfsuid(0);
+  setfsgid(0);
+  raise_effective_caps();
+  errno = saved;
+  /* The overlay holds its own references to both layers: the bind mounts can go. */
+  umount2(lower_at, MNT_DETACH);
+  umount2(layer_at, MNT_DETACH);
+  rmdir(lower_at);
+  rmdir(layer_at);
+  if (mounted != 0) fail("overlay");
+  return 0;
+}
+
+static int cmd_snapshot(int argc, char **argv) {
+  step = "snapshot";
+  const char *from = option(argc, argv, "--from", 1);
+  const char *to = option(argc, argv, "--to", 1);
+  make_subvolume(to, from);
+  printf("subvol %llu\n", subvolume_id(to));
+  return 0;
+}
+
+/* Mount points at or below `dir` in this mount namespace, deepest first. */
+static int mounts_below(const char *dir, char out[][4096], int max) {
+  FILE *file = fopen("/proc/self/mountinfo", "re");
+  if (!file) fail("mountinfo");
+  char line[8192];
+  int count = 0;
+  size_t length = strlen(dir);
+  while (fgets(line, sizeof line, file) && count < max) {
+    char *field = line;
+    for (int i = 0; i < 4 && field; i++) field = strchr(field, ' ') ? strchr(field, ' ') + 1 : NULL;
+    if (!field) continue;
+    char *end = strchr(field, ' ');
+    if (!end) continue;
+    *end = 0;
+    /* Unescape \040 and friends. */
+    char decoded[4096];
+    size_t j = 0;
+    for (char *c = field; *c && j + 1 < sizeof decoded; c++) {
+      if (c[0] == '\\' && isdigit((unsigned char)c[1]) && isdigit((unsigned char)c[2]) && isdigit((unsigned char)c[3])) {
+        decoded[j++] = (char)((c[1] - '0') * 64 + (c[2] - '0') * 8 + (c[3] - '0'));
+        c += 3;
+      } else {
+        decoded[j++] = *c;
+      }
+    }
+    decoded[j] = 0;
+    if (strncmp(decoded, dir, length) == 0 && (decoded[length] == 0 || decoded[length] == '/')) strcpy(out[count++], decoded);
+  }
+  fclose(file);
+  /* Deepest first: longer paths first. */
+  for (int i = 0; i < count; i++)
+    for (int k = i + 1; k < count; k++)
+      if (strlen(out[k]) > strlen(out[i])) {
+        char swap[4096];
+        strcpy(swap, out[i]);
+        strcpy(out[i], out[k]);
+        strcpy(out[k], swap);
+      }
+  return count;
+}
+
+static void destroy_subvolume(const char *path) {
+  struct stat st;
+  if (lstat(path, &st) != 0) {
+    if (errno == ENOENT) return;
+    fail(path);
+  }
+  unsigned long long id = subvolume_id(path);
+  char name[BTRFS_SUBVOL_NAME_MAX + 1];
+  int parent = open_parent(path, name, sizeof name);
+  struct btrfs_ioctl_vol_args args;
+  memset(&args, 0, sizeof args);
+  strcpy(args.name, name);
+  if (ioctl(parent, BTRFS_IOC_SNAP_DESTROY, &args) != 0) fail("deleting a layer subvolume");
+  /* The qgroup can only go once the cleaner dropped the tree; qgroup-gc catches the rest. */
+  struct btrfs_ioctl_qgroup_create_args destroy = {.create = 0, .qgroupid = id};
+  ioctl(parent, BTRFS_IOC_QGROUP_CREATE, &destroy);
+  close(parent);
+}
+
+static int cmd_teardown(int argc, char **argv) {
+  const char *bundle = option(argc, argv, "--bundle", 1);
+  const char *layer = option(argc, argv, "--layer", 0);
+  step = "unmount";
+  static char found[64][4096];
+  int count = mounts_below(bundle, found, 64);
+  for (int i = 0; i < count; i++)
+    if (umount2(found[i], 0) != 0 && umount2(found[i], MNT_DETACH) != 0 && errno != EINVAL && errno != ENOENT) fail(found[i]);
+  if (layer) {
+    step = "layer";
+    destroy_subvolume(layer);
+  }
+  return 0;
+}
+
+/* Moves ids in [from, from+ID_COUNT) to [to, …) for dirfd/name and below, symlinks not followed. */
+static long fix_owners_at(int dirfd, const char *name, unsigned long long from, unsigned long long to, int depth, long budget) {
+  struct stat st;
+  if (budget <= 0 || fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0) return budget;
+  budget--;
+  int moved_uid = st.st_uid >= from && st.st_uid < from + ID_COUNT;
+  int moved_gid = st.st_gid >= from && st.st_gid < from + ID_COUNT;
+  if (moved_uid || moved_gid) {
+    uid_t uid = moved_uid ? (uid_t)(to + (st.st_uid - from)) : (uid_t)-1;
+    gid_t gid = moved_gid ? (gid_t)(to + (st.st_gid - from)) : (gid_t)-1;
+    fchownat(dirfd, name, uid, gid, AT_SYMLINK_NOFOLLOW);
+    /* chown drops setuid/setgid bits of regular files: put them back. */
+    if (S_ISREG(st.st_mode) && (st.st_mode & (S_ISUID | S_ISGID))) {
+      int fd = openat(dirfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+      if (fd >= 0) {
+        char self[64];
+        snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
+        chmod(self, st.st_mode & 07777);
+        close(fd);
+      }
+    }
+  }
+  if (!S_ISDIR(st.st_mode) || depth <= 0) return budget;
+  int fd = openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return budget;
+  DIR *dir = fdopendir(fd);
+  if (!dir) {
+    close(fd);
+    return budget;
+  }
+  struct dirent *entry;
+  while ((entry = readdir(dir)) != NULL && budget > 0) {
+    if (strcmp(entry->d_name, ".") == 0 || strcmp(entry->d_name, "..") == 0) continue;
+    budget = fix_owners_at(fd, entry->d_name, from, to, depth - 1, budget);
+  }
+  closedir(dir);
+  return budget;
+}
+
+static int cmd_post_restore(int argc, char **argv) {
+  pid_t pid = (pid_t)number(option(argc, argv, "--pid", 1), "--pid");
+  const char *hostname = option(argc, argv, "--hostname", 1);
+  unsigned long long from = number(option(argc, argv, "--from-base", 1), "--from-base");
+  unsigned long long to = number(option(argc, argv, "--to-base", 1), "--to-base");
+  if (from != to) {
+    step = "tmpfs owners";
+    /*
+     * CRIU's tar archives of the sandbox's tmpfs mounts carry the source's host ids. The walk
+     * is bounded (entries and depth) and never follows a symlink: the tree is the sandbox's.
+     */
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/root", (int)pid);
+    int root = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (root < 0) fail(path);
+    long budget = 20000;
+    budget = fix_owners_at(root, "dev", from, to, 1, budget);
+    budget = fix_owners_at(root, "dev/shm", from, to, 8, budget);
+    close(root);
+  }
+  step = "hostname";
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/ns/uts", (int)pid);
+  int uts = open(path, O_RDONLY | O_CLOEXEC);
+  if (uts < 0) fail(path);
+  if (setns(uts, CLONE_NEWUTS) != 0) fail("entering the UTS namespace");
+  if (sethostname(hostname, strlen(hostname)) != 0) fail("sethostname");
+  return 0;
+}
+
+static int cmd_qgroup_gc(int argc, char **argv) {
+  step = "qgroup gc";
+  const char *mount_dir = option(argc, argv, "--mount", 1);
+  int fd = open_dir(mount_dir);
+  struct btrfs_ioctl_fs_info_args info;
+  memset(&info, 0, sizeof info);
+  if (ioctl(fd, BTRFS_IOC_FS_INFO, &info) != 0) fail("fs info");
+  char dir_path[256];
+  snprintf(dir_path, sizeof dir_path, "/sys/fs/btrfs/%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x/qgroups", info.fsid[0], info.fsid[1],
+           info.fsid[2], info.fsid[3], info.fsid[4], info.fsid[5], info.fsid[6], info.fsid[7], info.fsid[8], info.fsid[9], info.fsid[10], info.fsid[11],
+           info.fsid[12], info.fsid[13], info.fsid[14], info.fsid[15]);
+  DIR *dir = opendir(dir_path);
+  if (!dir) fail(dir_path);
+  struct dirent *entry;
+  int removed = 0;
+  while ((entry = readdir(dir)) != NULL) {
+    unsigned long long id;
+    char tail;
+    if (sscanf(entry->d_name, "0_%llu%c", &id, &tail) != 1 || id == BTRFS_FS_TREE_OBJECTID) continue;
+    struct btrfs_ioctl_qgroup_create_args destroy = {.create = 0, .qgroupid = id};
+    /* Refused (EBUSY) while the subvolume exists or is still being dropped. */
+    if (ioctl(fd, BTRFS_IOC_QGROUP_CREATE, &destroy) == 0) removed++;
+  }
+  closedir(dir);
+  printf("removed %d\n", removed);
+  return 0;
+}
+
+#define WATCH_MAX 65536
+
+struct watched {
+  int fd;
+  char tag[80];
+};
+
+static int cmd_watch(void) {
+  step = "watch";
+  static struct watched table[WATCH_MAX];
+  for (int i = 0; i < WATCH_MAX; i++) table[i].fd = -1;
+  int epoll = epoll_create1(EPOLL_CLOEXEC);
+  if (epoll < 0) fail("epoll");
+  struct epoll_event event = {.events = EPOLLIN, .data.u64 = (uint64_t)-1};
+  if (epoll_ctl(epoll, EPOLL_CTL_ADD, 0, &event) != 0) fail("stdin");
+  setvbuf(stdout, NULL, _IOLBF, 0);
+  char buffer[65536];
+  size_t filled = 0;
+  for (;;) {
+    struct epoll_event events[64];
+    int ready = epoll_wait(epoll, events, 64, -1);
+    if (ready < 0) {
+      if (errno == EINTR) continue;
+      fail("epoll_wait");
+    }
+    for (int e = 0; e < ready; e++) {
+      if (events[e].data.u64 == (uint64_t)-1) {
+        ssize_t got = read(0, buffer + filled, sizeof buffer - filled - 1);
+        if (got <= 0) return 0;
+        filled += (size_t)got;
+        buffer[filled] = 0;
+        char *start = buffer, *newline;
+        while ((newline = strchr(start, '\n')) != NULL) {
+          *newline = 0;
+          char tag[80];
+          int pid;
+          if (sscanf(start, "add %79s %d", tag, &pid) == 2) {
+            int slot = -1;
+            for (int i = 0; i < WATCH_MAX; i++)
+              if (table[i].fd < 0) {
+                slot = i;
+                break;
+              }
+            int fd = slot < 0 ? -1 : (int)syscall(SYS_pidfd_open, pid, 0);
+            if (fd < 0) {
+              /* Gone already (or no room): report it ended. */
+              printf("exit %s\n", tag);
+            } else {
+              table[slot].fd = fd;
+              strcpy(table[slot].tag, tag);
+              struct epoll_event add = {.events = EPOLLIN, .data.u64 = (uint64_t)slot};
+              epoll_ctl(epoll, EPOLL_CTL_ADD, fd, &add);
+            }
+          } else if (sscanf(start, "del %79s", tag) == 1) {
+            for (int i = 0; i < WATCH_MAX; i++)
+              if (table[i].fd >= 0 && strcmp(table[i].tag, tag) == 0) {
+                close(table[i].fd);
+                table[i].fd = -1;
+              }
+          }
+          start = newline + 1;
+        }
+        filled = strlen(start);
+        memmove(buffer, start, filled);
+        if (filled >= sizeof buffer - 1) filled = 0;
+      } else {
+        int slot = (int)events[e].data.u64;
+        if (slot < 0 || slot >= WATCH_MAX || table[slot].fd < 0) continue;
+        printf("exit %s\n", table[slot].tag);
+        close(table[slot].fd);
+        table[slot].fd = -1;
+      }
+    }
+  }
+}
+
+int main(int argc, char **argv) {
+  if (argc < 2) usage("usage: sandbox-helper prepare|snapshot|teardown|post-restore|qgroup-gc|watch [--option value]...");
+  if ((argc - 2) % 2 != 0) usage("options come in --name value pairs");
+  if (strcmp(argv[1], "prepare") == 0) return cmd_prepare(argc, argv);
+  if (strcmp(argv[1], "snapshot") == 0) return cmd_snapshot(argc, argv);
+  if (strcmp(argv[1], "teardown") == 0) return cmd_teardown(argc, argv);
+  if (strcmp(argv[1], "post-restore") == 0) return cmd_post_restore(argc, argv);
+  if (strcmp(argv[1], "qgroup-gc") == 0) return cmd_qgroup_gc(argc, argv);
+  if (strcmp(argv[1], "watch") == 0) return cmd_watch();
+  usage("unknown subcommand");
+  return 2;
+}
