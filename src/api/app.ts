@@ -1,4 +1,5 @@
 import type { IncomingMessage, Server, ServerResponse } from "node:http";
+import type { Duplex } from "node:stream";
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from "fastify";
 import { timingSafeEqual } from "node:crypto";
 import { decodeSnapshotCursor, DEFAULT_FORK_TIMEOUT_SEC, encodeSnapshotCursor } from "../core/index.js";
@@ -34,8 +35,13 @@ export interface ApiOptions {
   isReady: () => boolean;
   /** Lists templates for `GET /templates`. */
   listTemplates: () => Promise<{ templateID: string; aliases: string[]; cpuCount: number; memoryMB: number; diskSizeMB: number; buildStatus: string }[]>;
-  /** Receives requests before the API: the router claims sandbox traffic by returning true. */
+  /** Makes the HTTP server; requests it does not route elsewhere go to `apiHandler`. */
   serverFactory: (apiHandler: (req: IncomingMessage, res: ServerResponse) => void) => Server;
+  /**
+   * Answers requests Node cannot parse (bad request line, header overflow, timeouts) on the raw
+   * socket. Fastify's default answers with a body that is not `{code, message}`.
+   */
+  clientErrorHandler?: (error: Error, socket: Duplex) => void;
 }
 
 type Params = { sandboxID: string };
@@ -52,6 +58,7 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
     logger: false,
     bodyLimit: 1024 * 1024,
     serverFactory: options.serverFactory,
+    ...(options.clientErrorHandler ? { clientErrorHandler: options.clientErrorHandler } : {}),
     // Sandbox ids and paths are case-sensitive; trailing slashes are tolerated like upstream.
     routerOptions: { ignoreTrailingSlash: true },
   });

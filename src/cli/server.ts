@@ -4,7 +4,7 @@ import type { AddressInfo } from "node:net";
 import { createApiApp } from "../api/index.js";
 import { newApiKey, SandboxManager } from "../core/index.js";
 import { createNetworkManager } from "../network/index.js";
-import { createRoutedHttpServer, SandboxRouter } from "../router/index.js";
+import { answerClientError, createRoutedHttpServer, SandboxRouter } from "../router/index.js";
 import { createContainerRuntime } from "../runtime/index.js";
 import type { CubicleConfig } from "../shared/config.js";
 import { createLogger } from "../shared/log.js";
@@ -77,6 +77,7 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     isReady: () => templatesReady,
     listTemplates: () => templates.list(),
     serverFactory: (apiHandler) => createRoutedHttpServer(router, apiHandler),
+    clientErrorHandler: answerClientError,
   });
   await app.listen({ host: config.host, port: config.port });
   const address = app.server.address() as AddressInfo;
