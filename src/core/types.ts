@@ -28,4 +28,6 @@ export interface CreateSandboxRequest {
   networkConfig: Record<string, unknown> | undefined;
   cpuCount?: number;
   memoryMB?: number;
+  /** Cubicle extension of the create body: the sandbox's disk quota; the template's when absent. */
+  diskSizeMB?: number;
 }
