@@ -134,3 +134,12 @@ test("an unknown endpoint is a 404 E2B body that echoes no host path", async () 
   assert.doesNotMatch(res.json().message, /\/var/);
   await app.close();
 });
+
+test("errors of fastify's router (bad percent-encoding, an overlong id) are E2B bodies too", async () => {
+  const app = await testApp();
+  for (const url of ["/sandboxes/%E0%A4%A", `/sandboxes/${"x".repeat(500)}`, `/sandboxes/${"x".repeat(500)}/pause`, "/v2/sandboxes/%zz/connect"]) {
+    const res = await app.inject({ method: url.endsWith("connect") || url.endsWith("pause") ? "POST" : "GET", url, headers: auth });
+    assertE2bBody(res.statusCode, res.json(), 400);
+  }
+  await app.close();
+});

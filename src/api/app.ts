@@ -70,6 +70,9 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
     ...(options.clientErrorHandler ? { clientErrorHandler: options.clientErrorHandler } : {}),
     // Sandbox ids and paths are case-sensitive; trailing slashes are tolerated like upstream.
     routerOptions: { ignoreTrailingSlash: true },
+    // Errors of fastify's router (a bad percent-encoding, a path parameter over 100 characters)
+    // bypass the error handler unless they come through here.
+    frameworkErrors: (error, request, reply) => sendE2bError(error, request, reply),
   });
   const view = { domain: options.domain };
   const { manager } = options;
@@ -92,13 +95,14 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
     if (error instanceof CubicleError) return error;
     const statusCode = typeof error === "object" && error !== null ? (error as { statusCode?: unknown }).statusCode : undefined;
     if (statusCode === 413) return new CubicleError("invalid_argument", "the request body is too large (at most 1 MiB)", { cause: error });
+    if (statusCode === 414) return new CubicleError("invalid_argument", "a path segment (a sandbox or snapshot id) is too long: at most 100 characters", { cause: error });
     if (typeof statusCode === "number" && statusCode >= 400 && statusCode < 500) {
       return new CubicleError("invalid_argument", (error as { message?: string }).message || "bad request", { cause: error });
     }
     return CubicleError.from(error);
   };
 
-  app.setErrorHandler(function sendE2bError(error: unknown, request, reply) {
+  function sendE2bError(error: unknown, request: FastifyRequest, reply: FastifyReply): void {
     const cubicleError = toCubicleError(error);
     const { status, body, errorId } = publicErrorBody(cubicleError, hostDirs);
     if (errorId) {
@@ -114,7 +118,8 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
       });
     }
     void reply.status(status).send(body);
-  });
+  }
+  app.setErrorHandler(sendE2bError);
 
   app.setNotFoundHandler(function sendNotFound(request, reply) {
     const message = `no such endpoint: ${request.method} ${request.url.split("?")[0]!.slice(0, 200)}`;

@@ -118,6 +118,8 @@ test("metadata, templateID and network are bounded", () => {
   assert.throws(() => parseCreateRequest({ templateID: "b".repeat(257) }, 2, strict), isBadRequest(/templateID/));
   assert.throws(() => parseCreateRequest({ templateID: "base", network: { allowOut: "0.0.0.0/0" } }, 2, strict), isBadRequest(/network.allowOut/));
   assert.throws(() => parseCreateRequest({ templateID: "base", network: { allowOut: ["x".repeat(70_000)] } }, 2, strict), isBadRequest(/64 KiB/));
+  const deep = JSON.parse('{"x":'.repeat(100_000) + "1" + "}".repeat(100_000));
+  assert.throws(() => parseCreateRequest({ templateID: "base", network: { extra: deep } }, 2, strict), isBadRequest(/network.extra must be a value or a list/));
   assert.deepEqual(parseCreateRequest({ templateID: "base", network: { allowOut: ["1.1.1.1/32"], allowPublicTraffic: false } }, 2, strict).networkConfig, { allowOut: ["1.1.1.1/32"], allowPublicTraffic: false });
 });
 

@@ -74,11 +74,20 @@ export function parseEnvVars(value: unknown, field = "envVars"): Record<string, 
   return envVars;
 }
 
-/** `network` of a create: an object, the known fields of the right types, of bounded size. */
+const isScalar = (value: unknown) => value === null || ["string", "number", "boolean"].includes(typeof value);
+
+/**
+ * `network` of a create: an object whose fields are scalars or lists of scalars (it is stored and
+ * echoed; nesting is refused before anything serialises it, as JSON.stringify of a deeply nested
+ * value overflows the stack), the known fields of the right types, of bounded size.
+ */
 function parseNetwork(value: unknown): Record<string, unknown> | undefined {
   if (value === undefined || value === null) return undefined;
   if (typeof value !== "object" || Array.isArray(value)) fail("network must be an object");
   const network = value as Record<string, unknown>;
+  for (const [key, v] of Object.entries(network)) {
+    if (!isScalar(v) && !(Array.isArray(v) && v.every(isScalar))) fail(`${entryName("network", key)} must be a value or a list of values`);
+  }
   for (const field of ["allowOut", "denyOut"]) {
     const list = network[field];
     if (list !== undefined && list !== null && (!Array.isArray(list) || list.some((item) => typeof item !== "string"))) fail(`network.${field} must be a list of strings`);
