@@ -1,88 +1,23 @@
 import assert from "node:assert/strict";
-import { EventEmitter } from "node:events";
-import http from "node:http";
-import net from "node:net";
 import { after, before, test } from "node:test";
-import { createRoutedHttpServer } from "./http-server.js";
-import { answerClientError } from "./raw-response.js";
-import { SandboxRouter } from "./sandbox-router.js";
+import { apiAnswers, exchange as exchangeWith, RESUMING_ID, SANDBOX_ID, sandboxProcess, startRouterTestServer, type RouterTestServer } from "./test-server.js";
 
 /**
  * The API port's HTTP server with a real router in front of a stand-in API, and stand-in
  * "sandboxes" that are raw TCP servers on loopback: the router forwards to 127.0.0.1 at the port
  * a request names, so a test's sandbox process answers whatever bytes it likes.
  */
-const SANDBOX_ID = "ifake";
-const RESUMING_ID = "iresuming";
-let server: http.Server;
+let server: RouterTestServer;
 let port: number;
-/** What would have ended a real server process: an exception or rejection nobody handled. */
-const unhandled: unknown[] = [];
-const record = (err: unknown) => unhandled.push(err);
-
-function fakeSource() {
-  const emitter = new EventEmitter();
-  return Object.assign(emitter, {
-    routeTarget: (id: string) => (id === SANDBOX_ID ? { sandboxId: id, address: "127.0.0.1" } : undefined),
-    // A paused sandbox with auto-resume: the route comes after a while.
-    resumeForTraffic: async (id: string) => {
-      if (id !== RESUMING_ID) return undefined;
-      await new Promise((r) => setTimeout(r, 100));
-      return { sandboxId: id, address: "127.0.0.1" };
-    },
-    liveSandboxes: () => [],
-  });
-}
 
 before(async () => {
-  process.on("uncaughtException", record);
-  process.on("unhandledRejection", record);
-  const router = new SandboxRouter(fakeSource(), "cubicle.test");
-  server = createRoutedHttpServer(router, (_req, res) => {
-    res.writeHead(200, { "content-type": "application/json" });
-    res.end(JSON.stringify({ api: true }));
-  });
-  // What the API installs as fastify's clientErrorHandler on this server.
-  server.on("clientError", answerClientError);
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  port = (server.address() as net.AddressInfo).port;
+  server = await startRouterTestServer();
+  port = server.port;
 });
 
-after(async () => {
-  server.closeAllConnections();
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  process.off("uncaughtException", record);
-  process.off("unhandledRejection", record);
-});
+after(() => server.close());
 
-/** A process "in the sandbox" that answers every connection with these bytes. */
-async function sandboxProcess(answer: string): Promise<{ port: number; close(): void }> {
-  const listener = net.createServer((socket) => {
-    socket.on("error", () => undefined);
-    socket.once("data", () => socket.end(answer));
-  });
-  await new Promise<void>((resolve) => listener.listen(0, "127.0.0.1", resolve));
-  return { port: (listener.address() as net.AddressInfo).port, close: () => listener.close() };
-}
-
-/** Sends raw bytes to the server and collects what comes back until it closes (or 2 s). */
-function exchange(text: string, options: { resetAfterWrite?: boolean } = {}): Promise<string> {
-  return new Promise((resolve) => {
-    const socket = net.connect(port, "127.0.0.1");
-    let received = "";
-    const timer = setTimeout(() => socket.destroy(), 2000);
-    socket.on("connect", () => {
-      socket.write(text);
-      if (options.resetAfterWrite) socket.resetAndDestroy();
-    });
-    socket.on("data", (d) => (received += d.toString("latin1")));
-    socket.on("error", () => undefined);
-    socket.on("close", () => {
-      clearTimeout(timer);
-      resolve(received);
-    });
-  });
-}
+const exchange = (text: string, options?: { resetAfterWrite?: boolean }) => exchangeWith(port, text, options);
 
 /** Status and JSON body of a raw HTTP/1.1 response. */
 function parseResponse(raw: string): { status: number; body: any } {
@@ -98,10 +33,8 @@ function parseResponse(raw: string): { status: number; body: any } {
 }
 
 async function assertServerAlive(): Promise<void> {
-  assert.deepEqual(unhandled.splice(0).map(String), [], "nothing was thrown that would end the server process");
-  const res = await fetch(`http://127.0.0.1:${port}/health`, { signal: AbortSignal.timeout(5000) });
-  assert.equal(res.status, 200);
-  assert.deepEqual(await res.json(), { api: true });
+  assert.deepEqual(server.unhandled.splice(0).map(String), [], "nothing was thrown that would end the server process");
+  assert.ok(await apiAnswers(port));
 }
 
 function assertE2bError(body: any, status: number): void {
@@ -125,7 +58,14 @@ test("a sandbox process answering with a status below 100 gets the client a 502 
 });
 
 test("a sandbox process answering garbage gets the client a 502 E2B body", { timeout: 20_000 }, async () => {
-  for (const answer of ["HTTP/1.1 1000 Big\r\n\r\n", "HTTP/1.1 abc\r\n\r\n", "\x00\x01\x02garbage\r\n\r\n", "HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\n\r\n", ""]) {
+  for (const answer of [
+    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    "HTTP/1.1 1000 Big\r\n\r\n",
+    "HTTP/1.1 abc\r\n\r\n",
+    "\x00\x01\x02garbage\r\n\r\n",
+    "HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\n\r\n",
+    "",
+  ]) {
     const sandbox = await sandboxProcess(answer);
     try {
       const res = await fetch(`http://127.0.0.1:${port}/`, { headers: { "e2b-sandbox-id": SANDBOX_ID, "e2b-sandbox-port": String(sandbox.port) }, signal: AbortSignal.timeout(5000) });

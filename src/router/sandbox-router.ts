@@ -214,7 +214,10 @@ export class SandboxRouter {
         res.socket?.destroy();
       },
     });
+    // Set once the upstream has given its answer (or failed): a close before that is a 502.
+    let settled = false;
     upstream.on("response", (upstreamRes) => {
+      settled = true;
       upstreamRes.on("error", () => res.socket?.destroy());
       upstreamRes.on("aborted", () => res.socket?.destroy());
       const status = upstreamRes.statusCode ?? 0;
@@ -237,7 +240,19 @@ export class SandboxRouter {
       }
       upstreamRes.pipe(res);
     });
+    // A 101 to a request that asked for no upgrade: Node's client emits 'upgrade', never 'response'.
+    upstream.on("upgrade", (_upstreamRes, upstreamSocket) => {
+      settled = true;
+      upstreamSocket.destroy();
+      this.sendBadGateway(res, match, `The sandbox's server on port ${match.port} switched protocols on a request that asked for no upgrade`);
+    });
+    upstream.on("close", () => {
+      if (settled) return;
+      settled = true;
+      if (!res.writableEnded) this.sendBadGateway(res, match, `The sandbox's server on port ${match.port} closed the connection without an answer`);
+    });
     upstream.on("error", (err) => {
+      settled = true;
       log.debug("upstream error", { sandboxId: match.sandboxId, port: match.port, error: err.message });
       if (res.headersSent) {
         res.socket?.destroy();
