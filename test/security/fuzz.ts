@@ -6,7 +6,7 @@
 import type { TestContext } from "node:test";
 import fc from "fast-check";
 
-const DEFAULT_RUNS = 150;
+const DEFAULT_RUNS = 300;
 
 /**
  * Runs per fuzz target: CUBICLE_FUZZ_RUNS, or a default that keeps the whole fuzz suite well
