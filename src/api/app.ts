@@ -1,4 +1,5 @@
 import type { IncomingMessage, Server, ServerResponse } from "node:http";
+import type { Duplex } from "node:stream";
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from "fastify";
 import { timingSafeEqual } from "node:crypto";
 import { decodeSnapshotCursor, DEFAULT_FORK_TIMEOUT_SEC, encodeSnapshotCursor } from "../core/index.js";
@@ -19,7 +20,10 @@ import {
   parseForkRequest,
   parseMemoryFlag,
   parseBodyObject,
+  singleQueryValue,
+  type CreateLimits,
 } from "./request-parsing.js";
+import { publicErrorBody, redactHostPaths } from "./error-bodies.js";
 import { listedSandboxView, sandboxDetailView, sandboxView, snapshotView } from "./sandbox-views.js";
 
 const log = createLogger("api");
@@ -30,12 +34,23 @@ export interface ApiOptions {
   apiKey: string;
   domain: string;
   defaultTimeoutSec: number;
+  /** The operator's ceilings for cpuCount, memoryMB and diskSizeMB in a create. */
+  createLimits: CreateLimits;
+  /** Refuse v1 creates with `secure: false` (CUBICLE_REQUIRE_SECURE). */
+  requireSecure: boolean;
+  /** Host directories (state, templates) whose paths are removed from every error message. */
+  hostDirs?: string[];
   /** True once templates are ready and sandboxes can be created (GET /health answers 200). */
   isReady: () => boolean;
   /** Lists templates for `GET /templates`. */
   listTemplates: () => Promise<{ templateID: string; aliases: string[]; cpuCount: number; memoryMB: number; diskSizeMB: number; buildStatus: string }[]>;
-  /** Receives requests before the API: the router claims sandbox traffic by returning true. */
+  /** Makes the HTTP server; requests it does not route elsewhere go to `apiHandler`. */
   serverFactory: (apiHandler: (req: IncomingMessage, res: ServerResponse) => void) => Server;
+  /**
+   * Answers requests Node cannot parse (bad request line, header overflow, timeouts) on the raw
+   * socket. Fastify's default answers with a body that is not `{code, message}`.
+   */
+  clientErrorHandler?: (error: Error, socket: Duplex) => void;
 }
 
 type Params = { sandboxID: string };
@@ -52,8 +67,12 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
     logger: false,
     bodyLimit: 1024 * 1024,
     serverFactory: options.serverFactory,
+    ...(options.clientErrorHandler ? { clientErrorHandler: options.clientErrorHandler } : {}),
     // Sandbox ids and paths are case-sensitive; trailing slashes are tolerated like upstream.
     routerOptions: { ignoreTrailingSlash: true },
+    // Errors of fastify's router (a bad percent-encoding, a path parameter over 100 characters)
+    // bypass the error handler unless they come through here.
+    frameworkErrors: (error, request, reply) => sendE2bError(error, request, reply),
   });
   const view = { domain: options.domain };
   const { manager } = options;
@@ -70,20 +89,41 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
     }
   });
 
-  app.setErrorHandler((error: unknown, _request, reply) => {
-    let cubicleError: CubicleError;
-    const fastifyError = error as { statusCode?: number; code?: string; message?: string };
-    if (error instanceof CubicleError) cubicleError = error;
-    else if (fastifyError.statusCode === 413) cubicleError = new CubicleError("invalid_argument", "the request body is too large");
-    else if (fastifyError.statusCode && fastifyError.statusCode >= 400 && fastifyError.statusCode < 500)
-      cubicleError = new CubicleError("invalid_argument", fastifyError.message ?? "bad request");
-    else cubicleError = CubicleError.from(error);
-    if (cubicleError.httpStatus >= 500) log.error("request failed", { error: cubicleError.message, cause: String(cubicleError.cause ?? "") });
-    void reply.status(cubicleError.httpStatus).send(cubicleError.toE2bBody());
-  });
+  const hostDirs = options.hostDirs ?? [];
+  /** Turns whatever a handler threw into a CubicleError: fastify's own 4xx keep their status class. */
+  const toCubicleError = (error: unknown): CubicleError => {
+    if (error instanceof CubicleError) return error;
+    const statusCode = typeof error === "object" && error !== null ? (error as { statusCode?: unknown }).statusCode : undefined;
+    if (statusCode === 413) return new CubicleError("invalid_argument", "the request body is too large (at most 1 MiB)", { cause: error });
+    if (statusCode === 414) return new CubicleError("invalid_argument", "a path segment (a sandbox or snapshot id) is too long: at most 100 characters", { cause: error });
+    if (typeof statusCode === "number" && statusCode >= 400 && statusCode < 500) {
+      return new CubicleError("invalid_argument", (error as { message?: string }).message || "bad request", { cause: error });
+    }
+    return CubicleError.from(error);
+  };
 
-  app.setNotFoundHandler((request, reply) => {
-    void reply.status(404).send({ code: 404, message: `no such endpoint: ${request.method} ${request.url.split("?")[0]}` });
+  function sendE2bError(error: unknown, request: FastifyRequest, reply: FastifyReply): void {
+    const cubicleError = toCubicleError(error);
+    const { status, body, errorId } = publicErrorBody(cubicleError, hostDirs);
+    if (errorId) {
+      const cause = cubicleError.cause;
+      log.error("request failed", {
+        errorId,
+        status,
+        method: request.method,
+        url: request.url.split("?")[0],
+        error: cubicleError.message,
+        cause: cause instanceof Error ? cause.stack ?? cause.message : cause === undefined ? undefined : String(cause),
+        details: cubicleError.details,
+      });
+    }
+    void reply.status(status).send(body);
+  }
+  app.setErrorHandler(sendE2bError);
+
+  app.setNotFoundHandler(function sendNotFound(request, reply) {
+    const message = `no such endpoint: ${request.method} ${request.url.split("?")[0]!.slice(0, 200)}`;
+    void reply.status(404).send({ code: 404, message: redactHostPaths(message, hostDirs) });
   });
 
   app.addHook("onRequest", async (request: FastifyRequest) => {
@@ -102,31 +142,37 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
 
   const createHandler = (version: 1 | 2) => async function createSandbox(request: FastifyRequest, reply: FastifyReply) {
     if (!options.isReady()) throw new CubicleError("unavailable", "the server is still preparing its templates; retry in a moment");
-    const create = parseCreateRequest(request.body, version, options.defaultTimeoutSec);
+    const create = parseCreateRequest(request.body, version, { defaultTimeoutSec: options.defaultTimeoutSec, limits: options.createLimits, requireSecure: options.requireSecure });
     const record = await manager.create(create);
     return reply.status(201).send(sandboxView(record, view));
   };
   app.post("/sandboxes", createHandler(1));
   app.post("/v2/sandboxes", createHandler(2));
 
-  app.get("/sandboxes", async function listSandboxesV1(request: FastifyRequest<{ Querystring: Record<string, string> }>) {
-    const metadata = parseMetadataFilter(request.query.metadata);
+  app.get("/sandboxes", async function listSandboxesV1(request: FastifyRequest<{ Querystring: Record<string, unknown> }>) {
+    const metadata = parseMetadataFilter(singleQueryValue(request.query, "metadata"));
     const records = await manager.list({ states: ["running"], metadata, order: "desc" });
     return records.map(listedSandboxView);
   });
 
-  app.get("/v2/sandboxes", async function listSandboxes(request: FastifyRequest<{ Querystring: Record<string, string> }>, reply) {
-    const query = request.query;
-    const limit = parseLimit(query.limit);
-    const order = query.order === "asc" ? "asc" : query.order === undefined || query.order === "desc" ? "desc" : undefined;
+  app.get("/v2/sandboxes", async function listSandboxes(request: FastifyRequest<{ Querystring: Record<string, unknown> }>, reply) {
+    const query = (name: string) => singleQueryValue(request.query, name);
+    const limit = parseLimit(query("limit"));
+    const orderParam = query("order");
+    const order = orderParam === "asc" ? "asc" : orderParam === undefined || orderParam === "desc" ? "desc" : undefined;
     if (!order) throw new CubicleError("invalid_argument", "order must be asc or desc");
-    const templateIds = query.template ? [query.template] : undefined;
+    const template = query("template");
+    const templateIds = template ? [template] : undefined;
+    const state = request.query.state;
+    if (state !== undefined && typeof state !== "string" && !(Array.isArray(state) && state.every((s) => typeof s === "string"))) {
+      throw new CubicleError("invalid_argument", "state must be running and/or paused");
+    }
     const records = await manager.list({
-      states: parseStates(query.state),
-      metadata: parseMetadataFilter(query.metadata),
-      startedAfter: parseStartedAfter(query.startedAfter),
+      states: parseStates(state as string | string[] | undefined),
+      metadata: parseMetadataFilter(query("metadata")),
+      startedAfter: parseStartedAfter(query("startedAfter")),
       order,
-      after: decodeCursor(query.nextToken),
+      after: decodeCursor(query("nextToken")),
       limit: limit + 1,
       templateIds,
     });
@@ -189,13 +235,13 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
     return reply.status(201).send(snapshotView(snapshot));
   });
 
-  app.get("/snapshots", async function listSnapshots(request: FastifyRequest<{ Querystring: Record<string, string> }>, reply) {
-    const query = request.query;
-    const limit = parseLimit(query.limit);
+  app.get("/snapshots", async function listSnapshots(request: FastifyRequest<{ Querystring: Record<string, unknown> }>, reply) {
+    const query = (name: string) => singleQueryValue(request.query, name);
+    const limit = parseLimit(query("limit"));
     const snapshots = await manager.listSnapshots({
-      sourceSandboxId: query.sandboxID || undefined,
-      name: query.name || undefined,
-      after: decodeSnapshotCursor(query.nextToken),
+      sourceSandboxId: query("sandboxID") || undefined,
+      name: query("name") || undefined,
+      after: decodeSnapshotCursor(query("nextToken")),
       limit: limit + 1,
     });
     const page = snapshots.slice(0, limit);

@@ -1,7 +1,14 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { CubicleError } from "../shared/cubicle-error.js";
-import { decodeCursor, encodeCursor, parseCreateRequest, parseLimit, parseMetadataFilter, parseStates } from "./request-parsing.js";
+import { decodeCursor, encodeCursor, parseCreateRequest, parseLimit, parseMetadataFilter, parseStates, singleQueryValue, type CreateParsingOptions } from "./request-parsing.js";
+
+const limits = { maxCpuCount: 2, maxMemoryMB: 4096, maxDiskMB: 65536 };
+/** A server that allows insecure v1 sandboxes (upstream's behaviour). */
+const permissive: CreateParsingOptions = { defaultTimeoutSec: 300, limits, requireSecure: false };
+/** A server that requires secure sandboxes (the default). */
+const strict: CreateParsingOptions = { ...permissive, requireSecure: true };
+const isBadRequest = (message: RegExp) => (err: unknown) => err instanceof CubicleError && err.httpStatus === 400 && message.test(err.message);
 
 test("metadata filters decode the SDK's double encoding like upstream parseFilters", () => {
   // On the wire: metadata=user%252520id%3Da%252526b%26app%3Dprod; the query layer decodes once.
@@ -12,16 +19,16 @@ test("metadata filters decode the SDK's double encoding like upstream parseFilte
   assert.throws(() => parseMetadataFilter("a=b=c"), CubicleError);
 });
 
-test("v2 creates are secure with the server's default timeout; v1 honours secure and defaults to 15 s", () => {
-  const v2 = parseCreateRequest({ templateID: "base" }, 2, 300);
+test("v2 creates are secure with the server's default timeout; v1 honours secure and defaults to 15 s when the server allows insecure sandboxes", () => {
+  const v2 = parseCreateRequest({ templateID: "base" }, 2, permissive);
   assert.equal(v2.secure, true);
   assert.equal(v2.timeoutSec, 300);
   assert.equal(v2.allowInternetAccess, true);
-  const v1 = parseCreateRequest({ templateID: "base", secure: false, allow_internet_access: false }, 1, 300);
+  const v1 = parseCreateRequest({ templateID: "base", secure: false, allow_internet_access: false }, 1, permissive);
   assert.equal(v1.secure, false);
   assert.equal(v1.timeoutSec, 15);
   assert.equal(v1.allowInternetAccess, false);
-  const paused = parseCreateRequest({ templateID: "base", autoPause: true, autoResume: { enabled: true } }, 2, 300);
+  const paused = parseCreateRequest({ templateID: "base", autoPause: true, autoResume: { enabled: true } }, 2, permissive);
   assert.equal(paused.autoPause, true);
   assert.equal(paused.autoResume, true);
 });
@@ -38,7 +45,7 @@ test("invalid create bodies are invalid_argument errors naming the field", () =>
     [{ templateID: "base", memoryMB: 5 }, /memoryMB/],
   ];
   for (const [body, message] of cases) {
-    assert.throws(() => parseCreateRequest(body, 2, 300), (err: unknown) => err instanceof CubicleError && err.httpStatus === 400 && message.test(err.message));
+    assert.throws(() => parseCreateRequest(body, 2, strict), (err: unknown) => err instanceof CubicleError && err.httpStatus === 400 && message.test(err.message));
   }
 });
 
@@ -52,4 +59,72 @@ test("list parameters: states, limits and opaque cursors", () => {
   const token = encodeCursor(1700000000123, "iabc123");
   assert.deepEqual(decodeCursor(token), { startedAt: 1700000000123, sandboxId: "iabc123" });
   assert.throws(() => decodeCursor("garbage!!"), CubicleError);
+});
+
+test("a server that requires secure sandboxes refuses v1 secure: false and makes v1 creates without the field secure", () => {
+  assert.throws(() => parseCreateRequest({ templateID: "base", secure: false }, 1, strict), isBadRequest(/requires secure sandboxes.*CUBICLE_REQUIRE_SECURE=false/));
+  assert.equal(parseCreateRequest({ templateID: "base" }, 1, strict).secure, true);
+  assert.equal(parseCreateRequest({ templateID: "base", secure: true }, 1, strict).secure, true);
+  assert.equal(parseCreateRequest({ templateID: "base", secure: false }, 2, strict).secure, true, "v2 creates are always secure");
+  assert.equal(parseCreateRequest({ templateID: "base" }, 1, permissive).secure, false, "upstream's v1 default when allowed");
+});
+
+test("cpuCount, memoryMB and diskSizeMB are checked against the floors and the operator's limits, which the message names", () => {
+  const parsed = parseCreateRequest({ templateID: "base", cpuCount: 2, memoryMB: 4096, diskSizeMB: 1024 }, 2, strict);
+  assert.deepEqual([parsed.cpuCount, parsed.memoryMB, parsed.diskSizeMB], [2, 4096, 1024]);
+  const absent = parseCreateRequest({ templateID: "base" }, 2, strict);
+  assert.deepEqual([absent.cpuCount, absent.memoryMB, absent.diskSizeMB], [undefined, undefined, undefined]);
+  const cases: [Record<string, unknown>, RegExp][] = [
+    [{ cpuCount: 64 }, /cpuCount must be at most 2 .*CUBICLE_MAX_CPU_COUNT/],
+    [{ memoryMB: 10_000_000 }, /memoryMB must be at most 4096 .*CUBICLE_MAX_MEMORY_MB/],
+    [{ diskSizeMB: 1e9 }, /diskSizeMB must be at most 65536 .*CUBICLE_MAX_DISK_MB/],
+    [{ cpuCount: 0 }, /cpuCount must be at least 1/],
+    [{ memoryMB: 127 }, /memoryMB must be at least 128/],
+    [{ diskSizeMB: 10 }, /diskSizeMB must be at least 256/],
+    [{ cpuCount: 1.5 }, /cpuCount must be a whole number/],
+    [{ memoryMB: "512" }, /memoryMB must be a whole number/],
+    [{ memoryMB: 1e308 }, /memoryMB/],
+    [{ diskSizeMB: -0.5 }, /diskSizeMB/],
+  ];
+  for (const [fields, message] of cases) assert.throws(() => parseCreateRequest({ templateID: "base", ...fields }, 2, strict), isBadRequest(message), JSON.stringify(fields));
+});
+
+test("env var names are POSIX-style, values hold no NUL and fit execve", () => {
+  const ok = parseCreateRequest({ templateID: "base", envVars: { A: "1", _B2: "x=y", lower_case: "", __proto__x: "v" } }, 2, strict);
+  assert.deepEqual(ok.envVars, { A: "1", _B2: "x=y", lower_case: "", __proto__x: "v" });
+  for (const name of ["", "1A", "A-B", "A B", "A=B", "Ä", "A\u0000", "x".repeat(257)]) {
+    assert.throws(() => parseCreateRequest({ templateID: "base", envVars: { [name]: "v" } }, 2, strict), isBadRequest(/not a valid variable name/), JSON.stringify(name));
+  }
+  assert.throws(() => parseCreateRequest({ templateID: "base", envVars: { A: "a\u0000b" } }, 2, strict), isBadRequest(/NUL/));
+  assert.throws(() => parseCreateRequest({ templateID: "base", envVars: { A: "x".repeat(128 * 1024) } }, 2, strict), isBadRequest(/longer than/));
+  const many = Object.fromEntries(Array.from({ length: 1001 }, (_, i) => [`V${i}`, ""]));
+  assert.throws(() => parseCreateRequest({ templateID: "base", envVars: many }, 2, strict), isBadRequest(/at most 1000/));
+});
+
+test("a __proto__ key in envVars or metadata is an ordinary key, not a prototype", () => {
+  const body = JSON.parse('{"templateID":"base","envVars":{"__proto__":"v"},"metadata":{"__proto__":"m","constructor":"c"}}');
+  const parsed = parseCreateRequest(body, 2, strict);
+  assert.deepEqual(Object.keys(parsed.envVars), ["__proto__"]);
+  assert.equal(Object.getPrototypeOf(parsed.envVars), Object.prototype);
+  assert.deepEqual(Object.entries(parsed.metadata), [["__proto__", "m"], ["constructor", "c"]]);
+});
+
+test("metadata, templateID and network are bounded", () => {
+  const many = Object.fromEntries(Array.from({ length: 101 }, (_, i) => [`k${i}`, "v"]));
+  assert.throws(() => parseCreateRequest({ templateID: "base", metadata: many }, 2, strict), isBadRequest(/at most 100/));
+  assert.throws(() => parseCreateRequest({ templateID: "base", metadata: { ["k".repeat(257)]: "v" } }, 2, strict), isBadRequest(/metadata keys/));
+  assert.throws(() => parseCreateRequest({ templateID: "base", metadata: { "": "v" } }, 2, strict), isBadRequest(/metadata keys/));
+  assert.throws(() => parseCreateRequest({ templateID: "base", metadata: { k: "v".repeat(4097) } }, 2, strict), isBadRequest(/longer than 4096/));
+  assert.throws(() => parseCreateRequest({ templateID: "b".repeat(257) }, 2, strict), isBadRequest(/templateID/));
+  assert.throws(() => parseCreateRequest({ templateID: "base", network: { allowOut: "0.0.0.0/0" } }, 2, strict), isBadRequest(/network.allowOut/));
+  assert.throws(() => parseCreateRequest({ templateID: "base", network: { allowOut: ["x".repeat(70_000)] } }, 2, strict), isBadRequest(/64 KiB/));
+  const deep = JSON.parse('{"x":'.repeat(100_000) + "1" + "}".repeat(100_000));
+  assert.throws(() => parseCreateRequest({ templateID: "base", network: { extra: deep } }, 2, strict), isBadRequest(/network.extra must be a value or a list/));
+  assert.deepEqual(parseCreateRequest({ templateID: "base", network: { allowOut: ["1.1.1.1/32"], allowPublicTraffic: false } }, 2, strict).networkConfig, { allowOut: ["1.1.1.1/32"], allowPublicTraffic: false });
+});
+
+test("a query parameter given twice is refused", () => {
+  assert.equal(singleQueryValue({ limit: "5" }, "limit"), "5");
+  assert.equal(singleQueryValue({}, "limit"), undefined);
+  assert.throws(() => singleQueryValue({ limit: ["1", "2"] }, "limit"), isBadRequest(/limit may be given once/));
 });

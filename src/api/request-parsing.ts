@@ -14,15 +14,88 @@ function asObject(body: unknown, what: string): Record<string, unknown> {
   return body as Record<string, unknown>;
 }
 
-function stringMap(value: unknown, field: string): Record<string, string> {
+/** Bounds of what a create may carry besides resources (metadata is stored and listed; env vars reach execve). */
+export const CREATE_BOUNDS = {
+  templateIdChars: 256,
+  metadataEntries: 100,
+  metadataKeyChars: 256,
+  metadataValueChars: 4096,
+  envVarEntries: 1000,
+  envVarNameChars: 256,
+  // Linux refuses a single environment string longer than MAX_ARG_STRLEN (32 pages = 128 KiB).
+  envVarValueBytes: 128 * 1024 - 1,
+  networkJsonBytes: 64 * 1024,
+} as const;
+
+const envVarNamePattern = /^[A-Za-z_][A-Za-z0-9_]*$/;
+
+/** A key or value from the request in an error message: short and quoted. */
+function shown(value: string): string {
+  return JSON.stringify(value.length > 64 ? value.slice(0, 64) + "…" : value);
+}
+
+/** `envVars.NAME`, or `envVars["odd key…"]` for a key that is not a short plain name. */
+function entryName(field: string, key: string): string {
+  return /^[A-Za-z_][A-Za-z0-9_]{0,63}$/.test(key) ? `${field}.${key}` : `${field}[${shown(key)}]`;
+}
+
+/**
+ * An object of string values. Built with Object.fromEntries, so a `__proto__` key stays an own
+ * key instead of being swallowed by the prototype setter.
+ */
+function stringMap(value: unknown, field: string, maxEntries: number): Record<string, string> {
   if (value === undefined || value === null) return {};
   if (typeof value !== "object" || Array.isArray(value)) fail(`${field} must be an object of string values`);
-  const out: Record<string, string> = {};
-  for (const [key, v] of Object.entries(value as Record<string, unknown>)) {
-    if (typeof v !== "string") fail(`${field}.${key} must be a string`);
-    out[key] = v;
+  const entries = Object.entries(value as Record<string, unknown>);
+  if (entries.length > maxEntries) fail(`${field} may have at most ${maxEntries} entries, not ${entries.length}`);
+  for (const [key, v] of entries) if (typeof v !== "string") fail(`${entryName(field, key)} must be a string`);
+  return Object.fromEntries(entries) as Record<string, string>;
+}
+
+function metadataMap(value: unknown): Record<string, string> {
+  const metadata = stringMap(value, "metadata", CREATE_BOUNDS.metadataEntries);
+  for (const [key, v] of Object.entries(metadata)) {
+    if (key.length === 0 || key.length > CREATE_BOUNDS.metadataKeyChars) fail(`metadata keys must be 1–${CREATE_BOUNDS.metadataKeyChars} characters; ${shown(key)} is not`);
+    if (v.length > CREATE_BOUNDS.metadataValueChars) fail(`${entryName("metadata", key)} is longer than ${CREATE_BOUNDS.metadataValueChars} characters`);
   }
-  return out;
+  return metadata;
+}
+
+/** Env vars as a shell and execve take them: POSIX-style names, no NUL, values execve accepts. */
+export function parseEnvVars(value: unknown, field = "envVars"): Record<string, string> {
+  const envVars = stringMap(value, field, CREATE_BOUNDS.envVarEntries);
+  for (const [name, v] of Object.entries(envVars)) {
+    if (!envVarNamePattern.test(name) || name.length > CREATE_BOUNDS.envVarNameChars) {
+      fail(`${field}: ${shown(name)} is not a valid variable name: use letters, digits and _, not starting with a digit, at most ${CREATE_BOUNDS.envVarNameChars} characters`);
+    }
+    if (v.includes("\0")) fail(`${field}.${name} contains a NUL character, which no environment variable can hold`);
+    if (Buffer.byteLength(v) > CREATE_BOUNDS.envVarValueBytes) fail(`${field}.${name} is longer than ${CREATE_BOUNDS.envVarValueBytes} bytes`);
+  }
+  return envVars;
+}
+
+const isScalar = (value: unknown) => value === null || ["string", "number", "boolean"].includes(typeof value);
+
+/**
+ * `network` of a create: an object whose fields are scalars or lists of scalars (it is stored and
+ * echoed; nesting is refused before anything serialises it, as JSON.stringify of a deeply nested
+ * value overflows the stack), the known fields of the right types, of bounded size.
+ */
+function parseNetwork(value: unknown): Record<string, unknown> | undefined {
+  if (value === undefined || value === null) return undefined;
+  if (typeof value !== "object" || Array.isArray(value)) fail("network must be an object");
+  const network = value as Record<string, unknown>;
+  for (const [key, v] of Object.entries(network)) {
+    if (!isScalar(v) && !(Array.isArray(v) && v.every(isScalar))) fail(`${entryName("network", key)} must be a value or a list of values`);
+  }
+  for (const field of ["allowOut", "denyOut"]) {
+    const list = network[field];
+    if (list !== undefined && list !== null && (!Array.isArray(list) || list.some((item) => typeof item !== "string"))) fail(`network.${field} must be a list of strings`);
+  }
+  if (network.allowPublicTraffic !== undefined && network.allowPublicTraffic !== null && typeof network.allowPublicTraffic !== "boolean") fail("network.allowPublicTraffic must be true or false");
+  if (network.maskRequestHost !== undefined && network.maskRequestHost !== null && typeof network.maskRequestHost !== "string") fail("network.maskRequestHost must be a string");
+  if (Buffer.byteLength(JSON.stringify(network)) > CREATE_BOUNDS.networkJsonBytes) fail(`network must be at most ${CREATE_BOUNDS.networkJsonBytes / 1024} KiB of JSON`);
+  return network;
 }
 
 function optionalBool(value: unknown, field: string, fallback: boolean): boolean {
@@ -39,39 +112,72 @@ export function parseTimeoutSec(value: unknown, field: string, fallback: number)
   return value;
 }
 
-function optionalPositiveInt(value: unknown, field: string, min: number): number | undefined {
+/** The operator's ceilings for what one create may ask for (CUBICLE_MAX_*). */
+export interface CreateLimits {
+  maxCpuCount: number;
+  maxMemoryMB: number;
+  maxDiskMB: number;
+}
+
+/** The floors: below these a sandbox does not start its agent or hold a template's files. */
+export const MIN_CPU_COUNT = 1;
+export const MIN_MEMORY_MB = 128;
+export const MIN_DISK_MB = 256;
+
+function resource(value: unknown, field: string, min: number, max: number, limitName: string): number | undefined {
   if (value === undefined || value === null) return undefined;
-  if (typeof value !== "number" || !Number.isInteger(value) || value < min) fail(`${field} must be a whole number of at least ${min}`);
+  if (typeof value !== "number" || !Number.isInteger(value)) fail(`${field} must be a whole number from ${min} to ${max}`);
+  if (value < min) fail(`${field} must be at least ${min}`);
+  if (value > max) fail(`${field} must be at most ${max} on this server (its limit ${limitName}); ask for less, or have the operator raise ${limitName}`);
   return value;
+}
+
+/** What parseCreateRequest needs from the server's configuration. */
+export interface CreateParsingOptions {
+  defaultTimeoutSec: number;
+  limits: CreateLimits;
+  /** Refuse v1 creates with `secure: false`, and make v1 creates without the field secure. */
+  requireSecure: boolean;
 }
 
 /**
  * `NewSandbox` (v1, `POST /sandboxes`) and `NewSandboxV2` (`POST /v2/sandboxes`). v2 creates are
- * always secure and default to the server timeout; v1 honours `secure` and defaults to 15 s.
+ * always secure and default to the server timeout; v1 defaults to 15 s and honours `secure`
+ * (when the server requires secure sandboxes, a v1 create without it is secure and one with
+ * `secure: false` is refused). `cpuCount`, `memoryMB` and `diskSizeMB` (Cubicle extensions) are
+ * checked against the operator's limits.
  */
-export function parseCreateRequest(body: unknown, version: 1 | 2, defaultTimeoutSec: number): CreateSandboxRequest {
+export function parseCreateRequest(body: unknown, version: 1 | 2, options: CreateParsingOptions): CreateSandboxRequest {
+  const { defaultTimeoutSec, limits } = options;
   const input = asObject(body, "the request body");
   const templateId = input.templateID;
   if (typeof templateId !== "string" || templateId.trim() === "") fail("templateID is required (a template id, alias or snapshot id)");
+  if (templateId.length > CREATE_BOUNDS.templateIdChars) fail(`templateID must be at most ${CREATE_BOUNDS.templateIdChars} characters`);
   const autoResume = input.autoResume;
   const lifecycle = asObject(input.lifecycle, "lifecycle");
   const autoResumeEnabled =
     autoResume && typeof autoResume === "object" ? optionalBool((autoResume as Record<string, unknown>).enabled, "autoResume.enabled", false) : optionalBool(lifecycle.autoResume, "lifecycle.autoResume", false);
-  const network = input.network;
-  if (network !== undefined && network !== null && (typeof network !== "object" || Array.isArray(network))) fail("network must be an object");
+  const secure = optionalBool(input.secure, "secure", options.requireSecure);
+  if (version === 1 && !secure && options.requireSecure) {
+    fail(
+      "this server requires secure sandboxes (envd access tokens): secure: false is refused. Leave secure out or set it to true; " +
+        "the operator can allow insecure sandboxes, which anyone who knows the sandbox id can control, with CUBICLE_REQUIRE_SECURE=false",
+    );
+  }
   return {
     templateId: templateId.trim(),
     timeoutSec: parseTimeoutSec(input.timeout, "timeout", version === 2 ? defaultTimeoutSec : 15),
     // v2 creates are always secure; the field is still checked so a typo is not silently ignored.
-    secure: optionalBool(input.secure, "secure", false) || version === 2,
+    secure: secure || version === 2,
     allowInternetAccess: optionalBool(input.allow_internet_access ?? input.allowInternetAccess, "allow_internet_access", true),
-    metadata: stringMap(input.metadata, "metadata"),
-    envVars: stringMap(input.envVars, "envVars"),
+    metadata: metadataMap(input.metadata),
+    envVars: parseEnvVars(input.envVars),
     autoPause: optionalBool(input.autoPause, "autoPause", false) || lifecycle.onTimeout === "pause",
     autoResume: autoResumeEnabled,
-    networkConfig: (network as Record<string, unknown> | undefined) ?? undefined,
-    cpuCount: optionalPositiveInt(input.cpuCount, "cpuCount", 1),
-    memoryMB: optionalPositiveInt(input.memoryMB, "memoryMB", 128),
+    networkConfig: parseNetwork(input.network),
+    cpuCount: resource(input.cpuCount, "cpuCount", MIN_CPU_COUNT, limits.maxCpuCount, "CUBICLE_MAX_CPU_COUNT"),
+    memoryMB: resource(input.memoryMB, "memoryMB", MIN_MEMORY_MB, limits.maxMemoryMB, "CUBICLE_MAX_MEMORY_MB"),
+    diskSizeMB: resource(input.diskSizeMB, "diskSizeMB", MIN_DISK_MB, limits.maxDiskMB, "CUBICLE_MAX_DISK_MB"),
   };
 }
 
@@ -103,6 +209,17 @@ function queryUnescape(value: string): string {
   } catch {
     fail(`invalid percent-encoding in "${value}"`);
   }
+}
+
+/**
+ * One query parameter's value: a parameter given twice (`?limit=1&limit=2`) is refused instead
+ * of reaching the parsers and the store as an array.
+ */
+export function singleQueryValue(query: Record<string, unknown> | undefined, name: string): string | undefined {
+  const value = query?.[name];
+  if (value === undefined) return undefined;
+  if (typeof value !== "string") fail(`the query parameter ${name} may be given once`);
+  return value;
 }
 
 export function parseStates(raw: string | string[] | undefined): SandboxState[] | undefined {

@@ -1,11 +1,10 @@
 import fs from "node:fs";
-import http from "node:http";
 import path from "node:path";
 import type { AddressInfo } from "node:net";
 import { createApiApp } from "../api/index.js";
 import { newApiKey, SandboxManager } from "../core/index.js";
 import { createNetworkManager } from "../network/index.js";
-import { SandboxRouter } from "../router/index.js";
+import { answerClientError, createRoutedHttpServer, SandboxRouter } from "../router/index.js";
 import { createContainerRuntime } from "../runtime/index.js";
 import type { CubicleConfig } from "../shared/config.js";
 import { createLogger } from "../shared/log.js";
@@ -79,17 +78,13 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     apiKey,
     domain: config.domain,
     defaultTimeoutSec: config.defaultTimeoutSec,
+    createLimits: { maxCpuCount: config.maxCpuCount, maxMemoryMB: config.maxMemoryMB, maxDiskMB: config.maxDiskMB },
+    requireSecure: config.requireSecure,
+    hostDirs: [config.stateDir, config.templateDir, config.distDir],
     isReady: () => templatesReady,
     listTemplates: () => templates.list(),
-    serverFactory: (apiHandler) => {
-      const server = http.createServer({ keepAliveTimeout: 65_000, requestTimeout: 0, headersTimeout: 60_000 }, (req, res) => {
-        const match = router.match(req);
-        if (match) router.handleRequest(req, res, match);
-        else apiHandler(req, res);
-      });
-      server.on("upgrade", (req, socket, head) => router.handleUpgrade(req, socket, head));
-      return server;
-    },
+    serverFactory: (apiHandler) => createRoutedHttpServer(router, apiHandler),
+    clientErrorHandler: answerClientError,
   });
   await app.listen({ host: config.host, port: config.port });
   const address = app.server.address() as AddressInfo;

@@ -28,6 +28,6 @@ export interface CreateSandboxRequest {
   networkConfig: Record<string, unknown> | undefined;
   cpuCount?: number;
   memoryMB?: number;
-  /** The writable layer's quota (Cubicle extension); default the template's. */
+  /** Cubicle extension of the create body: the sandbox's disk quota; the template's when absent. */
   diskSizeMB?: number;
 }

@@ -1,9 +1,12 @@
-import { createHash } from "node:crypto";
+import { createHash, timingSafeEqual } from "node:crypto";
 import http, { type IncomingMessage, type ServerResponse } from "node:http";
 import net from "node:net";
 import type { Duplex } from "node:stream";
 import { agentHttpAgent, ENVD_PORT, INTERPRETER_PORT } from "../core/agent-client.js";
+import { CubicleError } from "../shared/cubicle-error.js";
 import { createLogger } from "../shared/log.js";
+import { writeRawJsonResponse } from "./raw-response.js";
+import { hostPattern, parseRoute, type RouteMatch } from "./route-parsing.js";
 
 const log = createLogger("router");
 
@@ -19,11 +22,6 @@ export interface RouteSource {
   /** Secure live sandboxes, to route signed `/files` URLs that carry no sandbox id. */
   liveSandboxes(): { sandboxId: string; envdAccessToken: string | undefined; state: string }[];
   on(event: "ended", listener: (sandboxId: string) => void): unknown;
-}
-
-export interface RouteMatch {
-  sandboxId: string;
-  port: number;
 }
 
 // RFC 7230 §6.1 hop-by-hop headers are not forwarded.
@@ -43,53 +41,71 @@ function forwardHeaders(headers: http.IncomingHttpHeaders): http.OutgoingHttpHea
   return out;
 }
 
+/** What a signed `/files` URL's signature looks like: `v1_` + unpadded base64 of a SHA-256. */
+const SIGNATURE_PATTERN = /^v1_[A-Za-z0-9+/]{43}$/;
+
+/** The body of the router's 502 for a sandbox that is not there (protocol doc §4). */
+function notFoundBody(sandboxId: string) {
+  return { message: "The sandbox was not found", sandboxId, code: 502 };
+}
+
 /**
  * Routes sandbox traffic arriving on the API port: by the `E2b-Sandbox-Id` / `E2b-Sandbox-Port`
  * headers or by a Host of `<port>-<sandboxId>.<domain>`. Ports 49983 and 49999 reach the agent,
  * any other port the same port inside the sandbox. When a sandbox ends, its open connections are
  * destroyed (not ended): the SDK recognises a killed sandbox by the abrupt reset (protocol doc §4).
+ *
+ * Whatever arrives — from clients without a key, or from processes in a sandbox answering through
+ * it — is answered or dropped; nothing may throw out of a handler or leave an `error` event
+ * without a listener, because either would end the server process.
  */
 export class SandboxRouter {
   private readonly open = new Map<string, Set<{ destroy(): void }>>();
   private readonly hostPattern: RegExp;
 
   constructor(private readonly source: RouteSource, domain: string) {
-    const escaped = domain.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
-    this.hostPattern = new RegExp(`^(\\d{1,5})-([a-z0-9]+)\\.${escaped}(?::\\d+)?$`, "i");
+    this.hostPattern = hostPattern(domain);
     source.on("ended", (sandboxId) => this.resetConnections(sandboxId));
   }
 
-  /** Decides whether a request is sandbox traffic; undefined means it is for the API. */
+  /**
+   * Decides whether a request is sandbox traffic; undefined means it is for the API. Throws an
+   * invalid_argument CubicleError for sandbox traffic with an unusable port (answer 400).
+   */
   match(req: IncomingMessage): RouteMatch | undefined {
-    const id = header(req, "e2b-sandbox-id");
-    const port = header(req, "e2b-sandbox-port");
-    if (id !== undefined && port !== undefined) return { sandboxId: id.trim(), port: Number(port) };
-    const host = header(req, "host");
-    const hostMatch = host ? this.hostPattern.exec(host) : null;
-    if (hostMatch) return { sandboxId: hostMatch[2]!.toLowerCase(), port: Number(hostMatch[1]) };
-    return this.matchSignedFilesUrl(req);
+    const route = parseRoute({ id: header(req, "e2b-sandbox-id"), port: header(req, "e2b-sandbox-port"), host: header(req, "host") }, this.hostPattern);
+    return route ?? this.matchSignedFilesUrl(req);
   }
 
   /**
    * `downloadUrl()` / `uploadUrl()` under E2B_SANDBOX_URL carry no sandbox id: find the live
-   * sandbox whose access token produced the signature (formula: protocol doc §6.3).
+   * sandbox whose access token produced the signature (formula: protocol doc §6.3). Signatures
+   * are compared in constant time, and only well-formed ones cost a hash per sandbox.
    */
   private matchSignedFilesUrl(req: IncomingMessage): RouteMatch | undefined {
     if (!req.url?.startsWith("/files?")) return undefined;
-    const query = new URL(req.url, "http://x").searchParams;
+    let query: URLSearchParams;
+    try {
+      query = new URL(req.url, "http://router.invalid").searchParams;
+    } catch {
+      return undefined;
+    }
     const signature = query.get("signature");
-    if (!signature) return undefined;
+    if (!signature || !SIGNATURE_PATTERN.test(signature)) return undefined;
+    const given = Buffer.from(signature);
     const operation = req.method === "POST" ? "write" : "read";
     const filePath = query.get("path") ?? "";
     const username = query.get("username") ?? "";
     const expiration = query.get("signature_expiration");
+    let found: string | undefined;
     for (const sandbox of this.source.liveSandboxes()) {
       if (!sandbox.envdAccessToken || sandbox.state !== "running") continue;
       const input = `${filePath}:${operation}:${username}:${sandbox.envdAccessToken}` + (expiration ? `:${expiration}` : "");
-      const expected = "v1_" + createHash("sha256").update(input).digest("base64").replace(/=+$/, "");
-      if (expected === signature) return { sandboxId: sandbox.sandboxId, port: ENVD_PORT };
+      const expected = Buffer.from("v1_" + createHash("sha256").update(input).digest("base64").replace(/=+$/, ""));
+      // No early exit: the time taken does not tell which sandbox matched.
+      if (expected.length === given.length && timingSafeEqual(expected, given) && found === undefined) found = sandbox.sandboxId;
     }
-    return undefined;
+    return found === undefined ? undefined : { sandboxId: found, port: ENVD_PORT };
   }
 
   private track(sandboxId: string, handle: { destroy(): void }): () => void {
@@ -110,10 +126,29 @@ export class SandboxRouter {
     for (const handle of set) handle.destroy();
   }
 
+  /** Answers with a JSON body unless an answer has begun (then the connection is cut). Never throws. */
+  private sendJson(res: ServerResponse, status: number, body: Record<string, unknown>): void {
+    try {
+      if (res.headersSent || res.destroyed) {
+        res.socket?.destroy();
+        return;
+      }
+      const text = JSON.stringify(body);
+      res.writeHead(status, { "content-type": "application/json", "content-length": Buffer.byteLength(text) });
+      res.end(text);
+    } catch (err) {
+      log.warn("could not answer a routed request", { error: String(err) });
+      res.socket?.destroy();
+    }
+  }
+
   private sendNotFound(res: ServerResponse, sandboxId: string): void {
-    const body = JSON.stringify({ message: "The sandbox was not found", sandboxId, code: 502 });
-    res.writeHead(502, { "content-type": "application/json", "content-length": Buffer.byteLength(body) });
-    res.end(body);
+    this.sendJson(res, 502, notFoundBody(sandboxId));
+  }
+
+  /** The answer when the sandbox runs but its side of the exchange failed (closed port, bad HTTP). */
+  private sendBadGateway(res: ServerResponse, match: RouteMatch, message: string): void {
+    this.sendJson(res, 502, { message, sandboxId: match.sandboxId, port: match.port, code: 502 });
   }
 
   /**
@@ -128,63 +163,108 @@ export class SandboxRouter {
   }
 
   handleRequest(req: IncomingMessage, res: ServerResponse, match: RouteMatch): void {
+    res.on("error", (err) => log.debug("client response error", { sandboxId: match.sandboxId, error: err.message }));
     if (!Number.isInteger(match.port) || match.port < 1 || match.port > 65535) {
       req.resume();
-      this.sendNotFound(res, match.sandboxId);
+      this.sendJson(res, 400, { code: 400, message: "E2b-Sandbox-Port must be a port number from 1 to 65535" });
       return;
     }
     const immediate = this.source.routeTarget(match.sandboxId);
     if (immediate) return this.forward(req, res, match, immediate);
     // The body stays unread (not flowing) while the sandbox resumes.
-    this.resolveTarget(match.sandboxId, req, match.port).then(
-      (target) => {
-        if (target) return this.forward(req, res, match, target);
-        req.resume();
-        this.sendNotFound(res, match.sandboxId);
-      },
-      () => {
-        req.resume();
-        this.sendNotFound(res, match.sandboxId);
-      },
-    );
+    this.resolveTarget(match.sandboxId, req, match.port)
+      .then(
+        (target) => {
+          if (target) return this.forward(req, res, match, target);
+          req.resume();
+          this.sendNotFound(res, match.sandboxId);
+        },
+        () => {
+          req.resume();
+          this.sendNotFound(res, match.sandboxId);
+        },
+      )
+      .catch((err) => {
+        log.warn("routing a request failed", { sandboxId: match.sandboxId, error: String(err) });
+        res.socket?.destroy();
+      });
   }
 
   private forward(req: IncomingMessage, res: ServerResponse, match: RouteMatch, target: { address: string }): void {
-    const upstream = http.request({
-      host: target.address,
-      port: match.port,
-      method: req.method,
-      path: req.url,
-      headers: forwardHeaders(req.headers),
-      agent: agentHttpAgent,
-    });
+    if (res.destroyed || req.destroyed) return;
+    let upstream: http.ClientRequest;
+    try {
+      upstream = http.request({
+        host: target.address,
+        port: match.port,
+        method: req.method,
+        path: req.url,
+        headers: forwardHeaders(req.headers),
+        agent: agentHttpAgent,
+      });
+    } catch (err) {
+      // http.request validates the path and headers; what Node's parser let in may still fail here.
+      req.resume();
+      this.sendJson(res, 400, { code: 400, message: `the request cannot be forwarded to the sandbox: ${(err as Error).message}` });
+      return;
+    }
     const untrack = this.track(match.sandboxId, {
       destroy: () => {
         upstream.destroy();
         res.socket?.destroy();
       },
     });
+    // Set once the upstream has given its answer (or failed): a close before that is a 502.
+    let settled = false;
     upstream.on("response", (upstreamRes) => {
-      res.writeHead(upstreamRes.statusCode ?? 502, forwardHeaders(upstreamRes.headers));
-      res.flushHeaders();
-      upstreamRes.pipe(res);
-      upstreamRes.on("aborted", () => res.socket?.destroy());
+      settled = true;
       upstreamRes.on("error", () => res.socket?.destroy());
+      upstreamRes.on("aborted", () => res.socket?.destroy());
+      const status = upstreamRes.statusCode ?? 0;
+      // A final answer is 200–999 (1xx are interim; Node's writeHead throws below 100 and above 999).
+      if (!Number.isInteger(status) || status < 200 || status > 999) {
+        upstreamRes.resume();
+        upstream.destroy();
+        this.sendBadGateway(res, match, `The sandbox's server on port ${match.port} answered with an invalid HTTP status (${status})`);
+        return;
+      }
+      try {
+        res.writeHead(status, forwardHeaders(upstreamRes.headers));
+        res.flushHeaders();
+      } catch (err) {
+        upstreamRes.resume();
+        upstream.destroy();
+        this.sendBadGateway(res, match, `The sandbox's server on port ${match.port} answered with headers that cannot be forwarded`);
+        log.debug("upstream response not forwardable", { sandboxId: match.sandboxId, error: String(err) });
+        return;
+      }
+      upstreamRes.pipe(res);
+    });
+    // A 101 to a request that asked for no upgrade: Node's client emits 'upgrade', never 'response'.
+    upstream.on("upgrade", (_upstreamRes, upstreamSocket) => {
+      settled = true;
+      upstreamSocket.destroy();
+      this.sendBadGateway(res, match, `The sandbox's server on port ${match.port} switched protocols on a request that asked for no upgrade`);
+    });
+    upstream.on("close", () => {
+      if (settled) return;
+      settled = true;
+      if (!res.writableEnded) this.sendBadGateway(res, match, `The sandbox's server on port ${match.port} closed the connection without an answer`);
     });
     upstream.on("error", (err) => {
+      settled = true;
       log.debug("upstream error", { sandboxId: match.sandboxId, port: match.port, error: err.message });
-      if (!res.headersSent) {
-        // The sandbox is live but nothing listens on that port (or it just died).
-        const stillLive = this.source.routeTarget(match.sandboxId) !== undefined;
-        if (stillLive && match.port !== ENVD_PORT && match.port !== INTERPRETER_PORT) {
-          const body = JSON.stringify({ message: `The sandbox is running but port ${match.port} is not open`, sandboxId: match.sandboxId, port: match.port, code: 502 });
-          res.writeHead(502, { "content-type": "application/json", "content-length": Buffer.byteLength(body) });
-          res.end(body);
-        } else {
-          this.sendNotFound(res, match.sandboxId);
-        }
-      } else {
+      if (res.headersSent) {
         res.socket?.destroy();
+        return;
+      }
+      // The sandbox is live but nothing listens on that port, its answer was not HTTP, or it just died.
+      const stillLive = this.source.routeTarget(match.sandboxId) !== undefined;
+      if (stillLive && match.port !== ENVD_PORT && match.port !== INTERPRETER_PORT) {
+        const parseError = (err as NodeJS.ErrnoException).code?.startsWith("HPE_");
+        this.sendBadGateway(res, match, parseError ? `The sandbox's server on port ${match.port} did not answer valid HTTP` : `The sandbox is running but port ${match.port} is not open`);
+      } else {
+        this.sendNotFound(res, match.sandboxId);
       }
     });
     // A client that goes away must reach the agent as a disconnect (it interrupts kernels, stops streams).
@@ -195,22 +275,40 @@ export class SandboxRouter {
     req.pipe(upstream);
   }
 
+  /** A WebSocket (or other) upgrade: a byte pipe to the sandbox's port once it accepts. */
   handleUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
-    const match = this.match(req);
-    if (!match) return this.upgradeTo(req, socket, head, undefined, undefined);
-    this.resolveTarget(match.sandboxId, req, match.port).then(
-      (target) => this.upgradeTo(req, socket, head, match, target),
-      () => this.upgradeTo(req, socket, head, match, undefined),
-    );
+    // Node removed its own listeners before emitting 'upgrade': a reset now would be unhandled.
+    socket.on("error", (err) => log.debug("upgrade client socket error", { error: err.message }));
+    let match: RouteMatch | undefined;
+    try {
+      match = this.match(req);
+    } catch (err) {
+      const error = CubicleError.from(err);
+      return writeRawJsonResponse(socket, error.httpStatus, error.toE2bBody());
+    }
+    if (!match) {
+      return writeRawJsonResponse(socket, 400, {
+        code: 400,
+        message: "upgrades are only for sandbox traffic: name the sandbox with E2b-Sandbox-Id and E2b-Sandbox-Port, or a <port>-<sandboxId> Host",
+      });
+    }
+    const route = match;
+    this.resolveTarget(route.sandboxId, req, route.port)
+      .then(
+        (target) => this.upgradeTo(req, socket, head, route, target),
+        () => this.upgradeTo(req, socket, head, route, undefined),
+      )
+      .catch((err) => {
+        log.warn("routing an upgrade failed", { sandboxId: route.sandboxId, error: String(err) });
+        socket.destroy();
+      });
   }
 
-  private upgradeTo(req: IncomingMessage, socket: Duplex, head: Buffer, match: RouteMatch | undefined, target: { address: string } | undefined): void {
-    if (!match || !target) {
-      const body = JSON.stringify({ message: "The sandbox was not found", sandboxId: match?.sandboxId ?? "", code: 502 });
-      socket.end(`HTTP/1.1 502 Bad Gateway\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`);
-      return;
-    }
+  private upgradeTo(req: IncomingMessage, socket: Duplex, head: Buffer, match: RouteMatch, target: { address: string } | undefined): void {
+    if (socket.destroyed) return;
+    if (!target) return writeRawJsonResponse(socket, 502, notFoundBody(match.sandboxId));
     const upstream = net.connect({ host: target.address, port: match.port });
+    let connected = false;
     const untrack = this.track(match.sandboxId, {
       destroy: () => {
         upstream.destroy();
@@ -218,6 +316,7 @@ export class SandboxRouter {
       },
     });
     upstream.on("connect", () => {
+      connected = true;
       const lines = [`${req.method} ${req.url} HTTP/1.1`];
       for (let i = 0; i < req.rawHeaders.length; i += 2) lines.push(`${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}`);
       upstream.write(lines.join("\r\n") + "\r\n\r\n");
@@ -230,9 +329,18 @@ export class SandboxRouter {
       upstream.destroy();
       socket.destroy();
     };
-    upstream.on("error", close);
-    socket.on("error", close);
-    upstream.on("close", close);
+    upstream.on("error", (err) => {
+      if (connected) return close();
+      untrack();
+      // Nothing was sent to the client yet: tell it why, as the plain path does.
+      const stillLive = this.source.routeTarget(match.sandboxId) !== undefined;
+      log.debug("upgrade upstream error", { sandboxId: match.sandboxId, port: match.port, error: err.message });
+      if (stillLive) writeRawJsonResponse(socket, 502, { message: `The sandbox is running but port ${match.port} is not open`, sandboxId: match.sandboxId, port: match.port, code: 502 });
+      else writeRawJsonResponse(socket, 502, notFoundBody(match.sandboxId));
+    });
+    upstream.on("close", () => {
+      if (connected) close();
+    });
     socket.on("close", close);
   }
 }

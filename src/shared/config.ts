@@ -1,5 +1,6 @@
 import { createHash } from "node:crypto";
 import fs from "node:fs";
+import os from "node:os";
 import path from "node:path";
 
 /** The checkout this code runs from (source under src/ or the bundle under dist/). */
@@ -60,6 +61,17 @@ export interface CubicleConfig {
   storageBytes: number | undefined;
   /** The server-wide budget for snapshots and pause images; undefined = half the pool. */
   imageBudgetBytes: number | undefined;
+  /** Most vCPUs one create may ask for (CUBICLE_MAX_CPU_COUNT; default: the host's cores). */
+  maxCpuCount: number;
+  /** Most memory in MiB one create may ask for (CUBICLE_MAX_MEMORY_MB; default: host memory − 1 GiB, at least 512). */
+  maxMemoryMB: number;
+  /** Largest disk in MiB one create may ask for (CUBICLE_MAX_DISK_MB; default 65536). */
+  maxDiskMB: number;
+  /**
+   * Refuse creates of sandboxes without an envd access token (CUBICLE_REQUIRE_SECURE, default
+   * true): anyone who knows an insecure sandbox's id can control it through the router.
+   */
+  requireSecure: boolean;
 }
 
 /** The default runDir of a state directory (one per server on a host). */
@@ -73,6 +85,33 @@ function parseGibibytes(name: string, raw: string | undefined): number | undefin
   const value = Number(raw);
   if (!Number.isFinite(value) || value <= 0) throw new Error(`${name}: "${raw}" is not a positive number of GiB`);
   return Math.floor(value * 1024 ** 3);
+}
+
+/** The least a create may ask for; a configured maximum below these is a configuration error. */
+const RESOURCE_FLOORS = { cpuCount: 1, memoryMB: 128, diskMB: 256 };
+
+/** A whole number from the environment, at least `min`; `fallback` when unset or empty. */
+function parseWholeNumber(name: string, raw: string | undefined, fallback: number, min: number): number {
+  if (raw === undefined || raw.trim() === "") return fallback;
+  if (!/^\d+$/.test(raw.trim())) throw new Error(`${name}: "${raw}" is not a whole number`);
+  const value = Number(raw.trim());
+  if (!Number.isSafeInteger(value)) throw new Error(`${name}: ${raw.trim()} is too large`);
+  if (value < min) throw new Error(`${name}: ${value} is below the least a sandbox can have (${min})`);
+  return value;
+}
+
+/** true/false (also 1/0, yes/no, on/off) from the environment; `fallback` when unset or empty. */
+function parseBoolean(name: string, raw: string | undefined, fallback: boolean): boolean {
+  if (raw === undefined || raw.trim() === "") return fallback;
+  const value = raw.trim().toLowerCase();
+  if (["1", "true", "yes", "on"].includes(value)) return true;
+  if (["0", "false", "no", "off"].includes(value)) return false;
+  throw new Error(`${name}: "${raw}" is not true or false`);
+}
+
+/** The default memory ceiling: the host's memory less 1 GiB for the host itself, at least 512 MiB. */
+export function defaultMaxMemoryMB(totalBytes = os.totalmem()): number {
+  return Math.max(512, Math.floor(totalBytes / (1024 * 1024)) - 1024);
 }
 
 /** Parses `base=2,code-interpreter-v1=1`; an empty string means no pools. */
@@ -117,5 +156,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     runDir: path.resolve(env.CUBICLE_RUN_DIR ?? defaultRunDir(stateDir)),
     storageBytes: parseGibibytes("CUBICLE_STORAGE_GB", env.CUBICLE_STORAGE_GB),
     imageBudgetBytes: parseGibibytes("CUBICLE_IMAGE_BUDGET_GB", env.CUBICLE_IMAGE_BUDGET_GB),
+    maxCpuCount: parseWholeNumber("CUBICLE_MAX_CPU_COUNT", env.CUBICLE_MAX_CPU_COUNT, os.availableParallelism(), RESOURCE_FLOORS.cpuCount),
+    maxMemoryMB: parseWholeNumber("CUBICLE_MAX_MEMORY_MB", env.CUBICLE_MAX_MEMORY_MB, defaultMaxMemoryMB(), RESOURCE_FLOORS.memoryMB),
+    maxDiskMB: parseWholeNumber("CUBICLE_MAX_DISK_MB", env.CUBICLE_MAX_DISK_MB, 65536, RESOURCE_FLOORS.diskMB),
+    requireSecure: parseBoolean("CUBICLE_REQUIRE_SECURE", env.CUBICLE_REQUIRE_SECURE, true),
   };
 }

@@ -160,10 +160,32 @@ export async function startTestServer(options: TestServerOptions = {}): Promise<
       await launch();
     },
     async stop() {
+      const killAll = async () => {
+        const list = await api("GET", "/v2/sandboxes?state=running,paused");
+        for (const sandbox of (list.json ?? []) as { sandboxID: string }[]) await api("DELETE", `/sandboxes/${sandbox.sandboxID}`);
+      };
+      const running = (proc: ChildProcess) => proc.exitCode === null && proc.signalCode === null;
       try {
-        if (child && child.exitCode === null) {
-          const list = await api("GET", "/v2/sandboxes?state=running,paused");
-          for (const sandbox of (list.json ?? []) as { sandboxID: string }[]) await api("DELETE", `/sandboxes/${sandbox.sandboxID}`);
+        let cleaned = false;
+        if (child && running(child)) {
+          try {
+            await killAll();
+            cleaned = true;
+          } catch (err) {
+            // Unreachable: it may be dying (its exit not reaped yet). Give it a moment.
+            await Promise.race([exited(child), new Promise((r) => setTimeout(r, 5000))]);
+            if (running(child)) throw err;
+          }
+        }
+        if (child && !cleaned) {
+          // The server died under the test (a crash is what some tests look for): start it again
+          // on its state so it adopts the sandboxes it left, and kill those.
+          try {
+            await launch();
+            await killAll();
+          } catch (err) {
+            output += `\n[harness] could not restart the dead server to clean up: ${String(err)}\n`;
+          }
         }
       } finally {
         if (child && child.exitCode === null) {

@@ -23,7 +23,8 @@ function getWithHost(url: string, host: string): Promise<{ status: number; body:
 }
 
 before(async () => {
-  server = await startTestServer();
+  // "secure sandboxes" creates a v1 sandbox with secure: false on purpose.
+  server = await startTestServer({ extraEnv: { CUBICLE_REQUIRE_SECURE: "false" } });
   useServerForSdk(server);
 });
 

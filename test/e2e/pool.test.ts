@@ -13,7 +13,8 @@ let server: TestServer;
 const POOL_SIZE = 2;
 
 before(async () => {
-  server = await startTestServer({ extraEnv: { CUBICLE_POOL_SIZE: `base=${POOL_SIZE}` } });
+  // A v1 create without `secure` is insecure only where the server allows it (the claim test relies on it).
+  server = await startTestServer({ extraEnv: { CUBICLE_POOL_SIZE: `base=${POOL_SIZE}`, CUBICLE_REQUIRE_SECURE: "false" } });
   useServerForSdk(server);
 });
 

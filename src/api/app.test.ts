@@ -1,0 +1,145 @@
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { CubicleError } from "../shared/cubicle-error.js";
+import { API_ROUTES, fakeManager, TEST_KEY, testApp } from "./test-app.js";
+
+const auth = { "x-api-key": TEST_KEY };
+
+function assertE2bBody(status: number, body: unknown, expected: number): void {
+  assert.equal(status, expected, JSON.stringify(body));
+  assert.equal((body as { code: unknown }).code, expected);
+  assert.equal(typeof (body as { message: unknown }).message, "string");
+}
+
+/** Collects what the server logs to stderr while `run` runs. */
+async function capturingStderr<T>(run: () => Promise<T>): Promise<{ result: T; logged: string }> {
+  const original = process.stderr.write.bind(process.stderr);
+  let logged = "";
+  process.stderr.write = ((chunk: string | Uint8Array) => {
+    logged += chunk.toString();
+    return true;
+  }) as typeof process.stderr.write;
+  try {
+    return { result: await run(), logged };
+  } finally {
+    process.stderr.write = original;
+  }
+}
+
+test("every API route without a key, or with a wrong one, answers 401 with an E2B body", async () => {
+  const app = await testApp();
+  for (const route of API_ROUTES) {
+    const url = route.path.replace(":id", "iabc");
+    for (const headers of [{}, { "x-api-key": "e2b_" + "00".repeat(20) }, { "x-api-key": "" }, { authorization: "Bearer nope" }]) {
+      const res = await app.inject({ method: route.method, url, headers, payload: route.method === "POST" ? {} : undefined });
+      assertE2bBody(res.statusCode, res.json(), 401);
+    }
+  }
+  await app.close();
+});
+
+test("a 5xx says what to do and gives an error id; the log has the id and the real cause", async () => {
+  const cause = "runc run exited with 1: open /srv/cubicle-state/sandboxes/iabc/config.json: no such file";
+  const app = await testApp({ manager: fakeManager({ failWith: () => new CubicleError("internal", cause) }) });
+  const { result: res, logged } = await capturingStderr(() => app.inject({ method: "GET", url: "/sandboxes/iabc", headers: auth }));
+  const body = res.json();
+  assertE2bBody(res.statusCode, body, 500);
+  const errorId = /error id ([0-9a-f]{8})/.exec(body.message)?.[1];
+  assert.ok(errorId, body.message);
+  assert.doesNotMatch(body.message, /\/|runc/);
+  assert.match(logged, new RegExp(`"errorId":"${errorId}"`));
+  assert.ok(logged.includes("config.json"), "the log keeps the cause");
+  await app.close();
+});
+
+test("errors that are not CubicleErrors, even non-objects, become E2B bodies without paths or stacks", async () => {
+  const throwables: (() => unknown)[] = [
+    () => null,
+    () => "a string",
+    () => Object.assign(new Error("ENOENT: no such file or directory, open '/var/lib/cubicle/templates/base/meta.json'"), { code: "ENOENT" }),
+    () => new TypeError("Cannot read properties of undefined (reading 'x')"),
+  ];
+  for (const failWith of throwables) {
+    const app = await testApp({ manager: fakeManager({ failWith }) });
+    const { result: res } = await capturingStderr(() => app.inject({ method: "GET", url: "/v2/sandboxes", headers: auth }));
+    const body = res.json();
+    assert.ok(res.statusCode >= 400, String(res.statusCode));
+    assertE2bBody(res.statusCode, body, res.statusCode);
+    assert.doesNotMatch(body.message, /\/var|\/srv|\n\s+at /);
+    await app.close();
+  }
+});
+
+test("a 4xx whose message holds a host path keeps the message without the path", async () => {
+  const app = await testApp({ manager: fakeManager({ failWith: () => new CubicleError("not_found", "snapshot image /srv/cubicle-state/snapshots/snap-x missing") }) });
+  const res = await app.inject({ method: "GET", url: "/sandboxes/iabc", headers: auth });
+  assertE2bBody(res.statusCode, res.json(), 404);
+  assert.equal(res.json().message, "snapshot image <host path> missing");
+  await app.close();
+});
+
+test("query parameters given twice are a 400, not an array handed to the store", async () => {
+  const app = await testApp();
+  for (const url of [
+    "/v2/sandboxes?template=a&template=b",
+    "/v2/sandboxes?metadata=a%3Db&metadata=c%3Dd",
+    "/v2/sandboxes?limit=1&limit=2",
+    "/v2/sandboxes?nextToken=a&nextToken=b",
+    "/v2/sandboxes?startedAfter=2020-01-01&startedAfter=2021-01-01",
+    "/sandboxes?metadata=a%3Db&metadata=c%3Dd",
+    "/snapshots?sandboxID=a&sandboxID=b",
+    "/snapshots?name=a&name=b",
+  ]) {
+    const res = await app.inject({ method: "GET", url, headers: auth });
+    assertE2bBody(res.statusCode, res.json(), 400);
+  }
+  const states = await app.inject({ method: "GET", url: "/v2/sandboxes?state=running&state=paused", headers: auth });
+  assert.equal(states.statusCode, 200, "state may repeat (the SDK sends it that way)");
+  await app.close();
+});
+
+test("creates: absurd resources, bad env names and insecure v1 sandboxes are 400s that say why", async () => {
+  const app = await testApp();
+  const cases: [string, Record<string, unknown>, RegExp][] = [
+    ["/v2/sandboxes", { memoryMB: 10_000_000 }, /CUBICLE_MAX_MEMORY_MB/],
+    ["/v2/sandboxes", { cpuCount: 64 }, /CUBICLE_MAX_CPU_COUNT/],
+    ["/v2/sandboxes", { diskSizeMB: 10_000_000 }, /CUBICLE_MAX_DISK_MB/],
+    ["/v2/sandboxes", { envVars: { "1BAD": "x" } }, /valid variable name/],
+    ["/v2/sandboxes", { envVars: { GOOD: "a\u0000b" } }, /NUL/],
+    ["/sandboxes", { secure: false }, /CUBICLE_REQUIRE_SECURE=false/],
+  ];
+  for (const [url, fields, message] of cases) {
+    const res = await app.inject({ method: "POST", url, headers: auth, payload: { templateID: "base", ...fields } });
+    assertE2bBody(res.statusCode, res.json(), 400);
+    assert.match(res.json().message, message);
+  }
+  const created = await app.inject({ method: "POST", url: "/sandboxes", headers: auth, payload: { templateID: "base", diskSizeMB: 2048 } });
+  assert.equal(created.statusCode, 201);
+  assert.ok(created.json().envdAccessToken, "a v1 create without secure is secure");
+  await app.close();
+});
+
+test("a server that allows insecure sandboxes creates one for v1 secure: false", async () => {
+  const app = await testApp({ requireSecure: false });
+  const res = await app.inject({ method: "POST", url: "/sandboxes", headers: auth, payload: { templateID: "base", secure: false } });
+  assert.equal(res.statusCode, 201);
+  assert.equal(res.json().envdAccessToken, undefined);
+  await app.close();
+});
+
+test("an unknown endpoint is a 404 E2B body that echoes no host path", async () => {
+  const app = await testApp();
+  const res = await app.inject({ method: "GET", url: "/var/lib/cubicle/cubicle.db", headers: auth });
+  assertE2bBody(res.statusCode, res.json(), 404);
+  assert.doesNotMatch(res.json().message, /\/var/);
+  await app.close();
+});
+
+test("errors of fastify's router (bad percent-encoding, an overlong id) are E2B bodies too", async () => {
+  const app = await testApp();
+  for (const url of ["/sandboxes/%E0%A4%A", `/sandboxes/${"x".repeat(500)}`, `/sandboxes/${"x".repeat(500)}/pause`, "/v2/sandboxes/%zz/connect"]) {
+    const res = await app.inject({ method: url.endsWith("connect") || url.endsWith("pause") ? "POST" : "GET", url, headers: auth });
+    assertE2bBody(res.statusCode, res.json(), 400);
+  }
+  await app.close();
+});

@@ -1,0 +1,162 @@
+import http from "node:http";
+import type { FastifyInstance } from "fastify";
+import { parseSnapshotName } from "../core/snapshot-names.js";
+import type { CreateSandboxRequest } from "../core/types.js";
+import type { SandboxManager } from "../core/sandbox-manager.js";
+import type { Runtime } from "../runtime/types.js";
+import { CubicleError } from "../shared/cubicle-error.js";
+import type { SandboxRecord } from "../store/types.js";
+import { createApiApp, type ApiOptions } from "./app.js";
+
+export const TEST_KEY = "e2b_" + "ab".repeat(20);
+
+/** Every route of the API, with `:id` where a sandbox (or template) id goes. */
+export const API_ROUTES: { method: "GET" | "POST" | "DELETE"; path: string }[] = [
+  { method: "POST", path: "/sandboxes" },
+  { method: "POST", path: "/v2/sandboxes" },
+  { method: "GET", path: "/sandboxes" },
+  { method: "GET", path: "/v2/sandboxes" },
+  { method: "GET", path: "/sandboxes/:id" },
+  { method: "DELETE", path: "/sandboxes/:id" },
+  { method: "POST", path: "/sandboxes/:id/timeout" },
+  { method: "POST", path: "/sandboxes/:id/refreshes" },
+  { method: "POST", path: "/sandboxes/:id/connect" },
+  { method: "POST", path: "/v2/sandboxes/:id/connect" },
+  { method: "POST", path: "/sandboxes/:id/resume" },
+  { method: "POST", path: "/sandboxes/:id/pause" },
+  { method: "POST", path: "/sandboxes/:id/snapshots" },
+  { method: "GET", path: "/snapshots" },
+  { method: "DELETE", path: "/templates/:id" },
+  { method: "POST", path: "/sandboxes/:id/fork" },
+  { method: "POST", path: "/sandboxes/:id/rollback" },
+  { method: "GET", path: "/pools" },
+  { method: "GET", path: "/warm-snapshots" },
+  { method: "GET", path: "/sandboxes/:id/metrics" },
+  { method: "GET", path: "/templates" },
+];
+
+/**
+ * An in-memory stand-in for the SandboxManager, as strict as the real one about ids: unknown
+ * sandboxes are not_found, a second pause a conflict. `failWith` makes every call throw that
+ * (to exercise the 5xx path).
+ */
+export function fakeManager(options: { failWith?: () => unknown } = {}) {
+  const records = new Map<string, SandboxRecord>();
+  let counter = 0;
+  const fail = () => {
+    if (options.failWith) throw options.failWith();
+  };
+  const get = async (id: string): Promise<SandboxRecord> => {
+    fail();
+    const record = records.get(id);
+    if (!record) throw new CubicleError("not_found", `sandbox "${id}" not found`);
+    return record;
+  };
+  const manager = {
+    records,
+    async create(request: CreateSandboxRequest): Promise<SandboxRecord> {
+      fail();
+      if (request.templateId !== "base") throw new CubicleError("not_found", `template or snapshot "${request.templateId}" not found`);
+      const now = Date.now();
+      const record: SandboxRecord = {
+        sandboxId: `ifake${counter++}`,
+        templateId: "base",
+        alias: undefined,
+        clientId: "cubicle",
+        state: "running",
+        startedAt: now,
+        endAt: now + request.timeoutSec * 1000,
+        cpuCount: request.cpuCount ?? 1,
+        memoryMB: request.memoryMB ?? 512,
+        diskSizeMB: request.diskSizeMB ?? 1024,
+        metadata: request.metadata,
+        envVars: request.envVars,
+        secure: request.secure,
+        envdAccessToken: request.secure ? "token" : undefined,
+        trafficAccessToken: undefined,
+        allowInternetAccess: request.allowInternetAccess,
+        networkConfig: request.networkConfig,
+        lifecycle: { autoResume: request.autoResume, onTimeout: request.autoPause ? "pause" : "kill" },
+        network: undefined,
+        runtime: "container",
+        endReason: undefined,
+      };
+      records.set(record.sandboxId, record);
+      return record;
+    },
+    get,
+    async list() {
+      fail();
+      return [...records.values()];
+    },
+    async kill(id: string) {
+      fail();
+      return records.delete(id);
+    },
+    async setTimeout(id: string) {
+      await get(id);
+    },
+    async connect(id: string) {
+      return { record: await get(id), resumed: false };
+    },
+    async resume(id: string) {
+      await get(id);
+      throw new CubicleError("conflict", `sandbox "${id}" is not paused`);
+    },
+    async pause(id: string) {
+      const record = await get(id);
+      if (record.state === "paused") throw new CubicleError("conflict", `sandbox "${id}" is already paused`);
+      record.state = "paused";
+    },
+    async createSnapshot(id: string, name: unknown) {
+      await get(id);
+      const parsed = parseSnapshotName(name);
+      return { snapshotId: "snap-" + "a".repeat(20), names: parsed ? [parsed] : [] };
+    },
+    async listSnapshots() {
+      fail();
+      return [];
+    },
+    async deleteSnapshot() {
+      fail();
+      return false;
+    },
+    async fork(id: string) {
+      await get(id);
+      return [];
+    },
+    async rollback(id: string, snapshotId: string) {
+      await get(id);
+      throw new CubicleError("not_found", `snapshot "${snapshotId}" not found`);
+    },
+    poolCounts: () => ({}),
+    warmSnapshotCounts: () => ({}),
+  };
+  return manager;
+}
+
+/** The API on a fake manager, not listening (use `app.inject`). */
+export async function testApp(overrides: Partial<Omit<ApiOptions, "manager">> & { manager?: ReturnType<typeof fakeManager> } = {}): Promise<FastifyInstance> {
+  const manager = overrides.manager ?? fakeManager();
+  const runtime = {
+    async stats() {
+      return { cpuCount: 1, cpuUsedPct: 0, memUsedBytes: 0, memTotalBytes: 1, memCacheBytes: 0, diskUsedBytes: 0, diskTotalBytes: 1 };
+    },
+  } as unknown as Runtime;
+  const app = createApiApp({
+    runtime,
+    apiKey: TEST_KEY,
+    domain: "cubicle.test",
+    defaultTimeoutSec: 300,
+    createLimits: { maxCpuCount: 2, maxMemoryMB: 4096, maxDiskMB: 65536 },
+    requireSecure: true,
+    hostDirs: ["/srv/cubicle-state", "/var/lib/cubicle/templates"],
+    isReady: () => true,
+    listTemplates: async () => [],
+    serverFactory: (handler) => http.createServer(handler),
+    ...overrides,
+    manager: manager as unknown as SandboxManager,
+  });
+  await app.ready();
+  return app;
+}
