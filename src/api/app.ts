@@ -6,6 +6,7 @@ import { decodeSnapshotCursor, DEFAULT_FORK_TIMEOUT_SEC, encodeSnapshotCursor } 
 import type { SandboxManager } from "../core/sandbox-manager.js";
 import type { Runtime } from "../runtime/types.js";
 import { CubicleError } from "../shared/cubicle-error.js";
+import { runtimeIdOf } from "../store/types.js";
 import { createLogger } from "../shared/log.js";
 import {
   decodeCursor,
@@ -117,6 +118,9 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
         details: cubicleError.details,
       });
     }
+    // Admission control (ADMISSION_NOTE): a refused create says when to come back.
+    const retryAfterSec = cubicleError.details?.retryAfterSec;
+    if ((status === 429 || status === 503) && typeof retryAfterSec === "number") void reply.header("Retry-After", String(Math.max(1, Math.ceil(retryAfterSec))));
     void reply.status(status).send(body);
   }
   app.setErrorHandler(sendE2bError);
@@ -284,7 +288,8 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
   app.get("/sandboxes/:sandboxID/metrics", async (request: FastifyRequest<{ Params: Params }>) => {
     const record = await manager.get(request.params.sandboxID);
     if (record.state !== "running") return [];
-    const stats = await options.runtime.stats(record.sandboxId);
+    // A claimed pool entry or an older record runs under another runtime id than its sandbox id.
+    const stats = await options.runtime.stats(runtimeIdOf(record));
     const now = new Date();
     return [
       {

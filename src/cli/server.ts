@@ -63,6 +63,7 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     templates,
     imagesDir: runtime.imagesDir,
     poolSizes: config.poolSizes,
+    admission: { slots: config.maxStarting, maxWaiting: config.maxWaitingCreates, minAvailableBytes: config.minAvailableMB * 1024 * 1024 },
     durablePauseAfterSec: config.durablePauseAfterSec,
     pauseImageAfterMs: config.pauseImageAfterMs,
     warmSnapshotTemplates: config.warmSnapshotTemplates,

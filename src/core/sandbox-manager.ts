@@ -1,4 +1,5 @@
 import { EventEmitter } from "node:events";
+import os from "node:os";
 import { mkdir, readdir, rename, rm } from "node:fs/promises";
 import path from "node:path";
 import type { NetworkManager } from "../network/types.js";
@@ -11,6 +12,7 @@ import { newImageId, newSandboxId, newSnapshotId, newToken } from "./ids.js";
 import { KeyedMutex } from "./keyed-mutex.js";
 import { normaliseSnapshotRef, parseSnapshotName } from "./snapshot-names.js";
 import type { CreateSandboxRequest, TemplateCatalog, TemplateInfo } from "./types.js";
+import { StartQueue, type StartQueueOptions } from "./start-queue.js";
 import { WarmPool } from "./warm-pool.js";
 import { WarmSnapshots, type WarmSnapshotCounts } from "./warm-snapshots.js";
 
@@ -64,6 +66,8 @@ export interface SandboxManagerOptions {
   pidsLimit?: number;
   /** Warm pool size per template id or alias; empty = no pools. */
   poolSizes?: Record<string, number>;
+  /** Start slots and admission limits (ADMISSION_NOTE); defaults from the host's cores. */
+  admission?: Partial<StartQueueOptions>;
   /** Seconds in the hot pause tier (frozen in RAM) before a checkpoint to disk. */
   durablePauseAfterSec?: number;
   /**
@@ -122,12 +126,21 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   private readonly pauseImageWrites = new Set<Promise<void>>();
   private readonly pool: WarmPool;
   private readonly warmSnapshots: WarmSnapshots;
+  /** Every start (create, restore, pool refill) takes a slot here (ADMISSION_NOTE). */
+  private readonly starts: StartQueue;
   private reaperTimer: NodeJS.Timeout | undefined;
   private closed = false;
 
   constructor(private readonly options: SandboxManagerOptions) {
     super();
+    this.starts = new StartQueue({
+      slots: options.admission?.slots ?? Math.max(2, os.availableParallelism() * 2),
+      maxWaiting: options.admission?.maxWaiting ?? 500,
+      minAvailableBytes: options.admission?.minAvailableBytes ?? 256 * 1024 * 1024,
+      availableBytes: options.admission?.availableBytes,
+    });
     this.pool = new WarmPool({
+      starts: this.starts,
       store: options.store,
       runtime: options.runtime,
       network: options.network,
@@ -136,6 +149,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       pidsLimit: options.pidsLimit ?? 4096,
     });
     this.warmSnapshots = new WarmSnapshots({
+      starts: this.starts,
       store: options.store,
       runtime: options.runtime,
       network: options.network,
@@ -250,9 +264,16 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     const template = claimed?.template ?? (await this.options.templates.resolve(request.templateId));
     if (!template) {
       const snapshot = await this.options.store.findSnapshot(normaliseSnapshotRef(request.templateId));
-      if (snapshot && !snapshot.hidden) return this.createFromSnapshot(request, snapshot);
+      if (snapshot && !snapshot.hidden) return this.starts.run("create", () => this.createFromSnapshot(request, snapshot));
       throw new CubicleError("not_found", `template or snapshot "${request.templateId}" not found; list templates with \`./cubicle template ls\` and snapshots with GET /snapshots`);
     }
+    // Refused at once (429/503) when it cannot be served; else it waits for a start slot (ADMISSION_NOTE).
+    return this.starts.run("create", () => this.createFromTemplate(request, template));
+  }
+
+  /** A create without a pool entry: a restore of the template's warm snapshot, or a boot. */
+  private async createFromTemplate(request: CreateSandboxRequest, template: TemplateInfo): Promise<SandboxRecord> {
+    if (this.closed) throw new CubicleError("unavailable", "the server is shutting down; try again shortly");
     const record = this.newRecord(request, template, aliasOf(template, request.templateId));
     const warmImage = this.warmSnapshotFits(request, template) ? await this.warmSnapshots.imageFor(template) : undefined;
     await this.options.store.insertSandbox(record);
@@ -786,7 +807,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       const template = await this.templateOf(record);
       try {
         // A memory image's agent holds the sandbox's token; a filesystem-only restore starts a fresh agent.
-        await this.restoreInto(record, template, imageDir, record.pause!.memory && memory ? record.envdAccessToken : undefined);
+        await this.starts.run("create", () => this.restoreInto(record, template, imageDir, record.pause!.memory && memory ? record.envdAccessToken : undefined));
       } catch (err) {
         // The image is intact: stay paused (durable) so a later resume can try again.
         await this.options.runtime.destroy(runtimeId).catch(() => undefined);
@@ -909,7 +930,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       const worker = async () => {
         while (next < options.count) {
           const index = next++;
-          outcomes[index] = await this.forkOne(source, image, template, options.timeoutSec).then(
+          outcomes[index] = await this.starts.run("create", () => this.forkOne(source, image, template, options.timeoutSec)).then(
             (record) => ({ record }),
             (err) => ({ error: CubicleError.from(err) }),
           );
@@ -971,7 +992,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       if (record.network) dropIdleAgentSockets(record.network.sandboxAddress);
       await this.options.runtime.destroy(runtimeId);
       try {
-        await this.restoreInto(record, template, snapshot.imageDir, snapshot.agentAccessToken);
+        await this.starts.run("create", () => this.restoreInto(record, template, snapshot.imageDir, snapshot.agentAccessToken));
       } catch (err) {
         await this.markDead(record, `rollback to ${snapshot.snapshotId} failed: ${(err as Error).message}`);
         throw new CubicleError("internal", `rollback of sandbox "${sandboxId}" failed and the sandbox is gone: ${(err as Error).message}`, { cause: err });

@@ -4,6 +4,7 @@ import { createLogger } from "../shared/log.js";
 import type { PoolEntryRecord, Store } from "../store/types.js";
 import { AGENT_READY_TIMEOUT_MS, waitForAgent } from "./agent-client.js";
 import { newSandboxId } from "./ids.js";
+import type { StartQueue } from "./start-queue.js";
 import type { TemplateInfo } from "./types.js";
 
 const log = createLogger("core");
@@ -14,6 +15,8 @@ export interface UnclaimedSandboxDeps {
   runtime: Runtime;
   network: NetworkManager;
   pidsLimit: number;
+  /** The start slots it waits for, behind user creates (ADMISSION_NOTE); none = start at once. */
+  starts?: StartQueue;
 }
 
 /**
@@ -25,6 +28,10 @@ export interface UnclaimedSandboxDeps {
  * whatever was made is removed again.
  */
 export async function bootUnclaimed(deps: UnclaimedSandboxDeps, template: TemplateInfo): Promise<PoolEntryRecord> {
+  return deps.starts ? deps.starts.run("background", () => boot(deps, template)) : boot(deps, template);
+}
+
+async function boot(deps: UnclaimedSandboxDeps, template: TemplateInfo): Promise<PoolEntryRecord> {
   const { store, runtime, network } = deps;
   const entry: PoolEntryRecord = { runtimeId: newSandboxId(), templateId: template.templateId, network: undefined, createdAt: Date.now(), allowInternetAccess: true };
   await store.insertPoolEntry(entry);

@@ -72,6 +72,12 @@ export interface CubicleConfig {
    * true): anyone who knows an insecure sandbox's id can control it through the router.
    */
   requireSecure: boolean;
+  /** Sandbox starts that run at once (CUBICLE_MAX_STARTING; default two per core, ADMISSION_NOTE). */
+  maxStarting: number;
+  /** Creates that may wait for a start slot before more are refused with 429 (CUBICLE_MAX_WAITING_CREATES). */
+  maxWaitingCreates: number;
+  /** Below this much available host memory (MiB) creates are refused with 503 (CUBICLE_MIN_AVAILABLE_MB). */
+  minAvailableMB: number;
 }
 
 /** The default runDir of a state directory (one per server on a host). */
@@ -160,5 +166,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     maxMemoryMB: parseWholeNumber("CUBICLE_MAX_MEMORY_MB", env.CUBICLE_MAX_MEMORY_MB, defaultMaxMemoryMB(), RESOURCE_FLOORS.memoryMB),
     maxDiskMB: parseWholeNumber("CUBICLE_MAX_DISK_MB", env.CUBICLE_MAX_DISK_MB, 65536, RESOURCE_FLOORS.diskMB),
     requireSecure: parseBoolean("CUBICLE_REQUIRE_SECURE", env.CUBICLE_REQUIRE_SECURE, true),
+    maxStarting: parseWholeNumber("CUBICLE_MAX_STARTING", env.CUBICLE_MAX_STARTING, Math.max(2, os.availableParallelism() * 2), 1),
+    maxWaitingCreates: parseWholeNumber("CUBICLE_MAX_WAITING_CREATES", env.CUBICLE_MAX_WAITING_CREATES, 500, 0),
+    minAvailableMB: parseWholeNumber("CUBICLE_MIN_AVAILABLE_MB", env.CUBICLE_MIN_AVAILABLE_MB, 256, 0),
   };
 }
