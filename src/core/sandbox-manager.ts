@@ -511,7 +511,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   }
 
   /** Removes the container and the network (and a pause's image, either tier); never throws. */
-  private async teardown(record: SandboxRecord, reason: string): Promise<void> {
+  private async teardown(record: SandboxRecord, reason: string, pauseImage = record.pause?.imageDir): Promise<void> {
     this.emit("ended", record.sandboxId);
     this.cancelPauseImage(record.sandboxId);
     const runtimeId = runtimeIdOf(record);
@@ -525,7 +525,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     } catch (err) {
       log.error("network release failed", { sandboxId: record.sandboxId, runtimeId, reason, error: String(err) });
     }
-    if (record.pause?.imageDir) await rm(record.pause.imageDir, { recursive: true, force: true }).catch(() => undefined);
+    if (pauseImage) await rm(pauseImage, { recursive: true, force: true }).catch(() => undefined);
     this.durableFailed.delete(record.sandboxId);
   }
 
@@ -554,8 +554,8 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       if (!record || record.state === "killed" || record.state === "dead" || record.state === "starting") return false;
       record.state = "killed";
       this.live.delete(sandboxId);
-      await this.teardown(record, reason);
       await this.options.store.updateSandbox(sandboxId, { state: "killed", endReason: reason, network: undefined });
+      await this.teardown(record, reason);
       await this.options.store.recordEvent({ sandboxId, at: Date.now(), kind: "killed", detail: { reason } });
       this.scheduleReaper();
       return true;
@@ -722,8 +722,11 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     record.state = "dead";
     record.endReason = reason;
     this.live.delete(record.sandboxId);
-    await this.teardown(record, reason);
+    // Recorded before the teardown: list (the store) must not show it running meanwhile; a crash
+    // in between leaves orphans that recover() removes.
+    const pauseImage = record.pause?.imageDir;
     await this.options.store.updateSandbox(record.sandboxId, { state: "dead", endReason: reason, network: undefined, pause: undefined });
+    await this.teardown(record, reason, pauseImage);
     await this.options.store.recordEvent({ sandboxId: record.sandboxId, at: Date.now(), kind: "dead", detail: { reason } });
   }
 
