@@ -219,6 +219,13 @@ node_modules_stale() {
   [[ ! -f node_modules/.package-lock.json || package-lock.json -nt node_modules/.package-lock.json ]]
 }
 
+# The state directory holds the database (tokens, env vars) and the API key: host root's alone,
+# from the start (the server tightens an older install's).
+if [[ ! -d "$STATE_DIR" ]]; then
+  need_root "creating the state directory"
+  mkdir -p -m 0700 "$STATE_DIR"
+fi
+
 install_missing_packages
 ensure_criu
 ensure_node_modules

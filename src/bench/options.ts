@@ -33,6 +33,11 @@ export interface BenchOptions {
    * of the one before.
    */
   waitForPool: boolean;
+  /**
+   * create: live idle sandboxes made before the measured creates (not measured) and kept until
+   * the end, so creates run on a host that already holds them (the burst benchmark).
+   */
+  background: number;
 }
 
 export const SCENARIO_NAMES = ["create", "density", "exec", "files", "runcode", "snapshot", "restore", "rollback", "fork", "pause-resume", "baseline"] as const;
@@ -45,6 +50,7 @@ scenarios: ${SCENARIO_NAMES.join(", ")}
   -w N        warm-up iterations, discarded (default 2 for create, 1 otherwise)
   -m MODE     create: create-delete (default) or create-only (kill all at the end)
   --wait-pool create: wait until the warm pool is full again before each create (not measured)
+  --background N  create: first make N idle sandboxes (not measured) and keep them to the end
   -t NAME     template (default base; runcode uses code-interpreter-v1)
   -s LIST     snapshot: dirty sizes in MiB, comma-separated (default 0,10,100,500)
   --settle-ms N   density: wait after each batch (default 3000)
@@ -70,6 +76,7 @@ export function parseBenchArgs(args: string[], env: NodeJS.ProcessEnv = process.
     reportDir: "",
     progress: isTTY && env.CI !== "true",
     waitForPool: false,
+    background: 0,
   };
   for (let i = 0; i < rest.length; i++) {
     const flag = rest[i]!;
@@ -126,6 +133,9 @@ export function parseBenchArgs(args: string[], env: NodeJS.ProcessEnv = process.
         break;
       case "--wait-pool":
         options.waitForPool = true;
+        break;
+      case "--background":
+        options.background = int();
         break;
       default:
         throw new CubicleError("invalid_argument", `unknown bench option ${flag}\n\n${BENCH_USAGE}`);

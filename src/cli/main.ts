@@ -2,6 +2,7 @@ import path from "node:path";
 import { loadConfig, type CubicleConfig } from "../shared/config.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { runBenchCommand } from "../bench/index.js";
+import { createContainerRuntime } from "../runtime/index.js";
 import { ApiClient } from "./api-client.js";
 import { loadOrCreateApiKey, startServer } from "./server.js";
 import { createTemplateCatalog } from "./template-catalog.js";
@@ -17,6 +18,8 @@ const usage = `Usage: ./cubicle <command>
   template ls                list templates
   template ensure NAME       build a template unless it is cached: base, code-interpreter-v1
   template build NAME        rebuild a template
+  unmount                    after the server stopped and its sandboxes are gone: unmount its
+                             storage pool and kit (the next start mounts them again)
   bench SCENARIO|report [options]
                              measure a running server: create, density, exec, files, runcode,
                              snapshot, restore, rollback, fork, pause-resume, baseline; see bench/README.md
@@ -116,6 +119,10 @@ async function main(argv: string[]): Promise<number> {
       return runBenchCommand(args, config, loadOrCreateApiKey(config));
     case "state-dir":
       process.stdout.write(path.resolve(config.stateDir) + "\n");
+      return 0;
+    case "unmount":
+      await createContainerRuntime(config).releaseHostMounts();
+      process.stdout.write(`unmounted the storage pool and kit under ${config.runDir}\n`);
       return 0;
     case undefined:
     case "help":

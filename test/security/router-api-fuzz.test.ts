@@ -6,11 +6,11 @@
  * the sandbox live and GET /health answers 200.
  */
 import assert from "node:assert/strict";
-import { after, before, test } from "node:test";
-import { Sandbox } from "e2b";
+import { test } from "node:test";
+import type { Sandbox } from "e2b";
 import fc from "fast-check";
 import { API_ROUTES } from "../../src/api/test-app.js";
-import { startTestServer, useServerForSdk, type TestServer } from "../e2e/harness.js";
+import type { TestServer } from "../e2e/harness.js";
 import {
   assertProperty,
   bodyText,
@@ -26,26 +26,17 @@ import {
   rawRequestText,
   type RawRequestParts,
 } from "./fuzz.js";
-import { CLOSED_PORT, rawExchange, startWeirdServer, WEIRD_PORT } from "./sandbox-http.js";
+import { assertServerSurvived, CLOSED_PORT, rawExchange, useWeirdSandbox, WEIRD_PORT } from "./sandbox-http.js";
 
 let server: TestServer;
 let sandbox: Sandbox;
-
-before(async () => {
-  server = await startTestServer();
-  useServerForSdk(server);
-  sandbox = await Sandbox.create({ timeoutMs: 600_000 });
-  await startWeirdServer(server, sandbox);
-});
-
-after(async () => {
-  await sandbox?.kill().catch(() => undefined);
-  await server?.stop();
+useWeirdSandbox((made, madeSandbox) => {
+  server = made;
+  sandbox = madeSandbox;
 });
 
 async function assertServerAndSandboxLive(): Promise<void> {
-  assert.doesNotThrow(() => process.kill(server.pid(), 0), `the server process is gone:\n${server.log().slice(-3000)}`);
-  assert.equal((await fetch(server.url + "/health")).status, 200);
+  await assertServerSurvived(server);
   assert.equal((await sandbox.commands.run("echo alive")).stdout, "alive\n");
 }
 

@@ -7,34 +7,21 @@
 import assert from "node:assert/strict";
 import fs from "node:fs";
 import path from "node:path";
-import { after, before, test } from "node:test";
-import { Sandbox } from "e2b";
+import { test } from "node:test";
+import type { Sandbox } from "e2b";
 import { API_ROUTES } from "../../src/api/test-app.js";
-import { startTestServer, useServerForSdk, type TestServer } from "../e2e/harness.js";
+import type { TestServer } from "../e2e/harness.js";
 import { HOST_PATH_IN_TEXT, isE2bErrorBody } from "./fuzz.js";
-import { assertRawE2bError, CLOSED_PORT, rawExchange, startWeirdServer, upgradeRequest, WEIRD_PORT } from "./sandbox-http.js";
+import { assertRawE2bError, assertServerSurvived as assertServerSurvivedOf, CLOSED_PORT, rawExchange, upgradeRequest, useWeirdSandbox, WEIRD_PORT } from "./sandbox-http.js";
 
 let server: TestServer;
 let sandbox: Sandbox;
-
-before(async () => {
-  server = await startTestServer();
-  useServerForSdk(server);
-  sandbox = await Sandbox.create({ timeoutMs: 600_000 });
-  await startWeirdServer(server, sandbox);
+useWeirdSandbox((made, madeSandbox) => {
+  server = made;
+  sandbox = madeSandbox;
 });
 
-after(async () => {
-  await sandbox?.kill().catch(() => undefined);
-  await server?.stop();
-});
-
-/** The contained outcome's other half: the server process runs and answers its health check. */
-async function assertServerSurvived(): Promise<void> {
-  assert.doesNotThrow(() => process.kill(server.pid(), 0), `the server process is gone:\n${server.log().slice(-3000)}`);
-  const res = await fetch(server.url + "/health", { signal: AbortSignal.timeout(10_000) });
-  assert.equal(res.status, 200);
-}
+const assertServerSurvived = () => assertServerSurvivedOf(server);
 
 /** How many sandboxes the API lists (running and paused). */
 async function sandboxCount(): Promise<number> {

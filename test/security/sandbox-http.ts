@@ -3,9 +3,10 @@
  * process inside a sandbox that answers HTTP the way no well-behaved server would.
  */
 import assert from "node:assert/strict";
-import type { Sandbox } from "e2b";
+import { after, before } from "node:test";
+import { Sandbox } from "e2b";
 import { exchangeTimed } from "../../src/router/test-server.js";
-import type { TestServer } from "../e2e/harness.js";
+import { startTestServer, useServerForSdk, type TestServer } from "../e2e/harness.js";
 import { isE2bErrorBody, parseRawResponse } from "./fuzz.js";
 
 /** Port of the misbehaving server inside the sandbox. */
@@ -82,4 +83,31 @@ export function assertRawE2bError(raw: string, status: number): { code: number; 
 /** An upgrade request (WebSocket handshake) with these extra header lines. */
 export function upgradeRequest(headerLines: string[], path = "/"): string {
   return [`GET ${path} HTTP/1.1`, ...headerLines, "Connection: Upgrade", "Upgrade: websocket", "Sec-WebSocket-Version: 13", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="].join("\r\n") + "\r\n\r\n";
+}
+
+/**
+ * The fixture of the router/API battery and its fuzz: a server and one sandbox running the
+ * misbehaving server, made before the file's tests (handed to `ready`) and removed after them.
+ */
+export function useWeirdSandbox(ready: (server: TestServer, sandbox: Sandbox) => void): void {
+  let server: TestServer | undefined;
+  let sandbox: Sandbox | undefined;
+  before(async () => {
+    server = await startTestServer();
+    useServerForSdk(server);
+    sandbox = await Sandbox.create({ timeoutMs: 600_000 });
+    await startWeirdServer(server, sandbox);
+    ready(server, sandbox);
+  });
+  after(async () => {
+    await sandbox?.kill().catch(() => undefined);
+    await server?.stop();
+  });
+}
+
+/** The contained outcome's other half: the server process runs and answers its health check. */
+export async function assertServerSurvived(server: TestServer): Promise<void> {
+  assert.doesNotThrow(() => process.kill(server.pid(), 0), `the server process is gone:\n${server.log().slice(-3000)}`);
+  const res = await fetch(server.url + "/health", { signal: AbortSignal.timeout(10_000) });
+  assert.equal(res.status, 200);
 }

@@ -76,12 +76,22 @@ export async function benchCreate(options: BenchOptions, target: BenchTarget): P
     }
   };
   let killAllMs: number | undefined;
+  const background: SandboxInstance[] = [];
+  const killBackground = () => Promise.all(background.splice(0).map((s) => s.kill().catch(() => false)));
   const killKept = async () => {
     const k0 = performance.now();
     await Promise.all(kept.splice(0).map((s) => s.kill().catch(() => false)));
     return round2(performance.now() - k0);
   };
   try {
+    if (options.background > 0) {
+      const made = await runPool(options.background, options.concurrency, async () => {
+        const sandbox = await Sandbox.create(options.template, { timeoutMs: 3_600_000 });
+        background.push(sandbox);
+      });
+      const failed = made.filter((result) => result.status === "rejected").length;
+      if (failed > 0) throw new Error(`${failed} of ${options.background} background sandboxes could not be made`);
+    }
     if (options.warmup > 0) {
       await runPool(options.warmup, options.concurrency, once);
       await killKept();
@@ -101,9 +111,11 @@ export async function benchCreate(options: BenchOptions, target: BenchTarget): P
         wallMs: round2(wallMs),
         amortizedMsPerSandbox: round2(wallMs / options.total),
         waitedForFullPool: options.waitForPool,
+        liveSandboxesMeanwhile: options.background,
       },
     };
   } finally {
     await killKept();
+    await killBackground();
   }
 }
