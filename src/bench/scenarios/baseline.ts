@@ -23,16 +23,17 @@ async function run(argv: string[], timeoutMs = 30_000): Promise<void> {
 }
 
 /**
- * A minimal OCI bundle: the template rootfs as a read-only root (it is owned by the mapped range,
- * so it needs no copy), user namespace 0→100000, fresh pid/ipc/uts/mount/net namespaces,
+ * A minimal OCI bundle: the template rootfs (bound read-only into the bundle: the template cache
+ * sits in the 0700 state directory, which the mapped root cannot traverse; the tree is owned by
+ * the canonical range, so it needs no copy), user namespace 0→100000, fresh pid/ipc/uts/mount/net namespaces,
  * `/bin/true`. The floor under Cubicle's container create: no overlay, agent, netns setup or API.
  */
-function baselineOciSpec(rootfs: string): Record<string, unknown> {
+function baselineOciSpec(): Record<string, unknown> {
   const idMap = [{ containerID: 0, hostID: UID_BASE, size: UID_COUNT }];
   return {
     ociVersion: "1.0.2",
     process: { terminal: false, user: { uid: 0, gid: 0 }, args: ["/bin/true"], env: ["PATH=/usr/bin:/bin"], cwd: "/", noNewPrivileges: true },
-    root: { path: rootfs, readonly: true },
+    root: { path: "rootfs", readonly: true },
     hostname: "benchbase",
     mounts: [
       { destination: "/proc", type: "proc", source: "proc", options: ["nosuid", "noexec", "nodev"] },
@@ -80,7 +81,10 @@ async function runcFloor(options: BenchOptions, target: BenchTarget) {
   const bundle = fs.mkdtempSync(path.join(os.tmpdir(), BASELINE_PREFIX));
   // The mapped root must traverse the bundle directory to reach the config's rootfs path.
   fs.chmodSync(bundle, 0o711);
-  fs.writeFileSync(path.join(bundle, "config.json"), JSON.stringify(baselineOciSpec(rootfs)));
+  fs.writeFileSync(path.join(bundle, "config.json"), JSON.stringify(baselineOciSpec()));
+  const boundRootfs = path.join(bundle, "rootfs");
+  fs.mkdirSync(boundRootfs);
+  await run(["mount", "--bind", "-o", "ro", rootfs, boundRootfs]);
   const id = `${BASELINE_PREFIX}${process.pid}`;
   try {
     const result = await measureLoop("baseline runc", options, async () => {
@@ -94,6 +98,8 @@ async function runcFloor(options: BenchOptions, target: BenchTarget) {
     return { status: result.samples.length ? "ok" : "failed", rootfs, ...result };
   } finally {
     await run([target.runcPath, "delete", "--force", id]).catch(() => undefined);
+    await run(["umount", boundRootfs]).catch(() => run(["umount", "--lazy", boundRootfs]));
+    fs.rmdirSync(boundRootfs);
     fs.rmSync(bundle, { recursive: true, force: true });
   }
 }
