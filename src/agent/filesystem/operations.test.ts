@@ -2,7 +2,8 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import fs from "node:fs";
 import path from "node:path";
-import { isRoot, makeTempDir, rootUser, syntheticUser } from "./test-helpers.js";
+import { execFileSync } from "node:child_process";
+import { isRoot, makeTempDir, rootUser, syntheticUser, withTmpfs } from "./test-helpers.js";
 import { listDirectory, makeDirectory, movePath, removePath, resolveRequestPath, statPath } from "./operations.js";
 import { metadataStore } from "./metadata-store.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
@@ -119,5 +120,44 @@ test("a non-root user is denied what its permissions deny, and owns what it crea
   assert.equal(fs.statSync(path.join(home, "projects/app")).uid, user.uid);
   assert.equal(process.geteuid!(), 0, "credentials are restored");
   assert.equal(process.getegid!(), 0);
+  fs.rmSync(directory, { recursive: true });
+});
+
+test("a NUL byte in any path of an RPC is invalid_argument", () => {
+  const bad = "/tmp/a\0b";
+  assertCubicleError(() => statPath(rootUser, bad), "invalid_argument", /NUL byte/);
+  assertCubicleError(() => listDirectory(rootUser, bad, 1), "invalid_argument", /NUL byte/);
+  assertCubicleError(() => makeDirectory(rootUser, bad), "invalid_argument", /NUL byte/);
+  assertCubicleError(() => movePath(rootUser, bad, "/tmp/x"), "invalid_argument", /NUL byte/);
+  assertCubicleError(() => movePath(rootUser, "/tmp/x", bad), "invalid_argument", /NUL byte/);
+  assertCubicleError(() => removePath(rootUser, bad), "invalid_argument", /NUL byte/);
+});
+
+test("a read-only filesystem is permission_denied for MakeDir, Move and Remove, not internal", { skip: !isRoot && "needs root (mounts a read-only tmpfs)" }, async () => {
+  await withTmpfs("ro,size=64k", (readOnly) => {
+    assertCubicleError(() => makeDirectory(rootUser, path.join(readOnly, "a/b")), "permission_denied", /read-only file system/);
+    assertCubicleError(() => makeDirectory(rootUser, path.join(readOnly, "a")), "permission_denied", /read-only file system/);
+    assertCubicleError(() => movePath(rootUser, "/tmp", path.join(readOnly, "x/y")), "permission_denied", /read-only file system/);
+  });
+  await withTmpfs("size=64k", async (writable) => {
+    fs.writeFileSync(path.join(writable, "f"), "x");
+    execFileSync("mount", ["-o", "remount,ro", writable]);
+    assertCubicleError(() => removePath(rootUser, path.join(writable, "f")), "permission_denied", /read-only file system/);
+    assertCubicleError(() => movePath(rootUser, path.join(writable, "f"), path.join(writable, "g")), "permission_denied", /read-only file system/);
+  });
+});
+
+test("symlink loops, over-long names, busy and non-empty targets are 4xx codes, not internal", () => {
+  const directory = makeTempDir();
+  fs.symlinkSync("b", path.join(directory, "a"));
+  fs.symlinkSync("a", path.join(directory, "b"));
+  assertCubicleError(() => listDirectory(rootUser, path.join(directory, "a"), 1), "invalid_argument");
+  assertCubicleError(() => makeDirectory(rootUser, path.join(directory, "a/sub")), "invalid_argument", /too many levels of symbolic links/);
+  assertCubicleError(() => statPath(rootUser, path.join(directory, "a/sub")), "invalid_argument", /too many levels of symbolic links/);
+  assertCubicleError(() => statPath(rootUser, path.join(directory, "n".repeat(300))), "invalid_argument", /file name too long/);
+  assertCubicleError(() => makeDirectory(rootUser, path.join(directory, "n".repeat(300))), "invalid_argument", /file name too long/);
+  fs.mkdirSync(path.join(directory, "full/inner"), { recursive: true });
+  fs.mkdirSync(path.join(directory, "other"));
+  assertCubicleError(() => movePath(rootUser, path.join(directory, "other"), path.join(directory, "full")), "failed_precondition", /directory not empty/);
   fs.rmSync(directory, { recursive: true });
 });

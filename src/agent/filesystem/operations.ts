@@ -11,45 +11,21 @@ import { runAsUser } from "../as-user.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { entryInfoFromStats, readEntryInfo, baseName, type EntryInfoJson } from "./entry-info.js";
 import { metadataStore } from "./metadata-store.js";
+import { errnoOf, fsFailure, syscallErrorText } from "./fs-errors.js";
 
 /** Resolves a request path for `user` (`~`, relative → home, empty → home). */
 export function resolveRequestPath(requested: unknown, user: AgentUser): string {
   return resolveUserPath(typeof requested === "string" ? requested : "", user);
 }
 
-/** Go-style text of a failed syscall, e.g. `lstat /x: no such file or directory`. */
-export function syscallErrorText(operation: string, target: string, reason: unknown): string {
-  const errno = reason as NodeJS.ErrnoException;
-  const description: Record<string, string> = {
-    ENOENT: "no such file or directory",
-    EACCES: "permission denied",
-    EPERM: "operation not permitted",
-    ENOTDIR: "not a directory",
-    EISDIR: "is a directory",
-    EEXIST: "file exists",
-    ENOTEMPTY: "directory not empty",
-    EXDEV: "invalid cross-device link",
-    ELOOP: "too many levels of symbolic links",
-    ENOSPC: "no space left on device",
-    EDQUOT: "disk quota exceeded",
-    EROFS: "read-only file system",
-    EBUSY: "device or resource busy",
-    ENAMETOOLONG: "file name too long",
-  };
-  const text = (errno.code && description[errno.code]) ?? errno.message;
-  return `${operation} ${target}: ${text}`;
-}
-
 function isErrno(reason: unknown, ...codes: string[]): boolean {
-  const code = (reason as NodeJS.ErrnoException | undefined)?.code;
+  const code = errnoOf(reason);
   return code !== undefined && codes.includes(code);
 }
 
-/** Permission and other errno failures map through CubicleError.from; the prefix keeps context. */
-function failure(prefix: string, operation: string, target: string, reason: unknown, fallback: CubicleError["code"] = "internal"): CubicleError {
-  const mapped = CubicleError.from(reason, fallback);
-  const code = mapped.code === "permission_denied" || mapped.code === "insufficient_storage" ? mapped.code : fallback;
-  return new CubicleError(code, `${prefix}: ${syscallErrorText(operation, target, reason)}`, { cause: reason });
+/** An errno failure with its context as prefix; the code comes from the errno (fs-errors.ts). */
+function failure(prefix: string, operation: string, target: string, reason: unknown): CubicleError {
+  return fsFailure(prefix, operation, target, reason);
 }
 
 /** Adds stored user metadata to an entry. Must run as root (outside `runAsUser`). */
@@ -161,7 +137,7 @@ export function makeDirectory(user: AgentUser, requested: unknown): { entry: Ent
     if (existing) throw new CubicleError("invalid_argument", `path already exists but it is not a directory: ${target}`);
     try {
       // Created as the user: every new directory on the way is owned by them.
-      fs.mkdirSync(target, { recursive: true });
+      ensureDirectories(target);
     } catch (reason) {
       if (isErrno(reason, "ENOTDIR", "EEXIST")) {
         throw new CubicleError("invalid_argument", `error creating directory: ${syscallErrorText("mkdir", target, reason)}`, { cause: reason });
@@ -177,9 +153,21 @@ export function makeDirectory(user: AgentUser, requested: unknown): { entry: Ent
   return { entry };
 }
 
-/** Creates `directory` and missing parents as the user (call inside `runAsUser`). */
+/**
+ * Creates `directory` and missing parents as the user (call inside `runAsUser`). Throws the
+ * errno error of the step that failed: Node's recursive mkdir reports some failures below the
+ * deepest existing parent (EROFS, for one) as ENOENT, so that step is retried alone to learn why.
+ */
 export function ensureDirectories(directory: string): void {
-  fs.mkdirSync(directory, { recursive: true });
+  try {
+    fs.mkdirSync(directory, { recursive: true });
+  } catch (reason) {
+    if (!isErrno(reason, "ENOENT")) throw reason;
+    let missing = directory;
+    for (let parent = path.dirname(missing); parent !== missing && !fs.existsSync(parent); parent = path.dirname(parent)) missing = parent;
+    fs.mkdirSync(missing); // throws the real reason
+    fs.mkdirSync(directory, { recursive: true }); // it was a race: try again
+  }
 }
 
 export function movePath(user: AgentUser, requestedSource: unknown, requestedDestination: unknown): { entry: EntryInfoJson } {
