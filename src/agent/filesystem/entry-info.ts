@@ -5,6 +5,7 @@
  */
 import fs from "node:fs";
 import path from "node:path";
+import { readRegularFileSync } from "./regular-file.js";
 
 export type FileTypeName = "FILE_TYPE_UNSPECIFIED" | "FILE_TYPE_FILE" | "FILE_TYPE_DIRECTORY" | "FILE_TYPE_SYMLINK";
 
@@ -149,7 +150,8 @@ function nameOfId(file: string, id: number): string {
   if (!table || table.mtimeMs !== mtimeMs) {
     const names = new Map<number, string>();
     try {
-      for (const line of fs.readFileSync(file, "utf8").split("\n")) {
+      // Not readFileSync: the sandbox's root may have replaced the file with a FIFO (regular-file.ts).
+      for (const line of readRegularFileSync(file, 16 * 1024 * 1024).split("\n")) {
         if (!line || line.startsWith("#")) continue;
         const [name, , idText] = line.split(":");
         const parsed = Number(idText);
