@@ -31,6 +31,7 @@ const interpreterPort = Number(process.env.CUBICLE_INTERPRETER_PORT || 49999);
 startInterpreterServer({
   host,
   port: interpreterPort,
+  getAccessToken: () => state.accessToken,
   getEnvVars: () => state.envVars,
   getDefaultUser: () => state.defaultUser,
   getDefaultWorkdir: () => state.defaultWorkdir ?? "/home/user",

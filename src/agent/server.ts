@@ -191,8 +191,8 @@ function sendError(res: ServerResponse, error: CubicleError): void {
   sendJson(res, error.httpStatus, error.toE2bBody());
 }
 
-async function readJsonBody(req: IncomingMessage, limit: number): Promise<unknown> {
-  const text = (await readBody(req, limit)).toString("utf8").trim();
+async function readJsonBody(req: IncomingMessage, res: ServerResponse, limit: number): Promise<unknown> {
+  const text = (await readBody(req, res, limit)).toString("utf8").trim();
   if (text === "") return {};
   try {
     return JSON.parse(text);
@@ -207,7 +207,7 @@ async function handleInit(req: IncomingMessage, res: ServerResponse, state: Agen
     req.resume();
     return sendError(res, denied);
   }
-  const request = parseInitRequest(await readJsonBody(req, initBodyLimit));
+  const request = parseInitRequest(await readJsonBody(req, res, initBodyLimit));
   applyInit(state, request);
   log.info("initialized", {
     defaultUser: state.defaultUser,
