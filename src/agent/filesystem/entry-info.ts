@@ -133,20 +133,26 @@ export function timestampFromNs(ns: bigint): string | undefined {
 
 interface IdNameTable {
   mtimeMs: number;
+  checkedAtMs: number;
   names: Map<number, string>;
 }
 
 const idTables = new Map<string, IdNameTable>();
+/** A listing names the owner of every entry: the file's mtime is looked at this often, not each time. */
+const recheckMs = 1000;
 
 /** id → name from a passwd/group style file, re-read when the file changes. */
 function nameOfId(file: string, id: number): string {
+  let table = idTables.get(file);
+  const now = performance.now();
+  if (table && now - table.checkedAtMs < recheckMs) return table.names.get(id) ?? String(id);
   let mtimeMs = 0;
   try {
     mtimeMs = fs.statSync(file).mtimeMs;
   } catch {
     // No such file: numeric fallback below.
   }
-  let table = idTables.get(file);
+  if (table) table.checkedAtMs = now;
   if (!table || table.mtimeMs !== mtimeMs) {
     const names = new Map<number, string>();
     try {
@@ -160,7 +166,7 @@ function nameOfId(file: string, id: number): string {
     } catch {
       // Unreadable: numeric fallback below.
     }
-    table = { mtimeMs, names };
+    table = { mtimeMs, checkedAtMs: now, names };
     idTables.set(file, table);
   }
   // Upstream falls back to the numeric id when the lookup fails.

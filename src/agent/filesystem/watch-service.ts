@@ -17,6 +17,12 @@ const networkFilesystemTypes = new Set([0x6969, 0xff534d42, 0x517b, 0xfe534d42, 
 
 /** Polled events kept per watcher; the oldest are dropped beyond this. */
 const maxQueuedEvents = 10_000;
+/**
+ * Events a WatchDir client has not read yet, in bytes, before its stream is ended: events
+ * cannot be paused (the filesystem does not wait), so a client that stops reading would make
+ * the agent hold them all.
+ */
+export const maxWatchBacklogBytes = 8 * 1024 * 1024;
 /** Watchers (streams and polled ones) alive at once in one agent. */
 export const maxActiveWatchers = 1024;
 
@@ -83,10 +89,17 @@ export async function watchDirStream(request: WatchRequest, ctx: RpcContext, sen
   let lastSendMs = Date.now();
   // `start` goes first: events seen while a big tree is still being scanned wait for it.
   let early: FilesystemEventJson[] | undefined = [];
+  let backedUp: (error: CubicleError) => void = () => {};
+  const tooSlow = new Promise<never>((_, reject) => (backedUp = reject));
+  tooSlow.catch(() => {});
   const watcher = await startWatcher(ctx.user, request, (event) => {
     if (early) return void early.push(event);
     send({ filesystem: event });
     lastSendMs = Date.now();
+    if ((ctx.pendingBytes?.() ?? 0) > maxWatchBacklogBytes) {
+      watcher.close();
+      backedUp(new CubicleError("resource_exhausted", `the client did not read ${maxWatchBacklogBytes} bytes of watch events: read them as they come`));
+    }
   });
   if (ctx.signal.aborted) {
     watcher.close();
@@ -108,10 +121,11 @@ export async function watchDirStream(request: WatchRequest, ctx: RpcContext, sen
   keepalive.unref();
 
   try {
-    await new Promise<void>((resolve) => {
+    const clientGone = new Promise<void>((resolve) => {
       if (ctx.signal.aborted) return resolve();
       ctx.signal.addEventListener("abort", () => resolve(), { once: true });
     });
+    await Promise.race([clientGone, tooSlow]);
   } finally {
     clearInterval(keepalive);
     watcher.close();

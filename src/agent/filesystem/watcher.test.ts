@@ -222,3 +222,24 @@ test("polled watchers are capped, and removing one makes room", async () => {
     fs.rmSync(directory, { recursive: true });
   }
 });
+
+test("WatchDir ends with resource_exhausted when its client stops reading the events", async () => {
+  const directory = makeTempDir();
+  let unread = 0;
+  const ctx = { ...rpcContext(rootUser), pendingBytes: () => unread };
+  const messages: unknown[] = [];
+  const done = filesystemService.streams.WatchDir!({ path: directory }, ctx, (message) => {
+    messages.push(message);
+    unread += 4 * 1024 * 1024; // as if nothing sent were ever read
+  });
+  try {
+    while (messages.length === 0) await sleep(5);
+    for (let index = 0; index < 5; index++) fs.writeFileSync(path.join(directory, `f${index}`), "");
+    await assert.rejects(
+      Promise.race([done, sleep(3000).then(() => "still open")]),
+      (reason: unknown) => reason instanceof CubicleError && reason.code === "resource_exhausted",
+    );
+  } finally {
+    fs.rmSync(directory, { recursive: true });
+  }
+});

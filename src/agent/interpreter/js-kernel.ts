@@ -1,7 +1,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { createLogger } from "../../shared/log.js";
 import { JS_KERNEL_PROGRAM } from "./js-kernel-program.js";
-import { prepareCell } from "./js-source.js";
+import { prepareCellOffLoop } from "./cell-preparer.js";
 import { resultFromMimeBundle } from "./mime-bundle.js";
 import { errorOutput, kernelIdentity, streamOutput, type ExecuteRequest, type Kernel, type KernelLaunch, type OutputSink } from "./types.js";
 import { launchAs, markForOomKiller } from "../process/launch.js";
@@ -108,9 +108,13 @@ export class JsKernel implements Kernel {
     }
     let cell;
     try {
-      cell = prepareCell(request.code, { typescript: this.language === "typescript" });
+      cell = await prepareCellOffLoop(request.code, { typescript: this.language === "typescript" });
     } catch (error) {
-      sink(errorOutput("SyntaxError", (error as Error).message));
+      sink(errorOutput(error instanceof SyntaxError ? "SyntaxError" : "CellPreparationError", (error as Error).message));
+      return;
+    }
+    if (this.exited || !this.child) {
+      sink(this.deathError());
       return;
     }
     sink({ type: "number_of_executions", execution_count: ++this.executionCount });

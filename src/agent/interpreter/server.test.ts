@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import type { AddressInfo } from "node:net";
+import net, { type AddressInfo } from "node:net";
 import { after, before, describe, it } from "node:test";
 import { ContextManager } from "./context-manager.js";
 import { createInterpreterHttpServer } from "./server.js";
@@ -19,6 +19,12 @@ class FakeKernel implements Kernel {
     this.running++;
     assert.equal(this.running, 1, "two executions overlapped on one kernel");
     try {
+      const flood = /^flood:(\d+)$/.exec(request.code);
+      for (let index = 0; flood && index < Number(flood[1]) && !signal.aborted; index++) {
+        sink({ type: "stdout", text: "x".repeat(1 << 20), timestamp: new Date().toISOString() });
+        await new Promise((resolve) => setImmediate(resolve));
+      }
+      if (flood && signal.aborted) FakeKernel.interrupts++;
       const sleep = /^sleep:(\d+)$/.exec(request.code);
       if (sleep) {
         await new Promise<void>((resolve) => {
@@ -154,7 +160,7 @@ describe("interpreter HTTP server with an access token (a secure sandbox)", () =
       getDefaultWorkdir: () => "/tmp",
       maxContexts: 6,
     });
-    const server = createInterpreterHttpServer({ contexts, getAccessToken: () => "secret-token" });
+    const server = createInterpreterHttpServer({ contexts, getAccessToken: () => "secret-token", maxBacklogBytes: 4 * 1024 * 1024 });
     await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
     secured = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
     closeSecured = async () => {
@@ -217,6 +223,20 @@ describe("interpreter HTTP server with an access token (a secure sandbox)", () =
     }
     assert.equal((await post("/contexts", { cwd: "x".repeat(100_000) })).status, 413);
     assert.equal((await post("/execute", { code: "1", language: "cobol" }, { "x-access-token": "secret-token" })).status, 400);
+  });
+
+  it("cuts an execution whose client stops reading once its output backs up, and interrupts it", async () => {
+    const interruptsBefore = FakeKernel.interrupts;
+    const socket = net.connect(Number(new URL(secured).port), "127.0.0.1");
+    socket.on("error", () => {});
+    const body = JSON.stringify({ code: "flood:500" });
+    socket.write(`POST /execute HTTP/1.1\r\nhost: x\r\nx-access-token: secret-token\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n${body}`);
+    socket.pause(); // and never read: a paused socket does not even see the close
+    for (let i = 0; i < 200 && FakeKernel.interrupts === interruptsBefore; i++) await new Promise((resolve) => setTimeout(resolve, 50));
+    socket.destroy();
+    assert.equal(FakeKernel.interrupts, interruptsBefore + 1, "the execution went on for a client that does not read");
+    const next = await post("/execute", { code: "after-flood" }, { "x-access-token": "secret-token" });
+    assert.match(await next.text(), /python:after-flood/);
   });
 
   it("answers a malformed path with 400, not 500", async () => {

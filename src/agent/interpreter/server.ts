@@ -23,6 +23,8 @@ class HttpFailure extends Error {
 export interface InterpreterHttpOptions {
   contexts: ContextManager;
   keepaliveIntervalMs?: number;
+  /** See NdjsonStreamOptions. */
+  maxBacklogBytes?: number;
   /** The envd access token of the sandbox (AgentState.accessToken), read on every request. */
   getAccessToken?: () => string | undefined;
 }
@@ -109,7 +111,7 @@ export function createInterpreterHttpServer(options: InterpreterHttpOptions): ht
     if (!context) throw new HttpFailure(404, `Context ${contextId} not found`);
     const envVars = stringRecord((body as Record<string, unknown>).env_vars);
 
-    const stream = new NdjsonStream(res, { keepaliveIntervalMs: options.keepaliveIntervalMs });
+    const stream = new NdjsonStream(res, { keepaliveIntervalMs: options.keepaliveIntervalMs, maxBacklogBytes: options.maxBacklogBytes });
     const abort = new AbortController();
     // The client went away (its timeoutMs, or a crash): interrupt the kernel so the context is free again (§10.1).
     res.on("close", () => {

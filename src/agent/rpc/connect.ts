@@ -162,6 +162,7 @@ class CallScope {
       headers: this.req.headers,
       timeoutMs: this.timeoutMs,
       needsDrain: () => res.writableNeedDrain,
+      pendingBytes: () => res.writableLength,
       waitForDrain: () =>
         new Promise<void>((resolve) => {
           if (!res.writableNeedDrain || res.destroyed) return resolve();
