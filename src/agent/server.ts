@@ -7,6 +7,7 @@ import fs from "node:fs";
 import http, { type IncomingMessage, type ServerResponse } from "node:http";
 import os from "node:os";
 import { CubicleError } from "../shared/cubicle-error.js";
+import { toCubicleError } from "./errors.js";
 import { createLogger } from "../shared/log.js";
 import { checkAccessToken, checkFilesAuth, checkInitAuth, usernameFromAuthorization } from "./auth.js";
 import { createProcessService } from "./process/index.js";
@@ -108,7 +109,7 @@ export function createAgentServer(options: AgentServerOptions = {}): AgentServer
         resolveUser = resolveUserFor(req);
       } catch (error) {
         req.resume();
-        return writeConnectError(req, res, CubicleError.from(error));
+        return writeConnectError(req, res, toCubicleError(error));
       }
       return serveProcedure(req, res, procedure, { resolveUser });
     }
@@ -147,7 +148,7 @@ export function createAgentServer(options: AgentServerOptions = {}): AgentServer
     },
     (req, res) => {
       route(req, res).catch((error) => {
-        const e = CubicleError.from(error);
+        const e = toCubicleError(error);
         const fields = { method: req.method, url: req.url, error: e.message };
         if (e.httpStatus >= 500) log.error("request failed", fields);
         else log.debug("request refused", fields);

@@ -11,7 +11,7 @@ import { runAsUser } from "../as-user.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { entryInfoFromStats, readEntryInfo, baseName, type EntryInfoJson } from "./entry-info.js";
 import { metadataStore } from "./metadata-store.js";
-import { errnoOf, fsFailure, syscallErrorText } from "./fs-errors.js";
+import { errnoOf, fsFailure, syscallErrorText } from "../errors.js";
 
 /** Resolves a request path for `user` (`~`, relative → home, empty → home). */
 export function resolveRequestPath(requested: unknown, user: AgentUser): string {

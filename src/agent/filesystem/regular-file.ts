@@ -14,7 +14,7 @@
  */
 import fs from "node:fs";
 import { CubicleError } from "../../shared/cubicle-error.js";
-import { errnoOf, fsFailure } from "./fs-errors.js";
+import { errnoOf, fsFailure } from "../errors.js";
 
 const { O_RDONLY, O_WRONLY, O_CREAT, O_TRUNC, O_NONBLOCK, O_NOCTTY } = fs.constants;
 

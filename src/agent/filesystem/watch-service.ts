@@ -10,7 +10,7 @@ import { runAsUser } from "../as-user.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { DirectoryWatcher, type FilesystemEventJson } from "./watcher.js";
 import { resolveRequestPath, withMetadata } from "./operations.js";
-import { fsFailure, syscallErrorText } from "./fs-errors.js";
+import { fsFailure, syscallErrorText } from "../errors.js";
 
 /** Filesystem magic numbers of network mounts (include/uapi/linux/magic.h), as upstream. */
 const networkFilesystemTypes = new Set([0x6969, 0xff534d42, 0x517b, 0xfe534d42, 0x65735546]);

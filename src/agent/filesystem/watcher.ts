@@ -21,7 +21,7 @@ import { runAsUser } from "../as-user.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger } from "../../shared/log.js";
 import { readEntryInfo, type EntryInfoJson } from "./entry-info.js";
-import { errnoOf, fsErrorCode } from "./fs-errors.js";
+import { errnoOf, fsErrorCode } from "../errors.js";
 
 const log = createLogger("agent.fs.watch");
 

@@ -343,3 +343,21 @@ test("over-long names, symlink loops and files used as directories are 4xx, neve
     errorBody(write);
   }
 });
+
+test("a multipart upload cut in the middle of a part answers 400 and leaves no error unhandled", async () => {
+  const uncaught: unknown[] = [];
+  const onUncaught = (error: unknown) => uncaught.push(error);
+  process.on("uncaughtException", onUncaught);
+  try {
+    for (const name of ["other", "file"]) {
+      const { body, contentType } = multipart([{ name, filename: path.join(directory, `cut-${name}`), data: Buffer.alloc(5000, "c") }]);
+      const reply = await send("POST", {}, { "Content-Type": contentType }, body.subarray(0, 300));
+      assert.equal(reply.status, 400, reply.body.toString());
+      errorBody(reply);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.deepEqual(uncaught.map(String), []);
+  } finally {
+    process.off("uncaughtException", onUncaught);
+  }
+});

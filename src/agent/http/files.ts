@@ -16,7 +16,7 @@ import { runAsUser } from "../as-user.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger } from "../../shared/log.js";
 import { metadataStore, validateMetadata, type Metadata } from "../filesystem/metadata-store.js";
-import { errnoOf, fsErrorCode, fsFailure, syscallErrorText } from "../filesystem/fs-errors.js";
+import { errnoOf, fsErrorCode, fsFailure, syscallErrorText, toCubicleError } from "../errors.js";
 import { openRegularFileForReading, openRegularFileForWriting } from "../filesystem/regular-file.js";
 import { ensureDirectories } from "../filesystem/operations.js";
 
@@ -61,7 +61,7 @@ export async function handleFilesRequest(req: IncomingMessage, res: ServerRespon
 }
 
 function sendError(req: IncomingMessage, res: ServerResponse, reason: unknown): void {
-  const status = reason instanceof FilesError ? reason.status : CubicleError.from(reason).httpStatus;
+  const status = reason instanceof FilesError ? reason.status : toCubicleError(reason).httpStatus;
   const message = reason instanceof Error ? reason.message : String(reason);
   if (status >= 500) log.warn("files request failed", { method: req.method, status, message });
   if (res.headersSent) {
@@ -266,6 +266,10 @@ function receiveMultipart(req: IncomingMessage, user: AgentUser, queryPath: stri
     };
 
     parser.on("file", (fieldName, stream, info) => {
+      // A truncated form fails the current part's stream too ("Unexpected end of form"), also
+      // for a part nobody reads: the parser's own error settles the upload; this one must not
+      // become an uncaught exception.
+      stream.on("error", () => {});
       if (failed || fieldName !== "file") {
         stream.resume();
         return;
@@ -373,9 +377,9 @@ function copyInto(source: Readable, sink: fs.WriteStream): Promise<void> {
       sink.destroy();
       reject(reason);
     };
-    source.once("error", settle);
+    source.on("error", settle);
     source.once("aborted", () => settle(Object.assign(new Error("request aborted"), { code: "ECONNRESET" })));
-    sink.once("error", settle);
+    sink.on("error", settle);
     sink.once("close", () => settle());
     source.pipe(sink);
   });

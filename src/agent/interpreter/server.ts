@@ -2,6 +2,7 @@ import http, { type IncomingMessage, type ServerResponse } from "node:http";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger } from "../../shared/log.js";
 import { accessTokenHeader, tokenEquals, unauthorizedMessage } from "../auth.js";
+import { toCubicleError } from "../errors.js";
 import { readRequestBody } from "../http/request-body.js";
 import type { ContextManager } from "./context-manager.js";
 import { KEEP_IDLE_CONNECTIONS } from "../http/keep-alive.js";
@@ -53,23 +54,26 @@ export function createInterpreterHttpServer(options: InterpreterHttpOptions): ht
 
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const url = new URL(req.url ?? "/", "http://interpreter");
-    let segments: string[];
-    try {
-      segments = url.pathname.split("/").filter(Boolean).map(decodeURIComponent);
-    } catch {
-      throw new HttpFailure(400, `malformed percent-encoding in ${url.pathname}`);
-    }
+    const rawSegments = url.pathname.split("/").filter(Boolean);
     const method = req.method ?? "GET";
 
-    // Before the body is read: a caller without the token makes the agent hold nothing.
+    // Before the body is read, and before anything else is looked at: a caller without the
+    // token makes the agent hold nothing and learns nothing.
     const token = options.getAccessToken?.();
     if (token !== undefined) {
       const header = req.headers[accessTokenHeader];
       const presented = Array.isArray(header) ? header[0] : header;
-      if (presented !== undefined ? !tokenEquals(token, presented) : requiresToken(method, segments)) {
+      if (presented !== undefined ? !tokenEquals(token, presented) : requiresToken(method, rawSegments)) {
         req.resume();
         return sendJson(res, 401, { code: 401, message: unauthorizedMessage });
       }
+    }
+
+    let segments: string[];
+    try {
+      segments = rawSegments.map(decodeURIComponent);
+    } catch {
+      throw new HttpFailure(400, `malformed percent-encoding in ${url.pathname}`);
     }
 
     if (segments.length === 1 && segments[0] === "health" && method === "GET") {
@@ -137,9 +141,10 @@ export function createInterpreterHttpServer(options: InterpreterHttpOptions): ht
       const failure =
         error instanceof HttpFailure
           ? error
-          : error instanceof CubicleError
-            ? new HttpFailure(error.httpStatus, error.message)
-            : new HttpFailure(500, (error as Error).message ?? String(error));
+          : (() => {
+              const e = toCubicleError(error);
+              return new HttpFailure(e.httpStatus, e.message);
+            })();
       if (failure.status >= 500) log.error("interpreter request failed", { url: req.url, reason: failure.message });
       if (res.headersSent) {
         res.destroy();

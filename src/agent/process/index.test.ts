@@ -92,6 +92,13 @@ describe("process.Process Start", () => {
     });
   });
 
+  it("refuses a NUL byte in the command or an argument with invalid_argument", async () => {
+    for (const process of [{ cmd: "/bin/true", args: ["a\0b"] }, { cmd: "/bin/tr\0ue" }]) {
+      const events = openStream("Start", { process: { ...process, cwd: "/tmp" }, stdin: false });
+      await assert.rejects(events.done, (error: unknown) => error instanceof CubicleError && error.code === "invalid_argument");
+    }
+  });
+
   it("refuses a malformed request with invalid_argument", async () => {
     for (const request of [{}, { process: { cmd: 5 } }, { process: { cmd: "/bin/true", args: "x" } }]) {
       await assert.rejects(openStream("Start", request).done, (e: unknown) => e instanceof CubicleError && e.code === "invalid_argument");

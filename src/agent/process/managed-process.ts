@@ -82,15 +82,21 @@ export class ManagedProcess {
   /** Spawns a command with pipes: `[stdin], stdout, stderr`, in its own process group. */
   static async spawnCommand(spec: SpawnSpec): Promise<ManagedProcess> {
     const launch = launchAs(spec.user, spec.config.cmd, spec.config.args);
-    const child = spawn(launch.file, launch.args, {
-      cwd: spec.cwd,
-      env: spec.env,
-      stdio: [spec.stdin ? "pipe" : "ignore", "pipe", "pipe"],
-      // Own process group, so a kill reaches the whole command (bash and what it started).
-      detached: true,
-      uid: launch.uid,
-      gid: launch.gid,
-    });
+    let child: ChildProcess;
+    try {
+      child = spawn(launch.file, launch.args, {
+        cwd: spec.cwd,
+        env: spec.env,
+        stdio: [spec.stdin ? "pipe" : "ignore", "pipe", "pipe"],
+        // Own process group, so a kill reaches the whole command (bash and what it started).
+        detached: true,
+        uid: launch.uid,
+        gid: launch.gid,
+      });
+    } catch (error) {
+      // Node refuses some argv synchronously (a NUL byte in the command or an argument).
+      throw new CubicleError("invalid_argument", `error starting process '${commandLine(spec.config)}': ${(error as Error).message}`, { cause: error });
+    }
     await new Promise<void>((resolve, reject) => {
       child.once("spawn", resolve);
       child.once("error", (error) =>

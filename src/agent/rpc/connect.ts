@@ -7,6 +7,7 @@ import type { IncomingMessage, ServerResponse } from "node:http";
 import { promisify } from "node:util";
 import zlib from "node:zlib";
 import { CubicleError } from "../../shared/cubicle-error.js";
+import { toCubicleError } from "../errors.js";
 import { createLogger } from "../../shared/log.js";
 import type { AgentUser } from "../users.js";
 import { EnvelopeParser, encodeEnvelope, envelopeFlags } from "./envelope.js";
@@ -102,7 +103,7 @@ export interface CallOptions {
 export async function serveProcedure(req: IncomingMessage, res: ServerResponse, procedure: Procedure, options: CallOptions): Promise<void> {
   const streaming = procedure.kind === "stream";
   const fail = (error: unknown) => {
-    const e = CubicleError.from(error);
+    const e = toCubicleError(error);
     if (streaming) writeStreamError(res, e);
     else writeUnaryError(res, e);
   };
@@ -256,7 +257,7 @@ async function runUnary(req: IncomingMessage, res: ServerResponse, handler: Unar
     res.writeHead(200, { "content-type": unaryContentType, "content-length": Buffer.byteLength(text) });
     res.end(text);
   } catch (error) {
-    if (!res.destroyed) writeUnaryError(res, CubicleError.from(error));
+    if (!res.destroyed) writeUnaryError(res, toCubicleError(error));
   } finally {
     call.dispose();
   }
@@ -330,7 +331,7 @@ async function runStream(req: IncomingMessage, res: ServerResponse, handler: Str
     await Promise.race([handler(request, ctx, send), call.aborted()]);
     finish();
   } catch (error) {
-    const e = CubicleError.from(error);
+    const e = toCubicleError(error);
     if (e.code === "internal") log.warn("stream failed", { path: req.url, error: e.message });
     finish(e);
   } finally {

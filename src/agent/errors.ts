@@ -1,13 +1,14 @@
 /**
- * How the agent reports a failed filesystem call: an errno turned into a CubicleError code (so a
- * 4xx for every failure the caller caused, 507 for a full disk, 500 only for genuine faults),
- * and the Go-style text upstream envd writes (`lstat /x: no such file or directory`).
+ * How the agent reports a failure: an errno (or Node argument error) turned into a CubicleError
+ * code, so a 4xx for every failure the caller caused, 507 for a full disk, 500 only for genuine
+ * faults; and for filesystem calls the Go-style text upstream envd writes
+ * (`lstat /x: no such file or directory`).
  *
  * The shared table (src/shared/cubicle-error.ts, `errnoToCode`) covers the common errnos; the
  * agent meets more of them on user-chosen paths (a read-only /proc, a symlink loop, a busy
  * executable), so it keeps its own, wider one here.
  */
-import { CubicleError, errnoToCode, type ErrorCode } from "../../shared/cubicle-error.js";
+import { CubicleError, errnoToCode, type ErrorCode } from "../shared/cubicle-error.js";
 
 const agentErrnoCodes: Record<string, ErrorCode> = {
   EROFS: "permission_denied",
@@ -31,6 +32,17 @@ const agentErrnoCodes: Record<string, ErrorCode> = {
   ERR_INVALID_ARG_VALUE: "invalid_argument",
   ERR_INVALID_ARG_TYPE: "invalid_argument",
 };
+
+/**
+ * Anything thrown as a CubicleError, through the agent's errno table: what every request
+ * handler answers with (CubicleError.from knows only the shared table).
+ */
+export function toCubicleError(reason: unknown): CubicleError {
+  if (reason instanceof CubicleError) return reason;
+  const code = fsErrorCode(errnoOf(reason));
+  if (code === undefined) return CubicleError.from(reason);
+  return new CubicleError(code, reason instanceof Error ? reason.message : String(reason), { cause: reason });
+}
 
 /** The error code of an errno (or Node error code), if it has one; undefined means a genuine fault. */
 export function fsErrorCode(errno: string | undefined): ErrorCode | undefined {
