@@ -209,7 +209,7 @@ function sendRpc(call: { name: string; text: string; gzip: boolean; chunkSize: n
     .filter(([name, value]) => !(name === "authorization" && !value.startsWith("Basic bm9ib2R5")) && /^[\t\x20-\x7e]*$/.test(value))
     .filter(([name]) => name !== "connect-timeout-ms");
   headers.push(asNobody, ["content-type", stream ? "application/connect+json" : "application/json"], ["connect-timeout-ms", "400"]);
-  let payload = Buffer.from(call.text);
+  let payload: Buffer = Buffer.from(call.text);
   if (call.gzip) {
     payload = zlib.gzipSync(payload);
     headers.push([stream ? "connect-content-encoding" : "content-encoding", "gzip"]);

@@ -15,6 +15,7 @@ import { findProcedure, parseProcedurePath, readBody, serveProcedure, writeConne
 import type { ServiceDefinition } from "./rpc/types.js";
 import { applyInit, createAgentState, parseInitRequest, type AgentState } from "./state.js";
 import { KEEP_IDLE_CONNECTIONS } from "./http/keep-alive.js";
+import { abandonBody } from "./http/request-body.js";
 import { lookupUser, type AgentUser } from "./users.js";
 
 const log = createLogger("agent");
@@ -92,7 +93,7 @@ export function createAgentServer(options: AgentServerOptions = {}): AgentServer
     const procedurePath = method === "POST" ? parseProcedurePath(pathname) : undefined;
     const denied = checkAccessToken(state, method, pathname, req.headers);
     if (denied) {
-      req.resume();
+      abandonBody(req);
       if (procedurePath) return writeConnectError(req, res, denied);
       return sendError(res, denied);
     }
@@ -101,14 +102,14 @@ export function createAgentServer(options: AgentServerOptions = {}): AgentServer
       const service = await loadService(procedurePath.service);
       const procedure = service && findProcedure(service, procedurePath.method);
       if (!procedure) {
-        req.resume();
+        abandonBody(req);
         return sendJson(res, 404, { code: "unimplemented", message: `${pathname} is not implemented` });
       }
       let resolveUser: () => AgentUser;
       try {
         resolveUser = resolveUserFor(req);
       } catch (error) {
-        req.resume();
+        abandonBody(req);
         return writeConnectError(req, res, toCubicleError(error));
       }
       return serveProcedure(req, res, procedure, { resolveUser });
@@ -119,7 +120,7 @@ export function createAgentServer(options: AgentServerOptions = {}): AgentServer
       case "POST /files": {
         const denied = checkFilesAuth(state, method, url.searchParams, req.headers);
         if (denied) {
-          req.resume();
+          abandonBody(req);
           return sendError(res, denied);
         }
         const handler = await loadFilesHandler();
@@ -132,7 +133,7 @@ export function createAgentServer(options: AgentServerOptions = {}): AgentServer
       case "GET /metrics":
         return sendJson(res, 200, collectMetrics());
       default:
-        req.resume();
+        abandonBody(req);
         return sendJson(res, 404, { code: 404, message: `${method} ${pathname} not found` });
     }
   }
@@ -205,7 +206,7 @@ async function readJsonBody(req: IncomingMessage, res: ServerResponse, limit: nu
 async function handleInit(req: IncomingMessage, res: ServerResponse, state: AgentState): Promise<void> {
   const denied = checkInitAuth(state, req.headers);
   if (denied) {
-    req.resume();
+    abandonBody(req);
     return sendError(res, denied);
   }
   const request = parseInitRequest(await readJsonBody(req, res, initBodyLimit));

@@ -19,6 +19,7 @@ import { metadataStore, validateMetadata, type Metadata } from "../filesystem/me
 import { errnoOf, fsErrorCode, fsFailure, syscallErrorText, toCubicleError } from "../errors.js";
 import { openRegularFileForReading, openRegularFileForWriting } from "../filesystem/regular-file.js";
 import { ensureDirectories } from "../filesystem/operations.js";
+import { abandonBody } from "./request-body.js";
 
 const log = createLogger("agent.files");
 
@@ -73,7 +74,7 @@ function sendError(req: IncomingMessage, res: ServerResponse, reason: unknown): 
   res.writeHead(status, { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(body) });
   res.end(body);
   // Drop an unread request body without reading it into memory, keeping the connection usable.
-  if (!req.readableEnded) req.resume();
+  if (!req.readableEnded) abandonBody(req);
 }
 
 function requestUrl(req: IncomingMessage): URL {

@@ -59,15 +59,28 @@ export function bodyTooLarge(limit: number): CubicleError {
   return new CubicleError("resource_exhausted", `request body is larger than ${limit} bytes`, { details: { limitBytes: limit } });
 }
 
+/** How long the rest of an abandoned body is read and thrown away before the connection is closed. */
+export const abandonedBodyGraceMs = 2000;
+
 /**
  * Stops keeping a request's body whose answer is already decided: the rest is read and thrown
- * away as it arrives, whatever its size. (Not `Connection: close`: closing a socket with unread
- * data makes the kernel send a reset, and the client may lose the answer with it.)
+ * away as it arrives, and if it has not all arrived after abandonedBodyGraceMs, the connection
+ * is closed. Closing at once would make the kernel reset a socket with unread data, and the
+ * client could lose the answer with it; never closing would let a peer that stops sending in
+ * the middle of a body hold the connection.
  */
 export function abandonBody(req: IncomingMessage): void {
   req.unpipe();
   req.removeAllListeners("data");
   req.resume();
+  if (req.complete) return;
+  const socket = req.socket;
+  const timer = setTimeout(() => {
+    if (!req.complete) socket.destroy();
+  }, abandonedBodyGraceMs);
+  timer.unref();
+  req.once("end", () => clearTimeout(timer));
+  socket.once("close", () => clearTimeout(timer));
 }
 
 /**

@@ -3,7 +3,7 @@ import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger } from "../../shared/log.js";
 import { accessTokenHeader, tokenEquals, unauthorizedMessage } from "../auth.js";
 import { toCubicleError } from "../errors.js";
-import { readRequestBody } from "../http/request-body.js";
+import { abandonBody, readRequestBody } from "../http/request-body.js";
 import type { ContextManager } from "./context-manager.js";
 import { KEEP_IDLE_CONNECTIONS } from "../http/keep-alive.js";
 import { NdjsonStream } from "./ndjson.js";
@@ -64,7 +64,7 @@ export function createInterpreterHttpServer(options: InterpreterHttpOptions): ht
       const header = req.headers[accessTokenHeader];
       const presented = Array.isArray(header) ? header[0] : header;
       if (presented !== undefined ? !tokenEquals(token, presented) : requiresToken(method, rawSegments)) {
-        req.resume();
+        abandonBody(req);
         return sendJson(res, 401, { code: 401, message: unauthorizedMessage });
       }
     }

@@ -7,7 +7,7 @@ import { CubicleError } from "../../shared/cubicle-error.js";
 import { lookupUser } from "../users.js";
 import { findProcedure, parseProcedurePath, parseTimeoutMs, serveProcedure } from "./connect.js";
 import { EnvelopeParser, encodeEnvelope } from "./envelope.js";
-import { bufferedBodyBytes, setBodyBudgetBytes } from "../http/request-body.js";
+import { abandonedBodyGraceMs, bufferedBodyBytes, setBodyBudgetBytes } from "../http/request-body.js";
 import type { RpcContext, ServiceDefinition } from "./types.js";
 
 let lastAbortReason: unknown;
@@ -256,6 +256,23 @@ describe("Connect request size", () => {
     assert.match(res.body, /"code":"resource_exhausted"/);
     assert.match(res.body, /larger than 33554432 bytes/);
     assert.equal(bufferedBodyBytes(), 0, "nothing of the refused body stays held");
+  });
+
+  it("closes the connection of an oversized body that stops arriving, a while after answering it", async () => {
+    const socket = net.connect(port, "127.0.0.1");
+    socket.on("error", () => {});
+    let answer = "";
+    socket.on("data", (chunk) => (answer += chunk.toString("latin1")));
+    const closed = new Promise<number>((resolve) => socket.once("close", () => resolve(Date.now())));
+    socket.write(`POST /test.Echo/Echo HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${64 * 1024 * 1024}\r\n\r\n`);
+    socket.write(Buffer.alloc(33 * 1024 * 1024, 0x20)); // over the limit, then nothing more
+    for (let i = 0; i < 200 && !answer.includes("resource_exhausted"); i++) await new Promise((r) => setTimeout(r, 10));
+    const answeredAt = Date.now();
+    assert.match(answer, /^HTTP\/1\.1 429/);
+    const closedAt = await Promise.race([closed, new Promise<number>((resolve) => setTimeout(() => resolve(-1), 6000))]);
+    socket.destroy();
+    assert.ok(closedAt > 0, "the agent kept the connection of a body that stopped arriving");
+    assert.ok(closedAt - answeredAt >= abandonedBodyGraceMs - 200, `closed ${closedAt - answeredAt} ms after the answer`);
   });
 
   it("answers an oversized streaming envelope in the end-stream envelope", async () => {

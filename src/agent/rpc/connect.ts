@@ -118,7 +118,7 @@ export async function serveProcedure(req: IncomingMessage, res: ServerResponse, 
       // Connect answers a codec it does not speak with 415 (connect protocol spec, "Unsupported Media Type").
       res.writeHead(415, { "accept-post": `${unaryContentType}, ${streamContentType}` });
       res.end();
-      req.resume();
+      abandonBody(req);
       return;
     }
     const timeoutMs = parseTimeoutMs(req.headers["connect-timeout-ms"]);
