@@ -7,15 +7,15 @@ import fs from "node:fs";
 import http, { type IncomingMessage, type ServerResponse } from "node:http";
 import os from "node:os";
 import { CubicleError } from "../shared/cubicle-error.js";
-import { toCubicleError } from "./errors.js";
 import { createLogger } from "../shared/log.js";
+import { toCubicleError } from "./errors.js";
 import { checkAccessToken, checkFilesAuth, checkInitAuth, usernameFromAuthorization } from "./auth.js";
 import { createProcessService } from "./process/index.js";
-import { findProcedure, parseProcedurePath, readBody, serveProcedure, writeConnectError } from "./rpc/connect.js";
+import { findProcedure, parseProcedurePath, serveProcedure, writeConnectError } from "./rpc/connect.js";
 import type { ServiceDefinition } from "./rpc/types.js";
 import { applyInit, createAgentState, parseInitRequest, type AgentState } from "./state.js";
 import { KEEP_IDLE_CONNECTIONS } from "./http/keep-alive.js";
-import { abandonBody } from "./http/request-body.js";
+import { abandonBody, readRequestBody } from "./http/request-body.js";
 import { lookupUser, type AgentUser } from "./users.js";
 
 const log = createLogger("agent");
@@ -194,7 +194,7 @@ function sendError(res: ServerResponse, error: CubicleError): void {
 }
 
 async function readJsonBody(req: IncomingMessage, res: ServerResponse, limit: number): Promise<unknown> {
-  const text = (await readBody(req, res, limit)).toString("utf8").trim();
+  const text = (await readRequestBody(req, res, limit)).toString("utf8").trim();
   if (text === "") return {};
   try {
     return JSON.parse(text);

@@ -87,7 +87,7 @@ async function inSlices(user: AgentUser, step: () => boolean): Promise<void> {
 /**
  * ListDir: entries to `depth` levels, like Go's filepath.WalkDir (lexical order, depth first,
  * symlinks not followed). The walk runs in slices, so a deep listing of a big tree does not
- * hold up other requests; more than maxListedEntries is resource_exhausted.
+ * hold up other requests; more than maxListedEntries is failed_precondition.
  */
 export async function listDirectory(user: AgentUser, requested: unknown, requestedDepth: unknown, maxEntries = maxListedEntries): Promise<{ entries: EntryInfoJson[] }> {
   let depth = Number(requestedDepth ?? 0);
@@ -148,7 +148,7 @@ export async function listDirectory(user: AgentUser, requested: unknown, request
       return false;
     }
     if (collected.length >= maxEntries) {
-      throw new CubicleError("resource_exhausted", `more than ${maxEntries} entries under ${requestedPath}: list it with a smaller depth`);
+      throw new CubicleError("failed_precondition", `more than ${maxEntries} entries under ${requestedPath}: list it with a smaller depth`);
     }
     collected.push({ entry: entryInfoFromStats(reported, entryStats), identity: { dev: entryStats.dev, ino: entryStats.ino } });
     if (entryStats.isDirectory() && frame.level < depth) stack.push({ directory: actual, reported, level: frame.level + 1, next: 0 });

@@ -76,3 +76,32 @@ export async function fifoWithDelayedWriter(fifo: string, afterMs: number): Prom
     }
   };
 }
+
+export interface EventLoopMeasure {
+  /** 2 ms timers that ran while the work was under way. */
+  ticks: number;
+  /**
+   * The most CPU time the process used between two consecutive timers (ms): a synchronous
+   * stretch of work. Unlike wall time, a process descheduled on a busy machine does not count.
+   */
+  longestBusyMs: number;
+}
+
+/** Runs `work` and measures how the event loop fared meanwhile. */
+export async function measureEventLoop(work: () => Promise<unknown>): Promise<EventLoopMeasure> {
+  let last = process.cpuUsage();
+  let longestBusyMs = 0;
+  let ticks = 0;
+  const ticker = setInterval(() => {
+    const now = process.cpuUsage();
+    longestBusyMs = Math.max(longestBusyMs, (now.user - last.user + now.system - last.system) / 1000);
+    last = now;
+    ticks++;
+  }, 2);
+  try {
+    await work();
+  } finally {
+    clearInterval(ticker);
+  }
+  return { ticks, longestBusyMs };
+}

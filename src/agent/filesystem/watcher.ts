@@ -82,7 +82,8 @@ export class DirectoryWatcher {
   /**
    * Settles once the directories present at the start are all watched (for a recursive watch
    * that is a whole tree, scanned in slices so that other requests go on meanwhile); rejects
-   * (the watcher then closed) when the tree is too big for the limits.
+   * (the watcher then closed) when the tree is too big for the limits (failed_precondition) or
+   * the kernel's inotify limits are reached (resource_exhausted).
    */
   readonly ready: Promise<void>;
   private readonly watches = new Map<string, fs.FSWatcher>();
@@ -141,7 +142,7 @@ export class DirectoryWatcher {
     if (this.closed || this.watches.has(directory)) return;
     const limit = this.options.limits?.directories ?? maxWatchedDirectories;
     if (this.watches.size >= limit) {
-      throw new CubicleError("resource_exhausted", `more than ${limit} directories to watch: watch a smaller tree or without recursion`);
+      throw new CubicleError("failed_precondition", `more than ${limit} directories to watch: watch a smaller tree or without recursion`);
     }
     const watch = fs.watch(directory, { persistent: false }, (kind, name) => {
       if (name === null || name === undefined) return;
@@ -200,7 +201,7 @@ export class DirectoryWatcher {
         }
         const limit = this.options.limits?.entries ?? maxKnownEntries;
         if (!snapshot.has(name) && this.knownEntries >= limit) {
-          throw new CubicleError("resource_exhausted", `more than ${limit} entries to watch: watch a smaller tree or without recursion`);
+          throw new CubicleError("failed_precondition", `more than ${limit} entries to watch: watch a smaller tree or without recursion`);
         }
         this.remember(snapshot, name, { ino: stats.ino, isDirectory: stats.isDirectory() });
         if (step.reportContents) this.emit(child, "EVENT_TYPE_CREATE", true);
@@ -222,7 +223,8 @@ export class DirectoryWatcher {
       this.watchDirectory(directory, reportContents);
     } catch (reason) {
       const error = watchError(reason);
-      if (error.code === "resource_exhausted") {
+      // A limit: this watcher's (failed_precondition) or the kernel's inotify ones (resource_exhausted).
+      if (error.code === "failed_precondition" || error.code === "resource_exhausted") {
         if (!this.initialScanDone) throw error;
         log.warn("cannot watch new subdirectory", { directory, error: error.message });
         return;

@@ -26,13 +26,15 @@ export interface ContextManagerOptions {
   getDefaultWorkdir: () => string;
   /** Extra variables every kernel of a language gets (e.g. MPLBACKEND for python). */
   kernelEnv?: (language: string) => Record<string, string>;
-  /** Most contexts at once, the default ones included. Default `maxCodeContexts`. */
+  /** Most contexts created through `/contexts` at once (the per-language defaults come on top). Default `maxCodeContexts`. */
   maxContexts?: number;
 }
 
 /**
- * Contexts one sandbox may have at once. Anyone who knows the sandbox id may create one (the
- * SDK sends no token there, see server.ts), and each may later hold a kernel process.
+ * Contexts one sandbox may have at once besides the per-language defaults. Anyone who knows the
+ * sandbox id may create one (the SDK sends no token there, see server.ts), and each may later
+ * hold a kernel process. The defaults (one per language, six at most) are not counted, so that
+ * such a caller cannot keep `runCode` from the default contexts.
  */
 export const maxCodeContexts = 64;
 
@@ -144,11 +146,11 @@ export class ContextManager {
   }
 
   /** Throws invalid_argument for an unknown language or a bad cwd, resource_exhausted over the cap. */
-  create(request: { language?: string | null; cwd?: string | null }): CodeContext {
+  create(request: { language?: string | null; cwd?: string | null }, isDefault = false): CodeContext {
     const language = checkLanguage(request.language);
     const cwd = this.checkCwd(request.cwd?.trim() || this.options.getDefaultWorkdir() || "/home/user");
     const max = this.options.maxContexts ?? maxCodeContexts;
-    if (this.contexts.size >= max) {
+    if (!isDefault && this.contexts.size - this.defaults.size >= max) {
       throw new CubicleError("resource_exhausted", `at most ${max} code contexts can exist in a sandbox: remove one (removeCodeContext) before creating another`);
     }
     const context = new CodeContext(randomUUID(), language, cwd, this);
@@ -165,7 +167,7 @@ export class ContextManager {
     const language = checkLanguage(languageName);
     let context = this.defaults.get(language);
     if (!context) {
-      context = this.create({ language });
+      context = this.create({ language }, true);
       this.defaults.set(language, context);
     }
     return context;

@@ -213,7 +213,9 @@ describe("interpreter HTTP server with an access token (a secure sandbox)", () =
     }
     assert.equal(refused?.status, 429);
     assert.match(await refused!.text(), /at most 6 code contexts/);
-    assert.equal(ids.length, 4, "the python and javascript defaults count too");
+    assert.equal(ids.length, 6, "the python and javascript defaults do not count");
+    const bash = await post("/execute", { code: "b", language: "bash" }, { "x-access-token": "secret-token" });
+    assert.match(await bash.text(), /bash:b/, "the default contexts stay usable when the cap is reached");
     await fetch(`${secured}/contexts/${ids.pop()}`, { method: "DELETE" });
     assert.equal((await post("/contexts", {})).status, 200, "deleting one makes room");
 

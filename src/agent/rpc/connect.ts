@@ -7,11 +7,11 @@ import type { IncomingMessage, ServerResponse } from "node:http";
 import { promisify } from "node:util";
 import zlib from "node:zlib";
 import { CubicleError } from "../../shared/cubicle-error.js";
-import { toCubicleError } from "../errors.js";
 import { createLogger } from "../../shared/log.js";
+import { toCubicleError } from "../errors.js";
+import { abandonBody, BodyBudget, readRequestBody } from "../http/request-body.js";
 import type { AgentUser } from "../users.js";
 import { EnvelopeParser, encodeEnvelope, envelopeFlags } from "./envelope.js";
-import { abandonBody, BodyBudget, readRequestBody } from "../http/request-body.js";
 import type { RpcContext, ServiceDefinition, StreamHandler, UnaryHandler } from "./types.js";
 
 const log = createLogger("agent-rpc");
@@ -240,15 +240,10 @@ function checkEncoding(encoding: string): "gzip" | undefined {
   throw new CubicleError("unimplemented", `unknown compression "${encoding}": supported encodings are gzip, identity`);
 }
 
-/** Reads a whole request body, refusing more than `limit` bytes (request-body.ts). */
-export function readBody(req: IncomingMessage, res: ServerResponse, limit: number): Promise<Buffer> {
-  return readRequestBody(req, res, limit);
-}
-
 async function runUnary(req: IncomingMessage, res: ServerResponse, handler: UnaryHandler, ctx: RpcContext, call: CallScope): Promise<void> {
   try {
     const encoding = checkEncoding(headerValue(req, "content-encoding"));
-    let body = await Promise.race([readBody(req, res, maxRequestBytes), call.aborted()]);
+    let body = await Promise.race([readRequestBody(req, res, maxRequestBytes), call.aborted()]);
     if (encoding === "gzip") body = await gunzip(body, new BodyBudget(res));
     const request = decodeJsonMessage(body);
     const response = await Promise.race([handler(request, ctx), call.aborted()]);
