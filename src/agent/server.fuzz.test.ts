@@ -388,6 +388,9 @@ describe("envd port (49983) under fuzzed input", () => {
   });
 
   it("keeps answering: a FIFO read, a Start and a health check together, within the bound", async () => {
+    // The fuzzed calls above may have removed or replaced the FIFO (nobody may, in the scratch directory).
+    fs.rmSync(fifo, { force: true, recursive: true });
+    (await import("node:child_process")).execFileSync("mkfifo", ["-m", "666", fifo]);
     const started = Date.now();
     const [read, run, health] = await Promise.all([
       rawRequest({ port, method: "GET", path: `/files?${new URLSearchParams({ path: fifo, username: "nobody" })}` }),
