@@ -170,8 +170,9 @@ test("a recursive watch of a big tree does not hold up the agent, and sees event
   }
 });
 
-test("a tree over the watcher's limits is refused with failed_precondition, and a tree moved in later is reported", async () => {
+test("a tree over the watcher's limits is refused with failed_precondition, and a tree moved in later is reported", async (t) => {
   const directory = makeTempDir();
+  t.after(() => fs.rmSync(directory, { recursive: true, force: true }));
   makeTree(path.join(directory, "big"), 30, 2);
   const options = { user: rootUser, recursive: true, includeEntry: false, onEvent: () => {} };
   const tooManyDirectories = new DirectoryWatcher(path.join(directory, "big"), { ...options, limits: { directories: 20, entries: 1000 } });
@@ -186,7 +187,6 @@ test("a tree over the watcher's limits is refused with failed_precondition, and 
   await sleep(150);
   watcher.close();
   assert.deepEqual(seen().slice(0, 4), ["create moved", "create moved/d0", "create moved/d0/f0", "create moved/d0/f1"]);
-  fs.rmSync(directory, { recursive: true });
 });
 
 test("polled watchers are capped, and removing one makes room", async () => {
