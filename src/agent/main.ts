@@ -2,21 +2,12 @@
  * Entry point of the in-sandbox agent: serves envd on 0.0.0.0:49983 (CUBICLE_AGENT_HOST /
  * CUBICLE_AGENT_PORT override it for tests) until SIGTERM.
  */
+import { isMainThread } from "node:worker_threads";
 import { createLogger } from "../shared/log.js";
 import { startInterpreterServer } from "./interpreter/index.js";
 import { createAgentServer } from "./server.js";
 
 const log = createLogger("agent");
-
-// A bug in one request must not take down every process of the sandbox with the agent.
-process.on("uncaughtException", (error) => log.error("uncaught exception", { error: error.stack ?? String(error) }));
-process.on("unhandledRejection", (reason) => log.error("unhandled rejection", { error: reason instanceof Error ? (reason.stack ?? reason.message) : String(reason) }));
-
-const host = process.env.CUBICLE_AGENT_HOST || "0.0.0.0";
-const port = Number(process.env.CUBICLE_AGENT_PORT || 49983);
-
-const { server, state } = createAgentServer();
-server.listen(port, host, () => log.info("envd listening", { host, port, pid: process.pid }));
 
 /**
  * The injected Node runs through the kit's loader, so `process.execPath` may name the loader:
@@ -27,28 +18,45 @@ function nodeCommand(): string[] {
   return fromRuntime ? (JSON.parse(fromRuntime) as string[]) : [process.execPath];
 }
 
-const interpreterPort = Number(process.env.CUBICLE_INTERPRETER_PORT || 49999);
-startInterpreterServer({
-  host,
-  port: interpreterPort,
-  getEnvVars: () => state.envVars,
-  getDefaultUser: () => state.defaultUser,
-  getDefaultWorkdir: () => state.defaultWorkdir ?? "/home/user",
-  nodeCommand: nodeCommand(),
-}).then(
-  () => log.info("code interpreter listening", { host, port: interpreterPort }),
-  (error: Error) => log.error("code interpreter failed to start", { error: error.message }),
-);
-server.on("error", (error) => {
-  log.error("cannot listen", { host, port, error: error.message });
-  process.exit(1);
-});
+function startAgent(): void {
+  // A bug in one request must not take down every process of the sandbox with the agent.
+  process.on("uncaughtException", (error) => log.error("uncaught exception", { error: error.stack ?? String(error) }));
+  process.on("unhandledRejection", (reason) => log.error("unhandled rejection", { error: reason instanceof Error ? (reason.stack ?? reason.message) : String(reason) }));
 
-for (const signal of ["SIGTERM", "SIGINT"] as const) {
-  process.once(signal, () => {
-    log.info("shutting down", { signal });
-    server.close();
-    server.closeAllConnections();
-    process.exit(0);
+  const host = process.env.CUBICLE_AGENT_HOST || "0.0.0.0";
+  const port = Number(process.env.CUBICLE_AGENT_PORT || 49983);
+
+  const { server, state } = createAgentServer();
+  server.listen(port, host, () => log.info("envd listening", { host, port, pid: process.pid }));
+
+  const interpreterPort = Number(process.env.CUBICLE_INTERPRETER_PORT || 49999);
+  startInterpreterServer({
+    host,
+    port: interpreterPort,
+    getAccessToken: () => state.accessToken,
+    getEnvVars: () => state.envVars,
+    getDefaultUser: () => state.defaultUser,
+    getDefaultWorkdir: () => state.defaultWorkdir ?? "/home/user",
+    nodeCommand: nodeCommand(),
+  }).then(
+    () => log.info("code interpreter listening", { host, port: interpreterPort }),
+    (error: Error) => log.error("code interpreter failed to start", { error: error.message }),
+  );
+  server.on("error", (error) => {
+    log.error("cannot listen", { host, port, error: error.message });
+    process.exit(1);
   });
+
+  for (const signal of ["SIGTERM", "SIGINT"] as const) {
+    process.once(signal, () => {
+      log.info("shutting down", { signal });
+      server.close();
+      server.closeAllConnections();
+      process.exit(0);
+    });
+  }
 }
+
+// The bundle also runs in the interpreter's cell-preparer worker thread (cell-preparer.ts),
+// which must start none of this.
+if (isMainThread) startAgent();

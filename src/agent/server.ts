@@ -8,12 +8,14 @@ import http, { type IncomingMessage, type ServerResponse } from "node:http";
 import os from "node:os";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { createLogger } from "../shared/log.js";
+import { toCubicleError } from "./errors.js";
 import { checkAccessToken, checkFilesAuth, checkInitAuth, usernameFromAuthorization } from "./auth.js";
 import { createProcessService } from "./process/index.js";
-import { findProcedure, parseProcedurePath, readBody, serveProcedure, writeConnectError } from "./rpc/connect.js";
+import { findProcedure, parseProcedurePath, serveProcedure, writeConnectError } from "./rpc/connect.js";
 import type { ServiceDefinition } from "./rpc/types.js";
 import { applyInit, createAgentState, parseInitRequest, type AgentState } from "./state.js";
 import { KEEP_IDLE_CONNECTIONS } from "./http/keep-alive.js";
+import { abandonBody, readRequestBody } from "./http/request-body.js";
 import { lookupUser, type AgentUser } from "./users.js";
 
 const log = createLogger("agent");
@@ -91,7 +93,7 @@ export function createAgentServer(options: AgentServerOptions = {}): AgentServer
     const procedurePath = method === "POST" ? parseProcedurePath(pathname) : undefined;
     const denied = checkAccessToken(state, method, pathname, req.headers);
     if (denied) {
-      req.resume();
+      abandonBody(req);
       if (procedurePath) return writeConnectError(req, res, denied);
       return sendError(res, denied);
     }
@@ -100,15 +102,15 @@ export function createAgentServer(options: AgentServerOptions = {}): AgentServer
       const service = await loadService(procedurePath.service);
       const procedure = service && findProcedure(service, procedurePath.method);
       if (!procedure) {
-        req.resume();
+        abandonBody(req);
         return sendJson(res, 404, { code: "unimplemented", message: `${pathname} is not implemented` });
       }
       let resolveUser: () => AgentUser;
       try {
         resolveUser = resolveUserFor(req);
       } catch (error) {
-        req.resume();
-        return writeConnectError(req, res, CubicleError.from(error));
+        abandonBody(req);
+        return writeConnectError(req, res, toCubicleError(error));
       }
       return serveProcedure(req, res, procedure, { resolveUser });
     }
@@ -118,7 +120,7 @@ export function createAgentServer(options: AgentServerOptions = {}): AgentServer
       case "POST /files": {
         const denied = checkFilesAuth(state, method, url.searchParams, req.headers);
         if (denied) {
-          req.resume();
+          abandonBody(req);
           return sendError(res, denied);
         }
         const handler = await loadFilesHandler();
@@ -131,7 +133,7 @@ export function createAgentServer(options: AgentServerOptions = {}): AgentServer
       case "GET /metrics":
         return sendJson(res, 200, collectMetrics());
       default:
-        req.resume();
+        abandonBody(req);
         return sendJson(res, 404, { code: 404, message: `${method} ${pathname} not found` });
     }
   }
@@ -147,7 +149,7 @@ export function createAgentServer(options: AgentServerOptions = {}): AgentServer
     },
     (req, res) => {
       route(req, res).catch((error) => {
-        const e = CubicleError.from(error);
+        const e = toCubicleError(error);
         const fields = { method: req.method, url: req.url, error: e.message };
         if (e.httpStatus >= 500) log.error("request failed", fields);
         else log.debug("request refused", fields);
@@ -191,8 +193,8 @@ function sendError(res: ServerResponse, error: CubicleError): void {
   sendJson(res, error.httpStatus, error.toE2bBody());
 }
 
-async function readJsonBody(req: IncomingMessage, limit: number): Promise<unknown> {
-  const text = (await readBody(req, limit)).toString("utf8").trim();
+async function readJsonBody(req: IncomingMessage, res: ServerResponse, limit: number): Promise<unknown> {
+  const text = (await readRequestBody(req, res, limit)).toString("utf8").trim();
   if (text === "") return {};
   try {
     return JSON.parse(text);
@@ -204,10 +206,10 @@ async function readJsonBody(req: IncomingMessage, limit: number): Promise<unknow
 async function handleInit(req: IncomingMessage, res: ServerResponse, state: AgentState): Promise<void> {
   const denied = checkInitAuth(state, req.headers);
   if (denied) {
-    req.resume();
+    abandonBody(req);
     return sendError(res, denied);
   }
-  const request = parseInitRequest(await readJsonBody(req, initBodyLimit));
+  const request = parseInitRequest(await readJsonBody(req, res, initBodyLimit));
   applyInit(state, request);
   log.info("initialized", {
     defaultUser: state.defaultUser,

@@ -1,6 +1,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import { CubicleError } from "../shared/cubicle-error.js";
+import { readRegularFileSync } from "./filesystem/regular-file.js";
 
 /** A user of the sandbox as /etc/passwd and /etc/group describe it. */
 export interface AgentUser {
@@ -29,9 +30,13 @@ function mtimeMs(file: string): number {
   }
 }
 
+/** passwd and group files larger than this are not read (a sandbox's root could make one huge). */
+const maxUserTableBytes = 16 * 1024 * 1024;
+
 function readLines(file: string): string[] {
   try {
-    return fs.readFileSync(file, "utf8").split("\n").filter((line) => line && !line.startsWith("#"));
+    // Not readFileSync: the sandbox's root may have replaced the file with a FIFO (regular-file.ts).
+    return readRegularFileSync(file, maxUserTableBytes).split("\n").filter((line) => line && !line.startsWith("#"));
   } catch {
     return [];
   }
@@ -83,7 +88,9 @@ export function lookupUser(name: string): AgentUser {
  * paths resolve against the home, and the result is normalised.
  */
 export function resolveUserPath(requested: string, user: AgentUser): string {
-  if (requested === "" ) return user.home;
+  // Node's fs refuses such a path with a TypeError; this is the caller's mistake, so say so.
+  if (requested.includes("\0")) throw new CubicleError("invalid_argument", "invalid path: a path must not contain a NUL byte");
+  if (requested === "") return user.home;
   let p = requested;
   if (p === "~") p = user.home;
   else if (p.startsWith("~/")) p = path.join(user.home, p.slice(2));

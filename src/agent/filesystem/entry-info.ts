@@ -5,6 +5,7 @@
  */
 import fs from "node:fs";
 import path from "node:path";
+import { readRegularFileSync } from "./regular-file.js";
 
 export type FileTypeName = "FILE_TYPE_UNSPECIFIED" | "FILE_TYPE_FILE" | "FILE_TYPE_DIRECTORY" | "FILE_TYPE_SYMLINK";
 
@@ -132,24 +133,31 @@ export function timestampFromNs(ns: bigint): string | undefined {
 
 interface IdNameTable {
   mtimeMs: number;
+  checkedAtMs: number;
   names: Map<number, string>;
 }
 
 const idTables = new Map<string, IdNameTable>();
+/** A listing names the owner of every entry: the file's mtime is looked at this often, not each time. */
+const recheckMs = 1000;
 
 /** id → name from a passwd/group style file, re-read when the file changes. */
 function nameOfId(file: string, id: number): string {
+  let table = idTables.get(file);
+  const now = performance.now();
+  if (table && now - table.checkedAtMs < recheckMs) return table.names.get(id) ?? String(id);
   let mtimeMs = 0;
   try {
     mtimeMs = fs.statSync(file).mtimeMs;
   } catch {
     // No such file: numeric fallback below.
   }
-  let table = idTables.get(file);
+  if (table) table.checkedAtMs = now;
   if (!table || table.mtimeMs !== mtimeMs) {
     const names = new Map<number, string>();
     try {
-      for (const line of fs.readFileSync(file, "utf8").split("\n")) {
+      // Not readFileSync: the sandbox's root may have replaced the file with a FIFO (regular-file.ts).
+      for (const line of readRegularFileSync(file, 16 * 1024 * 1024).split("\n")) {
         if (!line || line.startsWith("#")) continue;
         const [name, , idText] = line.split(":");
         const parsed = Number(idText);
@@ -158,7 +166,7 @@ function nameOfId(file: string, id: number): string {
     } catch {
       // Unreadable: numeric fallback below.
     }
-    table = { mtimeMs, names };
+    table = { mtimeMs, checkedAtMs: now, names };
     idTables.set(file, table);
   }
   // Upstream falls back to the numeric id when the lookup fails.

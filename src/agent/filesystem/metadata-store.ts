@@ -22,6 +22,7 @@ import crypto from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
+import { readRegularFileSync } from "./regular-file.js";
 
 /** The xattr namespace upstream counts in the size limits. */
 export const METADATA_KEY_PREFIX = "user.e2b.";
@@ -31,6 +32,9 @@ export const MAX_METADATA_KEY_LENGTH = 255 - METADATA_KEY_PREFIX.length;
 export const MAX_METADATA_TOTAL_LENGTH = 4096;
 
 export type Metadata = Record<string, string>;
+
+/** A sidecar holds a path and at most 4 KiB of metadata: anything much bigger is not one of ours. */
+const maxEntryFileBytes = 64 * 1024;
 
 interface StoredEntry {
   path: string;
@@ -132,7 +136,8 @@ export class MetadataStore {
     for (const name of names) {
       if (!name.endsWith(".json")) continue;
       try {
-        const entry = JSON.parse(fs.readFileSync(path.join(this.directory, name), "utf8")) as StoredEntry;
+        // Bounded and never blocking: the sandbox's root can put anything in this directory.
+        const entry = JSON.parse(readRegularFileSync(path.join(this.directory, name), maxEntryFileBytes)) as StoredEntry;
         if (typeof entry.path === "string" && entry.metadata) entries.set(entry.path, entry);
       } catch {
         // A torn or foreign file: ignore it.

@@ -11,45 +11,21 @@ import { runAsUser } from "../as-user.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { entryInfoFromStats, readEntryInfo, baseName, type EntryInfoJson } from "./entry-info.js";
 import { metadataStore } from "./metadata-store.js";
+import { errnoOf, fsFailure, syscallErrorText } from "../errors.js";
 
 /** Resolves a request path for `user` (`~`, relative → home, empty → home). */
 export function resolveRequestPath(requested: unknown, user: AgentUser): string {
   return resolveUserPath(typeof requested === "string" ? requested : "", user);
 }
 
-/** Go-style text of a failed syscall, e.g. `lstat /x: no such file or directory`. */
-export function syscallErrorText(operation: string, target: string, reason: unknown): string {
-  const errno = reason as NodeJS.ErrnoException;
-  const description: Record<string, string> = {
-    ENOENT: "no such file or directory",
-    EACCES: "permission denied",
-    EPERM: "operation not permitted",
-    ENOTDIR: "not a directory",
-    EISDIR: "is a directory",
-    EEXIST: "file exists",
-    ENOTEMPTY: "directory not empty",
-    EXDEV: "invalid cross-device link",
-    ELOOP: "too many levels of symbolic links",
-    ENOSPC: "no space left on device",
-    EDQUOT: "disk quota exceeded",
-    EROFS: "read-only file system",
-    EBUSY: "device or resource busy",
-    ENAMETOOLONG: "file name too long",
-  };
-  const text = (errno.code && description[errno.code]) ?? errno.message;
-  return `${operation} ${target}: ${text}`;
-}
-
 function isErrno(reason: unknown, ...codes: string[]): boolean {
-  const code = (reason as NodeJS.ErrnoException | undefined)?.code;
+  const code = errnoOf(reason);
   return code !== undefined && codes.includes(code);
 }
 
-/** Permission and other errno failures map through CubicleError.from; the prefix keeps context. */
-function failure(prefix: string, operation: string, target: string, reason: unknown, fallback: CubicleError["code"] = "internal"): CubicleError {
-  const mapped = CubicleError.from(reason, fallback);
-  const code = mapped.code === "permission_denied" || mapped.code === "insufficient_storage" ? mapped.code : fallback;
-  return new CubicleError(code, `${prefix}: ${syscallErrorText(operation, target, reason)}`, { cause: reason });
+/** An errno failure with its context as prefix; the code comes from the errno (fs-errors.ts). */
+function failure(prefix: string, operation: string, target: string, reason: unknown): CubicleError {
+  return fsFailure(prefix, operation, target, reason);
 }
 
 /** Adds stored user metadata to an entry. Must run as root (outside `runAsUser`). */
@@ -90,12 +66,35 @@ interface WalkedEntry {
   identity: { dev: bigint; ino: bigint };
 }
 
-export function listDirectory(user: AgentUser, requested: unknown, requestedDepth: unknown): { entries: EntryInfoJson[] } {
+/** Entries one ListDir may return (~250 bytes of JSON each). */
+export const maxListedEntries = 100_000;
+/** How long one slice of a tree walk (ListDir, Remove) may hold the event loop. */
+const walkSliceMs = 5;
+
+/** Runs `step` as the user in slices of walkSliceMs until it reports it is done, yielding in between. */
+async function inSlices(user: AgentUser, step: () => boolean): Promise<void> {
+  for (;;) {
+    const done = runAsUser(user, () => {
+      const deadline = performance.now() + walkSliceMs;
+      while (performance.now() < deadline) if (step()) return true;
+      return false;
+    });
+    if (done) return;
+    await new Promise((resolve) => setImmediate(resolve));
+  }
+}
+
+/**
+ * ListDir: entries to `depth` levels, like Go's filepath.WalkDir (lexical order, depth first,
+ * symlinks not followed). The walk runs in slices, so a deep listing of a big tree does not
+ * hold up other requests; more than maxListedEntries is failed_precondition.
+ */
+export async function listDirectory(user: AgentUser, requested: unknown, requestedDepth: unknown, maxEntries = maxListedEntries): Promise<{ entries: EntryInfoJson[] }> {
   let depth = Number(requestedDepth ?? 0);
   if (!Number.isFinite(depth) || depth <= 0) depth = 1; // upstream: 0 means the directory itself
   const requestedPath = resolveRequestPath(requested, user);
 
-  const walked = runAsUser(user, () => {
+  const resolved = runAsUser(user, () => {
     let resolved: string;
     try {
       resolved = fs.realpathSync.native(requestedPath);
@@ -115,37 +114,48 @@ export function listDirectory(user: AgentUser, requested: unknown, requestedDept
       throw failure("error getting file info", "stat", resolved, reason);
     }
     if (!stats.isDirectory()) throw new CubicleError("invalid_argument", `path is not a directory: ${requestedPath}`);
-
-    const collected: WalkedEntry[] = [];
-    // Entries are reported under the requested path even when it is a symlink (§8.2);
-    // like Go's filepath.WalkDir: lexical order, depth first, symlinks not followed.
-    const walk = (directory: string, reportedDirectory: string, level: number) => {
-      let names: string[];
-      try {
-        names = fs.readdirSync(directory);
-      } catch (reason) {
-        if (level === 1) throw failure("error reading directory", "open", directory, reason);
-        return; // an unreadable or vanished subdirectory: list what the user can see
-      }
-      names.sort();
-      for (const name of names) {
-        const actual = path.join(directory, name);
-        const reported = path.join(reportedDirectory, name);
-        let entryStats: fs.BigIntStats;
-        try {
-          entryStats = fs.lstatSync(actual, { bigint: true });
-        } catch {
-          continue;
-        }
-        collected.push({ entry: entryInfoFromStats(reported, entryStats), identity: { dev: entryStats.dev, ino: entryStats.ino } });
-        if (entryStats.isDirectory() && level < depth) walk(actual, reported, level + 1);
-      }
-    };
-    walk(resolved, requestedPath, 1);
-    return collected;
+    return resolved;
   });
 
-  return { entries: walked.map(({ entry, identity }) => withMetadata(entry, identity)) };
+  const collected: WalkedEntry[] = [];
+  // Entries are reported under the requested path even when it is a symlink (§8.2).
+  const stack: Array<{ directory: string; reported: string; level: number; names?: string[]; next: number }> = [
+    { directory: resolved, reported: requestedPath, level: 1, next: 0 },
+  ];
+  await inSlices(user, () => {
+    const frame = stack[stack.length - 1];
+    if (!frame) return true;
+    if (!frame.names) {
+      try {
+        frame.names = fs.readdirSync(frame.directory).sort();
+      } catch (reason) {
+        if (frame.level === 1) throw failure("error reading directory", "open", frame.directory, reason);
+        stack.pop(); // an unreadable or vanished subdirectory: list what the user can see
+        return false;
+      }
+    }
+    if (frame.next >= frame.names.length) {
+      stack.pop();
+      return false;
+    }
+    const name = frame.names[frame.next++]!;
+    const actual = path.join(frame.directory, name);
+    const reported = path.join(frame.reported, name);
+    let entryStats: fs.BigIntStats;
+    try {
+      entryStats = fs.lstatSync(actual, { bigint: true });
+    } catch {
+      return false;
+    }
+    if (collected.length >= maxEntries) {
+      throw new CubicleError("failed_precondition", `more than ${maxEntries} entries under ${requestedPath}: list it with a smaller depth`);
+    }
+    collected.push({ entry: entryInfoFromStats(reported, entryStats), identity: { dev: entryStats.dev, ino: entryStats.ino } });
+    if (entryStats.isDirectory() && frame.level < depth) stack.push({ directory: actual, reported, level: frame.level + 1, next: 0 });
+    return false;
+  });
+
+  return { entries: collected.map(({ entry, identity }) => withMetadata(entry, identity)) };
 }
 
 export function makeDirectory(user: AgentUser, requested: unknown): { entry: EntryInfoJson } {
@@ -161,7 +171,7 @@ export function makeDirectory(user: AgentUser, requested: unknown): { entry: Ent
     if (existing) throw new CubicleError("invalid_argument", `path already exists but it is not a directory: ${target}`);
     try {
       // Created as the user: every new directory on the way is owned by them.
-      fs.mkdirSync(target, { recursive: true });
+      ensureDirectories(target);
     } catch (reason) {
       if (isErrno(reason, "ENOTDIR", "EEXIST")) {
         throw new CubicleError("invalid_argument", `error creating directory: ${syscallErrorText("mkdir", target, reason)}`, { cause: reason });
@@ -177,9 +187,21 @@ export function makeDirectory(user: AgentUser, requested: unknown): { entry: Ent
   return { entry };
 }
 
-/** Creates `directory` and missing parents as the user (call inside `runAsUser`). */
+/**
+ * Creates `directory` and missing parents as the user (call inside `runAsUser`). Throws the
+ * errno error of the step that failed: Node's recursive mkdir reports some failures below the
+ * deepest existing parent (EROFS, for one) as ENOENT, so that step is retried alone to learn why.
+ */
 export function ensureDirectories(directory: string): void {
-  fs.mkdirSync(directory, { recursive: true });
+  try {
+    fs.mkdirSync(directory, { recursive: true });
+  } catch (reason) {
+    if (!isErrno(reason, "ENOENT")) throw reason;
+    let missing = directory;
+    for (let parent = path.dirname(missing); parent !== missing && !fs.existsSync(parent); parent = path.dirname(parent)) missing = parent;
+    fs.mkdirSync(missing); // throws the real reason
+    fs.mkdirSync(directory, { recursive: true }); // it was a race: try again
+  }
 }
 
 export function movePath(user: AgentUser, requestedSource: unknown, requestedDestination: unknown): { entry: EntryInfoJson } {
@@ -208,15 +230,70 @@ export function movePath(user: AgentUser, requestedSource: unknown, requestedDes
   return { entry: withMetadata(entry, identity) };
 }
 
-export function removePath(user: AgentUser, requested: unknown): Record<string, never> {
+/**
+ * Remove, like upstream's os.RemoveAll: recursive, and a missing path is success. A directory
+ * is removed in slices (depth first), so deleting a big tree does not hold up other requests.
+ */
+export async function removePath(user: AgentUser, requested: unknown): Promise<Record<string, never>> {
   const target = resolveRequestPath(requested, user);
+  const fail = (operation: string, at: string, reason: unknown) => failure("error removing file or directory", operation, at, reason);
+  const stack: Array<{ directory: string; names?: string[]; next: number }> = [];
   runAsUser(user, () => {
+    let stats: fs.Stats;
     try {
-      // Upstream: os.RemoveAll — recursive, and a missing path is success.
-      fs.rmSync(target, { recursive: true, force: true });
+      stats = fs.lstatSync(target);
     } catch (reason) {
-      throw failure("error removing file or directory", "unlinkat", target, reason);
+      if (isErrno(reason, "ENOENT")) return;
+      throw fail("lstat", target, reason);
     }
+    if (!stats.isDirectory()) {
+      try {
+        fs.unlinkSync(target);
+      } catch (reason) {
+        if (!isErrno(reason, "ENOENT")) throw fail("unlinkat", target, reason);
+      }
+      return;
+    }
+    stack.push({ directory: target, next: 0 });
+  });
+  await inSlices(user, () => {
+    const frame = stack[stack.length - 1];
+    if (!frame) return true;
+    if (!frame.names) {
+      try {
+        frame.names = fs.readdirSync(frame.directory);
+      } catch (reason) {
+        if (!isErrno(reason, "ENOENT")) throw fail("open", frame.directory, reason);
+        frame.names = [];
+      }
+    }
+    if (frame.next >= frame.names.length) {
+      stack.pop();
+      try {
+        fs.rmdirSync(frame.directory);
+      } catch (reason) {
+        if (!isErrno(reason, "ENOENT")) throw fail("unlinkat", frame.directory, reason);
+      }
+      return false;
+    }
+    const child = path.join(frame.directory, frame.names[frame.next++]!);
+    let stats: fs.Stats;
+    try {
+      stats = fs.lstatSync(child);
+    } catch (reason) {
+      if (isErrno(reason, "ENOENT")) return false;
+      throw fail("lstat", child, reason);
+    }
+    if (stats.isDirectory()) {
+      stack.push({ directory: child, next: 0 });
+      return false;
+    }
+    try {
+      fs.unlinkSync(child);
+    } catch (reason) {
+      if (!isErrno(reason, "ENOENT")) throw fail("unlinkat", child, reason);
+    }
+    return false;
   });
   metadataStore().removeTree(target);
   return {};

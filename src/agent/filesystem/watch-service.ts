@@ -9,13 +9,24 @@ import type { RpcContext } from "../rpc/types.js";
 import { runAsUser } from "../as-user.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { DirectoryWatcher, type FilesystemEventJson } from "./watcher.js";
-import { resolveRequestPath, syscallErrorText, withMetadata } from "./operations.js";
+import { resolveRequestPath, withMetadata } from "./operations.js";
+import { fsFailure, syscallErrorText } from "../errors.js";
 
 /** Filesystem magic numbers of network mounts (include/uapi/linux/magic.h), as upstream. */
 const networkFilesystemTypes = new Set([0x6969, 0xff534d42, 0x517b, 0xfe534d42, 0x65735546]);
 
 /** Polled events kept per watcher; the oldest are dropped beyond this. */
 const maxQueuedEvents = 10_000;
+/**
+ * Events a WatchDir client has not read yet, in bytes, before its stream is ended: events
+ * cannot be paused (the filesystem does not wait), so a client that stops reading would make
+ * the agent hold them all.
+ */
+export const maxWatchBacklogBytes = 8 * 1024 * 1024;
+/** Watchers (streams and polled ones) alive at once in one agent. */
+export const maxActiveWatchers = 1024;
+
+let activeWatchers = 0;
 
 export interface WatchRequest {
   path?: string;
@@ -26,8 +37,12 @@ export interface WatchRequest {
   allow_network_mounts?: boolean;
 }
 
-/** Validates the request like upstream and starts a watcher. */
-export function startWatcher(user: AgentUser, request: WatchRequest, onEvent: (event: FilesystemEventJson) => void): DirectoryWatcher {
+/**
+ * Validates the request like upstream and starts a watcher; resolves once the directories
+ * present now are all watched (DirectoryWatcher.ready). The caller must close it; `onEvent`
+ * may be called before this resolves.
+ */
+export async function startWatcher(user: AgentUser, request: WatchRequest, onEvent: (event: FilesystemEventJson) => void): Promise<DirectoryWatcher> {
   const watchPath = resolveRequestPath(request.path, user);
   runAsUser(user, () => {
     let stats: fs.Stats;
@@ -38,10 +53,7 @@ export function startWatcher(user: AgentUser, request: WatchRequest, onEvent: (e
       if (code === "ENOENT" || code === "ENOTDIR") {
         throw new CubicleError("not_found", `path ${watchPath} not found: ${syscallErrorText("stat", watchPath, reason)}`, { cause: reason });
       }
-      const mapped = CubicleError.from(reason);
-      throw new CubicleError(mapped.code === "permission_denied" ? mapped.code : "internal", `error statting path ${watchPath}: ${syscallErrorText("stat", watchPath, reason)}`, {
-        cause: reason,
-      });
+      throw fsFailure(`error statting path ${watchPath}`, "stat", watchPath, reason);
     }
     if (!stats.isDirectory()) throw new CubicleError("invalid_argument", `path ${watchPath} not a directory`);
     const allowNetworkMounts = request.allowNetworkMounts ?? request.allow_network_mounts ?? false;
@@ -49,25 +61,53 @@ export function startWatcher(user: AgentUser, request: WatchRequest, onEvent: (e
       throw new CubicleError("invalid_argument", `cannot watch path on network filesystem: ${watchPath}`);
     }
   });
-  return new DirectoryWatcher(watchPath, {
+  if (activeWatchers >= maxActiveWatchers) {
+    throw new CubicleError("resource_exhausted", `${maxActiveWatchers} watchers are active in this sandbox: stop some before watching more`);
+  }
+  // Counted from here: a watcher that fails to start closes itself, which counts it out again.
+  activeWatchers++;
+  const watcher = new DirectoryWatcher(watchPath, {
     user,
     recursive: request.recursive === true,
     includeEntry: (request.includeEntry ?? request.include_entry) === true,
     onEvent,
     decorateEntry: (entry) => withMetadata(entry),
+    onClose: () => activeWatchers--,
   });
+  try {
+    await watcher.ready;
+  } catch (reason) {
+    watcher.close();
+    throw reason;
+  }
+  return watcher;
 }
 
 /** `WatchDir`: `start`, then `filesystem` events and `keepalive`s until the client goes away. */
 export async function watchDirStream(request: WatchRequest, ctx: RpcContext, send: (message: unknown) => void): Promise<void> {
   if (ctx.signal.aborted) return;
   let lastSendMs = Date.now();
-  // Events are delivered from setImmediate at the earliest, so `start` always goes first.
-  const watcher = startWatcher(ctx.user, request, (event) => {
+  // `start` goes first: events seen while a big tree is still being scanned wait for it.
+  let early: FilesystemEventJson[] | undefined = [];
+  let backedUp: (error: CubicleError) => void = () => {};
+  const tooSlow = new Promise<never>((_, reject) => (backedUp = reject));
+  tooSlow.catch(() => {});
+  const watcher = await startWatcher(ctx.user, request, (event) => {
+    if (early) return void early.push(event);
     send({ filesystem: event });
     lastSendMs = Date.now();
+    if ((ctx.pendingBytes?.() ?? 0) > maxWatchBacklogBytes) {
+      watcher.close();
+      backedUp(new CubicleError("resource_exhausted", `the client did not read ${maxWatchBacklogBytes} bytes of watch events: read them as they come`));
+    }
   });
+  if (ctx.signal.aborted) {
+    watcher.close();
+    return;
+  }
   send({ start: {} });
+  for (const event of early) send({ filesystem: event });
+  early = undefined;
 
   // Keepalive-Ping-Interval (seconds) while idle, as upstream's GetKeepAliveTicker; default 90 s.
   const header = ctx.headers["keepalive-ping-interval"];
@@ -81,10 +121,11 @@ export async function watchDirStream(request: WatchRequest, ctx: RpcContext, sen
   keepalive.unref();
 
   try {
-    await new Promise<void>((resolve) => {
+    const clientGone = new Promise<void>((resolve) => {
       if (ctx.signal.aborted) return resolve();
       ctx.signal.addEventListener("abort", () => resolve(), { once: true });
     });
+    await Promise.race([clientGone, tooSlow]);
   } finally {
     clearInterval(keepalive);
     watcher.close();
@@ -97,14 +138,24 @@ interface PolledWatcher {
 }
 
 const polledWatchers = new Map<string, PolledWatcher>();
+/** Polled watchers outlive their request: a client that forgets RemoveWatcher leaks one each. */
+export const maxPolledWatchers = 256;
 
-export function createWatcher(request: WatchRequest, ctx: RpcContext): { watcherId: string } {
+export async function createWatcher(request: WatchRequest, ctx: RpcContext): Promise<{ watcherId: string }> {
+  if (polledWatchers.size >= maxPolledWatchers) {
+    throw new CubicleError("resource_exhausted", `${maxPolledWatchers} polled watchers are active in this sandbox: remove some (RemoveWatcher) before creating more`);
+  }
   const watcherId = crypto.randomUUID();
   const events: FilesystemEventJson[] = [];
-  const watcher = startWatcher(ctx.user, request, (event) => {
+  const watcher = await startWatcher(ctx.user, request, (event) => {
     events.push(event);
     if (events.length > maxQueuedEvents) events.splice(0, events.length - maxQueuedEvents);
   });
+  if (ctx.signal.aborted) {
+    // The client is gone and never learns the id: nobody would remove this watcher.
+    watcher.close();
+    throw ctx.signal.reason;
+  }
   polledWatchers.set(watcherId, { watcher, events });
   return { watcherId };
 }

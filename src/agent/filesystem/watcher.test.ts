@@ -2,9 +2,10 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import fs from "node:fs";
 import path from "node:path";
-import { isRoot, makeTempDir, rootUser, rpcContext, sleep, syntheticUser } from "./test-helpers.js";
+import { isRoot, makeTempDir, measureEventLoop, rootUser, rpcContext, sleep, syntheticUser } from "./test-helpers.js";
 import { DirectoryWatcher, type FilesystemEventJson } from "./watcher.js";
 import { filesystemService } from "./index.js";
+import { maxPolledWatchers } from "./watch-service.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 
 function collect(root: string, options: { recursive?: boolean; includeEntry?: boolean } = {}) {
@@ -134,4 +135,94 @@ test("WatchDir sends keepalives at the requested interval while idle", async () 
   const keepalives = messages.filter((message) => JSON.stringify(message) === '{"keepalive":{}}').length;
   assert.ok(keepalives >= 1 && keepalives <= 2, `got ${keepalives} keepalives`);
   fs.rmSync(directory, { recursive: true });
+});
+
+/** Makes `directories` directories of `filesPerDirectory` empty files under `root`, 50 top-level ones. */
+function makeTree(root: string, directories: number, filesPerDirectory: number): void {
+  for (let index = 0; index < directories; index++) {
+    const directory = path.join(root, `top${index % 50}`, `d${index}`);
+    fs.mkdirSync(directory, { recursive: true });
+    for (let file = 0; file < filesPerDirectory; file++) fs.writeFileSync(path.join(directory, `f${file}`), "");
+  }
+}
+
+test("a recursive watch of a big tree does not hold up the agent, and sees events deep in it once started", async () => {
+  const directory = makeTempDir();
+  makeTree(directory, 4000, 10);
+  const controller = new AbortController();
+  const messages: Array<{ start?: object; filesystem?: FilesystemEventJson }> = [];
+  let done: Promise<void> | undefined;
+  const loop = await measureEventLoop(async () => {
+    done = filesystemService.streams.WatchDir!({ path: directory, recursive: true }, rpcContext(rootUser, controller.signal), (message) => messages.push(message as never));
+    while (messages.length === 0) await sleep(5);
+  });
+  try {
+    assert.deepEqual(messages[0], { start: {} });
+    assert.ok(loop.ticks >= 5, `only ${loop.ticks} timers ran while the tree was scanned`);
+    assert.ok(loop.longestBusyMs < 100, `the event loop was held for ${Math.round(loop.longestBusyMs)} ms of CPU while the tree was scanned`);
+    fs.writeFileSync(path.join(directory, "top49/d3999/late"), "");
+    await sleep(150);
+    assert.deepEqual(messages.slice(1), [{ filesystem: { name: "top49/d3999/late", type: "EVENT_TYPE_CREATE" } }]);
+  } finally {
+    controller.abort();
+    await done;
+    fs.rmSync(directory, { recursive: true });
+  }
+});
+
+test("a tree over the watcher's limits is refused with failed_precondition, and a tree moved in later is reported", async (t) => {
+  const directory = makeTempDir();
+  t.after(() => fs.rmSync(directory, { recursive: true, force: true }));
+  makeTree(path.join(directory, "big"), 30, 2);
+  const options = { user: rootUser, recursive: true, includeEntry: false, onEvent: () => {} };
+  const tooManyDirectories = new DirectoryWatcher(path.join(directory, "big"), { ...options, limits: { directories: 20, entries: 1000 } });
+  await assert.rejects(tooManyDirectories.ready, (reason: unknown) => reason instanceof CubicleError && reason.code === "failed_precondition" && /more than 20 directories/.test(reason.message));
+  const tooManyEntries = new DirectoryWatcher(path.join(directory, "big"), { ...options, limits: { directories: 1000, entries: 50 } });
+  await assert.rejects(tooManyEntries.ready, (reason: unknown) => reason instanceof CubicleError && reason.code === "failed_precondition" && /more than 50 entries/.test(reason.message));
+
+  fs.mkdirSync(path.join(directory, "watched"));
+  const { watcher, seen } = collect(path.join(directory, "watched"), { recursive: true });
+  await watcher.ready;
+  fs.renameSync(path.join(directory, "big/top0"), path.join(directory, "watched/moved"));
+  await sleep(150);
+  watcher.close();
+  assert.deepEqual(seen().slice(0, 4), ["create moved", "create moved/d0", "create moved/d0/f0", "create moved/d0/f1"]);
+});
+
+test("polled watchers are capped, and removing one makes room", async () => {
+  const directory = makeTempDir();
+  const ctx = rpcContext(rootUser);
+  const ids: string[] = [];
+  try {
+    for (let index = 0; index < maxPolledWatchers; index++) {
+      ids.push(((await filesystemService.unary.CreateWatcher!({ path: directory }, ctx)) as { watcherId: string }).watcherId);
+    }
+    await assert.rejects(filesystemService.unary.CreateWatcher!({ path: directory }, ctx), (reason: unknown) => reason instanceof CubicleError && reason.code === "resource_exhausted");
+    await filesystemService.unary.RemoveWatcher!({ watcherId: ids.pop() }, ctx);
+    ids.push(((await filesystemService.unary.CreateWatcher!({ path: directory }, ctx)) as { watcherId: string }).watcherId);
+  } finally {
+    for (const watcherId of ids) await filesystemService.unary.RemoveWatcher!({ watcherId }, ctx);
+    fs.rmSync(directory, { recursive: true });
+  }
+});
+
+test("WatchDir ends with resource_exhausted when its client stops reading the events", async () => {
+  const directory = makeTempDir();
+  let unread = 0;
+  const ctx = { ...rpcContext(rootUser), pendingBytes: () => unread };
+  const messages: unknown[] = [];
+  const done = filesystemService.streams.WatchDir!({ path: directory }, ctx, (message) => {
+    messages.push(message);
+    unread += 4 * 1024 * 1024; // as if nothing sent were ever read
+  });
+  try {
+    while (messages.length === 0) await sleep(5);
+    for (let index = 0; index < 5; index++) fs.writeFileSync(path.join(directory, `f${index}`), "");
+    await assert.rejects(
+      Promise.race([done, sleep(3000).then(() => "still open")]),
+      (reason: unknown) => reason instanceof CubicleError && reason.code === "resource_exhausted",
+    );
+  } finally {
+    fs.rmSync(directory, { recursive: true });
+  }
 });

@@ -5,7 +5,8 @@ import http from "node:http";
 import path from "node:path";
 import zlib from "node:zlib";
 import type { AddressInfo } from "node:net";
-import { isRoot, makeTempDir } from "../filesystem/test-helpers.js";
+import net from "node:net";
+import { fifoWithDelayedWriter, isRoot, makeTempDir, withTmpfs } from "../filesystem/test-helpers.js";
 import { handleFilesRequest } from "./files.js";
 import { statPath } from "../filesystem/operations.js";
 import { lookupUser } from "../users.js";
@@ -230,13 +231,133 @@ test("concurrent uploads by different users each get their own ownership", { ski
   }
 });
 
-test("a full disk answers 507 (octet-stream and multipart) and the connection survives", { skip: !(isRoot && fs.existsSync("/dev/full")) && "needs root and /dev/full" }, async () => {
-  // Writes to /dev/full fail with ENOSPC, like a full filesystem.
-  const big = Buffer.alloc(512 * 1024, "f");
-  const octet = await send("POST", { path: "/dev/full" }, { "Content-Type": "application/octet-stream" }, big, 65536);
-  assert.equal(octet.status, 507, octet.body.toString());
-  assert.equal(JSON.parse(octet.body.toString()).code, 507);
-  const { body, contentType } = multipart([{ filename: "/dev/full", data: big }]);
-  const form = await send("POST", {}, { "Content-Type": contentType }, body, 65536);
-  assert.equal(form.status, 507, form.body.toString());
+test("a full disk answers 507 (octet-stream and multipart) and the connection survives", { skip: !isRoot && "needs root (mounts a small tmpfs)" }, async () => {
+  await withTmpfs("size=64k", async (small) => {
+    const big = Buffer.alloc(512 * 1024, "f");
+    const octet = await send("POST", { path: path.join(small, "octet") }, { "Content-Type": "application/octet-stream" }, big, 65536);
+    assert.equal(octet.status, 507, octet.body.toString());
+    assert.equal(JSON.parse(octet.body.toString()).code, 507);
+    const { body, contentType } = multipart([{ filename: path.join(small, "form"), data: big }]);
+    const form = await send("POST", {}, { "Content-Type": contentType }, body, 65536);
+    assert.equal(form.status, 507, form.body.toString());
+  });
+});
+
+/** The parsed `{code, message}` body of a reply, checked to be an envd error without a stack. */
+function errorBody(reply: Reply): { code: number; message: string } {
+  const body = JSON.parse(reply.body.toString()) as { code: number; message: string };
+  assert.equal(body.code, reply.status);
+  assert.equal(typeof body.message, "string");
+  assert.doesNotMatch(body.message, /\n\s+at /, "no stack trace in a response");
+  return body;
+}
+
+test("reading or writing a FIFO answers 400 at once instead of blocking the agent", async () => {
+  const fifo = path.join(directory, "pipe");
+  // Should the agent block on the FIFO, a writer shows up after 1.5 s and releases it: the test then fails on time, not by hanging.
+  const release = await fifoWithDelayedWriter(fifo, 1500);
+  try {
+    const started = Date.now();
+    const read = await send("GET", { path: fifo });
+    assert.equal(read.status, 400, read.body.toString());
+    assert.match(errorBody(read).message, /named pipe/);
+    const write = await send("POST", { path: fifo }, { "Content-Type": "application/octet-stream" }, Buffer.from("x"));
+    assert.equal(write.status, 400, write.body.toString());
+    assert.match(errorBody(write).message, /named pipe/);
+    const { body, contentType } = multipart([{ filename: fifo, data: "x" }]);
+    const form = await send("POST", {}, { "Content-Type": contentType }, body);
+    assert.equal(form.status, 400, form.body.toString());
+    assert.ok(Date.now() - started < 1000, `the FIFO requests took ${Date.now() - started} ms`);
+  } finally {
+    release();
+  }
+});
+
+test("sockets and devices are refused with 400 for reads and writes; a symlink to one too", async () => {
+  const socketPath = path.join(directory, "sock");
+  const listener = net.createServer().listen(socketPath);
+  await new Promise((resolve) => listener.once("listening", resolve));
+  fs.symlinkSync("/dev/zero", path.join(directory, "zero-link"));
+  try {
+    for (const [target, kind] of [
+      [socketPath, /socket/],
+      ["/dev/zero", /character device/],
+      ["/dev/null", /character device/],
+      [path.join(directory, "zero-link"), /character device/],
+    ] as const) {
+      const read = await send("GET", { path: target });
+      assert.equal(read.status, 400, `read ${target}: ${read.body.toString()}`);
+      assert.match(errorBody(read).message, kind);
+      const write = await send("POST", { path: target }, { "Content-Type": "application/octet-stream" }, Buffer.from("x"));
+      assert.equal(write.status, 400, `write ${target}: ${write.body.toString()}`);
+      assert.match(errorBody(write).message, kind);
+    }
+  } finally {
+    listener.close();
+  }
+});
+
+test("a NUL byte in a path is a 400, for downloads, octet-stream and multipart uploads", async () => {
+  const bad = path.join(directory, "a\0b");
+  const read = await send("GET", { path: bad });
+  assert.equal(read.status, 400, read.body.toString());
+  assert.match(errorBody(read).message, /NUL/);
+  const write = await send("POST", { path: bad }, { "Content-Type": "application/octet-stream" }, Buffer.from("x"));
+  assert.equal(write.status, 400, write.body.toString());
+  errorBody(write);
+  const { body, contentType } = multipart([{ filename: bad, data: "x" }]);
+  const form = await send("POST", {}, { "Content-Type": contentType }, body);
+  assert.equal(form.status, 400, form.body.toString());
+  errorBody(form);
+});
+
+test("a read-only filesystem refuses uploads with 403, not 500", { skip: !isRoot && "needs root (mounts a read-only tmpfs)" }, async () => {
+  await withTmpfs("ro,size=64k", async (readOnly) => {
+    const octet = await send("POST", { path: path.join(readOnly, "f") }, { "Content-Type": "application/octet-stream" }, Buffer.from("x"));
+    assert.equal(octet.status, 403, octet.body.toString());
+    assert.match(errorBody(octet).message, /read-only file system/);
+    const nested = await send("POST", { path: path.join(readOnly, "dir/f") }, { "Content-Type": "application/octet-stream" }, Buffer.from("x"));
+    assert.equal(nested.status, 403, nested.body.toString());
+    errorBody(nested);
+  });
+});
+
+test("over-long names, symlink loops and files used as directories are 4xx, never 500", async () => {
+  const file = path.join(directory, "plain.txt");
+  fs.writeFileSync(file, "x");
+  fs.symlinkSync("loop-b", path.join(directory, "loop-a"));
+  fs.symlinkSync("loop-a", path.join(directory, "loop-b"));
+  const cases: Array<[string, number]> = [
+    [path.join(directory, "n".repeat(300)), 400],
+    [path.join(directory, "loop-a"), 400],
+    [path.join(directory, "loop-a/below"), 400],
+    [path.join(file, "below"), 404],
+    ["/" + "d/".repeat(3000) + "f", 400],
+  ];
+  for (const [target, status] of cases) {
+    const read = await send("GET", { path: target });
+    assert.equal(read.status, status, `read ${target.slice(0, 80)}: ${read.body.toString().slice(0, 200)}`);
+    errorBody(read);
+    const write = await send("POST", { path: target }, { "Content-Type": "application/octet-stream" }, Buffer.from("x"));
+    assert.ok(write.status >= 400 && write.status < 500, `write ${target.slice(0, 80)}: ${write.status} ${write.body.toString().slice(0, 200)}`);
+    errorBody(write);
+  }
+});
+
+test("a multipart upload cut in the middle of a part answers 400 and leaves no error unhandled", async () => {
+  const uncaught: unknown[] = [];
+  const onUncaught = (error: unknown) => uncaught.push(error);
+  process.on("uncaughtException", onUncaught);
+  try {
+    for (const name of ["other", "file"]) {
+      const { body, contentType } = multipart([{ name, filename: path.join(directory, `cut-${name}`), data: Buffer.alloc(5000, "c") }]);
+      const reply = await send("POST", {}, { "Content-Type": contentType }, body.subarray(0, 300));
+      assert.equal(reply.status, 400, reply.body.toString());
+      errorBody(reply);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.deepEqual(uncaught.map(String), []);
+  } finally {
+    process.off("uncaughtException", onUncaught);
+  }
 });

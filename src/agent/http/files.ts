@@ -16,7 +16,10 @@ import { runAsUser } from "../as-user.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger } from "../../shared/log.js";
 import { metadataStore, validateMetadata, type Metadata } from "../filesystem/metadata-store.js";
-import { syscallErrorText } from "../filesystem/operations.js";
+import { errnoOf, fsErrorCode, fsFailure, syscallErrorText, toCubicleError } from "../errors.js";
+import { openRegularFileForReading, openRegularFileForWriting } from "../filesystem/regular-file.js";
+import { ensureDirectories } from "../filesystem/operations.js";
+import { abandonBody } from "./request-body.js";
 
 const log = createLogger("agent.files");
 
@@ -59,7 +62,7 @@ export async function handleFilesRequest(req: IncomingMessage, res: ServerRespon
 }
 
 function sendError(req: IncomingMessage, res: ServerResponse, reason: unknown): void {
-  const status = reason instanceof FilesError ? reason.status : CubicleError.from(reason).httpStatus;
+  const status = reason instanceof FilesError ? reason.status : toCubicleError(reason).httpStatus;
   const message = reason instanceof Error ? reason.message : String(reason);
   if (status >= 500) log.warn("files request failed", { method: req.method, status, message });
   if (res.headersSent) {
@@ -71,7 +74,7 @@ function sendError(req: IncomingMessage, res: ServerResponse, reason: unknown): 
   res.writeHead(status, { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(body) });
   res.end(body);
   // Drop an unread request body without reading it into memory, keeping the connection usable.
-  if (!req.readableEnded) req.resume();
+  if (!req.readableEnded) abandonBody(req);
 }
 
 function requestUrl(req: IncomingMessage): URL {
@@ -87,20 +90,6 @@ function selectUser(opts: FilesRequestOptions): AgentUser {
   }
 }
 
-function errnoOf(reason: unknown): string | undefined {
-  return (reason as NodeJS.ErrnoException | undefined)?.code;
-}
-
-/** Maps an errno failure of a path operation to a status, keeping Go-style text. */
-function pathFailure(prefix: string, operation: string, target: string, reason: unknown): FilesError {
-  const code = errnoOf(reason);
-  const text = `${prefix}: ${syscallErrorText(operation, target, reason)}`;
-  if (code === "EACCES" || code === "EPERM") return new FilesError(403, text);
-  if (code === "ENOSPC" || code === "EDQUOT") return new FilesError(507, text);
-  if (code === "ENOTDIR" || code === "EISDIR" || code === "ENAMETOOLONG" || code === "ELOOP") return new FilesError(400, text);
-  return new FilesError(500, text);
-}
-
 // ---------------------------------------------------------------------------------------------
 // GET /files
 
@@ -109,23 +98,10 @@ async function handleDownload(req: IncomingMessage, res: ServerResponse, opts: F
   const requestedPath = requestUrl(req).searchParams.get("path") ?? "";
   const resolvedPath = resolveUserPath(requestedPath, user);
 
-  const { fd, size, mtime } = runAsUser(user, () => {
-    let stats: fs.Stats;
-    try {
-      stats = fs.statSync(resolvedPath);
-    } catch (reason) {
-      if (errnoOf(reason) === "ENOENT" || errnoOf(reason) === "ENOTDIR") {
-        throw new FilesError(404, `path '${resolvedPath}' does not exist`);
-      }
-      throw pathFailure(`error checking if path exists '${resolvedPath}'`, "stat", resolvedPath, reason);
-    }
-    if (stats.isDirectory()) throw new FilesError(400, `path '${resolvedPath}' is a directory`);
-    try {
-      return { fd: fs.openSync(resolvedPath, fs.constants.O_RDONLY), size: stats.size, mtime: stats.mtime };
-    } catch (reason) {
-      throw pathFailure(`error opening file '${resolvedPath}'`, "open", resolvedPath, reason);
-    }
-  });
+  // Only regular files: a FIFO or a device would block the agent or never end (regular-file.ts).
+  const { fd, stats } = runAsUser(user, () => openRegularFileForReading(resolvedPath));
+  const size = stats.size;
+  const mtime = stats.mtime;
 
   const source = fs.createReadStream("", { fd, autoClose: true });
   try {
@@ -291,6 +267,10 @@ function receiveMultipart(req: IncomingMessage, user: AgentUser, queryPath: stri
     };
 
     parser.on("file", (fieldName, stream, info) => {
+      // A truncated form fails the current part's stream too ("Unexpected end of form"), also
+      // for a part nobody reads: the parser's own error settles the upload; this one must not
+      // become an uncaught exception.
+      stream.on("error", () => {});
       if (failed || fieldName !== "file") {
         stream.resume();
         return;
@@ -342,25 +322,16 @@ function duplicateDestination(destination: string, uploaded: UploadedEntry[]): F
 export async function writeUploadedFile(user: AgentUser, destination: string, source: Readable, metadata: Metadata): Promise<UploadedEntry> {
   const fd = runAsUser(user, () => {
     try {
-      fs.mkdirSync(path.dirname(destination), { recursive: true });
+      ensureDirectories(path.dirname(destination));
     } catch (reason) {
-      throw pathFailure("error ensuring directories", "mkdir", path.dirname(destination), reason);
-    }
-    let existing: fs.Stats | undefined;
-    try {
-      existing = fs.statSync(destination);
-    } catch (reason) {
-      if (errnoOf(reason) !== "ENOENT") throw pathFailure("error getting file info", "stat", destination, reason);
-    }
-    if (existing?.isDirectory()) throw new FilesError(400, `path is a directory: ${destination}`);
-    try {
-      return fs.openSync(destination, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC, 0o666);
-    } catch (reason) {
-      if (errnoOf(reason) === "ENOSPC" || errnoOf(reason) === "EDQUOT") {
-        throw new FilesError(507, `not enough inodes available: ${syscallErrorText("open", destination, reason)}`);
+      const errno = errnoOf(reason);
+      if (errno === "EEXIST" || errno === "ENOTDIR") {
+        throw new CubicleError("invalid_argument", `error ensuring directories: ${syscallErrorText("mkdir", path.dirname(destination), reason)} (a parent is not a directory)`, { cause: reason });
       }
-      throw pathFailure("error opening file", "open", destination, reason);
+      throw fsFailure("error ensuring directories", "mkdir", path.dirname(destination), reason);
     }
+    // Only regular files: a FIFO or a device would block the agent (regular-file.ts).
+    return openRegularFileForWriting(destination).fd;
   });
 
   let identity: { dev: bigint; ino: bigint };
@@ -368,15 +339,14 @@ export async function writeUploadedFile(user: AgentUser, destination: string, so
   try {
     const stats = fs.fstatSync(fd, { bigint: true });
     identity = { dev: stats.dev, ino: stats.ino };
-    // Only regular files change hands: devices and fifos (e.g. /dev/full, bound from the host
-    // and owned by an unmapped uid) cannot be chowned inside a user namespace.
-    if (stats.isFile() && (Number(stats.uid) !== user.uid || Number(stats.gid) !== user.gid)) fs.fchownSync(fd, user.uid, user.gid);
+    if (Number(stats.uid) !== user.uid || Number(stats.gid) !== user.gid) fs.fchownSync(fd, user.uid, user.gid);
     await copyInto(source, sink);
   } catch (reason) {
     sink.destroy();
-    if (reason instanceof FilesError) throw reason;
+    if (reason instanceof FilesError || reason instanceof CubicleError) throw reason;
     const code = errnoOf(reason);
     if (code === "ENOSPC" || code === "EDQUOT") throw new FilesError(507, `not enough disk space available: ${syscallErrorText("write", destination, reason)}`);
+    if (fsErrorCode(code) !== undefined) throw fsFailure("error writing file", "write", destination, reason);
     if (code === "Z_DATA_ERROR" || code === "Z_BUF_ERROR") throw new FilesError(400, `error decompressing request body: ${(reason as Error).message}`);
     if (code === "ECONNRESET" || code === "ERR_STREAM_PREMATURE_CLOSE") throw new FilesError(400, `error reading request body: ${(reason as Error).message}`);
     throw new FilesError(500, `error writing file: ${(reason as Error).message}`);
@@ -408,9 +378,9 @@ function copyInto(source: Readable, sink: fs.WriteStream): Promise<void> {
       sink.destroy();
       reject(reason);
     };
-    source.once("error", settle);
+    source.on("error", settle);
     source.once("aborted", () => settle(Object.assign(new Error("request aborted"), { code: "ECONNRESET" })));
-    sink.once("error", settle);
+    sink.on("error", settle);
     sink.once("close", () => settle());
     source.pipe(sink);
   });

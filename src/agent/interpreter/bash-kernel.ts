@@ -4,7 +4,8 @@ import fs from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { createLogger } from "../../shared/log.js";
-import { errorOutput, streamOutput, type ExecuteRequest, type Kernel, type KernelLaunch, type OutputSink } from "./types.js";
+import { errorOutput, kernelIdentity, streamOutput, type ExecuteRequest, type Kernel, type KernelLaunch, type OutputSink } from "./types.js";
+import { launchAs, markForOomKiller } from "../process/launch.js";
 
 const log = createLogger("interpreter");
 
@@ -58,11 +59,13 @@ export class BashKernel implements Kernel {
     this.dir = await fs.mkdtemp(path.join(base, "sh-"));
     await fs.chmod(this.dir, 0o755);
     // A trap that returns from the sourced cell makes SIGINT stop the whole cell, loops included.
-    const child = spawn(this.options.bashPath ?? "bash", ["--noprofile", "--norc", "-c", BASH_LOOP], {
+    // As the user with their groups, and marked for the OOM killer (process/launch.ts).
+    const start = launchAs(kernelIdentity(launch), this.options.bashPath ?? "bash", ["--noprofile", "--norc", "-c", BASH_LOOP]);
+    const child = spawn(start.file, start.args, {
       cwd: launch.cwd,
       env: launch.env,
-      uid: launch.uid,
-      gid: launch.gid,
+      uid: start.uid,
+      gid: start.gid,
       stdio: ["pipe", "pipe", "pipe"],
       detached: true,
     });
@@ -75,6 +78,7 @@ export class BashKernel implements Kernel {
       child.once("spawn", resolve);
       child.once("error", reject);
     });
+    markForOomKiller(child.pid, start);
   }
 
   private onStream(type: "stdout" | "stderr", text: string): void {

@@ -1,8 +1,10 @@
 import { randomUUID } from "node:crypto";
 import fs from "node:fs";
+import path from "node:path";
+import { CubicleError } from "../../shared/cubicle-error.js";
 import { lookupUser, type AgentUser } from "../users.js";
 import { createLogger } from "../../shared/log.js";
-import { normalizeLanguage } from "./languages.js";
+import { checkLanguage } from "./languages.js";
 import { SerialQueue } from "./serial-queue.js";
 import { errorOutput, type ExecuteRequest, type Kernel, type KernelLaunch, type OutputSink } from "./types.js";
 
@@ -24,7 +26,20 @@ export interface ContextManagerOptions {
   getDefaultWorkdir: () => string;
   /** Extra variables every kernel of a language gets (e.g. MPLBACKEND for python). */
   kernelEnv?: (language: string) => Record<string, string>;
+  /** Most contexts created through `/contexts` at once (the per-language defaults come on top). Default `maxCodeContexts`. */
+  maxContexts?: number;
 }
+
+/**
+ * Contexts one sandbox may have at once besides the per-language defaults. Anyone who knows the
+ * sandbox id may create one (the SDK sends no token there, see server.ts), and each may later
+ * hold a kernel process. The defaults (one per language, six at most) are not counted, so that
+ * such a caller cannot keep `runCode` from the default contexts.
+ */
+export const maxCodeContexts = 64;
+
+/** Longest cwd accepted (PATH_MAX). */
+const maxCwdBytes = 4096;
 
 const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -89,8 +104,19 @@ export class CodeContext {
     return starting;
   }
 
-  /** Replaces the kernel; a running call ends with the kernel's death error. Starts the new one if one was running. */
-  async restart(): Promise<void> {
+  private restarting: Promise<void> | undefined;
+
+  /**
+   * Replaces the kernel; a running call ends with the kernel's death error. Starts the new one
+   * if one was running. Restarts asked for while one is under way join it: at most one kernel
+   * start per context, however many restarts arrive.
+   */
+  restart(): Promise<void> {
+    this.restarting ??= this.restartOnce().finally(() => (this.restarting = undefined));
+    return this.restarting;
+  }
+
+  private async restartOnce(): Promise<void> {
     const old = this.kernel;
     this.kernel = undefined;
     this.kernelStarting = undefined;
@@ -119,9 +145,14 @@ export class ContextManager {
     for (const language of ["python", "javascript"]) this.defaultContext(language);
   }
 
-  create(request: { language?: string | null; cwd?: string | null }): CodeContext {
-    const language = normalizeLanguage(request.language);
-    const cwd = request.cwd?.trim() || this.options.getDefaultWorkdir() || "/home/user";
+  /** Throws invalid_argument for an unknown language or a bad cwd, resource_exhausted over the cap. */
+  create(request: { language?: string | null; cwd?: string | null }, isDefault = false): CodeContext {
+    const language = checkLanguage(request.language);
+    const cwd = this.checkCwd(request.cwd?.trim() || this.options.getDefaultWorkdir() || "/home/user");
+    const max = this.options.maxContexts ?? maxCodeContexts;
+    if (!isDefault && this.contexts.size - this.defaults.size >= max) {
+      throw new CubicleError("resource_exhausted", `at most ${max} code contexts can exist in a sandbox: remove one (removeCodeContext) before creating another`);
+    }
     const context = new CodeContext(randomUUID(), language, cwd, this);
     this.contexts.set(context.id, context);
     return context;
@@ -133,13 +164,20 @@ export class ContextManager {
 
   /** The context used when a call names a language (or nothing: python). */
   defaultContext(languageName?: string | null): CodeContext {
-    const language = normalizeLanguage(languageName);
+    const language = checkLanguage(languageName);
     let context = this.defaults.get(language);
     if (!context) {
-      context = this.create({ language });
+      context = this.create({ language }, true);
       this.defaults.set(language, context);
     }
     return context;
+  }
+
+  /** An absolute cwd without NUL, or a relative one resolved against the default workdir. */
+  private checkCwd(cwd: string): string {
+    if (cwd.includes("\0")) throw new CubicleError("invalid_argument", "cwd must not contain a NUL byte");
+    if (Buffer.byteLength(cwd) > maxCwdBytes) throw new CubicleError("invalid_argument", `cwd is longer than ${maxCwdBytes} bytes`);
+    return path.resolve(this.options.getDefaultWorkdir() || "/home/user", cwd);
   }
 
   list(): CodeContextInfo[] {

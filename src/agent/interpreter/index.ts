@@ -14,6 +14,11 @@ const log = createLogger("interpreter");
 export interface InterpreterServerOptions {
   host: string;
   port: number;
+  /**
+   * The sandbox's envd access token (set by `/init`), read on every request: when there is
+   * one, `/execute` needs it in `X-Access-Token` exactly as envd does (server.ts).
+   */
+  getAccessToken: () => string | undefined;
   /** Sandbox-wide env vars (envd `/envs`); read when a kernel starts. */
   getEnvVars: () => Record<string, string>;
   /** The user kernels run as (envd's default user, e.g. `user`). */
@@ -70,7 +75,7 @@ export async function startInterpreterServer(options: InterpreterServerOptions):
         ? { MPLBACKEND: "module://matplotlib_inline.backend_inline", PYTHONUNBUFFERED: "1", ...(process.pid !== 1 ? { JPY_PARENT_PID: String(process.pid) } : {}) }
         : {},
   });
-  const server = createInterpreterHttpServer({ contexts, keepaliveIntervalMs: options.keepaliveIntervalMs });
+  const server = createInterpreterHttpServer({ contexts, keepaliveIntervalMs: options.keepaliveIntervalMs, getAccessToken: options.getAccessToken });
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
     server.listen(options.port, options.host, () => {

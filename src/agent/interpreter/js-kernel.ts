@@ -1,9 +1,10 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { createLogger } from "../../shared/log.js";
 import { JS_KERNEL_PROGRAM } from "./js-kernel-program.js";
-import { prepareCell } from "./js-source.js";
+import { prepareCellOffLoop } from "./cell-preparer.js";
 import { resultFromMimeBundle } from "./mime-bundle.js";
-import { errorOutput, streamOutput, type ExecuteRequest, type Kernel, type KernelLaunch, type OutputSink } from "./types.js";
+import { errorOutput, kernelIdentity, streamOutput, type ExecuteRequest, type Kernel, type KernelLaunch, type OutputSink } from "./types.js";
+import { launchAs, markForOomKiller } from "../process/launch.js";
 
 const log = createLogger("interpreter");
 
@@ -49,15 +50,18 @@ export class JsKernel implements Kernel {
     const { launch } = this.options;
     return new Promise<void>((resolve, reject) => {
       this.readyWaiter = { resolve, reject };
-      const child = spawn(command!, [...prefix, "-e", JS_KERNEL_PROGRAM], {
+      // As the user with their groups, and marked for the OOM killer (process/launch.ts).
+      const start = launchAs(kernelIdentity(launch), command!, [...prefix, "-e", JS_KERNEL_PROGRAM]);
+      const child = spawn(start.file, start.args, {
         cwd: launch.cwd,
         env: launch.env,
-        uid: launch.uid,
-        gid: launch.gid,
+        uid: start.uid,
+        gid: start.gid,
         stdio: ["ignore", "pipe", "pipe", "ipc"],
         serialization: "json",
       });
       this.child = child;
+      child.once("spawn", () => markForOomKiller(child.pid, start));
       // Output written straight to the file descriptors (e.g. by a child process with inherited stdio).
       child.stdout!.on("data", (chunk: Buffer) => this.current?.sink(streamOutput("stdout", chunk.toString("utf8"))));
       child.stderr!.on("data", (chunk: Buffer) => {
@@ -104,9 +108,13 @@ export class JsKernel implements Kernel {
     }
     let cell;
     try {
-      cell = prepareCell(request.code, { typescript: this.language === "typescript" });
+      cell = await prepareCellOffLoop(request.code, { typescript: this.language === "typescript" });
     } catch (error) {
-      sink(errorOutput("SyntaxError", (error as Error).message));
+      sink(errorOutput(error instanceof SyntaxError ? "SyntaxError" : "CellPreparationError", (error as Error).message));
+      return;
+    }
+    if (this.exited || !this.child) {
+      sink(this.deathError());
       return;
     }
     sink({ type: "number_of_executions", execution_count: ++this.executionCount });

@@ -8,7 +8,16 @@ export function ndjsonLine(value: object): string {
 export interface NdjsonStreamOptions {
   /** How often a `keepalive` line is written while nothing else is. Upstream: 5 s. */
   keepaliveIntervalMs?: number;
+  /** Output held for a client that does not read, before the stream is cut. Default `maxBacklogBytes`. */
+  maxBacklogBytes?: number;
 }
+
+/**
+ * Kernel output is produced as fast as the code prints; a client that stops reading would make
+ * the agent hold all of it. Past this much unsent output the response is cut, which interrupts
+ * the execution like a client that went away (server.ts).
+ */
+export const maxBacklogBytes = 32 * 1024 * 1024;
 
 /**
  * The body of a `POST /execute` answer. Writes never produce blank lines (the JS client
@@ -19,7 +28,10 @@ export class NdjsonStream {
   private readonly keepaliveTimer: NodeJS.Timeout;
   private ended = false;
 
+  private readonly maxBacklogBytes: number;
+
   constructor(private readonly res: ServerResponse, options: NdjsonStreamOptions = {}) {
+    this.maxBacklogBytes = options.maxBacklogBytes ?? maxBacklogBytes;
     res.writeHead(200, { "content-type": "application/x-ndjson", "cache-control": "no-store" });
     // Send the headers now: the client's requestTimeoutMs only covers the wait for them.
     res.flushHeaders();
@@ -35,6 +47,10 @@ export class NdjsonStream {
   write(value: object): void {
     if (this.closed) return;
     this.res.write(ndjsonLine(value));
+    if (this.res.writableLength > this.maxBacklogBytes) {
+      this.abandon();
+      this.res.destroy();
+    }
   }
 
   end(): void {

@@ -7,7 +7,8 @@ import type * as Zmq from "zeromq";
 import { createLogger } from "../../shared/log.js";
 import { JupyterSession, type JupyterMessage } from "./jupyter-wire.js";
 import { resultFromMimeBundle } from "./mime-bundle.js";
-import { errorOutput, streamOutput, type ExecuteRequest, type Kernel, type KernelLaunch, type OutputSink } from "./types.js";
+import { errorOutput, kernelIdentity, streamOutput, type ExecuteRequest, type Kernel, type KernelLaunch, type OutputSink } from "./types.js";
+import { launchAs, markForOomKiller } from "../process/launch.js";
 
 const log = createLogger("interpreter");
 
@@ -268,13 +269,16 @@ export class PythonKernel implements Kernel {
 
     // History in memory: a file-backed history database would be held open across a memory
     // snapshot and refuse writes in every sandbox restored from it.
-    const child = spawn(this.options.pythonPath, ["-c", KERNEL_LAUNCHER, "-f", connectionFile, "--HistoryManager.hist_file=:memory:"], {
+    // As the user with their groups, and marked for the OOM killer (process/launch.ts).
+    const start = launchAs(kernelIdentity(launch), this.options.pythonPath, ["-c", KERNEL_LAUNCHER, "-f", connectionFile, "--HistoryManager.hist_file=:memory:"]);
+    const child = spawn(start.file, start.args, {
       cwd: launch.cwd,
       env: launch.env,
-      uid: launch.uid,
-      gid: launch.gid,
+      uid: start.uid,
+      gid: start.gid,
       stdio: ["ignore", "pipe", "pipe"],
     });
+    child.once("spawn", () => markForOomKiller(child.pid, start));
     this.process = child;
     const keepTail = (chunk: Buffer) => {
       this.stderrTail = (this.stderrTail + chunk.toString("utf8")).slice(-4000);

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import type { AddressInfo } from "node:net";
+import net, { type AddressInfo } from "node:net";
 import { after, before, describe, it } from "node:test";
 import { ContextManager } from "./context-manager.js";
 import { createInterpreterHttpServer } from "./server.js";
@@ -19,6 +19,12 @@ class FakeKernel implements Kernel {
     this.running++;
     assert.equal(this.running, 1, "two executions overlapped on one kernel");
     try {
+      const flood = /^flood:(\d+)$/.exec(request.code);
+      for (let index = 0; flood && index < Number(flood[1]) && !signal.aborted; index++) {
+        sink({ type: "stdout", text: "x".repeat(1 << 20), timestamp: new Date().toISOString() });
+        await new Promise((resolve) => setImmediate(resolve));
+      }
+      if (flood && signal.aborted) FakeKernel.interrupts++;
       const sleep = /^sleep:(\d+)$/.exec(request.code);
       if (sleep) {
         await new Promise<void>((resolve) => {
@@ -130,5 +136,112 @@ describe("interpreter HTTP server", () => {
     const next = await execute({ code: "next" });
     assert.equal(next.lines.find((l) => l.type === "result").text, "python:next");
     assert.equal(FakeKernel.interrupts, interruptsBefore + 1);
+  });
+});
+
+describe("interpreter HTTP server with an access token (a secure sandbox)", () => {
+  let secured = "";
+  let closeSecured: () => Promise<void>;
+  const executed: string[] = [];
+
+  before(async () => {
+    const contexts = new ContextManager({
+      kernelFactory: (language) => {
+        const kernel = new FakeKernel(language);
+        const run = kernel.execute.bind(kernel);
+        kernel.execute = (request, sink, signal) => {
+          executed.push(request.code);
+          return run(request, sink, signal);
+        };
+        return kernel;
+      },
+      getEnvVars: () => ({}),
+      getDefaultUser: () => "nobody-in-particular",
+      getDefaultWorkdir: () => "/tmp",
+      maxContexts: 6,
+    });
+    const server = createInterpreterHttpServer({ contexts, getAccessToken: () => "secret-token", maxBacklogBytes: 4 * 1024 * 1024 });
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    secured = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    closeSecured = async () => {
+      server.closeAllConnections();
+      await new Promise((resolve) => server.close(resolve));
+      await contexts.close();
+    };
+  });
+  after(() => closeSecured());
+
+  const post = (path: string, body: unknown, headers: Record<string, string> = {}) =>
+    fetch(`${secured}${path}`, { method: "POST", body: typeof body === "string" ? body : JSON.stringify(body), headers: { "content-type": "application/json", ...headers } });
+
+  it("refuses /execute without the token or with a wrong one (401, envd's body) and runs nothing", async () => {
+    const attempts: Array<Record<string, string>> = [{}, { "x-access-token": "wrong" }, { "x-access-token": "" }, { "x-access-token": "secret-token-not" }, { "x-access-token": "secret-toke" }];
+    for (const headers of attempts) {
+      const res = await post("/execute", { code: "must-not-run" }, headers);
+      assert.equal(res.status, 401, JSON.stringify(headers));
+      const body = (await res.json()) as { code: number; message: string };
+      assert.equal(body.code, 401);
+      assert.match(body.message, /access token/);
+    }
+    assert.deepEqual(executed, []);
+    const allowed = await post("/execute", { code: "allowed" }, { "x-access-token": "secret-token" });
+    assert.equal(allowed.status, 200);
+    assert.match(await allowed.text(), /python:allowed/);
+    assert.deepEqual(executed, ["allowed"]);
+  });
+
+  it("keeps /health and /contexts open without a token (the SDK sends none there), but refuses a wrong token", async () => {
+    assert.equal((await fetch(`${secured}/health`)).status, 200);
+    assert.equal((await fetch(`${secured}/contexts`)).status, 200);
+    const created = await post("/contexts", { language: "python" });
+    assert.equal(created.status, 200);
+    const { id } = (await created.json()) as { id: string };
+    assert.equal((await post(`/contexts/${id}/restart`, "")).status, 204);
+    assert.equal((await fetch(`${secured}/contexts/${id}`, { method: "DELETE" })).status, 204);
+    assert.equal((await fetch(`${secured}/contexts`, { headers: { "x-access-token": "wrong" } })).status, 401);
+    assert.equal((await post("/contexts", {}, { "x-access-token": "wrong" })).status, 401);
+    assert.equal((await fetch(`${secured}/contexts`, { headers: { "x-access-token": "secret-token" } })).status, 200);
+  });
+
+  it("bounds what an unauthenticated /contexts caller can do: a cap on contexts, known languages, sane cwds, small bodies", async () => {
+    const ids: string[] = [];
+    let refused: Response | undefined;
+    for (let index = 0; index < 10 && !refused; index++) {
+      const res = await post("/contexts", { language: "bash" });
+      if (res.status === 200) ids.push(((await res.json()) as { id: string }).id);
+      else refused = res;
+    }
+    assert.equal(refused?.status, 429);
+    assert.match(await refused!.text(), /at most 6 code contexts/);
+    assert.equal(ids.length, 6, "the python and javascript defaults do not count");
+    const bash = await post("/execute", { code: "b", language: "bash" }, { "x-access-token": "secret-token" });
+    assert.match(await bash.text(), /bash:b/, "the default contexts stay usable when the cap is reached");
+    await fetch(`${secured}/contexts/${ids.pop()}`, { method: "DELETE" });
+    assert.equal((await post("/contexts", {})).status, 200, "deleting one makes room");
+
+    for (const body of [{ language: "cobol" }, { language: "x".repeat(10_000) }, { language: 7 }, { cwd: "/tmp/a\0b" }, { cwd: "/" + "d".repeat(5000) }, { cwd: ["/tmp"] }, [1, 2], "null"]) {
+      const res = await post("/contexts", body);
+      assert.equal(res.status, 400, JSON.stringify(body).slice(0, 80));
+    }
+    assert.equal((await post("/contexts", { cwd: "x".repeat(100_000) })).status, 413);
+    assert.equal((await post("/execute", { code: "1", language: "cobol" }, { "x-access-token": "secret-token" })).status, 400);
+  });
+
+  it("cuts an execution whose client stops reading once its output backs up, and interrupts it", async () => {
+    const interruptsBefore = FakeKernel.interrupts;
+    const socket = net.connect(Number(new URL(secured).port), "127.0.0.1");
+    socket.on("error", () => {});
+    const body = JSON.stringify({ code: "flood:500" });
+    socket.write(`POST /execute HTTP/1.1\r\nhost: x\r\nx-access-token: secret-token\r\ncontent-type: application/json\r\ncontent-length: ${body.length}\r\n\r\n${body}`);
+    socket.pause(); // and never read: a paused socket does not even see the close
+    for (let i = 0; i < 200 && FakeKernel.interrupts === interruptsBefore; i++) await new Promise((resolve) => setTimeout(resolve, 50));
+    socket.destroy();
+    assert.equal(FakeKernel.interrupts, interruptsBefore + 1, "the execution went on for a client that does not read");
+    const next = await post("/execute", { code: "after-flood" }, { "x-access-token": "secret-token" });
+    assert.match(await next.text(), /python:after-flood/);
+  });
+
+  it("answers a malformed path with 400, not 500", async () => {
+    assert.equal((await fetch(`${secured}/contexts/%E0%A4%A`, { method: "DELETE" })).status, 400);
   });
 });

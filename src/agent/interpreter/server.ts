@@ -1,12 +1,19 @@
 import http, { type IncomingMessage, type ServerResponse } from "node:http";
+import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger } from "../../shared/log.js";
+import { accessTokenHeader, tokenEquals, unauthorizedMessage } from "../auth.js";
+import { toCubicleError } from "../errors.js";
+import { abandonBody, readRequestBody } from "../http/request-body.js";
 import type { ContextManager } from "./context-manager.js";
 import { KEEP_IDLE_CONNECTIONS } from "../http/keep-alive.js";
 import { NdjsonStream } from "./ndjson.js";
 
 const log = createLogger("interpreter");
 
-const MAX_BODY_BYTES = 64 * 1024 * 1024;
+/** `/execute` carries the code (and per-call env vars). */
+const MAX_EXECUTE_BODY_BYTES = 64 * 1024 * 1024;
+/** `/contexts` carries a language and a cwd: anyone may call it (see `requiresToken`), so little. */
+const MAX_CONTEXTS_BODY_BYTES = 64 * 1024;
 
 class HttpFailure extends Error {
   constructor(readonly status: number, message: string) {
@@ -17,6 +24,24 @@ class HttpFailure extends Error {
 export interface InterpreterHttpOptions {
   contexts: ContextManager;
   keepaliveIntervalMs?: number;
+  /** See NdjsonStreamOptions. */
+  maxBacklogBytes?: number;
+  /** The envd access token of the sandbox (AgentState.accessToken), read on every request. */
+  getAccessToken?: () => string | undefined;
+}
+
+/**
+ * Which requests need the access token when the sandbox has one. Everything that runs code or
+ * reaches a kernel's output does (`POST /execute`, and any path not listed here). Left open:
+ * `GET /health` (the template's ready check) and the `/contexts` calls, because the JS SDK
+ * (`@e2b/code-interpreter` 2.8) sends no `X-Access-Token` there (e2b-wire-protocol.md §2.4):
+ * listing, creating (capped), restarting and deleting contexts. None of them runs code or shows
+ * a kernel's output; a wrong token is refused even there.
+ */
+function requiresToken(method: string, segments: string[]): boolean {
+  if (segments.length === 1 && segments[0] === "health" && method === "GET") return false;
+  if (segments[0] === "contexts") return false;
+  return true;
 }
 
 /**
@@ -29,8 +54,27 @@ export function createInterpreterHttpServer(options: InterpreterHttpOptions): ht
 
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const url = new URL(req.url ?? "/", "http://interpreter");
-    const segments = url.pathname.split("/").filter(Boolean).map(decodeURIComponent);
+    const rawSegments = url.pathname.split("/").filter(Boolean);
     const method = req.method ?? "GET";
+
+    // Before the body is read, and before anything else is looked at: a caller without the
+    // token makes the agent hold nothing and learns nothing.
+    const token = options.getAccessToken?.();
+    if (token !== undefined) {
+      const header = req.headers[accessTokenHeader];
+      const presented = Array.isArray(header) ? header[0] : header;
+      if (presented !== undefined ? !tokenEquals(token, presented) : requiresToken(method, rawSegments)) {
+        abandonBody(req);
+        return sendJson(res, 401, { code: 401, message: unauthorizedMessage });
+      }
+    }
+
+    let segments: string[];
+    try {
+      segments = rawSegments.map(decodeURIComponent);
+    } catch {
+      throw new HttpFailure(400, `malformed percent-encoding in ${url.pathname}`);
+    }
 
     if (segments.length === 1 && segments[0] === "health" && method === "GET") {
       return sendJson(res, 200, "OK");
@@ -41,7 +85,7 @@ export function createInterpreterHttpServer(options: InterpreterHttpOptions): ht
     if (segments[0] === "contexts") {
       if (segments.length === 1 && method === "GET") return sendJson(res, 200, contexts.list());
       if (segments.length === 1 && method === "POST") {
-        const body = await readJsonBody(req);
+        const body = jsonObject(await readJsonBody(req, res, MAX_CONTEXTS_BODY_BYTES));
         const context = contexts.create({ language: optionalString(body, "language"), cwd: optionalString(body, "cwd") });
         return sendJson(res, 200, context.info);
       }
@@ -61,10 +105,8 @@ export function createInterpreterHttpServer(options: InterpreterHttpOptions): ht
   }
 
   async function execute(req: IncomingMessage, res: ServerResponse): Promise<void> {
-    const body = await readJsonBody(req);
-    if (typeof body !== "object" || body === null || typeof (body as Record<string, unknown>).code !== "string") {
-      throw new HttpFailure(400, "code must be a string");
-    }
+    const body = jsonObject(await readJsonBody(req, res, MAX_EXECUTE_BODY_BYTES));
+    if (typeof body.code !== "string") throw new HttpFailure(400, "code must be a string");
     const code = (body as { code: string }).code;
     const contextId = optionalString(body, "context_id");
     const language = optionalString(body, "language");
@@ -73,7 +115,7 @@ export function createInterpreterHttpServer(options: InterpreterHttpOptions): ht
     if (!context) throw new HttpFailure(404, `Context ${contextId} not found`);
     const envVars = stringRecord((body as Record<string, unknown>).env_vars);
 
-    const stream = new NdjsonStream(res, { keepaliveIntervalMs: options.keepaliveIntervalMs });
+    const stream = new NdjsonStream(res, { keepaliveIntervalMs: options.keepaliveIntervalMs, maxBacklogBytes: options.maxBacklogBytes });
     const abort = new AbortController();
     // The client went away (its timeoutMs, or a crash): interrupt the kernel so the context is free again (§10.1).
     res.on("close", () => {
@@ -96,7 +138,13 @@ export function createInterpreterHttpServer(options: InterpreterHttpOptions): ht
 
   return http.createServer({ keepAliveTimeout: KEEP_IDLE_CONNECTIONS }, (req, res) => {
     handle(req, res).catch((error: unknown) => {
-      const failure = error instanceof HttpFailure ? error : new HttpFailure(500, (error as Error).message ?? String(error));
+      const failure =
+        error instanceof HttpFailure
+          ? error
+          : (() => {
+              const e = toCubicleError(error);
+              return new HttpFailure(e.httpStatus, e.message);
+            })();
       if (failure.status >= 500) log.error("interpreter request failed", { url: req.url, reason: failure.message });
       if (res.headersSent) {
         res.destroy();
@@ -108,21 +156,27 @@ export function createInterpreterHttpServer(options: InterpreterHttpOptions): ht
   });
 }
 
-async function readJsonBody(req: IncomingMessage): Promise<unknown> {
-  const chunks: Buffer[] = [];
-  let size = 0;
-  for await (const chunk of req) {
-    size += (chunk as Buffer).length;
-    if (size > MAX_BODY_BYTES) throw new HttpFailure(413, "request body too large");
-    chunks.push(chunk as Buffer);
+async function readJsonBody(req: IncomingMessage, res: ServerResponse, limit: number): Promise<unknown> {
+  let body: Buffer;
+  try {
+    body = await readRequestBody(req, res, limit);
+  } catch (error) {
+    if (error instanceof CubicleError && error.details?.limitBytes !== undefined) throw new HttpFailure(413, `request body larger than ${limit} bytes`);
+    throw error;
   }
-  const text = Buffer.concat(chunks).toString("utf8").trim();
+  const text = body.toString("utf8").trim();
   if (!text) return {};
   try {
     return JSON.parse(text);
   } catch {
     throw new HttpFailure(400, "request body must be JSON");
   }
+}
+
+/** The request body as a JSON object (an empty body is `{}`). */
+function jsonObject(body: unknown): Record<string, unknown> {
+  if (typeof body !== "object" || body === null || Array.isArray(body)) throw new HttpFailure(400, "the request body must be a JSON object");
+  return body as Record<string, unknown>;
 }
 
 function optionalString(body: unknown, key: string): string | undefined {

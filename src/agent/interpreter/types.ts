@@ -83,6 +83,12 @@ export interface Kernel {
   shutdown(): Promise<void>;
 }
 
+/** Who a kernel runs as, for launchAs (process/launch.ts): the agent's own user when unset. */
+export function kernelIdentity(launch: KernelLaunch): { uid: number; gid: number; groups: number[] } | undefined {
+  if (launch.uid === undefined || launch.gid === undefined) return undefined;
+  return { uid: launch.uid, gid: launch.gid, groups: launch.groups ?? [launch.gid] };
+}
+
 export function streamOutput(type: "stdout" | "stderr", text: string, timestamp = new Date().toISOString()): StreamOutput {
   return { type, text, timestamp };
 }

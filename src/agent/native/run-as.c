@@ -8,11 +8,20 @@
  * command's environment, LD_PRELOAD included, reaches only the command). See RUN_AS_NOTE in
  * src/agent/process/managed-process.ts for why it exists.
  *
+ * Before anything else it sets its own oom_score_adj to 1000 (OOM_NOTE), which COMMAND and
+ * everything it starts inherit: when the sandbox runs out of memory, the kernel's OOM killer
+ * takes a user process, never the agent (which stays at its own, lower score) or tini. Raising
+ * the score needs no privilege; lowering it below the inherited minimum would need
+ * CAP_SYS_RESOURCE in the initial user namespace, which neither the sandbox nor, on this
+ * project's hosts, the host's root has: so the agent cannot be protected by lowering its own.
+ * A missing /proc is not an error (the command runs unmarked).
+ *
  * Exit status when it cannot run the command, as setpriv: 127 when COMMAND is not found, 126
  * for any other exec failure, 125 for bad arguments or a refused credential change.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <grp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,6 +29,16 @@
 #include <unistd.h>
 
 #define MAX_GROUPS 256
+#define OOM_SCORE_ADJ "1000"
+
+static void mark_for_oom_killer(void) {
+  int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return;
+  if (write(fd, OOM_SCORE_ADJ, sizeof OOM_SCORE_ADJ - 1) < 0) {
+    /* best effort: the command still runs */
+  }
+  close(fd);
+}
 
 static int parse_id(const char *text, unsigned long *out) {
   char *end;
@@ -48,6 +67,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "run-as: usage: run-as UID GID GROUPS|- COMMAND [ARG...]\n");
     return 125;
   }
+  mark_for_oom_killer();
   if (setgroups(count, groups) != 0 || setgid((gid_t)gid) != 0 || setuid((uid_t)uid) != 0) {
     fprintf(stderr, "run-as: cannot become %lu:%lu: %s\n", uid, gid, strerror(errno));
     return 125;

@@ -32,6 +32,14 @@ describe("run-as (the agent's credential helper)", () => {
     assert.equal(result.stdout, "65534 65534\n");
   });
 
+  it("marks the command as the OOM killer's first choice (oom_score_adj 1000), also for root", () => {
+    for (const ids of [["65534", "65534", "-"], ["0", "0", "0"]]) {
+      const result = run([...ids, "/bin/cat", "/proc/self/oom_score_adj"]);
+      assert.equal(result.status, 0, result.stderr);
+      assert.equal(result.stdout, "1000\n", `run-as ${ids.join(" ")}`);
+    }
+  });
+
   it("passes the environment to the command untouched", () => {
     const result = run(["65534", "65534", "-", "/usr/bin/env"], { PATH: "/usr/bin:/bin", ONLY: "this" });
     assert.equal(result.stdout, "PATH=/usr/bin:/bin\nONLY=this\n");

@@ -1,4 +1,6 @@
 import assert from "node:assert/strict";
+import fs, { readFileSync } from "node:fs";
+import path from "node:path";
 import { describe, it } from "node:test";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import type { RpcContext, ServiceDefinition } from "../rpc/types.js";
@@ -6,6 +8,7 @@ import { createAgentState } from "../state.js";
 import { lookupUser } from "../users.js";
 import { endEventFromExit } from "./exit-status.js";
 import { createProcessService, processEnvironment } from "./index.js";
+import { useRunAsHelper } from "./launch.js";
 
 const state = createAgentState({});
 state.envVars = { SANDBOX_WIDE: "yes", OVERRIDDEN: "sandbox" };
@@ -87,6 +90,13 @@ describe("process.Process Start", () => {
     await assert.rejects(openStream("Start", bash("pwd", { cwd: "/no/such/dir" })).done, (e: unknown) => {
       return e instanceof CubicleError && e.code === "invalid_argument" && e.message === "cwd '/no/such/dir' does not exist";
     });
+  });
+
+  it("refuses a NUL byte in the command or an argument with invalid_argument", async () => {
+    for (const process of [{ cmd: "/bin/true", args: ["a\0b"] }, { cmd: "/bin/tr\0ue" }]) {
+      const events = openStream("Start", { process: { ...process, cwd: "/tmp" }, stdin: false });
+      await assert.rejects(events.done, (error: unknown) => error instanceof CubicleError && error.code === "invalid_argument");
+    }
   });
 
   it("refuses a malformed request with invalid_argument", async () => {
@@ -221,5 +231,43 @@ describe("end events and environment", () => {
     assert.equal(env.USER, "u");
     assert.equal(env.SHELL, "/bin/sh");
     assert.throws(() => processEnvironment(user, {}, { "A=B": "x" }), (e: unknown) => (e as CubicleError).code === "invalid_argument");
+  });
+});
+
+describe("OOM protection of the agent (OOM_NOTE)", () => {
+  const runAs = path.resolve(path.dirname(new URL(import.meta.url).pathname), "../../../dist/agent/run-as");
+  const isRoot = process.getuid?.() === 0;
+  const nobody = { ...lookupUser("nobody") };
+
+  async function scoreOf(request: unknown, user = lookupUser("root")): Promise<string> {
+    const ctx = { ...context(), user };
+    const events = openStream("Start", request, ctx);
+    await events.done;
+    assert.equal(endOf(events.messages).exitCode ?? 0, 0, output(events.messages, "stderr"));
+    return (output(events.messages, "stdout") + output(events.messages, "pty")).trim();
+  }
+
+  it("starts every command, as root or as another user, with pipes or a PTY, marked as the OOM killer's first choice", { skip: !(isRoot && fs.existsSync(runAs)) && "needs root and dist/agent/run-as" }, async () => {
+    useRunAsHelper(runAs);
+    try {
+      // A child of the command inherits the score too: nothing the command starts escapes it.
+      const script = "cat /proc/self/oom_score_adj; (cat /proc/self/oom_score_adj)";
+      assert.equal(await scoreOf(bash(script)), "1000\n1000");
+      assert.equal(await scoreOf(bash(script, { cwd: "/tmp" }), nobody), "1000\n1000");
+      assert.match(await scoreOf({ ...(bash(script) as object), pty: { size: { cols: 80, rows: 24 } } }), /^1000\r?\n1000$/);
+      assert.equal(readFileSync("/proc/self/oom_score_adj", "utf8").trim(), "0", "the agent itself keeps its own score");
+    } finally {
+      useRunAsHelper(undefined);
+    }
+  });
+
+  it("marks the process itself when there is no run-as helper", async () => {
+    useRunAsHelper("/nonexistent/run-as-is-missing");
+    try {
+      // The helper is missing: the agent falls back to spawning directly and writes the score after the spawn.
+      assert.equal(await scoreOf(bash("sleep 0.1; cat /proc/self/oom_score_adj")), "1000");
+    } finally {
+      useRunAsHelper(undefined);
+    }
   });
 });

@@ -3,14 +3,13 @@
  * of observers (Start and Connect streams), its stdin, its signals and its single end event.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import fs from "node:fs";
-import path from "node:path";
 import type { Readable } from "node:stream";
 import type { IPty } from "node-pty";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger } from "../../shared/log.js";
 import type { AgentUser } from "../users.js";
 import { endEventFromExit, signalNumber, type EndEvent } from "./exit-status.js";
+import { launchAs, markForOomKiller } from "./launch.js";
 
 const log = createLogger("agent-process");
 
@@ -82,22 +81,29 @@ export class ManagedProcess {
 
   /** Spawns a command with pipes: `[stdin], stdout, stderr`, in its own process group. */
   static async spawnCommand(spec: SpawnSpec): Promise<ManagedProcess> {
-    const launch = commandLaunch(spec.user, spec.config.cmd, spec.config.args);
-    const child = spawn(launch.file, launch.args, {
-      cwd: spec.cwd,
-      env: spec.env,
-      stdio: [spec.stdin ? "pipe" : "ignore", "pipe", "pipe"],
-      // Own process group, so a kill reaches the whole command (bash and what it started).
-      detached: true,
-      uid: launch.uid,
-      gid: launch.gid,
-    });
+    const launch = launchAs(spec.user, spec.config.cmd, spec.config.args);
+    let child: ChildProcess;
+    try {
+      child = spawn(launch.file, launch.args, {
+        cwd: spec.cwd,
+        env: spec.env,
+        stdio: [spec.stdin ? "pipe" : "ignore", "pipe", "pipe"],
+        // Own process group, so a kill reaches the whole command (bash and what it started).
+        detached: true,
+        uid: launch.uid,
+        gid: launch.gid,
+      });
+    } catch (error) {
+      // Node refuses some argv synchronously (a NUL byte in the command or an argument).
+      throw new CubicleError("invalid_argument", `error starting process '${commandLine(spec.config)}': ${(error as Error).message}`, { cause: error });
+    }
     await new Promise<void>((resolve, reject) => {
       child.once("spawn", resolve);
       child.once("error", (error) =>
         reject(new CubicleError("invalid_argument", `error starting process '${commandLine(spec.config)}': ${error.message}`, { cause: error })),
       );
     });
+    markForOomKiller(child.pid, launch);
     const proc = new ManagedProcess(spec, child.pid!, child, undefined);
     proc.attachChild(child);
     return proc;
@@ -107,22 +113,22 @@ export class ManagedProcess {
   static async spawnPty(spec: SpawnSpec): Promise<ManagedProcess> {
     const pty = await loadNodePty();
     const size = spec.pty!;
-    const switchUser = canSwitchUser() && spec.user.uid !== 0;
+    const launch = launchAs(spec.user, spec.config.cmd, spec.config.args);
     let term: IPty;
-    // node-pty's fork keeps the parent's supplementary groups across setgid/setuid, so the
-    // agent holds the user's groups just for the synchronous fork.
-    const savedGroups = switchUser ? process.getgroups!() : undefined;
+    // Without a helper, node-pty's fork keeps the parent's supplementary groups across
+    // setgid/setuid, so the agent holds the user's groups just for the synchronous fork.
+    const savedGroups = launch.uid !== undefined ? process.getgroups!() : undefined;
     try {
-      if (switchUser) process.setgroups!(spec.user.groups);
-      term = pty.spawn(spec.config.cmd, spec.config.args, {
+      if (savedGroups) process.setgroups!(spec.user.groups);
+      term = pty.spawn(launch.file, launch.args, {
         name: spec.env.TERM ?? "xterm-256color",
         cols: clampSize(size.cols, 80),
         rows: clampSize(size.rows, 24),
         cwd: spec.cwd,
         env: spec.env,
         encoding: null,
-        uid: switchUser ? spec.user.uid : undefined,
-        gid: switchUser ? spec.user.gid : undefined,
+        uid: launch.uid,
+        gid: launch.gid,
       });
     } catch (error) {
       throw new CubicleError(
@@ -133,6 +139,7 @@ export class ManagedProcess {
     } finally {
       if (savedGroups) process.setgroups!(savedGroups);
     }
+    markForOomKiller(term.pid, launch);
     const proc = new ManagedProcess(spec, term.pid, undefined, term);
     proc.attachPty(term);
     return proc;
@@ -302,58 +309,6 @@ function commandLine(config: ProcessConfig): string {
 
 function clampSize(n: number, fallback: number): number {
   return Number.isInteger(n) && n > 0 ? Math.min(n, 65535) : fallback;
-}
-
-/** Only a root agent can run processes as other users (on a dev host it may not be root). */
-function canSwitchUser(): boolean {
-  return typeof process.getuid === "function" && process.getuid() === 0;
-}
-
-/**
- * RUN_AS_NOTE: how the agent (root) starts a command as another user with that user's
- * supplementary groups (e2b-wire-protocol.md §7). Node's spawn with uid/gid drops every
- * supplementary group (libuv calls setgroups(0) in the child), so the agent execs a helper
- * that sets them and then execs the command; the process keeps its pid either way. First
- * choice: the kit's `run-as` (src/agent/native/run-as.c, statically linked): ~0.3 ms per
- * command where util-linux setpriv, dynamically linked, costs ~1.2 ms (measured on the host:
- * spawn of /bin/true direct 1.4 ms, via run-as 1.7, via setpriv 2.6), and every
- * `commands.run` of the default user pays it. Then the template's setpriv, then uid/gid alone.
- */
-type UserSwitch = { kind: "run-as" | "setpriv"; path: string } | null;
-let userSwitch: UserSwitch | undefined;
-
-function findUserSwitch(): UserSwitch {
-  if (userSwitch !== undefined) return userSwitch;
-  // The kit puts run-as next to the agent's script (/.cubicle).
-  const runAs = path.join(path.dirname(process.argv[1] ?? "/"), "run-as");
-  const candidates: Array<{ kind: "run-as" | "setpriv"; path: string }> = [
-    { kind: "run-as", path: runAs },
-    ...["/usr/bin/setpriv", "/bin/setpriv", "/usr/sbin/setpriv", "/sbin/setpriv"].map((file) => ({ kind: "setpriv" as const, path: file })),
-  ];
-  userSwitch = candidates.find((candidate) => isExecutable(candidate.path)) ?? null;
-  if (!userSwitch) log.warn("neither run-as nor setpriv found: processes of non-root users run without their supplementary groups");
-  return userSwitch;
-}
-
-function isExecutable(file: string): boolean {
-  try {
-    fs.accessSync(file, fs.constants.X_OK);
-    return fs.statSync(file).isFile();
-  } catch {
-    return false;
-  }
-}
-
-/** How to launch a command as the user (RUN_AS_NOTE). */
-function commandLaunch(user: AgentUser, cmd: string, args: string[]): { file: string; args: string[]; uid?: number; gid?: number } {
-  if (!canSwitchUser() || user.uid === 0) return { file: cmd, args };
-  const helper = findUserSwitch();
-  if (!helper) return { file: cmd, args, uid: user.uid, gid: user.gid };
-  if (helper.kind === "run-as") {
-    return { file: helper.path, args: [String(user.uid), String(user.gid), user.groups.length > 0 ? user.groups.join(",") : "-", cmd, ...args] };
-  }
-  const groups = user.groups.length > 0 ? `--groups=${user.groups.join(",")}` : "--clear-groups";
-  return { file: helper.path, args: [`--reuid=${user.uid}`, `--regid=${user.gid}`, groups, "--", cmd, ...args] };
 }
 
 type NodePty = typeof import("node-pty");

@@ -1,11 +1,13 @@
 import assert from "node:assert/strict";
 import http from "node:http";
+import net from "node:net";
 import type { AddressInfo } from "node:net";
 import { after, before, describe, it } from "node:test";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { lookupUser } from "../users.js";
 import { findProcedure, parseProcedurePath, parseTimeoutMs, serveProcedure } from "./connect.js";
 import { EnvelopeParser, encodeEnvelope } from "./envelope.js";
+import { abandonedBodyGraceMs, bufferedBodyBytes, setBodyBudgetBytes } from "../http/request-body.js";
 import type { RpcContext, ServiceDefinition } from "./types.js";
 
 let lastAbortReason: unknown;
@@ -208,5 +210,104 @@ describe("Connect server streams", () => {
     assert.equal(parseTimeoutMs("60000"), 60000);
     assert.throws(() => parseTimeoutMs("-1"), (e: unknown) => e instanceof CubicleError && e.code === "invalid_argument");
     assert.throws(() => parseTimeoutMs("12345678901"));
+  });
+});
+
+/**
+ * Streams `totalBytes` of body after the headers until the server answers, and returns the
+ * status line and body of that answer (what a client that cannot stop sending sees).
+ */
+function sendUntilAnswered(path: string, contentType: string, totalBytes: number, prefix: Buffer = Buffer.alloc(0)): Promise<{ status: number; body: string; sentBytes: number }> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(port, "127.0.0.1");
+    let answer = "";
+    let sent = 0;
+    let answered = false;
+    socket.on("data", (chunk) => {
+      answer += chunk.toString("latin1");
+      answered = true;
+    });
+    socket.on("error", () => {});
+    socket.on("close", () => {
+      const match = /^HTTP\/1\.1 (\d{3})/.exec(answer);
+      if (!match) return reject(new Error(`no answer after ${sent} bytes: the connection was cut (${JSON.stringify(answer.slice(0, 100))})`));
+      resolve({ status: Number(match[1]), body: answer.slice(answer.indexOf("\r\n\r\n") + 4), sentBytes: sent });
+    });
+    socket.write(`POST ${path} HTTP/1.1\r\nhost: x\r\ncontent-type: ${contentType}\r\ncontent-length: ${totalBytes}\r\n\r\n`);
+    socket.write(prefix);
+    sent = prefix.length;
+    const chunk = Buffer.alloc(256 * 1024, 0x20);
+    const pump = () => {
+      while (!answered && sent < totalBytes && !socket.destroyed) {
+        const piece = chunk.subarray(0, Math.min(chunk.length, totalBytes - sent));
+        sent += piece.length;
+        if (!socket.write(piece)) return void socket.once("drain", pump);
+      }
+    };
+    pump();
+    setTimeout(() => socket.destroy(), 20_000).unref();
+  });
+}
+
+describe("Connect request size", () => {
+  it("answers an oversized unary body with resource_exhausted instead of cutting the connection, without holding it", async () => {
+    const res = await sendUntilAnswered("/test.Echo/Echo", "application/json", 64 * 1024 * 1024, Buffer.from('{"a":"'));
+    assert.equal(res.status, 429);
+    assert.match(res.body, /"code":"resource_exhausted"/);
+    assert.match(res.body, /larger than 33554432 bytes/);
+    assert.equal(bufferedBodyBytes(), 0, "nothing of the refused body stays held");
+  });
+
+  it("closes the connection of an oversized body that stops arriving, a while after answering it", async () => {
+    const socket = net.connect(port, "127.0.0.1");
+    socket.on("error", () => {});
+    let answer = "";
+    socket.on("data", (chunk) => (answer += chunk.toString("latin1")));
+    const closed = new Promise<number>((resolve) => socket.once("close", () => resolve(Date.now())));
+    socket.write(`POST /test.Echo/Echo HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${64 * 1024 * 1024}\r\n\r\n`);
+    socket.write(Buffer.alloc(33 * 1024 * 1024, 0x20)); // over the limit, then nothing more
+    for (let i = 0; i < 200 && !answer.includes("resource_exhausted"); i++) await new Promise((r) => setTimeout(r, 10));
+    const answeredAt = Date.now();
+    assert.match(answer, /^HTTP\/1\.1 429/);
+    const closedAt = await Promise.race([closed, new Promise<number>((resolve) => setTimeout(() => resolve(-1), 6000))]);
+    socket.destroy();
+    assert.ok(closedAt > 0, "the agent kept the connection of a body that stopped arriving");
+    assert.ok(closedAt - answeredAt >= abandonedBodyGraceMs - 200, `closed ${closedAt - answeredAt} ms after the answer`);
+  });
+
+  it("answers an oversized streaming envelope in the end-stream envelope", async () => {
+    const header = Buffer.from([0, 0xff, 0xff, 0xff, 0xff]);
+    const res = await sendUntilAnswered("/test.Echo/Count", "application/connect+json", 1024 * 1024, header);
+    assert.equal(res.status, 200);
+    assert.match(res.body, /resource_exhausted/);
+  });
+});
+
+describe("agent-wide request budget", () => {
+  it("refuses a body that would take the agent past its budget with a retryable 429, and frees the budget when a request ends", async () => {
+    const restore = setBodyBudgetBytes(1024 * 1024);
+    const held = net.connect(port, "127.0.0.1");
+    held.on("error", () => {});
+    try {
+      // 700 KB of a 900 KB body: received and held, waiting for the rest.
+      held.write(`POST /test.Echo/Echo HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${900 * 1024}\r\n\r\n`);
+      held.write(Buffer.alloc(700 * 1024, 0x20));
+      for (let i = 0; i < 100 && bufferedBodyBytes() < 700 * 1024; i++) await new Promise((r) => setTimeout(r, 10));
+      assert.equal(bufferedBodyBytes(), 700 * 1024);
+
+      const refused = await sendUntilAnswered("/test.Echo/Echo", "application/json", 700 * 1024);
+      assert.equal(refused.status, 429);
+      assert.match(refused.body, /too many large requests at once/);
+
+      held.destroy();
+      for (let i = 0; i < 100 && bufferedBodyBytes() > 0; i++) await new Promise((r) => setTimeout(r, 10));
+      assert.equal(bufferedBodyBytes(), 0);
+      const body = Buffer.from(JSON.stringify({ pad: "x".repeat(700 * 1024) }));
+      const accepted = await unary("Echo", body.toString());
+      assert.equal(accepted.status, 200);
+    } finally {
+      held.destroy();
+      restore();
+    }
   });
 });

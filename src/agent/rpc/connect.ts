@@ -4,9 +4,12 @@
  * by an end-stream envelope. Services only see decoded messages and a RpcContext.
  */
 import type { IncomingMessage, ServerResponse } from "node:http";
-import { gunzipSync } from "node:zlib";
+import { promisify } from "node:util";
+import zlib from "node:zlib";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger } from "../../shared/log.js";
+import { toCubicleError } from "../errors.js";
+import { abandonBody, BodyBudget, readRequestBody } from "../http/request-body.js";
 import type { AgentUser } from "../users.js";
 import { EnvelopeParser, encodeEnvelope, envelopeFlags } from "./envelope.js";
 import type { RpcContext, ServiceDefinition, StreamHandler, UnaryHandler } from "./types.js";
@@ -100,7 +103,7 @@ export interface CallOptions {
 export async function serveProcedure(req: IncomingMessage, res: ServerResponse, procedure: Procedure, options: CallOptions): Promise<void> {
   const streaming = procedure.kind === "stream";
   const fail = (error: unknown) => {
-    const e = CubicleError.from(error);
+    const e = toCubicleError(error);
     if (streaming) writeStreamError(res, e);
     else writeUnaryError(res, e);
   };
@@ -115,7 +118,7 @@ export async function serveProcedure(req: IncomingMessage, res: ServerResponse, 
       // Connect answers a codec it does not speak with 415 (connect protocol spec, "Unsupported Media Type").
       res.writeHead(415, { "accept-post": `${unaryContentType}, ${streamContentType}` });
       res.end();
-      req.resume();
+      abandonBody(req);
       return;
     }
     const timeoutMs = parseTimeoutMs(req.headers["connect-timeout-ms"]);
@@ -160,6 +163,7 @@ class CallScope {
       headers: this.req.headers,
       timeoutMs: this.timeoutMs,
       needsDrain: () => res.writableNeedDrain,
+      pendingBytes: () => res.writableLength,
       waitForDrain: () =>
         new Promise<void>((resolve) => {
           if (!res.writableNeedDrain || res.destroyed) return resolve();
@@ -211,12 +215,18 @@ function decodeJsonMessage(data: Buffer): Record<string, unknown> {
   return value as Record<string, unknown>;
 }
 
-function gunzip(data: Buffer): Buffer {
+const gunzipAsync = promisify(zlib.gunzip);
+
+/** Decompresses off the event loop (libuv's pool), and no further than maxRequestBytes. */
+async function gunzip(data: Buffer, budget: BodyBudget): Promise<Buffer> {
+  let output: Buffer;
   try {
-    return gunzipSync(data, { maxOutputLength: maxRequestBytes });
+    output = await gunzipAsync(data, { maxOutputLength: maxRequestBytes });
   } catch (error) {
     throw new CubicleError("invalid_argument", `cannot decompress the request: ${(error as Error).message}`);
   }
+  budget.take(output.length);
+  return output;
 }
 
 function headerValue(req: IncomingMessage, name: string): string {
@@ -230,31 +240,11 @@ function checkEncoding(encoding: string): "gzip" | undefined {
   throw new CubicleError("unimplemented", `unknown compression "${encoding}": supported encodings are gzip, identity`);
 }
 
-/** Reads a whole request body, refusing more than `limit` bytes. */
-export function readBody(req: IncomingMessage, limit: number): Promise<Buffer> {
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = [];
-    let size = 0;
-    req.on("data", (chunk: Buffer) => {
-      size += chunk.length;
-      if (size > limit) {
-        reject(new CubicleError("resource_exhausted", `request body is larger than ${limit} bytes`));
-        req.destroy();
-        return;
-      }
-      chunks.push(chunk);
-    });
-    req.on("end", () => resolve(Buffer.concat(chunks)));
-    req.on("error", (error) => reject(new CubicleError("canceled", `reading the request failed: ${error.message}`)));
-    req.on("aborted", () => reject(new CubicleError("canceled", "the client aborted the request")));
-  });
-}
-
 async function runUnary(req: IncomingMessage, res: ServerResponse, handler: UnaryHandler, ctx: RpcContext, call: CallScope): Promise<void> {
   try {
     const encoding = checkEncoding(headerValue(req, "content-encoding"));
-    let body = await Promise.race([readBody(req, maxRequestBytes), call.aborted()]);
-    if (encoding === "gzip") body = gunzip(body);
+    let body = await Promise.race([readRequestBody(req, res, maxRequestBytes), call.aborted()]);
+    if (encoding === "gzip") body = await gunzip(body, new BodyBudget(res));
     const request = decodeJsonMessage(body);
     const response = await Promise.race([handler(request, ctx), call.aborted()]);
     const text = JSON.stringify(response ?? {});
@@ -262,16 +252,17 @@ async function runUnary(req: IncomingMessage, res: ServerResponse, handler: Unar
     res.writeHead(200, { "content-type": unaryContentType, "content-length": Buffer.byteLength(text) });
     res.end(text);
   } catch (error) {
-    if (!res.destroyed) writeUnaryError(res, CubicleError.from(error));
+    if (!res.destroyed) writeUnaryError(res, toCubicleError(error));
   } finally {
     call.dispose();
   }
 }
 
 /** Resolves with the first message envelope of a streaming request, as soon as it is complete. */
-function readFirstEnvelope(req: IncomingMessage, compressed: boolean): Promise<Buffer> {
+function readFirstEnvelope(req: IncomingMessage, res: ServerResponse, compressed: boolean): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const parser = new EnvelopeParser(maxRequestBytes);
+    const budget = new BodyBudget(res);
     let settled = false;
     const settle = (fn: () => void) => {
       if (settled) return;
@@ -283,16 +274,17 @@ function readFirstEnvelope(req: IncomingMessage, compressed: boolean): Promise<B
     };
     const onData = (chunk: Buffer) => {
       try {
+        budget.take(chunk.length);
         for (const envelope of parser.push(chunk)) {
           if (envelope.flags & envelopeFlags.endStream) continue;
           if (envelope.flags & envelopeFlags.compressed) {
             if (!compressed) throw new CubicleError("invalid_argument", "received a compressed message without Connect-Content-Encoding");
-            const data = gunzip(envelope.data);
-            return settle(() => resolve(data));
+            return settle(() => gunzip(envelope.data, budget).then(resolve, reject));
           }
           return settle(() => resolve(envelope.data));
         }
       } catch (error) {
+        abandonBody(req);
         settle(() => reject(error));
       }
     };
@@ -330,11 +322,11 @@ async function runStream(req: IncomingMessage, res: ServerResponse, handler: Str
   };
   try {
     const compressed = checkEncoding(headerValue(req, "connect-content-encoding")) === "gzip";
-    const request = decodeJsonMessage(await Promise.race([readFirstEnvelope(req, compressed), call.aborted()]));
+    const request = decodeJsonMessage(await Promise.race([readFirstEnvelope(req, res, compressed), call.aborted()]));
     await Promise.race([handler(request, ctx, send), call.aborted()]);
     finish();
   } catch (error) {
-    const e = CubicleError.from(error);
+    const e = toCubicleError(error);
     if (e.code === "internal") log.warn("stream failed", { path: req.url, error: e.message });
     finish(e);
   } finally {

@@ -22,6 +22,8 @@ export interface RpcContext {
   needsDrain?: () => boolean;
   /** Resolves once the response buffer has drained or the connection is gone. */
   waitForDrain?: () => Promise<void>;
+  /** Streams only: bytes sent but not yet taken by the client (a producer that cannot pause caps it). */
+  pendingBytes?: () => number;
 }
 
 /** A unary procedure: one JSON message in, one out. */
