@@ -51,7 +51,9 @@ export function fsErrorCode(errno: string | undefined): ErrorCode | undefined {
 }
 
 export function errnoOf(reason: unknown): string | undefined {
-  const code = (reason as NodeJS.ErrnoException | undefined)?.code;
+  const { code, errno } = (reason ?? {}) as NodeJS.ErrnoException;
+  // libuv has no name for EDQUOT (the sandbox's disk quota is full): Node calls it "Unknown system error -122".
+  if (errno === -122) return "EDQUOT";
   return typeof code === "string" ? code : undefined;
 }
 

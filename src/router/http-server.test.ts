@@ -179,3 +179,41 @@ test("signed /files URLs that are malformed are not routed and do not end the se
   }
   await assertServerAlive();
 });
+
+test("a sandbox answering before the request body is in (a 401 on an upload) leaves the client's connection usable", { timeout: 30_000 }, async () => {
+  const http = await import("node:http");
+  const net = await import("node:net");
+  // Answers at once, without reading the body.
+  const upstream = http.createServer((_req, res) => {
+    res.writeHead(401, { "content-type": "application/json", "content-length": 2 });
+    res.end("{}");
+  });
+  await new Promise<void>((resolve) => upstream.listen(0, "127.0.0.1", resolve));
+  const upstreamPort = (upstream.address() as import("node:net").AddressInfo).port;
+  const socket = net.connect(port, "127.0.0.1");
+  try {
+    let received = "";
+    socket.on("data", (chunk) => (received += chunk.toString("latin1")));
+    const answers = () => received.split("HTTP/1.1 401").length - 1;
+    const until = async (count: number) => {
+      const deadline = Date.now() + 10_000;
+      while (answers() < count && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+      assert.equal(answers(), count, `answers so far: ${JSON.stringify(received.slice(0, 500))}`);
+    };
+    const head = (method: string, length: number) =>
+      `${method} /upload HTTP/1.1\r\nHost: x\r\nE2b-Sandbox-Id: ${SANDBOX_ID}\r\nE2b-Sandbox-Port: ${upstreamPort}\r\nContent-Length: ${length}\r\n\r\n`;
+    const bodyBytes = 8 * 1024 * 1024;
+    socket.write(head("POST", bodyBytes));
+    socket.write(Buffer.alloc(64 * 1024));
+    await until(1);
+    // The rest of the body, then a second request on the same connection: it must be answered.
+    const rest = Buffer.alloc(bodyBytes - 64 * 1024);
+    for (let offset = 0; offset < rest.length; offset += 1024 * 1024) socket.write(rest.subarray(offset, offset + 1024 * 1024));
+    socket.write(head("POST", 0));
+    await until(2);
+  } finally {
+    socket.destroy();
+    upstream.close();
+  }
+  await assertServerAlive();
+});

@@ -208,18 +208,28 @@ export class SandboxRouter {
       this.sendJson(res, 400, { code: 400, message: `the request cannot be forwarded to the sandbox: ${(err as Error).message}` });
       return;
     }
+    // res.socket is null once the response finished; a later failure must still reach the client.
+    const clientSocket = req.socket;
     const untrack = this.track(match.sandboxId, {
       destroy: () => {
         upstream.destroy();
-        res.socket?.destroy();
+        clientSocket.destroy();
       },
     });
     // Set once the upstream has given its answer (or failed): a close before that is a 502.
     let settled = false;
     upstream.on("response", (upstreamRes) => {
       settled = true;
-      upstreamRes.on("error", () => res.socket?.destroy());
-      upstreamRes.on("aborted", () => res.socket?.destroy());
+      upstreamRes.on("error", () => clientSocket.destroy());
+      upstreamRes.on("aborted", () => clientSocket.destroy());
+      if (!req.complete) {
+        // The sandbox answered before the request's body was in (a 401 or 413 on an upload): the
+        // rest of the body is read and dropped, so the client gets the answer and can reuse its
+        // connection, and the upstream socket, which never got the whole request, is not reused.
+        req.unpipe(upstream);
+        req.resume();
+        upstreamRes.on("end", () => upstream.destroy());
+      }
       const status = upstreamRes.statusCode ?? 0;
       // A final answer is 200–999 (1xx are interim; Node's writeHead throws below 100 and above 999).
       if (!Number.isInteger(status) || status < 200 || status > 999) {
@@ -255,7 +265,7 @@ export class SandboxRouter {
       settled = true;
       log.debug("upstream error", { sandboxId: match.sandboxId, port: match.port, error: err.message });
       if (res.headersSent) {
-        res.socket?.destroy();
+        clientSocket.destroy();
         return;
       }
       // The sandbox is live but nothing listens on that port, its answer was not HTTP, or it just died.

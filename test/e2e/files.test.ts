@@ -216,9 +216,21 @@ test("concurrent reads and writes as two users keep their identities", async () 
   await Promise.all(tasks);
 });
 
-test("a full disk surfaces as NotEnoughSpaceError (writes to /dev/full fail with ENOSPC)", async () => {
-  await assert.rejects(sandbox.files.write("/dev/full", "x".repeat(100_000), { user: "root" }), NotEnoughSpaceError);
-  await assert.rejects(sandbox.files.write("/dev/full", "x".repeat(100_000), { user: "root", gzip: true }), NotEnoughSpaceError);
+test("a full disk surfaces as NotEnoughSpaceError (writes past the sandbox's disk quota)", async () => {
+  // diskSizeMB is a Cubicle extension of the create body; the SDK then connects to the sandbox.
+  const created = await server.api("POST", "/v2/sandboxes", { templateID: "base", timeout: 120, diskSizeMB: 256 });
+  assert.equal(created.status, 201, JSON.stringify(created.json));
+  const small = await Sandbox.connect(created.json.sandboxID);
+  try {
+    await small.commands.run("head -c 300M /dev/zero > /home/user/fill || true");
+    await assert.rejects(small.files.write("/home/user/more", "x".repeat(4_000_000)), NotEnoughSpaceError);
+    await assert.rejects(small.files.write("/home/user/more-gzip", "x".repeat(4_000_000), { gzip: true }), NotEnoughSpaceError);
+    // Space freed, writes work again.
+    await small.commands.run("rm /home/user/fill");
+    await small.files.write("/home/user/more", "x".repeat(4_000_000));
+  } finally {
+    await small.kill();
+  }
 });
 
 
