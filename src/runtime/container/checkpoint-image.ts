@@ -36,8 +36,6 @@ export interface CheckpointMeta {
   rootfsDir: string;
   memory: boolean;
   hostname: string;
-  /** First host uid of the source's range: the tmpfs archives carry ids of it (post-restore). */
-  uidBase: number;
   /** Fingerprint of the agent kit the processes were started from (memory images only). */
   kitFingerprint: string | undefined;
   createdAt: string;

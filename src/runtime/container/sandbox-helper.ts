@@ -77,12 +77,9 @@ export class SandboxHelper {
     await this.run(argv, "removing the sandbox's root filesystem");
   }
 
-  /** Hostname and tmpfs owners of a restored sandbox (see the helper's post-restore). */
-  async postRestore(pid: number, hostname: string, fromUidBase: number, toUidBase: number): Promise<void> {
-    await this.run(
-      [this.binary, "post-restore", "--pid", String(pid), "--hostname", hostname, "--from-base", String(fromUidBase), "--to-base", String(toUidBase)],
-      "finishing a restore",
-    );
+  /** Names the host of a running sandbox (its init's UTS namespace). */
+  async setHostname(pid: number, hostname: string): Promise<void> {
+    await this.run([this.binary, "hostname", "--pid", String(pid), "--name", hostname], "renaming the sandbox's host");
   }
 
   /** Removes the qgroups of deleted subvolumes; returns how many went. */

@@ -18,10 +18,9 @@
  *   teardown  --bundle DIR [--layer DIR]
  *       Unmounts everything at or below DIR (the root, the namespace pin), deletes the layer
  *       subvolume and its qgroup.
- *   post-restore --pid P --hostname NAME --from-base A --to-base B
- *       After a CRIU restore: names the host (the UTS namespace CRIU brought back has the
- *       source's name) and moves the tmpfs entries CRIU extracted with the source's host ids
- *       (A+n) to this sandbox's (B+n).
+ *   hostname  --pid P --name NAME
+ *       Names the host of a running sandbox (after a CRIU restore its UTS namespace has the
+ *       source's name, and the agent may not rename it).
  *   qgroup-gc --mount DIR
  *       Removes the qgroups of deleted subvolumes.
  *   watch
@@ -86,8 +85,9 @@ static const char *option(int argc, char **argv, const char *name, int required)
 static unsigned long long number(const char *text, const char *name) {
   char *end;
   errno = 0;
+  /* Digits only: strtoull would take "-1" as 2^64 - 1. */
   unsigned long long value = strtoull(text, &end, 10);
-  if (errno || *end || !*text) {
+  if (errno || *end || !isdigit((unsigned char)*text)) {
     fprintf(stderr, "sandbox-helper: %s is not a number: %s\n", name, text);
     exit(2);
   }
@@ -513,66 +513,10 @@ static int cmd_teardown(int argc, char **argv) {
   return 0;
 }
 
-/* Moves ids in [from, from+ID_COUNT) to [to, …) for dirfd/name and below, symlinks not followed. */
-static long fix_owners_at(int dirfd, const char *name, unsigned long long from, unsigned long long to, int depth, long budget) {
-  struct stat st;
-  if (budget <= 0 || fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0) return budget;
-  budget--;
-  int moved_uid = st.st_uid >= from && st.st_uid < from + ID_COUNT;
-  int moved_gid = st.st_gid >= from && st.st_gid < from + ID_COUNT;
-  if (moved_uid || moved_gid) {
-    uid_t uid = moved_uid ? (uid_t)(to + (st.st_uid - from)) : (uid_t)-1;
-    gid_t gid = moved_gid ? (gid_t)(to + (st.st_gid - from)) : (gid_t)-1;
-    fchownat(dirfd, name, uid, gid, AT_SYMLINK_NOFOLLOW);
-    /* chown drops setuid/setgid bits of regular files: put them back. */
-    if (S_ISREG(st.st_mode) && (st.st_mode & (S_ISUID | S_ISGID))) {
-      int fd = openat(dirfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-      if (fd >= 0) {
-        char self[64];
-        snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
-        chmod(self, st.st_mode & 07777);
-        close(fd);
-      }
-    }
-  }
-  if (!S_ISDIR(st.st_mode) || depth <= 0) return budget;
-  int fd = openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-  if (fd < 0) return budget;
-  DIR *dir = fdopendir(fd);
-  if (!dir) {
-    close(fd);
-    return budget;
-  }
-  struct dirent *entry;
-  while ((entry = readdir(dir)) != NULL && budget > 0) {
-    if (strcmp(entry->d_name, ".") == 0 || strcmp(entry->d_name, "..") == 0) continue;
-    budget = fix_owners_at(fd, entry->d_name, from, to, depth - 1, budget);
-  }
-  closedir(dir);
-  return budget;
-}
-
-static int cmd_post_restore(int argc, char **argv) {
-  pid_t pid = (pid_t)number(option(argc, argv, "--pid", 1), "--pid");
-  const char *hostname = option(argc, argv, "--hostname", 1);
-  unsigned long long from = number(option(argc, argv, "--from-base", 1), "--from-base");
-  unsigned long long to = number(option(argc, argv, "--to-base", 1), "--to-base");
-  if (from != to) {
-    step = "tmpfs owners";
-    /*
-     * CRIU's tar archives of the sandbox's tmpfs mounts carry the source's host ids. The walk
-     * is bounded (entries and depth) and never follows a symlink: the tree is the sandbox's.
-     */
-    char path[64];
-    snprintf(path, sizeof path, "/proc/%d/root", (int)pid);
-    int root = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (root < 0) fail(path);
-    long budget = 20000;
-    budget = fix_owners_at(root, "dev", from, to, 1, budget);
-    budget = fix_owners_at(root, "dev/shm", from, to, 8, budget);
-    close(root);
-  }
+static int cmd_hostname(int argc, char **argv) {
   step = "hostname";
+  pid_t pid = (pid_t)number(option(argc, argv, "--pid", 1), "--pid");
+  const char *hostname = option(argc, argv, "--name", 1);
   char path[64];
   snprintf(path, sizeof path, "/proc/%d/ns/uts", (int)pid);
   int uts = open(path, O_RDONLY | O_CLOEXEC);
@@ -687,12 +631,12 @@ static int cmd_watch(void) {
 }
 
 int main(int argc, char **argv) {
-  if (argc < 2) usage("usage: sandbox-helper prepare|snapshot|teardown|post-restore|qgroup-gc|watch [--option value]...");
+  if (argc < 2) usage("usage: sandbox-helper prepare|snapshot|teardown|hostname|qgroup-gc|watch [--option value]...");
   if ((argc - 2) % 2 != 0) usage("options come in --name value pairs");
   if (strcmp(argv[1], "prepare") == 0) return cmd_prepare(argc, argv);
   if (strcmp(argv[1], "snapshot") == 0) return cmd_snapshot(argc, argv);
   if (strcmp(argv[1], "teardown") == 0) return cmd_teardown(argc, argv);
-  if (strcmp(argv[1], "post-restore") == 0) return cmd_post_restore(argc, argv);
+  if (strcmp(argv[1], "hostname") == 0) return cmd_hostname(argc, argv);
   if (strcmp(argv[1], "qgroup-gc") == 0) return cmd_qgroup_gc(argc, argv);
   if (strcmp(argv[1], "watch") == 0) return cmd_watch();
   usage("unknown subcommand");
