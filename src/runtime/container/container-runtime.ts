@@ -225,7 +225,7 @@ export class ContainerRuntime implements Runtime {
   async releaseHostMounts(): Promise<void> {
     this.exitWatcher.close();
     if ((await this.list()).length > 0) throw new CubicleError("failed_precondition", "sandboxes still use the storage pool");
-    for (const mountPoint of [...(await mountsUnder(this.config.runDir))]) {
+    for (const mountPoint of await mountsUnder(this.config.runDir)) {
       await runCommand(["umount", mountPoint], { timeoutMs: 30_000, allowFailure: true }).then(async (result) => {
         if (result.exitCode !== 0) await runCommand(["umount", "--lazy", mountPoint], { timeoutMs: 30_000 });
       });
@@ -259,15 +259,26 @@ export class ContainerRuntime implements Runtime {
       log.debug("created", { sandboxId: id, ...this.lastCreateTimings });
     } catch (err) {
       await settled(spec.networkReady);
-      const error = CubicleError.from(err);
-      if (error.code === "already_exists") {
-        this.uidRanges.release(uidBase);
-        throw new CubicleError("already_exists", `sandbox ${id} already exists on this host`, { cause: err });
-      }
-      await this.destroy(id).catch((cleanupErr) => log.warn("cleanup after failed create failed", { sandboxId: id, error: String(cleanupErr) }));
-      this.uidRanges.release(uidBase);
-      throw error;
+      throw await this.undoFailedStart(id, uidBase, err, "create");
     }
+  }
+
+  /**
+   * After a failed create or restore: removes what was made of the sandbox and frees its uid
+   * range. A range recorded in the sandbox's facts is freed by destroy(); one that was not (the
+   * failure came first) is freed here. Freeing it twice could free it from under a sandbox
+   * that took it meanwhile. An already_exists error is another sandbox's bundle: left alone.
+   */
+  private async undoFailedStart(id: string, uidBase: number, err: unknown, what: string): Promise<CubicleError> {
+    const error = CubicleError.from(err);
+    const recorded = this.facts.get(id)?.uidBase === uidBase;
+    if (error.code === "already_exists" && !recorded) {
+      this.uidRanges.release(uidBase);
+      return new CubicleError("already_exists", `sandbox ${id} already exists on this host`, { cause: err });
+    }
+    await this.destroy(id).catch((cleanupErr) => log.warn(`cleanup after failed ${what} failed`, { sandboxId: id, error: String(cleanupErr) }));
+    if (!recorded) this.uidRanges.release(uidBase);
+    return error;
   }
 
   /**
@@ -473,8 +484,7 @@ export class ContainerRuntime implements Runtime {
     if (!/^[a-zA-Z0-9][a-zA-Z0-9.-]{0,62}$/.test(hostname)) throw new CubicleError("invalid_argument", `"${hostname}" is not a valid hostname`);
     const container = await this.runc.state(CONTAINER_PREFIX + checkId(sandboxId));
     if (!container || container.pid <= 0) throw new CubicleError("not_found", `sandbox ${sandboxId} is not running`);
-    const uidBase = (this.facts.get(sandboxId) ?? (await this.readFacts(sandboxId))).uidBase;
-    await this.helper.postRestore(container.pid, hostname, uidBase, uidBase);
+    await this.helper.setHostname(container.pid, hostname);
   }
 
   /**
@@ -548,7 +558,6 @@ export class ContainerRuntime implements Runtime {
         rootfsDir: oci.annotations?.[ANNOTATION_ROOTFS_DIR] ?? "",
         memory: options.memory,
         hostname: oci.hostname ?? "",
-        uidBase: facts.uidBase,
         kitFingerprint: options.memory ? this.kitFingerprint : undefined,
         createdAt: new Date().toISOString(),
         frozenMs: thawedAt === undefined ? 0 : round(thawedAt - frozenAt),
@@ -640,17 +649,14 @@ export class ContainerRuntime implements Runtime {
       const container = await this.runc.state(CONTAINER_PREFIX + id);
       if (!container || container.pid <= 0) throw new CubicleError("internal", `sandbox ${id} stopped right after its restore`);
       this.exitWatcher.watch(id, container.pid);
-      // CRIU brings back the image's UTS namespace with the source's name, and its tmpfs files
-      // with the source's ids; the caller's own first step (the agent's /init) runs meanwhile.
+      // CRIU brings back the image's UTS namespace with the source's name (its tmpfs files it
+      // extracts inside the new user namespace: their ids are right); the caller's own first
+      // step (the agent's /init) runs meanwhile.
       const running = performance.now();
-      await allSettledOrThrow([criuPath ? this.helper.postRestore(container.pid, spec.hostname, meta.uidBase, uidBase) : undefined, spec.whenRunning?.()]);
+      await allSettledOrThrow([criuPath ? this.helper.setHostname(container.pid, spec.hostname) : undefined, spec.whenRunning?.()]);
       log.debug("restored", { sandboxId: id, imageDir, memory: meta.memory, ...timings, finishingMs: round(performance.now() - running), totalMs: round(performance.now() - started) });
     } catch (err) {
-      const error = CubicleError.from(err);
-      await this.destroy(id).catch((cleanupErr) => log.warn("cleanup after failed restore failed", { sandboxId: id, error: String(cleanupErr) }));
-      this.uidRanges.release(uidBase);
-      if (error.code === "already_exists") throw new CubicleError("already_exists", `sandbox ${id} already exists on this host`, { cause: err });
-      throw error;
+      throw await this.undoFailedStart(id, uidBase, err, "restore");
     }
   }
 
