@@ -1,5 +1,4 @@
 import { EventEmitter } from "node:events";
-import os from "node:os";
 import { mkdir, readdir, rename, rm } from "node:fs/promises";
 import path from "node:path";
 import type { NetworkManager } from "../network/types.js";
@@ -66,8 +65,8 @@ export interface SandboxManagerOptions {
   pidsLimit?: number;
   /** Warm pool size per template id or alias; empty = no pools. */
   poolSizes?: Record<string, number>;
-  /** Start slots and admission limits (ADMISSION_NOTE); defaults from the host's cores. */
-  admission?: Partial<StartQueueOptions>;
+  /** Start slots and admission limits (ADMISSION_NOTE; the defaults are the configuration's). */
+  admission: StartQueueOptions;
   /** Seconds in the hot pause tier (frozen in RAM) before a checkpoint to disk. */
   durablePauseAfterSec?: number;
   /**
@@ -133,12 +132,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
 
   constructor(private readonly options: SandboxManagerOptions) {
     super();
-    this.starts = new StartQueue({
-      slots: options.admission?.slots ?? Math.max(2, os.availableParallelism() * 2),
-      maxWaiting: options.admission?.maxWaiting ?? 500,
-      minAvailableBytes: options.admission?.minAvailableBytes ?? 256 * 1024 * 1024,
-      availableBytes: options.admission?.availableBytes,
-    });
+    this.starts = new StartQueue(options.admission);
     this.pool = new WarmPool({
       starts: this.starts,
       store: options.store,
@@ -511,7 +505,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   }
 
   /** Removes the container and the network (and a pause's image, either tier); never throws. */
-  private async teardown(record: SandboxRecord, reason: string, pauseImage = record.pause?.imageDir): Promise<void> {
+  private async teardown(record: SandboxRecord, reason: string): Promise<void> {
     this.emit("ended", record.sandboxId);
     this.cancelPauseImage(record.sandboxId);
     const runtimeId = runtimeIdOf(record);
@@ -525,7 +519,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     } catch (err) {
       log.error("network release failed", { sandboxId: record.sandboxId, runtimeId, reason, error: String(err) });
     }
-    if (pauseImage) await rm(pauseImage, { recursive: true, force: true }).catch(() => undefined);
+    if (record.pause?.imageDir) await rm(record.pause.imageDir, { recursive: true, force: true }).catch(() => undefined);
     this.durableFailed.delete(record.sandboxId);
   }
 
@@ -724,9 +718,8 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     this.live.delete(record.sandboxId);
     // Recorded before the teardown: list (the store) must not show it running meanwhile; a crash
     // in between leaves orphans that recover() removes.
-    const pauseImage = record.pause?.imageDir;
     await this.options.store.updateSandbox(record.sandboxId, { state: "dead", endReason: reason, network: undefined, pause: undefined });
-    await this.teardown(record, reason, pauseImage);
+    await this.teardown(record, reason);
     await this.options.store.recordEvent({ sandboxId: record.sandboxId, at: Date.now(), kind: "dead", detail: { reason } });
   }
 

@@ -63,10 +63,6 @@ export class StoragePool {
     return path.join(this.mountDir, "images");
   }
 
-  get kitDir(): string {
-    return path.join(this.mountDir, "kit");
-  }
-
   /** Bound read-only at /sys in sandboxes (SYS_MOUNT_NOTE). */
   get emptyDir(): string {
     return path.join(this.mountDir, "empty");
@@ -105,12 +101,8 @@ export class StoragePool {
 
   /** Bytes a layer references (kernel accounting, from sysfs: no walk) and its limit. */
   async usage(subvolumeId: number): Promise<{ usedBytes: number; limitBytes: number | undefined }> {
-    return this.qgroupUsage(`0_${subvolumeId}`);
-  }
-
-  private async qgroupUsage(name: string): Promise<{ usedBytes: number; limitBytes: number | undefined }> {
     if (!this.sysfsDir) throw new CubicleError("failed_precondition", "the storage pool is not initialised");
-    const dir = path.join(this.sysfsDir, "qgroups", name);
+    const dir = path.join(this.sysfsDir, "qgroups", `0_${subvolumeId}`);
     // `referenced` is accounted at each commit; `rsv_data` holds what was written since.
     const [referenced, reserved, limit] = await Promise.all(
       ["referenced", "rsv_data", "max_referenced"].map((name) => readFile(path.join(dir, name), "utf8").then((text) => Number(text.trim()) || 0, () => 0)),
