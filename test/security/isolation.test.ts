@@ -88,6 +88,16 @@ function hostUid(pid: number): number {
   return Number(/^Uid:\s+(\d+)/m.exec(fs.readFileSync(`/proc/${pid}/status`, "utf8"))![1]);
 }
 
+/** Runs `body` with a sandbox of its own, killed afterwards whatever happens. */
+async function withSandbox(timeoutMs: number, body: (sandbox: Sandbox) => Promise<void>): Promise<void> {
+  const sandbox = await Sandbox.create({ timeoutMs });
+  try {
+    await body(sandbox);
+  } finally {
+    await sandbox.kill().catch(() => undefined);
+  }
+}
+
 async function assertAlive(sandbox: Sandbox): Promise<void> {
   assert.equal((await run(sandbox, "echo alive", { user: "user" })).stdout, "alive\n", "the sandbox's agent still answers");
 }
@@ -246,33 +256,26 @@ describe("from a sandbox at the host", () => {
 
 describe("resource exhaustion stays inside the sandbox", () => {
   test("a fork bomb stops at the sandbox's process limit; the agent and other sandboxes go on", async () => {
-    const bomb = await Sandbox.create({ timeoutMs: 120_000 });
-    try {
+    await withSandbox(120_000, async (bomb) => {
       await bomb.commands.run("for i in $(seq 6000); do sleep 30 & done 2>/dev/null; true", { user: "user", timeoutMs: 60_000, background: true });
       await new Promise((r) => setTimeout(r, 3000));
       await assertAlive(bomb);
       await assertAlive(b);
       const processes = Number((await run(bomb, "ls /proc | grep -c '^[0-9]'")).stdout);
       assert.ok(processes <= 4096 + 10, `${processes} processes`);
-    } finally {
-      await bomb.kill();
-    }
+    });
   });
 
-  test("a memory hog is killed inside its own cgroup; the agent survives and the host keeps its memory", async () => {
-    const hog = await Sandbox.create({ timeoutMs: 120_000 });
-    try {
+  test("a memory hog is killed inside its own cgroup and the agent survives", async () => {
+    await withSandbox(120_000, async (hog) => {
       const ran = await run(hog, "/usr/bin/python3 -c 'b=[]\nwhile True: b.append(bytearray(64*1024*1024))'", { user: "user", timeoutMs: 60_000 });
       assert.notEqual(ran.exitCode, 0, "the hog ended");
       await assertAlive(hog);
-    } finally {
-      await hog.kill();
-    }
+    });
   });
 
   test("filling the disk stops at the sandbox's quota; other sandboxes still write", async () => {
-    const filler = await Sandbox.create({ timeoutMs: 120_000 });
-    try {
+    await withSandbox(120_000, async (filler) => {
       const total = (await server.api("GET", `/sandboxes/${filler.sandboxId}`)).json.diskSizeMB as number;
       const ran = await run(filler, `dd if=/dev/zero of=/home/user/fill bs=1M count=${total + 512} 2>&1`, { user: "user", timeoutMs: 120_000 });
       assert.notEqual(ran.exitCode, 0);
@@ -283,31 +286,27 @@ describe("resource exhaustion stays inside the sandbox", () => {
       const metrics = (await server.api("GET", `/sandboxes/${filler.sandboxId}/metrics`)).json as { diskUsed: number; diskTotal: number }[];
       assert.equal(metrics[0]!.diskTotal, total * 1024 * 1024);
       assert.ok(metrics[0]!.diskUsed > (total - 64) * 1024 * 1024, `metrics show ${metrics[0]!.diskUsed} bytes used`);
-    } finally {
-      await filler.kill();
-    }
+    });
   });
 
   test("a CPU spin on every core is held to the sandbox's CPU share", async () => {
-    const spin = await Sandbox.create({ timeoutMs: 120_000 });
-    try {
+    await withSandbox(120_000, async (spin) => {
       const cpus = (await server.api("GET", `/sandboxes/${spin.sandboxId}`)).json.cpuCount as number;
       await spin.commands.run("for i in 1 2 3 4; do (while :; do :; done) & done; wait", { background: true, user: "user" });
-      const usage = (file: string) => Number(fs.readFileSync(file, "utf8"));
-      const cpuacct = `/sys/fs/cgroup/cpuacct/cubicle/${spin.sandboxId}/cpuacct.usage`;
-      if (!fs.existsSync(cpuacct)) return;
-      const before = usage(cpuacct);
+      // CPU seconds the sandbox's cgroup used: cgroup v1 cpuacct (ns) or v2 cpu.stat (µs).
+      const v1 = `/sys/fs/cgroup/cpuacct/cubicle/${spin.sandboxId}/cpuacct.usage`;
+      const v2 = `/sys/fs/cgroup/cubicle/${spin.sandboxId}/cpu.stat`;
+      assert.ok(fs.existsSync(v1) || fs.existsSync(v2), "the sandbox's CPU accounting is found");
+      const seconds = () => (fs.existsSync(v1) ? Number(fs.readFileSync(v1, "utf8")) / 1e9 : Number(/^usage_usec (\d+)/m.exec(fs.readFileSync(v2, "utf8"))![1]) / 1e6);
+      const before = seconds();
       await new Promise((r) => setTimeout(r, 2000));
-      const used = (usage(cpuacct) - before) / 1e9 / 2;
+      const used = (seconds() - before) / 2;
       assert.ok(used <= cpus * 1.15, `the sandbox used ${used.toFixed(2)} CPUs with a share of ${cpus}`);
-    } finally {
-      await spin.kill();
-    }
+    });
   });
 
   test("300,000 files in a sandbox do not blow up the server's memory when its metrics are read five times at once", async () => {
-    const many = await Sandbox.create({ timeoutMs: 300_000 });
-    try {
+    await withSandbox(300_000, async (many) => {
       const made = await py(many, "import os\nos.makedirs('/tmp/m',exist_ok=True)\nfor i in range(300000): open('/tmp/m/%d'%i,'w').close()\nprint('done')", 240_000);
       assert.equal(made.stdout.trim(), "done", made.stderr);
       const rss = () => Number(/^VmRSS:\s+(\d+)/m.exec(fs.readFileSync(`/proc/${server.pid()}/status`, "utf8"))![1]) * 1024;
@@ -318,9 +317,7 @@ describe("resource exhaustion stays inside the sandbox", () => {
       for (const answer of answers) assert.equal(answer.status, 200);
       assert.ok(rss() - before < 64 * 1024 ** 2, `the server grew by ${Math.round((rss() - before) / 1024 ** 2)} MiB`);
       assert.ok(elapsed < 2000, `five metrics reads took ${Math.round(elapsed)} ms`);
-    } finally {
-      await many.kill();
-    }
+    });
   });
 });
 
