@@ -143,3 +143,17 @@ test("errors of fastify's router (bad percent-encoding, an overlong id) are E2B 
   }
   await app.close();
 });
+
+test("a create refused by admission control (429, 503) says when to come back in Retry-After", async () => {
+  for (const [code, status, retryAfterSec, header] of [
+    ["resource_exhausted", 429, 3.2, "4"],
+    ["unavailable", 503, 5, "5"],
+    ["resource_exhausted", 429, undefined, null],
+  ] as const) {
+    const app = await testApp({ manager: fakeManager({ failWith: () => new CubicleError(code, "too many creates are waiting", { details: retryAfterSec === undefined ? undefined : { retryAfterSec } }) }) });
+    const res = await app.inject({ method: "POST", url: "/v2/sandboxes", headers: auth, payload: { templateID: "base" } });
+    assertE2bBody(res.statusCode, res.json(), status);
+    assert.equal(res.headers["retry-after"] ?? null, header);
+    await app.close();
+  }
+});

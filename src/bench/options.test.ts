@@ -28,3 +28,11 @@ test("svg chart: round ticks and one polyline per series", () => {
   assert.equal(svg.match(/<polyline/g)?.length, 1);
   assert.ok(svg.includes("a &lt; b"));
 });
+
+test("bench create --background: live sandboxes kept during the measured creates; not a count, refused", () => {
+  assert.equal(parseBenchArgs(["create", "--background", "300"], {}, false).background, 300);
+  assert.equal(parseBenchArgs(["create"], {}, false).background, 0);
+  assert.throws(() => parseBenchArgs(["create", "--background", "-1"]), /--background takes a whole number/);
+  assert.throws(() => parseBenchArgs(["create", "--background", "many"]), /--background takes a whole number/);
+  assert.throws(() => parseBenchArgs(["create", "--background"]), /--background needs a value/);
+});

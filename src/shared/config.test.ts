@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import os from "node:os";
 import { test } from "node:test";
-import { defaultMaxMemoryMB, loadConfig } from "./config.js";
+import { defaultMaxMemoryMB, defaultRunDir, loadConfig } from "./config.js";
 
 test("create limits default to the host: its cores, its memory less 1 GiB, 64 GiB of disk; secure sandboxes are required", () => {
   const config = loadConfig({});
@@ -21,4 +21,28 @@ test("create limits and CUBICLE_REQUIRE_SECURE from the environment; nonsense is
   assert.throws(() => loadConfig({ CUBICLE_MAX_MEMORY_MB: "64" }), /CUBICLE_MAX_MEMORY_MB/);
   assert.throws(() => loadConfig({ CUBICLE_MAX_DISK_MB: "lots" }), /CUBICLE_MAX_DISK_MB/);
   assert.throws(() => loadConfig({ CUBICLE_REQUIRE_SECURE: "maybe" }), /CUBICLE_REQUIRE_SECURE/);
+});
+
+test("storage, image budget and admission settings from the environment; nonsense is refused at start", () => {
+  const defaults = loadConfig({ CUBICLE_STATE_DIR: "/srv/state" });
+  assert.equal(defaults.runDir, defaultRunDir("/srv/state"));
+  assert.match(defaults.runDir, /^\/run\/cubicle\/[0-9a-f]{12}$/);
+  assert.notEqual(defaultRunDir("/srv/other"), defaults.runDir, "one run dir per state dir");
+  assert.deepEqual([defaults.storageBytes, defaults.imageBudgetBytes], [undefined, undefined]);
+  assert.equal(defaults.maxStarting, Math.max(2, os.availableParallelism() * 2));
+  assert.deepEqual([defaults.maxWaitingCreates, defaults.minAvailableMB], [500, 256]);
+  const set = loadConfig({ CUBICLE_STORAGE_GB: "2.5", CUBICLE_IMAGE_BUDGET_GB: "1", CUBICLE_RUN_DIR: "/run/mine", CUBICLE_MAX_STARTING: "3", CUBICLE_MAX_WAITING_CREATES: "0", CUBICLE_MIN_AVAILABLE_MB: "0" });
+  assert.deepEqual([set.storageBytes, set.imageBudgetBytes, set.runDir, set.maxStarting, set.maxWaitingCreates, set.minAvailableMB], [2.5 * 1024 ** 3, 1024 ** 3, "/run/mine", 3, 0, 0]);
+  for (const [name, value] of [
+    ["CUBICLE_STORAGE_GB", "0"],
+    ["CUBICLE_STORAGE_GB", "-1"],
+    ["CUBICLE_STORAGE_GB", "big"],
+    ["CUBICLE_IMAGE_BUDGET_GB", "Infinity"],
+    ["CUBICLE_MAX_STARTING", "0"],
+    ["CUBICLE_MAX_STARTING", "2.5"],
+    ["CUBICLE_MAX_WAITING_CREATES", "-3"],
+    ["CUBICLE_MIN_AVAILABLE_MB", "1e9"],
+  ]) {
+    assert.throws(() => loadConfig({ [name!]: value }), new RegExp(name!), `${name}=${value}`);
+  }
 });

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { lstat, mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
+import { lstat, mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import http from "node:http";
 import net from "node:net";
 import os from "node:os";
@@ -167,6 +167,25 @@ describe("container checkpoints (CRIU)", { skip }, () => {
     }
     await assertGone(source.id);
     if (clone) await assertGone(clone.id);
+  });
+
+  test("a restore's view of an image left by a crash is removed when the runtime starts again", async () => {
+    const source = await newSandbox();
+    try {
+      await runtime.checkpoint(source.id, imageDir("views"), { memory: true, leaveRunning: true });
+      const view = path.join(imageDir("views"), "criu-view-crashed-1");
+      await mkdir(view);
+      const again = new ContainerRuntime(
+        { stateDir, distDir: path.join(repoRoot, "dist"), runcPath: "runc", runDir: defaultRunDir(stateDir) },
+        { agentScript: path.join(repoRoot, "test", "runtime-dev", "health-agent.cjs") },
+      );
+      await again.init();
+      assert.ok(!existsSync(view), "the view is left");
+      assert.ok(existsSync(path.join(imageDir("views"), "meta.json")), "the image itself stays");
+      assert.ok(again.imageBudget().usedBytes > 0, "the image counts against the budget after the restart");
+    } finally {
+      await removeSandbox(source);
+    }
   });
 
   test("restores one image into several sandboxes at once", async () => {

@@ -210,6 +210,9 @@ describe("container runtime", { skip }, () => {
 
   test("destroy removes container, mount, directory and cgroups, and can be repeated", async () => {
     const { id } = await newSandbox();
+    // The storage pool and kit cannot be unmounted from under a live sandbox (`./cubicle unmount`).
+    await assert.rejects(runtime.releaseHostMounts(), /sandboxes still use the storage pool/);
+    assert.ok((await mountsMentioning(path.join(defaultRunDir(stateDir), "pool"))).length > 0, "the pool is still mounted");
     const bundle = runtime.bundleDir(id);
     const cgroupDirs = runtime.cgroupDirectories(id);
     assert.ok(cgroupDirs.some((d) => existsSync(d)));
