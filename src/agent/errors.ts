@@ -8,7 +8,7 @@
  * agent meets more of them on user-chosen paths (a read-only /proc, a symlink loop, a busy
  * executable), so it keeps its own, wider one here.
  */
-import { CubicleError, errnoToCode, type ErrorCode } from "../shared/cubicle-error.js";
+import { CubicleError, errnoName, errnoToCode, type ErrorCode } from "../shared/cubicle-error.js";
 
 const agentErrnoCodes: Record<string, ErrorCode> = {
   EROFS: "permission_denied",
@@ -50,12 +50,8 @@ export function fsErrorCode(errno: string | undefined): ErrorCode | undefined {
   return agentErrnoCodes[errno] ?? errnoToCode(errno);
 }
 
-export function errnoOf(reason: unknown): string | undefined {
-  const { code, errno } = (reason ?? {}) as NodeJS.ErrnoException;
-  // libuv has no name for EDQUOT (the sandbox's disk quota is full): Node calls it "Unknown system error -122".
-  if (errno === -122) return "EDQUOT";
-  return typeof code === "string" ? code : undefined;
-}
+/** The errno name of a failure (EDQUOT included, which libuv does not name). */
+export const errnoOf = errnoName;
 
 const errnoDescriptions: Record<string, string> = {
   ENOENT: "no such file or directory",

@@ -1,3 +1,4 @@
+import { RESOURCE_FLOORS } from "../shared/config.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { decodePageCursor, encodePageCursor } from "../shared/page-cursor.js";
 import type { SandboxState } from "../store/types.js";
@@ -119,11 +120,6 @@ export interface CreateLimits {
   maxDiskMB: number;
 }
 
-/** The floors: below these a sandbox does not start its agent or hold a template's files. */
-export const MIN_CPU_COUNT = 1;
-export const MIN_MEMORY_MB = 128;
-export const MIN_DISK_MB = 256;
-
 function resource(value: unknown, field: string, min: number, max: number, limitName: string): number | undefined {
   if (value === undefined || value === null) return undefined;
   if (typeof value !== "number" || !Number.isInteger(value)) fail(`${field} must be a whole number from ${min} to ${max}`);
@@ -175,9 +171,9 @@ export function parseCreateRequest(body: unknown, version: 1 | 2, options: Creat
     autoPause: optionalBool(input.autoPause, "autoPause", false) || lifecycle.onTimeout === "pause",
     autoResume: autoResumeEnabled,
     networkConfig: parseNetwork(input.network),
-    cpuCount: resource(input.cpuCount, "cpuCount", MIN_CPU_COUNT, limits.maxCpuCount, "CUBICLE_MAX_CPU_COUNT"),
-    memoryMB: resource(input.memoryMB, "memoryMB", MIN_MEMORY_MB, limits.maxMemoryMB, "CUBICLE_MAX_MEMORY_MB"),
-    diskSizeMB: resource(input.diskSizeMB, "diskSizeMB", MIN_DISK_MB, limits.maxDiskMB, "CUBICLE_MAX_DISK_MB"),
+    cpuCount: resource(input.cpuCount, "cpuCount", RESOURCE_FLOORS.cpuCount, limits.maxCpuCount, "CUBICLE_MAX_CPU_COUNT"),
+    memoryMB: resource(input.memoryMB, "memoryMB", RESOURCE_FLOORS.memoryMB, limits.maxMemoryMB, "CUBICLE_MAX_MEMORY_MB"),
+    diskSizeMB: resource(input.diskSizeMB, "diskSizeMB", RESOURCE_FLOORS.diskMB, limits.maxDiskMB, "CUBICLE_MAX_DISK_MB"),
   };
 }
 

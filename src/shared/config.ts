@@ -93,8 +93,11 @@ function parseGibibytes(name: string, raw: string | undefined): number | undefin
   return Math.floor(value * 1024 ** 3);
 }
 
-/** The least a create may ask for; a configured maximum below these is a configuration error. */
-const RESOURCE_FLOORS = { cpuCount: 1, memoryMB: 128, diskMB: 256 };
+/**
+ * The least a create may ask for (below these a sandbox does not start its agent or hold a
+ * template's files); a configured maximum below them is a configuration error.
+ */
+export const RESOURCE_FLOORS = { cpuCount: 1, memoryMB: 128, diskMB: 256 } as const;
 
 /** A whole number from the environment, at least `min`; `fallback` when unset or empty. */
 function parseWholeNumber(name: string, raw: string | undefined, fallback: number, min: number): number {

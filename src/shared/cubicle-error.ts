@@ -70,9 +70,8 @@ export class CubicleError extends Error {
   static from(reason: unknown, fallback: ErrorCode = "internal"): CubicleError {
     if (reason instanceof CubicleError) return reason;
     if (reason instanceof Error) {
-      const { code: errno, errno: number } = reason as NodeJS.ErrnoException;
-      // libuv has no name for EDQUOT (a quota, e.g. a sandbox disk or the image budget, is full).
-      const mapped = number === -EDQUOT_LINUX ? "insufficient_storage" : errno ? errnoToCode(errno) : undefined;
+      const errno = errnoName(reason);
+      const mapped = errno ? errnoToCode(errno) : undefined;
       return new CubicleError(mapped ?? fallback, reason.message, { cause: reason });
     }
     return new CubicleError(fallback, String(reason), { cause: reason });
@@ -80,6 +79,16 @@ export class CubicleError extends Error {
 }
 
 const EDQUOT_LINUX = 122;
+
+/**
+ * The errno name of a Node error (ENOENT …), or its other string code. libuv has no name for
+ * EDQUOT (a quota is full: a sandbox's disk, the image budget); it is named here.
+ */
+export function errnoName(reason: unknown): string | undefined {
+  const { code, errno } = (reason ?? {}) as NodeJS.ErrnoException;
+  if (errno === -EDQUOT_LINUX) return "EDQUOT";
+  return typeof code === "string" ? code : undefined;
+}
 
 /** Maps a Node errno string (ENOENT, EACCES …) to an error code, if it has an obvious one. */
 export function errnoToCode(errno: string): ErrorCode | undefined {
