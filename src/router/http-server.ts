@@ -1,24 +1,14 @@
 import http, { type IncomingMessage, type ServerResponse } from "node:http";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { createLogger } from "../shared/log.js";
-import { answerClientError, writeRawJsonResponse } from "./raw-response.js";
+import { answerClientError, sendJsonResponse, writeRawJsonResponse } from "./raw-response.js";
 import type { SandboxRouter } from "./sandbox-router.js";
 
 const log = createLogger("router");
 
 /** Answers with an E2B error body `{code, message}`; never throws. */
 function refuse(res: ServerResponse, status: number, message: string): void {
-  try {
-    if (res.headersSent) {
-      res.socket?.destroy();
-      return;
-    }
-    const body = JSON.stringify({ code: status, message });
-    res.writeHead(status, { "content-type": "application/json", "content-length": Buffer.byteLength(body) });
-    res.end(body);
-  } catch {
-    res.socket?.destroy();
-  }
+  sendJsonResponse(res, status, { code: status, message });
 }
 
 /**

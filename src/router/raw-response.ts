@@ -1,4 +1,4 @@
-import { STATUS_CODES } from "node:http";
+import { STATUS_CODES, type ServerResponse } from "node:http";
 import type { Duplex } from "node:stream";
 import { createLogger } from "../shared/log.js";
 
@@ -25,6 +25,25 @@ export function writeRawJsonResponse(socket: Duplex, status: number, body: Recor
   } catch (err) {
     log.debug("could not answer on a raw socket", { error: String(err) });
     socket.destroy();
+  }
+}
+
+/**
+ * Answers a request with a JSON body, unless an answer has begun (then the connection is cut:
+ * a second answer inside the first would corrupt what the client reads). Never throws.
+ */
+export function sendJsonResponse(res: ServerResponse, status: number, body: Record<string, unknown>): void {
+  try {
+    if (res.headersSent || res.destroyed) {
+      res.socket?.destroy();
+      return;
+    }
+    const text = JSON.stringify(body);
+    res.writeHead(status, { "content-type": "application/json", "content-length": Buffer.byteLength(text) });
+    res.end(text);
+  } catch (err) {
+    log.debug("could not answer a request", { error: String(err) });
+    res.socket?.destroy();
   }
 }
 

@@ -5,7 +5,7 @@ import type { Duplex } from "node:stream";
 import { agentHttpAgent, ENVD_PORT, INTERPRETER_PORT } from "../core/agent-client.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { createLogger } from "../shared/log.js";
-import { writeRawJsonResponse } from "./raw-response.js";
+import { sendJsonResponse, writeRawJsonResponse } from "./raw-response.js";
 import { hostPattern, parseRoute, type RouteMatch } from "./route-parsing.js";
 
 const log = createLogger("router");
@@ -48,6 +48,13 @@ const SIGNATURE_PATTERN = /^v1_[A-Za-z0-9+/]{43}$/;
 function notFoundBody(sandboxId: string) {
   return { message: "The sandbox was not found", sandboxId, code: 502 };
 }
+
+/** The body of the router's 502 for a running sandbox whose side failed (a closed port, bad HTTP). */
+function badGatewayBody(match: RouteMatch, message: string) {
+  return { message, sandboxId: match.sandboxId, port: match.port, code: 502 };
+}
+
+const portClosedMessage = (port: number) => `The sandbox is running but port ${port} is not open`;
 
 /**
  * Routes sandbox traffic arriving on the API port: by the `E2b-Sandbox-Id` / `E2b-Sandbox-Port`
@@ -126,29 +133,13 @@ export class SandboxRouter {
     for (const handle of set) handle.destroy();
   }
 
-  /** Answers with a JSON body unless an answer has begun (then the connection is cut). Never throws. */
-  private sendJson(res: ServerResponse, status: number, body: Record<string, unknown>): void {
-    try {
-      if (res.headersSent || res.destroyed) {
-        res.socket?.destroy();
-        return;
-      }
-      const text = JSON.stringify(body);
-      res.writeHead(status, { "content-type": "application/json", "content-length": Buffer.byteLength(text) });
-      res.end(text);
-    } catch (err) {
-      log.warn("could not answer a routed request", { error: String(err) });
-      res.socket?.destroy();
-    }
-  }
-
   private sendNotFound(res: ServerResponse, sandboxId: string): void {
-    this.sendJson(res, 502, notFoundBody(sandboxId));
+    sendJsonResponse(res, 502, notFoundBody(sandboxId));
   }
 
   /** The answer when the sandbox runs but its side of the exchange failed (closed port, bad HTTP). */
   private sendBadGateway(res: ServerResponse, match: RouteMatch, message: string): void {
-    this.sendJson(res, 502, { message, sandboxId: match.sandboxId, port: match.port, code: 502 });
+    sendJsonResponse(res, 502, badGatewayBody(match, message));
   }
 
   /**
@@ -164,11 +155,6 @@ export class SandboxRouter {
 
   handleRequest(req: IncomingMessage, res: ServerResponse, match: RouteMatch): void {
     res.on("error", (err) => log.debug("client response error", { sandboxId: match.sandboxId, error: err.message }));
-    if (!Number.isInteger(match.port) || match.port < 1 || match.port > 65535) {
-      req.resume();
-      this.sendJson(res, 400, { code: 400, message: "E2b-Sandbox-Port must be a port number from 1 to 65535" });
-      return;
-    }
     const immediate = this.source.routeTarget(match.sandboxId);
     if (immediate) return this.forward(req, res, match, immediate);
     // The body stays unread (not flowing) while the sandbox resumes.
@@ -205,7 +191,7 @@ export class SandboxRouter {
     } catch (err) {
       // http.request validates the path and headers; what Node's parser let in may still fail here.
       req.resume();
-      this.sendJson(res, 400, { code: 400, message: `the request cannot be forwarded to the sandbox: ${(err as Error).message}` });
+      sendJsonResponse(res, 400, { code: 400, message: `the request cannot be forwarded to the sandbox: ${(err as Error).message}` });
       return;
     }
     // res.socket is null once the response finished; a later failure must still reach the client.
@@ -272,7 +258,7 @@ export class SandboxRouter {
       const stillLive = this.source.routeTarget(match.sandboxId) !== undefined;
       if (stillLive && match.port !== ENVD_PORT && match.port !== INTERPRETER_PORT) {
         const parseError = (err as NodeJS.ErrnoException).code?.startsWith("HPE_");
-        this.sendBadGateway(res, match, parseError ? `The sandbox's server on port ${match.port} did not answer valid HTTP` : `The sandbox is running but port ${match.port} is not open`);
+        this.sendBadGateway(res, match, parseError ? `The sandbox's server on port ${match.port} did not answer valid HTTP` : portClosedMessage(match.port));
       } else {
         this.sendNotFound(res, match.sandboxId);
       }
@@ -345,7 +331,7 @@ export class SandboxRouter {
       // Nothing was sent to the client yet: tell it why, as the plain path does.
       const stillLive = this.source.routeTarget(match.sandboxId) !== undefined;
       log.debug("upgrade upstream error", { sandboxId: match.sandboxId, port: match.port, error: err.message });
-      if (stillLive) writeRawJsonResponse(socket, 502, { message: `The sandbox is running but port ${match.port} is not open`, sandboxId: match.sandboxId, port: match.port, code: 502 });
+      if (stillLive) writeRawJsonResponse(socket, 502, badGatewayBody(match, portClosedMessage(match.port)));
       else writeRawJsonResponse(socket, 502, notFoundBody(match.sandboxId));
     });
     upstream.on("close", () => {
