@@ -18,7 +18,8 @@ export const unauthorizedMessage = "unauthorized access, please provide a valid 
  */
 const exemptPaths = new Set(["GET /health", "HEAD /health", "GET /files", "POST /files", "POST /init"]);
 
-function headerString(headers: IncomingHttpHeaders, name: string): string | undefined {
+/** A header's value (the first, when it was sent more than once). */
+export function headerString(headers: IncomingHttpHeaders, name: string): string | undefined {
   const v = headers[name];
   return Array.isArray(v) ? v[0] : v;
 }

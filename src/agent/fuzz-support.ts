@@ -6,15 +6,8 @@
 import assert from "node:assert/strict";
 import net from "node:net";
 
-/**
- * Runs per property: `CUBICLE_FUZZ_RUNS` scaled by the target's weight (a cheap target runs
- * more, one that starts processes fewer). The default keeps the whole fuzz suite well under a
- * minute on a 2-core machine.
- */
-export function fuzzRuns(weight = 1): number {
-  const base = Number(process.env.CUBICLE_FUZZ_RUNS ?? 150);
-  return Math.max(1, Math.round((Number.isFinite(base) && base > 0 ? base : 150) * weight));
-}
+/** Runs per property (shared with the API and router fuzz targets). */
+export { fuzzRuns } from "../../test/security/fuzz.js";
 
 /** Every answer must come within this (the agent never hangs on input). */
 export const answerWithinMs = 5000;

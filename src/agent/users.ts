@@ -33,7 +33,8 @@ function mtimeMs(file: string): number {
 /** passwd and group files larger than this are not read (a sandbox's root could make one huge). */
 const maxUserTableBytes = 16 * 1024 * 1024;
 
-function readLines(file: string): string[] {
+/** The entries of a passwd or group style file (no comments, no blank lines); none when unreadable. */
+export function readUserTableLines(file: string): string[] {
   try {
     // Not readFileSync: the sandbox's root may have replaced the file with a FIFO (regular-file.ts).
     return readRegularFileSync(file, maxUserTableBytes).split("\n").filter((line) => line && !line.startsWith("#"));
@@ -51,7 +52,7 @@ function loadTables(root = "/"): UserTables {
   if (cached && cached.passwdMtimeMs === passwdMtimeMs && cached.groupMtimeMs === groupMtimeMs) return cached;
 
   const membership = new Map<string, number[]>();
-  for (const line of readLines(groupFile)) {
+  for (const line of readUserTableLines(groupFile)) {
     const [, , gidText, members] = line.split(":");
     const gid = Number(gidText);
     for (const member of (members ?? "").split(",").filter(Boolean)) {
@@ -59,7 +60,7 @@ function loadTables(root = "/"): UserTables {
     }
   }
   const users = new Map<string, AgentUser>();
-  for (const line of readLines(passwdFile)) {
+  for (const line of readUserTableLines(passwdFile)) {
     const [name, , uidText, gidText, , home, shell] = line.split(":");
     if (!name) continue;
     const gid = Number(gidText);

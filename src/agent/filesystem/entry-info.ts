@@ -5,7 +5,7 @@
  */
 import fs from "node:fs";
 import path from "node:path";
-import { readRegularFileSync } from "./regular-file.js";
+import { readUserTableLines } from "../users.js";
 
 export type FileTypeName = "FILE_TYPE_UNSPECIFIED" | "FILE_TYPE_FILE" | "FILE_TYPE_DIRECTORY" | "FILE_TYPE_SYMLINK";
 
@@ -155,16 +155,11 @@ function nameOfId(file: string, id: number): string {
   if (table) table.checkedAtMs = now;
   if (!table || table.mtimeMs !== mtimeMs) {
     const names = new Map<number, string>();
-    try {
-      // Not readFileSync: the sandbox's root may have replaced the file with a FIFO (regular-file.ts).
-      for (const line of readRegularFileSync(file, 16 * 1024 * 1024).split("\n")) {
-        if (!line || line.startsWith("#")) continue;
-        const [name, , idText] = line.split(":");
-        const parsed = Number(idText);
-        if (name && Number.isInteger(parsed) && !names.has(parsed)) names.set(parsed, name);
-      }
-    } catch {
-      // Unreadable: numeric fallback below.
+    // Unreadable (or not a regular file, see users.ts): numeric fallback below.
+    for (const line of readUserTableLines(file)) {
+      const [name, , idText] = line.split(":");
+      const parsed = Number(idText);
+      if (name && Number.isInteger(parsed) && !names.has(parsed)) names.set(parsed, name);
     }
     table = { mtimeMs, checkedAtMs: now, names };
     idTables.set(file, table);

@@ -23,11 +23,6 @@ function isErrno(reason: unknown, ...codes: string[]): boolean {
   return code !== undefined && codes.includes(code);
 }
 
-/** An errno failure with its context as prefix; the code comes from the errno (fs-errors.ts). */
-function failure(prefix: string, operation: string, target: string, reason: unknown): CubicleError {
-  return fsFailure(prefix, operation, target, reason);
-}
-
 /** Adds stored user metadata to an entry. Must run as root (outside `runAsUser`). */
 export function withMetadata(entry: EntryInfoJson, identity?: { dev: bigint; ino: bigint }): EntryInfoJson {
   let fileIdentity = identity;
@@ -54,7 +49,7 @@ export function statPath(user: AgentUser, requested: unknown): { entry: EntryInf
       if (isErrno(reason, "ENOENT", "ENOTDIR")) {
         throw new CubicleError("not_found", `file not found: ${syscallErrorText("lstat", target, reason)}`, { cause: reason });
       }
-      throw failure("error getting file info", "lstat", target, reason);
+      throw fsFailure("error getting file info", "lstat", target, reason);
     }
     return { entry: entryInfoFromStats(target, stats), identity: { dev: stats.dev, ino: stats.ino } };
   });
@@ -105,13 +100,13 @@ export async function listDirectory(user: AgentUser, requested: unknown, request
       if (isErrno(reason, "ELOOP")) {
         throw new CubicleError("invalid_argument", `cyclic symlink or chain >255 links at "${requestedPath}"`, { cause: reason });
       }
-      throw failure("error resolving symlink", "lstat", requestedPath, reason);
+      throw fsFailure("error resolving symlink", "lstat", requestedPath, reason);
     }
     let stats: fs.Stats;
     try {
       stats = fs.statSync(resolved);
     } catch (reason) {
-      throw failure("error getting file info", "stat", resolved, reason);
+      throw fsFailure("error getting file info", "stat", resolved, reason);
     }
     if (!stats.isDirectory()) throw new CubicleError("invalid_argument", `path is not a directory: ${requestedPath}`);
     return resolved;
@@ -129,7 +124,7 @@ export async function listDirectory(user: AgentUser, requested: unknown, request
       try {
         frame.names = fs.readdirSync(frame.directory).sort();
       } catch (reason) {
-        if (frame.level === 1) throw failure("error reading directory", "open", frame.directory, reason);
+        if (frame.level === 1) throw fsFailure("error reading directory", "open", frame.directory, reason);
         stack.pop(); // an unreadable or vanished subdirectory: list what the user can see
         return false;
       }
@@ -165,7 +160,7 @@ export function makeDirectory(user: AgentUser, requested: unknown): { entry: Ent
     try {
       existing = fs.statSync(target);
     } catch (reason) {
-      if (!isErrno(reason, "ENOENT")) throw failure("error getting file info", "stat", target, reason);
+      if (!isErrno(reason, "ENOENT")) throw fsFailure("error getting file info", "stat", target, reason);
     }
     if (existing?.isDirectory()) throw new CubicleError("already_exists", `directory already exists: ${target}`);
     if (existing) throw new CubicleError("invalid_argument", `path already exists but it is not a directory: ${target}`);
@@ -176,7 +171,7 @@ export function makeDirectory(user: AgentUser, requested: unknown): { entry: Ent
       if (isErrno(reason, "ENOTDIR", "EEXIST")) {
         throw new CubicleError("invalid_argument", `error creating directory: ${syscallErrorText("mkdir", target, reason)}`, { cause: reason });
       }
-      throw failure("error creating directory", "mkdir", target, reason);
+      throw fsFailure("error creating directory", "mkdir", target, reason);
     }
     try {
       return readEntryInfo(target);
@@ -211,7 +206,7 @@ export function movePath(user: AgentUser, requestedSource: unknown, requestedDes
     try {
       ensureDirectories(path.dirname(destination));
     } catch (reason) {
-      throw failure("error ensuring directories", "mkdir", path.dirname(destination), reason);
+      throw fsFailure("error ensuring directories", "mkdir", path.dirname(destination), reason);
     }
     try {
       fs.renameSync(source, destination);
@@ -221,7 +216,7 @@ export function movePath(user: AgentUser, requestedSource: unknown, requestedDes
           cause: reason,
         });
       }
-      throw failure("error renaming", "rename", `${source} ${destination}`, reason);
+      throw fsFailure("error renaming", "rename", `${source} ${destination}`, reason);
     }
     const stats = fs.lstatSync(destination, { bigint: true });
     return { entry: entryInfoFromStats(destination, stats), identity: { dev: stats.dev, ino: stats.ino } };
@@ -236,7 +231,7 @@ export function movePath(user: AgentUser, requestedSource: unknown, requestedDes
  */
 export async function removePath(user: AgentUser, requested: unknown): Promise<Record<string, never>> {
   const target = resolveRequestPath(requested, user);
-  const fail = (operation: string, at: string, reason: unknown) => failure("error removing file or directory", operation, at, reason);
+  const fail = (operation: string, at: string, reason: unknown) => fsFailure("error removing file or directory", operation, at, reason);
   const stack: Array<{ directory: string; names?: string[]; next: number }> = [];
   runAsUser(user, () => {
     let stats: fs.Stats;

@@ -44,16 +44,18 @@ function closeQuietly(fd: number): void {
 }
 
 /** Checks the opened descriptor is a regular file; closes it and throws otherwise. */
-function checkDescriptor(fd: number, target: string): fs.Stats {
-  const stats = fs.fstatSync(fd);
+function checkDescriptor(fd: number, target: string): fs.Stats;
+function checkDescriptor(fd: number, target: string, bigint: true): fs.BigIntStats;
+function checkDescriptor(fd: number, target: string, bigint = false): fs.Stats | fs.BigIntStats {
+  const stats = fs.fstatSync(fd, { bigint });
   if (stats.isFile()) return stats;
   closeQuietly(fd);
   throw notRegularFile(target, stats);
 }
 
-export interface OpenedFile {
+export interface OpenedFile<S = fs.Stats> {
   fd: number;
-  stats: fs.Stats;
+  stats: S;
 }
 
 /**
@@ -84,9 +86,10 @@ export function openRegularFileForReading(target: string): OpenedFile {
  * Opens a regular file for writing, creating it (mode 0666 less the umask) or truncating it.
  * An existing directory or special file is refused before the open, and a special file that
  * appears in between is refused after it, without blocking (a FIFO without a reader: ENXIO).
- * Call inside runAsUser.
+ * The stats are the descriptor's (bigint: the file's identity for its metadata). Call inside
+ * runAsUser.
  */
-export function openRegularFileForWriting(target: string): OpenedFile {
+export function openRegularFileForWriting(target: string): OpenedFile<fs.BigIntStats> {
   let existing: fs.Stats | undefined;
   try {
     existing = fs.statSync(target);
@@ -105,7 +108,7 @@ export function openRegularFileForWriting(target: string): OpenedFile {
     if (errnoOf(reason) === "ENOSPC" || errnoOf(reason) === "EDQUOT") throw fsFailure("not enough inodes available", "open", target, reason);
     throw fsFailure("error opening file", "open", target, reason);
   }
-  return { fd, stats: checkDescriptor(fd, target) };
+  return { fd, stats: checkDescriptor(fd, target, true) };
 }
 
 /**

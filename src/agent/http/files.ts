@@ -320,7 +320,7 @@ function duplicateDestination(destination: string, uploaded: UploadedEntry[]): F
  * chowns every upload); the data then streams into the descriptor as root.
  */
 export async function writeUploadedFile(user: AgentUser, destination: string, source: Readable, metadata: Metadata): Promise<UploadedEntry> {
-  const fd = runAsUser(user, () => {
+  const { fd, stats } = runAsUser(user, () => {
     try {
       ensureDirectories(path.dirname(destination));
     } catch (reason) {
@@ -331,14 +331,12 @@ export async function writeUploadedFile(user: AgentUser, destination: string, so
       throw fsFailure("error ensuring directories", "mkdir", path.dirname(destination), reason);
     }
     // Only regular files: a FIFO or a device would block the agent (regular-file.ts).
-    return openRegularFileForWriting(destination).fd;
+    return openRegularFileForWriting(destination);
   });
 
-  let identity: { dev: bigint; ino: bigint };
+  const identity = { dev: stats.dev, ino: stats.ino };
   const sink = fs.createWriteStream("", { fd, autoClose: true });
   try {
-    const stats = fs.fstatSync(fd, { bigint: true });
-    identity = { dev: stats.dev, ino: stats.ino };
     if (Number(stats.uid) !== user.uid || Number(stats.gid) !== user.gid) fs.fchownSync(fd, user.uid, user.gid);
     await copyInto(source, sink);
   } catch (reason) {

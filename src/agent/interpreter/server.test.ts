@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import net, { type AddressInfo } from "node:net";
 import { after, before, describe, it } from "node:test";
 import { ContextManager } from "./context-manager.js";
-import { createInterpreterHttpServer } from "./server.js";
+import { createInterpreterHttpServer, type InterpreterHttpOptions } from "./server.js";
 import type { ExecuteRequest, Kernel, OutputSink } from "./types.js";
 
 /** A kernel that echoes code; `sleep:<ms>` waits (interruptibly), `count` reports its starts. */
@@ -47,6 +47,20 @@ class FakeKernel implements Kernel {
   }
 }
 
+/** An interpreter server on a free port with these contexts; `close` stops both. */
+async function startServer(contexts: ContextManager, options: Omit<InterpreterHttpOptions, "contexts">): Promise<{ base: string; close: () => Promise<void> }> {
+  const server = createInterpreterHttpServer({ contexts, ...options });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return {
+    base: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
+    close: async () => {
+      server.closeAllConnections();
+      await new Promise((resolve) => server.close(resolve));
+      await contexts.close();
+    },
+  };
+}
+
 let base = "";
 let close: () => Promise<void>;
 
@@ -57,14 +71,7 @@ before(async () => {
     getDefaultUser: () => "nobody-in-particular",
     getDefaultWorkdir: () => "/tmp",
   });
-  const server = createInterpreterHttpServer({ contexts, keepaliveIntervalMs: 50 });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
-  close = async () => {
-    server.closeAllConnections();
-    await new Promise((resolve) => server.close(resolve));
-    await contexts.close();
-  };
+  ({ base, close } = await startServer(contexts, { keepaliveIntervalMs: 50 }));
 });
 after(() => close());
 
@@ -160,14 +167,7 @@ describe("interpreter HTTP server with an access token (a secure sandbox)", () =
       getDefaultWorkdir: () => "/tmp",
       maxContexts: 6,
     });
-    const server = createInterpreterHttpServer({ contexts, getAccessToken: () => "secret-token", maxBacklogBytes: 4 * 1024 * 1024 });
-    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-    secured = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
-    closeSecured = async () => {
-      server.closeAllConnections();
-      await new Promise((resolve) => server.close(resolve));
-      await contexts.close();
-    };
+    ({ base: secured, close: closeSecured } = await startServer(contexts, { getAccessToken: () => "secret-token", maxBacklogBytes: 4 * 1024 * 1024 }));
   });
   after(() => closeSecured());
 

@@ -1,7 +1,7 @@
 import http, { type IncomingMessage, type ServerResponse } from "node:http";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger } from "../../shared/log.js";
-import { accessTokenHeader, tokenEquals, unauthorizedMessage } from "../auth.js";
+import { accessTokenHeader, headerString, tokenEquals, unauthorizedMessage } from "../auth.js";
 import { toCubicleError } from "../errors.js";
 import { abandonBody, readRequestBody } from "../http/request-body.js";
 import type { ContextManager } from "./context-manager.js";
@@ -61,8 +61,7 @@ export function createInterpreterHttpServer(options: InterpreterHttpOptions): ht
     // token makes the agent hold nothing and learns nothing.
     const token = options.getAccessToken?.();
     if (token !== undefined) {
-      const header = req.headers[accessTokenHeader];
-      const presented = Array.isArray(header) ? header[0] : header;
+      const presented = headerString(req.headers, accessTokenHeader);
       if (presented !== undefined ? !tokenEquals(token, presented) : requiresToken(method, rawSegments)) {
         abandonBody(req);
         return sendJson(res, 401, { code: 401, message: unauthorizedMessage });
@@ -106,14 +105,14 @@ export function createInterpreterHttpServer(options: InterpreterHttpOptions): ht
 
   async function execute(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const body = jsonObject(await readJsonBody(req, res, MAX_EXECUTE_BODY_BYTES));
-    if (typeof body.code !== "string") throw new HttpFailure(400, "code must be a string");
-    const code = (body as { code: string }).code;
+    const code = body.code;
+    if (typeof code !== "string") throw new HttpFailure(400, "code must be a string");
     const contextId = optionalString(body, "context_id");
     const language = optionalString(body, "language");
     if (contextId && language) throw new HttpFailure(400, "Only one of context_id or language can be provided, not both");
     const context = contextId ? contexts.get(contextId) : contexts.defaultContext(language);
     if (!context) throw new HttpFailure(404, `Context ${contextId} not found`);
-    const envVars = stringRecord((body as Record<string, unknown>).env_vars);
+    const envVars = stringRecord(body.env_vars);
 
     const stream = new NdjsonStream(res, { keepaliveIntervalMs: options.keepaliveIntervalMs, maxBacklogBytes: options.maxBacklogBytes });
     const abort = new AbortController();
@@ -138,13 +137,7 @@ export function createInterpreterHttpServer(options: InterpreterHttpOptions): ht
 
   return http.createServer({ keepAliveTimeout: KEEP_IDLE_CONNECTIONS }, (req, res) => {
     handle(req, res).catch((error: unknown) => {
-      const failure =
-        error instanceof HttpFailure
-          ? error
-          : (() => {
-              const e = toCubicleError(error);
-              return new HttpFailure(e.httpStatus, e.message);
-            })();
+      const failure = asHttpFailure(error);
       if (failure.status >= 500) log.error("interpreter request failed", { url: req.url, reason: failure.message });
       if (res.headersSent) {
         res.destroy();
@@ -154,6 +147,13 @@ export function createInterpreterHttpServer(options: InterpreterHttpOptions): ht
       res.end(failure.message);
     });
   });
+}
+
+/** What a handler threw, as the status and message to answer with. */
+function asHttpFailure(error: unknown): HttpFailure {
+  if (error instanceof HttpFailure) return error;
+  const cubicleError = toCubicleError(error);
+  return new HttpFailure(cubicleError.httpStatus, cubicleError.message);
 }
 
 async function readJsonBody(req: IncomingMessage, res: ServerResponse, limit: number): Promise<unknown> {
