@@ -42,16 +42,16 @@ export class StartQueue {
 
   constructor(private readonly options: StartQueueOptions) {}
 
-  /** Starts waiting and running now (for GET /pools-style introspection and tests). */
+  /** Starts waiting and running now (tests). */
   counts(): { running: number; waiting: number; slots: number } {
     return { running: this.running, waiting: this.waiting.length, slots: this.options.slots };
   }
 
   /**
    * Checks, before any work, that a create can be served at all; throws the 429/503 to answer
-   * with. `run` checks again (a background start never throws for a full queue).
+   * with. A background start is never refused: it only waits for a slot.
    */
-  admit(priority: StartPriority): void {
+  private admit(priority: StartPriority): void {
     if (priority !== "create") return;
     const waitingCreates = this.waiting.filter((waiter) => waiter.priority === "create").length;
     if (waitingCreates >= this.options.maxWaiting) {

@@ -302,7 +302,7 @@ export class ContainerRuntime implements Runtime {
     await mkdir(paths.dir, { mode: 0o710 });
     this.facts.set(id, { cpuCount: spec.resources.cpuCount, memoryBytes: spec.resources.memoryMiB * 1024 * 1024, diskBytes: spec.resources.diskMiB * 1024 * 1024, uidBase, layerId: undefined });
     await chown(paths.dir, 0, uidBase);
-    await chmod(paths.dir, 0o710);
+    await chmod(paths.dir, 0o710); // mkdir's mode is cut by the umask
     await mkdir(paths.rootfs);
     // The user namespace is in config.json before any of it exists: a failure is undone by destroy().
     await this.writeConfig(spec, kit, uidBase, source.kind === "fresh" || !source.memory);
@@ -354,8 +354,9 @@ export class ContainerRuntime implements Runtime {
     } else if (container) {
       log.warn("a container with this sandbox's id belongs to another state dir; leaving it", { containerId, bundle: container.bundle });
     }
-    if ((await pathExists(paths.dir)) || (await pathExists(paths.layer))) {
-      await this.helper.teardown(paths.dir, (await pathExists(paths.layer)) ? paths.layer : undefined);
+    const hasLayer = await pathExists(paths.layer);
+    if (hasLayer || (await pathExists(paths.dir))) {
+      await this.helper.teardown(paths.dir, hasLayer ? paths.layer : undefined);
       this.noteDeletion();
     }
     await rm(paths.dir, { recursive: true, force: true });

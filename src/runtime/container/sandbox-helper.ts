@@ -106,8 +106,8 @@ function subvolumeId(stdout: string): number {
 
 /**
  * Tells when a sandbox's init process ends, at once and without polling: one long-running
- * `sandbox-helper watch` holds a pidfd per watched process. Restarted if it dies; what it
- * watched is then re-checked by the caller (`onRestart`).
+ * `sandbox-helper watch` holds a pidfd per watched process. Restarted if it dies, with what it
+ * watched registered again (a process that ended meanwhile is reported at once).
  */
 export class ExitWatcher {
   private child: ChildProcess | undefined;

@@ -3,7 +3,7 @@ import { rm } from "node:fs/promises";
 import http from "node:http";
 import type { NetworkManager } from "../../network/types.js";
 import { runCommand } from "../../shared/exec.js";
-import type { Runtime } from "../types.js";
+import type { ContainerRuntime } from "./container-runtime.js";
 
 export interface AgentGetOptions {
   /** Default 49983 (envd). */
@@ -45,10 +45,10 @@ export async function waitForAgentHealth(host: string, timeoutMs = 15_000): Prom
  * Removes everything a runtime test made, even after a failure: its sandboxes, namespaces,
  * nftables table and state directory.
  */
-export async function cleanUpRuntimeTest(parts: { runtime?: Runtime; network?: NetworkManager; netnsPrefix: string; tableName: string; stateDir?: string }): Promise<void> {
+export async function cleanUpRuntimeTest(parts: { runtime?: ContainerRuntime; network?: NetworkManager; netnsPrefix: string; tableName: string; stateDir?: string }): Promise<void> {
   const { runtime, network } = parts;
   for (const id of (await runtime?.list()) ?? []) await runtime!.destroy(id).catch((err) => console.error("cleanup", id, err));
-  await (runtime as { releaseHostMounts?: () => Promise<void> } | undefined)?.releaseHostMounts?.().catch((err) => console.error("cleanup: unmounting", err));
+  await runtime?.releaseHostMounts().catch((err) => console.error("cleanup: unmounting", err));
   for (const name of (await network?.listNamespaces()) ?? []) await network!.release(name.slice(parts.netnsPrefix.length)).catch(() => {});
   await runCommand(["nft", "delete", "table", "inet", parts.tableName], { allowFailure: true });
   if (parts.stateDir) await rm(parts.stateDir, { recursive: true, force: true });
