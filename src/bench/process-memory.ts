@@ -1,6 +1,5 @@
 import { readFile } from "node:fs/promises";
 import path from "node:path";
-import { defaultRunDir } from "../shared/config.js";
 import { runCommand } from "../shared/exec.js";
 
 /** The memory fields of /proc/<pid>/smaps_rollup, in bytes. */
@@ -24,18 +23,19 @@ interface RuncListEntry {
 }
 
 /**
- * Memory of the agent process of each running sandbox of the server whose state dir is given:
+ * Memory of the agent process of each running sandbox of the server whose run dir is given:
  * `runc list` → the container's init (tini, pid from runc) → its child, the agent →
  * /proc/<pid>/smaps_rollup. Only containers whose bundle lives in that server's storage pool
- * (`<runDir>/pool/sandboxes/`) count, so another server's sandboxes are skipped; frozen ones (the warm pool) are skipped too.
+ * (`<runDir>/pool/sandboxes/`) count, so another server's sandboxes are skipped; frozen ones
+ * (the warm pool) are skipped too.
  * Bundles are named by the runtime id, which for a sandbox claimed from the warm pool is not
  * its sandbox id: so this measures every running sandbox of that server, and the benchmark
  * assumes nobody else uses the server meanwhile.
  */
-export async function runningAgentMemory(runcPath: string, stateDir: string): Promise<{ runtimeId: string; agentPid: number; memory: ProcessMemory }[]> {
+export async function runningAgentMemory(runcPath: string, runDir: string): Promise<{ runtimeId: string; agentPid: number; memory: ProcessMemory }[]> {
   const { stdout } = await runCommand([runcPath, "list", "--format", "json"], { timeoutMs: 30_000 });
   const containers = ((JSON.parse(stdout || "null") as RuncListEntry[] | null) ?? []).filter(
-    (c) => path.dirname(c.bundle) === path.join(process.env.CUBICLE_RUN_DIR ?? defaultRunDir(stateDir), "pool", "sandboxes") && c.status === "running" && c.pid > 0,
+    (c) => path.dirname(c.bundle) === path.join(runDir, "pool", "sandboxes") && c.status === "running" && c.pid > 0,
   );
   const found: { runtimeId: string; agentPid: number; memory: ProcessMemory }[] = [];
   for (const container of containers) {

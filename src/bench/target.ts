@@ -4,17 +4,19 @@ import type { CubicleConfig } from "../shared/config.js";
 export interface BenchTarget {
   apiUrl: string;
   apiKey: string;
-  /** The server's state dir: sandbox bundles are under `<stateDir>/sandboxes/`. */
+  /** The server's state dir (its CRIU copy, for the baseline). */
   stateDir: string;
+  /** The server's run dir: sandbox bundles are under `<runDir>/pool/sandboxes/`. */
+  runDir: string;
   /** Template rootfs cache (the baseline runs the same rootfs). */
   templateDir: string;
   runcPath: string;
   domain: string;
 }
 
-export function targetFromConfig(config: Pick<CubicleConfig, "host" | "port" | "stateDir" | "templateDir" | "runcPath" | "domain">, apiKey: string): BenchTarget {
+export function targetFromConfig(config: Pick<CubicleConfig, "host" | "port" | "stateDir" | "runDir" | "templateDir" | "runcPath" | "domain">, apiKey: string): BenchTarget {
   const host = config.host === "0.0.0.0" ? "127.0.0.1" : config.host;
-  return { apiUrl: `http://${host}:${config.port}`, apiKey, stateDir: config.stateDir, templateDir: config.templateDir, runcPath: config.runcPath, domain: config.domain };
+  return { apiUrl: `http://${host}:${config.port}`, apiKey, stateDir: config.stateDir, runDir: config.runDir, templateDir: config.templateDir, runcPath: config.runcPath, domain: config.domain };
 }
 
 /** Points the SDKs at the target through the variables a user would export. */

@@ -24,6 +24,7 @@ before(async () => {
     apiUrl: server.url,
     apiKey: server.apiKey,
     stateDir: server.stateDir,
+    runDir: server.runDir,
     templateDir: server.env.CUBICLE_TEMPLATE_DIR!,
     runcPath: "runc",
     domain: "cubicle.test",

@@ -60,7 +60,7 @@ export async function benchDensity(options: BenchOptions, target: BenchTarget): 
       const free = memFreeBytes();
       let agents: DensityPoint["agents"];
       try {
-        const measured = await runningAgentMemory(target.runcPath, target.stateDir);
+        const measured = await runningAgentMemory(target.runcPath, target.runDir);
         if (measured.length > 0) {
           const avg = (pick: (m: (typeof measured)[number]) => number) => round2(measured.reduce((a, m) => a + pick(m), 0) / measured.length / MiB);
           agents = { measured: measured.length, avgPssMiB: avg((m) => m.memory.pssBytes), avgPrivateMiB: avg((m) => m.memory.privateBytes), avgRssMiB: avg((m) => m.memory.rssBytes) };
