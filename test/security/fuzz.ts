@@ -6,21 +6,26 @@
 import type { TestContext } from "node:test";
 import fc from "fast-check";
 
-const DEFAULT_RUNS = 300;
+/** The base run count when CUBICLE_FUZZ_RUNS is not set. */
+const DEFAULT_BASE_RUNS = 150;
 
 /**
- * Runs per fuzz target: CUBICLE_FUZZ_RUNS, or a default that keeps the whole fuzz suite well
- * under a minute on a 2-core CI machine. CUBICLE_FUZZ_SEED replays a reported failure.
+ * Runs per fuzz target: the base count (CUBICLE_FUZZ_RUNS, default 150, which keeps the whole
+ * fuzz suite well under a minute on a 2-core CI machine) scaled by the target's weight: a cheap
+ * target runs more, one that starts processes fewer. CUBICLE_FUZZ_SEED replays a reported failure.
  */
-export function fuzzRuns(): number {
+export function fuzzRuns(weight = 1): number {
   const raw = process.env.CUBICLE_FUZZ_RUNS;
-  if (raw === undefined || raw === "") return DEFAULT_RUNS;
-  const runs = Number(raw);
-  if (!Number.isInteger(runs) || runs < 1) throw new Error(`CUBICLE_FUZZ_RUNS: "${raw}" is not a positive whole number`);
-  return runs;
+  let base = DEFAULT_BASE_RUNS;
+  if (raw !== undefined && raw !== "") {
+    base = Number(raw);
+    if (!Number.isInteger(base) || base < 1) throw new Error(`CUBICLE_FUZZ_RUNS: "${raw}" is not a positive whole number`);
+  }
+  return Math.max(1, Math.round(base * weight));
 }
 
-export const FUZZ_RUNS = fuzzRuns();
+/** Runs of each REST API and router target (twice the base: each run is cheap). */
+export const FUZZ_RUNS = fuzzRuns(2);
 
 /** Runs a property for `runs` runs and reports the count and the time in the test's output. */
 export async function assertProperty(t: TestContext, target: string, property: fc.IAsyncProperty<any> | fc.IProperty<any>, runs = FUZZ_RUNS): Promise<void> {
