@@ -2,7 +2,7 @@ import fs from "node:fs";
 import path from "node:path";
 import type { AddressInfo } from "node:net";
 import { createApiApp } from "../api/index.js";
-import { newApiKey, SandboxManager } from "../core/index.js";
+import { httpAgentLink, newApiKey, SandboxManager } from "../core/index.js";
 import { createNetworkManager } from "../network/index.js";
 import { answerClientError, createRoutedHttpServer, SandboxRouter } from "../router/index.js";
 import { createContainerRuntime } from "../runtime/index.js";
@@ -60,6 +60,7 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     store,
     runtime,
     network,
+    agent: httpAgentLink,
     templates,
     imagesDir: runtime.imagesDir,
     poolSizes: config.poolSizes,

@@ -1,53 +1,368 @@
-import type { NetworkManager, SandboxNetwork } from "../network/types.js";
-import type { Runtime } from "../runtime/types.js";
-import type { PoolEntryRecord, Store } from "../store/types.js";
+import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import type { NetworkManager, NetworkPolicy, SandboxNetwork } from "../network/types.js";
+import type { CheckpointInfo, CheckpointOptions, Runtime, RuntimeState, SandboxSpec, SandboxStats } from "../runtime/types.js";
+import { CubicleError } from "../shared/cubicle-error.js";
+import type { EventRecord, PoolEntryRecord, SandboxQuery, SandboxRecord, SnapshotQuery, SnapshotRecord, Store } from "../store/types.js";
+import type { AgentInit } from "./agent-client.js";
+import type { AgentLink } from "./agent-link.js";
+import { SandboxManager, type SandboxManagerOptions } from "./sandbox-manager.js";
+import type { CreateSandboxRequest, TemplateCatalog, TemplateInfo } from "./types.js";
 
 /**
- * A runtime, network and store for unit tests of what boots unclaimed sandboxes (warm pool,
- * warm snapshots): they only count. Creates fail `failCreates` times first (Infinity: always).
+ * Typed fakes of the ports below the core (runtime, network, agent link, store) for unit tests
+ * that run without root: they keep what a real one would hold in maps, record the calls, and
+ * fail on demand (`failNext`). Each implements its interface, so a change of a port breaks them
+ * at compile time instead of hiding behind a cast.
  */
-export function fakeHost(options: { failCreates?: number; fingerprint?: () => string } = {}) {
-  const containers = new Map<string, "running" | "frozen">();
-  const networks = new Set<string>();
-  const rows = new Map<string, PoolEntryRecord>();
-  let failures = options.failCreates ?? 0;
-  const runtime = {
-    name: "container",
-    memoryImageFingerprint: options.fingerprint,
-    async create(spec: { sandboxId: string }) {
-      if (failures > 0) {
-        failures--;
-        throw new Error("boom: no sandboxes in unit tests");
-      }
-      containers.set(spec.sandboxId, "running");
+
+type RuntimeStep = "create" | "restore" | "checkpoint" | "thaw" | "freeze" | "destroy";
+
+export class FakeRuntime implements Runtime {
+  readonly name = "container" as const;
+  readonly imagesDir: string;
+  /** Containers on the "host" by runtime id. */
+  readonly containers = new Map<string, "running" | "frozen">();
+  /** Every call, as "step id". */
+  readonly calls: string[] = [];
+  /** Steps that fail once (or `failCreates` times for create), with this error. */
+  readonly failNext = new Map<RuntimeStep, Error>();
+  private failCreates: number;
+  private readonly exitListeners: ((runtimeId: string) => void)[] = [];
+
+  constructor(options: { imagesDir?: string; failCreates?: number; fingerprint?: () => string } = {}) {
+    this.imagesDir = options.imagesDir ?? "/nonexistent-images";
+    this.failCreates = options.failCreates ?? 0;
+    if (options.fingerprint) this.memoryImageFingerprint = options.fingerprint;
+  }
+
+  memoryImageFingerprint?: () => string | undefined;
+
+  private step(step: RuntimeStep, id: string): void {
+    this.calls.push(`${step} ${id}`);
+    const failure = this.failNext.get(step);
+    if (failure) {
+      this.failNext.delete(step);
+      throw failure;
+    }
+  }
+
+  async init(): Promise<void> {}
+
+  async create(spec: SandboxSpec): Promise<void> {
+    if (this.failCreates > 0) {
+      this.failCreates--;
+      throw new Error("boom: no sandboxes in unit tests");
+    }
+    this.step("create", spec.sandboxId);
+    await spec.networkReady;
+    this.containers.set(spec.sandboxId, "running");
+  }
+
+  async destroy(id: string): Promise<void> {
+    this.step("destroy", id);
+    this.containers.delete(id);
+  }
+
+  async state(id: string): Promise<RuntimeState> {
+    return this.containers.get(id) ?? "missing";
+  }
+
+  async list(): Promise<string[]> {
+    return [...this.containers.keys()];
+  }
+
+  async freeze(id: string): Promise<void> {
+    this.step("freeze", id);
+    if (!this.containers.has(id)) throw new CubicleError("not_found", `no container ${id}`);
+    this.containers.set(id, "frozen");
+  }
+
+  async thaw(id: string): Promise<void> {
+    this.step("thaw", id);
+    if (!this.containers.has(id)) throw new CubicleError("not_found", `no container ${id}`);
+    this.containers.set(id, "running");
+  }
+
+  async setHostname(): Promise<void> {}
+
+  async stats(): Promise<SandboxStats> {
+    return { cpuUsedPct: 0, cpuCount: 1, memUsedBytes: 0, memTotalBytes: 0, memCacheBytes: 0, diskUsedBytes: 0, diskTotalBytes: 0 };
+  }
+
+  /** Writes a directory with a meta file, as a real image would be one. */
+  async checkpoint(id: string, imageDir: string, options: CheckpointOptions): Promise<CheckpointInfo> {
+    this.step("checkpoint", id);
+    if (!this.containers.has(id)) throw new CubicleError("not_found", `no container ${id}`);
+    await mkdir(imageDir, { recursive: true });
+    await writeFile(`${imageDir}/meta.json`, JSON.stringify({ memory: options.memory, from: id }));
+    if (!options.leaveRunning) this.containers.delete(id);
+    return { sizeBytes: 4096, frozenMs: 1, memory: options.memory };
+  }
+
+  async restore(spec: SandboxSpec, imageDir: string): Promise<void> {
+    this.step("restore", spec.sandboxId);
+    await spec.networkReady;
+    await readFile(`${imageDir}/meta.json`);
+    this.containers.set(spec.sandboxId, "running");
+    await spec.whenRunning?.();
+  }
+
+  onExit(listener: (runtimeId: string) => void): void {
+    this.exitListeners.push(listener);
+  }
+
+  async watch(): Promise<void> {}
+
+  /** The sandbox's processes end on their own (as an OOM kill would end them). */
+  exit(id: string): void {
+    this.containers.delete(id);
+    for (const listener of this.exitListeners) listener(id);
+  }
+
+  /** Removes an image as a test would lose one. */
+  async loseImage(imageDir: string): Promise<void> {
+    await rm(imageDir, { recursive: true, force: true });
+  }
+}
+
+export class FakeNetwork implements NetworkManager {
+  readonly networks = new Map<string, SandboxNetwork>();
+  readonly policies = new Map<string, NetworkPolicy>();
+  private next = 1;
+
+  async init(): Promise<void> {}
+
+  private plan(id: string): SandboxNetwork {
+    const n = this.next++;
+    const address = `10.200.${Math.floor(n / 64)}.${(n % 64) * 4 + 2}`;
+    return { netnsName: `cubicle-${id}`, netnsPath: `/run/netns/cubicle-${id}`, hostInterface: `veth${n}`, hostAddress: address.replace(/\d+$/, (d) => String(Number(d) - 1)), sandboxAddress: address, prefixLength: 30 };
+  }
+
+  async allocate(id: string, policy: NetworkPolicy): Promise<SandboxNetwork> {
+    return this.begin(id, policy).ready;
+  }
+
+  begin(id: string, policy: NetworkPolicy): { network: SandboxNetwork; ready: Promise<SandboxNetwork> } {
+    const network = this.plan(id);
+    this.networks.set(id, network);
+    this.policies.set(id, policy);
+    return { network, ready: Promise.resolve(network) };
+  }
+
+  async adopt(id: string, network: SandboxNetwork, policy?: NetworkPolicy): Promise<void> {
+    this.networks.set(id, network);
+    if (policy) this.policies.set(id, policy);
+  }
+
+  async applyPolicy(id: string, policy: NetworkPolicy): Promise<void> {
+    this.policies.set(id, policy);
+  }
+
+  async release(id: string): Promise<void> {
+    this.networks.delete(id);
+    this.policies.delete(id);
+  }
+
+  async listNamespaces(): Promise<string[]> {
+    return [...this.networks.keys()].map((id) => `cubicle-${id}`);
+  }
+}
+
+export class FakeAgentLink implements AgentLink {
+  /** The last /init each address received, and every call as "verb address". */
+  readonly inits = new Map<string, AgentInit>();
+  readonly calls: string[] = [];
+  /** Addresses whose agent does not answer. */
+  readonly unreachable = new Set<string>();
+  /** The next /init fails with this error. */
+  failNextInit: Error | undefined;
+
+  private reach(verb: string, address: string): void {
+    this.calls.push(`${verb} ${address}`);
+    if (this.unreachable.has(address)) throw new CubicleError("unavailable", `the sandbox agent at ${address} did not answer`);
+  }
+
+  async init(address: string, init: AgentInit): Promise<void> {
+    this.reach("init", address);
+    const failure = this.failNextInit;
+    this.failNextInit = undefined;
+    if (failure) throw failure;
+    this.inits.set(address, init);
+  }
+
+  async waitUntilUp(address: string): Promise<void> {
+    this.reach("waitUntilUp", address);
+  }
+
+  async isHealthy(address: string): Promise<boolean> {
+    this.calls.push(`isHealthy ${address}`);
+    return !this.unreachable.has(address);
+  }
+
+  async warmUp(address: string): Promise<void> {
+    this.reach("warmUp", address);
+  }
+
+  async startKernel(address: string): Promise<void> {
+    this.reach("startKernel", address);
+  }
+
+  dropIdleSockets(address: string): number {
+    this.calls.push(`dropIdleSockets ${address}`);
+    return 0;
+  }
+}
+
+/** A store in memory (the SQLite store's semantics for what the core uses). */
+export class MemoryStore implements Store {
+  readonly sandboxes = new Map<string, SandboxRecord>();
+  readonly events: EventRecord[] = [];
+  readonly snapshots = new Map<string, SnapshotRecord>();
+  /** Pool entries by runtime id. */
+  readonly rows = new Map<string, PoolEntryRecord>();
+
+  private static copy<T>(value: T): T {
+    return structuredClone(value);
+  }
+
+  async insertSandbox(record: SandboxRecord): Promise<void> {
+    if (this.sandboxes.has(record.sandboxId)) throw new Error(`sandbox ${record.sandboxId} exists`);
+    this.sandboxes.set(record.sandboxId, MemoryStore.copy(record));
+  }
+
+  async updateSandbox(sandboxId: string, patch: Partial<Omit<SandboxRecord, "sandboxId">>): Promise<void> {
+    const current = this.sandboxes.get(sandboxId);
+    if (current) this.sandboxes.set(sandboxId, MemoryStore.copy({ ...current, ...patch }));
+  }
+
+  async getSandbox(sandboxId: string): Promise<SandboxRecord | undefined> {
+    const record = this.sandboxes.get(sandboxId);
+    return record && MemoryStore.copy(record);
+  }
+
+  async querySandboxes(query: SandboxQuery): Promise<SandboxRecord[]> {
+    const rows = [...this.sandboxes.values()].filter(
+      (r) => (!query.states?.length || query.states.includes(r.state)) && (!query.templateIds || query.templateIds.includes(r.templateId)),
+    );
+    rows.sort((a, b) => (a.startedAt - b.startedAt || a.sandboxId.localeCompare(b.sandboxId)) * (query.order === "asc" ? 1 : -1));
+    return rows.slice(0, query.limit ?? rows.length).map(MemoryStore.copy);
+  }
+
+  async recordEvent(event: EventRecord): Promise<void> {
+    this.events.push(MemoryStore.copy(event));
+  }
+
+  async listEvents(sandboxId: string): Promise<EventRecord[]> {
+    return this.events.filter((e) => e.sandboxId === sandboxId);
+  }
+
+  async insertSnapshot(record: SnapshotRecord): Promise<void> {
+    for (const other of this.snapshots.values()) other.names = other.names.filter((name) => !record.names.includes(name));
+    this.snapshots.set(record.snapshotId, MemoryStore.copy(record));
+  }
+
+  async getSnapshot(snapshotId: string): Promise<SnapshotRecord | undefined> {
+    return this.snapshots.get(snapshotId);
+  }
+
+  async findSnapshot(idOrName: string): Promise<SnapshotRecord | undefined> {
+    return this.snapshots.get(idOrName) ?? [...this.snapshots.values()].reverse().find((s) => s.names.includes(idOrName));
+  }
+
+  async querySnapshots(query: SnapshotQuery): Promise<SnapshotRecord[]> {
+    const rows = [...this.snapshots.values()].filter((s) => !s.hidden && (!query.sourceSandboxId || s.sourceSandboxId === query.sourceSandboxId));
+    return rows.reverse().slice(0, query.limit ?? rows.length);
+  }
+
+  async allSnapshots(): Promise<SnapshotRecord[]> {
+    return [...this.snapshots.values()];
+  }
+
+  async deleteSnapshot(snapshotId: string): Promise<boolean> {
+    return this.snapshots.delete(snapshotId);
+  }
+
+  async insertPoolEntry(entry: PoolEntryRecord): Promise<void> {
+    this.rows.set(entry.runtimeId, MemoryStore.copy(entry));
+  }
+
+  async deletePoolEntry(runtimeId: string): Promise<void> {
+    this.rows.delete(runtimeId);
+  }
+
+  async claimPoolEntry(record: SandboxRecord): Promise<void> {
+    await this.insertSandbox(record);
+    this.rows.delete(record.runtimeId ?? record.sandboxId);
+  }
+
+  async listPoolEntries(): Promise<PoolEntryRecord[]> {
+    return [...this.rows.values()];
+  }
+
+  async knowsRuntimeId(runtimeId: string): Promise<boolean> {
+    return this.rows.has(runtimeId) || [...this.sandboxes.values()].some((r) => (r.runtimeId ?? r.sandboxId) === runtimeId);
+  }
+
+  async close(): Promise<void> {}
+}
+
+/**
+ * The fakes together, for what boots unclaimed sandboxes (warm pool, warm snapshots) and for the
+ * manager. Creates fail `failCreates` times first (Infinity: always).
+ */
+export function fakeHost(options: { failCreates?: number; fingerprint?: () => string; imagesDir?: string } = {}) {
+  const runtime = new FakeRuntime(options);
+  const network = new FakeNetwork();
+  const store = new MemoryStore();
+  const agent = new FakeAgentLink();
+  return { runtime, network, store, agent, containers: runtime.containers, networks: network.networks, rows: store.rows };
+}
+
+/** The base template under two names, as the catalog the manager tests use. */
+export const fakeTemplate: TemplateInfo = {
+  templateId: "base",
+  aliases: ["base", "base-alias"],
+  cpuCount: 1,
+  memoryMB: 512,
+  diskSizeMB: 0,
+  image: { templateId: "base", rootfsDir: "/x", defaultUser: "user", defaultWorkdir: "/home/user", env: {} },
+};
+
+export const fakeTemplates: TemplateCatalog = {
+  async resolve(idOrAlias) {
+    return fakeTemplate.aliases.includes(idOrAlias) || idOrAlias === fakeTemplate.templateId ? fakeTemplate : undefined;
+  },
+};
+
+/** A create request with the defaults the API would fill in. */
+export function createRequest(overrides: Partial<CreateSandboxRequest> = {}): CreateSandboxRequest {
+  return { templateId: "base", timeoutSec: 300, secure: true, allowInternetAccess: true, metadata: {}, envVars: {}, autoPause: false, autoResume: false, networkConfig: undefined, ...overrides };
+}
+
+/**
+ * A SandboxManager on the fakes, with its images in a temporary directory (removed by `close`),
+ * no warm pool, and pause images written at once unless `options` say otherwise.
+ */
+export async function fakeManager(options: Partial<SandboxManagerOptions> = {}) {
+  const imagesDir = await mkdtemp(path.join(os.tmpdir(), "cubicle-core-"));
+  const host = fakeHost({ imagesDir });
+  const manager = new SandboxManager({
+    ...host,
+    templates: fakeTemplates,
+    imagesDir,
+    admission: { slots: 4, maxWaiting: 100, minAvailableBytes: 0 },
+    pauseImageAfterMs: -1,
+    ...options,
+  });
+  return {
+    ...host,
+    manager,
+    imagesDir,
+    async close() {
+      await manager.close();
+      await rm(imagesDir, { recursive: true, force: true });
     },
-    async freeze(id: string) {
-      containers.set(id, "frozen");
-    },
-    async destroy(id: string) {
-      containers.delete(id);
-    },
-  } as unknown as Runtime;
-  const network = {
-    begin(id: string): { network: SandboxNetwork; ready: Promise<SandboxNetwork> } {
-      networks.add(id);
-      const network = { netnsName: `cubicle-${id}`, netnsPath: "", hostInterface: "", hostAddress: "127.0.0.1", sandboxAddress: "127.0.0.1", prefixLength: 30 };
-      return { network, ready: Promise.resolve(network) };
-    },
-    async release(id: string) {
-      networks.delete(id);
-    },
-  } as unknown as NetworkManager;
-  const store = {
-    async insertPoolEntry(entry: PoolEntryRecord) {
-      rows.set(entry.runtimeId, { ...entry });
-    },
-    async deletePoolEntry(id: string) {
-      rows.delete(id);
-    },
-    async listPoolEntries() {
-      return [...rows.values()];
-    },
-  } as unknown as Store;
-  return { containers, networks, rows, runtime, network, store };
+  };
 }

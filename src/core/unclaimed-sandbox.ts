@@ -2,7 +2,8 @@ import type { NetworkManager } from "../network/types.js";
 import type { Runtime } from "../runtime/types.js";
 import { createLogger } from "../shared/log.js";
 import type { PoolEntryRecord, Store } from "../store/types.js";
-import { AGENT_READY_TIMEOUT_MS, waitForAgent } from "./agent-client.js";
+import { AGENT_READY_TIMEOUT_MS } from "./agent-client.js";
+import type { AgentLink } from "./agent-link.js";
 import { newSandboxId } from "./ids.js";
 import type { StartQueue } from "./start-queue.js";
 import type { TemplateInfo } from "./types.js";
@@ -14,6 +15,7 @@ export interface UnclaimedSandboxDeps {
   store: Store;
   runtime: Runtime;
   network: NetworkManager;
+  agent: AgentLink;
   pidsLimit: number;
   /** The start slots it waits for, behind user creates (ADMISSION_NOTE); none = start at once. */
   starts?: StartQueue;
@@ -49,7 +51,7 @@ async function boot(deps: UnclaimedSandboxDeps, template: TemplateInfo): Promise
       network: entry.network,
       networkReady: ready,
     });
-    await waitForAgent(entry.network.sandboxAddress, AGENT_READY_TIMEOUT_MS);
+    await deps.agent.waitUntilUp(entry.network.sandboxAddress, AGENT_READY_TIMEOUT_MS);
     return entry;
   } catch (err) {
     await networkReady;

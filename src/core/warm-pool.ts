@@ -1,6 +1,5 @@
 import type { PoolEntryRecord } from "../store/types.js";
 import { createLogger } from "../shared/log.js";
-import { initAgent, warmUpAgent } from "./agent-client.js";
 import { newToken } from "./ids.js";
 import type { TemplateCatalog, TemplateInfo } from "./types.js";
 import { bootUnclaimed, destroyUnclaimed, type UnclaimedSandboxDeps } from "./unclaimed-sandbox.js";
@@ -154,10 +153,10 @@ export class WarmPool {
     const entry = await bootUnclaimed(this.options, template);
     const address = entry.network!.sandboxAddress;
     try {
-      await warmUpAgent(address, template.image.defaultUser).catch((err) => log.debug("agent warm-up failed; freezing anyway", { runtimeId: entry.runtimeId, error: String(err) }));
+      await this.options.agent.warmUp(address, template.image.defaultUser).catch((err) => log.debug("agent warm-up failed; freezing anyway", { runtimeId: entry.runtimeId, error: String(err) }));
       // The identity most creates want (see PoolEntryRecord.agentToken), given while it is cheap.
       const agentToken = newToken();
-      await initAgent(address, {
+      await this.options.agent.init(address, {
         accessToken: agentToken,
         envVars: {},
         defaultUser: template.image.defaultUser,

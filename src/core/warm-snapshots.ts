@@ -3,7 +3,6 @@ import { mkdir, readdir, rm } from "node:fs/promises";
 import path from "node:path";
 import { pathExists } from "../shared/fs.js";
 import { createLogger } from "../shared/log.js";
-import { dropIdleAgentSockets, initAgent, startInterpreterKernel } from "./agent-client.js";
 import type { TemplateInfo } from "./types.js";
 import { bootUnclaimed, destroyUnclaimed, type UnclaimedSandboxDeps } from "./unclaimed-sandbox.js";
 
@@ -149,8 +148,8 @@ export class WarmSnapshots {
       const address = entry.network!.sandboxAddress;
       // The kernel starts as the template's default user in its workdir: tell the agent first.
       // No token and no env vars: the sandbox restored from the image gets its own in its /init.
-      await initAgent(address, { envVars: {}, defaultUser: template.image.defaultUser, defaultWorkdir: template.image.defaultWorkdir, timestamp: new Date().toISOString() });
-      const kernel = await startInterpreterKernel(address, KERNEL_START_TIMEOUT_MS).then(
+      await this.options.agent.init(address, { envVars: {}, defaultUser: template.image.defaultUser, defaultWorkdir: template.image.defaultWorkdir, timestamp: new Date().toISOString() });
+      const kernel = await this.options.agent.startKernel(address, KERNEL_START_TIMEOUT_MS).then(
         () => true,
         (err) => {
           log.info("no interpreter kernel in the warm snapshot", { templateId: template.templateId, reason: String(err) });
@@ -158,8 +157,8 @@ export class WarmSnapshots {
         },
       );
       if (this.stopped) return undefined;
-      // No idle keep-alive connection of ours may be carried into the image (see dropIdleAgentSockets).
-      dropIdleAgentSockets(address);
+      // No idle keep-alive connection of ours may be carried into the image (see AgentLink.dropIdleSockets).
+      this.options.agent.dropIdleSockets(address);
       await runtime.checkpoint(entry.runtimeId, imageDir, { memory: true, leaveRunning: false });
       log.info("warm snapshot ready", { templateId: template.templateId, imageDir, kernel, buildMs: Math.round(performance.now() - started) });
       return imageDir;

@@ -1,0 +1,84 @@
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { CubicleError } from "../../shared/cubicle-error.js";
+import { createRequest, fakeManager } from "../test-fakes.js";
+
+test("a cold create records the sandbox, makes its network and container, and hands its agent its identity", async () => {
+  const f = await fakeManager();
+  try {
+    const record = await f.manager.create(createRequest({ envVars: { A: "1" }, templateId: "base-alias" }));
+    assert.equal(record.state, "running");
+    assert.equal(record.alias, "base-alias");
+    assert.equal(f.containers.get(record.sandboxId), "running");
+    assert.ok(f.networks.has(record.sandboxId));
+    assert.equal(f.store.sandboxes.get(record.sandboxId)?.state, "running");
+    const init = f.agent.inits.get(record.network!.sandboxAddress)!;
+    assert.equal(init.accessToken, record.envdAccessToken);
+    assert.deepEqual(init.envVars, { A: "1" });
+    assert.equal(init.hostname, record.sandboxId);
+    assert.deepEqual(
+      f.store.events.map((e) => e.kind),
+      ["created"],
+    );
+    assert.equal(await f.manager.get(record.sandboxId), record);
+  } finally {
+    await f.close();
+  }
+});
+
+test("a create that fails ends the sandbox dead and leaves nothing on the host", async () => {
+  const f = await fakeManager();
+  try {
+    f.agent.failNextInit = new CubicleError("internal", "the sandbox agent refused its init (500)");
+    await assert.rejects(f.manager.create(createRequest()), /refused its init/);
+    const [stored] = f.store.sandboxes.values();
+    assert.equal(stored.state, "dead");
+    assert.match(stored.endReason!, /create failed/);
+    assert.equal(f.containers.size, 0);
+    assert.equal(f.networks.size, 0);
+    assert.deepEqual(await f.manager.list({}), []);
+  } finally {
+    await f.close();
+  }
+});
+
+test("an unknown template or snapshot is a 404; a snapshot's name creates from the snapshot with the source's resources", async () => {
+  const f = await fakeManager();
+  try {
+    await assert.rejects(f.manager.create(createRequest({ templateId: "nope" })), (err: CubicleError) => err.code === "not_found");
+    const source = await f.manager.create(createRequest({ memoryMB: 1024 }));
+    await f.manager.createSnapshot(source.sandboxId, "my-snap");
+    const restored = await f.manager.create(createRequest({ templateId: "my-snap" }));
+    assert.equal(restored.memoryMB, 1024);
+    assert.ok(restored.fromSnapshotId);
+    assert.ok(f.runtime.calls.includes(`restore ${restored.sandboxId}`));
+    assert.equal(f.agent.inits.get(restored.network!.sandboxAddress)?.accessToken, restored.envdAccessToken, "the restored agent gets the new sandbox's token");
+  } finally {
+    await f.close();
+  }
+});
+
+test("a create takes a warm-pool entry when one fits: its id, its network, no cold boot", async () => {
+  const f = await fakeManager({ poolSizes: { base: 1 } });
+  try {
+    await f.manager.startPools();
+    for (let i = 0; i < 200 && f.manager.poolCounts().base?.ready !== 1; i++) await new Promise((r) => setTimeout(r, 5));
+    const [entry] = f.rows.values();
+    assert.ok(entry, "the pool made an entry");
+    const record = await f.manager.create(createRequest());
+    assert.equal(record.sandboxId, entry.runtimeId);
+    assert.equal(f.containers.get(record.sandboxId), "running", "thawed");
+    assert.equal(f.rows.has(record.sandboxId), false, "the pool row is gone with the claim");
+    assert.equal(record.envdAccessToken, entry.agentToken, "a secure create without env vars keeps the entry's token: no /init");
+    assert.equal(f.manager.routeTarget(record.sandboxId)?.address, record.network!.sandboxAddress);
+    // A claim whose entry cannot be thawed is dropped and the create boots cold instead.
+    for (let i = 0; i < 200 && f.manager.poolCounts().base?.ready !== 1; i++) await new Promise((r) => setTimeout(r, 5));
+    f.runtime.failNext.set("thaw", new Error("thaw failed"));
+    const cold = await f.manager.create(createRequest());
+    assert.equal(cold.state, "running");
+    assert.equal([...f.store.sandboxes.values()].filter((r) => r.state === "dead").length, 1);
+    await f.manager.killAll();
+  } finally {
+    await f.close();
+  }
+});

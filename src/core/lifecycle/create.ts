@@ -1,0 +1,164 @@
+import { CubicleError } from "../../shared/cubicle-error.js";
+import type { PoolEntryRecord, SandboxRecord, SnapshotRecord } from "../../store/types.js";
+import { AGENT_READY_TIMEOUT_MS } from "../agent-client.js";
+import { normaliseSnapshotRef } from "../snapshot-names.js";
+import type { CreateSandboxRequest, TemplateInfo } from "../types.js";
+import type { WarmPool } from "../warm-pool.js";
+import type { WarmSnapshots } from "../warm-snapshots.js";
+import { log, round, type LifecycleContext } from "./context.js";
+
+/** The alias a create named, or the template's first one. */
+function aliasOf(template: TemplateInfo, requested: string): string | undefined {
+  return template.aliases.includes(requested) ? requested : template.aliases[0];
+}
+
+/**
+ * Creates: a claim of a warm-pool entry when one fits, else a restore of the template's warm
+ * snapshot, else a cold boot; or a restore of a user's snapshot named instead of a template.
+ */
+export class Creation {
+  constructor(
+    private readonly ctx: LifecycleContext,
+    private readonly pool: WarmPool,
+    private readonly warmSnapshots: WarmSnapshots,
+  ) {}
+
+  async create(request: CreateSandboxRequest): Promise<SandboxRecord> {
+    this.ctx.refuseWhenClosed();
+    const claimed = this.pool.claim({ templateIdOrAlias: request.templateId, cpuCount: request.cpuCount, memoryMB: request.memoryMB, diskSizeMB: request.diskSizeMB });
+    if (claimed) {
+      const record = await this.createFromPoolEntry(request, claimed.template, claimed.entry);
+      if (record) return record;
+    }
+    const template = claimed?.template ?? (await this.ctx.ports.templates.resolve(request.templateId));
+    if (!template) {
+      const snapshot = await this.ctx.ports.store.findSnapshot(normaliseSnapshotRef(request.templateId));
+      if (snapshot && !snapshot.hidden) return this.ctx.starts.run("create", () => this.createFromSnapshot(request, snapshot));
+      throw new CubicleError("not_found", `template or snapshot "${request.templateId}" not found; list templates with \`./cubicle template ls\` and snapshots with GET /snapshots`);
+    }
+    // Refused at once (429/503) when it cannot be served; else it waits for a start slot (ADMISSION_NOTE).
+    return this.ctx.starts.run("create", () => this.createFromTemplate(request, template));
+  }
+
+  /** A create without a pool entry: a restore of the template's warm snapshot, or a boot. */
+  private async createFromTemplate(request: CreateSandboxRequest, template: TemplateInfo): Promise<SandboxRecord> {
+    const { ctx } = this;
+    ctx.refuseWhenClosed();
+    const record = ctx.newRecord(request, template, aliasOf(template, request.templateId));
+    const warmImage = this.warmSnapshotFits(request, template) ? await this.warmSnapshots.imageFor(template) : undefined;
+    await ctx.table.add(record);
+    if (warmImage) {
+      const started = performance.now();
+      // The image's agent was never given a token: its first /init needs none.
+      await ctx.startOrFail(record, () => ctx.restoreInto(record, template, warmImage, undefined));
+      this.warmSnapshots.countRestore(template.templateId);
+      log.debug("created from the template's warm snapshot", { sandboxId: record.sandboxId, templateId: template.templateId, ms: round(performance.now() - started) });
+      return ctx.markRunning(record, { pooled: false, warmSnapshot: true });
+    }
+    await ctx.startOrFail(record, async () => {
+      const network = await ctx.beginNetwork(record);
+      await ctx.ports.runtime.create({ ...ctx.specOf(record, template), networkReady: network.ready });
+      // Its first /init is retried until the agent listens: no separate health probe.
+      await ctx.initAgent(record, template, undefined, AGENT_READY_TIMEOUT_MS);
+    });
+    return ctx.markRunning(record, { pooled: false });
+  }
+
+  /**
+   * The warm path: the sandbox takes the frozen entry's id (its container already has that
+   * hostname), is recorded in the same transaction that removes the pool row, is thawed and
+   * given its identity. Undefined when the entry turns out broken (it cannot be thawed): it is
+   * torn down and the caller creates cold.
+   *
+   * Most creates (secure, no env vars) need no /init: the entry's agent got the template's
+   * defaults and a token of its own before the freeze. Otherwise the agent's /init (identity,
+   * env vars, token) is not awaited here: it runs while the 201 goes out (~2.5 ms of a ~5 ms
+   * claim), under the sandbox's lock, and the router holds the sandbox's traffic until it is
+   * done (routeTarget / resumeForTraffic), so no request reaches the agent before it knows its
+   * token. An init that fails then kills the sandbox (the warm-up before the freeze proved the
+   * agent answers, so this is a sandbox dying, not a bad entry).
+   */
+  private async createFromPoolEntry(request: CreateSandboxRequest, template: TemplateInfo, entry: PoolEntryRecord): Promise<SandboxRecord | undefined> {
+    const { ctx } = this;
+    const started = performance.now();
+    const record = ctx.newRecord(request, template, aliasOf(template, request.templateId), entry.runtimeId);
+    record.network = entry.network;
+    // The entry's agent already holds the template's defaults and a token made for it alone
+    // (PoolEntryRecord.agentToken): a secure create without env vars needs no /init at all.
+    const initialised = entry.agentToken !== undefined && record.envdAccessToken !== undefined && Object.keys(record.envVars).length === 0;
+    if (initialised) record.envdAccessToken = entry.agentToken;
+    await ctx.table.addClaimed(record);
+    try {
+      const recorded = performance.now();
+      // Independent: the cgroup freezer and the nftables rules. Both settle before any teardown.
+      const steps = await Promise.allSettled([
+        ctx.ports.runtime.thaw(record.sandboxId),
+        request.allowInternetAccess ? undefined : ctx.ports.network.applyPolicy(record.sandboxId, { allowInternetAccess: false }),
+      ]);
+      const failed = steps.find((step) => step.status === "rejected");
+      if (failed) throw failed.reason;
+      const thawed = performance.now();
+      if (!initialised) this.initialiseInBackground(record, template, thawed, entry.agentToken);
+      await ctx.markRunning(record, { pooled: true });
+      log.debug("claimed a pool entry", {
+        sandboxId: record.sandboxId,
+        recordMs: round(recorded - started),
+        thawMs: round(thawed - recorded),
+        totalMs: round(performance.now() - started),
+      });
+      return record;
+    } catch (err) {
+      // A broken pool entry must not fail the create: drop it, the caller boots a fresh one.
+      log.warn("warm pool claim failed; creating cold", { sandboxId: record.sandboxId, error: String(err) });
+      await ctx.table.end(record, { state: "dead", reason: `pool claim failed: ${(err as Error).message}` });
+      return undefined;
+    }
+  }
+
+  /** See createFromPoolEntry: /init after the claim's response, the router waiting for it. */
+  private initialiseInBackground(record: SandboxRecord, template: TemplateInfo, thawedAt: number, currentToken: string | undefined): void {
+    const { ctx } = this;
+    const sandboxId = record.sandboxId;
+    const live = ctx.table.entry(sandboxId)!;
+    live.initialising = ctx.mutex.run(sandboxId, async () => {
+      try {
+        await ctx.initAgent(record, template, currentToken);
+        log.debug("initialised a claimed pool entry", { sandboxId, initMs: round(performance.now() - thawedAt) });
+      } catch (err) {
+        // Killed meanwhile (it left the table): nothing to do.
+        if (!ctx.table.isLive(record)) return;
+        log.warn("agent init after a pool claim failed; killing the sandbox", { sandboxId, error: String(err) });
+        await ctx.markDead(record, `agent init failed: ${(err as Error).message}`).catch((markErr) => log.error("marking a sandbox dead failed", { sandboxId, error: String(markErr) }));
+      } finally {
+        live.initialising = undefined;
+      }
+    });
+  }
+
+  /**
+   * A warm snapshot serves a create that asks for the template's own resources and no env vars:
+   * processes restored from it (the interpreter's kernel) keep the environment they started
+   * with, while a cold sandbox's kernel starts after the /init that hands over the env vars.
+   */
+  private warmSnapshotFits(request: CreateSandboxRequest, template: TemplateInfo): boolean {
+    if (Object.keys(request.envVars).length > 0) return false;
+    if (request.cpuCount !== undefined && request.cpuCount !== template.cpuCount) return false;
+    if (request.memoryMB !== undefined && request.memoryMB !== template.memoryMB) return false;
+    if (request.diskSizeMB !== undefined && request.diskSizeMB !== template.diskSizeMB) return false;
+    return this.warmSnapshots.isEnabled(template);
+  }
+
+  private async createFromSnapshot(request: CreateSandboxRequest, snapshot: SnapshotRecord): Promise<SandboxRecord> {
+    const { ctx } = this;
+    const template = await ctx.templateOf(snapshot);
+    const record = ctx.newRecord(request, template, undefined);
+    record.fromSnapshotId = snapshot.snapshotId;
+    // The image's cgroup limits and memory layout are the source's: keep its resources.
+    record.cpuCount = snapshot.cpuCount;
+    record.memoryMB = snapshot.memoryMB;
+    record.diskSizeMB = snapshot.diskSizeMB;
+    await ctx.table.add(record);
+    await ctx.startOrFail(record, () => ctx.restoreInto(record, template, snapshot.imageDir, snapshot.memory ? snapshot.agentAccessToken : undefined));
+    return ctx.markRunning(record, { snapshotId: snapshot.snapshotId });
+  }
+}

@@ -1,0 +1,90 @@
+import assert from "node:assert/strict";
+import { existsSync } from "node:fs";
+import path from "node:path";
+import { test } from "node:test";
+import { CubicleError } from "../../shared/cubicle-error.js";
+import { createRequest, fakeManager } from "../test-fakes.js";
+
+async function until(check: () => boolean): Promise<void> {
+  for (let i = 0; i < 400 && !check(); i++) await new Promise((r) => setTimeout(r, 5));
+  assert.ok(check(), "condition not reached");
+}
+
+test("a hot pause freezes, writes its image in the background, and a resume thaws and drops the image", async () => {
+  const f = await fakeManager({ pauseImageAfterMs: 0 });
+  try {
+    const record = await f.manager.create(createRequest());
+    await f.manager.pause(record.sandboxId);
+    assert.equal(f.containers.get(record.sandboxId), "frozen");
+    assert.equal(record.pause?.tier, "hot");
+    await assert.rejects(f.manager.pause(record.sandboxId), (err: CubicleError) => err.code === "conflict");
+    await until(() => record.pause?.imageDir !== undefined);
+    const imageDir = record.pause!.imageDir!;
+    assert.equal(imageDir, path.join(f.imagesDir, "paused", record.sandboxId));
+    assert.equal(f.store.sandboxes.get(record.sandboxId)?.pause?.imageDir, imageDir, "the image is recorded");
+    assert.equal(f.containers.get(record.sandboxId), "frozen", "it stays frozen while its image is written");
+    assert.equal(f.manager.routeTarget(record.sandboxId), undefined, "no traffic reaches a paused sandbox");
+
+    const { resumed } = await f.manager.resume(record.sandboxId, { timeoutSec: 60, requirePaused: true });
+    assert.equal(resumed, true);
+    assert.equal(f.containers.get(record.sandboxId), "running");
+    assert.equal(record.state, "running");
+    assert.equal(record.pause, undefined);
+    assert.equal(existsSync(imageDir), false, "the stale image is gone");
+    await assert.rejects(f.manager.resume(record.sandboxId, { timeoutSec: 60, requirePaused: true }), (err: CubicleError) => err.code === "conflict");
+  } finally {
+    await f.close();
+  }
+});
+
+test("a pause without memory goes to disk at once, releases the network, and resumes by a restore", async () => {
+  const f = await fakeManager();
+  try {
+    const record = await f.manager.create(createRequest());
+    await f.manager.pause(record.sandboxId, { memory: false });
+    assert.equal(record.pause?.tier, "durable");
+    assert.equal(record.pause?.memory, false);
+    assert.equal(f.containers.has(record.sandboxId), false);
+    assert.equal(f.networks.has(record.sandboxId), false);
+    assert.equal(f.store.sandboxes.get(record.sandboxId)?.network, undefined);
+    await f.manager.connect(record.sandboxId, 60);
+    assert.equal(record.state, "running");
+    assert.ok(f.runtime.calls.includes(`restore ${record.sandboxId}`));
+    assert.equal(f.agent.inits.get(record.network!.sandboxAddress)?.accessToken, record.envdAccessToken);
+  } finally {
+    await f.close();
+  }
+});
+
+test("a hot pause moves to disk after its time in RAM; a failed restore leaves it paused and resumable", async () => {
+  const f = await fakeManager({ durablePauseAfterSec: 0.05 });
+  try {
+    const record = await f.manager.create(createRequest());
+    await f.manager.pause(record.sandboxId);
+    await until(() => record.pause?.tier === "durable");
+    assert.equal(f.containers.has(record.sandboxId), false);
+    assert.ok(f.store.events.some((e) => e.kind === "paused-to-disk"));
+
+    f.runtime.failNext.set("restore", new Error("restore failed"));
+    await assert.rejects(f.manager.resume(record.sandboxId, { timeoutSec: 60 }), /restore failed/);
+    assert.equal(record.state, "paused");
+    assert.equal(f.networks.has(record.sandboxId), false, "the failed restore's network was released");
+    await f.manager.resume(record.sandboxId, { timeoutSec: 60 });
+    assert.equal(record.state, "running");
+  } finally {
+    await f.close();
+  }
+});
+
+test("a pause to disk that fails for lack of space is a 507 and the sandbox keeps running", async () => {
+  const f = await fakeManager();
+  try {
+    const record = await f.manager.create(createRequest());
+    f.runtime.failNext.set("checkpoint", new CubicleError("insufficient_storage", "EDQUOT"));
+    await assert.rejects(f.manager.pause(record.sandboxId, { memory: false }), (err: CubicleError) => err.code === "insufficient_storage" && /keeps running/.test(err.message));
+    assert.equal(record.state, "running");
+    assert.equal(f.store.sandboxes.get(record.sandboxId)?.state, "running");
+  } finally {
+    await f.close();
+  }
+});

@@ -1,0 +1,126 @@
+import { readdir, rm } from "node:fs/promises";
+import path from "node:path";
+import { runtimeIdOf, type SandboxRecord } from "../../store/types.js";
+import type { WarmPool } from "../warm-pool.js";
+import { log, type LifecycleContext } from "./context.js";
+import type { PauseTiers } from "./pause.js";
+
+export interface Recovered {
+  adopted: string[];
+  dead: string[];
+  orphansRemoved: string[];
+}
+
+async function exists(dir: string): Promise<boolean> {
+  return readdir(dir).then(
+    () => true,
+    () => false,
+  );
+}
+
+/**
+ * After a restart: adopt sandboxes that still run, keep paused ones paused (hot: still frozen;
+ * durable: their image), end vanished ones dead, discard the previous process's pool entries
+ * and half-written images, and remove whatever the runtime or network holds that nothing owns.
+ */
+export async function recover(ctx: LifecycleContext, pool: WarmPool, pauses: PauseTiers): Promise<Recovered> {
+  const recovered: Recovered = { adopted: [], dead: [], orphansRemoved: [] };
+  const { store, runtime, network } = ctx.ports;
+  recovered.orphansRemoved.push(...(await pool.discardRecorded()));
+  for (const record of await store.querySandboxes({ states: ["starting", "running", "paused"], order: "asc" })) {
+    if (await stillThere(ctx, pauses, record)) {
+      ctx.table.adopt(record);
+      if (record.network) await runtime.watch(runtimeIdOf(record)).catch((err) => log.warn("cannot watch an adopted sandbox", { sandboxId: record.sandboxId, error: String(err) }));
+      recovered.adopted.push(record.sandboxId);
+      await ctx.recordEvent(record.sandboxId, "adopted", { state: record.state });
+    } else {
+      await ctx.table.end(record, { state: "dead", reason: record.state === "starting" ? "server stopped during create" : "vanished while the server was down" });
+      recovered.dead.push(record.sandboxId);
+    }
+  }
+  const liveRuntimeIds = new Set(ctx.table.records().map(runtimeIdOf));
+  for (const runtimeId of await runtime.list()) {
+    if (liveRuntimeIds.has(runtimeId)) continue;
+    await runtime.destroy(runtimeId).catch((err) => log.error("orphan destroy failed", { runtimeId, error: String(err) }));
+    recovered.orphansRemoved.push(runtimeId);
+  }
+  for (const netnsName of await network.listNamespaces()) {
+    const runtimeId = netnsName.replace(/^cubicle-/, "");
+    // Namespaces of sandboxes this store never knew belong to another server on the host.
+    if (liveRuntimeIds.has(runtimeId) || !(await store.knowsRuntimeId(runtimeId))) continue;
+    await network.release(runtimeId).catch((err) => log.error("orphan network release failed", { runtimeId, error: String(err) }));
+    if (!recovered.orphansRemoved.includes(runtimeId)) recovered.orphansRemoved.push(runtimeId);
+  }
+  await removeUnownedImages(ctx, pauses);
+  // Hot pauses still frozen in RAM whose image the previous process did not write (after the
+  // cleanup above, which would delete a write's half-made directory).
+  for (const record of ctx.table.records()) {
+    if (record.state === "paused" && record.pause?.tier === "hot" && !record.pause.imageDir) pauses.schedulePauseImage(record);
+  }
+  ctx.scheduleReaper();
+  if (recovered.adopted.length || recovered.dead.length || recovered.orphansRemoved.length) log.info("recovered", { ...recovered });
+  return recovered;
+}
+
+/**
+ * Whether a recorded sandbox survived the restart, bringing its record up to date on the way:
+ * a running one whose container runs (thawed if a snapshot dump froze it) and whose agent
+ * answers; a hot pause whose container is still there (frozen again if it ran), or whose image
+ * is complete (it becomes a durable pause); a durable pause whose image is there.
+ */
+async function stillThere(ctx: LifecycleContext, pauses: PauseTiers, record: SandboxRecord): Promise<boolean> {
+  const { runtime, network, agent } = ctx.ports;
+  const runtimeId = runtimeIdOf(record);
+  let alive = false;
+  if (record.state === "running" && record.network) {
+    const state = await runtime.state(runtimeId);
+    // Frozen while running: the server died during a snapshot dump.
+    if (state === "frozen") await runtime.thaw(runtimeId);
+    if (state === "running" || state === "frozen") {
+      await network.adopt(runtimeId, record.network, { allowInternetAccess: record.allowInternetAccess });
+      alive = await agent.isHealthy(record.network.sandboxAddress);
+    }
+  } else if (record.state === "paused" && record.pause?.tier === "hot" && record.network) {
+    const state = await runtime.state(runtimeId);
+    if (state === "running") {
+      await runtime.freeze(runtimeId);
+      // It ran after its image was written (the server died in a resume): the image is stale.
+      if (record.pause.imageDir) await ctx.table.update(record, { pause: { ...record.pause, imageDir: undefined } });
+    }
+    if (state === "running" || state === "frozen") {
+      await network.adopt(runtimeId, record.network, { allowInternetAccess: record.allowInternetAccess });
+      alive = true;
+    } else if (await exists(pauses.pauseImageDir(record.sandboxId))) {
+      // The frozen processes are gone (a host reboot; or the server died between a dump to
+      // disk and recording it) but the pause's image is complete (runtimes rename it into
+      // place): it becomes a durable pause. A resume moves a stale image aside first.
+      await ctx.table.update(record, { pause: { ...record.pause, tier: "durable", imageDir: pauses.pauseImageDir(record.sandboxId) } });
+    }
+  }
+  if (record.state === "paused" && record.pause?.tier === "durable" && record.pause.imageDir) {
+    alive = await exists(record.pause.imageDir);
+    if (alive && record.network) await ctx.releaseHostResources(record);
+  }
+  return alive;
+}
+
+/** Images without an owner: half-written dumps, a crashed fork's one-off image, stale pause images (moved aside by a resume). */
+async function removeUnownedImages(ctx: LifecycleContext, pauses: PauseTiers): Promise<void> {
+  const { store } = ctx.ports;
+  for (const snapshot of await store.allSnapshots()) {
+    if (snapshot.hidden) {
+      await store.deleteSnapshot(snapshot.snapshotId);
+      await rm(snapshot.imageDir, { recursive: true, force: true }).catch(() => undefined);
+    }
+  }
+  const snapshotsDir = path.join(ctx.settings.imagesDir, "snapshots");
+  const known = new Set((await store.allSnapshots()).map((s) => s.snapshotId));
+  for (const entry of await readdir(snapshotsDir).catch(() => [] as string[])) {
+    if (!known.has(entry)) await rm(path.join(snapshotsDir, entry), { recursive: true, force: true }).catch(() => undefined);
+  }
+  const { pausedDir } = pauses;
+  for (const entry of await readdir(pausedDir).catch(() => [] as string[])) {
+    const imageDir = path.join(pausedDir, entry);
+    if (ctx.table.get(entry)?.pause?.imageDir !== imageDir) await rm(imageDir, { recursive: true, force: true }).catch(() => undefined);
+  }
+}

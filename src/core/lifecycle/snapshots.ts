@@ -1,0 +1,208 @@
+import { mkdir, rm } from "node:fs/promises";
+import path from "node:path";
+import { CubicleError } from "../../shared/cubicle-error.js";
+import { runtimeIdOf, type SandboxRecord, type SnapshotQuery, type SnapshotRecord } from "../../store/types.js";
+import { newImageId, newSnapshotId } from "../ids.js";
+import { normaliseSnapshotRef, parseSnapshotName } from "../snapshot-names.js";
+import type { TemplateInfo } from "../types.js";
+import { storageFullOr, type LifecycleContext } from "./context.js";
+
+/** Restores of one fork request run this many at a time. */
+const FORK_PARALLELISM = 4;
+
+/** One entry of a fork answer: a sandbox or why that fork failed. */
+export type ForkOutcome = { record: SandboxRecord } | { error: CubicleError };
+
+/**
+ * Snapshots (a running sandbox's memory and files kept as an image that outlives it), forks
+ * (one dump, many restores) and rollbacks (a sandbox restored in place from its own snapshot).
+ */
+export class Snapshots {
+  constructor(private readonly ctx: LifecycleContext) {}
+
+  private get snapshotsDir(): string {
+    return path.join(this.ctx.settings.imagesDir, "snapshots");
+  }
+
+  /**
+   * Dumps a running sandbox's memory and files into a persistent snapshot; the sandbox is frozen
+   * only for the dump. A second snapshot (or fork) of the same sandbox while one runs → 409.
+   */
+  async createSnapshot(sandboxId: string, rawName: unknown): Promise<SnapshotRecord> {
+    const name = parseSnapshotName(rawName);
+    if (name && (await this.ctx.ports.templates.resolve(name))) {
+      throw new CubicleError("conflict", `"${name}" is the name of a template; choose another snapshot name`);
+    }
+    return this.withDump(sandboxId, (record) => this.dump(record, newSnapshotId(), name ? [name] : [], false));
+  }
+
+  async listSnapshots(query: SnapshotQuery): Promise<SnapshotRecord[]> {
+    return this.ctx.ports.store.querySnapshots({ ...query, name: query.name === undefined ? undefined : normaliseSnapshotRef(query.name) });
+  }
+
+  /** Deletes a snapshot and its image; false when there is none. Sandboxes made from it are not affected. */
+  async deleteSnapshot(idOrName: string): Promise<boolean> {
+    const { store } = this.ctx.ports;
+    const snapshot = await store.findSnapshot(normaliseSnapshotRef(idOrName));
+    if (!snapshot || snapshot.hidden) return false;
+    return this.ctx.mutex.run(`snapshot:${snapshot.snapshotId}`, async () => {
+      if (!(await store.deleteSnapshot(snapshot.snapshotId))) return false;
+      await rm(snapshot.imageDir, { recursive: true, force: true });
+      return true;
+    });
+  }
+
+  /**
+   * Forks a running sandbox: one checkpoint (the source keeps running, its id and endAt unchanged),
+   * then `count` restores, `FORK_PARALLELISM` at a time. Each fork succeeds or fails on its own.
+   */
+  async fork(sandboxId: string, options: { timeoutSec: number; count: number }): Promise<ForkOutcome[]> {
+    const { ctx } = this;
+    let source!: SandboxRecord;
+    const image = await this.withDump(sandboxId, async (record) => {
+      source = { ...record };
+      return this.dump(record, newImageId(), [], true);
+    });
+    try {
+      const template = await ctx.templateOf(image);
+      const outcomes: ForkOutcome[] = new Array(options.count);
+      let next = 0;
+      const worker = async () => {
+        while (next < options.count) {
+          const index = next++;
+          outcomes[index] = await ctx.starts.run("create", () => this.forkOne(source, image, template, options.timeoutSec)).then(
+            (record) => ({ record }),
+            (err) => ({ error: CubicleError.from(err) }),
+          );
+        }
+      };
+      await Promise.all(Array.from({ length: Math.min(FORK_PARALLELISM, options.count) }, worker));
+      return outcomes;
+    } finally {
+      await ctx.ports.store.deleteSnapshot(image.snapshotId).catch(() => undefined);
+      await rm(image.imageDir, { recursive: true, force: true }).catch(() => undefined);
+    }
+  }
+
+  private async forkOne(source: SandboxRecord, image: SnapshotRecord, template: TemplateInfo, timeoutSec: number): Promise<SandboxRecord> {
+    const { ctx } = this;
+    ctx.refuseWhenClosed();
+    const record = ctx.newRecord(
+      {
+        templateId: source.templateId,
+        timeoutSec,
+        secure: source.secure,
+        allowInternetAccess: source.allowInternetAccess,
+        metadata: source.metadata,
+        envVars: source.envVars,
+        autoPause: source.lifecycle.onTimeout === "pause",
+        autoResume: source.lifecycle.autoResume,
+        networkConfig: source.networkConfig,
+      },
+      template,
+      source.alias,
+    );
+    record.cpuCount = image.cpuCount;
+    record.memoryMB = image.memoryMB;
+    record.diskSizeMB = image.diskSizeMB;
+    record.metadata = { ...source.metadata };
+    await ctx.table.add(record);
+    await ctx.startOrFail(record, () => ctx.restoreInto(record, template, image.imageDir, image.agentAccessToken));
+    return ctx.markRunning(record, { forkedFrom: source.sandboxId });
+  }
+
+  /**
+   * Rolls a running sandbox back to one of its own snapshots, in place: same id, same network
+   * address, memory and files as at the snapshot. If the restore fails the sandbox is gone and
+   * is marked dead (never reported running while it is not).
+   */
+  async rollback(sandboxId: string, snapshotRef: string): Promise<SandboxRecord> {
+    const { ctx } = this;
+    const snapshot = await ctx.ports.store.findSnapshot(normaliseSnapshotRef(snapshotRef));
+    if (!snapshot || snapshot.hidden) throw new CubicleError("not_found", `snapshot "${snapshotRef}" not found`);
+    return this.withDump(sandboxId, async (record) => {
+      if (snapshot.sourceSandboxId !== record.sandboxId || snapshot.sourceRuntimeId !== runtimeIdOf(record)) {
+        throw new CubicleError(
+          "conflict",
+          `snapshot "${snapshot.snapshotId}" was taken from sandbox "${snapshot.sourceSandboxId}", not "${sandboxId}"; a sandbox rolls back only to its own snapshots (create a new sandbox from it instead)`,
+        );
+      }
+      const template = await ctx.templateOf(record);
+      ctx.resetConnections(sandboxId);
+      ctx.dropIdleSockets(record);
+      await ctx.ports.runtime.destroy(runtimeIdOf(record));
+      try {
+        await ctx.starts.run("create", () => ctx.restoreInto(record, template, snapshot.imageDir, snapshot.agentAccessToken));
+      } catch (err) {
+        await ctx.markDead(record, `rollback to ${snapshot.snapshotId} failed: ${(err as Error).message}`);
+        throw new CubicleError("internal", `rollback of sandbox "${sandboxId}" failed and the sandbox is gone: ${(err as Error).message}`, { cause: err });
+      }
+      await ctx.recordEvent(sandboxId, "rolled-back", { snapshotId: snapshot.snapshotId });
+      return record;
+    });
+  }
+
+  /** Runs a dump under the sandbox's lock, refusing a concurrent one (409, not queued). */
+  private async withDump<T>(sandboxId: string, operation: (record: SandboxRecord) => Promise<T>): Promise<T> {
+    const { ctx } = this;
+    const live = ctx.table.entry(sandboxId);
+    if (!live || (live.record.state !== "running" && live.record.state !== "paused")) throw new CubicleError("not_found", `sandbox "${sandboxId}" not found`);
+    if (live.dumping) throw new CubicleError("conflict", `a snapshot of sandbox "${sandboxId}" is already being taken; retry when it is done`);
+    live.dumping = true;
+    try {
+      return await ctx.mutex.run(sandboxId, async () => {
+        const record = ctx.table.get(sandboxId);
+        if (!record || (record.state !== "running" && record.state !== "paused")) throw new CubicleError("not_found", `sandbox "${sandboxId}" not found`);
+        if (record.state !== "running") throw new CubicleError("conflict", `sandbox "${sandboxId}" is paused; resume it (connect) before taking a snapshot`);
+        return operation(record);
+      });
+    } finally {
+      live.dumping = false;
+    }
+  }
+
+  private async dump(record: SandboxRecord, snapshotId: string, names: string[], hidden: boolean): Promise<SnapshotRecord> {
+    const { ctx } = this;
+    const runtimeId = runtimeIdOf(record);
+    const imageDir = path.join(this.snapshotsDir, snapshotId);
+    // Search permission for others: the sandboxes' mapped root reads its image during a restore.
+    await mkdir(this.snapshotsDir, { recursive: true, mode: 0o711 });
+    ctx.dropIdleSockets(record);
+    let info;
+    try {
+      info = await ctx.ports.runtime.checkpoint(runtimeId, imageDir, { memory: true, leaveRunning: true });
+    } catch (err) {
+      // A failed dump (disk full …) leaves no snapshot behind, whatever the runtime left.
+      await rm(imageDir, { recursive: true, force: true }).catch(() => undefined);
+      const state = await ctx.ports.runtime.state(runtimeId).catch(() => "missing" as const);
+      if (state === "frozen") await ctx.ports.runtime.thaw(runtimeId).catch(() => undefined);
+      const lost = state === "missing" || state === "stopped";
+      if (lost) await ctx.markDead(record, `the sandbox was lost during a snapshot: ${(err as Error).message}`);
+      throw storageFullOr(CubicleError.from(err), record.sandboxId, lost ? "" : "; the sandbox keeps running");
+    }
+    const snapshot: SnapshotRecord = {
+      snapshotId,
+      names,
+      sourceSandboxId: record.sandboxId,
+      sourceRuntimeId: runtimeId,
+      templateId: record.templateId,
+      createdAt: Date.now(),
+      imageDir,
+      sizeBytes: info.sizeBytes,
+      memory: info.memory,
+      agentAccessToken: record.envdAccessToken,
+      cpuCount: record.cpuCount,
+      memoryMB: record.memoryMB,
+      diskSizeMB: record.diskSizeMB,
+      hidden,
+    };
+    try {
+      await ctx.ports.store.insertSnapshot(snapshot);
+    } catch (err) {
+      await rm(imageDir, { recursive: true, force: true }).catch(() => undefined);
+      throw err;
+    }
+    await ctx.recordEvent(record.sandboxId, "snapshot", { snapshotId, frozenMs: info.frozenMs, sizeBytes: info.sizeBytes });
+    return snapshot;
+  }
+}
