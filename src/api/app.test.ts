@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
+import type { Runtime } from "../runtime/types.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { API_ROUTES, fakeManager, TEST_KEY, testApp } from "./test-app.js";
 
@@ -156,4 +157,30 @@ test("a create refused by admission control (429, 503) says when to come back in
     assert.equal(res.headers["retry-after"] ?? null, header);
     await app.close();
   }
+});
+
+test("metrics of a sandbox running under another runtime id (a claimed pool entry) come from that runtime id", async () => {
+  const manager = fakeManager();
+  const asked: string[] = [];
+  const runtime = {
+    async stats(runtimeId: string) {
+      asked.push(runtimeId);
+      if (runtimeId !== "ipool-entry-7") throw new CubicleError("not_found", `no container "${runtimeId}"`);
+      return { cpuCount: 2, cpuUsedPct: 12.5, memUsedBytes: 300, memTotalBytes: 1000, memCacheBytes: 40, diskUsedBytes: 5000, diskTotalBytes: 9000 };
+    },
+  } as unknown as Runtime;
+  const app = await testApp({ manager, runtime });
+  const created = await manager.create({ templateId: "base", timeoutSec: 60, secure: true, allowInternetAccess: true, metadata: {}, envVars: {}, autoPause: false, autoResume: false, networkConfig: undefined });
+  created.runtimeId = "ipool-entry-7";
+
+  const res = await app.inject({ method: "GET", url: `/sandboxes/${created.sandboxId}/metrics`, headers: auth });
+  assert.equal(res.statusCode, 200, res.body);
+  const [sample, ...more] = res.json();
+  assert.equal(more.length, 0);
+  assert.deepEqual(
+    { cpuCount: sample.cpuCount, cpuUsedPct: sample.cpuUsedPct, memUsed: sample.memUsed, memTotal: sample.memTotal, memCache: sample.memCache, diskUsed: sample.diskUsed, diskTotal: sample.diskTotal },
+    { cpuCount: 2, cpuUsedPct: 12.5, memUsed: 300, memTotal: 1000, memCache: 40, diskUsed: 5000, diskTotal: 9000 },
+  );
+  assert.deepEqual(asked, ["ipool-entry-7"]);
+  await app.close();
 });

@@ -9,7 +9,6 @@ import { createContainerRuntime } from "../runtime/index.js";
 import type { CubicleConfig } from "../shared/config.js";
 import { createLogger } from "../shared/log.js";
 import { SqliteStore } from "../store/index.js";
-import { getTemplate } from "../template/index.js";
 import { createTemplateCatalog } from "./template-catalog.js";
 
 const log = createLogger("server");
@@ -68,7 +67,7 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     durablePauseAfterSec: config.durablePauseAfterSec,
     pauseImageAfterMs: config.pauseImageAfterMs,
     warmSnapshotTemplates: config.warmSnapshotTemplates,
-    templateFingerprint: async (template) => (await getTemplate(config, template.templateId)).recipeHash,
+    templateFingerprint: (template) => templates.fingerprint(template),
   });
   await manager.recover();
 

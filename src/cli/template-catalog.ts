@@ -1,11 +1,44 @@
 import type { TemplateCatalog, TemplateInfo } from "../core/index.js";
 import type { CubicleConfig } from "../shared/config.js";
-import { CubicleError } from "../shared/cubicle-error.js";
-import { ensureTemplate, getTemplate, listTemplates, templateImage, type TemplateRecord } from "../template/index.js";
+import {
+  ensureTemplate,
+  listTemplates,
+  pickTemplate,
+  templateImage,
+  templateNotFound,
+  templatesVersion,
+  type TemplateRecord,
+} from "../template/index.js";
 
 export interface ServerTemplateCatalog extends TemplateCatalog {
   ensure(idOrAlias: string, options?: { force?: boolean }): Promise<TemplateInfo>;
   list(): Promise<{ templateID: string; aliases: string[]; cpuCount: number; memoryMB: number; diskSizeMB: number; buildStatus: string }[]>;
+  /** What decides whether an image made from `template` is still current: its recipe hash. */
+  fingerprint(template: TemplateInfo): Promise<string>;
+}
+
+/** The template component's functions the catalog calls; tests pass counting wrappers. */
+export interface TemplateAccess {
+  listTemplates: typeof listTemplates;
+  ensureTemplate: typeof ensureTemplate;
+  templatesVersion: typeof templatesVersion;
+}
+
+export interface TemplateCatalogOptions {
+  /**
+   * How long the templates read from disk are used without looking again; then one `stat` of
+   * the template directory tells whether another process changed them. Default 1 s.
+   */
+  revalidateAfterMs?: number;
+  access?: TemplateAccess;
+  now?: () => number;
+}
+
+/** The built templates as read at one moment, and the directory version they were read at. */
+interface CachedTemplates {
+  records: TemplateRecord[];
+  version: string | undefined;
+  checkedAt: number;
 }
 
 function toInfo(record: TemplateRecord): TemplateInfo {
@@ -19,22 +52,64 @@ function toInfo(record: TemplateRecord): TemplateInfo {
   };
 }
 
-/** The template component as the core sees it: built templates by id or alias. */
-export function createTemplateCatalog(config: CubicleConfig): ServerTemplateCatalog {
+/**
+ * The template component as the core sees it: built templates by id or alias. The core
+ * resolves a template several times per create, so the templates read from disk are kept:
+ * for `revalidateAfterMs` they are used as they are, then one `stat` (templatesVersion) says
+ * whether another process (`./cubicle template build`, a removal) changed them. A build
+ * through `ensure` drops them at once.
+ */
+export function createTemplateCatalog(config: Pick<CubicleConfig, "templateDir">, options: TemplateCatalogOptions = {}): ServerTemplateCatalog {
+  const access = options.access ?? { listTemplates, ensureTemplate, templatesVersion };
+  const revalidateAfterMs = options.revalidateAfterMs ?? 1_000;
+  const now = options.now ?? Date.now;
+  let cached: CachedTemplates | undefined;
+  let loading: Promise<TemplateRecord[]> | undefined;
+  // Bumped by a build: a read that started before it must not be kept.
+  let generation = 0;
+
+  async function load(): Promise<TemplateRecord[]> {
+    const startedGeneration = generation;
+    const checkedAt = now();
+    // The version is taken before the read, so a change during the read makes the next check read again.
+    const version = await access.templatesVersion(config);
+    const previous = cached;
+    const records = previous && version !== undefined && version === previous.version ? previous.records : await access.listTemplates(config);
+    if (generation === startedGeneration) cached = { records, version, checkedAt };
+    return records;
+  }
+
+  function currentTemplates(): Promise<TemplateRecord[]> {
+    if (cached && now() - cached.checkedAt < revalidateAfterMs) return Promise.resolve(cached.records);
+    if (!loading) {
+      const started = load().finally(() => {
+        if (loading === started) loading = undefined;
+      });
+      loading = started;
+    }
+    return loading;
+  }
+
+  function forget(): void {
+    generation++;
+    cached = undefined;
+    loading = undefined;
+  }
+
   return {
     async resolve(idOrAlias) {
+      const record = pickTemplate(await currentTemplates(), idOrAlias);
+      return record && toInfo(record);
+    },
+    async ensure(idOrAlias, ensureOptions) {
       try {
-        return toInfo(await getTemplate(config, idOrAlias));
-      } catch (err) {
-        if (err instanceof CubicleError && err.code === "not_found") return undefined;
-        throw err;
+        return toInfo(await access.ensureTemplate(config, idOrAlias, { force: ensureOptions?.force }));
+      } finally {
+        forget();
       }
     },
-    async ensure(idOrAlias, options) {
-      return toInfo(await ensureTemplate(config, idOrAlias, { force: options?.force }));
-    },
     async list() {
-      return (await listTemplates(config)).map((t) => ({
+      return (await currentTemplates()).map((t) => ({
         templateID: t.templateId,
         aliases: t.aliases,
         cpuCount: t.cpuCount,
@@ -42,6 +117,11 @@ export function createTemplateCatalog(config: CubicleConfig): ServerTemplateCata
         diskSizeMB: t.diskSizeMB,
         buildStatus: "ready",
       }));
+    },
+    async fingerprint(template) {
+      const record = pickTemplate(await currentTemplates(), template.templateId);
+      if (!record) throw templateNotFound(template.templateId);
+      return record.recipeHash;
     },
   };
 }

@@ -11,11 +11,12 @@ import {
   inspectTemplateDir,
   listTemplates as listTemplatesIn,
   templatePath,
+  templatesVersion as templatesVersionIn,
   toRecord,
   type TemplateRecord,
 } from "./template-store.js";
 
-export { templateImage } from "./template-store.js";
+export { pickTemplate, templateImage } from "./template-store.js";
 export type { TemplateMetadata, TemplateRecord } from "./template-store.js";
 export { baseRecipe, codeInterpreterRecipe, findRecipe, recipeHash, recipes } from "./recipe.js";
 export type { Recipe, RecipeUser, RecipeFile, RecipeDirectory } from "./recipe.js";
@@ -99,13 +100,24 @@ export function listTemplates(config: Pick<CubicleConfig, "templateDir">): Promi
 }
 
 /**
+ * Changes whenever a template in `config.templateDir` is added, replaced or removed, by this
+ * process or another; one `stat`. Undefined right after a change: read the templates again.
+ */
+export function templatesVersion(config: Pick<CubicleConfig, "templateDir">): Promise<string | undefined> {
+  return templatesVersionIn(config.templateDir);
+}
+
+/**
  * The built template with this id or alias. Does not build: use {@link ensureTemplate} for
  * that. Throws `not_found` when there is none.
  */
 export async function getTemplate(config: Pick<CubicleConfig, "templateDir">, idOrAlias: string): Promise<TemplateRecord> {
   const record = await findTemplate(config.templateDir, idOrAlias);
-  if (!record) {
-    throw new CubicleError("not_found", `template '${idOrAlias}' not found; create it first or use one of ${[...recipes.keys()].join(", ")}`);
-  }
+  if (!record) throw templateNotFound(idOrAlias);
   return record;
+}
+
+/** The error for a template id or alias that no built template has. */
+export function templateNotFound(idOrAlias: string): CubicleError {
+  return new CubicleError("not_found", `template '${idOrAlias}' not found; create it first or use one of ${[...recipes.keys()].join(", ")}`);
 }

@@ -9,6 +9,7 @@ import {
   inspectTemplateDir,
   listTemplates,
   templateImage,
+  templatesVersion,
   toRecord,
   writeMetadata,
   type TemplateMetadata,
@@ -105,5 +106,35 @@ test("the runtime image carries the rootfs path, user, workdir and env", () => {
     defaultUser: "user",
     defaultWorkdir: "/home/user",
     env: { PATH: "/usr/bin:/bin" },
+  });
+});
+
+test("the templates version changes when a template is added or removed, and is unknown right after a change", async () => {
+  await withTemplateDir(async (templateDir) => {
+    assert.equal(await templatesVersion(path.join(templateDir, "not-yet")), "absent");
+    await makeTemplate(templateDir, metadata("base"));
+    assert.equal(await templatesVersion(templateDir), undefined, "changed just now: another change could keep the mtime");
+
+    const aMinuteAgo = new Date(Date.now() - 60_000);
+    await fs.utimes(templateDir, aMinuteAgo, aMinuteAgo);
+    const settled = await templatesVersion(templateDir);
+    assert.equal(typeof settled, "string");
+    assert.equal(await templatesVersion(templateDir), settled);
+
+    // What a build does: rename a finished directory into place.
+    await fs.mkdir(path.join(templateDir, ".build-other-0123abcd"));
+    await fs.rename(path.join(templateDir, ".build-other-0123abcd"), path.join(templateDir, "other"));
+    assert.equal(await templatesVersion(templateDir), undefined);
+    const halfAMinuteAgo = new Date(Date.now() - 30_000);
+    await fs.utimes(templateDir, halfAMinuteAgo, halfAMinuteAgo);
+    const afterBuild = await templatesVersion(templateDir);
+    assert.equal(typeof afterBuild, "string");
+    assert.notEqual(afterBuild, settled);
+
+    await fs.rm(path.join(templateDir, "base"), { recursive: true });
+    const tenSecondsAgo = new Date(Date.now() - 10_000);
+    await fs.utimes(templateDir, tenSecondsAgo, tenSecondsAgo);
+    const afterRemoval = await templatesVersion(templateDir);
+    assert.ok(afterRemoval !== undefined && afterRemoval !== afterBuild && afterRemoval !== settled);
   });
 });

@@ -1,3 +1,4 @@
+import type { BigIntStats } from "node:fs";
 import fs from "node:fs/promises";
 import path from "node:path";
 import type { TemplateImage } from "../runtime/types.js";
@@ -120,8 +121,38 @@ export async function listTemplates(templateDir: string): Promise<TemplateRecord
 
 /** The built template whose id or one of whose aliases is `idOrAlias`. */
 export async function findTemplate(templateDir: string, idOrAlias: string): Promise<TemplateRecord | undefined> {
-  const all = await listTemplates(templateDir);
-  return all.find((t) => t.templateId === idOrAlias) ?? all.find((t) => t.aliases.includes(idOrAlias));
+  return pickTemplate(await listTemplates(templateDir), idOrAlias);
+}
+
+/** The one of `records` whose id is `idOrAlias`, else the first with it as an alias. */
+export function pickTemplate(records: readonly TemplateRecord[], idOrAlias: string): TemplateRecord | undefined {
+  return records.find((t) => t.templateId === idOrAlias) ?? records.find((t) => t.aliases.includes(idOrAlias));
+}
+
+/**
+ * How long after a change of the template directory its mtime is not trusted: a second change
+ * in the same tick of the kernel's coarse clock (a jiffy; 1–2 s on some file systems) leaves
+ * it as it is. Git's index treats such "racy" entries the same way.
+ */
+const RACY_CHANGE_MS = 2_000;
+
+/**
+ * A value that changes whenever a template is added, replaced or removed, from one `stat`: a
+ * build renames its finished directory into `templateDir` (and the old one out), a removal
+ * unlinks one, and both change the directory's mtime. Undefined while the last change is too
+ * recent to tell from a next one (see RACY_CHANGE_MS): the caller must read again. Edits made
+ * by hand inside a template's own directory do not change it.
+ */
+export async function templatesVersion(templateDir: string): Promise<string | undefined> {
+  let stats: BigIntStats;
+  try {
+    stats = await fs.stat(templateDir, { bigint: true });
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return "absent";
+    throw err;
+  }
+  if (Date.now() - Number(stats.mtimeMs) < RACY_CHANGE_MS) return undefined;
+  return `${stats.ino}:${stats.mtimeNs}`;
 }
 
 /** The facts a runtime needs to start a sandbox from this template. */

@@ -119,7 +119,9 @@ test("exists and getInfo", async () => {
 });
 
 test("list with depth, and symlinks", async () => {
-  await sandbox.commands.run(`ln -s ${base}/multi ${base}/link-to-multi`).catch(() => undefined);
+  // Throws CommandExitError when ln fails, which fails the test.
+  const ln = await sandbox.commands.run(`ln -s ${base}/multi ${base}/link-to-multi`);
+  assert.equal(ln.exitCode, 0, ln.stderr);
   const depth1 = await sandbox.files.list(base);
   const names1 = depth1.map((entry) => entry.name).sort();
   assert.ok(names1.includes("multi") && names1.includes("hello.txt"), names1.join(","));
@@ -127,10 +129,11 @@ test("list with depth, and symlinks", async () => {
   const depth3 = await sandbox.files.list(base, { depth: 3 });
   assert.ok(depth3.some((entry) => entry.path === `${base}/multi/dir one/ä ö ü.txt`));
   const link = depth1.find((entry) => entry.name === "link-to-multi");
-  if (link) {
-    assert.equal(link.type, "dir");
-    assert.equal(link.symlinkTarget, `${base}/multi`);
-  }
+  assert.ok(link, `link-to-multi is not listed: ${names1.join(",")}`);
+  assert.equal(link.path, `${base}/link-to-multi`);
+  assert.equal(link.type, "dir", "a link to a directory has the directory's type");
+  assert.equal(link.symlinkTarget, `${base}/multi`);
+  assert.equal(depth1.find((entry) => entry.name === "multi")?.symlinkTarget, undefined, "a plain directory has no symlinkTarget");
   await assert.rejects(sandbox.files.list(`${base}/nope`), NotFoundError);
 });
 
