@@ -6,7 +6,7 @@ import { after, before, describe, it } from "node:test";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { lookupUser } from "../users.js";
 import { findProcedure, parseProcedurePath, parseTimeoutMs, serveProcedure } from "./connect.js";
-import { EnvelopeParser, encodeEnvelope } from "./envelope.js";
+import { EnvelopeParser, encodeEnvelope } from "../../protocol/index.js";
 import { abandonedBodyGraceMs, bufferedBodyBytes, setBodyBudgetBytes } from "../http/request-body.js";
 import type { RpcContext, ServiceDefinition } from "./types.js";
 
