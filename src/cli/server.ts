@@ -2,8 +2,10 @@ import fs from "node:fs";
 import path from "node:path";
 import type { AddressInfo } from "node:net";
 import { createApiApp } from "../api/index.js";
+import { agentHttpAgent } from "../core/agent-client.js";
 import { newApiKey, SandboxManager } from "../core/index.js";
 import { createNetworkManager } from "../network/index.js";
+import { HttpAgentLink } from "../protocol/index.js";
 import { answerClientError, createRoutedHttpServer, SandboxRouter } from "../router/index.js";
 import { createContainerRuntime } from "../runtime/index.js";
 import type { CubicleConfig } from "../shared/config.js";
@@ -56,6 +58,10 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
   await network.init();
   await runtime.init();
 
+  // One link to the agents for the whole server. Until the core takes it as an option, the core
+  // talks through src/core/agent-client.ts: the link shares that module's socket pool, so the
+  // core's dropIdleAgentSockets (before a memory dump) also closes the router's idle connections.
+  const agentLink = new HttpAgentLink({ httpAgent: agentHttpAgent });
   const manager = new SandboxManager({
     store,
     runtime,
@@ -71,7 +77,7 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
   });
   await manager.recover();
 
-  const router = new SandboxRouter(manager, config.domain);
+  const router = new SandboxRouter(manager, config.domain, { agentLink });
   let templatesReady = false;
   const app = createApiApp({
     manager,

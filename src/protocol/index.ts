@@ -15,3 +15,5 @@ export {
   type Envelope,
   type EnvelopeParserOptions,
 } from "./envelope.js";
+export { AGENT_READY_TIMEOUT_MS, type AgentInitOptions, type AgentLink } from "./agent-link.js";
+export { HttpAgentLink, type HttpAgentLinkOptions } from "./http-agent-link.js";
