@@ -17,3 +17,9 @@ export {
 } from "./envelope.js";
 export { AGENT_READY_TIMEOUT_MS, type AgentInitOptions, type AgentLink } from "./agent-link.js";
 export { HttpAgentLink, type HttpAgentLinkOptions } from "./http-agent-link.js";
+/** envd's `process.Process` messages in their Connect JSON form (generated from spec/process.proto). */
+export * as processMessages from "./generated/process.js";
+/** envd's `filesystem.Filesystem` messages in their Connect JSON form (generated from spec/filesystem.proto). */
+export * as filesystemMessages from "./generated/filesystem.js";
+/** The REST API's bodies (generated from spec/api.openapi.json). */
+export * as apiSchema from "./generated/api.js";
