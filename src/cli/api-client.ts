@@ -1,4 +1,4 @@
-import { encodeEnvelope, EnvelopeParser, envelopeFlags, ENVD_PORT } from "../protocol/index.js";
+import { encodeEnvelope, EnvelopeParser, envelopeFlags, ENVD_PORT, type processMessages } from "../protocol/index.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 
 /** A thin client of Cubicle's own REST API and router, for the CLI verbs. */
@@ -35,7 +35,8 @@ export class ApiClient {
    * writing its output as it arrives. Resolves to the exit code.
    */
   async exec(sandboxId: string, accessToken: string | undefined, argv: string[], user: string): Promise<number> {
-    const envelope = encodeEnvelope(0, JSON.stringify({ process: { cmd: argv[0], args: argv.slice(1), envs: {} }, stdin: false }));
+    const request: processMessages.StartRequest = { process: { cmd: argv[0], args: argv.slice(1), envs: {} }, stdin: false };
+    const envelope = encodeEnvelope(0, JSON.stringify(request));
     const res = await fetch(this.baseUrl + "/process.Process/Start", {
       method: "POST",
       headers: {
@@ -53,12 +54,12 @@ export class ApiClient {
     let exitCode = 1;
     for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
       for (const { flags, data } of parser.push(chunk)) {
-        const payload = JSON.parse(data.toString("utf8"));
         if (flags & envelopeFlags.endStream) {
-          if (payload.error) throw new CubicleError("internal", `exec failed: [${payload.error.code}] ${payload.error.message}`);
+          const { error } = JSON.parse(data.toString("utf8")) as { error?: { code: string; message: string } };
+          if (error) throw new CubicleError("internal", `exec failed: [${error.code}] ${error.message}`);
           continue;
         }
-        const event = payload.event ?? {};
+        const event = (JSON.parse(data.toString("utf8")) as processMessages.StartResponse).event ?? {};
         if (event.data?.stdout) process.stdout.write(Buffer.from(event.data.stdout, "base64"));
         if (event.data?.stderr) process.stderr.write(Buffer.from(event.data.stderr, "base64"));
         if (event.end) exitCode = event.end.exitCode ?? (event.end.exited ? 0 : 1);

@@ -3,6 +3,7 @@ import http from "node:http";
 import { CubicleError } from "../shared/cubicle-error.js";
 import type { AgentInitOptions, AgentLink } from "./agent-link.js";
 import { encodeEnvelope, EnvelopeParser, envelopeFlags, knownEnvelopeFlags } from "./envelope.js";
+import type { StartRequest, StartResponse } from "./generated/process.js";
 import type { InitBody } from "./init-body.js";
 import { ENVD_PORT, INTERPRETER_PORT } from "./ports.js";
 
@@ -21,7 +22,7 @@ interface AgentResponse {
 }
 
 /** The command an SDK's first `commands.run` sends (`/bin/bash -l -c true`). */
-const warmUpRequest = { process: { cmd: "/bin/bash", args: ["-l", "-c", "true"], envs: {} } };
+const warmUpRequest: StartRequest = { process: { cmd: "/bin/bash", args: ["-l", "-c", "true"], envs: {} } };
 
 export class HttpAgentLink implements AgentLink {
   readonly httpAgent: http.Agent;
@@ -150,7 +151,7 @@ function streamEnded(body: Buffer): boolean {
   try {
     return new EnvelopeParser(undefined, { knownFlags: knownEnvelopeFlags })
       .push(body)
-      .some((envelope) => !(envelope.flags & envelopeFlags.endStream) && (JSON.parse(envelope.data.toString("utf8")) as { event?: { end?: unknown } }).event?.end !== undefined);
+      .some((envelope) => !(envelope.flags & envelopeFlags.endStream) && (JSON.parse(envelope.data.toString("utf8")) as StartResponse).event?.end !== undefined);
   } catch {
     return false;
   }
