@@ -3,10 +3,8 @@ import http from "node:http";
 import type { AddressInfo } from "node:net";
 import { after, before, beforeEach, describe, it } from "node:test";
 import { CubicleError } from "../shared/cubicle-error.js";
-import { createFakeAgentLink } from "./fake-agent-link.js";
 import { encodeEnvelope, EnvelopeParser, envelopeFlags } from "./envelope.js";
 import { HttpAgentLink } from "./http-agent-link.js";
-import type { AgentLink } from "./agent-link.js";
 
 interface Seen {
   method: string;
@@ -139,19 +137,5 @@ describe("HttpAgentLink", () => {
     assert.equal(link.dropIdleSockets("127.0.0.1"), 1);
     await settle();
     assert.equal(link.dropIdleSockets("127.0.0.1"), 0);
-  });
-});
-
-describe("FakeAgentLink", () => {
-  it("records calls and fails the methods it is told to", async () => {
-    const link: AgentLink = createFakeAgentLink({ warmUp: new Error("cold"), isHealthy: (call) => (call.address === "10.0.0.3" ? new Error("down") : undefined) });
-    const fake = link as ReturnType<typeof createFakeAgentLink>;
-    await link.init("10.0.0.2", { defaultUser: "user" }, { currentToken: "t" });
-    await assert.rejects(link.warmUp("10.0.0.2", "user"), /cold/);
-    assert.equal(await link.isHealthy("10.0.0.2"), true);
-    assert.equal(await link.isHealthy("10.0.0.3"), false);
-    assert.deepEqual(fake.callsOf("init"), [{ method: "init", address: "10.0.0.2", body: { defaultUser: "user" }, options: { currentToken: "t" } }]);
-    assert.deepEqual(fake.calls.map((call) => call.method), ["init", "warmUp", "isHealthy", "isHealthy"]);
-    link.httpAgent.destroy();
   });
 });
