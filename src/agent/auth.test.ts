@@ -1,7 +1,8 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { describe, it } from "node:test";
-import { checkAccessToken, checkFilesAuth, checkInitAuth, computeFileSignature, usernameFromAuthorization } from "./auth.js";
+import { computeFileSignature } from "../protocol/index.js";
+import { checkAccessToken, checkFilesAuth, checkInitAuth, usernameFromAuthorization } from "./auth.js";
 import { createAgentState } from "./state.js";
 
 function stateWithToken(token?: string) {

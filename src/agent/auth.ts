@@ -1,9 +1,10 @@
 /**
  * envd authentication (e2b-wire-protocol.md §6): the `X-Access-Token` header, the user from
- * `Authorization: Basic base64("user:")`, and signed `/files` URLs.
+ * `Authorization: Basic base64("user:")`, and signed `/files` URLs (src/protocol/file-signature.ts).
  */
 import { createHash, timingSafeEqual } from "node:crypto";
 import type { IncomingHttpHeaders } from "node:http";
+import { computeFileSignature, fileOperationOf, fileSignaturesEqual } from "../protocol/index.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import type { AgentState } from "./state.js";
 
@@ -54,19 +55,6 @@ export function checkInitAuth(state: AgentState, headers: IncomingHttpHeaders): 
   return new CubicleError("unauthenticated", unauthorizedMessage);
 }
 
-export type FileOperation = "read" | "write";
-
-/**
- * `v1_` + unpadded standard base64 of SHA-256("<path>:<operation>:<username>:<token>[:<expiration>]"),
- * as the SDK signs `downloadUrl` / `uploadUrl` (§6.3).
- */
-export function computeFileSignature(path: string, operation: FileOperation, username: string, accessToken: string, expiration?: number): string {
-  const parts = [path, operation, username, accessToken];
-  if (expiration !== undefined) parts.push(String(expiration));
-  const digest = createHash("sha256").update(parts.join(":")).digest("base64");
-  return "v1_" + digest.replace(/=+$/, "");
-}
-
 /**
  * The `/files` check: with a token set, either `X-Access-Token` matches or the query carries a
  * valid, unexpired signature. Returns the 401 (or 400) error to answer with, if any.
@@ -94,9 +82,8 @@ export function checkFilesAuth(
     }
     expiration = Number(expirationText);
   }
-  const operation: FileOperation = method === "POST" ? "write" : "read";
-  const expected = computeFileSignature(query.get("path") ?? "", operation, query.get("username") ?? "", token, expiration);
-  if (!tokenEquals(expected, signature)) return new CubicleError("unauthenticated", "invalid signature");
+  const expected = computeFileSignature(query.get("path") ?? "", fileOperationOf(method), query.get("username") ?? "", token, expiration);
+  if (!fileSignaturesEqual(expected, signature)) return new CubicleError("unauthenticated", "invalid signature");
   if (expiration !== undefined && expiration < Math.floor(nowMs / 1000)) {
     return new CubicleError("unauthenticated", "signature is already expired");
   }

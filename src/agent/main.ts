@@ -1,8 +1,10 @@
 /**
- * Entry point of the in-sandbox agent: serves envd on 0.0.0.0:49983 (CUBICLE_AGENT_HOST /
- * CUBICLE_AGENT_PORT override it for tests) until SIGTERM.
+ * Entry point of the in-sandbox agent: serves envd on 0.0.0.0:ENVD_PORT and the interpreter on
+ * INTERPRETER_PORT (CUBICLE_AGENT_HOST / CUBICLE_AGENT_PORT / CUBICLE_INTERPRETER_PORT override
+ * them for tests) until SIGTERM.
  */
 import { isMainThread } from "node:worker_threads";
+import { ENVD_PORT, INTERPRETER_PORT } from "../protocol/index.js";
 import { createLogger } from "../shared/log.js";
 import { startInterpreterServer } from "./interpreter/index.js";
 import { createAgentServer } from "./server.js";
@@ -24,12 +26,12 @@ function startAgent(): void {
   process.on("unhandledRejection", (reason) => log.error("unhandled rejection", { error: reason instanceof Error ? (reason.stack ?? reason.message) : String(reason) }));
 
   const host = process.env.CUBICLE_AGENT_HOST || "0.0.0.0";
-  const port = Number(process.env.CUBICLE_AGENT_PORT || 49983);
+  const port = Number(process.env.CUBICLE_AGENT_PORT || ENVD_PORT);
 
   const { server, state } = createAgentServer();
   server.listen(port, host, () => log.info("envd listening", { host, port, pid: process.pid }));
 
-  const interpreterPort = Number(process.env.CUBICLE_INTERPRETER_PORT || 49999);
+  const interpreterPort = Number(process.env.CUBICLE_INTERPRETER_PORT || INTERPRETER_PORT);
   startInterpreterServer({
     host,
     port: interpreterPort,

@@ -17,12 +17,12 @@ import zlib from "node:zlib";
 import type { AddressInfo } from "node:net";
 import { after, before, describe, it } from "node:test";
 import fc from "fast-check";
-import { computeFileSignature } from "./auth.js";
+import { computeFileSignature } from "../protocol/index.js";
 import { closeAllWatchers } from "./filesystem/index.js";
 import { makeTempDir, rootUser } from "./filesystem/test-helpers.js";
 import { removePath } from "./filesystem/operations.js";
 import { answerWithinMs, assertConnectContained, assertHttpContained, fuzzRuns, rawRequest, type RawResponse } from "./fuzz-support.js";
-import { encodeEnvelope } from "./rpc/envelope.js";
+import { encodeEnvelope } from "../protocol/index.js";
 import { createAgentServer } from "./server.js";
 
 const agent = createAgentServer();

@@ -1,8 +1,8 @@
 import assert from "node:assert/strict";
 import type { AddressInfo } from "node:net";
 import { after, before, describe, it } from "node:test";
-import { computeFileSignature } from "./auth.js";
-import { EnvelopeParser, encodeEnvelope } from "./rpc/envelope.js";
+import { computeFileSignature } from "../protocol/index.js";
+import { EnvelopeParser, encodeEnvelope } from "../protocol/index.js";
 import { createAgentServer } from "./server.js";
 
 const filesCalls: Array<{ method: string; username: string | undefined; defaultUser: string }> = [];

@@ -9,11 +9,12 @@ import os from "node:os";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { createLogger } from "../shared/log.js";
 import { toCubicleError } from "./errors.js";
+import { parseInitBody } from "../protocol/index.js";
 import { checkAccessToken, checkFilesAuth, checkInitAuth, usernameFromAuthorization } from "./auth.js";
 import { createProcessService } from "./process/index.js";
 import { findProcedure, parseProcedurePath, serveProcedure, writeConnectError } from "./rpc/connect.js";
 import type { ServiceDefinition } from "./rpc/types.js";
-import { applyInit, createAgentState, parseInitRequest, type AgentState } from "./state.js";
+import { applyInit, createAgentState, type AgentState } from "./state.js";
 import { KEEP_IDLE_CONNECTIONS } from "./http/keep-alive.js";
 import { abandonBody, readRequestBody } from "./http/request-body.js";
 import { lookupUser, type AgentUser } from "./users.js";
@@ -209,7 +210,7 @@ async function handleInit(req: IncomingMessage, res: ServerResponse, state: Agen
     abandonBody(req);
     return sendError(res, denied);
   }
-  const request = parseInitRequest(await readJsonBody(req, res, initBodyLimit));
+  const request = parseInitBody(await readJsonBody(req, res, initBodyLimit));
   applyInit(state, request);
   log.info("initialized", {
     defaultUser: state.defaultUser,

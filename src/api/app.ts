@@ -4,6 +4,7 @@ import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest }
 import { timingSafeEqual } from "node:crypto";
 import { decodeSnapshotCursor, DEFAULT_FORK_TIMEOUT_SEC, encodeSnapshotCursor } from "../core/index.js";
 import type { SandboxManager } from "../core/sandbox-manager.js";
+import type { apiSchema } from "../protocol/index.js";
 import type { Runtime } from "../runtime/types.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { runtimeIdOf } from "../store/types.js";
@@ -44,7 +45,7 @@ export interface ApiOptions {
   /** True once templates are ready and sandboxes can be created (GET /health answers 200). */
   isReady: () => boolean;
   /** Lists templates for `GET /templates`. */
-  listTemplates: () => Promise<{ templateID: string; aliases: string[]; cpuCount: number; memoryMB: number; diskSizeMB: number; buildStatus: string }[]>;
+  listTemplates: () => Promise<apiSchema.TemplateSummary[]>;
   /** Makes the HTTP server; requests it does not route elsewhere go to `apiHandler`. */
   serverFactory: (apiHandler: (req: IncomingMessage, res: ServerResponse) => void) => Server;
   /**
@@ -140,7 +141,7 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
   });
 
   app.get("/health", async (_request, reply) => {
-    if (options.isReady()) return reply.status(200).send({ status: "ok" });
+    if (options.isReady()) return reply.status(200).send({ status: "ok" } satisfies apiSchema.Health);
     return reply.status(503).send({ code: 503, message: "the server is starting: templates are being prepared" });
   });
 
@@ -267,7 +268,7 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
     const { timeoutSec, count } = parseForkRequest(request.body, DEFAULT_FORK_TIMEOUT_SEC);
     const outcomes = await manager.fork(request.params.sandboxID, { timeoutSec, count });
     return reply.status(201).send(
-      outcomes.map((outcome) => ("record" in outcome ? { sandbox: sandboxView(outcome.record, view) } : { error: outcome.error.toE2bBody() })),
+      outcomes.map((outcome): apiSchema.ForkResult => ("record" in outcome ? { sandbox: sandboxView(outcome.record, view) } : { error: outcome.error.toE2bBody() })),
     );
   });
 
@@ -281,11 +282,11 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
   });
 
   // Cubicle extension: warm pool levels per template.
-  app.get("/pools", async () => manager.poolCounts());
+  app.get("/pools", async (): Promise<Record<string, apiSchema.PoolCounts>> => manager.poolCounts());
   // Cubicle extension: warm snapshots per template (ready, building, creates served).
   app.get("/warm-snapshots", async () => manager.warmSnapshotCounts());
 
-  app.get("/sandboxes/:sandboxID/metrics", async (request: FastifyRequest<{ Params: Params }>) => {
+  app.get("/sandboxes/:sandboxID/metrics", async (request: FastifyRequest<{ Params: Params }>): Promise<apiSchema.SandboxMetric[]> => {
     const record = await manager.get(request.params.sandboxID);
     if (record.state !== "running") return [];
     // A claimed pool entry or an older record runs under another runtime id than its sandbox id.
@@ -306,7 +307,7 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
     ];
   });
 
-  app.get("/templates", async () => options.listTemplates());
+  app.get("/templates", async (): Promise<apiSchema.TemplateSummary[]> => options.listTemplates());
 
   return app;
 }

@@ -1,4 +1,5 @@
 import { randomBytes } from "node:crypto";
+import type { apiSchema } from "../protocol/index.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 
 /** The top-level directories of a Linux host whose paths never belong in a response. */
@@ -43,7 +44,7 @@ const genericServerMessages: Record<number, string> = {
 
 export interface PublicError {
   status: number;
-  body: { code: number; message: string };
+  body: apiSchema.Error;
   /** Set for 5xx: the id in the message, to log next to the real cause. */
   errorId?: string;
 }

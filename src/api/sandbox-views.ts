@@ -1,3 +1,4 @@
+import type { apiSchema } from "../protocol/index.js";
 import type { SandboxRecord, SnapshotRecord } from "../store/types.js";
 
 /**
@@ -22,7 +23,7 @@ function identityFields(record: SandboxRecord) {
 }
 
 /** The `Sandbox` object of create, connect and fork results. */
-export function sandboxView(record: SandboxRecord, ctx: ViewContext) {
+export function sandboxView(record: SandboxRecord, ctx: ViewContext): apiSchema.Sandbox {
   return {
     ...identityFields(record),
     ...(record.envdAccessToken ? { envdAccessToken: record.envdAccessToken } : {}),
@@ -32,7 +33,7 @@ export function sandboxView(record: SandboxRecord, ctx: ViewContext) {
 }
 
 /** `ListedSandbox`: the detail fields without tokens, domain, network and lifecycle. */
-export function listedSandboxView(record: SandboxRecord) {
+export function listedSandboxView(record: SandboxRecord): apiSchema.ListedSandbox {
   return {
     ...identityFields(record),
     startedAt: new Date(record.startedAt).toISOString(),
@@ -46,7 +47,7 @@ export function listedSandboxView(record: SandboxRecord) {
 }
 
 /** `SandboxDetail` of `GET /sandboxes/{id}`. */
-export function sandboxDetailView(record: SandboxRecord, ctx: ViewContext) {
+export function sandboxDetailView(record: SandboxRecord, ctx: ViewContext): apiSchema.SandboxDetail {
   return {
     ...listedSandboxView(record),
     ...(record.envdAccessToken ? { envdAccessToken: record.envdAccessToken } : {}),
@@ -58,6 +59,6 @@ export function sandboxDetailView(record: SandboxRecord, ctx: ViewContext) {
 }
 
 /** `SnapshotInfo`: the id and the names that `Sandbox.create` accepts as `templateID`. */
-export function snapshotView(snapshot: SnapshotRecord) {
+export function snapshotView(snapshot: SnapshotRecord): apiSchema.SnapshotInfo {
   return { snapshotID: snapshot.snapshotId, names: snapshot.names };
 }

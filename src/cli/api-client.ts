@@ -1,3 +1,4 @@
+import { encodeEnvelope, EnvelopeParser, envelopeFlags, ENVD_PORT, type processMessages } from "../protocol/index.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 
 /** A thin client of Cubicle's own REST API and router, for the CLI verbs. */
@@ -34,38 +35,31 @@ export class ApiClient {
    * writing its output as it arrives. Resolves to the exit code.
    */
   async exec(sandboxId: string, accessToken: string | undefined, argv: string[], user: string): Promise<number> {
-    const message = Buffer.from(JSON.stringify({ process: { cmd: argv[0], args: argv.slice(1), envs: {} }, stdin: false }));
-    const envelope = Buffer.alloc(5 + message.length);
-    envelope.writeUInt8(0, 0);
-    envelope.writeUInt32BE(message.length, 1);
-    message.copy(envelope, 5);
+    const request: processMessages.StartRequest = { process: { cmd: argv[0], args: argv.slice(1), envs: {} }, stdin: false };
+    const envelope = encodeEnvelope(0, JSON.stringify(request));
     const res = await fetch(this.baseUrl + "/process.Process/Start", {
       method: "POST",
       headers: {
         "content-type": "application/connect+json",
         "connect-protocol-version": "1",
         "e2b-sandbox-id": sandboxId,
-        "e2b-sandbox-port": "49983",
+        "e2b-sandbox-port": String(ENVD_PORT),
         authorization: "Basic " + Buffer.from(`${user}:`).toString("base64"),
         ...(accessToken ? { "x-access-token": accessToken } : {}),
       },
-      body: envelope,
+      body: new Uint8Array(envelope),
     });
     if (res.status !== 200 || !res.body) throw new CubicleError("internal", `exec failed: HTTP ${res.status} ${await res.text()}`);
-    let pending = Buffer.alloc(0);
+    const parser = new EnvelopeParser();
     let exitCode = 1;
     for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
-      pending = Buffer.concat([pending, Buffer.from(chunk)]);
-      while (pending.length >= 5 && pending.length >= 5 + pending.readUInt32BE(1)) {
-        const flags = pending.readUInt8(0);
-        const size = pending.readUInt32BE(1);
-        const payload = JSON.parse(pending.subarray(5, 5 + size).toString("utf8"));
-        pending = pending.subarray(5 + size);
-        if (flags & 0x02) {
-          if (payload.error) throw new CubicleError("internal", `exec failed: [${payload.error.code}] ${payload.error.message}`);
+      for (const { flags, data } of parser.push(chunk)) {
+        if (flags & envelopeFlags.endStream) {
+          const { error } = JSON.parse(data.toString("utf8")) as { error?: { code: string; message: string } };
+          if (error) throw new CubicleError("internal", `exec failed: [${error.code}] ${error.message}`);
           continue;
         }
-        const event = payload.event ?? {};
+        const event = (JSON.parse(data.toString("utf8")) as processMessages.StartResponse).event ?? {};
         if (event.data?.stdout) process.stdout.write(Buffer.from(event.data.stdout, "base64"));
         if (event.data?.stderr) process.stderr.write(Buffer.from(event.data.stderr, "base64"));
         if (event.end) exitCode = event.end.exitCode ?? (event.end.exited ? 0 : 1);

@@ -2,8 +2,9 @@ import fs from "node:fs";
 import path from "node:path";
 import type { AddressInfo } from "node:net";
 import { createApiApp } from "../api/index.js";
-import { httpAgentLink, newApiKey, SandboxManager } from "../core/index.js";
+import { newApiKey, SandboxManager } from "../core/index.js";
 import { createNetworkManager } from "../network/index.js";
+import { HttpAgentLink } from "../protocol/index.js";
 import { answerClientError, createRoutedHttpServer, SandboxRouter } from "../router/index.js";
 import { createContainerRuntime } from "../runtime/index.js";
 import type { CubicleConfig } from "../shared/config.js";
@@ -55,11 +56,14 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
   await network.init();
   await runtime.init();
 
+  // One link to the agents for the whole server: the core and the router share its socket pool,
+  // so the core's dropIdleSockets (before a memory dump) also closes the router's idle connections.
+  const agentLink = new HttpAgentLink();
   const manager = new SandboxManager({
     store,
     runtime,
     network,
-    agent: httpAgentLink,
+    agent: agentLink,
     templates,
     imagesDir: runtime.imagesDir,
     poolSizes: config.poolSizes,
@@ -71,7 +75,7 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
   });
   await manager.recover();
 
-  const router = new SandboxRouter(manager, config.domain);
+  const router = new SandboxRouter(manager, config.domain, { agentLink });
   let templatesReady = false;
   const app = createApiApp({
     manager,

@@ -3,5 +3,3 @@ export type { RouteTarget, SandboxManagerOptions, ForkOutcome, ResumeOptions } f
 export { encodeSnapshotCursor, decodeSnapshotCursor } from "./snapshot-names.js";
 export type { TemplateCatalog, TemplateInfo, CreateSandboxRequest } from "./types.js";
 export { newApiKey } from "./ids.js";
-export { ENVD_PORT, INTERPRETER_PORT } from "./agent-client.js";
-export { httpAgentLink, type AgentLink } from "./agent-link.js";

@@ -3,7 +3,7 @@ import type { NetworkManager } from "../network/types.js";
 import type { Runtime } from "../runtime/types.js";
 import type { SandboxQuery, SandboxRecord, SnapshotQuery, SnapshotRecord, Store } from "../store/types.js";
 import { CubicleError } from "../shared/cubicle-error.js";
-import type { AgentLink } from "./agent-link.js";
+import type { AgentLink } from "../protocol/index.js";
 import { LifecycleContext, log } from "./lifecycle/context.js";
 import { Creation } from "./lifecycle/create.js";
 import { handleRuntimeExit, kill } from "./lifecycle/end.js";

@@ -5,13 +5,14 @@ import type { NetworkManager, NetworkPolicy, SandboxNetwork } from "../network/t
 import type { CheckpointInfo, CheckpointOptions, Runtime, RuntimeState, SandboxSpec, SandboxStats } from "../runtime/types.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import type { EventRecord, PoolEntryRecord, SandboxQuery, SandboxRecord, SnapshotQuery, SnapshotRecord, Store } from "../store/types.js";
-import type { AgentInit } from "./agent-client.js";
-import type { AgentLink } from "./agent-link.js";
+import { createFakeAgentLink, type AgentLinkCall } from "../protocol/fake-agent-link.js";
+import type { InitBody } from "../protocol/index.js";
 import { SandboxManager, type SandboxManagerOptions } from "./sandbox-manager.js";
 import type { CreateSandboxRequest, TemplateCatalog, TemplateInfo } from "./types.js";
 
 /**
- * Typed fakes of the ports below the core (runtime, network, agent link, store) for unit tests
+ * Typed fakes of the ports below the core (runtime, network, store; the agent link's is
+ * src/protocol/fake-agent-link.ts) for unit tests
  * that run without root: they keep what a real one would hold in maps, record the calls, and
  * fail on demand (`failNext`). Each implements its interface, so a change of a port breaks them
  * at compile time instead of hiding behind a cast.
@@ -170,51 +171,6 @@ export class FakeNetwork implements NetworkManager {
   }
 }
 
-export class FakeAgentLink implements AgentLink {
-  /** The last /init each address received, and every call as "verb address". */
-  readonly inits = new Map<string, AgentInit>();
-  readonly calls: string[] = [];
-  /** Addresses whose agent does not answer. */
-  readonly unreachable = new Set<string>();
-  /** The next /init fails with this error. */
-  failNextInit: Error | undefined;
-
-  private reach(verb: string, address: string): void {
-    this.calls.push(`${verb} ${address}`);
-    if (this.unreachable.has(address)) throw new CubicleError("unavailable", `the sandbox agent at ${address} did not answer`);
-  }
-
-  async init(address: string, init: AgentInit): Promise<void> {
-    this.reach("init", address);
-    const failure = this.failNextInit;
-    this.failNextInit = undefined;
-    if (failure) throw failure;
-    this.inits.set(address, init);
-  }
-
-  async waitUntilUp(address: string): Promise<void> {
-    this.reach("waitUntilUp", address);
-  }
-
-  async isHealthy(address: string): Promise<boolean> {
-    this.calls.push(`isHealthy ${address}`);
-    return !this.unreachable.has(address);
-  }
-
-  async warmUp(address: string): Promise<void> {
-    this.reach("warmUp", address);
-  }
-
-  async startKernel(address: string): Promise<void> {
-    this.reach("startKernel", address);
-  }
-
-  dropIdleSockets(address: string): number {
-    this.calls.push(`dropIdleSockets ${address}`);
-    return 0;
-  }
-}
-
 /** A store in memory (the SQLite store's semantics for what the core uses). */
 export class MemoryStore implements Store {
   readonly sandboxes = new Map<string, SandboxRecord>();
@@ -316,7 +272,7 @@ export function fakeHost(options: { failCreates?: number; fingerprint?: () => st
   const runtime = new FakeRuntime(options);
   const network = new FakeNetwork();
   const store = new MemoryStore();
-  const agent = new FakeAgentLink();
+  const agent = createFakeAgentLink();
   return { runtime, network, store, agent, containers: runtime.containers, networks: network.networks, rows: store.rows };
 }
 
@@ -364,5 +320,20 @@ export async function fakeManager(options: Partial<SandboxManagerOptions> = {}) 
       await manager.close();
       await rm(imagesDir, { recursive: true, force: true });
     },
+  };
+}
+
+/** The last /init the fake agent link sent to an address. */
+export function lastInit(agent: ReturnType<typeof createFakeAgentLink>, address: string): InitBody | undefined {
+  return agent.callsOf("init").filter((call) => call.address === address).at(-1)?.body;
+}
+
+/** A failure for FakeAgentLink.failures that strikes once, or for the calls `only` picks. */
+export function failOnce(error: Error, only: (call: AgentLinkCall) => boolean = () => true): (call: AgentLinkCall) => Error | undefined {
+  let spent = false;
+  return (call) => {
+    if (spent || !only(call)) return undefined;
+    spent = true;
+    return error;
   };
 }

@@ -47,7 +47,7 @@ test("the pool fills to its size, hands each entry out once, refills, and drains
     assert.equal(f.containers.size, 0);
     assert.equal(f.networks.size, claimed.size, "only the claimed entries' networks remain (their sandboxes own them)");
     assert.equal(f.rows.size, claimed.size);
-    assert.ok(f.agent.calls.some((call) => call.startsWith("warmUp ")), "entries are warmed up before the freeze");
+    assert.ok(f.agent.callsOf("warmUp").length > 0, "entries are warmed up before the freeze");
   }
 });
 

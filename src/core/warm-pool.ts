@@ -1,3 +1,4 @@
+import { buildInitBody } from "../protocol/index.js";
 import type { PoolEntryRecord } from "../store/types.js";
 import { createLogger } from "../shared/log.js";
 import { newToken } from "./ids.js";
@@ -156,14 +157,10 @@ export class WarmPool {
       await this.options.agent.warmUp(address, template.image.defaultUser).catch((err) => log.debug("agent warm-up failed; freezing anyway", { runtimeId: entry.runtimeId, error: String(err) }));
       // The identity most creates want (see PoolEntryRecord.agentToken), given while it is cheap.
       const agentToken = newToken();
-      await this.options.agent.init(address, {
-        accessToken: agentToken,
-        envVars: {},
-        defaultUser: template.image.defaultUser,
-        defaultWorkdir: template.image.defaultWorkdir,
-        hostname: entry.runtimeId,
-        timestamp: new Date().toISOString(),
-      });
+      await this.options.agent.init(
+        address,
+        buildInitBody({ accessToken: agentToken, envVars: {}, defaultUser: template.image.defaultUser, defaultWorkdir: template.image.defaultWorkdir, hostname: entry.runtimeId }),
+      );
       entry.agentToken = agentToken;
       await this.options.store.insertPoolEntry(entry);
       // The warm-up's keep-alive connection stays open through the freeze (the agent never closes

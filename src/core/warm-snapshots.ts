@@ -1,6 +1,7 @@
 import { createHash } from "node:crypto";
 import { mkdir, readdir, rm } from "node:fs/promises";
 import path from "node:path";
+import { buildInitBody } from "../protocol/index.js";
 import { pathExists } from "../shared/fs.js";
 import { createLogger } from "../shared/log.js";
 import type { TemplateInfo } from "./types.js";
@@ -148,7 +149,7 @@ export class WarmSnapshots {
       const address = entry.network!.sandboxAddress;
       // The kernel starts as the template's default user in its workdir: tell the agent first.
       // No token and no env vars: the sandbox restored from the image gets its own in its /init.
-      await this.options.agent.init(address, { envVars: {}, defaultUser: template.image.defaultUser, defaultWorkdir: template.image.defaultWorkdir, timestamp: new Date().toISOString() });
+      await this.options.agent.init(address, buildInitBody({ envVars: {}, defaultUser: template.image.defaultUser, defaultWorkdir: template.image.defaultWorkdir }));
       const kernel = await this.options.agent.startKernel(address, KERNEL_START_TIMEOUT_MS).then(
         () => true,
         (err) => {

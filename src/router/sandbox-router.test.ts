@@ -3,6 +3,7 @@ import { createHash } from "node:crypto";
 import { EventEmitter } from "node:events";
 import type { IncomingMessage } from "node:http";
 import { test } from "node:test";
+import { createFakeAgentLink } from "../protocol/fake-agent-link.js";
 import { SandboxRouter } from "./sandbox-router.js";
 
 function source(sandboxes: { sandboxId: string; envdAccessToken: string | undefined; state: string }[]) {
@@ -18,7 +19,7 @@ function request(url: string, headers: Record<string, string>, method = "GET"): 
 }
 
 test("routes by E2b-Sandbox-* headers, then by <port>-<id>.<domain> Host", () => {
-  const router = new SandboxRouter(source([]), "cubicle.local");
+  const router = new SandboxRouter(source([]), "cubicle.local", { agentLink: createFakeAgentLink() });
   assert.deepEqual(router.match(request("/health", { "e2b-sandbox-id": "iabc", "e2b-sandbox-port": "49983" })), { sandboxId: "iabc", port: 49983 });
   assert.deepEqual(router.match(request("/", { host: "8080-iabc.cubicle.local:3000" })), { sandboxId: "iabc", port: 8080 });
   assert.equal(router.match(request("/v2/sandboxes", { host: "127.0.0.1:3000" })), undefined);
@@ -35,6 +36,7 @@ test("a signed /files URL without routing headers goes to the sandbox whose toke
       { sandboxId: "isigned", envdAccessToken: token, state: "running" },
     ]),
     "cubicle.local",
+    { agentLink: createFakeAgentLink() },
   );
   const url = `/files?path=${encodeURIComponent("/home/user/a.txt")}&username=user&signature=${encodeURIComponent(signature)}&signature_expiration=${expiration}`;
   assert.deepEqual(router.match(request(url, {})), { sandboxId: "isigned", port: 49983 });
@@ -44,7 +46,7 @@ test("a signed /files URL without routing headers goes to the sandbox whose toke
 
 test("an ended sandbox's open connections are destroyed", () => {
   const src = source([{ sandboxId: "ia", envdAccessToken: undefined, state: "running" }]);
-  const router = new SandboxRouter(src, "cubicle.local");
+  const router = new SandboxRouter(src, "cubicle.local", { agentLink: createFakeAgentLink() });
   let destroyed = 0;
   (router as unknown as { track(id: string, h: { destroy(): void }): () => void }).track("ia", { destroy: () => destroyed++ });
   src.emit("ended", "ia");

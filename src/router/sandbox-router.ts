@@ -1,8 +1,7 @@
-import { createHash, timingSafeEqual } from "node:crypto";
 import http, { type IncomingMessage, type ServerResponse } from "node:http";
 import net from "node:net";
 import type { Duplex } from "node:stream";
-import { agentHttpAgent, ENVD_PORT, INTERPRETER_PORT } from "../core/agent-client.js";
+import { computeFileSignature, ENVD_PORT, fileOperationOf, fileSignaturePattern, fileSignaturesEqual, INTERPRETER_PORT, type AgentLink } from "../protocol/index.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { createLogger } from "../shared/log.js";
 import { sendJsonResponse, writeRawJsonResponse } from "./raw-response.js";
@@ -24,6 +23,11 @@ export interface RouteSource {
   on(event: "ended", listener: (sandboxId: string) => void): unknown;
 }
 
+export interface SandboxRouterOptions {
+  /** The server's link to the agents: proxied traffic shares its keep-alive connections. */
+  agentLink: AgentLink;
+}
+
 // RFC 7230 §6.1 hop-by-hop headers are not forwarded.
 const hopByHop = new Set(["connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"]);
 
@@ -40,9 +44,6 @@ function forwardHeaders(headers: http.IncomingHttpHeaders): http.OutgoingHttpHea
   }
   return out;
 }
-
-/** What a signed `/files` URL's signature looks like: `v1_` + unpadded base64 of a SHA-256. */
-const SIGNATURE_PATTERN = /^v1_[A-Za-z0-9+/]{43}$/;
 
 /** The body of the router's 502 for a sandbox that is not there (protocol doc §4). */
 function notFoundBody(sandboxId: string) {
@@ -70,8 +71,15 @@ export class SandboxRouter {
   private readonly open = new Map<string, Set<{ destroy(): void }>>();
   private readonly hostPattern: RegExp;
 
-  constructor(private readonly source: RouteSource, domain: string) {
+  private readonly agentLink: AgentLink;
+
+  constructor(
+    private readonly source: RouteSource,
+    domain: string,
+    options: SandboxRouterOptions,
+  ) {
     this.hostPattern = hostPattern(domain);
+    this.agentLink = options.agentLink;
     source.on("ended", (sandboxId) => this.resetConnections(sandboxId));
   }
 
@@ -98,19 +106,18 @@ export class SandboxRouter {
       return undefined;
     }
     const signature = query.get("signature");
-    if (!signature || !SIGNATURE_PATTERN.test(signature)) return undefined;
-    const given = Buffer.from(signature);
-    const operation = req.method === "POST" ? "write" : "read";
+    if (!signature || !fileSignaturePattern.test(signature)) return undefined;
+    const operation = fileOperationOf(req.method);
     const filePath = query.get("path") ?? "";
     const username = query.get("username") ?? "";
-    const expiration = query.get("signature_expiration");
+    // As sent: the agent checks the signature again with the expiration it parses.
+    const expiration = query.get("signature_expiration") || undefined;
     let found: string | undefined;
     for (const sandbox of this.source.liveSandboxes()) {
       if (!sandbox.envdAccessToken || sandbox.state !== "running") continue;
-      const input = `${filePath}:${operation}:${username}:${sandbox.envdAccessToken}` + (expiration ? `:${expiration}` : "");
-      const expected = Buffer.from("v1_" + createHash("sha256").update(input).digest("base64").replace(/=+$/, ""));
+      const expected = computeFileSignature(filePath, operation, username, sandbox.envdAccessToken, expiration);
       // No early exit: the time taken does not tell which sandbox matched.
-      if (expected.length === given.length && timingSafeEqual(expected, given) && found === undefined) found = sandbox.sandboxId;
+      if (fileSignaturesEqual(expected, signature) && found === undefined) found = sandbox.sandboxId;
     }
     return found === undefined ? undefined : { sandboxId: found, port: ENVD_PORT };
   }
@@ -186,7 +193,7 @@ export class SandboxRouter {
         method: req.method,
         path: req.url,
         headers: forwardHeaders(req.headers),
-        agent: agentHttpAgent,
+        agent: this.agentLink.httpAgent,
       });
     } catch (err) {
       // http.request validates the path and headers; what Node's parser let in may still fail here.

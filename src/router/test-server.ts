@@ -1,5 +1,6 @@
 import { EventEmitter } from "node:events";
 import net from "node:net";
+import { createFakeAgentLink } from "../protocol/fake-agent-link.js";
 import { createRoutedHttpServer } from "./http-server.js";
 import { answerClientError } from "./raw-response.js";
 import { SandboxRouter } from "./sandbox-router.js";
@@ -34,7 +35,7 @@ export async function startRouterTestServer(options: { resumeDelayMs?: number; l
     },
     liveSandboxes: () => options.liveSandboxes ?? [],
   });
-  const router = new SandboxRouter(source, "cubicle.test");
+  const router = new SandboxRouter(source, "cubicle.test", { agentLink: createFakeAgentLink() });
   const server = createRoutedHttpServer(router, (_req, res) => {
     res.writeHead(200, { "content-type": "application/json" });
     res.end(JSON.stringify({ api: true }));

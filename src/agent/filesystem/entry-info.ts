@@ -5,9 +5,11 @@
  */
 import fs from "node:fs";
 import path from "node:path";
+import type { filesystemMessages } from "../../protocol/index.js";
 import { readUserTableLines } from "../users.js";
 
-export type FileTypeName = "FILE_TYPE_UNSPECIFIED" | "FILE_TYPE_FILE" | "FILE_TYPE_DIRECTORY" | "FILE_TYPE_SYMLINK";
+/** The names of `filesystem.FileType` (src/protocol/spec/filesystem.proto). */
+export type FileTypeName = filesystemMessages.FileType;
 
 export interface EntryInfoJson {
   name: string;

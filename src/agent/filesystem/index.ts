@@ -3,12 +3,12 @@
  * JSON requests (camelCase or proto field names) and return proto3 JSON responses; failures are
  * thrown as CubicleError and framed by the transport.
  */
-import type { ServiceDefinition } from "../rpc/types.js";
+import { filesystemMessages } from "../../protocol/index.js";
+import { defineService, type ServiceDefinition } from "../rpc/types.js";
 import { listDirectory, makeDirectory, movePath, removePath, statPath } from "./operations.js";
 import { createWatcher, getWatcherEvents, removeWatcher, watchDirStream } from "./watch-service.js";
 
-export const filesystemService: ServiceDefinition = {
-  name: "filesystem.Filesystem",
+export const filesystemService: ServiceDefinition = defineService<filesystemMessages.FilesystemMethods>(filesystemMessages.FilesystemService.typeName, {
   unary: {
     Stat: async function stat(request, ctx) {
       return statPath(ctx.user, request?.path);
@@ -40,7 +40,7 @@ export const filesystemService: ServiceDefinition = {
       await watchDirStream(request ?? {}, ctx, send);
     },
   },
-};
+});
 
 export { closeAllWatchers } from "./watch-service.js";
 export type { EntryInfoJson } from "./entry-info.js";

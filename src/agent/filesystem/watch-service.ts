@@ -5,8 +5,9 @@
 import crypto from "node:crypto";
 import fs from "node:fs";
 import type { AgentUser } from "../users.js";
-import type { RpcContext } from "../rpc/types.js";
+import type { RpcContext, Untrusted } from "../rpc/types.js";
 import { runAsUser } from "../as-user.js";
+import type { filesystemMessages } from "../../protocol/index.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { DirectoryWatcher, type FilesystemEventJson } from "./watcher.js";
 import { resolveRequestPath, withMetadata } from "./operations.js";
@@ -28,14 +29,8 @@ export const maxActiveWatchers = 1024;
 
 let activeWatchers = 0;
 
-export interface WatchRequest {
-  path?: string;
-  recursive?: boolean;
-  includeEntry?: boolean;
-  include_entry?: boolean;
-  allowNetworkMounts?: boolean;
-  allow_network_mounts?: boolean;
-}
+/** WatchDir's and CreateWatcher's request (the same fields), not validated yet. */
+export type WatchRequest = Untrusted<filesystemMessages.WatchDirRequest>;
 
 /**
  * Validates the request like upstream and starts a watcher; resolves once the directories
@@ -84,7 +79,7 @@ export async function startWatcher(user: AgentUser, request: WatchRequest, onEve
 }
 
 /** `WatchDir`: `start`, then `filesystem` events and `keepalive`s until the client goes away. */
-export async function watchDirStream(request: WatchRequest, ctx: RpcContext, send: (message: unknown) => void): Promise<void> {
+export async function watchDirStream(request: WatchRequest, ctx: RpcContext, send: (message: filesystemMessages.WatchDirResponse) => void): Promise<void> {
   if (ctx.signal.aborted) return;
   let lastSendMs = Date.now();
   // `start` goes first: events seen while a big tree is still being scanned wait for it.
@@ -141,7 +136,7 @@ const polledWatchers = new Map<string, PolledWatcher>();
 /** Polled watchers outlive their request: a client that forgets RemoveWatcher leaks one each. */
 export const maxPolledWatchers = 256;
 
-export async function createWatcher(request: WatchRequest, ctx: RpcContext): Promise<{ watcherId: string }> {
+export async function createWatcher(request: WatchRequest, ctx: RpcContext): Promise<filesystemMessages.CreateWatcherResponse> {
   if (polledWatchers.size >= maxPolledWatchers) {
     throw new CubicleError("resource_exhausted", `${maxPolledWatchers} polled watchers are active in this sandbox: remove some (RemoveWatcher) before creating more`);
   }
@@ -160,23 +155,31 @@ export async function createWatcher(request: WatchRequest, ctx: RpcContext): Pro
   return { watcherId };
 }
 
-function watcherIdOf(request: { watcherId?: string; watcher_id?: string }): string {
+type WatcherRequest = Untrusted<filesystemMessages.GetWatcherEventsRequest | filesystemMessages.RemoveWatcherRequest>;
+
+function watcherIdOf(request: WatcherRequest): unknown {
   return request.watcherId ?? request.watcher_id ?? "";
 }
 
-export function getWatcherEvents(request: { watcherId?: string; watcher_id?: string }): { events: FilesystemEventJson[] } {
+/** The polled watcher a request names; only a string can name one (ids are UUIDs). */
+function polledWatcherOf(id: unknown): PolledWatcher | undefined {
+  return typeof id === "string" ? polledWatchers.get(id) : undefined;
+}
+
+export function getWatcherEvents(request: WatcherRequest): filesystemMessages.GetWatcherEventsResponse {
   const id = watcherIdOf(request);
-  const polled = polledWatchers.get(id);
+  const polled = polledWatcherOf(id);
   if (!polled) throw new CubicleError("not_found", `watcher with id ${id} not found`);
   return { events: polled.events.splice(0, polled.events.length) };
 }
 
-export function removeWatcher(request: { watcherId?: string; watcher_id?: string }): Record<string, never> {
+export function removeWatcher(request: WatcherRequest): filesystemMessages.RemoveWatcherResponse {
   const id = watcherIdOf(request);
-  const polled = polledWatchers.get(id);
+  const polled = polledWatcherOf(id);
   if (!polled) throw new CubicleError("not_found", `watcher with id ${id} not found`);
   polled.watcher.close();
-  polledWatchers.delete(id);
+  // Found, so a string.
+  polledWatchers.delete(String(id));
   return {};
 }
 

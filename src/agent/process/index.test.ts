@@ -3,6 +3,7 @@ import fs, { readFileSync } from "node:fs";
 import path from "node:path";
 import { describe, it } from "node:test";
 import { CubicleError } from "../../shared/cubicle-error.js";
+import type { JsonObject } from "../rpc/proto-json.js";
 import type { RpcContext, ServiceDefinition } from "../rpc/types.js";
 import { createAgentState } from "../state.js";
 import { lookupUser } from "../users.js";
@@ -31,13 +32,13 @@ interface Events {
   done: Promise<void>;
 }
 
-function openStream(method: "Start" | "Connect", request: unknown, ctx = context()): Events {
+function openStream(method: "Start" | "Connect", request: JsonObject, ctx = context()): Events {
   const messages: any[] = [];
   const done = service.streams[method]!(request, ctx, (m) => messages.push(m));
   return { messages, done };
 }
 
-function bash(script: string, extra: Record<string, unknown> = {}): unknown {
+function bash(script: string, extra: Record<string, unknown> = {}): JsonObject {
   return { process: { cmd: "/bin/bash", args: ["-c", script], ...extra }, stdin: false };
 }
 
@@ -239,7 +240,7 @@ describe("OOM protection of the agent (OOM_NOTE)", () => {
   const isRoot = process.getuid?.() === 0;
   const nobody = { ...lookupUser("nobody") };
 
-  async function scoreOf(request: unknown, user = lookupUser("root")): Promise<string> {
+  async function scoreOf(request: JsonObject, user = lookupUser("root")): Promise<string> {
     const ctx = { ...context(), user };
     const events = openStream("Start", request, ctx);
     await events.done;

@@ -4,8 +4,9 @@
  * the SDKs) answers `unimplemented`.
  */
 import { statSync } from "node:fs";
+import { processMessages } from "../../protocol/index.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
-import type { RpcContext, ServiceDefinition } from "../rpc/types.js";
+import { defineService, type RpcContext, type ServiceDefinition, type Untrusted } from "../rpc/types.js";
 import {
   bytesToJson,
   optionalBool,
@@ -31,7 +32,8 @@ const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 /** upstream envd's keepalive interval when the client asks for none (seconds). */
 const defaultKeepaliveSec = 90;
 
-const signalValues: Record<string, number> = { SIGNAL_UNSPECIFIED: 0, SIGNAL_SIGTERM: 15, SIGNAL_SIGKILL: 9 };
+const { Signal } = processMessages;
+type ProcessEventMessage = processMessages.StartResponse | processMessages.ConnectResponse;
 
 export interface ProcessServiceOptions {
   state: AgentState;
@@ -43,13 +45,12 @@ export function createProcessService(options: ProcessServiceOptions): ServiceDef
   const { state } = options;
   const registry = options.registry ?? new ProcessRegistry();
 
-  return {
-    name: "process.Process",
+  return defineService<processMessages.ProcessMethods>(processMessages.ProcessService.typeName, {
     unary: {
       List: async function list() {
         return { processes: registry.list().map(processInfo) };
       },
-      SendInput: async function sendInput(request: JsonObject) {
+      SendInput: async function sendInput(request) {
         const proc = registry.getRunning(parseSelector(request));
         const input = optionalObject(request, "input");
         const stdin = input && optionalBytes(input, "stdin");
@@ -59,19 +60,19 @@ export function createProcessService(options: ProcessServiceOptions): ServiceDef
         else throw new CubicleError("unimplemented", "invalid input type: set input.stdin or input.pty");
         return {};
       },
-      CloseStdin: async function closeStdin(request: JsonObject) {
+      CloseStdin: async function closeStdin(request) {
         registry.getRunning(parseSelector(request)).closeStdin();
         return {};
       },
-      SendSignal: async function sendSignal(request: JsonObject) {
+      SendSignal: async function sendSignal(request) {
         const proc = registry.getRunning(parseSelector(request));
-        const signal = optionalEnum(request, "signal", signalValues) ?? 0;
-        if (signal === 9) proc.signal("SIGKILL");
-        else if (signal === 15) proc.signal("SIGTERM");
+        const signal = optionalEnum(request, "signal", Signal) ?? 0;
+        if (signal === Signal.SIGNAL_SIGKILL) proc.signal("SIGKILL");
+        else if (signal === Signal.SIGNAL_SIGTERM) proc.signal("SIGTERM");
         else throw new CubicleError("unimplemented", `invalid signal: ${signalName(signal)}`);
         return {};
       },
-      Update: async function update(request: JsonObject) {
+      Update: async function update(request) {
         const proc = registry.getRunning(parseSelector(request));
         const size = parsePtySize(request);
         if (size) proc.resize(size.cols, size.rows);
@@ -79,12 +80,12 @@ export function createProcessService(options: ProcessServiceOptions): ServiceDef
       },
     },
     streams: {
-      Start: async function start(request: JsonObject, ctx: RpcContext, send: (message: unknown) => void) {
+      Start: async function start(request, ctx, send) {
         const proc = await startProcess(request, ctx, state);
         registry.add(proc);
         await streamEvents(proc, ctx, send);
       },
-      Connect: async function connect(request: JsonObject, ctx: RpcContext, send: (message: unknown) => void) {
+      Connect: async function connect(request, ctx, send) {
         const proc = registry.getRunningOrExited(parseSelector(request));
         await streamEvents(proc, ctx, send);
       },
@@ -92,11 +93,11 @@ export function createProcessService(options: ProcessServiceOptions): ServiceDef
         throw new CubicleError("unimplemented", "process.Process/StreamInput is not implemented: use SendInput");
       },
     },
-  };
+  });
 }
 
 function signalName(value: number): string {
-  return Object.entries(signalValues).find(([, v]) => v === value)?.[0] ?? String(value);
+  return Object.entries(Signal).find(([, v]) => v === value)?.[0] ?? String(value);
 }
 
 function parseSelector(request: JsonObject): ProcessSelector {
@@ -119,10 +120,10 @@ function parsePtySize(message: JsonObject): { cols: number; rows: number } | und
   return { cols: (size && optionalUint32(size, "cols")) ?? 0, rows: (size && optionalUint32(size, "rows")) ?? 0 };
 }
 
-function processInfo(proc: ManagedProcess): JsonObject {
-  const config: JsonObject = { cmd: proc.config.cmd, args: proc.config.args, envs: proc.config.envs };
+function processInfo(proc: ManagedProcess): processMessages.ProcessInfo {
+  const config: processMessages.ProcessConfig = { cmd: proc.config.cmd, args: proc.config.args, envs: proc.config.envs };
   if (proc.config.cwd !== undefined) config.cwd = proc.config.cwd;
-  const info: JsonObject = { config, pid: proc.pid };
+  const info: processMessages.ProcessInfo = { config, pid: proc.pid };
   if (proc.tag !== undefined) info.tag = proc.tag;
   return info;
 }
@@ -167,7 +168,7 @@ export async function resolveCwd(requested: string | undefined, user: AgentUser,
   return cwd;
 }
 
-async function startProcess(request: JsonObject, ctx: RpcContext, state: AgentState): Promise<ManagedProcess> {
+async function startProcess(request: Untrusted<processMessages.StartRequest>, ctx: RpcContext, state: AgentState): Promise<ManagedProcess> {
   const processMessage = optionalObject(request, "process");
   if (!processMessage) throw new CubicleError("invalid_argument", "field \"process\" is required");
   const config: ProcessConfig = {
@@ -199,7 +200,7 @@ function keepaliveIntervalMs(ctx: RpcContext): number {
   return seconds > 0 ? seconds * 1000 : defaultKeepaliveSec * 1000;
 }
 
-function endMessage(end: EndEvent): JsonObject {
+function endMessage(end: EndEvent): ProcessEventMessage {
   return { event: { end } };
 }
 
@@ -208,7 +209,7 @@ function endMessage(end: EndEvent): JsonObject {
  * Resolves after `end`; rejects with the call's abort reason if the client leaves or the
  * deadline passes (the process keeps running: only its own lifetime kills it).
  */
-function streamEvents(proc: ManagedProcess, ctx: RpcContext, send: (message: unknown) => void): Promise<void> {
+function streamEvents(proc: ManagedProcess, ctx: RpcContext, send: (message: ProcessEventMessage) => void): Promise<void> {
   return new Promise<void>((resolve, reject) => {
     if (ctx.signal.aborted) return reject(ctx.signal.reason);
     send({ event: { start: { pid: proc.pid } } });

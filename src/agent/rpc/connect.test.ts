@@ -3,10 +3,10 @@ import http from "node:http";
 import net from "node:net";
 import type { AddressInfo } from "node:net";
 import { after, before, describe, it } from "node:test";
-import { CubicleError } from "../../shared/cubicle-error.js";
+import { CubicleError, type ErrorCode } from "../../shared/cubicle-error.js";
 import { lookupUser } from "../users.js";
 import { findProcedure, parseProcedurePath, parseTimeoutMs, serveProcedure } from "./connect.js";
-import { EnvelopeParser, encodeEnvelope } from "./envelope.js";
+import { EnvelopeParser, encodeEnvelope } from "../../protocol/index.js";
 import { abandonedBodyGraceMs, bufferedBodyBytes, setBodyBudgetBytes } from "../http/request-body.js";
 import type { RpcContext, ServiceDefinition } from "./types.js";
 
@@ -18,7 +18,7 @@ const testService: ServiceDefinition = {
   unary: {
     Echo: async (request) => ({ echoed: request }),
     Fail: async (request) => {
-      throw new CubicleError(request.code ?? "not_found", "no such thing");
+      throw new CubicleError((request.code as ErrorCode | undefined) ?? "not_found", "no such thing");
     },
     Crash: async () => {
       throw new Error("boom");
@@ -27,7 +27,7 @@ const testService: ServiceDefinition = {
   },
   streams: {
     Count: async (request, _ctx, send) => {
-      for (let i = 0; i < (request.n ?? 3); i++) send({ i });
+      for (let i = 0; i < Number(request.n ?? 3); i++) send({ i });
     },
     FailAfterOne: async (_request, _ctx, send) => {
       send({ i: 0 });

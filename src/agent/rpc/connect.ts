@@ -11,7 +11,7 @@ import { createLogger } from "../../shared/log.js";
 import { toCubicleError } from "../errors.js";
 import { abandonBody, BodyBudget, readRequestBody } from "../http/request-body.js";
 import type { AgentUser } from "../users.js";
-import { EnvelopeParser, encodeEnvelope, envelopeFlags } from "./envelope.js";
+import { EnvelopeParser, encodeEnvelope, envelopeFlags } from "../../protocol/index.js";
 import type { RpcContext, ServiceDefinition, StreamHandler, UnaryHandler } from "./types.js";
 
 const log = createLogger("agent-rpc");

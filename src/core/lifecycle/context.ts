@@ -4,8 +4,7 @@ import type { Runtime, SandboxSpec } from "../../runtime/types.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger } from "../../shared/log.js";
 import { runtimeIdOf, type SandboxRecord, type Store } from "../../store/types.js";
-import { AGENT_READY_TIMEOUT_MS } from "../agent-client.js";
-import type { AgentLink } from "../agent-link.js";
+import { AGENT_READY_TIMEOUT_MS, buildInitBody, type AgentLink } from "../../protocol/index.js";
 import { newSandboxId, newToken } from "../ids.js";
 import { KeyedMutex } from "../keyed-mutex.js";
 import { SandboxTable } from "../sandbox-table.js";
@@ -162,14 +161,13 @@ export class LifecycleContext {
    * with `whenUpMs`, retried that long while the agent cannot be reached.
    */
   async initAgent(record: SandboxRecord, template: TemplateInfo, currentToken: string | undefined, whenUpMs?: number): Promise<void> {
-    const init = {
+    const init = buildInitBody({
       accessToken: record.envdAccessToken,
       envVars: record.envVars,
       defaultUser: template.image.defaultUser,
       defaultWorkdir: template.image.defaultWorkdir,
       hostname: record.sandboxId,
-      timestamp: new Date().toISOString(),
-    };
+    });
     await this.ports.agent.init(record.network!.sandboxAddress, init, { currentToken, whenUpMs });
   }
 

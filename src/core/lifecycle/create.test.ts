@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { CubicleError } from "../../shared/cubicle-error.js";
-import { createRequest, fakeManager } from "../test-fakes.js";
+import { createRequest, failOnce, fakeManager, lastInit } from "../test-fakes.js";
 
 test("a cold create records the sandbox, makes its network and container, and hands its agent its identity", async () => {
   const f = await fakeManager();
@@ -12,7 +12,7 @@ test("a cold create records the sandbox, makes its network and container, and ha
     assert.equal(f.containers.get(record.sandboxId), "running");
     assert.ok(f.networks.has(record.sandboxId));
     assert.equal(f.store.sandboxes.get(record.sandboxId)?.state, "running");
-    const init = f.agent.inits.get(record.network!.sandboxAddress)!;
+    const init = lastInit(f.agent, record.network!.sandboxAddress)!;
     assert.equal(init.accessToken, record.envdAccessToken);
     assert.deepEqual(init.envVars, { A: "1" });
     assert.equal(init.hostname, record.sandboxId);
@@ -29,7 +29,7 @@ test("a cold create records the sandbox, makes its network and container, and ha
 test("a create that fails ends the sandbox dead and leaves nothing on the host", async () => {
   const f = await fakeManager();
   try {
-    f.agent.failNextInit = new CubicleError("internal", "the sandbox agent refused its init (500)");
+    f.agent.failures.init = failOnce(new CubicleError("internal", "the sandbox agent refused its init (500)"));
     await assert.rejects(f.manager.create(createRequest()), /refused its init/);
     const [stored] = f.store.sandboxes.values();
     assert.equal(stored.state, "dead");
@@ -52,7 +52,7 @@ test("an unknown template or snapshot is a 404; a snapshot's name creates from t
     assert.equal(restored.memoryMB, 1024);
     assert.ok(restored.fromSnapshotId);
     assert.ok(f.runtime.calls.includes(`restore ${restored.sandboxId}`));
-    assert.equal(f.agent.inits.get(restored.network!.sandboxAddress)?.accessToken, restored.envdAccessToken, "the restored agent gets the new sandbox's token");
+    assert.equal(lastInit(f.agent, restored.network!.sandboxAddress)?.accessToken, restored.envdAccessToken, "the restored agent gets the new sandbox's token");
   } finally {
     await f.close();
   }

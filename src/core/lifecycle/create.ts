@@ -1,6 +1,6 @@
 import { CubicleError } from "../../shared/cubicle-error.js";
 import type { PoolEntryRecord, SandboxRecord, SnapshotRecord } from "../../store/types.js";
-import { AGENT_READY_TIMEOUT_MS } from "../agent-client.js";
+import { AGENT_READY_TIMEOUT_MS } from "../../protocol/index.js";
 import { normaliseSnapshotRef } from "../snapshot-names.js";
 import type { CreateSandboxRequest, TemplateInfo } from "../types.js";
 import type { WarmPool } from "../warm-pool.js";

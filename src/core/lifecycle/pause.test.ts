@@ -3,7 +3,7 @@ import { existsSync } from "node:fs";
 import path from "node:path";
 import { test } from "node:test";
 import { CubicleError } from "../../shared/cubicle-error.js";
-import { createRequest, fakeManager } from "../test-fakes.js";
+import { createRequest, fakeManager, lastInit } from "../test-fakes.js";
 
 async function until(check: () => boolean): Promise<void> {
   for (let i = 0; i < 400 && !check(); i++) await new Promise((r) => setTimeout(r, 5));
@@ -50,7 +50,7 @@ test("a pause without memory goes to disk at once, releases the network, and res
     await f.manager.connect(record.sandboxId, 60);
     assert.equal(record.state, "running");
     assert.ok(f.runtime.calls.includes(`restore ${record.sandboxId}`));
-    assert.equal(f.agent.inits.get(record.network!.sandboxAddress)?.accessToken, record.envdAccessToken);
+    assert.equal(lastInit(f.agent, record.network!.sandboxAddress)?.accessToken, record.envdAccessToken);
   } finally {
     await f.close();
   }

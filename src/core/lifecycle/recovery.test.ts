@@ -17,7 +17,7 @@ test("after a restart: running sandboxes are adopted, vanished ones end dead, or
     // While the server was down: one container vanished, one agent stopped answering, an
     // orphan container appeared, and a half-written snapshot directory was left.
     f.containers.delete(vanished.sandboxId);
-    f.agent.unreachable.add(unhealthy.network!.sandboxAddress);
+    f.agent.failures.isHealthy = (call) => (call.address === unhealthy.network!.sandboxAddress ? new Error("unreachable") : undefined);
     f.containers.set("orphan", "running");
     await mkdir(path.join(f.imagesDir, "snapshots", "half-written"), { recursive: true });
 

@@ -2,11 +2,12 @@
 import { rm } from "node:fs/promises";
 import http from "node:http";
 import type { NetworkManager } from "../../network/types.js";
+import { ENVD_PORT } from "../../protocol/index.js";
 import { runCommand } from "../../shared/exec.js";
 import type { ContainerRuntime } from "./container-runtime.js";
 
 export interface AgentGetOptions {
-  /** Default 49983 (envd). */
+  /** Default ENVD_PORT (envd). */
   port?: number;
   /** Default 2000 ms. */
   timeoutMs?: number;
@@ -17,7 +18,7 @@ export interface AgentGetOptions {
 /** GET `urlPath` from the agent at `host`. */
 export function agentGet(host: string, urlPath: string, options: AgentGetOptions = {}): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
-    const req = http.get({ host, port: options.port ?? 49983, path: urlPath, timeout: options.timeoutMs ?? 2000, agent: options.agent ?? false }, (res) => {
+    const req = http.get({ host, port: options.port ?? ENVD_PORT, path: urlPath, timeout: options.timeoutMs ?? 2000, agent: options.agent ?? false }, (res) => {
       let body = "";
       res.on("data", (d) => (body += d));
       res.on("end", () => resolve({ status: res.statusCode ?? 0, body }));

@@ -1,9 +1,9 @@
 /**
  * Connect streaming envelopes (e2b-wire-protocol.md §5.2): one flag byte, a 4-byte big-endian
  * payload length, then the payload. Used for both the request body of streaming calls and
- * every message of a streaming response.
+ * every message of a streaming response: by the agent's RPC layer and by the server's agent link.
  */
-import { CubicleError } from "../../shared/cubicle-error.js";
+import { CubicleError } from "../shared/cubicle-error.js";
 
 /** Flag bits of an envelope. */
 export const envelopeFlags = {
@@ -18,8 +18,23 @@ export interface Envelope {
   data: Buffer;
 }
 
+/** Every flag bit the Connect protocol defines. */
+export const knownEnvelopeFlags = envelopeFlags.compressed | envelopeFlags.endStream;
+
 const headerBytes = 5;
 
+/** The default limit of one message (16 MiB). */
+export const defaultMaxMessageBytes = 16 * 1024 * 1024;
+
+export interface EnvelopeParserOptions {
+  /**
+   * Flag bits an envelope may carry; one with another bit set is refused (invalid_argument).
+   * Unset = any flags pass through to the caller, which decides.
+   */
+  knownFlags?: number;
+}
+
+/** One envelope: `flags`, big-endian uint32 length, the payload (a string goes in as UTF-8). */
 export function encodeEnvelope(flags: number, data: Uint8Array | string): Buffer {
   const payload = typeof data === "string" ? Buffer.from(data, "utf8") : data;
   const out = Buffer.allocUnsafe(headerBytes + payload.length);
@@ -37,7 +52,15 @@ export class EnvelopeParser {
   private chunks: Buffer[] = [];
   private buffered = 0;
 
-  constructor(private readonly maxMessageBytes = 16 * 1024 * 1024) {}
+  private readonly knownFlags: number | undefined;
+
+  /** `maxMessageBytes`: a longer payload is refused (resource_exhausted) as soon as its header is in. */
+  constructor(
+    private readonly maxMessageBytes = defaultMaxMessageBytes,
+    options: EnvelopeParserOptions = {},
+  ) {
+    this.knownFlags = options.knownFlags;
+  }
 
   /** Bytes received that do not form a complete envelope yet. */
   get pendingBytes(): number {
@@ -52,6 +75,12 @@ export class EnvelopeParser {
     }
     const envelopes: Envelope[] = [];
     for (;;) {
+      if (this.buffered === 0) break;
+      // Refused from its first byte: nothing more of a bad envelope is waited for.
+      const flags = this.chunks[0]![0]!;
+      if (this.knownFlags !== undefined && (flags & ~this.knownFlags) !== 0) {
+        throw new CubicleError("invalid_argument", `envelope with unknown flags 0x${flags.toString(16).padStart(2, "0")}`);
+      }
       if (this.buffered < headerBytes) break;
       const header = this.peek(headerBytes);
       const length = header.readUInt32BE(1);

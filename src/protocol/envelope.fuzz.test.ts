@@ -6,8 +6,8 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import fc from "fast-check";
-import { CubicleError } from "../../shared/cubicle-error.js";
-import { fuzzRuns } from "../fuzz-support.js";
+import { CubicleError } from "../shared/cubicle-error.js";
+import { fuzzRuns } from "../../test/security/fuzz.js";
 import { EnvelopeParser, encodeEnvelope } from "./envelope.js";
 
 /** Splits `bytes` at the given cut points (any order, duplicates and out-of-range ones ignored). */
