@@ -118,7 +118,7 @@ try {
   if (jsonOut) await writeFile(jsonOut, JSON.stringify(results, null, 2) + "\n");
 } finally {
   for (const id of await runtime.list().catch(() => [])) await runtime.destroy(id).catch((err) => console.error("cleanup", id, err));
-  for (const name of await network.listNamespaces().catch(() => [])) await network.release(name.slice(netnsPrefix.length)).catch(() => {});
+  for (const id of await network.listRuntimeIds().catch(() => [])) await network.release(id).catch(() => {});
   await runCommand(["nft", "delete", "table", "inet", tableName], { allowFailure: true });
   await rm(stateDir, { recursive: true, force: true });
 }

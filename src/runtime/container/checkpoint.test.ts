@@ -110,7 +110,7 @@ describe("container checkpoints (CRIU)", { skip }, () => {
     imagesDir = path.join(runtime.imagesDir, "test");
   });
 
-  after(() => cleanUpRuntimeTest({ runtime, network, netnsPrefix, tableName, stateDir }));
+  after(() => cleanUpRuntimeTest({ runtime, network, tableName, stateDir }));
 
   test("a clone restored into a new netns keeps memory, files, deletions and /dev/shm, while the source runs on", async () => {
     const source = await newSandbox();
