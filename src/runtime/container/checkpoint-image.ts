@@ -56,9 +56,6 @@ export interface CheckpointMeta {
 
 export const IMAGE_VERSION = 2;
 
-/** Suffix of the temporary directories checkpoint() writes in; leftovers after a crash can go. */
-export const PARTIAL_IMAGE_MARKER = ".partial-";
-
 export function imageLayout(imageDir: string) {
   return {
     meta: path.join(imageDir, "meta.json"),

@@ -48,6 +48,7 @@ export async function waitForAgentHealth(host: string, timeoutMs = 15_000): Prom
 export async function cleanUpRuntimeTest(parts: { runtime?: ContainerRuntime; network?: NetworkManager; tableName: string; stateDir?: string }): Promise<void> {
   const { runtime, network } = parts;
   for (const id of (await runtime?.list()) ?? []) await runtime!.destroy(id).catch((err) => console.error("cleanup", id, err));
+  await runtime?.images.settled();
   await runtime?.releaseHostMounts().catch((err) => console.error("cleanup: unmounting", err));
   for (const id of (await network?.listRuntimeIds()) ?? []) await network!.release(id).catch(() => {});
   await runCommand(["nft", "delete", "table", "inet", parts.tableName], { allowFailure: true });
