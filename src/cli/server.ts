@@ -65,7 +65,6 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     network,
     agent: agentLink,
     templates,
-    imagesDir: runtime.imagesDir,
     poolSizes: config.poolSizes,
     admission: { slots: config.maxStarting, maxWaiting: config.maxWaitingCreates, minAvailableBytes: config.minAvailableMB * 1024 * 1024 },
     durablePauseAfterSec: config.durablePauseAfterSec,

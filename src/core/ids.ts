@@ -29,7 +29,7 @@ export function newSnapshotId(): string {
   return "snap-" + randomLowerAlnum(20);
 }
 
-/** Ids of one-off images (fork): never listed, removed after use. */
-export function newImageId(): string {
+/** Ids of a fork's one-off hidden snapshot: never listed, removed after use. */
+export function newForkSnapshotId(): string {
   return "img-" + randomLowerAlnum(20);
 }

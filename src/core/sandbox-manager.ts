@@ -31,8 +31,6 @@ export interface SandboxManagerOptions {
   /** The server's link to the agents in the sandboxes. */
   agent: AgentLink;
   templates: TemplateCatalog;
-  /** Images directory (the runtime's): snapshots under `snapshots/`, durable pauses under `paused/`. */
-  imagesDir: string;
   /** Processes per sandbox. */
   pidsLimit?: number;
   /** Warm pool size per template id or alias; empty = no pools. */
@@ -91,7 +89,6 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       ports,
       {
         pidsLimit,
-        imagesDir: options.imagesDir,
         durablePauseAfterMs: (options.durablePauseAfterSec ?? 60) * 1000,
         pauseImageAfterMs: options.pauseImageAfterMs ?? 1000,
       },
@@ -102,7 +99,6 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     this.warmSnapshots = new WarmSnapshots({
       ...ports,
       starts,
-      imagesDir: options.imagesDir,
       templates: options.warmSnapshotTemplates ?? [],
       pidsLimit,
       templateFingerprint: options.templateFingerprint,

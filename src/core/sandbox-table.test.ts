@@ -49,7 +49,7 @@ test("every state change is mirrored into the store, and only legal ones are acc
   assert.equal(store.sandboxes.get("a")?.endAt, 99);
   await t.transition(r, "paused", { pause: { tier: "hot", pausedAt: 5, memory: true } });
   assert.deepEqual(store.sandboxes.get("a")?.pause, { tier: "hot", pausedAt: 5, memory: true });
-  await t.update(r, { pause: { tier: "durable", pausedAt: 5, memory: true, imageDir: "/i" } });
+  await t.update(r, { pause: { tier: "durable", pausedAt: 5, memory: true, imageId: "pause/a" } });
   assert.equal(r.pause?.tier, "durable");
   assert.equal(store.sandboxes.get("a")?.pause?.tier, "durable");
   await t.transition(r, "running", { pause: undefined });
@@ -63,7 +63,7 @@ test("end() is the one way out: gone from the table, recorded, torn down once, a
   const r = record("a");
   await t.add(r);
   await t.transition(r, "running", { network: { netnsName: "n", netnsPath: "/n", hostInterface: "v", hostAddress: "10.0.0.1", sandboxAddress: "10.0.0.2", prefixLength: 30 } });
-  await t.transition(r, "paused", { pause: { tier: "durable", pausedAt: 1, memory: true, imageDir: "/img" } });
+  await t.transition(r, "paused", { pause: { tier: "durable", pausedAt: 1, memory: true, imageId: "pause/a" } });
   await t.end(r, { state: "killed", reason: "killed by test" });
   assert.equal(t.get("a"), undefined);
   assert.equal(r.state, "killed");

@@ -1,8 +1,6 @@
-import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
-import os from "node:os";
-import path from "node:path";
 import type { NetworkManager, NetworkPolicy, SandboxNetwork } from "../network/types.js";
-import type { CheckpointInfo, CheckpointOptions, Runtime, RuntimeState, SandboxSpec, SandboxStats } from "../runtime/types.js";
+import { imageId, type ImageInfo, type ImageKind, type ImageStore, type PendingImage } from "../runtime/images.js";
+import type { CheckpointInfo, CheckpointOptions, CheckpointTarget, Runtime, RuntimeState, SandboxSpec, SandboxStats } from "../runtime/types.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import type { EventRecord, PoolEntryRecord, SandboxQuery, SandboxRecord, SnapshotQuery, SnapshotRecord, Store } from "../store/types.js";
 import { createFakeAgentLink, type AgentLinkCall } from "../protocol/fake-agent-link.js";
@@ -20,9 +18,60 @@ import type { CreateSandboxRequest, TemplateCatalog, TemplateInfo } from "./type
 
 type RuntimeStep = "create" | "restore" | "checkpoint" | "thaw" | "freeze" | "destroy";
 
+/** Images in memory: allocate → commit makes an id exist, as a real store's rename does. */
+export class FakeImageStore implements ImageStore {
+  readonly committed = new Map<string, ImageInfo>();
+  private readonly pending = new Map<string, { memory: boolean }>();
+
+  async allocate(kind: ImageKind, name: string): Promise<PendingImage> {
+    const id = imageId(kind, name);
+    if (this.committed.has(id)) throw new CubicleError("already_exists", `image ${id} exists`);
+    this.pending.set(id, { memory: false });
+    return { id, kind, name, dir: `/fake-images/${id}.partial` };
+  }
+
+  /** What the runtime wrote into a pending image. */
+  written(pending: PendingImage, memory: boolean): void {
+    this.pending.set(pending.id, { memory });
+  }
+
+  async commit(pending: PendingImage): Promise<ImageInfo> {
+    const written = this.pending.get(pending.id);
+    if (!written) throw new CubicleError("internal", `image ${pending.id} was not allocated`);
+    this.pending.delete(pending.id);
+    const info: ImageInfo = { id: pending.id, kind: pending.kind, runtime: "container", sizeBytes: 4096, memory: written.memory, createdAt: new Date().toISOString() };
+    this.committed.set(pending.id, info);
+    return info;
+  }
+
+  async abandon(pending: PendingImage): Promise<void> {
+    this.pending.delete(pending.id);
+  }
+
+  async exists(id: string): Promise<boolean> {
+    return this.committed.has(id);
+  }
+
+  async info(id: string): Promise<ImageInfo | undefined> {
+    return this.committed.get(id);
+  }
+
+  async list(kind: ImageKind): Promise<string[]> {
+    return [...this.committed.values()].filter((image) => image.kind === kind).map((image) => image.id);
+  }
+
+  async remove(id: string): Promise<void> {
+    this.committed.delete(id);
+  }
+
+  usedBytes(): number {
+    return [...this.committed.values()].reduce((sum, image) => sum + image.sizeBytes, 0);
+  }
+}
+
 export class FakeRuntime implements Runtime {
   readonly name = "container" as const;
-  readonly imagesDir: string;
+  readonly images = new FakeImageStore();
   /** Containers on the "host" by runtime id. */
   readonly containers = new Map<string, "running" | "frozen">();
   /** Every call, as "step id". */
@@ -32,8 +81,7 @@ export class FakeRuntime implements Runtime {
   private failCreates: number;
   private readonly exitListeners: ((runtimeId: string) => void)[] = [];
 
-  constructor(options: { imagesDir?: string; failCreates?: number; fingerprint?: () => string } = {}) {
-    this.imagesDir = options.imagesDir ?? "/nonexistent-images";
+  constructor(options: { failCreates?: number; fingerprint?: () => string } = {}) {
     this.failCreates = options.failCreates ?? 0;
     if (options.fingerprint) this.memoryImageFingerprint = options.fingerprint;
   }
@@ -92,20 +140,26 @@ export class FakeRuntime implements Runtime {
     return { cpuUsedPct: 0, cpuCount: 1, memUsedBytes: 0, memTotalBytes: 0, memCacheBytes: 0, diskUsedBytes: 0, diskTotalBytes: 0 };
   }
 
-  /** Writes a directory with a meta file, as a real image would be one. */
-  async checkpoint(id: string, imageDir: string, options: CheckpointOptions): Promise<CheckpointInfo> {
-    this.step("checkpoint", id);
-    if (!this.containers.has(id)) throw new CubicleError("not_found", `no container ${id}`);
-    await mkdir(imageDir, { recursive: true });
-    await writeFile(`${imageDir}/meta.json`, JSON.stringify({ memory: options.memory, from: id }));
+  /** Allocates, "writes" and commits an image, as a real checkpoint does; a failure leaves none. */
+  async checkpoint(id: string, target: CheckpointTarget, options: CheckpointOptions): Promise<CheckpointInfo & { imageId: string }> {
+    const pending = await this.images.allocate(target.kind, target.name);
+    try {
+      this.step("checkpoint", id);
+      if (!this.containers.has(id)) throw new CubicleError("not_found", `no container ${id}`);
+      this.images.written(pending, options.memory);
+    } catch (err) {
+      await this.images.abandon(pending);
+      throw err;
+    }
+    const info = await this.images.commit(pending);
     if (!options.leaveRunning) this.containers.delete(id);
-    return { sizeBytes: 4096, frozenMs: 1, memory: options.memory };
+    return { sizeBytes: info.sizeBytes, frozenMs: 1, memory: options.memory, imageId: info.id };
   }
 
-  async restore(spec: SandboxSpec, imageDir: string): Promise<void> {
+  async restore(spec: SandboxSpec, imageId: string): Promise<void> {
     this.step("restore", spec.sandboxId);
     await spec.networkReady;
-    await readFile(`${imageDir}/meta.json`);
+    if (!(await this.images.exists(imageId))) throw new CubicleError("not_found", `no image ${imageId}`);
     this.containers.set(spec.sandboxId, "running");
     await spec.whenRunning?.();
   }
@@ -120,11 +174,6 @@ export class FakeRuntime implements Runtime {
   exit(id: string): void {
     this.containers.delete(id);
     for (const listener of this.exitListeners) listener(id);
-  }
-
-  /** Removes an image as a test would lose one. */
-  async loseImage(imageDir: string): Promise<void> {
-    await rm(imageDir, { recursive: true, force: true });
   }
 }
 
@@ -166,8 +215,8 @@ export class FakeNetwork implements NetworkManager {
     this.policies.delete(id);
   }
 
-  async listNamespaces(): Promise<string[]> {
-    return [...this.networks.keys()].map((id) => `cubicle-${id}`);
+  async listRuntimeIds(): Promise<string[]> {
+    return [...this.networks.keys()];
   }
 }
 
@@ -268,7 +317,7 @@ export class MemoryStore implements Store {
  * The fakes together, for what boots unclaimed sandboxes (warm pool, warm snapshots) and for the
  * manager. Creates fail `failCreates` times first (Infinity: always).
  */
-export function fakeHost(options: { failCreates?: number; fingerprint?: () => string; imagesDir?: string } = {}) {
+export function fakeHost(options: { failCreates?: number; fingerprint?: () => string } = {}) {
   const runtime = new FakeRuntime(options);
   const network = new FakeNetwork();
   const store = new MemoryStore();
@@ -297,30 +346,17 @@ export function createRequest(overrides: Partial<CreateSandboxRequest> = {}): Cr
   return { templateId: "base", timeoutSec: 300, secure: true, allowInternetAccess: true, metadata: {}, envVars: {}, autoPause: false, autoResume: false, networkConfig: undefined, ...overrides };
 }
 
-/**
- * A SandboxManager on the fakes, with its images in a temporary directory (removed by `close`),
- * no warm pool, and pause images written at once unless `options` say otherwise.
- */
-export async function fakeManager(options: Partial<SandboxManagerOptions> = {}) {
-  const imagesDir = await mkdtemp(path.join(os.tmpdir(), "cubicle-core-"));
-  const host = fakeHost({ imagesDir });
+/** A SandboxManager on the fakes, with no warm pool and no background pause image writes unless `options` say otherwise. */
+export function fakeManager(options: Partial<SandboxManagerOptions> = {}) {
+  const host = fakeHost();
   const manager = new SandboxManager({
     ...host,
     templates: fakeTemplates,
-    imagesDir,
     admission: { slots: 4, maxWaiting: 100, minAvailableBytes: 0 },
     pauseImageAfterMs: -1,
     ...options,
   });
-  return {
-    ...host,
-    manager,
-    imagesDir,
-    async close() {
-      await manager.close();
-      await rm(imagesDir, { recursive: true, force: true });
-    },
-  };
+  return { ...host, manager, close: () => manager.close() };
 }
 
 /** The last /init the fake agent link sent to an address. */

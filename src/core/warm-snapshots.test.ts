@@ -1,8 +1,6 @@
 import assert from "node:assert/strict";
-import fs from "node:fs";
-import os from "node:os";
-import path from "node:path";
 import { test } from "node:test";
+import { parseImageId } from "../runtime/images.js";
 import { fakeHost } from "./test-fakes.js";
 import type { TemplateInfo } from "./types.js";
 import { WarmSnapshots } from "./warm-snapshots.js";
@@ -22,39 +20,35 @@ function fakes(kit: { fingerprint: string }) {
 }
 
 test("an image is used only while its template and kit fingerprints are current; a failed build leaves nothing", async () => {
-  const stateDir = fs.mkdtempSync(path.join(os.tmpdir(), "cubicle-warm-"));
-  try {
-    const kit = { fingerprint: "kit-1" };
-    let recipe = "recipe-1";
-    const f = fakes(kit);
-    const snapshots = new WarmSnapshots({ ...f, imagesDir: stateDir, templates: ["ci"], pidsLimit: 100, templateFingerprint: async () => recipe });
-    assert.equal(snapshots.isEnabled(template), true, "configured by alias");
-    assert.equal(snapshots.isEnabled({ ...template, templateId: "base", aliases: ["base"] }), false);
+  const kit = { fingerprint: "kit-1" };
+  let recipe = "recipe-1";
+  const f = fakes(kit);
+  const snapshots = new WarmSnapshots({ ...f, templates: ["ci"], pidsLimit: 100, templateFingerprint: async () => recipe });
+  assert.equal(snapshots.isEnabled(template), true, "configured by alias");
+  assert.equal(snapshots.isEnabled({ ...template, templateId: "base", aliases: ["base"] }), false);
 
-    // Nothing built yet: no image, a build starts (and fails here: no real runtime).
-    assert.equal(await snapshots.imageFor(template), undefined);
-    await snapshots.close();
-    assert.deepEqual(snapshots.counts()[template.templateId], undefined);
-    assert.equal(f.networks.size, 0, "the failed build released its network");
-    assert.equal(f.rows.size, 0, "and its pool row");
+  // Nothing built yet: no image, a build starts (and fails here: no real runtime).
+  assert.equal(await snapshots.imageFor(template), undefined);
+  await snapshots.close();
+  assert.deepEqual(snapshots.counts()[template.templateId], undefined);
+  assert.equal(f.networks.size, 0, "the failed build released its network");
+  assert.equal(f.rows.size, 0, "and its pool row");
 
-    // An image made under the current fingerprints is found (as after a restart).
-    const fresh = new WarmSnapshots({ ...f, imagesDir: stateDir, templates: ["ci"], pidsLimit: 100, templateFingerprint: async () => recipe });
-    const [built] = fs.readdirSync(path.join(stateDir, "warm"));
-    assert.equal(built, undefined, "a failed build leaves no image directory");
-    const imageDir = await fresh.currentImageDir(template);
-    fs.mkdirSync(imageDir, { recursive: true });
-    assert.equal(await fresh.imageFor(template), imageDir);
-    assert.equal(fresh.counts()[template.templateId]?.ready, true);
+  // An image made under the current fingerprints is found (as after a restart).
+  const fresh = new WarmSnapshots({ ...f, templates: ["ci"], pidsLimit: 100, templateFingerprint: async () => recipe });
+  const [built] = await f.runtime.images.list("warm");
+  assert.equal(built, undefined, "a failed build leaves no image");
+  const id = await fresh.currentImageId(template);
+  f.containers.set("source", "running");
+  await f.runtime.checkpoint("source", { kind: "warm", name: parseImageId(id).name }, { memory: true, leaveRunning: false });
+  assert.equal(await fresh.imageFor(template), id);
+  assert.equal(fresh.counts()[template.templateId]?.ready, true);
 
-    kit.fingerprint = "kit-2";
-    assert.equal(await fresh.imageFor(template), undefined, "a new agent kit invalidates memory images");
-    kit.fingerprint = "kit-1";
-    recipe = "recipe-2";
-    assert.equal(await fresh.imageFor(template), undefined, "so does a new template recipe");
-    await fresh.close();
-    assert.deepEqual(fs.readdirSync(path.join(stateDir, "warm")), [], "the rebuild removed the stale image");
-  } finally {
-    fs.rmSync(stateDir, { recursive: true, force: true });
-  }
+  kit.fingerprint = "kit-2";
+  assert.equal(await fresh.imageFor(template), undefined, "a new agent kit invalidates memory images");
+  kit.fingerprint = "kit-1";
+  recipe = "recipe-2";
+  assert.equal(await fresh.imageFor(template), undefined, "so does a new template recipe");
+  await fresh.close();
+  assert.deepEqual(await f.runtime.images.list("warm"), [], "the rebuild removed the stale image");
 });

@@ -1,8 +1,6 @@
 import { createHash } from "node:crypto";
-import { mkdir, readdir, rm } from "node:fs/promises";
-import path from "node:path";
 import { buildInitBody } from "../protocol/index.js";
-import { pathExists } from "../shared/fs.js";
+import { imageId, parseImageId } from "../runtime/images.js";
 import { createLogger } from "../shared/log.js";
 import type { TemplateInfo } from "./types.js";
 import { bootUnclaimed, destroyUnclaimed, type UnclaimedSandboxDeps } from "./unclaimed-sandbox.js";
@@ -15,8 +13,6 @@ const KERNEL_START_TIMEOUT_MS = 60_000;
 const RETRY_AFTER_FAILURE_MS = 60_000;
 
 export interface WarmSnapshotsOptions extends UnclaimedSandboxDeps {
-  /** `<imagesDir>/warm` holds the images (the runtime's images directory). */
-  imagesDir: string;
   /** Template ids or aliases that get a warm snapshot. */
   templates: string[];
   /** What decides whether a template's rootfs changed (its recipe hash); default the rootfs path. */
@@ -56,10 +52,6 @@ export class WarmSnapshots {
     this.enabled = new Set(options.templates);
   }
 
-  private get dir(): string {
-    return path.join(this.options.imagesDir, "warm");
-  }
-
   isEnabled(template: TemplateInfo): boolean {
     return this.enabled.has(template.templateId) || template.aliases.some((alias) => this.enabled.has(alias));
   }
@@ -70,9 +62,9 @@ export class WarmSnapshots {
    */
   async imageFor(template: TemplateInfo): Promise<string | undefined> {
     if (this.stopped || !this.isEnabled(template)) return undefined;
-    const wanted = await this.currentImageDir(template);
+    const wanted = await this.currentImageId(template);
     if (this.ready.get(template.templateId) === wanted) return wanted;
-    if (await pathExists(wanted)) {
+    if (await this.options.runtime.images.exists(wanted)) {
       this.ready.set(template.templateId, wanted);
       return wanted;
     }
@@ -107,12 +99,17 @@ export class WarmSnapshots {
     return out;
   }
 
-  /** Where the image of `template` for the current template and kit fingerprints is (or goes). */
-  async currentImageDir(template: TemplateInfo): Promise<string> {
+  /** The id of the image of `template` for the current template and kit fingerprints. */
+  async currentImageId(template: TemplateInfo): Promise<string> {
+    return imageId("warm", await this.currentImageName(template));
+  }
+
+  /** `<templateId>-<key>`: the key hashes the template's and the kit's fingerprints. */
+  private async currentImageName(template: TemplateInfo): Promise<string> {
     const templateKey = this.options.templateFingerprint ? await this.options.templateFingerprint(template) : template.image.rootfsDir;
     const kitKey = this.options.runtime.memoryImageFingerprint?.() ?? "";
     const key = createHash("sha256").update(`${templateKey}\n${kitKey}`).digest("hex").slice(0, 16);
-    return path.join(this.dir, `${template.templateId}-${key}`);
+    return `${template.templateId}-${key}`;
   }
 
   private build(template: TemplateInfo): void {
@@ -121,9 +118,9 @@ export class WarmSnapshots {
     if (failedAt !== undefined && Date.now() - failedAt < RETRY_AFTER_FAILURE_MS) return;
     const building = this.buildNow(template)
       .then(
-        (imageDir) => {
+        (id) => {
           this.failedAt.delete(template.templateId);
-          if (imageDir) this.ready.set(template.templateId, imageDir);
+          if (id) this.ready.set(template.templateId, id);
         },
         (err) => {
           this.failedAt.set(template.templateId, Date.now());
@@ -136,13 +133,14 @@ export class WarmSnapshots {
 
   private async buildNow(template: TemplateInfo): Promise<string | undefined> {
     const { runtime } = this.options;
-    const imageDir = await this.currentImageDir(template);
-    if (await pathExists(imageDir)) return imageDir;
+    const name = await this.currentImageName(template);
+    const id = imageId("warm", name);
+    const { images } = runtime;
+    if (await images.exists(id)) return id;
     const started = performance.now();
-    await mkdir(this.dir, { recursive: true, mode: 0o711 });
     // Images of older template or kit versions are of no use any more.
-    for (const entry of await readdir(this.dir)) {
-      if (entry.startsWith(`${template.templateId}-`) && path.join(this.dir, entry) !== imageDir) await rm(path.join(this.dir, entry), { recursive: true, force: true });
+    for (const older of await images.list("warm")) {
+      if (older !== id && parseImageId(older).name.startsWith(`${template.templateId}-`)) await images.remove(older);
     }
     const entry = await bootUnclaimed(this.options, template);
     try {
@@ -160,9 +158,9 @@ export class WarmSnapshots {
       if (this.stopped) return undefined;
       // No idle keep-alive connection of ours may be carried into the image (see AgentLink.dropIdleSockets).
       this.options.agent.dropIdleSockets(address);
-      await runtime.checkpoint(entry.runtimeId, imageDir, { memory: true, leaveRunning: false });
-      log.info("warm snapshot ready", { templateId: template.templateId, imageDir, kernel, buildMs: Math.round(performance.now() - started) });
-      return imageDir;
+      const { imageId: made } = await runtime.checkpoint(entry.runtimeId, { kind: "warm", name }, { memory: true, leaveRunning: false });
+      log.info("warm snapshot ready", { templateId: template.templateId, imageId: made, kernel, buildMs: Math.round(performance.now() - started) });
+      return made;
     } finally {
       await destroyUnclaimed(this.options, entry.runtimeId);
     }

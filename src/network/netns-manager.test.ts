@@ -28,7 +28,7 @@ before(async () => {
 after(async () => {
   for (const child of children) if (child.exitCode === null) child.kill("SIGKILL");
   if (!isRoot) return;
-  for (const name of await manager.listNamespaces()) await manager.release(name.slice(netnsPrefix.length)).catch(() => {});
+  for (const id of await manager.listRuntimeIds()) await manager.release(id).catch(() => {});
   await runCommand(["nft", "delete", "table", "inet", tableName], { allowFailure: true });
 });
 
@@ -145,10 +145,10 @@ test("the ruleset masquerades allowed sandboxes and drops link-local, and re-ini
 test("release is idempotent and cleans a half-made network", { skip: !isRoot && "needs root" }, async () => {
   const id = `${tag}f`;
   await runCommand(["ip", "netns", "add", `${netnsPrefix}${id}`]);
-  assert.deepEqual((await manager.listNamespaces()).includes(`${netnsPrefix}${id}`), true);
+  assert.deepEqual((await manager.listRuntimeIds()).includes(id), true);
   await manager.release(id);
   await manager.release(id);
-  assert.equal((await manager.listNamespaces()).includes(`${netnsPrefix}${id}`), false);
+  assert.equal((await manager.listRuntimeIds()).includes(id), false);
 });
 
 test("adopt marks the address used and restores the policy", { skip: !isRoot && "needs root" }, async () => {

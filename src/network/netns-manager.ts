@@ -161,9 +161,9 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
       records.delete(sandboxId);
     },
 
-    async listNamespaces() {
+    async listRuntimeIds() {
       const names = await readdir(NETNS_DIR).catch(() => [] as string[]);
-      return names.filter((n) => n.startsWith(netnsPrefix));
+      return names.filter((name) => name.startsWith(netnsPrefix) && isSandboxId(name.slice(netnsPrefix.length))).map((name) => name.slice(netnsPrefix.length));
     },
   };
   return manager;
@@ -171,10 +171,14 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
 
 /** Sandbox ids become file, netns and container names: keep them to a safe alphabet. */
 export function checkSandboxId(sandboxId: string): string {
-  if (!/^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$/.test(sandboxId)) {
+  if (!isSandboxId(sandboxId)) {
     throw new CubicleError("invalid_argument", `sandbox id ${JSON.stringify(sandboxId)} must be 1–63 letters, digits, _ or -`);
   }
   return sandboxId;
+}
+
+function isSandboxId(id: string): boolean {
+  return /^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$/.test(id);
 }
 
 async function readSandboxAddress(netns: string): Promise<string | undefined> {

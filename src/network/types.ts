@@ -44,6 +44,9 @@ export interface NetworkManager {
   applyPolicy(sandboxId: string, policy: NetworkPolicy): Promise<void>;
   /** Removes namespace, veth, rules and frees the address. No error if already gone. */
   release(sandboxId: string): Promise<void>;
-  /** Names of the namespaces that this manager's prefix owns (to find leftovers). */
-  listNamespaces(): Promise<string[]>;
+  /**
+   * The ids (as given to allocate) of the sandboxes that have a network of this manager on the
+   * host, whether this process made it or not (to find leftovers after a restart).
+   */
+  listRuntimeIds(): Promise<string[]>;
 }

@@ -1,4 +1,5 @@
 import type { SandboxNetwork } from "../network/types.js";
+import type { ImageKind, ImageStore } from "./images.js";
 
 /** The template facts a runtime needs to start a sandbox. */
 export interface TemplateImage {
@@ -82,31 +83,38 @@ export interface Runtime {
   setHostname(sandboxId: string, hostname: string): Promise<void>;
   stats(sandboxId: string): Promise<SandboxStats>;
   /**
-   * Saves the sandbox's state into `imageDir` (created by the call, complete only when it
-   * resolves: a failure leaves no directory behind): the filesystem (a copy of the upper
-   * layer) and, with `memory`, its processes (CRIU). With `leaveRunning` the sandbox is frozen
-   * only for the dump and keeps running; without it, the container is gone afterwards (durable
-   * pause) but its upper layer stays until destroy().
+   * The runtime's images (snapshots, pause images, warm images): callers hold their ids and
+   * remove, list and check them here; only the runtime writes and reads what is in them.
    */
-  checkpoint(sandboxId: string, imageDir: string, options: CheckpointOptions): Promise<CheckpointInfo>;
+  readonly images: ImageStore;
   /**
-   * Starts a sandbox from an image made by checkpoint(): a fresh upper layer made from the
-   * image's, processes restored (or, for a filesystem-only image, the agent started anew) into
-   * `spec.network`. `spec.sandboxId` may be the image's own sandbox (resume, rollback: the old
-   * container must be gone first) or a new one (create from snapshot, fork).
+   * Saves the sandbox's state as a new image `target` (`images.allocate`, then commit: the id
+   * exists only once the image is complete; a failure leaves nothing, and already_exists when
+   * an image has that id): the filesystem and, with `memory`, its processes. With
+   * `leaveRunning` the sandbox is frozen only for the dump and keeps running; without it, the
+   * sandbox's processes are gone afterwards (durable pause) but its disk stays until destroy().
+   */
+  checkpoint(sandboxId: string, target: CheckpointTarget, options: CheckpointOptions): Promise<CheckpointInfo & { imageId: string }>;
+  /**
+   * Starts a sandbox from an image made by this runtime's checkpoint() (an image of another
+   * runtime is refused: failed_precondition): its disk made from the image's, processes restored
+   * (or, for a filesystem-only image, the agent started anew) into `spec.network`.
+   * `spec.sandboxId` may be the image's own sandbox (resume, rollback: the old sandbox must be
+   * gone first) or a new one (create from snapshot, fork).
    * Restored processes keep what was in their memory: the source's hostname and environment;
    * established TCP connections come back closed, listening sockets listen again.
    */
-  restore(spec: SandboxSpec, imageDir: string): Promise<void>;
-  /**
-   * Where checkpoint images must be made (checkpoint's `imageDir` is a new directory under
-   * it): the runtime's storage, counted in its image budget.
-   */
-  readonly imagesDir: string;
+  restore(spec: SandboxSpec, imageId: string): Promise<void>;
   /** Registers for sandboxes whose processes ended on their own (crash, OOM, exit from inside). */
   onExit(listener: (sandboxId: string) => void): void;
   /** Starts reporting the end of a running sandbox found on the host (after a server restart). */
   watch(sandboxId: string): Promise<void>;
+}
+
+/** The image a checkpoint makes: its id is `imageId(kind, name)`. */
+export interface CheckpointTarget {
+  kind: ImageKind;
+  name: string;
 }
 
 export interface CheckpointOptions {

@@ -3,6 +3,8 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
+import Database from "better-sqlite3";
+import { imageIdFromLegacyDir } from "./legacy-records.js";
 import { SqliteStore } from "./sqlite-store.js";
 import type { SandboxRecord } from "./types.js";
 
@@ -69,7 +71,7 @@ test("snapshots: names move to the newest, queries filter and page, hidden ones 
       sourceRuntimeId: "ia",
       templateId: "base",
       createdAt,
-      imageDir: `/x/${id}`,
+      imageId: `snapshot/${id}`,
       sizeBytes: 1,
       memory: true,
       agentAccessToken: "t",
@@ -113,4 +115,54 @@ test("snapshots: names move to the newest, queries filter and page, hidden ones 
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test("records of older versions name images by directory: read back, they carry image ids", async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "cubicle-store-"));
+  try {
+    const file = path.join(dir, "cubicle.db");
+    const store = new SqliteStore(file);
+    const images = "/run/cubicle/pool/images";
+    // Rows as a server before image ids wrote them (JSON bodies with imageDir).
+    const raw = new Database(file);
+    const oldSnapshot = { snapshotId: "snap_old", names: ["kept"], sourceSandboxId: "ia", sourceRuntimeId: "ia", templateId: "base", createdAt: 5, imageDir: `${images}/snapshots/snap_old`, sizeBytes: 1, memory: true, agentAccessToken: "t", cpuCount: 1, memoryMB: 512, diskSizeMB: 0 };
+    raw.prepare("INSERT INTO snapshots (snapshot_id, source_sandbox_id, created_at, hidden, body) VALUES (?, ?, ?, 0, ?)").run("snap_old", "ia", 5, JSON.stringify(oldSnapshot));
+    raw.prepare("INSERT INTO snapshot_names (name, snapshot_id) VALUES (?, ?)").run("kept", "snap_old");
+    const insertSandbox = raw.prepare("INSERT INTO sandboxes (sandbox_id, template_id, state, started_at, end_at, runtime_id, body) VALUES (?, 'base', 'paused', ?, ?, ?, ?)");
+    const paused = (id: string, startedAt: number, pause: Record<string, unknown>) => insertSandbox.run(id, startedAt, startedAt + 1, id, JSON.stringify({ ...record(id, startedAt, { state: "paused" }), pause }));
+    paused("idurable", 10, { tier: "durable", pausedAt: 1, memory: true, imageDir: `${images}/paused/idurable` });
+    paused("ihot", 11, { tier: "hot", pausedAt: 2, memory: true });
+    paused("iwarm", 12, { tier: "durable", pausedAt: 3, memory: true, imageDir: `${images}/warm/base-0123456789abcdef` });
+    raw.close();
+
+    assert.equal((await store.getSnapshot("snap_old"))!.imageId, "snapshot/snap_old");
+    assert.equal("imageDir" in (await store.getSnapshot("snap_old"))!, false);
+    assert.equal((await store.findSnapshot("kept"))!.imageId, "snapshot/snap_old");
+    assert.deepEqual((await store.querySnapshots({})).map((s) => s.imageId), ["snapshot/snap_old"]);
+    assert.deepEqual((await store.allSnapshots()).map((s) => s.imageId), ["snapshot/snap_old"]);
+    assert.deepEqual((await store.getSandbox("idurable"))!.pause, { tier: "durable", pausedAt: 1, memory: true, imageId: "pause/idurable" });
+    assert.deepEqual((await store.getSandbox("ihot"))!.pause, { tier: "hot", pausedAt: 2, memory: true });
+    assert.equal((await store.getSandbox("iwarm"))!.pause!.imageId, "warm/base-0123456789abcdef");
+    assert.deepEqual((await store.querySandboxes({ states: ["paused"], order: "asc" })).map((r) => r.pause?.imageId), ["pause/idurable", undefined, "warm/base-0123456789abcdef"]);
+    // An update writes the converted record back; a snapshot's names moving rewrites its body too.
+    await store.updateSandbox("idurable", { endAt: 99 });
+    const { imageDir: _legacy, ...fields } = oldSnapshot;
+    await store.insertSnapshot({ ...fields, snapshotId: "snap_new", names: ["kept"], createdAt: 6, imageId: "snapshot/snap_new" });
+    await store.close();
+    const reread = new Database(file, { readonly: true });
+    const sandboxBody = JSON.parse((reread.prepare("SELECT body FROM sandboxes WHERE sandbox_id = 'idurable'").get() as { body: string }).body);
+    const snapshotBody = JSON.parse((reread.prepare("SELECT body FROM snapshots WHERE snapshot_id = 'snap_old'").get() as { body: string }).body);
+    reread.close();
+    assert.deepEqual(sandboxBody.pause, { tier: "durable", pausedAt: 1, memory: true, imageId: "pause/idurable" });
+    assert.deepEqual([snapshotBody.imageId, snapshotBody.imageDir, snapshotBody.names], ["snapshot/snap_old", undefined, []]);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("a legacy image directory becomes the id of the same image", () => {
+  assert.equal(imageIdFromLegacyDir("/run/cubicle/pool/images/snapshots/snap_abc", "snapshot"), "snapshot/snap_abc");
+  assert.equal(imageIdFromLegacyDir("/run/cubicle/pool/images/paused/iabc/", "pause"), "pause/iabc");
+  assert.equal(imageIdFromLegacyDir("/run/cubicle/pool/images/warm/base-0123", "pause"), "warm/base-0123");
+  assert.equal(imageIdFromLegacyDir("/elsewhere/x1", "snapshot"), "snapshot/x1");
 });

@@ -1,5 +1,6 @@
 import fs from "node:fs";
 import Database from "better-sqlite3";
+import { sandboxFromBody, snapshotFromBody } from "./legacy-records.js";
 import type { EventRecord, PoolEntryRecord, SandboxQuery, SandboxRecord, SnapshotQuery, SnapshotRecord, Store } from "./types.js";
 
 const schema = `
@@ -120,7 +121,7 @@ export class SqliteStore implements Store {
     const rows = this.db.prepare(sql).all(...params) as SandboxRow[];
     const records: SandboxRecord[] = [];
     for (const row of rows) {
-      const record = JSON.parse(row.body) as SandboxRecord;
+      const record = sandboxFromBody(row.body);
       if (query.metadata && !matchesMetadata(record.metadata, query.metadata)) continue;
       records.push(record);
       if (query.limit !== undefined && records.length >= query.limit) break;
@@ -160,7 +161,7 @@ export class SqliteStore implements Store {
 
   async getSnapshot(snapshotId: string): Promise<SnapshotRecord | undefined> {
     const row = this.db.prepare("SELECT body FROM snapshots WHERE snapshot_id = ?").get(snapshotId) as SandboxRow | undefined;
-    return row ? (JSON.parse(row.body) as SnapshotRecord) : undefined;
+    return row ? snapshotFromBody(row.body) : undefined;
   }
 
   async findSnapshot(idOrName: string): Promise<SnapshotRecord | undefined> {
@@ -189,12 +190,12 @@ export class SqliteStore implements Store {
     const rows = this.db
       .prepare(`SELECT body FROM snapshots WHERE ${where.join(" AND ")} ORDER BY created_at DESC, snapshot_id DESC${limit}`)
       .all(...params) as SandboxRow[];
-    return rows.map((row) => JSON.parse(row.body) as SnapshotRecord);
+    return rows.map((row) => snapshotFromBody(row.body));
   }
 
   async allSnapshots(): Promise<SnapshotRecord[]> {
     const rows = this.db.prepare("SELECT body FROM snapshots ORDER BY created_at").all() as SandboxRow[];
-    return rows.map((row) => JSON.parse(row.body) as SnapshotRecord);
+    return rows.map((row) => snapshotFromBody(row.body));
   }
 
   async deleteSnapshot(snapshotId: string): Promise<boolean> {
@@ -234,7 +235,7 @@ export class SqliteStore implements Store {
   private rewriteSnapshotNames(snapshotId: string, change: (names: string[]) => string[]): void {
     const row = this.db.prepare("SELECT body FROM snapshots WHERE snapshot_id = ?").get(snapshotId) as SandboxRow | undefined;
     if (!row) return;
-    const record = JSON.parse(row.body) as SnapshotRecord;
+    const record = snapshotFromBody(row.body);
     record.names = change(record.names);
     this.db.prepare("UPDATE snapshots SET body = ? WHERE snapshot_id = ?").run(JSON.stringify(record), snapshotId);
   }
@@ -245,7 +246,7 @@ export class SqliteStore implements Store {
 
   private readSandbox(sandboxId: string): SandboxRecord | undefined {
     const row = this.getStmt.get(sandboxId) as SandboxRow | undefined;
-    return row ? (JSON.parse(row.body) as SandboxRecord) : undefined;
+    return row ? sandboxFromBody(row.body) : undefined;
   }
 }
 

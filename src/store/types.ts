@@ -56,11 +56,12 @@ export interface PauseInfo {
   /** False = filesystem only: resuming starts the agent anew. */
   memory: boolean;
   /**
-   * The checkpoint image directory: always set in the durable tier; in the hot tier once the
-   * image written in the background (the container still frozen) is complete, so a host reboot
-   * can resume from it.
+   * The runtime's id of the checkpoint image (`pause/<runtime id>`): always set in the durable
+   * tier; in the hot tier once the image written in the background (the container still frozen)
+   * is complete, so a host reboot can resume from it. Records of older versions held a
+   * directory (`imageDir`); the store converts them on read.
    */
-  imageDir?: string;
+  imageId?: string;
 }
 
 /** The runtime id of a sandbox record (older records have none: it was the sandbox id). */
@@ -79,7 +80,8 @@ export interface SnapshotRecord {
   templateId: string;
   /** Epoch ms. */
   createdAt: number;
-  imageDir: string;
+  /** The runtime's id of the image (`snapshot/<snapshotId>`); older records held `imageDir`, converted on read. */
+  imageId: string;
   sizeBytes: number;
   memory: boolean;
   /** The envd token the agent in the image holds: a restore must present it to re-init the agent. */

@@ -36,7 +36,6 @@ const tableName = `cubicle_criu_${tag}`;
 const netnsPrefix = `cubicle-${tag}-`;
 const network = createNetworkManager({ subnet: "10.77.0.0/24" }, { tableName, netnsPrefix });
 const runtime = new ContainerRuntime({ stateDir, distDir: repoDist, runcPath: "runc", runDir: defaultRunDir(stateDir) }, { agentScript });
-const imagesDir = path.join(runtime.imagesDir, "bench");
 
 const waitForHealth = (host: string) => waitForAgentHealth(host);
 
@@ -72,21 +71,20 @@ try {
   const clones: Record<string, number>[] = [];
   for (let round = 0; round < rounds; round++) {
     const source = await newSandbox();
-    const imageDir = path.join(imagesDir, `clone-${round}`);
     const t0 = performance.now();
-    const info = await runtime.checkpoint(source.id, imageDir, { memory: true, leaveRunning: true });
+    const info = await runtime.checkpoint(source.id, { kind: "snapshot", name: `clone-${round}` }, { memory: true, leaveRunning: true });
     const t1 = performance.now();
     const cloneId = `${tag}c${round}`;
     const net = await network.allocate(cloneId, { allowInternetAccess: false });
     const t2 = performance.now();
-    await runtime.restore(specFor(cloneId, net), imageDir);
+    await runtime.restore(specFor(cloneId, net), info.imageId);
     const t3 = performance.now();
     await waitForHealth(net.sandboxAddress);
     const t4 = performance.now();
     clones.push({ checkpointMs: t1 - t0, frozenMs: info.frozenMs, imageMiB: info.sizeBytes / 2 ** 20, restoreMs: t3 - t2, restoreToHealthMs: t4 - t2 });
     await remove(cloneId);
     await remove(source.id);
-    await rm(imageDir, { recursive: true, force: true });
+    await runtime.images.remove(info.imageId);
   }
   const summary = Object.fromEntries(Object.keys(clones[0] ?? {}).map((key) => [key, Math.round(median(clones.map((row) => row[key]!)) * 10) / 10]));
   console.log("fresh sandbox, checkpoint(leaveRunning) + clone restore, medians of", rounds, summary);
@@ -98,27 +96,27 @@ try {
     // Dirty /dev/shm from inside: the write goes through the sandbox's tmpfs (memory cgroup).
     const pid = JSON.parse((await runCommand(["runc", "state", `cubicle-${source.id}`])).stdout).pid as number;
     if (mb > 0) await runCommand(["nsenter", "-t", String(pid), "-m", "-U", "--preserve-credentials", "-S", "0", "-G", "0", "dd", "if=/dev/urandom", "of=/dev/shm/dirty", "bs=1M", `count=${mb}`], { timeoutMs: 120_000 });
-    const imageDir = path.join(imagesDir, `dirty-${mb}`);
     const t0 = performance.now();
-    const info = await runtime.checkpoint(source.id, imageDir, { memory: true, leaveRunning: true });
+    const info = await runtime.checkpoint(source.id, { kind: "snapshot", name: `dirty-${mb}` }, { memory: true, leaveRunning: true });
     const t1 = performance.now();
     const cloneId = `${tag}d${mb}`;
     const net = await network.allocate(cloneId, { allowInternetAccess: false });
     const t2 = performance.now();
-    await runtime.restore(specFor(cloneId, net), imageDir);
+    await runtime.restore(specFor(cloneId, net), info.imageId);
     await waitForHealth(net.sandboxAddress);
     const t3 = performance.now();
     dirty.push({ dirtyMiB: mb, checkpointMs: Math.round(t1 - t0), frozenMs: Math.round(info.frozenMs), imageMiB: Math.round(info.sizeBytes / 2 ** 20), restoreToHealthMs: Math.round(t3 - t2) });
     console.log("dirty /dev/shm", dirty.at(-1));
     await remove(cloneId);
     await remove(source.id);
-    await rm(imageDir, { recursive: true, force: true });
+    await runtime.images.remove(info.imageId);
   }
   results.dirty = dirty;
   if (jsonOut) await writeFile(jsonOut, JSON.stringify(results, null, 2) + "\n");
 } finally {
   for (const id of await runtime.list().catch(() => [])) await runtime.destroy(id).catch((err) => console.error("cleanup", id, err));
-  for (const name of await network.listNamespaces().catch(() => [])) await network.release(name.slice(netnsPrefix.length)).catch(() => {});
+  for (const id of await network.listRuntimeIds().catch(() => [])) await network.release(id).catch(() => {});
   await runCommand(["nft", "delete", "table", "inet", tableName], { allowFailure: true });
+  await runtime.images.settled();
   await rm(stateDir, { recursive: true, force: true });
 }

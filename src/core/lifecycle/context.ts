@@ -1,4 +1,3 @@
-import { rm } from "node:fs/promises";
 import type { NetworkManager } from "../../network/types.js";
 import type { Runtime, SandboxSpec } from "../../runtime/types.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
@@ -25,8 +24,6 @@ export interface LifecyclePorts {
 export interface LifecycleSettings {
   /** Processes per sandbox. */
   pidsLimit: number;
-  /** The runtime's images directory: snapshots under `snapshots/`, pauses under `paused/`. */
-  imagesDir: string;
   /** Time in the hot pause tier (frozen in RAM) before a checkpoint to disk. */
   durablePauseAfterMs: number;
   /** Time after a hot pause at which its image is written to disk while it stays frozen; negative = never. */
@@ -186,13 +183,13 @@ export class LifecycleContext {
    * Restores an image into a recorded sandbox: a network (new unless the record has one), the
    * runtime restore, the agent's readiness, and a re-init that hands it this sandbox's identity.
    */
-  async restoreInto(record: SandboxRecord, template: TemplateInfo, imageDir: string, agentToken: string | undefined): Promise<void> {
+  async restoreInto(record: SandboxRecord, template: TemplateInfo, imageId: string, agentToken: string | undefined): Promise<void> {
     const started = performance.now();
     const network = record.network ? undefined : await this.beginNetwork(record);
     // The restored agent listens already: no health probe before its /init, which runs while
     // the runtime renames the host.
     const whenRunning = () => this.initAgent(record, template, agentToken, AGENT_READY_TIMEOUT_MS);
-    await this.ports.runtime.restore({ ...this.specOf(record, template), networkReady: network?.ready, whenRunning }, imageDir);
+    await this.ports.runtime.restore({ ...this.specOf(record, template), networkReady: network?.ready, whenRunning }, imageId);
     log.debug("restored into a sandbox", { sandboxId: record.sandboxId, ms: round(performance.now() - started) });
   }
 
@@ -222,6 +219,8 @@ export class LifecycleContext {
     } catch (err) {
       log.error("network release failed", { sandboxId: record.sandboxId, runtimeId, reason, error: String(err) });
     }
-    if (record.pause?.imageDir) await rm(record.pause.imageDir, { recursive: true, force: true }).catch(() => undefined);
+    if (record.pause?.imageId) {
+      await this.ports.runtime.images.remove(record.pause.imageId).catch((err) => log.error("removing a pause image failed", { sandboxId: record.sandboxId, reason, error: String(err) }));
+    }
   }
 }

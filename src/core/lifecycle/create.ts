@@ -158,7 +158,7 @@ export class Creation {
     record.memoryMB = snapshot.memoryMB;
     record.diskSizeMB = snapshot.diskSizeMB;
     await ctx.table.add(record);
-    await ctx.startOrFail(record, () => ctx.restoreInto(record, template, snapshot.imageDir, snapshot.memory ? snapshot.agentAccessToken : undefined));
+    await ctx.startOrFail(record, () => ctx.restoreInto(record, template, snapshot.imageId, snapshot.memory ? snapshot.agentAccessToken : undefined));
     return ctx.markRunning(record, { snapshotId: snapshot.snapshotId });
   }
 }

@@ -1,6 +1,4 @@
 import assert from "node:assert/strict";
-import { existsSync } from "node:fs";
-import path from "node:path";
 import { test } from "node:test";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createRequest, fakeManager, lastInit } from "../test-fakes.js";
@@ -18,10 +16,11 @@ test("a hot pause freezes, writes its image in the background, and a resume thaw
     assert.equal(f.containers.get(record.sandboxId), "frozen");
     assert.equal(record.pause?.tier, "hot");
     await assert.rejects(f.manager.pause(record.sandboxId), (err: CubicleError) => err.code === "conflict");
-    await until(() => record.pause?.imageDir !== undefined);
-    const imageDir = record.pause!.imageDir!;
-    assert.equal(imageDir, path.join(f.imagesDir, "paused", record.sandboxId));
-    assert.equal(f.store.sandboxes.get(record.sandboxId)?.pause?.imageDir, imageDir, "the image is recorded");
+    await until(() => record.pause?.imageId !== undefined);
+    const image = record.pause!.imageId!;
+    assert.equal(image, `pause/${record.sandboxId}`);
+    assert.equal(await f.runtime.images.exists(image), true);
+    assert.equal(f.store.sandboxes.get(record.sandboxId)?.pause?.imageId, image, "the image is recorded");
     assert.equal(f.containers.get(record.sandboxId), "frozen", "it stays frozen while its image is written");
     assert.equal(f.manager.routeTarget(record.sandboxId), undefined, "no traffic reaches a paused sandbox");
 
@@ -30,7 +29,7 @@ test("a hot pause freezes, writes its image in the background, and a resume thaw
     assert.equal(f.containers.get(record.sandboxId), "running");
     assert.equal(record.state, "running");
     assert.equal(record.pause, undefined);
-    assert.equal(existsSync(imageDir), false, "the stale image is gone");
+    assert.equal(await f.runtime.images.exists(image), false, "the stale image is gone");
     await assert.rejects(f.manager.resume(record.sandboxId, { timeoutSec: 60, requirePaused: true }), (err: CubicleError) => err.code === "conflict");
   } finally {
     await f.close();

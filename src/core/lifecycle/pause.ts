@@ -1,8 +1,6 @@
-import { mkdir, rename, rm } from "node:fs/promises";
-import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runtimeIdOf, type SandboxRecord } from "../../store/types.js";
-import { newImageId } from "../ids.js";
+import { imageId } from "../../runtime/images.js";
 import { log, round, storageFullOr, type LifecycleContext } from "./context.js";
 
 export interface ResumeOptions {
@@ -25,14 +23,9 @@ export class PauseTiers {
 
   constructor(private readonly ctx: LifecycleContext) {}
 
-  /** Where pause images are (one per sandbox, named by its id). */
-  get pausedDir(): string {
-    return path.join(this.ctx.settings.imagesDir, "paused");
-  }
-
-  /** Where a sandbox's pause image is (or goes). */
-  pauseImageDir(sandboxId: string): string {
-    return path.join(this.pausedDir, sandboxId);
+  /** The id of a sandbox's pause image (one per sandbox, named by its id; the runtime's ImageStore keeps it). */
+  pauseImageId(sandboxId: string): string {
+    return imageId("pause", sandboxId);
   }
 
   /** When a hot pause is due for disk; undefined when it is not in the hot tier or its move failed before. */
@@ -111,15 +104,14 @@ export class PauseTiers {
         const record = live?.record;
         // Resumed (and maybe paused again) since the timer was armed, killed, shutting down, or
         // makeDurable() got here first (a failed move to disk is not retried: see durableFailed).
-        if (ctx.closed || !record || record.state !== "paused" || record.pause?.tier !== "hot" || record.pause.pausedAt !== pausedAt || record.pause.imageDir || live.durableFailed) return;
+        if (ctx.closed || !record || record.state !== "paused" || record.pause?.tier !== "hot" || record.pause.pausedAt !== pausedAt || record.pause.imageId || live.durableFailed) return;
         const runtimeId = runtimeIdOf(record);
-        const imageDir = this.pauseImageDir(sandboxId);
         const started = performance.now();
+        let image;
         try {
-          await rm(imageDir, { recursive: true, force: true });
-          await this.makePausedDir();
+          await ctx.ports.runtime.images.remove(this.pauseImageId(sandboxId));
           ctx.dropIdleSockets(record);
-          await ctx.ports.runtime.checkpoint(runtimeId, imageDir, { memory: true, leaveRunning: true });
+          image = await ctx.ports.runtime.checkpoint(runtimeId, { kind: "pause", name: sandboxId }, { memory: true, leaveRunning: true });
         } catch (err) {
           const state = await ctx.ports.runtime.state(runtimeId).catch(() => "missing" as const);
           // A pause must stay a pause, whatever a failed dump did to the freezer.
@@ -128,32 +120,10 @@ export class PauseTiers {
           else log.warn("writing a paused sandbox's image failed; it stays frozen in RAM only (a host reboot would lose it)", { sandboxId, error: String(err) });
           return;
         }
-        await ctx.table.update(record, { pause: { ...record.pause, imageDir } });
+        await ctx.table.update(record, { pause: { ...record.pause, imageId: image.imageId } });
         await ctx.recordEvent(sandboxId, "pause-image-written", { ms: round(performance.now() - started) });
       })
       .catch((err) => log.error("writing or recording a paused sandbox's image failed", { sandboxId, error: String(err) }));
-  }
-
-  private async makePausedDir(): Promise<void> {
-    // Search permission for others: the sandboxes' mapped root reads its image during a restore.
-    await mkdir(this.pausedDir, { recursive: true, mode: 0o711 });
-  }
-
-  /**
-   * Takes a resumed hot pause's image out of the way at once (a rename: the next pause writes a
-   * fresh one at the same path, and recovery must never mistake it for the current state) and
-   * deletes it in the background: a resume does not wait for a large rm.
-   */
-  private async discardPauseImage(imageDir: string): Promise<void> {
-    const stale = `${imageDir}.stale-${newImageId()}`;
-    try {
-      await rename(imageDir, stale);
-    } catch (err) {
-      log.warn("could not move a stale pause image aside; deleting it in place", { imageDir, error: String(err) });
-      await rm(imageDir, { recursive: true, force: true }).catch((rmErr) => log.error("deleting a stale pause image failed", { imageDir, error: String(rmErr) }));
-      return;
-    }
-    void rm(stale, { recursive: true, force: true }).catch((err) => log.error("deleting a stale pause image failed", { imageDir: stale, error: String(err) }));
   }
 
   /**
@@ -161,18 +131,25 @@ export class PauseTiers {
    * network released. On failure the sandbox is left as it truthfully is (still frozen or running,
    * or marked dead when the runtime lost it) and the error is thrown.
    */
+  /**
+   * Removes a pause image that is no longer the sandbox's state, in the background (a resume
+   * does not wait for a large deletion); a failure is logged, not thrown (the resume happened).
+   */
+  private async removeImage(id: string): Promise<void> {
+    await this.ctx.ports.runtime.images.remove(id, { background: true }).catch((err) => log.error("removing a stale pause image failed", { imageId: id, error: String(err) }));
+  }
+
   private async checkpointToDisk(record: SandboxRecord, memory: boolean, wasFrozen: boolean): Promise<void> {
     const { ctx } = this;
     const runtimeId = runtimeIdOf(record);
-    const imageDir = this.pauseImageDir(record.sandboxId);
-    await rm(imageDir, { recursive: true, force: true });
-    await this.makePausedDir();
+    await ctx.ports.runtime.images.remove(this.pauseImageId(record.sandboxId));
+    let image;
     try {
       // The runtime dumps a frozen container as it is (no thaw: nothing runs between pause and dump).
       ctx.dropIdleSockets(record);
-      await ctx.ports.runtime.checkpoint(runtimeId, imageDir, { memory, leaveRunning: false });
+      image = await ctx.ports.runtime.checkpoint(runtimeId, { kind: "pause", name: record.sandboxId }, { memory, leaveRunning: false });
     } catch (err) {
-      await rm(imageDir, { recursive: true, force: true }).catch(() => undefined);
+      // A failed checkpoint leaves no image (the runtime abandons what it wrote).
       const state = await ctx.ports.runtime.state(runtimeId).catch(() => "missing" as const);
       if (state === "running" && wasFrozen) await ctx.ports.runtime.freeze(runtimeId).catch(() => undefined);
       const lost = state === "missing" || state === "stopped";
@@ -180,7 +157,7 @@ export class PauseTiers {
       throw storageFullOr(CubicleError.from(err), record.sandboxId, lost ? "" : wasFrozen ? "; the sandbox stays paused in memory" : "; the sandbox keeps running");
     }
     // Record the image first: a crash from here on finds a durable pause, not a vanished sandbox.
-    const pause = { tier: "durable" as const, pausedAt: record.pause?.pausedAt ?? Date.now(), memory, imageDir };
+    const pause = { tier: "durable" as const, pausedAt: record.pause?.pausedAt ?? Date.now(), memory, imageId: image.imageId };
     if (record.state === "paused") await ctx.table.update(record, { pause });
     else await ctx.table.transition(record, "paused", { pause });
     await ctx.releaseHostResources(record);
@@ -198,8 +175,8 @@ export class PauseTiers {
       const record = live?.record;
       if (!record || record.state !== "paused" || record.pause?.tier !== "hot") return;
       this.cancelPauseImage(sandboxId);
-      const imageDir = record.pause.imageDir;
-      if (imageDir) {
+      const pauseImage = record.pause.imageId;
+      if (pauseImage) {
         // Recorded before the release, as in checkpointToDisk: a crash midway finds a durable pause.
         await ctx.table.update(record, { pause: { ...record.pause, tier: "durable" } });
         await ctx.releaseHostResources(record);
@@ -212,7 +189,7 @@ export class PauseTiers {
           return;
         }
       }
-      await ctx.recordEvent(sandboxId, "paused-to-disk", { reusedPauseImage: imageDir !== undefined });
+      await ctx.recordEvent(sandboxId, "paused-to-disk", { reusedPauseImage: pauseImage !== undefined });
     });
   }
 
@@ -242,20 +219,22 @@ export class PauseTiers {
     if (pause.tier === "hot" && !memory) {
       // Replaced by a filesystem-only image at the same path: unrecorded first, so a failed
       // checkpoint below never leaves a record pointing at a deleted image.
-      if (pause.imageDir) await ctx.table.update(record, { pause: { ...pause, imageDir: undefined } });
+      if (pause.imageId) await ctx.table.update(record, { pause: { ...pause, imageId: undefined } });
       // Reboot from the filesystem: write it to disk without memory, then restore that.
       await this.checkpointToDisk(record, false, true);
     }
     if (record.pause!.tier === "hot") {
       await ctx.ports.runtime.thaw(runtimeId);
       // Only after the thaw: were the thaw to fail, the image would still be the sandbox's state.
-      if (record.pause!.imageDir) await this.discardPauseImage(record.pause!.imageDir);
+      // The store moves it aside at once (the next pause writes a fresh one under the same id,
+      // and recovery must never mistake it for the current state) and deletes it in the background.
+      if (record.pause!.imageId) await this.removeImage(record.pause!.imageId);
     } else {
-      const imageDir = record.pause!.imageDir!;
+      const pauseImage = record.pause!.imageId!;
       const template = await ctx.templateOf(record);
       try {
         // A memory image's agent holds the sandbox's token; a filesystem-only restore starts a fresh agent.
-        await ctx.starts.run("create", () => ctx.restoreInto(record, template, imageDir, record.pause!.memory && memory ? record.envdAccessToken : undefined));
+        await ctx.starts.run("create", () => ctx.restoreInto(record, template, pauseImage, record.pause!.memory && memory ? record.envdAccessToken : undefined));
       } catch (err) {
         // The image is intact: stay paused (durable) so a later resume can try again.
         await ctx.ports.runtime.destroy(runtimeId).catch(() => undefined);
@@ -263,7 +242,7 @@ export class PauseTiers {
         await ctx.table.update(record, { network: undefined });
         throw CubicleError.from(err);
       }
-      await rm(imageDir, { recursive: true, force: true }).catch(() => undefined);
+      await this.removeImage(pauseImage);
     }
     ctx.table.entry(record.sandboxId)!.durableFailed = false;
     await ctx.table.transition(record, "running", { pause: undefined, network: record.network });

@@ -1,6 +1,4 @@
 import assert from "node:assert/strict";
-import { mkdir } from "node:fs/promises";
-import path from "node:path";
 import { test } from "node:test";
 import { SandboxManager } from "../sandbox-manager.js";
 import { createRequest, fakeManager, fakeTemplates } from "../test-fakes.js";
@@ -15,11 +13,12 @@ test("after a restart: running sandboxes are adopted, vanished ones end dead, or
     await f.manager.pause(durable.sandboxId, { memory: false });
     await f.manager.close();
     // While the server was down: one container vanished, one agent stopped answering, an
-    // orphan container appeared, and a half-written snapshot directory was left.
+    // orphan container appeared, and a snapshot image nobody recorded was left.
     f.containers.delete(vanished.sandboxId);
     f.agent.failures.isHealthy = (call) => (call.address === unhealthy.network!.sandboxAddress ? new Error("unreachable") : undefined);
     f.containers.set("orphan", "running");
-    await mkdir(path.join(f.imagesDir, "snapshots", "half-written"), { recursive: true });
+    f.containers.set("dumped", "running");
+    await f.runtime.checkpoint("dumped", { kind: "snapshot", name: "unrecorded" }, { memory: true, leaveRunning: false });
 
     const restarted = new SandboxManager({ ...f, templates: fakeTemplates, admission: { slots: 4, maxWaiting: 10, minAvailableBytes: 0 }, pauseImageAfterMs: -1 });
     try {
@@ -32,8 +31,8 @@ test("after a restart: running sandboxes are adopted, vanished ones end dead, or
       assert.equal(f.store.sandboxes.get(vanished.sandboxId)?.state, "dead");
       assert.equal((await restarted.get(durable.sandboxId)).state, "paused");
       assert.ok(restarted.routeTarget(kept.sandboxId));
-      const { readdir } = await import("node:fs/promises");
-      assert.deepEqual(await readdir(path.join(f.imagesDir, "snapshots")), [], "the half-written image is gone");
+      assert.deepEqual(await f.runtime.images.list("snapshot"), [], "the unrecorded image is gone");
+      assert.deepEqual(await f.runtime.images.list("pause"), [durable.pause!.imageId], "the durable pause keeps its image");
       await restarted.resume(durable.sandboxId, { timeoutSec: 60 });
       assert.equal((await restarted.get(durable.sandboxId)).state, "running");
     } finally {

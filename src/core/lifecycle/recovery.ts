@@ -1,5 +1,3 @@
-import { readdir, rm } from "node:fs/promises";
-import path from "node:path";
 import { runtimeIdOf, type SandboxRecord } from "../../store/types.js";
 import type { WarmPool } from "../warm-pool.js";
 import { log, type LifecycleContext } from "./context.js";
@@ -9,13 +7,6 @@ export interface Recovered {
   adopted: string[];
   dead: string[];
   orphansRemoved: string[];
-}
-
-async function exists(dir: string): Promise<boolean> {
-  return readdir(dir).then(
-    () => true,
-    () => false,
-  );
 }
 
 /**
@@ -44,18 +35,17 @@ export async function recover(ctx: LifecycleContext, pool: WarmPool, pauses: Pau
     await runtime.destroy(runtimeId).catch((err) => log.error("orphan destroy failed", { runtimeId, error: String(err) }));
     recovered.orphansRemoved.push(runtimeId);
   }
-  for (const netnsName of await network.listNamespaces()) {
-    const runtimeId = netnsName.replace(/^cubicle-/, "");
+  for (const runtimeId of await network.listRuntimeIds()) {
     // Namespaces of sandboxes this store never knew belong to another server on the host.
     if (liveRuntimeIds.has(runtimeId) || !(await store.knowsRuntimeId(runtimeId))) continue;
     await network.release(runtimeId).catch((err) => log.error("orphan network release failed", { runtimeId, error: String(err) }));
     if (!recovered.orphansRemoved.includes(runtimeId)) recovered.orphansRemoved.push(runtimeId);
   }
-  await removeUnownedImages(ctx, pauses);
+  await removeUnownedImages(ctx);
   // Hot pauses still frozen in RAM whose image the previous process did not write (after the
-  // cleanup above, which would delete a write's half-made directory).
+  // cleanup above, which would remove an image written meanwhile as unowned).
   for (const record of ctx.table.records()) {
-    if (record.state === "paused" && record.pause?.tier === "hot" && !record.pause.imageDir) pauses.schedulePauseImage(record);
+    if (record.state === "paused" && record.pause?.tier === "hot" && !record.pause.imageId) pauses.schedulePauseImage(record);
   }
   ctx.scheduleReaper();
   if (recovered.adopted.length || recovered.dead.length || recovered.orphansRemoved.length) log.info("recovered", { ...recovered });
@@ -70,6 +60,7 @@ export async function recover(ctx: LifecycleContext, pool: WarmPool, pauses: Pau
  */
 async function stillThere(ctx: LifecycleContext, pauses: PauseTiers, record: SandboxRecord): Promise<boolean> {
   const { runtime, network, agent } = ctx.ports;
+  const { images } = runtime;
   const runtimeId = runtimeIdOf(record);
   let alive = false;
   if (record.state === "running" && record.network) {
@@ -85,42 +76,41 @@ async function stillThere(ctx: LifecycleContext, pauses: PauseTiers, record: San
     if (state === "running") {
       await runtime.freeze(runtimeId);
       // It ran after its image was written (the server died in a resume): the image is stale.
-      if (record.pause.imageDir) await ctx.table.update(record, { pause: { ...record.pause, imageDir: undefined } });
+      if (record.pause.imageId) await ctx.table.update(record, { pause: { ...record.pause, imageId: undefined } });
     }
     if (state === "running" || state === "frozen") {
       await network.adopt(runtimeId, record.network, { allowInternetAccess: record.allowInternetAccess });
       alive = true;
-    } else if (await exists(pauses.pauseImageDir(record.sandboxId))) {
+    } else if (await images.exists(pauses.pauseImageId(record.sandboxId))) {
       // The frozen processes are gone (a host reboot; or the server died between a dump to
-      // disk and recording it) but the pause's image is complete (runtimes rename it into
-      // place): it becomes a durable pause. A resume moves a stale image aside first.
-      await ctx.table.update(record, { pause: { ...record.pause, tier: "durable", imageDir: pauses.pauseImageDir(record.sandboxId) } });
+      // disk and recording it) but the pause's image is complete (an image id exists only once
+      // committed): it becomes a durable pause. A resume removes a stale image first.
+      await ctx.table.update(record, { pause: { ...record.pause, tier: "durable", imageId: pauses.pauseImageId(record.sandboxId) } });
     }
   }
-  if (record.state === "paused" && record.pause?.tier === "durable" && record.pause.imageDir) {
-    alive = await exists(record.pause.imageDir);
+  if (record.state === "paused" && record.pause?.tier === "durable" && record.pause.imageId) {
+    alive = await images.exists(record.pause.imageId);
     if (alive && record.network) await ctx.releaseHostResources(record);
   }
   return alive;
 }
 
-/** Images without an owner: half-written dumps, a crashed fork's one-off image, stale pause images (moved aside by a resume). */
-async function removeUnownedImages(ctx: LifecycleContext, pauses: PauseTiers): Promise<void> {
-  const { store } = ctx.ports;
+/**
+ * Images without an owner: a crashed fork's one-off image, snapshots the store does not know (a
+ * dump recorded by no one), pause images of no paused sandbox. (Half-written images are the
+ * image store's own business: it never lists them and removes them when it starts.)
+ */
+async function removeUnownedImages(ctx: LifecycleContext): Promise<void> {
+  const { store, runtime } = ctx.ports;
+  const remove = (id: string) => runtime.images.remove(id).catch((err) => log.error("removing an unowned image failed", { imageId: id, error: String(err) }));
   for (const snapshot of await store.allSnapshots()) {
     if (snapshot.hidden) {
       await store.deleteSnapshot(snapshot.snapshotId);
-      await rm(snapshot.imageDir, { recursive: true, force: true }).catch(() => undefined);
+      await remove(snapshot.imageId);
     }
   }
-  const snapshotsDir = path.join(ctx.settings.imagesDir, "snapshots");
-  const known = new Set((await store.allSnapshots()).map((s) => s.snapshotId));
-  for (const entry of await readdir(snapshotsDir).catch(() => [] as string[])) {
-    if (!known.has(entry)) await rm(path.join(snapshotsDir, entry), { recursive: true, force: true }).catch(() => undefined);
-  }
-  const { pausedDir } = pauses;
-  for (const entry of await readdir(pausedDir).catch(() => [] as string[])) {
-    const imageDir = path.join(pausedDir, entry);
-    if (ctx.table.get(entry)?.pause?.imageDir !== imageDir) await rm(imageDir, { recursive: true, force: true }).catch(() => undefined);
-  }
+  const snapshots = new Set((await store.allSnapshots()).map((s) => s.imageId));
+  for (const id of await runtime.images.list("snapshot")) if (!snapshots.has(id)) await remove(id);
+  const pauses = new Set(ctx.table.records().map((r) => r.pause?.imageId));
+  for (const id of await runtime.images.list("pause")) if (!pauses.has(id)) await remove(id);
 }

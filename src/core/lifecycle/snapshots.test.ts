@@ -1,5 +1,4 @@
 import assert from "node:assert/strict";
-import { existsSync } from "node:fs";
 import { test } from "node:test";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createRequest, fakeManager } from "../test-fakes.js";
@@ -16,10 +15,10 @@ test("a snapshot keeps the sandbox running; a second one while the first runs is
     const snapshot = taken[0];
     assert.equal(f.containers.get(record.sandboxId), "running");
     assert.equal(snapshot.names.length, 1);
-    assert.equal(existsSync(snapshot.imageDir), true);
+    assert.equal(await f.runtime.images.exists(snapshot.imageId), true);
     await assert.rejects(f.manager.createSnapshot(record.sandboxId, "base"), /name of a template/);
     assert.equal(await f.manager.deleteSnapshot(snapshot.names[0]), true);
-    assert.equal(existsSync(snapshot.imageDir), false);
+    assert.equal(await f.runtime.images.exists(snapshot.imageId), false);
     assert.equal(await f.manager.deleteSnapshot(snapshot.names[0]), false);
   } finally {
     await f.close();
@@ -38,7 +37,8 @@ test("a fork makes count sandboxes from one dump and leaves no image behind", as
       assert.deepEqual(fork.metadata, { who: "src" });
       assert.equal(f.containers.get(fork.sandboxId), "running");
     }
-    assert.equal((await f.store.allSnapshots()).length, 0, "the fork's one-off image is gone");
+    assert.equal((await f.store.allSnapshots()).length, 0, "the fork's one-off snapshot is gone");
+    assert.deepEqual(await f.runtime.images.list("snapshot"), [], "and its image");
     assert.equal(source.endAt > Date.now(), true);
   } finally {
     await f.close();

@@ -1,8 +1,6 @@
-import { mkdir, rm } from "node:fs/promises";
-import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runtimeIdOf, type SandboxRecord, type SnapshotQuery, type SnapshotRecord } from "../../store/types.js";
-import { newImageId, newSnapshotId } from "../ids.js";
+import { newForkSnapshotId, newSnapshotId } from "../ids.js";
 import { normaliseSnapshotRef, parseSnapshotName } from "../snapshot-names.js";
 import type { TemplateInfo } from "../types.js";
 import { storageFullOr, type LifecycleContext } from "./context.js";
@@ -19,10 +17,6 @@ export type ForkOutcome = { record: SandboxRecord } | { error: CubicleError };
  */
 export class Snapshots {
   constructor(private readonly ctx: LifecycleContext) {}
-
-  private get snapshotsDir(): string {
-    return path.join(this.ctx.settings.imagesDir, "snapshots");
-  }
 
   /**
    * Dumps a running sandbox's memory and files into a persistent snapshot; the sandbox is frozen
@@ -47,7 +41,7 @@ export class Snapshots {
     if (!snapshot || snapshot.hidden) return false;
     return this.ctx.mutex.run(`snapshot:${snapshot.snapshotId}`, async () => {
       if (!(await store.deleteSnapshot(snapshot.snapshotId))) return false;
-      await rm(snapshot.imageDir, { recursive: true, force: true });
+      await this.ctx.ports.runtime.images.remove(snapshot.imageId);
       return true;
     });
   }
@@ -61,7 +55,7 @@ export class Snapshots {
     let source!: SandboxRecord;
     const image = await this.withDump(sandboxId, async (record) => {
       source = { ...record };
-      return this.dump(record, newImageId(), [], true);
+      return this.dump(record, newForkSnapshotId(), [], true);
     });
     try {
       const template = await ctx.templateOf(image);
@@ -80,7 +74,7 @@ export class Snapshots {
       return outcomes;
     } finally {
       await ctx.ports.store.deleteSnapshot(image.snapshotId).catch(() => undefined);
-      await rm(image.imageDir, { recursive: true, force: true }).catch(() => undefined);
+      await ctx.ports.runtime.images.remove(image.imageId).catch(() => undefined);
     }
   }
 
@@ -107,7 +101,7 @@ export class Snapshots {
     record.diskSizeMB = image.diskSizeMB;
     record.metadata = { ...source.metadata };
     await ctx.table.add(record);
-    await ctx.startOrFail(record, () => ctx.restoreInto(record, template, image.imageDir, image.agentAccessToken));
+    await ctx.startOrFail(record, () => ctx.restoreInto(record, template, image.imageId, image.agentAccessToken));
     return ctx.markRunning(record, { forkedFrom: source.sandboxId });
   }
 
@@ -132,7 +126,7 @@ export class Snapshots {
       ctx.dropIdleSockets(record);
       await ctx.ports.runtime.destroy(runtimeIdOf(record));
       try {
-        await ctx.starts.run("create", () => ctx.restoreInto(record, template, snapshot.imageDir, snapshot.agentAccessToken));
+        await ctx.starts.run("create", () => ctx.restoreInto(record, template, snapshot.imageId, snapshot.agentAccessToken));
       } catch (err) {
         await ctx.markDead(record, `rollback to ${snapshot.snapshotId} failed: ${(err as Error).message}`);
         throw new CubicleError("internal", `rollback of sandbox "${sandboxId}" failed and the sandbox is gone: ${(err as Error).message}`, { cause: err });
@@ -164,16 +158,12 @@ export class Snapshots {
   private async dump(record: SandboxRecord, snapshotId: string, names: string[], hidden: boolean): Promise<SnapshotRecord> {
     const { ctx } = this;
     const runtimeId = runtimeIdOf(record);
-    const imageDir = path.join(this.snapshotsDir, snapshotId);
-    // Search permission for others: the sandboxes' mapped root reads its image during a restore.
-    await mkdir(this.snapshotsDir, { recursive: true, mode: 0o711 });
     ctx.dropIdleSockets(record);
     let info;
     try {
-      info = await ctx.ports.runtime.checkpoint(runtimeId, imageDir, { memory: true, leaveRunning: true });
+      info = await ctx.ports.runtime.checkpoint(runtimeId, { kind: "snapshot", name: snapshotId }, { memory: true, leaveRunning: true });
     } catch (err) {
-      // A failed dump (disk full …) leaves no snapshot behind, whatever the runtime left.
-      await rm(imageDir, { recursive: true, force: true }).catch(() => undefined);
+      // A failed dump (disk full …) leaves no image behind: the runtime abandons what it wrote.
       const state = await ctx.ports.runtime.state(runtimeId).catch(() => "missing" as const);
       if (state === "frozen") await ctx.ports.runtime.thaw(runtimeId).catch(() => undefined);
       const lost = state === "missing" || state === "stopped";
@@ -187,7 +177,7 @@ export class Snapshots {
       sourceRuntimeId: runtimeId,
       templateId: record.templateId,
       createdAt: Date.now(),
-      imageDir,
+      imageId: info.imageId,
       sizeBytes: info.sizeBytes,
       memory: info.memory,
       agentAccessToken: record.envdAccessToken,
@@ -199,7 +189,7 @@ export class Snapshots {
     try {
       await ctx.ports.store.insertSnapshot(snapshot);
     } catch (err) {
-      await rm(imageDir, { recursive: true, force: true }).catch(() => undefined);
+      await ctx.ports.runtime.images.remove(info.imageId).catch(() => undefined);
       throw err;
     }
     await ctx.recordEvent(record.sandboxId, "snapshot", { snapshotId, frozenMs: info.frozenMs, sizeBytes: info.sizeBytes });

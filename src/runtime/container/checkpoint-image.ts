@@ -23,13 +23,19 @@ import { CubicleError } from "../../shared/cubicle-error.js";
  * open directory (a per-restore view of hard links, see the sandbox helper): its files are
  * 0644, its directories 0755.
  *
- * It is built in `<imageDir>.partial-<pid>-<n>` next to `imageDir` and renamed into place at the
- * end, so a failure (a full budget, a CRIU error) never leaves a directory that looks complete.
- * An image is never written by a restore, but for the restore's own view directory
- * (`criu-view-*`), removed when the restore ends.
+ * Where images are and how they are written and removed is the ContainerImageStore's business
+ * (container-image-store.ts): an image is built in a pending directory and committed (renamed
+ * into place) at the end, so a failure (a full budget, a CRIU error) never leaves a directory
+ * that looks complete. An image is never written by a restore, but for the restore's own view
+ * directory (`criu-view-*`), removed when the restore ends.
  */
 export interface CheckpointMeta {
   version: 2;
+  /**
+   * The runtime that made the image (ImageInfo.runtime): always "container" here. Images made
+   * before the field existed lack it and are the container runtime's.
+   */
+  runtime?: "container";
   sandboxId: string;
   templateId: string;
   /** The overlay lower layer the upper layer belongs to; a restore must use the same. */
@@ -59,8 +65,6 @@ export function imageLayout(imageDir: string) {
   };
 }
 
-/** Suffix of the temporary directories checkpoint() writes in; leftovers after a crash can go. */
-export const PARTIAL_IMAGE_MARKER = ".partial-";
 /** Prefix of a restore's view of an image's CRIU files (inside the image directory). */
 export const CRIU_VIEW_PREFIX = "criu-view-";
 
@@ -77,6 +81,10 @@ export async function readMeta(imageDir: string): Promise<CheckpointMeta> {
     meta = JSON.parse(text) as CheckpointMeta;
   } catch (err) {
     throw new CubicleError("failed_precondition", `the image ${path.basename(imageDir)} is damaged (meta.json is not JSON)`, { cause: err });
+  }
+  const runtime: unknown = meta.runtime ?? "container";
+  if (runtime !== "container") {
+    throw new CubicleError("failed_precondition", `the image ${path.basename(imageDir)} was made by the ${String(runtime)} runtime; the container runtime cannot restore it (restore it with the runtime that made it)`);
   }
   if (meta.version !== IMAGE_VERSION) {
     throw new CubicleError("failed_precondition", `the image ${path.basename(imageDir)} was made by an older Cubicle (format ${meta.version}, this server reads ${IMAGE_VERSION}); take a new snapshot`);

@@ -10,7 +10,8 @@ import { createNetworkManager } from "../../network/index.js";
 import type { NetworkManager, SandboxNetwork } from "../../network/types.js";
 import { defaultRunDir } from "../../shared/config.js";
 import { runCommand } from "../../shared/exec.js";
-import type { SandboxSpec } from "../types.js";
+import { imageId, type ImageKind } from "../images.js";
+import type { CheckpointTarget, SandboxSpec } from "../types.js";
 import { ContainerRuntime } from "./container-runtime.js";
 import { findCriu } from "./criu.js";
 import { agentGet, cleanUpRuntimeTest, waitForAgentHealth } from "./test-helpers.js";
@@ -71,9 +72,9 @@ async function newSandbox(on = runtime): Promise<Sandbox> {
   return { id: spec.sandboxId, net: spec.network, spec };
 }
 
-async function restoreClone(imageDir: string, memoryMiB = 256, on = runtime): Promise<Sandbox> {
+async function restoreClone(image: string, memoryMiB = 256, on = runtime): Promise<Sandbox> {
   const spec = await specFor(`${tag}c${counter++}`, memoryMiB);
-  await on.restore(spec, imageDir);
+  await on.restore(spec, image);
   return { id: spec.sandboxId, net: spec.network, spec };
 }
 
@@ -92,8 +93,17 @@ async function assertGone(id: string, on = runtime): Promise<void> {
   assert.deepEqual(on.cgroupDirectories(id).filter((dir) => existsSync(dir)), []);
 }
 
-function imageDir(name: string): string {
-  return path.join(imagesDir, name);
+/** The image `name` of `kind` as checkpoint() is asked for it, as restore() takes it, and where it is on disk. */
+function target(name: string, kind: ImageKind = "snapshot"): CheckpointTarget {
+  return { kind, name };
+}
+
+function idOf(name: string, kind: ImageKind = "snapshot"): string {
+  return imageId(kind, name);
+}
+
+function imageDir(name: string, kind: ImageKind = "snapshot"): string {
+  return runtime.images.dirOf(idOf(name, kind));
 }
 
 describe("container checkpoints (CRIU)", { skip }, () => {
@@ -106,11 +116,11 @@ describe("container checkpoints (CRIU)", { skip }, () => {
       { agentScript: path.join(repoRoot, "test", "runtime-dev", "health-agent.cjs") },
     );
     await runtime.init();
-    // Images must be made on the runtime's storage (in its image budget).
-    imagesDir = path.join(runtime.imagesDir, "test");
+    // Where the runtime keeps snapshot images (what the tests look into).
+    imagesDir = path.dirname(imageDir("any"));
   });
 
-  after(() => cleanUpRuntimeTest({ runtime, network, netnsPrefix, tableName, stateDir }));
+  after(() => cleanUpRuntimeTest({ runtime, network, tableName, stateDir }));
 
   test("a clone restored into a new netns keeps memory, files, deletions and /dev/shm, while the source runs on", async () => {
     const source = await newSandbox();
@@ -124,7 +134,8 @@ describe("container checkpoints (CRIU)", { skip }, () => {
       const keepAlive = new http.Agent({ keepAlive: true, maxSockets: 1 });
       assert.equal((await get(source.net.sandboxAddress, "/health", { agent: keepAlive })).status, 204);
 
-      const info = await runtime.checkpoint(source.id, imageDir("clone"), { memory: true, leaveRunning: true });
+      const info = await runtime.checkpoint(source.id, target("clone"), { memory: true, leaveRunning: true });
+      assert.equal(info.imageId, idOf("clone"));
       assert.equal(info.memory, true);
       assert.ok(info.frozenMs > 0 && info.sizeBytes > 0, JSON.stringify(info));
       assert.deepEqual((await readdir(imagesDir)).sort(), ["clone"]);
@@ -138,7 +149,7 @@ describe("container checkpoints (CRIU)", { skip }, () => {
       assert.equal(await counterOf(source), 3);
       assert.equal((await sh(source, "echo changed > /root/kept")).exitCode, 0);
 
-      clone = await restoreClone(imageDir("clone"), 300);
+      clone = await restoreClone(idOf("clone"), 300);
       assert.notEqual(clone.net.sandboxAddress, source.net.sandboxAddress);
       assert.equal(await runtime.state(clone.id), "running");
       // The clone's memory is the source's at the checkpoint: its counter goes on from 2.
@@ -157,7 +168,7 @@ describe("container checkpoints (CRIU)", { skip }, () => {
       const members = (await readFile(path.join(path.dirname(memoryLimit), "cgroup.procs"), "utf8")).split("\n").filter(Boolean);
       assert.ok(members.length >= 2, `the clone's memory cgroup holds ${members.length} processes`);
       // The image is untouched by the restore and can be restored again.
-      const second = await restoreClone(imageDir("clone"));
+      const second = await restoreClone(idOf("clone"));
       assert.equal(await counterOf(second), 3);
       await removeSandbox(second);
       await assertGone(second.id);
@@ -172,7 +183,7 @@ describe("container checkpoints (CRIU)", { skip }, () => {
   test("a restore's view of an image left by a crash is removed when the runtime starts again", async () => {
     const source = await newSandbox();
     try {
-      await runtime.checkpoint(source.id, imageDir("views"), { memory: true, leaveRunning: true });
+      await runtime.checkpoint(source.id, target("views"), { memory: true, leaveRunning: true });
       const view = path.join(imageDir("views"), "criu-view-crashed-1");
       await mkdir(view);
       const again = new ContainerRuntime(
@@ -193,9 +204,9 @@ describe("container checkpoints (CRIU)", { skip }, () => {
     const clones: Sandbox[] = [];
     try {
       await counterOf(source);
-      await runtime.checkpoint(source.id, imageDir("fanout"), { memory: true, leaveRunning: true });
+      await runtime.checkpoint(source.id, target("fanout"), { memory: true, leaveRunning: true });
       const specs = await Promise.all([0, 1, 2].map(() => specFor(`${tag}f${counter++}`)));
-      await Promise.all(specs.map((spec) => runtime.restore(spec, imageDir("fanout"))));
+      await Promise.all(specs.map((spec) => runtime.restore(spec, idOf("fanout"))));
       clones.push(...specs.map((spec) => ({ id: spec.sandboxId, net: spec.network, spec })));
       for (const clone of clones) assert.equal(await counterOf(clone), 2);
       assert.equal((await sh(clones[0]!, "echo mine > /root/own")).exitCode, 0);
@@ -213,8 +224,8 @@ describe("container checkpoints (CRIU)", { skip }, () => {
     try {
       const prepared = await sh(source, "echo mine > /root/owned && chown 1000:1000 /root/owned && echo shm > /dev/shm/user && chown 1000:1000 /dev/shm/user && chmod 600 /dev/shm/user");
       assert.equal(prepared.exitCode, 0, prepared.stderr);
-      await runtime.checkpoint(source.id, imageDir("ranges"), { memory: true, leaveRunning: true });
-      for (let i = 0; i < 2; i++) clones.push(await restoreClone(imageDir("ranges")));
+      await runtime.checkpoint(source.id, target("ranges"), { memory: true, leaveRunning: true });
+      for (let i = 0; i < 2; i++) clones.push(await restoreClone(idOf("ranges")));
       const bases = [source, ...clones].map((sandbox) => runtime.uidBaseOf(sandbox.id)!);
       assert.equal(new Set(bases).size, 3, `uid bases ${bases.join(", ")}`);
       for (const clone of clones) {
@@ -236,14 +247,14 @@ describe("container checkpoints (CRIU)", { skip }, () => {
     try {
       await counterOf(sandbox);
       assert.equal((await sh(sandbox, "echo before-pause > /root/p")).exitCode, 0);
-      const info = await runtime.checkpoint(sandbox.id, imageDir("pause"), { memory: true, leaveRunning: false });
+      const info = await runtime.checkpoint(sandbox.id, target("pause", "pause"), { memory: true, leaveRunning: false });
       assert.ok(info.frozenMs > 0);
       assert.equal(await runtime.state(sandbox.id), "missing");
       assert.ok((await runtime.list()).includes(sandbox.id), "the paused sandbox is no longer listed");
       assert.deepEqual(runtime.cgroupDirectories(sandbox.id).filter((dir) => existsSync(dir)), [], "the paused sandbox still holds cgroups");
       await assert.rejects(get(sandbox.net.sandboxAddress, "/health", { timeoutMs: 300 }));
 
-      await runtime.restore(sandbox.spec, imageDir("pause"));
+      await runtime.restore(sandbox.spec, idOf("pause", "pause"));
       assert.equal(await runtime.state(sandbox.id), "running");
       assert.equal(await counterOf(sandbox), 2);
       assert.equal((await sh(sandbox, "cat /root/p")).stdout, "before-pause\n");
@@ -255,10 +266,10 @@ describe("container checkpoints (CRIU)", { skip }, () => {
 
   test("destroy cleans a sandbox left in durable pause", async () => {
     const sandbox = await newSandbox();
-    await runtime.checkpoint(sandbox.id, imageDir("pause-destroy"), { memory: true, leaveRunning: false });
+    await runtime.checkpoint(sandbox.id, target("pause-destroy", "pause"), { memory: true, leaveRunning: false });
     await removeSandbox(sandbox);
     await assertGone(sandbox.id);
-    assert.ok(existsSync(path.join(imageDir("pause-destroy"), "meta.json")), "destroy removed the image");
+    assert.ok(existsSync(path.join(imageDir("pause-destroy", "pause"), "meta.json")), "destroy removed the image");
   });
 
   test("a rollback (destroy, then restore the same id) brings the snapshot's files and memory back", async () => {
@@ -266,13 +277,13 @@ describe("container checkpoints (CRIU)", { skip }, () => {
     try {
       await counterOf(sandbox);
       assert.equal((await sh(sandbox, "echo v1 > /root/doc")).exitCode, 0);
-      await runtime.checkpoint(sandbox.id, imageDir("rollback"), { memory: true, leaveRunning: true });
+      await runtime.checkpoint(sandbox.id, target("rollback"), { memory: true, leaveRunning: true });
       assert.equal((await sh(sandbox, "echo v2 > /root/doc && echo new > /root/added && rm /etc/hostname")).exitCode, 0);
       await counterOf(sandbox);
-      await assert.rejects(runtime.restore(sandbox.spec, imageDir("rollback")), /destroy it before restoring/);
+      await assert.rejects(runtime.restore(sandbox.spec, idOf("rollback")), /destroy it before restoring/);
 
       await runtime.destroy(sandbox.id);
-      await runtime.restore(sandbox.spec, imageDir("rollback"));
+      await runtime.restore(sandbox.spec, idOf("rollback"));
       assert.equal(await counterOf(sandbox), 2);
       assert.equal((await sh(sandbox, "cat /root/doc")).stdout, "v1\n");
       assert.notEqual((await sh(sandbox, "test -e /root/added")).exitCode, 0);
@@ -289,10 +300,10 @@ describe("container checkpoints (CRIU)", { skip }, () => {
       await counterOf(source);
       await counterOf(source);
       assert.equal((await sh(source, "echo fs-only > /root/f && rm /etc/motd")).exitCode, 0);
-      const info = await runtime.checkpoint(source.id, imageDir("fs"), { memory: false, leaveRunning: true });
+      const info = await runtime.checkpoint(source.id, target("fs"), { memory: false, leaveRunning: true });
       assert.equal(info.memory, false);
       assert.ok(!existsSync(path.join(imageDir("fs"), "criu")));
-      clone = await restoreClone(imageDir("fs"));
+      clone = await restoreClone(idOf("fs"));
       await waitForAgent(clone.net.sandboxAddress);
       assert.equal(await counterOf(clone), 1, "a fresh agent starts counting at 1");
       assert.equal((await sh(clone, "cat /root/f")).stdout, "fs-only\n");
@@ -308,9 +319,9 @@ describe("container checkpoints (CRIU)", { skip }, () => {
     const sandbox = await newSandbox();
     try {
       assert.equal((await sh(sandbox, "echo paused > /root/f")).exitCode, 0);
-      await runtime.checkpoint(sandbox.id, imageDir("fs-pause"), { memory: false, leaveRunning: false });
+      await runtime.checkpoint(sandbox.id, target("fs-pause", "pause"), { memory: false, leaveRunning: false });
       assert.equal(await runtime.state(sandbox.id), "missing");
-      await runtime.restore(sandbox.spec, imageDir("fs-pause"));
+      await runtime.restore(sandbox.spec, idOf("fs-pause", "pause"));
       await waitForAgent(sandbox.net.sandboxAddress);
       assert.equal((await sh(sandbox, "cat /root/f")).stdout, "paused\n");
     } finally {
@@ -321,12 +332,12 @@ describe("container checkpoints (CRIU)", { skip }, () => {
   test("a failed restore leaves the image intact, nothing of the sandbox behind, and says why", async () => {
     const source = await newSandbox();
     try {
-      await runtime.checkpoint(source.id, imageDir("corrupt"), { memory: true, leaveRunning: true });
+      await runtime.checkpoint(source.id, target("corrupt"), { memory: true, leaveRunning: true });
       const pagemap = (await readdir(path.join(imageDir("corrupt"), "criu"))).find((name) => name.startsWith("pagemap-"))!;
       const pagemapFile = path.join(imageDir("corrupt"), "criu", pagemap);
       await writeFile(pagemapFile, "garbage, not a CRIU image");
       const spec = await specFor(`${tag}bad${counter++}`);
-      await assert.rejects(runtime.restore(spec, imageDir("corrupt")), (err: Error) => {
+      await assert.rejects(runtime.restore(spec, idOf("corrupt")), (err: Error) => {
         assert.match(err.message, /restore of sandbox .* failed/);
         assert.match(err.message, /CRIU log/);
         return true;
@@ -337,7 +348,7 @@ describe("container checkpoints (CRIU)", { skip }, () => {
       assert.ok(existsSync(path.join(imageDir("corrupt"), "meta.json")));
       // A directory that is not an image is refused before anything is made.
       const other = await specFor(`${tag}bad${counter++}`);
-      await assert.rejects(runtime.restore(other, path.join(imagesDir, "nothing-here")), /is not complete/);
+      await assert.rejects(runtime.restore(other, idOf("nothing-here")), /is not complete/);
       await assertGone(other.sandboxId);
       await network.release(other.sandboxId);
       assert.equal(await counterOf(source), 1);
@@ -346,18 +357,40 @@ describe("container checkpoints (CRIU)", { skip }, () => {
     }
   });
 
+  test("a removed image (its layer a btrfs subvolume) frees its id at once and is deleted in the background", async () => {
+    const source = await newSandbox();
+    try {
+      const first = await runtime.checkpoint(source.id, target("removed", "warm"), { memory: true, leaveRunning: true });
+      const usedBefore = runtime.imageBudget().usedBytes;
+      await runtime.images.remove(first.imageId);
+      assert.equal(await runtime.images.exists(first.imageId), false);
+      assert.equal(runtime.imageBudget().usedBytes, usedBefore - first.sizeBytes);
+      const second = await runtime.checkpoint(source.id, target("removed", "warm"), { memory: false, leaveRunning: true });
+      assert.equal(second.imageId, first.imageId);
+      await runtime.images.settled();
+      assert.deepEqual(await readdir(path.dirname(imageDir("removed", "warm"))), ["removed"]);
+      assert.deepEqual(await runtime.images.list("warm"), [first.imageId]);
+      assert.equal((await runtime.images.info(first.imageId))?.memory, false);
+      await runtime.images.remove(second.imageId);
+      await runtime.images.settled();
+      assert.deepEqual(await readdir(path.dirname(imageDir("removed", "warm"))), []);
+    } finally {
+      await removeSandbox(source);
+    }
+  });
+
   test("a failed checkpoint leaves no image and the source running", async () => {
     const source = await newSandbox();
     try {
-      await runtime.checkpoint(source.id, imageDir("taken"), { memory: true, leaveRunning: true });
-      await assert.rejects(runtime.checkpoint(source.id, imageDir("taken"), { memory: true, leaveRunning: false }), /already exists/);
+      await runtime.checkpoint(source.id, target("taken"), { memory: true, leaveRunning: true });
+      await assert.rejects(runtime.checkpoint(source.id, target("taken"), { memory: true, leaveRunning: false }), /already exists/);
       // A dump past the image budget (cut to what the images take now plus 1 MiB).
       const budget = runtime.imageBudget();
       runtime.setImageBudget(budget.usedBytes + 1024 * 1024);
       try {
         assert.equal((await sh(source, "head -c 3000000 /dev/urandom > /root/big")).exitCode, 0);
         const before = await readdir(imagesDir);
-        await assert.rejects(runtime.checkpoint(source.id, imageDir("over-budget"), { memory: true, leaveRunning: false }), (err: { code?: string }) => err.code === "insufficient_storage");
+        await assert.rejects(runtime.checkpoint(source.id, target("over-budget"), { memory: true, leaveRunning: false }), (err: { code?: string }) => err.code === "insufficient_storage");
         assert.deepEqual(await readdir(imagesDir), before);
       } finally {
         runtime.setImageBudget(budget.limitBytes);
@@ -367,7 +400,7 @@ describe("container checkpoints (CRIU)", { skip }, () => {
     } finally {
       await removeSandbox(source);
     }
-    await assert.rejects(runtime.checkpoint(source.id, imageDir("gone"), { memory: true, leaveRunning: true }), /not running/);
+    await assert.rejects(runtime.checkpoint(source.id, target("gone"), { memory: true, leaveRunning: true }), /not running/);
   });
 
   test("checkpoints the real agent and its clone serves envd and the interpreter port in the new netns; runc's CRIU version question is answered from the real CRIU's cached reply", { skip: existsSync(realAgent) ? false : "build the agent first (node scripts/build.mjs)" }, async () => {
@@ -382,8 +415,7 @@ describe("container checkpoints (CRIU)", { skip }, () => {
     let clone: Sandbox | undefined;
     try {
       await waitForPort(source.net.sandboxAddress, 49999);
-      const agentImage = path.join(agentRuntime.imagesDir, "real-agent");
-      await agentRuntime.checkpoint(source.id, agentImage, { memory: true, leaveRunning: true });
+      const { imageId: agentImage } = await agentRuntime.checkpoint(source.id, target("real-agent"), { memory: true, leaveRunning: true });
       const realCriu = await findCriu(agentState, undefined);
       const info = await stat(realCriu);
       const cached = await readFile(versionCache);

@@ -82,7 +82,7 @@ describe("container runtime", { skip }, () => {
     await runtime.init();
   });
 
-  after(() => cleanUpRuntimeTest({ runtime, network, netnsPrefix, tableName, stateDir }));
+  after(() => cleanUpRuntimeTest({ runtime, network, tableName, stateDir }));
 
   test("runs the agent as the mapped root, reachable from the host at the sandbox address", async () => {
     const { id, net } = await newSandbox();

@@ -1,15 +1,16 @@
 import { createHash } from "node:crypto";
-import { existsSync } from "node:fs";
-import { chmod, chown, mkdir, readdir, readFile, rename, rm, rmdir, stat, writeFile } from "node:fs/promises";
+import { chmod, chown, mkdir, readdir, readFile, rm, rmdir, stat, writeFile } from "node:fs/promises";
 import path from "node:path";
 import type { CubicleConfig } from "../../shared/config.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
 import { pathExists } from "../../shared/fs.js";
 import { createLogger } from "../../shared/log.js";
-import { type CheckpointInfo, type CheckpointOptions, type Runtime, type RuntimeState, type SandboxSpec, type SandboxStats } from "../types.js";
+import { imageId } from "../images.js";
+import { type CheckpointInfo, type CheckpointOptions, type CheckpointTarget, type Runtime, type RuntimeState, type SandboxSpec, type SandboxStats } from "../types.js";
 import { assembleAgentKit, findNativePackages, type AgentKit } from "./agent-kit.js";
-import { CRIU_VIEW_PREFIX, IMAGE_VERSION, imageLayout, makeCriuFilesReadable, PARTIAL_IMAGE_MARKER, readMeta, writeMeta, type CheckpointMeta } from "./checkpoint-image.js";
+import { CRIU_VIEW_PREFIX, IMAGE_VERSION, imageLayout, makeCriuFilesReadable, readMeta, writeMeta, type CheckpointMeta } from "./checkpoint-image.js";
+import { ContainerImageStore } from "./container-image-store.js";
 import { cgroupDirectories, detectCgroupLayout, readCgroupUsage, removeCgroupDirectories, supportsSwapLimit, type CgroupLayout } from "./cgroups.js";
 import { criuFrontEnv, criuLogTail, ensureCriuKdatCache, findCriu, installCriuForRunc, tarShimEnv, writeCriuConfig, writeTarShim } from "./criu.js";
 import { ANNOTATION_NETNS_PATH, ANNOTATION_ROOTFS_DIR, ANNOTATION_TEMPLATE_ID, buildOciSpec, CPU_PERIOD_USEC } from "./oci-spec.js";
@@ -107,6 +108,8 @@ interface CpuSample {
  */
 export class ContainerRuntime implements Runtime {
   readonly name = "container" as const;
+  /** The checkpoint images, on the storage pool (in its image budget). */
+  readonly images: ContainerImageStore;
   /** Phase timings of the most recent successful create. */
   lastCreateTimings: CreateTimings | undefined;
 
@@ -132,10 +135,9 @@ export class ContainerRuntime implements Runtime {
   private runcCriu: Promise<string> | undefined;
   private hostTar = "/usr/bin/tar";
   private kitFingerprint: string | undefined;
-  private partialCounter = 0;
+  /** Numbers restores' views of CRIU files apart. */
+  private viewCounter = 0;
   private deletionsSinceGc = 0;
-  /** Bytes of each complete image under imagesDir, for the image budget (see usedImageBytes). */
-  private readonly imageBytes = new Map<string, number>();
 
   constructor(
     private readonly config: ContainerRuntimeConfig,
@@ -152,14 +154,10 @@ export class ContainerRuntime implements Runtime {
       sizeBytes: config.storageBytes,
       imageBudgetBytes: config.imageBudgetBytes,
     });
+    this.images = new ContainerImageStore(this.pool.imagesDir, { onDeleted: () => this.noteDeletion() });
     this.kitSourceDir = path.join(config.stateDir, "kit");
     this.criuConfigFile = path.join(config.stateDir, "criu-runc.conf");
     this.criuBinDir = path.join(config.stateDir, "criu-bin");
-  }
-
-  /** Where checkpoint images must be made (on the storage pool, in the image budget). */
-  get imagesDir(): string {
-    return this.pool.imagesDir;
   }
 
   /** The kit as sandboxes reach it: a read-only bind of `<stateDir>/kit` under the run dir. */
@@ -199,7 +197,7 @@ export class ContainerRuntime implements Runtime {
       if (facts) this.uidRanges.claim(facts.uidBase);
     }
     await this.helper.collectQgroups(this.pool.mountDir).catch((err) => log.warn("collecting stale quota groups failed", { error: String(err) }));
-    await this.scanImages();
+    await this.images.init();
     log.info("container runtime ready", { cgroupVersion: this.cgroups.version, limitSwap: this.limitSwap, sys: this.options.sysfs ?? "empty", pool: this.pool.mountDir });
   }
 
@@ -369,37 +367,6 @@ export class ContainerRuntime implements Runtime {
     this.cpuSamples.delete(id);
   }
 
-  /**
-   * Finds the images of earlier server processes (their meta.json) for the budget, and removes
-   * what a crash left of restores: their views of an image's CRIU files.
-   */
-  private async scanImages(): Promise<void> {
-    for (const kind of await readdir(this.pool.imagesDir).catch(() => [] as string[])) {
-      const kindDir = path.join(this.pool.imagesDir, kind);
-      for (const name of await readdir(kindDir).catch(() => [] as string[])) {
-        const imageDir = path.join(kindDir, name);
-        for (const entry of await readdir(imageDir).catch(() => [] as string[])) {
-          if (entry.startsWith(CRIU_VIEW_PREFIX)) await rm(path.join(imageDir, entry), { recursive: true, force: true });
-        }
-        const meta = await readMeta(imageDir).catch(() => undefined);
-        if (meta) this.imageBytes.set(imageDir, meta.layerBytes + meta.criuBytes);
-      }
-    }
-  }
-
-  /**
-   * Bytes the images take (IMAGE_BUDGET_NOTE). Whoever owns an image deletes its directory;
-   * images whose directory is gone stop counting here.
-   */
-  usedImageBytes(): number {
-    let total = 0;
-    for (const [imageDir, bytes] of this.imageBytes) {
-      if (existsSync(imageDir)) total += bytes;
-      else this.imageBytes.delete(imageDir);
-    }
-    return total;
-  }
-
   /** Changes the image budget (bytes) of this running runtime; the configured one returns at the next start. */
   setImageBudget(bytes: number): void {
     this.pool.imageBudgetBytes = bytes;
@@ -407,7 +374,7 @@ export class ContainerRuntime implements Runtime {
 
   /** The image budget and what of it is used. */
   imageBudget(): { usedBytes: number; limitBytes: number } {
-    return { usedBytes: this.usedImageBytes(), limitBytes: this.pool.imageBudgetBytes };
+    return { usedBytes: this.images.usedBytes(), limitBytes: this.pool.imageBudgetBytes };
   }
 
   /**
@@ -420,7 +387,7 @@ export class ContainerRuntime implements Runtime {
     const layerBytes = layerId === undefined ? 0 : (await this.pool.usage(layerId).catch(() => ({ usedBytes: 0 }))).usedBytes;
     const memoryBytes = memory && this.cgroups ? (await readCgroupUsage(this.cgroups, cgroupsPathOf(id)).catch(() => undefined))?.memoryUsedBytes ?? 0 : 0;
     const needed = layerBytes + memoryBytes;
-    const used = this.usedImageBytes();
+    const used = this.images.usedBytes();
     const budget = this.pool.imageBudgetBytes;
     if (used + needed > budget) {
       const mib = (bytes: number) => Math.ceil(bytes / 1024 ** 2);
@@ -499,12 +466,12 @@ export class ContainerRuntime implements Runtime {
    * counts against the pool's image budget: past it, the checkpoint fails with
    * insufficient_storage and leaves nothing.
    */
-  async checkpoint(sandboxId: string, imageDir: string, options: CheckpointOptions): Promise<CheckpointInfo> {
+  async checkpoint(sandboxId: string, target: CheckpointTarget, options: CheckpointOptions): Promise<CheckpointInfo & { imageId: string }> {
     const id = checkId(sandboxId);
-    return this.exclusive(id, () => this.checkpointNow(id, path.resolve(imageDir), options));
+    return this.exclusive(id, () => this.checkpointNow(id, target, options));
   }
 
-  private async checkpointNow(id: string, imageDir: string, options: CheckpointOptions): Promise<CheckpointInfo> {
+  private async checkpointNow(id: string, target: CheckpointTarget, options: CheckpointOptions): Promise<CheckpointInfo & { imageId: string }> {
     const paths = this.paths(id);
     const containerId = CONTAINER_PREFIX + id;
     const found = await this.runc.state(containerId);
@@ -514,20 +481,18 @@ export class ContainerRuntime implements Runtime {
     const oci = await this.readOciConfig(id);
     const facts = this.facts.get(id) ?? (await this.readFacts(id));
     const criuPath = options.memory ? await this.criuForRunc() : undefined;
-    if (!isInside(this.pool.imagesDir, imageDir)) throw new CubicleError("internal", `checkpoint images must be made under ${this.pool.imagesDir}`);
 
-    await mkdir(path.dirname(imageDir), { recursive: true, mode: 0o700 });
-    if (await pathExists(imageDir)) throw new CubicleError("already_exists", `checkpoint image ${path.basename(imageDir)} already exists; choose a new directory`);
+    const wanted = imageId(target.kind, target.name);
+    if (await this.images.exists(wanted)) throw new CubicleError("already_exists", `checkpoint image ${wanted} already exists; choose a new name`);
     await this.checkImageBudget(id, facts.layerId, options.memory);
-    const partial = `${imageDir}${PARTIAL_IMAGE_MARKER}${process.pid}-${++this.partialCounter}`;
-    const layout = imageLayout(partial);
-    await mkdir(partial, { mode: 0o755 });
-    await mkdir(layout.log, { mode: 0o700 });
+    const pending = await this.images.allocate(target.kind, target.name);
+    const layout = imageLayout(pending.dir);
 
     const freezeHere = container?.status === "running";
     let frozenAt = performance.now();
     let thawedAt: number | undefined;
     try {
+      await mkdir(layout.log, { mode: 0o700 });
       if (freezeHere) {
         await this.runc.pause(containerId);
         frozenAt = performance.now();
@@ -554,6 +519,7 @@ export class ContainerRuntime implements Runtime {
       const layerBytes = (await this.pool.usage(snapshotId).catch(() => ({ usedBytes: 0 }))).usedBytes;
       const meta: CheckpointMeta = {
         version: IMAGE_VERSION,
+        runtime: "container",
         sandboxId: id,
         templateId: oci.annotations?.[ANNOTATION_TEMPLATE_ID] ?? "",
         rootfsDir: oci.annotations?.[ANNOTATION_ROOTFS_DIR] ?? "",
@@ -567,23 +533,23 @@ export class ContainerRuntime implements Runtime {
         layerBytes,
         criuBytes,
       };
-      await writeMeta(partial, meta);
-      await rename(partial, imageDir);
-      this.imageBytes.set(imageDir, meta.layerBytes + meta.criuBytes);
+      await writeMeta(pending.dir, meta);
+      const image = await this.images.commit(pending);
       if (!options.leaveRunning && container) {
         await this.stopKeepingBundle(id).catch((err) => {
-          throw new CubicleError("internal", `checkpoint image ${path.basename(imageDir)} is complete, but sandbox ${id} could not be stopped: ${CubicleError.from(err).message}`, { cause: err });
+          throw new CubicleError("internal", `checkpoint image ${image.id} is complete, but sandbox ${id} could not be stopped: ${CubicleError.from(err).message}`, { cause: err });
         });
         thawedAt = performance.now();
         meta.frozenMs = round(thawedAt - frozenAt);
-        await writeMeta(imageDir, meta);
+        await writeMeta(this.images.dirOf(image.id), meta);
       }
-      log.debug("checkpointed", { sandboxId: id, imageDir, ...options, frozenMs: meta.frozenMs, layerSnapshotMs: meta.layerSnapshotMs, dumpMs: meta.dumpMs });
-      return { sizeBytes: meta.layerBytes + meta.criuBytes, frozenMs: meta.frozenMs, memory: options.memory };
+      log.debug("checkpointed", { sandboxId: id, imageId: image.id, ...options, frozenMs: meta.frozenMs, layerSnapshotMs: meta.layerSnapshotMs, dumpMs: meta.dumpMs });
+      return { imageId: image.id, sizeBytes: image.sizeBytes, frozenMs: meta.frozenMs, memory: options.memory };
     } catch (err) {
       // The source sandbox must come out of a failed checkpoint running as it went in.
       if (freezeHere && thawedAt === undefined) await this.runc.resume(containerId).catch((thawErr) => log.warn("thaw after failed checkpoint failed", { sandboxId: id, error: String(thawErr) }));
-      await rm(partial, { recursive: true, force: true });
+      // After the commit, this finds nothing: a complete image stays (its id was not returned, but it is listed).
+      await this.images.abandon(pending);
       throw CubicleError.from(err);
     }
   }
@@ -600,10 +566,11 @@ export class ContainerRuntime implements Runtime {
    * here), the environment (CUBICLE_SANDBOX_ID of the source) and closed TCP connections; the
    * caller re-initialises the agent.
    */
-  async restore(spec: SandboxSpec, imageDir: string): Promise<void> {
+  async restore(spec: SandboxSpec, imageId: string): Promise<void> {
     try {
       const id = checkId(spec.sandboxId);
-      await this.exclusive(id, () => this.restoreNow(spec, path.resolve(imageDir)));
+      const imageDir = this.images.dirOf(imageId);
+      await this.exclusive(id, () => this.restoreNow(spec, imageDir));
     } catch (err) {
       await settled(spec.networkReady);
       throw err;
@@ -625,7 +592,7 @@ export class ContainerRuntime implements Runtime {
 
     const started = performance.now();
     const uidBase = this.uidRanges.allocate();
-    const criuView = criuPath ? path.join(imageDir, `${CRIU_VIEW_PREFIX}${id}-${process.pid}-${++this.partialCounter}`) : undefined;
+    const criuView = criuPath ? path.join(imageDir, `${CRIU_VIEW_PREFIX}${id}-${process.pid}-${++this.viewCounter}`) : undefined;
     try {
       const timings: Record<string, number> = await this.prepareBundle(spec, uidBase, { kind: "image", imageDir, memory: meta.memory, criuView });
       const bundled = performance.now();
@@ -825,11 +792,6 @@ export class ContainerRuntime implements Runtime {
     this.facts.set(id, facts);
     return facts;
   }
-}
-
-function isInside(dir: string, file: string): boolean {
-  const relative = path.relative(dir, file);
-  return relative !== "" && !relative.startsWith("..") && !path.isAbsolute(relative);
 }
 
 /** Template trees hold the canonical ids; a tree path is passed to the helper as an argument. */

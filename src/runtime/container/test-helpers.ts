@@ -46,11 +46,12 @@ export async function waitForAgentHealth(host: string, timeoutMs = 15_000): Prom
  * Removes everything a runtime test made, even after a failure: its sandboxes, namespaces,
  * nftables table and state directory.
  */
-export async function cleanUpRuntimeTest(parts: { runtime?: ContainerRuntime; network?: NetworkManager; netnsPrefix: string; tableName: string; stateDir?: string }): Promise<void> {
+export async function cleanUpRuntimeTest(parts: { runtime?: ContainerRuntime; network?: NetworkManager; tableName: string; stateDir?: string }): Promise<void> {
   const { runtime, network } = parts;
   for (const id of (await runtime?.list()) ?? []) await runtime!.destroy(id).catch((err) => console.error("cleanup", id, err));
+  await runtime?.images.settled();
   await runtime?.releaseHostMounts().catch((err) => console.error("cleanup: unmounting", err));
-  for (const name of (await network?.listNamespaces()) ?? []) await network!.release(name.slice(parts.netnsPrefix.length)).catch(() => {});
+  for (const id of (await network?.listRuntimeIds()) ?? []) await network!.release(id).catch(() => {});
   await runCommand(["nft", "delete", "table", "inet", parts.tableName], { allowFailure: true });
   if (parts.stateDir) await rm(parts.stateDir, { recursive: true, force: true });
 }
