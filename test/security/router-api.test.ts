@@ -224,7 +224,9 @@ test("an error that involves host paths (a broken state directory) reaches the c
   // The snapshot directory made unusable two ways: a file in its place (EEXIST: a 409 whose
   // cause names the path) and a symlink loop (ELOOP: a 500).
   const snapshotsDir = path.join(server.runDir, "pool", "images", "snapshots");
-  assert.equal(fs.existsSync(snapshotsDir), false, "no snapshot was taken on this server yet");
+  // The image store makes it empty at start; no snapshot was taken on this server yet.
+  assert.deepEqual(fs.readdirSync(snapshotsDir), [], "no snapshot was taken on this server yet");
+  fs.rmdirSync(snapshotsDir);
   try {
     fs.writeFileSync(snapshotsDir, "not a directory");
     const eexist = await server.api("POST", `/sandboxes/${sandbox.sandboxId}/snapshots`, {});
@@ -243,6 +245,7 @@ test("an error that involves host paths (a broken state directory) reaches the c
     assert.doesNotMatch(eloop.json.message, /ELOOP|\n\s+at /);
   } finally {
     fs.rmSync(snapshotsDir, { force: true });
+    fs.mkdirSync(snapshotsDir, { mode: 0o711 });
   }
   assert.equal((await sandbox.commands.run("echo still here")).stdout, "still here\n", "the sandbox kept running");
   await assertServerSurvived();
