@@ -6,7 +6,6 @@ import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
 import { pathExists } from "../../shared/fs.js";
 import { createLogger } from "../../shared/log.js";
-import { imageId } from "../images.js";
 import { type CheckpointInfo, type CheckpointOptions, type CheckpointTarget, type Runtime, type RuntimeState, type SandboxSpec, type SandboxStats } from "../types.js";
 import { assembleAgentKit, findNativePackages, type AgentKit } from "./agent-kit.js";
 import { CRIU_VIEW_PREFIX, IMAGE_VERSION, imageLayout, makeCriuFilesReadable, readMeta, writeMeta, type CheckpointMeta } from "./checkpoint-image.js";
@@ -482,8 +481,6 @@ export class ContainerRuntime implements Runtime {
     const facts = this.facts.get(id) ?? (await this.readFacts(id));
     const criuPath = options.memory ? await this.criuForRunc() : undefined;
 
-    const wanted = imageId(target.kind, target.name);
-    if (await this.images.exists(wanted)) throw new CubicleError("already_exists", `checkpoint image ${wanted} already exists; choose a new name`);
     await this.checkImageBudget(id, facts.layerId, options.memory);
     const pending = await this.images.allocate(target.kind, target.name);
     const layout = imageLayout(pending.dir);
