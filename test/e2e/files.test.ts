@@ -200,6 +200,32 @@ test("the default user cannot read /root; root can", async () => {
   await sandbox.files.remove("fs-dev-root-home.txt", { user: "root" });
 });
 
+test("writes make missing parents the default user could not make, like upstream; existing files keep their permissions", async () => {
+  const top = `/newdir-${Date.now().toString(36)}`;
+  const single = await sandbox.files.write(`${top}/file.txt`, "made");
+  assert.equal(single.path, `${top}/file.txt`);
+  assert.equal(await sandbox.files.read(`${top}/file.txt`), "made");
+  await sandbox.files.write([
+    { path: `${top}-multi/a.txt`, data: "a" },
+    { path: `${top}-multi/deeper/b.txt`, data: "b" },
+  ]);
+  assert.equal(await sandbox.files.read(`${top}-multi/deeper/b.txt`), "b");
+  const owners = await sandbox.commands.run(`stat -c '%U:%G %a %n' ${top} ${top}/file.txt ${top}-multi ${top}-multi/deeper ${top}-multi/deeper/b.txt`);
+  assert.deepEqual(
+    owners.stdout.trim().split("\n").map((line) => line.split(" ").slice(0, 1)[0]),
+    Array(5).fill(`${defaultUser}:${defaultUser}`),
+    owners.stdout,
+  );
+  await assert.rejects(sandbox.files.write("/etc/passwd", "x"), /permission denied/);
+  await assert.rejects(sandbox.files.write("/etc/not-the-users.txt", "x"), /permission denied/);
+  assert.match((await sandbox.files.read("/etc/passwd")), /^root:/);
+  // Code in the sandbox cannot steer root's directory making: a link of the user's to /etc.
+  await sandbox.commands.run(`ln -sfn /etc ${home}/link-to-etc`);
+  await assert.rejects(sandbox.files.write(`${home}/link-to-etc/cubicle-planted/x`, "x"), /permission denied/);
+  assert.equal(await sandbox.files.exists("/etc/cubicle-planted", { user: "root" }), false);
+  await sandbox.commands.run(`rm -rf ${top} ${top}-multi ${home}/link-to-etc`, { user: "root" });
+});
+
 test("concurrent reads and writes as two users keep their identities", async () => {
   const tasks: Array<Promise<unknown>> = [];
   for (let index = 0; index < 30; index++) {

@@ -209,6 +209,63 @@ test("a non-root user cannot read or write where it has no permission, and owns 
   assert.equal(fs.statSync(path.join(shared, "deep/dir/file.txt")).gid, nobody.gid);
 });
 
+test("missing parents the user could not make are made as root and handed to it, like upstream; nothing else is", { skip: !isRoot && "needs root" }, async () => {
+  const nobody = lookupUser("nobody");
+  // Searchable by everyone (a temp dir is 0700), under the sticky /tmp: no entry on the way is nobody's to rename.
+  const base = path.join(directory, "parents");
+  fs.mkdirSync(base);
+  fs.chmodSync(directory, 0o755);
+  const rootOnly = path.join(base, "ro");
+  fs.mkdirSync(rootOnly, { mode: 0o755 });
+  fs.writeFileSync(path.join(rootOnly, "existing"), "root's", { mode: 0o644 });
+  const octet = { "Content-Type": "application/octet-stream" };
+
+  const made = await send("POST", { path: path.join(rootOnly, "new/deeper/file.txt"), username: "nobody" }, octet, Buffer.from("mine"));
+  assert.equal(made.status, 200, made.body.toString());
+  for (const part of ["new", "new/deeper", "new/deeper/file.txt"]) {
+    const stats = fs.statSync(path.join(rootOnly, part));
+    assert.deepEqual([stats.uid, stats.gid], [nobody.uid, nobody.gid], `${part} is nobody's`);
+  }
+  assert.equal(fs.statSync(path.join(rootOnly, "new")).mode & 0o777, 0o755);
+  const { body, contentType } = multipart([{ filename: path.join(rootOnly, "other/file.txt"), data: "mine too" }]);
+  const multi = await send("POST", { username: "nobody" }, { "Content-Type": contentType }, body);
+  assert.equal(multi.status, 200, multi.body.toString());
+  assert.equal(fs.statSync(path.join(rootOnly, "other")).uid, nobody.uid);
+
+  const overwrite = await send("POST", { path: path.join(rootOnly, "existing"), username: "nobody" }, octet, Buffer.from("x"));
+  assert.equal(overwrite.status, 403, "an existing file keeps its permissions");
+  assert.equal(fs.readFileSync(path.join(rootOnly, "existing"), "utf8"), "root's");
+  const inRootDir = await send("POST", { path: path.join(rootOnly, "file-in-root-dir"), username: "nobody" }, octet, Buffer.from("x"));
+  assert.equal(inRootDir.status, 403, "a new file directly in root's directory is still refused");
+
+  // A way nobody could change (a root directory inside a world-writable, non-sticky one): nothing is made as root.
+  const shared = path.join(base, "shared");
+  fs.mkdirSync(shared);
+  fs.chmodSync(shared, 0o777);
+  fs.mkdirSync(path.join(shared, "ro2"), { mode: 0o755 });
+  const swappable = await send("POST", { path: path.join(shared, "ro2/x/file"), username: "nobody" }, octet, Buffer.from("x"));
+  assert.equal(swappable.status, 403, swappable.body.toString());
+  assert.equal(fs.existsSync(path.join(shared, "ro2/x")), false);
+  // Nor through a root-owned symlink whose real way nobody could change.
+  fs.symlinkSync(path.join(shared, "ro2"), path.join(base, "link"));
+  const linked = await send("POST", { path: path.join(base, "link/y/file"), username: "nobody" }, octet, Buffer.from("x"));
+  assert.equal(linked.status, 403, linked.body.toString());
+  assert.equal(fs.existsSync(path.join(shared, "ro2/y")), false);
+  // Nor through a link of nobody's (in a directory it may write) to root's directory.
+  fs.mkdirSync(path.join(base, "nobodys"), { mode: 0o755 });
+  fs.chownSync(path.join(base, "nobodys"), nobody.uid, nobody.gid);
+  fs.symlinkSync(rootOnly, path.join(base, "nobodys/link"));
+  fs.lchownSync(path.join(base, "nobodys/link"), nobody.uid, nobody.gid);
+  const steered = await send("POST", { path: path.join(base, "nobodys/link/planted/file"), username: "nobody" }, octet, Buffer.from("x"));
+  assert.equal(steered.status, 403, steered.body.toString());
+  assert.equal(fs.existsSync(path.join(rootOnly, "planted")), false);
+  // Nor where nobody cannot search.
+  fs.mkdirSync(path.join(base, "secret"), { mode: 0o700 });
+  const hidden = await send("POST", { path: path.join(base, "secret/x/file"), username: "nobody" }, octet, Buffer.from("x"));
+  assert.equal(hidden.status, 403, hidden.body.toString());
+  assert.equal(fs.existsSync(path.join(base, "secret/x")), false);
+});
+
 test("concurrent uploads by different users each get their own ownership", { skip: !isRoot && "needs root" }, async () => {
   const nobody = lookupUser("nobody");
   const shared = path.join(directory, "concurrent");

@@ -19,6 +19,7 @@ import { metadataStore, validateMetadata, type Metadata } from "../filesystem/me
 import { errnoOf, fsErrorCode, fsFailure, syscallErrorText, toCubicleError } from "../errors.js";
 import { openRegularFileForReading, openRegularFileForWriting } from "../filesystem/regular-file.js";
 import { ensureDirectories } from "../filesystem/operations.js";
+import { makeMissingParentsAsRoot } from "../filesystem/parents-as-root.js";
 import { abandonBody } from "./request-body.js";
 
 const log = createLogger("agent.files");
@@ -315,11 +316,14 @@ function duplicateDestination(destination: string, uploaded: UploadedEntry[]): F
 }
 
 /**
- * Writes one uploaded file: parents created and the file opened (O_TRUNC) as the user, so they
- * are owned by them; the file is chowned to the user if it belonged to someone else (upstream
+ * Writes one uploaded file: missing parents the user could not make are made as root and handed
+ * to the user (makeMissingParentsAsRoot), the others and the file (O_TRUNC) as the user, so
+ * they are owned by them; the file is chowned to the user if it belonged to someone else (upstream
  * chowns every upload); the data then streams into the descriptor as root.
  */
 export async function writeUploadedFile(user: AgentUser, destination: string, source: Readable, metadata: Metadata): Promise<UploadedEntry> {
+  // Missing parents where the user could not make them (`/newdir`): as root, like upstream.
+  makeMissingParentsAsRoot(user, path.dirname(destination));
   const { fd, stats } = runAsUser(user, () => {
     try {
       ensureDirectories(path.dirname(destination));
