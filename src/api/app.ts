@@ -126,6 +126,15 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
   }
   app.setErrorHandler(sendE2bError);
 
+  // A body fastify refuses (over the limit: before it is read) is answered with "Connection:
+  // close", and the socket closed while the client still sends: the client then sees a reset
+  // (EPIPE) instead of the answer. Without it, Node reads and drops the rest of the body after
+  // the answer (bounded by the server's request timeout) and the client reads the answer.
+  app.addHook("onSend", async (request, reply, payload) => {
+    if (reply.getHeader("connection") === "close" && !request.raw.complete) reply.removeHeader("connection");
+    return payload;
+  });
+
   app.setNotFoundHandler(function sendNotFound(request, reply) {
     const message = `no such endpoint: ${request.method} ${request.url.split("?")[0]!.slice(0, 200)}`;
     void reply.status(404).send({ code: 404, message: redactHostPaths(message, hostDirs) });

@@ -20,7 +20,14 @@ export function writeRawJsonResponse(socket: Duplex, status: number, body: Recor
     }
     const text = JSON.stringify(body);
     const head = `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? "Error"}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(text)}\r\nconnection: close\r\n\r\n`;
-    socket.end(head + text, () => socket.destroy());
+    // The client may still be sending (a body behind a head Node refused): cut off now, it would
+    // get a reset (EPIPE) instead of this answer. So the rest it sends is read and dropped until
+    // it closes its side, LINGER_MS at most.
+    socket.removeAllListeners("data");
+    socket.on("data", () => undefined);
+    socket.once("end", () => socket.destroy());
+    socket.end(head + text);
+    socket.resume();
     setTimeout(() => socket.destroy(), LINGER_MS).unref();
   } catch (err) {
     log.debug("could not answer on a raw socket", { error: String(err) });

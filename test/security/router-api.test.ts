@@ -251,6 +251,32 @@ test("an error that involves host paths (a broken state directory) reaches the c
   await assertServerSurvived();
 });
 
+test("a body over the API's limit, or behind a head too large for Node, gets its answer with an E2B body, not a reset", async () => {
+  // 3 MiB with a content-length (refused before it is read) and chunked (refused while read).
+  const big = JSON.stringify({ templateID: "base", envVars: { A: "x".repeat(3 * 1024 * 1024) } });
+  for (let round = 0; round < 5; round++) {
+    const sized = await fetch(`${server.url}/sandboxes`, { method: "POST", headers: { "x-api-key": server.apiKey, "content-type": "application/json" }, body: big });
+    const sizedText = await sized.text();
+    assert.equal(sized.status, 400, sizedText);
+    assert.ok(isE2bErrorBody(sizedText, 400) && /too large/.test(sizedText), sizedText);
+    const chunked = await fetch(`${server.url}/sandboxes`, {
+      method: "POST",
+      headers: { "x-api-key": server.apiKey, "content-type": "application/json" },
+      body: new Blob([big]).stream(),
+      duplex: "half",
+    } as RequestInit & { duplex: "half" });
+    const chunkedText = await chunked.text();
+    assert.equal(chunked.status, 400, chunkedText);
+    assert.ok(isE2bErrorBody(chunkedText, 400) && /too large/.test(chunkedText), chunkedText);
+    // A head Node itself refuses (over 16 KiB), the body still coming: the answer, not a reset.
+    const longHead = await fetch(`${server.url}/sandboxes?q=${"x".repeat(20_000)}`, { method: "POST", headers: { "x-api-key": server.apiKey, "content-type": "application/json" }, body: big });
+    const longHeadText = await longHead.text();
+    assert.equal(longHead.status, 431, longHeadText);
+    assert.ok(isE2bErrorBody(longHeadText, 431), longHeadText);
+  }
+  await assertServerSurvived();
+});
+
 test("query parameters given twice, overlong ids and bad URL encodings get 400 with an E2B body", async () => {
   for (const urlPath of [
     "/v2/sandboxes?template=a&template=b",
