@@ -359,6 +359,22 @@ export function fakeManager(options: Partial<SandboxManagerOptions> = {}) {
   return { ...host, manager, close: () => manager.close() };
 }
 
+/** Runs `body` on a fakeManager and closes it afterwards, also when `body` throws. */
+export async function withFakeManager(options: Partial<SandboxManagerOptions>, body: (f: ReturnType<typeof fakeManager>) => Promise<void>): Promise<void> {
+  const f = fakeManager(options);
+  try {
+    await body(f);
+  } finally {
+    await f.close();
+  }
+}
+
+/** Waits (5 ms steps, `timeoutMs` at most) until `check` holds, and fails the test if it never does. */
+export async function until(check: () => boolean, timeoutMs = 2500): Promise<void> {
+  for (const deadline = Date.now() + timeoutMs; !check() && Date.now() < deadline; ) await new Promise((r) => setTimeout(r, 5));
+  if (!check()) throw new Error("condition not reached in time");
+}
+
 /** The last /init the fake agent link sent to an address. */
 export function lastInit(agent: ReturnType<typeof createFakeAgentLink>, address: string): InitBody | undefined {
   return agent.callsOf("init").filter((call) => call.address === address).at(-1)?.body;

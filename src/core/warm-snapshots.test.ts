@@ -1,17 +1,15 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { parseImageId } from "../runtime/images.js";
-import { fakeHost } from "./test-fakes.js";
+import { fakeHost, fakeTemplate } from "./test-fakes.js";
 import type { TemplateInfo } from "./types.js";
 import { WarmSnapshots } from "./warm-snapshots.js";
 
 const template: TemplateInfo = {
+  ...fakeTemplate,
   templateId: "code-interpreter-v1",
   aliases: ["code-interpreter-v1", "ci"],
-  cpuCount: 1,
-  memoryMB: 512,
-  diskSizeMB: 0,
-  image: { templateId: "code-interpreter-v1", rootfsDir: "/x", defaultUser: "user", defaultWorkdir: "/home/user", env: {} },
+  image: { ...fakeTemplate.image, templateId: "code-interpreter-v1" },
 };
 
 /** The counting fakes, with creates that always fail (no real sandbox). */

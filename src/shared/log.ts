@@ -24,3 +24,8 @@ export function createLogger(component: string): Logger {
     error: (m, f) => write("error", m, f),
   };
 }
+
+/** A duration for a log field: milliseconds to one decimal. */
+export function roundMs(ms: number): number {
+  return Math.round(ms * 10) / 10;
+}

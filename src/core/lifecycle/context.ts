@@ -1,7 +1,7 @@
 import type { NetworkManager } from "../../network/types.js";
 import type { Runtime, SandboxSpec } from "../../runtime/types.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
-import { createLogger } from "../../shared/log.js";
+import { createLogger, roundMs } from "../../shared/log.js";
 import { runtimeIdOf, type SandboxRecord, type Store } from "../../store/types.js";
 import { AGENT_READY_TIMEOUT_MS, buildInitBody, type AgentLink } from "../../protocol/index.js";
 import { newSandboxId, newToken } from "../ids.js";
@@ -28,10 +28,6 @@ export interface LifecycleSettings {
   durablePauseAfterMs: number;
   /** Time after a hot pause at which its image is written to disk while it stays frozen; negative = never. */
   pauseImageAfterMs: number;
-}
-
-export function round(ms: number): number {
-  return Math.round(ms * 10) / 10;
 }
 
 /**
@@ -190,7 +186,7 @@ export class LifecycleContext {
     // the runtime renames the host.
     const whenRunning = () => this.initAgent(record, template, agentToken, AGENT_READY_TIMEOUT_MS);
     await this.ports.runtime.restore({ ...this.specOf(record, template), networkReady: network?.ready, whenRunning }, imageId);
-    log.debug("restored into a sandbox", { sandboxId: record.sandboxId, ms: round(performance.now() - started) });
+    log.debug("restored into a sandbox", { sandboxId: record.sandboxId, ms: roundMs(performance.now() - started) });
   }
 
   async markDead(record: SandboxRecord, reason: string): Promise<void> {

@@ -1,11 +1,10 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { CubicleError } from "../../shared/cubicle-error.js";
-import { createRequest, failOnce, fakeManager, lastInit } from "../test-fakes.js";
+import { createRequest, failOnce, lastInit, until, withFakeManager } from "../test-fakes.js";
 
 test("a cold create records the sandbox, makes its network and container, and hands its agent its identity", async () => {
-  const f = await fakeManager();
-  try {
+  await withFakeManager({}, async (f) => {
     const record = await f.manager.create(createRequest({ envVars: { A: "1" }, templateId: "base-alias" }));
     assert.equal(record.state, "running");
     assert.equal(record.alias, "base-alias");
@@ -21,14 +20,11 @@ test("a cold create records the sandbox, makes its network and container, and ha
       ["created"],
     );
     assert.equal(await f.manager.get(record.sandboxId), record);
-  } finally {
-    await f.close();
-  }
+  });
 });
 
 test("a create that fails ends the sandbox dead and leaves nothing on the host", async () => {
-  const f = await fakeManager();
-  try {
+  await withFakeManager({}, async (f) => {
     f.agent.failures.init = failOnce(new CubicleError("internal", "the sandbox agent refused its init (500)"));
     await assert.rejects(f.manager.create(createRequest()), /refused its init/);
     const [stored] = f.store.sandboxes.values();
@@ -37,14 +33,11 @@ test("a create that fails ends the sandbox dead and leaves nothing on the host",
     assert.equal(f.containers.size, 0);
     assert.equal(f.networks.size, 0);
     assert.deepEqual(await f.manager.list({}), []);
-  } finally {
-    await f.close();
-  }
+  });
 });
 
 test("an unknown template or snapshot is a 404; a snapshot's name creates from the snapshot with the source's resources", async () => {
-  const f = await fakeManager();
-  try {
+  await withFakeManager({}, async (f) => {
     await assert.rejects(f.manager.create(createRequest({ templateId: "nope" })), (err: CubicleError) => err.code === "not_found");
     const source = await f.manager.create(createRequest({ memoryMB: 1024 }));
     await f.manager.createSnapshot(source.sandboxId, "my-snap");
@@ -53,16 +46,13 @@ test("an unknown template or snapshot is a 404; a snapshot's name creates from t
     assert.ok(restored.fromSnapshotId);
     assert.ok(f.runtime.calls.includes(`restore ${restored.sandboxId}`));
     assert.equal(lastInit(f.agent, restored.network!.sandboxAddress)?.accessToken, restored.envdAccessToken, "the restored agent gets the new sandbox's token");
-  } finally {
-    await f.close();
-  }
+  });
 });
 
 test("a create takes a warm-pool entry when one fits: its id, its network, no cold boot", async () => {
-  const f = await fakeManager({ poolSizes: { base: 1 } });
-  try {
+  await withFakeManager({ poolSizes: { base: 1 } }, async (f) => {
     await f.manager.startPools();
-    for (let i = 0; i < 200 && f.manager.poolCounts().base?.ready !== 1; i++) await new Promise((r) => setTimeout(r, 5));
+    await until(() => f.manager.poolCounts().base?.ready === 1);
     const [entry] = f.rows.values();
     assert.ok(entry, "the pool made an entry");
     const record = await f.manager.create(createRequest());
@@ -72,13 +62,11 @@ test("a create takes a warm-pool entry when one fits: its id, its network, no co
     assert.equal(record.envdAccessToken, entry.agentToken, "a secure create without env vars keeps the entry's token: no /init");
     assert.equal(f.manager.routeTarget(record.sandboxId)?.address, record.network!.sandboxAddress);
     // A claim whose entry cannot be thawed is dropped and the create boots cold instead.
-    for (let i = 0; i < 200 && f.manager.poolCounts().base?.ready !== 1; i++) await new Promise((r) => setTimeout(r, 5));
+    await until(() => f.manager.poolCounts().base?.ready === 1);
     f.runtime.failNext.set("thaw", new Error("thaw failed"));
     const cold = await f.manager.create(createRequest());
     assert.equal(cold.state, "running");
     assert.equal([...f.store.sandboxes.values()].filter((r) => r.state === "dead").length, 1);
     await f.manager.killAll();
-  } finally {
-    await f.close();
-  }
+  });
 });

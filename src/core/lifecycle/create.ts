@@ -1,11 +1,12 @@
 import { CubicleError } from "../../shared/cubicle-error.js";
+import { roundMs } from "../../shared/log.js";
 import type { PoolEntryRecord, SandboxRecord, SnapshotRecord } from "../../store/types.js";
 import { AGENT_READY_TIMEOUT_MS } from "../../protocol/index.js";
 import { normaliseSnapshotRef } from "../snapshot-names.js";
 import type { CreateSandboxRequest, TemplateInfo } from "../types.js";
 import type { WarmPool } from "../warm-pool.js";
 import type { WarmSnapshots } from "../warm-snapshots.js";
-import { log, round, type LifecycleContext } from "./context.js";
+import { log, type LifecycleContext } from "./context.js";
 
 /** The alias a create named, or the template's first one. */
 function aliasOf(template: TemplateInfo, requested: string): string | undefined {
@@ -52,7 +53,7 @@ export class Creation {
       // The image's agent was never given a token: its first /init needs none.
       await ctx.startOrFail(record, () => ctx.restoreInto(record, template, warmImage, undefined));
       this.warmSnapshots.countRestore(template.templateId);
-      log.debug("created from the template's warm snapshot", { sandboxId: record.sandboxId, templateId: template.templateId, ms: round(performance.now() - started) });
+      log.debug("created from the template's warm snapshot", { sandboxId: record.sandboxId, templateId: template.templateId, ms: roundMs(performance.now() - started) });
       return ctx.markRunning(record, { pooled: false, warmSnapshot: true });
     }
     await ctx.startOrFail(record, async () => {
@@ -102,9 +103,9 @@ export class Creation {
       await ctx.markRunning(record, { pooled: true });
       log.debug("claimed a pool entry", {
         sandboxId: record.sandboxId,
-        recordMs: round(recorded - started),
-        thawMs: round(thawed - recorded),
-        totalMs: round(performance.now() - started),
+        recordMs: roundMs(recorded - started),
+        thawMs: roundMs(thawed - recorded),
+        totalMs: roundMs(performance.now() - started),
       });
       return record;
     } catch (err) {
@@ -123,7 +124,7 @@ export class Creation {
     live.initialising = ctx.mutex.run(sandboxId, async () => {
       try {
         await ctx.initAgent(record, template, currentToken);
-        log.debug("initialised a claimed pool entry", { sandboxId, initMs: round(performance.now() - thawedAt) });
+        log.debug("initialised a claimed pool entry", { sandboxId, initMs: roundMs(performance.now() - thawedAt) });
       } catch (err) {
         // Killed meanwhile (it left the table): nothing to do.
         if (!ctx.table.isLive(record)) return;

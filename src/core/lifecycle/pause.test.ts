@@ -1,16 +1,10 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { CubicleError } from "../../shared/cubicle-error.js";
-import { createRequest, fakeManager, lastInit } from "../test-fakes.js";
-
-async function until(check: () => boolean): Promise<void> {
-  for (let i = 0; i < 400 && !check(); i++) await new Promise((r) => setTimeout(r, 5));
-  assert.ok(check(), "condition not reached");
-}
+import { createRequest, lastInit, until, withFakeManager } from "../test-fakes.js";
 
 test("a hot pause freezes, writes its image in the background, and a resume thaws and drops the image", async () => {
-  const f = await fakeManager({ pauseImageAfterMs: 0 });
-  try {
+  await withFakeManager({ pauseImageAfterMs: 0 }, async (f) => {
     const record = await f.manager.create(createRequest());
     await f.manager.pause(record.sandboxId);
     assert.equal(f.containers.get(record.sandboxId), "frozen");
@@ -31,14 +25,11 @@ test("a hot pause freezes, writes its image in the background, and a resume thaw
     assert.equal(record.pause, undefined);
     assert.equal(await f.runtime.images.exists(image), false, "the stale image is gone");
     await assert.rejects(f.manager.resume(record.sandboxId, { timeoutSec: 60, requirePaused: true }), (err: CubicleError) => err.code === "conflict");
-  } finally {
-    await f.close();
-  }
+  });
 });
 
 test("a pause without memory goes to disk at once, releases the network, and resumes by a restore", async () => {
-  const f = await fakeManager();
-  try {
+  await withFakeManager({}, async (f) => {
     const record = await f.manager.create(createRequest());
     await f.manager.pause(record.sandboxId, { memory: false });
     assert.equal(record.pause?.tier, "durable");
@@ -50,14 +41,11 @@ test("a pause without memory goes to disk at once, releases the network, and res
     assert.equal(record.state, "running");
     assert.ok(f.runtime.calls.includes(`restore ${record.sandboxId}`));
     assert.equal(lastInit(f.agent, record.network!.sandboxAddress)?.accessToken, record.envdAccessToken);
-  } finally {
-    await f.close();
-  }
+  });
 });
 
 test("a hot pause moves to disk after its time in RAM; a failed restore leaves it paused and resumable", async () => {
-  const f = await fakeManager({ durablePauseAfterSec: 0.05 });
-  try {
+  await withFakeManager({ durablePauseAfterSec: 0.05 }, async (f) => {
     const record = await f.manager.create(createRequest());
     await f.manager.pause(record.sandboxId);
     await until(() => record.pause?.tier === "durable");
@@ -70,20 +58,15 @@ test("a hot pause moves to disk after its time in RAM; a failed restore leaves i
     assert.equal(f.networks.has(record.sandboxId), false, "the failed restore's network was released");
     await f.manager.resume(record.sandboxId, { timeoutSec: 60 });
     assert.equal(record.state, "running");
-  } finally {
-    await f.close();
-  }
+  });
 });
 
 test("a pause to disk that fails for lack of space is a 507 and the sandbox keeps running", async () => {
-  const f = await fakeManager();
-  try {
+  await withFakeManager({}, async (f) => {
     const record = await f.manager.create(createRequest());
     f.runtime.failNext.set("checkpoint", new CubicleError("insufficient_storage", "EDQUOT"));
     await assert.rejects(f.manager.pause(record.sandboxId, { memory: false }), (err: CubicleError) => err.code === "insufficient_storage" && /keeps running/.test(err.message));
     assert.equal(record.state, "running");
     assert.equal(f.store.sandboxes.get(record.sandboxId)?.state, "running");
-  } finally {
-    await f.close();
-  }
+  });
 });

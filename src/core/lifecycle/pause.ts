@@ -1,7 +1,8 @@
 import { CubicleError } from "../../shared/cubicle-error.js";
+import { roundMs } from "../../shared/log.js";
 import { runtimeIdOf, type SandboxRecord } from "../../store/types.js";
 import { imageId } from "../../runtime/images.js";
-import { log, round, storageFullOr, type LifecycleContext } from "./context.js";
+import { log, storageFullOr, type LifecycleContext } from "./context.js";
 
 export interface ResumeOptions {
   timeoutSec: number;
@@ -121,7 +122,7 @@ export class PauseTiers {
           return;
         }
         await ctx.table.update(record, { pause: { ...record.pause, imageId: image.imageId } });
-        await ctx.recordEvent(sandboxId, "pause-image-written", { ms: round(performance.now() - started) });
+        await ctx.recordEvent(sandboxId, "pause-image-written", { ms: roundMs(performance.now() - started) });
       })
       .catch((err) => log.error("writing or recording a paused sandbox's image failed", { sandboxId, error: String(err) }));
   }

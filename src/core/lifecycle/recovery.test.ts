@@ -1,11 +1,10 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { SandboxManager } from "../sandbox-manager.js";
-import { createRequest, fakeManager, fakeTemplates } from "../test-fakes.js";
+import { createRequest, fakeTemplates, withFakeManager } from "../test-fakes.js";
 
 test("after a restart: running sandboxes are adopted, vanished ones end dead, orphans and unowned images are removed", async () => {
-  const f = await fakeManager();
-  try {
+  await withFakeManager({}, async (f) => {
     const kept = await f.manager.create(createRequest());
     const vanished = await f.manager.create(createRequest());
     const unhealthy = await f.manager.create(createRequest());
@@ -38,7 +37,5 @@ test("after a restart: running sandboxes are adopted, vanished ones end dead, or
     } finally {
       await restarted.close();
     }
-  } finally {
-    await f.close();
-  }
+  });
 });

@@ -1,11 +1,10 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { CubicleError } from "../../shared/cubicle-error.js";
-import { createRequest, fakeManager } from "../test-fakes.js";
+import { createRequest, withFakeManager } from "../test-fakes.js";
 
 test("a snapshot keeps the sandbox running; a second one while the first runs is a 409; delete removes its image", async () => {
-  const f = await fakeManager();
-  try {
+  await withFakeManager({}, async (f) => {
     const record = await f.manager.create(createRequest());
     const outcomes = await Promise.allSettled([f.manager.createSnapshot(record.sandboxId, "s1"), f.manager.createSnapshot(record.sandboxId, "s2")]);
     const taken = outcomes.filter((o) => o.status === "fulfilled").map((o) => o.value);
@@ -20,14 +19,11 @@ test("a snapshot keeps the sandbox running; a second one while the first runs is
     assert.equal(await f.manager.deleteSnapshot(snapshot.names[0]), true);
     assert.equal(await f.runtime.images.exists(snapshot.imageId), false);
     assert.equal(await f.manager.deleteSnapshot(snapshot.names[0]), false);
-  } finally {
-    await f.close();
-  }
+  });
 });
 
 test("a fork makes count sandboxes from one dump and leaves no image behind", async () => {
-  const f = await fakeManager();
-  try {
+  await withFakeManager({}, async (f) => {
     const source = await f.manager.create(createRequest({ metadata: { who: "src" } }));
     const outcomes = await f.manager.fork(source.sandboxId, { timeoutSec: 30, count: 3 });
     assert.equal(outcomes.length, 3);
@@ -40,14 +36,11 @@ test("a fork makes count sandboxes from one dump and leaves no image behind", as
     assert.equal((await f.store.allSnapshots()).length, 0, "the fork's one-off snapshot is gone");
     assert.deepEqual(await f.runtime.images.list("snapshot"), [], "and its image");
     assert.equal(source.endAt > Date.now(), true);
-  } finally {
-    await f.close();
-  }
+  });
 });
 
 test("rollback restores a sandbox in place from its own snapshot only; a failed rollback ends it dead", async () => {
-  const f = await fakeManager();
-  try {
+  await withFakeManager({}, async (f) => {
     const a = await f.manager.create(createRequest());
     const b = await f.manager.create(createRequest());
     const snap = await f.manager.createSnapshot(a.sandboxId, undefined);
@@ -63,7 +56,5 @@ test("rollback restores a sandbox in place from its own snapshot only; a failed 
     await assert.rejects(f.manager.rollback(a.sandboxId, snap.snapshotId), /failed and the sandbox is gone/);
     assert.equal(f.store.sandboxes.get(a.sandboxId)?.state, "dead");
     await assert.rejects(f.manager.get(a.sandboxId), /not found/);
-  } finally {
-    await f.close();
-  }
+  });
 });

@@ -5,7 +5,7 @@ import type { CubicleConfig } from "../../shared/config.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
 import { pathExists } from "../../shared/fs.js";
-import { createLogger } from "../../shared/log.js";
+import { createLogger, roundMs } from "../../shared/log.js";
 import { type CheckpointInfo, type CheckpointOptions, type CheckpointTarget, type Runtime, type RuntimeState, type SandboxSpec, type SandboxStats } from "../types.js";
 import { assembleAgentKit, findNativePackages, type AgentKit } from "./agent-kit.js";
 import { CRIU_VIEW_PREFIX, IMAGE_VERSION, imageLayout, makeCriuFilesReadable, readMeta, writeMeta, type CheckpointMeta } from "./checkpoint-image.js";
@@ -252,7 +252,7 @@ export class ContainerRuntime implements Runtime {
       await this.runc.runDetached(CONTAINER_PREFIX + id, this.paths(id).dir, this.paths(id).runcLog, spec.network.netnsPath);
       const ran = performance.now();
       await this.watch(id);
-      this.lastCreateTimings = { ...timings, runcMs: round(ran - started - timings.totalMs), totalMs: round(ran - started) };
+      this.lastCreateTimings = { ...timings, runcMs: roundMs(ran - started - timings.totalMs), totalMs: roundMs(ran - started) };
       log.debug("created", { sandboxId: id, ...this.lastCreateTimings });
     } catch (err) {
       await settled(spec.networkReady);
@@ -318,7 +318,7 @@ export class ContainerRuntime implements Runtime {
     this.facts.get(id)!.layerId = layerId;
     await writeFile(paths.layerId, `${layerId}\n`, { mode: 0o600 });
     const prepared = performance.now();
-    return { prepareMs: round(prepared - configured), configMs: round(configured - started), totalMs: round(prepared - started) };
+    return { prepareMs: roundMs(prepared - configured), configMs: roundMs(configured - started), totalMs: roundMs(prepared - started) };
   }
 
   private async writeConfig(spec: SandboxSpec, kit: AgentKit, uidBase: number, joinsPinnedUserns: boolean): Promise<void> {
@@ -524,9 +524,9 @@ export class ContainerRuntime implements Runtime {
         hostname: oci.hostname ?? "",
         kitFingerprint: options.memory ? this.kitFingerprint : undefined,
         createdAt: new Date().toISOString(),
-        frozenMs: thawedAt === undefined ? 0 : round(thawedAt - frozenAt),
-        layerSnapshotMs: round(snapshotted - frozenAt),
-        dumpMs: round(dumped - snapshotted),
+        frozenMs: thawedAt === undefined ? 0 : roundMs(thawedAt - frozenAt),
+        layerSnapshotMs: roundMs(snapshotted - frozenAt),
+        dumpMs: roundMs(dumped - snapshotted),
         layerBytes,
         criuBytes,
       };
@@ -537,7 +537,7 @@ export class ContainerRuntime implements Runtime {
           throw new CubicleError("internal", `checkpoint image ${image.id} is complete, but sandbox ${id} could not be stopped: ${CubicleError.from(err).message}`, { cause: err });
         });
         thawedAt = performance.now();
-        meta.frozenMs = round(thawedAt - frozenAt);
+        meta.frozenMs = roundMs(thawedAt - frozenAt);
         await writeMeta(this.images.dirOf(image.id), meta);
       }
       log.debug("checkpointed", { sandboxId: id, imageId: image.id, ...options, frozenMs: meta.frozenMs, layerSnapshotMs: meta.layerSnapshotMs, dumpMs: meta.dumpMs });
@@ -594,7 +594,7 @@ export class ContainerRuntime implements Runtime {
       const timings: Record<string, number> = await this.prepareBundle(spec, uidBase, { kind: "image", imageDir, memory: meta.memory, criuView });
       const bundled = performance.now();
       await spec.networkReady;
-      timings.networkWaitMs = round(performance.now() - bundled);
+      timings.networkWaitMs = roundMs(performance.now() - bundled);
       const runcStarted = performance.now();
       if (criuPath && criuView) {
         const workPath = path.join(paths.dir, "criu-restore");
@@ -610,7 +610,7 @@ export class ContainerRuntime implements Runtime {
       } else {
         await this.runc.runDetached(CONTAINER_PREFIX + id, paths.dir, paths.runcLog, spec.network.netnsPath);
       }
-      timings.runcMs = round(performance.now() - runcStarted);
+      timings.runcMs = roundMs(performance.now() - runcStarted);
       const container = await this.runc.state(CONTAINER_PREFIX + id);
       if (!container || container.pid <= 0) throw new CubicleError("internal", `sandbox ${id} stopped right after its restore`);
       this.exitWatcher.watch(id, container.pid);
@@ -619,7 +619,7 @@ export class ContainerRuntime implements Runtime {
       // step (the agent's /init) runs meanwhile.
       const running = performance.now();
       await allSettledOrThrow([criuPath ? this.helper.setHostname(container.pid, spec.hostname) : undefined, spec.whenRunning?.()]);
-      log.debug("restored", { sandboxId: id, imageDir, memory: meta.memory, ...timings, finishingMs: round(performance.now() - running), totalMs: round(performance.now() - started) });
+      log.debug("restored", { sandboxId: id, imageDir, memory: meta.memory, ...timings, finishingMs: roundMs(performance.now() - running), totalMs: roundMs(performance.now() - started) });
     } catch (err) {
       throw await this.undoFailedStart(id, uidBase, err, "restore");
     }
@@ -858,8 +858,4 @@ async function allSettledOrThrow(steps: (Promise<unknown> | undefined)[]): Promi
  */
 async function settled(networkReady: Promise<unknown> | undefined): Promise<void> {
   await networkReady?.catch(() => undefined);
-}
-
-function round(ms: number): number {
-  return Math.round(ms * 10) / 10;
 }
