@@ -278,23 +278,3 @@ test("signed download and upload URLs work without routing headers", async () =>
   const tampered = await fetch(downloadUrl.replace(/signature=[^&]+/, "signature=v1_bogus"), { headers: { "e2b-sandbox-id": sandbox.sandboxId, "e2b-sandbox-port": "49983" } });
   assert.equal(tampered.status, 401);
 });
-
-test("a signed upload URL takes a browser-style FormData: a string part and a blob without a path, as user and as root", async () => {
-  for (const user of ["user", "root"] as const) {
-    const target = user === "root" ? "/root/form-field.txt" : `${base}/form-field.txt`;
-    const url = await sandbox.uploadUrl(target, { user });
-    const text = new FormData();
-    text.append("file", `a string part for ${user}`);
-    const answer = await fetch(url, { method: "POST", body: text });
-    assert.equal(answer.status, 200, await answer.clone().text());
-    assert.deepEqual(await answer.json(), [{ path: target, name: "form-field.txt", type: "file" }]);
-    assert.equal(await sandbox.files.read(target, { user }), `a string part for ${user}`);
-
-    const blob = new FormData();
-    blob.append("file", new Blob([`a blob for ${user}`]));
-    const blobAnswer = await fetch(url, { method: "POST", body: blob });
-    assert.equal(blobAnswer.status, 200, await blobAnswer.clone().text());
-    assert.equal(await sandbox.files.read(target, { user }), `a blob for ${user}`);
-    await sandbox.files.remove(target, { user });
-  }
-});

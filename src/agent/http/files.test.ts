@@ -71,43 +71,6 @@ function multipart(parts: Array<{ filename: string; data: string | Buffer; name?
   return { body: Buffer.concat(pieces), contentType: `multipart/form-data; boundary=${boundary}` };
 }
 
-/** A multipart body of form fields: parts without a filename (and without a content type). */
-function formFields(parts: Array<{ name: string; data: Buffer }>): { body: Buffer; contentType: string } {
-  const boundary = "----cubicle-field-boundary";
-  const pieces: Buffer[] = [];
-  for (const part of parts) pieces.push(Buffer.from(`--${boundary}\r\nContent-Disposition: form-data; name="${part.name}"\r\n\r\n`), part.data, Buffer.from("\r\n"));
-  pieces.push(Buffer.from(`--${boundary}--\r\n`));
-  return { body: Buffer.concat(pieces), contentType: `multipart/form-data; boundary=${boundary}` };
-}
-
-test("a file part without a filename is the content of the file the path query names, byte for byte", async () => {
-  const bytes = Buffer.from([0, 1, 2, 0x7f, 0x80, 0xc3, 0xa4, 0xff, 0x0d, 0x0a, 0x2d, 0x2d]);
-  const target = path.join(directory, "from-field.bin");
-  const { body, contentType } = formFields([
-    { name: "other", data: Buffer.from("ignored") },
-    { name: "file", data: bytes },
-  ]);
-  const reply = await send("POST", { path: target }, { "Content-Type": contentType }, body);
-  assert.equal(reply.status, 200, reply.body.toString());
-  assert.deepEqual(JSON.parse(reply.body.toString()), [{ path: target, name: "from-field.bin", type: "file" }]);
-  assert.deepEqual(fs.readFileSync(target), bytes);
-
-  const text = formFields([{ name: "file", data: Buffer.from("ä text\n") }]);
-  const textReply = await send("POST", { path: target }, { "Content-Type": text.contentType }, text.body);
-  assert.equal(textReply.status, 200, textReply.body.toString());
-  assert.equal(fs.readFileSync(target, "utf8"), "ä text\n");
-
-  const noPath = await send("POST", {}, { "Content-Type": contentType }, body);
-  assert.equal(noPath.status, 400);
-  assert.match(JSON.parse(noPath.body.toString()).message, /needs the destination in the "path" query/);
-
-  const big = formFields([{ name: "file", data: Buffer.alloc(8 * 1024 * 1024 + 1, 0x61) }]);
-  const tooBig = await send("POST", { path: path.join(directory, "too-big") }, { "Content-Type": big.contentType }, big.body, 64 * 1024);
-  assert.equal(tooBig.status, 413, tooBig.body.toString());
-  assert.match(JSON.parse(tooBig.body.toString()).message, /give the part a filename/);
-  assert.equal(fs.existsSync(path.join(directory, "too-big")), false);
-});
-
 test("a multi-file multipart upload writes every part to its full-path filename", async () => {
   const { body, contentType } = multipart([
     { filename: path.join(directory, "dir one/ä ö.txt"), data: "unicode" },

@@ -7,7 +7,7 @@ import fs from "node:fs";
 import path from "node:path";
 import zlib from "node:zlib";
 import { pipeline } from "node:stream/promises";
-import { Readable } from "node:stream";
+import type { Readable } from "node:stream";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import busboy from "busboy";
 import type { AgentUser } from "../users.js";
@@ -239,23 +239,17 @@ async function handleUpload(req: IncomingMessage, res: ServerResponse, opts: Fil
   res.end(body);
 }
 
-/** The most a `file` part without a filename may carry: such a part is a form field, which is held in memory whole. */
-const FIELD_FILE_MAX_BYTES = 8 * 1024 * 1024;
-
 /**
  * Reads the parts one after another (busboy holds back the next part until the current one is
  * consumed). Every part named `file` is written: to the `path` query if given, else to its
- * filename, which is a whole destination path (busboy `preservePath`, raw UTF-8 parameters); a
- * `file` part without a filename goes to the `path` query.
+ * filename, which is a whole destination path (busboy `preservePath`, raw UTF-8 parameters).
  */
 function receiveMultipart(req: IncomingMessage, user: AgentUser, queryPath: string | null, metadata: Metadata): Promise<UploadedEntry[]> {
   const body = decodedBody(req);
   return new Promise<UploadedEntry[]>((resolve, reject) => {
     let parser: busboy.Busboy;
     try {
-      // Field values (a `file` part without a filename) are read as latin1: one char per byte,
-      // so Buffer.from(value, "latin1") gives back the bytes sent, whatever they are.
-      parser = busboy({ headers: req.headers, preservePath: true, defParamCharset: "utf8", defCharset: "latin1", limits: { fieldSize: FIELD_FILE_MAX_BYTES, fields: 16 } });
+      parser = busboy({ headers: req.headers, preservePath: true, defParamCharset: "utf8" });
     } catch (reason) {
       reject(new FilesError(400, `error parsing multipart form: ${(reason as Error).message}`));
       return;
@@ -297,25 +291,6 @@ function receiveMultipart(req: IncomingMessage, user: AgentUser, queryPath: stri
           uploaded.push(await writeUploadedFile(user, destination, stream, metadata));
         } catch (reason) {
           stream.resume();
-          fail(reason);
-        }
-      });
-    });
-    // A part named `file` without a filename (a plain form field: `curl -F file=<x`, a browser's
-    // FormData string) is the content of the file the `path` query names, as upstream takes it.
-    parser.on("field", (fieldName, value, info) => {
-      if (failed || fieldName !== "file") return;
-      chain = chain.then(async () => {
-        if (failed) return;
-        try {
-          if (info.valueTruncated) {
-            throw new FilesError(413, `a "file" part without a filename carries at most ${FIELD_FILE_MAX_BYTES / 1024 / 1024} MiB; give the part a filename (such parts stream, of any size)`);
-          }
-          if (queryPath === null) throw new FilesError(400, 'a "file" part without a filename needs the destination in the "path" query');
-          const destination = resolveUserPath(queryPath, user);
-          if (uploaded.some((entry) => entry.path === destination)) throw duplicateDestination(destination, uploaded);
-          uploaded.push(await writeUploadedFile(user, destination, Readable.from([Buffer.from(value, "latin1")]), metadata));
-        } catch (reason) {
           fail(reason);
         }
       });
