@@ -105,6 +105,12 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
   };
 
   function sendE2bError(error: unknown, request: FastifyRequest, reply: FastifyReply): void {
+    // A body fastify's parser refuses (over the limit: before it is read) is answered with
+    // "Connection: close", and the socket closed while the client still sends: the client then
+    // sees a reset (EPIPE) instead of the answer. Without it, Node reads and drops the rest of
+    // the body after the answer (bounded by the server's request timeout).
+    const fastifyCode = typeof error === "object" && error !== null ? (error as { code?: unknown }).code : undefined;
+    if (typeof fastifyCode === "string" && fastifyCode.startsWith("FST_ERR_CTP_") && !request.raw.complete) reply.removeHeader("connection");
     const cubicleError = toCubicleError(error);
     const { status, body, errorId } = publicErrorBody(cubicleError, hostDirs);
     if (errorId) {
@@ -125,15 +131,6 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
     void reply.status(status).send(body);
   }
   app.setErrorHandler(sendE2bError);
-
-  // A body fastify refuses (over the limit: before it is read) is answered with "Connection:
-  // close", and the socket closed while the client still sends: the client then sees a reset
-  // (EPIPE) instead of the answer. Without it, Node reads and drops the rest of the body after
-  // the answer (bounded by the server's request timeout) and the client reads the answer.
-  app.addHook("onSend", async (request, reply, payload) => {
-    if (reply.getHeader("connection") === "close" && !request.raw.complete) reply.removeHeader("connection");
-    return payload;
-  });
 
   app.setNotFoundHandler(function sendNotFound(request, reply) {
     const message = `no such endpoint: ${request.method} ${request.url.split("?")[0]!.slice(0, 200)}`;
