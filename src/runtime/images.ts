@@ -62,6 +62,13 @@ export function parseImageId(id: string): { kind: ImageKind; name: string } {
   return { kind, name };
 }
 
+/** Whether `id` is an image id at all (a record of an older version may hold anything). */
+export function isImageId(id: unknown): id is string {
+  if (typeof id !== "string") return false;
+  const slash = id.indexOf("/");
+  return slash > 0 && isImageKind(id.slice(0, slash)) && isImageName(id.slice(slash + 1));
+}
+
 /** A committed image as its store describes it. */
 export interface ImageInfo {
   id: string;
@@ -101,7 +108,7 @@ export interface ImageStore {
   commit(pending: PendingImage): Promise<ImageInfo>;
   /** Drops a pending image that failed. */
   abandon(pending: PendingImage): Promise<void>;
-  /** Whether a committed image has this id. */
+  /** Whether a committed image has this id (false for a string that is no image id). */
   exists(id: string): Promise<boolean>;
   /** The image's description; undefined when it is absent or incomplete (no readable metadata). */
   info(id: string): Promise<ImageInfo | undefined>;
@@ -113,7 +120,7 @@ export interface ImageStore {
    * as soon as it is aside (the deletion goes on without the caller: a resume need not wait
    * for a large image to be deleted).
    */
-  remove(id: string, options?: { background?: boolean }): Promise<void>;
+  remove(id: string, options?: { background?: boolean }): Promise<void>; // a string that is no image id names no image: nothing to do
   /** Bytes of committed images (what counts against the image budget). */
   usedBytes(): number | Promise<number>;
 }

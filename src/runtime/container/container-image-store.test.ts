@@ -203,3 +203,19 @@ test("image ids are <kind>/<name>; anything else is refused", () => {
   assert.throws(() => imageId("snapshot", "../x"), (err: CubicleError) => err.code === "invalid_argument");
   assert.throws(() => imageId("disk" as never, "x"), (err: CubicleError) => err.code === "invalid_argument");
 });
+
+test("a string that is no image id (a damaged or hostile record) names no image: not there, nothing removed, no path outside the store", async () => {
+  const store = await newStore();
+  const pending = await store.allocate("snapshot", "kept");
+  await writeImage(pending);
+  await store.commit(pending);
+  const outside = path.join(store.imagesDir, "..", "outside-the-store");
+  await mkdir(outside, { recursive: true });
+  for (const id of ["snapshot/", "snapshot/..", "snapshot/../../outside-the-store", "pause/bad name", "pause/sb1.stale-00", "", "kept", "/abs/path", "warm/.hidden"]) {
+    assert.equal(await store.exists(id), false, id);
+    assert.equal(await store.info(id), undefined, id);
+    await store.remove(id);
+  }
+  assert.deepEqual(await store.list("snapshot"), ["snapshot/kept"]);
+  assert.equal((await readdir(path.dirname(store.imagesDir))).includes("outside-the-store"), true, "nothing outside the store was touched");
+});

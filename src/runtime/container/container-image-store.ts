@@ -7,6 +7,7 @@ import { createLogger } from "../../shared/log.js";
 import {
   IMAGE_KINDS,
   imageId,
+  isImageId,
   isImageName,
   LEGACY_STALE_IMAGE_MARKER,
   parseImageId,
@@ -117,11 +118,11 @@ export class ContainerImageStore implements ImageStore {
   }
 
   async exists(id: string): Promise<boolean> {
-    return pathExists(this.dirOf(id));
+    return isImageId(id) && pathExists(this.dirOf(id));
   }
 
   async info(id: string): Promise<ImageInfo | undefined> {
-    return readImageInfo(id, this.dirOf(id));
+    return isImageId(id) ? readImageInfo(id, this.dirOf(id)) : undefined;
   }
 
   async list(kind: ImageKind): Promise<string[]> {
@@ -130,6 +131,7 @@ export class ContainerImageStore implements ImageStore {
   }
 
   async remove(id: string, options: { background?: boolean } = {}): Promise<void> {
+    if (!isImageId(id)) return;
     const dir = this.dirOf(id);
     const aside = `${dir}${REMOVED_IMAGE_MARKER}${process.pid}-${++this.counter}`;
     this.bytes.delete(id);
