@@ -19,23 +19,24 @@ const STICKY = 0o1000;
  * and neither it nor the entry is the user's). In every
  * other case nothing is done here and the caller makes them as the user, with the user's errors.
  * Directories made here are root's while the rest are made, then handed to the user (lchown).
+ * Called only after the user's own attempt failed with EACCES; true when it got as far as making them (try again as the user).
  */
-export function makeMissingParentsAsRoot(user: AgentUser, directory: string): void {
-  if (user.uid === 0 || !canSwitchUser()) return;
+export function makeMissingParentsAsRoot(user: AgentUser, directory: string): boolean {
+  if (user.uid === 0 || !canSwitchUser()) return false;
   const missing: string[] = [];
   let existing = path.resolve(directory);
   while (!entryExists(existing)) {
     const parent = path.dirname(existing);
-    if (parent === existing) return;
+    if (parent === existing) return false;
     missing.unshift(existing);
     existing = parent;
   }
-  if (missing.length === 0 || !isDirectory(existing)) return;
+  if (missing.length === 0 || !isDirectory(existing)) return false;
   // Both ways must be out of the user's hands: the one asked for (a link of the user's to /etc
   // would steer root there) and the real one (a root-owned link may lead through the user's
   // directories); root then creates along the real one, not along links.
   const real = fs.realpathSync(existing);
-  if (!wayIsFixedFor(user, existing) || !wayIsFixedFor(user, real)) return;
+  if (!wayIsFixedFor(user, existing) || !wayIsFixedFor(user, real)) return false;
   const made: string[] = [];
   for (const dir of missing.map((name) => path.join(real, path.relative(existing, name)))) {
     try {
@@ -47,6 +48,7 @@ export function makeMissingParentsAsRoot(user: AgentUser, directory: string): vo
     }
   }
   for (const dir of made) fs.lchownSync(dir, user.uid, user.gid);
+  return true;
 }
 
 function entryExists(file: string): boolean {

@@ -322,21 +322,29 @@ function duplicateDestination(destination: string, uploaded: UploadedEntry[]): F
  * chowns every upload); the data then streams into the descriptor as root.
  */
 export async function writeUploadedFile(user: AgentUser, destination: string, source: Readable, metadata: Metadata): Promise<UploadedEntry> {
-  // Missing parents where the user could not make them (`/newdir`): as root, like upstream.
-  makeMissingParentsAsRoot(user, path.dirname(destination));
-  const { fd, stats } = runAsUser(user, () => {
+  const parent = path.dirname(destination);
+  // Parents and the file as the user; only parents the user may not make (`/newdir`) as root,
+  // like upstream, and then once more as the user.
+  const prepare = () => {
     try {
-      ensureDirectories(path.dirname(destination));
+      ensureDirectories(parent);
     } catch (reason) {
-      const errno = errnoOf(reason);
-      if (errno === "EEXIST" || errno === "ENOTDIR") {
-        throw new CubicleError("invalid_argument", `error ensuring directories: ${syscallErrorText("mkdir", path.dirname(destination), reason)} (a parent is not a directory)`, { cause: reason });
-      }
-      throw fsFailure("error ensuring directories", "mkdir", path.dirname(destination), reason);
+      return { failed: reason };
     }
     // Only regular files: a FIFO or a device would block the agent (regular-file.ts).
-    return openRegularFileForWriting(destination);
-  });
+    return { opened: openRegularFileForWriting(destination) };
+  };
+  let prepared = runAsUser(user, prepare);
+  if (prepared.failed !== undefined && errnoOf(prepared.failed) === "EACCES" && makeMissingParentsAsRoot(user, parent)) prepared = runAsUser(user, prepare);
+  if (prepared.failed !== undefined) {
+    const reason = prepared.failed;
+    const errno = errnoOf(reason);
+    if (errno === "EEXIST" || errno === "ENOTDIR") {
+      throw new CubicleError("invalid_argument", `error ensuring directories: ${syscallErrorText("mkdir", parent, reason)} (a parent is not a directory)`, { cause: reason });
+    }
+    throw fsFailure("error ensuring directories", "mkdir", parent, reason);
+  }
+  const { fd, stats } = prepared.opened!;
 
   const identity = { dev: stats.dev, ino: stats.ino };
   const sink = fs.createWriteStream("", { fd, autoClose: true });
