@@ -2,9 +2,10 @@
  * envd authentication (e2b-wire-protocol.md §6): the `X-Access-Token` header, the user from
  * `Authorization: Basic base64("user:")`, and signed `/files` URLs (src/protocol/file-signature.ts).
  */
-import { createHash, timingSafeEqual } from "node:crypto";
 import type { IncomingHttpHeaders } from "node:http";
-import { computeFileSignature, fileOperationOf, fileSignaturesEqual } from "../protocol/index.js";
+import { computeFileSignature, fileOperationOf } from "../protocol/index.js";
+import { constantTimeEquals } from "../shared/compare.js";
+import { headerString } from "../shared/headers.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import type { AgentState } from "./state.js";
 
@@ -19,20 +20,6 @@ export const unauthorizedMessage = "unauthorized access, please provide a valid 
  */
 const exemptPaths = new Set(["GET /health", "HEAD /health", "GET /files", "POST /files", "POST /init"]);
 
-/** A header's value (the first, when it was sent more than once). */
-export function headerString(headers: IncomingHttpHeaders, name: string): string | undefined {
-  const v = headers[name];
-  return Array.isArray(v) ? v[0] : v;
-}
-
-/** Constant-time comparison of a presented token with the expected one. */
-export function tokenEquals(expected: string, presented: string | undefined): boolean {
-  if (presented === undefined) return false;
-  const a = createHash("sha256").update(expected).digest();
-  const b = createHash("sha256").update(presented).digest();
-  return timingSafeEqual(a, b);
-}
-
 /**
  * The general check run before dispatching any request: with a token set, everything but the
  * exempt paths needs a matching `X-Access-Token`. Returns the error to answer with, if any.
@@ -40,7 +27,7 @@ export function tokenEquals(expected: string, presented: string | undefined): bo
 export function checkAccessToken(state: AgentState, method: string, pathname: string, headers: IncomingHttpHeaders): CubicleError | undefined {
   if (state.accessToken === undefined) return undefined;
   if (exemptPaths.has(`${method} ${pathname}`)) return undefined;
-  if (tokenEquals(state.accessToken, headerString(headers, accessTokenHeader))) return undefined;
+  if (constantTimeEquals(state.accessToken, headerString(headers, accessTokenHeader))) return undefined;
   return new CubicleError("unauthenticated", unauthorizedMessage);
 }
 
@@ -51,7 +38,7 @@ export function checkAccessToken(state: AgentState, method: string, pathname: st
  */
 export function checkInitAuth(state: AgentState, headers: IncomingHttpHeaders): CubicleError | undefined {
   if (state.accessToken === undefined) return undefined;
-  if (tokenEquals(state.accessToken, headerString(headers, accessTokenHeader))) return undefined;
+  if (constantTimeEquals(state.accessToken, headerString(headers, accessTokenHeader))) return undefined;
   return new CubicleError("unauthenticated", unauthorizedMessage);
 }
 
@@ -70,7 +57,7 @@ export function checkFilesAuth(
   if (token === undefined) return undefined;
   const presented = headerString(headers, accessTokenHeader);
   if (presented !== undefined && presented !== "") {
-    return tokenEquals(token, presented) ? undefined : new CubicleError("unauthenticated", "access token present in header but does not match");
+    return constantTimeEquals(token, presented) ? undefined : new CubicleError("unauthenticated", "access token present in header but does not match");
   }
   const signature = query.get("signature");
   if (signature === null) return new CubicleError("unauthenticated", "missing signature query parameter");
@@ -83,7 +70,7 @@ export function checkFilesAuth(
     expiration = Number(expirationText);
   }
   const expected = computeFileSignature(query.get("path") ?? "", fileOperationOf(method), query.get("username") ?? "", token, expiration);
-  if (!fileSignaturesEqual(expected, signature)) return new CubicleError("unauthenticated", "invalid signature");
+  if (!constantTimeEquals(expected, signature)) return new CubicleError("unauthenticated", "invalid signature");
   if (expiration !== undefined && expiration < Math.floor(nowMs / 1000)) {
     return new CubicleError("unauthenticated", "signature is already expired");
   }

@@ -39,7 +39,7 @@ const agentErrnoCodes: Record<string, ErrorCode> = {
  */
 export function toCubicleError(reason: unknown): CubicleError {
   if (reason instanceof CubicleError) return reason;
-  const code = fsErrorCode(errnoOf(reason));
+  const code = fsErrorCode(errnoName(reason));
   if (code === undefined) return CubicleError.from(reason);
   return new CubicleError(code, reason instanceof Error ? reason.message : String(reason), { cause: reason });
 }
@@ -50,8 +50,6 @@ export function fsErrorCode(errno: string | undefined): ErrorCode | undefined {
   return agentErrnoCodes[errno] ?? errnoToCode(errno);
 }
 
-/** The errno name of a failure (EDQUOT included, which libuv does not name). */
-export const errnoOf = errnoName;
 
 const errnoDescriptions: Record<string, string> = {
   ENOENT: "no such file or directory",
@@ -80,7 +78,7 @@ const errnoDescriptions: Record<string, string> = {
 
 /** Go-style text of a failed syscall, e.g. `lstat /x: no such file or directory`. */
 export function syscallErrorText(operation: string, target: string, reason: unknown): string {
-  const errno = errnoOf(reason);
+  const errno = errnoName(reason);
   const text = (errno && errnoDescriptions[errno]) ?? (reason instanceof Error ? reason.message : String(reason));
   return `${operation} ${target}: ${text}`;
 }
@@ -91,6 +89,6 @@ export function syscallErrorText(operation: string, target: string, reason: unkn
  */
 export function fsFailure(prefix: string, operation: string, target: string, reason: unknown, fallback: ErrorCode = "internal"): CubicleError {
   if (reason instanceof CubicleError) return reason;
-  const code = fsErrorCode(errnoOf(reason)) ?? fallback;
+  const code = fsErrorCode(errnoName(reason)) ?? fallback;
   return new CubicleError(code, `${prefix}: ${syscallErrorText(operation, target, reason)}`, { cause: reason });
 }

@@ -1,11 +1,11 @@
 import type { IncomingMessage, Server, ServerResponse } from "node:http";
 import type { Duplex } from "node:stream";
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from "fastify";
-import { timingSafeEqual } from "node:crypto";
 import { decodeSnapshotCursor, DEFAULT_FORK_TIMEOUT_SEC, encodeSnapshotCursor } from "../core/index.js";
 import type { SandboxManager } from "../core/sandbox-manager.js";
 import type { apiSchema } from "../protocol/index.js";
 import type { Runtime } from "../runtime/types.js";
+import { constantTimeEquals } from "../shared/compare.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { runtimeIdOf } from "../store/types.js";
 import { createLogger } from "../shared/log.js";
@@ -56,12 +56,6 @@ export interface ApiOptions {
 }
 
 type Params = { sandboxID: string };
-
-function sameKey(given: string, expected: string): boolean {
-  const a = Buffer.from(given);
-  const b = Buffer.from(expected);
-  return a.length === b.length && timingSafeEqual(a, b);
-}
 
 /** The E2B control-plane REST API (and `GET /health`) as a fastify app. */
 export function createApiApp(options: ApiOptions): FastifyInstance {
@@ -143,7 +137,7 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
     const bearer = request.headers.authorization?.match(/^Bearer\s+(.+)$/i)?.[1];
     const given = (Array.isArray(headerKey) ? headerKey[0] : headerKey) ?? bearer;
     if (!given) throw new CubicleError("unauthenticated", "missing API key: send it in the X-API-Key header (see `./cubicle up` output)");
-    if (!sameKey(given, options.apiKey)) throw new CubicleError("unauthenticated", "invalid API key");
+    if (!constantTimeEquals(options.apiKey, given)) throw new CubicleError("unauthenticated", "invalid API key");
   });
 
   app.get("/health", async (_request, reply) => {

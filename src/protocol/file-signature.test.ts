@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
-import { computeFileSignature, fileOperationOf, fileSignaturePattern, fileSignaturesEqual } from "./file-signature.js";
+import { constantTimeEquals } from "../shared/compare.js";
+import { computeFileSignature, fileOperationOf, fileSignaturePattern } from "./file-signature.js";
 
 describe("file signatures", () => {
   it("signs as the SDK does, for known inputs", () => {
@@ -27,10 +28,10 @@ describe("file signatures", () => {
 
   it("compares: equal passes, another value or another length is refused", () => {
     const signature = computeFileSignature("/a", "read", "user", "tok");
-    assert.equal(fileSignaturesEqual(signature, signature), true);
-    assert.equal(fileSignaturesEqual(signature, computeFileSignature("/a", "write", "user", "tok")), false);
-    assert.equal(fileSignaturesEqual(signature, signature.slice(0, -1)), false);
-    assert.equal(fileSignaturesEqual(signature, signature + "A"), false);
-    assert.equal(fileSignaturesEqual(signature, ""), false);
+    assert.equal(constantTimeEquals(signature, signature), true);
+    assert.equal(constantTimeEquals(signature, computeFileSignature("/a", "write", "user", "tok")), false);
+    assert.equal(constantTimeEquals(signature, signature.slice(0, -1)), false);
+    assert.equal(constantTimeEquals(signature, signature + "A"), false);
+    assert.equal(constantTimeEquals(signature, ""), false);
   });
 });

@@ -2,7 +2,7 @@
  * Signed `/files` URLs (e2b-wire-protocol.md §6.3): the SDK signs `downloadUrl()` / `uploadUrl()`
  * with the sandbox's access token; the router finds the sandbox by it and the agent checks it.
  */
-import { createHash, timingSafeEqual } from "node:crypto";
+import { createHash } from "node:crypto";
 
 export type FileOperation = "read" | "write";
 
@@ -26,12 +26,3 @@ export function computeFileSignature(path: string, operation: FileOperation, use
   return "v1_" + digest.replace(/=+$/, "");
 }
 
-/**
- * Constant-time comparison of a presented signature with the expected one. A different length
- * answers false at once: the length of a signature is public (the format above), its bytes are not.
- */
-export function fileSignaturesEqual(expected: string, presented: string): boolean {
-  const a = Buffer.from(expected, "utf8");
-  const b = Buffer.from(presented, "utf8");
-  return a.length === b.length && timingSafeEqual(a, b);
-}

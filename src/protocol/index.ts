@@ -5,7 +5,7 @@
  */
 export { ENVD_PORT, INTERPRETER_PORT } from "./ports.js";
 export { buildInitBody, parseInitBody, type InitBody, type SandboxIdentity } from "./init-body.js";
-export { computeFileSignature, fileOperationOf, fileSignaturePattern, fileSignaturesEqual, type FileOperation } from "./file-signature.js";
+export { computeFileSignature, fileOperationOf, fileSignaturePattern, type FileOperation } from "./file-signature.js";
 export {
   defaultMaxMessageBytes,
   encodeEnvelope,

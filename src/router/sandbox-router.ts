@@ -1,8 +1,10 @@
 import http, { type IncomingMessage, type ServerResponse } from "node:http";
 import net from "node:net";
 import type { Duplex } from "node:stream";
-import { computeFileSignature, ENVD_PORT, fileOperationOf, fileSignaturePattern, fileSignaturesEqual, INTERPRETER_PORT, type AgentLink } from "../protocol/index.js";
+import { computeFileSignature, ENVD_PORT, fileOperationOf, fileSignaturePattern, INTERPRETER_PORT, type AgentLink } from "../protocol/index.js";
+import { constantTimeEquals } from "../shared/compare.js";
 import { CubicleError } from "../shared/cubicle-error.js";
+import { headerString } from "../shared/headers.js";
 import { createLogger } from "../shared/log.js";
 import { sendJsonResponse, writeRawJsonResponse } from "./raw-response.js";
 import { hostPattern, parseRoute, type RouteMatch } from "./route-parsing.js";
@@ -30,11 +32,6 @@ export interface SandboxRouterOptions {
 
 // RFC 7230 §6.1 hop-by-hop headers are not forwarded.
 const hopByHop = new Set(["connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade"]);
-
-function header(req: IncomingMessage, name: string): string | undefined {
-  const value = req.headers[name];
-  return Array.isArray(value) ? value[0] : value;
-}
 
 function forwardHeaders(headers: http.IncomingHttpHeaders): http.OutgoingHttpHeaders {
   const out: http.OutgoingHttpHeaders = {};
@@ -88,7 +85,7 @@ export class SandboxRouter {
    * invalid_argument CubicleError for sandbox traffic with an unusable port (answer 400).
    */
   match(req: IncomingMessage): RouteMatch | undefined {
-    const route = parseRoute({ id: header(req, "e2b-sandbox-id"), port: header(req, "e2b-sandbox-port"), host: header(req, "host") }, this.hostPattern);
+    const route = parseRoute({ id: headerString(req.headers, "e2b-sandbox-id"), port: headerString(req.headers, "e2b-sandbox-port"), host: headerString(req.headers, "host") }, this.hostPattern);
     return route ?? this.matchSignedFilesUrl(req);
   }
 
@@ -117,7 +114,7 @@ export class SandboxRouter {
       if (!sandbox.envdAccessToken || sandbox.state !== "running") continue;
       const expected = computeFileSignature(filePath, operation, username, sandbox.envdAccessToken, expiration);
       // No early exit: the time taken does not tell which sandbox matched.
-      if (fileSignaturesEqual(expected, signature) && found === undefined) found = sandbox.sandboxId;
+      if (constantTimeEquals(expected, signature) && found === undefined) found = sandbox.sandboxId;
     }
     return found === undefined ? undefined : { sandboxId: found, port: ENVD_PORT };
   }

@@ -8,10 +8,10 @@ import path from "node:path";
 import type { AgentUser } from "../users.js";
 import { resolveUserPath } from "../users.js";
 import { runAsUser } from "../as-user.js";
-import { CubicleError } from "../../shared/cubicle-error.js";
+import { CubicleError, errnoName } from "../../shared/cubicle-error.js";
 import { entryInfoFromStats, readEntryInfo, baseName, type EntryInfoJson } from "./entry-info.js";
 import { metadataStore } from "./metadata-store.js";
-import { errnoOf, fsFailure, syscallErrorText } from "../errors.js";
+import { fsFailure, syscallErrorText } from "../errors.js";
 
 /** Resolves a request path for `user` (`~`, relative → home, empty → home). */
 export function resolveRequestPath(requested: unknown, user: AgentUser): string {
@@ -19,7 +19,7 @@ export function resolveRequestPath(requested: unknown, user: AgentUser): string 
 }
 
 function isErrno(reason: unknown, ...codes: string[]): boolean {
-  const code = errnoOf(reason);
+  const code = errnoName(reason);
   return code !== undefined && codes.includes(code);
 }
 

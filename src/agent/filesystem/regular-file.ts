@@ -13,8 +13,8 @@
  * "O_NONBLOCK ... has no effect for regular files and block devices").
  */
 import fs from "node:fs";
-import { CubicleError } from "../../shared/cubicle-error.js";
-import { errnoOf, fsFailure } from "../errors.js";
+import { CubicleError, errnoName } from "../../shared/cubicle-error.js";
+import { fsFailure } from "../errors.js";
 
 const { O_RDONLY, O_WRONLY, O_CREAT, O_TRUNC, O_NONBLOCK, O_NOCTTY } = fs.constants;
 
@@ -68,7 +68,7 @@ export function openRegularFileForReading(target: string): OpenedFile {
   try {
     stats = fs.statSync(target);
   } catch (reason) {
-    const errno = errnoOf(reason);
+    const errno = errnoName(reason);
     if (errno === "ENOENT" || errno === "ENOTDIR") throw new CubicleError("not_found", `path '${target}' does not exist`, { cause: reason });
     throw fsFailure(`error checking if path exists '${target}'`, "stat", target, reason);
   }
@@ -94,7 +94,7 @@ export function openRegularFileForWriting(target: string): OpenedFile<fs.BigIntS
   try {
     existing = fs.statSync(target);
   } catch (reason) {
-    const errno = errnoOf(reason);
+    const errno = errnoName(reason);
     // A dangling symlink stats as ENOENT: open creates its target, as before.
     if (errno !== "ENOENT") throw fsFailure("error getting file info", "stat", target, reason);
   }
@@ -104,8 +104,8 @@ export function openRegularFileForWriting(target: string): OpenedFile<fs.BigIntS
     fd = fs.openSync(target, O_WRONLY | O_CREAT | O_TRUNC | O_NONBLOCK | O_NOCTTY, 0o666);
   } catch (reason) {
     // ENXIO: a FIFO without a reader took the file's place after the stat.
-    if (errnoOf(reason) === "ENXIO") throw new CubicleError("invalid_argument", `path '${target}' is a named pipe (FIFO) or a device, not a regular file`, { cause: reason });
-    if (errnoOf(reason) === "ENOSPC" || errnoOf(reason) === "EDQUOT") throw fsFailure("not enough inodes available", "open", target, reason);
+    if (errnoName(reason) === "ENXIO") throw new CubicleError("invalid_argument", `path '${target}' is a named pipe (FIFO) or a device, not a regular file`, { cause: reason });
+    if (errnoName(reason) === "ENOSPC" || errnoName(reason) === "EDQUOT") throw fsFailure("not enough inodes available", "open", target, reason);
     throw fsFailure("error opening file", "open", target, reason);
   }
   return { fd, stats: checkDescriptor(fd, target, true) };

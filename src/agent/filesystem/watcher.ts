@@ -18,10 +18,10 @@ import fs from "node:fs";
 import path from "node:path";
 import type { AgentUser } from "../users.js";
 import { runAsUser } from "../as-user.js";
-import { CubicleError } from "../../shared/cubicle-error.js";
+import { CubicleError, errnoName } from "../../shared/cubicle-error.js";
 import { createLogger } from "../../shared/log.js";
 import { readEntryInfo, type EntryInfoJson } from "./entry-info.js";
-import { errnoOf, fsErrorCode } from "../errors.js";
+import { fsErrorCode } from "../errors.js";
 
 const log = createLogger("agent.fs.watch");
 
@@ -382,7 +382,7 @@ export class DirectoryWatcher {
 /** A failure to watch as a CubicleError; inotify's limits (inotify(7)) are resource_exhausted, not a full disk. */
 function watchError(reason: unknown): CubicleError {
   if (reason instanceof CubicleError) return reason;
-  const errno = errnoOf(reason);
+  const errno = errnoName(reason);
   if (errno === "ENOSPC") return new CubicleError("resource_exhausted", "the sandbox reached its limit of inotify watches (fs.inotify.max_user_watches): stop other watchers or watch fewer directories", { cause: reason });
   if (errno === "EMFILE") return new CubicleError("resource_exhausted", "the sandbox reached its limit of inotify instances (fs.inotify.max_user_instances): stop other watchers", { cause: reason });
   return new CubicleError(fsErrorCode(errno) ?? "internal", reason instanceof Error ? reason.message : String(reason), { cause: reason });

@@ -13,10 +13,10 @@ import busboy from "busboy";
 import type { AgentUser } from "../users.js";
 import { lookupUser, resolveUserPath } from "../users.js";
 import { runAsUser } from "../as-user.js";
-import { CubicleError } from "../../shared/cubicle-error.js";
+import { CubicleError, errnoName } from "../../shared/cubicle-error.js";
 import { createLogger } from "../../shared/log.js";
 import { metadataStore, validateMetadata, type Metadata } from "../filesystem/metadata-store.js";
-import { errnoOf, fsErrorCode, fsFailure, syscallErrorText, toCubicleError } from "../errors.js";
+import { fsErrorCode, fsFailure, syscallErrorText, toCubicleError } from "../errors.js";
 import { openRegularFileForReading, openRegularFileForWriting } from "../filesystem/regular-file.js";
 import { ensureDirectories } from "../filesystem/operations.js";
 import { makeMissingParentsAsRoot } from "../filesystem/parents-as-root.js";
@@ -335,10 +335,10 @@ export async function writeUploadedFile(user: AgentUser, destination: string, so
     return { opened: openRegularFileForWriting(destination) };
   };
   let prepared = runAsUser(user, prepare);
-  if (prepared.failed !== undefined && errnoOf(prepared.failed) === "EACCES" && makeMissingParentsAsRoot(user, parent)) prepared = runAsUser(user, prepare);
+  if (prepared.failed !== undefined && errnoName(prepared.failed) === "EACCES" && makeMissingParentsAsRoot(user, parent)) prepared = runAsUser(user, prepare);
   if (prepared.failed !== undefined) {
     const reason = prepared.failed;
-    const errno = errnoOf(reason);
+    const errno = errnoName(reason);
     if (errno === "EEXIST" || errno === "ENOTDIR") {
       throw new CubicleError("invalid_argument", `error ensuring directories: ${syscallErrorText("mkdir", parent, reason)} (a parent is not a directory)`, { cause: reason });
     }
@@ -354,7 +354,7 @@ export async function writeUploadedFile(user: AgentUser, destination: string, so
   } catch (reason) {
     sink.destroy();
     if (reason instanceof FilesError || reason instanceof CubicleError) throw reason;
-    const code = errnoOf(reason);
+    const code = errnoName(reason);
     if (code === "ENOSPC" || code === "EDQUOT") throw new FilesError(507, `not enough disk space available: ${syscallErrorText("write", destination, reason)}`);
     if (fsErrorCode(code) !== undefined) throw fsFailure("error writing file", "write", destination, reason);
     if (code === "Z_DATA_ERROR" || code === "Z_BUF_ERROR") throw new FilesError(400, `error decompressing request body: ${(reason as Error).message}`);

@@ -1,7 +1,9 @@
 import http, { type IncomingMessage, type ServerResponse } from "node:http";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger } from "../../shared/log.js";
-import { accessTokenHeader, headerString, tokenEquals, unauthorizedMessage } from "../auth.js";
+import { constantTimeEquals } from "../../shared/compare.js";
+import { headerString } from "../../shared/headers.js";
+import { accessTokenHeader, unauthorizedMessage } from "../auth.js";
 import { toCubicleError } from "../errors.js";
 import { abandonBody, readRequestBody } from "../http/request-body.js";
 import type { ContextManager } from "./context-manager.js";
@@ -62,7 +64,7 @@ export function createInterpreterHttpServer(options: InterpreterHttpOptions): ht
     const token = options.getAccessToken?.();
     if (token !== undefined) {
       const presented = headerString(req.headers, accessTokenHeader);
-      if (presented !== undefined ? !tokenEquals(token, presented) : requiresToken(method, rawSegments)) {
+      if (presented !== undefined ? !constantTimeEquals(token, presented) : requiresToken(method, rawSegments)) {
         abandonBody(req);
         return sendJson(res, 401, { code: 401, message: unauthorizedMessage });
       }
