@@ -1,4 +1,5 @@
 import { CubicleError } from "../shared/cubicle-error.js";
+import type { Runtime } from "./types.js";
 
 /**
  * What an image is for. The kind only names the image (callers keep ids, not paths); what an
@@ -12,7 +13,7 @@ export type ImageKind = "snapshot" | "pause" | "warm";
 export const IMAGE_KINDS: readonly ImageKind[] = ["snapshot", "pause", "warm"];
 
 /** The runtime that made an image; only that runtime can restore it. */
-export type ImageRuntime = "container" | "microvm";
+export type ImageRuntime = Runtime["name"];
 
 /**
  * Names are file names for every runtime (a directory, a RAM file): letters, digits, `.`, `_`,
@@ -28,7 +29,7 @@ export const REMOVED_IMAGE_MARKER = ".removed-";
 /** Marks a pause image an older core moved aside before deleting it (`<name>.stale-…`). */
 export const LEGACY_STALE_IMAGE_MARKER = ".stale-";
 /** Parts of entry names image stores keep for themselves: no image name holds one. */
-export const RESERVED_NAME_PARTS = [PENDING_IMAGE_MARKER, REMOVED_IMAGE_MARKER, LEGACY_STALE_IMAGE_MARKER] as const;
+const RESERVED_NAME_PARTS = [PENDING_IMAGE_MARKER, REMOVED_IMAGE_MARKER, LEGACY_STALE_IMAGE_MARKER] as const;
 
 export function isImageName(name: string): boolean {
   return NAME_PATTERN.test(name) && !RESERVED_NAME_PARTS.some((part) => name.includes(part));

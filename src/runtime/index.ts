@@ -1,7 +1,6 @@
 import { ContainerRuntime, type ContainerRuntimeConfig, type ContainerRuntimeOptions } from "./container/container-runtime.js";
 
-export type { CheckpointInfo, CheckpointOptions, CheckpointTarget, Runtime, RuntimeState, SandboxResources, SandboxSpec, SandboxStats, TemplateImage } from "./types.js";
-export { IMAGE_KINDS, imageId, parseImageId, type ImageInfo, type ImageKind, type ImageRuntime, type ImageStore, type PendingImage } from "./images.js";
+export type { CheckpointInfo, CheckpointOptions, Runtime, RuntimeState, SandboxResources, SandboxSpec, SandboxStats, TemplateImage } from "./types.js";
 export { SANDBOX_UID_BASE, SANDBOX_UID_COUNT } from "./types.js";
 export { ContainerRuntime, CONTAINER_PREFIX, type ContainerRuntimeConfig, type ContainerRuntimeOptions, type CreateTimings } from "./container/container-runtime.js";
 export { KIT_MOUNT_POINT } from "./container/agent-kit.js";
