@@ -15,7 +15,7 @@ import { lookupUser, resolveUserPath } from "../users.js";
 import { runAsUser } from "../as-user.js";
 import { CubicleError, errnoName } from "../../shared/cubicle-error.js";
 import { createLogger } from "../../shared/log.js";
-import { metadataStore, validateMetadata, type Metadata } from "../filesystem/metadata-store.js";
+import { checkMetadataAvailable, replaceMetadata, validateMetadata, type Metadata } from "../filesystem/file-metadata.js";
 import { fsErrorCode, fsFailure, syscallErrorText, toCubicleError } from "../errors.js";
 import { openRegularFileForReading, openRegularFileForWriting } from "../filesystem/regular-file.js";
 import { ensureDirectories } from "../filesystem/operations.js";
@@ -188,19 +188,21 @@ function contentTypeOf(filePath: string): string {
  * wins (raw headers, since Node joins repeats), validated like upstream.
  */
 export function metadataFromHeaders(rawHeaders: string[]): Metadata {
-  const metadata: Metadata = {};
+  // No prototype: `X-Metadata-Constructor` or `X-Metadata-__proto__` are keys like any other.
+  const metadata: Metadata = Object.create(null) as Metadata;
   const prefix = "x-metadata-";
   for (let index = 0; index + 1 < rawHeaders.length; index += 2) {
     const name = rawHeaders[index]!.toLowerCase();
     if (!name.startsWith(prefix)) continue;
     const key = name.slice(prefix.length);
-    if (!(key in metadata)) metadata[key] = rawHeaders[index + 1]!;
+    if (!Object.hasOwn(metadata, key)) metadata[key] = rawHeaders[index + 1]!;
   }
   try {
     validateMetadata(metadata);
   } catch (reason) {
     throw new FilesError(400, `invalid metadata: ${(reason as Error).message}`);
   }
+  if (Object.keys(metadata).length > 0) checkMetadataAvailable();
   return metadata;
 }
 
@@ -346,10 +348,11 @@ export async function writeUploadedFile(user: AgentUser, destination: string, so
   }
   const { fd, stats } = prepared.opened!;
 
-  const identity = { dev: stats.dev, ino: stats.ino };
   const sink = fs.createWriteStream("", { fd, autoClose: true });
   try {
     if (Number(stats.uid) !== user.uid || Number(stats.gid) !== user.gid) fs.fchownSync(fd, user.uid, user.gid);
+    // On the descriptor, as root: the file just opened, whatever its path points to by now.
+    replaceMetadata(fd, metadata);
     await copyInto(source, sink);
   } catch (reason) {
     sink.destroy();
@@ -362,11 +365,6 @@ export async function writeUploadedFile(user: AgentUser, destination: string, so
     throw new FilesError(500, `error writing file: ${(reason as Error).message}`);
   }
 
-  try {
-    metadataStore().replace(destination, identity, metadata);
-  } catch (reason) {
-    throw new FilesError(500, `error writing metadata of ${destination}: ${(reason as Error).message}`);
-  }
   const entry: UploadedEntry = { path: destination, name: path.basename(destination), type: "file" };
   if (Object.keys(metadata).length > 0) entry.metadata = { ...metadata };
   return entry;
