@@ -304,6 +304,30 @@ test("a full disk surfaces as NotEnoughSpaceError (writes past the sandbox's dis
 });
 
 
+test("a signed uploadUrl takes browser-style forms (a plain field, a Blob), as user and as root, and answers the entry list", async () => {
+  for (const user of ["user", "root"] as const) {
+    const directory = user === "root" ? "/root/form-uploads" : `${base}/form-uploads`;
+    for (const [shape, fill] of [
+      ["field", (form: FormData, text: string) => form.append("file", text)],
+      ["blob", (form: FormData, text: string) => form.append("file", new Blob([text]))],
+    ] as const) {
+      const target = `${directory}/${shape}.txt`;
+      const text = `a ${shape} from a form, as ${user}`;
+      const url = await sandbox.uploadUrl(target, { user, useSignatureExpiration: 60_000 });
+      const form = new FormData();
+      form.append("note", "a field that is not the file");
+      fill(form, text);
+      const response = await fetch(url, { method: "POST", body: form });
+      const answer = await response.text();
+      assert.equal(response.status, 200, `${user} ${shape}: ${answer}`);
+      assert.deepEqual(JSON.parse(answer), [{ path: target, name: `${shape}.txt`, type: "file" }]);
+      assert.equal(await sandbox.files.read(target, { user }), text);
+      const owner = await sandbox.commands.run(`stat -c %U ${target}`, { user: "root" });
+      assert.equal(owner.stdout.trim(), user, "written as the signed URL's user");
+    }
+  }
+});
+
 test("signed download and upload URLs work without routing headers", async () => {
   await sandbox.files.write(`${base}/signed.txt`, "signed content");
   const downloadUrl = await sandbox.downloadUrl(`${base}/signed.txt`, { useSignatureExpiration: 60_000 });
