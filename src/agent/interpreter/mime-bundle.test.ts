@@ -61,6 +61,13 @@ describe("resultFromMimeBundle", () => {
     assert.deepEqual(result.extra, { "text/plain": 42, "image/png": { not: "base64" }, "e2b/chart": { title: "no type" }, "e2b/data": [1, 2] });
   });
 
+  it("drops the trailing newline some kernels put after base64 images", () => {
+    const result = resultFromMimeBundle({ "image/png": "iVBOR\n", "image/jpeg": ["/9j/", "4AAQ\n"], "text/plain": "keeps\n" }, false);
+    assert.equal(result.png, "iVBOR");
+    assert.equal(result.jpeg, "/9j/4AAQ");
+    assert.equal(result.text, "keeps\n");
+  });
+
   it("an empty bundle is a bare result", () => {
     assert.deepEqual(resultFromMimeBundle({}, false), { type: "result", is_main_result: false });
   });

@@ -16,6 +16,9 @@ const fieldByMimetype: Record<string, keyof ResultOutput> = {
   "e2b/chart": "chart",
 };
 
+/** Binary formats travel as base64; some kernels end it with the newline `b2a_base64` adds. */
+const base64Mimetypes = new Set(["image/png", "image/jpeg", "application/pdf"]);
+
 /** Mimetypes whose value is JSON itself rather than text. */
 const structuredMimetypes = new Set(["application/json", "e2b/data", "e2b/chart"]);
 
@@ -30,7 +33,8 @@ export function resultFromMimeBundle(bundle: Record<string, unknown>, isMainResu
   const extra: Record<string, unknown> = {};
   for (const [mimetype, raw] of Object.entries(bundle)) {
     const field = fieldByMimetype[mimetype];
-    const value = field && structuredMimetypes.has(mimetype) ? raw : joinLines(raw);
+    let value = field && structuredMimetypes.has(mimetype) ? raw : joinLines(raw);
+    if (base64Mimetypes.has(mimetype) && typeof value === "string") value = value.trimEnd();
     if (field && fits(mimetype, value)) fields[field] = value;
     else extra[mimetype] = raw;
   }
