@@ -95,6 +95,17 @@ plt.show()
   assert.ok(cos.points.every((p: unknown[]) => typeof p[0] === "string" && typeof p[1] === "number"));
 });
 
+test("numpy datetime64 and pandas dates become ISO strings to the second", async () => {
+  const chart = chartOf(
+    await run(
+      "import numpy as np\nimport pandas as pd\nimport matplotlib.pyplot as plt\nplt.figure()\nplt.plot(pd.date_range('2024-02-28 12:00', periods=3, freq='D'), [1, 2, 3])\nplt.plot(np.array(['2024-03-05T06:07:08', 'NaT'], dtype='datetime64[ms]'), [4, 5])\nplt.show()",
+    ),
+  );
+  assert.equal(chart.x_scale, "datetime");
+  assert.deepEqual(chart.elements[0].points, [["2024-02-28T12:00:00", 1], ["2024-02-29T12:00:00", 2], ["2024-03-01T12:00:00", 3]]);
+  assert.deepEqual(chart.elements[1].points, [["2024-03-05T06:07:08", 4], [null, 5]]);
+});
+
 test("line chart without labels: default line names, null title and labels, NaN as null", async () => {
   const chart = chartOf(await run("import matplotlib.pyplot as plt\nplt.figure()\nplt.plot([1, 2, 3], [4, float('nan'), 6])\nplt.plot([1, 2, 3], [3, 2, 1])\nplt.show()"));
   assert.equal(chart.type, "line");

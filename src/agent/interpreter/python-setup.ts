@@ -116,6 +116,37 @@ def is_grid_line(line):
         return bool(xs[0] == xs[1] or ys[0] == ys[1])
     except Exception:
         return False
+def finite_or_none(numbers):
+    return [n if math.isfinite(n) else None for n in numbers]
+def column(values):
+    # Whole numpy columns at once: a plot of a million points must not cost seconds per show().
+    import numpy
+    try:
+        array = numpy.asarray(values)
+    except Exception:
+        array = None
+    if array is not None and array.ndim == 1:
+        kind = array.dtype.kind
+        if kind in "fiub":
+            numbers = array.astype(float)
+            listed = numbers.tolist()
+            return listed if bool(numpy.isfinite(numbers).all()) else finite_or_none(listed)
+        if kind == "M":
+            texts = numpy.datetime_as_string(array.astype("datetime64[s]")).tolist()
+            return [None if text == "NaT" else text for text in texts]
+        if kind == "U" and isinstance(values, numpy.ndarray):
+            return array.tolist()
+    return [plain(value) for value in values]
+def axis_column(numbers, dates, names):
+    # Scatter offsets are already axis numbers: dates and categories are turned back.
+    if dates:
+        import matplotlib.dates as mdates
+        return [mdates.num2date(n).isoformat() if math.isfinite(n) else None for n in numbers]
+    if names is not None:
+        return [(names.get(int(n), n) if n.is_integer() else n) if math.isfinite(n) else None for n in numbers]
+    return finite_or_none(numbers)
+def label_text(label):
+    return "" if label is None else str(label)
 def point_chart(kind, ax):
     chart = labelled_chart(kind, ax)
     chart.update(axis_facts(ax, "x"))
@@ -124,25 +155,20 @@ def point_chart(kind, ax):
         lines = ax.get_lines()
         data_lines = [line for line in lines if not is_grid_line(line)] or lines
         for line in data_lines:
-            label = line.get_label()
+            label = label_text(line.get_label())
             if label.startswith("_child") and label[6:].isdigit():
                 label = "Line " + label[6:]
-            points = [[plain(x), plain(y)] for x, y in zip(line.get_xdata(), line.get_ydata())]
+            points = list(map(list, zip(column(line.get_xdata()), column(line.get_ydata()))))
             chart["elements"].append({"label": label, "points": points})
         return chart
-    # Scatter offsets are already converted to axis numbers: turn dates and categories back.
+    import numpy
     x_dates, y_dates = is_date_axis(ax.xaxis), is_date_axis(ax.yaxis)
     x_names, y_names = category_names(ax.xaxis), category_names(ax.yaxis)
-    def back(value, dates, names):
-        if dates and math.isfinite(value):
-            import matplotlib.dates as mdates
-            return mdates.num2date(value).isoformat()
-        if names is not None and float(value).is_integer() and int(value) in names:
-            return names[int(value)]
-        return plain(value)
     for collection in ax.collections:
-        points = [[back(float(x), x_dates, x_names), back(float(y), y_dates, y_names)] for x, y in collection.get_offsets()]
-        chart["elements"].append({"label": collection.get_label(), "points": points})
+        offsets = numpy.asarray(collection.get_offsets(), dtype=float).reshape(-1, 2)
+        xs = axis_column(offsets[:, 0].tolist(), x_dates, x_names)
+        ys = axis_column(offsets[:, 1].tolist(), y_dates, y_names)
+        chart["elements"].append({"label": label_text(collection.get_label()), "points": list(map(list, zip(xs, ys)))})
     return chart
 def tick_label_at(axis, position, index, count):
     locations = list(axis.get_ticklocs())
@@ -333,8 +359,6 @@ def describe_figure(figure):
                 suptitle = getattr(figure, "_suptitle", None)
                 title = suptitle.get_text() if suptitle is not None else ""
             chart = {"type": "superchart", "title": title, "elements": [safe_axes_chart(ax) for ax in axes]}
-        # Whatever reaches the kernel's message must be strict JSON, or the png goes with it.
-        json.dumps(chart, allow_nan=False)
         return chart
     except Exception:
         return None
@@ -393,6 +417,9 @@ def _cubicle_setup(CHART_DESCRIBER=CHART_DESCRIBER):
     # ---- Pillow: show() and save(path) display the image ----
     def display_image(image):
         try:
+            from IPython import get_ipython
+            if get_ipython() is None:
+                return
             png = image._repr_png_()
             if not png:
                 return
