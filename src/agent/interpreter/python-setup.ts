@@ -3,7 +3,7 @@
  * None. Compiled inside the kernel on the first figure it describes.
  */
 export const CHART_DESCRIBER_CODE = String.raw`
-import json, math, sys
+import math, sys
 
 def close(a, b):
     return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
@@ -32,8 +32,6 @@ def plain(value):
         if numpy.isnat(value):
             return None
         return str(value.astype("datetime64[s]"))
-    if numpy is not None and isinstance(value, numpy.str_):
-        return str(value)
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -214,7 +212,7 @@ def pie_chart(ax):
     for wedge in ax.patches:
         if isinstance(wedge, Wedge):
             angle = tidy(abs(wedge.theta2 - wedge.theta1), 1e-7)
-            chart["elements"].append({"label": wedge.get_label(), "angle": angle, "radius": tidy(wedge.r, 1e-7)})
+            chart["elements"].append({"label": label_text(wedge.get_label()), "angle": angle, "radius": tidy(wedge.r, 1e-7)})
     return chart
 def rectangle_line(line):
     # With patch_artist=False a box is a closed five-point rectangle line.
