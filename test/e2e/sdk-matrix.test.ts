@@ -25,15 +25,16 @@ interface SdkRow {
 
 const ROWS: SdkRow[] = [
   { importName: "e2b-2-0", kind: "e2b", role: "oldest 2.x" },
-  { importName: "e2b-2-13", kind: "e2b", role: "first with E2B_SANDBOX_URL" },
+  { importName: "e2b-2-13", kind: "e2b", role: "last with no routing headers on /files" },
+  { importName: "e2b-2-14", kind: "e2b", role: "first with routing headers on /files" },
   { importName: "e2b-2-20", kind: "e2b", role: "mid 2.x" },
   { importName: "e2b-2-30", kind: "e2b", role: "mid 2.x" },
-  { importName: "e2b-v1", kind: "e2b", role: "last on the v1 create path" },
-  { importName: "e2b", kind: "e2b", role: "pinned" },
+  { importName: "e2b-v1", kind: "e2b", role: "v1 create path (POST /sandboxes)" },
+  { importName: "e2b", kind: "e2b", role: "pinned in package.json" },
   { importName: "code-interpreter-2-0", kind: "code-interpreter", role: "oldest 2.x" },
-  { importName: "code-interpreter-2-6", kind: "code-interpreter", role: "mid 2.x" },
+  { importName: "code-interpreter-2-6", kind: "code-interpreter", role: "last with the 49999 host hard-coded" },
   { importName: "code-interpreter-2-7", kind: "code-interpreter", role: "first with E2B_SANDBOX_URL on 49999" },
-  { importName: "@e2b/code-interpreter", kind: "code-interpreter", role: "pinned" },
+  { importName: "@e2b/code-interpreter", kind: "code-interpreter", role: "pinned in package.json" },
 ];
 
 /**
@@ -316,7 +317,7 @@ for (const row of ROWS) {
       () => (hasMethod("createSnapshot") ? undefined : notInSdk()),
     );
 
-    // Older versions have only betaPause (2.13 among them), newer ones pause; both resume through connect.
+    // 2.0 and 2.13 have only betaPause, 2.14 on pause; both resume through connect.
     const pauseMethod = () => (hasMethod("pause") ? "pause" : hasMethod("betaPause") ? "betaPause" : undefined);
     cell(
       "pause",
