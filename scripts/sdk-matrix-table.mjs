@@ -70,7 +70,7 @@ function renderVersion(row) {
 }
 
 const behaviours = report.behaviours;
-const header = ["package", "version", "why", "engines.node", ...behaviours, "time"];
+const header = ["package", "version", "why", "engines.node", `dependencies ${report.node} cannot run`, ...behaviours, "time"];
 const lines = [
   `| ${header.join(" | ")} |`,
   `|${header.map(() => "---").join("|")}|`,
@@ -80,7 +80,8 @@ const lines = [
       `\`${row.package}\``,
       renderVersion(row),
       escape(row.role),
-      code(row.engines ?? "—"),
+      `${code(row.engines ?? "—")}${row.enginesMet === false ? " **not met**" : ""}`,
+      row.dependenciesNeedingOtherNode?.length ? row.dependenciesNeedingOtherNode.map(escape).join("; ") : "none",
       ...behaviours.map((b) => renderCell(row, b)),
       `${(totalMs / 1000).toFixed(1)} s`,
     ].join(" | ")} |`;

@@ -1,6 +1,6 @@
 /**
- * The SDK version matrix: a compact smoke (create, commands, files, pty, runCode, snapshot, kill)
- * run by several released `e2b` and `@e2b/code-interpreter` versions, installed side by side as
+ * The SDK version matrix: a compact smoke (create, commands, files, pty, runCode, snapshot,
+ * pause, kill) run by several released `e2b` and `@e2b/code-interpreter` versions, installed side by side as
  * npm aliases (package.json), against one real server. Every cell is a test of its own; the run
  * writes what it saw to test-results/sdk-matrix.json (or $CUBICLE_SDK_MATRIX_JSON), from which
  * `npm run sdk-matrix` renders the README table.
@@ -8,12 +8,14 @@
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
+import { createRequire } from "node:module";
 import path from "node:path";
-import { after, before, describe, test, type TestContext } from "node:test";
+import { after, before, describe, test } from "node:test";
 import { startTestServer, useServerForSdk, type TestServer } from "./harness.js";
 
 const repoRoot = path.resolve(path.dirname(new URL(import.meta.url).pathname), "..", "..");
-export const SDK_MATRIX_JSON = process.env.CUBICLE_SDK_MATRIX_JSON ?? path.join(repoRoot, "test-results", "sdk-matrix.json");
+const semver = createRequire(import.meta.url)("semver") as { satisfies(version: string, range: string): boolean };
+const SDK_MATRIX_JSON = process.env.CUBICLE_SDK_MATRIX_JSON ?? path.join(repoRoot, "test-results", "sdk-matrix.json");
 
 /** One installed SDK: the name it is imported by (an npm alias or the pinned package). */
 interface SdkRow {
@@ -83,16 +85,25 @@ interface RowResult {
   role: string;
   /** The `e2b` version a code-interpreter row runs on (what npm resolved for it). */
   e2bVersion?: string;
-  /** The installed package's engines.node. */
+  /** The installed package's engines.node, and whether this Node satisfies it. */
   engines?: string;
+  enginesMet: boolean;
+  /** Packages of its installed dependency tree (optional ones included) whose engines.node this Node does not satisfy. */
+  dependenciesNeedingOtherNode: string[];
   cells: Partial<Record<Behaviour, Cell>>;
 }
 
-function readPackageJson(dir: string): { name: string; version: string; engines?: { node?: string } } {
+interface PackageJson {
+  name: string;
+  version: string;
+  engines?: { node?: string };
+}
+
+function readPackageJson(dir: string): PackageJson {
   return JSON.parse(fs.readFileSync(path.join(dir, "package.json"), "utf8"));
 }
 
-function installedPackage(importName: string): { dir: string; name: string; version: string; engines?: { node?: string } } {
+function installedPackage(importName: string): PackageJson & { dir: string } {
   const dir = path.join(repoRoot, "node_modules", importName);
   return { dir, ...readPackageJson(dir) };
 }
@@ -101,6 +112,52 @@ function installedPackage(importName: string): { dir: string; name: string; vers
 function e2bUnder(packageDir: string): string {
   const nested = path.join(packageDir, "node_modules", "e2b");
   return readPackageJson(fs.existsSync(nested) ? nested : path.join(repoRoot, "node_modules", "e2b")).version;
+}
+
+interface LockEntry {
+  name?: string;
+  version: string;
+  engines?: { node?: string };
+  dependencies?: Record<string, string>;
+  optionalDependencies?: Record<string, string>;
+}
+
+/**
+ * The dependency tree of an installed package, read from package-lock.json (which also holds the
+ * optional packages npm left out for this platform), as `name@version (engines)` for each one
+ * whose engines.node this Node does not satisfy.
+ */
+function dependenciesNeedingOtherNode(importName: string): string[] {
+  const lock = JSON.parse(fs.readFileSync(path.join(repoRoot, "package-lock.json"), "utf8")) as { packages: Record<string, LockEntry> };
+  /** Where Node would find `name` from the package at `key`: the nearest node_modules up the tree. */
+  const resolve = (key: string, name: string): string | undefined => {
+    for (let base = key; ; base = base.slice(0, Math.max(0, base.lastIndexOf("/node_modules/")))) {
+      const candidate = `${base ? `${base}/` : ""}node_modules/${name}`;
+      if (lock.packages[candidate]) return candidate;
+      if (!base) return undefined;
+    }
+  };
+  const seen = new Set<string>();
+  const found = new Set<string>();
+  const visit = (key: string) => {
+    const entry = lock.packages[key]!;
+    const optional = new Set(Object.keys(entry.optionalDependencies ?? {}));
+    for (const name of new Set([...Object.keys(entry.dependencies ?? {}), ...optional])) {
+      const depKey = resolve(key, name);
+      if (!depKey || seen.has(depKey)) continue;
+      seen.add(depKey);
+      const dep = lock.packages[depKey]!;
+      const range = dep.engines?.node;
+      if (range && !semver.satisfies(process.version, range)) {
+        const installed = fs.existsSync(path.join(repoRoot, depKey, "package.json"));
+        const notes = [optional.has(name) ? "optional" : "", installed ? "" : "not installed", `node ${range}`].filter(Boolean).join(", ");
+        found.add(`${name}${dep.name && dep.name !== name ? ` (${dep.name})` : ""}@${dep.version} (${notes})`);
+      }
+      visit(depKey);
+    }
+  };
+  visit(`node_modules/${importName}`);
+  return [...found].sort();
 }
 
 function serverRevision(): string {
@@ -133,7 +190,6 @@ function withTimeout<T>(promise: Promise<T>, ms: number, what: string): Promise<
 }
 
 // The surface of the SDK's Sandbox class the smoke uses, as loosely as the oldest version allows.
-/* eslint-disable @typescript-eslint/no-explicit-any */
 type SdkSandboxClass = any;
 type SdkSandbox = any;
 
@@ -172,6 +228,8 @@ for (const row of ROWS) {
     kind: row.kind,
     role: row.role,
     engines: installed.engines?.node,
+    enginesMet: !installed.engines?.node || semver.satisfies(process.version, installed.engines.node),
+    dependenciesNeedingOtherNode: dependenciesNeedingOtherNode(row.importName),
     ...(row.kind === "code-interpreter" ? { e2bVersion: e2bUnder(installed.dir) } : {}),
     cells: {},
   };
@@ -200,7 +258,7 @@ for (const row of ROWS) {
      * lacks (n/a, skipped). A behaviour that needs the sandbox is "not run" (and skipped) when
      * create failed; the create test carries the failure.
      */
-    const cell = (behaviour: Behaviour, needsSandbox: boolean, body: (t: TestContext) => Promise<string | void>, missing?: () => string | undefined) =>
+    const cell = (behaviour: Behaviour, needsSandbox: boolean, body: () => Promise<string | void>, missing?: () => string | undefined) =>
       test(behaviour, async (t) => {
         const absent = missing?.();
         if (absent) {
@@ -217,7 +275,7 @@ for (const row of ROWS) {
         const started = performance.now();
         let via: string | void;
         try {
-          via = await withTimeout(body(t), 60_000, behaviour);
+          via = await withTimeout(body(), 60_000, behaviour);
         } catch (err) {
           const detail = describeError(err);
           result.cells[behaviour] = { status: "fail", ms: Math.round(performance.now() - started), detail, ...(limit && limit.error.test(detail) ? { clientLimit: limit.why } : {}) };
