@@ -13,6 +13,8 @@ import vm from "node:vm";
  *   "Identifier has already been declared".
  * - A cell with top-level `await` is wrapped in an async function; its simple top-level
  *   declarations are hoisted to globals and its last expression statement is returned.
+ * - ES module syntax, which a script cannot hold, is taken out (rewriteModuleSyntax): imports
+ *   become a list the kernel carries out before the cell, exports are dropped or evaluated.
  */
 
 type TokenKind = "space" | "comment" | "string" | "template" | "regex" | "name" | "number" | "punct";
