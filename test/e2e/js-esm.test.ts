@@ -8,7 +8,7 @@
  */
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import { Sandbox } from "@e2b/code-interpreter";
+import { Sandbox, type Context } from "@e2b/code-interpreter";
 import { startTestServer, useServerForSdk, type TestServer } from "./harness.js";
 
 let server: TestServer;
@@ -38,8 +38,9 @@ after(async () => {
   await server?.stop();
 });
 
-async function ok(code: string, options: Parameters<Sandbox["runCode"]>[1] = { language: "js" }): Promise<string | undefined> {
-  const execution = await sandbox.runCode(code, options);
+/** Runs JavaScript in the default context (or in `context`), asserting that it went without error. */
+async function ok(code: string, context?: Context): Promise<string | undefined> {
+  const execution = await (context ? sandbox.runCode(code, { context }) : sandbox.runCode(code, { language: "js" }));
   assert.equal(execution.error, undefined, `${code}\n→ ${JSON.stringify(execution.error)}`);
   assert.deepEqual(execution.logs.stderr, [], `${code}\n→ stderr ${execution.logs.stderr.join("")}`);
   return execution.text;
@@ -71,11 +72,11 @@ test("top-level await and dynamic import", async () => {
 test("a context resolves imports from its own working directory", async () => {
   const context = await sandbox.createCodeContext({ language: "javascript", cwd: "/tmp/other-project" });
   try {
-    assert.equal(await ok("import { here } from 'only-here'\nhere", { context }), "other project");
+    assert.equal(await ok("import { here } from 'only-here'\nhere", context), "other project");
     // /home/user/node_modules is not on this context's path; ~/.node_modules still is.
     const missing = await sandbox.runCode("import greet from 'esm-greeter'", { context });
     assert.match(missing.error?.value ?? "", /esm-greeter/);
-    assert.equal(await ok("import { where } from 'global-esm'\nwhere", { context }), "global");
+    assert.equal(await ok("import { where } from 'global-esm'\nwhere", context), "global");
   } finally {
     await sandbox.removeCodeContext(context);
   }

@@ -15,8 +15,8 @@ import { DYNAMIC_IMPORT_FUNCTION } from "./js-source.js";
  * ESM-only packages in ./node_modules (and up the tree) work. What that does not find is looked
  * for where `require` looks (NODE_PATH, ~/.node_modules, …): a package with an `exports` map is
  * imported from inside itself (a package may import itself by name, which applies that map with
- * the `import` condition), any other module by the file `require.resolve` names. So `./util`
- * without an extension works as well.
+ * the `import` condition), anything else from the file `require.resolve` names (so `./util`
+ * without an extension and packages that export only to `require` load too).
  */
 export const JS_KERNEL_PROGRAM = String.raw`
 (() => {
@@ -68,36 +68,51 @@ export const JS_KERNEL_PROGRAM = String.raw`
   };
 
   const isBare = (specifier) => !/^(\.{0,2}\/|\.{1,2}$|[A-Za-z][A-Za-z0-9+.-]*:)/.test(specifier);
+  /** What the loader could not find (or not find an entry of), and require might. */
+  const notFoundCodes = new Set(["ERR_MODULE_NOT_FOUND", "ERR_UNSUPPORTED_DIR_IMPORT", "ERR_PACKAGE_PATH_NOT_EXPORTED"]);
+  const notFound = (error) => Boolean(error) && notFoundCodes.has(error.code);
 
-  /** Where require would find the module: { referrer } to import it from, or { file }; undefined if nowhere. */
-  const findLikeRequire = (specifier) => {
-    if (!isBare(specifier)) {
-      if (/^[A-Za-z][A-Za-z0-9+.-]*:/.test(specifier) && !specifier.startsWith("file:")) return undefined;
-      try { return { file: cellRequire.resolve(specifier.startsWith("file:") ? fileURLToPath(specifier) : specifier) }; } catch { return undefined; }
-    }
+  /** The first folder require would take the package of "specifier" from, when the package can import itself by name. */
+  const selfImportingPackage = (specifier) => {
     const parts = specifier.split("/");
     const name = specifier.startsWith("@") ? parts.slice(0, 2).join("/") : parts[0];
     for (const dir of cellRequire.resolve.paths(name) || []) {
       const packageDir = path.join(dir, name);
       if (!fs.existsSync(packageDir)) continue;
-      let manifest;
-      try { manifest = JSON.parse(fs.readFileSync(path.join(packageDir, "package.json"), "utf8")); } catch { manifest = undefined; }
-      if (manifest && manifest.exports !== undefined && manifest.name === name) return { referrer: path.join(packageDir, "[import]") };
-      try { return { file: cellRequire.resolve(path.join(dir, specifier)) }; } catch { return undefined; }
+      try {
+        const manifest = JSON.parse(fs.readFileSync(path.join(packageDir, "package.json"), "utf8"));
+        return manifest && manifest.exports !== undefined && manifest.name === name ? packageDir : undefined;
+      } catch {
+        return undefined;
+      }
     }
     return undefined;
   };
 
   const importModule = async (specifier, options) => {
     specifier = String(specifier);
+    let firstError;
     try {
       return await importFrom(cellFile, specifier, options);
     } catch (error) {
-      if (!error || (error.code !== "ERR_MODULE_NOT_FOUND" && error.code !== "ERR_UNSUPPORTED_DIR_IMPORT")) throw error;
-      const found = findLikeRequire(specifier);
-      if (!found) throw error;
-      return found.referrer ? importFrom(found.referrer, specifier, options) : importFrom(cellFile, pathToFileURL(found.file).href, options);
+      if (!notFound(error)) throw error;
+      firstError = error;
     }
+    const packageDir = isBare(specifier) ? selfImportingPackage(specifier) : undefined;
+    if (packageDir) {
+      try {
+        return await importFrom(path.join(packageDir, "[import]"), specifier, options);
+      } catch (error) {
+        if (!notFound(error)) throw error;
+      }
+    }
+    let file;
+    try {
+      file = cellRequire.resolve(specifier.startsWith("file:") ? fileURLToPath(specifier) : specifier);
+    } catch {
+      throw firstError;
+    }
+    return importFrom(cellFile, pathToFileURL(file).href, options);
   };
   Object.defineProperty(globalThis, ${JSON.stringify(DYNAMIC_IMPORT_FUNCTION)}, { value: importModule, enumerable: false, writable: false, configurable: false });
 

@@ -65,6 +65,8 @@ describe("JavaScript kernel: ES module syntax", () => {
       "node_modules/cjs-pkg/package.json": JSON.stringify({ name: "cjs-pkg", main: "lib/main.js" }),
       "node_modules/cjs-pkg/lib/main.js": "exports.greet = (n) => 'hello ' + n; exports.kind = 'cjs';",
       "node_modules/cjs-dynamic/index.js": "const api = {}; for (const k of ['alpha', 'beta']) api[k] = k.toUpperCase(); module.exports = api;",
+      "node_modules/require-only/package.json": JSON.stringify({ name: "require-only", exports: { require: "./index.cjs" } }),
+      "node_modules/require-only/index.cjs": "module.exports = { onlyRequire: true };",
       "node_modules/esm-only/package.json": JSON.stringify({ name: "esm-only", type: "module", exports: { ".": { import: "./index.js" }, "./extra": { import: "./extra.js" } } }),
       "node_modules/esm-only/index.js": "export default function twice(x) { return 2 * x }\nexport const named = 'esm named';",
       "node_modules/esm-only/extra.js": "export const extra = 'extra';",
@@ -114,6 +116,8 @@ describe("JavaScript kernel: ES module syntax", () => {
     assert.equal(await ok(js, "import { alpha, beta } from 'cjs-dynamic'; alpha + beta"), "ALPHABETA");
     assert.equal(await ok(js, "import twice, { named } from 'esm-only'\nimport { extra } from 'esm-only/extra'\n[twice(21), named, extra]"), "[ 42, 'esm named', 'extra' ]");
     assert.equal(await ok(js, "import { ready } from 'esm-tla'; ready"), "awaited at load");
+    // Node's loader finds no entry for `import` in this package's exports; require's is taken.
+    assert.equal(await ok(js, "import { onlyRequire } from 'require-only'; onlyRequire"), "true");
   });
 
   it("imports packages from the folders require searches beyond the working directory", async () => {

@@ -263,6 +263,9 @@ describe("prepareCell: ES module syntax", () => {
     const equals = ts("import fs = require('fs')\nimport type T = require('t')\ntypeof fs");
     assert.deepEqual(equals.imports, []);
     assert.equal(vm.runInNewContext(equals.code, { require: () => ({}) }), "object");
+    const members = ts("class A {\n  import: number = 1\n  export?: string\n  static import(x: number): number { return x }\n}\nconst a: A = new A()\na.import + A.import(2)");
+    assert.deepEqual(members.imports, []);
+    assert.equal(vm.runInNewContext(members.code), 3);
     const exported = ts("export interface P { x: number }\nexport type Q = P\nexport const p: P = { x: 1 } as P\nexport { p as q }\np.x");
     assert.equal(vm.runInNewContext(exported.code), 1);
   });

@@ -375,7 +375,7 @@ export function stripTypes(code: string): string {
         continue;
       }
       // Import and export lists hold no types: `{ a as b }` there renames, it is no cast.
-      if (atStatementStart && !editor.is(before, ".") && ((word === "import" && !isAnyOf(editor, nextIndex, ["(", "."])) || (word === "export" && isAnyOf(editor, nextIndex, ["{", "*"])))) {
+      if (atStatementStart && !editor.is(before, ".") && ((word === "import" && !isAnyOf(editor, nextIndex, NOT_DECLARATION_AFTER)) || (word === "export" && isAnyOf(editor, nextIndex, ["{", "*"])))) {
         k = moduleClauseEnd(editor, k) - 1;
         continue;
       }
@@ -728,6 +728,9 @@ export interface ImportBinding {
   local: string;
 }
 
+/** After `import` or `export`, these make it no declaration: `import(…)`, `import.meta`, a property or class member named so. */
+const NOT_DECLARATION_AFTER = [".", "(", ":", "=", ";", ",", ")", "}", "?"];
+
 /** Dynamic `import(…)` in a cell calls this global instead (the kernel's loader), so it resolves like a static import. */
 export const DYNAMIC_IMPORT_FUNCTION = "__cubicleImport";
 
@@ -761,8 +764,10 @@ function rewriteModuleSyntax(editor: Editor, nested: boolean[], typescript: bool
       continue;
     }
     // import.meta is left for the script compiler to refuse; the rest are properties and class members.
-    if (isAnyOf(editor, next, [".", "(", ":", "=", ";", ",", ")", "}", "?"])) continue;
+    if (isAnyOf(editor, next, NOT_DECLARATION_AFTER)) continue;
     const keyword = token.text;
+    // A class field named so, its type erased: `import\n`.
+    if (nested[k] && hasNewlineBetween(editor, k, next)) continue;
     if (nested[k]) {
       throw moduleSyntaxError(editor, k, keyword === "import" ? "An import declaration can only be at the top level of a cell; inside a block or function, use `await import(…)`" : "An export declaration can only be at the top level of a cell");
     }
