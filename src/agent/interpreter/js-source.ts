@@ -752,10 +752,20 @@ const RESERVED_WORDS = new Set([
  */
 function rewriteModuleSyntax(editor: Editor, nested: boolean[], typescript: boolean): ImportDeclaration[] {
   const imports: ImportDeclaration[] = [];
+  // The line of token `counted`, counted as the loop goes (removals keep line breaks).
+  let line = 1;
+  let counted = 0;
+  // The significant token before k as written, and whether it ended a statement taken out: looking
+  // back with editor.prev would cross every removed statement (quadratic with thousands of imports).
+  let previous = -1;
+  let previousEndedStatement = false;
   for (let k = editor.next(0); k < editor.tokens.length; k = editor.next(k + 1)) {
+    const before = previous;
+    const afterStatement = previousEndedStatement;
+    previous = k;
+    previousEndedStatement = false;
     const token = editor.at(k)!;
     if (token.kind !== "name" || (token.text !== "import" && token.text !== "export")) continue;
-    const before = editor.prev(k);
     const next = editor.next(k + 1);
     if (editor.is(before, ".") || editor.is(before, "?.")) continue;
     if (token.text === "import" && editor.is(next, "(")) {
@@ -771,24 +781,28 @@ function rewriteModuleSyntax(editor: Editor, nested: boolean[], typescript: bool
     if (nested[k]) {
       throw moduleSyntaxError(editor, k, keyword === "import" ? "An import declaration can only be at the top level of a cell; inside a block or function, use `await import(…)`" : "An export declaration can only be at the top level of a cell");
     }
-    if (!(before < 0 || editor.is(before, ";") || editor.is(before, "}") || hasNewlineBetween(editor, before, k))) throw moduleSyntaxError(editor, k, `Unexpected '${keyword}': an ${keyword} declaration must start a statement`);
+    if (!(before < 0 || afterStatement || editor.is(before, ";") || editor.is(before, "}") || hasNewlineBetween(editor, before, k))) throw moduleSyntaxError(editor, k, `Unexpected '${keyword}': an ${keyword} declaration must start a statement`);
     if (keyword === "import" && typescript && editor.isName(next) && editor.is(editor.next(next + 1), "=")) {
       token.text = "var"; // import x = require("m") / import A = B.C
       continue;
     }
-    const { declaration, end } = keyword === "import" ? readImport(editor, k, typescript) : rewriteExport(editor, k);
+    for (; counted < k; counted++) line += newlines(editor.at(counted)!.text);
+    const { declaration, end, wholeStatement } = keyword === "import" ? readImport(editor, k, line, typescript) : rewriteExport(editor, k, line);
     if (declaration) imports.push(declaration);
     if (end !== undefined) {
       editor.remove(k, end);
       k = end - 1;
+      previous = k;
+      previousEndedStatement = wholeStatement ?? false;
     }
   }
   return imports;
 }
 
-type ModuleStatement = { declaration?: ImportDeclaration; end?: number };
+/** What to remove (up to `end`), and whether that is the whole statement. */
+type ModuleStatement = { declaration?: ImportDeclaration; end?: number; wholeStatement?: boolean };
 
-function readImport(editor: Editor, start: number, typescript: boolean): ModuleStatement {
+function readImport(editor: Editor, start: number, line: number, typescript: boolean): ModuleStatement {
   const fail = (at: number, expected: string) => moduleSyntaxError(editor, at, `Invalid import declaration: expected ${expected}, found ${describeToken(editor, at)}`);
   const bindingName = (at: number): string => {
     const token = editor.at(at);
@@ -849,8 +863,8 @@ function readImport(editor: Editor, start: number, typescript: boolean): ModuleS
   }
   const { specifier, attributes, end } = readModuleName(editor, i, "import");
   // tsc drops an import whose names are all types, module and all.
-  if (typescript && named > 0 && typeOnly === named && bindings.length === 0) return { end };
-  return { declaration: { specifier, ...(attributes ? { attributes } : {}), bindings, skipMissing: typescript, line: lineOf(editor, start) }, end };
+  if (typescript && named > 0 && typeOnly === named && bindings.length === 0) return { end, wholeStatement: true };
+  return { declaration: { specifier, ...(attributes ? { attributes } : {}), bindings, skipMissing: typescript, line }, end, wholeStatement: true };
 }
 
 /** In a TypeScript import list, `type` at `index` marks a type-only import (`type A`, `type A as B`), not an import named "type". */
@@ -865,7 +879,7 @@ function isTypeModifier(editor: Editor, index: number): boolean {
   return editor.isName(next) || editor.at(next)?.kind === "string";
 }
 
-function rewriteExport(editor: Editor, start: number): ModuleStatement {
+function rewriteExport(editor: Editor, start: number, line: number): ModuleStatement {
   const fail = (at: number, expected: string) => moduleSyntaxError(editor, at, `Invalid export declaration: expected ${expected}, found ${describeToken(editor, at)}`);
   const next = editor.next(start + 1);
   if (editor.is(next, "{") || editor.is(next, "*")) {
@@ -873,10 +887,10 @@ function rewriteExport(editor: Editor, start: number): ModuleStatement {
     if (editor.is(next, "*") && isWord(editor, i, "as")) i = editor.next(editor.next(i + 1) + 1);
     if (isWord(editor, i, "from")) {
       const { specifier, attributes, end } = readModuleName(editor, editor.next(i + 1), "export");
-      return { declaration: { specifier, ...(attributes ? { attributes } : {}), bindings: [], skipMissing: false, line: lineOf(editor, start) }, end };
+      return { declaration: { specifier, ...(attributes ? { attributes } : {}), bindings: [], skipMissing: false, line }, end, wholeStatement: true };
     }
     if (editor.is(next, "*")) throw fail(i, "'from'");
-    return { end: statementTerminatorEnd(editor, editor.matching(next), fail) };
+    return { end: statementTerminatorEnd(editor, editor.matching(next), fail), wholeStatement: true };
   }
   if (isWord(editor, next, "default")) {
     const value = editor.next(next + 1);
@@ -960,9 +974,15 @@ function describeToken(editor: Editor, index: number): string {
   return token ? `'${token.text}'` : "the end of the cell";
 }
 
+function newlines(text: string): number {
+  let count = 0;
+  for (let i = text.indexOf("\n"); i >= 0; i = text.indexOf("\n", i + 1)) count++;
+  return count;
+}
+
 function lineOf(editor: Editor, index: number): number {
   let line = 1;
-  for (let k = 0; k < index && k < editor.tokens.length; k++) for (const char of editor.at(k)!.text) if (char === "\n") line++;
+  for (let k = 0; k < index && k < editor.tokens.length; k++) line += newlines(editor.at(k)!.text);
   return line;
 }
 
