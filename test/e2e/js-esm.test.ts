@@ -55,6 +55,8 @@ test("built-ins imported in every form stay bound in later calls", async () => {
 test("packages installed in the working directory: CommonJS and ESM-only, default and named", async () => {
   assert.equal(await ok("import next, { label } from 'cjs-counter'\nimport greet, { punctuation } from 'esm-greeter'\ngreet(label) + punctuation"), "hello, cjs-counter!");
   assert.equal(await ok("next() + next()"), "3");
+  // Deno's npm: specifiers, as in E2B's examples, name the installed package.
+  assert.equal(await ok("import greetAgain from \"npm:esm-greeter@1.0.0\"\ngreetAgain('npm')"), "hello, npm");
   // require sees the same CommonJS module instance.
   assert.equal(await ok("const counter = require('cjs-counter')\ncounter === next && counter()"), "3");
 });

@@ -16,7 +16,8 @@ import { DYNAMIC_IMPORT_FUNCTION } from "./js-source.js";
  * for where `require` looks (NODE_PATH, ~/.node_modules, …): a package with an `exports` map is
  * imported from inside itself (a package may import itself by name, which applies that map with
  * the `import` condition), anything else from the file `require.resolve` names (so `./util`
- * without an extension and packages that export only to `require` load too).
+ * without an extension and packages that export only to `require` load too). Deno's `npm:`
+ * specifiers name installed packages (the version is not checked).
  */
 export const JS_KERNEL_PROGRAM = String.raw`
 (() => {
@@ -89,8 +90,14 @@ export const JS_KERNEL_PROGRAM = String.raw`
     return undefined;
   };
 
+  /** Deno's "npm:name@version/path" (E2B's own examples use it) names the installed package: "name/path". */
+  const fromNpmSpecifier = (specifier) => {
+    const match = /^npm:\/?((?:@[^/@]+\/)?[^/@]+)(?:@[^/]*)?(\/.*)?$/.exec(specifier);
+    return match ? match[1] + (match[2] || "") : specifier;
+  };
+
   const importModule = async (specifier, options) => {
-    specifier = String(specifier);
+    specifier = fromNpmSpecifier(String(specifier));
     let firstError;
     try {
       return await importFrom(cellFile, specifier, options);

@@ -116,6 +116,7 @@ describe("JavaScript kernel: ES module syntax", () => {
     assert.equal(await ok(js, "import { alpha, beta } from 'cjs-dynamic'; alpha + beta"), "ALPHABETA");
     assert.equal(await ok(js, "import twice, { named } from 'esm-only'\nimport { extra } from 'esm-only/extra'\n[twice(21), named, extra]"), "[ 42, 'esm named', 'extra' ]");
     assert.equal(await ok(js, "import { ready } from 'esm-tla'; ready"), "awaited at load");
+    assert.equal(await ok(js, "import twiceAgain from 'npm:esm-only@^1.0.0'\nimport { extra as e } from 'npm:esm-only/extra'\nimport { kind } from 'npm:cjs-pkg@1/lib/main.js'\n[twiceAgain(1), e, kind]"), "[ 2, 'extra', 'cjs' ]");
     // Node's loader finds no entry for `import` in this package's exports; require's is taken.
     assert.equal(await ok(js, "import { onlyRequire } from 'require-only'; onlyRequire"), "true");
   });
