@@ -125,21 +125,22 @@ export const JS_KERNEL_PROGRAM = String.raw`
 
   const isObjectLike = (value) => value !== null && (typeof value === "object" || typeof value === "function");
 
-  /** Loads a cell's import declarations in order and binds their names as globals. */
+  /** Loads a cell's import declarations in order, then binds their names as globals: all of them, or none when one fails. */
   const bindImports = async (imports) => {
-    for (const declaration of imports) {
-      const namespace = await importModule(declaration.specifier, declaration.attributes ? { with: declaration.attributes } : undefined);
+    const namespaces = [];
+    for (const declaration of imports) namespaces.push(await importModule(declaration.specifier, declaration.attributes ? { with: declaration.attributes } : undefined));
+    const values = new Map();
+    imports.forEach((declaration, index) => {
+      const namespace = namespaces[index];
       for (const { imported, local } of declaration.bindings) {
-        let value;
-        if (imported === "*") value = namespace;
-        else if (imported in namespace) value = namespace[imported];
+        if (imported === "*") values.set(local, namespace);
+        else if (imported in namespace) values.set(local, namespace[imported]);
         // A CommonJS export Node's static analysis missed: its default export (module.exports) has it.
-        else if (isObjectLike(namespace.default) && imported in namespace.default) value = namespace.default[imported];
-        else if (declaration.skipMissing) continue;
-        else throw new SyntaxError("The requested module '" + declaration.specifier + "' does not provide an export named '" + imported + "' (line " + declaration.line + ")");
-        globalThis[local] = value;
+        else if (isObjectLike(namespace.default) && imported in namespace.default) values.set(local, namespace.default[imported]);
+        else if (!declaration.skipMissing) throw new SyntaxError("The requested module '" + declaration.specifier + "' does not provide an export named '" + imported + "' (line " + declaration.line + ")");
       }
-    }
+    });
+    for (const [local, value] of values) globalThis[local] = value;
   };
 
   let interruptCurrent = null;

@@ -168,7 +168,11 @@ describe("JavaScript kernel: ES module syntax", () => {
   it("reports a missing named export, a broken module and bad import syntax as SyntaxErrors", async () => {
     const named = await run(js, "import { notThere } from 'esm-only'");
     assert.equal(named.error?.name, "SyntaxError");
-    assert.match(named.error?.value ?? "", /does not provide an export named 'notThere'/);
+    assert.match(named.error?.value ?? "", /does not provide an export named 'notThere' \(line 1\)/);
+    // One failing import binds none of the cell's names.
+    const partly = await run(js, "import { named as boundTooEarly } from 'esm-only'\nimport { alsoNotThere } from 'esm-only'");
+    assert.match(partly.error?.value ?? "", /alsoNotThere.*line 2/);
+    assert.equal(await ok(js, "typeof boundTooEarly"), "undefined");
     assert.equal((await run(js, "import { x } from 'broken-esm'")).error?.name, "SyntaxError");
     for (const bad of ["import { from 'fs'", "import fs from", "import fs 'fs'", "import * from 'fs'", "import { a b } from 'fs'", "if (true) { import fs from 'fs' }", "import fs from 'fs' fs.x"]) {
       const ran = await run(js, bad);
