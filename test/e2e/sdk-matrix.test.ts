@@ -49,12 +49,6 @@ const CLIENT_LIMITS: { importName: string; behaviour: Behaviour; error: RegExp; 
   { importName: "e2b-2-0", behaviour: "create", error: /ENOTFOUND api\.cubicle\.test/, why: "ignores E2B_API_URL: calls https://api.<E2B_DOMAIN>" },
   { importName: "code-interpreter-2-0", behaviour: "create", error: /ENOTFOUND api\.cubicle\.test/, why: "its e2b 2.0.1 ignores E2B_API_URL: calls https://api.<E2B_DOMAIN>" },
   {
-    importName: "e2b-2-13",
-    behaviour: "files",
-    error: /AuthenticationError: missing API key/,
-    why: "sends no E2b-Sandbox-Id/-Port headers on /files (E2B issue #1158): the request reaches the control plane, which answers 401",
-  },
-  {
     importName: "code-interpreter-2-6",
     behaviour: "runCode",
     error: /ENOTFOUND 49999-[a-z0-9]+\.cubicle\.test/,
