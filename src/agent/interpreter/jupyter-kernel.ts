@@ -7,15 +7,35 @@ import type * as Zmq from "zeromq";
 import { createLogger } from "../../shared/log.js";
 import { JupyterSession, type JupyterMessage } from "./jupyter-wire.js";
 import { resultFromMimeBundle } from "./mime-bundle.js";
-import { errorOutput, kernelIdentity, streamOutput, type ExecuteRequest, type Kernel, type KernelLaunch, type OutputSink } from "./types.js";
+import { errorOutput, kernelIdentity, streamOutput, type ErrorOutput, type ExecuteRequest, type Kernel, type KernelLaunch, type OutputSink } from "./types.js";
 import { launchAs, markForOomKiller } from "../process/launch.js";
-import { SETUP_CODE } from "./python-setup.js";
 
 const log = createLogger("interpreter");
 
-export interface PythonKernelOptions {
-  /** The interpreter with ipykernel installed. Default `/usr/bin/python3` (Debian's, inside sandboxes). */
-  pythonPath: string;
+/**
+ * What differs between Jupyter kernels: how the process starts, how it names its ipc sockets,
+ * and the code (in the kernel's own language) that sets and restores per-call env vars.
+ */
+export interface JupyterKernelSpec {
+  language: string;
+  /** `kernel_name` in the connection file. */
+  kernelName: string;
+  /** The kernel process for a connection file (run as the launch's user, in its cwd). */
+  command(connectionFile: string): { file: string; args: string[] };
+  /**
+   * The ipc endpoint a kernel binds for a channel when its connection file has `ip: base`.
+   * ipykernel names them `<base>-<port>`; IRkernel puts the port after a colon like a TCP one.
+   */
+  ipcEndpoint(base: string, port: number): string;
+  /** Run silently once the kernel answers, before the first cell. */
+  setupCode?: string;
+  /** Code that applies env vars for one execution (remembering what it replaced). */
+  setEnvCode(envVars: Record<string, string>): string;
+  /** Code that puts back what setEnvCode replaced. */
+  restoreEnvCode: string;
+}
+
+export interface JupyterKernelOptions {
   launch: KernelLaunch;
   /** Parent of the per-kernel directory holding the connection file and the ipc sockets. */
   runtimeDir?: string;
@@ -25,11 +45,16 @@ export interface PythonKernelOptions {
   interruptGraceMs?: number;
 }
 
-
 interface PendingExecution {
   sink: OutputSink | undefined;
   /** Set when the kernel reported an `error` on iopub (then an error execute_reply is not repeated). */
   sawError: boolean;
+  silent: boolean;
+  /** Set once the cell was interrupted on the caller's request. */
+  interrupted: boolean;
+  /** The iopub `status: idle` and the shell `execute_reply` have arrived: the cell is over. */
+  idle: boolean;
+  replied: boolean;
   done: () => void;
 }
 
@@ -45,39 +70,12 @@ function loadZmq(): Promise<typeof Zmq> {
 }
 
 /**
- * What `python3 -m ipykernel_launcher` does, with the kernel's startup imports of debugpy (the
- * Jupyter debugger) and jedi (IPython's completion engine) failing on purpose. Neither serves
- * the E2B protocol (no debug_request, no complete_request), and together they are a third of a
- * fresh kernel's memory (~17 of ~52 MB, 270 modules): every sandbox carries that, and every
- * restore from the template's warm snapshot reads it back. ipykernel and IPython check both
- * with try/except at import time and run without them. The block ends before the kernel starts,
- * so user code can still `import debugpy` or `import jedi`.
+ * A Jupyter kernel (ipykernel, IRkernel) spoken to over the Jupyter wire protocol on ipc sockets
+ * in a private directory (no TCP ports to collide with the user's servers). Execution ends on
+ * the iopub `status: idle` answering the request.
  */
-export const KERNEL_LAUNCHER = String.raw`
-import sys
-_skipped = ("debugpy", "jedi")
-for _name in _skipped:
-    sys.modules.setdefault(_name, None)
-try:
-    import ipykernel.ipkernel
-    from ipykernel import kernelapp
-finally:
-    for _name in _skipped:
-        if _name in sys.modules and sys.modules[_name] is None:
-            del sys.modules[_name]
-if sys.path and sys.path[0] == "":
-    del sys.path[0]
-kernelapp.launch_new_instance()
-`;
-
-/**
- * An IPython kernel (KERNEL_LAUNCHER, like `python3 -m ipykernel_launcher -f <connection file>`)
- * spoken to over the Jupyter wire protocol on ipc sockets in a private directory (no TCP ports
- * to collide with the user's servers). Execution ends on the iopub `status: idle` answering the
- * request.
- */
-export class PythonKernel implements Kernel {
-  readonly language = "python";
+export class JupyterKernel implements Kernel {
+  readonly language: string;
   private process: ChildProcess | undefined;
   private shell: Zmq.Dealer | undefined;
   private control: Zmq.Dealer | undefined;
@@ -89,7 +87,9 @@ export class PythonKernel implements Kernel {
   private exitReason: string | undefined;
   private exitListeners = new Set<() => void>();
 
-  constructor(private readonly options: PythonKernelOptions) {}
+  constructor(private readonly spec: JupyterKernelSpec, private readonly options: JupyterKernelOptions) {
+    this.language = spec.language;
+  }
 
   get exited(): boolean {
     return this.exitReason !== undefined;
@@ -99,7 +99,7 @@ export class PythonKernel implements Kernel {
     try {
       await this.launch();
       await this.waitUntilReady();
-      await this.runSilently(SETUP_CODE);
+      if (this.spec.setupCode) await this.runSilently(this.spec.setupCode);
     } catch (error) {
       await this.shutdown();
       throw error;
@@ -111,7 +111,7 @@ export class PythonKernel implements Kernel {
     const { launch } = this.options;
     const baseDir = this.options.runtimeDir ?? path.join(os.tmpdir(), "cubicle-kernels");
     await fs.mkdir(baseDir, { recursive: true, mode: 0o711 });
-    const dir = await fs.mkdtemp(path.join(baseDir, "py-"));
+    const dir = await fs.mkdtemp(path.join(baseDir, `${this.spec.kernelName.slice(0, 8)}-`));
     this.runtimeDir = dir;
     const key = randomBytes(32).toString("hex");
     const socketBase = path.join(dir, "k");
@@ -125,7 +125,7 @@ export class PythonKernel implements Kernel {
       hb_port: 5,
       key,
       signature_scheme: "hmac-sha256",
-      kernel_name: "python3",
+      kernel_name: this.spec.kernelName,
     };
     const connectionFile = path.join(dir, "connection.json");
     await fs.writeFile(connectionFile, JSON.stringify(connection), { mode: 0o600 });
@@ -136,10 +136,9 @@ export class PythonKernel implements Kernel {
     }
     this.jupyter = new JupyterSession(key);
 
-    // History in memory: a file-backed history database would be held open across a memory
-    // snapshot and refuse writes in every sandbox restored from it.
     // As the user with their groups, and marked for the OOM killer (process/launch.ts).
-    const start = launchAs(kernelIdentity(launch), this.options.pythonPath, ["-c", KERNEL_LAUNCHER, "-f", connectionFile, "--HistoryManager.hist_file=:memory:"]);
+    const command = this.spec.command(connectionFile);
+    const start = launchAs(kernelIdentity(launch), command.file, command.args);
     const child = spawn(start.file, start.args, {
       cwd: launch.cwd,
       env: launch.env,
@@ -156,14 +155,14 @@ export class PythonKernel implements Kernel {
     child.stderr!.on("data", keepTail);
     child.on("error", (error) => this.markExited(`the kernel could not be started: ${error.message}`));
     child.on("exit", (code, signal) => this.markExited(signal ? `the kernel was killed by ${signal}` : `the kernel exited with code ${code}`));
-    log.debug("python kernel spawned", { pid: child.pid, cwd: launch.cwd, uid: launch.uid });
+    log.debug("kernel spawned", { language: this.language, pid: child.pid, cwd: launch.cwd, uid: launch.uid });
 
     this.shell = new zmq.Dealer({ linger: 0 });
     this.control = new zmq.Dealer({ linger: 0 });
     this.iopub = new zmq.Subscriber({ linger: 0 });
-    this.shell.connect(`ipc://${socketBase}-1`);
-    this.iopub.connect(`ipc://${socketBase}-2`);
-    this.control.connect(`ipc://${socketBase}-4`);
+    this.shell.connect(`ipc://${this.spec.ipcEndpoint(socketBase, connection.shell_port)}`);
+    this.iopub.connect(`ipc://${this.spec.ipcEndpoint(socketBase, connection.iopub_port)}`);
+    this.control.connect(`ipc://${this.spec.ipcEndpoint(socketBase, connection.control_port)}`);
     this.iopub.subscribe();
     void this.receiveLoop(this.iopub, (message) => this.onIopub(message));
     void this.receiveLoop(this.shell, (message) => this.onShellReply(message));
@@ -245,7 +244,10 @@ export class PythonKernel implements Kernel {
         sink?.(errorOutput(String(content.ename ?? "Error"), String(content.evalue ?? ""), joinTraceback(content.traceback)));
         break;
       case "status":
-        if (content.execution_state === "idle") execution.done();
+        if (content.execution_state === "idle") {
+          execution.idle = true;
+          if (execution.replied) execution.done();
+        }
         break;
     }
   }
@@ -254,34 +256,57 @@ export class PythonKernel implements Kernel {
     if (message.header.msg_type !== "execute_reply") return;
     const parentId = message.parent_header.msg_id;
     const execution = parentId ? this.pending.get(parentId) : undefined;
+    if (!execution) return;
     const content = message.content as Record<string, any>;
-    // An aborted request gets no iopub error; say so rather than end silently.
-    if (execution && !execution.sawError && content.status === "aborted") {
+    // An aborted request gets no iopub error; say so rather than end silently. IRkernel answers
+    // an interrupted cell with status "abort" and nothing on iopub.
+    if (!execution.sawError && (content.status === "aborted" || content.status === "abort")) {
       execution.sawError = true;
-      execution.sink?.(errorOutput("ExecutionAborted", "the kernel aborted the execution"));
+      execution.sink?.(
+        execution.interrupted
+          ? errorOutput("Interrupted", "the execution was interrupted")
+          : errorOutput("ExecutionAborted", "the kernel aborted the execution"),
+      );
     }
+    // A silent execution may publish nothing on iopub; its reply still names the error.
+    if (execution.silent && !execution.sawError && content.status === "error") {
+      execution.sawError = true;
+      execution.sink?.(errorOutput(String(content.ename ?? "Error"), String(content.evalue ?? ""), joinTraceback(content.traceback)));
+    }
+    execution.replied = true;
+    if (execution.idle) execution.done();
   }
 
   async execute(request: ExecuteRequest, sink: OutputSink, signal: AbortSignal): Promise<void> {
     const hasEnv = Object.keys(request.envVars).length > 0;
-    if (hasEnv) await this.runSilently(`__import__("_cubicle").set_env(${pythonStringLiteral(JSON.stringify(request.envVars))})`);
     try {
+      if (hasEnv) {
+        const failure = await this.runSilently(this.spec.setEnvCode(request.envVars));
+        if (failure) {
+          sink(errorOutput("InvalidEnvVars", `the per-call env vars could not be set: ${failure.name}: ${failure.value}`));
+          return;
+        }
+      }
       await this.run(request.code, sink, signal);
     } finally {
-      if (hasEnv && !this.exited) await this.runSilently(`__import__("_cubicle").restore_env()`).catch(() => {});
+      if (hasEnv && !this.exited) await this.runSilently(this.spec.restoreEnvCode).catch(() => {});
     }
   }
 
-  private runSilently(code: string): Promise<void> {
-    return this.run(code, undefined, undefined);
+  /** Runs code without output or history; resolves with its error, if it raised one. */
+  private async runSilently(code: string): Promise<ErrorOutput | undefined> {
+    let failure: ErrorOutput | undefined;
+    await this.run(code, (output) => {
+      if (output.type === "error") failure ??= output;
+    }, undefined, true);
+    return failure;
   }
 
-  private async run(code: string, sink: OutputSink | undefined, signal: AbortSignal | undefined): Promise<void> {
+  private async run(code: string, sink: OutputSink | undefined, signal: AbortSignal | undefined, silent = false): Promise<void> {
     if (this.exited) {
       sink?.(this.deathError());
       return;
     }
-    const silent = sink === undefined;
     const message = this.jupyter!.createMessage("execute_request", {
       code,
       silent,
@@ -295,13 +320,14 @@ export class PythonKernel implements Kernel {
     let interruptTimer: NodeJS.Timeout | undefined;
     let finished!: () => void;
     const done = new Promise<void>((resolve) => (finished = resolve));
-    const execution: PendingExecution = { sink, sawError: false, done: finished };
+    const execution: PendingExecution = { sink, silent, sawError: false, interrupted: false, idle: false, replied: false, done: finished };
     this.pending.set(msgId, execution);
     const onExit = () => {
       if (!execution.sawError) sink?.(this.deathError());
       finished();
     };
     const onAbort = () => {
+      execution.interrupted = true;
       this.interrupt();
       // A cell stuck in native code may ignore SIGINT: then the kernel goes, so the next call runs.
       interruptTimer = setTimeout(() => {
@@ -323,7 +349,7 @@ export class PythonKernel implements Kernel {
     }
   }
 
-  /** SIGINT is what ipykernel's default `interrupt_mode: signal` expects; it raises KeyboardInterrupt in the cell. */
+  /** SIGINT is what `interrupt_mode: signal` (ipykernel's and IRkernel's) expects: it stops the running cell. */
   interrupt(): void {
     if (!this.exited) this.process?.kill("SIGINT");
   }
@@ -340,7 +366,7 @@ export class PythonKernel implements Kernel {
   private markExited(reason: string): void {
     if (this.exitReason !== undefined) return;
     this.exitReason = reason;
-    log.info("python kernel exited", { pid: this.process?.pid, reason });
+    log.info("kernel exited", { language: this.language, pid: this.process?.pid, reason });
     for (const listener of [...this.exitListeners]) listener();
     this.closeSockets();
     if (this.runtimeDir) void fs.rm(this.runtimeDir, { recursive: true, force: true }).catch(() => {});
@@ -384,11 +410,6 @@ function joinTraceback(traceback: unknown): string {
 
 function toIsoDate(date: unknown): string {
   return typeof date === "string" && date ? date : new Date().toISOString();
-}
-
-/** A JSON string is a valid Python string literal (same escapes); wrapping it keeps user data out of the code. */
-function pythonStringLiteral(text: string): string {
-  return JSON.stringify(text);
 }
 
 function delay(ms: number): Promise<void> {
