@@ -202,7 +202,9 @@ export const codeInterpreterRecipe: Recipe = {
     ["python3", "-c", "import matplotlib.pyplot"],
     ["runuser", "-u", "user", "--", "env", "HOME=/home/user", "python3", "-c", "import matplotlib.pyplot"],
     // The Java kernel (java-kernel-program.ts); its source is in `files`, so the hash follows it.
-    ["javac", "-encoding", "UTF-8", "-d", JAVA_KERNEL_DIR, `${JAVA_KERNEL_DIR}/${JAVA_KERNEL_CLASS}.java`],
+    // The JDK's launchers find libjli.so through $ORIGIN, which ld.so resolves with /proc, and a
+    // build's chroot has no /proc: name the library directory.
+    ["env", "LD_LIBRARY_PATH=/usr/lib/jvm/default-java/lib", "javac", "-encoding", "UTF-8", "-d", JAVA_KERNEL_DIR, `${JAVA_KERNEL_DIR}/${JAVA_KERNEL_CLASS}.java`],
   ],
 };
 

@@ -194,8 +194,9 @@ public final class CubicleJavaKernel {
         protocol = new PrintStream(new FileOutputStream(FileDescriptor.out), false, StandardCharsets.UTF_8);
         cellOut = new CellStream("stdout");
         cellErr = new CellStream("stderr");
-        System.setOut(new PrintStream(cellOut, true, StandardCharsets.UTF_8));
-        System.setErr(new PrintStream(cellErr, true, StandardCharsets.UTF_8));
+        // No autoflush: what a cell prints goes out in batches (CellStream), not a message a line.
+        System.setOut(new PrintStream(cellOut, false, StandardCharsets.UTF_8));
+        System.setErr(new PrintStream(cellErr, false, StandardCharsets.UTF_8));
         System.setIn(new ByteArrayInputStream(new byte[0]));
 
         CellControl control = new CellControl();
