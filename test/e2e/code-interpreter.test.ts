@@ -203,7 +203,7 @@ test("bash runs with state", async () => {
 
 test("unsupported languages answer with a clear error", async () => {
   // r and java have kernels now (kernels-r-java.test.ts).
-  await assert.rejects(sandbox.runCode("1", { language: "cobol" }), /unsupported language/);
+  await assert.rejects(sandbox.runCode("1", { language: "cobol" }), /400/);
 });
 
 test("the interpreter and envd live in one sandbox: files written by code are visible to files.read", async () => {
