@@ -48,6 +48,13 @@ describe("the Java kernel program", () => {
   });
 });
 
+describe("JavaKernel without the kernel program", () => {
+  it("says which template has Java instead of starting a JVM", async () => {
+    const kernel = new JavaKernel({ classPath: "/nonexistent", launch: { cwd: "/tmp", env: {} } });
+    await assert.rejects(kernel.start(), /no Java kernel.*code-interpreter-v1/);
+  });
+});
+
 const compiled = fs.existsSync(`${JAVA_KERNEL_DIR}/${JAVA_KERNEL_CLASS}.class`);
 function hasJava(): boolean {
   try {

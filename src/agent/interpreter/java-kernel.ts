@@ -1,5 +1,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
+import fs from "node:fs";
+import path from "node:path";
 import { createLogger } from "../../shared/log.js";
 import { JAVA_KERNEL_CLASS, JAVA_KERNEL_DIR } from "./java-kernel-program.js";
 import { resultFromMimeBundle } from "./mime-bundle.js";
@@ -95,6 +97,10 @@ export class JavaKernel implements Kernel {
 
   start(): Promise<void> {
     const { launch } = this.options;
+    const classPath = this.options.classPath ?? JAVA_KERNEL_DIR;
+    if (!fs.existsSync(path.join(classPath, `${JAVA_KERNEL_CLASS}.class`))) {
+      return Promise.reject(new Error(`this sandbox's template has no Java kernel (${classPath}): use code-interpreter-v1 or a template built from it`));
+    }
     const marker = `\u0001cubicle-${randomBytes(8).toString("hex")}:`;
     const splitter = new MarkedLineSplitter(marker, (message) => this.onMessage(message), (text) => this.current?.sink(streamOutput("stdout", text)));
     const args = [
@@ -105,7 +111,7 @@ export class JavaKernel implements Kernel {
       "-XX:TieredStopAtLevel=1",
       "-Xss4m",
       "-cp",
-      this.options.classPath ?? JAVA_KERNEL_DIR,
+      classPath,
       JAVA_KERNEL_CLASS,
       marker,
     ];

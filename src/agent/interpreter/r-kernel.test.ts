@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
-import { rKernelSpec, rSetEnvCode, rStringExpression, R_RESTORE_ENV_CODE } from "./r-kernel.js";
+import { RKernel, rKernelSpec, rSetEnvCode, rStringExpression, R_RESTORE_ENV_CODE } from "./r-kernel.js";
 
 describe("the R kernel spec", () => {
   it("never puts user text into R source: strings travel as base64 of their UTF-8", () => {
@@ -22,5 +22,13 @@ describe("the R kernel spec", () => {
     assert.equal(command.file, "/usr/bin/R");
     assert.deepEqual(command.args.slice(-3), ["IRkernel::main()", "--args", "/run/k/connection.json"]);
     assert.ok(command.args.includes("--no-restore") && command.args.includes("--no-save"));
+  });
+});
+
+describe("RKernel", () => {
+  it("says which template has R when IRkernel is not installed, and counts as exited", async () => {
+    const kernel = new RKernel({ irkernelDir: "/nonexistent/IRkernel", launch: { cwd: "/tmp", env: {} } });
+    await assert.rejects(kernel.start(), /no R kernel.*code-interpreter-v1/);
+    assert.equal(kernel.exited, true);
   });
 });

@@ -1,9 +1,14 @@
+import fs from "node:fs";
 import { JupyterKernel, type JupyterKernelOptions, type JupyterKernelSpec } from "./jupyter-kernel.js";
 
 export interface RKernelOptions extends JupyterKernelOptions {
   /** Default `R` (on the kernel's PATH: Debian's `/usr/bin/R`). */
   rPath?: string;
+  /** Where IRkernel is installed; checked before starting. Default Debian's r-cran-irkernel path. */
+  irkernelDir?: string;
 }
+
+export const DEBIAN_IRKERNEL_DIR = "/usr/lib/R/site-library/IRkernel";
 
 /**
  * R code for an R string holding `text`: its UTF-8 bytes in base64, decoded by jsonlite (an
@@ -53,7 +58,18 @@ export function rKernelSpec(rPath = "R"): JupyterKernelSpec {
 
 /** An R kernel (IRkernel, from Debian's r-cran-irkernel). */
 export class RKernel extends JupyterKernel {
+  private readonly irkernelDir: string;
+
   constructor(options: RKernelOptions) {
     super(rKernelSpec(options.rPath), options);
+    this.irkernelDir = options.irkernelDir ?? DEBIAN_IRKERNEL_DIR;
+  }
+
+  override async start(): Promise<void> {
+    if (!fs.existsSync(this.irkernelDir)) {
+      await this.shutdown();
+      throw new Error(`this sandbox's template has no R kernel (${this.irkernelDir}): use code-interpreter-v1 or a template built from it`);
+    }
+    await super.start();
   }
 }
