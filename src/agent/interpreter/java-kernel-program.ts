@@ -17,8 +17,8 @@
  * that thread and the result is the value itself (`String.valueOf`, not jshell's literal).
  * Per-call env vars go into the map behind `System.getenv()` (needs `--add-opens
  * java.base/java.util=ALL-UNNAMED`), so `System.getenv` and `ProcessBuilder.environment()` see
- * them; a child process started without touching its environment inherits the JVM's real
- * environment, which has the sandbox's env vars but not per-call ones.
+ * them; a child process whose ProcessBuilder environment was never asked for inherits the JVM's
+ * real environment, which has the sandbox's env vars but not per-call ones.
  */
 
 /** Where the recipe puts the source and the compiled classes. */
