@@ -200,6 +200,16 @@ describe("java", () => {
     assert.ok(performance.now() - started < 10_000, "the next call waited for the interrupted one too long");
   });
 
+  test("timeoutMs stops a loop that prints without end", async () => {
+    const seen: string[] = [];
+    await assert.rejects(
+      sandbox.runCode("for (long i = 0; ; i++) System.out.println(i);", { language: "java", timeoutMs: 1_500, onStdout: (m) => void seen.push(m.line) }),
+      /timed out|timeout/i,
+    );
+    assert.ok(seen.length > 0, "no output streamed before the timeout");
+    assert.equal((await sandbox.runCode("x", { language: "java" })).text, "42");
+  });
+
   test("a huge output arrives whole and in order", async () => {
     const execution = await sandbox.runCode("for (int i = 0; i < 200000; i++) System.out.println(i);", { language: "java", timeoutMs: 60_000 });
     assert.equal(execution.error, undefined, execution.error?.traceback);

@@ -67,6 +67,7 @@ public final class CubicleJavaKernel {
     /** Runs each snippet on its own thread, keeps its value, and stops that thread on interrupt. */
     static final class CellControl extends DirectExecutionControl {
         volatile Thread cellThread;
+        /** Set by an interrupt, cleared when the next cell arrives (both on the input thread). */
         volatile boolean stopped;
         volatile Object lastValue = NO_VALUE;
 
@@ -82,8 +83,11 @@ public final class CubicleJavaKernel {
                 }
             }, "cell");
             cellThread = thread;
-            thread.start();
-            thread.join();
+            // An interrupt that came while the snippet compiled stops it before it starts.
+            if (!stopped) {
+                thread.start();
+                thread.join();
+            }
             cellThread = null;
             if (stopped) throw new ExecutionControl.StoppedException();
             if (failure[0] instanceof Exception) throw (Exception) failure[0];
@@ -94,15 +98,20 @@ public final class CubicleJavaKernel {
 
         @SuppressWarnings("deprecation")
         void interrupt() {
-            Thread thread = cellThread;
-            if (thread == null) return;
             stopped = true;
-            thread.stop();
+            Thread thread = cellThread;
+            if (thread != null) thread.stop();
         }
     }
 
-    /** What a cell writes to System.out / System.err, sent as messages at most every 20 ms. */
+    /**
+     * What a cell writes to System.out / System.err. Only the kernel's own threads send it (every
+     * 20 ms and at the end of a cell), never the cell's thread: an interrupt stops that thread
+     * wherever it is, and must not cut a message in half. A cell that writes faster than the
+     * agent reads waits here once 1 MiB is pending.
+     */
     static final class CellStream extends OutputStream {
+        private static final int MAX_PENDING = 1 << 20;
         private final String type;
         private final ByteArrayOutputStream pending = new ByteArrayOutputStream();
 
@@ -113,17 +122,33 @@ public final class CubicleJavaKernel {
         @Override
         public synchronized void write(int b) {
             pending.write(b);
+            waitForRoom();
         }
 
         @Override
         public synchronized void write(byte[] bytes, int offset, int length) {
             pending.write(bytes, offset, length);
-            if (pending.size() > 65536) flush();
+            waitForRoom();
+        }
+
+        private void waitForRoom() {
+            while (pending.size() > MAX_PENDING) {
+                try {
+                    wait();
+                } catch (InterruptedException e) {
+                    Thread.currentThread().interrupt();
+                    return;
+                }
+            }
+        }
+
+        /** The cell's flush: what is pending goes out with the next send, within 20 ms. */
+        @Override
+        public void flush() {
         }
 
         /** Sends what is pending up to the last whole UTF-8 character. */
-        @Override
-        public synchronized void flush() {
+        synchronized void drain() {
             byte[] bytes = pending.toByteArray();
             int end = bytes.length;
             int back = 0;
@@ -137,6 +162,7 @@ public final class CubicleJavaKernel {
             pending.reset();
             pending.write(bytes, end, bytes.length - end);
             send("{\"type\":\"" + type + "\",\"text\":" + json(new String(bytes, 0, end, StandardCharsets.UTF_8)) + "}");
+            notifyAll();
         }
     }
 
@@ -177,8 +203,8 @@ public final class CubicleJavaKernel {
     static void flushStreams() {
         System.out.flush();
         System.err.flush();
-        cellOut.flush();
-        cellErr.flush();
+        cellOut.drain();
+        cellErr.drain();
     }
 
     @SuppressWarnings("unchecked")
@@ -217,8 +243,12 @@ public final class CubicleJavaKernel {
         Thread reader = new Thread(() -> {
             try {
                 for (String line; (line = input.readLine()) != null; ) {
-                    if (line.equals("I")) control.interrupt();
-                    else cells.add(line);
+                    if (line.equals("I")) {
+                        control.interrupt();
+                    } else {
+                        control.stopped = false;
+                        cells.add(line);
+                    }
                 }
             } catch (Exception ignored) {
                 // the agent is gone
@@ -235,8 +265,8 @@ public final class CubicleJavaKernel {
                 } catch (InterruptedException e) {
                     return;
                 }
-                cellOut.flush();
-                cellErr.flush();
+                cellOut.drain();
+                cellErr.drain();
             }
         }, "kernel-output");
         flusher.setDaemon(true);
@@ -249,7 +279,6 @@ public final class CubicleJavaKernel {
             Base64.Decoder base64 = Base64.getDecoder();
             Map<String, String> saved = new LinkedHashMap<>();
             Map<String, String> environment = null;
-            control.stopped = false;
             try {
                 if (!fields[0].equals("X") || fields.length < 2 || fields.length % 2 != 0) throw new IllegalArgumentException("malformed request from the agent");
                 String code = new String(base64.decode(fields[1]), StandardCharsets.UTF_8);

@@ -94,3 +94,14 @@ describe("JavaKernel (a real JVM)", { skip: compiled && hasJava() ? false : `no 
     }
   });
 });
+
+describe("MarkedLineSplitter with a long line", () => {
+  it("takes a 20 MB message in 64 KiB chunks in linear time", () => {
+    const text = "x".repeat(20 * 2 ** 20);
+    const stream = `${marker}${JSON.stringify({ type: "stdout", text })}\n`;
+    const started = performance.now();
+    const seen = split(stream.match(/[^]{1,65536}/g)!);
+    assert.equal((seen[0] as { text: string }).text.length, text.length);
+    assert.ok(performance.now() - started < 2_000, `took ${performance.now() - started} ms`);
+  });
+});

@@ -36,7 +36,8 @@ export type JavaKernelMessage =
  * its end arrives; the kernel ends every cell with a message line, so nothing stays held.
  */
 export class MarkedLineSplitter {
-  private pending = "";
+  /** The start of a line whose end has not arrived, in pieces (a long line is never rescanned). */
+  private pieces: string[] = [];
 
   constructor(
     private readonly marker: string,
@@ -45,26 +46,33 @@ export class MarkedLineSplitter {
   ) {}
 
   push(chunk: string): void {
-    this.pending += chunk;
+    let start = 0;
     let newline: number;
-    while ((newline = this.pending.indexOf("\n")) >= 0) {
-      const line = this.pending.slice(0, newline);
-      this.pending = this.pending.slice(newline + 1);
-      const at = line.indexOf(this.marker);
-      if (at < 0) {
-        this.onRaw(line + "\n");
-        continue;
-      }
-      if (at > 0) this.onRaw(line.slice(0, at));
-      let message: JavaKernelMessage;
-      try {
-        message = JSON.parse(line.slice(at + this.marker.length)) as JavaKernelMessage;
-      } catch {
-        log.warn("dropping a malformed java kernel message", { length: line.length });
-        continue;
-      }
-      this.onMessage(message);
+    while ((newline = chunk.indexOf("\n", start)) >= 0) {
+      this.pieces.push(chunk.slice(start, newline));
+      const line = this.pieces.join("");
+      this.pieces = [];
+      start = newline + 1;
+      this.onLine(line);
     }
+    if (start < chunk.length) this.pieces.push(chunk.slice(start));
+  }
+
+  private onLine(line: string): void {
+    const at = line.indexOf(this.marker);
+    if (at < 0) {
+      this.onRaw(line + "\n");
+      return;
+    }
+    if (at > 0) this.onRaw(line.slice(0, at));
+    let message: JavaKernelMessage;
+    try {
+      message = JSON.parse(line.slice(at + this.marker.length)) as JavaKernelMessage;
+    } catch {
+      log.warn("dropping a malformed java kernel message", { length: line.length });
+      return;
+    }
+    this.onMessage(message);
   }
 }
 
