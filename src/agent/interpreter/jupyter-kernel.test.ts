@@ -68,7 +68,6 @@ const spec: JupyterKernelSpec = {
   language: "fake",
   kernelName: "fake",
   command: (connectionFile) => ({ file: process.execPath, args: ["-e", FAKE_KERNEL, connectionFile] }),
-  ipcEndpoint: (base, port) => `${base}-${port}`,
   setEnvCode: (envVars) => `set env ${JSON.stringify(envVars)}`,
   restoreEnvCode: "restore env",
 };

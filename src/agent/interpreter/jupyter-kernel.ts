@@ -22,11 +22,6 @@ export interface JupyterKernelSpec {
   kernelName: string;
   /** The kernel process for a connection file (run as the launch's user, in its cwd). */
   command(connectionFile: string): { file: string; args: string[] };
-  /**
-   * The ipc endpoint a kernel binds for a channel when its connection file has `ip: base`.
-   * ipykernel names them `<base>-<port>`; IRkernel puts the port after a colon like a TCP one.
-   */
-  ipcEndpoint(base: string, port: number): string;
   /** Run silently once the kernel answers, before the first cell. */
   setupCode?: string;
   /** Code that applies env vars for one execution (remembering what it replaced). */
@@ -47,8 +42,9 @@ export interface JupyterKernelOptions {
 
 interface PendingExecution {
   sink: OutputSink | undefined;
-  /** Set when the kernel reported an `error` on iopub (then an error execute_reply is not repeated). */
+  /** Set once an error was reported, so that the reply does not report another. */
   sawError: boolean;
+  /** A silent execution: the kernel may publish nothing on iopub, its reply says how it went. */
   silent: boolean;
   /** Set once the cell was interrupted on the caller's request. */
   interrupted: boolean;
@@ -71,8 +67,9 @@ function loadZmq(): Promise<typeof Zmq> {
 
 /**
  * A Jupyter kernel (ipykernel, IRkernel) spoken to over the Jupyter wire protocol on ipc sockets
- * in a private directory (no TCP ports to collide with the user's servers). Execution ends on
- * the iopub `status: idle` answering the request.
+ * in a private directory (no TCP ports to collide with the user's servers). An execution ends
+ * once both the iopub `status: idle` and the shell `execute_reply` answering it have arrived
+ * (the reply may come last, and carries what iopub did not say: an abort, a silent error).
  */
 export class JupyterKernel implements Kernel {
   readonly language: string;
@@ -160,9 +157,10 @@ export class JupyterKernel implements Kernel {
     this.shell = new zmq.Dealer({ linger: 0 });
     this.control = new zmq.Dealer({ linger: 0 });
     this.iopub = new zmq.Subscriber({ linger: 0 });
-    this.shell.connect(`ipc://${this.spec.ipcEndpoint(socketBase, connection.shell_port)}`);
-    this.iopub.connect(`ipc://${this.spec.ipcEndpoint(socketBase, connection.iopub_port)}`);
-    this.control.connect(`ipc://${this.spec.ipcEndpoint(socketBase, connection.control_port)}`);
+    // Over ipc a kernel binds `<ip>-<port>` (jupyter_client's convention; ipykernel and IRkernel follow it).
+    this.shell.connect(`ipc://${socketBase}-${connection.shell_port}`);
+    this.iopub.connect(`ipc://${socketBase}-${connection.iopub_port}`);
+    this.control.connect(`ipc://${socketBase}-${connection.control_port}`);
     this.iopub.subscribe();
     void this.receiveLoop(this.iopub, (message) => this.onIopub(message));
     void this.receiveLoop(this.shell, (message) => this.onShellReply(message));

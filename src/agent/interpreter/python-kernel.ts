@@ -40,7 +40,6 @@ export function pythonKernelSpec(pythonPath: string): JupyterKernelSpec {
     // History in memory: a file-backed history database would be held open across a memory
     // snapshot and refuse writes in every sandbox restored from it.
     command: (connectionFile) => ({ file: pythonPath, args: ["-c", KERNEL_LAUNCHER, "-f", connectionFile, "--HistoryManager.hist_file=:memory:"] }),
-    ipcEndpoint: (base, port) => `${base}-${port}`,
     setupCode: SETUP_CODE,
     // A JSON string is a valid Python string literal (same escapes); it keeps user data out of the code.
     setEnvCode: (envVars) => `__import__("_cubicle").set_env(${JSON.stringify(JSON.stringify(envVars))})`,

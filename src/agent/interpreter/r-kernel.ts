@@ -50,7 +50,6 @@ export function rKernelSpec(rPath = "R"): JupyterKernelSpec {
     kernelName: "ir",
     // No .RData is read from the cwd nor written at exit.
     command: (connectionFile) => ({ file: rPath, args: ["--no-echo", "--no-restore", "--no-save", "-e", "IRkernel::main()", "--args", connectionFile] }),
-    ipcEndpoint: (base, port) => `${base}-${port}`,
     setEnvCode: rSetEnvCode,
     restoreEnvCode: R_RESTORE_ENV_CODE,
   };
