@@ -94,6 +94,16 @@ describe("r", () => {
     await sandbox.removeCodeContext(context);
   });
 
+  test("a plot comes back as png, a data.frame as html", async () => {
+    const plot = await sandbox.runCode("plot(1:10, main = 'squares')", { language: "r" });
+    assert.equal(plot.error, undefined, plot.error?.traceback);
+    const png = plot.results.find((r) => r.png);
+    assert.ok(png, `no png among ${JSON.stringify(plot.results.map((r) => r.formats()))}`);
+    assert.equal(Buffer.from(png.png!, "base64").subarray(1, 4).toString(), "PNG");
+    const frame = await sandbox.runCode("data.frame(a = 1:2, b = c('x', 'y'))", { language: "r" });
+    assert.match(frame.results[0]?.html ?? "", /<table/);
+  });
+
   test("timeoutMs interrupts a busy loop and the kernel keeps its state", async () => {
     const started = performance.now();
     await assert.rejects(sandbox.runCode("while (TRUE) {}", { language: "r", timeoutMs: 1_500 }), /timed out|timeout/i);
