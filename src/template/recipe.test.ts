@@ -58,3 +58,15 @@ test("the mmdebstrap command keeps docs out and passes packages as one --include
   assert.ok(argv.includes("--dpkgopt=path-exclude=/usr/share/man/*"));
   assert.deepEqual(argv.slice(-3), ["bookworm", "/t/rootfs", "http://mirror.example/debian"]);
 });
+
+test("code-interpreter-v1 carries R, the JDK and the Java kernel's source, compiled by a step; the source is in the hash", async () => {
+  const { JAVA_KERNEL_DIR, JAVA_KERNEL_SOURCE } = await import("../agent/interpreter/java-kernel-program.js");
+  for (const pkg of ["r-cran-irkernel", "default-jdk-headless"]) assert.ok(codeInterpreterRecipe.packages.includes(pkg), pkg);
+  const source = codeInterpreterRecipe.files.find((f) => f.path.startsWith(JAVA_KERNEL_DIR));
+  assert.equal(source?.content, JAVA_KERNEL_SOURCE);
+  assert.ok(codeInterpreterRecipe.steps.some((step) => step.includes("javac") && step.includes(source!.path)));
+  assert.ok(codeInterpreterRecipe.dpkgPathFilters.includes("path-exclude=/usr/lib/jvm/*/jmods/*"));
+  const edited: Recipe = { ...codeInterpreterRecipe, files: codeInterpreterRecipe.files.map((f) => (f === source ? { ...f, content: f.content + "\n" } : f)) };
+  assert.notEqual(recipeHash(edited), recipeHash(codeInterpreterRecipe));
+  assert.ok(!baseRecipe.packages.includes("r-cran-irkernel"));
+});

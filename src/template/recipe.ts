@@ -1,4 +1,6 @@
 import { createHash } from "node:crypto";
+// The one piece of the agent a template carries: the Java kernel's source, compiled at build.
+import { JAVA_KERNEL_CLASS, JAVA_KERNEL_DIR, JAVA_KERNEL_SOURCE } from "../agent/interpreter/java-kernel-program.js";
 
 /**
  * Bumped whenever the builder changes what a recipe produces (a new post-build step, another
@@ -168,6 +170,24 @@ export const codeInterpreterRecipe: Recipe = {
     // Satisfies python3-fonttools' "python3-scipy | python3-munkres" with the small choice:
     // scipy drags in pythran, g++ and boost (≈620 MB). Add "python3-scipy" here to have it.
     "python3-munkres",
+    // The R kernel (IRkernel speaks the Jupyter protocol; r-base-core comes with it).
+    "r-cran-irkernel",
+    // The Java kernel runs on the JDK's jshell API (java-kernel-program.ts).
+    "default-jdk-headless",
+  ],
+  directories: [...baseRecipe.directories, { path: JAVA_KERNEL_DIR, mode: 0o755 }],
+  files: [...baseRecipe.files, { path: `${JAVA_KERNEL_DIR}/${JAVA_KERNEL_CLASS}.java`, content: JAVA_KERNEL_SOURCE, mode: 0o644 }],
+  dpkgPathFilters: [
+    ...baseRecipe.dpkgPathFilters,
+    // The JDK's own man pages: with /usr/share/man/man1 kept out, its postinst would fail to
+    // link them there (it adds the man slave links only when these files exist).
+    "path-exclude=/usr/lib/jvm/*/man/*",
+    // jmods only serve jlink (≈70 MB); javac, jshell and the runtime do not read them.
+    "path-exclude=/usr/lib/jvm/*/jmods/*",
+    // R packages' vignettes and manuals.
+    "path-exclude=/usr/lib/R/site-library/*/doc/*",
+    "path-exclude=/usr/lib/R/library/*/doc/*",
+    "path-exclude=/usr/share/R/doc/*",
   ],
   env: {
     ...baseRecipe.env,
@@ -181,6 +201,10 @@ export const codeInterpreterRecipe: Recipe = {
     // users, so each sandbox's first plot does not pay for it.
     ["python3", "-c", "import matplotlib.pyplot"],
     ["runuser", "-u", "user", "--", "env", "HOME=/home/user", "python3", "-c", "import matplotlib.pyplot"],
+    // The Java kernel (java-kernel-program.ts); its source is in `files`, so the hash follows it.
+    // The JDK's launchers find libjli.so through $ORIGIN, which ld.so resolves with /proc, and a
+    // build's chroot has no /proc: name the library directory.
+    ["env", "LD_LIBRARY_PATH=/usr/lib/jvm/default-java/lib", "javac", "-encoding", "UTF-8", "-d", JAVA_KERNEL_DIR, `${JAVA_KERNEL_DIR}/${JAVA_KERNEL_CLASS}.java`],
   ],
 };
 

@@ -2,8 +2,10 @@ import type { AddressInfo } from "node:net";
 import { createLogger } from "../../shared/log.js";
 import { ContextManager, type KernelFactory } from "./context-manager.js";
 import { BashKernel } from "./bash-kernel.js";
+import { JavaKernel } from "./java-kernel.js";
 import { JsKernel } from "./js-kernel.js";
 import { PythonKernel } from "./python-kernel.js";
+import { RKernel } from "./r-kernel.js";
 import { createInterpreterHttpServer } from "./server.js";
 import { UnavailableKernel } from "./unavailable-kernel.js";
 
@@ -61,8 +63,14 @@ export async function startInterpreterServer(options: InterpreterServerOptions):
         return new JsKernel({ language, nodeCommand, launch });
       case "bash":
         return new BashKernel({ launch, runtimeDir: options.runtimeDir });
+      // R and the JVM come with the code-interpreter template; elsewhere the kernel fails to
+      // start and the call says which program is missing.
+      case "r":
+        return new RKernel({ launch, runtimeDir: options.runtimeDir });
+      case "java":
+        return new JavaKernel({ launch });
       default:
-        return new UnavailableKernel(language, `${language} is not installed in this sandbox template; available languages: python, javascript, typescript, bash`);
+        return new UnavailableKernel(language, `${language} has no kernel in this sandbox; available languages: python, javascript, typescript, bash, r, java`);
     }
   };
   const contexts = new ContextManager({
