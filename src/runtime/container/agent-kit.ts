@@ -77,8 +77,8 @@ export function findNativePackages(): NativePackage[] {
  * Assembles `<stateDir>/kit`: the host's Node binary, its dynamic loader and every library that
  * `ldd` lists for it and for node-pty's addon, the agent bundle and node-pty, sandbox-boot (the
  * first program of a sandbox, BOOT_IDENTITY_NOTE) and the mount point of the boot id it binds,
- * and tini and the static run-as helper when the host has them. Sandboxes run the agent through the kit's own
- * loader, so any template rootfs works (glibc, musl or none).
+ * and tini and the static run-as helper when the host has them. Sandboxes run the agent through
+ * the kit's own loader, so any template rootfs works (glibc, musl or none).
  *
  * Rebuilt only when a source changed (size or mtime); a new kit replaces the old one by rename,
  * so running sandboxes keep the files they mounted.
