@@ -8,7 +8,10 @@
 # paired by round.
 #
 #   NAME=<results dir under bench/results> BASE_REV=<rev> [ROUNDS=6] [SERVER_ENV="K=V …"] \
-#     bench/compare-revisions.sh 'create -c 1 -n 40 --wait-pool' 'exec -c 1 -n 300' …
+#     [BASE_TEMPLATE_DIR=<dir>] bench/compare-revisions.sh 'create -c 1 -n 40 --wait-pool' …
+#
+# BASE_TEMPLATE_DIR gives the base side a template cache of its own: needed when the two
+# revisions build a template from different recipes (each would rebuild it in a shared cache).
 #
 # Each argument is one `./cubicle bench` run per side and round. Results land in
 # bench/results/$NAME/{before,after,floor}/. Run as root on a quiet machine after `./cubicle up`.
@@ -21,6 +24,7 @@ rounds="${ROUNDS:-6}"
 base_tree=/var/tmp/cubicle-compare-base
 out="$repo/bench/results/$name"
 templates="${CUBICLE_TEMPLATE_DIR:-/var/lib/cubicle/templates}"
+base_templates="${BASE_TEMPLATE_DIR:-$templates}"
 (( $# > 0 )) || { echo "name at least one bench run, e.g. 'create -c 1 -n 40 --wait-pool'" >&2; exit 2; }
 
 node scripts/build.mjs
@@ -41,17 +45,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-serve() { # TREE PORT STATE SUBNET TABLE
+serve() { # TREE PORT STATE SUBNET TABLE TEMPLATES
   rm -rf "$3"
-  env CUBICLE_PORT=$2 CUBICLE_STATE_DIR=$3 CUBICLE_TEMPLATE_DIR=$templates CUBICLE_SUBNET=$4 CUBICLE_NFT_TABLE=$5 \
+  env CUBICLE_PORT=$2 CUBICLE_STATE_DIR=$3 CUBICLE_TEMPLATE_DIR=$6 CUBICLE_SUBNET=$4 CUBICLE_NFT_TABLE=$5 \
     CUBICLE_POOL_SIZE=base=2 CUBICLE_DEFAULT_TEMPLATES=base,code-interpreter-v1 CUBICLE_LOG_LEVEL=warn ${SERVER_ENV:-} \
     node "$1/dist/cli.js" serve > "$3.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 600); do curl -fs "http://127.0.0.1:$2/health" > /dev/null && return 0; sleep 0.5; done
   echo "server on port $2 did not start; see $3.log" >&2; exit 1
 }
-serve "$base_tree" 3301 "${states[0]}" 10.93.0.0/16 cubicle_compare_before
-serve "$repo" 3302 "${states[1]}" 10.94.0.0/16 cubicle_compare_after
+serve "$base_tree" 3301 "${states[0]}" 10.93.0.0/16 cubicle_compare_before "$base_templates"
+serve "$repo" 3302 "${states[1]}" 10.94.0.0/16 cubicle_compare_after "$templates"
 # The interpreter's warm snapshots are made in the background once the templates are ready.
 if [[ "${SERVER_ENV:-}" != *CUBICLE_WARM_SNAPSHOT=none* ]]; then
   for port in 3301 3302; do

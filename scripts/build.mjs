@@ -27,6 +27,10 @@ function buildNative(source, output, fallback, flags = ["-static"]) {
   fs.renameSync(`${output}.tmp`, output);
 }
 buildNative("src/agent/native/run-as.c", path.join(dist, "agent", "run-as"), "sandboxes switch users through setpriv");
+// Node-API addon, linked against the running Node's headers; without it file metadata cannot be
+// stored (uploads with metadata are refused, XATTR_NOTE).
+const nodeHeaders = path.resolve(path.dirname(process.execPath), "..", "include", "node");
+buildNative("src/agent/native/xattr.c", path.join(dist, "agent", "xattr.node"), "file metadata (xattrs) is not available in sandboxes", ["-shared", "-fPIC", `-I${nodeHeaders}`]);
 buildNative("src/runtime/container/native/criu-front.c", path.join(dist, "criu-front"), "runc starts CRIU directly");
 buildNative("src/runtime/container/native/tar-shim.c", path.join(dist, "tar-shim"), "CRIU's tar goes through the shell shim");
 // Required (no fallback): the runtime refuses to start without them.

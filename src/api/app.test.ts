@@ -1,6 +1,5 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import type { Runtime } from "../runtime/types.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { API_ROUTES, fakeManager, TEST_KEY, testApp } from "./test-app.js";
 
@@ -159,21 +158,14 @@ test("a create refused by admission control (429, 503) says when to come back in
   }
 });
 
-test("metrics of a sandbox running under another runtime id (a claimed pool entry) come from that runtime id", async () => {
-  const manager = fakeManager();
-  const asked: string[] = [];
-  const runtime = {
-    async stats(runtimeId: string) {
-      asked.push(runtimeId);
-      if (runtimeId !== "ipool-entry-7") throw new CubicleError("not_found", `no container "${runtimeId}"`);
-      return { cpuCount: 2, cpuUsedPct: 12.5, memUsedBytes: 300, memTotalBytes: 1000, memCacheBytes: 40, diskUsedBytes: 5000, diskTotalBytes: 9000 };
-    },
-  } as unknown as Runtime;
-  const app = await testApp({ manager, runtime });
+test("metrics: samples in the start/end range as SandboxMetric, [] before the sandbox existed, bad ranges 400; the batch form", async () => {
+  const stats = { cpuCount: 2, cpuUsedPct: 12.5, memUsedBytes: 300, memTotalBytes: 1000, memCacheBytes: 40, diskUsedBytes: 5000, diskTotalBytes: 9000 };
+  const manager = fakeManager({ stats });
+  const app = await testApp({ manager });
   const created = await manager.create({ templateId: "base", timeoutSec: 60, secure: true, allowInternetAccess: true, metadata: {}, envVars: {}, autoPause: false, autoResume: false, networkConfig: undefined });
-  created.runtimeId = "ipool-entry-7";
+  const url = `/sandboxes/${created.sandboxId}/metrics`;
 
-  const res = await app.inject({ method: "GET", url: `/sandboxes/${created.sandboxId}/metrics`, headers: auth });
+  const res = await app.inject({ method: "GET", url, headers: auth });
   assert.equal(res.statusCode, 200, res.body);
   const [sample, ...more] = res.json();
   assert.equal(more.length, 0);
@@ -181,6 +173,27 @@ test("metrics of a sandbox running under another runtime id (a claimed pool entr
     { cpuCount: sample.cpuCount, cpuUsedPct: sample.cpuUsedPct, memUsed: sample.memUsed, memTotal: sample.memTotal, memCache: sample.memCache, diskUsed: sample.diskUsed, diskTotal: sample.diskTotal },
     { cpuCount: 2, cpuUsedPct: 12.5, memUsed: 300, memTotal: 1000, memCache: 40, diskUsed: 5000, diskTotal: 9000 },
   );
-  assert.deepEqual(asked, ["ipool-entry-7"]);
+  assert.equal(sample.timestampUnix % 5, 0, "stamped with its 5 s bucket");
+  assert.equal(new Date(sample.timestamp).getTime(), sample.timestampUnix * 1000);
+  const now = Math.floor(Date.now() / 1000);
+  const inRange = await app.inject({ method: "GET", url: `${url}?start=${now - 60}&end=${now + 60}`, headers: auth });
+  assert.equal(inRange.json().length, 1);
+  const before = await app.inject({ method: "GET", url: `${url}?start=${now - 7200}&end=${now - 3600}`, headers: auth });
+  assert.deepEqual(before.json(), [], "a range before the sandbox existed");
+  for (const query of ["start=abc", "end=-5", "start=1.5", `start=${now}&end=${now - 10}`, "start=99999999999999999"]) {
+    const bad = await app.inject({ method: "GET", url: `${url}?${query}`, headers: auth });
+    assertE2bBody(bad.statusCode, bad.json(), 400);
+  }
+
+  const batch = await app.inject({ method: "GET", url: `/sandboxes/metrics?sandbox_ids=${created.sandboxId},inope&sandbox_ids=${created.sandboxId}`, headers: auth });
+  assert.equal(batch.statusCode, 200, batch.body);
+  assert.deepEqual(Object.keys(batch.json().sandboxes), [created.sandboxId], "unknown ids are left out, repeats counted once");
+  assert.equal(batch.json().sandboxes[created.sandboxId].memUsed, 300);
+  for (const query of ["", "sandbox_ids=", `sandbox_ids=${Array.from({ length: 101 }, (_, index) => `i${index}`).join(",")}`, `sandbox_ids=${"x".repeat(101)}`]) {
+    const bad = await app.inject({ method: "GET", url: `/sandboxes/metrics?${query}`, headers: auth });
+    assertE2bBody(bad.statusCode, bad.json(), 400);
+  }
+  const noKey = await app.inject({ method: "GET", url: `/sandboxes/metrics?sandbox_ids=${created.sandboxId}` });
+  assert.equal(noKey.statusCode, 401);
   await app.close();
 });

@@ -3,11 +3,10 @@ import type { Duplex } from "node:stream";
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from "fastify";
 import { decodeSnapshotCursor, DEFAULT_FORK_TIMEOUT_SEC, encodeSnapshotCursor } from "../core/index.js";
 import type { SandboxManager } from "../core/sandbox-manager.js";
+import type { MetricSample } from "../core/metrics.js";
 import type { apiSchema } from "../protocol/index.js";
-import type { Runtime } from "../runtime/types.js";
 import { constantTimeEquals } from "../shared/compare.js";
 import { CubicleError } from "../shared/cubicle-error.js";
-import { runtimeIdOf } from "../store/types.js";
 import { createLogger } from "../shared/log.js";
 import {
   decodeCursor,
@@ -32,7 +31,6 @@ const log = createLogger("api");
 
 export interface ApiOptions {
   manager: SandboxManager;
-  runtime: Runtime;
   apiKey: string;
   domain: string;
   defaultTimeoutSec: number;
@@ -286,28 +284,55 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
   // Cubicle extension: warm snapshots per template (ready, building, creates served).
   app.get("/warm-snapshots", async () => manager.warmSnapshotCounts());
 
-  app.get("/sandboxes/:sandboxID/metrics", async (request: FastifyRequest<{ Params: Params }>): Promise<apiSchema.SandboxMetric[]> => {
-    const record = await manager.get(request.params.sandboxID);
-    if (record.state !== "running") return [];
-    // A claimed pool entry or an older record runs under another runtime id than its sandbox id.
-    const stats = await options.runtime.stats(runtimeIdOf(record));
-    const now = new Date();
-    return [
-      {
-        timestamp: now.toISOString(),
-        timestampUnix: Math.floor(now.getTime() / 1000),
-        cpuCount: stats.cpuCount,
-        cpuUsedPct: stats.cpuUsedPct,
-        memUsed: stats.memUsedBytes,
-        memTotal: stats.memTotalBytes,
-        memCache: stats.memCacheBytes,
-        diskUsed: stats.diskUsedBytes,
-        diskTotal: stats.diskTotalBytes,
-      },
-    ];
+  app.get("/sandboxes/metrics", async (request: FastifyRequest<{ Querystring: Record<string, unknown> }>): Promise<apiSchema.SandboxesWithMetrics> => {
+    const ids = sandboxIdList(request.query.sandbox_ids);
+    const latest = await manager.latestMetrics(ids);
+    return { sandboxes: Object.fromEntries([...latest].map(([sandboxId, sample]) => [sandboxId, metricView(sample)])) };
+  });
+
+  app.get("/sandboxes/:sandboxID/metrics", async (request: FastifyRequest<{ Params: Params; Querystring: Record<string, unknown> }>): Promise<apiSchema.SandboxMetric[]> => {
+    const start = unixSecondsParam(request.query.start, "start");
+    const end = unixSecondsParam(request.query.end, "end");
+    if (start !== undefined && end !== undefined && start > end) throw new CubicleError("invalid_argument", `start (${start}) is after end (${end})`);
+    const samples = await manager.metrics(request.params.sandboxID, { start, end });
+    return samples.map(metricView);
   });
 
   app.get("/templates", async (): Promise<apiSchema.TemplateSummary[]> => options.listTemplates());
 
   return app;
+}
+
+function metricView(sample: MetricSample): apiSchema.SandboxMetric {
+  return {
+    timestamp: new Date(sample.timestampSec * 1000).toISOString(),
+    timestampUnix: sample.timestampSec,
+    cpuCount: sample.cpuCount,
+    cpuUsedPct: sample.cpuUsedPct,
+    memUsed: sample.memUsedBytes,
+    memTotal: sample.memTotalBytes,
+    memCache: sample.memCacheBytes,
+    diskUsed: sample.diskUsedBytes,
+    diskTotal: sample.diskTotalBytes,
+  };
+}
+
+/** A `start`/`end` query parameter: whole unix seconds, or absent. */
+function unixSecondsParam(value: unknown, name: string): number | undefined {
+  if (value === undefined || value === "") return undefined;
+  if (typeof value !== "string" || !/^\d{1,12}$/.test(value)) {
+    throw new CubicleError("invalid_argument", `${name} must be a time in whole unix seconds, got ${JSON.stringify(String(value).slice(0, 40))}`);
+  }
+  return Number(value);
+}
+
+/** Upstream's `sandbox_ids`: comma-separated, possibly repeated; at most 100, each a plausible id. */
+function sandboxIdList(value: unknown): string[] {
+  const raw = value === undefined ? [] : Array.isArray(value) ? value : [value];
+  const ids = [...new Set(raw.flatMap((item) => String(item).split(",")).map((id) => id.trim()).filter(Boolean))];
+  if (ids.length === 0) throw new CubicleError("invalid_argument", "sandbox_ids is required: a comma-separated list of sandbox ids");
+  if (ids.length > 100) throw new CubicleError("invalid_argument", `at most 100 sandbox ids per request, got ${ids.length}`);
+  const bad = ids.find((id) => id.length > 100);
+  if (bad) throw new CubicleError("invalid_argument", `a sandbox id is at most 100 characters, got ${bad.length}`);
+  return ids;
 }

@@ -3,7 +3,8 @@ import type { FastifyInstance } from "fastify";
 import { parseSnapshotName } from "../core/snapshot-names.js";
 import type { CreateSandboxRequest } from "../core/types.js";
 import type { SandboxManager } from "../core/sandbox-manager.js";
-import type { Runtime } from "../runtime/types.js";
+import type { SandboxStats } from "../runtime/types.js";
+import { SandboxMetrics } from "../core/metrics.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import type { SandboxRecord } from "../store/types.js";
 import { createApiApp, type ApiOptions } from "./app.js";
@@ -31,6 +32,7 @@ export const API_ROUTES: { method: "GET" | "POST" | "DELETE"; path: string }[] =
   { method: "POST", path: "/sandboxes/:id/rollback" },
   { method: "GET", path: "/pools" },
   { method: "GET", path: "/warm-snapshots" },
+  { method: "GET", path: "/sandboxes/metrics" },
   { method: "GET", path: "/sandboxes/:id/metrics" },
   { method: "GET", path: "/templates" },
 ];
@@ -40,8 +42,15 @@ export const API_ROUTES: { method: "GET" | "POST" | "DELETE"; path: string }[] =
  * sandboxes are not_found, a second pause a conflict. `failWith` makes every call throw that
  * (to exercise the 5xx path).
  */
-export function fakeManager(options: { failWith?: () => unknown } = {}) {
+export function fakeManager(options: { failWith?: () => unknown; stats?: SandboxStats } = {}) {
   const records = new Map<string, SandboxRecord>();
+  // The real metrics history, over these records and a fixed sample.
+  const sampleStats = options.stats ?? { cpuCount: 1, cpuUsedPct: 0, memUsedBytes: 0, memTotalBytes: 1, memCacheBytes: 0, diskUsedBytes: 0, diskTotalBytes: 1 };
+  const metrics = new SandboxMetrics({
+    running: () => new Map([...records.values()].filter((record) => record.state === "running").map((record) => [record.sandboxId, record.sandboxId])),
+    isKnown: (id) => records.has(id),
+    stats: async () => sampleStats,
+  });
   let counter = 0;
   const fail = () => {
     if (options.failWith) throw options.failWith();
@@ -129,6 +138,14 @@ export function fakeManager(options: { failWith?: () => unknown } = {}) {
       await get(id);
       throw new CubicleError("not_found", `snapshot "${snapshotId}" not found`);
     },
+    async metrics(id: string, range: { start?: number; end?: number } = {}) {
+      const record = await get(id);
+      return metrics.range(id, record.state === "running" ? id : undefined, range.start, range.end);
+    },
+    async latestMetrics(ids: string[]) {
+      fail();
+      return metrics.latest(new Map(ids.filter((id) => records.has(id)).map((id) => [id, records.get(id)!.state === "running" ? id : undefined])));
+    },
     poolCounts: () => ({}),
     warmSnapshotCounts: () => ({}),
   };
@@ -138,13 +155,7 @@ export function fakeManager(options: { failWith?: () => unknown } = {}) {
 /** The API on a fake manager, not listening (use `app.inject`). */
 export async function testApp(overrides: Partial<Omit<ApiOptions, "manager">> & { manager?: ReturnType<typeof fakeManager> } = {}): Promise<FastifyInstance> {
   const manager = overrides.manager ?? fakeManager();
-  const runtime = {
-    async stats() {
-      return { cpuCount: 1, cpuUsedPct: 0, memUsedBytes: 0, memTotalBytes: 1, memCacheBytes: 0, diskUsedBytes: 0, diskTotalBytes: 1 };
-    },
-  } as unknown as Runtime;
   const app = createApiApp({
-    runtime,
     apiKey: TEST_KEY,
     domain: "cubicle.test",
     defaultTimeoutSec: 300,

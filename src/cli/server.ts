@@ -78,7 +78,6 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
   let templatesReady = false;
   const app = createApiApp({
     manager,
-    runtime,
     apiKey,
     domain: config.domain,
     defaultTimeoutSec: config.defaultTimeoutSec,

@@ -1,7 +1,7 @@
 import { EventEmitter } from "node:events";
 import type { NetworkManager } from "../network/types.js";
 import type { Runtime } from "../runtime/types.js";
-import type { SandboxQuery, SandboxRecord, SnapshotQuery, SnapshotRecord, Store } from "../store/types.js";
+import { runtimeIdOf, type SandboxQuery, type SandboxRecord, type SnapshotQuery, type SnapshotRecord, type Store } from "../store/types.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import type { AgentLink } from "../protocol/index.js";
 import { LifecycleContext, log } from "./lifecycle/context.js";
@@ -9,6 +9,7 @@ import { Creation } from "./lifecycle/create.js";
 import { handleRuntimeExit, kill } from "./lifecycle/end.js";
 import { PauseTiers, type ResumeOptions } from "./lifecycle/pause.js";
 import { Reaper } from "./lifecycle/reaper.js";
+import { SandboxMetrics, type MetricSample } from "./metrics.js";
 import { recover, type Recovered } from "./lifecycle/recovery.js";
 import { Snapshots, type ForkOutcome } from "./lifecycle/snapshots.js";
 import { StartQueue, type StartQueueOptions } from "./start-queue.js";
@@ -78,6 +79,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   private readonly pauses: PauseTiers;
   private readonly snapshots: Snapshots;
   private readonly reaper: Reaper;
+  private readonly metricsHistory: SandboxMetrics;
 
   constructor(options: SandboxManagerOptions) {
     super();
@@ -109,6 +111,29 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     this.reaper = new Reaper(this.ctx, this.pauses, { pause: (sandboxId) => this.pause(sandboxId), kill: (sandboxId, reason) => this.kill(sandboxId, reason) });
     this.ctx.scheduleReaper = () => this.reaper.schedule();
     options.runtime.onExit((runtimeId) => void handleRuntimeExit(this.ctx, this.pool, runtimeId));
+    this.metricsHistory = new SandboxMetrics({
+      running: () => new Map(this.ctx.table.records().filter((record) => record.state === "running").map((record) => [record.sandboxId, runtimeIdOf(record)])),
+      isKnown: (sandboxId) => this.ctx.table.get(sandboxId) !== undefined,
+      stats: (runtimeId) => options.runtime.stats(runtimeId),
+    });
+    this.metricsHistory.start();
+  }
+
+  /** A sandbox's metrics samples in `[start, end]` (unix seconds, inclusive; metrics.ts). */
+  async metrics(sandboxId: string, range: { start?: number; end?: number } = {}): Promise<MetricSample[]> {
+    const record = await this.get(sandboxId);
+    return this.metricsHistory.range(sandboxId, record.state === "running" ? runtimeIdOf(record) : undefined, range.start, range.end);
+  }
+
+  /** The newest sample of each of these sandboxes; ids of no running or paused sandbox are left out. */
+  async latestMetrics(sandboxIds: string[]): Promise<Map<string, MetricSample>> {
+    const known = new Map<string, string | undefined>();
+    for (const sandboxId of sandboxIds) {
+      const record = this.ctx.table.get(sandboxId);
+      if (record?.state === "running") known.set(sandboxId, runtimeIdOf(record));
+      else if (record?.state === "paused") known.set(sandboxId, undefined);
+    }
+    return this.metricsHistory.latest(known);
   }
 
   /**
@@ -256,6 +281,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   async close(): Promise<void> {
     this.ctx.closed = true;
     this.reaper.stop();
+    await this.metricsHistory.stop();
     await Promise.all([this.pool.drain(), this.warmSnapshots.close(), this.pauses.close()]);
   }
 

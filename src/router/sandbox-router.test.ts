@@ -44,6 +44,27 @@ test("a signed /files URL without routing headers goes to the sandbox whose toke
   assert.equal(router.match(request(url.replace("isigned", "x").replace(/signature=[^&]+/, "signature=v1_nope"), {})), undefined);
 });
 
+test("a /files request with only X-Access-Token (SDKs before 2.14) goes to the sandbox with that token, and only that", () => {
+  const router = new SandboxRouter(
+    source([
+      { sandboxId: "iother", envdAccessToken: "another-token", state: "running" },
+      { sandboxId: "iowner", envdAccessToken: "owner-token", state: "running" },
+      { sandboxId: "ipaused", envdAccessToken: "paused-token", state: "paused" },
+      { sandboxId: "iopen", envdAccessToken: undefined, state: "running" },
+    ]),
+    "cubicle.local",
+    { agentLink: createFakeAgentLink() },
+  );
+  const url = `/files?path=${encodeURIComponent("/home/user/a.txt")}&username=user`;
+  assert.deepEqual(router.match(request(url, { "x-access-token": "owner-token" })), { sandboxId: "iowner", port: 49983 });
+  assert.deepEqual(router.match(request("/files", { "x-access-token": "owner-token" }, "POST")), { sandboxId: "iowner", port: 49983 });
+  for (const token of ["owner-toke", "owner-token2", "", "paused-token"]) {
+    assert.equal(router.match(request(url, { "x-access-token": token })), undefined, `token ${JSON.stringify(token)} routes nowhere`);
+  }
+  assert.equal(router.match(request("/filesystem", { "x-access-token": "owner-token" })), undefined, "only /files");
+  assert.equal(router.match(request("/v2/sandboxes", { "x-access-token": "owner-token" })), undefined, "API calls stay with the API");
+});
+
 test("an ended sandbox's open connections are destroyed", () => {
   const src = source([{ sandboxId: "ia", envdAccessToken: undefined, state: "running" }]);
   const router = new SandboxRouter(src, "cubicle.local", { agentLink: createFakeAgentLink() });

@@ -90,12 +90,17 @@ export class SandboxRouter {
   }
 
   /**
-   * `downloadUrl()` / `uploadUrl()` under E2B_SANDBOX_URL carry no sandbox id: find the live
-   * sandbox whose access token produced the signature (formula: protocol doc §6.3). Signatures
-   * are compared in constant time, and only well-formed ones cost a hash per sandbox.
+   * `/files` requests under E2B_SANDBOX_URL that carry no sandbox id: `downloadUrl()` /
+   * `uploadUrl()` (a signature in the query, formula: protocol doc §6.3), and the reads and
+   * writes of SDKs before 2.14, which send only `X-Access-Token` (E2B issue #1158). Either goes
+   * to the live sandbox whose access token matches. Tokens and signatures are compared in
+   * constant time with no early exit, so the time taken does not tell which sandbox matched;
+   * a sandbox without a token is never found this way.
    */
   private matchSignedFilesUrl(req: IncomingMessage): RouteMatch | undefined {
-    if (!req.url?.startsWith("/files?")) return undefined;
+    if (req.url !== "/files" && !req.url?.startsWith("/files?")) return undefined;
+    const token = headerString(req.headers, "x-access-token");
+    if (token) return this.matchByToken((accessToken) => constantTimeEquals(accessToken, token));
     let query: URLSearchParams;
     try {
       query = new URL(req.url, "http://router.invalid").searchParams;
@@ -109,12 +114,15 @@ export class SandboxRouter {
     const username = query.get("username") ?? "";
     // As sent: the agent checks the signature again with the expiration it parses.
     const expiration = query.get("signature_expiration") || undefined;
+    return this.matchByToken((accessToken) => constantTimeEquals(computeFileSignature(filePath, operation, username, accessToken, expiration), signature));
+  }
+
+  /** envd of the one running secure sandbox whose token `matches`, checking every sandbox. */
+  private matchByToken(matches: (accessToken: string) => boolean): RouteMatch | undefined {
     let found: string | undefined;
     for (const sandbox of this.source.liveSandboxes()) {
       if (!sandbox.envdAccessToken || sandbox.state !== "running") continue;
-      const expected = computeFileSignature(filePath, operation, username, sandbox.envdAccessToken, expiration);
-      // No early exit: the time taken does not tell which sandbox matched.
-      if (constantTimeEquals(expected, signature) && found === undefined) found = sandbox.sandboxId;
+      if (matches(sandbox.envdAccessToken) && found === undefined) found = sandbox.sandboxId;
     }
     return found === undefined ? undefined : { sandboxId: found, port: ENVD_PORT };
   }

@@ -196,3 +196,28 @@ test("envd /envs shows the sandbox's env vars and /metrics its usage, both behin
   assert.ok(sdkMetrics.length >= 1);
   assert.ok(sdkMetrics[0]!.memTotal > 0 && sdkMetrics[0]!.memUsed > 0, JSON.stringify(sdkMetrics[0]));
 });
+
+test("getMetrics({start, end}) returns only the 5 s samples in range, [] before the sandbox existed; the batch endpoint", async () => {
+  const createdAt = new Date();
+  const fresh = await Sandbox.create();
+  try {
+    // Samples accumulate in 5 s buckets while the sandbox runs.
+    await new Promise((resolve) => setTimeout(resolve, 11_000));
+    const all = await fresh.getMetrics();
+    assert.ok(all.length >= 2, `two or more buckets after 11 s: ${JSON.stringify(all)}`);
+    const stamps = all.map((metric) => metric.timestamp.getTime());
+    assert.ok(stamps.every((stamp, index) => stamp % 5000 === 0 && (index === 0 || stamp - stamps[index - 1]! >= 5000)), `one per 5 s bucket: ${stamps}`);
+    assert.ok(stamps[0]! >= Math.floor(createdAt.getTime() / 5000) * 5000 - 5000, "none from before the sandbox existed");
+    const onlyFirst = await fresh.getMetrics({ start: new Date(stamps[0]!), end: new Date(stamps[0]! + 1000) });
+    assert.deepEqual(onlyFirst.map((metric) => metric.timestamp.getTime()), [stamps[0]]);
+    assert.deepEqual(await fresh.getMetrics({ start: new Date(createdAt.getTime() - 7_200_000), end: new Date(createdAt.getTime() - 3_600_000) }), []);
+    const bad = await server.api("GET", `/sandboxes/${fresh.sandboxId}/metrics?start=soon`);
+    assert.equal(bad.status, 400);
+    const batch = await server.api("GET", `/sandboxes/metrics?sandbox_ids=${fresh.sandboxId},${sandbox.sandboxId}`);
+    assert.equal(batch.status, 200);
+    assert.deepEqual(Object.keys(batch.json.sandboxes).sort(), [fresh.sandboxId, sandbox.sandboxId].sort());
+    assert.ok(batch.json.sandboxes[fresh.sandboxId].memUsed > 0);
+  } finally {
+    await fresh.kill();
+  }
+});

@@ -97,6 +97,47 @@ test("metadata round trip: write, getInfo, list, replace", async () => {
   assert.equal((await sandbox.files.getInfo(`${base}/meta.txt`)).metadata, undefined);
 });
 
+test("metadata is stored as user.e2b.* xattrs, and an xattr set inside the sandbox is metadata (getInfo, list, watch)", async () => {
+  const file = `${base}/xattr.txt`;
+  await sandbox.files.write(file, "x", { metadata: { owner: "alice" } });
+  const read = await sandbox.commands.run(`python3 -c "import os; print(os.getxattr('${file}', 'user.e2b.owner').decode())"`);
+  assert.equal(read.stdout.trim(), "alice");
+
+  const watched = `${base}/xattr-watch`;
+  await sandbox.files.makeDir(watched);
+  const events: FilesystemEvent[] = [];
+  const handle = await sandbox.files.watchDir(watched, (event) => void events.push(event), { includeEntry: true });
+  try {
+    // As the default user, as a program in the sandbox would: no API involved.
+    const inner = `${watched}/inner.txt`;
+    await sandbox.commands.run(`python3 -c "import os; open('${inner}', 'w').write('i'); os.setxattr('${inner}', 'user.e2b.author', b'ada'); open('${inner}', 'a').write('j')"`);
+    assert.deepEqual((await sandbox.files.getInfo(inner)).metadata, { author: "ada" });
+    assert.deepEqual((await sandbox.files.list(watched)).find((entry) => entry.name === "inner.txt")?.metadata, { author: "ada" });
+    await sandbox.commands.run(`mv ${inner} ${watched}/renamed.txt`);
+    assert.deepEqual((await sandbox.files.getInfo(`${watched}/renamed.txt`)).metadata, { author: "ada" }, "metadata follows the inode through a rename inside the sandbox");
+    for (let waited = 0; waited < 5000 && !events.some((event) => event.entry?.metadata?.author === "ada"); waited += 100) await sleep(100);
+    assert.ok(events.some((event) => event.name === "inner.txt" && event.type === FilesystemEventType.WRITE && event.entry?.metadata?.author === "ada"), `a watch event carries the metadata: ${JSON.stringify(events)}`);
+  } finally {
+    await handle.stop();
+  }
+  // Files without user.e2b.* attributes have no metadata field at all.
+  await sandbox.commands.run(`touch ${file}.plain && python3 -c "import os; os.setxattr('${file}.plain', 'user.other', b'1')"`);
+  assert.equal((await sandbox.files.getInfo(`${file}.plain`)).metadata, undefined);
+});
+
+test("a file the user cannot read shows them no metadata; they cannot set metadata on a file they cannot write", async () => {
+  const secret = `${base}/root-only.txt`;
+  await sandbox.files.write(secret, "s", { user: "root", metadata: { classified: "yes" } });
+  await sandbox.commands.run(`chmod 600 ${secret}`, { user: "root" });
+  assert.deepEqual((await sandbox.files.getInfo(secret, { user: "root" })).metadata, { classified: "yes" });
+  const seenByUser = await sandbox.files.getInfo(secret);
+  assert.equal(seenByUser.name, "root-only.txt", "the user can stat it");
+  assert.equal(seenByUser.metadata, undefined, "but not read its attributes");
+  const attempt = await sandbox.commands.run(`python3 -c "import os; os.setxattr('/etc/hostname', 'user.e2b.x', b'1')"`).catch((error: { stderr?: string }) => error);
+  assert.match(String((attempt as { stderr?: string }).stderr), /PermissionError|Operation not permitted|Permission denied/);
+  assert.equal((await sandbox.files.getInfo("/etc/hostname")).metadata, undefined);
+});
+
 test("reading a missing file throws FileNotFoundError", async () => {
   await assert.rejects(sandbox.files.read(`${base}/does-not-exist`), (error: unknown) => {
     assert.ok(error instanceof FileNotFoundError, String(error));
@@ -262,6 +303,30 @@ test("a full disk surfaces as NotEnoughSpaceError (writes past the sandbox's dis
   }
 });
 
+
+test("a signed uploadUrl takes browser-style forms (a plain field, a Blob), as user and as root, and answers the entry list", async () => {
+  for (const user of ["user", "root"] as const) {
+    const directory = user === "root" ? "/root/form-uploads" : `${base}/form-uploads`;
+    for (const [shape, fill] of [
+      ["field", (form: FormData, text: string) => form.append("file", text)],
+      ["blob", (form: FormData, text: string) => form.append("file", new Blob([text]))],
+    ] as const) {
+      const target = `${directory}/${shape}.txt`;
+      const text = `a ${shape} from a form, as ${user}`;
+      const url = await sandbox.uploadUrl(target, { user, useSignatureExpiration: 60_000 });
+      const form = new FormData();
+      form.append("note", "a field that is not the file");
+      fill(form, text);
+      const response = await fetch(url, { method: "POST", body: form });
+      const answer = await response.text();
+      assert.equal(response.status, 200, `${user} ${shape}: ${answer}`);
+      assert.deepEqual(JSON.parse(answer), [{ path: target, name: `${shape}.txt`, type: "file" }]);
+      assert.equal(await sandbox.files.read(target, { user }), text);
+      const owner = await sandbox.commands.run(`stat -c %U ${target}`, { user: "root" });
+      assert.equal(owner.stdout.trim(), user, "written as the signed URL's user");
+    }
+  }
+});
 
 test("signed download and upload URLs work without routing headers", async () => {
   await sandbox.files.write(`${base}/signed.txt`, "signed content");

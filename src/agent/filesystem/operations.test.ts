@@ -5,7 +5,7 @@ import path from "node:path";
 import { execFileSync } from "node:child_process";
 import { isRoot, makeTempDir, measureEventLoop, rootUser, syntheticUser, withTmpfs } from "./test-helpers.js";
 import { listDirectory, makeDirectory, movePath, removePath, resolveRequestPath, statPath } from "./operations.js";
-import { metadataStore } from "./metadata-store.js";
+import { replaceMetadata } from "./file-metadata.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 
 async function assertRejectsCubicleError(fn: () => Promise<unknown>, code: string, message?: RegExp): Promise<void> {
@@ -83,8 +83,9 @@ test("Move creates destination parents, carries metadata and reports not_found f
   const source = path.join(directory, "tree/file.txt");
   fs.mkdirSync(path.dirname(source), { recursive: true });
   fs.writeFileSync(source, "x");
-  const stats = fs.statSync(source, { bigint: true });
-  metadataStore().replace(source, stats, { owner: "test" });
+  const fd = fs.openSync(source, "r");
+  replaceMetadata(fd, { owner: "test" });
+  fs.closeSync(fd);
 
   const destination = path.join(directory, "moved/deeper/tree");
   const { entry } = movePath(rootUser, path.join(directory, "tree"), destination);

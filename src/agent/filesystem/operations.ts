@@ -10,7 +10,7 @@ import { resolveUserPath } from "../users.js";
 import { runAsUser } from "../as-user.js";
 import { CubicleError, errnoName } from "../../shared/cubicle-error.js";
 import { entryInfoFromStats, readEntryInfo, baseName, type EntryInfoJson } from "./entry-info.js";
-import { metadataStore } from "./metadata-store.js";
+import { readMetadata } from "./file-metadata.js";
 import { fsFailure, syscallErrorText } from "../errors.js";
 
 /** Resolves a request path for `user` (`~`, relative → home, empty → home). */
@@ -23,25 +23,20 @@ function isErrno(reason: unknown, ...codes: string[]): boolean {
   return code !== undefined && codes.includes(code);
 }
 
-/** Adds stored user metadata to an entry. Must run as root (outside `runAsUser`). */
-export function withMetadata(entry: EntryInfoJson, identity?: { dev: bigint; ino: bigint }): EntryInfoJson {
-  let fileIdentity = identity;
-  if (!fileIdentity) {
-    try {
-      const stats = fs.lstatSync(entry.path, { bigint: true });
-      fileIdentity = { dev: stats.dev, ino: stats.ino };
-    } catch {
-      return entry;
-    }
-  }
-  const metadata = metadataStore().get(entry.path, fileIdentity);
-  if (metadata && Object.keys(metadata).length > 0) entry.metadata = metadata;
+/**
+ * Adds the file's metadata (its `user.e2b.*` xattrs) to an entry. Reads `actualPath` (default:
+ * the entry's path) without following a final symlink; call it with the asking user's
+ * credentials (inside `runAsUser`).
+ */
+export function withMetadata(entry: EntryInfoJson, actualPath = entry.path): EntryInfoJson {
+  const metadata = readMetadata(actualPath);
+  if (metadata) entry.metadata = metadata;
   return entry;
 }
 
 export function statPath(user: AgentUser, requested: unknown): { entry: EntryInfoJson } {
   const target = resolveRequestPath(requested, user);
-  const { entry, identity } = runAsUser(user, () => {
+  const entry = runAsUser(user, () => {
     let stats: fs.BigIntStats;
     try {
       stats = fs.lstatSync(target, { bigint: true });
@@ -51,14 +46,9 @@ export function statPath(user: AgentUser, requested: unknown): { entry: EntryInf
       }
       throw fsFailure("error getting file info", "lstat", target, reason);
     }
-    return { entry: entryInfoFromStats(target, stats), identity: { dev: stats.dev, ino: stats.ino } };
+    return withMetadata(entryInfoFromStats(target, stats));
   });
-  return { entry: withMetadata(entry, identity) };
-}
-
-interface WalkedEntry {
-  entry: EntryInfoJson;
-  identity: { dev: bigint; ino: bigint };
+  return { entry };
 }
 
 /** Entries one ListDir may return (~250 bytes of JSON each). */
@@ -112,7 +102,7 @@ export async function listDirectory(user: AgentUser, requested: unknown, request
     return resolved;
   });
 
-  const collected: WalkedEntry[] = [];
+  const collected: EntryInfoJson[] = [];
   // Entries are reported under the requested path even when it is a symlink (§8.2).
   const stack: Array<{ directory: string; reported: string; level: number; names?: string[]; next: number }> = [
     { directory: resolved, reported: requestedPath, level: 1, next: 0 },
@@ -145,12 +135,12 @@ export async function listDirectory(user: AgentUser, requested: unknown, request
     if (collected.length >= maxEntries) {
       throw new CubicleError("failed_precondition", `more than ${maxEntries} entries under ${requestedPath}: list it with a smaller depth`);
     }
-    collected.push({ entry: entryInfoFromStats(reported, entryStats), identity: { dev: entryStats.dev, ino: entryStats.ino } });
+    collected.push(withMetadata(entryInfoFromStats(reported, entryStats), actual));
     if (entryStats.isDirectory() && frame.level < depth) stack.push({ directory: actual, reported, level: frame.level + 1, next: 0 });
     return false;
   });
 
-  return { entries: collected.map(({ entry, identity }) => withMetadata(entry, identity)) };
+  return { entries: collected };
 }
 
 export function makeDirectory(user: AgentUser, requested: unknown): { entry: EntryInfoJson } {
@@ -202,7 +192,7 @@ export function ensureDirectories(directory: string): void {
 export function movePath(user: AgentUser, requestedSource: unknown, requestedDestination: unknown): { entry: EntryInfoJson } {
   const source = resolveRequestPath(requestedSource, user);
   const destination = resolveRequestPath(requestedDestination, user);
-  const { entry, identity } = runAsUser(user, () => {
+  const entry = runAsUser(user, () => {
     try {
       ensureDirectories(path.dirname(destination));
     } catch (reason) {
@@ -218,11 +208,9 @@ export function movePath(user: AgentUser, requestedSource: unknown, requestedDes
       }
       throw fsFailure("error renaming", "rename", `${source} ${destination}`, reason);
     }
-    const stats = fs.lstatSync(destination, { bigint: true });
-    return { entry: entryInfoFromStats(destination, stats), identity: { dev: stats.dev, ino: stats.ino } };
+    return withMetadata(entryInfoFromStats(destination, fs.lstatSync(destination, { bigint: true })));
   });
-  metadataStore().move(source, destination);
-  return { entry: withMetadata(entry, identity) };
+  return { entry };
 }
 
 /**
@@ -290,6 +278,5 @@ export async function removePath(user: AgentUser, requested: unknown): Promise<R
     }
     return false;
   });
-  metadataStore().removeTree(target);
   return {};
 }

@@ -112,8 +112,8 @@ export function openRegularFileForWriting(target: string): OpenedFile<fs.BigIntS
 }
 
 /**
- * Reads a small regular file the agent itself relies on (/etc/passwd, /etc/group, its metadata
- * sidecars) that a sandbox's root may have replaced with a FIFO or a device: such a file, or
+ * Reads a small regular file the agent itself relies on (/etc/passwd, /etc/group) that a
+ * sandbox's root may have replaced with a FIFO or a device: such a file, or
  * one larger than `maxBytes`, is an error instead of a blocked or exhausted agent.
  */
 export function readRegularFileSync(file: string, maxBytes: number): string {

@@ -5,12 +5,8 @@ import path from "node:path";
 import type { AgentUser } from "../users.js";
 import type { RpcContext } from "../rpc/types.js";
 
-// Keep the tests' metadata out of the real store; set before the store is first used.
-if (process.env.CUBICLE_AGENT_METADATA_DIR === undefined) {
-  const metadataDirectory = fs.mkdtempSync(path.join(os.tmpdir(), "cubicle-fs-meta-"));
-  process.env.CUBICLE_AGENT_METADATA_DIR = metadataDirectory;
-  process.once("exit", () => fs.rmSync(metadataDirectory, { recursive: true, force: true }));
-}
+// File metadata needs the agent's xattr addon, built into dist by scripts/build.mjs.
+process.env.CUBICLE_AGENT_XATTR_ADDON ??= path.resolve(path.dirname(new URL(import.meta.url).pathname), "../../../dist/agent/xattr.node");
 
 export const isRoot = typeof process.geteuid === "function" && process.geteuid() === 0;
 

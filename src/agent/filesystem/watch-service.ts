@@ -66,7 +66,7 @@ export async function startWatcher(user: AgentUser, request: WatchRequest, onEve
     recursive: request.recursive === true,
     includeEntry: (request.includeEntry ?? request.include_entry) === true,
     onEvent,
-    decorateEntry: (entry) => withMetadata(entry),
+    decorateEntry: (entry) => runAsUser(user, () => withMetadata(entry)),
     onClose: () => activeWatchers--,
   });
   try {

@@ -44,7 +44,7 @@ export interface DirectoryWatcherOptions {
   recursive: boolean;
   includeEntry: boolean;
   onEvent: (event: FilesystemEventJson) => void;
-  /** Attaches metadata to an entry (runs as root, outside the user's credentials). */
+  /** Attaches metadata to an entry (called as root, outside the user's credentials). */
   decorateEntry?: (entry: EntryInfoJson) => EntryInfoJson;
   /** Called once, when the watcher closes (also when its start fails). */
   onClose?: () => void;
@@ -361,7 +361,7 @@ export class DirectoryWatcher {
     this.outbox.push(event);
   }
 
-  /** Hands queued events to the listener; runs as root (metadata lookups need it). */
+  /** Hands queued events to the listener, as root (decorateEntry switches to the user itself). */
   private deliver(): void {
     const events = this.outbox;
     this.outbox = [];

@@ -418,3 +418,30 @@ test("a multipart upload cut in the middle of a part answers 400 and leaves no e
     process.off("uncaughtException", onUncaught);
   }
 });
+
+test("browser-style forms: a plain field named file goes to the path query, a Blob part too; without a path it is a clear 400", async () => {
+  const binaryData = Buffer.from(Array.from({ length: 1000 }, (_, index) => (index * 31) % 256));
+  const shapes: Array<[string, (form: FormData) => void, Buffer]> = [
+    ["a string field (no filename, no Content-Type)", (form) => form.append("file", "plain text\r\nwith CRLF"), Buffer.from("plain text\r\nwith CRLF")],
+    ["a Blob (filename \"blob\")", (form) => form.append("file", new Blob([binaryData])), binaryData],
+    ["a File with a bare name", (form) => form.append("file", new File([binaryData], "bare-name.bin")), binaryData],
+  ];
+  for (const [label, fill, expected] of shapes) {
+    const target = path.join(directory, `form-${expected.length}-${label.length}.dat`);
+    const form = new FormData();
+    form.append("ignored", "another field before the file");
+    fill(form);
+    // undici serialises the form exactly as fetch sends it.
+    const request = new Request("http://serialise.invalid/", { method: "POST", body: form });
+    const reply = await send("POST", { path: target }, { "Content-Type": request.headers.get("content-type")! }, Buffer.from(await request.arrayBuffer()));
+    assert.equal(reply.status, 200, `${label}: ${reply.body.toString()}`);
+    assert.deepEqual(JSON.parse(reply.body.toString()), [{ path: target, name: path.basename(target), type: "file" }], label);
+    assert.ok(fs.readFileSync(target).equals(expected), `${label}: content intact`);
+  }
+  const form = new FormData();
+  form.append("file", "no destination");
+  const request = new Request("http://serialise.invalid/", { method: "POST", body: form });
+  const reply = await send("POST", {}, { "Content-Type": request.headers.get("content-type")! }, Buffer.from(await request.arrayBuffer()));
+  assert.equal(reply.status, 400);
+  assert.match(errorBody(reply).message, /part has no filename and there is no path query parameter/);
+});

@@ -9,13 +9,13 @@ import zlib from "node:zlib";
 import { pipeline } from "node:stream/promises";
 import type { Readable } from "node:stream";
 import type { IncomingMessage, ServerResponse } from "node:http";
-import busboy from "busboy";
 import type { AgentUser } from "../users.js";
 import { lookupUser, resolveUserPath } from "../users.js";
 import { runAsUser } from "../as-user.js";
 import { CubicleError, errnoName } from "../../shared/cubicle-error.js";
 import { createLogger } from "../../shared/log.js";
-import { metadataStore, validateMetadata, type Metadata } from "../filesystem/metadata-store.js";
+import { boundaryOf, MultipartError, readMultipart } from "./multipart.js";
+import { checkMetadataAvailable, replaceMetadata, validateMetadata, type Metadata } from "../filesystem/file-metadata.js";
 import { fsErrorCode, fsFailure, syscallErrorText, toCubicleError } from "../errors.js";
 import { openRegularFileForReading, openRegularFileForWriting } from "../filesystem/regular-file.js";
 import { ensureDirectories } from "../filesystem/operations.js";
@@ -188,19 +188,21 @@ function contentTypeOf(filePath: string): string {
  * wins (raw headers, since Node joins repeats), validated like upstream.
  */
 export function metadataFromHeaders(rawHeaders: string[]): Metadata {
-  const metadata: Metadata = {};
+  // No prototype: `X-Metadata-Constructor` or `X-Metadata-__proto__` are keys like any other.
+  const metadata: Metadata = Object.create(null) as Metadata;
   const prefix = "x-metadata-";
   for (let index = 0; index + 1 < rawHeaders.length; index += 2) {
     const name = rawHeaders[index]!.toLowerCase();
     if (!name.startsWith(prefix)) continue;
     const key = name.slice(prefix.length);
-    if (!(key in metadata)) metadata[key] = rawHeaders[index + 1]!;
+    if (!Object.hasOwn(metadata, key)) metadata[key] = rawHeaders[index + 1]!;
   }
   try {
     validateMetadata(metadata);
   } catch (reason) {
     throw new FilesError(400, `invalid metadata: ${(reason as Error).message}`);
   }
+  if (Object.keys(metadata).length > 0) checkMetadataAvailable();
   return metadata;
 }
 
@@ -240,72 +242,42 @@ async function handleUpload(req: IncomingMessage, res: ServerResponse, opts: Fil
 }
 
 /**
- * Reads the parts one after another (busboy holds back the next part until the current one is
- * consumed). Every part named `file` is written: to the `path` query if given, else to its
- * filename, which is a whole destination path (busboy `preservePath`, raw UTF-8 parameters).
+ * Reads the parts one after another (multipart.ts: the next part is read once the current one
+ * is written). Every part named `file` is written, with or without a filename or a
+ * Content-Type (a browser's plain form field, a Blob): to the `path` query if given, else to
+ * its filename, which may be a whole destination path (as the SDKs send it for writeFiles).
  */
-function receiveMultipart(req: IncomingMessage, user: AgentUser, queryPath: string | null, metadata: Metadata): Promise<UploadedEntry[]> {
+async function receiveMultipart(req: IncomingMessage, user: AgentUser, queryPath: string | null, metadata: Metadata): Promise<UploadedEntry[]> {
+  let boundary: string;
+  try {
+    boundary = boundaryOf(req.headers["content-type"] ?? "");
+  } catch (reason) {
+    throw new FilesError(400, `error parsing multipart form: ${(reason as Error).message}`);
+  }
   const body = decodedBody(req);
-  return new Promise<UploadedEntry[]>((resolve, reject) => {
-    let parser: busboy.Busboy;
-    try {
-      parser = busboy({ headers: req.headers, preservePath: true, defParamCharset: "utf8" });
-    } catch (reason) {
-      reject(new FilesError(400, `error parsing multipart form: ${(reason as Error).message}`));
-      return;
-    }
-    const uploaded: UploadedEntry[] = [];
-    let failed = false;
-    // Parts are written strictly in order; a part waits (paused) for the previous one.
-    let chain: Promise<void> = Promise.resolve();
-
-    const fail = (reason: unknown) => {
-      if (failed) return;
-      failed = true;
-      body.unpipe(parser);
-      body.resume();
-      reject(reason);
-    };
-
-    parser.on("file", (fieldName, stream, info) => {
-      // A truncated form fails the current part's stream too ("Unexpected end of form"), also
-      // for a part nobody reads: the parser's own error settles the upload; this one must not
-      // become an uncaught exception.
-      stream.on("error", () => {});
-      if (failed || fieldName !== "file") {
-        stream.resume();
-        return;
+  const uploaded: UploadedEntry[] = [];
+  try {
+    for await (const part of readMultipart(body, boundary)) {
+      if (part.name !== "file") continue; // read through and dropped by the reader
+      const requested = queryPath ?? part.filename;
+      if (requested === undefined || requested === "") {
+        throw new FilesError(400, "error getting multipart custom part file name: part has no filename and there is no path query parameter");
       }
-      chain = chain.then(async () => {
-        if (failed) {
-          stream.resume();
-          return;
-        }
-        try {
-          const requested = queryPath ?? info.filename;
-          if (requested === undefined || requested === "") {
-            throw new FilesError(400, "error getting multipart custom part file name: part has no filename");
-          }
-          const destination = resolveUserPath(requested, user);
-          if (uploaded.some((entry) => entry.path === destination)) throw duplicateDestination(destination, uploaded);
-          uploaded.push(await writeUploadedFile(user, destination, stream, metadata));
-        } catch (reason) {
-          stream.resume();
-          fail(reason);
-        }
-      });
-    });
-    parser.on("error", (reason) => fail(new FilesError(400, `error reading form: ${(reason as Error).message}`)));
-    parser.on("close", () => {
-      void chain.then(() => {
-        if (failed) return;
-        if (uploaded.length === 0) return fail(new FilesError(400, "no file part in the multipart upload"));
-        resolve(uploaded);
-      });
-    });
-    body.on("error", (reason) => fail(new FilesError(400, `error decompressing request body: ${reason.message}`)));
-    body.pipe(parser);
-  });
+      const destination = resolveUserPath(requested, user);
+      if (uploaded.some((entry) => entry.path === destination)) throw duplicateDestination(destination, uploaded);
+      uploaded.push(await writeUploadedFile(user, destination, part.body, metadata));
+    }
+  } catch (reason) {
+    if (reason instanceof MultipartError) throw new FilesError(400, `error reading form: ${reason.message}`);
+    const code = errnoName(reason);
+    if (code === "Z_DATA_ERROR" || code === "Z_BUF_ERROR") throw new FilesError(400, `error decompressing request body: ${(reason as Error).message}`);
+    if (code === "ECONNRESET" || code === "ERR_STREAM_PREMATURE_CLOSE" || (reason as Error).message === "aborted") {
+      throw new FilesError(400, `error reading request body: ${(reason as Error).message}`);
+    }
+    throw reason;
+  }
+  if (uploaded.length === 0) throw new FilesError(400, "no file part in the multipart upload");
+  return uploaded;
 }
 
 function duplicateDestination(destination: string, uploaded: UploadedEntry[]): FilesError {
@@ -346,14 +318,16 @@ export async function writeUploadedFile(user: AgentUser, destination: string, so
   }
   const { fd, stats } = prepared.opened!;
 
-  const identity = { dev: stats.dev, ino: stats.ino };
   const sink = fs.createWriteStream("", { fd, autoClose: true });
   try {
     if (Number(stats.uid) !== user.uid || Number(stats.gid) !== user.gid) fs.fchownSync(fd, user.uid, user.gid);
+    // On the descriptor, as root: the file just opened, whatever its path points to by now.
+    replaceMetadata(fd, metadata);
     await copyInto(source, sink);
   } catch (reason) {
     sink.destroy();
     if (reason instanceof FilesError || reason instanceof CubicleError) throw reason;
+    if (reason instanceof MultipartError) throw new FilesError(400, `error reading form: ${reason.message}`);
     const code = errnoName(reason);
     if (code === "ENOSPC" || code === "EDQUOT") throw new FilesError(507, `not enough disk space available: ${syscallErrorText("write", destination, reason)}`);
     if (fsErrorCode(code) !== undefined) throw fsFailure("error writing file", "write", destination, reason);
@@ -362,11 +336,6 @@ export async function writeUploadedFile(user: AgentUser, destination: string, so
     throw new FilesError(500, `error writing file: ${(reason as Error).message}`);
   }
 
-  try {
-    metadataStore().replace(destination, identity, metadata);
-  } catch (reason) {
-    throw new FilesError(500, `error writing metadata of ${destination}: ${(reason as Error).message}`);
-  }
   const entry: UploadedEntry = { path: destination, name: path.basename(destination), type: "file" };
   if (Object.keys(metadata).length > 0) entry.metadata = { ...metadata };
   return entry;

@@ -72,6 +72,8 @@ export const abandonedBodyGraceMs = 2000;
 export function abandonBody(req: IncomingMessage): void {
   req.unpipe();
   req.removeAllListeners("data");
+  // An async iterator (the multipart reader) reads through 'readable': it must let go too.
+  req.removeAllListeners("readable");
   req.resume();
   if (req.complete) return;
   const socket = req.socket;

@@ -133,7 +133,7 @@ export class JsKernel implements Kernel {
     if (signal.aborted) onAbort();
     else signal.addEventListener("abort", onAbort, { once: true });
     try {
-      this.child.send({ type: "execute", code: cell.code, isAsync: cell.isAsync, envVars: request.envVars });
+      this.child.send({ type: "execute", code: cell.code, isAsync: cell.isAsync, imports: cell.imports, envVars: request.envVars });
       await done;
     } finally {
       clearTimeout(killTimer);

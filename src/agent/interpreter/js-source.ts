@@ -13,6 +13,8 @@ import vm from "node:vm";
  *   "Identifier has already been declared".
  * - A cell with top-level `await` is wrapped in an async function; its simple top-level
  *   declarations are hoisted to globals and its last expression statement is returned.
+ * - ES module syntax, which a script cannot hold, is taken out (rewriteModuleSyntax): imports
+ *   become a list the kernel carries out before the cell, exports are dropped or evaluated.
  */
 
 type TokenKind = "space" | "comment" | "string" | "template" | "regex" | "name" | "number" | "punct";
@@ -204,7 +206,7 @@ class Editor {
   remove(from: number, to: number): void {
     for (let k = from; k < to; k++) {
       const token = this.tokens[k]!;
-      token.text = token.text.includes("\n") ? "\n" : token.kind === "space" ? " " : "";
+      token.text = token.text.includes("\n") ? token.text.replace(/[^\n]/g, "") : token.kind === "space" ? " " : "";
       if (token.kind !== "space") token.kind = "space";
     }
   }
@@ -366,10 +368,15 @@ export function stripTypes(code: string): string {
         k = stop - 1;
         continue;
       }
-      if ((word === "import" || word === "export") && editor.isName(nextIndex) && editor.at(nextIndex)!.text === "type" && !editor.is(editor.next(nextIndex + 1), "=")) {
+      if ((word === "import" || word === "export") && editor.isName(nextIndex) && editor.at(nextIndex)!.text === "type" && !isAnyOf(editor, editor.next(nextIndex + 1), ["=", ",", "from"])) {
         const end = statementEnd(editor, k);
         editor.remove(k, end);
         k = end - 1;
+        continue;
+      }
+      // Import and export lists hold no types: `{ a as b }` there renames, it is no cast.
+      if (atStatementStart && !editor.is(before, ".") && ((word === "import" && !isAnyOf(editor, nextIndex, NOT_DECLARATION_AFTER)) || (word === "export" && isAnyOf(editor, nextIndex, ["{", "*"])))) {
+        k = moduleClauseEnd(editor, k) - 1;
         continue;
       }
       if ((word === "as" || word === "satisfies") && before >= 0 && !hasNewlineBetween(editor, before, k) && endsExpression(editor, before)) {
@@ -476,6 +483,29 @@ export function stripTypes(code: string): string {
   return editor.text();
 }
 
+function isAnyOf(editor: Editor, index: number, texts: string[]): boolean {
+  return texts.some((text) => editor.is(index, text));
+}
+
+/** End of `import … from "m" with {…}` / `export {…} from "m"`, or the `=` of `import x = require(…)`. */
+function moduleClauseEnd(editor: Editor, from: number): number {
+  for (let k = editor.next(from + 1); k < editor.tokens.length; k = editor.next(k + 1)) {
+    const token = editor.at(k)!;
+    if (editor.is(k, "{")) {
+      const close = editor.matching(k);
+      if (!isAnyOf(editor, editor.next(close), ["from", ","])) return close;
+      k = close - 1;
+    } else if (editor.is(k, ";") || editor.is(k, "=")) return k;
+    else if (token.kind === "string") {
+      const attributes = editor.next(k + 1);
+      const brace = editor.next(attributes + 1);
+      if (editor.isName(attributes) && ["with", "assert"].includes(editor.at(attributes)!.text) && editor.is(brace, "{")) return editor.matching(brace);
+      return k + 1;
+    }
+  }
+  return editor.tokens.length;
+}
+
 function hasNewlineBetween(editor: Editor, from: number, to: number): boolean {
   for (let k = from + 1; k < to; k++) if (editor.at(k)!.text.includes("\n")) return true;
   return false;
@@ -566,6 +596,8 @@ export interface PreparedCell {
   code: string;
   /** The code is an async function call whose promise resolves to the cell's value. */
   isAsync: boolean;
+  /** The cell's import declarations, in order: the kernel loads them and binds their names before running `code`. */
+  imports: ImportDeclaration[];
 }
 
 /** Turns a notebook cell into a script for `vm.Script.runInThisContext` (see the module comment). */
@@ -573,11 +605,12 @@ export function prepareCell(source: string, options: { typescript: boolean }): P
   const code = options.typescript ? stripTypes(source) : source;
   const editor = new Editor(tokenize(code));
   const depthAt = topLevelMask(editor);
+  const imports = rewriteModuleSyntax(editor, depthAt, options.typescript);
   // Top-level const/let → var: cells can be re-run.
   const hoisted: string[] = [];
   let sync = true;
   try {
-    new vm.Script(code);
+    new vm.Script(editor.text());
   } catch (error) {
     sync = !(error instanceof SyntaxError && /await/.test(error.message) && editor.tokens.some((t) => t.kind === "name" && t.text === "await"));
   }
@@ -595,7 +628,7 @@ export function prepareCell(source: string, options: { typescript: boolean }): P
       }
     }
   }
-  if (sync) return { code: editor.text(), isAsync: false };
+  if (sync) return { code: editor.text(), isAsync: false, imports };
 
   const last = lastStatementStart(editor, depthAt);
   if (last !== undefined) {
@@ -609,7 +642,7 @@ export function prepareCell(source: string, options: { typescript: boolean }): P
     }
   }
   const declarations = hoisted.length > 0 ? `var ${[...new Set(hoisted)].join(", ")}; ` : "";
-  return { code: `${declarations}(async () => {\n${editor.text()}\n})()`, isAsync: true };
+  return { code: `${declarations}(async () => {\n${editor.text()}\n})()`, isAsync: true, imports };
 }
 
 /** `name = …` or `name;` with one declarator (the keyword can go and the name becomes a global). */
@@ -667,4 +700,292 @@ function lastStatementStart(editor: Editor, nested: boolean[]): number | undefin
     }
   }
   return start;
+}
+
+/**
+ * A top-level `import` for the kernel to carry out before the cell runs (js-kernel-program.ts):
+ * load `specifier` as `import()` would, then bind each local name to an export. ES modules load
+ * their imports before their body too, so the cell sees the same order.
+ */
+export interface ImportDeclaration {
+  specifier: string;
+  /** Import attributes, as in `with { type: "json" }`. */
+  attributes?: Record<string, string>;
+  /** Empty for `import "m"` and `export … from "m"`, which only load the module. */
+  bindings: ImportBinding[];
+  /**
+   * TypeScript: a named import the module does not export is skipped, not an error. It may be a
+   * type (tsc drops imports used only as types, which needs a type checker to tell).
+   */
+  skipMissing: boolean;
+  /** 1-based line in the cell. */
+  line: number;
+}
+
+export interface ImportBinding {
+  /** An export's name, `default`, or `*` for the module namespace. */
+  imported: string;
+  local: string;
+}
+
+/** After `import` or `export`, these make it no declaration: `import(…)`, `import.meta`, a property or class member named so. */
+const NOT_DECLARATION_AFTER = [".", "(", ":", "=", ";", ",", ")", "}", "?"];
+
+/** Dynamic `import(…)` in a cell calls this global instead (the kernel's loader), so it resolves like a static import. */
+export const DYNAMIC_IMPORT_FUNCTION = "__cubicleImport";
+
+const RESERVED_WORDS = new Set([
+  "await", "break", "case", "catch", "class", "const", "continue", "debugger", "default", "delete", "do", "else", "enum", "export", "extends", "false",
+  "finally", "for", "function", "if", "implements", "import", "in", "instanceof", "interface", "let", "new", "null", "package", "private", "protected",
+  "public", "return", "static", "super", "switch", "this", "throw", "true", "try", "typeof", "var", "void", "while", "with", "yield", "arguments", "eval",
+]);
+
+/**
+ * Takes the ES module syntax out of a cell, which runs as a script:
+ * - `import … from "m"` (and `import "m"`) at the top level is removed and returned, to be
+ *   carried out by the kernel; a TypeScript `import x = require("m")` becomes `var x = …`;
+ * - dynamic `import(…)` calls the kernel's loader (DYNAMIC_IMPORT_FUNCTION);
+ * - `export` has no meaning in a cell, which nothing imports: before a declaration it is dropped
+ *   (the declaration stays), `export default <expression>` evaluates the expression,
+ *   `export { … }` is dropped, and `export … from "m"` loads `m` as `import "m"` does.
+ * An import or export declaration that is malformed, or not at the top level, is a SyntaxError.
+ */
+function rewriteModuleSyntax(editor: Editor, nested: boolean[], typescript: boolean): ImportDeclaration[] {
+  const imports: ImportDeclaration[] = [];
+  // The line of token `counted`, counted as the loop goes (removals keep line breaks).
+  let line = 1;
+  let counted = 0;
+  // The significant token before k as written, and whether it ended a statement taken out: looking
+  // back with editor.prev would cross every removed statement (quadratic with thousands of imports).
+  let previous = -1;
+  let previousEndedStatement = false;
+  for (let k = editor.next(0); k < editor.tokens.length; k = editor.next(k + 1)) {
+    const before = previous;
+    const afterStatement = previousEndedStatement;
+    previous = k;
+    previousEndedStatement = false;
+    const token = editor.at(k)!;
+    if (token.kind !== "name" || (token.text !== "import" && token.text !== "export")) continue;
+    const next = editor.next(k + 1);
+    if (editor.is(before, ".") || editor.is(before, "?.")) continue;
+    if (token.text === "import" && editor.is(next, "(")) {
+      // `import(…) {` is a method named import, not a call.
+      if (!editor.is(editor.next(editor.matching(next)), "{")) token.text = DYNAMIC_IMPORT_FUNCTION;
+      continue;
+    }
+    // import.meta is left for the script compiler to refuse; the rest are properties and class members.
+    if (isAnyOf(editor, next, NOT_DECLARATION_AFTER)) continue;
+    const keyword = token.text;
+    // A class field named so, its type erased: `import\n`.
+    if (nested[k] && hasNewlineBetween(editor, k, next)) continue;
+    if (nested[k]) {
+      throw moduleSyntaxError(editor, k, keyword === "import" ? "An import declaration can only be at the top level of a cell; inside a block or function, use `await import(…)`" : "An export declaration can only be at the top level of a cell");
+    }
+    if (!(before < 0 || afterStatement || editor.is(before, ";") || editor.is(before, "}") || hasNewlineBetween(editor, before, k))) throw moduleSyntaxError(editor, k, `Unexpected '${keyword}': an ${keyword} declaration must start a statement`);
+    if (keyword === "import" && typescript && editor.isName(next) && editor.is(editor.next(next + 1), "=")) {
+      token.text = "var"; // import x = require("m") / import A = B.C
+      continue;
+    }
+    for (; counted < k; counted++) line += newlines(editor.at(counted)!.text);
+    const { declaration, end, wholeStatement } = keyword === "import" ? readImport(editor, k, line, typescript) : rewriteExport(editor, k, line);
+    if (declaration) imports.push(declaration);
+    if (end !== undefined) {
+      editor.remove(k, end);
+      k = end - 1;
+      previous = k;
+      previousEndedStatement = wholeStatement ?? false;
+    }
+  }
+  return imports;
+}
+
+/** What to remove (up to `end`), and whether that is the whole statement. */
+type ModuleStatement = { declaration?: ImportDeclaration; end?: number; wholeStatement?: boolean };
+
+function readImport(editor: Editor, start: number, line: number, typescript: boolean): ModuleStatement {
+  const fail = (at: number, expected: string) => moduleSyntaxError(editor, at, `Invalid import declaration: expected ${expected}, found ${describeToken(editor, at)}`);
+  const bindingName = (at: number): string => {
+    const token = editor.at(at);
+    if (token?.kind !== "name" || RESERVED_WORDS.has(token.text)) throw fail(at, "a name to bind");
+    return token.text;
+  };
+  const bindings: ImportBinding[] = [];
+  let named = 0;
+  let typeOnly = 0;
+  let i = editor.next(start + 1);
+  if (editor.at(i)?.kind !== "string") {
+    if (editor.isName(i)) {
+      bindings.push({ imported: "default", local: bindingName(i) });
+      i = editor.next(i + 1);
+      if (editor.is(i, ",")) {
+        i = editor.next(i + 1);
+        if (!isAnyOf(editor, i, ["{", "*"])) throw fail(i, "'{' or '*' after ','");
+      }
+    }
+    if (editor.is(i, "*")) {
+      const as = editor.next(i + 1);
+      if (!isWord(editor, as, "as")) throw fail(as, "'as' after '*'");
+      const name = editor.next(as + 1);
+      bindings.push({ imported: "*", local: bindingName(name) });
+      i = editor.next(name + 1);
+    } else if (editor.is(i, "{")) {
+      i = editor.next(i + 1);
+      while (!editor.is(i, "}")) {
+        let spec = i;
+        const isType = typescript && isWord(editor, i, "type") && isTypeModifier(editor, i);
+        if (isType) spec = editor.next(i + 1);
+        const token = editor.at(spec);
+        const imported = token?.kind === "string" ? stringValue(editor, spec) : token?.kind === "name" ? token.text : undefined;
+        if (imported === undefined) throw fail(spec, "a name to import");
+        let after = editor.next(spec + 1);
+        let local: string;
+        if (isWord(editor, after, "as")) {
+          const alias = editor.next(after + 1);
+          local = bindingName(alias);
+          after = editor.next(alias + 1);
+        } else {
+          if (token!.kind === "string") throw fail(after, `'as' after ${token!.text}`);
+          local = bindingName(spec);
+        }
+        named++;
+        if (isType) typeOnly++;
+        else bindings.push({ imported, local });
+        if (editor.is(after, ",")) after = editor.next(after + 1);
+        else if (!editor.is(after, "}")) throw fail(after, "',' or '}'");
+        i = after;
+      }
+      i = editor.next(i + 1);
+    } else if (bindings.length === 0) {
+      throw fail(i, "a name, '{', '*' or the module name in quotes");
+    }
+    if (!isWord(editor, i, "from")) throw fail(i, "'from'");
+    i = editor.next(i + 1);
+  }
+  const { specifier, attributes, end } = readModuleName(editor, i, "import");
+  // tsc drops an import whose names are all types, module and all.
+  if (typescript && named > 0 && typeOnly === named && bindings.length === 0) return { end, wholeStatement: true };
+  return { declaration: { specifier, ...(attributes ? { attributes } : {}), bindings, skipMissing: typescript, line }, end, wholeStatement: true };
+}
+
+/** In a TypeScript import list, `type` at `index` marks a type-only import (`type A`, `type A as B`), not an import named "type". */
+function isTypeModifier(editor: Editor, index: number): boolean {
+  const next = editor.next(index + 1);
+  if (isAnyOf(editor, next, [",", "}"])) return false;
+  if (isWord(editor, next, "as")) {
+    // `type as x` imports "type" as x; `type as as x` imports the type "as".
+    const alias = editor.next(next + 1);
+    return !(editor.isName(alias) && isAnyOf(editor, editor.next(alias + 1), [",", "}"]));
+  }
+  return editor.isName(next) || editor.at(next)?.kind === "string";
+}
+
+function rewriteExport(editor: Editor, start: number, line: number): ModuleStatement {
+  const fail = (at: number, expected: string) => moduleSyntaxError(editor, at, `Invalid export declaration: expected ${expected}, found ${describeToken(editor, at)}`);
+  const next = editor.next(start + 1);
+  if (editor.is(next, "{") || editor.is(next, "*")) {
+    let i = editor.is(next, "{") ? editor.next(editor.matching(next)) : editor.next(next + 1);
+    if (editor.is(next, "*") && isWord(editor, i, "as")) i = editor.next(editor.next(i + 1) + 1);
+    if (isWord(editor, i, "from")) {
+      const { specifier, attributes, end } = readModuleName(editor, editor.next(i + 1), "export");
+      return { declaration: { specifier, ...(attributes ? { attributes } : {}), bindings: [], skipMissing: false, line }, end, wholeStatement: true };
+    }
+    if (editor.is(next, "*")) throw fail(i, "'from'");
+    return { end: statementTerminatorEnd(editor, editor.matching(next), fail), wholeStatement: true };
+  }
+  if (isWord(editor, next, "default")) {
+    const value = editor.next(next + 1);
+    let declaration = value;
+    if (isWord(editor, value, "async") && isWord(editor, editor.next(value + 1), "function") && !hasNewlineBetween(editor, value, editor.next(value + 1))) declaration = editor.next(value + 1);
+    const isFunction = isWord(editor, declaration, "function");
+    if (isFunction || isWord(editor, declaration, "class")) {
+      let name = editor.next(declaration + 1);
+      if (isFunction && editor.is(name, "*")) name = editor.next(name + 1);
+      // A named function or class stays a declaration.
+      if (editor.isName(name) && !isWord(editor, name, "extends")) return { end: value };
+    }
+    // Anything else is an expression: `0, <expression>` evaluates it (the cell's value when last).
+    Object.assign(editor.at(start)!, { kind: "number", text: "0" });
+    Object.assign(editor.at(next)!, { kind: "punct", text: "," });
+    return {};
+  }
+  // export const / let / var / function / class …: the declaration stays.
+  return { end: next };
+}
+
+/** `"m"` with optional import attributes and the end of the statement. */
+function readModuleName(editor: Editor, index: number, keyword: string): { specifier: string; attributes?: Record<string, string>; end: number } {
+  const fail = (at: number, expected: string) => moduleSyntaxError(editor, at, `Invalid ${keyword} declaration: expected ${expected}, found ${describeToken(editor, at)}`);
+  const specifier = stringValue(editor, index);
+  if (specifier === undefined) throw fail(index, "the module name in quotes");
+  if (specifier === "") throw moduleSyntaxError(editor, index, `Invalid ${keyword} declaration: the module name is empty`);
+  let end = index + 1;
+  let attributes: Record<string, string> | undefined;
+  const word = editor.next(end);
+  if ((isWord(editor, word, "with") || isWord(editor, word, "assert")) && editor.is(editor.next(word + 1), "{")) {
+    attributes = {};
+    let a = editor.next(editor.next(word + 1) + 1);
+    while (!editor.is(a, "}")) {
+      const key = editor.isName(a) ? editor.at(a)!.text : stringValue(editor, a);
+      if (key === undefined) throw fail(a, "an attribute name");
+      const colon = editor.next(a + 1);
+      if (!editor.is(colon, ":")) throw fail(colon, "':'");
+      const valueIndex = editor.next(colon + 1);
+      const value = stringValue(editor, valueIndex);
+      if (value === undefined) throw fail(valueIndex, "an attribute value in quotes");
+      attributes[key] = value;
+      a = editor.next(valueIndex + 1);
+      if (editor.is(a, ",")) a = editor.next(a + 1);
+      else if (!editor.is(a, "}")) throw fail(a, "',' or '}'");
+    }
+    end = a + 1;
+  }
+  return { specifier, attributes, end: statementTerminatorEnd(editor, end, fail) };
+}
+
+/** Past a `;` after a statement ending before `end`, or `end` when a line break or the cell's end follows. */
+function statementTerminatorEnd(editor: Editor, end: number, fail: (at: number, expected: string) => SyntaxError): number {
+  const after = editor.next(end);
+  if (editor.is(after, ";")) return after + 1;
+  if (after < editor.tokens.length && !hasNewlineBetween(editor, end - 1, after)) throw fail(after, "';' or a line break");
+  return end;
+}
+
+function isWord(editor: Editor, index: number, word: string): boolean {
+  return editor.isName(index) && editor.at(index)!.text === word;
+}
+
+/** The value of the string literal token at `index`; undefined when there is none. */
+function stringValue(editor: Editor, index: number): string | undefined {
+  const token = editor.at(index);
+  if (token?.kind !== "string") return undefined;
+  const quote = token.text[0]!;
+  if (token.text.length < 2 || !token.text.endsWith(quote)) throw moduleSyntaxError(editor, index, "Unterminated string literal");
+  const body = token.text.slice(1, -1);
+  if (!body.includes("\\")) return body;
+  try {
+    return JSON.parse(`"${body.replace(/\\(.)|"/gs, (match, escaped: string | undefined) => (escaped === undefined ? '\\"' : escaped === "'" ? "'" : match))}"`) as string;
+  } catch {
+    throw moduleSyntaxError(editor, index, `Unsupported escape in ${token.text}`);
+  }
+}
+
+function describeToken(editor: Editor, index: number): string {
+  const token = editor.at(index);
+  return token ? `'${token.text}'` : "the end of the cell";
+}
+
+function newlines(text: string): number {
+  let count = 0;
+  for (let i = text.indexOf("\n"); i >= 0; i = text.indexOf("\n", i + 1)) count++;
+  return count;
+}
+
+function lineOf(editor: Editor, index: number): number {
+  let line = 1;
+  for (let k = 0; k < index && k < editor.tokens.length; k++) line += newlines(editor.at(k)!.text);
+  return line;
+}
+
+function moduleSyntaxError(editor: Editor, index: number, message: string): SyntaxError {
+  return new SyntaxError(`${message} (line ${lineOf(editor, index)})`);
 }

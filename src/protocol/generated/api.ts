@@ -189,6 +189,10 @@ export interface Health {
   status: "ok";
 }
 
+export interface SandboxesWithMetrics {
+  sandboxes: Record<string, SandboxMetric>;
+}
+
 /** Every operation of the API: its method and path (Fastify's `:param` form in `route`). */
 export const apiOperations = {
   health: { method: "GET", path: "/health", route: "/health" },
@@ -209,6 +213,7 @@ export const apiOperations = {
   deleteSnapshot: { method: "DELETE", path: "/templates/{templateID}", route: "/templates/:templateID" },
   forkSandbox: { method: "POST", path: "/sandboxes/{sandboxID}/fork", route: "/sandboxes/:sandboxID/fork" },
   rollbackSandbox: { method: "POST", path: "/sandboxes/{sandboxID}/rollback", route: "/sandboxes/:sandboxID/rollback" },
+  getSandboxesMetrics: { method: "GET", path: "/sandboxes/metrics", route: "/sandboxes/metrics" },
   getSandboxMetrics: { method: "GET", path: "/sandboxes/{sandboxID}/metrics", route: "/sandboxes/:sandboxID/metrics" },
   getPools: { method: "GET", path: "/pools", route: "/pools" },
   getWarmSnapshots: { method: "GET", path: "/warm-snapshots", route: "/warm-snapshots" },
@@ -235,6 +240,7 @@ export interface ApiRequestBodies {
   deleteSnapshot: undefined;
   forkSandbox: SandboxFork;
   rollbackSandbox: SandboxRollback;
+  getSandboxesMetrics: undefined;
   getSandboxMetrics: undefined;
   getPools: undefined;
   getWarmSnapshots: undefined;
@@ -299,6 +305,9 @@ export interface ApiResponses {
   };
   rollbackSandbox: {
     200: Sandbox;
+  };
+  getSandboxesMetrics: {
+    200: SandboxesWithMetrics;
   };
   getSandboxMetrics: {
     200: SandboxMetric[];

@@ -20,6 +20,8 @@ export interface AgentKitSources {
   nativePackages: NativePackage[];
   /** The agent's static credential helper (`<distDir>/agent/run-as`, RUN_AS_NOTE), if built. */
   runAs?: string;
+  /** The agent's xattr addon (`<distDir>/agent/xattr.node`, XATTR_NOTE), if built. */
+  xattrAddon?: string;
   /** The sandbox's first program (`<distDir>/sandbox-boot`, native/sandbox-boot.c, BOOT_IDENTITY_NOTE). */
   sandboxBoot: string;
 }
@@ -89,6 +91,8 @@ export async function assembleAgentKit(kitDir: string, sources: AgentKitSources)
   });
   const addons = sources.nativePackages.flatMap((pkg) => pkg.addons.map((addon) => path.join(pkg.dir, addon)));
   const runAs = sources.runAs && existsSync(sources.runAs) ? sources.runAs : undefined;
+  const xattrAddon = sources.xattrAddon && existsSync(sources.xattrAddon) ? sources.xattrAddon : undefined;
+  if (xattrAddon) addons.push(xattrAddon);
   const watched = [sources.nodeBinary, sources.agentScript, sources.sandboxBoot, ...(existsSync(TINI_STATIC) ? [TINI_STATIC] : []), ...(runAs ? [runAs] : []), ...sources.nativePackages.map((pkg) => path.join(pkg.dir, "package.json")), ...addons];
   const wanted: Manifest["sources"] = {};
   for (const file of watched) {
@@ -128,6 +132,8 @@ export async function assembleAgentKit(kitDir: string, sources: AgentKitSources)
   await writeFile(path.join(staging, path.basename(KIT_BOOT_ID_SOURCE)), "", { mode: 0o444 });
   if (runAs) await copyFile(runAs, path.join(staging, "run-as"));
   else log.warn("the agent's run-as helper is not built (no C compiler?): commands of other users start through setpriv, ~1 ms slower");
+  if (xattrAddon) await copyFile(xattrAddon, path.join(staging, "xattr.node"));
+  else log.warn("the agent's xattr addon is not built (no C compiler?): file metadata is refused in sandboxes");
   await copyFile(sources.agentScript, path.join(staging, "agent.js"));
   await copyFile(`${sources.agentScript}.map`, path.join(staging, "agent.js.map")).catch(() => {});
   for (const pkg of sources.nativePackages) {

@@ -183,6 +183,7 @@ export class ContainerRuntime implements Runtime {
       agentScript: this.options.agentScript ?? path.join(this.config.distDir, "agent", "agent.js"),
       nativePackages: findNativePackages(),
       runAs: path.join(this.config.distDir, "agent", "run-as"),
+      xattrAddon: path.join(this.config.distDir, "agent", "xattr.node"),
       sandboxBoot: this.sandboxBoot,
     });
     await this.mountKit();

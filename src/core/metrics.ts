@@ -1,0 +1,156 @@
+/**
+ * Sandbox metrics over time (`GET /sandboxes/{id}/metrics?start=&end=`): every running sandbox
+ * is sampled once per METRICS_BUCKET_SEC bucket, like upstream's collector, and the last
+ * METRICS_RETAINED_SAMPLES samples of each are kept in memory (an hour: 12 KiB per sandbox in
+ * typed arrays). A paused sandbox keeps its history and gets no new samples; an ended one's
+ * history goes with it. A request whose range reaches the current bucket and finds it empty
+ * takes that bucket's sample on the spot, so a new sandbox has metrics at once.
+ */
+import type { SandboxStats } from "../runtime/types.js";
+import { createLogger } from "../shared/log.js";
+
+const log = createLogger("metrics");
+
+export const METRICS_BUCKET_SEC = 5;
+export const METRICS_RETAINED_SAMPLES = 720;
+
+/** One sample: the bucket's start (unix seconds) and the sandbox's stats then. */
+export interface MetricSample extends SandboxStats {
+  timestampSec: number;
+}
+
+const fields = ["timestampSec", "cpuCount", "cpuUsedPct", "memUsedBytes", "memTotalBytes", "memCacheBytes", "diskUsedBytes", "diskTotalBytes"] as const;
+
+/** A fixed ring of samples in one Float64Array (fields side by side), oldest overwritten first. */
+class SampleRing {
+  private readonly values = new Float64Array(METRICS_RETAINED_SAMPLES * fields.length);
+  private next = 0;
+  private count = 0;
+
+  push(sample: MetricSample): void {
+    const base = this.next * fields.length;
+    fields.forEach((field, index) => (this.values[base + index] = sample[field]));
+    this.next = (this.next + 1) % METRICS_RETAINED_SAMPLES;
+    this.count = Math.min(this.count + 1, METRICS_RETAINED_SAMPLES);
+  }
+
+  /** The newest sample's bucket, or -Infinity. */
+  lastBucket(): number {
+    if (this.count === 0) return -Infinity;
+    return this.values[((this.next - 1 + METRICS_RETAINED_SAMPLES) % METRICS_RETAINED_SAMPLES) * fields.length]!;
+  }
+
+  /** Samples with `start <= timestampSec <= end`, oldest first. */
+  range(start: number, end: number): MetricSample[] {
+    const found: MetricSample[] = [];
+    const first = (this.next - this.count + METRICS_RETAINED_SAMPLES) % METRICS_RETAINED_SAMPLES;
+    for (let offset = 0; offset < this.count; offset++) {
+      const base = ((first + offset) % METRICS_RETAINED_SAMPLES) * fields.length;
+      const timestampSec = this.values[base]!;
+      if (timestampSec < start || timestampSec > end) continue;
+      const sample = {} as MetricSample;
+      fields.forEach((field, index) => (sample[field] = this.values[base + index]!));
+      found.push(sample);
+    }
+    return found;
+  }
+}
+
+export interface MetricsSource {
+  /** Runtime ids of the sandboxes running now, by sandbox id. */
+  running(): Map<string, string>;
+  /** Whether a sandbox is still known (running or paused): an ended one's history is dropped. */
+  isKnown(sandboxId: string): boolean;
+  stats(runtimeId: string): Promise<SandboxStats>;
+}
+
+export class SandboxMetrics {
+  private readonly rings = new Map<string, SampleRing>();
+  private timer: NodeJS.Timeout | undefined;
+  private collecting: Promise<void> | undefined;
+  /** Samples in flight per sandbox, so a request and the collector never sample one bucket twice. */
+  private readonly sampling = new Map<string, Promise<void>>();
+
+  constructor(
+    private readonly source: MetricsSource,
+    private readonly now: () => number = Date.now,
+  ) {}
+
+  /** Samples every running sandbox at the start of each bucket from now on. */
+  start(): void {
+    if (this.timer) return;
+    const tick = () => {
+      this.collecting ??= this.collect().finally(() => (this.collecting = undefined));
+      const ms = this.now();
+      this.timer = setTimeout(tick, METRICS_BUCKET_SEC * 1000 - (ms % (METRICS_BUCKET_SEC * 1000)) + 50);
+      this.timer.unref();
+    };
+    tick();
+  }
+
+  async stop(): Promise<void> {
+    clearTimeout(this.timer);
+    this.timer = undefined;
+    await this.collecting;
+  }
+
+  /** One round: a sample of every running sandbox whose current bucket has none; drops ended ones. */
+  async collect(): Promise<void> {
+    const running = this.source.running();
+    for (const sandboxId of [...this.rings.keys()]) {
+      if (!running.has(sandboxId) && !this.source.isKnown(sandboxId)) this.rings.delete(sandboxId);
+    }
+    await Promise.all([...running].map(([sandboxId, runtimeId]) => this.sample(sandboxId, runtimeId)));
+  }
+
+  /**
+   * Samples in `[startSec, endSec]` (unix seconds, both optional: from the oldest kept, to now).
+   * `runtimeId` is given when the sandbox runs: an empty current bucket in range is sampled now.
+   */
+  async range(sandboxId: string, runtimeId: string | undefined, startSec?: number, endSec?: number): Promise<MetricSample[]> {
+    const nowSec = this.now() / 1000;
+    const end = endSec ?? nowSec;
+    const start = startSec ?? 0;
+    if (runtimeId !== undefined && end >= bucketOf(nowSec)) await this.sample(sandboxId, runtimeId);
+    return this.rings.get(sandboxId)?.range(start, end) ?? [];
+  }
+
+  /** The newest sample of each sandbox (sampled now when its current bucket has none). */
+  async latest(sandboxes: Map<string, string | undefined>): Promise<Map<string, MetricSample>> {
+    const found = new Map<string, MetricSample>();
+    await Promise.all(
+      [...sandboxes].map(async ([sandboxId, runtimeId]) => {
+        const samples = await this.range(sandboxId, runtimeId);
+        const newest = samples[samples.length - 1];
+        if (newest) found.set(sandboxId, newest);
+      }),
+    );
+    return found;
+  }
+
+  private sample(sandboxId: string, runtimeId: string): Promise<void> {
+    const bucket = bucketOf(this.now() / 1000);
+    const ring = this.rings.get(sandboxId);
+    if (ring && ring.lastBucket() >= bucket) return Promise.resolve();
+    let pending = this.sampling.get(sandboxId);
+    if (!pending) {
+      pending = this.source
+        .stats(runtimeId)
+        .then((stats) => {
+          // Ended while it was read: nothing to keep.
+          if (!this.source.isKnown(sandboxId)) return;
+          let target = this.rings.get(sandboxId);
+          if (!target) this.rings.set(sandboxId, (target = new SampleRing()));
+          if (target.lastBucket() < bucket) target.push({ ...stats, timestampSec: bucket });
+        })
+        .catch((reason: unknown) => log.debug("no sample", { sandboxId, reason: (reason as Error).message }))
+        .finally(() => this.sampling.delete(sandboxId));
+      this.sampling.set(sandboxId, pending);
+    }
+    return pending;
+  }
+}
+
+function bucketOf(unixSec: number): number {
+  return Math.floor(unixSec / METRICS_BUCKET_SEC) * METRICS_BUCKET_SEC;
+}
