@@ -76,6 +76,8 @@ export class FakeRuntime implements Runtime {
   readonly containers = new Map<string, "running" | "frozen">();
   /** Every call, as "step id". */
   readonly calls: string[] = [];
+  /** Every restore asked for: into which sandbox, from which image, as the same machine or a new one. */
+  readonly restores: { sandboxId: string; imageId: string; sameMachine: boolean }[] = [];
   /** Steps that fail once (or `failCreates` times for create), with this error. */
   readonly failNext = new Map<RuntimeStep, Error>();
   private failCreates: number;
@@ -157,6 +159,7 @@ export class FakeRuntime implements Runtime {
   }
 
   async restore(spec: SandboxSpec, imageId: string): Promise<void> {
+    this.restores.push({ sandboxId: spec.sandboxId, imageId, sameMachine: spec.sameMachine === true });
     this.step("restore", spec.sandboxId);
     await spec.networkReady;
     if (!(await this.images.exists(imageId))) throw new CubicleError("not_found", `no image ${imageId}`);

@@ -39,6 +39,13 @@ export interface SandboxSpec {
    * when both are done and fails when either fails.
    */
   whenRunning?: () => Promise<void>;
+  /**
+   * restore(): the image is this sandbox's own earlier state brought back (a resume, a
+   * rollback), not a new machine made from it (a fork, a create from a snapshot or a template's
+   * warm image). It keeps the image's machine id and, when its processes are restored, its boot
+   * id; otherwise it gets new ones (a filesystem-only image always boots: a new boot id).
+   */
+  sameMachine?: boolean;
 }
 
 export type RuntimeState = "running" | "frozen" | "stopped" | "missing";

@@ -178,14 +178,16 @@ export class LifecycleContext {
   /**
    * Restores an image into a recorded sandbox: a network (new unless the record has one), the
    * runtime restore, the agent's readiness, and a re-init that hands it this sandbox's identity.
+   * `sameMachine`: the image is the sandbox's own earlier state (resume, rollback), which keeps
+   * its machine and boot ids; anything else is a new machine (SandboxSpec.sameMachine).
    */
-  async restoreInto(record: SandboxRecord, template: TemplateInfo, imageId: string, agentToken: string | undefined): Promise<void> {
+  async restoreInto(record: SandboxRecord, template: TemplateInfo, imageId: string, agentToken: string | undefined, sameMachine = false): Promise<void> {
     const started = performance.now();
     const network = record.network ? undefined : await this.beginNetwork(record);
     // The restored agent listens already: no health probe before its /init, which runs while
     // the runtime renames the host.
     const whenRunning = () => this.initAgent(record, template, agentToken, AGENT_READY_TIMEOUT_MS);
-    await this.ports.runtime.restore({ ...this.specOf(record, template), networkReady: network?.ready, whenRunning }, imageId);
+    await this.ports.runtime.restore({ ...this.specOf(record, template), networkReady: network?.ready, whenRunning, sameMachine }, imageId);
     log.debug("restored into a sandbox", { sandboxId: record.sandboxId, ms: roundMs(performance.now() - started) });
   }
 

@@ -235,7 +235,8 @@ export class PauseTiers {
       const template = await ctx.templateOf(record);
       try {
         // A memory image's agent holds the sandbox's token; a filesystem-only restore starts a fresh agent.
-        await ctx.starts.run("create", () => ctx.restoreInto(record, template, pauseImage, record.pause!.memory && memory ? record.envdAccessToken : undefined));
+        // The same machine: it keeps its machine id, and its boot id unless it boots from its files.
+        await ctx.starts.run("create", () => ctx.restoreInto(record, template, pauseImage, record.pause!.memory && memory ? record.envdAccessToken : undefined, true));
       } catch (err) {
         // The image is intact: stay paused (durable) so a later resume can try again.
         await ctx.ports.runtime.destroy(runtimeId).catch(() => undefined);

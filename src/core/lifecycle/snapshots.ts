@@ -126,7 +126,8 @@ export class Snapshots {
       ctx.dropIdleSockets(record);
       await ctx.ports.runtime.destroy(runtimeIdOf(record));
       try {
-        await ctx.starts.run("create", () => ctx.restoreInto(record, template, snapshot.imageId, snapshot.agentAccessToken));
+        // The sandbox's own past: its machine and the boot its restored processes belong to.
+        await ctx.starts.run("create", () => ctx.restoreInto(record, template, snapshot.imageId, snapshot.agentAccessToken, true));
       } catch (err) {
         await ctx.markDead(record, `rollback to ${snapshot.snapshotId} failed: ${(err as Error).message}`);
         throw new CubicleError("internal", `rollback of sandbox "${sandboxId}" failed and the sandbox is gone: ${(err as Error).message}`, { cause: err });

@@ -22,7 +22,15 @@ export interface AgentKitSources {
   runAs?: string;
   /** The agent's xattr addon (`<distDir>/agent/xattr.node`, XATTR_NOTE), if built. */
   xattrAddon?: string;
+  /** The sandbox's first program (`<distDir>/sandbox-boot`, native/sandbox-boot.c, BOOT_IDENTITY_NOTE). */
+  sandboxBoot: string;
 }
+
+/**
+ * An empty file of the kit: the mount point at which runc binds the sandbox's boot id file, for
+ * sandbox-boot to bind it over /proc/sys/kernel/random/boot_id (BOOT_IDENTITY_NOTE).
+ */
+export const KIT_BOOT_ID_SOURCE = `${KIT_MOUNT_POINT}/boot-id`;
 
 export interface AgentKit {
   dir: string;
@@ -69,9 +77,10 @@ export function findNativePackages(): NativePackage[] {
 
 /**
  * Assembles `<stateDir>/kit`: the host's Node binary, its dynamic loader and every library that
- * `ldd` lists for it and for node-pty's addon, the agent bundle and node-pty, and tini and the
- * static run-as helper when the host has them. Sandboxes run the agent through the kit's own
- * loader, so any template rootfs works (glibc, musl or none).
+ * `ldd` lists for it and for node-pty's addon, the agent bundle and node-pty, sandbox-boot (the
+ * first program of a sandbox, BOOT_IDENTITY_NOTE) and the mount point of the boot id it binds,
+ * and tini and the static run-as helper when the host has them. Sandboxes run the agent through
+ * the kit's own loader, so any template rootfs works (glibc, musl or none).
  *
  * Rebuilt only when a source changed (size or mtime); a new kit replaces the old one by rename,
  * so running sandboxes keep the files they mounted.
@@ -84,7 +93,7 @@ export async function assembleAgentKit(kitDir: string, sources: AgentKitSources)
   const runAs = sources.runAs && existsSync(sources.runAs) ? sources.runAs : undefined;
   const xattrAddon = sources.xattrAddon && existsSync(sources.xattrAddon) ? sources.xattrAddon : undefined;
   if (xattrAddon) addons.push(xattrAddon);
-  const watched = [sources.nodeBinary, sources.agentScript, ...(existsSync(TINI_STATIC) ? [TINI_STATIC] : []), ...(runAs ? [runAs] : []), ...sources.nativePackages.map((pkg) => path.join(pkg.dir, "package.json")), ...addons];
+  const watched = [sources.nodeBinary, sources.agentScript, sources.sandboxBoot, ...(existsSync(TINI_STATIC) ? [TINI_STATIC] : []), ...(runAs ? [runAs] : []), ...sources.nativePackages.map((pkg) => path.join(pkg.dir, "package.json")), ...addons];
   const wanted: Manifest["sources"] = {};
   for (const file of watched) {
     const info = await stat(file);
@@ -119,6 +128,8 @@ export async function assembleAgentKit(kitDir: string, sources: AgentKitSources)
   const hasInit = existsSync(TINI_STATIC);
   if (hasInit) await copyFile(TINI_STATIC, path.join(staging, "init"));
   else log.warn(`${TINI_STATIC} is missing (apt-get install tini): orphaned processes in sandboxes will not be reaped`);
+  await copyFile(sources.sandboxBoot, path.join(staging, "boot"));
+  await writeFile(path.join(staging, path.basename(KIT_BOOT_ID_SOURCE)), "", { mode: 0o444 });
   if (runAs) await copyFile(runAs, path.join(staging, "run-as"));
   else log.warn("the agent's run-as helper is not built (no C compiler?): commands of other users start through setpriv, ~1 ms slower");
   if (xattrAddon) await copyFile(xattrAddon, path.join(staging, "xattr.node"));
@@ -144,13 +155,14 @@ export async function assembleAgentKit(kitDir: string, sources: AgentKitSources)
 }
 
 /**
- * tini runs as PID 1 in front of the agent: Node reaps only its own children, so orphans of
- * user commands (`cmd &`) would stay zombies with the agent as PID 1.
+ * sandbox-boot runs first (it execs the rest, BOOT_IDENTITY_NOTE); tini then runs as PID 1 in
+ * front of the agent: Node reaps only its own children, so orphans of user commands (`cmd &`)
+ * would stay zombies with the agent as PID 1.
  */
 function agentCommand(loaderName: string, hasInit: boolean): string[] {
   const lib = `${KIT_MOUNT_POINT}/lib`;
   const agent = [`${lib}/${loaderName}`, "--library-path", lib, `${KIT_MOUNT_POINT}/node`, `${KIT_MOUNT_POINT}/agent.js`];
-  return hasInit ? [`${KIT_MOUNT_POINT}/init`, "-g", "--", ...agent] : agent;
+  return [`${KIT_MOUNT_POINT}/boot`, "--", ...(hasInit ? [`${KIT_MOUNT_POINT}/init`, "-g", "--"] : []), ...agent];
 }
 
 /** Debian's statically linked tini (package `tini`), when the host has it. */

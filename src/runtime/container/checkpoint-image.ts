@@ -44,6 +44,12 @@ export interface CheckpointMeta {
   hostname: string;
   /** Fingerprint of the agent kit the processes were started from (memory images only). */
   kitFingerprint: string | undefined;
+  /**
+   * The sandbox's boot id and machine id when the image was made (BOOT_IDENTITY_NOTE): a resume
+   * or rollback keeps them; absent in images made before they were recorded.
+   */
+  bootId?: string;
+  machineId?: string;
   createdAt: string;
   frozenMs: number;
   /** Time to snapshot the layer (the sandbox was frozen). */

@@ -8,6 +8,7 @@ import { pathExists } from "../../shared/fs.js";
 import { createLogger, roundMs } from "../../shared/log.js";
 import { type CheckpointInfo, type CheckpointOptions, type CheckpointTarget, type Runtime, type RuntimeState, type SandboxSpec, type SandboxStats } from "../types.js";
 import { assembleAgentKit, findNativePackages, type AgentKit } from "./agent-kit.js";
+import { identityFiles, identityFor, readIdentity, writeIdentity, type BootIdentity } from "./boot-identity.js";
 import { CRIU_VIEW_PREFIX, IMAGE_VERSION, imageLayout, makeCriuFilesReadable, readMeta, writeMeta, type CheckpointMeta } from "./checkpoint-image.js";
 import { ContainerImageStore } from "./container-image-store.js";
 import { cgroupDirectories, detectCgroupLayout, readCgroupUsage, removeCgroupDirectories, supportsSwapLimit, type CgroupLayout } from "./cgroups.js";
@@ -37,6 +38,8 @@ export interface ContainerRuntimeOptions {
   /** The static sandbox helper and the CRIU shim (SANDBOX_HELPER_NOTE); default from `<repo>/dist`. */
   helperBinary?: string;
   criuShim?: string;
+  /** The sandbox's first program (native/sandbox-boot.c, BOOT_IDENTITY_NOTE); default from `<repo>/dist`. */
+  sandboxBoot?: string;
 }
 
 /** Where the runtime keeps what sandboxes must reach, and the size of its storage pool. */
@@ -46,9 +49,10 @@ export type ContainerRuntimeConfig = Pick<CubicleConfig, "stateDir" | "distDir" 
  * Version of the sandbox's mount layout (config.json). A memory image names every mount, so one
  * made under another layout cannot be restored: the version is part of memoryImageFingerprint,
  * and a template's warm snapshot is remade when it changes. 2: /sys became a bind, not a tmpfs.
- * 3: idmapped roots in per-sandbox uid ranges, layers on the storage pool.
+ * 3: idmapped roots in per-sandbox uid ranges, layers on the storage pool. 4: the sandbox's own
+ * boot id and machine id bound in, its own time namespace (BOOT_IDENTITY_NOTE).
  */
-const SANDBOX_LAYOUT_VERSION = 3;
+const SANDBOX_LAYOUT_VERSION = 4;
 
 /** Dumping memory may take long for big sandboxes. */
 const CHECKPOINT_TIMEOUT_MS = 10 * 60_000;
@@ -130,6 +134,7 @@ export class ContainerRuntime implements Runtime {
   /** PATH entry holding the tar shim CRIU runs (see criu.ts). */
   private readonly criuBinDir: string;
   private readonly criuShim: string;
+  private readonly sandboxBoot: string;
   private criuPath: string | undefined;
   private runcCriu: Promise<string> | undefined;
   private hostTar = "/usr/bin/tar";
@@ -144,6 +149,7 @@ export class ContainerRuntime implements Runtime {
   ) {
     const helperBinary = options.helperBinary ?? path.join(config.distDir, "sandbox-helper");
     this.criuShim = options.criuShim ?? path.join(config.distDir, "criu-userns-shim.so");
+    this.sandboxBoot = options.sandboxBoot ?? path.join(config.distDir, "sandbox-boot");
     this.runc = new Runc(config.runcPath);
     this.helper = new SandboxHelper(helperBinary);
     this.exitWatcher = new ExitWatcher(helperBinary, (id) => this.exitListeners.forEach((listener) => listener(id)));
@@ -165,7 +171,7 @@ export class ContainerRuntime implements Runtime {
   }
 
   async init(): Promise<void> {
-    for (const file of [this.helper.binary, this.criuShim]) {
+    for (const file of [this.helper.binary, this.criuShim, this.sandboxBoot]) {
       if (!(await pathExists(file))) throw new CubicleError("failed_precondition", `${path.basename(file)} is not built; run \`node scripts/build.mjs\` (needs gcc)`);
     }
     await mkdir(this.config.stateDir, { recursive: true, mode: 0o700 });
@@ -178,6 +184,7 @@ export class ContainerRuntime implements Runtime {
       nativePackages: findNativePackages(),
       runAs: path.join(this.config.distDir, "agent", "run-as"),
       xattrAddon: path.join(this.config.distDir, "agent", "xattr.node"),
+      sandboxBoot: this.sandboxBoot,
     });
     await this.mountKit();
     this.kit = { dir: this.kitDir, command: kit.command };
@@ -248,7 +255,7 @@ export class ContainerRuntime implements Runtime {
     const started = performance.now();
     const uidBase = this.uidRanges.allocate();
     try {
-      const timings = await this.prepareBundle(spec, uidBase, { kind: "fresh" });
+      const timings = await this.prepareBundle(spec, uidBase, { kind: "fresh" }, identityFor({ kind: "fresh" }));
       await spec.networkReady;
       await this.runc.runDetached(CONTAINER_PREFIX + id, this.paths(id).dir, this.paths(id).runcLog, spec.network.netnsPath);
       const ran = performance.now();
@@ -281,14 +288,15 @@ export class ContainerRuntime implements Runtime {
 
   /**
    * Makes the bundle: a layer (empty, or a snapshot of an image's), the user namespace (fresh
-   * sandboxes: CRIU makes a restored one), the idmapped overlay root and config.json. Fails with
-   * already_exists when the bundle exists. The facts are recorded first, so a failure is undone
-   * by destroy().
+   * sandboxes: CRIU makes a restored one), the idmapped overlay root, the files of the
+   * sandbox's ids (BOOT_IDENTITY_NOTE) and config.json. Fails with already_exists when the bundle
+   * exists. The facts are recorded first, so a failure is undone by destroy().
    */
   private async prepareBundle(
     spec: SandboxSpec,
     uidBase: number,
     source: { kind: "fresh" } | { kind: "image"; imageDir: string; memory: boolean; criuView: string | undefined },
+    identity: BootIdentity,
   ): Promise<Omit<CreateTimings, "runcMs">> {
     const kit = this.kit;
     if (!kit) throw new CubicleError("failed_precondition", "the container runtime is not initialised; call init() first");
@@ -303,7 +311,10 @@ export class ContainerRuntime implements Runtime {
     await chmod(paths.dir, 0o710); // mkdir's mode is cut by the umask
     await mkdir(paths.rootfs);
     // The user namespace is in config.json before any of it exists: a failure is undone by destroy().
-    await this.writeConfig(spec, kit, uidBase, source.kind === "fresh" || !source.memory);
+    await Promise.all([
+      this.writeConfig(spec, kit, uidBase, source.kind === "fresh" || !source.memory),
+      writeIdentity(paths.dir, identity),
+    ]);
     const configured = performance.now();
     const layerId = await this.helper.prepare({
       uidBase,
@@ -333,6 +344,7 @@ export class ContainerRuntime implements Runtime {
       sysfs: this.options.sysfs ?? "empty",
       emptyDir: this.pool.emptyDir,
       criuConfigFile: this.criuConfigFile,
+      identityFiles: identityFiles(paths.dir),
       uidBase,
       usernsPath: joinsPinnedUserns ? paths.userns : undefined,
     });
@@ -481,6 +493,7 @@ export class ContainerRuntime implements Runtime {
     const oci = await this.readOciConfig(id);
     const facts = this.facts.get(id) ?? (await this.readFacts(id));
     const criuPath = options.memory ? await this.criuForRunc() : undefined;
+    const identity = await readIdentity(paths.dir);
 
     await this.checkImageBudget(id, facts.layerId, options.memory);
     const pending = await this.images.allocate(target.kind, target.name);
@@ -524,6 +537,8 @@ export class ContainerRuntime implements Runtime {
         memory: options.memory,
         hostname: oci.hostname ?? "",
         kitFingerprint: options.memory ? this.kitFingerprint : undefined,
+        bootId: identity.bootId,
+        machineId: identity.machineId,
         createdAt: new Date().toISOString(),
         frozenMs: thawedAt === undefined ? 0 : roundMs(thawedAt - frozenAt),
         layerSnapshotMs: roundMs(snapshotted - frozenAt),
@@ -592,7 +607,8 @@ export class ContainerRuntime implements Runtime {
     const uidBase = this.uidRanges.allocate();
     const criuView = criuPath ? path.join(imageDir, `${CRIU_VIEW_PREFIX}${id}-${process.pid}-${++this.viewCounter}`) : undefined;
     try {
-      const timings: Record<string, number> = await this.prepareBundle(spec, uidBase, { kind: "image", imageDir, memory: meta.memory, criuView });
+      const identity = identityFor({ kind: "image", memory: meta.memory, sameMachine: spec.sameMachine === true, recorded: { bootId: meta.bootId, machineId: meta.machineId } });
+      const timings: Record<string, number> = await this.prepareBundle(spec, uidBase, { kind: "image", imageDir, memory: meta.memory, criuView }, identity);
       const bundled = performance.now();
       await spec.networkReady;
       timings.networkWaitMs = roundMs(performance.now() - bundled);

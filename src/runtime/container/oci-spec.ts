@@ -1,5 +1,6 @@
 import { SANDBOX_UID_COUNT, type SandboxSpec } from "../types.js";
-import { KIT_MOUNT_POINT } from "./agent-kit.js";
+import { KIT_BOOT_ID_SOURCE, KIT_MOUNT_POINT } from "./agent-kit.js";
+import { MACHINE_ID_PATH } from "./boot-identity.js";
 import { buildSeccompProfile } from "./seccomp-profile.js";
 
 /** The capabilities a sandbox's root keeps: Docker's default set. */
@@ -36,6 +37,13 @@ export const MASKED_PATHS: readonly string[] = [
   "/sys/devices/virtual/powercap",
 ];
 
+/**
+ * What the sandbox's first program, sandbox-boot, needs for its own steps (a time namespace,
+ * the boot id mount, BOOT_IDENTITY_NOTE) and drops before it execs the init: no process of the
+ * sandbox keeps them, in any set.
+ */
+export const BOOT_CAPABILITIES: readonly string[] = ["CAP_SYS_ADMIN", "CAP_SYS_TIME"];
+
 export const READONLY_PATHS: readonly string[] = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
 
 export const CPU_PERIOD_USEC = 100_000;
@@ -59,6 +67,11 @@ export interface OciSpecInput {
   emptyDir: string;
   /** CRIU config file runc hands to CRIU on checkpoint and restore (see criu.ts). */
   criuConfigFile: string;
+  /**
+   * Host files with the sandbox's own ids (BOOT_IDENTITY_NOTE), bound read-only: the machine id
+   * at /etc/machine-id, the boot id in the kit for sandbox-boot (`agentCommand` starts with it).
+   */
+  identityFiles: { machineId: string; bootId: string };
   /** First host uid (and gid) of the sandbox's own range: root inside is this uid outside. */
   uidBase: number;
   /**
@@ -93,7 +106,8 @@ export function buildOciSpec(input: OciSpecInput): Record<string, unknown> {
     CUBICLE_AGENT_NODE_COMMAND: JSON.stringify(input.agentCommand.slice(input.agentCommand.indexOf("--library-path") - 1, -1)),
     CUBICLE_SANDBOX_ID: spec.sandboxId,
   };
-  const caps = [...SANDBOX_CAPABILITIES];
+  // sandbox-boot drops BOOT_CAPABILITIES before it execs the init.
+  const caps = [...SANDBOX_CAPABILITIES, ...BOOT_CAPABILITIES];
   const idMap = [{ containerID: 0, hostID: input.uidBase, size: SANDBOX_UID_COUNT }];
   const sysMount =
     input.sysfs === "sysfs"
@@ -133,6 +147,9 @@ export function buildOciSpec(input: OciSpecInput): Record<string, unknown> {
       { destination: "/dev/mqueue", type: "mqueue", source: "mqueue", options: ["nosuid", "noexec", "nodev"] },
       sysMount,
       { destination: KIT_MOUNT_POINT, type: "bind", source: input.kitDir, options: ["bind", "ro", "nosuid", "nodev"] },
+      // After the kit: the mount point is the kit's empty file.
+      { destination: KIT_BOOT_ID_SOURCE, type: "bind", source: input.identityFiles.bootId, options: ["bind", "ro", "nosuid", "nodev", "noexec"] },
+      { destination: MACHINE_ID_PATH, type: "bind", source: input.identityFiles.machineId, options: ["bind", "ro", "nosuid", "nodev", "noexec"] },
     ],
     linux: {
       uidMappings: idMap,
