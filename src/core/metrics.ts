@@ -3,8 +3,9 @@
  * is sampled once per METRICS_BUCKET_SEC bucket, like upstream's collector, and the last
  * METRICS_RETAINED_SAMPLES samples of each are kept in memory (an hour: 12 KiB per sandbox in
  * typed arrays). A paused sandbox keeps its history and gets no new samples; an ended one's
- * history goes with it. A request whose range reaches the current bucket and finds it empty
- * takes that bucket's sample on the spot, so a new sandbox has metrics at once.
+ * history goes with it. A request whose range reaches the current bucket takes that bucket's
+ * sample on the spot (or retakes it), so a new sandbox has metrics at once and the newest
+ * sample is never older than the request.
  */
 import type { SandboxStats } from "../runtime/types.js";
 import { createLogger } from "../shared/log.js";
@@ -28,6 +29,11 @@ class SampleRing {
   private count = 0;
 
   push(sample: MetricSample): void {
+    if (this.lastBucket() === sample.timestampSec) {
+      // The current bucket's sample, taken again: replaced, still one per bucket.
+      this.next = (this.next - 1 + METRICS_RETAINED_SAMPLES) % METRICS_RETAINED_SAMPLES;
+      this.count--;
+    }
     const base = this.next * fields.length;
     fields.forEach((field, index) => (this.values[base + index] = sample[field]));
     this.next = (this.next + 1) % METRICS_RETAINED_SAMPLES;
@@ -111,7 +117,7 @@ export class SandboxMetrics {
     const nowSec = this.now() / 1000;
     const end = endSec ?? nowSec;
     const start = startSec ?? 0;
-    if (runtimeId !== undefined && end >= bucketOf(nowSec)) await this.sample(sandboxId, runtimeId);
+    if (runtimeId !== undefined && end >= bucketOf(nowSec)) await this.sample(sandboxId, runtimeId, true);
     return this.rings.get(sandboxId)?.range(start, end) ?? [];
   }
 
@@ -128,10 +134,11 @@ export class SandboxMetrics {
     return found;
   }
 
-  private sample(sandboxId: string, runtimeId: string): Promise<void> {
+  /** Samples the current bucket unless it has a sample already (`retake`: replaces that one). */
+  private sample(sandboxId: string, runtimeId: string, retake = false): Promise<void> {
     const bucket = bucketOf(this.now() / 1000);
     const ring = this.rings.get(sandboxId);
-    if (ring && ring.lastBucket() >= bucket) return Promise.resolve();
+    if (!retake && ring && ring.lastBucket() >= bucket) return Promise.resolve();
     let pending = this.sampling.get(sandboxId);
     if (!pending) {
       pending = this.source
@@ -141,7 +148,7 @@ export class SandboxMetrics {
           if (!this.source.isKnown(sandboxId)) return;
           let target = this.rings.get(sandboxId);
           if (!target) this.rings.set(sandboxId, (target = new SampleRing()));
-          if (target.lastBucket() < bucket) target.push({ ...stats, timestampSec: bucket });
+          if (target.lastBucket() <= bucket) target.push({ ...stats, timestampSec: bucket });
         })
         .catch((reason: unknown) => log.debug("no sample", { sandboxId, reason: (reason as Error).message }))
         .finally(() => this.sampling.delete(sandboxId));
