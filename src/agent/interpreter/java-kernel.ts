@@ -1,11 +1,11 @@
-import { spawn, type ChildProcess } from "node:child_process";
+import { spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import { createLogger } from "../../shared/log.js";
 import { JAVA_KERNEL_CLASS, JAVA_KERNEL_DIR } from "./java-kernel-program.js";
-import { resultFromMimeBundle } from "./mime-bundle.js";
-import { errorOutput, kernelIdentity, streamOutput, type ExecuteRequest, type Kernel, type KernelLaunch, type OutputSink } from "./types.js";
+import { ChildProcessKernel, type ChildKernelMessage } from "./child-kernel.js";
+import { kernelIdentity, type ExecuteRequest, type KernelLaunch, type OutputSink } from "./types.js";
 import { launchAs, markForOomKiller } from "../process/launch.js";
 
 const log = createLogger("interpreter");
@@ -23,12 +23,7 @@ export interface JavaKernelOptions {
 }
 
 /** A message of the Java kernel program (java-kernel-program.ts). */
-export type JavaKernelMessage =
-  | { type: "ready" }
-  | { type: "stdout" | "stderr"; text: string }
-  | { type: "result"; text: string }
-  | { type: "error"; name: string; value: string; traceback: string }
-  | { type: "done" };
+export type JavaKernelMessage = ChildKernelMessage;
 
 /**
  * Splits the Java kernel's stdout into its messages (`<marker>{json}` lines) and the raw output
@@ -88,19 +83,11 @@ export function javaExecuteLine(request: ExecuteRequest): string {
  * spoken to over stdin/stdout lines. Its cwd is the context's, which is `user.dir` and what
  * relative paths resolve against.
  */
-export class JavaKernel implements Kernel {
+export class JavaKernel extends ChildProcessKernel {
   readonly language = "java";
-  private child: ChildProcess | undefined;
-  private exitReason: string | undefined;
-  private executionCount = 0;
-  private current: { sink: OutputSink; done: () => void; sawError: boolean } | undefined;
-  private readyWaiter: { resolve: () => void; reject: (error: Error) => void } | undefined;
-  private stderrTail = "";
 
-  constructor(private readonly options: JavaKernelOptions) {}
-
-  get exited(): boolean {
-    return this.exitReason !== undefined;
+  constructor(private readonly options: JavaKernelOptions) {
+    super();
   }
 
   start(): Promise<void> {
@@ -110,7 +97,7 @@ export class JavaKernel implements Kernel {
       return Promise.reject(new Error(`this sandbox's template has no Java kernel (${classPath}): use code-interpreter-v1 or a template built from it`));
     }
     const marker = `\u0001cubicle-${randomBytes(8).toString("hex")}:`;
-    const splitter = new MarkedLineSplitter(marker, (message) => this.onMessage(message), (text) => this.current?.sink(streamOutput("stdout", text)));
+    const splitter = new MarkedLineSplitter(marker, (message) => this.onMessage(message), (text) => this.rawStdout(text));
     const args = [
       // Per-call env vars are written into the map behind System.getenv() (java-kernel-program.ts).
       "--add-opens=java.base/java.util=ALL-UNNAMED",
@@ -126,9 +113,7 @@ export class JavaKernel implements Kernel {
       JAVA_KERNEL_CLASS,
       marker,
     ];
-    const started = new Promise<void>((resolve, reject) => {
-      this.readyWaiter = { resolve, reject };
-    });
+    const ready = this.whenReady(this.options.startTimeoutMs ?? 60_000);
     // As the user with their groups, and marked for the OOM killer (process/launch.ts).
     const start = launchAs(kernelIdentity(launch), this.options.javaPath ?? "java", args);
     const child = spawn(start.file, start.args, {
@@ -138,114 +123,24 @@ export class JavaKernel implements Kernel {
       gid: start.gid,
       stdio: ["pipe", "pipe", "pipe"],
     });
-    this.child = child;
     child.once("spawn", () => markForOomKiller(child.pid, start));
+    this.adopt(child);
     child.stdout!.setEncoding("utf8");
     child.stdout!.on("data", (chunk: string) => splitter.push(chunk));
-    child.stderr!.setEncoding("utf8");
-    child.stderr!.on("data", (text: string) => {
-      this.stderrTail = (this.stderrTail + text).slice(-4000);
-      this.current?.sink(streamOutput("stderr", text));
-    });
     // A write after the JVM died fails with EPIPE; the exit handler reports the death.
     child.stdin!.on("error", () => {});
-    child.on("error", (error) => this.markExited(`the java kernel could not be started: ${error.message}`));
-    child.on("exit", (code, signal) => this.markExited(signal ? `the java kernel was killed by ${signal}` : `the java kernel exited with code ${code}`));
-    const timeoutMs = this.options.startTimeoutMs ?? 60_000;
-    const timer = setTimeout(() => {
-      this.readyWaiter?.reject(new Error(`the java kernel did not start within ${timeoutMs} ms`));
-      this.readyWaiter = undefined;
-      child.kill("SIGKILL");
-    }, timeoutMs);
-    return started.finally(() => clearTimeout(timer));
-  }
-
-  private onMessage(message: JavaKernelMessage): void {
-    if (message.type === "ready") {
-      this.readyWaiter?.resolve();
-      this.readyWaiter = undefined;
-      return;
-    }
-    const current = this.current;
-    if (!current) return;
-    switch (message.type) {
-      case "stdout":
-      case "stderr":
-        current.sink(streamOutput(message.type, String(message.text)));
-        break;
-      case "result":
-        current.sink(resultFromMimeBundle({ "text/plain": String(message.text) }, true));
-        break;
-      case "error":
-        current.sawError = true;
-        current.sink(errorOutput(String(message.name), String(message.value), String(message.traceback ?? "")));
-        break;
-      case "done":
-        current.done();
-        break;
-    }
+    return ready;
   }
 
   async execute(request: ExecuteRequest, sink: OutputSink, signal: AbortSignal): Promise<void> {
-    if (this.exited || !this.child) {
-      sink(this.deathError());
-      return;
-    }
-    sink({ type: "number_of_executions", execution_count: ++this.executionCount });
-    let finished!: () => void;
-    const done = new Promise<void>((resolve) => (finished = resolve));
-    const current = { sink, done: finished, sawError: false };
-    this.current = current;
-    let killTimer: NodeJS.Timeout | undefined;
-    const onAbort = () => {
-      this.child?.stdin!.write("I\n");
+    if (this.refuseIfDead(sink)) return;
+    await this.runCell(
+      sink,
+      signal,
+      () => this.child!.stdin!.write(javaExecuteLine(request)),
       // A cell that catches ThreadDeath, or sits in native code, does not stop: then the JVM goes.
-      killTimer = setTimeout(() => {
-        log.warn("java kernel ignored the interrupt; killing it", { pid: this.child?.pid });
-        this.child?.kill("SIGKILL");
-      }, this.options.interruptGraceMs ?? 3_000);
-    };
-    try {
-      this.child.stdin!.write(javaExecuteLine(request));
-      if (signal.aborted) onAbort();
-      else signal.addEventListener("abort", onAbort, { once: true });
-      await done;
-    } finally {
-      clearTimeout(killTimer);
-      signal.removeEventListener("abort", onAbort);
-      if (this.current === current) this.current = undefined;
-    }
-  }
-
-  private deathError() {
-    return errorOutput(
-      "UnexpectedEndOfExecution",
-      `${this.exitReason ?? "the java kernel is not running"}; it will be restarted on the next execution (state is lost)`,
-      this.stderrTail.trim().split("\n").slice(-20).join("\n"),
+      () => this.child?.stdin!.write("I\n"),
+      this.options.interruptGraceMs ?? 3_000,
     );
-  }
-
-  private markExited(reason: string): void {
-    if (this.exitReason !== undefined) return;
-    this.exitReason = reason;
-    log.info("java kernel exited", { pid: this.child?.pid, reason });
-    this.readyWaiter?.reject(new Error(`${reason}${this.stderrTail ? `\n${this.stderrTail.trim()}` : ""}`));
-    this.readyWaiter = undefined;
-    const current = this.current;
-    if (current) {
-      if (!current.sawError) current.sink(this.deathError());
-      current.done();
-    }
-  }
-
-  async shutdown(): Promise<void> {
-    const child = this.child;
-    if (!child || child.exitCode !== null || child.signalCode !== null) {
-      this.markExited("the java kernel was shut down");
-      return;
-    }
-    const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
-    child.kill("SIGKILL");
-    await exited;
   }
 }
