@@ -65,8 +65,12 @@ static int read_target(napi_env env, napi_value value, struct target *target) {
   if (type == napi_string) {
     size_t length;
     napi_get_value_string_utf8(env, value, target->path, sizeof target->path, &length);
-    if (length >= sizeof target->path - 1 || memchr(target->path, '\0', length) != NULL) {
+    if (length >= sizeof target->path - 1) {
       throw_errno(env, ENAMETOOLONG, "xattr");
+      return 0;
+    }
+    if (memchr(target->path, '\0', length) != NULL) {
+      throw_errno(env, EINVAL, "xattr: a NUL byte in the path");
       return 0;
     }
     target->fd = -1;
@@ -90,6 +94,20 @@ static int read_name(napi_env env, napi_value value, char *buffer, size_t size) 
   return 1;
 }
 
+/*
+ * The arguments every call starts with, (target, name), into `target` and `name`; `argv` gets
+ * `count` arguments. False, with an exception pending, when they are missing or unusable.
+ */
+static int read_call(napi_env env, napi_callback_info info, size_t count, napi_value *argv, const char *usage, struct target *target, char *name, size_t name_size) {
+  size_t argc = count;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < count) {
+    throw_type(env, usage);
+    return 0;
+  }
+  return read_target(env, argv[0], target) && read_name(env, argv[1], name, name_size);
+}
+
 static ssize_t do_list(const struct target *t, char *names, size_t size) {
   return t->fd >= 0 ? flistxattr(t->fd, names, size) : llistxattr(t->path, names, size);
 }
@@ -99,13 +117,10 @@ static ssize_t do_get(const struct target *t, const char *name, void *value, siz
 }
 
 static napi_value list(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
   napi_value argv[2];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc < 2) return throw_type(env, "list(target, prefix)");
   struct target target;
   char prefix[MAX_NAME];
-  if (!read_target(env, argv[0], &target) || !read_name(env, argv[1], prefix, sizeof prefix)) return NULL;
+  if (!read_call(env, info, 2, argv, "list(target, prefix)", &target, prefix, sizeof prefix)) return NULL;
   size_t prefix_length = strlen(prefix);
 
   napi_value result;
@@ -157,13 +172,10 @@ static napi_value list(napi_env env, napi_callback_info info) {
 }
 
 static napi_value set(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
   napi_value argv[3];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc < 3) return throw_type(env, "set(target, name, value)");
   struct target target;
   char name[MAX_NAME];
-  if (!read_target(env, argv[0], &target) || !read_name(env, argv[1], name, sizeof name)) return NULL;
+  if (!read_call(env, info, 3, argv, "set(target, name, value)", &target, name, sizeof name)) return NULL;
   bool is_buffer = false;
   napi_is_buffer(env, argv[2], &is_buffer);
   if (!is_buffer) return throw_type(env, "an attribute value must be a Buffer");
@@ -176,13 +188,10 @@ static napi_value set(napi_env env, napi_callback_info info) {
 }
 
 static napi_value remove_attribute(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
   napi_value argv[2];
-  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
-  if (argc < 2) return throw_type(env, "remove(target, name)");
   struct target target;
   char name[MAX_NAME];
-  if (!read_target(env, argv[0], &target) || !read_name(env, argv[1], name, sizeof name)) return NULL;
+  if (!read_call(env, info, 2, argv, "remove(target, name)", &target, name, sizeof name)) return NULL;
   int rc = target.fd >= 0 ? fremovexattr(target.fd, name) : lremovexattr(target.path, name);
   if (rc != 0) return throw_errno(env, errno, "removexattr");
   return NULL;
