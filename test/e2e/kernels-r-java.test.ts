@@ -218,6 +218,9 @@ describe("java", () => {
     );
     assert.ok(seen.length > 0, "no output streamed before the timeout");
     assert.equal((await sandbox.runCode("x", { language: "java" })).text, "42");
+    // Nothing the stopped cell had half printed turns up in a later cell's output.
+    const clean = await sandbox.runCode('System.out.println("only this");', { language: "java" });
+    assert.equal(stdoutOf(clean), "only this\n");
   });
 
   test("a huge output arrives whole and in order", async () => {

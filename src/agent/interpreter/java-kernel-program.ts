@@ -291,6 +291,11 @@ public final class CubicleJavaKernel {
                         environment.put(name, value);
                     }
                 }
+                // Fresh streams for every cell: a cell stopped inside println leaves what it
+                // printed so far in the old PrintStream's own buffers, and the next print on that
+                // stream would send it as a later cell's output.
+                System.setOut(new PrintStream(cellOut, false, StandardCharsets.UTF_8));
+                System.setErr(new PrintStream(cellErr, false, StandardCharsets.UTF_8));
                 runCell(shell, control, code);
             } catch (Throwable t) {
                 sendError(t.getClass().getName(), String.valueOf(t.getMessage()), stackTrace(t.getClass().getName(), t.getMessage(), t.getStackTrace()));
