@@ -1,11 +1,11 @@
-import { spawn, type ChildProcess } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import fs from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { createLogger } from "../../shared/log.js";
-import { errorOutput, kernelIdentity, streamOutput, type ExecuteRequest, type Kernel, type KernelLaunch, type OutputSink } from "./types.js";
-import { launchAs, markForOomKiller } from "../process/launch.js";
+import { errorOutput, streamOutput, type ExecuteRequest, type Kernel, type KernelLaunch, type OutputSink } from "./types.js";
+import { spawnKernel } from "./kernel-process.js";
 
 const log = createLogger("interpreter");
 
@@ -59,16 +59,8 @@ export class BashKernel implements Kernel {
     this.dir = await fs.mkdtemp(path.join(base, "sh-"));
     await fs.chmod(this.dir, 0o755);
     // A trap that returns from the sourced cell makes SIGINT stop the whole cell, loops included.
-    // As the user with their groups, and marked for the OOM killer (process/launch.ts).
-    const start = launchAs(kernelIdentity(launch), this.options.bashPath ?? "bash", ["--noprofile", "--norc", "-c", BASH_LOOP]);
-    const child = spawn(start.file, start.args, {
-      cwd: launch.cwd,
-      env: launch.env,
-      uid: start.uid,
-      gid: start.gid,
-      stdio: ["pipe", "pipe", "pipe"],
-      detached: true,
-    });
+    // As the user with their groups, and marked for the OOM killer (kernel-process.ts).
+    const child = spawnKernel(launch, this.options.bashPath ?? "bash", ["--noprofile", "--norc", "-c", BASH_LOOP], { stdio: ["pipe", "pipe", "pipe"], detached: true });
     this.child = child;
     child.stdout!.on("data", (chunk: Buffer) => this.onStream("stdout", chunk.toString("utf8")));
     child.stderr!.on("data", (chunk: Buffer) => this.onStream("stderr", chunk.toString("utf8")));
@@ -78,7 +70,6 @@ export class BashKernel implements Kernel {
       child.once("spawn", resolve);
       child.once("error", reject);
     });
-    markForOomKiller(child.pid, start);
   }
 
   private onStream(type: "stdout" | "stderr", text: string): void {

@@ -1,12 +1,11 @@
-import { spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import { createLogger } from "../../shared/log.js";
 import { JAVA_KERNEL_CLASS, JAVA_KERNEL_DIR } from "./java-kernel-program.js";
 import { ChildProcessKernel, type ChildKernelMessage } from "./child-kernel.js";
-import { kernelIdentity, type ExecuteRequest, type KernelLaunch, type OutputSink } from "./types.js";
-import { launchAs, markForOomKiller } from "../process/launch.js";
+import { type ExecuteRequest, type KernelLaunch, type OutputSink } from "./types.js";
+import { spawnKernel } from "./kernel-process.js";
 
 const log = createLogger("interpreter");
 
@@ -114,16 +113,8 @@ export class JavaKernel extends ChildProcessKernel {
       marker,
     ];
     const ready = this.whenReady(this.options.startTimeoutMs ?? 60_000);
-    // As the user with their groups, and marked for the OOM killer (process/launch.ts).
-    const start = launchAs(kernelIdentity(launch), this.options.javaPath ?? "java", args);
-    const child = spawn(start.file, start.args, {
-      cwd: launch.cwd,
-      env: launch.env,
-      uid: start.uid,
-      gid: start.gid,
-      stdio: ["pipe", "pipe", "pipe"],
-    });
-    child.once("spawn", () => markForOomKiller(child.pid, start));
+    // As the user with their groups, and marked for the OOM killer (kernel-process.ts).
+    const child = spawnKernel(launch, this.options.javaPath ?? "java", args, { stdio: ["pipe", "pipe", "pipe"] });
     this.adopt(child);
     child.stdout!.setEncoding("utf8");
     child.stdout!.on("data", (chunk: string) => splitter.push(chunk));

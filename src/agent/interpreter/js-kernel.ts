@@ -1,9 +1,8 @@
-import { spawn } from "node:child_process";
 import { ChildProcessKernel, type ChildKernelMessage } from "./child-kernel.js";
 import { JS_KERNEL_PROGRAM } from "./js-kernel-program.js";
 import { prepareCellOffLoop } from "./cell-preparer.js";
-import { errorOutput, kernelIdentity, type ExecuteRequest, type KernelLaunch, type OutputSink } from "./types.js";
-import { launchAs, markForOomKiller } from "../process/launch.js";
+import { errorOutput, type ExecuteRequest, type KernelLaunch, type OutputSink } from "./types.js";
+import { spawnKernel } from "./kernel-process.js";
 
 export interface JsKernelOptions {
   language: "javascript" | "typescript";
@@ -31,17 +30,8 @@ export class JsKernel extends ChildProcessKernel {
     const [command, ...prefix] = this.options.nodeCommand;
     const { launch } = this.options;
     const ready = this.whenReady();
-    // As the user with their groups, and marked for the OOM killer (process/launch.ts).
-    const start = launchAs(kernelIdentity(launch), command!, [...prefix, "-e", JS_KERNEL_PROGRAM]);
-    const child = spawn(start.file, start.args, {
-      cwd: launch.cwd,
-      env: launch.env,
-      uid: start.uid,
-      gid: start.gid,
-      stdio: ["ignore", "pipe", "pipe", "ipc"],
-      serialization: "json",
-    });
-    child.once("spawn", () => markForOomKiller(child.pid, start));
+    // As the user with their groups, and marked for the OOM killer (kernel-process.ts).
+    const child = spawnKernel(launch, command!, [...prefix, "-e", JS_KERNEL_PROGRAM], { stdio: ["ignore", "pipe", "pipe", "ipc"], serialization: "json" });
     this.adopt(child);
     // Output written straight to the file descriptors (e.g. by a child process with inherited stdio).
     child.stdout!.setEncoding("utf8");

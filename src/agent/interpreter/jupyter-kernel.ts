@@ -1,4 +1,4 @@
-import { spawn, type ChildProcess } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import fs from "node:fs/promises";
 import os from "node:os";
@@ -7,8 +7,8 @@ import type * as Zmq from "zeromq";
 import { createLogger } from "../../shared/log.js";
 import { JupyterSession, type JupyterMessage } from "./jupyter-wire.js";
 import { resultFromMimeBundle } from "./mime-bundle.js";
-import { errorOutput, kernelIdentity, streamOutput, type ErrorOutput, type ExecuteRequest, type Kernel, type KernelLaunch, type OutputSink } from "./types.js";
-import { launchAs, markForOomKiller } from "../process/launch.js";
+import { errorOutput, streamOutput, type ErrorOutput, type ExecuteRequest, type Kernel, type KernelLaunch, type OutputSink } from "./types.js";
+import { spawnKernel } from "./kernel-process.js";
 
 const log = createLogger("interpreter");
 
@@ -133,17 +133,9 @@ export class JupyterKernel implements Kernel {
     }
     this.jupyter = new JupyterSession(key);
 
-    // As the user with their groups, and marked for the OOM killer (process/launch.ts).
+    // As the user with their groups, and marked for the OOM killer (kernel-process.ts).
     const command = this.spec.command(connectionFile);
-    const start = launchAs(kernelIdentity(launch), command.file, command.args);
-    const child = spawn(start.file, start.args, {
-      cwd: launch.cwd,
-      env: launch.env,
-      uid: start.uid,
-      gid: start.gid,
-      stdio: ["ignore", "pipe", "pipe"],
-    });
-    child.once("spawn", () => markForOomKiller(child.pid, start));
+    const child = spawnKernel(launch, command.file, command.args, { stdio: ["ignore", "pipe", "pipe"] });
     this.process = child;
     const keepTail = (chunk: Buffer) => {
       this.stderrTail = (this.stderrTail + chunk.toString("utf8")).slice(-4000);
