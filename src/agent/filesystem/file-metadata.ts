@@ -106,7 +106,8 @@ export function readMetadata(target: string | number): Metadata | undefined {
   for (const [name, value] of attributes) {
     const key = name.slice(METADATA_KEY_PREFIX.length);
     if (!key) continue;
-    (metadata ??= {})[key] = value.toString("utf8");
+    // Defined, not assigned: `__proto__` is a key like any other here.
+    Object.defineProperty((metadata ??= {}), key, { value: value.toString("utf8"), enumerable: true, writable: true, configurable: true });
   }
   return metadata;
 }

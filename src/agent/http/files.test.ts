@@ -445,3 +445,14 @@ test("browser-style forms: a plain field named file goes to the path query, a Bl
   assert.equal(reply.status, 400);
   assert.match(errorBody(reply).message, /part has no filename and there is no path query parameter/);
 });
+
+test("X-Metadata keys that name Object's own properties are plain keys, stored and returned", async () => {
+  const target = path.join(directory, "proto-keys.txt");
+  const reply = await send("POST", { path: target }, { "Content-Type": "application/octet-stream", "X-Metadata-__proto__": "p", "X-Metadata-Constructor": "c", "X-Metadata-toString": "t" }, Buffer.from("1"));
+  assert.equal(reply.status, 200, reply.body.toString());
+  const answered = JSON.parse(reply.body.toString())[0].metadata as Record<string, string>;
+  assert.deepEqual(Object.entries(answered).sort(), [["__proto__", "p"], ["constructor", "c"], ["tostring", "t"]]);
+  const stored = statPath({ name: "root", uid: 0, gid: 0, groups: [0], home: "/root", shell: "/bin/sh" }, target).entry.metadata!;
+  assert.deepEqual(Object.keys(stored).sort(), ["__proto__", "constructor", "tostring"]);
+  assert.equal(stored.constructor, "c");
+});
