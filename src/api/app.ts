@@ -16,6 +16,7 @@ import {
   parseMetadataFilter,
   parseStartedAfter,
   parseStates,
+  parseNetworkUpdate,
   parseTimeoutBody,
   parseTimeoutSec,
   parseForkRequest,
@@ -199,6 +200,11 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
 
   app.post("/sandboxes/:sandboxID/timeout", async (request: FastifyRequest<{ Params: Params }>, reply) => {
     await manager.setTimeout(request.params.sandboxID, parseTimeoutBody(request.body));
+    return reply.status(204).send();
+  });
+
+  app.put("/sandboxes/:sandboxID/network", async (request: FastifyRequest<{ Params: Params }>, reply) => {
+    await manager.updateNetwork(request.params.sandboxID, parseNetworkUpdate(request.body));
     return reply.status(204).send();
   });
 

@@ -117,9 +117,13 @@ test("metadata, templateID and network are bounded", () => {
   assert.throws(() => parseCreateRequest({ templateID: "base", metadata: { k: "v".repeat(4097) } }, 2, strict), isBadRequest(/longer than 4096/));
   assert.throws(() => parseCreateRequest({ templateID: "b".repeat(257) }, 2, strict), isBadRequest(/templateID/));
   assert.throws(() => parseCreateRequest({ templateID: "base", network: { allowOut: "0.0.0.0/0" } }, 2, strict), isBadRequest(/network.allowOut/));
-  assert.throws(() => parseCreateRequest({ templateID: "base", network: { allowOut: ["x".repeat(70_000)] } }, 2, strict), isBadRequest(/64 KiB/));
+  assert.throws(() => parseCreateRequest({ templateID: "base", network: { allowOut: ["x".repeat(70_000)] } }, 2, strict), isBadRequest(/not an IPv4 address, an IPv4 CIDR or a domain name/));
+  const manyNames = Array.from({ length: 900 }, (_, i) => `host-${i}-${"a".repeat(50)}.example.com`);
+  assert.throws(() => parseCreateRequest({ templateID: "base", network: { allowOut: manyNames } }, 2, strict), isBadRequest(/64 KiB/));
   const deep = JSON.parse('{"x":'.repeat(100_000) + "1" + "}".repeat(100_000));
-  assert.throws(() => parseCreateRequest({ templateID: "base", network: { extra: deep } }, 2, strict), isBadRequest(/network.extra must be a value or a list/));
+  assert.throws(() => parseCreateRequest({ templateID: "base", network: { extra: deep } }, 2, strict), isBadRequest(/network.extra is not a network field/));
+  const deepRules = { "api.example.com": [{ transform: { headers: { x: deep } } }] };
+  assert.throws(() => parseCreateRequest({ templateID: "base", network: { rules: deepRules } }, 2, strict), isBadRequest(/must be a string/));
   assert.deepEqual(parseCreateRequest({ templateID: "base", network: { allowOut: ["1.1.1.1/32"], allowPublicTraffic: false } }, 2, strict).networkConfig, { allowOut: ["1.1.1.1/32"], allowPublicTraffic: false });
 });
 

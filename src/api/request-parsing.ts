@@ -4,6 +4,7 @@ import { decodePageCursor, encodePageCursor } from "../shared/page-cursor.js";
 import type { SandboxState } from "../store/types.js";
 import type { CreateSandboxRequest } from "../core/types.js";
 import { MAX_TIMEOUT_SEC } from "../core/sandbox-manager.js";
+import { buildEgressPolicy } from "../network/egress-policy.js";
 
 function fail(message: string): never {
   throw new CubicleError("invalid_argument", message);
@@ -75,28 +76,48 @@ export function parseEnvVars(value: unknown, field = "envVars"): Record<string, 
   return envVars;
 }
 
-const isScalar = (value: unknown) => value === null || ["string", "number", "boolean"].includes(typeof value);
+/** The `network` fields a create accepts; each is enforced (egress-policy.ts, the router). */
+const NETWORK_FIELDS = ["allowOut", "denyOut", "rules", "egressProxy", "allowPublicTraffic", "maskRequestHost", "httpsPorts"];
 
 /**
- * `network` of a create: an object whose fields are scalars or lists of scalars (it is stored and
- * echoed; nesting is refused before anything serialises it, as JSON.stringify of a deeply nested
- * value overflows the stack), the known fields of the right types, of bounded size.
+ * `network` of a create: the E2B SandboxNetworkConfig. The egress fields are validated by the
+ * policy they become (buildEgressPolicy: what cannot be enforced is refused); the object is
+ * stored and echoed once valid. Every level is type-checked before anything serialises it, as
+ * JSON.stringify of a deeply nested value overflows the stack.
  */
-function parseNetwork(value: unknown): Record<string, unknown> | undefined {
+function parseNetwork(value: unknown, allowInternetAccess: boolean): Record<string, unknown> | undefined {
   if (value === undefined || value === null) return undefined;
   if (typeof value !== "object" || Array.isArray(value)) fail("network must be an object");
   const network = value as Record<string, unknown>;
-  for (const [key, v] of Object.entries(network)) {
-    if (!isScalar(v) && !(Array.isArray(v) && v.every(isScalar))) fail(`${entryName("network", key)} must be a value or a list of values`);
+  for (const key of Object.keys(network)) {
+    if (!NETWORK_FIELDS.includes(key)) fail(`${entryName("network", key)} is not a network field (${NETWORK_FIELDS.join(", ")})`);
   }
-  for (const field of ["allowOut", "denyOut"]) {
-    const list = network[field];
-    if (list !== undefined && list !== null && (!Array.isArray(list) || list.some((item) => typeof item !== "string"))) fail(`network.${field} must be a list of strings`);
-  }
+  buildEgressPolicy(allowInternetAccess, network);
   if (network.allowPublicTraffic !== undefined && network.allowPublicTraffic !== null && typeof network.allowPublicTraffic !== "boolean") fail("network.allowPublicTraffic must be true or false");
-  if (network.maskRequestHost !== undefined && network.maskRequestHost !== null && typeof network.maskRequestHost !== "string") fail("network.maskRequestHost must be a string");
+  if (network.maskRequestHost !== undefined && network.maskRequestHost !== null) {
+    if (typeof network.maskRequestHost !== "string" || !/^[A-Za-z0-9.:${}_-]{1,253}$/.test(network.maskRequestHost)) fail("network.maskRequestHost must be a host name (it may hold ${PORT})");
+  }
+  const httpsPorts = network.httpsPorts;
+  if (httpsPorts !== undefined && httpsPorts !== null && !(Array.isArray(httpsPorts) && httpsPorts.length === 0)) {
+    fail("network.httpsPorts is not supported yet: the router reaches sandbox ports over plain HTTP");
+  }
   if (Buffer.byteLength(JSON.stringify(network)) > CREATE_BOUNDS.networkJsonBytes) fail(`network must be at most ${CREATE_BOUNDS.networkJsonBytes / 1024} KiB of JSON`);
   return network;
+}
+
+/** The egress fields of `PUT /sandboxes/{id}/network` (SandboxNetworkUpdateConfig), validated. */
+export function parseNetworkUpdate(body: unknown): { allowInternetAccess: boolean; egress: Record<string, unknown> } {
+  const input = asObject(body, "the request body");
+  const fields = ["allowOut", "denyOut", "rules", "egressProxy"];
+  for (const key of Object.keys(input)) {
+    if (!fields.includes(key) && key !== "allow_internet_access" && key !== "allowInternetAccess") fail(`${entryName("body", key)} is not a network update field (${[...fields, "allow_internet_access"].join(", ")})`);
+  }
+  // Upstream: an omitted field is cleared, so allow_internet_access falls back to true.
+  const allowInternetAccess = optionalBool(input.allow_internet_access ?? input.allowInternetAccess, "allow_internet_access", true);
+  buildEgressPolicy(allowInternetAccess, input);
+  const egress = Object.fromEntries(fields.filter((key) => input[key] !== undefined && input[key] !== null).map((key) => [key, input[key]]));
+  if (Buffer.byteLength(JSON.stringify(egress)) > CREATE_BOUNDS.networkJsonBytes) fail(`the network update must be at most ${CREATE_BOUNDS.networkJsonBytes / 1024} KiB of JSON`);
+  return { allowInternetAccess, egress };
 }
 
 function optionalBool(value: unknown, field: string, fallback: boolean): boolean {
@@ -160,17 +181,18 @@ export function parseCreateRequest(body: unknown, version: 1 | 2, options: Creat
         "the operator can allow insecure sandboxes, which anyone who knows the sandbox id can control, with CUBICLE_REQUIRE_SECURE=false",
     );
   }
+  const allowInternetAccess = optionalBool(input.allow_internet_access ?? input.allowInternetAccess, "allow_internet_access", true);
   return {
     templateId: templateId.trim(),
     timeoutSec: parseTimeoutSec(input.timeout, "timeout", version === 2 ? defaultTimeoutSec : 15),
     // v2 creates are always secure; the field is still checked so a typo is not silently ignored.
     secure: secure || version === 2,
-    allowInternetAccess: optionalBool(input.allow_internet_access ?? input.allowInternetAccess, "allow_internet_access", true),
+    allowInternetAccess,
     metadata: metadataMap(input.metadata),
     envVars: parseEnvVars(input.envVars),
     autoPause: optionalBool(input.autoPause, "autoPause", false) || lifecycle.onTimeout === "pause",
     autoResume: autoResumeEnabled,
-    networkConfig: parseNetwork(input.network),
+    networkConfig: parseNetwork(input.network, allowInternetAccess),
     cpuCount: resource(input.cpuCount, "cpuCount", RESOURCE_FLOORS.cpuCount, limits.maxCpuCount, "CUBICLE_MAX_CPU_COUNT"),
     memoryMB: resource(input.memoryMB, "memoryMB", RESOURCE_FLOORS.memoryMB, limits.maxMemoryMB, "CUBICLE_MAX_MEMORY_MB"),
     diskSizeMB: resource(input.diskSizeMB, "diskSizeMB", RESOURCE_FLOORS.diskMB, limits.maxDiskMB, "CUBICLE_MAX_DISK_MB"),

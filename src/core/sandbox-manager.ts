@@ -4,7 +4,7 @@ import type { Runtime } from "../runtime/types.js";
 import { runtimeIdOf, type SandboxQuery, type SandboxRecord, type SnapshotQuery, type SnapshotRecord, type Store } from "../store/types.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import type { AgentLink } from "../protocol/index.js";
-import { LifecycleContext, log } from "./lifecycle/context.js";
+import { LifecycleContext, log, networkPolicyOf } from "./lifecycle/context.js";
 import { Creation } from "./lifecycle/create.js";
 import { handleRuntimeExit, kill } from "./lifecycle/end.js";
 import { PauseTiers, type ResumeOptions } from "./lifecycle/pause.js";
@@ -226,6 +226,23 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     this.reaper.schedule();
   }
 
+  /**
+   * E2B updateNetwork: replaces the sandbox's egress fields (allowOut, denyOut, rules,
+   * egressProxy; an omitted one is cleared) and allowInternetAccess, and applies them at once to
+   * a sandbox that has a network (running or hot-paused); a durable pause gets them on resume.
+   * The other `network` fields (allowPublicTraffic, maskRequestHost) stay.
+   */
+  async updateNetwork(sandboxId: string, update: { allowInternetAccess: boolean; egress: Record<string, unknown> }): Promise<void> {
+    await this.ctx.mutex.run(sandboxId, async () => {
+      const record = await this.get(sandboxId);
+      const kept = Object.fromEntries(Object.entries(record.networkConfig ?? {}).filter(([key]) => !EGRESS_FIELDS.includes(key)));
+      const networkConfig = { ...kept, ...update.egress };
+      const next = { allowInternetAccess: update.allowInternetAccess, networkConfig: Object.keys(networkConfig).length > 0 ? networkConfig : undefined };
+      if (record.network) await this.ctx.ports.network.applyPolicy(runtimeIdOf(record), networkPolicyOf(next));
+      await this.ctx.table.update(record, next);
+    });
+  }
+
   /** E2B connect: resumes a paused sandbox (resumed: true) or returns a running one; only ever extends the TTL. */
   async connect(sandboxId: string, timeoutSec: number, memory?: boolean): Promise<{ record: SandboxRecord; resumed: boolean }> {
     return this.resume(sandboxId, { timeoutSec, memory });
@@ -290,3 +307,6 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     await Promise.all(this.ctx.table.records().map((record) => this.kill(record.sandboxId, reason)));
   }
 }
+
+/** The `network` fields an update replaces. */
+const EGRESS_FIELDS = ["allowOut", "denyOut", "rules", "egressProxy"];

@@ -15,7 +15,7 @@ const NEXT_STATES: Record<SandboxState, readonly SandboxState[]> = {
 };
 
 /** The record fields other than the state that change while a sandbox lives. */
-export type SandboxPatch = Partial<Pick<SandboxRecord, "network" | "pause" | "endAt" | "runtimeId">>;
+export type SandboxPatch = Partial<Pick<SandboxRecord, "network" | "pause" | "endAt" | "runtimeId" | "allowInternetAccess" | "networkConfig">>;
 
 /** How a sandbox ends: killed (by a user or its timeout) or dead (it failed or vanished). */
 export interface Ending {

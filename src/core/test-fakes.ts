@@ -1,3 +1,5 @@
+import { egressPolicyOf } from "../network/egress-policy.js";
+import type { EgressPolicy } from "../network/egress-types.js";
 import type { NetworkManager, NetworkPolicy, SandboxNetwork } from "../network/types.js";
 import { imageId, type ImageInfo, type ImageKind, type ImageStore, type PendingImage } from "../runtime/images.js";
 import type { CheckpointInfo, CheckpointOptions, CheckpointTarget, Runtime, RuntimeState, SandboxSpec, SandboxStats } from "../runtime/types.js";
@@ -221,6 +223,17 @@ export class FakeNetwork implements NetworkManager {
   async listRuntimeIds(): Promise<string[]> {
     return [...this.networks.keys()];
   }
+
+  sandboxAt(address: string): { sandboxId: string; policy: EgressPolicy } | undefined {
+    for (const [id, network] of this.networks) {
+      if (network.sandboxAddress === address) return { sandboxId: id, policy: egressPolicyOf(this.policies.get(id) ?? { allowInternetAccess: false }) };
+    }
+    return undefined;
+  }
+
+  async pin(): Promise<void> {}
+
+  close(): void {}
 }
 
 /** A store in memory (the SQLite store's semantics for what the core uses). */

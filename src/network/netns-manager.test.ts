@@ -6,6 +6,7 @@ import net from "node:net";
 import { after, before, test } from "node:test";
 import { runCommand } from "../shared/exec.js";
 import { createNetnsManager } from "./netns-manager.js";
+import { policyChainName } from "./nft-ruleset.js";
 import type { NetworkManager, SandboxNetwork } from "./types.js";
 
 // Real namespaces, veths and an nftables table of its own (so a running server's table is left
@@ -30,6 +31,7 @@ after(async () => {
   if (!isRoot) return;
   for (const id of await manager.listRuntimeIds()) await manager.release(id).catch(() => {});
   await runCommand(["nft", "delete", "table", "inet", tableName], { allowFailure: true });
+  manager.close();
 });
 
 /** Runs `node -e script` inside a namespace; resolves with its stdout. */
@@ -65,8 +67,12 @@ function readFromHost(host: string, port: number): Promise<string> {
   });
 }
 
-async function nftSetElements(): Promise<string> {
-  return (await runCommand(["nft", "list", "set", "inet", tableName, "internet_allowed"])).stdout;
+/** The sandbox's element of the verdict map and its chain ("" when it has none). */
+async function policyOf(address: string): Promise<string> {
+  const map = (await runCommand(["nft", "list", "map", "inet", tableName, "sandbox_policy"])).stdout;
+  if (!new RegExp(`\\b${address.replaceAll(".", "\\.")} : goto`).test(map)) return "";
+  const chain = await runCommand(["nft", "list", "chain", "inet", tableName, policyChainName(address)], { allowFailure: true });
+  return chain.stdout;
 }
 
 test("allocates a namespace with a veth, addresses, a default route and low ports for everyone", { skip: !isRoot && "needs root" }, async () => {
@@ -81,7 +87,7 @@ test("allocates a namespace with a veth, addresses, a default route and low port
     assert.equal(JSON.parse(inside.stdout)[0].gateway, network.hostAddress);
     const sysctl = await runCommand(["ip", "netns", "exec", network.netnsName, "sysctl", "-n", "net.ipv4.ip_unprivileged_port_start"]);
     assert.equal(sysctl.stdout.trim(), "0");
-    assert.match(await nftSetElements(), new RegExp(network.sandboxAddress.replaceAll(".", "\\.")));
+    assert.match(await policyOf(network.sandboxAddress), /^\s*accept$/m);
     await listenInNetns(network.netnsName, network.sandboxAddress, 49983);
     assert.equal(await readFromHost(network.sandboxAddress, 49983), "hello");
     console.log(`allocate took ${elapsedMs.toFixed(1)} ms`);
@@ -90,7 +96,7 @@ test("allocates a namespace with a veth, addresses, a default route and low port
   }
   assert.ok(!existsSync(network.netnsPath));
   assert.ok(!existsSync(`/sys/class/net/${network.hostInterface}`));
-  assert.doesNotMatch(await nftSetElements(), new RegExp(network.sandboxAddress.replaceAll(".", "\\.")));
+  assert.equal(await policyOf(network.sandboxAddress), "");
 });
 
 test("a sandbox reaches neither the host nor another sandbox, but the host reaches both", { skip: !isRoot && "needs root" }, async () => {
@@ -101,8 +107,9 @@ test("a sandbox reaches neither the host nor another sandbox, but the host reach
   try {
     await listenInNetns(b.netnsName, b.sandboxAddress, 47002);
     assert.equal(await readFromHost(b.sandboxAddress, 47002), "hello");
-    assert.equal(await nodeInNetns(a.netnsName, connectScript(a.hostAddress, 47001)), "timeout");
-    assert.equal(await nodeInNetns(a.netnsName, connectScript(b.sandboxAddress, 47002)), "timeout");
+    // Sandbox TCP is redirected to the egress proxy (absent here: refused), never to the target.
+    assert.match(await nodeInNetns(a.netnsName, connectScript(a.hostAddress, 47001)), /^(timeout|ECONNREFUSED|ECONNRESET)$/);
+    assert.match(await nodeInNetns(a.netnsName, connectScript(b.sandboxAddress, 47002)), /^(timeout|ECONNREFUSED|ECONNRESET)$/);
     // Within its own namespace everything works, loopback included.
     assert.equal(await nodeInNetns(b.netnsName, connectScript(b.sandboxAddress, 47002)), "got hello");
   } finally {
@@ -112,30 +119,42 @@ test("a sandbox reaches neither the host nor another sandbox, but the host reach
   }
 });
 
-test("policy changes move the sandbox address in and out of the internet set", { skip: !isRoot && "needs root" }, async () => {
+test("policy changes replace the sandbox's chain and sets atomically", { skip: !isRoot && "needs root" }, async () => {
   const network: SandboxNetwork = await manager.allocate(`${tag}d`, { allowInternetAccess: false });
-  const address = new RegExp(`\\b${network.sandboxAddress.replaceAll(".", "\\.")}\\b`);
   try {
-    assert.doesNotMatch(await nftSetElements(), address);
+    assert.match(await policyOf(network.sandboxAddress), /counter packets \d+ bytes \d+ drop/);
     await manager.applyPolicy(`${tag}d`, { allowInternetAccess: true });
-    assert.match(await nftSetElements(), address);
-    await manager.applyPolicy(`${tag}d`, { allowInternetAccess: true });
+    assert.match(await policyOf(network.sandboxAddress), /^\s*accept$/m);
+    await manager.applyPolicy(`${tag}d`, { allowInternetAccess: true, network: { denyOut: ["0.0.0.0/0"], allowOut: ["198.18.0.0/15", "example.com"] } });
+    const chain = await policyOf(network.sandboxAddress);
+    assert.match(chain, /ip daddr @p_[\d_]+_a accept/);
+    assert.match(chain, /ip daddr @p_[\d_]+_n accept/);
+    assert.match(chain, /ip daddr @p_[\d_]+_d counter packets \d+ bytes \d+ drop/);
+    const allowSet = (await runCommand(["nft", "list", "set", "inet", tableName, `${policyChainName(network.sandboxAddress)}_a`])).stdout;
+    assert.match(allowSet, /198\.18\.0\.0\/15/);
+    // A DNS answer for an allowed name pins its address for the kernel (UDP, ICMP).
+    await manager.pin(`${tag}d`, ["198.51.100.7"], 60);
+    const pinned = (await runCommand(["nft", "list", "set", "inet", tableName, `${policyChainName(network.sandboxAddress)}_n`])).stdout;
+    assert.match(pinned, /198\.51\.100\.7 timeout 1m/);
+    assert.deepEqual(manager.sandboxAt(network.sandboxAddress)?.policy.allowDomains, ["example.com"]);
     await manager.applyPolicy(`${tag}d`, { allowInternetAccess: false });
-    assert.doesNotMatch(await nftSetElements(), address);
-    await manager.applyPolicy(`${tag}d`, { allowInternetAccess: false });
+    assert.match(await policyOf(network.sandboxAddress), /drop/);
   } finally {
     await manager.release(`${tag}d`);
   }
+  assert.equal(manager.sandboxAt(network.sandboxAddress), undefined);
 });
 
-test("the ruleset masquerades allowed sandboxes and drops link-local, and re-init keeps the set", { skip: !isRoot && "needs root" }, async () => {
+test("the ruleset redirects DNS and TCP, masquerades, and drops the floor; re-init keeps policies", { skip: !isRoot && "needs root" }, async () => {
   const network = await manager.allocate(`${tag}e`, { allowInternetAccess: true });
   try {
     await manager.init();
     const table = (await runCommand(["nft", "list", "table", "inet", tableName])).stdout;
-    assert.match(table, /ip saddr @internet_allowed ip daddr != 10\.231\.\d+\.0\/24 masquerade/);
-    assert.match(table, /ip daddr 169\.254\.0\.0\/16 counter packets \d+ bytes \d+ drop/);
-    assert.match(table, new RegExp(network.sandboxAddress.replaceAll(".", "\\.")));
+    assert.match(table, /ip saddr 10\.231\.\d+\.0\/24 ip daddr != 10\.231\.\d+\.0\/24 masquerade/);
+    assert.match(table, /th dport 53 redirect to :\d+/);
+    assert.match(table, /meta l4proto tcp redirect to :\d+/);
+    assert.match(table, /169\.254\.0\.0\/16/);
+    assert.match(table, new RegExp(`${network.sandboxAddress.replaceAll(".", "\\.")} : goto`));
     assert.equal((await readFile("/proc/sys/net/ipv4/ip_forward", "utf8")).trim(), "1");
   } finally {
     await manager.release(`${tag}e`);
@@ -156,12 +175,13 @@ test("adopt marks the address used and restores the policy", { skip: !isRoot && 
   try {
     const restarted = createNetnsManager({ subnet }, { tableName, netnsPrefix, interfacePrefix: "cbt" });
     await restarted.adopt(`${tag}g`, first, { allowInternetAccess: true });
-    assert.match(await nftSetElements(), new RegExp(first.sandboxAddress.replaceAll(".", "\\.")));
+    assert.match(await policyOf(first.sandboxAddress), /^\s*accept$/m);
     const second = await restarted.allocate(`${tag}h`, { allowInternetAccess: false });
     assert.notEqual(second.sandboxAddress, first.sandboxAddress);
     await restarted.release(`${tag}h`);
     await restarted.release(`${tag}g`);
-    assert.doesNotMatch(await nftSetElements(), new RegExp(first.sandboxAddress.replaceAll(".", "\\.")));
+    restarted.close();
+    assert.equal(await policyOf(first.sandboxAddress), "");
   } finally {
     await manager.release(`${tag}g`);
   }

@@ -7,8 +7,11 @@ import { runCommand } from "../shared/exec.js";
 import { pathExists } from "../shared/fs.js";
 import { createLogger } from "../shared/log.js";
 import { AddressPool } from "./address-pool.js";
-import { buildPolicyUpdate, buildRuleset } from "./nft-ruleset.js";
-import type { NetworkManager, NetworkPolicy, SandboxNetwork } from "./types.js";
+import { buildEgressPolicy, egressPolicyOf } from "./egress-policy.js";
+import type { EgressPolicy } from "./egress-types.js";
+import { NftShell } from "./nft-shell.js";
+import { buildRuleset, pinTransaction, policyTransaction, removePolicyTransaction } from "./nft-ruleset.js";
+import type { NetworkManager, SandboxNetwork } from "./types.js";
 
 const log = createLogger("network");
 
@@ -24,13 +27,24 @@ export interface NetnsManagerOptions {
   netnsPrefix?: string;
   /** Host veth names are this plus a hash (≤ 15 chars in all). Default "cb". */
   interfacePrefix?: string;
+  /**
+   * Host ports of the DNS forwarder and the egress proxy that sandbox DNS and TCP are redirected
+   * to. Without them no sandbox TCP or DNS leaves at all (fail closed; runtime tests).
+   */
+  egressPorts?: { dns: number; proxy: number };
+  /** Private ranges sandboxes may reach (CUBICLE_EGRESS_PRIVATE_ALLOW); all others are denied. */
+  privateAllowed?: readonly string[];
+  /** Told after a sandbox's policy changed (the proxy cuts connections it no longer allows). */
+  onPolicyChange?: (sandboxId: string) => void;
 }
 
 interface NetworkRecord {
+  sandboxId: string;
   network: SandboxNetwork;
   blockIndex: number;
-  allowInternet: boolean;
+  policy: EgressPolicy;
 }
+
 
 /**
  * Network manager built on `ip netns`, veth pairs and one nftables table. Every sandbox gets a
@@ -44,21 +58,35 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
   if (!/^[a-z][a-z0-9]{0,3}$/.test(interfacePrefix)) throw new CubicleError("invalid_argument", `interface prefix ${JSON.stringify(interfacePrefix)} must be 1–4 lowercase letters or digits`);
   const pool = new AddressPool(config.subnet);
   const records = new Map<string, NetworkRecord>();
+  const byAddress = new Map<string, NetworkRecord>();
+  const shell = new NftShell();
+  // Without the forwarder and proxy, redirect to ports nothing listens on: nothing leaves.
+  const egressPorts = options.egressPorts ?? { dns: 9, proxy: 9 };
 
   const netnsName = (sandboxId: string) => netnsPrefix + checkSandboxId(sandboxId);
   const hostInterfaceName = (sandboxId: string) =>
     interfacePrefix + createHash("sha256").update(sandboxId).digest("hex").slice(0, 15 - interfacePrefix.length);
 
-  async function nft(script: string): Promise<void> {
-    await runCommand(["nft", "-f", "-"], { input: script, timeoutMs: COMMAND_TIMEOUT_MS });
+  async function setPolicy(record: NetworkRecord, policy: EgressPolicy): Promise<void> {
+    await shell.run(policyTransaction(tableName, record.network.sandboxAddress, policy));
+    record.policy = policy;
   }
 
-  async function setPolicy(address: string, allowInternet: boolean): Promise<void> {
-    await nft(buildPolicyUpdate(tableName, address, allowInternet));
+  function remember(record: NetworkRecord): void {
+    records.set(record.sandboxId, record);
+    byAddress.set(record.network.sandboxAddress, record);
+  }
+
+  function forget(sandboxId: string): void {
+    const record = records.get(sandboxId);
+    if (!record) return;
+    records.delete(sandboxId);
+    if (byAddress.get(record.network.sandboxAddress) === record) byAddress.delete(record.network.sandboxAddress);
   }
 
   /** The host half of allocate(): namespace, veth pair, addresses, policy; released again on failure. */
-  async function setUp(sandboxId: string, network: SandboxNetwork, policy: NetworkPolicy): Promise<SandboxNetwork> {
+  async function setUp(sandboxId: string, record: NetworkRecord): Promise<SandboxNetwork> {
+    const network = record.network;
     const name = network.netnsName;
     try {
       // Host side in one `ip` run; `netns exec` inside a batch forks only a tiny sysctl. The
@@ -80,7 +108,7 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
       ];
       await Promise.all([
         runCommand(["ip", "-n", name, "-batch", "-"], { input: sandboxSide.join("\n") + "\n", timeoutMs: COMMAND_TIMEOUT_MS }),
-        policy.allowInternetAccess ? setPolicy(network.sandboxAddress, true) : Promise.resolve(),
+        setPolicy(record, record.policy),
       ]);
       return { ...network };
     } catch (err) {
@@ -93,8 +121,10 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
     async init() {
       // Forwarding is host-wide; the forward chain below keeps sandboxes from using it freely.
       await writeFile("/proc/sys/net/ipv4/ip_forward", "1\n");
-      const internetAllowed = [...records.values()].filter((r) => r.allowInternet).map((r) => r.network.sandboxAddress);
-      await nft(buildRuleset({ tableName, subnet: pool.normalizedCidr, interfacePrefix, internetAllowed }));
+      const policies = new Map([...records.values()].map((r) => [r.network.sandboxAddress, r.policy] as const));
+      await shell.run(
+        buildRuleset({ tableName, subnet: pool.normalizedCidr, interfacePrefix, dnsPort: egressPorts.dns, proxyPort: egressPorts.proxy, privateAllowed: options.privateAllowed ?? [], policies }),
+      );
       log.info("nftables table ready", { table: `inet ${tableName}`, subnet: config.subnet });
     },
 
@@ -114,26 +144,40 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
         sandboxAddress: link.sandboxAddress,
         prefixLength: link.prefixLength,
       };
-      const record: NetworkRecord = { network, blockIndex: link.blockIndex, allowInternet: policy.allowInternetAccess };
-      records.set(sandboxId, record);
-      return { network: { ...network }, ready: setUp(sandboxId, network, policy) };
+      const record: NetworkRecord = { sandboxId, network, blockIndex: link.blockIndex, policy: egressPolicyOf(policy) };
+      remember(record);
+      return { network: { ...network }, ready: setUp(sandboxId, record) };
     },
 
     async adopt(sandboxId, network, policy) {
       checkSandboxId(sandboxId);
       const existing = records.get(sandboxId);
       if (existing) pool.release(existing.blockIndex);
+      forget(sandboxId);
       const blockIndex = pool.claim(network.sandboxAddress);
-      const allowInternet = policy?.allowInternetAccess ?? existing?.allowInternet ?? false;
-      records.set(sandboxId, { network: { ...network }, blockIndex, allowInternet });
-      if (policy) await setPolicy(network.sandboxAddress, allowInternet);
+      // Until a policy is given (recovery passes the recorded one), nothing leaves: fail closed.
+      const record: NetworkRecord = { sandboxId, network: { ...network }, blockIndex, policy: policy ? egressPolicyOf(policy) : (existing?.policy ?? buildEgressPolicy(false, undefined)) };
+      remember(record);
+      await setPolicy(record, record.policy);
     },
 
     async applyPolicy(sandboxId, policy) {
       const record = records.get(sandboxId);
       if (!record) throw new CubicleError("not_found", `sandbox ${sandboxId} has no network on this host`);
-      await setPolicy(record.network.sandboxAddress, policy.allowInternetAccess);
-      record.allowInternet = policy.allowInternetAccess;
+      await setPolicy(record, egressPolicyOf(policy));
+      options.onPolicyChange?.(sandboxId);
+    },
+
+    sandboxAt(address) {
+      const record = byAddress.get(address);
+      return record ? { sandboxId: record.sandboxId, policy: record.policy } : undefined;
+    },
+
+    async pin(sandboxId, addresses, ttlSec) {
+      const record = records.get(sandboxId);
+      // Only a sandbox with rules of its own consults its pinned set in the kernel.
+      if (!record || addresses.length === 0 || !record.policy.allowInternet || record.policy.denyCidrs.length === 0) return;
+      await shell.run(pinTransaction(tableName, record.network.sandboxAddress, addresses, ttlSec));
     },
 
     async release(sandboxId) {
@@ -151,14 +195,21 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
       if (lines.length > 0) {
         await runCommand(["ip", "-force", "-batch", "-"], { input: lines.join("\n") + "\n", timeoutMs: COMMAND_TIMEOUT_MS, allowFailure: true });
       }
-      if (address && pool.contains(address)) await setPolicy(address, false).catch((err) => log.warn("could not remove address from the internet set", { sandboxId, error: String(err) }));
+      if (address && pool.contains(address)) {
+        await shell.run(removePolicyTransaction(tableName, address)).catch((err) => log.warn("could not remove the sandbox's nftables policy", { sandboxId, error: String(err) }));
+      }
       const leftovers = [
         (await pathExists(path.join("/sys/class/net", hostInterface))) ? hostInterface : undefined,
         (await pathExists(path.join(NETNS_DIR, name))) ? name : undefined,
       ].filter(Boolean);
       if (leftovers.length > 0) throw new CubicleError("internal", `could not remove ${leftovers.join(", ")} of sandbox ${sandboxId}; see the server log`);
       if (record) pool.release(record.blockIndex);
-      records.delete(sandboxId);
+      forget(sandboxId);
+      options.onPolicyChange?.(sandboxId);
+    },
+
+    close() {
+      shell.close();
     },
 
     async listRuntimeIds() {

@@ -1,59 +1,164 @@
+import { ALWAYS_DENIED, PRIVATE_DENIED, needsOwnRules } from "./egress-policy.js";
+import type { EgressPolicy } from "./egress-types.js";
+
 /** Names that the generated nftables table uses; the table is Cubicle's alone. */
 export interface RulesetOptions {
   tableName: string;
   /** The sandbox pool, e.g. 10.88.0.0/16. */
   subnet: string;
-  /** Host-side veth names start with this (IPv6 from sandboxes is dropped by it). */
+  /** Host-side veth names start with this. */
   interfacePrefix: string;
-  /** Sandbox addresses already allowed to reach the internet (kept across a re-init). */
-  internetAllowed: readonly string[];
+  /** Where the DNS forwarder (UDP and TCP) and the egress proxy listen on the host. */
+  dnsPort: number;
+  proxyPort: number;
+  /** Private ranges the operator opened (CUBICLE_EGRESS_PRIVATE_ALLOW). */
+  privateAllowed: readonly string[];
+  /** Sandboxes already known (kept across a re-init): address → policy. */
+  policies: ReadonlyMap<string, EgressPolicy>;
 }
 
-/** The set holding the sandbox addresses whose policy allows internet egress. */
-export const INTERNET_SET = "internet_allowed";
+/** sandbox address → its verdict map element's chain. */
+export const POLICY_MAP = "sandbox_policy";
+
+/** `10.88.0.2` → `p_10_88_0_2`: the sandbox's chain; its sets add `_a`, `_d`, `_n`. */
+export function policyChainName(address: string): string {
+  if (!/^\d{1,3}(\.\d{1,3}){3}$/.test(address)) throw new Error(`not an IPv4 address: ${address}`);
+  return `p_${address.replaceAll(".", "_")}`;
+}
 
 /**
- * The whole Cubicle table as an `nft -f` script. Adding then deleting the table first makes it
- * one atomic transaction that works whether or not the table exists.
+ * The whole Cubicle table as an `nft -f` script (NFT_RULESET_NOTE). Adding then deleting the
+ * table first makes it one atomic transaction that works whether or not the table exists.
  *
+ * NFT_RULESET_NOTE: what the kernel enforces.
+ * - Every TCP connection a sandbox opens is redirected to the egress proxy on the host (nat
+ *   prerouting), which decides by address, SNI or Host and pinned DNS answers, audits, injects
+ *   headers and tunnels through SOCKS5. No sandbox TCP is ever forwarded.
+ * - Every DNS packet (UDP or TCP port 53, to any address) is redirected to Cubicle's DNS
+ *   forwarder, so "asking another resolver" asks Cubicle's.
+ * - UDP, ICMP and the rest are forwarded (and masqueraded) only past the floor — never to the
+ *   host, other sandboxes, loopback, link-local/metadata, multicast/reserved, or private space
+ *   unless opened — and then through the sandbox's own chain (`goto p_<address>` from the
+ *   verdict map): its allowOut addresses, the addresses its DNS answers pinned for allowed
+ *   names (a timeout set the forwarder fills), its denyOut, then accept. Every packet is
+ *   checked, not only a flow's first, so a policy update cuts open flows at once.
+ * - Sandboxes reach the host only as redirected DNS and proxy traffic (`ct status dnat`), and
+ *   are reached only by the host (the router) on connections it opened. IPv6 from a sandbox is
+ *   dropped (its eth0 has IPv6 disabled, and its root cannot change that).
  * Sandbox traffic is recognised by source address: the sandbox's root has no CAP_NET_ADMIN or
  * CAP_NET_RAW over its netns (owned by the host user namespace), so it can neither change its
  * address nor forge another one.
  */
 export function buildRuleset(options: RulesetOptions): string {
   const { tableName: t, subnet: s, interfacePrefix: p } = options;
-  const elements = options.internetAllowed.length > 0 ? `\n    elements = { ${options.internetAllowed.join(", ")} }` : "";
+  const opened = options.privateAllowed.length > 0 ? `\n    elements = { ${options.privateAllowed.join(", ")} }` : "";
+  const known = [...options.policies].map(([address, policy]) => policyTransaction(t, address, policy)).join("");
   return `table inet ${t}
 delete table inet ${t}
 table inet ${t} {
-  set ${INTERNET_SET} {
-    type ipv4_addr${elements}
+  set always_denied {
+    type ipv4_addr; flags interval
+    elements = { ${[...ALWAYS_DENIED, s].join(", ")} }
+  }
+  set private_denied {
+    type ipv4_addr; flags interval
+    elements = { ${PRIVATE_DENIED.join(", ")} }
+  }
+  set private_opened {
+    type ipv4_addr; flags interval${opened}
+  }
+  map ${POLICY_MAP} {
+    type ipv4_addr : verdict
+  }
+  chain prerouting {
+    type nat hook prerouting priority dstnat; policy accept;
+    iifname "${p}*" meta l4proto { tcp, udp } th dport 53 redirect to :${options.dnsPort}
+    iifname "${p}*" meta l4proto tcp redirect to :${options.proxyPort}
   }
   chain input {
     type filter hook input priority filter - 5; policy accept;
     ip saddr ${s} ct state established,related accept
+    iifname "${p}*" ip saddr ${s} meta l4proto { tcp, udp } th dport ${options.dnsPort} ct status dnat accept
+    iifname "${p}*" ip saddr ${s} meta l4proto tcp th dport ${options.proxyPort} ct status dnat accept
     ip saddr ${s} counter drop comment "sandbox to host"
     iifname "${p}*" meta nfproto ipv6 drop
+    meta l4proto { tcp, udp } th dport { ${options.dnsPort}, ${options.proxyPort} } ip saddr != ${s} drop comment "the forwarder and proxy serve sandboxes only"
   }
   chain forward {
     type filter hook forward priority filter - 5; policy accept;
     ip daddr ${s} ct state established,related accept
     ip daddr ${s} counter drop comment "only the router reaches sandboxes"
-    ip saddr ${s} ip daddr 169.254.0.0/16 counter drop comment "link-local and metadata"
-    ip saddr ${s} ip saddr != @${INTERNET_SET} counter drop comment "internet not allowed"
     iifname "${p}*" meta nfproto ipv6 drop
+    ip saddr ${s} meta l4proto tcp counter drop comment "sandbox TCP goes through the egress proxy"
+    ip saddr ${s} ip daddr @always_denied counter drop comment "host, sandboxes, loopback, link-local, multicast"
+    ip saddr ${s} ip daddr @private_denied ip daddr != @private_opened counter drop comment "private address space"
+    ip saddr ${s} ip saddr vmap @${POLICY_MAP}
+    ip saddr ${s} counter drop comment "no policy"
   }
   chain postrouting {
     type nat hook postrouting priority srcnat; policy accept;
-    ip saddr @${INTERNET_SET} ip daddr != ${s} masquerade
+    ip saddr ${s} ip daddr != ${s} masquerade
   }
 }
-`;
+${known}`;
 }
 
-/** One `nft -f` script that puts an address in or out of the internet set, idempotently. */
-export function buildPolicyUpdate(tableName: string, address: string, allowInternet: boolean): string {
-  // Deleting an absent element fails, so add it first: add+delete in one transaction = "ensure absent".
-  const add = `add element inet ${tableName} ${INTERNET_SET} { ${address} }\n`;
-  return allowInternet ? add : add + `delete element inet ${tableName} ${INTERNET_SET} { ${address} }\n`;
+/**
+ * One transaction that gives the sandbox at `address` its policy (or replaces it): its chain and
+ * sets, flushed and refilled, and its verdict map element. Idempotent.
+ */
+export function policyTransaction(tableName: string, address: string, policy: EgressPolicy): string {
+  const chain = policyChainName(address);
+  const target = `inet ${tableName}`;
+  const lines = [
+    `add chain ${target} ${chain}`,
+    `add set ${target} ${chain}_a { type ipv4_addr; flags interval; }`,
+    `add set ${target} ${chain}_d { type ipv4_addr; flags interval; }`,
+    `add set ${target} ${chain}_n { type ipv4_addr; flags timeout; }`,
+    `flush chain ${target} ${chain}`,
+    `flush set ${target} ${chain}_a`,
+    `flush set ${target} ${chain}_d`,
+  ];
+  if (!policy.allowInternet) {
+    lines.push(`flush set ${target} ${chain}_n`, `add rule ${target} ${chain} counter drop`);
+  } else if (!needsOwnRules(policy)) {
+    lines.push(`add rule ${target} ${chain} accept`);
+  } else {
+    if (policy.allowCidrs.length > 0) lines.push(`add element ${target} ${chain}_a { ${policy.allowCidrs.join(", ")} }`);
+    if (policy.denyCidrs.length > 0) lines.push(`add element ${target} ${chain}_d { ${policy.denyCidrs.join(", ")} }`);
+    lines.push(
+      `add rule ${target} ${chain} ip daddr @${chain}_a accept`,
+      `add rule ${target} ${chain} ip daddr @${chain}_n accept`,
+      `add rule ${target} ${chain} ip daddr @${chain}_d counter drop`,
+      `add rule ${target} ${chain} accept`,
+    );
+  }
+  lines.push(`add element ${target} ${POLICY_MAP} { ${address} : goto ${chain} }`);
+  return lines.join("\n") + "\n";
+}
+
+/** One transaction that removes the sandbox's policy (map element, chain, sets). Idempotent. */
+export function removePolicyTransaction(tableName: string, address: string): string {
+  const chain = policyChainName(address);
+  const target = `inet ${tableName}`;
+  return [
+    `add chain ${target} ${chain}`,
+    `add set ${target} ${chain}_a { type ipv4_addr; flags interval; }`,
+    `add set ${target} ${chain}_d { type ipv4_addr; flags interval; }`,
+    `add set ${target} ${chain}_n { type ipv4_addr; flags timeout; }`,
+    `add element ${target} ${POLICY_MAP} { ${address} : goto ${chain} }`,
+    `delete element ${target} ${POLICY_MAP} { ${address} }`,
+    `flush chain ${target} ${chain}`,
+    `delete chain ${target} ${chain}`,
+    `delete set ${target} ${chain}_a`,
+    `delete set ${target} ${chain}_d`,
+    `delete set ${target} ${chain}_n`,
+  ].join("\n") + "\n";
+}
+
+/** Pins addresses a sandbox's DNS answer gave for an allowed name, for `timeoutSec`. */
+export function pinTransaction(tableName: string, address: string, pinned: readonly string[], timeoutSec: number): string {
+  const chain = policyChainName(address);
+  const elements = pinned.map((a) => `${a} timeout ${Math.max(1, Math.round(timeoutSec))}s`).join(", ");
+  return `add element inet ${tableName} ${chain}_n { ${elements} }\n`;
 }

@@ -1,3 +1,6 @@
+import type { NetworkFields } from "./egress-policy.js";
+import type { EgressPolicy } from "./egress-types.js";
+
 /** What a sandbox's network looks like once Cubicle has made it. */
 export interface SandboxNetwork {
   /** Name under /var/run/netns (`ip netns` name). */
@@ -15,8 +18,10 @@ export interface SandboxNetwork {
 }
 
 export interface NetworkPolicy {
-  /** Egress to the internet (NAT out of the host). Default true. */
+  /** E2B's allowInternetAccess: false is denyOut 0.0.0.0/0 (allowOut still opens its holes). */
   allowInternetAccess: boolean;
+  /** E2B's `network` egress fields (allowOut, denyOut, rules, egressProxy), validated by the API. */
+  network?: NetworkFields;
 }
 
 /**
@@ -40,8 +45,14 @@ export interface NetworkManager {
    * internet (fail closed).
    */
   adopt(sandboxId: string, network: SandboxNetwork, policy?: NetworkPolicy): Promise<void>;
-  /** Changes egress policy of a running sandbox. */
+  /** Replaces the egress policy of a sandbox, atomically; open flows it no longer allows are cut. */
   applyPolicy(sandboxId: string, policy: NetworkPolicy): Promise<void>;
+  /** The sandbox (by runtime id) holding a sandbox address, and its policy: the forwarder's and proxy's lookup. */
+  sandboxAt(address: string): { sandboxId: string; policy: EgressPolicy } | undefined;
+  /** Lets the kernel pass UDP/ICMP to addresses the sandbox's DNS answer gave for an allowed name. */
+  pin(sandboxId: string, addresses: readonly string[], ttlSec: number): Promise<void>;
+  /** Stops the resident nftables shell (the rules stay). */
+  close(): void;
   /** Removes namespace, veth, rules and frees the address. No error if already gone. */
   release(sandboxId: string): Promise<void>;
   /**

@@ -1,4 +1,4 @@
-import type { NetworkManager } from "../../network/types.js";
+import type { NetworkManager, NetworkPolicy } from "../../network/types.js";
 import type { Runtime, SandboxSpec } from "../../runtime/types.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger, roundMs } from "../../shared/log.js";
@@ -93,7 +93,8 @@ export class LifecycleContext {
       envVars: request.envVars,
       secure: request.secure,
       envdAccessToken: request.secure ? newToken() : undefined,
-      trafficAccessToken: undefined,
+      // Ingress through the router then needs this token (e2b-traffic-access-token), as upstream.
+      trafficAccessToken: request.networkConfig?.allowPublicTraffic === false ? newToken() : undefined,
       allowInternetAccess: request.allowInternetAccess,
       networkConfig: request.networkConfig,
       lifecycle: { autoResume: request.autoResume, onTimeout: request.autoPause ? "pause" : "kill" },
@@ -129,7 +130,7 @@ export class LifecycleContext {
    * container meanwhile and waits for it before the container joins (~10 ms saved per start).
    */
   async beginNetwork(record: SandboxRecord): Promise<{ ready: Promise<unknown> }> {
-    const { network, ready } = this.ports.network.begin(runtimeIdOf(record), { allowInternetAccess: record.allowInternetAccess });
+    const { network, ready } = this.ports.network.begin(runtimeIdOf(record), networkPolicyOf(record));
     // Observed here so that a failure while the runtime is still busy is no unhandled rejection;
     // the runtime awaits `ready` itself and so fails with it.
     ready.catch(() => undefined);
@@ -221,4 +222,20 @@ export class LifecycleContext {
       await this.ports.runtime.images.remove(record.pause.imageId).catch((err) => log.error("removing a pause image failed", { sandboxId: record.sandboxId, reason, error: String(err) }));
     }
   }
+}
+
+/** What the network manager enforces for a sandbox: its allowInternetAccess and `network` egress fields. */
+export function networkPolicyOf(record: Pick<SandboxRecord, "allowInternetAccess" | "networkConfig">): NetworkPolicy {
+  return { allowInternetAccess: record.allowInternetAccess, network: record.networkConfig };
+}
+
+/** Whether a sandbox's policy differs from a fresh pool entry's (everything public allowed). */
+export function hasOwnEgressPolicy(record: Pick<SandboxRecord, "allowInternetAccess" | "networkConfig">): boolean {
+  const network = record.networkConfig;
+  if (!record.allowInternetAccess) return true;
+  if (!network) return false;
+  return ["allowOut", "denyOut", "rules", "egressProxy"].some((field) => {
+    const value = network[field];
+    return value !== undefined && value !== null && !(Array.isArray(value) && value.length === 0);
+  });
 }

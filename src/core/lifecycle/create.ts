@@ -6,7 +6,7 @@ import { normaliseSnapshotRef } from "../snapshot-names.js";
 import type { CreateSandboxRequest, TemplateInfo } from "../types.js";
 import type { WarmPool } from "../warm-pool.js";
 import type { WarmSnapshots } from "../warm-snapshots.js";
-import { log, type LifecycleContext } from "./context.js";
+import { hasOwnEgressPolicy, log, networkPolicyOf, type LifecycleContext } from "./context.js";
 
 /** The alias a create named, or the template's first one. */
 function aliasOf(template: TemplateInfo, requested: string): string | undefined {
@@ -94,7 +94,7 @@ export class Creation {
       // Independent: the cgroup freezer and the nftables rules. Both settle before any teardown.
       const steps = await Promise.allSettled([
         ctx.ports.runtime.thaw(record.sandboxId),
-        request.allowInternetAccess ? undefined : ctx.ports.network.applyPolicy(record.sandboxId, { allowInternetAccess: false }),
+        hasOwnEgressPolicy(record) ? ctx.ports.network.applyPolicy(record.sandboxId, networkPolicyOf(record)) : undefined,
       ]);
       const failed = steps.find((step) => step.status === "rejected");
       if (failed) throw failed.reason;

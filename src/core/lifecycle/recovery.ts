@@ -1,6 +1,6 @@
 import { runtimeIdOf, type SandboxRecord } from "../../store/types.js";
 import type { WarmPool } from "../warm-pool.js";
-import { log, type LifecycleContext } from "./context.js";
+import { log, networkPolicyOf, type LifecycleContext } from "./context.js";
 import type { PauseTiers } from "./pause.js";
 
 export interface Recovered {
@@ -68,7 +68,7 @@ async function stillThere(ctx: LifecycleContext, pauses: PauseTiers, record: San
     // Frozen while running: the server died during a snapshot dump.
     if (state === "frozen") await runtime.thaw(runtimeId);
     if (state === "running" || state === "frozen") {
-      await network.adopt(runtimeId, record.network, { allowInternetAccess: record.allowInternetAccess });
+      await network.adopt(runtimeId, record.network, networkPolicyOf(record));
       alive = await agent.isHealthy(record.network.sandboxAddress);
     }
   } else if (record.state === "paused" && record.pause?.tier === "hot" && record.network) {
@@ -79,7 +79,7 @@ async function stillThere(ctx: LifecycleContext, pauses: PauseTiers, record: San
       if (record.pause.imageId) await ctx.table.update(record, { pause: { ...record.pause, imageId: undefined } });
     }
     if (state === "running" || state === "frozen") {
-      await network.adopt(runtimeId, record.network, { allowInternetAccess: record.allowInternetAccess });
+      await network.adopt(runtimeId, record.network, networkPolicyOf(record));
       alive = true;
     } else if (await images.exists(pauses.pauseImageId(record.sandboxId))) {
       // The frozen processes are gone (a host reboot; or the server died between a dump to
