@@ -4,6 +4,7 @@ import { decodePageCursor, encodePageCursor } from "../shared/page-cursor.js";
 import type { SandboxState } from "../store/types.js";
 import type { CreateSandboxRequest } from "../core/types.js";
 import { MAX_TIMEOUT_SEC } from "../core/sandbox-manager.js";
+import { parseBandwidthLimits } from "../network/bandwidth.js";
 import { buildEgressPolicy } from "../network/egress-policy.js";
 
 function fail(message: string): never {
@@ -77,7 +78,7 @@ export function parseEnvVars(value: unknown, field = "envVars"): Record<string, 
 }
 
 /** The `network` fields a create accepts; each is enforced (egress-policy.ts, the router). */
-const NETWORK_FIELDS = ["allowOut", "denyOut", "rules", "egressProxy", "allowPublicTraffic", "maskRequestHost", "httpsPorts"];
+const NETWORK_FIELDS = ["allowOut", "denyOut", "rules", "egressProxy", "allowPublicTraffic", "maskRequestHost", "httpsPorts", "bandwidth"];
 
 /**
  * `network` of a create: the E2B SandboxNetworkConfig. The egress fields are validated by the
@@ -93,6 +94,7 @@ function parseNetwork(value: unknown, allowInternetAccess: boolean): Record<stri
     if (!NETWORK_FIELDS.includes(key)) fail(`${entryName("network", key)} is not a network field (${NETWORK_FIELDS.join(", ")})`);
   }
   buildEgressPolicy(allowInternetAccess, network);
+  parseBandwidthLimits(network.bandwidth, "network.bandwidth");
   if (network.allowPublicTraffic !== undefined && network.allowPublicTraffic !== null && typeof network.allowPublicTraffic !== "boolean") fail("network.allowPublicTraffic must be true or false");
   if (network.maskRequestHost !== undefined && network.maskRequestHost !== null) {
     if (typeof network.maskRequestHost !== "string" || !/^[A-Za-z0-9.:${}_-]{1,253}$/.test(network.maskRequestHost)) fail("network.maskRequestHost must be a host name (it may hold ${PORT})");

@@ -7,11 +7,12 @@ import { runCommand } from "../shared/exec.js";
 import { pathExists } from "../shared/fs.js";
 import { createLogger } from "../shared/log.js";
 import { AddressPool } from "./address-pool.js";
+import { applyBandwidthLimits, parseBandwidthLimits, type BandwidthLimits } from "./bandwidth.js";
 import { buildEgressPolicy, egressPolicyOf } from "./egress-policy.js";
 import type { EgressPolicy } from "./egress-types.js";
 import { NftShell } from "./nft-shell.js";
 import { buildRuleset, pinTransaction, policyTransaction, removePolicyTransaction } from "./nft-ruleset.js";
-import type { NetworkManager, SandboxNetwork } from "./types.js";
+import type { NetworkManager, NetworkPolicy, SandboxNetwork } from "./types.js";
 
 const log = createLogger("network");
 
@@ -43,6 +44,12 @@ interface NetworkRecord {
   network: SandboxNetwork;
   blockIndex: number;
   policy: EgressPolicy;
+  /** The rate limits on its veth, as JSON ("" = none), to apply only what changed. */
+  bandwidth: string;
+}
+
+function bandwidthOf(policy: NetworkPolicy): BandwidthLimits | undefined {
+  return parseBandwidthLimits(policy.network?.bandwidth, "network.bandwidth");
 }
 
 
@@ -72,6 +79,14 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
     record.policy = policy;
   }
 
+  /** Rate limits are off by default: a sandbox without them costs no tc run. */
+  async function setBandwidth(record: NetworkRecord, limits: BandwidthLimits | undefined): Promise<void> {
+    const key = limits ? JSON.stringify(limits) : "";
+    if (key === record.bandwidth) return;
+    await applyBandwidthLimits(record.network.hostInterface, limits);
+    record.bandwidth = key;
+  }
+
   function remember(record: NetworkRecord): void {
     records.set(record.sandboxId, record);
     byAddress.set(record.network.sandboxAddress, record);
@@ -85,7 +100,7 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
   }
 
   /** The host half of allocate(): namespace, veth pair, addresses, policy; released again on failure. */
-  async function setUp(sandboxId: string, record: NetworkRecord): Promise<SandboxNetwork> {
+  async function setUp(sandboxId: string, record: NetworkRecord, limits: BandwidthLimits | undefined): Promise<SandboxNetwork> {
     const network = record.network;
     const name = network.netnsName;
     try {
@@ -110,6 +125,7 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
         runCommand(["ip", "-n", name, "-batch", "-"], { input: sandboxSide.join("\n") + "\n", timeoutMs: COMMAND_TIMEOUT_MS }),
         setPolicy(record, record.policy),
       ]);
+      await setBandwidth(record, limits);
       return { ...network };
     } catch (err) {
       await manager.release(sandboxId).catch((cleanupErr) => log.warn("cleanup after failed allocate failed", { sandboxId, error: String(cleanupErr) }));
@@ -144,9 +160,9 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
         sandboxAddress: link.sandboxAddress,
         prefixLength: link.prefixLength,
       };
-      const record: NetworkRecord = { sandboxId, network, blockIndex: link.blockIndex, policy: egressPolicyOf(policy) };
+      const record: NetworkRecord = { sandboxId, network, blockIndex: link.blockIndex, policy: egressPolicyOf(policy), bandwidth: "" };
       remember(record);
-      return { network: { ...network }, ready: setUp(sandboxId, record) };
+      return { network: { ...network }, ready: setUp(sandboxId, record, bandwidthOf(policy)) };
     },
 
     async adopt(sandboxId, network, policy) {
@@ -156,15 +172,24 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
       forget(sandboxId);
       const blockIndex = pool.claim(network.sandboxAddress);
       // Until a policy is given (recovery passes the recorded one), nothing leaves: fail closed.
-      const record: NetworkRecord = { sandboxId, network: { ...network }, blockIndex, policy: policy ? egressPolicyOf(policy) : (existing?.policy ?? buildEgressPolicy(false, undefined)) };
+      const record: NetworkRecord = {
+        sandboxId,
+        network: { ...network },
+        blockIndex,
+        policy: policy ? egressPolicyOf(policy) : (existing?.policy ?? buildEgressPolicy(false, undefined)),
+        // Unknown after a restart: applied again (tc replace is idempotent).
+        bandwidth: "?",
+      };
       remember(record);
       await setPolicy(record, record.policy);
+      if (policy) await setBandwidth(record, bandwidthOf(policy));
     },
 
     async applyPolicy(sandboxId, policy) {
       const record = records.get(sandboxId);
       if (!record) throw new CubicleError("not_found", `sandbox ${sandboxId} has no network on this host`);
       await setPolicy(record, egressPolicyOf(policy));
+      await setBandwidth(record, bandwidthOf(policy));
       options.onPolicyChange?.(sandboxId);
     },
 
@@ -195,6 +220,8 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
       if (lines.length > 0) {
         await runCommand(["ip", "-force", "-batch", "-"], { input: lines.join("\n") + "\n", timeoutMs: COMMAND_TIMEOUT_MS, allowFailure: true });
       }
+      // An egress rate limit's ifb outlives the veth: remove it (nothing to do, and no process, without one).
+      await applyBandwidthLimits(hostInterface, undefined).catch((err) => log.warn("could not remove the sandbox's rate limit device", { sandboxId, error: String(err) }));
       if (address && pool.contains(address)) {
         await shell.run(removePolicyTransaction(tableName, address)).catch((err) => log.warn("could not remove the sandbox's nftables policy", { sandboxId, error: String(err) }));
       }

@@ -20,8 +20,11 @@ export interface SandboxNetwork {
 export interface NetworkPolicy {
   /** E2B's allowInternetAccess: false is denyOut 0.0.0.0/0 (allowOut still opens its holes). */
   allowInternetAccess: boolean;
-  /** E2B's `network` egress fields (allowOut, denyOut, rules, egressProxy), validated by the API. */
-  network?: NetworkFields;
+  /**
+   * E2B's `network` egress fields (allowOut, denyOut, rules, egressProxy) and Cubicle's
+   * `bandwidth` ({egressMbps, ingressMbps}), validated by the API.
+   */
+  network?: NetworkFields & { bandwidth?: unknown };
 }
 
 /**
