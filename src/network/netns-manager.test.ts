@@ -87,7 +87,7 @@ test("allocates a namespace with a veth, addresses, a default route and low port
     assert.equal(JSON.parse(inside.stdout)[0].gateway, network.hostAddress);
     const sysctl = await runCommand(["ip", "netns", "exec", network.netnsName, "sysctl", "-n", "net.ipv4.ip_unprivileged_port_start"]);
     assert.equal(sysctl.stdout.trim(), "0");
-    assert.match(await policyOf(network.sandboxAddress), /^\s*accept$/m);
+    assert.match(await policyOf(network.sandboxAddress), /^\s*goto egress_allowed$/m);
     await listenInNetns(network.netnsName, network.sandboxAddress, 49983);
     assert.equal(await readFromHost(network.sandboxAddress, 49983), "hello");
     console.log(`allocate took ${elapsedMs.toFixed(1)} ms`);
@@ -122,14 +122,14 @@ test("a sandbox reaches neither the host nor another sandbox, but the host reach
 test("policy changes replace the sandbox's chain and sets atomically", { skip: !isRoot && "needs root" }, async () => {
   const network: SandboxNetwork = await manager.allocate(`${tag}d`, { allowInternetAccess: false });
   try {
-    assert.match(await policyOf(network.sandboxAddress), /counter packets \d+ bytes \d+ drop/);
+    assert.match(await policyOf(network.sandboxAddress), /goto egress_denied/);
     await manager.applyPolicy(`${tag}d`, { allowInternetAccess: true });
-    assert.match(await policyOf(network.sandboxAddress), /^\s*accept$/m);
+    assert.match(await policyOf(network.sandboxAddress), /^\s*goto egress_allowed$/m);
     await manager.applyPolicy(`${tag}d`, { allowInternetAccess: true, network: { denyOut: ["0.0.0.0/0"], allowOut: ["198.18.0.0/15", "example.com"] } });
     const chain = await policyOf(network.sandboxAddress);
-    assert.match(chain, /ip daddr @p_[\d_]+_a accept/);
-    assert.match(chain, /ip daddr @p_[\d_]+_n accept/);
-    assert.match(chain, /ip daddr @p_[\d_]+_d counter packets \d+ bytes \d+ drop/);
+    assert.match(chain, /ip daddr @p_[\d_]+_a goto egress_allowed/);
+    assert.match(chain, /ip daddr @p_[\d_]+_n goto egress_allowed/);
+    assert.match(chain, /ip daddr @p_[\d_]+_d goto egress_denied/);
     const allowSet = (await runCommand(["nft", "list", "set", "inet", tableName, `${policyChainName(network.sandboxAddress)}_a`])).stdout;
     assert.match(allowSet, /198\.18\.0\.0\/15/);
     // A DNS answer for an allowed name pins its address for the kernel (UDP, ICMP).
@@ -138,7 +138,7 @@ test("policy changes replace the sandbox's chain and sets atomically", { skip: !
     assert.match(pinned, /198\.51\.100\.7 timeout 1m/);
     assert.deepEqual(manager.sandboxAt(network.sandboxAddress)?.policy.allowDomains, ["example.com"]);
     await manager.applyPolicy(`${tag}d`, { allowInternetAccess: false });
-    assert.match(await policyOf(network.sandboxAddress), /drop/);
+    assert.match(await policyOf(network.sandboxAddress), /goto egress_denied/);
   } finally {
     await manager.release(`${tag}d`);
   }
@@ -175,7 +175,7 @@ test("adopt marks the address used and restores the policy", { skip: !isRoot && 
   try {
     const restarted = createNetnsManager({ subnet }, { tableName, netnsPrefix, interfacePrefix: "cbt" });
     await restarted.adopt(`${tag}g`, first, { allowInternetAccess: true });
-    assert.match(await policyOf(first.sandboxAddress), /^\s*accept$/m);
+    assert.match(await policyOf(first.sandboxAddress), /^\s*goto egress_allowed$/m);
     const second = await restarted.allocate(`${tag}h`, { allowInternetAccess: false });
     assert.notEqual(second.sandboxAddress, first.sandboxAddress);
     await restarted.release(`${tag}h`);

@@ -1,5 +1,6 @@
 import { ALWAYS_DENIED, PRIVATE_DENIED, needsOwnRules } from "./egress-policy.js";
 import type { EgressPolicy } from "./egress-types.js";
+import { kernelLogPrefix } from "./kernel-egress-log.js";
 
 /** Names that the generated nftables table uses; the table is Cubicle's alone. */
 export interface RulesetOptions {
@@ -70,6 +71,7 @@ table inet ${t} {
   map ${POLICY_MAP} {
     type ipv4_addr : verdict
   }
+${auditChains(t)}
   chain prerouting {
     type nat hook prerouting priority dstnat; policy accept;
     iifname "${p}*" meta l4proto { tcp, udp } th dport 53 redirect to :${options.dnsPort}
@@ -90,8 +92,8 @@ table inet ${t} {
     ip daddr ${s} counter drop comment "only the router reaches sandboxes"
     iifname "${p}*" meta nfproto ipv6 drop
     ip saddr ${s} meta l4proto tcp counter drop comment "sandbox TCP goes through the egress proxy"
-    ip saddr ${s} ip daddr @always_denied counter drop comment "host, sandboxes, loopback, link-local, multicast"
-    ip saddr ${s} ip daddr @private_denied ip daddr != @private_opened counter drop comment "private address space"
+    ip saddr ${s} ip daddr @always_denied goto egress_floor
+    ip saddr ${s} ip daddr @private_denied ip daddr != @private_opened goto egress_private
     ip saddr ${s} ip saddr vmap @${POLICY_MAP}
     ip saddr ${s} counter drop comment "no policy"
   }
@@ -101,6 +103,26 @@ table inet ${t} {
   }
 }
 ${known}`;
+}
+
+/**
+ * The verdict chains every forwarded sandbox packet ends in (KERNEL_LOG_NOTE).
+ *
+ * KERNEL_LOG_NOTE: the first packet of each UDP/ICMP flow a sandbox starts is logged to the
+ * kernel log with the prefix `cbe:<table>:<A|D|F|P> ` (allowed, denied by policy, denied by the
+ * floor, private), which KernelEgressLog turns into audit records. The logging is limited per
+ * sandbox address (20/s, bursts of 40) so a flood cannot fill the kernel log for everyone; the
+ * verdict itself applies to every packet, logged or not.
+ */
+function auditChains(t: string): string {
+  const chain = (name: string, letter: string, verdict: string) => `  set rl_${letter} {
+    type ipv4_addr; flags dynamic,timeout; timeout 1m; size 65536
+  }
+  chain ${name} {
+    ct state new update @rl_${letter} { ip saddr limit rate 20/second burst 40 packets } log prefix "${kernelLogPrefix(t)}${letter} " level debug
+    ${verdict}
+  }`;
+  return [chain("egress_allowed", "A", "accept"), chain("egress_denied", "D", "counter drop"), chain("egress_floor", "F", "counter drop"), chain("egress_private", "P", "counter drop")].join("\n");
 }
 
 /**
@@ -120,17 +142,17 @@ export function policyTransaction(tableName: string, address: string, policy: Eg
     `flush set ${target} ${chain}_d`,
   ];
   if (!policy.allowInternet) {
-    lines.push(`flush set ${target} ${chain}_n`, `add rule ${target} ${chain} counter drop`);
+    lines.push(`flush set ${target} ${chain}_n`, `add rule ${target} ${chain} goto egress_denied`);
   } else if (!needsOwnRules(policy)) {
-    lines.push(`add rule ${target} ${chain} accept`);
+    lines.push(`add rule ${target} ${chain} goto egress_allowed`);
   } else {
     if (policy.allowCidrs.length > 0) lines.push(`add element ${target} ${chain}_a { ${policy.allowCidrs.join(", ")} }`);
     if (policy.denyCidrs.length > 0) lines.push(`add element ${target} ${chain}_d { ${policy.denyCidrs.join(", ")} }`);
     lines.push(
-      `add rule ${target} ${chain} ip daddr @${chain}_a accept`,
-      `add rule ${target} ${chain} ip daddr @${chain}_n accept`,
-      `add rule ${target} ${chain} ip daddr @${chain}_d counter drop`,
-      `add rule ${target} ${chain} accept`,
+      `add rule ${target} ${chain} ip daddr @${chain}_a goto egress_allowed`,
+      `add rule ${target} ${chain} ip daddr @${chain}_n goto egress_allowed`,
+      `add rule ${target} ${chain} ip daddr @${chain}_d goto egress_denied`,
+      `add rule ${target} ${chain} goto egress_allowed`,
     );
   }
   lines.push(`add element ${target} ${POLICY_MAP} { ${address} : goto ${chain} }`);
