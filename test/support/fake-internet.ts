@@ -511,7 +511,9 @@ while True:
 `;
 
 async function icmpEcho(address: string, timeoutMs: number): Promise<number | undefined> {
-  const result = await runCommand(["python3", "-c", ICMP_ECHO_SCRIPT, address, String(timeoutMs / 1000)], { timeoutMs: timeoutMs + 5_000, allowFailure: true });
+  // pyenv's shim costs a second a run; Debian's python3 is there on every machine of this project.
+  const python = existsSync("/usr/bin/python3") ? "/usr/bin/python3" : "python3";
+  const result = await runCommand([python, "-c", ICMP_ECHO_SCRIPT, address, String(timeoutMs / 1000)], { timeoutMs: timeoutMs + 5_000, allowFailure: true });
   if (result.exitCode === 1 && result.stderr.trim() === "") return undefined;
   if (result.exitCode !== 0) throw new CubicleError("internal", `ICMP echo to ${address} failed: ${result.stderr.trim().slice(-500)}`);
   return Number(result.stdout.trim());
