@@ -522,21 +522,29 @@ describe("fake internet", () => {
     assert.equal((await inet.socksConnections()).length, 3, "records survive a stop and start");
   });
 
-  test("the namespace opens no connection out of it (a SOCKS CONNECT back to the host fails)", async (t) => {
-    const socks = inet.socks;
-    if (!socks) return t.skip("no SOCKS5 service");
+  test("the namespace opens no connection out of it (to the host's transit address, directly or through SOCKS5)", async () => {
     // A listener on the host's transit address: reachable from the namespace if it were not guarded.
-    const seen: net.Socket[] = [];
+    const seen: string[] = [];
     const listener = net.createServer((socket) => {
-      seen.push(socket);
+      seen.push(socket.remoteAddress ?? "");
       socket.destroy();
     });
     await new Promise<void>((resolve) => listener.listen(0, inet.hostTransitAddress, resolve));
     try {
       const port = (listener.address() as net.AddressInfo).port;
-      await inet.assertRouted(socks.address);
-      await assert.rejects(socks5Connect(socks, inet.hostTransitAddress, port), /reply [1-5]|closed/);
-      assert.equal(seen.length, 0);
+      // The listener works: a connection from the host's side arrives.
+      await new Promise<void>((resolve, reject) => net.connect({ host: inet.hostTransitAddress, port }, resolve).on("error", reject));
+      for (let i = 0; i < 40 && seen.length === 0; i++) await new Promise((r) => setTimeout(r, 25));
+      assert.equal(seen.length, 1);
+      const connectScript = "const s = require('net').connect({ host: process.argv[1], port: Number(process.argv[2]) }); s.on('connect', () => process.exit(0)); s.on('error', (e) => { console.log(e.code); process.exit(1); }); setTimeout(() => process.exit(2), 3000);";
+      const fromInside = await runCommand(["ip", "netns", "exec", inet.namespace, process.execPath, "-e", connectScript, inet.hostTransitAddress, String(port)], { allowFailure: true, timeoutMs: 15_000 });
+      assert.equal(fromInside.exitCode, 1, `a connection from inside the namespace was not refused: ${fromInside.stdout}${fromInside.stderr}`);
+      assert.match(fromInside.stdout, /ECONNREFUSED|EHOSTUNREACH/);
+      if (inet.socks) {
+        await inet.assertRouted(inet.socks.address);
+        await assert.rejects(socks5Connect(inet.socks, inet.hostTransitAddress, port), /reply [1-5]|closed/);
+      }
+      assert.equal(seen.length, 1, "something from inside the namespace reached the host");
     } finally {
       listener.close();
     }
@@ -584,7 +592,7 @@ describe("fake internet lifecycle", () => {
     assert.deepEqual(await ours(), before);
   });
 
-  test("a test process that exits or is killed without close() leaks nothing", async () => {
+  test("a test process that exits, is terminated or is killed without close() leaks nothing", async () => {
     const dir = await mkdtemp(path.join(os.tmpdir(), "cbi-fake-internet-test-"));
     try {
       const script = path.join(dir, "leaky.mts");
@@ -597,7 +605,7 @@ describe("fake internet lifecycle", () => {
           `setInterval(() => {}, 1000);\n`,
       );
       const runLeaky = (mode: "exit" | "hang") =>
-        new Promise<{ inet: FakeInternet; code: number | null; signal: string | null; kill(): void; exited: Promise<void> }>((resolve, reject) => {
+        new Promise<{ inet: FakeInternet; code: number | null; signal: string | null; kill(signal?: NodeJS.Signals): void; exited: Promise<void> }>((resolve, reject) => {
           const child = spawn(process.execPath, ["--import", "tsx", script, mode], { cwd: repoRoot, stdio: ["ignore", "pipe", "inherit"] });
           const timer = setTimeout(() => {
             child.kill("SIGKILL");
@@ -610,7 +618,7 @@ describe("fake internet lifecycle", () => {
             if (!out.includes("\n")) return;
             clearTimeout(timer);
             const inet = JSON.parse(out.split("\n")[0]!) as FakeInternet;
-            resolve({ inet, code: child.exitCode, signal: child.signalCode, kill: () => child.kill("SIGKILL"), exited });
+            resolve({ inet, code: child.exitCode, signal: child.signalCode, kill: (signal = "SIGKILL") => child.kill(signal), exited });
           });
           child.on("error", reject);
         });
@@ -618,6 +626,11 @@ describe("fake internet lifecycle", () => {
       const exiting = await runLeaky("exit");
       await exiting.exited;
       await assertGone(exiting.inet);
+
+      const terminated = await runLeaky("hang");
+      terminated.kill("SIGTERM");
+      await terminated.exited;
+      await assertGone(terminated.inet);
 
       const killed = await runLeaky("hang");
       killed.kill();

@@ -208,6 +208,9 @@ export async function startFakeInternet(options: FakeInternetOptions = {}): Prom
     const rebind = { name: "rebind.fake.test", publicAddress: addresses.http, privateAddress: rebindPrivateAddress };
     const records = buildRecords(addresses, options.records);
     const socksPort = options.socks ? (options.socks.port ?? 1080) : 1080;
+    if (!Number.isInteger(socksPort) || socksPort < 1 || socksPort > 65_535 || [53, 80, 443, 7].includes(socksPort)) {
+      throw new CubicleError("invalid_argument", `SOCKS5 port ${socksPort} must be 1–65535 and not 7, 53, 80 or 443`);
+    }
 
     const [caCertificatePem] = await Promise.all([
       makeCertificates(state.tempDir, Object.keys(records), [addresses.http, addresses.https, addresses.evil]),
