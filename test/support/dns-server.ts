@@ -36,6 +36,8 @@ export interface DnsServerQuery {
   type: number;
   transport: "udp" | "tcp";
   id: number;
+  /** The client's source port. */
+  sourcePort: number;
 }
 
 export interface DnsServer {
@@ -56,12 +58,12 @@ export async function startDnsServer(options: DnsServerOptions, attempt = 0): Pr
   const queries: string[] = [];
   const log: DnsServerQuery[] = [];
 
-  const answer = (request: DnsMessage, transport: "udp" | "tcp"): Buffer | undefined => {
+  const answer = (request: DnsMessage, transport: "udp" | "tcp", sourcePort: number): Buffer | undefined => {
     const question = request.questions[0];
     if (request.header.qr || request.questions.length !== 1 || !question) return buildResponse({ header: request.header, questions: [] }, { rcode: DnsRcode.FORMERR });
     const name = question.name.toLowerCase();
     queries.push(name);
-    log.push({ name, type: question.type, transport, id: request.header.id });
+    log.push({ name, type: question.type, transport, id: request.header.id, sourcePort });
     if (silent.has(name)) return undefined;
     const answers: DnsRecord[] = [];
     let current = name;
@@ -106,7 +108,7 @@ export async function startDnsServer(options: DnsServerOptions, attempt = 0): Pr
         const length = buffered.readUInt16BE(0);
         const request = parse(buffered.subarray(2, 2 + length));
         buffered = buffered.subarray(2 + length);
-        const response = request && answer(request, "tcp");
+        const response = request && answer(request, "tcp", socket.remotePort ?? 0);
         if (!response) continue;
         const frame = Buffer.alloc(2 + response.length);
         frame.writeUInt16BE(response.length);
@@ -117,7 +119,7 @@ export async function startDnsServer(options: DnsServerOptions, attempt = 0): Pr
   });
   udp.on("message", (bytes, remote) => {
     const request = parse(bytes);
-    const response = request && answer(request, "udp");
+    const response = request && answer(request, "udp", remote.port);
     if (response) udp.send(response, remote.port, remote.address);
   });
 
