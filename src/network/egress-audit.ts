@@ -132,9 +132,11 @@ export class EgressAuditLog {
 
   /**
    * Keeps `rec` (the object itself: later changes to its bytes and duration show in `list`).
-   * Strings longer than the log keeps (a hostile SNI) are clipped in place.
+   * Strings longer than the log keeps (a hostile SNI) are clipped in place; a time that is not a
+   * number becomes now.
    */
   record(rec: EgressRecord): void {
+    if (!Number.isFinite(rec.time)) rec.time = this.now();
     rec.address = clip(rec.address, CLIP.address);
     if (rec.domain !== undefined) rec.domain = clip(rec.domain, CLIP.domain);
     rec.reason = clip(rec.reason, CLIP.reason);
