@@ -410,13 +410,14 @@ function generateOpenApi(file) {
   out += "} as const;\n\n";
   const bodyOf = (content) => {
     const schema = content?.["application/json"]?.schema;
+    if (!schema && content?.["text/plain"]) return "string";
     return schema ? schemaType(schema, "    ") : "undefined";
   };
   out += doc("The JSON request body each operation reads (`undefined` = none).");
   out += "export interface ApiRequestBodies {\n";
   for (const { operation } of operations) out += `  ${operation.operationId}: ${operation.requestBody ? bodyOf(operation.requestBody.content) : "undefined"};\n`;
   out += "}\n\n";
-  out += doc("The JSON body of each operation's answers, by HTTP status (`undefined` = no body).");
+  out += doc("The JSON body of each operation's answers, by HTTP status (`undefined` = no body, `string` = a text body).");
   out += "export interface ApiResponses {\n";
   for (const { operation } of operations) {
     out += `  ${operation.operationId}: {\n`;

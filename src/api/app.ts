@@ -4,10 +4,15 @@ import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest }
 import { decodeSnapshotCursor, DEFAULT_FORK_TIMEOUT_SEC, encodeSnapshotCursor } from "../core/index.js";
 import type { SandboxManager } from "../core/sandbox-manager.js";
 import type { MetricSample } from "../core/metrics.js";
+import type { EgressAuditLog, EgressRecord } from "../network/index.js";
 import type { apiSchema } from "../protocol/index.js";
 import { constantTimeEquals } from "../shared/compare.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { createLogger } from "../shared/log.js";
+import { decodePageCursor, encodePageCursor } from "../shared/page-cursor.js";
+import { PROMETHEUS_CONTENT_TYPE, renderPrometheus, type MetricFamily } from "../shared/prometheus.js";
+import { parseNewSecret, parseSecretUpdate, SECRET_BOUNDS, type SecretInfo, type SecretVault } from "../secrets/index.js";
+import type { SandboxRecord } from "../store/index.js";
 import {
   decodeCursor,
   encodeCursor,
@@ -47,6 +52,10 @@ export interface ApiOptions {
   listTemplates: () => Promise<apiSchema.TemplateSummary[]>;
   /** Makes the HTTP server; requests it does not route elsewhere go to `apiHandler`. */
   serverFactory: (apiHandler: (req: IncomingMessage, res: ServerResponse) => void) => Server;
+  /** The project's secrets (`/secrets`). */
+  secrets: SecretVault;
+  /** What sandboxes tried to reach (`GET /sandboxes/{id}/network/egress`) and its counters (`GET /metrics`). */
+  egressAudit: EgressAuditLog;
   /**
    * Answers requests Node cannot parse (bad request line, header overflow, timeouts) on the raw
    * socket. Fastify's default answers with a body that is not `{code, message}`.
@@ -56,6 +65,12 @@ export interface ApiOptions {
 
 type Params = { sandboxID: string };
 
+/**
+ * Longest path parameter, in characters as sent: a secret name of SECRET_BOUNDS.nameBytes
+ * bytes, each percent-encoded (`%XX`). Fastify's default (100) would refuse longer names.
+ */
+const MAX_PATH_PARAM_CHARS = SECRET_BOUNDS.nameBytes * 3;
+
 /** The E2B control-plane REST API (and `GET /health`) as a fastify app. */
 export function createApiApp(options: ApiOptions): FastifyInstance {
   const app = Fastify({
@@ -64,8 +79,8 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
     serverFactory: options.serverFactory,
     ...(options.clientErrorHandler ? { clientErrorHandler: options.clientErrorHandler } : {}),
     // Sandbox ids and paths are case-sensitive; trailing slashes are tolerated like upstream.
-    routerOptions: { ignoreTrailingSlash: true },
-    // Errors of fastify's router (a bad percent-encoding, a path parameter over 100 characters)
+    routerOptions: { ignoreTrailingSlash: true, maxParamLength: MAX_PATH_PARAM_CHARS },
+    // Errors of fastify's router (a bad percent-encoding, a path parameter over MAX_PATH_PARAM_CHARS)
     // bypass the error handler unless they come through here.
     frameworkErrors: (error, request, reply) => sendE2bError(error, request, reply),
   });
@@ -90,7 +105,7 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
     if (error instanceof CubicleError) return error;
     const statusCode = typeof error === "object" && error !== null ? (error as { statusCode?: unknown }).statusCode : undefined;
     if (statusCode === 413) return new CubicleError("invalid_argument", "the request body is too large (at most 1 MiB)", { cause: error });
-    if (statusCode === 414) return new CubicleError("invalid_argument", "a path segment (a sandbox or snapshot id) is too long: at most 100 characters", { cause: error });
+    if (statusCode === 414) return new CubicleError("invalid_argument", `a path segment (an id or a name) is too long: at most ${MAX_PATH_PARAM_CHARS} characters`, { cause: error });
     if (typeof statusCode === "number" && statusCode >= 400 && statusCode < 500) {
       return new CubicleError("invalid_argument", (error as { message?: string }).message || "bad request", { cause: error });
     }
@@ -306,7 +321,104 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
 
   app.get("/templates", async (): Promise<apiSchema.TemplateSummary[]> => options.listTemplates());
 
+  // Secrets: the value goes in (create, update) and never comes out, nor into a log or an error.
+  const { secrets } = options;
+  app.get("/secrets", async function listSecrets(request: FastifyRequest<{ Querystring: Record<string, unknown> }>, reply): Promise<apiSchema.Secret[]> {
+    const query = (name: string) => singleQueryValue(request.query, name);
+    const limit = parseLimit(query("limit"));
+    const cursor = decodePageCursor(query("nextToken"), (id) => /^sec_[0-9a-f]{1,64}$/.test(id));
+    const found = await secrets.list({ after: cursor && { createdAt: cursor.at, secretId: cursor.id }, limit: limit + 1 });
+    const page = found.slice(0, limit);
+    if (found.length > limit) {
+      const last = page[page.length - 1]!;
+      void reply.header("X-Next-Token", encodePageCursor(last.createdAt, last.secretId));
+    }
+    return page.map(secretView);
+  });
+
+  app.post("/secrets", async function createSecret(request, reply) {
+    const created = await secrets.create(parseNewSecret(request.body));
+    return reply.status(201).send(secretView(created));
+  });
+
+  app.get("/secrets/:secretID", async function getSecret(request: FastifyRequest<{ Params: SecretParams }>): Promise<apiSchema.Secret> {
+    return secretView(secrets.info(request.params.secretID));
+  });
+
+  app.post("/secrets/:secretID", async function updateSecret(request: FastifyRequest<{ Params: SecretParams }>): Promise<apiSchema.Secret> {
+    return secretView(await secrets.update(request.params.secretID, parseSecretUpdate(request.body)));
+  });
+
+  app.delete("/secrets/:secretID", async function deleteSecret(request: FastifyRequest<{ Params: SecretParams }>, reply) {
+    if (!(await secrets.delete(request.params.secretID))) throw new CubicleError("not_found", `secret ${JSON.stringify(request.params.secretID.slice(0, 200))} not found`);
+    return reply.status(204).send();
+  });
+
+  // Cubicle extension: the egress audit log of a sandbox, newest first.
+  const { egressAudit } = options;
+  app.get("/sandboxes/:sandboxID/network/egress", async function listEgress(request: FastifyRequest<{ Params: Params; Querystring: Record<string, unknown> }>, reply) {
+    const query = (name: string) => singleQueryValue(request.query, name);
+    const limit = parseEgressLimit(query("limit"));
+    const nextToken = query("nextToken");
+    const sandboxId = request.params.sandboxID;
+    // Known: in the log (also after it ended), or running or paused (an empty log). Else 404.
+    if (!egressAudit.has(sandboxId)) await manager.get(sandboxId);
+    const page = egressAudit.list(sandboxId, { limit, nextToken });
+    if (page.nextToken) void reply.header("X-Next-Token", page.nextToken);
+    return page.items.map(egressRecordView);
+  });
+
+  // Cubicle extension: Prometheus text exposition.
+  app.get("/metrics", async function prometheusMetrics(_request, reply) {
+    const families = [...egressAudit.metricFamilies(), sandboxStateGauge(manager.liveSandboxes())];
+    return reply.type(PROMETHEUS_CONTENT_TYPE).send(renderPrometheus(families));
+  });
+
   return app;
+}
+
+type SecretParams = { secretID: string };
+
+function secretView(secret: SecretInfo): apiSchema.Secret {
+  return {
+    secretID: secret.secretId,
+    name: secret.name,
+    currentVersion: secret.currentVersion,
+    metadata: secret.metadata,
+    createdAt: new Date(secret.createdAt).toISOString(),
+    updatedAt: new Date(secret.updatedAt).toISOString(),
+  };
+}
+
+function egressRecordView(record: EgressRecord): apiSchema.EgressRecord {
+  return {
+    time: new Date(record.time).toISOString(),
+    timeUnix: record.time,
+    sandboxId: record.sandboxId,
+    protocol: record.protocol,
+    address: record.address,
+    port: record.port,
+    domain: record.domain,
+    verdict: record.verdict,
+    reason: record.reason,
+    bytesOut: record.bytesOut,
+    bytesIn: record.bytesIn,
+    durationMs: record.durationMs,
+  };
+}
+
+/** `limit` of the egress log: 1–1000, default 100. */
+function parseEgressLimit(raw: string | undefined): number {
+  if (raw === undefined || raw === "") return 100;
+  if (!/^\d{1,4}$/.test(raw) || Number(raw) < 1 || Number(raw) > 1000) throw new CubicleError("invalid_argument", "limit must be a whole number from 1 to 1000");
+  return Number(raw);
+}
+
+/** `cubicle_sandboxes{state}`: the live sandboxes of this server by state (the usual ones even at 0). */
+function sandboxStateGauge(records: SandboxRecord[]): MetricFamily {
+  const counts = new Map<string, number>([["starting", 0], ["running", 0], ["paused", 0]]);
+  for (const record of records) counts.set(record.state, (counts.get(record.state) ?? 0) + 1);
+  return { name: "cubicle_sandboxes", help: "Sandboxes of this server by state.", type: "gauge", samples: [...counts].map(([state, value]) => ({ labels: { state }, value })) };
 }
 
 function metricView(sample: MetricSample): apiSchema.SandboxMetric {

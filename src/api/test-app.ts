@@ -1,3 +1,4 @@
+import { randomBytes } from "node:crypto";
 import http from "node:http";
 import type { FastifyInstance } from "fastify";
 import { parseSnapshotName } from "../core/snapshot-names.js";
@@ -5,7 +6,10 @@ import type { CreateSandboxRequest } from "../core/types.js";
 import type { SandboxManager } from "../core/sandbox-manager.js";
 import type { SandboxStats } from "../runtime/types.js";
 import { SandboxMetrics } from "../core/metrics.js";
+import { EgressAuditLog } from "../network/index.js";
+import { SecretVault } from "../secrets/index.js";
 import { CubicleError } from "../shared/cubicle-error.js";
+import { SqliteStore } from "../store/index.js";
 import type { SandboxRecord } from "../store/types.js";
 import { createApiApp, type ApiOptions } from "./app.js";
 
@@ -35,6 +39,13 @@ export const API_ROUTES: { method: "GET" | "POST" | "DELETE"; path: string }[] =
   { method: "GET", path: "/sandboxes/metrics" },
   { method: "GET", path: "/sandboxes/:id/metrics" },
   { method: "GET", path: "/templates" },
+  { method: "GET", path: "/secrets" },
+  { method: "POST", path: "/secrets" },
+  { method: "GET", path: "/secrets/:id" },
+  { method: "POST", path: "/secrets/:id" },
+  { method: "DELETE", path: "/secrets/:id" },
+  { method: "GET", path: "/sandboxes/:id/network/egress" },
+  { method: "GET", path: "/metrics" },
 ];
 
 /**
@@ -146,15 +157,21 @@ export function fakeManager(options: { failWith?: () => unknown; stats?: Sandbox
       fail();
       return metrics.latest(new Map(ids.filter((id) => records.has(id)).map((id) => [id, records.get(id)!.state === "running" ? id : undefined])));
     },
+    liveSandboxes: () => [...records.values()],
     poolCounts: () => ({}),
     warmSnapshotCounts: () => ({}),
   };
   return manager;
 }
 
-/** The API on a fake manager, not listening (use `app.inject`). */
+/**
+ * The API on a fake manager, not listening (use `app.inject`); secrets in a real vault over an
+ * in-memory SQLite store (closed with the app), a real egress audit log.
+ */
 export async function testApp(overrides: Partial<Omit<ApiOptions, "manager">> & { manager?: ReturnType<typeof fakeManager> } = {}): Promise<FastifyInstance> {
   const manager = overrides.manager ?? fakeManager();
+  const secretStore = overrides.secrets ? undefined : new SqliteStore(":memory:");
+  const secrets = overrides.secrets ?? (await SecretVault.open(secretStore!, randomBytes(32)));
   const app = createApiApp({
     apiKey: TEST_KEY,
     domain: "cubicle.test",
@@ -165,9 +182,12 @@ export async function testApp(overrides: Partial<Omit<ApiOptions, "manager">> & 
     isReady: () => true,
     listTemplates: async () => [],
     serverFactory: (handler) => http.createServer(handler),
+    egressAudit: new EgressAuditLog(),
     ...overrides,
+    secrets,
     manager: manager as unknown as SandboxManager,
   });
+  if (secretStore) app.addHook("onClose", async () => secretStore.close());
   await app.ready();
   return app;
 }

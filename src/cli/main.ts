@@ -3,7 +3,9 @@ import { loadConfig, type CubicleConfig } from "../shared/config.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { runBenchCommand } from "../bench/index.js";
 import { createContainerRuntime } from "../runtime/index.js";
+import type { apiSchema } from "../protocol/index.js";
 import { ApiClient } from "./api-client.js";
+import { formatEgressTable } from "./egress-table.js";
 import { loadOrCreateApiKey, startServer } from "./server.js";
 import { createTemplateCatalog } from "./template-catalog.js";
 
@@ -15,6 +17,8 @@ const usage = `Usage: ./cubicle <command>
   sandbox ls                 list sandboxes
   sandbox kill ID            kill a sandbox
   sandbox exec ID -- CMD...  run a command in a sandbox (as root; --user NAME to change)
+  sandbox egress ID [--limit N] [--json]
+                             what a sandbox tried to reach, newest first (default 100 records)
   template ls                list templates
   template ensure NAME       build a template unless it is cached: base, code-interpreter-v1
   template build NAME        rebuild a template
@@ -85,7 +89,38 @@ async function sandboxCommand(config: CubicleConfig, args: string[]): Promise<nu
     const { json } = await client.request("GET", `/sandboxes/${encodeURIComponent(id)}`);
     return client.exec(id, (json as { envdAccessToken?: string }).envdAccessToken, argv, user);
   }
+  if (verb === "egress") return egressCommand(client, rest);
   throw new CubicleError("invalid_argument", `unknown sandbox command "${verb ?? ""}"\n\n${usage}`);
+}
+
+/** `sandbox egress ID [--limit N] [--json]`: the newest N records, fetched a page (≤ 1000) at a time. */
+async function egressCommand(client: ApiClient, args: string[]): Promise<number> {
+  const usageLine = "usage: ./cubicle sandbox egress ID [--limit N] [--json]";
+  let id: string | undefined;
+  let limit = 100;
+  let json = false;
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i]!;
+    if (arg === "--json") json = true;
+    else if (arg === "--limit") {
+      const raw = args[++i] ?? "";
+      if (!/^\d{1,7}$/.test(raw) || Number(raw) < 1) throw new CubicleError("invalid_argument", `--limit takes a whole number of records, at least 1\n${usageLine}`);
+      limit = Number(raw);
+    } else if (!id && !arg.startsWith("-")) id = arg;
+    else throw new CubicleError("invalid_argument", `unexpected argument "${arg}"\n${usageLine}`);
+  }
+  if (!id) throw new CubicleError("invalid_argument", usageLine);
+  const records: apiSchema.EgressRecord[] = [];
+  let nextToken: string | undefined;
+  do {
+    const pageSize = Math.min(1000, limit - records.length);
+    const query = `limit=${pageSize}${nextToken ? `&nextToken=${encodeURIComponent(nextToken)}` : ""}`;
+    const { json: page, headers } = await client.request("GET", `/sandboxes/${encodeURIComponent(id)}/network/egress?${query}`);
+    records.push(...(page as apiSchema.EgressRecord[]));
+    nextToken = headers.get("x-next-token") ?? undefined;
+  } while (nextToken && records.length < limit);
+  process.stdout.write(json ? JSON.stringify(records, null, 2) + "\n" : records.length ? formatEgressTable(records) : `no egress recorded for ${id}\n`);
+  return 0;
 }
 
 async function templateCommand(config: CubicleConfig, args: string[]): Promise<number> {

@@ -3,10 +3,11 @@ import path from "node:path";
 import type { AddressInfo } from "node:net";
 import { createApiApp } from "../api/index.js";
 import { newApiKey, SandboxManager } from "../core/index.js";
-import { createNetworkManager } from "../network/index.js";
+import { createNetworkManager, EgressAuditLog } from "../network/index.js";
 import { HttpAgentLink } from "../protocol/index.js";
 import { answerClientError, createRoutedHttpServer, SandboxRouter } from "../router/index.js";
 import { createContainerRuntime } from "../runtime/index.js";
+import { loadOrCreateSecretKey, SecretVault } from "../secrets/index.js";
 import type { CubicleConfig } from "../shared/config.js";
 import { createLogger } from "../shared/log.js";
 import { SqliteStore } from "../store/index.js";
@@ -18,6 +19,10 @@ export interface RunningServer {
   url: string;
   apiKey: string;
   manager: SandboxManager;
+  /** The project's secrets; `secrets.resolveSecret` is the egress proxy's SecretResolver. */
+  secrets: SecretVault;
+  /** Where the egress enforcement records what sandboxes tried to reach. */
+  egressAudit: EgressAuditLog;
   /** Resolves once default templates are ready (GET /health answers 200). */
   ready: Promise<void>;
   /** Stops listening and closes the store; sandboxes keep running for the next start to adopt. */
@@ -50,6 +55,12 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
   if ((fs.statSync(config.stateDir).mode & 0o077) !== 0) fs.chmodSync(config.stateDir, 0o700);
   const apiKey = loadOrCreateApiKey(config);
   const store = new SqliteStore(path.join(config.stateDir, "cubicle.db"));
+  // Before anything is set up: a secrets key that cannot be used stops the start here.
+  const secrets = await SecretVault.open(store, loadOrCreateSecretKey(config.stateDir)).catch(async (err) => {
+    await store.close();
+    throw err;
+  });
+  const egressAudit = new EgressAuditLog();
   const network = createNetworkManager(config, { tableName: config.nftTable });
   const runtime = createContainerRuntime(config);
   const templates = createTemplateCatalog(config);
@@ -83,6 +94,8 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     defaultTimeoutSec: config.defaultTimeoutSec,
     createLimits: { maxCpuCount: config.maxCpuCount, maxMemoryMB: config.maxMemoryMB, maxDiskMB: config.maxDiskMB },
     requireSecure: config.requireSecure,
+    secrets,
+    egressAudit,
     hostDirs: [config.stateDir, config.templateDir, config.distDir],
     isReady: () => templatesReady,
     listTemplates: () => templates.list(),
@@ -106,6 +119,8 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     url,
     apiKey,
     manager,
+    secrets,
+    egressAudit,
     ready,
     async close() {
       await manager.close();

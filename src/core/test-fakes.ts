@@ -4,7 +4,7 @@ import type { NetworkManager, NetworkPolicy, SandboxNetwork } from "../network/t
 import { imageId, type ImageInfo, type ImageKind, type ImageStore, type PendingImage } from "../runtime/images.js";
 import type { CheckpointInfo, CheckpointOptions, CheckpointTarget, Runtime, RuntimeState, SandboxSpec, SandboxStats } from "../runtime/types.js";
 import { CubicleError } from "../shared/cubicle-error.js";
-import type { EventRecord, PoolEntryRecord, SandboxQuery, SandboxRecord, SnapshotQuery, SnapshotRecord, Store } from "../store/types.js";
+import type { EventRecord, PoolEntryRecord, SandboxQuery, SandboxRecord, SecretQuery, SecretRecord, SecretValueUpdate, SnapshotQuery, SnapshotRecord, Store } from "../store/types.js";
 import { createFakeAgentLink, type AgentLinkCall } from "../protocol/fake-agent-link.js";
 import type { InitBody } from "../protocol/index.js";
 import { SandboxManager, type SandboxManagerOptions } from "./sandbox-manager.js";
@@ -243,6 +243,7 @@ export class MemoryStore implements Store {
   readonly snapshots = new Map<string, SnapshotRecord>();
   /** Pool entries by runtime id. */
   readonly rows = new Map<string, PoolEntryRecord>();
+  readonly secrets = new Map<string, SecretRecord>();
 
   private static copy<T>(value: T): T {
     return structuredClone(value);
@@ -320,6 +321,31 @@ export class MemoryStore implements Store {
 
   async listPoolEntries(): Promise<PoolEntryRecord[]> {
     return [...this.rows.values()];
+  }
+
+  async insertSecret(record: SecretRecord): Promise<void> {
+    if ([...this.secrets.values()].some((s) => s.name === record.name)) throw new CubicleError("already_exists", `a secret named "${record.name}" already exists`);
+    this.secrets.set(record.secretId, MemoryStore.copy(record));
+  }
+
+  async updateSecretValue(secretId: string, update: SecretValueUpdate): Promise<SecretRecord | undefined> {
+    const current = this.secrets.get(secretId);
+    if (!current) return undefined;
+    const next = { ...current, ...update, metadata: update.metadata ?? current.metadata, currentVersion: current.currentVersion + 1 };
+    this.secrets.set(secretId, MemoryStore.copy(next));
+    return MemoryStore.copy(next);
+  }
+
+  async querySecrets(query: SecretQuery): Promise<SecretRecord[]> {
+    const after = query.after;
+    const rows = [...this.secrets.values()]
+      .sort((a, b) => a.createdAt - b.createdAt || (a.secretId < b.secretId ? -1 : 1))
+      .filter((s) => !after || s.createdAt > after.createdAt || (s.createdAt === after.createdAt && s.secretId > after.secretId));
+    return rows.slice(0, query.limit ?? rows.length).map(MemoryStore.copy);
+  }
+
+  async deleteSecret(secretId: string): Promise<boolean> {
+    return this.secrets.delete(secretId);
   }
 
   async knowsRuntimeId(runtimeId: string): Promise<boolean> {

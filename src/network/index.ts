@@ -10,3 +10,5 @@ export { checkSandboxId } from "./netns-manager.js";
 export function createNetworkManager(config: Pick<CubicleConfig, "subnet">, options?: NetnsManagerOptions): NetworkManager {
   return createNetnsManager(config, options);
 }
+export { EgressAuditLog, EGRESS_AUDIT_DEFAULTS, type EgressAuditOptions, type EgressPage } from "./egress-audit.js";
+export type { EgressRecord, SecretResolver } from "./egress-types.js";

@@ -166,3 +166,43 @@ test("a legacy image directory becomes the id of the same image", () => {
   assert.equal(imageIdFromLegacyDir("/run/cubicle/pool/images/warm/base-0123", "pause"), "warm/base-0123");
   assert.equal(imageIdFromLegacyDir("/elsewhere/x1", "snapshot"), "snapshot/x1");
 });
+
+test("secrets: unique names, version + 1 per value, metadata kept unless replaced, oldest-first pages; survive reopening", async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "cubicle-store-"));
+  try {
+    const file = path.join(dir, "cubicle.db");
+    let store = new SqliteStore(file);
+    const sealed = (byte: number) => ({ iv: Buffer.alloc(12, byte), ciphertext: Buffer.from([byte, byte + 1]), authTag: Buffer.alloc(16, byte) });
+    const secret = (secretId: string, name: string, createdAt: number) => ({ secretId, name, currentVersion: 1, ...sealed(1), metadata: { team: "a" }, createdAt, updatedAt: createdAt });
+    await store.insertSecret(secret("sec_b", "beta", 10));
+    await store.insertSecret(secret("sec_a", "alpha", 10));
+    await store.insertSecret(secret("sec_c", "gamma", 5));
+    await assert.rejects(store.insertSecret(secret("sec_d", "beta", 20)), (err: Error & { code?: string }) => err.code === "already_exists" && /"beta"/.test(err.message));
+    assert.deepEqual((await store.querySecrets({})).map((s) => s.secretId), ["sec_c", "sec_a", "sec_b"]);
+    assert.deepEqual((await store.querySecrets({ limit: 2 })).map((s) => s.secretId), ["sec_c", "sec_a"]);
+    assert.deepEqual((await store.querySecrets({ after: { createdAt: 10, secretId: "sec_a" } })).map((s) => s.secretId), ["sec_b"]);
+
+    const updated = await store.updateSecretValue("sec_a", { ...sealed(7), metadata: undefined, updatedAt: 30 });
+    assert.equal(updated!.currentVersion, 2);
+    assert.deepEqual(updated!.metadata, { team: "a" }, "metadata kept when the update carries none");
+    assert.deepEqual(updated!.iv, Buffer.alloc(12, 7));
+    const again = await store.updateSecretValue("sec_a", { ...sealed(8), metadata: JSON.parse('{"__proto__":"x","other":"y"}') as Record<string, string>, updatedAt: 40 });
+    assert.equal(again!.currentVersion, 3);
+    assert.equal(await store.updateSecretValue("sec_zz", { ...sealed(8), metadata: undefined, updatedAt: 40 }), undefined);
+    await store.close();
+
+    store = new SqliteStore(file);
+    const [reread] = (await store.querySecrets({ after: { createdAt: 5, secretId: "sec_c" }, limit: 1 }));
+    assert.equal(reread!.currentVersion, 3);
+    assert.equal(reread!.updatedAt, 40);
+    assert.deepEqual(reread!.ciphertext, Buffer.from([8, 9]));
+    assert.deepEqual(Object.keys(reread!.metadata), ["__proto__", "other"], "metadata replaced; a __proto__ key is a key like any other");
+    assert.equal(await store.deleteSecret("sec_a"), true);
+    assert.equal(await store.deleteSecret("sec_a"), false);
+    await store.insertSecret(secret("sec_e", "alpha", 50));
+    assert.deepEqual((await store.querySecrets({})).map((s) => s.name), ["gamma", "beta", "alpha"], "a deleted secret's name is free again");
+    await store.close();
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

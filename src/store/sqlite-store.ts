@@ -1,7 +1,8 @@
 import fs from "node:fs";
 import Database from "better-sqlite3";
+import { CubicleError } from "../shared/cubicle-error.js";
 import { sandboxFromBody, snapshotFromBody } from "./legacy-records.js";
-import type { EventRecord, PoolEntryRecord, SandboxQuery, SandboxRecord, SnapshotQuery, SnapshotRecord, Store } from "./types.js";
+import type { EventRecord, PoolEntryRecord, SandboxQuery, SandboxRecord, SecretQuery, SecretRecord, SecretValueUpdate, SnapshotQuery, SnapshotRecord, Store } from "./types.js";
 
 const schema = `
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -39,10 +40,34 @@ CREATE TABLE IF NOT EXISTS pool_entries (
   template_id TEXT NOT NULL,
   body TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS secrets (
+  secret_id TEXT PRIMARY KEY,
+  name TEXT NOT NULL UNIQUE,
+  current_version INTEGER NOT NULL,
+  iv BLOB NOT NULL,
+  ciphertext BLOB NOT NULL,
+  auth_tag BLOB NOT NULL,
+  metadata TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  updated_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS secrets_created ON secrets (created_at, secret_id);
 `;
 
 interface SandboxRow {
   body: string;
+}
+
+interface SecretRow {
+  secret_id: string;
+  name: string;
+  current_version: number;
+  iv: Buffer;
+  ciphertext: Buffer;
+  auth_tag: Buffer;
+  metadata: string;
+  created_at: number;
+  updated_at: number;
 }
 
 /**
@@ -223,6 +248,42 @@ export class SqliteStore implements Store {
     return rows.map((row) => JSON.parse(row.body) as PoolEntryRecord);
   }
 
+  async insertSecret(record: SecretRecord): Promise<void> {
+    try {
+      this.db
+        .prepare(
+          "INSERT INTO secrets (secret_id, name, current_version, iv, ciphertext, auth_tag, metadata, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .run(record.secretId, record.name, record.currentVersion, record.iv, record.ciphertext, record.authTag, JSON.stringify(record.metadata), record.createdAt, record.updatedAt);
+    } catch (err) {
+      if ((err as { code?: unknown }).code === "SQLITE_CONSTRAINT_UNIQUE" && /secrets\.name/.test(String((err as Error).message))) {
+        throw new CubicleError("already_exists", `a secret named "${record.name}" already exists: update it, or delete it first`, { cause: err });
+      }
+      throw err;
+    }
+  }
+
+  async updateSecretValue(secretId: string, update: SecretValueUpdate): Promise<SecretRecord | undefined> {
+    const row = this.db
+      .prepare(
+        "UPDATE secrets SET current_version = current_version + 1, iv = ?, ciphertext = ?, auth_tag = ?, metadata = COALESCE(?, metadata), updated_at = ? WHERE secret_id = ? RETURNING *",
+      )
+      .get(update.iv, update.ciphertext, update.authTag, update.metadata === undefined ? null : JSON.stringify(update.metadata), update.updatedAt, secretId) as SecretRow | undefined;
+    return row && secretFromRow(row);
+  }
+
+  async querySecrets(query: SecretQuery): Promise<SecretRecord[]> {
+    const where = query.after ? "WHERE created_at > ? OR (created_at = ? AND secret_id > ?)" : "";
+    const params = query.after ? [query.after.createdAt, query.after.createdAt, query.after.secretId] : [];
+    const limit = query.limit === undefined ? "" : ` LIMIT ${Math.max(0, Math.floor(query.limit))}`;
+    const rows = this.db.prepare(`SELECT * FROM secrets ${where} ORDER BY created_at, secret_id${limit}`).all(...params) as SecretRow[];
+    return rows.map(secretFromRow);
+  }
+
+  async deleteSecret(secretId: string): Promise<boolean> {
+    return this.db.prepare("DELETE FROM secrets WHERE secret_id = ?").run(secretId).changes > 0;
+  }
+
   async knowsRuntimeId(runtimeId: string): Promise<boolean> {
     const row = this.db
       .prepare(
@@ -259,6 +320,20 @@ function toRow(record: SandboxRecord) {
     endAt: record.endAt,
     runtimeId: record.runtimeId ?? record.sandboxId,
     body: JSON.stringify(record),
+  };
+}
+
+function secretFromRow(row: SecretRow): SecretRecord {
+  return {
+    secretId: row.secret_id,
+    name: row.name,
+    currentVersion: row.current_version,
+    iv: row.iv,
+    ciphertext: row.ciphertext,
+    authTag: row.auth_tag,
+    metadata: JSON.parse(row.metadata) as Record<string, string>,
+    createdAt: row.created_at,
+    updatedAt: row.updated_at,
   };
 }
 

@@ -131,6 +131,42 @@ export interface SandboxQuery {
   limit?: number;
 }
 
+/**
+ * A secret as the store keeps it: the current version's value only, sealed with AES-256-GCM
+ * (src/secrets seals and opens it; the store never sees the value in clear).
+ */
+export interface SecretRecord {
+  /** `sec_` + random. */
+  secretId: string;
+  /** Lower-case, unique. */
+  name: string;
+  currentVersion: number;
+  /** 12 random bytes, new for every version. */
+  iv: Buffer;
+  ciphertext: Buffer;
+  /** GCM's 16-byte authentication tag. */
+  authTag: Buffer;
+  metadata: Record<string, string>;
+  /** Epoch ms. */
+  createdAt: number;
+  updatedAt: number;
+}
+
+/** A new value for a secret: the version goes up by one; metadata is kept when undefined. */
+export interface SecretValueUpdate {
+  iv: Buffer;
+  ciphertext: Buffer;
+  authTag: Buffer;
+  metadata: Record<string, string> | undefined;
+  updatedAt: number;
+}
+
+export interface SecretQuery {
+  /** Cursor: strictly after this (createdAt, secretId); oldest first. */
+  after?: { createdAt: number; secretId: string };
+  limit?: number;
+}
+
 export interface EventRecord {
   sandboxId: string;
   at: number;
@@ -167,6 +203,13 @@ export interface Store {
    */
   claimPoolEntry(record: SandboxRecord): Promise<void>;
   listPoolEntries(): Promise<PoolEntryRecord[]>;
+  /** Inserts a secret; a taken name is an `already_exists` CubicleError. */
+  insertSecret(record: SecretRecord): Promise<void>;
+  /** Stores a secret's new value as version + 1; undefined when there is no such secret. */
+  updateSecretValue(secretId: string, update: SecretValueUpdate): Promise<SecretRecord | undefined>;
+  /** Oldest first (createdAt, secretId), so pages stay stable while secrets are added. */
+  querySecrets(query: SecretQuery): Promise<SecretRecord[]>;
+  deleteSecret(secretId: string): Promise<boolean>;
   /** True when a sandbox record or pool entry of this store uses the runtime id. */
   knowsRuntimeId(runtimeId: string): Promise<boolean>;
   close(): Promise<void>;

@@ -193,6 +193,59 @@ export interface SandboxesWithMetrics {
   sandboxes: Record<string, SandboxMetric>;
 }
 
+/** Customer metadata of the secret. Always present, empty when unset. At most 32 entries; keys are limited to 128 bytes, values to 1024 bytes, and a secret's metadata to 8192 bytes in total. */
+export type SecretMetadata = Record<string, string>;
+
+export interface Secret {
+  /** Identifier of the secret (`sec_…`) */
+  secretID: string;
+  /** Name of the secret, unique, lower-case */
+  name: string;
+  /** 1 at create, + 1 per update; only this version's value is kept */
+  currentVersion: number;
+  metadata: SecretMetadata;
+  createdAt: string;
+  updatedAt: string;
+}
+
+export interface NewSecret {
+  /** Unique; lower-cased before storage; not empty, at most 128 bytes, no '{', '}' or control characters; the sec_ prefix is reserved for ids. */
+  name: string;
+  /** Not empty, at most 64 KiB. Write-only: no response carries it. */
+  value: string;
+  metadata?: SecretMetadata;
+}
+
+export interface SecretUpdate {
+  /** The new value (replaces the old one, which is not kept). Not empty, at most 64 KiB. */
+  value: string;
+  /** Replaces the metadata when given; kept as it is when absent. */
+  metadata?: SecretMetadata;
+}
+
+/** One egress attempt of a sandbox and its verdict. */
+export interface EgressRecord {
+  /** When the attempt was seen */
+  time: string;
+  /** The same, in milliseconds since the epoch */
+  timeUnix: number;
+  sandboxId: string;
+  protocol: "tcp" | "udp" | "icmp" | "dns";
+  /** Destination address (for DNS: the resolver asked) */
+  address: string;
+  port?: number;
+  /** TLS SNI, HTTP Host or the DNS question name, when known */
+  domain?: string;
+  verdict: "allowed" | "denied";
+  reason: string;
+  /** Sandbox to destination, when measured */
+  bytesOut?: number;
+  /** Destination to sandbox, when measured */
+  bytesIn?: number;
+  /** How long the connection lasted (so far, while open) */
+  durationMs?: number;
+}
+
 /** Every operation of the API: its method and path (Fastify's `:param` form in `route`). */
 export const apiOperations = {
   health: { method: "GET", path: "/health", route: "/health" },
@@ -218,6 +271,13 @@ export const apiOperations = {
   getPools: { method: "GET", path: "/pools", route: "/pools" },
   getWarmSnapshots: { method: "GET", path: "/warm-snapshots", route: "/warm-snapshots" },
   listTemplates: { method: "GET", path: "/templates", route: "/templates" },
+  listSecrets: { method: "GET", path: "/secrets", route: "/secrets" },
+  createSecret: { method: "POST", path: "/secrets", route: "/secrets" },
+  getSecret: { method: "GET", path: "/secrets/{secretID}", route: "/secrets/:secretID" },
+  updateSecret: { method: "POST", path: "/secrets/{secretID}", route: "/secrets/:secretID" },
+  deleteSecret: { method: "DELETE", path: "/secrets/{secretID}", route: "/secrets/:secretID" },
+  getSandboxEgress: { method: "GET", path: "/sandboxes/{sandboxID}/network/egress", route: "/sandboxes/:sandboxID/network/egress" },
+  getPrometheusMetrics: { method: "GET", path: "/metrics", route: "/metrics" },
 } as const;
 
 /** The JSON request body each operation reads (`undefined` = none). */
@@ -245,9 +305,16 @@ export interface ApiRequestBodies {
   getPools: undefined;
   getWarmSnapshots: undefined;
   listTemplates: undefined;
+  listSecrets: undefined;
+  createSecret: NewSecret;
+  getSecret: undefined;
+  updateSecret: SecretUpdate;
+  deleteSecret: undefined;
+  getSandboxEgress: undefined;
+  getPrometheusMetrics: undefined;
 }
 
-/** The JSON body of each operation's answers, by HTTP status (`undefined` = no body). */
+/** The JSON body of each operation's answers, by HTTP status (`undefined` = no body, `string` = a text body). */
 export interface ApiResponses {
   health: {
     200: Health;
@@ -320,5 +387,26 @@ export interface ApiResponses {
   };
   listTemplates: {
     200: TemplateSummary[];
+  };
+  listSecrets: {
+    200: Secret[];
+  };
+  createSecret: {
+    201: Secret;
+  };
+  getSecret: {
+    200: Secret;
+  };
+  updateSecret: {
+    200: Secret;
+  };
+  deleteSecret: {
+    204: undefined;
+  };
+  getSandboxEgress: {
+    200: EgressRecord[];
+  };
+  getPrometheusMetrics: {
+    200: string;
   };
 }

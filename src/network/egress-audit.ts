@@ -1,0 +1,250 @@
+/**
+ * The egress audit log: what each sandbox tried to reach and what was decided, in memory.
+ *
+ * Bounds (defaults): a sandbox's log keeps its newest 10,000 records; records older than 24 h
+ * go; at most 1,000 sandboxes have a log and at most 100,000 records are kept in all — past
+ * either, the least recently active log loses its oldest records first (an ended sandbox's
+ * log stays until then, or until retention). A record takes at most ~1 KiB (its strings are
+ * clipped: address 64, domain 253, reason 200 characters; measured 989 bytes with every string
+ * at its limit), so the log holds at most ~100 MiB (~25 MiB with typical domains and reasons).
+ *
+ * Pages are newest first: the cursor is the sequence number of the last record returned, so
+ * records added meanwhile (newer) never shift a later page and none is returned twice.
+ */
+import { CubicleError } from "../shared/cubicle-error.js";
+import type { MetricFamily } from "../shared/prometheus.js";
+import type { EgressRecord } from "./egress-types.js";
+
+export interface EgressAuditOptions {
+  /** Newest records kept per sandbox (N). */
+  maxRecordsPerSandbox?: number;
+  /** Records older than this (by their `time`) are dropped. */
+  retentionMs?: number;
+  /** Sandboxes with a log at once (M). */
+  maxSandboxes?: number;
+  /** Records kept across all logs. */
+  maxTotalRecords?: number;
+  /** Epoch ms; injected by tests. */
+  now?: () => number;
+}
+
+export interface EgressPage {
+  /** Newest first. */
+  items: EgressRecord[];
+  /** Present when older records remain. */
+  nextToken?: string;
+}
+
+export const EGRESS_AUDIT_DEFAULTS = {
+  maxRecordsPerSandbox: 10_000,
+  retentionMs: 24 * 60 * 60 * 1000,
+  maxSandboxes: 1_000,
+  maxTotalRecords: 100_000,
+} as const;
+
+const CLIP = { address: 64, domain: 253, reason: 200 } as const;
+
+/** How often the whole log is swept for expired records (each call also trims what it touches). */
+const SWEEP_INTERVAL_MS = 60_000;
+
+/** One sandbox's records in sequence order; the dropped head is skipped by `start`, compacted now and then. */
+class SandboxEgressLog {
+  records: (EgressRecord | undefined)[] = [];
+  seqs: number[] = [];
+  start = 0;
+
+  get size(): number {
+    return this.records.length - this.start;
+  }
+
+  push(seq: number, record: EgressRecord): void {
+    this.records.push(record);
+    this.seqs.push(seq);
+  }
+
+  dropOldest(): void {
+    this.records[this.start] = undefined;
+    this.start++;
+    if (this.start >= 1024 && this.start * 2 >= this.records.length) {
+      this.records = this.records.slice(this.start);
+      this.seqs = this.seqs.slice(this.start);
+      this.start = 0;
+    }
+  }
+
+  oldestTime(): number | undefined {
+    return this.size > 0 ? this.records[this.start]!.time : undefined;
+  }
+
+  /** Index of the first record whose sequence number is ≥ seq (binary search). */
+  indexOfSeq(seq: number): number {
+    let low = this.start;
+    let high = this.records.length;
+    while (low < high) {
+      const mid = (low + high) >>> 1;
+      if (this.seqs[mid]! < seq) low = mid + 1;
+      else high = mid;
+    }
+    return low;
+  }
+}
+
+function clip(text: string, max: number): string {
+  return text.length > max ? text.slice(0, max) : text;
+}
+
+function encodeToken(seq: number): string {
+  return Buffer.from(`egress.${seq}`).toString("base64url");
+}
+
+function decodeToken(token: string): number {
+  const match = /^egress\.(\d{1,15})$/.exec(Buffer.from(token, "base64url").toString("utf8"));
+  if (!match || token.length > 40) throw new CubicleError("invalid_argument", "nextToken is not a token this server issued");
+  return Number(match[1]);
+}
+
+/**
+ * Per-sandbox egress records and the Prometheus counters over all of them. The proxy calls
+ * `record(rec)` when an attempt is decided, keeps updating that same object's bytes and
+ * duration, and calls `finished(rec)` when the connection closes.
+ */
+export class EgressAuditLog {
+  private readonly logs = new Map<string, SandboxEgressLog>();
+  private readonly options: Required<Omit<EgressAuditOptions, "now">>;
+  private readonly now: () => number;
+  private nextSeq = 1;
+  private total = 0;
+  private lastSweep = 0;
+  private readonly connections = new Map<string, { protocol: string; verdict: string; count: number }>();
+  private bytesOut = 0;
+  private bytesIn = 0;
+  private readonly finishedRecords = new WeakSet<EgressRecord>();
+
+  constructor(options: EgressAuditOptions = {}) {
+    this.options = {
+      maxRecordsPerSandbox: Math.max(1, options.maxRecordsPerSandbox ?? EGRESS_AUDIT_DEFAULTS.maxRecordsPerSandbox),
+      retentionMs: options.retentionMs ?? EGRESS_AUDIT_DEFAULTS.retentionMs,
+      maxSandboxes: Math.max(1, options.maxSandboxes ?? EGRESS_AUDIT_DEFAULTS.maxSandboxes),
+      maxTotalRecords: Math.max(1, options.maxTotalRecords ?? EGRESS_AUDIT_DEFAULTS.maxTotalRecords),
+    };
+    this.now = options.now ?? Date.now;
+  }
+
+  /**
+   * Keeps `rec` (the object itself: later changes to its bytes and duration show in `list`).
+   * Strings longer than the log keeps (a hostile SNI) are clipped in place; a time that is not a
+   * number becomes now.
+   */
+  record(rec: EgressRecord): void {
+    if (!Number.isFinite(rec.time)) rec.time = this.now();
+    rec.address = clip(rec.address, CLIP.address);
+    if (rec.domain !== undefined) rec.domain = clip(rec.domain, CLIP.domain);
+    rec.reason = clip(rec.reason, CLIP.reason);
+    const key = `${rec.protocol}|${rec.verdict}`;
+    const counter = this.connections.get(key);
+    if (counter) counter.count++;
+    else this.connections.set(key, { protocol: rec.protocol, verdict: rec.verdict, count: 1 });
+
+    this.sweepNowAndThen();
+    let log = this.logs.get(rec.sandboxId);
+    if (log) {
+      // Map order is activity order: the first log is the least recently active.
+      this.logs.delete(rec.sandboxId);
+    } else {
+      while (this.logs.size >= this.options.maxSandboxes) this.evictLog(this.logs.keys().next().value as string);
+      log = new SandboxEgressLog();
+    }
+    this.logs.set(rec.sandboxId, log);
+    log.push(this.nextSeq++, rec);
+    this.total++;
+    if (log.size > this.options.maxRecordsPerSandbox) this.dropOldest(log);
+    while (this.total > this.options.maxTotalRecords) {
+      const [oldestId, oldest] = this.logs.entries().next().value as [string, SandboxEgressLog];
+      this.dropOldest(oldest);
+      if (oldest.size === 0) this.logs.delete(oldestId);
+    }
+  }
+
+  /** The connection of `rec` closed: its bytes go into the totals (once, however often this is called). */
+  finished(rec: EgressRecord): void {
+    if (this.finishedRecords.has(rec)) return;
+    this.finishedRecords.add(rec);
+    if (Number.isFinite(rec.bytesOut) && rec.bytesOut! > 0) this.bytesOut += rec.bytesOut!;
+    if (Number.isFinite(rec.bytesIn) && rec.bytesIn! > 0) this.bytesIn += rec.bytesIn!;
+  }
+
+  /** True while records of this sandbox are kept. */
+  has(sandboxId: string): boolean {
+    const log = this.logs.get(sandboxId);
+    if (!log) return false;
+    this.expire(sandboxId, log);
+    return this.logs.has(sandboxId);
+  }
+
+  /** A page of a sandbox's records, newest first; an unknown sandbox has none. */
+  list(sandboxId: string, page: { limit: number; nextToken?: string }): EgressPage {
+    const before = page.nextToken === undefined || page.nextToken === "" ? undefined : decodeToken(page.nextToken);
+    const limit = Math.max(1, Math.floor(page.limit));
+    const log = this.logs.get(sandboxId);
+    if (!log) return { items: [] };
+    this.expire(sandboxId, log);
+    const end = before === undefined ? log.records.length : log.indexOfSeq(before);
+    const first = Math.max(log.start, end - limit);
+    const items: EgressRecord[] = [];
+    for (let index = end - 1; index >= first; index--) items.push(log.records[index]!);
+    return first > log.start ? { items, nextToken: encodeToken(log.seqs[first]!) } : { items };
+  }
+
+  /** Records kept now, in all logs. */
+  get size(): number {
+    return this.total;
+  }
+
+  /** `cubicle_egress_connections_total{protocol,verdict}` and `cubicle_egress_bytes_total{direction}`. */
+  metricFamilies(): MetricFamily[] {
+    return [
+      {
+        name: "cubicle_egress_connections_total",
+        help: "Egress attempts of sandboxes (connections, datagrams, DNS queries), by protocol and verdict.",
+        type: "counter",
+        samples: [...this.connections.values()].map(({ protocol, verdict, count }) => ({ labels: { protocol, verdict }, value: count })),
+      },
+      {
+        name: "cubicle_egress_bytes_total",
+        help: "Bytes of finished egress connections through the proxy: out = sandbox to destination, in = back.",
+        type: "counter",
+        samples: [
+          { labels: { direction: "out" }, value: this.bytesOut },
+          { labels: { direction: "in" }, value: this.bytesIn },
+        ],
+      },
+    ];
+  }
+
+  private dropOldest(log: SandboxEgressLog): void {
+    log.dropOldest();
+    this.total--;
+  }
+
+  private evictLog(sandboxId: string): void {
+    const log = this.logs.get(sandboxId);
+    if (!log) return;
+    this.total -= log.size;
+    this.logs.delete(sandboxId);
+  }
+
+  /** Drops this log's records past retention, and the log when nothing is left. */
+  private expire(sandboxId: string, log: SandboxEgressLog): void {
+    const cutoff = this.now() - this.options.retentionMs;
+    // Records are in the order they were decided; a `time` out of order only delays its drop.
+    while (log.size > 0 && log.oldestTime()! < cutoff) this.dropOldest(log);
+    if (log.size === 0) this.logs.delete(sandboxId);
+  }
+
+  private sweepNowAndThen(): void {
+    const now = this.now();
+    if (now - this.lastSweep < SWEEP_INTERVAL_MS) return;
+    this.lastSweep = now;
+    for (const [sandboxId, log] of [...this.logs]) this.expire(sandboxId, log);
+  }
+}
