@@ -12,6 +12,8 @@ export const RESUMING_ID = "iresuming";
 
 export interface RouterTestServer {
   port: number;
+  /** How often the stand-in core was asked to resume a paused sandbox for traffic. */
+  resumes: number;
   /** Exceptions and rejections nobody handled: each would have ended a real server process. */
   unhandled: unknown[];
   close(): Promise<void>;
@@ -21,19 +23,30 @@ export interface RouterTestServer {
  * The API port's HTTP server with a real router in front of a stand-in API (which answers
  * `200 {"api":true}`), wired as the server does it, clientError handler included.
  */
-export async function startRouterTestServer(options: { resumeDelayMs?: number; liveSandboxes?: { sandboxId: string; envdAccessToken: string | undefined; state: string }[] } = {}): Promise<RouterTestServer> {
+export async function startRouterTestServer(
+  options: {
+    resumeDelayMs?: number;
+    liveSandboxes?: { sandboxId: string; envdAccessToken: string | undefined; state: string; trafficAccessToken?: string }[];
+    /** The ingress policy of both stand-in sandboxes (the paused one's token also goes into its live record). */
+    ingress?: { trafficAccessToken?: string; maskRequestHost?: string };
+  } = {},
+): Promise<RouterTestServer> {
   const unhandled: unknown[] = [];
   const record = (err: unknown) => unhandled.push(err);
   process.on("uncaughtException", record);
   process.on("unhandledRejection", record);
+  let resumes = 0;
+  const ingress = options.ingress ?? {};
+  const pausedRecord = { sandboxId: RESUMING_ID, envdAccessToken: undefined, state: "paused", trafficAccessToken: ingress.trafficAccessToken };
   const source = Object.assign(new EventEmitter(), {
-    routeTarget: (id: string) => (id === SANDBOX_ID ? { sandboxId: id, address: "127.0.0.1" } : undefined),
+    routeTarget: (id: string) => (id === SANDBOX_ID ? { sandboxId: id, address: "127.0.0.1", ...ingress } : undefined),
     resumeForTraffic: async (id: string) => {
       if (id !== RESUMING_ID) return undefined;
+      resumes++;
       await new Promise((r) => setTimeout(r, options.resumeDelayMs ?? 100));
-      return { sandboxId: id, address: "127.0.0.1" };
+      return { sandboxId: id, address: "127.0.0.1", ...ingress };
     },
-    liveSandboxes: () => options.liveSandboxes ?? [],
+    liveSandboxes: () => [...(options.liveSandboxes ?? []), ...(options.ingress ? [pausedRecord] : [])],
   });
   const router = new SandboxRouter(source, "cubicle.test", { agentLink: createFakeAgentLink() });
   const server = createRoutedHttpServer(router, (_req, res) => {
@@ -45,6 +58,9 @@ export async function startRouterTestServer(options: { resumeDelayMs?: number; l
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
   return {
     port: (server.address() as net.AddressInfo).port,
+    get resumes() {
+      return resumes;
+    },
     unhandled,
     async close() {
       server.closeAllConnections();
