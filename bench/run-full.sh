@@ -21,7 +21,7 @@ trap cleanup EXIT
 
 serve() { # PORT STATE_DIR SUBNET TABLE POOL
   CUBICLE_PORT=$1 CUBICLE_STATE_DIR=$2 CUBICLE_TEMPLATE_DIR=$templates CUBICLE_SUBNET=$3 CUBICLE_NFT_TABLE=$4 \
-    CUBICLE_POOL_SIZE=$5 CUBICLE_DEFAULT_TEMPLATES=base,code-interpreter-v1 CUBICLE_LOG_LEVEL=warn \
+    CUBICLE_POOL_SIZE=$5 CUBICLE_DEFAULT_TEMPLATES=base,code-interpreter-v1 CUBICLE_LOG_LEVEL=warn CUBICLE_HTTPS_PORT=off \
     node dist/cli.js serve > "$2.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 600); do curl -fs "http://127.0.0.1:$1/health" > /dev/null && return 0; sleep 0.5; done

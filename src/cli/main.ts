@@ -29,6 +29,7 @@ const usage = `Usage: ./cubicle <command>
                              snapshot, restore, rollback, fork, pause-resume, baseline; see bench/README.md
 
 Configuration comes from the environment: CUBICLE_HOST (127.0.0.1), CUBICLE_PORT (3000),
+CUBICLE_HTTPS_PORT (443 as root; off), CUBICLE_TLS_CERT/CUBICLE_TLS_KEY,
 CUBICLE_STATE_DIR (/var/lib/cubicle), CUBICLE_DOMAIN, CUBICLE_API_KEY, CUBICLE_SUBNET.`;
 
 function clientFor(config: CubicleConfig): ApiClient {
@@ -47,18 +48,32 @@ async function serve(config: CubicleConfig): Promise<void> {
   process.once("SIGTERM", () => void shutdown("SIGTERM"));
   await server.ready.catch(() => undefined);
   const publicUrl = server.url.replace("0.0.0.0", "127.0.0.1");
-  process.stdout.write(
-    [
+  const lines = [
+    "",
+    "Cubicle is ready. Point the E2B SDK at it:",
+    "",
+    `export E2B_API_URL=${publicUrl}`,
+    `export E2B_SANDBOX_URL=${publicUrl}`,
+    `export E2B_API_KEY=${server.apiKey}`,
+    `export E2B_DOMAIN=${config.domain}`,
+    "",
+    `Cubicle's CA: ${server.ca.certPath}`,
+    "Trust it in clients of the HTTPS port (and of intercepted egress):",
+    "",
+    `export NODE_EXTRA_CA_CERTS=${server.ca.certPath} SSL_CERT_FILE=${server.ca.certPath}`,
+    "",
+  ];
+  if (server.httpsUrl) {
+    const httpsPort = Number(new URL(server.httpsUrl).port || 443);
+    const portSuffix = httpsPort === 443 ? "" : `:${httpsPort}`;
+    const address = new URL(server.httpsUrl).hostname.replace("0.0.0.0", "127.0.0.1");
+    lines.push(
+      `Sandbox ports over HTTPS: https://<port>-<sandboxId>.${config.domain}${portSuffix}/`,
+      `(the name must resolve to this host; without DNS: curl --cacert ${server.ca.certPath} --connect-to ::${address}:${httpsPort} https://8080-<sandboxId>.${config.domain}${portSuffix}/)`,
       "",
-      "Cubicle is ready. Point the E2B SDK at it:",
-      "",
-      `export E2B_API_URL=${publicUrl}`,
-      `export E2B_SANDBOX_URL=${publicUrl}`,
-      `export E2B_API_KEY=${server.apiKey}`,
-      `export E2B_DOMAIN=${config.domain}`,
-      "",
-    ].join("\n") + "\n",
-  );
+    );
+  }
+  process.stdout.write(lines.join("\n") + "\n");
 }
 
 async function sandboxCommand(config: CubicleConfig, args: string[]): Promise<number> {

@@ -1,22 +1,30 @@
 import fs from "node:fs";
 import path from "node:path";
+import type { IncomingMessage, ServerResponse } from "node:http";
+import type https from "node:https";
 import type { AddressInfo } from "node:net";
 import { createApiApp } from "../api/index.js";
 import { newApiKey, SandboxManager } from "../core/index.js";
-import { createNetworkManager, EgressAuditLog } from "../network/index.js";
+import { createNetworkManager, EgressAuditLog, openCertificateAuthority, type CertificateAuthority } from "../network/index.js";
 import { HttpAgentLink } from "../protocol/index.js";
 import { answerClientError, createRoutedHttpServer, SandboxRouter } from "../router/index.js";
 import { createContainerRuntime } from "../runtime/index.js";
 import { loadOrCreateSecretKey, SecretVault } from "../secrets/index.js";
 import type { CubicleConfig } from "../shared/config.js";
+import { CubicleError } from "../shared/cubicle-error.js";
 import { createLogger } from "../shared/log.js";
 import { SqliteStore } from "../store/index.js";
+import { listenHttps, tlsCredentialsFor } from "./https-listener.js";
 import { createTemplateCatalog } from "./template-catalog.js";
 
 const log = createLogger("server");
 
 export interface RunningServer {
   url: string;
+  /** `https://<host>:<port>` of the HTTPS listener; undefined when it is off (CUBICLE_HTTPS_PORT). */
+  httpsUrl: string | undefined;
+  /** Cubicle's CA (`<stateDir>/ca`): it signs the HTTPS listener's certificate unless the operator gave one. */
+  ca: CertificateAuthority;
   apiKey: string;
   manager: SandboxManager;
   /** The project's secrets; `secrets.resolveSecret` is the egress proxy's SecretResolver. */
@@ -54,6 +62,9 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
   fs.mkdirSync(config.stateDir, { recursive: true, mode: 0o700 });
   if ((fs.statSync(config.stateDir).mode & 0o077) !== 0) fs.chmodSync(config.stateDir, 0o700);
   const apiKey = loadOrCreateApiKey(config);
+  const ca = await openCertificateAuthority(path.join(config.stateDir, "ca"));
+  // Before anything listens or starts: a bad certificate is a configuration error.
+  const tlsCredentials = config.httpsPort === undefined ? undefined : await tlsCredentialsFor(config, ca);
   const store = new SqliteStore(path.join(config.stateDir, "cubicle.db"));
   // Before anything is set up: a secrets key that cannot be used stops the start here.
   const secrets = await SecretVault.open(store, loadOrCreateSecretKey(config.stateDir)).catch(async (err) => {
@@ -87,6 +98,8 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
 
   const router = new SandboxRouter(manager, config.domain, { agentLink });
   let templatesReady = false;
+  // The API's request handler, handed over by its serverFactory: the HTTPS listener serves it too.
+  let apiHandler: ((req: IncomingMessage, res: ServerResponse) => void) | undefined;
   const app = createApiApp({
     manager,
     apiKey,
@@ -99,12 +112,34 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     hostDirs: [config.stateDir, config.templateDir, config.distDir],
     isReady: () => templatesReady,
     listTemplates: () => templates.list(),
-    serverFactory: (apiHandler) => createRoutedHttpServer(router, apiHandler),
+    serverFactory: (handler) => {
+      apiHandler = handler;
+      return createRoutedHttpServer(router, handler);
+    },
     clientErrorHandler: answerClientError,
   });
-  await app.listen({ host: config.host, port: config.port });
+  await app.ready();
+  const hostInUrl = config.host.includes(":") ? `[${config.host}]` : config.host;
+  let httpsServer: https.Server | undefined;
+  let httpsUrl: string | undefined;
+  try {
+    if (config.httpsPort !== undefined && tlsCredentials) {
+      if (!apiHandler) throw new CubicleError("internal", "the API made no server to share its handler with the HTTPS listener");
+      const listening = await listenHttps(router, apiHandler, tlsCredentials, config.host, config.httpsPort);
+      httpsServer = listening.server;
+      httpsUrl = `https://${hostInUrl}:${listening.port}`;
+      log.info("listening for HTTPS", { url: httpsUrl, certificate: config.tlsCertFile ?? ca.certPath });
+    }
+    await app.listen({ host: config.host, port: config.port });
+  } catch (err) {
+    httpsServer?.close();
+    await app.close().catch(() => undefined);
+    await manager.close().catch(() => undefined);
+    await store.close().catch(() => undefined);
+    throw err;
+  }
   const address = app.server.address() as AddressInfo;
-  const url = `http://${config.host.includes(":") ? `[${config.host}]` : config.host}:${address.port}`;
+  const url = `http://${hostInUrl}:${address.port}`;
   log.info("listening", { url });
 
   const ready = (async () => {
@@ -117,6 +152,8 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
 
   return {
     url,
+    httpsUrl,
+    ca,
     apiKey,
     manager,
     secrets,
@@ -124,6 +161,11 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     ready,
     async close() {
       await manager.close();
+      if (httpsServer) {
+        const closed = new Promise<void>((resolve) => httpsServer!.close(() => resolve()));
+        httpsServer.closeAllConnections();
+        await closed;
+      }
       await app.close();
       await store.close();
     },

@@ -55,6 +55,10 @@ export interface SandboxManagerOptions {
 export interface RouteTarget {
   sandboxId: string;
   address: string;
+  /** Set when ingress needs the `e2b-traffic-access-token` header (network.allowPublicTraffic false). */
+  trafficAccessToken?: string;
+  /** E2B `network.maskRequestHost`: the Host non-envd ports receive (`${PORT}` replaced by the router). */
+  maskRequestHost?: string;
 }
 
 export interface SandboxManagerEvents {
@@ -159,7 +163,14 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   routeTarget(sandboxId: string): RouteTarget | undefined {
     const live = this.ctx.table.entry(sandboxId);
     if (!live || live.initialising || live.record.state !== "running" || !live.record.network) return undefined;
-    return { sandboxId, address: live.record.network.sandboxAddress };
+    const { trafficAccessToken, networkConfig } = live.record;
+    const maskRequestHost = networkConfig?.maskRequestHost;
+    return {
+      sandboxId,
+      address: live.record.network.sandboxAddress,
+      ...(trafficAccessToken ? { trafficAccessToken } : {}),
+      ...(typeof maskRequestHost === "string" && maskRequestHost !== "" ? { maskRequestHost } : {}),
+    };
   }
 
   /**

@@ -5,6 +5,8 @@ import type { NetworkManager } from "./types.js";
 export type { NetworkManager, NetworkPolicy, SandboxNetwork } from "./types.js";
 export type { NetnsManagerOptions } from "./netns-manager.js";
 export { checkSandboxId } from "./netns-manager.js";
+export { openCertificateAuthority, normalizeCertificateHostname } from "./tls/certificate-authority.js";
+export type { CertificateAuthority, CertificateAuthorityOptions, IssuedCertificate } from "./tls/certificate-authority.js";
 
 /** The network manager for this host: netns + veth + one nftables table. */
 export function createNetworkManager(config: Pick<CubicleConfig, "subnet">, options?: NetnsManagerOptions): NetworkManager {

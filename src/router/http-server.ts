@@ -1,4 +1,5 @@
 import http, { type IncomingMessage, type ServerResponse } from "node:http";
+import https from "node:https";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { createLogger } from "../shared/log.js";
 import { answerClientError, sendJsonResponse, writeRawJsonResponse } from "./raw-response.js";
@@ -11,6 +12,8 @@ function refuse(res: ServerResponse, status: number, message: string): void {
   sendJsonResponse(res, status, { code: status, message });
 }
 
+const serverOptions = { keepAliveTimeout: 65_000, requestTimeout: 0, headersTimeout: 60_000 };
+
 /**
  * The HTTP server of the API port: sandbox traffic (by header or Host) goes to the router, the
  * rest to the API's handler; WebSocket upgrades are sandbox traffic. No input on any of its
@@ -19,7 +22,30 @@ function refuse(res: ServerResponse, status: number, message: string): void {
  * `clientErrorHandler`, see the API's options).
  */
 export function createRoutedHttpServer(router: SandboxRouter, apiHandler: (req: IncomingMessage, res: ServerResponse) => void): http.Server {
-  const server = http.createServer({ keepAliveTimeout: 65_000, requestTimeout: 0, headersTimeout: 60_000 }, function routeRequest(req, res) {
+  return routeOn(http.createServer(serverOptions), router, apiHandler);
+}
+
+/** A certificate and its key, PEM. */
+export interface TlsCredentials {
+  key: string | Buffer;
+  cert: string | Buffer;
+}
+
+/**
+ * The HTTPS twin of {@link createRoutedHttpServer}: the same routing (sandbox traffic by Host
+ * `<port>-<sandboxId>.<domain>` or E2b-Sandbox-* headers, upgrades included; the rest to the
+ * API) behind TLS, HTTP/1.1 only. Requests Node cannot parse get the same answer as on the plain
+ * port; failed handshakes are logged at debug level and cost nothing else.
+ */
+export function createRoutedHttpsServer(router: SandboxRouter, apiHandler: (req: IncomingMessage, res: ServerResponse) => void, credentials: TlsCredentials): https.Server {
+  const server = https.createServer({ ...serverOptions, key: credentials.key, cert: credentials.cert, ALPNProtocols: ["http/1.1"], handshakeTimeout: 30_000 });
+  server.on("clientError", answerClientError);
+  server.on("tlsClientError", (err: Error) => log.debug("TLS handshake failed", { error: err.message }));
+  return routeOn(server, router, apiHandler);
+}
+
+function routeOn<S extends http.Server>(server: S, router: SandboxRouter, apiHandler: (req: IncomingMessage, res: ServerResponse) => void): S {
+  server.on("request", function routeRequest(req: IncomingMessage, res: ServerResponse) {
     let match;
     try {
       match = router.match(req);

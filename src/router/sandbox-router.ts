@@ -11,17 +11,33 @@ import { hostPattern, parseRoute, type RouteMatch } from "./route-parsing.js";
 
 const log = createLogger("router");
 
+/** Where a live sandbox's traffic goes, and what its ingress policy asks of that traffic. */
+export interface SandboxRoute {
+  sandboxId: string;
+  address: string;
+  /**
+   * When set (E2B `network.allowPublicTraffic: false`), requests to any port but envd's must
+   * carry it in `e2b-traffic-access-token`; envd keeps its own access token.
+   */
+  trafficAccessToken?: string;
+  /** E2B `network.maskRequestHost`: the Host that non-envd ports receive, `${PORT}` replaced. */
+  maskRequestHost?: string;
+}
+
 /** What the router needs from the core: where a sandbox lives, and a signal when it ends. */
 export interface RouteSource {
-  routeTarget(sandboxId: string): { sandboxId: string; address: string } | undefined;
+  routeTarget(sandboxId: string): SandboxRoute | undefined;
   /**
    * For a sandbox without a route: wait while a just-claimed sandbox's agent gets its identity,
    * or resume it if it is paused with auto-resume (unless `wake` is false), and return its
    * route then; undefined = answer "not found".
    */
-  resumeForTraffic?(sandboxId: string, options?: { wake?: boolean }): Promise<{ sandboxId: string; address: string } | undefined>;
-  /** Secure live sandboxes, to route signed `/files` URLs that carry no sandbox id. */
-  liveSandboxes(): { sandboxId: string; envdAccessToken: string | undefined; state: string }[];
+  resumeForTraffic?(sandboxId: string, options?: { wake?: boolean }): Promise<SandboxRoute | undefined>;
+  /**
+   * Live sandboxes (paused ones too): their envd tokens route signed `/files` URLs that carry no
+   * sandbox id, and a paused sandbox's traffic token is checked before traffic may wake it.
+   */
+  liveSandboxes(): { sandboxId: string; envdAccessToken: string | undefined; state: string; trafficAccessToken?: string | undefined }[];
   on(event: "ended", listener: (sandboxId: string) => void): unknown;
 }
 
@@ -53,6 +69,46 @@ function badGatewayBody(match: RouteMatch, message: string) {
 }
 
 const portClosedMessage = (port: number) => `The sandbox is running but port ${port} is not open`;
+
+/** The header that carries a sandbox's traffic access token (E2B's client proxy reads the same). */
+export const TRAFFIC_ACCESS_TOKEN_HEADER = "e2b-traffic-access-token";
+
+/** What E2B's `${PORT}` in maskRequestHost stands for. */
+const maskPortPlaceholder = "${PORT}";
+
+/** A Host value: visible ASCII only, so it can go into a raw request head (no CR/LF injection). */
+const hostValuePattern = /^[\x21-\x7e]{1,255}$/;
+
+/**
+ * Why a request may not reach `match.port` of a sandbox whose ingress wants a traffic access
+ * token, or undefined when it may. envd's port is governed by envd's own token, as upstream's
+ * orchestrator proxy does; every other port (the interpreter's too) needs the traffic token,
+ * compared in constant time. Messages follow upstream's.
+ */
+export function trafficTokenRefusal(headers: http.IncomingHttpHeaders, port: number, trafficAccessToken: string | undefined): string | undefined {
+  if (!trafficAccessToken || port === ENVD_PORT) return undefined;
+  const presented = headerString(headers, TRAFFIC_ACCESS_TOKEN_HEADER);
+  if (presented === undefined || presented === "") return `Sandbox is secured with traffic access token. Token header '${TRAFFIC_ACCESS_TOKEN_HEADER}' is missing`;
+  if (!constantTimeEquals(trafficAccessToken, presented)) return `Sandbox is secured with traffic access token. Provided token in header '${TRAFFIC_ACCESS_TOKEN_HEADER}' is invalid`;
+  return undefined;
+}
+
+/**
+ * The Host a sandbox's port receives under E2B's maskRequestHost (`${PORT}` replaced by the
+ * port), or undefined to keep the client's; envd's port is never masked (as upstream). Throws an
+ * invalid_argument CubicleError for a mask that is no Host value.
+ */
+export function maskedHost(port: number, maskRequestHost: string | undefined): string | undefined {
+  if (!maskRequestHost || port === ENVD_PORT) return undefined;
+  const host = maskRequestHost.split(maskPortPlaceholder).join(String(port));
+  if (!hostValuePattern.test(host)) throw new CubicleError("invalid_argument", "the sandbox's network.maskRequestHost is not a valid Host header value");
+  return host;
+}
+
+/** The body of the router's 403 for traffic without the sandbox's traffic access token. */
+function trafficRefusedBody(sandboxId: string, message: string) {
+  return { code: 403, message, sandboxId };
+}
 
 /**
  * Routes sandbox traffic arriving on the API port: by the `E2b-Sandbox-Id` / `E2b-Sandbox-Port`
@@ -159,21 +215,34 @@ export class SandboxRouter {
    * except for envd's `GET /health`: that is how the SDK asks whether a sandbox runs
    * (`isRunning()`, and its probe after a dropped stream), and a paused sandbox does not run.
    * Waking it would undo every pause that cuts a client's open stream: the SDK probes at once.
+   * Traffic that lacks a sandbox's traffic access token is refused, and never wakes it.
    */
-  private async resolveTarget(sandboxId: string, req: IncomingMessage, port: number): Promise<{ sandboxId: string; address: string } | undefined> {
-    const healthProbe = port === ENVD_PORT && req.method === "GET" && req.url?.split("?")[0] === "/health";
-    return this.source.routeTarget(sandboxId) ?? (await this.source.resumeForTraffic?.(sandboxId, { wake: !healthProbe }));
+  private async resolveTarget(req: IncomingMessage, match: RouteMatch): Promise<SandboxRoute | { refused: string } | undefined> {
+    const immediate = this.source.routeTarget(match.sandboxId);
+    if (immediate) return this.admit(req, match, immediate);
+    const sleeping = this.source.liveSandboxes().find((s) => s.sandboxId === match.sandboxId);
+    const refusedBeforeWaking = sleeping && trafficTokenRefusal(req.headers, match.port, sleeping.trafficAccessToken ?? undefined);
+    if (refusedBeforeWaking) return { refused: refusedBeforeWaking };
+    const healthProbe = match.port === ENVD_PORT && req.method === "GET" && req.url?.split("?")[0] === "/health";
+    const target = await this.source.resumeForTraffic?.(match.sandboxId, { wake: !healthProbe });
+    return target && this.admit(req, match, target);
+  }
+
+  /** The route itself, or why the request may not take it. */
+  private admit(req: IncomingMessage, match: RouteMatch, target: SandboxRoute): SandboxRoute | { refused: string } {
+    const refused = trafficTokenRefusal(req.headers, match.port, target.trafficAccessToken);
+    return refused ? { refused } : target;
   }
 
   handleRequest(req: IncomingMessage, res: ServerResponse, match: RouteMatch): void {
     res.on("error", (err) => log.debug("client response error", { sandboxId: match.sandboxId, error: err.message }));
     const immediate = this.source.routeTarget(match.sandboxId);
-    if (immediate) return this.forward(req, res, match, immediate);
+    if (immediate) return this.forwardOrRefuse(req, res, match, this.admit(req, match, immediate));
     // The body stays unread (not flowing) while the sandbox resumes.
-    this.resolveTarget(match.sandboxId, req, match.port)
+    this.resolveTarget(req, match)
       .then(
         (target) => {
-          if (target) return this.forward(req, res, match, target);
+          if (target) return this.forwardOrRefuse(req, res, match, target);
           req.resume();
           this.sendNotFound(res, match.sandboxId);
         },
@@ -188,16 +257,33 @@ export class SandboxRouter {
       });
   }
 
-  private forward(req: IncomingMessage, res: ServerResponse, match: RouteMatch, target: { address: string }): void {
+  private forwardOrRefuse(req: IncomingMessage, res: ServerResponse, match: RouteMatch, target: SandboxRoute | { refused: string }): void {
+    if ("refused" in target) {
+      req.resume();
+      sendJsonResponse(res, 403, trafficRefusedBody(match.sandboxId, target.refused));
+      return;
+    }
+    this.forward(req, res, match, target);
+  }
+
+  private forward(req: IncomingMessage, res: ServerResponse, match: RouteMatch, target: SandboxRoute): void {
     if (res.destroyed || req.destroyed) return;
     let upstream: http.ClientRequest;
     try {
+      const headers = forwardHeaders(req.headers);
+      const host = maskedHost(match.port, target.maskRequestHost);
+      if (host !== undefined) {
+        // As upstream: the client's Host moves to X-Forwarded-Host (replacing one it sent).
+        if (req.headers.host !== undefined) headers["x-forwarded-host"] = req.headers.host;
+        else delete headers["x-forwarded-host"];
+        headers.host = host;
+      }
       upstream = http.request({
         host: target.address,
         port: match.port,
         method: req.method,
         path: req.url,
-        headers: forwardHeaders(req.headers),
+        headers,
         agent: this.agentLink.httpAgent,
       });
     } catch (err) {
@@ -301,7 +387,7 @@ export class SandboxRouter {
       });
     }
     const route = match;
-    this.resolveTarget(route.sandboxId, req, route.port)
+    this.resolveTarget(req, route)
       .then(
         (target) => this.upgradeTo(req, socket, head, route, target),
         () => this.upgradeTo(req, socket, head, route, undefined),
@@ -312,9 +398,17 @@ export class SandboxRouter {
       });
   }
 
-  private upgradeTo(req: IncomingMessage, socket: Duplex, head: Buffer, match: RouteMatch, target: { address: string } | undefined): void {
+  private upgradeTo(req: IncomingMessage, socket: Duplex, head: Buffer, match: RouteMatch, target: SandboxRoute | { refused: string } | undefined): void {
     if (socket.destroyed) return;
     if (!target) return writeRawJsonResponse(socket, 502, notFoundBody(match.sandboxId));
+    if ("refused" in target) return writeRawJsonResponse(socket, 403, trafficRefusedBody(match.sandboxId, target.refused));
+    let host: string | undefined;
+    try {
+      host = maskedHost(match.port, target.maskRequestHost);
+    } catch (err) {
+      const error = CubicleError.from(err);
+      return writeRawJsonResponse(socket, error.httpStatus, error.toE2bBody());
+    }
     const upstream = net.connect({ host: target.address, port: match.port });
     let connected = false;
     const untrack = this.track(match.sandboxId, {
@@ -326,7 +420,17 @@ export class SandboxRouter {
     upstream.on("connect", () => {
       connected = true;
       const lines = [`${req.method} ${req.url} HTTP/1.1`];
-      for (let i = 0; i < req.rawHeaders.length; i += 2) lines.push(`${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}`);
+      if (host !== undefined && req.headers.host === undefined) lines.push(`Host: ${host}`);
+      for (let i = 0; i < req.rawHeaders.length; i += 2) {
+        const name = req.rawHeaders[i]!;
+        const lower = name.toLowerCase();
+        if (host !== undefined && lower === "x-forwarded-host") continue;
+        if (host !== undefined && lower === "host") {
+          lines.push(`Host: ${host}`, `X-Forwarded-Host: ${req.rawHeaders[i + 1]}`);
+          continue;
+        }
+        lines.push(`${name}: ${req.rawHeaders[i + 1]}`);
+      }
       upstream.write(lines.join("\r\n") + "\r\n\r\n");
       if (head.length) upstream.write(head);
       upstream.pipe(socket);

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import os from "node:os";
 import { test } from "node:test";
-import { defaultMaxMemoryMB, defaultRunDir, loadConfig } from "./config.js";
+import { defaultMaxMemoryMB, defaultRunDir, loadConfig, parseHttpsPort } from "./config.js";
 
 test("create limits default to the host: its cores, its memory less 1 GiB, 64 GiB of disk; secure sandboxes are required", () => {
   const config = loadConfig({});
@@ -45,4 +45,21 @@ test("storage, image budget and admission settings from the environment; nonsens
   ]) {
     assert.throws(() => loadConfig({ [name!]: value }), new RegExp(name!), `${name}=${value}`);
   }
+});
+
+test("CUBICLE_HTTPS_PORT: 443 for root by default, a port, or off; TLS files go in pairs", () => {
+  assert.equal(parseHttpsPort(undefined, true), 443);
+  assert.equal(parseHttpsPort(undefined, false), undefined);
+  assert.equal(parseHttpsPort("", true), 443);
+  assert.equal(parseHttpsPort("8443", false), 8443);
+  assert.equal(parseHttpsPort("off", true), undefined);
+  assert.equal(parseHttpsPort("OFF", true), undefined);
+  assert.equal(parseHttpsPort("0", true), undefined);
+  for (const bad of ["65536", "-1", "443x", "on", "1e3"]) assert.throws(() => parseHttpsPort(bad, true), /CUBICLE_HTTPS_PORT/, bad);
+  assert.equal(loadConfig({ CUBICLE_HTTPS_PORT: "off" }).httpsPort, undefined);
+  const own = loadConfig({ CUBICLE_TLS_CERT: "/etc/cubicle/tls.crt", CUBICLE_TLS_KEY: "/etc/cubicle/tls.key" });
+  assert.equal(own.tlsCertFile, "/etc/cubicle/tls.crt");
+  assert.equal(own.tlsKeyFile, "/etc/cubicle/tls.key");
+  assert.equal(loadConfig({}).tlsCertFile, undefined);
+  assert.throws(() => loadConfig({ CUBICLE_TLS_CERT: "/etc/cubicle/tls.crt" }), /CUBICLE_TLS_CERT and CUBICLE_TLS_KEY go together/);
 });

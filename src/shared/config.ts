@@ -78,6 +78,35 @@ export interface CubicleConfig {
   maxWaitingCreates: number;
   /** Below this much available host memory (MiB) creates are refused with 503 (CUBICLE_MIN_AVAILABLE_MB). */
   minAvailableMB: number;
+  /**
+   * Port of the HTTPS listener that serves what the API port serves (CUBICLE_HTTPS_PORT; default
+   * 443 when running as root, else off; `0` or `off` = off); undefined = no HTTPS listener.
+   */
+  httpsPort: number | undefined;
+  /**
+   * The operator's own certificate and key for the HTTPS listener (CUBICLE_TLS_CERT and
+   * CUBICLE_TLS_KEY, PEM files, both or neither); undefined = a wildcard for `*.<domain>` and
+   * `<domain>` from Cubicle's CA (`<stateDir>/ca`).
+   */
+  tlsCertFile: string | undefined;
+  tlsKeyFile: string | undefined;
+}
+
+/** CUBICLE_HTTPS_PORT: a port, or `0`/`off` for none; unset = 443 for root (who may bind it), else none. */
+export function parseHttpsPort(raw: string | undefined, isRoot: boolean): number | undefined {
+  if (raw === undefined || raw.trim() === "") return isRoot ? 443 : undefined;
+  const value = raw.trim().toLowerCase();
+  if (value === "off" || value === "0") return undefined;
+  if (!/^\d{1,5}$/.test(value) || Number(value) > 65535) throw new Error(`CUBICLE_HTTPS_PORT: "${raw}" is not a port (1-65535) or off`);
+  return Number(value);
+}
+
+/** CUBICLE_TLS_CERT / CUBICLE_TLS_KEY: both or neither. */
+function parseTlsFiles(cert: string | undefined, key: string | undefined): { tlsCertFile: string | undefined; tlsKeyFile: string | undefined } {
+  const tlsCertFile = cert?.trim() ? path.resolve(cert.trim()) : undefined;
+  const tlsKeyFile = key?.trim() ? path.resolve(key.trim()) : undefined;
+  if ((tlsCertFile === undefined) !== (tlsKeyFile === undefined)) throw new Error("CUBICLE_TLS_CERT and CUBICLE_TLS_KEY go together: set both (your certificate and its key) or neither (Cubicle's CA issues one)");
+  return { tlsCertFile, tlsKeyFile };
 }
 
 /** The default runDir of a state directory (one per server on a host). */
@@ -172,5 +201,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     maxStarting: parseWholeNumber("CUBICLE_MAX_STARTING", env.CUBICLE_MAX_STARTING, Math.max(2, os.availableParallelism() * 2), 1),
     maxWaitingCreates: parseWholeNumber("CUBICLE_MAX_WAITING_CREATES", env.CUBICLE_MAX_WAITING_CREATES, 500, 0),
     minAvailableMB: parseWholeNumber("CUBICLE_MIN_AVAILABLE_MB", env.CUBICLE_MIN_AVAILABLE_MB, 256, 0),
+    httpsPort: parseHttpsPort(env.CUBICLE_HTTPS_PORT, process.getuid?.() === 0),
+    ...parseTlsFiles(env.CUBICLE_TLS_CERT, env.CUBICLE_TLS_KEY),
   };
 }

@@ -94,6 +94,8 @@ export async function startTestServer(options: TestServerOptions = {}): Promise<
     CUBICLE_SUBNET: `10.${100 + Math.floor(slot / 4)}.${(slot % 4) * 64}.0/18`,
     CUBICLE_NFT_TABLE: `cubicle_t${slot}`,
     CUBICLE_DOMAIN: "cubicle.test",
+    // Test servers run side by side as root: none may take the default HTTPS port 443.
+    CUBICLE_HTTPS_PORT: "off",
     CUBICLE_DEFAULT_TEMPLATES: (options.defaultTemplates ?? ["base"]).join(","),
     // No warm pools unless a test asks (extraEnv): tests that name containers by sandbox id need
     // runtime id = sandbox id, and pools would make every test server boot sandboxes it never uses.

@@ -1,0 +1,150 @@
+import os from "node:os";
+import path from "node:path";
+import { createLogger } from "../shared/log.js";
+import { createDnsForwarder, type DnsForwarder, type DnsUpstream } from "./dns/dns-forwarder.js";
+import { MAX_PIN_SECONDS, MIN_PIN_SECONDS, PinnedAddresses } from "./dns/pinned-addresses.js";
+import { createEgressProxy, loadOriginalDestination, type EgressProxy } from "./egress/index.js";
+import { EgressRules, domainMatches, headerRuleFor } from "./egress-policy.js";
+import type { EgressPolicy, EgressRecord } from "./egress-types.js";
+import { KernelEgressLog } from "./kernel-egress-log.js";
+
+const log = createLogger("egress");
+
+/** How often the host's own addresses are read again (a sandbox never reaches them). */
+const HOST_ADDRESSES_REFRESH_MS = 5_000;
+
+export interface EgressServiceOptions {
+  /** The sandbox pool (always denied as a destination). */
+  subnet: string;
+  /** nftables table of this server (its kernel log prefix). */
+  tableName: string;
+  /** Private ranges the operator opened (CUBICLE_EGRESS_PRIVATE_ALLOW). */
+  privateAllowed: readonly string[];
+  /** Resolvers DNS is forwarded to; default /etc/resolv.conf's. */
+  dnsUpstreams: DnsUpstream[] | undefined;
+  /** Extra CAs trusted for upstream TLS when headers are injected (CUBICLE_EGRESS_CA_FILE). */
+  upstreamCa: string[];
+  /** Where the SO_ORIGINAL_DST addon is (dist/network/original-dst.node). */
+  distDir: string;
+  /** The network manager's lookup: sandbox (runtime) id and policy by sandbox address. */
+  sandboxAt(address: string): { sandboxId: string; policy: EgressPolicy } | undefined;
+  /** Lets the kernel pass UDP/ICMP to pinned addresses (NetworkManager.pin). */
+  pinInKernel(runtimeId: string, addresses: readonly string[], ttlSec: number): Promise<void>;
+  /** The sandbox id of a runtime id (they differ after some restores); undefined keeps the runtime id. */
+  sandboxIdOf(runtimeId: string): string | undefined;
+  issueCertificate(hostname: string): Promise<{ key: string | Buffer; cert: string | Buffer }>;
+  resolveSecret(name: string): string | undefined;
+  audit: { record(record: EgressRecord): void; finished(record: EgressRecord): void };
+}
+
+export interface EgressService {
+  /** Starts the forwarder, the proxy and the kernel log reader; resolves with their ports. */
+  start(): Promise<{ dns: number; proxy: number }>;
+  /** A sandbox's policy changed or it went away: cut the connections it no longer allows. */
+  policyChanged(runtimeId: string): void;
+  stop(): Promise<void>;
+}
+
+/** A pin the DNS forwarder records is also handed to the kernel (UDP, ICMP to that address). */
+class KernelPinnedAddresses extends PinnedAddresses {
+  constructor(private readonly toKernel: (sandboxId: string, addresses: readonly string[], ttlSec: number) => void) {
+    super();
+  }
+
+  override pin(sandboxId: string, name: string, addresses: readonly string[], ttlSec: number): void {
+    super.pin(sandboxId, name, addresses, ttlSec);
+    if (addresses.length > 0) this.toKernel(sandboxId, addresses, Math.min(MAX_PIN_SECONDS, Math.max(MIN_PIN_SECONDS, ttlSec)));
+  }
+}
+
+/**
+ * The host side of a sandbox's egress (EGRESS_POLICY_NOTE, NFT_RULESET_NOTE): Cubicle's DNS
+ * forwarder, the egress proxy every sandbox TCP connection is redirected to, and the reader of
+ * the kernel's log of UDP/ICMP flows, sharing one set of rules (EgressRules) and one audit log.
+ */
+export function createEgressService(options: EgressServiceOptions): EgressService {
+  let hostAddresses = new Set<string>();
+  let hostAddressesRead = 0;
+  const readHostAddresses = (): ReadonlySet<string> => {
+    if (Date.now() - hostAddressesRead > HOST_ADDRESSES_REFRESH_MS) {
+      hostAddresses = new Set(Object.values(os.networkInterfaces()).flatMap((list) => (list ?? []).filter((a) => a.family === "IPv4").map((a) => a.address)));
+      hostAddressesRead = Date.now();
+    }
+    return hostAddresses;
+  };
+  const rules = new EgressRules({ sandboxSubnet: options.subnet, privateAllowed: options.privateAllowed, hostAddresses: readHostAddresses });
+  const auditAs = (record: EgressRecord): EgressRecord => ({ ...record, sandboxId: options.sandboxIdOf(record.sandboxId) ?? record.sandboxId });
+  // The proxy updates its record in place until the connection closes: audit that same object.
+  const audit = (record: EgressRecord) => {
+    record.sandboxId = options.sandboxIdOf(record.sandboxId) ?? record.sandboxId;
+    options.audit.record(record);
+  };
+  const pinned = new KernelPinnedAddresses((sandboxId, addresses, ttlSec) => {
+    options.pinInKernel(sandboxId, addresses, ttlSec).catch((err) => log.warn("could not pin addresses in nftables", { sandboxId, error: String(err) }));
+  });
+
+  const dns: DnsForwarder = createDnsForwarder({
+    listenHost: "0.0.0.0",
+    port: 0,
+    upstreams: options.dnsUpstreams,
+    sandboxFor: (address) => options.sandboxAt(address),
+    mayResolve: (sandbox, name) => rules.mayResolve(sandbox.policy, name),
+    pinned,
+    audit: (record) => options.audit.record(auditAs(record)),
+  });
+
+  const proxy: EgressProxy = createEgressProxy({
+    listenHost: "0.0.0.0",
+    port: 0,
+    originalDestination: loadOriginalDestination(path.join(options.distDir, "network", "original-dst.node")),
+    sandboxFor: (address) => options.sandboxAt(address),
+    decide(sandbox, target) {
+      const { policy, sandboxId } = sandbox;
+      let domain: { name: string; pinned: boolean } | undefined;
+      if (target.domain) {
+        domain = { name: target.domain, pinned: pinned.isPinned(sandboxId, target.domain, target.address) };
+      } else {
+        // No SNI or Host: an allowed name the sandbox's DNS resolved to this address, if any.
+        const name = pinned.namesFor(sandboxId, target.address).find((candidate) => policy.allowDomains.some((pattern) => domainMatches(pattern, candidate)));
+        if (name) domain = { name, pinned: true };
+      }
+      const verdict = rules.decide(policy, target.address, domain);
+      if (!verdict.allowed || !target.domain) return verdict;
+      const rule = headerRuleFor(policy, target.domain);
+      if (!rule) return verdict;
+      // Credentials go only to an address the sandbox's own DNS gave for that name (and, for
+      // TLS, to a peer whose certificate proves the name): never to an address a process picked.
+      if (!domain?.pinned) return { allowed: false, reason: `${target.domain} has header rules, but the sandbox's DNS did not resolve it to ${target.address}` };
+      return { ...verdict, headers: rule.headers };
+    },
+    audit,
+    finished: (record) => options.audit.finished(record),
+    issueCertificate: options.issueCertificate,
+    upstreamCa: options.upstreamCa,
+    resolveSecret: options.resolveSecret,
+  });
+
+  const kernelLog = new KernelEgressLog({
+    tableName: options.tableName,
+    sandboxFor: (address) => {
+      const sandbox = options.sandboxAt(address);
+      return sandbox ? (options.sandboxIdOf(sandbox.sandboxId) ?? sandbox.sandboxId) : undefined;
+    },
+    audit: (record) => options.audit.record(record),
+  });
+
+  return {
+    async start() {
+      const [dnsPort, proxyPort] = await Promise.all([dns.listen(), proxy.listen()]);
+      await kernelLog.start();
+      log.info("egress services listening", { dnsPort, proxyPort });
+      return { dns: dnsPort, proxy: proxyPort };
+    },
+    policyChanged(runtimeId) {
+      proxy.policyChanged(runtimeId);
+    },
+    async stop() {
+      await Promise.allSettled([dns.close(), proxy.close(), kernelLog.stop()]);
+    },
+  };
+}
