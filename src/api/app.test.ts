@@ -197,3 +197,31 @@ test("metrics: samples in the start/end range as SandboxMetric, [] before the sa
   assert.equal(noKey.statusCode, 401);
   await app.close();
 });
+
+test("PUT /sandboxes/{id}/network replaces the egress fields, refuses what cannot be enforced, and secrets must exist", async () => {
+  const manager = fakeManager();
+  const app = await testApp({ manager });
+  const created = await manager.create({ templateId: "base", timeoutSec: 60, secure: true, allowInternetAccess: true, metadata: {}, envVars: {}, autoPause: false, autoResume: false, networkConfig: { allowPublicTraffic: false, allowOut: ["1.1.1.1"] } });
+  const url = `/sandboxes/${created.sandboxId}/network`;
+  const ok = await app.inject({ method: "PUT", url, headers: auth, payload: { denyOut: ["0.0.0.0/0"], allowOut: ["example.com"] } });
+  assert.equal(ok.statusCode, 204, ok.body);
+  const record = manager.records.get(created.sandboxId)!;
+  assert.deepEqual(record.networkConfig?.allowOut, ["example.com"]);
+  assert.equal(record.networkConfig?.allowPublicTraffic, false, "fields an update does not own are kept");
+  for (const payload of [{ denyOut: ["example.com"] }, { allowOut: ["2001:db8::/32"] }, { allowOut: [{}] }, { color: "red" }, { allow_internet_access: "no" }, { rules: { "x.test": [{ transform: { headers: { a: "${e2b.identity.tokens.aws}" } } }] } }]) {
+    const res = await app.inject({ method: "PUT", url, headers: auth, payload });
+    assertE2bBody(res.statusCode, res.json(), 400);
+  }
+  const missingSecret = await app.inject({ method: "PUT", url, headers: auth, payload: { rules: { "api.test": [{ transform: { headers: { Authorization: "Bearer ${e2b.secrets.nope}" } } }] } } });
+  assertE2bBody(missingSecret.statusCode, missingSecret.json(), 400);
+  assert.match(missingSecret.json().message, /"nope", which does not exist/);
+  const secret = await app.inject({ method: "POST", url: "/secrets", headers: auth, payload: { name: "tok", value: "s3cret-value" } });
+  assert.equal(secret.statusCode, 201, secret.body);
+  const withSecret = await app.inject({ method: "PUT", url, headers: auth, payload: { rules: { "api.test": [{ transform: { headers: { Authorization: "Bearer ${e2b.secrets.tok}" } } }] } } });
+  assert.equal(withSecret.statusCode, 204, withSecret.body);
+  assert.doesNotMatch(JSON.stringify(manager.records.get(created.sandboxId)), /s3cret-value/, "the record holds the placeholder, never the value");
+  const unknown = await app.inject({ method: "PUT", url: "/sandboxes/nosuch/network", headers: auth, payload: {} });
+  assertE2bBody(unknown.statusCode, unknown.json(), 404);
+  const createWithMissing = await app.inject({ method: "POST", url: "/v2/sandboxes", headers: auth, payload: { templateID: "base", network: { rules: { "api.test": [{ transform: { headers: { X: "${e2b.secrets.gone}" } } }] } } } });
+  assertE2bBody(createWithMissing.statusCode, createWithMissing.json(), 400);
+});

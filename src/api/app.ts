@@ -3,6 +3,7 @@ import type { Duplex } from "node:stream";
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from "fastify";
 import { decodeSnapshotCursor, DEFAULT_FORK_TIMEOUT_SEC, encodeSnapshotCursor } from "../core/index.js";
 import type { SandboxManager } from "../core/sandbox-manager.js";
+import { buildEgressPolicy, referencedSecrets } from "../network/egress-policy.js";
 import type { MetricSample } from "../core/metrics.js";
 import type { EgressAuditLog, EgressRecord } from "../network/index.js";
 import type { apiSchema } from "../protocol/index.js";
@@ -162,6 +163,7 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
   const createHandler = (version: 1 | 2) => async function createSandbox(request: FastifyRequest, reply: FastifyReply) {
     if (!options.isReady()) throw new CubicleError("unavailable", "the server is still preparing its templates; retry in a moment");
     const create = parseCreateRequest(request.body, version, { defaultTimeoutSec: options.defaultTimeoutSec, limits: options.createLimits, requireSecure: options.requireSecure });
+    checkReferencedSecrets(create.allowInternetAccess, create.networkConfig);
     const record = await manager.create(create);
     return reply.status(201).send(sandboxView(record, view));
   };
@@ -218,8 +220,18 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
     return reply.status(204).send();
   });
 
+  /** A header rule may name only secrets that exist (a later delete makes the proxy answer 502). */
+  const checkReferencedSecrets = (allowInternetAccess: boolean, network: Record<string, unknown> | undefined) => {
+    if (!network) return;
+    for (const name of referencedSecrets(buildEgressPolicy(allowInternetAccess, network))) {
+      if (options.secrets.resolveSecret(name) === undefined) throw new CubicleError("invalid_argument", `network.rules names the secret ${JSON.stringify(name)}, which does not exist; create it first (Secret.create)`);
+    }
+  };
+
   app.put("/sandboxes/:sandboxID/network", async (request: FastifyRequest<{ Params: Params }>, reply) => {
-    await manager.updateNetwork(request.params.sandboxID, parseNetworkUpdate(request.body));
+    const update = parseNetworkUpdate(request.body);
+    checkReferencedSecrets(update.allowInternetAccess, update.egress);
+    await manager.updateNetwork(request.params.sandboxID, update);
     return reply.status(204).send();
   });
 

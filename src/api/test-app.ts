@@ -46,6 +46,7 @@ export const API_ROUTES: { method: "GET" | "POST" | "DELETE"; path: string }[] =
   { method: "DELETE", path: "/secrets/:id" },
   { method: "GET", path: "/sandboxes/:id/network/egress" },
   { method: "GET", path: "/metrics" },
+  { method: "PUT", path: "/sandboxes/:id/network" },
 ];
 
 /**
@@ -115,6 +116,11 @@ export function fakeManager(options: { failWith?: () => unknown; stats?: Sandbox
     },
     async setTimeout(id: string) {
       await get(id);
+    },
+    async updateNetwork(id: string, update: { allowInternetAccess: boolean; egress: Record<string, unknown> }) {
+      const record = await get(id);
+      record.allowInternetAccess = update.allowInternetAccess;
+      record.networkConfig = { ...(record.networkConfig ?? {}), allowOut: undefined, denyOut: undefined, rules: undefined, egressProxy: undefined, ...update.egress };
     },
     async connect(id: string) {
       return { record: await get(id), resumed: false };

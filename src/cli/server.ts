@@ -5,7 +5,7 @@ import type https from "node:https";
 import type { AddressInfo } from "node:net";
 import { createApiApp } from "../api/index.js";
 import { newApiKey, SandboxManager } from "../core/index.js";
-import { createNetworkManager, EgressAuditLog, openCertificateAuthority, type CertificateAuthority } from "../network/index.js";
+import { createEgressService, createNetworkManager, EgressAuditLog, openCertificateAuthority, type CertificateAuthority, type NetworkManager } from "../network/index.js";
 import { HttpAgentLink } from "../protocol/index.js";
 import { answerClientError, createRoutedHttpServer, SandboxRouter } from "../router/index.js";
 import { createContainerRuntime } from "../runtime/index.js";
@@ -72,7 +72,34 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     throw err;
   });
   const egressAudit = new EgressAuditLog();
-  const network = createNetworkManager(config, { tableName: config.nftTable });
+  // The host side of sandbox egress first: nftables redirects sandbox DNS and TCP to its ports.
+  // Its lookups go to the network manager and the core, made just below.
+  let network: NetworkManager | undefined;
+  let manager: SandboxManager | undefined;
+  const egress = createEgressService({
+    subnet: config.subnet,
+    tableName: config.nftTable,
+    privateAllowed: config.egressPrivateAllow,
+    dnsUpstreams: config.dnsUpstreams,
+    upstreamCa: config.egressCaFiles.map((file) => fs.readFileSync(file, "utf8")),
+    distDir: config.distDir,
+    sandboxAt: (address) => network?.sandboxAt(address),
+    pinInKernel: async (runtimeId, addresses, ttlSec) => network?.pin(runtimeId, addresses, ttlSec),
+    sandboxIdOf: (runtimeId) => manager?.sandboxIdOfRuntime(runtimeId),
+    issueCertificate: (hostname) => ca.issue([hostname]),
+    resolveSecret: (name) => secrets.resolveSecret(name),
+    audit: { record: (record) => egressAudit.record(record), finished: (record) => egressAudit.finished(record) },
+  });
+  const egressPorts = await egress.start().catch(async (err) => {
+    await store.close();
+    throw err;
+  });
+  network = createNetworkManager(config, {
+    tableName: config.nftTable,
+    egressPorts,
+    privateAllowed: config.egressPrivateAllow,
+    onPolicyChange: (runtimeId) => egress.policyChanged(runtimeId),
+  });
   const runtime = createContainerRuntime(config);
   const templates = createTemplateCatalog(config);
   await network.init();
@@ -81,7 +108,7 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
   // One link to the agents for the whole server: the core and the router share its socket pool,
   // so the core's dropIdleSockets (before a memory dump) also closes the router's idle connections.
   const agentLink = new HttpAgentLink();
-  const manager = new SandboxManager({
+  manager = new SandboxManager({
     store,
     runtime,
     network,
@@ -160,7 +187,9 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     egressAudit,
     ready,
     async close() {
-      await manager.close();
+      await manager!.close();
+      await egress.stop();
+      network!.close();
       if (httpsServer) {
         const closed = new Promise<void>((resolve) => httpsServer!.close(() => resolve()));
         httpsServer.closeAllConnections();

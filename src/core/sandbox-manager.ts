@@ -208,6 +208,11 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   }
 
   /** A sandbox the API can talk about: running or paused. Throws not_found otherwise. */
+  /** The sandbox a runtime id belongs to (they differ after a rollback); undefined for none. */
+  sandboxIdOfRuntime(runtimeId: string): string | undefined {
+    return this.ctx.table.byRuntimeId(runtimeId)?.sandboxId;
+  }
+
   async get(sandboxId: string): Promise<SandboxRecord> {
     const record = this.ctx.table.get(sandboxId);
     if (record && (record.state === "running" || record.state === "paused")) return record;

@@ -14,3 +14,5 @@ export function createNetworkManager(config: Pick<CubicleConfig, "subnet">, opti
 }
 export { EgressAuditLog, EGRESS_AUDIT_DEFAULTS, type EgressAuditOptions, type EgressPage } from "./egress-audit.js";
 export type { EgressRecord, SecretResolver } from "./egress-types.js";
+
+export { createEgressService, type EgressService } from "./egress-service.js";

@@ -1,5 +1,6 @@
 import { createHash } from "node:crypto";
 import fs from "node:fs";
+import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 
@@ -90,6 +91,39 @@ export interface CubicleConfig {
    */
   tlsCertFile: string | undefined;
   tlsKeyFile: string | undefined;
+  /**
+   * Resolvers sandbox DNS is forwarded to (CUBICLE_DNS_UPSTREAM, comma-separated `address[:port]`);
+   * undefined = the nameservers of the host's /etc/resolv.conf.
+   */
+  dnsUpstreams: { address: string; port: number }[] | undefined;
+  /** Private ranges sandboxes may reach (CUBICLE_EGRESS_PRIVATE_ALLOW, comma-separated CIDRs); all others are denied. */
+  egressPrivateAllow: string[];
+  /**
+   * PEM files of CAs the egress proxy trusts, besides Node's roots, for the upstream side of a
+   * connection it injects headers into (CUBICLE_EGRESS_CA_FILE, comma-separated).
+   */
+  egressCaFiles: string[];
+}
+
+/** CUBICLE_DNS_UPSTREAM: `address[:port]` IPv4 resolvers, comma-separated. */
+export function parseDnsUpstreams(raw: string | undefined): { address: string; port: number }[] | undefined {
+  if (raw === undefined || raw.trim() === "") return undefined;
+  return raw.split(",").map((part) => {
+    const match = /^(\d{1,3}(?:\.\d{1,3}){3})(?::(\d{1,5}))?$/.exec(part.trim());
+    const port = match?.[2] === undefined ? 53 : Number(match[2]);
+    if (!match || !net.isIPv4(match[1]!) || port < 1 || port > 65535) throw new Error(`CUBICLE_DNS_UPSTREAM: "${part.trim()}" is not an IPv4 address with an optional :port`);
+    return { address: match[1]!, port };
+  });
+}
+
+/** CUBICLE_EGRESS_PRIVATE_ALLOW: IPv4 CIDRs inside the private ranges that sandboxes may reach. */
+export function parsePrivateAllow(raw: string | undefined): string[] {
+  if (raw === undefined || raw.trim() === "") return [];
+  return raw.split(",").map((part) => {
+    const match = /^(\d{1,3}(?:\.\d{1,3}){3})\/(\d{1,2})$/.exec(part.trim());
+    if (!match || !net.isIPv4(match[1]!) || Number(match[2]) > 32) throw new Error(`CUBICLE_EGRESS_PRIVATE_ALLOW: "${part.trim()}" is not an IPv4 CIDR like 192.168.10.0/24`);
+    return part.trim();
+  });
 }
 
 /** CUBICLE_HTTPS_PORT: a port, or `0`/`off` for none; unset = 443 for root (who may bind it), else none. */
@@ -203,5 +237,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     minAvailableMB: parseWholeNumber("CUBICLE_MIN_AVAILABLE_MB", env.CUBICLE_MIN_AVAILABLE_MB, 256, 0),
     httpsPort: parseHttpsPort(env.CUBICLE_HTTPS_PORT, process.getuid?.() === 0),
     ...parseTlsFiles(env.CUBICLE_TLS_CERT, env.CUBICLE_TLS_KEY),
+    dnsUpstreams: parseDnsUpstreams(env.CUBICLE_DNS_UPSTREAM),
+    egressPrivateAllow: parsePrivateAllow(env.CUBICLE_EGRESS_PRIVATE_ALLOW),
+    egressCaFiles: (env.CUBICLE_EGRESS_CA_FILE ?? "").split(",").map((s) => s.trim()).filter(Boolean).map((file) => path.resolve(file)),
   };
 }
