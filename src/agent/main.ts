@@ -8,6 +8,7 @@ import { ENVD_PORT, INTERPRETER_PORT } from "../protocol/index.js";
 import { createLogger } from "../shared/log.js";
 import { startInterpreterServer } from "./interpreter/index.js";
 import { createAgentServer } from "./server.js";
+import { sandboxEnvironment } from "./state.js";
 
 const log = createLogger("agent");
 
@@ -36,7 +37,7 @@ function startAgent(): void {
     host,
     port: interpreterPort,
     getAccessToken: () => state.accessToken,
-    getEnvVars: () => state.envVars,
+    getEnvVars: () => sandboxEnvironment(state),
     getDefaultUser: () => state.defaultUser,
     getDefaultWorkdir: () => state.defaultWorkdir ?? "/home/user",
     nodeCommand: nodeCommand(),

@@ -217,6 +217,7 @@ async function handleInit(req: IncomingMessage, res: ServerResponse, state: Agen
     defaultWorkdir: state.defaultWorkdir,
     envVars: Object.keys(state.envVars).length,
     secured: state.accessToken !== undefined,
+    trustsCubicleCa: state.trustEnv.NODE_EXTRA_CA_CERTS !== undefined,
   });
   res.writeHead(204, { "cache-control": "no-store" });
   res.end();

@@ -5,6 +5,10 @@
  */
 import fs from "node:fs";
 import type { InitBody } from "../protocol/index.js";
+import { createLogger } from "../shared/log.js";
+import { installCaCertificates } from "./ca-trust.js";
+
+const log = createLogger("agent");
 
 export interface AgentState {
   /** When set, requests need `X-Access-Token` (or a file signature) to match it. */
@@ -15,6 +19,12 @@ export interface AgentState {
   defaultUser: string;
   /** Working directory of processes started without a cwd; undefined = the user's home. */
   defaultWorkdir: string | undefined;
+  /**
+   * Variables pointing TLS clients at the CA bundle once `/init` installed Cubicle's CA
+   * (SSL_CERT_FILE, REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE, NODE_EXTRA_CA_CERTS); under envVars.
+   * Kept across re-inits: the certificate stays in the bundle.
+   */
+  trustEnv: Record<string, string>;
 }
 
 /** upstream envd falls back to root when no default user was given. */
@@ -26,15 +36,29 @@ export function createAgentState(env: NodeJS.ProcessEnv = process.env): AgentSta
     envVars: {},
     defaultUser: env.CUBICLE_AGENT_DEFAULT_USER || fallbackUser,
     defaultWorkdir: undefined,
+    trustEnv: {},
   };
+}
+
+/** The sandbox-wide environment of the processes the agent starts: the CA variables, then /init's env vars. */
+export function sandboxEnvironment(state: AgentState): Record<string, string> {
+  return { ...state.trustEnv, ...state.envVars };
 }
 
 /**
  * Replaces the state with an init request. Fields left out fall back to their defaults
  * (a re-init is a fresh start, not a merge). The hostname is set best-effort.
  */
-export function applyInit(state: AgentState, request: InitBody, env: NodeJS.ProcessEnv = process.env): void {
+export function applyInit(state: AgentState, request: InitBody, env: NodeJS.ProcessEnv = process.env, root = "/"): void {
   const fresh = createAgentState(env);
+  if (request.caCertificates) {
+    // A failure leaves the sandbox usable (only intercepted TLS fails): logged, not refused.
+    try {
+      state.trustEnv = installCaCertificates(request.caCertificates, root).env;
+    } catch (error) {
+      log.warn("could not install the CA certificates", { error: (error as Error).message });
+    }
+  }
   state.accessToken = request.accessToken || undefined;
   state.envVars = { ...(request.envVars ?? {}) };
   state.defaultUser = request.defaultUser || fresh.defaultUser;

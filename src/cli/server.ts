@@ -120,6 +120,7 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     pauseImageAfterMs: config.pauseImageAfterMs,
     warmSnapshotTemplates: config.warmSnapshotTemplates,
     templateFingerprint: (template) => templates.fingerprint(template),
+    caCertificates: ca.certificatePem,
   });
   await manager.recover();
 

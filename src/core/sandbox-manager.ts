@@ -49,6 +49,8 @@ export interface SandboxManagerOptions {
   warmSnapshotTemplates?: string[];
   /** Decides when a template's warm snapshot is stale (its recipe hash); default its rootfs path. */
   templateFingerprint?: (template: TemplateInfo) => Promise<string>;
+  /** PEM of Cubicle's CA, handed to every agent in /init so sandboxes trust the egress proxy. */
+  caCertificates?: string;
 }
 
 /** Where the router sends traffic for a live sandbox. */
@@ -97,17 +99,19 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
         pidsLimit,
         durablePauseAfterMs: (options.durablePauseAfterSec ?? 60) * 1000,
         pauseImageAfterMs: options.pauseImageAfterMs ?? 1000,
+        caCertificates: options.caCertificates,
       },
       starts,
       (sandboxId) => this.emit("ended", sandboxId),
     );
-    this.pool = new WarmPool({ ...ports, starts, sizes: options.poolSizes ?? {}, pidsLimit });
+    this.pool = new WarmPool({ ...ports, starts, sizes: options.poolSizes ?? {}, pidsLimit, caCertificates: options.caCertificates });
     this.warmSnapshots = new WarmSnapshots({
       ...ports,
       starts,
       templates: options.warmSnapshotTemplates ?? [],
       pidsLimit,
       templateFingerprint: options.templateFingerprint,
+      caCertificates: options.caCertificates,
     });
     this.creation = new Creation(this.ctx, this.pool, this.warmSnapshots);
     this.pauses = new PauseTiers(this.ctx);

@@ -18,6 +18,8 @@ export interface UnclaimedSandboxDeps {
   pidsLimit: number;
   /** The start slots it waits for, behind user creates (ADMISSION_NOTE); none = start at once. */
   starts?: StartQueue;
+  /** PEM of Cubicle's CA, handed to agents in /init so sandboxes trust the egress proxy's TLS interception. */
+  caCertificates?: string;
 }
 
 /**

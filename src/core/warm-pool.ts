@@ -159,7 +159,7 @@ export class WarmPool {
       const agentToken = newToken();
       await this.options.agent.init(
         address,
-        buildInitBody({ accessToken: agentToken, envVars: {}, defaultUser: template.image.defaultUser, defaultWorkdir: template.image.defaultWorkdir, hostname: entry.runtimeId }),
+        buildInitBody({ accessToken: agentToken, envVars: {}, defaultUser: template.image.defaultUser, defaultWorkdir: template.image.defaultWorkdir, hostname: entry.runtimeId, caCertificates: this.options.caCertificates }),
       );
       entry.agentToken = agentToken;
       await this.options.store.insertPoolEntry(entry);

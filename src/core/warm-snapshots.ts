@@ -147,7 +147,7 @@ export class WarmSnapshots {
       const address = entry.network!.sandboxAddress;
       // The kernel starts as the template's default user in its workdir: tell the agent first.
       // No token and no env vars: the sandbox restored from the image gets its own in its /init.
-      await this.options.agent.init(address, buildInitBody({ envVars: {}, defaultUser: template.image.defaultUser, defaultWorkdir: template.image.defaultWorkdir }));
+      await this.options.agent.init(address, buildInitBody({ envVars: {}, defaultUser: template.image.defaultUser, defaultWorkdir: template.image.defaultWorkdir, caCertificates: this.options.caCertificates }));
       const kernel = await this.options.agent.startKernel(address, KERNEL_START_TIMEOUT_MS).then(
         () => true,
         (err) => {

@@ -19,7 +19,7 @@ import {
   stringMap,
   type JsonObject,
 } from "../rpc/proto-json.js";
-import type { AgentState } from "../state.js";
+import { sandboxEnvironment, type AgentState } from "../state.js";
 import { resolveUserPath, type AgentUser } from "../users.js";
 import type { EndEvent } from "./exit-status.js";
 import { ManagedProcess, type OutputKind, type ProcessConfig } from "./managed-process.js";
@@ -185,7 +185,7 @@ async function startProcess(request: Untrusted<processMessages.StartRequest>, ct
 
   const user = ctx.user;
   const cwd = await resolveCwd(config.cwd, user, state.defaultWorkdir);
-  const env = processEnvironment(user, state.envVars, config.envs);
+  const env = processEnvironment(user, sandboxEnvironment(state), config.envs);
   const spec = { config, tag, cwd, env, user, stdin, pty };
   const proc = pty ? await ManagedProcess.spawnPty(spec) : await ManagedProcess.spawnCommand(spec);
   // Connect-Timeout-Ms of Start is the lifetime of the process (§5.5), even if the client leaves.

@@ -28,6 +28,8 @@ export interface LifecycleSettings {
   durablePauseAfterMs: number;
   /** Time after a hot pause at which its image is written to disk while it stays frozen; negative = never. */
   pauseImageAfterMs: number;
+  /** PEM of Cubicle's CA for the agents' /init (they add it to the sandbox's trust). */
+  caCertificates?: string;
 }
 
 /**
@@ -161,6 +163,7 @@ export class LifecycleContext {
       defaultUser: template.image.defaultUser,
       defaultWorkdir: template.image.defaultWorkdir,
       hostname: record.sandboxId,
+      caCertificates: this.settings.caCertificates,
     });
     await this.ports.agent.init(record.network!.sandboxAddress, init, { currentToken, whenUpMs });
   }
