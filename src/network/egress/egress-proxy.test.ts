@@ -220,6 +220,9 @@ test("header rules over plain HTTP", needsRoot, async () => {
   const echoed = JSON.parse(answer.body);
   assert.equal(echoed.tls, false);
   assert.equal(echoed.headers["x-api-key"], `k-${SECRET}`);
+  // An upgrade would carry bytes past the header rules.
+  const upgrade = await sandbox({ mode: "http", host: destination, port: 80, hostHeader: "api.test.example", headers: { connection: "Upgrade", upgrade: "websocket" } });
+  assert.equal(upgrade.status, 501);
 });
 
 test("an unknown secret answers 502 and nothing is forwarded; another Host on the connection is 421", needsRoot, async () => {
@@ -285,6 +288,31 @@ test("policyChanged cuts an open connection that is now denied, and keeps one st
   assert.ok(client.lines[1]!.echoes > 0);
   await until(() => proxy.openConnections("sbx-1") === 0, "the proxy to forget it");
   assert.equal(finishedRecords.length, 1);
+
+  // Still allowed, but now to go through a SOCKS5 proxy: the direct connection is cut.
+  decide = allowAll;
+  const direct = hold();
+  await until(() => direct.lines.length > 0 && proxy.openConnections("sbx-1") === 1, "the connection to open", 5000);
+  policy = { ...basePolicy(), egressProxy: { host: "127.0.0.1", port: 1 } };
+  proxy.policyChanged("sbx-1");
+  await until(() => direct.lines.length === 2, "the client to see the cut");
+});
+
+test("what is not a sandbox, and a sandbox's connection to the proxy's own port, are refused", needsRoot, async () => {
+  reset();
+  const { default: net } = await import("node:net");
+  const port = (await runCommand(["nft", "-j", "list", "table", "inet", table])).stdout.match(/"port":\s*(\d+)/)?.[1] ?? "0";
+  // From the host: the source is not a sandbox.
+  const error = await new Promise<string>((resolve) => {
+    const socket = net.connect(Number(port), hostSide);
+    socket.on("error", (err: NodeJS.ErrnoException) => resolve(err.code ?? err.message));
+    socket.on("close", () => resolve("closed"));
+  });
+  assert.equal(error, "ECONNRESET");
+  assert.equal(records.length, 0);
+  const loop = await sandbox({ mode: "tcp", host: hostSide, port: Number(port), text: "loop" });
+  assert.equal(loop.error, "ECONNRESET");
+  assert.equal(records[0]!.reason, "connection to the egress proxy itself");
 });
 
 test("connections past the per-sandbox cap are denied; bad bytes and silence are survived", needsRoot, async () => {

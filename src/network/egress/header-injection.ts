@@ -59,9 +59,10 @@ function requestParser(): http.Server {
     forward(state, req, res);
   });
   // Upgrades (WebSocket, h2c) and CONNECT would carry bytes past the header rules.
+  const refusal = "egress proxy: upgrades and CONNECT are not supported for hosts with header rules\n";
   const refuse = (_req: http.IncomingMessage, socket: Duplex) => {
     socket.on("error", () => {});
-    socket.end("HTTP/1.1 501 Not Implemented\r\nContent-Type: text/plain\r\nConnection: close\r\nContent-Length: 67\r\n\r\negress proxy: upgrades and CONNECT are not supported with headers\n");
+    socket.end(`HTTP/1.1 501 Not Implemented\r\nContent-Type: text/plain\r\nConnection: close\r\nContent-Length: ${Buffer.byteLength(refusal)}\r\n\r\n${refusal}`);
   };
   parser.on("upgrade", refuse);
   parser.on("connect", refuse);

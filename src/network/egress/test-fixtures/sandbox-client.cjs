@@ -28,6 +28,8 @@ if (request.mode === "http" || request.mode === "https") {
     let body = "";
     res.on("data", (chunk) => (body += chunk));
     res.on("end", () => done({ status: res.statusCode, body }));
+    res.on("aborted", () => done({ status: res.statusCode, body, error: "aborted" }));
+    res.on("error", (err) => done({ status: res.statusCode, body, error: err.code ?? err.message }));
   });
   req.on("error", (err) => done({ error: err.code ?? err.message }));
   req.end(request.body);
