@@ -31,6 +31,10 @@ buildNative("src/agent/native/run-as.c", path.join(dist, "agent", "run-as"), "sa
 // stored (uploads with metadata are refused, XATTR_NOTE).
 const nodeHeaders = path.resolve(path.dirname(process.execPath), "..", "include", "node");
 buildNative("src/agent/native/xattr.c", path.join(dist, "agent", "xattr.node"), "file metadata (xattrs) is not available in sandboxes", ["-shared", "-fPIC", `-I${nodeHeaders}`]);
+// The egress proxy's getsockopt(SO_ORIGINAL_DST) (ORIGINAL_DST_NOTE); without it the proxy cannot
+// learn where a redirected connection was going and refuses every connection.
+fs.mkdirSync(path.join(dist, "network"), { recursive: true });
+buildNative("src/network/native/original-dst.c", path.join(dist, "network", "original-dst.node"), "the egress proxy refuses every connection", ["-shared", "-fPIC", `-I${nodeHeaders}`]);
 buildNative("src/runtime/container/native/criu-front.c", path.join(dist, "criu-front"), "runc starts CRIU directly");
 buildNative("src/runtime/container/native/tar-shim.c", path.join(dist, "tar-shim"), "CRIU's tar goes through the shell shim");
 // Required (no fallback): the runtime refuses to start without them.

@@ -1,0 +1,337 @@
+import assert from "node:assert/strict";
+import { spawn, type ChildProcess } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { existsSync } from "node:fs";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { after, before, test } from "node:test";
+import { startSocks5Server, type Socks5Server } from "../../../test/support/socks5-server.js";
+import { runCommand } from "../../shared/exec.js";
+import type { EgressPolicy, EgressRecord } from "../egress-types.js";
+import { createEgressProxy, type EgressProxy, type EgressSandbox, type EgressTarget, type EgressVerdict } from "./egress-proxy.js";
+import { loadOriginalDestination } from "./original-destination.js";
+
+// The real path of a sandbox's connection: a "sandbox" namespace whose TCP is redirected by an
+// nftables nat rule to the proxy on the host, which reads SO_ORIGINAL_DST with the addon and
+// reaches a "destination" namespace on 198.18.<r>.2 (RFC 2544 benchmark range, routed only to our
+// veth). Needs root and `node scripts/build.mjs` (the addon). Everything carries this run's tag.
+const isRoot = process.getuid?.() === 0;
+const here = path.dirname(new URL(import.meta.url).pathname);
+const addonPath = path.resolve(here, "../../../dist/network/original-dst.node");
+const tag = randomBytes(3).toString("hex");
+const r = 1 + (randomBytes(1)[0]! % 250);
+const srcNetns = `cbp-src-${tag}`;
+const dstNetns = `cbp-dst-${tag}`;
+const srcVeth = `cbps${tag}`;
+const dstVeth = `cbpd${tag}`;
+const table = `cbp_${tag}`;
+const hostSide = `10.251.${r}.1`;
+const sandboxAddress = `10.251.${r}.2`;
+const destination = `198.18.${r}.2`;
+const SECRET = "tok-123";
+
+let tempDir: string;
+let upstreamCaPem: string;
+let mitmCaPem: string;
+let proxy: EgressProxy;
+let servers: ChildProcess | undefined;
+const children = new Set<ChildProcess>();
+const records: EgressRecord[] = [];
+const finishedRecords: EgressRecord[] = [];
+let policy: EgressPolicy;
+let decide: (sandbox: EgressSandbox, target: EgressTarget) => EgressVerdict;
+let issued = 0;
+
+const basePolicy = (): EgressPolicy => ({ allowInternet: true, allowCidrs: [], denyCidrs: [], allowDomains: [], headerRules: [], egressProxy: undefined });
+const allowAll = (): EgressVerdict => ({ allowed: true, reason: "test allows" });
+
+async function openssl(args: string[]): Promise<void> {
+  await runCommand(["openssl", ...args], { cwd: tempDir, timeoutMs: 20_000 });
+}
+
+/** A CA (key + self-signed cert) in the temp dir. */
+async function makeCa(name: string): Promise<string> {
+  await openssl(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", `${name}.key`, "-out", `${name}.pem`, "-days", "2", "-subj", `/CN=${name}`, "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign"]);
+  return readFile(path.join(tempDir, `${name}.pem`), "utf8");
+}
+
+/** A leaf for `names`, signed by CA `ca`. */
+async function makeLeaf(ca: string, file: string, names: string[]): Promise<{ key: string; cert: string }> {
+  await openssl(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", `${file}.key`, "-out", `${file}.pem`, "-days", "2", "-subj", `/CN=${names[0]}`, "-CA", `${ca}.pem`, "-CAkey", `${ca}.key`, "-addext", `subjectAltName=${names.map((n) => `DNS:${n}`).join(",")}`]);
+  return { key: await readFile(path.join(tempDir, `${file}.key`), "utf8"), cert: await readFile(path.join(tempDir, `${file}.pem`), "utf8") };
+}
+
+before(async () => {
+  if (!isRoot) return;
+  assert.ok(existsSync(addonPath), `${addonPath} is missing: run node scripts/build.mjs`);
+  tempDir = await mkdtemp(path.join(tmpdir(), "cbp-egress-"));
+  upstreamCaPem = await makeCa("upstream-ca");
+  mitmCaPem = await makeCa("mitm-ca");
+  await makeLeaf("upstream-ca", "server", ["api.test.example", "other.test.example"]);
+
+  const ip = (...args: string[]) => runCommand(["ip", ...args]);
+  await ip("netns", "add", srcNetns);
+  await ip("netns", "add", dstNetns);
+  await ip("link", "add", srcVeth, "type", "veth", "peer", "name", "eth0", "netns", srcNetns);
+  await ip("link", "add", dstVeth, "type", "veth", "peer", "name", "eth0", "netns", dstNetns);
+  await ip("addr", "add", `${hostSide}/30`, "dev", srcVeth);
+  await ip("addr", "add", `198.18.${r}.1/30`, "dev", dstVeth);
+  await ip("link", "set", srcVeth, "up");
+  await ip("link", "set", dstVeth, "up");
+  for (const [netns, address, gateway] of [[srcNetns, `${sandboxAddress}/30`, hostSide], [dstNetns, `${destination}/30`, `198.18.${r}.1`]] as const) {
+    await ip("-n", netns, "addr", "add", address, "dev", "eth0");
+    await ip("-n", netns, "link", "set", "eth0", "up");
+    await ip("-n", netns, "link", "set", "lo", "up");
+    await ip("-n", netns, "route", "add", "default", "via", gateway);
+  }
+  // Traffic to the destination must leave through our veth and nowhere else.
+  const route = (await ip("-j", "route", "get", destination)).stdout;
+  assert.equal(JSON.parse(route)[0].dev, dstVeth, `route to ${destination}: ${route}`);
+
+  proxy = createEgressProxy({
+    listenHost: hostSide,
+    port: 0,
+    originalDestination: loadOriginalDestination(addonPath),
+    sandboxFor: (remote) => (remote === sandboxAddress ? { sandboxId: "sbx-1", policy } : undefined),
+    decide: (sandbox, target) => decide(sandbox, target),
+    audit: (record) => records.push(record),
+    finished: (record) => finishedRecords.push(record),
+    issueCertificate: async (hostname) => makeLeaf("mitm-ca", `mitm-${hostname}-${++issued}`, [hostname]),
+    upstreamCa: [upstreamCaPem],
+    resolveSecret: (name) => (name === "TOKEN" ? SECRET : undefined),
+    limits: { connectTimeoutMs: 2000, maxConnectionsPerSandbox: 8 },
+  });
+  const port = await proxy.listen();
+  await runCommand(["nft", "-f", "-"], {
+    input: `table inet ${table} {\n chain prerouting {\n  type nat hook prerouting priority dstnat; policy accept;\n  iifname "${srcVeth}" meta l4proto tcp redirect to :${port}\n }\n}\n`,
+  });
+
+  servers = spawn("ip", ["netns", "exec", dstNetns, process.execPath, path.join(here, "test-fixtures/destination-servers.cjs"), destination, path.join(tempDir, "server.key"), path.join(tempDir, "server.pem")], { stdio: ["pipe", "pipe", "inherit"] });
+  children.add(servers);
+  await new Promise<void>((resolve, reject) => {
+    servers!.stdout!.once("data", () => resolve());
+    servers!.once("exit", (code) => reject(new Error(`destination servers exited with ${code}`)));
+  });
+});
+
+after(async () => {
+  for (const child of children) if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
+  if (!isRoot) return;
+  await proxy?.close();
+  await runCommand(["nft", "delete", "table", "inet", table], { allowFailure: true });
+  for (const link of [srcVeth, dstVeth]) await runCommand(["ip", "link", "del", link], { allowFailure: true });
+  for (const netns of [srcNetns, dstNetns]) await runCommand(["ip", "netns", "del", netns], { allowFailure: true });
+  if (tempDir) await rm(tempDir, { recursive: true, force: true });
+});
+
+function reset(): void {
+  policy = basePolicy();
+  decide = allowAll;
+  records.length = 0;
+  finishedRecords.length = 0;
+}
+
+/** Runs the sandbox client once in the source namespace; resolves with its JSON answer. */
+async function sandbox(request: Record<string, unknown>): Promise<Record<string, any>> {
+  const result = await runCommand(["ip", "netns", "exec", srcNetns, process.execPath, path.join(here, "test-fixtures/sandbox-client.cjs"), JSON.stringify(request)], { timeoutMs: 15_000 });
+  return JSON.parse(result.stdout.trim().split("\n").at(-1)!);
+}
+
+const https = (extra: Record<string, unknown>) => sandbox({ mode: "https", host: destination, port: 443, servername: "api.test.example", hostHeader: "api.test.example", ca: [upstreamCaPem, mitmCaPem], ...extra });
+
+async function until(condition: () => boolean, what: string, timeoutMs = 3000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadline) assert.fail(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+const needsRoot = { skip: !isRoot && "needs root" };
+
+test("an allowed connection is relayed to its original destination, and audited with its bytes", needsRoot, async () => {
+  reset();
+  const seen: EgressTarget[] = [];
+  decide = (_sandbox, target) => (seen.push(target), allowAll());
+  assert.deepEqual(await sandbox({ mode: "tcp", host: destination, port: 7000, text: "hello echo" }), { echo: "hello echo" });
+  assert.deepEqual(seen, [{ address: destination, port: 7000, domain: undefined, domainSource: undefined }]);
+  await until(() => finishedRecords.length === 1, "the record to finish");
+  const record = finishedRecords[0]!;
+  assert.equal(records[0], record);
+  assert.equal(record.verdict, "allowed");
+  assert.equal(record.sandboxId, "sbx-1");
+  assert.equal(record.address, destination);
+  assert.equal(record.port, 7000);
+  assert.equal(record.bytesOut, 10);
+  assert.equal(record.bytesIn, 10);
+  assert.ok(record.durationMs !== undefined && record.durationMs >= 0);
+  assert.equal(proxy.openConnections("sbx-1"), 0);
+});
+
+test("HTTPS without header rules is spliced: the sandbox sees the real server's certificate and the SNI is decided on", needsRoot, async () => {
+  reset();
+  const seen: EgressTarget[] = [];
+  decide = (_sandbox, target) => (seen.push(target), allowAll());
+  // Only the upstream CA: a MITM certificate would fail verification.
+  const answer = await https({ ca: [upstreamCaPem], headers: { authorization: "sandbox's own" } });
+  assert.equal(answer.status, 200);
+  assert.equal(JSON.parse(answer.body).headers.authorization, "sandbox's own");
+  assert.deepEqual(seen, [{ address: destination, port: 443, domain: "api.test.example", domainSource: "sni" }]);
+  await until(() => finishedRecords.length === 1, "the record to finish");
+  assert.equal(records[0]!.domain, "api.test.example");
+  assert.ok(records[0]!.bytesIn! > 500, "the server's certificate came back");
+});
+
+test("a denied connection is reset and audited as denied", needsRoot, async () => {
+  reset();
+  decide = () => ({ allowed: false, reason: "not in allowOut" });
+  const answer = await sandbox({ mode: "http", host: destination, port: 80, hostHeader: "blocked.example" });
+  assert.equal(answer.error, "ECONNRESET");
+  assert.equal(records.length, 1);
+  assert.deepEqual({ ...records[0], time: 0 }, { time: 0, sandboxId: "sbx-1", protocol: "tcp", address: destination, port: 80, domain: "blocked.example", verdict: "denied", reason: "not in allowOut", bytesOut: undefined, bytesIn: undefined, durationMs: undefined });
+});
+
+test("header rules over HTTPS: the proxy sets the headers, with the secret resolved on the host", needsRoot, async () => {
+  reset();
+  decide = (_sandbox, target) => ({ allowed: true, reason: "allowed domain", headers: target.domain === "api.test.example" ? { Authorization: "Bearer ${e2b.secrets.TOKEN}", "X-Injected": "yes" } : undefined });
+  const answer = await https({ headers: { authorization: "sandbox's fake", "x-kept": "1" }, method: "POST", body: "payload", path: "/v1/thing?x=1" });
+  assert.equal(answer.status, 200, JSON.stringify(answer));
+  const echoed = JSON.parse(answer.body);
+  assert.equal(echoed.tls, true);
+  assert.equal(echoed.headers.authorization, `Bearer ${SECRET}`);
+  assert.equal(echoed.headers["x-injected"], "yes");
+  assert.equal(echoed.headers["x-kept"], "1");
+  assert.equal(echoed.headers.host, "api.test.example");
+  assert.equal(echoed.body, "payload");
+  assert.equal(echoed.url, "/v1/thing?x=1");
+  // Without the MITM CA the sandbox refuses the proxy's certificate: interception is visible.
+  const untrusting = await https({ ca: [upstreamCaPem] });
+  assert.match(untrusting.error, /UNABLE_TO_VERIFY|SELF_SIGNED|unable to verify/i);
+  await until(() => finishedRecords.length === 2, "both records to finish");
+  assert.ok(finishedRecords[0]!.bytesOut! > 0 && finishedRecords[0]!.bytesIn! > 0);
+});
+
+test("header rules over plain HTTP", needsRoot, async () => {
+  reset();
+  decide = () => ({ allowed: true, reason: "allowed domain", headers: { "X-Api-Key": "k-${e2b.secrets.TOKEN}" } });
+  const answer = await sandbox({ mode: "http", host: destination, port: 80, hostHeader: "api.test.example:80", headers: { "x-api-key": "fake" } });
+  assert.equal(answer.status, 200);
+  const echoed = JSON.parse(answer.body);
+  assert.equal(echoed.tls, false);
+  assert.equal(echoed.headers["x-api-key"], `k-${SECRET}`);
+  // An upgrade would carry bytes past the header rules.
+  const upgrade = await sandbox({ mode: "http", host: destination, port: 80, hostHeader: "api.test.example", headers: { connection: "Upgrade", upgrade: "websocket" } });
+  assert.equal(upgrade.status, 501);
+});
+
+test("an unknown secret answers 502 and nothing is forwarded; another Host on the connection is 421", needsRoot, async () => {
+  reset();
+  decide = () => ({ allowed: true, reason: "allowed domain", headers: { Authorization: "Bearer ${e2b.secrets.MISSING}" } });
+  const missing = await https({});
+  assert.equal(missing.status, 502);
+  assert.match(missing.body, /secret "MISSING"/);
+  assert.doesNotMatch(missing.body, /tok-123/);
+  decide = () => ({ allowed: true, reason: "allowed domain", headers: { Authorization: "Bearer ${e2b.secrets.TOKEN}" } });
+  const misdirected = await https({ hostHeader: "other.test.example" });
+  assert.equal(misdirected.status, 421);
+  const plainMisdirected = await sandbox({ mode: "http", host: destination, port: 80, hostHeader: "api.test.example", path: "/", headers: {} });
+  assert.equal(plainMisdirected.status, 200);
+});
+
+test("through the sandbox's SOCKS5 proxy, with authentication; a proxy that is down fails closed", needsRoot, async () => {
+  reset();
+  const socks: Socks5Server = await startSocks5Server({ host: "127.0.0.1", port: 0, username: "u", password: "p" });
+  try {
+    policy = { ...basePolicy(), egressProxy: { host: "localhost", port: socks.port, username: "u", password: "p" } };
+    assert.deepEqual(await sandbox({ mode: "tcp", host: destination, port: 7000, text: "via socks" }), { echo: "via socks" });
+    assert.deepEqual(socks.connections, [{ address: destination, port: 7000 }]);
+    // Header injection goes through the same proxy.
+    decide = () => ({ allowed: true, reason: "allowed domain", headers: { "X-Injected": "socks" } });
+    const answer = await https({});
+    assert.equal(JSON.parse(answer.body).headers["x-injected"], "socks");
+    assert.equal(socks.connections.length, 2);
+    decide = allowAll;
+    policy = { ...basePolicy(), egressProxy: { host: "127.0.0.1", port: socks.port, username: "u", password: "wrong" } };
+    records.length = 0;
+    assert.equal((await sandbox({ mode: "tcp", host: destination, port: 7000, text: "x" })).error, "ECONNRESET");
+    assert.equal(records[0]!.verdict, "denied");
+    assert.equal(records[0]!.reason, "egress proxy authentication failed");
+  } finally {
+    await socks.close();
+  }
+  policy = { ...basePolicy(), egressProxy: { host: "127.0.0.1", port: socks.port } };
+  records.length = 0;
+  assert.equal((await sandbox({ mode: "tcp", host: destination, port: 7000, text: "x" })).error, "ECONNRESET");
+  assert.equal(records[0]!.verdict, "denied");
+  assert.equal(records[0]!.reason, "egress proxy unreachable");
+});
+
+test("policyChanged cuts an open connection that is now denied, and keeps one still allowed", needsRoot, async () => {
+  reset();
+  const hold = () => {
+    const child = spawn("ip", ["netns", "exec", srcNetns, process.execPath, path.join(here, "test-fixtures/sandbox-client.cjs"), JSON.stringify({ mode: "hold", host: destination, port: 7000, timeoutMs: 10_000 })], { stdio: ["ignore", "pipe", "inherit"] });
+    children.add(child);
+    const lines: Record<string, any>[] = [];
+    child.stdout!.on("data", (chunk: Buffer) => lines.push(...chunk.toString().trim().split("\n").map((line) => JSON.parse(line))));
+    return { child, lines };
+  };
+  const client = hold();
+  await until(() => client.lines.length > 0 && proxy.openConnections("sbx-1") === 1, "the connection to open", 5000);
+  proxy.policyChanged("sbx-1");
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  assert.equal(client.lines.length, 1, "still open after a change that allows it");
+  decide = () => ({ allowed: false, reason: "not in allowOut" });
+  proxy.policyChanged("sbx-1");
+  await until(() => client.lines.length === 2, "the client to see the cut");
+  assert.equal(client.lines[1]!.closed, true);
+  assert.ok(client.lines[1]!.echoes > 0);
+  await until(() => proxy.openConnections("sbx-1") === 0, "the proxy to forget it");
+  assert.equal(finishedRecords.length, 1);
+
+  // Still allowed, but now to go through a SOCKS5 proxy: the direct connection is cut.
+  decide = allowAll;
+  const direct = hold();
+  await until(() => direct.lines.length > 0 && proxy.openConnections("sbx-1") === 1, "the connection to open", 5000);
+  policy = { ...basePolicy(), egressProxy: { host: "127.0.0.1", port: 1 } };
+  proxy.policyChanged("sbx-1");
+  await until(() => direct.lines.length === 2, "the client to see the cut");
+});
+
+test("what is not a sandbox, and a sandbox's connection to the proxy's own port, are refused", needsRoot, async () => {
+  reset();
+  const { default: net } = await import("node:net");
+  const port = (await runCommand(["nft", "-j", "list", "table", "inet", table])).stdout.match(/"port":\s*(\d+)/)?.[1] ?? "0";
+  // From the host: the source is not a sandbox.
+  const error = await new Promise<string>((resolve) => {
+    const socket = net.connect(Number(port), hostSide);
+    socket.on("error", (err: NodeJS.ErrnoException) => resolve(err.code ?? err.message));
+    socket.on("close", () => resolve("closed"));
+  });
+  assert.equal(error, "ECONNRESET");
+  assert.equal(records.length, 0);
+  const loop = await sandbox({ mode: "tcp", host: hostSide, port: Number(port), text: "loop" });
+  assert.equal(loop.error, "ECONNRESET");
+  assert.equal(records[0]!.reason, "connection to the egress proxy itself");
+});
+
+test("connections past the per-sandbox cap are denied; bad bytes and silence are survived", needsRoot, async () => {
+  reset();
+  decide = allowAll;
+  // The server speaks first on nothing here: the 400 ms peek ends in silence, then the echo works.
+  const garbage = await sandbox({ mode: "tcp", host: destination, port: 7000, text: "\u0016\u0003\u0001\u00ff\u00ff garbage" });
+  assert.ok(garbage.echo);
+  // A client that says nothing for a while (a server-speaks-first protocol): decided after the peek times out.
+  const started = Date.now();
+  assert.deepEqual(await sandbox({ mode: "tcp", host: destination, port: 7000, text: "late", delayMs: 800 }), { echo: "late" });
+  assert.ok(Date.now() - started >= 800);
+  assert.equal(records.at(-1)!.domain, undefined);
+  const clients = Array.from({ length: 9 }, () => {
+    const child = spawn("ip", ["netns", "exec", srcNetns, process.execPath, path.join(here, "test-fixtures/sandbox-client.cjs"), JSON.stringify({ mode: "hold", host: destination, port: 7000, timeoutMs: 10_000 })], { stdio: ["ignore", "pipe", "inherit"] });
+    children.add(child);
+    return child;
+  });
+  await until(() => records.filter((record) => record.reason === "too many connections from this sandbox").length === 1 && proxy.openConnections("sbx-1") === 8, "the ninth to be refused", 8000);
+  for (const child of clients) child.kill("SIGKILL");
+  await until(() => proxy.openConnections() === 0, "all to close", 5000);
+});

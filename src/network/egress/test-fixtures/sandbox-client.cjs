@@ -1,0 +1,57 @@
+// The "sandbox" of egress-proxy.test.ts, run inside its source namespace. argv[2] is a JSON
+// request; prints one JSON line with what happened.
+//   {mode: "http"|"https", host, port, hostHeader, servername, ca: [pem], headers, path}
+//   {mode: "tcp", host, port, text, delayMs}    -> {echo} or {error}
+//   {mode: "hold", host, port}                  -> prints {connected: true}, pings every 50 ms, then {closed, error, echoes}
+const http = require("node:http");
+const https = require("node:https");
+const net = require("node:net");
+const request = JSON.parse(process.argv[2]);
+const done = (result) => {
+  console.log(JSON.stringify(result));
+  process.exit(0);
+};
+setTimeout(() => done({ error: "client timeout" }), request.timeoutMs ?? 8000).unref();
+if (request.mode === "http" || request.mode === "https") {
+  const lib = request.mode === "https" ? https : http;
+  const req = lib.request({
+    host: request.host,
+    port: request.port,
+    path: request.path ?? "/",
+    method: request.method ?? "GET",
+    servername: request.servername,
+    ca: request.ca,
+    headers: { host: request.hostHeader, ...request.headers },
+    agent: false,
+  });
+  req.on("response", (res) => {
+    let body = "";
+    res.on("data", (chunk) => (body += chunk));
+    res.on("end", () => done({ status: res.statusCode, body }));
+    res.on("aborted", () => done({ status: res.statusCode, body, error: "aborted" }));
+    res.on("error", (err) => done({ status: res.statusCode, body, error: err.code ?? err.message }));
+  });
+  req.on("error", (err) => done({ error: err.code ?? err.message }));
+  req.end(request.body);
+} else if (request.mode === "tcp") {
+  const socket = net.connect(request.port, request.host);
+  let echo = "";
+  socket.on("connect", () => setTimeout(() => socket.write(request.text), request.delayMs ?? 0));
+  socket.on("data", (chunk) => {
+    echo += chunk;
+    if (echo.length >= request.text.length) done({ echo });
+  });
+  socket.on("error", (err) => done({ error: err.code ?? err.message }));
+  socket.on("close", () => done({ error: "closed", echo }));
+} else if (request.mode === "hold") {
+  const socket = net.connect(request.port, request.host);
+  let echoes = 0;
+  let timer;
+  socket.on("connect", () => {
+    console.log(JSON.stringify({ connected: true }));
+    timer = setInterval(() => socket.write("ping"), 50);
+  });
+  socket.on("data", () => echoes++);
+  socket.on("error", (err) => done({ closed: true, error: err.code, echoes }));
+  socket.on("close", () => done({ closed: true, echoes }));
+}
