@@ -7,6 +7,7 @@ import { isMainThread } from "node:worker_threads";
 import { ENVD_PORT, INTERPRETER_PORT } from "../protocol/index.js";
 import { createLogger } from "../shared/log.js";
 import { startInterpreterServer } from "./interpreter/index.js";
+import { ensureResolverConfig } from "./resolver-config.js";
 import { createAgentServer } from "./server.js";
 import { sandboxEnvironment } from "./state.js";
 
@@ -29,6 +30,7 @@ function startAgent(): void {
   const host = process.env.CUBICLE_AGENT_HOST || "0.0.0.0";
   const port = Number(process.env.CUBICLE_AGENT_PORT || ENVD_PORT);
 
+  ensureResolverConfig();
   const { server, state } = createAgentServer();
   server.listen(port, host, () => log.info("envd listening", { host, port, pid: process.pid }));
 

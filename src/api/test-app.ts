@@ -16,7 +16,7 @@ import { createApiApp, type ApiOptions } from "./app.js";
 export const TEST_KEY = "e2b_" + "ab".repeat(20);
 
 /** Every route of the API, with `:id` where a sandbox (or template) id goes. */
-export const API_ROUTES: { method: "GET" | "POST" | "DELETE"; path: string }[] = [
+export const API_ROUTES: { method: "GET" | "POST" | "PUT" | "DELETE"; path: string }[] = [
   { method: "POST", path: "/sandboxes" },
   { method: "POST", path: "/v2/sandboxes" },
   { method: "GET", path: "/sandboxes" },

@@ -99,6 +99,7 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     egressPorts,
     privateAllowed: config.egressPrivateAllow,
     onPolicyChange: (runtimeId) => egress.policyChanged(runtimeId),
+    onRelease: (runtimeId) => egress.released(runtimeId),
   });
   const runtime = createContainerRuntime(config);
   const templates = createTemplateCatalog(config);

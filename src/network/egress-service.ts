@@ -40,8 +40,10 @@ export interface EgressServiceOptions {
 export interface EgressService {
   /** Starts the forwarder, the proxy and the kernel log reader; resolves with their ports. */
   start(): Promise<{ dns: number; proxy: number }>;
-  /** A sandbox's policy changed or it went away: cut the connections it no longer allows. */
+  /** A sandbox's policy changed: cut the connections it no longer allows. */
   policyChanged(runtimeId: string): void;
+  /** A sandbox's network is gone: cut its connections, forget its DNS pins. */
+  released(runtimeId: string): void;
   stop(): Promise<void>;
 }
 
@@ -142,6 +144,10 @@ export function createEgressService(options: EgressServiceOptions): EgressServic
     },
     policyChanged(runtimeId) {
       proxy.policyChanged(runtimeId);
+    },
+    released(runtimeId) {
+      proxy.policyChanged(runtimeId);
+      pinned.drop(runtimeId);
     },
     async stop() {
       await Promise.allSettled([dns.close(), proxy.close(), kernelLog.stop()]);

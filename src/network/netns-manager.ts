@@ -37,6 +37,8 @@ export interface NetnsManagerOptions {
   privateAllowed?: readonly string[];
   /** Told after a sandbox's policy changed (the proxy cuts connections it no longer allows). */
   onPolicyChange?: (sandboxId: string) => void;
+  /** Told after a sandbox's network is gone (its connections are cut, its DNS pins dropped). */
+  onRelease?: (sandboxId: string) => void;
 }
 
 interface NetworkRecord {
@@ -232,7 +234,7 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
       if (leftovers.length > 0) throw new CubicleError("internal", `could not remove ${leftovers.join(", ")} of sandbox ${sandboxId}; see the server log`);
       if (record) pool.release(record.blockIndex);
       forget(sandboxId);
-      options.onPolicyChange?.(sandboxId);
+      options.onRelease?.(sandboxId);
     },
 
     close() {

@@ -211,7 +211,7 @@ test("every API route without a key, or with a wrong one, answers 401 with an E2
     const url = server.url + route.path.replace(":id", sandbox.sandboxId);
     const wrongKeys: Record<string, string>[] = [{}, { "x-api-key": "e2b_" + "00".repeat(20) }, { "x-api-key": server.apiKey.slice(0, -1) }, { authorization: "Bearer " + "0".repeat(44) }];
     for (const headers of wrongKeys) {
-      const res = await fetch(url, { method: route.method, headers: { ...headers, "content-type": "application/json" }, body: route.method === "POST" ? "{}" : undefined });
+      const res = await fetch(url, { method: route.method, headers: { ...headers, "content-type": "application/json" }, body: route.method === "POST" || route.method === "PUT" ? "{}" : undefined });
       const text = await res.text();
       assert.equal(res.status, 401, `${route.method} ${route.path}: ${text}`);
       assert.ok(isE2bErrorBody(text, 401), text);

@@ -18,16 +18,22 @@ export interface SandboxLifecycle {
   onTimeout: "kill" | "pause";
 }
 
-/** Network policy as the client sent it; stored and echoed, unknown fields included. */
+/** Network policy, enforced (see README: what is enforced for which protocol); anything that cannot be enforced is refused with 400. */
 export interface SandboxNetworkConfig {
   /** False: ingress needs the traffic access token. */
   allowPublicTraffic?: boolean;
-  /** CIDRs, addresses or domains allowed out. */
+  /** IPv4 addresses, CIDRs or domain names (exact or *.domain) allowed out; allow beats deny. */
   allowOut?: string[];
-  /** CIDRs or addresses denied. */
+  /** IPv4 addresses or CIDRs denied (domains cannot be denied). */
   denyOut?: string[];
+  /** Host header for forwarded requests; ${PORT} is the port. */
   maskRequestHost?: string;
-  [key: string]: unknown;
+  /** Host pattern (exact or *.domain) -> rules; exact beats the longest wildcard. */
+  rules?: Record<string, SandboxNetworkRule[]>;
+  egressProxy?: SandboxEgressProxyConfig;
+  /** Not supported yet: refused unless empty. */
+  httpsPorts?: number[];
+  bandwidth?: SandboxBandwidth;
 }
 
 export interface SandboxAutoResume {
@@ -246,6 +252,37 @@ export interface EgressRecord {
   durationMs?: number;
 }
 
+/** SOCKS5 proxy (RFC 1928/1929) the sandbox's TCP egress is tunneled through from the host; fails closed. */
+export interface SandboxEgressProxyConfig {
+  /** SOCKS5 proxy as host:port (IPv4 or a name). */
+  address: string;
+  username?: string;
+  password?: string;
+}
+
+export interface SandboxNetworkRule {
+  transform?: {
+    /** Headers set on matching requests by the host-side egress proxy; values may hold ${e2b.secrets.<name>}. */
+    headers?: Record<string, string>;
+  };
+}
+
+/** Cubicle extension: rate limits in Mbit/s (0.1-100000), off when absent. */
+export interface SandboxBandwidth {
+  egressMbps?: number;
+  ingressMbps?: number;
+}
+
+/** Replaces the egress fields; an omitted field is cleared (allow_internet_access falls back to true). */
+export interface SandboxNetworkUpdateConfig {
+  allow_internet_access?: boolean;
+  allowOut?: string[];
+  denyOut?: string[];
+  /** Host pattern (exact or *.domain) -> rules; exact beats the longest wildcard. */
+  rules?: Record<string, SandboxNetworkRule[]>;
+  egressProxy?: SandboxEgressProxyConfig;
+}
+
 /** Every operation of the API: its method and path (Fastify's `:param` form in `route`). */
 export const apiOperations = {
   health: { method: "GET", path: "/health", route: "/health" },
@@ -256,6 +293,7 @@ export const apiOperations = {
   getSandbox: { method: "GET", path: "/sandboxes/{sandboxID}", route: "/sandboxes/:sandboxID" },
   killSandbox: { method: "DELETE", path: "/sandboxes/{sandboxID}", route: "/sandboxes/:sandboxID" },
   setSandboxTimeout: { method: "POST", path: "/sandboxes/{sandboxID}/timeout", route: "/sandboxes/:sandboxID/timeout" },
+  updateSandboxNetwork: { method: "PUT", path: "/sandboxes/{sandboxID}/network", route: "/sandboxes/:sandboxID/network" },
   refreshSandbox: { method: "POST", path: "/sandboxes/{sandboxID}/refreshes", route: "/sandboxes/:sandboxID/refreshes" },
   connectSandbox: { method: "POST", path: "/sandboxes/{sandboxID}/connect", route: "/sandboxes/:sandboxID/connect" },
   connectSandboxV2: { method: "POST", path: "/v2/sandboxes/{sandboxID}/connect", route: "/v2/sandboxes/:sandboxID/connect" },
@@ -290,6 +328,7 @@ export interface ApiRequestBodies {
   getSandbox: undefined;
   killSandbox: undefined;
   setSandboxTimeout: SandboxTimeout;
+  updateSandboxNetwork: SandboxNetworkUpdateConfig;
   refreshSandbox: SandboxRefresh;
   connectSandbox: ConnectSandbox;
   connectSandboxV2: ConnectSandbox;
@@ -339,6 +378,9 @@ export interface ApiResponses {
     204: undefined;
   };
   setSandboxTimeout: {
+    204: undefined;
+  };
+  updateSandboxNetwork: {
     204: undefined;
   };
   refreshSandbox: {

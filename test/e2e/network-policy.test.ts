@@ -1,0 +1,219 @@
+/**
+ * Network policy with real packets that never leave this machine: fake "internet" hosts live in
+ * a namespace of the fake-internet harness (198.18.n.0/24, routed through its veth; every test
+ * checks the route with assertRouted before it makes a sandbox send anything there). Sandboxes
+ * are made through the official `e2b` SDK with `network` options and poked from inside with
+ * curl, getent and python. Private, metadata, host and other addresses that appear here are
+ * denied by Cubicle before any packet is sent (the proxy never connects; the kernel drops).
+ */
+import assert from "node:assert/strict";
+import os from "node:os";
+import { after, before, describe, test } from "node:test";
+import { Sandbox, type SandboxOpts } from "e2b";
+import { startFakeInternet, type FakeInternet } from "../support/fake-internet.js";
+import { startTestServer, useServerForSdk, type TestServer } from "./harness.js";
+
+let server: TestServer;
+let inet: FakeInternet;
+const sandboxes: Sandbox[] = [];
+
+before(async () => {
+  inet = await startFakeInternet();
+  server = await startTestServer({
+    extraEnv: {
+      CUBICLE_DNS_UPSTREAM: `${inet.dns.address}:${inet.dns.port}`,
+      CUBICLE_EGRESS_CA_FILE: inet.caCertificateFile,
+    },
+  });
+  useServerForSdk(server);
+});
+
+after(async () => {
+  for (const sandbox of sandboxes) await sandbox.kill().catch(() => undefined);
+  await server?.stop();
+  await inet?.close();
+});
+
+async function create(opts: SandboxOpts = {}): Promise<Sandbox> {
+  const sandbox = await Sandbox.create({ ...opts, timeoutMs: 120_000 });
+  sandboxes.push(sandbox);
+  return sandbox;
+}
+
+/** A command's outcome, also when it exits non-zero (the SDK throws then). */
+async function sh(sandbox: Sandbox, cmd: string, timeoutMs = 30_000): Promise<{ exitCode: number; stdout: string; stderr: string }> {
+  try {
+    const result = await sandbox.commands.run(cmd, { user: "root", timeoutMs });
+    return { exitCode: result.exitCode, stdout: result.stdout, stderr: result.stderr };
+  } catch (err) {
+    const e = err as { exitCode?: number; stdout?: string; stderr?: string };
+    if (typeof e.exitCode !== "number") throw err;
+    return { exitCode: e.exitCode, stdout: e.stdout ?? "", stderr: e.stderr ?? "" };
+  }
+}
+
+/** curl's HTTP status for a URL from inside the sandbox ("000" when no connection). */
+async function status(sandbox: Sandbox, url: string, extra = ""): Promise<string> {
+  const result = await sh(sandbox, `curl -s -o /dev/null -w '%{http_code}' -m 5 --cacert /tmp/fake-ca.pem ${extra} '${url}'`);
+  return result.stdout.trim() || "000";
+}
+
+async function trustFakeCa(sandbox: Sandbox): Promise<void> {
+  await sandbox.files.write("/tmp/fake-ca.pem", inet.caCertificatePem);
+}
+
+/** A UDP datagram to the fake echo service; "echo" when it came back, "none" otherwise. */
+async function udpEcho(sandbox: Sandbox, address: string): Promise<string> {
+  const script = `import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+try:
+    s.sendto(b'ping', ('${address}', 7)); print('echo' if s.recvfrom(100)[0] == b'ping' else 'other')
+except Exception:
+    print('none')`;
+  await sandbox.files.write("/tmp/udp.py", script);
+  return (await sh(sandbox, "/usr/bin/python3 /tmp/udp.py")).stdout.trim();
+}
+
+describe("without a policy", () => {
+  test("public hosts are reached by name over HTTP, HTTPS and UDP; private, metadata and host addresses are not", async () => {
+    for (const address of [inet.http.address, inet.https.address, inet.echo.address]) await inet.assertRouted(address);
+    const sandbox = await create();
+    await trustFakeCa(sandbox);
+    assert.equal(await status(sandbox, inet.http.url), "200");
+    assert.equal(await status(sandbox, inet.https.url), "200");
+    assert.equal(await udpEcho(sandbox, inet.echo.address), "echo");
+    const seen = (await inet.requests()).filter((r) => r.server === "http");
+    assert.ok(seen.length > 0, "the fake server saw the request");
+    // Denied by Cubicle before anything is sent: the proxy refuses without connecting, the
+    // kernel drops UDP in the forward chain.
+    const hostAddress = Object.values(os.networkInterfaces()).flat().find((a) => a?.family === "IPv4" && !a.internal)!.address;
+    const apiPort = new URL(server.url).port;
+    for (const url of ["http://10.1.2.3/", "http://169.254.169.254/latest/meta-data/", "http://192.168.1.1/", "http://100.64.0.1/", `http://${hostAddress}:${apiPort}/health`]) {
+      assert.equal(await status(sandbox, url), "000", url);
+    }
+    assert.equal(await udpEcho(sandbox, "10.1.2.3"), "none");
+  });
+});
+
+describe("allowInternetAccess: false", () => {
+  test("nothing leaves: no TCP, no UDP, not even a DNS answer", async () => {
+    await inet.assertRouted(inet.http.address);
+    const sandbox = await create({ allowInternetAccess: false });
+    assert.equal(await status(sandbox, `http://${inet.http.address}/`), "000");
+    assert.equal(await udpEcho(sandbox, inet.echo.address), "none");
+    await inet.clearRecords();
+    assert.notEqual((await sh(sandbox, `getent hosts ${inet.http.name}`)).exitCode, 0);
+    assert.equal((await inet.dnsQueries()).length, 0, "no query reached the upstream resolver");
+  });
+});
+
+describe("an allowlist (denyOut 0.0.0.0/0 + allowOut)", () => {
+  test("allowed names and addresses pass; every bypass is denied", async () => {
+    for (const address of [inet.http.address, inet.https.address, inet.evil.address, inet.echo.address]) await inet.assertRouted(address);
+    const sandbox = await create({ network: { denyOut: ["0.0.0.0/0"], allowOut: [inet.http.name, inet.https.name, `${inet.echo.address}/32`] } });
+    await trustFakeCa(sandbox);
+    assert.equal(await status(sandbox, inet.http.url), "200");
+    assert.equal(await status(sandbox, inet.https.url), "200");
+    assert.equal(await udpEcho(sandbox, inet.echo.address), "echo", "an allowed address");
+    // A name outside the list does not even resolve (no DNS exfiltration through its queries).
+    await inet.clearRecords();
+    assert.notEqual((await sh(sandbox, `getent hosts ${inet.evil.name}`)).exitCode, 0);
+    assert.equal((await inet.dnsQueries()).filter((q) => q.name === inet.evil.name).length, 0);
+    // Hard-coded address of a host not in the list.
+    assert.equal(await status(sandbox, `http://${inet.evil.address}/`), "000");
+    // An allowed Host header or SNI sent to another address.
+    assert.equal(await status(sandbox, `http://${inet.evil.address}/`, `-H 'Host: ${inet.http.name}'`), "000");
+    assert.equal(await status(sandbox, inet.https.url, `--resolve ${inet.https.name}:443:${inet.evil.address}`), "000");
+    assert.equal(await status(sandbox, inet.http.url, `--resolve ${inet.http.name}:80:${inet.evil.address}`), "000");
+    // Another resolver: port 53 anywhere is Cubicle's forwarder, which refuses the name.
+    const otherResolver = await sh(sandbox, `/usr/bin/python3 -c "
+import socket, struct
+q = struct.pack('>HHHHHH', 0x1234, 0x0100, 1, 0, 0, 0) + b''.join(bytes([len(p)]) + p.encode() for p in '${inet.evil.name}'.split('.')) + b'\\x00\\x00\\x01\\x00\\x01'
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3); s.sendto(q, ('${inet.dns.address}', 53))
+r = s.recv(512); print('rcode', r[3] & 15, 'answers', struct.unpack('>H', r[6:8])[0])"`);
+    assert.match(otherResolver.stdout, /rcode 5 answers 0/, otherResolver.stderr);
+    // UDP to an address not in the list.
+    assert.equal(await udpEcho(sandbox, inet.evil.address), "none");
+    // Raw sockets and ICMP: the sandbox's root has no CAP_NET_RAW in its namespace.
+    const raw = await sh(sandbox, `/usr/bin/python3 -c "import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)"`);
+    assert.notEqual(raw.exitCode, 0);
+    assert.match(raw.stderr, /PermissionError|Operation not permitted/);
+    // IPv6: none at all.
+    const v6 = await sh(sandbox, `/usr/bin/python3 -c "import socket; s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM); s.settimeout(2); s.connect(('2001:db8::1', 80))"`);
+    assert.notEqual(v6.exitCode, 0);
+  });
+
+  test("DNS rebinding to a private or loopback address is denied at the connection", async () => {
+    await inet.assertRouted(inet.rebind.publicAddress);
+    const sandbox = await create({ network: { denyOut: ["0.0.0.0/0"], allowOut: [inet.rebind.name] } });
+    const first = await status(sandbox, `http://${inet.rebind.name}/`);
+    const second = await status(sandbox, `http://${inet.rebind.name}/`);
+    // One of the two answers is 127.0.0.1: that connection must fail; the public one succeeds.
+    assert.deepEqual([first, second].sort(), ["000", "200"]);
+  });
+});
+
+describe("updateNetwork", () => {
+  test("replaces the policy at once and cuts open connections it no longer allows", async () => {
+    await inet.assertRouted(inet.echo.address);
+    const sandbox = await create();
+    // A TCP connection to the echo service that stays open and reports whether it still echoes.
+    await sandbox.files.write(
+      "/tmp/hold.py",
+      `import socket, time, sys
+s = socket.create_connection(('${inet.echo.address}', 7), timeout=3)
+for i in range(40):
+    try:
+        s.sendall(b'x'); d = s.recv(10)
+        print('ok' if d else 'closed', flush=True)
+        if not d: break
+    except Exception as e:
+        print('cut', type(e).__name__, flush=True); break
+    time.sleep(0.25)
+`,
+    );
+    const lines: string[] = [];
+    const held = await sandbox.commands.run("/usr/bin/python3 /tmp/hold.py", { background: true, onStdout: (d) => void lines.push(...d.trim().split("\n")) });
+    const deadline = Date.now() + 10_000;
+    while (!lines.includes("ok") && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+    assert.ok(lines.includes("ok"), `the connection works first: ${lines.join(",")}`);
+    const started = performance.now();
+    await sandbox.updateNetwork({ denyOut: ["0.0.0.0/0"] });
+    const updateMs = performance.now() - started;
+    await held.wait().catch(() => undefined);
+    assert.ok(lines.some((l) => l.startsWith("cut") || l === "closed"), `the open connection was cut: ${lines.join(",")}`);
+    assert.equal(await status(sandbox, `http://${inet.http.address}/`), "000");
+    assert.equal(await udpEcho(sandbox, inet.echo.address), "none");
+    // And back: allow the echo address again.
+    await sandbox.updateNetwork({ denyOut: ["0.0.0.0/0"], allowOut: [inet.echo.address] });
+    assert.equal(await udpEcho(sandbox, inet.echo.address), "echo");
+    const info = await sandbox.getInfo();
+    assert.deepEqual((info as { network?: { allowOut?: string[] } }).network?.allowOut, [inet.echo.address]);
+    console.log(`updateNetwork took ${updateMs.toFixed(1)} ms`);
+  });
+
+  test("refuses what it cannot enforce with a 400, and an unknown sandbox with a 404", async () => {
+    const sandbox = await create();
+    for (const body of [{ denyOut: ["example.com"] }, { allowOut: ["::1"] }, { allowOut: "1.2.3.4" }, { egressProxy: { address: "nohost" } }, { color: "red" }, { rules: { "*": [] } }]) {
+      const res = await server.api("PUT", `/sandboxes/${sandbox.sandboxId}/network`, body);
+      assert.equal(res.status, 400, JSON.stringify(body));
+      assert.equal(res.json.code, 400);
+      assert.equal(typeof res.json.message, "string");
+    }
+    assert.equal((await server.api("PUT", "/sandboxes/nosuchsandbox/network", {})).status, 404);
+  });
+});
+
+describe("recovery", () => {
+  test("a server restart keeps every sandbox's policy enforced", async () => {
+    await inet.assertRouted(inet.http.address);
+    const open = await create();
+    const fenced = await create({ network: { denyOut: ["0.0.0.0/0"], allowOut: [inet.http.name] } });
+    const closed = await create({ allowInternetAccess: false });
+    await server.crashAndRestart();
+    assert.equal(await status(open, `http://${inet.evil.address}/`), "200");
+    assert.equal(await status(fenced, inet.http.url), "200");
+    assert.equal(await status(fenced, `http://${inet.evil.address}/`), "000");
+    assert.equal(await status(closed, `http://${inet.http.address}/`), "000");
+    assert.equal(await udpEcho(closed, inet.echo.address), "none");
+  });
+});
