@@ -91,6 +91,16 @@ describe("without a policy", () => {
       assert.equal(await status(sandbox, url), "000", url);
     }
     assert.equal(await udpEcho(sandbox, "10.1.2.3"), "none");
+    // Another sandbox: its address answers the host (the router), never a sandbox.
+    const other = await create();
+    await other.commands.run(`/usr/bin/python3 -c "import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 9000)); s.listen(); c, _ = s.accept(); c.sendall(b'hello')"`, { background: true, user: "root" });
+    const otherAddress = (await sh(other, `/usr/bin/python3 -c "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('${inet.http.address}', 9)); print(s.getsockname()[0])"`)).stdout.trim();
+    assert.match(otherAddress, /^10\./);
+    const fromOther = await sh(other, `/usr/bin/python3 -c "import socket; print(socket.create_connection(('${otherAddress}', 9000), timeout=3).recv(10))"`);
+    assert.match(fromOther.stdout, /hello/, "the listener works from its own sandbox");
+    await other.commands.run(`/usr/bin/python3 -c "import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 9000)); s.listen(); c, _ = s.accept(); c.sendall(b'hello')"`, { background: true, user: "root" });
+    const crossed = await sh(sandbox, `/usr/bin/python3 -c "import socket; print(socket.create_connection(('${otherAddress}', 9000), timeout=3).recv(10))"`);
+    assert.doesNotMatch(crossed.stdout, /hello/, "one sandbox reaches another");
   });
 });
 
@@ -131,6 +141,13 @@ q = struct.pack('>HHHHHH', 0x1234, 0x0100, 1, 0, 0, 0) + b''.join(bytes([len(p)]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3); s.sendto(q, ('${inet.dns.address}', 53))
 r = s.recv(512); print('rcode', r[3] & 15, 'answers', struct.unpack('>H', r[6:8])[0])"`);
     assert.match(otherResolver.stdout, /rcode 5 answers 0/, otherResolver.stderr);
+    // DNS over TCP, to any address: the same forwarder, the same answer.
+    const overTcp = await sh(sandbox, `/usr/bin/python3 -c "
+import socket, struct
+q = struct.pack('>HHHHHH', 0x4321, 0x0100, 1, 0, 0, 0) + b''.join(bytes([len(p)]) + p.encode() for p in '${inet.evil.name}'.split('.')) + b'\\x00\\x00\\x01\\x00\\x01'
+s = socket.create_connection(('${inet.dns.address}', 53), timeout=3); s.sendall(struct.pack('>H', len(q)) + q)
+r = s.recv(2 + 512)[2:]; print('rcode', r[3] & 15, 'answers', struct.unpack('>H', r[6:8])[0])"`);
+    assert.match(overTcp.stdout, /rcode 5 answers 0/, overTcp.stderr);
     // UDP to an address not in the list.
     assert.equal(await udpEcho(sandbox, inet.evil.address), "none");
     // Raw sockets and ICMP: the sandbox's root has no CAP_NET_RAW in its namespace.

@@ -1,0 +1,263 @@
+/**
+ * What the host-side egress proxy does beyond allow and deny, through the official `e2b` SDK and
+ * real packets to the fake-internet harness's namespace (routes checked with assertRouted
+ * first): headers with secrets injected on the host (the secret never exists inside the
+ * sandbox), a user's SOCKS5 proxy that fails closed, the egress audit log (API, CLI, Prometheus),
+ * and private ingress with the traffic access token.
+ */
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import path from "node:path";
+import { after, before, describe, test } from "node:test";
+import { Sandbox, Secret, type SandboxOpts } from "e2b";
+import { startFakeInternet, type FakeInternet } from "../support/fake-internet.js";
+import { startTestServer, TEST_API_KEY, useServerForSdk, type TestServer } from "./harness.js";
+
+let server: TestServer;
+let inet: FakeInternet;
+const sandboxes: Sandbox[] = [];
+const repoRoot = path.resolve(path.dirname(new URL(import.meta.url).pathname), "..", "..");
+
+before(async () => {
+  inet = await startFakeInternet({ socks: { username: "cubicle", password: "socks-pass" } });
+  server = await startTestServer({
+    extraEnv: { CUBICLE_DNS_UPSTREAM: `${inet.dns.address}:${inet.dns.port}`, CUBICLE_EGRESS_CA_FILE: inet.caCertificateFile },
+  });
+  useServerForSdk(server);
+});
+
+after(async () => {
+  for (const sandbox of sandboxes) await sandbox.kill().catch(() => undefined);
+  await server?.stop();
+  await inet?.close();
+});
+
+async function create(opts: SandboxOpts = {}): Promise<Sandbox> {
+  const sandbox = await Sandbox.create({ ...opts, timeoutMs: 120_000 });
+  sandboxes.push(sandbox);
+  return sandbox;
+}
+
+async function sh(sandbox: Sandbox, cmd: string): Promise<{ exitCode: number; stdout: string; stderr: string }> {
+  try {
+    const result = await sandbox.commands.run(cmd, { user: "root", timeoutMs: 30_000 });
+    return { exitCode: result.exitCode, stdout: result.stdout, stderr: result.stderr };
+  } catch (err) {
+    const e = err as { exitCode?: number; stdout?: string; stderr?: string };
+    if (typeof e.exitCode !== "number") throw err;
+    return { exitCode: e.exitCode, stdout: e.stdout ?? "", stderr: e.stderr ?? "" };
+  }
+}
+
+/** curl's status; the body goes to /dev/null, so the sandbox never holds what the server echoes. */
+async function status(sandbox: Sandbox, url: string, extra = ""): Promise<string> {
+  return (await sh(sandbox, `curl -s -o /dev/null -w '%{http_code}' -m 8 ${extra} '${url}'`)).stdout.trim() || "000";
+}
+
+describe("header rules with secrets", () => {
+  test("the fake server sees the injected secret; the sandbox, its memory and its env never hold it", async () => {
+    await inet.assertRouted(inet.https.address);
+    await inet.assertRouted(inet.http.address);
+    const secretValue = `sk-live-${Math.random().toString(36).slice(2)}${Date.now().toString(36)}`;
+    await Secret.create("fake-api-token", secretValue);
+    const sandbox = await create({
+      network: {
+        rules: {
+          [inet.https.name]: [{ transform: { headers: { Authorization: `Bearer ${Secret.fill("fake-api-token")}`, "X-Cubicle-Test": "static" } } }],
+          [inet.http.name]: [{ transform: { headers: { "X-Plain": Secret.fill("fake-api-token") } } }],
+        },
+      },
+    });
+    await inet.clearRecords();
+    // HTTPS: the sandbox trusts Cubicle's CA (installed by the agent); its own Authorization is replaced.
+    assert.equal(await status(sandbox, inet.https.url, "-H 'Authorization: mine'"), "200");
+    assert.equal(await status(sandbox, inet.http.url), "200");
+    const seen = await inet.requests();
+    const https = seen.find((r) => r.server === "https");
+    const http = seen.find((r) => r.server === "http");
+    assert.equal(https?.headers.authorization, `Bearer ${secretValue}`);
+    assert.equal(https?.headers["x-cubicle-test"], "static");
+    assert.equal(http?.headers["x-plain"], secretValue);
+    // Nowhere inside: every process's environment and readable memory, and the files it wrote.
+    await sandbox.files.write(
+      "/tmp/scan.py",
+      `import os, re, sys
+needle = sys.argv[1][::-1].encode()
+hits = []
+for pid in filter(str.isdigit, os.listdir('/proc')):
+    if int(pid) == os.getpid():
+        continue
+    try:
+        if needle in open(f'/proc/{pid}/environ', 'rb').read():
+            hits.append(f'env {pid}')
+        mem = open(f'/proc/{pid}/mem', 'rb', 0)
+        for line in open(f'/proc/{pid}/maps'):
+            m = re.match(r'([0-9a-f]+)-([0-9a-f]+) r', line)
+            if not m:
+                continue
+            start, end = int(m.group(1), 16), int(m.group(2), 16)
+            if end - start > 1 << 30:
+                continue
+            try:
+                mem.seek(start)
+                if needle in mem.read(end - start):
+                    hits.append(f'mem {pid} {line.strip()}')
+            except OSError:
+                pass
+    except OSError:
+        pass
+print('hits', len(hits), hits[:5])
+`,
+    );
+    // The scan finds what is there: a process holding a control string in its memory.
+    const control = `control-${Date.now().toString(36)}-marker`;
+    await sandbox.commands.run(`/usr/bin/python3 -c "import time; x = ''.join(reversed('${[...control].reverse().join("")}')); time.sleep(60)"`, { background: true, user: "root" });
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    const found = await sh(sandbox, `/usr/bin/python3 /tmp/scan.py '${[...control].reverse().join("")}'`);
+    assert.match(found.stdout, /^hits [1-9]/, `the scan must see a planted string: ${found.stdout}${found.stderr}`);
+    const scan = await sh(sandbox, `/usr/bin/python3 /tmp/scan.py '${[...secretValue].reverse().join("")}'`);
+    assert.match(scan.stdout, /^hits 0 /, scan.stdout + scan.stderr);
+    const files = await sh(sandbox, `grep -rl -- '${secretValue.slice(0, 8)}' /tmp /root /home /etc 2>/dev/null | grep -v scan.py; true`);
+    assert.equal(files.stdout.trim(), "");
+
+    // A rotated secret is used from the next request on; a deleted one is never sent (502).
+    const rotated = `${secretValue}-v2`;
+    await Secret.update("fake-api-token", rotated);
+    await inet.clearRecords();
+    assert.equal(await status(sandbox, inet.https.url), "200");
+    assert.equal((await inet.requests()).find((r) => r.server === "https")?.headers.authorization, `Bearer ${rotated}`);
+    await Secret.destroy("fake-api-token");
+    await inet.clearRecords();
+    assert.equal(await status(sandbox, inet.https.url), "502");
+    assert.equal((await inet.requests()).length, 0, "nothing reached the server without its secret");
+  });
+
+  test("credentials go only to the address the sandbox's DNS gave for the name", async () => {
+    await inet.assertRouted(inet.evil.address);
+    await Secret.create("pinned-token", "pinned-secret-value");
+    const sandbox = await create({ network: { rules: { [inet.http.name]: [{ transform: { headers: { "X-Token": Secret.fill("pinned-token") } } }] } } });
+    await inet.clearRecords();
+    // The Host names the rule's host, the address is the evil one: no header goes there.
+    assert.equal(await status(sandbox, inet.http.url, `--resolve ${inet.http.name}:80:${inet.evil.address}`), "000");
+    assert.equal((await inet.requests()).filter((r) => JSON.stringify(r.headers).includes("pinned-secret-value")).length, 0);
+  });
+});
+
+describe("SOCKS5 egress proxy", () => {
+  test("TCP leaves through the user's proxy from the host, and fails closed when it is down", async () => {
+    const socks = inet.socks!;
+    await inet.assertRouted(socks.address);
+    await inet.assertRouted(inet.http.address);
+    const sandbox = await create({ network: { egressProxy: { address: `${socks.address}:${socks.port}`, username: socks.username!, password: socks.password! } } });
+    await inet.clearRecords();
+    assert.equal(await status(sandbox, inet.http.url), "200");
+    const through = await inet.socksConnections();
+    assert.ok(through.some((c) => c.address === inet.http.address && c.port === 80), JSON.stringify(through));
+    const request = (await inet.requests()).find((r) => r.server === "http");
+    // Direct connections arrive from the host's transit address; these came from inside the namespace (the proxy).
+    assert.ok(request && request.remoteAddress !== inet.hostTransitAddress, `the server saw the proxy, not the host: ${request?.remoteAddress}`);
+    // Nothing of the proxy is visible inside.
+    const env = await sh(sandbox, "env; cat /etc/resolv.conf");
+    assert.doesNotMatch(env.stdout, new RegExp(`${socks.password}|${socks.address.replaceAll(".", "\\.")}`));
+    await inet.stopSocks();
+    try {
+      assert.equal(await status(sandbox, inet.http.url), "000", "no fallback to a direct connection");
+    } finally {
+      await inet.startSocks();
+    }
+    assert.equal(await status(sandbox, inet.http.url), "200");
+    const wrong = await create({ network: { egressProxy: { address: `${socks.address}:${socks.port}`, username: socks.username!, password: "wrong" } } });
+    assert.equal(await status(wrong, inet.http.url), "000");
+  });
+});
+
+describe("egress audit", () => {
+  test("allowed and denied TCP, UDP and DNS attempts are recorded, paged, shown by the CLI and counted for Prometheus", async () => {
+    await inet.assertRouted(inet.http.address);
+    await inet.assertRouted(inet.echo.address);
+    await inet.assertRouted(inet.evil.address);
+    const sandbox = await create({ network: { denyOut: ["0.0.0.0/0"], allowOut: [inet.http.name, inet.echo.address] } });
+    assert.equal(await status(sandbox, inet.http.url), "200");
+    assert.equal(await status(sandbox, `http://${inet.evil.address}/`), "000");
+    await sh(sandbox, `/usr/bin/python3 -c "
+import socket
+for a in ('${inet.echo.address}', '${inet.evil.address}'):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1); s.sendto(b'x', (a, 7))
+    try: s.recv(10)
+    except Exception: pass"`);
+    await new Promise((resolve) => setTimeout(resolve, 700)); // the kernel log is read every 250 ms
+    const res = await server.api("GET", `/sandboxes/${sandbox.sandboxId}/network/egress?limit=1000`);
+    assert.equal(res.status, 200, JSON.stringify(res.json));
+    const records = res.json as { protocol: string; address: string; port: number; domain?: string; verdict: string; reason: string; bytesOut?: number; bytesIn?: number }[];
+    const find = (pred: (r: (typeof records)[number]) => boolean, what: string) => {
+      const hit = records.find(pred);
+      assert.ok(hit, `${what} in ${JSON.stringify(records, null, 1)}`);
+      return hit!;
+    };
+    const allowed = find((r) => r.protocol === "tcp" && r.verdict === "allowed" && r.address === inet.http.address, "the allowed HTTP connection");
+    assert.equal(allowed.domain, inet.http.name);
+    assert.ok((allowed.bytesOut ?? 0) > 0 && (allowed.bytesIn ?? 0) > 0, JSON.stringify(allowed));
+    find((r) => r.protocol === "tcp" && r.verdict === "denied" && r.address === inet.evil.address && r.port === 80, "the denied connection");
+    find((r) => r.protocol === "dns" && r.verdict === "allowed" && r.domain === inet.http.name, "the allowed DNS query");
+    find((r) => r.protocol === "udp" && r.verdict === "allowed" && r.address === inet.echo.address && r.port === 7, "the allowed UDP flow");
+    find((r) => r.protocol === "udp" && r.verdict === "denied" && r.address === inet.evil.address, "the denied UDP flow");
+    // Paging.
+    const first = await server.api("GET", `/sandboxes/${sandbox.sandboxId}/network/egress?limit=1`);
+    const next = first.headers.get("x-next-token");
+    assert.ok(next);
+    const second = await server.api("GET", `/sandboxes/${sandbox.sandboxId}/network/egress?limit=1&nextToken=${encodeURIComponent(next)}`);
+    assert.notDeepEqual(second.json, first.json);
+    assert.equal((await server.api("GET", `/sandboxes/${sandbox.sandboxId}/network/egress?limit=0`)).status, 400);
+    assert.equal((await server.api("GET", "/sandboxes/nosuchsandbox/network/egress")).status, 404);
+    // The CLI.
+    const cli = execFileSync(process.execPath, [path.join(repoRoot, "dist", "cli.js"), "sandbox", "egress", sandbox.sandboxId], {
+      env: { ...process.env, ...server.env, CUBICLE_API_KEY: TEST_API_KEY },
+      encoding: "utf8",
+    });
+    assert.match(cli, new RegExp(inet.evil.address.replaceAll(".", "\\.")));
+    assert.match(cli, /denied/);
+    // Prometheus.
+    const metrics = await fetch(`${server.url}/metrics`, { headers: { "x-api-key": TEST_API_KEY } });
+    const text = await metrics.text();
+    assert.match(text, /cubicle_egress_connections_total\{protocol="tcp",verdict="denied"\} [1-9]/);
+    assert.match(text, /cubicle_egress_bytes_total\{direction="in"\} [1-9]/);
+    assert.equal((await fetch(`${server.url}/metrics`)).status, 401);
+  });
+});
+
+describe("private ingress", () => {
+  test("allowPublicTraffic: false needs the traffic access token; maskRequestHost rewrites the Host", async () => {
+    const sandbox = await create({ network: { allowPublicTraffic: false, maskRequestHost: "localhost:${PORT}" } });
+    assert.ok(sandbox.trafficAccessToken, "create returns the token");
+    await sandbox.files.write(
+      "/tmp/host-echo.py",
+      `from http.server import BaseHTTPRequestHandler, HTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = (self.headers.get('Host') or '').encode()
+        self.send_response(200); self.send_header('Content-Length', str(len(body))); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+HTTPServer(('0.0.0.0', 8080), H).serve_forever()
+`,
+    );
+    await sandbox.commands.run("/usr/bin/python3 /tmp/host-echo.py", { background: true });
+    const url = `${server.url}/`;
+    const headers = { "e2b-sandbox-id": sandbox.sandboxId, "e2b-sandbox-port": "8080" };
+    let ok: Response | undefined;
+    for (let i = 0; i < 50; i++) {
+      ok = await fetch(url, { headers: { ...headers, "e2b-traffic-access-token": sandbox.trafficAccessToken! } });
+      if (ok.status === 200) break;
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    assert.equal(ok?.status, 200);
+    assert.equal(await ok!.text(), "localhost:8080");
+    const missing = await fetch(url, { headers });
+    assert.equal(missing.status, 403);
+    assert.equal((await missing.json()).code, 403);
+    assert.equal((await fetch(url, { headers: { ...headers, "e2b-traffic-access-token": "wrong" } })).status, 403);
+    // envd keeps its own token: the SDK's calls go on working.
+    assert.equal((await sandbox.commands.run("echo fine")).stdout.trim(), "fine");
+    const info = await Sandbox.getInfo(sandbox.sandboxId);
+    assert.equal((info as { trafficAccessToken?: string }).trafficAccessToken ?? sandbox.trafficAccessToken, sandbox.trafficAccessToken);
+  });
+});
