@@ -41,7 +41,8 @@ interface CachedTemplates {
   checkedAt: number;
 }
 
-function toInfo(record: TemplateRecord): TemplateInfo {
+function toInfo(record: TemplateRecord, bandwidthByName: Record<string, { egressMbps?: number; ingressMbps?: number }> = {}): TemplateInfo {
+  const bandwidth = [record.templateId, ...record.aliases].map((name) => bandwidthByName[name]).find((limits) => limits !== undefined);
   return {
     templateId: record.templateId,
     aliases: record.aliases,
@@ -49,6 +50,7 @@ function toInfo(record: TemplateRecord): TemplateInfo {
     cpuCount: record.cpuCount,
     memoryMB: record.memoryMB,
     diskSizeMB: record.diskSizeMB,
+    ...(bandwidth ? { bandwidth } : {}),
   };
 }
 
@@ -59,7 +61,8 @@ function toInfo(record: TemplateRecord): TemplateInfo {
  * whether another process (`./cubicle template build`, a removal) changed them. A build
  * through `ensure` drops them at once.
  */
-export function createTemplateCatalog(config: Pick<CubicleConfig, "templateDir">, options: TemplateCatalogOptions = {}): ServerTemplateCatalog {
+export function createTemplateCatalog(config: Pick<CubicleConfig, "templateDir"> & Partial<Pick<CubicleConfig, "templateBandwidth">>, options: TemplateCatalogOptions = {}): ServerTemplateCatalog {
+  const bandwidth = config.templateBandwidth ?? {};
   const access = options.access ?? { listTemplates, ensureTemplate, templatesVersion };
   const revalidateAfterMs = options.revalidateAfterMs ?? 1_000;
   const now = options.now ?? Date.now;
@@ -99,11 +102,11 @@ export function createTemplateCatalog(config: Pick<CubicleConfig, "templateDir">
   return {
     async resolve(idOrAlias) {
       const record = pickTemplate(await currentTemplates(), idOrAlias);
-      return record && toInfo(record);
+      return record && toInfo(record, bandwidth);
     },
     async ensure(idOrAlias, ensureOptions) {
       try {
-        return toInfo(await access.ensureTemplate(config, idOrAlias, { force: ensureOptions?.force }));
+        return toInfo(await access.ensureTemplate(config, idOrAlias, { force: ensureOptions?.force }), bandwidth);
       } finally {
         forget();
       }

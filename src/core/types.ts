@@ -8,6 +8,8 @@ export interface TemplateInfo {
   cpuCount: number;
   memoryMB: number;
   diskSizeMB: number;
+  /** Default rate limits of its sandboxes (the operator's CUBICLE_TEMPLATE_BANDWIDTH); none when absent. */
+  bandwidth?: { egressMbps?: number; ingressMbps?: number };
 }
 
 /** Where the core finds templates (the template component implements it). */

@@ -152,7 +152,8 @@ test("the ruleset redirects DNS and TCP, masquerades, and drops the floor; re-in
     const table = (await runCommand(["nft", "list", "table", "inet", tableName])).stdout;
     assert.match(table, /ip saddr 10\.231\.\d+\.0\/24 ip daddr != 10\.231\.\d+\.0\/24 masquerade/);
     assert.match(table, /th dport 53 redirect to :\d+/);
-    assert.match(table, /meta l4proto tcp redirect to :\d+/);
+    // Only this server's sandboxes (by subnet): another server's table on the host must not take them.
+    assert.match(table, /iifname "cbt\*" ip saddr 10\.231\.\d+\.0\/24 meta l4proto tcp redirect to :\d+/);
     assert.match(table, /169\.254\.0\.0\/16/);
     assert.match(table, new RegExp(`${network.sandboxAddress.replaceAll(".", "\\.")} : goto`));
     assert.equal((await readFile("/proc/sys/net/ipv4/ip_forward", "utf8")).trim(), "1");

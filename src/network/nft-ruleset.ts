@@ -32,7 +32,8 @@ export function policyChainName(address: string): string {
  * table first makes it one atomic transaction that works whether or not the table exists.
  *
  * NFT_RULESET_NOTE: what the kernel enforces.
- * - Every TCP connection a sandbox opens is redirected to the egress proxy on the host (nat
+ * - Every TCP connection a sandbox of this server (its subnet: other servers on the host have
+ *   tables and subnets of their own) opens is redirected to the egress proxy on the host (nat
  *   prerouting), which decides by address, SNI or Host and pinned DNS answers, audits, injects
  *   headers and tunnels through SOCKS5. No sandbox TCP is ever forwarded.
  * - Every DNS packet (UDP or TCP port 53, to any address) is redirected to Cubicle's DNS
@@ -74,8 +75,8 @@ table inet ${t} {
 ${auditChains(t)}
   chain prerouting {
     type nat hook prerouting priority dstnat; policy accept;
-    iifname "${p}*" meta l4proto { tcp, udp } th dport 53 redirect to :${options.dnsPort}
-    iifname "${p}*" meta l4proto tcp redirect to :${options.proxyPort}
+    iifname "${p}*" ip saddr ${s} meta l4proto { tcp, udp } th dport 53 redirect to :${options.dnsPort}
+    iifname "${p}*" ip saddr ${s} meta l4proto tcp redirect to :${options.proxyPort}
   }
   chain input {
     type filter hook input priority filter - 5; policy accept;

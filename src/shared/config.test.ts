@@ -63,3 +63,10 @@ test("CUBICLE_HTTPS_PORT: 443 for root by default, a port, or off; TLS files go 
   assert.equal(loadConfig({}).tlsCertFile, undefined);
   assert.throws(() => loadConfig({ CUBICLE_TLS_CERT: "/etc/cubicle/tls.crt" }), /CUBICLE_TLS_CERT and CUBICLE_TLS_KEY go together/);
 });
+
+test("CUBICLE_TEMPLATE_BANDWIDTH names egress/ingress Mbit/s per template; bad entries stop the start", async () => {
+  const { parseTemplateBandwidth } = await import("./config.js");
+  assert.deepEqual(parseTemplateBandwidth("base=20/50,code-interpreter-v1=/100"), { base: { egressMbps: 20, ingressMbps: 50 }, "code-interpreter-v1": { ingressMbps: 100 } });
+  assert.deepEqual(parseTemplateBandwidth(""), {});
+  for (const bad of ["base=/", "base=20", "base=0/1", "=1/1", "base=1/200000", "base=x/1"]) assert.throws(() => parseTemplateBandwidth(bad), /CUBICLE_TEMPLATE_BANDWIDTH/, bad);
+});

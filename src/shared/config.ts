@@ -103,6 +103,31 @@ export interface CubicleConfig {
    * connection it injects headers into (CUBICLE_EGRESS_CA_FILE, comma-separated).
    */
   egressCaFiles: string[];
+  /**
+   * Default rate limits per template id or alias (CUBICLE_TEMPLATE_BANDWIDTH, e.g.
+   * `base=20/50,code-interpreter-v1=/100`: egress/ingress Mbit/s, an empty side unlimited); a
+   * create's `network.bandwidth` overrides them. Off unless set.
+   */
+  templateBandwidth: Record<string, { egressMbps?: number; ingressMbps?: number }>;
+}
+
+/** CUBICLE_TEMPLATE_BANDWIDTH: `<template>=<egress>/<ingress>` Mbit/s pairs, comma-separated. */
+export function parseTemplateBandwidth(raw: string | undefined): Record<string, { egressMbps?: number; ingressMbps?: number }> {
+  const limits: Record<string, { egressMbps?: number; ingressMbps?: number }> = {};
+  if (raw === undefined || raw.trim() === "") return limits;
+  for (const part of raw.split(",")) {
+    const match = /^([A-Za-z0-9][A-Za-z0-9_.:-]{0,127})=(\d+(?:\.\d+)?)?\/(\d+(?:\.\d+)?)?$/.exec(part.trim());
+    if (!match || (match[2] === undefined && match[3] === undefined)) throw new Error(`CUBICLE_TEMPLATE_BANDWIDTH: "${part.trim()}" is not <template>=<egress Mbit/s>/<ingress Mbit/s> (one side may be empty)`);
+    const entry: { egressMbps?: number; ingressMbps?: number } = {};
+    for (const [key, value] of [["egressMbps", match[2]], ["ingressMbps", match[3]]] as const) {
+      if (value === undefined) continue;
+      const mbps = Number(value);
+      if (!(mbps >= 0.1 && mbps <= 100_000)) throw new Error(`CUBICLE_TEMPLATE_BANDWIDTH: ${key} ${value} of ${match[1]} must be 0.1–100000 Mbit/s`);
+      entry[key] = mbps;
+    }
+    limits[match[1]!] = entry;
+  }
+  return limits;
 }
 
 /** CUBICLE_DNS_UPSTREAM: `address[:port]` IPv4 resolvers, comma-separated. */
@@ -239,6 +264,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     ...parseTlsFiles(env.CUBICLE_TLS_CERT, env.CUBICLE_TLS_KEY),
     dnsUpstreams: parseDnsUpstreams(env.CUBICLE_DNS_UPSTREAM),
     egressPrivateAllow: parsePrivateAllow(env.CUBICLE_EGRESS_PRIVATE_ALLOW),
+    templateBandwidth: parseTemplateBandwidth(env.CUBICLE_TEMPLATE_BANDWIDTH),
     egressCaFiles: (env.CUBICLE_EGRESS_CA_FILE ?? "").split(",").map((s) => s.trim()).filter(Boolean).map((file) => path.resolve(file)),
   };
 }

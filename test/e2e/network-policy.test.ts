@@ -220,6 +220,33 @@ for i in range(40):
   });
 });
 
+describe("bandwidth limits", () => {
+  test("network.bandwidth caps a sandbox's download and upload rates; without it they are not capped", async () => {
+    await inet.assertRouted(inet.http.address);
+    const bytes = 3 * 1024 * 1024;
+    const rates = async (sandbox: Sandbox) => {
+      const down = await sh(sandbox, `curl -s -o /dev/null -m 30 -w '%{speed_download}' http://${inet.http.address}/bytes/${bytes}`);
+      const up = await sh(sandbox, `head -c ${bytes} /dev/zero | curl -s -o /dev/null -m 30 -w '%{speed_upload}' --data-binary @- http://${inet.http.address}/upload`);
+      return { downMbps: (Number(down.stdout) * 8) / 1e6, upMbps: (Number(up.stdout) * 8) / 1e6 };
+    };
+    // A Cubicle extension: the SDK sends only E2B's network fields, so this create is a REST call.
+    const made = await server.api("POST", "/v2/sandboxes", { templateID: "base", timeout: 120, network: { bandwidth: { ingressMbps: 16, egressMbps: 12 } } });
+    assert.equal(made.status, 201, JSON.stringify(made.json));
+    const limited = await Sandbox.connect(made.json.sandboxID);
+    sandboxes.push(limited);
+    assert.deepEqual((await server.api("GET", `/sandboxes/${limited.sandboxId}`)).json.network?.bandwidth, { ingressMbps: 16, egressMbps: 12 });
+    const free = await create();
+    const capped = await rates(limited);
+    const uncapped = await rates(free);
+    // Shaping counts whole frames: TCP payload reaches ~96 % of the limit; bursts allow a little over.
+    assert.ok(capped.downMbps > 16 * 0.5 && capped.downMbps < 16 * 1.25, `download ${capped.downMbps.toFixed(1)} Mbit/s against 16`);
+    assert.ok(capped.upMbps > 12 * 0.5 && capped.upMbps < 12 * 1.25, `upload ${capped.upMbps.toFixed(1)} Mbit/s against 12`);
+    assert.ok(uncapped.downMbps > 16 * 3 && uncapped.upMbps > 12 * 3, `unlimited: ${JSON.stringify(uncapped)}`);
+    const bad = await server.api("POST", "/v2/sandboxes", { templateID: "base", network: { bandwidth: { egressMbps: -1 } } });
+    assert.equal(bad.status, 400);
+  });
+});
+
 describe("recovery", () => {
   test("a server restart keeps every sandbox's policy enforced", async () => {
     await inet.assertRouted(inet.http.address);

@@ -98,7 +98,8 @@ export class LifecycleContext {
       // Ingress through the router then needs this token (e2b-traffic-access-token), as upstream.
       trafficAccessToken: request.networkConfig?.allowPublicTraffic === false ? newToken() : undefined,
       allowInternetAccess: request.allowInternetAccess,
-      networkConfig: request.networkConfig,
+      // The template's rate limits unless the create names its own (both off by default).
+      networkConfig: template.bandwidth && request.networkConfig?.bandwidth === undefined ? { ...request.networkConfig, bandwidth: template.bandwidth } : request.networkConfig,
       lifecycle: { autoResume: request.autoResume, onTimeout: request.autoPause ? "pause" : "kill" },
       network: undefined,
       runtime: this.ports.runtime.name,
@@ -237,7 +238,7 @@ export function hasOwnEgressPolicy(record: Pick<SandboxRecord, "allowInternetAcc
   const network = record.networkConfig;
   if (!record.allowInternetAccess) return true;
   if (!network) return false;
-  return ["allowOut", "denyOut", "rules", "egressProxy"].some((field) => {
+  return ["allowOut", "denyOut", "rules", "egressProxy", "bandwidth"].some((field) => {
     const value = network[field];
     return value !== undefined && value !== null && !(Array.isArray(value) && value.length === 0);
   });
