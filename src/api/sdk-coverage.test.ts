@@ -12,7 +12,6 @@ import { apiSchema } from "../protocol/index.js";
 
 /** SDK calls Cubicle does not serve yet (404 today), and the work they belong to. */
 const notYetServed: Record<string, string> = {
-  "PUT /sandboxes/{sandboxID}/network": "network policy updates (issue 14)",
   "POST /v3/templates": "user templates",
   "POST /v2/templates/{templateID}/builds/{buildID}": "user templates",
   "GET /templates/{templateID}/builds/{buildID}/status": "user templates",

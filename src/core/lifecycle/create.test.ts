@@ -70,3 +70,22 @@ test("a create takes a warm-pool entry when one fits: its id, its network, no co
     await f.manager.killAll();
   });
 });
+
+test("a pool claim with a network policy of its own applies it before any traffic reaches the sandbox", async () => {
+  await withFakeManager({ poolSizes: { base: 1 } }, async (f) => {
+    await f.manager.startPools();
+    await until(() => f.manager.poolCounts().base?.ready === 1);
+    const [entry] = f.rows.values();
+    assert.equal(f.network.policies.get(entry!.runtimeId)?.allowInternetAccess, true, "pool entries allow public egress");
+    const record = await f.manager.create(createRequest({ allowInternetAccess: false, networkConfig: { allowOut: ["example.com"] } }));
+    assert.equal(record.sandboxId, entry!.runtimeId, "claimed");
+    // The router's lookup, as the router does it: no target while the policy is being applied
+    // (routeTarget), and resumeForTraffic waits for that step.
+    const target = f.manager.routeTarget(record.sandboxId) ?? (await f.manager.resumeForTraffic(record.sandboxId));
+    assert.equal(target?.address, record.network!.sandboxAddress);
+    const applied = f.network.policies.get(record.sandboxId);
+    assert.equal(applied?.allowInternetAccess, false);
+    assert.deepEqual(applied?.network?.allowOut, ["example.com"]);
+    await f.manager.killAll();
+  });
+});

@@ -1,6 +1,6 @@
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { roundMs } from "../../shared/log.js";
-import type { PoolEntryRecord, SandboxRecord, SnapshotRecord } from "../../store/types.js";
+import { runtimeIdOf, type PoolEntryRecord, type SandboxRecord, type SnapshotRecord } from "../../store/types.js";
 import { AGENT_READY_TIMEOUT_MS } from "../../protocol/index.js";
 import { normaliseSnapshotRef } from "../snapshot-names.js";
 import type { CreateSandboxRequest, TemplateInfo } from "../types.js";
@@ -91,15 +91,13 @@ export class Creation {
     await ctx.table.addClaimed(record);
     try {
       const recorded = performance.now();
-      // Independent: the cgroup freezer and the nftables rules. Both settle before any teardown.
-      const steps = await Promise.allSettled([
-        ctx.ports.runtime.thaw(record.sandboxId),
-        hasOwnEgressPolicy(record) ? ctx.ports.network.applyPolicy(record.sandboxId, networkPolicyOf(record)) : undefined,
-      ]);
-      const failed = steps.find((step) => step.status === "rejected");
-      if (failed) throw failed.reason;
+      await ctx.ports.runtime.thaw(record.sandboxId);
       const thawed = performance.now();
-      if (!initialised) this.initialiseInBackground(record, template, thawed, entry.agentToken);
+      // The entry's network allows all public egress. A policy of the create's own is applied
+      // with the /init, after the 201 and before any traffic: the router holds the sandbox's
+      // traffic until both are done (only the template's own agent runs meanwhile).
+      const ownPolicy = hasOwnEgressPolicy(record);
+      if (!initialised || ownPolicy) this.initialiseInBackground(record, template, thawed, { init: !initialised, policy: ownPolicy, currentToken: entry.agentToken });
       await ctx.markRunning(record, { pooled: true });
       log.debug("claimed a pool entry", {
         sandboxId: record.sandboxId,
@@ -116,19 +114,24 @@ export class Creation {
     }
   }
 
-  /** See createFromPoolEntry: /init after the claim's response, the router waiting for it. */
-  private initialiseInBackground(record: SandboxRecord, template: TemplateInfo, thawedAt: number, currentToken: string | undefined): void {
+  /** See createFromPoolEntry: /init and the create's network policy after the claim's response, the router waiting for them. */
+  private initialiseInBackground(record: SandboxRecord, template: TemplateInfo, thawedAt: number, steps: { init: boolean; policy: boolean; currentToken: string | undefined }): void {
     const { ctx } = this;
     const sandboxId = record.sandboxId;
     const live = ctx.table.entry(sandboxId)!;
     live.initialising = ctx.mutex.run(sandboxId, async () => {
       try {
-        await ctx.initAgent(record, template, currentToken);
+        const results = await Promise.allSettled([
+          steps.init ? ctx.initAgent(record, template, steps.currentToken) : undefined,
+          steps.policy ? ctx.ports.network.applyPolicy(runtimeIdOf(record), networkPolicyOf(record)) : undefined,
+        ]);
+        const failed = results.find((result) => result.status === "rejected");
+        if (failed) throw failed.reason;
         log.debug("initialised a claimed pool entry", { sandboxId, initMs: roundMs(performance.now() - thawedAt) });
       } catch (err) {
         // Killed meanwhile (it left the table): nothing to do.
         if (!ctx.table.isLive(record)) return;
-        log.warn("agent init after a pool claim failed; killing the sandbox", { sandboxId, error: String(err) });
+        log.warn("agent init or network policy after a pool claim failed; killing the sandbox", { sandboxId, error: String(err) });
         await ctx.markDead(record, `agent init failed: ${(err as Error).message}`).catch((markErr) => log.error("marking a sandbox dead failed", { sandboxId, error: String(markErr) }));
       } finally {
         live.initialising = undefined;
