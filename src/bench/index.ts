@@ -15,6 +15,7 @@ import { benchBaseline } from "./scenarios/baseline.js";
 import { benchCreate } from "./scenarios/create.js";
 import { benchDensity } from "./scenarios/density.js";
 import { benchFork, benchPauseResume, benchRestore, benchRollback, benchSnapshot } from "./scenarios/lifecycle.js";
+import { benchNetwork } from "./scenarios/network.js";
 import { benchExec, benchFiles, benchRunCode } from "./scenarios/round-trips.js";
 import { errorMessage } from "./run-helpers.js";
 import { targetFromConfig, type BenchTarget } from "./target.js";
@@ -35,6 +36,7 @@ const scenarios: Record<(typeof SCENARIO_NAMES)[number], Scenario> = {
   fork: benchFork,
   "pause-resume": benchPauseResume,
   baseline: benchBaseline,
+  network: benchNetwork,
 };
 
 /** The result file name: scenario, its shape, and the start time (sorts by time within a shape). */

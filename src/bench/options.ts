@@ -38,9 +38,19 @@ export interface BenchOptions {
    * the end, so creates run on a host that already holds them (the burst benchmark).
    */
   background: number;
+  /** network: bytes of each bulk download (`GET /bytes/<n>`), in MiB. */
+  downloadMiB: number;
+  /** network: rounds, each measuring every path once (the path order rotates between rounds). */
+  rounds: number;
+  /** network: paired creates (one with a policy, one without) from a full warm pool. */
+  createPairs: number;
+  /** network: paired cold creates (no pool entry fits); 0 = none. */
+  coldPairs: number;
+  /** network: `PUT /sandboxes/{id}/network` round trips measured. */
+  updates: number;
 }
 
-export const SCENARIO_NAMES = ["create", "density", "exec", "files", "runcode", "snapshot", "restore", "rollback", "fork", "pause-resume", "baseline"] as const;
+export const SCENARIO_NAMES = ["create", "density", "exec", "files", "runcode", "snapshot", "restore", "rollback", "fork", "pause-resume", "baseline", "network"] as const;
 
 export const BENCH_USAGE = `usage: ./cubicle bench SCENARIO [options] | ./cubicle bench report [-o RESULTS_DIR] [-r REPORT_DIR]
 
@@ -55,6 +65,13 @@ scenarios: ${SCENARIO_NAMES.join(", ")}
   -s LIST     snapshot: dirty sizes in MiB, comma-separated (default 0,10,100,500)
   --settle-ms N   density: wait after each batch (default 3000)
   --floor-mib N   density: stop when MemAvailable falls below this (default 2048)
+  --download-mib N  network: size of each bulk download (default 128)
+  --rounds N      network: rounds over every path, order rotating (default 3)
+  --pairs N       network: paired warm-pool creates with and without a policy (default 20)
+  --cold-pairs N  network: paired cold creates (default 6; 0 = none)
+  --updates N     network: PUT /sandboxes/{id}/network round trips (default 100)
+  network reads its fake hosts from CUBICLE_BENCH_NET_{HTTP,HTTPS,SOCKS,INTERFACE,CA_FILE}
+  (see src/bench/scenarios/network.ts; bench/network.sh sets them)
   -o DIR      results directory (default bench/results)
   -r DIR      report directory (default: parent of the results directory)
   --quiet     no live progress`;
@@ -65,7 +82,7 @@ export function parseBenchArgs(args: string[], env: NodeJS.ProcessEnv = process.
   const options: BenchOptions = {
     scenario,
     concurrency: 1,
-    total: scenario === "density" ? 10 : 20,
+    total: scenario === "density" ? 10 : scenario === "network" ? 300 : 20,
     warmup: -1,
     template: scenario === "runcode" ? "code-interpreter-v1" : "base",
     mode: "create-delete",
@@ -77,6 +94,11 @@ export function parseBenchArgs(args: string[], env: NodeJS.ProcessEnv = process.
     progress: isTTY && env.CI !== "true",
     waitForPool: false,
     background: 0,
+    downloadMiB: 128,
+    rounds: 3,
+    createPairs: 20,
+    coldPairs: 6,
+    updates: 100,
   };
   for (let i = 0; i < rest.length; i++) {
     const flag = rest[i]!;
@@ -137,11 +159,26 @@ export function parseBenchArgs(args: string[], env: NodeJS.ProcessEnv = process.
       case "--background":
         options.background = int();
         break;
+      case "--download-mib":
+        options.downloadMiB = Math.max(1, int());
+        break;
+      case "--rounds":
+        options.rounds = Math.max(1, int());
+        break;
+      case "--pairs":
+        options.createPairs = int();
+        break;
+      case "--cold-pairs":
+        options.coldPairs = int();
+        break;
+      case "--updates":
+        options.updates = int();
+        break;
       default:
         throw new CubicleError("invalid_argument", `unknown bench option ${flag}\n\n${BENCH_USAGE}`);
     }
   }
-  if (options.warmup < 0) options.warmup = scenario === "create" ? 2 : scenario === "density" || scenario === "baseline" ? 0 : 1;
+  if (options.warmup < 0) options.warmup = scenario === "create" ? 2 : scenario === "density" || scenario === "baseline" ? 0 : scenario === "network" ? 5 : 1;
   if (!options.reportDir) options.reportDir = path.dirname(options.outDir);
   return options;
 }

@@ -54,10 +54,17 @@ function ratio(value: unknown, floor: unknown): string {
   return typeof value === "number" && typeof floor === "number" && floor > 0 ? `${(value / floor).toFixed(1)}×` : "—";
 }
 
+/** Network results live in `<results>/network/` (bench/network.sh runs them on a server of their own). */
+const NETWORK_SUBDIR = "network";
+
 function loadResults(dir: string): Loaded[] {
   if (!fs.existsSync(dir)) return [];
-  return fs
-    .readdirSync(dir)
+  const networkDir = path.join(dir, NETWORK_SUBDIR);
+  const names = [
+    ...fs.readdirSync(dir),
+    ...(fs.existsSync(networkDir) && fs.statSync(networkDir).isDirectory() ? fs.readdirSync(networkDir).map((f) => path.join(NETWORK_SUBDIR, f)) : []),
+  ];
+  return names
     .filter((f) => f.endsWith(".json"))
     .flatMap((f) => {
       try {
@@ -321,6 +328,8 @@ export function writeReport(input: ReportInput): ReportOutput {
   if (snapshots.length === 0 && lifecycleRows.length === 0) out.push("No snapshot-family results.", "");
   if (lifecycleRows.length) out.push(table(["operation", "c", "success", ...LATENCY_HEADER, "p50 ÷ CRIU floor", "file"], lifecycleRows), "");
 
+  out.push(...networkSection(of("network")[0]), "");
+
   // Comparison.
   const p50 = (scenario: string, field: string, c = 1, path?: string): { value?: number; file?: string; note?: string } => {
     const e = chosen.find(
@@ -389,4 +398,55 @@ export function writeReport(input: ReportInput): ReportOutput {
   const reportPath = path.join(input.reportDir, "REPORT.md");
   fs.writeFileSync(reportPath, out.join("\n"));
   return { reportPath, charts, filesUsed: chosen.map((e) => e.file) };
+}
+
+/** Issue 14's numbers: each egress path as a ratio to the direct-NAT floor, updateNetwork, creates with a policy. */
+function networkSection(entry: Loaded | undefined): string[] {
+  const out = ["## Network: egress paths, updateNetwork, creates with a policy", ""];
+  if (!entry) return [...out, "No network result: run `bench/network.sh`."];
+  if (entry.data.status !== "ok") return [...out, notAvailableLine(entry)];
+  const s = entry.data.summary as Record<string, any>;
+  const mib = Number(s.downloadBytes) / 1024 / 1024;
+  out.push(
+    `Against fake hosts in a test namespace (${fileRef(entry)}): ${s.connectionsPerPath} connections per path over ${s.rounds} rounds (path order rotating), one ${fmt(mib, 0)} MiB download per path and round, the same Python client everywhere. ` +
+      "The floor is a plain namespace behind the kernel's forwarding and masquerade. Inside a sandbox *connect* ends at Cubicle's proxy (the kernel redirects every TCP connection to it), so *first byte* (TCP connect → first response byte, TLS included) is the setup cost to compare; paths by name resolve before each connection (resolve, not included). Ratios: path ÷ floor of the same scheme; for throughput floor MB/s ÷ path MB/s (> 1 = slower).",
+    "",
+  );
+  const rows = Object.entries((s.paths ?? {}) as Record<string, any>).map(([id, p]) => [
+    String(p.label ?? id),
+    String(p.connections ?? "—"),
+    fmt(pick(p, "resolveMs.p50"), 2),
+    fmt(pick(p, "connectMs.p50"), 2),
+    fmt(pick(p, "ttfbMs.p50"), 2),
+    fmt(pick(p, "ttfbMs.p90"), 2),
+    fmt(pick(p, "downloadMBps.median"), 0),
+    p.vsFloor ? `${fmt(p.vsFloor.connectP50, 2)}×` : "floor",
+    p.vsFloor ? `${fmt(p.vsFloor.ttfbP50, 2)}×` : "floor",
+    p.vsFloor ? `${fmt(p.vsFloor.throughputSlowdown, 2)}×` : "floor",
+    String(p.errors ?? 0),
+  ]);
+  out.push(table(["path", "n", "resolve p50", "connect p50", "first byte p50", "first byte p90", "MB/s (median)", "connect ÷ floor", "first byte ÷ floor", "throughput slowdown", "errors"], rows), "");
+  const header = pick(s, "paths.header-https.headerInjected");
+  if (header !== undefined) out.push(`Header injection: the fake server ${header ? "received" : "did **not** receive"} the header with the secret's value.`, "");
+  const u = s.updateNetworkMs as Summary | undefined;
+  out.push("`PUT /sandboxes/{id}/network` round trip (alternating between two allowlists):", "", table(["n", ...LATENCY_HEADER], [[String(u?.count ?? "—"), ...latencyCells(u)]]), "");
+  const createRows: string[][] = [];
+  for (const [label, key] of [["warm-pool claim", "claims"], ["cold (no pool entry fits)", "cold"]] as const) {
+    const c = pick(s, `createsWithPolicy.${key}`);
+    if (!c) continue;
+    if (c.status) {
+      createRows.push([label, `${c.status}: ${brief(c.reason)}`, "", "", "", "", ""]);
+      continue;
+    }
+    for (const [what, field, ratioKey] of [["→ first command", "firstCommandMs", "firstCommandRatio"], ["API (201)", "apiMs", "apiRatio"]] as const) {
+      const r = c[ratioKey] ?? {};
+      createRows.push([`${label}, ${what}`, String(c.pairs), fmt(pick(c, `withoutPolicy.${field}.p50`), 1), fmt(pick(c, `withPolicy.${field}.p50`), 1), fmt(r.ratio, 3), Array.isArray(r.ci95) ? `${fmt(r.ci95[0], 3)} – ${fmt(r.ci95[1], 3)}` : "—", fmt(r.medianPairRatio, 3)]);
+    }
+  }
+  out.push(
+    "Creates with an allowlist policy vs without, paired back to back (order alternating), each claim from a full pool. Ratio = median with ÷ median without; 95 % interval by bootstrap over pairs. Issue 14's target: within 5 %.",
+    "",
+    table(["create", "pairs", "without p50", "with policy p50", "ratio", "95 % interval", "median pair ratio"], createRows),
+  );
+  return out;
 }

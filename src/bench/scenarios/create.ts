@@ -36,7 +36,7 @@ export async function firstSuccessfulCommand(sandbox: SandboxInstance, startedAt
 }
 
 /** Waits until `GET /pools` shows the template's pool full (see BenchOptions.waitForPool). */
-async function waitForFullPool(target: BenchTarget, template: string, timeoutMs = 60_000): Promise<void> {
+export async function waitForFullPool(target: BenchTarget, template: string, timeoutMs = 60_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const { status, json } = await callApi(target, "GET", "/pools");
