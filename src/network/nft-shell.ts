@@ -81,6 +81,9 @@ export class NftShell {
     child.stdin.on("error", () => undefined);
     child.on("error", (err) => this.onExit(child, `nft could not start: ${err.message}`));
     child.on("exit", (code, signal) => this.onExit(child, `nft exited (${signal ?? code})`));
+    // A resident helper must not keep its process alive: a transaction in flight does (its timer).
+    child.unref();
+    for (const stream of [child.stdin, child.stdout, child.stderr]) (stream as unknown as { unref?: () => void }).unref?.();
     return child;
   }
 

@@ -100,7 +100,8 @@ export function createEgressProxy(options: EgressProxyOptions): EgressProxy {
   let total = 0;
   let listening: net.AddressInfo | undefined;
 
-  const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (client) => {
+  // No Nagle on either side: a relay that holds small writes back adds a delayed-ACK wait (~40 ms).
+  const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true, noDelay: true }, (client) => {
     handleConnection(client).catch((err: unknown) => {
       log.error("egress connection failed", { error: String(err) });
       client.destroy();
@@ -387,7 +388,7 @@ function splice(client: net.Socket, upstream: net.Socket, head: Buffer, record: 
 async function dialUpstream(destination: { address: string; port: number }, proxy: EgressProxyConfig | undefined, timeoutMs: number): Promise<net.Socket> {
   if (proxy) return socks5Connect({ proxy, destination, timeoutMs });
   return new Promise((resolve, reject) => {
-    const socket = net.connect({ host: destination.address, port: destination.port, allowHalfOpen: true });
+    const socket = net.connect({ host: destination.address, port: destination.port, allowHalfOpen: true, noDelay: true });
     const timer = setTimeout(() => {
       socket.destroy();
       reject(new CubicleError("deadline_exceeded", `no connection to ${destination.address}:${destination.port} within ${timeoutMs} ms`));

@@ -112,9 +112,9 @@ export function startInjection(options: InjectionOptions): Injection {
     // The ClientHello was read during the peek; TLSSocket reads a wrapped socket's buffered bytes first.
     client.unshift(options.head);
     options.issueCertificate(options.domain).then(
-      ({ key, cert }) => {
+      (issued) => {
         if (closed) return;
-        const secure = new tls.TLSSocket(client, { isServer: true, secureContext: tls.createSecureContext({ key, cert }), ALPNProtocols: ["http/1.1"] });
+        const secure = new tls.TLSSocket(client, { isServer: true, secureContext: leafContext(issued), ALPNProtocols: ["http/1.1"] });
         attach(secure);
         // The TLS socket now owns the descriptor: the raw socket no longer sees traffic.
         client.setTimeout(0);
@@ -207,15 +207,36 @@ function forward(state: ConnectionState, req: http.IncomingMessage, res: http.Se
 }
 
 /** A TCP connection to the destination, wrapped in TLS (verified against the domain) when the sandbox spoke TLS. */
+/** The interception's TLS context per issued leaf (the CA hands out the same object while it is cached). */
+const leafContexts = new WeakMap<object, tls.SecureContext>();
+function leafContext(issued: { key: string | Buffer; cert: string | Buffer }): tls.SecureContext {
+  let context = leafContexts.get(issued);
+  if (!context) leafContexts.set(issued, (context = tls.createSecureContext({ key: issued.key, cert: issued.cert })));
+  return context;
+}
+
+/**
+ * The upstream TLS context, made once per set of extra CAs: a `ca` list given to tls.connect
+ * would parse Node's ~140 roots again for every connection (tens of ms here).
+ */
+const upstreamContexts = new WeakMap<readonly (string | Buffer)[], tls.SecureContext>();
+let defaultUpstreamContext: tls.SecureContext | undefined;
+function upstreamContext(extra: readonly (string | Buffer)[] | undefined): tls.SecureContext {
+  if (!extra?.length) return (defaultUpstreamContext ??= tls.createSecureContext());
+  let context = upstreamContexts.get(extra);
+  if (!context) upstreamContexts.set(extra, (context = tls.createSecureContext({ ca: [...tls.rootCertificates, ...extra] })));
+  return context;
+}
+
 async function upstreamConnection(options: InjectionOptions): Promise<Duplex> {
   const raw = await options.dial();
   if (!options.tls) {
     raw.resume();
     return raw;
   }
-  const ca = options.upstreamCa?.length ? [...tls.rootCertificates, ...options.upstreamCa] : undefined;
+  const secureContext = upstreamContext(options.upstreamCa);
   return new Promise((resolve, reject) => {
-    const secure = tls.connect({ socket: raw, servername: options.domain, ca, ALPNProtocols: ["http/1.1"] });
+    const secure = tls.connect({ socket: raw, servername: options.domain, secureContext, ALPNProtocols: ["http/1.1"] });
     secure.once("secureConnect", () => {
       secure.off("error", reject);
       resolve(secure);

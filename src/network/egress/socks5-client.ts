@@ -70,7 +70,7 @@ export function socks5Connect(options: Socks5ConnectOptions): Promise<net.Socket
   if (!address) return Promise.reject(new Socks5Error("protocol", `egress proxy ${where}: ${destination.address} is not an IP address`));
 
   return new Promise((resolve, reject) => {
-    const socket = net.connect({ host: proxy.host, port: proxy.port, allowHalfOpen: true });
+    const socket = net.connect({ host: proxy.host, port: proxy.port, allowHalfOpen: true, noDelay: true });
     let step: "connect" | "method" | "auth" | "reply" = "connect";
     let received = Buffer.alloc(0);
     let settled = false;
