@@ -89,15 +89,16 @@ export class Creation {
     const initialised = entry.agentToken !== undefined && record.envdAccessToken !== undefined && Object.keys(record.envVars).length === 0;
     if (initialised) record.envdAccessToken = entry.agentToken;
     await ctx.table.addClaimed(record);
+    // The entry's network allows all public egress. A policy of the create's own starts now and
+    // is awaited with the /init, after the 201 and before any traffic: the router holds the
+    // sandbox's traffic until both are done (only the template's own agent runs meanwhile).
+    const policy = hasOwnEgressPolicy(record) ? ctx.ports.network.applyPolicy(runtimeIdOf(record), networkPolicyOf(record)) : undefined;
+    policy?.catch(() => undefined);
     try {
       const recorded = performance.now();
       await ctx.ports.runtime.thaw(record.sandboxId);
       const thawed = performance.now();
-      // The entry's network allows all public egress. A policy of the create's own is applied
-      // with the /init, after the 201 and before any traffic: the router holds the sandbox's
-      // traffic until both are done (only the template's own agent runs meanwhile).
-      const ownPolicy = hasOwnEgressPolicy(record);
-      if (!initialised || ownPolicy) this.initialiseInBackground(record, template, thawed, { init: !initialised, policy: ownPolicy, currentToken: entry.agentToken });
+      if (!initialised || policy) this.initialiseInBackground(record, template, thawed, { init: !initialised, policy, currentToken: entry.agentToken });
       await ctx.markRunning(record, { pooled: true });
       log.debug("claimed a pool entry", {
         sandboxId: record.sandboxId,
@@ -107,6 +108,7 @@ export class Creation {
       });
       return record;
     } catch (err) {
+      await policy?.catch(() => undefined);
       // A broken pool entry must not fail the create: drop it, the caller boots a fresh one.
       log.warn("warm pool claim failed; creating cold", { sandboxId: record.sandboxId, error: String(err) });
       await ctx.table.end(record, { state: "dead", reason: `pool claim failed: ${(err as Error).message}` });
@@ -115,7 +117,7 @@ export class Creation {
   }
 
   /** See createFromPoolEntry: /init and the create's network policy after the claim's response, the router waiting for them. */
-  private initialiseInBackground(record: SandboxRecord, template: TemplateInfo, thawedAt: number, steps: { init: boolean; policy: boolean; currentToken: string | undefined }): void {
+  private initialiseInBackground(record: SandboxRecord, template: TemplateInfo, thawedAt: number, steps: { init: boolean; policy: Promise<void> | undefined; currentToken: string | undefined }): void {
     const { ctx } = this;
     const sandboxId = record.sandboxId;
     const live = ctx.table.entry(sandboxId)!;
@@ -123,7 +125,7 @@ export class Creation {
       try {
         const results = await Promise.allSettled([
           steps.init ? ctx.initAgent(record, template, steps.currentToken) : undefined,
-          steps.policy ? ctx.ports.network.applyPolicy(runtimeIdOf(record), networkPolicyOf(record)) : undefined,
+          steps.policy,
         ]);
         const failed = results.find((result) => result.status === "rejected");
         if (failed) throw failed.reason;
