@@ -76,8 +76,9 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
   const hostInterfaceName = (sandboxId: string) =>
     interfacePrefix + createHash("sha256").update(sandboxId).digest("hex").slice(0, 15 - interfacePrefix.length);
 
-  async function setPolicy(record: NetworkRecord, policy: EgressPolicy): Promise<void> {
-    await shell.run(policyTransaction(tableName, record.network.sandboxAddress, policy));
+  /** `fresh`: the sandbox's chain may not exist yet (a new network, an adopted one). */
+  async function setPolicy(record: NetworkRecord, policy: EgressPolicy, fresh: boolean): Promise<void> {
+    await shell.run(policyTransaction(tableName, record.network.sandboxAddress, policy, { fresh }));
     record.policy = policy;
   }
 
@@ -125,7 +126,7 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
       ];
       await Promise.all([
         runCommand(["ip", "-n", name, "-batch", "-"], { input: sandboxSide.join("\n") + "\n", timeoutMs: COMMAND_TIMEOUT_MS }),
-        setPolicy(record, record.policy),
+        setPolicy(record, record.policy, true),
       ]);
       await setBandwidth(record, limits);
       return { ...network };
@@ -183,14 +184,14 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
         bandwidth: "?",
       };
       remember(record);
-      await setPolicy(record, record.policy);
+      await setPolicy(record, record.policy, true);
       if (policy) await setBandwidth(record, bandwidthOf(policy));
     },
 
     async applyPolicy(sandboxId, policy) {
       const record = records.get(sandboxId);
       if (!record) throw new CubicleError("not_found", `sandbox ${sandboxId} has no network on this host`);
-      await setPolicy(record, egressPolicyOf(policy));
+      await setPolicy(record, egressPolicyOf(policy), false);
       await setBandwidth(record, bandwidthOf(policy));
       options.onPolicyChange?.(sandboxId);
     },

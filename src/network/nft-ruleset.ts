@@ -1,4 +1,4 @@
-import { ALWAYS_DENIED, PRIVATE_DENIED, needsOwnRules } from "./egress-policy.js";
+import { ALWAYS_DENIED, PRIVATE_DENIED } from "./egress-policy.js";
 import type { EgressPolicy } from "./egress-types.js";
 import { kernelLogPrefix } from "./kernel-egress-log.js";
 
@@ -127,36 +127,36 @@ function auditChains(t: string): string {
 }
 
 /**
- * One transaction that gives the sandbox at `address` its policy (or replaces it): its chain and
- * sets, flushed and refilled, and its verdict map element. Idempotent.
+ * One transaction that gives the sandbox at `address` its policy (or replaces it). The sandbox's
+ * chain is the same for every policy — its allowOut set, its pinned set, its denyOut set, then
+ * allowed — so a change refills two sets and touches no rule (`fresh` also makes the chain, the
+ * sets and the verdict map element, idempotently). An open policy has both sets empty; no
+ * internet is denyOut 0.0.0.0/0 with nothing allowed and nothing pinned.
  */
-export function policyTransaction(tableName: string, address: string, policy: EgressPolicy): string {
+export function policyTransaction(tableName: string, address: string, policy: EgressPolicy, options: { fresh: boolean } = { fresh: true }): string {
   const chain = policyChainName(address);
   const target = `inet ${tableName}`;
-  const lines = [
-    `add chain ${target} ${chain}`,
-    `add set ${target} ${chain}_a { type ipv4_addr; flags interval; }`,
-    `add set ${target} ${chain}_d { type ipv4_addr; flags interval; }`,
-    `add set ${target} ${chain}_n { type ipv4_addr; flags timeout; }`,
-    `flush chain ${target} ${chain}`,
-    `flush set ${target} ${chain}_a`,
-    `flush set ${target} ${chain}_d`,
-  ];
-  if (!policy.allowInternet) {
-    lines.push(`flush set ${target} ${chain}_n`, `add rule ${target} ${chain} goto egress_denied`);
-  } else if (!needsOwnRules(policy)) {
-    lines.push(`add rule ${target} ${chain} goto egress_allowed`);
-  } else {
-    if (policy.allowCidrs.length > 0) lines.push(`add element ${target} ${chain}_a { ${policy.allowCidrs.join(", ")} }`);
-    if (policy.denyCidrs.length > 0) lines.push(`add element ${target} ${chain}_d { ${policy.denyCidrs.join(", ")} }`);
+  const lines: string[] = [];
+  if (options.fresh) {
     lines.push(
+      `add chain ${target} ${chain}`,
+      `add set ${target} ${chain}_a { type ipv4_addr; flags interval; }`,
+      `add set ${target} ${chain}_d { type ipv4_addr; flags interval; }`,
+      `add set ${target} ${chain}_n { type ipv4_addr; flags timeout; }`,
+      `flush chain ${target} ${chain}`,
       `add rule ${target} ${chain} ip daddr @${chain}_a goto egress_allowed`,
       `add rule ${target} ${chain} ip daddr @${chain}_n goto egress_allowed`,
       `add rule ${target} ${chain} ip daddr @${chain}_d goto egress_denied`,
       `add rule ${target} ${chain} goto egress_allowed`,
+      `add element ${target} ${POLICY_MAP} { ${address} : goto ${chain} }`,
     );
   }
-  lines.push(`add element ${target} ${POLICY_MAP} { ${address} : goto ${chain} }`);
+  lines.push(`flush set ${target} ${chain}_a`, `flush set ${target} ${chain}_d`);
+  const allow = policy.allowInternet ? policy.allowCidrs : [];
+  const deny = policy.allowInternet ? policy.denyCidrs : ["0.0.0.0/0"];
+  if (!policy.allowInternet) lines.push(`flush set ${target} ${chain}_n`);
+  if (allow.length > 0) lines.push(`add element ${target} ${chain}_a { ${allow.join(", ")} }`);
+  if (deny.length > 0) lines.push(`add element ${target} ${chain}_d { ${deny.join(", ")} }`);
   return lines.join("\n") + "\n";
 }
 
