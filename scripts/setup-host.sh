@@ -25,7 +25,9 @@ readonly DEBIAN_MIRROR="${CUBICLE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 # with kernels >= 6.16; 4.2 (Debian testing, "forky") works.
 readonly CRIU_MIN_VERSION="4.2"
 readonly CRIU_SUITE="forky"
-readonly HOST_PACKAGES=(runc iproute2 nftables mmdebstrap uidmap iptables tini patchelf gcc libc6-dev btrfs-progs)
+# libnss-myhostname: glibc resolves every *.localhost name to loopback, so the default domain
+# (cubicle.localhost) works for getHost() URLs in Node, Python and curl on this machine.
+readonly HOST_PACKAGES=(runc iproute2 nftables mmdebstrap uidmap iptables tini patchelf gcc libc6-dev btrfs-progs libnss-myhostname)
 
 staging=""
 

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { CubicleError } from "../shared/cubicle-error.js";
-import { API_ROUTES, fakeManager, TEST_KEY, testApp } from "./test-app.js";
+import { API_ROUTES, capturingStderr, fakeManager, TEST_KEY, testApp } from "./test-app.js";
 
 const auth = { "x-api-key": TEST_KEY };
 
@@ -11,20 +11,6 @@ function assertE2bBody(status: number, body: unknown, expected: number): void {
   assert.equal(typeof (body as { message: unknown }).message, "string");
 }
 
-/** Collects what the server logs to stderr while `run` runs. */
-async function capturingStderr<T>(run: () => Promise<T>): Promise<{ result: T; logged: string }> {
-  const original = process.stderr.write.bind(process.stderr);
-  let logged = "";
-  process.stderr.write = ((chunk: string | Uint8Array) => {
-    logged += chunk.toString();
-    return true;
-  }) as typeof process.stderr.write;
-  try {
-    return { result: await run(), logged };
-  } finally {
-    process.stderr.write = original;
-  }
-}
 
 test("every API route without a key, or with a wrong one, answers 401 with an E2B body", async () => {
   const app = await testApp();

@@ -3,25 +3,11 @@ import { randomBytes } from "node:crypto";
 import { test } from "node:test";
 import { SecretVault } from "../secrets/index.js";
 import { SqliteStore } from "../store/index.js";
-import { TEST_KEY, testApp } from "./test-app.js";
+import { capturingStderr, TEST_KEY, testApp } from "./test-app.js";
 
 const auth = { "x-api-key": TEST_KEY };
 const VALUE = "ghp_" + "Zx9".repeat(12);
 
-/** Collects what the server logs to stderr while `run` runs. */
-async function capturingStderr<T>(run: () => Promise<T>): Promise<{ result: T; logged: string }> {
-  const original = process.stderr.write.bind(process.stderr);
-  let logged = "";
-  process.stderr.write = ((chunk: string | Uint8Array) => {
-    logged += chunk.toString();
-    return true;
-  }) as typeof process.stderr.write;
-  try {
-    return { result: await run(), logged };
-  } finally {
-    process.stderr.write = original;
-  }
-}
 
 test("secrets: create, get by id and by name, page, update, delete — no response and no log line holds the value", async () => {
   const store = new SqliteStore(":memory:");

@@ -197,3 +197,18 @@ export async function testApp(overrides: Partial<Omit<ApiOptions, "manager">> & 
   await app.ready();
   return app;
 }
+
+/** Collects what the server logs to stderr while `run` runs. */
+export async function capturingStderr<T>(run: () => Promise<T>): Promise<{ result: T; logged: string }> {
+  const original = process.stderr.write.bind(process.stderr);
+  let logged = "";
+  process.stderr.write = ((chunk: string | Uint8Array) => {
+    logged += chunk.toString();
+    return true;
+  }) as typeof process.stderr.write;
+  try {
+    return { result: await run(), logged };
+  } finally {
+    process.stderr.write = original;
+  }
+}

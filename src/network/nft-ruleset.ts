@@ -32,8 +32,10 @@ export function policyChainName(address: string): string {
  * table first makes it one atomic transaction that works whether or not the table exists.
  *
  * NFT_RULESET_NOTE: what the kernel enforces.
- * - Every TCP connection a sandbox of this server (its subnet: other servers on the host have
- *   tables and subnets of their own) opens is redirected to the egress proxy on the host (nat
+ * - TCP to the floor (below) never reaches the proxy: the kernel drops its first packet, so the
+ *   sandbox's connect times out as if nothing were there (and it is logged, as UDP is).
+ * - Every other TCP connection a sandbox of this server (its subnet: other servers on the host
+ *   have tables and subnets of their own) opens is redirected to the egress proxy on the host (nat
  *   prerouting), which decides by address, SNI or Host and pinned DNS answers, audits, injects
  *   headers and tunnels through SOCKS5. No sandbox TCP is ever forwarded.
  * - Every DNS packet (UDP or TCP port 53, to any address) is redirected to Cubicle's DNS
@@ -76,6 +78,9 @@ ${auditChains(t)}
   chain prerouting {
     type nat hook prerouting priority dstnat; policy accept;
     iifname "${p}*" ip saddr ${s} meta l4proto { tcp, udp } th dport 53 redirect to :${options.dnsPort}
+    iifname "${p}*" ip saddr ${s} ip daddr @always_denied return
+    iifname "${p}*" ip saddr ${s} ip daddr @private_denied ip daddr != @private_opened return
+    iifname "${p}*" ip saddr ${s} fib daddr type local return
     iifname "${p}*" ip saddr ${s} meta l4proto tcp redirect to :${options.proxyPort}
   }
   chain input {
@@ -83,7 +88,7 @@ ${auditChains(t)}
     ip saddr ${s} ct state established,related accept
     iifname "${p}*" ip saddr ${s} meta l4proto { tcp, udp } th dport ${options.dnsPort} ct status dnat accept
     iifname "${p}*" ip saddr ${s} meta l4proto tcp th dport ${options.proxyPort} ct status dnat accept
-    ip saddr ${s} counter drop comment "sandbox to host"
+    ip saddr ${s} goto egress_floor
     iifname "${p}*" meta nfproto ipv6 drop
     meta l4proto { tcp, udp } th dport { ${options.dnsPort}, ${options.proxyPort} } ip saddr != ${s} drop comment "the forwarder and proxy serve sandboxes only"
   }
@@ -92,9 +97,9 @@ ${auditChains(t)}
     ip daddr ${s} ct state established,related accept
     ip daddr ${s} counter drop comment "only the router reaches sandboxes"
     iifname "${p}*" meta nfproto ipv6 drop
-    ip saddr ${s} meta l4proto tcp counter drop comment "sandbox TCP goes through the egress proxy"
     ip saddr ${s} ip daddr @always_denied goto egress_floor
     ip saddr ${s} ip daddr @private_denied ip daddr != @private_opened goto egress_private
+    ip saddr ${s} meta l4proto tcp counter drop comment "sandbox TCP goes through the egress proxy"
     ip saddr ${s} ip saddr vmap @${POLICY_MAP}
     ip saddr ${s} counter drop comment "no policy"
   }

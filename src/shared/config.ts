@@ -235,7 +235,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     port: Number(env.CUBICLE_PORT ?? 3000),
     stateDir,
     templateDir: path.resolve(env.CUBICLE_TEMPLATE_DIR ?? path.join(stateDir, "templates")),
-    domain: env.CUBICLE_DOMAIN ?? "cubicle.local",
+    domain: env.CUBICLE_DOMAIN ?? "cubicle.localhost",
     apiKey: env.CUBICLE_API_KEY || undefined,
     subnet: env.CUBICLE_SUBNET ?? "10.88.0.0/16",
     distDir: path.resolve(env.CUBICLE_DIST_DIR ?? path.join(repositoryRoot(), "dist")),

@@ -11,6 +11,7 @@ import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { Sandbox, Secret, type SandboxOpts } from "e2b";
 import { startFakeInternet, type FakeInternet } from "../support/fake-internet.js";
+import { runAsRoot } from "../support/sandbox-shell.js";
 import { startTestServer, TEST_API_KEY, useServerForSdk, type TestServer } from "./harness.js";
 
 let server: TestServer;
@@ -38,16 +39,7 @@ async function create(opts: SandboxOpts = {}): Promise<Sandbox> {
   return sandbox;
 }
 
-async function sh(sandbox: Sandbox, cmd: string): Promise<{ exitCode: number; stdout: string; stderr: string }> {
-  try {
-    const result = await sandbox.commands.run(cmd, { user: "root", timeoutMs: 30_000 });
-    return { exitCode: result.exitCode, stdout: result.stdout, stderr: result.stderr };
-  } catch (err) {
-    const e = err as { exitCode?: number; stdout?: string; stderr?: string };
-    if (typeof e.exitCode !== "number") throw err;
-    return { exitCode: e.exitCode, stdout: e.stdout ?? "", stderr: e.stderr ?? "" };
-  }
-}
+const sh = runAsRoot;
 
 /** curl's status; the body goes to /dev/null, so the sandbox never holds what the server echoes. */
 async function status(sandbox: Sandbox, url: string, extra = ""): Promise<string> {

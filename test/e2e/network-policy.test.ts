@@ -11,6 +11,7 @@ import os from "node:os";
 import { after, before, describe, test } from "node:test";
 import { Sandbox, type SandboxOpts } from "e2b";
 import { startFakeInternet, type FakeInternet } from "../support/fake-internet.js";
+import { runAsRoot } from "../support/sandbox-shell.js";
 import { startTestServer, useServerForSdk, type TestServer } from "./harness.js";
 
 let server: TestServer;
@@ -40,17 +41,7 @@ async function create(opts: SandboxOpts = {}): Promise<Sandbox> {
   return sandbox;
 }
 
-/** A command's outcome, also when it exits non-zero (the SDK throws then). */
-async function sh(sandbox: Sandbox, cmd: string, timeoutMs = 30_000): Promise<{ exitCode: number; stdout: string; stderr: string }> {
-  try {
-    const result = await sandbox.commands.run(cmd, { user: "root", timeoutMs });
-    return { exitCode: result.exitCode, stdout: result.stdout, stderr: result.stderr };
-  } catch (err) {
-    const e = err as { exitCode?: number; stdout?: string; stderr?: string };
-    if (typeof e.exitCode !== "number") throw err;
-    return { exitCode: e.exitCode, stdout: e.stdout ?? "", stderr: e.stderr ?? "" };
-  }
-}
+const sh = runAsRoot;
 
 /** curl's HTTP status for a URL from inside the sandbox ("000" when no connection). */
 async function status(sandbox: Sandbox, url: string, extra = ""): Promise<string> {

@@ -21,7 +21,8 @@ const VALUE = "sk-e2e-" + "Qv8".repeat(14);
 const MARK = "Qv8Qv8Qv8";
 
 before(async () => {
-  server = await startTestServer();
+  // Info lines on: the test reads the log for the value (the suite runs at warn).
+  server = await startTestServer({ extraEnv: { CUBICLE_LOG_LEVEL: "info" } });
   useServerForSdk(server);
 });
 

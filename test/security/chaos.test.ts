@@ -119,9 +119,10 @@ function assertNothingLeaked(live: Set<string>, touched: string[]): void {
   const veths = links.filter((link) => link.addr_info.some((a) => a.local.startsWith(subnet)));
   const running = [...live].length;
   assert.ok(veths.length <= running, `${veths.length} host veths for ${running} live sandboxes`);
-  const set = execFileSync("nft", ["-j", "list", "set", "inet", server.env.CUBICLE_NFT_TABLE!, "internet_allowed"], { encoding: "utf8" });
-  const elements = (JSON.parse(set).nftables.find((item: { set?: { elem?: unknown[] } }) => item.set)?.set?.elem ?? []) as unknown[];
-  assert.ok(elements.length <= running, `${elements.length} internet set elements for ${running} live sandboxes`);
+  // Each sandbox with a network has one element in the policy map (and a chain of its own).
+  const map = execFileSync("nft", ["-j", "list", "map", "inet", server.env.CUBICLE_NFT_TABLE!, "sandbox_policy"], { encoding: "utf8" });
+  const elements = (JSON.parse(map).nftables.find((item: { map?: { elem?: unknown[] } }) => item.map)?.map?.elem ?? []) as unknown[];
+  assert.ok(elements.length <= running, `${elements.length} policy map elements for ${running} live sandboxes`);
 }
 
 for (let run = 1; run <= RUNS; run++) {
