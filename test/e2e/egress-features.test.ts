@@ -10,35 +10,26 @@ import { execFileSync } from "node:child_process";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { Sandbox, Secret, type SandboxOpts } from "e2b";
-import { startFakeInternet, type FakeInternet } from "../support/fake-internet.js";
+import { startEgressTestEnv, type EgressTestEnv } from "../support/egress-test-env.js";
+import type { FakeInternet } from "../support/fake-internet.js";
 import { runAsRoot } from "../support/sandbox-shell.js";
-import { startTestServer, TEST_API_KEY, useServerForSdk, type TestServer } from "./harness.js";
+import { TEST_API_KEY, type TestServer } from "./harness.js";
 
+let env: EgressTestEnv;
 let server: TestServer;
 let inet: FakeInternet;
-const sandboxes: Sandbox[] = [];
 const repoRoot = path.resolve(path.dirname(new URL(import.meta.url).pathname), "..", "..");
 
 before(async () => {
-  inet = await startFakeInternet({ socks: { username: "cubicle", password: "socks-pass" } });
-  server = await startTestServer({
-    extraEnv: { CUBICLE_DNS_UPSTREAM: `${inet.dns.address}:${inet.dns.port}`, CUBICLE_EGRESS_CA_FILE: inet.caCertificateFile },
-  });
-  useServerForSdk(server);
+  env = await startEgressTestEnv({ fakeInternet: { socks: { username: "cubicle", password: "socks-pass" } } });
+  ({ server, inet } = env);
 });
 
 after(async () => {
-  for (const sandbox of sandboxes) await sandbox.kill().catch(() => undefined);
-  await server?.stop();
-  await inet?.close();
+  await env?.close();
 });
 
-async function create(opts: SandboxOpts = {}): Promise<Sandbox> {
-  const sandbox = await Sandbox.create({ ...opts, timeoutMs: 120_000 });
-  sandboxes.push(sandbox);
-  return sandbox;
-}
-
+const create = (opts: SandboxOpts = {}) => env.create(opts);
 const sh = runAsRoot;
 
 /** curl's status; the body goes to /dev/null, so the sandbox never holds what the server echoes. */

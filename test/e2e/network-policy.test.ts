@@ -10,40 +10,27 @@ import assert from "node:assert/strict";
 import os from "node:os";
 import { after, before, describe, test } from "node:test";
 import { Sandbox, type SandboxOpts } from "e2b";
-import { startFakeInternet, type FakeInternet } from "../support/fake-internet.js";
+import { startEgressTestEnv, type EgressTestEnv } from "../support/egress-test-env.js";
+import type { FakeInternet } from "../support/fake-internet.js";
 import { runAsRoot } from "../support/sandbox-shell.js";
-import { startTestServer, useServerForSdk, type TestServer } from "./harness.js";
+import type { TestServer } from "./harness.js";
 
+let env: EgressTestEnv;
 let server: TestServer;
 let inet: FakeInternet;
-const sandboxes: Sandbox[] = [];
 
 before(async () => {
-  inet = await startFakeInternet();
-  server = await startTestServer({
-    extraEnv: {
-      CUBICLE_DNS_UPSTREAM: `${inet.dns.address}:${inet.dns.port}`,
-      CUBICLE_EGRESS_CA_FILE: inet.caCertificateFile,
-      // Creates claim a warm-pool entry when one is ready: its open policy must be replaced by
-      // the create's before the first command (the allowlist tests wait for one, below).
-      CUBICLE_POOL_SIZE: "base=1",
-    },
-  });
-  useServerForSdk(server);
+  // Creates claim a warm-pool entry when one is ready: its open policy must be replaced by the
+  // create's before the first command (the allowlist tests wait for one, below).
+  env = await startEgressTestEnv({ extraEnv: { CUBICLE_POOL_SIZE: "base=1" } });
+  ({ server, inet } = env);
 });
 
 after(async () => {
-  for (const sandbox of sandboxes) await sandbox.kill().catch(() => undefined);
-  await server?.stop();
-  await inet?.close();
+  await env?.close();
 });
 
-async function create(opts: SandboxOpts = {}): Promise<Sandbox> {
-  const sandbox = await Sandbox.create({ ...opts, timeoutMs: 120_000 });
-  sandboxes.push(sandbox);
-  return sandbox;
-}
-
+const create = (opts: SandboxOpts = {}) => env.create(opts);
 const sh = runAsRoot;
 
 /** Waits until the base template's pool entry is ready, so the next create is a claim. */
@@ -237,8 +224,7 @@ describe("bandwidth limits", () => {
     // A Cubicle extension: the SDK sends only E2B's network fields, so this create is a REST call.
     const made = await server.api("POST", "/v2/sandboxes", { templateID: "base", timeout: 120, network: { bandwidth: { ingressMbps: 16, egressMbps: 12 } } });
     assert.equal(made.status, 201, JSON.stringify(made.json));
-    const limited = await Sandbox.connect(made.json.sandboxID);
-    sandboxes.push(limited);
+    const limited = env.track(await Sandbox.connect(made.json.sandboxID));
     assert.deepEqual((await server.api("GET", `/sandboxes/${limited.sandboxId}`)).json.network?.bandwidth, { ingressMbps: 16, egressMbps: 12 });
     const free = await create();
     const capped = await rates(limited);

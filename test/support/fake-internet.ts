@@ -30,6 +30,7 @@ import { fileURLToPath } from "node:url";
 import { CubicleError } from "../../src/shared/cubicle-error.js";
 import { runCommand } from "../../src/shared/exec.js";
 import { createLogger } from "../../src/shared/log.js";
+import { processIsAlive } from "../../src/shared/process.js";
 import {
   CONTROL_TAG,
   MAX_CONTROL_LINE_BYTES,
@@ -671,15 +672,6 @@ function isFakeInternetServer(pid: number): boolean {
   }
 }
 
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
-  }
-}
-
 /** Removes what instances of test processes that died without closing them left behind. */
 function sweepStaleInstances(): void {
   let files: string[];
@@ -691,7 +683,7 @@ function sweepStaleInstances(): void {
   for (const file of files) {
     try {
       const state = JSON.parse(readFileSync(path.join(STATE_DIR, file), "utf8")) as InstanceState;
-      if (state.ownerPid === process.pid || isAlive(state.ownerPid)) continue;
+      if (state.ownerPid === process.pid || processIsAlive(state.ownerPid)) continue;
       if (!/^cbi-[0-9a-f]{8}$/.test(state.namespace) || !/^cbi[0-9a-f]{8}h$/.test(state.hostInterface) || !path.basename(state.tempDir).startsWith("cbi-fake-internet-")) continue;
       log.warn("removing a fake internet its test process left behind", { namespace: state.namespace, ownerPid: state.ownerPid });
       removeInstanceSync(state);

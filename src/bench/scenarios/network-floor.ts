@@ -18,6 +18,7 @@ import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
 import { createLogger } from "../../shared/log.js";
+import { processIsAlive } from "../../shared/process.js";
 
 const log = createLogger("bench-floor");
 const STATE_DIR = "/run/cbb-floor";
@@ -164,15 +165,6 @@ function removeFloorSync(state: FloorState): void {
   fs.rmSync(path.join(STATE_DIR, `${state.namespace}.json`), { force: true });
 }
 
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
-  }
-}
-
 /** Removes floors whose benchmark process died without closing them. */
 function sweepStaleFloors(): void {
   let files: string[];
@@ -184,7 +176,7 @@ function sweepStaleFloors(): void {
   for (const file of files) {
     try {
       const state = JSON.parse(fs.readFileSync(path.join(STATE_DIR, file), "utf8")) as FloorState;
-      if (state.ownerPid === process.pid || isAlive(state.ownerPid)) continue;
+      if (state.ownerPid === process.pid || processIsAlive(state.ownerPid)) continue;
       if (!/^cbb-floor-[0-9a-f]{8}$/.test(state.namespace) || !/^vcbb[0-9a-f]{8}$/.test(state.hostInterface) || !/^cbb_floor_[0-9a-f]{8}$/.test(state.table)) continue;
       log.warn("removing a floor namespace a dead benchmark left behind", { namespace: state.namespace, ownerPid: state.ownerPid });
       removeFloorSync(state);
