@@ -222,7 +222,7 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
 
   /** A header rule may name only secrets that exist (a later delete makes the proxy answer 502). */
   const checkReferencedSecrets = (allowInternetAccess: boolean, network: Record<string, unknown> | undefined) => {
-    if (!network) return;
+    if (!network?.rules) return;
     for (const name of referencedSecrets(buildEgressPolicy(allowInternetAccess, network))) {
       if (options.secrets.resolveSecret(name) === undefined) throw new CubicleError("invalid_argument", `network.rules names the secret ${JSON.stringify(name)}, which does not exist; create it first (Secret.create)`);
     }

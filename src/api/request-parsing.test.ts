@@ -132,3 +132,16 @@ test("a query parameter given twice is refused", () => {
   assert.equal(singleQueryValue({}, "limit"), undefined);
   assert.throws(() => singleQueryValue({ limit: ["1", "2"] }, "limit"), isBadRequest(/limit may be given once/));
 });
+
+test("network: ingress fields are typed, httpsPorts and unknown fields are refused, bandwidth is bounded", () => {
+  const strict = { defaultTimeoutSec: 300, limits: { maxCpuCount: 2, maxMemoryMB: 4096, maxDiskMB: 65536 }, requireSecure: true };
+  const create = (network: unknown) => parseCreateRequest({ templateID: "base", network }, 2, strict);
+  const bad = (pattern: RegExp) => (err: unknown) => err instanceof CubicleError && err.code === "invalid_argument" && pattern.test(err.message);
+  assert.throws(() => create({ allowPublicTraffic: "no" }), bad(/allowPublicTraffic must be true or false/));
+  assert.throws(() => create({ maskRequestHost: "evil\r\nX-Injected: 1" }), bad(/maskRequestHost must be a host name/));
+  assert.throws(() => create({ maskRequestHost: 5 }), bad(/maskRequestHost must be a host name/));
+  assert.throws(() => create({ httpsPorts: [8443] }), bad(/httpsPorts is not supported yet/));
+  assert.throws(() => create({ bandwidth: { egressMbps: 0 } }), bad(/egressMbps/));
+  assert.throws(() => create({ bandwidth: { burst: 1 } }), bad(/burst/));
+  assert.deepEqual(create({ maskRequestHost: "localhost:${PORT}", httpsPorts: [], bandwidth: { ingressMbps: 50 } }).networkConfig, { maskRequestHost: "localhost:${PORT}", httpsPorts: [], bandwidth: { ingressMbps: 50 } });
+});

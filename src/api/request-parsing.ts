@@ -5,7 +5,7 @@ import type { SandboxState } from "../store/types.js";
 import type { CreateSandboxRequest } from "../core/types.js";
 import { MAX_TIMEOUT_SEC } from "../core/sandbox-manager.js";
 import { parseBandwidthLimits } from "../network/bandwidth.js";
-import { buildEgressPolicy } from "../network/egress-policy.js";
+import { buildEgressPolicy, EGRESS_FIELDS } from "../network/egress-policy.js";
 
 function fail(message: string): never {
   throw new CubicleError("invalid_argument", message);
@@ -110,7 +110,7 @@ function parseNetwork(value: unknown, allowInternetAccess: boolean): Record<stri
 /** The egress fields of `PUT /sandboxes/{id}/network` (SandboxNetworkUpdateConfig), validated. */
 export function parseNetworkUpdate(body: unknown): { allowInternetAccess: boolean; egress: Record<string, unknown> } {
   const input = asObject(body, "the request body");
-  const fields = ["allowOut", "denyOut", "rules", "egressProxy"];
+  const fields: readonly string[] = EGRESS_FIELDS;
   for (const key of Object.keys(input)) {
     if (!fields.includes(key) && key !== "allow_internet_access" && key !== "allowInternetAccess") fail(`${entryName("body", key)} is not a network update field (${[...fields, "allow_internet_access"].join(", ")})`);
   }

@@ -1,4 +1,5 @@
 import { EventEmitter } from "node:events";
+import { EGRESS_FIELDS } from "../network/egress-policy.js";
 import type { NetworkManager } from "../network/types.js";
 import type { Runtime } from "../runtime/types.js";
 import { runtimeIdOf, type SandboxQuery, type SandboxRecord, type SnapshotQuery, type SnapshotRecord, type Store } from "../store/types.js";
@@ -255,7 +256,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   async updateNetwork(sandboxId: string, update: { allowInternetAccess: boolean; egress: Record<string, unknown> }): Promise<void> {
     await this.ctx.mutex.run(sandboxId, async () => {
       const record = await this.get(sandboxId);
-      const kept = Object.fromEntries(Object.entries(record.networkConfig ?? {}).filter(([key]) => !EGRESS_FIELDS.includes(key)));
+      const kept = Object.fromEntries(Object.entries(record.networkConfig ?? {}).filter(([key]) => !(EGRESS_FIELDS as readonly string[]).includes(key)));
       const networkConfig = { ...kept, ...update.egress };
       const next = { allowInternetAccess: update.allowInternetAccess, networkConfig: Object.keys(networkConfig).length > 0 ? networkConfig : undefined };
       if (record.network) await this.ctx.ports.network.applyPolicy(runtimeIdOf(record), networkPolicyOf(next));
@@ -327,6 +328,3 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     await Promise.all(this.ctx.table.records().map((record) => this.kill(record.sandboxId, reason)));
   }
 }
-
-/** The `network` fields an update replaces. */
-const EGRESS_FIELDS = ["allowOut", "denyOut", "rules", "egressProxy"];

@@ -30,6 +30,9 @@ export const EGRESS_BOUNDS = {
 
 const ALL_IPV4 = "0.0.0.0/0";
 
+/** The `network` fields that make the egress policy: the ones an update replaces. */
+export const EGRESS_FIELDS = ["allowOut", "denyOut", "rules", "egressProxy"] as const;
+
 /** The fields of E2B's SandboxNetworkConfig / SandboxNetworkUpdateConfig this module reads. */
 export interface NetworkFields {
   allowOut?: unknown;
@@ -88,11 +91,6 @@ export function openEgressPolicy(): EgressPolicy {
   return { allowInternet: true, allowCidrs: [], denyCidrs: [], allowDomains: [], headerRules: [], egressProxy: undefined };
 }
 
-/** Whether nftables needs rules of this sandbox's own (anything but "all public" or "nothing"). */
-export function needsOwnRules(policy: EgressPolicy): boolean {
-  return policy.allowInternet && (policy.allowCidrs.length > 0 || policy.denyCidrs.length > 0 || policy.allowDomains.length > 0);
-}
-
 function unique(list: string[]): string[] {
   return [...new Set(list)];
 }
@@ -141,11 +139,16 @@ export function domainMatches(pattern: string, hostname: string): boolean {
   return hostname.length > suffix.length && hostname.endsWith(suffix);
 }
 
-/** Normalises a hostname seen on the wire (SNI, Host, DNS question); undefined when unusable. */
+/**
+ * Normalises a hostname seen on the wire (SNI, Host, a proxy's name): lowercase, no trailing
+ * dot, letters, digits, `-` and `_` in labels of at most 63; undefined when unusable, and for an
+ * IP literal (RFC 6066 §3: not a server name).
+ */
 export function normaliseHostname(raw: string): string | undefined {
-  const lower = raw.toLowerCase().replace(/\.$/, "");
-  if (lower.length === 0 || lower.length > EGRESS_BOUNDS.domainChars) return undefined;
-  return lower.split(".").every((label) => LABEL.test(label)) ? lower : undefined;
+  const host = raw.toLowerCase().replace(/\.$/, "");
+  if (host.length === 0 || host.length > EGRESS_BOUNDS.domainChars) return undefined;
+  if (!/^[a-z0-9_-]+(\.[a-z0-9_-]+)*$/.test(host) || host.split(".").some((label) => label.length > 63)) return undefined;
+  return /^[0-9.]+$/.test(host) ? undefined : host;
 }
 
 const HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;

@@ -75,8 +75,8 @@ export function createEgressService(options: EgressServiceOptions): EgressServic
     return hostAddresses;
   };
   const rules = new EgressRules({ sandboxSubnet: options.subnet, privateAllowed: options.privateAllowed, hostAddresses: readHostAddresses });
-  const auditAs = (record: EgressRecord): EgressRecord => ({ ...record, sandboxId: options.sandboxIdOf(record.sandboxId) ?? record.sandboxId });
-  // The proxy updates its record in place until the connection closes: audit that same object.
+  // Records name the runtime id; the log keys them by sandbox id. The proxy updates its record in
+  // place until the connection closes, so the same object is audited, not a copy.
   const audit = (record: EgressRecord) => {
     record.sandboxId = options.sandboxIdOf(record.sandboxId) ?? record.sandboxId;
     options.audit.record(record);
@@ -92,7 +92,7 @@ export function createEgressService(options: EgressServiceOptions): EgressServic
     sandboxFor: (address) => options.sandboxAt(address),
     mayResolve: (sandbox, name) => rules.mayResolve(sandbox.policy, name),
     pinned,
-    audit: (record) => options.audit.record(auditAs(record)),
+    audit,
   });
 
   const proxy: EgressProxy = createEgressProxy({
@@ -128,11 +128,8 @@ export function createEgressService(options: EgressServiceOptions): EgressServic
 
   const kernelLog = new KernelEgressLog({
     tableName: options.tableName,
-    sandboxFor: (address) => {
-      const sandbox = options.sandboxAt(address);
-      return sandbox ? (options.sandboxIdOf(sandbox.sandboxId) ?? sandbox.sandboxId) : undefined;
-    },
-    audit: (record) => options.audit.record(record),
+    sandboxFor: (address) => options.sandboxAt(address)?.sandboxId,
+    audit,
   });
 
   return {

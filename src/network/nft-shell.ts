@@ -17,8 +17,8 @@ interface Pending {
 }
 
 /**
- * One resident `nft -i` that runs nftables transactions written to its stdin: ~1 ms a change
- * where a fresh `nft -f -` costs ~16 ms of process creation here (NFT_SHELL_NOTE).
+ * One resident `nft -i` that runs nftables transactions written to its stdin, so a change costs
+ * no process creation (expensive on this project's machines) (NFT_SHELL_NOTE).
  *
  * NFT_SHELL_NOTE: nft's interactive mode parses each input line as one batch, applied
  * atomically (a failing command leaves the whole line unapplied). stderr is merged into stdout

@@ -70,3 +70,16 @@ test("CUBICLE_TEMPLATE_BANDWIDTH names egress/ingress Mbit/s per template; bad e
   assert.deepEqual(parseTemplateBandwidth(""), {});
   for (const bad of ["base=/", "base=20", "base=0/1", "=1/1", "base=1/200000", "base=x/1"]) assert.throws(() => parseTemplateBandwidth(bad), /CUBICLE_TEMPLATE_BANDWIDTH/, bad);
 });
+
+test("CUBICLE_DNS_UPSTREAM, CUBICLE_EGRESS_PRIVATE_ALLOW and CUBICLE_EGRESS_CA_FILE are checked; bad values stop the start", async () => {
+  const { parseDnsUpstreams, parsePrivateAllow, parseCaFiles } = await import("./config.js");
+  assert.deepEqual(parseDnsUpstreams("192.0.2.53, 198.51.100.1:5353"), [{ address: "192.0.2.53", port: 53 }, { address: "198.51.100.1", port: 5353 }]);
+  assert.equal(parseDnsUpstreams(""), undefined);
+  for (const bad of ["dns.example", "1.2.3.4:0", "1.2.3.4:70000", "::1", "1.2.3.999"]) assert.throws(() => parseDnsUpstreams(bad), /CUBICLE_DNS_UPSTREAM/, bad);
+  assert.deepEqual(parsePrivateAllow("192.168.10.0/24,10.1.0.0/16"), ["192.168.10.0/24", "10.1.0.0/16"]);
+  assert.deepEqual(parsePrivateAllow(""), []);
+  for (const bad of ["192.168.10.0", "10.0.0.0/33", "lan", "10.0.0.0/8;rm"]) assert.throws(() => parsePrivateAllow(bad), /CUBICLE_EGRESS_PRIVATE_ALLOW/, bad);
+  assert.deepEqual(parseCaFiles(""), []);
+  assert.throws(() => parseCaFiles("/nonexistent/ca.pem"), /cannot read \/nonexistent\/ca\.pem/);
+  assert.throws(() => parseCaFiles("/etc/hostname"), /holds no PEM certificate/);
+});

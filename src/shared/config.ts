@@ -141,6 +141,21 @@ export function parseDnsUpstreams(raw: string | undefined): { address: string; p
   });
 }
 
+/** CUBICLE_EGRESS_CA_FILE: readable PEM files, comma-separated (a missing one stops the start, named). */
+export function parseCaFiles(raw: string | undefined): string[] {
+  const files = (raw ?? "").split(",").map((s) => s.trim()).filter(Boolean).map((file) => path.resolve(file));
+  for (const file of files) {
+    let text: string;
+    try {
+      text = fs.readFileSync(file, "utf8");
+    } catch (err) {
+      throw new Error(`CUBICLE_EGRESS_CA_FILE: cannot read ${file} (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
+    }
+    if (!text.includes("-----BEGIN CERTIFICATE-----")) throw new Error(`CUBICLE_EGRESS_CA_FILE: ${file} holds no PEM certificate`);
+  }
+  return files;
+}
+
 /** CUBICLE_EGRESS_PRIVATE_ALLOW: IPv4 CIDRs inside the private ranges that sandboxes may reach. */
 export function parsePrivateAllow(raw: string | undefined): string[] {
   if (raw === undefined || raw.trim() === "") return [];
@@ -265,6 +280,6 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     dnsUpstreams: parseDnsUpstreams(env.CUBICLE_DNS_UPSTREAM),
     egressPrivateAllow: parsePrivateAllow(env.CUBICLE_EGRESS_PRIVATE_ALLOW),
     templateBandwidth: parseTemplateBandwidth(env.CUBICLE_TEMPLATE_BANDWIDTH),
-    egressCaFiles: (env.CUBICLE_EGRESS_CA_FILE ?? "").split(",").map((s) => s.trim()).filter(Boolean).map((file) => path.resolve(file)),
+    egressCaFiles: parseCaFiles(env.CUBICLE_EGRESS_CA_FILE),
   };
 }

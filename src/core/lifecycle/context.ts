@@ -1,3 +1,4 @@
+import { EGRESS_FIELDS } from "../../network/egress-policy.js";
 import type { NetworkManager, NetworkPolicy } from "../../network/types.js";
 import type { Runtime, SandboxSpec } from "../../runtime/types.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
@@ -238,7 +239,7 @@ export function hasOwnEgressPolicy(record: Pick<SandboxRecord, "allowInternetAcc
   const network = record.networkConfig;
   if (!record.allowInternetAccess) return true;
   if (!network) return false;
-  return ["allowOut", "denyOut", "rules", "egressProxy", "bandwidth"].some((field) => {
+  return [...EGRESS_FIELDS, "bandwidth"].some((field) => {
     const value = network[field];
     return value !== undefined && value !== null && !(Array.isArray(value) && value.length === 0);
   });

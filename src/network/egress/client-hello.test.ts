@@ -2,7 +2,8 @@ import assert from "node:assert/strict";
 import net from "node:net";
 import { before, test } from "node:test";
 import tls from "node:tls";
-import { MAX_CLIENT_HELLO_BYTES, normalizeHostName, parseClientHello } from "./client-hello.js";
+import { normaliseHostname as normalizeHostName } from "../egress-policy.js";
+import { MAX_CLIENT_HELLO_BYTES, parseClientHello } from "./client-hello.js";
 
 /** The first bytes a real Node TLS client sends (its ClientHello), captured on a loopback listener. */
 async function captureClientHello(servername: string | undefined, extra: tls.ConnectionOptions = {}): Promise<Buffer> {

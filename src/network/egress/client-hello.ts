@@ -4,6 +4,7 @@
  * (RFC 8446 §5.1: handshake messages may be fragmented) and TCP segments; the caller feeds
  * everything received so far and asks again when more arrives.
  */
+import { normaliseHostname } from "../egress-policy.js";
 
 /** The most of a connection's first bytes read to find a ClientHello; beyond it there is no name. */
 export const MAX_CLIENT_HELLO_BYTES = 16 * 1024;
@@ -80,26 +81,11 @@ function readServerName(body: Buffer): string | undefined {
     while (list.ok && names.ok && names.remaining >= 3) {
       const nameType = names.u8();
       const name = names.bytes(names.u16());
-      if (names.ok && nameType === NAME_TYPE_HOST) return normalizeHostName(name.toString("latin1"));
+      if (names.ok && nameType === NAME_TYPE_HOST) return normaliseHostname(name.toString("latin1"));
     }
     return undefined;
   }
   return undefined;
-}
-
-/**
- * A DNS host name, lowercase, without a trailing dot; undefined for anything else (an IP literal,
- * an empty label, bytes outside letters, digits, '-', '_' and '.').
- */
-export function normalizeHostName(name: string): string | undefined {
-  let host = name.toLowerCase();
-  if (host.endsWith(".")) host = host.slice(0, -1);
-  if (host.length === 0 || host.length > 253) return undefined;
-  if (!/^[a-z0-9_-]+(\.[a-z0-9_-]+)*$/.test(host)) return undefined;
-  if (host.split(".").some((label) => label.length > 63)) return undefined;
-  // RFC 6066 §3: a literal IP address is not a server name.
-  if (/^[0-9.]+$/.test(host)) return undefined;
-  return host;
 }
 
 /** Bounds-checked big-endian reads; after an overrun `ok` is false and reads return zeroes. */

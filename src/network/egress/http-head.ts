@@ -1,4 +1,4 @@
-import { normalizeHostName } from "./client-hello.js";
+import { normaliseHostname } from "../egress-policy.js";
 
 /**
  * The request line and Host of the first HTTP/1.x request on a connection, read before the egress
@@ -50,7 +50,7 @@ export function parseHttpHead(data: Buffer): HttpHeadResult {
 export function hostWithoutPort(value: string): string | undefined {
   if (value.startsWith("[")) return undefined; // an IPv6 literal
   const match = /^([^:]*)(:\d{1,5})?$/.exec(value.trim());
-  return match ? normalizeHostName(match[1]!) : undefined;
+  return match ? normaliseHostname(match[1]!) : undefined;
 }
 
 function findHeadEnd(data: Buffer): number {
