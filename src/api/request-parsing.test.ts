@@ -145,3 +145,14 @@ test("network: ingress fields are typed, httpsPorts and unknown fields are refus
   assert.throws(() => create({ bandwidth: { burst: 1 } }), bad(/burst/));
   assert.deepEqual(create({ maskRequestHost: "localhost:${PORT}", httpsPorts: [], bandwidth: { ingressMbps: 50 } }).networkConfig, { maskRequestHost: "localhost:${PORT}", httpsPorts: [], bandwidth: { ingressMbps: 50 } });
 });
+
+test("create fields that are not enforced yet (iam, mcp, volumeMounts) are refused, not ignored", () => {
+  const strict = { defaultTimeoutSec: 300, limits: { maxCpuCount: 2, maxMemoryMB: 4096, maxDiskMB: 65536 }, requireSecure: true };
+  const create = (extra: Record<string, unknown>) => parseCreateRequest({ templateID: "base", ...extra }, 2, strict);
+  const bad = (pattern: RegExp) => (err: unknown) => err instanceof CubicleError && err.code === "invalid_argument" && pattern.test(err.message);
+  assert.throws(() => create({ iam: { tokens: { aws: { audience: "sts.amazonaws.com", tokenType: "JWT-SVID" } } } }), bad(/iam .* not supported/));
+  assert.throws(() => create({ iam: "x" }), bad(/iam .* not supported/));
+  assert.throws(() => create({ mcp: { "github/x": { runCmd: "x" } } }), bad(/mcp .* not supported/));
+  assert.throws(() => create({ volumeMounts: [{ name: "data", path: "/data" }] }), bad(/volumeMounts/));
+  for (const empty of [{ iam: { tokens: {} } }, { iam: {} }, { volumeMounts: [] }, { mcp: null }, { iam: null }]) assert.equal(create(empty).templateId, "base");
+});

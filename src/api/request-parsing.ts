@@ -122,6 +122,22 @@ export function parseNetworkUpdate(body: unknown): { allowInternetAccess: boolea
   return { allowInternetAccess, egress };
 }
 
+/**
+ * Create fields Cubicle cannot enforce yet are refused, never accepted and ignored: workload
+ * identity tokens (`iam`, which `${e2b.identity.tokens.*}` header placeholders need), MCP
+ * servers (`mcp`) and volume mounts (`volumeMounts`). The SDK leaves each out unless it is used.
+ */
+function refuseUnsupported(input: Record<string, unknown>): void {
+  const iam = input.iam as { tokens?: unknown } | null | undefined;
+  const tokens = iam && typeof iam === "object" ? iam.tokens : undefined;
+  if (iam !== undefined && iam !== null && !(tokens && typeof tokens === "object" && Object.keys(tokens).length === 0) && !(typeof iam === "object" && Object.keys(iam).length === 0)) {
+    fail("iam (workload identity tokens) is not supported by this server; leave it out");
+  }
+  if (input.mcp !== undefined && input.mcp !== null) fail("mcp (MCP servers in the sandbox) is not supported by this server yet; leave it out");
+  const mounts = input.volumeMounts;
+  if (mounts !== undefined && mounts !== null && !(Array.isArray(mounts) && mounts.length === 0)) fail("volumeMounts: volumes are not supported by this server yet; leave it out");
+}
+
 function optionalBool(value: unknown, field: string, fallback: boolean): boolean {
   if (value === undefined || value === null) return fallback;
   if (typeof value !== "boolean") fail(`${field} must be true or false`);
@@ -184,6 +200,7 @@ export function parseCreateRequest(body: unknown, version: 1 | 2, options: Creat
     );
   }
   const allowInternetAccess = optionalBool(input.allow_internet_access ?? input.allowInternetAccess, "allow_internet_access", true);
+  refuseUnsupported(input);
   return {
     templateId: templateId.trim(),
     timeoutSec: parseTimeoutSec(input.timeout, "timeout", version === 2 ? defaultTimeoutSec : 15),
