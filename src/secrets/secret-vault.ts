@@ -77,24 +77,32 @@ export class SecretVault {
   }
 
   /**
-   * Loads the stored secrets. Refuses (failed_precondition) a key that does not open them: a
+   * Loads the stored secrets. Refuses (failed_precondition) a key that opens none of them: a
    * replaced or regenerated secrets.key would otherwise seal new secrets beside unreadable ones.
    */
   static async open(store: Store, key: Buffer, options: SecretVaultOptions = {}): Promise<SecretVault> {
     if (key.length !== SECRET_KEY_BYTES) throw new CubicleError("internal", `a secrets key is ${SECRET_KEY_BYTES} bytes, not ${key.length}`);
     const vault = new SecretVault(store, Buffer.from(key), options);
     for (const record of await store.querySecrets({})) vault.remember(record);
-    const first = vault.byId.values().next().value as SecretRecord | undefined;
-    if (first) {
+    // A wrong key opens none of them; one damaged row (which then resolves to nothing) must not
+    // stop the server, so the key is refused only when no stored secret opens.
+    let failure: unknown;
+    for (const record of vault.byId.values()) {
       try {
-        unseal(vault.key, first);
+        unseal(vault.key, record);
+        failure = undefined;
+        break;
       } catch (err) {
-        throw new CubicleError(
-          "failed_precondition",
-          `secrets.key in the state directory does not decrypt the ${vault.byId.size} stored secret(s) (secret ${first.secretId}): put back the key file they were stored with`,
-          { cause: err },
-        );
+        failure ??= { err, record };
       }
+    }
+    if (failure) {
+      const { err, record } = failure as { err: unknown; record: SecretRecord };
+      throw new CubicleError(
+        "failed_precondition",
+        `secrets.key in the state directory does not decrypt the ${vault.byId.size} stored secret(s) (secret ${record.secretId}): put back the key file they were stored with`,
+        { cause: err },
+      );
     }
     return vault;
   }
