@@ -14,7 +14,7 @@ import type { BenchResultFile, Scenario } from "./result.js";
 import { benchBaseline } from "./scenarios/baseline.js";
 import { benchCreate } from "./scenarios/create.js";
 import { benchDensity } from "./scenarios/density.js";
-import { benchFork, benchPauseResume, benchRestore, benchRollback, benchSnapshot } from "./scenarios/lifecycle.js";
+import { benchFork, benchPauseResume, benchRestore, benchRestoreSize, benchRollback, benchSnapshot } from "./scenarios/lifecycle.js";
 import { benchNetwork } from "./scenarios/network.js";
 import { benchExec, benchFiles, benchRunCode } from "./scenarios/round-trips.js";
 import { errorMessage } from "./run-helpers.js";
@@ -32,6 +32,7 @@ const scenarios: Record<(typeof SCENARIO_NAMES)[number], Scenario> = {
   runcode: benchRunCode,
   snapshot: benchSnapshot,
   restore: benchRestore,
+  "restore-size": benchRestoreSize,
   rollback: benchRollback,
   fork: benchFork,
   "pause-resume": benchPauseResume,

@@ -50,7 +50,7 @@ export interface BenchOptions {
   updates: number;
 }
 
-export const SCENARIO_NAMES = ["create", "density", "exec", "files", "runcode", "snapshot", "restore", "rollback", "fork", "pause-resume", "baseline", "network"] as const;
+export const SCENARIO_NAMES = ["create", "density", "exec", "files", "runcode", "snapshot", "restore", "restore-size", "rollback", "fork", "pause-resume", "baseline", "network"] as const;
 
 export const BENCH_USAGE = `usage: ./cubicle bench SCENARIO [options] | ./cubicle bench report [-o RESULTS_DIR] [-r REPORT_DIR]
 
@@ -60,9 +60,9 @@ scenarios: ${SCENARIO_NAMES.join(", ")}
   -w N        warm-up iterations, discarded (default 2 for create, 1 otherwise)
   -m MODE     create: create-delete (default) or create-only (kill all at the end)
   --wait-pool create: wait until the warm pool is full again before each create (not measured)
-  --background N  create: first make N idle sandboxes (not measured) and keep them to the end
+  --background N  create: first make N idle sandboxes (not measured) and keep them to the end (the cost curve: create vs live sandboxes)
   -t NAME     template (default base; runcode uses code-interpreter-v1)
-  -s LIST     snapshot: dirty sizes in MiB, comma-separated (default 0,10,100,500)
+  -s LIST     snapshot, restore-size: dirty sizes in MiB, comma-separated (default 0,10,100,500)
   --settle-ms N   density: wait after each batch (default 3000)
   --floor-mib N   density: stop when MemAvailable falls below this (default 2048)
   --download-mib N  network: size of each bulk download (default 128)

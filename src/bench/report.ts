@@ -94,7 +94,7 @@ function createPath(data: BenchResultFile): string {
 /** The shape a result belongs to: the newest result per shape is reported. */
 function shapeOf(data: BenchResultFile): string {
   const p = data.parameters ?? {};
-  if (data.scenario === "create") return `create|${p.mode ?? "create-delete"}|${createPath(data)}|${p.concurrency}`;
+  if (data.scenario === "create") return `create|${p.mode ?? "create-delete"}|${createPath(data)}|${p.concurrency}|${Number(p.background ?? 0)}`;
   if (data.scenario === "density") return `density|${p.concurrency}`;
   if (data.scenario === "baseline") return data.scenario;
   if (["exec", "files", "runcode"].includes(data.scenario)) return `${data.scenario}|${p.concurrency}`;
@@ -177,14 +177,21 @@ export function writeReport(input: ReportInput): ReportOutput {
   out.push("## Floor (baseline in the same run)", "");
   if (!baseline) out.push("No baseline result: run `./cubicle bench baseline`.", "");
   else {
-    const rows = (["runc", "criu", "spawn"] as const).map((k) => {
+    const rows = (["runc", "criuDump", "criu", "spawn"] as const).map((k) => {
       const part = pick(baseline.data.summary, k) ?? {};
-      const what = { runc: "`runc run --keep` + `runc delete` of `/bin/true` (userns, read-only template rootfs)", criu: "raw `criu restore` of one process", spawn: "Node fork+exec of `/bin/true`" }[k];
+      const what = {
+        runc: "`runc run --keep` + `runc delete` of `/bin/true` (userns, read-only template rootfs)",
+        criuDump: "raw `criu dump --leave-running` of an idle agent process",
+        criu: pick(part, "process") === "agent" ? "raw `criu restore` of that agent's image" : "raw `criu restore` of one process",
+        spawn: "Node fork+exec of `/bin/true`",
+      }[k];
       if (part.status !== "ok") return [what, `${part.status ?? "missing"}: ${brief(part.reason ?? pick(baseline.data.errors, "0"))}`, "", "", "", "", "", "", fileRef(baseline)];
       return [what, ...latencyCells(part.totalMs), fileRef(baseline)];
     });
     out.push(table(["floor", ...LATENCY_HEADER, "file"], rows), "");
   }
+
+  out.push(...targetsSection(chosen, baseline), "");
 
   // Create.
   const creates = of("create");
@@ -328,6 +335,8 @@ export function writeReport(input: ReportInput): ReportOutput {
   if (snapshots.length === 0 && lifecycleRows.length === 0) out.push("No snapshot-family results.", "");
   if (lifecycleRows.length) out.push(table(["operation", "c", "success", ...LATENCY_HEADER, "p50 ÷ CRIU floor", "file"], lifecycleRows), "");
 
+  out.push(...costCurves(chosen, chart), "");
+
   out.push(...networkSection(of("network")[0]), "");
 
   // Comparison.
@@ -398,6 +407,97 @@ export function writeReport(input: ReportInput): ReportOutput {
   const reportPath = path.join(input.reportDir, "REPORT.md");
   fs.writeFileSync(reportPath, out.join("\n"));
   return { reportPath, charts, filesUsed: chosen.map((e) => e.file) };
+}
+
+/**
+ * How cost grows with work: create → first command at c=1 against the number of sandboxes
+ * already live (`create --background N` runs), and create from a snapshot against the image's
+ * size (`restore-size`), beside snapshot against dirty memory (the snapshot section).
+ */
+function costCurves(chosen: Loaded[], chart: (name: string, svg: string) => string): string[] {
+  const out = ["## Cost curves", ""];
+  const creates = chosen
+    .filter((e) => e.data.scenario === "create" && e.data.status === "ok" && Number(e.data.parameters.concurrency) === 1 && (e.data.parameters.mode ?? "create-delete") === "create-delete")
+    .sort((a, b) => Number(a.data.parameters.background ?? 0) - Number(b.data.parameters.background ?? 0));
+  const byPath = new Map<string, Loaded[]>();
+  for (const e of creates) byPath.set(createPath(e.data), [...(byPath.get(createPath(e.data)) ?? []), e]);
+  const curves = [...byPath.entries()].filter(([, runs]) => runs.length > 1);
+  if (curves.length === 0) out.push("Create vs live sandboxes: fewer than two `create -c 1 --background N` results per path.", "");
+  else {
+    const series: ChartSeries[] = curves.flatMap(([name, runs]) =>
+      (["p50", "p95"] as const).map((p) => ({ name: `${p} ${name}`, points: runs.map((e) => [Number(e.data.parameters.background ?? 0), Number(pick(e.data.summary, `createToFirstCommandMs.${p}`))] as const) })),
+    );
+    out.push(chart("create-vs-live-sandboxes.svg", renderLineChart({ title: "create → first command vs live sandboxes (c=1)", xLabel: "live sandboxes", yLabel: "ms", series })), "");
+    out.push(
+      table(
+        ["path", "live sandboxes", "n", "p50", "p95", "file"],
+        curves.flatMap(([name, runs]) => runs.map((e) => [name, String(e.data.parameters.background ?? 0), String(e.data.parameters.total), fmt(pick(e.data.summary, "createToFirstCommandMs.p50")), fmt(pick(e.data.summary, "createToFirstCommandMs.p95")), fileRef(e)])),
+      ),
+      "",
+    );
+  }
+  const sized = chosen.find((e) => e.data.scenario === "restore-size" && e.data.status === "ok");
+  if (!sized) out.push("Restore vs image size: no `restore-size` result.", "");
+  else {
+    const bySize = (pick(sized.data.summary, "byDirtyMiB") ?? {}) as Record<string, any>;
+    const ok = Object.entries(bySize).filter(([, v]) => v.status === "ok");
+    out.push(
+      chart("restore-vs-image-size.svg", renderLineChart({ title: "create from a snapshot → first command vs dirty memory in the image", xLabel: "dirty MiB", yLabel: "ms", series: (["p50", "p95"] as const).map((p) => ({ name: p, points: ok.map(([mib, v]) => [Number(mib), Number(pick(v, `firstCommandMs.${p}`))] as const) })) })),
+      "",
+      table(
+        ["dirty MiB", "status", ...LATENCY_HEADER, "file"],
+        Object.entries(bySize).map(([mib, v]) => (v.status === "ok" ? [mib, `ok, ${pct(v.successRate)} succeeded`, ...latencyCells(v.firstCommandMs), fileRef(sized)] : [mib, `${v.status}: ${brief(v.reason)}`, "", "", "", "", "", "", "", fileRef(sized)])),
+      ),
+      "",
+    );
+  }
+  return out;
+}
+
+/**
+ * Issue 15's targets: each shape as a ratio to the floor it stands on, all from the newest
+ * result of each shape (the floors from the newest baseline; run them in one session).
+ */
+function targetsSection(chosen: Loaded[], baseline: Loaded | undefined): string[] {
+  const find = (scenario: string, c: number, path?: string) =>
+    chosen.find(
+      (e) =>
+        e.data.scenario === scenario &&
+        e.data.status === "ok" &&
+        Number(e.data.parameters.concurrency) === c &&
+        (scenario !== "create" || ((e.data.parameters.mode ?? "create-delete") === "create-delete" && createPath(e.data) === path)),
+    );
+  const floor = (key: string) => ({ value: pick(baseline?.data.summary, `${key}.totalMs.p50`) as number | undefined, file: baseline?.file });
+  const restore = floor("criu");
+  const exec = find("exec", 1);
+  const coldOne = find("create", 1, "cold");
+  const rows: { shape: string; measured?: Loaded; value?: number; floorName: string; floorValue?: number; target: number }[] = [
+    { shape: "create from a snapshot → first command", measured: find("restore", 1), value: pick(find("restore", 1)?.data.summary, "firstCommandMs.p50"), floorName: "raw CRIU restore", floorValue: restore.value, target: 1.5 },
+    { shape: "rollback", measured: find("rollback", 1), value: pick(find("rollback", 1)?.data.summary, "rollbackMs.p50"), floorName: "raw CRIU restore", floorValue: restore.value, target: 1.5 },
+    { shape: "snapshot of a fresh sandbox", measured: find("snapshot", 1), value: pick(find("snapshot", 1)?.data.summary, "byDirtyMiB.0.snapshotMs.p50"), floorName: "raw CRIU dump (leave running)", floorValue: floor("criuDump").value, target: 1.5 },
+    { shape: "fork of 10 → all answer", measured: find("fork", 10), value: pick(find("fork", 10)?.data.summary, "allForksAnswerMs.p50"), floorName: "one raw CRIU restore", floorValue: restore.value, target: 4 },
+    { shape: "cold create → first command", measured: coldOne, value: pick(coldOne?.data.summary, "createToFirstCommandMs.p50"), floorName: "runc run + delete", floorValue: floor("runc").value, target: 1.2 },
+    { shape: "warm pool → first command", measured: find("create", 1, "warm pool"), value: pick(find("create", 1, "warm pool")?.data.summary, "createToFirstCommandMs.p50"), floorName: "one commands.run('true')", floorValue: pick(exec?.data.summary, "commandMs.p50"), target: 2 },
+    { shape: "commands.run('true')", measured: exec, value: pick(exec?.data.summary, "commandMs.p50"), floorName: "Node fork+exec", floorValue: floor("spawn").value, target: 1.3 },
+    { shape: "c=10 creates, pool drained (amortized per sandbox)", measured: find("create", 10, "warm pool"), value: pick(find("create", 10, "warm pool")?.data.summary, "amortizedMsPerSandbox"), floorName: "c=1 cold create p50", floorValue: pick(coldOne?.data.summary, "createToFirstCommandMs.p50"), target: 2 },
+  ];
+  const out = [
+    "## Targets: each shape ÷ its floor",
+    "",
+    "p50 of the newest result of each shape ÷ the floor it stands on, measured on the same machine (the floors from the newest baseline). A ratio holds across machines where absolute times do not.",
+    "",
+  ];
+  out.push(
+    table(
+      ["shape", "p50", "floor", "floor p50", "ratio", "target", "met", "file"],
+      rows.map((r) => {
+        const ok = typeof r.value === "number" && typeof r.floorValue === "number" && r.floorValue > 0;
+        const value = ok ? r.value! / r.floorValue! : undefined;
+        return [r.shape, fmt(r.value), r.floorName, fmt(r.floorValue), value === undefined ? "—" : `${value.toFixed(2)}×`, `≤ ${r.target}×`, value === undefined ? "not measured" : value <= r.target ? "yes" : "no", r.measured ? fileRef(r.measured) : "—"];
+      }),
+    ),
+  );
+  return out;
 }
 
 /** Issue 14's numbers: each egress path as a ratio to the direct-NAT floor, updateNetwork, creates with a policy. */

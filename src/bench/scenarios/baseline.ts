@@ -128,38 +128,101 @@ async function killAndWait(pid: number): Promise<void> {
   while (Date.now() < deadline && fs.existsSync(`/proc/${pid}`)) await sleep(2);
 }
 
+/** The agent bundle next to the CLI (dist/agent/agent.js), for the CRIU floors. */
+function agentScript(): string | undefined {
+  const candidates = [path.join(path.dirname(process.argv[1] ?? "."), "agent", "agent.js"), path.resolve("dist", "agent", "agent.js")];
+  return candidates.find((file) => fs.existsSync(file));
+}
+
 /**
- * Raw `criu restore` of a one-process tree (a `sleep` in its own session, stdio /dev/null),
- * dumped once: the floor under any CRIU-based create, pause or fork.
+ * An idle agent on the host, as CRIU sees the one in a sandbox: the same Node binary and bundle,
+ * its own session, stdio on /dev/null, envd and the interpreter listening (loopback, ports the
+ * kernel picks). It runs as nobody, so it can change nothing on the host (a root agent would
+ * name a resolver in an empty /etc/resolv.conf). Resolves once it answers /health.
  */
-async function criuFloor(options: BenchOptions, target: BenchTarget) {
-  const criu = findCriu(target.stateDir);
-  if (!criu) return { status: "not available", reason: `no CRIU wrapper at ${path.join(target.stateDir, "criu", "criu")} or /var/lib/cubicle/criu/criu` };
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), `${BASELINE_PREFIX}criu-`));
-  const images = path.join(dir, "images");
-  fs.mkdirSync(images);
-  const child = spawn("sleep", ["100000"], { detached: true, stdio: "ignore" });
+async function startFloorAgent(script: string): Promise<number> {
+  const child = spawn(process.execPath, [script], {
+    detached: true,
+    stdio: "ignore",
+    uid: 65534,
+    gid: 65534,
+    cwd: "/",
+    env: { PATH: "/usr/bin:/bin", CUBICLE_AGENT_HOST: "127.0.0.1", CUBICLE_AGENT_PORT: "0", CUBICLE_INTERPRETER_PORT: "0", CUBICLE_LOG_LEVEL: "error" },
+  });
   child.unref();
   const pid = child.pid!;
-  try {
-    await sleep(50);
-    try {
-      await run([criu, "dump", "-t", String(pid), "-D", images, "-o", path.join(dir, "dump.log")], 60_000);
-    } catch (err) {
-      return { status: "not available", reason: `criu dump failed: ${errorMessage(err)}`, criu };
-    }
-    // The dump killed the process; its zombie is ours to reap.
-    while (alive(pid)) await sleep(2);
+  // Listening (both ports) shows in /proc/<pid>/net/tcp only as sockets; wait for two LISTEN
+  // sockets owned by the process instead of guessing a port.
+  const deadline = Date.now() + 15_000;
+  while (Date.now() < deadline) {
+    if (!alive(pid)) throw new Error("the floor agent exited at start");
+    if (listeningSockets(pid) >= 2) return pid;
     await sleep(20);
-    const result = await measureLoop("baseline criu", options, async () => {
+  }
+  await killAndWait(pid);
+  throw new Error("the floor agent did not listen within 15 s");
+}
+
+/** How many of a process's sockets are TCP listeners (inode match against /proc/net/tcp). */
+function listeningSockets(pid: number): number {
+  const inodes = new Set<string>();
+  for (const fd of fs.readdirSync(`/proc/${pid}/fd`)) {
+    const link = fs.readlinkSync(`/proc/${pid}/fd/${fd}`, { encoding: "utf8" });
+    const inode = /^socket:\[(\d+)\]$/.exec(link)?.[1];
+    if (inode) inodes.add(inode);
+  }
+  let count = 0;
+  for (const line of fs.readFileSync(`/proc/${pid}/net/tcp`, "utf8").split("\n").slice(1)) {
+    const fields = line.trim().split(/\s+/);
+    if (fields[3] === "0A" && inodes.has(fields[9] ?? "")) count++;
+  }
+  return count;
+}
+
+/**
+ * Raw CRIU on the agent process, the floors under every CRIU path of the same run: `dump`
+ * with `--leave-running` (under a snapshot) into a fresh directory each time, and `restore -d`
+ * of one such image (under a create from a snapshot, a rollback, a fork). Cubicle's own paths
+ * also dump and restore tini and the sandbox's namespaces and mounts, through runc.
+ */
+async function criuFloors(options: BenchOptions, target: BenchTarget) {
+  const criu = findCriu(target.stateDir);
+  if (!criu) {
+    const missing = { status: "not available", reason: `no CRIU wrapper at ${path.join(target.stateDir, "criu", "criu")} or /var/lib/cubicle/criu/criu` };
+    return { dump: missing, restore: missing };
+  }
+  const script = agentScript();
+  if (!script) {
+    const missing = { status: "not available", reason: "dist/agent/agent.js is not built (node scripts/build.mjs)" };
+    return { dump: missing, restore: missing };
+  }
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), `${BASELINE_PREFIX}criu-`));
+  const pid = await startFloorAgent(script);
+  try {
+    let image = "";
+    let round = 0;
+    const dump = await measureLoop("baseline criu dump", options, async () => {
+      image = path.join(dir, `dump-${round++}`);
+      fs.mkdirSync(image);
       const t0 = performance.now();
-      await run([criu, "restore", "-D", images, "-d", "-o", path.join(dir, "restore.log")], 60_000);
+      await run([criu, "dump", "-t", String(pid), "-D", image, "--leave-running", "-o", path.join(image, "dump.log")], 60_000);
       const totalMs = round2(performance.now() - t0);
-      if (!alive(pid)) throw new Error("criu restore returned but the process is not running");
+      if (!alive(pid)) throw new Error("the agent is not running after a --leave-running dump");
+      // Keep the last image (for the restores) and the disk small.
+      if (round > 1) fs.rmSync(path.join(dir, `dump-${round - 2}`), { recursive: true, force: true });
+      return { totalMs };
+    });
+    if (dump.samples.length === 0) return { dump: { status: "failed", criu, ...dump }, restore: { status: "not available", reason: "no dump to restore" } };
+    await killAndWait(pid);
+    const restore = await measureLoop("baseline criu restore", options, async () => {
+      const t0 = performance.now();
+      await run([criu, "restore", "-D", image, "-d", "-o", path.join(dir, "restore.log")], 60_000);
+      const totalMs = round2(performance.now() - t0);
+      if (!alive(pid)) throw new Error("criu restore returned but the agent is not running");
       await killAndWait(pid);
       return { totalMs };
     });
-    return { status: result.samples.length ? "ok" : "failed", criu, ...result };
+    return { dump: { status: "ok", criu, process: "agent", ...dump }, restore: { status: restore.samples.length ? "ok" : "failed", criu, process: "agent", ...restore } };
   } finally {
     await killAndWait(pid);
     fs.rmSync(dir, { recursive: true, force: true });
@@ -183,9 +246,9 @@ async function spawnFloor(options: BenchOptions) {
 /** The floors measured in the same run on the same machine, so results can be shown as ratios. */
 export async function benchBaseline(options: BenchOptions, target: BenchTarget): Promise<ScenarioResult> {
   const runc = await runcFloor(options, target);
-  const criu = await criuFloor(options, target);
+  const criu = await criuFloors(options, target);
   const spawnResult = await spawnFloor(options);
-  const parts = { runc, criu, spawn: spawnResult };
+  const parts = { runc, criu: criu.restore, criuDump: criu.dump, spawn: spawnResult };
   const strip = ({ samples: _s, errors: _e, summary, ...rest }: Record<string, unknown>) => ({ ...rest, ...(summary as object) });
   return {
     status: "ok",

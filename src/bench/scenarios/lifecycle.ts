@@ -185,6 +185,56 @@ export async function benchRestore(options: BenchOptions, target: BenchTarget): 
   });
 }
 
+/**
+ * Create from a snapshot → first command vs the image's size: for each `-s` size a source
+ * sandbox dirties that much of /dev/shm (memory the image must carry), is snapshotted once, and
+ * `-n` sandboxes are made from the snapshot one after another (`-c` at once).
+ */
+export async function benchRestoreSize(options: BenchOptions, target: BenchTarget): Promise<ScenarioResult> {
+  const Sandbox = await loadSandboxSdk(target);
+  return orNotAvailable(async () => {
+    const bySize: Record<string, unknown> = {};
+    const samples: Record<string, unknown> = {};
+    const errors: string[] = [];
+    for (const dirtyMiB of options.dirtyMiB) {
+      const [source] = await createMany(Sandbox, options.template, 1, target, dirtyMiB + AGENT_HEADROOM_MiB > 400 ? dirtyMiB + 2 * AGENT_HEADROOM_MiB : undefined);
+      let snapshotId: string | undefined;
+      try {
+        const { memoryMB } = await source!.getInfo();
+        if (dirtyMiB + AGENT_HEADROOM_MiB > memoryMB) {
+          bySize[dirtyMiB] = { status: "skipped", reason: `template ${options.template} has ${memoryMB} MiB; ${dirtyMiB} MiB of /dev/shm plus the agent does not fit` };
+          continue;
+        }
+        await source!.commands.run(`dd if=/dev/urandom of=/dev/shm/cubicle-bench-dirty bs=1M count=${dirtyMiB} status=none && sync`, { timeoutMs: 600_000 });
+        snapshotId = (await guard("createSnapshot", () => source!.createSnapshot())).snapshotId;
+        const once = async () => {
+          const t0 = performance.now();
+          const sandbox = await guard("create from snapshot", () => Sandbox.create(snapshotId!, { timeoutMs: 600_000 }));
+          const apiMs = round2(performance.now() - t0);
+          try {
+            const first = await firstSuccessfulCommand(sandbox, t0);
+            return { firstCommandMs: first.ms, apiMs };
+          } finally {
+            await sandbox.kill().catch(() => false);
+          }
+        };
+        if (options.warmup > 0) await runPool(options.warmup, options.concurrency, once);
+        const { results } = await runMeasured(`restore ${dirtyMiB} MiB c=${options.concurrency}`, options, once);
+        const refused = results.find((r): r is PromiseRejectedResult => r.status === "rejected" && r.reason instanceof NotAvailable);
+        if (refused) throw refused.reason;
+        const ok = results.filter((r): r is PromiseFulfilledResult<{ firstCommandMs: number; apiMs: number }> => r.status === "fulfilled").map((r) => r.value);
+        samples[dirtyMiB] = ok;
+        bySize[dirtyMiB] = { status: "ok", ...summarizeFields(ok, options.total) };
+        errors.push(...results.filter((r): r is PromiseRejectedResult => r.status === "rejected").map((r) => `${dirtyMiB} MiB: ${errorMessage(r.reason)}`));
+      } finally {
+        await source!.kill().catch(() => false);
+        if (snapshotId) await Sandbox.deleteSnapshot(snapshotId).catch(() => false);
+      }
+    }
+    return { status: "ok", samples, errors, summary: { byDirtyMiB: bySize } };
+  });
+}
+
 /** Cubicle's `POST /sandboxes/{id}/rollback {snapshotID}` (plain HTTP), `-c` sandboxes at once. */
 export async function benchRollback(options: BenchOptions, target: BenchTarget): Promise<ScenarioResult> {
   const Sandbox = await loadSandboxSdk(target);
