@@ -15,9 +15,11 @@ fs.mkdirSync(path.join(dist, "agent"), { recursive: true });
  * compiler (setup installs gcc) Cubicle falls back to setpriv, to starting CRIU directly and to
  * the shell tar shim, so a failure here only warns.
  */
-function buildNative(source, output, fallback, flags = ["-static"]) {
+function buildNative(source, output, fallback, flags = ["-static"], headers = []) {
   source = path.join(root, source);
-  if (fs.existsSync(output) && fs.statSync(output).mtimeMs >= fs.statSync(source).mtimeMs) return;
+  // Rebuilt when the source or a header it includes (`headers`, beside it) is newer than the binary.
+  const newest = Math.max(...[source, ...headers.map((header) => path.join(path.dirname(source), header))].map((file) => fs.statSync(file).mtimeMs));
+  if (fs.existsSync(output) && fs.statSync(output).mtimeMs >= newest) return;
   const result = spawnSync("cc", ["-O2", ...flags, "-Wall", "-Werror", "-o", `${output}.tmp`, source], { encoding: "utf8" });
   if (result.status !== 0) {
     fs.rmSync(`${output}.tmp`, { force: true });
@@ -38,7 +40,7 @@ buildNative("src/network/native/original-dst.c", path.join(dist, "network", "ori
 buildNative("src/runtime/container/native/criu-front.c", path.join(dist, "criu-front"), "runc starts CRIU directly");
 buildNative("src/runtime/container/native/tar-shim.c", path.join(dist, "tar-shim"), "CRIU's tar goes through the shell shim");
 // Required (no fallback): the runtime refuses to start without them.
-buildNative("src/runtime/container/native/sandbox-helper.c", path.join(dist, "sandbox-helper"), "the container runtime cannot start sandboxes");
+buildNative("src/runtime/container/native/sandbox-helper.c", path.join(dist, "sandbox-helper"), "the container runtime cannot start sandboxes", ["-static"], ["netlink.h"]);
 buildNative("src/runtime/container/native/sandbox-boot.c", path.join(dist, "sandbox-boot"), "the container runtime cannot start sandboxes");
 buildNative("src/runtime/container/native/criu-userns-shim.c", path.join(dist, "criu-userns-shim.so"), "checkpoints and restores fail", ["-shared", "-fPIC"]);
 

@@ -3,9 +3,11 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import net from "node:net";
+import path from "node:path";
 import { after, before, test } from "node:test";
+import { CubicleError } from "../shared/cubicle-error.js";
 import { runCommand } from "../shared/exec.js";
-import { createNetnsManager } from "./netns-manager.js";
+import { createNetnsManager, oneShotNetworkHelper } from "./netns-manager.js";
 import { policyChainName } from "./nft-ruleset.js";
 import type { NetworkManager, SandboxNetwork } from "./types.js";
 
@@ -197,5 +199,70 @@ test("adopt marks the address used and restores the policy", { skip: !isRoot && 
     assert.equal(await policyOf(first.sandboxAddress), "");
   } finally {
     await manager.release(`${tag}g`);
+  }
+});
+
+test("namespaces are made and removed through the injected helper runner, one call each way", { skip: !isRoot && "needs root" }, async () => {
+  const calls: string[][] = [];
+  const real = oneShotNetworkHelper(path.join(import.meta.dirname, "..", "..", "dist", "sandbox-helper"));
+  const counted = createNetnsManager({ subnet }, { tableName, netnsPrefix, interfacePrefix: "cbt", helper: (args) => (calls.push(args), real(args)) });
+  const network = await counted.allocate(`${tag}i`, { allowInternetAccess: true });
+  try {
+    assert.deepEqual(calls, [
+      ["net-setup", "--name", network.netnsName, "--host-if", network.hostInterface, "--host-addr", network.hostAddress, "--sandbox-addr", network.sandboxAddress, "--prefix", "30"],
+    ]);
+    const address = JSON.parse((await runCommand(["ip", "-n", network.netnsName, "-j", "-4", "addr", "show", "dev", "eth0"])).stdout);
+    assert.equal(address[0].addr_info[0].local, network.sandboxAddress);
+    await listenInNetns(network.netnsName, network.sandboxAddress, 47003);
+    assert.equal(await readFromHost(network.sandboxAddress, 47003), "hello");
+  } finally {
+    await counted.release(`${tag}i`);
+    counted.close();
+  }
+  assert.deepEqual(calls.slice(1), [["net-release", "--name", network.netnsName, "--host-if", network.hostInterface]]);
+  assert.ok(!existsSync(network.netnsPath));
+  assert.ok(!existsSync(`/sys/class/net/${network.hostInterface}`));
+  await counted.release(`${tag}i`);
+  assert.equal(calls.length, 2, "nothing left to remove: no helper call");
+});
+
+test("a failed net-setup fails the allocate, and its address and policy are free again", { skip: !isRoot && "needs root" }, async () => {
+  // One block only: the second allocate gets an address only if the failed one gave it back.
+  const oneBlock = subnet.replace(/\.0\/24$/, ".252/30");
+  const failing = createNetnsManager({ subnet: oneBlock }, {
+    tableName,
+    netnsPrefix,
+    interfacePrefix: "cbt",
+    helper: async (args) => {
+      if (args[0] === "net-setup") throw new CubicleError("internal", "sandbox-helper: net-setup veth: creating the veth pair: File exists");
+      return "";
+    },
+  });
+  try {
+    const first = failing.begin(`${tag}j`, { allowInternetAccess: true });
+    await assert.rejects(first.ready, /creating the veth pair/);
+    assert.equal((await failing.listRuntimeIds()).includes(`${tag}j`), false);
+    assert.equal(await policyOf(first.network.sandboxAddress), "", "the policy made alongside was removed");
+    assert.equal(failing.sandboxAt(first.network.sandboxAddress), undefined);
+    const again = failing.begin(`${tag}k`, { allowInternetAccess: true });
+    await assert.rejects(again.ready, /creating the veth pair/);
+    assert.equal(again.network.sandboxAddress, first.network.sandboxAddress, "the only block was free again");
+  } finally {
+    failing.close();
+  }
+});
+
+test("a leftover network of an earlier server is released by its namespace's address (net-address)", { skip: !isRoot && "needs root" }, async () => {
+  const earlier = await manager.allocate(`${tag}l`, { allowInternetAccess: true });
+  assert.notEqual(await policyOf(earlier.sandboxAddress), "");
+  const restarted = createNetnsManager({ subnet }, { tableName, netnsPrefix, interfacePrefix: "cbt" });
+  try {
+    assert.ok((await restarted.listRuntimeIds()).includes(`${tag}l`));
+    await restarted.release(`${tag}l`);
+    assert.equal(await policyOf(earlier.sandboxAddress), "", "its policy went with it: the address was read from the namespace");
+    assert.ok(!existsSync(earlier.netnsPath));
+  } finally {
+    restarted.close();
+    await manager.release(`${tag}l`);
   }
 });

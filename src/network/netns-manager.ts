@@ -1,7 +1,7 @@
 import { createHash } from "node:crypto";
 import { readdir, writeFile } from "node:fs/promises";
 import path from "node:path";
-import type { CubicleConfig } from "../shared/config.js";
+import { defaultDistDir, type CubicleConfig } from "../shared/config.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { runCommand } from "../shared/exec.js";
 import { pathExists } from "../shared/fs.js";
@@ -17,9 +17,13 @@ import type { NetworkManager, NetworkPolicy, SandboxNetwork } from "./types.js";
 const log = createLogger("network");
 
 const NETNS_DIR = "/var/run/netns";
-/** Name of the sandbox end of the veth pair, inside its namespace. */
-const SANDBOX_INTERFACE = "eth0";
 const COMMAND_TIMEOUT_MS = 15_000;
+
+/**
+ * Runs one sandbox-helper subcommand (argv after the binary) and resolves with its stdout, or
+ * rejects with a CubicleError carrying its stderr.
+ */
+export type NetworkHelperRunner = (args: string[]) => Promise<string>;
 
 export interface NetnsManagerOptions {
   /** nftables table (family inet) that this manager owns. Default "cubicle". */
@@ -39,6 +43,11 @@ export interface NetnsManagerOptions {
   onPolicyChange?: (sandboxId: string) => void;
   /** Told after a sandbox's network is gone (its connections are cut, its DNS pins dropped). */
   onRelease?: (sandboxId: string) => void;
+  /**
+   * Runs the helper's net-setup / net-release / net-address (NETNS_NETLINK_NOTE). Default: one
+   * run of `<distDir>/sandbox-helper` per call.
+   */
+  helper?: NetworkHelperRunner;
 }
 
 interface NetworkRecord {
@@ -55,11 +64,24 @@ function bandwidthOf(policy: NetworkPolicy): BandwidthLimits | undefined {
 }
 
 
+/** The default helper runner: one process start of the static helper per call. */
+export function oneShotNetworkHelper(binary: string): NetworkHelperRunner {
+  return async function runNetworkHelper(args) {
+    return (await runCommand([binary, ...args], { timeoutMs: COMMAND_TIMEOUT_MS })).stdout;
+  };
+}
+
 /**
- * Network manager built on `ip netns`, veth pairs and one nftables table. Every sandbox gets a
- * /30: the host end holds .1, the sandbox's eth0 holds .2 and routes through .1.
+ * Network manager built on network namespaces, veth pairs and one nftables table. Every sandbox
+ * gets a /30: the host end holds .1, the sandbox's eth0 holds .2 and routes through .1.
+ *
+ * NETNS_NETLINK_NOTE: the namespace, the veth pair, addresses, routes and the two sysctls are
+ * made and removed by sandbox-helper's net-setup / net-release (src/runtime/container/native/
+ * netlink.h) through rtnetlink, not by `ip -batch` runs (which cost a process start each, plus a
+ * forked sysctl): one helper call per sandbox and direction, and none at all once the runner is
+ * a resident helper. `distDir` locates the helper; without it, the repository's dist/.
  */
-export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, options: NetnsManagerOptions = {}): NetworkManager {
+export function createNetnsManager(config: Pick<CubicleConfig, "subnet"> & Partial<Pick<CubicleConfig, "distDir">>, options: NetnsManagerOptions = {}): NetworkManager {
   const tableName = options.tableName ?? "cubicle";
   const netnsPrefix = options.netnsPrefix ?? "cubicle-";
   const interfacePrefix = options.interfacePrefix ?? "cb";
@@ -69,6 +91,7 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
   const records = new Map<string, NetworkRecord>();
   const byAddress = new Map<string, NetworkRecord>();
   const shell = new NftShell();
+  const helper = options.helper ?? oneShotNetworkHelper(path.join(config.distDir ?? defaultDistDir(), "sandbox-helper"));
   // Without the forwarder and proxy, redirect to ports nothing listens on: nothing leaves.
   const egressPorts = options.egressPorts ?? { dns: 9, proxy: 9 };
 
@@ -107,32 +130,38 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
     const network = record.network;
     const name = network.netnsName;
     try {
-      // Host side in one `ip` run; `netns exec` inside a batch forks only a tiny sysctl. The
-      // sandbox's root is in a user namespace that does not own this netns, so it has no
-      // CAP_NET_BIND_SERVICE here: let everyone bind low ports instead.
-      const hostSide = [
-        `netns add ${name}`,
-        `link add ${network.hostInterface} type veth peer name ${SANDBOX_INTERFACE} netns ${name}`,
-        `addr add ${network.hostAddress}/${network.prefixLength} dev ${network.hostInterface}`,
-        `link set ${network.hostInterface} up`,
-        `netns exec ${name} sysctl -qw net.ipv4.ip_unprivileged_port_start=0 net.ipv6.conf.${SANDBOX_INTERFACE}.disable_ipv6=1`,
-      ];
-      await runCommand(["ip", "-batch", "-"], { input: hostSide.join("\n") + "\n", timeoutMs: COMMAND_TIMEOUT_MS });
-      const sandboxSide = [
-        `link set lo up`,
-        `addr add ${network.sandboxAddress}/${network.prefixLength} dev ${SANDBOX_INTERFACE}`,
-        `link set ${SANDBOX_INTERFACE} up`,
-        `route add default via ${network.hostAddress}`,
-      ];
-      await Promise.all([
-        runCommand(["ip", "-n", name, "-batch", "-"], { input: sandboxSide.join("\n") + "\n", timeoutMs: COMMAND_TIMEOUT_MS }),
-        setPolicy(record, record.policy, true),
+      // Namespace, veth, both ends' addresses, the default route and the sysctls (low ports for
+      // everyone, no IPv6) in one helper call, undone by the helper if it fails (NETNS_NETLINK_NOTE).
+      const hostSide = helper([
+        "net-setup",
+        "--name",
+        name,
+        "--host-if",
+        network.hostInterface,
+        "--host-addr",
+        network.hostAddress,
+        "--sandbox-addr",
+        network.sandboxAddress,
+        "--prefix",
+        String(network.prefixLength),
       ]);
+      await Promise.all([hostSide, setPolicy(record, record.policy, true)]);
       await setBandwidth(record, limits);
       return { ...network };
     } catch (err) {
       await manager.release(sandboxId).catch((cleanupErr) => log.warn("cleanup after failed allocate failed", { sandboxId, error: String(cleanupErr) }));
       throw CubicleError.from(err);
+    }
+  }
+
+  /** eth0's address in a namespace this process did not make (a leftover after a restart). */
+  async function readSandboxAddress(netns: string): Promise<string | undefined> {
+    try {
+      const address = (await helper(["net-address", "--name", netns])).trim();
+      return /^\d{1,3}(\.\d{1,3}){3}$/.test(address) ? address : undefined;
+    } catch (err) {
+      log.warn("could not read a leftover namespace's address", { netns, error: String(err) });
+      return undefined;
     }
   }
 
@@ -215,13 +244,13 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet">, option
       const netnsExists = await pathExists(path.join(NETNS_DIR, name));
       let address = record?.network.sandboxAddress;
       if (!address && netnsExists) address = await readSandboxAddress(name);
-      // Delete the veth explicitly: netns teardown is asynchronous, and a lingering host end
-      // would keep the /30's route alive when the block is handed out again.
-      const lines: string[] = [];
-      if (await pathExists(path.join("/sys/class/net", hostInterface))) lines.push(`link del ${hostInterface}`);
-      if (netnsExists) lines.push(`netns del ${name}`);
-      if (lines.length > 0) {
-        await runCommand(["ip", "-force", "-batch", "-"], { input: lines.join("\n") + "\n", timeoutMs: COMMAND_TIMEOUT_MS, allowFailure: true });
+      // The helper deletes the veth explicitly (netns teardown is asynchronous, and a lingering
+      // host end would keep the /30's route alive when the block is handed out again), then the
+      // namespace; what it could not remove shows in the leftovers check below.
+      if (netnsExists || (await pathExists(path.join("/sys/class/net", hostInterface)))) {
+        await helper(["net-release", "--name", name, "--host-if", hostInterface]).catch((err) =>
+          log.warn("could not remove the sandbox's namespace or veth", { sandboxId, error: String(err) }),
+        );
       }
       // An egress rate limit's ifb outlives the veth: remove it (nothing to do, and no process, without one).
       await applyBandwidthLimits(hostInterface, undefined).catch((err) => log.warn("could not remove the sandbox's rate limit device", { sandboxId, error: String(err) }));
@@ -260,14 +289,4 @@ export function checkSandboxId(sandboxId: string): string {
 
 function isSandboxId(id: string): boolean {
   return /^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$/.test(id);
-}
-
-async function readSandboxAddress(netns: string): Promise<string | undefined> {
-  const result = await runCommand(["ip", "-n", netns, "-j", "-4", "addr", "show", "dev", SANDBOX_INTERFACE], { allowFailure: true, timeoutMs: COMMAND_TIMEOUT_MS });
-  try {
-    const parsed = JSON.parse(result.stdout) as { addr_info?: { local?: string }[] }[];
-    return parsed[0]?.addr_info?.[0]?.local;
-  } catch {
-    return undefined;
-  }
 }

@@ -11,6 +11,11 @@ function repositoryRoot(): string {
   return dir;
 }
 
+/** Where the built helpers live when the configuration does not say (CUBICLE_DIST_DIR). */
+export function defaultDistDir(env: NodeJS.ProcessEnv = process.env): string {
+  return path.resolve(env.CUBICLE_DIST_DIR ?? path.join(repositoryRoot(), "dist"));
+}
+
 /** Server configuration, read from the environment with defaults (README lists them). */
 export interface CubicleConfig {
   host: string;
@@ -253,7 +258,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     domain: env.CUBICLE_DOMAIN ?? "cubicle.localhost",
     apiKey: env.CUBICLE_API_KEY || undefined,
     subnet: env.CUBICLE_SUBNET ?? "10.88.0.0/16",
-    distDir: path.resolve(env.CUBICLE_DIST_DIR ?? path.join(repositoryRoot(), "dist")),
+    distDir: defaultDistDir(env),
     runcPath: env.CUBICLE_RUNC ?? "runc",
     defaultTimeoutSec: Number(env.CUBICLE_DEFAULT_TIMEOUT_SEC ?? 300),
     defaultTemplates: (env.CUBICLE_DEFAULT_TEMPLATES ?? "base,code-interpreter-v1").split(",").map((s) => s.trim()).filter(Boolean),

@@ -26,6 +26,8 @@
  *   watch
  *       Reads "add TAG PID" / "del TAG" lines on stdin and writes "exit TAG" when PID ends
  *       (pidfds, no polling). Ends when stdin closes.
+ *   net-setup | net-release | net-address
+ *       A sandbox's network namespace and veth pair through rtnetlink: see netlink.h.
  */
 #define _GNU_SOURCE
 #include <ctype.h>
@@ -630,8 +632,11 @@ static int cmd_watch(void) {
   }
 }
 
+/* Uses fail(), usage(), option(), number() and `step` from above. */
+#include "netlink.h"
+
 int main(int argc, char **argv) {
-  if (argc < 2) usage("usage: sandbox-helper prepare|snapshot|teardown|hostname|qgroup-gc|watch [--option value]...");
+  if (argc < 2) usage("usage: sandbox-helper prepare|snapshot|teardown|hostname|qgroup-gc|watch|net-setup|net-release|net-address [--option value]...");
   if ((argc - 2) % 2 != 0) usage("options come in --name value pairs");
   if (strcmp(argv[1], "prepare") == 0) return cmd_prepare(argc, argv);
   if (strcmp(argv[1], "snapshot") == 0) return cmd_snapshot(argc, argv);
@@ -639,6 +644,9 @@ int main(int argc, char **argv) {
   if (strcmp(argv[1], "hostname") == 0) return cmd_hostname(argc, argv);
   if (strcmp(argv[1], "qgroup-gc") == 0) return cmd_qgroup_gc(argc, argv);
   if (strcmp(argv[1], "watch") == 0) return cmd_watch();
+  if (strcmp(argv[1], "net-setup") == 0) return cmd_net_setup(argc, argv);
+  if (strcmp(argv[1], "net-release") == 0) return cmd_net_release(argc, argv);
+  if (strcmp(argv[1], "net-address") == 0) return cmd_net_address(argc, argv);
   usage("unknown subcommand");
   return 2;
 }
