@@ -137,15 +137,16 @@ function agentScript(): string | undefined {
 /**
  * An idle agent on the host, as CRIU sees the one in a sandbox: the same Node binary and bundle,
  * its own session, stdio on /dev/null, envd and the interpreter listening (loopback, ports the
- * kernel picks). It runs as nobody, so it can change nothing on the host (a root agent would
- * name a resolver in an empty /etc/resolv.conf). Resolves once it answers /health.
+ * kernel picks). It runs as root (CRIU needs to read and set the process's rlimits, which takes
+ * CAP_SYS_RESOURCE for another user's process, and this project's hosts deny it even to root);
+ * the only host file an agent writes at start is an empty /etc/resolv.conf (it names its
+ * gateway there), so the caller refuses when the host's names no resolver. Resolves once both
+ * servers listen.
  */
 async function startFloorAgent(script: string): Promise<number> {
   const child = spawn(process.execPath, [script], {
     detached: true,
     stdio: "ignore",
-    uid: 65534,
-    gid: 65534,
     cwd: "/",
     env: { PATH: "/usr/bin:/bin", CUBICLE_AGENT_HOST: "127.0.0.1", CUBICLE_AGENT_PORT: "0", CUBICLE_INTERPRETER_PORT: "0", CUBICLE_LOG_LEVEL: "error" },
   });
@@ -196,8 +197,17 @@ async function criuFloors(options: BenchOptions, target: BenchTarget) {
     const missing = { status: "not available", reason: "dist/agent/agent.js is not built (node scripts/build.mjs)" };
     return { dump: missing, restore: missing };
   }
+  if (!/^\s*nameserver\s/m.test(fs.readFileSync("/etc/resolv.conf", { encoding: "utf8", flag: "r" }))) {
+    const refused = { status: "not available", reason: "the host's /etc/resolv.conf names no nameserver: the floor agent (root) would write one" };
+    return { dump: refused, restore: refused };
+  }
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), `${BASELINE_PREFIX}criu-`));
-  const pid = await startFloorAgent(script);
+  // A copy outside the repository, whose package.json would make Node load the CommonJS bundle as ESM.
+  fs.copyFileSync(script, path.join(dir, "agent.js"));
+  const pid = await startFloorAgent(path.join(dir, "agent.js")).catch((err) => {
+    fs.rmSync(dir, { recursive: true, force: true });
+    throw err;
+  });
   try {
     let image = "";
     let round = 0;
