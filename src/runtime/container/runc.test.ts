@@ -1,9 +1,15 @@
 import assert from "node:assert/strict";
+import { existsSync } from "node:fs";
 import { chmod, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { after, describe, it } from "node:test";
 import { Runc } from "./runc.js";
+import { SandboxHelper } from "./sandbox-helper.js";
+
+// runc runs from the resident helper (`node scripts/build.mjs` builds it).
+const helperBinary = path.join(import.meta.dirname, "..", "..", "..", "dist", "sandbox-helper");
+const skip = existsSync(helperBinary) ? false : "build the helper first (node scripts/build.mjs)";
 
 /**
  * A stand-in runc that answers `--help` like runc 1.1 (with `--criu`) or 1.2+ (without) and
@@ -20,15 +26,19 @@ async function fakeRunc(dir: string, takesCriuFlag: boolean): Promise<{ binary: 
 
 describe("runc CLI", () => {
   const dirs: string[] = [];
-  after(() => Promise.all(dirs.map((dir) => rm(dir, { recursive: true, force: true }))));
+  const helper = new SandboxHelper(helperBinary);
+  after(async () => {
+    helper.close();
+    await Promise.all(dirs.map((dir) => rm(dir, { recursive: true, force: true })));
+  });
 
   for (const takesCriuFlag of [true, false]) {
-    it(`names CRIU with --criu only to a runc that has the flag (${takesCriuFlag ? "1.1" : "1.2+"})`, async () => {
+    it(`names CRIU with --criu only to a runc that has the flag (${takesCriuFlag ? "1.1" : "1.2+"})`, { skip }, async () => {
       const dir = await mkdtemp(path.join(os.tmpdir(), "cubicle-runc-"));
       dirs.push(dir);
       const fake = await fakeRunc(dir, takesCriuFlag);
-      const runc = new Runc(fake.binary);
-      const options = { criuPath: "/opt/criu/bin/criu", netnsPath: "/proc/self/ns/net", imagePath: dir, workPath: dir, logFile: path.join(dir, "log"), timeoutMs: 10_000, env: process.env };
+      const runc = new Runc(fake.binary, helper);
+      const options = { criuPath: "/opt/criu/bin/criu", netnsPath: "/proc/self/ns/net", imagePath: dir, workPath: dir, logFile: path.join(dir, "log"), timeoutMs: 10_000, env: {} };
       await runc.checkpoint("c1", { ...options, leaveRunning: true });
       await runc.restoreDetached("c2", dir, options);
       const calls = await fake.calls();
