@@ -193,7 +193,8 @@ export class Runc {
     if (container === undefined || container === "unknown" || container.status !== "stopped") return false;
     const config = state.config ?? {};
     const ownPidNamespace = config.namespaces?.some((namespace) => namespace.type === "NEWPID" && !namespace.path) === true;
-    const hooks = Object.values(config.hooks ?? {}).some((list) => Array.isArray(list) && list.length > 0);
+    // runc 1.1 writes "Hooks" (every kind null when none); a later one may write "hooks".
+    const hooks = [config.Hooks, config.hooks].some((table) => Object.values(table ?? {}).some((list) => Array.isArray(list) && list.length > 0));
     if (!ownPidNamespace || hooks || config.intel_rdt) return false;
     const cgroupDirs = [...new Set(Object.values(state.cgroup_paths ?? {}))];
     if (cgroupDirs.some((dir) => typeof dir !== "string" || !dir.startsWith("/sys/fs/cgroup/") || dir.split("/").includes(".."))) return false;
@@ -300,7 +301,13 @@ export const CRIU_NETNS_NOTE = "CRIU runs in the sandbox's netns so that netns i
 interface RuncStateFile {
   init_process_pid?: number;
   init_process_start?: number;
-  config?: { labels?: string[]; namespaces?: { type?: string; path?: string }[]; hooks?: Record<string, unknown> | null; intel_rdt?: unknown };
+  config?: {
+    labels?: string[];
+    namespaces?: { type?: string; path?: string }[];
+    Hooks?: Record<string, unknown> | null;
+    hooks?: Record<string, unknown> | null;
+    intel_rdt?: unknown;
+  };
   cgroup_paths?: Record<string, string>;
 }
 
