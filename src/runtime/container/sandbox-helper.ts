@@ -8,9 +8,10 @@ const log = createLogger("sandbox-helper");
 /**
  * SANDBOX_HELPER_NOTE: the host-side steps of a sandbox that Node cannot make itself (btrfs
  * ioctls, user namespaces with a chosen owner, idmapped mounts through the new mount API) are
- * one static program, src/runtime/container/native/sandbox-helper.c, started once per step that
- * was one process start before (`mount`, `cp -a`, `umount`, `nsenter hostname`): process
- * creation is the expensive part of every path here.
+ * one static program, src/runtime/container/native/sandbox-helper.c, which replaced one process
+ * start per step (`mount`, `cp -a`, `umount`, `nsenter hostname`): process creation is the
+ * expensive part of every path here. It runs resident and forks itself per step
+ * (HELPER_PROTOCOL_NOTE), and starts runc too.
  *
  * USERNS_OWNER_NOTE: every sandbox has its own host uid range (UidRanges), and its user
  * namespace is *owned* by the range's first uid, not by root. The kernel charges per-user counts

@@ -26,6 +26,10 @@
  *   watch
  *       Reads "add TAG PID" / "del TAG" lines on stdin and writes "exit TAG" when PID ends
  *       (pidfds, no polling). Ends when stdin closes.
+ *   serve
+ *       Resident: runs the subcommands above (but watch) and programs (`exec`: runc in a
+ *       sandbox's netns) for requests on stdin, each in a forked child, concurrently, and
+ *       replies with their status and output (see cmd_serve). Ends when stdin closes.
  */
 #define _GNU_SOURCE
 #include <ctype.h>
