@@ -4,6 +4,7 @@ export type { CheckpointInfo, CheckpointOptions, Runtime, RuntimeState, SandboxR
 export { SANDBOX_UID_BASE, SANDBOX_UID_COUNT } from "./types.js";
 export { ContainerRuntime, CONTAINER_PREFIX, type ContainerRuntimeConfig, type ContainerRuntimeOptions, type CreateTimings } from "./container/container-runtime.js";
 export { KIT_MOUNT_POINT } from "./container/agent-kit.js";
+export { SandboxHelper, type HelperCallOptions, type HelperExecOptions, type HelperExecResult } from "./container/sandbox-helper.js";
 
 /** The default runtime: runc + overlayfs + user namespace. */
 export function createContainerRuntime(config: ContainerRuntimeConfig, options?: ContainerRuntimeOptions): ContainerRuntime {

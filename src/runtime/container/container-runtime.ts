@@ -118,7 +118,11 @@ export class ContainerRuntime implements Runtime {
 
   private readonly runc: Runc;
   private readonly pool: StoragePool;
-  private readonly helper: SandboxHelper;
+  /**
+   * The resident host helper (HELPER_PROTOCOL_NOTE): the runtime's host-side steps and its runc
+   * calls go through it, and other host-side modules may share it (`call`, `exec`).
+   */
+  readonly helper: SandboxHelper;
   private readonly uidRanges = new UidRanges();
   private readonly exitWatcher: ExitWatcher;
   private readonly exitListeners: ((sandboxId: string) => void)[] = [];
@@ -150,8 +154,8 @@ export class ContainerRuntime implements Runtime {
     const helperBinary = options.helperBinary ?? path.join(config.distDir, "sandbox-helper");
     this.criuShim = options.criuShim ?? path.join(config.distDir, "criu-userns-shim.so");
     this.sandboxBoot = options.sandboxBoot ?? path.join(config.distDir, "sandbox-boot");
-    this.runc = new Runc(config.runcPath);
     this.helper = new SandboxHelper(helperBinary);
+    this.runc = new Runc(config.runcPath, this.helper);
     this.exitWatcher = new ExitWatcher(helperBinary, (id) => this.exitListeners.forEach((listener) => listener(id)));
     this.pool = new StoragePool({
       stateDir: config.stateDir,
@@ -237,6 +241,7 @@ export class ContainerRuntime implements Runtime {
     }
     // Only the empty mount points are left; rmdir (not rm -r) cannot reach into a mount.
     for (const dir of [path.join(this.config.runDir, "kit"), this.pool.mountDir, this.config.runDir]) await rmdir(dir).catch(() => undefined);
+    this.helper.close();
   }
 
   /** Registers for sandboxes whose processes ended (crash, OOM of the init, kill from inside). */
@@ -657,14 +662,14 @@ export class ContainerRuntime implements Runtime {
   }
 
   /**
-   * runc's environment for checkpoint and restore (and so CRIU's): the tar shim and CRIU first
-   * in PATH, what the CRIU front and the static tar shim need (CRIU_FRONT_NOTE, TAR_SHIM_NOTE),
-   * and the user-namespace shim with, for a restore, the new namespace's owner (USERNS_OWNER_NOTE).
+   * What runc's environment for checkpoint and restore (and so CRIU's) sets on top of the
+   * server's: the tar shim and CRIU first in PATH, what the CRIU front and the static tar shim
+   * need (CRIU_FRONT_NOTE, TAR_SHIM_NOTE), and the user-namespace shim with, for a restore, the
+   * new namespace's owner (USERNS_OWNER_NOTE).
    */
-  private criuEnv(usernsOwner: number | undefined): NodeJS.ProcessEnv {
+  private criuEnv(usernsOwner: number | undefined): Record<string, string> {
     const front = this.criuPath ? criuFrontEnv(this.criuBinDir, this.criuPath) : {};
     return {
-      ...process.env,
       ...front,
       ...tarShimEnv(this.hostTar),
       LD_PRELOAD: this.criuShim,

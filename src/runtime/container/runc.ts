@@ -1,11 +1,10 @@
-import { spawn } from "node:child_process";
 import { writeFileSync } from "node:fs";
-import { readFile } from "node:fs/promises";
+import { readFile, rm, rmdir } from "node:fs/promises";
 import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
-import { runCommand } from "../../shared/exec.js";
 import { pathExists } from "../../shared/fs.js";
 import { createLogger } from "../../shared/log.js";
+import type { HelperExecResult, SandboxHelper } from "./sandbox-helper.js";
 
 const log = createLogger("runc");
 
@@ -35,11 +34,14 @@ export interface CriuRunOptions {
   /** runc's own JSON log (its errors end up in the thrown error). */
   logFile: string;
   timeoutMs: number;
-  /** Environment of runc and so of CRIU (PATH with the tar shim). */
-  env: NodeJS.ProcessEnv;
+  /** Set in runc's environment and so CRIU's (PATH with the tar shim), on top of the server's. */
+  env: Record<string, string | undefined>;
 }
 
-/** A thin client of the runc CLI (default state root, so `runc list` shows our containers). */
+/**
+ * A thin client of the runc CLI (default state root, so `runc list` shows our containers), run
+ * from the resident sandbox helper (HELPER_PROTOCOL_NOTE): no process start from Node.
+ */
 export class Runc {
   /** runc's state root for root (no `--root` is ever passed): one `<id>/state.json` per container. */
   private readonly root = "/run/runc";
@@ -48,16 +50,25 @@ export class Runc {
   /** Whether this runc takes `--criu` (runc < 1.2); asked once. */
   private takesCriuFlag: Promise<boolean> | undefined;
 
-  constructor(private readonly binary: string) {}
+  constructor(
+    private readonly binary: string,
+    private readonly helper: SandboxHelper,
+  ) {}
 
   /**
    * The argv of a checkpoint or restore: `runc <subcommand>` in the sandbox's netns, with CRIU
    * named (runc < 1.2 only, CRIU_FRONT_NOTE), the JSON log, the image and work paths.
    */
   private async criuCommand(options: CriuRunOptions, subcommand: string[]): Promise<string[]> {
-    this.takesCriuFlag ??= runCommand([this.binary, "--help"], { timeoutMs: TIMEOUT_MS, allowFailure: true }).then((result) => /--criu\b/.test(result.stdout));
+    this.takesCriuFlag ??= this.helper.exec([this.binary, "--help"], { timeoutMs: TIMEOUT_MS }).then(
+      (result) => /--criu\b/.test(result.stdout),
+      (err: unknown) => {
+        this.takesCriuFlag = undefined;
+        throw err;
+      },
+    );
     const criu = (await this.takesCriuFlag) ? ["--criu", options.criuPath] : [];
-    return [...inNetns(options.netnsPath), this.binary, ...criu, "--log", options.logFile, "--log-format", "json", ...subcommand, "--image-path", options.imagePath, "--work-path", options.workPath, "--file-locks"];
+    return [this.binary, ...criu, "--log", options.logFile, "--log-format", "json", ...subcommand, "--image-path", options.imagePath, "--work-path", options.workPath, "--file-locks"];
   }
 
   /**
@@ -66,7 +77,7 @@ export class Runc {
    * one, and the pipe would never close). runc's own errors go to `logFile` instead.
    */
   async runDetached(id: string, bundle: string, logFile: string, netnsPath: string): Promise<void> {
-    await this.detached([...inNetns(netnsPath), this.binary, "--log", logFile, "--log-format", "json", "run", "--detach", "--bundle", bundle, id], `runc run ${id}`, logFile, TIMEOUT_MS);
+    await this.detached([this.binary, "--log", logFile, "--log-format", "json", "run", "--detach", "--bundle", bundle, id], `runc run ${id}`, { logFile, timeoutMs: TIMEOUT_MS, netnsPath });
   }
 
   /**
@@ -81,7 +92,7 @@ export class Runc {
     const argv = await this.criuCommand(options, ["checkpoint"]);
     if (options.leaveRunning) argv.push("--leave-running");
     argv.push(id);
-    await this.detached(argv, `runc checkpoint ${id}`, options.logFile, options.timeoutMs, options.env);
+    await this.detached(argv, `runc checkpoint ${id}`, options);
   }
 
   /**
@@ -91,28 +102,39 @@ export class Runc {
    */
   async restoreDetached(id: string, bundle: string, options: CriuRunOptions): Promise<void> {
     const argv = [...(await this.criuCommand(options, ["restore", "--detach", "--bundle", bundle])), id];
-    await this.detached(argv, `runc restore ${id}`, options.logFile, options.timeoutMs, options.env);
+    await this.detached(argv, `runc restore ${id}`, options);
   }
 
-  /** Runs a runc command with stdio on /dev/null (see runDetached); errors come from its JSON log. */
-  private async detached(argv: string[], what: string, logFile: string, timeoutMs: number, env?: NodeJS.ProcessEnv): Promise<void> {
-    log.debug("run", { argv });
-    const exitCode = await new Promise<number>((resolve, reject) => {
-      const child = spawn(argv[0]!, argv.slice(1), { stdio: "ignore", env: env ?? process.env });
-      const timer = setTimeout(() => child.kill("SIGKILL"), timeoutMs);
-      child.on("error", (err) => {
-        clearTimeout(timer);
-        reject(new CubicleError("internal", `${this.binary}: ${err.message}`, { cause: err }));
-      });
-      child.on("exit", (code, signal) => {
-        clearTimeout(timer);
-        resolve(code ?? (signal === "SIGKILL" ? -1 : 128));
-      });
-    });
-    if (exitCode === 0) return;
-    const detail = await readRuncErrors(logFile);
-    if (exitCode === -1) throw new CubicleError("deadline_exceeded", `${what} timed out after ${timeoutMs} ms: ${detail}`);
-    throw new CubicleError("internal", `${what} exited with ${exitCode}: ${detail}`, { details: { logFile } });
+  /**
+   * Runs a runc command in the sandbox's netns with stdio on /dev/null (see runDetached), from
+   * the resident helper; errors come from its JSON log.
+   */
+  private async detached(argv: string[], what: string, options: { logFile: string; timeoutMs: number; netnsPath: string; env?: Record<string, string | undefined> }): Promise<void> {
+    log.debug("run", { argv, netnsPath: options.netnsPath });
+    let result: HelperExecResult;
+    try {
+      result = await this.helper.exec(argv, { netnsPath: options.netnsPath, env: options.env, stdio: "null", timeoutMs: options.timeoutMs });
+    } catch (err) {
+      const error = CubicleError.from(err);
+      if (error.code !== "deadline_exceeded") throw error;
+      throw new CubicleError("deadline_exceeded", `${what} timed out after ${options.timeoutMs} ms: ${await readRuncErrors(options.logFile)}`, { cause: err });
+    }
+    if (result.exitCode === 0) return;
+    // Exit 127: the helper could not join the netns or start runc; it says why on stderr.
+    const detail = result.exitCode === 127 && result.stderr.trim() ? result.stderr.trim() : await readRuncErrors(options.logFile);
+    const how = result.exitCode === null ? `was killed by signal ${result.signal}` : `exited with ${result.exitCode}`;
+    throw new CubicleError("internal", `${what} ${how}: ${detail}`, { details: { logFile: options.logFile } });
+  }
+
+  /** Runs a runc command from the resident helper, its output captured; throws on a failure unless `allowFailure`. */
+  private async runcCommand(args: string[], allowFailure = false): Promise<HelperExecResult> {
+    log.debug("run", { argv: [this.binary, ...args] });
+    const result = await this.helper.exec([this.binary, ...args], { timeoutMs: TIMEOUT_MS });
+    if (result.exitCode !== 0 && !allowFailure) {
+      const how = result.exitCode === null ? `was killed by signal ${result.signal}` : `exited with ${result.exitCode}`;
+      throw new CubicleError("internal", `runc ${args.join(" ")} ${how}: ${(result.stderr.trim() || result.stdout.trim()).slice(-2000)}`, { details: { stderr: result.stderr } });
+    }
+    return result;
   }
 
   /**
@@ -133,12 +155,52 @@ export class Runc {
     while (Date.now() < deadline && (await isAlive(container.pid))) await new Promise((r) => setTimeout(r, 2));
   }
 
+  /**
+   * Removes a container; no error when it does not exist. A stopped one (the kill path) is
+   * removed here without runc when nothing about it is unexpected (RUNC_DELETE_NOTE); anything
+   * else goes to `runc delete` (`--force`: kills a running one first).
+   */
   async delete(id: string, force: boolean): Promise<void> {
     this.freezers.delete(id);
-    const result = await runCommand([this.binary, "delete", ...(force ? ["--force"] : []), id], { timeoutMs: TIMEOUT_MS, allowFailure: true });
+    if (await this.removeStopped(id)) return;
+    const result = await this.runcCommand(["delete", ...(force ? ["--force"] : []), id], true);
     if (result.exitCode !== 0 && !isMissing(result.stderr)) {
       throw new CubicleError("internal", `runc delete ${id} failed: ${result.stderr.trim()}`);
     }
+  }
+
+  /**
+   * RUNC_DELETE_NOTE: what `runc delete` does for a stopped container, without its Go process
+   * start (~8 ms of the kill path). runc 1.1's delete of a stopped container is `destroy()`
+   * (libcontainer/state_linux.go): SIGKILL to the cgroup's processes only when the container
+   * has no PID namespace of its own, the cgroup manager's Destroy (rmdir of every path in
+   * `cgroup_paths`, retried while busy), the Intel RDT group if any, `RemoveAll` of its state
+   * directory `<root>/<id>`, then the poststop hooks. Ours always have their own PID namespace
+   * (the init's death killed the rest), no hooks and no RDT; the runtime removes the same
+   * cgroup directories again afterwards (removeCgroupDirectories). So this does exactly that
+   * when runc's state says stopped and the config is what Cubicle writes: rmdir the cgroups
+   * (a few ms of retries while the last processes exit), then the state directory, last, so
+   * that a fallback still finds the container. Anything unexpected (a state file this reader
+   * does not know, a live or created init, hooks, RDT, a shared PID namespace, a cgroup that
+   * stays busy or has children, a path outside /sys/fs/cgroup) returns false: `runc delete`.
+   */
+  private async removeStopped(id: string): Promise<boolean> {
+    const stateDir = path.join(this.root, id);
+    const state = await loadState(this.root, id);
+    if (state === undefined) return !(await pathExists(stateDir)); // an aborted start: runc removes the directory
+    if (state === "unknown") return false;
+    const container = await readStateFile(this.root, id);
+    if (container === undefined || container === "unknown" || container.status !== "stopped") return false;
+    const config = state.config ?? {};
+    const ownPidNamespace = config.namespaces?.some((namespace) => namespace.type === "NEWPID" && !namespace.path) === true;
+    // runc 1.1 writes "Hooks" (every kind null when none); a later one may write "hooks".
+    const hooks = [config.Hooks, config.hooks].some((table) => Object.values(table ?? {}).some((list) => Array.isArray(list) && list.length > 0));
+    if (!ownPidNamespace || hooks || config.intel_rdt) return false;
+    const cgroupDirs = [...new Set(Object.values(state.cgroup_paths ?? {}))];
+    if (cgroupDirs.some((dir) => typeof dir !== "string" || !dir.startsWith("/sys/fs/cgroup/") || dir.split("/").includes(".."))) return false;
+    for (const dir of cgroupDirs) if (!(await removeCgroupDir(dir))) return false;
+    await rm(stateDir, { recursive: true, force: true });
+    return true;
   }
 
   /**
@@ -153,7 +215,7 @@ export class Runc {
   }
 
   private async stateFromCli(id: string): Promise<RuncContainer | undefined> {
-    const result = await runCommand([this.binary, "state", id], { timeoutMs: TIMEOUT_MS, allowFailure: true });
+    const result = await this.runcCommand(["state", id], true);
     if (result.exitCode !== 0) {
       if (isMissing(result.stderr)) return undefined;
       throw new CubicleError("internal", `runc state ${id} failed: ${result.stderr.trim()}`);
@@ -162,7 +224,7 @@ export class Runc {
   }
 
   async list(): Promise<RuncContainer[]> {
-    const result = await runCommand([this.binary, "list", "--format", "json"], { timeoutMs: TIMEOUT_MS });
+    const result = await this.runcCommand(["list", "--format", "json"]);
     return (JSON.parse(result.stdout || "null") as RuncContainer[] | null) ?? [];
   }
 
@@ -174,7 +236,7 @@ export class Runc {
   async pause(id: string): Promise<void> {
     const freezer = await this.setFreezer(id, true);
     if (!freezer) {
-      await runCommand([this.binary, "pause", id], { timeoutMs: TIMEOUT_MS });
+      await this.runcCommand(["pause", id]);
       return;
     }
     const deadline = Date.now() + TIMEOUT_MS;
@@ -186,7 +248,7 @@ export class Runc {
 
   /** Thaws the container (the cgroup freezer directly when known, else `runc resume`). */
   async resume(id: string): Promise<void> {
-    if (!(await this.setFreezer(id, false))) await runCommand([this.binary, "resume", id], { timeoutMs: TIMEOUT_MS });
+    if (!(await this.setFreezer(id, false))) await this.runcCommand(["resume", id]);
   }
 
   /**
@@ -217,15 +279,15 @@ export class Runc {
 }
 
 /**
- * RUNC_NETNS_NOTE: runc always runs inside the sandbox's netns (`nsenter --net=<path>`, which
- * execs runc in place: no extra process), and config.json names no network namespace, so the
- * container shares runc's. runc joins a user namespace given by path before any other
+ * RUNC_NETNS_NOTE: runc always runs inside the sandbox's netns (the resident helper's child
+ * setns()es into it, then execs runc: no extra process), and config.json names no network
+ * namespace, so the container shares runc's. runc joins a user namespace given by path before any other
  * namespace, and a sandbox's user namespace is its own (USERNS_OWNER_NOTE): from inside it,
  * joining the host-owned netns would fail (EPERM). The netns stays owned by the host user
  * namespace, so the sandbox's root has no capability over it (no raw sockets, no address
  * changes).
  *
- * Why runc checkpoint/restore run inside the sandbox's netns (`nsenter --net=<path>`): the
+ * Why runc checkpoint/restore run inside the sandbox's netns (the helper's `exec --netns <path>`): the
  * sandbox joins a netns Cubicle made in the host user namespace, and CRIU, when a namespace of
  * the dumped tree differs from its own, takes it "into the image" and then checks, from inside
  * the sandbox's user namespace, that it can setns() into each such namespace (namespaces.c
@@ -236,15 +298,36 @@ export class Runc {
  */
 export const CRIU_NETNS_NOTE = "CRIU runs in the sandbox's netns so that netns is not part of the image";
 
-function inNetns(netnsPath: string): string[] {
-  return ["nsenter", `--net=${netnsPath}`, "--"];
-}
-
 interface RuncStateFile {
   init_process_pid?: number;
   init_process_start?: number;
-  config?: { labels?: string[] };
+  config?: {
+    labels?: string[];
+    namespaces?: { type?: string; path?: string }[];
+    Hooks?: Record<string, unknown> | null;
+    hooks?: Record<string, unknown> | null;
+    intel_rdt?: unknown;
+  };
   cgroup_paths?: Record<string, string>;
+}
+
+/**
+ * rmdir of an exited container's cgroup, retried for up to ~100 ms while it is busy (its last
+ * processes are still exiting, as runc's RemovePaths retries). false = still there.
+ */
+async function removeCgroupDir(dir: string): Promise<boolean> {
+  const deadline = Date.now() + 100;
+  for (;;) {
+    try {
+      await rmdir(dir);
+      return true;
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === "ENOENT") return true;
+      if (code !== "EBUSY" || Date.now() > deadline) return false;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 2));
+  }
 }
 
 /**

@@ -1,9 +1,11 @@
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
+import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
-import { ExitWatcher } from "./sandbox-helper.js";
+import type { CubicleError } from "../../shared/cubicle-error.js";
+import { ExitWatcher, SandboxHelper } from "./sandbox-helper.js";
 
 // The static helper (`node scripts/build.mjs`, which compiles native/sandbox-helper.c).
 const binary = path.join(import.meta.dirname, "..", "..", "..", "dist", "sandbox-helper");
@@ -62,4 +64,193 @@ test("the exit watcher reports a watched process's end at once, and nothing for 
     watcher.close();
     for (const sleeper of sleepers) sleeper.kill("SIGKILL");
   }
+});
+
+/** Waits until `pid` no longer exists (or fails after `timeoutMs`). */
+async function waitGone(pid: number, timeoutMs = 3000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (existsSync(`/proc/${pid}`)) {
+    if (Date.now() > deadline) throw new Error(`process ${pid} is still there`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+/** The raw protocol: `serve` fed lines on stdin, its replies parsed (HELPER_PROTOCOL_NOTE). */
+async function rawServe(input: string | Buffer): Promise<{ id: string; kind: string; value: number; stdout: string; stderr: string }[]> {
+  const child = spawn(binary, ["serve"], { stdio: ["pipe", "pipe", "inherit"] });
+  const chunks: Buffer[] = [];
+  child.stdout.on("data", (chunk: Buffer) => chunks.push(chunk));
+  // Tiny chunks, to shake out the line framing.
+  const bytes = Buffer.from(input);
+  for (let at = 0; at < bytes.length; at += 7) child.stdin.write(bytes.subarray(at, at + 7));
+  child.stdin.end();
+  const code = await new Promise<number | null>((resolve) => child.on("close", resolve));
+  assert.equal(code, 0, "serve ends cleanly when its stdin closes");
+  let data = Buffer.concat(chunks);
+  const replies = [];
+  while (data.length > 0) {
+    const newline = data.indexOf(0x0a);
+    const [id, kind, value, outBytes, errBytes] = data.subarray(0, newline).toString().split("\t");
+    const body = data.subarray(newline + 1);
+    replies.push({ id: id!, kind: kind!, value: Number(value), stdout: body.subarray(0, Number(outBytes)).toString(), stderr: body.subarray(Number(outBytes), Number(outBytes) + Number(errBytes)).toString() });
+    data = body.subarray(Number(outBytes) + Number(errBytes));
+  }
+  return replies;
+}
+
+test("serve answers every request, refuses bad ones with an error reply and lives on", { skip }, async () => {
+  const lines = [
+    "1\t1000\tping",
+    "bad id\t1000\tping",
+    "2\t0\tping",
+    "3\tsoon\tping",
+    "4\t1000\tmount-everything",
+    "5\t1000\thostname\t--pid",
+    "6\t1000\thostname\t--pid\t-1\t--name\tx",
+    "7\t1000\texec\t--stdio\tcapture",
+    "8\t1000\texec\t--bogus\tx\t--\ttrue",
+    "9\t1000\texec\t--env\tNOEQUALS\t--\ttrue",
+    `10\t1000\tping\t${"x".repeat(70_000)}`,
+    `11\t1000\tping${"\t".repeat(2000)}`,
+    "12\t1000\tping\0",
+    "13\t1000\tcancel\tnothing-in-flight",
+    "14\t1000\texec\t--stdio\tcapture\t--\t/nonexistent/program",
+    "15\t1000\texec\t--stdio\tcapture\t--\tsh\t-c\techo out; echo err >&2; exit 3",
+    "16\t1000\tping",
+  ];
+  const replies = await rawServe(lines.join("\n") + "\n");
+  const byId = new Map(replies.map((reply) => [reply.id, reply]));
+  assert.equal(replies.length, lines.length, JSON.stringify(replies));
+  const refused: [string, RegExp][] = [
+    ["-", /starts with an id/],
+    ["2", /timeout/],
+    ["3", /timeout/],
+    ["4", /unknown command/],
+    ["5", /pairs/],
+    ["7", /needs --/],
+    ["8", /unknown exec option/],
+    ["9", /NAME=VALUE/],
+    ["10", /too long/],
+    ["11", /too many fields/],
+    ["12", /NUL/],
+    ["13", /no such request/],
+  ];
+  for (const [id, message] of refused) {
+    assert.equal(byId.get(id)?.kind, "error", `request ${id}: ${JSON.stringify(byId.get(id))}`);
+    assert.match(byId.get(id)!.stderr, message, `request ${id}`);
+  }
+  assert.deepEqual(byId.get("6"), { id: "6", kind: "exit", value: 2, stdout: "", stderr: "sandbox-helper: --pid is not a number: -1\n" }, "a subcommand's own checks: exit 2 and its message");
+  assert.equal(byId.get("14")?.value, 127);
+  assert.match(byId.get("14")!.stderr, /nonexistent\/program: No such file/);
+  assert.deepEqual(byId.get("15"), { id: "15", kind: "exit", value: 3, stdout: "out\n", stderr: "err\n" });
+  assert.deepEqual([byId.get("1")?.kind, byId.get("16")?.kind], ["exit", "exit"], "still answering after the bad requests");
+});
+
+test("requests run concurrently, each with its own output", { skip }, async () => {
+  const helper = new SandboxHelper(binary);
+  try {
+    const started = performance.now();
+    const results = await Promise.all([0, 1, 2, 3, 4, 5].map((n) => helper.exec(["sh", "-c", `sleep 0.4; echo ${n}`])));
+    const elapsedMs = performance.now() - started;
+    assert.deepEqual(results.map((result) => result.stdout), ["0\n", "1\n", "2\n", "3\n", "4\n", "5\n"]);
+    assert.ok(elapsedMs < 1500, `six 400 ms requests took ${Math.round(elapsedMs)} ms: they ran one after another`);
+  } finally {
+    helper.close();
+  }
+});
+
+test("a request past its timeout is killed and fails with deadline_exceeded; a cancelled one with canceled", { skip }, async () => {
+  const helper = new SandboxHelper(binary);
+  const dir = mkdtempSync(path.join(os.tmpdir(), "t15b-helper-"));
+  try {
+    const pidFile = path.join(dir, "timeout.pid");
+    const started = performance.now();
+    await assert.rejects(helper.exec(["sh", "-c", `echo $$ > ${pidFile}; exec sleep 30`], { timeoutMs: 300 }), (err: CubicleError) => err.code === "deadline_exceeded" && /timed out after 300 ms/.test(err.message));
+    assert.ok(performance.now() - started < 2000, "the timeout was enforced");
+    await waitGone(Number(readFileSync(pidFile, "utf8")));
+
+    const cancelFile = path.join(dir, "cancel.pid");
+    const controller = new AbortController();
+    const request = helper.exec(["sh", "-c", `echo $$ > ${cancelFile}; exec sleep 30`], { signal: controller.signal });
+    while (!existsSync(cancelFile) || readFileSync(cancelFile, "utf8") === "") await new Promise((r) => setTimeout(r, 5));
+    controller.abort();
+    await assert.rejects(request, (err: CubicleError) => err.code === "canceled");
+    await waitGone(Number(readFileSync(cancelFile, "utf8")));
+    assert.equal((await helper.exec(["true"])).exitCode, 0, "the helper still serves");
+  } finally {
+    helper.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("a helper that dies fails only the requests in flight (unavailable); the next request starts a new one", { skip }, async () => {
+  const helper = new SandboxHelper(binary);
+  try {
+    assert.equal((await helper.exec(["true"])).exitCode, 0);
+    const firstPid = helper.residentPid!;
+    const inFlight = [helper.exec(["sleep", "30"]), helper.exec(["sleep", "30"], { stdio: "null" })];
+    await new Promise((r) => setTimeout(r, 100));
+    process.kill(firstPid, "SIGKILL");
+    const settled = await Promise.allSettled(inFlight);
+    for (const result of settled) {
+      assert.equal(result.status, "rejected");
+      assert.equal((result as PromiseRejectedResult).reason.code, "unavailable");
+      assert.match((result as PromiseRejectedResult).reason.message, /sandbox helper ended \(SIGKILL\)/);
+    }
+    const after = await helper.exec(["sh", "-c", "echo again"]);
+    assert.equal(after.stdout, "again\n");
+    assert.notEqual(helper.residentPid, firstPid);
+    await waitGone(firstPid);
+  } finally {
+    helper.close();
+  }
+});
+
+test("call maps a subcommand's failure to a CubicleError with its message; bad arguments never reach the helper", { skip }, async () => {
+  const helper = new SandboxHelper(binary);
+  try {
+    await assert.rejects(helper.call("hostname", ["--pid", "-1", "--name", "x"], { what: "renaming" }), (err: CubicleError) => err.code === "internal" && /renaming failed: sandbox-helper: --pid is not a number/.test(err.message));
+    await assert.rejects(helper.call("mount-everything", []), /refused the request: unknown command/);
+    await assert.rejects(helper.call("hostname", ["--pid", "1\t--name", "x"]), (err: CubicleError) => err.code === "invalid_argument");
+    await assert.rejects(helper.exec(["echo", "a\nb"]), (err: CubicleError) => err.code === "invalid_argument");
+    await assert.rejects(helper.exec(["true"], { env: { "BAD NAME": "x" } }), (err: CubicleError) => err.code === "internal");
+    await assert.rejects(helper.exec(["echo", "x".repeat(70_000)]), /longer than/);
+  } finally {
+    helper.close();
+  }
+});
+
+test("exec joins the network namespace, sets the environment and gives stdio on /dev/null when asked", { skip: process.getuid?.() !== 0 ? "needs root" : skip }, async () => {
+  const helper = new SandboxHelper(binary);
+  const netns = `t15b-helper-${process.pid}`;
+  const dir = mkdtempSync(path.join(os.tmpdir(), "t15b-helper-"));
+  spawnSync("ip", ["netns", "add", netns]);
+  try {
+    const netnsPath = `/run/netns/${netns}`;
+    const inside = await helper.exec(["readlink", "/proc/self/ns/net"], { netnsPath });
+    assert.equal(inside.stdout.trim(), `net:[${statSync(netnsPath).ino}]`);
+    const outside = await helper.exec(["readlink", "/proc/self/ns/net"]);
+    assert.notEqual(outside.stdout.trim(), inside.stdout.trim(), "a request without netnsPath stays in the host's");
+    const report = path.join(dir, "report");
+    const script = "import os, sys; open(sys.argv[1], 'w').write('\\n'.join([os.environ['CUBICLE_T15B_VALUE']] + [os.readlink(f'/proc/self/fd/{fd}') for fd in range(3)]) + '\\n')";
+    const result = await helper.exec(["python3", "-c", script, report], { env: { CUBICLE_T15B_VALUE: "a value=with = signs" }, stdio: "null" });
+    assert.equal(result.exitCode, 0);
+    assert.equal(readFileSync(report, "utf8"), "a value=with = signs\n/dev/null\n/dev/null\n/dev/null\n");
+    const missing = await helper.exec(["true"], { netnsPath: "/run/netns/t15b-no-such-netns" });
+    assert.equal(missing.exitCode, 127);
+    assert.match(missing.stderr, /entering the network namespace/);
+  } finally {
+    helper.close();
+    spawnSync("ip", ["netns", "del", netns]);
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("the resident helper does not keep a Node process alive", { skip }, () => {
+  const module = path.join(import.meta.dirname, "sandbox-helper.ts");
+  const script = `import { SandboxHelper } from ${JSON.stringify(module)}; const helper = new SandboxHelper(${JSON.stringify(binary)}); console.log((await helper.exec(["echo", "hi"])).stdout.trim());`;
+  const result = spawnSync(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], { encoding: "utf8", timeout: 15_000 });
+  assert.equal(result.error, undefined, "the process ended on its own");
+  assert.equal(result.status, 0, result.stderr);
+  assert.equal(result.stdout.trim(), "hi");
 });

@@ -28,6 +28,10 @@
  *       (pidfds, no polling). Ends when stdin closes.
  *   net-setup | net-release | net-address
  *       A sandbox's network namespace and veth pair through rtnetlink: see netlink.h.
+ *   serve
+ *       Resident: runs the subcommands above (but watch) and programs (`exec`: runc in a
+ *       sandbox's netns) for requests on stdin, each in a forked child, concurrently, and
+ *       replies with their status and output (see cmd_serve). Ends when stdin closes.
  */
 #define _GNU_SOURCE
 #include <ctype.h>
@@ -49,12 +53,15 @@
 #include <sys/epoll.h>
 #include <sys/fsuid.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define ID_COUNT 65536u
@@ -635,18 +642,455 @@ static int cmd_watch(void) {
 /* Uses fail(), usage(), option(), number() and `step` from above. */
 #include "netlink.h"
 
-int main(int argc, char **argv) {
-  if (argc < 2) usage("usage: sandbox-helper prepare|snapshot|teardown|hostname|qgroup-gc|watch|net-setup|net-release|net-address [--option value]...");
+/*
+ * The subcommands that take --name value pairs, for the one-shot CLI and for `serve`. A new
+ * one is one line here.
+ */
+struct subcommand {
+  const char *name;
+  int (*run)(int argc, char **argv);
+};
+
+static const struct subcommand subcommands[] = {
+    {"prepare", cmd_prepare},
+    {"snapshot", cmd_snapshot},
+    {"teardown", cmd_teardown},
+    {"hostname", cmd_hostname},
+    {"qgroup-gc", cmd_qgroup_gc},
+    {"net-setup", cmd_net_setup},
+    {"net-release", cmd_net_release},
+    {"net-address", cmd_net_address},
+};
+
+static const struct subcommand *find_subcommand(const char *name) {
+  for (size_t i = 0; i < sizeof subcommands / sizeof subcommands[0]; i++)
+    if (strcmp(subcommands[i].name, name) == 0) return &subcommands[i];
+  return NULL;
+}
+
+/* argv[1] is the subcommand, then its pairs. Exits 2 (usage) on a malformed call. */
+static int run_subcommand(int argc, char **argv) {
+  const struct subcommand *found = find_subcommand(argv[1]);
+  if (!found) usage("unknown subcommand");
   if ((argc - 2) % 2 != 0) usage("options come in --name value pairs");
-  if (strcmp(argv[1], "prepare") == 0) return cmd_prepare(argc, argv);
-  if (strcmp(argv[1], "snapshot") == 0) return cmd_snapshot(argc, argv);
-  if (strcmp(argv[1], "teardown") == 0) return cmd_teardown(argc, argv);
-  if (strcmp(argv[1], "hostname") == 0) return cmd_hostname(argc, argv);
-  if (strcmp(argv[1], "qgroup-gc") == 0) return cmd_qgroup_gc(argc, argv);
+  return found->run(argc, argv);
+}
+
+/*
+ * serve: the resident mode (HELPER_PROTOCOL_NOTE in src/runtime/container/sandbox-helper.ts).
+ * One request per line on stdin, fields separated by tabs:
+ *
+ *   ID TIMEOUT_MS COMMAND ARG...
+ *
+ * COMMAND is a subcommand of the table above (its ARGs are its --name value pairs), `exec`
+ * (ARGs: [--netns PATH] [--env NAME=VALUE]... [--stdio null|capture] -- PROGRAM ARG...),
+ * `cancel` (ARG: the id of a request in flight) or `ping`. Each subcommand or exec runs in a
+ * child forked from this process (no exec for a subcommand), stdout and stderr in memfds;
+ * requests run concurrently. When a child ends, its reply is one header line
+ *
+ *   ID KIND VALUE STDOUT_BYTES STDERR_BYTES
+ *
+ * followed by that many bytes of its stdout and then of its stderr (the first SERVE_STDOUT_MAX
+ * bytes of stdout, the last SERVE_STDERR_MAX of stderr). KIND is `exit` (VALUE = status),
+ * `signal` (VALUE = signal), `timeout` or `cancelled` (killed by this process; VALUE = signal)
+ * or `error` (a request refused before anything ran; its message is the stderr part). Bad
+ * requests get an error reply; nothing a request says ends this process. It ends when stdin
+ * closes, after the children in flight ended and were answered.
+ */
+#define SERVE_LINE_MAX 65536
+#define SERVE_FIELDS_MAX 1024
+#define SERVE_REQUESTS_MAX 512
+#define SERVE_ID_MAX 32
+#define SERVE_TIMEOUT_MAX_MS (24ull * 3600 * 1000)
+#define SERVE_STDOUT_MAX (4u << 20)
+#define SERVE_STDERR_MAX 65536u
+
+struct request {
+  pid_t pid; /* 0 = free slot */
+  char id[SERVE_ID_MAX + 1];
+  int output[2]; /* memfds: stdout, stderr */
+  unsigned long long deadline_ms;
+  const char *killed_for; /* "timeout" / "cancelled" once this process killed it */
+};
+
+static struct request requests[SERVE_REQUESTS_MAX];
+static pid_t serve_pid;
+
+static unsigned long long now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (unsigned long long)ts.tv_sec * 1000 + (unsigned long long)ts.tv_nsec / 1000000;
+}
+
+/* Writes everything, or gives up when the reader is gone (EPIPE: the server ended). */
+static void write_all(int fd, const char *data, size_t length) {
+  while (length > 0) {
+    ssize_t wrote = write(fd, data, length);
+    if (wrote < 0) {
+      if (errno == EINTR) continue;
+      return;
+    }
+    data += wrote;
+    length -= (size_t)wrote;
+  }
+}
+
+static void reply(const char *id, const char *kind, int value, const char *out, size_t out_length, const char *err, size_t err_length) {
+  char header[128];
+  int length = snprintf(header, sizeof header, "%s\t%s\t%d\t%zu\t%zu\n", id, kind, value, out_length, err_length);
+  write_all(1, header, (size_t)length);
+  write_all(1, out, out_length);
+  write_all(1, err, err_length);
+}
+
+static void reply_error(const char *id, const char *message) {
+  reply(id, "error", 0, "", 0, message, strlen(message));
+}
+
+static int valid_id(const char *id) {
+  size_t length = strlen(id);
+  if (length == 0 || length > SERVE_ID_MAX) return 0;
+  for (const char *c = id; *c; c++)
+    if (!isalnum((unsigned char)*c) && *c != '_' && *c != '-' && *c != '.') return 0;
+  return 1;
+}
+
+static struct request *find_request(const char *id) {
+  for (int i = 0; i < SERVE_REQUESTS_MAX; i++)
+    if (requests[i].pid > 0 && strcmp(requests[i].id, id) == 0) return &requests[i];
+  return NULL;
+}
+
+/* Reads up to `max` bytes of a memfd: its start, or its end when `tail`. Returns a malloc'd buffer. */
+static char *read_capture(int fd, size_t max, int tail, size_t *length) {
+  struct stat st;
+  *length = 0;
+  if (fstat(fd, &st) != 0 || st.st_size <= 0) return NULL;
+  size_t size = (size_t)st.st_size, want = size < max ? size : max;
+  off_t from = tail ? (off_t)(size - want) : 0;
+  char *buffer = malloc(want);
+  if (!buffer) return NULL;
+  while (*length < want) {
+    ssize_t got = pread(fd, buffer + *length, want - *length, from + (off_t)*length);
+    if (got <= 0) break;
+    *length += (size_t)got;
+  }
+  return buffer;
+}
+
+static void finish_request(struct request *request, int status) {
+  size_t out_length, err_length;
+  char *out = read_capture(request->output[0], SERVE_STDOUT_MAX, 0, &out_length);
+  char *err = read_capture(request->output[1], SERVE_STDERR_MAX, 1, &err_length);
+  const char *kind = request->killed_for ? request->killed_for : WIFEXITED(status) ? "exit" : "signal";
+  int value = WIFEXITED(status) ? WEXITSTATUS(status) : WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+  reply(request->id, kind, value, out ? out : "", out_length, err ? err : "", err_length);
+  free(out);
+  free(err);
+  close(request->output[0]);
+  close(request->output[1]);
+  request->pid = 0;
+}
+
+/* What an exec request asks for, parsed in the parent (so a bad one is refused, not run). */
+struct exec_request {
+  const char *netns;
+  char **env;
+  int env_count;
+  int capture;
+  char **argv;
+};
+
+static const char *parse_exec(char **args, int count, struct exec_request *exec) {
+  memset(exec, 0, sizeof *exec);
+  static char *env[SERVE_FIELDS_MAX];
+  exec->env = env;
+  int i = 0;
+  for (; i < count; i += 2) {
+    if (strcmp(args[i], "--") == 0) break;
+    if (i + 1 >= count) return "exec options come in --name value pairs, then --";
+    const char *value = args[i + 1];
+    if (strcmp(args[i], "--netns") == 0) {
+      if (value[0] != '/') return "--netns must be an absolute path";
+      exec->netns = value;
+    } else if (strcmp(args[i], "--env") == 0) {
+      const char *equals = strchr(value, '=');
+      if (!equals || equals == value) return "--env takes NAME=VALUE";
+      env[exec->env_count++] = args[i + 1];
+    } else if (strcmp(args[i], "--stdio") == 0) {
+      if (strcmp(value, "null") != 0 && strcmp(value, "capture") != 0) return "--stdio is null or capture";
+      exec->capture = strcmp(value, "capture") == 0;
+    } else {
+      return "unknown exec option";
+    }
+  }
+  if (i >= count || i + 1 >= count) return "exec needs -- and a program";
+  if (args[i + 1][0] == 0) return "exec needs a program";
+  exec->argv = &args[i + 1];
+  return NULL;
+}
+
+/* The child of an exec request: namespace, environment, stdio, then the program. */
+static void run_exec(const struct exec_request *exec, int out, int err) {
+  /* Where a failure is told: stderr when captured, else the stderr memfd itself. */
+  int report = exec->capture ? 2 : err;
+  if (exec->netns) {
+    int fd = open(exec->netns, O_RDONLY | O_CLOEXEC);
+    if (fd < 0 || setns(fd, CLONE_NEWNET) != 0) {
+      dprintf(report, "sandbox-helper: entering the network namespace %s: %s\n", exec->netns, strerror(errno));
+      _exit(127);
+    }
+    close(fd);
+  }
+  for (int i = 0; i < exec->env_count; i++) {
+    char *equals = strchr(exec->env[i], '=');
+    *equals = 0;
+    if (setenv(exec->env[i], equals + 1, 1) != 0) {
+      dprintf(report, "sandbox-helper: setenv %s: %s\n", exec->env[i], strerror(errno));
+      _exit(127);
+    }
+  }
+  if (!exec->capture) {
+    /*
+     * Detached runc: the container inherits runc's stdio, and must not hold a host pipe or
+     * file (CRIU refuses to dump one, and a pipe would never close). /dev/null for all three.
+     */
+    int null = open("/dev/null", O_RDWR);
+    if (null < 0 || dup2(null, 1) < 0 || dup2(null, 2) < 0) _exit(127);
+    if (null > 2) close(null);
+  }
+  execvp(exec->argv[0], exec->argv);
+  dprintf(report, "sandbox-helper: %s: %s\n", exec->argv[0], strerror(errno));
+  _exit(127);
+}
+
+/* One request line (tabs already split into fields). */
+static void handle_request(char **fields, int count) {
+  const char *id = fields[0];
+  if (!valid_id(id)) {
+    reply_error("-", "a request starts with an id of 1-32 letters, digits, '_', '-' or '.'");
+    return;
+  }
+  if (count < 3) {
+    reply_error(id, "a request is ID TIMEOUT_MS COMMAND ARG...");
+    return;
+  }
+  const char *timeout_text = fields[1], *command = fields[2];
+  char *end;
+  errno = 0;
+  unsigned long long timeout_ms = strtoull(timeout_text, &end, 10);
+  if (errno || *end || !isdigit((unsigned char)*timeout_text) || timeout_ms == 0 || timeout_ms > SERVE_TIMEOUT_MAX_MS) {
+    reply_error(id, "the timeout is a number of milliseconds, 1 to a day");
+    return;
+  }
+  if (find_request(id)) {
+    reply_error(id, "a request with this id is in flight");
+    return;
+  }
+  char **args = &fields[3];
+  int arg_count = count - 3;
+  if (strcmp(command, "ping") == 0) {
+    reply(id, "exit", 0, "", 0, "", 0);
+    return;
+  }
+  if (strcmp(command, "cancel") == 0) {
+    struct request *target = arg_count == 1 ? find_request(args[0]) : NULL;
+    if (!target) {
+      reply_error(id, "no such request in flight");
+      return;
+    }
+    if (!target->killed_for) target->killed_for = "cancelled";
+    kill(target->pid, SIGKILL);
+    reply(id, "exit", 0, "", 0, "", 0);
+    return;
+  }
+  struct exec_request exec;
+  int is_exec = strcmp(command, "exec") == 0;
+  if (is_exec) {
+    const char *problem = parse_exec(args, arg_count, &exec);
+    if (problem) {
+      reply_error(id, problem);
+      return;
+    }
+  } else if (!find_subcommand(command)) {
+    reply_error(id, "unknown command");
+    return;
+  } else if (arg_count % 2 != 0) {
+    reply_error(id, "options come in --name value pairs");
+    return;
+  }
+  struct request *request = NULL;
+  for (int i = 0; i < SERVE_REQUESTS_MAX && !request; i++)
+    if (requests[i].pid == 0) request = &requests[i];
+  if (!request) {
+    reply_error(id, "too many requests in flight");
+    return;
+  }
+  int out = memfd_create("stdout", MFD_CLOEXEC), err = memfd_create("stderr", MFD_CLOEXEC);
+  if (out < 0 || err < 0) {
+    if (out >= 0) close(out);
+    if (err >= 0) close(err);
+    reply_error(id, "memfd_create failed");
+    return;
+  }
+  pid_t pid = fork();
+  if (pid < 0) {
+    close(out);
+    close(err);
+    reply_error(id, "fork failed");
+    return;
+  }
+  if (pid == 0) {
+    /* Ends with this process: a request in flight is failed by the server anyway. */
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != serve_pid) _exit(127);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    signal(SIGPIPE, SIG_DFL);
+    int null = open("/dev/null", O_RDONLY);
+    if (null < 0 || dup2(null, 0) < 0) _exit(127);
+    if (null > 0) close(null);
+    if (is_exec && !exec.capture) run_exec(&exec, out, err);
+    if (dup2(out, 1) < 0 || dup2(err, 2) < 0) _exit(127);
+    if (is_exec) run_exec(&exec, out, err);
+    /* A subcommand: its argv as the CLI would have it; fail() and usage() exit this child. */
+    char *argv[SERVE_FIELDS_MAX + 2];
+    argv[0] = "sandbox-helper";
+    argv[1] = (char *)command;
+    for (int i = 0; i < arg_count; i++) argv[2 + i] = args[i];
+    argv[2 + arg_count] = NULL;
+    exit(run_subcommand(2 + arg_count, argv));
+  }
+  request->pid = pid;
+  snprintf(request->id, sizeof request->id, "%s", id);
+  request->output[0] = out;
+  request->output[1] = err;
+  request->deadline_ms = now_ms() + timeout_ms;
+  request->killed_for = NULL;
+}
+
+/* A complete line, split on tabs. */
+static void handle_line(char *line) {
+  /* NULL-terminated: exec's program arguments are its tail. */
+  char *fields[SERVE_FIELDS_MAX + 1];
+  int count = 0;
+  char *start = line;
+  for (;;) {
+    if (count == SERVE_FIELDS_MAX) {
+      reply_error(valid_id(fields[0]) ? fields[0] : "-", "too many fields in a request");
+      return;
+    }
+    fields[count++] = start;
+    char *tab = strchr(start, '\t');
+    if (!tab) {
+      fields[count] = NULL;
+      break;
+    }
+    *tab = 0;
+    start = tab + 1;
+  }
+  handle_request(fields, count);
+}
+
+static int cmd_serve(void) {
+  step = "serve";
+  serve_pid = getpid();
+  signal(SIGPIPE, SIG_IGN);
+  sigset_t child_signal;
+  sigemptyset(&child_signal);
+  sigaddset(&child_signal, SIGCHLD);
+  if (sigprocmask(SIG_BLOCK, &child_signal, NULL) != 0) fail("sigprocmask");
+  int children = signalfd(-1, &child_signal, SFD_CLOEXEC | SFD_NONBLOCK);
+  if (children < 0) fail("signalfd");
+  static char buffer[SERVE_LINE_MAX + 1];
+  size_t filled = 0;
+  /* A line longer than the buffer is dropped up to its newline, and refused. */
+  int discarding = 0;
+  char discarded_id[SERVE_ID_MAX + 1] = "-";
+  int input_open = 1;
+  for (;;) {
+    int in_flight = 0;
+    unsigned long long next_deadline = 0;
+    for (int i = 0; i < SERVE_REQUESTS_MAX; i++) {
+      if (requests[i].pid <= 0) continue;
+      in_flight++;
+      if (!requests[i].killed_for && (next_deadline == 0 || requests[i].deadline_ms < next_deadline)) next_deadline = requests[i].deadline_ms;
+    }
+    if (!input_open && in_flight == 0) return 0;
+    int timeout = -1;
+    if (next_deadline) {
+      unsigned long long now = now_ms();
+      timeout = next_deadline <= now ? 0 : (int)(next_deadline - now > 60000 ? 60000 : next_deadline - now);
+    }
+    struct pollfd polled[2] = {{.fd = children, .events = POLLIN}, {.fd = input_open ? 0 : -1, .events = POLLIN}};
+    if (poll(polled, 2, timeout) < 0) {
+      if (errno == EINTR) continue;
+      fail("poll");
+    }
+    unsigned long long now = now_ms();
+    for (int i = 0; i < SERVE_REQUESTS_MAX; i++) {
+      if (requests[i].pid <= 0 || requests[i].killed_for || requests[i].deadline_ms > now) continue;
+      requests[i].killed_for = "timeout";
+      kill(requests[i].pid, SIGKILL);
+    }
+    if (polled[0].revents) {
+      struct signalfd_siginfo info;
+      while (read(children, &info, sizeof info) == sizeof info) {
+      }
+      int status;
+      pid_t pid;
+      while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        for (int i = 0; i < SERVE_REQUESTS_MAX; i++)
+          if (requests[i].pid == pid) {
+            finish_request(&requests[i], status);
+            break;
+          }
+      }
+    }
+    if (polled[1].revents) {
+      ssize_t got = read(0, buffer + filled, SERVE_LINE_MAX - filled);
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) {
+        input_open = 0;
+        continue;
+      }
+      filled += (size_t)got;
+      char *start = buffer, *newline;
+      while ((newline = memchr(start, '\n', filled - (size_t)(start - buffer))) != NULL) {
+        *newline = 0;
+        if (discarding) {
+          reply_error(discarded_id, "request line too long");
+          discarding = 0;
+        } else if (memchr(start, 0, (size_t)(newline - start))) {
+          char *tab = strchr(start, '\t');
+          if (tab) *tab = 0;
+          reply_error(valid_id(start) ? start : "-", "a request must not contain NUL bytes");
+        } else {
+          handle_line(start);
+        }
+        start = newline + 1;
+      }
+      filled -= (size_t)(start - buffer);
+      memmove(buffer, start, filled);
+      if (filled == SERVE_LINE_MAX) {
+        if (!discarding) {
+          buffer[filled] = 0;
+          char *tab = memchr(buffer, '\t', filled);
+          if (tab) *tab = 0;
+          /* valid_id: at most SERVE_ID_MAX characters. */
+          strcpy(discarded_id, valid_id(buffer) ? buffer : "-");
+        }
+        discarding = 1;
+        filled = 0;
+      }
+    }
+  }
+}
+
+int main(int argc, char **argv) {
+  if (argc < 2) usage("usage: sandbox-helper prepare|snapshot|teardown|hostname|qgroup-gc|net-setup|net-release|net-address|watch|serve [--option value]...");
   if (strcmp(argv[1], "watch") == 0) return cmd_watch();
-  if (strcmp(argv[1], "net-setup") == 0) return cmd_net_setup(argc, argv);
-  if (strcmp(argv[1], "net-release") == 0) return cmd_net_release(argc, argv);
-  if (strcmp(argv[1], "net-address") == 0) return cmd_net_address(argc, argv);
-  usage("unknown subcommand");
-  return 2;
+  if (strcmp(argv[1], "serve") == 0) return cmd_serve();
+  return run_subcommand(argc, argv);
 }
