@@ -10,7 +10,7 @@ import { createLogger } from "../../shared/log.js";
 import type { AgentUser } from "../users.js";
 import { endEventFromExit, signalNumber, type EndEvent } from "./exit-status.js";
 import { launchAs, markForOomKiller } from "./launch.js";
-import { startWithAddon, type SpawnAddonError } from "./spawn-addon.js";
+import { startWithAddon, type AddonChild, type SpawnAddonError } from "./spawn-addon.js";
 
 const log = createLogger("agent-process");
 
@@ -92,7 +92,7 @@ export class ManagedProcess {
    * group; through the spawn addon when the agent has it (SPAWN_NOTE), else Node's spawn.
    */
   static async spawnCommand(spec: SpawnSpec): Promise<ManagedProcess> {
-    let started;
+    let started: AddonChild | undefined;
     try {
       started = startWithAddon({ file: spec.config.cmd, args: spec.config.args, env: spec.env, cwd: spec.cwd, identity: spec.user, stdin: spec.stdin });
     } catch (error) {

@@ -2,15 +2,18 @@
  * SPAWN_NOTE: how the agent starts a pipe-mode command without forking Node.
  *
  * Node's child_process.spawn forks the whole agent (libuv uses fork(); the kernel copies the
- * page tables of a ~60 MB process) and then execs run-as, which execs the command: ~10 ms per
+ * page tables of a ~60 MB process) and then execs run-as, which execs the command: 8-16 ms per
  * start on this project's hosts, most of it the fork. The agent's spawn addon
  * (src/agent/native/spawn.c, `spawn.node` next to the agent) starts the command the way glibc's
  * posix_spawn does, with clone(CLONE_VM | CLONE_VFORK): no address space is copied, and the child
  * does run-as's work itself (new session, stdio, other descriptors closed, signals reset,
  * oom_score_adj 1000 per OOM_NOTE, cwd, groups, gid, uid) before it execs the command, found in
- * PATH like execvp. Its exit is watched through a pidfd on Node's own event loop. Measured on the
- * host, 300 starts of /bin/true to exit each, p50: Node spawn 10.3 ms, Node spawn of run-as
- * 15.9 ms, the addon 3.3 ms (the numbers of the commit that added it; the machine was shared).
+ * PATH like execvp. Its exit is watched through a pidfd on Node's own event loop (CRIU 4.2
+ * checkpoints and restores pidfds: a durable pause keeps the watch, test/e2e/pause.test.ts).
+ * Measured on the host (2 cores shared with other work), 300 starts of /bin/true to exit each,
+ * p50 in one window: Node spawn 7.5 ms, Node spawn of run-as 8.6 ms, the addon 3.4 ms, and a
+ * bash loop of /bin/true 5.7 ms per fork+exec; spawn() itself blocks the event loop ~0.55 ms
+ * (until the child's execve), wrapping the sockets ~0.15 ms.
  *
  * A resident fork server (a small C process forking per request, fds passed back by SCM_RIGHTS)
  * was the alternative; the vfork-style start needs no second process to supervise and restart,
