@@ -4,6 +4,7 @@
  * processes, stdin, signals, terminals, and a sandbox killed while a command streams.
  */
 import assert from "node:assert/strict";
+import { readdirSync, readFileSync } from "node:fs";
 import { after, before, test } from "node:test";
 import { CommandExitError, Sandbox, TimeoutError } from "e2b";
 import { startTestServer, useServerForSdk, type TestServer } from "./harness.js";
@@ -190,6 +191,38 @@ test("orphaned background processes are reaped (no zombies)", async () => {
   const zombies = await sandbox.commands.run("ps -eo stat= | grep -c '^Z' || true");
   assert.equal(zombies.stdout.trim(), "0");
 });
+
+test("commands start through the agent's spawn addon, not a fork of the agent (SPAWN_NOTE)", async () => {
+  // Seen from the host (the agent in the sandbox may be non-dumpable): the command's parent is
+  // the agent, and the agent has the addon mapped.
+  const marker = `t15a-spawn-${process.pid}-${Date.now()}`;
+  const handle = await sandbox.commands.run(`exec -a ${marker} sleep 30`, { background: true, user: "root" });
+  try {
+    let hostPid: number | undefined;
+    for (let i = 0; i < 100 && hostPid === undefined; i++) {
+      for (const entry of readdirSync("/proc").filter((name) => /^\d+$/.test(name))) {
+        const cmdline = readFileSafely(`/proc/${entry}/cmdline`);
+        if (cmdline.startsWith(`${marker}\0`)) hostPid = Number(entry);
+      }
+      if (hostPid === undefined) await new Promise((r) => setTimeout(r, 20));
+    }
+    assert.ok(hostPid, "the command is visible on the host");
+    const agentPid = /^PPid:\s+(\d+)$/m.exec(readFileSafely(`/proc/${hostPid}/status`))?.[1];
+    assert.match(readFileSafely(`/proc/${agentPid}/cmdline`), /\/\.cubicle\/agent\.js/);
+    assert.match(readFileSafely(`/proc/${agentPid}/maps`), /\/spawn\.node$/m);
+    assert.equal(readFileSafely(`/proc/${hostPid}/oom_score_adj`).trim(), "1000");
+  } finally {
+    await handle.kill();
+  }
+});
+
+function readFileSafely(file: string): string {
+  try {
+    return readFileSync(file, "utf8");
+  } catch {
+    return "";
+  }
+}
 
 test("sudo works for the default user", async () => {
   const r = await sandbox.commands.run("sudo -n id -u");

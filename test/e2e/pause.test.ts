@@ -178,6 +178,8 @@ describe("durable pause", () => {
     const sandbox = await Sandbox.create({ timeoutMs: 120_000 });
     try {
       await startStateServer(sandbox);
+      // The agent watches each command's exit through a pidfd (SPAWN_NOTE): CRIU must carry it over.
+      const sleeper = await sandbox.commands.run("sleep 600", { background: true });
       await sandbox.pause();
       await waitFor("the hot pause's image", () => fs.existsSync(pauseImage(sandbox.sandboxId)), (DURABLE_AFTER_SEC + 20) * 1000);
       const writtenWhileHot = imageCreatedAt(pauseImage(sandbox.sandboxId));
@@ -191,6 +193,9 @@ describe("durable pause", () => {
       assert.equal((await hit(sandbox.sandboxId)).body, "s3cret:2", "memory came back from the checkpoint");
       assert.equal(await resumed.files.read("/home/user/note.txt"), "written before the pause");
       assert.equal((await resumed.commands.run("hostname")).stdout.trim(), sandbox.sandboxId);
+      assert.ok((await resumed.commands.list()).some((p) => p.pid === sleeper.pid), "the command survived the checkpoint");
+      assert.equal(await resumed.commands.kill(sleeper.pid), true);
+      await waitFor("the agent to see the restored command's end", async () => !(await resumed.commands.list()).some((p) => p.pid === sleeper.pid), 10_000);
       assert.ok(!fs.existsSync(pauseImage(sandbox.sandboxId)), "the image is removed once resumed");
       console.log(`resume from disk ${resumeMs.toFixed(1)} ms`);
     } finally {

@@ -10,6 +10,8 @@
  * command where util-linux setpriv, dynamically linked, costs ~1.2 ms (measured on the host:
  * spawn of /bin/true direct 1.4 ms, via run-as 1.7, via setpriv 2.6), and every
  * `commands.run` of the default user pays it. Then the template's setpriv, then uid/gid alone.
+ * Pipe-mode commands take this path only without the spawn addon (SPAWN_NOTE in spawn-addon.ts),
+ * whose child switches the user itself; PTYs and interpreter kernels always take it.
  *
  * OOM_NOTE: when a sandbox runs out of memory the kernel's OOM killer picks the process with the
  * highest badness (its memory plus oom_score_adj × the memory limit / 1000). With ~2000 small

@@ -3,13 +3,14 @@
  * of observers (Start and Connect streams), its stdin, its signals and its single end event.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import type { Readable } from "node:stream";
+import type { Readable, Writable } from "node:stream";
 import type { IPty } from "node-pty";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger } from "../../shared/log.js";
 import type { AgentUser } from "../users.js";
 import { endEventFromExit, signalNumber, type EndEvent } from "./exit-status.js";
 import { launchAs, markForOomKiller } from "./launch.js";
+import { startWithAddon, type AddonChild, type SpawnAddonError } from "./spawn-addon.js";
 
 const log = createLogger("agent-process");
 
@@ -41,6 +42,13 @@ export interface SpawnSpec {
   pty?: { cols: number; rows: number };
 }
 
+/** The pipes of a command started without a PTY; stdin only when it asked for one. */
+interface CommandPipes {
+  stdin: Writable | null | undefined;
+  stdout: Readable;
+  stderr: Readable;
+}
+
 /** upstream envd sends at most 32 KiB per data event, 16 KiB for PTYs. */
 const stdChunkBytes = 32 * 1024;
 const ptyChunkBytes = 16 * 1024;
@@ -69,7 +77,7 @@ export class ManagedProcess {
   private constructor(
     spec: SpawnSpec,
     pid: number,
-    private readonly child: ChildProcess | undefined,
+    private readonly pipes: CommandPipes | undefined,
     private readonly term: IPty | undefined,
   ) {
     this.pid = pid;
@@ -79,8 +87,29 @@ export class ManagedProcess {
     this.ended = new Promise((resolve) => (this.resolveEnded = resolve));
   }
 
-  /** Spawns a command with pipes: `[stdin], stdout, stderr`, in its own process group. */
+  /**
+   * Spawns a command with pipes: `[stdin], stdout, stderr`, in its own session and process
+   * group; through the spawn addon when the agent has it (SPAWN_NOTE), else Node's spawn.
+   */
   static async spawnCommand(spec: SpawnSpec): Promise<ManagedProcess> {
+    let started: AddonChild | undefined;
+    try {
+      started = startWithAddon({ file: spec.config.cmd, args: spec.config.args, env: spec.env, cwd: spec.cwd, identity: spec.user, stdin: spec.stdin });
+    } catch (error) {
+      // Node's wording for the same failures (`spawn FILE ENOENT`), so both paths read alike.
+      const message = (error as SpawnAddonError).syscall ? `spawn ${spec.config.cmd} ${(error as SpawnAddonError).code}` : (error as Error).message;
+      throw new CubicleError("invalid_argument", `error starting process '${commandLine(spec.config)}': ${message}`, { cause: error });
+    }
+    if (started) {
+      const proc = new ManagedProcess(spec, started.pid, started, undefined);
+      proc.attachPipes(started, (listener) => started.onExit(listener));
+      return proc;
+    }
+    return ManagedProcess.spawnWithNode(spec);
+  }
+
+  /** Node's spawn of run-as (RUN_AS_NOTE): the path without the addon. */
+  private static async spawnWithNode(spec: SpawnSpec): Promise<ManagedProcess> {
     const launch = launchAs(spec.user, spec.config.cmd, spec.config.args);
     let child: ChildProcess;
     try {
@@ -104,8 +133,10 @@ export class ManagedProcess {
       );
     });
     markForOomKiller(child.pid, launch);
-    const proc = new ManagedProcess(spec, child.pid!, child, undefined);
-    proc.attachChild(child);
+    const pipes = { stdin: child.stdin, stdout: child.stdout!, stderr: child.stderr! };
+    const proc = new ManagedProcess(spec, child.pid!, pipes, undefined);
+    child.on("error", (error) => log.warn("process error", { pid: proc.pid, error: error.message }));
+    proc.attachPipes(pipes, (listener) => child.once("exit", listener));
     return proc;
   }
 
@@ -173,7 +204,7 @@ export class ManagedProcess {
 
   async writeStdin(data: Buffer): Promise<void> {
     if (this.term) throw new CubicleError("internal", "error writing to stdin: tty assigned to process — input should be written to the pty, not the stdin");
-    const stdin = this.child?.stdin;
+    const stdin = this.pipes?.stdin;
     if (!stdin || stdin.destroyed || stdin.writableEnded) throw new CubicleError("internal", "error writing to stdin: stdin not enabled or closed");
     await new Promise<void>((resolve, reject) => {
       stdin.write(data, (error) =>
@@ -184,7 +215,7 @@ export class ManagedProcess {
 
   closeStdin(): void {
     if (this.term) throw new CubicleError("internal", "error closing stdin: cannot close stdin for PTY process — send Ctrl+D (0x04) instead");
-    const stdin = this.child?.stdin;
+    const stdin = this.pipes?.stdin;
     if (stdin && !stdin.writableEnded) stdin.end();
   }
 
@@ -251,17 +282,18 @@ export class ManagedProcess {
       else this.term.pause();
       return;
     }
-    for (const stream of [this.child?.stdout, this.child?.stderr]) {
+    for (const stream of [this.pipes?.stdout, this.pipes?.stderr]) {
       if (!stream || stream.destroyed) continue;
       if (flowing) stream.resume();
       else stream.pause();
     }
   }
 
-  private attachChild(child: ChildProcess): void {
+  /** Streams the output, and ends the process once it has exited and its output is drained. */
+  private attachPipes(pipes: CommandPipes, onExit: (listener: (code: number | null, signal: NodeJS.Signals | number | null) => void) => void): void {
     const streams: Array<[OutputKind, Readable]> = [
-      ["stdout", child.stdout!],
-      ["stderr", child.stderr!],
+      ["stdout", pipes.stdout],
+      ["stderr", pipes.stderr],
     ];
     let open = streams.length;
     let exit: EndEvent | undefined;
@@ -283,10 +315,11 @@ export class ManagedProcess {
         if (--open === 0) complete();
       });
     }
-    child.stdin?.on("error", (error) => log.debug("stdin error", { pid: this.pid, error: error.message }));
-    child.on("error", (error) => log.warn("process error", { pid: this.pid, error: error.message }));
-    child.once("exit", (code, signal) => {
+    pipes.stdin?.on("error", (error) => log.debug("stdin error", { pid: this.pid, error: error.message }));
+    onExit((code, signal) => {
       exit = endEventFromExit(code, signal);
+      // As Node does for its children: nobody reads the stdin of an exited process.
+      pipes.stdin?.destroy();
       if (open === 0) return complete();
       const check = () => {
         // A paused (backed-up) output is not lost: wait until the client catches up.

@@ -22,6 +22,8 @@ export interface AgentKitSources {
   runAs?: string;
   /** The agent's xattr addon (`<distDir>/agent/xattr.node`, XATTR_NOTE), if built. */
   xattrAddon?: string;
+  /** The agent's process start addon (`<distDir>/agent/spawn.node`, SPAWN_NOTE), if built. */
+  spawnAddon?: string;
   /** The sandbox's first program (`<distDir>/sandbox-boot`, native/sandbox-boot.c, BOOT_IDENTITY_NOTE). */
   sandboxBoot: string;
 }
@@ -79,8 +81,9 @@ export function findNativePackages(): NativePackage[] {
  * Assembles `<stateDir>/kit`: the host's Node binary, its dynamic loader and every library that
  * `ldd` lists for it and for node-pty's addon, the agent bundle and node-pty, sandbox-boot (the
  * first program of a sandbox, BOOT_IDENTITY_NOTE) and the mount point of the boot id it binds,
- * and tini and the static run-as helper when the host has them. Sandboxes run the agent through
- * the kit's own loader, so any template rootfs works (glibc, musl or none).
+ * tini, the static run-as helper and the agent's addons (xattr.node, spawn.node) when the host
+ * has them. Sandboxes run the agent through the kit's own loader, so any template rootfs works
+ * (glibc, musl or none).
  *
  * Rebuilt only when a source changed (size or mtime); a new kit replaces the old one by rename,
  * so running sandboxes keep the files they mounted.
@@ -93,6 +96,8 @@ export async function assembleAgentKit(kitDir: string, sources: AgentKitSources)
   const runAs = sources.runAs && existsSync(sources.runAs) ? sources.runAs : undefined;
   const xattrAddon = sources.xattrAddon && existsSync(sources.xattrAddon) ? sources.xattrAddon : undefined;
   if (xattrAddon) addons.push(xattrAddon);
+  const spawnAddon = sources.spawnAddon && existsSync(sources.spawnAddon) ? sources.spawnAddon : undefined;
+  if (spawnAddon) addons.push(spawnAddon);
   const watched = [sources.nodeBinary, sources.agentScript, sources.sandboxBoot, ...(existsSync(TINI_STATIC) ? [TINI_STATIC] : []), ...(runAs ? [runAs] : []), ...sources.nativePackages.map((pkg) => path.join(pkg.dir, "package.json")), ...addons];
   const wanted: Manifest["sources"] = {};
   for (const file of watched) {
@@ -134,6 +139,8 @@ export async function assembleAgentKit(kitDir: string, sources: AgentKitSources)
   else log.warn("the agent's run-as helper is not built (no C compiler?): commands of other users start through setpriv, ~1 ms slower");
   if (xattrAddon) await copyFile(xattrAddon, path.join(staging, "xattr.node"));
   else log.warn("the agent's xattr addon is not built (no C compiler?): file metadata is refused in sandboxes");
+  if (spawnAddon) await copyFile(spawnAddon, path.join(staging, "spawn.node"));
+  else log.warn("the agent's spawn addon is not built (no C compiler?): commands in sandboxes start through Node's spawn, ~5 ms slower");
   await copyFile(sources.agentScript, path.join(staging, "agent.js"));
   await copyFile(`${sources.agentScript}.map`, path.join(staging, "agent.js.map")).catch(() => {});
   for (const pkg of sources.nativePackages) {

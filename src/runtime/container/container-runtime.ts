@@ -188,6 +188,7 @@ export class ContainerRuntime implements Runtime {
       nativePackages: findNativePackages(),
       runAs: path.join(this.config.distDir, "agent", "run-as"),
       xattrAddon: path.join(this.config.distDir, "agent", "xattr.node"),
+      spawnAddon: path.join(this.config.distDir, "agent", "spawn.node"),
       sandboxBoot: this.sandboxBoot,
     });
     await this.mountKit();
