@@ -94,14 +94,16 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     await store.close();
     throw err;
   });
+  const runtime = createContainerRuntime(config);
   network = createNetworkManager(config, {
     tableName: config.nftTable,
     egressPorts,
     privateAllowed: config.egressPrivateAllow,
     onPolicyChange: (runtimeId) => egress.policyChanged(runtimeId),
     onRelease: (runtimeId) => egress.released(runtimeId),
+    // Network set-up and teardown go through the runtime's resident helper: no process start per sandbox.
+    helper: ([command, ...args]) => runtime.helper.call(command!, args, { what: `sandbox network (${command})`, timeoutMs: 15_000 }),
   });
-  const runtime = createContainerRuntime(config);
   const templates = createTemplateCatalog(config);
   await network.init();
   await runtime.init();
