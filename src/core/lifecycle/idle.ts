@@ -137,6 +137,7 @@ export class IdleTiers {
         throw CubicleError.from(err);
       }
     }
+    const runningMs = roundMs(performance.now() - started);
     await ctx.table.update(record, { idle: undefined, network: record.network });
     if (idle.imageId) {
       await ctx.ports.runtime.images.remove(idle.imageId, { background: true }).catch((err) => log.error("removing an idle sandbox's image failed", { imageId: idle.imageId, error: String(err) }));
@@ -146,8 +147,8 @@ export class IdleTiers {
     live.idleDiskFailed = false;
     this.armCheck(live, live.activeAt + this.halfWindowMs());
     const ms = roundMs(performance.now() - started);
-    log.info("woke an idle sandbox", { sandboxId: record.sandboxId, tier: idle.tier, ms });
-    await ctx.recordEvent(record.sandboxId, "idle-woke", { tier: idle.tier, ms });
+    log.info("woke an idle sandbox", { sandboxId: record.sandboxId, tier: idle.tier, ms, runningMs });
+    await ctx.recordEvent(record.sandboxId, "idle-woke", { tier: idle.tier, ms, runningMs });
   }
 
   private halfWindowMs(): number {
