@@ -293,6 +293,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       const next = { allowInternetAccess: update.allowInternetAccess, networkConfig: Object.keys(networkConfig).length > 0 ? networkConfig : undefined };
       if (record.network) await this.ctx.ports.network.applyPolicy(runtimeIdOf(record), networkPolicyOf(next));
       await this.ctx.table.update(record, next);
+      this.idle.touch(sandboxId);
     });
   }
 
