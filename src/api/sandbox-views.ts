@@ -32,8 +32,15 @@ export function sandboxView(record: SandboxRecord, ctx: ViewContext): apiSchema.
   };
 }
 
+/**
+ * Cubicle's extension of getInfo and list: `cubicleIdle` is `"frozen"` or `"disk"` while a
+ * running sandbox sleeps for idleness (core/lifecycle/idle.ts), absent when it is awake. The
+ * E2B SDKs read the fields they know and ignore this one.
+ */
+export type CubicleSandboxFields = { cubicleIdle?: "frozen" | "disk" };
+
 /** `ListedSandbox`: the detail fields without tokens, domain, network and lifecycle. */
-export function listedSandboxView(record: SandboxRecord): apiSchema.ListedSandbox {
+export function listedSandboxView(record: SandboxRecord): apiSchema.ListedSandbox & CubicleSandboxFields {
   return {
     ...identityFields(record),
     startedAt: new Date(record.startedAt).toISOString(),
@@ -43,11 +50,12 @@ export function listedSandboxView(record: SandboxRecord): apiSchema.ListedSandbo
     diskSizeMB: record.diskSizeMB,
     state: record.state === "paused" ? "paused" : "running",
     metadata: record.metadata,
+    ...(record.state === "running" && record.idle ? { cubicleIdle: record.idle.tier } : {}),
   };
 }
 
 /** `SandboxDetail` of `GET /sandboxes/{id}`. */
-export function sandboxDetailView(record: SandboxRecord, ctx: ViewContext): apiSchema.SandboxDetail {
+export function sandboxDetailView(record: SandboxRecord, ctx: ViewContext): apiSchema.SandboxDetail & CubicleSandboxFields {
   return {
     ...listedSandboxView(record),
     ...(record.envdAccessToken ? { envdAccessToken: record.envdAccessToken } : {}),

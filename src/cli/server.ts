@@ -121,6 +121,8 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     admission: { slots: config.maxStarting, maxWaiting: config.maxWaitingCreates, minAvailableBytes: config.minAvailableMB * 1024 * 1024 },
     durablePauseAfterSec: config.durablePauseAfterSec,
     pauseImageAfterMs: config.pauseImageAfterMs,
+    idleFreezeAfterSec: config.idleFreezeAfterSec,
+    idleDiskAfterSec: config.idleDiskAfterSec,
     warmSnapshotTemplates: config.warmSnapshotTemplates,
     templateFingerprint: (template) => templates.fingerprint(template),
     caCertificates: ca.certificatePem,

@@ -8,6 +8,7 @@ import type { AgentLink } from "../protocol/index.js";
 import { LifecycleContext, log, networkPolicyOf } from "./lifecycle/context.js";
 import { Creation } from "./lifecycle/create.js";
 import { handleRuntimeExit, kill } from "./lifecycle/end.js";
+import { IdleTiers } from "./lifecycle/idle.js";
 import { PauseTiers, type ResumeOptions } from "./lifecycle/pause.js";
 import { Reaper } from "./lifecycle/reaper.js";
 import { SandboxMetrics, type MetricSample } from "./metrics.js";
@@ -41,6 +42,10 @@ export interface SandboxManagerOptions {
   admission: StartQueueOptions;
   /** Seconds in the hot pause tier (frozen in RAM) before a checkpoint to disk. */
   durablePauseAfterSec?: number;
+  /** Seconds without traffic, command or CPU use after which a running sandbox is frozen (idle tiers); 0 or absent = never. */
+  idleFreezeAfterSec?: number;
+  /** Seconds frozen for idleness after which its memory goes to disk; 0 or absent = never. */
+  idleDiskAfterSec?: number;
   /**
    * Milliseconds after a hot pause at which its image is written to disk while it stays frozen
    * (so a host reboot does not lose it); default 1000, negative = never.
@@ -84,6 +89,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   private readonly warmSnapshots: WarmSnapshots;
   private readonly creation: Creation;
   private readonly pauses: PauseTiers;
+  private readonly idle: IdleTiers;
   private readonly snapshots: Snapshots;
   private readonly reaper: Reaper;
   private readonly metricsHistory: SandboxMetrics;
@@ -116,12 +122,18 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     });
     this.creation = new Creation(this.ctx, this.pool, this.warmSnapshots);
     this.pauses = new PauseTiers(this.ctx);
+    this.idle = new IdleTiers(this.ctx, { freezeAfterMs: (options.idleFreezeAfterSec ?? 0) * 1000, diskAfterMs: (options.idleDiskAfterSec ?? 0) * 1000 });
+    this.ctx.wakeLocked = (record) => this.idle.wakeLocked(record);
     this.snapshots = new Snapshots(this.ctx);
     this.reaper = new Reaper(this.ctx, this.pauses, { pause: (sandboxId) => this.pause(sandboxId), kill: (sandboxId, reason) => this.kill(sandboxId, reason) });
-    this.ctx.scheduleReaper = () => this.reaper.schedule();
+    this.ctx.scheduleReaper = () => {
+      this.reaper.schedule();
+      this.idle.sync();
+    };
     options.runtime.onExit((runtimeId) => void handleRuntimeExit(this.ctx, this.pool, runtimeId));
     this.metricsHistory = new SandboxMetrics({
-      running: () => new Map(this.ctx.table.records().filter((record) => record.state === "running").map((record) => [record.sandboxId, runtimeIdOf(record)])),
+      // A sandbox asleep on disk has no container to sample.
+      running: () => new Map(this.ctx.table.records().filter((record) => record.state === "running" && record.idle?.tier !== "disk").map((record) => [record.sandboxId, runtimeIdOf(record)])),
       isKnown: (sandboxId) => this.ctx.table.get(sandboxId) !== undefined,
       stats: (runtimeId) => options.runtime.stats(runtimeId),
     });
@@ -131,7 +143,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   /** A sandbox's metrics samples in `[start, end]` (unix seconds, inclusive; metrics.ts). */
   async metrics(sandboxId: string, range: { start?: number; end?: number } = {}): Promise<MetricSample[]> {
     const record = await this.get(sandboxId);
-    return this.metricsHistory.range(sandboxId, record.state === "running" ? runtimeIdOf(record) : undefined, range.start, range.end);
+    return this.metricsHistory.range(sandboxId, record.state === "running" && record.idle?.tier !== "disk" ? runtimeIdOf(record) : undefined, range.start, range.end);
   }
 
   /** The newest sample of each of these sandboxes; ids of no running or paused sandbox are left out. */
@@ -164,10 +176,14 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
 
   // ---- routing ------------------------------------------------------------------------------
 
-  /** The router's lookup: only running sandboxes with a network get traffic. */
+  /**
+   * The router's lookup: only running sandboxes with a network get traffic; one asleep for
+   * idleness has none until resumeForTraffic wakes it. A lookup counts as activity (idle.ts).
+   */
   routeTarget(sandboxId: string): RouteTarget | undefined {
     const live = this.ctx.table.entry(sandboxId);
-    if (!live || live.initialising || live.record.state !== "running" || !live.record.network) return undefined;
+    if (!live || live.initialising || live.record.state !== "running" || !live.record.network || this.idle.asleep(live)) return undefined;
+    live.activeAt = Date.now();
     const { trafficAccessToken, networkConfig } = live.record;
     const maskRequestHost = networkConfig?.maskRequestHost;
     return {
@@ -179,14 +195,24 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   }
 
   /**
-   * The router's second chance: a paused sandbox with auto-resume (and its memory kept) is
-   * resumed for the request that arrived, unless `wake` is false (a health probe); undefined
-   * means answer "not found".
+   * The router's second chance: a running sandbox asleep for idleness is woken (always: it is
+   * running for its user, health probes included); a paused sandbox with auto-resume (and its
+   * memory kept) is resumed for the request that arrived, unless `wake` is false (a health
+   * probe); undefined means answer "not found" (also when the wake or resume failed).
    */
   async resumeForTraffic(sandboxId: string, options: { wake?: boolean } = {}): Promise<RouteTarget | undefined> {
     const live = this.ctx.table.entry(sandboxId);
     if (live?.initialising) {
       await live.initialising;
+      return this.routeTarget(sandboxId);
+    }
+    if (live?.record.state === "running" && this.idle.asleep(live)) {
+      try {
+        await this.idle.wake(sandboxId);
+      } catch (err) {
+        log.warn("waking an idle sandbox failed", { sandboxId, error: String(err) });
+        return undefined;
+      }
       return this.routeTarget(sandboxId);
     }
     const record = live?.record;
@@ -199,6 +225,11 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       return undefined;
     }
     return this.routeTarget(sandboxId);
+  }
+
+  /** A forwarded request or stream to a sandbox opened; call the result when it closes (idle tiers count them). */
+  holdAwake(sandboxId: string): () => void {
+    return this.idle.hold(sandboxId);
   }
 
   /** Live and paused sandboxes, for routing signed `/files` URLs that carry no sandbox id. */
@@ -243,8 +274,9 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     await this.ctx.mutex.run(sandboxId, async () => {
       const record = await this.get(sandboxId);
       await this.ctx.table.update(record, { endAt: Date.now() + timeoutSec * 1000 });
+      this.idle.touch(sandboxId);
     });
-    this.reaper.schedule();
+    this.ctx.scheduleReaper();
   }
 
   /**
@@ -261,6 +293,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       const next = { allowInternetAccess: update.allowInternetAccess, networkConfig: Object.keys(networkConfig).length > 0 ? networkConfig : undefined };
       if (record.network) await this.ctx.ports.network.applyPolicy(runtimeIdOf(record), networkPolicyOf(next));
       await this.ctx.table.update(record, next);
+      this.idle.touch(sandboxId);
     });
   }
 
@@ -274,13 +307,18 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   /** See PauseTiers.pause: hot (frozen in RAM) with memory, durable (on disk) without; 409 when paused. */
   async pause(sandboxId: string, options: { memory?: boolean } = {}): Promise<void> {
     await this.ctx.mutex.run(sandboxId, async () => this.pauses.pause(await this.get(sandboxId), options));
-    this.reaper.schedule();
+    this.ctx.scheduleReaper();
   }
 
-  /** See PauseTiers.resume. */
+  /** See PauseTiers.resume; a running sandbox asleep for idleness is woken (connect means it is about to be used). */
   async resume(sandboxId: string, options: ResumeOptions): Promise<{ record: SandboxRecord; resumed: boolean }> {
-    const result = await this.ctx.mutex.run(sandboxId, async () => this.pauses.resume(await this.get(sandboxId), options));
-    this.reaper.schedule();
+    const result = await this.ctx.mutex.run(sandboxId, async () => {
+      const record = await this.get(sandboxId);
+      if (record.state === "running") await this.idle.wakeLocked(record);
+      return this.pauses.resume(record, options);
+    });
+    this.idle.touch(sandboxId);
+    this.ctx.scheduleReaper();
     return result;
   }
 
@@ -320,7 +358,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     this.ctx.closed = true;
     this.reaper.stop();
     await this.metricsHistory.stop();
-    await Promise.all([this.pool.drain(), this.warmSnapshots.close(), this.pauses.close()]);
+    await Promise.all([this.pool.drain(), this.warmSnapshots.close(), this.pauses.close(), this.idle.close()]);
   }
 
   /** Kills every live sandbox (used by tests and `cubicle down --kill`). */

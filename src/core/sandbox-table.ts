@@ -15,7 +15,7 @@ const NEXT_STATES: Record<SandboxState, readonly SandboxState[]> = {
 };
 
 /** The record fields other than the state that change while a sandbox lives. */
-export type SandboxPatch = Partial<Pick<SandboxRecord, "network" | "pause" | "endAt" | "runtimeId" | "allowInternetAccess" | "networkConfig">>;
+export type SandboxPatch = Partial<Pick<SandboxRecord, "network" | "pause" | "endAt" | "runtimeId" | "allowInternetAccess" | "networkConfig" | "idle">>;
 
 /** How a sandbox ends: killed (by a user or its timeout) or dead (it failed or vanished). */
 export interface Ending {
@@ -34,6 +34,20 @@ export interface LiveSandbox {
   durableFailed: boolean;
   /** The pending background write of a hot pause's image. */
   pauseImageTimer?: NodeJS.Timeout;
+  /** Idle tiers (lifecycle/idle.ts): the last traffic or API call that reached it (epoch ms). */
+  activeAt: number;
+  /** Idle tiers: forwarded requests and streams open now (a sandbox with one is never idle). */
+  openStreams: number;
+  /** Idle tiers: the pending check for idleness, or move to disk. */
+  idleTimer?: NodeJS.Timeout;
+  /** Idle tiers: a CPU-time reading taken while it was quiet, compared at the next check. */
+  cpuMark?: { atMs: number; usec: number };
+  /** Idle tiers: a freeze or a move to disk is under way (traffic then waits for a wake). */
+  idleMoving: boolean;
+  /** Idle tiers: the wake every concurrent request shares. */
+  waking?: Promise<void>;
+  /** Idle tiers: its move to disk failed: it stays frozen until woken (not retried before). */
+  idleDiskFailed: boolean;
 }
 
 /**
@@ -125,19 +139,21 @@ export class SandboxTable {
     record.endReason = ending.reason;
     record.network = undefined;
     record.pause = undefined;
-    await this.store.updateSandbox(record.sandboxId, { state: ending.state, endReason: ending.reason, network: undefined, pause: undefined });
+    record.idle = undefined;
+    await this.store.updateSandbox(record.sandboxId, { state: ending.state, endReason: ending.reason, network: undefined, pause: undefined, idle: undefined });
     await this.teardown(held, ending.reason);
     await this.store.recordEvent({ sandboxId: record.sandboxId, at: Date.now(), kind: ending.state, detail: { reason: ending.reason } });
   }
 
   private track(record: SandboxRecord): void {
-    this.live.set(record.sandboxId, { record, dumping: false, durableFailed: false });
+    this.live.set(record.sandboxId, { record, dumping: false, durableFailed: false, activeAt: Date.now(), openStreams: 0, idleMoving: false, idleDiskFailed: false });
   }
 
   private untrack(record: SandboxRecord): void {
     const entry = this.live.get(record.sandboxId);
     if (entry?.record !== record) return;
     clearTimeout(entry.pauseImageTimer);
+    clearTimeout(entry.idleTimer);
     this.live.delete(record.sandboxId);
   }
 

@@ -140,6 +140,14 @@ export class FakeRuntime implements Runtime {
 
   async setHostname(): Promise<void> {}
 
+  /** CPU time per container (µs) that cpuTimeUsec reports: a test adds to it to make a sandbox look busy. */
+  readonly cpuUsec = new Map<string, number>();
+
+  async cpuTimeUsec(id: string): Promise<number> {
+    if (!this.containers.has(id)) throw new CubicleError("not_found", `no container ${id}`);
+    return this.cpuUsec.get(id) ?? 0;
+  }
+
   async stats(): Promise<SandboxStats> {
     return { cpuUsedPct: 0, cpuCount: 1, memUsedBytes: 0, memTotalBytes: 0, memCacheBytes: 0, diskUsedBytes: 0, diskTotalBytes: 0 };
   }

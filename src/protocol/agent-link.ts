@@ -42,6 +42,13 @@ export interface AgentLink {
   /** Starts the interpreter's default (Python) kernel and leaves it running but blank. */
   startKernel(address: string, timeoutMs: number): Promise<void>;
   /**
+   * How many processes the agent's process service runs now (envd's `process.Process/List`:
+   * commands started through it, PTYs included), so that a sandbox running a command is not
+   * frozen for idleness. `accessToken` is the sandbox's envd token, if it has one. Throws when
+   * the agent does not answer well: the caller cannot tell, and must take it as busy.
+   */
+  runningProcessCount(address: string, accessToken: string | undefined, timeoutMs?: number): Promise<number>;
+  /**
    * Destroys the idle keep-alive sockets to one address (before a memory dump, so that no idle
    * connection is carried into an image restored elsewhere). Returns how many.
    */

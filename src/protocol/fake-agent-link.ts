@@ -14,7 +14,8 @@ export type AgentLinkCall =
   | { method: "isHealthy"; address: string; timeoutMs: number | undefined }
   | { method: "warmUp"; address: string; user: string; timeoutMs: number | undefined }
   | { method: "startKernel"; address: string; timeoutMs: number }
-  | { method: "dropIdleSockets"; address: string };
+  | { method: "dropIdleSockets"; address: string }
+  | { method: "runningProcessCount"; address: string; accessToken: string | undefined };
 
 export interface FakeAgentLink extends AgentLink {
   /** Every call, in order. */
@@ -26,6 +27,8 @@ export interface FakeAgentLink extends AgentLink {
   readonly failures: Partial<Record<AgentLinkMethod, Error | ((call: AgentLinkCall) => Error | undefined)>>;
   /** The calls of one method. */
   callsOf<M extends AgentLinkMethod>(method: M): Extract<AgentLinkCall, { method: M }>[];
+  /** What `runningProcessCount` answers (default 0). */
+  processCount: number;
 }
 
 /** A FakeAgentLink; its `httpAgent` is a real keep-alive agent, so proxying through it works. */
@@ -56,6 +59,14 @@ export function createFakeAgentLink(failures: FakeAgentLink["failures"] = {}): F
     },
     warmUp: (address: string, user: string, timeoutMs?: number) => record({ method: "warmUp", address, user, timeoutMs }),
     startKernel: (address: string, timeoutMs: number) => record({ method: "startKernel", address, timeoutMs }),
+    processCount: 0,
+    async runningProcessCount(address: string, accessToken: string | undefined) {
+      const call: AgentLinkCall = { method: "runningProcessCount", address, accessToken };
+      calls.push(call);
+      const error = failureFor(call);
+      if (error) throw error;
+      return this.processCount;
+    },
     dropIdleSockets: (address: string) => {
       const call: AgentLinkCall = { method: "dropIdleSockets", address };
       calls.push(call);

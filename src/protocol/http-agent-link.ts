@@ -21,6 +21,9 @@ interface AgentResponse {
   body: Buffer;
 }
 
+/** The most of a process list read (a few thousand processes; the pids limit is 4096 by default). */
+const maxListBytes = 4 * 1024 * 1024;
+
 /** The command an SDK's first `commands.run` sends (`/bin/bash -l -c true`). */
 const warmUpRequest: StartRequest = { process: { cmd: "/bin/bash", args: ["-l", "-c", "true"], envs: {} } };
 
@@ -99,6 +102,22 @@ export class HttpAgentLink implements AgentLink {
     if (restarted.status >= 300) throw new CubicleError("internal", `restarting the python context failed (${restarted.status}): ${snippet(restarted.body, 300)}`);
   }
 
+  async runningProcessCount(address: string, accessToken: string | undefined, timeoutMs = 2000): Promise<number> {
+    const headers: Record<string, string> = { "connect-protocol-version": "1", ...(accessToken ? { "x-access-token": accessToken } : {}) };
+    const res = await this.request(address, this.envdPort, "POST", "/process.Process/List", json({}), timeoutMs, headers, maxListBytes);
+    if (res.status !== 200) throw new CubicleError("unavailable", `the sandbox agent did not list its processes (${res.status}): ${snippet(res.body, 200)}`);
+    let processes: unknown;
+    try {
+      processes = (JSON.parse(res.body.toString("utf8")) as { processes?: unknown }).processes;
+    } catch {
+      throw new CubicleError("unavailable", "the sandbox agent's process list is not JSON");
+    }
+    // proto3 JSON leaves out an empty repeated field.
+    if (processes === undefined) return 0;
+    if (!Array.isArray(processes)) throw new CubicleError("unavailable", "the sandbox agent's process list has no processes array");
+    return processes.length;
+  }
+
   dropIdleSockets(address: string): number {
     let dropped = 0;
     for (const [name, sockets] of Object.entries(this.httpAgent.freeSockets)) {
@@ -112,7 +131,17 @@ export class HttpAgentLink implements AgentLink {
     return dropped;
   }
 
-  private request(address: string, port: number, method: string, path: string, payload: Buffer | undefined, timeoutMs: number, extraHeaders: Record<string, string> = {}): Promise<AgentResponse> {
+  /** One request; an answer longer than `maxBodyBytes` fails it (the agent is untrusted). */
+  private request(
+    address: string,
+    port: number,
+    method: string,
+    path: string,
+    payload: Buffer | undefined,
+    timeoutMs: number,
+    extraHeaders: Record<string, string> = {},
+    maxBodyBytes = Infinity,
+  ): Promise<AgentResponse> {
     return new Promise((resolve, reject) => {
       const req = http.request(
         {
@@ -126,7 +155,12 @@ export class HttpAgentLink implements AgentLink {
         },
         (res) => {
           const chunks: Buffer[] = [];
-          res.on("data", (chunk: Buffer) => chunks.push(chunk));
+          let bytes = 0;
+          res.on("data", (chunk: Buffer) => {
+            bytes += chunk.length;
+            if (bytes > maxBodyBytes) return req.destroy(new Error(`agent at ${address} answered more than ${maxBodyBytes} bytes`));
+            chunks.push(chunk);
+          });
           res.on("end", () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks) }));
           res.on("error", reject);
         },

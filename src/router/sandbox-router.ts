@@ -39,6 +39,11 @@ export interface RouteSource {
    */
   liveSandboxes(): { sandboxId: string; envdAccessToken: string | undefined; state: string; trafficAccessToken?: string | undefined }[];
   on(event: "ended", listener: (sandboxId: string) => void): unknown;
+  /**
+   * A request or stream to a sandbox is being forwarded; the result is called once it closes.
+   * A sandbox with one open is never frozen for idleness.
+   */
+  holdAwake?(sandboxId: string): () => void;
 }
 
 export interface SandboxRouterOptions {
@@ -187,7 +192,11 @@ export class SandboxRouter {
     let set = this.open.get(sandboxId);
     if (!set) this.open.set(sandboxId, (set = new Set()));
     set.add(handle);
+    const release = this.source.holdAwake?.(sandboxId);
+    let untracked = false;
     return () => {
+      if (!untracked) release?.();
+      untracked = true;
       set!.delete(handle);
       if (set!.size === 0 && this.open.get(sandboxId) === set) this.open.delete(sandboxId);
     };

@@ -90,6 +90,12 @@ export interface Runtime {
   setHostname(sandboxId: string, hostname: string): Promise<void>;
   stats(sandboxId: string): Promise<SandboxStats>;
   /**
+   * Total CPU time the sandbox's processes consumed so far (microseconds), without the side
+   * effects of stats() (which measures use since its previous call): the idle tiers compare two
+   * readings. Absent = the runtime cannot tell (its sandboxes are then never frozen for idleness).
+   */
+  cpuTimeUsec?(sandboxId: string): Promise<number>;
+  /**
    * The runtime's images (snapshots, pause images, warm images): callers hold their ids and
    * remove, list and check them here; only the runtime writes and reads what is in them.
    */

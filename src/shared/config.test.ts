@@ -83,3 +83,19 @@ test("CUBICLE_DNS_UPSTREAM, CUBICLE_EGRESS_PRIVATE_ALLOW and CUBICLE_EGRESS_CA_F
   assert.throws(() => parseCaFiles("/nonexistent/ca.pem"), /cannot read \/nonexistent\/ca\.pem/);
   assert.throws(() => parseCaFiles("/etc/hostname"), /holds no PEM certificate/);
 });
+
+test("CUBICLE_IDLE_FREEZE_SECONDS and CUBICLE_IDLE_DISK_SECONDS: 300 and 1800 by default, 0 = off, nonsense refused at start", () => {
+  const defaults = loadConfig({});
+  assert.deepEqual([defaults.idleFreezeAfterSec, defaults.idleDiskAfterSec], [300, 1800]);
+  const set = loadConfig({ CUBICLE_IDLE_FREEZE_SECONDS: "1", CUBICLE_IDLE_DISK_SECONDS: "0" });
+  assert.deepEqual([set.idleFreezeAfterSec, set.idleDiskAfterSec], [1, 0]);
+  for (const [name, value] of [
+    ["CUBICLE_IDLE_FREEZE_SECONDS", "-1"],
+    ["CUBICLE_IDLE_FREEZE_SECONDS", "1.5"],
+    ["CUBICLE_IDLE_FREEZE_SECONDS", "soon"],
+    ["CUBICLE_IDLE_DISK_SECONDS", "99999999"],
+    ["CUBICLE_IDLE_DISK_SECONDS", "30m"],
+  ]) {
+    assert.throws(() => loadConfig({ [name!]: value }), new RegExp(name!), `${name}=${value}`);
+  }
+});

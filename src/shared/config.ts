@@ -50,6 +50,17 @@ export interface CubicleConfig {
    */
   pauseImageAfterMs: number;
   /**
+   * Seconds a running sandbox may go without traffic, an open stream, a running command or CPU
+   * use before it is frozen in RAM (CUBICLE_IDLE_FREEZE_SECONDS, default 300; 0 = never). It
+   * stays `running` for its user and wakes on the next request (getInfo shows `cubicleIdle`).
+   */
+  idleFreezeAfterSec: number;
+  /**
+   * Seconds frozen for idleness after which its memory goes to disk and is released
+   * (CUBICLE_IDLE_DISK_SECONDS, counted from the freeze; default 1800; 0 = never).
+   */
+  idleDiskAfterSec: number;
+  /**
    * Templates whose creates without a pool entry restore a warm snapshot (agent and kernel
    * started) instead of booting (CUBICLE_WARM_SNAPSHOT, comma-separated, e.g.
    * `code-interpreter-v1`, the default; empty or `none` = off). The agent reseeds Python's
@@ -242,6 +253,15 @@ export function parsePoolSizes(raw: string): Record<string, number> {
   return sizes;
 }
 
+/** Whole seconds from the environment, 0 = off, at most 30 days; `fallback` when unset or empty. */
+export function parseSeconds(name: string, raw: string | undefined, fallback: number): number {
+  if (raw === undefined || raw.trim() === "") return fallback;
+  if (!/^\d+$/.test(raw.trim())) throw new Error(`${name}: "${raw}" is not a whole number of seconds (0 = off)`);
+  const value = Number(raw.trim());
+  if (value > 30 * 24 * 3600) throw new Error(`${name}: ${value} s is more than 30 days; use 0 to turn it off`);
+  return value;
+}
+
 /** An integer number of milliseconds from the environment (negative allowed: "never"). */
 function parseMilliseconds(name: string, raw: string): number {
   if (!/^-?\d+$/.test(raw.trim())) throw new Error(`${name}: "${raw}" is not a whole number of milliseconds`);
@@ -266,6 +286,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     poolSizes: parsePoolSizes(env.CUBICLE_POOL_SIZE ?? "base=2"),
     durablePauseAfterSec: Number(env.CUBICLE_DURABLE_PAUSE_AFTER_SEC ?? 60),
     pauseImageAfterMs: parseMilliseconds("CUBICLE_PAUSE_IMAGE_AFTER_MS", env.CUBICLE_PAUSE_IMAGE_AFTER_MS ?? "1000"),
+    idleFreezeAfterSec: parseSeconds("CUBICLE_IDLE_FREEZE_SECONDS", env.CUBICLE_IDLE_FREEZE_SECONDS, 300),
+    idleDiskAfterSec: parseSeconds("CUBICLE_IDLE_DISK_SECONDS", env.CUBICLE_IDLE_DISK_SECONDS, 1800),
     warmSnapshotTemplates: (env.CUBICLE_WARM_SNAPSHOT ?? "code-interpreter-v1")
       .split(",")
       .map((s) => s.trim())

@@ -39,6 +39,11 @@ export interface SandboxRecord {
   endReason: string | undefined;
   /** Set while paused: how, since when, and where a durable pause keeps its image. */
   pause?: PauseInfo;
+  /**
+   * Set while a running sandbox sleeps for idleness, below E2B's lifecycle (its state stays
+   * `running` for the user, who sees the tier only in getInfo/list as `cubicleIdle`).
+   */
+  idle?: IdleInfo;
   /** The snapshot a sandbox was created from (create from snapshot, fork). */
   fromSnapshotId?: string;
   /** The lifetime asked for at create (seconds): an auto-resume grants it again. */
@@ -61,6 +66,19 @@ export interface PauseInfo {
    * is complete, so a host reboot can resume from it. Records of older versions held a
    * directory (`imageDir`); the store converts them on read.
    */
+  imageId?: string;
+}
+
+/**
+ * An idle running sandbox is either frozen in RAM (`frozen`: cgroup freezer, network kept) or
+ * on disk (`disk`: a checkpoint image `pause/<sandbox id>` with its memory, no container, no
+ * network). The next request or SDK call wakes it (core/lifecycle/idle.ts).
+ */
+export interface IdleInfo {
+  tier: "frozen" | "disk";
+  /** Epoch ms of the freeze (the move to disk counts from it). */
+  since: number;
+  /** The checkpoint image of the disk tier. */
   imageId?: string;
 }
 

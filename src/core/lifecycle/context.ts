@@ -59,6 +59,11 @@ export class LifecycleContext {
   closed = false;
   /** Re-arms the reaper after a change of an end of life or a pause (set by the manager). */
   scheduleReaper: () => void = () => undefined;
+  /**
+   * Wakes a running sandbox asleep for idleness (frozen or on disk) before a verb that needs it
+   * live; the caller holds its lock. A no-op for an awake one (set by the manager: idle.ts).
+   */
+  wakeLocked: (record: SandboxRecord) => Promise<void> = async () => undefined;
 
   constructor(
     readonly ports: LifecyclePorts,
@@ -223,8 +228,9 @@ export class LifecycleContext {
     } catch (err) {
       log.error("network release failed", { sandboxId: record.sandboxId, runtimeId, reason, error: String(err) });
     }
-    if (record.pause?.imageId) {
-      await this.ports.runtime.images.remove(record.pause.imageId).catch((err) => log.error("removing a pause image failed", { sandboxId: record.sandboxId, reason, error: String(err) }));
+    // A pause image (either tier), or the image of a running sandbox asleep on disk (idle.ts).
+    for (const image of [record.pause?.imageId, record.idle?.imageId]) {
+      if (image) await this.ports.runtime.images.remove(image).catch((err) => log.error("removing a pause image failed", { sandboxId: record.sandboxId, reason, error: String(err) }));
     }
   }
 }

@@ -31,7 +31,8 @@ export async function handleRuntimeExit(ctx: LifecycleContext, pool: WarmPool, r
   await ctx.mutex
     .run(record.sandboxId, async () => {
       if (!ctx.table.isLive(record) || runtimeIdOf(record) !== runtimeId) return;
-      const hot = record.state === "running" || (record.state === "paused" && record.pause?.tier === "hot");
+      // A running sandbox asleep on disk has no processes by design (idle.ts).
+      const hot = (record.state === "running" && record.idle?.tier !== "disk") || (record.state === "paused" && record.pause?.tier === "hot");
       if (!hot) return;
       const state = await ctx.ports.runtime.state(runtimeId).catch(() => "missing" as const);
       if (state === "running" || state === "frozen") return;

@@ -45,16 +45,22 @@ export class PauseTiers {
     const { ctx } = this;
     if (record.state === "paused") throw new CubicleError("conflict", `sandbox "${record.sandboxId}" is already paused`);
     const memory = options.memory !== false;
+    // Asleep for idleness (idle.ts): with memory it is paused where it sleeps (frozen: hot; on
+    // disk: durable, its image becomes the pause's); a filesystem-only pause needs it awake.
+    if (record.idle && !memory) await ctx.wakeLocked(record);
+    const idle = record.idle;
     // Open streams would hang on a frozen agent: reset them like upstream does on pause.
     ctx.resetConnections(record.sandboxId);
-    if (memory) {
-      await ctx.ports.runtime.freeze(runtimeIdOf(record));
-      await ctx.table.transition(record, "paused", { pause: { tier: "hot", pausedAt: Date.now(), memory: true }, network: record.network });
+    if (idle?.tier === "disk") {
+      await ctx.table.transition(record, "paused", { pause: { tier: "durable", pausedAt: Date.now(), memory: true, imageId: idle.imageId }, idle: undefined });
+    } else if (memory) {
+      if (idle?.tier !== "frozen") await ctx.ports.runtime.freeze(runtimeIdOf(record));
+      await ctx.table.transition(record, "paused", { pause: { tier: "hot", pausedAt: Date.now(), memory: true }, network: record.network, idle: undefined });
     } else {
       await this.checkpointToDisk(record, false, false);
     }
-    await ctx.recordEvent(record.sandboxId, "paused", { tier: record.pause!.tier, memory });
-    if (memory) this.schedulePauseImage(record);
+    await ctx.recordEvent(record.sandboxId, "paused", { tier: record.pause!.tier, memory, ...(idle ? { fromIdle: idle.tier } : {}) });
+    if (record.pause!.tier === "hot") this.schedulePauseImage(record);
   }
 
   /** Arms the background image write of a hot pause (cancelled by resume and by the sandbox's end). */

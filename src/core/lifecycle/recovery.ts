@@ -63,13 +63,26 @@ async function stillThere(ctx: LifecycleContext, pauses: PauseTiers, record: San
   const { images } = runtime;
   const runtimeId = runtimeIdOf(record);
   let alive = false;
-  if (record.state === "running" && record.network) {
+  if (record.state === "running" && record.idle?.tier === "disk" && record.idle.imageId) {
+    // Asleep on disk (idle.ts): it stays so, and the next request wakes it. A network still
+    // recorded is one the previous process did not get to release after the dump.
+    alive = await images.exists(record.idle.imageId);
+    if (alive && record.network) await ctx.releaseHostResources(record);
+  } else if (record.state === "running" && record.network) {
     const state = await runtime.state(runtimeId);
-    // Frozen while running: the server died during a snapshot dump.
+    // Frozen while running: the server died during a snapshot dump, or it was frozen for
+    // idleness: it is thawed and awake again (its idle check starts over).
     if (state === "frozen") await runtime.thaw(runtimeId);
     if (state === "running" || state === "frozen") {
       await network.adopt(runtimeId, record.network, networkPolicyOf(record));
       alive = await agent.isHealthy(record.network.sandboxAddress);
+      if (alive && record.idle) await ctx.table.update(record, { idle: undefined });
+    } else if (record.idle?.tier === "frozen" && (await images.exists(pauses.pauseImageId(record.sandboxId)))) {
+      // The server died between an idle sandbox's dump to disk and recording it: the image is
+      // complete (an image id exists only once committed), so it is asleep on disk.
+      await ctx.table.update(record, { idle: { ...record.idle, tier: "disk", imageId: pauses.pauseImageId(record.sandboxId) } });
+      await ctx.releaseHostResources(record);
+      alive = true;
     }
   } else if (record.state === "paused" && record.pause?.tier === "hot" && record.network) {
     const state = await runtime.state(runtimeId);
@@ -111,6 +124,6 @@ async function removeUnownedImages(ctx: LifecycleContext): Promise<void> {
   }
   const snapshots = new Set((await store.allSnapshots()).map((s) => s.imageId));
   for (const id of await runtime.images.list("snapshot")) if (!snapshots.has(id)) await remove(id);
-  const pauses = new Set(ctx.table.records().map((r) => r.pause?.imageId));
+  const pauses = new Set(ctx.table.records().flatMap((r) => [r.pause?.imageId, r.idle?.imageId]));
   for (const id of await runtime.images.list("pause")) if (!pauses.has(id)) await remove(id);
 }

@@ -149,6 +149,8 @@ export class Snapshots {
         const record = ctx.table.get(sandboxId);
         if (!record || (record.state !== "running" && record.state !== "paused")) throw new CubicleError("not_found", `sandbox "${sandboxId}" not found`);
         if (record.state !== "running") throw new CubicleError("conflict", `sandbox "${sandboxId}" is paused; resume it (connect) before taking a snapshot`);
+        // A dump needs its processes: one asleep for idleness is woken first.
+        await ctx.wakeLocked(record);
         return operation(record);
       });
     } finally {

@@ -64,6 +64,13 @@ export interface CgroupUsage {
   memoryLimitBytes: number | undefined;
 }
 
+/** Total CPU time a container's cgroup consumed, in microseconds (one file read: the idle tiers' check). */
+export async function readCgroupCpuUsec(layout: CgroupLayout, cgroupsPath: string): Promise<number> {
+  if (layout.version === 2) return keyedNumber(await readFile(path.join(layout.v2Mount ?? "/sys/fs/cgroup", cgroupsPath, "cpu.stat"), "utf8"), "usage_usec");
+  const usageNs = await readFile(path.join(layout.v1Mounts.get("cpuacct") ?? "/sys/fs/cgroup/cpuacct", cgroupsPath, "cpuacct.usage"), "utf8");
+  return Number(usageNs.trim()) / 1000;
+}
+
 /** Reads CPU and memory use of a container's cgroup; the files differ between v1 and v2. */
 export async function readCgroupUsage(layout: CgroupLayout, cgroupsPath: string): Promise<CgroupUsage> {
   if (layout.version === 2) {

@@ -11,7 +11,7 @@ import { assembleAgentKit, findNativePackages, type AgentKit } from "./agent-kit
 import { identityFiles, identityFor, readIdentity, writeIdentity, type BootIdentity } from "./boot-identity.js";
 import { CRIU_VIEW_PREFIX, IMAGE_VERSION, imageLayout, makeCriuFilesReadable, readMeta, writeMeta, type CheckpointMeta } from "./checkpoint-image.js";
 import { ContainerImageStore } from "./container-image-store.js";
-import { cgroupDirectories, detectCgroupLayout, readCgroupUsage, removeCgroupDirectories, supportsSwapLimit, type CgroupLayout } from "./cgroups.js";
+import { cgroupDirectories, detectCgroupLayout, readCgroupCpuUsec, readCgroupUsage, removeCgroupDirectories, supportsSwapLimit, type CgroupLayout } from "./cgroups.js";
 import { criuFrontEnv, criuLogTail, ensureCriuKdatCache, findCriu, installCriuForRunc, tarShimEnv, writeCriuConfig, writeTarShim } from "./criu.js";
 import { ANNOTATION_NETNS_PATH, ANNOTATION_ROOTFS_DIR, ANNOTATION_TEMPLATE_ID, buildOciSpec, CPU_PERIOD_USEC } from "./oci-spec.js";
 import { Runc } from "./runc.js";
@@ -755,6 +755,13 @@ export class ContainerRuntime implements Runtime {
       diskUsedBytes: disk?.usedBytes ?? 0,
       diskTotalBytes: facts.diskBytes > 0 ? facts.diskBytes : (disk?.limitBytes ?? 0),
     };
+  }
+
+  async cpuTimeUsec(sandboxId: string): Promise<number> {
+    const layout = this.cgroups ?? (this.cgroups = await detectCgroupLayout());
+    return readCgroupCpuUsec(layout, cgroupsPathOf(checkId(sandboxId))).catch((err) => {
+      throw new CubicleError("not_found", `sandbox ${sandboxId} is not running on this host`, { cause: err });
+    });
   }
 
   /** Cgroup directories a sandbox has (for leak checks). */
