@@ -26,7 +26,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/personality.h>
+#include <sys/prctl.h>
 #include <unistd.h>
+
+#ifndef PR_SET_MEMORY_MERGE
+#define PR_SET_MEMORY_MERGE 67
+#endif
 
 #define MAX_GROUPS 256
 #define OOM_SCORE_ADJ "1000"
@@ -59,6 +65,17 @@ static int parse_groups(char *text, gid_t *groups, size_t *count) {
   return 0;
 }
 
+/*
+ * The agent may run with merging on and randomisation off (sandbox-boot --merge-memory), which
+ * exec would hand down: the sandbox's own processes get neither. This process's memory is its
+ * own since its exec, so switching merging off here does not touch the agent's.
+ */
+static void undo_agent_memory_settings(void) {
+  int current = personality(0xffffffff);
+  if (current != -1 && (current & ADDR_NO_RANDOMIZE)) personality((unsigned long)current & ~ADDR_NO_RANDOMIZE);
+  prctl(PR_SET_MEMORY_MERGE, 0, 0, 0, 0);
+}
+
 int main(int argc, char **argv) {
   unsigned long uid, gid;
   gid_t groups[MAX_GROUPS];
@@ -68,6 +85,7 @@ int main(int argc, char **argv) {
     return 125;
   }
   mark_for_oom_killer();
+  undo_agent_memory_settings();
   if (setgroups(count, groups) != 0 || setgid((gid_t)gid) != 0 || setuid((uid_t)uid) != 0) {
     fprintf(stderr, "run-as: cannot become %lu:%lu: %s\n", uid, gid, strerror(errno));
     return 125;

@@ -50,6 +50,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/personality.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -150,6 +151,14 @@ static int child_main(void *opaque) {
   }
   close_other_fds(args->max_fd);
   mark_for_oom_killer();
+  /*
+   * The agent may run with address randomisation off (sandbox-boot --merge-memory); the
+   * personality is the task's, not the shared memory's, so the command gets it back here.
+   * Merging (PR_SET_MEMORY_MERGE) belongs to the memory the child shares with the agent: it
+   * cannot be switched off here without unmerging the agent, so the command inherits it.
+   */
+  long persona = raw(syscall(SYS_personality, 0xffffffffUL));
+  if (persona >= 0 && (persona & ADDR_NO_RANDOMIZE)) syscall(SYS_personality, (unsigned long)persona & ~(unsigned long)ADDR_NO_RANDOMIZE);
   /* As root, like today's spawn (Node chdirs before run-as drops the user). */
   if ((result = raw(syscall(SYS_chdir, args->cwd))) < 0) return child_fail(args, STAGE_CHDIR, result);
   if (args->switch_ids) {

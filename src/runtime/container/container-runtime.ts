@@ -8,6 +8,7 @@ import { pathExists } from "../../shared/fs.js";
 import { createLogger, roundMs } from "../../shared/log.js";
 import { type CheckpointInfo, type CheckpointOptions, type CheckpointTarget, type Runtime, type RuntimeState, type SandboxSpec, type SandboxStats } from "../types.js";
 import { assembleAgentKit, findNativePackages, type AgentKit } from "./agent-kit.js";
+import { enableKsm } from "./ksm-host.js";
 import { identityFiles, identityFor, readIdentity, writeIdentity, type BootIdentity } from "./boot-identity.js";
 import { CRIU_VIEW_PREFIX, IMAGE_VERSION, imageLayout, makeCriuFilesReadable, readMeta, writeMeta, type CheckpointMeta } from "./checkpoint-image.js";
 import { ContainerImageStore } from "./container-image-store.js";
@@ -43,7 +44,7 @@ export interface ContainerRuntimeOptions {
 }
 
 /** Where the runtime keeps what sandboxes must reach, and the size of its storage pool. */
-export type ContainerRuntimeConfig = Pick<CubicleConfig, "stateDir" | "distDir" | "runcPath" | "runDir"> & Partial<Pick<CubicleConfig, "storageBytes" | "imageBudgetBytes">>;
+export type ContainerRuntimeConfig = Pick<CubicleConfig, "stateDir" | "distDir" | "runcPath" | "runDir"> & Partial<Pick<CubicleConfig, "storageBytes" | "imageBudgetBytes" | "ksm">>;
 
 /**
  * Version of the sandbox's mount layout (config.json). A memory image names every mount, so one
@@ -182,6 +183,7 @@ export class ContainerRuntime implements Runtime {
     await mkdir(this.config.runDir, { recursive: true, mode: 0o711 });
     await chmod(this.config.runDir, 0o711);
     await this.pool.init();
+    const mergeMemory = this.config.ksm === true && (await enableKsm());
     const kit = await assembleAgentKit(this.kitSourceDir, {
       nodeBinary: this.options.nodeBinary ?? process.execPath,
       agentScript: this.options.agentScript ?? path.join(this.config.distDir, "agent", "agent.js"),
@@ -190,6 +192,7 @@ export class ContainerRuntime implements Runtime {
       xattrAddon: path.join(this.config.distDir, "agent", "xattr.node"),
       spawnAddon: path.join(this.config.distDir, "agent", "spawn.node"),
       sandboxBoot: this.sandboxBoot,
+      mergeMemory,
     });
     await this.mountKit();
     this.kit = { dir: this.kitDir, command: kit.command };

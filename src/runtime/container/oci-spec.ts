@@ -1,5 +1,5 @@
 import { SANDBOX_UID_COUNT, type SandboxSpec } from "../types.js";
-import { KIT_BOOT_ID_SOURCE, KIT_MOUNT_POINT } from "./agent-kit.js";
+import { KIT_BOOT_ID_SOURCE, KIT_MOUNT_POINT, kernelNodeCommand } from "./agent-kit.js";
 import { MACHINE_ID_PATH } from "./boot-identity.js";
 import { buildSeccompProfile } from "./seccomp-profile.js";
 
@@ -103,7 +103,7 @@ export function buildOciSpec(input: OciSpecInput): Record<string, unknown> {
     // tini is PID 1; the agent may still set the sandbox's hostname (its own UTS namespace).
     CUBICLE_AGENT_SET_HOSTNAME: "1",
     // How to start Node inside the sandbox (through the kit's loader), for the JS kernels.
-    CUBICLE_AGENT_NODE_COMMAND: JSON.stringify(input.agentCommand.slice(input.agentCommand.indexOf("--library-path") - 1, -1)),
+    CUBICLE_AGENT_NODE_COMMAND: JSON.stringify(kernelNodeCommand(input.agentCommand)),
     CUBICLE_SANDBOX_ID: spec.sandboxId,
   };
   // sandbox-boot drops BOOT_CAPABILITIES before it execs the init.

@@ -15,7 +15,15 @@
  * and then it execs PROGRAM (the init), which stays PID 1. Any failure ends it with exit 1 and
  * a message on stderr: it never execs PROGRAM half done, and never with those capabilities.
  *
- *   sandbox-boot -- PROGRAM [ARG]...
+ * With --merge-memory (AGENT_MEMORY_MERGE_NOTE in src/runtime/container/agent-kit.ts) it also
+ * switches on kernel samepage merging for itself and everything it execs (PR_SET_MEMORY_MERGE,
+ * Linux 6.4; kept across exec since 6.7) and turns address-space randomisation off
+ * (ADDR_NO_RANDOMIZE), so that every sandbox's idle agent lays its heap out at the same
+ * addresses and most of its pages are identical to the other agents'. Both are best effort: a
+ * kernel without them boots the sandbox as before. The agent's process starts (spawn.c, run-as.c)
+ * turn randomisation back on for the commands of the sandbox.
+ *
+ *   sandbox-boot [--merge-memory] -- PROGRAM [ARG]...
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -29,6 +37,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/personality.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
@@ -41,6 +50,10 @@
 #define BOOT_ID_PATH "proc/sys/kernel/random/boot_id"
 /* "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx\n" */
 #define BOOT_ID_SIZE 37
+
+#ifndef PR_SET_MEMORY_MERGE
+#define PR_SET_MEMORY_MERGE 67
+#endif
 
 static void fail(const char *what) {
   fprintf(stderr, "sandbox-boot: %s: %s\n", what, strerror(errno));
@@ -167,15 +180,26 @@ static void drop_boot_capabilities(void) {
   }
 }
 
+/* Best effort (see the head comment): a message, and the sandbox boots without. */
+static void merge_memory(void) {
+  int current = personality(0xffffffff);
+  if (current == -1 || personality((unsigned long)current | ADDR_NO_RANDOMIZE) == -1)
+    fprintf(stderr, "sandbox-boot: cannot turn address randomisation off: %s\n", strerror(errno));
+  if (prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) != 0) fprintf(stderr, "sandbox-boot: cannot turn memory merging on: %s\n", strerror(errno));
+}
+
 int main(int argc, char **argv) {
-  if (argc < 3 || strcmp(argv[1], "--") != 0) {
-    fprintf(stderr, "sandbox-boot: usage: sandbox-boot -- PROGRAM [ARG]...\n");
+  int first = 1, merge = 0;
+  if (argc > 1 && strcmp(argv[1], "--merge-memory") == 0) merge = 1, first = 2;
+  if (argc < first + 2 || strcmp(argv[first], "--") != 0) {
+    fprintf(stderr, "sandbox-boot: usage: sandbox-boot [--merge-memory] -- PROGRAM [ARG]...\n");
     return 2;
   }
   new_clocks();
   bind_boot_id();
   drop_boot_capabilities();
-  execv(argv[2], argv + 2);
-  fail(argv[2]);
+  if (merge) merge_memory();
+  execv(argv[first + 1], argv + first + 1);
+  fail(argv[first + 1]);
   return 1;
 }
