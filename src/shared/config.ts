@@ -101,7 +101,7 @@ export interface CubicleConfig {
    */
   httpsPort: number | undefined;
   /**
-   * Kernel samepage merging for the sandboxes' agents (CUBICLE_KSM, default on;
+   * Kernel samepage merging for the sandboxes' agents (CUBICLE_KSM, default off;
    * AGENT_MEMORY_MERGE_NOTE in src/runtime/container/agent-kit.ts).
    */
   ksm: boolean;
@@ -308,7 +308,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     maxWaitingCreates: parseWholeNumber("CUBICLE_MAX_WAITING_CREATES", env.CUBICLE_MAX_WAITING_CREATES, 500, 0),
     minAvailableMB: parseWholeNumber("CUBICLE_MIN_AVAILABLE_MB", env.CUBICLE_MIN_AVAILABLE_MB, 256, 0),
     httpsPort: parseHttpsPort(env.CUBICLE_HTTPS_PORT, process.getuid?.() === 0),
-    ksm: parseBoolean("CUBICLE_KSM", env.CUBICLE_KSM, true),
+    ksm: parseBoolean("CUBICLE_KSM", env.CUBICLE_KSM, false),
     ...parseTlsFiles(env.CUBICLE_TLS_CERT, env.CUBICLE_TLS_KEY),
     dnsUpstreams: parseDnsUpstreams(env.CUBICLE_DNS_UPSTREAM),
     egressPrivateAllow: parsePrivateAllow(env.CUBICLE_EGRESS_PRIVATE_ALLOW),

@@ -95,6 +95,12 @@ function isExecutable(file: string): boolean {
   }
 }
 
+/** The kit's run-as, when this agent has it (RUN_AS_NOTE). */
+export function runAsHelper(): string | undefined {
+  const helper = findUserSwitch();
+  return helper?.kind === "run-as" ? helper.path : undefined;
+}
+
 /**
  * How to launch `cmd args` as `identity` (RUN_AS_NOTE, OOM_NOTE). Without an identity, or in an
  * agent that is not root, the process runs as the agent's own user. Root's processes go through

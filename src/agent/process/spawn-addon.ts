@@ -28,7 +28,7 @@ import net from "node:net";
 import path from "node:path";
 import type { Readable, Writable } from "node:stream";
 import { createLogger } from "../../shared/log.js";
-import { canSwitchUser, type LaunchIdentity } from "./launch.js";
+import { canSwitchUser, runAsHelper, type LaunchIdentity } from "./launch.js";
 
 const log = createLogger("agent-process");
 
@@ -87,6 +87,23 @@ function loadSpawnAddon(): SpawnAddon | null {
   return loaded;
 }
 
+let merged: boolean | undefined;
+
+/**
+ * Whether this agent's memory is merged by ksmd (sandbox-boot --merge-memory, CUBICLE_KSM):
+ * what it starts through a shared-memory clone would inherit that (AGENT_MEMORY_MERGE_NOTE).
+ */
+function agentMemoryMerged(): boolean {
+  if (merged === undefined) {
+    try {
+      merged = /^ksm_merge_any:\s*yes$/m.test(fs.readFileSync("/proc/self/ksm_stat", "utf8"));
+    } catch {
+      merged = false;
+    }
+  }
+  return merged;
+}
+
 /** True when pipe-mode commands start through the addon. */
 export function spawnAddonAvailable(): boolean {
   return loadSpawnAddon() !== null;
@@ -132,14 +149,19 @@ export function startWithAddon(options: AddonStartOptions): AddonChild | undefin
   let exit: [number | null, number | null] | undefined;
   let listener: ((code: number | null, signal: number | null) => void) | undefined;
   const target = options.identity ?? { uid: 0, gid: 0, groups: [] };
+  // A merging agent's commands go through run-as, which stops merging before its exec
+  // (AGENT_MEMORY_MERGE_NOTE); run-as then switches the user and finds the command itself.
+  const runAs = canSwitchUser() && agentMemoryMerged() ? runAsHelper() : undefined;
+  const candidates = runAs ? [runAs] : execCandidates(options.file, options.env.PATH);
+  const argv = runAs ? [runAs, String(target.uid), String(target.gid), target.groups.length > 0 ? target.groups.join(",") : "-", options.file, ...options.args] : [options.file, ...options.args];
   let started: ReturnType<SpawnAddon["spawn"]>;
   try {
     started = addon.spawn(
-      execCandidates(options.file, options.env.PATH),
-      [options.file, ...options.args],
+      candidates,
+      argv,
       Object.entries(options.env).map(([key, value]) => `${key}=${value}`),
       options.cwd,
-      canSwitchUser() ? [target.uid, target.gid, target.groups] : null,
+      canSwitchUser() && !runAs ? [target.uid, target.gid, target.groups] : null,
       options.stdin,
       (code, signal) => {
         exit = signal > 0 ? [null, signal] : [code, null];

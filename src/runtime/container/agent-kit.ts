@@ -186,10 +186,12 @@ function agentCommand(loaderName: string, hasInit: boolean, mergeMemory: boolean
  * pages. Measured on 60 idle sandboxes after ~90 s: 7.9 → 3.2 MiB private per agent (PSS 8.5 → 4.1).
  * What it gives up: the agent's own address layout and hash seed are the same in every sandbox
  * (a sandbox's user is root in it and can read the agent's memory anyway; crafted colliding keys
- * slow only that sandbox's own agent). The sandbox's commands get randomisation back (spawn.c,
- * run-as.c); run-as also switches merging off for what it runs, but commands started by the
- * spawn addon share the agent's memory until their exec and inherit merging (the kernel keeps
- * it across exec since 6.7), so ksmd scans their memory too.
+ * slow only that sandbox's own agent), and identical pages are shared across sandboxes, which
+ * is a deduplication side channel between them: hence off by default (CUBICLE_KSM). The
+ * sandbox's commands never merge and get randomisation back: a command started by the spawn
+ * addon shares the agent's memory until its exec and would inherit merging (the kernel keeps
+ * it across exec since 6.7), so with merging on the agent starts every command through run-as
+ * (spawn-addon.ts), which switches merging off and randomisation on before it execs.
  */
 const AGENT_RANDOM_SEED_FLAG = "--random-seed=1";
 
