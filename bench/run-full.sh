@@ -16,6 +16,9 @@ cleanup() {
   # The servers keep their nftables tables for sandboxes they would adopt; this run is over.
   nft delete table inet cubicle_bench_pooled 2>/dev/null || true
   nft delete table inet cubicle_bench_cold 2>/dev/null || true
+  for dir in "${pooled_state:-}" "${cold_state:-}"; do
+    [ -n "$dir" ] && CUBICLE_STATE_DIR=$dir node dist/cli.js unmount > /dev/null 2>&1 || true
+  done
 }
 trap cleanup EXIT
 

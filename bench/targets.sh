@@ -20,6 +20,10 @@ cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
   nft delete table inet cubicle_targets_pooled 2>/dev/null || true
   nft delete table inet cubicle_targets_cold 2>/dev/null || true
+  # The servers leave their storage pools mounted for sandboxes they would adopt; none are left.
+  for dir in "${pooled_state:-}" "${cold_state:-}"; do
+    [ -n "$dir" ] && CUBICLE_STATE_DIR=$dir node dist/cli.js unmount > /dev/null 2>&1 || true
+  done
 }
 trap cleanup EXIT
 
