@@ -57,10 +57,13 @@ export class Creation {
       return ctx.markRunning(record, { pooled: false, warmSnapshot: true });
     }
     await ctx.startOrFail(record, async () => {
+      const started = performance.now();
       const network = await ctx.beginNetwork(record);
       await ctx.ports.runtime.create({ ...ctx.specOf(record, template), networkReady: network.ready });
+      const created = performance.now();
       // Its first /init is retried until the agent listens: no separate health probe.
       await ctx.initAgent(record, template, undefined, AGENT_READY_TIMEOUT_MS);
+      log.debug("booted", { sandboxId: record.sandboxId, runtimeMs: roundMs(created - started), agentUpMs: roundMs(performance.now() - created) });
     });
     return ctx.markRunning(record, { pooled: false });
   }
