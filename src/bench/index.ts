@@ -14,6 +14,7 @@ import type { BenchResultFile, Scenario } from "./result.js";
 import { benchBaseline } from "./scenarios/baseline.js";
 import { benchCreate } from "./scenarios/create.js";
 import { benchDensity } from "./scenarios/density.js";
+import { benchDensityIdle } from "./scenarios/density-idle.js";
 import { benchFork, benchPauseResume, benchRestore, benchRestoreSize, benchRollback, benchSnapshot } from "./scenarios/lifecycle.js";
 import { benchNetwork } from "./scenarios/network.js";
 import { benchExec, benchFiles, benchRunCode } from "./scenarios/round-trips.js";
@@ -27,6 +28,7 @@ export type { BenchResultFile } from "./result.js";
 const scenarios: Record<(typeof SCENARIO_NAMES)[number], Scenario> = {
   create: benchCreate,
   density: benchDensity,
+  "density-idle": benchDensityIdle,
   exec: benchExec,
   files: benchFiles,
   runcode: benchRunCode,

@@ -50,7 +50,7 @@ export interface BenchOptions {
   updates: number;
 }
 
-export const SCENARIO_NAMES = ["create", "density", "exec", "files", "runcode", "snapshot", "restore", "restore-size", "rollback", "fork", "pause-resume", "baseline", "network"] as const;
+export const SCENARIO_NAMES = ["create", "density", "density-idle", "exec", "files", "runcode", "snapshot", "restore", "restore-size", "rollback", "fork", "pause-resume", "baseline", "network"] as const;
 
 export const BENCH_USAGE = `usage: ./cubicle bench SCENARIO [options] | ./cubicle bench report [-o RESULTS_DIR] [-r REPORT_DIR]
 
@@ -62,6 +62,7 @@ scenarios: ${SCENARIO_NAMES.join(", ")}
   --wait-pool create: wait until the warm pool is full again before each create (not measured)
   --background N  create: first make N idle sandboxes (not measured) and keep them to the end (the cost curve: create vs live sandboxes)
   -t NAME     template (default base; runcode uses code-interpreter-v1)
+  density-idle needs a server with short CUBICLE_IDLE_FREEZE_SECONDS and CUBICLE_IDLE_DISK_SECONDS
   -s LIST     snapshot, restore-size: dirty sizes in MiB, comma-separated (default 0,10,100,500)
   --settle-ms N   density: wait after each batch (default 3000)
   --floor-mib N   density: stop when MemAvailable falls below this (default 2048)

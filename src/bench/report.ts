@@ -96,6 +96,7 @@ function shapeOf(data: BenchResultFile): string {
   const p = data.parameters ?? {};
   if (data.scenario === "create") return `create|${p.mode ?? "create-delete"}|${createPath(data)}|${p.concurrency}|${Number(p.background ?? 0)}`;
   if (data.scenario === "density") return `density|${p.concurrency}`;
+  if (data.scenario === "density-idle") return `density-idle|${p.total}`;
   if (data.scenario === "baseline") return data.scenario;
   if (["exec", "files", "runcode"].includes(data.scenario)) return `${data.scenario}|${p.concurrency}`;
   return `${data.scenario}|${p.concurrency}`;
@@ -432,6 +433,32 @@ function costCurves(chosen: Loaded[], chart: (name: string, svg: string) => stri
       table(
         ["path", "live sandboxes", "n", "p50", "p95", "file"],
         curves.flatMap(([name, runs]) => runs.map((e) => [name, String(e.data.parameters.background ?? 0), String(e.data.parameters.total), fmt(pick(e.data.summary, "createToFirstCommandMs.p50")), fmt(pick(e.data.summary, "createToFirstCommandMs.p95")), fileRef(e)])),
+      ),
+      "",
+    );
+  }
+  const idle = chosen.filter((e) => e.data.scenario === "density-idle").sort((a, b) => Number(pick(a.data.summary, "sandboxes") ?? 0) - Number(pick(b.data.summary, "sandboxes") ?? 0));
+  if (idle.length === 0) out.push("Idle tiers at scale: no `density-idle` result.", "");
+  else {
+    out.push(
+      "Idle tiers at scale (`density-idle`: sandboxes left alone on a server with short idle settings until all are on disk; host memory per sandbox awake, frozen and on disk; the images' bytes on the storage pool; a sample's first command after a wake):",
+      "",
+      table(
+        ["sandboxes", "awake MiB each", "frozen MiB each", "on disk MiB each", "image MiB each (disk)", "wake from disk p50", "wake from frozen p50", "file"],
+        idle.map((e) =>
+          e.data.status !== "ok"
+            ? [String(pick(e.data.summary, "sandboxes") ?? "—"), `${e.data.status}: ${brief(e.data.reason)}`, "", "", "", "", "", fileRef(e)]
+            : [
+                String(pick(e.data.summary, "sandboxes")),
+                fmt(pick(e.data.summary, "awake.perSandboxMiB"), 2),
+                fmt(pick(e.data.summary, "frozen.perSandboxMiB"), 2),
+                fmt(pick(e.data.summary, "onDisk.perSandboxMiB"), 2),
+                fmt(pick(e.data.summary, "onDisk.imageMiBPerSandbox"), 2),
+                fmt(pick(e.data.summary, "wakeFromDiskToFirstCommandMs.p50")),
+                fmt(pick(e.data.summary, "wakeFromFrozenToFirstCommandMs.p50")),
+                fileRef(e),
+              ],
+        ),
       ),
       "",
     );

@@ -1,0 +1,127 @@
+import fs from "node:fs";
+import path from "node:path";
+import { memAvailableBytes, memFreeBytes } from "../machine.js";
+import type { BenchOptions } from "../options.js";
+import { Progress } from "../progress.js";
+import type { ScenarioResult } from "../result.js";
+import { errorMessage, fulfilled, rejectedMessages, round2, runPool, sleep } from "../run-helpers.js";
+import { summarize } from "../stats.js";
+import { callApi, loadSandboxSdk, type BenchTarget } from "../target.js";
+
+const MiB = 2 ** 20;
+
+/** Bytes of the files under `dir` (st_blocks: what the images take on the pool). */
+function diskBytes(dir: string): number {
+  let total = 0;
+  const walk = (at: string) => {
+    for (const entry of fs.readdirSync(at, { withFileTypes: true })) {
+      const full = path.join(at, entry.name);
+      if (entry.isDirectory()) walk(full);
+      else total += fs.lstatSync(full).blocks * 512;
+    }
+  };
+  try {
+    walk(dir);
+  } catch {
+    return total;
+  }
+  return total;
+}
+
+/**
+ * Idle tiers at scale (issue 15): `-n` sandboxes made in batches of `-c` and left alone on a
+ * server whose idle settings are short (CUBICLE_IDLE_FREEZE_SECONDS / _DISK_SECONDS: set on the
+ * server; this scenario only waits), until every one shows `cubicleIdle: "disk"` in getInfo.
+ * Records host memory per sandbox (MemAvailable and MemFree Δ ÷ N) awake, frozen and on disk,
+ * the images' bytes on the storage pool per sandbox, and the wake of a sample: the first
+ * `commands.run('true')` of a sandbox on disk, and of one frozen (woken, left alone again).
+ */
+export async function benchDensityIdle(options: BenchOptions, target: BenchTarget): Promise<ScenarioResult> {
+  const Sandbox = await loadSandboxSdk(target);
+  const batch = Math.max(1, options.concurrency);
+  const imagesDir = path.join(target.runDir, "pool", "images", "paused");
+  await sleep(options.settleMs);
+  const baseline = { available: memAvailableBytes(), free: memFreeBytes(), imageBytes: diskBytes(imagesDir) };
+  const sandboxes: InstanceType<typeof Sandbox>[] = [];
+  const errors: string[] = [];
+  const per = (now: number, before: number) => round2((before - now) / Math.max(1, sandboxes.length) / MiB);
+  const memoryPoint = () => ({ perSandboxMiB: per(memAvailableBytes(), baseline.available), perSandboxFreeMiB: per(memFreeBytes(), baseline.free) });
+  const tierOf = async (id: string) => {
+    const res = await callApi(target, "GET", `/sandboxes/${id}`);
+    return res.status === 200 ? String(res.json.cubicleIdle ?? "awake") : `status ${res.status}`;
+  };
+  const waitAll = async (tier: string, timeoutMs: number) => {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const tiers = await Promise.all(sandboxes.map((s) => tierOf(s.sandboxId)));
+      const done = tiers.filter((t) => t === tier).length;
+      if (done === sandboxes.length) return;
+      if (Date.now() > deadline) throw new Error(`${done} of ${sandboxes.length} sandboxes reached "${tier}" within ${timeoutMs} ms (others: ${[...new Set(tiers.filter((t) => t !== tier))].join(", ")})`);
+      await sleep(500);
+    }
+  };
+  const progress = new Progress(`density-idle batch=${batch}`, options.total, options.progress);
+  try {
+    while (sandboxes.length < options.total) {
+      const count = Math.min(batch, options.total - sandboxes.length);
+      const results = await runPool(count, count, () => Sandbox.create(options.template, { timeoutMs: 3_600_000 }));
+      const created = fulfilled(results);
+      sandboxes.push(...created);
+      for (const message of rejectedMessages(results)) errors.push(message);
+      for (let i = 0; i < created.length; i++) progress.sample(0);
+      if (created.length === 0) throw new Error(`a whole batch failed: ${errors[errors.length - 1]}`);
+    }
+    progress.finish();
+    const awake = memoryPoint();
+    const limitMs = 600_000 + sandboxes.length * 2_000;
+    await waitAll("frozen", limitMs).catch(async (err) => {
+      // Some may already be on disk: frozen or disk both count as asleep here.
+      const tiers = await Promise.all(sandboxes.map((s) => tierOf(s.sandboxId)));
+      if (tiers.some((t) => t !== "frozen" && t !== "disk")) throw err;
+    });
+    await sleep(options.settleMs);
+    const frozen = memoryPoint();
+    await waitAll("disk", limitMs);
+    await sleep(options.settleMs);
+    const onDisk = { ...memoryPoint(), imageMiBPerSandbox: round2((diskBytes(imagesDir) - baseline.imageBytes) / sandboxes.length / MiB) };
+    // Wakes of a sample: from disk, then (after it froze again) from frozen.
+    const sample = sandboxes.slice(0, Math.min(sandboxes.length, Math.max(3, Math.round(options.total / 20))));
+    const fromDisk: number[] = [];
+    for (const sandbox of sample) {
+      const t0 = performance.now();
+      await sandbox.commands.run("true");
+      fromDisk.push(round2(performance.now() - t0));
+    }
+    const fromFrozen: number[] = [];
+    const refrozen = sample.slice(0, Math.min(sample.length, 5));
+    const deadline = Date.now() + 120_000;
+    for (const sandbox of refrozen) {
+      while ((await tierOf(sandbox.sandboxId)) !== "frozen") {
+        if (Date.now() > deadline) throw new Error(`sandbox ${sandbox.sandboxId} did not freeze again within 120 s`);
+        await sleep(200);
+      }
+      const t0 = performance.now();
+      await sandbox.commands.run("true");
+      fromFrozen.push(round2(performance.now() - t0));
+    }
+    return {
+      status: "ok",
+      samples: { fromDisk, fromFrozen },
+      errors,
+      summary: {
+        sandboxes: sandboxes.length,
+        awake,
+        frozen,
+        onDisk,
+        wakeFromDiskToFirstCommandMs: summarize(fromDisk),
+        wakeFromFrozenToFirstCommandMs: summarize(fromFrozen),
+        note: "memory per sandbox = (MemAvailable or MemFree before − at the point) ÷ sandboxes; images on the storage pool's paused/ directory",
+      },
+    };
+  } catch (err) {
+    return { status: "failed", reason: errorMessage(err), samples: [], errors, summary: { sandboxes: sandboxes.length } };
+  } finally {
+    progress.finish();
+    await Promise.all(sandboxes.map((s) => s.kill().catch(() => false)));
+  }
+}
