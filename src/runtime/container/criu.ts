@@ -73,8 +73,10 @@ async function replaceFile(file: string, content: Buffer, mode: number): Promise
  * compressed archive by itself (images made before the shim are gzip), which it cannot do on a
  * stream, and no process has to look at the magic first. The image file keeps CRIU's
  * `.tar.gz.img` name whatever its content. The shim is the static build of
- * src/runtime/container/native/tar-shim.c when there is one (~1 ms less per tmpfs mount than
- * this shell version, which stays as the fallback).
+ * src/runtime/container/native/tar-shim.c when there is one: it archives and extracts what CRIU
+ * asks for itself (GNU tar's format; no process per tmpfs mount) and execs GNU tar as above only
+ * for what it does not handle (sparse files, gzip images, other entry types). This shell version
+ * stays as the fallback when it could not be built.
  */
 export function tarShim(realTar: string): string {
   return `#!/bin/sh
