@@ -12,6 +12,7 @@ import { defaultRunDir } from "../../shared/config.js";
 import { runCommand } from "../../shared/exec.js";
 import { imageId, type ImageKind } from "../images.js";
 import type { CheckpointTarget, SandboxSpec } from "../types.js";
+import { imageLayout } from "./checkpoint-image.js";
 import { ContainerRuntime } from "./container-runtime.js";
 import { findCriu } from "./criu.js";
 import { agentGet, cleanUpRuntimeTest, waitForAgentHealth } from "./test-helpers.js";
@@ -409,7 +410,7 @@ describe("container checkpoints (CRIU)", { skip }, () => {
     const agentRuntime = new ContainerRuntime({ stateDir: agentState, distDir: path.join(repoRoot, "dist"), runcPath: "runc", runDir: defaultRunDir(agentState), storageBytes: 8 * 1024 ** 3 });
     await agentRuntime.init();
     // A cache from another CRIU binary: the front must ask the real CRIU again, not trust it.
-    const versionCache = path.join(agentState, "criu-bin", "version-reply");
+    const versionCache = path.join(defaultRunDir(agentState), "criu-bin", "version-reply");
     await writeFile(versionCache, "cubicle-criu-version 1 0 0 0 0.000000000\nstale");
     const source = await newSandbox(agentRuntime);
     let clone: Sandbox | undefined;
@@ -423,7 +424,16 @@ describe("container checkpoints (CRIU)", { skip }, () => {
       assert.match(cached.subarray(0, stampEnd).toString(), new RegExp(`^cubicle-criu-version 1 ${info.dev} ${info.ino} ${info.size} \\d+\\.\\d{9}\\n$`));
       // criu_resp: type = VERSION (10), success = true, then the version message.
       assert.deepEqual([...cached.subarray(stampEnd, stampEnd + 4)], [0x08, 0x0a, 0x10, 0x01]);
-      assert.ok((await lstat(path.join(agentState, "criu-bin", "criu"))).isFile(), "runc runs the front, not a link to CRIU");
+      assert.ok((await lstat(path.join(defaultRunDir(agentState), "criu-bin", "criu"))).isFile(), "runc runs the front, not a link to CRIU");
+      // CRIU ran Cubicle's tar shim for the tmpfs mounts (TAR_SHIM_NOTE): the host's GNU tar,
+      // which it finds when the shim's directory is out of the sandbox's reach, writes gzip.
+      const criuDir = imageLayout(agentRuntime.images.dirOf(agentImage)).criu;
+      const archives = (await readdir(criuDir)).filter((name) => /^tmpfs-dev-\d+\.tar\.gz\.img$/.test(name));
+      assert.ok(archives.length >= 2, `the image holds the sandbox's tmpfs archives: ${archives.join(", ")}`);
+      for (const name of archives) {
+        const head = (await readFile(path.join(criuDir, name))).subarray(0, 2);
+        assert.notDeepEqual([...head], [0x1f, 0x8b], `${name} is gzip: CRIU ran the host's tar, not the shim`);
+      }
       const cachedAt = (await stat(versionCache)).mtimeMs;
       clone = await restoreClone(agentImage, 256, agentRuntime);
       assert.equal((await stat(versionCache)).mtimeMs, cachedAt, "the restore's version question was answered from the cache, not asked again");

@@ -167,7 +167,10 @@ export class ContainerRuntime implements Runtime {
     this.images = new ContainerImageStore(this.pool.imagesDir, { onDeleted: () => this.noteDeletion() });
     this.kitSourceDir = path.join(config.stateDir, "kit");
     this.criuConfigFile = path.join(config.stateDir, "criu-runc.conf");
-    this.criuBinDir = path.join(config.stateDir, "criu-bin");
+    // CRIU runs `tar` for tmpfs mounts inside the sandbox's user namespace, whose root cannot
+    // traverse the 0700 state directory: there the shim would be skipped for the host's GNU tar
+    // (with --gzip, and a process start more). The run dir (0711) is reachable (TAR_SHIM_NOTE).
+    this.criuBinDir = path.join(config.runDir, "criu-bin");
   }
 
   /** The kit as sandboxes reach it: a read-only bind of `<stateDir>/kit` under the run dir. */
@@ -203,6 +206,8 @@ export class ContainerRuntime implements Runtime {
     await writeCriuConfig(this.criuConfigFile);
     this.hostTar = await findHostTar();
     await writeTarShim(this.criuBinDir, this.hostTar, path.join(this.config.distDir, "tar-shim"));
+    // Where older versions kept the shims (unreachable from the sandbox's namespace, see above).
+    await rm(path.join(this.config.stateDir, "criu-bin"), { recursive: true, force: true });
     await this.prepareCriuCache();
     this.cgroups = await detectCgroupLayout();
     this.limitSwap = await supportsSwapLimit(this.cgroups);

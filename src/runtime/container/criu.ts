@@ -67,7 +67,9 @@ async function replaceFile(file: string, content: Buffer, mode: number): Promise
 /**
  * TAR_SHIM_NOTE: CRIU archives the sandbox's tmpfs mounts (/dev/shm, /dev) with `tar --gzip`,
  * hard-coded (mount.c): gzip manages ~35 MB/s, so 500 MB in /dev/shm kept the sandbox frozen for 25 s.
- * CRIU runs `tar` from PATH; runc gets this shim first in PATH for checkpoint and restore. It
+ * CRIU runs `tar` from PATH, inside the sandbox's user namespace; runc gets this shim first in
+ * PATH for checkpoint and restore, in a directory of the run dir (the sandbox's root cannot
+ * traverse the 0700 state directory, and a PATH entry it cannot reach is skipped). It
  * drops `--gzip`. When extracting, it has tar read the image through `/proc/self/fd/0` (CRIU
  * hands it over as stdin, a regular file) instead of from the stream: GNU tar then recognises a
  * compressed archive by itself (images made before the shim are gzip), which it cannot do on a
