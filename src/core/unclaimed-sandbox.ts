@@ -27,8 +27,8 @@ export interface UnclaimedSandboxDeps {
  * template's warm snapshot), under the id of the sandbox that may later take it, with the
  * template's own resources and internet access. It is recorded as a `pool_entries` row before
  * anything exists on the host, so recovery removes what a crash leaves; the namespace is made
- * while the runtime prepares the container. It runs at the lowest CPU priority (a background
- * start, BACKGROUND_START_NOTE in the container runtime) until whoever takes it calls
+ * while the runtime prepares the container. It is a background start (the lowest CPU weight,
+ * BACKGROUND_START_NOTE in the container runtime) until a pool claim calls
  * `runtime.foreground`. Resolves once the agent answers; on failure, whatever was made is
  * removed again.
  */

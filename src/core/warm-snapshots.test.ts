@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { parseImageId } from "../runtime/images.js";
-import { fakeHost, fakeTemplate, until } from "./test-fakes.js";
+import { fakeHost, fakeTemplate } from "./test-fakes.js";
 import type { TemplateInfo } from "./types.js";
 import { WarmSnapshots } from "./warm-snapshots.js";
 
@@ -49,19 +49,4 @@ test("an image is used only while its template and kit fingerprints are current;
   assert.equal(await fresh.imageFor(template), undefined, "so does a new template recipe");
   await fresh.close();
   assert.deepEqual(await f.runtime.images.list("warm"), [], "the rebuild removed the stale image");
-});
-
-test("a warm snapshot's source boots at background priority and gets the normal one back before its checkpoint", async () => {
-  const f = fakeHost({ fingerprint: () => "kit-1" });
-  const snapshots = new WarmSnapshots({ ...f, templates: ["ci"], pidsLimit: 100, templateFingerprint: async () => "recipe-1" });
-  assert.equal(await snapshots.imageFor(template), undefined, "a build starts");
-  await until(() => snapshots.counts()[template.templateId]?.ready === true);
-  const [source] = f.runtime.calls.filter((call) => call.startsWith("create ")).map((call) => call.slice("create ".length));
-  assert.ok(source);
-  assert.deepEqual(
-    f.runtime.calls.filter((call) => call.endsWith(` ${source}`)),
-    ["create", "foreground", "checkpoint", "destroy"].map((step) => `${step} ${source}`),
-    "no image keeps a background priority",
-  );
-  await snapshots.close();
 });

@@ -158,8 +158,6 @@ export class WarmSnapshots {
       if (this.stopped) return undefined;
       // No idle keep-alive connection of ours may be carried into the image (see AgentLink.dropIdleSockets).
       this.options.agent.dropIdleSockets(address);
-      // Booted at background CPU priority: restored sandboxes must not keep its nice value.
-      await runtime.foreground(entry.runtimeId);
       const { imageId: made } = await runtime.checkpoint(entry.runtimeId, { kind: "warm", name }, { memory: true, leaveRunning: false });
       log.info("warm snapshot ready", { templateId: template.templateId, imageId: made, kernel, buildMs: Math.round(performance.now() - started) });
       return made;

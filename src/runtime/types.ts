@@ -47,8 +47,8 @@ export interface SandboxSpec {
    */
   sameMachine?: boolean;
   /**
-   * create(): a start for no one yet (a warm-pool entry, a warm snapshot's source), made at the
-   * lowest CPU priority so that foreground work wins the CPU while it boots and waits;
+   * create(): a start for no one yet (a warm-pool entry, a warm snapshot's source), made with
+   * the lowest CPU weight so that foreground work wins the CPU while it boots and waits;
    * `Runtime.foreground` gives it the normal one when it is claimed.
    */
   background?: boolean;
@@ -90,10 +90,9 @@ export interface Runtime {
   freeze(sandboxId: string): Promise<void>;
   thaw(sandboxId: string): Promise<void>;
   /**
-   * Gives a sandbox created with `spec.background` the CPU priority every other sandbox has
-   * (a warm-pool claim, before its thaw; a warm snapshot's source, before its checkpoint, so no
-   * image keeps a background priority). Cheap: file writes and syscalls, no process start; works
-   * on a frozen sandbox, and on one that never was a background start (nothing changes).
+   * Gives a sandbox created with `spec.background` the CPU weight every other sandbox has (a
+   * warm-pool claim, before its thaw). Cheap: a file write, no process start; works on a frozen
+   * sandbox, and on one that never was a background start (nothing changes).
    */
   foreground(sandboxId: string): Promise<void>;
   /**

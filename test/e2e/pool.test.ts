@@ -192,15 +192,13 @@ function threadNiceValues(sandboxId: string): number[] {
   });
 }
 
-test("pool entries wait at the lowest CPU priority; a claimed sandbox has the normal one and its processes nice 0", async () => {
+test("pool entries wait with the lowest CPU weight; a claimed sandbox has a normal create's and its processes nice 0", async () => {
   await waitForPool(POOL_SIZE);
   const pooled = containers().filter((c) => c.endsWith(":paused")).map((c) => c.slice("cubicle-".length, -":paused".length));
   assert.equal(pooled.length, POOL_SIZE, containers().join(" "));
   for (const id of pooled) {
     const { dir, weightFile, low } = cpuCgroup(id);
     assert.equal(fs.readFileSync(`${dir}/${weightFile}`, "utf8").trim(), low, `pool entry ${id}'s cgroup weight`);
-    const nice = threadNiceValues(id);
-    assert.ok(nice.length > 0 && nice.every((value) => value === 19), `pool entry ${id}'s threads inherit runc's nice value: ${nice}`);
   }
   const sandbox = await Sandbox.create();
   try {

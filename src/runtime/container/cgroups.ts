@@ -1,6 +1,5 @@
-import { readFileSync, writeFileSync } from "node:fs";
+import { writeFileSync } from "node:fs";
 import { readFile, rmdir } from "node:fs/promises";
-import { setPriority } from "node:os";
 import path from "node:path";
 import { pathExists } from "../../shared/fs.js";
 
@@ -64,27 +63,13 @@ export async function removeCgroupDirectories(layout: CgroupLayout, cgroupsPath:
 export const NORMAL_CPU_WEIGHT = { v1Shares: 1024, v2Weight: 100 } as const;
 
 /**
- * Gives a container's cgroup the normal CPU weight and each of its threads nice 0
- * (BACKGROUND_START_NOTE in container-runtime.ts): synchronous file writes and setpriority
- * calls, no process start. Nice values are per thread, so every thread of the cgroup is set (v1
- * `tasks`, v2 `cgroup.threads`); one that ended meanwhile is skipped. Call it on a frozen
- * container so none forks meanwhile. Throws when the cgroup is gone.
+ * Gives a container's cgroup the normal CPU weight (BACKGROUND_START_NOTE in
+ * container-runtime.ts): one synchronous file write, no process start. Throws when the cgroup
+ * is gone (ENOENT).
  */
-export function restoreNormalCpuPriority(layout: CgroupLayout, cgroupsPath: string): void {
-  const dir =
-    layout.version === 2 ? path.join(layout.v2Mount ?? "/sys/fs/cgroup", cgroupsPath) : path.join(layout.v1Mounts.get("cpu") ?? "/sys/fs/cgroup/cpu", cgroupsPath);
-  if (layout.version === 2) writeFileSync(path.join(dir, "cpu.weight"), String(NORMAL_CPU_WEIGHT.v2Weight));
-  else writeFileSync(path.join(dir, "cpu.shares"), String(NORMAL_CPU_WEIGHT.v1Shares));
-  const threads = readFileSync(path.join(dir, layout.version === 2 ? "cgroup.threads" : "tasks"), "latin1");
-  for (const line of threads.split("\n")) {
-    const tid = Number(line);
-    if (!Number.isInteger(tid) || tid <= 0) continue;
-    try {
-      setPriority(tid, 0);
-    } catch (err) {
-      if ((err as { info?: { code?: string } }).info?.code !== "ESRCH") throw err;
-    }
-  }
+export function setNormalCpuWeight(layout: CgroupLayout, cgroupsPath: string): void {
+  if (layout.version === 2) writeFileSync(path.join(layout.v2Mount ?? "/sys/fs/cgroup", cgroupsPath, "cpu.weight"), String(NORMAL_CPU_WEIGHT.v2Weight));
+  else writeFileSync(path.join(layout.v1Mounts.get("cpu") ?? "/sys/fs/cgroup/cpu", cgroupsPath, "cpu.shares"), String(NORMAL_CPU_WEIGHT.v1Shares));
 }
 
 export interface CgroupUsage {

@@ -12,7 +12,7 @@ import { enableKsm } from "./ksm-host.js";
 import { identityFiles, identityFor, readIdentity, writeIdentity, type BootIdentity } from "./boot-identity.js";
 import { CRIU_VIEW_PREFIX, IMAGE_VERSION, imageLayout, makeCriuFilesReadable, readMeta, writeMeta, type CheckpointMeta } from "./checkpoint-image.js";
 import { ContainerImageStore } from "./container-image-store.js";
-import { cgroupDirectories, detectCgroupLayout, readCgroupCpuUsec, readCgroupUsage, removeCgroupDirectories, restoreNormalCpuPriority, supportsSwapLimit, type CgroupLayout } from "./cgroups.js";
+import { cgroupDirectories, detectCgroupLayout, readCgroupCpuUsec, readCgroupUsage, removeCgroupDirectories, setNormalCpuWeight, supportsSwapLimit, type CgroupLayout } from "./cgroups.js";
 import { criuFrontEnv, criuLogTail, ensureCriuKdatCache, findCriu, installCriuForRunc, tarShimEnv, writeCriuConfig, writeTarShim } from "./criu.js";
 import { ANNOTATION_NETNS_PATH, ANNOTATION_ROOTFS_DIR, ANNOTATION_TEMPLATE_ID, buildOciSpec, CPU_PERIOD_USEC } from "./oci-spec.js";
 import { Runc } from "./runc.js";
@@ -57,18 +57,15 @@ const SANDBOX_LAYOUT_VERSION = 4;
 
 /**
  * BACKGROUND_START_NOTE: a background start (`spec.background`: a warm-pool refill, a warm
- * snapshot's source) boots while the host serves users: on 2 cores a refill's runc and agent
- * boot (~200 ms of CPU) right after a claim doubled the claimed sandbox's first command. It
- * runs at the lowest CPU priority until `foreground()`:
- * - its cgroup's weight is the minimum (config.json `cpu.shares` BACKGROUND_CPU_SHARES, which
- *   runc 1.1 applies at create), so its processes lose to every other sandbox's;
- * - its runc runs at nice BACKGROUND_NICE (the helper's `exec --nice`), so runc's own work,
- *   in the server's cgroup, loses to the server and its clients. The container's first
- *   processes inherit that nice value and nothing inside may lower it (that needs
- *   CAP_SYS_NICE on the host), and CRIU would keep it in an image: `foreground()` sets every
- *   thread of the cgroup back to 0 along with the normal weight (NORMAL_CPU_WEIGHT).
+ * snapshot's source) boots while the host serves users (~200 ms of CPU for runc and the agent's
+ * boot, on 2 cores). Its cgroup gets the lowest CPU weight (config.json `cpu.shares`
+ * BACKGROUND_CPU_SHARES, which runc 1.1 applies at create), so its processes lose the CPU to
+ * every other sandbox's until `foreground()` writes the normal weight (NORMAL_CPU_WEIGHT) at
+ * its claim. runc itself is not niced (the helper's `exec --nice` could): measured with
+ * `bench create -c 1` on 2 cores, runc at nice 19 on top of the low weight slowed refills so
+ * much that the pool ran dry in 3 of 5 runs (18-23 of 40 creates warm instead of 26), while
+ * claims got no faster; the weight alone kept the pool as full as before.
  */
-const BACKGROUND_NICE = 19;
 
 /** Dumping memory may take long for big sandboxes. */
 const CHECKPOINT_TIMEOUT_MS = 10 * 60_000;
@@ -281,7 +278,7 @@ export class ContainerRuntime implements Runtime {
     try {
       const timings = await this.prepareBundle(spec, uidBase, { kind: "fresh" }, identityFor({ kind: "fresh" }));
       await spec.networkReady;
-      await this.runc.runDetached(CONTAINER_PREFIX + id, this.paths(id).dir, this.paths(id).runcLog, spec.network.netnsPath, spec.background ? BACKGROUND_NICE : undefined);
+      await this.runc.runDetached(CONTAINER_PREFIX + id, this.paths(id).dir, this.paths(id).runcLog, spec.network.netnsPath);
       const ran = performance.now();
       await this.watch(id);
       this.lastCreateTimings = { ...timings, runcMs: roundMs(ran - started - timings.totalMs), totalMs: roundMs(ran - started) };
@@ -489,7 +486,7 @@ export class ContainerRuntime implements Runtime {
     const id = checkId(sandboxId);
     const layout = this.cgroups ?? (this.cgroups = await detectCgroupLayout());
     try {
-      restoreNormalCpuPriority(layout, cgroupsPathOf(id));
+      setNormalCpuWeight(layout, cgroupsPathOf(id));
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === "ENOENT") throw new CubicleError("not_found", `sandbox ${sandboxId} is not running`, { cause: err });
       throw CubicleError.from(err);

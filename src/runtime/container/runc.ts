@@ -74,11 +74,10 @@ export class Runc {
   /**
    * `runc run --detach`. In detached, non-terminal mode the container inherits runc's stdio, so
    * runc gets /dev/null for all three: the agent must not hold a host pipe (CRIU refuses to dump
-   * one, and the pipe would never close). runc's own errors go to `logFile` instead. `nice`:
-   * runc runs at that nice value, and so do the container's first processes (they inherit it).
+   * one, and the pipe would never close). runc's own errors go to `logFile` instead.
    */
-  async runDetached(id: string, bundle: string, logFile: string, netnsPath: string, nice?: number): Promise<void> {
-    await this.detached([this.binary, "--log", logFile, "--log-format", "json", "run", "--detach", "--bundle", bundle, id], `runc run ${id}`, { logFile, timeoutMs: TIMEOUT_MS, netnsPath, nice });
+  async runDetached(id: string, bundle: string, logFile: string, netnsPath: string): Promise<void> {
+    await this.detached([this.binary, "--log", logFile, "--log-format", "json", "run", "--detach", "--bundle", bundle, id], `runc run ${id}`, { logFile, timeoutMs: TIMEOUT_MS, netnsPath });
   }
 
   /**
@@ -110,11 +109,11 @@ export class Runc {
    * Runs a runc command in the sandbox's netns with stdio on /dev/null (see runDetached), from
    * the resident helper; errors come from its JSON log.
    */
-  private async detached(argv: string[], what: string, options: { logFile: string; timeoutMs: number; netnsPath: string; env?: Record<string, string | undefined>; nice?: number }): Promise<void> {
-    log.debug("run", { argv, netnsPath: options.netnsPath, nice: options.nice });
+  private async detached(argv: string[], what: string, options: { logFile: string; timeoutMs: number; netnsPath: string; env?: Record<string, string | undefined> }): Promise<void> {
+    log.debug("run", { argv, netnsPath: options.netnsPath });
     let result: HelperExecResult;
     try {
-      result = await this.helper.exec(argv, { netnsPath: options.netnsPath, env: options.env, stdio: "null", timeoutMs: options.timeoutMs, nice: options.nice });
+      result = await this.helper.exec(argv, { netnsPath: options.netnsPath, env: options.env, stdio: "null", timeoutMs: options.timeoutMs });
     } catch (err) {
       const error = CubicleError.from(err);
       if (error.code !== "deadline_exceeded") throw error;

@@ -80,8 +80,9 @@ export interface HelperExecOptions extends HelperCallOptions {
    */
   stdio?: "null" | "capture";
   /**
-   * Run the program (and all it starts) at this nice value, 0–19: a background start's runc
-   * (BACKGROUND_START_NOTE in container-runtime.ts). Default: the helper's own (0).
+   * Run the program (and all it starts, which keep it) at this nice value, 0–19, e.g. work that
+   * must not compete with the server. Default: the helper's own. (Background starts do not use
+   * it for runc: BACKGROUND_START_NOTE in container-runtime.ts.)
    */
   nice?: number;
 }
