@@ -18,7 +18,7 @@ import type { CreateSandboxRequest, TemplateCatalog, TemplateInfo } from "./type
  * at compile time instead of hiding behind a cast.
  */
 
-type RuntimeStep = "create" | "restore" | "checkpoint" | "thaw" | "freeze" | "destroy";
+type RuntimeStep = "create" | "restore" | "checkpoint" | "thaw" | "freeze" | "destroy" | "foreground";
 
 /** Images in memory: allocate → commit makes an id exist, as a real store's rename does. */
 export class FakeImageStore implements ImageStore {
@@ -80,6 +80,8 @@ export class FakeRuntime implements Runtime {
   readonly calls: string[] = [];
   /** Every restore asked for: into which sandbox, from which image, as the same machine or a new one. */
   readonly restores: { sandboxId: string; imageId: string; sameMachine: boolean }[] = [];
+  /** Sandboxes created with `spec.background` that were not given foreground() yet. */
+  readonly background = new Set<string>();
   /** Steps that fail once (or `failCreates` times for create), with this error. */
   readonly failNext = new Map<RuntimeStep, Error>();
   private failCreates: number;
@@ -111,11 +113,13 @@ export class FakeRuntime implements Runtime {
     this.step("create", spec.sandboxId);
     await spec.networkReady;
     this.containers.set(spec.sandboxId, "running");
+    if (spec.background) this.background.add(spec.sandboxId);
   }
 
   async destroy(id: string): Promise<void> {
     this.step("destroy", id);
     this.containers.delete(id);
+    this.background.delete(id);
   }
 
   async state(id: string): Promise<RuntimeState> {
@@ -136,6 +140,12 @@ export class FakeRuntime implements Runtime {
     this.step("thaw", id);
     if (!this.containers.has(id)) throw new CubicleError("not_found", `no container ${id}`);
     this.containers.set(id, "running");
+  }
+
+  async foreground(id: string): Promise<void> {
+    this.step("foreground", id);
+    if (!this.containers.has(id)) throw new CubicleError("not_found", `no container ${id}`);
+    this.background.delete(id);
   }
 
   async setHostname(): Promise<void> {}

@@ -27,8 +27,10 @@ export interface UnclaimedSandboxDeps {
  * template's warm snapshot), under the id of the sandbox that may later take it, with the
  * template's own resources and internet access. It is recorded as a `pool_entries` row before
  * anything exists on the host, so recovery removes what a crash leaves; the namespace is made
- * while the runtime prepares the container. Resolves once the agent answers; on failure,
- * whatever was made is removed again.
+ * while the runtime prepares the container. It is a background start (the lowest CPU weight,
+ * BACKGROUND_START_NOTE in the container runtime) until a pool claim calls
+ * `runtime.foreground`. Resolves once the agent answers; on failure, whatever was made is
+ * removed again.
  */
 export async function bootUnclaimed(deps: UnclaimedSandboxDeps, template: TemplateInfo): Promise<PoolEntryRecord> {
   return deps.starts ? deps.starts.run("background", () => boot(deps, template)) : boot(deps, template);
@@ -51,6 +53,7 @@ async function boot(deps: UnclaimedSandboxDeps, template: TemplateInfo): Promise
       resources: { cpuCount: template.cpuCount, memoryMiB: template.memoryMB, diskMiB: template.diskSizeMB, pidsLimit: deps.pidsLimit },
       network: entry.network,
       networkReady: ready,
+      background: true,
     });
     await deps.agent.waitUntilUp(entry.network.sandboxAddress, AGENT_READY_TIMEOUT_MS);
     return entry;

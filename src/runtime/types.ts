@@ -46,6 +46,12 @@ export interface SandboxSpec {
    * id; otherwise it gets new ones (a filesystem-only image always boots: a new boot id).
    */
   sameMachine?: boolean;
+  /**
+   * create(): a start for no one yet (a warm-pool entry, a warm snapshot's source), made with
+   * the lowest CPU weight so that foreground work wins the CPU while it boots and waits;
+   * `Runtime.foreground` gives it the normal one when it is claimed.
+   */
+  background?: boolean;
 }
 
 export type RuntimeState = "running" | "frozen" | "stopped" | "missing";
@@ -83,6 +89,12 @@ export interface Runtime {
   memoryImageFingerprint?(): string | undefined;
   freeze(sandboxId: string): Promise<void>;
   thaw(sandboxId: string): Promise<void>;
+  /**
+   * Gives a sandbox created with `spec.background` the CPU weight every other sandbox has (a
+   * warm-pool claim, before its thaw). Cheap: a file write, no process start; works on a frozen
+   * sandbox, and on one that never was a background start (nothing changes).
+   */
+  foreground(sandboxId: string): Promise<void>;
   /**
    * Renames a running sandbox's host (its UTS namespace) from outside: a claimed pool entry or a
    * restored image carries the name it was made with, and the agent lacks CAP_SYS_ADMIN.

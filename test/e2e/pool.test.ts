@@ -5,6 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
+import fs from "node:fs";
 import { after, before, test } from "node:test";
 import { Sandbox } from "e2b";
 import { startTestServer, useServerForSdk, type TestServer } from "./harness.js";
@@ -167,6 +168,50 @@ test("a claimed sandbox reports its own id as hostname", async () => {
   const sandbox = await Sandbox.create();
   try {
     assert.equal((await sandbox.commands.run("hostname")).stdout.trim(), sandbox.sandboxId);
+  } finally {
+    await sandbox.kill();
+  }
+});
+
+/** The cpu cgroup directory of a sandbox and its weight file (v1 cpu.shares, v2 cpu.weight). */
+function cpuCgroup(sandboxId: string): { dir: string; weightFile: string; threadsFile: string; low: string; normal: string } {
+  const v2 = fs.existsSync("/sys/fs/cgroup/cgroup.controllers");
+  return v2
+    ? { dir: `/sys/fs/cgroup/cubicle/${sandboxId}`, weightFile: "cpu.weight", threadsFile: "cgroup.threads", low: "1", normal: "100" }
+    : { dir: `/sys/fs/cgroup/cpu/cubicle/${sandboxId}`, weightFile: "cpu.shares", threadsFile: "tasks", low: "2", normal: "1024" };
+}
+
+/** Nice value of each thread in a sandbox's cgroup (field 19 of /proc/TID/stat), seen from the host. */
+function threadNiceValues(sandboxId: string): number[] {
+  const { dir, threadsFile } = cpuCgroup(sandboxId);
+  const tids = fs.readFileSync(`${dir}/${threadsFile}`, "utf8").split("\n").filter(Boolean);
+  return tids.flatMap((tid) => {
+    const stat = fs.readFileSync(`/proc/${tid}/stat`, "utf8");
+    // Fields after the command (which is in parentheses and may hold spaces): state is field 3.
+    return [Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[16])];
+  });
+}
+
+test("pool entries wait with the lowest CPU weight; a claimed sandbox has a normal create's and its processes nice 0", async () => {
+  await waitForPool(POOL_SIZE);
+  const pooled = containers().filter((c) => c.endsWith(":paused")).map((c) => c.slice("cubicle-".length, -":paused".length));
+  assert.equal(pooled.length, POOL_SIZE, containers().join(" "));
+  for (const id of pooled) {
+    const { dir, weightFile, low } = cpuCgroup(id);
+    assert.equal(fs.readFileSync(`${dir}/${weightFile}`, "utf8").trim(), low, `pool entry ${id}'s cgroup weight`);
+  }
+  const sandbox = await Sandbox.create();
+  try {
+    assert.ok(pooled.includes(sandbox.sandboxId), "the create claimed a pool entry");
+    const { dir, weightFile, normal } = cpuCgroup(sandbox.sandboxId);
+    assert.equal(fs.readFileSync(`${dir}/${weightFile}`, "utf8").trim(), normal, "the claimed sandbox's cgroup weight is a normal create's");
+    const run = await sandbox.commands.run("cut -d' ' -f19 /proc/self/stat; nice");
+    assert.equal(run.stdout, "0\n0\n", "a command runs at nice 0");
+    const nice = threadNiceValues(sandbox.sandboxId);
+    assert.ok(nice.length > 0 && nice.every((value) => value === 0), `every thread of the claimed sandbox at nice 0: ${nice}`);
+    // The other entry still waits at the low priority.
+    const other = pooled.find((id) => id !== sandbox.sandboxId)!;
+    assert.equal(fs.readFileSync(`${cpuCgroup(other).dir}/${cpuCgroup(other).weightFile}`, "utf8").trim(), cpuCgroup(other).low);
   } finally {
     await sandbox.kill();
   }

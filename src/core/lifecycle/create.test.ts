@@ -61,6 +61,11 @@ test("a create takes a warm-pool entry when one fits: its id, its network, no co
     assert.equal(f.rows.has(record.sandboxId), false, "the pool row is gone with the claim");
     assert.equal(record.envdAccessToken, entry.agentToken, "a secure create without env vars keeps the entry's token: no /init");
     assert.equal(f.manager.routeTarget(record.sandboxId)?.address, record.network!.sandboxAddress);
+    // The entry was made at background CPU priority and got the normal one back while frozen.
+    const steps = f.runtime.calls.filter((call) => call.endsWith(` ${record.sandboxId}`));
+    assert.deepEqual(steps, ["create", "freeze", "foreground", "thaw"].map((step) => `${step} ${record.sandboxId}`));
+    assert.equal(f.runtime.background.has(record.sandboxId), false, "claimed: no longer a background start");
+    assert.ok([...f.rows.keys()].every((id) => f.runtime.background.has(id) || !f.containers.has(id)), "waiting entries stay at background priority");
     // A claim whose entry cannot be thawed is dropped and the create boots cold instead.
     await until(() => f.manager.poolCounts().base?.ready === 1);
     f.runtime.failNext.set("thaw", new Error("thaw failed"));

@@ -102,6 +102,8 @@ export class Creation {
     policy?.catch(() => undefined);
     try {
       const recorded = performance.now();
+      // Made at background CPU priority: the normal one before it runs again (no process start).
+      await ctx.ports.runtime.foreground(record.sandboxId);
       await ctx.ports.runtime.thaw(record.sandboxId);
       const thawed = performance.now();
       if (!initialised || policy) this.initialiseInBackground(record, template, thawed, { init: !initialised, policy, currentToken: entry.agentToken });

@@ -1,3 +1,4 @@
+import { writeFileSync } from "node:fs";
 import { readFile, rmdir } from "node:fs/promises";
 import path from "node:path";
 import { pathExists } from "../../shared/fs.js";
@@ -53,6 +54,22 @@ export async function removeCgroupDirectories(layout: CgroupLayout, cgroupsPath:
     if (await pathExists(dir)) left.push(dir);
   }
   return left;
+}
+
+/**
+ * The CPU weight of a cgroup nothing set one for (what a sandbox's cgroup has unless it is a
+ * background start): the kernel's default, v1 `cpu.shares` and v2 `cpu.weight`.
+ */
+export const NORMAL_CPU_WEIGHT = { v1Shares: 1024, v2Weight: 100 } as const;
+
+/**
+ * Gives a container's cgroup the normal CPU weight (BACKGROUND_START_NOTE in
+ * container-runtime.ts): one synchronous file write, no process start. Throws when the cgroup
+ * is gone (ENOENT).
+ */
+export function setNormalCpuWeight(layout: CgroupLayout, cgroupsPath: string): void {
+  if (layout.version === 2) writeFileSync(path.join(layout.v2Mount ?? "/sys/fs/cgroup", cgroupsPath, "cpu.weight"), String(NORMAL_CPU_WEIGHT.v2Weight));
+  else writeFileSync(path.join(layout.v1Mounts.get("cpu") ?? "/sys/fs/cgroup/cpu", cgroupsPath, "cpu.shares"), String(NORMAL_CPU_WEIGHT.v1Shares));
 }
 
 export interface CgroupUsage {

@@ -45,7 +45,7 @@ async function execIn(net: SandboxNetwork, argv: string[]): Promise<{ exitCode: 
   return JSON.parse(res.body);
 }
 
-async function newSandbox(overrides: Partial<SandboxSpec["resources"]> = {}): Promise<{ id: string; net: SandboxNetwork }> {
+async function newSandbox(overrides: Partial<SandboxSpec["resources"]> = {}, background = false): Promise<{ id: string; net: SandboxNetwork }> {
   const id = `${tag}s${counter++}`;
   const net = await network.allocate(id, { allowInternetAccess: false });
   await runtime.create({
@@ -54,6 +54,7 @@ async function newSandbox(overrides: Partial<SandboxSpec["resources"]> = {}): Pr
     template: { templateId: "dev", rootfsDir: rootfsDir!, defaultUser: "root", defaultWorkdir: "/", env: { LANG: "C.UTF-8" } },
     resources: { cpuCount: 1.5, memoryMiB: 256, diskMiB: 0, pidsLimit: 200, ...overrides },
     network: net,
+    background,
   });
   return { id, net };
 }
@@ -189,6 +190,34 @@ describe("container runtime", { skip }, () => {
       await removeSandbox(id);
     }
     assert.equal(await runtime.state(id), "missing");
+  });
+
+  test("a background start has the lowest cgroup weight until foreground(), which works frozen; its processes are not niced", async () => {
+    const { id, net } = await newSandbox({}, true);
+    try {
+      await waitForAgent(net.sandboxAddress);
+      const v2 = existsSync("/sys/fs/cgroup/cgroup.controllers");
+      const dir = runtime.cgroupDirectories(id).find((d) => existsSync(path.join(d, v2 ? "cpu.weight" : "cpu.shares")))!;
+      const weight = async () => (await readFile(path.join(dir, v2 ? "cpu.weight" : "cpu.shares"), "utf8")).trim();
+      const niceValues = async () => {
+        const tids = (await readFile(path.join(dir, v2 ? "cgroup.threads" : "tasks"), "utf8")).split("\n").filter(Boolean);
+        return Promise.all(tids.map(async (tid) => {
+          const stat = await readFile(`/proc/${tid}/stat`, "utf8");
+          return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[16]);
+        }));
+      };
+      assert.equal(await weight(), v2 ? "1" : "2");
+      await runtime.freeze(id);
+      await runtime.foreground(id);
+      await runtime.thaw(id);
+      assert.equal(await weight(), v2 ? "100" : "1024");
+      const after = await niceValues();
+      assert.ok(after.length > 1 && after.every((nice) => nice === 0), `every thread at nice 0: ${after}`);
+      assert.equal((await execIn(net, ["sh", "-c", "cut -d' ' -f19 /proc/self/stat"])).stdout, "0\n", "and a process started inside");
+    } finally {
+      await removeSandbox(id);
+    }
+    await assert.rejects(runtime.foreground(id), /not running/);
   });
 
   test("reports CPU, memory and disk use", async () => {

@@ -47,6 +47,11 @@ export const BOOT_CAPABILITIES: readonly string[] = ["CAP_SYS_ADMIN", "CAP_SYS_T
 export const READONLY_PATHS: readonly string[] = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
 
 export const CPU_PERIOD_USEC = 100_000;
+/**
+ * `linux.resources.cpu.shares` of a background start (BACKGROUND_START_NOTE): v1's minimum; runc
+ * 1.1 writes it to cpu.shares on v1 and converts it to cpu.weight 1 (the minimum) on v2.
+ */
+export const BACKGROUND_CPU_SHARES = 2;
 
 export interface OciSpecInput {
   spec: SandboxSpec;
@@ -168,7 +173,12 @@ export function buildOciSpec(input: OciSpecInput): Record<string, unknown> {
         // urandom, tty, ptmx, pts) on top.
         devices: [{ allow: false, access: "rwm" }],
         memory: { limit: memoryBytes, ...(input.limitSwap ? { swap: memoryBytes } : {}) },
-        cpu: { quota: Math.max(1, Math.round(resources.cpuCount * CPU_PERIOD_USEC)), period: CPU_PERIOD_USEC },
+        // No shares otherwise: the cgroup keeps the kernel's default weight (NORMAL_CPU_WEIGHT).
+        cpu: {
+          quota: Math.max(1, Math.round(resources.cpuCount * CPU_PERIOD_USEC)),
+          period: CPU_PERIOD_USEC,
+          ...(spec.background ? { shares: BACKGROUND_CPU_SHARES } : {}),
+        },
         pids: { limit: Math.max(16, resources.pidsLimit) },
       },
       maskedPaths: [...MASKED_PATHS],

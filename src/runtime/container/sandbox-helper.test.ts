@@ -246,6 +246,25 @@ test("exec joins the network namespace, sets the environment and gives stdio on 
   }
 });
 
+test("exec --nice runs the program and what it starts at that nice value; only 0 to 19 are taken", { skip }, async () => {
+  const helper = new SandboxHelper(binary);
+  try {
+    // Field 19 of /proc/PID/stat is the nice value: of the shell and of a child it forks.
+    const niced = await helper.exec(["sh", "-c", "cut -d' ' -f19 /proc/$$/stat; sh -c 'cut -d\\  -f19 /proc/$$/stat'"], { nice: 7 });
+    assert.equal(niced.stdout, "7\n7\n", niced.stderr);
+    const normal = await helper.exec(["sh", "-c", "cut -d' ' -f19 /proc/$$/stat"]);
+    assert.equal(normal.stdout, `${os.getPriority()}\n`, "a request without nice keeps the helper's (the server's)");
+    const replies = await rawServe(["1\t1000\texec\t--nice\t20\t--\ttrue", "2\t1000\texec\t--nice\t-1\t--\ttrue", "3\t1000\texec\t--nice\t5x\t--\ttrue", "4\t1000\texec\t--nice\t19\t--\ttrue"].join("\n") + "\n");
+    assert.deepEqual(
+      replies.map((reply) => [reply.id, reply.kind, reply.kind === "error" ? /--nice is 0 to 19/.test(reply.stderr) : reply.value]).sort(),
+      [["1", "error", true], ["2", "error", true], ["3", "error", true], ["4", "exit", 0]],
+    );
+    await assert.rejects(helper.exec(["true"], { nice: -5 }), /nice -5 is not 0 to 19/);
+  } finally {
+    helper.close();
+  }
+});
+
 test("the resident helper does not keep a Node process alive", { skip }, () => {
   const module = path.join(import.meta.dirname, "sandbox-helper.ts");
   const script = `import { SandboxHelper } from ${JSON.stringify(module)}; const helper = new SandboxHelper(${JSON.stringify(binary)}); console.log((await helper.exec(["echo", "hi"])).stdout.trim());`;

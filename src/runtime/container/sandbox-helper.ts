@@ -50,9 +50,9 @@ export interface PrepareOptions {
  * Requests are lines on its stdin, fields separated by tabs: `ID TIMEOUT_MS COMMAND ARG...`.
  * COMMAND is one of its subcommands (`prepare`, `snapshot`, `teardown`, `hostname`, `qgroup-gc`,
  * and what other modules add, e.g. `net-setup`; ARGs are the CLI's `--name value` pairs), `exec`
- * (`[--netns PATH] [--env NAME=VALUE]... [--stdio null|capture] -- PROGRAM ARG...`: setns into
- * the netns, the variables set on top of the helper's environment, stdio on /dev/null or
- * captured, then execve), `cancel` (ARG: an id in flight) or `ping`. No field may hold a tab, a
+ * (`[--netns PATH] [--env NAME=VALUE]... [--stdio null|capture] [--nice 0-19] -- PROGRAM ARG...`:
+ * the nice value set, setns into the netns, the variables set on top of the helper's
+ * environment, stdio on /dev/null or captured, then execve), `cancel` (ARG: an id in flight) or `ping`. No field may hold a tab, a
  * newline or a NUL (checked here and by the helper), and a line is at most 64 KiB. Each request
  * runs in its own child, concurrently; the helper kills a child at its timeout. A reply is a
  * header line `ID KIND VALUE STDOUT_BYTES STDERR_BYTES` and then those bytes (stdout's first
@@ -79,6 +79,12 @@ export interface HelperExecOptions extends HelperCallOptions {
    * inherits them). "capture" (default): stdin on /dev/null, stdout and stderr returned.
    */
   stdio?: "null" | "capture";
+  /**
+   * Run the program (and all it starts, which keep it) at this nice value, 0–19, e.g. work that
+   * must not compete with the server. Default: the helper's own. (Background starts do not use
+   * it for runc: BACKGROUND_START_NOTE in container-runtime.ts.)
+   */
+  nice?: number;
 }
 
 export interface HelperExecResult {
@@ -194,7 +200,12 @@ export class SandboxHelper {
       if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(name)) throw new CubicleError("internal", `environment variable name ${JSON.stringify(name)} is not valid`);
       args.push("--env", `${name}=${value}`);
     }
-    args.push("--stdio", options.stdio ?? "capture", "--", ...argv);
+    args.push("--stdio", options.stdio ?? "capture");
+    if (options.nice) {
+      if (!Number.isInteger(options.nice) || options.nice < 0 || options.nice > 19) throw new CubicleError("internal", `nice ${options.nice} is not 0 to 19`);
+      args.push("--nice", String(options.nice));
+    }
+    args.push("--", ...argv);
     const what = argv.join(" ").slice(0, 300);
     const reply = await this.request("exec", args, options, what);
     const stdout = reply.stdout.toString("utf8");

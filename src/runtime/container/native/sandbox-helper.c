@@ -56,6 +56,7 @@
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -683,7 +684,8 @@ static int run_subcommand(int argc, char **argv) {
  *   ID TIMEOUT_MS COMMAND ARG...
  *
  * COMMAND is a subcommand of the table above (its ARGs are its --name value pairs), `exec`
- * (ARGs: [--netns PATH] [--env NAME=VALUE]... [--stdio null|capture] -- PROGRAM ARG...),
+ * (ARGs: [--netns PATH] [--env NAME=VALUE]... [--stdio null|capture] [--nice 0-19] -- PROGRAM
+ * ARG...),
  * `cancel` (ARG: the id of a request in flight) or `ping`. Each subcommand or exec runs in a
  * child forked from this process (no exec for a subcommand), stdout and stderr in memfds;
  * requests run concurrently. When a child ends, its reply is one header line
@@ -798,6 +800,7 @@ struct exec_request {
   char **env;
   int env_count;
   int capture;
+  int nice; /* 0 = the helper's own priority */
   char **argv;
 };
 
@@ -820,6 +823,13 @@ static const char *parse_exec(char **args, int count, struct exec_request *exec)
     } else if (strcmp(args[i], "--stdio") == 0) {
       if (strcmp(value, "null") != 0 && strcmp(value, "capture") != 0) return "--stdio is null or capture";
       exec->capture = strcmp(value, "capture") == 0;
+    } else if (strcmp(args[i], "--nice") == 0) {
+      /* Only ever lower: a negative value would be a privilege no request needs. */
+      char *end;
+      errno = 0;
+      long nice = strtol(value, &end, 10);
+      if (errno != 0 || end == value || *end != 0 || nice < 0 || nice > 19) return "--nice is 0 to 19";
+      exec->nice = (int)nice;
     } else {
       return "unknown exec option";
     }
@@ -830,10 +840,19 @@ static const char *parse_exec(char **args, int count, struct exec_request *exec)
   return NULL;
 }
 
-/* The child of an exec request: namespace, environment, stdio, then the program. */
+/* The child of an exec request: priority, namespace, environment, stdio, then the program. */
 static void run_exec(const struct exec_request *exec, int out, int err) {
   /* Where a failure is told: stderr when captured, else the stderr memfd itself. */
   int report = exec->capture ? 2 : err;
+  /*
+   * A background start (a warm-pool entry's runc run): the program and everything it starts
+   * (runc's threads, `runc init`, so the container's first processes) inherit the nice value;
+   * the runtime sets the container's processes back to 0 when the sandbox is claimed.
+   */
+  if (exec->nice > 0 && setpriority(PRIO_PROCESS, 0, exec->nice) != 0) {
+    dprintf(report, "sandbox-helper: setpriority %d: %s\n", exec->nice, strerror(errno));
+    _exit(127);
+  }
   if (exec->netns) {
     int fd = open(exec->netns, O_RDONLY | O_CLOEXEC);
     if (fd < 0 || setns(fd, CLONE_NEWNET) != 0) {
