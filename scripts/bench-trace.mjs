@@ -19,6 +19,13 @@ const n = Number(rounds);
 const since = new Date().toISOString();
 const client = { coldCreate: [], coldFirstCommand: [], snapshot: [], restoreCreate: [], restoreFirstCommand: [], forkOf10: [] };
 const pause = () => new Promise((r) => setTimeout(r, 300));
+/** Which loop ran when, to give each logged phase to its path. */
+const stages = [];
+const stage = (name) => {
+  const at = new Date().toISOString();
+  if (stages.length) stages[stages.length - 1].to = at;
+  stages.push({ name, from: at, to: undefined });
+};
 const timed = async (fn) => {
   const t0 = performance.now();
   const value = await fn();
@@ -28,6 +35,7 @@ const timed = async (fn) => {
 const source = await Sandbox.create("base");
 try {
   await source.commands.run("true");
+  stage("coldCreate");
   for (let i = 0; i < n; i++) {
     await pause();
     const [createMs, sandbox] = await timed(() => Sandbox.create("base"));
@@ -37,6 +45,7 @@ try {
     await sandbox.kill();
   }
   let snapshotId;
+  stage("snapshot");
   for (let i = 0; i < n; i++) {
     await pause();
     const [ms, snap] = await timed(() => source.createSnapshot());
@@ -44,6 +53,7 @@ try {
     if (snapshotId) await Sandbox.deleteSnapshot(snap.snapshotId);
     else snapshotId = snap.snapshotId;
   }
+  stage("restoreCreate");
   for (let i = 0; i < n; i++) {
     await pause();
     const [createMs, sandbox] = await timed(() => Sandbox.create(snapshotId));
@@ -52,6 +62,7 @@ try {
     client.restoreFirstCommand.push(firstMs);
     await sandbox.kill();
   }
+  stage("forkOf10");
   for (let i = 0; i < Math.max(1, Math.floor(n / 4)); i++) {
     await pause();
     const [ms, forks] = await timed(async () => {
@@ -63,16 +74,18 @@ try {
     await Promise.all(forks.map((f) => (f instanceof Error ? undefined : f.kill())));
   }
   await Sandbox.deleteSnapshot(snapshotId);
+  stage("end");
 } finally {
   await source.kill();
 }
 
 // The server's phases, from its debug log lines of this run.
-const phases = { booted: [], created: [], checkpointed: [], restored: [] };
+const phases = {};
 for (const line of fs.readFileSync(logFile, "utf8").split("\n")) {
   const match = /^(\S+) debug \[(\w+)\] (booted|created|checkpointed|restored) (\{.*\})$/.exec(line);
   if (!match || match[1] < since) continue;
-  phases[match[3]].push(JSON.parse(match[4]));
+  const during = stages.find((s) => s.to && match[1] >= s.from && match[1] < s.to)?.name ?? "setup";
+  (phases[`${during}: ${match[3]}`] ??= []).push(JSON.parse(match[4]));
 }
 const median = (values) => {
   const sorted = values.filter((v) => typeof v === "number").sort((a, b) => a - b);

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
-import { readFile } from "node:fs/promises";
+import { readFile, writeFile } from "node:fs/promises";
 import net from "node:net";
 import path from "node:path";
 import { after, before, test } from "node:test";
@@ -264,5 +264,29 @@ test("a leftover network of an earlier server is released by its namespace's add
   } finally {
     restarted.close();
     await manager.release(`${tag}l`);
+  }
+});
+
+test("init raises the host's neighbour table limits to what the subnet's sandboxes need (NEIGHBOUR_LIMIT_NOTE)", { skip: !isRoot && "needs root" }, async () => {
+  const file = (name: string) => `/proc/sys/net/ipv4/neigh/default/${name}`;
+  const read = async (name: string) => Number((await readFile(file(name), "utf8")).trim());
+  const saved = { gc_thresh2: await read("gc_thresh2"), gc_thresh3: await read("gc_thresh3") };
+  const bigTable = `${tableName}_n`;
+  // From the kernel's defaults, for a /16 (16384 sandboxes, two entries each).
+  await writeFile(file("gc_thresh3"), "1024\n");
+  await writeFile(file("gc_thresh2"), "512\n");
+  const big = createNetnsManager({ subnet: "10.232.0.0/16" }, { tableName: bigTable, netnsPrefix: `${netnsPrefix}n-`, interfacePrefix: "cbn" });
+  try {
+    await big.init();
+    assert.ok((await read("gc_thresh3")) >= 2 * 16384 + 1024, `gc_thresh3 ${await read("gc_thresh3")}`);
+    assert.ok((await read("gc_thresh2")) >= 2 * 16384 + 512, `gc_thresh2 ${await read("gc_thresh2")}`);
+    // Never lowered: a smaller subnet leaves them.
+    await manager.init();
+    assert.ok((await read("gc_thresh3")) >= 2 * 16384 + 1024);
+  } finally {
+    big.close();
+    await runCommand(["nft", "delete", "table", "inet", bigTable], { allowFailure: true });
+    // Keep whichever is higher: a server on this host may rely on the values it set.
+    for (const [name, value] of Object.entries(saved)) if ((await read(name)) < value) await writeFile(file(name), `${value}\n`);
   }
 });

@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto";
-import { readdir, writeFile } from "node:fs/promises";
+import { readdir, readFile, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { defaultDistDir, type CubicleConfig } from "../shared/config.js";
 import { CubicleError } from "../shared/cubicle-error.js";
@@ -169,6 +169,7 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet"> & Parti
     async init() {
       // Forwarding is host-wide; the forward chain below keeps sandboxes from using it freely.
       await writeFile("/proc/sys/net/ipv4/ip_forward", "1\n");
+      await raiseNeighbourLimits(pool.blockCount);
       const policies = new Map([...records.values()].map((r) => [r.network.sandboxAddress, r.policy] as const));
       await shell.run(
         buildRuleset({ tableName, subnet: pool.normalizedCidr, interfacePrefix, dnsPort: egressPorts.dns, proxyPort: egressPorts.proxy, privateAllowed: options.privateAllowed ?? [], policies }),
@@ -277,6 +278,30 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet"> & Parti
     },
   };
   return manager;
+}
+
+/**
+ * NEIGHBOUR_LIMIT_NOTE: the kernel's ARP table is one for the whole host, every network
+ * namespace included, and each sandbox holds two entries (its address on the host's veth end,
+ * the gateway in its own namespace). At the default hard limit (gc_thresh3 1024) a host with
+ * ~500–700 live sandboxes logs "neighbor table overflow" and new sandboxes cannot be reached
+ * (EHOSTUNREACH: their agents "never become ready"). The limits are raised (never lowered) to
+ * what the subnet's sandboxes can need: two entries per /30 block (at most 65536 blocks), the
+ * soft limit beside it, plus room for the host's own neighbours. A few hundred bytes per entry
+ * that exists; nothing is allocated up front.
+ */
+async function raiseNeighbourLimits(blockCount: number): Promise<void> {
+  const needed = 2 * Math.min(blockCount, 65_536);
+  const limits: [string, number][] = [
+    ["gc_thresh2", needed + 512],
+    ["gc_thresh3", needed + 1024],
+  ];
+  for (const [name, wanted] of limits) {
+    const file = `/proc/sys/net/ipv4/neigh/default/${name}`;
+    const current = Number((await readFile(file, "utf8").catch(() => "")).trim());
+    if (Number.isFinite(current) && current >= wanted) continue;
+    await writeFile(file, `${wanted}\n`).catch((err) => log.warn("could not raise the host's neighbour table limit: hundreds of sandboxes may become unreachable", { name, wanted, error: String(err) }));
+  }
 }
 
 /** Sandbox ids become file, netns and container names: keep them to a safe alphabet. */

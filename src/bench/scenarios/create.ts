@@ -85,7 +85,8 @@ export async function benchCreate(options: BenchOptions, target: BenchTarget): P
   };
   try {
     if (options.background > 0) {
-      const made = await runPool(options.background, options.concurrency, async () => {
+      // Made 10 at a time at least (not measured): a thousand one by one would take minutes.
+      const made = await runPool(options.background, Math.max(options.concurrency, 10), async () => {
         const sandbox = await Sandbox.create(options.template, { timeoutMs: 3_600_000 });
         background.push(sandbox);
       });
