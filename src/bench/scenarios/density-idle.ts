@@ -50,13 +50,14 @@ export async function benchDensityIdle(options: BenchOptions, target: BenchTarge
     const res = await callApi(target, "GET", `/sandboxes/${id}`);
     return res.status === 200 ? String(res.json.cubicleIdle ?? "awake") : `status ${res.status}`;
   };
-  const waitAll = async (tier: string, timeoutMs: number) => {
+  /** Until every sandbox is in one of `tiers` (a sandbox may pass through frozen to disk between two looks). */
+  const waitAll = async (tiers: string[], timeoutMs: number) => {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
-      const tiers = await Promise.all(sandboxes.map((s) => tierOf(s.sandboxId)));
-      const done = tiers.filter((t) => t === tier).length;
+      const seen = await Promise.all(sandboxes.map((s) => tierOf(s.sandboxId)));
+      const done = seen.filter((t) => tiers.includes(t)).length;
       if (done === sandboxes.length) return;
-      if (Date.now() > deadline) throw new Error(`${done} of ${sandboxes.length} sandboxes reached "${tier}" within ${timeoutMs} ms (others: ${[...new Set(tiers.filter((t) => t !== tier))].join(", ")})`);
+      if (Date.now() > deadline) throw new Error(`${done} of ${sandboxes.length} sandboxes reached ${tiers.join(" or ")} within ${timeoutMs} ms (others: ${[...new Set(seen.filter((t) => !tiers.includes(t)))].join(", ")})`);
       await sleep(500);
     }
   };
@@ -74,14 +75,9 @@ export async function benchDensityIdle(options: BenchOptions, target: BenchTarge
     progress.finish();
     const awake = memoryPoint();
     const limitMs = 600_000 + sandboxes.length * 2_000;
-    await waitAll("frozen", limitMs).catch(async (err) => {
-      // Some may already be on disk: frozen or disk both count as asleep here.
-      const tiers = await Promise.all(sandboxes.map((s) => tierOf(s.sandboxId)));
-      if (tiers.some((t) => t !== "frozen" && t !== "disk")) throw err;
-    });
-    await sleep(options.settleMs);
+    await waitAll(["frozen", "disk"], limitMs);
     const frozen = memoryPoint();
-    await waitAll("disk", limitMs);
+    await waitAll(["disk"], limitMs);
     await sleep(options.settleMs);
     const onDisk = { ...memoryPoint(), imageMiBPerSandbox: round2((diskBytes(imagesDir) - baseline.imageBytes) / sandboxes.length / MiB) };
     // Wakes of a sample: from disk, then (after it froze again) from frozen.
