@@ -9,27 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 node scripts/build.mjs
 
-templates="${CUBICLE_TEMPLATE_DIR:-/var/lib/cubicle/templates}"
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
-  # The servers keep their nftables tables for sandboxes they would adopt; this run is over.
-  nft delete table inet cubicle_bench_pooled 2>/dev/null || true
-  nft delete table inet cubicle_bench_cold 2>/dev/null || true
-  for dir in "${pooled_state:-}" "${cold_state:-}"; do
-    [ -n "$dir" ] && CUBICLE_STATE_DIR=$dir node dist/cli.js unmount > /dev/null 2>&1 || true
-  done
-}
-trap cleanup EXIT
-
-serve() { # PORT STATE_DIR SUBNET TABLE POOL
-  CUBICLE_PORT=$1 CUBICLE_STATE_DIR=$2 CUBICLE_TEMPLATE_DIR=$templates CUBICLE_SUBNET=$3 CUBICLE_NFT_TABLE=$4 \
-    CUBICLE_POOL_SIZE=$5 CUBICLE_DEFAULT_TEMPLATES=base,code-interpreter-v1 CUBICLE_LOG_LEVEL=warn CUBICLE_HTTPS_PORT=off \
-    node dist/cli.js serve > "$2.log" 2>&1 &
-  pids+=($!)
-  for _ in $(seq 1 600); do curl -fs "http://127.0.0.1:$1/health" > /dev/null && return 0; sleep 0.5; done
-  echo "server on port $1 did not start; see $2.log" >&2; exit 1
-}
+. bench/lib.sh
 bench() { CUBICLE_PORT=$port CUBICLE_STATE_DIR=$state node dist/cli.js bench "$@" --quiet; }
 # Waits (at most 2 min) for the 1-minute load average to fall below 0.5. A burst of hundreds of
 # sandboxes leaves the kernel tearing down their namespaces in the background for a while; the
@@ -39,9 +19,8 @@ settle() {
 }
 
 pooled_state=/var/lib/cubicle-bench-pooled; cold_state=/var/lib/cubicle-bench-cold
-rm -rf "$pooled_state" "$cold_state"
-serve 3101 "$pooled_state" 10.91.0.0/16 cubicle_bench_pooled "base=2"
-serve 3102 "$cold_state" 10.92.0.0/16 cubicle_bench_cold ""
+bench_serve 3101 "$pooled_state" 10.91.0.0/16 cubicle_bench_pooled CUBICLE_POOL_SIZE=base=2 CUBICLE_DEFAULT_TEMPLATES=base,code-interpreter-v1
+bench_serve 3102 "$cold_state" 10.92.0.0/16 cubicle_bench_cold CUBICLE_DEFAULT_TEMPLATES=base,code-interpreter-v1
 
 port=3102 state=$cold_state
 bench baseline -n 100

@@ -144,6 +144,19 @@ export async function benchSnapshot(options: BenchOptions, target: BenchTarget):
   });
 }
 
+/** One create from a snapshot: its API time and its time to the first successful command; killed after. */
+async function restoreOnce(Sandbox: SandboxClass, snapshotId: string): Promise<{ firstCommandMs: number; apiMs: number }> {
+  const t0 = performance.now();
+  const sandbox = await guard("create from snapshot", () => Sandbox.create(snapshotId, { timeoutMs: 600_000 }));
+  const apiMs = round2(performance.now() - t0);
+  try {
+    const first = await firstSuccessfulCommand(sandbox, t0);
+    return { firstCommandMs: first.ms, apiMs };
+  } finally {
+    await sandbox.kill().catch(() => false);
+  }
+}
+
 /** `Sandbox.create(snapshotId)` → first successful command, at concurrency `-c`. */
 export async function benchRestore(options: BenchOptions, target: BenchTarget): Promise<ScenarioResult> {
   const Sandbox = await loadSandboxSdk(target);
@@ -152,17 +165,7 @@ export async function benchRestore(options: BenchOptions, target: BenchTarget): 
     let snapshotId: string | undefined;
     try {
       snapshotId = (await guard("createSnapshot", () => source!.createSnapshot())).snapshotId;
-      const once = async () => {
-        const t0 = performance.now();
-        const sandbox = await guard("create from snapshot", () => Sandbox.create(snapshotId!, { timeoutMs: 600_000 }));
-        const apiMs = round2(performance.now() - t0);
-        try {
-          const first = await firstSuccessfulCommand(sandbox, t0);
-          return { firstCommandMs: first.ms, apiMs };
-        } finally {
-          await sandbox.kill().catch(() => false);
-        }
-      };
+      const once = () => restoreOnce(Sandbox, snapshotId!);
       if (options.warmup > 0) {
         const warm = await runPool(options.warmup, options.concurrency, once);
         const refused = warm.find((r): r is PromiseRejectedResult => r.status === "rejected" && r.reason instanceof NotAvailable);
@@ -207,17 +210,7 @@ export async function benchRestoreSize(options: BenchOptions, target: BenchTarge
         }
         await source!.commands.run(`dd if=/dev/urandom of=/dev/shm/cubicle-bench-dirty bs=1M count=${dirtyMiB} status=none && sync`, { timeoutMs: 600_000 });
         snapshotId = (await guard("createSnapshot", () => source!.createSnapshot())).snapshotId;
-        const once = async () => {
-          const t0 = performance.now();
-          const sandbox = await guard("create from snapshot", () => Sandbox.create(snapshotId!, { timeoutMs: 600_000 }));
-          const apiMs = round2(performance.now() - t0);
-          try {
-            const first = await firstSuccessfulCommand(sandbox, t0);
-            return { firstCommandMs: first.ms, apiMs };
-          } finally {
-            await sandbox.kill().catch(() => false);
-          }
-        };
+        const once = () => restoreOnce(Sandbox, snapshotId!);
         if (options.warmup > 0) await runPool(options.warmup, options.concurrency, once);
         const { results } = await runMeasured(`restore ${dirtyMiB} MiB c=${options.concurrency}`, options, once);
         const refused = results.find((r): r is PromiseRejectedResult => r.status === "rejected" && r.reason instanceof NotAvailable);
