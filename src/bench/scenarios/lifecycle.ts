@@ -103,6 +103,11 @@ async function orNotAvailable(body: () => Promise<ScenarioResult>): Promise<Scen
   }
 }
 
+/** Memory (MiB) a sandbox needs for `dirtyMiB` of /dev/shm on top of what the template gives it; undefined = the template's. */
+function memoryFor(dirtyMiB: number): number | undefined {
+  return dirtyMiB + AGENT_HEADROOM_MiB > 400 ? dirtyMiB + 2 * AGENT_HEADROOM_MiB : undefined;
+}
+
 /** `createSnapshot` time vs memory dirtied in /dev/shm, `-c` sandboxes at once. */
 export async function benchSnapshot(options: BenchOptions, target: BenchTarget): Promise<ScenarioResult> {
   const Sandbox = await loadSandboxSdk(target);
@@ -111,8 +116,7 @@ export async function benchSnapshot(options: BenchOptions, target: BenchTarget):
     const samples: Record<string, unknown> = {};
     const errors: string[] = [];
     for (const dirtyMiB of options.dirtyMiB) {
-      // Room for the dirty pages on top of what the template gives a sandbox.
-      const sandboxes = await createMany(Sandbox, options.template, options.concurrency, target, dirtyMiB + AGENT_HEADROOM_MiB > 400 ? dirtyMiB + 2 * AGENT_HEADROOM_MiB : undefined);
+      const sandboxes = await createMany(Sandbox, options.template, options.concurrency, target, memoryFor(dirtyMiB));
       try {
         const { memoryMB } = await sandboxes[0]!.getInfo();
         if (dirtyMiB + AGENT_HEADROOM_MiB > memoryMB) {
@@ -200,7 +204,7 @@ export async function benchRestoreSize(options: BenchOptions, target: BenchTarge
     const samples: Record<string, unknown> = {};
     const errors: string[] = [];
     for (const dirtyMiB of options.dirtyMiB) {
-      const [source] = await createMany(Sandbox, options.template, 1, target, dirtyMiB + AGENT_HEADROOM_MiB > 400 ? dirtyMiB + 2 * AGENT_HEADROOM_MiB : undefined);
+      const [source] = await createMany(Sandbox, options.template, 1, target, memoryFor(dirtyMiB));
       let snapshotId: string | undefined;
       try {
         const { memoryMB } = await source!.getInfo();
