@@ -444,7 +444,7 @@ function costCurves(chosen: Loaded[], chart: (name: string, svg: string) => stri
       "Idle tiers at scale (`density-idle`: sandboxes left alone on a server with short idle settings until all are on disk; host memory per sandbox awake, frozen and on disk; the images' bytes on the storage pool; a sample's first command after a wake):",
       "",
       table(
-        ["sandboxes", "awake MiB each", "frozen MiB each", "on disk MiB each", "image MiB each (disk)", "wake from disk p50", "wake from frozen p50", "file"],
+        ["sandboxes", "awake MiB each", "asleep MiB each (frozen or on disk)", "on disk MiB each", "image MiB each (disk)", "wake from disk p50", "wake from frozen p50", "file"],
         idle.map((e) =>
           e.data.status !== "ok"
             ? [String(pick(e.data.summary, "sandboxes") ?? "—"), `${e.data.status}: ${brief(e.data.reason)}`, "", "", "", "", "", fileRef(e)]
