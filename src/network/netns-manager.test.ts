@@ -8,6 +8,7 @@ import { after, before, test } from "node:test";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { runCommand } from "../shared/exec.js";
 import { createNetnsManager, oneShotNetworkHelper } from "./netns-manager.js";
+import { readAll } from "../runtime/container/test-helpers.js";
 import { policyChainName } from "./nft-ruleset.js";
 import type { NetworkManager, SandboxNetwork } from "./types.js";
 
@@ -58,16 +59,6 @@ const connectScript = (host: string, port: number) =>
   `s.on("data", (d) => { console.log("got " + d); s.destroy(); });` +
   `s.on("timeout", () => { console.log("timeout"); s.destroy(); }); s.on("error", (e) => console.log(e.code));`;
 
-function readFromHost(host: string, port: number): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const socket = net.connect(port, host);
-    let data = "";
-    socket.setTimeout(2000, () => socket.destroy(new Error("timeout")));
-    socket.on("data", (d) => (data += d));
-    socket.on("end", () => resolve(data));
-    socket.on("error", reject);
-  });
-}
 
 /** The elements of one of the sandbox's sets (a: allowOut, d: denyOut, n: pinned). */
 async function setOf(address: string, suffix: "a" | "d" | "n"): Promise<string> {
@@ -98,7 +89,7 @@ test("allocates a namespace with a veth, addresses, a default route and low port
     assert.match(await policyOf(network.sandboxAddress), /^\s*goto egress_allowed$/m);
     assert.equal(await setOf(network.sandboxAddress, "d"), "");
     await listenInNetns(network.netnsName, network.sandboxAddress, 49983);
-    assert.equal(await readFromHost(network.sandboxAddress, 49983), "hello");
+    assert.equal(await readAll(network.sandboxAddress, 49983), "hello");
     console.log(`allocate took ${elapsedMs.toFixed(1)} ms`);
   } finally {
     await manager.release(`${tag}a`);
@@ -115,7 +106,7 @@ test("a sandbox reaches neither the host nor another sandbox, but the host reach
   await new Promise<void>((resolve) => hostServer.listen(47001, a.hostAddress, resolve));
   try {
     await listenInNetns(b.netnsName, b.sandboxAddress, 47002);
-    assert.equal(await readFromHost(b.sandboxAddress, 47002), "hello");
+    assert.equal(await readAll(b.sandboxAddress, 47002), "hello");
     // Sandbox TCP is redirected to the egress proxy (absent here: refused), never to the target.
     assert.match(await nodeInNetns(a.netnsName, connectScript(a.hostAddress, 47001)), /^(timeout|ECONNREFUSED|ECONNRESET)$/);
     assert.match(await nodeInNetns(a.netnsName, connectScript(b.sandboxAddress, 47002)), /^(timeout|ECONNREFUSED|ECONNRESET)$/);
@@ -214,7 +205,7 @@ test("namespaces are made and removed through the injected helper runner, one ca
     const address = JSON.parse((await runCommand(["ip", "-n", network.netnsName, "-j", "-4", "addr", "show", "dev", "eth0"])).stdout);
     assert.equal(address[0].addr_info[0].local, network.sandboxAddress);
     await listenInNetns(network.netnsName, network.sandboxAddress, 47003);
-    assert.equal(await readFromHost(network.sandboxAddress, 47003), "hello");
+    assert.equal(await readAll(network.sandboxAddress, 47003), "hello");
   } finally {
     await counted.release(`${tag}i`);
     counted.close();

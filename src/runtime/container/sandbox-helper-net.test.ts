@@ -1,9 +1,9 @@
 import assert from "node:assert/strict";
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { existsSync, readFileSync } from "node:fs";
-import net from "node:net";
 import path from "node:path";
 import { after, test } from "node:test";
+import { readAll } from "./test-helpers.js";
 
 // The helper's netlink subcommands (native/netlink.h), each run once as a process, on real
 // namespaces and veths. `ip` only looks (and builds the reference network the helper replaces).
@@ -115,16 +115,6 @@ async function listen(netns: string, host: string, port: number): Promise<void> 
   });
 }
 
-function readFrom(host: string, port: number): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const socket = net.connect(port, host);
-    let data = "";
-    socket.setTimeout(2000, () => socket.destroy(new Error("timeout")));
-    socket.on("data", (d) => (data += d));
-    socket.on("end", () => resolve(data));
-    socket.on("error", reject);
-  });
-}
 
 test("net-setup makes what `ip netns add` and the ip batches made: same links, addresses, routes, sysctls", { skip }, () => {
   const hostPortStart = readFileSync("/proc/sys/net/ipv4/ip_unprivileged_port_start", "utf8");
@@ -164,7 +154,7 @@ test("packets flow between the host end and the sandbox end", { skip }, async ()
   assert.equal(result.status, 0, result.stderr);
   try {
     await listen(network.netns, network.sandboxAddress, 47101);
-    assert.equal(await readFrom(network.sandboxAddress, 47101), "hello", "host → sandbox");
+    assert.equal(await readAll(network.sandboxAddress, 47101), "hello", "host → sandbox");
     await listen("", network.hostAddress, 47102);
     const script = `const s = require("net").connect(47102, ${JSON.stringify(network.hostAddress)}); s.setTimeout(2000);` +
       `s.on("data", (d) => { console.log("got " + d); s.destroy(); }); s.on("timeout", () => { console.log("timeout"); s.destroy(); }); s.on("error", (e) => console.log(e.code));`;

@@ -1,3 +1,4 @@
+import net from "node:net";
 /** Helpers the runtime's tests and development scripts share: talking to a sandbox's agent. */
 import { rm } from "node:fs/promises";
 import http from "node:http";
@@ -54,4 +55,16 @@ export async function cleanUpRuntimeTest(parts: { runtime?: ContainerRuntime; ne
   for (const id of (await network?.listRuntimeIds()) ?? []) await network!.release(id).catch(() => {});
   await runCommand(["nft", "delete", "table", "inet", parts.tableName], { allowFailure: true });
   if (parts.stateDir) await rm(parts.stateDir, { recursive: true, force: true });
+}
+
+/** Everything a TCP server at host:port sends until it closes (2 s without data is an error). */
+export function readAll(host: string, port: number): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(port, host);
+    let data = "";
+    socket.setTimeout(2000, () => socket.destroy(new Error("timeout")));
+    socket.on("data", (d) => (data += d));
+    socket.on("end", () => resolve(data));
+    socket.on("error", reject);
+  });
 }
