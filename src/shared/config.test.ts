@@ -99,3 +99,10 @@ test("CUBICLE_IDLE_FREEZE_SECONDS and CUBICLE_IDLE_DISK_SECONDS: 300 and 1800 by
     assert.throws(() => loadConfig({ [name!]: value }), new RegExp(name!), `${name}=${value}`);
   }
 });
+
+test("CUBICLE_KSM: off unless asked for (AGENT_MEMORY_MERGE_NOTE); nonsense is refused at start", () => {
+  assert.equal(loadConfig({}).ksm, false);
+  assert.equal(loadConfig({ CUBICLE_KSM: "on" }).ksm, true);
+  assert.equal(loadConfig({ CUBICLE_KSM: "off" }).ksm, false);
+  assert.throws(() => loadConfig({ CUBICLE_KSM: "sometimes" }), /CUBICLE_KSM: "sometimes" is not true or false/);
+});
