@@ -1,4 +1,6 @@
 import type { IncomingMessage, Server, ServerResponse } from "node:http";
+import { registerTemplateRoutes, TEMPLATE_FILES_PREFIX } from "./template-routes.js";
+import type { TemplateBuilder } from "../template/builder/template-builder.js";
 import type { Duplex } from "node:stream";
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from "fastify";
 import { decodeSnapshotCursor, DEFAULT_FORK_TIMEOUT_SEC, encodeSnapshotCursor } from "../core/index.js";
@@ -55,6 +57,8 @@ export interface ApiOptions {
   serverFactory: (apiHandler: (req: IncomingMessage, res: ServerResponse) => void) => Server;
   /** The project's secrets (`/secrets`). */
   secrets: SecretVault;
+  /** E2B's template-build API (absent: its routes answer 404). */
+  templateBuilder?: TemplateBuilder;
   /** What sandboxes tried to reach (`GET /sandboxes/{id}/network/egress`) and its counters (`GET /metrics`). */
   egressAudit: EgressAuditLog;
   /**
@@ -148,6 +152,8 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
 
   app.addHook("onRequest", async (request: FastifyRequest) => {
     if (request.url === "/health" || request.url.startsWith("/health?")) return;
+    // Signed upload links carry their own token (the SDK PUTs to them without the API key).
+    if (options.templateBuilder && request.method === "PUT" && request.url.startsWith(TEMPLATE_FILES_PREFIX)) return;
     const headerKey = request.headers["x-api-key"];
     const bearer = request.headers.authorization?.match(/^Bearer\s+(.+)$/i)?.[1];
     const given = (Array.isArray(headerKey) ? headerKey[0] : headerKey) ?? bearer;
@@ -290,6 +296,8 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
 
   // Snapshots are templates upstream: the SDK deletes them through the template endpoint.
   app.delete("/templates/:templateID", async function deleteSnapshot(request: FastifyRequest<{ Params: { templateID: string } }>, reply) {
+    const template = await options.templateBuilder?.deleteTemplate(request.params.templateID);
+    if (template) return reply.status(204).send();
     const deleted = await manager.deleteSnapshot(request.params.templateID);
     if (!deleted) throw new CubicleError("not_found", `snapshot "${request.params.templateID}" not found (templates are managed with \`./cubicle template\`)`);
     return reply.status(204).send();
@@ -332,6 +340,7 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
   });
 
   app.get("/templates", async (): Promise<apiSchema.TemplateSummary[]> => options.listTemplates());
+  if (options.templateBuilder) registerTemplateRoutes(app, options.templateBuilder);
 
   // Secrets: the value goes in (create, update) and never comes out, nor into a log or an error.
   const { secrets } = options;

@@ -1,4 +1,6 @@
 import fs from "node:fs";
+import { createHash } from "node:crypto";
+import { TemplateBuilder } from "../template/builder/template-builder.js";
 import path from "node:path";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type https from "node:https";
@@ -128,6 +130,16 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     caCertificates: ca.certificatePem,
   });
   await manager.recover();
+  const templateBuilder = new TemplateBuilder({
+    templateDir: config.builtTemplateDir,
+    filesDir: path.join(config.stateDir, "template-files"),
+    store,
+    catalog: templates,
+    sandboxes: manager.builds,
+    // Upload links stay valid across restarts, and only this server's key signs them.
+    uploadKey: createHash("sha256").update(`cubicle template uploads\n${apiKey}`).digest(),
+  });
+  await templateBuilder.recover();
 
   const router = new SandboxRouter(manager, config.domain, { agentLink });
   let templatesReady = false;
@@ -142,6 +154,7 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     requireSecure: config.requireSecure,
     secrets,
     egressAudit,
+    templateBuilder,
     hostDirs: [config.stateDir, config.templateDir, config.distDir],
     isReady: () => templatesReady,
     listTemplates: () => templates.list(),
@@ -193,6 +206,7 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     egressAudit,
     ready,
     async close() {
+      await templateBuilder.close();
       await manager!.close();
       await egress.stop();
       network!.close();

@@ -2,6 +2,7 @@ import type { TemplateCatalog, TemplateInfo } from "../core/index.js";
 import type { CubicleConfig } from "../shared/config.js";
 import {
   ensureTemplate,
+  findRecipe,
   listTemplates,
   pickTemplate,
   templateImage,
@@ -15,6 +16,10 @@ export interface ServerTemplateCatalog extends TemplateCatalog {
   list(): Promise<{ templateID: string; aliases: string[]; cpuCount: number; memoryMB: number; diskSizeMB: number; buildStatus: string }[]>;
   /** What decides whether an image made from `template` is still current: its recipe hash. */
   fingerprint(template: TemplateInfo): Promise<string>;
+  /** Drops the templates read from disk (a build or a removal changed them). */
+  invalidate(): void;
+  /** A built-in template (a recipe) by id or alias. */
+  isBuiltIn(idOrAlias: string): boolean;
 }
 
 /** The template component's functions the catalog calls; tests pass counting wrappers. */
@@ -50,6 +55,8 @@ function toInfo(record: TemplateRecord, bandwidthByName: Record<string, { egress
     cpuCount: record.cpuCount,
     memoryMB: record.memoryMB,
     diskSizeMB: record.diskSizeMB,
+    ...(record.startCmd ? { startCmd: record.startCmd } : {}),
+    ...(record.readyCmd ? { readyCmd: record.readyCmd } : {}),
     ...(bandwidth ? { bandwidth } : {}),
   };
 }
@@ -61,7 +68,7 @@ function toInfo(record: TemplateRecord, bandwidthByName: Record<string, { egress
  * whether another process (`./cubicle template build`, a removal) changed them. A build
  * through `ensure` drops them at once.
  */
-export function createTemplateCatalog(config: Pick<CubicleConfig, "templateDir"> & Partial<Pick<CubicleConfig, "templateBandwidth">>, options: TemplateCatalogOptions = {}): ServerTemplateCatalog {
+export function createTemplateCatalog(config: Pick<CubicleConfig, "templateDir"> & Partial<Pick<CubicleConfig, "templateBandwidth" | "builtTemplateDir">>, options: TemplateCatalogOptions = {}): ServerTemplateCatalog {
   const bandwidth = config.templateBandwidth ?? {};
   const access = options.access ?? { listTemplates, ensureTemplate, templatesVersion };
   const revalidateAfterMs = options.revalidateAfterMs ?? 1_000;
@@ -75,9 +82,13 @@ export function createTemplateCatalog(config: Pick<CubicleConfig, "templateDir">
     const startedGeneration = generation;
     const checkedAt = now();
     // The version is taken before the read, so a change during the read makes the next check read again.
-    const version = await access.templatesVersion(config);
+    // Built-in templates first: a built template never shadows one (the builder refuses their names).
+    const dirs = config.builtTemplateDir ? [config.templateDir, config.builtTemplateDir] : [config.templateDir];
+    const versions = await Promise.all(dirs.map((templateDir) => access.templatesVersion({ templateDir })));
+    const version = versions.includes(undefined) ? undefined : versions.join("|");
     const previous = cached;
-    const records = previous && version !== undefined && version === previous.version ? previous.records : await access.listTemplates(config);
+    const records =
+      previous && version !== undefined && version === previous.version ? previous.records : (await Promise.all(dirs.map((templateDir) => access.listTemplates({ templateDir })))).flat();
     if (generation === startedGeneration) cached = { records, version, checkedAt };
     return records;
   }
@@ -121,6 +132,8 @@ export function createTemplateCatalog(config: Pick<CubicleConfig, "templateDir">
         buildStatus: "ready",
       }));
     },
+    invalidate: forget,
+    isBuiltIn: (idOrAlias) => findRecipe(idOrAlias) !== undefined,
     async fingerprint(template) {
       const record = pickTemplate(await currentTemplates(), template.templateId);
       if (!record) throw templateNotFound(template.templateId);

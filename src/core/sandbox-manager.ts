@@ -18,6 +18,9 @@ import { StartQueue, type StartQueueOptions } from "./start-queue.js";
 import type { CreateSandboxRequest, TemplateCatalog, TemplateInfo } from "./types.js";
 import { WarmPool } from "./warm-pool.js";
 import { WarmSnapshots, type WarmSnapshotCounts } from "./warm-snapshots.js";
+import { bootUnclaimed, destroyUnclaimed } from "./unclaimed-sandbox.js";
+import { imageId } from "../runtime/images.js";
+import { buildInitBody } from "../protocol/index.js";
 
 export type { ForkOutcome } from "./lifecycle/snapshots.js";
 export type { ResumeOptions } from "./lifecycle/pause.js";
@@ -139,6 +142,46 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     });
     this.metricsHistory.start();
   }
+
+  /**
+   * What the template builder needs of the core (BUILD_AGENT_NOTE): build sandboxes, booted
+   * like pool entries (recorded as such, so recovery removes what a crash leaves) from a
+   * template that need not be registered, with their agent initialised without a token; their
+   * files committed as layer images; a template's warm snapshot made on demand.
+   */
+  readonly builds = {
+    start: async (template: TemplateInfo): Promise<{ runtimeId: string; address: string }> => {
+      const deps = { ...this.ctx.ports, starts: this.ctx.starts, pidsLimit: this.ctx.settings.pidsLimit, caCertificates: this.ctx.settings.caCertificates };
+      const entry = await bootUnclaimed(deps, template);
+      const address = entry.network!.sandboxAddress;
+      try {
+        await this.ctx.ports.runtime.foreground(entry.runtimeId);
+        await this.ctx.ports.agent.init(address, buildInitBody({ envVars: {}, defaultUser: template.image.defaultUser, defaultWorkdir: template.image.defaultWorkdir, caCertificates: this.ctx.settings.caCertificates }));
+      } catch (err) {
+        await destroyUnclaimed(deps, entry.runtimeId);
+        throw err;
+      }
+      return { runtimeId: entry.runtimeId, address };
+    },
+    /** The build sandbox's files as the layer image `layer/<name>` (it keeps running); replaces an older one. */
+    commit: async (runtimeId: string, name: string): Promise<string> => {
+      const { runtime } = this.ctx.ports;
+      const id = imageId("layer", name);
+      if (await runtime.images.exists(id)) await runtime.images.remove(id);
+      return (await runtime.checkpoint(runtimeId, { kind: "layer", name }, { memory: false, leaveRunning: true })).imageId;
+    },
+    destroy: async (runtimeId: string): Promise<void> => {
+      await destroyUnclaimed({ ...this.ctx.ports, pidsLimit: this.ctx.settings.pidsLimit }, runtimeId);
+    },
+    imageExists: (id: string): Promise<boolean> => this.ctx.ports.runtime.images.exists(id),
+    removeImage: (id: string): Promise<void> => this.ctx.ports.runtime.images.remove(id),
+    /** Makes the template's warm snapshot (its start command running) and waits for it. */
+    warm: (template: TemplateInfo): Promise<void> => this.warmSnapshots.ensure(template),
+    /** Whether a sandbox (live, paused or asleep) was made from the template. */
+    inUse: async (templateId: string): Promise<boolean> =>
+      this.ctx.table.records().some((record) => record.templateId === templateId) ||
+      (await this.ctx.ports.store.querySandboxes({ states: ["paused"] })).some((record) => record.templateId === templateId),
+  };
 
   /** A sandbox's metrics samples in `[start, end]` (unix seconds, inclusive; metrics.ts). */
   async metrics(sandboxId: string, range: { start?: number; end?: number } = {}): Promise<MetricSample[]> {

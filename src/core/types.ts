@@ -8,6 +8,10 @@ export interface TemplateInfo {
   cpuCount: number;
   memoryMB: number;
   diskSizeMB: number;
+  /** Started in every sandbox of the template (TEMPLATE_START_NOTE). */
+  startCmd?: string;
+  /** Run after startCmd until it succeeds. */
+  readyCmd?: string;
   /** Default rate limits of its sandboxes (the operator's CUBICLE_TEMPLATE_BANDWIDTH); none when absent. */
   bandwidth?: { egressMbps?: number; ingressMbps?: number };
 }

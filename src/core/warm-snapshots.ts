@@ -1,7 +1,9 @@
 import { createHash } from "node:crypto";
 import { buildInitBody } from "../protocol/index.js";
 import { imageId, parseImageId } from "../runtime/images.js";
+import { CubicleError } from "../shared/cubicle-error.js";
 import { createLogger } from "../shared/log.js";
+import { startTemplateCommand } from "./template-start.js";
 import type { TemplateInfo } from "./types.js";
 import { bootUnclaimed, destroyUnclaimed, type UnclaimedSandboxDeps } from "./unclaimed-sandbox.js";
 
@@ -45,6 +47,7 @@ export class WarmSnapshots {
   private readonly ready = new Map<string, string>();
   private readonly building = new Map<string, Promise<void>>();
   private readonly failedAt = new Map<string, number>();
+  private readonly lastError = new Map<string, CubicleError>();
   private readonly restores = new Map<string, number>();
   private stopped = false;
 
@@ -52,8 +55,22 @@ export class WarmSnapshots {
     this.enabled = new Set(options.templates);
   }
 
+  /** Configured for it, or the template has a start command (TEMPLATE_START_NOTE: its sandboxes start from the image). */
   isEnabled(template: TemplateInfo): boolean {
-    return this.enabled.has(template.templateId) || template.aliases.some((alias) => this.enabled.has(alias));
+    return this.enabled.has(template.templateId) || template.aliases.some((alias) => this.enabled.has(alias)) || template.startCmd !== undefined;
+  }
+
+  /**
+   * Makes the template's image now if it has none (a build's last step), and resolves once it
+   * is ready; rejects with the reason when it cannot be made.
+   */
+  async ensure(template: TemplateInfo): Promise<void> {
+    this.failedAt.delete(template.templateId);
+    if (await this.imageFor(template)) return;
+    await this.building.get(template.templateId);
+    if (!(await this.imageFor(template))) {
+      throw this.lastError.get(template.templateId) ?? new CubicleError("internal", `the warm snapshot of template ${template.templateId} was not made`);
+    }
   }
 
   /**
@@ -124,6 +141,7 @@ export class WarmSnapshots {
         },
         (err) => {
           this.failedAt.set(template.templateId, Date.now());
+          this.lastError.set(template.templateId, CubicleError.from(err));
           log.warn("warm snapshot build failed; creates boot cold", { templateId: template.templateId, error: String(err) });
         },
       )
@@ -155,6 +173,7 @@ export class WarmSnapshots {
           return false;
         },
       );
+      await startTemplateCommand(address, template);
       if (this.stopped) return undefined;
       // No idle keep-alive connection of ours may be carried into the image (see AgentLink.dropIdleSockets).
       this.options.agent.dropIdleSockets(address);

@@ -7,10 +7,12 @@ import type { Runtime } from "./types.js";
  * - snapshot: a user's snapshot (and a fork's one-off image), named by the snapshot id
  * - pause: a paused sandbox's image, named by its sandbox id
  * - warm: a template's warm image, named `<templateId>-<key>`
+ * - layer: a template's own files (a filesystem-only image of a build sandbox after a build
+ *   step), named by the step's cache key; sandboxes of the template start from a copy of it
  */
-export type ImageKind = "snapshot" | "pause" | "warm";
+export type ImageKind = "snapshot" | "pause" | "warm" | "layer";
 
-export const IMAGE_KINDS: readonly ImageKind[] = ["snapshot", "pause", "warm"];
+export const IMAGE_KINDS: readonly ImageKind[] = ["snapshot", "pause", "warm", "layer"];
 
 /** The runtime that made an image; only that runtime can restore it. */
 export type ImageRuntime = Runtime["name"];

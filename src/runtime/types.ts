@@ -6,6 +6,12 @@ export interface TemplateImage {
   templateId: string;
   /** Root filesystem, owned by the user-namespace range the runtime maps root to. */
   rootfsDir: string;
+  /**
+   * The template's own files on top of `rootfsDir` (a user template's build): a filesystem-only
+   * image of kind `layer` made on the same `rootfsDir`. A fresh sandbox's writable layer starts
+   * as a copy of it (copy-on-write) instead of empty. Absent = the rootfs alone.
+   */
+  layerImageId?: string;
   defaultUser: string;
   defaultWorkdir: string;
   /** Extra environment for every process (PATH …). */

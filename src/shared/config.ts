@@ -23,6 +23,11 @@ export interface CubicleConfig {
   stateDir: string;
   /** Where template rootfs trees are cached; shared between state dirs (tests) to avoid rebuilds. */
   templateDir: string;
+  /**
+   * Templates made through the template-build API: always in the state directory, next to the
+   * storage pool holding their layer images (templateDir may be a cache shared by servers).
+   */
+  builtTemplateDir: string;
   domain: string;
   /** Fixed API key, or undefined to generate one on first start and keep it in the state dir. */
   apiKey: string | undefined;
@@ -280,6 +285,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     port: Number(env.CUBICLE_PORT ?? 3000),
     stateDir,
     templateDir: path.resolve(env.CUBICLE_TEMPLATE_DIR ?? path.join(stateDir, "templates")),
+    builtTemplateDir: path.join(stateDir, "built-templates"),
     domain: env.CUBICLE_DOMAIN ?? "cubicle.localhost",
     apiKey: env.CUBICLE_API_KEY || undefined,
     subnet: env.CUBICLE_SUBNET ?? "10.88.0.0/16",

@@ -2,7 +2,20 @@ import fs from "node:fs";
 import Database from "better-sqlite3";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { sandboxFromBody, snapshotFromBody } from "./legacy-records.js";
-import type { EventRecord, PoolEntryRecord, SandboxQuery, SandboxRecord, SecretQuery, SecretRecord, SecretValueUpdate, SnapshotQuery, SnapshotRecord, Store } from "./types.js";
+import type {
+  EventRecord,
+  PoolEntryRecord,
+  SandboxQuery,
+  SandboxRecord,
+  SecretQuery,
+  SecretRecord,
+  SecretValueUpdate,
+  SnapshotQuery,
+  SnapshotRecord,
+  Store,
+  TemplateBuildRecord,
+  TemplateBuildStore,
+} from "./types.js";
 
 const schema = `
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -52,6 +65,14 @@ CREATE TABLE IF NOT EXISTS secrets (
   updated_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS secrets_created ON secrets (created_at, secret_id);
+CREATE TABLE IF NOT EXISTS template_builds (
+  build_id TEXT PRIMARY KEY,
+  template_id TEXT NOT NULL,
+  status TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS template_builds_template ON template_builds (template_id, created_at);
 `;
 
 interface SandboxRow {
@@ -74,7 +95,7 @@ interface SecretRow {
  * SQLite store: one file in the state directory, WAL mode. Columns that queries filter on
  * are real columns; the rest of the record is a JSON body.
  */
-export class SqliteStore implements Store {
+export class SqliteStore implements Store, TemplateBuildStore {
   private readonly db: Database.Database;
   private readonly insertStmt: Database.Statement;
   private readonly updateStmt: Database.Statement;
@@ -282,6 +303,31 @@ export class SqliteStore implements Store {
 
   async deleteSecret(secretId: string): Promise<boolean> {
     return this.db.prepare("DELETE FROM secrets WHERE secret_id = ?").run(secretId).changes > 0;
+  }
+
+  async putTemplateBuild(record: TemplateBuildRecord): Promise<void> {
+    this.db
+      .prepare("INSERT OR REPLACE INTO template_builds (build_id, template_id, status, created_at, body) VALUES (?, ?, ?, ?, ?)")
+      .run(record.buildId, record.templateId, record.status, record.createdAt, JSON.stringify(record));
+  }
+
+  async getTemplateBuild(buildId: string): Promise<TemplateBuildRecord | undefined> {
+    const row = this.db.prepare("SELECT body FROM template_builds WHERE build_id = ?").get(buildId) as SandboxRow | undefined;
+    return row ? (JSON.parse(row.body) as TemplateBuildRecord) : undefined;
+  }
+
+  async listTemplateBuilds(templateId: string): Promise<TemplateBuildRecord[]> {
+    const rows = this.db.prepare("SELECT body FROM template_builds WHERE template_id = ? ORDER BY created_at DESC, build_id DESC").all(templateId) as SandboxRow[];
+    return rows.map((row) => JSON.parse(row.body) as TemplateBuildRecord);
+  }
+
+  async deleteTemplateBuilds(templateId: string): Promise<void> {
+    this.db.prepare("DELETE FROM template_builds WHERE template_id = ?").run(templateId);
+  }
+
+  async unfinishedTemplateBuilds(): Promise<TemplateBuildRecord[]> {
+    const rows = this.db.prepare("SELECT body FROM template_builds WHERE status IN ('waiting', 'building') ORDER BY created_at").all() as SandboxRow[];
+    return rows.map((row) => JSON.parse(row.body) as TemplateBuildRecord);
   }
 
   async knowsRuntimeId(runtimeId: string): Promise<boolean> {

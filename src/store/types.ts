@@ -185,6 +185,50 @@ export interface SecretQuery {
   limit?: number;
 }
 
+/** One line of a template build's log, as the E2B build status shows it. */
+export interface BuildLogEntry {
+  /** ISO 8601. */
+  timestamp: string;
+  level: "debug" | "info" | "warn" | "error";
+  message: string;
+  /** The step it belongs to: "base", a step's 1-based number as a string, or "finalize". */
+  step?: string;
+}
+
+/** A template build (E2B's build: one per `POST /v3/templates`). */
+export interface TemplateBuildRecord {
+  buildId: string;
+  templateId: string;
+  /** `waiting`: requested, not started (no `POST /v2/templates/{id}/builds/{buildId}` yet). */
+  status: "waiting" | "building" | "ready" | "error";
+  /** The build request as validated (steps, base, start and ready commands); absent while waiting. */
+  spec?: unknown;
+  cpuCount: number;
+  memoryMB: number;
+  /** The names the build was requested under (the template's aliases once it is built). */
+  names: string[];
+  /** The tags that point at this build once it is ready. */
+  tags: string[];
+  /** Why it failed, and at which step. */
+  reason?: { message: string; step?: string };
+  logs: BuildLogEntry[];
+  /** Epoch ms. */
+  createdAt: number;
+  finishedAt?: number;
+}
+
+/** Where template builds are kept (the SQLite store); separate from Store, which the core uses. */
+export interface TemplateBuildStore {
+  /** Inserts or replaces the build's record. */
+  putTemplateBuild(record: TemplateBuildRecord): Promise<void>;
+  getTemplateBuild(buildId: string): Promise<TemplateBuildRecord | undefined>;
+  /** Newest first. */
+  listTemplateBuilds(templateId: string): Promise<TemplateBuildRecord[]>;
+  deleteTemplateBuilds(templateId: string): Promise<void>;
+  /** Builds left `waiting` or `building` by an earlier process (a restart cut them off). */
+  unfinishedTemplateBuilds(): Promise<TemplateBuildRecord[]>;
+}
+
 export interface EventRecord {
   sandboxId: string;
   at: number;

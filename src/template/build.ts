@@ -173,7 +173,7 @@ function treePath(rootfsDir: string, treeFile: string): string {
 }
 
 /** Puts `stagingDir` at `finalDir`, moving an older build aside first and removing it. */
-async function replaceDirectory(stagingDir: string, finalDir: string): Promise<void> {
+export async function replaceDirectory(stagingDir: string, finalDir: string): Promise<void> {
   const retiredDir = path.join(
     path.dirname(finalDir),
     `${RETIRED_DIR_PREFIX}${path.basename(finalDir)}-${randomBytes(4).toString("hex")}`,

@@ -14,6 +14,26 @@ export interface TemplateMetadata
   builtAt: string;
   /** Disk space the rootfs takes (allocated blocks). */
   sizeBytes: number;
+  /**
+   * How the template was made: a built-in recipe (its rootfs in its own directory; the
+   * default) or a build through the template-build API (its files a layer image on the rootfs
+   * of the template or image it was built from).
+   */
+  source?: "recipe" | "build";
+  /** Build templates: the rootfs they stand on, another template's or a pulled image's. */
+  baseRootfsDir?: string;
+  /** Build templates: the image (kind `layer`) holding what the build's steps changed. */
+  layerImageId?: string;
+  /** Started in every sandbox of the template (in its warm snapshot, already running). */
+  startCmd?: string;
+  /** Run until it succeeds after startCmd; the template's sandboxes are ready then. */
+  readyCmd?: string;
+  /** The build that made the current files. */
+  buildId?: string;
+  /** Tag → build id (E2B's template tags; `default` is the latest build). */
+  tags?: Record<string, string>;
+  /** The team's own id of the template; builds never replace another team's template. */
+  public?: boolean;
 }
 
 /** A built template on disk. */
@@ -42,10 +62,8 @@ export interface TemplateDirState {
 }
 
 export async function inspectTemplateDir(dir: string): Promise<TemplateDirState> {
-  const [metadata, rootfsPresent] = await Promise.all([
-    readMetadata(dir),
-    fs.stat(path.join(dir, ROOTFS_DIR)).then((s) => s.isDirectory(), () => false),
-  ]);
+  const metadata = await readMetadata(dir);
+  const rootfsPresent = await fs.stat(rootfsOf(dir, metadata)).then((s) => s.isDirectory(), () => false);
   return { metadata, rootfsPresent };
 }
 
@@ -97,7 +115,12 @@ export async function writeMetadata(dir: string, metadata: TemplateMetadata): Pr
 }
 
 export function toRecord(dir: string, metadata: TemplateMetadata): TemplateRecord {
-  return { ...metadata, dir, rootfsDir: path.join(dir, ROOTFS_DIR) };
+  return { ...metadata, dir, rootfsDir: rootfsOf(dir, metadata) };
+}
+
+/** A recipe template's own rootfs, or the base a build template stands on. */
+function rootfsOf(dir: string, metadata: TemplateMetadata | undefined): string {
+  return metadata?.source === "build" && metadata.baseRootfsDir ? metadata.baseRootfsDir : path.join(dir, ROOTFS_DIR);
 }
 
 /** Every complete template under `templateDir`, sorted by id. */
@@ -160,6 +183,7 @@ export function templateImage(record: TemplateRecord): TemplateImage {
   return {
     templateId: record.templateId,
     rootfsDir: record.rootfsDir,
+    ...(record.layerImageId ? { layerImageId: record.layerImageId } : {}),
     defaultUser: record.defaultUser,
     defaultWorkdir: record.defaultWorkdir,
     env: { ...record.env },

@@ -134,9 +134,31 @@ function checkEnvName(key: string, value: string): void {
   }
 }
 
+let templateEnvCache: Record<string, string> | undefined;
+
+/**
+ * The template's environment (its ENV steps, its recipe's variables), which the runtime hands
+ * the agent as JSON in CUBICLE_TEMPLATE_ENV; {} when absent or not an object of strings.
+ */
+export function templateEnvironment(raw = process.env.CUBICLE_TEMPLATE_ENV): Record<string, string> {
+  if (raw === process.env.CUBICLE_TEMPLATE_ENV && templateEnvCache) return templateEnvCache;
+  let parsed: Record<string, string> = {};
+  try {
+    const value = JSON.parse(raw ?? "{}") as unknown;
+    if (typeof value === "object" && value !== null && !Array.isArray(value)) {
+      parsed = Object.fromEntries(Object.entries(value).filter((entry): entry is [string, string] => typeof entry[1] === "string" && entry[0] !== "" && !entry[0].includes("=")));
+    }
+  } catch {
+    parsed = {};
+  }
+  if (raw === process.env.CUBICLE_TEMPLATE_ENV) templateEnvCache = parsed;
+  return parsed;
+}
+
 /**
  * The environment of a process, later entries winning (§7.5): PATH, HOME, USER, LOGNAME,
- * SHELL and E2B_SANDBOX; the sandbox-wide env vars from /init; the call's own envs.
+ * SHELL and E2B_SANDBOX; the template's environment; the sandbox-wide env vars from /init; the
+ * call's own envs.
  */
 export function processEnvironment(user: AgentUser, sandboxEnv: Record<string, string>, callEnv: Record<string, string>): Record<string, string> {
   const env: Record<string, string> = {
@@ -147,6 +169,7 @@ export function processEnvironment(user: AgentUser, sandboxEnv: Record<string, s
     SHELL: user.shell,
     E2B_SANDBOX: "true",
   };
+  for (const [key, value] of Object.entries(templateEnvironment())) env[key] = value;
   for (const [key, value] of Object.entries(sandboxEnv)) env[key] = value;
   for (const [key, value] of Object.entries(callEnv)) {
     checkEnvName(key, value);

@@ -1,3 +1,4 @@
+import { startTemplateCommand } from "../template-start.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { roundMs } from "../../shared/log.js";
 import { runtimeIdOf, type PoolEntryRecord, type SandboxRecord, type SnapshotRecord } from "../../store/types.js";
@@ -63,6 +64,7 @@ export class Creation {
       const created = performance.now();
       // Its first /init is retried until the agent listens: no separate health probe.
       await ctx.initAgent(record, template, undefined, AGENT_READY_TIMEOUT_MS);
+      if (template.startCmd) await startTemplateCommand(record.network!.sandboxAddress, template, record.envdAccessToken);
       log.debug("booted", { sandboxId: record.sandboxId, runtimeMs: roundMs(created - started), agentUpMs: roundMs(performance.now() - created) });
     });
     return ctx.markRunning(record, { pooled: false });

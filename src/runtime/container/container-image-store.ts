@@ -27,7 +27,7 @@ const log = createLogger("images");
  * The directory of each kind under the images directory. These names are the layout images
  * were kept in before the store existed (core named them): images on disk stay valid.
  */
-const KIND_DIRS: Record<ImageKind, string> = { snapshot: "snapshots", pause: "paused", warm: "warm" };
+const KIND_DIRS: Record<ImageKind, string> = { snapshot: "snapshots", pause: "paused", warm: "warm", layer: "layers" };
 
 export interface ContainerImageStoreOptions {
   /** Called after each deletion of an image (the runtime collects btrfs quota groups now and then). */

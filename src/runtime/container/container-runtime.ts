@@ -7,6 +7,7 @@ import { runCommand } from "../../shared/exec.js";
 import { pathExists } from "../../shared/fs.js";
 import { createLogger, roundMs } from "../../shared/log.js";
 import { type CheckpointInfo, type CheckpointOptions, type CheckpointTarget, type Runtime, type RuntimeState, type SandboxSpec, type SandboxStats } from "../types.js";
+import { parseImageId } from "../images.js";
 import { assembleAgentKit, findNativePackages, type AgentKit } from "./agent-kit.js";
 import { enableKsm } from "./ksm-host.js";
 import { identityFiles, identityFor, readIdentity, writeIdentity, type BootIdentity } from "./boot-identity.js";
@@ -281,7 +282,8 @@ export class ContainerRuntime implements Runtime {
     const started = performance.now();
     const uidBase = this.uidRanges.allocate();
     try {
-      const timings = await this.prepareBundle(spec, uidBase, { kind: "fresh" }, identityFor({ kind: "fresh" }));
+      const templateLayer = spec.template.layerImageId ? await this.templateLayer(spec.template) : undefined;
+      const timings = await this.prepareBundle(spec, uidBase, { kind: "fresh", templateLayer }, identityFor({ kind: "fresh" }));
       await spec.networkReady;
       await this.runc.runDetached(CONTAINER_PREFIX + id, this.paths(id).dir, this.paths(id).runcLog, spec.network.netnsPath);
       const ran = performance.now();
@@ -292,6 +294,23 @@ export class ContainerRuntime implements Runtime {
       await settled(spec.networkReady);
       throw await this.undoFailedStart(id, uidBase, err, "create");
     }
+  }
+
+  /**
+   * The layer directory of a template's layer image (TemplateImage.layerImageId): a committed
+   * filesystem-only image of kind `layer`, made on the template's own rootfs.
+   */
+  private async templateLayer(template: SandboxSpec["template"]): Promise<string> {
+    const imageId = template.layerImageId!;
+    if (parseImageId(imageId).kind !== "layer" || !(await this.images.exists(imageId))) {
+      throw new CubicleError("failed_precondition", `template ${template.templateId} has lost its files (image ${imageId}); build it again`);
+    }
+    const imageDir = this.images.dirOf(imageId);
+    const meta = await readMeta(imageDir);
+    if (meta.memory || (meta.rootfsDir && meta.rootfsDir !== template.rootfsDir)) {
+      throw new CubicleError("failed_precondition", `template ${template.templateId}'s files (image ${imageId}) were made on another base; build it again`);
+    }
+    return imageLayout(imageDir).layer;
   }
 
   /**
@@ -321,7 +340,7 @@ export class ContainerRuntime implements Runtime {
   private async prepareBundle(
     spec: SandboxSpec,
     uidBase: number,
-    source: { kind: "fresh" } | { kind: "image"; imageDir: string; memory: boolean; criuView: string | undefined },
+    source: { kind: "fresh"; templateLayer?: string } | { kind: "image"; imageDir: string; memory: boolean; criuView: string | undefined },
     identity: BootIdentity,
   ): Promise<Omit<CreateTimings, "runcMs">> {
     const kit = this.kit;
@@ -348,7 +367,7 @@ export class ContainerRuntime implements Runtime {
       layerDir: paths.layer,
       rootfsDir: paths.rootfs,
       quotaBytes: Math.max(0, Math.floor(spec.resources.diskMiB)) * 1024 * 1024,
-      fromLayer: source.kind === "image" ? imageLayout(source.imageDir).layer : undefined,
+      fromLayer: source.kind === "image" ? imageLayout(source.imageDir).layer : source.templateLayer,
       usernsPin: source.kind === "fresh" || !source.memory ? paths.userns : undefined,
       criuImages: source.kind === "image" && source.criuView ? imageLayout(source.imageDir).criu : undefined,
       criuView: source.kind === "image" ? source.criuView : undefined,

@@ -110,6 +110,8 @@ export function buildOciSpec(input: OciSpecInput): Record<string, unknown> {
     // How to start Node inside the sandbox (through the kit's loader), for the JS kernels.
     CUBICLE_AGENT_NODE_COMMAND: JSON.stringify(kernelNodeCommand(input.agentCommand)),
     CUBICLE_SANDBOX_ID: spec.sandboxId,
+    // The agent gives commands the template's environment (not the rest of its own).
+    CUBICLE_TEMPLATE_ENV: JSON.stringify(template.env),
   };
   // sandbox-boot drops BOOT_CAPABILITIES before it execs the init.
   const caps = [...SANDBOX_CAPABILITIES, ...BOOT_CAPABILITIES];

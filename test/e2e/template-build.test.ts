@@ -1,0 +1,196 @@
+/**
+ * E2B's template builder through the official `e2b` SDK (`Template().…`, `Template.build`,
+ * `Template.exists`, tags) against a real server: a template with every step type and a start
+ * command whose process runs in a new sandbox; a rebuild that hits the layer cache; a change
+ * to the last step that rebuilds only it; a failing RUN that names its step; delete while a
+ * sandbox uses the template; bad requests answered with clear 4xx and nothing registered.
+ */
+import assert from "node:assert/strict";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { after, before, test } from "node:test";
+import { BuildError, Sandbox, Template, waitForURL, type LogEntry } from "e2b";
+import { startTestServer, useServerForSdk, type TestServer } from "./harness.js";
+
+let server: TestServer;
+let context: string;
+
+before(async () => {
+  server = await startTestServer();
+  useServerForSdk(server);
+  context = fs.mkdtempSync(path.join(os.tmpdir(), "cubicle-template-ctx-"));
+  fs.mkdirSync(path.join(context, "app", "sub"), { recursive: true });
+  fs.writeFileSync(path.join(context, "app", "main.py"), "print('from the template')\n");
+  fs.writeFileSync(path.join(context, "app", "sub", "data.txt"), "nested\n");
+  fs.writeFileSync(path.join(context, "app", ".hidden"), "dotfile\n");
+  fs.writeFileSync(path.join(context, "notes.txt"), "secret notes\n");
+  fs.symlinkSync("notes.txt", path.join(context, "notes-link"));
+});
+
+after(async () => {
+  await server?.stop();
+  if (context) fs.rmSync(context, { recursive: true, force: true });
+});
+
+/** The template with every step type; `last` is its last RUN (changed by the cache test). */
+function everyStep(last = "echo last > /tmp/last") {
+  return Template({ fileContextPath: context })
+    .fromTemplate("base")
+    .setEnvs({ GREETING: "hello from ENV" })
+    .runCmd("echo \"$GREETING\" > /tmp/greeting && whoami > /tmp/whoami")
+    .runCmd("mkdir -p /opt/tool && echo made-by-root > /opt/tool/marker", { user: "root" })
+    .copy("app", "/home/user/app")
+    .copy("notes.txt", "/opt/notes.txt", { user: "root", mode: 0o600 })
+    .copy("notes-link", "/home/user/")
+    .setWorkdir("/home/user/work")
+    .setUser("user")
+    .runCmd(last)
+    .setStartCmd("python3 -m http.server 8080 --directory /home/user/app", waitForURL("http://127.0.0.1:8080/main.py"));
+}
+
+async function build(template: Parameters<typeof Template.build>[0], name: string): Promise<{ logs: string[]; ms: number }> {
+  const logs: string[] = [];
+  const started = performance.now();
+  await Template.build(template, name, { onBuildLogs: (entry: LogEntry) => logs.push(entry.message) });
+  return { logs, ms: performance.now() - started };
+}
+
+test("Template.build with every step type; a sandbox of it has the files, env, user, workdir and the start command running", async () => {
+  const { logs } = await build(everyStep(), "e2e-every-step");
+  assert.ok(logs.some((line) => line.includes("RUN echo")), `the log shows the steps: ${logs.join("\n")}`);
+  assert.ok(await Template.exists("e2e-every-step"));
+
+  const sandbox = await Sandbox.create("e2e-every-step");
+  try {
+    const run = async (cmd: string, user?: "root" | "user") => (await sandbox.commands.run(cmd, user ? { user } : {})).stdout.trim();
+    assert.equal(await run("cat /tmp/greeting"), "hello from ENV");
+    assert.equal(await run("cat /tmp/whoami"), "user", "RUN runs as the template's user by default");
+    assert.equal(await run("cat /opt/tool/marker"), "made-by-root");
+    assert.equal(await run("stat -c %U /opt/tool"), "root");
+    assert.equal(await run("cat /home/user/app/main.py"), "print('from the template')");
+    assert.equal(await run("cat /home/user/app/sub/data.txt"), "nested");
+    assert.equal(await run("cat /home/user/app/.hidden"), "dotfile");
+    assert.equal(await run("stat -c %U:%G /home/user/app/main.py /home/user/app/sub"), "user:user\nuser:user");
+    assert.equal(await run("stat -c %U:%a /opt/notes.txt", "root"), "root:600");
+    assert.equal(await run("readlink /home/user/notes-link"), "notes.txt", "a symlink is copied as a symlink");
+    assert.equal(await run("cat /tmp/last"), "last");
+    assert.equal(await run("echo $GREETING"), "hello from ENV", "ENV is the template's environment");
+    assert.equal(await run("pwd"), "/home/user/work", "WORKDIR is the default workdir");
+    assert.equal(await run("whoami"), "user");
+    // The start command runs already: the sandbox came from the warm snapshot taken when it was ready.
+    const served = await sandbox.commands.run("curl -s http://127.0.0.1:8080/main.py");
+    assert.equal(served.stdout.trim(), "print('from the template')");
+    const processes = await sandbox.commands.list();
+    assert.ok(processes.some((p) => p.tag === "start-cmd"), `the start command is listed: ${JSON.stringify(processes)}`);
+    // Files written in one sandbox stay in it.
+    await sandbox.files.write("/home/user/app/main.py", "changed");
+  } finally {
+    await sandbox.kill();
+  }
+  const fresh = await Sandbox.create("e2e-every-step");
+  try {
+    assert.equal((await fresh.files.read("/home/user/app/main.py")).trim(), "print('from the template')", "each sandbox gets its own copy of the template's files");
+  } finally {
+    await fresh.kill();
+  }
+});
+
+test("an unchanged rebuild is served by the layer cache; a change to the last step rebuilds only it", async () => {
+  const cached = await build(everyStep(), "e2e-every-step");
+  const cachedSteps = cached.logs.filter((line) => line.startsWith("CACHED"));
+  assert.equal(cachedSteps.length, 7, `every RUN, COPY and WORKDIR step cached:\n${cached.logs.join("\n")}`);
+
+  const changed = await build(everyStep("echo changed > /tmp/last"), "e2e-every-step");
+  const changedCached = changed.logs.filter((line) => line.startsWith("CACHED"));
+  assert.equal(changedCached.length, 6, `all but the last step cached:\n${changed.logs.join("\n")}`);
+  assert.ok(changed.logs.some((line) => /^\[\d+\/\d+\] RUN echo changed/.test(line)), "the changed step ran");
+
+  const sandbox = await Sandbox.create("e2e-every-step");
+  try {
+    assert.equal((await sandbox.commands.run("cat /tmp/last /tmp/greeting")).stdout, "changed\nhello from ENV\n");
+  } finally {
+    await sandbox.kill();
+  }
+});
+
+test("a failing RUN fails the build with its step and log; a template that never built is not registered", async () => {
+  const template = Template().fromTemplate("base").runCmd("echo before").runCmd("echo to-stderr >&2; exit 3");
+  await assert.rejects(build(template, "e2e-failing"), (err: Error) => {
+    assert.ok(err instanceof BuildError, String(err));
+    assert.match(err.message, /step 2 .*exit code 3/);
+    return true;
+  });
+  assert.equal(await Template.exists("e2e-failing"), false);
+  await assert.rejects(Sandbox.create("e2e-failing"), /not found/);
+});
+
+test("tags: a build's tags, assignTags and removeTags; names resolve through aliases", async () => {
+  const template = Template().fromTemplate("base").runCmd("echo tagged > /tmp/tagged");
+  await Template.build(template, "e2e-tags:v1", {});
+  const tags = await Template.getTags("e2e-tags");
+  assert.deepEqual(tags.map((t) => t.tag).sort(), ["v1"]);
+  const assigned = await Template.assignTags("e2e-tags:v1", ["prod", "stable"]);
+  assert.deepEqual(assigned.tags.sort(), ["prod", "stable"]);
+  assert.equal(assigned.buildId, tags[0]!.buildId);
+  await Template.removeTags("e2e-tags", "stable");
+  assert.deepEqual((await Template.getTags("e2e-tags")).map((t) => t.tag).sort(), ["prod", "v1"]);
+  const alias = await server.api("GET", "/templates/aliases/e2e-tags");
+  assert.equal(alias.status, 200);
+  assert.equal(typeof alias.json.templateID, "string");
+});
+
+test("delete while a sandbox uses the template is refused; after its kill the template goes", async () => {
+  await Template.build(Template().fromTemplate("base").runCmd("echo x > /tmp/x"), "e2e-delete");
+  const sandbox = await Sandbox.create("e2e-delete");
+  const refused = await server.api("DELETE", "/templates/e2e-delete");
+  assert.equal(refused.status, 409, JSON.stringify(refused.json));
+  assert.match(refused.json.message, /used by a sandbox/);
+  assert.equal((await sandbox.commands.run("cat /tmp/x")).stdout, "x\n", "the sandbox is unharmed");
+  await sandbox.kill();
+  assert.equal((await server.api("DELETE", "/templates/e2e-delete")).status, 204);
+  assert.equal(await Template.exists("e2e-delete"), false);
+  assert.equal((await server.api("DELETE", "/templates/base")).status, 403, "built-in templates are not deleted");
+});
+
+test("bad build requests: clear 4xx, nothing started", async () => {
+  const badName = await server.api("POST", "/v3/templates", { name: "Bad Name!" });
+  assert.equal(badName.status, 400);
+  assert.equal(typeof badName.json.message, "string");
+  assert.equal((await server.api("POST", "/v3/templates", { name: "base" })).status, 409, "a built-in template's name is taken");
+  const requested = await server.api("POST", "/v3/templates", { name: "e2e-bad-input" });
+  assert.equal(requested.status, 202);
+  const { templateID, buildID } = requested.json;
+  const start = (body: unknown) => server.api("POST", `/v2/templates/${templateID}/builds/${buildID}`, body);
+  assert.equal((await start({ fromTemplate: "base", fromImage: "x" })).status, 400, "both bases");
+  assert.equal((await start({ fromTemplate: "base", steps: [{ type: "EXPLODE", args: [] }] })).status, 400);
+  assert.equal((await start({ fromTemplate: "base", steps: [{ type: "RUN", args: [] }] })).status, 400);
+  assert.equal((await start({ fromTemplate: "base", steps: "nope" })).status, 400);
+  const missingFiles = await start({ fromTemplate: "base", steps: [{ type: "COPY", args: ["a", "/a"], filesHash: "ab".repeat(32) }] });
+  assert.equal(missingFiles.status, 400);
+  assert.match(missingFiles.json.message, /not uploaded/);
+  const escape = await start({ fromTemplate: "base", steps: [{ type: "COPY", args: ["../etc", "/a"], filesHash: "ab".repeat(32) }] });
+  assert.equal(escape.status, 400);
+  // An upload link's token is checked; no API key opens it.
+  const link = await server.api("GET", `/templates/${templateID}/files/${"cd".repeat(32)}`);
+  assert.equal(link.status, 201);
+  assert.equal(link.json.present, false);
+  const forged = await fetch(link.json.url.replace(/token=[0-9a-f]+/, "token=" + "0".repeat(64)), { method: "PUT", body: "x" });
+  assert.equal(forged.status, 403);
+  const otherHash = await fetch(link.json.url.replace("cd".repeat(32), "ef".repeat(32)), { method: "PUT", body: "x" });
+  assert.equal(otherHash.status, 403, "a link opens only its own hash");
+  assert.equal((await server.api("GET", `/templates/${templateID}/builds/not-a-build/status`)).status, 404);
+  // A base that does not exist is a build error, reported through the status.
+  assert.equal((await start({ fromTemplate: "no-such-template" })).status, 202);
+  let status: any;
+  for (let i = 0; i < 100; i++) {
+    status = (await server.api("GET", `/templates/${templateID}/builds/${buildID}/status`)).json;
+    if (status.status !== "building") break;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  assert.equal(status.status, "error");
+  assert.match(status.reason.message, /no-such-template/);
+  assert.equal(status.reason.step, "base");
+  assert.equal((await start({ fromTemplate: "base" })).status, 409, "a build starts once");
+  assert.equal(await Template.exists("e2e-bad-input"), false);
+});
