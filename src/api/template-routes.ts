@@ -52,6 +52,9 @@ export function registerTemplateRoutes(app: FastifyInstance, builder: TemplateBu
     return reply.status(202).send();
   });
 
+  // Cubicle extension: a template's builds, newest first (`./cubicle template logs`).
+  app.get("/templates/:templateID/builds", async (request: FastifyRequest<{ Params: TemplateParams }>) => builder.listBuilds(request.params.templateID));
+
   // Cubicle extension: cancel a waiting or running build.
   app.delete("/templates/:templateID/builds/:buildID", async (request: FastifyRequest<{ Params: BuildParams }>, reply) => {
     await builder.cancel(request.params.templateID, request.params.buildID);

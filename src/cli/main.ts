@@ -8,6 +8,7 @@ import { ApiClient } from "./api-client.js";
 import { formatEgressTable } from "./egress-table.js";
 import { loadOrCreateApiKey, startServer } from "./server.js";
 import { createTemplateCatalog } from "./template-catalog.js";
+import { buildFromDockerfile, parseBuildArgs, printBuildLogs } from "./template-commands.js";
 
 const usage = `Usage: ./cubicle <command>
 
@@ -19,9 +20,14 @@ const usage = `Usage: ./cubicle <command>
   sandbox exec ID -- CMD...  run a command in a sandbox (as root; --user NAME to change)
   sandbox egress ID [--limit N] [--json]
                              what a sandbox tried to reach, newest first (default 100 records)
-  template ls                list templates
-  template ensure NAME       build a template unless it is cached: base, code-interpreter-v1
-  template build NAME        rebuild a template
+  template ls                list templates (built-in and built)
+  template ensure NAME       build a built-in template unless it is cached: base, code-interpreter-v1
+  template build NAME        rebuild a built-in template
+  template build -f Dockerfile --name NAME [--context DIR] [--cpu N] [--memory MB] [--skip-cache]
+                             build a template from a Dockerfile on the running server, with
+                             live progress (plain lines when not on a terminal or under CI)
+  template logs NAME [BUILD] a build's log (the latest by default)
+  template rm NAME           delete a built template (refused while a sandbox uses it)
   unmount                    after the server stopped and its sandboxes are gone: unmount its
                              storage pool and kit (the next start mounts them again)
   bench SCENARIO|report [options]
@@ -145,12 +151,23 @@ async function templateCommand(config: CubicleConfig, args: string[]): Promise<n
     for (const t of await catalog.list()) process.stdout.write(`${t.templateID.padEnd(24)}${t.aliases.join(",").padEnd(24)}${t.buildStatus}\n`);
     return 0;
   }
+  if (verb === "build" && args.slice(1).some((arg) => arg === "-f" || arg === "--file")) {
+    const parsed = parseBuildArgs(args.slice(1));
+    const host = config.host === "0.0.0.0" ? "127.0.0.1" : config.host;
+    return buildFromDockerfile({ ...parsed, apiUrl: `http://${host}:${config.port}`, apiKey: loadOrCreateApiKey(config), live: process.stdout.isTTY === true && !process.env.CI });
+  }
+  if (verb === "logs" && name) return printBuildLogs(clientFor(config), name, args[2]);
+  if ((verb === "rm" || verb === "delete") && name) {
+    await clientFor(config).request("DELETE", `/templates/${encodeURIComponent(name)}`);
+    process.stdout.write(`deleted ${name}\n`);
+    return 0;
+  }
   if ((verb === "build" || verb === "ensure") && name) {
     const template = await catalog.ensure(name, { force: verb === "build" });
     process.stdout.write(`${template.templateId} ready at ${template.image.rootfsDir}\n`);
     return 0;
   }
-  throw new CubicleError("invalid_argument", `usage: ./cubicle template ls | template ensure NAME | template build NAME`);
+  throw new CubicleError("invalid_argument", `usage: ./cubicle template ls | ensure NAME | build NAME | build -f Dockerfile --name NAME | logs NAME | rm NAME`);
 }
 
 async function main(argv: string[]): Promise<number> {

@@ -112,7 +112,15 @@ export function createTemplateCatalog(config: Pick<CubicleConfig, "templateDir">
 
   return {
     async resolve(idOrAlias) {
-      const record = pickTemplate(await currentTemplates(), idOrAlias);
+      const records = await currentTemplates();
+      let record = pickTemplate(records, idOrAlias);
+      // E2B's `name:tag`: a built template's tag, which names its current build (the only one kept).
+      const colon = idOrAlias.indexOf(":");
+      if (!record && colon > 0) {
+        const named = pickTemplate(records, idOrAlias.slice(0, colon));
+        const tag = idOrAlias.slice(colon + 1);
+        if (named && (tag === "default" || (named.tags?.[tag] !== undefined && named.tags[tag] === named.buildId))) record = named;
+      }
       return record && toInfo(record, bandwidth);
     },
     async ensure(idOrAlias, ensureOptions) {

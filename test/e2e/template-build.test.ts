@@ -194,3 +194,74 @@ test("bad build requests: clear 4xx, nothing started", async () => {
   assert.equal((await start({ fromTemplate: "base" })).status, 409, "a build starts once");
   assert.equal(await Template.exists("e2e-bad-input"), false);
 });
+
+async function waitForStatus(templateId: string, buildId: string, done: (status: any) => boolean, timeoutMs = 60_000): Promise<any> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const status = (await server.api("GET", `/templates/${templateId}/builds/${buildId}/status`)).json;
+    if (done(status)) return status;
+    if (Date.now() > deadline) throw new Error(`status never matched: ${JSON.stringify(status)}`);
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+}
+
+test("a build can be cancelled; one cut off by a server crash is failed after the restart, never left building", async () => {
+  const slow = () => Template().fromTemplate("base").runCmd("echo started; sleep 60");
+  const cancelled = await Template.buildInBackground(slow(), "e2e-cancelled");
+  await waitForStatus(cancelled.templateId, cancelled.buildId, (s) => s.logEntries.some((e: any) => e.message === "started"));
+  assert.equal((await server.api("DELETE", `/templates/${cancelled.templateId}/builds/${cancelled.buildId}`)).status, 204);
+  const afterCancel = await waitForStatus(cancelled.templateId, cancelled.buildId, (s) => s.status !== "building", 10_000);
+  assert.equal(afterCancel.status, "error");
+  assert.match(afterCancel.reason.message, /cancelled/);
+
+  const cut = await Template.buildInBackground(slow(), "e2e-crashed");
+  await waitForStatus(cut.templateId, cut.buildId, (s) => s.logEntries.some((e: any) => e.message === "started"));
+  await server.crashAndRestart();
+  const afterCrash = await waitForStatus(cut.templateId, cut.buildId, () => true);
+  assert.equal(afterCrash.status, "error");
+  assert.match(afterCrash.reason.message, /restarted/);
+  assert.equal(await Template.exists("e2e-crashed"), false);
+  // The build sandbox the crash left behind is gone too (recovered as an unclaimed sandbox).
+  const pools = await server.api("GET", "/v2/sandboxes");
+  assert.deepEqual(pools.json, []);
+});
+
+test("./cubicle template build -f Dockerfile, ls, logs and rm against the running server", async () => {
+  const { execFile } = await import("node:child_process");
+  const repoRoot = path.resolve(path.dirname(new URL(import.meta.url).pathname), "..", "..");
+  const cli = (args: string[]) =>
+    new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
+      execFile(process.execPath, [path.join(repoRoot, "dist", "cli.js"), ...args], { env: { ...server.env, CI: "true" } }, (error, stdout, stderr) => {
+        resolve({ code: error ? Number((error as { code?: number }).code ?? 1) : 0, stdout, stderr });
+      });
+    });
+  fs.writeFileSync(path.join(context, "hello.txt"), "hello from a Dockerfile\n");
+  fs.writeFileSync(
+    path.join(context, "Dockerfile"),
+    ["FROM e2bdev/base", "ENV APP_MODE=dockerfile", "COPY hello.txt /home/user/hello.txt", "RUN echo built > /tmp/built", "WORKDIR /home/user", ""].join("\n"),
+  );
+  const built = await cli(["template", "build", "-f", path.join(context, "Dockerfile"), "--name", "e2e-dockerfile"]);
+  assert.equal(built.code, 0, built.stderr + built.stdout);
+  assert.match(built.stdout, /RUN echo built/);
+  assert.match(built.stdout, /is ready/);
+  assert.doesNotMatch(built.stdout, /\x1b\[/, "no terminal control codes under CI");
+  const listed = await cli(["template", "ls"]);
+  assert.match(listed.stdout, /e2e-dockerfile/);
+  const logs = await cli(["template", "logs", "e2e-dockerfile"]);
+  assert.equal(logs.code, 0, logs.stderr);
+  assert.match(logs.stdout, /COPY hello.txt/);
+  assert.match(logs.stdout, /: ready/);
+
+  const sandbox = await Sandbox.create("e2e-dockerfile");
+  try {
+    assert.equal((await sandbox.commands.run("cat hello.txt /tmp/built; echo $APP_MODE")).stdout, "hello from a Dockerfile\nbuilt\ndockerfile\n");
+  } finally {
+    await sandbox.kill();
+  }
+  const removed = await cli(["template", "rm", "e2e-dockerfile"]);
+  assert.equal(removed.code, 0, removed.stderr);
+  assert.equal(await Template.exists("e2e-dockerfile"), false);
+  const bad = await cli(["template", "build", "-f", path.join(context, "missing.Dockerfile"), "--name", "x"]);
+  assert.notEqual(bad.code, 0);
+  assert.match(bad.stderr, /cannot read/);
+});

@@ -151,6 +151,8 @@ class StepFailure extends Error {
 interface RunningBuild {
   controller: AbortController;
   done: Promise<void>;
+  /** The record as the build updates it (the store's copy is written at most once a second). */
+  record: TemplateBuildRecord;
 }
 
 /** The state a build carries from step to step. */
@@ -280,7 +282,7 @@ export class TemplateBuilder {
     await this.options.store.putTemplateBuild(build);
     const controller = new AbortController();
     const done = (this.queue = this.queue.then(() => this.runBuild(build, spec, controller.signal)).finally(() => this.running.delete(buildId)));
-    this.running.set(buildId, { controller, done });
+    this.running.set(buildId, { controller, done, record: build });
   }
 
   /** Cancels a waiting or running build. */
@@ -302,7 +304,8 @@ export class TemplateBuilder {
 
   /** `GET /templates/{id}/builds/{buildId}/status`. */
   async status(templateId: string, buildId: string, query: { logsOffset?: number; limit?: number; level?: string }): Promise<BuildStatusView> {
-    const build = await this.buildOf(templateId, buildId);
+    const live = this.running.get(buildId)?.record;
+    const build = live && live.templateId === templateId ? live : await this.buildOf(templateId, buildId);
     const minLevel = query.level === undefined ? 0 : LEVELS.indexOf(query.level as (typeof LEVELS)[number]);
     if (minLevel < 0) throw new CubicleError("invalid_argument", `level must be one of ${LEVELS.join(", ")}`);
     const entries = build.logs.filter((entry) => LEVELS.indexOf(entry.level) >= minLevel);
@@ -311,6 +314,20 @@ export class TemplateBuilder {
     const view: BuildStatusView = { templateID: build.templateId, buildID: build.buildId, status: build.status, logEntries: page, logs: page.map(formatLogLine) };
     if (build.reason) view.reason = { ...build.reason, logEntries: build.logs.filter((entry) => entry.level === "error").slice(-20) };
     return view;
+  }
+
+  /** Cubicle extension `GET /templates/{id}/builds`: a template's builds, newest first. */
+  async listBuilds(idOrName: string): Promise<Array<{ buildID: string; status: string; createdAt: string; finishedAt?: string; reason?: { message: string; step?: string } }>> {
+    const templateId = (await this.findBuildTemplate(idOrName))?.templateId ?? (await this.pendingTemplateId(idOrName)) ?? idOrName;
+    const builds = await this.options.store.listTemplateBuilds(templateId);
+    if (builds.length === 0) throw new CubicleError("not_found", `template ${idOrName} has no builds`);
+    return builds.map((build) => ({
+      buildID: build.buildId,
+      status: build.status,
+      createdAt: new Date(build.createdAt).toISOString(),
+      ...(build.finishedAt ? { finishedAt: new Date(build.finishedAt).toISOString() } : {}),
+      ...(build.reason ? { reason: build.reason } : {}),
+    }));
   }
 
   /** `GET /templates/aliases/{alias}`. */
