@@ -74,7 +74,7 @@ export function parseImageConfig(bytes: Buffer | string): ImageConfig {
   }
   const rootfs = doc.rootfs as Record<string, unknown> | undefined;
   const diffIds = rootfs === undefined ? [] : stringList(rootfs.diff_ids, "rootfs.diff_ids");
-  for (const id of diffIds) if (!isSha256Digest(id)) throw bad(`diff_id '${id.slice(0, 80)}' is not a sha256 digest`);
+  for (const id of diffIds) if (!isSha256Digest(id)) throw bad(`diff_id '${String(id).slice(0, 80)}' is not a sha256 digest`);
   const labels: Record<string, string> = {};
   if (c.Labels !== undefined && c.Labels !== null) {
     if (typeof c.Labels !== "object" || Array.isArray(c.Labels)) throw bad("Labels must be an object");
