@@ -168,11 +168,15 @@ test("hostile names, symlinks and hard links stay inside the root", { skip: !isR
         { path: "evil", type: "symlink", linkPath: "/etc" },
         { path: "up", type: "symlink", linkPath: "../../../../.." },
         { path: "loop", type: "symlink", linkPath: "loop/x" },
+        { path: "a/b/abs", type: "symlink", linkPath: "/etc" },
+        { path: "a/b/rel", type: "symlink", linkPath: "../../usr/./bin/../bin" },
       ]),
       layer([
         { path: "bin/ls", data: "ls" },
         { path: "evil/passwd", data: "not the host's" },
         { path: "up/tmp/escaped", data: "no" },
+        { path: "a/b/abs/nested", data: "nested" },
+        { path: "a/b/rel/cat", data: "cat" },
         { path: "link-to-host", type: "hardlink", linkPath: "../../../../etc/passwd" },
         { path: "link-via-symlink", type: "hardlink", linkPath: "evil/passwd" },
       ]),
@@ -186,6 +190,8 @@ test("hostile names, symlinks and hard links stay inside the root", { skip: !isR
   assert.equal(fs.readFileSync(path.join(dest, "usr/bin/ls"), "utf8"), "ls");
   assert.equal(fs.readFileSync(path.join(dest, "etc/passwd"), "utf8"), "not the host's");
   assert.equal(fs.readFileSync(path.join(dest, "tmp/escaped"), "utf8"), "no");
+  assert.equal(fs.readFileSync(path.join(dest, "etc/nested"), "utf8"), "nested");
+  assert.equal(fs.readFileSync(path.join(dest, "usr/bin/cat"), "utf8"), "cat");
   // `../../../../etc/passwd` is `/etc/passwd` inside the root: the image's own file.
   assert.equal(fs.lstatSync(path.join(dest, "link-to-host")).ino, fs.lstatSync(path.join(dest, "etc/passwd")).ino);
   assert.equal(fs.lstatSync(path.join(dest, "link-via-symlink")).ino, fs.lstatSync(path.join(dest, "etc/passwd")).ino);
