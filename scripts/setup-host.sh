@@ -53,6 +53,11 @@ install_missing_packages() {
   apt-get update -qq >/dev/null || die "apt-get update failed"
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
     || die "apt-get install ${missing[*]} failed"
+  # docker-registry is there for the OCI tests, which start their own on loopback; Debian's
+  # package would also run one for everybody on :5000.
+  if [[ " ${missing[*]} " == *" docker-registry "* && -d /run/systemd/system ]]; then
+    systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
+  fi
 }
 
 # ---- CRIU ------------------------------------------------------------------------------------
