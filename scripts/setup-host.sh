@@ -27,7 +27,7 @@ readonly CRIU_MIN_VERSION="4.2"
 readonly CRIU_SUITE="forky"
 # libnss-myhostname: glibc resolves every *.localhost name to loopback, so the default domain
 # (cubicle.localhost) works for getHost() URLs in Node, Python and curl on this machine.
-readonly HOST_PACKAGES=(runc iproute2 nftables mmdebstrap uidmap iptables tini patchelf gcc libc6-dev btrfs-progs libnss-myhostname)
+readonly HOST_PACKAGES=(runc iproute2 nftables mmdebstrap uidmap iptables tini patchelf gcc libc6-dev btrfs-progs libnss-myhostname zstd docker-registry)
 
 staging=""
 
@@ -53,6 +53,11 @@ install_missing_packages() {
   apt-get update -qq >/dev/null || die "apt-get update failed"
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
     || die "apt-get install ${missing[*]} failed"
+  # docker-registry is there for the OCI tests, which start their own on loopback; Debian's
+  # package would also run one for everybody on :5000.
+  if [[ " ${missing[*]} " == *" docker-registry "* && -d /run/systemd/system ]]; then
+    systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
+  fi
 }
 
 # ---- CRIU ------------------------------------------------------------------------------------
