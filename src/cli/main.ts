@@ -9,6 +9,7 @@ import { formatEgressTable } from "./egress-table.js";
 import { loadOrCreateApiKey, startServer } from "./server.js";
 import { createTemplateCatalog } from "./template-catalog.js";
 import { buildFromDockerfile, parseBuildArgs, printBuildLogs } from "./template-commands.js";
+import { importTemplate } from "./image-bases-config.js";
 
 const usage = `Usage: ./cubicle <command>
 
@@ -26,6 +27,8 @@ const usage = `Usage: ./cubicle <command>
   template build -f Dockerfile --name NAME [--context DIR] [--cpu N] [--memory MB] [--skip-cache]
                              build a template from a Dockerfile on the running server, with
                              live progress (plain lines when not on a terminal or under CI)
+  template import SOURCE --name NAME [--image REF]
+                             a \`docker save\` tarball or an OCI layout directory as template NAME
   template logs NAME [BUILD] a build's log (the latest by default)
   template rm NAME           delete a built template (refused while a sandbox uses it)
   unmount                    after the server stopped and its sandboxes are gone: unmount its
@@ -157,6 +160,18 @@ async function templateCommand(config: CubicleConfig, args: string[]): Promise<n
     return buildFromDockerfile({ ...parsed, apiUrl: `http://${host}:${config.port}`, apiKey: loadOrCreateApiKey(config), live: process.stdout.isTTY === true && !process.env.CI });
   }
   if (verb === "logs" && name) return printBuildLogs(clientFor(config), name, args[2]);
+  if (verb === "import" && name) {
+    const flags = args.slice(2);
+    const flag = (names: string[]) => {
+      const at = flags.findIndex((arg) => names.includes(arg));
+      return at >= 0 ? flags[at + 1] : undefined;
+    };
+    const templateName = flag(["--name", "-n"]);
+    if (!templateName) throw new CubicleError("invalid_argument", "usage: ./cubicle template import SOURCE --name NAME [--image REF]");
+    const templateId = await importTemplate(config, name, templateName, flag(["--image"]));
+    process.stdout.write(`imported ${name} as template ${templateName} (${templateId}): Sandbox.create("${templateName}")\n`);
+    return 0;
+  }
   if ((verb === "rm" || verb === "delete") && name) {
     await clientFor(config).request("DELETE", `/templates/${encodeURIComponent(name)}`);
     process.stdout.write(`deleted ${name}\n`);

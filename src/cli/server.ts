@@ -1,6 +1,7 @@
 import fs from "node:fs";
 import { createHash } from "node:crypto";
 import { TemplateBuilder } from "../template/builder/template-builder.js";
+import { imageBasesFor } from "./image-bases-config.js";
 import path from "node:path";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type https from "node:https";
@@ -130,6 +131,7 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     caCertificates: ca.certificatePem,
   });
   await manager.recover();
+  const imageBases = imageBasesFor(config);
   const templateBuilder = new TemplateBuilder({
     templateDir: config.builtTemplateDir,
     filesDir: path.join(config.stateDir, "template-files"),
@@ -138,6 +140,8 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
     sandboxes: manager.builds,
     // Upload links stay valid across restarts, and only this server's key signs them.
     uploadKey: createHash("sha256").update(`cubicle template uploads\n${apiKey}`).digest(),
+    buildInternet: config.buildInternet,
+    pullImage: (reference, credentials, onLog, signal) => imageBases.pull(reference, credentials, onLog, signal),
   });
   await templateBuilder.recover();
 

@@ -150,9 +150,9 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
    * files committed as layer images; a template's warm snapshot made on demand.
    */
   readonly builds = {
-    start: async (template: TemplateInfo): Promise<{ runtimeId: string; address: string }> => {
+    start: async (template: TemplateInfo, options: { allowInternetAccess: boolean }): Promise<{ runtimeId: string; address: string }> => {
       const deps = { ...this.ctx.ports, starts: this.ctx.starts, pidsLimit: this.ctx.settings.pidsLimit, caCertificates: this.ctx.settings.caCertificates };
-      const entry = await bootUnclaimed(deps, template);
+      const entry = await bootUnclaimed(deps, template, options);
       const address = entry.network!.sandboxAddress;
       try {
         await this.ctx.ports.runtime.foreground(entry.runtimeId);

@@ -32,13 +32,13 @@ export interface UnclaimedSandboxDeps {
  * `runtime.foreground`. Resolves once the agent answers; on failure, whatever was made is
  * removed again.
  */
-export async function bootUnclaimed(deps: UnclaimedSandboxDeps, template: TemplateInfo): Promise<PoolEntryRecord> {
-  return deps.starts ? deps.starts.run("background", () => boot(deps, template)) : boot(deps, template);
+export async function bootUnclaimed(deps: UnclaimedSandboxDeps, template: TemplateInfo, options: { allowInternetAccess?: boolean } = {}): Promise<PoolEntryRecord> {
+  return deps.starts ? deps.starts.run("background", () => boot(deps, template, options)) : boot(deps, template, options);
 }
 
-async function boot(deps: UnclaimedSandboxDeps, template: TemplateInfo): Promise<PoolEntryRecord> {
+async function boot(deps: UnclaimedSandboxDeps, template: TemplateInfo, options: { allowInternetAccess?: boolean }): Promise<PoolEntryRecord> {
   const { store, runtime, network } = deps;
-  const entry: PoolEntryRecord = { runtimeId: newSandboxId(), templateId: template.templateId, network: undefined, createdAt: Date.now(), allowInternetAccess: true };
+  const entry: PoolEntryRecord = { runtimeId: newSandboxId(), templateId: template.templateId, network: undefined, createdAt: Date.now(), allowInternetAccess: options.allowInternetAccess ?? true };
   await store.insertPoolEntry(entry);
   let networkReady: Promise<unknown> | undefined;
   try {

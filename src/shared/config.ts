@@ -130,6 +130,15 @@ export interface CubicleConfig {
    */
   egressCaFiles: string[];
   /**
+   * Where builds pull `fromImage` images (CUBICLE_REGISTRY_MIRROR: a mirror for Docker Hub
+   * images; CUBICLE_INSECURE_REGISTRIES: hosts reached over plain http, loopback always is;
+   * CUBICLE_REGISTRY_AUTH_FILE: a JSON file `{"host[:port]": {"username", "password"}}`, read
+   * when a build needs it, its contents never logged).
+   */
+  registry: { mirror?: string; insecure: string[]; authFile?: string };
+  /** Whether build sandboxes reach the internet (CUBICLE_BUILD_INTERNET, default on: RUN steps install packages). */
+  buildInternet: boolean;
+  /**
    * Default rate limits per template id or alias (CUBICLE_TEMPLATE_BANDWIDTH, e.g.
    * `base=20/50,code-interpreter-v1=/100`: egress/ingress Mbit/s, an empty side unlimited); a
    * create's `network.bandwidth` overrides them. Off unless set.
@@ -320,5 +329,11 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     egressPrivateAllow: parsePrivateAllow(env.CUBICLE_EGRESS_PRIVATE_ALLOW),
     templateBandwidth: parseTemplateBandwidth(env.CUBICLE_TEMPLATE_BANDWIDTH),
     egressCaFiles: parseCaFiles(env.CUBICLE_EGRESS_CA_FILE),
+    registry: {
+      ...(env.CUBICLE_REGISTRY_MIRROR?.trim() ? { mirror: env.CUBICLE_REGISTRY_MIRROR.trim() } : {}),
+      insecure: (env.CUBICLE_INSECURE_REGISTRIES ?? "").split(",").map((host) => host.trim()).filter(Boolean),
+      ...(env.CUBICLE_REGISTRY_AUTH_FILE?.trim() ? { authFile: path.resolve(env.CUBICLE_REGISTRY_AUTH_FILE.trim()) } : {}),
+    },
+    buildInternet: parseBoolean("CUBICLE_BUILD_INTERNET", env.CUBICLE_BUILD_INTERNET, true),
   };
 }

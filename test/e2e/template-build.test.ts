@@ -106,6 +106,10 @@ test("an unchanged rebuild is served by the layer cache; a change to the last st
   assert.equal(changedCached.length, 6, `all but the last step cached:\n${changed.logs.join("\n")}`);
   assert.ok(changed.logs.some((line) => /^\[\d+\/\d+\] RUN echo changed/.test(line)), "the changed step ran");
 
+  const forced: string[] = [];
+  await Template.build(everyStep("echo changed > /tmp/last"), "e2e-every-step", { skipCache: true, onBuildLogs: (entry: LogEntry) => forced.push(entry.message) });
+  assert.equal(forced.filter((line) => line.startsWith("CACHED")).length, 0, `skipCache runs every step:\n${forced.join("\n")}`);
+
   const sandbox = await Sandbox.create("e2e-every-step");
   try {
     assert.equal((await sandbox.commands.run("cat /tmp/last /tmp/greeting")).stdout, "changed\nhello from ENV\n");

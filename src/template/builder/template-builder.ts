@@ -19,7 +19,7 @@ const log = createLogger("template-build");
 
 /** What the builder needs of the core (SandboxManager.builds). */
 export interface BuildSandboxes {
-  start(template: TemplateInfo): Promise<{ runtimeId: string; address: string }>;
+  start(template: TemplateInfo, options: { allowInternetAccess: boolean }): Promise<{ runtimeId: string; address: string }>;
   commit(runtimeId: string, name: string): Promise<string>;
   destroy(runtimeId: string): Promise<void>;
   imageExists(id: string): Promise<boolean>;
@@ -63,6 +63,8 @@ export interface TemplateBuilderOptions {
   pullImage?: (reference: string, credentials: { username: string; password: string } | undefined, onLog: (message: string) => void, signal: AbortSignal) => Promise<PulledBase>;
   /** Largest COPY archive accepted (bytes). Default 4 GiB. */
   maxUploadBytes?: number;
+  /** Whether build sandboxes reach the internet. Default true. */
+  buildInternet?: boolean;
   /** Longest a step may run. Default 30 min. */
   stepTimeoutMs?: number;
 }
@@ -533,7 +535,7 @@ export class TemplateBuilder {
         useCache = false;
         addLog("info", label, stepName);
         if (!sandbox) {
-          sandbox = await sandboxes.start(this.buildSandboxTemplate(build, base.info, layer));
+          sandbox = await sandboxes.start(this.buildSandboxTemplate(build, base.info, layer), { allowInternetAccess: this.options.buildInternet ?? true });
           addLog("debug", `build sandbox ${sandbox.runtimeId} started`, stepName);
         }
         await this.runStep(sandbox.address, step, state, stepName, signal, addLog);
@@ -752,7 +754,7 @@ async function fileExists(file: string): Promise<boolean> {
 }
 
 /** E2B template ids: 20 lower-case letters and digits. */
-function newTemplateId(): string {
+export function newTemplateId(): string {
   const alphabet = "abcdefghijklmnopqrstuvwxyz0123456789";
   return [...randomBytes(20)].map((byte) => alphabet[byte % alphabet.length]).join("");
 }
