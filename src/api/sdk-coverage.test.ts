@@ -12,14 +12,6 @@ import { apiSchema } from "../protocol/index.js";
 
 /** SDK calls Cubicle does not serve yet (404 today), and the work they belong to. */
 const notYetServed: Record<string, string> = {
-  "POST /v3/templates": "user templates",
-  "POST /v2/templates/{templateID}/builds/{buildID}": "user templates",
-  "GET /templates/{templateID}/builds/{buildID}/status": "user templates",
-  "GET /templates/{templateID}/files/{hash}": "user templates",
-  "GET /templates/aliases/{alias}": "user templates",
-  "GET /templates/{templateID}/tags": "user templates",
-  "POST /templates/tags": "user templates",
-  "DELETE /templates/tags": "user templates",
   "GET /volumes": "volumes",
   "POST /volumes": "volumes",
   "GET /volumes/{volumeID}": "volumes",

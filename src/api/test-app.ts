@@ -1,5 +1,8 @@
 import { randomBytes } from "node:crypto";
 import http from "node:http";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
 import type { FastifyInstance } from "fastify";
 import { parseSnapshotName } from "../core/snapshot-names.js";
 import type { CreateSandboxRequest } from "../core/types.js";
@@ -12,6 +15,7 @@ import { CubicleError } from "../shared/cubicle-error.js";
 import { SqliteStore } from "../store/index.js";
 import type { SandboxRecord } from "../store/types.js";
 import { createApiApp, type ApiOptions } from "./app.js";
+import { TemplateBuilder } from "../template/builder/template-builder.js";
 
 export const TEST_KEY = "e2b_" + "ab".repeat(20);
 
@@ -47,6 +51,18 @@ export const API_ROUTES: { method: "GET" | "POST" | "PUT" | "DELETE"; path: stri
   { method: "GET", path: "/sandboxes/:id/network/egress" },
   { method: "GET", path: "/metrics" },
   { method: "PUT", path: "/sandboxes/:id/network" },
+  { method: "POST", path: "/v3/templates" },
+  { method: "POST", path: "/v2/templates" },
+  { method: "GET", path: "/templates/:id/files/:id" },
+  { method: "PUT", path: "/template-files/:id" },
+  { method: "POST", path: "/v2/templates/:id/builds/:id" },
+  { method: "DELETE", path: "/templates/:id/builds/:id" },
+  { method: "GET", path: "/templates/:id/builds" },
+  { method: "GET", path: "/templates/:id/builds/:id/status" },
+  { method: "GET", path: "/templates/aliases/:id" },
+  { method: "GET", path: "/templates/:id/tags" },
+  { method: "POST", path: "/templates/tags" },
+  { method: "DELETE", path: "/templates/tags" },
 ];
 
 /**
@@ -178,6 +194,24 @@ export async function testApp(overrides: Partial<Omit<ApiOptions, "manager">> & 
   const manager = overrides.manager ?? fakeManager();
   const secretStore = overrides.secrets ? undefined : new SqliteStore(":memory:");
   const secrets = overrides.secrets ?? (await SecretVault.open(secretStore!, randomBytes(32)));
+  // A real template builder (its records in SQLite, its files in a temp dir) with no templates
+  // and no sandboxes: requests are validated and stored; a build fails at its base.
+  const buildDir = fs.mkdtempSync(path.join(os.tmpdir(), "cubicle-test-app-builds-"));
+  const buildStore = new SqliteStore(":memory:");
+  const unavailable = async (): Promise<never> => {
+    throw new CubicleError("unavailable", "no sandboxes in the test app");
+  };
+  const templateBuilder =
+    overrides.templateBuilder ??
+    new TemplateBuilder({
+      templateDir: path.join(buildDir, "templates"),
+      filesDir: path.join(buildDir, "files"),
+      store: buildStore,
+      catalog: { resolve: async () => undefined, fingerprint: async () => "", invalidate: () => undefined, isBuiltIn: (name) => name === "base" },
+      sandboxes: { start: unavailable, commit: unavailable, destroy: async () => undefined, imageExists: async () => false, removeImage: async () => undefined, warm: unavailable, inUse: async () => false },
+      uploadKey: randomBytes(32),
+      maxUploadBytes: 1024 * 1024,
+    });
   const app = createApiApp({
     apiKey: TEST_KEY,
     domain: "cubicle.test",
@@ -190,10 +224,16 @@ export async function testApp(overrides: Partial<Omit<ApiOptions, "manager">> & 
     serverFactory: (handler) => http.createServer(handler),
     egressAudit: new EgressAuditLog(),
     ...overrides,
+    templateBuilder,
     secrets,
     manager: manager as unknown as SandboxManager,
   });
   if (secretStore) app.addHook("onClose", async () => secretStore.close());
+  app.addHook("onClose", async () => {
+    await templateBuilder.close();
+    await buildStore.close();
+    fs.rmSync(buildDir, { recursive: true, force: true });
+  });
   await app.ready();
   return app;
 }

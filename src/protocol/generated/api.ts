@@ -283,6 +283,110 @@ export interface SandboxNetworkUpdateConfig {
   egressProxy?: SandboxEgressProxyConfig;
 }
 
+/** A template name (`name` or `name:tag`; older SDKs send `alias`) and the build's resources. */
+export interface TemplateBuildRequestV3 {
+  name?: string;
+  alias?: string;
+  tags?: string[];
+  cpuCount?: number;
+  memoryMB?: number;
+  minFreeDiskMb?: number;
+}
+
+export interface TemplateRequestResponseV3 {
+  templateID: string;
+  buildID: string;
+  public: boolean;
+  names: string[];
+  tags: string[];
+  aliases: string[];
+}
+
+export interface TemplateBuildFileUpload {
+  /** The archive is on the server already. */
+  present: boolean;
+  /** Where to PUT the archive (a signed link back to this server). */
+  url?: string;
+}
+
+export interface TemplateStep {
+  /** RUN, COPY, ENV, WORKDIR or USER */
+  type: string;
+  args?: string[];
+  filesHash?: string;
+  force?: boolean;
+}
+
+/** Exactly one of fromImage and fromTemplate. */
+export interface TemplateBuildStartV2 {
+  fromImage?: string;
+  fromTemplate?: string;
+  /** Only {type: registry, username, password} is taken. */
+  fromImageRegistry?: Record<string, unknown>;
+  steps?: TemplateStep[];
+  startCmd?: string;
+  readyCmd?: string;
+  force?: boolean;
+}
+
+export interface TemplateBuildLogEntry {
+  timestamp: string;
+  level: "debug" | "info" | "warn" | "error";
+  message: string;
+  step?: string;
+}
+
+export interface TemplateBuildInfo {
+  templateID: string;
+  buildID: string;
+  status: "waiting" | "building" | "ready" | "error";
+  logEntries: TemplateBuildLogEntry[];
+  logs: string[];
+  reason?: {
+    message: string;
+    step?: string;
+    logEntries?: TemplateBuildLogEntry[];
+  };
+}
+
+export interface TemplateBuildSummary {
+  buildID: string;
+  status: string;
+  createdAt: string;
+  finishedAt?: string;
+  reason?: {
+    message: string;
+    step?: string;
+  };
+}
+
+export interface TemplateAliasResponse {
+  templateID: string;
+  public: boolean;
+}
+
+export interface TemplateTag {
+  tag: string;
+  buildID: string;
+  createdAt: string;
+}
+
+export interface AssignTemplateTags {
+  /** name:tag */
+  target: string;
+  tags: string[];
+}
+
+export interface AssignedTemplateTags {
+  tags: string[];
+  buildID: string;
+}
+
+export interface DeleteTemplateTags {
+  name: string;
+  tags: string[];
+}
+
 /** Every operation of the API: its method and path (Fastify's `:param` form in `route`). */
 export const apiOperations = {
   health: { method: "GET", path: "/health", route: "/health" },
@@ -301,7 +405,7 @@ export const apiOperations = {
   pauseSandbox: { method: "POST", path: "/sandboxes/{sandboxID}/pause", route: "/sandboxes/:sandboxID/pause" },
   createSnapshot: { method: "POST", path: "/sandboxes/{sandboxID}/snapshots", route: "/sandboxes/:sandboxID/snapshots" },
   listSnapshots: { method: "GET", path: "/snapshots", route: "/snapshots" },
-  deleteSnapshot: { method: "DELETE", path: "/templates/{templateID}", route: "/templates/:templateID" },
+  deleteTemplate: { method: "DELETE", path: "/templates/{templateID}", route: "/templates/:templateID" },
   forkSandbox: { method: "POST", path: "/sandboxes/{sandboxID}/fork", route: "/sandboxes/:sandboxID/fork" },
   rollbackSandbox: { method: "POST", path: "/sandboxes/{sandboxID}/rollback", route: "/sandboxes/:sandboxID/rollback" },
   getSandboxesMetrics: { method: "GET", path: "/sandboxes/metrics", route: "/sandboxes/metrics" },
@@ -316,6 +420,18 @@ export const apiOperations = {
   deleteSecret: { method: "DELETE", path: "/secrets/{secretID}", route: "/secrets/:secretID" },
   getSandboxEgress: { method: "GET", path: "/sandboxes/{sandboxID}/network/egress", route: "/sandboxes/:sandboxID/network/egress" },
   getPrometheusMetrics: { method: "GET", path: "/metrics", route: "/metrics" },
+  requestTemplateBuildV3: { method: "POST", path: "/v3/templates", route: "/v3/templates" },
+  requestTemplateBuildV2: { method: "POST", path: "/v2/templates", route: "/v2/templates" },
+  templateFileUploadLink: { method: "GET", path: "/templates/{templateID}/files/{hash}", route: "/templates/:templateID/files/:hash" },
+  uploadTemplateFiles: { method: "PUT", path: "/template-files/{hash}", route: "/template-files/:hash" },
+  startTemplateBuild: { method: "POST", path: "/v2/templates/{templateID}/builds/{buildID}", route: "/v2/templates/:templateID/builds/:buildID" },
+  cancelTemplateBuild: { method: "DELETE", path: "/templates/{templateID}/builds/{buildID}", route: "/templates/:templateID/builds/:buildID" },
+  listTemplateBuilds: { method: "GET", path: "/templates/{templateID}/builds", route: "/templates/:templateID/builds" },
+  templateBuildStatus: { method: "GET", path: "/templates/{templateID}/builds/{buildID}/status", route: "/templates/:templateID/builds/:buildID/status" },
+  templateByAlias: { method: "GET", path: "/templates/aliases/{alias}", route: "/templates/aliases/:alias" },
+  listTemplateTags: { method: "GET", path: "/templates/{templateID}/tags", route: "/templates/:templateID/tags" },
+  assignTemplateTags: { method: "POST", path: "/templates/tags", route: "/templates/tags" },
+  deleteTemplateTags: { method: "DELETE", path: "/templates/tags", route: "/templates/tags" },
 } as const;
 
 /** The JSON request body each operation reads (`undefined` = none). */
@@ -336,7 +452,7 @@ export interface ApiRequestBodies {
   pauseSandbox: SandboxPause;
   createSnapshot: NewSnapshot;
   listSnapshots: undefined;
-  deleteSnapshot: undefined;
+  deleteTemplate: undefined;
   forkSandbox: SandboxFork;
   rollbackSandbox: SandboxRollback;
   getSandboxesMetrics: undefined;
@@ -351,6 +467,18 @@ export interface ApiRequestBodies {
   deleteSecret: undefined;
   getSandboxEgress: undefined;
   getPrometheusMetrics: undefined;
+  requestTemplateBuildV3: TemplateBuildRequestV3;
+  requestTemplateBuildV2: TemplateBuildRequestV3;
+  templateFileUploadLink: undefined;
+  uploadTemplateFiles: undefined;
+  startTemplateBuild: TemplateBuildStartV2;
+  cancelTemplateBuild: undefined;
+  listTemplateBuilds: undefined;
+  templateBuildStatus: undefined;
+  templateByAlias: undefined;
+  listTemplateTags: undefined;
+  assignTemplateTags: AssignTemplateTags;
+  deleteTemplateTags: DeleteTemplateTags;
 }
 
 /** The JSON body of each operation's answers, by HTTP status (`undefined` = no body, `string` = a text body). */
@@ -406,7 +534,7 @@ export interface ApiResponses {
   listSnapshots: {
     200: SnapshotInfo[];
   };
-  deleteSnapshot: {
+  deleteTemplate: {
     204: undefined;
   };
   forkSandbox: {
@@ -450,5 +578,41 @@ export interface ApiResponses {
   };
   getPrometheusMetrics: {
     200: string;
+  };
+  requestTemplateBuildV3: {
+    202: TemplateRequestResponseV3;
+  };
+  requestTemplateBuildV2: {
+    202: TemplateRequestResponseV3;
+  };
+  templateFileUploadLink: {
+    201: TemplateBuildFileUpload;
+  };
+  uploadTemplateFiles: {
+    200: undefined;
+  };
+  startTemplateBuild: {
+    202: undefined;
+  };
+  cancelTemplateBuild: {
+    204: undefined;
+  };
+  listTemplateBuilds: {
+    200: TemplateBuildSummary[];
+  };
+  templateBuildStatus: {
+    200: TemplateBuildInfo;
+  };
+  templateByAlias: {
+    200: TemplateAliasResponse;
+  };
+  listTemplateTags: {
+    200: TemplateTag[];
+  };
+  assignTemplateTags: {
+    201: AssignedTemplateTags;
+  };
+  deleteTemplateTags: {
+    204: undefined;
   };
 }

@@ -244,10 +244,11 @@ export class TemplateBuilder {
 
   /** The PUT of a signed upload link: the archive, streamed to a file, at most maxUploadBytes. */
   async acceptUpload(hash: string, token: string, body: Readable, declaredLength: number | undefined): Promise<void> {
-    checkFilesHash(hash);
+    // The token first: a caller without a valid link learns nothing, not even what a hash looks like.
     const expected = this.uploadToken(hash);
     const given = Buffer.from(String(token));
     if (given.length !== expected.length || !timingSafeEqual(given, expected)) throw new CubicleError("permission_denied", "the upload link is not valid");
+    checkFilesHash(hash);
     const limit = this.options.maxUploadBytes ?? 4 * 1024 ** 3;
     if (declaredLength !== undefined && declaredLength > limit) throw new CubicleError("invalid_argument", `the archive is larger than the limit of ${limit} bytes`);
     await fs.mkdir(this.options.filesDir, { recursive: true, mode: 0o700 });
