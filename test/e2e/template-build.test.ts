@@ -269,3 +269,36 @@ test("./cubicle template build -f Dockerfile, ls, logs and rm against the runnin
   assert.notEqual(bad.code, 0);
   assert.match(bad.stderr, /cannot read/);
 });
+
+test("a hostile COPY archive is unpacked inside the build sandbox only: nothing reaches the host", async () => {
+  const { writeTar } = await import("../../src/template/oci/test-image.js");
+  const mark = `cubicle-copy-escape-${process.pid}-${Date.now()}`;
+  const hostTargets = [`/tmp/${mark}-dotdot`, `/tmp/${mark}-abs`, `/tmp/${mark}-link`];
+  const archive = writeTar([
+    { path: "app/ok.txt", data: "fine\n" },
+    { path: `../../../../../../../..${hostTargets[0]}`, data: "escaped\n" },
+    { path: hostTargets[1]!, data: "escaped\n" },
+    { path: "app/root-link", type: "symlink", linkPath: "/" },
+    { path: `app/root-link${hostTargets[2]}`, data: "escaped\n" },
+  ]);
+  const requested = (await server.api("POST", "/v3/templates", { name: "e2e-hostile-copy" })).json;
+  const hash = "ee".repeat(32);
+  const link = (await server.api("GET", `/templates/${requested.templateID}/files/${hash}`)).json;
+  assert.equal((await fetch(link.url, { method: "PUT", body: new Uint8Array(archive) })).status, 200);
+  const started = await server.api("POST", `/v2/templates/${requested.templateID}/builds/${requested.buildID}`, {
+    fromTemplate: "base",
+    steps: [{ type: "COPY", args: ["app", "/home/user/app", "", ""], filesHash: hash }],
+  });
+  assert.equal(started.status, 202);
+  const status = await waitForStatus(requested.templateID, requested.buildID, (s) => s.status === "ready" || s.status === "error");
+  for (const target of hostTargets) assert.equal(fs.existsSync(target), false, `${target} must not exist on the host (build ${status.status})`);
+  if (status.status === "ready") {
+    const sandbox = await Sandbox.create("e2e-hostile-copy");
+    try {
+      assert.equal((await sandbox.commands.run("cat /home/user/app/ok.txt")).stdout, "fine\n");
+    } finally {
+      await sandbox.kill();
+    }
+  }
+  assert.equal((await server.api("GET", "/health")).status, 200, "the server is fine");
+});
