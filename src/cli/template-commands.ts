@@ -65,6 +65,19 @@ class BuildProgress {
   log(message: string): void {
     const stepMatch = /^(CACHED )?\[(\d+)\/(\d+)\] (.*)$/.exec(message);
     if (stepMatch) this.step = `step ${stepMatch[2]}/${stepMatch[3]}${stepMatch[1] ? " (cached)" : ""}: ${stepMatch[4]!.slice(0, 60)}`;
+    // A layer's download (the builder logs "layer <id>: <n> MiB / <total> MiB" about once a second).
+    const download = /^layer (\w+): ([\d.]+) (MiB|KiB) \/ ([\d.]+) (MiB|KiB)$/.exec(message);
+    if (download) {
+      const bytes = (value: string, unit: string) => Number(value) * (unit === "MiB" ? 1024 * 1024 : 1024);
+      const fraction = Math.min(1, bytes(download[2]!, download[3]!) / Math.max(1, bytes(download[4]!, download[5]!)));
+      const width = 20;
+      const filled = Math.round(fraction * width);
+      this.step = `pulling layer ${download[1]} [${"#".repeat(filled)}${".".repeat(width - filled)}] ${download[2]} ${download[3]} / ${download[4]} ${download[5]}`;
+      if (this.live) {
+        this.drawStatus();
+        return;
+      }
+    }
     const line = `${this.elapsed().padStart(7)}  ${message}\n`;
     if (this.live) this.out.write(`\r\x1b[K${line}`);
     else this.out.write(line);
