@@ -166,10 +166,10 @@ export class TemplateBuildStatus {
 
   constructor(private readonly out: NodeJS.WriteStream = process.stdout) {
     this.timer = setInterval(() => this.draw(), 200);
-    this.originalStderrWrite = process.stderr.write.bind(process.stderr);
+    this.originalStderrWrite = process.stderr.write;
     process.stderr.write = ((chunk: string | Uint8Array, ...rest: unknown[]) => {
       this.clear();
-      const written = (this.originalStderrWrite as (chunk: string | Uint8Array, ...rest: unknown[]) => boolean)(chunk, ...rest);
+      const written = (this.originalStderrWrite as (this: NodeJS.WriteStream, chunk: string | Uint8Array, ...rest: unknown[]) => boolean).call(process.stderr, chunk, ...rest);
       this.draw();
       return written;
     }) as typeof process.stderr.write;
