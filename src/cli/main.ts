@@ -8,7 +8,7 @@ import { ApiClient } from "./api-client.js";
 import { formatEgressTable } from "./egress-table.js";
 import { loadOrCreateApiKey, startServer } from "./server.js";
 import { createTemplateCatalog } from "./template-catalog.js";
-import { buildFromDockerfile, parseBuildArgs, printBuildLogs } from "./template-commands.js";
+import { buildFromDockerfile, parseBuildArgs, printBuildLogs, TemplateBuildStatus } from "./template-commands.js";
 import { importTemplate } from "./image-bases-config.js";
 
 const usage = `Usage: ./cubicle <command>
@@ -47,7 +47,13 @@ function clientFor(config: CubicleConfig): ApiClient {
 }
 
 async function serve(config: CubicleConfig): Promise<void> {
-  const server = await startServer(config);
+  // A terminal (not CI) sees the default templates' first build as a live status line.
+  const status = process.stdout.isTTY === true && !process.env.CI ? new TemplateBuildStatus() : undefined;
+  const server = await startServer(config, { onTemplateProgress: status && ((templateId, message) => status.update(templateId, message)) }).catch((err) => {
+    status?.stop();
+    throw err;
+  });
+  void server.ready.finally(() => status?.stop()).catch(() => undefined);
   const shutdown = async (signal: string) => {
     process.stderr.write(`\n${signal}: stopping; running sandboxes stay up and are adopted on the next start\n`);
     await server.close();

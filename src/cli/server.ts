@@ -59,7 +59,12 @@ export function loadOrCreateApiKey(config: CubicleConfig): string {
 }
 
 /** Assembles store, network, runtime, core, API and router, recovers, and listens. */
-export async function startServer(config: CubicleConfig): Promise<RunningServer> {
+export interface StartServerOptions {
+  /** Progress of the first-start builds of the default templates (`./cubicle up` draws it). */
+  onTemplateProgress?: (templateId: string, message: string) => void;
+}
+
+export async function startServer(config: CubicleConfig, options: StartServerOptions = {}): Promise<RunningServer> {
   // Host root's alone: the database (tokens, env vars), the API key, templates, the storage pool's
   // image. What sandboxes must reach is under config.runDir.
   fs.mkdirSync(config.stateDir, { recursive: true, mode: 0o700 });
@@ -193,7 +198,9 @@ export async function startServer(config: CubicleConfig): Promise<RunningServer>
   log.info("listening", { url });
 
   const ready = (async () => {
-    for (const templateId of config.defaultTemplates) await templates.ensure(templateId);
+    for (const templateId of config.defaultTemplates) {
+      await templates.ensure(templateId, { onProgress: options.onTemplateProgress && ((message) => options.onTemplateProgress!(templateId, message)) });
+    }
     templatesReady = true;
     log.info("ready: default templates are built");
     await manager.startPools(config.defaultTemplates);

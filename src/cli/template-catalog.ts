@@ -12,7 +12,7 @@ import {
 } from "../template/index.js";
 
 export interface ServerTemplateCatalog extends TemplateCatalog {
-  ensure(idOrAlias: string, options?: { force?: boolean }): Promise<TemplateInfo>;
+  ensure(idOrAlias: string, options?: { force?: boolean; onProgress?: (message: string) => void }): Promise<TemplateInfo>;
   list(): Promise<{ templateID: string; aliases: string[]; cpuCount: number; memoryMB: number; diskSizeMB: number; buildStatus: string }[]>;
   /** What decides whether an image made from `template` is still current: its recipe hash. */
   fingerprint(template: TemplateInfo): Promise<string>;
@@ -125,7 +125,7 @@ export function createTemplateCatalog(config: Pick<CubicleConfig, "templateDir">
     },
     async ensure(idOrAlias, ensureOptions) {
       try {
-        return toInfo(await access.ensureTemplate(config, idOrAlias, { force: ensureOptions?.force }), bandwidth);
+        return toInfo(await access.ensureTemplate(config, idOrAlias, { force: ensureOptions?.force, onProgress: ensureOptions?.onProgress }), bandwidth);
       } finally {
         forget();
       }

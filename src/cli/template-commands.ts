@@ -152,3 +152,56 @@ export async function printBuildLogs(client: ApiClient, name: string, buildId: s
   out.write(`build ${build.buildID}: ${status.status}${status.reason ? ` (${status.reason.message})` : ""}\n`);
   return status.status === "error" ? 1 : 0;
 }
+
+/**
+ * `./cubicle up` on a terminal: the first-start builds of the default templates as one status
+ * line per template (what it does now, the time so far), redrawn in place; a finished template
+ * leaves a line with its time. Lines the server logs meanwhile are written above it. Not used
+ * under CI or without a terminal (the log lines say the same).
+ */
+export class TemplateBuildStatus {
+  private current: { templateId: string; message: string; started: number } | undefined;
+  private readonly timer: NodeJS.Timeout;
+  private readonly originalStderrWrite: typeof process.stderr.write;
+
+  constructor(private readonly out: NodeJS.WriteStream = process.stdout) {
+    this.timer = setInterval(() => this.draw(), 200);
+    this.originalStderrWrite = process.stderr.write;
+    process.stderr.write = ((chunk: string | Uint8Array, ...rest: unknown[]) => {
+      this.clear();
+      const written = (this.originalStderrWrite as (this: NodeJS.WriteStream, chunk: string | Uint8Array, ...rest: unknown[]) => boolean).call(process.stderr, chunk, ...rest);
+      this.draw();
+      return written;
+    }) as typeof process.stderr.write;
+  }
+
+  update(templateId: string, message: string): void {
+    if (this.current && this.current.templateId !== templateId) this.finish();
+    this.current = { templateId, message, started: this.current?.templateId === templateId ? this.current.started : Date.now() };
+    this.draw();
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
+    this.finish();
+    process.stderr.write = this.originalStderrWrite;
+  }
+
+  private finish(): void {
+    if (!this.current) return;
+    this.clear();
+    this.out.write(`template ${this.current.templateId} built in ${((Date.now() - this.current.started) / 1000).toFixed(1)} s\n`);
+    this.current = undefined;
+  }
+
+  private clear(): void {
+    if (this.current) this.out.write("\r\x1b[K");
+  }
+
+  private draw(): void {
+    if (!this.current) return;
+    const width = Math.max(20, (this.out.columns ?? 80) - 1);
+    const elapsed = ((Date.now() - this.current.started) / 1000).toFixed(1);
+    this.out.write(`\r\x1b[K\x1b[1m${`building template ${this.current.templateId} [${elapsed}s]: ${this.current.message}`.slice(0, width)}\x1b[0m`);
+  }
+}

@@ -13,6 +13,8 @@ export interface RunOptions {
   cwd?: string;
   /** Do not throw on a non-zero exit; return the result instead. */
   allowFailure?: boolean;
+  /** Each complete line of stderr as it comes (progress of a long command); stderr is still returned. */
+  onStderrLine?: (line: string) => void;
 }
 
 export interface RunResult {
@@ -45,7 +47,14 @@ export function runCommand(argv: readonly string[], options: RunOptions = {}): P
       child.kill("SIGKILL");
     }, timeoutMs);
     child.stdout!.on("data", (chunk: Buffer) => stdout.push(chunk));
-    child.stderr!.on("data", (chunk: Buffer) => stderr.push(chunk));
+    let partial = "";
+    child.stderr!.on("data", (chunk: Buffer) => {
+      stderr.push(chunk);
+      if (!options.onStderrLine) return;
+      const lines = (partial + chunk.toString("utf8")).split("\n");
+      partial = lines.pop()!.slice(-4096);
+      for (const line of lines) if (line.trim()) options.onStderrLine(line);
+    });
     if (options.input !== undefined) child.stdin!.end(options.input);
     child.on("error", (err) => {
       clearTimeout(timer);

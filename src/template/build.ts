@@ -26,6 +26,8 @@ export interface BuildOptions {
   log: Logger;
   /** Limit for the whole `mmdebstrap` run. Default 20 min. */
   bootstrapTimeoutMs?: number;
+  /** What the build is doing now, in a few words (mmdebstrap's own steps while it runs). */
+  onProgress?: (message: string) => void;
 }
 
 /** PATH and locale for commands run inside the tree, independent of the server's own env. */
@@ -53,12 +55,20 @@ export async function buildTemplate(recipe: Recipe, templateDir: string, options
   const rootfsDir = path.join(stagingDir, ROOTFS_DIR);
   try {
     log.info("bootstrapping Debian", { templateId: recipe.templateId, suite: recipe.suite, packages: recipe.packages.length });
+    options.onProgress?.(`bootstrapping Debian ${recipe.suite} (${recipe.packages.length} packages)`);
     await runCommand(mmdebstrapArgv(recipe, rootfsDir, options.mirror), {
       timeoutMs: options.bootstrapTimeoutMs ?? 20 * 60_000,
+      // mmdebstrap's "I: <step>..." lines.
+      onStderrLine: (line) => {
+        const step = /^I: (.{1,80})/.exec(line)?.[1];
+        if (step) options.onProgress?.(step.replace(/\.\.\.$/, ""));
+      },
     });
     const bootstrappedAt = Date.now();
 
+    options.onProgress?.("adding users, files and the recipe's steps");
     await applyRecipe(recipe, rootfsDir);
+    options.onProgress?.("shifting ownership to the sandbox id range");
     const shifted = shiftOwnership(rootfsDir, SANDBOX_UID_BASE);
     log.info("rootfs ready", {
       templateId: recipe.templateId,

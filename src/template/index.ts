@@ -30,6 +30,8 @@ export interface EnsureTemplateOptions {
   lockWaitMs?: number;
   /** Rebuild even when the cached template is current (`./cubicle template build NAME`). */
   force?: boolean;
+  /** What a build is doing now (only called when there is a build). */
+  onProgress?: (message: string) => void;
 }
 
 /** Builds started by this process, so concurrent callers share one. */
@@ -82,6 +84,7 @@ async function ensureRecipe(templateDir: string, recipe: Recipe, options: Ensure
     return await buildTemplate(recipe, templateDir, {
       mirror: options.mirror ?? process.env.CUBICLE_DEBIAN_MIRROR ?? DEFAULT_DEBIAN_MIRROR,
       log,
+      onProgress: options.onProgress,
     });
   } finally {
     await release();
