@@ -48,9 +48,11 @@ export interface BenchOptions {
   coldPairs: number;
   /** network: `PUT /sandboxes/{id}/network` round trips measured. */
   updates: number;
+  /** template-build: templates built on one base for the disk-per-template figure. */
+  templateCount: number;
 }
 
-export const SCENARIO_NAMES = ["create", "density", "density-idle", "exec", "files", "runcode", "snapshot", "restore", "restore-size", "rollback", "fork", "pause-resume", "baseline", "network"] as const;
+export const SCENARIO_NAMES = ["create", "density", "density-idle", "exec", "files", "runcode", "snapshot", "restore", "restore-size", "rollback", "fork", "pause-resume", "baseline", "network", "template-build"] as const;
 
 export const BENCH_USAGE = `usage: ./cubicle bench SCENARIO [options] | ./cubicle bench report [-o RESULTS_DIR] [-r REPORT_DIR]
 
@@ -71,6 +73,8 @@ scenarios: ${SCENARIO_NAMES.join(", ")}
   --pairs N       network: paired warm-pool creates with and without a policy (default 20)
   --cold-pairs N  network: paired cold creates (default 6; 0 = none)
   --updates N     network: PUT /sandboxes/{id}/network round trips (default 100)
+  --templates K   template-build: templates sharing one base for the disk figure (default 5)
+  template-build: -n cached rebuilds, changed-step rebuilds and creates per template; -w discarded create rounds
   network reads its fake hosts from CUBICLE_BENCH_NET_{HTTP,HTTPS,SOCKS,INTERFACE,CA_FILE}
   (see src/bench/scenarios/network.ts; bench/network.sh sets them)
   -o DIR      results directory (default bench/results)
@@ -83,7 +87,7 @@ export function parseBenchArgs(args: string[], env: NodeJS.ProcessEnv = process.
   const options: BenchOptions = {
     scenario,
     concurrency: 1,
-    total: scenario === "density" ? 10 : scenario === "network" ? 300 : 20,
+    total: scenario === "density" || scenario === "template-build" ? 10 : scenario === "network" ? 300 : 20,
     warmup: -1,
     template: scenario === "runcode" ? "code-interpreter-v1" : "base",
     mode: "create-delete",
@@ -100,6 +104,7 @@ export function parseBenchArgs(args: string[], env: NodeJS.ProcessEnv = process.
     createPairs: 20,
     coldPairs: 6,
     updates: 100,
+    templateCount: 5,
   };
   for (let i = 0; i < rest.length; i++) {
     const flag = rest[i]!;
@@ -174,6 +179,9 @@ export function parseBenchArgs(args: string[], env: NodeJS.ProcessEnv = process.
         break;
       case "--updates":
         options.updates = int();
+        break;
+      case "--templates":
+        options.templateCount = Math.max(1, int());
         break;
       default:
         throw new CubicleError("invalid_argument", `unknown bench option ${flag}\n\n${BENCH_USAGE}`);

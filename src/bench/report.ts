@@ -340,6 +340,8 @@ export function writeReport(input: ReportInput): ReportOutput {
 
   out.push(...networkSection(of("network")[0]), "");
 
+  out.push(...templateBuildSection(of("template-build")[0]), "");
+
   // Comparison.
   const p50 = (scenario: string, field: string, c = 1, path?: string): { value?: number; file?: string; note?: string } => {
     const e = chosen.find(
@@ -575,5 +577,84 @@ function networkSection(entry: Loaded | undefined): string[] {
     "",
     table(["create", "pairs", "without p50", "with policy p50", "ratio", "95 % interval", "median pair ratio"], createRows),
   );
+  return out;
+}
+
+function mib(bytes: unknown, digits = 1): string {
+  return typeof bytes === "number" && Number.isFinite(bytes) ? `${(bytes / 1024 / 1024).toFixed(digits)} MiB` : "—";
+}
+
+function times(value: unknown): string {
+  return typeof value === "number" && Number.isFinite(value) ? `${value.toFixed(2)}×` : "—";
+}
+
+/**
+ * Issue 16's numbers (`template-build`): cold build of an image + 3 steps with pull and unpack
+ * split out, cached and changed-step rebuilds, creates from built templates, disk per template;
+ * each beside the floor measured in the same run.
+ */
+function templateBuildSection(entry: Loaded | undefined): string[] {
+  const out = ["## Template builds: cold, cached, one step changed; creates from built templates; disk per template", ""];
+  if (!entry) return [...out, "No template-build result: run `./cubicle bench template-build`."];
+  if (entry.data.status !== "ok") return [...out, notAvailableLine(entry)];
+  const s = entry.data.summary as Record<string, any>;
+  const tarFloor = pick(s, "floors.tarExtractMs.p50");
+  const baseCreate = pick(s, "floors.baseColdCreateToFirstCommandMs.p50");
+  out.push(
+    `Through the \`e2b\` SDK's \`Template()\` builder (${fileRef(entry)}): \`fromImage\` of a python:3.12-slim-like image (the base template's rootfs as one gzip layer, ${mib(pick(s, "image.compressedBytes"))} compressed, ${mib(pick(s, "image.tarBytes"))} as tar) from a loopback registry, then 3 RUN steps. ` +
+      `Build times are the client's (\`Template.build\` call → resolved, including the SDK's 200 ms status polling); *server* is the SDK's start → the server's "ready" log entry. ` +
+      `Floors from the same run: GNU \`tar -xzf\` of the same layer (p50 ${fmt(tarFloor)} ms) and a cold \`base\` create → first command (p50 ${fmt(baseCreate)} ms, ${pick(s, "floors.baseCreatePath") ?? "—"}).`,
+    "",
+  );
+  const cold = s.coldBuild ?? {};
+  out.push(
+    table(
+      ["build", "n", "p50 (client)", "p50 (server)", "ratio", "floor"],
+      [
+        ["cold: pull + unpack + 3 steps → ready", "1", fmt(cold.ms), fmt(cold.serverMs), times(cold.msPerTarFloorPlusBaseCreate), "tar -xzf + base create"],
+        ["… of which pull (download + verify + unpack)", "1", "—", fmt(cold.pullMs), times(cold.pullAndUnpackPerTarFloor), "tar -xzf"],
+        ["… download (resolve → last byte)", "1", "—", fmt(cold.downloadMs), "", ""],
+        ["… unpack (ids shifted)", "1", "—", fmt(cold.unpackMs), times(cold.unpackPerTarFloor), "tar -xzf"],
+        ["… steps, commits, register → ready", "1", "—", fmt(cold.stepsToReadyMs), "", ""],
+        ["fully cached rebuild", String(pick(s, "cachedRebuild.ms.count") ?? "—"), fmt(pick(s, "cachedRebuild.ms.p50")), fmt(pick(s, "cachedRebuild.serverMs.p50")), `${times(pick(s, "cachedRebuild.p50PerBaseCreate"))} (server ${times(pick(s, "cachedRebuild.serverP50PerBaseCreate"))})`, "base create"],
+        ["rebuild, last step changed", String(pick(s, "changedLastStep.ms.count") ?? "—"), fmt(pick(s, "changedLastStep.ms.p50")), fmt(pick(s, "changedLastStep.serverMs.p50")), `${times(pick(s, "changedLastStep.p50PerBaseCreate"))} (server ${times(pick(s, "changedLastStep.serverP50PerBaseCreate"))})`, "base create"],
+        ["template with a start command (+ warm snapshot)", "1", fmt(pick(s, "startCmdTemplateBuild.ms")), fmt(pick(s, "startCmdTemplateBuild.serverMs")), "", ""],
+      ],
+    ),
+    "",
+    `The cold build added ${String(cold.imageBasesAdded ?? "—")} image base (${mib(cold.imagesDirGrowthBytes)} in the state dir's \`images/\`).`,
+    "",
+  );
+  const creates = s.createToFirstCommand ?? {};
+  out.push(
+    "Create → first command, rounds interleaved (base, built template, start-command template):",
+    "",
+    table(
+      ["template", "path", ...LATENCY_HEADER, "p50 ÷ base cold create"],
+      [
+        ["base", String(pick(s, "floors.baseCreatePath") ?? "cold"), ...latencyCells(creates.base), "floor"],
+        ["built (fromImage + 3 steps, no start command)", "cold, the template's layer snapshot", ...latencyCells(creates.builtTemplate), times(creates.builtTemplateP50PerBase)],
+        ["built with setStartCmd + waitForPort", "warm snapshot (start command running)", ...latencyCells(creates.startCmdTemplate), times(creates.startCmdTemplateP50PerBase)],
+      ],
+    ),
+    "",
+  );
+  const disk = s.disk ?? {};
+  if (disk.status !== "ok") out.push(`Disk per template: ${disk.status ?? "missing"}: ${brief(disk.reason)}`, "");
+  else {
+    out.push(
+      `Disk per additional template: ${disk.templates} templates, each \`fromTemplate(built).runCmd(write a small file)\` (build p50 ${fmt(pick(disk, "buildMs.p50"))} ms):`,
+      "",
+      table(
+        ["storage pool growth per template", "÷ image size", "layer image exclusive (p50)", "layer image referenced (p50)", "state dir images/ growth", "image bases added"],
+        [[mib(disk.poolBytesPerTemplate, 2), typeof disk.poolBytesPerTemplatePerImageBytes === "number" ? `${(disk.poolBytesPerTemplatePerImageBytes * 100).toFixed(3)} %` : "—", mib(pick(disk, "layerExclusiveBytes.p50"), 2), mib(pick(disk, "layerReferencedBytes.p50"), 2), mib(disk.imagesDirGrowthBytes, 2), String(disk.imageBasesAdded)]],
+      ),
+      "",
+    );
+  }
+  const left = s.afterDelete ?? {};
+  if (left.status === "ok") {
+    out.push(`After \`DELETE /templates/NAME\` of every template of the run: ${left.layerImagesLeft} layer images and ${left.warmImagesLeft} warm images still in the pool, ${mib(left.poolBytesLeft, 2)} not given back.`, "");
+  }
   return out;
 }

@@ -34,6 +34,13 @@ export async function loadSandboxSdk(target: BenchTarget) {
   return Sandbox;
 }
 
+/** The `e2b` SDK's template builder (`Template`, ready checks), configured for the target. */
+export async function loadTemplateSdk(target: BenchTarget) {
+  exportSdkEnvironment(target);
+  const { Template, waitForPort } = await import("e2b");
+  return { Template, waitForPort };
+}
+
 /** The `@e2b/code-interpreter` SDK's Sandbox class, configured for the target. */
 export async function loadCodeInterpreterSdk(target: BenchTarget) {
   exportSdkEnvironment(target);

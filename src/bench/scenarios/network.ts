@@ -218,7 +218,7 @@ interface CreateSample {
 }
 
 /** Cubicle's `GET /templates` entry for a template (memoryMB, to miss the pool on purpose). */
-async function templateMemoryMB(target: BenchTarget, template: string): Promise<number> {
+export async function templateMemoryMB(target: BenchTarget, template: string): Promise<number> {
   const { status, json } = await callApi(target, "GET", "/templates");
   if (status !== 200 || !Array.isArray(json)) throw new Error(`GET /templates answered ${status}`);
   const entry = (json as { templateID?: string; aliases?: string[]; memoryMB?: number }[]).find((t) => t.templateID === template || t.aliases?.includes(template));
