@@ -208,7 +208,7 @@ export async function testApp(overrides: Partial<Omit<ApiOptions, "manager">> & 
       filesDir: path.join(buildDir, "files"),
       store: buildStore,
       catalog: { resolve: async () => undefined, fingerprint: async () => "", invalidate: () => undefined, isBuiltIn: (name) => name === "base" },
-      sandboxes: { start: unavailable, commit: unavailable, destroy: async () => undefined, imageExists: async () => false, removeImage: async () => undefined, warm: unavailable, inUse: async () => false },
+      sandboxes: { start: unavailable, commit: unavailable, destroy: async () => undefined, imageExists: async () => false, removeImage: async () => undefined, warm: unavailable, removeWarm: async () => undefined, inUse: async () => false },
       uploadKey: randomBytes(32),
       maxUploadBytes: 1024 * 1024,
     });

@@ -19,7 +19,7 @@ import type { CreateSandboxRequest, TemplateCatalog, TemplateInfo } from "./type
 import { WarmPool } from "./warm-pool.js";
 import { WarmSnapshots, type WarmSnapshotCounts } from "./warm-snapshots.js";
 import { bootUnclaimed, destroyUnclaimed } from "./unclaimed-sandbox.js";
-import { imageId } from "../runtime/images.js";
+import { imageId, parseImageId } from "../runtime/images.js";
 import { buildInitBody } from "../protocol/index.js";
 
 export type { ForkOutcome } from "./lifecycle/snapshots.js";
@@ -174,7 +174,13 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       await destroyUnclaimed({ ...this.ctx.ports, pidsLimit: this.ctx.settings.pidsLimit }, runtimeId);
     },
     imageExists: (id: string): Promise<boolean> => this.ctx.ports.runtime.images.exists(id),
-    removeImage: (id: string): Promise<void> => this.ctx.ports.runtime.images.remove(id),
+    removeImage: async (id: string): Promise<void> => {
+      if (await this.ctx.ports.runtime.images.exists(id)) await this.ctx.ports.runtime.images.remove(id);
+    },
+    removeWarm: async (templateId: string): Promise<void> => {
+      const { images } = this.ctx.ports.runtime;
+      for (const id of await images.list("warm")) if (parseImageId(id).name.startsWith(`${templateId}-`)) await images.remove(id);
+    },
     /** Makes the template's warm snapshot (its start command running) and waits for it. */
     warm: (template: TemplateInfo): Promise<void> => this.warmSnapshots.ensure(template),
     /** Whether a sandbox (live, paused or asleep) was made from the template. */

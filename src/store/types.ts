@@ -209,6 +209,8 @@ export interface TemplateBuildRecord {
   names: string[];
   /** The tags that point at this build once it is ready. */
   tags: string[];
+  /** Layer images this build made (its cache entries), removed with the template. */
+  layers?: string[];
   /** Why it failed, and at which step. */
   reason?: { message: string; step?: string };
   logs: BuildLogEntry[];

@@ -152,7 +152,11 @@ test("delete while a sandbox uses the template is refused; after its kill the te
   assert.match(refused.json.message, /used by a sandbox/);
   assert.equal((await sandbox.commands.run("cat /tmp/x")).stdout, "x\n", "the sandbox is unharmed");
   await sandbox.kill();
+  const layersDir = path.join(server.runDir, "pool", "images", "layers");
+  const layers = () => fs.readdirSync(layersDir).filter((name) => !name.includes(".removed-")).length;
+  const layersBefore = layers();
   assert.equal((await server.api("DELETE", "/templates/e2e-delete")).status, 204);
+  assert.equal(layers(), layersBefore - 1, "its layer image goes with it");
   assert.equal(await Template.exists("e2e-delete"), false);
   assert.equal((await server.api("DELETE", "/templates/base")).status, 403, "built-in templates are not deleted");
 });

@@ -12,7 +12,7 @@ import { createLogger } from "../../shared/log.js";
 import type { BuildLogEntry, TemplateBuildRecord, TemplateBuildStore } from "../../store/types.js";
 import { shellArgv } from "../../core/template-start.js";
 import { replaceDirectory } from "../build.js";
-import { BUILD_DIR_PREFIX, readMetadata, templatePath, writeMetadata, type TemplateMetadata } from "../template-store.js";
+import { BUILD_DIR_PREFIX, listTemplates, readMetadata, templatePath, writeMetadata, type TemplateMetadata } from "../template-store.js";
 import { baseKey, parseBuildSpec, parseTag, parseTemplateName, stepKey, type BuildSpec, type BuildStep } from "./build-spec.js";
 
 const log = createLogger("template-build");
@@ -25,6 +25,8 @@ export interface BuildSandboxes {
   imageExists(id: string): Promise<boolean>;
   removeImage(id: string): Promise<void>;
   warm(template: TemplateInfo): Promise<void>;
+  /** Removes the template's warm snapshots. */
+  removeWarm(templateId: string): Promise<void>;
   inUse(templateId: string): Promise<boolean>;
 }
 
@@ -402,9 +404,28 @@ export class TemplateBuilder {
     await fs.rename(dir, retired);
     this.options.catalog.invalidate();
     await fs.rm(retired, { recursive: true, force: true });
+    await this.removeImagesOf(template);
     await this.options.store.deleteTemplateBuilds(template.templateId);
     log.info("template deleted", { templateId: template.templateId });
     return true;
+  }
+
+  /**
+   * The images of a deleted template: its warm snapshots, and the layer images its builds made
+   * (cache entries of their steps) that no other template stands on. Sandboxes made from it
+   * keep their own copies; layers other builds made and this one only used stay.
+   */
+  private async removeImagesOf(template: TemplateMetadata): Promise<void> {
+    const { sandboxes } = this.options;
+    const inUse = new Set<string>();
+    for (const other of await listTemplates(this.options.templateDir)) if (other.layerImageId) inUse.add(other.layerImageId);
+    const made = new Set((await this.options.store.listTemplateBuilds(template.templateId)).flatMap((build) => build.layers ?? []));
+    if (template.layerImageId) made.add(template.layerImageId);
+    for (const image of made) {
+      if (inUse.has(image)) continue;
+      await sandboxes.removeImage(image).catch((err) => log.warn("a deleted template's layer image could not be removed", { image, error: String(err) }));
+    }
+    await sandboxes.removeWarm(template.templateId).catch((err) => log.warn("a deleted template's warm snapshot could not be removed", { templateId: template.templateId, error: String(err) }));
   }
 
   /** Build templates by id or name (its aliases). */
@@ -542,6 +563,7 @@ export class TemplateBuilder {
         await this.runStep(sandbox.address, step, state, stepName, signal, addLog);
         if (step.type === "WORKDIR") state.workdir = step.path;
         layer = await sandboxes.commit(sandbox.runtimeId, layerName);
+        (build.layers ??= []).push(layer);
       }
     } finally {
       if (sandbox) await sandboxes.destroy(sandbox.runtimeId);
