@@ -90,6 +90,14 @@ const BUILT_IN_IMAGES: Array<[RegExp, string]> = [
   [/^(docker\.io\/)?e2bdev\/code-interpreter(:[\w.-]+)?$/, "code-interpreter-v1"],
 ];
 
+/**
+ * Docker Hub's official images the SDK's `from…Image()` helpers name, and the built-in template
+ * that stands in for each when no registry serves it (this host reaches none, or only a mirror
+ * without it): Debian 12 with python3, git and curl is the nearest Cubicle has to debian, ubuntu
+ * and python images. Tried only after the pull failed for want of a registry, and logged.
+ */
+const OFFLINE_EQUIVALENTS: Array<[RegExp, string]> = [[/^(docker\.io\/)?(library\/)?(debian|ubuntu|python)(:[\w.-]+)?$/, "base"]];
+
 const LEVELS = ["debug", "info", "warn", "error"] as const;
 const MAX_LOG_ENTRIES = 20_000;
 const PERSIST_EVERY_MS = 1_000;
@@ -696,7 +704,16 @@ export class TemplateBuilder {
     if (!this.options.pullImage) {
       throw new CubicleError("failed_precondition", `image ${reference} cannot be pulled: this server has no registry access configured; build from a template or from e2bdev/base`);
     }
-    const pulled = await this.options.pullImage(reference, spec.base.credentials, onLog, signal);
+    const pulled = await this.options.pullImage(reference, spec.base.credentials, onLog, signal).catch(async (err: unknown) => {
+      const equivalent = OFFLINE_EQUIVALENTS.find(([pattern]) => pattern.test(reference))?.[1];
+      const code = CubicleError.from(err).code;
+      if (!equivalent || (code !== "unavailable" && code !== "deadline_exceeded")) throw err;
+      const info = await catalog.resolve(equivalent);
+      if (!info) throw err;
+      onLog(`no registry serves ${reference} here (${CubicleError.from(err).message}); Cubicle's template ${equivalent} stands in for it`);
+      return { info, fingerprint: `template:${info.templateId}:${await catalog.fingerprint(info)}` } satisfies ResolvedBase;
+    });
+    if ("info" in pulled) return pulled;
     const defaults = await catalog.resolve("base");
     const info: TemplateInfo = {
       templateId: `image-${pulled.digest.replace(/^sha256:/, "").slice(0, 16)}`,
