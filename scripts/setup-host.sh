@@ -27,7 +27,7 @@ readonly CRIU_MIN_VERSION="4.2"
 readonly CRIU_SUITE="forky"
 # libnss-myhostname: glibc resolves every *.localhost name to loopback, so the default domain
 # (cubicle.localhost) works for getHost() URLs in Node, Python and curl on this machine.
-readonly HOST_PACKAGES=(runc iproute2 nftables mmdebstrap uidmap iptables tini patchelf gcc libc6-dev btrfs-progs libnss-myhostname zstd docker-registry busybox-static)
+readonly HOST_PACKAGES=(runc iproute2 nftables mmdebstrap uidmap iptables tini patchelf gcc libc6-dev btrfs-progs libnss-myhostname zstd docker-registry busybox-static qemu-system-x86 qemu-utils)
 
 staging=""
 
