@@ -42,7 +42,7 @@ export function writeCpioNewc(entries: readonly CpioEntry[]): Buffer {
     pad();
   };
   for (const entry of entries) {
-    const name = entry.name.replace(/^\/+/, "");
+    const name = entry.name.replace(/^\/+|\/+$/g, "");
     switch (entry.kind) {
       case "directory":
         add(name, S_IFDIR | (entry.mode ?? 0o755), Buffer.alloc(0));

@@ -86,7 +86,7 @@ test("boots the base template in a microVM under TCG: the agent answers on the s
         netnsPath: network.netnsPath,
       });
       const spawnedMs = performance.now() - started;
-      await waitForAgentHealth(network.sandboxAddress, 180_000).catch(async (err) => {
+      await waitForAgentHealth(network.sandboxAddress, 60_000).catch(async (err) => {
         throw new Error(`the agent did not answer: ${(err as Error).message}\n--- console ---\n${await vm!.consoleTail()}`);
       });
       bootMs.push(performance.now() - started);

@@ -1,12 +1,15 @@
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, rm, stat } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
+import { runCommand } from "../../shared/exec.js";
+import { SandboxHelper } from "../container/sandbox-helper.js";
+import { createOverlay } from "./disk-images.js";
 import { prepareGuestAssets } from "./guest-assets.js";
-import { buildQemuArgv, kernelCommandLine, macAddressFrom, probeKvm, type MicrovmConfig } from "./qemu.js";
-import { guestSkipReason, localKernelDeb } from "./test-helpers.js";
+import { buildQemuArgv, helperLauncher, hostTscKhz, kernelCommandLine, macAddressFrom, nsenterLauncher, probeKvm, startMicrovm, type Microvm, type MicrovmConfig } from "./qemu.js";
+import { builtHelper, guestSkipReason, localKernelDeb, makeTestNetwork, releaseTestNetwork } from "./test-helpers.js";
 
 const config: MicrovmConfig = {
   accel: "tcg",
@@ -19,6 +22,7 @@ const config: MicrovmConfig = {
   hostname: "e2b.local",
   launchFile: "/s/launch",
   runDir: "/s/run",
+  tscKhz: 2096010,
 };
 
 function optionValues(argv: string[], option: string): string[] {
@@ -43,10 +47,11 @@ test("the QEMU argv: microvm, TCG with a bounded translation cache, the disks by
   assert.deepEqual(optionValues(argv, "-qmp"), ["unix:/s/run/qmp.sock,server=on,wait=off"]);
   assert.deepEqual(optionValues(argv, "-fw_cfg"), ["name=opt/cubicle/launch,file=/s/launch"]);
   for (const flag of ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-daemonize"]) assert.ok(argv.includes(flag), flag);
-  assert.deepEqual(optionValues(argv, "-append"), ["console=ttyS0 quiet panic=-1 reboot=t cubicle.ip=10.88.0.2/30 cubicle.gw=10.88.0.1 cubicle.host=e2b.local"]);
+  assert.deepEqual(optionValues(argv, "-append"), ["console=ttyS0 quiet panic=-1 reboot=t tsc_early_khz=2096010 cubicle.ip=10.88.0.2/30 cubicle.gw=10.88.0.1 cubicle.host=e2b.local"]);
   const kvm = buildQemuArgv({ ...config, accel: "kvm" });
   assert.deepEqual(optionValues(kvm, "-accel"), ["kvm"]);
   assert.deepEqual(optionValues(kvm, "-cpu"), ["host"]);
+  assert.doesNotMatch(optionValues(kvm, "-append")[0]!, /tsc_early_khz/, "KVM guests have kvmclock");
 });
 
 test("refuses what QEMU's option syntax or the guest's command line would misread", () => {
@@ -56,6 +61,8 @@ test("refuses what QEMU's option syntax or the guest's command line would misrea
   assert.throws(() => buildQemuArgv({ ...config, network: { ...config.network!, tapName: "tap0,script=/x" } }), /tap name/);
   assert.throws(() => kernelCommandLine({ hostname: "a b init=/bin/sh" }), /kernel argument/);
   assert.equal(macAddressFrom("0123456789abcdef"), "02:01:23:45:67:89");
+  assert.equal(hostTscKhz("processor\t: 0\ncpu MHz\t\t: 2096.013\n"), 2096013);
+  assert.equal(hostTscKhz("processor\t: 0\n"), undefined);
 });
 
 test("probeKvm answers no at once where KVM cannot run a guest", async (t) => {
@@ -75,6 +82,45 @@ test("probeKvm answers no at once where KVM cannot run a guest", async (t) => {
       assert.ok(result.ms < 5000, `answered in ${result.ms} ms`);
     }
   } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test("startMicrovm runs QEMU inside the sandbox's netns, through nsenter or the resident helper", async (t) => {
+  const reason = await guestSkipReason();
+  if (reason) return t.skip(reason);
+  if (!builtHelper()) return t.skip("dist/sandbox-helper is missing: run `node scripts/build.mjs` first");
+  const dir = await mkdtemp(path.join(os.tmpdir(), "cbm-launch-"));
+  const network = await makeTestNetwork("l", 219);
+  const helper = new SandboxHelper(builtHelper()!);
+  const vms: Microvm[] = [];
+  try {
+    const assets = await prepareGuestAssets(path.join(dir, "assets"), { kernelDeb: await localKernelDeb() });
+    const disk = path.join(dir, "disk.ext4");
+    await runCommand(["mke2fs", "-q", "-F", "-t", "ext4", disk, "16M"]);
+    await createOverlay(disk, path.join(dir, "root.qcow2"));
+    const netnsInode = (await stat(network.netnsPath)).ino;
+    for (const [name, launcher] of [["nsenter", nsenterLauncher], ["helper", helperLauncher(helper)]] as const) {
+      // Paused before the first instruction: QEMU is set up, the guest costs no CPU.
+      const vm = await startMicrovm(
+        { accel: "tcg", assets, memoryMiB: 128, cpuCount: 1, rootDisk: path.join(dir, "root.qcow2"), kitDisk: disk, runDir: path.join(dir, name), netnsPath: network.netnsPath, startPaused: true },
+        { launcher },
+      );
+      vms.push(vm);
+      assert.equal(await vm.status(), "prelaunch");
+      assert.equal((await stat(`/proc/${vm.pid}/ns/net`)).ino, netnsInode, `${name}: QEMU runs in the sandbox's netns`);
+      await vm.quit();
+      assert.equal(existsSync(`/proc/${vm.pid}`), false);
+    }
+    // A QEMU that cannot start says why.
+    await assert.rejects(
+      startMicrovm({ accel: "tcg", assets, memoryMiB: 128, cpuCount: 1, rootDisk: path.join(dir, "missing.qcow2"), kitDisk: disk, runDir: path.join(dir, "bad"), startPaused: true }),
+      /QEMU did not start: .*missing\.qcow2/,
+    );
+  } finally {
+    for (const vm of vms) vm.kill();
+    helper.close();
+    await releaseTestNetwork(network);
     await rm(dir, { recursive: true, force: true });
   }
 });

@@ -49,6 +49,27 @@ export interface MicrovmConfig {
   tbSizeMiB?: number;
   /** Extra kernel command line words. */
   kernelArgs?: string[];
+  /**
+   * Start with the vCPUs stopped (`-S`): QMP `cont` starts the guest (a VM prepared ahead of
+   * its use, or one that loads a state first).
+   */
+  startPaused?: boolean;
+  /** TCG only: the guest's TSC rate in kHz (TCG_CLOCK_NOTE); default hostTscKhz(). */
+  tscKhz?: number;
+}
+
+/**
+ * TCG_CLOCK_NOTE: under TCG the guest's TSC is the host's (QEMU reads the host's counter), but
+ * the guest kernel measures its rate against the PIT in a few milliseconds of emulated time, and
+ * on a busy host that measurement fails ("tsc: Unable to calibrate against PIT") about one boot
+ * in five; the guest then has no usable clock and hangs before its console says anything more.
+ * So a TCG guest is told the rate (`tsc_early_khz=`, Linux 5.1+): the host's, from
+ * /proc/cpuinfo. A KVM guest gets its clock from kvmclock and is told nothing.
+ */
+export function hostTscKhz(cpuinfo?: string): number | undefined {
+  const text = cpuinfo ?? readFileSync("/proc/cpuinfo", "utf8");
+  const mhz = Number(/^cpu MHz\s*:\s*([\d.]+)$/m.exec(text)?.[1]);
+  return Number.isFinite(mhz) && mhz > 0 ? Math.round(mhz * 1000) : undefined;
 }
 
 /**
@@ -86,8 +107,9 @@ export function macAddressFrom(hashHex: string): string {
 }
 
 /** The kernel command line: short (QEMU and the kernel cap it), the rest is in the launch file. */
-export function kernelCommandLine(config: Pick<MicrovmConfig, "network" | "hostname" | "kernelArgs">): string {
+export function kernelCommandLine(config: Pick<MicrovmConfig, "network" | "hostname" | "kernelArgs" | "tscKhz">): string {
   const words = ["console=ttyS0", "quiet", "panic=-1", "reboot=t"];
+  if (config.tscKhz) words.push(`tsc_early_khz=${Math.round(config.tscKhz)}`);
   if (config.network) words.push(`cubicle.ip=${config.network.address}/${config.network.prefixLength}`, `cubicle.gw=${config.network.gateway}`);
   if (config.hostname) words.push(`cubicle.host=${config.hostname}`);
   words.push(...(config.kernelArgs ?? []));
@@ -137,7 +159,7 @@ export function buildQemuArgv(config: MicrovmConfig): string[] {
     "-initrd",
     config.assets.initramfs,
     "-append",
-    kernelCommandLine(config),
+    kernelCommandLine({ ...config, tscKhz: config.accel === "tcg" ? (config.tscKhz ?? hostTscKhz()) : undefined }),
     "-drive",
     `id=root,file=${config.rootDisk},format=qcow2,if=none,discard=unmap`,
     "-device",
@@ -162,6 +184,7 @@ export function buildQemuArgv(config: MicrovmConfig): string[] {
     argv.push("-netdev", `tap,id=net,ifname=${config.network.tapName},script=no,downscript=no`, "-device", `virtio-net-device,netdev=net,mac=${config.network.macAddress}`);
   }
   if (config.launchFile) argv.push("-fw_cfg", `name=${LAUNCH_FW_CFG_NAME},file=${config.launchFile}`);
+  if (config.startPaused) argv.push("-S");
   return argv;
 }
 

@@ -55,7 +55,7 @@ export class QmpClient extends EventEmitter {
   static async connect(socketPath: string, timeoutMs = DEFAULT_TIMEOUT_MS): Promise<QmpClient> {
     const socket = net.connect(socketPath);
     const greeting = new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new CubicleError("deadline_exceeded", `QMP ${socketPath}: no greeting within ${timeoutMs} ms`)), timeoutMs);
+      const timer = setTimeout(() => fail(new CubicleError("deadline_exceeded", `QMP ${socketPath}: no greeting within ${timeoutMs} ms`)), timeoutMs);
       let text = "";
       const onData = (chunk: Buffer) => {
         text += chunk.toString("utf8");
