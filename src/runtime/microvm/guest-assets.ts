@@ -14,7 +14,9 @@ const log = createLogger("microvm-assets");
  * The guest kernel: Debian 12's cloud kernel (`apt-cache depends linux-image-cloud-amd64`),
  * pinned by its ABI name. It is downloaded (`apt-get download`) and unpacked (`dpkg -x`) into
  * the runtime's own directory, never installed on the host. Its virtio drivers are modules
- * (GUEST_MODULES), ext4 and the 8250 serial console are built in.
+ * (GUEST_MODULES), ext4 and the 8250 serial console are built in. scripts/setup-host.sh keeps
+ * the package file in apt's cache (found by findCachedKernelDeb), so hosts and tests need no
+ * download at run time.
  */
 export const GUEST_KERNEL_PACKAGE = "linux-image-6.1.0-57-cloud-amd64";
 

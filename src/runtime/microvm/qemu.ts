@@ -11,6 +11,8 @@ import { QmpClient } from "./qmp.js";
 const log = createLogger("qemu");
 
 export const QEMU_BINARY = "qemu-system-x86_64";
+/** How long a daemonizing QEMU may take to be set up (it has not run the guest yet then). */
+const START_TIMEOUT_MS = 30_000;
 
 export type Accelerator = "tcg" | "kvm";
 
@@ -95,8 +97,6 @@ export function helperLauncher(helper: HelperLike): QemuLauncher {
     if (result.exitCode !== 0) throw new CubicleError("internal", `${argv[0]} exited with ${result.exitCode ?? "a signal"}: ${result.stderr.trim().slice(-2000)}`);
   };
 }
-
-const START_TIMEOUT_MS = 30_000;
 
 export const MICROVM_FILES = { qmpSocket: "qmp.sock", serialLog: "serial.log", pidFile: "qemu.pid" } as const;
 
@@ -196,7 +196,8 @@ export function microvmFiles(runDir: string): { qmpSocket: string; serialLog: st
   };
 }
 
-export type MicrovmStatus = "running" | "paused" | "shutdown" | "internal-error" | "prelaunch" | "inmigrate" | "postmigrate" | string;
+/** QMP's RunState: "prelaunch" (-S), "running", "paused", "inmigrate", "shutdown" … */
+export type MicrovmStatus = string;
 
 /** A running QEMU microVM, driven over QMP. */
 export class Microvm {
