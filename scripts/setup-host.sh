@@ -27,7 +27,12 @@ readonly CRIU_MIN_VERSION="4.2"
 readonly CRIU_SUITE="forky"
 # libnss-myhostname: glibc resolves every *.localhost name to loopback, so the default domain
 # (cubicle.localhost) works for getHost() URLs in Node, Python and curl on this machine.
-readonly HOST_PACKAGES=(runc iproute2 nftables mmdebstrap uidmap iptables tini patchelf gcc libc6-dev btrfs-progs libnss-myhostname zstd docker-registry busybox-static)
+# The microVM runtime's guest kernel (GUEST_KERNEL_PACKAGE in src/runtime/microvm/guest-assets.ts),
+# kept as a package file in apt's cache, never installed: the runtime unpacks it into its own
+# directory, and tests find it there without downloading anything.
+readonly GUEST_KERNEL_PACKAGE="linux-image-6.1.0-57-cloud-amd64"
+readonly APT_ARCHIVES="/var/cache/apt/archives"
+readonly HOST_PACKAGES=(runc iproute2 nftables mmdebstrap uidmap iptables tini patchelf gcc libc6-dev btrfs-progs libnss-myhostname zstd docker-registry busybox-static qemu-system-x86 qemu-utils)
 
 staging=""
 
@@ -222,6 +227,14 @@ ensure_node_modules() {
 }
 
 # npm ci writes node_modules/.package-lock.json; older than the lockfile means stale.
+ensure_guest_kernel_package() {
+  compgen -G "$APT_ARCHIVES/${GUEST_KERNEL_PACKAGE}_*_amd64.deb" >/dev/null && return 0
+  need_root "downloading the microVM guest kernel"
+  say "downloading $GUEST_KERNEL_PACKAGE into $APT_ARCHIVES (not installed; the microVM guest's kernel)"
+  (cd "$APT_ARCHIVES" && apt-get download -q "$GUEST_KERNEL_PACKAGE" >/dev/null 2>&1) \
+    || say "warning: apt-get download $GUEST_KERNEL_PACKAGE failed; microVM sandboxes and their tests will fetch or skip it"
+}
+
 node_modules_stale() {
   [[ ! -f node_modules/.package-lock.json || package-lock.json -nt node_modules/.package-lock.json ]]
 }
@@ -234,5 +247,6 @@ if [[ ! -d "$STATE_DIR" ]]; then
 fi
 
 install_missing_packages
+ensure_guest_kernel_package
 ensure_criu
 ensure_node_modules

@@ -1,0 +1,93 @@
+import assert from "node:assert/strict";
+import { chmod, chown, mkdir, mkdtemp, rm, stat, symlink, writeFile } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { test } from "node:test";
+import { runCommand } from "../../shared/exec.js";
+import { SANDBOX_UID_BASE } from "../types.js";
+import { createOverlay, kitDiskImage, removeOverlay, templateDiskImage } from "./disk-images.js";
+import { guestSkipReason } from "./test-helpers.js";
+
+async function debugfs(image: string, request: string): Promise<string> {
+  return (await runCommand(["debugfs", "-R", request, image])).stdout;
+}
+
+test("a template tree with shifted ids becomes an ext4 image with ids from 0, unreadable files included, made once", async () => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), "cbm-disks-"));
+  try {
+    const tree = path.join(dir, "rootfs");
+    await mkdir(path.join(tree, "etc"), { recursive: true });
+    await mkdir(path.join(tree, "home/user"), { recursive: true });
+    await writeFile(path.join(tree, "etc/shadow"), "root:secret\n");
+    await chmod(path.join(tree, "etc/shadow"), 0o600);
+    await writeFile(path.join(tree, "home/user/notes"), "mine\n");
+    await symlink("notes", path.join(tree, "home/user/link"));
+    for (const entry of [tree, path.join(tree, "etc"), path.join(tree, "etc/shadow"), path.join(tree, "home")]) await chown(entry, SANDBOX_UID_BASE, SANDBOX_UID_BASE);
+    for (const entry of [path.join(tree, "home/user"), path.join(tree, "home/user/notes")]) await chown(entry, SANDBOX_UID_BASE + 1000, SANDBOX_UID_BASE + 1000);
+    await runCommand(["chown", "-h", `${SANDBOX_UID_BASE + 1000}:${SANDBOX_UID_BASE + 1000}`, path.join(tree, "home/user/link")]);
+    await chmod(path.join(tree, "home/user"), 0o700);
+
+    const cache = path.join(dir, "cache");
+    const image = await templateDiskImage(tree, cache, { sizeMiB: 64 });
+    assert.equal(image.built, true);
+    assert.equal(image.sizeBytes, 64 << 20);
+    assert.equal((await stat(image.path)).mode & 0o777, 0o444);
+    assert.match(await debugfs(image.path, "stat /etc/shadow"), /User:\s+0\s+Group:\s+0/);
+    assert.equal(await debugfs(image.path, "cat /etc/shadow"), "root:secret\n");
+    assert.match(await debugfs(image.path, "stat /home/user/notes"), /User:\s+1000\s+Group:\s+1000/);
+    assert.match(await debugfs(image.path, "stat /home/user/link"), /User:\s+1000\s+Group:\s+1000[\s\S]*Fast link dest: "notes"/);
+    assert.match(await debugfs(image.path, "stat /"), /User:\s+0\s+Group:\s+0/);
+
+    const again = await templateDiskImage(tree, cache);
+    assert.equal(again.built, false);
+    assert.equal(again.path, image.path);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test("the kit image is made once per kit fingerprint", async () => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), "cbm-disks-"));
+  try {
+    const kit = path.join(dir, "kit");
+    await mkdir(kit);
+    await writeFile(path.join(kit, "manifest.json"), '{"version":1}\n');
+    await writeFile(path.join(kit, "agent.js"), "console.log(1)\n");
+    const cache = path.join(dir, "cache");
+    const first = await kitDiskImage(kit, cache);
+    assert.equal(first.built, true);
+    assert.equal(await debugfs(first.path, "cat /agent.js"), "console.log(1)\n");
+    assert.doesNotMatch(await debugfs(first.path, "features"), /has_journal/);
+    assert.equal((await kitDiskImage(kit, cache)).built, false);
+    await writeFile(path.join(kit, "manifest.json"), '{"version":1,"changed":true}\n');
+    const second = await kitDiskImage(kit, cache);
+    assert.equal(second.built, true);
+    assert.notEqual(second.path, first.path);
+    await assert.rejects(kitDiskImage(dir, cache), /not an agent kit/);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test("a sandbox overlay is a qcow2 on the raw base, removed with removeOverlay", async (t) => {
+  if (await guestSkipReason().then((reason) => reason?.includes("qemu"))) return t.skip("qemu-img is not installed");
+  const dir = await mkdtemp(path.join(os.tmpdir(), "cbm-disks-"));
+  try {
+    const base = path.join(dir, "base.ext4");
+    await runCommand(["mke2fs", "-q", "-F", "-t", "ext4", base, "16M"]);
+    const overlay = path.join(dir, "sandboxes", "s1", "root.qcow2");
+    await createOverlay(base, overlay, { sizeMiB: 32 });
+    const info = JSON.parse((await runCommand(["qemu-img", "info", "--output=json", overlay])).stdout) as Record<string, unknown>;
+    assert.equal(info.format, "qcow2");
+    assert.equal(info["backing-filename"], base);
+    assert.equal(info["backing-filename-format"], "raw");
+    assert.equal(info["virtual-size"], 32 << 20);
+    assert.ok((await stat(overlay)).size < 1 << 20, "an overlay starts nearly empty");
+    await removeOverlay(overlay);
+    await assert.rejects(stat(overlay));
+    await removeOverlay(overlay);
+    await assert.rejects(createOverlay("relative.ext4", overlay), /must be absolute/);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});

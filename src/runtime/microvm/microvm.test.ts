@@ -1,0 +1,127 @@
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { existsSync } from "node:fs";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { test } from "node:test";
+import { runInSandbox } from "../../protocol/agent-exec.js";
+import { assembleAgentKit, findNativePackages } from "../container/agent-kit.js";
+import { waitForAgentHealth } from "../container/test-helpers.js";
+import { createOverlay, kitDiskImage, removeOverlay, templateDiskImage } from "./disk-images.js";
+import { agentLaunchFile, prepareGuestAssets } from "./guest-assets.js";
+import { attachGuestNetwork, releaseGuestNetwork } from "./net.js";
+import { macAddressFrom, startMicrovm, type Microvm } from "./qemu.js";
+import { builtHelper, guestSkipReason, localKernelDeb, makeTestNetwork, releaseTestNetwork, type TestSandboxNetwork } from "./test-helpers.js";
+
+const repo = path.resolve(path.dirname(new URL(import.meta.url).pathname), "../../..");
+const dist = path.join(repo, "dist");
+const templateDir = process.env.CUBICLE_MICROVM_TEMPLATE ?? "/var/lib/cubicle/templates/base";
+/** Boots to measure (p50 printed); 1 by default: a TCG boot costs seconds of both cores. */
+const boots = Math.max(1, Number(process.env.CUBICLE_MICROVM_BOOTS ?? 1));
+const guestNames = { bridgeName: "cbmbr0", tapName: "cbmtap0" };
+
+async function skipReason(): Promise<string | undefined> {
+  const reason = await guestSkipReason();
+  if (reason) return reason;
+  if (!builtHelper() || !existsSync(path.join(dist, "agent", "agent.js"))) return "dist/ is not built: run `node scripts/build.mjs` first";
+  if (!existsSync(path.join(templateDir, "rootfs"))) return `no template tree at ${templateDir}/rootfs (start the server once to bootstrap base)`;
+  return undefined;
+}
+
+const timed = async <T>(what: string, step: () => Promise<T>): Promise<T> => {
+  const started = performance.now();
+  const result = await step();
+  console.log(`${what}: ${Math.round(performance.now() - started)} ms`);
+  return result;
+};
+
+test("boots the base template in a microVM under TCG: the agent answers on the sandbox address and runs a command", { timeout: 15 * 60_000 }, async (t) => {
+  const reason = await skipReason();
+  if (reason) return t.skip(reason);
+  const stateDir = await mkdtemp(path.join(os.tmpdir(), "cbm-mvm-"));
+  const cacheDir = path.join(stateDir, "microvm");
+  let network: TestSandboxNetwork | undefined;
+  let vm: Microvm | undefined;
+  try {
+    const assets = await timed("guest kernel + initramfs (once)", async () => prepareGuestAssets(path.join(cacheDir, "assets"), { kernelDeb: await localKernelDeb() }));
+    const kit = await assembleAgentKit(path.join(stateDir, "kit"), {
+      nodeBinary: process.execPath,
+      agentScript: path.join(dist, "agent", "agent.js"),
+      nativePackages: findNativePackages(),
+      runAs: path.join(dist, "agent", "run-as"),
+      xattrAddon: path.join(dist, "agent", "xattr.node"),
+      spawnAddon: path.join(dist, "agent", "spawn.node"),
+      sandboxBoot: path.join(dist, "sandbox-boot"),
+    });
+    const kitImage = await kitDiskImage(kit.dir, cacheDir);
+    console.log(`kit image (once): ${kitImage.buildMs} ms, ${kitImage.sizeBytes >> 20} MiB`);
+    const baseImage = await templateDiskImage(path.join(templateDir, "rootfs"), cacheDir);
+    console.log(`base template image (once): ${baseImage.buildMs} ms, ${baseImage.sizeBytes >> 20} MiB`);
+    const template = JSON.parse(await readFile(path.join(templateDir, "template.json"), "utf8")) as { env?: Record<string, string> };
+
+    network = await makeTestNetwork("v", 217);
+    const sandboxId = `cbm${process.pid}`;
+    const guestNetwork = await attachGuestNetwork(network, macAddressFrom(createHash("sha256").update(sandboxId).digest("hex")), guestNames);
+    const launchFile = path.join(stateDir, "launch");
+    await writeFile(launchFile, agentLaunchFile({ sandboxId, templateEnv: template.env ?? {}, kitCommand: kit.command }), { mode: 0o600 });
+    const overlay = path.join(stateDir, "sandboxes", sandboxId, "root.qcow2");
+
+    const bootMs: number[] = [];
+    for (let boot = 0; boot < boots; boot++) {
+      await removeOverlay(overlay);
+      await createOverlay(baseImage.path, overlay);
+      const started = performance.now();
+      vm = await startMicrovm({
+        accel: "tcg",
+        assets,
+        memoryMiB: 512,
+        cpuCount: 1,
+        rootDisk: overlay,
+        kitDisk: kitImage.path,
+        network: guestNetwork,
+        hostname: "cbm-guest",
+        launchFile,
+        runDir: path.join(stateDir, "sandboxes", sandboxId, "run"),
+        netnsPath: network.netnsPath,
+      });
+      const spawnedMs = performance.now() - started;
+      await waitForAgentHealth(network.sandboxAddress, 60_000).catch(async (err) => {
+        throw new Error(`the agent did not answer: ${(err as Error).message}\n--- console ---\n${await vm!.consoleTail()}`);
+      });
+      bootMs.push(performance.now() - started);
+      console.log(`boot ${boot + 1}: QEMU started in ${Math.round(spawnedMs)} ms, agent healthy after ${Math.round(bootMs[boot]!)} ms`);
+      assert.equal(await vm.status(), "running");
+
+      if (boot === boots - 1) {
+        let output = "";
+        const result = await runInSandbox(network.sandboxAddress, {
+          argv: ["/bin/sh", "-c", "echo hello from $(hostname); uname -r; id -un; cat /proc/1/comm; ls /.cubicle/agent.js; touch /root-is-writable && echo ok"],
+          user: "root",
+          timeoutMs: 60_000,
+          onOutput: (_stream, text) => (output += text),
+        });
+        assert.equal(result.exitCode, 0, output);
+        assert.deepEqual(output.trim().split("\n"), ["hello from cbm-guest", assets.kernelRelease, "root", "init", "/.cubicle/agent.js", "ok"]);
+        await new Promise((resolve) => setTimeout(resolve, 3000));
+        console.log(`QEMU RSS, idle guest with 512 MiB after the agent answered: ${Math.round((await vm.rssBytes()) / (1 << 20))} MiB`);
+        await vm.pause();
+        assert.equal(await vm.status(), "paused");
+        await vm.resume();
+        assert.equal(await vm.status(), "running");
+      }
+      await vm.quit();
+      assert.equal(existsSync(`/proc/${vm.pid}`), false, "QEMU has ended");
+      vm = undefined;
+    }
+    const sorted = [...bootMs].sort((a, b) => a - b);
+    console.log(`QEMU spawn -> agent health (TCG, ${boots} boot(s)): p50 ${Math.round(sorted[Math.floor((sorted.length - 1) / 2)]!)} ms, all ${bootMs.map(Math.round).join(", ")}`);
+  } finally {
+    if (vm) await vm.quit(2000).catch(() => vm!.kill());
+    if (network) {
+      await releaseGuestNetwork(network.netnsPath, guestNames);
+      await releaseTestNetwork(network);
+    }
+    await rm(stateDir, { recursive: true, force: true });
+  }
+});

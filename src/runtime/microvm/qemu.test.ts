@@ -1,0 +1,126 @@
+import assert from "node:assert/strict";
+import { existsSync } from "node:fs";
+import { mkdtemp, rm, stat } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { test } from "node:test";
+import { runCommand } from "../../shared/exec.js";
+import { SandboxHelper } from "../container/sandbox-helper.js";
+import { createOverlay } from "./disk-images.js";
+import { prepareGuestAssets } from "./guest-assets.js";
+import { buildQemuArgv, helperLauncher, hostTscKhz, kernelCommandLine, macAddressFrom, nsenterLauncher, probeKvm, startMicrovm, type Microvm, type MicrovmConfig } from "./qemu.js";
+import { builtHelper, guestSkipReason, localKernelDeb, makeTestNetwork, releaseTestNetwork } from "./test-helpers.js";
+
+const config: MicrovmConfig = {
+  accel: "tcg",
+  assets: { kernel: "/k/vmlinuz", initramfs: "/k/initramfs.cpio" },
+  memoryMiB: 512,
+  cpuCount: 2,
+  rootDisk: "/s/root.qcow2",
+  kitDisk: "/c/kit.ext4",
+  network: { tapName: "tap0", macAddress: "02:aa:bb:cc:dd:ee", address: "10.88.0.2", prefixLength: 30, gateway: "10.88.0.1" },
+  hostname: "e2b.local",
+  launchFile: "/s/launch",
+  runDir: "/s/run",
+  tscKhz: 2096010,
+};
+
+function optionValues(argv: string[], option: string): string[] {
+  return argv.flatMap((arg, i) => (arg === option ? [argv[i + 1]!] : []));
+}
+
+test("the QEMU argv: microvm, TCG with a bounded translation cache, the disks by serial, the tap, QMP, daemonized", () => {
+  const argv = buildQemuArgv(config);
+  assert.equal(argv[0], "qemu-system-x86_64");
+  assert.deepEqual(optionValues(argv, "-M"), ["microvm"]);
+  assert.deepEqual(optionValues(argv, "-accel"), ["tcg,tb-size=64"]);
+  assert.deepEqual(optionValues(argv, "-m"), ["512M"]);
+  assert.deepEqual(optionValues(argv, "-smp"), ["2"]);
+  assert.deepEqual(optionValues(argv, "-device"), [
+    "virtio-blk-device,drive=root,serial=cubicle-root",
+    "virtio-blk-device,drive=kit,serial=cubicle-kit",
+    "virtio-rng-device,rng=rng",
+    "virtio-net-device,netdev=net,mac=02:aa:bb:cc:dd:ee",
+  ]);
+  assert.ok(optionValues(argv, "-drive")[1]!.includes("readonly=on"));
+  assert.deepEqual(optionValues(argv, "-netdev"), ["tap,id=net,ifname=tap0,script=no,downscript=no"]);
+  assert.deepEqual(optionValues(argv, "-qmp"), ["unix:/s/run/qmp.sock,server=on,wait=off"]);
+  assert.deepEqual(optionValues(argv, "-fw_cfg"), ["name=opt/cubicle/launch,file=/s/launch"]);
+  for (const flag of ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-daemonize"]) assert.ok(argv.includes(flag), flag);
+  assert.deepEqual(optionValues(argv, "-append"), ["console=ttyS0 quiet panic=-1 reboot=t tsc_early_khz=2096010 cubicle.ip=10.88.0.2/30 cubicle.gw=10.88.0.1 cubicle.host=e2b.local"]);
+  const kvm = buildQemuArgv({ ...config, accel: "kvm" });
+  assert.deepEqual(optionValues(kvm, "-accel"), ["kvm"]);
+  assert.deepEqual(optionValues(kvm, "-cpu"), ["host"]);
+  assert.doesNotMatch(optionValues(kvm, "-append")[0]!, /tsc_early_khz/, "KVM guests have kvmclock");
+});
+
+test("refuses what QEMU's option syntax or the guest's command line would misread", () => {
+  assert.throws(() => buildQemuArgv({ ...config, rootDisk: "/s/a,format=raw" }), /comma/);
+  assert.throws(() => buildQemuArgv({ ...config, cpuCount: 0 }), /cpuCount/);
+  assert.throws(() => buildQemuArgv({ ...config, memoryMiB: 64 }), /memoryMiB/);
+  assert.throws(() => buildQemuArgv({ ...config, network: { ...config.network!, tapName: "tap0,script=/x" } }), /tap name/);
+  assert.throws(() => kernelCommandLine({ hostname: "a b init=/bin/sh" }), /kernel argument/);
+  assert.equal(macAddressFrom("0123456789abcdef"), "02:01:23:45:67:89");
+  assert.equal(hostTscKhz("processor\t: 0\ncpu MHz\t\t: 2096.013\n"), 2096013);
+  assert.equal(hostTscKhz("processor\t: 0\n"), undefined);
+});
+
+test("probeKvm answers no at once where KVM cannot run a guest", async (t) => {
+  const reason = await guestSkipReason();
+  if (reason) return t.skip(reason);
+  const dir = await mkdtemp(path.join(os.tmpdir(), "cbm-probe-"));
+  try {
+    const assets = await prepareGuestAssets(dir, { kernelDeb: await localKernelDeb() });
+    const result = await probeKvm(assets);
+    console.log(`probeKvm: ${JSON.stringify(result)}`);
+    if (existsSync("/dev/kvm")) {
+      // A host with KVM: whichever the answer, it must come within the probe's timeout.
+      assert.ok(result.ms < 15_000);
+    } else {
+      assert.equal(result.usable, false);
+      assert.match(result.reason, /QEMU exited/);
+      assert.ok(result.ms < 5000, `answered in ${result.ms} ms`);
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test("startMicrovm runs QEMU inside the sandbox's netns, through nsenter or the resident helper", async (t) => {
+  const reason = await guestSkipReason();
+  if (reason) return t.skip(reason);
+  if (!builtHelper()) return t.skip("dist/sandbox-helper is missing: run `node scripts/build.mjs` first");
+  const dir = await mkdtemp(path.join(os.tmpdir(), "cbm-launch-"));
+  const network = await makeTestNetwork("l", 219);
+  const helper = new SandboxHelper(builtHelper()!);
+  const vms: Microvm[] = [];
+  try {
+    const assets = await prepareGuestAssets(path.join(dir, "assets"), { kernelDeb: await localKernelDeb() });
+    const disk = path.join(dir, "disk.ext4");
+    await runCommand(["mke2fs", "-q", "-F", "-t", "ext4", disk, "16M"]);
+    await createOverlay(disk, path.join(dir, "root.qcow2"));
+    const netnsInode = (await stat(network.netnsPath)).ino;
+    for (const [name, launcher] of [["nsenter", nsenterLauncher], ["helper", helperLauncher(helper)]] as const) {
+      // Paused before the first instruction: QEMU is set up, the guest costs no CPU.
+      const vm = await startMicrovm(
+        { accel: "tcg", assets, memoryMiB: 128, cpuCount: 1, rootDisk: path.join(dir, "root.qcow2"), kitDisk: disk, runDir: path.join(dir, name), netnsPath: network.netnsPath, startPaused: true },
+        { launcher },
+      );
+      vms.push(vm);
+      assert.equal(await vm.status(), "prelaunch");
+      assert.equal((await stat(`/proc/${vm.pid}/ns/net`)).ino, netnsInode, `${name}: QEMU runs in the sandbox's netns`);
+      await vm.quit();
+      assert.equal(existsSync(`/proc/${vm.pid}`), false);
+    }
+    // A QEMU that cannot start says why.
+    await assert.rejects(
+      startMicrovm({ accel: "tcg", assets, memoryMiB: 128, cpuCount: 1, rootDisk: path.join(dir, "missing.qcow2"), kitDisk: disk, runDir: path.join(dir, "bad"), startPaused: true }),
+      /QEMU did not start: .*missing\.qcow2/,
+    );
+  } finally {
+    for (const vm of vms) vm.kill();
+    helper.close();
+    await releaseTestNetwork(network);
+    await rm(dir, { recursive: true, force: true });
+  }
+});

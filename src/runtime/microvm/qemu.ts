@@ -1,0 +1,387 @@
+import { spawn } from "node:child_process";
+import { existsSync, readFileSync } from "node:fs";
+import { mkdir, readFile, rm } from "node:fs/promises";
+import path from "node:path";
+import { CubicleError } from "../../shared/cubicle-error.js";
+import { runCommand } from "../../shared/exec.js";
+import { createLogger } from "../../shared/log.js";
+import { GUEST_PROBE_ARG, GUEST_PROBE_MARKER, KIT_DISK_SERIAL, LAUNCH_FW_CFG_NAME, ROOT_DISK_SERIAL, type GuestAssets } from "./guest-assets.js";
+import { QmpClient } from "./qmp.js";
+
+const log = createLogger("qemu");
+
+export const QEMU_BINARY = "qemu-system-x86_64";
+/** How long a daemonizing QEMU may take to be set up (it has not run the guest yet then). */
+const START_TIMEOUT_MS = 30_000;
+
+export type Accelerator = "tcg" | "kvm";
+
+export interface GuestNetworkConfig {
+  /** The tap inside the sandbox's netns (guest-network.ts) that QEMU attaches virtio-net to. */
+  tapName: string;
+  macAddress: string;
+  /** The guest's eth0: address and prefix length (the sandbox address). */
+  address: string;
+  prefixLength: number;
+  /** The guest's default route (the host end of the sandbox's veth). */
+  gateway: string;
+}
+
+export interface MicrovmConfig {
+  /** Default QEMU_BINARY. */
+  qemuBinary?: string;
+  /** "kvm" only where probeKvm() said it works; never chosen here. */
+  accel: Accelerator;
+  assets: Pick<GuestAssets, "kernel" | "initramfs">;
+  memoryMiB: number;
+  cpuCount: number;
+  /** The root disk: the sandbox's qcow2 overlay (read-write). */
+  rootDisk: string;
+  /** The kit disk: raw ext4, attached read-only. */
+  kitDisk: string;
+  network?: GuestNetworkConfig;
+  hostname?: string;
+  /** The launch file (guest-assets.ts launchScript) passed through fw_cfg. */
+  launchFile?: string;
+  /** This VM's own directory: QMP socket, serial log, pid file. */
+  runDir: string;
+  /** The sandbox's network namespace, which QEMU runs in (its tap lives there). */
+  netnsPath?: string;
+  /** TCG's translation cache in MiB (most of an idle TCG guest's private memory). Default 64. */
+  tbSizeMiB?: number;
+  /** Extra kernel command line words. */
+  kernelArgs?: string[];
+  /**
+   * Start with the vCPUs stopped (`-S`): QMP `cont` starts the guest (a VM prepared ahead of
+   * its use, or one that loads a state first).
+   */
+  startPaused?: boolean;
+  /** TCG only: the guest's TSC rate in kHz (TCG_CLOCK_NOTE); default hostTscKhz(). */
+  tscKhz?: number;
+}
+
+/**
+ * TCG_CLOCK_NOTE: under TCG the guest's TSC is the host's (QEMU reads the host's counter), but
+ * the guest kernel measures its rate against the PIT in a few milliseconds of emulated time, and
+ * on a busy host that measurement fails ("tsc: Unable to calibrate against PIT") about one boot
+ * in five; the guest then has no usable clock and hangs before its console says anything more.
+ * So a TCG guest is told the rate (`tsc_early_khz=`, Linux 5.1+): the host's, from
+ * /proc/cpuinfo. A KVM guest gets its clock from kvmclock and is told nothing.
+ */
+export function hostTscKhz(cpuinfo?: string): number | undefined {
+  const text = cpuinfo ?? readFileSync("/proc/cpuinfo", "utf8");
+  const mhz = Number(/^cpu MHz\s*:\s*([\d.]+)$/m.exec(text)?.[1]);
+  return Number.isFinite(mhz) && mhz > 0 ? Math.round(mhz * 1000) : undefined;
+}
+
+/**
+ * Starts `argv` (a QEMU with -daemonize) in the network namespace `netnsPath` and resolves once
+ * the foreground QEMU exited 0, i.e. the daemon runs (QEMU reports its setup errors before that).
+ * The default joins the namespace with nsenter; a resident sandbox helper's `exec --netns` does
+ * the same without two process starts (helperLauncher).
+ */
+export type QemuLauncher = (argv: readonly string[], netnsPath: string | undefined) => Promise<void>;
+
+export const nsenterLauncher: QemuLauncher = async function nsenterLauncher(argv, netnsPath) {
+  await runCommand(netnsPath ? ["nsenter", `--net=${netnsPath}`, "--", ...argv] : argv, { timeoutMs: START_TIMEOUT_MS });
+};
+
+/** What a launcher needs of the container runtime's SandboxHelper. */
+export interface HelperLike {
+  exec(argv: readonly string[], options: { netnsPath?: string; stdio?: "null" | "capture"; timeoutMs?: number }): Promise<{ exitCode: number | null; stderr: string }>;
+}
+
+export function helperLauncher(helper: HelperLike): QemuLauncher {
+  return async function launchThroughHelper(argv, netnsPath) {
+    const result = await helper.exec(argv, { netnsPath, stdio: "capture", timeoutMs: START_TIMEOUT_MS });
+    if (result.exitCode !== 0) throw new CubicleError("internal", `${argv[0]} exited with ${result.exitCode ?? "a signal"}: ${result.stderr.trim().slice(-2000)}`);
+  };
+}
+
+export const MICROVM_FILES = { qmpSocket: "qmp.sock", serialLog: "serial.log", pidFile: "qemu.pid" } as const;
+
+/** A MAC address for a sandbox: locally administered, unicast, from a hash the caller gives. */
+export function macAddressFrom(hashHex: string): string {
+  const bytes = (hashHex.replace(/[^0-9a-f]/gi, "") + "0000000000").slice(0, 10).match(/../g)!;
+  return ["02", ...bytes].join(":");
+}
+
+/** The kernel command line: short (QEMU and the kernel cap it), the rest is in the launch file. */
+export function kernelCommandLine(config: Pick<MicrovmConfig, "network" | "hostname" | "kernelArgs" | "tscKhz">): string {
+  const words = ["console=ttyS0", "quiet", "panic=-1", "reboot=t"];
+  if (config.tscKhz) words.push(`tsc_early_khz=${Math.round(config.tscKhz)}`);
+  if (config.network) words.push(`cubicle.ip=${config.network.address}/${config.network.prefixLength}`, `cubicle.gw=${config.network.gateway}`);
+  if (config.hostname) words.push(`cubicle.host=${config.hostname}`);
+  words.push(...(config.kernelArgs ?? []));
+  for (const word of words) {
+    if (!/^[A-Za-z0-9_.,:=/-]+$/.test(word)) throw new CubicleError("invalid_argument", `kernel argument ${JSON.stringify(word)} has characters the guest cannot take`);
+  }
+  return words.join(" ");
+}
+
+/**
+ * QEMU's argv for a microVM (`-M microvm`: no PCI, no firmware tables but ACPI's, virtio over
+ * MMIO): the kernel and initramfs booted directly, the root overlay and the kit as virtio-blk
+ * disks told apart by serial number, virtio-net on the sandbox's tap, virtio-rng from the host's
+ * urandom, QMP on a unix socket, the serial console into a log file, and -daemonize so that the
+ * start returns once QEMU is set up. `-no-reboot`: a guest that ends (its init exits, it panics,
+ * it powers off) ends QEMU.
+ */
+export function buildQemuArgv(config: MicrovmConfig): string[] {
+  const files = microvmFiles(config.runDir);
+  if (!Number.isInteger(config.cpuCount) || config.cpuCount < 1 || config.cpuCount > 64) throw new CubicleError("invalid_argument", `cpuCount ${config.cpuCount} must be 1 to 64`);
+  if (!Number.isInteger(config.memoryMiB) || config.memoryMiB < 128) throw new CubicleError("invalid_argument", `memoryMiB ${config.memoryMiB} must be at least 128`);
+  for (const file of [config.rootDisk, config.kitDisk, config.launchFile ?? "/", config.runDir]) {
+    // QEMU's -drive/-fw_cfg option syntax splits on commas.
+    if (file.includes(",")) throw new CubicleError("invalid_argument", `the path ${file} may not hold a comma`);
+  }
+  const accel = config.accel === "kvm" ? "kvm" : `tcg,tb-size=${config.tbSizeMiB ?? 64}`;
+  const argv = [
+    config.qemuBinary ?? QEMU_BINARY,
+    "-M",
+    "microvm",
+    "-accel",
+    accel,
+    "-cpu",
+    config.accel === "kvm" ? "host" : "max",
+    "-smp",
+    String(config.cpuCount),
+    "-m",
+    `${config.memoryMiB}M`,
+    "-nodefaults",
+    "-no-user-config",
+    "-nographic",
+    "-no-reboot",
+    "-serial",
+    `file:${files.serialLog}`,
+    "-kernel",
+    config.assets.kernel,
+    "-initrd",
+    config.assets.initramfs,
+    "-append",
+    kernelCommandLine({ ...config, tscKhz: config.accel === "tcg" ? (config.tscKhz ?? hostTscKhz()) : undefined }),
+    "-drive",
+    `id=root,file=${config.rootDisk},format=qcow2,if=none,discard=unmap`,
+    "-device",
+    `virtio-blk-device,drive=root,serial=${ROOT_DISK_SERIAL}`,
+    "-drive",
+    `id=kit,file=${config.kitDisk},format=raw,if=none,readonly=on`,
+    "-device",
+    `virtio-blk-device,drive=kit,serial=${KIT_DISK_SERIAL}`,
+    "-object",
+    "rng-random,id=rng,filename=/dev/urandom",
+    "-device",
+    "virtio-rng-device,rng=rng",
+    "-qmp",
+    `unix:${files.qmpSocket},server=on,wait=off`,
+    "-pidfile",
+    files.pidFile,
+    "-daemonize",
+  ];
+  if (config.network) {
+    if (!/^[a-z0-9]{1,15}$/.test(config.network.tapName)) throw new CubicleError("invalid_argument", `tap name ${config.network.tapName} must be 1-15 lowercase letters or digits`);
+    if (!/^([0-9a-f]{2}:){5}[0-9a-f]{2}$/.test(config.network.macAddress)) throw new CubicleError("invalid_argument", `MAC address ${config.network.macAddress} is not valid`);
+    argv.push("-netdev", `tap,id=net,ifname=${config.network.tapName},script=no,downscript=no`, "-device", `virtio-net-device,netdev=net,mac=${config.network.macAddress}`);
+  }
+  if (config.launchFile) argv.push("-fw_cfg", `name=${LAUNCH_FW_CFG_NAME},file=${config.launchFile}`);
+  if (config.startPaused) argv.push("-S");
+  return argv;
+}
+
+export function microvmFiles(runDir: string): { qmpSocket: string; serialLog: string; pidFile: string } {
+  return {
+    qmpSocket: path.join(runDir, MICROVM_FILES.qmpSocket),
+    serialLog: path.join(runDir, MICROVM_FILES.serialLog),
+    pidFile: path.join(runDir, MICROVM_FILES.pidFile),
+  };
+}
+
+/** QMP's RunState: "prelaunch" (-S), "running", "paused", "inmigrate", "shutdown" … */
+export type MicrovmStatus = string;
+
+/** A running QEMU microVM, driven over QMP. */
+export class Microvm {
+  /** Settles when QEMU has gone (its QMP connection closed). */
+  readonly exited: Promise<void>;
+
+  constructor(
+    readonly pid: number,
+    readonly qmp: QmpClient,
+    readonly runDir: string,
+  ) {
+    this.exited = qmp.closed;
+  }
+
+  get serialLog(): string {
+    return microvmFiles(this.runDir).serialLog;
+  }
+
+  async status(): Promise<MicrovmStatus> {
+    const reply = await this.qmp.execute<{ status: string }>("query-status");
+    return reply.status;
+  }
+
+  /** Stops the vCPUs (the guest's clock stops too). */
+  async pause(): Promise<void> {
+    await this.qmp.execute("stop");
+  }
+
+  async resume(): Promise<void> {
+    await this.qmp.execute("cont");
+  }
+
+  /** Ends QEMU through QMP `quit` and waits until it has gone; SIGKILL after `timeoutMs`. */
+  async quit(timeoutMs = 5000): Promise<void> {
+    await this.qmp.execute("quit", undefined, timeoutMs).catch(() => {});
+    const gone = await Promise.race([this.exited.then(() => true), sleep(timeoutMs).then(() => false)]);
+    if (!gone) this.kill();
+    await this.waitForProcessGone(timeoutMs);
+  }
+
+  /** SIGKILL (when the pid still names this QEMU). */
+  kill(): void {
+    if (isQemu(this.pid)) {
+      try {
+        process.kill(this.pid, "SIGKILL");
+      } catch {
+        // gone already
+      }
+    }
+  }
+
+  /** Resident memory of the QEMU process, from /proc/PID/status (VmRSS). */
+  async rssBytes(): Promise<number> {
+    const status = await readFile(`/proc/${this.pid}/status`, "utf8");
+    const kib = Number(/^VmRSS:\s+(\d+) kB/m.exec(status)?.[1] ?? NaN);
+    return kib * 1024;
+  }
+
+  /** The end of the serial console log (diagnostics). */
+  async consoleTail(bytes = 4000): Promise<string> {
+    const text = await readFile(this.serialLog, "utf8").catch(() => "");
+    return text.slice(-bytes);
+  }
+
+  private async waitForProcessGone(timeoutMs: number): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while (isQemu(this.pid)) {
+      if (Date.now() > deadline) throw new CubicleError("internal", `QEMU ${this.pid} did not end`);
+      await sleep(10);
+    }
+  }
+}
+
+/**
+ * Starts a microVM: makes `runDir`, runs QEMU (daemonized, in the sandbox's netns) through the
+ * launcher, reads its pid file and connects to QMP. The guest is booting when this returns.
+ */
+export async function startMicrovm(config: MicrovmConfig, options: { launcher?: QemuLauncher } = {}): Promise<Microvm> {
+  const files = microvmFiles(config.runDir);
+  await mkdir(config.runDir, { recursive: true, mode: 0o700 });
+  await Promise.all(Object.values(files).map((file) => rm(file, { force: true })));
+  const argv = buildQemuArgv(config);
+  log.debug("start", { argv, netnsPath: config.netnsPath });
+  try {
+    await (options.launcher ?? nsenterLauncher)(argv, config.netnsPath);
+  } catch (err) {
+    throw new CubicleError("internal", `QEMU did not start: ${(err as Error).message}`, { cause: err });
+  }
+  const pid = Number((await readFile(files.pidFile, "utf8")).trim());
+  if (!Number.isInteger(pid) || pid <= 1) throw new CubicleError("internal", `QEMU's pid file ${files.pidFile} holds no pid`);
+  try {
+    const qmp = await QmpClient.connect(files.qmpSocket);
+    return new Microvm(pid, qmp, config.runDir);
+  } catch (err) {
+    if (isQemu(pid)) process.kill(pid, "SIGKILL");
+    throw err;
+  }
+}
+
+function isQemu(pid: number): boolean {
+  try {
+    // A zombie or a recycled pid is not ours to kill.
+    const comm = readFileSync(`/proc/${pid}/comm`, "utf8").trim();
+    return comm.startsWith("qemu-system");
+  } catch {
+    return false;
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+export interface KvmProbeResult {
+  usable: boolean;
+  /** Why not, or "booted". */
+  reason: string;
+  ms: number;
+}
+
+/**
+ * KVM_PROBE_NOTE: whether guests really boot under KVM here. The existence of /dev/kvm says
+ * little (a /dev/kvm backed by PVM runs no stock guest kernel), so this boots the guest kernel
+ * with its initramfs in probe mode (GUEST_PROBE_ARG: the init prints GUEST_PROBE_MARKER and
+ * reboots, which ends a `-no-reboot` QEMU) with `-accel kvm`, and answers yes only when the
+ * marker came within `timeoutMs`.
+ * Without a usable /dev/kvm QEMU refuses to start and the answer comes at once.
+ */
+export async function probeKvm(assets: Pick<GuestAssets, "kernel" | "initramfs">, options: { qemuBinary?: string; timeoutMs?: number } = {}): Promise<KvmProbeResult> {
+  const started = performance.now();
+  const timeoutMs = options.timeoutMs ?? 10_000;
+  const argv = [
+    "-M",
+    "microvm",
+    "-accel",
+    "kvm",
+    "-cpu",
+    "host",
+    "-m",
+    "128M",
+    "-nodefaults",
+    "-no-user-config",
+    "-nographic",
+    "-no-reboot",
+    "-serial",
+    "stdio",
+    "-kernel",
+    assets.kernel,
+    "-initrd",
+    assets.initramfs,
+    "-append",
+    `console=ttyS0 quiet panic=-1 reboot=t ${GUEST_PROBE_ARG}`,
+  ];
+  const result = await new Promise<{ output: string; timedOut: boolean; code: number | null }>((resolve) => {
+    const child = spawn(options.qemuBinary ?? QEMU_BINARY, argv, { stdio: ["ignore", "pipe", "pipe"] });
+    let output = "";
+    let timedOut = false;
+    const collect = (chunk: Buffer) => {
+      output = (output + chunk.toString("utf8")).slice(-16_384);
+      if (output.includes(GUEST_PROBE_MARKER)) child.kill("SIGKILL");
+    };
+    child.stdout.on("data", collect);
+    child.stderr.on("data", collect);
+    const timer = setTimeout(() => {
+      timedOut = true;
+      child.kill("SIGKILL");
+    }, timeoutMs);
+    child.on("error", (err) => {
+      clearTimeout(timer);
+      resolve({ output: String(err), timedOut: false, code: null });
+    });
+    child.on("close", (code) => {
+      clearTimeout(timer);
+      resolve({ output, timedOut, code });
+    });
+  });
+  const ms = Math.round(performance.now() - started);
+  if (result.output.includes(GUEST_PROBE_MARKER)) return { usable: true, reason: "booted", ms };
+  const lastLine = result.output.trim().split("\n").filter(Boolean).pop() ?? "";
+  const reason = result.timedOut ? `no guest under KVM within ${timeoutMs} ms` : `QEMU exited with ${result.code}: ${lastLine.slice(0, 300)}`;
+  return { usable: false, reason, ms };
+}
+
+/** True when the host has the QEMU this runtime needs (tests skip without it). */
+export function hasQemu(qemuBinary = QEMU_BINARY): boolean {
+  return ["/usr/bin", "/usr/local/bin"].some((dir) => existsSync(path.join(dir, qemuBinary))) || existsSync(qemuBinary);
+}
