@@ -215,7 +215,15 @@ export function parseCreateRequest(body: unknown, version: 1 | 2, options: Creat
     cpuCount: resource(input.cpuCount, "cpuCount", RESOURCE_FLOORS.cpuCount, limits.maxCpuCount, "CUBICLE_MAX_CPU_COUNT"),
     memoryMB: resource(input.memoryMB, "memoryMB", RESOURCE_FLOORS.memoryMB, limits.maxMemoryMB, "CUBICLE_MAX_MEMORY_MB"),
     diskSizeMB: resource(input.diskSizeMB, "diskSizeMB", RESOURCE_FLOORS.diskMB, limits.maxDiskMB, "CUBICLE_MAX_DISK_MB"),
+    ...runtimeField(input.runtime),
   };
+}
+
+/** Cubicle's `runtime` extension of a create: `"container"` or `"microvm"`; absent = the template's. */
+function runtimeField(value: unknown): { runtime?: "container" | "microvm" } {
+  if (value === undefined || value === null) return {};
+  if (value !== "container" && value !== "microvm") fail(`runtime must be "container" or "microvm", got ${JSON.stringify(value)?.slice(0, 40)}`);
+  return { runtime: value };
 }
 
 export function parseTimeoutBody(body: unknown, field = "timeout"): number {

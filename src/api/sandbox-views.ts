@@ -33,11 +33,12 @@ export function sandboxView(record: SandboxRecord, ctx: ViewContext): apiSchema.
 }
 
 /**
- * Cubicle's extension of getInfo and list: `cubicleIdle` is `"frozen"` or `"disk"` while a
- * running sandbox sleeps for idleness (core/lifecycle/idle.ts), absent when it is awake. The
- * E2B SDKs read the fields they know and ignore this one.
+ * Cubicle's extension of getInfo and list: `runtime` (`"container"` or `"microvm"`) always;
+ * `cubicleIdle` is `"frozen"` or `"disk"` while a running sandbox sleeps for idleness
+ * (core/lifecycle/idle.ts), absent when it is awake. The E2B SDKs read the fields they know and
+ * ignore these.
  */
-export type CubicleSandboxFields = { cubicleIdle?: "frozen" | "disk" };
+export type CubicleSandboxFields = { cubicleIdle?: "frozen" | "disk"; runtime?: "container" | "microvm" };
 
 /** `ListedSandbox`: the detail fields without tokens, domain, network and lifecycle. */
 export function listedSandboxView(record: SandboxRecord): apiSchema.ListedSandbox & CubicleSandboxFields {
@@ -50,6 +51,8 @@ export function listedSandboxView(record: SandboxRecord): apiSchema.ListedSandbo
     diskSizeMB: record.diskSizeMB,
     state: record.state === "paused" ? "paused" : "running",
     metadata: record.metadata,
+    // Cubicle extension: the runtime the sandbox runs on.
+    runtime: record.runtime ?? "container",
     ...(record.state === "running" && record.idle ? { cubicleIdle: record.idle.tier } : {}),
   };
 }

@@ -23,6 +23,8 @@ type RuntimeStep = "create" | "restore" | "checkpoint" | "thaw" | "freeze" | "de
 /** Images in memory: allocate → commit makes an id exist, as a real store's rename does. */
 export class FakeImageStore implements ImageStore {
   readonly committed = new Map<string, ImageInfo>();
+
+  constructor(private readonly runtime: "container" | "microvm" = "container") {}
   private readonly pending = new Map<string, { memory: boolean }>();
 
   async allocate(kind: ImageKind, name: string): Promise<PendingImage> {
@@ -41,7 +43,7 @@ export class FakeImageStore implements ImageStore {
     const written = this.pending.get(pending.id);
     if (!written) throw new CubicleError("internal", `image ${pending.id} was not allocated`);
     this.pending.delete(pending.id);
-    const info: ImageInfo = { id: pending.id, kind: pending.kind, runtime: "container", sizeBytes: 4096, memory: written.memory, createdAt: new Date().toISOString() };
+    const info: ImageInfo = { id: pending.id, kind: pending.kind, runtime: this.runtime, sizeBytes: 4096, memory: written.memory, createdAt: new Date().toISOString() };
     this.committed.set(pending.id, info);
     return info;
   }
@@ -72,8 +74,8 @@ export class FakeImageStore implements ImageStore {
 }
 
 export class FakeRuntime implements Runtime {
-  readonly name = "container" as const;
-  readonly images = new FakeImageStore();
+  readonly name: "container" | "microvm";
+  readonly images: FakeImageStore;
   /** Containers on the "host" by runtime id. */
   readonly containers = new Map<string, "running" | "frozen">();
   /** Every call, as "step id". */
@@ -87,8 +89,10 @@ export class FakeRuntime implements Runtime {
   private failCreates: number;
   private readonly exitListeners: ((runtimeId: string) => void)[] = [];
 
-  constructor(options: { failCreates?: number; fingerprint?: () => string } = {}) {
+  constructor(options: { failCreates?: number; fingerprint?: () => string; name?: "container" | "microvm" } = {}) {
     this.failCreates = options.failCreates ?? 0;
+    this.name = options.name ?? "container";
+    this.images = new FakeImageStore(this.name);
     if (options.fingerprint) this.memoryImageFingerprint = options.fingerprint;
   }
 

@@ -24,6 +24,8 @@ export interface TemplateCatalog {
 
 export interface CreateSandboxRequest {
   templateId: string;
+  /** Cubicle extension: the runtime asked for (absent = the template's); one this host lacks is refused. */
+  runtime?: "container" | "microvm";
   timeoutSec: number;
   secure: boolean;
   allowInternetAccess: boolean;

@@ -29,6 +29,12 @@ export interface SandboxResources {
 
 export interface SandboxSpec {
   sandboxId: string;
+  /**
+   * Which runtime runs it, for a RuntimeSet (RUNTIME_SET_NOTE): create() picks it (absent = the
+   * set's default); a restore runs on the runtime that made the image, whatever this says. A
+   * single runtime ignores it.
+   */
+  runtime?: "container" | "microvm";
   hostname: string;
   template: TemplateImage;
   resources: SandboxResources;
@@ -77,7 +83,10 @@ export interface SandboxStats {
  * down. The agent listens on the sandbox address, ports 49983 (envd) and 49999 (interpreter).
  */
 export interface Runtime {
+  /** The runtime's kind; a RuntimeSet's is its default runtime's. */
   readonly name: "container" | "microvm";
+  /** Whether sandboxes of that runtime can run here (a RuntimeSet may run several); absent = only `name`. */
+  runs?(name: "container" | "microvm"): boolean;
   /** Prepares host-wide state (agent kit, directories). */
   init(): Promise<void>;
   /** Creates and starts the sandbox with the agent running. Resolves once the agent process runs (not necessarily listening). */

@@ -10,7 +10,7 @@ import path from "node:path";
 import { after, before, test } from "node:test";
 import { parseBenchArgs, runBench, writeReport, type BenchResultFile } from "../../src/bench/index.js";
 import type { BenchTarget } from "../../src/bench/target.js";
-import { startTestServer, type TestServer } from "./harness.js";
+import { benchTargetOf, startTestServer, type TestServer } from "./harness.js";
 
 let server: TestServer;
 let target: BenchTarget;
@@ -20,15 +20,7 @@ const written = new Map<string, BenchResultFile>();
 before(async () => {
   server = await startTestServer();
   resultsDir = fs.mkdtempSync(path.join(os.tmpdir(), "cubicle-bench-smoke-"));
-  target = {
-    apiUrl: server.url,
-    apiKey: server.apiKey,
-    stateDir: server.stateDir,
-    runDir: server.runDir,
-    templateDir: server.env.CUBICLE_TEMPLATE_DIR!,
-    runcPath: "runc",
-    domain: "cubicle.test",
-  };
+  target = benchTargetOf(server);
 });
 
 after(async () => {

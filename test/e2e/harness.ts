@@ -8,7 +8,7 @@ import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
-import { callApi } from "../../src/bench/target.js";
+import { callApi, type BenchTarget } from "../../src/bench/target.js";
 import { defaultRunDir } from "../../src/shared/config.js";
 
 const repoRoot = path.resolve(path.dirname(new URL(import.meta.url).pathname), "..", "..");
@@ -315,4 +315,17 @@ export function hostLeftovers(stateDir: string): { containers: string[]; namespa
     .split("\n")
     .filter((line) => line.includes(stateDir) || (line.includes(runDir + "/") && !line.includes(` ${runDir}/pool `) && !line.includes(` ${runDir}/kit `)));
   return { containers, namespaces: [], mounts };
+}
+
+/** The bench harness's target for a test server (the bench smoke tests drive it). */
+export function benchTargetOf(server: TestServer): BenchTarget {
+  return {
+    apiUrl: server.url,
+    apiKey: server.apiKey,
+    stateDir: server.stateDir,
+    runDir: server.runDir,
+    templateDir: server.env.CUBICLE_TEMPLATE_DIR!,
+    runcPath: "runc",
+    domain: "cubicle.test",
+  };
 }

@@ -223,3 +223,22 @@ describe("server health", () => {
     assert.equal((await denied.json()).code, 401);
   });
 });
+
+test("runtime (Cubicle extension): getInfo and list show it; a create asks for one, and one this host lacks is a clear 400", async () => {
+  const created = await server.api("POST", "/v2/sandboxes", { templateID: "base", runtime: "container", timeout: 60 });
+  assert.equal(created.status, 201, JSON.stringify(created.json));
+  try {
+    const info = await server.api("GET", `/sandboxes/${created.json.sandboxID}`);
+    assert.equal(info.json.runtime, "container");
+    const listed = await server.api("GET", "/v2/sandboxes");
+    assert.equal(listed.json.find((s: { sandboxID: string }) => s.sandboxID === created.json.sandboxID)?.runtime, "container");
+  } finally {
+    await server.api("DELETE", `/sandboxes/${created.json.sandboxID}`);
+  }
+  const microvm = await server.api("POST", "/v2/sandboxes", { templateID: "base", runtime: "microvm" });
+  assert.equal(microvm.status, 400);
+  assert.match(microvm.json.message, /cannot run microvm sandboxes/);
+  const bad = await server.api("POST", "/v2/sandboxes", { templateID: "base", runtime: "vm" });
+  assert.equal(bad.status, 400);
+  assert.match(bad.json.message, /runtime must be "container" or "microvm"/);
+});

@@ -108,7 +108,7 @@ export class LifecycleContext {
       networkConfig: template.bandwidth && request.networkConfig?.bandwidth === undefined ? { ...request.networkConfig, bandwidth: template.bandwidth } : request.networkConfig,
       lifecycle: { autoResume: request.autoResume, onTimeout: request.autoPause ? "pause" : "kill" },
       network: undefined,
-      runtime: this.ports.runtime.name,
+      runtime: request.runtime ?? this.ports.runtime.name,
       endReason: undefined,
       timeoutSec: request.timeoutSec,
     };
@@ -152,6 +152,7 @@ export class LifecycleContext {
     if (!record.network) throw new CubicleError("internal", `sandbox ${record.sandboxId} has no network`);
     return {
       sandboxId: runtimeIdOf(record),
+      runtime: record.runtime,
       hostname: record.sandboxId,
       template: template.image,
       resources: { cpuCount: record.cpuCount, memoryMiB: record.memoryMB, diskMiB: record.diskSizeMB, pidsLimit: this.settings.pidsLimit },

@@ -1,7 +1,8 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { CubicleError } from "../../shared/cubicle-error.js";
-import { createRequest, failOnce, lastInit, until, withFakeManager } from "../test-fakes.js";
+import { RuntimeSet } from "../../runtime/runtime-set.js";
+import { createRequest, failOnce, FakeRuntime, lastInit, until, withFakeManager } from "../test-fakes.js";
 
 test("a cold create records the sandbox, makes its network and container, and hands its agent its identity", async () => {
   await withFakeManager({}, async (f) => {
@@ -92,5 +93,23 @@ test("a pool claim with a network policy of its own applies it before any traffi
     assert.equal(applied?.allowInternetAccess, false);
     assert.deepEqual(applied?.network?.allowOut, ["example.com"]);
     await f.manager.killAll();
+  });
+});
+
+test("with a runtime set, a create's runtime picks the runtime; the record says which; one the host lacks is refused", async () => {
+  const container = new FakeRuntime();
+  const microvm = new FakeRuntime({ name: "microvm" });
+  await withFakeManager({ runtime: new RuntimeSet([container, microvm]) }, async (f) => {
+    const vm = await f.manager.create({ ...createRequest(), runtime: "microvm" });
+    assert.equal(vm.runtime, "microvm");
+    assert.ok(microvm.containers.has(vm.sandboxId), "made by the microvm runtime");
+    const box = await f.manager.create(createRequest());
+    assert.equal(box.runtime, "container");
+    assert.ok(container.containers.has(box.sandboxId));
+    await f.manager.kill(vm.sandboxId);
+    assert.ok(!microvm.containers.has(vm.sandboxId), "killed on its own runtime");
+  });
+  await withFakeManager({}, async (f) => {
+    await assert.rejects(f.manager.create({ ...createRequest(), runtime: "microvm" }), /cannot run microvm sandboxes/);
   });
 });

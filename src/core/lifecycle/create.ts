@@ -27,6 +27,10 @@ export class Creation {
 
   async create(request: CreateSandboxRequest): Promise<SandboxRecord> {
     this.ctx.refuseWhenClosed();
+    const { runtime } = this.ctx.ports;
+    if (request.runtime !== undefined && !(runtime.runs ? runtime.runs(request.runtime) : runtime.name === request.runtime)) {
+      throw new CubicleError("failed_precondition", `this host cannot run ${request.runtime} sandboxes: it runs ${runtime.name} sandboxes only (the microVM runtime is not available yet)`);
+    }
     const claimed = this.pool.claim({ templateIdOrAlias: request.templateId, cpuCount: request.cpuCount, memoryMB: request.memoryMB, diskSizeMB: request.diskSizeMB });
     if (claimed) {
       const record = await this.createFromPoolEntry(request, claimed.template, claimed.entry);

@@ -183,3 +183,32 @@ test("after a restart: a sandbox on disk is adopted as running on disk, a frozen
     }
   });
 });
+
+test("a check that began before the freeze and ends unanswered (the agent is frozen) does not cancel the move to disk", async () => {
+  await withFakeManager({ idleFreezeAfterSec: 0.1, idleDiskAfterSec: 0.2 }, async (f) => {
+    const other = await f.manager.create(createRequest());
+    const record = await f.manager.create(createRequest());
+    const id = record.sandboxId;
+    const answer = f.agent.runningProcessCount.bind(f.agent);
+    let calls = 0;
+    let unanswered = 0;
+    f.agent.runningProcessCount = async (address, token) => {
+      if (address !== record.network?.sandboxAddress) return answer(address, token);
+      calls++;
+      if (calls === 1) {
+        // Another sandbox's change re-arms this one's checks (sync) while its decision waits for the agent.
+        void f.manager.setTimeout(other.sandboxId, 300);
+        await sleep(50);
+        return answer(address, token);
+      }
+      // The second decision's question reaches the agent after the first decision froze it: no answer.
+      await sleep(100);
+      if (f.containers.get(id) !== "frozen") return answer(address, token);
+      unanswered++;
+      throw new Error("timed out");
+    };
+    await until(() => record.idle?.tier === "frozen");
+    await until(() => unanswered > 0);
+    await until(() => record.idle?.tier === "disk", 3000);
+  });
+});

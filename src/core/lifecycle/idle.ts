@@ -160,8 +160,15 @@ export class IdleTiers {
     live.idleTimer = undefined;
   }
 
+  /**
+   * Arms the next idleness check of an awake sandbox. Never for one asleep already: a check that
+   * began before another one froze the sandbox (sync() arms a check while a decision is still
+   * waiting for the agent) ends with the frozen agent not answering, and re-arming then would
+   * replace the sandbox's one timer, its move to disk, with a check that does nothing for a
+   * frozen sandbox: it would stay frozen in RAM for good.
+   */
   private armCheck(live: LiveSandbox, atMs: number): void {
-    if (this.settings.freezeAfterMs <= 0) return;
+    if (this.settings.freezeAfterMs <= 0 || live.record.idle) return;
     this.arm(live, atMs, () => this.check(live));
   }
 

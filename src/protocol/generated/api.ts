@@ -65,6 +65,8 @@ export interface NewSandbox {
   memoryMB?: number;
   /** Cubicle extension, bounded by CUBICLE_MAX_DISK_MB. */
   diskSizeMB?: number;
+  /** Cubicle extension: the runtime to run the sandbox on (default the template's); one this host cannot run is a 400. */
+  runtime?: "container" | "microvm";
 }
 
 /** What create, connect, resume, rollback and fork return. */
@@ -94,6 +96,8 @@ export interface ListedSandbox {
   diskSizeMB: number;
   state: SandboxState;
   metadata: Record<string, string>;
+  /** Cubicle extension: the runtime the sandbox runs on. */
+  runtime?: "container" | "microvm";
 }
 
 /** `GET /sandboxes/{sandboxID}`. */
