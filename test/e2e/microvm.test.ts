@@ -54,6 +54,11 @@ test("runtime microvm: a QEMU guest with its own kernel runs the agent; the SDK 
     assert.equal(snapshot.status, 400, "snapshots of microVMs are refused for now, clearly");
     assert.match(snapshot.json.message, /microVMs .*not available yet/);
     assert.equal((await sandbox.commands.run("cat /home/user/in-the-vm.txt")).stdout, "written through envd", "the refused snapshot left the guest running");
+    // Pause keeps the guest in RAM (QMP stop); connect resumes it.
+    assert.equal((await server.api("POST", `/sandboxes/${id}/pause`)).status, 204);
+    assert.equal((await server.api("GET", `/sandboxes/${id}`)).json.state, "paused");
+    const resumed = await Sandbox.connect(id);
+    assert.equal((await resumed.commands.run("echo awake")).stdout, "awake\n");
   } finally {
     assert.equal((await server.api("DELETE", `/sandboxes/${id}`)).status, 204);
   }
