@@ -1,4 +1,7 @@
 import fs from "node:fs";
+import { RuntimeSet } from "../runtime/runtime-set.js";
+import { MicrovmRuntime } from "../runtime/microvm/microvm-runtime.js";
+import { helperLauncher } from "../runtime/microvm/qemu.js";
 import { createHash } from "node:crypto";
 import { TemplateBuilder } from "../template/builder/template-builder.js";
 import { imageBasesFor } from "./image-bases-config.js";
@@ -102,7 +105,16 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
     await store.close();
     throw err;
   });
-  const runtime = createContainerRuntime(config);
+  const containers = createContainerRuntime(config);
+  // The microVM runtime beside the containers when configured (RUNTIME_SET_NOTE); QEMU starts in a
+  // sandbox's netns through the containers' resident helper.
+  const runtime =
+    config.microvm === "off"
+      ? containers
+      : new RuntimeSet([
+          containers,
+          new MicrovmRuntime({ stateDir: config.stateDir, runDir: config.runDir, distDir: config.distDir, accel: config.microvm, launcher: helperLauncher(containers.helper) }),
+        ]);
   network = createNetworkManager(config, {
     tableName: config.nftTable,
     egressPorts,
@@ -110,7 +122,7 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
     onPolicyChange: (runtimeId) => egress.policyChanged(runtimeId),
     onRelease: (runtimeId) => egress.released(runtimeId),
     // Network set-up and teardown go through the runtime's resident helper: no process start per sandbox.
-    helper: ([command, ...args]) => runtime.helper.call(command!, args, { what: `sandbox network (${command})`, timeoutMs: 15_000 }),
+    helper: ([command, ...args]) => containers.helper.call(command!, args, { what: `sandbox network (${command})`, timeoutMs: 15_000 }),
   });
   const templates = createTemplateCatalog(config);
   await network.init();

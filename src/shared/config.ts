@@ -139,6 +139,12 @@ export interface CubicleConfig {
   /** Whether build sandboxes reach the internet (CUBICLE_BUILD_INTERNET, default on: RUN steps install packages). */
   buildInternet: boolean;
   /**
+   * The microVM runtime (CUBICLE_MICROVM): `off` (default), `tcg` (QEMU's emulator: works on any
+   * host, slowly) or `kvm` (a host where a guest really boots on KVM). Creates ask for it with
+   * `runtime: "microvm"`; containers stay the default.
+   */
+  microvm: "off" | "tcg" | "kvm";
+  /**
    * Default rate limits per template id or alias (CUBICLE_TEMPLATE_BANDWIDTH, e.g.
    * `base=20/50,code-interpreter-v1=/100`: egress/ingress Mbit/s, an empty side unlimited); a
    * create's `network.bandwidth` overrides them. Off unless set.
@@ -248,6 +254,13 @@ function parseWholeNumber(name: string, raw: string | undefined, fallback: numbe
 }
 
 /** true/false (also 1/0, yes/no, on/off) from the environment; `fallback` when unset or empty. */
+function parseMicrovm(raw: string | undefined): "off" | "tcg" | "kvm" {
+  const value = (raw ?? "").trim().toLowerCase();
+  if (value === "" || value === "off") return "off";
+  if (value === "tcg" || value === "kvm") return value;
+  throw new Error(`CUBICLE_MICROVM: ${JSON.stringify(raw)} is not off, tcg or kvm`);
+}
+
 function parseBoolean(name: string, raw: string | undefined, fallback: boolean): boolean {
   if (raw === undefined || raw.trim() === "") return fallback;
   const value = raw.trim().toLowerCase();
@@ -335,5 +348,6 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
       ...(env.CUBICLE_REGISTRY_AUTH_FILE?.trim() ? { authFile: path.resolve(env.CUBICLE_REGISTRY_AUTH_FILE.trim()) } : {}),
     },
     buildInternet: parseBoolean("CUBICLE_BUILD_INTERNET", env.CUBICLE_BUILD_INTERNET, true),
+    microvm: parseMicrovm(env.CUBICLE_MICROVM),
   };
 }

@@ -18,6 +18,9 @@ function aliasOf(template: TemplateInfo, requested: string): string | undefined 
  * Creates: a claim of a warm-pool entry when one fits, else a restore of the template's warm
  * snapshot, else a cold boot; or a restore of a user's snapshot named instead of a template.
  */
+/** How long a microVM may take to boot to its agent (TCG on a loaded 2-core host: tens of seconds). */
+const MICROVM_READY_TIMEOUT_MS = 120_000;
+
 export class Creation {
   constructor(
     private readonly ctx: LifecycleContext,
@@ -31,7 +34,9 @@ export class Creation {
     if (request.runtime !== undefined && !(runtime.runs ? runtime.runs(request.runtime) : runtime.name === request.runtime)) {
       throw new CubicleError("failed_precondition", `this host cannot run ${request.runtime} sandboxes: it runs ${runtime.name} sandboxes only (the microVM runtime is not available yet)`);
     }
-    const claimed = this.pool.claim({ templateIdOrAlias: request.templateId, cpuCount: request.cpuCount, memoryMB: request.memoryMB, diskSizeMB: request.diskSizeMB });
+    // Pool entries and warm snapshots are the default runtime's.
+    const defaultRuntime = request.runtime === undefined || request.runtime === runtime.name;
+    const claimed = defaultRuntime ? this.pool.claim({ templateIdOrAlias: request.templateId, cpuCount: request.cpuCount, memoryMB: request.memoryMB, diskSizeMB: request.diskSizeMB }) : undefined;
     if (claimed) {
       const record = await this.createFromPoolEntry(request, claimed.template, claimed.entry);
       if (record) return record;
@@ -51,7 +56,8 @@ export class Creation {
     const { ctx } = this;
     ctx.refuseWhenClosed();
     const record = ctx.newRecord(request, template, aliasOf(template, request.templateId));
-    const warmImage = this.warmSnapshotFits(request, template) ? await this.warmSnapshots.imageFor(template) : undefined;
+    const defaultRuntime = request.runtime === undefined || request.runtime === ctx.ports.runtime.name;
+    const warmImage = defaultRuntime && this.warmSnapshotFits(request, template) ? await this.warmSnapshots.imageFor(template) : undefined;
     await ctx.table.add(record);
     if (warmImage) {
       const started = performance.now();
@@ -67,7 +73,8 @@ export class Creation {
       await ctx.ports.runtime.create({ ...ctx.specOf(record, template), networkReady: network.ready });
       const created = performance.now();
       // Its first /init is retried until the agent listens: no separate health probe.
-      await ctx.initAgent(record, template, undefined, AGENT_READY_TIMEOUT_MS);
+      // A microVM under TCG boots in seconds, not milliseconds.
+      await ctx.initAgent(record, template, undefined, record.runtime === "microvm" ? MICROVM_READY_TIMEOUT_MS : AGENT_READY_TIMEOUT_MS);
       if (template.startCmd) await startTemplateCommand(record.network!.sandboxAddress, template, record.envdAccessToken);
       log.debug("booted", { sandboxId: record.sandboxId, runtimeMs: roundMs(created - started), agentUpMs: roundMs(performance.now() - created) });
     });
