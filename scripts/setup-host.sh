@@ -226,7 +226,6 @@ ensure_node_modules() {
   flock -u "$npm_lock_fd"
 }
 
-# npm ci writes node_modules/.package-lock.json; older than the lockfile means stale.
 ensure_guest_kernel_package() {
   compgen -G "$APT_ARCHIVES/${GUEST_KERNEL_PACKAGE}_*_amd64.deb" >/dev/null && return 0
   need_root "downloading the microVM guest kernel"
@@ -235,6 +234,7 @@ ensure_guest_kernel_package() {
     || say "warning: apt-get download $GUEST_KERNEL_PACKAGE failed; microVM sandboxes and their tests will fetch or skip it"
 }
 
+# npm ci writes node_modules/.package-lock.json; older than the lockfile means stale.
 node_modules_stale() {
   [[ ! -f node_modules/.package-lock.json || package-lock.json -nt node_modules/.package-lock.json ]]
 }
