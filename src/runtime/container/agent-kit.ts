@@ -90,6 +90,20 @@ export function findNativePackages(): NativePackage[] {
  * Rebuilt only when a source changed (size or mtime); a new kit replaces the old one by rename,
  * so running sandboxes keep the files they mounted.
  */
+/** The kit's sources as a build leaves them in `distDir` (the server's Node, the built agent and helpers). */
+export function kitSourcesIn(distDir: string, overrides: Partial<AgentKitSources> = {}): AgentKitSources {
+  return {
+    nodeBinary: process.execPath,
+    agentScript: path.join(distDir, "agent", "agent.js"),
+    nativePackages: findNativePackages(),
+    runAs: path.join(distDir, "agent", "run-as"),
+    xattrAddon: path.join(distDir, "agent", "xattr.node"),
+    spawnAddon: path.join(distDir, "agent", "spawn.node"),
+    sandboxBoot: path.join(distDir, "sandbox-boot"),
+    ...overrides,
+  };
+}
+
 export async function assembleAgentKit(kitDir: string, sources: AgentKitSources): Promise<AgentKit> {
   await stat(sources.agentScript).catch((err) => {
     throw new CubicleError("failed_precondition", `the agent bundle ${sources.agentScript} is missing; run \`npm run build\` first`, { cause: err });

@@ -8,7 +8,7 @@ import { pathExists } from "../../shared/fs.js";
 import { createLogger, roundMs } from "../../shared/log.js";
 import { type CheckpointInfo, type CheckpointOptions, type CheckpointTarget, type Runtime, type RuntimeState, type SandboxSpec, type SandboxStats } from "../types.js";
 import { parseImageId } from "../images.js";
-import { assembleAgentKit, findNativePackages, type AgentKit } from "./agent-kit.js";
+import { assembleAgentKit, kitSourcesIn, type AgentKit } from "./agent-kit.js";
 import { enableKsm } from "./ksm-host.js";
 import { identityFiles, identityFor, readIdentity, writeIdentity, type BootIdentity } from "./boot-identity.js";
 import { CRIU_VIEW_PREFIX, IMAGE_VERSION, imageLayout, makeCriuFilesReadable, readMeta, writeMeta, type CheckpointMeta } from "./checkpoint-image.js";
@@ -200,16 +200,15 @@ export class ContainerRuntime implements Runtime {
     await chmod(this.config.runDir, 0o711);
     await this.pool.init();
     const mergeMemory = this.config.ksm === true && (await enableKsm());
-    const kit = await assembleAgentKit(this.kitSourceDir, {
-      nodeBinary: this.options.nodeBinary ?? process.execPath,
-      agentScript: this.options.agentScript ?? path.join(this.config.distDir, "agent", "agent.js"),
-      nativePackages: findNativePackages(),
-      runAs: path.join(this.config.distDir, "agent", "run-as"),
-      xattrAddon: path.join(this.config.distDir, "agent", "xattr.node"),
-      spawnAddon: path.join(this.config.distDir, "agent", "spawn.node"),
-      sandboxBoot: this.sandboxBoot,
-      mergeMemory,
-    });
+    const kit = await assembleAgentKit(
+      this.kitSourceDir,
+      kitSourcesIn(this.config.distDir, {
+        nodeBinary: this.options.nodeBinary ?? process.execPath,
+        agentScript: this.options.agentScript ?? path.join(this.config.distDir, "agent", "agent.js"),
+        sandboxBoot: this.sandboxBoot,
+        mergeMemory,
+      }),
+    );
     await this.mountKit();
     this.kit = { dir: this.kitDir, command: kit.command };
     this.kitFingerprint = await readFile(path.join(this.kitSourceDir, "manifest.json")).then(

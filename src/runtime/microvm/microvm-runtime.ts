@@ -3,7 +3,7 @@ import { readFile, rm, writeFile, mkdir } from "node:fs/promises";
 import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger } from "../../shared/log.js";
-import { assembleAgentKit, findNativePackages, type AgentKit } from "../container/agent-kit.js";
+import { assembleAgentKit, kitSourcesIn, type AgentKit } from "../container/agent-kit.js";
 import type { ImageInfo, ImageKind, ImageStore, PendingImage } from "../images.js";
 import type { CheckpointInfo, Runtime, RuntimeState, SandboxSpec, SandboxStats } from "../types.js";
 import { createOverlay, kitDiskImage, removeOverlay, templateDiskImage, type DiskImage } from "./disk-images.js";
@@ -69,16 +69,7 @@ export class MicrovmRuntime implements Runtime {
   async init(): Promise<void> {
     await mkdir(this.cacheDir, { recursive: true, mode: 0o700 });
     this.assets = await prepareGuestAssets(path.join(this.cacheDir, "assets"), this.config.kernelDeb ? { kernelDeb: this.config.kernelDeb } : {});
-    const dist = this.config.distDir;
-    this.kit = await assembleAgentKit(path.join(this.cacheDir, "kit"), {
-      nodeBinary: process.execPath,
-      agentScript: path.join(dist, "agent", "agent.js"),
-      nativePackages: findNativePackages(),
-      runAs: path.join(dist, "agent", "run-as"),
-      xattrAddon: path.join(dist, "agent", "xattr.node"),
-      spawnAddon: path.join(dist, "agent", "spawn.node"),
-      sandboxBoot: path.join(dist, "sandbox-boot"),
-    });
+    this.kit = await assembleAgentKit(path.join(this.cacheDir, "kit"), kitSourcesIn(this.config.distDir));
     this.kitImage = await kitDiskImage(this.kit.dir, this.cacheDir);
   }
 

@@ -6,7 +6,7 @@ import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
 import { runInSandbox } from "../../protocol/agent-exec.js";
-import { assembleAgentKit, findNativePackages } from "../container/agent-kit.js";
+import { assembleAgentKit, kitSourcesIn } from "../container/agent-kit.js";
 import { waitForAgentHealth } from "../container/test-helpers.js";
 import { createOverlay, kitDiskImage, removeOverlay, templateDiskImage } from "./disk-images.js";
 import { agentLaunchFile, prepareGuestAssets } from "./guest-assets.js";
@@ -45,15 +45,7 @@ test("boots the base template in a microVM under TCG: the agent answers on the s
   let vm: Microvm | undefined;
   try {
     const assets = await timed("guest kernel + initramfs (once)", async () => prepareGuestAssets(path.join(cacheDir, "assets"), { kernelDeb: await localKernelDeb() }));
-    const kit = await assembleAgentKit(path.join(stateDir, "kit"), {
-      nodeBinary: process.execPath,
-      agentScript: path.join(dist, "agent", "agent.js"),
-      nativePackages: findNativePackages(),
-      runAs: path.join(dist, "agent", "run-as"),
-      xattrAddon: path.join(dist, "agent", "xattr.node"),
-      spawnAddon: path.join(dist, "agent", "spawn.node"),
-      sandboxBoot: path.join(dist, "sandbox-boot"),
-    });
+    const kit = await assembleAgentKit(path.join(stateDir, "kit"), kitSourcesIn(dist));
     const kitImage = await kitDiskImage(kit.dir, cacheDir);
     console.log(`kit image (once): ${kitImage.buildMs} ms, ${kitImage.sizeBytes >> 20} MiB`);
     const baseImage = await templateDiskImage(path.join(templateDir, "rootfs"), cacheDir);
