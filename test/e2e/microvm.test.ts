@@ -2,20 +2,22 @@
  * The microVM runtime (first slice) through the server: with CUBICLE_MICROVM=tcg a create that
  * asks for `runtime: "microvm"` boots a QEMU guest (its own kernel) with the agent, which the
  * official SDK then drives like any sandbox; a kill ends QEMU and leaves nothing; what is not
- * there yet (snapshots) is a clear error. Skipped where QEMU is not installed.
+ * there yet (snapshots) is a clear error. Skipped where QEMU or the guest kernel package is missing.
  */
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import fs from "node:fs";
 import { after, before, test } from "node:test";
 import { Sandbox } from "e2b";
+import { guestSkipReason } from "../../src/runtime/microvm/test-helpers.js";
 import { startTestServer, useServerForSdk, type TestServer } from "./harness.js";
 
-const qemu = ["/usr/bin/qemu-system-x86_64", "/usr/bin/qemu-img"].every((file) => fs.existsSync(file));
+let skipReason: string | undefined;
 let server: TestServer | undefined;
 
 before(async () => {
-  if (!qemu) return;
+  // What the microVM unit tests need too: QEMU and the guest kernel package setup-host keeps in apt's cache.
+  skipReason = await guestSkipReason();
+  if (skipReason) return;
   server = await startTestServer({ extraEnv: { CUBICLE_MICROVM: "tcg" } });
   useServerForSdk(server);
 });
@@ -33,7 +35,7 @@ function qemuPids(): number[] {
 }
 
 test("runtime microvm: a QEMU guest with its own kernel runs the agent; the SDK drives it; kill ends QEMU", { timeout: 10 * 60_000 }, async (t) => {
-  if (!qemu || !server) return t.skip("qemu-system-x86 and qemu-utils are not installed");
+  if (skipReason || !server) return t.skip(skipReason ?? "no server");
   const created = await server.api("POST", "/v2/sandboxes", { templateID: "base", runtime: "microvm", timeout: 600 });
   assert.equal(created.status, 201, `${JSON.stringify(created.json)}\n${server.log().slice(-3000)}`);
   const id = created.json.sandboxID as string;
