@@ -166,17 +166,14 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     /** The build sandbox's files as the layer image `layer/<name>` (it keeps running); replaces an older one. */
     commit: async (runtimeId: string, name: string): Promise<string> => {
       const { runtime } = this.ctx.ports;
-      const id = imageId("layer", name);
-      if (await runtime.images.exists(id)) await runtime.images.remove(id);
+      await runtime.images.remove(imageId("layer", name));
       return (await runtime.checkpoint(runtimeId, { kind: "layer", name }, { memory: false, leaveRunning: true })).imageId;
     },
     destroy: async (runtimeId: string): Promise<void> => {
       await destroyUnclaimed({ ...this.ctx.ports, pidsLimit: this.ctx.settings.pidsLimit }, runtimeId);
     },
     imageExists: (id: string): Promise<boolean> => this.ctx.ports.runtime.images.exists(id),
-    removeImage: async (id: string): Promise<void> => {
-      if (await this.ctx.ports.runtime.images.exists(id)) await this.ctx.ports.runtime.images.remove(id);
-    },
+    removeImage: (id: string): Promise<void> => this.ctx.ports.runtime.images.remove(id),
     removeWarm: async (templateId: string): Promise<void> => {
       const { images } = this.ctx.ports.runtime;
       for (const id of await images.list("warm")) if (parseImageId(id).name.startsWith(`${templateId}-`)) await images.remove(id);

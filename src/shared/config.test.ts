@@ -106,3 +106,10 @@ test("CUBICLE_KSM: off unless asked for (AGENT_MEMORY_MERGE_NOTE); nonsense is r
   assert.equal(loadConfig({ CUBICLE_KSM: "off" }).ksm, false);
   assert.throws(() => loadConfig({ CUBICLE_KSM: "sometimes" }), /CUBICLE_KSM: "sometimes" is not true or false/);
 });
+
+test("CUBICLE_MICROVM takes off, tcg or kvm and refuses anything else at start", () => {
+  assert.equal(loadConfig({}).microvm, "off");
+  assert.equal(loadConfig({ CUBICLE_MICROVM: "TCG" }).microvm, "tcg");
+  assert.equal(loadConfig({ CUBICLE_MICROVM: "kvm" }).microvm, "kvm");
+  assert.throws(() => loadConfig({ CUBICLE_MICROVM: "qemu" }), /CUBICLE_MICROVM/);
+});

@@ -1,4 +1,5 @@
 /** What the microVM tests share: the guest kernel package they unpack, skip reasons. */
+import type { SandboxNetwork } from "../../network/types.js";
 import { existsSync } from "node:fs";
 import path from "node:path";
 import { runCommand } from "../../shared/exec.js";
@@ -25,14 +26,7 @@ export async function guestSkipReason(): Promise<string | undefined> {
 }
 
 /** A sandbox-like network made by the sandbox helper's net-setup, as the network manager makes it. */
-export interface TestSandboxNetwork {
-  netnsName: string;
-  netnsPath: string;
-  hostInterface: string;
-  hostAddress: string;
-  sandboxAddress: string;
-  prefixLength: number;
-}
+export type TestSandboxNetwork = SandboxNetwork;
 
 /** The sandbox helper the build made (`node scripts/build.mjs`), or undefined before a build. */
 export function builtHelper(): string | undefined {
