@@ -28,7 +28,7 @@ export const EGRESS_BOUNDS = {
   domainChars: 253,
 } as const;
 
-const ALL_IPV4 = "0.0.0.0/0";
+export const ALL_IPV4 = "0.0.0.0/0";
 
 /** The `network` fields that make the egress policy: the ones an update replaces. */
 export const EGRESS_FIELDS = ["allowOut", "denyOut", "rules", "egressProxy"] as const;

@@ -9,6 +9,8 @@ import { CubicleError } from "../shared/cubicle-error.js";
 import { runCommand } from "../shared/exec.js";
 import { createNetnsManager, oneShotNetworkHelper } from "./netns-manager.js";
 import { readAll } from "../runtime/container/test-helpers.js";
+import { openEgressPolicy } from "./egress-policy.js";
+import { nftBatchArgs, policyOps, removePolicyOps } from "./nft-netlink.js";
 import { policyChainName } from "./nft-ruleset.js";
 import type { NetworkManager, SandboxNetwork } from "./types.js";
 
@@ -193,7 +195,7 @@ test("adopt marks the address used and restores the policy", { skip: !isRoot && 
   }
 });
 
-test("namespaces are made and removed through the injected helper runner, one call each way", { skip: !isRoot && "needs root" }, async () => {
+test("namespaces and policies are made and removed through the injected helper runner, one call each for each", { skip: !isRoot && "needs root" }, async () => {
   const calls: string[][] = [];
   const real = oneShotNetworkHelper(path.join(import.meta.dirname, "..", "..", "dist", "sandbox-helper"));
   const counted = createNetnsManager({ subnet }, { tableName, netnsPrefix, interfacePrefix: "cbt", helper: (args) => (calls.push(args), real(args)) });
@@ -201,6 +203,7 @@ test("namespaces are made and removed through the injected helper runner, one ca
   try {
     assert.deepEqual(calls, [
       ["net-setup", "--name", network.netnsName, "--host-if", network.hostInterface, "--host-addr", network.hostAddress, "--sandbox-addr", network.sandboxAddress, "--prefix", "30"],
+      nftBatchArgs(tableName, policyOps(network.sandboxAddress, openEgressPolicy(), { fresh: true })),
     ]);
     const address = JSON.parse((await runCommand(["ip", "-n", network.netnsName, "-j", "-4", "addr", "show", "dev", "eth0"])).stdout);
     assert.equal(address[0].addr_info[0].local, network.sandboxAddress);
@@ -210,28 +213,33 @@ test("namespaces are made and removed through the injected helper runner, one ca
     await counted.release(`${tag}i`);
     counted.close();
   }
-  assert.deepEqual(calls.slice(1), [["net-release", "--name", network.netnsName, "--host-if", network.hostInterface]]);
+  assert.deepEqual(calls.slice(2), [["net-release", "--name", network.netnsName, "--host-if", network.hostInterface], nftBatchArgs(tableName, removePolicyOps(network.sandboxAddress))]);
   assert.ok(!existsSync(network.netnsPath));
   assert.ok(!existsSync(`/sys/class/net/${network.hostInterface}`));
   await counted.release(`${tag}i`);
-  assert.equal(calls.length, 2, "nothing left to remove: no helper call");
+  assert.equal(calls.length, 4, "nothing left to remove: no helper call");
 });
 
 test("a failed net-setup fails the allocate, and its address and policy are free again", { skip: !isRoot && "needs root" }, async () => {
   // One block only: the second allocate gets an address only if the failed one gave it back.
+  const calls: string[] = [];
+  const realHelper = oneShotNetworkHelper(path.join(import.meta.dirname, "..", "..", "dist", "sandbox-helper"));
   const oneBlock = subnet.replace(/\.0\/24$/, ".252/30");
   const failing = createNetnsManager({ subnet: oneBlock }, {
     tableName,
     netnsPrefix,
     interfacePrefix: "cbt",
     helper: async (args) => {
+      calls.push(args[0]!);
       if (args[0] === "net-setup") throw new CubicleError("internal", "sandbox-helper: net-setup veth: creating the veth pair: File exists");
-      return "";
+      // The policy's batches are real: made alongside the failing net-setup, then removed.
+      return args[0] === "nft-batch" ? realHelper(args) : "";
     },
   });
   try {
     const first = failing.begin(`${tag}j`, { allowInternetAccess: true });
     await assert.rejects(first.ready, /creating the veth pair/);
+    assert.deepEqual(calls.slice(0, 2), ["net-setup", "nft-batch"]);
     assert.equal((await failing.listRuntimeIds()).includes(`${tag}j`), false);
     assert.equal(await policyOf(first.network.sandboxAddress), "", "the policy made alongside was removed");
     assert.equal(failing.sandboxAt(first.network.sandboxAddress), undefined);

@@ -10,8 +10,8 @@ import { AddressPool } from "./address-pool.js";
 import { applyBandwidthLimits, parseBandwidthLimits, type BandwidthLimits } from "./bandwidth.js";
 import { buildEgressPolicy, egressPolicyOf } from "./egress-policy.js";
 import type { EgressPolicy } from "./egress-types.js";
-import { NftShell } from "./nft-shell.js";
-import { buildRuleset, pinTransaction, policyTransaction, removePolicyTransaction } from "./nft-ruleset.js";
+import { nftBatchArgs, pinOps, policyOps, removePolicyOps, type NftOps } from "./nft-netlink.js";
+import { buildRuleset } from "./nft-ruleset.js";
 import type { NetworkManager, NetworkPolicy, SandboxNetwork } from "./types.js";
 
 const log = createLogger("network");
@@ -44,8 +44,8 @@ export interface NetnsManagerOptions {
   /** Told after a sandbox's network is gone (its connections are cut, its DNS pins dropped). */
   onRelease?: (sandboxId: string) => void;
   /**
-   * Runs the helper's net-setup / net-release / net-address (NETNS_NETLINK_NOTE). Default: one
-   * run of `<distDir>/sandbox-helper` per call.
+   * Runs the helper's net-setup / net-release / net-address (NETNS_NETLINK_NOTE) and nft-batch
+   * (NFT_NETLINK_NOTE). Default: one run of `<distDir>/sandbox-helper` per call.
    */
   helper?: NetworkHelperRunner;
 }
@@ -90,7 +90,6 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet"> & Parti
   const pool = new AddressPool(config.subnet);
   const records = new Map<string, NetworkRecord>();
   const byAddress = new Map<string, NetworkRecord>();
-  const shell = new NftShell();
   const helper = options.helper ?? oneShotNetworkHelper(path.join(config.distDir ?? defaultDistDir(), "sandbox-helper"));
   // Without the forwarder and proxy, redirect to ports nothing listens on: nothing leaves.
   const egressPorts = options.egressPorts ?? { dns: 9, proxy: 9 };
@@ -99,9 +98,14 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet"> & Parti
   const hostInterfaceName = (sandboxId: string) =>
     interfacePrefix + createHash("sha256").update(sandboxId).digest("hex").slice(0, 15 - interfacePrefix.length);
 
+  /** One atomic nftables change through the helper (NFT_NETLINK_NOTE). */
+  async function nftBatch(ops: NftOps): Promise<void> {
+    await helper(nftBatchArgs(tableName, ops));
+  }
+
   /** `fresh`: the sandbox's chain may not exist yet (a new network, an adopted one). */
   async function setPolicy(record: NetworkRecord, policy: EgressPolicy, fresh: boolean): Promise<void> {
-    await shell.run(policyTransaction(tableName, record.network.sandboxAddress, policy, { fresh }));
+    await nftBatch(policyOps(record.network.sandboxAddress, policy, { fresh }));
     record.policy = policy;
   }
 
@@ -145,7 +149,10 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet"> & Parti
         "--prefix",
         String(network.prefixLength),
       ]);
-      await Promise.all([hostSide, setPolicy(record, record.policy, true)]);
+      // Both settle before a failure is cleaned up: a policy batch still in flight would land
+      // after the clean-up removed the policy.
+      const settled = await Promise.allSettled([hostSide, setPolicy(record, record.policy, true)]);
+      for (const outcome of settled) if (outcome.status === "rejected") throw outcome.reason;
       await setBandwidth(record, limits);
       return { ...network };
     } catch (err) {
@@ -170,10 +177,11 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet"> & Parti
       // Forwarding is host-wide; the forward chain below keeps sandboxes from using it freely.
       await writeFile("/proc/sys/net/ipv4/ip_forward", "1\n");
       await raiseNeighbourLimits(pool.blockCount);
-      const policies = new Map([...records.values()].map((r) => [r.network.sandboxAddress, r.policy] as const));
-      await shell.run(
-        buildRuleset({ tableName, subnet: pool.normalizedCidr, interfacePrefix, dnsPort: egressPorts.dns, proxyPort: egressPorts.proxy, privateAllowed: options.privateAllowed ?? [], policies }),
-      );
+      // The table once, by nft (the only nft run): per-sandbox changes are netlink batches.
+      const ruleset = buildRuleset({ tableName, subnet: pool.normalizedCidr, interfacePrefix, dnsPort: egressPorts.dns, proxyPort: egressPorts.proxy, privateAllowed: options.privateAllowed ?? [] });
+      await runCommand(["nft", "-f", "-"], { input: ruleset, timeoutMs: COMMAND_TIMEOUT_MS });
+      // Sandboxes already known (a re-init) get their chains back; until then they have none: fail closed.
+      for (const record of records.values()) await setPolicy(record, record.policy, true);
       log.info("nftables table ready", { table: `inet ${tableName}`, subnet: config.subnet });
     },
 
@@ -235,7 +243,7 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet"> & Parti
       const record = records.get(sandboxId);
       // Only a sandbox with rules of its own consults its pinned set in the kernel.
       if (!record || addresses.length === 0 || !record.policy.allowInternet || record.policy.denyCidrs.length === 0) return;
-      await shell.run(pinTransaction(tableName, record.network.sandboxAddress, addresses, ttlSec));
+      await nftBatch(pinOps(record.network.sandboxAddress, addresses, ttlSec));
     },
 
     async release(sandboxId) {
@@ -256,7 +264,7 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet"> & Parti
       // An egress rate limit's ifb outlives the veth: remove it (nothing to do, and no process, without one).
       await applyBandwidthLimits(hostInterface, undefined).catch((err) => log.warn("could not remove the sandbox's rate limit device", { sandboxId, error: String(err) }));
       if (address && pool.contains(address)) {
-        await shell.run(removePolicyTransaction(tableName, address)).catch((err) => log.warn("could not remove the sandbox's nftables policy", { sandboxId, error: String(err) }));
+        await nftBatch(removePolicyOps(address)).catch((err) => log.warn("could not remove the sandbox's nftables policy", { sandboxId, error: String(err) }));
       }
       const leftovers = [
         (await pathExists(path.join("/sys/class/net", hostInterface))) ? hostInterface : undefined,
@@ -268,9 +276,7 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet"> & Parti
       options.onRelease?.(sandboxId);
     },
 
-    close() {
-      shell.close();
-    },
+    close() {},
 
     async listRuntimeIds() {
       const names = await readdir(NETNS_DIR).catch(() => [] as string[]);

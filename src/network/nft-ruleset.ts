@@ -1,5 +1,4 @@
 import { ALWAYS_DENIED, PRIVATE_DENIED } from "./egress-policy.js";
-import type { EgressPolicy } from "./egress-types.js";
 import { kernelLogPrefix } from "./kernel-egress-log.js";
 
 /** Names that the generated nftables table uses; the table is Cubicle's alone. */
@@ -14,8 +13,6 @@ export interface RulesetOptions {
   proxyPort: number;
   /** Private ranges the operator opened (CUBICLE_EGRESS_PRIVATE_ALLOW). */
   privateAllowed: readonly string[];
-  /** Sandboxes already known (kept across a re-init): address → policy. */
-  policies: ReadonlyMap<string, EgressPolicy>;
 }
 
 /** sandbox address → its verdict map element's chain. */
@@ -28,8 +25,9 @@ export function policyChainName(address: string): string {
 }
 
 /**
- * The whole Cubicle table as an `nft -f` script (NFT_RULESET_NOTE). Adding then deleting the
- * table first makes it one atomic transaction that works whether or not the table exists.
+ * The whole Cubicle table as an `nft -f` script (NFT_RULESET_NOTE), without any sandbox's own
+ * chain and sets (nft-netlink.ts adds those). Adding then deleting the table first makes it one
+ * atomic transaction that works whether or not the table exists.
  *
  * NFT_RULESET_NOTE: what the kernel enforces.
  * - TCP to the floor (below) never reaches the proxy: the kernel drops its first packet, so the
@@ -56,7 +54,6 @@ export function policyChainName(address: string): string {
 export function buildRuleset(options: RulesetOptions): string {
   const { tableName: t, subnet: s, interfacePrefix: p } = options;
   const opened = options.privateAllowed.length > 0 ? `\n    elements = { ${options.privateAllowed.join(", ")} }` : "";
-  const known = [...options.policies].map(([address, policy]) => policyTransaction(t, address, policy)).join("");
   return `table inet ${t}
 delete table inet ${t}
 table inet ${t} {
@@ -108,7 +105,7 @@ ${auditChains(t)}
     ip saddr ${s} ip daddr != ${s} masquerade
   }
 }
-${known}`;
+`;
 }
 
 /**
@@ -129,64 +126,4 @@ function auditChains(t: string): string {
     ${verdict}
   }`;
   return [chain("egress_allowed", "A", "accept"), chain("egress_denied", "D", "counter drop"), chain("egress_floor", "F", "counter drop"), chain("egress_private", "P", "counter drop")].join("\n");
-}
-
-/**
- * One transaction that gives the sandbox at `address` its policy (or replaces it). The sandbox's
- * chain is the same for every policy — its allowOut set, its pinned set, its denyOut set, then
- * allowed — so a change refills two sets and touches no rule (`fresh` also makes the chain, the
- * sets and the verdict map element, idempotently). An open policy has both sets empty; no
- * internet is denyOut 0.0.0.0/0 with nothing allowed and nothing pinned.
- */
-export function policyTransaction(tableName: string, address: string, policy: EgressPolicy, options: { fresh: boolean } = { fresh: true }): string {
-  const chain = policyChainName(address);
-  const target = `inet ${tableName}`;
-  const lines: string[] = [];
-  if (options.fresh) {
-    lines.push(
-      `add chain ${target} ${chain}`,
-      `add set ${target} ${chain}_a { type ipv4_addr; flags interval; }`,
-      `add set ${target} ${chain}_d { type ipv4_addr; flags interval; }`,
-      `add set ${target} ${chain}_n { type ipv4_addr; flags timeout; }`,
-      `flush chain ${target} ${chain}`,
-      `add rule ${target} ${chain} ip daddr @${chain}_a goto egress_allowed`,
-      `add rule ${target} ${chain} ip daddr @${chain}_n goto egress_allowed`,
-      `add rule ${target} ${chain} ip daddr @${chain}_d goto egress_denied`,
-      `add rule ${target} ${chain} goto egress_allowed`,
-      `add element ${target} ${POLICY_MAP} { ${address} : goto ${chain} }`,
-    );
-  }
-  lines.push(`flush set ${target} ${chain}_a`, `flush set ${target} ${chain}_d`);
-  const allow = policy.allowInternet ? policy.allowCidrs : [];
-  const deny = policy.allowInternet ? policy.denyCidrs : ["0.0.0.0/0"];
-  if (!policy.allowInternet) lines.push(`flush set ${target} ${chain}_n`);
-  if (allow.length > 0) lines.push(`add element ${target} ${chain}_a { ${allow.join(", ")} }`);
-  if (deny.length > 0) lines.push(`add element ${target} ${chain}_d { ${deny.join(", ")} }`);
-  return lines.join("\n") + "\n";
-}
-
-/** One transaction that removes the sandbox's policy (map element, chain, sets). Idempotent. */
-export function removePolicyTransaction(tableName: string, address: string): string {
-  const chain = policyChainName(address);
-  const target = `inet ${tableName}`;
-  return [
-    `add chain ${target} ${chain}`,
-    `add set ${target} ${chain}_a { type ipv4_addr; flags interval; }`,
-    `add set ${target} ${chain}_d { type ipv4_addr; flags interval; }`,
-    `add set ${target} ${chain}_n { type ipv4_addr; flags timeout; }`,
-    `add element ${target} ${POLICY_MAP} { ${address} : goto ${chain} }`,
-    `delete element ${target} ${POLICY_MAP} { ${address} }`,
-    `flush chain ${target} ${chain}`,
-    `delete chain ${target} ${chain}`,
-    `delete set ${target} ${chain}_a`,
-    `delete set ${target} ${chain}_d`,
-    `delete set ${target} ${chain}_n`,
-  ].join("\n") + "\n";
-}
-
-/** Pins addresses a sandbox's DNS answer gave for an allowed name, for `timeoutSec`. */
-export function pinTransaction(tableName: string, address: string, pinned: readonly string[], timeoutSec: number): string {
-  const chain = policyChainName(address);
-  const elements = pinned.map((a) => `${a} timeout ${Math.max(1, Math.round(timeoutSec))}s`).join(", ");
-  return `add element inet ${tableName} ${chain}_n { ${elements} }\n`;
 }

@@ -54,7 +54,7 @@ export interface NetworkManager {
   sandboxAt(address: string): { sandboxId: string; policy: EgressPolicy } | undefined;
   /** Lets the kernel pass UDP/ICMP to addresses the sandbox's DNS answer gave for an allowed name. */
   pin(sandboxId: string, addresses: readonly string[], ttlSec: number): Promise<void>;
-  /** Stops the resident nftables shell (the rules stay). */
+  /** Releases what the manager holds open (nothing today; the rules stay). */
   close(): void;
   /** Removes namespace, veth, rules and frees the address. No error if already gone. */
   release(sandboxId: string): Promise<void>;

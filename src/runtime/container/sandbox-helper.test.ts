@@ -110,7 +110,7 @@ test("serve answers every request, refuses bad ones with an error reply and live
     "7\t1000\texec\t--stdio\tcapture",
     "8\t1000\texec\t--bogus\tx\t--\ttrue",
     "9\t1000\texec\t--env\tNOEQUALS\t--\ttrue",
-    `10\t1000\tping\t${"x".repeat(70_000)}`,
+    `10\t1000\tping\t${"x".repeat(300_000)}`,
     `11\t1000\tping${"\t".repeat(2000)}`,
     "12\t1000\tping\0",
     "13\t1000\tcancel\tnothing-in-flight",
@@ -214,7 +214,7 @@ test("call maps a subcommand's failure to a CubicleError with its message; bad a
     await assert.rejects(helper.call("hostname", ["--pid", "1\t--name", "x"]), (err: CubicleError) => err.code === "invalid_argument");
     await assert.rejects(helper.exec(["echo", "a\nb"]), (err: CubicleError) => err.code === "invalid_argument");
     await assert.rejects(helper.exec(["true"], { env: { "BAD NAME": "x" } }), (err: CubicleError) => err.code === "internal");
-    await assert.rejects(helper.exec(["echo", "x".repeat(70_000)]), /longer than/);
+    await assert.rejects(helper.exec(["echo", "x".repeat(300_000)]), /longer than/);
   } finally {
     helper.close();
   }

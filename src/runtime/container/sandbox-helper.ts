@@ -109,7 +109,7 @@ const DEFAULT_TIMEOUT_MS = 60_000;
  * child stuck in the kernel cannot die) before it fails here. Only that request fails.
  */
 const ANSWER_GRACE_MS = 5_000;
-const MAX_LINE_BYTES = 65_536;
+const MAX_LINE_BYTES = 256 * 1024;
 const MAX_STDOUT_BYTES = 4 << 20;
 const MAX_STDERR_BYTES = 65_536;
 const REPLY_HEADER = /^([\w.-]{1,32}|-)\t(exit|signal|timeout|cancelled|error)\t(\d{1,10})\t(\d{1,10})\t(\d{1,10})$/;

@@ -642,6 +642,8 @@ static int cmd_watch(void) {
 
 /* Uses fail(), usage(), option(), number() and `step` from above. */
 #include "netlink.h"
+/* Uses netlink.h's net_only_options() and net_report_ext_ack(). */
+#include "nftables.h"
 
 /*
  * The subcommands that take --name value pairs, for the one-shot CLI and for `serve`. A new
@@ -661,6 +663,7 @@ static const struct subcommand subcommands[] = {
     {"net-setup", cmd_net_setup},
     {"net-release", cmd_net_release},
     {"net-address", cmd_net_address},
+    {"nft-batch", cmd_nft_batch},
 };
 
 static const struct subcommand *find_subcommand(const char *name) {
@@ -699,7 +702,7 @@ static int run_subcommand(int argc, char **argv) {
  * requests get an error reply; nothing a request says ends this process. It ends when stdin
  * closes, after the children in flight ended and were answered.
  */
-#define SERVE_LINE_MAX 65536
+#define SERVE_LINE_MAX (256 * 1024)
 #define SERVE_FIELDS_MAX 1024
 #define SERVE_REQUESTS_MAX 512
 #define SERVE_ID_MAX 32

@@ -1,0 +1,164 @@
+import assert from "node:assert/strict";
+import path from "node:path";
+import { after, before, test } from "node:test";
+import { defaultDistDir } from "../shared/config.js";
+import { runCommand } from "../shared/exec.js";
+import { SandboxHelper } from "../runtime/container/sandbox-helper.js";
+import { buildEgressPolicy, EGRESS_BOUNDS } from "./egress-policy.js";
+import { oneShotNetworkHelper } from "./netns-manager.js";
+import { intervalElements, nftBatchArgs, pinOps, policyOps, removePolicyOps } from "./nft-netlink.js";
+import { buildRuleset, policyChainName } from "./nft-ruleset.js";
+
+// The helper's nf_tables batches against tables of this test's own (two: one the helper fills,
+// one nft fills from the same policy, to compare). Needs root; `after` deletes both.
+const isRoot = process.getuid?.() === 0;
+const tag = `${process.pid.toString(36)}${Date.now().toString(36).slice(-4)}`;
+const helperTable = `cubicle_nftnl_${tag}`;
+const nftTable = `cubicle_nftref_${tag}`;
+const helper = oneShotNetworkHelper(path.join(defaultDistDir(), "sandbox-helper"));
+const address = "10.232.0.2";
+const chain = policyChainName(address);
+
+function ruleset(tableName: string): string {
+  return buildRuleset({ tableName, subnet: "10.232.0.0/24", interfacePrefix: "cbq", dnsPort: 9, proxyPort: 9, privateAllowed: [] });
+}
+
+before(async () => {
+  if (!isRoot) return;
+  for (const table of [helperTable, nftTable]) await runCommand(["nft", "-f", "-"], { input: ruleset(table) });
+});
+
+after(async () => {
+  if (!isRoot) return;
+  for (const table of [helperTable, nftTable]) await runCommand(["nft", "delete", "table", "inet", table], { allowFailure: true });
+});
+
+async function batch(ops: string): Promise<void> {
+  await helper(nftBatchArgs(helperTable, ops));
+}
+
+/** A set's or chain's listing with the table's name taken out, for comparing the two tables. */
+async function listing(table: string, kind: "set" | "chain" | "map", name: string): Promise<string> {
+  const { stdout } = await runCommand(["nft", "list", kind, "inet", table, name], { allowFailure: true });
+  return stdout.replaceAll(table, "T").replace(/expires [0-9a-z]+/g, "expires X").replace(/\s+/g, " ").trim();
+}
+
+test("interval elements: ranges merged, an end after each, a leading end at 0.0.0.0 when needed", () => {
+  assert.equal(intervalElements([]), "");
+  assert.equal(intervalElements(["1.2.3.4/32"]), "0.0.0.0!,1.2.3.4,1.2.3.5!");
+  assert.equal(intervalElements(["0.0.0.0/0"]), "0.0.0.0");
+  assert.equal(intervalElements(["0.0.0.0/8"]), "0.0.0.0,1.0.0.0!");
+  assert.equal(intervalElements(["255.255.255.0/24"]), "0.0.0.0!,255.255.255.0");
+  // Overlapping and adjacent entries become one range; order does not matter.
+  assert.equal(intervalElements(["10.0.0.1/32", "0.0.0.0/0"]), "0.0.0.0");
+  assert.equal(intervalElements(["1.2.4.0/24", "1.2.3.0/24", "1.2.3.7/32"]), "0.0.0.0!,1.2.3.0,1.2.5.0!");
+  assert.equal(intervalElements(["9.9.9.9/32", "1.2.3.0/24"]), "0.0.0.0!,1.2.3.0,1.2.4.0!,9.9.9.9,9.9.9.10!");
+  assert.throws(() => intervalElements(["1.2.3/24"]), /not an IPv4 CIDR/);
+  assert.throws(() => intervalElements(["1.2.3.4/33"]), /not an IPv4 CIDR/);
+});
+
+test("a policy made by the helper's batch is what nft makes of the same policy", { skip: !isRoot && "needs root" }, async () => {
+  const policies = [
+    buildEgressPolicy(true, { allowOut: ["1.2.3.0/24", "9.9.9.9"], denyOut: ["0.0.0.0/0"] }),
+    buildEgressPolicy(true, { denyOut: ["8.8.8.8", "100.100.0.0/16"] }),
+    buildEgressPolicy(false, undefined),
+    buildEgressPolicy(true, undefined),
+  ];
+  for (const [index, policy] of policies.entries()) {
+    await batch(policyOps(address, policy, { fresh: index === 0 }));
+    const t = `inet ${nftTable}`;
+    const allow = policy.allowInternet ? policy.allowCidrs : [];
+    const deny = policy.allowInternet ? policy.denyCidrs : ["0.0.0.0/0"];
+    await runCommand(["nft", "-f", "-"], {
+      input: [
+        `add chain ${t} ${chain}`,
+        `add set ${t} ${chain}_a { type ipv4_addr; flags interval; }`,
+        `add set ${t} ${chain}_d { type ipv4_addr; flags interval; }`,
+        `add set ${t} ${chain}_n { type ipv4_addr; flags timeout; }`,
+        `flush chain ${t} ${chain}`,
+        `add rule ${t} ${chain} ip daddr @${chain}_a goto egress_allowed`,
+        `add rule ${t} ${chain} ip daddr @${chain}_n goto egress_allowed`,
+        `add rule ${t} ${chain} ip daddr @${chain}_d goto egress_denied`,
+        `add rule ${t} ${chain} goto egress_allowed`,
+        `add element ${t} sandbox_policy { ${address} : goto ${chain} }`,
+        `flush set ${t} ${chain}_a`,
+        `flush set ${t} ${chain}_d`,
+        allow.length ? `add element ${t} ${chain}_a { ${allow.join(", ")} }` : "",
+        deny.length ? `add element ${t} ${chain}_d { ${deny.join(", ")} }` : "",
+        "",
+      ].join("\n"),
+    });
+    for (const [kind, name] of [["chain", chain], ["set", `${chain}_a`], ["set", `${chain}_d`], ["map", "sandbox_policy"]] as const) {
+      assert.equal(await listing(helperTable, kind, name), await listing(nftTable, kind, name), `${kind} ${name} after policy ${index}`);
+    }
+  }
+});
+
+test("pins carry their timeout; a policy without internet empties them; removal is idempotent", { skip: !isRoot && "needs root" }, async () => {
+  await batch(policyOps(address, buildEgressPolicy(true, { allowOut: ["example.com"], denyOut: ["0.0.0.0/0"] }), { fresh: true }));
+  await batch(pinOps(address, ["5.6.7.8", "5.6.7.9"], 30));
+  const pinned = await listing(helperTable, "set", `${chain}_n`);
+  assert.match(pinned, /elements = \{ 5\.6\.7\.8 timeout 30s expires X, 5\.6\.7\.9 timeout 30s expires X \}/);
+  await batch(policyOps(address, buildEgressPolicy(false, undefined), { fresh: false }));
+  assert.doesNotMatch(await listing(helperTable, "set", `${chain}_n`), /elements/);
+  await batch(removePolicyOps(address));
+  await batch(removePolicyOps(address));
+  assert.equal(await listing(helperTable, "chain", chain), "");
+  assert.doesNotMatch(await listing(helperTable, "map", "sandbox_policy"), new RegExp(address.replaceAll(".", "\\.")));
+});
+
+test("a batch that the kernel refuses changes nothing", { skip: !isRoot && "needs root" }, async () => {
+  await batch(policyOps(address, buildEgressPolicy(true, { denyOut: ["8.8.8.8"] }), { fresh: true }));
+  const before = await listing(helperTable, "set", `${chain}_d`);
+  // The flush and the add are fine; the rule names a set that does not exist, so all of it fails.
+  await assert.rejects(batch(`flush-set ${chain}_d; add ${chain}_d 0.0.0.0; rule ${chain} nosuchset egress_allowed`), /nftables transaction: No such file or directory/);
+  assert.equal(await listing(helperTable, "set", `${chain}_d`), before);
+  // So does one on a table that is not there.
+  await assert.rejects(helper(nftBatchArgs(`cubicle_none_${tag}`, `flush-set ${chain}_d`)), /No such file or directory/);
+  await batch(removePolicyOps(address));
+});
+
+test("nft-batch refuses malformed operations before it sends anything", { skip: !isRoot && "needs root" }, async () => {
+  const cases: [string[], RegExp][] = [
+    [nftBatchArgs("bad;table", "flush-set x"), /--table must be/],
+    [nftBatchArgs(helperTable, ""), /no operations/],
+    [nftBatchArgs(helperTable, "explode x"), /unknown operation/],
+    [nftBatchArgs(helperTable, "flush-set a b"), /wrong number of words/],
+    [nftBatchArgs(helperTable, "flush-set a b c d e f"), /too many words/],
+    [nftBatchArgs(helperTable, "flush-set ../x"), /a set name must be/],
+    [nftBatchArgs(helperTable, `flush-set ${"x".repeat(65)}`), /a set name must be/],
+    [nftBatchArgs(helperTable, "add s 1.2.3"), /not an IPv4 address/],
+    [nftBatchArgs(helperTable, "add s 1.2.3.4@0"), /timeout must be/],
+    [nftBatchArgs(helperTable, "add s 1.2.3.4@-5"), /timeout/],
+    [nftBatchArgs(helperTable, "add s 1.2.3.4@99999999999"), /timeout must be/],
+    [nftBatchArgs(helperTable, "set s hash"), /interval or timeout/],
+    [nftBatchArgs(helperTable, "map-add m 1.2.3.4"), /wrong number of words/],
+    [nftBatchArgs(helperTable, Array.from({ length: 257 }, () => "flush-set s").join(";")), /too many operations/],
+    [nftBatchArgs(helperTable, `add s ${Array.from({ length: 8193 }, () => "1.1.1.1").join(",")}`), /too many elements/],
+    [["nft-batch", "--family", "ip6", "--table", helperTable, "--ops", "flush-set s"], /--family must be/],
+    [["nft-batch", "--table", helperTable, "--ops", "flush-set s", "--family", "inet", "--extra", "x"], /does not take --extra/],
+  ];
+  for (const [args, expected] of cases) {
+    await assert.rejects(helper(args), (err: Error) => {
+      assert.match(err.message, expected, args.join(" ").slice(0, 80));
+      return true;
+    });
+  }
+});
+
+test("the largest policy the API takes fits one request to the resident helper and one batch", { skip: !isRoot && "needs root" }, async () => {
+  const resident = new SandboxHelper(path.join(defaultDistDir(), "sandbox-helper"));
+  try {
+    // 1000 allowOut and 1000 denyOut entries (EGRESS_BOUNDS), none adjacent: the most elements.
+    const spread = (first: number) => Array.from({ length: EGRESS_BOUNDS.listEntries }, (_, i) => `${first}.${i >> 6}.${(i & 63) * 4}.1`);
+    const policy = buildEgressPolicy(true, { allowOut: spread(11), denyOut: spread(12) });
+    const [command, ...args] = nftBatchArgs(helperTable, policyOps(address, policy, { fresh: true }));
+    await resident.call(command!, args, { what: "the largest policy" });
+    const allowed = await listing(helperTable, "set", `${chain}_a`);
+    assert.equal(allowed.match(/\b11\.\d+\.\d+\.1\b/g)?.length, EGRESS_BOUNDS.listEntries);
+    const [removeCommand, ...removeArgs] = nftBatchArgs(helperTable, removePolicyOps(address));
+    await resident.call(removeCommand!, removeArgs, { what: "removal" });
+  } finally {
+    resident.close();
+  }
+});
