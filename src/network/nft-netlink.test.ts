@@ -146,7 +146,7 @@ test("nft-batch refuses malformed operations before it sends anything", { skip: 
   }
 });
 
-test("the largest policy the API takes fits one request to the resident helper and one batch", { skip: !isRoot && "needs root" }, async () => {
+test("the largest policy the API takes fits one request to the resident helper; bad batches there are errors, not its end", { skip: !isRoot && "needs root" }, async () => {
   const resident = new SandboxHelper(path.join(defaultDistDir(), "sandbox-helper"));
   try {
     // 1000 allowOut and 1000 denyOut entries (EGRESS_BOUNDS), none adjacent: the most elements.
@@ -158,7 +158,32 @@ test("the largest policy the API takes fits one request to the resident helper a
     assert.equal(allowed.match(/\b11\.\d+\.\d+\.1\b/g)?.length, EGRESS_BOUNDS.listEntries);
     const [removeCommand, ...removeArgs] = nftBatchArgs(helperTable, removePolicyOps(address));
     await resident.call(removeCommand!, removeArgs, { what: "removal" });
+    // The resident helper runs nft-batch in its own process (INLINE_NOTE): a malformed batch, a
+    // kernel refusal and a table that is not there come back as errors, and it serves on.
+    const refusals: [string, RegExp][] = [
+      ["explode x", /unknown operation/],
+      [`add ${chain}_a 1.2.3`, /not an IPv4 address/],
+      [`rule ${chain} nosuchset egress_allowed`, /nftables transaction: No such file or directory/],
+    ];
+    const residentPid = resident.residentPid;
+    assert.ok(residentPid);
+    for (const [ops, expected] of refusals) {
+      const [c, ...a] = nftBatchArgs(helperTable, ops);
+      await assert.rejects(resident.call(c!, a, { what: "a bad batch" }), expected);
+    }
+    const [c, ...a] = nftBatchArgs(helperTable, policyOps(address, policy, { fresh: true }));
+    await resident.call(c!, a, { what: "a good batch after bad ones" });
+    assert.equal(resident.residentPid, residentPid, "the same resident helper served them all");
+    await resident.call(removeCommand!, removeArgs, { what: "removal" });
   } finally {
     resident.close();
   }
+});
+
+test("overlapping allowOut and denyOut entries are one range each, not a conflict the kernel refuses", { skip: !isRoot && "needs root" }, async () => {
+  const policy = buildEgressPolicy(true, { allowOut: ["1.2.3.0/24", "1.2.3.4", "1.2.4.0/24"], denyOut: ["8.8.8.8", "0.0.0.0/0"] });
+  await batch(policyOps(address, policy, { fresh: true }));
+  assert.match(await listing(helperTable, "set", `${chain}_a`), /elements = \{ 1\.2\.3\.0-1\.2\.4\.255 \}/);
+  assert.match(await listing(helperTable, "set", `${chain}_d`), /elements = \{ 0\.0\.0\.0\/0 \}/);
+  await batch(removePolicyOps(address));
 });

@@ -53,7 +53,7 @@ static void net_only_options(int argc, char **argv, const char *const *known) {
       if (strcmp(argv[i], *k) == 0) found = 1;
     if (!found) {
       fprintf(stderr, "sandbox-helper: %s does not take %s\n", argv[1], argv[i]);
-      exit(2);
+      leave(2);
     }
   }
 }
@@ -85,7 +85,7 @@ static struct in_addr net_address(int argc, char **argv, const char *name) {
   struct in_addr address;
   if (strlen(text) > 15 || inet_pton(AF_INET, text, &address) != 1) {
     fprintf(stderr, "sandbox-helper: %s is not a dotted-quad IPv4 address: %s\n", name, text);
-    exit(2);
+    leave(2);
   }
   return address;
 }

@@ -18,7 +18,8 @@
  *                                         interval end and/or `@MS` for a timeout in ms
  *   Names are 1-64 letters, digits or _. At most NFT_OPS_MAX operations and NFT_ELEMENTS_MAX
  *   elements per call. On a refusal the kernel's error (and its extended-ack text) is printed
- *   and nothing of the batch is applied.
+ *   and nothing of the batch is applied. `serve` runs it in its own process, not in a child
+ *   (INLINE_NOTE): it keeps no state, prints nothing on stdout, and only waits for the kernel.
  */
 #include <endian.h>
 #include <linux/netfilter.h>
@@ -104,7 +105,7 @@ static const char *nft_name(const char *text, const char *what) {
   for (size_t i = 0; ok && i < length; i++) ok = isalnum((unsigned char)text[i]) || text[i] == '_';
   if (!ok) {
     fprintf(stderr, "sandbox-helper: nft-batch: %s must be 1-%d letters, digits or _\n", what, NFT_NAME_MAX);
-    exit(2);
+    leave(2);
   }
   return text;
 }
@@ -113,7 +114,7 @@ static uint32_t nft_ipv4(const char *text) {
   struct in_addr address;
   if (inet_pton(AF_INET, text, &address) != 1) {
     fprintf(stderr, "sandbox-helper: nft-batch: %s is not an IPv4 address\n", text);
-    exit(2);
+    leave(2);
   }
   return address.s_addr;
 }
@@ -291,10 +292,10 @@ static int cmd_nft_batch(int argc, char **argv) {
   int family = strcmp(family_name, "inet") == 0 ? NFPROTO_INET : strcmp(family_name, "ip") == 0 ? NFPROTO_IPV4 : -1;
   if (family < 0) usage("nft-batch: --family must be inet or ip");
   const char *table = nft_name(option(argc, argv, "--table", 1), "--table");
-  char *ops = strdup(option(argc, argv, "--ops", 1));
+  /* Split in place: the argument is this call's own (argv, or the serve loop's request line). */
+  char *ops = (char *)option(argc, argv, "--ops", 1);
   static char data[4u << 20] __attribute__((aligned(NLMSG_ALIGNTO)));
   struct nft_batch batch = {.data = data, .capacity = sizeof data, .family = family, .table = table, .next_sequence = (uint32_t)time(NULL)};
-  if (!ops) fail("strdup");
   batch.first_sequence = batch.next_sequence;
   size_t begin = nft_begin(&batch, NFNL_MSG_BATCH_BEGIN, 0, AF_UNSPEC, NFNL_SUBSYS_NFTABLES);
   nft_end(&batch, begin);
@@ -366,6 +367,5 @@ static int cmd_nft_batch(int argc, char **argv) {
   nft_end(&batch, end);
   step = "nft-batch";
   if (nft_send(&batch) != 0) fail("the nftables transaction");
-  free(ops);
   return 0;
 }
