@@ -105,13 +105,11 @@ export class Creation {
     const initialised = entry.agentToken !== undefined && record.envdAccessToken !== undefined && Object.keys(record.envVars).length === 0;
     if (initialised) record.envdAccessToken = entry.agentToken;
     await ctx.table.addClaimed(record);
-    // The entry's network allows all public egress. A policy of the create's own is applied once
-    // the 201 is on its way (setImmediate runs after the reply's write) and awaited with the
-    // /init before any traffic: the router holds the sandbox's traffic until both are done (only
-    // the template's own agent runs meanwhile), and nft's work does not compete with the claim.
-    const policy = hasOwnEgressPolicy(record)
-      ? new Promise<void>((resolve) => setImmediate(resolve)).then(() => ctx.ports.network.applyPolicy(runtimeIdOf(record), networkPolicyOf(record)))
-      : undefined;
+    // The entry's network allows all public egress. A policy of the create's own starts now, in
+    // the resident helper (one netlink batch, NFT_NETLINK_NOTE), beside the thaw and the 201, and
+    // is awaited with the /init before any traffic: the router holds the sandbox's traffic until
+    // both are done (only the template's own agent runs meanwhile).
+    const policy = hasOwnEgressPolicy(record) ? ctx.ports.network.applyPolicy(runtimeIdOf(record), networkPolicyOf(record)) : undefined;
     policy?.catch(() => undefined);
     try {
       const recorded = performance.now();
