@@ -82,7 +82,8 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
     await store.close();
     throw err;
   });
-  const egressAudit = new EgressAuditLog();
+  // Kept in the database as well: a restart keeps what sandboxes tried to reach (AUDIT_PERSISTENCE_NOTE).
+  const egressAudit = new EgressAuditLog({ store });
   // The host side of sandbox egress first: nftables redirects sandbox DNS and TCP to its ports.
   // Its lookups go to the network manager and the core, made just below.
   let network: NetworkManager | undefined;
@@ -202,6 +203,7 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
     httpsServer?.close();
     await app.close().catch(() => undefined);
     await manager.close().catch(() => undefined);
+    egressAudit.close();
     await store.close().catch(() => undefined);
     throw err;
   }
@@ -239,6 +241,7 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
         await closed;
       }
       await app.close();
+      egressAudit.close();
       await store.close();
     },
   };

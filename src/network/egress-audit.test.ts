@@ -1,7 +1,11 @@
 import assert from "node:assert/strict";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import path from "node:path";
 import { test } from "node:test";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { renderPrometheus } from "../shared/prometheus.js";
+import { SqliteStore } from "../store/index.js";
 import { EgressAuditLog } from "./egress-audit.js";
 import type { EgressRecord } from "./egress-types.js";
 
@@ -138,4 +142,103 @@ test("hostile strings are clipped; tokens that are not ours are 400s", () => {
 test("the exposition escapes label values and help text", () => {
   const text = renderPrometheus([{ name: "x_total", help: "a\\b\nc", type: "gauge", samples: [{ labels: { l: 'q"\\\n' }, value: 1.5 }, { value: Infinity }] }]);
   assert.equal(text, '# HELP x_total a\\\\b\\nc\n# TYPE x_total gauge\nx_total{l="q\\"\\\\\\n"} 1.5\nx_total +Inf\n');
+});
+
+/** A real SQLite store in a directory of its own, removed at the end of the test. */
+async function withStore(t: { after: (fn: () => Promise<void>) => void }): Promise<{ store: SqliteStore; reopen: () => SqliteStore; rows: () => number }> {
+  const dir = await mkdtemp(path.join(tmpdir(), "cubicle-audit-"));
+  const file = path.join(dir, "cubicle.db");
+  const opened: SqliteStore[] = [];
+  const open = () => {
+    const store = new SqliteStore(file);
+    opened.push(store);
+    return store;
+  };
+  const store = open();
+  t.after(async () => {
+    for (const s of opened) await s.close().catch(() => undefined);
+    await rm(dir, { recursive: true, force: true });
+  });
+  return { store, reopen: open, rows: () => store.loadEgressAudit(0, 1_000_000).length };
+}
+
+test("with a store, records survive a restart with their sequence numbers: a page token stays valid (AUDIT_PERSISTENCE_NOTE)", async (t) => {
+  const { store, reopen } = await withStore(t);
+  const first = new EgressAuditLog({ now: () => 1000, store, flushIntervalMs: 60_000 });
+  for (let i = 0; i < 5; i++) first.record(attempt("sb1", 1000 + i));
+  first.record(attempt("sb2", 2000, { protocol: "dns", verdict: "denied", domain: "evil.test" }));
+  const live = attempt("sb1", 1010);
+  first.record(live);
+  const page = first.list("sb1", { limit: 2 });
+  // Bytes that grow after the record was written are written again when the connection ends.
+  first.flush();
+  live.bytesOut = 123;
+  live.bytesIn = 456;
+  live.durationMs = 7;
+  first.finished(live);
+  first.close();
+
+  const second = new EgressAuditLog({ now: () => 1000, store: reopen(), flushIntervalMs: 60_000 });
+  assert.deepEqual(drain(second, "sb1", 100).times, [1010, 1004, 1003, 1002, 1001, 1000]);
+  assert.deepEqual(second.list("sb1", { limit: 1 }).items[0], { ...live });
+  assert.equal(second.list("sb2", { limit: 10 }).items[0]!.domain, "evil.test");
+  // The first process's token pages on in the second.
+  assert.deepEqual(second.list("sb1", { limit: 10, nextToken: page.nextToken }).items.map((r) => r.time), [1003, 1002, 1001, 1000]);
+  // New records continue after the highest sequence number: newest first still.
+  second.record(attempt("sb1", 3000));
+  assert.equal(second.list("sb1", { limit: 1 }).items[0]!.time, 3000);
+  second.close();
+});
+
+test("with a store, what the bounds drop and what retention expires leaves the database too", async (t) => {
+  const { store, rows } = await withStore(t);
+  let now = 10_000;
+  const audit = new EgressAuditLog({ now: () => now, store, flushIntervalMs: 60_000, maxRecordsPerSandbox: 3, maxSandboxes: 2, retentionMs: 5_000 });
+  for (let i = 0; i < 5; i++) audit.record(attempt("a", now + i));
+  audit.flush();
+  assert.equal(rows(), 3, "a sandbox keeps its newest 3 in memory and in the database");
+  audit.record(attempt("b", now));
+  audit.record(attempt("c", now));
+  audit.flush();
+  assert.equal(rows(), 2, "the third sandbox evicted the least recently active log, there too");
+  now += 6_000;
+  audit.record(attempt("c", now));
+  audit.flush();
+  assert.equal(rows(), 1, "only the record within retention is left");
+  audit.close();
+});
+
+test("with a store, a flood is written over several flushes and only what memory still holds", async (t) => {
+  const { store, rows } = await withStore(t);
+  const audit = new EgressAuditLog({ now: () => 1, store, flushIntervalMs: 60_000, maxRecordsPerSandbox: 3000 });
+  for (let i = 0; i < 5000; i++) audit.record(attempt("flood", 1));
+  audit.flush();
+  assert.equal(rows(), 2000, "one flush writes at most 2000 rows");
+  audit.close();
+  assert.equal(rows(), 3000, "close writes the rest of what memory holds, not the 2000 it dropped");
+});
+
+test("with a store, damaged rows are skipped at load and a store that fails to write does not break recording", async (t) => {
+  const { store, reopen } = await withStore(t);
+  store.writeEgressAudit({
+    upserts: [
+      { seq: 1, sandboxId: "x", time: 5, body: "{not json" },
+      { seq: 2, sandboxId: "x", time: 5, body: JSON.stringify(attempt("someone-else", 5)) },
+      { seq: 3, sandboxId: "x", time: 5, body: JSON.stringify(attempt("x", 5)) },
+    ],
+    dropBefore: [],
+    dropOlderThan: 0,
+  });
+  const audit = new EgressAuditLog({ now: () => 5, store: reopen(), flushIntervalMs: 60_000 });
+  assert.equal(audit.size, 1);
+  const failing = new EgressAuditLog({
+    now: () => 5,
+    store: { loadEgressAudit: () => [], writeEgressAudit: () => { throw new Error("disk I/O error"); } },
+    flushIntervalMs: 60_000,
+  });
+  failing.record(attempt("y", 5));
+  failing.flush();
+  assert.equal(failing.list("y", { limit: 5 }).items.length, 1);
+  failing.close();
+  audit.close();
 });

@@ -1,5 +1,6 @@
 /**
- * The egress audit log: what each sandbox tried to reach and what was decided, in memory.
+ * The egress audit log: what each sandbox tried to reach and what was decided, in memory and,
+ * with a store, in the database too so a restart keeps it (AUDIT_PERSISTENCE_NOTE).
  *
  * Bounds (defaults): a sandbox's log keeps its newest 10,000 records; records older than 24 h
  * go; at most 1,000 sandboxes have a log and at most 100,000 records are kept in all — past
@@ -10,8 +11,21 @@
  *
  * Pages are newest first: the cursor is the sequence number of the last record returned, so
  * records added meanwhile (newer) never shift a later page and none is returned twice.
+ *
+ * AUDIT_PERSISTENCE_NOTE: with a store, records new or changed (a connection's bytes when it
+ * closes) since the last flush are written every `flushIntervalMs` (default 1 s) in one
+ * transaction, at most FLUSH_MAX_ROWS a flush (a flood is written over the next flushes; what
+ * the memory bounds drop meanwhile is never written), together with the drops the memory bounds
+ * made since (per sandbox: everything below its oldest kept record) and the retention. The
+ * database so holds what memory holds, as of the last flush; a server that starts loads the
+ * newest records within retention (the same bounds), keeps their sequence numbers (a page
+ * token stays valid across a restart) and continues after the highest. A crash loses at most
+ * the last interval; a clean stop flushes. The Prometheus counters start again from zero, as
+ * counters of a restarted process do.
  */
+import type { EgressAuditStore } from "../store/index.js";
 import { CubicleError } from "../shared/cubicle-error.js";
+import { createLogger } from "../shared/log.js";
 import type { MetricFamily } from "../shared/prometheus.js";
 import type { EgressRecord } from "./egress-types.js";
 
@@ -26,6 +40,10 @@ export interface EgressAuditOptions {
   maxTotalRecords?: number;
   /** Epoch ms; injected by tests. */
   now?: () => number;
+  /** Where records are kept across restarts (AUDIT_PERSISTENCE_NOTE); none: memory only. */
+  store?: EgressAuditStore;
+  /** How often new and changed records are written to the store. */
+  flushIntervalMs?: number;
 }
 
 export interface EgressPage {
@@ -42,10 +60,16 @@ export const EGRESS_AUDIT_DEFAULTS = {
   maxTotalRecords: 100_000,
 } as const;
 
+const logger = createLogger("egress-audit");
+
 const CLIP = { address: 64, domain: 253, reason: 200 } as const;
 
 /** How often the whole log is swept for expired records (each call also trims what it touches). */
 const SWEEP_INTERVAL_MS = 60_000;
+/** Rows one flush writes at most (a few ms of SQLite): a flood is written over several flushes. */
+const FLUSH_MAX_ROWS = 2_000;
+/** Everything of a sandbox (its log was evicted). */
+const ALL_SEQS = Number.MAX_SAFE_INTEGER;
 
 /** One sandbox's records in sequence order; the dropped head is skipped by `start`, compacted now and then. */
 class SandboxEgressLog {
@@ -60,6 +84,11 @@ class SandboxEgressLog {
   push(seq: number, record: EgressRecord): void {
     this.records.push(record);
     this.seqs.push(seq);
+  }
+
+  /** The sequence number of the oldest record kept; the next one's when none is. */
+  oldestSeq(next: number): number {
+    return this.size > 0 ? this.seqs[this.start]! : next;
   }
 
   dropOldest(): void {
@@ -110,15 +139,24 @@ function decodeToken(token: string): number {
  */
 export class EgressAuditLog {
   private readonly logs = new Map<string, SandboxEgressLog>();
-  private readonly options: Required<Omit<EgressAuditOptions, "now">>;
+  private readonly options: Required<Omit<EgressAuditOptions, "now" | "store" | "flushIntervalMs">>;
   private readonly now: () => number;
   private nextSeq = 1;
   private total = 0;
   private lastSweep = 0;
+  private lastFlushSweep = 0;
   private readonly connections = new Map<string, { protocol: string; verdict: string; count: number }>();
   private bytesOut = 0;
   private bytesIn = 0;
   private readonly finishedRecords = new WeakSet<EgressRecord>();
+  private readonly store: EgressAuditStore | undefined;
+  /** Each kept record's sequence number (for the store). */
+  private readonly seqOf = new WeakMap<EgressRecord, number>();
+  /** Records to write at the next flush, in the order they became dirty. */
+  private readonly dirty = new Set<EgressRecord>();
+  /** Sandboxes whose oldest records were dropped since the last flush. */
+  private readonly dropped = new Set<string>();
+  private readonly flushTimer: NodeJS.Timeout | undefined;
 
   constructor(options: EgressAuditOptions = {}) {
     this.options = {
@@ -128,6 +166,56 @@ export class EgressAuditLog {
       maxTotalRecords: Math.max(1, options.maxTotalRecords ?? EGRESS_AUDIT_DEFAULTS.maxTotalRecords),
     };
     this.now = options.now ?? Date.now;
+    this.store = options.store;
+    if (this.store) {
+      this.load(this.store);
+      this.flushTimer = setInterval(() => this.flush(), options.flushIntervalMs ?? 1000);
+      this.flushTimer.unref();
+    }
+  }
+
+  /** Writes what changed since the last flush to the store (AUDIT_PERSISTENCE_NOTE). Never throws. */
+  flush(): void {
+    if (!this.store || (this.dirty.size === 0 && this.dropped.size === 0 && this.now() - this.lastFlushSweep < SWEEP_INTERVAL_MS)) return;
+    const upserts = [];
+    for (const rec of this.dirty) {
+      if (upserts.length >= FLUSH_MAX_ROWS) break;
+      this.dirty.delete(rec);
+      const seq = this.seqOf.get(rec);
+      if (seq !== undefined) upserts.push({ seq, sandboxId: rec.sandboxId, time: rec.time, body: JSON.stringify(rec) });
+    }
+    const dropBefore = [...this.dropped].map((sandboxId) => ({ sandboxId, seq: this.logs.get(sandboxId)?.oldestSeq(this.nextSeq) ?? ALL_SEQS }));
+    this.dropped.clear();
+    this.lastFlushSweep = this.now();
+    try {
+      this.store.writeEgressAudit({ upserts, dropBefore, dropOlderThan: this.now() - this.options.retentionMs });
+    } catch (err) {
+      // The memory log is whole; the database catches up at a later flush (or loses this one's rows).
+      logger.warn("could not write the egress audit log to the database", { error: String(err) });
+    }
+  }
+
+  /** Flushes and stops the timer. */
+  close(): void {
+    if (this.flushTimer) clearInterval(this.flushTimer);
+    while (this.dirty.size > 0 || this.dropped.size > 0) this.flush();
+  }
+
+  private load(store: EgressAuditStore): void {
+    const rows = store.loadEgressAudit(this.now() - this.options.retentionMs, this.options.maxTotalRecords);
+    for (const row of rows) {
+      let rec: EgressRecord;
+      try {
+        rec = JSON.parse(row.body) as EgressRecord;
+      } catch {
+        continue;
+      }
+      if (typeof rec !== "object" || rec === null || rec.sandboxId !== row.sandboxId) continue;
+      this.keep(rec, row.seq);
+      this.finishedRecords.add(rec);
+    }
+    if (rows.length > 0) this.nextSeq = rows.at(-1)!.seq + 1;
+    // What the bounds dropped while loading goes from the database at the first flush.
   }
 
   /**
@@ -146,6 +234,12 @@ export class EgressAuditLog {
     else this.connections.set(key, { protocol: rec.protocol, verdict: rec.verdict, count: 1 });
 
     this.sweepNowAndThen();
+    this.keep(rec, this.nextSeq++);
+    if (this.store) this.dirty.add(rec);
+  }
+
+  /** Adds `rec` with sequence number `seq` to its sandbox's log, within the bounds. */
+  private keep(rec: EgressRecord, seq: number): void {
     let log = this.logs.get(rec.sandboxId);
     if (log) {
       // Map order is activity order: the first log is the least recently active.
@@ -155,12 +249,13 @@ export class EgressAuditLog {
       log = new SandboxEgressLog();
     }
     this.logs.set(rec.sandboxId, log);
-    log.push(this.nextSeq++, rec);
+    log.push(seq, rec);
+    this.seqOf.set(rec, seq);
     this.total++;
-    if (log.size > this.options.maxRecordsPerSandbox) this.dropOldest(log);
+    if (log.size > this.options.maxRecordsPerSandbox) this.dropOldest(rec.sandboxId, log);
     while (this.total > this.options.maxTotalRecords) {
       const [oldestId, oldest] = this.logs.entries().next().value as [string, SandboxEgressLog];
-      this.dropOldest(oldest);
+      this.dropOldest(oldestId, oldest);
       if (oldest.size === 0) this.logs.delete(oldestId);
     }
   }
@@ -171,6 +266,8 @@ export class EgressAuditLog {
     this.finishedRecords.add(rec);
     if (Number.isFinite(rec.bytesOut) && rec.bytesOut! > 0) this.bytesOut += rec.bytesOut!;
     if (Number.isFinite(rec.bytesIn) && rec.bytesIn! > 0) this.bytesIn += rec.bytesIn!;
+    // Its bytes and duration are final now: written again (if it is still kept).
+    if (this.store && this.seqOf.has(rec)) this.dirty.add(rec);
   }
 
   /** True while records of this sandbox are kept. */
@@ -221,23 +318,34 @@ export class EgressAuditLog {
     ];
   }
 
-  private dropOldest(log: SandboxEgressLog): void {
+  private dropOldest(sandboxId: string, log: SandboxEgressLog): void {
+    const rec = log.records[log.start];
+    if (rec) this.forget(rec);
     log.dropOldest();
     this.total--;
+    if (this.store) this.dropped.add(sandboxId);
   }
 
   private evictLog(sandboxId: string): void {
     const log = this.logs.get(sandboxId);
     if (!log) return;
+    for (let index = log.start; index < log.records.length; index++) this.forget(log.records[index]!);
     this.total -= log.size;
     this.logs.delete(sandboxId);
+    if (this.store) this.dropped.add(sandboxId);
+  }
+
+  /** A dropped record is never written (again). */
+  private forget(rec: EgressRecord): void {
+    this.seqOf.delete(rec);
+    this.dirty.delete(rec);
   }
 
   /** Drops this log's records past retention, and the log when nothing is left. */
   private expire(sandboxId: string, log: SandboxEgressLog): void {
     const cutoff = this.now() - this.options.retentionMs;
     // Records are in the order they were decided; a `time` out of order only delays its drop.
-    while (log.size > 0 && log.oldestTime()! < cutoff) this.dropOldest(log);
+    while (log.size > 0 && log.oldestTime()! < cutoff) this.dropOldest(sandboxId, log);
     if (log.size === 0) this.logs.delete(sandboxId);
   }
 

@@ -3,6 +3,9 @@ import Database from "better-sqlite3";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { sandboxFromBody, snapshotFromBody } from "./legacy-records.js";
 import type {
+  EgressAuditChange,
+  EgressAuditRow,
+  EgressAuditStore,
   EventRecord,
   PoolEntryRecord,
   SandboxQuery,
@@ -73,6 +76,14 @@ CREATE TABLE IF NOT EXISTS template_builds (
   body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS template_builds_template ON template_builds (template_id, created_at);
+CREATE TABLE IF NOT EXISTS egress_audit (
+  seq INTEGER PRIMARY KEY,
+  sandbox_id TEXT NOT NULL,
+  time INTEGER NOT NULL,
+  body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS egress_audit_sandbox ON egress_audit (sandbox_id, seq);
+CREATE INDEX IF NOT EXISTS egress_audit_time ON egress_audit (time);
 `;
 
 interface SandboxRow {
@@ -95,7 +106,7 @@ interface SecretRow {
  * SQLite store: one file in the state directory, WAL mode. Columns that queries filter on
  * are real columns; the rest of the record is a JSON body.
  */
-export class SqliteStore implements Store, TemplateBuildStore {
+export class SqliteStore implements Store, TemplateBuildStore, EgressAuditStore {
   private readonly db: Database.Database;
   private readonly insertStmt: Database.Statement;
   private readonly updateStmt: Database.Statement;
@@ -328,6 +339,23 @@ export class SqliteStore implements Store, TemplateBuildStore {
   async unfinishedTemplateBuilds(): Promise<TemplateBuildRecord[]> {
     const rows = this.db.prepare("SELECT body FROM template_builds WHERE status IN ('waiting', 'building') ORDER BY created_at").all() as SandboxRow[];
     return rows.map((row) => JSON.parse(row.body) as TemplateBuildRecord);
+  }
+
+  writeEgressAudit(change: EgressAuditChange): void {
+    const upsert = this.db.prepare("INSERT OR REPLACE INTO egress_audit (seq, sandbox_id, time, body) VALUES (?, ?, ?, ?)");
+    const dropBefore = this.db.prepare("DELETE FROM egress_audit WHERE sandbox_id = ? AND seq < ?");
+    this.db.transaction(() => {
+      for (const row of change.upserts) upsert.run(row.seq, row.sandboxId, Math.floor(row.time), row.body);
+      for (const drop of change.dropBefore) dropBefore.run(drop.sandboxId, drop.seq);
+      this.db.prepare("DELETE FROM egress_audit WHERE time < ?").run(Math.floor(change.dropOlderThan));
+    })();
+  }
+
+  loadEgressAudit(since: number, limit: number): EgressAuditRow[] {
+    const rows = this.db
+      .prepare("SELECT seq, sandbox_id AS sandboxId, time, body FROM egress_audit WHERE time >= ? ORDER BY seq DESC LIMIT ?")
+      .all(Math.floor(since), Math.max(0, Math.floor(limit))) as EgressAuditRow[];
+    return rows.reverse();
   }
 
   async knowsRuntimeId(runtimeId: string): Promise<boolean> {

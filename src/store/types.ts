@@ -231,6 +231,35 @@ export interface TemplateBuildStore {
   unfinishedTemplateBuilds(): Promise<TemplateBuildRecord[]>;
 }
 
+/** One egress audit record as stored: its sequence number, sandbox and time, the rest as JSON. */
+export interface EgressAuditRow {
+  seq: number;
+  sandboxId: string;
+  /** Epoch ms (the record's `time`). */
+  time: number;
+  body: string;
+}
+
+/** What one flush of the egress audit log changes, applied in one transaction. */
+export interface EgressAuditChange {
+  /** Rows written or rewritten (a connection's bytes grow after it was first written). */
+  upserts: EgressAuditRow[];
+  /** Per sandbox, rows with a smaller seq go (the log dropped them; MAX_SAFE_INTEGER: all). */
+  dropBefore: { sandboxId: string; seq: number }[];
+  /** Rows older than this (epoch ms) go: the retention. */
+  dropOlderThan: number;
+}
+
+/**
+ * Where the egress audit log keeps its records across restarts (the SQLite store). Synchronous:
+ * a flush is one short transaction, run from a timer.
+ */
+export interface EgressAuditStore {
+  writeEgressAudit(change: EgressAuditChange): void;
+  /** The newest `limit` rows with time ≥ `since`, in seq order. */
+  loadEgressAudit(since: number, limit: number): EgressAuditRow[];
+}
+
 export interface EventRecord {
   sandboxId: string;
   at: number;

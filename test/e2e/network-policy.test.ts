@@ -244,7 +244,16 @@ describe("recovery", () => {
     const open = await create();
     const fenced = await create({ network: { denyOut: ["0.0.0.0/0"], allowOut: [inet.http.name] } });
     const closed = await create({ allowInternetAccess: false });
+    // Its egress audit too (AUDIT_PERSISTENCE_NOTE): written within a second, kept across a crash.
+    assert.equal(await status(fenced, inet.http.url), "200");
+    assert.equal(await status(fenced, `http://${inet.evil.address}/`), "000");
+    await new Promise((resolve) => setTimeout(resolve, 1500));
     await server.crashAndRestart();
+    const audit = await server.api("GET", `/sandboxes/${fenced.sandboxId}/network/egress?limit=100`);
+    assert.equal(audit.status, 200, JSON.stringify(audit.json));
+    const kept = audit.json as { protocol: string; address: string; verdict: string; bytesIn?: number }[];
+    assert.ok(kept.some((r) => r.protocol === "tcp" && r.verdict === "allowed" && r.address === inet.http.address && (r.bytesIn ?? 0) > 0), JSON.stringify(kept));
+    assert.ok(kept.some((r) => r.protocol === "tcp" && r.verdict === "denied" && r.address === inet.evil.address), JSON.stringify(kept));
     assert.equal(await status(open, `http://${inet.evil.address}/`), "200");
     assert.equal(await status(fenced, inet.http.url), "200");
     assert.equal(await status(fenced, `http://${inet.evil.address}/`), "000");
