@@ -46,8 +46,16 @@ interface CachedTemplates {
   checkedAt: number;
 }
 
-function toInfo(record: TemplateRecord, bandwidthByName: Record<string, { egressMbps?: number; ingressMbps?: number }> = {}): TemplateInfo {
-  const bandwidth = [record.templateId, ...record.aliases].map((name) => bandwidthByName[name]).find((limits) => limits !== undefined);
+/** What the operator configured per template id or alias (the first name that has a setting wins). */
+interface TemplateSettings {
+  bandwidth: Record<string, { egressMbps?: number; ingressMbps?: number }>;
+  runtime: Record<string, "container" | "microvm">;
+}
+
+function toInfo(record: TemplateRecord, settings: TemplateSettings = { bandwidth: {}, runtime: {} }): TemplateInfo {
+  const names = [record.templateId, ...record.aliases];
+  const bandwidth = names.map((name) => settings.bandwidth[name]).find((limits) => limits !== undefined);
+  const runtime = names.map((name) => settings.runtime[name]).find((value) => value !== undefined);
   return {
     templateId: record.templateId,
     aliases: record.aliases,
@@ -58,6 +66,7 @@ function toInfo(record: TemplateRecord, bandwidthByName: Record<string, { egress
     ...(record.startCmd ? { startCmd: record.startCmd } : {}),
     ...(record.readyCmd ? { readyCmd: record.readyCmd } : {}),
     ...(bandwidth ? { bandwidth } : {}),
+    ...(runtime ? { runtime } : {}),
   };
 }
 
@@ -68,8 +77,8 @@ function toInfo(record: TemplateRecord, bandwidthByName: Record<string, { egress
  * whether another process (`./cubicle template build`, a removal) changed them. A build
  * through `ensure` drops them at once.
  */
-export function createTemplateCatalog(config: Pick<CubicleConfig, "templateDir"> & Partial<Pick<CubicleConfig, "templateBandwidth" | "builtTemplateDir">>, options: TemplateCatalogOptions = {}): ServerTemplateCatalog {
-  const bandwidth = config.templateBandwidth ?? {};
+export function createTemplateCatalog(config: Pick<CubicleConfig, "templateDir"> & Partial<Pick<CubicleConfig, "templateBandwidth" | "templateRuntime" | "builtTemplateDir">>, options: TemplateCatalogOptions = {}): ServerTemplateCatalog {
+  const settings: TemplateSettings = { bandwidth: config.templateBandwidth ?? {}, runtime: config.templateRuntime ?? {} };
   const access = options.access ?? { listTemplates, ensureTemplate, templatesVersion };
   const revalidateAfterMs = options.revalidateAfterMs ?? 1_000;
   const now = options.now ?? Date.now;
@@ -121,11 +130,11 @@ export function createTemplateCatalog(config: Pick<CubicleConfig, "templateDir">
         const tag = idOrAlias.slice(colon + 1);
         if (named && (tag === "default" || (named.tags?.[tag] !== undefined && named.tags[tag] === named.buildId))) record = named;
       }
-      return record && toInfo(record, bandwidth);
+      return record && toInfo(record, settings);
     },
     async ensure(idOrAlias, ensureOptions) {
       try {
-        return toInfo(await access.ensureTemplate(config, idOrAlias, { force: ensureOptions?.force, onProgress: ensureOptions?.onProgress }), bandwidth);
+        return toInfo(await access.ensureTemplate(config, idOrAlias, { force: ensureOptions?.force, onProgress: ensureOptions?.onProgress }), settings);
       } finally {
         forget();
       }

@@ -14,6 +14,11 @@ export interface TemplateInfo {
   readyCmd?: string;
   /** Default rate limits of its sandboxes (the operator's CUBICLE_TEMPLATE_BANDWIDTH); none when absent. */
   bandwidth?: { egressMbps?: number; ingressMbps?: number };
+  /**
+   * The runtime its sandboxes run in unless a create names one (the operator's
+   * CUBICLE_TEMPLATE_RUNTIME); absent: the host's default (containers).
+   */
+  runtime?: "container" | "microvm";
 }
 
 /** Where the core finds templates (the template component implements it). */

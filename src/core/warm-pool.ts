@@ -70,6 +70,10 @@ export class WarmPool {
         log.warn("pool template not found; no pool for it", { template: idOrAlias });
         continue;
       }
+      if (template.runtime !== undefined && template.runtime !== this.options.runtime.name) {
+        log.warn("pool entries are containers; this template runs in another runtime, so it has no pool", { template: idOrAlias, runtime: template.runtime });
+        continue;
+      }
       this.targets.set(template.templateId, { size, template });
     }
     for (const templateId of this.targets.keys()) this.refill(templateId);

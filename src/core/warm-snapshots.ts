@@ -57,6 +57,8 @@ export class WarmSnapshots {
 
   /** Configured for it, or the template has a start command (TEMPLATE_START_NOTE: its sandboxes start from the image). */
   isEnabled(template: TemplateInfo): boolean {
+    // Warm snapshots are the default runtime's images.
+    if (template.runtime !== undefined && template.runtime !== this.options.runtime.name) return false;
     return this.enabled.has(template.templateId) || template.aliases.some((alias) => this.enabled.has(alias)) || template.startCmd !== undefined;
   }
 

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import os from "node:os";
 import { test } from "node:test";
-import { defaultMaxMemoryMB, defaultRunDir, loadConfig, parseHttpsPort } from "./config.js";
+import { defaultMaxMemoryMB, defaultRunDir, loadConfig, parseHttpsPort, parseTemplateRuntime } from "./config.js";
 
 test("create limits default to the host: its cores, its memory less 1 GiB, 64 GiB of disk; secure sandboxes are required", () => {
   const config = loadConfig({});
@@ -112,4 +112,10 @@ test("CUBICLE_MICROVM takes off, tcg or kvm and refuses anything else at start",
   assert.equal(loadConfig({ CUBICLE_MICROVM: "TCG" }).microvm, "tcg");
   assert.equal(loadConfig({ CUBICLE_MICROVM: "kvm" }).microvm, "kvm");
   assert.throws(() => loadConfig({ CUBICLE_MICROVM: "qemu" }), /CUBICLE_MICROVM/);
+});
+
+test("CUBICLE_TEMPLATE_RUNTIME names container or microvm per template; anything else stops the start", () => {
+  assert.deepEqual(loadConfig({ CUBICLE_TEMPLATE_RUNTIME: "code-interpreter-v1=microvm, base=container" }).templateRuntime, { "code-interpreter-v1": "microvm", base: "container" });
+  assert.deepEqual(loadConfig({}).templateRuntime, {});
+  for (const bad of ["base", "base=kvm", "=microvm", "base=microvm,", "ba se=microvm"]) assert.throws(() => parseTemplateRuntime(bad), /CUBICLE_TEMPLATE_RUNTIME/, bad);
 });

@@ -150,6 +150,24 @@ export interface CubicleConfig {
    * create's `network.bandwidth` overrides them. Off unless set.
    */
   templateBandwidth: Record<string, { egressMbps?: number; ingressMbps?: number }>;
+  /**
+   * The runtime per template id or alias (CUBICLE_TEMPLATE_RUNTIME, e.g.
+   * `code-interpreter-v1=microvm`): its sandboxes run there unless a create names a runtime.
+   * Templates not named run in containers.
+   */
+  templateRuntime: Record<string, "container" | "microvm">;
+}
+
+/** CUBICLE_TEMPLATE_RUNTIME: `<template>=container|microvm` pairs, comma-separated. */
+export function parseTemplateRuntime(raw: string | undefined): Record<string, "container" | "microvm"> {
+  const runtimes: Record<string, "container" | "microvm"> = {};
+  if (raw === undefined || raw.trim() === "") return runtimes;
+  for (const part of raw.split(",")) {
+    const match = /^([A-Za-z0-9][A-Za-z0-9_.:-]{0,127})=(container|microvm)$/.exec(part.trim());
+    if (!match) throw new Error(`CUBICLE_TEMPLATE_RUNTIME: "${part.trim()}" is not <template>=container or <template>=microvm`);
+    runtimes[match[1]!] = match[2] as "container" | "microvm";
+  }
+  return runtimes;
 }
 
 /** CUBICLE_TEMPLATE_BANDWIDTH: `<template>=<egress>/<ingress>` Mbit/s pairs, comma-separated. */
@@ -341,6 +359,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     dnsUpstreams: parseDnsUpstreams(env.CUBICLE_DNS_UPSTREAM),
     egressPrivateAllow: parsePrivateAllow(env.CUBICLE_EGRESS_PRIVATE_ALLOW),
     templateBandwidth: parseTemplateBandwidth(env.CUBICLE_TEMPLATE_BANDWIDTH),
+    templateRuntime: parseTemplateRuntime(env.CUBICLE_TEMPLATE_RUNTIME),
     egressCaFiles: parseCaFiles(env.CUBICLE_EGRESS_CA_FILE),
     registry: {
       ...(env.CUBICLE_REGISTRY_MIRROR?.trim() ? { mirror: env.CUBICLE_REGISTRY_MIRROR.trim() } : {}),

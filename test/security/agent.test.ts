@@ -56,9 +56,11 @@ function routed(port: number, urlPath: string, init: { method?: string; headers?
 function routedOnOwnConnection(port: number, urlPath: string, headers: Record<string, string>, body: Buffer): Promise<{ status: number; text: string }> {
   return new Promise((resolve, reject) => {
     const url = new URL(server.url);
+    let answered = false;
     const req = http.request(
       { host: url.hostname, port: url.port, path: urlPath, method: "POST", agent: false, headers: { "e2b-sandbox-id": sandbox.sandboxId, "e2b-sandbox-port": String(port), "content-length": body.length, ...headers } },
       (res) => {
+        answered = true;
         let text = "";
         res.on("data", (chunk: Buffer) => (text += chunk.toString()));
         res.on("end", () => {
@@ -68,7 +70,19 @@ function routedOnOwnConnection(port: number, urlPath: string, headers: Record<st
       },
     );
     req.on("error", (error) => reject(error));
-    req.end(body);
+    // The body goes in chunks, each after the last drained, and stops once the answer is in: a
+    // server that answers early and closes would otherwise meet our writes (EPIPE) before our
+    // side has read its answer.
+    let offset = 0;
+    const pump = () => {
+      while (!answered && offset < body.length) {
+        const chunk = body.subarray(offset, offset + 256 * 1024);
+        offset += chunk.length;
+        if (!req.write(chunk)) return void req.once("drain", pump);
+      }
+      if (!answered) req.end();
+    };
+    pump();
   });
 }
 

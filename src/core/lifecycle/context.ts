@@ -108,7 +108,7 @@ export class LifecycleContext {
       networkConfig: template.bandwidth && request.networkConfig?.bandwidth === undefined ? { ...request.networkConfig, bandwidth: template.bandwidth } : request.networkConfig,
       lifecycle: { autoResume: request.autoResume, onTimeout: request.autoPause ? "pause" : "kill" },
       network: undefined,
-      runtime: request.runtime ?? this.ports.runtime.name,
+      runtime: request.runtime ?? template.runtime ?? this.ports.runtime.name,
       endReason: undefined,
       timeoutSec: request.timeoutSec,
     };

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { RuntimeSet } from "../../runtime/runtime-set.js";
-import { createRequest, failOnce, FakeRuntime, lastInit, until, withFakeManager } from "../test-fakes.js";
+import { createRequest, failOnce, fakeTemplate, fakeTemplates, FakeRuntime, lastInit, until, withFakeManager } from "../test-fakes.js";
 
 test("a cold create records the sandbox, makes its network and container, and hands its agent its identity", async () => {
   await withFakeManager({}, async (f) => {
@@ -111,5 +111,30 @@ test("with a runtime set, a create's runtime picks the runtime; the record says 
   });
   await withFakeManager({}, async (f) => {
     await assert.rejects(f.manager.create({ ...createRequest(), runtime: "microvm" }), /cannot run microvm sandboxes/);
+  });
+});
+
+test("a template's runtime (CUBICLE_TEMPLATE_RUNTIME) is its sandboxes' unless a create names one; no pool or warm snapshot for it; a host without it refuses with the reason", async () => {
+  const vmTemplate = { ...fakeTemplate, templateId: "vm-base", aliases: ["vm-base"], runtime: "microvm" as const };
+  const templates = { resolve: async (name: string) => (name === "vm-base" ? vmTemplate : fakeTemplates.resolve(name)) };
+  const container = new FakeRuntime();
+  const microvm = new FakeRuntime({ name: "microvm" });
+  await withFakeManager({ runtime: new RuntimeSet([container, microvm]), templates, poolSizes: { "vm-base": 1 }, warmSnapshotTemplates: ["vm-base"] }, async (f) => {
+    await f.manager.startPools();
+    assert.equal(f.manager.poolCounts()["vm-base"], undefined, "no container pool for a microVM template");
+    const vm = await f.manager.create(createRequest({ templateId: "vm-base" }));
+    assert.equal(vm.runtime, "microvm");
+    assert.ok(microvm.containers.has(vm.sandboxId));
+    const overridden = await f.manager.create(createRequest({ templateId: "vm-base", runtime: "container" }));
+    assert.equal(overridden.runtime, "container");
+    assert.ok(container.containers.has(overridden.sandboxId));
+    assert.equal(f.manager.warmSnapshotCounts()["vm-base"], undefined, "no warm snapshot (a container image) for it");
+    await f.manager.killAll();
+  });
+  await withFakeManager({ templates }, async (f) => {
+    await assert.rejects(f.manager.create(createRequest({ templateId: "vm-base" })), (err: CubicleError) => err.code === "failed_precondition" && /cannot run microvm sandboxes \(template vm-base runs there/.test(err.message));
+    const box = await f.manager.create(createRequest({ templateId: "vm-base", runtime: "container" }));
+    assert.equal(box.runtime, "container");
+    await f.manager.killAll();
   });
 });

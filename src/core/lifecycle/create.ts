@@ -30,12 +30,9 @@ export class Creation {
 
   async create(request: CreateSandboxRequest): Promise<SandboxRecord> {
     this.ctx.refuseWhenClosed();
-    const { runtime } = this.ctx.ports;
-    if (request.runtime !== undefined && !(runtime.runs ? runtime.runs(request.runtime) : runtime.name === request.runtime)) {
-      throw new CubicleError("failed_precondition", `this host cannot run ${request.runtime} sandboxes: it runs ${runtime.name} sandboxes only (the microVM runtime is not available yet)`);
-    }
-    // Pool entries and warm snapshots are the default runtime's.
-    const defaultRuntime = request.runtime === undefined || request.runtime === runtime.name;
+    this.refuseRuntimeNotHere(request.runtime, "");
+    // Pool entries and warm snapshots are the default runtime's (pools skip templates of another).
+    const defaultRuntime = request.runtime === undefined || request.runtime === this.ctx.ports.runtime.name;
     const claimed = defaultRuntime ? this.pool.claim({ templateIdOrAlias: request.templateId, cpuCount: request.cpuCount, memoryMB: request.memoryMB, diskSizeMB: request.diskSizeMB }) : undefined;
     if (claimed) {
       const record = await this.createFromPoolEntry(request, claimed.template, claimed.entry);
@@ -47,8 +44,16 @@ export class Creation {
       if (snapshot && !snapshot.hidden) return this.ctx.starts.run("create", () => this.createFromSnapshot(request, snapshot));
       throw new CubicleError("not_found", `template or snapshot "${request.templateId}" not found; list templates with \`./cubicle template ls\` and snapshots with GET /snapshots`);
     }
+    if (request.runtime === undefined) this.refuseRuntimeNotHere(template.runtime, ` (template ${template.templateId} runs there: CUBICLE_TEMPLATE_RUNTIME)`);
     // Refused at once (429/503) when it cannot be served; else it waits for a start slot (ADMISSION_NOTE).
     return this.ctx.starts.run("create", () => this.createFromTemplate(request, template));
+  }
+
+  /** A runtime this host does not run is a 400, before anything starts. */
+  private refuseRuntimeNotHere(wanted: CreateSandboxRequest["runtime"], why: string): void {
+    const { runtime } = this.ctx.ports;
+    if (wanted === undefined || (runtime.runs ? runtime.runs(wanted) : runtime.name === wanted)) return;
+    throw new CubicleError("failed_precondition", `this host cannot run ${wanted} sandboxes${why}: it runs ${runtime.name} sandboxes only (CUBICLE_MICROVM is off)`);
   }
 
   /** A create without a pool entry: a restore of the template's warm snapshot, or a boot. */
@@ -56,7 +61,7 @@ export class Creation {
     const { ctx } = this;
     ctx.refuseWhenClosed();
     const record = ctx.newRecord(request, template, aliasOf(template, request.templateId));
-    const defaultRuntime = request.runtime === undefined || request.runtime === ctx.ports.runtime.name;
+    const defaultRuntime = (request.runtime ?? template.runtime ?? ctx.ports.runtime.name) === ctx.ports.runtime.name;
     const warmImage = defaultRuntime && this.warmSnapshotFits(request, template) ? await this.warmSnapshots.imageFor(template) : undefined;
     await ctx.table.add(record);
     if (warmImage) {
