@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto";
-import { readFile, rm, writeFile, mkdir } from "node:fs/promises";
+import { chmod, mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger } from "../../shared/log.js";
@@ -9,7 +9,7 @@ import type { CheckpointInfo, Runtime, RuntimeState, SandboxSpec, SandboxStats }
 import { createOverlay, kitDiskImage, removeOverlay, templateDiskImage, type DiskImage } from "./disk-images.js";
 import { agentLaunchFile, prepareGuestAssets, type GuestAssets } from "./guest-assets.js";
 import { attachGuestNetwork, releaseGuestNetwork } from "./net.js";
-import { macAddressFrom, startMicrovm, type Accelerator, type Microvm, type QemuLauncher } from "./qemu.js";
+import { MICROVM_UID_COUNT, MICROVM_UID_START, macAddressFrom, startMicrovm, type Accelerator, type Microvm, type QemuLauncher } from "./qemu.js";
 
 const log = createLogger("microvm");
 
@@ -36,6 +36,8 @@ interface Guest {
   memoryBytes: number;
   cpuCount: number;
   diskBytes: number;
+  /** Its QEMU's uid and gid (QEMU_CONFINE_NOTE). */
+  uid: number;
 }
 
 /**
@@ -47,7 +49,8 @@ interface Guest {
  * to disk, snapshots, fork, warm images) are refused (failed_precondition, a 400) until QEMU's
  * migration-to-file lands, and so are templates whose files are a build's layer image (a btrfs
  * layer the guest cannot mount). Guests do not survive a server restart yet (state() answers
- * "missing" for them after one).
+ * "missing" for them after one). Each QEMU is confined once started (QEMU_CONFINE_NOTE): a uid
+ * of its own, an empty chroot, QEMU's seccomp filter.
  */
 export class MicrovmRuntime implements Runtime {
   readonly name = "microvm" as const;
@@ -57,6 +60,8 @@ export class MicrovmRuntime implements Runtime {
   private kitImage: DiskImage | undefined;
   private readonly guests = new Map<string, Guest>();
   private readonly exitListeners: ((sandboxId: string) => void)[] = [];
+  /** The next guest uid to try (round robin over MICROVM_UID_COUNT: a freed id is reused late). */
+  private nextUid = 0;
   /** Sandboxes being torn down on purpose: their QEMU's end is no crash. */
   private readonly stopping = new Set<string>();
 
@@ -71,6 +76,23 @@ export class MicrovmRuntime implements Runtime {
     this.assets = await prepareGuestAssets(path.join(this.cacheDir, "assets"), this.config.kernelDeb ? { kernelDeb: this.config.kernelDeb } : {});
     this.kit = await assembleAgentKit(path.join(this.cacheDir, "kit"), kitSourcesIn(this.config.distDir));
     this.kitImage = await kitDiskImage(this.kit.dir, this.cacheDir);
+    // QEMU's chroot (QEMU_CONFINE_NOTE): empty, and not writable by the guests' uids.
+    await mkdir(this.chrootDir, { recursive: true, mode: 0o555 });
+    await chmod(this.chrootDir, 0o555);
+  }
+
+  private get chrootDir(): string {
+    return path.join(this.cacheDir, "empty");
+  }
+
+  /** A uid no live guest holds. */
+  private guestUid(): number {
+    const used = new Set([...this.guests.values()].map((guest) => guest.uid));
+    for (let tries = 0; tries < MICROVM_UID_COUNT; tries++) {
+      const uid = MICROVM_UID_START + (this.nextUid++ % MICROVM_UID_COUNT);
+      if (!used.has(uid)) return uid;
+    }
+    throw new CubicleError("resource_exhausted", "no guest uid is free");
   }
 
   async create(spec: SandboxSpec): Promise<void> {
@@ -91,6 +113,7 @@ export class MicrovmRuntime implements Runtime {
       await writeFile(launchFile, agentLaunchFile({ sandboxId: id, templateEnv: spec.template.env, kitCommand: kit.command }), { mode: 0o600 });
       await spec.networkReady;
       const guestNetwork = await attachGuestNetwork(spec.network, macAddressFrom(createHash("sha256").update(id).digest("hex")));
+      const uid = this.guestUid();
       const vm = await startMicrovm(
         {
           accel: this.config.accel,
@@ -104,6 +127,7 @@ export class MicrovmRuntime implements Runtime {
           launchFile,
           runDir: path.join(dir, "run"),
           netnsPath: spec.network.netnsPath,
+          confine: { uid, gid: uid, chrootDir: this.chrootDir },
         },
         this.config.launcher ? { launcher: this.config.launcher } : {},
       );
@@ -115,6 +139,7 @@ export class MicrovmRuntime implements Runtime {
         memoryBytes: spec.resources.memoryMiB * 1024 * 1024,
         cpuCount: spec.resources.cpuCount,
         diskBytes: spec.resources.diskMiB * 1024 * 1024,
+        uid,
       });
       void vm.exited.then(() => {
         if (this.stopping.has(id) || !this.guests.has(id)) return;

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
-import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, readlink, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
@@ -11,7 +11,7 @@ import { waitForAgentHealth } from "../container/test-helpers.js";
 import { createOverlay, kitDiskImage, removeOverlay, templateDiskImage } from "./disk-images.js";
 import { agentLaunchFile, prepareGuestAssets } from "./guest-assets.js";
 import { attachGuestNetwork, releaseGuestNetwork } from "./net.js";
-import { macAddressFrom, startMicrovm, type Microvm } from "./qemu.js";
+import { MICROVM_UID_START, macAddressFrom, startMicrovm, type Microvm } from "./qemu.js";
 import { builtHelper, guestSkipReason, localKernelDeb, makeTestNetwork, releaseTestNetwork, type TestSandboxNetwork } from "./test-helpers.js";
 
 const repo = path.resolve(path.dirname(new URL(import.meta.url).pathname), "../../..");
@@ -58,6 +58,9 @@ test("boots the base template in a microVM under TCG: the agent answers on the s
     const launchFile = path.join(stateDir, "launch");
     await writeFile(launchFile, agentLaunchFile({ sandboxId, templateEnv: template.env ?? {}, kitCommand: kit.command }), { mode: 0o600 });
     const overlay = path.join(stateDir, "sandboxes", sandboxId, "root.qcow2");
+    const chrootDir = path.join(stateDir, "empty");
+    await mkdir(chrootDir, { mode: 0o555 });
+    const guestUid = MICROVM_UID_START + 42;
 
     const bootMs: number[] = [];
     for (let boot = 0; boot < boots; boot++) {
@@ -76,8 +79,19 @@ test("boots the base template in a microVM under TCG: the agent answers on the s
         launchFile,
         runDir: path.join(stateDir, "sandboxes", sandboxId, "run"),
         netnsPath: network.netnsPath,
+        confine: { uid: guestUid, gid: guestUid, chrootDir },
       });
       const spawnedMs = performance.now() - started;
+      // Confined once started (QEMU_CONFINE_NOTE): its own ids, no capability, the filter, the chroot.
+      const status = await readFile(`/proc/${vm.pid}/status`, "utf8");
+      const field = (name: string) => new RegExp(`^${name}:\\s+(.*)$`, "m").exec(status)?.[1]?.trim();
+      assert.equal(field("Uid"), `${guestUid}\t${guestUid}\t${guestUid}\t${guestUid}`);
+      assert.equal(field("Gid"), `${guestUid}\t${guestUid}\t${guestUid}\t${guestUid}`);
+      assert.equal(field("CapEff"), "0000000000000000");
+      assert.equal(field("CapPrm"), "0000000000000000");
+      assert.equal(field("NoNewPrivs"), "1");
+      assert.equal(field("Seccomp"), "2");
+      assert.equal(await readlink(`/proc/${vm.pid}/root`), chrootDir);
       await waitForAgentHealth(network.sandboxAddress, 60_000).catch(async (err) => {
         throw new Error(`the agent did not answer: ${(err as Error).message}\n--- console ---\n${await vm!.consoleTail()}`);
       });

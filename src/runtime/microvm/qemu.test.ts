@@ -8,7 +8,7 @@ import { runCommand } from "../../shared/exec.js";
 import { SandboxHelper } from "../container/sandbox-helper.js";
 import { createOverlay } from "./disk-images.js";
 import { prepareGuestAssets } from "./guest-assets.js";
-import { buildQemuArgv, helperLauncher, hostTscKhz, kernelCommandLine, macAddressFrom, nsenterLauncher, probeKvm, startMicrovm, type Microvm, type MicrovmConfig } from "./qemu.js";
+import { buildQemuArgv, helperLauncher, hostTscKhz, kernelCommandLine, MICROVM_UID_COUNT, MICROVM_UID_START, macAddressFrom, nsenterLauncher, probeKvm, startMicrovm, type Microvm, type MicrovmConfig } from "./qemu.js";
 import { builtHelper, guestSkipReason, localKernelDeb, makeTestNetwork, releaseTestNetwork } from "./test-helpers.js";
 
 const config: MicrovmConfig = {
@@ -63,6 +63,22 @@ test("refuses what QEMU's option syntax or the guest's command line would misrea
   assert.equal(macAddressFrom("0123456789abcdef"), "02:01:23:45:67:89");
   assert.equal(hostTscKhz("processor\t: 0\ncpu MHz\t\t: 2096.013\n"), 2096013);
   assert.equal(hostTscKhz("processor\t: 0\n"), undefined);
+});
+
+test("a confined QEMU gets the seccomp filter, its own uid and gid and an empty chroot (QEMU_CONFINE_NOTE); bad ones are refused", () => {
+  const uid = MICROVM_UID_START + 7;
+  const argv = buildQemuArgv({ ...config, confine: { uid, gid: uid, chrootDir: "/var/lib/cubicle/microvm/empty" } });
+  const after = (flag: string) => argv[argv.indexOf(flag) + 1];
+  assert.equal(after("-sandbox"), "on,obsolete=deny,elevateprivileges=allow,spawn=allow,resourcecontrol=deny");
+  assert.equal(after("-runas"), `${uid}:${uid}`);
+  assert.equal(after("-chroot"), "/var/lib/cubicle/microvm/empty");
+  assert.ok(!buildQemuArgv(config).includes("-runas"), "unconfined unless asked");
+  for (const bad of [0, 1000, MICROVM_UID_START - 1, MICROVM_UID_START + MICROVM_UID_COUNT, 1.5]) {
+    assert.throws(() => buildQemuArgv({ ...config, confine: { uid: bad, gid: uid, chrootDir: "/empty" } }), /uid\/gid/, String(bad));
+  }
+  assert.throws(() => buildQemuArgv({ ...config, confine: { uid, gid: uid, chrootDir: "relative" } }), /chroot/);
+  assert.throws(() => buildQemuArgv({ ...config, confine: { uid, gid: uid, chrootDir: "/a,b" } }), /chroot/);
+  assert.ok(MICROVM_UID_START + MICROVM_UID_COUNT <= 2 ** 30, "below the containers' ranges");
 });
 
 test("probeKvm answers no at once where KVM cannot run a guest", async (t) => {

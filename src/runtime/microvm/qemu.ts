@@ -58,7 +58,33 @@ export interface MicrovmConfig {
   startPaused?: boolean;
   /** TCG only: the guest's TSC rate in kHz (TCG_CLOCK_NOTE); default hostTscKhz(). */
   tscKhz?: number;
+  /** Where QEMU goes once it has opened what it needs (QEMU_CONFINE_NOTE); none: it stays root. */
+  confine?: QemuConfinement;
 }
+
+/**
+ * QEMU_CONFINE_NOTE: a guest that breaks out of the emulator (a device model bug) lands in a
+ * process that is as small as QEMU can be made. After it has opened everything (kernel,
+ * initramfs, disks, tap, the serial log, the QMP socket, /dev/kvm) QEMU chroots into an empty
+ * read-only directory (`-chroot`) and becomes a uid and gid of its own (`-runas`, one per
+ * guest, below the container ranges: MICROVM_UID_START), so it holds no capability and can open
+ * no host file, reach no other guest's process and make no device; `-sandbox on` adds QEMU's
+ * seccomp filter (NoNewPrivs, and no obsolete, resource-control or privileged syscalls). Two of
+ * the filter's switches stay open, measured on QEMU 7.2: `spawn=deny` kills `-daemonize` (its
+ * fork) and `elevateprivileges=deny` kills the `-runas` setuid that comes after the filter; the
+ * setuid drops every capability anyway, and with the chroot a spawn finds no program to run.
+ * Later work (memory snapshots) hands QEMU its files as descriptors over QMP, not by path.
+ */
+export interface QemuConfinement {
+  uid: number;
+  gid: number;
+  /** An empty directory QEMU cannot write. */
+  chrootDir: string;
+}
+
+/** Guests' uids and gids: MICROVM_UID_COUNT ids just below the containers' ranges (2^30). */
+export const MICROVM_UID_START = 2 ** 30 - 2 ** 20;
+export const MICROVM_UID_COUNT = 2 ** 20;
 
 /**
  * TCG_CLOCK_NOTE: under TCG the guest's TSC is the host's (QEMU reads the host's counter), but
@@ -185,6 +211,14 @@ export function buildQemuArgv(config: MicrovmConfig): string[] {
   }
   if (config.launchFile) argv.push("-fw_cfg", `name=${LAUNCH_FW_CFG_NAME},file=${config.launchFile}`);
   if (config.startPaused) argv.push("-S");
+  if (config.confine) {
+    const { uid, gid, chrootDir } = config.confine;
+    for (const id of [uid, gid]) {
+      if (!Number.isInteger(id) || id < MICROVM_UID_START || id >= MICROVM_UID_START + MICROVM_UID_COUNT) throw new CubicleError("invalid_argument", `a guest's uid/gid ${id} is outside ${MICROVM_UID_START}-${MICROVM_UID_START + MICROVM_UID_COUNT - 1}`);
+    }
+    if (!path.isAbsolute(chrootDir) || chrootDir.includes(",")) throw new CubicleError("invalid_argument", `the chroot directory ${chrootDir} must be an absolute path without commas`);
+    argv.push("-sandbox", "on,obsolete=deny,elevateprivileges=allow,spawn=allow,resourcecontrol=deny", "-runas", `${uid}:${gid}`, "-chroot", chrootDir);
+  }
   return argv;
 }
 
