@@ -1,8 +1,9 @@
 /**
  * The microVM runtime (first slice) through the server: with CUBICLE_MICROVM=tcg a create that
  * asks for `runtime: "microvm"` boots a QEMU guest (its own kernel) with the agent, which the
- * official SDK then drives like any sandbox; a kill ends QEMU and leaves nothing; what is not
- * there yet (snapshots) is a clear error. Skipped where QEMU or the guest kernel package is missing.
+ * official SDK then drives like any sandbox; a server crash leaves it running and the next server
+ * adopts it; a kill ends QEMU and leaves nothing; what is not there yet (snapshots) is a clear
+ * error. Skipped where QEMU or the guest kernel package is missing.
  */
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
@@ -34,7 +35,7 @@ function qemuPids(): number[] {
   }
 }
 
-test("runtime microvm: a QEMU guest with its own kernel runs the agent; the SDK drives it; kill ends QEMU", { timeout: 10 * 60_000 }, async (t) => {
+test("runtime microvm: a QEMU guest with its own kernel runs the agent; the SDK drives it; a restart adopts it; kill ends QEMU", { timeout: 10 * 60_000 }, async (t) => {
   if (skipReason || !server) return t.skip(skipReason ?? "no server");
   const created = await server.api("POST", "/v2/sandboxes", { templateID: "base", runtime: "microvm", timeout: 600 });
   assert.equal(created.status, 201, `${JSON.stringify(created.json)}\n${server.log().slice(-3000)}`);
@@ -61,6 +62,14 @@ test("runtime microvm: a QEMU guest with its own kernel runs the agent; the SDK 
     assert.equal((await server.api("GET", `/sandboxes/${id}`)).json.state, "paused");
     const resumed = await Sandbox.connect(id);
     assert.equal((await resumed.commands.run("echo awake")).stdout, "awake\n");
+    // A server crash leaves the guest running: the next server adopts it (same QEMU, same files).
+    const [qemuBefore] = qemuPids();
+    await server.crashAndRestart();
+    assert.deepEqual(qemuPids(), [qemuBefore], "the same QEMU, adopted");
+    const info = await server.api("GET", `/sandboxes/${id}`);
+    assert.equal(info.json.state, "running", JSON.stringify(info.json));
+    const adopted = await Sandbox.connect(id);
+    assert.equal((await adopted.commands.run("cat /home/user/in-the-vm.txt")).stdout, "written through envd");
   } finally {
     assert.equal((await server.api("DELETE", `/sandboxes/${id}`)).status, 204);
   }

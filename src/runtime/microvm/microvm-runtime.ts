@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto";
-import { chmod, mkdir, readFile, rm, writeFile } from "node:fs/promises";
+import { chmod, mkdir, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger } from "../../shared/log.js";
@@ -9,7 +9,7 @@ import type { CheckpointInfo, Runtime, RuntimeState, SandboxSpec, SandboxStats }
 import { createOverlay, kitDiskImage, removeOverlay, templateDiskImage, type DiskImage } from "./disk-images.js";
 import { agentLaunchFile, prepareGuestAssets, type GuestAssets } from "./guest-assets.js";
 import { attachGuestNetwork, releaseGuestNetwork } from "./net.js";
-import { MICROVM_UID_COUNT, MICROVM_UID_START, macAddressFrom, startMicrovm, type Accelerator, type Microvm, type QemuLauncher } from "./qemu.js";
+import { MICROVM_UID_COUNT, MICROVM_UID_START, macAddressFrom, reconnectMicrovm, startMicrovm, type Accelerator, type Microvm, type QemuLauncher } from "./qemu.js";
 
 const log = createLogger("microvm");
 
@@ -28,16 +28,22 @@ export interface MicrovmRuntimeConfig {
   kernelDeb?: string;
 }
 
-interface Guest {
-  vm: Microvm;
+/** A guest directory's record of its guest. */
+const GUEST_RECORD = "guest.json";
+
+/** What a guest's directory records of it (guest.json), to adopt it after a server restart. */
+interface GuestRecord {
   netnsPath: string;
-  dir: string;
-  overlay: string;
   memoryBytes: number;
   cpuCount: number;
   diskBytes: number;
-  /** Its QEMU's uid and gid (QEMU_CONFINE_NOTE). */
   uid: number;
+}
+
+interface Guest extends GuestRecord {
+  vm: Microvm;
+  dir: string;
+  overlay: string;
 }
 
 /**
@@ -48,8 +54,9 @@ interface Guest {
  * state, list and stats work; memory snapshots (checkpoint, restore and what needs them: pause
  * to disk, snapshots, fork, warm images) are refused (failed_precondition, a 400) until QEMU's
  * migration-to-file lands, and so are templates whose files are a build's layer image (a btrfs
- * layer the guest cannot mount). Guests do not survive a server restart yet (state() answers
- * "missing" for them after one). Each QEMU is confined once started (QEMU_CONFINE_NOTE): a uid
+ * layer the guest cannot mount). A guest outlives a server restart: init() reconnects to the QEMU
+ * in each guest directory (guest.json says what it is) and ends those that do not answer, so
+ * recovery adopts a running guest and removes one nobody owns. Each QEMU is confined once started (QEMU_CONFINE_NOTE): a uid
  * of its own, an empty chroot, QEMU's seccomp filter.
  */
 export class MicrovmRuntime implements Runtime {
@@ -79,6 +86,38 @@ export class MicrovmRuntime implements Runtime {
     // QEMU's chroot (QEMU_CONFINE_NOTE): empty, and not writable by the guests' uids.
     await mkdir(this.chrootDir, { recursive: true, mode: 0o555 });
     await chmod(this.chrootDir, 0o555);
+    await this.adoptGuests();
+  }
+
+  /** Guests an earlier server started (their QEMU runs on): adopted, or their leftovers removed. */
+  private async adoptGuests(): Promise<void> {
+    const root = path.join(this.config.runDir, "microvm");
+    for (const id of await readdir(root).catch(() => [] as string[])) {
+      if (this.guests.has(id)) continue;
+      const dir = path.join(root, id);
+      const record = await readFile(path.join(dir, GUEST_RECORD), "utf8").then((text) => JSON.parse(text) as GuestRecord).catch(() => undefined);
+      const vm = await reconnectMicrovm(path.join(dir, "run"));
+      if (!record || !vm) {
+        // Nothing runs there (a host reboot), or a QEMU the earlier server never recorded (it
+        // died mid-create): it ends, and its files go.
+        if (vm) await vm.quit(3000).catch(() => vm.kill());
+        await removeOverlay(path.join(dir, "root.qcow2")).catch(() => undefined);
+        await rm(dir, { recursive: true, force: true });
+        continue;
+      }
+      this.track(id, { ...record, vm, dir, overlay: path.join(dir, "root.qcow2") });
+      log.info("adopted a microVM an earlier server started", { sandboxId: id, pid: vm.pid });
+    }
+  }
+
+  /** Keeps a guest and tells the listeners when its QEMU ends on its own. */
+  private track(id: string, guest: Guest): void {
+    this.guests.set(id, guest);
+    void guest.vm.exited.then(() => {
+      if (this.stopping.has(id) || this.guests.get(id) !== guest) return;
+      log.warn("a microVM ended on its own", { sandboxId: id, console: "see its serial log" });
+      for (const listener of this.exitListeners) listener(id);
+    });
   }
 
   private get chrootDir(): string {
@@ -131,21 +170,15 @@ export class MicrovmRuntime implements Runtime {
         },
         this.config.launcher ? { launcher: this.config.launcher } : {},
       );
-      this.guests.set(id, {
-        vm,
+      const record: GuestRecord = {
         netnsPath: spec.network.netnsPath,
-        dir,
-        overlay,
         memoryBytes: spec.resources.memoryMiB * 1024 * 1024,
         cpuCount: spec.resources.cpuCount,
         diskBytes: spec.resources.diskMiB * 1024 * 1024,
         uid,
-      });
-      void vm.exited.then(() => {
-        if (this.stopping.has(id) || !this.guests.has(id)) return;
-        log.warn("a microVM ended on its own", { sandboxId: id, console: "see its serial log" });
-        for (const listener of this.exitListeners) listener(id);
-      });
+      };
+      this.track(id, { ...record, vm, dir, overlay });
+      await writeFile(path.join(dir, GUEST_RECORD), JSON.stringify(record), { mode: 0o600 });
       log.debug("created", { sandboxId: id, ms: Math.round(performance.now() - started) });
     } catch (err) {
       await this.destroy(id).catch(() => undefined);

@@ -331,6 +331,24 @@ export async function startMicrovm(config: MicrovmConfig, options: { launcher?: 
   }
 }
 
+/**
+ * The QEMU an earlier server process started in `runDir` (it outlives the server: -daemonize),
+ * reconnected over its QMP socket; undefined when it is gone. One that runs but does not answer
+ * QMP is ended (by its pid, once /proc says it is a QEMU).
+ */
+export async function reconnectMicrovm(runDir: string, timeoutMs = 3000): Promise<Microvm | undefined> {
+  const files = microvmFiles(runDir);
+  const pid = Number((await readFile(files.pidFile, "utf8").catch(() => "")).trim());
+  if (!Number.isInteger(pid) || pid <= 1 || !isQemu(pid)) return undefined;
+  try {
+    return new Microvm(pid, await QmpClient.connect(files.qmpSocket, timeoutMs), runDir);
+  } catch (err) {
+    log.warn("a QEMU left by an earlier server does not answer QMP; ending it", { pid, error: String(err) });
+    process.kill(pid, "SIGKILL");
+    return undefined;
+  }
+}
+
 function isQemu(pid: number): boolean {
   try {
     // A zombie or a recycled pid is not ours to kill.
