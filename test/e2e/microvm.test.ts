@@ -51,6 +51,12 @@ test("runtime microvm: a QEMU guest with its own kernel runs the agent; the SDK 
     assert.equal(init, "init");
     assert.equal(user, "user");
     assert.equal(home, "/home/user");
+    // The guest's root file system is the sandbox's disk size, and a write past it fails in the guest.
+    const diskMB = (await server.api("GET", `/sandboxes/${id}`)).json.diskSizeMB as number;
+    const sizeMB = Number((await sandbox.commands.run("df -m --output=size / | tail -1")).stdout.trim());
+    assert.ok(sizeMB > diskMB * 0.9 && sizeMB <= diskMB, `root file system ${sizeMB} MB for a ${diskMB} MB disk`);
+    const fill = await sandbox.commands.run(`fallocate -l ${diskMB + 64}M /home/user/too-big 2>&1; echo "rc=$?"; rm -f /home/user/too-big`);
+    assert.match(fill.stdout, /No space left on device[\s\S]*rc=1/);
     await sandbox.files.write("/home/user/in-the-vm.txt", "written through envd");
     assert.equal(await sandbox.files.read("/home/user/in-the-vm.txt"), "written through envd");
     const snapshot = await server.api("POST", `/sandboxes/${id}/snapshots`, {});

@@ -3,6 +3,7 @@ import { chmod, chown, mkdir, mkdtemp, rm, stat, symlink, writeFile } from "node
 import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
+import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
 import { SANDBOX_UID_BASE } from "../types.js";
 import { createOverlay, kitDiskImage, removeOverlay, templateDiskImage } from "./disk-images.js";
@@ -38,9 +39,15 @@ test("a template tree with shifted ids becomes an ext4 image with ids from 0, un
     assert.match(await debugfs(image.path, "stat /home/user/link"), /User:\s+1000\s+Group:\s+1000[\s\S]*Fast link dest: "notes"/);
     assert.match(await debugfs(image.path, "stat /"), /User:\s+0\s+Group:\s+0/);
 
-    const again = await templateDiskImage(tree, cache);
+    const again = await templateDiskImage(tree, cache, { sizeMiB: 64 });
     assert.equal(again.built, false);
     assert.equal(again.path, image.path);
+    // Another size (a sandbox's diskSizeMB) is another image; one too small for the files is refused.
+    const bigger = await templateDiskImage(tree, cache, { sizeMiB: 128 });
+    assert.equal(bigger.built, true);
+    assert.notEqual(bigger.path, image.path);
+    assert.equal(bigger.sizeBytes, 128 << 20);
+    await assert.rejects(templateDiskImage(tree, cache, { sizeMiB: 32 }), (err: CubicleError) => err.code === "failed_precondition" && /cannot hold the template's files/.test(err.message));
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

@@ -24,9 +24,12 @@ export interface DiskImage {
 }
 
 export interface TemplateImageOptions {
-  /** Names the image in the cache; default a hash of the tree's real path, inode and mtime. */
+  /** Names the image in the cache; default a hash of the tree's real path, inode and mtime (and the size). */
   cacheKey?: string;
-  /** File system size; default the tree's size plus 1 GiB, rounded up to 64 MiB. */
+  /**
+   * File system size (a guest's whole root disk: the sandbox's diskSizeMB); default the tree's
+   * size plus 1 GiB, rounded up to 64 MiB. Less than the tree plus 32 MiB is refused.
+   */
   sizeMiB?: number;
   /** The host id that is root in the tree (its ids are shifted by this); default SANDBOX_UID_BASE. */
   idBase?: number;
@@ -56,7 +59,7 @@ export async function templateDiskImage(rootfsDir: string, cacheDir: string, opt
     throw new CubicleError("not_found", `the template rootfs ${rootfsDir} does not exist`, { cause: err });
   });
   const info = await stat(real);
-  const key = options.cacheKey ?? createHash("sha256").update(`${real}\0${info.dev}\0${info.ino}\0${info.mtimeMs}`).digest("hex").slice(0, 16);
+  const key = options.cacheKey ?? createHash("sha256").update(`${real}\0${info.dev}\0${info.ino}\0${info.mtimeMs}\0${options.sizeMiB ?? ""}`).digest("hex").slice(0, 16);
   if (!/^[A-Za-z0-9._-]{1,100}$/.test(key)) throw new CubicleError("invalid_argument", `disk image key ${JSON.stringify(key)} must be letters, digits, '.', '_' or '-'`);
   const target = path.join(cacheDir, `template-${key}.ext4`);
   return once(target, async () => {
@@ -64,7 +67,11 @@ export async function templateDiskImage(rootfsDir: string, cacheDir: string, opt
     if (cached) return cached;
     const started = performance.now();
     await mkdir(cacheDir, { recursive: true, mode: 0o700 });
-    const sizeMiB = options.sizeMiB ?? roundUp((await treeSizeMiB(real)) + 1024, 64);
+    const treeMiB = await treeSizeMiB(real);
+    const sizeMiB = options.sizeMiB ?? roundUp(treeMiB + 1024, 64);
+    if (sizeMiB < treeMiB + 32) {
+      throw new CubicleError("failed_precondition", `a ${sizeMiB} MiB root disk cannot hold the template's files (${Math.ceil(treeMiB)} MiB) with room to run; ask for at least ${Math.ceil(treeMiB) + 32} MB`);
+    }
     const staging = `${target}.staging-${process.pid}`;
     await rm(staging, { force: true });
     try {

@@ -146,8 +146,10 @@ export class MicrovmRuntime implements Runtime {
     const overlay = path.join(dir, "root.qcow2");
     const started = performance.now();
     try {
-      const base = await templateDiskImage(spec.template.rootfsDir, this.cacheDir);
-      await createOverlay(base.path, overlay, spec.resources.diskMiB > 0 ? { sizeMiB: spec.resources.diskMiB } : {});
+      // The guest's root file system is the sandbox's disk size (one sparse base image per template
+      // and size): what it can write is bounded by the file system, as a container's quota is.
+      const base = await templateDiskImage(spec.template.rootfsDir, this.cacheDir, spec.resources.diskMiB > 0 ? { sizeMiB: spec.resources.diskMiB } : {});
+      await createOverlay(base.path, overlay);
       const launchFile = path.join(dir, "launch");
       await writeFile(launchFile, agentLaunchFile({ sandboxId: id, templateEnv: spec.template.env, kitCommand: kit.command }), { mode: 0o600 });
       await spec.networkReady;
