@@ -114,7 +114,15 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
       ? containers
       : new RuntimeSet([
           containers,
-          new MicrovmRuntime({ stateDir: config.stateDir, runDir: config.runDir, distDir: config.distDir, accel: config.microvm, launcher: helperLauncher(containers.helper) }),
+          new MicrovmRuntime({
+            stateDir: config.stateDir,
+            runDir: config.runDir,
+            distDir: config.distDir,
+            accel: config.microvm,
+            launcher: helperLauncher(containers.helper),
+            // Templates the builder made: their layer images are the containers'.
+            templateLayerDir: (template) => containers.templateLayer(template),
+          }),
         ]);
   network = createNetworkManager(config, {
     tableName: config.nftTable,

@@ -8,7 +8,7 @@
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { after, before, test } from "node:test";
-import { Sandbox } from "e2b";
+import { Sandbox, Template } from "e2b";
 import { guestSkipReason } from "../../src/runtime/microvm/test-helpers.js";
 import { startTestServer, useServerForSdk, type TestServer } from "./harness.js";
 
@@ -85,4 +85,28 @@ test("runtime microvm: a QEMU guest with its own kernel runs the agent; the SDK 
   assert.equal(containers.status, 201, "containers stay the default");
   assert.equal((await server.api("GET", `/sandboxes/${containers.json.sandboxID}`)).json.runtime, "container");
   await server.api("DELETE", `/sandboxes/${containers.json.sandboxID}`);
+});
+
+test("a template made by the template builder runs in a microVM: its layer over its base, removed files gone (BUILT_TEMPLATE_IMAGE_NOTE)", { timeout: 10 * 60_000 }, async (t) => {
+  if (skipReason || !server) return t.skip(skipReason ?? "no server");
+  const template = Template()
+    .fromTemplate("base")
+    .runCmd("mkdir -p /opt/vm && echo built-for-the-vm > /opt/vm/marker && rm /etc/debian_version", { user: "root" });
+  await Template.build(template, "e2e-microvm-built");
+  const created = await server.api("POST", "/v2/sandboxes", { templateID: "e2e-microvm-built", runtime: "microvm", timeout: 300 });
+  assert.equal(created.status, 201, `${JSON.stringify(created.json)}\n${server.log().slice(-3000)}`);
+  const id = created.json.sandboxID as string;
+  try {
+    assert.equal((await server.api("GET", `/sandboxes/${id}`)).json.runtime, "microvm");
+    const sandbox = await Sandbox.connect(id);
+    const seen = await sandbox.commands.run("cat /opt/vm/marker; test -e /etc/debian_version && echo still-there || echo removed; uname -r");
+    const [marker, removed, release] = seen.stdout.trim().split("\n");
+    assert.equal(marker, "built-for-the-vm");
+    assert.equal(removed, "removed", "the step's rm (a whiteout in the layer) holds in the guest");
+    assert.match(release!, /cloud-amd64$/);
+  } finally {
+    assert.equal((await server.api("DELETE", `/sandboxes/${id}`)).status, 204);
+    const removed = await server.api("DELETE", "/templates/e2e-microvm-built");
+    assert.ok(removed.status === 204 || removed.status === 200, JSON.stringify(removed.json));
+  }
 });

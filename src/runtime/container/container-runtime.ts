@@ -299,7 +299,7 @@ export class ContainerRuntime implements Runtime {
    * The layer directory of a template's layer image (TemplateImage.layerImageId): a committed
    * filesystem-only image of kind `layer`, made on the template's own rootfs.
    */
-  private async templateLayer(template: SandboxSpec["template"]): Promise<string> {
+  async templateLayer(template: SandboxSpec["template"]): Promise<string> {
     const imageId = template.layerImageId!;
     if (parseImageId(imageId).kind !== "layer" || !(await this.images.exists(imageId))) {
       throw new CubicleError("failed_precondition", `template ${template.templateId} has lost its files (image ${imageId}); build it again`);

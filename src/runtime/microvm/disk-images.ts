@@ -87,6 +87,12 @@ export async function templateDiskImage(rootfsDir: string, cacheDir: string, opt
   });
 }
 
+/** The image templateDiskImage made under `cacheKey`, if it is in the cache. */
+export async function cachedTemplateDiskImage(cacheDir: string, cacheKey: string): Promise<DiskImage | undefined> {
+  if (!/^[A-Za-z0-9._-]{1,100}$/.test(cacheKey)) throw new CubicleError("invalid_argument", `disk image key ${JSON.stringify(cacheKey)} must be letters, digits, '.', '_' or '-'`);
+  return cachedImage(path.join(cacheDir, `template-${cacheKey}.ext4`));
+}
+
 /**
  * The agent kit as a raw ext4 image under `cacheDir` (`kit-<fingerprint>.ext4`), mounted
  * read-only at /.cubicle in every guest. The fingerprint is a hash of the kit's manifest.json

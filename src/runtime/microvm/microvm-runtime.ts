@@ -1,12 +1,13 @@
 import { createHash } from "node:crypto";
-import { chmod, mkdir, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import { chmod, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
+import { runCommand } from "../../shared/exec.js";
 import { createLogger } from "../../shared/log.js";
 import { assembleAgentKit, kitSourcesIn, type AgentKit } from "../container/agent-kit.js";
 import type { ImageInfo, ImageKind, ImageStore, PendingImage } from "../images.js";
 import type { CheckpointInfo, Runtime, RuntimeState, SandboxSpec, SandboxStats } from "../types.js";
-import { createOverlay, kitDiskImage, removeOverlay, templateDiskImage, type DiskImage } from "./disk-images.js";
+import { cachedTemplateDiskImage, createOverlay, kitDiskImage, removeOverlay, templateDiskImage, type DiskImage } from "./disk-images.js";
 import { agentLaunchFile, prepareGuestAssets, type GuestAssets } from "./guest-assets.js";
 import { attachGuestNetwork, releaseGuestNetwork } from "./net.js";
 import { MICROVM_UID_COUNT, MICROVM_UID_START, macAddressFrom, reconnectMicrovm, startMicrovm, type Accelerator, type Microvm, type QemuLauncher } from "./qemu.js";
@@ -26,6 +27,12 @@ export interface MicrovmRuntimeConfig {
   launcher?: QemuLauncher;
   /** A local copy of the guest kernel package (tests, offline hosts); default apt-get download. */
   kernelDeb?: string;
+  /**
+   * The layer directory (`upper/` holds its files) of a template made by the template builder
+   * (TemplateImage.layerImageId), from the runtime that keeps those images (the containers').
+   * Without it such templates are refused.
+   */
+  templateLayerDir?: (template: SandboxSpec["template"]) => Promise<string>;
 }
 
 /** A guest directory's record of its guest. */
@@ -53,8 +60,8 @@ interface Guest extends GuestRecord {
  * end so the guest owns the sandbox address). Create, destroy, freeze/thaw (QMP stop/cont),
  * state, list and stats work; memory snapshots (checkpoint, restore and what needs them: pause
  * to disk, snapshots, fork, warm images) are refused (failed_precondition, a 400) until QEMU's
- * migration-to-file lands, and so are templates whose files are a build's layer image (a btrfs
- * layer the guest cannot mount). A guest outlives a server restart: init() reconnects to the QEMU
+ * migration-to-file lands. A template the template builder made runs too: its layer and base
+ * become one disk image (BUILT_TEMPLATE_IMAGE_NOTE). A guest outlives a server restart: init() reconnects to the QEMU
  * in each guest directory (guest.json says what it is) and ends those that do not answer, so
  * recovery adopts a running guest and removes one nobody owns. Each QEMU is confined once started (QEMU_CONFINE_NOTE): a uid
  * of its own, an empty chroot, QEMU's seccomp filter.
@@ -124,6 +131,34 @@ export class MicrovmRuntime implements Runtime {
     return path.join(this.cacheDir, "empty");
   }
 
+  /**
+   * The disk image of a template the template builder made: its layer's files over its base's
+   * (BUILT_TEMPLATE_IMAGE_NOTE). Made once per layer image and size.
+   *
+   * BUILT_TEMPLATE_IMAGE_NOTE: a built template is a layer image (an overlay upper: its files,
+   * whiteouts for what a step removed, opaque directories) on a base rootfs. For a guest both
+   * become one ext4 tree: the layer's upper and the base are mounted as a read-only overlay (two
+   * lower layers, so the kernel applies the whiteouts and opaque directories exactly as for a
+   * container) and the image is made from that mount, which is then removed.
+   */
+  private async builtTemplateImage(template: SandboxSpec["template"], sizing: { sizeMiB?: number }): Promise<DiskImage> {
+    const layerDir = await this.config.templateLayerDir!(template);
+    const cacheKey = `built-${createHash("sha256").update(`${template.layerImageId}\0${template.rootfsDir}\0${sizing.sizeMiB ?? ""}`).digest("hex").slice(0, 16)}`;
+    const cached = await cachedTemplateDiskImage(this.cacheDir, cacheKey);
+    if (cached) return cached;
+    const merged = await mkdtemp(path.join(this.cacheDir, "merge-"));
+    try {
+      await runCommand(["mount", "-t", "overlay", "overlay", "-o", `ro,lowerdir=${path.join(layerDir, "upper")}:${template.rootfsDir}`, merged], { timeoutMs: 30_000 });
+      try {
+        return await templateDiskImage(merged, this.cacheDir, { ...sizing, cacheKey });
+      } finally {
+        await runCommand(["umount", merged], { timeoutMs: 30_000 });
+      }
+    } finally {
+      await rm(merged, { recursive: true, force: true });
+    }
+  }
+
   /** A uid no live guest holds. */
   private guestUid(): number {
     const used = new Set([...this.guests.values()].map((guest) => guest.uid));
@@ -137,8 +172,8 @@ export class MicrovmRuntime implements Runtime {
   async create(spec: SandboxSpec): Promise<void> {
     const { assets, kit, kitImage } = this;
     if (!assets || !kit || !kitImage) throw new CubicleError("failed_precondition", "the microVM runtime is not initialised; call init() first");
-    if (spec.template.layerImageId) {
-      throw new CubicleError("failed_precondition", `template ${spec.template.templateId} was built with the template builder; its files cannot run in a microVM yet (use runtime "container")`);
+    if (spec.template.layerImageId && !this.config.templateLayerDir) {
+      throw new CubicleError("failed_precondition", `template ${spec.template.templateId} was built with the template builder, and this microVM runtime cannot read its layer`);
     }
     const id = spec.sandboxId;
     if (this.guests.has(id)) throw new CubicleError("already_exists", `sandbox ${id} already exists on this host`);
@@ -148,7 +183,8 @@ export class MicrovmRuntime implements Runtime {
     try {
       // The guest's root file system is the sandbox's disk size (one sparse base image per template
       // and size): what it can write is bounded by the file system, as a container's quota is.
-      const base = await templateDiskImage(spec.template.rootfsDir, this.cacheDir, spec.resources.diskMiB > 0 ? { sizeMiB: spec.resources.diskMiB } : {});
+      const sizing = spec.resources.diskMiB > 0 ? { sizeMiB: spec.resources.diskMiB } : {};
+      const base = spec.template.layerImageId ? await this.builtTemplateImage(spec.template, sizing) : await templateDiskImage(spec.template.rootfsDir, this.cacheDir, sizing);
       await createOverlay(base.path, overlay);
       const launchFile = path.join(dir, "launch");
       await writeFile(launchFile, agentLaunchFile({ sandboxId: id, templateEnv: spec.template.env, kitCommand: kit.command }), { mode: 0o600 });
