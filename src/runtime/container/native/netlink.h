@@ -154,6 +154,29 @@ static void net_report_ext_ack(const struct nlmsghdr *answer) {
 typedef int (*net_reply_fn)(const struct nlmsghdr *message, void *context);
 
 /*
+ * Receives one datagram from the kernel into `buffer`, skipping what any other sender sent to
+ * our port (only the kernel speaks for the kernel). Returns its length, or -1 with errno set
+ * (ETIMEDOUT when the receive timeout passed, EMSGSIZE when it did not fit).
+ */
+static ssize_t net_receive(int fd, char *buffer, size_t size) {
+  for (;;) {
+    struct sockaddr_nl from;
+    socklen_t from_length = sizeof from;
+    ssize_t got = recvfrom(fd, buffer, size, MSG_TRUNC, (struct sockaddr *)&from, &from_length);
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN) errno = ETIMEDOUT;
+      return -1;
+    }
+    if ((size_t)got > size) {
+      errno = EMSGSIZE;
+      return -1;
+    }
+    if (from_length == sizeof from && from.nl_pid == 0) return got;
+  }
+}
+
+/*
  * Sends a request and reads answers until its ack (or, for a dump, NLMSG_DONE), passing each
  * other message with the request's sequence number to `reply`. Returns 0, or -1 with errno set
  * (the kernel's error for a refused request, ETIMEDOUT/EAGAIN for no answer in time).
@@ -167,20 +190,8 @@ static int net_talk(int fd, struct net_request *request, net_reply_fn reply, voi
   if (sendto(fd, request, request->header.nlmsg_len, 0, (struct sockaddr *)&kernel, sizeof kernel) != (ssize_t)request->header.nlmsg_len) return -1;
   static char buffer[32768] __attribute__((aligned(NLMSG_ALIGNTO)));
   for (;;) {
-    struct sockaddr_nl from;
-    socklen_t from_length = sizeof from;
-    ssize_t got = recvfrom(fd, buffer, sizeof buffer, MSG_TRUNC, (struct sockaddr *)&from, &from_length);
-    if (got < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN) errno = ETIMEDOUT;
-      return -1;
-    }
-    if ((size_t)got > sizeof buffer) {
-      errno = EMSGSIZE;
-      return -1;
-    }
-    /* Only the kernel speaks for the kernel: another process could send to our port. */
-    if (from_length != sizeof from || from.nl_pid != 0) continue;
+    ssize_t got = net_receive(fd, buffer, sizeof buffer);
+    if (got < 0) return -1;
     int left = (int)got;
     for (struct nlmsghdr *message = (struct nlmsghdr *)buffer; NLMSG_OK(message, left); message = NLMSG_NEXT(message, left)) {
       if (message->nlmsg_seq != request->header.nlmsg_seq) continue;

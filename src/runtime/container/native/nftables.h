@@ -136,10 +136,20 @@ static void nft_goto(struct nft_batch *batch, uint16_t type, const char *chain) 
 }
 
 /* One expression of a rule: NFTA_LIST_ELEM { NFTA_EXPR_NAME, NFTA_EXPR_DATA { ... } }. */
-static size_t nft_expression(struct nft_batch *batch, const char *name) {
-  size_t element = nft_nest(batch, NFTA_LIST_ELEM);
+struct nft_expr {
+  size_t element, data;
+};
+
+static struct nft_expr nft_expr_begin(struct nft_batch *batch, const char *name) {
+  struct nft_expr expr = {.element = nft_nest(batch, NFTA_LIST_ELEM)};
   nft_string(batch, NFTA_EXPR_NAME, name);
-  return element;
+  expr.data = nft_nest(batch, NFTA_EXPR_DATA);
+  return expr;
+}
+
+static void nft_expr_end(struct nft_batch *batch, struct nft_expr expr) {
+  nft_nest_end(batch, expr.data);
+  nft_nest_end(batch, expr.element);
 }
 
 /* `ip daddr @set goto target` as nft writes it for an inet table: nfproto check first. */
@@ -148,46 +158,36 @@ static void nft_rule(struct nft_batch *batch, const char *chain, const char *set
   nft_string(batch, NFTA_RULE_CHAIN, chain);
   size_t expressions = nft_nest(batch, NFTA_RULE_EXPRESSIONS);
   if (set) {
-    size_t element, data;
+    struct nft_expr expr;
     if (batch->family == NFPROTO_INET) {
-      element = nft_expression(batch, "meta");
-      data = nft_nest(batch, NFTA_EXPR_DATA);
+      expr = nft_expr_begin(batch, "meta");
       nft_u32(batch, NFTA_META_KEY, NFT_META_NFPROTO);
       nft_u32(batch, NFTA_META_DREG, NFT_REG_1);
-      nft_nest_end(batch, data);
-      nft_nest_end(batch, element);
-      element = nft_expression(batch, "cmp");
-      data = nft_nest(batch, NFTA_EXPR_DATA);
+      nft_expr_end(batch, expr);
+      expr = nft_expr_begin(batch, "cmp");
       nft_u32(batch, NFTA_CMP_SREG, NFT_REG_1);
       nft_u32(batch, NFTA_CMP_OP, NFT_CMP_EQ);
       uint8_t ipv4 = NFPROTO_IPV4;
       size_t value = nft_nest(batch, NFTA_CMP_DATA);
       nft_attr(batch, NFTA_DATA_VALUE, &ipv4, sizeof ipv4);
       nft_nest_end(batch, value);
-      nft_nest_end(batch, data);
-      nft_nest_end(batch, element);
+      nft_expr_end(batch, expr);
     }
-    element = nft_expression(batch, "payload");
-    data = nft_nest(batch, NFTA_EXPR_DATA);
+    expr = nft_expr_begin(batch, "payload");
     nft_u32(batch, NFTA_PAYLOAD_DREG, NFT_REG_1);
     nft_u32(batch, NFTA_PAYLOAD_BASE, NFT_PAYLOAD_NETWORK_HEADER);
     nft_u32(batch, NFTA_PAYLOAD_OFFSET, 16); /* struct iphdr's daddr */
     nft_u32(batch, NFTA_PAYLOAD_LEN, 4);
-    nft_nest_end(batch, data);
-    nft_nest_end(batch, element);
-    element = nft_expression(batch, "lookup");
-    data = nft_nest(batch, NFTA_EXPR_DATA);
+    nft_expr_end(batch, expr);
+    expr = nft_expr_begin(batch, "lookup");
     nft_string(batch, NFTA_LOOKUP_SET, set);
     nft_u32(batch, NFTA_LOOKUP_SREG, NFT_REG_1);
-    nft_nest_end(batch, data);
-    nft_nest_end(batch, element);
+    nft_expr_end(batch, expr);
   }
-  size_t element = nft_expression(batch, "immediate");
-  size_t data = nft_nest(batch, NFTA_EXPR_DATA);
+  struct nft_expr verdict = nft_expr_begin(batch, "immediate");
   nft_u32(batch, NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT);
   nft_goto(batch, NFTA_IMMEDIATE_DATA, target);
-  nft_nest_end(batch, data);
-  nft_nest_end(batch, element);
+  nft_expr_end(batch, verdict);
   nft_nest_end(batch, expressions);
   nft_end(batch, message);
 }
@@ -244,19 +244,8 @@ static int nft_send(struct nft_batch *batch) {
   int error = 0;
   static char buffer[65536] __attribute__((aligned(NLMSG_ALIGNTO)));
   for (;;) {
-    struct sockaddr_nl from;
-    socklen_t from_length = sizeof from;
-    ssize_t got = recvfrom(fd, buffer, sizeof buffer, MSG_TRUNC, (struct sockaddr *)&from, &from_length);
-    if (got < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN) errno = ETIMEDOUT;
-      goto failed;
-    }
-    if ((size_t)got > sizeof buffer) {
-      errno = EMSGSIZE;
-      goto failed;
-    }
-    if (from_length != sizeof from || from.nl_pid != 0) continue;
+    ssize_t got = net_receive(fd, buffer, sizeof buffer);
+    if (got < 0) goto failed;
     int left = (int)got;
     for (struct nlmsghdr *message = (struct nlmsghdr *)buffer; NLMSG_OK(message, left); message = NLMSG_NEXT(message, left)) {
       if (message->nlmsg_type != NLMSG_ERROR) continue;
