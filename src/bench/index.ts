@@ -18,6 +18,7 @@ import { benchDensityIdle } from "./scenarios/density-idle.js";
 import { benchFork, benchPauseResume, benchRestore, benchRestoreSize, benchRollback, benchSnapshot } from "./scenarios/lifecycle.js";
 import { benchNetwork } from "./scenarios/network.js";
 import { benchExec, benchFiles, benchRunCode } from "./scenarios/round-trips.js";
+import { benchRuntimes } from "./scenarios/runtimes.js";
 import { benchTemplateBuild } from "./scenarios/template-build.js";
 import { errorMessage } from "./run-helpers.js";
 import { targetFromConfig, type BenchTarget } from "./target.js";
@@ -42,6 +43,7 @@ const scenarios: Record<(typeof SCENARIO_NAMES)[number], Scenario> = {
   baseline: benchBaseline,
   network: benchNetwork,
   "template-build": benchTemplateBuild,
+  runtimes: benchRuntimes,
 };
 
 /** The result file name: scenario, its shape, and the start time (sorts by time within a shape). */

@@ -52,7 +52,7 @@ export interface BenchOptions {
   templateCount: number;
 }
 
-export const SCENARIO_NAMES = ["create", "density", "density-idle", "exec", "files", "runcode", "snapshot", "restore", "restore-size", "rollback", "fork", "pause-resume", "baseline", "network", "template-build"] as const;
+export const SCENARIO_NAMES = ["create", "density", "density-idle", "exec", "files", "runcode", "snapshot", "restore", "restore-size", "rollback", "fork", "pause-resume", "baseline", "network", "template-build", "runtimes"] as const;
 
 export const BENCH_USAGE = `usage: ./cubicle bench SCENARIO [options] | ./cubicle bench report [-o RESULTS_DIR] [-r REPORT_DIR]
 
@@ -79,7 +79,8 @@ scenarios: ${SCENARIO_NAMES.join(", ")}
   (see src/bench/scenarios/network.ts; bench/network.sh sets them)
   -o DIR      results directory (default bench/results)
   -r DIR      report directory (default: parent of the results directory)
-  --quiet     no live progress`;
+  --quiet     no live progress
+  runtimes needs a server with CUBICLE_MICROVM=tcg|kvm: containers and microVMs side by side (-n creates each, --background N idle of each for memory)`;
 
 export function parseBenchArgs(args: string[], env: NodeJS.ProcessEnv = process.env, isTTY = process.stderr.isTTY === true): BenchOptions {
   const [scenario, ...rest] = args;

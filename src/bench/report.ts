@@ -342,6 +342,8 @@ export function writeReport(input: ReportInput): ReportOutput {
 
   out.push(...templateBuildSection(of("template-build")[0]), "");
 
+  out.push(...runtimesSection(of("runtimes")[0]), "");
+
   // Comparison.
   const p50 = (scenario: string, field: string, c = 1, path?: string): { value?: number; file?: string; note?: string } => {
     const e = chosen.find(
@@ -586,6 +588,39 @@ function mib(bytes: unknown, digits = 1): string {
 
 function times(value: unknown): string {
   return typeof value === "number" && Number.isFinite(value) ? `${value.toFixed(2)}×` : "—";
+}
+
+/**
+ * Issue 17's numbers so far (`runtimes`): containers and microVMs side by side from one run, the
+ * QEMU start floor beside them.
+ */
+function runtimesSection(entry: Loaded | undefined): string[] {
+  const out = ["## Runtimes: containers and microVMs side by side", ""];
+  if (!entry) return [...out, "No runtimes result: run `./cubicle bench runtimes` against a server with `CUBICLE_MICROVM=tcg` (`bench/runtimes.sh`)."];
+  if (entry.data.status !== "ok") return [...out, notAvailableLine(entry)];
+  const s = entry.data.summary as Record<string, any>;
+  const floor = pick(s, "qemuStartFloorMs.p50");
+  out.push(
+    `One server running both (${fileRef(entry)}; ${String(s.accelerator ?? "")}): cold creates of \`${String(entry.data.parameters.template)}\` alternating between the runtimes, then pause → connect → first command, then host memory per idle sandbox (MemAvailable, ${String(pick(s, "runtimes.container.idleMemory.sandboxes") ?? "—")} alive of each, settled). ` +
+      `Floor in the same run: a QEMU microvm start without a guest until QMP answers (p50 ${fmt(floor)} ms); the containers' floor (runc run+delete) is the baseline scenario's. ` +
+      `Memory snapshots of microVMs do not exist yet: no restore, fork or pool rows.`,
+    "",
+    table(
+      ["runtime", "creates", "create → first command p50", "p95", "p50 ÷ QEMU start floor", "pause → resume → first command p50", "idle host memory per sandbox"],
+      (["container", "microvm"] as const).map((runtime) => [
+        runtime,
+        String(pick(s, `runtimes.${runtime}.creates`) ?? "—"),
+        fmt(pick(s, `runtimes.${runtime}.firstCommandMs.p50`)),
+        fmt(pick(s, `runtimes.${runtime}.firstCommandMs.p95`)),
+        runtime === "microvm" ? times(s.microvmFirstCommandOverQemuStart) : "",
+        fmt(pick(s, `runtimes.${runtime}.resumeMs.p50`)),
+        mib((pick(s, `runtimes.${runtime}.idleMemory.perSandboxMiB`) ?? NaN) * (1 << 20)),
+      ]),
+    ),
+    "",
+    `microVM ÷ container, create → first command p50: ${times(s.microvmOverContainerFirstCommand)}. Targets for a KVM host (to be measured there): restore → first command ≤ 30 ms, ≤ 10 MiB private memory per idle microVM restored from a shared snapshot.`,
+  );
+  return out;
 }
 
 /**

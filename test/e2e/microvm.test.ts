@@ -7,10 +7,14 @@
  */
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
 import { after, before, test } from "node:test";
 import { Sandbox, Template } from "e2b";
 import { guestSkipReason } from "../../src/runtime/microvm/test-helpers.js";
-import { startTestServer, useServerForSdk, type TestServer } from "./harness.js";
+import { parseBenchArgs, runBench, writeReport, type BenchResultFile } from "../../src/bench/index.js";
+import { benchTargetOf, startTestServer, useServerForSdk, type TestServer } from "./harness.js";
 
 let skipReason: string | undefined;
 let server: TestServer | undefined;
@@ -108,5 +112,31 @@ test("a template made by the template builder runs in a microVM: its layer over 
     assert.equal((await server.api("DELETE", `/sandboxes/${id}`)).status, 204);
     const removed = await server.api("DELETE", "/templates/e2e-microvm-built");
     assert.ok(removed.status === 204 || removed.status === 200, JSON.stringify(removed.json));
+  }
+});
+
+test("./cubicle bench runtimes: both runtimes side by side, the QEMU start floor, the report's section; nothing left running", { timeout: 10 * 60_000 }, async (t) => {
+  if (skipReason || !server) return t.skip(skipReason ?? "no server");
+  const resultsDir = fs.mkdtempSync(path.join(os.tmpdir(), "cubicle-bench-runtimes-"));
+  try {
+    const file = await runBench(parseBenchArgs(["runtimes", "-n", "1", "--background", "1", "--settle-ms", "200", "-o", resultsDir, "--quiet"]), benchTargetOf(server));
+    const result = JSON.parse(fs.readFileSync(file, "utf8")) as BenchResultFile;
+    assert.equal(result.status, "ok", `${result.reason} ${result.errors.join("; ")}`);
+    assert.deepEqual(result.errors, []);
+    const s = result.summary as Record<string, any>;
+    for (const runtime of ["container", "microvm"]) {
+      assert.equal(s.runtimes[runtime].creates, 1, runtime);
+      assert.ok(s.runtimes[runtime].firstCommandMs.p50 > 0 && s.runtimes[runtime].resumeMs.p50 > 0, JSON.stringify(s.runtimes[runtime]));
+      assert.equal(s.runtimes[runtime].idleMemory.sandboxes, 1, runtime);
+    }
+    assert.ok(s.qemuStartFloorMs.p50 > 0 && s.microvmFirstCommandOverQemuStart > 1, JSON.stringify(s));
+    assert.ok(s.runtimes.microvm.firstCommandMs.p50 > s.qemuStartFloorMs.p50);
+    const report = writeReport({ resultsDir, reportDir: resultsDir });
+    assert.match(fs.readFileSync(report.reportPath, "utf8"), /## Runtimes: containers and microVMs side by side[\s\S]*\| microvm \| 1 \|/);
+    assert.deepEqual(qemuPids(), [], "no QEMU left running");
+    const live = await server.api("GET", "/v2/sandboxes");
+    assert.deepEqual(live.json, [], "no sandbox left");
+  } finally {
+    fs.rmSync(resultsDir, { recursive: true, force: true });
   }
 });

@@ -1,0 +1,154 @@
+/**
+ * Containers and microVMs side by side (issue 17), in one run against one server that runs both
+ * (CUBICLE_MICROVM=tcg or kvm): per runtime, cold create → first command (the two runtimes
+ * alternating, so drift hits both alike), pause → connect → first command, and host memory per
+ * idle sandbox with `--background N` (default 5) of each alive (MemAvailable before and after,
+ * settled). The floor
+ * for the microVMs, measured in the same run: a QEMU microvm start (`-S`, no guest) until QMP
+ * answers, then its quit; the containers' floor (runc run+delete) is the baseline scenario's.
+ * Memory snapshots of microVMs do not exist yet, so restore, fork and pool numbers are absent,
+ * not faked.
+ */
+import { mkdtemp, readFile, rm } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { QmpClient } from "../../runtime/microvm/qmp.js";
+import { QEMU_BINARY } from "../../runtime/microvm/qemu.js";
+import { runCommand } from "../../shared/exec.js";
+import type { BenchOptions } from "../options.js";
+import { Progress } from "../progress.js";
+import { notAvailable, type ScenarioResult } from "../result.js";
+import { errorMessage, round2 } from "../run-helpers.js";
+import { summarize } from "../stats.js";
+import { callApi, loadSandboxSdk, type BenchTarget } from "../target.js";
+import { firstSuccessfulCommand } from "./create.js";
+
+const RUNTIMES = ["container", "microvm"] as const;
+type RuntimeName = (typeof RUNTIMES)[number];
+/** A TCG guest boots in seconds: its first command may take this long. */
+const FIRST_COMMAND_DEADLINE_MS = 180_000;
+
+interface CreateSample {
+  runtime: RuntimeName;
+  apiMs: number;
+  firstCommandMs: number;
+  resumeMs: number;
+}
+
+async function memAvailableBytes(): Promise<number> {
+  const text = await readFile("/proc/meminfo", "utf8");
+  return Number(/^MemAvailable:\s+(\d+) kB/m.exec(text)?.[1] ?? NaN) * 1024;
+}
+
+/** A QEMU microvm without a guest (`-S`): spawned, daemonized, QMP answering, then quit. */
+async function qemuStartFloorMs(): Promise<number> {
+  const dir = await mkdtemp(path.join(os.tmpdir(), "cubicle-bench-qemu-"));
+  const socket = path.join(dir, "qmp.sock");
+  const started = performance.now();
+  try {
+    await runCommand([QEMU_BINARY, "-M", "microvm", "-accel", "tcg", "-nodefaults", "-no-user-config", "-display", "none", "-S", "-qmp", `unix:${socket},server=on,wait=off`, "-pidfile", path.join(dir, "pid"), "-daemonize"], { timeoutMs: 30_000 });
+    const qmp = await QmpClient.connect(socket);
+    await qmp.execute("query-status");
+    const ms = performance.now() - started;
+    await qmp.execute("quit").catch(() => undefined);
+    qmp.close();
+    return round2(ms);
+  } finally {
+    const pid = Number((await readFile(path.join(dir, "pid"), "utf8").catch(() => "")).trim());
+    if (pid > 1) {
+      try {
+        process.kill(pid, "SIGKILL");
+      } catch {
+        // quit already ended it
+      }
+    }
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+export async function benchRuntimes(options: BenchOptions, target: BenchTarget): Promise<ScenarioResult> {
+  const Sandbox = await loadSandboxSdk(target);
+  const errors: string[] = [];
+  const probe = await callApi(target, "POST", "/v2/sandboxes", { templateID: options.template, runtime: "microvm", timeout: 120 });
+  if (probe.status !== 201) return notAvailable(`this server runs no microVMs: ${probe.status} ${JSON.stringify(probe.json)}`);
+  await callApi(target, "DELETE", `/sandboxes/${probe.json.sandboxID}`);
+
+  const createOne = async (runtime: RuntimeName): Promise<{ sample: CreateSample; id: string }> => {
+    const started = performance.now();
+    const created = await callApi(target, "POST", "/v2/sandboxes", { templateID: options.template, runtime, timeout: 1800 });
+    if (created.status !== 201) throw new Error(`${runtime} create: ${created.status} ${JSON.stringify(created.json)}`);
+    const apiMs = round2(performance.now() - started);
+    const id = created.json.sandboxID as string;
+    const sandbox = await Sandbox.connect(id, { timeoutMs: 1_800_000 });
+    const first = await firstSuccessfulCommand(sandbox, started, FIRST_COMMAND_DEADLINE_MS);
+    const paused = await callApi(target, "POST", `/sandboxes/${id}/pause`);
+    if (paused.status !== 204) throw new Error(`${runtime} pause: ${paused.status}`);
+    const resumeStarted = performance.now();
+    const resumed = await Sandbox.connect(id, { timeoutMs: 1_800_000 });
+    const resume = await firstSuccessfulCommand(resumed, resumeStarted, FIRST_COMMAND_DEADLINE_MS);
+    return { sample: { runtime, apiMs, firstCommandMs: first.ms, resumeMs: resume.ms }, id };
+  };
+
+  const floors: number[] = [];
+  const samples: CreateSample[] = [];
+  const progress = new Progress("runtimes", options.total * 2, options.progress);
+  for (let i = 0; i < options.total; i++) {
+    floors.push(await qemuStartFloorMs());
+    for (const runtime of i % 2 === 0 ? RUNTIMES : [...RUNTIMES].reverse()) {
+      try {
+        const { sample, id } = await createOne(runtime);
+        samples.push(sample);
+        progress.sample(sample.firstCommandMs);
+        await callApi(target, "DELETE", `/sandboxes/${id}`);
+      } catch (err) {
+        errors.push(errorMessage(err));
+        progress.error(errorMessage(err));
+      }
+    }
+  }
+  progress.finish();
+
+  // Host memory per idle sandbox: `--background N` (default 5) of one runtime alive at once, settled.
+  const idle = options.background > 0 ? options.background : 5;
+  const memory: Record<string, { sandboxes: number; perSandboxMiB: number }> = {};
+  for (const runtime of RUNTIMES) {
+    const before = await memAvailableBytes();
+    const ids: string[] = [];
+    try {
+      for (let i = 0; i < idle; i++) {
+        const created = await callApi(target, "POST", "/v2/sandboxes", { templateID: options.template, runtime, timeout: 1800 });
+        if (created.status !== 201) throw new Error(`${runtime} create: ${created.status} ${JSON.stringify(created.json)}`);
+        ids.push(created.json.sandboxID as string);
+        await firstSuccessfulCommand(await Sandbox.connect(created.json.sandboxID, { timeoutMs: 1_800_000 }), performance.now(), FIRST_COMMAND_DEADLINE_MS);
+      }
+      await new Promise((resolve) => setTimeout(resolve, options.settleMs));
+      memory[runtime] = { sandboxes: ids.length, perSandboxMiB: round2((before - (await memAvailableBytes())) / ids.length / (1 << 20)) };
+    } catch (err) {
+      errors.push(errorMessage(err));
+    } finally {
+      await Promise.all(ids.map((id) => callApi(target, "DELETE", `/sandboxes/${id}`).catch(() => undefined)));
+    }
+  }
+
+  const floor = summarize(floors);
+  const byRuntime = Object.fromEntries(
+    RUNTIMES.map((runtime) => {
+      const mine = samples.filter((s) => s.runtime === runtime);
+      return [runtime, { creates: mine.length, apiMs: summarize(mine.map((s) => s.apiMs)), firstCommandMs: summarize(mine.map((s) => s.firstCommandMs)), resumeMs: summarize(mine.map((s) => s.resumeMs)), idleMemory: memory[runtime] }];
+    }),
+  );
+  const p50 = (runtime: RuntimeName) => (byRuntime[runtime] as { firstCommandMs: { p50: number } }).firstCommandMs.p50;
+  return {
+    status: samples.length > 0 ? "ok" : "failed",
+    ...(samples.length > 0 ? {} : { reason: errors[0] ?? "no samples" }),
+    samples: { creates: samples, qemuStartFloorMs: floors },
+    errors,
+    summary: {
+      runtimes: byRuntime,
+      qemuStartFloorMs: floor,
+      microvmFirstCommandOverQemuStart: floor.p50 > 0 ? round2(p50("microvm") / floor.p50) : undefined,
+      microvmOverContainerFirstCommand: p50("container") > 0 ? round2(p50("microvm") / p50("container")) : undefined,
+      accelerator: "whatever the server was started with (CUBICLE_MICROVM); this project's machines have no KVM: TCG",
+    },
+  };
+}
