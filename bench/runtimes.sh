@@ -10,5 +10,5 @@ node scripts/build.mjs
 . bench/lib.sh
 state=/var/lib/cubicle-runtimes
 bench_serve 3161 "$state" 10.97.0.0/16 cubicle_runtimes CUBICLE_MICROVM="${MICROVM:-tcg}" CUBICLE_IDLE_FREEZE_SECONDS=0
-CUBICLE_PORT=3161 CUBICLE_STATE_DIR=$state node dist/cli.js bench runtimes -n 5 --background 5 "$@" -o "${BENCH_OUT:-bench/results}" --quiet
+CUBICLE_PORT=3161 CUBICLE_STATE_DIR=$state CUBICLE_MICROVM="${MICROVM:-tcg}" node dist/cli.js bench runtimes -n 5 --background 5 "$@" -o "${BENCH_OUT:-bench/results}" --quiet
 node dist/cli.js bench report -o "${BENCH_OUT:-bench/results}"

@@ -601,7 +601,7 @@ function runtimesSection(entry: Loaded | undefined): string[] {
   const s = entry.data.summary as Record<string, any>;
   const floor = pick(s, "qemuStartFloorMs.p50");
   out.push(
-    `One server running both (${fileRef(entry)}; ${String(s.accelerator ?? "")}): cold creates of \`${String(entry.data.parameters.template)}\` alternating between the runtimes, then pause → connect → first command, then host memory per idle sandbox (MemAvailable, ${String(pick(s, "runtimes.container.idleMemory.sandboxes") ?? "—")} alive of each, settled). ` +
+    `One server running both (${fileRef(entry)}; microVM accelerator: ${String(s.accelerator ?? "not stated")}): cold creates of \`${String(entry.data.parameters.template)}\` alternating between the runtimes, then pause → connect → first command, then host memory per idle sandbox (MemAvailable, ${String(pick(s, "runtimes.container.idleMemory.sandboxes") ?? "—")} alive of each, settled). ` +
       `Floor in the same run: a QEMU microvm start without a guest until QMP answers (p50 ${fmt(floor)} ms); the containers' floor (runc run+delete) is the baseline scenario's. ` +
       `Memory snapshots of microVMs do not exist yet: no restore, fork or pool rows.`,
     "",

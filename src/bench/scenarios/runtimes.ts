@@ -148,7 +148,8 @@ export async function benchRuntimes(options: BenchOptions, target: BenchTarget):
       qemuStartFloorMs: floor,
       microvmFirstCommandOverQemuStart: floor.p50 > 0 ? round2(p50("microvm") / floor.p50) : undefined,
       microvmOverContainerFirstCommand: p50("container") > 0 ? round2(p50("microvm") / p50("container")) : undefined,
-      accelerator: "whatever the server was started with (CUBICLE_MICROVM); this project's machines have no KVM: TCG",
+      // The server's CUBICLE_MICROVM, as bench/runtimes.sh passes it to the client too.
+      accelerator: process.env.CUBICLE_MICROVM ?? "not stated (CUBICLE_MICROVM unset for the bench client)",
     },
   };
 }
