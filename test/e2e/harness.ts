@@ -79,6 +79,14 @@ export interface TestServerOptions {
   afterStop?: (stateDir: string) => void | Promise<void>;
 }
 
+/**
+ * The runtime the e2e suite's sandboxes run in (E2E_RUNTIME_NOTE): `container` (default) or
+ * `microvm` (CUBICLE_E2E_RUNTIME=microvm): then every test server runs microVMs too (QEMU's TCG
+ * unless CUBICLE_E2E_MICROVM=kvm) and both default templates run in them
+ * (CUBICLE_TEMPLATE_RUNTIME), so the same tests drive guests instead of containers.
+ */
+export const e2eRuntime: "container" | "microvm" = process.env.CUBICLE_E2E_RUNTIME === "microvm" ? "microvm" : "container";
+
 export async function startTestServer(options: TestServerOptions = {}): Promise<TestServer> {
   const port = await freePort();
   const stateDir = fs.mkdtempSync(path.join(os.tmpdir(), "cubicle-e2e-"));
@@ -100,6 +108,7 @@ export async function startTestServer(options: TestServerOptions = {}): Promise<
     // No warm pools unless a test asks (extraEnv): tests that name containers by sandbox id need
     // runtime id = sandbox id, and pools would make every test server boot sandboxes it never uses.
     CUBICLE_POOL_SIZE: "",
+    ...(e2eRuntime === "microvm" ? { CUBICLE_MICROVM: process.env.CUBICLE_E2E_MICROVM ?? "tcg", CUBICLE_TEMPLATE_RUNTIME: "base=microvm,code-interpreter-v1=microvm" } : {}),
     ...options.extraEnv,
   };
   const url = `http://127.0.0.1:${port}`;
