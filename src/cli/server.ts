@@ -122,6 +122,7 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
             launcher: helperLauncher(containers.helper),
             // Templates the builder made: their layer images are the containers'.
             templateLayerDir: (template) => containers.templateLayer(template),
+            layerExists: (id) => containers.images.exists(id),
           }),
         ]);
   network = createNetworkManager(config, {

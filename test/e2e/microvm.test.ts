@@ -91,7 +91,7 @@ test("runtime microvm: a QEMU guest with its own kernel runs the agent; the SDK 
   await server.api("DELETE", `/sandboxes/${containers.json.sandboxID}`);
 });
 
-test("a template made by the template builder runs in a microVM: its layer over its base, removed files gone (BUILT_TEMPLATE_IMAGE_NOTE)", { timeout: 10 * 60_000 }, async (t) => {
+test("a template made by the template builder runs in a microVM: its layer over its base, removed files gone; its guest image goes with the template (BUILT_TEMPLATE_IMAGE_NOTE)", { timeout: 10 * 60_000 }, async (t) => {
   if (skipReason || !server) return t.skip(skipReason ?? "no server");
   const template = Template()
     .fromTemplate("base")
@@ -113,6 +113,11 @@ test("a template made by the template builder runs in a microVM: its layer over 
     const removed = await server.api("DELETE", "/templates/e2e-microvm-built");
     assert.ok(removed.status === 204 || removed.status === 200, JSON.stringify(removed.json));
   }
+  // Its guest disk image goes with it at the next start (its layer image is gone).
+  const builtImages = () => fs.readdirSync(path.join(server!.stateDir, "microvm")).filter((name) => name.startsWith("template-built."));
+  assert.equal(builtImages().length, 1, "the built template's guest image");
+  await server.crashAndRestart();
+  assert.deepEqual(builtImages(), [], "removed once its template is gone");
 });
 
 test("./cubicle bench runtimes: both runtimes side by side, the QEMU start floor, the report's section; nothing left running", { timeout: 10 * 60_000 }, async (t) => {

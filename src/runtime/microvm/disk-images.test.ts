@@ -1,12 +1,12 @@
 import assert from "node:assert/strict";
-import { chmod, chown, mkdir, mkdtemp, rm, stat, symlink, writeFile } from "node:fs/promises";
+import { chmod, chown, mkdir, mkdtemp, readdir, rm, stat, symlink, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
 import { SANDBOX_UID_BASE } from "../types.js";
-import { createOverlay, kitDiskImage, removeOverlay, templateDiskImage } from "./disk-images.js";
+import { builtImageKey, createOverlay, kitDiskImage, removeOverlay, removeUnusedBuiltImages, templateDiskImage } from "./disk-images.js";
 import { guestSkipReason } from "./test-helpers.js";
 
 async function debugfs(image: string, request: string): Promise<string> {
@@ -94,6 +94,25 @@ test("a sandbox overlay is a qcow2 on the raw base, removed with removeOverlay",
     await assert.rejects(stat(overlay));
     await removeOverlay(overlay);
     await assert.rejects(createOverlay("relative.ext4", overlay), /must be absolute/);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test("built templates' images are named by their layer; those whose layer is gone are removed, nothing else", async () => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), "cbm-built-"));
+  try {
+    const kept = `template-${builtImageKey("tpl-kept_1", "/rootfs\0 2048")}.ext4`;
+    const gone = `template-${builtImageKey("tpl-gone_2", "/rootfs\0 2048")}.ext4`;
+    assert.match(kept, /^template-built\.tpl-kept_1\.[0-9a-f]{16}\.ext4$/);
+    assert.notEqual(builtImageKey("a", "x"), builtImageKey("a", "y"));
+    for (const name of [kept, gone, "template-0123456789abcdef.ext4", "kit-0123456789abcdef.ext4", "template-built.x.notahash.ext4"]) await writeFile(path.join(dir, name), "");
+    const asked: string[] = [];
+    const removed = await removeUnusedBuiltImages(dir, async (layer) => (asked.push(layer), layer === "tpl-kept_1"));
+    assert.deepEqual(removed, [gone]);
+    assert.deepEqual(asked.sort(), ["tpl-gone_2", "tpl-kept_1"]);
+    assert.deepEqual((await readdir(dir)).sort(), [kept, "kit-0123456789abcdef.ext4", "template-0123456789abcdef.ext4", "template-built.x.notahash.ext4"].sort());
+    assert.deepEqual(await removeUnusedBuiltImages(path.join(dir, "missing"), async () => false), []);
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

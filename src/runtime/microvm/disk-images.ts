@@ -1,7 +1,7 @@
 import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
-import { chmod, mkdir, readFile, readlink, realpath, rename, rm, stat, writeFile } from "node:fs/promises";
+import { chmod, mkdir, readdir, readFile, readlink, realpath, rename, rm, stat, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
@@ -60,7 +60,7 @@ export async function templateDiskImage(rootfsDir: string, cacheDir: string, opt
   });
   const info = await stat(real);
   const key = options.cacheKey ?? createHash("sha256").update(`${real}\0${info.dev}\0${info.ino}\0${info.mtimeMs}\0${options.sizeMiB ?? ""}`).digest("hex").slice(0, 16);
-  if (!/^[A-Za-z0-9._-]{1,100}$/.test(key)) throw new CubicleError("invalid_argument", `disk image key ${JSON.stringify(key)} must be letters, digits, '.', '_' or '-'`);
+  checkCacheKey(key);
   const target = path.join(cacheDir, `template-${key}.ext4`);
   return once(target, async () => {
     const cached = await cachedImage(target);
@@ -87,9 +87,37 @@ export async function templateDiskImage(rootfsDir: string, cacheDir: string, opt
   });
 }
 
+/** A cache key names a file: 1-200 letters, digits, '.', '_' or '-'. */
+function checkCacheKey(key: string): void {
+  if (!/^[A-Za-z0-9._-]{1,200}$/.test(key)) throw new CubicleError("invalid_argument", `disk image key ${JSON.stringify(key)} must be 1-200 letters, digits, '.', '_' or '-'`);
+}
+
+/**
+ * The cache key of a built template's image (BUILT_TEMPLATE_IMAGE_NOTE): its layer image's name,
+ * so that removeUnusedBuiltImages can tell whose it is, and a hash of the rest.
+ */
+export function builtImageKey(layerName: string, rest: string): string {
+  return `built.${layerName}.${createHash("sha256").update(rest).digest("hex").slice(0, 16)}`;
+}
+
+/**
+ * Removes the built templates' images whose layer image is gone (the template was deleted or
+ * rebuilt); returns the files removed. `layerExists` gets the layer image's name.
+ */
+export async function removeUnusedBuiltImages(cacheDir: string, layerExists: (layerName: string) => Promise<boolean>): Promise<string[]> {
+  const removed: string[] = [];
+  for (const name of await readdir(cacheDir).catch(() => [] as string[])) {
+    const match = /^template-built\.([A-Za-z0-9._-]+)\.[0-9a-f]{16}\.ext4$/.exec(name);
+    if (!match || (await layerExists(match[1]!))) continue;
+    await rm(path.join(cacheDir, name), { force: true });
+    removed.push(name);
+  }
+  return removed;
+}
+
 /** The image templateDiskImage made under `cacheKey`, if it is in the cache. */
 export async function cachedTemplateDiskImage(cacheDir: string, cacheKey: string): Promise<DiskImage | undefined> {
-  if (!/^[A-Za-z0-9._-]{1,100}$/.test(cacheKey)) throw new CubicleError("invalid_argument", `disk image key ${JSON.stringify(cacheKey)} must be letters, digits, '.', '_' or '-'`);
+  checkCacheKey(cacheKey);
   return cachedImage(path.join(cacheDir, `template-${cacheKey}.ext4`));
 }
 

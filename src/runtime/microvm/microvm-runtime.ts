@@ -5,9 +5,9 @@ import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
 import { createLogger } from "../../shared/log.js";
 import { assembleAgentKit, kitSourcesIn, type AgentKit } from "../container/agent-kit.js";
-import type { ImageInfo, ImageKind, ImageStore, PendingImage } from "../images.js";
+import { imageId, parseImageId, type ImageInfo, type ImageKind, type ImageStore, type PendingImage } from "../images.js";
 import type { CheckpointInfo, Runtime, RuntimeState, SandboxSpec, SandboxStats } from "../types.js";
-import { cachedTemplateDiskImage, createOverlay, kitDiskImage, removeOverlay, templateDiskImage, type DiskImage } from "./disk-images.js";
+import { builtImageKey, cachedTemplateDiskImage, createOverlay, kitDiskImage, removeOverlay, removeUnusedBuiltImages, templateDiskImage, type DiskImage } from "./disk-images.js";
 import { agentLaunchFile, prepareGuestAssets, type GuestAssets } from "./guest-assets.js";
 import { attachGuestNetwork, releaseGuestNetwork } from "./net.js";
 import { MICROVM_UID_COUNT, MICROVM_UID_START, macAddressFrom, reconnectMicrovm, startMicrovm, type Accelerator, type Microvm, type QemuLauncher } from "./qemu.js";
@@ -33,6 +33,8 @@ export interface MicrovmRuntimeConfig {
    * Without it such templates are refused.
    */
   templateLayerDir?: (template: SandboxSpec["template"]) => Promise<string>;
+  /** Whether that runtime still has a layer image (by id): images of gone ones are removed at init. */
+  layerExists?: (imageId: string) => Promise<boolean>;
 }
 
 /** A guest directory's record of its guest. */
@@ -94,6 +96,12 @@ export class MicrovmRuntime implements Runtime {
     await mkdir(this.chrootDir, { recursive: true, mode: 0o555 });
     await chmod(this.chrootDir, 0o555);
     await this.adoptGuests();
+    // Disk images of builder templates deleted or rebuilt since (BUILT_TEMPLATE_IMAGE_NOTE).
+    const layerExists = this.config.layerExists;
+    if (layerExists) {
+      const removed = await removeUnusedBuiltImages(this.cacheDir, (name) => layerExists(imageId("layer", name)));
+      if (removed.length > 0) log.info("removed the disk images of templates that are gone", { files: removed });
+    }
   }
 
   /** Guests an earlier server started (their QEMU runs on): adopted, or their leftovers removed. */
@@ -139,11 +147,12 @@ export class MicrovmRuntime implements Runtime {
    * whiteouts for what a step removed, opaque directories) on a base rootfs. For a guest both
    * become one ext4 tree: the layer's upper and the base are mounted as a read-only overlay (two
    * lower layers, so the kernel applies the whiteouts and opaque directories exactly as for a
-   * container) and the image is made from that mount, which is then removed.
+   * container) and the image is made from that mount, which is then removed. Its file name holds
+ * the layer image's name: a server start removes the images whose layer is gone.
    */
   private async builtTemplateImage(template: SandboxSpec["template"], sizing: { sizeMiB?: number }): Promise<DiskImage> {
     const layerDir = await this.config.templateLayerDir!(template);
-    const cacheKey = `built-${createHash("sha256").update(`${template.layerImageId}\0${template.rootfsDir}\0${sizing.sizeMiB ?? ""}`).digest("hex").slice(0, 16)}`;
+    const cacheKey = builtImageKey(parseImageId(template.layerImageId!).name, `${template.rootfsDir}\0${sizing.sizeMiB ?? ""}`);
     const cached = await cachedTemplateDiskImage(this.cacheDir, cacheKey);
     if (cached) return cached;
     const merged = await mkdtemp(path.join(this.cacheDir, "merge-"));
