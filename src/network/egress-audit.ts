@@ -212,7 +212,6 @@ export class EgressAuditLog {
       }
       if (typeof rec !== "object" || rec === null || rec.sandboxId !== row.sandboxId) continue;
       this.keep(rec, row.seq);
-      this.finishedRecords.add(rec);
     }
     if (rows.length > 0) this.nextSeq = rows.at(-1)!.seq + 1;
     // What the bounds dropped while loading goes from the database at the first flush.

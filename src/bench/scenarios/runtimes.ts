@@ -15,6 +15,7 @@ import path from "node:path";
 import { QmpClient } from "../../runtime/microvm/qmp.js";
 import { QEMU_BINARY } from "../../runtime/microvm/qemu.js";
 import { runCommand } from "../../shared/exec.js";
+import { memAvailableBytes } from "../machine.js";
 import type { BenchOptions } from "../options.js";
 import { Progress } from "../progress.js";
 import { notAvailable, type ScenarioResult } from "../result.js";
@@ -33,11 +34,6 @@ interface CreateSample {
   apiMs: number;
   firstCommandMs: number;
   resumeMs: number;
-}
-
-async function memAvailableBytes(): Promise<number> {
-  const text = await readFile("/proc/meminfo", "utf8");
-  return Number(/^MemAvailable:\s+(\d+) kB/m.exec(text)?.[1] ?? NaN) * 1024;
 }
 
 /** A QEMU microvm without a guest (`-S`): spawned, daemonized, QMP answering, then quit. */
@@ -112,7 +108,7 @@ export async function benchRuntimes(options: BenchOptions, target: BenchTarget):
   const idle = options.background > 0 ? options.background : 5;
   const memory: Record<string, { sandboxes: number; perSandboxMiB: number }> = {};
   for (const runtime of RUNTIMES) {
-    const before = await memAvailableBytes();
+    const before = memAvailableBytes();
     const ids: string[] = [];
     try {
       for (let i = 0; i < idle; i++) {
@@ -122,7 +118,7 @@ export async function benchRuntimes(options: BenchOptions, target: BenchTarget):
         await firstSuccessfulCommand(await Sandbox.connect(created.json.sandboxID, { timeoutMs: 1_800_000 }), performance.now(), FIRST_COMMAND_DEADLINE_MS);
       }
       await new Promise((resolve) => setTimeout(resolve, options.settleMs));
-      memory[runtime] = { sandboxes: ids.length, perSandboxMiB: round2((before - (await memAvailableBytes())) / ids.length / (1 << 20)) };
+      memory[runtime] = { sandboxes: ids.length, perSandboxMiB: round2((before - memAvailableBytes()) / ids.length / (1 << 20)) };
     } catch (err) {
       errors.push(errorMessage(err));
     } finally {

@@ -63,10 +63,11 @@ interface Guest extends GuestRecord {
  * state, list and stats work; memory snapshots (checkpoint, restore and what needs them: pause
  * to disk, snapshots, fork, warm images) are refused (failed_precondition, a 400) until QEMU's
  * migration-to-file lands. A template the template builder made runs too: its layer and base
- * become one disk image (BUILT_TEMPLATE_IMAGE_NOTE). A guest outlives a server restart: init() reconnects to the QEMU
- * in each guest directory (guest.json says what it is) and ends those that do not answer, so
- * recovery adopts a running guest and removes one nobody owns. Each QEMU is confined once started (QEMU_CONFINE_NOTE): a uid
- * of its own, an empty chroot, QEMU's seccomp filter.
+ * become one disk image (BUILT_TEMPLATE_IMAGE_NOTE). A guest outlives a server restart: init()
+ * reconnects to the QEMU in each guest directory (guest.json says what it is) and ends those
+ * that do not answer, so recovery adopts a running guest and removes one nobody owns. Each QEMU
+ * is confined once started (QEMU_CONFINE_NOTE): a uid of its own, an empty chroot, QEMU's
+ * seccomp filter.
  */
 export class MicrovmRuntime implements Runtime {
   readonly name = "microvm" as const;
@@ -148,7 +149,7 @@ export class MicrovmRuntime implements Runtime {
    * become one ext4 tree: the layer's upper and the base are mounted as a read-only overlay (two
    * lower layers, so the kernel applies the whiteouts and opaque directories exactly as for a
    * container) and the image is made from that mount, which is then removed. Its file name holds
- * the layer image's name: a server start removes the images whose layer is gone.
+   * the layer image's name: a server start removes the images whose layer is gone.
    */
   private async builtTemplateImage(template: SandboxSpec["template"], sizing: { sizeMiB?: number }): Promise<DiskImage> {
     const layerDir = await this.config.templateLayerDir!(template);

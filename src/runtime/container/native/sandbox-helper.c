@@ -900,6 +900,14 @@ static void run_exec(const struct exec_request *exec, int out, int err) {
   _exit(127);
 }
 
+/* A request's subcommand as the CLI would have its argv (SERVE_FIELDS_MAX + 2 slots). */
+static void subcommand_argv(char **argv, const char *command, char **args, int arg_count) {
+  argv[0] = "sandbox-helper";
+  argv[1] = (char *)command;
+  for (int i = 0; i < arg_count; i++) argv[2 + i] = args[i];
+  argv[2 + arg_count] = NULL;
+}
+
 /*
  * INLINE_NOTE: a subcommand marked run_inline (nft-batch) runs in the serve process itself: a
  * fork of this process, its memfds and its reaping cost ~1.5 ms on this project's machines,
@@ -920,10 +928,7 @@ static void run_inline(const char *id, const struct subcommand *subcommand, char
     return;
   }
   char *argv[SERVE_FIELDS_MAX + 2];
-  argv[0] = "sandbox-helper";
-  argv[1] = (char *)subcommand->name;
-  for (int i = 0; i < arg_count; i++) argv[2 + i] = args[i];
-  argv[2 + arg_count] = NULL;
+  subcommand_argv(argv, subcommand->name, args, arg_count);
   jmp_buf escape;
   volatile int status = 0;
   int left = setjmp(escape);
@@ -1042,10 +1047,7 @@ static void handle_request(char **fields, int count) {
     if (is_exec) run_exec(&exec, out, err);
     /* A subcommand: its argv as the CLI would have it; fail() and usage() exit this child. */
     char *argv[SERVE_FIELDS_MAX + 2];
-    argv[0] = "sandbox-helper";
-    argv[1] = (char *)command;
-    for (int i = 0; i < arg_count; i++) argv[2 + i] = args[i];
-    argv[2 + arg_count] = NULL;
+    subcommand_argv(argv, command, args, arg_count);
     exit(run_subcommand(2 + arg_count, argv));
   }
   request->pid = pid;
