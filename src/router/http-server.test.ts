@@ -217,3 +217,62 @@ test("a sandbox answering before the request body is in (a 401 on an upload) lea
   }
   await assertServerAlive();
 });
+
+test("an answer given before the body is in, on a Connection: close request, is not followed by a reset while the client still sends", { timeout: 30_000 }, async () => {
+  const http = await import("node:http");
+  const net = await import("node:net");
+  const upstream = http.createServer((_req, res) => {
+    res.writeHead(401, { "content-type": "application/json", "content-length": 2 });
+    res.end("{}");
+  });
+  await new Promise<void>((resolve) => upstream.listen(0, "127.0.0.1", resolve));
+  const upstreamPort = (upstream.address() as import("node:net").AddressInfo).port;
+  try {
+    // A sandbox's early answer (forwarded), and the router's own (an unknown sandbox).
+    for (const [sandboxId, status] of [
+      [SANDBOX_ID, "401"],
+      ["no-such-sandbox", "502"],
+    ] as const) {
+      // Half-open: a client that has not yet read the server's close keeps sending (Node's
+      // default would stop writing at the server's FIN and hide the reset).
+      const socket = net.connect({ port, host: "127.0.0.1", allowHalfOpen: true });
+      let received = "";
+      let failure: Error | undefined;
+      let sending = true;
+      let closedWhileSending = false;
+      socket.on("data", (chunk) => (received += chunk.toString("latin1")));
+      socket.on("error", (error) => (failure = error));
+      socket.on("end", () => {
+        closedWhileSending = sending;
+        socket.end();
+      });
+      const closed = new Promise<void>((resolve) => socket.once("close", () => resolve()));
+      try {
+        const bodyBytes = 8 * 1024 * 1024;
+        socket.write(`POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\nE2b-Sandbox-Id: ${sandboxId}\r\nE2b-Sandbox-Port: ${upstreamPort}\r\nContent-Length: ${bodyBytes}\r\n\r\n`);
+        socket.write(Buffer.alloc(64 * 1024));
+        const deadline = Date.now() + 10_000;
+        while (!received.includes("\r\n\r\n") && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+        assert.match(received, new RegExp(`^HTTP/1\\.1 ${status}`), sandboxId);
+        // The client had not seen the answer yet and goes on sending: closing now would reset it.
+        await new Promise((r) => setTimeout(r, 100));
+        const rest = Buffer.alloc(bodyBytes - 64 * 1024);
+        for (let offset = 0; offset < rest.length; offset += 1024 * 1024) {
+          const last = offset + 1024 * 1024 >= rest.length;
+          socket.write(rest.subarray(offset, offset + 1024 * 1024));
+          if (last) sending = false;
+          else await new Promise((r) => setTimeout(r, 20));
+        }
+        await Promise.race([closed, new Promise((r) => setTimeout(r, 10_000))]);
+        assert.equal(failure, undefined, `${sandboxId}: the client's connection failed with ${String(failure)}`);
+        assert.equal(closedWhileSending, false, `${sandboxId}: the server closed while the body was still arriving`);
+        assert.ok(socket.readableEnded, `${sandboxId}: the server closes once the body is in`);
+      } finally {
+        socket.destroy();
+      }
+    }
+  } finally {
+    upstream.close();
+  }
+  await assertServerAlive();
+});

@@ -1,4 +1,4 @@
-import { STATUS_CODES, type ServerResponse } from "node:http";
+import { STATUS_CODES, type IncomingMessage, type ServerResponse } from "node:http";
 import type { Duplex } from "node:stream";
 import { createLogger } from "../shared/log.js";
 
@@ -47,11 +47,33 @@ export function sendJsonResponse(res: ServerResponse, status: number, body: Reco
     }
     const text = JSON.stringify(body);
     res.writeHead(status, { "content-type": "application/json", "content-length": Buffer.byteLength(text) });
-    res.end(text);
+    res.write(text);
+    endAfterBody(res.req, res);
   } catch (err) {
     log.debug("could not answer a request", { error: String(err) });
     res.socket?.destroy();
   }
+}
+
+/**
+ * Ends an answer that may have been given before the request's body was all read. The rest of
+ * the body is read and dropped, and the response ends once it is in, LINGER_MS at most. Ending
+ * at once would let Node close a `Connection: close` socket while the client still sends: the
+ * kernel resets a socket that receives data after its close, and the client's next write fails
+ * (EPIPE) before it has read the answer. The answer itself is already sent (with its length),
+ * so a client that stops sending has it at once.
+ */
+export function endAfterBody(req: IncomingMessage, res: ServerResponse): void {
+  if (req.complete || req.destroyed) return void res.end();
+  req.resume();
+  const end = () => {
+    clearTimeout(timer);
+    if (!res.writableEnded) res.end();
+  };
+  const timer = setTimeout(end, LINGER_MS);
+  timer.unref();
+  req.once("end", end);
+  req.once("close", end);
 }
 
 /** The status and message for a request Node's parser refused (its `clientError`). */

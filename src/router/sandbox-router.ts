@@ -6,7 +6,7 @@ import { constantTimeEquals } from "../shared/compare.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { headerString } from "../shared/headers.js";
 import { createLogger } from "../shared/log.js";
-import { sendJsonResponse, writeRawJsonResponse } from "./raw-response.js";
+import { endAfterBody, sendJsonResponse, writeRawJsonResponse } from "./raw-response.js";
 import { hostPattern, parseRoute, type RouteMatch } from "./route-parsing.js";
 
 const log = createLogger("router");
@@ -315,13 +315,17 @@ export class SandboxRouter {
       settled = true;
       upstreamRes.on("error", () => clientSocket.destroy());
       upstreamRes.on("aborted", () => clientSocket.destroy());
-      if (!req.complete) {
+      const early = !req.complete;
+      if (early) {
         // The sandbox answered before the request's body was in (a 401 or 413 on an upload): the
         // rest of the body is read and dropped, so the client gets the answer and can reuse its
         // connection, and the upstream socket, which never got the whole request, is not reused.
         req.unpipe(upstream);
         req.resume();
-        upstreamRes.on("end", () => upstream.destroy());
+        upstreamRes.on("end", () => {
+          upstream.destroy();
+          endAfterBody(req, res);
+        });
       }
       const status = upstreamRes.statusCode ?? 0;
       // A final answer is 200–999 (1xx are interim; Node's writeHead throws below 100 and above 999).
@@ -341,7 +345,7 @@ export class SandboxRouter {
         log.debug("upstream response not forwardable", { sandboxId: match.sandboxId, error: String(err) });
         return;
       }
-      upstreamRes.pipe(res);
+      upstreamRes.pipe(res, { end: !early });
     });
     // A 101 to a request that asked for no upgrade: Node's client emits 'upgrade', never 'response'.
     upstream.on("upgrade", (_upstreamRes, upstreamSocket) => {
