@@ -43,7 +43,7 @@ buildNative("src/network/native/original-dst.c", path.join(dist, "network", "ori
 buildNative("src/runtime/container/native/criu-front.c", path.join(dist, "criu-front"), "runc starts CRIU directly");
 buildNative("src/runtime/container/native/tar-shim.c", path.join(dist, "tar-shim"), "CRIU's tar goes through the shell shim");
 // Required (no fallback): the runtime refuses to start without them.
-buildNative("src/runtime/container/native/sandbox-helper.c", path.join(dist, "sandbox-helper"), "the container runtime cannot start sandboxes", ["-static"], ["netlink.h", "nftables.h"]);
+buildNative("src/runtime/container/native/sandbox-helper.c", path.join(dist, "sandbox-helper"), "the container runtime cannot start sandboxes", ["-static"], ["netlink.h", "nftables.h", "conntrack.h"]);
 buildNative("src/runtime/container/native/sandbox-boot.c", path.join(dist, "sandbox-boot"), "the container runtime cannot start sandboxes");
 buildNative("src/runtime/container/native/criu-userns-shim.c", path.join(dist, "criu-userns-shim.so"), "checkpoints and restores fail", ["-shared", "-fPIC"]);
 

@@ -130,7 +130,7 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
     egressPorts,
     privateAllowed: config.egressPrivateAllow,
     onPolicyChange: (runtimeId) => egress.policyChanged(runtimeId),
-    onRelease: (runtimeId) => egress.released(runtimeId),
+    onRelease: (runtimeId, address) => egress.released(runtimeId, address),
     // Network set-up and teardown go through the runtime's resident helper: no process start per sandbox.
     helper: ([command, ...args]) => containers.helper.call(command!, args, { what: `sandbox network (${command})`, timeoutMs: 15_000 }),
   });

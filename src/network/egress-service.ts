@@ -42,8 +42,8 @@ export interface EgressService {
   start(): Promise<{ dns: number; proxy: number }>;
   /** A sandbox's policy changed: cut the connections it no longer allows. */
   policyChanged(runtimeId: string): void;
-  /** A sandbox's network is gone: cut its connections, forget its DNS pins. */
-  released(runtimeId: string): void;
+  /** A sandbox's network (at `address`) is gone: cut its connections and flows, forget its DNS pins. */
+  released(runtimeId: string, address?: string): void;
   stop(): Promise<void>;
 }
 
@@ -130,6 +130,7 @@ export function createEgressService(options: EgressServiceOptions): EgressServic
     tableName: options.tableName,
     sandboxFor: (address) => options.sandboxAt(address)?.sandboxId,
     audit,
+    flows: { helperPath: path.join(options.distDir, "sandbox-helper"), subnet: options.subnet, finished: (record) => options.audit.finished(record) },
   });
 
   return {
@@ -142,9 +143,10 @@ export function createEgressService(options: EgressServiceOptions): EgressServic
     policyChanged(runtimeId) {
       proxy.policyChanged(runtimeId);
     },
-    released(runtimeId) {
+    released(runtimeId, address) {
       proxy.policyChanged(runtimeId);
       pinned.drop(runtimeId);
+      if (address) kernelLog.released(address);
     },
     async stop() {
       await Promise.allSettled([dns.close(), proxy.close(), kernelLog.stop()]);

@@ -41,8 +41,8 @@ export interface NetnsManagerOptions {
   privateAllowed?: readonly string[];
   /** Told after a sandbox's policy changed (the proxy cuts connections it no longer allows). */
   onPolicyChange?: (sandboxId: string) => void;
-  /** Told after a sandbox's network is gone (its connections are cut, its DNS pins dropped). */
-  onRelease?: (sandboxId: string) => void;
+  /** Told after a sandbox's network (at `address`, when known) is gone (its connections and flows are cut, its DNS pins dropped). */
+  onRelease?: (sandboxId: string, address: string | undefined) => void;
   /**
    * Runs the helper's net-setup / net-release / net-address (NETNS_NETLINK_NOTE) and nft-batch
    * (NFT_NETLINK_NOTE). Default: one run of `<distDir>/sandbox-helper` per call.
@@ -273,7 +273,7 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet"> & Parti
       if (leftovers.length > 0) throw new CubicleError("internal", `could not remove ${leftovers.join(", ")} of sandbox ${sandboxId}; see the server log`);
       if (record) pool.release(record.blockIndex);
       forget(sandboxId);
-      options.onRelease?.(sandboxId);
+      options.onRelease?.(sandboxId, address);
     },
 
     close() {},

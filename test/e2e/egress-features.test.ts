@@ -208,6 +208,40 @@ for a in ('${inet.echo.address}', '${inet.evil.address}'):
   });
 });
 
+describe("egress audit of UDP flows", () => {
+  test("an allowed UDP flow's record gets the whole flow's bytes both ways once it ends (here: its sandbox is killed)", async () => {
+    await inet.assertRouted(inet.echo.address);
+    const sandbox = await create({ network: { denyOut: ["0.0.0.0/0"], allowOut: [inet.echo.address] } });
+    // Three datagrams of 100 bytes from one socket (one flow), each echoed back.
+    const sent = await sh(sandbox, `/usr/bin/python3 -c "
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+got = 0
+for _ in range(3):
+    s.sendto(b'x' * 100, ('${inet.echo.address}', 7)); got += len(s.recv(1000))
+print(got)"`);
+    assert.equal(sent.stdout.trim(), "300", sent.stderr);
+    await new Promise((resolve) => setTimeout(resolve, 700)); // the kernel log is read every 250 ms
+    const flowRecord = async () => {
+      const res = await server.api("GET", `/sandboxes/${sandbox.sandboxId}/network/egress?limit=100`);
+      assert.equal(res.status, 200, JSON.stringify(res.json));
+      return (res.json as { protocol: string; address: string; verdict: string; bytesOut?: number; bytesIn?: number }[]).find((r) => r.protocol === "udp" && r.verdict === "allowed" && r.address === inet.echo.address);
+    };
+    const first = await flowRecord();
+    assert.ok(first, "the flow is recorded from its first packet");
+    assert.equal(first.bytesOut, 128, "until the flow ends: the first packet's size");
+    await sandbox.kill();
+    let ended = first;
+    for (let i = 0; i < 50 && ended.bytesIn === undefined; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      ended = (await flowRecord()) ?? ended;
+    }
+    // Three 128-byte packets (100 bytes, 28 of IP and UDP headers) each way.
+    assert.equal(ended.bytesOut, 384, JSON.stringify(ended));
+    assert.equal(ended.bytesIn, 384, JSON.stringify(ended));
+  });
+});
+
 describe("private ingress", () => {
   test("allowPublicTraffic: false needs the traffic access token; maskRequestHost rewrites the Host", async () => {
     const sandbox = await create({ network: { allowPublicTraffic: false, maskRequestHost: "localhost:${PORT}" } });

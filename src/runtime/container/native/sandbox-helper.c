@@ -28,8 +28,11 @@
  *       (pidfds, no polling). Ends when stdin closes.
  *   net-setup | net-release | net-address
  *       A sandbox's network namespace and veth pair through rtnetlink: see netlink.h.
+ *   flows     --subnet CIDR
+ *       Long-running: the byte counts of sandboxes' UDP and ICMP flows as the kernel forgets
+ *       them (conntrack events); see conntrack.h.
  *   serve
- *       Resident: runs the subcommands above (but watch) and programs (`exec`: runc in a
+ *       Resident: runs the subcommands above (but watch and flows) and programs (`exec`: runc in a
  *       sandbox's netns) for requests on stdin, each in a forked child, concurrently, and
  *       replies with their status and output (see cmd_serve). Ends when stdin closes.
  */
@@ -656,6 +659,8 @@ static int cmd_watch(void) {
 #include "netlink.h"
 /* Uses netlink.h's net_only_options() and net_report_ext_ack(). */
 #include "nftables.h"
+/* Uses netlink.h's requests and net_write_sysctl(). */
+#include "conntrack.h"
 
 /*
  * The subcommands that take --name value pairs, for the one-shot CLI and for `serve`. A new
@@ -1177,8 +1182,9 @@ static int cmd_serve(void) {
 }
 
 int main(int argc, char **argv) {
-  if (argc < 2) usage("usage: sandbox-helper prepare|snapshot|teardown|hostname|qgroup-gc|net-setup|net-release|net-address|watch|serve [--option value]...");
+  if (argc < 2) usage("usage: sandbox-helper prepare|snapshot|teardown|hostname|qgroup-gc|net-setup|net-release|net-address|watch|flows|serve [--option value]...");
   if (strcmp(argv[1], "watch") == 0) return cmd_watch();
+  if (strcmp(argv[1], "flows") == 0) return cmd_flows(argc, argv);
   if (strcmp(argv[1], "serve") == 0) return cmd_serve();
   return run_subcommand(argc, argv);
 }
