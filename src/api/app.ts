@@ -1,5 +1,7 @@
 import type { IncomingMessage, Server, ServerResponse } from "node:http";
 import { registerTemplateRoutes, TEMPLATE_FILES_PREFIX } from "./template-routes.js";
+import { registerVolumeRoutes, VOLUME_CONTENT_PREFIX } from "./volume-routes.js";
+import type { VolumeService } from "../volumes/volume-service.js";
 import type { TemplateBuilder } from "../template/builder/template-builder.js";
 import type { Duplex } from "node:stream";
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from "fastify";
@@ -59,6 +61,8 @@ export interface ApiOptions {
   secrets: SecretVault;
   /** E2B's template-build API (absent: its routes answer 404). */
   templateBuilder?: TemplateBuilder;
+  /** E2B volumes and their content API (VOLUMES_NOTE); absent: the routes answer 404. */
+  volumes?: VolumeService;
   /** What sandboxes tried to reach (`GET /sandboxes/{id}/network/egress`) and its counters (`GET /metrics`). */
   egressAudit: EgressAuditLog;
   /**
@@ -154,6 +158,8 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
     if (request.url === "/health" || request.url.startsWith("/health?")) return;
     // Signed upload links carry their own token (the SDK PUTs to them without the API key).
     if (options.templateBuilder && request.method === "PUT" && request.url.startsWith(TEMPLATE_FILES_PREFIX)) return;
+    // The volume-content API takes each volume's own token (volume-routes.ts).
+    if (options.volumes && request.url.startsWith(VOLUME_CONTENT_PREFIX)) return;
     const headerKey = request.headers["x-api-key"];
     const bearer = request.headers.authorization?.match(/^Bearer\s+(.+)$/i)?.[1];
     const given = (Array.isArray(headerKey) ? headerKey[0] : headerKey) ?? bearer;
@@ -341,6 +347,7 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
 
   app.get("/templates", async (): Promise<apiSchema.TemplateSummary[]> => options.listTemplates());
   if (options.templateBuilder) registerTemplateRoutes(app, options.templateBuilder);
+  if (options.volumes) registerVolumeRoutes(app, options.volumes, hostDirs);
 
   // Secrets: the value goes in (create, update) and never comes out, nor into a log or an error.
   const { secrets } = options;

@@ -9,6 +9,7 @@ import path from "node:path";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type https from "node:https";
 import type { AddressInfo } from "node:net";
+import { VolumeService } from "../volumes/volume-service.js";
 import { createApiApp } from "../api/index.js";
 import { newApiKey, SandboxManager } from "../core/index.js";
 import { createEgressService, createNetworkManager, EgressAuditLog, openCertificateAuthority, type CertificateAuthority, type NetworkManager } from "../network/index.js";
@@ -137,6 +138,9 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
   const templates = createTemplateCatalog(config);
   await network.init();
   await runtime.init();
+  // Volumes live on the containers' storage pool, mounted by runtime.init() (VOLUMES_NOTE).
+  const volumes = new VolumeService({ store, volumesDir: path.join(config.runDir, "pool", "volumes"), defaultSizeMB: config.volumeSizeMB });
+  await volumes.init();
 
   // One link to the agents for the whole server: the core and the router share its socket pool,
   // so the core's dropIdleSockets (before a memory dump) also closes the router's idle connections.
@@ -186,7 +190,8 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
     secrets,
     egressAudit,
     templateBuilder,
-    hostDirs: [config.stateDir, config.templateDir, config.distDir],
+    volumes,
+    hostDirs: [config.stateDir, config.templateDir, config.distDir, config.runDir],
     isReady: () => templatesReady,
     listTemplates: () => templates.list(),
     serverFactory: (handler) => {

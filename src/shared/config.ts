@@ -83,6 +83,8 @@ export interface CubicleConfig {
   storageBytes: number | undefined;
   /** The server-wide budget for snapshots and pause images; undefined = half the pool. */
   imageBudgetBytes: number | undefined;
+  /** A new volume's quota when its create names none (CUBICLE_VOLUME_SIZE_MB; default 1024). */
+  volumeSizeMB: number;
   /** Most vCPUs one create may ask for (CUBICLE_MAX_CPU_COUNT; default: the host's cores). */
   maxCpuCount: number;
   /** Most memory in MiB one create may ask for (CUBICLE_MAX_MEMORY_MB; default: host memory − 1 GiB, at least 512). */
@@ -346,6 +348,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     runDir: path.resolve(env.CUBICLE_RUN_DIR ?? defaultRunDir(stateDir)),
     storageBytes: parseGibibytes("CUBICLE_STORAGE_GB", env.CUBICLE_STORAGE_GB),
     imageBudgetBytes: parseGibibytes("CUBICLE_IMAGE_BUDGET_GB", env.CUBICLE_IMAGE_BUDGET_GB),
+    volumeSizeMB: parseWholeNumber("CUBICLE_VOLUME_SIZE_MB", env.CUBICLE_VOLUME_SIZE_MB, 1024, 1),
     maxCpuCount: parseWholeNumber("CUBICLE_MAX_CPU_COUNT", env.CUBICLE_MAX_CPU_COUNT, os.availableParallelism(), RESOURCE_FLOORS.cpuCount),
     maxMemoryMB: parseWholeNumber("CUBICLE_MAX_MEMORY_MB", env.CUBICLE_MAX_MEMORY_MB, defaultMaxMemoryMB(), RESOURCE_FLOORS.memoryMB),
     maxDiskMB: parseWholeNumber("CUBICLE_MAX_DISK_MB", env.CUBICLE_MAX_DISK_MB, 65536, RESOURCE_FLOORS.diskMB),

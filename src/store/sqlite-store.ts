@@ -17,6 +17,8 @@ import type {
   SnapshotRecord,
   Store,
   TemplateBuildRecord,
+  VolumeRecord,
+  VolumeStore,
   TemplateBuildStore,
 } from "./types.js";
 
@@ -84,6 +86,12 @@ CREATE TABLE IF NOT EXISTS egress_audit (
 );
 CREATE INDEX IF NOT EXISTS egress_audit_sandbox ON egress_audit (sandbox_id, seq);
 CREATE INDEX IF NOT EXISTS egress_audit_time ON egress_audit (time);
+CREATE TABLE IF NOT EXISTS volumes (
+  volume_id TEXT PRIMARY KEY,
+  name TEXT NOT NULL UNIQUE,
+  created_at INTEGER NOT NULL,
+  body TEXT NOT NULL
+);
 `;
 
 interface SandboxRow {
@@ -106,7 +114,7 @@ interface SecretRow {
  * SQLite store: one file in the state directory, WAL mode. Columns that queries filter on
  * are real columns; the rest of the record is a JSON body.
  */
-export class SqliteStore implements Store, TemplateBuildStore, EgressAuditStore {
+export class SqliteStore implements Store, TemplateBuildStore, EgressAuditStore, VolumeStore {
   private readonly db: Database.Database;
   private readonly insertStmt: Database.Statement;
   private readonly updateStmt: Database.Statement;
@@ -314,6 +322,31 @@ export class SqliteStore implements Store, TemplateBuildStore, EgressAuditStore 
 
   async deleteSecret(secretId: string): Promise<boolean> {
     return this.db.prepare("DELETE FROM secrets WHERE secret_id = ?").run(secretId).changes > 0;
+  }
+
+  async insertVolume(record: VolumeRecord): Promise<void> {
+    try {
+      this.db.prepare("INSERT INTO volumes (volume_id, name, created_at, body) VALUES (?, ?, ?, ?)").run(record.volumeId, record.name, record.createdAt, JSON.stringify(record));
+    } catch (err) {
+      if ((err as { code?: unknown }).code === "SQLITE_CONSTRAINT_UNIQUE" && /volumes\.name/.test(String((err as Error).message))) {
+        throw new CubicleError("already_exists", `a volume named "${record.name}" already exists`, { cause: err });
+      }
+      throw err;
+    }
+  }
+
+  async listVolumes(): Promise<VolumeRecord[]> {
+    const rows = this.db.prepare("SELECT body FROM volumes ORDER BY created_at, volume_id").all() as SandboxRow[];
+    return rows.map((row) => JSON.parse(row.body) as VolumeRecord);
+  }
+
+  async getVolume(volumeId: string): Promise<VolumeRecord | undefined> {
+    const row = this.db.prepare("SELECT body FROM volumes WHERE volume_id = ?").get(volumeId) as SandboxRow | undefined;
+    return row ? (JSON.parse(row.body) as VolumeRecord) : undefined;
+  }
+
+  async deleteVolume(volumeId: string): Promise<boolean> {
+    return this.db.prepare("DELETE FROM volumes WHERE volume_id = ?").run(volumeId).changes > 0;
   }
 
   async putTemplateBuild(record: TemplateBuildRecord): Promise<void> {

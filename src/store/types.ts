@@ -271,6 +271,27 @@ export interface EventRecord {
  * The data-access layer. SQLite by default; PostgreSQL later behind the same interface,
  * so methods are async even where SQLite answers synchronously.
  */
+/** A persistent volume (E2B `/volumes`): a btrfs subvolume with a qgroup limit (VOLUMES_NOTE). */
+export interface VolumeRecord {
+  volumeId: string;
+  /** Unique on this server. */
+  name: string;
+  /** The bearer token of its content API (`/volumecontent/{volumeID}/…`). */
+  token: string;
+  /** Its quota (kernel-enforced). */
+  sizeMB: number;
+  createdAt: number;
+}
+
+/** Volume records (SqliteStore implements it beside Store). */
+export interface VolumeStore {
+  /** Throws already_exists when the name is taken. */
+  insertVolume(record: VolumeRecord): Promise<void>;
+  listVolumes(): Promise<VolumeRecord[]>;
+  getVolume(volumeId: string): Promise<VolumeRecord | undefined>;
+  deleteVolume(volumeId: string): Promise<boolean>;
+}
+
 export interface Store {
   insertSandbox(record: SandboxRecord): Promise<void>;
   updateSandbox(sandboxId: string, patch: Partial<Omit<SandboxRecord, "sandboxId">>): Promise<void>;
