@@ -146,13 +146,32 @@ test("network: ingress fields are typed, httpsPorts and unknown fields are refus
   assert.deepEqual(create({ maskRequestHost: "localhost:${PORT}", httpsPorts: [], bandwidth: { ingressMbps: 50 } }).networkConfig, { maskRequestHost: "localhost:${PORT}", httpsPorts: [], bandwidth: { ingressMbps: 50 } });
 });
 
-test("create fields that are not enforced yet (iam, mcp, volumeMounts) are refused, not ignored", () => {
+test("create fields that are not enforced yet (iam, mcp) are refused, not ignored", () => {
   const strict = { defaultTimeoutSec: 300, limits: { maxCpuCount: 2, maxMemoryMB: 4096, maxDiskMB: 65536 }, requireSecure: true };
   const create = (extra: Record<string, unknown>) => parseCreateRequest({ templateID: "base", ...extra }, 2, strict);
   const bad = (pattern: RegExp) => (err: unknown) => err instanceof CubicleError && err.code === "invalid_argument" && pattern.test(err.message);
   assert.throws(() => create({ iam: { tokens: { aws: { audience: "sts.amazonaws.com", tokenType: "JWT-SVID" } } } }), bad(/iam .* not supported/));
   assert.throws(() => create({ iam: "x" }), bad(/iam .* not supported/));
   assert.throws(() => create({ mcp: { "github/x": { runCmd: "x" } } }), bad(/mcp .* not supported/));
-  assert.throws(() => create({ volumeMounts: [{ name: "data", path: "/data" }] }), bad(/volumeMounts/));
   for (const empty of [{ iam: { tokens: {} } }, { iam: {} }, { volumeMounts: [] }, { mcp: null }, { iam: null }]) assert.equal(create(empty).templateId, "base");
+});
+
+test("volumeMounts: plain absolute paths that do not nest, outside the kernel's and the agent's trees", () => {
+  const strict = { defaultTimeoutSec: 300, limits: { maxCpuCount: 2, maxMemoryMB: 4096, maxDiskMB: 65536 }, requireSecure: true };
+  const create = (volumeMounts: unknown) => parseCreateRequest({ templateID: "base", volumeMounts }, 2, strict);
+  const bad = (pattern: RegExp) => (err: unknown) => err instanceof CubicleError && err.code === "invalid_argument" && pattern.test(err.message);
+  assert.deepEqual(create([{ name: "data", path: "/mnt/data" }, { name: "vol_1", path: "/home/user/work" }]).volumeMounts, [
+    { name: "data", path: "/mnt/data" },
+    { name: "vol_1", path: "/home/user/work" },
+  ]);
+  assert.equal(create([]).volumeMounts, undefined);
+  for (const path of ["/", "relative", "/a/../etc", "/a/./b", "/a//b", "/a/", "/proc/x", "/sys", "/dev/shm", "/.cubicle/bin", "/x\0y"]) {
+    assert.throws(() => create([{ name: "data", path }]), bad(/path/), path);
+  }
+  assert.throws(() => create([{ name: "a", path: "/mnt" }, { name: "b", path: "/mnt/inner" }]), bad(/must not nest/));
+  assert.throws(() => create([{ name: "a", path: "/mnt" }, { name: "b", path: "/mnt" }]), bad(/must not nest/));
+  assert.throws(() => create([{ name: "", path: "/mnt" }]), bad(/name/));
+  assert.throws(() => create([{ name: "a", path: "/mnt", readOnly: true }]), bad(/not a mount field/));
+  assert.throws(() => create({ name: "a" }), bad(/list/));
+  assert.throws(() => create(Array.from({ length: 17 }, (_, i) => ({ name: "a", path: `/m${i}` }))), bad(/at most 16/));
 });

@@ -125,7 +125,7 @@ export function parseNetworkUpdate(body: unknown): { allowInternetAccess: boolea
 /**
  * Create fields Cubicle cannot enforce yet are refused, never accepted and ignored: workload
  * identity tokens (`iam`, which `${e2b.identity.tokens.*}` header placeholders need), MCP
- * servers (`mcp`) and volume mounts (`volumeMounts`). The SDK leaves each out unless it is used.
+ * servers (`mcp`). The SDK leaves each out unless it is used.
  */
 function refuseUnsupported(input: Record<string, unknown>): void {
   const iam = input.iam as { tokens?: unknown } | null | undefined;
@@ -134,8 +134,38 @@ function refuseUnsupported(input: Record<string, unknown>): void {
     fail("iam (workload identity tokens) is not supported by this server; leave it out");
   }
   if (input.mcp !== undefined && input.mcp !== null) fail("mcp (MCP servers in the sandbox) is not supported by this server yet; leave it out");
-  const mounts = input.volumeMounts;
-  if (mounts !== undefined && mounts !== null && !(Array.isArray(mounts) && mounts.length === 0)) fail("volumeMounts: volumes are not supported by this server yet; leave it out");
+}
+
+/** Mounts one sandbox may have. */
+const MAX_VOLUME_MOUNTS = 16;
+/** Where a volume may not go: the kernel's and the agent's trees, and the root itself. */
+const RESERVED_MOUNT_ROOTS = ["/proc", "/sys", "/dev", "/.cubicle", "/etc/machine-id"];
+
+/** E2B `volumeMounts`: `[{name, path}]`, each path absolute, plain and distinct from the others. */
+function parseVolumeMounts(value: unknown): { volumeMounts?: { name: string; path: string }[] } {
+  if (value === undefined || value === null) return {};
+  if (!Array.isArray(value)) fail("volumeMounts must be a list of {name, path}");
+  if (value.length === 0) return {};
+  if (value.length > MAX_VOLUME_MOUNTS) fail(`volumeMounts has ${value.length} entries; at most ${MAX_VOLUME_MOUNTS} are allowed`);
+  const mounts = value.map((entry, index) => {
+    const where = `volumeMounts[${index}]`;
+    if (typeof entry !== "object" || entry === null || Array.isArray(entry)) fail(`${where} must be {name, path}`);
+    const { name, path, ...rest } = entry as Record<string, unknown>;
+    if (Object.keys(rest).length > 0) fail(`${where}: ${JSON.stringify(Object.keys(rest)[0]!.slice(0, 40))} is not a mount field (name, path)`);
+    if (typeof name !== "string" || name.length === 0 || name.length > 128) fail(`${where}.name must be a volume's name or id`);
+    if (typeof path !== "string" || !path.startsWith("/") || path.length > 1024 || /[\0\\]/.test(path)) fail(`${where}.path must be an absolute path`);
+    const names = path.split("/").filter(Boolean);
+    if (names.length === 0) fail(`${where}.path must not be /`);
+    if (names.some((part) => part === "." || part === "..") || path.includes("//") || (path.length > 1 && path.endsWith("/"))) fail(`${where}.path must be a plain absolute path (no '.', '..', '//' or trailing '/')`);
+    const reserved = RESERVED_MOUNT_ROOTS.find((root) => path === root || path.startsWith(`${root}/`));
+    if (reserved) fail(`${where}.path: a volume cannot be mounted at or under ${reserved}`);
+    return { name, path };
+  });
+  for (const [index, mount] of mounts.entries()) {
+    const clash = mounts.find((other, otherIndex) => otherIndex !== index && (other.path === mount.path || mount.path.startsWith(`${other.path}/`)));
+    if (clash) fail(`volumeMounts: ${mount.path} is at or inside ${clash.path}; mount points must not nest`);
+  }
+  return { volumeMounts: mounts };
 }
 
 function optionalBool(value: unknown, field: string, fallback: boolean): boolean {
@@ -216,6 +246,7 @@ export function parseCreateRequest(body: unknown, version: 1 | 2, options: Creat
     memoryMB: resource(input.memoryMB, "memoryMB", RESOURCE_FLOORS.memoryMB, limits.maxMemoryMB, "CUBICLE_MAX_MEMORY_MB"),
     diskSizeMB: resource(input.diskSizeMB, "diskSizeMB", RESOURCE_FLOORS.diskMB, limits.maxDiskMB, "CUBICLE_MAX_DISK_MB"),
     ...runtimeField(input.runtime),
+    ...parseVolumeMounts(input.volumeMounts),
   };
 }
 

@@ -151,6 +151,7 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
     network,
     agent: agentLink,
     templates,
+    volumes,
     poolSizes: config.poolSizes,
     admission: { slots: config.maxStarting, maxWaiting: config.maxWaitingCreates, minAvailableBytes: config.minAvailableMB * 1024 * 1024 },
     durablePauseAfterSec: config.durablePauseAfterSec,
@@ -161,6 +162,7 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
     templateFingerprint: (template) => templates.fingerprint(template),
     caCertificates: ca.certificatePem,
   });
+  volumes.mountedBy = (volumeId) => manager?.liveSandboxes().find((record) => (record.state === "running" || record.state === "paused") && record.volumeMounts?.some((mount) => mount.volumeId === volumeId))?.sandboxId;
   await manager.recover();
   const imageBases = imageBasesFor(config);
   const templateBuilder = new TemplateBuilder({

@@ -43,4 +43,6 @@ export interface CreateSandboxRequest {
   memoryMB?: number;
   /** Cubicle extension of the create body: the sandbox's disk quota; the template's when absent. */
   diskSizeMB?: number;
+  /** E2B `volumeMounts`: volumes (by name or id) and where they go; absent or empty = none. */
+  volumeMounts?: { name: string; path: string }[];
 }

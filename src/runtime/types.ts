@@ -59,6 +59,11 @@ export interface SandboxSpec {
    */
   sameMachine?: boolean;
   /**
+   * Host directories mounted read-write at `target` inside (volumes, VOLUMES_NOTE), their
+   * files' owners mapped as the template's are. A runtime that cannot mount them refuses.
+   */
+  volumes?: readonly { source: string; target: string }[];
+  /**
    * create(): a start for no one yet (a warm-pool entry, a warm snapshot's source), made with
    * the lowest CPU weight so that foreground work wins the CPU while it boots and waits;
    * `Runtime.foreground` gives it the normal one when it is claimed.

@@ -35,6 +35,8 @@ export interface SandboxRecord {
   /** The host-side network Cubicle made for it; undefined once released. */
   network: SandboxNetwork | undefined;
   runtime: "container" | "microvm";
+  /** Volumes mounted in it (VOLUMES_NOTE): by id, with the name the create gave and where. */
+  volumeMounts?: VolumeMount[];
   /** Why it ended (killed, timeout, vanished …), for terminal states. */
   endReason: string | undefined;
   /** Set while paused: how, since when, and where a durable pause keeps its image. */
@@ -107,6 +109,8 @@ export interface SnapshotRecord {
   cpuCount: number;
   memoryMB: number;
   diskSizeMB: number;
+  /** The source's volume mounts: a restore mounts the same volumes (their content is not in the image). */
+  volumeMounts?: VolumeMount[];
   /** Hidden snapshots (a fork's one-off image) are not listed and are removed after use. */
   hidden?: boolean;
 }
@@ -271,6 +275,13 @@ export interface EventRecord {
  * The data-access layer. SQLite by default; PostgreSQL later behind the same interface,
  * so methods are async even where SQLite answers synchronously.
  */
+/** A volume mounted in a sandbox at `path`. */
+export interface VolumeMount {
+  volumeId: string;
+  name: string;
+  path: string;
+}
+
 /** A persistent volume (E2B `/volumes`): a btrfs subvolume with a qgroup limit (VOLUMES_NOTE). */
 export interface VolumeRecord {
   volumeId: string;

@@ -6,7 +6,7 @@ import { CubicleError } from "../shared/cubicle-error.js";
 import { runCommand } from "../shared/exec.js";
 import { pathExists } from "../shared/fs.js";
 import { createLogger } from "../shared/log.js";
-import type { VolumeRecord, VolumeStore } from "../store/index.js";
+import type { VolumeMount, VolumeRecord, VolumeStore } from "../store/index.js";
 
 const log = createLogger("volumes");
 
@@ -19,7 +19,8 @@ const log = createLogger("volumes");
  * (volume-content.ts) works on the subvolume from the host. Files are owned on disk by the
  * canonical ids sandboxes' trees use (CANONICAL_ID_BASE + the id a sandbox sees), so the
  * idmapped mount that serves template trees can serve a volume to any sandbox.
- * Not yet: mounting volumes into sandboxes (`volumeMounts` is refused), teams.
+ * A create's `volumeMounts` bind volumes into container sandboxes (VOLUME_BINDS_NOTE); a
+ * volume a live sandbox mounts is not deleted. Not yet: microVMs, teams.
  */
 export const VOLUME_BOUNDS = {
   nameChars: 63,
@@ -37,17 +38,22 @@ export interface VolumeServiceOptions {
   /** `<pool>/volumes`: made 0700 at init. */
   volumesDir: string;
   defaultSizeMB: number;
+  /** A live sandbox (running or paused) that mounts the volume, if any: such a volume is not deleted. */
+  mountedBy?: (volumeId: string) => string | undefined;
 }
 
 export class VolumeService {
   private readonly store: VolumeStore;
   readonly volumesDir: string;
   private readonly defaultSizeMB: number;
+  /** Set once the sandboxes exist (they are made after the volumes). */
+  mountedBy: (volumeId: string) => string | undefined;
 
   constructor(options: VolumeServiceOptions) {
     this.store = options.store;
     this.volumesDir = options.volumesDir;
     this.defaultSizeMB = options.defaultSizeMB;
+    this.mountedBy = options.mountedBy ?? (() => undefined);
   }
 
   /** Makes the volumes directory; removes subvolumes whose record is gone (a crash mid-delete). */
@@ -115,10 +121,22 @@ export class VolumeService {
     return record;
   }
 
-  /** Deletes the volume and its content; false when there is no such volume. */
+  /** The volumes of a create's `volumeMounts`, by name or id (VolumePort). */
+  async resolveMounts(mounts: readonly { name: string; path: string }[]): Promise<VolumeMount[]> {
+    const all = await this.store.listVolumes();
+    return mounts.map((mount) => {
+      const volume = all.find((candidate) => candidate.name === mount.name || candidate.volumeId === mount.name);
+      if (!volume) throw new CubicleError("invalid_argument", `volumeMounts: there is no volume named "${mount.name.slice(0, 64)}"; create it first (Volume.create)`);
+      return { volumeId: volume.volumeId, name: volume.name, path: mount.path };
+    });
+  }
+
+  /** Deletes the volume and its content; false when there is no such volume. Refused while a sandbox mounts it. */
   async delete(volumeId: string): Promise<boolean> {
     const record = VOLUME_ID.test(volumeId) ? await this.store.getVolume(volumeId) : undefined;
     if (!record) return false;
+    const user = this.mountedBy(volumeId);
+    if (user) throw new CubicleError("failed_precondition", `volume "${record.name}" is mounted by sandbox ${user}: kill the sandbox first`);
     await this.store.deleteVolume(volumeId);
     await this.removeSubvolume(this.dirOf(volumeId));
     log.info("volume deleted", { volumeId, name: record.name });

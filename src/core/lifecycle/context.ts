@@ -3,7 +3,7 @@ import type { NetworkManager, NetworkPolicy } from "../../network/types.js";
 import type { Runtime, SandboxSpec } from "../../runtime/types.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger, roundMs } from "../../shared/log.js";
-import { runtimeIdOf, type SandboxRecord, type Store } from "../../store/types.js";
+import { runtimeIdOf, type SandboxRecord, type Store, type VolumeMount } from "../../store/types.js";
 import { AGENT_READY_TIMEOUT_MS, buildInitBody, type AgentLink } from "../../protocol/index.js";
 import { newSandboxId, newToken } from "../ids.js";
 import { KeyedMutex } from "../keyed-mutex.js";
@@ -20,6 +20,16 @@ export interface LifecyclePorts {
   network: NetworkManager;
   agent: AgentLink;
   templates: TemplateCatalog;
+  /** Volumes (VOLUMES_NOTE); absent: creates with `volumeMounts` are refused. */
+  volumes?: VolumePort;
+}
+
+/** What the lifecycle needs of the volumes. */
+export interface VolumePort {
+  /** The volumes a create names, by name or id; invalid_argument for one that does not exist. */
+  resolveMounts(mounts: readonly { name: string; path: string }[]): Promise<VolumeMount[]>;
+  /** The host directory of a volume. */
+  dirOf(volumeId: string): string;
 }
 
 export interface LifecycleSettings {
@@ -157,7 +167,13 @@ export class LifecycleContext {
       template: template.image,
       resources: { cpuCount: record.cpuCount, memoryMiB: record.memoryMB, diskMiB: record.diskSizeMB, pidsLimit: this.settings.pidsLimit },
       network: record.network,
+      ...(record.volumeMounts?.length ? { volumes: record.volumeMounts.map((mount) => ({ source: this.volumeDir(mount.volumeId), target: mount.path })) } : {}),
     };
+  }
+
+  private volumeDir(volumeId: string): string {
+    if (!this.ports.volumes) throw new CubicleError("failed_precondition", "this server has no volumes: the sandbox's volume mounts cannot be made");
+    return this.ports.volumes.dirOf(volumeId);
   }
 
   /**

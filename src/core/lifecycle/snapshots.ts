@@ -99,6 +99,7 @@ export class Snapshots {
     record.cpuCount = image.cpuCount;
     record.memoryMB = image.memoryMB;
     record.diskSizeMB = image.diskSizeMB;
+    if (image.volumeMounts?.length) record.volumeMounts = image.volumeMounts;
     record.metadata = { ...source.metadata };
     await ctx.table.add(record);
     await ctx.startOrFail(record, () => ctx.restoreInto(record, template, image.imageId, image.agentAccessToken));
@@ -187,6 +188,7 @@ export class Snapshots {
       cpuCount: record.cpuCount,
       memoryMB: record.memoryMB,
       diskSizeMB: record.diskSizeMB,
+      ...(record.volumeMounts?.length ? { volumeMounts: record.volumeMounts } : {}),
       hidden,
     };
     try {

@@ -370,6 +370,7 @@ export class ContainerRuntime implements Runtime {
       usernsPin: source.kind === "fresh" || !source.memory ? paths.userns : undefined,
       criuImages: source.kind === "image" && source.criuView ? imageLayout(source.imageDir).criu : undefined,
       criuView: source.kind === "image" ? source.criuView : undefined,
+      volumeSources: spec.volumes?.map((volume) => volume.source),
     });
     this.facts.get(id)!.layerId = layerId;
     await writeFile(paths.layerId, `${layerId}\n`, { mode: 0o600 });
@@ -391,6 +392,7 @@ export class ContainerRuntime implements Runtime {
       identityFiles: identityFiles(paths.dir),
       uidBase,
       usernsPath: joinsPinnedUserns ? paths.userns : undefined,
+      volumeBinds: spec.volumes?.map((volume, index) => ({ source: path.join(paths.dir, "volumes", String(index)), target: volume.target })),
     });
     await writeFile(paths.config, JSON.stringify(ociSpec), { mode: 0o600 });
   }

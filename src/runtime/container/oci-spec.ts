@@ -84,6 +84,8 @@ export interface OciSpecInput {
    * USERNS_OWNER_NOTE): runc joins it. Absent for a CRIU restore, which makes its own.
    */
   usernsPath?: string;
+  /** Volumes: the idmapped binds the helper made in the bundle (VOLUME_BINDS_NOTE) and where they go. */
+  volumeBinds?: readonly { source: string; target: string }[];
 }
 
 /** config.json annotations that let a checkpoint find what the sandbox was made from. */
@@ -157,6 +159,9 @@ export function buildOciSpec(input: OciSpecInput): Record<string, unknown> {
       // After the kit: the mount point is the kit's empty file.
       { destination: KIT_BOOT_ID_SOURCE, type: "bind", source: input.identityFiles.bootId, options: ["bind", "ro", "nosuid", "nodev", "noexec"] },
       { destination: MACHINE_ID_PATH, type: "bind", source: input.identityFiles.machineId, options: ["bind", "ro", "nosuid", "nodev", "noexec"] },
+      // runc makes each mount point inside the root as the sandbox's root, never following a
+      // symlink out of it, and marks these binds external in its checkpoints.
+      ...(input.volumeBinds ?? []).map((bind) => ({ destination: bind.target, type: "bind", source: bind.source, options: ["bind", "rw", "nosuid", "nodev"] })),
     ],
     linux: {
       uidMappings: idMap,

@@ -38,6 +38,8 @@ export interface PrepareOptions {
   /** A view of this CRIU image directory for this range, at criuView. */
   criuImages?: string;
   criuView?: string;
+  /** Directories bound idmapped at `<rootfs's dir>/volumes/<n>` (VOLUME_BINDS_NOTE in the helper). */
+  volumeSources?: readonly string[];
 }
 
 /**
@@ -142,6 +144,10 @@ export class SandboxHelper {
     if (options.fromLayer) args.push("--from", options.fromLayer);
     if (options.usernsPin) args.push("--userns", options.usernsPin);
     if (options.criuImages && options.criuView) args.push("--criu-images", options.criuImages, "--criu-view", options.criuView);
+    if (options.volumeSources?.length) {
+      if (options.volumeSources.some((source) => !source.startsWith("/") || source.includes(";") || /[\t\n]/.test(source))) throw new CubicleError("invalid_argument", "a volume's directory must be an absolute path without ';'");
+      args.push("--volumes", options.volumeSources.join(";"));
+    }
     return subvolumeId(await this.call("prepare", args, { what: "preparing the sandbox's root filesystem" }));
   }
 

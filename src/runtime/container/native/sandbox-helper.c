@@ -5,13 +5,16 @@
  *
  *   prepare   --base X --lower DIR --layer DIR --rootfs DIR --quota BYTES
  *             [--from IMAGE_LAYER] [--userns PIN] [--criu-images DIR --criu-view DIR]
+ *             [--volumes SRC;SRC...]
  *       Makes the sandbox's writable layer (a btrfs subvolume with upper/ and work/, new or a
  *       snapshot of an image's layer) with a qgroup limit, optionally a user namespace owned
  *       by host uid X mapping 0..65535 to X..X+65535 (pinned at PIN for runc to join), and
  *       mounts the overlay root at DIR: the template (lower) and the layer are bound
  *       idmapped, canonical ids 100000+n on disk becoming X+n, so one tree serves every
  *       sandbox. With --criu-images, a view of a CRIU image for this restore: hard links to
- *       its files, its user namespace map rewritten to X. Prints "subvol <id>".
+ *       its files, its user namespace map rewritten to X. With --volumes, each SRC bound
+ *       idmapped the same way at <rootfs's dir>/volumes/<n> (VOLUME_BINDS_NOTE).
+ *       Prints "subvol <id>".
  *   snapshot  --from LAYER --to DIR
  *       A snapshot of a layer (atomic, copy-on-write) for a checkpoint image. Prints
  *       "subvol <id>".
@@ -364,6 +367,30 @@ static void make_criu_view(const char *images, const char *view, unsigned long l
   close(to);
 }
 
+/*
+ * VOLUME_BINDS_NOTE: each volume (a directory whose files carry canonical ids) is bound
+ * idmapped, as the template and layer are, at BUNDLE/volumes/N (N = its place in the list):
+ * config.json binds that path into the container, so runc makes the mount point inside the
+ * root (safely, as the sandbox's root) and its checkpoints know the mount as external. The
+ * bundle's teardown unmounts them with everything else below it.
+ */
+static void bind_volumes(const char *list, const char *bundle, int idmap_ns) {
+  step = "volumes";
+  char dir[4096], copy[8192];
+  join_path(dir, sizeof dir, bundle, "volumes");
+  if (mkdir(dir, 0711) != 0) fail(dir);
+  if (snprintf(copy, sizeof copy, "%s", list) >= (int)sizeof copy) usage("--volumes is too long");
+  int index = 0;
+  for (char *saveptr = NULL, *source = strtok_r(copy, ";", &saveptr); source; source = strtok_r(NULL, ";", &saveptr), index++) {
+    if (source[0] != '/' || index >= 64) usage("--volumes takes at most 64 absolute paths separated by ;");
+    char target[4096], name[16];
+    snprintf(name, sizeof name, "%d", index);
+    join_path(target, sizeof target, dir, name);
+    if (mkdir(target, 0700) != 0) fail(target);
+    idmapped_bind(source, target, idmap_ns);
+  }
+}
+
 static int cmd_prepare(int argc, char **argv) {
   unsigned long long base = number(option(argc, argv, "--base", 1), "--base");
   const char *lower = option(argc, argv, "--lower", 1);
@@ -374,6 +401,7 @@ static int cmd_prepare(int argc, char **argv) {
   const char *pin = option(argc, argv, "--userns", 0);
   const char *criu_images = option(argc, argv, "--criu-images", 0);
   const char *criu_view = option(argc, argv, "--criu-view", 0);
+  const char *volumes = option(argc, argv, "--volumes", 0);
   if (base < CANONICAL_BASE + ID_COUNT || base + ID_COUNT > 0xffffffffull) usage("--base is outside the sandbox id ranges");
   if (!criu_images != !criu_view) usage("--criu-images and --criu-view go together");
 
@@ -451,6 +479,7 @@ static int cmd_prepare(int argc, char **argv) {
   rmdir(lower_at);
   rmdir(layer_at);
   if (mounted != 0) fail("overlay");
+  if (volumes) bind_volumes(volumes, dir, idmap_ns);
   return 0;
 }
 
