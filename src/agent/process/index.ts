@@ -23,6 +23,7 @@ import { sandboxEnvironment, type AgentState } from "../state.js";
 import { resolveUserPath, type AgentUser } from "../users.js";
 import type { EndEvent } from "./exit-status.js";
 import { ManagedProcess, type OutputKind, type ProcessConfig } from "./managed-process.js";
+import { sessionLaunch } from "./sessions.js";
 import { ProcessRegistry, type ProcessSelector } from "./registry.js";
 
 export { ProcessRegistry } from "./registry.js";
@@ -209,7 +210,9 @@ async function startProcess(request: Untrusted<processMessages.StartRequest>, ct
   const user = ctx.user;
   const cwd = await resolveCwd(config.cwd, user, state.defaultWorkdir);
   const env = processEnvironment(user, sandboxEnvironment(state), config.envs);
-  const spec = { config, tag, cwd, env, user, stdin, pty };
+  // A command of a persistent session runs through its wrapper (SESSIONS_NOTE).
+  const session = pty ? undefined : sessionLaunch(config);
+  const spec = { config: session ?? config, shown: session ? config : undefined, tag, cwd, env, user, stdin, pty };
   const proc = pty ? await ManagedProcess.spawnPty(spec) : await ManagedProcess.spawnCommand(spec);
   // Connect-Timeout-Ms of Start is the lifetime of the process (§5.5), even if the client leaves.
   if (ctx.timeoutMs !== undefined) proc.setLifetime(ctx.timeoutMs);

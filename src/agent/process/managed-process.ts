@@ -30,7 +30,10 @@ export interface ProcessConfig {
 }
 
 export interface SpawnSpec {
+  /** What is started. */
   config: ProcessConfig;
+  /** What the process list shows, when not `config` (a session command's wrapper, SESSIONS_NOTE). */
+  shown?: ProcessConfig;
   tag?: string;
   /** Resolved working directory. */
   cwd: string;
@@ -81,7 +84,7 @@ export class ManagedProcess {
     private readonly term: IPty | undefined,
   ) {
     this.pid = pid;
-    this.config = spec.config;
+    this.config = spec.shown ?? spec.config;
     this.tag = spec.tag;
     this.isPty = term !== undefined;
     this.ended = new Promise((resolve) => (this.resolveEnded = resolve));
