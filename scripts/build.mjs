@@ -15,12 +15,12 @@ fs.mkdirSync(path.join(dist, "agent"), { recursive: true });
  * compiler (setup installs gcc) Cubicle falls back to setpriv, to starting CRIU directly and to
  * the shell tar shim, so a failure here only warns.
  */
-function buildNative(source, output, fallback, flags = ["-static"], headers = []) {
+function buildNative(source, output, fallback, flags = ["-static"], headers = [], libs = []) {
   source = path.join(root, source);
   // Rebuilt when the source or a header it includes (`headers`, beside it) is newer than the binary.
   const newest = Math.max(...[source, ...headers.map((header) => path.join(path.dirname(source), header))].map((file) => fs.statSync(file).mtimeMs));
   if (fs.existsSync(output) && fs.statSync(output).mtimeMs >= newest) return;
-  const result = spawnSync("cc", ["-O2", ...flags, "-Wall", "-Werror", "-o", `${output}.tmp`, source], { encoding: "utf8" });
+  const result = spawnSync("cc", ["-O2", ...flags, "-Wall", "-Werror", "-o", `${output}.tmp`, source, ...libs], { encoding: "utf8" });
   if (result.status !== 0) {
     fs.rmSync(`${output}.tmp`, { force: true });
     console.warn(`build: ${path.basename(output)} not built (${result.error?.message ?? result.stderr.trim()}); ${fallback}`);
@@ -44,6 +44,14 @@ buildNative("src/runtime/container/native/criu-front.c", path.join(dist, "criu-f
 buildNative("src/runtime/container/native/tar-shim.c", path.join(dist, "tar-shim"), "CRIU's tar goes through the shell shim");
 // Required (no fallback): the runtime refuses to start without them.
 buildNative("src/runtime/container/native/sandbox-helper.c", path.join(dist, "sandbox-helper"), "the container runtime cannot start sandboxes", ["-static"], ["netlink.h", "nftables.h", "conntrack.h"]);
+// Codebases' permission-checking filesystem (CODEBASES_NOTE), on libfuse3 (setup-host.sh installs
+// libfuse3-dev); without it codebases cannot be mounted.
+const fuse3 = (what) => spawnSync("pkg-config", [what, "--static", "fuse3"], { encoding: "utf8" });
+if (fuse3("--cflags").status === 0 && fs.existsSync(path.join(root, "src/codebases/native/codebase-fs.c"))) {
+  buildNative("src/codebases/native/codebase-fs.c", path.join(dist, "codebase-fs"), "codebases cannot be mounted", [...fuse3("--cflags").stdout.trim().split(/\s+/).filter(Boolean), "-static"], [], fuse3("--libs").stdout.trim().split(/\s+/).filter(Boolean));
+} else {
+  console.warn("build: codebase-fs not built (no libfuse3-dev); codebases cannot be mounted");
+}
 buildNative("src/runtime/container/native/sandbox-boot.c", path.join(dist, "sandbox-boot"), "the container runtime cannot start sandboxes");
 buildNative("src/runtime/container/native/criu-userns-shim.c", path.join(dist, "criu-userns-shim.so"), "checkpoints and restores fail", ["-shared", "-fPIC"]);
 

@@ -2,6 +2,8 @@ import type { IncomingMessage, Server, ServerResponse } from "node:http";
 import { registerTemplateRoutes, TEMPLATE_FILES_PREFIX } from "./template-routes.js";
 import { registerVolumeRoutes, VOLUME_CONTENT_PREFIX } from "./volume-routes.js";
 import type { VolumeService } from "../volumes/volume-service.js";
+import type { CodebaseService } from "../codebases/codebase-service.js";
+import { registerCodebaseRoutes } from "./codebase-routes.js";
 import type { TemplateBuilder } from "../template/builder/template-builder.js";
 import type { Duplex } from "node:stream";
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from "fastify";
@@ -63,6 +65,8 @@ export interface ApiOptions {
   templateBuilder?: TemplateBuilder;
   /** E2B volumes and their content API (VOLUMES_NOTE); absent: the routes answer 404. */
   volumes?: VolumeService;
+  /** Cubicle's codebases (CODEBASES_NOTE); absent: the routes answer 404. */
+  codebases?: CodebaseService;
   /** What sandboxes tried to reach (`GET /sandboxes/{id}/network/egress`) and its counters (`GET /metrics`). */
   egressAudit: EgressAuditLog;
   /**
@@ -348,6 +352,7 @@ export function createApiApp(options: ApiOptions): FastifyInstance {
   app.get("/templates", async (): Promise<apiSchema.TemplateSummary[]> => options.listTemplates());
   if (options.templateBuilder) registerTemplateRoutes(app, options.templateBuilder);
   if (options.volumes) registerVolumeRoutes(app, options.volumes, hostDirs);
+  if (options.codebases) registerCodebaseRoutes(app, options.codebases);
 
   // Secrets: the value goes in (create, update) and never comes out, nor into a log or an error.
   const { secrets } = options;

@@ -5,6 +5,8 @@ import type { SandboxState } from "../store/types.js";
 import type { CreateSandboxRequest } from "../core/types.js";
 import { MAX_TIMEOUT_SEC } from "../core/sandbox-manager.js";
 import { parseBandwidthLimits } from "../network/bandwidth.js";
+import { CODEBASE_BOUNDS, codebaseLevel } from "../codebases/codebase-service.js";
+import type { CodebaseLevel } from "../store/index.js";
 import { buildEgressPolicy, EGRESS_FIELDS } from "../network/egress-policy.js";
 
 function fail(message: string): never {
@@ -141,6 +143,55 @@ const MAX_VOLUME_MOUNTS = 16;
 /** Where a volume may not go: the kernel's and the agent's trees, and the root itself. */
 const RESERVED_MOUNT_ROOTS = ["/proc", "/sys", "/dev", "/.cubicle", "/etc/machine-id"];
 
+/** A mount point of a volume or codebase: absolute, plain, outside the kernel's and the agent's trees. */
+function checkMountPath(path: unknown, where: string): string {
+  if (typeof path !== "string" || !path.startsWith("/") || path.length > 1024 || /[\0\\]/.test(path)) fail(`${where}.path must be an absolute path`);
+  const names = path.split("/").filter(Boolean);
+  if (names.length === 0) fail(`${where}.path must not be /`);
+  if (names.some((part) => part === "." || part === "..") || path.includes("//") || (path.length > 1 && path.endsWith("/"))) fail(`${where}.path must be a plain absolute path (no '.', '..', '//' or trailing '/')`);
+  const reserved = RESERVED_MOUNT_ROOTS.find((root) => path === root || path.startsWith(`${root}/`));
+  if (reserved) fail(`${where}.path: a volume or codebase cannot be mounted at or under ${reserved}`);
+  return path;
+}
+
+/** Mount points of one create must not nest or repeat. */
+function checkNoNesting(paths: readonly string[], field: string): void {
+  for (const [index, path] of paths.entries()) {
+    const clash = paths.find((other, otherIndex) => otherIndex !== index && (other === path || path.startsWith(`${other}/`)));
+    if (clash) fail(`${field}: ${path} is at or inside ${clash}; mount points must not nest`);
+  }
+}
+
+/**
+ * Cubicle's `codebaseMounts` (CODEBASES_NOTE): `[{codebase, path, rules, default}]`; `rules`
+ * maps glob patterns to levels (for example `src/**` to "write", `secrets/**` to "none"),
+ * `default` is the level of what no rule matches (default "read").
+ */
+function parseCodebaseMounts(value: unknown): { codebaseMounts?: { codebase: string; path: string; rules: { pattern: string; level: CodebaseLevel }[]; defaultLevel: CodebaseLevel }[] } {
+  if (value === undefined || value === null) return {};
+  if (!Array.isArray(value)) fail("codebaseMounts must be a list of {codebase, path, rules, default}");
+  if (value.length === 0) return {};
+  if (value.length > MAX_VOLUME_MOUNTS) fail(`codebaseMounts has ${value.length} entries; at most ${MAX_VOLUME_MOUNTS} are allowed`);
+  const mounts = value.map((entry, index) => {
+    const where = `codebaseMounts[${index}]`;
+    if (typeof entry !== "object" || entry === null || Array.isArray(entry)) fail(`${where} must be {codebase, path, rules, default}`);
+    const { codebase, path, rules, default: defaultLevel, ...rest } = entry as Record<string, unknown>;
+    if (Object.keys(rest).length > 0) fail(`${where}: ${JSON.stringify(Object.keys(rest)[0]!.slice(0, 40))} is not a codebase mount field (codebase, path, rules, default)`);
+    if (typeof codebase !== "string" || codebase.length === 0 || codebase.length > 128) fail(`${where}.codebase must be a codebase's name or id`);
+    if (rules !== undefined && rules !== null && (typeof rules !== "object" || Array.isArray(rules))) fail(`${where}.rules must be an object of pattern → level`);
+    const entries = Object.entries((rules ?? {}) as Record<string, unknown>);
+    if (entries.length > CODEBASE_BOUNDS.rules) fail(`${where}.rules has ${entries.length} patterns; at most ${CODEBASE_BOUNDS.rules} are allowed`);
+    const parsedRules = entries.map(([pattern, level]) => {
+      if (pattern.length === 0 || pattern.length > CODEBASE_BOUNDS.patternChars || /[\0\t\n\r]/.test(pattern) || pattern.startsWith("/")) {
+        fail(`${where}.rules: ${JSON.stringify(pattern.slice(0, 40))} is not a pattern (relative glob, at most ${CODEBASE_BOUNDS.patternChars} characters, no control characters)`);
+      }
+      return { pattern, level: codebaseLevel(level, `${where}.rules[${JSON.stringify(pattern.slice(0, 40))}]`) };
+    });
+    return { codebase, path: checkMountPath(path, where), rules: parsedRules, defaultLevel: defaultLevel === undefined ? ("read" as const) : codebaseLevel(defaultLevel, `${where}.default`) };
+  });
+  return { codebaseMounts: mounts };
+}
+
 /** E2B `volumeMounts`: `[{name, path}]`, each path absolute, plain and distinct from the others. */
 function parseVolumeMounts(value: unknown): { volumeMounts?: { name: string; path: string }[] } {
   if (value === undefined || value === null) return {};
@@ -153,18 +204,9 @@ function parseVolumeMounts(value: unknown): { volumeMounts?: { name: string; pat
     const { name, path, ...rest } = entry as Record<string, unknown>;
     if (Object.keys(rest).length > 0) fail(`${where}: ${JSON.stringify(Object.keys(rest)[0]!.slice(0, 40))} is not a mount field (name, path)`);
     if (typeof name !== "string" || name.length === 0 || name.length > 128) fail(`${where}.name must be a volume's name or id`);
-    if (typeof path !== "string" || !path.startsWith("/") || path.length > 1024 || /[\0\\]/.test(path)) fail(`${where}.path must be an absolute path`);
-    const names = path.split("/").filter(Boolean);
-    if (names.length === 0) fail(`${where}.path must not be /`);
-    if (names.some((part) => part === "." || part === "..") || path.includes("//") || (path.length > 1 && path.endsWith("/"))) fail(`${where}.path must be a plain absolute path (no '.', '..', '//' or trailing '/')`);
-    const reserved = RESERVED_MOUNT_ROOTS.find((root) => path === root || path.startsWith(`${root}/`));
-    if (reserved) fail(`${where}.path: a volume cannot be mounted at or under ${reserved}`);
-    return { name, path };
+    return { name, path: checkMountPath(path, where) };
   });
-  for (const [index, mount] of mounts.entries()) {
-    const clash = mounts.find((other, otherIndex) => otherIndex !== index && (other.path === mount.path || mount.path.startsWith(`${other.path}/`)));
-    if (clash) fail(`volumeMounts: ${mount.path} is at or inside ${clash.path}; mount points must not nest`);
-  }
+  checkNoNesting(mounts.map((mount) => mount.path), "volumeMounts");
   return { volumeMounts: mounts };
 }
 
@@ -246,8 +288,15 @@ export function parseCreateRequest(body: unknown, version: 1 | 2, options: Creat
     memoryMB: resource(input.memoryMB, "memoryMB", RESOURCE_FLOORS.memoryMB, limits.maxMemoryMB, "CUBICLE_MAX_MEMORY_MB"),
     diskSizeMB: resource(input.diskSizeMB, "diskSizeMB", RESOURCE_FLOORS.diskMB, limits.maxDiskMB, "CUBICLE_MAX_DISK_MB"),
     ...runtimeField(input.runtime),
-    ...parseVolumeMounts(input.volumeMounts),
+    ...mountFields(input),
   };
+}
+
+/** `volumeMounts` and `codebaseMounts`, whose mount points must not nest across both. */
+function mountFields(input: Record<string, unknown>): ReturnType<typeof parseVolumeMounts> & ReturnType<typeof parseCodebaseMounts> {
+  const fields = { ...parseVolumeMounts(input.volumeMounts), ...parseCodebaseMounts(input.codebaseMounts) };
+  checkNoNesting([...(fields.volumeMounts ?? []), ...(fields.codebaseMounts ?? [])].map((mount) => mount.path), "volumeMounts and codebaseMounts");
+  return fields;
 }
 
 /** Cubicle's `runtime` extension of a create: `"container"` or `"microvm"`; absent = the template's. */

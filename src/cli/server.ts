@@ -10,6 +10,7 @@ import type { IncomingMessage, ServerResponse } from "node:http";
 import type https from "node:https";
 import type { AddressInfo } from "node:net";
 import { VolumeService } from "../volumes/volume-service.js";
+import { CodebaseService } from "../codebases/codebase-service.js";
 import { createApiApp } from "../api/index.js";
 import { newApiKey, SandboxManager } from "../core/index.js";
 import { createEgressService, createNetworkManager, EgressAuditLog, openCertificateAuthority, type CertificateAuthority, type NetworkManager } from "../network/index.js";
@@ -20,7 +21,7 @@ import { loadOrCreateSecretKey, SecretVault } from "../secrets/index.js";
 import type { CubicleConfig } from "../shared/config.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { createLogger } from "../shared/log.js";
-import { SqliteStore } from "../store/index.js";
+import { SqliteStore, type SandboxRecord } from "../store/index.js";
 import { listenHttps, tlsCredentialsFor } from "./https-listener.js";
 import { createTemplateCatalog } from "./template-catalog.js";
 
@@ -141,6 +142,7 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
   // Volumes live on the containers' storage pool, mounted by runtime.init() (VOLUMES_NOTE).
   const volumes = new VolumeService({ store, volumesDir: path.join(config.runDir, "pool", "volumes"), defaultSizeMB: config.volumeSizeMB });
   await volumes.init();
+  const codebases = new CodebaseService({ store, volumes, hostRoots: config.codebaseRoots });
 
   // One link to the agents for the whole server: the core and the router share its socket pool,
   // so the core's dropIdleSockets (before a memory dump) also closes the router's idle connections.
@@ -152,6 +154,7 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
     agent: agentLink,
     templates,
     volumes,
+    codebases,
     poolSizes: config.poolSizes,
     admission: { slots: config.maxStarting, maxWaiting: config.maxWaitingCreates, minAvailableBytes: config.minAvailableMB * 1024 * 1024 },
     durablePauseAfterSec: config.durablePauseAfterSec,
@@ -162,7 +165,14 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
     templateFingerprint: (template) => templates.fingerprint(template),
     caCertificates: ca.certificatePem,
   });
-  volumes.mountedBy = (volumeId) => manager?.liveSandboxes().find((record) => (record.state === "running" || record.state === "paused") && record.volumeMounts?.some((mount) => mount.volumeId === volumeId))?.sandboxId;
+  const liveUser = (uses: (record: SandboxRecord) => boolean | undefined) => manager?.liveSandboxes().find((record) => (record.state === "running" || record.state === "paused") && uses(record))?.sandboxId;
+  volumes.mountedBy = async (volumeId) => {
+    const sandbox = liveUser((record) => record.volumeMounts?.some((mount) => mount.volumeId === volumeId));
+    if (sandbox) return `sandbox ${sandbox}`;
+    const codebase = await codebases.usingVolume(volumeId);
+    return codebase === undefined ? undefined : `codebase ${codebase}`;
+  };
+  codebases.mountedBy = (codebaseId) => liveUser((record) => record.codebaseMounts?.some((mount) => mount.codebaseId === codebaseId));
   await manager.recover();
   const imageBases = imageBasesFor(config);
   const templateBuilder = new TemplateBuilder({
@@ -193,6 +203,7 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
     egressAudit,
     templateBuilder,
     volumes,
+    codebases,
     hostDirs: [config.stateDir, config.templateDir, config.distDir, config.runDir],
     isReady: () => templatesReady,
     listTemplates: () => templates.list(),

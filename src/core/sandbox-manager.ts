@@ -5,7 +5,7 @@ import type { Runtime } from "../runtime/types.js";
 import { runtimeIdOf, type SandboxQuery, type SandboxRecord, type SnapshotQuery, type SnapshotRecord, type Store } from "../store/types.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import type { AgentLink } from "../protocol/index.js";
-import { LifecycleContext, log, networkPolicyOf, type VolumePort } from "./lifecycle/context.js";
+import { LifecycleContext, log, networkPolicyOf, type CodebasePort, type VolumePort } from "./lifecycle/context.js";
 import { Creation } from "./lifecycle/create.js";
 import { handleRuntimeExit, kill } from "./lifecycle/end.js";
 import { IdleTiers } from "./lifecycle/idle.js";
@@ -39,6 +39,8 @@ export interface SandboxManagerOptions {
   templates: TemplateCatalog;
   /** Volumes (VOLUMES_NOTE); absent: creates with `volumeMounts` are refused. */
   volumes?: VolumePort;
+  /** Codebases (CODEBASES_NOTE); absent: creates with `codebaseMounts` are refused. */
+  codebases?: CodebasePort;
   /** Processes per sandbox. */
   pidsLimit?: number;
   /** Warm pool size per template id or alias; empty = no pools. */
@@ -104,7 +106,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     const pidsLimit = options.pidsLimit ?? 4096;
     // Every start (create, restore, pool refill) takes a slot here (ADMISSION_NOTE).
     const starts = new StartQueue(options.admission);
-    const ports = { store: options.store, runtime: options.runtime, network: options.network, agent: options.agent, templates: options.templates, volumes: options.volumes };
+    const ports = { store: options.store, runtime: options.runtime, network: options.network, agent: options.agent, templates: options.templates, volumes: options.volumes, codebases: options.codebases };
     this.ctx = new LifecycleContext(
       ports,
       {

@@ -1,3 +1,4 @@
+import type { CodebaseLevel } from "../store/types.js";
 import type { TemplateImage } from "../runtime/types.js";
 
 /** What the core needs to know of a template to start sandboxes from it. */
@@ -45,4 +46,6 @@ export interface CreateSandboxRequest {
   diskSizeMB?: number;
   /** E2B `volumeMounts`: volumes (by name or id) and where they go; absent or empty = none. */
   volumeMounts?: { name: string; path: string }[];
+  /** Cubicle extension: codebases (by name or id) with their permission tables (CODEBASES_NOTE). */
+  codebaseMounts?: { codebase: string; path: string; rules: { pattern: string; level: CodebaseLevel }[]; defaultLevel: CodebaseLevel }[];
 }

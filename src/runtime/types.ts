@@ -64,6 +64,11 @@ export interface SandboxSpec {
    */
   volumes?: readonly { source: string; target: string }[];
   /**
+   * Host directories served at `target` through a permission-checking filesystem
+   * (CODEBASES_NOTE): `rules` of glob pattern → level, `defaultLevel` for the rest.
+   */
+  codebases?: readonly { source: string; target: string; rules: readonly { pattern: string; level: string }[]; defaultLevel: string }[];
+  /**
    * create(): a start for no one yet (a warm-pool entry, a warm snapshot's source), made with
    * the lowest CPU weight so that foreground work wins the CPU while it boots and waits;
    * `Runtime.foreground` gives it the normal one when it is claimed.

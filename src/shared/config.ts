@@ -85,6 +85,8 @@ export interface CubicleConfig {
   imageBudgetBytes: number | undefined;
   /** A new volume's quota when its create names none (CUBICLE_VOLUME_SIZE_MB; default 1024). */
   volumeSizeMB: number;
+  /** Host directories under which codebases may be registered (CUBICLE_CODEBASE_ROOTS, comma-separated; default none). */
+  codebaseRoots: string[];
   /** Most vCPUs one create may ask for (CUBICLE_MAX_CPU_COUNT; default: the host's cores). */
   maxCpuCount: number;
   /** Most memory in MiB one create may ask for (CUBICLE_MAX_MEMORY_MB; default: host memory − 1 GiB, at least 512). */
@@ -349,6 +351,11 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     storageBytes: parseGibibytes("CUBICLE_STORAGE_GB", env.CUBICLE_STORAGE_GB),
     imageBudgetBytes: parseGibibytes("CUBICLE_IMAGE_BUDGET_GB", env.CUBICLE_IMAGE_BUDGET_GB),
     volumeSizeMB: parseWholeNumber("CUBICLE_VOLUME_SIZE_MB", env.CUBICLE_VOLUME_SIZE_MB, 1024, 1),
+    codebaseRoots: (env.CUBICLE_CODEBASE_ROOTS ?? "")
+      .split(",")
+      .map((root) => root.trim())
+      .filter(Boolean)
+      .map((root) => path.resolve(root)),
     maxCpuCount: parseWholeNumber("CUBICLE_MAX_CPU_COUNT", env.CUBICLE_MAX_CPU_COUNT, os.availableParallelism(), RESOURCE_FLOORS.cpuCount),
     maxMemoryMB: parseWholeNumber("CUBICLE_MAX_MEMORY_MB", env.CUBICLE_MAX_MEMORY_MB, defaultMaxMemoryMB(), RESOURCE_FLOORS.memoryMB),
     maxDiskMB: parseWholeNumber("CUBICLE_MAX_DISK_MB", env.CUBICLE_MAX_DISK_MB, 65536, RESOURCE_FLOORS.diskMB),

@@ -1,3 +1,3 @@
-export type { Store, SandboxRecord, SandboxState, SandboxQuery, EventRecord, PauseInfo, SnapshotRecord, SnapshotQuery, PoolEntryRecord, SecretRecord, SecretValueUpdate, SecretQuery, TemplateBuildRecord, TemplateBuildStore, BuildLogEntry, EgressAuditStore, EgressAuditRow, EgressAuditChange, VolumeMount, VolumeRecord, VolumeStore } from "./types.js";
+export type { Store, SandboxRecord, SandboxState, SandboxQuery, EventRecord, PauseInfo, SnapshotRecord, SnapshotQuery, PoolEntryRecord, SecretRecord, SecretValueUpdate, SecretQuery, TemplateBuildRecord, TemplateBuildStore, BuildLogEntry, EgressAuditStore, EgressAuditRow, EgressAuditChange, VolumeMount, VolumeRecord, VolumeStore, CodebaseLevel, CodebaseMount, CodebaseRecord, CodebaseStore } from "./types.js";
 export { runtimeIdOf } from "./types.js";
 export { SqliteStore } from "./sqlite-store.js";

@@ -19,6 +19,8 @@ import type {
   TemplateBuildRecord,
   VolumeRecord,
   VolumeStore,
+  CodebaseRecord,
+  CodebaseStore,
   TemplateBuildStore,
 } from "./types.js";
 
@@ -86,6 +88,12 @@ CREATE TABLE IF NOT EXISTS egress_audit (
 );
 CREATE INDEX IF NOT EXISTS egress_audit_sandbox ON egress_audit (sandbox_id, seq);
 CREATE INDEX IF NOT EXISTS egress_audit_time ON egress_audit (time);
+CREATE TABLE IF NOT EXISTS codebases (
+  codebase_id TEXT PRIMARY KEY,
+  name TEXT NOT NULL UNIQUE,
+  created_at INTEGER NOT NULL,
+  body TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS volumes (
   volume_id TEXT PRIMARY KEY,
   name TEXT NOT NULL UNIQUE,
@@ -114,7 +122,7 @@ interface SecretRow {
  * SQLite store: one file in the state directory, WAL mode. Columns that queries filter on
  * are real columns; the rest of the record is a JSON body.
  */
-export class SqliteStore implements Store, TemplateBuildStore, EgressAuditStore, VolumeStore {
+export class SqliteStore implements Store, TemplateBuildStore, EgressAuditStore, VolumeStore, CodebaseStore {
   private readonly db: Database.Database;
   private readonly insertStmt: Database.Statement;
   private readonly updateStmt: Database.Statement;
@@ -347,6 +355,26 @@ export class SqliteStore implements Store, TemplateBuildStore, EgressAuditStore,
 
   async deleteVolume(volumeId: string): Promise<boolean> {
     return this.db.prepare("DELETE FROM volumes WHERE volume_id = ?").run(volumeId).changes > 0;
+  }
+
+  async insertCodebase(record: CodebaseRecord): Promise<void> {
+    try {
+      this.db.prepare("INSERT INTO codebases (codebase_id, name, created_at, body) VALUES (?, ?, ?, ?)").run(record.codebaseId, record.name, record.createdAt, JSON.stringify(record));
+    } catch (err) {
+      if ((err as { code?: unknown }).code === "SQLITE_CONSTRAINT_UNIQUE" && /codebases\.name/.test(String((err as Error).message))) {
+        throw new CubicleError("already_exists", `a codebase named "${record.name}" already exists`, { cause: err });
+      }
+      throw err;
+    }
+  }
+
+  async listCodebases(): Promise<CodebaseRecord[]> {
+    const rows = this.db.prepare("SELECT body FROM codebases ORDER BY created_at, codebase_id").all() as SandboxRow[];
+    return rows.map((row) => JSON.parse(row.body) as CodebaseRecord);
+  }
+
+  async deleteCodebase(codebaseId: string): Promise<boolean> {
+    return this.db.prepare("DELETE FROM codebases WHERE codebase_id = ?").run(codebaseId).changes > 0;
   }
 
   async putTemplateBuild(record: TemplateBuildRecord): Promise<void> {

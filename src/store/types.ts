@@ -37,6 +37,8 @@ export interface SandboxRecord {
   runtime: "container" | "microvm";
   /** Volumes mounted in it (VOLUMES_NOTE): by id, with the name the create gave and where. */
   volumeMounts?: VolumeMount[];
+  /** Codebases mounted in it with their permission tables (CODEBASES_NOTE). */
+  codebaseMounts?: CodebaseMount[];
   /** Why it ended (killed, timeout, vanished …), for terminal states. */
   endReason: string | undefined;
   /** Set while paused: how, since when, and where a durable pause keeps its image. */
@@ -111,6 +113,8 @@ export interface SnapshotRecord {
   diskSizeMB: number;
   /** The source's volume mounts: a restore mounts the same volumes (their content is not in the image). */
   volumeMounts?: VolumeMount[];
+  /** The source's codebase mounts, likewise. */
+  codebaseMounts?: CodebaseMount[];
   /** Hidden snapshots (a fork's one-off image) are not listed and are removed after use. */
   hidden?: boolean;
 }
@@ -275,6 +279,36 @@ export interface EventRecord {
  * The data-access layer. SQLite by default; PostgreSQL later behind the same interface,
  * so methods are async even where SQLite answers synchronously.
  */
+/** A permission level of a codebase path (AgentFense's): invisible, listed only, readable, writable. */
+export type CodebaseLevel = "none" | "view" | "read" | "write";
+
+/** A registered codebase (CODEBASES_NOTE): a host directory or a volume. */
+export interface CodebaseRecord {
+  codebaseId: string;
+  name: string;
+  source: { kind: "host"; path: string } | { kind: "volume"; volumeId: string };
+  createdAt: number;
+}
+
+/** A codebase mounted in a sandbox at `path` with its permission table. */
+export interface CodebaseMount {
+  codebaseId: string;
+  name: string;
+  /** The codebase's directory on the host when it was mounted (a host path, or its volume's). */
+  sourceDir: string;
+  path: string;
+  rules: { pattern: string; level: CodebaseLevel }[];
+  defaultLevel: CodebaseLevel;
+}
+
+/** Codebase records (SqliteStore implements it beside Store). */
+export interface CodebaseStore {
+  /** Throws already_exists when the name is taken. */
+  insertCodebase(record: CodebaseRecord): Promise<void>;
+  listCodebases(): Promise<CodebaseRecord[]>;
+  deleteCodebase(codebaseId: string): Promise<boolean>;
+}
+
 /** A volume mounted in a sandbox at `path`. */
 export interface VolumeMount {
   volumeId: string;

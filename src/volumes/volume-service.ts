@@ -38,8 +38,8 @@ export interface VolumeServiceOptions {
   /** `<pool>/volumes`: made 0700 at init. */
   volumesDir: string;
   defaultSizeMB: number;
-  /** A live sandbox (running or paused) that mounts the volume, if any: such a volume is not deleted. */
-  mountedBy?: (volumeId: string) => string | undefined;
+  /** What uses the volume (a live sandbox that mounts it, a codebase on it), if anything: such a volume is not deleted. */
+  mountedBy?: (volumeId: string) => string | undefined | Promise<string | undefined>;
 }
 
 export class VolumeService {
@@ -47,7 +47,7 @@ export class VolumeService {
   readonly volumesDir: string;
   private readonly defaultSizeMB: number;
   /** Set once the sandboxes exist (they are made after the volumes). */
-  mountedBy: (volumeId: string) => string | undefined;
+  mountedBy: (volumeId: string) => string | undefined | Promise<string | undefined>;
 
   constructor(options: VolumeServiceOptions) {
     this.store = options.store;
@@ -135,8 +135,8 @@ export class VolumeService {
   async delete(volumeId: string): Promise<boolean> {
     const record = VOLUME_ID.test(volumeId) ? await this.store.getVolume(volumeId) : undefined;
     if (!record) return false;
-    const user = this.mountedBy(volumeId);
-    if (user) throw new CubicleError("failed_precondition", `volume "${record.name}" is mounted by sandbox ${user}: kill the sandbox first`);
+    const user = await this.mountedBy(volumeId);
+    if (user) throw new CubicleError("failed_precondition", `volume "${record.name}" is in use by ${user}: kill the sandbox or unregister the codebase first`);
     await this.store.deleteVolume(volumeId);
     await this.removeSubvolume(this.dirOf(volumeId));
     log.info("volume deleted", { volumeId, name: record.name });

@@ -3,7 +3,7 @@ import type { NetworkManager, NetworkPolicy } from "../../network/types.js";
 import type { Runtime, SandboxSpec } from "../../runtime/types.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger, roundMs } from "../../shared/log.js";
-import { runtimeIdOf, type SandboxRecord, type Store, type VolumeMount } from "../../store/types.js";
+import { runtimeIdOf, type CodebaseMount, type SandboxRecord, type Store, type VolumeMount } from "../../store/types.js";
 import { AGENT_READY_TIMEOUT_MS, buildInitBody, type AgentLink } from "../../protocol/index.js";
 import { newSandboxId, newToken } from "../ids.js";
 import { KeyedMutex } from "../keyed-mutex.js";
@@ -22,6 +22,13 @@ export interface LifecyclePorts {
   templates: TemplateCatalog;
   /** Volumes (VOLUMES_NOTE); absent: creates with `volumeMounts` are refused. */
   volumes?: VolumePort;
+  /** Codebases (CODEBASES_NOTE); absent: creates with `codebaseMounts` are refused. */
+  codebases?: CodebasePort;
+}
+
+/** What the lifecycle needs of the codebases. */
+export interface CodebasePort {
+  resolveMounts(mounts: NonNullable<CreateSandboxRequest["codebaseMounts"]>): Promise<CodebaseMount[]>;
 }
 
 /** What the lifecycle needs of the volumes. */
@@ -168,6 +175,9 @@ export class LifecycleContext {
       resources: { cpuCount: record.cpuCount, memoryMiB: record.memoryMB, diskMiB: record.diskSizeMB, pidsLimit: this.settings.pidsLimit },
       network: record.network,
       ...(record.volumeMounts?.length ? { volumes: record.volumeMounts.map((mount) => ({ source: this.volumeDir(mount.volumeId), target: mount.path })) } : {}),
+      ...(record.codebaseMounts?.length
+        ? { codebases: record.codebaseMounts.map((mount) => ({ source: mount.sourceDir, target: mount.path, rules: mount.rules, defaultLevel: mount.defaultLevel })) }
+        : {}),
     };
   }
 

@@ -1,7 +1,7 @@
 import { startTemplateCommand } from "../template-start.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { roundMs } from "../../shared/log.js";
-import { runtimeIdOf, type PoolEntryRecord, type SandboxRecord, type SnapshotRecord, type VolumeMount } from "../../store/types.js";
+import { runtimeIdOf, type PoolEntryRecord, type SandboxRecord, type SnapshotRecord, type VolumeMount, type CodebaseMount } from "../../store/types.js";
 import { AGENT_READY_TIMEOUT_MS } from "../../protocol/index.js";
 import { normaliseSnapshotRef } from "../snapshot-names.js";
 import type { CreateSandboxRequest, TemplateInfo } from "../types.js";
@@ -33,9 +33,11 @@ export class Creation {
     this.refuseRuntimeNotHere(request.runtime, "");
     // Pool entries and warm snapshots are the default runtime's (pools skip templates of another).
     const defaultRuntime = request.runtime === undefined || request.runtime === this.ctx.ports.runtime.name;
-    // Volumes are mounted as a sandbox starts: a create with volumes boots (no pool entry has them).
+    // Volumes and codebases are mounted as a sandbox starts: such a create boots (no pool entry has them).
     const volumeMounts = request.volumeMounts?.length ? await this.resolveVolumes(request) : undefined;
-    const claimed = defaultRuntime && !volumeMounts ? this.pool.claim({ templateIdOrAlias: request.templateId, cpuCount: request.cpuCount, memoryMB: request.memoryMB, diskSizeMB: request.diskSizeMB }) : undefined;
+    const codebaseMounts = request.codebaseMounts?.length ? await this.resolveCodebases(request) : undefined;
+    const mounts = volumeMounts || codebaseMounts ? { volumeMounts, codebaseMounts } : undefined;
+    const claimed = defaultRuntime && !mounts ? this.pool.claim({ templateIdOrAlias: request.templateId, cpuCount: request.cpuCount, memoryMB: request.memoryMB, diskSizeMB: request.diskSizeMB }) : undefined;
     if (claimed) {
       const record = await this.createFromPoolEntry(request, claimed.template, claimed.entry);
       if (record) return record;
@@ -44,17 +46,24 @@ export class Creation {
     if (!template) {
       const snapshot = await this.ctx.ports.store.findSnapshot(normaliseSnapshotRef(request.templateId));
       if (snapshot && !snapshot.hidden) {
-        if (volumeMounts) throw new CubicleError("invalid_argument", "volumeMounts cannot be given with a snapshot: a sandbox from a snapshot has the volumes its source had");
+        if (mounts) throw new CubicleError("invalid_argument", "volumeMounts and codebaseMounts cannot be given with a snapshot: a sandbox from a snapshot has the mounts its source had");
         return this.ctx.starts.run("create", () => this.createFromSnapshot(request, snapshot));
       }
       throw new CubicleError("not_found", `template or snapshot "${request.templateId}" not found; list templates with \`./cubicle template ls\` and snapshots with GET /snapshots`);
     }
     if (request.runtime === undefined) this.refuseRuntimeNotHere(template.runtime, ` (template ${template.templateId} runs there: CUBICLE_TEMPLATE_RUNTIME)`);
-    if (volumeMounts && (request.runtime ?? template.runtime) === "microvm") {
-      throw new CubicleError("failed_precondition", "volumes cannot be mounted in microVM sandboxes yet: create the sandbox with runtime \"container\"");
+    if (mounts && (request.runtime ?? template.runtime) === "microvm") {
+      throw new CubicleError("failed_precondition", "volumes and codebases cannot be mounted in microVM sandboxes yet: create the sandbox with runtime \"container\"");
     }
     // Refused at once (429/503) when it cannot be served; else it waits for a start slot (ADMISSION_NOTE).
-    return this.ctx.starts.run("create", () => this.createFromTemplate(request, template, volumeMounts));
+    return this.ctx.starts.run("create", () => this.createFromTemplate(request, template, mounts));
+  }
+
+  /** The create's codebases, by name or id; a server without codebases refuses them. */
+  private async resolveCodebases(request: CreateSandboxRequest): Promise<CodebaseMount[]> {
+    const codebases = this.ctx.ports.codebases;
+    if (!codebases) throw new CubicleError("failed_precondition", "this server has no codebases: leave codebaseMounts out");
+    return codebases.resolveMounts(request.codebaseMounts!);
   }
 
   /** The create's volumes, by name or id; a server without volumes refuses them. */
@@ -72,11 +81,16 @@ export class Creation {
   }
 
   /** A create without a pool entry: a restore of the template's warm snapshot, or a boot. */
-  private async createFromTemplate(request: CreateSandboxRequest, template: TemplateInfo, volumeMounts: VolumeMount[] | undefined): Promise<SandboxRecord> {
+  private async createFromTemplate(
+    request: CreateSandboxRequest,
+    template: TemplateInfo,
+    mounts: { volumeMounts?: VolumeMount[]; codebaseMounts?: CodebaseMount[] } | undefined,
+  ): Promise<SandboxRecord> {
     const { ctx } = this;
     ctx.refuseWhenClosed();
     const record = ctx.newRecord(request, template, aliasOf(template, request.templateId));
-    if (volumeMounts) record.volumeMounts = volumeMounts;
+    if (mounts?.volumeMounts) record.volumeMounts = mounts.volumeMounts;
+    if (mounts?.codebaseMounts) record.codebaseMounts = mounts.codebaseMounts;
     const defaultRuntime = (request.runtime ?? template.runtime ?? ctx.ports.runtime.name) === ctx.ports.runtime.name;
     const warmImage = defaultRuntime && this.warmSnapshotFits(request, template) ? await this.warmSnapshots.imageFor(template) : undefined;
     await ctx.table.add(record);
@@ -192,7 +206,7 @@ export class Creation {
    * with, while a cold sandbox's kernel starts after the /init that hands over the env vars.
    */
   private warmSnapshotFits(request: CreateSandboxRequest, template: TemplateInfo): boolean {
-    if (Object.keys(request.envVars).length > 0 || request.volumeMounts?.length) return false;
+    if (Object.keys(request.envVars).length > 0 || request.volumeMounts?.length || request.codebaseMounts?.length) return false;
     if (request.cpuCount !== undefined && request.cpuCount !== template.cpuCount) return false;
     if (request.memoryMB !== undefined && request.memoryMB !== template.memoryMB) return false;
     if (request.diskSizeMB !== undefined && request.diskSizeMB !== template.diskSizeMB) return false;
@@ -212,6 +226,7 @@ export class Creation {
       // The same volumes, by id: one deleted since the snapshot fails the create here.
       record.volumeMounts = await this.resolveVolumes({ ...request, volumeMounts: snapshot.volumeMounts.map((mount) => ({ name: mount.volumeId, path: mount.path })) });
     }
+    if (snapshot.codebaseMounts?.length) record.codebaseMounts = snapshot.codebaseMounts;
     await ctx.table.add(record);
     await ctx.startOrFail(record, () => ctx.restoreInto(record, template, snapshot.imageId, snapshot.memory ? snapshot.agentAccessToken : undefined));
     return ctx.markRunning(record, { snapshotId: snapshot.snapshotId });

@@ -100,6 +100,7 @@ export class Snapshots {
     record.memoryMB = image.memoryMB;
     record.diskSizeMB = image.diskSizeMB;
     if (image.volumeMounts?.length) record.volumeMounts = image.volumeMounts;
+    if (image.codebaseMounts?.length) record.codebaseMounts = image.codebaseMounts;
     record.metadata = { ...source.metadata };
     await ctx.table.add(record);
     await ctx.startOrFail(record, () => ctx.restoreInto(record, template, image.imageId, image.agentAccessToken));
@@ -189,6 +190,7 @@ export class Snapshots {
       memoryMB: record.memoryMB,
       diskSizeMB: record.diskSizeMB,
       ...(record.volumeMounts?.length ? { volumeMounts: record.volumeMounts } : {}),
+      ...(record.codebaseMounts?.length ? { codebaseMounts: record.codebaseMounts } : {}),
       hidden,
     };
     try {

@@ -2,6 +2,7 @@ import { createHash } from "node:crypto";
 import { chmod, chown, mkdir, readdir, readFile, rm, rmdir, stat, writeFile } from "node:fs/promises";
 import path from "node:path";
 import type { CubicleConfig } from "../../shared/config.js";
+import { mountCodebases } from "../../codebases/codebase-mount.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
 import { pathExists } from "../../shared/fs.js";
@@ -374,6 +375,7 @@ export class ContainerRuntime implements Runtime {
     });
     this.facts.get(id)!.layerId = layerId;
     await writeFile(paths.layerId, `${layerId}\n`, { mode: 0o600 });
+    if (spec.codebases?.length) await mountCodebases(path.join(this.config.distDir, "codebase-fs"), paths.dir, uidBase, spec.codebases);
     const prepared = performance.now();
     return { prepareMs: roundMs(prepared - configured), configMs: roundMs(configured - started), totalMs: roundMs(prepared - started) };
   }
@@ -392,7 +394,10 @@ export class ContainerRuntime implements Runtime {
       identityFiles: identityFiles(paths.dir),
       uidBase,
       usernsPath: joinsPinnedUserns ? paths.userns : undefined,
-      volumeBinds: spec.volumes?.map((volume, index) => ({ source: path.join(paths.dir, "volumes", String(index)), target: volume.target })),
+      volumeBinds: [
+        ...(spec.volumes ?? []).map((volume, index) => ({ source: path.join(paths.dir, "volumes", String(index)), target: volume.target })),
+        ...(spec.codebases ?? []).map((codebase, index) => ({ source: path.join(paths.dir, "codebases", String(index)), target: codebase.target })),
+      ],
     });
     await writeFile(paths.config, JSON.stringify(ociSpec), { mode: 0o600 });
   }

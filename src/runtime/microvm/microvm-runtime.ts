@@ -180,7 +180,7 @@ export class MicrovmRuntime implements Runtime {
   }
 
   async create(spec: SandboxSpec): Promise<void> {
-    if (spec.volumes?.length) throw new CubicleError("failed_precondition", "volumes cannot be mounted in microVM sandboxes yet: create the sandbox with runtime \"container\"");
+    if (spec.volumes?.length || spec.codebases?.length) throw new CubicleError("failed_precondition", "volumes and codebases cannot be mounted in microVM sandboxes yet: create the sandbox with runtime \"container\"");
     const { assets, kit, kitImage } = this;
     if (!assets || !kit || !kitImage) throw new CubicleError("failed_precondition", "the microVM runtime is not initialised; call init() first");
     if (spec.template.layerImageId && !this.config.templateLayerDir) {
