@@ -175,3 +175,19 @@ test("volumeMounts: plain absolute paths that do not nest, outside the kernel's 
   assert.throws(() => create({ name: "a" }), bad(/list/));
   assert.throws(() => create(Array.from({ length: 17 }, (_, i) => ({ name: "a", path: `/m${i}` }))), bad(/at most 16/));
 });
+
+test("codebaseMounts: levels, relative glob patterns codebase-fs takes, and no nesting with volumes", () => {
+  const strict = { defaultTimeoutSec: 300, limits: { maxCpuCount: 2, maxMemoryMB: 4096, maxDiskMB: 65536 }, requireSecure: true };
+  const create = (extra: Record<string, unknown>) => parseCreateRequest({ templateID: "base", ...extra }, 2, strict);
+  const bad = (pattern: RegExp) => (err: unknown) => err instanceof CubicleError && err.code === "invalid_argument" && pattern.test(err.message);
+  assert.deepEqual(create({ codebaseMounts: [{ codebase: "app", path: "/workspace", rules: { "src/**": "write", "**/*.env": "none" } }] }).codebaseMounts, [
+    { codebase: "app", path: "/workspace", rules: [{ pattern: "src/**", level: "write" }, { pattern: "**/*.env", level: "none" }], defaultLevel: "read" },
+  ]);
+  for (const pattern of ["/etc/**", "secrets/", "a//b", "./x", "a/../b", "", "x\ty", "x".repeat(257)]) {
+    assert.throws(() => create({ codebaseMounts: [{ codebase: "app", path: "/w", rules: { [pattern]: "none" } }] }), bad(/not a pattern/), JSON.stringify(pattern.slice(0, 20)));
+  }
+  assert.throws(() => create({ codebaseMounts: [{ codebase: "app", path: "/w", rules: { "a/**": "admin" } }] }), bad(/none, view, read, write/));
+  assert.throws(() => create({ codebaseMounts: [{ codebase: "app", path: "/w", default: "all" }] }), bad(/default/));
+  assert.throws(() => create({ codebaseMounts: [{ codebase: "app", path: "/w", rules: ["src/**"] }] }), bad(/rules must be an object/));
+  assert.throws(() => create({ codebaseMounts: [{ codebase: "app", path: "/w" }], volumeMounts: [{ name: "v", path: "/w/data" }] }), bad(/must not nest/));
+});

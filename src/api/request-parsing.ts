@@ -182,8 +182,10 @@ function parseCodebaseMounts(value: unknown): { codebaseMounts?: { codebase: str
     const entries = Object.entries((rules ?? {}) as Record<string, unknown>);
     if (entries.length > CODEBASE_BOUNDS.rules) fail(`${where}.rules has ${entries.length} patterns; at most ${CODEBASE_BOUNDS.rules} are allowed`);
     const parsedRules = entries.map(([pattern, level]) => {
-      if (pattern.length === 0 || pattern.length > CODEBASE_BOUNDS.patternChars || /[\0\t\n\r]/.test(pattern) || pattern.startsWith("/")) {
-        fail(`${where}.rules: ${JSON.stringify(pattern.slice(0, 40))} is not a pattern (relative glob, at most ${CODEBASE_BOUNDS.patternChars} characters, no control characters)`);
+      // What codebase-fs takes: names separated by single slashes, none of them '.' or '..'.
+      const segments = pattern.split("/");
+      if (pattern.length > CODEBASE_BOUNDS.patternChars || /[\0\t\n\r]/.test(pattern) || segments.some((segment) => segment === "" || segment === "." || segment === "..")) {
+        fail(`${where}.rules: ${JSON.stringify(pattern.slice(0, 40))} is not a pattern (a relative glob like src/** or **/*.env: names separated by single '/', no '.' or '..', at most ${CODEBASE_BOUNDS.patternChars} characters)`);
       }
       return { pattern, level: codebaseLevel(level, `${where}.rules[${JSON.stringify(pattern.slice(0, 40))}]`) };
     });

@@ -77,7 +77,7 @@ struct rule {
   struct segment *segments;
   size_t segment_count;
   bool has_wildcard;
-  size_t literal_count; /* characters other than `*` and `?` */
+  size_t literal_count; /* UTF-8 characters other than `*` and `?` */
   enum level level;
 };
 
@@ -130,8 +130,8 @@ static bool segment_matches(const char *p, size_t pn, const char *s, size_t sn) 
 }
 
 /*
- * The segments a pattern may stand at after consuming each pattern segment, as a set of path
- * positions: linear in (pattern segments x path segments) however many `**` there are.
+ * Walks the pattern segment by segment, keeping the set of path positions it can have reached so
+ * far: (pattern segments x path segments) steps however many `**` there are, no backtracking.
  */
 static bool pattern_matches(const struct rule *rule, const struct segment *path, size_t count) {
   static bool reach[MAX_SEGMENTS + 1], next[MAX_SEGMENTS + 1];
@@ -248,7 +248,7 @@ static void add_rule(char *pattern, enum level level) {
   rule->level = level;
   for (const char *p = pattern; *p; p++) {
     if (*p == '*' || *p == '?') rule->has_wildcard = true;
-    else rule->literal_count++;
+    else if (!is_continuation(*p)) rule->literal_count++;
   }
   size_t count = 1;
   for (const char *p = pattern; *p; p++) count += *p == '/';
@@ -310,7 +310,10 @@ static void load_rules(const char *file) {
   }
   free(line);
   fclose(in);
-  if (!have_default) rules_error(file, number, "no default<TAB>LEVEL line");
+  if (!have_default) {
+    fprintf(stderr, "codebase-fs: rules file %s has no default<TAB>LEVEL line\n", file);
+    exit(2);
+  }
 }
 
 /* ---- Paths on the host ---- */
@@ -458,8 +461,9 @@ static int may_change(enum level level) {
 static void *cfs_init(struct fuse_conn_info *conn, struct fuse_config *cfg) {
   (void)conn;
   cfg->use_ino = 0;
-  /* Unlink really unlinks (no .fuse_hidden files in the codebase); open files keep working
-     through their fds because operations on a handle get a NULL path (nullpath_ok). */
+  /* Unlink really unlinks (no .fuse_hidden files in the codebase); an open file keeps working
+     through its fd because operations on a handle get a NULL path (nullpath_ok). The cost:
+     fstat of an unlinked open file is ESTALE, since the kernel sends no handle with fstat. */
   cfg->hard_remove = 1;
   cfg->nullpath_ok = 1;
   cfg->entry_timeout = 1.0;
@@ -577,7 +581,7 @@ static int cfs_readdir(const char *path, void *buf, fuse_fill_dir_t filler, off_
     const char *name = entry->d_name;
     bool dots = strcmp(name, ".") == 0 || strcmp(name, "..") == 0;
     if (!dots) {
-      int n = *h->rel ? snprintf(child, sizeof child, "%s/%s", h->rel, name) : snprintf(child, sizeof child, "%s", name);
+      int n = snprintf(child, sizeof child, "%s%s%s", h->rel, *h->rel ? "/" : "", name);
       if (n < 0 || (size_t)n >= sizeof child) continue;
       if (path_level(child) == LEVEL_NONE) continue;
     }
@@ -1026,8 +1030,10 @@ int main(int argc, char **argv) {
     else fprintf(stderr, "codebase-fs: cannot open source %s: %s\n", values[SOURCE], strerror(errno));
     return 1;
   }
+  /* Absolute, because libfuse unmounts by the path it was given and the daemon moves to "/". */
+  char *mount_point = realpath(values[MOUNT], NULL);
   struct stat st;
-  if (stat(values[MOUNT], &st) < 0 || !S_ISDIR(st.st_mode)) {
+  if (mount_point == NULL || stat(mount_point, &st) < 0 || !S_ISDIR(st.st_mode)) {
     fprintf(stderr, "codebase-fs: mount point %s is not a directory\n", values[MOUNT]);
     return 1;
   }
@@ -1041,8 +1047,8 @@ int main(int argc, char **argv) {
     fprintf(stderr, "codebase-fs: cannot set up FUSE\n");
     return 1;
   }
-  if (fuse_mount(fuse, values[MOUNT]) != 0) {
-    fprintf(stderr, "codebase-fs: cannot mount on %s (is /dev/fuse there, and is this root?)\n", values[MOUNT]);
+  if (fuse_mount(fuse, mount_point) != 0) {
+    fprintf(stderr, "codebase-fs: cannot mount on %s (is /dev/fuse there, and is this root?)\n", mount_point);
     fuse_destroy(fuse);
     return 1;
   }
@@ -1059,10 +1065,17 @@ int main(int argc, char **argv) {
   /* Requests wait in the kernel until the loop below reads them, so the mount is usable now. */
   printf("ready\n");
   fflush(stdout);
-  int result = fuse_loop(fuse); /* returns when MNT is unmounted or on SIGTERM/SIGINT */
+  /* 0 when MNT was unmounted, the signal number after SIGTERM/SIGINT/SIGHUP (a requested stop
+     too), a negative errno when reading /dev/fuse failed. */
+  int result = fuse_loop(fuse);
   fuse_remove_signal_handlers(session);
   fuse_unmount(fuse);
   fuse_destroy(fuse);
   fuse_opt_free_args(&args);
-  return result == 0 ? 0 : 1;
+  free(mount_point);
+  if (result < 0) {
+    fprintf(stderr, "codebase-fs: FUSE session failed: %s\n", strerror(-result));
+    return 1;
+  }
+  return 0;
 }
