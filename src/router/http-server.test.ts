@@ -181,15 +181,8 @@ test("signed /files URLs that are malformed are not routed and do not end the se
 });
 
 test("a sandbox answering before the request body is in (a 401 on an upload) leaves the client's connection usable", { timeout: 30_000 }, async () => {
-  const http = await import("node:http");
   const net = await import("node:net");
-  // Answers at once, without reading the body.
-  const upstream = http.createServer((_req, res) => {
-    res.writeHead(401, { "content-type": "application/json", "content-length": 2 });
-    res.end("{}");
-  });
-  await new Promise<void>((resolve) => upstream.listen(0, "127.0.0.1", resolve));
-  const upstreamPort = (upstream.address() as import("node:net").AddressInfo).port;
+  const { upstream, upstreamPort } = await earlyAnsweringUpstream();
   const socket = net.connect(port, "127.0.0.1");
   try {
     let received = "";
@@ -219,14 +212,8 @@ test("a sandbox answering before the request body is in (a 401 on an upload) lea
 });
 
 test("an answer given before the body is in, on a Connection: close request, is not followed by a reset while the client still sends", { timeout: 30_000 }, async () => {
-  const http = await import("node:http");
   const net = await import("node:net");
-  const upstream = http.createServer((_req, res) => {
-    res.writeHead(401, { "content-type": "application/json", "content-length": 2 });
-    res.end("{}");
-  });
-  await new Promise<void>((resolve) => upstream.listen(0, "127.0.0.1", resolve));
-  const upstreamPort = (upstream.address() as import("node:net").AddressInfo).port;
+  const { upstream, upstreamPort } = await earlyAnsweringUpstream();
   try {
     // A sandbox's early answer (forwarded), and the router's own (an unknown sandbox).
     for (const [sandboxId, status] of [
@@ -276,3 +263,14 @@ test("an answer given before the body is in, on a Connection: close request, is 
   }
   await assertServerAlive();
 });
+
+/** A sandbox's server that answers 401 at once, without reading the request's body. */
+async function earlyAnsweringUpstream(): Promise<{ upstream: import("node:http").Server; upstreamPort: number }> {
+  const http = await import("node:http");
+  const upstream = http.createServer((_req, res) => {
+    res.writeHead(401, { "content-type": "application/json", "content-length": 2 });
+    res.end("{}");
+  });
+  await new Promise<void>((resolve) => upstream.listen(0, "127.0.0.1", resolve));
+  return { upstream, upstreamPort: (upstream.address() as import("node:net").AddressInfo).port };
+}

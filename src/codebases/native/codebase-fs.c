@@ -456,6 +456,13 @@ static int may_change(enum level level) {
   return level == LEVEL_WRITE ? 0 : -EACCES;
 }
 
+/* resolve() of a path that is to be changed in place: it needs `write`. */
+static int resolve_changeable(const char *path, const char **rel) {
+  enum level level;
+  int err = resolve(path, rel, &level);
+  return err ? err : may_change(level);
+}
+
 /* ---- FUSE operations ---- */
 
 static void *cfs_init(struct fuse_conn_info *conn, struct fuse_config *cfg) {
@@ -796,10 +803,7 @@ static int cfs_chmod(const char *path, mode_t mode, struct fuse_file_info *fi) {
     return fchmod(h->fd, mode & MODE_MASK) < 0 ? -errno : 0;
   }
   const char *rel;
-  enum level level;
-  int err = resolve(path, &rel, &level);
-  if (err) return err;
-  err = may_change(level);
+  int err = resolve_changeable(path, &rel);
   if (err) return err;
   int node = open_node(rel);
   if (node < 0) return node;
@@ -840,10 +844,7 @@ static int cfs_truncate(const char *path, off_t size, struct fuse_file_info *fi)
     return ftruncate(h->fd, size) < 0 ? -errno : 0;
   }
   const char *rel;
-  enum level level;
-  int err = resolve(path, &rel, &level);
-  if (err) return err;
-  err = may_change(level);
+  int err = resolve_changeable(path, &rel);
   if (err) return err;
   int fd = open_regular(rel, O_WRONLY);
   if (fd < 0) return fd;
@@ -860,10 +861,7 @@ static int cfs_utimens(const char *path, const struct timespec times[2], struct 
     return futimens(h->fd, times) < 0 ? -errno : 0;
   }
   const char *rel;
-  enum level level;
-  int err = resolve(path, &rel, &level);
-  if (err) return err;
-  err = may_change(level);
+  int err = resolve_changeable(path, &rel);
   if (err) return err;
   if (*rel == '\0') {
     char proc[64];

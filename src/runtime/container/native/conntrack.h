@@ -1,7 +1,7 @@
 /*
  * conntrack.h: the byte counts of sandboxes' UDP and ICMP flows, from the kernel's connection
  * tracking (FLOW_ACCOUNTING_NOTE in src/network/kernel-egress-log.ts). Included by
- * sandbox-helper.c after netlink.h (its fail(), usage(), option(), `step`, net_receive()).
+ * sandbox-helper.c after netlink.h (its fail(), usage(), option(), `step`, read_lines()).
  *
  *   flows --subnet A.B.C.D/N
  *       Long-running, like watch. Turns on conntrack accounting (net.netfilter.nf_conntrack_acct
@@ -156,6 +156,8 @@ static void ct_delete(int fd, const char *line) {
   sendto(fd, &request, request.header.nlmsg_len, 0, (struct sockaddr *)&kernel, sizeof kernel);
 }
 
+static void ct_delete_line(char *line, void *context) { ct_delete(*(int *)context, line); }
+
 static int cmd_flows(int argc, char **argv) {
   step = "flows";
   static const char *const known[] = {"--subnet", NULL};
@@ -176,8 +178,7 @@ static int cmd_flows(int argc, char **argv) {
   if (control < 0) fail("opening a conntrack socket");
   setvbuf(stdout, NULL, _IOLBF, 0);
 
-  char line[4096];
-  size_t filled = 0;
+  static struct line_reader lines;
   static char buffer[65536] __attribute__((aligned(NLMSG_ALIGNTO)));
   struct pollfd watched[3] = {{.fd = 0, .events = POLLIN}, {.fd = events, .events = POLLIN}, {.fd = control, .events = POLLIN}};
   for (;;) {
@@ -185,22 +186,7 @@ static int cmd_flows(int argc, char **argv) {
       if (errno == EINTR) continue;
       fail("poll");
     }
-    if (watched[0].revents) {
-      ssize_t got = read(0, line + filled, sizeof line - filled - 1);
-      if (got <= 0) return 0;
-      filled += (size_t)got;
-      line[filled] = 0;
-      char *start = line, *newline;
-      while ((newline = strchr(start, '\n')) != NULL) {
-        *newline = 0;
-        ct_delete(control, start);
-        start = newline + 1;
-      }
-      filled = strlen(start);
-      memmove(line, start, filled);
-      /* A line longer than any request: dropped. */
-      if (filled >= sizeof line - 1) filled = 0;
-    }
+    if (watched[0].revents && !read_lines(0, &lines, ct_delete_line, &control)) return 0;
     if (watched[2].revents) {
       /* Answers to deletes: nothing to do with them (a flow gone already is fine). */
       while (recv(control, buffer, sizeof buffer, MSG_DONTWAIT) > 0) {

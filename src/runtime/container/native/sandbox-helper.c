@@ -615,6 +615,71 @@ struct watched {
   char tag[80];
 };
 
+/* Lines of a stream read as they come: the buffer keeps a partial last line. */
+struct line_reader {
+  char buffer[65536];
+  size_t filled;
+};
+
+/*
+ * Reads what `fd` has and calls `each` for every complete line (without its newline). A line
+ * longer than the buffer is dropped. Returns 0 at the end of the stream or on an error.
+ */
+static int read_lines(int fd, struct line_reader *reader, void (*each)(char *line, void *context), void *context) {
+  ssize_t got = read(fd, reader->buffer + reader->filled, sizeof reader->buffer - reader->filled - 1);
+  if (got <= 0) return 0;
+  reader->filled += (size_t)got;
+  reader->buffer[reader->filled] = 0;
+  char *start = reader->buffer, *newline;
+  while ((newline = strchr(start, '\n')) != NULL) {
+    *newline = 0;
+    each(start, context);
+    start = newline + 1;
+  }
+  reader->filled = strlen(start);
+  memmove(reader->buffer, start, reader->filled);
+  if (reader->filled >= sizeof reader->buffer - 1) reader->filled = 0;
+  return 1;
+}
+
+struct watch_state {
+  struct watched *table;
+  int epoll;
+};
+
+/* One "add TAG PID" / "del TAG" line of watch. */
+static void watch_line(char *start, void *context) {
+  struct watch_state *state = context;
+  struct watched *table = state->table;
+  int epoll = state->epoll;
+  char tag[80];
+  int pid;
+  if (sscanf(start, "add %79s %d", tag, &pid) == 2) {
+    int slot = -1;
+    for (int i = 0; i < WATCH_MAX; i++)
+      if (table[i].fd < 0) {
+        slot = i;
+        break;
+      }
+    int fd = slot < 0 ? -1 : (int)syscall(SYS_pidfd_open, pid, 0);
+    if (fd < 0) {
+      /* Gone already (or no room): report it ended. */
+      printf("exit %s\n", tag);
+    } else {
+      table[slot].fd = fd;
+      strcpy(table[slot].tag, tag);
+      struct epoll_event add = {.events = EPOLLIN, .data.u64 = (uint64_t)slot};
+      epoll_ctl(epoll, EPOLL_CTL_ADD, fd, &add);
+    }
+  } else if (sscanf(start, "del %79s", tag) == 1) {
+    for (int i = 0; i < WATCH_MAX; i++)
+      if (table[i].fd >= 0 && strcmp(table[i].tag, tag) == 0) {
+        close(table[i].fd);
+        table[i].fd = -1;
+      }
+  }
+}
+
 static int cmd_watch(void) {
   step = "watch";
   static struct watched table[WATCH_MAX];
@@ -624,8 +689,8 @@ static int cmd_watch(void) {
   struct epoll_event event = {.events = EPOLLIN, .data.u64 = (uint64_t)-1};
   if (epoll_ctl(epoll, EPOLL_CTL_ADD, 0, &event) != 0) fail("stdin");
   setvbuf(stdout, NULL, _IOLBF, 0);
-  char buffer[65536];
-  size_t filled = 0;
+  static struct line_reader lines;
+  struct watch_state watch = {.table = table, .epoll = epoll};
   for (;;) {
     struct epoll_event events[64];
     int ready = epoll_wait(epoll, events, 64, -1);
@@ -635,44 +700,7 @@ static int cmd_watch(void) {
     }
     for (int e = 0; e < ready; e++) {
       if (events[e].data.u64 == (uint64_t)-1) {
-        ssize_t got = read(0, buffer + filled, sizeof buffer - filled - 1);
-        if (got <= 0) return 0;
-        filled += (size_t)got;
-        buffer[filled] = 0;
-        char *start = buffer, *newline;
-        while ((newline = strchr(start, '\n')) != NULL) {
-          *newline = 0;
-          char tag[80];
-          int pid;
-          if (sscanf(start, "add %79s %d", tag, &pid) == 2) {
-            int slot = -1;
-            for (int i = 0; i < WATCH_MAX; i++)
-              if (table[i].fd < 0) {
-                slot = i;
-                break;
-              }
-            int fd = slot < 0 ? -1 : (int)syscall(SYS_pidfd_open, pid, 0);
-            if (fd < 0) {
-              /* Gone already (or no room): report it ended. */
-              printf("exit %s\n", tag);
-            } else {
-              table[slot].fd = fd;
-              strcpy(table[slot].tag, tag);
-              struct epoll_event add = {.events = EPOLLIN, .data.u64 = (uint64_t)slot};
-              epoll_ctl(epoll, EPOLL_CTL_ADD, fd, &add);
-            }
-          } else if (sscanf(start, "del %79s", tag) == 1) {
-            for (int i = 0; i < WATCH_MAX; i++)
-              if (table[i].fd >= 0 && strcmp(table[i].tag, tag) == 0) {
-                close(table[i].fd);
-                table[i].fd = -1;
-              }
-          }
-          start = newline + 1;
-        }
-        filled = strlen(start);
-        memmove(buffer, start, filled);
-        if (filled >= sizeof buffer - 1) filled = 0;
+        if (!read_lines(0, &lines, watch_line, &watch)) return 0;
       } else {
         int slot = (int)events[e].data.u64;
         if (slot < 0 || slot >= WATCH_MAX || table[slot].fd < 0) continue;
