@@ -463,6 +463,16 @@ static int resolve_changeable(const char *path, const char **rel) {
   return err ? err : may_change(level);
 }
 
+/* The parent directory (fd) of a path about to be made, which needs `write`; -errno when it may not be. */
+static int parent_for_create(const char *path, const char **name, enum level *level) {
+  const char *rel;
+  int err = resolve(path, &rel, level);
+  if (err) return err;
+  err = may_create(rel, *level);
+  if (err) return err;
+  return open_parent(rel, name);
+}
+
 /* ---- FUSE operations ---- */
 
 static void *cfs_init(struct fuse_conn_info *conn, struct fuse_config *cfg) {
@@ -634,15 +644,11 @@ static int cfs_open(const char *path, struct fuse_file_info *fi) {
 }
 
 static int cfs_create(const char *path, mode_t mode, struct fuse_file_info *fi) {
-  const char *rel;
-  enum level level;
-  int err = resolve(path, &rel, &level);
-  if (err) return err;
-  err = may_create(rel, level);
-  if (err) return err;
   const char *name;
-  int parent = open_parent(rel, &name);
+  enum level level;
+  int parent = parent_for_create(path, &name, &level);
   if (parent < 0) return parent;
+  int err = 0;
   int flags = passed_flags(fi->flags) | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY;
   int fd = openat(parent, name, flags, mode & MODE_MASK);
   if (fd < 0) {
@@ -672,15 +678,11 @@ static int cfs_create(const char *path, mode_t mode, struct fuse_file_info *fi) 
 static int cfs_mknod(const char *path, mode_t mode, dev_t rdev) {
   (void)rdev;
   if (!S_ISREG(mode)) return -EPERM;
-  const char *rel;
-  enum level level;
-  int err = resolve(path, &rel, &level);
-  if (err) return err;
-  err = may_create(rel, level);
-  if (err) return err;
   const char *name;
-  int parent = open_parent(rel, &name);
+  enum level level;
+  int parent = parent_for_create(path, &name, &level);
   if (parent < 0) return parent;
+  int err = 0;
   int fd = openat(parent, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY, mode & MODE_MASK);
   if (fd < 0) err = -errno;
   else if (fchown(fd, owner_uid, owner_gid) < 0) {
@@ -693,15 +695,11 @@ static int cfs_mknod(const char *path, mode_t mode, dev_t rdev) {
 }
 
 static int cfs_mkdir(const char *path, mode_t mode) {
-  const char *rel;
-  enum level level;
-  int err = resolve(path, &rel, &level);
-  if (err) return err;
-  err = may_create(rel, level);
-  if (err) return err;
   const char *name;
-  int parent = open_parent(rel, &name);
+  enum level level;
+  int parent = parent_for_create(path, &name, &level);
   if (parent < 0) return parent;
+  int err = 0;
   if (mkdirat(parent, name, mode & MODE_MASK) < 0) err = -errno;
   else if (fchownat(parent, name, owner_uid, owner_gid, AT_SYMLINK_NOFOLLOW) < 0) {
     err = -errno;
@@ -712,15 +710,11 @@ static int cfs_mkdir(const char *path, mode_t mode) {
 }
 
 static int cfs_symlink(const char *target, const char *path) {
-  const char *rel;
-  enum level level;
-  int err = resolve(path, &rel, &level);
-  if (err) return err;
-  err = may_create(rel, level);
-  if (err) return err;
   const char *name;
-  int parent = open_parent(rel, &name);
+  enum level level;
+  int parent = parent_for_create(path, &name, &level);
   if (parent < 0) return parent;
+  int err = 0;
   /* The target is stored as text and never followed by the daemon, so any string will do. */
   if (symlinkat(target, parent, name) < 0) err = -errno;
   else if (fchownat(parent, name, owner_uid, owner_gid, AT_SYMLINK_NOFOLLOW) < 0) {
