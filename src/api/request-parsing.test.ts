@@ -165,7 +165,7 @@ test("volumeMounts: plain absolute paths that do not nest, outside the kernel's 
     { name: "vol_1", path: "/home/user/work" },
   ]);
   assert.equal(create([]).volumeMounts, undefined);
-  for (const path of ["/", "relative", "/a/../etc", "/a/./b", "/a//b", "/a/", "/proc/x", "/sys", "/dev/shm", "/.cubicle/bin", "/x\0y"]) {
+  for (const path of ["/", "relative", "/a/../etc", "/a/./b", "/a//b", "/a/", "/proc/x", "/sys", "/dev/shm", "/.cubicle/bin", "/x\0y", "/run/x", "/etc", "/usr", "/usr/bin", "/home", "/tmp", "/var/lib"]) {
     assert.throws(() => create([{ name: "data", path }]), bad(/path/), path);
   }
   assert.throws(() => create([{ name: "a", path: "/mnt" }, { name: "b", path: "/mnt/inner" }]), bad(/must not nest/));

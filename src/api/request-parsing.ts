@@ -140,8 +140,10 @@ function refuseUnsupported(input: Record<string, unknown>): void {
 
 /** Mounts one sandbox may have. */
 const MAX_VOLUME_MOUNTS = 16;
-/** Where a volume may not go: the kernel's and the agent's trees, and the root itself. */
-const RESERVED_MOUNT_ROOTS = ["/proc", "/sys", "/dev", "/.cubicle", "/etc/machine-id"];
+/** Where a volume or codebase may not go: at or under the kernel's, the runtime's and the agent's trees. */
+const RESERVED_MOUNT_ROOTS = ["/proc", "/sys", "/dev", "/run", "/.cubicle", "/etc/machine-id"];
+/** System directories a mount may not replace (below them is allowed: /usr/local/data, /var/data). */
+const SYSTEM_DIRS = new Set(["/bin", "/boot", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/root", "/sbin", "/tmp", "/usr", "/usr/bin", "/usr/lib", "/usr/sbin", "/usr/local", "/var", "/var/lib"]);
 
 /** A mount point of a volume or codebase: absolute, plain, outside the kernel's and the agent's trees. */
 function checkMountPath(path: unknown, where: string): string {
@@ -151,6 +153,7 @@ function checkMountPath(path: unknown, where: string): string {
   if (names.some((part) => part === "." || part === "..") || path.includes("//") || (path.length > 1 && path.endsWith("/"))) fail(`${where}.path must be a plain absolute path (no '.', '..', '//' or trailing '/')`);
   const reserved = RESERVED_MOUNT_ROOTS.find((root) => path === root || path.startsWith(`${root}/`));
   if (reserved) fail(`${where}.path: a volume or codebase cannot be mounted at or under ${reserved}`);
+  if (SYSTEM_DIRS.has(path)) fail(`${where}.path: a volume or codebase cannot replace the system directory ${path}; mount it below (for example ${path}/data) or elsewhere`);
   return path;
 }
 

@@ -19,6 +19,7 @@ import { benchFork, benchPauseResume, benchRestore, benchRestoreSize, benchRollb
 import { benchNetwork } from "./scenarios/network.js";
 import { benchExec, benchFiles, benchRunCode } from "./scenarios/round-trips.js";
 import { benchRuntimes } from "./scenarios/runtimes.js";
+import { benchStorage } from "./scenarios/storage.js";
 import { benchTemplateBuild } from "./scenarios/template-build.js";
 import { errorMessage } from "./run-helpers.js";
 import { targetFromConfig, type BenchTarget } from "./target.js";
@@ -44,6 +45,7 @@ const scenarios: Record<(typeof SCENARIO_NAMES)[number], Scenario> = {
   network: benchNetwork,
   "template-build": benchTemplateBuild,
   runtimes: benchRuntimes,
+  storage: benchStorage,
 };
 
 /** The result file name: scenario, its shape, and the start time (sorts by time within a shape). */

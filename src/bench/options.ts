@@ -50,9 +50,13 @@ export interface BenchOptions {
   updates: number;
   /** template-build: templates built on one base for the disk-per-template figure. */
   templateCount: number;
+  /** storage: 1 KiB files written, read and removed per path. */
+  smallFiles: number;
+  /** storage: size of the one big file per path, in MiB. */
+  bigFileMiB: number;
 }
 
-export const SCENARIO_NAMES = ["create", "density", "density-idle", "exec", "files", "runcode", "snapshot", "restore", "restore-size", "rollback", "fork", "pause-resume", "baseline", "network", "template-build", "runtimes"] as const;
+export const SCENARIO_NAMES = ["create", "density", "density-idle", "exec", "files", "runcode", "snapshot", "restore", "restore-size", "rollback", "fork", "pause-resume", "baseline", "network", "template-build", "runtimes", "storage"] as const;
 
 export const BENCH_USAGE = `usage: ./cubicle bench SCENARIO [options] | ./cubicle bench report [-o RESULTS_DIR] [-r REPORT_DIR]
 
@@ -74,13 +78,16 @@ scenarios: ${SCENARIO_NAMES.join(", ")}
   --cold-pairs N  network: paired cold creates (default 6; 0 = none)
   --updates N     network: PUT /sandboxes/{id}/network round trips (default 100)
   --templates K   template-build: templates sharing one base for the disk figure (default 5)
+  --small-files N storage: 1 KiB files per path (default 10000)
+  --big-mib N     storage: the big file per path, in MiB (default 1024)
   template-build: -n cached rebuilds, changed-step rebuilds and creates per template; -w discarded create rounds
   network reads its fake hosts from CUBICLE_BENCH_NET_{HTTP,HTTPS,SOCKS,INTERFACE,CA_FILE}
   (see src/bench/scenarios/network.ts; bench/network.sh sets them)
   -o DIR      results directory (default bench/results)
   -r DIR      report directory (default: parent of the results directory)
   --quiet     no live progress
-  runtimes needs a server with CUBICLE_MICROVM=tcg|kvm: containers and microVMs side by side (-n creates each, --background N idle of each for memory)`;
+  runtimes needs a server with CUBICLE_MICROVM=tcg|kvm: containers and microVMs side by side (-n creates each, --background N idle of each for memory)
+  storage needs a server with CUBICLE_CODEBASE_ROOTS (and the same variable for the client): -n creates of each kind`;
 
 export function parseBenchArgs(args: string[], env: NodeJS.ProcessEnv = process.env, isTTY = process.stderr.isTTY === true): BenchOptions {
   const [scenario, ...rest] = args;
@@ -88,7 +95,7 @@ export function parseBenchArgs(args: string[], env: NodeJS.ProcessEnv = process.
   const options: BenchOptions = {
     scenario,
     concurrency: 1,
-    total: scenario === "density" || scenario === "template-build" ? 10 : scenario === "network" ? 300 : 20,
+    total: scenario === "density" || scenario === "template-build" || scenario === "storage" ? 10 : scenario === "network" ? 300 : 20,
     warmup: -1,
     template: scenario === "runcode" ? "code-interpreter-v1" : "base",
     mode: "create-delete",
@@ -106,6 +113,8 @@ export function parseBenchArgs(args: string[], env: NodeJS.ProcessEnv = process.
     coldPairs: 6,
     updates: 100,
     templateCount: 5,
+    smallFiles: 10_000,
+    bigFileMiB: 1024,
   };
   for (let i = 0; i < rest.length; i++) {
     const flag = rest[i]!;
@@ -183,6 +192,12 @@ export function parseBenchArgs(args: string[], env: NodeJS.ProcessEnv = process.
         break;
       case "--templates":
         options.templateCount = Math.max(1, int());
+        break;
+      case "--small-files":
+        options.smallFiles = Math.max(1, int());
+        break;
+      case "--big-mib":
+        options.bigFileMiB = Math.max(1, int());
         break;
       default:
         throw new CubicleError("invalid_argument", `unknown bench option ${flag}\n\n${BENCH_USAGE}`);

@@ -344,6 +344,8 @@ export function writeReport(input: ReportInput): ReportOutput {
 
   out.push(...runtimesSection(of("runtimes")[0]), "");
 
+  out.push(...storageSection(of("storage")[0]), "");
+
   // Comparison.
   const p50 = (scenario: string, field: string, c = 1, path?: string): { value?: number; file?: string; note?: string } => {
     const e = chosen.find(
@@ -619,6 +621,51 @@ function runtimesSection(entry: Loaded | undefined): string[] {
     ),
     "",
     `microVM ÷ container, create → first command p50: ${times(s.microvmOverContainerFirstCommand)}. Targets for a KVM host (to be measured there): restore → first command ≤ 30 ms, ≤ 10 MiB private memory per idle microVM restored from a shared snapshot.`,
+  );
+  return out;
+}
+
+/**
+ * Issue 18's numbers (`storage`): creates with a codebase or a volume mounted against plain
+ * creates, and throughput through a volume and a codebase against the sandbox's root filesystem.
+ */
+function storageSection(entry: Loaded | undefined): string[] {
+  const out = ["## Volumes and codebases: creates with mounts, throughput against the root filesystem", ""];
+  if (!entry) return [...out, "No storage result: run `bench/storage.sh`."];
+  if (entry.data.status !== "ok") return [...out, notAvailableLine(entry)];
+  const s = entry.data.summary as Record<string, any>;
+  const pathsShown = ["rootfs", "volume", "codebase"] as const;
+  out.push(
+    `One server (${fileRef(entry)}): cold creates of \`${String(entry.data.parameters.template)}\` (640 MB, so no pool entry fits), plain, with a codebase mounted (codebase-fs, 2 rules) and with a volume mounted, interleaved; ` +
+      `then in one sandbox with both mounted, ${String(s.smallFiles)} files of 1 KiB written, read back and removed, and one ${String(s.bigFileMiB)} MiB file written (with an fsync) and read back, through each path (Python file calls inside the sandbox; reads are from the page cache where it still holds them).`,
+    "",
+    table(
+      ["create", "→ first command p50", "p95", "÷ plain (paired, 95 % CI)"],
+      (["plain", "codebase", "volume"] as const).map((kind) => {
+        const ratio = kind === "plain" ? undefined : (s[`${kind}OverPlain`] as { ratio: number; ci95: [number, number] } | undefined);
+        return [
+          kind,
+          fmt(pick(s, `firstCommandMs.${kind}.p50`)),
+          fmt(pick(s, `firstCommandMs.${kind}.p95`)),
+          ratio ? `${times(ratio.ratio)} [${ratio.ci95.map((v) => v.toFixed(2)).join("–")}]` : "",
+        ];
+      }),
+    ),
+    "",
+    `AgentFense publishes ${String(s.agentfenseCodebaseCreateMs)} ms for a sandbox with a codebase, on its own machine: beside our p50 above, not a ratio.`,
+    "",
+    table(
+      ["path", "small writes/s", "small reads/s", "small removes/s", "big write MiB/s", "big read MiB/s", "slowdown vs rootfs (small write, big write)"],
+      pathsShown.map((name) => [
+        name,
+        fmt(pick(s, `throughput.${name}.smallWriteFilesPerS`)),
+        fmt(pick(s, `throughput.${name}.smallReadFilesPerS`)),
+        fmt(pick(s, `throughput.${name}.smallRemoveFilesPerS`)),
+        fmt(pick(s, `throughput.${name}.bigWriteMiBPerS`)),
+        fmt(pick(s, `throughput.${name}.bigReadMiBPerS`)),
+        name === "rootfs" ? "floor" : `${times(pick(s, `slowdownVsRootfs.${name}.smallWriteFilesPerS`))}, ${times(pick(s, `slowdownVsRootfs.${name}.bigWriteMiBPerS`))}`,
+      ]),
+    ),
   );
   return out;
 }

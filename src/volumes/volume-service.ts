@@ -124,11 +124,16 @@ export class VolumeService {
   /** The volumes of a create's `volumeMounts`, by name or id (VolumePort). */
   async resolveMounts(mounts: readonly { name: string; path: string }[]): Promise<VolumeMount[]> {
     const all = await this.store.listVolumes();
-    return mounts.map((mount) => {
+    const resolved = mounts.map((mount) => {
       const volume = all.find((candidate) => candidate.name === mount.name || candidate.volumeId === mount.name);
       if (!volume) throw new CubicleError("invalid_argument", `volumeMounts: there is no volume named "${mount.name.slice(0, 64)}"; create it first (Volume.create)`);
       return { volumeId: volume.volumeId, name: volume.name, path: mount.path };
     });
+    // One volume at two places in one sandbox would be two mounts of one filesystem whose paths
+    // the sandbox could confuse; E2B mounts a volume once per sandbox too.
+    const twice = resolved.find((mount, index) => resolved.findIndex((other) => other.volumeId === mount.volumeId) !== index);
+    if (twice) throw new CubicleError("invalid_argument", `volumeMounts: volume "${twice.name}" is mounted twice; mount each volume once`);
+    return resolved;
   }
 
   /** Deletes the volume and its content; false when there is no such volume. Refused while a sandbox mounts it. */

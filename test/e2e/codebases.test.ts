@@ -126,7 +126,16 @@ describe("a mounted codebase", () => {
         assert.notEqual((await sh(sandbox, "echo x >> /workspace/README", user)).code, 0);
         assert.notEqual((await sh(sandbox, "rm /workspace/README", user)).code, 0);
         assert.notEqual((await sh(sandbox, "touch /workspace/new-at-top", user)).code, 0);
+        // Metadata tricks on read and view paths.
+        for (const line of ["chmod 666 /workspace/README", "chmod 644 /workspace/docs/guide.md", "truncate -s 0 /workspace/README", "touch -d 2000-01-01 /workspace/README", "chown 0:0 /workspace/README"]) {
+          assert.notEqual((await sh(sandbox, line, user)).code, 0, `${user}: ${line}`);
+        }
+        // A symlink from elsewhere to a hidden path resolves through the daemon, which hides it.
+        assert.doesNotMatch((await sh(sandbox, `ln -sf /workspace/secrets/key /tmp/k-${user}; cat /tmp/k-${user}`, user)).out, /host-secret/);
       }
+      // Root's mount tricks: a bind of the mount elsewhere is the same daemon answering.
+      const bound = await sh(sandbox, "mkdir -p /mnt/again && mount --bind /workspace /mnt/again; cat /mnt/again/.env /mnt/again/secrets/key /mnt/again/docs/guide.md", "root");
+      assert.doesNotMatch(bound.out, /host-secret|the guide/, bound.out);
       // write: lands in the codebase on the host.
       assert.equal((await sh(sandbox, "echo changed > /workspace/src/main.c && echo new > /workspace/src/new.txt")).code, 0);
       assert.equal(fs.readFileSync(path.join(repo, "src/main.c"), "utf8"), "changed\n");

@@ -305,7 +305,16 @@ describe("durability and sandboxes", () => {
 
   test("a create whose volumeMounts name no volume, or a relative path, is a 400 that says so and starts nothing", async () => {
     const volume = await createVolume("mountable");
-    for (const volumeMounts of [[{ name: "no-such-volume", path: "/mnt/v" }], [{ name: volume.name, path: "mnt/v" }]]) {
+    for (const volumeMounts of [
+      [{ name: "no-such-volume", path: "/mnt/v" }],
+      [{ name: volume.name, path: "mnt/v" }],
+      [{ name: volume.name, path: "/etc" }],
+      [{ name: volume.name, path: "/proc/v" }],
+      [
+        { name: volume.name, path: "/mnt/a" },
+        { name: volume.volumeId, path: "/mnt/b" },
+      ],
+    ]) {
       const res = await server.api("POST", "/v2/sandboxes", { templateID: "base", volumeMounts });
       assert.equal(res.status, 400, JSON.stringify(volumeMounts));
       assert.match(res.json.message, /volume/i);
