@@ -133,9 +133,6 @@ describe("a mounted codebase", () => {
         // A symlink from elsewhere to a hidden path resolves through the daemon, which hides it.
         assert.doesNotMatch((await sh(sandbox, `ln -sf /workspace/secrets/key /tmp/k-${user}; cat /tmp/k-${user}`, user)).out, /host-secret/);
       }
-      // Root's mount tricks: a bind of the mount elsewhere is the same daemon answering.
-      const bound = await sh(sandbox, "mkdir -p /mnt/again && mount --bind /workspace /mnt/again; cat /mnt/again/.env /mnt/again/secrets/key /mnt/again/docs/guide.md", "root");
-      assert.doesNotMatch(bound.out, /host-secret|the guide/, bound.out);
       // write: lands in the codebase on the host.
       assert.equal((await sh(sandbox, "echo changed > /workspace/src/main.c && echo new > /workspace/src/new.txt")).code, 0);
       assert.equal(fs.readFileSync(path.join(repo, "src/main.c"), "utf8"), "changed\n");
@@ -147,14 +144,36 @@ describe("a mounted codebase", () => {
       assert.notEqual((await sh(sandbox, "mv /workspace/src/new.txt /workspace/src/x.env", "root")).code, 0);
       assert.equal(fs.existsSync(path.join(repo, "src2")), false);
       assert.equal(fs.readFileSync(path.join(repo, ".env"), "utf8"), "API_KEY=host-secret\n");
-      // Root inside has no way around the daemon: unmounting shows an empty directory.
-      await sh(sandbox, "umount /workspace", "root");
-      assert.doesNotMatch((await sh(sandbox, "cat /workspace/.env /workspace/secrets/key", "root")).out, /host-secret/);
       // The volume codebase with default write.
       assert.equal((await sh(sandbox, "cat /notes/notes.txt && echo more >> /notes/notes.txt")).out, "on a volume");
       const res = await server.api("DELETE", "/codebases/app");
       assert.equal(res.status, 400, JSON.stringify(res.json));
       assert.match(res.json.message, /mounted by sandbox/);
+      const volumeId = (await Volume.list()).find((volume) => volume.name === "cb-volume")!.volumeId;
+      const volumeDelete = await server.api("DELETE", `/volumes/${volumeId}`);
+      assert.equal(volumeDelete.status, 400, "a volume under a codebase is not deleted");
+      assert.match(volumeDelete.json.message, /codebase on-volume/);
+      // A snapshot keeps the mounts and their rules: a sandbox made from it is fenced the same way.
+      const snapshot = await sandbox.createSnapshot();
+      const copy = await Sandbox.create(snapshot.snapshotId);
+      try {
+        assert.doesNotMatch((await sh(copy, "cat /workspace/.env /workspace/secrets/key", "root")).out, /host-secret/);
+        assert.equal((await sh(copy, "echo from-copy > /workspace/src/copy.txt")).code, 0);
+        assert.equal(fs.readFileSync(path.join(repo, "src/copy.txt"), "utf8"), "from-copy\n");
+      } finally {
+        await copy.kill();
+      }
+      // A server restart keeps the sandbox's codebase served (its codebase-fs is its own process).
+      await server.crashAndRestart();
+      const again = await Sandbox.connect(sandbox.sandboxId);
+      assert.equal((await sh(again, "cat /workspace/src/copy.txt")).out, "from-copy\n");
+      assert.notEqual((await sh(again, "cat /workspace/.env")).code, 0);
+      // Last (they change its mounts): root's mount tricks. A bind of the mount elsewhere is the
+      // same daemon answering; unmounting it shows the empty directory below.
+      const bound = await sh(again, "mkdir -p /mnt/again && mount --bind /workspace /mnt/again; cat /mnt/again/.env /mnt/again/secrets/key /mnt/again/docs/guide.md", "root");
+      assert.doesNotMatch(bound.out, /host-secret|the guide/, bound.out);
+      await sh(again, "umount /mnt/again; umount /workspace", "root");
+      assert.doesNotMatch((await sh(again, "cat /workspace/.env /workspace/secrets/key", "root")).out, /host-secret/);
     } finally {
       await sandbox.kill();
     }
