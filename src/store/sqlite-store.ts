@@ -106,6 +106,13 @@ interface SandboxRow {
   body: string;
 }
 
+/** The tables of named records: (id, unique name, created_at, body). */
+const NAMED_TABLES = {
+  volumes: { name: "volumes", idColumn: "volume_id", noun: "volume" },
+  codebases: { name: "codebases", idColumn: "codebase_id", noun: "codebase" },
+} as const;
+type NamedTable = (typeof NAMED_TABLES)[keyof typeof NAMED_TABLES];
+
 interface SecretRow {
   secret_id: string;
   name: string;
@@ -333,19 +340,11 @@ export class SqliteStore implements Store, TemplateBuildStore, EgressAuditStore,
   }
 
   async insertVolume(record: VolumeRecord): Promise<void> {
-    try {
-      this.db.prepare("INSERT INTO volumes (volume_id, name, created_at, body) VALUES (?, ?, ?, ?)").run(record.volumeId, record.name, record.createdAt, JSON.stringify(record));
-    } catch (err) {
-      if ((err as { code?: unknown }).code === "SQLITE_CONSTRAINT_UNIQUE" && /volumes\.name/.test(String((err as Error).message))) {
-        throw new CubicleError("already_exists", `a volume named "${record.name}" already exists`, { cause: err });
-      }
-      throw err;
-    }
+    this.insertNamed(NAMED_TABLES.volumes, record.volumeId, record);
   }
 
   async listVolumes(): Promise<VolumeRecord[]> {
-    const rows = this.db.prepare("SELECT body FROM volumes ORDER BY created_at, volume_id").all() as SandboxRow[];
-    return rows.map((row) => JSON.parse(row.body) as VolumeRecord);
+    return this.listNamed(NAMED_TABLES.volumes);
   }
 
   async getVolume(volumeId: string): Promise<VolumeRecord | undefined> {
@@ -358,23 +357,32 @@ export class SqliteStore implements Store, TemplateBuildStore, EgressAuditStore,
   }
 
   async insertCodebase(record: CodebaseRecord): Promise<void> {
+    this.insertNamed(NAMED_TABLES.codebases, record.codebaseId, record);
+  }
+
+  async listCodebases(): Promise<CodebaseRecord[]> {
+    return this.listNamed(NAMED_TABLES.codebases);
+  }
+
+  async deleteCodebase(codebaseId: string): Promise<boolean> {
+    return this.db.prepare("DELETE FROM codebases WHERE codebase_id = ?").run(codebaseId).changes > 0;
+  }
+
+  /** A row of a table of named records (volumes, codebases); a taken name is already_exists. */
+  private insertNamed(table: NamedTable, id: string, record: { name: string; createdAt: number }): void {
     try {
-      this.db.prepare("INSERT INTO codebases (codebase_id, name, created_at, body) VALUES (?, ?, ?, ?)").run(record.codebaseId, record.name, record.createdAt, JSON.stringify(record));
+      this.db.prepare(`INSERT INTO ${table.name} (${table.idColumn}, name, created_at, body) VALUES (?, ?, ?, ?)`).run(id, record.name, record.createdAt, JSON.stringify(record));
     } catch (err) {
-      if ((err as { code?: unknown }).code === "SQLITE_CONSTRAINT_UNIQUE" && /codebases\.name/.test(String((err as Error).message))) {
-        throw new CubicleError("already_exists", `a codebase named "${record.name}" already exists`, { cause: err });
+      if ((err as { code?: unknown }).code === "SQLITE_CONSTRAINT_UNIQUE" && String((err as Error).message).includes(`${table.name}.name`)) {
+        throw new CubicleError("already_exists", `a ${table.noun} named "${record.name}" already exists`, { cause: err });
       }
       throw err;
     }
   }
 
-  async listCodebases(): Promise<CodebaseRecord[]> {
-    const rows = this.db.prepare("SELECT body FROM codebases ORDER BY created_at, codebase_id").all() as SandboxRow[];
-    return rows.map((row) => JSON.parse(row.body) as CodebaseRecord);
-  }
-
-  async deleteCodebase(codebaseId: string): Promise<boolean> {
-    return this.db.prepare("DELETE FROM codebases WHERE codebase_id = ?").run(codebaseId).changes > 0;
+  private listNamed<T>(table: NamedTable): T[] {
+    const rows = this.db.prepare(`SELECT body FROM ${table.name} ORDER BY created_at, ${table.idColumn}`).all() as SandboxRow[];
+    return rows.map((row) => JSON.parse(row.body) as T);
   }
 
   async putTemplateBuild(record: TemplateBuildRecord): Promise<void> {
