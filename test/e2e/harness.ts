@@ -36,15 +36,23 @@ export interface TestServer {
   log(): string;
 }
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.listen(0, "127.0.0.1", () => {
-      const port = (srv.address() as net.AddressInfo).port;
-      srv.close(() => resolve(port));
+/**
+ * A free port below the kernel's ephemeral range (net.ipv4.ip_local_port_range, 32768 and up by
+ * default): a port the kernel handed out once could be handed out again — to the server's own
+ * DNS forwarder or egress proxy, which listen on ports the kernel picks — before the server
+ * binds its API to it (EADDRINUSE at start).
+ */
+export async function freePort(): Promise<number> {
+  for (let attempt = 0; attempt < 100; attempt++) {
+    const port = 20_000 + Math.floor(Math.random() * 12_000);
+    const free = await new Promise<boolean>((resolve) => {
+      const srv = net.createServer();
+      srv.once("error", () => resolve(false));
+      srv.listen(port, "127.0.0.1", () => srv.close(() => resolve(true)));
     });
-    srv.on("error", reject);
-  });
+    if (free) return port;
+  }
+  throw new Error("no free port between 20000 and 32000 on 127.0.0.1");
 }
 
 let serverCounter = 0;

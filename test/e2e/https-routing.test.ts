@@ -8,12 +8,11 @@
 import assert from "node:assert/strict";
 import fs from "node:fs";
 import type { LookupFunction } from "node:net";
-import net from "node:net";
 import path from "node:path";
 import { after, before, test } from "node:test";
 import { Agent, fetch as undiciFetch } from "undici";
 import { Sandbox } from "e2b";
-import { startTestServer, TEST_API_KEY, useServerForSdk, type TestServer } from "./harness.js";
+import { freePort, startTestServer, TEST_API_KEY, useServerForSdk, type TestServer } from "./harness.js";
 
 let server: TestServer;
 let httpsPort: number;
@@ -22,15 +21,6 @@ const loopback: LookupFunction = (_hostname, options, callback) => {
   if ((options as { all?: boolean }).all) (callback as unknown as (e: null, a: { address: string; family: number }[]) => void)(null, [{ address: "127.0.0.1", family: 4 }]);
   else callback(null, "127.0.0.1", 4);
 };
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const probe = net.createServer().listen(0, "127.0.0.1", () => {
-      const port = (probe.address() as net.AddressInfo).port;
-      probe.close(() => resolve(port));
-    });
-  });
-}
 
 before(async () => {
   httpsPort = await freePort();
