@@ -138,8 +138,8 @@ function refuseUnsupported(input: Record<string, unknown>): void {
   if (input.mcp !== undefined && input.mcp !== null) fail("mcp (MCP servers in the sandbox) is not supported by this server yet; leave it out");
 }
 
-/** Mounts one sandbox may have. */
-const MAX_VOLUME_MOUNTS = 16;
+/** Mounts of each kind one sandbox may have. */
+const MAX_MOUNTS = 16;
 /** Where a volume or codebase may not go: at or under the kernel's, the runtime's and the agent's trees. */
 const RESERVED_MOUNT_ROOTS = ["/proc", "/sys", "/dev", "/run", "/.cubicle", "/etc/machine-id"];
 /** System directories a mount may not replace (below them is allowed: /usr/local/data, /var/data). */
@@ -171,20 +171,15 @@ function checkNoNesting(paths: readonly string[], field: string): void {
  * `default` is the level of what no rule matches (default "read").
  */
 function parseCodebaseMounts(value: unknown): { codebaseMounts?: { codebase: string; path: string; rules: { pattern: string; level: CodebaseLevel }[]; defaultLevel: CodebaseLevel }[] } {
-  if (value === undefined || value === null) return {};
-  if (!Array.isArray(value)) fail("codebaseMounts must be a list of {codebase, path, rules, default}");
-  if (value.length === 0) return {};
-  if (value.length > MAX_VOLUME_MOUNTS) fail(`codebaseMounts has ${value.length} entries; at most ${MAX_VOLUME_MOUNTS} are allowed`);
-  const mounts = value.map((entry, index) => {
-    const where = `codebaseMounts[${index}]`;
-    if (typeof entry !== "object" || entry === null || Array.isArray(entry)) fail(`${where} must be {codebase, path, rules, default}`);
-    const { codebase, path, rules, default: defaultLevel, ...rest } = entry as Record<string, unknown>;
-    if (Object.keys(rest).length > 0) fail(`${where}: ${JSON.stringify(Object.keys(rest)[0]!.slice(0, 40))} is not a codebase mount field (codebase, path, rules, default)`);
+  const entries = mountEntries(value, "codebaseMounts", ["codebase", "path", "rules", "default"]);
+  if (!entries) return {};
+  const mounts = entries.map(({ where, entry }) => {
+    const { codebase, path, rules, default: defaultLevel } = entry;
     if (typeof codebase !== "string" || codebase.length === 0 || codebase.length > 128) fail(`${where}.codebase must be a codebase's name or id`);
     if (rules !== undefined && rules !== null && (typeof rules !== "object" || Array.isArray(rules))) fail(`${where}.rules must be an object of pattern → level`);
-    const entries = Object.entries((rules ?? {}) as Record<string, unknown>);
-    if (entries.length > CODEBASE_BOUNDS.rules) fail(`${where}.rules has ${entries.length} patterns; at most ${CODEBASE_BOUNDS.rules} are allowed`);
-    const parsedRules = entries.map(([pattern, level]) => {
+    const patterns = Object.entries((rules ?? {}) as Record<string, unknown>);
+    if (patterns.length > CODEBASE_BOUNDS.rules) fail(`${where}.rules has ${patterns.length} patterns; at most ${CODEBASE_BOUNDS.rules} are allowed`);
+    const parsedRules = patterns.map(([pattern, level]) => {
       // What codebase-fs takes: names separated by single slashes, none of them '.' or '..'.
       const segments = pattern.split("/");
       if (pattern.length > CODEBASE_BOUNDS.patternChars || /[\0\t\n\r]/.test(pattern) || segments.some((segment) => segment === "" || segment === "." || segment === "..")) {
@@ -199,20 +194,32 @@ function parseCodebaseMounts(value: unknown): { codebaseMounts?: { codebase: str
 
 /** E2B `volumeMounts`: `[{name, path}]`, each path absolute, plain and distinct from the others. */
 function parseVolumeMounts(value: unknown): { volumeMounts?: { name: string; path: string }[] } {
-  if (value === undefined || value === null) return {};
-  if (!Array.isArray(value)) fail("volumeMounts must be a list of {name, path}");
-  if (value.length === 0) return {};
-  if (value.length > MAX_VOLUME_MOUNTS) fail(`volumeMounts has ${value.length} entries; at most ${MAX_VOLUME_MOUNTS} are allowed`);
-  const mounts = value.map((entry, index) => {
-    const where = `volumeMounts[${index}]`;
-    if (typeof entry !== "object" || entry === null || Array.isArray(entry)) fail(`${where} must be {name, path}`);
-    const { name, path, ...rest } = entry as Record<string, unknown>;
-    if (Object.keys(rest).length > 0) fail(`${where}: ${JSON.stringify(Object.keys(rest)[0]!.slice(0, 40))} is not a mount field (name, path)`);
+  const entries = mountEntries(value, "volumeMounts", ["name", "path"]);
+  if (!entries) return {};
+  const mounts = entries.map(({ where, entry: { name, path } }) => {
     if (typeof name !== "string" || name.length === 0 || name.length > 128) fail(`${where}.name must be a volume's name or id`);
     return { name, path: checkMountPath(path, where) };
   });
-  checkNoNesting(mounts.map((mount) => mount.path), "volumeMounts");
   return { volumeMounts: mounts };
+}
+
+/**
+ * The entries of a mount list (`volumeMounts`, `codebaseMounts`), each an object of only
+ * `fields`; undefined for none (absent, null or empty).
+ */
+function mountEntries(value: unknown, field: string, fields: readonly string[]): { where: string; entry: Record<string, unknown> }[] | undefined {
+  if (value === undefined || value === null) return undefined;
+  const shape = `{${fields.join(", ")}}`;
+  if (!Array.isArray(value)) fail(`${field} must be a list of ${shape}`);
+  if (value.length === 0) return undefined;
+  if (value.length > MAX_MOUNTS) fail(`${field} has ${value.length} entries; at most ${MAX_MOUNTS} are allowed`);
+  return value.map((entry: unknown, index) => {
+    const where = `${field}[${index}]`;
+    if (typeof entry !== "object" || entry === null || Array.isArray(entry)) fail(`${where} must be ${shape}`);
+    const unknown = Object.keys(entry).find((key) => !fields.includes(key));
+    if (unknown !== undefined) fail(`${where}: ${JSON.stringify(unknown.slice(0, 40))} is not a mount field (${fields.join(", ")})`);
+    return { where, entry: entry as Record<string, unknown> };
+  });
 }
 
 function optionalBool(value: unknown, field: string, fallback: boolean): boolean {

@@ -47,6 +47,7 @@ export function sendJsonResponse(res: ServerResponse, status: number, body: Reco
     }
     const text = JSON.stringify(body);
     res.writeHead(status, { "content-type": "application/json", "content-length": Buffer.byteLength(text) });
+    if (res.req.complete || res.req.destroyed) return void res.end(text);
     res.write(text);
     endAfterBody(res.req, res);
   } catch (err) {

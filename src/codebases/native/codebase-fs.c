@@ -473,6 +473,14 @@ static int parent_for_create(const char *path, const char **name, enum level *le
   return open_parent(rel, name);
 }
 
+/* Gives what was just made at parent/name to OU:OG; removes it again (-errno) if that fails. */
+static int own_new_entry(int parent, const char *name, int unlink_flags) {
+  if (fchownat(parent, name, owner_uid, owner_gid, AT_SYMLINK_NOFOLLOW) == 0) return 0;
+  int err = -errno;
+  unlinkat(parent, name, unlink_flags);
+  return err;
+}
+
 /* ---- FUSE operations ---- */
 
 static void *cfs_init(struct fuse_conn_info *conn, struct fuse_config *cfg) {
@@ -658,14 +666,12 @@ static int cfs_create(const char *path, mode_t mode, struct fuse_file_info *fi) 
     if (err == EEXIST && !(fi->flags & O_EXCL)) return cfs_open(path, fi);
     return -err;
   }
-  if (fchown(fd, owner_uid, owner_gid) < 0) {
-    err = errno;
-    close(fd);
-    unlinkat(parent, name, 0);
-    close(parent);
-    return -err;
-  }
+  err = own_new_entry(parent, name, 0);
   close(parent);
+  if (err) {
+    close(fd);
+    return err;
+  }
   struct handle *h = new_handle(fd, level);
   if (h == NULL) {
     close(fd);
@@ -685,11 +691,10 @@ static int cfs_mknod(const char *path, mode_t mode, dev_t rdev) {
   int err = 0;
   int fd = openat(parent, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY, mode & MODE_MASK);
   if (fd < 0) err = -errno;
-  else if (fchown(fd, owner_uid, owner_gid) < 0) {
-    err = -errno;
-    unlinkat(parent, name, 0);
+  else {
+    close(fd);
+    err = own_new_entry(parent, name, 0);
   }
-  if (fd >= 0) close(fd);
   close(parent);
   return err;
 }
@@ -701,10 +706,7 @@ static int cfs_mkdir(const char *path, mode_t mode) {
   if (parent < 0) return parent;
   int err = 0;
   if (mkdirat(parent, name, mode & MODE_MASK) < 0) err = -errno;
-  else if (fchownat(parent, name, owner_uid, owner_gid, AT_SYMLINK_NOFOLLOW) < 0) {
-    err = -errno;
-    unlinkat(parent, name, AT_REMOVEDIR);
-  }
+  else err = own_new_entry(parent, name, AT_REMOVEDIR);
   close(parent);
   return err;
 }
@@ -717,10 +719,7 @@ static int cfs_symlink(const char *target, const char *path) {
   int err = 0;
   /* The target is stored as text and never followed by the daemon, so any string will do. */
   if (symlinkat(target, parent, name) < 0) err = -errno;
-  else if (fchownat(parent, name, owner_uid, owner_gid, AT_SYMLINK_NOFOLLOW) < 0) {
-    err = -errno;
-    unlinkat(parent, name, 0);
-  }
+  else err = own_new_entry(parent, name, 0);
   close(parent);
   return err;
 }

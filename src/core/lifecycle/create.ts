@@ -222,11 +222,14 @@ export class Creation {
     record.cpuCount = snapshot.cpuCount;
     record.memoryMB = snapshot.memoryMB;
     record.diskSizeMB = snapshot.diskSizeMB;
+    // The same volumes and codebases, by id, as they are now: one deleted or unregistered since
+    // the snapshot fails the create here.
     if (snapshot.volumeMounts?.length) {
-      // The same volumes, by id: one deleted since the snapshot fails the create here.
       record.volumeMounts = await this.resolveVolumes({ ...request, volumeMounts: snapshot.volumeMounts.map((mount) => ({ name: mount.volumeId, path: mount.path })) });
     }
-    if (snapshot.codebaseMounts?.length) record.codebaseMounts = snapshot.codebaseMounts;
+    if (snapshot.codebaseMounts?.length) {
+      record.codebaseMounts = await this.resolveCodebases({ ...request, codebaseMounts: snapshot.codebaseMounts.map((mount) => ({ codebase: mount.codebaseId, path: mount.path, rules: mount.rules, defaultLevel: mount.defaultLevel })) });
+    }
     await ctx.table.add(record);
     await ctx.startOrFail(record, () => ctx.restoreInto(record, template, snapshot.imageId, snapshot.memory ? snapshot.agentAccessToken : undefined));
     return ctx.markRunning(record, { snapshotId: snapshot.snapshotId });
