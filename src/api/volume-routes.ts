@@ -27,10 +27,11 @@ function queryInt(request: ContentRequest, name: string): number | undefined {
   return Number(raw);
 }
 
-function queryBool(request: ContentRequest, name: string): boolean {
+/** An optional boolean query parameter; undefined when absent. */
+function queryBool(request: ContentRequest, name: string): boolean | undefined {
   const raw = singleQueryValue(request.query, name);
-  if (raw === undefined || raw === "" || raw === "false") return false;
-  if (raw === "true") return true;
+  if (raw === undefined || raw === "") return undefined;
+  if (raw === "true" || raw === "false") return raw === "true";
   throw new CubicleError("invalid_argument", `${name} must be true or false`);
 }
 
@@ -100,7 +101,7 @@ export function registerVolumeRoutes(app: FastifyInstance, volumes: VolumeServic
     content.get(`${prefix}/dir`, async (request: ContentRequest) => (await open(request)).list(pathOf(request), queryInt(request, "depth") ?? 1));
     content.post(`${prefix}/dir`, async (request: ContentRequest, reply: FastifyReply) => {
       const volume = await open(request);
-      return reply.status(201).send(await volume.makeDir(pathOf(request), ownership(request), queryBool(request, "force")));
+      return reply.status(201).send(await volume.makeDir(pathOf(request), ownership(request), queryBool(request, "force") ?? false));
     });
     content.get(`${prefix}/file`, async (request: ContentRequest, reply: FastifyReply) => {
       const { stream, size } = await (await open(request)).readFile(pathOf(request));
@@ -108,9 +109,9 @@ export function registerVolumeRoutes(app: FastifyInstance, volumes: VolumeServic
     });
     content.put(`${prefix}/file`, async (request: ContentRequest, reply: FastifyReply) => {
       const volume = await open(request);
+      // A write replaces a file that is there (the SDK's writeFile says so); `force=false` refuses to.
       const owner = ownership(request);
-      queryBool(request, "force");
-      return reply.status(201).send(await volume.writeFile(pathOf(request), request.raw, owner));
+      return reply.status(201).send(await volume.writeFile(pathOf(request), request.raw, owner, queryBool(request, "force") ?? true));
     });
   });
 }

@@ -1,6 +1,6 @@
 import { randomBytes } from "node:crypto";
 import { constants, type Stats } from "node:fs";
-import { lstat, mkdir, open, readdir, readlink, rename, rmdir, unlink, type FileHandle } from "node:fs/promises";
+import { link, lstat, mkdir, open, readdir, readlink, rename, rmdir, unlink, type FileHandle } from "node:fs/promises";
 import type { Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import { CubicleError } from "../shared/cubicle-error.js";
@@ -167,8 +167,11 @@ export class VolumeContent {
     }, wanted);
   }
 
-  /** Writes `body` to the path (replacing a file there; made next to it and renamed in place). */
-  async writeFile(rawPath: unknown, body: Readable, owner: Ownership): Promise<VolumeEntryStat> {
+  /**
+   * Writes `body` to the path, made next to it and renamed in place: a file there is replaced,
+   * unless `overwrite` is false (the API's `force=false`): then one there is already_exists.
+   */
+  async writeFile(rawPath: unknown, body: Readable, owner: Ownership, overwrite = true): Promise<VolumeEntryStat> {
     const names = pathNames(rawPath);
     if (names.length === 0) throw new CubicleError("invalid_argument", "/ is the volume's root directory, not a file");
     const wanted = { uid: checkedId(owner.uid, "uid"), gid: checkedId(owner.gid, "gid"), mode: checkedMode(owner.mode) };
@@ -180,6 +183,7 @@ export class VolumeContent {
         if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw asApiError(err, display(names));
       }
       if (existing?.isDirectory()) throw new CubicleError("invalid_argument", `${display(names)} is a directory`);
+      if (existing && !overwrite) throw new CubicleError("already_exists", `${display(names)} already exists (force=false)`);
       const temporary = `.${name.slice(0, 200)}.upload-${randomBytes(6).toString("hex")}`;
       const file = await open(at(parent, temporary), constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, wanted.mode ?? (existing ? existing.mode & 0o7777 : 0o644));
       try {
@@ -187,7 +191,9 @@ export class VolumeContent {
         if (wanted.mode !== undefined || existing) await file.chmod(wanted.mode ?? existing!.mode & 0o7777);
         // The stream closes the file when the body is written.
         await pipeline(body, file.createWriteStream());
-        await rename(at(parent, temporary), at(parent, name));
+        // Without overwrite, a link fails if something took the name meanwhile (EEXIST); a rename would replace it.
+        if (overwrite) await rename(at(parent, temporary), at(parent, name));
+        else await link(at(parent, temporary), at(parent, name)).then(() => unlink(at(parent, temporary)));
       } catch (err) {
         await file.close().catch(() => undefined);
         await unlink(at(parent, temporary)).catch(() => undefined);

@@ -236,6 +236,49 @@ describe("isolation", () => {
     assert.deepEqual(await volume.list("/"), []);
   });
 
+  test("bad query values and metadata bodies are 400s that change nothing; force=false does not overwrite", async () => {
+    const volume = await createVolume("bad-params");
+    await volume.writeFile("/f.txt", "original", { mode: 0o644 });
+    const base = `${server.url}/volumecontent/${volume.volumeId}`;
+    const call = (method: string, urlPath: string, body?: string, type = "application/json") =>
+      fetch(base + urlPath, { method, headers: { ...bearer(volume.token), "content-type": type }, ...(body === undefined ? {} : { body }) });
+    for (const [method, urlPath, body] of [
+      ["PUT", "/file?path=/f.txt&uid=65536", "x"],
+      ["PUT", "/file?path=/f.txt&gid=-1", "x"],
+      ["PUT", "/file?path=/f.txt&mode=4096", "x"],
+      ["PUT", "/file?path=/f.txt&mode=0x1ff", "x"],
+      ["PUT", "/file?path=/f.txt&force=maybe", "x"],
+      ["PUT", "/file", "x"],
+      ["POST", "/dir?path=/d&uid=99999999999", undefined],
+      ["POST", "/dir?path=/d&force=1", undefined],
+      ["GET", "/dir?path=/&depth=0", undefined],
+      ["GET", "/dir?path=/&depth=65", undefined],
+      ["GET", "/dir?path=/&depth=two", undefined],
+      ["PATCH", "/path?path=/f.txt", "[1]"],
+      ["PATCH", "/path?path=/f.txt", '{"owner":"root"}'],
+      ["PATCH", "/path?path=/f.txt", '{"mode":"777"}'],
+      ["PATCH", "/path?path=/f.txt", '{"uid":-5}'],
+      ["PATCH", "/path?path=/f.txt", "{not json"],
+    ] as const) {
+      const res = await call(method, urlPath, body, method === "PUT" ? "application/octet-stream" : "application/json");
+      assert.equal(res.status, 400, `${method} ${urlPath} ${body ?? ""}: ${await res.text()}`);
+    }
+    assert.equal(await volume.readFile("/f.txt"), "original");
+    const info = await volume.getInfo("/f.txt");
+    assert.deepEqual([info.mode & 0o7777, info.uid, info.gid], [0o644, 1000, 1000]);
+    assert.equal(await volume.exists("/d"), false);
+    // force=false: an existing file stays (409); a new one is written.
+    const kept = await call("PUT", "/file?path=/f.txt&force=false", "replaced", "application/octet-stream");
+    assert.equal(kept.status, 409, await kept.text());
+    assert.equal(await volume.readFile("/f.txt"), "original");
+    assert.equal((await call("PUT", "/file?path=/new.txt&force=false", "new", "application/octet-stream")).status, 201);
+    assert.equal(await volume.readFile("/new.txt"), "new");
+    // An unknown field of a volume is refused too.
+    const extra = await server.api("POST", "/volumes", { name: "extra-field", sizeMB: 16, public: true });
+    assert.equal(extra.status, 400);
+    assert.match(extra.json.message, /not a volume field/);
+  });
+
   test("a symlink planted in the volume on the host is never followed", async () => {
     const volume = await createVolume("links");
     const marker = `marker-${randomBytes(6).toString("hex")}`;

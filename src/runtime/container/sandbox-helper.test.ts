@@ -27,6 +27,11 @@ test("the helper refuses malformed calls with exit 2 and says why, before touchi
     [["prepare", "--base", "1073741824", "--lower", "/x", "--layer", "/y", "--rootfs", "/z", "--quota", "12x"], /--quota is not a number/],
     [["prepare", "--base", "1073741824", "--lower", "/x", "--layer", "/y", "--rootfs", "/z", "--quota", "0", "--criu-images", "/i"], /go together/],
     [["hostname", "--pid", "-1", "--name", "x"], /--pid is not a number/],
+    [["prepare", "--base", "1073741824", "--lower", "/x", "--layer", "/tmp/not-made-layer", "--rootfs", "/z", "--quota", "0", "--volumes", "relative/dir"], /absolute paths/],
+    [["prepare", "--base", "1073741824", "--lower", "/x", "--layer", "/tmp/not-made-layer", "--rootfs", "/z", "--quota", "0", "--volumes", ";"], /absolute paths/],
+    [["flows", "--subnet", "10.0.0.0"], /A\.B\.C\.D\/N/],
+    [["flows", "--subnet", "10.0.0.0/33"], /A\.B\.C\.D\/N/],
+    [["flows", "--net", "10.0.0.0/8"], /does not take --net/],
   ];
   for (const [args, message] of cases) {
     const result = helper(...args);

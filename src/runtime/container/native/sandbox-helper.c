@@ -374,15 +374,28 @@ static void make_criu_view(const char *images, const char *view, unsigned long l
  * root (safely, as the sandbox's root) and its checkpoints know the mount as external. The
  * bundle's teardown unmounts them with everything else below it.
  */
+#define VOLUMES_MAX 64
+
+/* Splits --volumes into its paths (in `copy`); usage() unless 1-VOLUMES_MAX absolute paths. */
+static int split_volumes(const char *list, char *copy, size_t size, char **sources) {
+  if (snprintf(copy, size, "%s", list) >= (int)size) usage("--volumes is too long");
+  int count = 0;
+  for (char *saveptr = NULL, *source = strtok_r(copy, ";", &saveptr); source; source = strtok_r(NULL, ";", &saveptr)) {
+    if (source[0] != '/' || count == VOLUMES_MAX) usage("--volumes takes at most 64 absolute paths separated by ;");
+    sources[count++] = source;
+  }
+  if (count == 0) usage("--volumes takes at most 64 absolute paths separated by ;");
+  return count;
+}
+
 static void bind_volumes(const char *list, const char *bundle, int idmap_ns) {
   step = "volumes";
-  char dir[4096], copy[8192];
+  char dir[4096], copy[8192], *sources[VOLUMES_MAX];
+  int count = split_volumes(list, copy, sizeof copy, sources);
   join_path(dir, sizeof dir, bundle, "volumes");
   if (mkdir(dir, 0711) != 0) fail(dir);
-  if (snprintf(copy, sizeof copy, "%s", list) >= (int)sizeof copy) usage("--volumes is too long");
-  int index = 0;
-  for (char *saveptr = NULL, *source = strtok_r(copy, ";", &saveptr); source; source = strtok_r(NULL, ";", &saveptr), index++) {
-    if (source[0] != '/' || index >= 64) usage("--volumes takes at most 64 absolute paths separated by ;");
+  for (int index = 0; index < count; index++) {
+    const char *source = sources[index];
     char target[4096], name[16];
     snprintf(name, sizeof name, "%d", index);
     join_path(target, sizeof target, dir, name);
@@ -404,6 +417,11 @@ static int cmd_prepare(int argc, char **argv) {
   const char *volumes = option(argc, argv, "--volumes", 0);
   if (base < CANONICAL_BASE + ID_COUNT || base + ID_COUNT > 0xffffffffull) usage("--base is outside the sandbox id ranges");
   if (!criu_images != !criu_view) usage("--criu-images and --criu-view go together");
+  if (volumes) {
+    /* Checked before anything is made: bind_volumes() runs last. */
+    char copy[8192], *sources[VOLUMES_MAX];
+    split_volumes(volumes, copy, sizeof copy, sources);
+  }
 
   step = "layer";
   struct stat lower_root;
