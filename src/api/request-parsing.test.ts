@@ -189,5 +189,9 @@ test("codebaseMounts: levels, relative glob patterns codebase-fs takes, and no n
   assert.throws(() => create({ codebaseMounts: [{ codebase: "app", path: "/w", rules: { "a/**": "admin" } }] }), bad(/none, view, read, write/));
   assert.throws(() => create({ codebaseMounts: [{ codebase: "app", path: "/w", default: "all" }] }), bad(/default/));
   assert.throws(() => create({ codebaseMounts: [{ codebase: "app", path: "/w", rules: ["src/**"] }] }), bad(/rules must be an object/));
+  const manyRules = Object.fromEntries(Array.from({ length: 1001 }, (_, i) => [`dir${i}/**`, "read"]));
+  assert.throws(() => create({ codebaseMounts: [{ codebase: "app", path: "/w", rules: manyRules }] }), bad(/at most 1000/));
+  assert.equal(create({ codebaseMounts: [{ codebase: "app", path: "/w", rules: Object.fromEntries(Object.entries(manyRules).slice(1)) }] }).codebaseMounts?.[0]?.rules.length, 1000);
+  assert.throws(() => create({ codebaseMounts: Array.from({ length: 17 }, (_, i) => ({ codebase: "app", path: `/w${i}` })) }), bad(/at most 16/));
   assert.throws(() => create({ codebaseMounts: [{ codebase: "app", path: "/w" }], volumeMounts: [{ name: "v", path: "/w/data" }] }), bad(/must not nest/));
 });

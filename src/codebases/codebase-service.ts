@@ -27,7 +27,6 @@ export const CODEBASE_BOUNDS = {
 
 const LEVELS: readonly CodebaseLevel[] = ["none", "view", "read", "write"];
 const NAME = /^[A-Za-z0-9_][A-Za-z0-9._-]*$/;
-const CODEBASE_ID = /^cb_[0-9a-f]{24}$/;
 
 export interface CodebaseServiceOptions {
   store: CodebaseStore;
@@ -106,12 +105,6 @@ export class CodebaseService {
       if (!codebase) throw new CubicleError("invalid_argument", `codebaseMounts: there is no codebase named "${mount.codebase.slice(0, 64)}"; register it first (POST /codebases)`);
       return { codebaseId: codebase.codebaseId, name: codebase.name, sourceDir: this.sourceDir(codebase), path: mount.path, rules: mount.rules, defaultLevel: mount.defaultLevel };
     });
-  }
-
-  /** The codebase of a mount (for the runtime); not_found when it was unregistered. */
-  async byId(codebaseId: string): Promise<CodebaseRecord> {
-    if (!CODEBASE_ID.test(codebaseId)) throw new CubicleError("invalid_argument", "not a codebase id");
-    return this.get(codebaseId);
   }
 
   private async checkHostPath(value: unknown): Promise<string> {

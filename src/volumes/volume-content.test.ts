@@ -5,7 +5,7 @@ import path from "node:path";
 import { Readable } from "node:stream";
 import { after, before, test } from "node:test";
 import { CubicleError } from "../shared/cubicle-error.js";
-import { pathNames, VolumeContent } from "./volume-content.js";
+import { MAX_LIST_ENTRIES, pathNames, VolumeContent } from "./volume-content.js";
 import { CANONICAL_ID_BASE } from "./volume-service.js";
 
 // A volume directory and an "outside" directory beside it that nothing may reach through the
@@ -89,4 +89,17 @@ test("a symlink planted in the volume is never followed: no read, write, listing
   await volume.remove("/link");
   assert.equal(fs.existsSync(outside), true);
   await refused(volume.remove("/"), "invalid_argument");
+});
+
+test("a listing past MAX_LIST_ENTRIES is refused as a whole, not cut short", async () => {
+  const dir = path.join(root, "many");
+  fs.mkdirSync(dir);
+  try {
+    for (let i = 0; i <= MAX_LIST_ENTRIES; i++) fs.writeFileSync(path.join(dir, `f${i}`), "");
+    await refused(volume.list("/many", 1), "resource_exhausted");
+    fs.rmSync(path.join(dir, "f0"));
+    assert.equal((await volume.list("/many", 1)).length, MAX_LIST_ENTRIES);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });

@@ -22,7 +22,7 @@ import { callApi, loadSandboxSdk, type BenchTarget } from "../target.js";
 import { firstSuccessfulCommand } from "./create.js";
 
 /** AgentFense's published figure for a sandbox with a codebase, for the report (their machine). */
-export const AGENTFENSE_CODEBASE_CREATE_MS = 150;
+const AGENTFENSE_CODEBASE_CREATE_MS = 150;
 const KINDS = ["plain", "codebase", "volume"] as const;
 type Kind = (typeof KINDS)[number];
 /** Not a pool size: every create boots, with or without mounts. */
