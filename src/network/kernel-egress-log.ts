@@ -129,7 +129,11 @@ class FlowAccounting {
     let stderr = "";
     child.stderr!.on("data", (chunk: Buffer) => (stderr = (stderr + chunk.toString()).slice(-2000)));
     createInterface({ input: child.stdout! }).on("line", (line) => this.ended(line));
-    child.on("error", (err) => log.warn("cannot start the flow watcher: UDP and ICMP audit records keep their first packet's size", { error: String(err) }));
+    child.on("error", (err) => {
+      // Not startable (no helper binary): no restarts every few seconds, one warning.
+      this.stopped = true;
+      log.warn("cannot start the flow watcher: UDP and ICMP audit records keep their first packet's size", { error: String(err) });
+    });
     child.on("exit", (code, signal) => {
       if (this.child === child) this.child = undefined;
       if (this.stopped) return;
