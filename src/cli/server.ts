@@ -125,6 +125,8 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
             // Templates the builder made: their layer images are the containers'.
             templateLayerDir: (template) => containers.templateLayer(template),
             layerExists: (id) => containers.images.exists(id),
+            // Volumes and codebases (MICROVM_SHARES_NOTE) are bound and unmounted by it too.
+            hostHelper: containers.helper,
           }),
         ]);
   network = createNetworkManager(config, {

@@ -12,7 +12,7 @@ import os from "node:os";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { Sandbox, Volume } from "e2b";
-import { startTestServer, useServerForSdk, type TestServer } from "./harness.js";
+import { hostLeftovers, processesUnder, startTestServer, useServerForSdk, type TestServer } from "./harness.js";
 
 let server: TestServer;
 let roots: string;
@@ -32,7 +32,8 @@ before(async () => {
     fs.mkdirSync(path.dirname(path.join(repo, file)), { recursive: true });
     fs.writeFileSync(path.join(repo, file), text);
   }
-  server = await startTestServer({ extraEnv: { CUBICLE_CODEBASE_ROOTS: roots } });
+  // microVMs beside the containers (the template runs in containers unless a create asks).
+  server = await startTestServer({ extraEnv: { CUBICLE_CODEBASE_ROOTS: roots, CUBICLE_MICROVM: process.env.CUBICLE_E2E_MICROVM ?? "tcg" } });
   useServerForSdk(server);
   process.env.E2B_VOLUME_API_URL = server.url;
 });
@@ -49,6 +50,39 @@ async function sh(sandbox: Sandbox, line: string, user: "user" | "root" = "user"
   const result = await sandbox.commands.run(`${line} 2>&1; echo "rc=$?"`, { user });
   const code = Number(/rc=(\d+)\s*$/.exec(result.stdout)?.[1] ?? -1);
   return { code, out: result.stdout.replace(/rc=\d+\s*$/, "") };
+}
+
+/**
+ * The level battery at /workspace (RULES, default read), as the sandbox's user and as its root:
+ * none is invisible, view listed but unreadable, read not writable, metadata tricks refused.
+ */
+async function assertFenced(sandbox: Sandbox): Promise<void> {
+  for (const user of ["user", "root"] as const) {
+    const listing = await sh(sandbox, "ls -a /workspace /workspace/src", user);
+    assert.equal(listing.code, 0, listing.out);
+    for (const hidden of [".env", "secrets", "config.env"]) assert.doesNotMatch(listing.out, new RegExp(`(^|\\s)${hidden.replace(".", "\\.")}(\\s|$)`), `${user} sees ${hidden}`);
+    for (const visible of ["README", "docs", "src", "main.c"]) assert.match(listing.out, new RegExp(visible), `${user} misses ${visible}`);
+    for (const line of ["cat /workspace/.env", "cat /workspace/secrets/key", "ls /workspace/secrets", "cat /workspace/src/config.env"]) {
+      const attempt = await sh(sandbox, line, user);
+      assert.notEqual(attempt.code, 0, `${user}: ${line}`);
+      assert.doesNotMatch(attempt.out, /host-secret/);
+      assert.match(attempt.out, /No such file/, `${user}: ${line}: ${attempt.out}`);
+    }
+    // view: listed with its size, not readable.
+    assert.equal((await sh(sandbox, "stat -c %s /workspace/docs/guide.md", user)).out.trim(), "10");
+    assert.match((await sh(sandbox, "cat /workspace/docs/guide.md", user)).out, /Permission denied/);
+    // read: readable, not writable.
+    assert.equal((await sh(sandbox, "cat /workspace/README", user)).out, "read me\n");
+    assert.notEqual((await sh(sandbox, "echo x >> /workspace/README", user)).code, 0);
+    assert.notEqual((await sh(sandbox, "rm /workspace/README", user)).code, 0);
+    assert.notEqual((await sh(sandbox, "touch /workspace/new-at-top", user)).code, 0);
+    // Metadata tricks on read and view paths.
+    for (const line of ["chmod 666 /workspace/README", "chmod 644 /workspace/docs/guide.md", "truncate -s 0 /workspace/README", "touch -d 2000-01-01 /workspace/README", "chown 0:0 /workspace/README"]) {
+      assert.notEqual((await sh(sandbox, line, user)).code, 0, `${user}: ${line}`);
+    }
+    // A symlink from elsewhere to a hidden path resolves through the daemon, which hides it.
+    assert.doesNotMatch((await sh(sandbox, `ln -sf /workspace/secrets/key /tmp/k-${user}; cat /tmp/k-${user}`, user)).out, /host-secret/);
+  }
 }
 
 describe("registration", () => {
@@ -107,32 +141,7 @@ describe("a mounted codebase", () => {
     assert.equal(created.status, 201, JSON.stringify(created.json));
     const sandbox = await Sandbox.connect(created.json.sandboxID);
     try {
-      for (const user of ["user", "root"] as const) {
-        const listing = await sh(sandbox, "ls -a /workspace /workspace/src", user);
-        assert.equal(listing.code, 0, listing.out);
-        for (const hidden of [".env", "secrets", "config.env"]) assert.doesNotMatch(listing.out, new RegExp(`(^|\\s)${hidden.replace(".", "\\.")}(\\s|$)`), `${user} sees ${hidden}`);
-        for (const visible of ["README", "docs", "src", "main.c"]) assert.match(listing.out, new RegExp(visible), `${user} misses ${visible}`);
-        for (const line of ["cat /workspace/.env", "cat /workspace/secrets/key", "ls /workspace/secrets", "cat /workspace/src/config.env"]) {
-          const attempt = await sh(sandbox, line, user);
-          assert.notEqual(attempt.code, 0, `${user}: ${line}`);
-          assert.doesNotMatch(attempt.out, /host-secret/);
-          assert.match(attempt.out, /No such file/, `${user}: ${line}: ${attempt.out}`);
-        }
-        // view: listed with its size, not readable.
-        assert.equal((await sh(sandbox, "stat -c %s /workspace/docs/guide.md", user)).out.trim(), "10");
-        assert.match((await sh(sandbox, "cat /workspace/docs/guide.md", user)).out, /Permission denied/);
-        // read: readable, not writable.
-        assert.equal((await sh(sandbox, "cat /workspace/README", user)).out, "read me\n");
-        assert.notEqual((await sh(sandbox, "echo x >> /workspace/README", user)).code, 0);
-        assert.notEqual((await sh(sandbox, "rm /workspace/README", user)).code, 0);
-        assert.notEqual((await sh(sandbox, "touch /workspace/new-at-top", user)).code, 0);
-        // Metadata tricks on read and view paths.
-        for (const line of ["chmod 666 /workspace/README", "chmod 644 /workspace/docs/guide.md", "truncate -s 0 /workspace/README", "touch -d 2000-01-01 /workspace/README", "chown 0:0 /workspace/README"]) {
-          assert.notEqual((await sh(sandbox, line, user)).code, 0, `${user}: ${line}`);
-        }
-        // A symlink from elsewhere to a hidden path resolves through the daemon, which hides it.
-        assert.doesNotMatch((await sh(sandbox, `ln -sf /workspace/secrets/key /tmp/k-${user}; cat /tmp/k-${user}`, user)).out, /host-secret/);
-      }
+      await assertFenced(sandbox);
       // write: lands in the codebase on the host.
       assert.equal((await sh(sandbox, "echo changed > /workspace/src/main.c && echo new > /workspace/src/new.txt")).code, 0);
       assert.equal(fs.readFileSync(path.join(repo, "src/main.c"), "utf8"), "changed\n");
@@ -180,5 +189,39 @@ describe("a mounted codebase", () => {
     assert.equal((await server.api("DELETE", "/codebases/app")).status, 204);
     assert.equal((await server.api("DELETE", "/codebases/app")).status, 404);
     assert.equal(fs.readFileSync(path.join(repo, "README"), "utf8"), "read me\n", "unregistering leaves the files");
+  });
+});
+
+describe("microVMs", () => {
+  test("a microVM mounts a codebase over virtiofs with the same table, enforced on the host below the guest's kernel; a kill leaves nothing", async () => {
+    assert.equal((await server.api("POST", "/codebases", { name: "vm-app", hostPath: repo })).status, 201);
+    const created = await server.api("POST", "/v2/sandboxes", {
+      templateID: "base",
+      runtime: "microvm",
+      timeout: 300,
+      codebaseMounts: [{ codebase: "vm-app", path: "/workspace", rules: RULES, default: "read" }],
+    });
+    assert.equal(created.status, 201, JSON.stringify(created.json));
+    const sandbox = await Sandbox.connect(created.json.sandboxID);
+    try {
+      assert.equal((await server.api("GET", `/sandboxes/${sandbox.sandboxId}`)).json.runtime, "microvm");
+      await assertFenced(sandbox);
+      assert.equal((await sh(sandbox, "echo from-vm > /workspace/src/vm.txt && stat -c '%u %g' /workspace/src/vm.txt")).out, "1000 1000\n");
+      assert.equal(fs.readFileSync(path.join(repo, "src/vm.txt"), "utf8"), "from-vm\n");
+      assert.notEqual((await sh(sandbox, "mv /workspace/src /workspace/src2", "root")).code, 0);
+      assert.notEqual((await sh(sandbox, "ln /workspace/src/vm.txt /workspace/src/linked", "root")).code, 0);
+      // The guest's root owns its kernel: it mounts the share again elsewhere, and the host's
+      // daemon still answers for every path.
+      const again = await sh(sandbox, "umount /workspace && mkdir -p /mnt/again && mount -t virtiofs codebase-0 /mnt/again && ls -a /mnt/again; cat /mnt/again/.env /mnt/again/secrets/key /mnt/again/docs/guide.md", "root");
+      assert.match(again.out, /README/, again.out);
+      assert.doesNotMatch(again.out, /host-secret|the guide/, again.out);
+    } finally {
+      await sandbox.kill();
+    }
+    const guests = path.join(server.runDir, "microvm");
+    assert.deepEqual(await processesUnder(guests), [], "no virtiofsd or codebase-fs outlives the guest");
+    assert.deepEqual(hostLeftovers(server.stateDir).mounts, []);
+    assert.equal(fs.readFileSync(path.join(repo, "README"), "utf8"), "read me\n");
+    assert.equal((await server.api("DELETE", "/codebases/vm-app")).status, 204);
   });
 });

@@ -334,6 +334,28 @@ export function hostLeftovers(stateDir: string): { containers: string[]; namespa
   return { containers, namespaces: [], mounts };
 }
 
+/**
+ * Processes whose command line names a path under `dir` (a microVM's virtiofsd and codebase-fs
+ * daemons name their sockets and mounts), waited for up to `waitMs` to end.
+ */
+export async function processesUnder(dir: string, waitMs = 5000): Promise<string[]> {
+  const deadline = Date.now() + waitMs;
+  for (;;) {
+    const found: string[] = [];
+    for (const pid of fs.readdirSync("/proc").filter((name) => /^\d+$/.test(name))) {
+      let cmdline = "";
+      try {
+        cmdline = fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").replace(/\0/g, " ");
+      } catch {
+        continue; // ended meanwhile
+      }
+      if (cmdline.includes(dir + "/")) found.push(`${pid}: ${cmdline.trim()}`);
+    }
+    if (found.length === 0 || Date.now() > deadline) return found;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
 /** The bench harness's target for a test server (the bench smoke tests drive it). */
 export function benchTargetOf(server: TestServer): BenchTarget {
   return {

@@ -11,14 +11,15 @@ import os from "node:os";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { AuthenticationError, Sandbox, Volume, VolumeError, VolumeNotFoundError, VolumePathNotFoundError } from "e2b";
-import { startTestServer, useServerForSdk, type TestServer } from "./harness.js";
+import { hostLeftovers, processesUnder, startTestServer, useServerForSdk, type TestServer } from "./harness.js";
 
 let server: TestServer;
 /** Every volume made here, destroyed in `after` whatever its test did. */
 const made: string[] = [];
 
 before(async () => {
-  server = await startTestServer();
+  // microVMs beside the containers (the template runs in containers unless a create asks).
+  server = await startTestServer({ extraEnv: { CUBICLE_MICROVM: process.env.CUBICLE_E2E_MICROVM ?? "tcg" } });
   useServerForSdk(server);
   // The server returns no `domain` with a volume: the SDK finds the content API through this.
   process.env.E2B_VOLUME_API_URL = server.url;
@@ -401,6 +402,54 @@ describe("durability and sandboxes", () => {
       for (const sandbox of [first, second, ...fromSnapshot]) await sandbox.kill().catch(() => undefined);
     }
     assert.equal(await Volume.destroy(volume.volumeId), true, "deletable once no sandbox mounts it");
+  });
+});
+
+describe("microVMs", () => {
+  test("a microVM mounts a volume over virtiofs: shared with a container both ways at once, owners as in a container, nosuid, no device nodes, the quota, a server restart; a kill leaves nothing", async () => {
+    const volume = await createVolume("vm-shared");
+    await volume.writeFile("/from-api.txt", "written by the API");
+    const small = (await server.api("POST", "/volumes", { name: "vm-small", sizeMB: 8 })).json as { volumeID: string };
+    made.push(small.volumeID);
+    const created = await server.api("POST", "/v2/sandboxes", {
+      templateID: "base",
+      runtime: "microvm",
+      timeout: 300,
+      volumeMounts: [{ name: "vm-shared", path: "/mnt/shared" }, { name: "vm-small", path: "/mnt/small" }],
+    });
+    assert.equal(created.status, 201, JSON.stringify(created.json));
+    const vm = await Sandbox.connect(created.json.sandboxID);
+    const box = await Sandbox.create("base", { volumeMounts: { "/mnt/v": volume } });
+    try {
+      assert.equal((await server.api("GET", `/sandboxes/${vm.sandboxId}`)).json.runtime, "microvm");
+      const seen = await vm.commands.run("stat -c '%U %G %a' /mnt/shared/from-api.txt; cat /mnt/shared/from-api.txt");
+      assert.equal(seen.stdout, "user user 644\nwritten by the API");
+      await vm.commands.run("echo from-vm > /mnt/shared/vm.txt");
+      assert.equal((await box.commands.run("cat /mnt/v/vm.txt")).stdout, "from-vm\n", "the container sees the guest's write at once");
+      assert.equal((await volume.getInfo("/vm.txt")).uid, 1000, "the guest's user owns what it wrote");
+      await box.commands.run("echo from-box > /mnt/v/box.txt");
+      assert.equal((await vm.commands.run("cat /mnt/shared/box.txt")).stdout, "from-box\n", "the guest sees the container's write at once");
+      await vm.commands.run("echo root > /mnt/shared/root.txt", { user: "root" });
+      assert.equal((await volume.getInfo("/root.txt")).uid, 0);
+      await vm.commands.run("cp /usr/bin/id /mnt/shared/suid-id && chmod 4755 /mnt/shared/suid-id", { user: "root" });
+      assert.equal((await vm.commands.run("/mnt/shared/suid-id -u")).stdout.trim(), "1000", "nosuid in the guest");
+      assert.equal((await box.commands.run("/mnt/v/suid-id -u")).stdout.trim(), "1000", "nosuid in the container");
+      const mknod = await vm.commands.run("mknod /mnt/shared/disk b 8 0 2>&1; echo rc=$?", { user: "root" });
+      assert.doesNotMatch(mknod.stdout, /rc=0$/m, `the guest's root makes no device node on the host: ${mknod.stdout}`);
+      const full = await vm.commands.run("head -c 32M /dev/zero > /mnt/small/big 2>&1; echo rc=$?").catch((err: unknown) => err as { stdout: string });
+      assert.doesNotMatch(full.stdout, /rc=0$/m, "a write past the quota fails in the guest");
+      const res = await server.api("DELETE", `/volumes/${volume.volumeId}`);
+      assert.equal(res.status, 400, JSON.stringify(res.json));
+      assert.match(res.json.message, /in use by sandbox/);
+      // A server restart adopts the guest with its share; the kill below still ends its virtiofsd.
+      await server.crashAndRestart();
+      assert.equal((await (await Sandbox.connect(vm.sandboxId)).commands.run("cat /mnt/shared/box.txt")).stdout, "from-box\n");
+    } finally {
+      for (const sandbox of [vm, box]) await sandbox.kill().catch(() => undefined);
+    }
+    assert.deepEqual(await processesUnder(path.join(server.runDir, "microvm")), [], "no virtiofsd outlives the guest");
+    assert.deepEqual(hostLeftovers(server.stateDir).mounts, []);
+    assert.equal(await volume.readFile("/vm.txt"), "from-vm\n", "the volume keeps what the guest wrote");
   });
 });
 

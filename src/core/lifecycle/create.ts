@@ -52,9 +52,6 @@ export class Creation {
       throw new CubicleError("not_found", `template or snapshot "${request.templateId}" not found; list templates with \`./cubicle template ls\` and snapshots with GET /snapshots`);
     }
     if (request.runtime === undefined) this.refuseRuntimeNotHere(template.runtime, ` (template ${template.templateId} runs there: CUBICLE_TEMPLATE_RUNTIME)`);
-    if (mounts && (request.runtime ?? template.runtime) === "microvm") {
-      throw new CubicleError("failed_precondition", "volumes and codebases cannot be mounted in microVM sandboxes yet: create the sandbox with runtime \"container\"");
-    }
     // Refused at once (429/503) when it cannot be served; else it waits for a start slot (ADMISSION_NOTE).
     return this.ctx.starts.run("create", () => this.createFromTemplate(request, template, mounts));
   }

@@ -29,6 +29,9 @@ test("the helper refuses malformed calls with exit 2 and says why, before touchi
     [["hostname", "--pid", "-1", "--name", "x"], /--pid is not a number/],
     [["prepare", "--base", "1073741824", "--lower", "/x", "--layer", "/tmp/not-made-layer", "--rootfs", "/z", "--quota", "0", "--volumes", "relative/dir"], /absolute paths/],
     [["prepare", "--base", "1073741824", "--lower", "/x", "--layer", "/tmp/not-made-layer", "--rootfs", "/z", "--quota", "0", "--volumes", ";"], /absolute paths/],
+    [["bind-volumes", "--dir", "/tmp/x"], /needs --volumes/],
+    [["bind-volumes", "--dir", "relative", "--volumes", "/a"], /--dir must be absolute/],
+    [["bind-volumes", "--dir", "/tmp/x", "--volumes", "a;b"], /absolute paths/],
     [["flows", "--subnet", "10.0.0.0"], /A\.B\.C\.D\/N/],
     [["flows", "--subnet", "10.0.0.0/33"], /A\.B\.C\.D\/N/],
     [["flows", "--net", "10.0.0.0/8"], /does not take --net/],
@@ -45,6 +48,31 @@ test("a layer outside a btrfs pool is refused (exit 1, the step named) and nothi
   assert.equal(result.status, 1, result.stderr);
   assert.match(result.stderr, /sandbox-helper: layer: creating a layer subvolume/);
   assert.ok(!existsSync("/tmp/not-a-pool-layer"));
+});
+
+test("bind-volumes shows a volume's canonical owners as the guest's own (101000 as 1000) and back, nosuid and nodev", { skip: process.getuid?.() !== 0 ? "needs root" : skip }, () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), "cbm-bind-volumes-"));
+  const volume = path.join(dir, "volume");
+  const mounts = path.join(dir, "mounts");
+  const bound = path.join(mounts, "volumes", "0");
+  try {
+    spawnSync("mkdir", ["-p", volume, mounts]);
+    spawnSync("chmod", ["755", dir]); // uid 1000 must reach the bind
+    spawnSync("sh", ["-c", `echo x > ${volume}/file && chown 101000:101000 ${volume} ${volume}/file`]);
+    const result = helper("bind-volumes", "--dir", mounts, "--volumes", volume);
+    assert.equal(result.status, 0, result.stderr);
+    assert.equal(statSync(path.join(bound, "file")).uid, 1000);
+    // A file made as uid 1000 through the bind is the volume's 101000 on disk.
+    const made = spawnSync("setpriv", ["--reuid=1000", "--regid=1000", "--clear-groups", "sh", "-c", `echo y > ${bound}/made`], { encoding: "utf8" });
+    assert.equal(made.status, 0, made.stderr);
+    assert.equal(statSync(path.join(volume, "made")).uid, 101000);
+    const options = readFileSync("/proc/self/mountinfo", "utf8").split("\n").find((line) => line.split(" ")[4] === bound)?.split(" ")[5] ?? "";
+    assert.match(options, /nosuid/);
+    assert.match(options, /nodev/);
+  } finally {
+    spawnSync("umount", [bound]);
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test("the exit watcher reports a watched process's end at once, and nothing for unwatched or malformed entries", { skip }, async () => {

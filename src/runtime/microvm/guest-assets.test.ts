@@ -30,6 +30,16 @@ test("the launch file gives busybox sh exactly the words it was given, expanding
   await assert.rejects(stat("/tmp/cbm-pwned"));
 });
 
+test("the launch file mounts each share with share TAG TARGET before the words, its path never expanded", async () => {
+  const target = "/mnt/$(touch /tmp/cbm-pwned) it's";
+  const script = launchScript({ A: "1" }, ["/x"], [{ tag: "volume-0", target: "/mnt/data" }, { tag: "codebase-0", target }]);
+  const { stdout } = await runCommand(["/bin/busybox", "sh", "-c", `share() { printf '%s|%s\\0' "$1" "$2"; }\n${script}\nprintf 'then:%s\\0' "$@"`]);
+  assert.deepEqual(stdout.split("\0").slice(0, -1), ["volume-0|/mnt/data", `codebase-0|${target}`, "then:A=1", "then:/bin/busybox", "then:switch_root", "then:/newroot", "then:/x"]);
+  await assert.rejects(stat("/tmp/cbm-pwned"));
+  assert.throws(() => launchScript({}, ["/x"], [{ tag: "volume-0", target: "relative" }]), /absolute/);
+  assert.throws(() => launchScript({}, ["/x"], [{ tag: "bad tag", target: "/a" }]), /share tag/);
+});
+
 test("refuses environment names a shell word cannot carry, and NUL bytes", () => {
   assert.throws(() => launchScript({ "A B": "x" }, ["/x"]), /not valid in a microVM/);
   assert.throws(() => launchScript({ "A=B": "x" }, ["/x"]), /not valid/);

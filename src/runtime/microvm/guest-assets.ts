@@ -23,8 +23,8 @@ export const GUEST_KERNEL_PACKAGE = "linux-image-6.1.0-57-cloud-amd64";
 /**
  * The modules the guest's initramfs loads, in dependency order (their `depends=` in .modinfo):
  * virtio over MMIO (the `microvm` machine has no PCI), the disks, the network (virtio_net needs
- * net_failover and failover), the entropy source and fw_cfg's sysfs view (the launch file,
- * GUEST_INIT_NOTE). Paths are relative to `lib/modules/<release>/kernel`.
+ * net_failover and failover), the entropy source, fw_cfg's sysfs view (the launch file,
+ * GUEST_INIT_NOTE) and virtiofs (volumes and codebases, MICROVM_SHARES_NOTE). Paths are relative to `lib/modules/<release>/kernel`.
  */
 export const GUEST_MODULES: readonly string[] = [
   "drivers/virtio/virtio_ring.ko",
@@ -36,6 +36,8 @@ export const GUEST_MODULES: readonly string[] = [
   "drivers/net/net_failover.ko",
   "drivers/net/virtio_net.ko",
   "drivers/firmware/qemu_fw_cfg.ko",
+  "fs/fuse/fuse.ko",
+  "fs/fuse/virtiofs.ko",
 ];
 
 /** The static busybox of the host (package busybox-static), the initramfs's only program. */
@@ -94,7 +96,9 @@ export async function findCachedKernelDeb(kernelPackage = GUEST_KERNEL_PACKAGE, 
  * read at /sys/firmware/qemu_fw_cfg/by_name/…; the kernel has qemu_fw_cfg as a module,
  * CONFIG_FW_CFG_SYSFS=m): a shell fragment `set -- NAME=VALUE… /bin/busybox switch_root
  * /newroot ARGV…`, every word single-quoted by launchScript(), so no value is ever parsed as
- * shell. The init ends with `exec env -i "$@"`: env (still PID 1) clears the environment and
+ * shell; before it, one `share TAG TARGET` line per volume or codebase (MICROVM_SHARES_NOTE)
+ * mounts that virtiofs share in the new root (nosuid, nodev). The init ends with
+ * `exec env -i "$@"`: env (still PID 1) clears the environment and
  * execs switch_root, which execs the agent's argv in the new root with exactly that environment.
  * The argv starts with the kit's tini (`init -g`), which stays PID 1 and reaps orphans. Any
  * failure prints `cubicle-init: …` on the console and reboots the guest, so QEMU exits
@@ -105,6 +109,8 @@ export const GUEST_INIT_SCRIPT = `#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 fail() { echo "cubicle-init: $*"; reboot -f; sleep 5; exit 1; }
+# share TAG TARGET: a host directory (virtiofs, MICROVM_SHARES_NOTE) at TARGET in the new root.
+share() { mkdir -p "/newroot$2" && mount -t virtiofs -o nosuid,nodev "$1" "/newroot$2" || fail "mount share $1 at $2"; }
 mount -t devtmpfs -o nosuid,mode=0755 dev /dev || fail "mount /dev"
 mount -t proc -o nosuid,noexec,nodev proc /proc || fail "mount /proc"
 mount -t sysfs -o nosuid,noexec,nodev sys /sys || fail "mount /sys"
@@ -160,6 +166,13 @@ exec env -i "$@"
 `;
 
 const NAME_PATTERN = /^[A-Za-z_][A-Za-z0-9_]*$/;
+const SHARE_TAG_PATTERN = /^[a-z0-9-]{1,32}$/;
+
+/** A virtiofs share the guest mounts (its tag as QEMU names it) at `target` (MICROVM_SHARES_NOTE). */
+export interface GuestShare {
+  tag: string;
+  target: string;
+}
 
 /** A word for a POSIX shell, single-quoted: nothing in it is expanded. */
 export function shellQuote(word: string): string {
@@ -171,15 +184,20 @@ export function shellQuote(word: string): string {
  * The launch file (GUEST_INIT_NOTE): the agent's environment and argv for the init to exec in
  * the new root. Environment names must be plain identifiers.
  */
-export function launchScript(env: Record<string, string>, argv: readonly string[]): string {
+export function launchScript(env: Record<string, string>, argv: readonly string[], shares: readonly GuestShare[] = []): string {
   if (argv.length === 0) throw new CubicleError("internal", "the guest's launch file needs a program");
+  const lines = shares.map((share) => {
+    if (!SHARE_TAG_PATTERN.test(share.tag)) throw new CubicleError("internal", `share tag ${JSON.stringify(share.tag)} is not a short name`);
+    if (!share.target.startsWith("/")) throw new CubicleError("invalid_argument", `a mount path (${share.target}) must be absolute`);
+    return `share ${shellQuote(share.tag)} ${shellQuote(share.target)}\n`;
+  });
   const words: string[] = [];
   for (const [name, value] of Object.entries(env)) {
     if (!NAME_PATTERN.test(name)) throw new CubicleError("invalid_argument", `environment variable name ${JSON.stringify(name)} is not valid in a microVM; use letters, digits and _`);
     words.push(shellQuote(`${name}=${value}`));
   }
   words.push("/bin/busybox", "switch_root", "/newroot", ...argv.map(shellQuote));
-  return `set -- ${words.join(" ")}\n`;
+  return `${lines.join("")}set -- ${words.join(" ")}\n`;
 }
 
 /**
@@ -198,6 +216,8 @@ export interface AgentLaunchInput {
   templateEnv: Record<string, string>;
   /** The kit's container command (AgentKit.command). */
   kitCommand: readonly string[];
+  /** Volumes and codebases to mount before the agent starts. */
+  shares?: readonly GuestShare[];
 }
 
 /**
@@ -215,7 +235,7 @@ export function agentLaunchFile(input: AgentLaunchInput): string {
     CUBICLE_SANDBOX_ID: input.sandboxId,
     CUBICLE_TEMPLATE_ENV: JSON.stringify(input.templateEnv),
   };
-  return launchScript(env, guestAgentCommand(input.kitCommand));
+  return launchScript(env, guestAgentCommand(input.kitCommand), input.shares);
 }
 
 const preparing = new Map<string, Promise<GuestAssets>>();

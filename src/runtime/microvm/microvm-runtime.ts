@@ -10,6 +10,7 @@ import type { CheckpointInfo, Runtime, RuntimeState, SandboxSpec, SandboxStats }
 import { builtImageKey, cachedTemplateDiskImage, createOverlay, kitDiskImage, removeOverlay, removeUnusedBuiltImages, templateDiskImage, type DiskImage } from "./disk-images.js";
 import { agentLaunchFile, prepareGuestAssets, type GuestAssets } from "./guest-assets.js";
 import { attachGuestNetwork, releaseGuestNetwork } from "./net.js";
+import { startShares, stopShares } from "./shares.js";
 import { MICROVM_UID_COUNT, MICROVM_UID_START, macAddressFrom, reconnectMicrovm, startMicrovm, type Accelerator, type Microvm, type QemuLauncher } from "./qemu.js";
 
 const log = createLogger("microvm");
@@ -35,6 +36,14 @@ export interface MicrovmRuntimeConfig {
   templateLayerDir?: (template: SandboxSpec["template"]) => Promise<string>;
   /** Whether that runtime still has a layer image (by id): images of gone ones are removed at init. */
   layerExists?: (imageId: string) => Promise<boolean>;
+  /**
+   * The containers' resident helper (its `bind-volumes` and `teardown`), for volumes and
+   * codebases (MICROVM_SHARES_NOTE). Without it creates that mount them are refused.
+   */
+  hostHelper?: {
+    call(command: string, args: readonly string[], options: { what: string; timeoutMs?: number }): Promise<string>;
+    teardown(bundleDir: string, layerDir: undefined): Promise<void>;
+  };
 }
 
 /** A guest directory's record of its guest. */
@@ -67,7 +76,7 @@ interface Guest extends GuestRecord {
  * reconnects to the QEMU in each guest directory (guest.json says what it is) and ends those
  * that do not answer, so recovery adopts a running guest and removes one nobody owns. Each QEMU
  * is confined once started (QEMU_CONFINE_NOTE): a uid of its own, an empty chroot, QEMU's
- * seccomp filter.
+ * seccomp filter. Volumes and codebases are virtiofs shares (MICROVM_SHARES_NOTE).
  */
 export class MicrovmRuntime implements Runtime {
   readonly name = "microvm" as const;
@@ -117,8 +126,7 @@ export class MicrovmRuntime implements Runtime {
         // Nothing runs there (a host reboot), or a QEMU the earlier server never recorded (it
         // died mid-create): it ends, and its files go.
         if (vm) await vm.quit(3000).catch(() => vm.kill());
-        await removeOverlay(path.join(dir, "root.qcow2")).catch(() => undefined);
-        await rm(dir, { recursive: true, force: true });
+        await this.removeGuestDir(dir).catch((err) => log.warn("could not remove a guest's leftovers", { dir, error: (err as Error).message }));
         continue;
       }
       this.track(id, { ...record, vm, dir, overlay: path.join(dir, "root.qcow2") });
@@ -179,8 +187,23 @@ export class MicrovmRuntime implements Runtime {
     throw new CubicleError("resource_exhausted", "no guest uid is free");
   }
 
+  /**
+   * Removes a guest's directory once its QEMU is gone: its shares stopped and unmounted first
+   * (MICROVM_SHARES_NOTE), so nothing is ever removed through a volume or a codebase.
+   */
+  private async removeGuestDir(dir: string): Promise<void> {
+    const helper = this.config.hostHelper;
+    await stopShares(dir, async (mounts) => {
+      if (!helper) throw new CubicleError("internal", "a microVM's shares are mounted and this runtime has no helper to unmount them");
+      await helper.teardown(mounts, undefined);
+    });
+    await removeOverlay(path.join(dir, "root.qcow2")).catch(() => undefined);
+    await rm(dir, { recursive: true, force: true });
+  }
+
   async create(spec: SandboxSpec): Promise<void> {
-    if (spec.volumes?.length || spec.codebases?.length) throw new CubicleError("failed_precondition", "volumes and codebases cannot be mounted in microVM sandboxes yet: create the sandbox with runtime \"container\"");
+    const mounts = (spec.volumes?.length ?? 0) + (spec.codebases?.length ?? 0) > 0;
+    if (mounts && !this.config.hostHelper) throw new CubicleError("failed_precondition", "this server's microVMs cannot mount volumes or codebases: create the sandbox with runtime \"container\"");
     const { assets, kit, kitImage } = this;
     if (!assets || !kit || !kitImage) throw new CubicleError("failed_precondition", "the microVM runtime is not initialised; call init() first");
     if (spec.template.layerImageId && !this.config.templateLayerDir) {
@@ -197,8 +220,11 @@ export class MicrovmRuntime implements Runtime {
       const sizing = spec.resources.diskMiB > 0 ? { sizeMiB: spec.resources.diskMiB } : {};
       const base = spec.template.layerImageId ? await this.builtTemplateImage(spec.template, sizing) : await templateDiskImage(spec.template.rootfsDir, this.cacheDir, sizing);
       await createOverlay(base.path, overlay);
+      const shares = mounts
+        ? await startShares(dir, spec, { call: (command, args, options) => this.config.hostHelper!.call(command, args, options), codebaseFs: path.join(this.config.distDir, "codebase-fs") })
+        : [];
       const launchFile = path.join(dir, "launch");
-      await writeFile(launchFile, agentLaunchFile({ sandboxId: id, templateEnv: spec.template.env, kitCommand: kit.command }), { mode: 0o600 });
+      await writeFile(launchFile, agentLaunchFile({ sandboxId: id, templateEnv: spec.template.env, kitCommand: kit.command, shares }), { mode: 0o600 });
       await spec.networkReady;
       const guestNetwork = await attachGuestNetwork(spec.network, macAddressFrom(createHash("sha256").update(id).digest("hex")));
       const uid = this.guestUid();
@@ -216,6 +242,7 @@ export class MicrovmRuntime implements Runtime {
           runDir: path.join(dir, "run"),
           netnsPath: spec.network.netnsPath,
           confine: { uid, gid: uid, chrootDir: this.chrootDir },
+          shares: shares.map(({ tag, socket }) => ({ tag, socket })),
         },
         this.config.launcher ? { launcher: this.config.launcher } : {},
       );
@@ -230,9 +257,7 @@ export class MicrovmRuntime implements Runtime {
       await writeFile(path.join(dir, GUEST_RECORD), JSON.stringify(record), { mode: 0o600 });
       log.debug("created", { sandboxId: id, ms: Math.round(performance.now() - started) });
     } catch (err) {
-      await this.destroy(id).catch(() => undefined);
-      await removeOverlay(overlay).catch(() => undefined);
-      await rm(dir, { recursive: true, force: true });
+      await this.destroy(id).catch((cleanup) => log.warn("could not remove a failed guest's directory", { dir, error: (cleanup as Error).message }));
       throw err;
     }
   }
@@ -250,7 +275,7 @@ export class MicrovmRuntime implements Runtime {
         this.guests.delete(sandboxId);
       }
     }
-    await rm(dir, { recursive: true, force: true });
+    await this.removeGuestDir(dir);
   }
 
   async state(sandboxId: string): Promise<RuntimeState> {

@@ -65,6 +65,21 @@ test("refuses what QEMU's option syntax or the guest's command line would misrea
   assert.equal(hostTscKhz("processor\t: 0\n"), undefined);
 });
 
+test("shares: the guest's RAM a shared memfd and one vhost-user-fs device per share, by tag; bad tags and sockets refused", () => {
+  const plain = buildQemuArgv(config);
+  assert.equal(optionValues(plain, "-chardev").length, 0);
+  assert.ok(!plain.some((arg) => arg.startsWith("memory-backend")), "no shared memory without shares");
+  assert.equal(optionValues(plain, "-global").length, 0);
+  const argv = buildQemuArgv({ ...config, shares: [{ tag: "volume-0", socket: "/s/volume-0.sock" }, { tag: "codebase-0", socket: "/s/codebase-0.sock" }] });
+  assert.deepEqual(optionValues(argv, "-object").filter((value) => value.startsWith("memory-backend")), ["memory-backend-memfd,id=ram,size=512M,share=on"]);
+  assert.deepEqual(optionValues(argv, "-machine"), ["memory-backend=ram"]);
+  assert.deepEqual(optionValues(argv, "-global"), ["virtio-mmio.force-legacy=false"], "vhost-user needs modern virtio transports");
+  assert.deepEqual(optionValues(argv, "-chardev"), ["socket,id=fs0,path=/s/volume-0.sock", "socket,id=fs1,path=/s/codebase-0.sock"]);
+  assert.deepEqual(optionValues(argv, "-device").slice(-2), ["vhost-user-fs-device,chardev=fs0,tag=volume-0", "vhost-user-fs-device,chardev=fs1,tag=codebase-0"]);
+  assert.throws(() => buildQemuArgv({ ...config, shares: [{ tag: "a,b", socket: "/s/x.sock" }] }), /share tag/);
+  assert.throws(() => buildQemuArgv({ ...config, shares: [{ tag: "a", socket: "/s/x.sock,server=on" }] }), /comma/);
+});
+
 test("a confined QEMU gets the seccomp filter, its own uid and gid and an empty chroot (QEMU_CONFINE_NOTE); bad ones are refused", () => {
   const uid = MICROVM_UID_START + 7;
   const argv = buildQemuArgv({ ...config, confine: { uid, gid: uid, chrootDir: "/var/lib/cubicle/microvm/empty" } });

@@ -60,6 +60,11 @@ export interface MicrovmConfig {
   tscKhz?: number;
   /** Where QEMU goes once it has opened what it needs (QEMU_CONFINE_NOTE); none: it stays root. */
   confine?: QemuConfinement;
+  /**
+   * virtiofs shares (MICROVM_SHARES_NOTE): each a virtiofsd listening on `socket`, seen by the
+   * guest under `tag`. With any, the guest's RAM is a shared memfd (vhost-user maps it).
+   */
+  shares?: readonly { tag: string; socket: string }[];
 }
 
 /**
@@ -157,7 +162,7 @@ export function buildQemuArgv(config: MicrovmConfig): string[] {
   const files = microvmFiles(config.runDir);
   if (!Number.isInteger(config.cpuCount) || config.cpuCount < 1 || config.cpuCount > 64) throw new CubicleError("invalid_argument", `cpuCount ${config.cpuCount} must be 1 to 64`);
   if (!Number.isInteger(config.memoryMiB) || config.memoryMiB < 128) throw new CubicleError("invalid_argument", `memoryMiB ${config.memoryMiB} must be at least 128`);
-  for (const file of [config.rootDisk, config.kitDisk, config.launchFile ?? "/", config.runDir]) {
+  for (const file of [config.rootDisk, config.kitDisk, config.launchFile ?? "/", config.runDir, ...(config.shares ?? []).map((share) => share.socket)]) {
     // QEMU's -drive/-fw_cfg option syntax splits on commas.
     if (file.includes(",")) throw new CubicleError("invalid_argument", `the path ${file} may not hold a comma`);
   }
@@ -210,6 +215,14 @@ export function buildQemuArgv(config: MicrovmConfig): string[] {
     argv.push("-netdev", `tap,id=net,ifname=${config.network.tapName},script=no,downscript=no`, "-device", `virtio-net-device,netdev=net,mac=${config.network.macAddress}`);
   }
   if (config.launchFile) argv.push("-fw_cfg", `name=${LAUNCH_FW_CFG_NAME},file=${config.launchFile}`);
+  if (config.shares?.length) {
+    // vhost-user devices need virtio 1.0 transports; the microvm machine's are legacy by default.
+    argv.push("-object", `memory-backend-memfd,id=ram,size=${config.memoryMiB}M,share=on`, "-machine", "memory-backend=ram", "-global", "virtio-mmio.force-legacy=false");
+    for (const [index, share] of config.shares.entries()) {
+      if (!/^[a-z0-9-]{1,32}$/.test(share.tag)) throw new CubicleError("invalid_argument", `share tag ${share.tag} must be 1-32 lowercase letters, digits or -`);
+      argv.push("-chardev", `socket,id=fs${index},path=${share.socket}`, "-device", `vhost-user-fs-device,chardev=fs${index},tag=${share.tag}`);
+    }
+  }
   if (config.startPaused) argv.push("-S");
   if (config.confine) {
     const { uid, gid, chrootDir } = config.confine;

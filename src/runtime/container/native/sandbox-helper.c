@@ -15,6 +15,9 @@
  *       its files, its user namespace map rewritten to X. With --volumes, each SRC bound
  *       idmapped the same way at <rootfs's dir>/volumes/<n> (VOLUME_BINDS_NOTE).
  *       Prints "subvol <id>".
+ *   bind-volumes --dir DIR --volumes SRC;SRC...
+ *       Each SRC bound at DIR/volumes/<n>, idmapped from canonical ids to 0..65535: a
+ *       microVM's volumes for its virtiofsd (MICROVM_SHARES_NOTE).
  *   snapshot  --from LAYER --to DIR
  *       A snapshot of a layer (atomic, copy-on-write) for a checkpoint image. Prints
  *       "subvol <id>".
@@ -191,11 +194,12 @@ static int make_userns(uid_t owner, const char *line) {
 }
 
 /* Binds `source` at `target` with the id mapping of user namespace `userns_fd`. */
-static void idmapped_bind(const char *source, const char *target, int userns_fd) {
+/* `extra`: more MOUNT_ATTR_* flags for the new mount (volumes: nosuid, nodev). */
+static void idmapped_bind(const char *source, const char *target, int userns_fd, uint64_t extra) {
   int tree = (int)syscall(SYS_open_tree, AT_FDCWD, source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
   if (tree < 0) fail(source);
   struct mount_attr attr = {0};
-  attr.attr_set = MOUNT_ATTR_IDMAP;
+  attr.attr_set = MOUNT_ATTR_IDMAP | extra;
   attr.userns_fd = (uint64_t)userns_fd;
   if (syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH, &attr, sizeof attr) != 0) fail("idmapping a mount");
   if (syscall(SYS_move_mount, tree, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH) != 0) fail(target);
@@ -400,7 +404,8 @@ static void bind_volumes(const char *list, const char *bundle, int idmap_ns) {
     snprintf(name, sizeof name, "%d", index);
     join_path(target, sizeof target, dir, name);
     if (mkdir(target, 0700) != 0) fail(target);
-    idmapped_bind(source, target, idmap_ns);
+    /* No device node or setuid file on a volume works through the bind, whoever made it. */
+    idmapped_bind(source, target, idmap_ns, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV);
   }
 }
 
@@ -470,8 +475,8 @@ static int cmd_prepare(int argc, char **argv) {
   join_path(lower_at, sizeof lower_at, dir, ".lower");
   join_path(layer_at, sizeof layer_at, dir, ".layer");
   if (mkdir(lower_at, 0700) != 0 || mkdir(layer_at, 0700) != 0) fail("mount points");
-  idmapped_bind(lower, lower_at, idmap_ns);
-  idmapped_bind(layer, layer_at, idmap_ns);
+  idmapped_bind(lower, lower_at, idmap_ns, 0);
+  idmapped_bind(layer, layer_at, idmap_ns, 0);
   char options[8192];
   if ((size_t)snprintf(options, sizeof options, "lowerdir=%s,upperdir=%s/upper,workdir=%s/work", lower_at, layer_at, layer_at) >= sizeof options) {
     errno = ENAMETOOLONG;
@@ -498,6 +503,27 @@ static int cmd_prepare(int argc, char **argv) {
   rmdir(layer_at);
   if (mounted != 0) fail("overlay");
   if (volumes) bind_volumes(volumes, dir, idmap_ns);
+  return 0;
+}
+
+/*
+ * bind-volumes: volumes for a microVM's file-sharing daemon (MICROVM_SHARES_NOTE in
+ * src/runtime/microvm/shares.ts): each SRC bound at DIR/volumes/<n> idmapped from canonical ids
+ * to the guest's own (100000+n on disk shown as n), so virtiofsd, which works as the guest's uid
+ * and gid, makes and sees files with the owners a container sandbox sees.
+ */
+static int cmd_bind_volumes(int argc, char **argv) {
+  const char *dir = option(argc, argv, "--dir", 1);
+  const char *volumes = option(argc, argv, "--volumes", 1);
+  char copy[8192], *sources[VOLUMES_MAX];
+  split_volumes(volumes, copy, sizeof copy, sources);
+  if (dir[0] != '/') usage("--dir must be absolute");
+  step = "user namespace";
+  char line[64];
+  snprintf(line, sizeof line, "%u 0 %u\n", CANONICAL_BASE, ID_COUNT);
+  int idmap_ns = make_userns(0, line);
+  bind_volumes(volumes, dir, idmap_ns);
+  close(idmap_ns);
   return 0;
 }
 
@@ -751,6 +777,7 @@ struct subcommand {
 static const struct subcommand subcommands[] = {
     {"prepare", cmd_prepare},
     {"snapshot", cmd_snapshot},
+    {"bind-volumes", cmd_bind_volumes},
     {"teardown", cmd_teardown},
     {"hostname", cmd_hostname},
     {"qgroup-gc", cmd_qgroup_gc},
@@ -1257,7 +1284,7 @@ static int cmd_serve(void) {
 }
 
 int main(int argc, char **argv) {
-  if (argc < 2) usage("usage: sandbox-helper prepare|snapshot|teardown|hostname|qgroup-gc|net-setup|net-release|net-address|watch|flows|serve [--option value]...");
+  if (argc < 2) usage("usage: sandbox-helper prepare|snapshot|bind-volumes|teardown|hostname|qgroup-gc|net-setup|net-release|net-address|watch|flows|serve [--option value]...");
   if (strcmp(argv[1], "watch") == 0) return cmd_watch();
   if (strcmp(argv[1], "flows") == 0) return cmd_flows(argc, argv);
   if (strcmp(argv[1], "serve") == 0) return cmd_serve();
