@@ -71,6 +71,8 @@ async function serve(config: CubicleConfig): Promise<void> {
     `export E2B_SANDBOX_URL=${publicUrl}`,
     `export E2B_API_KEY=${server.apiKey}`,
     `export E2B_DOMAIN=${config.domain}`,
+    // Volume's content API (the SDK does not derive it from E2B_API_URL).
+    `export E2B_VOLUME_API_URL=${publicUrl}`,
     "",
     `Cubicle's CA: ${server.ca.certPath}`,
     "Trust it in clients of the HTTPS port (and of intercepted egress):",

@@ -141,8 +141,15 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
   const templates = createTemplateCatalog(config);
   await network.init();
   await runtime.init();
-  // Volumes live on the containers' storage pool, mounted by runtime.init() (VOLUMES_NOTE).
-  const volumes = new VolumeService({ store, volumesDir: path.join(config.runDir, "pool", "volumes"), defaultSizeMB: config.volumeSizeMB });
+  // Volumes are images in the state directory, mounted under the run directory (VOLUMES_NOTE);
+  // earlier versions' volumes are subvolumes on the containers' storage pool, mounted by runtime.init().
+  const volumes = new VolumeService({
+    store,
+    imagesDir: path.join(config.stateDir, "volumes"),
+    mountsDir: path.join(config.runDir, "volumes"),
+    volumesDir: path.join(config.runDir, "pool", "volumes"),
+    defaultSizeMB: config.volumeSizeMB,
+  });
   await volumes.init();
   const codebases = new CodebaseService({ store, volumes, hostRoots: config.codebaseRoots });
 

@@ -1,5 +1,6 @@
 import { randomBytes } from "node:crypto";
-import { chmod, chown, mkdir, readdir, rm } from "node:fs/promises";
+import { existsSync } from "node:fs";
+import { chmod, mkdir, open, readdir, readFile, rm, rmdir } from "node:fs/promises";
 import path from "node:path";
 import { constantTimeEquals } from "../shared/compare.js";
 import { CubicleError } from "../shared/cubicle-error.js";
@@ -11,16 +12,22 @@ import type { VolumeMount, VolumeRecord, VolumeStore } from "../store/index.js";
 const log = createLogger("volumes");
 
 /**
- * VOLUMES_NOTE: a volume (E2B `/volumes`) is a btrfs subvolume `<pool>/volumes/<volumeID>` on
- * the storage pool (STORAGE_POOL_NOTE) with a qgroup limit of its `sizeMB`, so its quota is the
- * kernel's: a write past it fails with EDQUOT whoever writes. Its record (name, token, size)
- * is in the store; the subvolume and the record outlive sandboxes and server restarts (the pool
- * is a file in the state directory, mounted again at start). The content API
- * (volume-content.ts) works on the subvolume from the host. Files are owned on disk by the
- * canonical ids sandboxes' trees use (CANONICAL_ID_BASE + the id a sandbox sees), so the
- * idmapped mount that serves template trees can serve a volume to any sandbox.
- * A create's `volumeMounts` bind volumes into container sandboxes (VOLUME_BINDS_NOTE); a
- * volume a live sandbox mounts is not deleted. Not yet: microVMs, teams.
+ * VOLUMES_NOTE: a volume (E2B `/volumes`) is a filesystem of its own: an ext4 image of its
+ * `sizeMB` (`<state>/volumes/<volumeID>.ext4`, sparse: it takes the disk its files take) mounted
+ * through a loop device at `<run>/volumes/<volumeID>` (nosuid, nodev, noatime). Its quota is the
+ * filesystem's size, so a write past it fails with ENOSPC, whoever writes (a sandbox, the
+ * content API: 507), and fills nothing else. Its record (name, token, size) is in the store; the
+ * image and the record outlive sandboxes, server restarts and host reboots: the server mounts
+ * every volume at start, through the loop device already attached to its image when there is
+ * one (sandboxes that still bind it after a server restart), never a second one, which would be
+ * two kernels' views of one filesystem. The mounts stay across a server stop, as the storage
+ * pool's does. The content API (volume-content.ts) works on the mount from the host. Files are
+ * owned on disk by the canonical ids sandboxes' trees use (CANONICAL_ID_BASE + the id a sandbox
+ * sees), so the idmapped mount that serves template trees can serve a volume to any sandbox.
+ * A create's `volumeMounts` bind volumes into container sandboxes (VOLUME_BINDS_NOTE) and share
+ * them with microVMs (MICROVM_SHARES_NOTE); a volume a live sandbox mounts is not deleted.
+ * Volumes made before images (btrfs subvolumes `<pool>/volumes/<volumeID>` with a qgroup limit,
+ * EDQUOT past it) are still served where they are. Not yet: teams.
  */
 export const VOLUME_BOUNDS = {
   nameChars: 63,
@@ -35,7 +42,11 @@ const VOLUME_ID = /^vol_[0-9a-f]{24}$/;
 
 export interface VolumeServiceOptions {
   store: VolumeStore;
-  /** `<pool>/volumes`: made 0700 at init. */
+  /** `<state>/volumes`: the volumes' images (made 0700 at init). */
+  imagesDir: string;
+  /** `<run>/volumes`: where they are mounted (made 0700 at init). */
+  mountsDir: string;
+  /** `<pool>/volumes`: volumes made as btrfs subvolumes by earlier versions. */
   volumesDir: string;
   defaultSizeMB: number;
   /** What uses the volume (a live sandbox that mounts it, a codebase on it), if anything: such a volume is not deleted. */
@@ -44,27 +55,51 @@ export interface VolumeServiceOptions {
 
 export class VolumeService {
   private readonly store: VolumeStore;
+  readonly imagesDir: string;
+  readonly mountsDir: string;
   readonly volumesDir: string;
+  /** Volumes that are images (all but the subvolumes of earlier versions). */
+  private readonly images = new Set<string>();
   private readonly defaultSizeMB: number;
   /** Set once the sandboxes exist (they are made after the volumes). */
   mountedBy: (volumeId: string) => string | undefined | Promise<string | undefined>;
 
   constructor(options: VolumeServiceOptions) {
     this.store = options.store;
+    this.imagesDir = options.imagesDir;
+    this.mountsDir = options.mountsDir;
     this.volumesDir = options.volumesDir;
     this.defaultSizeMB = options.defaultSizeMB;
     this.mountedBy = options.mountedBy ?? (() => undefined);
   }
 
-  /** Makes the volumes directory; removes subvolumes whose record is gone (a crash mid-delete). */
+  /**
+   * Makes the directories, mounts every volume's image (VOLUMES_NOTE) and removes images and
+   * subvolumes whose record is gone (a create or delete cut short).
+   */
   async init(): Promise<void> {
-    await mkdir(this.volumesDir, { recursive: true, mode: 0o700 });
-    await chmod(this.volumesDir, 0o700);
+    for (const dir of [this.imagesDir, this.mountsDir]) {
+      await mkdir(dir, { recursive: true, mode: 0o700 });
+      await chmod(dir, 0o700);
+    }
     const known = new Set((await this.store.listVolumes()).map((volume) => volume.volumeId));
-    for (const name of await readdir(this.volumesDir)) {
-      if (VOLUME_ID.test(name) && !known.has(name)) {
-        log.warn("removing a volume's subvolume that has no record (a create or delete was cut short)", { volumeId: name });
-        await this.removeSubvolume(this.dirOf(name));
+    for (const name of await readdir(this.imagesDir)) {
+      const volumeId = name.slice(0, -".ext4".length);
+      if (!name.endsWith(".ext4") || !VOLUME_ID.test(volumeId)) continue;
+      if (known.has(volumeId)) {
+        this.images.add(volumeId);
+        await this.mountImage(volumeId);
+      } else {
+        log.warn("removing a volume's image that has no record (a create or delete was cut short)", { volumeId });
+        await this.removeImage(volumeId);
+      }
+    }
+    if (existsSync(this.volumesDir)) {
+      for (const name of await readdir(this.volumesDir)) {
+        if (VOLUME_ID.test(name) && !known.has(name)) {
+          log.warn("removing a volume's subvolume that has no record (a create or delete was cut short)", { volumeId: name });
+          await this.removeSubvolume(path.join(this.volumesDir, name));
+        }
       }
     }
   }
@@ -85,16 +120,11 @@ export class VolumeService {
     }
     const record: VolumeRecord = { volumeId: `vol_${randomBytes(12).toString("hex")}`, name, token: randomBytes(32).toString("base64url"), sizeMB, createdAt: Date.now() };
     if ((await this.store.listVolumes()).some((volume) => volume.name === name)) throw new CubicleError("already_exists", `a volume named "${name}" already exists`);
-    const dir = this.dirOf(record.volumeId);
-    await runCommand(["btrfs", "subvolume", "create", dir], { timeoutMs: 60_000 });
     try {
-      await runCommand(["btrfs", "qgroup", "limit", `${sizeMB}M`, dir], { timeoutMs: 60_000 });
-      // The root directory belongs to the sandbox's default user (uid/gid 1000), like a home.
-      await chown(dir, CANONICAL_ID_BASE + 1000, CANONICAL_ID_BASE + 1000);
-      await chmod(dir, 0o755);
+      await this.makeImage(record.volumeId, sizeMB);
       await this.store.insertVolume(record);
     } catch (err) {
-      await this.removeSubvolume(dir);
+      await this.removeImage(record.volumeId);
       throw err;
     }
     log.info("volume created", { volumeId: record.volumeId, name, sizeMB });
@@ -143,14 +173,63 @@ export class VolumeService {
     const user = await this.mountedBy(volumeId);
     if (user) throw new CubicleError("failed_precondition", `volume "${record.name}" is in use by ${user}: kill the sandbox or unregister the codebase first`);
     await this.store.deleteVolume(volumeId);
-    await this.removeSubvolume(this.dirOf(volumeId));
+    if (this.images.has(volumeId)) await this.removeImage(volumeId);
+    else await this.removeSubvolume(this.dirOf(volumeId));
     log.info("volume deleted", { volumeId, name: record.name });
     return true;
   }
 
+  /** Where the volume's files are on the host: its mount (or an earlier version's subvolume). */
   dirOf(volumeId: string): string {
     if (!VOLUME_ID.test(volumeId)) throw new CubicleError("invalid_argument", "not a volume id");
-    return path.join(this.volumesDir, volumeId);
+    return this.images.has(volumeId) ? path.join(this.mountsDir, volumeId) : path.join(this.volumesDir, volumeId);
+  }
+
+  private imageOf(volumeId: string): string {
+    return path.join(this.imagesDir, `${volumeId}.ext4`);
+  }
+
+  /** A new volume's image: sparse, ext4 without reserved blocks, its root the sandbox user's; mounted. */
+  private async makeImage(volumeId: string, sizeMB: number): Promise<void> {
+    const image = this.imageOf(volumeId);
+    const file = await open(image, "wx", 0o600);
+    try {
+      await file.truncate(sizeMB * 1024 * 1024);
+    } finally {
+      await file.close();
+    }
+    this.images.add(volumeId);
+    const owner = `${CANONICAL_ID_BASE + 1000}:${CANONICAL_ID_BASE + 1000}`;
+    // Lazy inode table and journal: the image is new and sparse, all zeros, so nothing needs zeroing.
+    await runCommand(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", `root_owner=${owner},nodiscard,lazy_itable_init=1,lazy_journal_init=1`, "-L", volumeId.slice(0, 16), image], { timeoutMs: 120_000 });
+    const dir = await this.mountImage(volumeId);
+    // The root like a home (0755, the user's); no lost+found (root's, which a sandbox would see as nobody's).
+    await rmdir(path.join(dir, "lost+found"));
+    await chmod(dir, 0o755);
+  }
+
+  /**
+   * Mounts the volume's image at its directory unless it is mounted: through the loop device
+   * already attached to the image when there is one (VOLUMES_NOTE).
+   */
+  private async mountImage(volumeId: string): Promise<string> {
+    const dir = path.join(this.mountsDir, volumeId);
+    await mkdir(dir, { recursive: true, mode: 0o755 });
+    if (await isMountPoint(dir)) return dir;
+    const image = this.imageOf(volumeId);
+    const attached = await loopDeviceOf(image);
+    const options = "nosuid,nodev,noatime";
+    await runCommand(attached ? ["mount", "-t", "ext4", "-o", options, attached, dir] : ["mount", "-t", "ext4", "-o", `loop,${options}`, image, dir], { timeoutMs: 60_000 });
+    return dir;
+  }
+
+  /** Unmounts (lazily: a sandbox's bind keeps the filesystem until it ends) and removes the image. */
+  private async removeImage(volumeId: string): Promise<void> {
+    const dir = path.join(this.mountsDir, volumeId);
+    if (await isMountPoint(dir)) await runCommand(["umount", "--lazy", dir], { timeoutMs: 60_000 });
+    await rmdir(dir).catch(() => undefined);
+    await rm(this.imageOf(volumeId), { force: true });
+    this.images.delete(volumeId);
   }
 
   private async removeSubvolume(dir: string): Promise<void> {
@@ -161,4 +240,20 @@ export class VolumeService {
       await rm(dir, { recursive: true, force: true });
     }
   }
+}
+
+/** Whether `dir` is a mount point (in this process's mount namespace). */
+async function isMountPoint(dir: string): Promise<boolean> {
+  const info = await readFile("/proc/self/mountinfo", "utf8");
+  return info.split("\n").some((line) => line.split(" ")[4] === dir);
+}
+
+/** The loop device attached to `image`, if any (/sys/block/loop*\/loop/backing_file). */
+async function loopDeviceOf(image: string): Promise<string | undefined> {
+  for (const name of await readdir("/sys/block").catch(() => [] as string[])) {
+    if (!name.startsWith("loop")) continue;
+    const backing = await readFile(`/sys/block/${name}/loop/backing_file`, "utf8").catch(() => "");
+    if (backing.trim() === image) return `/dev/${name}`;
+  }
+  return undefined;
 }

@@ -302,18 +302,15 @@ function unmountRunDir(stateDir: string): void {
       execFileSync("umount", ["--lazy", mountPoint], { stdio: "pipe" });
     }
   }
-  for (const dir of [path.join(runDir, "kit"), path.join(runDir, "pool"), runDir]) {
-    try {
-      fs.rmdirSync(dir);
-    } catch {
-      // not there, or not empty (then the leak check reports what is in it)
-    }
-  }
+  // Emptied as a reboot empties /run: only once nothing is mounted below it, so nothing is
+  // removed through a mount.
+  const left = fs.readFileSync("/proc/mounts", "utf8").split("\n").some((line) => (line.split(" ")[1] ?? "").startsWith(runDir + "/"));
+  if (!left) fs.rmSync(runDir, { recursive: true, force: true });
 }
 
 /**
- * What a test server leaves on the host: containers and sandbox mounts (its storage pool and
- * kit mounts are not leaks; stop() removes them).
+ * What a test server leaves on the host: containers and sandbox mounts (its storage pool, kit
+ * and volume mounts are not leaks; stop() removes them).
  */
 export function hostLeftovers(stateDir: string): { containers: string[]; namespaces: string[]; mounts: string[] } {
   const runDir = defaultRunDir(stateDir);
@@ -330,7 +327,7 @@ export function hostLeftovers(stateDir: string): { containers: string[]; namespa
   const mounts = fs
     .readFileSync("/proc/mounts", "utf8")
     .split("\n")
-    .filter((line) => line.includes(stateDir) || (line.includes(runDir + "/") && !line.includes(` ${runDir}/pool `) && !line.includes(` ${runDir}/kit `)));
+    .filter((line) => line.includes(stateDir) || (line.includes(runDir + "/") && !line.includes(` ${runDir}/pool `) && !line.includes(` ${runDir}/kit `) && !new RegExp(` ${runDir}/volumes/vol_[0-9a-f]{24} `).test(line)));
   return { containers, namespaces: [], mounts };
 }
 

@@ -11,7 +11,7 @@ import os from "node:os";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { AuthenticationError, Sandbox, Volume, VolumeError, VolumeNotFoundError, VolumePathNotFoundError } from "e2b";
-import { hostLeftovers, processesUnder, startTestServer, useServerForSdk, type TestServer } from "./harness.js";
+import { hostLeftovers, processesUnder, simulateHostReboot, startTestServer, useServerForSdk, type TestServer } from "./harness.js";
 
 let server: TestServer;
 /** Every volume made here, destroyed in `after` whatever its test did. */
@@ -336,7 +336,7 @@ describe("isolation", () => {
 });
 
 describe("durability and sandboxes", () => {
-  test("a volume, its token and its files survive a server restart", async () => {
+  test("a volume, its token and its files survive a server restart and a host reboot", async () => {
     const volume = await createVolume("durable");
     await volume.makeDir("/d", { force: true });
     await volume.writeFile("/d/f.txt", "still here", { mode: 0o600 });
@@ -345,6 +345,11 @@ describe("durability and sandboxes", () => {
     assert.deepEqual([info.name, info.token], ["durable", volume.token]);
     assert.equal(await volume.readFile("/d/f.txt"), "still here", "the old token still opens it");
     assert.equal((await volume.getInfo("/d/f.txt")).mode & 0o777, 0o600);
+    // A reboot takes every mount and loop device; the server mounts the volume's image again.
+    await server.crashAndRestart(() => simulateHostReboot(server, []));
+    assert.equal(await volume.readFile("/d/f.txt"), "still here");
+    await volume.writeFile("/d/after-reboot.txt", "written");
+    assert.equal(await volume.readFile("/d/after-reboot.txt"), "written");
   });
 
   test("a create whose volumeMounts name no volume, or a relative path, is a 400 that says so and starts nothing", async () => {
@@ -387,9 +392,10 @@ describe("durability and sandboxes", () => {
       // nosuid: a setuid-root copy of id made by root inside does not raise the user.
       await first.commands.run("cp /usr/bin/id /mnt/shared/suid-id && chmod 4755 /mnt/shared/suid-id", { user: "root" });
       assert.equal((await first.commands.run("/mnt/shared/suid-id -u")).stdout.trim(), "1000");
-      // The small volume's quota holds inside the sandbox too.
-      const full = await first.commands.run("head -c 32M /dev/zero > /mnt/small/big; echo $?").catch((err: unknown) => err as { stdout: string });
-      assert.notEqual(full.stdout.trim().split("\n").at(-1), "0", "a write past the quota fails");
+      // The small volume's quota holds inside the sandbox too: ENOSPC, and nothing else is full.
+      const full = await first.commands.run("{ head -c 32M /dev/zero > /mnt/small/big; } 2>&1; echo rc=$?");
+      assert.match(full.stdout, /No space left on device\nrc=1\n$/, full.stdout);
+      assert.equal((await first.commands.run("echo fine > /mnt/shared/after-full && echo fine > /tmp/after-full && cat /mnt/shared/after-full /tmp/after-full")).stdout, "fine\nfine\n");
       const res = await server.api("DELETE", `/volumes/${volume.volumeId}`);
       assert.equal(res.status, 400, JSON.stringify(res.json));
       assert.match(res.json.message, /in use by sandbox/);
@@ -436,8 +442,9 @@ describe("microVMs", () => {
       assert.equal((await box.commands.run("/mnt/v/suid-id -u")).stdout.trim(), "1000", "nosuid in the container");
       const mknod = await vm.commands.run("mknod /mnt/shared/disk b 8 0 2>&1; echo rc=$?", { user: "root" });
       assert.doesNotMatch(mknod.stdout, /rc=0$/m, `the guest's root makes no device node on the host: ${mknod.stdout}`);
-      const full = await vm.commands.run("head -c 32M /dev/zero > /mnt/small/big 2>&1; echo rc=$?").catch((err: unknown) => err as { stdout: string });
-      assert.doesNotMatch(full.stdout, /rc=0$/m, "a write past the quota fails in the guest");
+      const full = await vm.commands.run("{ head -c 32M /dev/zero > /mnt/small/big; } 2>&1; echo rc=$?");
+      assert.match(full.stdout, /No space left on device\nrc=1\n$/, `a write past the quota fails in the guest: ${full.stdout}`);
+      assert.equal((await vm.commands.run("echo fine > /mnt/shared/after-full && cat /mnt/shared/after-full")).stdout, "fine\n");
       const res = await server.api("DELETE", `/volumes/${volume.volumeId}`);
       assert.equal(res.status, 400, JSON.stringify(res.json));
       assert.match(res.json.message, /in use by sandbox/);

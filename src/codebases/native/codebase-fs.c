@@ -202,7 +202,36 @@ static enum level rule_level(const char *rel) {
  * The effective level: `none` when any ancestor is `none` (the kernel could not look the path up
  * anyway; this keeps the daemon's answer the same when asked directly), the root at least `view`.
  */
-static enum level path_level(const char *rel) {
+/*
+ * HIDDEN_RMDIR_NOTE: an rmdir of a directory that looks empty but holds `none` entries would
+ * fail ENOTEMPTY on the host, telling the sandbox that something it cannot see is there.
+ * Instead the directory is hidden from this mount (a whiteout: the path and everything below it
+ * are `none`) and the rmdir succeeds, as it would on an empty directory; the host keeps the
+ * directory and its hidden entries. A mkdir of that path, where the rules allow it, brings the
+ * directory back, empty to the sandbox as a new one would be. Whiteouts live as long as the
+ * daemon (the sandbox's mount); at most WHITEOUTS_MAX (then ENOTEMPTY again). The daemon is
+ * single-threaded, so the list needs no lock.
+ */
+#define WHITEOUTS_MAX 4096
+static char *whiteouts[WHITEOUTS_MAX];
+static size_t whiteout_count;
+
+/* The whiteout at `rel` or at a directory above it, as an index; -1 when none. */
+static long whiteout_of(const char *rel) {
+  for (size_t i = 0; i < whiteout_count; i++) {
+    size_t length = strlen(whiteouts[i]);
+    if (strncmp(rel, whiteouts[i], length) == 0 && (rel[length] == '\0' || rel[length] == '/')) return (long)i;
+  }
+  return -1;
+}
+
+static void remove_whiteout(long index) {
+  free(whiteouts[index]);
+  whiteouts[index] = whiteouts[--whiteout_count];
+}
+
+/* The level the rules give `rel` (whiteouts aside). */
+static enum level rules_level(const char *rel) {
   char prefix[PATH_MAX];
   size_t length = strlen(rel);
   if (length >= sizeof prefix) return LEVEL_NONE;
@@ -215,6 +244,12 @@ static enum level path_level(const char *rel) {
   enum level level = rule_level(rel);
   if (length == 0 && level < LEVEL_VIEW) level = LEVEL_VIEW;
   return level;
+}
+
+/* The level of `rel` in this mount: the rules', and `none` below a whiteout (HIDDEN_RMDIR_NOTE). */
+static enum level path_level(const char *rel) {
+  if (whiteout_count && *rel && whiteout_of(rel) >= 0) return LEVEL_NONE;
+  return rules_level(rel);
 }
 
 static bool parse_level(const char *text, enum level *level) {
@@ -699,7 +734,37 @@ static int cfs_mknod(const char *path, mode_t mode, dev_t rdev) {
   return err;
 }
 
+/*
+ * mkdir of a whited-out directory (HIDDEN_RMDIR_NOTE) where the rules allow making it: it is
+ * shown again, with the mode asked for. 1 when that was the case, 0 when not, -errno on failure.
+ */
+static int revive_whiteout(const char *path, mode_t mode) {
+  if (whiteout_count == 0 || path[0] != '/') return 0;
+  const char *rel = path + 1;
+  long index = whiteout_of(rel);
+  if (index < 0 || strcmp(whiteouts[index], rel) != 0 || rules_level(rel) != LEVEL_WRITE) return 0;
+  const char *name;
+  int parent = open_parent(rel, &name);
+  if (parent < 0) return parent;
+  struct stat st;
+  int err = 0;
+  if (fstatat(parent, name, &st, AT_SYMLINK_NOFOLLOW) < 0) err = -errno;
+  else if (!S_ISDIR(st.st_mode)) err = -EEXIST;
+  else if (fchmodat(parent, name, mode & MODE_MASK, 0) < 0) err = -errno;
+  close(parent);
+  if (err == -ENOENT) {
+    /* Gone from the host meanwhile: an ordinary mkdir makes it. */
+    remove_whiteout(index);
+    return 0;
+  }
+  if (err) return err;
+  remove_whiteout(index);
+  return 1;
+}
+
 static int cfs_mkdir(const char *path, mode_t mode) {
+  int revived = revive_whiteout(path, mode);
+  if (revived) return revived < 0 ? revived : 0;
   const char *name;
   enum level level;
   int parent = parent_for_create(path, &name, &level);
@@ -724,6 +789,26 @@ static int cfs_symlink(const char *target, const char *path) {
   return err;
 }
 
+/* Whether the directory parent/name (at `rel`) holds entries and none of them is visible here. */
+static bool only_hidden_entries(int parent, const char *name, const char *rel) {
+  int fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return false;
+  DIR *dir = fdopendir(fd);
+  if (dir == NULL) {
+    close(fd);
+    return false;
+  }
+  bool hidden_only = true;
+  char child[PATH_MAX];
+  for (struct dirent *entry; hidden_only && (entry = readdir(dir)) != NULL;) {
+    if (strcmp(entry->d_name, ".") == 0 || strcmp(entry->d_name, "..") == 0) continue;
+    int n = snprintf(child, sizeof child, "%s/%s", rel, entry->d_name);
+    if (n < 0 || (size_t)n >= sizeof child || path_level(child) != LEVEL_NONE) hidden_only = false;
+  }
+  closedir(dir);
+  return hidden_only;
+}
+
 static int remove_entry(const char *path, int flags) {
   const char *rel;
   enum level level;
@@ -736,8 +821,14 @@ static int remove_entry(const char *path, int flags) {
   const char *name;
   int parent = open_parent(rel, &name);
   if (parent < 0) return parent;
-  /* rmdir of a directory holding hidden entries fails ENOTEMPTY, as it should. */
   err = unlinkat(parent, name, flags) < 0 ? -errno : 0;
+  if (err == -ENOTEMPTY && (flags & AT_REMOVEDIR) && only_hidden_entries(parent, name, rel) && whiteout_count < WHITEOUTS_MAX) {
+    char *copy = strdup(rel);
+    if (copy != NULL) {
+      whiteouts[whiteout_count++] = copy;
+      err = 0;
+    }
+  }
   close(parent);
   return err;
 }

@@ -224,6 +224,42 @@ describe("codebase-fs", { skip: skipReason() }, () => {
     assert.ok(fs.existsSync(inSource("src", "a.c")));
   });
 
+  test("rmdir of a directory holding only hidden entries succeeds and hides it, as if it were empty; mkdir brings it back; the host keeps everything (HIDDEN_RMDIR_NOTE)", () => {
+    fs.mkdirSync(inSource("src", "cfg", "deep"), { recursive: true });
+    fs.writeFileSync(inSource("src", "cfg", "db.env"), "PASSWORD=host\n");
+    fs.writeFileSync(inSource("src", "cfg", "deep", "x.env"), "TOKEN=deep\n");
+    fs.writeFileSync(inSource("src", "cfg", "visible.txt"), "v\n");
+    // A visible entry: ENOTEMPTY, as anywhere.
+    fails(() => fs.rmdirSync(inMount("src", "cfg")), "ENOTEMPTY");
+    fs.unlinkSync(inMount("src", "cfg", "visible.txt"));
+    // deep/ holds only a hidden file: it goes; then cfg holds only hidden entries: it goes too.
+    assert.deepEqual(fs.readdirSync(inMount("src", "cfg")), ["deep"]);
+    fs.rmdirSync(inMount("src", "cfg", "deep"));
+    assert.deepEqual(fs.readdirSync(inMount("src", "cfg")), []);
+    fs.rmdirSync(inMount("src", "cfg"));
+    fails(() => fs.statSync(inMount("src", "cfg")), "ENOENT");
+    assert.ok(!fs.readdirSync(inMount("src")).includes("cfg"));
+    fails(() => fs.writeFileSync(inMount("src", "cfg", "new.txt"), "x"), ["ENOENT", "EACCES"]);
+    assert.equal(fs.readFileSync(inSource("src", "cfg", "db.env"), "utf8"), "PASSWORD=host\n", "the host keeps the hidden files");
+    // mkdir brings it back, looking new and empty; the hidden entries stay hidden.
+    fs.mkdirSync(inMount("src", "cfg"), { mode: 0o700 });
+    assert.deepEqual(fs.readdirSync(inMount("src", "cfg")), []);
+    assert.equal(fs.statSync(inMount("src", "cfg")).mode & 0o777, 0o700);
+    fs.writeFileSync(inMount("src", "cfg", "again.txt"), "again\n");
+    assert.equal(fs.readFileSync(inSource("src", "cfg", "again.txt"), "utf8"), "again\n");
+    fails(() => fs.readFileSync(inMount("src", "cfg", "db.env")), "ENOENT");
+    fails(() => fs.statSync(inMount("src", "cfg", "deep")), "ENOENT");
+    // rm -rf of it works to the end, as on a directory without hidden entries.
+    const rm = spawnSync("rm", ["-rf", inMount("src", "cfg")], { encoding: "utf8" });
+    assert.equal(rm.status, 0, rm.stderr);
+    fails(() => fs.statSync(inMount("src", "cfg")), "ENOENT");
+    assert.ok(fs.existsSync(inSource("src", "cfg", "deep", "x.env")));
+    // A read area's directory is not removed, hidden entries or not.
+    fs.mkdirSync(inSource("ro"), { recursive: true });
+    fs.writeFileSync(inSource("ro", "k.env"), "K=1\n");
+    fails(() => fs.rmdirSync(inMount("ro")), "EACCES");
+  });
+
   test("chown is refused unless it names the presented owner, and only regular files can be made", () => {
     fails(() => fs.chownSync(inMount("src", "a.c"), 0, 0), "EPERM");
     fs.chownSync(inMount("src", "a.c"), VIEW_UID, VIEW_GID);
