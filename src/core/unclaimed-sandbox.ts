@@ -2,7 +2,7 @@ import type { NetworkManager } from "../network/types.js";
 import type { Runtime } from "../runtime/types.js";
 import { createLogger } from "../shared/log.js";
 import type { PoolEntryRecord, Store } from "../store/types.js";
-import { AGENT_READY_TIMEOUT_MS, type AgentLink } from "../protocol/index.js";
+import { AGENT_READY_TIMEOUT_MS, MICROVM_READY_TIMEOUT_MS, type AgentLink } from "../protocol/index.js";
 import { newSandboxId } from "./ids.js";
 import type { StartQueue } from "./start-queue.js";
 import type { TemplateInfo } from "./types.js";
@@ -25,7 +25,7 @@ export interface UnclaimedSandboxDeps {
 /**
  * Boots a sandbox of `template` that belongs to no one yet (a warm-pool entry, the source of a
  * template's warm snapshot), under the id of the sandbox that may later take it, with the
- * template's own resources and internet access. It is recorded as a `pool_entries` row before
+ * template's own resources, runtime (a container or a microVM) and internet access. It is recorded as a `pool_entries` row before
  * anything exists on the host, so recovery removes what a crash leaves; the namespace is made
  * while the runtime prepares the container. It is a background start (the lowest CPU weight,
  * BACKGROUND_START_NOTE in the container runtime) until a pool claim calls
@@ -38,7 +38,14 @@ export async function bootUnclaimed(deps: UnclaimedSandboxDeps, template: Templa
 
 async function boot(deps: UnclaimedSandboxDeps, template: TemplateInfo, options: { allowInternetAccess?: boolean }): Promise<PoolEntryRecord> {
   const { store, runtime, network } = deps;
-  const entry: PoolEntryRecord = { runtimeId: newSandboxId(), templateId: template.templateId, network: undefined, createdAt: Date.now(), allowInternetAccess: options.allowInternetAccess ?? true };
+  const entry: PoolEntryRecord = {
+    runtimeId: newSandboxId(),
+    templateId: template.templateId,
+    network: undefined,
+    createdAt: Date.now(),
+    allowInternetAccess: options.allowInternetAccess ?? true,
+    ...(template.runtime ? { runtime: template.runtime } : {}),
+  };
   await store.insertPoolEntry(entry);
   let networkReady: Promise<unknown> | undefined;
   try {
@@ -48,6 +55,7 @@ async function boot(deps: UnclaimedSandboxDeps, template: TemplateInfo, options:
     await store.insertPoolEntry(entry);
     await runtime.create({
       sandboxId: entry.runtimeId,
+      ...(entry.runtime ? { runtime: entry.runtime } : {}),
       hostname: entry.runtimeId,
       template: template.image,
       resources: { cpuCount: template.cpuCount, memoryMiB: template.memoryMB, diskMiB: template.diskSizeMB, pidsLimit: deps.pidsLimit },
@@ -55,7 +63,7 @@ async function boot(deps: UnclaimedSandboxDeps, template: TemplateInfo, options:
       networkReady: ready,
       background: true,
     });
-    await deps.agent.waitUntilUp(entry.network.sandboxAddress, AGENT_READY_TIMEOUT_MS);
+    await deps.agent.waitUntilUp(entry.network.sandboxAddress, entry.runtime === "microvm" ? MICROVM_READY_TIMEOUT_MS : AGENT_READY_TIMEOUT_MS);
     return entry;
   } catch (err) {
     await networkReady;

@@ -33,6 +33,8 @@ export interface PoolClaimRequest {
   cpuCount: number | undefined;
   memoryMB: number | undefined;
   diskSizeMB?: number | undefined;
+  /** The runtime the create asked for (its `runtime` field), if it named one. */
+  runtime?: "container" | "microvm" | undefined;
 }
 
 /** A claimed entry and the template it was made from. */
@@ -70,8 +72,9 @@ export class WarmPool {
         log.warn("pool template not found; no pool for it", { template: idOrAlias });
         continue;
       }
-      if (template.runtime !== undefined && template.runtime !== this.options.runtime.name) {
-        log.warn("pool entries are containers; this template runs in another runtime, so it has no pool", { template: idOrAlias, runtime: template.runtime });
+      const runtime = this.options.runtime;
+      if (template.runtime !== undefined && !(runtime.runs ? runtime.runs(template.runtime) : runtime.name === template.runtime)) {
+        log.warn("this template's runtime does not run here, so it has no pool", { template: idOrAlias, runtime: template.runtime });
         continue;
       }
       this.targets.set(template.templateId, { size, template });
@@ -104,6 +107,8 @@ export class WarmPool {
     if (request.cpuCount !== undefined && request.cpuCount !== template.cpuCount) return undefined;
     if (request.memoryMB !== undefined && request.memoryMB !== template.memoryMB) return undefined;
     if (request.diskSizeMB !== undefined && request.diskSizeMB !== template.diskSizeMB) return undefined;
+    // Entries run in the template's runtime: a create that asks for another one boots.
+    if (request.runtime !== undefined && request.runtime !== (template.runtime ?? this.options.runtime.name)) return undefined;
     const entry = this.ready.get(template.templateId)?.shift();
     this.refillLater(template.templateId);
     return entry?.network ? { entry, template } : undefined;

@@ -7,6 +7,8 @@ import type { InitBody } from "./init-body.js";
 
 /** How long a new or restored sandbox's agent may take to answer (a loaded host boots slowly). */
 export const AGENT_READY_TIMEOUT_MS = 15_000;
+/** The same for a microVM: its kernel boots first (TCG on a loaded 2-core host: tens of seconds). */
+export const MICROVM_READY_TIMEOUT_MS = 120_000;
 
 export interface AgentInitOptions {
   /**

@@ -114,20 +114,26 @@ test("with a runtime set, a create's runtime picks the runtime; the record says 
   });
 });
 
-test("a template's runtime (CUBICLE_TEMPLATE_RUNTIME) is its sandboxes' unless a create names one; no pool or warm snapshot for it; a host without it refuses with the reason", async () => {
+test("a template's runtime (CUBICLE_TEMPLATE_RUNTIME) is its sandboxes' unless a create names one; its pool entries run there; no warm snapshot for it; a host without it refuses with the reason", async () => {
   const vmTemplate = { ...fakeTemplate, templateId: "vm-base", aliases: ["vm-base"], runtime: "microvm" as const };
   const templates = { resolve: async (name: string) => (name === "vm-base" ? vmTemplate : fakeTemplates.resolve(name)) };
   const container = new FakeRuntime();
   const microvm = new FakeRuntime({ name: "microvm" });
   await withFakeManager({ runtime: new RuntimeSet([container, microvm]), templates, poolSizes: { "vm-base": 1 }, warmSnapshotTemplates: ["vm-base"] }, async (f) => {
     await f.manager.startPools();
-    assert.equal(f.manager.poolCounts()["vm-base"], undefined, "no container pool for a microVM template");
+    await until(() => f.manager.poolCounts()["vm-base"]?.ready === 1);
+    const [entry] = [...microvm.containers.keys()];
+    assert.ok(entry, "the pool entry is a microVM");
+    assert.equal(container.containers.size, 0, "and no container");
     const vm = await f.manager.create(createRequest({ templateId: "vm-base" }));
     assert.equal(vm.runtime, "microvm");
-    assert.ok(microvm.containers.has(vm.sandboxId));
+    assert.equal(vm.sandboxId, entry, "the create claimed the microVM entry");
+    assert.equal(f.manager.poolCounts()["vm-base"]?.ready, 0);
+    await until(() => f.manager.poolCounts()["vm-base"]?.ready === 1);
     const overridden = await f.manager.create(createRequest({ templateId: "vm-base", runtime: "container" }));
     assert.equal(overridden.runtime, "container");
-    assert.ok(container.containers.has(overridden.sandboxId));
+    assert.ok(container.containers.has(overridden.sandboxId), "a create that names another runtime boots there");
+    assert.equal(f.manager.poolCounts()["vm-base"]?.ready, 1, "and leaves the microVM entry");
     assert.equal(f.manager.warmSnapshotCounts()["vm-base"], undefined, "no warm snapshot (a container image) for it");
     await f.manager.killAll();
   });

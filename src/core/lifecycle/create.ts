@@ -2,7 +2,7 @@ import { startTemplateCommand } from "../template-start.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { roundMs } from "../../shared/log.js";
 import { runtimeIdOf, type PoolEntryRecord, type SandboxRecord, type SnapshotRecord, type VolumeMount, type CodebaseMount } from "../../store/types.js";
-import { AGENT_READY_TIMEOUT_MS } from "../../protocol/index.js";
+import { AGENT_READY_TIMEOUT_MS, MICROVM_READY_TIMEOUT_MS } from "../../protocol/index.js";
 import { normaliseSnapshotRef } from "../snapshot-names.js";
 import type { CreateSandboxRequest, TemplateInfo } from "../types.js";
 import type { WarmPool } from "../warm-pool.js";
@@ -18,9 +18,6 @@ function aliasOf(template: TemplateInfo, requested: string): string | undefined 
  * Creates: a claim of a warm-pool entry when one fits, else a restore of the template's warm
  * snapshot, else a cold boot; or a restore of a user's snapshot named instead of a template.
  */
-/** How long a microVM may take to boot to its agent (TCG on a loaded 2-core host: tens of seconds). */
-const MICROVM_READY_TIMEOUT_MS = 120_000;
-
 export class Creation {
   constructor(
     private readonly ctx: LifecycleContext,
@@ -31,13 +28,14 @@ export class Creation {
   async create(request: CreateSandboxRequest): Promise<SandboxRecord> {
     this.ctx.refuseWhenClosed();
     this.refuseRuntimeNotHere(request.runtime, "");
-    // Pool entries and warm snapshots are the default runtime's (pools skip templates of another).
-    const defaultRuntime = request.runtime === undefined || request.runtime === this.ctx.ports.runtime.name;
     // Volumes and codebases are mounted as a sandbox starts: such a create boots (no pool entry has them).
     const volumeMounts = request.volumeMounts?.length ? await this.resolveVolumes(request) : undefined;
     const codebaseMounts = request.codebaseMounts?.length ? await this.resolveCodebases(request) : undefined;
     const mounts = volumeMounts || codebaseMounts ? { volumeMounts, codebaseMounts } : undefined;
-    const claimed = defaultRuntime && !mounts ? this.pool.claim({ templateIdOrAlias: request.templateId, cpuCount: request.cpuCount, memoryMB: request.memoryMB, diskSizeMB: request.diskSizeMB }) : undefined;
+    // Pool entries run in their template's runtime: WarmPool.claim checks the create's own choice.
+    const claimed = !mounts
+      ? this.pool.claim({ templateIdOrAlias: request.templateId, cpuCount: request.cpuCount, memoryMB: request.memoryMB, diskSizeMB: request.diskSizeMB, runtime: request.runtime })
+      : undefined;
     if (claimed) {
       const record = await this.createFromPoolEntry(request, claimed.template, claimed.entry);
       if (record) return record;
@@ -143,7 +141,9 @@ export class Creation {
     // the router holds the sandbox's traffic until both are done (only the template's own agent
     // runs meanwhile). Started before the thaw instead, it delayed the 201 by ~0.4 ms (the
     // helper's work and its reply competing with the claim on two cores) and the first command
-    // not at all (bench/network.sh, 200 pairs each way).
+    // not at all; started later (1 ms after the claim, or 5 ms unless traffic came first), it
+    // moved the cost into the first command: 201 1.11x / 1.05x, first command 1.04x / 1.05x
+    // against 1.09x / 1.02x (bench/network.sh, 200 pairs each way).
     const policy = hasOwnEgressPolicy(record)
       ? new Promise<void>((resolve) => setImmediate(resolve)).then(() => ctx.ports.network.applyPolicy(runtimeIdOf(record), networkPolicyOf(record)))
       : undefined;
