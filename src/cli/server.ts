@@ -149,6 +149,7 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
     mountsDir: path.join(config.runDir, "volumes"),
     volumesDir: path.join(config.runDir, "pool", "volumes"),
     defaultSizeMB: config.volumeSizeMB,
+    maxVolumes: config.maxVolumes,
   });
   await volumes.init();
   const codebases = new CodebaseService({ store, volumes, hostRoots: config.codebaseRoots });

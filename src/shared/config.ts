@@ -85,6 +85,8 @@ export interface CubicleConfig {
   imageBudgetBytes: number | undefined;
   /** A new volume's quota when its create names none (CUBICLE_VOLUME_SIZE_MB; default 1024). */
   volumeSizeMB: number;
+  /** At most this many volumes (CUBICLE_MAX_VOLUMES; default 256): each holds a loop device while it exists. */
+  maxVolumes: number;
   /** Host directories under which codebases may be registered (CUBICLE_CODEBASE_ROOTS, comma-separated; default none). */
   codebaseRoots: string[];
   /** Most vCPUs one create may ask for (CUBICLE_MAX_CPU_COUNT; default: the host's cores). */
@@ -351,6 +353,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     storageBytes: parseGibibytes("CUBICLE_STORAGE_GB", env.CUBICLE_STORAGE_GB),
     imageBudgetBytes: parseGibibytes("CUBICLE_IMAGE_BUDGET_GB", env.CUBICLE_IMAGE_BUDGET_GB),
     volumeSizeMB: parseWholeNumber("CUBICLE_VOLUME_SIZE_MB", env.CUBICLE_VOLUME_SIZE_MB, 1024, 1),
+    maxVolumes: parseWholeNumber("CUBICLE_MAX_VOLUMES", env.CUBICLE_MAX_VOLUMES, 256, 1),
     codebaseRoots: (env.CUBICLE_CODEBASE_ROOTS ?? "")
       .split(",")
       .map((root) => root.trim())

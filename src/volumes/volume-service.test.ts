@@ -1,9 +1,10 @@
 import assert from "node:assert/strict";
 import { existsSync, readFileSync } from "node:fs";
-import { mkdir, mkdtemp, readdir, rm, stat, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readdir, rm, stat, statfs, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
+import type { CubicleError } from "../shared/cubicle-error.js";
 import { runCommand } from "../shared/exec.js";
 import { SqliteStore } from "../store/index.js";
 import { CANONICAL_ID_BASE, VolumeService } from "./volume-service.js";
@@ -14,11 +15,11 @@ function mountSource(dir: string): string | undefined {
   return line?.split(" - ")[1]?.split(" ")[1];
 }
 
-async function withService(run: (make: () => VolumeService, dirs: { imagesDir: string; mountsDir: string }) => Promise<void>): Promise<void> {
+async function withService(run: (make: (options?: { maxVolumes?: number }) => VolumeService, dirs: { imagesDir: string; mountsDir: string }) => Promise<void>): Promise<void> {
   const base = await mkdtemp(path.join(os.tmpdir(), "cbm-volumes-"));
   const store = new SqliteStore(path.join(base, "cubicle.db"));
   const dirs = { imagesDir: path.join(base, "images"), mountsDir: path.join(base, "mounts") };
-  const make = () => new VolumeService({ store, ...dirs, volumesDir: path.join(base, "pool-volumes"), defaultSizeMB: 16 });
+  const make = (options: { maxVolumes?: number } = {}) => new VolumeService({ store, ...dirs, volumesDir: path.join(base, "pool-volumes"), defaultSizeMB: 16, ...options });
   try {
     await run(make, dirs);
   } finally {
@@ -82,5 +83,21 @@ test("init mounts every volume again, through the loop device still attached to 
     } finally {
       await runCommand(["umount", bind], { allowFailure: true });
     }
+  });
+});
+
+test("at most maxVolumes volumes (each holds a loop device), and none larger than the host's free disk: refused before anything is made", { skip }, async () => {
+  await withService(async (make, { imagesDir }) => {
+    const volumes = make({ maxVolumes: 2 });
+    await volumes.init();
+    await volumes.create({ name: "one", sizeMB: 8 });
+    await volumes.create({ name: "two", sizeMB: 8 });
+    await assert.rejects(volumes.create({ name: "three", sizeMB: 8 }), (err: CubicleError) => err.code === "resource_exhausted" && /at most 2 volumes/.test(err.message));
+    const free = await statfs(imagesDir);
+    const tooBig = Math.ceil((free.bavail * free.bsize) / (1024 * 1024)) + 1024;
+    const roomy = make({ maxVolumes: 10 });
+    await roomy.init();
+    await assert.rejects(roomy.create({ name: "huge", sizeMB: tooBig }), (err: CubicleError) => err.code === "invalid_argument" && /free/.test(err.message));
+    assert.equal((await readdir(imagesDir)).length, 2, "nothing made for the refused ones");
   });
 });

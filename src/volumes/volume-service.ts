@@ -1,6 +1,6 @@
 import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
-import { chmod, mkdir, open, readdir, readFile, rm, rmdir } from "node:fs/promises";
+import { chmod, mkdir, open, readdir, readFile, rm, rmdir, statfs } from "node:fs/promises";
 import path from "node:path";
 import { constantTimeEquals } from "../shared/compare.js";
 import { CubicleError } from "../shared/cubicle-error.js";
@@ -49,6 +49,8 @@ export interface VolumeServiceOptions {
   /** `<pool>/volumes`: volumes made as btrfs subvolumes by earlier versions. */
   volumesDir: string;
   defaultSizeMB: number;
+  /** At most this many volumes (each holds a loop device while it exists); default 256. */
+  maxVolumes?: number;
   /** What uses the volume (a live sandbox that mounts it, a codebase on it), if anything: such a volume is not deleted. */
   mountedBy?: (volumeId: string) => string | undefined | Promise<string | undefined>;
 }
@@ -61,6 +63,7 @@ export class VolumeService {
   /** Volumes that are images (all but the subvolumes of earlier versions). */
   private readonly images = new Set<string>();
   private readonly defaultSizeMB: number;
+  private readonly maxVolumes: number;
   /** Set once the sandboxes exist (they are made after the volumes). */
   mountedBy: (volumeId: string) => string | undefined | Promise<string | undefined>;
 
@@ -70,6 +73,7 @@ export class VolumeService {
     this.mountsDir = options.mountsDir;
     this.volumesDir = options.volumesDir;
     this.defaultSizeMB = options.defaultSizeMB;
+    this.maxVolumes = options.maxVolumes ?? 256;
     this.mountedBy = options.mountedBy ?? (() => undefined);
   }
 
@@ -119,7 +123,11 @@ export class VolumeService {
       throw new CubicleError("invalid_argument", `sizeMB must be an integer from 1 to ${VOLUME_BOUNDS.maxSizeMB}`);
     }
     const record: VolumeRecord = { volumeId: `vol_${randomBytes(12).toString("hex")}`, name, token: randomBytes(32).toString("base64url"), sizeMB, createdAt: Date.now() };
-    if ((await this.store.listVolumes()).some((volume) => volume.name === name)) throw new CubicleError("already_exists", `a volume named "${name}" already exists`);
+    const existing = await this.store.listVolumes();
+    if (existing.some((volume) => volume.name === name)) throw new CubicleError("already_exists", `a volume named "${name}" already exists`);
+    if (existing.length >= this.maxVolumes) throw new CubicleError("resource_exhausted", `this server holds at most ${this.maxVolumes} volumes (CUBICLE_MAX_VOLUMES); delete one first`);
+    const free = await statfs(this.imagesDir).then((fs) => Math.floor((fs.bavail * fs.bsize) / (1024 * 1024))).catch(() => undefined);
+    if (free !== undefined && sizeMB > free) throw new CubicleError("invalid_argument", `sizeMB ${sizeMB} is more than the ${free} MB the host's disk has free`);
     try {
       await this.makeImage(record.volumeId, sizeMB);
       await this.store.insertVolume(record);
