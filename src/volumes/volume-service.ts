@@ -62,6 +62,8 @@ export class VolumeService {
   readonly volumesDir: string;
   /** Volumes that are images (all but the subvolumes of earlier versions). */
   private readonly images = new Set<string>();
+  /** Images that could not be mounted at start (their files are kept; nothing reaches them until a restart mounts them). */
+  private readonly unmounted = new Map<string, string>();
   private readonly defaultSizeMB: number;
   private readonly maxVolumes: number;
   /** Set once the sandboxes exist (they are made after the volumes). */
@@ -92,7 +94,14 @@ export class VolumeService {
       if (!name.endsWith(".ext4") || !VOLUME_ID.test(volumeId)) continue;
       if (known.has(volumeId)) {
         this.images.add(volumeId);
-        await this.mountImage(volumeId);
+        try {
+          await this.mountImage(volumeId);
+        } catch (err) {
+          // One volume that cannot be mounted must not stop the server; nothing may write to its
+          // empty mount point meanwhile either (dirOf refuses it).
+          this.unmounted.set(volumeId, (err as Error).message);
+          log.error("a volume's image could not be mounted; it is unavailable until a restart mounts it", { volumeId, error: (err as Error).message });
+        }
       } else {
         log.warn("removing a volume's image that has no record (a create or delete was cut short)", { volumeId });
         await this.removeImage(volumeId);
@@ -190,6 +199,7 @@ export class VolumeService {
   /** Where the volume's files are on the host: its mount (or an earlier version's subvolume). */
   dirOf(volumeId: string): string {
     if (!VOLUME_ID.test(volumeId)) throw new CubicleError("invalid_argument", "not a volume id");
+    if (this.unmounted.has(volumeId)) throw new CubicleError("unavailable", `volume ${volumeId} could not be mounted when the server started (see the server log); its files are kept`);
     return this.images.has(volumeId) ? path.join(this.mountsDir, volumeId) : path.join(this.volumesDir, volumeId);
   }
 
@@ -238,6 +248,7 @@ export class VolumeService {
     await rmdir(dir).catch(() => undefined);
     await rm(this.imageOf(volumeId), { force: true });
     this.images.delete(volumeId);
+    this.unmounted.delete(volumeId);
   }
 
   private async removeSubvolume(dir: string): Promise<void> {
