@@ -2,7 +2,7 @@ import type { NetworkManager } from "../network/types.js";
 import type { Runtime } from "../runtime/types.js";
 import { createLogger } from "../shared/log.js";
 import type { PoolEntryRecord, Store } from "../store/types.js";
-import { AGENT_READY_TIMEOUT_MS, MICROVM_READY_TIMEOUT_MS, type AgentLink } from "../protocol/index.js";
+import { agentReadyTimeoutMs, type AgentLink } from "../protocol/index.js";
 import { newSandboxId } from "./ids.js";
 import type { StartQueue } from "./start-queue.js";
 import type { TemplateInfo } from "./types.js";
@@ -25,8 +25,8 @@ export interface UnclaimedSandboxDeps {
 /**
  * Boots a sandbox of `template` that belongs to no one yet (a warm-pool entry, the source of a
  * template's warm snapshot), under the id of the sandbox that may later take it, with the
- * template's own resources, runtime (a container or a microVM) and internet access. It is recorded as a `pool_entries` row before
- * anything exists on the host, so recovery removes what a crash leaves; the namespace is made
+ * template's own resources, runtime and internet access. It is recorded as a `pool_entries` row
+ * before anything exists on the host, so recovery removes what a crash leaves; the namespace is made
  * while the runtime prepares the container. It is a background start (the lowest CPU weight,
  * BACKGROUND_START_NOTE in the container runtime) until a pool claim calls
  * `runtime.foreground`. Resolves once the agent answers; on failure, whatever was made is
@@ -38,14 +38,7 @@ export async function bootUnclaimed(deps: UnclaimedSandboxDeps, template: Templa
 
 async function boot(deps: UnclaimedSandboxDeps, template: TemplateInfo, options: { allowInternetAccess?: boolean }): Promise<PoolEntryRecord> {
   const { store, runtime, network } = deps;
-  const entry: PoolEntryRecord = {
-    runtimeId: newSandboxId(),
-    templateId: template.templateId,
-    network: undefined,
-    createdAt: Date.now(),
-    allowInternetAccess: options.allowInternetAccess ?? true,
-    ...(template.runtime ? { runtime: template.runtime } : {}),
-  };
+  const entry: PoolEntryRecord = { runtimeId: newSandboxId(), templateId: template.templateId, network: undefined, createdAt: Date.now(), allowInternetAccess: options.allowInternetAccess ?? true };
   await store.insertPoolEntry(entry);
   let networkReady: Promise<unknown> | undefined;
   try {
@@ -55,7 +48,7 @@ async function boot(deps: UnclaimedSandboxDeps, template: TemplateInfo, options:
     await store.insertPoolEntry(entry);
     await runtime.create({
       sandboxId: entry.runtimeId,
-      ...(entry.runtime ? { runtime: entry.runtime } : {}),
+      ...(template.runtime ? { runtime: template.runtime } : {}),
       hostname: entry.runtimeId,
       template: template.image,
       resources: { cpuCount: template.cpuCount, memoryMiB: template.memoryMB, diskMiB: template.diskSizeMB, pidsLimit: deps.pidsLimit },
@@ -63,7 +56,7 @@ async function boot(deps: UnclaimedSandboxDeps, template: TemplateInfo, options:
       networkReady: ready,
       background: true,
     });
-    await deps.agent.waitUntilUp(entry.network.sandboxAddress, entry.runtime === "microvm" ? MICROVM_READY_TIMEOUT_MS : AGENT_READY_TIMEOUT_MS);
+    await deps.agent.waitUntilUp(entry.network.sandboxAddress, agentReadyTimeoutMs(template.runtime));
     return entry;
   } catch (err) {
     await networkReady;

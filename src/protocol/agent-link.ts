@@ -8,7 +8,12 @@ import type { InitBody } from "./init-body.js";
 /** How long a new or restored sandbox's agent may take to answer (a loaded host boots slowly). */
 export const AGENT_READY_TIMEOUT_MS = 15_000;
 /** The same for a microVM: its kernel boots first (TCG on a loaded 2-core host: tens of seconds). */
-export const MICROVM_READY_TIMEOUT_MS = 120_000;
+const MICROVM_READY_TIMEOUT_MS = 120_000;
+
+/** How long a freshly booted sandbox of `runtime` may take until its agent answers. */
+export function agentReadyTimeoutMs(runtime: string | undefined): number {
+  return runtime === "microvm" ? MICROVM_READY_TIMEOUT_MS : AGENT_READY_TIMEOUT_MS;
+}
 
 export interface AgentInitOptions {
   /**

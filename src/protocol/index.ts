@@ -15,7 +15,7 @@ export {
   type Envelope,
   type EnvelopeParserOptions,
 } from "./envelope.js";
-export { AGENT_READY_TIMEOUT_MS, MICROVM_READY_TIMEOUT_MS, type AgentInitOptions, type AgentLink } from "./agent-link.js";
+export { AGENT_READY_TIMEOUT_MS, agentReadyTimeoutMs, type AgentInitOptions, type AgentLink } from "./agent-link.js";
 export { HttpAgentLink, type HttpAgentLinkOptions } from "./http-agent-link.js";
 /** envd's `process.Process` messages in their Connect JSON form (generated from spec/process.proto). */
 export * as processMessages from "./generated/process.js";

@@ -1,4 +1,5 @@
-import { access } from "node:fs/promises";
+import { access, readFile } from "node:fs/promises";
+import path from "node:path";
 
 /** Whether `file` exists (anything the process can see there; a dangling symlink counts as absent). */
 export async function pathExists(file: string): Promise<boolean> {
@@ -6,4 +7,19 @@ export async function pathExists(file: string): Promise<boolean> {
     () => true,
     () => false,
   );
+}
+
+/** The mount points of this process's mount namespace (/proc/self/mountinfo, octal escapes decoded). */
+export async function mountPoints(): Promise<string[]> {
+  const info = await readFile("/proc/self/mountinfo", "utf8");
+  return info
+    .split("\n")
+    .map((line) => line.split(" ")[4]?.replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(parseInt(octal, 8))))
+    .filter((point): point is string => point !== undefined);
+}
+
+/** Mount points at or below `dir`. */
+export async function mountsBelow(dir: string): Promise<string[]> {
+  const prefix = path.resolve(dir);
+  return (await mountPoints()).filter((point) => point === prefix || point.startsWith(prefix + "/"));
 }

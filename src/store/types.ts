@@ -142,8 +142,6 @@ export interface PoolEntryRecord {
    * secure create without env vars takes it as its own and skips the /init round trip.
    */
   agentToken?: string;
-  /** The runtime it runs in: its template's (absent: the server's default runtime). */
-  runtime?: "container" | "microvm";
 }
 
 export interface SandboxQuery {

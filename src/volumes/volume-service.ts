@@ -5,7 +5,7 @@ import path from "node:path";
 import { constantTimeEquals } from "../shared/compare.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { runCommand } from "../shared/exec.js";
-import { pathExists } from "../shared/fs.js";
+import { mountPoints, pathExists } from "../shared/fs.js";
 import { createLogger } from "../shared/log.js";
 import type { VolumeMount, VolumeRecord, VolumeStore } from "../store/index.js";
 
@@ -233,7 +233,7 @@ export class VolumeService {
   private async mountImage(volumeId: string): Promise<string> {
     const dir = path.join(this.mountsDir, volumeId);
     await mkdir(dir, { recursive: true, mode: 0o755 });
-    if (await isMountPoint(dir)) return dir;
+    if ((await mountPoints()).includes(dir)) return dir;
     const image = this.imageOf(volumeId);
     const attached = await loopDeviceOf(image);
     const options = "nosuid,nodev,noatime";
@@ -244,7 +244,7 @@ export class VolumeService {
   /** Unmounts (lazily: a sandbox's bind keeps the filesystem until it ends) and removes the image. */
   private async removeImage(volumeId: string): Promise<void> {
     const dir = path.join(this.mountsDir, volumeId);
-    if (await isMountPoint(dir)) await runCommand(["umount", "--lazy", dir], { timeoutMs: 60_000 });
+    if ((await mountPoints()).includes(dir)) await runCommand(["umount", "--lazy", dir], { timeoutMs: 60_000 });
     await rmdir(dir).catch(() => undefined);
     await rm(this.imageOf(volumeId), { force: true });
     this.images.delete(volumeId);
@@ -259,12 +259,6 @@ export class VolumeService {
       await rm(dir, { recursive: true, force: true });
     }
   }
-}
-
-/** Whether `dir` is a mount point (in this process's mount namespace). */
-async function isMountPoint(dir: string): Promise<boolean> {
-  const info = await readFile("/proc/self/mountinfo", "utf8");
-  return info.split("\n").some((line) => line.split(" ")[4] === dir);
 }
 
 /** The loop device attached to `image`, if any (/sys/block/loop*\/loop/backing_file). */

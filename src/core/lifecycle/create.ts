@@ -2,7 +2,7 @@ import { startTemplateCommand } from "../template-start.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { roundMs } from "../../shared/log.js";
 import { runtimeIdOf, type PoolEntryRecord, type SandboxRecord, type SnapshotRecord, type VolumeMount, type CodebaseMount } from "../../store/types.js";
-import { AGENT_READY_TIMEOUT_MS, MICROVM_READY_TIMEOUT_MS } from "../../protocol/index.js";
+import { agentReadyTimeoutMs } from "../../protocol/index.js";
 import { normaliseSnapshotRef } from "../snapshot-names.js";
 import type { CreateSandboxRequest, TemplateInfo } from "../types.js";
 import type { WarmPool } from "../warm-pool.js";
@@ -104,7 +104,7 @@ export class Creation {
       const created = performance.now();
       // Its first /init is retried until the agent listens: no separate health probe.
       // A microVM under TCG boots in seconds, not milliseconds.
-      await ctx.initAgent(record, template, undefined, record.runtime === "microvm" ? MICROVM_READY_TIMEOUT_MS : AGENT_READY_TIMEOUT_MS);
+      await ctx.initAgent(record, template, undefined, agentReadyTimeoutMs(record.runtime));
       if (template.startCmd) await startTemplateCommand(record.network!.sandboxAddress, template, record.envdAccessToken);
       log.debug("booted", { sandboxId: record.sandboxId, runtimeMs: roundMs(created - started), agentUpMs: roundMs(performance.now() - created) });
     });

@@ -166,7 +166,8 @@ exec env -i "$@"
 `;
 
 const NAME_PATTERN = /^[A-Za-z_][A-Za-z0-9_]*$/;
-const SHARE_TAG_PATTERN = /^[a-z0-9-]{1,32}$/;
+/** A virtiofs share's tag, as QEMU's option syntax and the launch file both take it. */
+export const SHARE_TAG_PATTERN = /^[a-z0-9-]{1,32}$/;
 
 /** A virtiofs share the guest mounts (its tag as QEMU names it) at `target` (MICROVM_SHARES_NOTE). */
 export interface GuestShare {

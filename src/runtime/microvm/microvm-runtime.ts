@@ -7,7 +7,7 @@ import { createLogger } from "../../shared/log.js";
 import { assembleAgentKit, kitSourcesIn, type AgentKit } from "../container/agent-kit.js";
 import { imageId, parseImageId, type ImageInfo, type ImageKind, type ImageStore, type PendingImage } from "../images.js";
 import type { CheckpointInfo, Runtime, RuntimeState, SandboxSpec, SandboxStats } from "../types.js";
-import { builtImageKey, cachedTemplateDiskImage, createOverlay, kitDiskImage, removeOverlay, removeUnusedBuiltImages, templateDiskImage, type DiskImage } from "./disk-images.js";
+import { builtImageKey, cachedTemplateDiskImage, createOverlay, kitDiskImage, removeUnusedBuiltImages, templateDiskImage, type DiskImage } from "./disk-images.js";
 import { agentLaunchFile, prepareGuestAssets, type GuestAssets } from "./guest-assets.js";
 import { attachGuestNetwork, releaseGuestNetwork } from "./net.js";
 import { startShares, stopShares } from "./shares.js";
@@ -197,7 +197,6 @@ export class MicrovmRuntime implements Runtime {
       if (!helper) throw new CubicleError("internal", "a microVM's shares are mounted and this runtime has no helper to unmount them");
       await helper.teardown(mounts, undefined);
     });
-    await removeOverlay(path.join(dir, "root.qcow2")).catch(() => undefined);
     await rm(dir, { recursive: true, force: true });
   }
 
@@ -221,7 +220,7 @@ export class MicrovmRuntime implements Runtime {
       const base = spec.template.layerImageId ? await this.builtTemplateImage(spec.template, sizing) : await templateDiskImage(spec.template.rootfsDir, this.cacheDir, sizing);
       await createOverlay(base.path, overlay);
       const shares = mounts
-        ? await startShares(dir, spec, { call: (command, args, options) => this.config.hostHelper!.call(command, args, options), codebaseFs: path.join(this.config.distDir, "codebase-fs") })
+        ? await startShares(dir, spec, { call: this.config.hostHelper!.call.bind(this.config.hostHelper), codebaseFs: path.join(this.config.distDir, "codebase-fs") })
         : [];
       const launchFile = path.join(dir, "launch");
       await writeFile(launchFile, agentLaunchFile({ sandboxId: id, templateEnv: spec.template.env, kitCommand: kit.command, shares }), { mode: 0o600 });

@@ -5,7 +5,7 @@ import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
 import { createLogger } from "../../shared/log.js";
-import { GUEST_PROBE_ARG, GUEST_PROBE_MARKER, KIT_DISK_SERIAL, LAUNCH_FW_CFG_NAME, ROOT_DISK_SERIAL, type GuestAssets } from "./guest-assets.js";
+import { GUEST_PROBE_ARG, GUEST_PROBE_MARKER, KIT_DISK_SERIAL, LAUNCH_FW_CFG_NAME, ROOT_DISK_SERIAL, SHARE_TAG_PATTERN, type GuestAssets } from "./guest-assets.js";
 import { QmpClient } from "./qmp.js";
 
 const log = createLogger("qemu");
@@ -219,7 +219,7 @@ export function buildQemuArgv(config: MicrovmConfig): string[] {
     // vhost-user devices need virtio 1.0 transports; the microvm machine's are legacy by default.
     argv.push("-object", `memory-backend-memfd,id=ram,size=${config.memoryMiB}M,share=on`, "-machine", "memory-backend=ram", "-global", "virtio-mmio.force-legacy=false");
     for (const [index, share] of config.shares.entries()) {
-      if (!/^[a-z0-9-]{1,32}$/.test(share.tag)) throw new CubicleError("invalid_argument", `share tag ${share.tag} must be 1-32 lowercase letters, digits or -`);
+      if (!SHARE_TAG_PATTERN.test(share.tag)) throw new CubicleError("invalid_argument", `share tag ${share.tag} must be 1-32 lowercase letters, digits or -`);
       argv.push("-chardev", `socket,id=fs${index},path=${share.socket}`, "-device", `vhost-user-fs-device,chardev=fs${index},tag=${share.tag}`);
     }
   }

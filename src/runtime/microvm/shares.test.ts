@@ -4,7 +4,8 @@ import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
 import { runCommand } from "../../shared/exec.js";
-import { mountsBelow, stopShares } from "./shares.js";
+import { mountsBelow } from "../../shared/fs.js";
+import { stopShares } from "./shares.js";
 
 test("stopShares: a mount its teardown leaves stops it before anything is removed through it; a teardown that unmounts lets it finish", async (t) => {
   if (process.getuid?.() !== 0) return t.skip("needs root to mount");

@@ -3,6 +3,7 @@ import { mkdir, open, readdir, readFile, rm, stat, writeFile } from "node:fs/pro
 import path from "node:path";
 import { mountCodebases } from "../../codebases/codebase-mount.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
+import { mountsBelow } from "../../shared/fs.js";
 import { createLogger } from "../../shared/log.js";
 import type { SandboxSpec } from "../types.js";
 import type { GuestShare } from "./guest-assets.js";
@@ -144,14 +145,4 @@ export async function stopShares(dir: string, teardown: (bundleDir: string) => P
 
 async function commandLineOf(pid: number): Promise<string[]> {
   return (await readFile(`/proc/${pid}/cmdline`, "utf8").catch(() => "")).split("\0");
-}
-
-/** Mount points at or below `dir` (from this process's mountinfo). */
-export async function mountsBelow(dir: string): Promise<string[]> {
-  const info = await readFile("/proc/self/mountinfo", "utf8");
-  const prefix = path.resolve(dir);
-  return info
-    .split("\n")
-    .map((line) => line.split(" ")[4]?.replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(parseInt(octal, 8))))
-    .filter((point): point is string => point !== undefined && (point === prefix || point.startsWith(prefix + "/")));
 }
