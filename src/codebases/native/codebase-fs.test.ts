@@ -322,6 +322,28 @@ describe("codebase-fs", { skip: skipReason() }, () => {
     assert.match(missing.stderr, /--mount is required/);
   });
 
+  test("whiteouts are bounded (4096 per mount, HIDDEN_RMDIR_NOTE): past that, such an rmdir is ENOTEMPTY again and the directory stays", () => {
+    // Run late: it fills the mount's whiteouts.
+    const count = 4097;
+    for (let i = 0; i < count; i++) {
+      fs.mkdirSync(inSource("src", "many", `d${i}`), { recursive: true });
+      fs.writeFileSync(inSource("src", "many", `d${i}`, "x.env"), "K=1\n");
+    }
+    let hidden = 0;
+    let refused = 0;
+    for (let i = 0; i < count; i++) {
+      const code = errorCode(() => fs.rmdirSync(inMount("src", "many", `d${i}`)));
+      if (code === undefined) hidden++;
+      else if (code === "ENOTEMPTY") refused++;
+      else assert.fail(`rmdir d${i}: ${code}`);
+    }
+    // The earlier test's directory revived by mkdir gave its whiteout back; others may hold some.
+    assert.ok(hidden <= 4096 && hidden >= 4090, `hidden ${hidden}`);
+    assert.ok(refused >= 1, "the one past the bound is refused");
+    assert.equal(fs.readdirSync(inMount("src", "many")).length, refused, "refused ones stay listed");
+    assert.equal(fs.readdirSync(inSource("src", "many")).length, count, "the host keeps every directory");
+  });
+
   test("unmounting stops the daemon with status 0", async () => {
     const result = spawnSync("umount", [mnt], { encoding: "utf8" });
     assert.equal(result.status, 0, result.stderr);
