@@ -162,7 +162,12 @@ export class FakeRuntime implements Runtime {
     return this.cpuUsec.get(id) ?? 0;
   }
 
-  async stats(): Promise<SandboxStats> {
+  /** Runtime ids whose stats were read, in order. */
+  readonly statsReads: string[] = [];
+
+  async stats(id: string): Promise<SandboxStats> {
+    this.statsReads.push(id);
+    if (!this.containers.has(id)) throw new CubicleError("not_found", `no container ${id}`);
     return { cpuUsedPct: 0, cpuCount: 1, memUsedBytes: 0, memTotalBytes: 0, memCacheBytes: 0, diskUsedBytes: 0, diskTotalBytes: 0 };
   }
 
