@@ -23,7 +23,7 @@ before(async () => {
   // What the microVM unit tests need too: QEMU and the guest kernel package setup-host keeps in apt's cache.
   skipReason = await guestSkipReason();
   if (skipReason) return;
-  server = await startTestServer({ extraEnv: { CUBICLE_MICROVM: "tcg" } });
+  server = await startTestServer({ extraEnv: { CUBICLE_MICROVM: "tcg", CUBICLE_DURABLE_PAUSE_AFTER_SEC: "3" } });
   useServerForSdk(server);
 });
 
@@ -63,10 +63,10 @@ test("runtime microvm: a QEMU guest with its own kernel runs the agent; the SDK 
     assert.match(fill.stdout, /No space left on device[\s\S]*rc=1/);
     await sandbox.files.write("/home/user/in-the-vm.txt", "written through envd");
     assert.equal(await sandbox.files.read("/home/user/in-the-vm.txt"), "written through envd");
-    const snapshot = await server.api("POST", `/sandboxes/${id}/snapshots`, {});
-    assert.equal(snapshot.status, 400, "snapshots of microVMs are refused for now, clearly");
-    assert.match(snapshot.json.message, /microVMs .*not available yet/);
-    assert.equal((await sandbox.commands.run("cat /home/user/in-the-vm.txt")).stdout, "written through envd", "the refused snapshot left the guest running");
+    const filesOnly = await server.api("POST", `/sandboxes/${id}/pause`, { keepMemory: false });
+    assert.equal(filesOnly.status, 400, "a pause without memory is refused, clearly");
+    assert.match(filesOnly.json.message, /without its memory/);
+    assert.equal((await sandbox.commands.run("cat /home/user/in-the-vm.txt")).stdout, "written through envd", "the refused pause left the guest running");
     // Pause keeps the guest in RAM (QMP stop); connect resumes it.
     assert.equal((await server.api("POST", `/sandboxes/${id}/pause`)).status, 204);
     assert.equal((await server.api("GET", `/sandboxes/${id}`)).json.state, "paused");
@@ -89,6 +89,87 @@ test("runtime microvm: a QEMU guest with its own kernel runs the agent; the SDK 
   assert.equal(containers.status, 201, "containers stay the default");
   assert.equal((await server.api("GET", `/sandboxes/${containers.json.sandboxID}`)).json.runtime, "container");
   await server.api("DELETE", `/sandboxes/${containers.json.sandboxID}`);
+});
+
+/** A command's stdout in a sandbox, as root. */
+async function run(sandbox: Sandbox, command: string): Promise<string> {
+  return (await sandbox.commands.run(command, { user: "root" })).stdout.trim();
+}
+
+test("microVM memory images (MICROVM_IMAGE_NOTE): snapshot, create from it, fork, rollback and pause to disk bring back the guest's RAM, processes and files; kill and delete leave nothing", { timeout: 15 * 60_000 }, async (t) => {
+  if (skipReason || !server) return t.skip(skipReason ?? "no server");
+  const created = await server.api("POST", "/v2/sandboxes", { templateID: "base", runtime: "microvm", timeout: 900 });
+  assert.equal(created.status, 201, JSON.stringify(created.json));
+  const sourceId = created.json.sandboxID as string;
+  const made: string[] = [sourceId];
+  const imagesDir = path.join(server.stateDir, "microvm", "images");
+  try {
+    const source = await Sandbox.connect(sourceId);
+    await source.files.write("/home/user/note.txt", "version 1");
+    // RAM only (a tmpfs of the guest) and a process that counts: both must come back.
+    await run(source, "echo ram-only > /dev/shm/marker");
+    await source.commands.run("sh -c 'i=0; while sleep 0.2; do i=$((i+1)); echo $i > /dev/shm/count; done'", { background: true, user: "root" });
+    const sourceBoot = await run(source, "cat /proc/sys/kernel/random/boot_id");
+
+    const snapshot = await server.api("POST", `/sandboxes/${sourceId}/snapshots`, {});
+    assert.equal(snapshot.status, 201, JSON.stringify(snapshot.json));
+    const snapshotId = snapshot.json.snapshotID as string;
+    assert.equal(await run(source, "cat /dev/shm/marker"), "ram-only", "the source runs on");
+    await source.files.write("/home/user/note.txt", "version 2");
+    assert.equal(fs.readdirSync(path.join(imagesDir, "snapshots")).length, 1, "the image is the microVM runtime's");
+
+    const restored = await Sandbox.create(snapshotId, { timeoutMs: 600_000 });
+    made.push(restored.sandboxId);
+    assert.equal((await server.api("GET", `/sandboxes/${restored.sandboxId}`)).json.runtime, "microvm");
+    assert.equal(await run(restored, "cat /dev/shm/marker"), "ram-only", "the guest's RAM came back");
+    assert.equal(await restored.files.read("/home/user/note.txt"), "version 1", "its disk is the snapshot's");
+    const count = Number(await run(restored, "cat /dev/shm/count"));
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    assert.ok(Number(await run(restored, "cat /dev/shm/count")) > count, "the counting process runs on in the restored guest");
+    assert.equal(await run(restored, "hostname"), restored.sandboxId, "it is named after its own id");
+    assert.equal(await source.files.read("/home/user/note.txt"), "version 2", "the source kept its own disk");
+    assert.ok(sourceBoot.length > 0);
+
+    const forks = await restored.fork({ count: 2, timeoutMs: 600_000 });
+    assert.equal(forks.length, 2);
+    for (const fork of forks) {
+      assert.ok(fork instanceof Sandbox, String(fork));
+      made.push(fork.sandboxId);
+      assert.equal(await run(fork, "cat /dev/shm/marker"), "ram-only");
+      assert.equal(await run(fork, "hostname"), fork.sandboxId);
+    }
+    await (forks[0] as Sandbox).files.write("/home/user/note.txt", "fork 0");
+    assert.equal(await (forks[1] as Sandbox).files.read("/home/user/note.txt"), "version 1", "forks are independent");
+
+    // Rollback in place: same id, the snapshot's RAM and files.
+    await run(source, "rm /dev/shm/marker");
+    const rolled = await server.api("POST", `/sandboxes/${sourceId}/rollback`, { snapshotID: snapshotId });
+    assert.equal(rolled.status, 200, JSON.stringify(rolled.json));
+    const back = await Sandbox.connect(sourceId);
+    assert.equal(await run(back, "cat /dev/shm/marker"), "ram-only");
+    assert.equal(await back.files.read("/home/user/note.txt"), "version 1");
+    assert.equal(await run(back, "hostname"), sourceId);
+
+    // A pause goes to disk after CUBICLE_DURABLE_PAUSE_AFTER_SEC: QEMU ends, the resume loads its image.
+    const qemuCount = qemuPids().length;
+    assert.equal((await server.api("POST", `/sandboxes/${sourceId}/pause`)).status, 204);
+    for (let i = 0; i < 100 && qemuPids().length === qemuCount; i++) await new Promise((resolve) => setTimeout(resolve, 200));
+    assert.equal(qemuPids().length, qemuCount - 1, "the paused guest's QEMU ended: its memory is on disk");
+    assert.equal(fs.readdirSync(path.join(imagesDir, "paused")).length, 1);
+    const woken = await Sandbox.connect(sourceId);
+    assert.equal(await run(woken, "cat /dev/shm/marker"), "ram-only", "the pause image held the RAM");
+    assert.equal(qemuPids().length, qemuCount);
+  } finally {
+    for (const id of made) await server.api("DELETE", `/sandboxes/${id}`);
+  }
+  for (let i = 0; i < 50 && qemuPids().length > 0; i++) await new Promise((resolve) => setTimeout(resolve, 100));
+  assert.deepEqual(qemuPids(), [], "every QEMU has ended");
+  assert.deepEqual(fs.readdirSync(path.join(imagesDir, "paused")), [], "the pause image went with its resume");
+  const snapshots = (await server.api("GET", "/snapshots")).json as { snapshotID: string }[];
+  for (const snapshot of snapshots) assert.equal((await server.api("DELETE", `/templates/${snapshot.snapshotID}`)).status, 204);
+  for (let i = 0; i < 50 && fs.readdirSync(path.join(imagesDir, "snapshots")).length > 0; i++) await new Promise((resolve) => setTimeout(resolve, 100));
+  assert.deepEqual(fs.readdirSync(path.join(imagesDir, "snapshots")), [], "a deleted snapshot's image is gone");
+  assert.deepEqual(fs.readdirSync(path.join(server.runDir, "microvm")), [], "no guest directory is left");
 });
 
 test("a template made by the template builder runs in a microVM: its layer over its base, removed files gone; its guest image goes with the template (BUILT_TEMPLATE_IMAGE_NOTE)", { timeout: 10 * 60_000 }, async (t) => {

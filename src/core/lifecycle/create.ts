@@ -219,6 +219,9 @@ export class Creation {
     record.cpuCount = snapshot.cpuCount;
     record.memoryMB = snapshot.memoryMB;
     record.diskSizeMB = snapshot.diskSizeMB;
+    // The image restores on the runtime that made it, whatever the template or the request say.
+    const image = await ctx.ports.runtime.images.info(snapshot.imageId);
+    if (image) record.runtime = image.runtime;
     // The same volumes and codebases, by id, as they are now: one deleted or unregistered since
     // the snapshot fails the create here.
     if (snapshot.volumeMounts?.length) {

@@ -99,6 +99,7 @@ export class Snapshots {
     record.cpuCount = image.cpuCount;
     record.memoryMB = image.memoryMB;
     record.diskSizeMB = image.diskSizeMB;
+    record.runtime = source.runtime;
     if (image.volumeMounts?.length) record.volumeMounts = image.volumeMounts;
     if (image.codebaseMounts?.length) record.codebaseMounts = image.codebaseMounts;
     record.metadata = { ...source.metadata };

@@ -1,17 +1,18 @@
-import { createHash } from "node:crypto";
-import { chmod, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import { constants } from "node:fs";
+import { copyFile, mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
 import { createLogger } from "../../shared/log.js";
 import { assembleAgentKit, kitSourcesIn, type AgentKit } from "../container/agent-kit.js";
-import { imageId, parseImageId, type ImageInfo, type ImageKind, type ImageStore, type PendingImage } from "../images.js";
-import type { CheckpointInfo, Runtime, RuntimeState, SandboxSpec, SandboxStats } from "../types.js";
+import { ContainerImageStore } from "../container/container-image-store.js";
+import { imageId, parseImageId } from "../images.js";
+import type { CheckpointInfo, CheckpointOptions, CheckpointTarget, Runtime, RuntimeState, SandboxSpec, SandboxStats } from "../types.js";
 import { builtImageKey, cachedTemplateDiskImage, createOverlay, kitDiskImage, removeUnusedBuiltImages, templateDiskImage, type DiskImage } from "./disk-images.js";
 import { agentLaunchFile, prepareGuestAssets, type GuestAssets } from "./guest-assets.js";
 import { attachGuestNetwork, releaseGuestNetwork } from "./net.js";
 import { startShares, stopShares } from "./shares.js";
-import { MICROVM_UID_COUNT, MICROVM_UID_START, macAddressFrom, reconnectMicrovm, startMicrovm, type Accelerator, type Microvm, type QemuLauncher } from "./qemu.js";
+import { MICROVM_UID_COUNT, MICROVM_UID_START, reconnectMicrovm, startMicrovm, type Accelerator, type Microvm, type MicrovmConfig, type QemuLauncher, guestStateChannel, prepareGuestChroot } from "./qemu.js";
 
 const log = createLogger("microvm");
 
@@ -56,7 +57,26 @@ interface GuestRecord {
   cpuCount: number;
   diskBytes: number;
   uid: number;
+  /** virtiofs shares it has (volumes, codebases): its state cannot be saved then. */
+  shares?: number;
 }
+
+/** What a microVM image's meta.json holds (MICROVM_IMAGE_NOTE). */
+interface MicrovmImageMeta {
+  runtime: "microvm";
+  memory: true;
+  createdAt: string;
+  sizeBytes: number;
+  memoryMiB: number;
+  cpuCount: number;
+  diskBytes: number;
+  /** The kit disk and the guest kernel it ran: a restore needs the very same. */
+  kitImage: string;
+  kernelVersion: string;
+}
+
+/** The files of a microVM image. */
+const IMAGE_FILES = { state: "state", rootDisk: "root.qcow2", meta: "meta.json" } as const;
 
 interface Guest extends GuestRecord {
   vm: Microvm;
@@ -80,7 +100,18 @@ interface Guest extends GuestRecord {
  */
 export class MicrovmRuntime implements Runtime {
   readonly name = "microvm" as const;
-  readonly images: ImageStore = new NoImages();
+  /**
+   * MICROVM_IMAGE_NOTE: a microVM image is a directory (the container runtime's store layout,
+   * under `<stateDir>/microvm/images`): `state`, QEMU's saved device state and RAM
+   * (MICROVM_STATE_NOTE); `root.qcow2`, a copy of the guest's root overlay taken while QEMU had
+   * flushed and released it (its backing file is the template's base image, which must still be
+   * there to restore); `meta.json`, the machine's shape (vCPUs, memory, disk), the kit disk and
+   * the guest kernel it ran, which a restore must use again, and the bytes it takes. Only
+   * images with memory exist: a guest's kernel holds writes its disk has not seen yet, so its
+   * files alone are never saved (a pause without memory is refused). Guests with virtiofs
+   * shares cannot be saved (QEMU 7.2 cannot migrate vhost-user-fs).
+   */
+  readonly images: ContainerImageStore;
   private assets: GuestAssets | undefined;
   private kit: AgentKit | undefined;
   private kitImage: DiskImage | undefined;
@@ -91,7 +122,9 @@ export class MicrovmRuntime implements Runtime {
   /** Sandboxes being torn down on purpose: their QEMU's end is no crash. */
   private readonly stopping = new Set<string>();
 
-  constructor(private readonly config: MicrovmRuntimeConfig) {}
+  constructor(private readonly config: MicrovmRuntimeConfig) {
+    this.images = new ContainerImageStore(path.join(config.stateDir, "microvm", "images"));
+  }
 
   private get cacheDir(): string {
     return path.join(this.config.stateDir, "microvm");
@@ -102,9 +135,9 @@ export class MicrovmRuntime implements Runtime {
     this.assets = await prepareGuestAssets(path.join(this.cacheDir, "assets"), this.config.kernelDeb ? { kernelDeb: this.config.kernelDeb } : {});
     this.kit = await assembleAgentKit(path.join(this.cacheDir, "kit"), kitSourcesIn(this.config.distDir));
     this.kitImage = await kitDiskImage(this.kit.dir, this.cacheDir);
-    // QEMU's chroot (QEMU_CONFINE_NOTE): empty, and not writable by the guests' uids.
-    await mkdir(this.chrootDir, { recursive: true, mode: 0o555 });
-    await chmod(this.chrootDir, 0o555);
+    // Chroots are per guest now (prepareGuestChroot): the shared empty one of earlier versions goes.
+    await rm(path.join(this.cacheDir, "empty"), { recursive: true, force: true });
+    await this.images.init();
     await this.adoptGuests();
     // Disk images of builder templates deleted or rebuilt since (BUILT_TEMPLATE_IMAGE_NOTE).
     const layerExists = this.config.layerExists;
@@ -144,8 +177,9 @@ export class MicrovmRuntime implements Runtime {
     });
   }
 
-  private get chrootDir(): string {
-    return path.join(this.cacheDir, "empty");
+  /** A guest's chroot (QEMU_CONFINE_NOTE), inside its directory. */
+  private static chrootOf(dir: string): string {
+    return path.join(dir, "chroot");
   }
 
   /**
@@ -225,8 +259,9 @@ export class MicrovmRuntime implements Runtime {
       const launchFile = path.join(dir, "launch");
       await writeFile(launchFile, agentLaunchFile({ sandboxId: id, templateEnv: spec.template.env, kitCommand: kit.command, shares }), { mode: 0o600 });
       await spec.networkReady;
-      const guestNetwork = await attachGuestNetwork(spec.network, macAddressFrom(createHash("sha256").update(id).digest("hex")));
+      const guestNetwork = await attachGuestNetwork(spec.network);
       const uid = this.guestUid();
+      await prepareGuestChroot(MicrovmRuntime.chrootOf(dir), overlay, uid);
       const vm = await startMicrovm(
         {
           accel: this.config.accel,
@@ -240,7 +275,7 @@ export class MicrovmRuntime implements Runtime {
           launchFile,
           runDir: path.join(dir, "run"),
           netnsPath: spec.network.netnsPath,
-          confine: { uid, gid: uid, chrootDir: this.chrootDir },
+          confine: { uid, gid: uid, chrootDir: MicrovmRuntime.chrootOf(dir) },
           shares: shares.map(({ tag, socket }) => ({ tag, socket })),
         },
         this.config.launcher ? { launcher: this.config.launcher } : {},
@@ -251,6 +286,7 @@ export class MicrovmRuntime implements Runtime {
         cpuCount: spec.resources.cpuCount,
         diskBytes: spec.resources.diskMiB * 1024 * 1024,
         uid,
+        shares: shares.length,
       };
       this.track(id, { ...record, vm, dir, overlay });
       await writeFile(path.join(dir, GUEST_RECORD), JSON.stringify(record), { mode: 0o600 });
@@ -282,7 +318,8 @@ export class MicrovmRuntime implements Runtime {
     if (!guest) return "missing";
     const status = await guest.vm.status().catch(() => "gone");
     if (status === "running") return "running";
-    if (status === "paused") return "frozen";
+    // `postmigrate`: stopped after its state was saved (a snapshot of a frozen guest); cont runs it on.
+    if (status === "paused" || status === "postmigrate") return "frozen";
     return "stopped";
   }
 
@@ -323,13 +360,118 @@ export class MicrovmRuntime implements Runtime {
     return Math.round((ticks / 100) * 1_000_000);
   }
 
-  async checkpoint(sandboxId: string): Promise<CheckpointInfo & { imageId: string }> {
-    this.guest(sandboxId);
-    throw new CubicleError("failed_precondition", "memory images of microVMs (snapshot, pause to disk, fork) are not available yet");
+  /** The kit disk and kernel a memory image depends on (MICROVM_IMAGE_NOTE). */
+  memoryImageFingerprint(): string | undefined {
+    return this.kitImage && this.assets ? `${path.basename(this.kitImage.path)}+${this.assets.kernelVersion}` : undefined;
   }
 
-  async restore(): Promise<void> {
-    throw new CubicleError("failed_precondition", "restoring microVMs from images is not available yet");
+  async checkpoint(sandboxId: string, target: CheckpointTarget, options: CheckpointOptions): Promise<CheckpointInfo & { imageId: string }> {
+    const guest = this.guest(sandboxId);
+    const { kitImage, assets } = this;
+    if (!kitImage || !assets) throw new CubicleError("failed_precondition", "the microVM runtime is not initialised; call init() first");
+    if (!options.memory) {
+      throw new CubicleError("failed_precondition", "a microVM's files cannot be saved without its memory (its kernel holds writes its disk has not seen): pause it with its memory, or snapshot it");
+    }
+    if (guest.shares) throw new CubicleError("failed_precondition", "a microVM with volumes or codebases mounted cannot be snapshotted or paused to disk yet (virtiofs state cannot be saved)");
+    const pending = await this.images.allocate(target.kind, target.name);
+    const before = await guest.vm.status();
+    const started = performance.now();
+    let frozenMs = 0;
+    try {
+      if (before === "running") await guest.vm.pause();
+      const stateBytes = await guest.vm.saveState(path.join(pending.dir, IMAGE_FILES.state), guestStateChannel(MicrovmRuntime.chrootOf(guest.dir)));
+      // QEMU flushed and released the disk at the end of the save: the copy is consistent.
+      await copyFile(guest.overlay, path.join(pending.dir, IMAGE_FILES.rootDisk), constants.COPYFILE_FICLONE);
+      const diskFileBytes = (await stat(path.join(pending.dir, IMAGE_FILES.rootDisk))).blocks * 512;
+      if (options.leaveRunning) {
+        if (before === "running") await guest.vm.resume();
+      } else {
+        this.stopping.add(sandboxId);
+        try {
+          await guest.vm.quit(3000).catch(() => guest.vm.kill());
+        } finally {
+          this.stopping.delete(sandboxId);
+        }
+      }
+      frozenMs = performance.now() - started;
+      const meta: MicrovmImageMeta = {
+        runtime: "microvm",
+        memory: true,
+        createdAt: new Date().toISOString(),
+        sizeBytes: stateBytes + diskFileBytes,
+        memoryMiB: Math.round(guest.memoryBytes / (1024 * 1024)),
+        cpuCount: guest.cpuCount,
+        diskBytes: guest.diskBytes,
+        kitImage: kitImage.path,
+        kernelVersion: assets.kernelVersion,
+      };
+      await writeFile(path.join(pending.dir, IMAGE_FILES.meta), JSON.stringify(meta, null, 2) + "\n", { mode: 0o600 });
+      const info = await this.images.commit(pending);
+      log.debug("checkpoint", { sandboxId, imageId: info.id, stateBytes, frozenMs: Math.round(frozenMs) });
+      return { imageId: info.id, sizeBytes: info.sizeBytes, frozenMs, memory: true };
+    } catch (err) {
+      await this.images.abandon(pending);
+      // The guest goes on as it was: a failed save must not leave it stopped.
+      if (before === "running" && this.guests.get(sandboxId) === guest) await guest.vm.resume().catch(() => undefined);
+      throw err;
+    }
+  }
+
+  async restore(spec: SandboxSpec, imageId: string): Promise<void> {
+    const { assets, kit, kitImage } = this;
+    if (!assets || !kit || !kitImage) throw new CubicleError("failed_precondition", "the microVM runtime is not initialised; call init() first");
+    const info = await this.images.info(imageId);
+    if (!info) throw new CubicleError("not_found", `image ${imageId} does not exist`);
+    if (info.runtime !== "microvm") throw new CubicleError("failed_precondition", `image ${imageId} was made by the ${info.runtime} runtime; microVMs restore only their own`);
+    const imageDir = this.images.dirOf(imageId);
+    const meta = await readImageMeta(imageDir);
+    if (meta.kitImage !== kitImage.path || meta.kernelVersion !== assets.kernelVersion) {
+      throw new CubicleError("failed_precondition", `image ${imageId} was made with another agent kit or guest kernel than this server runs; it cannot be restored`);
+    }
+    if ((spec.volumes?.length ?? 0) + (spec.codebases?.length ?? 0) > 0) throw new CubicleError("failed_precondition", "a microVM restored from an image cannot mount volumes or codebases yet");
+    const id = spec.sandboxId;
+    if (this.guests.has(id)) throw new CubicleError("already_exists", `sandbox ${id} already exists on this host`);
+    const dir = path.join(this.config.runDir, "microvm", id);
+    const overlay = path.join(dir, "root.qcow2");
+    const started = performance.now();
+    let vm: Microvm | undefined;
+    try {
+      await mkdir(dir, { recursive: true, mode: 0o700 });
+      await copyFile(path.join(imageDir, IMAGE_FILES.rootDisk), overlay, constants.COPYFILE_FICLONE);
+      const launchFile = path.join(dir, "launch");
+      await writeFile(launchFile, agentLaunchFile({ sandboxId: id, templateEnv: spec.template.env, kitCommand: kit.command, shares: [] }), { mode: 0o600 });
+      await spec.networkReady;
+      const guestNetwork = await attachGuestNetwork(spec.network);
+      const uid = this.guestUid();
+      const channel = await prepareGuestChroot(MicrovmRuntime.chrootOf(dir), overlay, uid);
+      const config: MicrovmConfig = {
+        accel: this.config.accel,
+        assets,
+        memoryMiB: meta.memoryMiB,
+        cpuCount: meta.cpuCount,
+        rootDisk: overlay,
+        kitDisk: kitImage.path,
+        network: guestNetwork,
+        hostname: spec.hostname,
+        launchFile,
+        runDir: path.join(dir, "run"),
+        netnsPath: spec.network.netnsPath,
+        confine: { uid, gid: uid, chrootDir: MicrovmRuntime.chrootOf(dir) },
+        incoming: true,
+      };
+      vm = await startMicrovm(config, this.config.launcher ? { launcher: this.config.launcher } : {});
+      await vm.loadState(path.join(imageDir, IMAGE_FILES.state), channel);
+      await vm.resume();
+      const record: GuestRecord = { netnsPath: spec.network.netnsPath, memoryBytes: meta.memoryMiB * 1024 * 1024, cpuCount: meta.cpuCount, diskBytes: meta.diskBytes, uid, shares: 0 };
+      this.track(id, { ...record, vm, dir, overlay });
+      await writeFile(path.join(dir, GUEST_RECORD), JSON.stringify(record), { mode: 0o600 });
+      log.debug("restored", { sandboxId: id, imageId, ms: Math.round(performance.now() - started) });
+      await spec.whenRunning?.();
+    } catch (err) {
+      if (vm && !this.guests.has(id)) await vm.quit(2000).catch(() => vm!.kill());
+      await this.destroy(id).catch((cleanup) => log.warn("could not remove a failed restore's guest", { dir, error: (cleanup as Error).message }));
+      throw err;
+    }
   }
 
   onExit(listener: (sandboxId: string) => void): void {
@@ -345,26 +487,15 @@ export class MicrovmRuntime implements Runtime {
   }
 }
 
-/** The microVM runtime's image store until memory snapshots land: it holds nothing. */
-class NoImages implements ImageStore {
-  allocate(kind: ImageKind, name: string): Promise<PendingImage> {
-    return Promise.reject(new CubicleError("failed_precondition", `microVM images (${kind}/${name}) are not available yet`));
+/** A microVM image's meta.json (MICROVM_IMAGE_NOTE), checked. */
+async function readImageMeta(imageDir: string): Promise<MicrovmImageMeta> {
+  const text = await readFile(path.join(imageDir, IMAGE_FILES.meta), "utf8").catch((err) => {
+    throw new CubicleError("not_found", `the image ${path.basename(imageDir)} is not complete (no meta.json)`, { cause: err });
+  });
+  const meta = JSON.parse(text) as Partial<MicrovmImageMeta>;
+  const positive = (value: unknown) => typeof value === "number" && Number.isInteger(value) && value > 0;
+  if (meta.runtime !== "microvm" || meta.memory !== true || !positive(meta.memoryMiB) || !positive(meta.cpuCount) || typeof meta.kitImage !== "string" || typeof meta.kernelVersion !== "string") {
+    throw new CubicleError("failed_precondition", `the image ${path.basename(imageDir)} is damaged (its meta.json is not a microVM image's)`);
   }
-  commit(pending: PendingImage): Promise<ImageInfo> {
-    return Promise.reject(new CubicleError("failed_precondition", `microVM images (${pending.id}) are not available yet`));
-  }
-  async abandon(): Promise<void> {}
-  async exists(): Promise<boolean> {
-    return false;
-  }
-  async info(): Promise<ImageInfo | undefined> {
-    return undefined;
-  }
-  async list(): Promise<string[]> {
-    return [];
-  }
-  async remove(): Promise<void> {}
-  usedBytes(): number {
-    return 0;
-  }
+  return meta as MicrovmImageMeta;
 }

@@ -1,7 +1,6 @@
 import assert from "node:assert/strict";
-import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
-import { mkdir, mkdtemp, readFile, readlink, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, readdir, readFile, readlink, rm, stat, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
@@ -11,7 +10,7 @@ import { waitForAgentHealth } from "../container/test-helpers.js";
 import { createOverlay, kitDiskImage, removeOverlay, templateDiskImage } from "./disk-images.js";
 import { agentLaunchFile, prepareGuestAssets } from "./guest-assets.js";
 import { attachGuestNetwork, releaseGuestNetwork } from "./net.js";
-import { MICROVM_UID_START, macAddressFrom, startMicrovm, type Microvm } from "./qemu.js";
+import { guestStateChannel, MICROVM_UID_START, prepareGuestChroot, startMicrovm, type Microvm } from "./qemu.js";
 import { builtHelper, guestSkipReason, localKernelDeb, makeTestNetwork, releaseTestNetwork, type TestSandboxNetwork } from "./test-helpers.js";
 
 const repo = path.resolve(path.dirname(new URL(import.meta.url).pathname), "../../..");
@@ -19,7 +18,7 @@ const dist = path.join(repo, "dist");
 const templateDir = process.env.CUBICLE_MICROVM_TEMPLATE ?? "/var/lib/cubicle/templates/base";
 /** Boots to measure (p50 printed); 1 by default: a TCG boot costs seconds of both cores. */
 const boots = Math.max(1, Number(process.env.CUBICLE_MICROVM_BOOTS ?? 1));
-const guestNames = { bridgeName: "cbmbr0", tapName: "cbmtap0" };
+const guestNames = { tapName: "cbmtap0", tableName: "cbm_guest" };
 
 async function skipReason(): Promise<string | undefined> {
   const reason = await guestSkipReason();
@@ -54,18 +53,19 @@ test("boots the base template in a microVM under TCG: the agent answers on the s
 
     network = await makeTestNetwork("v", 217);
     const sandboxId = `cbm${process.pid}`;
-    const guestNetwork = await attachGuestNetwork(network, macAddressFrom(createHash("sha256").update(sandboxId).digest("hex")), guestNames);
+    const guestNetwork = await attachGuestNetwork(network, guestNames);
     const launchFile = path.join(stateDir, "launch");
     await writeFile(launchFile, agentLaunchFile({ sandboxId, templateEnv: template.env ?? {}, kitCommand: kit.command }), { mode: 0o600 });
     const overlay = path.join(stateDir, "sandboxes", sandboxId, "root.qcow2");
-    const chrootDir = path.join(stateDir, "empty");
-    await mkdir(chrootDir, { mode: 0o555 });
+    const chrootDir = path.join(stateDir, "sandboxes", sandboxId, "chroot");
     const guestUid = MICROVM_UID_START + 42;
+    let channel = guestStateChannel(chrootDir);
 
     const bootMs: number[] = [];
     for (let boot = 0; boot < boots; boot++) {
       await removeOverlay(overlay);
       await createOverlay(baseImage.path, overlay);
+      channel = await prepareGuestChroot(chrootDir, overlay, guestUid);
       const started = performance.now();
       vm = await startMicrovm({
         accel: "tcg",
@@ -115,6 +115,51 @@ test("boots the base template in a microVM under TCG: the agent answers on the s
         assert.equal(await vm.status(), "paused");
         await vm.resume();
         assert.equal(await vm.status(), "running");
+
+        // MICROVM_STATE_NOTE: the state saved through the chroot's channel, loaded into a new QEMU.
+        const inGuest = async (command: string) => {
+          let text = "";
+          const run = await runInSandbox(network!.sandboxAddress, { argv: ["/bin/sh", "-c", command], user: "root", timeoutMs: 60_000, onOutput: (_stream, chunk) => (text += chunk) });
+          assert.equal(run.exitCode, 0, text);
+          return text.trim();
+        };
+        await inGuest("echo only-in-guest-ram > /dev/shm/marker; sync");
+        const bootId = await inGuest("cat /proc/sys/kernel/random/boot_id");
+        await vm.pause();
+        const stateFile = path.join(stateDir, "state");
+        const bytes = await timed("save state", () => vm!.saveState(stateFile, channel));
+        assert.equal((await stat(stateFile)).size, bytes);
+        console.log(`saved state of a 512 MiB guest: ${Math.round(bytes / (1 << 20))} MiB`);
+        assert.equal(await vm.status(), "postmigrate");
+        assert.deepEqual(await readdir(channel.hostDir), [], "the channel's socket is gone");
+        await vm.quit();
+        vm = await startMicrovm({
+          accel: "tcg",
+          assets,
+          memoryMiB: 512,
+          cpuCount: 1,
+          rootDisk: overlay,
+          kitDisk: kitImage.path,
+          network: guestNetwork,
+          hostname: "cbm-guest",
+          launchFile,
+          runDir: path.join(stateDir, "sandboxes", sandboxId, "run"),
+          netnsPath: network.netnsPath,
+          confine: { uid: guestUid, gid: guestUid, chrootDir },
+          incoming: true,
+        });
+        assert.equal(await vm.status(), "inmigrate");
+        await timed("load state", () => vm!.loadState(stateFile, channel));
+        assert.equal(await vm.status(), "paused");
+        await vm.resume();
+        await waitForAgentHealth(network.sandboxAddress, 30_000);
+        assert.equal(await inGuest("cat /dev/shm/marker"), "only-in-guest-ram", "the guest's RAM came back");
+        assert.equal(await inGuest("cat /proc/sys/kernel/random/boot_id"), bootId, "the same boot: nothing rebooted");
+        // A broken stream makes the loading QEMU fail, and says so.
+        await vm.quit();
+        await writeFile(stateFile, "not a migration stream");
+        vm = await startMicrovm({ accel: "tcg", assets, memoryMiB: 512, cpuCount: 1, rootDisk: overlay, kitDisk: kitImage.path, network: guestNetwork, launchFile, runDir: path.join(stateDir, "sandboxes", sandboxId, "run"), netnsPath: network.netnsPath, confine: { uid: guestUid, gid: guestUid, chrootDir }, incoming: true });
+        await assert.rejects(vm.loadState(stateFile, channel, 20_000), /QEMU|state/);
       }
       await vm.quit();
       assert.equal(existsSync(`/proc/${vm.pid}`), false, "QEMU has ended");

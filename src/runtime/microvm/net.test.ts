@@ -1,13 +1,11 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { runCommand } from "../../shared/exec.js";
-import { attachGuestNetwork, releaseGuestNetwork } from "./net.js";
+import { attachGuestNetwork, GUEST_ADDRESS, GUEST_GATEWAY, GUEST_MAC_ADDRESS, guestNatRuleset, releaseGuestNetwork } from "./net.js";
 import { builtHelper, makeTestNetwork, releaseTestNetwork } from "./test-helpers.js";
 
 interface Link {
   ifname: string;
-  master?: string;
-  operstate?: string;
   linkinfo?: { info_kind?: string };
   addr_info?: { family: string; local: string; prefixlen: number }[];
 }
@@ -16,33 +14,44 @@ async function inNetns(netnsPath: string, args: string[]): Promise<string> {
   return (await runCommand(["nsenter", `--net=${netnsPath}`, "--", ...args])).stdout;
 }
 
-test("moves the sandbox address off eth0 into a bridge with a tap, for the guest to take", async (t) => {
+test("gives the guest its fixed address on a tap and translates it to the sandbox address; release removes both", async (t) => {
   if (!builtHelper()) return t.skip("dist/sandbox-helper is missing: run `node scripts/build.mjs` first");
   const network = await makeTestNetwork("n", 218);
+  const names = { tapName: "cbmtap0", tableName: "cbm_guest" };
   try {
-    const guest = await attachGuestNetwork(network, "02:00:00:00:00:01", { bridgeName: "cbmbr0", tapName: "cbmtap0" });
-    assert.deepEqual(guest, { tapName: "cbmtap0", macAddress: "02:00:00:00:00:01", address: network.sandboxAddress, prefixLength: 30, gateway: network.hostAddress });
+    const guest = await attachGuestNetwork(network, names);
+    assert.deepEqual(guest, { tapName: "cbmtap0", macAddress: GUEST_MAC_ADDRESS, address: GUEST_ADDRESS, prefixLength: 30, gateway: GUEST_GATEWAY });
     const links = JSON.parse(await inNetns(network.netnsPath, ["ip", "-j", "-d", "address", "show"])) as Link[];
     const byName = new Map(links.map((link) => [link.ifname, link]));
-    assert.equal(byName.get("eth0")?.master, "cbmbr0");
-    assert.deepEqual(byName.get("eth0")?.addr_info?.filter((a) => a.family === "inet"), [], "eth0 keeps no IPv4 address");
-    assert.equal(byName.get("cbmtap0")?.master, "cbmbr0");
+    const inet = (name: string) => byName.get(name)?.addr_info?.filter((a) => a.family === "inet").map((a) => `${a.local}/${a.prefixlen}`);
+    assert.deepEqual(inet("eth0"), [`${network.sandboxAddress}/30`], "eth0 keeps the sandbox address");
+    assert.deepEqual(inet("cbmtap0"), [`${GUEST_GATEWAY}/30`]);
     assert.equal(byName.get("cbmtap0")?.linkinfo?.info_kind, "tun");
-    assert.equal(byName.get("cbmbr0")?.linkinfo?.info_kind, "bridge");
-    for (const name of ["cbmbr0", "cbmtap0"]) assert.deepEqual(byName.get(name)?.addr_info ?? [], [], `${name} has no address (IPv6 off)`);
-    assert.equal((await inNetns(network.netnsPath, ["ip", "-4", "route", "show"])).trim(), "", "no route left in the netns: the guest routes");
-    // The host end is untouched: it still holds the gateway address.
-    assert.match((await runCommand(["ip", "-4", "-o", "address", "show", "dev", network.hostInterface])).stdout, new RegExp(`${network.hostAddress.replace(/\./g, "\\.")}/30`));
+    assert.deepEqual(byName.get("cbmtap0")?.addr_info?.filter((a) => a.family === "inet6"), [], "no IPv6 on the tap");
+    assert.equal((await inNetns(network.netnsPath, ["sysctl", "-n", "net.ipv4.ip_forward"])).trim(), "1");
+    const table = await inNetns(network.netnsPath, ["nft", "list", "table", "ip", "cbm_guest"]);
+    assert.match(table, new RegExp(`ip daddr ${network.sandboxAddress.replace(/\./g, "\\.")} dnat to ${GUEST_ADDRESS.replace(/\./g, "\\.")}`));
+    assert.match(table, new RegExp(`snat to ${network.sandboxAddress.replace(/\./g, "\\.")}`));
+    assert.match(table, /hook forward priority filter; policy drop;/);
 
-    await releaseGuestNetwork(network.netnsPath, { bridgeName: "cbmbr0", tapName: "cbmtap0" });
+    await releaseGuestNetwork(network.netnsPath, names);
     const after = (JSON.parse(await inNetns(network.netnsPath, ["ip", "-j", "link", "show"])) as Link[]).map((link) => link.ifname).sort();
     assert.deepEqual(after, ["eth0", "lo"]);
-    await releaseGuestNetwork(network.netnsPath, { bridgeName: "cbmbr0", tapName: "cbmtap0" });
+    assert.equal((await inNetns(network.netnsPath, ["nft", "list", "tables"])).trim(), "");
+    await releaseGuestNetwork(network.netnsPath, names);
   } finally {
     await releaseTestNetwork(network);
   }
 });
 
+test("the netns's table forwards only the guest's own address, and DNS to the gateway goes to the host end", () => {
+  const rules = guestNatRuleset({ tapName: "tap0", vethName: "eth0", tableName: "t", sandboxAddress: "10.88.0.2", hostAddress: "10.88.0.1" });
+  assert.match(rules, /iifname "tap0" oifname "eth0" ip saddr 169\.254\.0\.2 accept/);
+  assert.match(rules, /ip daddr 169\.254\.0\.1 meta l4proto \{ udp, tcp \} th dport 53 dnat to 10\.88\.0\.1/);
+  assert.match(rules, /chain input \{[^}]*iifname "tap0" drop/);
+});
+
 test("refuses interface names ip would read as something else", async () => {
-  await assert.rejects(attachGuestNetwork({ netnsPath: "/nonexistent", sandboxAddress: "10.0.0.2", hostAddress: "10.0.0.1", prefixLength: 30 }, "02:00:00:00:00:01", { tapName: "tap0 type veth" }), /interface name/);
+  await assert.rejects(attachGuestNetwork({ netnsPath: "/nonexistent", sandboxAddress: "10.0.0.2", hostAddress: "10.0.0.1", prefixLength: 30 }, { tapName: "tap0 type veth" }), /interface name/);
+  await assert.rejects(attachGuestNetwork({ netnsPath: "/nonexistent", sandboxAddress: "10.0.0.2; flush ruleset", hostAddress: "10.0.0.1", prefixLength: 30 }), /not an IPv4 address/);
 });

@@ -1,3 +1,4 @@
+import { isIPv4 } from "node:net";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
 import type { SandboxNetwork } from "../../network/types.js";
@@ -9,58 +10,92 @@ const COMMAND_TIMEOUT_MS = 15_000;
 export const SANDBOX_VETH_NAME = "eth0";
 
 export interface GuestNetworkNames {
-  /** Default "br0": names inside the sandbox's own netns collide with nothing outside it. */
-  bridgeName?: string;
-  /** Default "tap0". */
+  /** Default "tap0": names inside the sandbox's own netns collide with nothing outside it. */
   tapName?: string;
   /** Default SANDBOX_VETH_NAME. */
   vethName?: string;
+  /** The nftables table inside the netns; default "cubicle_guest". */
+  tableName?: string;
 }
+
+/** Every guest's own address, its prefix and its gateway (GUEST_NETWORK_NOTE): one link, inside its netns. */
+export const GUEST_ADDRESS = "169.254.0.2";
+export const GUEST_GATEWAY = "169.254.0.1";
+export const GUEST_PREFIX_LENGTH = 30;
+/** Every guest's MAC: its link is its own, and a restored guest keeps the MAC it was saved with. */
+export const GUEST_MAC_ADDRESS = "02:cb:00:00:00:02";
 
 /**
  * GUEST_NETWORK_NOTE: a container sandbox's netns holds the sandbox's end of the veth (eth0)
- * with the sandbox address and a default route through the host end. For a microVM the guest
- * must own that address: inside the netns this makes a bridge and a tap (QEMU's virtio-net
- * attaches to the tap), takes the address (and with it the route) off the veth end and puts the
- * veth end into the bridge. The guest then configures the address and the gateway the veth end
- * had (GuestNetworkConfig, passed on the kernel command line), and the host side, its nftables
- * rules and the router see the same address behind the same host veth as for a container.
- * IPv6 is off on the new links, as it is on eth0. Call it once the netns exists, before QEMU
- * starts; the links go with the netns (or with releaseGuestNetwork).
+ * with the sandbox address and a default route through the host end. A microVM's guest has an
+ * address of its own that never changes, GUEST_ADDRESS on a tap in the same netns (whose end
+ * holds GUEST_GATEWAY), and the netns translates between the two: what the guest sends out leaves
+ * eth0 from the sandbox address (SNAT), what comes to the sandbox address goes on to the guest
+ * (DNAT), DNS to the gateway goes to the host end (where Cubicle's forwarder answers every DNS
+ * packet), and nothing else is forwarded: not a packet from another source address (a guest's
+ * root cannot spoof), not one to the netns itself. So the host side, its nftables rules, the
+ * router and the egress audit see the sandbox address behind the host veth exactly as for a
+ * container, and a guest restored from a memory image (its kernel still configured as when it
+ * was saved) works unchanged in any sandbox's netns: a fork, a create from a snapshot, a resume
+ * at another address. IPv6 is off on the new links, as on eth0. Call it once the netns exists,
+ * before QEMU starts; the tap and the table go with the netns (or with releaseGuestNetwork).
  */
 export async function attachGuestNetwork(
   network: Pick<SandboxNetwork, "netnsPath" | "sandboxAddress" | "hostAddress" | "prefixLength">,
-  macAddress: string,
   names: GuestNetworkNames = {},
 ): Promise<GuestNetworkConfig> {
-  const { bridgeName, tapName, vethName } = checkedNames(names);
+  const { tapName, vethName, tableName } = checkedNames(names);
+  for (const address of [network.sandboxAddress, network.hostAddress]) {
+    if (!isIPv4(address)) throw new CubicleError("invalid_argument", `${JSON.stringify(address)} is not an IPv4 address`);
+  }
   const inNetns = ["nsenter", `--net=${network.netnsPath}`, "--"];
-  // New links inherit `default`: no IPv6 on the bridge and the tap (no link-local chatter).
-  await runCommand([...inNetns, "sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1"], { timeoutMs: COMMAND_TIMEOUT_MS });
-  const batch = [
-    `link add ${bridgeName} type bridge`,
-    `tuntap add dev ${tapName} mode tap`,
-    `address flush dev ${vethName}`,
-    `link set ${vethName} master ${bridgeName}`,
-    `link set ${tapName} master ${bridgeName}`,
-    `link set ${tapName} up`,
-    `link set ${bridgeName} up`,
-  ].join("\n");
+  // New links inherit `default`: no IPv6 on the tap (no link-local chatter). The netns forwards.
+  await runCommand([...inNetns, "sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1", "net.ipv4.ip_forward=1"], { timeoutMs: COMMAND_TIMEOUT_MS });
+  const batch = [`tuntap add dev ${tapName} mode tap`, `address add ${GUEST_GATEWAY}/${GUEST_PREFIX_LENGTH} dev ${tapName}`, `link set ${tapName} up`].join("\n");
   await runCommand([...inNetns, "ip", "-batch", "-"], { input: batch + "\n", timeoutMs: COMMAND_TIMEOUT_MS });
-  return { tapName, macAddress, address: network.sandboxAddress, prefixLength: network.prefixLength, gateway: network.hostAddress };
+  await runCommand([...inNetns, "nft", "-f", "-"], { input: guestNatRuleset({ tapName, vethName, tableName, sandboxAddress: network.sandboxAddress, hostAddress: network.hostAddress }), timeoutMs: COMMAND_TIMEOUT_MS });
+  return { tapName, macAddress: GUEST_MAC_ADDRESS, address: GUEST_ADDRESS, prefixLength: GUEST_PREFIX_LENGTH, gateway: GUEST_GATEWAY };
 }
 
-/** Removes the tap and the bridge from the netns (eth0 leaves the bridge); no error when gone. */
+/** The netns's table (GUEST_NETWORK_NOTE): the translation both ways, and nothing else forwarded. */
+export function guestNatRuleset(options: { tapName: string; vethName: string; tableName: string; sandboxAddress: string; hostAddress: string }): string {
+  const { tapName, vethName, tableName, sandboxAddress, hostAddress } = options;
+  return `table ip ${tableName} {
+  chain prerouting {
+    type nat hook prerouting priority dstnat; policy accept;
+    iifname "${vethName}" ip daddr ${sandboxAddress} dnat to ${GUEST_ADDRESS}
+    iifname "${tapName}" ip saddr ${GUEST_ADDRESS} ip daddr ${GUEST_GATEWAY} meta l4proto { udp, tcp } th dport 53 dnat to ${hostAddress}
+  }
+  chain postrouting {
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname "${vethName}" ip saddr ${GUEST_ADDRESS} snat to ${sandboxAddress}
+  }
+  chain forward {
+    type filter hook forward priority filter; policy drop;
+    iifname "${tapName}" oifname "${vethName}" ip saddr ${GUEST_ADDRESS} accept
+    iifname "${vethName}" oifname "${tapName}" ip daddr ${GUEST_ADDRESS} ct state established,related accept
+    iifname "${vethName}" oifname "${tapName}" ip daddr ${GUEST_ADDRESS} ct status dnat accept
+  }
+  chain input {
+    type filter hook input priority filter; policy accept;
+    iifname "${tapName}" drop
+  }
+}
+`;
+}
+
+/** Removes the tap and the table from the netns; no error when gone. */
 export async function releaseGuestNetwork(netnsPath: string, names: GuestNetworkNames = {}): Promise<void> {
-  const { bridgeName, tapName } = checkedNames(names);
-  const batch = `link del ${tapName}\nlink del ${bridgeName}\n`;
-  await runCommand(["nsenter", `--net=${netnsPath}`, "--", "ip", "-force", "-batch", "-"], { input: batch, timeoutMs: COMMAND_TIMEOUT_MS, allowFailure: true });
+  const { tapName, tableName } = checkedNames(names);
+  await runCommand(["nsenter", `--net=${netnsPath}`, "--", "ip", "link", "del", tapName], { timeoutMs: COMMAND_TIMEOUT_MS, allowFailure: true });
+  await runCommand(["nsenter", `--net=${netnsPath}`, "--", "nft", "delete", "table", "ip", tableName], { timeoutMs: COMMAND_TIMEOUT_MS, allowFailure: true });
 }
 
 function checkedNames(names: GuestNetworkNames): Required<GuestNetworkNames> {
-  const checked = { bridgeName: names.bridgeName ?? "br0", tapName: names.tapName ?? "tap0", vethName: names.vethName ?? SANDBOX_VETH_NAME };
-  for (const name of Object.values(checked)) {
+  const checked = { tapName: names.tapName ?? "tap0", vethName: names.vethName ?? SANDBOX_VETH_NAME, tableName: names.tableName ?? "cubicle_guest" };
+  for (const name of [checked.tapName, checked.vethName]) {
     if (!/^[a-z][a-z0-9]{0,14}$/.test(name)) throw new CubicleError("invalid_argument", `interface name ${JSON.stringify(name)} must be 1-15 lowercase letters or digits`);
   }
+  if (!/^[a-z][a-z0-9_]{0,31}$/.test(checked.tableName)) throw new CubicleError("invalid_argument", `table name ${JSON.stringify(checked.tableName)} must be 1-32 lowercase letters, digits or _`);
   return checked;
 }

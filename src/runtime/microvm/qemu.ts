@@ -1,6 +1,7 @@
 import { spawn } from "node:child_process";
-import { existsSync, readFileSync } from "node:fs";
-import { mkdir, readFile, rm } from "node:fs/promises";
+import { createReadStream, createWriteStream, existsSync, readFileSync } from "node:fs";
+import { chmod, chown, link, mkdir, readFile, rm } from "node:fs/promises";
+import net from "node:net";
 import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
@@ -56,6 +57,11 @@ export interface MicrovmConfig {
    * its use, or one that loads a state first).
    */
   startPaused?: boolean;
+  /**
+   * Start waiting for a saved state (`-incoming defer`, vCPUs stopped): Microvm.loadState feeds
+   * it, then `cont` runs the guest (MICROVM_STATE_NOTE). The devices must be the saved guest's.
+   */
+  incoming?: boolean;
   /** TCG only: the guest's TSC rate in kHz (TCG_CLOCK_NOTE); default hostTscKhz(). */
   tscKhz?: number;
   /** Where QEMU goes once it has opened what it needs (QEMU_CONFINE_NOTE); none: it stays root. */
@@ -78,12 +84,13 @@ export interface MicrovmConfig {
  * the filter's switches stay open, measured on QEMU 7.2: `spawn=deny` kills `-daemonize` (its
  * fork) and `elevateprivileges=deny` kills the `-runas` setuid that comes after the filter; the
  * setuid drops every capability anyway, and with the chroot a spawn finds no program to run.
- * Later work (memory snapshots) hands QEMU its files as descriptors over QMP, not by path.
+ * The chroot is the guest's own (prepareGuestChroot): it holds nothing but the guest's root
+ * disk (QEMU reopens it by path when a saved state hands it over) and the state channel.
  */
 export interface QemuConfinement {
   uid: number;
   gid: number;
-  /** An empty directory QEMU cannot write. */
+  /** A directory QEMU cannot write, holding only its own root disk and state channel (prepareGuestChroot). */
   chrootDir: string;
 }
 
@@ -223,7 +230,8 @@ export function buildQemuArgv(config: MicrovmConfig): string[] {
       argv.push("-chardev", `socket,id=fs${index},path=${share.socket}`, "-device", `vhost-user-fs-device,chardev=fs${index},tag=${share.tag}`);
     }
   }
-  if (config.startPaused) argv.push("-S");
+  if (config.startPaused || config.incoming) argv.push("-S");
+  if (config.incoming) argv.push("-incoming", "defer");
   if (config.confine) {
     const { uid, gid, chrootDir } = config.confine;
     for (const id of [uid, gid]) {
@@ -241,6 +249,74 @@ export function microvmFiles(runDir: string): { qmpSocket: string; serialLog: st
     serialLog: path.join(runDir, MICROVM_FILES.serialLog),
     pidFile: path.join(runDir, MICROVM_FILES.pidFile),
   };
+}
+
+/**
+ * MICROVM_STATE_NOTE: a guest's memory image is QEMU's own migration stream (device state and
+ * RAM; pages that are all zero take a few bytes) written to a file while the vCPUs are
+ * stopped, and loaded into a new QEMU started with the same devices and `-incoming defer`.
+ * QEMU is chrooted and cannot open host files (QEMU_CONFINE_NOTE), so the stream goes through
+ * a unix socket in the guest's state channel: a directory inside QEMU's chroot that only the
+ * guest's uid (and root) can enter, where this process listens (save) or QEMU listens and this
+ * process connects (load). The RAM is copied, not mapped: a guest made from an image has its
+ * own pages from the start (no sharing between guests of one image yet).
+ */
+export interface StateChannel {
+  /** The directory as the host sees it. */
+  hostDir: string;
+  /** The same directory as QEMU sees it inside its chroot. */
+  qemuDir: string;
+}
+
+/**
+ * Makes a guest's chroot (QEMU_CONFINE_NOTE) at `chrootDir` (root's, read-only to others): its
+ * root disk under the same path as on the host (a second name of the same file, which becomes
+ * the guest uid's), and its state channel, `state/` (MICROVM_STATE_NOTE). QEMU opens the root
+ * disk again by its path whenever a saved or loaded state hands the disk over (read-only, then
+ * read-write), after it has chrooted. `chrootDir` must be on the root disk's file system.
+ */
+export async function prepareGuestChroot(chrootDir: string, rootDisk: string, uid: number): Promise<StateChannel> {
+  if (!path.isAbsolute(rootDisk)) throw new CubicleError("internal", `the root disk path ${rootDisk} must be absolute`);
+  await rm(chrootDir, { recursive: true, force: true });
+  await mkdir(path.join(chrootDir, path.dirname(rootDisk)), { recursive: true, mode: 0o555 });
+  await chown(rootDisk, uid, uid);
+  await chmod(rootDisk, 0o600);
+  await link(rootDisk, path.join(chrootDir, rootDisk));
+  const channel = { hostDir: path.join(chrootDir, "state"), qemuDir: "/state" };
+  await mkdir(channel.hostDir, { mode: 0o700 });
+  await chown(channel.hostDir, uid, uid);
+  return channel;
+}
+
+/** The state channel of a chroot prepareGuestChroot made. */
+export function guestStateChannel(chrootDir: string): StateChannel {
+  return { hostDir: path.join(chrootDir, "state"), qemuDir: "/state" };
+}
+
+/** How long a save or a load may take: a guest of a few GiB, written by a slow disk. */
+const STATE_TIMEOUT_MS = 120_000;
+let stateSequence = 0;
+
+/** Connects to a unix socket QEMU is about to listen on (migrate-incoming makes it). */
+async function connectWhenListening(socketPath: string, timeoutMs: number): Promise<net.Socket> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      return await new Promise<net.Socket>((resolve, reject) => {
+        const socket = net.connect(socketPath);
+        socket.once("connect", () => resolve(socket));
+        socket.once("error", reject);
+      });
+    } catch (err) {
+      if (Date.now() > deadline) throw new CubicleError("deadline_exceeded", `QEMU did not listen for the state: ${(err as Error).message}`);
+      await sleep(5);
+    }
+  }
+}
+
+function withTimeout<T>(promise: Promise<T>, timeoutMs: number, message: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([promise, new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new CubicleError("deadline_exceeded", message)), timeoutMs)))]).finally(() => clearTimeout(timer));
 }
 
 /** QMP's RunState: "prelaunch" (-S), "running", "paused", "inmigrate", "shutdown" … */
@@ -275,6 +351,96 @@ export class Microvm {
 
   async resume(): Promise<void> {
     await this.qmp.execute("cont");
+  }
+
+  /**
+   * Writes the stopped guest's whole state (device state and RAM: QEMU's migration stream) to
+   * `file` (MICROVM_STATE_NOTE); resolves with its size once it is complete. QEMU is left in
+   * `postmigrate` with its disks flushed and released: `cont` runs the guest on, `quit` ends it.
+   */
+  async saveState(file: string, channel: StateChannel, timeoutMs = STATE_TIMEOUT_MS): Promise<number> {
+    const name = `save-${process.pid}-${++stateSequence}.sock`;
+    const socketPath = path.join(channel.hostDir, name);
+    await rm(socketPath, { force: true });
+    const output = createWriteStream(file, { mode: 0o600 });
+    const server = net.createServer({ pauseOnConnect: false });
+    let bytes = 0;
+    const received = new Promise<void>((resolve, reject) => {
+      server.once("connection", (socket) => {
+        // One stream, from this guest's QEMU (the socket's directory is its uid's alone).
+        server.close();
+        socket.on("data", (chunk: Buffer) => (bytes += chunk.length));
+        socket.pipe(output);
+        socket.once("error", reject);
+        output.once("error", reject);
+        output.once("finish", resolve);
+      });
+      server.once("error", reject);
+    });
+    received.catch(() => undefined);
+    try {
+      await new Promise<void>((resolve, reject) => server.listen(socketPath, resolve).once("error", reject));
+      await chmod(socketPath, 0o666);
+      // No bandwidth cap for a local file (QEMU's default is made for networks).
+      await this.qmp.execute("migrate-set-parameters", { "max-bandwidth": 64 * 1024 ** 3 });
+      await this.qmp.execute("migrate", { uri: `unix:${path.posix.join(channel.qemuDir, name)}` });
+      await this.waitForMigration(timeoutMs, "saving");
+      await withTimeout(received, timeoutMs, "the saved state's stream did not end");
+      return bytes;
+    } catch (err) {
+      output.destroy();
+      await rm(file, { force: true });
+      throw err;
+    } finally {
+      server.close();
+      await rm(socketPath, { force: true });
+    }
+  }
+
+  /**
+   * Loads a state saveState wrote into this QEMU (started with `incoming`): QEMU listens on a
+   * socket in the channel directory and this streams the file into it. The guest stays stopped
+   * (`paused`) until resume().
+   */
+  async loadState(file: string, channel: StateChannel, timeoutMs = STATE_TIMEOUT_MS): Promise<void> {
+    const name = `load-${process.pid}-${++stateSequence}.sock`;
+    const socketPath = path.join(channel.hostDir, name);
+    try {
+      await this.qmp.execute("migrate-incoming", { uri: `unix:${path.posix.join(channel.qemuDir, name)}` });
+      const socket = await connectWhenListening(socketPath, timeoutMs);
+      const sent = new Promise<void>((resolve, reject) => {
+        const input = createReadStream(file);
+        input.once("error", reject);
+        socket.once("error", reject);
+        input.pipe(socket);
+        socket.once("finish", resolve);
+      });
+      await withTimeout(sent, timeoutMs, "the state could not be sent");
+      // The incoming side's end: the run state leaves `inmigrate` (a QEMU whose load fails exits).
+      const deadline = Date.now() + timeoutMs;
+      for (let delay = 2; ; delay = Math.min(delay * 2, 50)) {
+        const status = await this.status();
+        if (status === "paused") break;
+        if (status !== "inmigrate") throw new CubicleError("internal", `QEMU is ${status} after loading the guest's state`);
+        if (Date.now() > deadline) throw new CubicleError("deadline_exceeded", `QEMU did not finish loading the guest's state within ${timeoutMs} ms`);
+        await sleep(delay);
+      }
+      socket.destroy();
+    } finally {
+      await rm(socketPath, { force: true });
+    }
+  }
+
+  /** Polls `query-migrate` until the migration completed (or failed: an error naming why). */
+  private async waitForMigration(timeoutMs: number, what: string): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    for (let delay = 2; ; delay = Math.min(delay * 2, 50)) {
+      const info = await this.qmp.execute<{ status?: string; "error-desc"?: string }>("query-migrate");
+      if (info.status === "completed") return;
+      if (info.status === "failed" || info.status === "cancelled") throw new CubicleError("internal", `QEMU failed ${what} the guest's state: ${info["error-desc"] ?? info.status}`);
+      if (Date.now() > deadline) throw new CubicleError("deadline_exceeded", `QEMU did not finish ${what} the guest's state within ${timeoutMs} ms (${info.status ?? "no status"})`);
+      await sleep(delay);
+    }
   }
 
   /** Ends QEMU through QMP `quit` and waits until it has gone; SIGKILL after `timeoutMs`. */
