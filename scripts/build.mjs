@@ -33,6 +33,9 @@ buildNative("src/agent/native/run-as.c", path.join(dist, "agent", "run-as"), "sa
 // stored (uploads with metadata are refused, XATTR_NOTE).
 const nodeHeaders = path.resolve(path.dirname(process.execPath), "..", "include", "node");
 buildNative("src/agent/native/xattr.c", path.join(dist, "agent", "xattr.node"), "file metadata (xattrs) is not available in sandboxes", ["-shared", "-fPIC", `-I${nodeHeaders}`]);
+// A microVM guest's reseed of its kernel's random numbers after a restore (GUEST_MACHINE_NOTE);
+// without it a restored guest's randomness is reseeded only by the kernel's own schedule.
+buildNative("src/agent/native/guest.c", path.join(dist, "agent", "guest.node"), "restored microVM guests are not reseeded at once", ["-shared", "-fPIC", `-I${nodeHeaders}`]);
 // The agent's process start without a fork of Node (SPAWN_NOTE); without it commands start through
 // Node's spawn, ~5 ms slower each.
 buildNative("src/agent/native/spawn.c", path.join(dist, "agent", "spawn.node"), "commands start through Node's spawn", ["-shared", "-fPIC", `-I${nodeHeaders}`]);

@@ -14,6 +14,7 @@ import { checkAccessToken, checkFilesAuth, checkInitAuth, usernameFromAuthorizat
 import { createProcessService } from "./process/index.js";
 import { findProcedure, parseProcedurePath, serveProcedure, writeConnectError } from "./rpc/connect.js";
 import type { ServiceDefinition } from "./rpc/types.js";
+import { applyGuestInit, checkGuestClock } from "./guest-machine.js";
 import { applyInit, createAgentState, type AgentState } from "./state.js";
 import { KEEP_IDLE_CONNECTIONS } from "./http/keep-alive.js";
 import { abandonBody, readRequestBody } from "./http/request-body.js";
@@ -149,6 +150,8 @@ export function createAgentServer(options: AgentServerOptions = {}): AgentServer
       keepAliveTimeout: KEEP_IDLE_CONNECTIONS,
     },
     (req, res) => {
+      // A guest resumed from a pause has a stale clock until it is set: before anything runs.
+      checkGuestClock();
       route(req, res).catch((error) => {
         const e = toCubicleError(error);
         const fields = { method: req.method, url: req.url, error: e.message };
@@ -212,6 +215,7 @@ async function handleInit(req: IncomingMessage, res: ServerResponse, state: Agen
   }
   const request = parseInitBody(await readJsonBody(req, res, initBodyLimit));
   applyInit(state, request);
+  await applyGuestInit(request);
   log.info("initialized", {
     defaultUser: state.defaultUser,
     defaultWorkdir: state.defaultWorkdir,

@@ -605,10 +605,10 @@ function runtimesSection(entry: Loaded | undefined): string[] {
   out.push(
     `One server running both (${fileRef(entry)}; microVM accelerator: ${String(s.accelerator ?? "not stated")}): cold creates of \`${String(entry.data.parameters.template)}\` alternating between the runtimes, then pause → connect → first command, then host memory per idle sandbox (MemAvailable, ${String(pick(s, "runtimes.container.idleMemory.sandboxes") ?? "—")} alive of each, settled). ` +
       `Floor in the same run: a QEMU microvm start without a guest until QMP answers (p50 ${fmt(floor)} ms); the containers' floor (runc run+delete) is the baseline scenario's. ` +
-      `Memory snapshots of microVMs do not exist yet: no restore, fork or pool rows.`,
+      `Then per create a snapshot of the running sandbox and a create from it → first command (the container's of the same round is the microVM's floor), and the idle host memory of sandboxes made from one snapshot. Warm pools of microVMs: bench/microvm-pool.sh.`,
     "",
     table(
-      ["runtime", "creates", "create → first command p50", "p95", "p50 ÷ QEMU start floor", "pause → resume → first command p50", "idle host memory per sandbox"],
+      ["runtime", "creates", "create → first command p50", "p95", "p50 ÷ QEMU start floor", "pause → resume → first command p50", "snapshot p50", "create from snapshot → first command p50", "idle host memory per sandbox", "… made from one snapshot"],
       (["container", "microvm"] as const).map((runtime) => [
         runtime,
         String(pick(s, `runtimes.${runtime}.creates`) ?? "—"),
@@ -616,11 +616,14 @@ function runtimesSection(entry: Loaded | undefined): string[] {
         fmt(pick(s, `runtimes.${runtime}.firstCommandMs.p95`)),
         runtime === "microvm" ? times(s.microvmFirstCommandOverQemuStart) : "",
         fmt(pick(s, `runtimes.${runtime}.resumeMs.p50`)),
+        fmt(pick(s, `runtimes.${runtime}.snapshotMs.p50`)),
+        fmt(pick(s, `runtimes.${runtime}.restoreFirstCommandMs.p50`)),
         mib((pick(s, `runtimes.${runtime}.idleMemory.perSandboxMiB`) ?? NaN) * (1 << 20)),
+        mib((pick(s, `runtimes.${runtime}.idleMemoryFromOneSnapshot.perSandboxMiB`) ?? NaN) * (1 << 20)),
       ]),
     ),
     "",
-    `microVM ÷ container, create → first command p50: ${times(s.microvmOverContainerFirstCommand)}. Targets for a KVM host (to be measured there): restore → first command ≤ 30 ms, ≤ 10 MiB private memory per idle microVM restored from a shared snapshot.`,
+    `microVM ÷ container, p50: create → first command ${times(s.microvmOverContainerFirstCommand)}, snapshot ${times(s.microvmOverContainerSnapshot)}, create from a snapshot → first command ${times(s.microvmOverContainerRestore)}; a microVM's create from a snapshot ÷ its cold create: ${times(s.microvmRestoreOverColdCreate)}. Targets for a KVM host (to be measured there): restore → first command ≤ 30 ms, ≤ 10 MiB private memory per idle microVM restored from a shared snapshot.`,
   );
   return out;
 }

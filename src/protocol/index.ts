@@ -4,7 +4,7 @@
  * The agent, the router, the CLI and the core import it; nothing else restates any of it.
  */
 export { ENVD_PORT, INTERPRETER_PORT } from "./ports.js";
-export { buildInitBody, normalizeCaCertificates, parseInitBody, type InitBody, type SandboxIdentity } from "./init-body.js";
+export { buildInitBody, newMachineIdentity, normalizeCaCertificates, parseInitBody, type InitBody, type MachineIdentity, type SandboxIdentity } from "./init-body.js";
 export { computeFileSignature, fileOperationOf, fileSignaturePattern, type FileOperation } from "./file-signature.js";
 export {
   defaultMaxMessageBytes,

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import { CubicleError } from "../shared/cubicle-error.js";
-import { buildInitBody, parseInitBody } from "./init-body.js";
+import { buildInitBody, newMachineIdentity, parseInitBody } from "./init-body.js";
 
 function refused(body: unknown, message: string | RegExp): void {
   assert.throws(
@@ -55,5 +55,19 @@ describe("/init body", () => {
     assert.notEqual(body.envVars, env);
     assert.deepEqual(parseInitBody(JSON.parse(JSON.stringify(body))), { ...body, hostname: undefined });
     assert.equal("accessToken" in buildInitBody({ envVars: {}, defaultUser: "root", defaultWorkdir: "/" }), false);
+  });
+
+  it("carries a new machine's identity, fresh each time, and refuses one that is not well formed (GUEST_MACHINE_NOTE)", () => {
+    const machine = newMachineIdentity();
+    assert.notDeepEqual(newMachineIdentity(), machine);
+    assert.equal(Buffer.from(machine.entropy, "base64").length, 64);
+    const body = buildInitBody({ envVars: {}, defaultUser: "user", defaultWorkdir: "/", machine });
+    assert.deepEqual(parseInitBody(JSON.parse(JSON.stringify(body))).machine, machine);
+    refused({ machine: "x" }, /"machine" must be an object/);
+    refused({ machine: { ...machine, machineId: "../../etc/passwd" } }, /machineId must be 32 lowercase hex digits/);
+    refused({ machine: { ...machine, machineId: machine.machineId + "\n" } }, /machineId/);
+    refused({ machine: { ...machine, bootId: "not-a-uuid" } }, /bootId must be a lowercase UUID/);
+    refused({ machine: { ...machine, entropy: "" } }, /entropy must be base64 of 32 to 512 bytes/);
+    refused({ machine: { ...machine, entropy: "A".repeat(100_000) } }, /entropy/);
   });
 });

@@ -3,6 +3,7 @@
  * use (access token, sandbox-wide env vars, default user and working directory). The server builds
  * it with `buildInitBody`; the agent, for which it is untrusted JSON, reads it with `parseInitBody`.
  */
+import { randomBytes, randomUUID } from "node:crypto";
 import { CubicleError } from "../shared/cubicle-error.js";
 
 /** The wire form: every field optional, unknown fields ignored (as upstream envd does). */
@@ -12,13 +13,46 @@ export interface InitBody {
   defaultUser?: string;
   defaultWorkdir?: string;
   hostname?: string;
-  /** RFC 3339 time of the server, for the sandbox's clock (upstream sets it; the agent ignores it). */
+  /** RFC 3339 time of the server, for the sandbox's clock (a microVM guest's agent sets its clock by it: GUEST_MACHINE_NOTE). */
   timestamp?: string;
+  /**
+   * A new machine's identity, sent after a restore that makes one (a fork, a create from a
+   * snapshot): a microVM guest's agent takes it (GUEST_MACHINE_NOTE); a container's ignores it
+   * (its runtime gives it its ids). Cubicle's own field.
+   */
+  machine?: MachineIdentity;
   /**
    * PEM certificates (Cubicle's CA) the sandbox must trust, so the egress proxy's TLS
    * interception works for every template; Cubicle's own field (older agents ignore it).
    */
   caCertificates?: string;
+}
+
+export interface MachineIdentity {
+  /** 32 lowercase hex digits (/etc/machine-id). */
+  machineId: string;
+  /** A UUID (the kernel's boot_id form). */
+  bootId: string;
+  /** Base64 of 32 to 512 fresh random bytes. */
+  entropy: string;
+}
+
+/** A new machine's identity, from the host's randomness. */
+export function newMachineIdentity(): MachineIdentity {
+  return { machineId: randomBytes(16).toString("hex"), bootId: randomUUID(), entropy: randomBytes(64).toString("base64") };
+}
+
+function parseMachineIdentity(value: unknown): MachineIdentity | undefined {
+  if (value === undefined || value === null) return undefined;
+  const fail = (why: string): never => {
+    throw new CubicleError("invalid_argument", `"machine" ${why}`);
+  };
+  if (typeof value !== "object" || Array.isArray(value)) fail("must be an object");
+  const { machineId, bootId, entropy } = value as Record<string, unknown>;
+  if (typeof machineId !== "string" || !/^[0-9a-f]{32}$/.test(machineId)) fail("machineId must be 32 lowercase hex digits");
+  if (typeof bootId !== "string" || !/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(bootId)) fail("bootId must be a lowercase UUID");
+  if (typeof entropy !== "string" || !/^[A-Za-z0-9+/]{43,684}={0,2}$/.test(entropy)) fail("entropy must be base64 of 32 to 512 bytes");
+  return { machineId: machineId as string, bootId: bootId as string, entropy: entropy as string };
 }
 
 /** Most certificates, and most characters, `caCertificates` may hold. */
@@ -55,6 +89,8 @@ export interface SandboxIdentity {
   defaultUser: string;
   defaultWorkdir: string;
   hostname?: string;
+  /** A new machine's identity (a fork, a create from a snapshot). */
+  machine?: MachineIdentity;
   /** PEM of the CA certificates the sandbox must trust (Cubicle's CA). */
   caCertificates?: string;
 }
@@ -65,6 +101,7 @@ export function buildInitBody(identity: SandboxIdentity, now: Date = new Date())
   if (identity.accessToken !== undefined) body.accessToken = identity.accessToken;
   if (identity.hostname !== undefined) body.hostname = identity.hostname;
   if (identity.caCertificates !== undefined) body.caCertificates = identity.caCertificates;
+  if (identity.machine !== undefined) body.machine = identity.machine;
   return body;
 }
 
@@ -91,6 +128,8 @@ export function parseInitBody(body: unknown): InitBody {
     hostname: optionalString(b, "hostname"),
     timestamp: optionalString(b, "timestamp"),
   };
+  const machine = parseMachineIdentity(b.machine);
+  if (machine) request.machine = machine;
   const caCertificates = optionalString(b, "caCertificates");
   if (caCertificates !== undefined && caCertificates.trim() !== "") request.caCertificates = normalizeCaCertificates(caCertificates);
   if (b.envVars !== undefined && b.envVars !== null) {

@@ -63,15 +63,19 @@ test("runtime microvm: a QEMU guest with its own kernel runs the agent; the SDK 
     assert.match(fill.stdout, /No space left on device[\s\S]*rc=1/);
     await sandbox.files.write("/home/user/in-the-vm.txt", "written through envd");
     assert.equal(await sandbox.files.read("/home/user/in-the-vm.txt"), "written through envd");
-    const filesOnly = await server.api("POST", `/sandboxes/${id}/pause`, { keepMemory: false });
+    const filesOnly = await server.api("POST", `/sandboxes/${id}/pause`, { memory: false });
     assert.equal(filesOnly.status, 400, "a pause without memory is refused, clearly");
     assert.match(filesOnly.json.message, /without its memory/);
     assert.equal((await sandbox.commands.run("cat /home/user/in-the-vm.txt")).stdout, "written through envd", "the refused pause left the guest running");
     // Pause keeps the guest in RAM (QMP stop); connect resumes it.
     assert.equal((await server.api("POST", `/sandboxes/${id}/pause`)).status, 204);
     assert.equal((await server.api("GET", `/sandboxes/${id}`)).json.state, "paused");
+    await new Promise((resolve) => setTimeout(resolve, 6000));
     const resumed = await Sandbox.connect(id);
     assert.equal((await resumed.commands.run("echo awake")).stdout, "awake\n");
+    // Its clock stood still while it was paused; the agent sets it from the RTC (GUEST_MACHINE_NOTE).
+    const guestSeconds = Number((await resumed.commands.run("date +%s")).stdout.trim());
+    assert.ok(Math.abs(guestSeconds - Date.now() / 1000) < 3, `after a 6 s pause the guest's clock says ${guestSeconds}, the host's ${Math.round(Date.now() / 1000)}`);
     // A server crash leaves the guest running: the next server adopts it (same QEMU, same files).
     const [qemuBefore] = qemuPids();
     await server.crashAndRestart();
@@ -109,7 +113,8 @@ test("microVM memory images (MICROVM_IMAGE_NOTE): snapshot, create from it, fork
     // RAM only (a tmpfs of the guest) and a process that counts: both must come back.
     await run(source, "echo ram-only > /dev/shm/marker");
     await source.commands.run("sh -c 'i=0; while sleep 0.2; do i=$((i+1)); echo $i > /dev/shm/count; done'", { background: true, user: "root" });
-    const sourceBoot = await run(source, "cat /proc/sys/kernel/random/boot_id");
+    const identity = (sandbox: Sandbox) => run(sandbox, "cat /proc/sys/kernel/random/boot_id /etc/machine-id 2>/dev/null; true");
+    const sourceIdentity = await identity(source);
 
     const snapshot = await server.api("POST", `/sandboxes/${sourceId}/snapshots`, {});
     assert.equal(snapshot.status, 201, JSON.stringify(snapshot.json));
@@ -128,16 +133,26 @@ test("microVM memory images (MICROVM_IMAGE_NOTE): snapshot, create from it, fork
     assert.ok(Number(await run(restored, "cat /dev/shm/count")) > count, "the counting process runs on in the restored guest");
     assert.equal(await run(restored, "hostname"), restored.sandboxId, "it is named after its own id");
     assert.equal(await source.files.read("/home/user/note.txt"), "version 2", "the source kept its own disk");
-    assert.ok(sourceBoot.length > 0);
+    // GUEST_MACHINE_NOTE: a new machine (ids, randomness), with the time of now, not of the snapshot.
+    const restoredIdentity = await identity(restored);
+    assert.notEqual(restoredIdentity.split("\n")[0], sourceIdentity.split("\n")[0], "a new boot id");
+    assert.match(restoredIdentity.split("\n")[1] ?? "", /^[0-9a-f]{32}$/);
+    assert.notEqual(restoredIdentity.split("\n")[1], sourceIdentity.split("\n")[1], "a new machine id");
+    const guestSeconds = Number(await run(restored, "date +%s"));
+    assert.ok(Math.abs(guestSeconds - Date.now() / 1000) < 5, `the guest's clock says ${guestSeconds}, the host's ${Math.round(Date.now() / 1000)}`);
 
     const forks = await restored.fork({ count: 2, timeoutMs: 600_000 });
     assert.equal(forks.length, 2);
+    const randomness: string[] = [];
     for (const fork of forks) {
       assert.ok(fork instanceof Sandbox, String(fork));
       made.push(fork.sandboxId);
+      randomness.push(await run(fork, "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'"));
       assert.equal(await run(fork, "cat /dev/shm/marker"), "ram-only");
       assert.equal(await run(fork, "hostname"), fork.sandboxId);
+      assert.notEqual((await identity(fork)).split("\n")[0], restoredIdentity.split("\n")[0], "a fork is a new machine too");
     }
+    assert.notEqual(randomness[0], randomness[1], "two forks of one image read different random bytes");
     await (forks[0] as Sandbox).files.write("/home/user/note.txt", "fork 0");
     assert.equal(await (forks[1] as Sandbox).files.read("/home/user/note.txt"), "version 1", "forks are independent");
 
@@ -149,6 +164,7 @@ test("microVM memory images (MICROVM_IMAGE_NOTE): snapshot, create from it, fork
     assert.equal(await run(back, "cat /dev/shm/marker"), "ram-only");
     assert.equal(await back.files.read("/home/user/note.txt"), "version 1");
     assert.equal(await run(back, "hostname"), sourceId);
+    assert.equal(await identity(back), sourceIdentity, "a rollback brings back the same machine");
 
     // A pause goes to disk after CUBICLE_DURABLE_PAUSE_AFTER_SEC: QEMU ends, the resume loads its image.
     const qemuCount = qemuPids().length;

@@ -6,8 +6,11 @@
  * settled). The floor
  * for the microVMs, measured in the same run: a QEMU microvm start (`-S`, no guest) until QMP
  * answers, then its quit; the containers' floor (runc run+delete) is the baseline scenario's.
- * Memory snapshots of microVMs do not exist yet, so restore, fork and pool numbers are absent,
- * not faked.
+ * Memory images: per create, a snapshot of the running sandbox and a create from it → first
+ * command (the container's of the same round is the microVM's floor); and host memory per idle
+ * sandbox made from one snapshot (`--background N` of each from one image), beside the cold
+ * ones: how much of an image's pages sandboxes made from it share. Warm pools of microVMs have
+ * their own bench (bench/microvm-pool.sh).
  */
 import { mkdtemp, readFile, rm } from "node:fs/promises";
 import os from "node:os";
@@ -34,6 +37,10 @@ interface CreateSample {
   apiMs: number;
   firstCommandMs: number;
   resumeMs: number;
+  /** POST /sandboxes/{id}/snapshots of the running sandbox until its 201. */
+  snapshotMs: number;
+  /** Create from that snapshot → its first command. */
+  restoreFirstCommandMs: number;
 }
 
 /** A QEMU microvm without a guest (`-S`): spawned, daemonized, QMP answering, then quit. */
@@ -82,7 +89,21 @@ export async function benchRuntimes(options: BenchOptions, target: BenchTarget):
     const resumeStarted = performance.now();
     const resumed = await Sandbox.connect(id, { timeoutMs: 1_800_000 });
     const resume = await firstSuccessfulCommand(resumed, resumeStarted, FIRST_COMMAND_DEADLINE_MS);
-    return { sample: { runtime, apiMs, firstCommandMs: first.ms, resumeMs: resume.ms }, id };
+    const snapshotStarted = performance.now();
+    const snapshot = await callApi(target, "POST", `/sandboxes/${id}/snapshots`, {});
+    if (snapshot.status !== 201) throw new Error(`${runtime} snapshot: ${snapshot.status} ${JSON.stringify(snapshot.json)}`);
+    const snapshotMs = round2(performance.now() - snapshotStarted);
+    const snapshotId = snapshot.json.snapshotID as string;
+    try {
+      const restoreStarted = performance.now();
+      const fromSnapshot = await callApi(target, "POST", "/v2/sandboxes", { templateID: snapshotId, timeout: 1800 });
+      if (fromSnapshot.status !== 201) throw new Error(`${runtime} create from a snapshot: ${fromSnapshot.status} ${JSON.stringify(fromSnapshot.json)}`);
+      const restored = await firstSuccessfulCommand(await Sandbox.connect(fromSnapshot.json.sandboxID, { timeoutMs: 1_800_000 }), restoreStarted, FIRST_COMMAND_DEADLINE_MS);
+      await callApi(target, "DELETE", `/sandboxes/${fromSnapshot.json.sandboxID}`);
+      return { sample: { runtime, apiMs, firstCommandMs: first.ms, resumeMs: resume.ms, snapshotMs, restoreFirstCommandMs: restored.ms }, id };
+    } finally {
+      await callApi(target, "DELETE", `/templates/${snapshotId}`).catch(() => undefined);
+    }
   };
 
   const floors: number[] = [];
@@ -107,22 +128,48 @@ export async function benchRuntimes(options: BenchOptions, target: BenchTarget):
   // Host memory per idle sandbox: `--background N` (default 5) of one runtime alive at once, settled.
   const idle = options.background > 0 ? options.background : 5;
   const memory: Record<string, { sandboxes: number; perSandboxMiB: number }> = {};
-  for (const runtime of RUNTIMES) {
+  const restoredMemory: Record<string, { sandboxes: number; perSandboxMiB: number }> = {};
+  const idleMemory = async (runtime: RuntimeName, templateID: string): Promise<{ sandboxes: number; perSandboxMiB: number }> => {
     const before = memAvailableBytes();
     const ids: string[] = [];
     try {
       for (let i = 0; i < idle; i++) {
-        const created = await callApi(target, "POST", "/v2/sandboxes", { templateID: options.template, runtime, timeout: 1800 });
+        const created = await callApi(target, "POST", "/v2/sandboxes", { templateID, runtime, timeout: 1800 });
         if (created.status !== 201) throw new Error(`${runtime} create: ${created.status} ${JSON.stringify(created.json)}`);
         ids.push(created.json.sandboxID as string);
         await firstSuccessfulCommand(await Sandbox.connect(created.json.sandboxID, { timeoutMs: 1_800_000 }), performance.now(), FIRST_COMMAND_DEADLINE_MS);
       }
       await new Promise((resolve) => setTimeout(resolve, options.settleMs));
-      memory[runtime] = { sandboxes: ids.length, perSandboxMiB: round2((before - memAvailableBytes()) / ids.length / (1 << 20)) };
+      return { sandboxes: ids.length, perSandboxMiB: round2((before - memAvailableBytes()) / ids.length / (1 << 20)) };
+    } finally {
+      await Promise.all(ids.map((id) => callApi(target, "DELETE", `/sandboxes/${id}`).catch(() => undefined)));
+    }
+  };
+  for (const runtime of RUNTIMES) {
+    try {
+      memory[runtime] = await idleMemory(runtime, options.template);
+    } catch (err) {
+      errors.push(errorMessage(err));
+    }
+    // Sandboxes made from one image of an idle sandbox of this runtime.
+    let sourceId: string | undefined;
+    let snapshotId: string | undefined;
+    try {
+      const source = await callApi(target, "POST", "/v2/sandboxes", { templateID: options.template, runtime, timeout: 1800 });
+      if (source.status !== 201) throw new Error(`${runtime} create: ${source.status} ${JSON.stringify(source.json)}`);
+      sourceId = source.json.sandboxID as string;
+      await firstSuccessfulCommand(await Sandbox.connect(sourceId, { timeoutMs: 1_800_000 }), performance.now(), FIRST_COMMAND_DEADLINE_MS);
+      const snapshot = await callApi(target, "POST", `/sandboxes/${sourceId}/snapshots`, {});
+      if (snapshot.status !== 201) throw new Error(`${runtime} snapshot: ${snapshot.status} ${JSON.stringify(snapshot.json)}`);
+      snapshotId = snapshot.json.snapshotID as string;
+      await callApi(target, "DELETE", `/sandboxes/${sourceId}`);
+      sourceId = undefined;
+      restoredMemory[runtime] = await idleMemory(runtime, snapshotId);
     } catch (err) {
       errors.push(errorMessage(err));
     } finally {
-      await Promise.all(ids.map((id) => callApi(target, "DELETE", `/sandboxes/${id}`).catch(() => undefined)));
+      if (sourceId) await callApi(target, "DELETE", `/sandboxes/${sourceId}`).catch(() => undefined);
+      if (snapshotId) await callApi(target, "DELETE", `/templates/${snapshotId}`).catch(() => undefined);
     }
   }
 
@@ -130,10 +177,23 @@ export async function benchRuntimes(options: BenchOptions, target: BenchTarget):
   const byRuntime = Object.fromEntries(
     RUNTIMES.map((runtime) => {
       const mine = samples.filter((s) => s.runtime === runtime);
-      return [runtime, { creates: mine.length, apiMs: summarize(mine.map((s) => s.apiMs)), firstCommandMs: summarize(mine.map((s) => s.firstCommandMs)), resumeMs: summarize(mine.map((s) => s.resumeMs)), idleMemory: memory[runtime] }];
+      return [
+        runtime,
+        {
+          creates: mine.length,
+          apiMs: summarize(mine.map((s) => s.apiMs)),
+          firstCommandMs: summarize(mine.map((s) => s.firstCommandMs)),
+          resumeMs: summarize(mine.map((s) => s.resumeMs)),
+          snapshotMs: summarize(mine.map((s) => s.snapshotMs)),
+          restoreFirstCommandMs: summarize(mine.map((s) => s.restoreFirstCommandMs)),
+          idleMemory: memory[runtime],
+          idleMemoryFromOneSnapshot: restoredMemory[runtime],
+        },
+      ];
     }),
   );
-  const p50 = (runtime: RuntimeName) => (byRuntime[runtime] as { firstCommandMs: { p50: number } }).firstCommandMs.p50;
+  const p50 = (runtime: RuntimeName, field: "firstCommandMs" | "snapshotMs" | "restoreFirstCommandMs" = "firstCommandMs") => (byRuntime[runtime] as Record<typeof field, { p50: number }>)[field].p50;
+  const ratio = (a: number, b: number) => (b > 0 && Number.isFinite(a) ? round2(a / b) : undefined);
   return {
     status: samples.length > 0 ? "ok" : "failed",
     ...(samples.length > 0 ? {} : { reason: errors[0] ?? "no samples" }),
@@ -143,7 +203,11 @@ export async function benchRuntimes(options: BenchOptions, target: BenchTarget):
       runtimes: byRuntime,
       qemuStartFloorMs: floor,
       microvmFirstCommandOverQemuStart: floor.p50 > 0 ? round2(p50("microvm") / floor.p50) : undefined,
-      microvmOverContainerFirstCommand: p50("container") > 0 ? round2(p50("microvm") / p50("container")) : undefined,
+      microvmOverContainerFirstCommand: ratio(p50("microvm"), p50("container")),
+      microvmOverContainerSnapshot: ratio(p50("microvm", "snapshotMs"), p50("container", "snapshotMs")),
+      microvmOverContainerRestore: ratio(p50("microvm", "restoreFirstCommandMs"), p50("container", "restoreFirstCommandMs")),
+      // A create from a memory image against a cold boot of the same runtime.
+      microvmRestoreOverColdCreate: ratio(p50("microvm", "restoreFirstCommandMs"), p50("microvm")),
       // The server's CUBICLE_MICROVM, as bench/runtimes.sh passes it to the client too.
       accelerator: process.env.CUBICLE_MICROVM ?? "not stated (CUBICLE_MICROVM unset for the bench client)",
     },

@@ -4,7 +4,7 @@ import type { Runtime, SandboxSpec } from "../../runtime/types.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger, roundMs } from "../../shared/log.js";
 import { runtimeIdOf, type CodebaseMount, type SandboxRecord, type Store, type VolumeMount } from "../../store/types.js";
-import { AGENT_READY_TIMEOUT_MS, buildInitBody, type AgentLink } from "../../protocol/index.js";
+import { AGENT_READY_TIMEOUT_MS, buildInitBody, newMachineIdentity, type AgentLink } from "../../protocol/index.js";
 import { newSandboxId, newToken } from "../ids.js";
 import { KeyedMutex } from "../keyed-mutex.js";
 import { SandboxTable } from "../sandbox-table.js";
@@ -190,8 +190,9 @@ export class LifecycleContext {
    * `/init` with the sandbox's identity; `currentToken` is the token the agent holds now, if any;
    * with `whenUpMs`, retried that long while the agent cannot be reached.
    */
-  async initAgent(record: SandboxRecord, template: TemplateInfo, currentToken: string | undefined, whenUpMs?: number): Promise<void> {
+  async initAgent(record: SandboxRecord, template: TemplateInfo, currentToken: string | undefined, whenUpMs?: number, options: { newMachine?: boolean } = {}): Promise<void> {
     const init = buildInitBody({
+      ...(options.newMachine ? { machine: newMachineIdentity() } : {}),
       accessToken: record.envdAccessToken,
       envVars: record.envVars,
       defaultUser: template.image.defaultUser,
@@ -224,7 +225,7 @@ export class LifecycleContext {
     const network = record.network ? undefined : await this.beginNetwork(record);
     // The restored agent listens already: no health probe before its /init, which runs while
     // the runtime renames the host.
-    const whenRunning = () => this.initAgent(record, template, agentToken, AGENT_READY_TIMEOUT_MS);
+    const whenRunning = () => this.initAgent(record, template, agentToken, AGENT_READY_TIMEOUT_MS, { newMachine: !sameMachine });
     await this.ports.runtime.restore({ ...this.specOf(record, template), networkReady: network?.ready, whenRunning, sameMachine }, imageId);
     log.debug("restored into a sandbox", { sandboxId: record.sandboxId, ms: roundMs(performance.now() - started) });
   }

@@ -24,6 +24,8 @@ export interface AgentKitSources {
   xattrAddon?: string;
   /** The agent's process start addon (`<distDir>/agent/spawn.node`, SPAWN_NOTE), if built. */
   spawnAddon?: string;
+  /** The guest addon (`<distDir>/agent/guest.node`, GUEST_MACHINE_NOTE), if built: loaded only in microVM guests. */
+  guestAddon?: string;
   /** The sandbox's first program (`<distDir>/sandbox-boot`, native/sandbox-boot.c, BOOT_IDENTITY_NOTE). */
   sandboxBoot: string;
   /** Start agents with their memory merged across sandboxes (AGENT_MEMORY_MERGE_NOTE). */
@@ -99,6 +101,7 @@ export function kitSourcesIn(distDir: string, overrides: Partial<AgentKitSources
     runAs: path.join(distDir, "agent", "run-as"),
     xattrAddon: path.join(distDir, "agent", "xattr.node"),
     spawnAddon: path.join(distDir, "agent", "spawn.node"),
+    guestAddon: path.join(distDir, "agent", "guest.node"),
     sandboxBoot: path.join(distDir, "sandbox-boot"),
     ...overrides,
   };
@@ -114,6 +117,8 @@ export async function assembleAgentKit(kitDir: string, sources: AgentKitSources)
   if (xattrAddon) addons.push(xattrAddon);
   const spawnAddon = sources.spawnAddon && existsSync(sources.spawnAddon) ? sources.spawnAddon : undefined;
   if (spawnAddon) addons.push(spawnAddon);
+  const guestAddon = sources.guestAddon && existsSync(sources.guestAddon) ? sources.guestAddon : undefined;
+  if (guestAddon) addons.push(guestAddon);
   const watched = [sources.nodeBinary, sources.agentScript, sources.sandboxBoot, ...(existsSync(TINI_STATIC) ? [TINI_STATIC] : []), ...(runAs ? [runAs] : []), ...sources.nativePackages.map((pkg) => path.join(pkg.dir, "package.json")), ...addons];
   const wanted: Manifest["sources"] = {};
   for (const file of watched) {
@@ -157,6 +162,7 @@ export async function assembleAgentKit(kitDir: string, sources: AgentKitSources)
   else log.warn("the agent's xattr addon is not built (no C compiler?): file metadata is refused in sandboxes");
   if (spawnAddon) await copyFile(spawnAddon, path.join(staging, "spawn.node"));
   else log.warn("the agent's spawn addon is not built (no C compiler?): commands in sandboxes start through Node's spawn, ~5 ms slower");
+  if (guestAddon) await copyFile(guestAddon, path.join(staging, "guest.node"));
   await copyFile(sources.agentScript, path.join(staging, "agent.js"));
   await copyFile(`${sources.agentScript}.map`, path.join(staging, "agent.js.map")).catch(() => {});
   for (const pkg of sources.nativePackages) {

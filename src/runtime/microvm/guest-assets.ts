@@ -232,6 +232,7 @@ export function agentLaunchFile(input: AgentLaunchInput): string {
     ...input.templateEnv,
     CUBICLE_AGENT: "1",
     CUBICLE_AGENT_SET_HOSTNAME: "1",
+    CUBICLE_AGENT_GUEST: "1",
     CUBICLE_AGENT_NODE_COMMAND: JSON.stringify(kernelNodeCommand([...input.kitCommand])),
     CUBICLE_SANDBOX_ID: input.sandboxId,
     CUBICLE_TEMPLATE_ENV: JSON.stringify(input.templateEnv),

@@ -85,18 +85,17 @@ interface Guest extends GuestRecord {
 }
 
 /**
- * MICROVM_RUNTIME_NOTE (first slice, issue 17): a sandbox as a QEMU microVM (src/runtime/microvm:
- * the guest kernel and initramfs, the template rootfs as an ext4 base image under a qcow2
- * overlay per sandbox, the agent kit on a read-only disk, a tap bridged to the sandbox's veth
- * end so the guest owns the sandbox address). Create, destroy, freeze/thaw (QMP stop/cont),
- * state, list and stats work; memory snapshots (checkpoint, restore and what needs them: pause
- * to disk, snapshots, fork, warm images) are refused (failed_precondition, a 400) until QEMU's
- * migration-to-file lands. A template the template builder made runs too: its layer and base
- * become one disk image (BUILT_TEMPLATE_IMAGE_NOTE). A guest outlives a server restart: init()
- * reconnects to the QEMU in each guest directory (guest.json says what it is) and ends those
- * that do not answer, so recovery adopts a running guest and removes one nobody owns. Each QEMU
- * is confined once started (QEMU_CONFINE_NOTE): a uid of its own, an empty chroot, QEMU's
- * seccomp filter. Volumes and codebases are virtiofs shares (MICROVM_SHARES_NOTE).
+ * MICROVM_RUNTIME_NOTE (issue 17): a sandbox as a QEMU microVM (src/runtime/microvm: the guest
+ * kernel and initramfs, the template rootfs as an ext4 base image under a qcow2 overlay per
+ * sandbox, the agent kit on a read-only disk, a tap in the sandbox's netns behind an address
+ * translation, GUEST_NETWORK_NOTE). Create, destroy, freeze/thaw (QMP stop/cont), state, list
+ * and stats work, and memory images (checkpoint and restore, and with them snapshots, forks,
+ * rollbacks, pauses to disk: MICROVM_IMAGE_NOTE). A template the template builder made runs too:
+ * its layer and base become one disk image (BUILT_TEMPLATE_IMAGE_NOTE). A guest outlives a
+ * server restart: init() reconnects to the QEMU in each guest directory (guest.json says what it
+ * is) and ends those that do not answer, so recovery adopts a running guest and removes one
+ * nobody owns. Each QEMU is confined once started (QEMU_CONFINE_NOTE): a uid of its own, a chroot
+ * of its own, QEMU's seccomp filter. Volumes and codebases are virtiofs shares (MICROVM_SHARES_NOTE).
  */
 export class MicrovmRuntime implements Runtime {
   readonly name = "microvm" as const;
@@ -342,7 +341,8 @@ export class MicrovmRuntime implements Runtime {
 
   async setHostname(sandboxId: string): Promise<void> {
     this.guest(sandboxId);
-    throw new CubicleError("failed_precondition", "renaming a microVM's host needs its memory images (restores, pool claims): not available yet");
+    // The guest's agent is its root and renames its host at /init (restores, pool claims).
+    throw new CubicleError("failed_precondition", "a microVM's host is renamed by its own agent at /init, not from outside");
   }
 
   async stats(sandboxId: string): Promise<SandboxStats> {
