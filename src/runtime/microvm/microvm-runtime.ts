@@ -12,7 +12,7 @@ import { builtImageKey, cachedTemplateDiskImage, createOverlay, kitDiskImage, re
 import { agentLaunchFile, prepareGuestAssets, type GuestAssets } from "./guest-assets.js";
 import { attachGuestNetwork, releaseGuestNetwork } from "./net.js";
 import { startShares, stopShares } from "./shares.js";
-import { MICROVM_UID_COUNT, MICROVM_UID_START, reconnectMicrovm, startMicrovm, type Accelerator, type Microvm, type MicrovmConfig, type QemuLauncher, guestStateChannel, prepareGuestChroot } from "./qemu.js";
+import { MICROVM_UID_COUNT, MICROVM_UID_START, reconnectMicrovm, startMicrovm, type Accelerator, type Microvm, type MicrovmConfig, type QemuLauncher, guestStateChannel, MACHINE_DEVICES_VERSION, prepareGuestChroot } from "./qemu.js";
 
 const log = createLogger("microvm");
 
@@ -73,6 +73,8 @@ interface MicrovmImageMeta {
   /** The kit disk and the guest kernel it ran: a restore needs the very same. */
   kitImage: string;
   kernelVersion: string;
+  /** The QEMU device set it was saved with (MACHINE_DEVICES_VERSION): a load needs the same. */
+  devices: number;
 }
 
 /** The files of a microVM image. */
@@ -362,7 +364,7 @@ export class MicrovmRuntime implements Runtime {
 
   /** The kit disk and kernel a memory image depends on (MICROVM_IMAGE_NOTE). */
   memoryImageFingerprint(): string | undefined {
-    return this.kitImage && this.assets ? `${path.basename(this.kitImage.path)}+${this.assets.kernelVersion}` : undefined;
+    return this.kitImage && this.assets ? `${path.basename(this.kitImage.path)}+${this.assets.kernelVersion}+${MACHINE_DEVICES_VERSION}` : undefined;
   }
 
   async checkpoint(sandboxId: string, target: CheckpointTarget, options: CheckpointOptions): Promise<CheckpointInfo & { imageId: string }> {
@@ -404,6 +406,7 @@ export class MicrovmRuntime implements Runtime {
         diskBytes: guest.diskBytes,
         kitImage: kitImage.path,
         kernelVersion: assets.kernelVersion,
+        devices: MACHINE_DEVICES_VERSION,
       };
       await writeFile(path.join(pending.dir, IMAGE_FILES.meta), JSON.stringify(meta, null, 2) + "\n", { mode: 0o600 });
       const info = await this.images.commit(pending);
@@ -425,8 +428,8 @@ export class MicrovmRuntime implements Runtime {
     if (info.runtime !== "microvm") throw new CubicleError("failed_precondition", `image ${imageId} was made by the ${info.runtime} runtime; microVMs restore only their own`);
     const imageDir = this.images.dirOf(imageId);
     const meta = await readImageMeta(imageDir);
-    if (meta.kitImage !== kitImage.path || meta.kernelVersion !== assets.kernelVersion) {
-      throw new CubicleError("failed_precondition", `image ${imageId} was made with another agent kit or guest kernel than this server runs; it cannot be restored`);
+    if (meta.kitImage !== kitImage.path || meta.kernelVersion !== assets.kernelVersion || meta.devices !== MACHINE_DEVICES_VERSION) {
+      throw new CubicleError("failed_precondition", `image ${imageId} was made with another agent kit, guest kernel or QEMU device set than this server runs; it cannot be restored`);
     }
     if ((spec.volumes?.length ?? 0) + (spec.codebases?.length ?? 0) > 0) throw new CubicleError("failed_precondition", "a microVM restored from an image cannot mount volumes or codebases yet");
     const id = spec.sandboxId;
@@ -443,7 +446,7 @@ export class MicrovmRuntime implements Runtime {
       await spec.networkReady;
       const guestNetwork = await attachGuestNetwork(spec.network);
       const uid = this.guestUid();
-      const channel = await prepareGuestChroot(MicrovmRuntime.chrootOf(dir), overlay, uid);
+      const channel = await prepareGuestChroot(MicrovmRuntime.chrootOf(dir), overlay, uid, { incoming: true });
       const config: MicrovmConfig = {
         accel: this.config.accel,
         assets,

@@ -132,7 +132,11 @@ test("boots the base template in a microVM under TCG: the agent answers on the s
         console.log(`saved state of a 512 MiB guest: ${Math.round(bytes / (1 << 20))} MiB`);
         assert.equal(await vm.status(), "postmigrate");
         assert.deepEqual(await readdir(channel.hostDir), [], "the channel's socket is gone");
+        const channelInfo = await stat(channel.hostDir);
+        assert.equal(channelInfo.uid, 0, "the channel is root's: a guest's QEMU cannot swap what is in it");
+        assert.equal(channelInfo.mode & 0o777, 0o711);
         await vm.quit();
+        channel = await prepareGuestChroot(chrootDir, overlay, guestUid, { incoming: true });
         vm = await startMicrovm({
           accel: "tcg",
           assets,
@@ -151,6 +155,7 @@ test("boots the base template in a microVM under TCG: the agent answers on the s
         assert.equal(await vm.status(), "inmigrate");
         await timed("load state", () => vm!.loadState(stateFile, channel));
         assert.equal(await vm.status(), "paused");
+        assert.deepEqual(await readdir(channel.hostDir), [], "the load's own directory is gone");
         await vm.resume();
         await waitForAgentHealth(network.sandboxAddress, 30_000);
         assert.equal(await inGuest("cat /dev/shm/marker"), "only-in-guest-ram", "the guest's RAM came back");
@@ -158,6 +163,7 @@ test("boots the base template in a microVM under TCG: the agent answers on the s
         // A broken stream makes the loading QEMU fail, and says so.
         await vm.quit();
         await writeFile(stateFile, "not a migration stream");
+        channel = await prepareGuestChroot(chrootDir, overlay, guestUid, { incoming: true });
         vm = await startMicrovm({ accel: "tcg", assets, memoryMiB: 512, cpuCount: 1, rootDisk: overlay, kitDisk: kitImage.path, network: guestNetwork, launchFile, runDir: path.join(stateDir, "sandboxes", sandboxId, "run"), netnsPath: network.netnsPath, confine: { uid: guestUid, gid: guestUid, chrootDir }, incoming: true });
         await assert.rejects(vm.loadState(stateFile, channel, 20_000), /QEMU|state/);
       }

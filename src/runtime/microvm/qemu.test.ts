@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { mkdtemp, rm, stat } from "node:fs/promises";
+import { mkdir, mkdtemp, readdir, rm, stat, writeFile } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
@@ -8,7 +8,7 @@ import { runCommand } from "../../shared/exec.js";
 import { SandboxHelper } from "../container/sandbox-helper.js";
 import { createOverlay } from "./disk-images.js";
 import { prepareGuestAssets } from "./guest-assets.js";
-import { buildQemuArgv, helperLauncher, hostTscKhz, kernelCommandLine, MICROVM_UID_COUNT, MICROVM_UID_START, macAddressFrom, nsenterLauncher, probeKvm, startMicrovm, type Microvm, type MicrovmConfig } from "./qemu.js";
+import { buildQemuArgv, helperLauncher, hostTscKhz, kernelCommandLine, MICROVM_UID_COUNT, MICROVM_UID_START, macAddressFrom, nsenterLauncher, prepareGuestChroot, probeKvm, startMicrovm, type Microvm, type MicrovmConfig } from "./qemu.js";
 import { builtHelper, guestSkipReason, localKernelDeb, makeTestNetwork, releaseTestNetwork } from "./test-helpers.js";
 
 const config: MicrovmConfig = {
@@ -80,7 +80,41 @@ test("shares: the guest's RAM a shared memfd and one vhost-user-fs device per sh
   assert.throws(() => buildQemuArgv({ ...config, shares: [{ tag: "a", socket: "/s/x.sock,server=on" }] }), /comma/);
 });
 
-test("a confined QEMU gets the seccomp filter, its own uid and gid and an empty chroot (QEMU_CONFINE_NOTE); bad ones are refused", () => {
+test("a QEMU made to load a state starts stopped and waits for it (MICROVM_STATE_NOTE)", () => {
+  const argv = buildQemuArgv({ ...config, incoming: true });
+  assert.ok(argv.includes("-S"));
+  assert.deepEqual(optionValues(argv, "-incoming"), ["defer"]);
+  assert.ok(!buildQemuArgv(config).includes("-incoming"));
+});
+
+test("a guest's chroot holds its root disk under its own path, as its uid's, and a channel of root's; a load's own directory is its uid's (MICROVM_STATE_NOTE)", async () => {
+  const dir = await mkdtemp(path.join(os.tmpdir(), "cbm-chroot-"));
+  try {
+    const uid = MICROVM_UID_START + 9;
+    const disk = path.join(dir, "guest", "root.qcow2");
+    await mkdir(path.dirname(disk));
+    await writeFile(disk, "disk");
+    const chroot = path.join(dir, "guest", "chroot");
+    const channel = await prepareGuestChroot(chroot, disk, uid, { incoming: true });
+    assert.deepEqual(channel, { hostDir: path.join(chroot, "state"), qemuDir: "/state" });
+    const inside = await stat(path.join(chroot, disk));
+    assert.equal(inside.ino, (await stat(disk)).ino, "the same file under its host path");
+    assert.equal(inside.uid, uid);
+    assert.equal(inside.mode & 0o777, 0o600);
+    assert.equal((await stat(chroot)).uid, 0);
+    assert.equal((await stat(chroot)).mode & 0o777, 0o555);
+    assert.equal((await stat(channel.hostDir)).uid, 0);
+    assert.equal((await stat(channel.hostDir)).mode & 0o777, 0o711);
+    assert.equal((await stat(path.join(channel.hostDir, "incoming"))).uid, uid);
+    await prepareGuestChroot(chroot, disk, uid);
+    assert.deepEqual(await readdir(channel.hostDir), [], "no load directory unless asked");
+    await assert.rejects(prepareGuestChroot(chroot, "relative.qcow2", uid), /absolute/);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test("a confined QEMU gets the seccomp filter, its own uid and gid and a chroot of its own (QEMU_CONFINE_NOTE); bad ones are refused", () => {
   const uid = MICROVM_UID_START + 7;
   const argv = buildQemuArgv({ ...config, confine: { uid, gid: uid, chrootDir: "/var/lib/cubicle/microvm/empty" } });
   const after = (flag: string) => argv[argv.indexOf(flag) + 1];

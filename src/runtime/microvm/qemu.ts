@@ -158,6 +158,13 @@ export function kernelCommandLine(config: Pick<MicrovmConfig, "network" | "hostn
 }
 
 /**
+ * The version of the device set buildQemuArgv gives a guest: a saved state loads only into a
+ * QEMU with the same devices, so images record it (MICROVM_IMAGE_NOTE). Raise it with any change
+ * to the devices or their options.
+ */
+export const MACHINE_DEVICES_VERSION = 1;
+
+/**
  * QEMU's argv for a microVM (`-M microvm`: no PCI, no firmware tables but ACPI's, virtio over
  * MMIO): the kernel and initramfs booted directly, the root overlay and the kit as virtio-blk
  * disks told apart by serial number, virtio-net on the sandbox's tap, virtio-rng from the host's
@@ -210,6 +217,7 @@ export function buildQemuArgv(config: MicrovmConfig): string[] {
     "rng-random,id=rng,filename=/dev/urandom",
     "-device",
     "virtio-rng-device,rng=rng",
+
     "-qmp",
     `unix:${files.qmpSocket},server=on,wait=off`,
     "-pidfile",
@@ -256,9 +264,12 @@ export function microvmFiles(runDir: string): { qmpSocket: string; serialLog: st
  * RAM; pages that are all zero take a few bytes) written to a file while the vCPUs are
  * stopped, and loaded into a new QEMU started with the same devices and `-incoming defer`.
  * QEMU is chrooted and cannot open host files (QEMU_CONFINE_NOTE), so the stream goes through
- * a unix socket in the guest's state channel: a directory inside QEMU's chroot that only the
- * guest's uid (and root) can enter, where this process listens (save) or QEMU listens and this
- * process connects (load). The RAM is copied, not mapped: a guest made from an image has its
+ * a unix socket in the guest's state channel, a directory inside QEMU's chroot: to save, this
+ * process listens there and QEMU connects; to load, QEMU listens and this process connects. The
+ * channel is root's (0711): a QEMU that a guest took over may connect to the socket made for it,
+ * but cannot replace it with a link this process would then follow. Only a QEMU started for a
+ * load, which has run no guest code yet, gets a directory of its own in it (`incoming/`, its
+ * uid's) to make its socket in; it is removed once the state is in. The RAM is copied, not mapped: a guest made from an image has its
  * own pages from the start (no sharing between guests of one image yet).
  */
 export interface StateChannel {
@@ -275,18 +286,26 @@ export interface StateChannel {
  * disk again by its path whenever a saved or loaded state hands the disk over (read-only, then
  * read-write), after it has chrooted. `chrootDir` must be on the root disk's file system.
  */
-export async function prepareGuestChroot(chrootDir: string, rootDisk: string, uid: number): Promise<StateChannel> {
+export async function prepareGuestChroot(chrootDir: string, rootDisk: string, uid: number, options: { incoming?: boolean } = {}): Promise<StateChannel> {
   if (!path.isAbsolute(rootDisk)) throw new CubicleError("internal", `the root disk path ${rootDisk} must be absolute`);
   await rm(chrootDir, { recursive: true, force: true });
   await mkdir(path.join(chrootDir, path.dirname(rootDisk)), { recursive: true, mode: 0o555 });
   await chown(rootDisk, uid, uid);
   await chmod(rootDisk, 0o600);
   await link(rootDisk, path.join(chrootDir, rootDisk));
-  const channel = { hostDir: path.join(chrootDir, "state"), qemuDir: "/state" };
-  await mkdir(channel.hostDir, { mode: 0o700 });
-  await chown(channel.hostDir, uid, uid);
+  const channel = guestStateChannel(chrootDir);
+  await mkdir(channel.hostDir, { mode: 0o711 });
+  await chmod(channel.hostDir, 0o711);
+  if (options.incoming) {
+    const incoming = path.join(channel.hostDir, INCOMING_DIR);
+    await mkdir(incoming, { mode: 0o700 });
+    await chown(incoming, uid, uid);
+  }
   return channel;
 }
+
+/** The load's own directory in a state channel (MICROVM_STATE_NOTE). */
+const INCOMING_DIR = "incoming";
 
 /** The state channel of a chroot prepareGuestChroot made. */
 export function guestStateChannel(chrootDir: string): StateChannel {
@@ -404,9 +423,10 @@ export class Microvm {
    */
   async loadState(file: string, channel: StateChannel, timeoutMs = STATE_TIMEOUT_MS): Promise<void> {
     const name = `load-${process.pid}-${++stateSequence}.sock`;
-    const socketPath = path.join(channel.hostDir, name);
+    const incoming = path.join(channel.hostDir, INCOMING_DIR);
+    const socketPath = path.join(incoming, name);
     try {
-      await this.qmp.execute("migrate-incoming", { uri: `unix:${path.posix.join(channel.qemuDir, name)}` });
+      await this.qmp.execute("migrate-incoming", { uri: `unix:${path.posix.join(channel.qemuDir, INCOMING_DIR, name)}` });
       const socket = await connectWhenListening(socketPath, timeoutMs);
       const sent = new Promise<void>((resolve, reject) => {
         const input = createReadStream(file);
@@ -427,7 +447,7 @@ export class Microvm {
       }
       socket.destroy();
     } finally {
-      await rm(socketPath, { force: true });
+      await rm(incoming, { recursive: true, force: true });
     }
   }
 
