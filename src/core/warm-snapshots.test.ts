@@ -50,3 +50,16 @@ test("an image is used only while its template and kit fingerprints are current;
   await fresh.close();
   assert.deepEqual(await f.runtime.images.list("warm"), [], "the rebuild removed the stale image");
 });
+
+test("a template of another runtime gets warm images only where that runtime runs, keyed by that runtime's kit", async () => {
+  const f = fakeHost({ failCreates: Infinity, fingerprint: ((runtime?: string) => `kit-of-${runtime ?? "the default"}`) as () => string });
+  const snapshots = new WarmSnapshots({ ...f, templates: ["ci"], pidsLimit: 100, templateFingerprint: async () => "recipe" });
+  const microvmTemplate: TemplateInfo = { ...template, runtime: "microvm" };
+  assert.equal(snapshots.isEnabled(microvmTemplate), false, "a container-only host makes no microVM images");
+  const runtime = f.runtime as typeof f.runtime & { runs?: (name: string) => boolean };
+  runtime.runs = () => true;
+  assert.equal(snapshots.isEnabled(microvmTemplate), true);
+  assert.notEqual(await snapshots.currentImageId(microvmTemplate), await snapshots.currentImageId(template), "the microVM kit keys its image");
+  assert.equal(await snapshots.currentImageId({ ...template, runtime: undefined }), await snapshots.currentImageId(template));
+  await snapshots.close();
+});

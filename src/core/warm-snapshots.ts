@@ -57,8 +57,9 @@ export class WarmSnapshots {
 
   /** Configured for it, or the template has a start command (TEMPLATE_START_NOTE: its sandboxes start from the image). */
   isEnabled(template: TemplateInfo): boolean {
-    // Warm snapshots are the default runtime's images.
-    if (template.runtime !== undefined && template.runtime !== this.options.runtime.name) return false;
+    // An image of the template's runtime (a microVM template's is a microVM's memory image).
+    const { runtime } = this.options;
+    if (template.runtime !== undefined && !(runtime.runs ? runtime.runs(template.runtime) : runtime.name === template.runtime)) return false;
     return this.enabled.has(template.templateId) || template.aliases.some((alias) => this.enabled.has(alias)) || template.startCmd !== undefined;
   }
 
@@ -126,7 +127,7 @@ export class WarmSnapshots {
   /** `<templateId>-<key>`: the key hashes the template's and the kit's fingerprints. */
   private async currentImageName(template: TemplateInfo): Promise<string> {
     const templateKey = this.options.templateFingerprint ? await this.options.templateFingerprint(template) : template.image.rootfsDir;
-    const kitKey = this.options.runtime.memoryImageFingerprint?.() ?? "";
+    const kitKey = this.options.runtime.memoryImageFingerprint?.(template.runtime) ?? "";
     const key = createHash("sha256").update(`${templateKey}\n${kitKey}`).digest("hex").slice(0, 16);
     return `${template.templateId}-${key}`;
   }

@@ -71,6 +71,29 @@ describe("HttpAgentLink", () => {
     assert.equal(agent.seen.length, 2);
   });
 
+  it("an init whose answer was lost after the agent took it is retried under the new token, not refused", async () => {
+    let token = "old";
+    let first = true;
+    respond = (seen, res) => {
+      if (seen.headers["x-access-token"] !== token) return void res.writeHead(401).end('{"code":401,"message":"unauthorized"}');
+      token = (JSON.parse(seen.body.toString()) as { accessToken: string }).accessToken;
+      // The agent applied it, and its answer never arrives (a guest too slow for the request's deadline).
+      if (first) {
+        first = false;
+        return void res.socket?.destroy();
+      }
+      res.writeHead(204).end();
+    };
+    await link.init("127.0.0.1", { accessToken: "new", envVars: {} }, { currentToken: "old", whenUpMs: 5000 });
+    assert.deepEqual(agent.seen.map((s) => s.headers["x-access-token"]), ["old", "old", "new"]);
+    assert.equal(token, "new");
+    // A first attempt refused is final: the agent holds another token, nothing was applied.
+    token = "someone-else";
+    agent.seen.length = 0;
+    await assert.rejects(link.init("127.0.0.1", { accessToken: "new", envVars: {} }, { currentToken: "old", whenUpMs: 1000 }), refusedWith("internal", /\(401\)/));
+    assert.equal(agent.seen.length, 1);
+  });
+
   it("answers health: up, healthy, and unhealthy on an error status", async () => {
     await link.waitUntilUp("127.0.0.1", 1000);
     assert.equal(await link.isHealthy("127.0.0.1"), true);

@@ -39,9 +39,17 @@ export class HttpAgentLink implements AgentLink {
   }
 
   async init(address: string, body: InitBody, options: AgentInitOptions = {}): Promise<void> {
+    let sent = false;
     const once = async () => {
       const headers: Record<string, string> = options.currentToken ? { "x-access-token": options.currentToken } : {};
-      const res = await this.request(address, this.envdPort, "POST", "/init", json(body), 5000, headers);
+      const mayHaveApplied = sent;
+      sent = true;
+      let res = await this.request(address, this.envdPort, "POST", "/init", json(body), 5000, headers);
+      // An earlier attempt that timed out may have reached a slow agent (a guest under load) and
+      // given it the new token: the same body again, under that token, is the same init.
+      if (res.status === 401 && mayHaveApplied && body.accessToken && body.accessToken !== options.currentToken) {
+        res = await this.request(address, this.envdPort, "POST", "/init", json(body), 5000, { "x-access-token": body.accessToken });
+      }
       if (res.status < 200 || res.status >= 300) {
         throw new CubicleError("internal", `the sandbox agent refused its init (${res.status}): ${snippet(res.body, 500)}`);
       }

@@ -85,9 +85,10 @@ export class RuntimeSet implements Runtime {
     return ids;
   }
 
-  /** The default runtime's: memory images of the others carry their own (warm images are per runtime). */
-  memoryImageFingerprint(): string | undefined {
-    return this.runtimes[0]!.memoryImageFingerprint?.();
+  /** The named runtime's (default: the default runtime's): warm images are per runtime. */
+  memoryImageFingerprint(runtime?: RuntimeName): string | undefined {
+    const named = runtime === undefined ? this.runtimes[0]! : this.runtimes.find((candidate) => candidate.name === runtime);
+    return named?.memoryImageFingerprint?.();
   }
 
   async freeze(sandboxId: string): Promise<void> {

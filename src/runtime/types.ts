@@ -109,9 +109,10 @@ export interface Runtime {
   /**
    * What a memory image depends on besides the template (the container runtime: its agent kit,
    * whose Node binary restored processes still map); images made under another value cannot be
-   * restored. Undefined when the runtime has no such dependency.
+   * restored. Undefined when the runtime has no such dependency. A RuntimeSet answers for the
+   * runtime named (default: its default runtime); a single runtime ignores the name.
    */
-  memoryImageFingerprint?(): string | undefined;
+  memoryImageFingerprint?(runtime?: "container" | "microvm"): string | undefined;
   freeze(sandboxId: string): Promise<void>;
   thaw(sandboxId: string): Promise<void>;
   /**

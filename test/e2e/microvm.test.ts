@@ -297,3 +297,46 @@ test("a warm pool of microVMs: a create of a microVM template claims a frozen gu
   }
   assert.deepEqual(qemuOf(), [], "the pool's guests end with the server");
 });
+
+test("a microVM template's warm snapshot: creates restore a guest whose agent already runs, each a new machine; a create the image cannot serve boots", { timeout: 10 * 60_000 }, async (t) => {
+  if (skipReason || !server) return t.skip(skipReason ?? "no server");
+  const warm = await startTestServer({ extraEnv: { CUBICLE_MICROVM: "tcg", CUBICLE_TEMPLATE_RUNTIME: "base=microvm", CUBICLE_POOL_SIZE: "", CUBICLE_WARM_SNAPSHOT: "base" } });
+  const counts = async () => ((await warm.api("GET", "/warm-snapshots")).json ?? {}).base as { ready: boolean; restores: number } | undefined;
+  const made: string[] = [];
+  try {
+    const deadline = Date.now() + 5 * 60_000;
+    while (!(await counts())?.ready) {
+      if (Date.now() > deadline) throw new Error(`no warm snapshot of the microVM template: ${JSON.stringify(await counts())}\n${warm.log().slice(-3000)}`);
+      await new Promise((resolve) => setTimeout(resolve, 500));
+    }
+    assert.equal(fs.readdirSync(path.join(warm.stateDir, "microvm", "images", "warm")).length, 1, "a microVM image");
+    useServerForSdk(warm);
+    const ids: string[] = [];
+    for (let i = 0; i < 2; i++) {
+      const restoresBefore = (await counts())!.restores;
+      const started = performance.now();
+      const created = await warm.api("POST", "/v2/sandboxes", { templateID: "base", timeout: 300 });
+      assert.equal(created.status, 201, JSON.stringify(created.json));
+      made.push(created.json.sandboxID);
+      const sandbox = await Sandbox.connect(created.json.sandboxID);
+      const out = (await sandbox.commands.run("hostname; cat /proc/sys/kernel/random/boot_id; uname -r")).stdout.trim().split("\n");
+      console.log(`microVM create from the warm snapshot → first command: ${Math.round(performance.now() - started)} ms`);
+      assert.equal((await counts())!.restores, restoresBefore + 1, "restored from the warm snapshot");
+      assert.equal((await warm.api("GET", `/sandboxes/${created.json.sandboxID}`)).json.runtime, "microvm");
+      assert.equal(out[0], created.json.sandboxID);
+      assert.match(out[2]!, /cloud-amd64$/);
+      ids.push(out[1]!);
+    }
+    assert.notEqual(ids[0], ids[1], "each restored guest is a new machine (its own boot id)");
+    // Env vars at create are the image's agent's business at boot: such a create boots cold.
+    const restoresBefore = (await counts())!.restores;
+    const cold = await warm.api("POST", "/v2/sandboxes", { templateID: "base", timeout: 300, envVars: { WHO: "cold" } });
+    assert.equal(cold.status, 201, JSON.stringify(cold.json));
+    made.push(cold.json.sandboxID);
+    assert.equal((await counts())!.restores, restoresBefore, "not from the image");
+  } finally {
+    if (server) useServerForSdk(server);
+    for (const id of made) await warm.api("DELETE", `/sandboxes/${id}`).catch(() => undefined);
+    await warm.stop();
+  }
+});

@@ -86,8 +86,9 @@ export class Creation {
     const record = ctx.newRecord(request, template, aliasOf(template, request.templateId));
     if (mounts?.volumeMounts) record.volumeMounts = mounts.volumeMounts;
     if (mounts?.codebaseMounts) record.codebaseMounts = mounts.codebaseMounts;
-    const defaultRuntime = (request.runtime ?? template.runtime ?? ctx.ports.runtime.name) === ctx.ports.runtime.name;
-    const warmImage = defaultRuntime && this.warmSnapshotFits(request, template) ? await this.warmSnapshots.imageFor(template) : undefined;
+    // The warm image is of the template's runtime: a create that asks for the other one boots.
+    const templateRuntime = record.runtime === (template.runtime ?? ctx.ports.runtime.name);
+    const warmImage = templateRuntime && this.warmSnapshotFits(request, template) ? await this.warmSnapshots.imageFor(template) : undefined;
     await ctx.table.add(record);
     if (warmImage) {
       const started = performance.now();
