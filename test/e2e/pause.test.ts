@@ -11,7 +11,7 @@ import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { Sandbox } from "e2b";
 import { hitStateServer, startStateServer as startStateServerIn } from "./state-server.js";
-import { simulateHostReboot, startTestServer, useServerForSdk, type TestServer } from "./harness.js";
+import { e2eRuntime, simulateHostReboot, startTestServer, useServerForSdk, type TestServer } from "./harness.js";
 
 let server: TestServer;
 const DURABLE_AFTER_SEC = 4;
@@ -44,12 +44,15 @@ async function waitFor(what: string, check: () => boolean | Promise<boolean>, ti
   throw new Error(`timed out waiting for ${what}\n${on.log().slice(-3000)}`);
 }
 
-/** Where a pause's image goes: written while hot (the container still frozen), kept when durable. */
-const pauseImage = (sandboxId: string, on = server) => path.join(on.runDir, "pool", "images", "paused", sandboxId);
+/** The pause images of the runtime under test: the containers' on the storage pool, the microVMs' in the state dir. */
+const pausedDir = (on: TestServer) => (e2eRuntime === "microvm" ? path.join(on.stateDir, "microvm", "images", "paused") : path.join(on.runDir, "pool", "images", "paused"));
+
+/** Where a pause's image goes: written while hot (the sandbox still frozen), kept when durable. */
+const pauseImage = (sandboxId: string, on = server) => path.join(pausedDir(on), sandboxId);
 
 /** Everything of a sandbox under `paused/`: its image, and any half-written or discarded one. */
 function pauseImageEntries(sandboxId: string): string[] {
-  const dir = path.join(server.runDir, "pool", "images", "paused");
+  const dir = pausedDir(server);
   return fs.existsSync(dir) ? fs.readdirSync(dir).filter((entry) => entry.startsWith(sandboxId)) : [];
 }
 
@@ -203,9 +206,15 @@ describe("durable pause", () => {
     }
   });
 
-  test("pause({keepMemory: false}) keeps the files but reboots the processes", async () => {
+  test("pause({keepMemory: false}) keeps the files but reboots the processes", async (t) => {
     const sandbox = await Sandbox.create({ envs: { KEPT: "yes" } });
     try {
+      if (e2eRuntime === "microvm") {
+        // MICROVM_IMAGE_NOTE: a guest's kernel holds writes its disk has not seen; refused, and it keeps running.
+        await assert.rejects(sandbox.pause({ keepMemory: false }), /without its memory/);
+        assert.equal((await sandbox.commands.run("echo running")).stdout, "running\n");
+        return t.skip("a microVM's files are not saved without its memory: refused (checked above)");
+      }
       await startStateServer(sandbox);
       assert.equal(await sandbox.pause({ keepMemory: false }), true);
       assert.ok(fs.existsSync(pauseImage(sandbox.sandboxId)));

@@ -1,4 +1,4 @@
-import { constants } from "node:fs";
+import { constants, existsSync } from "node:fs";
 import { copyFile, mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
@@ -59,6 +59,8 @@ interface GuestRecord {
   uid: number;
   /** virtiofs shares it has (volumes, codebases): its state cannot be saved then. */
   shares?: number;
+  /** The template's base image its root overlay is made on (the qcow2's backing file). */
+  baseImage?: string;
 }
 
 /** What a microVM image's meta.json holds (MICROVM_IMAGE_NOTE). */
@@ -75,6 +77,8 @@ interface MicrovmImageMeta {
   kernelVersion: string;
   /** The QEMU device set it was saved with (MACHINE_DEVICES_VERSION): a load needs the same. */
   devices: number;
+  /** The template's base image under the disk's copy (its backing file), when known. */
+  baseImage?: string;
 }
 
 /** The files of a microVM image. */
@@ -288,6 +292,7 @@ export class MicrovmRuntime implements Runtime {
         diskBytes: spec.resources.diskMiB * 1024 * 1024,
         uid,
         shares: shares.length,
+        baseImage: base.path,
       };
       this.track(id, { ...record, vm, dir, overlay });
       await writeFile(path.join(dir, GUEST_RECORD), JSON.stringify(record), { mode: 0o600 });
@@ -407,6 +412,7 @@ export class MicrovmRuntime implements Runtime {
         kitImage: kitImage.path,
         kernelVersion: assets.kernelVersion,
         devices: MACHINE_DEVICES_VERSION,
+        ...(guest.baseImage ? { baseImage: guest.baseImage } : {}),
       };
       await writeFile(path.join(pending.dir, IMAGE_FILES.meta), JSON.stringify(meta, null, 2) + "\n", { mode: 0o600 });
       const info = await this.images.commit(pending);
@@ -432,6 +438,7 @@ export class MicrovmRuntime implements Runtime {
       throw new CubicleError("failed_precondition", `image ${imageId} was made with another agent kit, guest kernel or QEMU device set than this server runs; it cannot be restored`);
     }
     if ((spec.volumes?.length ?? 0) + (spec.codebases?.length ?? 0) > 0) throw new CubicleError("failed_precondition", "a microVM restored from an image cannot mount volumes or codebases yet");
+    if (meta.baseImage && !existsSync(meta.baseImage)) throw new CubicleError("failed_precondition", `image ${imageId} was made on a template disk image that is gone (the template was rebuilt or deleted); it cannot be restored`);
     const id = spec.sandboxId;
     if (this.guests.has(id)) throw new CubicleError("already_exists", `sandbox ${id} already exists on this host`);
     const dir = path.join(this.config.runDir, "microvm", id);
@@ -465,7 +472,7 @@ export class MicrovmRuntime implements Runtime {
       vm = await startMicrovm(config, this.config.launcher ? { launcher: this.config.launcher } : {});
       await vm.loadState(path.join(imageDir, IMAGE_FILES.state), channel);
       await vm.resume();
-      const record: GuestRecord = { netnsPath: spec.network.netnsPath, memoryBytes: meta.memoryMiB * 1024 * 1024, cpuCount: meta.cpuCount, diskBytes: meta.diskBytes, uid, shares: 0 };
+      const record: GuestRecord = { netnsPath: spec.network.netnsPath, memoryBytes: meta.memoryMiB * 1024 * 1024, cpuCount: meta.cpuCount, diskBytes: meta.diskBytes, uid, shares: 0, ...(meta.baseImage ? { baseImage: meta.baseImage } : {}) };
       this.track(id, { ...record, vm, dir, overlay });
       await writeFile(path.join(dir, GUEST_RECORD), JSON.stringify(record), { mode: 0o600 });
       log.debug("restored", { sandboxId: id, imageId, ms: Math.round(performance.now() - started) });
@@ -495,9 +502,14 @@ async function readImageMeta(imageDir: string): Promise<MicrovmImageMeta> {
   const text = await readFile(path.join(imageDir, IMAGE_FILES.meta), "utf8").catch((err) => {
     throw new CubicleError("not_found", `the image ${path.basename(imageDir)} is not complete (no meta.json)`, { cause: err });
   });
-  const meta = JSON.parse(text) as Partial<MicrovmImageMeta>;
+  let meta: Partial<MicrovmImageMeta>;
+  try {
+    meta = JSON.parse(text) as Partial<MicrovmImageMeta>;
+  } catch (err) {
+    throw new CubicleError("failed_precondition", `the image ${path.basename(imageDir)} is damaged (its meta.json is not JSON)`, { cause: err });
+  }
   const positive = (value: unknown) => typeof value === "number" && Number.isInteger(value) && value > 0;
-  if (meta.runtime !== "microvm" || meta.memory !== true || !positive(meta.memoryMiB) || !positive(meta.cpuCount) || typeof meta.kitImage !== "string" || typeof meta.kernelVersion !== "string") {
+  if (typeof meta !== "object" || meta === null || meta.runtime !== "microvm" || meta.memory !== true || !positive(meta.memoryMiB) || !positive(meta.cpuCount) || typeof meta.kitImage !== "string" || typeof meta.kernelVersion !== "string") {
     throw new CubicleError("failed_precondition", `the image ${path.basename(imageDir)} is damaged (its meta.json is not a microVM image's)`);
   }
   return meta as MicrovmImageMeta;

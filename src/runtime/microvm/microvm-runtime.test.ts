@@ -1,0 +1,58 @@
+import assert from "node:assert/strict";
+import { existsSync } from "node:fs";
+import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { test } from "node:test";
+import { CubicleError } from "../../shared/cubicle-error.js";
+import type { SandboxSpec } from "../types.js";
+import { MicrovmRuntime } from "./microvm-runtime.js";
+import { guestSkipReason, localKernelDeb } from "./test-helpers.js";
+
+const dist = path.resolve(path.dirname(new URL(import.meta.url).pathname), "../../../dist");
+
+const refused = (code: string, pattern: RegExp) => (error: unknown) => error instanceof CubicleError && error.code === code && pattern.test(error.message);
+
+/** A spec whose network is never reached: every restore below is refused before it. */
+function spec(sandboxId: string): SandboxSpec {
+  return {
+    sandboxId,
+    hostname: sandboxId,
+    template: { templateId: "base", rootfsDir: "/nonexistent", defaultUser: "user", defaultWorkdir: "/home/user", env: {} },
+    resources: { cpuCount: 1, memoryMiB: 512, diskMiB: 1024, pidsLimit: 100 },
+    network: { netnsName: "none", netnsPath: "/nonexistent", hostInterface: "none", hostAddress: "10.0.0.1", sandboxAddress: "10.0.0.2", prefixLength: 30 },
+  };
+}
+
+test("memory images a microVM runtime cannot restore are refused with a clear 4xx, before any QEMU starts (MICROVM_IMAGE_NOTE)", async (t) => {
+  const reason = (await guestSkipReason()) ?? (existsSync(path.join(dist, "agent", "agent.js")) ? undefined : "dist/ is not built: run `node scripts/build.mjs`");
+  if (reason) return t.skip(reason);
+  const stateDir = await mkdtemp(path.join(os.tmpdir(), "cbm-rt-"));
+  try {
+    const runtime = new MicrovmRuntime({ stateDir, runDir: path.join(stateDir, "run"), distDir: dist, accel: "tcg", kernelDeb: await localKernelDeb() });
+    await runtime.init();
+    const image = async (name: string, meta: unknown) => {
+      const dir = path.join(stateDir, "microvm", "images", "snapshots", name);
+      await mkdir(dir, { recursive: true });
+      await writeFile(path.join(dir, "meta.json"), typeof meta === "string" ? meta : JSON.stringify(meta));
+      return `snapshot/${name}`;
+    };
+    const good = { runtime: "microvm", memory: true, createdAt: new Date().toISOString(), sizeBytes: 1, memoryMiB: 512, cpuCount: 1, diskBytes: 1 << 30, devices: 1 };
+    const fingerprint = runtime.memoryImageFingerprint()!;
+    assert.match(fingerprint, /^kit-[0-9a-f]+\.ext4\+.+\+1$/);
+    const kitImage = path.join(stateDir, "microvm", fingerprint.split("+")[0]!);
+    const kernelVersion = fingerprint.split("+")[1]!;
+
+    await assert.rejects(runtime.restore(spec("a"), "snapshot/none"), refused("not_found", /does not exist/));
+    await assert.rejects(runtime.restore(spec("a"), await image("other", { ...good, runtime: "container" })), refused("failed_precondition", /made by the container runtime/));
+    await assert.rejects(runtime.restore(spec("a"), await image("kit", { ...good, kitImage: "/old/kit.ext4", kernelVersion })), refused("failed_precondition", /another agent kit, guest kernel or QEMU device set/));
+    await assert.rejects(runtime.restore(spec("a"), await image("devices", { ...good, kitImage, kernelVersion, devices: 0 })), refused("failed_precondition", /QEMU device set/));
+    await assert.rejects(runtime.restore(spec("a"), await image("base", { ...good, kitImage, kernelVersion, baseImage: "/gone/template.ext4" })), refused("failed_precondition", /template disk image that is gone/));
+    await assert.rejects(runtime.restore(spec("a"), await image("notjson", "{")), (error: unknown) => error instanceof CubicleError && error.code !== "internal");
+    await assert.rejects(runtime.restore({ ...spec("a"), volumes: [{ source: "/v", target: "/data" }] }, await image("mounts", { ...good, kitImage, kernelVersion })), refused("failed_precondition", /volumes or codebases/));
+    await assert.rejects(runtime.checkpoint("nosuch", { kind: "snapshot", name: "x" }, { memory: true, leaveRunning: true }), refused("not_found", /does not exist/));
+    assert.deepEqual(await runtime.list(), [], "no guest was started");
+  } finally {
+    await rm(stateDir, { recursive: true, force: true });
+  }
+});
