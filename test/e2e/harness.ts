@@ -252,6 +252,15 @@ export function simulateHostReboot(server: TestServer, sandboxIds: string[]): vo
   };
   for (const sandboxId of sandboxIds) {
     run(["runc", "delete", "--force", `cubicle-${sandboxId}`]);
+    // A microVM's QEMU (the server started it; a reboot ends it).
+    for (const pid of guestQemuPids(server, sandboxId)) {
+      try {
+        process.kill(pid, "SIGKILL");
+      } catch {
+        // ended meanwhile
+      }
+    }
+    for (let i = 0; i < 100 && guestQemuPids(server, sandboxId).length > 0; i++) execFileSync("sleep", ["0.05"]);
     run(["ip", "netns", "delete", `cubicle-${sandboxId}`]);
   }
   // Every mount of the server goes, the storage pool and the kit included (/run is emptied).
@@ -329,6 +338,21 @@ export function hostLeftovers(stateDir: string): { containers: string[]; namespa
     .split("\n")
     .filter((line) => line.includes(stateDir) || (line.includes(runDir + "/") && !line.includes(` ${runDir}/pool `) && !line.includes(` ${runDir}/kit `) && !new RegExp(` ${runDir}/volumes/vol_[0-9a-f]{24} `).test(line)));
   return { containers, namespaces: [], mounts };
+}
+
+/** The pids of the QEMU of a test server's microVM sandbox (its argv names the guest's directory). */
+export function guestQemuPids(server: TestServer, sandboxId: string): number[] {
+  const marker = `${server.runDir}/microvm/${sandboxId}/`;
+  const pids: number[] = [];
+  for (const pid of fs.readdirSync("/proc").filter((name) => /^\d+$/.test(name))) {
+    try {
+      if (!fs.readFileSync(`/proc/${pid}/comm`, "utf8").startsWith("qemu-system")) continue;
+      if (fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").includes(marker)) pids.push(Number(pid));
+    } catch {
+      // ended meanwhile
+    }
+  }
+  return pids;
 }
 
 /**

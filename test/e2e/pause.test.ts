@@ -11,7 +11,7 @@ import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { Sandbox } from "e2b";
 import { hitStateServer, startStateServer as startStateServerIn } from "./state-server.js";
-import { e2eRuntime, simulateHostReboot, startTestServer, useServerForSdk, type TestServer } from "./harness.js";
+import { e2eRuntime, guestQemuPids, simulateHostReboot, startTestServer, useServerForSdk, type TestServer } from "./harness.js";
 
 let server: TestServer;
 const DURABLE_AFTER_SEC = 4;
@@ -60,7 +60,12 @@ function pauseImageEntries(sandboxId: string): string[] {
 const imageCreatedAt = (imageDir: string) => JSON.parse(fs.readFileSync(path.join(imageDir, "meta.json"), "utf8")).createdAt as string;
 
 /** runc's status of a sandbox's container ("paused" = frozen in RAM), or "gone" (durable pause). */
-function containerStatus(sandboxId: string): string {
+/**
+ * The runtime's view of a sandbox: runc's status of its container, or, for a microVM, "paused"
+ * while its QEMU exists (its vCPUs stopped: the server's record says paused) and "gone" after.
+ */
+function containerStatus(sandboxId: string, on = server): string {
+  if (e2eRuntime === "microvm") return guestQemuPids(on, sandboxId).length > 0 ? "paused" : "gone";
   try {
     return JSON.parse(execFileSync("runc", ["state", `cubicle-${sandboxId}`], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] })).status;
   } catch {
@@ -298,7 +303,7 @@ describe("restart", () => {
       assert.equal((await hit(sandbox.sandboxId, rebooted)).body, "s3cret:2");
       await sandbox.pause();
       await waitFor("the hot pause's image", () => fs.existsSync(pauseImage(sandbox.sandboxId, rebooted)), 20_000, rebooted);
-      assert.equal(containerStatus(sandbox.sandboxId), "paused", "still hot: frozen in RAM");
+      assert.equal(containerStatus(sandbox.sandboxId, rebooted), "paused", "still hot: frozen in RAM");
 
       await rebooted.crashAndRestart(() => simulateHostReboot(rebooted, [sandbox.sandboxId]));
 

@@ -14,6 +14,7 @@
 #define _GNU_SOURCE
 #define NAPI_VERSION 8
 #include <node_api.h>
+#include "../../shared/native/napi-errno.h"
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,19 +30,6 @@ struct target {
   int fd;                 /* >= 0: use the descriptor */
   char path[MAX_PATH];    /* otherwise this path, not following a final symlink */
 };
-
-static napi_value throw_errno(napi_env env, int error, const char *call) {
-  const char *name = strerrorname_np(error);
-  char message[128];
-  snprintf(message, sizeof message, "%s: %s", call, strerror(error));
-  napi_value code, text, exception;
-  napi_create_string_utf8(env, name ? name : "EIO", NAPI_AUTO_LENGTH, &code);
-  napi_create_string_utf8(env, message, NAPI_AUTO_LENGTH, &text);
-  napi_create_error(env, code, text, &exception);
-  napi_set_named_property(env, exception, "code", code);
-  napi_throw(env, exception);
-  return NULL;
-}
 
 static napi_value throw_type(napi_env env, const char *message) {
   napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", message);

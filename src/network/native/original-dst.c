@@ -12,6 +12,7 @@
 #define _GNU_SOURCE
 #define NAPI_VERSION 8
 #include <node_api.h>
+#include "../../shared/native/napi-errno.h"
 #include <arpa/inet.h>
 #include <errno.h>
 #include <linux/netfilter_ipv4.h>
@@ -20,19 +21,6 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
-
-static napi_value throw_errno(napi_env env, int error, const char *call) {
-  const char *name = strerrorname_np(error);
-  char message[128];
-  snprintf(message, sizeof message, "%s: %s", call, strerror(error));
-  napi_value code, text, exception;
-  napi_create_string_utf8(env, name ? name : "EIO", NAPI_AUTO_LENGTH, &code);
-  napi_create_string_utf8(env, message, NAPI_AUTO_LENGTH, &text);
-  napi_create_error(env, code, text, &exception);
-  napi_set_named_property(env, exception, "code", code);
-  napi_throw(env, exception);
-  return NULL;
-}
 
 static napi_value original_destination(napi_env env, napi_callback_info info) {
   size_t argc = 1;

@@ -45,7 +45,8 @@ test("memory images a microVM runtime cannot restore are refused with a clear 4x
 
     await assert.rejects(runtime.restore(spec("a"), "snapshot/none"), refused("not_found", /does not exist/));
     await assert.rejects(runtime.restore(spec("a"), await image("other", { ...good, runtime: "container" })), refused("failed_precondition", /made by the container runtime/));
-    await assert.rejects(runtime.restore(spec("a"), await image("kit", { ...good, kitImage: "/old/kit.ext4", kernelVersion })), refused("failed_precondition", /another agent kit, guest kernel or QEMU device set/));
+    await assert.rejects(runtime.restore(spec("a"), await image("kit", { ...good, kitImage: "/old/kit.ext4", kernelVersion })), refused("failed_precondition", /agent kit disk that is gone/));
+    await assert.rejects(runtime.restore(spec("a"), await image("kernel", { ...good, kitImage, kernelVersion: "5.10.0-1" })), refused("failed_precondition", /another guest kernel or QEMU device set/));
     await assert.rejects(runtime.restore(spec("a"), await image("devices", { ...good, kitImage, kernelVersion, devices: 0 })), refused("failed_precondition", /QEMU device set/));
     await assert.rejects(runtime.restore(spec("a"), await image("base", { ...good, kitImage, kernelVersion, baseImage: "/gone/template.ext4" })), refused("failed_precondition", /template disk image that is gone/));
     await assert.rejects(runtime.restore(spec("a"), await image("notjson", "{")), (error: unknown) => error instanceof CubicleError && error.code !== "internal");

@@ -12,7 +12,7 @@ import { builtImageKey, cachedTemplateDiskImage, createOverlay, kitDiskImage, re
 import { agentLaunchFile, prepareGuestAssets, type GuestAssets } from "./guest-assets.js";
 import { attachGuestNetwork, releaseGuestNetwork } from "./net.js";
 import { startShares, stopShares } from "./shares.js";
-import { MICROVM_UID_COUNT, MICROVM_UID_START, reconnectMicrovm, startMicrovm, type Accelerator, type Microvm, type MicrovmConfig, type QemuLauncher, guestStateChannel, MACHINE_DEVICES_VERSION, prepareGuestChroot } from "./qemu.js";
+import { MICROVM_UID_COUNT, MICROVM_UID_START, reconnectMicrovm, startMicrovm, type Accelerator, type Microvm, type GuestNetworkConfig, type MicrovmConfig, type QemuLauncher, guestStateChannel, MACHINE_DEVICES_VERSION, prepareGuestChroot } from "./qemu.js";
 
 const log = createLogger("microvm");
 
@@ -61,6 +61,8 @@ interface GuestRecord {
   shares?: number;
   /** The template's base image its root overlay is made on (the qcow2's backing file). */
   baseImage?: string;
+  /** The kit disk its QEMU has (a guest restored from an older image keeps that image's). */
+  kitDisk?: string;
 }
 
 /** What a microVM image's meta.json holds (MICROVM_IMAGE_NOTE). */
@@ -182,6 +184,28 @@ export class MicrovmRuntime implements Runtime {
     });
   }
 
+  /** A guest's QEMU: its directory's files (root overlay, launch file, run dir, chroot), confined to `uid`. */
+  private qemuConfig(dir: string, uid: number, spec: SandboxSpec, network: GuestNetworkConfig, shape: { memoryMiB: number; cpuCount: number }): MicrovmConfig {
+    return {
+      accel: this.config.accel,
+      assets: this.assets!,
+      memoryMiB: shape.memoryMiB,
+      cpuCount: shape.cpuCount,
+      rootDisk: path.join(dir, "root.qcow2"),
+      kitDisk: this.kitImage!.path,
+      network,
+      hostname: spec.hostname,
+      launchFile: path.join(dir, "launch"),
+      runDir: path.join(dir, "run"),
+      netnsPath: spec.network.netnsPath,
+      confine: { uid, gid: uid, chrootDir: MicrovmRuntime.chrootOf(dir) },
+    };
+  }
+
+  private startQemu(config: MicrovmConfig): Promise<Microvm> {
+    return startMicrovm(config, this.config.launcher ? { launcher: this.config.launcher } : {});
+  }
+
   /** A guest's chroot (QEMU_CONFINE_NOTE), inside its directory. */
   private static chrootOf(dir: string): string {
     return path.join(dir, "chroot");
@@ -267,24 +291,10 @@ export class MicrovmRuntime implements Runtime {
       const guestNetwork = await attachGuestNetwork(spec.network);
       const uid = this.guestUid();
       await prepareGuestChroot(MicrovmRuntime.chrootOf(dir), overlay, uid);
-      const vm = await startMicrovm(
-        {
-          accel: this.config.accel,
-          assets,
-          memoryMiB: spec.resources.memoryMiB,
-          cpuCount: spec.resources.cpuCount,
-          rootDisk: overlay,
-          kitDisk: kitImage.path,
-          network: guestNetwork,
-          hostname: spec.hostname,
-          launchFile,
-          runDir: path.join(dir, "run"),
-          netnsPath: spec.network.netnsPath,
-          confine: { uid, gid: uid, chrootDir: MicrovmRuntime.chrootOf(dir) },
-          shares: shares.map(({ tag, socket }) => ({ tag, socket })),
-        },
-        this.config.launcher ? { launcher: this.config.launcher } : {},
-      );
+      const vm = await this.startQemu({
+        ...this.qemuConfig(dir, uid, spec, guestNetwork, spec.resources),
+        shares: shares.map(({ tag, socket }) => ({ tag, socket })),
+      });
       const record: GuestRecord = {
         netnsPath: spec.network.netnsPath,
         memoryBytes: spec.resources.memoryMiB * 1024 * 1024,
@@ -293,6 +303,7 @@ export class MicrovmRuntime implements Runtime {
         uid,
         shares: shares.length,
         baseImage: base.path,
+        kitDisk: kitImage.path,
       };
       this.track(id, { ...record, vm, dir, overlay });
       await writeFile(path.join(dir, GUEST_RECORD), JSON.stringify(record), { mode: 0o600 });
@@ -409,7 +420,7 @@ export class MicrovmRuntime implements Runtime {
         memoryMiB: Math.round(guest.memoryBytes / (1024 * 1024)),
         cpuCount: guest.cpuCount,
         diskBytes: guest.diskBytes,
-        kitImage: kitImage.path,
+        kitImage: guest.kitDisk ?? kitImage.path,
         kernelVersion: assets.kernelVersion,
         devices: MACHINE_DEVICES_VERSION,
         ...(guest.baseImage ? { baseImage: guest.baseImage } : {}),
@@ -434,9 +445,12 @@ export class MicrovmRuntime implements Runtime {
     if (info.runtime !== "microvm") throw new CubicleError("failed_precondition", `image ${imageId} was made by the ${info.runtime} runtime; microVMs restore only their own`);
     const imageDir = this.images.dirOf(imageId);
     const meta = await readImageMeta(imageDir);
-    if (meta.kitImage !== kitImage.path || meta.kernelVersion !== assets.kernelVersion || meta.devices !== MACHINE_DEVICES_VERSION) {
-      throw new CubicleError("failed_precondition", `image ${imageId} was made with another agent kit, guest kernel or QEMU device set than this server runs; it cannot be restored`);
+    if (meta.kernelVersion !== assets.kernelVersion || meta.devices !== MACHINE_DEVICES_VERSION) {
+      throw new CubicleError("failed_precondition", `image ${imageId} was made with another guest kernel or QEMU device set than this server runs; it cannot be restored`);
     }
+    // The kit disk the guest ran with (its kernel caches what it read of it): an image made before
+    // an upgrade restores with its own kit disk, which stays in the cache directory.
+    if (!existsSync(meta.kitImage)) throw new CubicleError("failed_precondition", `image ${imageId} was made with an agent kit disk that is gone; it cannot be restored`);
     if ((spec.volumes?.length ?? 0) + (spec.codebases?.length ?? 0) > 0) throw new CubicleError("failed_precondition", "a microVM restored from an image cannot mount volumes or codebases yet");
     if (meta.baseImage && !existsSync(meta.baseImage)) throw new CubicleError("failed_precondition", `image ${imageId} was made on a template disk image that is gone (the template was rebuilt or deleted); it cannot be restored`);
     const id = spec.sandboxId;
@@ -454,25 +468,11 @@ export class MicrovmRuntime implements Runtime {
       const guestNetwork = await attachGuestNetwork(spec.network);
       const uid = this.guestUid();
       const channel = await prepareGuestChroot(MicrovmRuntime.chrootOf(dir), overlay, uid, { incoming: true });
-      const config: MicrovmConfig = {
-        accel: this.config.accel,
-        assets,
-        memoryMiB: meta.memoryMiB,
-        cpuCount: meta.cpuCount,
-        rootDisk: overlay,
-        kitDisk: kitImage.path,
-        network: guestNetwork,
-        hostname: spec.hostname,
-        launchFile,
-        runDir: path.join(dir, "run"),
-        netnsPath: spec.network.netnsPath,
-        confine: { uid, gid: uid, chrootDir: MicrovmRuntime.chrootOf(dir) },
-        incoming: true,
-      };
-      vm = await startMicrovm(config, this.config.launcher ? { launcher: this.config.launcher } : {});
+      // The saved machine's shape: its devices and memory must be the same to load its state.
+      vm = await this.startQemu({ ...this.qemuConfig(dir, uid, spec, guestNetwork, { memoryMiB: meta.memoryMiB, cpuCount: meta.cpuCount }), kitDisk: meta.kitImage, incoming: true });
       await vm.loadState(path.join(imageDir, IMAGE_FILES.state), channel);
       await vm.resume();
-      const record: GuestRecord = { netnsPath: spec.network.netnsPath, memoryBytes: meta.memoryMiB * 1024 * 1024, cpuCount: meta.cpuCount, diskBytes: meta.diskBytes, uid, shares: 0, ...(meta.baseImage ? { baseImage: meta.baseImage } : {}) };
+      const record: GuestRecord = { netnsPath: spec.network.netnsPath, memoryBytes: meta.memoryMiB * 1024 * 1024, cpuCount: meta.cpuCount, diskBytes: meta.diskBytes, uid, shares: 0, kitDisk: meta.kitImage, ...(meta.baseImage ? { baseImage: meta.baseImage } : {}) };
       this.track(id, { ...record, vm, dir, overlay });
       await writeFile(path.join(dir, GUEST_RECORD), JSON.stringify(record), { mode: 0o600 });
       log.debug("restored", { sandboxId: id, imageId, ms: Math.round(performance.now() - started) });

@@ -10,7 +10,7 @@ import { waitForAgentHealth } from "../container/test-helpers.js";
 import { createOverlay, kitDiskImage, removeOverlay, templateDiskImage } from "./disk-images.js";
 import { agentLaunchFile, prepareGuestAssets } from "./guest-assets.js";
 import { attachGuestNetwork, releaseGuestNetwork } from "./net.js";
-import { guestStateChannel, MICROVM_UID_START, prepareGuestChroot, startMicrovm, type Microvm } from "./qemu.js";
+import { guestStateChannel, MICROVM_UID_START, prepareGuestChroot, startMicrovm, type Microvm, type MicrovmConfig } from "./qemu.js";
 import { builtHelper, guestSkipReason, localKernelDeb, makeTestNetwork, releaseTestNetwork, type TestSandboxNetwork } from "./test-helpers.js";
 
 const repo = path.resolve(path.dirname(new URL(import.meta.url).pathname), "../../..");
@@ -60,6 +60,20 @@ test("boots the base template in a microVM under TCG: the agent answers on the s
     const chrootDir = path.join(stateDir, "sandboxes", sandboxId, "chroot");
     const guestUid = MICROVM_UID_START + 42;
     let channel = guestStateChannel(chrootDir);
+    const guestConfig: MicrovmConfig = {
+      accel: "tcg",
+      assets,
+      memoryMiB: 512,
+      cpuCount: 1,
+      rootDisk: overlay,
+      kitDisk: kitImage.path,
+      network: guestNetwork,
+      hostname: "cbm-guest",
+      launchFile,
+      runDir: path.join(stateDir, "sandboxes", sandboxId, "run"),
+      netnsPath: network.netnsPath,
+      confine: { uid: guestUid, gid: guestUid, chrootDir },
+    };
 
     const bootMs: number[] = [];
     for (let boot = 0; boot < boots; boot++) {
@@ -67,20 +81,7 @@ test("boots the base template in a microVM under TCG: the agent answers on the s
       await createOverlay(baseImage.path, overlay);
       channel = await prepareGuestChroot(chrootDir, overlay, guestUid);
       const started = performance.now();
-      vm = await startMicrovm({
-        accel: "tcg",
-        assets,
-        memoryMiB: 512,
-        cpuCount: 1,
-        rootDisk: overlay,
-        kitDisk: kitImage.path,
-        network: guestNetwork,
-        hostname: "cbm-guest",
-        launchFile,
-        runDir: path.join(stateDir, "sandboxes", sandboxId, "run"),
-        netnsPath: network.netnsPath,
-        confine: { uid: guestUid, gid: guestUid, chrootDir },
-      });
+      vm = await startMicrovm(guestConfig);
       const spawnedMs = performance.now() - started;
       // Confined once started (QEMU_CONFINE_NOTE): its own ids, no capability, the filter, the chroot.
       const status = await readFile(`/proc/${vm.pid}/status`, "utf8");
@@ -137,21 +138,7 @@ test("boots the base template in a microVM under TCG: the agent answers on the s
         assert.equal(channelInfo.mode & 0o777, 0o711);
         await vm.quit();
         channel = await prepareGuestChroot(chrootDir, overlay, guestUid, { incoming: true });
-        vm = await startMicrovm({
-          accel: "tcg",
-          assets,
-          memoryMiB: 512,
-          cpuCount: 1,
-          rootDisk: overlay,
-          kitDisk: kitImage.path,
-          network: guestNetwork,
-          hostname: "cbm-guest",
-          launchFile,
-          runDir: path.join(stateDir, "sandboxes", sandboxId, "run"),
-          netnsPath: network.netnsPath,
-          confine: { uid: guestUid, gid: guestUid, chrootDir },
-          incoming: true,
-        });
+        vm = await startMicrovm({ ...guestConfig, incoming: true });
         assert.equal(await vm.status(), "inmigrate");
         await timed("load state", () => vm!.loadState(stateFile, channel));
         assert.equal(await vm.status(), "paused");
@@ -164,7 +151,7 @@ test("boots the base template in a microVM under TCG: the agent answers on the s
         await vm.quit();
         await writeFile(stateFile, "not a migration stream");
         channel = await prepareGuestChroot(chrootDir, overlay, guestUid, { incoming: true });
-        vm = await startMicrovm({ accel: "tcg", assets, memoryMiB: 512, cpuCount: 1, rootDisk: overlay, kitDisk: kitImage.path, network: guestNetwork, launchFile, runDir: path.join(stateDir, "sandboxes", sandboxId, "run"), netnsPath: network.netnsPath, confine: { uid: guestUid, gid: guestUid, chrootDir }, incoming: true });
+        vm = await startMicrovm({ ...guestConfig, incoming: true });
         await assert.rejects(vm.loadState(stateFile, channel, 20_000), /QEMU|state/);
       }
       await vm.quit();
