@@ -287,6 +287,17 @@ function listNamespaces(): string[] {
   }
 }
 
+/**
+ * A sandbox's address as the host sees it: eth0's in its netns (a microVM's guest has an address
+ * of its own behind it, GUEST_NETWORK_NOTE).
+ */
+export function sandboxAddressOf(sandboxId: string): string {
+  const text = execFileSync("ip", ["-n", `cubicle-${sandboxId}`, "-o", "-4", "addr", "show", "dev", "eth0"], { encoding: "utf8" });
+  const address = /inet (\d+\.\d+\.\d+\.\d+)/.exec(text)?.[1];
+  if (!address) throw new Error(`sandbox ${sandboxId} has no address on eth0 in its netns`);
+  return address;
+}
+
 function namespaceAddresses(name: string): string[] {
   try {
     return [...execFileSync("ip", ["-n", name, "-o", "-4", "addr", "show"], { encoding: "utf8" }).matchAll(/inet (\d+\.\d+\.\d+\.\d+)/g)].map((m) => m[1]!);

@@ -13,7 +13,7 @@ import { Sandbox, type SandboxOpts } from "e2b";
 import { startEgressTestEnv, type EgressTestEnv } from "../support/egress-test-env.js";
 import type { FakeInternet } from "../support/fake-internet.js";
 import { runAsRoot } from "../support/sandbox-shell.js";
-import { e2eRuntime, type TestServer } from "./harness.js";
+import { e2eRuntime, sandboxAddressOf, type TestServer } from "./harness.js";
 
 let env: EgressTestEnv;
 let server: TestServer;
@@ -85,8 +85,11 @@ describe("without a policy", () => {
     // Another sandbox: its address answers the host (the router), never a sandbox.
     const other = await create();
     await other.commands.run(`/usr/bin/python3 -c "import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 9000)); s.listen(); c, _ = s.accept(); c.sendall(b'hello')"`, { background: true, user: "root" });
-    const otherAddress = (await sh(other, `/usr/bin/python3 -c "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('${inet.http.address}', 9)); print(s.getsockname()[0])"`)).stdout.trim();
+    // A container sees its sandbox address; a microVM's guest has its own behind it (GUEST_NETWORK_NOTE).
+    const seenInside = (await sh(other, `/usr/bin/python3 -c "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('${inet.http.address}', 9)); print(s.getsockname()[0])"`)).stdout.trim();
+    const otherAddress = sandboxAddressOf(other.sandboxId);
     assert.match(otherAddress, /^10\./);
+    assert.equal(seenInside, e2eRuntime === "microvm" ? "169.254.0.2" : otherAddress);
     const fromOther = await sh(other, `/usr/bin/python3 -c "import socket; print(socket.create_connection(('${otherAddress}', 9000), timeout=3).recv(10))"`);
     assert.match(fromOther.stdout, /hello/, "the listener works from its own sandbox");
     await other.commands.run(`/usr/bin/python3 -c "import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 9000)); s.listen(); c, _ = s.accept(); c.sendall(b'hello')"`, { background: true, user: "root" });

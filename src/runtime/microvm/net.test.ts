@@ -29,6 +29,7 @@ test("gives the guest its fixed address on a tap and translates it to the sandbo
     assert.equal(byName.get("cbmtap0")?.linkinfo?.info_kind, "tun");
     assert.deepEqual(byName.get("cbmtap0")?.addr_info?.filter((a) => a.family === "inet6"), [], "no IPv6 on the tap");
     assert.equal((await inNetns(network.netnsPath, ["sysctl", "-n", "net.ipv4.ip_forward"])).trim(), "1");
+    assert.equal((await inNetns(network.netnsPath, ["sysctl", "-n", "net.ipv4.conf.cbmtap0.send_redirects"])).trim(), "0");
     const table = await inNetns(network.netnsPath, ["nft", "list", "table", "ip", "cbm_guest"]);
     assert.match(table, new RegExp(`ip daddr ${network.sandboxAddress.replace(/\./g, "\\.")} dnat to ${GUEST_ADDRESS.replace(/\./g, "\\.")}`));
     assert.match(table, new RegExp(`snat to ${network.sandboxAddress.replace(/\./g, "\\.")}`));
@@ -49,6 +50,9 @@ test("the netns's table forwards only the guest's own address, and DNS to the ga
   assert.match(rules, /iifname "tap0" oifname "eth0" ip saddr 169\.254\.0\.2 accept/);
   assert.match(rules, /ip daddr 169\.254\.0\.1 meta l4proto \{ udp, tcp \} th dport 53 dnat to 10\.88\.0\.1/);
   assert.match(rules, /chain input \{[^}]*iifname "tap0" drop/);
+  // Its own sandbox address from inside reaches the guest itself (hairpin), as a container's does.
+  assert.match(rules, /iifname "tap0" ip saddr 169\.254\.0\.2 ip daddr 10\.88\.0\.2 dnat to 169\.254\.0\.2/);
+  assert.match(rules, /iifname "tap0" oifname "tap0" ip daddr 169\.254\.0\.2 snat to 169\.254\.0\.1/);
 });
 
 test("refuses interface names ip would read as something else", async () => {

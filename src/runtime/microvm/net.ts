@@ -31,7 +31,8 @@ export const GUEST_MAC_ADDRESS = "02:cb:00:00:00:02";
  * address of its own that never changes, GUEST_ADDRESS on a tap in the same netns (whose end
  * holds GUEST_GATEWAY), and the netns translates between the two: what the guest sends out leaves
  * eth0 from the sandbox address (SNAT), what comes to the sandbox address goes on to the guest
- * (DNAT), DNS to the gateway goes to the host end (where Cubicle's forwarder answers every DNS
+ * (DNAT; from the guest itself too, as a container reaches its own address), DNS to the gateway
+ * goes to the host end (where Cubicle's forwarder answers every DNS
  * packet), and nothing else is forwarded: not a packet from another source address (a guest's
  * root cannot spoof), not one to the netns itself. So the host side, its nftables rules, the
  * router and the egress audit see the sandbox address behind the host veth exactly as for a
@@ -49,8 +50,12 @@ export async function attachGuestNetwork(
     if (!isIPv4(address)) throw new CubicleError("invalid_argument", `${JSON.stringify(address)} is not an IPv4 address`);
   }
   const inNetns = ["nsenter", `--net=${network.netnsPath}`, "--"];
-  // New links inherit `default`: no IPv6 on the tap (no link-local chatter). The netns forwards.
-  await runCommand([...inNetns, "sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1", "net.ipv4.ip_forward=1"], { timeoutMs: COMMAND_TIMEOUT_MS });
+  // New links inherit `default`: no IPv6 on the tap (no link-local chatter). The netns forwards,
+  // and sends the guest no ICMP redirect when it hairpins a packet back out of the tap.
+  await runCommand(
+    [...inNetns, "sysctl", "-q", "-w", "net.ipv6.conf.default.disable_ipv6=1", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf.default.send_redirects=0"],
+    { timeoutMs: COMMAND_TIMEOUT_MS },
+  );
   const batch = [`tuntap add dev ${tapName} mode tap`, `address add ${GUEST_GATEWAY}/${GUEST_PREFIX_LENGTH} dev ${tapName}`, `link set ${tapName} up`].join("\n");
   await runCommand([...inNetns, "ip", "-batch", "-"], { input: batch + "\n", timeoutMs: COMMAND_TIMEOUT_MS });
   await runCommand([...inNetns, "nft", "-f", "-"], { input: guestNatRuleset({ tapName, vethName, tableName, sandboxAddress: network.sandboxAddress, hostAddress: network.hostAddress }), timeoutMs: COMMAND_TIMEOUT_MS });
@@ -65,14 +70,17 @@ export function guestNatRuleset(options: { tapName: string; vethName: string; ta
     type nat hook prerouting priority dstnat; policy accept;
     iifname "${vethName}" ip daddr ${sandboxAddress} dnat to ${GUEST_ADDRESS}
     iifname "${tapName}" ip saddr ${GUEST_ADDRESS} ip daddr ${GUEST_GATEWAY} meta l4proto { udp, tcp } th dport 53 dnat to ${hostAddress}
+    iifname "${tapName}" ip saddr ${GUEST_ADDRESS} ip daddr ${sandboxAddress} dnat to ${GUEST_ADDRESS}
   }
   chain postrouting {
     type nat hook postrouting priority srcnat; policy accept;
     oifname "${vethName}" ip saddr ${GUEST_ADDRESS} snat to ${sandboxAddress}
+    iifname "${tapName}" oifname "${tapName}" ip daddr ${GUEST_ADDRESS} snat to ${GUEST_GATEWAY}
   }
   chain forward {
     type filter hook forward priority filter; policy drop;
     iifname "${tapName}" oifname "${vethName}" ip saddr ${GUEST_ADDRESS} accept
+    iifname "${tapName}" oifname "${tapName}" ip saddr ${GUEST_ADDRESS} ip daddr ${GUEST_ADDRESS} ct status dnat accept
     iifname "${vethName}" oifname "${tapName}" ip daddr ${GUEST_ADDRESS} ct state established,related accept
     iifname "${vethName}" oifname "${tapName}" ip daddr ${GUEST_ADDRESS} ct status dnat accept
   }
