@@ -50,7 +50,7 @@ const status = runNodeTests(files);
 
 // E2E_RUNTIME_NOTE: the whole suite's e2e tests run against containers; a bounded part of them
 // (MICROVM_E2E_FILES: commands and files through the SDK, the network policy with its bypass
-// battery, sessions, snapshots with fork and rollback, pause; ~15 min under TCG) runs again with every sandbox a microVM
+// battery, sessions, snapshots with fork and rollback, pause; ~11 min under TCG) runs again with every sandbox a microVM
 // (test/e2e/harness.ts e2eRuntime), so both runtimes answer the same tests in CI. Any other e2e
 // file runs against microVMs with `CUBICLE_E2E_RUNTIME=microvm ./cubicle test test/e2e/<file>`.
 const MICROVM_E2E_FILES = ["test/e2e/commands.test.ts", "test/e2e/files.test.ts", "test/e2e/network-policy.test.ts", "test/e2e/sessions.test.ts", "test/e2e/snapshots.test.ts", "test/e2e/pause.test.ts"];
