@@ -11,7 +11,7 @@ const run = promisify(execFile);
 /** A guest's clock further off the server's than this is set (a restored guest's stopped while it was saved). */
 const CLOCK_TOLERANCE_MS = 1000;
 const COMMAND_TIMEOUT_MS = 10_000;
-export const GUEST_BOOT_ID_FILE = "/run/cubicle-boot-id";
+const GUEST_BOOT_ID_FILE = "/run/cubicle-boot-id";
 const BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id";
 
 interface GuestAddon {

@@ -138,12 +138,6 @@ export function helperLauncher(helper: HelperLike): QemuLauncher {
 
 export const MICROVM_FILES = { qmpSocket: "qmp.sock", serialLog: "serial.log", pidFile: "qemu.pid" } as const;
 
-/** A MAC address for a sandbox: locally administered, unicast, from a hash the caller gives. */
-export function macAddressFrom(hashHex: string): string {
-  const bytes = (hashHex.replace(/[^0-9a-f]/gi, "") + "0000000000").slice(0, 10).match(/../g)!;
-  return ["02", ...bytes].join(":");
-}
-
 /** The kernel command line: short (QEMU and the kernel cap it), the rest is in the launch file. */
 export function kernelCommandLine(config: Pick<MicrovmConfig, "network" | "hostname" | "kernelArgs" | "tscKhz">): string {
   const words = ["console=ttyS0", "quiet", "panic=-1", "reboot=t"];
