@@ -437,6 +437,7 @@ function egressRecordView(record: EgressRecord): apiSchema.EgressRecord {
     bytesOut: record.bytesOut,
     bytesIn: record.bytesIn,
     durationMs: record.durationMs,
+    attempts: record.attempts,
   };
 }
 

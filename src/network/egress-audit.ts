@@ -229,8 +229,9 @@ export class EgressAuditLog {
     rec.reason = clip(rec.reason, CLIP.reason);
     const key = `${rec.protocol}|${rec.verdict}`;
     const counter = this.connections.get(key);
-    if (counter) counter.count++;
-    else this.connections.set(key, { protocol: rec.protocol, verdict: rec.verdict, count: 1 });
+    const attempts = Number.isSafeInteger(rec.attempts) && rec.attempts! > 1 ? rec.attempts! : 1;
+    if (counter) counter.count += attempts;
+    else this.connections.set(key, { protocol: rec.protocol, verdict: rec.verdict, count: attempts });
 
     this.sweepNowAndThen();
     this.keep(rec, this.nextSeq++);

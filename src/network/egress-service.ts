@@ -6,7 +6,7 @@ import { MAX_PIN_SECONDS, MIN_PIN_SECONDS, PinnedAddresses } from "./dns/pinned-
 import { createEgressProxy, loadOriginalDestination, type EgressProxy } from "./egress/index.js";
 import { EgressRules, domainMatches, headerRuleFor } from "./egress-policy.js";
 import type { EgressPolicy, EgressRecord } from "./egress-types.js";
-import { KernelEgressLog } from "./kernel-egress-log.js";
+import { KernelEgressLog, firstLogGroup } from "./kernel-egress-log.js";
 
 const log = createLogger("egress");
 
@@ -16,7 +16,7 @@ const HOST_ADDRESSES_REFRESH_MS = 5_000;
 export interface EgressServiceOptions {
   /** The sandbox pool (always denied as a destination). */
   subnet: string;
-  /** nftables table of this server (its kernel log prefix). */
+  /** nftables table of this server (the NFLOG group it asks for first). */
   tableName: string;
   /** Private ranges the operator opened (CUBICLE_EGRESS_PRIVATE_ALLOW). */
   privateAllowed: readonly string[];
@@ -38,8 +38,8 @@ export interface EgressServiceOptions {
 }
 
 export interface EgressService {
-  /** Starts the forwarder, the proxy and the kernel log reader; resolves with their ports. */
-  start(): Promise<{ dns: number; proxy: number }>;
+  /** Starts the forwarder, the proxy and the packet log reader; resolves with their ports and the NFLOG group (none: UDP/ICMP not audited). */
+  start(): Promise<{ dns: number; proxy: number; logGroup: number | undefined }>;
   /** A sandbox's policy changed: cut the connections it no longer allows. */
   policyChanged(runtimeId: string): void;
   /** A sandbox's network (at `address`) is gone: cut its connections and flows, forget its DNS pins. */
@@ -62,7 +62,7 @@ class KernelPinnedAddresses extends PinnedAddresses {
 /**
  * The host side of a sandbox's egress (EGRESS_POLICY_NOTE, NFT_RULESET_NOTE): Cubicle's DNS
  * forwarder, the egress proxy every sandbox TCP connection is redirected to, and the reader of
- * the kernel's log of UDP/ICMP flows, sharing one set of rules (EgressRules) and one audit log.
+ * the packets the kernel logs for UDP/ICMP flows, sharing one set of rules (EgressRules) and one audit log.
  */
 export function createEgressService(options: EgressServiceOptions): EgressService {
   let hostAddresses = new Set<string>();
@@ -127,18 +127,20 @@ export function createEgressService(options: EgressServiceOptions): EgressServic
   });
 
   const kernelLog = new KernelEgressLog({
-    tableName: options.tableName,
+    firstGroup: firstLogGroup(options.tableName),
+    helperPath: path.join(options.distDir, "sandbox-helper"),
+    subnet: options.subnet,
     sandboxFor: (address) => options.sandboxAt(address)?.sandboxId,
     audit,
-    flows: { helperPath: path.join(options.distDir, "sandbox-helper"), subnet: options.subnet, finished: (record) => options.audit.finished(record) },
+    finished: (record) => options.audit.finished(record),
   });
 
   return {
     async start() {
       const [dnsPort, proxyPort] = await Promise.all([dns.listen(), proxy.listen()]);
-      await kernelLog.start();
-      log.info("egress services listening", { dnsPort, proxyPort });
-      return { dns: dnsPort, proxy: proxyPort };
+      const logGroup = await kernelLog.start();
+      log.info("egress services listening", { dnsPort, proxyPort, logGroup });
+      return { dns: dnsPort, proxy: proxyPort, logGroup };
     },
     policyChanged(runtimeId) {
       proxy.policyChanged(runtimeId);

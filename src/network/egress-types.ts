@@ -55,6 +55,8 @@ export interface EgressRecord {
   bytesIn: number | undefined;
   /** Milliseconds the connection lasted (TCP through the proxy), when known. */
   durationMs: number | undefined;
+  /** Denied UDP/ICMP packets to one destination and port within a second that this record stands for, when more than one (bytesOut is their sum). */
+  attempts?: number;
 }
 
 /** Resolves `${e2b.secrets.<name>}` to a secret's current value, on the host; undefined = no such secret. */

@@ -1,102 +1,143 @@
 import assert from "node:assert/strict";
 import dgram from "node:dgram";
-import fs from "node:fs";
-import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
 import { defaultDistDir } from "../shared/config.js";
 import { runCommand } from "../shared/exec.js";
 import type { EgressRecord } from "./egress-types.js";
-import { KernelEgressLog, kernelLogPrefix, parseKernelLogRecord } from "./kernel-egress-log.js";
+import { KernelEgressLog, firstLogGroup, parseLogLine } from "./kernel-egress-log.js";
 
-const prefix = kernelLogPrefix("cubicle_t7");
-
-test("a kernel log record of this table becomes the parts of an audit record", () => {
-  const line = "7,5312,88123456,-;cbe:cubicle_t7:D IN=cb1a2b OUT=eth0 MAC=aa:bb SRC=10.88.0.6 DST=198.18.3.14 LEN=33 TOS=0x00 PREC=0x00 TTL=63 ID=4 DF PROTO=UDP SPT=40000 DPT=7 LEN=13 \n";
-  assert.deepEqual(parseKernelLogRecord(line, prefix), {
-    source: "10.88.0.6",
-    destination: "198.18.3.14",
+test("the helper's log lines become the parts of an audit record", () => {
+  assert.deepEqual(parseLogLine("log D udp 10.88.0.2 40000 198.18.3.10 7 29 1"), {
+    source: "10.88.0.2",
+    destination: "198.18.3.10",
     protocol: "udp",
     port: 7,
     verdict: "denied",
     reason: "denied by policy",
-    bytes: 33,
-    flow: { key: "udp 10.88.0.6 40000 198.18.3.14 7", del: "del udp 10.88.0.6 40000 198.18.3.14 7" },
+    bytes: 29,
+    count: 1,
+    flow: { key: "udp 10.88.0.2 40000 198.18.3.10 7", del: "del udp 10.88.0.2 40000 198.18.3.10 7" },
   });
-  const icmp = "7,5313,88123457,-;cbe:cubicle_t7:A IN=cb1a2b OUT=eth0 SRC=10.88.0.6 DST=198.18.3.10 LEN=84 TTL=63 PROTO=ICMP TYPE=8 CODE=0 ID=1 SEQ=1";
-  assert.equal(parseKernelLogRecord(icmp, prefix)?.protocol, "icmp");
-  assert.equal(parseKernelLogRecord(icmp, prefix)?.verdict, "allowed");
-  assert.equal(parseKernelLogRecord(icmp, prefix)?.port, undefined);
-  // The ICMP echo id, not the IP header's ID= before PROTO=.
-  const icmpWithIpId = icmp.replace("TTL=63", "TTL=63 ID=4242 DF");
-  assert.deepEqual(parseKernelLogRecord(icmpWithIpId, prefix)?.flow, { key: "icmp 10.88.0.6 1 198.18.3.10 8", del: "del icmp 10.88.0.6 1 198.18.3.10 8 0" });
-  // Fields that are not numbers name no flow.
-  assert.equal(parseKernelLogRecord(line.replace("SPT=40000", "SPT=4x"), prefix)?.flow, undefined);
+  const icmp = parseLogLine("log A icmp 10.88.0.6 1 198.18.3.10 8 0 84 1");
+  assert.equal(icmp?.protocol, "icmp");
+  assert.equal(icmp?.verdict, "allowed");
+  assert.equal(icmp?.port, undefined);
+  assert.deepEqual(icmp?.flow, { key: "icmp 10.88.0.6 1 198.18.3.10 8", del: "del icmp 10.88.0.6 1 198.18.3.10 8 0" });
+  const floor = parseLogLine("log F tcp 10.88.0.2 50000 10.0.0.1 22 60 3");
+  assert.equal(floor?.reason, "host, sandbox, loopback, link-local or reserved address");
+  assert.equal(floor?.count, 3);
+  assert.equal(floor?.flow, undefined, "TCP flows are the proxy's to account");
+  assert.equal(parseLogLine("log P udp 10.88.0.2 1 192.168.1.1 53 2900 100")?.bytes, 2900);
 });
 
-test("records of other tables, other prefixes and garbage are ignored", () => {
-  assert.equal(parseKernelLogRecord("7,1,1,-;cbe:cubicle_t70:D SRC=1.1.1.1 DST=2.2.2.2 PROTO=UDP", prefix), undefined);
-  assert.equal(parseKernelLogRecord("7,1,1,-;cbe:cubicle_t7:X SRC=1.1.1.1 DST=2.2.2.2 PROTO=UDP", prefix), undefined);
-  assert.equal(parseKernelLogRecord("6,1,1,-;eth0: link up", prefix), undefined);
-  assert.equal(parseKernelLogRecord("no semicolon", prefix), undefined);
-  assert.equal(parseKernelLogRecord("7,1,1,-;cbe:cubicle_t7:F SRC=10.88.0.2 PROTO=UDP", prefix), undefined);
-  assert.equal(parseKernelLogRecord("7,1,1,-;cbe:cubicle_t7:F SRC=10.88.0.2 DST=1.1.1.1 PROTO=GRE", prefix), undefined);
+test("a log line that is not exactly the helper's is ignored", () => {
+  for (const line of [
+    "log X udp 10.88.0.2 1 1.1.1.1 7 29 1",
+    "log D gre 10.88.0.2 1 1.1.1.1 7 29 1",
+    "log D udp 10.88.0.2 1 1.1.1.1 7 29",
+    "log D udp 10.88.0.2 1 1.1.1.1 7 29 0",
+    "log D udp 10.88.0.2 1 1.1.1.1 7 29 1 extra",
+    "log D udp 10.88.0.2 1x 1.1.1.1 7 29 1",
+    "log D udp 10.88.0.256 1 1.1.1.1 7 29 1",
+    "log D udp ::1 1 1.1.1.1 7 29 1",
+    "log D icmp 10.88.0.2 1 1.1.1.1 8 29 1",
+    "log D udp 10.88.0.2 1 1.1.1.1 7 99999999999999999999 1",
+    "group 7",
+    "",
+  ])
+    assert.equal(parseLogLine(line), undefined, line);
+});
+
+test("a table's first NFLOG group is fixed by its name and within 1-60000", () => {
+  assert.equal(firstLogGroup("cubicle"), firstLogGroup("cubicle"));
+  assert.notEqual(firstLogGroup("cubicle"), firstLogGroup("cubicle_t1"));
+  for (const name of ["cubicle", "cubicle_t1", "x", "a".repeat(64)]) {
+    const group = firstLogGroup(name);
+    assert.ok(Number.isInteger(group) && group >= 1 && group <= 60_000, `${name}: ${group}`);
+  }
 });
 
 /**
- * FLOW_ACCOUNTING_NOTE with the real helper and the kernel's conntrack, on loopback only: a
- * table of this test's own turns connection tracking on for locally sent packets (`after`-style
- * cleanup in finally), a UDP exchange 127.0.0.1 → 127.0.0.9 is "logged" through a file standing
- * in for /dev/kmsg, and releasing the source address ends the flow with its counts.
+ * KERNEL_LOG_NOTE and FLOW_ACCOUNTING_NOTE with the real helper, the kernel's NFLOG and
+ * conntrack, on loopback only: a table of this test's own logs locally sent packets from
+ * 127.0.0.1 to 127.0.0.9 to the group the helper bound (the test's `finally` removes it).
+ * Port P+1 is "allowed" (logged A, passed), the others "denied" (logged D, dropped).
  */
-test("an allowed UDP flow's record gets the flow's bytes both ways when its address is released", { skip: process.getuid?.() !== 0 && "needs root" }, async () => {
-  const table = `cubicle_flows_${process.pid.toString(36)}`;
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "cubicle-flows-"));
-  const kmsg = path.join(dir, "kmsg");
-  fs.writeFileSync(kmsg, "");
+test("logged packets become records: allowed flows get their bytes on release, denied ones to one target fold by the second, distinct targets each get one", { skip: process.getuid?.() !== 0 && "needs root" }, async () => {
+  const table = `cubicle_nflog_${process.pid.toString(36)}`;
   const records: EgressRecord[] = [];
   const finished: EgressRecord[] = [];
-  const log = new KernelEgressLog({
-    tableName: "cubicle_t7",
-    path: kmsg,
-    sandboxFor: (address) => (address === "127.0.0.1" ? "isandbox" : undefined),
-    audit: (record) => records.push(record),
-    flows: { helperPath: path.join(defaultDistDir(), "sandbox-helper"), subnet: "127.0.0.0/8", finished: (record) => finished.push(record) },
-  });
+  const options = {
+    firstGroup: firstLogGroup(table),
+    helperPath: path.join(defaultDistDir(), "sandbox-helper"),
+    subnet: "127.0.0.0/8",
+    sandboxFor: (address: string) => (address === "127.0.0.1" ? "isandbox" : undefined),
+  };
+  const log = new KernelEgressLog({ ...options, audit: (record) => records.push(record), finished: (record) => finished.push(record) });
+  // Another holder of the first group: the helper takes the next free one.
+  const other = new KernelEgressLog({ ...options, audit: () => undefined, finished: () => undefined });
   const receiver = dgram.createSocket("udp4");
   const sender = dgram.createSocket("udp4");
+  const waitFor = async (done: () => boolean, what: string) => {
+    for (let i = 0; i < 60 && !done(); i++) await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.ok(done(), `${what}: ${JSON.stringify(records)}`);
+  };
   try {
-    await runCommand(["nft", "-f", "-"], { input: `table inet ${table} {\n chain out {\n type filter hook output priority 0; policy accept;\n ip daddr 127.0.0.9 ct state new counter\n }\n}\n` });
-    await log.start();
+    const otherGroup = await other.start();
+    assert.equal(otherGroup, firstLogGroup(table));
+    const group = await log.start();
+    assert.ok(group !== undefined && group !== otherGroup, `a group of its own: ${group}`);
     await new Promise<void>((resolve) => receiver.bind(0, "127.0.0.9", resolve));
     await new Promise<void>((resolve) => sender.bind(0, "127.0.0.1", resolve));
-    const [sport, dport] = [sender.address().port, receiver.address().port];
+    const allowedPort = receiver.address().port;
+    await runCommand(["nft", "-f", "-"], {
+      input: `table inet ${table} {
+ chain out {
+  type filter hook output priority 0; policy accept;
+  ip saddr 127.0.0.1 ip daddr 127.0.0.9 udp dport ${allowedPort} ct state new ct status & confirmed == 0 log group ${group} prefix "A"
+  ip saddr 127.0.0.1 ip daddr 127.0.0.9 udp dport != ${allowedPort} ct state new log group ${group} prefix "D" drop
+ }
+}
+`,
+    });
     receiver.on("message", (_message, from) => receiver.send(Buffer.alloc(50), from.port, from.address));
     let answers = 0;
     const answered = new Promise<void>((resolve) => sender.on("message", () => ++answers === 2 && resolve()));
-    // The watcher subscribes as it starts: the flow begins once it is surely listening.
-    await new Promise((resolve) => setTimeout(resolve, 300));
-    sender.send(Buffer.alloc(100), dport, "127.0.0.9");
-    sender.send(Buffer.alloc(100), dport, "127.0.0.9");
+    sender.send(Buffer.alloc(100), allowedPort, "127.0.0.9");
+    sender.send(Buffer.alloc(100), allowedPort, "127.0.0.9");
     await answered;
-    fs.appendFileSync(kmsg, `7,1,1,-;${kernelLogPrefix("cubicle_t7")}A IN= OUT=lo SRC=127.0.0.1 DST=127.0.0.9 LEN=128 TTL=64 ID=1 DF PROTO=UDP SPT=${sport} DPT=${dport} LEN=108 \n`);
-    for (let i = 0; i < 40 && records.length === 0; i++) await new Promise((resolve) => setTimeout(resolve, 50));
-    assert.equal(records.length, 1, "the logged packet became a record");
-    assert.equal(records[0]!.bytesOut, 128, "the first packet's size until the flow ends");
+    await waitFor(() => records.some((r) => r.verdict === "allowed"), "the allowed flow's first packet became a record");
+    const allowed = records.find((r) => r.verdict === "allowed")!;
+    assert.deepEqual({ address: allowed.address, port: allowed.port, protocol: allowed.protocol, bytesOut: allowed.bytesOut, attempts: allowed.attempts }, { address: "127.0.0.9", port: allowedPort, protocol: "udp", bytesOut: 128, attempts: undefined });
+
+    // 500 datagrams to one closed port (one target), then one to each of 300 other ports.
+    const denyPort = allowedPort === 65535 ? 1000 : allowedPort + 1;
+    const send = (port: number) => new Promise<void>((resolve) => sender.send(Buffer.alloc(10), port, "127.0.0.9", () => resolve()));
+    for (let i = 0; i < 500; i++) await send(denyPort);
+    const scanned: number[] = [];
+    for (let port = 20_000; scanned.length < 300; port++) if (port !== allowedPort && port !== denyPort) scanned.push(port);
+    for (const port of scanned) await send(port);
+    const deniedTo = (port: number) => records.filter((r) => r.verdict === "denied" && r.port === port);
+    await waitFor(() => scanned.every((port) => deniedTo(port).length === 1), "each scanned port has its record");
+    await waitFor(() => deniedTo(denyPort).reduce((sum, r) => sum + (r.attempts ?? 1), 0) === 500, "every datagram to the one target is counted");
+    assert.ok(deniedTo(denyPort).length <= 3, `folded by the second: ${deniedTo(denyPort).length} records`);
+    assert.equal(deniedTo(denyPort).reduce((sum, r) => sum + r.bytesOut!, 0), 500 * 38, "their bytes summed");
+    assert.ok(records.every((r) => r.sandboxId === "isandbox"));
+
     log.released("127.0.0.2");
     await new Promise((resolve) => setTimeout(resolve, 300));
     assert.equal(finished.length, 0, "another address's release ends nothing");
     log.released("127.0.0.1");
-    for (let i = 0; i < 40 && finished.length === 0; i++) await new Promise((resolve) => setTimeout(resolve, 50));
-    assert.equal(finished.length, 1, "the flow ended with its counts");
+    await waitFor(() => finished.length === 1, "the flow ended with its counts");
     // Two packets of 100 bytes out and two of 50 back, each with 28 bytes of IP and UDP headers.
-    assert.equal(records[0]!.bytesOut, 256);
-    assert.equal(records[0]!.bytesIn, 156);
+    assert.equal(records.filter((r) => r.verdict === "allowed").length, 1, "one record for the flow's two packets");
+    assert.equal(allowed.bytesOut, 256);
+    assert.equal(allowed.bytesIn, 156);
   } finally {
     sender.close();
     receiver.close();
-    await log.stop();
+    await Promise.all([log.stop(), other.stop()]);
     await runCommand(["nft", "delete", "table", "inet", table], { allowFailure: true });
-    fs.rmSync(dir, { recursive: true, force: true });
   }
 });

@@ -36,7 +36,7 @@ export interface NetnsManagerOptions {
    * Host ports of the DNS forwarder and the egress proxy that sandbox DNS and TCP are redirected
    * to. Without them no sandbox TCP or DNS leaves at all (fail closed; runtime tests).
    */
-  egressPorts?: { dns: number; proxy: number };
+  egressPorts?: { dns: number; proxy: number; logGroup?: number | undefined };
   /** Private ranges sandboxes may reach (CUBICLE_EGRESS_PRIVATE_ALLOW); all others are denied. */
   privateAllowed?: readonly string[];
   /** Told after a sandbox's policy changed (the proxy cuts connections it no longer allows). */
@@ -178,7 +178,7 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet"> & Parti
       await writeFile("/proc/sys/net/ipv4/ip_forward", "1\n");
       await raiseNeighbourLimits(pool.blockCount);
       // The table once, by nft (the only nft run): per-sandbox changes are netlink batches.
-      const ruleset = buildRuleset({ tableName, subnet: pool.normalizedCidr, interfacePrefix, dnsPort: egressPorts.dns, proxyPort: egressPorts.proxy, privateAllowed: options.privateAllowed ?? [] });
+      const ruleset = buildRuleset({ tableName, subnet: pool.normalizedCidr, interfacePrefix, dnsPort: egressPorts.dns, proxyPort: egressPorts.proxy, logGroup: egressPorts.logGroup, privateAllowed: options.privateAllowed ?? [] });
       await runCommand(["nft", "-f", "-"], { input: ruleset, timeoutMs: COMMAND_TIMEOUT_MS });
       // Sandboxes already known (a re-init) get their chains back; until then they have none: fail closed.
       for (const record of records.values()) await setPolicy(record, record.policy, true);

@@ -1,5 +1,4 @@
 import { ALWAYS_DENIED, PRIVATE_DENIED } from "./egress-policy.js";
-import { kernelLogPrefix } from "./kernel-egress-log.js";
 
 /** Names that the generated nftables table uses; the table is Cubicle's alone. */
 export interface RulesetOptions {
@@ -11,6 +10,8 @@ export interface RulesetOptions {
   /** Where the DNS forwarder (UDP and TCP) and the egress proxy listen on the host. */
   dnsPort: number;
   proxyPort: number;
+  /** The NFLOG group the egress log reads (KERNEL_LOG_NOTE); none: nothing is logged. */
+  logGroup?: number | undefined;
   /** Private ranges the operator opened (CUBICLE_EGRESS_PRIVATE_ALLOW). */
   privateAllowed: readonly string[];
 }
@@ -31,7 +32,7 @@ export function policyChainName(address: string): string {
  *
  * NFT_RULESET_NOTE: what the kernel enforces.
  * - TCP to the floor (below) never reaches the proxy: the kernel drops its first packet, so the
- *   sandbox's connect times out as if nothing were there (and it is logged, as UDP is).
+ *   sandbox's connect times out as if nothing were there (and it is logged, as UDP is: KERNEL_LOG_NOTE).
  * - Every other TCP connection a sandbox of this server (its subnet: other servers on the host
  *   have tables and subnets of their own) opens is redirected to the egress proxy on the host (nat
  *   prerouting), which decides by address, SNI or Host and pinned DNS answers, audits, injects
@@ -71,7 +72,7 @@ table inet ${t} {
   map ${POLICY_MAP} {
     type ipv4_addr : verdict
   }
-${auditChains(t)}
+${auditChains(options.logGroup)}
   chain prerouting {
     type nat hook prerouting priority dstnat; policy accept;
     iifname "${p}*" ip saddr ${s} meta l4proto { tcp, udp } th dport 53 redirect to :${options.dnsPort}
@@ -111,19 +112,26 @@ ${auditChains(t)}
 /**
  * The verdict chains every forwarded sandbox packet ends in (KERNEL_LOG_NOTE).
  *
- * KERNEL_LOG_NOTE: the first packet of each UDP/ICMP flow a sandbox starts is logged to the
- * kernel log with the prefix `cbe:<table>:<A|D|F|P> ` (allowed, denied by policy, denied by the
- * floor, private), which KernelEgressLog turns into audit records. The logging is limited per
- * sandbox address (20/s, bursts of 40) so a flood cannot fill the kernel log for everyone; the
- * verdict itself applies to every packet, logged or not.
+ * KERNEL_LOG_NOTE: the first packet of each UDP/ICMP flow a sandbox starts (its conntrack entry
+ * not yet confirmed: a UDP flow stays "new" until its first answer, and its later packets are
+ * not logged again), and each packet a denial drops (a dropped packet's entry is never
+ * confirmed, so each is an attempt of its own), goes to the server's NFLOG group with its
+ * verdict letter as the prefix (A allowed, D denied by policy, F denied by the floor, P private).
+ * The helper's `flows` reads it (nflog.h) and KernelEgressLog turns it into an audit record;
+ * nothing goes to the kernel's own log. Logging is limited per sandbox address and verdict
+ * (LOG_RATE packets a second, bursts of twice that) so a flood costs the host a bounded amount
+ * of work, and the helper folds a second's denied packets to one target into one record (its
+ * `attempts`). The verdict itself applies to every packet, logged or not.
  */
-function auditChains(t: string): string {
+export const LOG_RATE = 2000;
+
+function auditChains(group: number | undefined): string {
   const chain = (name: string, letter: string, verdict: string) => `  set rl_${letter} {
     type ipv4_addr; flags dynamic,timeout; timeout 1m; size 65536
   }
   chain ${name} {
-    ct state new update @rl_${letter} { ip saddr limit rate 20/second burst 40 packets } log prefix "${kernelLogPrefix(t)}${letter} " level debug
-    ${verdict}
+${group === undefined ? "" : `    ct state new ct status & confirmed == 0 update @rl_${letter} { ip saddr limit rate ${LOG_RATE}/second burst ${2 * LOG_RATE} packets } log group ${group} prefix "${letter}"
+`}    ${verdict}
   }`;
   return [chain("egress_allowed", "A", "accept"), chain("egress_denied", "D", "counter drop"), chain("egress_floor", "F", "counter drop"), chain("egress_private", "P", "counter drop")].join("\n");
 }

@@ -254,6 +254,8 @@ export interface EgressRecord {
   bytesIn?: number;
   /** How long the connection lasted (so far, while open) */
   durationMs?: number;
+  /** Denied UDP/ICMP packets to this destination and port within one second that this record stands for, when more than one (bytesOut is their sum) */
+  attempts?: number;
 }
 
 /** SOCKS5 proxy (RFC 1928/1929) the sandbox's TCP egress is tunneled through from the host; fails closed. */

@@ -3,8 +3,9 @@
  * tracking (FLOW_ACCOUNTING_NOTE in src/network/kernel-egress-log.ts). Included by
  * sandbox-helper.c after netlink.h (its fail(), usage(), option(), `step`, read_lines()).
  *
- *   flows --subnet A.B.C.D/N
- *       Long-running, like watch. Turns on conntrack accounting (net.netfilter.nf_conntrack_acct
+ *   flows --subnet A.B.C.D/N [--log-group N]
+ *       Long-running, like watch. With --log-group, also the packets the nftables rules log to
+ *       that NFLOG group (or the next free one), as nflog.h says. Turns on conntrack accounting (net.netfilter.nf_conntrack_acct
  *       in the host's namespace: flows that begin afterwards are counted) and prints one line
  *       per UDP or ICMP flow from the subnet that the kernel forgets (timed out, or deleted):
  *         udp SRC SPORT DST DPORT BYTES_OUT BYTES_IN
@@ -158,9 +159,12 @@ static void ct_delete(int fd, const char *line) {
 
 static void ct_delete_line(char *line, void *context) { ct_delete(*(int *)context, line); }
 
+/* The NFLOG half of `flows` (uses ct_socket's buffer size and ct_attrs). */
+#include "nflog.h"
+
 static int cmd_flows(int argc, char **argv) {
   step = "flows";
-  static const char *const known[] = {"--subnet", NULL};
+  static const char *const known[] = {"--subnet", "--log-group", NULL};
   net_only_options(argc, argv, known);
   char subnet_text[32];
   snprintf(subnet_text, sizeof subnet_text, "%s", option(argc, argv, "--subnet", 1));
@@ -177,14 +181,33 @@ static int cmd_flows(int argc, char **argv) {
   int control = ct_socket(0);
   if (control < 0) fail("opening a conntrack socket");
   setvbuf(stdout, NULL, _IOLBF, 0);
+  int logged = -1;
+  for (int i = 2; i + 1 < argc; i += 2) {
+    if (strcmp(argv[i], "--log-group") != 0) continue;
+    uint16_t group;
+    unsigned long long first = number(argv[i + 1], "--log-group");
+    if (first < 1 || first > 65535) usage("--log-group must be 1-65535");
+    step = "binding an NFLOG group";
+    logged = nflog_socket((uint16_t)first, &group);
+    if (logged < 0) fail("binding an NFLOG group");
+    printf("group %u\n", group);
+  }
+  long long window_end = nflog_now_ms() + NFLOG_WINDOW_MS;
 
   static struct line_reader lines;
   static char buffer[65536] __attribute__((aligned(NLMSG_ALIGNTO)));
-  struct pollfd watched[3] = {{.fd = 0, .events = POLLIN}, {.fd = events, .events = POLLIN}, {.fd = control, .events = POLLIN}};
+  struct pollfd watched[4] = {{.fd = 0, .events = POLLIN}, {.fd = events, .events = POLLIN}, {.fd = control, .events = POLLIN}, {.fd = logged, .events = POLLIN}};
   for (;;) {
-    if (poll(watched, 3, -1) < 0) {
+    long long left_ms = window_end - nflog_now_ms();
+    int ready = poll(watched, logged >= 0 ? 4 : 3, logged >= 0 ? (int)(left_ms > 0 ? left_ms : 0) : -1);
+    if (ready < 0) {
       if (errno == EINTR) continue;
       fail("poll");
+    }
+    if (logged >= 0 && watched[3].revents) nflog_read(logged, subnet.s_addr, mask);
+    if (logged >= 0 && nflog_now_ms() >= window_end) {
+      nflog_flush();
+      window_end = nflog_now_ms() + NFLOG_WINDOW_MS;
     }
     if (watched[0].revents && !read_lines(0, &lines, ct_delete_line, &control)) return 0;
     if (watched[2].revents) {
