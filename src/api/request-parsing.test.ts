@@ -133,14 +133,16 @@ test("a query parameter given twice is refused", () => {
   assert.throws(() => singleQueryValue({ limit: ["1", "2"] }, "limit"), isBadRequest(/limit may be given once/));
 });
 
-test("network: ingress fields are typed, httpsPorts and unknown fields are refused, bandwidth is bounded", () => {
+test("network: ingress fields are typed (httpsPorts: ports, never envd's), unknown fields are refused, bandwidth is bounded", () => {
   const strict = { defaultTimeoutSec: 300, limits: { maxCpuCount: 2, maxMemoryMB: 4096, maxDiskMB: 65536 }, requireSecure: true };
   const create = (network: unknown) => parseCreateRequest({ templateID: "base", network }, 2, strict);
   const bad = (pattern: RegExp) => (err: unknown) => err instanceof CubicleError && err.code === "invalid_argument" && pattern.test(err.message);
   assert.throws(() => create({ allowPublicTraffic: "no" }), bad(/allowPublicTraffic must be true or false/));
   assert.throws(() => create({ maskRequestHost: "evil\r\nX-Injected: 1" }), bad(/maskRequestHost must be a host name/));
   assert.throws(() => create({ maskRequestHost: 5 }), bad(/maskRequestHost must be a host name/));
-  assert.throws(() => create({ httpsPorts: [8443] }), bad(/httpsPorts is not supported yet/));
+  for (const ports of [[0], [65536], [8443.5], ["8443"], [null], "8443", { 0: 8443 }, Array.from({ length: 65 }, (_, i) => 8000 + i)]) assert.throws(() => create({ httpsPorts: ports }), bad(/httpsPorts must/), JSON.stringify(ports));
+  assert.throws(() => create({ httpsPorts: [8443, 49983] }), bad(/cannot list envd's port 49983/));
+  assert.deepEqual(create({ httpsPorts: [8443, 3000] }).networkConfig, { httpsPorts: [8443, 3000] });
   assert.throws(() => create({ bandwidth: { egressMbps: 0 } }), bad(/egressMbps/));
   assert.throws(() => create({ bandwidth: { burst: 1 } }), bad(/burst/));
   assert.deepEqual(create({ maskRequestHost: "localhost:${PORT}", httpsPorts: [], bandwidth: { ingressMbps: 50 } }).networkConfig, { maskRequestHost: "localhost:${PORT}", httpsPorts: [], bandwidth: { ingressMbps: 50 } });

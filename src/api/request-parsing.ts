@@ -8,6 +8,7 @@ import { parseBandwidthLimits } from "../network/bandwidth.js";
 import { CODEBASE_BOUNDS, codebaseLevel } from "../codebases/codebase-service.js";
 import type { CodebaseLevel } from "../store/index.js";
 import { buildEgressPolicy, EGRESS_FIELDS } from "../network/egress-policy.js";
+import { ENVD_PORT } from "../protocol/index.js";
 
 function fail(message: string): never {
   throw new CubicleError("invalid_argument", message);
@@ -101,12 +102,25 @@ function parseNetwork(value: unknown, allowInternetAccess: boolean): Record<stri
   if (network.maskRequestHost !== undefined && network.maskRequestHost !== null) {
     if (typeof network.maskRequestHost !== "string" || !/^[A-Za-z0-9.:${}_-]{1,253}$/.test(network.maskRequestHost)) fail("network.maskRequestHost must be a host name (it may hold ${PORT})");
   }
-  const httpsPorts = network.httpsPorts;
-  if (httpsPorts !== undefined && httpsPorts !== null && !(Array.isArray(httpsPorts) && httpsPorts.length === 0)) {
-    fail("network.httpsPorts is not supported yet: the router reaches sandbox ports over plain HTTP");
-  }
+  parseHttpsPorts(network.httpsPorts);
   if (Buffer.byteLength(JSON.stringify(network)) > CREATE_BOUNDS.networkJsonBytes) fail(`network must be at most ${CREATE_BOUNDS.networkJsonBytes / 1024} KiB of JSON`);
   return network;
+}
+
+/** Ports one sandbox may name in `network.httpsPorts`. */
+const MAX_HTTPS_PORTS = 64;
+
+/**
+ * E2B `network.httpsPorts`: sandbox ports the router reaches over TLS (certificates not
+ * verified, as upstream); envd's port cannot be one (it is always plain HTTP).
+ */
+function parseHttpsPorts(value: unknown): void {
+  if (value === undefined || value === null) return;
+  if (!Array.isArray(value) || value.length > MAX_HTTPS_PORTS) fail(`network.httpsPorts must be a list of at most ${MAX_HTTPS_PORTS} ports`);
+  for (const port of value) {
+    if (typeof port !== "number" || !Number.isInteger(port) || port < 1 || port > 65535) fail("network.httpsPorts must hold ports from 1 to 65535");
+    if (port === ENVD_PORT) fail(`network.httpsPorts cannot list envd's port ${ENVD_PORT}`);
+  }
 }
 
 /** The egress fields of `PUT /sandboxes/{id}/network` (SandboxNetworkUpdateConfig), validated. */

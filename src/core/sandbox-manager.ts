@@ -74,6 +74,8 @@ export interface RouteTarget {
   trafficAccessToken?: string;
   /** E2B `network.maskRequestHost`: the Host non-envd ports receive (`${PORT}` replaced by the router). */
   maskRequestHost?: string;
+  /** E2B `network.httpsPorts`: ports the router reaches over TLS. */
+  httpsPorts?: number[];
 }
 
 export interface SandboxManagerEvents {
@@ -236,11 +238,13 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
     live.activeAt = Date.now();
     const { trafficAccessToken, networkConfig } = live.record;
     const maskRequestHost = networkConfig?.maskRequestHost;
+    const httpsPorts = networkConfig?.httpsPorts;
     return {
       sandboxId,
       address: live.record.network.sandboxAddress,
       ...(trafficAccessToken ? { trafficAccessToken } : {}),
       ...(typeof maskRequestHost === "string" && maskRequestHost !== "" ? { maskRequestHost } : {}),
+      ...(Array.isArray(httpsPorts) && httpsPorts.length > 0 ? { httpsPorts: httpsPorts.filter((port): port is number => Number.isInteger(port)) } : {}),
     };
   }
 

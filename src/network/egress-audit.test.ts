@@ -190,6 +190,32 @@ test("with a store, records survive a restart with their sequence numbers: a pag
   second.close();
 });
 
+test("with a store, the Prometheus counters continue after a restart from what was written; damaged values are ignored", async (t) => {
+  const { store, reopen } = await withStore(t);
+  const first = new EgressAuditLog({ now: () => 1000, store, flushIntervalMs: 60_000 });
+  first.record(attempt("sb1", 1000, { protocol: "udp", verdict: "denied", attempts: 40 }));
+  const connection = attempt("sb1", 1001);
+  first.record(connection);
+  connection.bytesOut = 10;
+  connection.bytesIn = 20;
+  first.finished(connection);
+  first.close();
+  const counted = (audit: EgressAuditLog) =>
+    Object.fromEntries(audit.metricFamilies().flatMap((family) => family.samples.map((sample) => [`${family.name}${JSON.stringify(sample.labels)}`, sample.value])));
+  const before = counted(first);
+  assert.equal(before['cubicle_egress_connections_total{"protocol":"udp","verdict":"denied"}'], 40, "a folded record counts its attempts");
+  const second = new EgressAuditLog({ now: () => 1000, store: reopen(), flushIntervalMs: 60_000 });
+  assert.deepEqual(counted(second), before);
+  second.record(attempt("sb2", 1002));
+  second.close();
+  assert.equal(counted(new EgressAuditLog({ now: () => 1000, store: reopen(), flushIntervalMs: 60_000 }))['cubicle_egress_connections_total{"protocol":"tcp","verdict":"allowed"}'], before['cubicle_egress_connections_total{"protocol":"tcp","verdict":"allowed"}']! + 1);
+  store.writeEgressAudit({ upserts: [], dropBefore: [], dropOlderThan: 0, counters: { "bytes|out": -5, "connections|tcp": 3, "connections|udp|allowed": 2 ** 60, nonsense: 1 } });
+  const third = counted(new EgressAuditLog({ now: () => 1000, store: reopen(), flushIntervalMs: 60_000 }));
+  assert.equal(third['cubicle_egress_bytes_total{"direction":"out"}'], 0, "a negative value is not loaded");
+  assert.equal(third['cubicle_egress_bytes_total{"direction":"in"}'], 20);
+  assert.equal(third['cubicle_egress_connections_total{"protocol":"udp","verdict":"allowed"}'], undefined, "an unsafe number is dropped");
+});
+
 test("with a store, what the bounds drop and what retention expires leaves the database too", async (t) => {
   const { store, rows } = await withStore(t);
   let now = 10_000;
@@ -233,7 +259,7 @@ test("with a store, damaged rows are skipped at load and a store that fails to w
   assert.equal(audit.size, 1);
   const failing = new EgressAuditLog({
     now: () => 5,
-    store: { loadEgressAudit: () => [], writeEgressAudit: () => { throw new Error("disk I/O error"); } },
+    store: { loadEgressAudit: () => [], loadEgressCounters: () => ({}), writeEgressAudit: () => { throw new Error("disk I/O error"); } },
     flushIntervalMs: 60_000,
   });
   failing.record(attempt("y", 5));

@@ -13,15 +13,16 @@
  * records added meanwhile (newer) never shift a later page and none is returned twice.
  *
  * AUDIT_PERSISTENCE_NOTE: with a store, records new or changed (a connection's bytes when it
- * closes) since the last flush are written every `flushIntervalMs` (default 1 s) in one
+ * closes) since the last flush are written every `flushIntervalMs` (default 250 ms) in one
  * transaction, at most FLUSH_MAX_ROWS a flush (a flood is written over the next flushes; what
  * the memory bounds drop meanwhile is never written), together with the drops the memory bounds
  * made since (per sandbox: everything below its oldest kept record) and the retention. The
  * database so holds what memory holds, as of the last flush; a server that starts loads the
  * newest records within retention (the same bounds), keeps their sequence numbers (a page
  * token stays valid across a restart) and continues after the highest. A crash loses at most
- * the last interval; a clean stop flushes. The Prometheus counters start again from zero, as
- * counters of a restarted process do.
+ * the last interval; a clean stop flushes. The Prometheus counters are written with the records
+ * (same transaction) and continue from their written values after a restart, so a crash loses
+ * what they counted in the same last interval and they never go back to zero.
  */
 import type { EgressAuditStore } from "../store/index.js";
 import { CubicleError } from "../shared/cubicle-error.js";
@@ -148,6 +149,8 @@ export class EgressAuditLog {
   private readonly connections = new Map<string, { protocol: string; verdict: string; count: number }>();
   private bytesOut = 0;
   private bytesIn = 0;
+  /** The counters changed since the last flush. */
+  private countersChanged = false;
   private readonly finishedRecords = new WeakSet<EgressRecord>();
   private readonly store: EgressAuditStore | undefined;
   /** Each kept record's sequence number (for the store). */
@@ -169,14 +172,14 @@ export class EgressAuditLog {
     this.store = options.store;
     if (this.store) {
       this.load(this.store);
-      this.flushTimer = setInterval(() => this.flush(), options.flushIntervalMs ?? 1000);
+      this.flushTimer = setInterval(() => this.flush(), options.flushIntervalMs ?? 250);
       this.flushTimer.unref();
     }
   }
 
   /** Writes what changed since the last flush to the store (AUDIT_PERSISTENCE_NOTE). Never throws. */
   flush(): void {
-    if (!this.store || (this.dirty.size === 0 && this.dropped.size === 0 && this.now() - this.lastFlushSweep < SWEEP_INTERVAL_MS)) return;
+    if (!this.store || (this.dirty.size === 0 && this.dropped.size === 0 && !this.countersChanged && this.now() - this.lastFlushSweep < SWEEP_INTERVAL_MS)) return;
     const upserts = [];
     for (const rec of this.dirty) {
       if (upserts.length >= FLUSH_MAX_ROWS) break;
@@ -187,10 +190,13 @@ export class EgressAuditLog {
     const dropBefore = [...this.dropped].map((sandboxId) => ({ sandboxId, seq: this.logs.get(sandboxId)?.oldestSeq(this.nextSeq) ?? ALL_SEQS }));
     this.dropped.clear();
     this.lastFlushSweep = this.now();
+    const counters = this.countersChanged ? this.counterValues() : undefined;
+    this.countersChanged = false;
     try {
-      this.store.writeEgressAudit({ upserts, dropBefore, dropOlderThan: this.now() - this.options.retentionMs });
+      this.store.writeEgressAudit({ upserts, dropBefore, dropOlderThan: this.now() - this.options.retentionMs, counters });
     } catch (err) {
       // The memory log is whole; the database catches up at a later flush (or loses this one's rows).
+      if (counters) this.countersChanged = true;
       logger.warn("could not write the egress audit log to the database", { error: String(err) });
     }
   }
@@ -215,6 +221,22 @@ export class EgressAuditLog {
     }
     if (rows.length > 0) this.nextSeq = rows.at(-1)!.seq + 1;
     // What the bounds dropped while loading goes from the database at the first flush.
+    for (const [name, value] of Object.entries(store.loadEgressCounters())) {
+      if (!Number.isSafeInteger(value) || value < 0) continue;
+      if (name === "bytes|out") this.bytesOut = value;
+      else if (name === "bytes|in") this.bytesIn = value;
+      else {
+        const [kind, protocol, verdict] = name.split("|");
+        if (kind === "connections" && protocol && verdict) this.connections.set(`${protocol}|${verdict}`, { protocol, verdict, count: value });
+      }
+    }
+  }
+
+  /** The counters as the store keeps them: `connections|<protocol>|<verdict>`, `bytes|out`, `bytes|in`. */
+  private counterValues(): Record<string, number> {
+    const values: Record<string, number> = { "bytes|out": this.bytesOut, "bytes|in": this.bytesIn };
+    for (const { protocol, verdict, count } of this.connections.values()) values[`connections|${protocol}|${verdict}`] = count;
+    return values;
   }
 
   /**
@@ -232,6 +254,7 @@ export class EgressAuditLog {
     const attempts = Number.isSafeInteger(rec.attempts) && rec.attempts! > 1 ? rec.attempts! : 1;
     if (counter) counter.count += attempts;
     else this.connections.set(key, { protocol: rec.protocol, verdict: rec.verdict, count: attempts });
+    this.countersChanged = true;
 
     this.sweepNowAndThen();
     this.keep(rec, this.nextSeq++);
@@ -266,6 +289,7 @@ export class EgressAuditLog {
     this.finishedRecords.add(rec);
     if (Number.isFinite(rec.bytesOut) && rec.bytesOut! > 0) this.bytesOut += rec.bytesOut!;
     if (Number.isFinite(rec.bytesIn) && rec.bytesIn! > 0) this.bytesIn += rec.bytesIn!;
+    this.countersChanged = true;
     // Its bytes and duration are final now: written again (if it is still kept).
     if (this.store && this.seqOf.has(rec)) this.dirty.add(rec);
   }

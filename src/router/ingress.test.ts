@@ -1,20 +1,26 @@
 import assert from "node:assert/strict";
+import fs from "node:fs";
 import http from "node:http";
+import https from "node:https";
 import net from "node:net";
+import os from "node:os";
+import path from "node:path";
 import { after, before, describe, test } from "node:test";
+import { openCertificateAuthority } from "../network/index.js";
 import { ENVD_PORT, INTERPRETER_PORT } from "../protocol/index.js";
 import { maskedHost, trafficTokenRefusal } from "./sandbox-router.js";
 import { RESUMING_ID, SANDBOX_ID, startRouterTestServer, type RouterTestServer } from "./test-server.js";
 
 const TOKEN = "traffic-token-0123456789";
 
-/** A server "in the sandbox" that answers every request with the headers it received. */
-async function headerEcho(): Promise<{ port: number; close(): void }> {
-  const server = http.createServer((req, res) => {
+/** A server "in the sandbox" that answers every request with the headers it received (over TLS with `tls`). */
+async function headerEcho(tls?: { key: string | Buffer; cert: string | Buffer }): Promise<{ port: number; close(): void }> {
+  const handler = (req: http.IncomingMessage, res: http.ServerResponse) => {
     req.resume();
     res.writeHead(200, { "content-type": "application/json" });
-    res.end(JSON.stringify(req.headers));
-  });
+    res.end(JSON.stringify({ ...req.headers, "x-seen-over": tls ? "tls" : "plain" }));
+  };
+  const server = tls ? https.createServer(tls, handler) : http.createServer(handler);
   // Upgrades: a 101, then the request head it got, then an echo of what follows.
   server.on("upgrade", (req, socket) => {
     socket.on("error", () => undefined);
@@ -221,5 +227,52 @@ describe("an invalid maskRequestHost", () => {
     const up = await upgrade(server.port, host);
     assert.equal(up.status, 400);
     assert.equal(server.unhandled.length, 0);
+  });
+});
+
+describe("httpsPorts (HTTPS_PORTS_NOTE)", () => {
+  let server: RouterTestServer;
+  let plainServer: RouterTestServer;
+  let tlsSandbox: { port: number; close(): void };
+  let plainSandbox: { port: number; close(): void };
+  let dir: string;
+  before(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), "cbs-https-ports-"));
+    // A certificate no client could verify for 127.0.0.1: another name, an unknown CA.
+    const credentials = await (await openCertificateAuthority(path.join(dir, "ca"))).issue(["sandbox-own.invalid"]);
+    tlsSandbox = await headerEcho(credentials);
+    plainSandbox = await headerEcho();
+    server = await startRouterTestServer({ ingress: { httpsPorts: [tlsSandbox.port] } });
+    plainServer = await startRouterTestServer({ ingress: {} });
+  });
+  after(async () => {
+    tlsSandbox.close();
+    plainSandbox.close();
+    await server.close();
+    await plainServer.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  test("a listed port is reached over TLS without checking its certificate; other ports stay plain HTTP", async () => {
+    const res = await request(server.port, { host: `${tlsSandbox.port}-${SANDBOX_ID}.cubicle.test` });
+    assert.equal(res.status, 200);
+    assert.equal(res.body["x-seen-over"], "tls");
+    const again = await request(server.port, { host: `${tlsSandbox.port}-${SANDBOX_ID}.cubicle.test` });
+    assert.equal(again.body["x-seen-over"], "tls", "a kept-alive TLS connection is reused");
+    const plain = await request(server.port, { host: `${plainSandbox.port}-${SANDBOX_ID}.cubicle.test` });
+    assert.equal(plain.status, 200);
+    assert.equal(plain.body["x-seen-over"], "plain");
+    assert.equal(server.unhandled.length, 0);
+  });
+
+  test("without httpsPorts the same TLS port gets plain HTTP and answers nothing usable (502)", async () => {
+    const res = await request(plainServer.port, { host: `${tlsSandbox.port}-${SANDBOX_ID}.cubicle.test` });
+    assert.equal(res.status, 502);
+  });
+
+  test("an upgrade to a listed port goes over TLS, bytes both ways", async () => {
+    const res = await upgrade(server.port, `${tlsSandbox.port}-${SANDBOX_ID}.cubicle.test`);
+    assert.equal(res.status, 101);
+    assert.match(res.rest, /ping$/);
   });
 });

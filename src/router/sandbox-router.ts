@@ -1,5 +1,7 @@
 import http, { type IncomingMessage, type ServerResponse } from "node:http";
+import https from "node:https";
 import net from "node:net";
+import tls from "node:tls";
 import type { Duplex } from "node:stream";
 import { computeFileSignature, ENVD_PORT, fileOperationOf, fileSignaturePattern, INTERPRETER_PORT, type AgentLink } from "../protocol/index.js";
 import { constantTimeEquals } from "../shared/compare.js";
@@ -22,6 +24,18 @@ export interface SandboxRoute {
   trafficAccessToken?: string;
   /** E2B `network.maskRequestHost`: the Host that non-envd ports receive, `${PORT}` replaced. */
   maskRequestHost?: string;
+  /** E2B `network.httpsPorts`: ports served over TLS, reached without checking their certificate (HTTPS_PORTS_NOTE). */
+  httpsPorts?: number[];
+}
+
+/**
+ * HTTPS_PORTS_NOTE: a port a sandbox lists in `network.httpsPorts` is reached by the router over
+ * TLS, as upstream does: the client still talks to the router (HTTP or Cubicle's HTTPS), and
+ * the sandbox's certificate is not verified (it is the sandbox's own, often self-signed; the
+ * hop is the host's veth to that one sandbox's address). envd's port is never one.
+ */
+function servesTls(target: SandboxRoute, port: number): boolean {
+  return port !== ENVD_PORT && target.httpsPorts !== undefined && target.httpsPorts.includes(port);
 }
 
 /** What the router needs from the core: where a sandbox lives, and a signal when it ends. */
@@ -130,6 +144,8 @@ export class SandboxRouter {
   private readonly hostPattern: RegExp;
 
   private readonly agentLink: AgentLink;
+  /** Keep-alive connections to sandbox ports served over TLS (HTTPS_PORTS_NOTE). */
+  private readonly tlsAgent = new https.Agent({ keepAlive: true, maxSockets: 256, maxFreeSockets: 64, keepAliveMsecs: 10_000, rejectUnauthorized: false });
 
   constructor(
     private readonly source: RouteSource,
@@ -287,14 +303,8 @@ export class SandboxRouter {
         else delete headers["x-forwarded-host"];
         headers.host = host;
       }
-      upstream = http.request({
-        host: target.address,
-        port: match.port,
-        method: req.method,
-        path: req.url,
-        headers,
-        agent: this.agentLink.httpAgent,
-      });
+      const request = { host: target.address, port: match.port, method: req.method, path: req.url, headers };
+      upstream = servesTls(target, match.port) ? https.request({ ...request, agent: this.tlsAgent, rejectUnauthorized: false }) : http.request({ ...request, agent: this.agentLink.httpAgent });
     } catch (err) {
       // http.request validates the path and headers; what Node's parser let in may still fail here.
       req.resume();
@@ -422,7 +432,8 @@ export class SandboxRouter {
       const error = CubicleError.from(err);
       return writeRawJsonResponse(socket, error.httpStatus, error.toE2bBody());
     }
-    const upstream = net.connect({ host: target.address, port: match.port });
+    const overTls = servesTls(target, match.port);
+    const upstream = overTls ? tls.connect({ host: target.address, port: match.port, rejectUnauthorized: false }) : net.connect({ host: target.address, port: match.port });
     let connected = false;
     const untrack = this.track(match.sandboxId, {
       destroy: () => {
@@ -430,7 +441,7 @@ export class SandboxRouter {
         socket.destroy();
       },
     });
-    upstream.on("connect", () => {
+    upstream.on(overTls ? "secureConnect" : "connect", () => {
       connected = true;
       const lines = [`${req.method} ${req.url} HTTP/1.1`];
       if (host !== undefined && req.headers.host === undefined) lines.push(`Host: ${host}`);

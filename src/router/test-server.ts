@@ -32,7 +32,7 @@ export async function startRouterTestServer(
     resumeDelayMs?: number;
     liveSandboxes?: { sandboxId: string; envdAccessToken: string | undefined; state: string; trafficAccessToken?: string }[];
     /** The ingress policy of both stand-in sandboxes (the paused one's token also goes into its live record). */
-    ingress?: { trafficAccessToken?: string; maskRequestHost?: string };
+    ingress?: { trafficAccessToken?: string; maskRequestHost?: string; httpsPorts?: number[] };
     /** Also serve the same routing over TLS with these credentials, as the server's HTTPS port does. */
     https?: TlsCredentials;
   } = {},

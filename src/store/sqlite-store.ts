@@ -88,6 +88,10 @@ CREATE TABLE IF NOT EXISTS egress_audit (
 );
 CREATE INDEX IF NOT EXISTS egress_audit_sandbox ON egress_audit (sandbox_id, seq);
 CREATE INDEX IF NOT EXISTS egress_audit_time ON egress_audit (time);
+CREATE TABLE IF NOT EXISTS egress_counters (
+  name TEXT PRIMARY KEY,
+  value INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS codebases (
   codebase_id TEXT PRIMARY KEY,
   name TEXT NOT NULL UNIQUE,
@@ -417,7 +421,16 @@ export class SqliteStore implements Store, TemplateBuildStore, EgressAuditStore,
       for (const row of change.upserts) upsert.run(row.seq, row.sandboxId, Math.floor(row.time), row.body);
       for (const drop of change.dropBefore) dropBefore.run(drop.sandboxId, drop.seq);
       this.db.prepare("DELETE FROM egress_audit WHERE time < ?").run(Math.floor(change.dropOlderThan));
+      if (change.counters) {
+        const counter = this.db.prepare("INSERT OR REPLACE INTO egress_counters (name, value) VALUES (?, ?)");
+        for (const [name, value] of Object.entries(change.counters)) counter.run(name, Math.floor(value));
+      }
     })();
+  }
+
+  loadEgressCounters(): Record<string, number> {
+    const rows = this.db.prepare("SELECT name, value FROM egress_counters").all() as { name: string; value: number }[];
+    return Object.fromEntries(rows.map((row) => [row.name, row.value]));
   }
 
   loadEgressAudit(since: number, limit: number): EgressAuditRow[] {

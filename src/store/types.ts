@@ -256,6 +256,8 @@ export interface EgressAuditChange {
   dropBefore: { sandboxId: string; seq: number }[];
   /** Rows older than this (epoch ms) go: the retention. */
   dropOlderThan: number;
+  /** The Prometheus counters' values now (name → value), when they changed since the last write. */
+  counters?: Record<string, number>;
 }
 
 /**
@@ -266,6 +268,8 @@ export interface EgressAuditStore {
   writeEgressAudit(change: EgressAuditChange): void;
   /** The newest `limit` rows with time ≥ `since`, in seq order. */
   loadEgressAudit(since: number, limit: number): EgressAuditRow[];
+  /** The counters as last written (none: {}). */
+  loadEgressCounters(): Record<string, number>;
 }
 
 export interface EventRecord {

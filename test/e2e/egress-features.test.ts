@@ -7,9 +7,12 @@
  */
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
+import fs from "node:fs";
+import os from "node:os";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { Sandbox, Secret, type SandboxOpts } from "e2b";
+import { openCertificateAuthority } from "../../src/network/index.js";
 import { startEgressTestEnv, type EgressTestEnv } from "../support/egress-test-env.js";
 import type { FakeInternet } from "../support/fake-internet.js";
 import { runAsRoot } from "../support/sandbox-shell.js";
@@ -292,6 +295,45 @@ print(got)"`);
 });
 
 describe("private ingress", () => {
+  test("httpsPorts: the router reaches a listed port over TLS (a certificate nobody could verify); getInfo shows the ports", async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "cbs-e2e-https-ports-"));
+    try {
+      const credentials = await (await openCertificateAuthority(path.join(dir, "ca"))).issue(["sandbox-own.invalid"]);
+      const sandbox = await create({ network: { httpsPorts: [8443] } });
+      await sandbox.files.write("/tmp/tls/key.pem", String(credentials.key));
+      await sandbox.files.write("/tmp/tls/cert.pem", String(credentials.cert));
+      await sandbox.files.write(
+        "/tmp/tls-echo.py",
+        `import ssl
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b'over tls'
+        self.send_response(200); self.send_header('Content-Length', str(len(body))); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+server = HTTPServer(('0.0.0.0', 8443), H)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); context.load_cert_chain('/tmp/tls/cert.pem', '/tmp/tls/key.pem')
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+`,
+      );
+      await sandbox.commands.run("/usr/bin/python3 /tmp/tls-echo.py", { background: true });
+      let res: Response | undefined;
+      for (let i = 0; i < 50; i++) {
+        res = await fetch(`${server.url}/`, { headers: { "e2b-sandbox-id": sandbox.sandboxId, "e2b-sandbox-port": "8443" } });
+        if (res.status === 200) break;
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+      assert.equal(res?.status, 200);
+      assert.equal(await res!.text(), "over tls");
+      const info = await Sandbox.getInfo(sandbox.sandboxId);
+      assert.deepEqual((info as { network?: { httpsPorts?: number[] } }).network?.httpsPorts, [8443]);
+      await assert.rejects(create({ network: { httpsPorts: [49983] } }), /49983/);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   test("allowPublicTraffic: false needs the traffic access token; maskRequestHost rewrites the Host", async () => {
     const sandbox = await create({ network: { allowPublicTraffic: false, maskRequestHost: "localhost:${PORT}" } });
     assert.ok(sandbox.trafficAccessToken, "create returns the token");
