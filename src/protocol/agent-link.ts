@@ -46,6 +46,11 @@ export interface AgentLink {
    * paid before a warm sandbox is frozen.
    */
   warmUp(address: string, user: string, timeoutMs?: number): Promise<void>;
+  /**
+   * Runs `sync` in the sandbox as root and waits for it: a microVM's kernel then has its dirty
+   * files on its disk (before a filesystem-only checkpoint). Throws when it did not run.
+   */
+  sync(address: string, accessToken: string | undefined, timeoutMs: number): Promise<void>;
   /** Starts the interpreter's default (Python) kernel and leaves it running but blank. */
   startKernel(address: string, timeoutMs: number): Promise<void>;
   /**

@@ -14,6 +14,7 @@ export type AgentLinkCall =
   | { method: "isHealthy"; address: string; timeoutMs: number | undefined }
   | { method: "warmUp"; address: string; user: string; timeoutMs: number | undefined }
   | { method: "startKernel"; address: string; timeoutMs: number }
+  | { method: "sync"; address: string; accessToken: string | undefined }
   | { method: "dropIdleSockets"; address: string }
   | { method: "runningProcessCount"; address: string; accessToken: string | undefined };
 
@@ -59,6 +60,7 @@ export function createFakeAgentLink(failures: FakeAgentLink["failures"] = {}): F
     },
     warmUp: (address: string, user: string, timeoutMs?: number) => record({ method: "warmUp", address, user, timeoutMs }),
     startKernel: (address: string, timeoutMs: number) => record({ method: "startKernel", address, timeoutMs }),
+    sync: (address: string, accessToken: string | undefined) => record({ method: "sync", address, accessToken }),
     processCount: 0,
     async runningProcessCount(address: string, accessToken: string | undefined) {
       const call: AgentLinkCall = { method: "runningProcessCount", address, accessToken };

@@ -89,6 +89,17 @@ export class HttpAgentLink implements AgentLink {
     if (res.status !== 200 || !streamEnded(res.body)) throw new CubicleError("internal", `agent warm-up failed (${res.status}): ${snippet(res.body, 300)}`);
   }
 
+  async sync(address: string, accessToken: string | undefined, timeoutMs: number): Promise<void> {
+    const request: StartRequest = { process: { cmd: "/bin/sync", args: [], envs: {} } };
+    const res = await this.request(address, this.envdPort, "POST", "/process.Process/Start", encodeEnvelope(0, JSON.stringify(request)), timeoutMs, {
+      "content-type": "application/connect+json",
+      "connect-protocol-version": "1",
+      authorization: `Basic ${Buffer.from("root:").toString("base64")}`,
+      ...(accessToken ? { "x-access-token": accessToken } : {}),
+    });
+    if (res.status !== 200 || !streamEnded(res.body)) throw new CubicleError("unavailable", `sync in the sandbox failed (${res.status}): ${snippet(res.body, 300)}`);
+  }
+
   /**
    * An `/execute` of `pass` starts the kernel; a restart of its context replaces it with a fresh
    * one (no history, execution count 0) that starts at once. Throws when the sandbox has no

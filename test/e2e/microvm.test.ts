@@ -63,10 +63,17 @@ test("runtime microvm: a QEMU guest with its own kernel runs the agent; the SDK 
     assert.match(fill.stdout, /No space left on device[\s\S]*rc=1/);
     await sandbox.files.write("/home/user/in-the-vm.txt", "written through envd");
     assert.equal(await sandbox.files.read("/home/user/in-the-vm.txt"), "written through envd");
-    const filesOnly = await server.api("POST", `/sandboxes/${id}/pause`, { memory: false });
-    assert.equal(filesOnly.status, 400, "a pause without memory is refused, clearly");
-    assert.match(filesOnly.json.message, /without its memory/);
-    assert.equal((await sandbox.commands.run("cat /home/user/in-the-vm.txt")).stdout, "written through envd", "the refused pause left the guest running");
+    // A pause without memory keeps the disk (synced first) and boots a new guest on it (MICROVM_FILES_NOTE).
+    await sandbox.commands.run("sleep 600", { background: true });
+    const bootBefore = (await sandbox.commands.run("cat /proc/sys/kernel/random/boot_id")).stdout;
+    const [qemuBeforePause] = qemuPids();
+    assert.equal((await server.api("POST", `/sandboxes/${id}/pause`, { memory: false })).status, 204);
+    assert.deepEqual(qemuPids(), [], "the guest's QEMU has ended");
+    const rebooted = await Sandbox.connect(id);
+    assert.equal((await rebooted.commands.run("cat /home/user/in-the-vm.txt")).stdout, "written through envd");
+    assert.equal((await rebooted.commands.run("pgrep -x sleep | wc -l")).stdout.trim(), "0", "its processes did not survive");
+    assert.notEqual((await rebooted.commands.run("cat /proc/sys/kernel/random/boot_id")).stdout, bootBefore, "a new boot");
+    assert.notDeepEqual(qemuPids(), [qemuBeforePause]);
     // Pause keeps the guest in RAM (QMP stop); connect resumes it.
     assert.equal((await server.api("POST", `/sandboxes/${id}/pause`)).status, 204);
     assert.equal((await server.api("GET", `/sandboxes/${id}`)).json.state, "paused");

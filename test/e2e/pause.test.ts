@@ -104,6 +104,7 @@ describe("hot pause", () => {
       const resumed = await Sandbox.connect(sandbox.sandboxId);
       assert.equal((await hit(sandbox.sandboxId)).body, "s3cret:3", "the Python process kept its memory");
       assert.equal(await resumed.files.read("/home/user/note.txt"), "written before the pause");
+      assert.equal(await resumed.files.read("/home/user/unsynced.txt"), "in the page cache\n");
       assert.equal((await resumed.commands.run("echo alive")).stdout, "alive\n");
       console.log(`hot pause ${pauseMs.toFixed(1)} ms, resume ${resumeMs.toFixed(1)} ms`);
     } finally {
@@ -174,6 +175,7 @@ describe("hot pause", () => {
       assert.ok(!fs.existsSync(pauseImage(sandbox.sandboxId)), "the stale image is gone once resumed");
       assert.equal((await hit(sandbox.sandboxId)).body, "s3cret:2");
       assert.equal(await resumed.files.read("/home/user/note.txt"), "written before the pause");
+      assert.equal(await resumed.files.read("/home/user/unsynced.txt"), "in the page cache\n");
       await waitFor("the stale image's removal", () => pauseImageEntries(sandbox.sandboxId).length === 0);
     } finally {
       await sandbox.kill();
@@ -200,6 +202,7 @@ describe("durable pause", () => {
       const resumeMs = performance.now() - started;
       assert.equal((await hit(sandbox.sandboxId)).body, "s3cret:2", "memory came back from the checkpoint");
       assert.equal(await resumed.files.read("/home/user/note.txt"), "written before the pause");
+      assert.equal(await resumed.files.read("/home/user/unsynced.txt"), "in the page cache\n");
       assert.equal((await resumed.commands.run("hostname")).stdout.trim(), sandbox.sandboxId);
       assert.ok((await resumed.commands.list()).some((p) => p.pid === sleeper.pid), "the command survived the checkpoint");
       assert.equal(await resumed.commands.kill(sleeper.pid), true);
@@ -211,20 +214,17 @@ describe("durable pause", () => {
     }
   });
 
-  test("pause({keepMemory: false}) keeps the files but reboots the processes", async (t) => {
+  test("pause({keepMemory: false}) keeps the files but reboots the processes", async () => {
     const sandbox = await Sandbox.create({ envs: { KEPT: "yes" } });
     try {
-      if (e2eRuntime === "microvm") {
-        // MICROVM_IMAGE_NOTE: a guest's kernel holds writes its disk has not seen; refused, and it keeps running.
-        await assert.rejects(sandbox.pause({ keepMemory: false }), /without its memory/);
-        assert.equal((await sandbox.commands.run("echo running")).stdout, "running\n");
-        return t.skip("a microVM's files are not saved without its memory: refused (checked above)");
-      }
       await startStateServer(sandbox);
+      // Written by the guest's kernel and not yet flushed: a microVM is synced before its disk is saved (MICROVM_FILES_NOTE).
+      await sandbox.commands.run("echo 'in the page cache' > /home/user/unsynced.txt");
       assert.equal(await sandbox.pause({ keepMemory: false }), true);
       assert.ok(fs.existsSync(pauseImage(sandbox.sandboxId)));
       const resumed = await Sandbox.connect(sandbox.sandboxId);
       assert.equal(await resumed.files.read("/home/user/note.txt"), "written before the pause");
+      assert.equal(await resumed.files.read("/home/user/unsynced.txt"), "in the page cache\n");
       const ps = await resumed.commands.run("pgrep -f 'state_serve[r].py' | wc -l; echo $KEPT; hostname");
       assert.equal(ps.stdout, `0\nyes\n${sandbox.sandboxId}\n`);
     } finally {
@@ -285,6 +285,7 @@ describe("restart", () => {
         const resumed = await Sandbox.connect(sandbox.sandboxId);
         assert.equal((await hit(sandbox.sandboxId)).body, "s3cret:2");
         assert.equal(await resumed.files.read("/home/user/note.txt"), "written before the pause");
+      assert.equal(await resumed.files.read("/home/user/unsynced.txt"), "in the page cache\n");
       }
     } finally {
       await hot.kill();
@@ -312,6 +313,7 @@ describe("restart", () => {
       const resumed = await Sandbox.connect(sandbox.sandboxId);
       assert.equal((await hit(sandbox.sandboxId, rebooted)).body, "s3cret:3", "the background server's memory came back");
       assert.equal(await resumed.files.read("/home/user/note.txt"), "written before the pause");
+      assert.equal(await resumed.files.read("/home/user/unsynced.txt"), "in the page cache\n");
       assert.equal(await resumed.files.read("/tmp/in-tmp.txt"), "written in /tmp before the pause\n");
       assert.equal((await resumed.commands.run("hostname")).stdout.trim(), sandbox.sandboxId);
       assert.ok(!fs.existsSync(pauseImage(sandbox.sandboxId, rebooted)), "the image is removed once resumed");

@@ -4,7 +4,7 @@ import type { Runtime, SandboxSpec } from "../../runtime/types.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger, roundMs } from "../../shared/log.js";
 import { runtimeIdOf, type CodebaseMount, type SandboxRecord, type Store, type VolumeMount } from "../../store/types.js";
-import { AGENT_READY_TIMEOUT_MS, buildInitBody, newMachineIdentity, type AgentLink } from "../../protocol/index.js";
+import { agentReadyTimeoutMs, buildInitBody, newMachineIdentity, type AgentLink } from "../../protocol/index.js";
 import { newSandboxId, newToken } from "../ids.js";
 import { KeyedMutex } from "../keyed-mutex.js";
 import { SandboxTable } from "../sandbox-table.js";
@@ -224,8 +224,9 @@ export class LifecycleContext {
     const started = performance.now();
     const network = record.network ? undefined : await this.beginNetwork(record);
     // The restored agent listens already: no health probe before its /init, which runs while
-    // the runtime renames the host.
-    const whenRunning = () => this.initAgent(record, template, agentToken, AGENT_READY_TIMEOUT_MS, { newMachine: !sameMachine });
+    // the runtime renames the host. One restored from files alone boots first (a microVM's
+    // guest kernel too: its runtime's wait).
+    const whenRunning = () => this.initAgent(record, template, agentToken, agentReadyTimeoutMs(record.runtime), { newMachine: !sameMachine });
     await this.ports.runtime.restore({ ...this.specOf(record, template), networkReady: network?.ready, whenRunning, sameMachine }, imageId);
     log.debug("restored into a sandbox", { sandboxId: record.sandboxId, ms: roundMs(performance.now() - started) });
   }

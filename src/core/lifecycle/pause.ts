@@ -4,6 +4,9 @@ import { runtimeIdOf, type SandboxRecord } from "../../store/types.js";
 import { imageId } from "../../runtime/images.js";
 import { log, storageFullOr, type LifecycleContext } from "./context.js";
 
+/** How long a microVM's `sync` may take before its disk is saved anyway. */
+const GUEST_SYNC_TIMEOUT_MS = 30_000;
+
 export interface ResumeOptions {
   timeoutSec: number;
   /** False = discard memory: boot from the filesystem only. */
@@ -146,10 +149,27 @@ export class PauseTiers {
     await this.ctx.ports.runtime.images.remove(id, { background: true }).catch((err) => log.error("removing a stale pause image failed", { imageId: id, error: String(err) }));
   }
 
+  /**
+   * A microVM's kernel writes its files to its disk when it likes: before its disk alone is
+   * saved, `sync` runs in it (MICROVM_FILES_NOTE; a frozen guest is thawed for it, and the
+   * checkpoint stops it again). A sync that fails leaves the disk as a crash would: logged.
+   */
+  private async syncGuest(record: SandboxRecord, frozen: boolean): Promise<void> {
+    const { ctx } = this;
+    if (!record.network) return;
+    try {
+      if (frozen) await ctx.ports.runtime.thaw(runtimeIdOf(record));
+      await ctx.ports.agent.sync(record.network.sandboxAddress, record.envdAccessToken, GUEST_SYNC_TIMEOUT_MS);
+    } catch (err) {
+      log.warn("sync in a microVM before saving its disk failed; its disk is saved as a crash would leave it", { sandboxId: record.sandboxId, error: String(err) });
+    }
+  }
+
   private async checkpointToDisk(record: SandboxRecord, memory: boolean, wasFrozen: boolean): Promise<void> {
     const { ctx } = this;
     const runtimeId = runtimeIdOf(record);
     await ctx.ports.runtime.images.remove(this.pauseImageId(record.sandboxId));
+    if (!memory && record.runtime === "microvm") await this.syncGuest(record, wasFrozen);
     let image;
     try {
       // The runtime dumps a frozen container as it is (no thaw: nothing runs between pause and dump).

@@ -24,7 +24,7 @@ function spec(sandboxId: string): SandboxSpec {
   };
 }
 
-test("memory images a microVM runtime cannot restore are refused with a clear 4xx, before any QEMU starts (MICROVM_IMAGE_NOTE)", async (t) => {
+test("images a microVM runtime cannot restore are refused with a clear 4xx, before any QEMU starts (MICROVM_IMAGE_NOTE)", async (t) => {
   const reason = (await guestSkipReason()) ?? (existsSync(path.join(dist, "agent", "agent.js")) ? undefined : "dist/ is not built: run `node scripts/build.mjs`");
   if (reason) return t.skip(reason);
   const stateDir = await mkdtemp(path.join(os.tmpdir(), "cbm-rt-"));
@@ -51,6 +51,10 @@ test("memory images a microVM runtime cannot restore are refused with a clear 4x
     await assert.rejects(runtime.restore(spec("a"), await image("base", { ...good, kitImage, kernelVersion, baseImage: "/gone/template.ext4" })), refused("failed_precondition", /template disk image that is gone/));
     await assert.rejects(runtime.restore(spec("a"), await image("notjson", "{")), (error: unknown) => error instanceof CubicleError && error.code !== "internal");
     await assert.rejects(runtime.restore({ ...spec("a"), volumes: [{ source: "/v", target: "/data" }] }, await image("mounts", { ...good, kitImage, kernelVersion })), refused("failed_precondition", /volumes or codebases/));
+    // Files alone (MICROVM_FILES_NOTE): the kit and kernel do not matter (a fresh boot), the template's image does.
+    await assert.rejects(runtime.restore(spec("a"), await image("files-base", { ...good, memory: false, kitImage: "/old/kit.ext4", kernelVersion: "5.10.0-1", baseImage: "/gone/template.ext4" })), refused("failed_precondition", /template disk image that is gone/));
+    await assert.rejects(runtime.restore(spec("a"), await image("files-nobase", { ...good, memory: false, kitImage, kernelVersion })), refused("failed_precondition", /template disk image that is gone/));
+    await assert.rejects(runtime.restore(spec("a"), await image("memory-kind", { ...good, memory: "yes", kitImage, kernelVersion })), refused("failed_precondition", /damaged/));
     await assert.rejects(runtime.checkpoint("nosuch", { kind: "snapshot", name: "x" }, { memory: true, leaveRunning: true }), refused("not_found", /does not exist/));
     assert.deepEqual(await runtime.list(), [], "no guest was started");
   } finally {

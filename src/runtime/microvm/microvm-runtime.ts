@@ -68,7 +68,8 @@ interface GuestRecord {
 /** What a microVM image's meta.json holds (MICROVM_IMAGE_NOTE). */
 interface MicrovmImageMeta {
   runtime: "microvm";
-  memory: true;
+  /** false: the disk alone (MICROVM_FILES_NOTE), no `state`; a restore boots from it. */
+  memory: boolean;
   createdAt: string;
   sizeBytes: number;
   memoryMiB: number;
@@ -113,10 +114,17 @@ export class MicrovmRuntime implements Runtime {
    * (MICROVM_STATE_NOTE); `root.qcow2`, a copy of the guest's root overlay taken while QEMU had
    * flushed and released it (its backing file is the template's base image, which must still be
    * there to restore); `meta.json`, the machine's shape (vCPUs, memory, disk), the kit disk and
-   * the guest kernel it ran, which a restore must use again, and the bytes it takes. Only
-   * images with memory exist: a guest's kernel holds writes its disk has not seen yet, so its
-   * files alone are never saved (a pause without memory is refused). Guests with virtiofs
-   * shares cannot be saved (QEMU 7.2 cannot migrate vhost-user-fs).
+   * the guest kernel it ran, which a restore must use again, and the bytes it takes. Guests
+   * with virtiofs shares cannot be saved with their memory (QEMU 7.2 cannot migrate
+   * vhost-user-fs).
+   *
+   * MICROVM_FILES_NOTE: an image without memory (a pause with `memory: false`, a `layer`
+   * checkpoint) is `root.qcow2` and `meta.json` only: the guest is stopped (QMP stop, which
+   * drains and flushes QEMU's block layer) and its overlay copied. What the guest's own kernel
+   * had not written yet is not in it, as upstream says of its disk-only pauses ("crash-recovery
+   * semantics"); the core runs `sync` in the guest first (pause.ts), so only writes made after
+   * that are at risk. A restore boots a fresh guest (the current kernel and kit) on a copy of
+   * that disk, with the sandbox's volumes and codebases as at a create.
    */
   readonly images: ContainerImageStore;
   private assets: GuestAssets | undefined;
@@ -264,6 +272,11 @@ export class MicrovmRuntime implements Runtime {
   }
 
   async create(spec: SandboxSpec): Promise<void> {
+    await this.boot(spec, undefined);
+  }
+
+  /** Boots a guest on a new overlay of its template's image, or on a copy of an image's disk (`disk`, MICROVM_FILES_NOTE). */
+  private async boot(spec: SandboxSpec, disk: { base: string; copyOf: string } | undefined): Promise<void> {
     const mounts = (spec.volumes?.length ?? 0) + (spec.codebases?.length ?? 0) > 0;
     if (mounts && !this.config.hostHelper) throw new CubicleError("failed_precondition", "this server's microVMs cannot mount volumes or codebases: create the sandbox with runtime \"container\"");
     const { assets, kit, kitImage } = this;
@@ -280,8 +293,15 @@ export class MicrovmRuntime implements Runtime {
       // The guest's root file system is the sandbox's disk size (one sparse base image per template
       // and size): what it can write is bounded by the file system, as a container's quota is.
       const sizing = spec.resources.diskMiB > 0 ? { sizeMiB: spec.resources.diskMiB } : {};
-      const base = spec.template.layerImageId ? await this.builtTemplateImage(spec.template, sizing) : await templateDiskImage(spec.template.rootfsDir, this.cacheDir, sizing);
-      await createOverlay(base.path, overlay);
+      let base: { path: string };
+      if (disk) {
+        base = { path: disk.base };
+        await mkdir(dir, { recursive: true, mode: 0o700 });
+        await copyFile(disk.copyOf, overlay, constants.COPYFILE_FICLONE);
+      } else {
+        base = spec.template.layerImageId ? await this.builtTemplateImage(spec.template, sizing) : await templateDiskImage(spec.template.rootfsDir, this.cacheDir, sizing);
+        await createOverlay(base.path, overlay);
+      }
       const shares = mounts
         ? await startShares(dir, spec, { call: this.config.hostHelper!.call.bind(this.config.hostHelper), codebaseFs: path.join(this.config.distDir, "codebase-fs") })
         : [];
@@ -307,7 +327,7 @@ export class MicrovmRuntime implements Runtime {
       };
       this.track(id, { ...record, vm, dir, overlay });
       await writeFile(path.join(dir, GUEST_RECORD), JSON.stringify(record), { mode: 0o600 });
-      log.debug("created", { sandboxId: id, ms: Math.round(performance.now() - started) });
+      log.debug(disk ? "booted from an image's disk" : "created", { sandboxId: id, ms: Math.round(performance.now() - started) });
     } catch (err) {
       await this.destroy(id).catch((cleanup) => log.warn("could not remove a failed guest's directory", { dir, error: (cleanup as Error).message }));
       throw err;
@@ -387,9 +407,7 @@ export class MicrovmRuntime implements Runtime {
     const guest = this.guest(sandboxId);
     const { kitImage, assets } = this;
     if (!kitImage || !assets) throw new CubicleError("failed_precondition", "the microVM runtime is not initialised; call init() first");
-    if (!options.memory) {
-      throw new CubicleError("failed_precondition", "a microVM's files cannot be saved without its memory (its kernel holds writes its disk has not seen): pause it with its memory, or snapshot it");
-    }
+    if (!options.memory) return this.checkpointFiles(sandboxId, guest, target, options);
     if (guest.shares) throw new CubicleError("failed_precondition", "a microVM with volumes or codebases mounted cannot be snapshotted or paused to disk yet (virtiofs state cannot be saved)");
     const pending = await this.images.allocate(target.kind, target.name);
     const before = await guest.vm.status();
@@ -437,6 +455,53 @@ export class MicrovmRuntime implements Runtime {
     }
   }
 
+  /** A checkpoint of the guest's disk alone (MICROVM_FILES_NOTE). */
+  private async checkpointFiles(sandboxId: string, guest: Guest, target: CheckpointTarget, options: CheckpointOptions): Promise<CheckpointInfo & { imageId: string }> {
+    const { kitImage, assets } = this;
+    if (!kitImage || !assets) throw new CubicleError("failed_precondition", "the microVM runtime is not initialised; call init() first");
+    if (!guest.baseImage) throw new CubicleError("failed_precondition", "this microVM's disk has no known template image under it; its files cannot be saved");
+    const pending = await this.images.allocate(target.kind, target.name);
+    const before = await guest.vm.status();
+    const started = performance.now();
+    try {
+      if (before === "running") await guest.vm.pause();
+      await copyFile(guest.overlay, path.join(pending.dir, IMAGE_FILES.rootDisk), constants.COPYFILE_FICLONE);
+      const diskFileBytes = (await stat(path.join(pending.dir, IMAGE_FILES.rootDisk))).blocks * 512;
+      if (options.leaveRunning) {
+        if (before === "running") await guest.vm.resume();
+      } else {
+        this.stopping.add(sandboxId);
+        try {
+          await guest.vm.quit(3000).catch(() => guest.vm.kill());
+        } finally {
+          this.stopping.delete(sandboxId);
+        }
+      }
+      const frozenMs = performance.now() - started;
+      const meta: MicrovmImageMeta = {
+        runtime: "microvm",
+        memory: false,
+        createdAt: new Date().toISOString(),
+        sizeBytes: diskFileBytes,
+        memoryMiB: Math.round(guest.memoryBytes / (1024 * 1024)),
+        cpuCount: guest.cpuCount,
+        diskBytes: guest.diskBytes,
+        kitImage: guest.kitDisk ?? kitImage.path,
+        kernelVersion: assets.kernelVersion,
+        devices: MACHINE_DEVICES_VERSION,
+        baseImage: guest.baseImage,
+      };
+      await writeFile(path.join(pending.dir, IMAGE_FILES.meta), JSON.stringify(meta, null, 2) + "\n", { mode: 0o600 });
+      const info = await this.images.commit(pending);
+      log.debug("checkpoint of files", { sandboxId, imageId: info.id, frozenMs: Math.round(frozenMs) });
+      return { imageId: info.id, sizeBytes: info.sizeBytes, frozenMs, memory: false };
+    } catch (err) {
+      await this.images.abandon(pending);
+      if (before === "running" && this.guests.get(sandboxId) === guest) await guest.vm.resume().catch(() => undefined);
+      throw err;
+    }
+  }
+
   async restore(spec: SandboxSpec, imageId: string): Promise<void> {
     const { assets, kit, kitImage } = this;
     if (!assets || !kit || !kitImage) throw new CubicleError("failed_precondition", "the microVM runtime is not initialised; call init() first");
@@ -445,6 +510,13 @@ export class MicrovmRuntime implements Runtime {
     if (info.runtime !== "microvm") throw new CubicleError("failed_precondition", `image ${imageId} was made by the ${info.runtime} runtime; microVMs restore only their own`);
     const imageDir = this.images.dirOf(imageId);
     const meta = await readImageMeta(imageDir);
+    if (!meta.memory) {
+      if (!meta.baseImage || !existsSync(meta.baseImage)) throw new CubicleError("failed_precondition", `image ${imageId} was made on a template disk image that is gone (the template was rebuilt or deleted); it cannot be restored`);
+      const disk = { base: meta.baseImage, copyOf: path.join(imageDir, IMAGE_FILES.rootDisk) };
+      await this.boot({ ...spec, resources: { ...spec.resources, diskMiB: Math.round(meta.diskBytes / (1024 * 1024)) } }, disk);
+      await spec.whenRunning?.();
+      return;
+    }
     if (meta.kernelVersion !== assets.kernelVersion || meta.devices !== MACHINE_DEVICES_VERSION) {
       throw new CubicleError("failed_precondition", `image ${imageId} was made with another guest kernel or QEMU device set than this server runs; it cannot be restored`);
     }
@@ -509,7 +581,7 @@ async function readImageMeta(imageDir: string): Promise<MicrovmImageMeta> {
     throw new CubicleError("failed_precondition", `the image ${path.basename(imageDir)} is damaged (its meta.json is not JSON)`, { cause: err });
   }
   const positive = (value: unknown) => typeof value === "number" && Number.isInteger(value) && value > 0;
-  if (typeof meta !== "object" || meta === null || meta.runtime !== "microvm" || meta.memory !== true || !positive(meta.memoryMiB) || !positive(meta.cpuCount) || typeof meta.kitImage !== "string" || typeof meta.kernelVersion !== "string") {
+  if (typeof meta !== "object" || meta === null || meta.runtime !== "microvm" || typeof meta.memory !== "boolean" || !positive(meta.memoryMiB) || !positive(meta.cpuCount) || typeof meta.kitImage !== "string" || typeof meta.kernelVersion !== "string") {
     throw new CubicleError("failed_precondition", `the image ${path.basename(imageDir)} is damaged (its meta.json is not a microVM image's)`);
   }
   return meta as MicrovmImageMeta;
