@@ -98,7 +98,7 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
     upstreamCa: config.egressCaFiles.map((file) => fs.readFileSync(file, "utf8")),
     distDir: config.distDir,
     sandboxAt: (address) => network?.sandboxAt(address),
-    pinInKernel: async (runtimeId, addresses, ttlSec) => network?.pin(runtimeId, addresses, ttlSec),
+    pinInKernel: async (runtimeId, name, addresses, ttlSec) => network?.pin(runtimeId, name, addresses, ttlSec),
     sandboxIdOf: (runtimeId) => manager?.sandboxIdOfRuntime(runtimeId),
     issueCertificate: (hostname) => ca.issue([hostname]),
     resolveSecret: (name) => secrets.resolveSecret(name),
@@ -133,6 +133,7 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
     tableName: config.nftTable,
     egressPorts,
     privateAllowed: config.egressPrivateAllow,
+    livePins: (runtimeId) => egress.livePins(runtimeId),
     onPolicyChange: (runtimeId) => egress.policyChanged(runtimeId),
     onRelease: (runtimeId, address) => egress.released(runtimeId, address),
     // Network set-up and teardown go through the runtime's resident helper: no process start per sandbox.

@@ -2,7 +2,7 @@ import os from "node:os";
 import path from "node:path";
 import { createLogger } from "../shared/log.js";
 import { createDnsForwarder, type DnsForwarder, type DnsUpstream } from "./dns/dns-forwarder.js";
-import { MAX_PIN_SECONDS, MIN_PIN_SECONDS, PinnedAddresses } from "./dns/pinned-addresses.js";
+import { MAX_PIN_SECONDS, MIN_PIN_SECONDS, normalizeDomain, PinnedAddresses } from "./dns/pinned-addresses.js";
 import { createEgressProxy, loadOriginalDestination, type EgressProxy } from "./egress/index.js";
 import { EgressRules, domainMatches, headerRuleFor } from "./egress-policy.js";
 import type { EgressPolicy, EgressRecord } from "./egress-types.js";
@@ -28,8 +28,8 @@ export interface EgressServiceOptions {
   distDir: string;
   /** The network manager's lookup: sandbox (runtime) id and policy by sandbox address. */
   sandboxAt(address: string): { sandboxId: string; policy: EgressPolicy } | undefined;
-  /** Lets the kernel pass UDP/ICMP to pinned addresses (NetworkManager.pin). */
-  pinInKernel(runtimeId: string, addresses: readonly string[], ttlSec: number): Promise<void>;
+  /** Tells the kernel of a DNS answer's addresses (NetworkManager.pin). */
+  pinInKernel(runtimeId: string, name: string, addresses: readonly string[], ttlSec: number): Promise<void>;
   /** The sandbox id of a runtime id (they differ after some restores); undefined keeps the runtime id. */
   sandboxIdOf(runtimeId: string): string | undefined;
   issueCertificate(hostname: string): Promise<{ key: string | Buffer; cert: string | Buffer }>;
@@ -42,6 +42,8 @@ export interface EgressService {
   start(): Promise<{ dns: number; proxy: number; logGroup: number | undefined }>;
   /** A sandbox's policy changed: cut the connections it no longer allows. */
   policyChanged(runtimeId: string): void;
+  /** The sandbox's DNS answers still valid (a policy change re-pins them in the kernel). */
+  livePins(runtimeId: string): { name: string; address: string; secondsLeft: number }[];
   /** A sandbox's network (at `address`) is gone: cut its connections and flows, forget its DNS pins. */
   released(runtimeId: string, address?: string): void;
   stop(): Promise<void>;
@@ -49,13 +51,13 @@ export interface EgressService {
 
 /** A pin the DNS forwarder records is also handed to the kernel (UDP, ICMP to that address). */
 class KernelPinnedAddresses extends PinnedAddresses {
-  constructor(private readonly toKernel: (sandboxId: string, addresses: readonly string[], ttlSec: number) => void) {
+  constructor(private readonly toKernel: (sandboxId: string, name: string, addresses: readonly string[], ttlSec: number) => void) {
     super();
   }
 
   override pin(sandboxId: string, name: string, addresses: readonly string[], ttlSec: number): void {
     super.pin(sandboxId, name, addresses, ttlSec);
-    if (addresses.length > 0) this.toKernel(sandboxId, addresses, Math.min(MAX_PIN_SECONDS, Math.max(MIN_PIN_SECONDS, ttlSec)));
+    if (addresses.length > 0) this.toKernel(sandboxId, normalizeDomain(name), addresses, Math.min(MAX_PIN_SECONDS, Math.max(MIN_PIN_SECONDS, ttlSec)));
   }
 }
 
@@ -81,8 +83,8 @@ export function createEgressService(options: EgressServiceOptions): EgressServic
     record.sandboxId = options.sandboxIdOf(record.sandboxId) ?? record.sandboxId;
     options.audit.record(record);
   };
-  const pinned = new KernelPinnedAddresses((sandboxId, addresses, ttlSec) => {
-    options.pinInKernel(sandboxId, addresses, ttlSec).catch((err) => log.warn("could not pin addresses in nftables", { sandboxId, error: String(err) }));
+  const pinned = new KernelPinnedAddresses((sandboxId, name, addresses, ttlSec) => {
+    options.pinInKernel(sandboxId, name, addresses, ttlSec).catch((err) => log.warn("could not pin addresses in nftables", { sandboxId, error: String(err) }));
   });
 
   const dns: DnsForwarder = createDnsForwarder({
@@ -144,6 +146,9 @@ export function createEgressService(options: EgressServiceOptions): EgressServic
     },
     policyChanged(runtimeId) {
       proxy.policyChanged(runtimeId);
+    },
+    livePins(runtimeId) {
+      return pinned.live(runtimeId);
     },
     released(runtimeId, address) {
       proxy.policyChanged(runtimeId);

@@ -138,7 +138,7 @@ test("policy changes refill the sandbox's sets atomically; its chain stays the s
     assert.equal(await setOf(network.sandboxAddress, "d"), "0.0.0.0/0");
     assert.equal(await policyOf(network.sandboxAddress), chain, "the chain did not change");
     // A DNS answer for an allowed name pins its address for the kernel (UDP, ICMP).
-    await manager.pin(`${tag}d`, ["198.51.100.7"], 60);
+    await manager.pin(`${tag}d`, "example.com", ["198.51.100.7"], 60);
     const pinned = (await runCommand(["nft", "list", "set", "inet", tableName, `${policyChainName(network.sandboxAddress)}_n`])).stdout;
     assert.match(pinned, /198\.51\.100\.7 timeout 1m/);
     assert.deepEqual(manager.sandboxAt(network.sandboxAddress)?.policy.allowDomains, ["example.com"]);

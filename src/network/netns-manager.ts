@@ -10,7 +10,7 @@ import { AddressPool } from "./address-pool.js";
 import { applyBandwidthLimits, parseBandwidthLimits, type BandwidthLimits } from "./bandwidth.js";
 import { buildEgressPolicy, egressPolicyOf } from "./egress-policy.js";
 import type { EgressPolicy } from "./egress-types.js";
-import { nftBatchArgs, pinOps, policyOps, removePolicyOps, type NftOps } from "./nft-netlink.js";
+import { nftBatchArgs, pinOps, policyOps, removePolicyOps, type LivePin, type NftOps } from "./nft-netlink.js";
 import { buildRuleset } from "./nft-ruleset.js";
 import type { NetworkManager, NetworkPolicy, SandboxNetwork } from "./types.js";
 
@@ -39,6 +39,8 @@ export interface NetnsManagerOptions {
   egressPorts?: { dns: number; proxy: number; logGroup?: number | undefined };
   /** Private ranges sandboxes may reach (CUBICLE_EGRESS_PRIVATE_ALLOW); all others are denied. */
   privateAllowed?: readonly string[];
+  /** The DNS answers still valid for a sandbox (the egress service's pins): a policy change re-pins them by the new policy. */
+  livePins?: (sandboxId: string) => readonly LivePin[];
   /** Told after a sandbox's policy changed (the proxy cuts connections it no longer allows). */
   onPolicyChange?: (sandboxId: string) => void;
   /** Told after a sandbox's network (at `address`, when known) is gone (its connections and flows are cut, its DNS pins dropped). */
@@ -105,7 +107,7 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet"> & Parti
 
   /** `fresh`: the sandbox's chain may not exist yet (a new network, an adopted one). */
   async function setPolicy(record: NetworkRecord, policy: EgressPolicy, fresh: boolean): Promise<void> {
-    await nftBatch(policyOps(record.network.sandboxAddress, policy, { fresh }));
+    await nftBatch(policyOps(record.network.sandboxAddress, policy, { fresh, pins: options.livePins?.(record.sandboxId) ?? [] }));
     record.policy = policy;
   }
 
@@ -239,11 +241,12 @@ export function createNetnsManager(config: Pick<CubicleConfig, "subnet"> & Parti
       return record ? { sandboxId: record.sandboxId, policy: record.policy } : undefined;
     },
 
-    async pin(sandboxId, addresses, ttlSec) {
+    async pin(sandboxId, name, addresses, ttlSec) {
       const record = records.get(sandboxId);
-      // Only a sandbox with rules of its own consults its pinned set in the kernel.
-      if (!record || addresses.length === 0 || !record.policy.allowInternet || record.policy.denyCidrs.length === 0) return;
-      await nftBatch(pinOps(record.network.sandboxAddress, addresses, ttlSec));
+      if (!record) return;
+      // Only an allowlist consults its pinned set, and only names with header rules have the other.
+      const ops = pinOps(record.network.sandboxAddress, record.policy, name, addresses, ttlSec);
+      if (ops) await nftBatch(ops);
     },
 
     async release(sandboxId) {

@@ -75,7 +75,9 @@ test("a policy made by the helper's batch is what nft makes of the same policy",
         `add set ${t} ${chain}_a { type ipv4_addr; flags interval; }`,
         `add set ${t} ${chain}_d { type ipv4_addr; flags interval; }`,
         `add set ${t} ${chain}_n { type ipv4_addr; flags timeout; }`,
+        `add set ${t} ${chain}_h { type ipv4_addr; flags timeout; }`,
         `flush chain ${t} ${chain}`,
+        `add rule ${t} ${chain} ip daddr @${chain}_h jump header_hosts`,
         `add rule ${t} ${chain} ip daddr @${chain}_a goto egress_allowed`,
         `add rule ${t} ${chain} ip daddr @${chain}_n goto egress_allowed`,
         `add rule ${t} ${chain} ip daddr @${chain}_d goto egress_denied`,
@@ -94,12 +96,29 @@ test("a policy made by the helper's batch is what nft makes of the same policy",
   }
 });
 
-test("pins carry their timeout; a policy without internet empties them; removal is idempotent", { skip: !isRoot && "needs root" }, async () => {
-  await batch(policyOps(address, buildEgressPolicy(true, { allowOut: ["example.com"], denyOut: ["0.0.0.0/0"] }), { fresh: true }));
-  await batch(pinOps(address, ["5.6.7.8", "5.6.7.9"], 30));
+test("pins carry their timeout and go where the policy needs them; a policy change re-pins by the new policy; removal is idempotent", { skip: !isRoot && "needs root" }, async () => {
+  const allowlist = buildEgressPolicy(true, { allowOut: ["example.com", "*.api.test"], denyOut: ["0.0.0.0/0"], rules: { "x.api.test": [{ transform: { headers: { A: "b" } } }] } });
+  await batch(policyOps(address, allowlist, { fresh: true }));
+  await batch(pinOps(address, allowlist, "example.com", ["5.6.7.8", "5.6.7.9"], 30));
+  assert.equal(pinOps(address, allowlist, "other.test", ["5.6.7.1"], 30), "", "a name the policy does not allow is not pinned");
+  await batch(pinOps(address, allowlist, "x.api.test", ["5.6.7.10"], 60));
   const pinned = await listing(helperTable, "set", `${chain}_n`);
-  assert.match(pinned, /elements = \{ 5\.6\.7\.8 timeout 30s expires X, 5\.6\.7\.9 timeout 30s expires X \}/);
-  await batch(policyOps(address, buildEgressPolicy(false, undefined), { fresh: false }));
+  assert.match(pinned, /elements = \{ 5\.6\.7\.8 timeout 30s expires X, 5\.6\.7\.9 timeout 30s expires X, 5\.6\.7\.10 timeout 1m expires X \}/);
+  assert.match(await listing(helperTable, "set", `${chain}_h`), /elements = \{ 5\.6\.7\.10 timeout 1m expires X \}/, "a name with header rules: its addresses refuse QUIC");
+  // An open policy needs no allowlist pins, but a name with header rules still gets its QUIC refusal.
+  const open = buildEgressPolicy(true, { rules: { "x.api.test": [{ transform: { headers: { A: "b" } } }] } });
+  assert.equal(pinOps(address, open, "example.com", ["5.6.7.8"], 30), "");
+  assert.match(pinOps(address, open, "x.api.test", ["5.6.7.10"], 30), new RegExp(`^add ${chain}_h 5\\.6\\.7\\.10@30000$`));
+  // A change keeps only what the new policy allows of the answers still valid, in the same batch.
+  const narrower = buildEgressPolicy(true, { allowOut: ["example.com"], denyOut: ["0.0.0.0/0"] });
+  const live = [
+    { name: "example.com", address: "5.6.7.8", secondsLeft: 20 },
+    { name: "x.api.test", address: "5.6.7.10", secondsLeft: 50 },
+  ];
+  await batch(policyOps(address, narrower, { fresh: false, pins: live }));
+  assert.match(await listing(helperTable, "set", `${chain}_n`), /elements = \{ 5\.6\.7\.8 timeout 20s expires X \}/);
+  assert.doesNotMatch(await listing(helperTable, "set", `${chain}_h`), /elements/, "no header rules any more: QUIC passes by the policy");
+  await batch(policyOps(address, buildEgressPolicy(false, undefined), { fresh: false, pins: live }));
   assert.doesNotMatch(await listing(helperTable, "set", `${chain}_n`), /elements/);
   await batch(removePolicyOps(address));
   await batch(removePolicyOps(address));

@@ -1,6 +1,6 @@
-import { ALL_IPV4 } from "./egress-policy.js";
+import { ALL_IPV4, domainMatches, headerRuleFor } from "./egress-policy.js";
 import type { EgressPolicy } from "./egress-types.js";
-import { POLICY_MAP, policyChainName } from "./nft-ruleset.js";
+import { HEADER_HOSTS_CHAIN, POLICY_MAP, policyChainName } from "./nft-ruleset.js";
 
 /**
  * A sandbox's nftables policy as operations for sandbox-helper's `nft-batch`
@@ -58,23 +58,27 @@ export function intervalElements(cidrs: readonly string[]): string {
 
 /** The sandbox's chain and sets (idempotent: adding what exists changes nothing). */
 function declareOps(chain: string): string[] {
-  return [`chain ${chain}`, `set ${chain}_a interval`, `set ${chain}_d interval`, `set ${chain}_n timeout`];
+  return [`chain ${chain}`, `set ${chain}_a interval`, `set ${chain}_d interval`, `set ${chain}_n timeout`, `set ${chain}_h timeout`];
 }
 
 /**
  * Gives the sandbox at `address` its policy, or replaces it. The sandbox's chain is the same for
- * every policy — its allowOut set, its pinned set, its denyOut set, then allowed — so a change
- * refills two sets and touches no rule (`fresh` also makes the chain, the sets and the verdict
- * map element). An open policy has both sets empty; no internet is denyOut 0.0.0.0/0 with
- * nothing allowed and nothing pinned.
+ * every policy — a jump to HEADER_HOSTS_CHAIN for the addresses of names with header rules, its
+ * allowOut set, its pinned set, its denyOut set, then allowed — so a change refills sets and
+ * touches no rule (`fresh` also makes the chain, the sets and the verdict map element). An open
+ * policy has its address sets empty; no internet is denyOut 0.0.0.0/0 with nothing allowed and
+ * nothing pinned. A change empties both pinned sets and refills them from `pins` (the DNS
+ * answers still valid) by the new policy (pinsFor), in the same batch: no name the new policy
+ * does not allow keeps its addresses open for UDP/ICMP.
  */
-export function policyOps(address: string, policy: EgressPolicy, options: { fresh: boolean } = { fresh: true }): NftOps {
+export function policyOps(address: string, policy: EgressPolicy, options: { fresh: boolean; pins?: readonly LivePin[] } = { fresh: true }): NftOps {
   const chain = policyChainName(address);
   const ops: string[] = [];
   if (options.fresh) {
     ops.push(
       ...declareOps(chain),
       `flush-chain ${chain}`,
+      `rule-jump ${chain} ${chain}_h ${HEADER_HOSTS_CHAIN}`,
       `rule ${chain} ${chain}_a egress_allowed`,
       `rule ${chain} ${chain}_n egress_allowed`,
       `rule ${chain} ${chain}_d egress_denied`,
@@ -82,13 +86,30 @@ export function policyOps(address: string, policy: EgressPolicy, options: { fres
       `map-add ${POLICY_MAP} ${address} ${chain}`,
     );
   }
-  ops.push(`flush-set ${chain}_a`, `flush-set ${chain}_d`);
+  ops.push(`flush-set ${chain}_a`, `flush-set ${chain}_d`, `flush-set ${chain}_n`, `flush-set ${chain}_h`);
   const allow = intervalElements(policy.allowInternet ? policy.allowCidrs : []);
   const deny = intervalElements(policy.allowInternet ? policy.denyCidrs : [ALL_IPV4]);
-  if (!policy.allowInternet) ops.push(`flush-set ${chain}_n`);
   if (allow) ops.push(`add ${chain}_a ${allow}`);
   if (deny) ops.push(`add ${chain}_d ${deny}`);
+  for (const pin of options.pins ?? []) {
+    const pinned = pinSetElements(address, policy, pin.name, [pin.address], pin.secondsLeft);
+    if (pinned) ops.push(pinned);
+  }
   return ops.join("; ");
+}
+
+/** A DNS answer still valid: `name` resolved to `address`, for `secondsLeft` more seconds. */
+export interface LivePin {
+  name: string;
+  address: string;
+  secondsLeft: number;
+}
+
+/** Which pinned sets a name's addresses go into under `policy` (HEADER_HOSTS_NOTE). */
+export function pinsFor(policy: EgressPolicy, name: string): { allowed: boolean; headerHost: boolean } {
+  // The allowlist's own set matters only where the policy denies something.
+  const allowed = policy.allowInternet && policy.denyCidrs.length > 0 && policy.allowDomains.some((pattern) => domainMatches(pattern, name));
+  return { allowed, headerHost: policy.allowInternet && headerRuleFor(policy, name) !== undefined };
 }
 
 /** Removes the sandbox's policy (map element, chain, sets); idempotent, as it first declares them. */
@@ -103,14 +124,24 @@ export function removePolicyOps(address: string): NftOps {
     `del-set ${chain}_a`,
     `del-set ${chain}_d`,
     `del-set ${chain}_n`,
+    `del-set ${chain}_h`,
   ].join("; ");
 }
 
-/** Pins addresses a sandbox's DNS answer gave for an allowed name, for `timeoutSec`. */
-export function pinOps(address: string, pinned: readonly string[], timeoutSec: number): NftOps {
+/** The ops that pin `addresses` a sandbox's DNS answer gave for `name`, for `timeoutSec`; "" when none applies (pinsFor). */
+function pinSetElements(address: string, policy: EgressPolicy, name: string, addresses: readonly string[], timeoutSec: number): NftOps {
+  const { allowed, headerHost } = pinsFor(policy, name);
+  if ((!allowed && !headerHost) || addresses.length === 0) return "";
   const timeoutMs = Math.min(86_400, Math.max(1, Math.round(timeoutSec))) * 1000;
-  for (const a of pinned) rangeOf(a);
-  return `add ${policyChainName(address)}_n ${pinned.map((a) => `${a}@${timeoutMs}`).join(",")}`;
+  for (const a of addresses) rangeOf(a);
+  const elements = addresses.map((a) => `${a}@${timeoutMs}`).join(",");
+  const chain = policyChainName(address);
+  return [allowed ? `add ${chain}_n ${elements}` : "", headerHost ? `add ${chain}_h ${elements}` : ""].filter(Boolean).join("; ");
+}
+
+/** Pins addresses a sandbox's DNS answer gave for `name`, for `timeoutSec`; "" when its policy needs no pin for it. */
+export function pinOps(address: string, policy: EgressPolicy, name: string, pinned: readonly string[], timeoutSec: number): NftOps {
+  return pinSetElements(address, policy, name, pinned, timeoutSec);
 }
 
 /** The helper's argv (after the binary) for one batch on table `inet <tableName>`. */

@@ -19,6 +19,16 @@ export interface RulesetOptions {
 /** sandbox address → its verdict map element's chain. */
 export const POLICY_MAP = "sandbox_policy";
 
+/**
+ * HEADER_HOSTS_NOTE: header rules (`network.rules`) are injected by the egress proxy into HTTP
+ * over TCP. A client that speaks HTTP/3 would send its requests over QUIC (UDP 443) past the
+ * proxy, without them. So the addresses a sandbox's DNS answers gave for names with header rules
+ * (each sandbox's `_h` set, filled as the answers come, like its pinned set) are jumped to this
+ * chain first, which refuses UDP to port 443 at once (an ICMP port unreachable, audited as
+ * denied, letter Q): HTTP/3 clients then use TCP, where the headers are injected.
+ */
+export const HEADER_HOSTS_CHAIN = "header_hosts";
+
 /** `10.88.0.2` → `p_10_88_0_2`: the sandbox's chain; its sets add `_a`, `_d`, `_n`. */
 export function policyChainName(address: string): string {
   if (!/^\d{1,3}(\.\d{1,3}){3}$/.test(address)) throw new Error(`not an IPv4 address: ${address}`);
@@ -73,6 +83,9 @@ table inet ${t} {
     type ipv4_addr : verdict
   }
 ${auditChains(options.logGroup)}
+  chain ${HEADER_HOSTS_CHAIN} {
+    meta l4proto udp th dport 443 goto egress_quic
+  }
   chain prerouting {
     type nat hook prerouting priority dstnat; policy accept;
     iifname "${p}*" ip saddr ${s} meta l4proto { tcp, udp } th dport 53 redirect to :${options.dnsPort}
@@ -116,7 +129,8 @@ ${auditChains(options.logGroup)}
  * not yet confirmed: a UDP flow stays "new" until its first answer, and its later packets are
  * not logged again), and each packet a denial drops (a dropped packet's entry is never
  * confirmed, so each is an attempt of its own), goes to the server's NFLOG group with its
- * verdict letter as the prefix (A allowed, D denied by policy, F denied by the floor, P private).
+ * verdict letter as the prefix (A allowed, D denied by policy, F denied by the floor, P private,
+ * Q QUIC to a host with header rules: HEADER_HOSTS_NOTE).
  * The helper's `flows` reads it (nflog.h) and KernelEgressLog turns it into an audit record;
  * nothing goes to the kernel's own log. Logging is limited per sandbox address and verdict
  * (LOG_RATE packets a second, bursts of twice that) so a flood costs the host a bounded amount
@@ -133,5 +147,11 @@ function auditChains(group: number | undefined): string {
 ${group === undefined ? "" : `    ct state new ct status & confirmed == 0 update @rl_${letter} { ip saddr limit rate ${LOG_RATE}/second burst ${2 * LOG_RATE} packets } log group ${group} prefix "${letter}"
 `}    ${verdict}
   }`;
-  return [chain("egress_allowed", "A", "accept"), chain("egress_denied", "D", "counter drop"), chain("egress_floor", "F", "counter drop"), chain("egress_private", "P", "counter drop")].join("\n");
+  return [
+    chain("egress_allowed", "A", "accept"),
+    chain("egress_denied", "D", "counter drop"),
+    chain("egress_floor", "F", "counter drop"),
+    chain("egress_private", "P", "counter drop"),
+    chain("egress_quic", "Q", "counter reject with icmpx type port-unreachable"),
+  ].join("\n");
 }

@@ -52,8 +52,12 @@ export interface NetworkManager {
   applyPolicy(sandboxId: string, policy: NetworkPolicy): Promise<void>;
   /** The sandbox (by runtime id) holding a sandbox address, and its policy: the forwarder's and proxy's lookup. */
   sandboxAt(address: string): { sandboxId: string; policy: EgressPolicy } | undefined;
-  /** Lets the kernel pass UDP/ICMP to addresses the sandbox's DNS answer gave for an allowed name. */
-  pin(sandboxId: string, addresses: readonly string[], ttlSec: number): Promise<void>;
+  /**
+   * The addresses the sandbox's DNS answer gave for `name`: the kernel lets UDP/ICMP pass to them
+   * while `name` is allowed (allowlist policies), and refuses QUIC to them while `name` has
+   * header rules (HEADER_HOSTS_NOTE).
+   */
+  pin(sandboxId: string, name: string, addresses: readonly string[], ttlSec: number): Promise<void>;
   /** Releases what the manager holds open (nothing today; the rules stay). */
   close(): void;
   /** Removes namespace, veth, rules and frees the address. No error if already gone. */

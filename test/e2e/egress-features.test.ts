@@ -129,6 +129,37 @@ print('hits', len(hits), hits[:5])
   });
 });
 
+describe("header rules and QUIC (HEADER_HOSTS_NOTE)", () => {
+  test("UDP 443 to a name with header rules is refused in the kernel (so HTTP/3 clients use TCP); its other UDP, and other sandboxes' UDP 443, pass", async () => {
+    await inet.assertRouted(inet.echo.address);
+    const probe = `/usr/bin/python3 -c "
+import socket
+address = socket.gethostbyname('${inet.echo.name}')
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+s.sendto(b'ping', (address, ${inet.echo.port})); print(s.recv(100).decode())
+q = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); q.settimeout(2); q.connect((address, 443)); q.send(b'quic')
+try: q.recv(100); print('answered')
+except ConnectionRefusedError: print('refused')
+except socket.timeout: print('timeout')"`;
+    const ruled = await create({ network: { rules: { [inet.echo.name]: [{ transform: { headers: { "X-Test": "1" } } }] } } });
+    const plain = await create();
+    const [withRules, without] = await Promise.all([sh(ruled, probe), sh(plain, probe)]);
+    assert.equal(withRules.stdout.split("\n")[0], "ping", withRules.stderr);
+    assert.equal(without.stdout.split("\n")[0], "ping", without.stderr);
+    const quic = (records: AuditRecord[]) => records.filter((r) => r.protocol === "udp" && r.port === 443 && r.address === inet.echo.address);
+    const ruledRecords = await egressRecordsOnce(ruled.sandboxId, (all) => quic(all).some((r) => r.verdict === "denied"));
+    assert.match(quic(ruledRecords).find((r) => r.verdict === "denied")?.reason ?? JSON.stringify(ruledRecords), /QUIC to a host with header rules/);
+    const plainRecords = await egressRecordsOnce(plain.sandboxId, (all) => quic(all).length > 0);
+    assert.deepEqual(quic(plainRecords).map((r) => r.verdict), ["allowed"], "without rules the datagram was let through");
+    // updateNetwork without the rules: the addresses leave the header hosts' set at once.
+    await Sandbox.updateNetwork(ruled.sandboxId, {});
+    const after = await sh(ruled, probe);
+    assert.equal(after.stdout.split("\n")[0], "ping");
+    const later = await egressRecordsOnce(ruled.sandboxId, (all) => quic(all).some((r) => r.verdict === "allowed"));
+    assert.ok(quic(later).some((r) => r.verdict === "allowed"), JSON.stringify(quic(later)));
+  });
+});
+
 describe("SOCKS5 egress proxy", () => {
   test("TCP leaves through the user's proxy from the host, and fails closed when it is down", async () => {
     const socks = inet.socks!;

@@ -123,6 +123,16 @@ export class PinnedAddresses {
     return names.sort();
   }
 
+  /** The sandbox's unexpired pins with the seconds each has left (at least 1), oldest first. */
+  live(sandboxId: string): { name: string; address: string; secondsLeft: number }[] {
+    const pins = this.sandboxes.get(sandboxId);
+    if (!pins) return [];
+    const now = this.now();
+    const live = [];
+    for (const pin of pins.byKey.values()) if (pin.expiresAt > now) live.push({ name: pin.name, address: pin.address, secondsLeft: Math.max(1, Math.ceil((pin.expiresAt - now) / 1000)) });
+    return live;
+  }
+
   /** Forgets everything pinned for a sandbox (it ended). */
   drop(sandboxId: string): void {
     this.sandboxes.delete(sandboxId);

@@ -10,6 +10,7 @@
  *         flush-chain NAME                delete the chain's rules
  *         rule CHAIN SET TARGET           append `ip daddr @SET goto TARGET`
  *         rule CHAIN - TARGET             append `goto TARGET`
+ *         rule-jump CHAIN SET TARGET      append `ip daddr @SET jump TARGET` (TARGET returns)
  *         map-add MAP ADDR TARGET         add `ADDR : goto TARGET` to an ipv4_addr : verdict map
  *         map-del MAP ADDR                delete ADDR from the map
  *         del-chain NAME | del-set NAME   delete the chain or set
@@ -126,10 +127,11 @@ static void nft_key(struct nft_batch *batch, uint16_t type, uint32_t address) {
   nft_nest_end(batch, nest);
 }
 
-static void nft_goto(struct nft_batch *batch, uint16_t type, const char *chain) {
+/* A verdict to `chain`: NFT_GOTO, or NFT_JUMP (the chain returns to the rule after it). */
+static void nft_to_chain(struct nft_batch *batch, uint16_t type, int code, const char *chain) {
   size_t nest = nft_nest(batch, type);
   size_t verdict = nft_nest(batch, NFTA_DATA_VERDICT);
-  nft_u32(batch, NFTA_VERDICT_CODE, (uint32_t)NFT_GOTO);
+  nft_u32(batch, NFTA_VERDICT_CODE, (uint32_t)code);
   nft_string(batch, NFTA_VERDICT_CHAIN, chain);
   nft_nest_end(batch, verdict);
   nft_nest_end(batch, nest);
@@ -152,8 +154,10 @@ static void nft_expr_end(struct nft_batch *batch, struct nft_expr expr) {
   nft_nest_end(batch, expr.element);
 }
 
-/* `ip daddr @set goto target` as nft writes it for an inet table: nfproto check first. */
-static void nft_rule(struct nft_batch *batch, const char *chain, const char *set, const char *target) {
+static void nft_goto(struct nft_batch *batch, uint16_t type, const char *chain) { nft_to_chain(batch, type, NFT_GOTO, chain); }
+
+/* `ip daddr @set goto|jump target` as nft writes it for an inet table: nfproto check first. */
+static void nft_rule(struct nft_batch *batch, const char *chain, const char *set, const char *target, int code) {
   size_t message = nft_message(batch, NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, NFTA_RULE_TABLE);
   nft_string(batch, NFTA_RULE_CHAIN, chain);
   size_t expressions = nft_nest(batch, NFTA_RULE_EXPRESSIONS);
@@ -186,7 +190,7 @@ static void nft_rule(struct nft_batch *batch, const char *chain, const char *set
   }
   struct nft_expr verdict = nft_expr_begin(batch, "immediate");
   nft_u32(batch, NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT);
-  nft_goto(batch, NFTA_IMMEDIATE_DATA, target);
+  nft_to_chain(batch, NFTA_IMMEDIATE_DATA, code, target);
   nft_expr_end(batch, verdict);
   nft_nest_end(batch, expressions);
   nft_end(batch, message);
@@ -327,10 +331,11 @@ static int cmd_nft_batch(int argc, char **argv) {
       size_t message = nft_message(&batch, whole ? NFT_MSG_DELSET : NFT_MSG_DELSETELEM, 0, whole ? NFTA_SET_TABLE : NFTA_SET_ELEM_LIST_TABLE);
       nft_string(&batch, whole ? NFTA_SET_NAME : NFTA_SET_ELEM_LIST_SET, nft_name(words[1], "a set name"));
       nft_end(&batch, message);
-    } else if (strcmp(verb, "rule") == 0) {
+    } else if (strcmp(verb, "rule") == 0 || strcmp(verb, "rule-jump") == 0) {
       NFT_WORDS(4);
-      const char *set = strcmp(words[2], "-") == 0 ? NULL : nft_name(words[2], "a set name");
-      nft_rule(&batch, nft_name(words[1], "a chain name"), set, nft_name(words[3], "a chain name"));
+      int jump = verb[4] == '-';
+      const char *set = strcmp(words[2], "-") == 0 && !jump ? NULL : nft_name(words[2], "a set name");
+      nft_rule(&batch, nft_name(words[1], "a chain name"), set, nft_name(words[3], "a chain name"), jump ? NFT_JUMP : NFT_GOTO);
     } else if (strcmp(verb, "map-add") == 0 || strcmp(verb, "map-del") == 0) {
       int add = verb[4] == 'a';
       NFT_WORDS(add ? 4 : 3);
