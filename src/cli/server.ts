@@ -196,6 +196,7 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
     uploadKey: createHash("sha256").update(`cubicle template uploads\n${apiKey}`).digest(),
     buildInternet: config.buildInternet,
     pullImage: (reference, credentials, onLog, signal) => imageBases.pull(reference, credentials, onLog, signal),
+    ...(config.registry.ecrEndpoint ? { ecrEndpoint: config.registry.ecrEndpoint } : {}),
   });
   await templateBuilder.recover();
 

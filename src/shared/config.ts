@@ -139,9 +139,10 @@ export interface CubicleConfig {
    * Where builds pull `fromImage` images (CUBICLE_REGISTRY_MIRROR: a mirror for Docker Hub
    * images; CUBICLE_INSECURE_REGISTRIES: hosts reached over plain http, loopback always is;
    * CUBICLE_REGISTRY_AUTH_FILE: a JSON file `{"host[:port]": {"username", "password"}}`, read
-   * when a build needs it, its contents never logged).
+   * when a build needs it, its contents never logged; CUBICLE_ECR_ENDPOINT: the ECR API that
+   * `fromAWSRegistry` builds get their registry token from, default the region's).
    */
-  registry: { mirror?: string; insecure: string[]; authFile?: string };
+  registry: { mirror?: string; insecure: string[]; authFile?: string; ecrEndpoint?: string };
   /** Whether build sandboxes reach the internet (CUBICLE_BUILD_INTERNET, default on: RUN steps install packages). */
   buildInternet: boolean;
   /**
@@ -285,6 +286,20 @@ function parseMicrovm(raw: string | undefined): "off" | "tcg" | "kvm" {
   throw new Error(`CUBICLE_MICROVM: ${JSON.stringify(raw)} is not off, tcg or kvm`);
 }
 
+/** An http(s) URL with nothing but a scheme, a host and a port (an API's base). */
+function parseHttpUrl(name: string, raw: string): string {
+  let url: URL;
+  try {
+    url = new URL(raw);
+  } catch {
+    throw new Error(`${name}: "${raw}" is not a URL`);
+  }
+  if ((url.protocol !== "https:" && url.protocol !== "http:") || url.username || url.password || url.search || url.hash || (url.pathname !== "/" && url.pathname !== "")) {
+    throw new Error(`${name}: "${raw}" must be http(s)://host[:port], nothing more`);
+  }
+  return url.origin;
+}
+
 function parseBoolean(name: string, raw: string | undefined, fallback: boolean): boolean {
   if (raw === undefined || raw.trim() === "") return fallback;
   const value = raw.trim().toLowerCase();
@@ -378,6 +393,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
       ...(env.CUBICLE_REGISTRY_MIRROR?.trim() ? { mirror: env.CUBICLE_REGISTRY_MIRROR.trim() } : {}),
       insecure: (env.CUBICLE_INSECURE_REGISTRIES ?? "").split(",").map((host) => host.trim()).filter(Boolean),
       ...(env.CUBICLE_REGISTRY_AUTH_FILE?.trim() ? { authFile: path.resolve(env.CUBICLE_REGISTRY_AUTH_FILE.trim()) } : {}),
+      ...(env.CUBICLE_ECR_ENDPOINT?.trim() ? { ecrEndpoint: parseHttpUrl("CUBICLE_ECR_ENDPOINT", env.CUBICLE_ECR_ENDPOINT.trim()) } : {}),
     },
     buildInternet: parseBoolean("CUBICLE_BUILD_INTERNET", env.CUBICLE_BUILD_INTERNET, true),
     microvm: parseMicrovm(env.CUBICLE_MICROVM),

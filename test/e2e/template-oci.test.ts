@@ -7,20 +7,32 @@
  */
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
+import { createHash } from "node:crypto";
 import fs from "node:fs";
+import http from "node:http";
+import type { AddressInfo } from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { after, before, test } from "node:test";
 import { BuildError, Sandbox, Template, type LogEntry } from "e2b";
 import { buildImage, writeDockerSave, type TarSpecEntry, type TestImage } from "../../src/template/oci/test-image.js";
 import { startTestRegistry, type TestRegistry } from "../../src/template/oci/test-registry.js";
+import { signAwsV4 } from "../../src/template/oci/cloud-registries.js";
 import { startTestServer, useServerForSdk, type TestServer } from "./harness.js";
 
 const repoRoot = path.resolve(path.dirname(new URL(import.meta.url).pathname), "..", "..");
 const CREDENTIALS = { username: "builder", password: "pw-" + "Zx9".repeat(8) };
+/** What fromAWSRegistry sends, and the ECR token a fake ECR (below) gives for it: the registry's password. */
+const AWS_KEYS = { accessKeyId: "AKIAIOSFODNN7EXAMPLE", secretAccessKey: "wJalrXUtnFEMI/K7MDENG/bPx" + "Rfi".repeat(3), region: "us-east-1" };
+const ECR_PASSWORD = "ecr-token-" + "Qw7".repeat(10);
+/** What fromGCPRegistry sends: a service account key, itself the registry's password for `_json_key`. */
+const GCP_KEY = { type: "service_account", project_id: "p", client_email: "builder@p.iam.gserviceaccount.com", private_key: "-----BEGIN PRIVATE KEY-----\nnot-a-real-key-" + "Gk2".repeat(8) + "\n-----END PRIVATE KEY-----\n" };
 let server: TestServer;
 let open: TestRegistry;
 let secured: TestRegistry;
+let ecrRegistry: TestRegistry;
+let gcpRegistry: TestRegistry;
+let ecr: http.Server;
 let workDir: string;
 
 const APPLETS = ["sh", "ash", "tar", "cp", "mv", "mkdir", "chown", "chmod", "find", "rm", "mktemp", "basename", "dirname", "cat", "echo", "id", "sleep", "ls", "env", "test", "[", "grep", "pgrep", "ps", "stat", "readlink", "true", "false", "touch", "wc", "head", "sed", "xargs"];
@@ -49,9 +61,27 @@ before(async () => {
   workDir = fs.mkdtempSync(path.join(os.tmpdir(), "cubicle-template-oci-"));
   open = await startTestRegistry();
   secured = await startTestRegistry({ auth: CREDENTIALS });
+  ecrRegistry = await startTestRegistry({ auth: { username: "AWS", password: ECR_PASSWORD } });
+  gcpRegistry = await startTestRegistry({ auth: { username: "_json_key", password: JSON.stringify(GCP_KEY) } });
   await open.push("tools/busybox", "1", busyboxImage("open"));
   await secured.push("private/busybox", "1", busyboxImage("private"));
-  server = await startTestServer({ extraEnv: { CUBICLE_LOG_LEVEL: "info" } });
+  await ecrRegistry.push("app/busybox", "1", busyboxImage("from ecr"));
+  await gcpRegistry.push("app/busybox", "1", busyboxImage("from gcp"));
+  // ECR's GetAuthorizationToken on loopback: a token only for a request signed with AWS_KEYS.
+  ecr = http.createServer((req, res) => {
+    let body = "";
+    req.on("data", (chunk) => (body += chunk));
+    req.on("end", () => {
+      const headers: Record<string, string> = {};
+      for (const name of ["content-type", "host", "x-amz-date", "x-amz-target"]) headers[name] = String(req.headers[name] ?? "");
+      const expected = signAwsV4({ method: req.method!, path: req.url!, query: "", headers, payloadHash: createHash("sha256").update(body).digest("hex") }, AWS_KEYS, { region: AWS_KEYS.region, service: "ecr", amzDate: headers["x-amz-date"]! });
+      const ok = req.headers.authorization === expected && headers["x-amz-target"] === "AmazonEC2ContainerRegistry_V20150921.GetAuthorizationToken";
+      res.writeHead(ok ? 200 : 400, { "content-type": "application/x-amz-json-1.1" });
+      res.end(ok ? JSON.stringify({ authorizationData: [{ authorizationToken: Buffer.from(`AWS:${ECR_PASSWORD}`).toString("base64") }] }) : JSON.stringify({ __type: "InvalidSignatureException", message: "The request signature we calculated does not match the signature you provided." }));
+    });
+  });
+  await new Promise<void>((resolve) => ecr.listen(0, "127.0.0.1", resolve));
+  server = await startTestServer({ extraEnv: { CUBICLE_LOG_LEVEL: "info", CUBICLE_ECR_ENDPOINT: `http://127.0.0.1:${(ecr.address() as AddressInfo).port}` } });
   useServerForSdk(server);
 });
 
@@ -59,6 +89,9 @@ after(async () => {
   await server?.stop();
   await open?.stop();
   await secured?.stop();
+  await ecrRegistry?.stop();
+  await gcpRegistry?.stop();
+  ecr?.close();
   if (workDir) fs.rmSync(workDir, { recursive: true, force: true });
 });
 
@@ -106,6 +139,33 @@ test("a private registry: the SDK's credentials pull; wrong ones fail the build 
   assert.doesNotMatch(server.log(), new RegExp(CREDENTIALS.password));
   assert.doesNotMatch(server.log(), /wrong-password-123/);
   assert.equal(await Template.exists("e2e-oci-denied"), false);
+});
+
+test("fromAWSRegistry gets a registry token from ECR with the signed access key; fromGCPRegistry logs in with the service account key; wrong keys fail clearly and no secret reaches the log (CLOUD_REGISTRIES_NOTE)", async () => {
+  await build(Template().fromAWSRegistry(`${ecrRegistry.host}/app/busybox:1`, AWS_KEYS), "e2e-oci-ecr");
+  await build(Template().fromGCPRegistry(`${gcpRegistry.host}/app/busybox:1`, { serviceAccountJSON: GCP_KEY }), "e2e-oci-gcr");
+  for (const [name, marker] of [["e2e-oci-ecr", "from ecr"], ["e2e-oci-gcr", "from gcp"]]) {
+    const sandbox = await Sandbox.create(name!);
+    try {
+      assert.equal((await sandbox.commands.run("cat /etc/marker")).stdout, `${marker}\n`);
+    } finally {
+      await sandbox.kill();
+    }
+  }
+  const wrongSecret = "wrong-secret-" + "Zq4".repeat(6);
+  await assert.rejects(build(Template().fromAWSRegistry(`${ecrRegistry.host}/app/busybox:1`, { ...AWS_KEYS, secretAccessKey: wrongSecret }), "e2e-oci-ecr-denied"), (err: Error) => {
+    assert.ok(err instanceof BuildError, String(err));
+    assert.match(err.message, /ECR refused the AWS credentials.*signature/);
+    assert.doesNotMatch(err.message, new RegExp(wrongSecret));
+    return true;
+  });
+  await assert.rejects(build(Template().fromGCPRegistry(`${gcpRegistry.host}/app/busybox:1`, { serviceAccountJSON: { ...GCP_KEY, private_key: "other" } }), "e2e-oci-gcr-denied"), BuildError);
+  for (const secret of [AWS_KEYS.secretAccessKey, wrongSecret, ECR_PASSWORD, "not-a-real-key-"]) assert.doesNotMatch(server.log(), new RegExp(secret.replaceAll("/", "\\/")));
+  assert.equal(await Template.exists("e2e-oci-ecr-denied"), false);
+  // Nor the store: build records keep no credentials.
+  const stored = fs.readdirSync(server.stateDir).filter((file) => file.includes(".db")).map((file) => fs.readFileSync(path.join(server.stateDir, file)).toString("latin1")).join("");
+  assert.ok(stored.length > 0);
+  for (const secret of [AWS_KEYS.secretAccessKey, "not-a-real-key-", CREDENTIALS.password]) assert.ok(!stored.includes(secret), `the database holds ${secret.slice(0, 8)}…`);
 });
 
 test("a missing image and a corrupt layer are clear build errors; nothing is registered", async () => {

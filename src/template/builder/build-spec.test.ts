@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { baseKey, parseBuildSpec, parseTemplateName, stepKey } from "./build-spec.js";
+import { baseKey, parseBuildSpec, parseTemplateName, specWithoutCredentials, stepKey } from "./build-spec.js";
 
 const hash = "ab".repeat(32);
 
@@ -29,6 +29,14 @@ test("parseBuildSpec takes what the SDK sends: every step type, start and ready 
     reference: "python:3.12",
     credentials: { username: "u", password: "p" },
   });
+  // The SDK's fromAWSRegistry and fromGCPRegistry (CLOUD_REGISTRIES_NOTE).
+  const aws = parseBuildSpec({ fromImage: "123456789012.dkr.ecr.us-east-1.amazonaws.com/app:1", fromImageRegistry: { type: "aws", awsAccessKeyId: "AKIAIOSFODNN7EXAMPLE", awsSecretAccessKey: "s3cr3t/key", awsRegion: "us-east-1" } });
+  assert.deepEqual(aws.base, { kind: "image", reference: "123456789012.dkr.ecr.us-east-1.amazonaws.com/app:1", aws: { accessKeyId: "AKIAIOSFODNN7EXAMPLE", secretAccessKey: "s3cr3t/key", region: "us-east-1" } });
+  const key = JSON.stringify({ type: "service_account", client_email: "b@p.iam.gserviceaccount.com", private_key: "k" });
+  assert.deepEqual(parseBuildSpec({ fromImage: "europe-docker.pkg.dev/p/r/app:1", fromImageRegistry: { type: "gcp", serviceAccountJson: key } }).base, { kind: "image", reference: "europe-docker.pkg.dev/p/r/app:1", credentials: { username: "_json_key", password: key } });
+  // What the build record keeps: no credentials of any kind.
+  assert.deepEqual(specWithoutCredentials(aws).base, { kind: "image", reference: "123456789012.dkr.ecr.us-east-1.amazonaws.com/app:1" });
+  assert.doesNotMatch(JSON.stringify(specWithoutCredentials(parseBuildSpec({ fromImage: "x", fromImageRegistry: { type: "registry", username: "u", password: "pw-kept-out" } }))), /pw-kept-out/);
 });
 
 test("parseBuildSpec refuses what it cannot honour, with the step in the message", () => {
@@ -37,7 +45,9 @@ test("parseBuildSpec refuses what it cannot honour, with the step in the message
     [{}, /exactly one/],
     [{ fromTemplate: "a", fromImage: "b" }, /exactly one/],
     [{ fromImage: "has space" }, /not an image reference/],
-    [{ fromImage: "x", fromImageRegistry: { type: "aws" } }, /not supported/],
+    [{ fromImage: "x", fromImageRegistry: { type: "aws" } }, /awsAccessKeyId/],
+    [{ fromImage: "x", fromImageRegistry: { type: "gcp", serviceAccountJson: "{}" } }, /service account key/],
+    [{ fromImage: "x", fromImageRegistry: { type: "azure" } }, /not one of "registry", "aws", "gcp"/],
     [{ fromTemplate: "a", steps: {} }, /array/],
     [{ fromTemplate: "a", steps: [{ type: "ADD", args: [] }] }, /steps\[0\].*not one of/],
     [{ fromTemplate: "a", steps: [{ type: "RUN", args: [] }] }, /RUN takes/],

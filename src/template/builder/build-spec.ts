@@ -1,4 +1,5 @@
 import { createHash } from "node:crypto";
+import { gcpRegistryCredentials, parseAwsRegistry, type AwsRegistryCredentials } from "../oci/cloud-registries.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 
 /** A step of E2B's template build (`TemplateBuildStartV2.steps[]`), validated. */
@@ -10,7 +11,10 @@ export type BuildStep =
   | { type: "USER"; user: string; force: boolean };
 
 /** What a build starts from: another template (by name or id) or an image reference. */
-export type BuildBase = { kind: "template"; name: string } | { kind: "image"; reference: string; credentials?: { username: string; password: string } };
+export type BuildBase =
+  | { kind: "template"; name: string }
+  /** `credentials` for the registry, or `aws` to get them from ECR (CLOUD_REGISTRIES_NOTE). */
+  | { kind: "image"; reference: string; credentials?: { username: string; password: string }; aws?: AwsRegistryCredentials };
 
 /** `TemplateBuildStartV2` as Cubicle takes it. */
 export interface BuildSpec {
@@ -139,12 +143,22 @@ export function parseBuildSpec(body: unknown): BuildSpec {
   return spec;
 }
 
-function registryCredentials(raw: unknown): { credentials?: { username: string; password: string } } {
+/** `fromImageRegistry`: a registry's username and password, or a cloud's credentials (CLOUD_REGISTRIES_NOTE). */
+function registryCredentials(raw: unknown): { credentials?: { username: string; password: string }; aws?: AwsRegistryCredentials } {
   if (raw === undefined || raw === null) return {};
   if (typeof raw !== "object" || Array.isArray(raw)) throw bad("fromImageRegistry must be an object");
   const registry = raw as Record<string, unknown>;
-  if (registry.type !== "registry") throw bad(`fromImageRegistry type ${JSON.stringify(registry.type)} is not supported here: only "registry" (username and password) is; AWS and GCP registries need their cloud's credentials service`);
+  if (registry.type === "aws") return { aws: parseAwsRegistry(registry) };
+  if (registry.type === "gcp") return { credentials: gcpRegistryCredentials(registry) };
+  if (registry.type !== "registry") throw bad(`fromImageRegistry type ${JSON.stringify(String(registry.type)).slice(0, 40)} is not one of "registry", "aws", "gcp"`);
   return { credentials: { username: text(registry.username, "registry username", 1024), password: text(registry.password, "registry password", 16 * 1024) } };
+}
+
+/** The spec as the build record keeps it: without any credentials (CLOUD_REGISTRIES_NOTE). */
+export function specWithoutCredentials(spec: BuildSpec): BuildSpec {
+  if (spec.base.kind !== "image" || (!spec.base.credentials && !spec.base.aws)) return spec;
+  const { credentials: _credentials, aws: _aws, ...base } = spec.base;
+  return { ...spec, base };
 }
 
 /** `name` or `name:tag` from `POST /v3/templates`; the tag defaults to `default`. */

@@ -13,7 +13,8 @@ import type { BuildLogEntry, TemplateBuildRecord, TemplateBuildStore } from "../
 import { shellArgv } from "../../core/template-start.js";
 import { replaceDirectory } from "../build.js";
 import { BUILD_DIR_PREFIX, listTemplates, readMetadata, templatePath, writeMetadata, type TemplateMetadata } from "../template-store.js";
-import { baseKey, parseBuildSpec, parseTag, parseTemplateName, stepKey, type BuildSpec, type BuildStep } from "./build-spec.js";
+import { ecrRegistryCredentials } from "../oci/cloud-registries.js";
+import { baseKey, parseBuildSpec, parseTag, parseTemplateName, specWithoutCredentials, stepKey, type BuildSpec, type BuildStep } from "./build-spec.js";
 
 const log = createLogger("template-build");
 
@@ -63,6 +64,8 @@ export interface TemplateBuilderOptions {
   uploadKey: Buffer;
   /** Turns an image reference into a rootfs; absent = only Cubicle's own base images resolve. */
   pullImage?: (reference: string, credentials: { username: string; password: string } | undefined, onLog: (message: string) => void, signal: AbortSignal) => Promise<PulledBase>;
+  /** The ECR API endpoint for `fromAWSRegistry` builds (CUBICLE_ECR_ENDPOINT); default the region's. */
+  ecrEndpoint?: string;
   /** Largest COPY archive accepted (bytes). Default 4 GiB. */
   maxUploadBytes?: number;
   /** Whether build sandboxes reach the internet. Default true. */
@@ -291,7 +294,7 @@ export class TemplateBuilder {
       }
     }
     build.status = "building";
-    build.spec = spec;
+    build.spec = specWithoutCredentials(spec);
     await this.options.store.putTemplateBuild(build);
     const controller = new AbortController();
     const done = (this.queue = this.queue.then(() => this.runBuild(build, spec, controller.signal)).finally(() => this.running.delete(buildId)));
@@ -704,7 +707,9 @@ export class TemplateBuilder {
     if (!this.options.pullImage) {
       throw new CubicleError("failed_precondition", `image ${reference} cannot be pulled: this server has no registry access configured; build from a template or from e2bdev/base`);
     }
-    const pulled = await this.options.pullImage(reference, spec.base.credentials, onLog, signal).catch(async (err: unknown) => {
+    const credentials = spec.base.aws ? await ecrRegistryCredentials(spec.base.aws, { endpoint: this.options.ecrEndpoint, signal }) : spec.base.credentials;
+    if (spec.base.aws) onLog(`got a registry token from ECR (${spec.base.aws.region})`);
+    const pulled = await this.options.pullImage(reference, credentials, onLog, signal).catch(async (err: unknown) => {
       const equivalent = OFFLINE_EQUIVALENTS.find(([pattern]) => pattern.test(reference))?.[1];
       const code = CubicleError.from(err).code;
       if (!equivalent || (code !== "unavailable" && code !== "deadline_exceeded")) throw err;
