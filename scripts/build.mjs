@@ -46,7 +46,7 @@ buildNative("src/network/native/original-dst.c", path.join(dist, "network", "ori
 buildNative("src/runtime/container/native/criu-front.c", path.join(dist, "criu-front"), "runc starts CRIU directly");
 buildNative("src/runtime/container/native/tar-shim.c", path.join(dist, "tar-shim"), "CRIU's tar goes through the shell shim");
 // Required (no fallback): the runtime refuses to start without them.
-buildNative("src/runtime/container/native/sandbox-helper.c", path.join(dist, "sandbox-helper"), "the container runtime cannot start sandboxes", ["-static"], ["netlink.h", "nftables.h", "conntrack.h", "nflog.h"]);
+buildNative("src/runtime/container/native/sandbox-helper.c", path.join(dist, "sandbox-helper"), "the container runtime cannot start sandboxes", ["-static"], ["netlink.h", "nftables.h", "conntrack.h", "nflog.h", "criu-rpc.h"]);
 // Codebases' permission-checking filesystem (CODEBASES_NOTE), on libfuse3 (setup-host.sh installs
 // libfuse3-dev); without it codebases cannot be mounted.
 const fuse3 = (what) => spawnSync("pkg-config", [what, "--static", "fuse3"], { encoding: "utf8" });

@@ -1,3 +1,4 @@
+import { criuDumpArgs, DETACHED_DESCRIPTORS } from "./criu-dump.js";
 import { createHash } from "node:crypto";
 import { chmod, chown, mkdir, readdir, readFile, rm, rmdir, stat, writeFile } from "node:fs/promises";
 import path from "node:path";
@@ -106,10 +107,15 @@ interface SandboxFacts {
 interface OciConfigFacts {
   hostname?: string;
   annotations?: Record<string, string>;
+  root?: { path?: string };
+  /** What a checkpoint names as external (CRIU_RPC_NOTE). */
+  mounts?: { destination: string; type?: string; options?: string[] }[];
   linux?: {
     namespaces?: { type: string; path?: string }[];
     uidMappings?: { hostID: number }[];
     resources?: { cpu?: { quota?: number }; memory?: { limit?: number } };
+    maskedPaths?: string[];
+    devices?: { path: string }[];
   };
 }
 
@@ -578,7 +584,27 @@ export class ContainerRuntime implements Runtime {
         const logFile = path.join(layout.log, "runc.log");
         const netnsPath = oci.annotations?.[ANNOTATION_NETNS_PATH];
         if (!netnsPath) throw new CubicleError("internal", `sandbox ${id} has no netns path in its config.json (made by an older Cubicle?)`);
-        await this.runc.checkpoint(containerId, { criuPath, netnsPath, imagePath: layout.criu, workPath: layout.log, leaveRunning: true, logFile, timeoutMs: CHECKPOINT_TIMEOUT_MS, env: this.criuEnv(undefined) }).catch(async (err) => {
+        // Through CRIU's RPC from the resident helper (CRIU_RPC_NOTE); runc when its state says too little.
+        const dumpFacts = this.criuPath && oci.annotations?.["org.criu.config"] ? await this.runc.dumpFacts(containerId) : undefined;
+        const dump = dumpFacts
+          ? writeFile(path.join(layout.criu, "descriptors.json"), DETACHED_DESCRIPTORS, { mode: 0o600 }).then(async () => {
+              const args = await criuDumpArgs({
+                criu: this.criuPath!,
+                netnsPath,
+                pid: dumpFacts.pid,
+                imagesDir: layout.criu,
+                workDir: layout.log,
+                root: path.resolve(paths.dir, oci.root?.path ?? "rootfs"),
+                freezerCgroup: dumpFacts.freezerCgroup,
+                configFile: oci.annotations!["org.criu.config"]!,
+                leaveRunning: true,
+                oci,
+                env: this.criuEnv(undefined),
+              });
+              await this.helper.call("criu-dump", args, { what: `checkpoint of sandbox ${id}`, timeoutMs: CHECKPOINT_TIMEOUT_MS });
+            })
+          : this.runc.checkpoint(containerId, { criuPath, netnsPath, imagePath: layout.criu, workPath: layout.log, leaveRunning: true, logFile, timeoutMs: CHECKPOINT_TIMEOUT_MS, env: this.criuEnv(undefined) });
+        await dump.catch(async (err) => {
           throw await withCriuLog(err, path.join(layout.log, "dump.log"), `checkpoint of sandbox ${id} failed`);
         });
       }

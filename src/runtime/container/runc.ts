@@ -214,6 +214,14 @@ export class Runc {
     return this.stateFromCli(id);
   }
 
+  /** What a checkpoint through CRIU's RPC needs of runc's state (CRIU_RPC_NOTE): the init's pid and the freezer cgroup. */
+  async dumpFacts(id: string): Promise<{ pid: number; freezerCgroup: string } | undefined> {
+    const state = await loadState(this.root, id);
+    if (state === undefined || state === "unknown" || typeof state.init_process_pid !== "number") return undefined;
+    const freezerCgroup = state.cgroup_paths?.freezer ?? state.cgroup_paths?.[""];
+    return freezerCgroup ? { pid: state.init_process_pid, freezerCgroup } : undefined;
+  }
+
   private async stateFromCli(id: string): Promise<RuncContainer | undefined> {
     const result = await this.runcCommand(["state", id], true);
     if (result.exitCode !== 0) {

@@ -34,6 +34,8 @@
  *       (pidfds, no polling). Ends when stdin closes.
  *   net-setup | net-release | net-address
  *       A sandbox's network namespace and veth pair through rtnetlink: see netlink.h.
+ *   criu-dump --criu PATH --netns PATH --pid N ...
+ *       A container's checkpoint through CRIU's RPC, without runc; see criu-rpc.h.
  *   flows     --subnet CIDR
  *       Long-running: the byte counts of sandboxes' UDP and ICMP flows as the kernel forgets
  *       them (conntrack events); see conntrack.h.
@@ -762,6 +764,8 @@ static int cmd_watch(void) {
 #include "nftables.h"
 /* Uses netlink.h's requests and net_write_sysctl(). */
 #include "conntrack.h"
+/* Uses netlink.h's net_only_options(). */
+#include "criu-rpc.h"
 
 /*
  * The subcommands that take --name value pairs, for the one-shot CLI and for `serve`. A new
@@ -785,6 +789,7 @@ static const struct subcommand subcommands[] = {
     {"net-release", cmd_net_release},
     {"net-address", cmd_net_address},
     {"nft-batch", cmd_nft_batch, 1},
+    {"criu-dump", cmd_criu_dump},
 };
 
 static const struct subcommand *find_subcommand(const char *name) {
