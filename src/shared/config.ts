@@ -116,6 +116,8 @@ export interface CubicleConfig {
    * AGENT_MEMORY_MERGE_NOTE in src/runtime/container/agent-kit.ts).
    */
   ksm: boolean;
+  /** How container checkpoints reach CRIU (CUBICLE_CHECKPOINT_VIA): its RPC from the resident helper (default), or `runc checkpoint` (CRIU_RPC_NOTE). */
+  checkpointVia: "rpc" | "runc";
   /**
    * The operator's own certificate and key for the HTTPS listener (CUBICLE_TLS_CERT and
    * CUBICLE_TLS_KEY, PEM files, both or neither); undefined = a wildcard for `*.<domain>` and
@@ -286,6 +288,13 @@ function parseMicrovm(raw: string | undefined): "off" | "tcg" | "kvm" {
   throw new Error(`CUBICLE_MICROVM: ${JSON.stringify(raw)} is not off, tcg or kvm`);
 }
 
+function parseCheckpointVia(raw: string | undefined): "rpc" | "runc" {
+  const value = raw?.trim().toLowerCase() ?? "";
+  if (value === "" || value === "rpc") return "rpc";
+  if (value === "runc") return "runc";
+  throw new Error(`CUBICLE_CHECKPOINT_VIA: "${raw}" is not rpc or runc`);
+}
+
 /** An http(s) URL with nothing but a scheme, a host and a port (an API's base). */
 function parseHttpUrl(name: string, raw: string): string {
   let url: URL;
@@ -383,6 +392,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     minAvailableMB: parseWholeNumber("CUBICLE_MIN_AVAILABLE_MB", env.CUBICLE_MIN_AVAILABLE_MB, 256, 0),
     httpsPort: parseHttpsPort(env.CUBICLE_HTTPS_PORT, process.getuid?.() === 0),
     ksm: parseBoolean("CUBICLE_KSM", env.CUBICLE_KSM, false),
+    checkpointVia: parseCheckpointVia(env.CUBICLE_CHECKPOINT_VIA),
     ...parseTlsFiles(env.CUBICLE_TLS_CERT, env.CUBICLE_TLS_KEY),
     dnsUpstreams: parseDnsUpstreams(env.CUBICLE_DNS_UPSTREAM),
     egressPrivateAllow: parsePrivateAllow(env.CUBICLE_EGRESS_PRIVATE_ALLOW),

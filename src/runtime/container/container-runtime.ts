@@ -47,7 +47,7 @@ export interface ContainerRuntimeOptions {
 }
 
 /** Where the runtime keeps what sandboxes must reach, and the size of its storage pool. */
-export type ContainerRuntimeConfig = Pick<CubicleConfig, "stateDir" | "distDir" | "runcPath" | "runDir"> & Partial<Pick<CubicleConfig, "storageBytes" | "imageBudgetBytes" | "ksm">>;
+export type ContainerRuntimeConfig = Pick<CubicleConfig, "stateDir" | "distDir" | "runcPath" | "runDir"> & Partial<Pick<CubicleConfig, "storageBytes" | "imageBudgetBytes" | "ksm" | "checkpointVia">>;
 
 /**
  * Version of the sandbox's mount layout (config.json). A memory image names every mount, so one
@@ -585,7 +585,7 @@ export class ContainerRuntime implements Runtime {
         const netnsPath = oci.annotations?.[ANNOTATION_NETNS_PATH];
         if (!netnsPath) throw new CubicleError("internal", `sandbox ${id} has no netns path in its config.json (made by an older Cubicle?)`);
         // Through CRIU's RPC from the resident helper (CRIU_RPC_NOTE); runc when its state says too little.
-        const dumpFacts = this.criuPath && oci.annotations?.["org.criu.config"] ? await this.runc.dumpFacts(containerId) : undefined;
+        const dumpFacts = this.config.checkpointVia !== "runc" && this.criuPath && oci.annotations?.["org.criu.config"] ? await this.runc.dumpFacts(containerId) : undefined;
         const dump = dumpFacts
           ? writeFile(path.join(layout.criu, "descriptors.json"), DETACHED_DESCRIPTORS, { mode: 0o600 }).then(async () => {
               const args = await criuDumpArgs({

@@ -99,7 +99,9 @@ export interface EcrOptions {
 
 /** Registry credentials from ECR's GetAuthorizationToken, signed with the user's access key. */
 export async function ecrRegistryCredentials(aws: AwsRegistryCredentials, options: EcrOptions = {}): Promise<RegistryCredentials> {
-  const base = new URL(options.endpoint ?? `https://api.ecr.${aws.region}.amazonaws.com`);
+  // China's regions have a domain of their own.
+  const domain = aws.region.startsWith("cn-") ? "amazonaws.com.cn" : "amazonaws.com";
+  const base = new URL(options.endpoint ?? `https://api.ecr.${aws.region}.${domain}`);
   const body = "{}";
   const amzDate = amzDateOf(options.now?.() ?? new Date());
   const headers: Record<string, string> = {

@@ -174,7 +174,7 @@ static int cmd_criu_dump(int argc, char **argv) {
     _exit(127);
   }
   close(pair[1]);
-  if (send(pair[0], request.data, request.length, 0) != (ssize_t)request.length) fail("sending the dump request to CRIU");
+  if (send(pair[0], request.data, request.length, MSG_NOSIGNAL) != (ssize_t)request.length) fail("sending the dump request to CRIU");
   static unsigned char answer_data[CRIU_MAX_MESSAGE];
   struct criu_answer answer = {0};
   int answered = 0;
@@ -192,7 +192,7 @@ static int cmd_criu_dump(int argc, char **argv) {
       ack.length = 0;
       pb_uint(&ack, 1, CRIU_REQ_NOTIFY);
       pb_uint(&ack, 3, 1);
-      send(pair[0], ack.data, ack.length, 0);
+      send(pair[0], ack.data, ack.length, MSG_NOSIGNAL);
       continue;
     }
     answered = 1;
