@@ -50,10 +50,21 @@ const status = runNodeTests(files);
 
 // E2E_RUNTIME_NOTE: the whole suite's e2e tests run against containers; a bounded part of them
 // (MICROVM_E2E_FILES: commands and files through the SDK, the network policy with its bypass
-// battery, sessions, snapshots with fork and rollback, pause; ~11 min under TCG) runs again with every sandbox a microVM
+// battery, sessions, snapshots with fork and rollback, pause, the lifecycle, boot identity and the
+// code interpreter; ~18 min under TCG) runs again with every sandbox a microVM
 // (test/e2e/harness.ts e2eRuntime), so both runtimes answer the same tests in CI. Any other e2e
 // file runs against microVMs with `CUBICLE_E2E_RUNTIME=microvm ./cubicle test test/e2e/<file>`.
-const MICROVM_E2E_FILES = ["test/e2e/commands.test.ts", "test/e2e/files.test.ts", "test/e2e/network-policy.test.ts", "test/e2e/sessions.test.ts", "test/e2e/snapshots.test.ts", "test/e2e/pause.test.ts"];
+const MICROVM_E2E_FILES = [
+  "test/e2e/commands.test.ts",
+  "test/e2e/files.test.ts",
+  "test/e2e/network-policy.test.ts",
+  "test/e2e/sessions.test.ts",
+  "test/e2e/snapshots.test.ts",
+  "test/e2e/pause.test.ts",
+  "test/e2e/lifecycle.test.ts",
+  "test/e2e/boot-identity.test.ts",
+  "test/e2e/code-interpreter.test.ts",
+];
 let microvmStatus = 0;
 if (filters.length === 0 && process.env.CUBICLE_E2E_RUNTIME === undefined) {
   const qemu = spawnSync("sh", ["-c", "command -v qemu-system-x86_64"], { encoding: "utf8" });

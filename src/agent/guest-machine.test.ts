@@ -1,8 +1,9 @@
 import assert from "node:assert/strict";
-import { existsSync } from "node:fs";
+import fs, { existsSync } from "node:fs";
+import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
-import { applyGuestInit, checkGuestClock, startGuestClockSync } from "./guest-machine.js";
+import { applyGuestInit, checkGuestClock, ensureGuestMachineId, startGuestClockSync } from "./guest-machine.js";
 
 const addonFile = path.resolve(path.dirname(new URL(import.meta.url).pathname), "../../dist/agent/guest.node");
 
@@ -26,4 +27,25 @@ test("the guest addon refuses arguments it cannot use, without touching the kern
   assert.throws(() => addon.setTime(-1), /milliseconds since the epoch/);
   assert.throws(() => addon.setTime(Number.NaN), /milliseconds since the epoch/);
   assert.throws(() => addon.setTime("now"), /milliseconds since the epoch/);
+});
+
+test("a guest whose /etc/machine-id is empty (Debian's, never booted by systemd) gets one at the agent's start; one it has is kept; containers are left alone", () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "cbs-machine-id-"));
+  try {
+    const file = path.join(dir, "machine-id");
+    fs.writeFileSync(file, "");
+    ensureGuestMachineId({}, file);
+    assert.equal(fs.readFileSync(file, "utf8"), "", "outside a guest: untouched");
+    ensureGuestMachineId({ CUBICLE_AGENT_GUEST: "1" }, file);
+    const given = fs.readFileSync(file, "utf8");
+    assert.match(given, /^[0-9a-f]{32}\n$/);
+    ensureGuestMachineId({ CUBICLE_AGENT_GUEST: "1" }, file);
+    assert.equal(fs.readFileSync(file, "utf8"), given, "kept across the agent's restarts");
+    fs.rmSync(file);
+    ensureGuestMachineId({ CUBICLE_AGENT_GUEST: "1" }, file);
+    assert.match(fs.readFileSync(file, "utf8"), /^[0-9a-f]{32}\n$/, "a missing file is made");
+    assert.notEqual(fs.readFileSync(file, "utf8"), given);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });

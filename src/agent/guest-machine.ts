@@ -1,4 +1,5 @@
 import { execFile } from "node:child_process";
+import crypto from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import { promisify } from "node:util";
@@ -56,6 +57,26 @@ export async function applyGuestInit(request: InitBody, env: NodeJS.ProcessEnv =
   }
   await writeAtomically("/etc/machine-id", `${machine.machineId}\n`).catch((error: Error) => log.warn("could not write /etc/machine-id", { error: error.message }));
   await setBootId(machine.bootId).catch((error: Error) => log.warn("could not set the guest's boot id", { error: error.message }));
+}
+
+/**
+ * A guest booted from a template has the template's /etc/machine-id, which Debian ships empty
+ * (systemd fills it at the first boot; a guest has no systemd): the agent gives it one at its
+ * start, as that first boot would, on the guest's own disk, so it stays across pauses and
+ * reboots of the same machine (GUEST_MACHINE_NOTE; a new machine gets one at /init). Containers
+ * have theirs from the runtime; call in a guest only. Synchronous: before the agent listens.
+ */
+export function ensureGuestMachineId(env: NodeJS.ProcessEnv = process.env, file = "/etc/machine-id"): void {
+  if (env.CUBICLE_AGENT_GUEST !== "1") return;
+  try {
+    const current = fs.existsSync(file) ? fs.readFileSync(file, "utf8").trim() : "";
+    if (/^[0-9a-f]{32}$/.test(current)) return;
+    const temporary = `${file}.cubicle-${process.pid}`;
+    fs.writeFileSync(temporary, `${crypto.randomBytes(16).toString("hex")}\n`, { mode: 0o444 });
+    fs.renameSync(temporary, file);
+  } catch (error) {
+    log.warn("could not give the guest a machine id", { error: (error as Error).message });
+  }
 }
 
 let rtcSync: { lastCheckMs: number } | undefined;

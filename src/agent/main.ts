@@ -6,7 +6,7 @@
 import { isMainThread } from "node:worker_threads";
 import { ENVD_PORT, INTERPRETER_PORT } from "../protocol/index.js";
 import { createLogger } from "../shared/log.js";
-import { startGuestClockSync } from "./guest-machine.js";
+import { ensureGuestMachineId, startGuestClockSync } from "./guest-machine.js";
 import { startInterpreterServer } from "./interpreter/index.js";
 import { ensureResolverConfig } from "./resolver-config.js";
 import { createAgentServer } from "./server.js";
@@ -32,6 +32,7 @@ function startAgent(): void {
   const port = Number(process.env.CUBICLE_AGENT_PORT || ENVD_PORT);
 
   ensureResolverConfig();
+  ensureGuestMachineId();
   startGuestClockSync();
   const { server, state } = createAgentServer();
   server.listen(port, host, () => log.info("envd listening", { host, port, pid: process.pid }));

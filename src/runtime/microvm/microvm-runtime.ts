@@ -407,16 +407,17 @@ export class MicrovmRuntime implements Runtime {
     const guest = this.guest(sandboxId);
     const { kitImage, assets } = this;
     if (!kitImage || !assets) throw new CubicleError("failed_precondition", "the microVM runtime is not initialised; call init() first");
-    if (!options.memory) return this.checkpointFiles(sandboxId, guest, target, options);
-    if (guest.shares) throw new CubicleError("failed_precondition", "a microVM with volumes or codebases mounted cannot be snapshotted or paused to disk yet (virtiofs state cannot be saved)");
+    // Without memory it is the disk alone (MICROVM_FILES_NOTE), whose restore boots on its template's image.
+    if (!options.memory && !guest.baseImage) throw new CubicleError("failed_precondition", "this microVM's disk has no known template image under it; its files cannot be saved");
+    if (options.memory && guest.shares) throw new CubicleError("failed_precondition", "a microVM with volumes or codebases mounted cannot be snapshotted or paused to disk yet (virtiofs state cannot be saved)");
     const pending = await this.images.allocate(target.kind, target.name);
     const before = await guest.vm.status();
     const started = performance.now();
     let frozenMs = 0;
     try {
       if (before === "running") await guest.vm.pause();
-      const stateBytes = await guest.vm.saveState(path.join(pending.dir, IMAGE_FILES.state), guestStateChannel(MicrovmRuntime.chrootOf(guest.dir)));
-      // QEMU flushed and released the disk at the end of the save: the copy is consistent.
+      const stateBytes = options.memory ? await guest.vm.saveState(path.join(pending.dir, IMAGE_FILES.state), guestStateChannel(MicrovmRuntime.chrootOf(guest.dir))) : 0;
+      // QEMU flushed and released the disk at the end of the save (or at the stop): the copy is consistent.
       await copyFile(guest.overlay, path.join(pending.dir, IMAGE_FILES.rootDisk), constants.COPYFILE_FICLONE);
       const diskFileBytes = (await stat(path.join(pending.dir, IMAGE_FILES.rootDisk))).blocks * 512;
       if (options.leaveRunning) {
@@ -432,7 +433,7 @@ export class MicrovmRuntime implements Runtime {
       frozenMs = performance.now() - started;
       const meta: MicrovmImageMeta = {
         runtime: "microvm",
-        memory: true,
+        memory: options.memory,
         createdAt: new Date().toISOString(),
         sizeBytes: stateBytes + diskFileBytes,
         memoryMiB: Math.round(guest.memoryBytes / (1024 * 1024)),
@@ -446,57 +447,10 @@ export class MicrovmRuntime implements Runtime {
       await writeFile(path.join(pending.dir, IMAGE_FILES.meta), JSON.stringify(meta, null, 2) + "\n", { mode: 0o600 });
       const info = await this.images.commit(pending);
       log.debug("checkpoint", { sandboxId, imageId: info.id, stateBytes, frozenMs: Math.round(frozenMs) });
-      return { imageId: info.id, sizeBytes: info.sizeBytes, frozenMs, memory: true };
+      return { imageId: info.id, sizeBytes: info.sizeBytes, frozenMs, memory: options.memory };
     } catch (err) {
       await this.images.abandon(pending);
       // The guest goes on as it was: a failed save must not leave it stopped.
-      if (before === "running" && this.guests.get(sandboxId) === guest) await guest.vm.resume().catch(() => undefined);
-      throw err;
-    }
-  }
-
-  /** A checkpoint of the guest's disk alone (MICROVM_FILES_NOTE). */
-  private async checkpointFiles(sandboxId: string, guest: Guest, target: CheckpointTarget, options: CheckpointOptions): Promise<CheckpointInfo & { imageId: string }> {
-    const { kitImage, assets } = this;
-    if (!kitImage || !assets) throw new CubicleError("failed_precondition", "the microVM runtime is not initialised; call init() first");
-    if (!guest.baseImage) throw new CubicleError("failed_precondition", "this microVM's disk has no known template image under it; its files cannot be saved");
-    const pending = await this.images.allocate(target.kind, target.name);
-    const before = await guest.vm.status();
-    const started = performance.now();
-    try {
-      if (before === "running") await guest.vm.pause();
-      await copyFile(guest.overlay, path.join(pending.dir, IMAGE_FILES.rootDisk), constants.COPYFILE_FICLONE);
-      const diskFileBytes = (await stat(path.join(pending.dir, IMAGE_FILES.rootDisk))).blocks * 512;
-      if (options.leaveRunning) {
-        if (before === "running") await guest.vm.resume();
-      } else {
-        this.stopping.add(sandboxId);
-        try {
-          await guest.vm.quit(3000).catch(() => guest.vm.kill());
-        } finally {
-          this.stopping.delete(sandboxId);
-        }
-      }
-      const frozenMs = performance.now() - started;
-      const meta: MicrovmImageMeta = {
-        runtime: "microvm",
-        memory: false,
-        createdAt: new Date().toISOString(),
-        sizeBytes: diskFileBytes,
-        memoryMiB: Math.round(guest.memoryBytes / (1024 * 1024)),
-        cpuCount: guest.cpuCount,
-        diskBytes: guest.diskBytes,
-        kitImage: guest.kitDisk ?? kitImage.path,
-        kernelVersion: assets.kernelVersion,
-        devices: MACHINE_DEVICES_VERSION,
-        baseImage: guest.baseImage,
-      };
-      await writeFile(path.join(pending.dir, IMAGE_FILES.meta), JSON.stringify(meta, null, 2) + "\n", { mode: 0o600 });
-      const info = await this.images.commit(pending);
-      log.debug("checkpoint of files", { sandboxId, imageId: info.id, frozenMs: Math.round(frozenMs) });
-      return { imageId: info.id, sizeBytes: info.sizeBytes, frozenMs, memory: false };
-    } catch (err) {
-      await this.images.abandon(pending);
       if (before === "running" && this.guests.get(sandboxId) === guest) await guest.vm.resume().catch(() => undefined);
       throw err;
     }
