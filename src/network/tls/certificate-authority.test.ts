@@ -96,21 +96,29 @@ test("a wildcard leaf serves every sandbox host of a domain and the domain itsel
   assert.equal((await handshake(issued, "a.b.cubicle.localhost")).authorized, false);
 });
 
-test("a cached leaf spawns nothing; concurrent issues share one openssl run; the cache is bounded", async () => {
+test("a cached leaf spawns nothing; concurrent issues share one signing; the cache is bounded; leaves are backdated an hour (LEAF_BACKDATE_NOTE)", async () => {
+  // A signing is two openssl runs: the request, then `openssl ca` with its start date.
+  const perLeaf = 2;
   const before = spawned.length;
   const [a, b, c] = await Promise.all([ca.issue(["x.example.org", "y.example.org"]), ca.issue(["Y.example.org", "x.example.org"]), ca.issue(["x.example.org", "y.example.org."])]);
-  assert.equal(spawned.length, before + 1, "one openssl run for three concurrent issues of the same names");
+  assert.equal(spawned.length, before + perLeaf, "one signing for three concurrent issues of the same names");
   assert.equal(a, b);
   assert.equal(a, c);
   assert.equal(await ca.issue(["y.example.org", "x.example.org"]), a);
-  assert.equal(spawned.length, before + 1, "a cache hit spawns nothing");
+  assert.equal(spawned.length, before + perLeaf, "a cache hit spawns nothing");
   // Capacity 3: three more names push x/y out.
   for (const name of ["one.test.org", "two.test.org", "three.test.org"]) await ca.issue([name]);
-  assert.equal(spawned.length, before + 4);
+  assert.equal(spawned.length, before + 4 * perLeaf);
   await ca.issue(["x.example.org", "y.example.org"]);
-  assert.equal(spawned.length, before + 5, "the least recently used entry was evicted");
+  assert.equal(spawned.length, before + 5 * perLeaf, "the least recently used entry was evicted");
   // Every leaf carries the same key.
   assert.equal((await ca.issue(["one.test.org"])).key, a.key);
+  // Valid from an hour ago: a guest whose clock lags a little still accepts it.
+  const leaf = new X509Certificate(a.cert);
+  const from = Date.parse(leaf.validFrom);
+  assert.ok(from <= Date.now() - 59 * 60 * 1000 && from >= Date.now() - 62 * 60 * 1000, leaf.validFrom);
+  assert.ok(Date.parse(leaf.validTo) > Date.now() + 89 * 24 * 3600 * 1000, leaf.validTo);
+  assert.equal(fs.readdirSync(path.dirname(ca.certPath)).filter((name) => name.startsWith("signing-")).length, 0, "no signing directory is left");
 });
 
 test("bad host names are refused before openssl runs", async () => {

@@ -45,6 +45,8 @@ const LEAF_DAYS = 90;
 /** A cached leaf is reissued this long before it expires (a server may run for months). */
 const LEAF_RENEW_BEFORE_MS = 7 * 24 * 3600 * 1000;
 const OPENSSL_TIMEOUT_MS = 30_000;
+/** How far before its issue a leaf's validity starts (LEAF_BACKDATE_NOTE). */
+const LEAF_BACKDATE_MS = 60 * 60 * 1000;
 
 // RFC 1123 labels: letters, digits, hyphens, not at either end.
 const ldhLabel = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/;
@@ -175,13 +177,19 @@ export async function openCertificateAuthority(dir: string, options: Certificate
   // Insertion order is recency: a hit moves its entry to the end; the first entry is evicted.
   const cache = new Map<string, { issued: Promise<IssuedCertificate>; renewAt: number }>();
 
+  /**
+   * LEAF_BACKDATE_NOTE: a leaf is valid from an hour before it is issued, as public CAs backdate
+   * theirs: a microVM guest's clock may lag the host's by a second or two (its RTC has whole
+   * seconds; TCG loses ticks), and to it a certificate issued "now" is "not yet valid". `openssl
+   * req -x509` (3.0) has no start date, so the leaf is a request signed by `openssl ca`, with a
+   * throwaway database in a directory of its own per signing.
+   */
   async function sign(names: string[]): Promise<IssuedCertificate> {
     // A CN holds at most 64 characters (RFC 5280 ub-common-name); clients read the SAN anyway.
     const commonName = names[0]!.length <= 64 ? names[0]! : "Cubicle";
-    const result = await run(
+    const request = await run(
       [
-        "openssl", "req", "-x509", "-new", "-key", leafKeyPath, "-CA", certPath, "-CAkey", keyPath,
-        "-days", String(LEAF_DAYS), "-sha256", "-config", "/dev/null",
+        "openssl", "req", "-new", "-key", leafKeyPath, "-sha256", "-config", "/dev/null",
         "-subj", `/CN=${commonName}`,
         "-addext", `subjectAltName=${names.map((n) => `DNS:${n}`).join(",")}`,
         "-addext", "basicConstraints=critical,CA:false",
@@ -190,9 +198,38 @@ export async function openCertificateAuthority(dir: string, options: Certificate
       ],
       { timeoutMs: OPENSSL_TIMEOUT_MS },
     );
-    const cert = result.stdout;
-    if (!cert.includes("-----BEGIN CERTIFICATE-----")) throw new CubicleError("internal", `openssl printed no certificate for ${names.join(", ")}`);
-    return { key: leafKeyPem, cert };
+    if (!request.stdout.includes("-----BEGIN CERTIFICATE REQUEST-----")) throw new CubicleError("internal", `openssl made no certificate request for ${names.join(", ")}`);
+    const work = fs.mkdtempSync(path.join(dir, "signing-"));
+    try {
+      const file = (name: string) => path.join(work, name);
+      fs.writeFileSync(file("request.csr"), request.stdout);
+      fs.writeFileSync(file("index.txt"), "");
+      // A random positive serial (RFC 5280: at most 20 octets), as `req -x509` gave each leaf.
+      const serial = randomBytes(16);
+      serial[0] = serial[0]! & 0x7f;
+      fs.writeFileSync(file("serial"), `${serial.toString("hex")}\n`);
+      fs.writeFileSync(
+        file("ca.cnf"),
+        [
+          "[ca]", "default_ca = cubicle",
+          "[cubicle]", `database = ${file("index.txt")}`, `new_certs_dir = ${work}`, `serial = ${file("serial")}`, "default_md = sha256", "policy = any", "copy_extensions = copy", "unique_subject = no", "email_in_dn = no",
+          "[any]", "commonName = supplied", "",
+        ].join("\n"),
+      );
+      const backdated = new Date(Date.now() - LEAF_BACKDATE_MS).toISOString().replace(/^\d\d(\d\d)-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d).*$/, "$1$2$3$4$5$6Z");
+      await run(
+        [
+          "openssl", "ca", "-batch", "-config", file("ca.cnf"), "-in", file("request.csr"), "-out", file("leaf.crt"),
+          "-cert", certPath, "-keyfile", keyPath, "-startdate", backdated, "-days", String(LEAF_DAYS), "-notext",
+        ],
+        { timeoutMs: OPENSSL_TIMEOUT_MS },
+      );
+      const cert = fs.readFileSync(file("leaf.crt"), "utf8");
+      if (!cert.includes("-----BEGIN CERTIFICATE-----")) throw new CubicleError("internal", `openssl printed no certificate for ${names.join(", ")}`);
+      return { key: leafKeyPem, cert };
+    } finally {
+      fs.rmSync(work, { recursive: true, force: true });
+    }
   }
 
   return {
