@@ -404,27 +404,23 @@ describe("container checkpoints (CRIU)", { skip }, () => {
     await assert.rejects(runtime.checkpoint(source.id, target("gone"), { memory: true, leaveRunning: true }), /not running/);
   });
 
-  test("checkpoints the real agent and its clone serves envd and the interpreter port in the new netns; runc's CRIU version question is answered from the real CRIU's cached reply", { skip: existsSync(realAgent) ? false : "build the agent first (node scripts/build.mjs)" }, async () => {
+  test("checkpoints the real agent (through CRIU's RPC) and its clones serve envd and the interpreter port in new netns; runc's CRIU version question is answered from the real CRIU's cached reply", { skip: existsSync(realAgent) ? false : "build the agent first (node scripts/build.mjs)" }, async () => {
     assert.ok(existsSync(path.join(repoRoot, "dist", "criu-front")), "scripts/build.mjs builds dist/criu-front (gcc is a host package)");
     const agentState = await mkdtemp(path.join(os.tmpdir(), "cubicle-criu-agent-"));
     const agentRuntime = new ContainerRuntime({ stateDir: agentState, distDir: path.join(repoRoot, "dist"), runcPath: "runc", runDir: defaultRunDir(agentState), storageBytes: 8 * 1024 ** 3 });
     await agentRuntime.init();
     // A cache from another CRIU binary: the front must ask the real CRIU again, not trust it.
     const versionCache = path.join(defaultRunDir(agentState), "criu-bin", "version-reply");
-    await writeFile(versionCache, "cubicle-criu-version 1 0 0 0 0.000000000\nstale");
+    const stale = "cubicle-criu-version 1 0 0 0 0.000000000\nstale";
+    await writeFile(versionCache, stale);
     const source = await newSandbox(agentRuntime);
-    let clone: Sandbox | undefined;
+    const clones: Sandbox[] = [];
     try {
       await waitForPort(source.net.sandboxAddress, 49999);
       const { imageId: agentImage } = await agentRuntime.checkpoint(source.id, target("real-agent"), { memory: true, leaveRunning: true });
-      const realCriu = await findCriu(agentState, undefined);
-      const info = await stat(realCriu);
-      const cached = await readFile(versionCache);
-      const stampEnd = cached.indexOf(0x0a) + 1;
-      assert.match(cached.subarray(0, stampEnd).toString(), new RegExp(`^cubicle-criu-version 1 ${info.dev} ${info.ino} ${info.size} \\d+\\.\\d{9}\\n$`));
-      // criu_resp: type = VERSION (10), success = true, then the version message.
-      assert.deepEqual([...cached.subarray(stampEnd, stampEnd + 4)], [0x08, 0x0a, 0x10, 0x01]);
-      assert.ok((await lstat(path.join(defaultRunDir(agentState), "criu-bin", "criu"))).isFile(), "runc runs the front, not a link to CRIU");
+      // The dump went to CRIU's RPC directly (CRIU_RPC_NOTE): runc, and so the front, never ran.
+      assert.equal(await readFile(versionCache, "utf8"), stale, "no version question at the checkpoint");
+      assert.equal(await readFile(path.join(imageLayout(agentRuntime.images.dirOf(agentImage)).criu, "descriptors.json"), "utf8"), '["/dev/null","/dev/null","/dev/null"]', "runc's descriptors for its restore");
       // CRIU ran Cubicle's tar shim for the tmpfs mounts (TAR_SHIM_NOTE): the host's GNU tar,
       // which it finds when the shim's directory is out of the sandbox's reach, writes gzip.
       const criuDir = imageLayout(agentRuntime.images.dirOf(agentImage)).criu;
@@ -434,14 +430,26 @@ describe("container checkpoints (CRIU)", { skip }, () => {
         const head = (await readFile(path.join(criuDir, name))).subarray(0, 2);
         assert.notDeepEqual([...head], [0x1f, 0x8b], `${name} is gzip: CRIU ran the host's tar, not the shim`);
       }
+      // The first restore (runc's) asks the real CRIU through the front, which stores its reply.
+      clones.push(await restoreClone(agentImage, 256, agentRuntime));
+      const realCriu = await findCriu(agentState, undefined);
+      const info = await stat(realCriu);
+      const cached = await readFile(versionCache);
+      const stampEnd = cached.indexOf(0x0a) + 1;
+      assert.match(cached.subarray(0, stampEnd).toString(), new RegExp(`^cubicle-criu-version 1 ${info.dev} ${info.ino} ${info.size} \\d+\\.\\d{9}\\n$`));
+      // criu_resp: type = VERSION (10), success = true, then the version message.
+      assert.deepEqual([...cached.subarray(stampEnd, stampEnd + 4)], [0x08, 0x0a, 0x10, 0x01]);
+      assert.ok((await lstat(path.join(defaultRunDir(agentState), "criu-bin", "criu"))).isFile(), "runc runs the front, not a link to CRIU");
       const cachedAt = (await stat(versionCache)).mtimeMs;
-      clone = await restoreClone(agentImage, 256, agentRuntime);
-      assert.equal((await stat(versionCache)).mtimeMs, cachedAt, "the restore's version question was answered from the cache, not asked again");
-      assert.equal((await get(clone.net.sandboxAddress, "/health")).status, 204);
-      await waitForPort(clone.net.sandboxAddress, 49999);
+      clones.push(await restoreClone(agentImage, 256, agentRuntime));
+      assert.equal((await stat(versionCache)).mtimeMs, cachedAt, "the second restore's version question was answered from the cache, not asked again");
+      for (const clone of clones) {
+        assert.equal((await get(clone.net.sandboxAddress, "/health")).status, 204);
+        await waitForPort(clone.net.sandboxAddress, 49999);
+      }
       assert.equal((await get(source.net.sandboxAddress, "/health")).status, 204);
     } finally {
-      if (clone) await removeSandbox(clone, agentRuntime);
+      for (const clone of clones) await removeSandbox(clone, agentRuntime);
       await removeSandbox(source, agentRuntime);
       await agentRuntime.releaseHostMounts();
       await rm(agentState, { recursive: true, force: true });
