@@ -141,3 +141,12 @@ test("logged packets become records: allowed flows get their bytes on release, d
     await runCommand(["nft", "delete", "table", "inet", table], { allowFailure: true });
   }
 });
+
+test("the helper's flows refuses an NFLOG group outside 1-65535 and a malformed subnet, with exit 2", async () => {
+  const { execFile } = await import("node:child_process");
+  const helperPath = path.join(defaultDistDir(), "sandbox-helper");
+  for (const args of [["--subnet", "10.88.0.0/16", "--log-group", "0"], ["--subnet", "10.88.0.0/16", "--log-group", "65536"], ["--subnet", "10.88.0.0/16", "--log-group", "x"], ["--subnet", "10.88.0.0"]]) {
+    const code = await new Promise<number | null>((resolve) => execFile(helperPath, ["flows", ...args], (err) => resolve(err ? ((err as { code?: number }).code ?? null) : 0)).stdin?.end());
+    assert.equal(code, 2, args.join(" "));
+  }
+});

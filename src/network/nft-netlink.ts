@@ -92,7 +92,7 @@ export function policyOps(address: string, policy: EgressPolicy, options: { fres
   if (allow) ops.push(`add ${chain}_a ${allow}`);
   if (deny) ops.push(`add ${chain}_d ${deny}`);
   for (const pin of options.pins ?? []) {
-    const pinned = pinSetElements(address, policy, pin.name, [pin.address], pin.secondsLeft);
+    const pinned = pinOps(address, policy, pin.name, [pin.address], pin.secondsLeft);
     if (pinned) ops.push(pinned);
   }
   return ops.join("; ");
@@ -128,8 +128,8 @@ export function removePolicyOps(address: string): NftOps {
   ].join("; ");
 }
 
-/** The ops that pin `addresses` a sandbox's DNS answer gave for `name`, for `timeoutSec`; "" when none applies (pinsFor). */
-function pinSetElements(address: string, policy: EgressPolicy, name: string, addresses: readonly string[], timeoutSec: number): NftOps {
+/** Pins addresses a sandbox's DNS answer gave for `name`, for `timeoutSec`; "" when its policy needs no pin for it (pinsFor). */
+export function pinOps(address: string, policy: EgressPolicy, name: string, addresses: readonly string[], timeoutSec: number): NftOps {
   const { allowed, headerHost } = pinsFor(policy, name);
   if ((!allowed && !headerHost) || addresses.length === 0) return "";
   const timeoutMs = Math.min(86_400, Math.max(1, Math.round(timeoutSec))) * 1000;
@@ -137,11 +137,6 @@ function pinSetElements(address: string, policy: EgressPolicy, name: string, add
   const elements = addresses.map((a) => `${a}@${timeoutMs}`).join(",");
   const chain = policyChainName(address);
   return [allowed ? `add ${chain}_n ${elements}` : "", headerHost ? `add ${chain}_h ${elements}` : ""].filter(Boolean).join("; ");
-}
-
-/** Pins addresses a sandbox's DNS answer gave for `name`, for `timeoutSec`; "" when its policy needs no pin for it. */
-export function pinOps(address: string, policy: EgressPolicy, name: string, pinned: readonly string[], timeoutSec: number): NftOps {
-  return pinSetElements(address, policy, name, pinned, timeoutSec);
 }
 
 /** The helper's argv (after the binary) for one batch on table `inet <tableName>`. */

@@ -142,3 +142,25 @@ else:
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test("criu-dump refuses malformed options with exit 2 before it starts anything", async () => {
+  const good = ["--criu", "/bin/false", "--netns", "/proc/self/ns/net", "--pid", "1", "--images", "/tmp", "--work", "/tmp", "--root", "/r", "--freeze-cgroup", "/f", "--config", "/c", "--ext-mnts", "/sys=/sys", "--leave-running", "1"];
+  const replace = (name: string, value: string) => good.map((word, index) => (good[index - 1] === name ? value : word));
+  const cases: [string[], RegExp][] = [
+    [replace("--pid", "0"), /--pid must be a process id/],
+    [replace("--pid", "99999999"), /--pid must be a process id/],
+    [replace("--leave-running", "yes"), /--leave-running must be 0 or 1/],
+    [replace("--ext-mnts", "/sys"), /--ext-mnts entries are KEY=VAL/],
+    [replace("--ext-mnts", "=/sys"), /--ext-mnts entries are KEY=VAL/],
+    [[...good, "--unknown", "x"], /does not take --unknown/],
+    [good.slice(0, -2), /--leave-running/],
+  ];
+  for (const [args, expected] of cases) {
+    const failed = await run(helper, ["criu-dump", ...args]).then(
+      () => undefined,
+      (err: { code: number; stderr: string }) => err,
+    );
+    assert.equal(failed?.code, 2, args.join(" "));
+    assert.match(failed!.stderr, expected);
+  }
+});

@@ -175,6 +175,10 @@ static int cmd_flows(int argc, char **argv) {
   if (!slash || prefix < 0 || prefix > 32 || inet_pton(AF_INET, subnet_text, &subnet) != 1) usage("--subnet must be A.B.C.D/N");
   uint32_t mask = prefix == 0 ? 0 : htonl(~0u << (32 - prefix));
 
+  /* Checked before anything is changed or opened. */
+  const char *log_group = option(argc, argv, "--log-group", 0);
+  unsigned long long first = log_group ? number(log_group, "--log-group") : 0;
+  if (log_group && (first < 1 || first > 65535)) usage("--log-group must be 1-65535");
   if (net_write_sysctl(CT_ACCT_SYSCTL, "1") != 0) fail("turning on conntrack accounting");
   int events = ct_socket(NFNLGRP_CONNTRACK_DESTROY);
   if (events < 0) fail("subscribing to conntrack events");
@@ -182,11 +186,8 @@ static int cmd_flows(int argc, char **argv) {
   if (control < 0) fail("opening a conntrack socket");
   setvbuf(stdout, NULL, _IOLBF, 0);
   int logged = -1;
-  for (int i = 2; i + 1 < argc; i += 2) {
-    if (strcmp(argv[i], "--log-group") != 0) continue;
+  if (log_group) {
     uint16_t group;
-    unsigned long long first = number(argv[i + 1], "--log-group");
-    if (first < 1 || first > 65535) usage("--log-group must be 1-65535");
     step = "binding an NFLOG group";
     logged = nflog_socket((uint16_t)first, &group);
     if (logged < 0) fail("binding an NFLOG group");
