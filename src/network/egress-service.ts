@@ -113,7 +113,19 @@ export function createEgressService(options: EgressServiceOptions): EgressServic
         if (name) domain = { name, pinned: true };
       }
       const verdict = rules.decide(policy, target.address, domain);
-      if (!verdict.allowed || !target.domain) return verdict;
+      if (!verdict.allowed) return verdict;
+      if (!target.domain) {
+        /*
+         * H2C_NOTE: cleartext HTTP/2 with prior knowledge names its host only inside HPACK, after
+         * the preface. If the sandbox's DNS resolved a name with header rules to this address,
+         * the connection is intercepted for that name (h2-injection.ts): each stream must carry
+         * it as :authority (else 421) and leaves with its headers. Two such names on one address:
+         * the connection is for the first the sandbox resolved; the other's requests get 421.
+         */
+        if (!target.h2c) return verdict;
+        const name = pinned.namesFor(sandboxId, target.address).find((candidate) => headerRuleFor(policy, candidate));
+        return name ? { ...verdict, headers: headerRuleFor(policy, name)!.headers, domain: name } : verdict;
+      }
       const rule = headerRuleFor(policy, target.domain);
       if (!rule) return verdict;
       // Credentials go only to an address the sandbox's own DNS gave for that name (and, for

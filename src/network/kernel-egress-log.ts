@@ -15,7 +15,7 @@ const VERDICTS: Record<string, { verdict: EgressRecord["verdict"]; reason: strin
   D: { verdict: "denied", reason: "denied by policy" },
   F: { verdict: "denied", reason: "host, sandbox, loopback, link-local or reserved address" },
   P: { verdict: "denied", reason: "private address" },
-  Q: { verdict: "denied", reason: "QUIC to a host with header rules (refused so the client uses TCP, where they are injected)" },
+  Q: { verdict: "denied", reason: "UDP to a host with header rules (QUIC is refused so the client uses TCP, where they are injected)" },
 };
 
 /**

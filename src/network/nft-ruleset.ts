@@ -21,11 +21,13 @@ export const POLICY_MAP = "sandbox_policy";
 
 /**
  * HEADER_HOSTS_NOTE: header rules (`network.rules`) are injected by the egress proxy into HTTP
- * over TCP. A client that speaks HTTP/3 would send its requests over QUIC (UDP 443) past the
- * proxy, without them. So the addresses a sandbox's DNS answers gave for names with header rules
- * (each sandbox's `_h` set, filled as the answers come, like its pinned set) are jumped to this
- * chain first, which refuses UDP to port 443 at once (an ICMP port unreachable, audited as
- * denied, letter Q): HTTP/3 clients then use TCP, where the headers are injected.
+ * over TCP. A client that speaks HTTP/3 would send its requests over QUIC past the proxy,
+ * without them, and QUIC runs on whatever UDP port the server's `Alt-Svc` names, not only 443.
+ * So the addresses a sandbox's DNS answers gave for names with header rules (each sandbox's `_h`
+ * set, filled as the answers come, like its pinned set) are jumped to this chain first, which
+ * refuses all UDP to them at once (an ICMP port unreachable, audited as denied, letter Q):
+ * HTTP/3 clients then use TCP, where the headers are injected. (DNS never gets here: it is
+ * redirected to the forwarder before routing.)
  */
 export const HEADER_HOSTS_CHAIN = "header_hosts";
 
@@ -84,7 +86,7 @@ table inet ${t} {
   }
 ${auditChains(options.logGroup)}
   chain ${HEADER_HOSTS_CHAIN} {
-    meta l4proto udp th dport 443 goto egress_quic
+    meta l4proto udp goto egress_quic
   }
   chain prerouting {
     type nat hook prerouting priority dstnat; policy accept;
@@ -130,7 +132,7 @@ ${auditChains(options.logGroup)}
  * not logged again), and each packet a denial drops (a dropped packet's entry is never
  * confirmed, so each is an attempt of its own), goes to the server's NFLOG group with its
  * verdict letter as the prefix (A allowed, D denied by policy, F denied by the floor, P private,
- * Q QUIC to a host with header rules: HEADER_HOSTS_NOTE).
+ * Q UDP (QUIC) to a host with header rules: HEADER_HOSTS_NOTE).
  * The helper's `flows` reads it (nflog.h) and KernelEgressLog turns it into an audit record;
  * nothing goes to the kernel's own log. Logging is limited per sandbox address and verdict
  * (LOG_RATE packets a second, bursts of twice that) so a flood costs the host a bounded amount

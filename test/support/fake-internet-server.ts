@@ -15,6 +15,7 @@
 import dgram from "node:dgram";
 import { readFileSync } from "node:fs";
 import http from "node:http";
+import http2 from "node:http2";
 import https from "node:https";
 import net from "node:net";
 import type { TLSSocket } from "node:tls";
@@ -109,6 +110,38 @@ function echoHandler(server: FakeHttpServerName) {
       const body = JSON.stringify({ ...echo, bodyBytes: record.bodyBytes });
       res.writeHead(200, { "content-type": "application/json", "content-length": Buffer.byteLength(body), "x-fake-server": server });
       res.end(body);
+    });
+  };
+}
+
+/** The HTTP/2 services: each stream recorded like an HTTP/1.1 request, answered with its echo. */
+function echoStream(server: FakeHttpServerName) {
+  return function handleEchoStream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders, _flags: number, raw: string[]): void {
+    const rawHeaders: [string, string][] = [];
+    for (let i = 0; i + 1 < raw.length; i += 2) if (!raw[i]!.startsWith(":")) rawHeaders.push([raw[i]!, raw[i + 1]!]);
+    const socket = stream.session?.socket as TLSSocket | undefined;
+    const record: RecordedRequest = {
+      time: Date.now(),
+      server,
+      method: String(headers[":method"] ?? ""),
+      path: String(headers[":path"] ?? ""),
+      host: headers[":authority"] as string | undefined,
+      headers: Object.fromEntries(rawHeaders.map(([name]) => [name, headers[name] as string | string[]])),
+      rawHeaders,
+      remoteAddress: socket?.remoteAddress ?? "",
+      remotePort: socket?.remotePort ?? 0,
+      tlsServername: server === "h2" ? ((socket as TLSSocket & { servername?: string | false })?.servername || undefined) : undefined,
+      bodyBytes: 0,
+    };
+    keep(requests, record);
+    stream.on("error", () => {});
+    stream.on("data", (chunk: Buffer) => {
+      record.bodyBytes += chunk.length;
+    });
+    stream.on("end", () => {
+      const { time: _time, bodyBytes: _bodyBytes, ...echo } = record;
+      stream.respond({ ":status": 200, "content-type": "application/json", "x-fake-server": server });
+      stream.end(JSON.stringify({ ...echo, bodyBytes: record.bodyBytes }));
     });
   };
 }
@@ -360,6 +393,8 @@ async function main(): Promise<void> {
     listen(tuneHttpServer(http.createServer(echoHandler("http"))), 80, httpAddress),
     listen(tuneHttpServer(https.createServer(tls, echoHandler("https"))), 443, httpsAddress),
     listen(tuneHttpServer(http.createServer(echoHandler("evil-http"))), 80, evil),
+    listen(http2.createServer().on("stream", echoStream("h2c")), 8080, httpAddress),
+    listen(http2.createSecureServer(tls).on("stream", echoStream("h2")), 8443, httpsAddress),
     listen(tuneHttpServer(https.createServer(tls, echoHandler("evil-https"))), 443, evil),
     startDnsUdp(),
     startDnsTcp(),

@@ -41,7 +41,8 @@ export interface FakeInternetServerConfig {
   socks?: FakeSocksConfig;
 }
 
-export type FakeHttpServerName = "http" | "https" | "evil-http" | "evil-https";
+/** `h2c`: cleartext HTTP/2 (prior knowledge) on the HTTP host's port 8080; `h2`: HTTP/2 over TLS on the HTTPS host's port 8443. */
+export type FakeHttpServerName = "http" | "https" | "evil-http" | "evil-https" | "h2c" | "h2";
 
 /** One HTTP request as a service saw it. */
 export interface RecordedRequest {

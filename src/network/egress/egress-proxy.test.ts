@@ -335,3 +335,85 @@ test("connections past the per-sandbox cap are denied; bad bytes and silence are
   for (const child of clients) child.kill("SIGKILL");
   await until(() => proxy.openConnections() === 0, "all to close", 5000);
 });
+
+const TOKEN_RULE = { Authorization: "Bearer ${e2b.secrets.TOKEN}", "X-Injected": "yes" };
+const h2 = (extra: Record<string, unknown>) => sandbox({ mode: "h2", host: destination, authority: "api.test.example", ...extra });
+
+test("HTTP/2 over TLS (ALPN h2): to an h2 destination as h2 with trailers, to an HTTP/1.1-only one as HTTP/1.1; headers set either way", needsRoot, async () => {
+  reset();
+  decide = (_sandbox, target) => ({ allowed: true, reason: "allowed domain", headers: target.domain === "api.test.example" ? TOKEN_RULE : undefined });
+  const viaH2 = await h2({ tls: true, port: 8443, servername: "api.test.example", ca: [upstreamCaPem, mitmCaPem], headers: { authorization: "sandbox's fake", "x-kept": "1", te: "trailers" }, method: "POST", body: "payload", path: "/grpc.Service/Call" });
+  assert.equal(viaH2.alpn, "h2", JSON.stringify(viaH2));
+  assert.equal(viaH2.status, 200, JSON.stringify(viaH2));
+  const echoed = JSON.parse(viaH2.body);
+  assert.equal(echoed.http2, true, "the destination was reached over h2");
+  assert.equal(echoed.tls, true);
+  assert.equal(echoed.headers.authorization, `Bearer ${SECRET}`);
+  assert.equal(echoed.headers["x-injected"], "yes");
+  assert.equal(echoed.headers["x-kept"], "1");
+  assert.equal(echoed.headers.te, "trailers", "TE: trailers is passed on (gRPC needs it)");
+  assert.equal(echoed.headers[":authority"], "api.test.example");
+  assert.equal(echoed.body, "payload");
+  assert.equal(echoed.url, "/grpc.Service/Call");
+  assert.deepEqual(viaH2.trailers, { "x-trailer": "done" }, "trailers come back");
+  // Port 443 speaks only HTTP/1.1: the proxy's h2 stream becomes an HTTP/1.1 request.
+  const viaH1 = await h2({ tls: true, port: 443, servername: "api.test.example", ca: [upstreamCaPem, mitmCaPem], headers: { cookie: ["a=1", "b=2"] }, path: "/v1?x=1" });
+  assert.equal(viaH1.alpn, "h2");
+  assert.equal(viaH1.status, 200, JSON.stringify(viaH1));
+  const echoedH1 = JSON.parse(viaH1.body);
+  assert.equal(echoedH1.http2, undefined);
+  assert.equal(echoedH1.headers.authorization, `Bearer ${SECRET}`);
+  assert.equal(echoedH1.headers.host, "api.test.example");
+  assert.equal(echoedH1.headers.cookie, "a=1; b=2", "h2's split cookies are joined for HTTP/1.1");
+  assert.equal(echoedH1.url, "/v1?x=1");
+  // Without header rules the TLS is spliced: the sandbox talks h2 to the real server.
+  decide = allowAll;
+  const spliced = await h2({ tls: true, port: 8443, servername: "api.test.example", ca: [upstreamCaPem] });
+  assert.equal(JSON.parse(spliced.body).headers.authorization, undefined);
+  await until(() => finishedRecords.length === 3, "the records to finish");
+  assert.ok(finishedRecords[0]!.bytesOut! > 0 && finishedRecords[0]!.bytesIn! > 0);
+});
+
+test("HTTP/2 requests for another authority get 421, an undefined secret 502, extended CONNECT 501; nothing reaches the destination", needsRoot, async () => {
+  reset();
+  decide = () => ({ allowed: true, reason: "allowed domain", headers: TOKEN_RULE });
+  const tlsH2 = { tls: true, port: 8443, servername: "api.test.example", ca: [upstreamCaPem, mitmCaPem] };
+  assert.equal((await h2({ ...tlsH2, authority: "other.test.example" })).status, 421);
+  decide = () => ({ allowed: true, reason: "allowed domain", headers: { Authorization: "Bearer ${e2b.secrets.MISSING}" } });
+  const missing = await h2(tlsH2);
+  assert.equal(missing.status, 502);
+  assert.match(missing.body, /secret "MISSING"/);
+  decide = () => ({ allowed: true, reason: "allowed domain", headers: TOKEN_RULE });
+  const connect = await h2({ ...tlsH2, method: "CONNECT", headers: { ":protocol": "websocket", ":scheme": "https", ":path": "/chat" } });
+  assert.ok(connect.status === 501 || connect.error, JSON.stringify(connect));
+});
+
+test("cleartext HTTP/2 with prior knowledge: intercepted for the name the verdict gives (H2C_NOTE), headers set, trailers back", needsRoot, async () => {
+  reset();
+  // The proxy learns no name from h2c's first bytes: the verdict names the host (as the egress service does from DNS pins).
+  let seen: EgressTarget | undefined;
+  decide = (_sandbox, target) => {
+    seen = target;
+    return { allowed: true, reason: "pinned", headers: target.h2c ? TOKEN_RULE : undefined, domain: target.h2c ? "api.test.example" : undefined };
+  };
+  const answer = await h2({ port: 8080, headers: { authorization: "sandbox's fake" } });
+  assert.equal(answer.status, 200, JSON.stringify(answer));
+  assert.equal(seen?.h2c, true);
+  assert.equal(seen?.domain, undefined);
+  assert.equal(records.at(-1)?.domain, "api.test.example", "the audit names the host the connection was held to");
+  const echoed = JSON.parse(answer.body);
+  assert.equal(echoed.http2, true);
+  assert.equal(echoed.tls, false);
+  assert.equal(echoed.headers.authorization, `Bearer ${SECRET}`);
+  assert.deepEqual(answer.trailers, { "x-trailer": "done" });
+  assert.equal((await h2({ port: 8080, authority: "other.test.example" })).status, 421);
+  // The preface, then bytes that are no HTTP/2 frames: the session ends, the proxy lives on.
+  const junk = await sandbox({ mode: "tcp", host: destination, port: 8080, text: `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n${"\u00ff".repeat(64)}` });
+  assert.ok(junk.error === "closed" || junk.echo !== undefined, JSON.stringify(junk));
+  await until(() => proxy.openConnections("sbx-1") === 0, "the junk connection to close");
+  assert.equal((await h2({ port: 8080 })).status, 200);
+  // A verdict without a domain: spliced, the sandbox's own header goes through untouched.
+  decide = () => ({ allowed: true, reason: "pinned" });
+  const spliced = await h2({ port: 8080, headers: { authorization: "sandbox's own" } });
+  assert.equal(JSON.parse(spliced.body).headers.authorization, "sandbox's own");
+});

@@ -14,6 +14,11 @@ export interface EgressVerdict {
   reason: string;
   /** The header rule's headers for this host (values may hold `${e2b.secrets.NAME}`): intercept and set them. */
   headers?: Record<string, string>;
+  /**
+   * The host the headers are for when the connection named none in its first bytes (cleartext
+   * h2: H2C_NOTE); each request must then name it.
+   */
+  domain?: string;
 }
 
 export interface EgressSandbox {
@@ -27,6 +32,8 @@ export interface EgressTarget {
   port: number;
   domain?: string;
   domainSource?: "sni" | "host";
+  /** The first bytes were HTTP/2's preface (cleartext, prior knowledge): H2C_NOTE. */
+  h2c?: boolean;
 }
 
 export interface EgressProxyLimits {
@@ -88,6 +95,8 @@ interface OpenConnection {
   target: EgressTarget | undefined;
   upstreamKey: string | undefined;
   headers: Record<string, string> | undefined;
+  /** The host whose headers an intercepted connection carries. */
+  interceptDomain: string | undefined;
   close(reason: string): void;
 }
 
@@ -176,6 +185,7 @@ export function createEgressProxy(options: EgressProxyOptions): EgressProxy {
       target: undefined,
       upstreamKey: undefined,
       headers: undefined,
+      interceptDomain: undefined,
       close(reason) {
         if (closed) return;
         log.info("egress connection closed", { sandboxId: record.sandboxId, address: record.address, port: record.port, domain: record.domain, reason });
@@ -205,7 +215,7 @@ export function createEgressProxy(options: EgressProxyOptions): EgressProxy {
     });
 
     const peek = await peekDomain(client, limits.peekTimeoutMs);
-    const target: EgressTarget = { ...original, domain: peek.domain, domainSource: peek.domainSource };
+    const target: EgressTarget = { ...original, domain: peek.domain, domainSource: peek.domainSource, ...(peek.h2Preface ? { h2c: true } : {}) };
     record.domain = peek.domain;
     connection.target = target;
     // The policy may have changed while the first bytes came.
@@ -225,9 +235,13 @@ export function createEgressProxy(options: EgressProxyOptions): EgressProxy {
       return finish();
     }
     const proxy = current.policy.egressProxy;
-    const intercept = verdict.headers !== undefined && Object.keys(verdict.headers).length > 0 && peek.domain !== undefined;
+    const interceptDomain = peek.domain ?? verdict.domain;
+    const intercept = verdict.headers !== undefined && Object.keys(verdict.headers).length > 0 && interceptDomain !== undefined;
     connection.upstreamKey = upstreamKeyOf(proxy);
     connection.headers = intercept ? verdict.headers : undefined;
+    connection.interceptDomain = intercept ? interceptDomain : undefined;
+    // Cleartext h2 named no host; the audit shows the one its requests are held to (H2C_NOTE).
+    if (intercept) record.domain = interceptDomain;
     record.verdict = "allowed";
     record.reason = verdict.reason;
     record.bytesOut = 0;
@@ -244,7 +258,7 @@ export function createEgressProxy(options: EgressProxyOptions): EgressProxy {
         client,
         head: peek.head,
         tls: peek.domainSource === "sni",
-        domain: peek.domain!,
+        domain: interceptDomain!,
         headers: () => connection.headers ?? {},
         issueCertificate: options.issueCertificate,
         upstreamCa: options.upstreamCa,
@@ -334,8 +348,9 @@ export function createEgressProxy(options: EgressProxyOptions): EgressProxy {
           connection.close("policy changed: egress proxy changed");
           continue;
         }
-        const intercept = verdict.headers !== undefined && Object.keys(verdict.headers).length > 0 && connection.target.domain !== undefined;
-        if (intercept !== (connection.headers !== undefined)) {
+        const interceptDomain = connection.target.domain ?? verdict.domain;
+        const intercept = verdict.headers !== undefined && Object.keys(verdict.headers).length > 0 && interceptDomain !== undefined;
+        if (intercept !== (connection.headers !== undefined) || (intercept ? interceptDomain : undefined) !== connection.interceptDomain) {
           connection.close("policy changed: header rules changed");
           continue;
         }

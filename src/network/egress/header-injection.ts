@@ -1,16 +1,20 @@
 import http from "node:http";
+import http2 from "node:http2";
 import type net from "node:net";
 import { Duplex } from "node:stream";
 import tls from "node:tls";
 import { createLogger } from "../../shared/log.js";
+import { H2_PREFACE, serveH2, type H2Upstream } from "./h2-injection.js";
 import { hostWithoutPort } from "./http-head.js";
+import { HOP_BY_HOP, resolveRuleHeaders } from "./rule-headers.js";
 
 const log = createLogger("egress-proxy");
 
 /**
  * Header injection: the egress proxy ends the sandbox's TLS with a certificate from Cubicle's CA
- * (or reads plaintext HTTP), and sends each HTTP/1.1 request on to the original destination with
- * the header rule's headers set, so a secret (`${e2b.secrets.NAME}`) never enters the sandbox.
+ * (or reads plaintext HTTP), and sends each request on to the original destination with the
+ * header rule's headers set, so a secret (`${e2b.secrets.NAME}`) never enters the sandbox.
+ * HTTP/1.1 here; HTTP/2 (ALPN h2, or cleartext prior knowledge) in h2-injection.ts.
  */
 export interface InjectionOptions {
   client: net.Socket;
@@ -37,8 +41,6 @@ export interface Injection {
   close(): void;
 }
 
-const HOP_BY_HOP = new Set(["connection", "keep-alive", "proxy-connection", "proxy-authorization", "transfer-encoding", "te", "trailer", "upgrade"]);
-const PLACEHOLDER = /\$\{e2b\.secrets\.([^}]*)\}/g;
 const MAX_SOCKETS_PER_CONNECTION = 4;
 
 interface ConnectionState {
@@ -81,7 +83,12 @@ export function startInjection(options: InjectionOptions): Injection {
   let closed = false;
   let stream: Duplex | undefined;
   const agent = new http.Agent({ keepAlive: true, maxSockets: MAX_SOCKETS_PER_CONNECTION, maxFreeSockets: MAX_SOCKETS_PER_CONNECTION });
+  // An h2 client's first upstream TLS connection that chose HTTP/1.1 is the agent's first socket.
+  let spareSocket: Duplex | undefined;
   (agent as unknown as { createConnection: unknown }).createConnection = (_opts: unknown, callback: (err: Error | null, socket?: Duplex) => void) => {
+    const spare = spareSocket;
+    spareSocket = undefined;
+    if (spare && !spare.destroyed) return void callback(null, spare);
     upstreamConnection(options).then(
       (socket) => callback(null, socket),
       (err: Error) => callback(err),
@@ -108,17 +115,61 @@ export function startInjection(options: InjectionOptions): Injection {
     requestParser().emit("connection", socket);
   };
 
+  // HTTP/2: the session keeps its own idle timer (its socket's is not refreshed by h2's reads).
+  const attachH2 = (socket: Duplex) => {
+    stream = socket;
+    socket.on("error", close);
+    socket.on("close", close);
+    // HTTP/2 has no use for a half-closed connection (RFC 9113 §5.1 closes streams, not the
+    // connection); a client that stops sending is gone, and the session would wait for it.
+    socket.once("end", close);
+    client.setTimeout(0);
+    serveH2(socket, {
+      domain: options.domain,
+      tls: options.tls,
+      headers: options.headers,
+      resolveSecret: options.resolveSecret,
+      upstream: () =>
+        h2Upstream(options, (spare) => {
+          spareSocket = spare;
+          return agent;
+        }),
+      idleTimeoutMs: options.idleTimeoutMs,
+      onActivity: options.onActivity,
+      close,
+    });
+  };
+
   if (options.tls) {
     // The ClientHello was read during the peek; TLSSocket reads a wrapped socket's buffered bytes first.
     client.unshift(options.head);
     options.issueCertificate(options.domain).then(
       (issued) => {
         if (closed) return;
-        const secure = new tls.TLSSocket(client, { isServer: true, secureContext: leafContext(issued), ALPNProtocols: ["http/1.1"] });
-        attach(secure);
+        const secure = new tls.TLSSocket(client, { isServer: true, secureContext: leafContext(issued), ALPNProtocols: ["h2", "http/1.1"] });
         // The TLS socket now owns the descriptor: the raw socket no longer sees traffic.
         client.setTimeout(0);
         secure.setTimeout(options.idleTimeoutMs, close);
+        secure.on("error", close);
+        secure.on("close", close);
+        // Which parser reads the requests waits for ALPN's choice; until then the handshake is
+        // read here, and a client that leaves during it ends the connection (a TLS socket still
+        // in its handshake does not close on the peer's FIN). No application data comes before
+        // "secure", which is emitted as the handshake ends, and the parser attaches then.
+        secure.resume();
+        secure.once("end", close);
+        secure.once("secure", () => {
+          secure.off("end", close);
+          if (closed) return;
+          if (secure.alpnProtocol === "h2") {
+            // Node clears this flag only for a tls.Server's sockets; an HTTP/2 session on a TLS
+            // socket still "connecting" waits for a secureConnect that a server side never emits.
+            (secure as tls.TLSSocket & { secureConnecting: boolean }).secureConnecting = false;
+            secure.setTimeout(0);
+            attachH2(secure);
+          }
+          else attach(secure);
+        });
       },
       (err: Error) => {
         log.warn("no certificate for header injection", { domain: options.domain, error: err.message });
@@ -128,7 +179,9 @@ export function startInjection(options: InjectionOptions): Injection {
   } else {
     // http.Server consumes a net.Socket's handle directly and would skip bytes already read, so
     // plaintext goes through a stream of its own that replays them first.
-    attach(replayingStream(client, options.head));
+    const replayed = replayingStream(client, options.head);
+    if (options.head.subarray(0, H2_PREFACE.length).equals(H2_PREFACE)) attachH2(replayed);
+    else attach(replayed);
   }
   return { close };
 }
@@ -150,33 +203,20 @@ function forward(state: ConnectionState, req: http.IncomingMessage, res: http.Se
     return reply(421, `egress proxy: this connection is for ${options.domain}`);
   }
 
-  const rules = options.headers();
-  const ruleNames = new Set(Object.keys(rules).map((name) => name.toLowerCase()));
+  const rule = resolveRuleHeaders(options.headers(), options.domain, options.resolveSecret);
+  if ("error" in rule) {
+    req.resume();
+    return reply(502, rule.error);
+  }
   const connectionTokens = new Set((req.headers.connection ?? "").split(",").map((token) => token.trim().toLowerCase()));
   const headers: string[] = [];
   for (let i = 0; i + 1 < req.rawHeaders.length; i += 2) {
     const name = req.rawHeaders[i]!;
     const lower = name.toLowerCase();
-    if (HOP_BY_HOP.has(lower) || connectionTokens.has(lower) || ruleNames.has(lower)) continue;
+    if (HOP_BY_HOP.has(lower) || connectionTokens.has(lower) || rule.names.has(lower)) continue;
     headers.push(name, req.rawHeaders[i + 1]!);
   }
-  for (const [name, template] of Object.entries(rules)) {
-    let missing: string | undefined;
-    const value = template.replace(PLACEHOLDER, (_match, secret: string) => {
-      const resolved = options.resolveSecret(secret);
-      if (resolved === undefined) missing ??= secret;
-      return resolved ?? "";
-    });
-    if (missing !== undefined) {
-      req.resume();
-      return reply(502, `egress proxy: the secret ${JSON.stringify(missing)} of the header rule for ${options.domain} is not defined`);
-    }
-    if (/[\r\n\0]/.test(value)) {
-      req.resume();
-      return reply(502, `egress proxy: the header ${name} for ${options.domain} resolves to an invalid value`);
-    }
-    headers.push(name, value);
-  }
+  for (const [name, value] of rule.headers) headers.push(name, value);
   if (req.headers["transfer-encoding"] !== undefined) headers.push("Transfer-Encoding", "chunked");
 
   let upstream: http.ClientRequest;
@@ -234,9 +274,30 @@ async function upstreamConnection(options: InjectionOptions): Promise<Duplex> {
     raw.resume();
     return raw;
   }
+  return upstreamTls(options, raw, ["http/1.1"]);
+}
+
+/**
+ * The destination for an h2 client: h2 again where it can (cleartext: the client's prior
+ * knowledge holds for it; TLS: if its ALPN chooses h2), else HTTP/1.1 through the connection's
+ * agent, which `useForHttp1` hands the TLS socket already made.
+ */
+async function h2Upstream(options: InjectionOptions, useForHttp1: (socket: Duplex) => http.Agent): Promise<H2Upstream> {
+  const raw = await options.dial();
+  if (!options.tls) {
+    // dial() leaves the socket paused, and a paused socket's handle is not read by the session either.
+    raw.resume();
+    return { kind: "h2", session: http2.connect(`http://${options.domain}`, { createConnection: () => raw }) };
+  }
+  const secure = await upstreamTls(options, raw, ["h2", "http/1.1"]);
+  if (secure.alpnProtocol === "h2") return { kind: "h2", session: http2.connect(`https://${options.domain}`, { createConnection: () => secure }) };
+  return { kind: "h1", agent: useForHttp1(secure) };
+}
+
+function upstreamTls(options: InjectionOptions, raw: net.Socket, ALPNProtocols: string[]): Promise<tls.TLSSocket> {
   const secureContext = upstreamContext(options.upstreamCa);
   return new Promise((resolve, reject) => {
-    const secure = tls.connect({ socket: raw, servername: options.domain, secureContext, ALPNProtocols: ["http/1.1"] });
+    const secure = tls.connect({ socket: raw, servername: options.domain, secureContext, ALPNProtocols });
     secure.once("secureConnect", () => {
       secure.off("error", reject);
       resolve(secure);

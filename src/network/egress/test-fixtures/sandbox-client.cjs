@@ -1,9 +1,12 @@
 // The "sandbox" of egress-proxy.test.ts, run inside its source namespace. argv[2] is a JSON
 // request; prints one JSON line with what happened.
 //   {mode: "http"|"https", host, port, hostHeader, servername, ca: [pem], headers, path}
+//   {mode: "h2", host, port, tls, authority, servername, ca, headers, path, method, body}
+//                                               -> {status, body, trailers, alpn} or {error}
 //   {mode: "tcp", host, port, text, delayMs}    -> {echo} or {error}
 //   {mode: "hold", host, port}                  -> prints {connected: true}, pings every 50 ms, then {closed, error, echoes}
 const http = require("node:http");
+const http2 = require("node:http2");
 const https = require("node:https");
 const net = require("node:net");
 const request = JSON.parse(process.argv[2]);
@@ -33,6 +36,19 @@ if (request.mode === "http" || request.mode === "https") {
   });
   req.on("error", (err) => done({ error: err.code ?? err.message }));
   req.end(request.body);
+} else if (request.mode === "h2") {
+  const session = http2.connect(`${request.tls ? "https" : "http"}://${request.host}:${request.port}`, { servername: request.servername, ca: request.ca });
+  session.on("error", (err) => done({ error: err.code ?? err.message }));
+  const stream = session.request({ ":method": request.method ?? "GET", ":path": request.path ?? "/", ":authority": request.authority, ...request.headers });
+  let status;
+  let body = "";
+  let trailers;
+  stream.on("response", (headers) => (status = headers[":status"]));
+  stream.on("trailers", (received) => (trailers = received));
+  stream.on("data", (chunk) => (body += chunk));
+  stream.on("end", () => done({ status, body, trailers, alpn: session.alpnProtocol }));
+  stream.on("error", (err) => done({ status, body, error: err.code ?? err.message }));
+  stream.end(request.body);
 } else if (request.mode === "tcp") {
   const socket = net.connect(request.port, request.host);
   let echo = "";
