@@ -51,13 +51,15 @@ export interface EgressService {
 
 /** A pin the DNS forwarder records is also handed to the kernel (UDP, ICMP to that address). */
 class KernelPinnedAddresses extends PinnedAddresses {
-  constructor(private readonly toKernel: (sandboxId: string, name: string, addresses: readonly string[], ttlSec: number) => void) {
+  constructor(private readonly toKernel: (sandboxId: string, name: string, addresses: readonly string[], ttlSec: number) => Promise<void>) {
     super();
   }
 
-  override pin(sandboxId: string, name: string, addresses: readonly string[], ttlSec: number): void {
+  /** Settles once the kernel's sets hold the addresses (the DNS answer waits for it: DNS_PIN_NOTE). */
+  override pin(sandboxId: string, name: string, addresses: readonly string[], ttlSec: number): Promise<void> {
     super.pin(sandboxId, name, addresses, ttlSec);
-    if (addresses.length > 0) this.toKernel(sandboxId, normalizeDomain(name), addresses, Math.min(MAX_PIN_SECONDS, Math.max(MIN_PIN_SECONDS, ttlSec)));
+    if (addresses.length === 0) return Promise.resolve();
+    return this.toKernel(sandboxId, normalizeDomain(name), addresses, Math.min(MAX_PIN_SECONDS, Math.max(MIN_PIN_SECONDS, ttlSec)));
   }
 }
 
@@ -83,9 +85,9 @@ export function createEgressService(options: EgressServiceOptions): EgressServic
     record.sandboxId = options.sandboxIdOf(record.sandboxId) ?? record.sandboxId;
     options.audit.record(record);
   };
-  const pinned = new KernelPinnedAddresses((sandboxId, name, addresses, ttlSec) => {
-    options.pinInKernel(sandboxId, name, addresses, ttlSec).catch((err) => log.warn("could not pin addresses in nftables", { sandboxId, error: String(err) }));
-  });
+  const pinned = new KernelPinnedAddresses((sandboxId, name, addresses, ttlSec) =>
+    options.pinInKernel(sandboxId, name, addresses, ttlSec).catch((err) => log.warn("could not pin addresses in nftables", { sandboxId, error: String(err) })),
+  );
 
   const dns: DnsForwarder = createDnsForwarder({
     listenHost: "0.0.0.0",

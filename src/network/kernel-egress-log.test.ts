@@ -5,7 +5,8 @@ import { test } from "node:test";
 import { defaultDistDir } from "../shared/config.js";
 import { runCommand } from "../shared/exec.js";
 import type { EgressRecord } from "./egress-types.js";
-import { KernelEgressLog, firstLogGroup, parseLogLine } from "./kernel-egress-log.js";
+import { KernelEgressLog, PAST_LOG_LIMIT, firstLogGroup, parseLogLine } from "./kernel-egress-log.js";
+import { auditChains } from "./nft-ruleset.js";
 
 test("the helper's log lines become the parts of an audit record", () => {
   assert.deepEqual(parseLogLine("log D udp 10.88.0.2 40000 198.18.3.10 7 29 1"), {
@@ -138,6 +139,57 @@ test("logged packets become records: allowed flows get their bytes on release, d
     sender.close();
     receiver.close();
     await Promise.all([log.stop(), other.stop()]);
+    await runCommand(["nft", "delete", "table", "inet", table], { allowFailure: true });
+  }
+});
+
+test("past the log's rate limit, one packet a second per sandbox is still recorded, saying the rest were not (the ruleset's own chains)", { skip: process.getuid?.() !== 0 && "needs root" }, async () => {
+  const table = `cubicle_nflim_${process.pid.toString(36)}`;
+  const records: EgressRecord[] = [];
+  const log = new KernelEgressLog({
+    firstGroup: firstLogGroup(table),
+    helperPath: path.join(defaultDistDir(), "sandbox-helper"),
+    subnet: "127.0.0.0/8",
+    sandboxFor: (address: string) => (address === "127.0.0.1" ? "isandbox" : undefined),
+    audit: (record) => records.push(record),
+    finished: () => undefined,
+  });
+  const sender = dgram.createSocket("udp4");
+  sender.on("error", () => undefined);
+  try {
+    const group = await log.start();
+    assert.ok(group !== undefined);
+    await new Promise<void>((resolve) => sender.bind(0, "127.0.0.1", resolve));
+    // The chains as the server writes them, at 5 flows a second (bursts of 10) so a test crosses it quickly.
+    await runCommand(["nft", "-f", "-"], {
+      input: `table inet ${table} {
+${auditChains(group, 5)}
+ chain out {
+  type filter hook output priority 0; policy accept;
+  ip saddr 127.0.0.1 ip daddr 127.0.0.9 udp dport 31000-31999 goto egress_denied
+ }
+}
+`,
+    });
+    const burst = async (first: number) => {
+      for (let port = first; port < first + 60; port++) await new Promise<void>((resolve) => sender.send(Buffer.alloc(10), port, "127.0.0.9", () => resolve()));
+    };
+    const past = () => records.filter((r) => r.reason.includes(PAST_LOG_LIMIT));
+    await burst(31000);
+    for (let i = 0; i < 60 && past().length === 0; i++) await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.equal(past().length, 1, `one record for the flows past the limit: ${JSON.stringify(records.map((r) => [r.port, r.reason]))}`);
+    assert.equal(past()[0]!.verdict, "denied");
+    assert.match(past()[0]!.reason, /^denied by policy; /);
+    const recorded = records.filter((r) => !r.reason.includes(PAST_LOG_LIMIT));
+    assert.ok(recorded.length >= 10 && recorded.length < 30, `the burst's first flows each have a record, the rest none: ${recorded.length}`);
+    // A second later the limit lets one more through.
+    await new Promise((resolve) => setTimeout(resolve, 1100));
+    await burst(31100);
+    for (let i = 0; i < 60 && past().length < 2; i++) await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.equal(past().length, 2);
+  } finally {
+    sender.close();
+    await log.stop();
     await runCommand(["nft", "delete", "table", "inet", table], { allowFailure: true });
   }
 });

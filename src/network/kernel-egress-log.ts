@@ -3,6 +3,7 @@ import { isIPv4 } from "node:net";
 import { createInterface } from "node:readline";
 import { createLogger } from "../shared/log.js";
 import type { EgressRecord } from "./egress-types.js";
+import { LOG_RATE } from "./nft-ruleset.js";
 
 const log = createLogger("egress-log");
 
@@ -10,12 +11,20 @@ const log = createLogger("egress-log");
 const START_TIMEOUT_MS = 10_000;
 
 /** The verdict letters of the NFLOG prefixes (nft-ruleset.ts, KERNEL_LOG_NOTE). */
-const VERDICTS: Record<string, { verdict: EgressRecord["verdict"]; reason: string }> = {
+const VERDICT_LETTERS: Record<string, { verdict: EgressRecord["verdict"]; reason: string }> = {
   A: { verdict: "allowed", reason: "allowed by policy" },
   D: { verdict: "denied", reason: "denied by policy" },
   F: { verdict: "denied", reason: "host, sandbox, loopback, link-local or reserved address" },
   P: { verdict: "denied", reason: "private address" },
   Q: { verdict: "denied", reason: "UDP to a host with header rules (QUIC is refused so the client uses TCP, where they are injected)" },
+};
+
+/** The reason's tail of a lowercase letter: the first packet past the log's rate limit in a second. */
+export const PAST_LOG_LIMIT = `past the audit's limit of ${LOG_RATE} new flows a second from this sandbox: the flows after this one in the same second are not recorded`;
+
+const VERDICTS: Record<string, { verdict: EgressRecord["verdict"]; reason: string }> = {
+  ...VERDICT_LETTERS,
+  ...Object.fromEntries(Object.entries(VERDICT_LETTERS).map(([letter, kind]) => [letter.toLowerCase(), { verdict: kind.verdict, reason: `${kind.reason}; ${PAST_LOG_LIMIT}` }])),
 };
 
 /**

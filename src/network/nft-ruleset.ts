@@ -137,18 +137,29 @@ ${auditChains(options.logGroup)}
  * nothing goes to the kernel's own log. Logging is limited per sandbox address and verdict
  * (LOG_RATE packets a second, bursts of twice that) so a flood costs the host a bounded amount
  * of work, and the helper folds a second's denied packets to one target into one record (its
- * `attempts`). The verdict itself applies to every packet, logged or not.
+ * `attempts`). Past the limit, one packet a second per sandbox and verdict is still logged,
+ * with the verdict's letter in lowercase: its record says that the flows after it in that
+ * second were not recorded (how many is not known), so a flood is never silent in the audit.
+ * The verdict itself applies to every packet, logged or not.
  */
 export const LOG_RATE = 2000;
 
-function auditChains(group: number | undefined): string {
-  const chain = (name: string, letter: string, verdict: string) => `  set rl_${letter} {
+/** The verdict chains and their rate-limit sets; `rate` other than LOG_RATE only in tests. */
+export function auditChains(group: number | undefined, rate = LOG_RATE): string {
+  const chain = (name: string, letter: string, verdict: string) => {
+    const firstPacket = "ct state new ct status & confirmed == 0";
+    return `  set rl_${letter} {
+    type ipv4_addr; flags dynamic,timeout; timeout 1m; size 65536
+  }
+  set ro_${letter} {
     type ipv4_addr; flags dynamic,timeout; timeout 1m; size 65536
   }
   chain ${name} {
-${group === undefined ? "" : `    ct state new ct status & confirmed == 0 update @rl_${letter} { ip saddr limit rate ${LOG_RATE}/second burst ${2 * LOG_RATE} packets } log group ${group} prefix "${letter}"
+${group === undefined ? "" : `    ${firstPacket} update @rl_${letter} { ip saddr limit rate ${rate}/second burst ${2 * rate} packets } log group ${group} prefix "${letter}" ${verdict}
+    ${firstPacket} update @ro_${letter} { ip saddr limit rate 1/second burst 1 packets } log group ${group} prefix "${letter.toLowerCase()}" ${verdict}
 `}    ${verdict}
   }`;
+  };
   return [
     chain("egress_allowed", "A", "accept"),
     chain("egress_denied", "D", "counter drop"),

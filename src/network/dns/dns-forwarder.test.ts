@@ -554,3 +554,39 @@ describe("readResolvConfNameservers", () => {
     }
   });
 });
+
+describe("the answer waits for the kernel's pins (DNS_PIN_NOTE)", () => {
+  /** Pins that reach "the kernel" after `delayMs` (never, for Infinity). */
+  class SlowPins extends PinnedAddresses {
+    readonly settled: string[] = [];
+    constructor(private readonly delayMs: number) {
+      super();
+    }
+    override pin(sandboxId: string, name: string, addresses: readonly string[], ttlSec: number): Promise<void> {
+      super.pin(sandboxId, name, addresses, ttlSec);
+      if (!Number.isFinite(this.delayMs)) return new Promise(() => undefined);
+      return new Promise((resolve) => setTimeout(() => resolve(void this.settled.push(name)), this.delayMs));
+    }
+  }
+
+  it("goes back only once every name of the chain is pinned; a pin that never settles delays it at most a second", async () => {
+    const slow = new SlowPins(150);
+    const harness = await startHarness({ pinned: slow });
+    try {
+      const answer = await udpAsk(SANDBOX_A, harness.port, query("www.chain.test").bytes);
+      assert.deepEqual(addresses(answer), ["192.0.2.50"]);
+      assert.deepEqual(slow.settled.sort(), ["edge.cdn.test", "origin.cdn.test", "www.chain.test"], "all three pinned before the answer came");
+    } finally {
+      await harness.close();
+    }
+    const stuck = await startHarness({ pinned: new SlowPins(Infinity) });
+    try {
+      const started = Date.now();
+      const answer = await udpExchange(SANDBOX_A, stuck.port, query("www.example.test").bytes, 3000);
+      assert.ok(answer, "answered despite the stuck pin");
+      assert.ok(Date.now() - started >= 900, `waited for the pin: ${Date.now() - started} ms`);
+    } finally {
+      await stuck.close();
+    }
+  });
+});

@@ -115,6 +115,8 @@ const MAX_TCP_PENDING_OUTPUT = 256 * 1024;
 /** Rate-limit records per sandbox: at most one per this many milliseconds. */
 const LIMIT_AUDIT_INTERVAL_MS = 1000;
 const SWEEP_INTERVAL_MS = 30_000;
+/** The longest a DNS answer waits for its addresses to be pinned in the kernel (DNS_PIN_NOTE). */
+const PIN_WAIT_MS = 1000;
 /** Types never forwarded: zone transfers and ANY (amplification, and a whole zone at once). */
 const REFUSED_TYPES = new Set<number>([DnsType.ANY, DnsType.AXFR, DnsType.IXFR, DnsType.MAILA, DnsType.MAILB, DnsType.OPT]);
 /** Host names, SRV and DKIM style `_labels`; anything else (spaces, dots inside labels, bytes) is refused. */
@@ -305,7 +307,7 @@ export function createDnsForwarder(options: DnsForwarderOptions): DnsForwarder {
     const opt = message.additionals.find((record) => record.type === DnsType.OPT);
     const upstream = await resolve(question, header, opt !== undefined, client.transport);
     if (!upstream) return reply(echo, DnsRcode.SERVFAIL);
-    if (upstream.message.header.rcode === DnsRcode.NOERROR) pin(sandbox.sandboxId, question.name, upstream.message);
+    if (upstream.message.header.rcode === DnsRcode.NOERROR) await pin(sandbox.sandboxId, question.name, upstream.message);
     const bytes = Buffer.from(upstream.bytes);
     bytes.writeUInt16BE(header.id, 0);
     const clientLimit = client.transport === "tcp" ? MAX_MESSAGE_BYTES : opt ? Math.min(MAX_UDP_BYTES, Math.max(PLAIN_UDP_BYTES, opt.class)) : PLAIN_UDP_BYTES;
@@ -313,8 +315,16 @@ export function createDnsForwarder(options: DnsForwarderOptions): DnsForwarder {
     return bytes;
   };
 
-  /** Pins the A records of the asked name and of every name along its CNAME chain, for each of those names. */
-  const pin = (sandboxId: string, asked: string, message: DnsMessage) => {
+  /**
+   * Pins the A records of the asked name and of every name along its CNAME chain, for each of
+   * those names.
+   *
+   * DNS_PIN_NOTE: the answer goes back only once the pins are in place everywhere, the kernel's
+   * sets included (an allowlist's UDP/ICMP, the header hosts' UDP refusal): a client that sends
+   * its first datagram the moment it has the address must meet the rules that address brings.
+   * A kernel pin that takes longer than PIN_WAIT_MS is not waited for further.
+   */
+  const pin = async (sandboxId: string, asked: string, message: DnsMessage): Promise<void> => {
     const chain = new Set([asciiLowerCase(asked)]);
     // A chain can list its CNAMEs in any order: repeat until nothing new (at most one pass per record).
     for (let pass = 0; pass <= message.answers.length; pass++) {
@@ -336,7 +346,10 @@ export function createDnsForwarder(options: DnsForwarderOptions): DnsForwarder {
       }
     }
     if (addresses.length === 0) return;
-    for (const name of chain) options.pinned.pin(sandboxId, name, addresses, ttl);
+    const pinned = Promise.all([...chain].map((name) => options.pinned.pin(sandboxId, name, addresses, ttl)));
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([pinned, new Promise((resolve) => (timer = setTimeout(resolve, PIN_WAIT_MS)))]);
+    clearTimeout(timer);
   };
 
   /** Asks upstream: two tries (the second on the next upstream, if any), a TCP fallback on TC. */

@@ -62,8 +62,11 @@ export class PinnedAddresses {
     this.maxPinsPerSandbox = Math.max(1, options.maxPinsPerSandbox ?? DEFAULT_MAX_PINS_PER_SANDBOX);
   }
 
-  /** Pins `addresses` for `name` until now + clamp(ttlSec, 30 s, 1 h). */
-  pin(sandboxId: string, name: string, addresses: readonly string[], ttlSec: number): void {
+  /**
+   * Pins `addresses` for `name` until now + clamp(ttlSec, 30 s, 1 h). A subclass that also pins
+   * elsewhere (the kernel's sets) returns a promise that settles once that is done.
+   */
+  pin(sandboxId: string, name: string, addresses: readonly string[], ttlSec: number): void | Promise<void> {
     if (addresses.length === 0) return;
     const seconds = Math.min(MAX_PIN_SECONDS, Math.max(MIN_PIN_SECONDS, Number.isFinite(ttlSec) ? ttlSec : 0));
     const expiresAt = this.now() + seconds * 1000;

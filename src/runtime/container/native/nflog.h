@@ -9,7 +9,8 @@
  *     log L udp SRC SPORT DST DPORT BYTES COUNT
  *     log L tcp SRC SPORT DST DPORT BYTES COUNT
  *     log L icmp SRC ID DST TYPE CODE BYTES COUNT
- *   L is the rule's prefix letter (its verdict); BYTES the IP length. A denied packet (L not A)
+ *   L is the rule's prefix letter (its verdict; lowercase: the first packet past the log's rate
+ *   limit in a second, KERNEL_LOG_NOTE); BYTES the IP length. A denied packet (L not A)
  *   to the same destination, protocol and port (ICMP: type) as one already seen in the same
  *   second is folded into that line: COUNT packets, BYTES their sum, printed when the second
  *   ends, so a flood against one destination is one line a second, not one a packet. Allowed
@@ -97,7 +98,7 @@ static int nflog_parse(const struct nlmsghdr *message, struct nflog_packet *pack
   const struct rtattr *prefix = attrs[NFULA_PREFIX], *payload = attrs[NFULA_PAYLOAD];
   if (!prefix || !payload || RTA_PAYLOAD(prefix) < 1) return 0;
   packet->letter = *(const char *)RTA_DATA(prefix);
-  if (!isupper((unsigned char)packet->letter)) return 0;
+  if (!isalpha((unsigned char)packet->letter)) return 0;
   const uint8_t *bytes = RTA_DATA(payload);
   size_t length = RTA_PAYLOAD(payload);
   if (length < sizeof(struct iphdr)) return 0;
