@@ -51,7 +51,8 @@ const status = runNodeTests(files);
 // E2E_RUNTIME_NOTE: the whole suite's e2e tests run against containers; a bounded part of them
 // (MICROVM_E2E_FILES: commands and files through the SDK, the network policy with its bypass
 // battery, sessions, snapshots with fork and rollback, pause, the lifecycle, boot identity, the
-// code interpreter and the egress proxy's features; ~20 min under TCG) runs again with every sandbox a microVM
+// code interpreter, the egress proxy's features, the idle tiers and crash recovery; ~25 min under
+// TCG) runs again with every sandbox a microVM
 // (test/e2e/harness.ts e2eRuntime), so both runtimes answer the same tests in CI. Any other e2e
 // file runs against microVMs with `CUBICLE_E2E_RUNTIME=microvm ./cubicle test test/e2e/<file>`.
 const MICROVM_E2E_FILES = [
@@ -65,6 +66,8 @@ const MICROVM_E2E_FILES = [
   "test/e2e/boot-identity.test.ts",
   "test/e2e/code-interpreter.test.ts",
   "test/e2e/egress-features.test.ts",
+  "test/e2e/idle.test.ts",
+  "test/e2e/recovery.test.ts",
 ];
 let microvmStatus = 0;
 if (filters.length === 0 && process.env.CUBICLE_E2E_RUNTIME === undefined) {

@@ -54,7 +54,7 @@ describe("agent server", () => {
 
   it("serves /metrics with upstream's fields", async () => {
     const m = (await (await fetch(`${base}/metrics`)).json()) as Record<string, number>;
-    for (const key of ["ts", "cpu_count", "cpu_used_pct", "mem_total", "mem_used", "mem_cache", "mem_total_mib", "mem_used_mib", "disk_used", "disk_total"]) {
+    for (const key of ["ts", "cpu_count", "cpu_used_pct", "mem_total", "mem_used", "mem_cache", "mem_total_mib", "mem_used_mib", "disk_used", "disk_total", "cubicle_cpu_busy_usec"]) {
       assert.equal(typeof m[key], "number", key);
     }
     assert.ok(m.mem_total! > 0 && m.disk_total! > 0);

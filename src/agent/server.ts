@@ -241,6 +241,12 @@ export interface AgentMetrics {
   mem_used_mib: number;
   disk_used: number;
   disk_total: number;
+  /**
+   * Cubicle's: the busy CPU time (user, nice, system, irq, softirq) of the machine this agent
+   * sees, since its boot, in µs. In a microVM that machine is the sandbox, and the idle tiers
+   * read it (GUEST_CPU_NOTE); in a container it is the host's, and nothing reads it.
+   */
+  cubicle_cpu_busy_usec: number;
 }
 
 let lastCpuSample: { busy: number; total: number } | undefined;
@@ -272,6 +278,18 @@ function cpuUsedPct(): number {
   const dTotal = sample.total - previous.total;
   if (dTotal <= 0) return 0;
   return Math.round(((sample.busy - previous.busy) / dTotal) * 10000) / 100;
+}
+
+/** USER_HZ, the unit of /proc/stat: 100 on every Linux architecture Cubicle runs on. */
+const CLOCK_TICKS_PER_SECOND = 100;
+
+/** The busy time of /proc/stat's first line since boot, in µs (no state: any caller may ask). */
+function cpuBusyUsec(): number {
+  const line = readText("/proc/stat")?.split("\n", 1)[0];
+  if (!line?.startsWith("cpu ")) return 0;
+  const [user = 0, nice = 0, system = 0, , , irq = 0, softirq = 0] = line.trim().split(/\s+/).slice(1).map(Number);
+  const ticks = [user, nice, system, irq, softirq].reduce((a, b) => a + (Number.isFinite(b) ? b : 0), 0);
+  return ticks * (1_000_000 / CLOCK_TICKS_PER_SECOND);
 }
 
 /** Memory from the sandbox's cgroup when it has a limit (v2, then v1), else /proc/meminfo. */
@@ -325,5 +343,6 @@ export function collectMetrics(): AgentMetrics {
     mem_used_mib: Math.floor(mem.used / mib),
     disk_used: d.used,
     disk_total: d.total,
+    cubicle_cpu_busy_usec: cpuBusyUsec(),
   };
 }

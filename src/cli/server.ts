@@ -111,24 +111,25 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
   const containers = createContainerRuntime(config);
   // The microVM runtime beside the containers when configured (RUNTIME_SET_NOTE); QEMU starts in a
   // sandbox's netns through the containers' resident helper.
-  const runtime =
+  const microvms =
     config.microvm === "off"
-      ? containers
-      : new RuntimeSet([
-          containers,
-          new MicrovmRuntime({
-            stateDir: config.stateDir,
-            runDir: config.runDir,
-            distDir: config.distDir,
-            accel: config.microvm,
-            launcher: helperLauncher(containers.helper),
-            // Templates the builder made: their layer images are the containers'.
-            templateLayerDir: (template) => containers.templateLayer(template),
-            layerExists: (id) => containers.images.exists(id),
-            // Volumes and codebases (MICROVM_SHARES_NOTE) are bound and unmounted by it too.
-            hostHelper: containers.helper,
-          }),
-        ]);
+      ? undefined
+      : new MicrovmRuntime({
+        stateDir: config.stateDir,
+        runDir: config.runDir,
+        distDir: config.distDir,
+        accel: config.microvm,
+        launcher: helperLauncher(containers.helper),
+        // Templates the builder made: their layer images are the containers'.
+        templateLayerDir: (template) => containers.templateLayer(template),
+        layerExists: (id) => containers.images.exists(id),
+        // Volumes and codebases (MICROVM_SHARES_NOTE) are bound and unmounted by it too.
+        hostHelper: containers.helper,
+        // One image budget for both runtimes (IMAGE_BUDGET_NOTE): the storage pool's.
+        imageBudget: () => ({ otherUsedBytes: containers.images.usedBytes(), limitBytes: containers.imageBudget().limitBytes }),
+      });
+  if (microvms) containers.otherImagesBytes = () => microvms.images.usedBytes();
+  const runtime = microvms ? new RuntimeSet([containers, microvms]) : containers;
   network = createNetworkManager(config, {
     tableName: config.nftTable,
     egressPorts,

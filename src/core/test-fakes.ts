@@ -157,7 +157,18 @@ export class FakeRuntime implements Runtime {
   /** CPU time per container (µs) that cpuTimeUsec reports: a test adds to it to make a sandbox look busy. */
   readonly cpuUsec = new Map<string, number>();
 
+  /** Set: cpuTimeUsec answers `unimplemented`, as a microVM runtime's does (GUEST_CPU_NOTE). */
+  cpuTimeUnknown = false;
+
+  /** What idleCpuShare answers (undefined: the idle tiers' default). */
+  idleShare: number | undefined;
+
+  async idleCpuShare(): Promise<number | undefined> {
+    return this.idleShare;
+  }
+
   async cpuTimeUsec(id: string): Promise<number> {
+    if (this.cpuTimeUnknown) throw new CubicleError("unimplemented", "this runtime cannot tell a sandbox's CPU time");
     if (!this.containers.has(id)) throw new CubicleError("not_found", `no container ${id}`);
     return this.cpuUsec.get(id) ?? 0;
   }

@@ -61,6 +61,12 @@ export interface AgentLink {
    */
   runningProcessCount(address: string, accessToken: string | undefined, timeoutMs?: number): Promise<number>;
   /**
+   * The busy CPU time (µs since boot) of the machine the agent runs on, from its `/metrics`
+   * (GUEST_CPU_NOTE): a microVM's own CPU use, without its emulator's. The agent is untrusted:
+   * a wrong answer only makes its own sandbox look idle (frozen sooner) or busy (kept awake).
+   */
+  guestCpuTimeUsec(address: string, accessToken: string | undefined, timeoutMs?: number): Promise<number>;
+  /**
    * Destroys the idle keep-alive sockets to one address (before a memory dump, so that no idle
    * connection is carried into an image restored elsewhere). Returns how many.
    */

@@ -16,7 +16,8 @@ export type AgentLinkCall =
   | { method: "startKernel"; address: string; timeoutMs: number }
   | { method: "sync"; address: string; accessToken: string | undefined }
   | { method: "dropIdleSockets"; address: string }
-  | { method: "runningProcessCount"; address: string; accessToken: string | undefined };
+  | { method: "runningProcessCount"; address: string; accessToken: string | undefined }
+  | { method: "guestCpuTimeUsec"; address: string; accessToken: string | undefined };
 
 export interface FakeAgentLink extends AgentLink {
   /** Every call, in order. */
@@ -30,6 +31,8 @@ export interface FakeAgentLink extends AgentLink {
   callsOf<M extends AgentLinkMethod>(method: M): Extract<AgentLinkCall, { method: M }>[];
   /** What `runningProcessCount` answers (default 0). */
   processCount: number;
+  /** What `guestCpuTimeUsec` answers (default 0): a test adds to it to make a guest look busy. */
+  guestCpuUsec: number;
 }
 
 /** A FakeAgentLink; its `httpAgent` is a real keep-alive agent, so proxying through it works. */
@@ -68,6 +71,14 @@ export function createFakeAgentLink(failures: FakeAgentLink["failures"] = {}): F
       const error = failureFor(call);
       if (error) throw error;
       return this.processCount;
+    },
+    guestCpuUsec: 0,
+    async guestCpuTimeUsec(address: string, accessToken: string | undefined) {
+      const call: AgentLinkCall = { method: "guestCpuTimeUsec", address, accessToken };
+      calls.push(call);
+      const error = failureFor(call);
+      if (error) throw error;
+      return this.guestCpuUsec;
     },
     dropIdleSockets: (address: string) => {
       const call: AgentLinkCall = { method: "dropIdleSockets", address };

@@ -150,6 +150,22 @@ describe("HttpAgentLink", () => {
     await assert.rejects(link.startKernel("127.0.0.1", 1000), refusedWith("unavailable", /did not run code \(200\): no python/));
   });
 
+  it("reads the guest's CPU time from /metrics with the token; junk, a bad value or an oversized answer is unavailable", async () => {
+    respond = (_seen, res) => res.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ cpu_used_pct: 1, cubicle_cpu_busy_usec: 1_230_000 }));
+    assert.equal(await link.guestCpuTimeUsec("127.0.0.1", "tok"), 1_230_000);
+    assert.equal(agent.seen[0]!.method, "GET");
+    assert.equal(agent.seen[0]!.url, "/metrics");
+    assert.equal(agent.seen[0]!.headers["x-access-token"], "tok");
+    for (const body of ["{not json", JSON.stringify({ cpu_used_pct: 1 }), JSON.stringify({ cubicle_cpu_busy_usec: -5 }), JSON.stringify({ cubicle_cpu_busy_usec: "9" })]) {
+      respond = (_seen, res) => res.writeHead(200).end(body);
+      await assert.rejects(link.guestCpuTimeUsec("127.0.0.1", undefined), (error: unknown) => error instanceof CubicleError && error.code === "unavailable", body);
+    }
+    respond = (_seen, res) => res.writeHead(200).end(JSON.stringify({ pad: "x".repeat(100_000), cubicle_cpu_busy_usec: 1 }));
+    await assert.rejects(link.guestCpuTimeUsec("127.0.0.1", undefined), /answered more than 65536 bytes/);
+    respond = (_seen, res) => res.writeHead(401).end("no");
+    await assert.rejects(link.guestCpuTimeUsec("127.0.0.1", undefined), refusedWith("unavailable", /401/));
+  });
+
   it("drops the idle keep-alive sockets to one address only", async () => {
     const settle = () => new Promise((resolve) => setTimeout(resolve, 20));
     await settle();

@@ -23,6 +23,8 @@ interface AgentResponse {
 
 /** The most of a process list read (a few thousand processes; the pids limit is 4096 by default). */
 const maxListBytes = 4 * 1024 * 1024;
+/** A `/metrics` answer is a few hundred bytes; an agent that sends more is cut off. */
+const maxMetricsBytes = 64 * 1024;
 
 /** The command an SDK's first `commands.run` sends (`/bin/bash -l -c true`). */
 const warmUpRequest: StartRequest = { process: { cmd: "/bin/bash", args: ["-l", "-c", "true"], envs: {} } };
@@ -135,6 +137,20 @@ export class HttpAgentLink implements AgentLink {
     if (processes === undefined) return 0;
     if (!Array.isArray(processes)) throw new CubicleError("unavailable", "the sandbox agent's process list has no processes array");
     return processes.length;
+  }
+
+  async guestCpuTimeUsec(address: string, accessToken: string | undefined, timeoutMs = 2000): Promise<number> {
+    const headers: Record<string, string> = accessToken ? { "x-access-token": accessToken } : {};
+    const res = await this.request(address, this.envdPort, "GET", "/metrics", undefined, timeoutMs, headers, maxMetricsBytes);
+    if (res.status !== 200) throw new CubicleError("unavailable", `the sandbox agent did not give its metrics (${res.status}): ${snippet(res.body, 200)}`);
+    let usec: unknown;
+    try {
+      usec = (JSON.parse(res.body.toString("utf8")) as { cubicle_cpu_busy_usec?: unknown }).cubicle_cpu_busy_usec;
+    } catch {
+      throw new CubicleError("unavailable", "the sandbox agent's metrics are not JSON");
+    }
+    if (typeof usec !== "number" || !Number.isFinite(usec) || usec < 0) throw new CubicleError("unavailable", "the sandbox agent's metrics have no CPU time");
+    return usec;
   }
 
   dropIdleSockets(address: string): number {

@@ -127,3 +127,16 @@ export interface ImageStore {
   /** Bytes of committed images (what counts against the image budget). */
   usedBytes(): number | Promise<number>;
 }
+
+/**
+ * The refusal of an image that would pass the image budget (IMAGE_BUDGET_NOTE), which every
+ * runtime's snapshots, pause images and warm images share: HTTP 507 with what is in use.
+ */
+export function imageBudgetExceeded(usedBytes: number, budgetBytes: number, neededBytes: number): CubicleError {
+  const mib = (bytes: number) => Math.ceil(bytes / 1024 ** 2);
+  return new CubicleError(
+    "insufficient_storage",
+    `No space left on device: the image budget is used up (${mib(usedBytes)} of ${mib(budgetBytes)} MiB in use; this image needs about ${mib(neededBytes)} MiB)`,
+    { details: { usedBytes, budgetBytes, neededBytes } },
+  );
+}

@@ -117,6 +117,11 @@ export class RuntimeSet implements Runtime {
     return owner.cpuTimeUsec(sandboxId);
   }
 
+  async idleCpuShare(sandboxId: string): Promise<number | undefined> {
+    const owner = await this.requireOwner(sandboxId);
+    return owner.idleCpuShare?.(sandboxId);
+  }
+
   async checkpoint(sandboxId: string, target: CheckpointTarget, options: CheckpointOptions): Promise<CheckpointInfo & { imageId: string }> {
     return (await this.requireOwner(sandboxId)).checkpoint(sandboxId, target, options);
   }

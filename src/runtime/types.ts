@@ -130,9 +130,16 @@ export interface Runtime {
   /**
    * Total CPU time the sandbox's processes consumed so far (microseconds), without the side
    * effects of stats() (which measures use since its previous call): the idle tiers compare two
-   * readings. Absent = the runtime cannot tell (its sandboxes are then never frozen for idleness).
+   * readings. Absent (or `unimplemented`) = the runtime cannot tell: the idle tiers then ask the
+   * sandbox's agent for its machine's CPU time (GUEST_CPU_NOTE: a microVM's guest).
    */
   cpuTimeUsec?(sandboxId: string): Promise<number>;
+  /**
+   * The most CPU (a share of one core, as the idle tiers measure it) a quiet sandbox of this
+   * runtime uses, when it is not the idle tiers' default (2 %): a microVM under TCG spends
+   * guest time several times over on the same idle work (GUEST_CPU_NOTE).
+   */
+  idleCpuShare?(sandboxId: string): Promise<number | undefined>;
   /**
    * The runtime's images (snapshots, pause images, warm images): callers hold their ids and
    * remove, list and check them here; only the runtime writes and reads what is in them.

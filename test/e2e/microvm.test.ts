@@ -347,3 +347,33 @@ test("a microVM template's warm snapshot: creates restore a guest whose agent al
     await warm.stop();
   }
 });
+
+test("the image budget bounds microVM images too (IMAGE_BUDGET_NOTE): a snapshot past it is a 507 that leaves nothing, and the guest runs on", { timeout: 10 * 60_000 }, async (t) => {
+  if (skipReason || !server) return t.skip(skipReason ?? "no server");
+  // 20 MiB: a guest's memory image (its touched RAM) is far bigger.
+  const bounded = await startTestServer({ extraEnv: { CUBICLE_MICROVM: "tcg", CUBICLE_POOL_SIZE: "", CUBICLE_WARM_SNAPSHOT: "none", CUBICLE_IMAGE_BUDGET_GB: String(20 / 1024) } });
+  let id: string | undefined;
+  try {
+    const created = await bounded.api("POST", "/v2/sandboxes", { templateID: "base", runtime: "microvm", timeout: 300 });
+    assert.equal(created.status, 201, JSON.stringify(created.json));
+    id = created.json.sandboxID as string;
+    const refused = await bounded.api("POST", `/sandboxes/${id}/snapshots`, {});
+    assert.equal(refused.status, 507, JSON.stringify(refused.json));
+    assert.equal(refused.json.code, 507);
+    assert.match(refused.json.message, /no space left|storage .* is full|free (some )?space/i);
+    assert.doesNotMatch(refused.json.message, /\/var|\/tmp|\/run/, "no host paths");
+    assert.match(bounded.log(), /the image budget is used up \(\d+ of 20 MiB in use; this image needs about \d+ MiB\)/, "refused by the budget, before anything was written");
+    const snapshots = path.join(bounded.stateDir, "microvm", "images", "snapshots");
+    assert.deepEqual(fs.existsSync(snapshots) ? fs.readdirSync(snapshots) : [], [], "nothing written");
+    assert.deepEqual((await bounded.api("GET", "/snapshots")).json, []);
+    const info = await bounded.api("GET", `/sandboxes/${id}`);
+    assert.equal(info.json.state, "running");
+    useServerForSdk(bounded);
+    const sandbox = await Sandbox.connect(id);
+    assert.equal((await sandbox.commands.run("echo still here")).stdout, "still here\n", "the guest was resumed");
+  } finally {
+    if (server) useServerForSdk(server);
+    if (id) await bounded.api("DELETE", `/sandboxes/${id}`).catch(() => undefined);
+    await bounded.stop();
+  }
+});

@@ -7,7 +7,7 @@ import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import { after, before, test } from "node:test";
 import { Sandbox, SandboxNotFoundError } from "e2b";
-import { hostLeftovers, startTestServer, useServerForSdk, type TestServer } from "./harness.js";
+import { e2eRuntime, guestQemuPids, hostLeftovers, startTestServer, useServerForSdk, type TestServer } from "./harness.js";
 
 let server: TestServer;
 
@@ -35,6 +35,27 @@ function nftRuleset(): string {
   }
 }
 
+/** Ends a sandbox's processes without the server: its container's, or its microVM's QEMU. */
+async function killBehindTheServersBack(sandboxId: string): Promise<void> {
+  if (e2eRuntime === "microvm") {
+    const pids = guestQemuPids(server, sandboxId);
+    assert.ok(pids.length > 0, "the victim's QEMU runs");
+    for (const pid of pids) process.kill(pid, "SIGKILL");
+    for (let i = 0; i < 100 && guestQemuPids(server, sandboxId).length > 0; i++) await new Promise((r) => setTimeout(r, 50));
+    assert.deepEqual(guestQemuPids(server, sandboxId), [], "the victim's QEMU is gone");
+    return;
+  }
+  execFileSync("runc", ["kill", `cubicle-${sandboxId}`, "KILL"], { stdio: "ignore" });
+  for (let i = 0; i < 50; i++) {
+    const state = execFileSync("runc", ["state", `cubicle-${sandboxId}`], { encoding: "utf8" });
+    if (JSON.parse(state).status === "stopped") break;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** Where the runtime under test keeps a sandbox's run files. */
+const sandboxRunDir = (sandboxId: string) => (e2eRuntime === "microvm" ? `${server.runDir}/microvm/${sandboxId}` : `${server.runDir}/pool/sandboxes/${sandboxId}`);
+
 test("after a SIGKILL of the server, running sandboxes are adopted and vanished ones are dead", async () => {
   const survivor = await Sandbox.create({ metadata: { role: "survivor" } });
   const victim = await Sandbox.create({ metadata: { role: "victim" } });
@@ -44,6 +65,7 @@ test("after a SIGKILL of the server, running sandboxes are adopted and vanished 
   const victimInfo = await server.api("GET", `/sandboxes/${victim.sandboxId}`);
   assert.equal(survivorInfo.status, 200);
 
+  assert.ok(fs.existsSync(sandboxRunDir(survivor.sandboxId)), "the runtime keeps the sandbox's files where this test looks");
   const serverPid = server.pid();
   await server.crashAndRestart().catch(async (err) => {
     throw err;
@@ -54,12 +76,7 @@ test("after a SIGKILL of the server, running sandboxes are adopted and vanished 
   const crashedPid = server.pid();
   process.kill(crashedPid, "SIGKILL");
   await new Promise((r) => setTimeout(r, 300));
-  execFileSync("runc", ["kill", `cubicle-${victim.sandboxId}`, "KILL"], { stdio: "ignore" });
-  for (let i = 0; i < 50; i++) {
-    const state = execFileSync("runc", ["state", `cubicle-${victim.sandboxId}`], { encoding: "utf8" });
-    if (JSON.parse(state).status === "stopped") break;
-    await new Promise((r) => setTimeout(r, 50));
-  }
+  await killBehindTheServersBack(victim.sandboxId);
   await server.crashAndRestart();
 
   // The survivor works as before: same files, processes, token.
@@ -84,5 +101,6 @@ test("after a SIGKILL of the server, running sandboxes are adopted and vanished 
   assert.deepEqual(leftovers.containers, []);
   assert.deepEqual(leftovers.mounts, []);
   assert.ok(!netnsList().some((n) => n === `cubicle-${survivor.sandboxId}` || n === `cubicle-${victim.sandboxId}`));
-  assert.ok(!fs.existsSync(`${server.runDir}/pool/sandboxes/${survivor.sandboxId}`), "sandbox dir removed");
+  assert.ok(!fs.existsSync(sandboxRunDir(survivor.sandboxId)), "sandbox dir removed");
+  assert.deepEqual([...guestQemuPids(server, survivor.sandboxId), ...guestQemuPids(server, victim.sandboxId)], [], "no QEMU left");
 });

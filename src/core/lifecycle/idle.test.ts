@@ -118,6 +118,55 @@ test("a failed move to disk leaves the sandbox frozen; a failed wake from disk l
   });
 });
 
+test("a runtime that cannot tell a sandbox's CPU time: the agent's guest CPU time decides (GUEST_CPU_NOTE)", async () => {
+  await withFakeManager(fast, async (f) => {
+    f.runtime.cpuTimeUnknown = true;
+    const guest = await f.manager.create(createRequest());
+    const burn = setInterval(() => (f.agent.guestCpuUsec += 10_000), 10);
+    try {
+      await sleep(400);
+      assert.equal(guest.idle, undefined, "a guest using CPU stays awake");
+    } finally {
+      clearInterval(burn);
+    }
+    await until(() => guest.idle?.tier === "frozen");
+    assert.ok(f.agent.callsOf("guestCpuTimeUsec").length > 0, "the agent was asked");
+    assert.ok(f.agent.callsOf("guestCpuTimeUsec").every((call) => call.address === guest.network!.sandboxAddress && call.accessToken === guest.envdAccessToken));
+  });
+  await withFakeManager(fast, async (f) => {
+    f.runtime.cpuTimeUnknown = true;
+    f.agent.failures.guestCpuTimeUsec = new Error("agent unreachable");
+    const unknown = await f.manager.create(createRequest());
+    await sleep(400);
+    assert.equal(unknown.idle, undefined, "cannot tell = busy");
+  });
+});
+
+test("a runtime's own idle share (a TCG guest's): CPU use below it does not keep a sandbox awake, above it does", async () => {
+  await withFakeManager(fast, async (f) => {
+    f.runtime.idleShare = 0.5;
+    const guest = await f.manager.create(createRequest());
+    // ~20 % of a core: busy by the default 2 %, quiet by the runtime's 50 %.
+    const burn = setInterval(() => f.runtime.cpuUsec.set(guest.sandboxId, (f.runtime.cpuUsec.get(guest.sandboxId) ?? 0) + 2_000), 10);
+    try {
+      await until(() => guest.idle?.tier === "frozen");
+    } finally {
+      clearInterval(burn);
+    }
+  });
+  await withFakeManager(fast, async (f) => {
+    f.runtime.idleShare = 0.5;
+    const busy = await f.manager.create(createRequest());
+    const burn = setInterval(() => f.runtime.cpuUsec.set(busy.sandboxId, (f.runtime.cpuUsec.get(busy.sandboxId) ?? 0) + 10_000), 10);
+    try {
+      await sleep(400);
+      assert.equal(busy.idle, undefined, "a whole core is busy by any share");
+    } finally {
+      clearInterval(burn);
+    }
+  });
+});
+
 test("verbs on an idle sandbox: pause keeps its tier, snapshot and connect wake it, setTimeout does not", async () => {
   await withFakeManager({ idleFreezeAfterSec: 0.1, idleDiskAfterSec: 0.2 }, async (f) => {
     const frozen = await f.manager.create(createRequest());

@@ -14,7 +14,8 @@ export interface IdleSettings {
 
 /**
  * The most CPU a quiet sandbox may use and still count as idle: 2 % of one core over the measured
- * window (the agent's own timers, and its answer to the process list, stay far below).
+ * window (the agent's own timers, and its answer to the process list, stay far below), unless its
+ * runtime says otherwise (Runtime.idleCpuShare: a microVM under TCG).
  */
 const IDLE_CPU_SHARE = 0.02;
 
@@ -229,7 +230,8 @@ export class IdleTiers {
     const now = Date.now();
     const usec = await this.cpuTime(record);
     if (usec === undefined) return this.armCheck(live, Date.now() + half);
-    if (usec - mark.usec > (now - mark.atMs) * 1000 * IDLE_CPU_SHARE) {
+    const share = (await ctx.ports.runtime.idleCpuShare?.(runtimeIdOf(record)).catch(() => undefined)) ?? IDLE_CPU_SHARE;
+    if (usec - mark.usec > (now - mark.atMs) * 1000 * share) {
       // Busy without traffic (a background job): measure the next half window.
       live.cpuMark = { atMs: now, usec };
       return this.armCheck(live, now + half);
@@ -310,10 +312,24 @@ export class IdleTiers {
     });
   }
 
-  /** The sandbox's CPU time, or undefined when the runtime cannot tell (then it is taken as busy). */
+  /**
+   * The sandbox's CPU time, or undefined when it cannot be told (then it is taken as busy).
+   *
+   * GUEST_CPU_NOTE: the runtime's count where it has one (a container's cgroup). A microVM's
+   * runtime has none that means the guest: its QEMU's CPU time includes the emulator's (under TCG
+   * an idle guest's QEMU takes ~10 % of a core, five times the idle share), so the agent is asked
+   * for its machine's busy time, which in a microVM is the guest's own.
+   */
   private async cpuTime(record: SandboxRecord): Promise<number | undefined> {
-    const read = this.ctx.ports.runtime.cpuTimeUsec;
-    if (!read) return undefined;
-    return read.call(this.ctx.ports.runtime, runtimeIdOf(record)).catch(() => undefined);
+    const { runtime, agent } = this.ctx.ports;
+    if (runtime.cpuTimeUsec) {
+      try {
+        return await runtime.cpuTimeUsec(runtimeIdOf(record));
+      } catch (err) {
+        if (!(err instanceof CubicleError && err.code === "unimplemented")) return undefined;
+      }
+    }
+    if (!record.network) return undefined;
+    return agent.guestCpuTimeUsec(record.network.sandboxAddress, record.envdAccessToken).catch(() => undefined);
   }
 }

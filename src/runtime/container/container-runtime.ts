@@ -9,7 +9,7 @@ import { runCommand } from "../../shared/exec.js";
 import { pathExists } from "../../shared/fs.js";
 import { createLogger, roundMs } from "../../shared/log.js";
 import { type CheckpointInfo, type CheckpointOptions, type CheckpointTarget, type Runtime, type RuntimeState, type SandboxSpec, type SandboxStats } from "../types.js";
-import { parseImageId } from "../images.js";
+import { imageBudgetExceeded, parseImageId } from "../images.js";
 import { assembleAgentKit, kitSourcesIn, type AgentKit } from "./agent-kit.js";
 import { enableKsm } from "./ksm-host.js";
 import { identityFiles, identityFor, readIdentity, writeIdentity, type BootIdentity } from "./boot-identity.js";
@@ -441,31 +441,31 @@ export class ContainerRuntime implements Runtime {
     this.pool.imageBudgetBytes = bytes;
   }
 
-  /** The image budget and what of it is used. */
+  /**
+   * Bytes of the images other runtimes beside this one keep (a microVM runtime's), which share
+   * its budget (IMAGE_BUDGET_NOTE); set by whoever puts them together.
+   */
+  otherImagesBytes: () => number = () => 0;
+
+  /** The image budget and what of it is used, by this runtime's images and the others'. */
   imageBudget(): { usedBytes: number; limitBytes: number } {
-    return { usedBytes: this.images.usedBytes(), limitBytes: this.pool.imageBudgetBytes };
+    return { usedBytes: this.images.usedBytes() + this.otherImagesBytes(), limitBytes: this.pool.imageBudgetBytes };
   }
 
   /**
    * IMAGE_BUDGET_NOTE: a checkpoint is refused (insufficient_storage, 507) before anything is
    * frozen or written when the images already made plus this one's likely size (the layer's
    * bytes and, with memory, the cgroup's memory use: an upper bound of what CRIU writes) would
-   * pass the budget; its real size counts from then on.
+   * pass the budget; its real size counts from then on. The budget is the storage pool's (half
+   * of it unless CUBICLE_IMAGE_BUDGET_GB says), and a microVM runtime's images count in it too
+   * (it checks its own checkpoints against it: MicrovmRuntimeConfig.imageBudget).
    */
   private async checkImageBudget(id: string, layerId: number | undefined, memory: boolean): Promise<void> {
     const layerBytes = layerId === undefined ? 0 : (await this.pool.usage(layerId).catch(() => ({ usedBytes: 0 }))).usedBytes;
     const memoryBytes = memory && this.cgroups ? (await readCgroupUsage(this.cgroups, cgroupsPathOf(id)).catch(() => undefined))?.memoryUsedBytes ?? 0 : 0;
     const needed = layerBytes + memoryBytes;
-    const used = this.images.usedBytes();
-    const budget = this.pool.imageBudgetBytes;
-    if (used + needed > budget) {
-      const mib = (bytes: number) => Math.ceil(bytes / 1024 ** 2);
-      throw new CubicleError(
-        "insufficient_storage",
-        `No space left on device: the image budget is used up (${mib(used)} of ${mib(budget)} MiB in use; this image needs about ${mib(needed)} MiB)`,
-        { details: { usedBytes: used, budgetBytes: budget, neededBytes: needed } },
-      );
-    }
+    const { usedBytes, limitBytes } = this.imageBudget();
+    if (usedBytes + needed > limitBytes) throw imageBudgetExceeded(usedBytes, limitBytes, needed);
   }
 
   /** Deleted subvolumes leave qgroups behind until the cleaner is done: collect now and then. */

@@ -6,7 +6,7 @@ import { runCommand } from "../../shared/exec.js";
 import { createLogger } from "../../shared/log.js";
 import { assembleAgentKit, kitSourcesIn, type AgentKit } from "../container/agent-kit.js";
 import { ContainerImageStore } from "../container/container-image-store.js";
-import { imageId, parseImageId } from "../images.js";
+import { imageBudgetExceeded, imageId, parseImageId } from "../images.js";
 import type { CheckpointInfo, CheckpointOptions, CheckpointTarget, Runtime, RuntimeState, SandboxSpec, SandboxStats } from "../types.js";
 import { builtImageKey, cachedTemplateDiskImage, createOverlay, kitDiskImage, removeUnusedBuiltImages, templateDiskImage, type DiskImage } from "./disk-images.js";
 import { agentLaunchFile, prepareGuestAssets, type GuestAssets } from "./guest-assets.js";
@@ -45,7 +45,15 @@ export interface MicrovmRuntimeConfig {
     call(command: string, args: readonly string[], options: { what: string; timeoutMs?: number }): Promise<string>;
     teardown(bundleDir: string, layerDir: undefined): Promise<void>;
   };
+  /**
+   * The image budget all runtimes share (IMAGE_BUDGET_NOTE) and what the other runtimes' images
+   * use of it. Without it this runtime's checkpoints are bounded only by the disk.
+   */
+  imageBudget?: () => { otherUsedBytes: number; limitBytes: number };
 }
+
+/** The idle tiers' quiet share of a guest under TCG (idleCpuShare). */
+const TCG_IDLE_CPU_SHARE = 0.1;
 
 /** A guest directory's record of its guest. */
 const GUEST_RECORD = "guest.json";
@@ -389,13 +397,15 @@ export class MicrovmRuntime implements Runtime {
     return { cpuUsedPct: 0, cpuCount: guest.cpuCount, memUsedBytes: Math.min(rss, guest.memoryBytes), memTotalBytes: guest.memoryBytes, memCacheBytes: 0, diskUsedBytes: 0, diskTotalBytes: guest.diskBytes };
   }
 
-  /** QEMU's CPU time (all its threads: the guest's and the emulator's), from /proc. */
-  async cpuTimeUsec(sandboxId: string): Promise<number> {
-    const guest = this.guest(sandboxId);
-    const stat = await readFile(`/proc/${guest.vm.pid}/stat`, "utf8");
-    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-    const ticks = Number(fields[11]) + Number(fields[12]);
-    return Math.round((ticks / 100) * 1_000_000);
+  // No cpuTimeUsec: QEMU's CPU time is the emulator's as well as the guest's (GUEST_CPU_NOTE).
+
+  /**
+   * Under TCG an idle guest spends 1-6 % of a core of its own time (measured: the agent's timers
+   * and a request's handling, emulated; more on a busy host), so it counts as quiet below 10 %;
+   * a busy job takes most of a core. Under KVM the default holds.
+   */
+  async idleCpuShare(): Promise<number | undefined> {
+    return this.config.accel === "tcg" ? TCG_IDLE_CPU_SHARE : undefined;
   }
 
   /** The kit disk and kernel a memory image depends on (MICROVM_IMAGE_NOTE). */
@@ -410,6 +420,7 @@ export class MicrovmRuntime implements Runtime {
     // Without memory it is the disk alone (MICROVM_FILES_NOTE), whose restore boots on its template's image.
     if (!options.memory && !guest.baseImage) throw new CubicleError("failed_precondition", "this microVM's disk has no known template image under it; its files cannot be saved");
     if (options.memory && guest.shares) throw new CubicleError("failed_precondition", "a microVM with volumes or codebases mounted cannot be snapshotted or paused to disk yet (virtiofs state cannot be saved)");
+    await this.checkImageBudget(guest, options.memory);
     const pending = await this.images.allocate(target.kind, target.name);
     const before = await guest.vm.status();
     const started = performance.now();
@@ -454,6 +465,22 @@ export class MicrovmRuntime implements Runtime {
       if (before === "running" && this.guests.get(sandboxId) === guest) await guest.vm.resume().catch(() => undefined);
       throw err;
     }
+  }
+
+  /**
+   * Refuses (507) a checkpoint that would pass the shared image budget (IMAGE_BUDGET_NOTE) before
+   * anything is stopped or written: this one's likely size is the root overlay's allocated bytes
+   * and, with memory, QEMU's resident memory (the guest RAM it touched, plus QEMU's own: an upper
+   * bound of the RAM in the saved state, whose zero pages take a few bytes).
+   */
+  private async checkImageBudget(guest: Guest, memory: boolean): Promise<void> {
+    const budget = this.config.imageBudget?.();
+    if (!budget) return;
+    const diskBytes = await stat(guest.overlay).then((s) => s.blocks * 512).catch(() => 0);
+    const memoryBytes = memory ? await guest.vm.rssBytes().catch(() => guest.memoryBytes) : 0;
+    const needed = diskBytes + memoryBytes;
+    const used = this.images.usedBytes() + budget.otherUsedBytes;
+    if (used + needed > budget.limitBytes) throw imageBudgetExceeded(used, budget.limitBytes, needed);
   }
 
   async restore(spec: SandboxSpec, imageId: string): Promise<void> {
