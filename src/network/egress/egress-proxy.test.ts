@@ -374,6 +374,30 @@ test("HTTP/2 over TLS (ALPN h2): to an h2 destination as h2 with trailers, to an
   assert.ok(finishedRecords[0]!.bytesOut! > 0 && finishedRecords[0]!.bytesIn! > 0);
 });
 
+test("HTTP/2 bodies of megabytes stream both ways, to h2 and to HTTP/1.1 destinations; a policy change that drops the rules cuts the session", needsRoot, async () => {
+  reset();
+  decide = (_sandbox, target) => ({ allowed: true, reason: "allowed domain", headers: target.domain === "api.test.example" ? TOKEN_RULE : undefined });
+  const bodyRepeat = { text: "0123456789abcdef", times: 256 * 1024 }; // 4 MiB, past HTTP/2's 64 KiB initial windows
+  const body = bodyRepeat.text.repeat(bodyRepeat.times);
+  for (const port of [8443, 443]) {
+    const answer = await h2({ tls: true, port, servername: "api.test.example", ca: [upstreamCaPem, mitmCaPem], method: "POST", bodyRepeat, timeoutMs: 14_000 });
+    assert.equal(answer.status, 200, JSON.stringify(answer).slice(0, 300));
+    const echoed = JSON.parse(answer.body);
+    assert.equal(echoed.body.length, body.length, `port ${port}: the whole body came through`);
+    assert.equal(echoed.body, body);
+    assert.equal(echoed.headers.authorization, `Bearer ${SECRET}`);
+  }
+  // An open h2c session held to its host: the rules go, the session goes (its requests would leave without them).
+  decide = (_sandbox, target) => ({ allowed: true, reason: "pinned", headers: target.h2c ? TOKEN_RULE : undefined, domain: target.h2c ? "api.test.example" : undefined });
+  const held = sandbox({ mode: "h2", host: destination, port: 8080, authority: "api.test.example", path: "/slow", method: "POST", body: "x", delayEndMs: 1500 });
+  await until(() => records.some((r) => r.port === 8080 && r.domain === "api.test.example"), "the h2c session to be intercepted");
+  decide = () => ({ allowed: true, reason: "pinned" });
+  proxy.policyChanged("sbx-1");
+  const cut = await held;
+  assert.ok(cut.error !== undefined || cut.status === undefined, `the session was cut: ${JSON.stringify(cut)}`);
+  await until(() => proxy.openConnections("sbx-1") === 0, "the session to close");
+});
+
 test("HTTP/2 requests for another authority get 421, an undefined secret 502, extended CONNECT 501; nothing reaches the destination", needsRoot, async () => {
   reset();
   decide = () => ({ allowed: true, reason: "allowed domain", headers: TOKEN_RULE });

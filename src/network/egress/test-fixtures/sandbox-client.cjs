@@ -1,7 +1,7 @@
 // The "sandbox" of egress-proxy.test.ts, run inside its source namespace. argv[2] is a JSON
 // request; prints one JSON line with what happened.
 //   {mode: "http"|"https", host, port, hostHeader, servername, ca: [pem], headers, path}
-//   {mode: "h2", host, port, tls, authority, servername, ca, headers, path, method, body}
+//   {mode: "h2", host, port, tls, authority, servername, ca, headers, path, method, body | bodyRepeat, delayEndMs}
 //                                               -> {status, body, trailers, alpn} or {error}
 //   {mode: "tcp", host, port, text, delayMs}    -> {echo} or {error}
 //   {mode: "hold", host, port}                  -> prints {connected: true}, pings every 50 ms, then {closed, error, echoes}
@@ -10,9 +10,12 @@ const http2 = require("node:http2");
 const https = require("node:https");
 const net = require("node:net");
 const request = JSON.parse(process.argv[2]);
+let finished = false;
 const done = (result) => {
-  console.log(JSON.stringify(result));
-  process.exit(0);
+  if (finished) return;
+  finished = true;
+  // A pipe's writes are asynchronous: exit once the line is out (a long answer would be cut).
+  process.stdout.write(JSON.stringify(result) + "\n", () => process.exit(0));
 };
 setTimeout(() => done({ error: "client timeout" }), request.timeoutMs ?? 8000).unref();
 if (request.mode === "http" || request.mode === "https") {
@@ -37,6 +40,8 @@ if (request.mode === "http" || request.mode === "https") {
   req.on("error", (err) => done({ error: err.code ?? err.message }));
   req.end(request.body);
 } else if (request.mode === "h2") {
+  // bodyRepeat {text, times}: a body too big for argv, made here.
+  if (request.bodyRepeat) request.body = request.bodyRepeat.text.repeat(request.bodyRepeat.times);
   const session = http2.connect(`${request.tls ? "https" : "http"}://${request.host}:${request.port}`, { servername: request.servername, ca: request.ca });
   session.on("error", (err) => done({ error: err.code ?? err.message }));
   const stream = session.request({ ":method": request.method ?? "GET", ":path": request.path ?? "/", ":authority": request.authority, ...request.headers });
@@ -48,7 +53,11 @@ if (request.mode === "http" || request.mode === "https") {
   stream.on("data", (chunk) => (body += chunk));
   stream.on("end", () => done({ status, body, trailers, alpn: session.alpnProtocol }));
   stream.on("error", (err) => done({ status, body, error: err.code ?? err.message }));
-  stream.end(request.body);
+  // delayEndMs: the request's body stays open that long (a request in flight).
+  if (request.delayEndMs) {
+    stream.write(request.body ?? "");
+    setTimeout(() => stream.end(), request.delayEndMs);
+  } else stream.end(request.body);
 } else if (request.mode === "tcp") {
   const socket = net.connect(request.port, request.host);
   let echo = "";
