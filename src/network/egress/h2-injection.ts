@@ -38,8 +38,14 @@ const SERVER_SETTINGS: http2.Settings = { maxConcurrentStreams: 100, maxHeaderLi
 const { NGHTTP2_CANCEL, NGHTTP2_INTERNAL_ERROR, NGHTTP2_FLAG_END_STREAM } = http2.constants;
 
 /** Serves the sandbox's HTTP/2 session on `socket` (its preface not yet read). */
-export function serveH2(socket: Duplex, options: H2InjectionOptions): http2.ServerHttp2Session {
-  const session = http2.performServerHandshake(socket, { settings: SERVER_SETTINGS, maxSessionMemory: 16 });
+export function serveH2(socket: Duplex, options: H2InjectionOptions): http2.ServerHttp2Session | undefined {
+  let session: http2.ServerHttp2Session;
+  try {
+    session = http2.performServerHandshake(socket, { settings: SERVER_SETTINGS, maxSessionMemory: 16 });
+  } catch {
+    options.close();
+    return undefined;
+  }
   let upstream: Promise<H2Upstream> | undefined;
   const upstreamOnce = () => {
     upstream ??= options.upstream().then((opened) => {
@@ -65,8 +71,13 @@ function forwardStream(options: H2InjectionOptions, upstream: () => Promise<H2Up
     stream.resume();
     if (stream.destroyed || stream.closed) return;
     if (stream.headersSent) return void stream.close(NGHTTP2_INTERNAL_ERROR);
-    stream.respond({ ":status": status, "content-type": "text/plain; charset=utf-8" });
-    stream.end(`${text}\n`);
+    try {
+      stream.respond({ ":status": status, "content-type": "text/plain; charset=utf-8" });
+      stream.end(`${text}\n`);
+    } catch {
+      // The session went away meanwhile.
+      stream.destroy();
+    }
   };
 
   const method = headers[":method"] ?? "GET";

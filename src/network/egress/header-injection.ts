@@ -287,11 +287,17 @@ async function h2Upstream(options: InjectionOptions, useForHttp1: (socket: Duple
   if (!options.tls) {
     // dial() leaves the socket paused, and a paused socket's handle is not read by the session either.
     raw.resume();
-    return { kind: "h2", session: http2.connect(`http://${options.domain}`, { createConnection: () => raw }) };
+    return { kind: "h2", session: quiet(http2.connect(`http://${options.domain}`, { createConnection: () => raw })) };
   }
   const secure = await upstreamTls(options, raw, ["h2", "http/1.1"]);
-  if (secure.alpnProtocol === "h2") return { kind: "h2", session: http2.connect(`https://${options.domain}`, { createConnection: () => secure }) };
+  if (secure.alpnProtocol === "h2") return { kind: "h2", session: quiet(http2.connect(`https://${options.domain}`, { createConnection: () => secure })) };
   return { kind: "h1", agent: useForHttp1(secure) };
+}
+
+/** A session that cannot crash the process with an early 'error' (serveH2 listens for real once it has it). */
+function quiet(session: http2.ClientHttp2Session): http2.ClientHttp2Session {
+  session.on("error", () => undefined);
+  return session;
 }
 
 function upstreamTls(options: InjectionOptions, raw: net.Socket, ALPNProtocols: string[]): Promise<tls.TLSSocket> {
