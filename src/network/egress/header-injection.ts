@@ -167,8 +167,9 @@ export function startInjection(options: InjectionOptions): Injection {
             (secure as tls.TLSSocket & { secureConnecting: boolean }).secureConnecting = false;
             secure.setTimeout(0);
             attachH2(secure);
+          } else {
+            attach(secure);
           }
-          else attach(secure);
         });
       },
       (err: Error) => {
