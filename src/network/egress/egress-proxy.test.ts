@@ -125,6 +125,12 @@ after(async () => {
   if (tempDir) await rm(tempDir, { recursive: true, force: true });
 });
 
+/** This process's open TCP sockets to the destination (the proxy's upstream side). */
+function socketsToDestination(): number {
+  const handles = (process as unknown as { _getActiveHandles(): { remoteAddress?: string; destroyed?: boolean }[] })._getActiveHandles();
+  return handles.filter((handle) => handle.remoteAddress === destination && !handle.destroyed).length;
+}
+
 function reset(): void {
   policy = basePolicy();
   decide = allowAll;
@@ -372,6 +378,8 @@ test("HTTP/2 over TLS (ALPN h2): to an h2 destination as h2 with trailers, to an
   assert.equal(JSON.parse(spliced.body).headers.authorization, undefined);
   await until(() => finishedRecords.length === 3, "the records to finish");
   assert.ok(finishedRecords[0]!.bytesOut! > 0 && finishedRecords[0]!.bytesIn! > 0);
+  // The destination's side of every session went with the sandbox's.
+  await until(() => socketsToDestination() === 0, `no socket to the destination left open (${socketsToDestination()})`);
 });
 
 test("HTTP/2 bodies of megabytes stream both ways, to h2 and to HTTP/1.1 destinations; a policy change that drops the rules cuts the session", needsRoot, async () => {
@@ -440,4 +448,5 @@ test("cleartext HTTP/2 with prior knowledge: intercepted for the name the verdic
   decide = () => ({ allowed: true, reason: "pinned" });
   const spliced = await h2({ port: 8080, headers: { authorization: "sandbox's own" } });
   assert.equal(JSON.parse(spliced.body).headers.authorization, "sandbox's own");
+  await until(() => socketsToDestination() === 0, `no socket to the destination left open (${socketsToDestination()})`);
 });

@@ -110,7 +110,11 @@ export function createEgressProxy(options: EgressProxyOptions): EgressProxy {
   let listening: net.AddressInfo | undefined;
 
   // No Nagle on either side: a relay that holds small writes back adds a delayed-ACK wait (~40 ms).
+  // Every accepted socket until it closes: close() ends them all, tracked by a sandbox or not yet.
+  const sockets = new Set<net.Socket>();
   const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true, noDelay: true }, (client) => {
+    sockets.add(client);
+    client.once("close", () => sockets.delete(client));
     handleConnection(client).catch((err: unknown) => {
       log.error("egress connection failed", { error: String(err) });
       client.destroy();
@@ -320,6 +324,7 @@ export function createEgressProxy(options: EgressProxyOptions): EgressProxy {
     close() {
       return new Promise((resolve) => {
         for (const set of bySandbox.values()) for (const connection of [...set]) connection.close("egress proxy closing");
+        for (const socket of sockets) socket.destroy();
         if (!server.listening) return resolve();
         server.close(() => resolve());
       });

@@ -57,9 +57,20 @@ export function serveH2(socket: Duplex, options: H2InjectionOptions): http2.Serv
     });
     return upstream;
   };
-  session.on("error", options.close);
-  session.on("close", options.close);
-  session.setTimeout(options.idleTimeoutMs, options.close);
+  // The destination's session goes with the sandbox's (else its socket stays open until the
+  // destination drops it: a leak, and a handle that keeps the process from exiting).
+  const end = () => {
+    upstream?.then(
+      (opened) => {
+        if (opened.kind === "h2") opened.session.destroy();
+      },
+      () => undefined,
+    );
+    options.close();
+  };
+  session.on("error", end);
+  session.on("close", end);
+  session.setTimeout(options.idleTimeoutMs, end);
   session.on("stream", (stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders, flags: number, rawHeaders: string[]) => forwardStream(options, upstreamOnce, stream, headers, (flags & NGHTTP2_FLAG_END_STREAM) !== 0, rawHeaders));
   return session;
 }

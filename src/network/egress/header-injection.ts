@@ -100,6 +100,7 @@ export function startInjection(options: InjectionOptions): Injection {
     closed = true;
     stream?.destroy();
     client.destroy();
+    spareSocket?.destroy();
     agent.destroy();
     options.onActivity();
     options.onClose();
@@ -178,11 +179,18 @@ export function startInjection(options: InjectionOptions): Injection {
       },
     );
   } else {
-    // http.Server consumes a net.Socket's handle directly and would skip bytes already read, so
-    // plaintext goes through a stream of its own that replays them first.
-    const replayed = replayingStream(client, options.head);
-    if (options.head.subarray(0, H2_PREFACE.length).equals(H2_PREFACE)) attachH2(replayed);
-    else attach(replayed);
+    if (options.head.subarray(0, H2_PREFACE.length).equals(H2_PREFACE)) {
+      // An HTTP/2 session reads what a socket already holds before it takes its handle over, so
+      // the peeked bytes go back into the socket itself. (On a JavaScript stream instead, a
+      // session whose stream is destroyed with writes pending never releases them: a leak, and a
+      // process that spins at exit.)
+      client.unshift(options.head);
+      attachH2(client);
+    } else {
+      // http.Server consumes a net.Socket's handle directly and would skip bytes already read, so
+      // plaintext HTTP/1.1 goes through a stream of its own that replays them first.
+      attach(replayingStream(client, options.head));
+    }
   }
   return { close };
 }
