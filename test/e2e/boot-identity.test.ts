@@ -211,8 +211,15 @@ describe("boot identity", () => {
       const drawn = await Promise.all(
         copies.map(async (c) => {
           await c.files.write("/home/user/go", "");
-          for (let i = 0; i < 100 && !(await c.files.exists("/home/user/drawn")); i++) await new Promise((r) => setTimeout(r, 50));
-          return c.files.read("/home/user/drawn");
+          // The file exists from its open() on; its number arrives at close: wait for the content.
+          for (let i = 0; i < 200; i++) {
+            if (await c.files.exists("/home/user/drawn")) {
+              const text = await c.files.read("/home/user/drawn");
+              if (text !== "") return text;
+            }
+            await new Promise((r) => setTimeout(r, 50));
+          }
+          return "(nothing drawn in 10 s)";
         }),
       );
       assert.equal(new Set(drawn).size, 1, `restored copies of one process repeat its random sequence: ${drawn.join(" | ")}`);
