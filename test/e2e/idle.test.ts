@@ -39,7 +39,7 @@ async function idleTier(sandboxId: string): Promise<string> {
  * A freshly booted microVM under TCG stays busy (its boot's tail, emulated) for several seconds
  * before it is quiet enough to freeze; its waits are longer.
  */
-const SLOWER = e2eRuntime === "microvm" ? 3 : 1;
+const SLOWER = e2eRuntime === "microvm" ? 4 : 1;
 
 async function waitForTier(sandboxId: string, tier: string, timeoutMs = 15_000): Promise<void> {
   const deadline = Date.now() + timeoutMs * SLOWER;
