@@ -125,8 +125,11 @@ export function createEgressService(options: EgressServiceOptions): EgressServic
          * the connection is for the first the sandbox resolved; the other's requests get 421.
          */
         if (!target.h2c) return verdict;
-        const name = pinned.namesFor(sandboxId, target.address).find((candidate) => headerRuleFor(policy, candidate));
-        return name ? { ...verdict, headers: headerRuleFor(policy, name)!.headers, domain: name } : verdict;
+        for (const name of pinned.namesFor(sandboxId, target.address)) {
+          const rule = headerRuleFor(policy, name);
+          if (rule) return { ...verdict, headers: rule.headers, domain: name };
+        }
+        return verdict;
       }
       const rule = headerRuleFor(policy, target.domain);
       if (!rule) return verdict;

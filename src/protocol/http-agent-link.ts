@@ -23,6 +23,19 @@ interface AgentResponse {
 
 /** The most of a process list read (a few thousand processes; the pids limit is 4096 by default). */
 const maxListBytes = 4 * 1024 * 1024;
+/** An agent's JSON answer as an object; a failed status or a body that is not a JSON object is `unavailable`. */
+function agentJson(res: AgentResponse, doing: string, what: string): Record<string, unknown> {
+  if (res.status !== 200) throw new CubicleError("unavailable", `the sandbox agent did not ${doing} (${res.status}): ${snippet(res.body, 200)}`);
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(res.body.toString("utf8"));
+  } catch {
+    throw new CubicleError("unavailable", `the sandbox agent's ${what} is not JSON`);
+  }
+  if (typeof parsed !== "object" || parsed === null) throw new CubicleError("unavailable", `the sandbox agent's ${what} is not a JSON object`);
+  return parsed as Record<string, unknown>;
+}
+
 /** A `/metrics` answer is a few hundred bytes; an agent that sends more is cut off. */
 const maxMetricsBytes = 64 * 1024;
 
@@ -126,13 +139,7 @@ export class HttpAgentLink implements AgentLink {
   async runningProcessCount(address: string, accessToken: string | undefined, timeoutMs = 2000): Promise<number> {
     const headers: Record<string, string> = { "connect-protocol-version": "1", ...(accessToken ? { "x-access-token": accessToken } : {}) };
     const res = await this.request(address, this.envdPort, "POST", "/process.Process/List", json({}), timeoutMs, headers, maxListBytes);
-    if (res.status !== 200) throw new CubicleError("unavailable", `the sandbox agent did not list its processes (${res.status}): ${snippet(res.body, 200)}`);
-    let processes: unknown;
-    try {
-      processes = (JSON.parse(res.body.toString("utf8")) as { processes?: unknown }).processes;
-    } catch {
-      throw new CubicleError("unavailable", "the sandbox agent's process list is not JSON");
-    }
+    const { processes } = agentJson(res, "list its processes", "process list");
     // proto3 JSON leaves out an empty repeated field.
     if (processes === undefined) return 0;
     if (!Array.isArray(processes)) throw new CubicleError("unavailable", "the sandbox agent's process list has no processes array");
@@ -142,13 +149,7 @@ export class HttpAgentLink implements AgentLink {
   async guestCpuTimeUsec(address: string, accessToken: string | undefined, timeoutMs = 2000): Promise<number> {
     const headers: Record<string, string> = accessToken ? { "x-access-token": accessToken } : {};
     const res = await this.request(address, this.envdPort, "GET", "/metrics", undefined, timeoutMs, headers, maxMetricsBytes);
-    if (res.status !== 200) throw new CubicleError("unavailable", `the sandbox agent did not give its metrics (${res.status}): ${snippet(res.body, 200)}`);
-    let usec: unknown;
-    try {
-      usec = (JSON.parse(res.body.toString("utf8")) as { cubicle_cpu_busy_usec?: unknown }).cubicle_cpu_busy_usec;
-    } catch {
-      throw new CubicleError("unavailable", "the sandbox agent's metrics are not JSON");
-    }
+    const usec = agentJson(res, "give its metrics", "metrics").cubicle_cpu_busy_usec;
     if (typeof usec !== "number" || !Number.isFinite(usec) || usec < 0) throw new CubicleError("unavailable", "the sandbox agent's metrics have no CPU time");
     return usec;
   }
