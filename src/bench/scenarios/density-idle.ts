@@ -28,6 +28,16 @@ function diskBytes(dir: string): number {
   return total;
 }
 
+/** Bytes in use on the storage pool's filesystem (what it really holds: compressed extents count as written). */
+function poolUsedBytes(mountDir: string): number {
+  try {
+    const stats = fs.statfsSync(mountDir);
+    return (stats.blocks - stats.bfree) * stats.bsize;
+  } catch {
+    return Number.NaN;
+  }
+}
+
 /**
  * Idle tiers at scale (issue 15): `-n` sandboxes made in batches of `-c` and left alone on a
  * server whose idle settings are short (CUBICLE_IDLE_FREEZE_SECONDS / _DISK_SECONDS: set on the
@@ -39,9 +49,10 @@ function diskBytes(dir: string): number {
 export async function benchDensityIdle(options: BenchOptions, target: BenchTarget): Promise<ScenarioResult> {
   const Sandbox = await loadSandboxSdk(target);
   const batch = Math.max(1, options.concurrency);
-  const imagesDir = path.join(target.runDir, "pool", "images", "paused");
+  const poolDir = path.join(target.runDir, "pool");
+  const imagesDir = path.join(poolDir, "images", "paused");
   await sleep(options.settleMs);
-  const baseline = { available: memAvailableBytes(), free: memFreeBytes(), imageBytes: diskBytes(imagesDir) };
+  const baseline = { available: memAvailableBytes(), free: memFreeBytes(), imageBytes: diskBytes(imagesDir), poolBytes: poolUsedBytes(poolDir) };
   const sandboxes: InstanceType<typeof Sandbox>[] = [];
   const errors: string[] = [];
   const per = (now: number, before: number) => round2((before - now) / Math.max(1, sandboxes.length) / MiB);
@@ -50,22 +61,36 @@ export async function benchDensityIdle(options: BenchOptions, target: BenchTarge
     const res = await callApi(target, "GET", `/sandboxes/${id}`);
     return res.status === 200 ? String(res.json.cubicleIdle ?? "awake") : `status ${res.status}`;
   };
+  /** Every listed sandbox's tier, through the paged list (one request per 100, not one per sandbox). */
+  const tiers = async (): Promise<Map<string, string>> => {
+    const seen = new Map<string, string>();
+    let token: string | null = null;
+    do {
+      const res = await callApi(target, "GET", `/v2/sandboxes?limit=100${token ? `&nextToken=${encodeURIComponent(token)}` : ""}`);
+      if (res.status !== 200) throw new Error(`GET /v2/sandboxes answered ${res.status}: ${JSON.stringify(res.json)}`);
+      for (const listed of res.json as { sandboxID: string; cubicleIdle?: string }[]) seen.set(listed.sandboxID, listed.cubicleIdle ?? "awake");
+      token = res.headers.get("x-next-token");
+    } while (token);
+    return seen;
+  };
   /** Until every sandbox is in one of `tiers` (a sandbox may pass through frozen to disk between two looks). */
-  const waitAll = async (tiers: string[], timeoutMs: number) => {
+  const waitAll = async (wanted: string[], timeoutMs: number) => {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
-      const seen = await Promise.all(sandboxes.map((s) => tierOf(s.sandboxId)));
-      const done = seen.filter((t) => tiers.includes(t)).length;
+      const listed = await tiers();
+      const seen = sandboxes.map((s) => listed.get(s.sandboxId) ?? "not listed");
+      const done = seen.filter((t) => wanted.includes(t)).length;
       if (done === sandboxes.length) return;
-      if (Date.now() > deadline) throw new Error(`${done} of ${sandboxes.length} sandboxes reached ${tiers.join(" or ")} within ${timeoutMs} ms (others: ${[...new Set(seen.filter((t) => !tiers.includes(t)))].join(", ")})`);
-      await sleep(500);
+      if (Date.now() > deadline) throw new Error(`${done} of ${sandboxes.length} sandboxes reached ${wanted.join(" or ")} within ${timeoutMs} ms (others: ${[...new Set(seen.filter((t) => !wanted.includes(t)))].join(", ")})`);
+      if (options.progress) process.stderr.write(`density-idle: ${done} of ${sandboxes.length} ${wanted.join(" or ")}\n`);
+      await sleep(Math.min(10_000, 500 + sandboxes.length));
     }
   };
   const progress = new Progress(`density-idle batch=${batch}`, options.total, options.progress);
   try {
     while (sandboxes.length < options.total) {
       const count = Math.min(batch, options.total - sandboxes.length);
-      const results = await runPool(count, count, () => Sandbox.create(options.template, { timeoutMs: 3_600_000 }));
+      const results = await runPool(count, count, () => Sandbox.create(options.template, { timeoutMs: 86_400_000 }));
       const created = fulfilled(results);
       sandboxes.push(...created);
       for (const message of rejectedMessages(results)) errors.push(message);
@@ -78,8 +103,13 @@ export async function benchDensityIdle(options: BenchOptions, target: BenchTarge
     await waitAll(["frozen", "disk"], limitMs);
     const frozen = memoryPoint();
     await waitAll(["disk"], limitMs);
-    await sleep(options.settleMs);
-    const onDisk = { ...memoryPoint(), imageMiBPerSandbox: round2((diskBytes(imagesDir) - baseline.imageBytes) / sandboxes.length / MiB) };
+    await sleep(Math.max(options.settleMs, 6_000));
+    const onDisk = {
+      ...memoryPoint(),
+      imageMiBPerSandbox: round2((diskBytes(imagesDir) - baseline.imageBytes) / sandboxes.length / MiB),
+      // After the last writeback (the pool commits every 5 s): compressed images count as stored.
+      poolMiBPerSandbox: round2((poolUsedBytes(poolDir) - baseline.poolBytes) / sandboxes.length / MiB),
+    };
     // Wakes of a sample: from disk, then (after it froze again) from frozen.
     const sample = sandboxes.slice(0, Math.min(sandboxes.length, Math.max(3, Math.round(options.total / 20))));
     const fromDisk: number[] = [];
@@ -111,13 +141,14 @@ export async function benchDensityIdle(options: BenchOptions, target: BenchTarge
         onDisk,
         wakeFromDiskToFirstCommandMs: summarize(fromDisk),
         wakeFromFrozenToFirstCommandMs: summarize(fromFrozen),
-        note: "memory per sandbox = (MemAvailable or MemFree before − at the point) ÷ sandboxes; images on the storage pool's paused/ directory",
+        note: "memory per sandbox = (MemAvailable or MemFree before − at the point) ÷ sandboxes; images on the storage pool's paused/ directory (imageMiB: their files' sizes, uncompressed; poolMiB: the pool's filesystem use, compressed)",
       },
     };
   } catch (err) {
     return { status: "failed", reason: errorMessage(err), samples: [], errors, summary: { sandboxes: sandboxes.length } };
   } finally {
     progress.finish();
-    await Promise.all(sandboxes.map((s) => s.kill().catch(() => false)));
+    // Killed 20 at a time: ten thousand at once would be ten thousand requests in flight.
+    await runPool(sandboxes.length, 20, (i) => sandboxes[i]!.kill().catch(() => false));
   }
 }

@@ -254,6 +254,13 @@ describe("container checkpoints (CRIU)", { skip }, () => {
       assert.ok((await runtime.list()).includes(sandbox.id), "the paused sandbox is no longer listed");
       assert.deepEqual(runtime.cgroupDirectories(sandbox.id).filter((dir) => existsSync(dir)), [], "the paused sandbox still holds cgroups");
       await assert.rejects(get(sandbox.net.sandboxAddress, "/health", { timeoutMs: 300 }));
+      // IMAGE_COMPRESSION_NOTE: the memory pages are stored compressed (the kernel's extent map says so once written back).
+      const criuDir = imageLayout(imageDir("pause", "pause")).criu;
+      const pages = (await readdir(criuDir)).filter((name) => /^pages-\d+\.img$/.test(name)).map((name) => path.join(criuDir, name));
+      const largest = (await Promise.all(pages.map(async (file) => ({ file, size: (await stat(file)).size })))).sort((a, b) => b.size - a.size)[0];
+      assert.ok(largest && largest.size > 256 * 1024, `the image has pages to compress: ${JSON.stringify(largest)}`);
+      await runCommand(["sync", largest.file]);
+      assert.match((await runCommand(["filefrag", "-v", largest.file])).stdout, /\bencoded\b/, "the pause image's pages are not compressed on the pool");
 
       await runtime.restore(sandbox.spec, idOf("pause", "pause"));
       assert.equal(await runtime.state(sandbox.id), "running");

@@ -166,7 +166,8 @@ export class ContainerImageStore implements ImageStore {
     await Promise.all([...this.deletions]);
   }
 
-  private kindDir(kind: ImageKind): string {
+  /** Where the images of one kind live (`<imagesDir>/paused` …). */
+  kindDir(kind: ImageKind): string {
     return path.join(this.imagesDir, KIND_DIRS[kind]);
   }
 

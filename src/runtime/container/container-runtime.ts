@@ -237,6 +237,7 @@ export class ContainerRuntime implements Runtime {
     }
     await this.helper.collectQgroups(this.pool.mountDir).catch((err) => log.warn("collecting stale quota groups failed", { error: String(err) }));
     await this.images.init();
+    await this.pool.compressNewFiles(this.images.kindDir("pause")).catch((err) => log.warn("durable images stay uncompressed (IMAGE_COMPRESSION_NOTE)", { error: String(err) }));
     log.info("container runtime ready", { cgroupVersion: this.cgroups.version, limitSwap: this.limitSwap, sys: this.options.sysfs ?? "empty", pool: this.pool.mountDir });
   }
 
