@@ -32,7 +32,7 @@ readonly CRIU_SUITE="forky"
 # directory, and tests find it there without downloading anything.
 readonly GUEST_KERNEL_PACKAGE="linux-image-6.1.0-57-cloud-amd64"
 readonly APT_ARCHIVES="/var/cache/apt/archives"
-readonly HOST_PACKAGES=(runc iproute2 nftables mmdebstrap uidmap iptables tini patchelf gcc libc6-dev btrfs-progs libnss-myhostname zstd docker-registry busybox-static qemu-system-x86 qemu-utils libfuse3-dev pkg-config)
+readonly HOST_PACKAGES=(runc iproute2 nftables mmdebstrap uidmap iptables tini patchelf gcc libc6-dev btrfs-progs libcap2-bin libnss-myhostname zstd docker-registry busybox-static qemu-system-x86 qemu-utils libfuse3-dev pkg-config)
 
 staging=""
 

@@ -447,19 +447,20 @@ function costCurves(chosen: Loaded[], chart: (name: string, svg: string) => stri
   if (idle.length === 0) out.push("Idle tiers at scale: no `density-idle` result.", "");
   else {
     out.push(
-      "Idle tiers at scale (`density-idle`: sandboxes left alone on a server with short idle settings until all are on disk; host memory per sandbox awake, frozen and on disk; the images' bytes on the storage pool; a sample's first command after a wake):",
+      "Idle tiers at scale (`density-idle`: sandboxes left alone on a server with short idle settings until all are on disk; host memory per sandbox awake, frozen and on disk; the images' bytes (their files' sizes) and the storage pool's use (compressed, with layers and metadata) per sandbox; a sample's first command after a wake):",
       "",
       table(
-        ["sandboxes", "awake MiB each", "asleep MiB each (frozen or on disk)", "on disk MiB each", "image MiB each (disk)", "wake from disk p50", "wake from frozen p50", "file"],
+        ["sandboxes", "awake MiB each", "asleep MiB each (frozen or on disk)", "on disk MiB each", "image MiB each (files)", "pool MiB each (stored)", "wake from disk p50", "wake from frozen p50", "file"],
         idle.map((e) =>
           e.data.status !== "ok"
-            ? [String(pick(e.data.summary, "sandboxes") ?? "—"), `${e.data.status}: ${brief(e.data.reason)}`, "", "", "", "", "", fileRef(e)]
+            ? [String(pick(e.data.summary, "sandboxes") ?? "—"), `${e.data.status}: ${brief(e.data.reason)}`, "", "", "", "", "", "", fileRef(e)]
             : [
                 String(pick(e.data.summary, "sandboxes")),
                 fmt(pick(e.data.summary, "awake.perSandboxMiB"), 2),
                 fmt(pick(e.data.summary, "frozen.perSandboxMiB"), 2),
                 fmt(pick(e.data.summary, "onDisk.perSandboxMiB"), 2),
                 fmt(pick(e.data.summary, "onDisk.imageMiBPerSandbox"), 2),
+                fmt(pick(e.data.summary, "onDisk.poolMiBPerSandbox"), 2),
                 fmt(pick(e.data.summary, "wakeFromDiskToFirstCommandMs.p50")),
                 fmt(pick(e.data.summary, "wakeFromFrozenToFirstCommandMs.p50")),
                 fileRef(e),

@@ -35,6 +35,9 @@ let gcpRegistry: TestRegistry;
 let ecr: http.Server;
 let workDir: string;
 
+/** security.capability revision 2 (magic 0x02000001: effective), permitted bit 10 (CAP_NET_BIND_SERVICE). */
+const NET_BIND_SERVICE_V2 = Buffer.from([1, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+
 const APPLETS = ["sh", "ash", "tar", "cp", "mv", "mkdir", "chown", "chmod", "find", "rm", "mktemp", "basename", "dirname", "cat", "echo", "id", "sleep", "ls", "env", "test", "[", "grep", "pgrep", "ps", "stat", "readlink", "true", "false", "touch", "wc", "head", "sed", "xargs"];
 
 /** A small image: static busybox, its applets, a `bash` that is busybox's sh, /etc/passwd with root. */
@@ -43,6 +46,8 @@ function busyboxImage(marker: string): TestImage {
     { path: "bin", type: "directory", mode: 0o755 },
     { path: "bin/busybox", data: fs.readFileSync("/bin/busybox"), mode: 0o755 },
     { path: "bin/bash", data: "#!/bin/busybox sh\nexec /bin/busybox sh \"$@\"\n", mode: 0o755 },
+    // A copy with a file capability (CAP_NET_BIND_SERVICE, effective) as images carry it: a PAX xattr, the host's revision 2 (LAYER_XATTRS_NOTE).
+    { path: "opt/cap/grep", data: fs.readFileSync("/bin/busybox"), mode: 0o755, pax: { "SCHILY.xattr.security.capability": NET_BIND_SERVICE_V2 } },
     ...APPLETS.map((applet): TarSpecEntry => ({ path: `bin/${applet}`, type: "symlink", linkPath: "busybox" })),
     { path: "usr", type: "directory", mode: 0o755 },
     { path: "usr/bin", type: "directory", mode: 0o755 },
@@ -113,6 +118,9 @@ test("fromImage pulls from a registry; the sandbox runs the image with a RUN ste
     assert.equal(await run("id -un"), "user", "no User in the image: E2B's user account");
     assert.equal(await run("pwd"), "/home/user");
     assert.equal(await run("stat -c %u /bin/busybox"), "0", "the image's root owns its files inside");
+    // The image's file capability works for the sandbox's unprivileged user (and only for that file).
+    assert.match(await run("/opt/cap/grep CapEff /proc/self/status"), /^CapEff:\s+0000000000000400$/);
+    assert.match(await run("grep CapEff /proc/self/status"), /^CapEff:\s+0{16}$/);
   } finally {
     await sandbox.kill();
   }

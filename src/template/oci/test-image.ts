@@ -19,8 +19,8 @@ export interface TarSpecEntry {
   gid?: number;
   /** Seconds since the epoch. Default 1700000000. */
   mtime?: number;
-  /** Extra PAX records written before the entry (e.g. `SCHILY.xattr.user.x`). */
-  pax?: Record<string, string>;
+  /** Extra PAX records written before the entry (e.g. `SCHILY.xattr.user.x`); values may be bytes. */
+  pax?: Record<string, string | Buffer>;
   /** How a name longer than 100 bytes is written. Default "pax". */
   longNames?: "pax" | "gnu";
 }
@@ -56,13 +56,13 @@ function pad(data: Buffer): Buffer[] {
   return rest ? [data, Buffer.alloc(rest)] : [data];
 }
 
-function paxRecords(records: Record<string, string>): Buffer {
+function paxRecords(records: Record<string, string | Buffer>): Buffer {
   const parts: Buffer[] = [];
   for (const [key, value] of Object.entries(records)) {
-    const body = ` ${key}=${value}\n`;
-    let length = Buffer.byteLength(body) + 1;
-    while (String(length).length + Buffer.byteLength(body) !== length) length = String(length).length + Buffer.byteLength(body);
-    parts.push(Buffer.from(`${length}${body}`, "utf8"));
+    const body = Buffer.concat([Buffer.from(` ${key}=`, "utf8"), typeof value === "string" ? Buffer.from(value, "utf8") : value, Buffer.from("\n")]);
+    let length = body.length + 1;
+    while (String(length).length + body.length !== length) length = String(length).length + body.length;
+    parts.push(Buffer.from(String(length)), body);
   }
   return Buffer.concat(parts);
 }
@@ -81,7 +81,7 @@ export function writeTar(entries: TarSpecEntry[]): Buffer {
       mtime: entry.mtime ?? 1_700_000_000,
       linkPath: entry.linkPath,
     };
-    const pax: Record<string, string> = { ...entry.pax };
+    const pax: Record<string, string | Buffer> = { ...entry.pax };
     let name = entry.path;
     const long = Buffer.byteLength(name) > 100;
     const longLink = Buffer.byteLength(entry.linkPath ?? "") > 100;

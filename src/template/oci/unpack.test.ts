@@ -251,3 +251,51 @@ test("a full disk is insufficient_storage and the partial tree is removed", { sk
     spawnSync("umount", [box]);
   }
 });
+
+/** The xattr addon's list() (src/agent/native/xattr.c), as the unpacker's own module loads it. */
+function listXattrs(file: string): Map<string, Buffer> {
+  const module = { exports: {} as { list(target: string, prefix: string): [string, Buffer][] } };
+  process.dlopen(module, path.resolve(import.meta.dirname ?? path.dirname(new URL(import.meta.url).pathname), "../../../dist/agent/xattr.node"));
+  return new Map(module.exports.list(file, ""));
+}
+
+/** A file-capability value: `revision` 2 (host) or 3 (namespaced, with `rootId`), `bits` permitted, effective. */
+function capability(revision: 2 | 3, bits: number, rootId = 0): Buffer {
+  const value = Buffer.alloc(revision === 3 ? 24 : 20);
+  value.writeUInt32LE((revision << 24) | 1, 0);
+  value.writeUInt32LE(bits, 4);
+  if (revision === 3) value.writeUInt32LE(rootId, 20);
+  return value;
+}
+
+test("LAYER_XATTRS_NOTE: user attributes kept, file capabilities rewritten for the sandbox's root, the rest dropped", { skip: !isRoot && "needs root" }, async () => {
+  const dest = path.join(tempDir(), "root");
+  const bindService = 1 << 10; // CAP_NET_BIND_SERVICE
+  const stats = await unpackLayers(
+    [
+      layer([
+        { path: "etc/", type: "directory", pax: { "SCHILY.xattr.user.dir": "d" } },
+        { path: "srv/server", data: "#!/bin/sh\n", mode: 0o755, pax: { "SCHILY.xattr.security.capability": capability(2, bindService), "SCHILY.xattr.user.origin": "registry" } },
+        { path: "srv/ns3", data: "x", mode: 0o755, pax: { "LIBARCHIVE.xattr.security.capability": capability(3, bindService, 0) } },
+        { path: "srv/labelled", data: "x", pax: { "SCHILY.xattr.security.selinux": "system_u:object_r:bin_t:s0", "SCHILY.xattr.trusted.x": "t" } },
+        { path: "srv/link", type: "symlink", linkPath: "server", pax: { "SCHILY.xattr.user.link": "l" } },
+        { path: "srv/bad-cap", data: "x", pax: { "SCHILY.xattr.security.capability": Buffer.from([9, 9, 9]) } },
+      ]),
+    ],
+    dest,
+  );
+  assert.deepEqual([...listXattrs(path.join(dest, "etc"))], [["user.dir", Buffer.from("d")]]);
+  const server = listXattrs(path.join(dest, "srv/server"));
+  assert.deepEqual(server.get("user.origin"), Buffer.from("registry"));
+  // Never the host's revision 2: namespaced, its root the tree's root on disk (100000).
+  assert.deepEqual(server.get("security.capability"), capability(3, bindService, 100000));
+  assert.deepEqual(listXattrs(path.join(dest, "srv/ns3")).get("security.capability"), capability(3, bindService, 100000));
+  assert.deepEqual([...listXattrs(path.join(dest, "srv/labelled")).keys()].filter((name) => !name.startsWith("security.") || name === "security.selinux"), []);
+  assert.deepEqual([...listXattrs(path.join(dest, "srv/bad-cap")).keys()].filter((name) => name === "security.capability"), []);
+  // labelled (two), the symlink and the bad capability.
+  assert.equal(stats.xattrsDropped, 3);
+  // The host's root gains nothing: a capability set for the sandbox's root is not one for uid 0.
+  const getcap = spawnSync("/usr/sbin/getcap", ["-n", path.join(dest, "srv/server")], { encoding: "utf8" });
+  assert.equal(getcap.status, 0, getcap.stderr);
+  assert.match(getcap.stdout, /\[rootid=100000\]/);
+});

@@ -10,6 +10,7 @@ import { CubicleError, errnoName } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
 import { createLogger, type Logger } from "../../shared/log.js";
 import { SANDBOX_UID_BASE, SANDBOX_UID_COUNT } from "../../runtime/types.js";
+import { applyLayerXattrs } from "./layer-xattrs.js";
 import { readTar, type TarEntry } from "./tar-reader.js";
 
 /**
@@ -25,9 +26,9 @@ import { readTar, type TarEntry } from "./tar-reader.js";
  *
  * Ownership: every uid/gid is shifted by `idShift` (SANDBOX_UID_BASE: root inside = 100000 on
  * disk); ids outside the sandbox's range become nobody (65534). setuid/setgid bits are kept.
- * Device nodes are skipped (a sandbox gets its own /dev) and counted. Extended attributes are
- * dropped, `security.capability` included (Node cannot set xattrs; a user namespace would need
- * v3 capabilities rewritten for its root anyway) and counted.
+ * Device nodes are skipped (a sandbox gets its own /dev) and counted. Extended attributes:
+ * `user.*` and file capabilities (rewritten for the sandbox's root) are kept, the rest dropped
+ * and counted (LAYER_XATTRS_NOTE in layer-xattrs.ts).
  */
 
 export interface LayerSource {
@@ -58,7 +59,7 @@ export interface UnpackStats {
   bytes: number;
   /** Device nodes skipped. */
   devicesSkipped: number;
-  /** Entries whose extended attributes were dropped. */
+  /** Entries with an extended attribute that was dropped (LAYER_XATTRS_NOTE). */
   xattrsDropped: number;
   /** Entries whose uid or gid was outside the sandbox range (mapped to nobody). */
   idsOutOfRange: number;
@@ -304,7 +305,9 @@ export class RootfsWriter {
   private async applyEntry(layer: string, entry: TarEntry, body: AsyncGenerator<Buffer>, touched: Set<string>, dirTimes: Array<[string, number]>): Promise<void> {
     const { parts, clamped } = normalizeName(entry.path);
     if (clamped) this.stats.namesClamped += 1;
-    if (entry.xattrs.size > 0) this.stats.xattrsDropped += 1;
+    // Attributes of the kinds of entry that keep none (links, fifos, devices, the root, whiteouts).
+    const keepsXattrs = parts.length > 0 && (entry.type === "file" || entry.type === "directory");
+    if (entry.xattrs.size > 0 && !keepsXattrs) this.stats.xattrsDropped += 1;
 
     if (parts.length === 0) {
       // The root itself ("./"): only its metadata.
@@ -352,6 +355,7 @@ export class RootfsWriter {
       if (!existing) fs.mkdirSync(target, { mode: 0o700 });
       fs.lchownSync(target, uid, gid);
       fs.chmodSync(target, entry.mode); // after chown, which would clear setgid
+      if (entry.xattrs.size > 0 && applyLayerXattrs(target, "directory", entry.xattrs, this.idShift) > 0) this.stats.xattrsDropped += 1;
       dirTimes.push([target, entry.mtime]);
       return;
     }
@@ -407,6 +411,8 @@ export class RootfsWriter {
       }
       fs.fchownSync(fd, uid, gid);
       fs.fchmodSync(fd, entry.mode); // after chown, which clears setuid/setgid
+      // After the content and the chown, each of which clears file capabilities.
+      if (entry.xattrs.size > 0 && applyLayerXattrs(fd, "file", entry.xattrs, this.idShift) > 0) this.stats.xattrsDropped += 1;
       fs.futimesSync(fd, entry.mtime, entry.mtime);
     } finally {
       fs.closeSync(fd);
