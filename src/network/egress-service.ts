@@ -119,17 +119,23 @@ export function createEgressService(options: EgressServiceOptions): EgressServic
       if (!target.domain) {
         /*
          * H2C_NOTE: cleartext HTTP/2 with prior knowledge names its host only inside HPACK, after
-         * the preface. If the sandbox's DNS resolved a name with header rules to this address,
-         * the connection is intercepted for that name (h2-injection.ts): each stream must carry
-         * it as :authority (else 421) and leaves with its headers. Two such names on one address:
-         * the connection is for the first the sandbox resolved; the other's requests get 421.
+         * the preface. If the sandbox's DNS resolved names with header rules to this address,
+         * the connection is intercepted for those names (h2-injection.ts): each stream must carry
+         * one of them as :authority (else 421) and leaves with that name's headers. Several such
+         * names on one address (virtual hosts): the connection carries requests for each of them,
+         * every stream with its own name's headers; the audit shows the first the sandbox resolved.
          */
         if (!target.h2c) return verdict;
+        let first: { name: string; headers: Record<string, string> } | undefined;
+        const otherHosts: Record<string, Record<string, string>> = {};
         for (const name of pinned.namesFor(sandboxId, target.address)) {
           const rule = headerRuleFor(policy, name);
-          if (rule) return { ...verdict, headers: rule.headers, domain: name };
+          if (!rule) continue;
+          if (!first) first = { name, headers: rule.headers };
+          else if (name !== first.name) otherHosts[name] = rule.headers;
         }
-        return verdict;
+        if (!first) return verdict;
+        return { ...verdict, headers: first.headers, domain: first.name, ...(Object.keys(otherHosts).length > 0 ? { otherHosts } : {}) };
       }
       const rule = headerRuleFor(policy, target.domain);
       if (!rule) return verdict;

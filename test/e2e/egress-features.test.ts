@@ -138,6 +138,7 @@ describe("header rules over HTTP/2 (H2C_NOTE)", () => {
         rules: {
           [inet.https.name]: [{ transform: { headers: { Authorization: "Bearer h2-rule" } } }],
           [inet.http.name]: [{ transform: { headers: { Authorization: "Bearer h2c-rule" } } }],
+          "vhost.fake.test": [{ transform: { headers: { Authorization: "Bearer vhost-rule" } } }],
         },
       },
     });
@@ -146,6 +147,8 @@ describe("header rules over HTTP/2 (H2C_NOTE)", () => {
     assert.equal(await curl(`--http2 'https://${inet.https.name}:8443/over/tls'`), "2 200");
     assert.equal(await curl(`--http2-prior-knowledge 'http://${inet.http.name}:8080/cleartext'`), "2 200");
     assert.equal(await curl(`--http2 '${inet.https.url}h1/server'`), "2 200", "the sandbox speaks h2 to the proxy, the proxy HTTP/1.1 to the server");
+    // A second name with its own rule on the same address: its cleartext h2 requests carry its own headers.
+    assert.equal(await curl(`--http2-prior-knowledge 'http://vhost.fake.test:8080/vhost'`), "2 200");
     const seen = await inet.requests();
     const byPath = (p: string) => seen.find((r) => r.path === p);
     assert.equal(byPath("/over/tls")?.server, "h2");
@@ -153,6 +156,7 @@ describe("header rules over HTTP/2 (H2C_NOTE)", () => {
     assert.equal(byPath("/over/tls")?.headers.authorization, "Bearer h2-rule");
     assert.equal(byPath("/cleartext")?.server, "h2c");
     assert.equal(byPath("/cleartext")?.headers.authorization, "Bearer h2c-rule");
+    assert.equal(byPath("/vhost")?.headers.authorization, "Bearer vhost-rule");
     assert.equal(byPath("/h1/server")?.server, "https");
     assert.equal(byPath("/h1/server")?.headers.authorization, "Bearer h2-rule");
     // Without rules, cleartext h2 is relayed as it came: the sandbox's own header arrives.

@@ -390,6 +390,8 @@ function buildRecords(addresses: FakeInternetServerConfig["addresses"], extra: F
   const records: Record<string, string[]> = {
     "fake.test": [addresses.https],
     "http.fake.test": [addresses.http],
+    // A second name on the HTTP host's address (virtual hosts; H2C_NOTE's shared address).
+    "vhost.fake.test": [addresses.http],
     "https.fake.test": [addresses.https],
     "api.fake.test": [addresses.https],
     "multi.fake.test": [addresses.http, addresses.https],

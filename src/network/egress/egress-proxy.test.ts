@@ -439,6 +439,20 @@ test("cleartext HTTP/2 with prior knowledge: intercepted for the name the verdic
   assert.equal(echoed.headers.authorization, `Bearer ${SECRET}`);
   assert.deepEqual(answer.trailers, { "x-trailer": "done" });
   assert.equal((await h2({ port: 8080, authority: "other.test.example" })).status, 421);
+  // Two names with header rules on one address (virtual hosts): each stream gets its own name's headers; a third name is 421.
+  decide = (_sandbox, target) =>
+    target.h2c
+      ? { allowed: true, reason: "pinned", headers: TOKEN_RULE, domain: "api.test.example", otherHosts: { "other.test.example": { "X-Injected": "other" } } }
+      : { allowed: true, reason: "pinned" };
+  const forApi = await h2({ port: 8080, headers: { authorization: "sandbox's fake" } });
+  assert.equal(JSON.parse(forApi.body).headers.authorization, `Bearer ${SECRET}`);
+  const forOther = await h2({ port: 8080, authority: "other.test.example", headers: { authorization: "sandbox's own" } });
+  assert.equal(forOther.status, 200, JSON.stringify(forOther));
+  const otherEcho = JSON.parse(forOther.body);
+  assert.equal(otherEcho.headers["x-injected"], "other");
+  assert.equal(otherEcho.headers.authorization, "sandbox's own", "another name's rule does not leak to this one");
+  assert.equal((await h2({ port: 8080, authority: "third.test.example" })).status, 421);
+  decide = (_sandbox, target) => ({ allowed: true, reason: "pinned", headers: target.h2c ? TOKEN_RULE : undefined, domain: target.h2c ? "api.test.example" : undefined });
   // The preface, then bytes that are no HTTP/2 frames: the session ends, the proxy lives on.
   const junk = await sandbox({ mode: "tcp", host: destination, port: 8080, text: `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n${"\u00ff".repeat(64)}` });
   assert.ok(junk.error === "closed" || junk.echo !== undefined, JSON.stringify(junk));

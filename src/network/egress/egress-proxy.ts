@@ -16,9 +16,11 @@ export interface EgressVerdict {
   headers?: Record<string, string>;
   /**
    * The host the headers are for when the connection named none in its first bytes (cleartext
-   * h2: H2C_NOTE); each request must then name it.
+   * h2: H2C_NOTE); each request must then name it or one of `otherHosts`.
    */
   domain?: string;
+  /** Cleartext h2: the other names with header rules the connection may carry, with their headers (H2C_NOTE). */
+  otherHosts?: Record<string, Record<string, string>>;
 }
 
 export interface EgressSandbox {
@@ -94,8 +96,9 @@ interface OpenConnection {
   /** Undefined until decided. */
   target: EgressTarget | undefined;
   upstreamKey: string | undefined;
-  headers: Record<string, string> | undefined;
-  /** The host whose headers an intercepted connection carries. */
+  /** An intercepted connection's hosts and their rules' headers (one host but for cleartext h2). */
+  hostHeaders: Map<string, Record<string, string>> | undefined;
+  /** The host whose headers an intercepted connection carries (cleartext h2: the first). */
   interceptDomain: string | undefined;
   close(reason: string): void;
 }
@@ -188,7 +191,7 @@ export function createEgressProxy(options: EgressProxyOptions): EgressProxy {
       remoteAddress,
       target: undefined,
       upstreamKey: undefined,
-      headers: undefined,
+      hostHeaders: undefined,
       interceptDomain: undefined,
       close(reason) {
         if (closed) return;
@@ -242,7 +245,7 @@ export function createEgressProxy(options: EgressProxyOptions): EgressProxy {
     const interceptDomain = peek.domain ?? verdict.domain;
     const intercept = verdict.headers !== undefined && Object.keys(verdict.headers).length > 0 && interceptDomain !== undefined;
     connection.upstreamKey = upstreamKeyOf(proxy);
-    connection.headers = intercept ? verdict.headers : undefined;
+    connection.hostHeaders = intercept ? hostHeadersOf(interceptDomain!, verdict) : undefined;
     connection.interceptDomain = intercept ? interceptDomain : undefined;
     // Cleartext h2 named no host; the audit shows the one its requests are held to (H2C_NOTE).
     if (intercept) record.domain = interceptDomain;
@@ -263,7 +266,7 @@ export function createEgressProxy(options: EgressProxyOptions): EgressProxy {
         head: peek.head,
         tls: peek.domainSource === "sni",
         domain: interceptDomain!,
-        headers: () => connection.headers ?? {},
+        hostHeaders: () => connection.hostHeaders ?? new Map(),
         issueCertificate: options.issueCertificate,
         upstreamCa: options.upstreamCa,
         resolveSecret: options.resolveSecret,
@@ -355,11 +358,12 @@ export function createEgressProxy(options: EgressProxyOptions): EgressProxy {
         }
         const interceptDomain = connection.target.domain ?? verdict.domain;
         const intercept = verdict.headers !== undefined && Object.keys(verdict.headers).length > 0 && interceptDomain !== undefined;
-        if (intercept !== (connection.headers !== undefined) || (intercept ? interceptDomain : undefined) !== connection.interceptDomain) {
+        const hostHeaders = intercept ? hostHeadersOf(interceptDomain!, verdict) : undefined;
+        if (intercept !== (connection.hostHeaders !== undefined) || (intercept ? interceptDomain : undefined) !== connection.interceptDomain || !sameHosts(hostHeaders, connection.hostHeaders)) {
           connection.close("policy changed: header rules changed");
           continue;
         }
-        if (intercept) connection.headers = verdict.headers;
+        if (hostHeaders) connection.hostHeaders = hostHeaders;
       }
     },
     openConnections(sandboxId) {
@@ -367,6 +371,18 @@ export function createEgressProxy(options: EgressProxyOptions): EgressProxy {
       return bySandbox.get(sandboxId)?.size ?? 0;
     },
   };
+}
+
+/** The hosts an intercepted connection carries: its domain, and for cleartext h2 the verdict's other names. */
+function hostHeadersOf(domain: string, verdict: EgressVerdict): Map<string, Record<string, string>> {
+  const hosts = new Map(Object.entries(verdict.otherHosts ?? {}));
+  hosts.set(domain, verdict.headers ?? {});
+  return hosts;
+}
+
+function sameHosts(a: ReadonlyMap<string, unknown> | undefined, b: ReadonlyMap<string, unknown> | undefined): boolean {
+  if (!a || !b) return a === b;
+  return a.size === b.size && [...a.keys()].every((host) => b.has(host));
 }
 
 /** Relays both ways, counting bytes into the record, half-closes passed on. */

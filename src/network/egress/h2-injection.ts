@@ -18,11 +18,13 @@ export const H2_PREFACE = Buffer.from("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "latin
 export type H2Upstream = { kind: "h2"; session: http2.ClientHttp2Session } | { kind: "h1"; agent: http.Agent };
 
 export interface H2InjectionOptions {
-  /** The connection's domain: every stream's :authority must name it (else 421). */
-  domain: string;
   tls: boolean;
-  /** The rule's headers now (a policy change may replace them between requests). */
-  headers(): Record<string, string>;
+  /**
+   * The hosts this connection carries requests for, each with its rule's headers now (a policy
+   * change may replace them between requests): every stream's :authority must name one (else
+   * 421). One host but for cleartext h2 to an address several such names share (H2C_NOTE).
+   */
+  hostHeaders(): ReadonlyMap<string, Record<string, string>>;
   resolveSecret(name: string): string | undefined;
   /** Opens the destination; called once, at the first request. */
   upstream(): Promise<H2Upstream>;
@@ -96,8 +98,11 @@ function forwardStream(options: H2InjectionOptions, upstream: () => Promise<H2Up
   if (method === "CONNECT") return reply(501, "egress proxy: CONNECT is not supported for hosts with header rules");
   const authority = String(headers[":authority"] ?? headers.host ?? "");
   // RFC 9110 §15.5.20: a request for another origin on this connection is misdirected.
-  if (hostWithoutPort(authority) !== options.domain) return reply(421, `egress proxy: this connection is for ${options.domain}`);
-  const rule = resolveRuleHeaders(options.headers(), options.domain, options.resolveSecret);
+  const host = hostWithoutPort(authority);
+  const hosts = options.hostHeaders();
+  const ruleHeaders = host === undefined ? undefined : hosts.get(host);
+  if (host === undefined || !ruleHeaders) return reply(421, `egress proxy: this connection is for ${[...hosts.keys()].join(", ")}`);
+  const rule = resolveRuleHeaders(ruleHeaders, host, options.resolveSecret);
   if ("error" in rule) return reply(502, rule.error);
 
   const kept: [string, string][] = [];

@@ -21,10 +21,16 @@ export interface InjectionOptions {
   /** Bytes already read from the client (the ClientHello or the first request head). */
   head: Buffer;
   tls: boolean;
-  /** The connection's domain: the SNI or Host it was decided on; every request must name it. */
+  /**
+   * The connection's domain: the SNI or Host it was decided on (cleartext h2: the first name the
+   * verdict gave); every HTTP/1.1 request must name it.
+   */
   domain: string;
-  /** The rule's headers now (a policy change may replace them between requests). */
-  headers(): Record<string, string>;
+  /**
+   * Each host this connection may carry requests for and its rule's headers now (a policy change
+   * may replace them between requests): `domain` alone, but for cleartext h2 (H2C_NOTE).
+   */
+  hostHeaders(): ReadonlyMap<string, Record<string, string>>;
   issueCertificate(hostname: string): Promise<{ key: string | Buffer; cert: string | Buffer }>;
   /** CAs trusted for the upstream TLS in addition to Node's roots. */
   upstreamCa: (string | Buffer)[] | undefined;
@@ -126,9 +132,8 @@ export function startInjection(options: InjectionOptions): Injection {
     socket.once("end", close);
     client.setTimeout(0);
     serveH2(socket, {
-      domain: options.domain,
       tls: options.tls,
-      headers: options.headers,
+      hostHeaders: options.hostHeaders,
       resolveSecret: options.resolveSecret,
       upstream: () =>
         h2Upstream(options, (spare) => {
@@ -212,7 +217,7 @@ function forward(state: ConnectionState, req: http.IncomingMessage, res: http.Se
     return reply(421, `egress proxy: this connection is for ${options.domain}`);
   }
 
-  const rule = resolveRuleHeaders(options.headers(), options.domain, options.resolveSecret);
+  const rule = resolveRuleHeaders(options.hostHeaders().get(options.domain) ?? {}, options.domain, options.resolveSecret);
   if ("error" in rule) {
     req.resume();
     return reply(502, rule.error);
