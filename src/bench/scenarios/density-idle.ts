@@ -87,6 +87,8 @@ export async function benchDensityIdle(options: BenchOptions, target: BenchTarge
     }
   };
   const progress = new Progress(`density-idle batch=${batch}`, options.total, options.progress);
+  /** The points measured so far (kept in a failed result). */
+  const partial: Record<string, unknown> = {};
   try {
     while (sandboxes.length < options.total) {
       const count = Math.min(batch, options.total - sandboxes.length);
@@ -99,9 +101,11 @@ export async function benchDensityIdle(options: BenchOptions, target: BenchTarge
     }
     progress.finish();
     const awake = memoryPoint();
+    partial.awake = awake;
     const limitMs = 600_000 + sandboxes.length * 2_000;
     await waitAll(["frozen", "disk"], limitMs);
     const frozen = memoryPoint();
+    partial.frozen = frozen;
     await waitAll(["disk"], limitMs);
     await sleep(Math.max(options.settleMs, 6_000));
     const onDisk = {
@@ -110,6 +114,7 @@ export async function benchDensityIdle(options: BenchOptions, target: BenchTarge
       // After the last writeback (the pool commits every 5 s): compressed images count as stored.
       poolMiBPerSandbox: round2((poolUsedBytes(poolDir) - baseline.poolBytes) / sandboxes.length / MiB),
     };
+    partial.onDisk = onDisk;
     // Wakes of a sample: from disk, then (after it froze again) from frozen.
     const sample = sandboxes.slice(0, Math.min(sandboxes.length, Math.max(3, Math.round(options.total / 20))));
     const fromDisk: number[] = [];
@@ -118,13 +123,17 @@ export async function benchDensityIdle(options: BenchOptions, target: BenchTarge
       await sandbox.commands.run("true");
       fromDisk.push(round2(performance.now() - t0));
     }
+    partial.wakeFromDiskToFirstCommandMs = summarize(fromDisk);
+    // Wakes from frozen: a few are woken, left alone until they freeze again (before they go
+    // back to disk), then used. (Waiting for the disk sample's first ones to freeze again, as
+    // before, failed at N=10,000: 500 wakes took longer than their way back to disk.)
     const fromFrozen: number[] = [];
-    const refrozen = sample.slice(0, Math.min(sample.length, 5));
     const deadline = Date.now() + 120_000;
-    for (const sandbox of refrozen) {
+    for (const sandbox of sample.slice(0, Math.min(sample.length, 5))) {
+      await sandbox.commands.run("true");
       while ((await tierOf(sandbox.sandboxId)) !== "frozen") {
         if (Date.now() > deadline) throw new Error(`sandbox ${sandbox.sandboxId} did not freeze again within 120 s`);
-        await sleep(200);
+        await sleep(100);
       }
       const t0 = performance.now();
       await sandbox.commands.run("true");
@@ -145,7 +154,8 @@ export async function benchDensityIdle(options: BenchOptions, target: BenchTarge
       },
     };
   } catch (err) {
-    return { status: "failed", reason: errorMessage(err), samples: [], errors, summary: { sandboxes: sandboxes.length } };
+    // What was measured before the failure stays in the result.
+    return { status: "failed", reason: errorMessage(err), samples: [], errors, summary: { sandboxes: sandboxes.length, ...partial } };
   } finally {
     progress.finish();
     // Killed 20 at a time: ten thousand at once would be ten thousand requests in flight.
