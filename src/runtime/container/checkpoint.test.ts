@@ -456,10 +456,9 @@ describe("container checkpoints (CRIU)", { skip }, () => {
       }
       assert.equal((await get(source.net.sandboxAddress, "/health")).status, 204);
     } finally {
-      for (const clone of clones) await removeSandbox(clone, agentRuntime);
-      await removeSandbox(source, agentRuntime);
-      await agentRuntime.releaseHostMounts();
-      await rm(agentState, { recursive: true, force: true });
+      // Each step even when one before it failed: a runtime left mounted outlives the test.
+      const steps = [...clones.map((clone) => () => removeSandbox(clone, agentRuntime)), () => removeSandbox(source, agentRuntime), () => agentRuntime.releaseHostMounts(), () => rm(agentState, { recursive: true, force: true })];
+      for (const step of steps) await step().catch((err: unknown) => console.error("clean-up of the real-agent test failed:", err));
     }
   });
 });
