@@ -104,7 +104,7 @@ export class StoragePool {
    * the directory's `compression` property, which new files and directories inherit). Used for
    * the images of durable pauses, which the idle tiers make of every sandbox left alone: a
    * CRIU image of an idle agent is ~10 MiB of pages that zstd takes to ~2 MiB (measured on
-   * two agents' pages-*.img: 10.5 → 1.9 MiB at level 3, 2.0 at level 1; their pages are not
+   * two agents' pages-*.img: 10.5 MB → 1.9 MB at level 3, 2.0 MB at level 1; their pages are not
    * shared, so deduplication would not help). The kernel compresses at writeback, after the
    * dump has returned, and decompresses on a cold read at restore (~10 MiB, a few ms); an image
    * still in the page cache is read as it is. Sizes the image budget counts stay the
