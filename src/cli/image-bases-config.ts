@@ -32,11 +32,12 @@ function readAuthFile(file: string): Record<string, RegistryCredentials> {
 }
 
 /** The image bases of this server's state directory, with its registry settings. */
-export function imageBasesFor(config: Pick<CubicleConfig, "stateDir" | "registry">): ImageBases {
+export function imageBasesFor(config: Pick<CubicleConfig, "stateDir" | "registry" | "distDir">): ImageBases {
   const { registry } = config;
   return new ImageBases({
     dir: path.join(config.stateDir, "images"),
     blobCacheDir: path.join(config.stateDir, "image-blobs"),
+    xattrAddon: path.join(config.distDir, "agent", "xattr.node"),
     registryHosts: {
       insecure: registry.insecure,
       ...(registry.mirror ? { mirror: registry.mirror } : {}),
@@ -53,7 +54,7 @@ export function imageBasesFor(config: Pick<CubicleConfig, "stateDir" | "registry
  * user, workdir, env and start command), which builds can extend with `fromTemplate(NAME)`.
  * Runs on the host, beside the server (which sees the new template at its next look).
  */
-export async function importTemplate(config: Pick<CubicleConfig, "stateDir" | "registry" | "builtTemplateDir">, source: string, name: string, image?: string): Promise<string> {
+export async function importTemplate(config: Pick<CubicleConfig, "stateDir" | "registry" | "builtTemplateDir" | "distDir">, source: string, name: string, image?: string): Promise<string> {
   const { name: templateName } = parseTemplateName(name);
   if (findRecipe(templateName)) throw new CubicleError("already_exists", `"${templateName}" is one of Cubicle's built-in templates; choose another name`);
   const base = await imageBasesFor(config).import(source, image);

@@ -359,7 +359,7 @@ export function createEgressProxy(options: EgressProxyOptions): EgressProxy {
         const interceptDomain = connection.target.domain ?? verdict.domain;
         const intercept = verdict.headers !== undefined && Object.keys(verdict.headers).length > 0 && interceptDomain !== undefined;
         const hostHeaders = intercept ? hostHeadersOf(interceptDomain!, verdict) : undefined;
-        if (intercept !== (connection.hostHeaders !== undefined) || (intercept ? interceptDomain : undefined) !== connection.interceptDomain || !sameHosts(hostHeaders, connection.hostHeaders)) {
+        if ((intercept ? interceptDomain : undefined) !== connection.interceptDomain || !sameHosts(hostHeaders, connection.hostHeaders)) {
           connection.close("policy changed: header rules changed");
           continue;
         }
@@ -380,6 +380,7 @@ function hostHeadersOf(domain: string, verdict: EgressVerdict): Map<string, Reco
   return hosts;
 }
 
+/** The same hosts intercepted (or neither connection intercepted at all). */
 function sameHosts(a: ReadonlyMap<string, unknown> | undefined, b: ReadonlyMap<string, unknown> | undefined): boolean {
   if (!a || !b) return a === b;
   return a.size === b.size && [...a.keys()].every((host) => b.has(host));

@@ -39,6 +39,8 @@ export class ImageBases {
       /** Layer blobs by digest, kept between pulls. */
       blobCacheDir: string;
       registryHosts: RegistryHosts;
+      /** The xattr addon unpacking keeps layers' attributes with (LAYER_XATTRS_NOTE). */
+      xattrAddon?: string;
     },
   ) {}
 
@@ -61,6 +63,7 @@ export class ImageBases {
         credentials,
         registryHosts: this.options.registryHosts,
         blobCacheDir: this.options.blobCacheDir,
+        xattrAddon: this.options.xattrAddon,
         signal,
         onProgress: (progress) => {
           const now = Date.now();
@@ -76,7 +79,7 @@ export class ImageBases {
 
   /** A `docker save` tarball or an OCI layout directory (`./cubicle template import`). */
   async import(source: string, image?: string): Promise<PulledBase> {
-    return this.fetch(`import:${path.resolve(source)}`, (destDir) => importImage({ source, destDir, image }));
+    return this.fetch(`import:${path.resolve(source)}`, (destDir) => importImage({ source, destDir, image, xattrAddon: this.options.xattrAddon }));
   }
 
   private async fetch(reference: string, make: (destDir: string) => Promise<ImageResult>): Promise<PulledBase> {

@@ -1,6 +1,3 @@
-import fs from "node:fs";
-import path from "node:path";
-import { fileURLToPath } from "node:url";
 
 /**
  * LAYER_XATTRS_NOTE: which extended attributes of an image layer reach the template's tree.
@@ -17,8 +14,9 @@ import { fileURLToPath } from "node:url";
  *   dropped and counted: this host does not enforce the image's labels, and trusted and system
  *   attributes are the host's own business.
  *
- * Set through the agent's xattr addon (`xattr.node`, XATTR_NOTE): Node has no setxattr. Without
- * the addon every attribute is dropped and counted, as before it existed.
+ * Set through the agent's xattr addon (`<distDir>/agent/xattr.node`, XATTR_NOTE): Node has no
+ * setxattr. Without the addon (none given, or it does not load) every attribute is dropped and
+ * counted.
  */
 
 /** The addon's calls used here (src/agent/native/xattr.c). */
@@ -26,30 +24,20 @@ interface XattrAddon {
   set(target: string | number, name: string, value: Buffer): void;
 }
 
-let addon: XattrAddon | null | undefined;
+/** Loaded addons by path (null: it would not load). */
+const addons = new Map<string, XattrAddon | null>();
 
-/** Where the addon may be: beside the server's bundle (`dist/agent/`) or, run from source, in the repository's dist. */
-function addonCandidates(): string[] {
-  const here = path.dirname(fileURLToPath(import.meta.url));
-  return [process.env.CUBICLE_XATTR_ADDON, path.join(here, "agent", "xattr.node"), path.resolve(here, "../../../dist/agent/xattr.node")].filter(
-    (file): file is string => typeof file === "string" && file !== "",
-  );
-}
-
-function loadAddon(): XattrAddon | null {
+function loadAddon(file: string): XattrAddon | null {
+  let addon = addons.get(file);
   if (addon !== undefined) return addon;
-  addon = null;
-  for (const file of addonCandidates()) {
-    if (!fs.existsSync(file)) continue;
-    try {
-      const module = { exports: {} as XattrAddon };
-      process.dlopen(module, file);
-      addon = module.exports;
-      break;
-    } catch {
-      // the next candidate
-    }
+  try {
+    const module = { exports: {} as XattrAddon };
+    process.dlopen(module, file);
+    addon = module.exports;
+  } catch {
+    addon = null;
   }
+  addons.set(file, addon);
   return addon;
 }
 
@@ -88,8 +76,8 @@ export function namespacedCapability(value: Buffer, rootId: number): Buffer | un
  * descriptor or a directory's path, after its owner and mode are final (a chown clears file
  * capabilities); returns how many it dropped.
  */
-export function applyLayerXattrs(target: number | string, kind: "file" | "directory", xattrs: ReadonlyMap<string, Buffer>, rootId: number): number {
-  const setter = xattrs.size > 0 ? loadAddon() : null;
+export function applyLayerXattrs(target: number | string, kind: "file" | "directory", xattrs: ReadonlyMap<string, Buffer>, rootId: number, addonFile: string | undefined): number {
+  const setter = xattrs.size > 0 && addonFile ? loadAddon(addonFile) : null;
   let dropped = 0;
   for (const [name, value] of xattrs) {
     let stored: Buffer | undefined;

@@ -35,6 +35,8 @@ interface CommonOptions {
   maxBytes?: number;
   signal?: AbortSignal;
   log?: Logger;
+  /** See UnpackOptions.xattrAddon. */
+  xattrAddon?: string;
 }
 
 export interface PullOptions extends CommonOptions {
@@ -107,7 +109,7 @@ async function assemble(layers: PendingLayer[], options: CommonOptions): Promise
   try {
     fs.mkdirSync(work, { mode: 0o755 });
     fs.lchownSync(work, SANDBOX_UID_BASE, SANDBOX_UID_BASE);
-    const writer = new RootfsWriter(work, { maxBytes: options.maxBytes, signal: options.signal, log: options.log });
+    const writer = new RootfsWriter(work, { maxBytes: options.maxBytes, signal: options.signal, log: options.log, xattrAddon: options.xattrAddon });
     for (const layer of layers) {
       await layer.ready;
       try {

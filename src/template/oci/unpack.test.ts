@@ -252,10 +252,12 @@ test("a full disk is insufficient_storage and the partial tree is removed", { sk
   }
 });
 
-/** The xattr addon's list() (src/agent/native/xattr.c), as the unpacker's own module loads it. */
+/** The built xattr addon (src/agent/native/xattr.c), which the unpacker is given as the server gives it. */
+const XATTR_ADDON = path.resolve(path.dirname(new URL(import.meta.url).pathname), "../../../dist/agent/xattr.node");
+
 function listXattrs(file: string): Map<string, Buffer> {
   const module = { exports: {} as { list(target: string, prefix: string): [string, Buffer][] } };
-  process.dlopen(module, path.resolve(import.meta.dirname ?? path.dirname(new URL(import.meta.url).pathname), "../../../dist/agent/xattr.node"));
+  process.dlopen(module, XATTR_ADDON);
   return new Map(module.exports.list(file, ""));
 }
 
@@ -283,6 +285,7 @@ test("LAYER_XATTRS_NOTE: user attributes kept, file capabilities rewritten for t
       ]),
     ],
     dest,
+    { xattrAddon: XATTR_ADDON },
   );
   assert.deepEqual([...listXattrs(path.join(dest, "etc"))], [["user.dir", Buffer.from("d")]]);
   const server = listXattrs(path.join(dest, "srv/server"));

@@ -51,6 +51,8 @@ export interface UnpackOptions {
   maxEntries?: number;
   signal?: AbortSignal;
   log?: Logger;
+  /** The xattr addon (`<distDir>/agent/xattr.node`) that keeps LAYER_XATTRS_NOTE's attributes; without it all are dropped. */
+  xattrAddon?: string;
 }
 
 export interface UnpackStats {
@@ -164,6 +166,7 @@ export class RootfsWriter {
   private readonly maxEntries: number;
   private readonly log: Logger;
   private readonly signal?: AbortSignal;
+  private readonly xattrAddon?: string;
 
   constructor(
     readonly root: string,
@@ -174,6 +177,7 @@ export class RootfsWriter {
     this.maxEntries = options.maxEntries ?? 4_000_000;
     this.log = options.log ?? createLogger("oci");
     this.signal = options.signal;
+    this.xattrAddon = options.xattrAddon;
   }
 
   private shiftId(id: number): number {
@@ -355,7 +359,7 @@ export class RootfsWriter {
       if (!existing) fs.mkdirSync(target, { mode: 0o700 });
       fs.lchownSync(target, uid, gid);
       fs.chmodSync(target, entry.mode); // after chown, which would clear setgid
-      if (entry.xattrs.size > 0 && applyLayerXattrs(target, "directory", entry.xattrs, this.idShift) > 0) this.stats.xattrsDropped += 1;
+      if (entry.xattrs.size > 0 && applyLayerXattrs(target, "directory", entry.xattrs, this.idShift, this.xattrAddon) > 0) this.stats.xattrsDropped += 1;
       dirTimes.push([target, entry.mtime]);
       return;
     }
@@ -412,7 +416,7 @@ export class RootfsWriter {
       fs.fchownSync(fd, uid, gid);
       fs.fchmodSync(fd, entry.mode); // after chown, which clears setuid/setgid
       // After the content and the chown, each of which clears file capabilities.
-      if (entry.xattrs.size > 0 && applyLayerXattrs(fd, "file", entry.xattrs, this.idShift) > 0) this.stats.xattrsDropped += 1;
+      if (entry.xattrs.size > 0 && applyLayerXattrs(fd, "file", entry.xattrs, this.idShift, this.xattrAddon) > 0) this.stats.xattrsDropped += 1;
       fs.futimesSync(fd, entry.mtime, entry.mtime);
     } finally {
       fs.closeSync(fd);
