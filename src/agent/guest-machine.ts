@@ -5,6 +5,7 @@ import path from "node:path";
 import { promisify } from "node:util";
 import type { InitBody } from "../protocol/init-body.js";
 import { createLogger } from "../shared/log.js";
+import { loadNativeAddon } from "../shared/native-addon.js";
 
 const log = createLogger("agent");
 const run = promisify(execFile);
@@ -148,9 +149,7 @@ function guestAddon(): GuestAddon | null {
     return loaded;
   }
   try {
-    const module = { exports: {} as GuestAddon };
-    process.dlopen(module, file);
-    loaded = module.exports;
+    loaded = loadNativeAddon<GuestAddon>(file);
   } catch (error) {
     log.warn("the guest addon cannot be loaded: a restored guest is not reseeded at once", { file, error: (error as Error).message });
   }

@@ -16,6 +16,7 @@
  */
 import path from "node:path";
 import { CubicleError, errnoName } from "../../shared/cubicle-error.js";
+import { loadNativeAddon } from "../../shared/native-addon.js";
 /** The xattr namespace upstream counts in the size limits. */
 export const METADATA_KEY_PREFIX = "user.e2b.";
 /** Linux limits an xattr name to 255 bytes, prefix included. */
@@ -68,9 +69,7 @@ function xattrs(): XattrAddon | null {
   if (addon !== undefined) return addon;
   const file = process.env.CUBICLE_AGENT_XATTR_ADDON ?? path.join(path.dirname(process.argv[1] ?? "/"), "xattr.node");
   try {
-    const module = { exports: {} as XattrAddon };
-    process.dlopen(module, file);
-    addon = module.exports;
+    addon = loadNativeAddon<XattrAddon>(file);
   } catch {
     addon = null;
   }

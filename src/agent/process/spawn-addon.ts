@@ -29,6 +29,7 @@ import path from "node:path";
 import type { Readable, Writable } from "node:stream";
 import { createLogger } from "../../shared/log.js";
 import { canSwitchUser, runAsHelper, type LaunchIdentity } from "./launch.js";
+import { loadNativeAddon } from "../../shared/native-addon.js";
 
 const log = createLogger("agent-process");
 
@@ -77,10 +78,9 @@ function loadSpawnAddon(): SpawnAddon | null {
     return loaded;
   }
   try {
-    const module = { exports: {} as SpawnAddon };
-    process.dlopen(module, file);
-    module.exports.probe();
-    loaded = module.exports;
+    const addon = loadNativeAddon<SpawnAddon>(file);
+    addon.probe();
+    loaded = addon;
   } catch (error) {
     log.warn("the spawn addon cannot be used here: commands start through Node's spawn", { file, error: (error as Error).message });
   }

@@ -1,3 +1,4 @@
+import { loadNativeAddon } from "../../shared/native-addon.js";
 
 /**
  * LAYER_XATTRS_NOTE: which extended attributes of an image layer reach the template's tree.
@@ -31,9 +32,7 @@ function loadAddon(file: string): XattrAddon | null {
   let addon = addons.get(file);
   if (addon !== undefined) return addon;
   try {
-    const module = { exports: {} as XattrAddon };
-    process.dlopen(module, file);
-    addon = module.exports;
+    addon = loadNativeAddon<XattrAddon>(file);
   } catch {
     addon = null;
   }
