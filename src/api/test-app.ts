@@ -204,7 +204,6 @@ export async function testApp(overrides: Partial<Omit<ApiOptions, "manager">> & 
   const templateBuilder =
     overrides.templateBuilder ??
     new TemplateBuilder({
-      templateDir: path.join(buildDir, "templates"),
       filesDir: path.join(buildDir, "files"),
       store: buildStore,
       catalog: { resolve: async () => undefined, fingerprint: async () => "", invalidate: () => undefined, isBuiltIn: (name) => name === "base" },

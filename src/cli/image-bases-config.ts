@@ -1,14 +1,13 @@
-import { createHash, randomBytes } from "node:crypto";
+import { createHash } from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import type { CubicleConfig } from "../shared/config.js";
 import { CubicleError } from "../shared/cubicle-error.js";
-import { replaceDirectory } from "../template/build.js";
 import { parseTemplateName } from "../template/builder/build-spec.js";
 import { ImageBases } from "../template/builder/image-bases.js";
 import { newTemplateId } from "../template/builder/template-builder.js";
 import { findRecipe } from "../template/recipe.js";
-import { BUILD_DIR_PREFIX, listTemplates, writeMetadata, type TemplateMetadata } from "../template/template-store.js";
+import type { TemplateRecord, TemplateRecordStore } from "../store/types.js";
 import type { RegistryCredentials } from "../template/oci/registry-client.js";
 
 /** The registry credentials file (CUBICLE_REGISTRY_AUTH_FILE), read at each pull so edits apply; never logged. */
@@ -54,13 +53,13 @@ export function imageBasesFor(config: Pick<CubicleConfig, "stateDir" | "registry
  * user, workdir, env and start command), which builds can extend with `fromTemplate(NAME)`.
  * Runs on the host, beside the server (which sees the new template at its next look).
  */
-export async function importTemplate(config: Pick<CubicleConfig, "stateDir" | "registry" | "builtTemplateDir" | "distDir">, source: string, name: string, image?: string): Promise<string> {
+export async function importTemplate(config: Pick<CubicleConfig, "stateDir" | "registry" | "distDir">, records: TemplateRecordStore, source: string, name: string, image?: string): Promise<string> {
   const { name: templateName } = parseTemplateName(name);
   if (findRecipe(templateName)) throw new CubicleError("already_exists", `"${templateName}" is one of Cubicle's built-in templates; choose another name`);
   const base = await imageBasesFor(config).import(source, image);
-  const existing = (await listTemplates(config.builtTemplateDir)).find((t) => t.templateId === templateName || t.aliases.includes(templateName));
+  const existing = (await records.listTemplates()).find((t) => t.source === "build" && (t.templateId === templateName || t.aliases.includes(templateName)));
   const templateId = existing?.templateId ?? newTemplateId();
-  const metadata: TemplateMetadata = {
+  const record: TemplateRecord = {
     templateId,
     aliases: [templateName],
     defaultUser: base.user ?? "user",
@@ -74,20 +73,12 @@ export async function importTemplate(config: Pick<CubicleConfig, "stateDir" | "r
     builtAt: new Date().toISOString(),
     sizeBytes: 0,
     source: "build",
-    baseRootfsDir: base.rootfsDir,
+    rootfsDir: base.rootfsDir,
     ...(base.startCmd ? { startCmd: base.startCmd } : {}),
     tags: {},
     public: false,
   };
-  await fs.promises.mkdir(config.builtTemplateDir, { recursive: true, mode: 0o700 });
-  const staging = path.join(config.builtTemplateDir, `${BUILD_DIR_PREFIX}${templateId}-${randomBytes(4).toString("hex")}`);
-  await fs.promises.mkdir(staging, { mode: 0o755 });
-  try {
-    await writeMetadata(staging, metadata);
-    await replaceDirectory(staging, path.join(config.builtTemplateDir, templateId));
-  } catch (err) {
-    await fs.promises.rm(staging, { recursive: true, force: true });
-    throw err;
-  }
+  // The server sees it at its next look at the store's template version.
+  await records.putTemplate(record);
   return templateId;
 }

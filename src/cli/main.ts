@@ -7,6 +7,8 @@ import type { apiSchema } from "../protocol/index.js";
 import { ApiClient } from "./api-client.js";
 import { formatEgressTable } from "./egress-table.js";
 import { loadOrCreateApiKey, startServer } from "./server.js";
+import { SqliteStore, storeFile } from "../store/index.js";
+import { adoptLegacyRecords } from "../template/index.js";
 import { createTemplateCatalog } from "./template-catalog.js";
 import { buildFromDockerfile, parseBuildArgs, printBuildLogs, TemplateBuildStatus } from "./template-commands.js";
 import { importTemplate } from "./image-bases-config.js";
@@ -155,8 +157,19 @@ async function egressCommand(client: ApiClient, args: string[]): Promise<number>
   return 0;
 }
 
+/** The template commands that read or write template records open the store beside the server (WAL allows both). */
 async function templateCommand(config: CubicleConfig, args: string[]): Promise<number> {
-  const catalog = createTemplateCatalog(config);
+  const store = new SqliteStore(storeFile(config.stateDir));
+  try {
+    await adoptLegacyRecords(config.builtTemplateDir, store);
+    return await templateVerb(config, store, args);
+  } finally {
+    await store.close();
+  }
+}
+
+async function templateVerb(config: CubicleConfig, store: SqliteStore, args: string[]): Promise<number> {
+  const catalog = createTemplateCatalog(config, store);
   const [verb, name] = args;
   if (verb === "ls" || verb === "list") {
     for (const t of await catalog.list()) process.stdout.write(`${t.templateID.padEnd(24)}${t.aliases.join(",").padEnd(24)}${t.buildStatus}\n`);
@@ -176,7 +189,7 @@ async function templateCommand(config: CubicleConfig, args: string[]): Promise<n
     };
     const templateName = flag(["--name", "-n"]);
     if (!templateName) throw new CubicleError("invalid_argument", "usage: ./cubicle template import SOURCE --name NAME [--image REF]");
-    const templateId = await importTemplate(config, name, templateName, flag(["--image"]));
+    const templateId = await importTemplate(config, store, name, templateName, flag(["--image"]));
     process.stdout.write(`imported ${name} as template ${templateName} (${templateId}): Sandbox.create("${templateName}")\n`);
     return 0;
   }

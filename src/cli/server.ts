@@ -4,6 +4,7 @@ import { MicrovmRuntime } from "../runtime/microvm/microvm-runtime.js";
 import { helperLauncher } from "../runtime/microvm/qemu.js";
 import { createHash } from "node:crypto";
 import { TemplateBuilder } from "../template/builder/template-builder.js";
+import { adoptLegacyRecords } from "../template/index.js";
 import { imageBasesFor } from "./image-bases-config.js";
 import path from "node:path";
 import type { IncomingMessage, ServerResponse } from "node:http";
@@ -21,7 +22,7 @@ import { loadOrCreateSecretKey, SecretVault } from "../secrets/index.js";
 import type { CubicleConfig } from "../shared/config.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { createLogger } from "../shared/log.js";
-import { SqliteStore, type SandboxRecord } from "../store/index.js";
+import { SqliteStore, storeFile, type SandboxRecord } from "../store/index.js";
 import { listenHttps, tlsCredentialsFor } from "./https-listener.js";
 import { createTemplateCatalog } from "./template-catalog.js";
 
@@ -78,7 +79,7 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
   const ca = await openCertificateAuthority(path.join(config.stateDir, "ca"));
   // Before anything listens or starts: a bad certificate is a configuration error.
   const tlsCredentials = config.httpsPort === undefined ? undefined : await tlsCredentialsFor(config, ca);
-  const store = new SqliteStore(path.join(config.stateDir, "cubicle.db"));
+  const store = new SqliteStore(storeFile(config.stateDir));
   // Before anything is set up: a secrets key that cannot be used stops the start here.
   const secrets = await SecretVault.open(store, loadOrCreateSecretKey(config.stateDir)).catch(async (err) => {
     await store.close();
@@ -140,7 +141,9 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
     // Network set-up and teardown go through the runtime's resident helper: no process start per sandbox.
     helper: ([command, ...args]) => containers.helper.call(command!, args, { what: `sandbox network (${command})`, timeoutMs: 15_000 }),
   });
-  const templates = createTemplateCatalog(config);
+  // Templates are records in the store (TEMPLATE_RECORDS_NOTE); earlier versions' files become records.
+  await adoptLegacyRecords(config.builtTemplateDir, store);
+  const templates = createTemplateCatalog(config, store);
   await network.init();
   await runtime.init();
   // Volumes are images in the state directory, mounted under the run directory (VOLUMES_NOTE);
@@ -188,7 +191,6 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
   await manager.recover();
   const imageBases = imageBasesFor(config);
   const templateBuilder = new TemplateBuilder({
-    templateDir: config.builtTemplateDir,
     filesDir: path.join(config.stateDir, "template-files"),
     store,
     catalog: templates,

@@ -4,21 +4,30 @@ import fs from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { CubicleError } from "../shared/cubicle-error.js";
-import { ensureTemplate, listTemplates, templatesVersion } from "../template/index.js";
-// The test plays the part of a build (or another process's): it writes templates the way one does.
-import { toRecord, writeMetadata, type TemplateMetadata } from "../template/template-store.js";
+import { SqliteStore } from "../store/index.js";
+import { ensureTemplate, listTemplates, type TemplateRecord } from "../template/index.js";
 import { createTemplateCatalog, type TemplateAccess } from "./template-catalog.js";
 
 const tempDirs: string[] = [];
-after(() => Promise.all(tempDirs.map((dir) => fs.rm(dir, { recursive: true, force: true }))));
+const stores: SqliteStore[] = [];
+after(async () => {
+  await Promise.all(stores.map((store) => store.close()));
+  await Promise.all(tempDirs.map((dir) => fs.rm(dir, { recursive: true, force: true })));
+});
 
-async function tempTemplateDir(): Promise<string> {
+/** A temp directory for trees, and a store on a file in it (a second connection plays another process). */
+async function tempSetup(): Promise<{ dir: string; store: SqliteStore; other: () => SqliteStore }> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), "cubicle-catalog-"));
   tempDirs.push(dir);
-  return dir;
+  const open = () => {
+    const store = new SqliteStore(path.join(dir, "cubicle.db"));
+    stores.push(store);
+    return store;
+  };
+  return { dir, store: open(), other: open };
 }
 
-function metadata(templateId: string, aliases: string[], cpuCount: number): TemplateMetadata {
+function record(dir: string, templateId: string, aliases: string[], cpuCount: number, source: TemplateRecord["source"] = "build"): TemplateRecord {
   return {
     templateId,
     aliases,
@@ -32,67 +41,53 @@ function metadata(templateId: string, aliases: string[], cpuCount: number): Temp
     recipeHash: `hash-cpu-${cpuCount}`,
     builtAt: new Date(0).toISOString(),
     sizeBytes: 1,
+    source,
+    rootfsDir: path.join(dir, templateId, "rootfs"),
   };
 }
 
-/** Puts a template in place as a build does: a complete directory renamed over the old one. */
-async function buildOnDisk(templateDir: string, meta: TemplateMetadata): Promise<TemplateMetadata> {
-  const staging = path.join(templateDir, `.build-${meta.templateId}-0123abcd`);
-  const finalDir = path.join(templateDir, meta.templateId);
-  const retired = path.join(templateDir, `.old-${meta.templateId}-0123abcd`);
-  await fs.mkdir(path.join(staging, "rootfs"), { recursive: true });
-  await writeMetadata(staging, meta);
-  await fs.rename(finalDir, retired).catch(() => undefined);
-  await fs.rename(staging, finalDir);
-  await fs.rm(retired, { recursive: true, force: true });
-  return meta;
+/** Records a template over a tree, as a build does. */
+async function put(store: SqliteStore, template: TemplateRecord): Promise<TemplateRecord> {
+  await fs.mkdir(template.rootfsDir, { recursive: true });
+  await store.putTemplate(template);
+  return template;
 }
 
-/**
- * Sets the template directory's mtime `secondsAgo` in the past, as it is that long after the
- * last change. Right after a change the catalog reads again whatever the stat says (see
- * templatesVersion); this makes the stat the only way a change can be seen.
- */
-async function lastChanged(templateDir: string, secondsAgo: number): Promise<void> {
-  const when = new Date(Date.now() - secondsAgo * 1000);
-  await fs.utimes(templateDir, when, when);
-}
-
-/** The template component's functions, counting reads of the templates and stats of their directory. */
-function countingAccess(ensure: TemplateAccess["ensureTemplate"] = ensureTemplate) {
+/** The template component's functions over a store that counts reads of the templates and of their version. */
+function countingAccess(store: SqliteStore, ensure: TemplateAccess["ensureTemplate"] = ensureTemplate) {
   const counts = { reads: 0, stats: 0 };
+  const version = store.templatesVersion.bind(store);
+  store.templatesVersion = () => {
+    counts.stats++;
+    return version();
+  };
   const access: TemplateAccess = {
-    listTemplates: (config) => {
+    listTemplates: (records) => {
       counts.reads++;
-      return listTemplates(config);
-    },
-    templatesVersion: (config) => {
-      counts.stats++;
-      return templatesVersion(config);
+      return listTemplates(records);
     },
     ensureTemplate: ensure,
   };
   return { access, counts };
 }
 
-/** A catalog on `templateDir` with a clock the test moves. */
-function catalogOn(templateDir: string, access: TemplateAccess) {
+/** A catalog on `store` with a clock the test moves. */
+function catalogOn(dir: string, store: SqliteStore, access: TemplateAccess) {
   const clock = { nowMs: 1_000_000 };
-  const catalog = createTemplateCatalog({ templateDir }, { access, revalidateAfterMs: 1_000, now: () => clock.nowMs });
+  const catalog = createTemplateCatalog({ templateDir: dir }, store, { access, revalidateAfterMs: 1_000, now: () => clock.nowMs });
   return { catalog, clock };
 }
 
-test("a second resolve, by id or alias, reads nothing; after revalidateAfterMs one stat and no read", async () => {
-  const templateDir = await tempTemplateDir();
-  await buildOnDisk(templateDir, metadata("base", ["base-alias"], 2));
-  await buildOnDisk(templateDir, metadata("other", [], 1));
-  await lastChanged(templateDir, 60);
-  const { access, counts } = countingAccess();
-  const { catalog, clock } = catalogOn(templateDir, access);
+test("a second resolve, by id or alias, reads nothing; after revalidateAfterMs one version read and no read of the templates", async () => {
+  const { dir, store } = await tempSetup();
+  await put(store, record(dir, "base", ["base-alias"], 2));
+  await put(store, record(dir, "other", [], 1));
+  const { access, counts } = countingAccess(store);
+  const { catalog, clock } = catalogOn(dir, store, access);
 
   const first = await catalog.resolve("base");
   assert.equal(first?.templateId, "base");
-  assert.equal(first?.image.rootfsDir, path.join(templateDir, "base", "rootfs"));
+  assert.equal(first?.image.rootfsDir, path.join(dir, "base", "rootfs"));
   assert.deepEqual(counts, { reads: 1, stats: 1 });
 
   assert.deepEqual(await catalog.resolve("base"), first);
@@ -100,20 +95,20 @@ test("a second resolve, by id or alias, reads nothing; after revalidateAfterMs o
   assert.equal((await catalog.resolve("other"))?.cpuCount, 1);
   assert.equal(await catalog.resolve("nope"), undefined);
   assert.equal(await catalog.fingerprint(first!), "hash-cpu-2");
-  assert.deepEqual(counts, { reads: 1, stats: 1 }, "nothing read or stat'ed within revalidateAfterMs");
+  assert.deepEqual(counts, { reads: 1, stats: 1 }, "nothing read within revalidateAfterMs");
 
   clock.nowMs += 1_000;
   assert.deepEqual(await catalog.resolve("base-alias"), first);
-  assert.deepEqual(counts, { reads: 1, stats: 2 }, "one stat, no read, when nothing changed");
+  assert.deepEqual(counts, { reads: 1, stats: 2 }, "one version read, no read of the templates, when nothing changed");
   assert.equal((await catalog.resolve("base"))?.templateId, "base");
   assert.deepEqual(counts, { reads: 1, stats: 2 });
 });
 
 test("concurrent resolves share one read", async () => {
-  const templateDir = await tempTemplateDir();
-  await buildOnDisk(templateDir, metadata("base", ["base-alias"], 2));
-  const { access, counts } = countingAccess();
-  const { catalog } = catalogOn(templateDir, access);
+  const { dir, store } = await tempSetup();
+  await put(store, record(dir, "base", ["base-alias"], 2));
+  const { access, counts } = countingAccess(store);
+  const { catalog } = catalogOn(dir, store, access);
   const found = await Promise.all(["base", "base-alias", "base", "nope", "base"].map((name) => catalog.resolve(name)));
   assert.deepEqual(
     found.map((t) => t?.templateId),
@@ -122,16 +117,15 @@ test("concurrent resolves share one read", async () => {
   assert.deepEqual(counts, { reads: 1, stats: 1 });
 });
 
-test("a template rebuilt by another process is seen at the next check", async () => {
-  const templateDir = await tempTemplateDir();
-  await buildOnDisk(templateDir, metadata("base", ["base-alias"], 2));
-  await lastChanged(templateDir, 60);
-  const { access, counts } = countingAccess();
-  const { catalog, clock } = catalogOn(templateDir, access);
+test("a template another process (another connection to the store) rebuilt is seen at the next check", async () => {
+  const { dir, store, other } = await tempSetup();
+  await put(store, record(dir, "base", ["base-alias"], 2));
+  const { access, counts } = countingAccess(store);
+  const { catalog, clock } = catalogOn(dir, store, access);
   assert.equal((await catalog.resolve("base-alias"))?.cpuCount, 2);
 
-  await buildOnDisk(templateDir, metadata("base", ["base-alias"], 4));
-  await lastChanged(templateDir, 30);
+  await put(other(), record(dir, "base", ["base-alias"], 4));
+  assert.equal((await catalog.resolve("base-alias"))?.cpuCount, 2, "not looked for again within revalidateAfterMs");
   clock.nowMs += 1_000;
   const rebuilt = await catalog.resolve("base-alias");
   assert.equal(rebuilt?.cpuCount, 4);
@@ -139,29 +133,24 @@ test("a template rebuilt by another process is seen at the next check", async ()
   assert.deepEqual(counts, { reads: 2, stats: 2 });
 });
 
-test("a template changed just now is read again at every check until its directory's mtime can be trusted", async () => {
-  const templateDir = await tempTemplateDir();
-  await buildOnDisk(templateDir, metadata("base", [], 2));
-  const { access, counts } = countingAccess();
-  const { catalog, clock } = catalogOn(templateDir, access);
-  assert.equal((await catalog.resolve("base"))?.cpuCount, 2);
-  clock.nowMs += 1_000;
-  await catalog.resolve("base");
-  assert.deepEqual(counts, { reads: 2, stats: 2 });
+test("built-in templates come first: a built template with a built-in's alias does not shadow it", async () => {
+  const { dir, store } = await tempSetup();
+  await put(store, record(dir, "aaa", ["base"], 1));
+  await put(store, record(dir, "base", [], 2, "recipe"));
+  const { access } = countingAccess(store);
+  const { catalog } = catalogOn(dir, store, access);
+  assert.equal((await catalog.resolve("base"))?.templateId, "base");
+  assert.deepEqual((await catalog.list()).map((t) => t.templateID), ["base", "aaa"]);
 });
 
 test("a build through ensure is seen at once, without waiting for the next check", async () => {
-  const templateDir = await tempTemplateDir();
-  await buildOnDisk(templateDir, metadata("base", ["base-alias"], 2));
-  await lastChanged(templateDir, 60);
-  const { access, counts } = countingAccess(async (_config, idOrAlias, options) => {
+  const { dir, store } = await tempSetup();
+  await put(store, record(dir, "base", ["base-alias"], 2));
+  const { access, counts } = countingAccess(store, async (_config, _stores, idOrAlias, options) => {
     assert.deepEqual([idOrAlias, options?.force], ["base", true]);
-    const meta = await buildOnDisk(templateDir, metadata("base", ["base-alias"], 4));
-    // As it would be 2 s later: only the catalog's own invalidation can make the change seen.
-    await lastChanged(templateDir, 60);
-    return toRecord(path.join(templateDir, "base"), meta);
+    return put(store, record(dir, "base", ["base-alias"], 4));
   });
-  const { catalog } = catalogOn(templateDir, access);
+  const { catalog } = catalogOn(dir, store, access);
   assert.equal((await catalog.resolve("base"))?.cpuCount, 2);
 
   assert.equal((await catalog.ensure("base", { force: true })).cpuCount, 4);
@@ -170,26 +159,21 @@ test("a build through ensure is seen at once, without waiting for the next check
 });
 
 test("a read that started before a build through ensure is not kept", async () => {
-  const templateDir = await tempTemplateDir();
-  await buildOnDisk(templateDir, metadata("base", [], 2));
-  await lastChanged(templateDir, 60);
+  const { dir, store } = await tempSetup();
+  await put(store, record(dir, "base", [], 2));
   let releaseRead!: () => void;
   const readHeld = new Promise<void>((resolve) => (releaseRead = resolve));
   let readDone!: () => void;
   const firstReadDone = new Promise<void>((resolve) => (readDone = resolve));
-  const { access } = countingAccess(async () => {
-    const meta = await buildOnDisk(templateDir, metadata("base", [], 4));
-    await lastChanged(templateDir, 60);
-    return toRecord(path.join(templateDir, "base"), meta);
-  });
+  const { access } = countingAccess(store, async () => put(store, record(dir, "base", [], 4)));
   const read = access.listTemplates;
-  access.listTemplates = async (config) => {
-    const records = await read(config);
+  access.listTemplates = async (records) => {
+    const found = await read(records);
     readDone();
     await readHeld;
-    return records;
+    return found;
   };
-  const { catalog } = catalogOn(templateDir, access);
+  const { catalog } = catalogOn(dir, store, access);
 
   const early = catalog.resolve("base");
   await firstReadDone;
@@ -199,18 +183,16 @@ test("a read that started before a build through ensure is not kept", async () =
   assert.equal((await catalog.resolve("base"))?.cpuCount, 4);
 });
 
-test("a template removed on disk disappears, by id and by alias", async () => {
-  const templateDir = await tempTemplateDir();
-  await buildOnDisk(templateDir, metadata("base", ["base-alias"], 2));
-  await buildOnDisk(templateDir, metadata("other", [], 1));
-  await lastChanged(templateDir, 60);
-  const { access } = countingAccess();
-  const { catalog, clock } = catalogOn(templateDir, access);
+test("a template deleted by another process disappears, by id and by alias", async () => {
+  const { dir, store, other } = await tempSetup();
+  await put(store, record(dir, "base", ["base-alias"], 2));
+  await put(store, record(dir, "other", [], 1));
+  const { access } = countingAccess(store);
+  const { catalog, clock } = catalogOn(dir, store, access);
   const base = await catalog.resolve("base");
   assert.ok(base);
 
-  await fs.rm(path.join(templateDir, "base"), { recursive: true });
-  await lastChanged(templateDir, 30);
+  assert.equal(await other().deleteTemplate("base"), true);
   clock.nowMs += 1_000;
   assert.equal(await catalog.resolve("base"), undefined);
   assert.equal(await catalog.resolve("base-alias"), undefined);
@@ -221,16 +203,14 @@ test("a template removed on disk disappears, by id and by alias", async () => {
   await assert.rejects(catalog.fingerprint(base), (err: unknown) => err instanceof CubicleError && err.code === "not_found");
 });
 
-test("an unknown template is undefined, also with no template directory, and is found once built", async () => {
-  const templateDir = path.join(await tempTemplateDir(), "templates");
-  const { access } = countingAccess();
-  const { catalog, clock } = catalogOn(templateDir, access);
+test("an unknown template is undefined, also with an empty store, and is found once recorded", async () => {
+  const { dir, store, other } = await tempSetup();
+  const { access } = countingAccess(store);
+  const { catalog, clock } = catalogOn(dir, store, access);
   assert.equal(await catalog.resolve("nope"), undefined);
   assert.deepEqual(await catalog.list(), []);
 
-  await fs.mkdir(templateDir);
-  await buildOnDisk(templateDir, metadata("nope", [], 1));
-  await lastChanged(templateDir, 30);
+  await put(other(), record(dir, "nope", [], 1));
   assert.equal(await catalog.resolve("nope"), undefined, "not looked for again within revalidateAfterMs");
   clock.nowMs += 1_000;
   assert.equal((await catalog.resolve("nope"))?.templateId, "nope");

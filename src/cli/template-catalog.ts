@@ -7,8 +7,8 @@ import {
   pickTemplate,
   templateImage,
   templateNotFound,
-  templatesVersion,
   type TemplateRecord,
+  type TemplateStores,
 } from "../template/index.js";
 
 export interface ServerTemplateCatalog extends TemplateCatalog {
@@ -16,7 +16,7 @@ export interface ServerTemplateCatalog extends TemplateCatalog {
   list(): Promise<{ templateID: string; aliases: string[]; cpuCount: number; memoryMB: number; diskSizeMB: number; buildStatus: string }[]>;
   /** What decides whether an image made from `template` is still current: its recipe hash. */
   fingerprint(template: TemplateInfo): Promise<string>;
-  /** Drops the templates read from disk (a build or a removal changed them). */
+  /** Drops the templates read from the store (a build or a removal changed them). */
   invalidate(): void;
   /** A built-in template (a recipe) by id or alias. */
   isBuiltIn(idOrAlias: string): boolean;
@@ -26,23 +26,22 @@ export interface ServerTemplateCatalog extends TemplateCatalog {
 export interface TemplateAccess {
   listTemplates: typeof listTemplates;
   ensureTemplate: typeof ensureTemplate;
-  templatesVersion: typeof templatesVersion;
 }
 
 export interface TemplateCatalogOptions {
   /**
-   * How long the templates read from disk are used without looking again; then one `stat` of
-   * the template directory tells whether another process changed them. Default 1 s.
+   * How long the templates read from the store are used without looking again; then one read
+   * of the store's template version tells whether another process changed them. Default 1 s.
    */
   revalidateAfterMs?: number;
   access?: TemplateAccess;
   now?: () => number;
 }
 
-/** The built templates as read at one moment, and the directory version they were read at. */
+/** The templates as read at one moment, and the store's template version they were read at. */
 interface CachedTemplates {
   records: TemplateRecord[];
-  version: string | undefined;
+  version: number;
   checkedAt: number;
 }
 
@@ -70,16 +69,20 @@ function toInfo(record: TemplateRecord, settings: TemplateSettings = { bandwidth
   };
 }
 
+function builtInsFirst(records: TemplateRecord[]): TemplateRecord[] {
+  return [...records.filter((t) => t.source === "recipe"), ...records.filter((t) => t.source !== "recipe")];
+}
+
 /**
- * The template component as the core sees it: built templates by id or alias. The core
- * resolves a template several times per create, so the templates read from disk are kept:
- * for `revalidateAfterMs` they are used as they are, then one `stat` (templatesVersion) says
- * whether another process (`./cubicle template build`, a removal) changed them. A build
- * through `ensure` drops them at once.
+ * The template component as the core sees it: templates by id or alias, as the store records
+ * them (TEMPLATE_RECORDS_NOTE). The core resolves a template several times per create, so the
+ * templates read are kept: for `revalidateAfterMs` they are used as they are, then one read of
+ * the store's template version says whether another process (`./cubicle template import`,
+ * `./cubicle template build NAME`) changed them. A build through `ensure` drops them at once.
  */
-export function createTemplateCatalog(config: Pick<CubicleConfig, "templateDir"> & Partial<Pick<CubicleConfig, "templateBandwidth" | "templateRuntime" | "builtTemplateDir">>, options: TemplateCatalogOptions = {}): ServerTemplateCatalog {
+export function createTemplateCatalog(config: Pick<CubicleConfig, "templateDir"> & Partial<Pick<CubicleConfig, "templateBandwidth" | "templateRuntime">>, stores: TemplateStores, options: TemplateCatalogOptions = {}): ServerTemplateCatalog {
   const settings: TemplateSettings = { bandwidth: config.templateBandwidth ?? {}, runtime: config.templateRuntime ?? {} };
-  const access = options.access ?? { listTemplates, ensureTemplate, templatesVersion };
+  const access = options.access ?? { listTemplates, ensureTemplate };
   const revalidateAfterMs = options.revalidateAfterMs ?? 1_000;
   const now = options.now ?? Date.now;
   let cached: CachedTemplates | undefined;
@@ -91,13 +94,10 @@ export function createTemplateCatalog(config: Pick<CubicleConfig, "templateDir">
     const startedGeneration = generation;
     const checkedAt = now();
     // The version is taken before the read, so a change during the read makes the next check read again.
-    // Built-in templates first: a built template never shadows one (the builder refuses their names).
-    const dirs = config.builtTemplateDir ? [config.templateDir, config.builtTemplateDir] : [config.templateDir];
-    const versions = await Promise.all(dirs.map((templateDir) => access.templatesVersion({ templateDir })));
-    const version = versions.includes(undefined) ? undefined : versions.join("|");
+    const version = await stores.templatesVersion();
     const previous = cached;
-    const records =
-      previous && version !== undefined && version === previous.version ? previous.records : (await Promise.all(dirs.map((templateDir) => access.listTemplates({ templateDir })))).flat();
+    // Built-in templates first: a built template never shadows one (the builder refuses their names).
+    const records = previous && version === previous.version ? previous.records : builtInsFirst(await access.listTemplates(stores));
     if (generation === startedGeneration) cached = { records, version, checkedAt };
     return records;
   }
@@ -134,7 +134,7 @@ export function createTemplateCatalog(config: Pick<CubicleConfig, "templateDir">
     },
     async ensure(idOrAlias, ensureOptions) {
       try {
-        return toInfo(await access.ensureTemplate(config, idOrAlias, { force: ensureOptions?.force, onProgress: ensureOptions?.onProgress }), settings);
+        return toInfo(await access.ensureTemplate(config, stores, idOrAlias, { force: ensureOptions?.force, onProgress: ensureOptions?.onProgress }), settings);
       } finally {
         forget();
       }

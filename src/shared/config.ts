@@ -24,8 +24,8 @@ export interface CubicleConfig {
   /** Where template rootfs trees are cached; shared between state dirs (tests) to avoid rebuilds. */
   templateDir: string;
   /**
-   * Templates made through the template-build API: always in the state directory, next to the
-   * storage pool holding their layer images (templateDir may be a cache shared by servers).
+   * Where earlier versions kept the records of templates made through the template-build API,
+   * as files; they move into the store at start (TEMPLATE_RECORDS_NOTE).
    */
   builtTemplateDir: string;
   domain: string;

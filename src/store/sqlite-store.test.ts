@@ -206,3 +206,45 @@ test("secrets: unique names, version + 1 per value, metadata kept unless replace
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test("template records: put replaces, list sorts by id, delete says whether there was one; the version moves for every connection", async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "cubicle-store-"));
+  const file = path.join(dir, "cubicle.db");
+  const store = new SqliteStore(file);
+  const other = new SqliteStore(file);
+  try {
+    const template = (templateId: string, cpuCount: number) => ({
+      templateId,
+      aliases: [`${templateId}-alias`],
+      defaultUser: "user",
+      defaultWorkdir: "/home/user",
+      env: {},
+      cpuCount,
+      memoryMB: 512,
+      diskSizeMB: 4096,
+      runtime: "container" as const,
+      recipeHash: "h",
+      builtAt: new Date(0).toISOString(),
+      sizeBytes: 0,
+      source: "build" as const,
+      rootfsDir: "/r",
+      tags: { default: "b1" },
+    });
+    const v0 = await other.templatesVersion();
+    await store.putTemplate(template("zeta", 1));
+    await store.putTemplate(template("alpha", 1));
+    await store.putTemplate(template("zeta", 4));
+    assert.deepEqual((await other.listTemplates()).map((t) => [t.templateId, t.cpuCount]), [["alpha", 1], ["zeta", 4]]);
+    assert.deepEqual(await other.getTemplate("zeta"), template("zeta", 4));
+    const v1 = await other.templatesVersion();
+    assert.equal(v1, v0 + 3, "every put moves it, seen from another connection");
+    assert.equal(await other.deleteTemplate("zeta"), true);
+    assert.equal(await store.deleteTemplate("zeta"), false);
+    assert.equal(await store.templatesVersion(), v1 + 1, "a delete that found nothing does not move it");
+    assert.equal(await store.getTemplate("zeta"), undefined);
+  } finally {
+    await store.close();
+    await other.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -22,6 +22,8 @@ import type {
   CodebaseRecord,
   CodebaseStore,
   TemplateBuildStore,
+  TemplateRecord,
+  TemplateRecordStore,
 } from "./types.js";
 
 const schema = `
@@ -80,6 +82,16 @@ CREATE TABLE IF NOT EXISTS template_builds (
   body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS template_builds_template ON template_builds (template_id, created_at);
+CREATE TABLE IF NOT EXISTS templates (
+  template_id TEXT PRIMARY KEY,
+  source TEXT NOT NULL,
+  body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS template_changes (
+  one INTEGER PRIMARY KEY CHECK (one = 1),
+  version INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO template_changes (one, version) VALUES (1, 0);
 CREATE TABLE IF NOT EXISTS egress_audit (
   seq INTEGER PRIMARY KEY,
   sandbox_id TEXT NOT NULL,
@@ -133,7 +145,7 @@ interface SecretRow {
  * SQLite store: one file in the state directory, WAL mode. Columns that queries filter on
  * are real columns; the rest of the record is a JSON body.
  */
-export class SqliteStore implements Store, TemplateBuildStore, EgressAuditStore, VolumeStore, CodebaseStore {
+export class SqliteStore implements Store, TemplateBuildStore, TemplateRecordStore, EgressAuditStore, VolumeStore, CodebaseStore {
   private readonly db: Database.Database;
   private readonly insertStmt: Database.Statement;
   private readonly updateStmt: Database.Statement;
@@ -387,6 +399,35 @@ export class SqliteStore implements Store, TemplateBuildStore, EgressAuditStore,
   private listNamed<T>(table: NamedTable): T[] {
     const rows = this.db.prepare(`SELECT body FROM ${table.name} ORDER BY created_at, ${table.idColumn}`).all() as SandboxRow[];
     return rows.map((row) => JSON.parse(row.body) as T);
+  }
+
+  async putTemplate(record: TemplateRecord): Promise<void> {
+    this.db.transaction(() => {
+      this.db.prepare("INSERT OR REPLACE INTO templates (template_id, source, body) VALUES (?, ?, ?)").run(record.templateId, record.source, JSON.stringify(record));
+      this.db.prepare("UPDATE template_changes SET version = version + 1 WHERE one = 1").run();
+    })();
+  }
+
+  async getTemplate(templateId: string): Promise<TemplateRecord | undefined> {
+    const row = this.db.prepare("SELECT body FROM templates WHERE template_id = ?").get(templateId) as SandboxRow | undefined;
+    return row ? (JSON.parse(row.body) as TemplateRecord) : undefined;
+  }
+
+  async listTemplates(): Promise<TemplateRecord[]> {
+    const rows = this.db.prepare("SELECT body FROM templates ORDER BY template_id").all() as SandboxRow[];
+    return rows.map((row) => JSON.parse(row.body) as TemplateRecord);
+  }
+
+  async deleteTemplate(templateId: string): Promise<boolean> {
+    return this.db.transaction(() => {
+      const deleted = this.db.prepare("DELETE FROM templates WHERE template_id = ?").run(templateId).changes > 0;
+      if (deleted) this.db.prepare("UPDATE template_changes SET version = version + 1 WHERE one = 1").run();
+      return deleted;
+    })();
+  }
+
+  async templatesVersion(): Promise<number> {
+    return (this.db.prepare("SELECT version FROM template_changes WHERE one = 1").get() as { version: number }).version;
   }
 
   async putTemplateBuild(record: TemplateBuildRecord): Promise<void> {

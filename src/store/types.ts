@@ -239,6 +239,65 @@ export interface TemplateBuildStore {
   unfinishedTemplateBuilds(): Promise<TemplateBuildRecord[]>;
 }
 
+/**
+ * TEMPLATE_RECORDS_NOTE: a template as the store keeps it, whatever made it: a built-in recipe
+ * (its tree built by mmdebstrap into the template cache, `<templateDir>/<id>/rootfs`), a build
+ * through the template-build API, or an image imported by `./cubicle template import` (both
+ * standing on a pulled or imported image's tree, or another template's, with a layer image of
+ * what their steps changed). The store is the only list of templates: trees and layers on disk
+ * are what records point at, never a record themselves, so a tree a build left half-made, or
+ * one another server's store knows, is no template here until a record names it.
+ */
+export interface TemplateRecord {
+  templateId: string;
+  aliases: string[];
+  defaultUser: string;
+  defaultWorkdir: string;
+  env: Record<string, string>;
+  cpuCount: number;
+  memoryMB: number;
+  diskSizeMB: number;
+  runtime: "container";
+  /** What the template's files were made from (a recipe's hash, a build's step chain); another value means another tree. */
+  recipeHash: string;
+  /** ISO 8601. */
+  builtAt: string;
+  /** Disk space its own tree takes (allocated blocks); 0 for one standing on another's tree. */
+  sizeBytes: number;
+  /** A built-in recipe, or a build or import through the builder. */
+  source: "recipe" | "build";
+  /** The tree its sandboxes start from: the recipe's own, or the image or template it was built on. */
+  rootfsDir: string;
+  /** Builds: the image (kind `layer`) holding what the build's steps changed, over `rootfsDir`. */
+  layerImageId?: string;
+  /** Started in every sandbox of the template (in its warm snapshot, already running). */
+  startCmd?: string;
+  /** Run until it succeeds after startCmd; the template's sandboxes are ready then. */
+  readyCmd?: string;
+  /** The build that made the current files (its record is in the template builds). */
+  buildId?: string;
+  /** Tag → build id (E2B's template tags; `default` is the latest build). */
+  tags?: Record<string, string>;
+  public?: boolean;
+}
+
+/** Where template records are kept (the SQLite store): TEMPLATE_RECORDS_NOTE. */
+export interface TemplateRecordStore {
+  /** Inserts or replaces the template's record. */
+  putTemplate(record: TemplateRecord): Promise<void>;
+  getTemplate(templateId: string): Promise<TemplateRecord | undefined>;
+  /** Sorted by id. */
+  listTemplates(): Promise<TemplateRecord[]>;
+  /** Whether there was one. */
+  deleteTemplate(templateId: string): Promise<boolean>;
+  /**
+   * A number every put and delete changes, made by this process or another on the same
+   * database (`./cubicle template import` beside a server): one indexed read tells a cache
+   * whether the templates changed.
+   */
+  templatesVersion(): Promise<number>;
+}
+
 /** One egress audit record as stored: its sequence number, sandbox and time, the rest as JSON. */
 export interface EgressAuditRow {
   seq: number;

@@ -7,16 +7,7 @@ import type { Logger } from "../shared/log.js";
 import { SANDBOX_UID_BASE } from "../runtime/types.js";
 import { recipeHash, type Recipe } from "./recipe.js";
 import { shiftOwnership } from "./shift-ownership.js";
-import {
-  BUILD_DIR_PREFIX,
-  RETIRED_DIR_PREFIX,
-  ROOTFS_DIR,
-  templatePath,
-  toRecord,
-  writeMetadata,
-  type TemplateMetadata,
-  type TemplateRecord,
-} from "./template-store.js";
+import { BUILD_DIR_PREFIX, RETIRED_DIR_PREFIX, ROOTFS_DIR, templatePath, writeStamp, type TreeStamp } from "./template-store.js";
 
 export const DEFAULT_DEBIAN_MIRROR = "http://deb.debian.org/debian";
 
@@ -37,12 +28,19 @@ const CHROOT_ENV = {
   HOME: "/root",
 };
 
+/** A recipe's tree as a build left it in the template cache. */
+export interface BuiltTree {
+  stamp: TreeStamp;
+  rootfsDir: string;
+}
+
 /**
- * Builds `recipe` into `<templateDir>/<templateId>`, replacing what is there. The caller holds
- * the template's build lock. Everything happens in a `.build-*` directory that is renamed into
- * place only when complete, so a crash leaves no template that looks ready.
+ * Builds `recipe`'s tree into `<templateDir>/<templateId>`, replacing what is there. The caller
+ * holds the template's build lock and records the template in the store. Everything happens
+ * in a `.build-*` directory that is renamed into place only when complete, so a crash leaves
+ * no tree that looks ready.
  */
-export async function buildTemplate(recipe: Recipe, templateDir: string, options: BuildOptions): Promise<TemplateRecord> {
+export async function buildTemplate(recipe: Recipe, templateDir: string, options: BuildOptions): Promise<BuiltTree> {
   const { log } = options;
   const startedAt = Date.now();
   await fs.mkdir(templateDir, { recursive: true });
@@ -78,26 +76,13 @@ export async function buildTemplate(recipe: Recipe, templateDir: string, options
       sizeMB: Math.round(shifted.sizeBytes / 2 ** 20),
     });
 
-    const metadata: TemplateMetadata = {
-      templateId: recipe.templateId,
-      aliases: [...recipe.aliases],
-      defaultUser: recipe.defaultUser,
-      defaultWorkdir: recipe.defaultWorkdir,
-      env: { ...recipe.env },
-      cpuCount: recipe.cpuCount,
-      memoryMB: recipe.memoryMB,
-      diskSizeMB: recipe.diskSizeMB,
-      runtime: "container",
-      recipeHash: recipeHash(recipe),
-      builtAt: new Date().toISOString(),
-      sizeBytes: shifted.sizeBytes,
-    };
-    await writeMetadata(stagingDir, metadata);
+    const stamp: TreeStamp = { recipeHash: recipeHash(recipe), builtAt: new Date().toISOString(), sizeBytes: shifted.sizeBytes };
+    await writeStamp(stagingDir, stamp);
 
     const finalDir = templatePath(templateDir, recipe.templateId);
     await replaceDirectory(stagingDir, finalDir);
     log.info("template built", { templateId: recipe.templateId, ms: Date.now() - startedAt });
-    return toRecord(finalDir, metadata);
+    return { stamp, rootfsDir: path.join(finalDir, ROOTFS_DIR) };
   } catch (err) {
     await fs.rm(stagingDir, { recursive: true, force: true }).catch(() => undefined);
     const cause = CubicleError.from(err);

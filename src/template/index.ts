@@ -1,27 +1,23 @@
+import { randomUUID } from "node:crypto";
 import path from "node:path";
+import type { TemplateBuildRecord, TemplateBuildStore, TemplateRecordStore } from "../store/types.js";
 import type { CubicleConfig } from "../shared/config.js";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { createLogger } from "../shared/log.js";
 import { acquireDirLock } from "./build-lock.js";
 import { buildTemplate, DEFAULT_DEBIAN_MIRROR } from "./build.js";
 import { findRecipe, recipeHash, recipes, type Recipe } from "./recipe.js";
-import {
-  cacheDecision,
-  findTemplate,
-  inspectTemplateDir,
-  listTemplates as listTemplatesIn,
-  templatePath,
-  templatesVersion as templatesVersionIn,
-  toRecord,
-  type TemplateRecord,
-} from "./template-store.js";
+import { cacheDecision, inspectTree, isDirectory, pickTemplate, ROOTFS_DIR, templatePath, type TemplateRecord, type TreeStamp } from "./template-store.js";
 
-export { pickTemplate, templateImage } from "./template-store.js";
-export type { TemplateMetadata, TemplateRecord } from "./template-store.js";
+export { adoptLegacyRecords, pickTemplate, templateImage } from "./template-store.js";
+export type { TemplateRecord, TemplateRecordStore } from "./template-store.js";
 export { baseRecipe, codeInterpreterRecipe, findRecipe, recipeHash, recipes } from "./recipe.js";
 export type { Recipe, RecipeUser, RecipeFile, RecipeDirectory } from "./recipe.js";
 
 const log = createLogger("template");
+
+/** Where templates and their builds are recorded: the server's store. */
+export type TemplateStores = TemplateRecordStore & TemplateBuildStore;
 
 export interface EnsureTemplateOptions {
   /** Debian mirror for a build. Default `CUBICLE_DEBIAN_MIRROR` or deb.debian.org. */
@@ -38,12 +34,16 @@ export interface EnsureTemplateOptions {
 const buildsInFlight = new Map<string, Promise<TemplateRecord>>();
 
 /**
- * The template `idOrAlias` (a built-in recipe: `base`, `code-interpreter-v1`), built first if
- * it is missing, incomplete or made from another version of its recipe. A build takes about a
- * minute; other processes starting at the same time wait for it instead of building again.
+ * The built-in template `idOrAlias` (a recipe: `base`, `code-interpreter-v1`), recorded in
+ * `stores` like any other template (TEMPLATE_RECORDS_NOTE), with a build in its history for
+ * each time its tree was made or taken from the cache. Its tree is built first if the cache
+ * has none for this version of the recipe: about a minute, which other processes starting at
+ * the same time wait for instead of building again. A tree another server sharing the cache
+ * built is recorded as it is.
  */
 export function ensureTemplate(
   config: Pick<CubicleConfig, "templateDir">,
+  stores: TemplateStores,
   idOrAlias: string,
   options: EnsureTemplateOptions = {},
 ): Promise<TemplateRecord> {
@@ -59,17 +59,22 @@ export function ensureTemplate(
   const key = path.join(config.templateDir, recipe.templateId);
   let pending = buildsInFlight.get(key);
   if (!pending) {
-    pending = ensureRecipe(config.templateDir, recipe, options).finally(() => buildsInFlight.delete(key));
+    pending = ensureRecipe(config.templateDir, stores, recipe, options).finally(() => buildsInFlight.delete(key));
     buildsInFlight.set(key, pending);
   }
   return pending;
 }
 
-async function ensureRecipe(templateDir: string, recipe: Recipe, options: EnsureTemplateOptions): Promise<TemplateRecord> {
+async function ensureRecipe(templateDir: string, stores: TemplateStores, recipe: Recipe, options: EnsureTemplateOptions): Promise<TemplateRecord> {
   const dir = templatePath(templateDir, recipe.templateId);
   const expectedHash = recipeHash(recipe);
-  const cached = options.force ? undefined : await readyRecord(dir, expectedHash);
-  if (cached) return cached;
+  const rootfsDir = path.join(dir, ROOTFS_DIR);
+  if (!options.force) {
+    const recorded = await stores.getTemplate(recipe.templateId);
+    if (recorded && recorded.recipeHash === expectedHash && recorded.rootfsDir === rootfsDir && (await isDirectory(rootfsDir))) return recorded;
+    const cached = await cachedTree(dir, expectedHash);
+    if (cached) return record(stores, recipe, rootfsDir, cached, `the template cache holds this recipe's tree (built ${cached.builtAt})`);
+  }
 
   const release = await acquireDirLock(path.join(templateDir, `.lock-${recipe.templateId}`), {
     waitMs: options.lockWaitMs,
@@ -77,45 +82,102 @@ async function ensureRecipe(templateDir: string, recipe: Recipe, options: Ensure
   });
   try {
     // The process we waited for may have built it.
-    const builtMeanwhile = options.force ? undefined : await readyRecord(dir, expectedHash);
-    if (builtMeanwhile) return builtMeanwhile;
-    const decision = options.force ? "forced" : cacheDecision(await inspectTemplateDir(dir), expectedHash);
+    const builtMeanwhile = options.force ? undefined : await cachedTree(dir, expectedHash);
+    if (builtMeanwhile) return record(stores, recipe, rootfsDir, builtMeanwhile, `another process built this recipe's tree (at ${builtMeanwhile.builtAt})`);
+    const decision = options.force ? "forced" : cacheDecision(await inspectTree(dir), expectedHash);
     log.info("building template", { templateId: recipe.templateId, reason: decision, dir });
-    return await buildTemplate(recipe, templateDir, {
-      mirror: options.mirror ?? process.env.CUBICLE_DEBIAN_MIRROR ?? DEFAULT_DEBIAN_MIRROR,
-      log,
-      onProgress: options.onProgress,
-    });
+    const build = newBuild(recipe);
+    const progress = (message: string) => {
+      build.logs.push({ timestamp: new Date().toISOString(), level: "info", message });
+      options.onProgress?.(message);
+    };
+    await stores.putTemplateBuild(build);
+    try {
+      const tree = await buildTemplate(recipe, templateDir, {
+        mirror: options.mirror ?? process.env.CUBICLE_DEBIAN_MIRROR ?? DEFAULT_DEBIAN_MIRROR,
+        log,
+        onProgress: progress,
+      });
+      return await record(stores, recipe, tree.rootfsDir, tree.stamp, undefined, build);
+    } catch (err) {
+      const message = CubicleError.from(err).message;
+      build.logs.push({ timestamp: new Date().toISOString(), level: "error", message });
+      await stores.putTemplateBuild({ ...build, status: "error", reason: { message }, finishedAt: Date.now() }).catch(() => undefined);
+      throw err;
+    }
   } finally {
     await release();
   }
 }
 
-async function readyRecord(dir: string, expectedHash: string): Promise<TemplateRecord | undefined> {
-  const state = await inspectTemplateDir(dir);
-  if (cacheDecision(state, expectedHash) !== "ready" || !state.metadata) return undefined;
-  return toRecord(dir, state.metadata);
+async function cachedTree(dir: string, expectedHash: string): Promise<TreeStamp | undefined> {
+  const state = await inspectTree(dir);
+  return cacheDecision(state, expectedHash) === "ready" ? state.stamp : undefined;
 }
 
-/** Every built template in `config.templateDir`, whatever its recipe version. */
-export function listTemplates(config: Pick<CubicleConfig, "templateDir">): Promise<TemplateRecord[]> {
-  return listTemplatesIn(config.templateDir);
+function newBuild(recipe: Recipe): TemplateBuildRecord {
+  return {
+    buildId: randomUUID(),
+    templateId: recipe.templateId,
+    status: "building",
+    spec: { recipe: recipe.templateId, recipeHash: recipeHash(recipe) },
+    cpuCount: recipe.cpuCount,
+    memoryMB: recipe.memoryMB,
+    names: [...recipe.aliases],
+    tags: ["default"],
+    logs: [],
+    createdAt: Date.now(),
+  };
 }
 
 /**
- * Changes whenever a template in `config.templateDir` is added, replaced or removed, by this
- * process or another; one `stat`. Undefined right after a change: read the templates again.
+ * Records the recipe's template over its tree, with the build that made the tree (or, for a
+ * tree found in the cache, a build saying so) as the template's current one.
  */
-export function templatesVersion(config: Pick<CubicleConfig, "templateDir">): Promise<string | undefined> {
-  return templatesVersionIn(config.templateDir);
+async function record(stores: TemplateStores, recipe: Recipe, rootfsDir: string, stamp: TreeStamp, foundNote: string | undefined, made?: TemplateBuildRecord): Promise<TemplateRecord> {
+  const build = made ?? newBuild(recipe);
+  if (foundNote) build.logs.push({ timestamp: new Date().toISOString(), level: "info", message: foundNote });
+  const finished: TemplateBuildRecord = { ...build, status: "ready", finishedAt: Date.now() };
+  await stores.putTemplateBuild(finished);
+  const template: TemplateRecord = {
+    templateId: recipe.templateId,
+    aliases: [...recipe.aliases],
+    defaultUser: recipe.defaultUser,
+    defaultWorkdir: recipe.defaultWorkdir,
+    env: { ...recipe.env },
+    cpuCount: recipe.cpuCount,
+    memoryMB: recipe.memoryMB,
+    diskSizeMB: recipe.diskSizeMB,
+    runtime: "container",
+    recipeHash: stamp.recipeHash,
+    builtAt: stamp.builtAt,
+    sizeBytes: stamp.sizeBytes,
+    source: "recipe",
+    rootfsDir,
+    buildId: finished.buildId,
+    tags: { default: finished.buildId },
+    public: true,
+  };
+  await stores.putTemplate(template);
+  return template;
 }
 
 /**
- * The built template with this id or alias. Does not build: use {@link ensureTemplate} for
- * that. Throws `not_found` when there is none.
+ * Every template recorded in `records` whose tree is there (a recipe's tree removed from the
+ * cache by hand leaves its record, which the next ensure rebuilds).
  */
-export async function getTemplate(config: Pick<CubicleConfig, "templateDir">, idOrAlias: string): Promise<TemplateRecord> {
-  const record = await findTemplate(config.templateDir, idOrAlias);
+export async function listTemplates(records: TemplateRecordStore): Promise<TemplateRecord[]> {
+  const all = await records.listTemplates();
+  const present = await Promise.all(all.map((t) => isDirectory(t.rootfsDir)));
+  return all.filter((_, i) => present[i]);
+}
+
+/**
+ * The template with this id or alias. Does not build: use {@link ensureTemplate} for that.
+ * Throws `not_found` when there is none.
+ */
+export async function getTemplate(records: TemplateRecordStore, idOrAlias: string): Promise<TemplateRecord> {
+  const record = pickTemplate(await listTemplates(records), idOrAlias);
   if (!record) throw templateNotFound(idOrAlias);
   return record;
 }

@@ -1,21 +1,12 @@
-import { test } from "node:test";
+import { after, test } from "node:test";
 import assert from "node:assert/strict";
 import fs from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
-import {
-  cacheDecision,
-  findTemplate,
-  inspectTemplateDir,
-  listTemplates,
-  templateImage,
-  templatesVersion,
-  toRecord,
-  writeMetadata,
-  type TemplateMetadata,
-} from "./template-store.js";
+import { SqliteStore } from "../store/index.js";
+import { adoptLegacyRecords, cacheDecision, inspectTree, pickTemplate, templateImage, writeStamp, type TemplateRecord, type TreeStamp } from "./template-store.js";
 
-function metadata(templateId: string, recipeHash = "h1", aliases: string[] = []): TemplateMetadata {
+function record(templateId: string, aliases: string[] = []): TemplateRecord {
   return {
     templateId,
     aliases,
@@ -26,11 +17,16 @@ function metadata(templateId: string, recipeHash = "h1", aliases: string[] = [])
     memoryMB: 512,
     diskSizeMB: 4096,
     runtime: "container",
-    recipeHash,
+    recipeHash: "h1",
     builtAt: new Date(0).toISOString(),
     sizeBytes: 1,
+    source: "recipe",
+    rootfsDir: `/t/${templateId}/rootfs`,
   };
 }
+
+const stores: SqliteStore[] = [];
+after(() => Promise.all(stores.map((store) => store.close())));
 
 async function withTemplateDir(fn: (dir: string) => Promise<void>): Promise<void> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), "cubicle-templates-"));
@@ -41,100 +37,83 @@ async function withTemplateDir(fn: (dir: string) => Promise<void>): Promise<void
   }
 }
 
-async function makeTemplate(templateDir: string, meta: TemplateMetadata | undefined, withRootfs = true): Promise<string> {
-  const dir = path.join(templateDir, meta?.templateId ?? "nameless");
+async function makeTree(templateDir: string, name: string, stamp: TreeStamp | undefined, withRootfs = true): Promise<string> {
+  const dir = path.join(templateDir, name);
   await fs.mkdir(dir, { recursive: true });
   if (withRootfs) await fs.mkdir(path.join(dir, "rootfs"));
-  if (meta) await writeMetadata(dir, meta);
+  if (stamp) await writeStamp(dir, stamp);
   return dir;
 }
 
-test("a template with matching metadata and a rootfs is ready", async () => {
+const stamp = (recipeHash: string): TreeStamp => ({ recipeHash, builtAt: new Date(0).toISOString(), sizeBytes: 1 });
+
+test("a tree stamped with the recipe's hash and with a rootfs is ready; another hash is stale", async () => {
   await withTemplateDir(async (templateDir) => {
-    const dir = await makeTemplate(templateDir, metadata("base", "h1"));
-    assert.equal(cacheDecision(await inspectTemplateDir(dir), "h1"), "ready");
+    const dir = await makeTree(templateDir, "base", stamp("h1"));
+    assert.equal(cacheDecision(await inspectTree(dir), "h1"), "ready");
+    assert.equal(cacheDecision(await inspectTree(dir), "new"), "stale");
   });
 });
 
-test("a template built from another recipe version is stale", async () => {
+test("a missing tree is missing; a stamp without rootfs, or a rootfs without stamp, is incomplete; an unreadable stamp counts as none", async () => {
   await withTemplateDir(async (templateDir) => {
-    const dir = await makeTemplate(templateDir, metadata("base", "old"));
-    assert.equal(cacheDecision(await inspectTemplateDir(dir), "new"), "stale");
+    assert.equal(cacheDecision(await inspectTree(path.join(templateDir, "base")), "h1"), "missing");
+    assert.equal(cacheDecision(await inspectTree(await makeTree(templateDir, "a", stamp("h1"), false)), "h1"), "incomplete");
+    assert.equal(cacheDecision(await inspectTree(await makeTree(templateDir, "b", undefined)), "h1"), "incomplete");
+    const garbled = await makeTree(templateDir, "c", stamp("h1"));
+    await fs.writeFile(path.join(garbled, "tree.json"), "{ not json");
+    assert.equal(cacheDecision(await inspectTree(garbled), "h1"), "incomplete");
   });
 });
 
-test("a missing directory is missing; metadata without rootfs, or rootfs without metadata, is incomplete", async () => {
-  await withTemplateDir(async (templateDir) => {
-    assert.equal(cacheDecision(await inspectTemplateDir(path.join(templateDir, "base")), "h1"), "missing");
-    const noRootfs = await makeTemplate(templateDir, metadata("a"), false);
-    assert.equal(cacheDecision(await inspectTemplateDir(noRootfs), "h1"), "incomplete");
-    const noMetadata = await makeTemplate(templateDir, undefined, true);
-    assert.equal(cacheDecision(await inspectTemplateDir(noMetadata), "h1"), "incomplete");
-  });
+test("a template is picked by id first, then by alias", () => {
+  const records = [record("a", ["b"]), record("b")];
+  assert.equal(pickTemplate(records, "b")?.templateId, "b");
+  assert.equal(pickTemplate(records, "a")?.templateId, "a");
+  assert.equal(pickTemplate([record("a", ["ci"])], "ci")?.templateId, "a");
+  assert.equal(pickTemplate(records, "nope"), undefined);
 });
 
-test("unreadable metadata counts as absent", async () => {
-  await withTemplateDir(async (templateDir) => {
-    const dir = await makeTemplate(templateDir, metadata("base"));
-    await fs.writeFile(path.join(dir, "template.json"), "{ not json");
-    assert.equal(cacheDecision(await inspectTemplateDir(dir), "h1"), "incomplete");
-  });
-});
-
-test("listing shows complete templates only, not builds in progress or broken ones", async () => {
-  await withTemplateDir(async (templateDir) => {
-    await makeTemplate(templateDir, metadata("base", "h1", ["base"]));
-    await makeTemplate(templateDir, metadata("code-interpreter-v1", "h2", ["ci"]));
-    await makeTemplate(templateDir, metadata("broken"), false);
-    await fs.mkdir(path.join(templateDir, ".build-base-0123abcd", "rootfs"), { recursive: true });
-    const ids = (await listTemplates(templateDir)).map((t) => t.templateId);
-    assert.deepEqual(ids, ["base", "code-interpreter-v1"]);
-    assert.equal((await findTemplate(templateDir, "ci"))?.templateId, "code-interpreter-v1");
-    assert.equal(await findTemplate(templateDir, "broken"), undefined);
-  });
-});
-
-test("listing a template directory that does not exist yet gives nothing", async () => {
-  assert.deepEqual(await listTemplates(path.join(os.tmpdir(), "cubicle-no-such-dir-" + process.pid)), []);
-});
-
-test("the runtime image carries the rootfs path, user, workdir and env", () => {
-  const record = toRecord("/t/base", metadata("base"));
-  assert.deepEqual(templateImage(record), {
+test("the runtime image carries the rootfs path, layer, user, workdir and env", () => {
+  assert.deepEqual(templateImage(record("base")), {
     templateId: "base",
     rootfsDir: "/t/base/rootfs",
     defaultUser: "user",
     defaultWorkdir: "/home/user",
     env: { PATH: "/usr/bin:/bin" },
   });
+  assert.equal(templateImage({ ...record("x"), source: "build", layerImageId: "layer/abc" }).layerImageId, "layer/abc");
 });
 
-test("the templates version changes when a template is added or removed, and is unknown right after a change", async () => {
-  await withTemplateDir(async (templateDir) => {
-    assert.equal(await templatesVersion(path.join(templateDir, "not-yet")), "absent");
-    await makeTemplate(templateDir, metadata("base"));
-    assert.equal(await templatesVersion(templateDir), undefined, "changed just now: another change could keep the mtime");
+test("earlier versions' built-template files become store records and their directories go; a record already stored wins", async () => {
+  await withTemplateDir(async (dir) => {
+    const store = new SqliteStore(":memory:");
+    stores.push(store);
+    const legacy = (templateId: string, cpuCount: number) => ({
+      ...record(templateId, [`${templateId}-name`]),
+      rootfsDir: undefined,
+      baseRootfsDir: "/images/abc/rootfs",
+      source: "build",
+      layerImageId: `layer/${templateId}`,
+      cpuCount,
+    });
+    for (const [id, cpus] of [["t1", 1], ["t2", 2]] as const) {
+      await fs.mkdir(path.join(dir, id));
+      await fs.writeFile(path.join(dir, id, "template.json"), JSON.stringify(legacy(id, cpus)));
+    }
+    await store.putTemplate({ ...record("t2"), source: "build", cpuCount: 8 });
+    await fs.mkdir(path.join(dir, "junk"));
+    await fs.writeFile(path.join(dir, "junk", "template.json"), "{ not json");
+    await fs.mkdir(path.join(dir, ".build-t3-0123abcd"));
 
-    const aMinuteAgo = new Date(Date.now() - 60_000);
-    await fs.utimes(templateDir, aMinuteAgo, aMinuteAgo);
-    const settled = await templatesVersion(templateDir);
-    assert.equal(typeof settled, "string");
-    assert.equal(await templatesVersion(templateDir), settled);
-
-    // What a build does: rename a finished directory into place.
-    await fs.mkdir(path.join(templateDir, ".build-other-0123abcd"));
-    await fs.rename(path.join(templateDir, ".build-other-0123abcd"), path.join(templateDir, "other"));
-    assert.equal(await templatesVersion(templateDir), undefined);
-    const halfAMinuteAgo = new Date(Date.now() - 30_000);
-    await fs.utimes(templateDir, halfAMinuteAgo, halfAMinuteAgo);
-    const afterBuild = await templatesVersion(templateDir);
-    assert.equal(typeof afterBuild, "string");
-    assert.notEqual(afterBuild, settled);
-
-    await fs.rm(path.join(templateDir, "base"), { recursive: true });
-    const tenSecondsAgo = new Date(Date.now() - 10_000);
-    await fs.utimes(templateDir, tenSecondsAgo, tenSecondsAgo);
-    const afterRemoval = await templatesVersion(templateDir);
-    assert.ok(afterRemoval !== undefined && afterRemoval !== afterBuild && afterRemoval !== settled);
+    assert.equal(await adoptLegacyRecords(dir, store), 1);
+    const t1 = await store.getTemplate("t1");
+    assert.equal(t1?.rootfsDir, "/images/abc/rootfs");
+    assert.equal(t1?.layerImageId, "layer/t1");
+    assert.deepEqual(t1?.aliases, ["t1-name"]);
+    assert.equal("baseRootfsDir" in (t1 ?? {}), false);
+    assert.equal((await store.getTemplate("t2"))?.cpuCount, 8);
+    await assert.rejects(fs.stat(dir), { code: "ENOENT" }, "the legacy directory is gone");
+    assert.equal(await adoptLegacyRecords(dir, store), 0, "a second start finds nothing");
   });
 });

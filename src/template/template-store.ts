@@ -1,50 +1,29 @@
-import type { BigIntStats } from "node:fs";
 import fs from "node:fs/promises";
 import path from "node:path";
+import type { TemplateRecord, TemplateRecordStore } from "../store/types.js";
 import type { TemplateImage } from "../runtime/types.js";
-import type { Recipe } from "./recipe.js";
+import { createLogger } from "../shared/log.js";
 
-/** What `template.json` holds, next to the template's `rootfs/`: the recipe's sandbox defaults and build facts. */
-export interface TemplateMetadata
-  extends Pick<Recipe, "templateId" | "aliases" | "defaultUser" | "defaultWorkdir" | "env" | "cpuCount" | "memoryMB" | "diskSizeMB"> {
-  runtime: "container";
-  /** Hash of the recipe the tree was built from; a different hash means rebuild. */
+export type { TemplateRecord, TemplateRecordStore } from "../store/types.js";
+
+const log = createLogger("template");
+
+/**
+ * What a recipe's tree in the template cache was built from (`<templateDir>/<id>/tree.json`,
+ * next to `rootfs/`): the cache key of the tree, not the template's record, which is in the
+ * store (TEMPLATE_RECORDS_NOTE). Several servers with their own stores may share one cache.
+ */
+export interface TreeStamp {
   recipeHash: string;
   /** ISO 8601. */
   builtAt: string;
   /** Disk space the rootfs takes (allocated blocks). */
   sizeBytes: number;
-  /**
-   * How the template was made: a built-in recipe (its rootfs in its own directory; the
-   * default) or a build through the template-build API (its files a layer image on the rootfs
-   * of the template or image it was built from).
-   */
-  source?: "recipe" | "build";
-  /** Build templates: the rootfs they stand on, another template's or a pulled image's. */
-  baseRootfsDir?: string;
-  /** Build templates: the image (kind `layer`) holding what the build's steps changed. */
-  layerImageId?: string;
-  /** Started in every sandbox of the template (in its warm snapshot, already running). */
-  startCmd?: string;
-  /** Run until it succeeds after startCmd; the template's sandboxes are ready then. */
-  readyCmd?: string;
-  /** The build that made the current files. */
-  buildId?: string;
-  /** Tag → build id (E2B's template tags; `default` is the latest build). */
-  tags?: Record<string, string>;
-  /** The team's own id of the template; builds never replace another team's template. */
-  public?: boolean;
 }
 
-/** A built template on disk. */
-export interface TemplateRecord extends TemplateMetadata {
-  /** `<templateDir>/<templateId>`. */
-  dir: string;
-  /** `<dir>/rootfs`, owned by the sandbox uid range. */
-  rootfsDir: string;
-}
-
-export const METADATA_FILE = "template.json";
+export const TREE_FILE = "tree.json";
+/** What earlier versions kept beside the tree: the whole record, the stamp's fields among them. */
+const LEGACY_RECORD_FILE = "template.json";
 export const ROOTFS_DIR = "rootfs";
 /** Prefix of directories a build works in; never listed, removed by the next build. */
 export const BUILD_DIR_PREFIX = ".build-";
@@ -55,96 +34,50 @@ export function templatePath(templateDir: string, templateId: string): string {
   return path.join(templateDir, templateId);
 }
 
-/** What is on disk for one template directory. */
-export interface TemplateDirState {
-  metadata: TemplateMetadata | undefined;
+/** What is on disk for one recipe's tree in the template cache. */
+export interface TreeState {
+  stamp: TreeStamp | undefined;
   rootfsPresent: boolean;
 }
 
-export async function inspectTemplateDir(dir: string): Promise<TemplateDirState> {
-  const metadata = await readMetadata(dir);
-  const rootfsPresent = await fs.stat(rootfsOf(dir, metadata)).then((s) => s.isDirectory(), () => false);
-  return { metadata, rootfsPresent };
+export async function inspectTree(dir: string): Promise<TreeState> {
+  const stamp = (await readStamp(path.join(dir, TREE_FILE))) ?? (await readStamp(path.join(dir, LEGACY_RECORD_FILE)));
+  const rootfsPresent = await isDirectory(path.join(dir, ROOTFS_DIR));
+  return { stamp, rootfsPresent };
 }
 
 export type CacheDecision = "ready" | "missing" | "incomplete" | "stale";
 
 /**
- * Whether a cached template can be used as it is. `incomplete` (metadata or rootfs missing)
- * cannot come from a build of ours, which renames a finished directory into place, but from a
+ * Whether a cached tree can be used as it is. `incomplete` (stamp or rootfs missing) cannot
+ * come from a build of ours, which renames a finished directory into place, but from a
  * hand-made or half-deleted one; it is rebuilt like `stale`.
  */
-export function cacheDecision(state: TemplateDirState, expectedRecipeHash: string): CacheDecision {
-  if (!state.metadata && !state.rootfsPresent) return "missing";
-  if (!state.metadata || !state.rootfsPresent) return "incomplete";
-  return state.metadata.recipeHash === expectedRecipeHash ? "ready" : "stale";
+export function cacheDecision(state: TreeState, expectedRecipeHash: string): CacheDecision {
+  if (!state.stamp && !state.rootfsPresent) return "missing";
+  if (!state.stamp || !state.rootfsPresent) return "incomplete";
+  return state.stamp.recipeHash === expectedRecipeHash ? "ready" : "stale";
 }
 
-export async function readMetadata(dir: string): Promise<TemplateMetadata | undefined> {
-  let text: string;
+async function readStamp(file: string): Promise<TreeStamp | undefined> {
+  let parsed: Partial<TreeStamp>;
   try {
-    text = await fs.readFile(path.join(dir, METADATA_FILE), "utf8");
+    parsed = JSON.parse(await fs.readFile(file, "utf8")) as Partial<TreeStamp>;
   } catch {
     return undefined;
   }
-  try {
-    const parsed = JSON.parse(text) as Partial<TemplateMetadata>;
-    return isMetadata(parsed) ? parsed : undefined;
-  } catch {
-    return undefined;
-  }
+  if (typeof parsed !== "object" || parsed === null || typeof parsed.recipeHash !== "string") return undefined;
+  return { recipeHash: parsed.recipeHash, builtAt: typeof parsed.builtAt === "string" ? parsed.builtAt : "", sizeBytes: typeof parsed.sizeBytes === "number" ? parsed.sizeBytes : 0 };
 }
 
-function isMetadata(value: Partial<TemplateMetadata>): value is TemplateMetadata {
-  return (
-    typeof value === "object" &&
-    value !== null &&
-    typeof value.templateId === "string" &&
-    Array.isArray(value.aliases) &&
-    typeof value.recipeHash === "string" &&
-    typeof value.defaultUser === "string" &&
-    typeof value.defaultWorkdir === "string" &&
-    typeof value.env === "object"
-  );
-}
-
-export async function writeMetadata(dir: string, metadata: TemplateMetadata): Promise<void> {
-  const file = path.join(dir, METADATA_FILE);
-  await fs.writeFile(`${file}.tmp`, JSON.stringify(metadata, null, 2) + "\n", { mode: 0o644 });
+export async function writeStamp(dir: string, stamp: TreeStamp): Promise<void> {
+  const file = path.join(dir, TREE_FILE);
+  await fs.writeFile(`${file}.tmp`, JSON.stringify(stamp, null, 2) + "\n", { mode: 0o644 });
   await fs.rename(`${file}.tmp`, file);
 }
 
-export function toRecord(dir: string, metadata: TemplateMetadata): TemplateRecord {
-  return { ...metadata, dir, rootfsDir: rootfsOf(dir, metadata) };
-}
-
-/** A recipe template's own rootfs, or the base a build template stands on. */
-function rootfsOf(dir: string, metadata: TemplateMetadata | undefined): string {
-  return metadata?.source === "build" && metadata.baseRootfsDir ? metadata.baseRootfsDir : path.join(dir, ROOTFS_DIR);
-}
-
-/** Every complete template under `templateDir`, sorted by id. */
-export async function listTemplates(templateDir: string): Promise<TemplateRecord[]> {
-  let names: string[];
-  try {
-    names = await fs.readdir(templateDir);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === "ENOENT") return [];
-    throw err;
-  }
-  const records: TemplateRecord[] = [];
-  for (const name of names.sort()) {
-    if (name.startsWith(".")) continue;
-    const dir = path.join(templateDir, name);
-    const state = await inspectTemplateDir(dir);
-    if (state.metadata && state.rootfsPresent) records.push(toRecord(dir, state.metadata));
-  }
-  return records;
-}
-
-/** The built template whose id or one of whose aliases is `idOrAlias`. */
-export async function findTemplate(templateDir: string, idOrAlias: string): Promise<TemplateRecord | undefined> {
-  return pickTemplate(await listTemplates(templateDir), idOrAlias);
+export async function isDirectory(dir: string): Promise<boolean> {
+  return fs.stat(dir).then((s) => s.isDirectory(), () => false);
 }
 
 /** The one of `records` whose id is `idOrAlias`, else the first with it as an alias. */
@@ -153,29 +86,47 @@ export function pickTemplate(records: readonly TemplateRecord[], idOrAlias: stri
 }
 
 /**
- * How long after a change of the template directory its mtime is not trusted: a second change
- * in the same tick of the kernel's coarse clock (a jiffy; 1–2 s on some file systems) leaves
- * it as it is. Git's index treats such "racy" entries the same way.
+ * Earlier versions kept each built or imported template's record as `<dir>/<id>/template.json`
+ * (`dir`: the state directory's `built-templates`). Each becomes a record in the store and its
+ * directory goes; a record the store already has wins. Run once at start, before anything
+ * reads the templates.
  */
-const RACY_CHANGE_MS = 2_000;
-
-/**
- * A value that changes whenever a template is added, replaced or removed, from one `stat`: a
- * build renames its finished directory into `templateDir` (and the old one out), a removal
- * unlinks one, and both change the directory's mtime. Undefined while the last change is too
- * recent to tell from a next one (see RACY_CHANGE_MS): the caller must read again. Edits made
- * by hand inside a template's own directory do not change it.
- */
-export async function templatesVersion(templateDir: string): Promise<string | undefined> {
-  let stats: BigIntStats;
+export async function adoptLegacyRecords(dir: string, records: TemplateRecordStore): Promise<number> {
+  let names: string[];
   try {
-    stats = await fs.stat(templateDir, { bigint: true });
+    names = await fs.readdir(dir);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === "ENOENT") return "absent";
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return 0;
     throw err;
   }
-  if (Date.now() - Number(stats.mtimeMs) < RACY_CHANGE_MS) return undefined;
-  return `${stats.ino}:${stats.mtimeNs}`;
+  let adopted = 0;
+  for (const name of names) {
+    const entry = path.join(dir, name);
+    if (!name.startsWith(".")) {
+      const legacy = await readLegacyRecord(path.join(entry, LEGACY_RECORD_FILE));
+      if (legacy && !(await records.getTemplate(legacy.templateId))) {
+        await records.putTemplate(legacy);
+        adopted++;
+        log.info("template record moved into the store", { templateId: legacy.templateId });
+      }
+    }
+    await fs.rm(entry, { recursive: true, force: true });
+  }
+  await fs.rmdir(dir).catch(() => undefined);
+  return adopted;
+}
+
+async function readLegacyRecord(file: string): Promise<TemplateRecord | undefined> {
+  let value: Partial<TemplateRecord> & { baseRootfsDir?: string };
+  try {
+    value = JSON.parse(await fs.readFile(file, "utf8")) as typeof value;
+  } catch {
+    return undefined;
+  }
+  if (typeof value !== "object" || value === null || value.source !== "build" || typeof value.templateId !== "string" || typeof value.baseRootfsDir !== "string") return undefined;
+  if (!Array.isArray(value.aliases) || typeof value.recipeHash !== "string" || typeof value.defaultUser !== "string" || typeof value.defaultWorkdir !== "string" || typeof value.env !== "object") return undefined;
+  const { baseRootfsDir, ...rest } = value;
+  return { ...(rest as TemplateRecord), rootfsDir: baseRootfsDir };
 }
 
 /** The facts a runtime needs to start a sandbox from this template. */

@@ -234,6 +234,68 @@ test("a build can be cancelled; one cut off by a server crash is failed after th
   assert.deepEqual(pools.json, []);
 });
 
+test("templates are records in the store: built-ins have a build history, built ones survive a restart, earlier versions' files are moved in", async () => {
+  const builtIn = await server.api("GET", "/templates/base/builds");
+  assert.equal(builtIn.status, 200, JSON.stringify(builtIn.json));
+  assert.equal(builtIn.json[0].status, "ready", "the default template's tree was built or taken from the cache by a recorded build");
+
+  await Template.build(Template().fromTemplate("base").runCmd("echo kept > /tmp/kept"), "e2e-stored");
+  // What an earlier version left: a built template's record as a file in the state directory.
+  const legacyId = "e2elegacy0000000000";
+  const legacyDir = path.join(server.stateDir, "built-templates", legacyId);
+  await server.crashAndRestart(() => {
+    fs.mkdirSync(legacyDir, { recursive: true });
+    fs.writeFileSync(
+      path.join(legacyDir, "template.json"),
+      JSON.stringify({
+        templateId: legacyId,
+        aliases: ["e2e-legacy"],
+        defaultUser: "user",
+        defaultWorkdir: "/home/user",
+        env: { LEGACY: "yes" },
+        cpuCount: 1,
+        memoryMB: 512,
+        diskSizeMB: 4096,
+        runtime: "container",
+        recipeHash: "legacy",
+        builtAt: new Date(0).toISOString(),
+        sizeBytes: 0,
+        source: "build",
+        baseRootfsDir: path.join(server.env.CUBICLE_TEMPLATE_DIR!, "base", "rootfs"),
+        tags: {},
+      }),
+    );
+  });
+  assert.equal(await Template.exists("e2e-stored"), true);
+  const stored = await Sandbox.create("e2e-stored");
+  try {
+    assert.equal((await stored.commands.run("cat /tmp/kept")).stdout, "kept\n");
+  } finally {
+    await stored.kill();
+  }
+  assert.equal(fs.existsSync(legacyDir), false, "the legacy file is gone once its record is in the store");
+  const legacy = await Sandbox.create("e2e-legacy");
+  try {
+    assert.equal((await legacy.commands.run("echo $LEGACY")).stdout, "yes\n");
+  } finally {
+    await legacy.kill();
+  }
+  // The store is the list: the server's database holds every template, and no record file is left.
+  const { default: Database } = await import("better-sqlite3");
+  const db = new Database(path.join(server.stateDir, "cubicle.db"), { readonly: true, fileMustExist: true });
+  try {
+    const rows = db.prepare("SELECT template_id AS id, source FROM templates").all() as { id: string; source: string }[];
+    const ids = rows.map((row) => row.id);
+    assert.ok(ids.includes("base") && ids.includes(legacyId), JSON.stringify(rows));
+    assert.equal(rows.find((row) => row.id === "base")?.source, "recipe");
+  } finally {
+    db.close();
+  }
+  assert.equal(fs.existsSync(path.join(server.stateDir, "built-templates")), false, "no directory of record files is left");
+  assert.equal((await server.api("DELETE", "/templates/e2e-legacy")).status, 204);
+  assert.equal(await Template.exists("e2e-legacy"), false);
+});
+
 test("./cubicle template build -f Dockerfile, ls, logs and rm against the running server", async () => {
   const { execFile } = await import("node:child_process");
   const repoRoot = path.resolve(path.dirname(new URL(import.meta.url).pathname), "..", "..");

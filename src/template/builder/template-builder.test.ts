@@ -12,7 +12,6 @@ import { test } from "node:test";
 import type { TemplateInfo } from "../../core/types.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { SqliteStore } from "../../store/index.js";
-import { readMetadata } from "../template-store.js";
 import { TemplateBuilder, type PulledBase } from "./template-builder.js";
 
 const base: TemplateInfo = {
@@ -24,14 +23,13 @@ const base: TemplateInfo = {
   diskSizeMB: 4096,
 };
 
-async function withBuilder(pull: (reference: string) => Promise<PulledBase>, run: (builder: TemplateBuilder, dir: string) => Promise<void>): Promise<void> {
+async function withBuilder(pull: (reference: string) => Promise<PulledBase>, run: (builder: TemplateBuilder, store: SqliteStore) => Promise<void>): Promise<void> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "cubicle-builder-test-"));
   const store = new SqliteStore(":memory:");
   const noSandboxes = async (): Promise<never> => {
     throw new CubicleError("unavailable", "no sandboxes here");
   };
   const builder = new TemplateBuilder({
-    templateDir: path.join(dir, "templates"),
     filesDir: path.join(dir, "files"),
     store,
     catalog: { resolve: async (name) => (name === "base" ? base : undefined), fingerprint: async () => "recipe-1", invalidate: () => undefined, isBuiltIn: (name) => name === "base" },
@@ -40,7 +38,7 @@ async function withBuilder(pull: (reference: string) => Promise<PulledBase>, run
     pullImage: (reference) => pull(reference),
   });
   try {
-    await run(builder, dir);
+    await run(builder, store);
   } finally {
     await builder.close();
     await store.close();
@@ -63,13 +61,14 @@ test("fromImage of Docker Hub's python/debian/ubuntu falls back to the base temp
   const unreachable = async (): Promise<PulledBase> => {
     throw new CubicleError("unavailable", "cannot reach the registry at https://registry-1.docker.io: ENOTFOUND");
   };
-  await withBuilder(unreachable, async (builder, dir) => {
+  await withBuilder(unreachable, async (builder, store) => {
     const { templateID, status } = await buildFrom(builder, "py", "python:3.12");
     assert.equal(status.status, "ready", JSON.stringify(status));
     assert.ok(status.logs.some((line) => /no registry serves python:3\.12 here.*template base stands in/.test(line)), status.logs.join("\n"));
-    const metadata = await readMetadata(path.join(dir, "templates", templateID));
-    assert.equal(metadata?.baseRootfsDir, base.image.rootfsDir);
-    assert.equal(metadata?.defaultUser, "user");
+    const record = await store.getTemplate(templateID);
+    assert.equal(record?.source, "build");
+    assert.equal(record?.rootfsDir, base.image.rootfsDir);
+    assert.equal(record?.defaultUser, "user");
     // No stand-in for images without one, nor for other failures (a missing image is an error).
     const node = await buildFrom(builder, "nodejs", "node:22");
     assert.equal(node.status.status, "error");

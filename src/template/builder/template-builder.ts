@@ -9,12 +9,13 @@ import { runInSandbox, uploadToSandbox } from "../../protocol/agent-exec.js";
 import { imageId } from "../../runtime/images.js";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { createLogger } from "../../shared/log.js";
-import type { BuildLogEntry, TemplateBuildRecord, TemplateBuildStore } from "../../store/types.js";
+import type { BuildLogEntry, TemplateBuildRecord, TemplateBuildStore, TemplateRecord, TemplateRecordStore } from "../../store/types.js";
 import { shellArgv } from "../../core/template-start.js";
-import { replaceDirectory } from "../build.js";
-import { BUILD_DIR_PREFIX, listTemplates, readMetadata, templatePath, writeMetadata, type TemplateMetadata } from "../template-store.js";
 import { ecrRegistryCredentials } from "../oci/cloud-registries.js";
 import { baseKey, parseBuildSpec, parseTag, parseTemplateName, specWithoutCredentials, stepKey, type BuildSpec, type BuildStep } from "./build-spec.js";
+
+/** Where builds and the templates they make are kept: the server's store. */
+type TemplateStores = TemplateBuildStore & TemplateRecordStore;
 
 const log = createLogger("template-build");
 
@@ -54,10 +55,10 @@ export interface PulledBase {
 }
 
 export interface TemplateBuilderOptions {
-  templateDir: string;
   /** Where uploaded COPY archives are kept, by the SDK's files hash. */
   filesDir: string;
-  store: TemplateBuildStore;
+  /** Builds and the templates they make (TEMPLATE_RECORDS_NOTE). */
+  store: TemplateStores;
   catalog: BuildCatalog;
   sandboxes: BuildSandboxes;
   /** Signs upload links (a random key of the server's). */
@@ -410,11 +411,8 @@ export class TemplateBuilder {
     if (await this.options.sandboxes.inUse(template.templateId)) {
       throw new CubicleError("conflict", `template ${idOrName} is used by a sandbox; kill its sandboxes first`);
     }
-    const dir = templatePath(this.options.templateDir, template.templateId);
-    const retired = path.join(this.options.templateDir, `.old-${template.templateId}-${randomBytes(4).toString("hex")}`);
-    await fs.rename(dir, retired);
+    await this.options.store.deleteTemplate(template.templateId);
     this.options.catalog.invalidate();
-    await fs.rm(retired, { recursive: true, force: true });
     await this.removeImagesOf(template);
     await this.options.store.deleteTemplateBuilds(template.templateId);
     log.info("template deleted", { templateId: template.templateId });
@@ -426,10 +424,10 @@ export class TemplateBuilder {
    * (cache entries of their steps) that no other template stands on. Sandboxes made from it
    * keep their own copies; layers other builds made and this one only used stay.
    */
-  private async removeImagesOf(template: TemplateMetadata): Promise<void> {
+  private async removeImagesOf(template: TemplateRecord): Promise<void> {
     const { sandboxes } = this.options;
     const inUse = new Set<string>();
-    for (const other of await listTemplates(this.options.templateDir)) if (other.layerImageId) inUse.add(other.layerImageId);
+    for (const other of await this.options.store.listTemplates()) if (other.layerImageId) inUse.add(other.layerImageId);
     const made = new Set((await this.options.store.listTemplateBuilds(template.templateId)).flatMap((build) => build.layers ?? []));
     if (template.layerImageId) made.add(template.layerImageId);
     for (const image of made) {
@@ -440,17 +438,17 @@ export class TemplateBuilder {
   }
 
   /** Build templates by id or name (its aliases). */
-  private async findBuildTemplate(idOrName: string): Promise<TemplateMetadata | undefined> {
+  private async findBuildTemplate(idOrName: string): Promise<TemplateRecord | undefined> {
     if (!/^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/.test(idOrName)) return undefined;
-    const direct = await readMetadata(templatePath(this.options.templateDir, idOrName));
+    const direct = await this.options.store.getTemplate(idOrName);
     if (direct?.source === "build") return direct;
     const info = await this.options.catalog.resolve(idOrName);
     if (!info) return undefined;
-    const metadata = await readMetadata(templatePath(this.options.templateDir, info.templateId));
-    return metadata?.source === "build" ? metadata : undefined;
+    const record = await this.options.store.getTemplate(info.templateId);
+    return record?.source === "build" ? record : undefined;
   }
 
-  private async requireBuildTemplate(idOrName: string): Promise<TemplateMetadata> {
+  private async requireBuildTemplate(idOrName: string): Promise<TemplateRecord> {
     const template = await this.findBuildTemplate(idOrName);
     if (!template) throw new CubicleError("not_found", `template ${idOrName} not found (tags are kept for built templates)`);
     return template;
@@ -476,11 +474,10 @@ export class TemplateBuilder {
     return build;
   }
 
-  private async rewriteTemplate<T>(name: string, change: (metadata: TemplateMetadata) => T): Promise<T> {
+  private async rewriteTemplate<T>(name: string, change: (record: TemplateRecord) => T): Promise<T> {
     const template = await this.requireBuildTemplate(name);
-    const dir = templatePath(this.options.templateDir, template.templateId);
     const result = change(template);
-    await writeMetadata(dir, template);
+    await this.options.store.putTemplate(template);
     this.options.catalog.invalidate();
     return result;
   }
@@ -640,20 +637,18 @@ export class TemplateBuilder {
     }
   }
 
-  /** Writes the finished template's directory (template.json alone) in place of the old one. */
+  /** Records the finished template in the store (TEMPLATE_RECORDS_NOTE), in place of its previous build. */
   private async register(
     build: TemplateBuildRecord,
     base: ResolvedBase,
     result: { layer: string | undefined; state: StepState; startCmd: string | undefined; readyCmd: string | undefined; key: string },
   ): Promise<void> {
-    const { templateDir } = this.options;
-    const dir = templatePath(templateDir, build.templateId);
-    const previous = await readMetadata(dir);
+    const previous = await this.options.store.getTemplate(build.templateId);
     const names = [...new Set([...(previous?.aliases ?? []), ...(build.names ?? [])])];
     const tags = { ...(previous?.tags ?? {}) };
     for (const tag of build.tags) tags[tag] = build.buildId;
     const fingerprint = createHash("sha256").update(`${result.key}\n${result.startCmd ?? ""}\n${result.readyCmd ?? ""}\n${JSON.stringify(result.state)}`).digest("hex");
-    const metadata: TemplateMetadata = {
+    const record: TemplateRecord = {
       templateId: build.templateId,
       aliases: names,
       defaultUser: result.state.user,
@@ -667,7 +662,7 @@ export class TemplateBuilder {
       builtAt: new Date().toISOString(),
       sizeBytes: 0,
       source: "build",
-      baseRootfsDir: base.info.image.rootfsDir,
+      rootfsDir: base.info.image.rootfsDir,
       ...(result.layer ? { layerImageId: result.layer } : {}),
       ...(result.startCmd ? { startCmd: result.startCmd } : {}),
       ...(result.readyCmd ? { readyCmd: result.readyCmd } : {}),
@@ -675,16 +670,7 @@ export class TemplateBuilder {
       tags,
       public: false,
     };
-    await fs.mkdir(templateDir, { recursive: true, mode: 0o700 });
-    const staging = path.join(templateDir, `${BUILD_DIR_PREFIX}${build.templateId}-${randomBytes(4).toString("hex")}`);
-    await fs.mkdir(staging, { mode: 0o755 });
-    try {
-      await writeMetadata(staging, metadata);
-      await replaceDirectory(staging, dir);
-    } catch (err) {
-      await fs.rm(staging, { recursive: true, force: true });
-      throw err;
-    }
+    await this.options.store.putTemplate(record);
     this.options.catalog.invalidate();
   }
 
