@@ -7,7 +7,7 @@
 #
 # Environment:
 #   CUBICLE_STATE_DIR   state directory (default /var/lib/cubicle); CRIU goes to <state>/criu
-#   CUBICLE_DEBIAN_MIRROR  Debian mirror for the private CRIU tree (default deb.debian.org)
+#   CUBICLE_DEBIAN_MIRROR  Debian mirror for the private CRIU and QEMU trees (default deb.debian.org)
 set -euo pipefail
 
 readonly REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,6 +25,16 @@ readonly DEBIAN_MIRROR="${CUBICLE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 # with kernels >= 6.16; 4.2 (Debian testing, "forky") works.
 readonly CRIU_MIN_VERSION="4.2"
 readonly CRIU_SUITE="forky"
+# The microVM runtime's QEMU (QEMU_INSTALL_NOTE in src/runtime/microvm/qemu-install.ts): Debian
+# 12's is 7.2; private copy-on-write mappings of guest RAM (memory-backend-file readonly=on,rom=off) need
+# 8.2+. bookworm-backports builds QEMU 10 for this very release, so its packages' files run
+# with the host's libraries; they are unpacked into a private tree, nothing is installed.
+readonly QEMU_DIR="$STATE_DIR/qemu"
+readonly QEMU_ROOT="$QEMU_DIR/root"
+readonly QEMU_PATH_FILE="$QEMU_DIR/path"
+readonly QEMU_MIN_VERSION="8.2"
+readonly QEMU_SUITE="bookworm-backports"
+readonly QEMU_PACKAGES=(qemu-system-x86 qemu-system-common qemu-system-data)
 # libnss-myhostname: glibc resolves every *.localhost name to loopback, so the default domain
 # (cubicle.localhost) works for getHost() URLs in Node, Python and curl on this machine.
 # The microVM runtime's guest kernel (GUEST_KERNEL_PACKAGE in src/runtime/microvm/guest-assets.ts),
@@ -194,6 +204,65 @@ ensure_criu() {
   flock -u "$lock_fd"
 }
 
+# ---- QEMU ------------------------------------------------------------------------------------
+
+qemu_version() {
+  "$1" --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9.]*\).*/\1/p'
+}
+
+# The private tree's binary runs (its libraries are the host's) and is new enough.
+qemu_usable() {
+  [[ -x "$1" ]] || return 1
+  version_at_least "$(qemu_version "$1")" "$QEMU_MIN_VERSION"
+}
+
+build_private_qemu() {
+  need_root "unpacking the private QEMU tree"
+  local lists="$QEMU_DIR/apt" debs="$QEMU_DIR/debs.$$"
+  staging="$QEMU_DIR/root.building.$$"
+  rm -rf "$staging" "$debs"
+  mkdir -p "$lists/lists/partial" "$debs" "$staging"
+  trap 'rm -rf "$staging" "$debs"' EXIT
+  say "unpacking QEMU $QEMU_MIN_VERSION+ from Debian $QEMU_SUITE into $QEMU_ROOT"
+  local started=$SECONDS
+  printf 'deb %s %s main\n' "$DEBIAN_MIRROR" "$QEMU_SUITE" >"$lists/sources.list"
+  local apt_opts=(-q -o "Dir::Etc::sourcelist=$lists/sources.list" -o "Dir::Etc::sourceparts=-" -o "Dir::State::Lists=$lists/lists" -o "APT::Get::List-Cleanup=0")
+  apt-get "${apt_opts[@]}" update >"$QEMU_DIR/build.log" 2>&1 || die "apt-get update for $QEMU_SUITE failed; see $QEMU_DIR/build.log"
+  local pkg wanted=()
+  for pkg in "${QEMU_PACKAGES[@]}"; do wanted+=("$pkg/$QEMU_SUITE"); done
+  (cd "$debs" && apt-get "${apt_opts[@]}" download "${wanted[@]}") >>"$QEMU_DIR/build.log" 2>&1 \
+    || die "downloading ${QEMU_PACKAGES[*]} from $QEMU_SUITE failed; see $QEMU_DIR/build.log"
+  local deb
+  for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$staging"; done
+  local bin="$staging/usr/bin/qemu-system-x86_64"
+  qemu_usable "$bin" || die "the unpacked $bin does not run or is older than $QEMU_MIN_VERSION ($(qemu_version "$bin"))"
+  local missing
+  missing="$(ldd "$bin" | grep 'not found' || true)"
+  [[ -z "$missing" ]] || die "the unpacked QEMU needs libraries this host lacks: $missing"
+  rm -rf "$QEMU_ROOT.old" "$debs"
+  [[ -e "$QEMU_ROOT" ]] && mv "$QEMU_ROOT" "$QEMU_ROOT.old"
+  mv "$staging" "$QEMU_ROOT"
+  rm -rf "$QEMU_ROOT.old"
+  trap - EXIT
+  say "qemu $(qemu_version "$QEMU_ROOT/usr/bin/qemu-system-x86_64") unpacked in $((SECONDS - started)) s"
+}
+
+ensure_qemu() {
+  local bin="$QEMU_ROOT/usr/bin/qemu-system-x86_64"
+  if ! qemu_usable "$bin"; then
+    mkdir -p "$QEMU_DIR"
+    exec {qemu_lock_fd}>"$QEMU_DIR/.lock"
+    flock "$qemu_lock_fd"
+    qemu_usable "$bin" || build_private_qemu
+    flock -u "$qemu_lock_fd"
+  fi
+  if [[ "$(cat "$QEMU_PATH_FILE" 2>/dev/null || true)" != "$bin" ]]; then
+    printf '%s\n' "$bin" >"$QEMU_PATH_FILE.tmp"
+    mv -f "$QEMU_PATH_FILE.tmp" "$QEMU_PATH_FILE"
+    say "qemu $(qemu_version "$bin") at $bin (recorded in $QEMU_PATH_FILE)"
+  fi
+}
+
 # ---- Node modules ----------------------------------------------------------------------------
 
 native_modules_load() {
@@ -249,4 +318,5 @@ fi
 install_missing_packages
 ensure_guest_kernel_package
 ensure_criu
+ensure_qemu
 ensure_node_modules

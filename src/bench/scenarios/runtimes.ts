@@ -16,7 +16,7 @@ import { mkdtemp, readFile, rm } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { QmpClient } from "../../runtime/microvm/qmp.js";
-import { QEMU_BINARY } from "../../runtime/microvm/qemu.js";
+import { qemuInstall } from "../../runtime/microvm/qemu-install.js";
 import { runCommand } from "../../shared/exec.js";
 import { memAvailableBytes } from "../machine.js";
 import type { BenchOptions } from "../options.js";
@@ -49,7 +49,8 @@ async function qemuStartFloorMs(): Promise<number> {
   const socket = path.join(dir, "qmp.sock");
   const started = performance.now();
   try {
-    await runCommand([QEMU_BINARY, "-M", "microvm", "-accel", "tcg", "-nodefaults", "-no-user-config", "-display", "none", "-S", "-qmp", `unix:${socket},server=on,wait=off`, "-pidfile", path.join(dir, "pid"), "-daemonize"], { timeoutMs: 30_000 });
+    const qemu = qemuInstall();
+    await runCommand([qemu.binary, ...(qemu.dataDir ? ["-L", qemu.dataDir] : []), "-M", "microvm", "-accel", "tcg", "-nodefaults", "-no-user-config", "-display", "none", "-S", "-qmp", `unix:${socket},server=on,wait=off`, "-pidfile", path.join(dir, "pid"), "-daemonize"], { timeoutMs: 30_000 });
     const qmp = await QmpClient.connect(socket);
     await qmp.execute("query-status");
     const ms = performance.now() - started;

@@ -13,6 +13,7 @@ import { agentLaunchFile, prepareGuestAssets, type GuestAssets } from "./guest-a
 import { attachGuestNetwork, releaseGuestNetwork } from "./net.js";
 import { startShares, stopShares } from "./shares.js";
 import { MICROVM_UID_COUNT, MICROVM_UID_START, reconnectMicrovm, startMicrovm, type Accelerator, type Microvm, type GuestNetworkConfig, type MicrovmConfig, type QemuLauncher, guestStateChannel, MACHINE_DEVICES_VERSION, prepareGuestChroot } from "./qemu.js";
+import { qemuInstall, sharesRamImages, type QemuInstall } from "./qemu-install.js";
 
 const log = createLogger("microvm");
 
@@ -71,6 +72,8 @@ interface GuestRecord {
   baseImage?: string;
   /** The kit disk its QEMU has (a guest restored from an older image keeps that image's). */
   kitDisk?: string;
+  /** Its RAM as a file (MICROVM_RAM_NOTE): its own, shared, in the RAM tmpfs; or an image's, mapped private. */
+  ram?: { file: string; mode: "shared" | "image" };
 }
 
 /** What a microVM image's meta.json holds (MICROVM_IMAGE_NOTE). */
@@ -90,10 +93,30 @@ interface MicrovmImageMeta {
   devices: number;
   /** The template's base image under the disk's copy (its backing file), when known. */
   baseImage?: string;
+  /** The RAM is the `ram` file, and `state` holds the devices alone (MICROVM_RAM_NOTE); else `state` holds both. */
+  ramFile?: boolean;
 }
 
 /** The files of a microVM image. */
-const IMAGE_FILES = { state: "state", rootDisk: "root.qcow2", meta: "meta.json" } as const;
+const IMAGE_FILES = { state: "state", rootDisk: "root.qcow2", meta: "meta.json", ram: "ram" } as const;
+
+/**
+ * MICROVM_RAM_NOTE (QEMU 8.2+, QEMU_INSTALL_NOTE): a guest's RAM is a file, so that guests made
+ * from one memory image share its pages. A booted guest's RAM is a file of its own in the
+ * runtime's RAM tmpfs (`<runDir>/microvm-ram`, mounted at init, as large as the host's memory:
+ * no other user of /dev/shm can fill it under a guest), mapped shared. Its state is then saved
+ * without the RAM (QEMU's `x-ignore-shared`: devices only, a few hundred KiB), and the file is
+ * copied into the image as `ram` (sparse: holes and zero blocks take no disk) while the vCPUs are
+ * still stopped. A guest restored from such an image maps the image's `ram` read-only and
+ * private (`readonly=on,rom=off`): its pages are the page cache's, shared by every guest of the
+ * image until one writes a page, which then becomes that guest's own (copy-on-write), and the
+ * file is opened read-only, so a QEMU a guest took over cannot change what other guests read.
+ * A guest restored that way has private RAM, which `x-ignore-shared` cannot leave out: its own
+ * image holds its RAM in `state` as before, and a guest restored from that one gets a shared
+ * RAM file again (its pages loaded into it). Images are never written after they are made, so
+ * the page cache under the private mappings never changes.
+ */
+const RAM_TMPFS = "microvm-ram";
 
 interface Guest extends GuestRecord {
   vm: Microvm;
@@ -144,9 +167,40 @@ export class MicrovmRuntime implements Runtime {
   private nextUid = 0;
   /** Sandboxes being torn down on purpose: their QEMU's end is no crash. */
   private readonly stopping = new Set<string>();
+  private readonly qemu: QemuInstall;
+  /** Guests' RAM as files (MICROVM_RAM_NOTE): false with a QEMU older than 8.2. */
+  private readonly ramFiles: boolean;
 
   constructor(private readonly config: MicrovmRuntimeConfig) {
     this.images = new ContainerImageStore(path.join(config.stateDir, "microvm", "images"));
+    this.qemu = qemuInstall();
+    this.ramFiles = sharesRamImages(this.qemu);
+  }
+
+  /**
+   * The device set of this runtime's guests (MACHINE_DEVICES_VERSION), one more with RAM files,
+   * whose memory backend is another device (MICROVM_RAM_NOTE): images of the one never load into the other.
+   */
+  private get devicesVersion(): number {
+    return MACHINE_DEVICES_VERSION + (this.ramFiles ? 1 : 0);
+  }
+
+  /** Where booted guests' RAM files are: a tmpfs of the runtime's own (MICROVM_RAM_NOTE). */
+  private get ramDir(): string {
+    return path.join(this.config.runDir, RAM_TMPFS);
+  }
+
+  private sharedRamOf(sandboxId: string): { file: string; mode: "shared" } | undefined {
+    return this.ramFiles ? { file: path.join(this.ramDir, `${sandboxId}.ram`), mode: "shared" } : undefined;
+  }
+
+  /** Mounts the RAM tmpfs unless it is there (a restarted server's guests still use it). */
+  private async mountRamTmpfs(): Promise<void> {
+    await mkdir(this.ramDir, { recursive: true, mode: 0o700 });
+    const mounts = await readFile("/proc/mounts", "utf8");
+    if (mounts.split("\n").some((line) => line.split(" ")[1] === this.ramDir)) return;
+    // As large as the host's memory: guests' RAM is bounded by admission, as anonymous memory would be.
+    await runCommand(["mount", "-t", "tmpfs", "-o", "mode=0700,nosuid,nodev,noexec,size=100%,huge=never", "cubicle-microvm-ram", this.ramDir], { timeoutMs: 10_000 });
   }
 
   private get cacheDir(): string {
@@ -161,6 +215,7 @@ export class MicrovmRuntime implements Runtime {
     // Chroots are per guest now (prepareGuestChroot): the shared empty one of earlier versions goes.
     await rm(path.join(this.cacheDir, "empty"), { recursive: true, force: true });
     await this.images.init();
+    if (this.ramFiles) await this.mountRamTmpfs();
     await this.adoptGuests();
     // Disk images of builder templates deleted or rebuilt since (BUILT_TEMPLATE_IMAGE_NOTE).
     const layerExists = this.config.layerExists;
@@ -215,6 +270,7 @@ export class MicrovmRuntime implements Runtime {
       runDir: path.join(dir, "run"),
       netnsPath: spec.network.netnsPath,
       confine: { uid, gid: uid, chrootDir: MicrovmRuntime.chrootOf(dir) },
+      qemu: this.qemu,
     };
   }
 
@@ -277,6 +333,9 @@ export class MicrovmRuntime implements Runtime {
       await helper.teardown(mounts, undefined);
     });
     await rm(dir, { recursive: true, force: true });
+    // Its own RAM file, if it had one (MICROVM_RAM_NOTE); QEMU is gone, so nothing maps it.
+    const ram = this.sharedRamOf(path.basename(dir));
+    if (ram) await rm(ram.file, { force: true });
   }
 
   async create(spec: SandboxSpec): Promise<void> {
@@ -319,9 +378,12 @@ export class MicrovmRuntime implements Runtime {
       const guestNetwork = await attachGuestNetwork(spec.network);
       const uid = this.guestUid();
       await prepareGuestChroot(MicrovmRuntime.chrootOf(dir), overlay, uid);
+      const ram = this.sharedRamOf(id);
+      if (ram) await rm(ram.file, { force: true });
       const vm = await this.startQemu({
         ...this.qemuConfig(dir, uid, spec, guestNetwork, spec.resources),
         shares: shares.map(({ tag, socket }) => ({ tag, socket })),
+        ...(ram ? { ram } : {}),
       });
       const record: GuestRecord = {
         netnsPath: spec.network.netnsPath,
@@ -332,6 +394,7 @@ export class MicrovmRuntime implements Runtime {
         shares: shares.length,
         baseImage: base.path,
         kitDisk: kitImage.path,
+        ...(ram ? { ram } : {}),
       };
       this.track(id, { ...record, vm, dir, overlay });
       await writeFile(path.join(dir, GUEST_RECORD), JSON.stringify(record), { mode: 0o600 });
@@ -411,7 +474,7 @@ export class MicrovmRuntime implements Runtime {
 
   /** The kit disk and kernel a memory image depends on (MICROVM_IMAGE_NOTE). */
   memoryImageFingerprint(): string | undefined {
-    return this.kitImage && this.assets ? `${path.basename(this.kitImage.path)}+${this.assets.kernelVersion}+${MACHINE_DEVICES_VERSION}` : undefined;
+    return this.kitImage && this.assets ? `${path.basename(this.kitImage.path)}+${this.assets.kernelVersion}+${this.devicesVersion}` : undefined;
   }
 
   async checkpoint(sandboxId: string, target: CheckpointTarget, options: CheckpointOptions): Promise<CheckpointInfo & { imageId: string }> {
@@ -428,7 +491,14 @@ export class MicrovmRuntime implements Runtime {
     let frozenMs = 0;
     try {
       if (before === "running") await guest.vm.pause();
-      const stateBytes = options.memory ? await guest.vm.saveState(path.join(pending.dir, IMAGE_FILES.state), guestStateChannel(MicrovmRuntime.chrootOf(guest.dir))) : 0;
+      // A shared RAM file is left out of the stream and copied, while the vCPUs are stopped (MICROVM_RAM_NOTE).
+      const ramFile = options.memory && guest.ram?.mode === "shared" ? guest.ram.file : undefined;
+      let stateBytes = options.memory ? await guest.vm.saveState(path.join(pending.dir, IMAGE_FILES.state), guestStateChannel(MicrovmRuntime.chrootOf(guest.dir)), { withoutSharedRam: ramFile !== undefined }) : 0;
+      if (ramFile) {
+        const copy = path.join(pending.dir, IMAGE_FILES.ram);
+        await runCommand(["cp", "--sparse=always", ramFile, copy], { timeoutMs: 120_000 });
+        stateBytes += (await stat(copy)).blocks * 512;
+      }
       // QEMU flushed and released the disk at the end of the save (or at the stop): the copy is consistent.
       await copyFile(guest.overlay, path.join(pending.dir, IMAGE_FILES.rootDisk), constants.COPYFILE_FICLONE);
       const diskFileBytes = (await stat(path.join(pending.dir, IMAGE_FILES.rootDisk))).blocks * 512;
@@ -441,6 +511,8 @@ export class MicrovmRuntime implements Runtime {
         } finally {
           this.stopping.delete(sandboxId);
         }
+        // Its RAM is in the image now; the tmpfs pages go at once, not at the guest's teardown.
+        if (guest.ram?.mode === "shared") await rm(guest.ram.file, { force: true });
       }
       frozenMs = performance.now() - started;
       const meta: MicrovmImageMeta = {
@@ -453,8 +525,9 @@ export class MicrovmRuntime implements Runtime {
         diskBytes: guest.diskBytes,
         kitImage: guest.kitDisk ?? kitImage.path,
         kernelVersion: assets.kernelVersion,
-        devices: MACHINE_DEVICES_VERSION,
+        devices: this.devicesVersion,
         ...(guest.baseImage ? { baseImage: guest.baseImage } : {}),
+        ...(ramFile ? { ramFile: true } : {}),
       };
       await writeFile(path.join(pending.dir, IMAGE_FILES.meta), JSON.stringify(meta, null, 2) + "\n", { mode: 0o600 });
       const info = await this.images.commit(pending);
@@ -499,7 +572,8 @@ export class MicrovmRuntime implements Runtime {
       await spec.whenRunning?.();
       return;
     }
-    if (meta.kernelVersion !== assets.kernelVersion || meta.devices !== MACHINE_DEVICES_VERSION) {
+    if (meta.ramFile && !this.ramFiles) throw new CubicleError("failed_precondition", `image ${imageId} keeps its RAM as a file, which this server's QEMU (${this.qemu.version.major}.${this.qemu.version.minor}) cannot map; QEMU 8.2+ can (scripts/setup-host.sh unpacks one)`);
+    if (meta.kernelVersion !== assets.kernelVersion || meta.devices !== this.devicesVersion) {
       throw new CubicleError("failed_precondition", `image ${imageId} was made with another guest kernel or QEMU device set than this server runs; it cannot be restored`);
     }
     // The kit disk the guest ran with (its kernel caches what it read of it): an image made before
@@ -522,11 +596,14 @@ export class MicrovmRuntime implements Runtime {
       const guestNetwork = await attachGuestNetwork(spec.network);
       const uid = this.guestUid();
       const channel = await prepareGuestChroot(MicrovmRuntime.chrootOf(dir), overlay, uid, { incoming: true });
+      // The image's RAM mapped copy-on-write, or (RAM in the stream) a shared file of its own to load it into (MICROVM_RAM_NOTE).
+      const ram = meta.ramFile ? { file: path.join(imageDir, IMAGE_FILES.ram), mode: "image" as const } : this.sharedRamOf(id);
+      if (ram?.mode === "shared") await rm(ram.file, { force: true });
       // The saved machine's shape: its devices and memory must be the same to load its state.
-      vm = await this.startQemu({ ...this.qemuConfig(dir, uid, spec, guestNetwork, { memoryMiB: meta.memoryMiB, cpuCount: meta.cpuCount }), kitDisk: meta.kitImage, incoming: true });
-      await vm.loadState(path.join(imageDir, IMAGE_FILES.state), channel);
+      vm = await this.startQemu({ ...this.qemuConfig(dir, uid, spec, guestNetwork, { memoryMiB: meta.memoryMiB, cpuCount: meta.cpuCount }), kitDisk: meta.kitImage, incoming: true, ...(ram ? { ram } : {}) });
+      await vm.loadState(path.join(imageDir, IMAGE_FILES.state), channel, { withoutSharedRam: meta.ramFile === true });
       await vm.resume();
-      const record: GuestRecord = { netnsPath: spec.network.netnsPath, memoryBytes: meta.memoryMiB * 1024 * 1024, cpuCount: meta.cpuCount, diskBytes: meta.diskBytes, uid, shares: 0, kitDisk: meta.kitImage, ...(meta.baseImage ? { baseImage: meta.baseImage } : {}) };
+      const record: GuestRecord = { netnsPath: spec.network.netnsPath, memoryBytes: meta.memoryMiB * 1024 * 1024, cpuCount: meta.cpuCount, diskBytes: meta.diskBytes, uid, shares: 0, kitDisk: meta.kitImage, ...(meta.baseImage ? { baseImage: meta.baseImage } : {}), ...(ram ? { ram } : {}) };
       this.track(id, { ...record, vm, dir, overlay });
       await writeFile(path.join(dir, GUEST_RECORD), JSON.stringify(record), { mode: 0o600 });
       log.debug("restored", { sandboxId: id, imageId, ms: Math.round(performance.now() - started) });

@@ -4,7 +4,10 @@ import { mkdtemp, readdir, readFile, readlink, rm, stat, writeFile } from "node:
 import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
+import { createHash } from "node:crypto";
+import { createReadStream } from "node:fs";
 import { runInSandbox } from "../../protocol/agent-exec.js";
+import { runCommand } from "../../shared/exec.js";
 import { baseRecipe } from "../../template/recipe.js";
 import { assembleAgentKit, kitSourcesIn } from "../container/agent-kit.js";
 import { waitForAgentHealth } from "../container/test-helpers.js";
@@ -12,6 +15,7 @@ import { createOverlay, kitDiskImage, removeOverlay, templateDiskImage } from ".
 import { agentLaunchFile, prepareGuestAssets } from "./guest-assets.js";
 import { attachGuestNetwork, releaseGuestNetwork } from "./net.js";
 import { guestStateChannel, MICROVM_UID_START, prepareGuestChroot, startMicrovm, type Microvm, type MicrovmConfig } from "./qemu.js";
+import { qemuInstall, sharesRamImages } from "./qemu-install.js";
 import { builtHelper, guestSkipReason, localKernelDeb, makeTestNetwork, releaseTestNetwork, type TestSandboxNetwork } from "./test-helpers.js";
 
 const repo = path.resolve(path.dirname(new URL(import.meta.url).pathname), "../../..");
@@ -61,6 +65,8 @@ test("boots the base template in a microVM under TCG: the agent answers on the s
     const overlay = path.join(stateDir, "sandboxes", sandboxId, "root.qcow2");
     const chrootDir = path.join(stateDir, "sandboxes", sandboxId, "chroot");
     const guestUid = MICROVM_UID_START + 42;
+    const ramFiles = sharesRamImages(qemuInstall());
+    const ramFile = path.join(stateDir, "guest.ram");
     let channel = guestStateChannel(chrootDir);
     const guestConfig: MicrovmConfig = {
       accel: "tcg",
@@ -75,6 +81,8 @@ test("boots the base template in a microVM under TCG: the agent answers on the s
       runDir: path.join(stateDir, "sandboxes", sandboxId, "run"),
       netnsPath: network.netnsPath,
       confine: { uid: guestUid, gid: guestUid, chrootDir },
+      // MICROVM_RAM_NOTE: the guest's RAM a file of its own, mapped shared (QEMU 8.2+).
+      ...(ramFiles ? { ram: { file: ramFile, mode: "shared" as const } } : {}),
     };
 
     const bootMs: number[] = [];
@@ -130,31 +138,64 @@ test("boots the base template in a microVM under TCG: the agent answers on the s
         const bootId = await inGuest("cat /proc/sys/kernel/random/boot_id");
         await vm.pause();
         const stateFile = path.join(stateDir, "state");
-        const bytes = await timed("save state", () => vm!.saveState(stateFile, channel));
+        const bytes = await timed("save state", () => vm!.saveState(stateFile, channel, { withoutSharedRam: ramFiles }));
         assert.equal((await stat(stateFile)).size, bytes);
-        console.log(`saved state of a 512 MiB guest: ${Math.round(bytes / (1 << 20))} MiB`);
+        console.log(`saved state of a 512 MiB guest: ${(bytes / (1 << 20)).toFixed(1)} MiB${ramFiles ? " (devices only: the RAM is its file)" : ""}`);
+        if (ramFiles) assert.ok(bytes < 8 << 20, `the stream holds no RAM (${bytes} bytes)`);
         assert.equal(await vm.status(), "postmigrate");
         assert.deepEqual(await readdir(channel.hostDir), [], "the channel's socket is gone");
         const channelInfo = await stat(channel.hostDir);
         assert.equal(channelInfo.uid, 0, "the channel is root's: a guest's QEMU cannot swap what is in it");
         assert.equal(channelInfo.mode & 0o777, 0o711);
+        // The RAM image: the guest's RAM file copied while its vCPUs are stopped.
+        const ramImage = path.join(stateDir, "ram-image");
+        if (ramFiles) await timed("copy the RAM file", () => runCommand(["cp", "--sparse=always", ramFile, ramImage]));
         await vm.quit();
+        const imageHash = ramFiles ? await sha256(ramImage) : "";
         channel = await prepareGuestChroot(chrootDir, overlay, guestUid, { incoming: true });
-        vm = await startMicrovm({ ...guestConfig, incoming: true });
+        vm = await startMicrovm({ ...guestConfig, incoming: true, ...(ramFiles ? { ram: { file: ramImage, mode: "image" as const } } : {}) });
         assert.equal(await vm.status(), "inmigrate");
-        await timed("load state", () => vm!.loadState(stateFile, channel));
+        await timed("load state", () => vm!.loadState(stateFile, channel, { withoutSharedRam: ramFiles }));
         assert.equal(await vm.status(), "paused");
         assert.deepEqual(await readdir(channel.hostDir), [], "the load's own directory is gone");
         await vm.resume();
         await waitForAgentHealth(network.sandboxAddress, 30_000);
         assert.equal(await inGuest("cat /dev/shm/marker"), "only-in-guest-ram", "the guest's RAM came back");
         assert.equal(await inGuest("cat /proc/sys/kernel/random/boot_id"), bootId, "the same boot: nothing rebooted");
+        if (ramFiles) {
+          // Copy-on-write: the guest writes 64 MiB of RAM, and the image it maps does not change;
+          // QEMU holds the image open read-only and maps it private.
+          await inGuest("head -c 67108864 /dev/urandom > /dev/shm/noise");
+          assert.equal(await sha256(ramImage), imageHash, "the guest's writes never reach the RAM image");
+          const maps = await readFile(`/proc/${vm.pid}/maps`, "utf8");
+          const mapping = maps.split("\n").find((line) => line.endsWith(ramImage));
+          assert.match(mapping ?? "", /^\S+ rw-p /, `the RAM image is mapped private: ${mapping}`);
+          const fds = await readdir(`/proc/${vm.pid}/fd`);
+          const imageFds = [];
+          for (const fd of fds) if ((await readlink(`/proc/${vm.pid}/fd/${fd}`).catch(() => "")) === ramImage) imageFds.push(fd);
+          for (const fd of imageFds) {
+            const flags = Number.parseInt(/^flags:\s+(\d+)/m.exec(await readFile(`/proc/${vm.pid}/fdinfo/${fd}`, "utf8"))?.[1] ?? "2", 8);
+            assert.equal(flags & 3, 0, "opened O_RDONLY");
+          }
+          // A guest with private RAM saves it in its stream; loaded into a shared file again, it runs on.
+          await vm.pause();
+          const streamBytes = await vm.saveState(stateFile, channel);
+          assert.ok(streamBytes > 32 << 20, `the stream holds the RAM (${streamBytes} bytes)`);
+          await vm.quit();
+          await rm(ramFile, { force: true });
+          channel = await prepareGuestChroot(chrootDir, overlay, guestUid, { incoming: true });
+          vm = await startMicrovm({ ...guestConfig, incoming: true });
+          await vm.loadState(stateFile, channel);
+          await vm.resume();
+          await waitForAgentHealth(network.sandboxAddress, 30_000);
+          assert.equal(await inGuest("cat /dev/shm/marker; test -s /dev/shm/noise && echo noise-kept"), "only-in-guest-ram\nnoise-kept");
+        }
         // A broken stream makes the loading QEMU fail, and says so.
         await vm.quit();
         await writeFile(stateFile, "not a migration stream");
         channel = await prepareGuestChroot(chrootDir, overlay, guestUid, { incoming: true });
         vm = await startMicrovm({ ...guestConfig, incoming: true });
-        await assert.rejects(vm.loadState(stateFile, channel, 20_000), /QEMU|state/);
+        await assert.rejects(vm.loadState(stateFile, channel, { timeoutMs: 20_000 }), /QEMU|state/);
       }
       await vm.quit();
       assert.equal(existsSync(`/proc/${vm.pid}`), false, "QEMU has ended");
@@ -171,3 +212,9 @@ test("boots the base template in a microVM under TCG: the agent answers on the s
     await rm(stateDir, { recursive: true, force: true });
   }
 });
+
+async function sha256(file: string): Promise<string> {
+  const hash = createHash("sha256");
+  for await (const chunk of createReadStream(file)) hash.update(chunk as Buffer);
+  return hash.digest("hex");
+}

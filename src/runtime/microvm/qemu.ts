@@ -1,5 +1,5 @@
 import { spawn } from "node:child_process";
-import { createReadStream, createWriteStream, existsSync, readFileSync } from "node:fs";
+import { createReadStream, createWriteStream, readFileSync } from "node:fs";
 import { chmod, chown, link, mkdir, readFile, rm } from "node:fs/promises";
 import net from "node:net";
 import path from "node:path";
@@ -8,10 +8,10 @@ import { runCommand } from "../../shared/exec.js";
 import { createLogger } from "../../shared/log.js";
 import { GUEST_PROBE_ARG, GUEST_PROBE_MARKER, KIT_DISK_SERIAL, LAUNCH_FW_CFG_NAME, ROOT_DISK_SERIAL, SHARE_TAG_PATTERN, type GuestAssets } from "./guest-assets.js";
 import { QmpClient } from "./qmp.js";
+import { hasQemuBinary, qemuInstall, versionAtLeast, type QemuInstall } from "./qemu-install.js";
 
 const log = createLogger("qemu");
 
-export const QEMU_BINARY = "qemu-system-x86_64";
 /** How long a daemonizing QEMU may take to be set up (it has not run the guest yet then). */
 const START_TIMEOUT_MS = 30_000;
 
@@ -29,8 +29,8 @@ export interface GuestNetworkConfig {
 }
 
 export interface MicrovmConfig {
-  /** Default QEMU_BINARY. */
-  qemuBinary?: string;
+  /** Default qemuInstall() (QEMU_INSTALL_NOTE). */
+  qemu?: QemuInstall;
   /** "kvm" only where probeKvm() said it works; never chosen here. */
   accel: Accelerator;
   assets: Pick<GuestAssets, "kernel" | "initramfs">;
@@ -71,6 +71,13 @@ export interface MicrovmConfig {
    * guest under `tag`. With any, the guest's RAM is a shared memfd (vhost-user maps it).
    */
   shares?: readonly { tag: string; socket: string }[];
+  /**
+   * The guest's RAM as a file (MICROVM_RAM_NOTE): `shared`, a file of its own in the runtime's
+   * RAM tmpfs, mapped shared (its state is saved without the RAM, which is copied from the
+   * file); `image`, a memory image's RAM file, opened read-only and mapped copy-on-write.
+   * None: QEMU's own anonymous RAM (a QEMU older than 8.2).
+   */
+  ram?: { file: string; mode: "shared" | "image" };
 }
 
 /**
@@ -170,13 +177,15 @@ export function buildQemuArgv(config: MicrovmConfig): string[] {
   const files = microvmFiles(config.runDir);
   if (!Number.isInteger(config.cpuCount) || config.cpuCount < 1 || config.cpuCount > 64) throw new CubicleError("invalid_argument", `cpuCount ${config.cpuCount} must be 1 to 64`);
   if (!Number.isInteger(config.memoryMiB) || config.memoryMiB < 128) throw new CubicleError("invalid_argument", `memoryMiB ${config.memoryMiB} must be at least 128`);
-  for (const file of [config.rootDisk, config.kitDisk, config.launchFile ?? "/", config.runDir, ...(config.shares ?? []).map((share) => share.socket)]) {
+  for (const file of [config.rootDisk, config.kitDisk, config.launchFile ?? "/", config.runDir, config.ram?.file ?? "/", ...(config.shares ?? []).map((share) => share.socket)]) {
     // QEMU's -drive/-fw_cfg option syntax splits on commas.
     if (file.includes(",")) throw new CubicleError("invalid_argument", `the path ${file} may not hold a comma`);
   }
   const accel = config.accel === "kvm" ? "kvm" : `tcg,tb-size=${config.tbSizeMiB ?? 64}`;
+  const qemu = config.qemu ?? qemuInstall();
   const argv = [
-    config.qemuBinary ?? QEMU_BINARY,
+    qemu.binary,
+    ...(qemu.dataDir ? ["-L", qemu.dataDir] : []),
     "-M",
     "microvm",
     "-accel",
@@ -224,9 +233,16 @@ export function buildQemuArgv(config: MicrovmConfig): string[] {
     argv.push("-netdev", `tap,id=net,ifname=${config.network.tapName},script=no,downscript=no`, "-device", `virtio-net-device,netdev=net,mac=${config.network.macAddress}`);
   }
   if (config.launchFile) argv.push("-fw_cfg", `name=${LAUNCH_FW_CFG_NAME},file=${config.launchFile}`);
+  if (config.ram) {
+    if (!path.isAbsolute(config.ram.file)) throw new CubicleError("invalid_argument", `the RAM file ${config.ram.file} must be an absolute path`);
+    const mapping = config.ram.mode === "shared" ? "share=on" : "share=off,readonly=on,rom=off";
+    argv.push("-object", `memory-backend-file,id=ram,size=${config.memoryMiB}M,mem-path=${config.ram.file},${mapping}`, "-machine", "memory-backend=ram");
+  }
   if (config.shares?.length) {
-    // vhost-user devices need virtio 1.0 transports; the microvm machine's are legacy by default.
-    argv.push("-object", `memory-backend-memfd,id=ram,size=${config.memoryMiB}M,share=on`, "-machine", "memory-backend=ram", "-global", "virtio-mmio.force-legacy=false");
+    if (config.ram?.mode === "image") throw new CubicleError("invalid_argument", "virtiofs shares need the guest's RAM shared; a RAM image is mapped private");
+    // vhost-user devices need shared RAM (the file's, or a memfd) and virtio 1.0 transports (the microvm machine's are legacy by default).
+    if (!config.ram) argv.push("-object", `memory-backend-memfd,id=ram,size=${config.memoryMiB}M,share=on`, "-machine", "memory-backend=ram");
+    argv.push("-global", "virtio-mmio.force-legacy=false");
     for (const [index, share] of config.shares.entries()) {
       if (!SHARE_TAG_PATTERN.test(share.tag)) throw new CubicleError("invalid_argument", `share tag ${share.tag} must be 1-32 lowercase letters, digits or -`);
       argv.push("-chardev", `socket,id=fs${index},path=${share.socket}`, "-device", `vhost-user-fs-device,chardev=fs${index},tag=${share.tag}`);
@@ -240,7 +256,10 @@ export function buildQemuArgv(config: MicrovmConfig): string[] {
       if (!Number.isInteger(id) || id < MICROVM_UID_START || id >= MICROVM_UID_START + MICROVM_UID_COUNT) throw new CubicleError("invalid_argument", `a guest's uid/gid ${id} is outside ${MICROVM_UID_START}-${MICROVM_UID_START + MICROVM_UID_COUNT - 1}`);
     }
     if (!path.isAbsolute(chrootDir) || chrootDir.includes(",")) throw new CubicleError("invalid_argument", `the chroot directory ${chrootDir} must be an absolute path without commas`);
-    argv.push("-sandbox", "on,obsolete=deny,elevateprivileges=allow,spawn=allow,resourcecontrol=deny", "-runas", `${uid}:${gid}`, "-chroot", chrootDir);
+    argv.push("-sandbox", "on,obsolete=deny,elevateprivileges=allow,spawn=allow,resourcecontrol=deny");
+    // QEMU 9.1 replaced -runas and -chroot with -run-with (QEMU_INSTALL_NOTE).
+    if (versionAtLeast(qemu.version, 9, 1)) argv.push("-run-with", `chroot=${chrootDir},user=${uid}:${gid}`);
+    else argv.push("-runas", `${uid}:${gid}`, "-chroot", chrootDir);
   }
   return argv;
 }
@@ -371,7 +390,8 @@ export class Microvm {
    * `file` (MICROVM_STATE_NOTE); resolves with its size once it is complete. QEMU is left in
    * `postmigrate` with its disks flushed and released: `cont` runs the guest on, `quit` ends it.
    */
-  async saveState(file: string, channel: StateChannel, timeoutMs = STATE_TIMEOUT_MS): Promise<number> {
+  async saveState(file: string, channel: StateChannel, options: { withoutSharedRam?: boolean; timeoutMs?: number } = {}): Promise<number> {
+    const timeoutMs = options.timeoutMs ?? STATE_TIMEOUT_MS;
     const name = `save-${process.pid}-${++stateSequence}.sock`;
     const socketPath = path.join(channel.hostDir, name);
     await rm(socketPath, { force: true });
@@ -396,6 +416,7 @@ export class Microvm {
       await chmod(socketPath, 0o666);
       // No bandwidth cap for a local file (QEMU's default is made for networks).
       await this.qmp.execute("migrate-set-parameters", { "max-bandwidth": 64 * 1024 ** 3 });
+      await this.setIgnoreShared(options.withoutSharedRam === true);
       await this.qmp.execute("migrate", { uri: `unix:${path.posix.join(channel.qemuDir, name)}` });
       await this.waitForMigration(timeoutMs, "saving");
       await withTimeout(received, timeoutMs, "the saved state's stream did not end");
@@ -415,11 +436,13 @@ export class Microvm {
    * socket in the channel directory and this streams the file into it. The guest stays stopped
    * (`paused`) until resume().
    */
-  async loadState(file: string, channel: StateChannel, timeoutMs = STATE_TIMEOUT_MS): Promise<void> {
+  async loadState(file: string, channel: StateChannel, options: { withoutSharedRam?: boolean; timeoutMs?: number } = {}): Promise<void> {
+    const timeoutMs = options.timeoutMs ?? STATE_TIMEOUT_MS;
     const name = `load-${process.pid}-${++stateSequence}.sock`;
     const incoming = path.join(channel.hostDir, INCOMING_DIR);
     const socketPath = path.join(incoming, name);
     try {
+      await this.setIgnoreShared(options.withoutSharedRam === true);
       await this.qmp.execute("migrate-incoming", { uri: `unix:${path.posix.join(channel.qemuDir, INCOMING_DIR, name)}` });
       const socket = await connectWhenListening(socketPath, timeoutMs);
       const sent = new Promise<void>((resolve, reject) => {
@@ -443,6 +466,14 @@ export class Microvm {
     } finally {
       await rm(incoming, { recursive: true, force: true });
     }
+  }
+
+  /**
+   * QEMU's `x-ignore-shared` (MICROVM_RAM_NOTE): a stream without the RAM of a file mapped
+   * shared, which the file holds. Saver and loader must agree: the stream's layout differs.
+   */
+  private async setIgnoreShared(on: boolean): Promise<void> {
+    await this.qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: on }] });
   }
 
   /** Polls `query-migrate` until the migration completed (or failed: an error naming why). */
@@ -571,10 +602,12 @@ export interface KvmProbeResult {
  * marker came within `timeoutMs`.
  * Without a usable /dev/kvm QEMU refuses to start and the answer comes at once.
  */
-export async function probeKvm(assets: Pick<GuestAssets, "kernel" | "initramfs">, options: { qemuBinary?: string; timeoutMs?: number } = {}): Promise<KvmProbeResult> {
+export async function probeKvm(assets: Pick<GuestAssets, "kernel" | "initramfs">, options: { qemu?: QemuInstall; timeoutMs?: number } = {}): Promise<KvmProbeResult> {
   const started = performance.now();
   const timeoutMs = options.timeoutMs ?? 10_000;
+  const qemu = options.qemu ?? qemuInstall();
   const argv = [
+    ...(qemu.dataDir ? ["-L", qemu.dataDir] : []),
     "-M",
     "microvm",
     "-accel",
@@ -597,7 +630,7 @@ export async function probeKvm(assets: Pick<GuestAssets, "kernel" | "initramfs">
     `console=ttyS0 quiet panic=-1 reboot=t ${GUEST_PROBE_ARG}`,
   ];
   const result = await new Promise<{ output: string; timedOut: boolean; code: number | null }>((resolve) => {
-    const child = spawn(options.qemuBinary ?? QEMU_BINARY, argv, { stdio: ["ignore", "pipe", "pipe"] });
+    const child = spawn(qemu.binary, argv, { stdio: ["ignore", "pipe", "pipe"] });
     let output = "";
     let timedOut = false;
     const collect = (chunk: Buffer) => {
@@ -627,6 +660,6 @@ export async function probeKvm(assets: Pick<GuestAssets, "kernel" | "initramfs">
 }
 
 /** True when the host has the QEMU this runtime needs (tests skip without it). */
-export function hasQemu(qemuBinary = QEMU_BINARY): boolean {
-  return ["/usr/bin", "/usr/local/bin"].some((dir) => existsSync(path.join(dir, qemuBinary))) || existsSync(qemuBinary);
+export function hasQemu(binary = qemuInstall().binary): boolean {
+  return hasQemuBinary(binary);
 }
