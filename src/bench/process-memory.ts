@@ -1,4 +1,4 @@
-import { readFile } from "node:fs/promises";
+import { readdir, readFile } from "node:fs/promises";
 import path from "node:path";
 import { runCommand } from "../shared/exec.js";
 
@@ -44,6 +44,30 @@ export async function runningAgentMemory(runcPath: string, runDir: string): Prom
     if (!Number.isInteger(agentPid) || agentPid <= 0) continue;
     const rollup = await readFile(`/proc/${agentPid}/smaps_rollup`, "utf8").catch(() => "");
     if (rollup) found.push({ runtimeId: path.basename(container.bundle), agentPid, memory: parseSmapsRollup(rollup) });
+  }
+  return found;
+}
+
+/**
+ * Memory of the QEMU of each microVM of the server whose run dir is given (its guest directory
+ * `<runDir>/microvm/<runtime id>` is in QEMU's command line), from /proc/<pid>/smaps_rollup:
+ * what guests made from one image share shows as Pss below Rss, and Private as what each one
+ * holds alone (MICROVM_RAM_NOTE). The RAM files of booted guests are in a tmpfs, which counts
+ * in Rss and Private (shared mappings of a file only one process maps).
+ */
+export async function microvmQemuMemory(runDir: string): Promise<{ runtimeId: string; pid: number; memory: ProcessMemory }[]> {
+  const prefix = path.join(runDir, "microvm") + "/";
+  const found: { runtimeId: string; pid: number; memory: ProcessMemory }[] = [];
+  for (const entry of await readdir("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    const comm = (await readFile(`/proc/${entry}/comm`, "utf8").catch(() => "")).trim();
+    if (!comm.startsWith("qemu-system")) continue;
+    const args = (await readFile(`/proc/${entry}/cmdline`, "utf8").catch(() => "")).split("\0");
+    const inDir = args.find((arg) => arg.includes(prefix));
+    if (!inDir) continue;
+    const runtimeId = inDir.slice(inDir.indexOf(prefix) + prefix.length).split("/")[0]!;
+    const rollup = await readFile(`/proc/${entry}/smaps_rollup`, "utf8").catch(() => "");
+    if (rollup) found.push({ runtimeId, pid: Number(entry), memory: parseSmapsRollup(rollup) });
   }
   return found;
 }

@@ -626,6 +626,20 @@ function runtimesSection(entry: Loaded | undefined): string[] {
     "",
     `microVM ÷ container, p50: create → first command ${times(s.microvmOverContainerFirstCommand)}, snapshot ${times(s.microvmOverContainerSnapshot)}, create from a snapshot → first command ${times(s.microvmOverContainerRestore)}; a microVM's create from a snapshot ÷ its cold create: ${times(s.microvmRestoreOverColdCreate)}. Targets for a KVM host (to be measured there): restore → first command ≤ 30 ms, ≤ 10 MiB private memory per idle microVM restored from a shared snapshot.`,
   );
+  const qemu = (key: string) => pick(s, `runtimes.microvm.${key}.qemu`) as { processes: number; rssMiB: number; pssMiB: number; privateMiB: number } | undefined;
+  const booted = qemu("idleMemory");
+  const restored = qemu("idleMemoryFromOneSnapshot");
+  if (booted || restored) {
+    out.push(
+      "",
+      "Each idle microVM's QEMU as the kernel counts it (means of /proc/PID/smaps_rollup; a booted guest's RAM is a tmpfs file of its own, a restored one maps the image's RAM copy-on-write: MICROVM_RAM_NOTE):",
+      "",
+      table(
+        ["microVMs", "QEMUs", "Rss", "Pss", "Private"],
+        ([["booted", booted], ["made from one snapshot", restored]] as const).map(([label, m]) => [label, String(m?.processes ?? "—"), mib((m?.rssMiB ?? NaN) * (1 << 20)), mib((m?.pssMiB ?? NaN) * (1 << 20)), mib((m?.privateMiB ?? NaN) * (1 << 20))]),
+      ),
+    );
+  }
   return out;
 }
 

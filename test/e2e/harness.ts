@@ -329,8 +329,8 @@ function unmountRunDir(stateDir: string): void {
 }
 
 /**
- * What a test server leaves on the host: containers and sandbox mounts (its storage pool, kit
- * and volume mounts are not leaks; stop() removes them).
+ * What a test server leaves on the host: containers and sandbox mounts (its storage pool, kit,
+ * volume mounts and the microVMs' RAM tmpfs are not leaks; stop() removes them).
  */
 export function hostLeftovers(stateDir: string): { containers: string[]; namespaces: string[]; mounts: string[] } {
   const runDir = defaultRunDir(stateDir);
@@ -347,7 +347,7 @@ export function hostLeftovers(stateDir: string): { containers: string[]; namespa
   const mounts = fs
     .readFileSync("/proc/mounts", "utf8")
     .split("\n")
-    .filter((line) => line.includes(stateDir) || (line.includes(runDir + "/") && !line.includes(` ${runDir}/pool `) && !line.includes(` ${runDir}/kit `) && !new RegExp(` ${runDir}/volumes/vol_[0-9a-f]{24} `).test(line)));
+    .filter((line) => line.includes(stateDir) || (line.includes(runDir + "/") && !line.includes(` ${runDir}/pool `) && !line.includes(` ${runDir}/kit `) && !line.includes(` ${runDir}/microvm-ram `) && !new RegExp(` ${runDir}/volumes/vol_[0-9a-f]{24} `).test(line)));
   return { containers, namespaces: [], mounts };
 }
 

@@ -19,6 +19,7 @@ import { QmpClient } from "../../runtime/microvm/qmp.js";
 import { qemuInstall } from "../../runtime/microvm/qemu-install.js";
 import { runCommand } from "../../shared/exec.js";
 import { memAvailableBytes } from "../machine.js";
+import { microvmQemuMemory } from "../process-memory.js";
 import type { BenchOptions } from "../options.js";
 import { Progress } from "../progress.js";
 import { notAvailable, type ScenarioResult } from "../result.js";
@@ -28,6 +29,13 @@ import { callApi, loadSandboxSdk, type BenchTarget } from "../target.js";
 import { firstSuccessfulCommand } from "./create.js";
 
 const RUNTIMES = ["container", "microvm"] as const;
+
+/** Host memory per idle sandbox (MemAvailable before and after), and for microVMs each QEMU's smaps means. */
+interface IdleMemory {
+  sandboxes: number;
+  perSandboxMiB: number;
+  qemu?: { processes: number; rssMiB: number; pssMiB: number; privateMiB: number };
+}
 type RuntimeName = (typeof RUNTIMES)[number];
 /** A TCG guest boots in seconds: its first command may take this long. */
 const FIRST_COMMAND_DEADLINE_MS = 180_000;
@@ -128,9 +136,9 @@ export async function benchRuntimes(options: BenchOptions, target: BenchTarget):
 
   // Host memory per idle sandbox: `--background N` (default 5) of one runtime alive at once, settled.
   const idle = options.background > 0 ? options.background : 5;
-  const memory: Record<string, { sandboxes: number; perSandboxMiB: number }> = {};
-  const restoredMemory: Record<string, { sandboxes: number; perSandboxMiB: number }> = {};
-  const idleMemory = async (runtime: RuntimeName, templateID: string): Promise<{ sandboxes: number; perSandboxMiB: number }> => {
+  const memory: Record<string, IdleMemory> = {};
+  const restoredMemory: Record<string, IdleMemory> = {};
+  const idleMemory = async (runtime: RuntimeName, templateID: string): Promise<IdleMemory> => {
     const before = memAvailableBytes();
     const ids: string[] = [];
     try {
@@ -141,7 +149,12 @@ export async function benchRuntimes(options: BenchOptions, target: BenchTarget):
         await firstSuccessfulCommand(await Sandbox.connect(created.json.sandboxID, { timeoutMs: 1_800_000 }), performance.now(), FIRST_COMMAND_DEADLINE_MS);
       }
       await new Promise((resolve) => setTimeout(resolve, options.settleMs));
-      return { sandboxes: ids.length, perSandboxMiB: round2((before - memAvailableBytes()) / ids.length / (1 << 20)) };
+      const perSandboxMiB = round2((before - memAvailableBytes()) / ids.length / (1 << 20));
+      if (runtime !== "microvm") return { sandboxes: ids.length, perSandboxMiB };
+      // Each QEMU's own view (MICROVM_RAM_NOTE): Private is what it holds alone, Pss its share of what it shares.
+      const qemus = await microvmQemuMemory(target.runDir);
+      const mean = (field: "rssBytes" | "pssBytes" | "privateBytes") => round2(qemus.reduce((sum, q) => sum + q.memory[field], 0) / Math.max(1, qemus.length) / (1 << 20));
+      return { sandboxes: ids.length, perSandboxMiB, qemu: { processes: qemus.length, rssMiB: mean("rssBytes"), pssMiB: mean("pssBytes"), privateMiB: mean("privateBytes") } };
     } finally {
       await Promise.all(ids.map((id) => callApi(target, "DELETE", `/sandboxes/${id}`).catch(() => undefined)));
     }

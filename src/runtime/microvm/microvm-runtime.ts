@@ -194,6 +194,14 @@ export class MicrovmRuntime implements Runtime {
     return this.ramFiles ? { file: path.join(this.ramDir, `${sandboxId}.ram`), mode: "shared" } : undefined;
   }
 
+  /** Unmounts the RAM tmpfs (tests, a host's teardown): only when no guest of this runtime is left. */
+  async releaseHostMounts(): Promise<void> {
+    if (this.guests.size > 0) throw new CubicleError("failed_precondition", "microVMs still use the RAM tmpfs");
+    const mounts = await readFile("/proc/mounts", "utf8");
+    if (mounts.split("\n").some((line) => line.split(" ")[1] === this.ramDir)) await runCommand(["umount", this.ramDir], { timeoutMs: 30_000 });
+    await rm(this.ramDir, { recursive: true, force: true });
+  }
+
   /** Mounts the RAM tmpfs unless it is there (a restarted server's guests still use it). */
   private async mountRamTmpfs(): Promise<void> {
     await mkdir(this.ramDir, { recursive: true, mode: 0o700 });

@@ -11,7 +11,12 @@ import { prepareGuestAssets } from "./guest-assets.js";
 import { buildQemuArgv, helperLauncher, hostTscKhz, kernelCommandLine, MICROVM_UID_COUNT, MICROVM_UID_START, nsenterLauncher, prepareGuestChroot, probeKvm, startMicrovm, type Microvm, type MicrovmConfig } from "./qemu.js";
 import { builtHelper, guestSkipReason, localKernelDeb, makeTestNetwork, releaseTestNetwork } from "./test-helpers.js";
 
+/** The host's Debian 12 QEMU (7.2), and a private tree's QEMU 10 (QEMU_INSTALL_NOTE). */
+const qemu72 = { binary: "qemu-system-x86_64", version: { major: 7, minor: 2 } };
+const qemu10 = { binary: "/q/usr/bin/qemu-system-x86_64", dataDir: "/q/usr/share/qemu", version: { major: 10, minor: 0 } };
+
 const config: MicrovmConfig = {
+  qemu: qemu72,
   accel: "tcg",
   assets: { kernel: "/k/vmlinuz", initramfs: "/k/initramfs.cpio" },
   memoryMiB: 512,
@@ -52,6 +57,24 @@ test("the QEMU argv: microvm, TCG with a bounded translation cache, the disks by
   assert.deepEqual(optionValues(kvm, "-accel"), ["kvm"]);
   assert.deepEqual(optionValues(kvm, "-cpu"), ["host"]);
   assert.doesNotMatch(optionValues(kvm, "-append")[0]!, /tsc_early_khz/, "KVM guests have kvmclock");
+  assert.deepEqual(optionValues(argv, "-L"), [], "the host's QEMU finds its own firmware");
+  const privateTree = buildQemuArgv({ ...config, qemu: qemu10 });
+  assert.equal(privateTree[0], "/q/usr/bin/qemu-system-x86_64");
+  assert.deepEqual(optionValues(privateTree, "-L"), ["/q/usr/share/qemu"], "a private tree's firmware goes with its binary");
+});
+
+test("guest RAM as a file (MICROVM_RAM_NOTE): a guest's own, mapped shared; an image's, opened read-only and mapped private", () => {
+  const own = buildQemuArgv({ ...config, qemu: qemu10, ram: { file: "/r/sb1.ram", mode: "shared" } });
+  assert.deepEqual(optionValues(own, "-object").filter((value) => value.startsWith("memory-backend")), ["memory-backend-file,id=ram,size=512M,mem-path=/r/sb1.ram,share=on"]);
+  assert.deepEqual(optionValues(own, "-machine"), ["memory-backend=ram"]);
+  const image = buildQemuArgv({ ...config, qemu: qemu10, incoming: true, ram: { file: "/i/snap/ram", mode: "image" } });
+  assert.deepEqual(optionValues(image, "-object").filter((value) => value.startsWith("memory-backend")), ["memory-backend-file,id=ram,size=512M,mem-path=/i/snap/ram,share=off,readonly=on,rom=off"]);
+  // Shares keep the guest's own RAM file (vhost-user maps it) instead of a memfd.
+  const shared = buildQemuArgv({ ...config, qemu: qemu10, ram: { file: "/r/sb1.ram", mode: "shared" }, shares: [{ tag: "volume-0", socket: "/s/v.sock" }] });
+  assert.deepEqual(optionValues(shared, "-object").filter((value) => value.startsWith("memory-backend")), ["memory-backend-file,id=ram,size=512M,mem-path=/r/sb1.ram,share=on"]);
+  assert.throws(() => buildQemuArgv({ ...config, ram: { file: "/i/ram", mode: "image" }, shares: [{ tag: "v", socket: "/s/v.sock" }] }), /shared/);
+  assert.throws(() => buildQemuArgv({ ...config, ram: { file: "relative.ram", mode: "shared" } }), /absolute/);
+  assert.throws(() => buildQemuArgv({ ...config, ram: { file: "/r/a,share=on", mode: "image" } }), /comma/);
 });
 
 test("refuses what QEMU's option syntax or the guest's command line would misread", () => {
@@ -121,6 +144,11 @@ test("a confined QEMU gets the seccomp filter, its own uid and gid and a chroot 
   assert.equal(after("-runas"), `${uid}:${uid}`);
   assert.equal(after("-chroot"), "/var/lib/cubicle/microvm/empty");
   assert.ok(!buildQemuArgv(config).includes("-runas"), "unconfined unless asked");
+  // QEMU 9.1+ has one option for both (-runas and -chroot are gone).
+  const newer = buildQemuArgv({ ...config, qemu: qemu10, confine: { uid, gid: uid, chrootDir: "/var/lib/cubicle/microvm/empty" } });
+  assert.deepEqual(optionValues(newer, "-run-with"), [`chroot=/var/lib/cubicle/microvm/empty,user=${uid}:${uid}`]);
+  assert.ok(!newer.includes("-runas") && !newer.includes("-chroot"));
+  assert.ok(!buildQemuArgv({ ...config, qemu: qemu10 }).includes("-run-with"), "unconfined unless asked");
   for (const bad of [0, 1000, MICROVM_UID_START - 1, MICROVM_UID_START + MICROVM_UID_COUNT, 1.5]) {
     assert.throws(() => buildQemuArgv({ ...config, confine: { uid: bad, gid: uid, chrootDir: "/empty" } }), /uid\/gid/, String(bad));
   }
