@@ -190,8 +190,11 @@ describe("idle tiers", () => {
   test("kill of a frozen and of an on-disk sandbox leaves nothing behind", async () => {
     const frozen = await Sandbox.create({ timeoutMs: 120_000 });
     const onDisk = await Sandbox.create({ timeoutMs: 120_000 });
-    await waitForTier(frozen.sandboxId, "frozen");
     await waitForTier(onDisk.sandboxId, "disk", 20_000);
+    // Woken now, so that it is frozen, not yet on disk, when it is killed: a slow second create
+    // (a microVM under TCG) could otherwise outlast the first one's frozen spell.
+    await frozen.commands.run("true");
+    await waitForTier(frozen.sandboxId, "frozen");
     await frozen.kill();
     await onDisk.kill();
     for (const id of [frozen.sandboxId, onDisk.sandboxId]) {
