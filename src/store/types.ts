@@ -239,6 +239,18 @@ export interface TemplateBuildStore {
   unfinishedTemplateBuilds(): Promise<TemplateBuildRecord[]>;
 }
 
+/** What a template gives its sandboxes, whoever made it: names, user, workdir, env, resources. */
+export interface TemplateDefaults {
+  templateId: string;
+  aliases: string[];
+  defaultUser: string;
+  defaultWorkdir: string;
+  env: Record<string, string>;
+  cpuCount: number;
+  memoryMB: number;
+  diskSizeMB: number;
+}
+
 /**
  * TEMPLATE_RECORDS_NOTE: a template as the store keeps it, whatever made it: a built-in recipe
  * (its tree built by mmdebstrap into the template cache, `<templateDir>/<id>/rootfs`), a build
@@ -248,15 +260,7 @@ export interface TemplateBuildStore {
  * are what records point at, never a record themselves, so a tree a build left half-made, or
  * one another server's store knows, is no template here until a record names it.
  */
-export interface TemplateRecord {
-  templateId: string;
-  aliases: string[];
-  defaultUser: string;
-  defaultWorkdir: string;
-  env: Record<string, string>;
-  cpuCount: number;
-  memoryMB: number;
-  diskSizeMB: number;
+export interface TemplateRecord extends TemplateDefaults {
   runtime: "container";
   /** What the template's files were made from (a recipe's hash, a build's step chain); another value means another tree. */
   recipeHash: string;

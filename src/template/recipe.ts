@@ -1,4 +1,5 @@
 import { createHash } from "node:crypto";
+import type { TemplateDefaults } from "../store/types.js";
 // The one piece of the agent a template carries: the Java kernel's source, compiled at build.
 import { JAVA_KERNEL_CLASS, JAVA_KERNEL_DIR, JAVA_KERNEL_SOURCE } from "../agent/interpreter/java-kernel-program.js";
 
@@ -39,9 +40,7 @@ export interface RecipeDirectory {
  * How to make a template rootfs from Debian packages with `mmdebstrap`. Data only: the builder
  * turns it into argv arrays, and its hash decides whether a cached tree is still current.
  */
-export interface Recipe {
-  templateId: string;
-  aliases: string[];
+export interface Recipe extends TemplateDefaults {
   /** Debian suite, e.g. `bookworm`. */
   suite: string;
   /** mmdebstrap variant: `minbase` = Essential + apt. */
@@ -57,12 +56,6 @@ export interface Recipe {
   files: RecipeFile[];
   /** Extra commands run inside the finished tree with `chroot`, as argv arrays. */
   steps: string[][];
-  defaultUser: string;
-  defaultWorkdir: string;
-  env: Record<string, string>;
-  cpuCount: number;
-  memoryMB: number;
-  diskSizeMB: number;
 }
 
 const SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
