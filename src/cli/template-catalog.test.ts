@@ -5,6 +5,7 @@ import os from "node:os";
 import path from "node:path";
 import { CubicleError } from "../shared/cubicle-error.js";
 import { SqliteStore } from "../store/index.js";
+import { testTemplateRecord } from "../store/test-template-record.js";
 import { ensureTemplate, listTemplates, type TemplateRecord } from "../template/index.js";
 import { createTemplateCatalog, type TemplateAccess } from "./template-catalog.js";
 
@@ -28,22 +29,7 @@ async function tempSetup(): Promise<{ dir: string; store: SqliteStore; other: ()
 }
 
 function record(dir: string, templateId: string, aliases: string[], cpuCount: number, source: TemplateRecord["source"] = "build"): TemplateRecord {
-  return {
-    templateId,
-    aliases,
-    defaultUser: "user",
-    defaultWorkdir: "/home/user",
-    env: {},
-    cpuCount,
-    memoryMB: 512,
-    diskSizeMB: 4096,
-    runtime: "container",
-    recipeHash: `hash-cpu-${cpuCount}`,
-    builtAt: new Date(0).toISOString(),
-    sizeBytes: 1,
-    source,
-    rootfsDir: path.join(dir, templateId, "rootfs"),
-  };
+  return testTemplateRecord(templateId, { aliases, cpuCount, recipeHash: `hash-cpu-${cpuCount}`, source, rootfsDir: path.join(dir, templateId, "rootfs") });
 }
 
 /** Records a template over a tree, as a build does. */

@@ -6,6 +6,7 @@ import { test } from "node:test";
 import Database from "better-sqlite3";
 import { imageIdFromLegacyDir } from "./legacy-records.js";
 import { SqliteStore } from "./sqlite-store.js";
+import { testTemplateRecord } from "./test-template-record.js";
 import type { SandboxRecord } from "./types.js";
 
 function record(id: string, startedAt: number, extra: Partial<SandboxRecord> = {}): SandboxRecord {
@@ -213,23 +214,8 @@ test("template records: put replaces, list sorts by id, delete says whether ther
   const store = new SqliteStore(file);
   const other = new SqliteStore(file);
   try {
-    const template = (templateId: string, cpuCount: number) => ({
-      templateId,
-      aliases: [`${templateId}-alias`],
-      defaultUser: "user",
-      defaultWorkdir: "/home/user",
-      env: {},
-      cpuCount,
-      memoryMB: 512,
-      diskSizeMB: 4096,
-      runtime: "container" as const,
-      recipeHash: "h",
-      builtAt: new Date(0).toISOString(),
-      sizeBytes: 0,
-      source: "build" as const,
-      rootfsDir: "/r",
-      tags: { default: "b1" },
-    });
+    const template = (templateId: string, cpuCount: number) =>
+      testTemplateRecord(templateId, { aliases: [`${templateId}-alias`], cpuCount, recipeHash: "h", sizeBytes: 0, source: "build", rootfsDir: "/r", tags: { default: "b1" } });
     const v0 = await other.templatesVersion();
     await store.putTemplate(template("zeta", 1));
     await store.putTemplate(template("alpha", 1));

@@ -4,25 +4,11 @@ import fs from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { SqliteStore } from "../store/index.js";
+import { testTemplateRecord } from "../store/test-template-record.js";
 import { adoptLegacyRecords, cacheDecision, inspectTree, pickTemplate, templateImage, writeStamp, type TemplateRecord, type TreeStamp } from "./template-store.js";
 
 function record(templateId: string, aliases: string[] = []): TemplateRecord {
-  return {
-    templateId,
-    aliases,
-    defaultUser: "user",
-    defaultWorkdir: "/home/user",
-    env: { PATH: "/usr/bin:/bin" },
-    cpuCount: 2,
-    memoryMB: 512,
-    diskSizeMB: 4096,
-    runtime: "container",
-    recipeHash: "h1",
-    builtAt: new Date(0).toISOString(),
-    sizeBytes: 1,
-    source: "recipe",
-    rootfsDir: `/t/${templateId}/rootfs`,
-  };
+  return testTemplateRecord(templateId, { aliases, env: { PATH: "/usr/bin:/bin" }, recipeHash: "h1", source: "recipe", rootfsDir: `/t/${templateId}/rootfs` });
 }
 
 const stores: SqliteStore[] = [];

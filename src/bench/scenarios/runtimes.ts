@@ -16,7 +16,7 @@ import { mkdtemp, readFile, rm } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { QmpClient } from "../../runtime/microvm/qmp.js";
-import { qemuInstall } from "../../runtime/microvm/qemu-install.js";
+import { qemuCommand, qemuInstall } from "../../runtime/microvm/qemu-install.js";
 import { runCommand } from "../../shared/exec.js";
 import { memAvailableBytes } from "../machine.js";
 import { microvmQemuMemory } from "../process-memory.js";
@@ -57,8 +57,7 @@ async function qemuStartFloorMs(): Promise<number> {
   const socket = path.join(dir, "qmp.sock");
   const started = performance.now();
   try {
-    const qemu = qemuInstall();
-    await runCommand([qemu.binary, ...(qemu.dataDir ? ["-L", qemu.dataDir] : []), "-M", "microvm", "-accel", "tcg", "-nodefaults", "-no-user-config", "-display", "none", "-S", "-qmp", `unix:${socket},server=on,wait=off`, "-pidfile", path.join(dir, "pid"), "-daemonize"], { timeoutMs: 30_000 });
+    await runCommand([...qemuCommand(qemuInstall()), "-M", "microvm", "-accel", "tcg", "-nodefaults", "-no-user-config", "-display", "none", "-S", "-qmp", `unix:${socket},server=on,wait=off`, "-pidfile", path.join(dir, "pid"), "-daemonize"], { timeoutMs: 30_000 });
     const qmp = await QmpClient.connect(socket);
     await qmp.execute("query-status");
     const ms = performance.now() - started;

@@ -3,6 +3,7 @@ import { copyFile, mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from
 import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
+import { mountPoints } from "../../shared/fs.js";
 import { createLogger } from "../../shared/log.js";
 import { assembleAgentKit, kitSourcesIn, type AgentKit } from "../container/agent-kit.js";
 import { ContainerImageStore } from "../container/container-image-store.js";
@@ -197,16 +198,14 @@ export class MicrovmRuntime implements Runtime {
   /** Unmounts the RAM tmpfs (tests, a host's teardown): only when no guest of this runtime is left. */
   async releaseHostMounts(): Promise<void> {
     if (this.guests.size > 0) throw new CubicleError("failed_precondition", "microVMs still use the RAM tmpfs");
-    const mounts = await readFile("/proc/mounts", "utf8");
-    if (mounts.split("\n").some((line) => line.split(" ")[1] === this.ramDir)) await runCommand(["umount", this.ramDir], { timeoutMs: 30_000 });
+    if ((await mountPoints()).includes(this.ramDir)) await runCommand(["umount", this.ramDir], { timeoutMs: 30_000 });
     await rm(this.ramDir, { recursive: true, force: true });
   }
 
   /** Mounts the RAM tmpfs unless it is there (a restarted server's guests still use it). */
   private async mountRamTmpfs(): Promise<void> {
     await mkdir(this.ramDir, { recursive: true, mode: 0o700 });
-    const mounts = await readFile("/proc/mounts", "utf8");
-    if (mounts.split("\n").some((line) => line.split(" ")[1] === this.ramDir)) return;
+    if ((await mountPoints()).includes(this.ramDir)) return;
     // As large as the host's memory: guests' RAM is bounded by admission, as anonymous memory would be.
     await runCommand(["mount", "-t", "tmpfs", "-o", "mode=0700,nosuid,nodev,noexec,size=100%,huge=never", "cubicle-microvm-ram", this.ramDir], { timeoutMs: 10_000 });
   }

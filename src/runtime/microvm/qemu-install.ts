@@ -52,6 +52,11 @@ function readRecorded(file: string): string | undefined {
   }
 }
 
+/** The command that starts this QEMU: its binary, and a private tree's firmware directory (`-L`). */
+export function qemuCommand(install: QemuInstall): string[] {
+  return [install.binary, ...(install.dataDir ? ["-L", install.dataDir] : [])];
+}
+
 /** `QEMU emulator version 10.0.2 (…)` → 10.0; 0.0 when it does not run. */
 export function qemuVersion(binary: string): { major: number; minor: number } {
   const result = spawnSync(binary, ["--version"], { encoding: "utf8", timeout: 10_000 });

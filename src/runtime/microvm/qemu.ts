@@ -8,7 +8,7 @@ import { runCommand } from "../../shared/exec.js";
 import { createLogger } from "../../shared/log.js";
 import { GUEST_PROBE_ARG, GUEST_PROBE_MARKER, KIT_DISK_SERIAL, LAUNCH_FW_CFG_NAME, ROOT_DISK_SERIAL, SHARE_TAG_PATTERN, type GuestAssets } from "./guest-assets.js";
 import { QmpClient } from "./qmp.js";
-import { hasQemuBinary, qemuInstall, versionAtLeast, type QemuInstall } from "./qemu-install.js";
+import { hasQemuBinary, qemuCommand, qemuInstall, versionAtLeast, type QemuInstall } from "./qemu-install.js";
 
 const log = createLogger("qemu");
 
@@ -68,7 +68,8 @@ export interface MicrovmConfig {
   confine?: QemuConfinement;
   /**
    * virtiofs shares (MICROVM_SHARES_NOTE): each a virtiofsd listening on `socket`, seen by the
-   * guest under `tag`. With any, the guest's RAM is a shared memfd (vhost-user maps it).
+   * guest under `tag`. With any, the guest's RAM must be shared (vhost-user maps it): its `ram`
+   * file, or without one a shared memfd.
    */
   shares?: readonly { tag: string; socket: string }[];
   /**
@@ -184,8 +185,7 @@ export function buildQemuArgv(config: MicrovmConfig): string[] {
   const accel = config.accel === "kvm" ? "kvm" : `tcg,tb-size=${config.tbSizeMiB ?? 64}`;
   const qemu = config.qemu ?? qemuInstall();
   const argv = [
-    qemu.binary,
-    ...(qemu.dataDir ? ["-L", qemu.dataDir] : []),
+    ...qemuCommand(qemu),
     "-M",
     "microvm",
     "-accel",
@@ -359,12 +359,18 @@ export class Microvm {
   /** Settles when QEMU has gone (its QMP connection closed). */
   readonly exited: Promise<void>;
 
+  /** Whether QEMU's `x-ignore-shared` is on; undefined for a QEMU an earlier server started (not known). */
+  private ignoreShared: boolean | undefined;
+
   constructor(
     readonly pid: number,
     readonly qmp: QmpClient,
     readonly runDir: string,
+    /** Started by this process: its migration capabilities are QEMU's defaults. */
+    fresh = false,
   ) {
     this.exited = qmp.closed;
+    if (fresh) this.ignoreShared = false;
   }
 
   get serialLog(): string {
@@ -473,7 +479,9 @@ export class Microvm {
    * shared, which the file holds. Saver and loader must agree: the stream's layout differs.
    */
   private async setIgnoreShared(on: boolean): Promise<void> {
+    if (this.ignoreShared === on) return;
     await this.qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: on }] });
+    this.ignoreShared = on;
   }
 
   /** Polls `query-migrate` until the migration completed (or failed: an error naming why). */
@@ -548,7 +556,7 @@ export async function startMicrovm(config: MicrovmConfig, options: { launcher?: 
   if (!Number.isInteger(pid) || pid <= 1) throw new CubicleError("internal", `QEMU's pid file ${files.pidFile} holds no pid`);
   try {
     const qmp = await QmpClient.connect(files.qmpSocket);
-    return new Microvm(pid, qmp, config.runDir);
+    return new Microvm(pid, qmp, config.runDir, true);
   } catch (err) {
     if (isQemu(pid)) process.kill(pid, "SIGKILL");
     throw err;
@@ -606,8 +614,9 @@ export async function probeKvm(assets: Pick<GuestAssets, "kernel" | "initramfs">
   const started = performance.now();
   const timeoutMs = options.timeoutMs ?? 10_000;
   const qemu = options.qemu ?? qemuInstall();
+  const [binary, ...prefix] = qemuCommand(qemu);
   const argv = [
-    ...(qemu.dataDir ? ["-L", qemu.dataDir] : []),
+    ...prefix,
     "-M",
     "microvm",
     "-accel",
@@ -630,7 +639,7 @@ export async function probeKvm(assets: Pick<GuestAssets, "kernel" | "initramfs">
     `console=ttyS0 quiet panic=-1 reboot=t ${GUEST_PROBE_ARG}`,
   ];
   const result = await new Promise<{ output: string; timedOut: boolean; code: number | null }>((resolve) => {
-    const child = spawn(qemu.binary, argv, { stdio: ["ignore", "pipe", "pipe"] });
+    const child = spawn(binary!, argv, { stdio: ["ignore", "pipe", "pipe"] });
     let output = "";
     let timedOut = false;
     const collect = (chunk: Buffer) => {

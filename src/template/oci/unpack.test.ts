@@ -11,6 +11,7 @@ import { CubicleError } from "../../shared/cubicle-error.js";
 import { readTar } from "./tar-reader.js";
 import { layerBlob, sha256, writeTar, type Compression, type TarSpecEntry } from "./test-image.js";
 import { unpackLayers, type LayerSource } from "./unpack.js";
+import { loadNativeAddon } from "../../shared/native-addon.js";
 
 const isRoot = process.getuid?.() === 0;
 const tempDirs: string[] = [];
@@ -256,9 +257,7 @@ test("a full disk is insufficient_storage and the partial tree is removed", { sk
 const XATTR_ADDON = path.resolve(path.dirname(new URL(import.meta.url).pathname), "../../../dist/agent/xattr.node");
 
 function listXattrs(file: string): Map<string, Buffer> {
-  const module = { exports: {} as { list(target: string, prefix: string): [string, Buffer][] } };
-  process.dlopen(module, XATTR_ADDON);
-  return new Map(module.exports.list(file, ""));
+  return new Map(loadNativeAddon<{ list(target: string, prefix: string): [string, Buffer][] }>(XATTR_ADDON).list(file, ""));
 }
 
 /** A file-capability value: `revision` 2 (host) or 3 (namespaced, with `rootId`), `bits` permitted, effective. */
