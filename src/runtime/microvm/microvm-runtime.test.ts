@@ -57,6 +57,9 @@ test("images a microVM runtime cannot restore are refused with a clear 4xx, befo
     await assert.rejects(runtime.restore(spec("a"), await image("files-base", { ...good, memory: false, kitImage: "/old/kit.ext4", kernelVersion: "5.10.0-1", baseImage: "/gone/template.ext4" })), refused("failed_precondition", /template disk image that is gone/));
     await assert.rejects(runtime.restore(spec("a"), await image("files-nobase", { ...good, memory: false, kitImage, kernelVersion })), refused("failed_precondition", /template disk image that is gone/));
     await assert.rejects(runtime.restore(spec("a"), await image("memory-kind", { ...good, memory: "yes", kitImage, kernelVersion })), refused("failed_precondition", /damaged/));
+    // RAM images (MICROVM_RAM_NOTE): the field is a boolean, and the file it names must be there.
+    await assert.rejects(runtime.restore(spec("a"), await image("ram-kind", { ...good, ramFile: "ram", kitImage, kernelVersion })), refused("failed_precondition", /damaged/));
+    await assert.rejects(runtime.restore(spec("a"), await image("ram-missing", { ...good, ramFile: true, kitImage, kernelVersion })), refused("failed_precondition", /RAM file is missing/));
     await assert.rejects(runtime.checkpoint("nosuch", { kind: "snapshot", name: "x" }, { memory: true, leaveRunning: true }), refused("not_found", /does not exist/));
     assert.deepEqual(await runtime.list(), [], "no guest was started");
   } finally {

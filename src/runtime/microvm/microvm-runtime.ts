@@ -579,6 +579,7 @@ export class MicrovmRuntime implements Runtime {
       await spec.whenRunning?.();
       return;
     }
+    if (meta.ramFile && !existsSync(path.join(imageDir, IMAGE_FILES.ram))) throw new CubicleError("failed_precondition", `the image ${imageId} is damaged (its RAM file is missing)`);
     if (meta.ramFile && !this.ramFiles) throw new CubicleError("failed_precondition", `image ${imageId} keeps its RAM as a file, which this server's QEMU (${this.qemu.version.major}.${this.qemu.version.minor}) cannot map; QEMU 8.2+ can (scripts/setup-host.sh unpacks one)`);
     if (meta.kernelVersion !== assets.kernelVersion || meta.devices !== this.devicesVersion) {
       throw new CubicleError("failed_precondition", `image ${imageId} was made with another guest kernel or QEMU device set than this server runs; it cannot be restored`);
@@ -647,7 +648,7 @@ async function readImageMeta(imageDir: string): Promise<MicrovmImageMeta> {
     throw new CubicleError("failed_precondition", `the image ${path.basename(imageDir)} is damaged (its meta.json is not JSON)`, { cause: err });
   }
   const positive = (value: unknown) => typeof value === "number" && Number.isInteger(value) && value > 0;
-  if (typeof meta !== "object" || meta === null || meta.runtime !== "microvm" || typeof meta.memory !== "boolean" || !positive(meta.memoryMiB) || !positive(meta.cpuCount) || typeof meta.kitImage !== "string" || typeof meta.kernelVersion !== "string") {
+  if (typeof meta !== "object" || meta === null || meta.runtime !== "microvm" || typeof meta.memory !== "boolean" || !positive(meta.memoryMiB) || !positive(meta.cpuCount) || typeof meta.kitImage !== "string" || typeof meta.kernelVersion !== "string" || (meta.ramFile !== undefined && typeof meta.ramFile !== "boolean")) {
     throw new CubicleError("failed_precondition", `the image ${path.basename(imageDir)} is damaged (its meta.json is not a microVM image's)`);
   }
   return meta as MicrovmImageMeta;
