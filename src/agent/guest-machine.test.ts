@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import fs, { existsSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -27,6 +28,49 @@ test("the guest addon refuses arguments it cannot use, without touching the kern
   assert.throws(() => addon.setTime(-1), /milliseconds since the epoch/);
   assert.throws(() => addon.setTime(Number.NaN), /milliseconds since the epoch/);
   assert.throws(() => addon.setTime("now"), /milliseconds since the epoch/);
+  const bind = (addon as unknown as { bindReadOnly(...args: unknown[]): void }).bindReadOnly;
+  assert.throws(() => bind(), /a source and a target path/);
+  assert.throws(() => bind("/etc/hostname"), /a source and a target path/);
+  assert.throws(() => bind("relative", "/etc/hostname"), /source must be an absolute path/);
+  assert.throws(() => bind("/etc/hostname", ""), /target must be an absolute path/);
+  assert.throws(() => bind("/etc/hostname", 7), /target must be an absolute path/);
+  assert.throws(() => bind("/etc/hostname", `/${"x".repeat(5000)}`), /target must be an absolute path/);
+});
+
+/**
+ * bindReadOnly as a restored guest's /init uses it on the boot id (GUEST_MACHINE_NOTE), in a
+ * mount namespace of its own (`unshare -m`, private propagation) so the host's mounts are
+ * untouched: the target shows the source, refuses writes, and a second call (a fork of a fork)
+ * replaces the first bind instead of stacking on it.
+ */
+test("the guest addon binds a file read-only over another, replacing an earlier bind, by syscalls", (t) => {
+  if (!existsSync(addonFile)) return t.skip("dist/agent/guest.node is not built: run `node scripts/build.mjs`");
+  if (process.getuid?.() !== 0) return t.skip("needs root (a mount namespace of its own)");
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "cbs-bind-"));
+  try {
+    for (const [name, text] of [["target", "host's\n"], ["first", "first\n"], ["second", "second\n"]]) fs.writeFileSync(path.join(dir, name!), text!);
+    const script = `
+      const fs = require("node:fs");
+      const module = { exports: {} };
+      process.dlopen(module, ${JSON.stringify(addonFile)});
+      const target = ${JSON.stringify(path.join(dir, "target"))};
+      const binds = () => fs.readFileSync("/proc/self/mountinfo", "utf8").split("\\n").filter((line) => line.split(" ")[4] === target).length;
+      const seen = [];
+      module.exports.bindReadOnly(${JSON.stringify(path.join(dir, "first"))}, target);
+      seen.push(fs.readFileSync(target, "utf8"), binds());
+      try { fs.writeFileSync(target, "written"); seen.push("writable"); } catch (error) { seen.push(error.code); }
+      module.exports.bindReadOnly(${JSON.stringify(path.join(dir, "second"))}, target);
+      seen.push(fs.readFileSync(target, "utf8"), binds());
+      try { module.exports.bindReadOnly(${JSON.stringify(path.join(dir, "missing"))}, target); } catch (error) { seen.push(error.code); }
+      process.stdout.write(JSON.stringify(seen));
+    `;
+    const out = execFileSync("unshare", ["--mount", "--propagation", "private", process.execPath, "-e", script], { encoding: "utf8" });
+    assert.deepEqual(JSON.parse(out), ["first\n", 1, "EROFS", "second\n", 1, "ENOENT"]);
+    // Outside that namespace nothing was bound: the host's file is as it was.
+    assert.equal(fs.readFileSync(path.join(dir, "target"), "utf8"), "host's\n");
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test("a guest whose /etc/machine-id is empty (Debian's, never booted by systemd) gets one at the agent's start; one it has is kept; containers are left alone", () => {

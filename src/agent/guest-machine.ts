@@ -19,6 +19,8 @@ const BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id";
 interface GuestAddon {
   reseed(bytes: Buffer): void;
   setTime(epochMs: number): void;
+  /** Absent from an addon built before it (an image's own kit disk). */
+  bindReadOnly?(source: string, target: string): void;
 }
 
 /** The guest's RTC (QEMU's follows the host's clock, also while the guest is stopped), in whole seconds. */
@@ -39,7 +41,9 @@ const RTC_TOLERANCE_MS = 2500;
  *   differ by more than 2.5 s (guest.node's setTime: a system call, no process).
  * - **A new machine** (`machine`: a fork, a create from a snapshot; not a resume or a rollback,
  *   which bring back the same machine): /etc/machine-id is rewritten; the boot id is a file bound
- *   over /proc/sys/kernel/random/boot_id (the kernel's own cannot change without a boot); and the
+ *   over /proc/sys/kernel/random/boot_id (the kernel's own cannot change without a boot; guest.node's
+ *   bindReadOnly: its `umount` and `mount` processes, a fork of the agent each, took ~1 s of a
+ *   restored guest's first /init under TCG); and the
  *   host's fresh random bytes are credited to the kernel's pool and its CRNG reseeded at once
  *   (guest.node), so forks of one image do not produce the same "random" numbers until the
  *   kernel's own reseed a minute later. Failures are logged; /init still succeeds.
@@ -125,6 +129,9 @@ function setClock(epochMs: number): void {
 
 async function setBootId(bootId: string): Promise<void> {
   await writeAtomically(GUEST_BOOT_ID_FILE, `${bootId}\n`);
+  // By syscalls: two processes (`umount`, `mount`) took most of a restored guest's first /init under TCG.
+  const addon = guestAddon();
+  if (addon?.bindReadOnly) return addon.bindReadOnly(GUEST_BOOT_ID_FILE, BOOT_ID_PATH);
   // A file bound earlier (a fork of a fork) still shows the old content through its old inode.
   const mounts = await fs.promises.readFile("/proc/self/mountinfo", "utf8");
   if (mounts.split("\n").some((line) => line.split(" ")[4] === BOOT_ID_PATH)) await run("umount", [BOOT_ID_PATH], { timeout: COMMAND_TIMEOUT_MS });
