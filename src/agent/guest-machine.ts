@@ -41,12 +41,12 @@ const RTC_TOLERANCE_MS = 2500;
  *   differ by more than 2.5 s (guest.node's setTime: a system call, no process).
  * - **A new machine** (`machine`: a fork, a create from a snapshot; not a resume or a rollback,
  *   which bring back the same machine): /etc/machine-id is rewritten; the boot id is a file bound
- *   over /proc/sys/kernel/random/boot_id (the kernel's own cannot change without a boot; guest.node's
- *   bindReadOnly: its `umount` and `mount` processes, a fork of the agent each, took ~1 s of a
- *   restored guest's first /init under TCG); and the
- *   host's fresh random bytes are credited to the kernel's pool and its CRNG reseeded at once
- *   (guest.node), so forks of one image do not produce the same "random" numbers until the
- *   kernel's own reseed a minute later. Failures are logged; /init still succeeds.
+ *   over /proc/sys/kernel/random/boot_id (the kernel's own cannot change without a boot; by
+ *   guest.node's bindReadOnly: `umount` and `mount` processes, a fork of the agent each, took
+ *   ~350 ms of a restored guest's first /init under TCG); and the host's fresh random bytes
+ *   are credited to the kernel's pool and its CRNG reseeded at once (guest.node), so forks of
+ *   one image do not produce the same "random" numbers until the kernel's own reseed a minute
+ *   later. Failures are logged; /init still succeeds.
  * Containers ignore both (their clock is the host's, their ids are the runtime's).
  */
 export async function applyGuestInit(request: InitBody, env: NodeJS.ProcessEnv = process.env): Promise<void> {
