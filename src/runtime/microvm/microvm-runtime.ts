@@ -11,7 +11,7 @@ import { imageBudgetExceeded, imageId, parseImageId } from "../images.js";
 import type { CheckpointInfo, CheckpointOptions, CheckpointTarget, Runtime, RuntimeState, SandboxSpec, SandboxStats } from "../types.js";
 import { builtImageKey, cachedTemplateDiskImage, createOverlay, kitDiskImage, removeUnusedBuiltImages, templateDiskImage, type DiskImage } from "./disk-images.js";
 import { agentLaunchFile, prepareGuestAssets, type GuestAssets } from "./guest-assets.js";
-import { attachGuestNetwork, releaseGuestNetwork } from "./net.js";
+import { attachGuestNetwork, releaseGuestNetwork, type GuestNetworkHelper } from "./net.js";
 import { startShares, stopShares } from "./shares.js";
 import { MICROVM_UID_COUNT, MICROVM_UID_START, reconnectMicrovm, startMicrovm, type Accelerator, type Microvm, type GuestNetworkConfig, type MicrovmConfig, type QemuLauncher, guestStateChannel, MACHINE_DEVICES_VERSION, prepareGuestChroot } from "./qemu.js";
 import { qemuInstall, sharesRamImages, type QemuInstall } from "./qemu-install.js";
@@ -286,6 +286,12 @@ export class MicrovmRuntime implements Runtime {
   }
 
   /** A guest's chroot (QEMU_CONFINE_NOTE), inside its directory. */
+  /** The tap and its translation through the resident helper, the ruleset written in the guest's directory (attachGuestNetwork). */
+  private guestNetworkHelper(dir: string): { helper: GuestNetworkHelper; rulesetFile: string } | undefined {
+    const helper = this.config.hostHelper;
+    return helper ? { helper, rulesetFile: path.join(dir, "guest-nat.nft") } : undefined;
+  }
+
   private static chrootOf(dir: string): string {
     return path.join(dir, "chroot");
   }
@@ -382,7 +388,7 @@ export class MicrovmRuntime implements Runtime {
       const launchFile = path.join(dir, "launch");
       await writeFile(launchFile, agentLaunchFile({ sandboxId: id, templateEnv: spec.template.env, kitCommand: kit.command, shares }), { mode: 0o600 });
       await spec.networkReady;
-      const guestNetwork = await attachGuestNetwork(spec.network);
+      const guestNetwork = await attachGuestNetwork(spec.network, {}, this.guestNetworkHelper(dir));
       const uid = this.guestUid();
       await prepareGuestChroot(MicrovmRuntime.chrootOf(dir), overlay, uid);
       const ram = this.sharedRamOf(id);
@@ -419,7 +425,7 @@ export class MicrovmRuntime implements Runtime {
       this.stopping.add(sandboxId);
       try {
         await guest.vm.quit(3000).catch(() => guest.vm.kill());
-        await releaseGuestNetwork(guest.netnsPath);
+        await releaseGuestNetwork(guest.netnsPath, {}, this.config.hostHelper);
       } finally {
         this.stopping.delete(sandboxId);
         this.guests.delete(sandboxId);
@@ -601,7 +607,7 @@ export class MicrovmRuntime implements Runtime {
       const launchFile = path.join(dir, "launch");
       await writeFile(launchFile, agentLaunchFile({ sandboxId: id, templateEnv: spec.template.env, kitCommand: kit.command, shares: [] }), { mode: 0o600 });
       await spec.networkReady;
-      const guestNetwork = await attachGuestNetwork(spec.network);
+      const guestNetwork = await attachGuestNetwork(spec.network, {}, this.guestNetworkHelper(dir));
       const uid = this.guestUid();
       const channel = await prepareGuestChroot(MicrovmRuntime.chrootOf(dir), overlay, uid, { incoming: true });
       // The image's RAM mapped copy-on-write, or (RAM in the stream) a shared file of its own to load it into (MICROVM_RAM_NOTE).

@@ -1,5 +1,9 @@
 import assert from "node:assert/strict";
+import { mkdtemp, rm } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
 import { test } from "node:test";
+import { SandboxHelper } from "../container/sandbox-helper.js";
 import { runCommand } from "../../shared/exec.js";
 import { attachGuestNetwork, GUEST_ADDRESS, GUEST_GATEWAY, GUEST_MAC_ADDRESS, guestNatRuleset, releaseGuestNetwork } from "./net.js";
 import { builtHelper, makeTestNetwork, releaseTestNetwork } from "./test-helpers.js";
@@ -14,12 +18,20 @@ async function inNetns(netnsPath: string, args: string[]): Promise<string> {
   return (await runCommand(["nsenter", `--net=${netnsPath}`, "--", ...args])).stdout;
 }
 
-test("gives the guest its fixed address on a tap and translates it to the sandbox address; release removes both", async (t) => {
+/**
+ * Both ways the runtime does it: processes started from Node (nsenter: sysctl, ip, nft), and the
+ * resident helper's net-guest-tap / net-guest-release (one process, which becomes nft).
+ */
+for (const way of ["processes", "resident helper"] as const) {
+test(`gives the guest its fixed address on a tap and translates it to the sandbox address; release removes both (${way})`, async (t) => {
   if (!builtHelper()) return t.skip("dist/sandbox-helper is missing: run `node scripts/build.mjs` first");
-  const network = await makeTestNetwork("n", 218);
+  const network = await makeTestNetwork(way === "processes" ? "n" : "r", 218);
   const names = { tapName: "cbmtap0", tableName: "cbm_guest" };
+  const dir = await mkdtemp(path.join(os.tmpdir(), "cbm-net-"));
+  const helper = way === "resident helper" ? new SandboxHelper(builtHelper()!) : undefined;
+  const through = helper ? { helper, rulesetFile: path.join(dir, "guest-nat.nft") } : undefined;
   try {
-    const guest = await attachGuestNetwork(network, names);
+    const guest = await attachGuestNetwork(network, names, through);
     assert.deepEqual(guest, { tapName: "cbmtap0", macAddress: GUEST_MAC_ADDRESS, address: GUEST_ADDRESS, prefixLength: 30, gateway: GUEST_GATEWAY });
     const links = JSON.parse(await inNetns(network.netnsPath, ["ip", "-j", "-d", "address", "show"])) as Link[];
     const byName = new Map(links.map((link) => [link.ifname, link]));
@@ -34,14 +46,48 @@ test("gives the guest its fixed address on a tap and translates it to the sandbo
     assert.match(table, new RegExp(`ip daddr ${network.sandboxAddress.replace(/\./g, "\\.")} dnat to ${GUEST_ADDRESS.replace(/\./g, "\\.")}`));
     assert.match(table, new RegExp(`snat to ${network.sandboxAddress.replace(/\./g, "\\.")}`));
     assert.match(table, /hook forward priority filter; policy drop;/);
+    if (through) {
+      // Attached again in the same netns (a restore into an earlier guest's network): one tap, each rule once.
+      await attachGuestNetwork(network, names, through);
+      const again = await inNetns(network.netnsPath, ["nft", "list", "table", "ip", "cbm_guest"]);
+      assert.equal(again.match(/dnat to /g)?.length, table.match(/dnat to /g)?.length);
+      const taps = (JSON.parse(await inNetns(network.netnsPath, ["ip", "-j", "link", "show"])) as Link[]).filter((link) => link.ifname === "cbmtap0");
+      assert.equal(taps.length, 1);
+    }
 
-    await releaseGuestNetwork(network.netnsPath, names);
+    await releaseGuestNetwork(network.netnsPath, names, helper);
     const after = (JSON.parse(await inNetns(network.netnsPath, ["ip", "-j", "link", "show"])) as Link[]).map((link) => link.ifname).sort();
     assert.deepEqual(after, ["eth0", "lo"]);
     assert.equal((await inNetns(network.netnsPath, ["nft", "list", "tables"])).trim(), "");
-    await releaseGuestNetwork(network.netnsPath, names);
+    await releaseGuestNetwork(network.netnsPath, names, helper);
   } finally {
+    helper?.close();
     await releaseTestNetwork(network);
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+}
+
+test("the resident helper refuses a guest tap it cannot make safely, and a namespace that is not there", async (t) => {
+  if (!builtHelper()) return t.skip("dist/sandbox-helper is missing: run `node scripts/build.mjs` first");
+  const helper = new SandboxHelper(builtHelper()!);
+  try {
+    const call = (args: string[]) => helper.call("net-guest-tap", args, { what: "net-guest-tap" });
+    const good = { "--name": "cbm-absent-ns", "--tap": "tap0", "--gateway": "169.254.0.1", "--prefix": "30", "--nft-file": "/nonexistent.nft" };
+    const argv = (over: Record<string, string>) => Object.entries({ ...good, ...over }).flat();
+    await assert.rejects(call(argv({ "--tap": "eth0" })), /may not be eth0 or lo/);
+    await assert.rejects(call(argv({ "--tap": "Tap0" })), /--tap must be/);
+    await assert.rejects(call(argv({ "--tap": "tap0123456789abc" })), /--tap must be/);
+    await assert.rejects(call(argv({ "--name": "../etc" })), /--name must be/);
+    await assert.rejects(call(argv({ "--gateway": "169.254.0.1; flush ruleset" })), /not a dotted-quad/);
+    await assert.rejects(call(argv({ "--prefix": "33" })), /--prefix must be 1-32/);
+    await assert.rejects(call(argv({ "--nft-file": "relative.nft" })), /absolute path/);
+    await assert.rejects(call(argv({})), /the namespace/);
+    await assert.rejects(helper.call("net-guest-release", ["--name", "cbm-absent-ns", "--tap", "tap0", "--table", "bad;table"], { what: "net-guest-release" }), /--table must be/);
+    // A namespace that is gone has nothing to release.
+    assert.equal(await helper.call("net-guest-release", ["--name", "cbm-absent-ns", "--tap", "tap0", "--table", "cubicle_guest"], { what: "net-guest-release" }), "");
+  } finally {
+    helper.close();
   }
 });
 

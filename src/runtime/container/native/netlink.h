@@ -13,6 +13,16 @@
  *       either being absent already is not an error.
  *   net-address --name NAME
  *       Prints eth0's first IPv4 address in the namespace, or nothing.
+ *   net-guest-tap --name NAME --tap TAP --gateway A --prefix N --nft-file FILE
+ *       A microVM's side of the namespace (GUEST_NETWORK_NOTE in src/runtime/microvm/net.ts), as
+ *       `sysctl -w`, `ip tuntap add`, `ip address add`, `ip link set up` and `nft -f` did from
+ *       three processes: inside NAME, IPv6 off for new links, forwarding on, ICMP redirects off;
+ *       a persistent tap TAP (mode tap, no packet info; an earlier one of that name is replaced)
+ *       with A/N on it, up; then this process becomes `nft -f FILE` in the namespace (its exit
+ *       status is the subcommand's).
+ *   net-guest-release --name NAME --tap TAP --table T
+ *       Deletes TAP and the `ip` table T in the namespace (`nft delete table`: this process
+ *       becomes nft); the tap being gone is no error. A gone namespace is nothing to do.
  *
  * Every step is bounded: netlink answers are awaited with a receive timeout, buffers are fixed.
  * The process's network namespace is restored before a subcommand returns, and nothing here
@@ -21,6 +31,7 @@
 #include <arpa/inet.h>
 #include <linux/if_addr.h>
 #include <linux/if_link.h>
+#include <linux/if_tun.h>
 #include <linux/netlink.h>
 #include <linux/rtnetlink.h>
 #include <linux/veth.h>
@@ -525,4 +536,117 @@ static int cmd_net_address(int argc, char **argv) {
   close(fd);
   if (found.text[0]) printf("%s\n", found.text);
   return 0;
+}
+
+/* ---- a microVM's tap ---- */
+
+/* An interface name for a tap: 1-15 lowercase letters or digits, never eth0 or lo. */
+static const char *net_tap_name(int argc, char **argv) {
+  const char *name = option(argc, argv, "--tap", 1);
+  size_t length = strlen(name);
+  int ok = length > 0 && length < IFNAMSIZ && name[0] >= 'a' && name[0] <= 'z';
+  for (size_t i = 0; ok && i < length; i++) ok = (name[i] >= 'a' && name[i] <= 'z') || (name[i] >= '0' && name[i] <= '9');
+  if (!ok) usage("--tap must be 1-15 lowercase letters or digits, starting with a letter");
+  if (strcmp(name, NET_SANDBOX_IF) == 0 || strcmp(name, "lo") == 0) usage("--tap may not be eth0 or lo");
+  return name;
+}
+
+/* Enters the namespace file NAME (this process stays there); 1 when it does not exist. */
+static int net_enter_named(const char *name) {
+  char path[sizeof NETNS_RUN_DIR + NET_NAME_MAX + 2];
+  net_path(path, sizeof path, name);
+  int netns_fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (netns_fd < 0) {
+    if (errno == ENOENT) return 1;
+    fail(path);
+  }
+  if (setns(netns_fd, CLONE_NEWNET) != 0) fail("entering the namespace");
+  close(netns_fd);
+  return 0;
+}
+
+/* Becomes `nft ARGS...` (PATH lookup); only returns by failing. */
+static void net_become_nft(char *const *argv) {
+  fflush(stdout);
+  fflush(stderr);
+  execvp("nft", argv);
+  fail("running nft");
+}
+
+/*
+ * Only as a child of its own (the resident helper forks one per subcommand, INLINE_NOTE): it
+ * leaves this process in the namespace and ends it by exec.
+ */
+static int cmd_net_guest_tap(int argc, char **argv) {
+  static const char *const known[] = {"--name", "--tap", "--gateway", "--prefix", "--nft-file", NULL};
+  step = "net-guest-tap";
+  net_only_options(argc, argv, known);
+  const char *name = net_netns_name(argc, argv);
+  const char *tap = net_tap_name(argc, argv);
+  struct in_addr gateway = net_address(argc, argv, "--gateway");
+  unsigned long long prefix = number(option(argc, argv, "--prefix", 1), "--prefix");
+  if (prefix == 0 || prefix > 32) usage("--prefix must be 1-32");
+  const char *nft_file = option(argc, argv, "--nft-file", 1);
+  if (nft_file[0] != '/') usage("--nft-file must be an absolute path");
+  if (net_enter_named(name) != 0) {
+    errno = ENOENT;
+    fail("the namespace");
+  }
+  /* New links inherit `default`: set before the tap exists. /proc/sys/net is the opener's namespace's. */
+  step = "net-guest-tap sysctl";
+  static const char *const sysctls[][2] = {
+    {"/proc/sys/net/ipv6/conf/default/disable_ipv6", "1\n"},
+    {"/proc/sys/net/ipv4/ip_forward", "1\n"},
+    {"/proc/sys/net/ipv4/conf/all/send_redirects", "0\n"},
+    {"/proc/sys/net/ipv4/conf/default/send_redirects", "0\n"},
+  };
+  for (size_t i = 0; i < sizeof sysctls / sizeof sysctls[0]; i++) {
+    /* A host without IPv6 has no such file: nothing to turn off. */
+    if (net_write_sysctl(sysctls[i][0], sysctls[i][1]) != 0 && !(errno == ENOENT && strstr(sysctls[i][0], "ipv6"))) fail(sysctls[i][0]);
+  }
+  step = "net-guest-tap tap";
+  int fd = net_socket();
+  if (fd < 0) fail("opening a netlink socket in the namespace");
+  /* A tap left by an earlier guest of this sandbox (a restore into the same network) goes first. */
+  if (net_link_delete(fd, tap) != 0) fail("removing an earlier tap");
+  int tun = open("/dev/net/tun", O_RDWR | O_CLOEXEC);
+  if (tun < 0) fail("/dev/net/tun");
+  struct ifreq request;
+  memset(&request, 0, sizeof request);
+  request.ifr_flags = IFF_TAP | IFF_NO_PI;
+  memcpy(request.ifr_name, tap, strlen(tap) + 1);
+  if (ioctl(tun, TUNSETIFF, &request) != 0) fail("TUNSETIFF");
+  if (ioctl(tun, TUNSETPERSIST, 1) != 0) fail("TUNSETPERSIST");
+  close(tun);
+  int index = net_link_index(fd, tap);
+  if (index <= 0) fail("finding the tap");
+  if (net_address_add(fd, index, gateway, (int)prefix) != 0) fail("addressing the tap");
+  if (net_link_up(fd, index) != 0) fail("setting the tap up");
+  close(fd);
+  step = "net-guest-tap nft";
+  char *nft_argv[] = {"nft", "-f", (char *)nft_file, NULL};
+  net_become_nft(nft_argv);
+  return 1;
+}
+
+static int cmd_net_guest_release(int argc, char **argv) {
+  static const char *const known[] = {"--name", "--tap", "--table", NULL};
+  step = "net-guest-release";
+  net_only_options(argc, argv, known);
+  const char *name = net_netns_name(argc, argv);
+  const char *tap = net_tap_name(argc, argv);
+  const char *table = option(argc, argv, "--table", 1);
+  size_t length = strlen(table);
+  int ok = length > 0 && length <= 32 && table[0] >= 'a' && table[0] <= 'z';
+  for (size_t i = 0; ok && i < length; i++) ok = (table[i] >= 'a' && table[i] <= 'z') || (table[i] >= '0' && table[i] <= '9') || table[i] == '_';
+  if (!ok) usage("--table must be 1-32 lowercase letters, digits or _, starting with a letter");
+  if (net_enter_named(name) != 0) return 0;
+  int fd = net_socket();
+  if (fd < 0) fail("opening a netlink socket in the namespace");
+  if (net_link_delete(fd, tap) != 0) fail("removing the tap");
+  close(fd);
+  /* Declared, then deleted: no error when it was gone already. */
+  char *nft_argv[] = {"nft", "add", "table", "ip", (char *)table, ";", "delete", "table", "ip", (char *)table, NULL};
+  net_become_nft(nft_argv);
+  return 1;
 }

@@ -788,6 +788,8 @@ static const struct subcommand subcommands[] = {
     {"net-setup", cmd_net_setup},
     {"net-release", cmd_net_release},
     {"net-address", cmd_net_address},
+    {"net-guest-tap", cmd_net_guest_tap},
+    {"net-guest-release", cmd_net_guest_release},
     {"nft-batch", cmd_nft_batch, 1},
     {"criu-dump", cmd_criu_dump},
 };
