@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
+import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
@@ -35,6 +35,9 @@ test("the helper refuses malformed calls with exit 2 and says why, before touchi
     [["flows", "--subnet", "10.0.0.0"], /A\.B\.C\.D\/N/],
     [["flows", "--subnet", "10.0.0.0/33"], /A\.B\.C\.D\/N/],
     [["flows", "--net", "10.0.0.0/8"], /does not take --net/],
+    [["sparse-copy", "--from", "relative", "--to", "/tmp/x"], /absolute paths/],
+    [["sparse-copy", "--from", "/tmp/x"], /needs --to/],
+    [["sparse-copy", "--from", "/tmp/x", "--to", "/tmp/y", "--mode", "0"], /takes --from and --to/],
   ];
   for (const [args, message] of cases) {
     const result = helper(...args);
@@ -71,6 +74,39 @@ test("bind-volumes shows a volume's canonical owners as the guest's own (101000 
     assert.match(options, /nodev/);
   } finally {
     spawnSync("umount", [bound]);
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+/**
+ * A microVM's RAM file into its image (MICROVM_RAM_NOTE), through the resident helper: the copy
+ * holds the same bytes, keeps the size, and leaves the holes and the all-zero pages unallocated
+ * (as `cp --sparse=always` does); a copy over an existing file or of a directory is refused.
+ */
+test("sparse-copy copies a file's bytes with its holes and zero pages left as holes, and refuses to overwrite", { skip }, async () => {
+  const dir = mkdtempSync(path.join(os.tmpdir(), "cbs-sparse-"));
+  const resident = new SandboxHelper(binary);
+  try {
+    const from = path.join(dir, "ram");
+    const fd = openSync(from, "w");
+    const random = (bytes: number) => Buffer.from(Array.from({ length: bytes }, () => Math.floor(Math.random() * 256)));
+    writeSync(fd, random(40_960), 0, 40_960, 100 * 4096); // ten pages of data
+    writeSync(fd, Buffer.alloc(800 * 1024), 0, 800 * 1024, 2000 * 4096); // 200 written, all-zero pages
+    writeSync(fd, random(3 << 20), 0, 3 << 20, 20 << 20); // 3 MiB of data
+    writeSync(fd, Buffer.from("x"), 0, 1, (64 << 20) - 1); // the last byte: 64 MiB in all
+    closeSync(fd);
+    const to = path.join(dir, "copy");
+    assert.equal(await resident.call("sparse-copy", ["--from", from, "--to", to]), "");
+    assert.equal(statSync(to).size, 64 << 20);
+    assert.ok(readFileSync(to).equals(readFileSync(from)), "the same bytes");
+    const allocated = statSync(to).blocks * 512;
+    // The data (40 KiB + 3 MiB + the last page), not the zero pages nor the holes: under 3.2 MiB.
+    assert.ok(allocated >= (3 << 20) && allocated < 3.2 * 1024 * 1024, `${allocated} bytes allocated`);
+    assert.ok(allocated < statSync(from).blocks * 512, "fewer blocks than the source, which holds its zero pages");
+    await assert.rejects(resident.call("sparse-copy", ["--from", from, "--to", to]), /File exists/);
+    await assert.rejects(resident.call("sparse-copy", ["--from", dir, "--to", path.join(dir, "other")]), /not a regular file/);
+  } finally {
+    resident.close();
     rmSync(dir, { recursive: true, force: true });
   }
 });

@@ -509,7 +509,10 @@ export class MicrovmRuntime implements Runtime {
       let stateBytes = options.memory ? await guest.vm.saveState(path.join(pending.dir, IMAGE_FILES.state), guestStateChannel(MicrovmRuntime.chrootOf(guest.dir)), { withoutSharedRam: ramFile !== undefined }) : 0;
       if (ramFile) {
         const copy = path.join(pending.dir, IMAGE_FILES.ram);
-        await runCommand(["cp", "--sparse=always", ramFile, copy], { timeoutMs: 120_000 });
+        // The resident helper's sparse-copy (no process start from Node while the guest is stopped), else cp.
+        const helper = this.config.hostHelper;
+        if (helper) await helper.call("sparse-copy", ["--from", ramFile, "--to", copy], { what: "copying the guest's RAM into the image", timeoutMs: 120_000 });
+        else await runCommand(["cp", "--sparse=always", ramFile, copy], { timeoutMs: 120_000 });
         stateBytes += (await stat(copy)).blocks * 512;
       }
       // QEMU flushed and released the disk at the end of the save (or at the stop): the copy is consistent.

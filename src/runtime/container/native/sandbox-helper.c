@@ -32,8 +32,13 @@
  *   watch
  *       Reads "add TAG PID" / "del TAG" lines on stdin and writes "exit TAG" when PID ends
  *       (pidfds, no polling). Ends when stdin closes.
- *   net-setup | net-release | net-address
- *       A sandbox's network namespace and veth pair through rtnetlink: see netlink.h.
+ *   sparse-copy --from FILE --to FILE
+ *       Copies a regular file to a new one (refused if it exists), holes and all-zero pages left
+ *       as holes, as `cp --sparse=always` does: a microVM's RAM file into its snapshot image
+ *       while the guest is stopped (MICROVM_RAM_NOTE), without a process start from Node.
+ *   net-setup | net-release | net-address | net-guest-tap | net-guest-release
+ *       A sandbox's network namespace and veth pair, a microVM's tap, through rtnetlink: see
+ *       netlink.h.
  *   criu-dump --criu PATH --netns PATH --pid N ...
  *       A container's checkpoint through CRIU's RPC, without runc; see criu-rpc.h.
  *   flows     --subnet CIDR
@@ -613,6 +618,73 @@ static int cmd_teardown(int argc, char **argv) {
   return 0;
 }
 
+/* sparse-copy's unit: a page of a RAM file (zero pages become holes) and the read buffer. */
+#define SPARSE_PAGE 4096
+#define SPARSE_CHUNK (1u << 20)
+
+/* Writes buffer[0..length) at `at`, skipping all-zero pages (holes once the file is sized). */
+static void sparse_write(int out, const char *buffer, size_t length, off_t at) {
+  static const char zero[SPARSE_PAGE];
+  size_t run = 0, run_length = 0;
+  for (size_t page = 0; page < length; page += SPARSE_PAGE) {
+    size_t size = length - page < SPARSE_PAGE ? length - page : SPARSE_PAGE;
+    int empty = memcmp(buffer + page, zero, size) == 0;
+    if (!empty && run_length == 0) run = page;
+    if (!empty) run_length += size;
+    if ((empty || page + size == length) && run_length > 0) {
+      for (size_t done = 0; done < run_length;) {
+        ssize_t wrote = pwrite(out, buffer + run + done, run_length - done, at + (off_t)(run + done));
+        if (wrote < 0) fail("writing the copy");
+        done += (size_t)wrote;
+      }
+      run_length = 0;
+    }
+  }
+}
+
+static int cmd_sparse_copy(int argc, char **argv) {
+  step = "sparse-copy";
+  for (int i = 2; i < argc; i += 2)
+    if (strcmp(argv[i], "--from") != 0 && strcmp(argv[i], "--to") != 0) usage("sparse-copy takes --from and --to");
+  const char *from = option(argc, argv, "--from", 1);
+  const char *to = option(argc, argv, "--to", 1);
+  if (from[0] != '/' || to[0] != '/') usage("sparse-copy: --from and --to must be absolute paths");
+  int in = open(from, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (in < 0) fail(from);
+  struct stat st;
+  if (fstat(in, &st) != 0) fail(from);
+  if (!S_ISREG(st.st_mode)) {
+    errno = EINVAL;
+    fail("--from is not a regular file");
+  }
+  int out = open(to, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (out < 0) fail(to);
+  static char buffer[SPARSE_CHUNK];
+  /* Only the extents the file system holds are read: a RAM file's untouched pages are holes. */
+  for (off_t offset = 0; offset < st.st_size;) {
+    off_t data = lseek(in, offset, SEEK_DATA);
+    if (data < 0) {
+      if (errno == ENXIO) break;
+      fail("SEEK_DATA");
+    }
+    off_t hole = lseek(in, data, SEEK_HOLE);
+    if (hole < 0) fail("SEEK_HOLE");
+    for (off_t at = data; at < hole;) {
+      size_t want = hole - at < (off_t)SPARSE_CHUNK ? (size_t)(hole - at) : SPARSE_CHUNK;
+      ssize_t got = pread(in, buffer, want, at);
+      if (got < 0) fail("reading the file");
+      if (got == 0) break; /* it shrank meanwhile: the copy keeps the size it had */
+      sparse_write(out, buffer, (size_t)got, at);
+      at += got;
+    }
+    offset = hole;
+  }
+  if (ftruncate(out, st.st_size) != 0) fail("sizing the copy");
+  if (close(out) != 0) fail(to);
+  close(in);
+  return 0;
+}
+
 static int cmd_hostname(int argc, char **argv) {
   step = "hostname";
   pid_t pid = (pid_t)number(option(argc, argv, "--pid", 1), "--pid");
@@ -784,6 +856,7 @@ static const struct subcommand subcommands[] = {
     {"bind-volumes", cmd_bind_volumes},
     {"teardown", cmd_teardown},
     {"hostname", cmd_hostname},
+    {"sparse-copy", cmd_sparse_copy},
     {"qgroup-gc", cmd_qgroup_gc},
     {"net-setup", cmd_net_setup},
     {"net-release", cmd_net_release},
