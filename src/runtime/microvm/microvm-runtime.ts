@@ -425,7 +425,10 @@ export class MicrovmRuntime implements Runtime {
       this.stopping.add(sandboxId);
       try {
         await guest.vm.quit(3000).catch(() => guest.vm.kill());
-        await releaseGuestNetwork(guest.netnsPath, {}, this.config.hostHelper);
+        // Through the helper, the next attach in this netns replaces the tap and the table (a
+        // rollback, a resume), and a kill or a pause to disk deletes the netns with both: nothing
+        // to remove here (~33 ms and an nft process saved). Without it, they go now.
+        if (!this.config.hostHelper) await releaseGuestNetwork(guest.netnsPath);
       } finally {
         this.stopping.delete(sandboxId);
         this.guests.delete(sandboxId);
