@@ -43,8 +43,7 @@ export interface MicrovmRuntimeConfig {
    * The containers' resident helper (its `bind-volumes` and `teardown`), for volumes and
    * codebases (MICROVM_SHARES_NOTE). Without it creates that mount them are refused.
    */
-  hostHelper?: {
-    call(command: string, args: readonly string[], options: { what: string; timeoutMs?: number }): Promise<string>;
+  hostHelper?: GuestNetworkHelper & {
     teardown(bundleDir: string, layerDir: undefined): Promise<void>;
   };
   /**
