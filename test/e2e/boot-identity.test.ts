@@ -181,10 +181,13 @@ describe("boot identity", () => {
       // A process that drew its random state before the snapshot and prints a number on request.
       await source.files.write(
         "/home/user/draw.py",
-        "import os, random, time\nrandom.random()\nwhile not os.path.exists('/home/user/go'):\n    time.sleep(0.02)\nopen('/home/user/drawn', 'w').write(repr(random.random()))\n",
+        "import os, random, time\nrandom.random()\nopen('/home/user/seeded', 'w').close()\nwhile not os.path.exists('/home/user/go'):\n    time.sleep(0.02)\nopen('/home/user/drawn', 'w').write(repr(random.random()))\n",
       );
       await source.commands.run("python3 /home/user/draw.py", { background: true });
-      for (let i = 0; i < 50 && (await attempt(source, "pgrep -f draw.py", "user")).exitCode !== 0; i++) await new Promise((r) => setTimeout(r, 100));
+      // Wait until it has seeded itself (not merely started: under TCG an import takes a while), so
+      // the snapshot holds its random state rather than a process that seeds itself after restore.
+      for (let i = 0; i < 300 && !(await source.files.exists("/home/user/seeded")); i++) await new Promise((r) => setTimeout(r, 100));
+      assert.ok(await source.files.exists("/home/user/seeded"), "the drawing process seeded itself within 30 s");
       const sourceId = await identityOf(source);
       const snapshot = await source.createSnapshot();
       copies.push(await Sandbox.create(snapshot.snapshotId), await Sandbox.create(snapshot.snapshotId));
