@@ -609,7 +609,7 @@ function runtimesSection(entry: Loaded | undefined): string[] {
       `Then per create a snapshot of the running sandbox and a create from it → first command (the container's of the same round is the microVM's floor), and the idle host memory of sandboxes made from one snapshot. Warm pools of microVMs: bench/microvm-pool.sh.`,
     "",
     table(
-      ["runtime", "creates", "create → first command p50", "p95", "p50 ÷ QEMU start floor", "pause → resume → first command p50", "snapshot p50", "create from snapshot → first command p50", "idle host memory per sandbox", "… made from one snapshot"],
+      ["runtime", "creates", "create → first command p50", "p95", "p50 ÷ QEMU start floor", "pause → resume → first command p50", "snapshot p50", "create from snapshot → first command p50", "… again from it (spare QEMU) p50", "idle host memory per sandbox", "… made from one snapshot"],
       (["container", "microvm"] as const).map((runtime) => [
         runtime,
         String(pick(s, `runtimes.${runtime}.creates`) ?? "—"),
@@ -619,12 +619,13 @@ function runtimesSection(entry: Loaded | undefined): string[] {
         fmt(pick(s, `runtimes.${runtime}.resumeMs.p50`)),
         fmt(pick(s, `runtimes.${runtime}.snapshotMs.p50`)),
         fmt(pick(s, `runtimes.${runtime}.restoreFirstCommandMs.p50`)),
+        fmt(pick(s, `runtimes.${runtime}.restoreAgainFirstCommandMs.p50`)) + (runtime === "microvm" && pick(s, "runtimes.microvm.spareWaited") !== undefined ? ` (spare waited ${String(pick(s, "runtimes.microvm.spareWaited"))}×)` : ""),
         mib((pick(s, `runtimes.${runtime}.idleMemory.perSandboxMiB`) ?? NaN) * (1 << 20)),
         mib((pick(s, `runtimes.${runtime}.idleMemoryFromOneSnapshot.perSandboxMiB`) ?? NaN) * (1 << 20)),
       ]),
     ),
     "",
-    `microVM ÷ container, p50: create → first command ${times(s.microvmOverContainerFirstCommand)}, snapshot ${times(s.microvmOverContainerSnapshot)}, create from a snapshot → first command ${times(s.microvmOverContainerRestore)}; a microVM's create from a snapshot ÷ its cold create: ${times(s.microvmRestoreOverColdCreate)}. Targets for a KVM host (to be measured there): restore → first command ≤ 30 ms, ≤ 10 MiB private memory per idle microVM restored from a shared snapshot.`,
+    `microVM ÷ container, p50: create → first command ${times(s.microvmOverContainerFirstCommand)}, snapshot ${times(s.microvmOverContainerSnapshot)}, create from a snapshot → first command ${times(s.microvmOverContainerRestore)}, a second create from it (the microVM's into a spare QEMU, SPARE_QEMU_NOTE) ${times(s.microvmOverContainerRestoreAgain)} (${times(s.microvmRestoreAgainOverFirst)} the microVM's first); a microVM's create from a snapshot ÷ its cold create: ${times(s.microvmRestoreOverColdCreate)}. Targets for a KVM host (to be measured there): restore → first command ≤ 30 ms, ≤ 10 MiB private memory per idle microVM restored from a shared snapshot.`,
   );
   const qemu = (key: string) => pick(s, `runtimes.microvm.${key}.qemu`) as { processes: number; rssMiB: number; pssMiB: number; privateMiB: number } | undefined;
   const booted = qemu("idleMemory");

@@ -128,6 +128,7 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
         hostHelper: containers.helper,
         // One image budget for both runtimes (IMAGE_BUDGET_NOTE): the storage pool's.
         imageBudget: () => ({ otherUsedBytes: containers.images.usedBytes(), limitBytes: containers.imageBudget().limitBytes }),
+        spares: config.microvmSpares,
       });
   if (microvms) containers.otherImagesBytes = () => microvms.images.usedBytes();
   const runtime = microvms ? new RuntimeSet([containers, microvms]) : containers;
@@ -275,6 +276,8 @@ export async function startServer(config: CubicleConfig, options: StartServerOpt
     async close() {
       await templateBuilder.close();
       await manager!.close();
+      // QEMUs started ahead for restores end with the server (SPARE_QEMU_NOTE); guests run on.
+      await microvms?.close();
       await egress.stop();
       network!.close();
       if (httpsServer) {

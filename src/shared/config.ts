@@ -154,6 +154,11 @@ export interface CubicleConfig {
    */
   microvm: "off" | "tcg" | "kvm";
   /**
+   * QEMUs started ahead per snapshot or warm image, waiting for its state (CUBICLE_MICROVM_SPARES,
+   * default 1; 0 = none): SPARE_QEMU_NOTE in src/runtime/microvm/spare-qemus.ts.
+   */
+  microvmSpares: number;
+  /**
    * Default rate limits per template id or alias (CUBICLE_TEMPLATE_BANDWIDTH, e.g.
    * `base=20/50,code-interpreter-v1=/100`: egress/ingress Mbit/s, an empty side unlimited); a
    * create's `network.bandwidth` overrides them. Off unless set.
@@ -281,6 +286,13 @@ function parseWholeNumber(name: string, raw: string | undefined, fallback: numbe
 }
 
 /** true/false (also 1/0, yes/no, on/off) from the environment; `fallback` when unset or empty. */
+/** Spare QEMUs per image: each holds a QEMU process and its memory while it waits. */
+function parseSpares(raw: string | undefined): number {
+  const value = parseWholeNumber("CUBICLE_MICROVM_SPARES", raw, 1, 0);
+  if (value > 16) throw new Error(`CUBICLE_MICROVM_SPARES: ${value} is more than 16 QEMUs waiting per image`);
+  return value;
+}
+
 function parseMicrovm(raw: string | undefined): "off" | "tcg" | "kvm" {
   const value = (raw ?? "").trim().toLowerCase();
   if (value === "" || value === "off") return "off";
@@ -407,5 +419,6 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): CubicleConfig 
     },
     buildInternet: parseBoolean("CUBICLE_BUILD_INTERNET", env.CUBICLE_BUILD_INTERNET, true),
     microvm: parseMicrovm(env.CUBICLE_MICROVM),
+    microvmSpares: parseSpares(env.CUBICLE_MICROVM_SPARES),
   };
 }

@@ -263,6 +263,14 @@ export function simulateHostReboot(server: TestServer, sandboxIds: string[]): vo
     for (let i = 0; i < 100 && guestQemuPids(server, sandboxId).length > 0; i++) execFileSync("sleep", ["0.05"]);
     run(["ip", "netns", "delete", `cubicle-${sandboxId}`]);
   }
+  // Spare QEMUs a crashed server left (SPARE_QEMU_NOTE) die too.
+  for (const pid of spareQemuPids(server)) {
+    try {
+      if (fs.readFileSync(`/proc/${pid}/comm`, "utf8").startsWith("qemu-system")) process.kill(pid, "SIGKILL");
+    } catch {
+      // ended meanwhile
+    }
+  }
   // Every mount of the server goes, the storage pool and the kit included (/run is emptied).
   unmountRunDir(server.stateDir);
   run(["nft", "delete", "table", "inet", server.env.CUBICLE_NFT_TABLE!]);
@@ -351,19 +359,39 @@ export function hostLeftovers(stateDir: string): { containers: string[]; namespa
   return { containers, namespaces: [], mounts };
 }
 
-/** The pids of the QEMU of a test server's microVM sandbox (its argv names the guest's directory). */
+/**
+ * The pids of the QEMU of a test server's microVM sandbox: its argv names the guest's directory,
+ * or (a QEMU started ahead as a spare, SPARE_QEMU_NOTE, whose argv names the spare's) the pid
+ * file in the guest's directory names it.
+ */
 export function guestQemuPids(server: TestServer, sandboxId: string): number[] {
   const marker = `${server.runDir}/microvm/${sandboxId}/`;
+  const recorded = Number(readOr(path.join(server.runDir, "microvm", sandboxId, "run", "qemu.pid")).trim());
   const pids: number[] = [];
   for (const pid of fs.readdirSync("/proc").filter((name) => /^\d+$/.test(name))) {
     try {
       if (!fs.readFileSync(`/proc/${pid}/comm`, "utf8").startsWith("qemu-system")) continue;
-      if (fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").includes(marker)) pids.push(Number(pid));
+      if (Number(pid) === recorded || fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").includes(marker)) pids.push(Number(pid));
     } catch {
       // ended meanwhile
     }
   }
   return pids;
+}
+
+/** The pids of a test server's spare QEMUs that still wait for a state (SPARE_QEMU_NOTE). */
+export function spareQemuPids(server: TestServer): number[] {
+  const root = path.join(server.runDir, "microvm-spares");
+  const dirs = fs.existsSync(root) ? fs.readdirSync(root) : [];
+  return dirs.map((slot) => Number(readOr(path.join(root, slot, "run", "qemu.pid")).trim())).filter((pid) => Number.isInteger(pid) && pid > 1);
+}
+
+function readOr(file: string): string {
+  try {
+    return fs.readFileSync(file, "utf8");
+  } catch {
+    return "";
+  }
 }
 
 /**

@@ -14,7 +14,7 @@ import { after, before, test } from "node:test";
 import { Sandbox, Template } from "e2b";
 import { guestSkipReason } from "../../src/runtime/microvm/test-helpers.js";
 import { parseBenchArgs, runBench, writeReport, type BenchResultFile } from "../../src/bench/index.js";
-import { benchTargetOf, startTestServer, useServerForSdk, type TestServer } from "./harness.js";
+import { benchTargetOf, spareQemuPids, startTestServer, useServerForSdk, type TestServer } from "./harness.js";
 
 let skipReason: string | undefined;
 let server: TestServer | undefined;
@@ -31,12 +31,53 @@ after(async () => {
   await server?.stop();
 });
 
-function qemuPids(): number[] {
+/** The server's QEMUs, spares included (SPARE_QEMU_NOTE). */
+function allQemuPids(): number[] {
   try {
     return execFileSync("pgrep", ["-f", `qemu-system-x86_64.*${server!.runDir}`], { encoding: "utf8" }).trim().split("\n").filter(Boolean).map(Number);
   } catch {
     return [];
   }
+}
+
+/** The QEMUs of the server's guests: not the spares still waiting for a state. */
+function qemuPids(): number[] {
+  const spares = new Set(spareQemuPids(server!));
+  return allQemuPids().filter((pid) => !spares.has(pid) && !processArgv(pid).includes(`${server!.runDir}/microvm-spares/`) || guestPidFiles().has(pid));
+}
+
+function processArgv(pid: number): string {
+  try {
+    return fs.readFileSync(`/proc/${pid}/cmdline`, "utf8");
+  } catch {
+    return "";
+  }
+}
+
+/** Pids in the guests' pid files (a spare taken by a restore has its pid file in the guest's directory). */
+function guestPidFiles(): Set<number> {
+  const root = path.join(server!.runDir, "microvm");
+  const ids = fs.existsSync(root) ? fs.readdirSync(root) : [];
+  return new Set(ids.map((id) => Number((() => { try { return fs.readFileSync(path.join(root, id, "run", "qemu.pid"), "utf8"); } catch { return ""; } })().trim())));
+}
+
+/** The spare waiting for an image whose id contains `name`, within `ms` (SPARE_QEMU_NOTE). */
+async function spareFor(name: string, ms = 60_000): Promise<{ dir: string; pid: number } | undefined> {
+  const root = path.join(server!.runDir, "microvm-spares");
+  const deadline = Date.now() + ms;
+  while (Date.now() < deadline) {
+    for (const slot of fs.existsSync(root) ? fs.readdirSync(root) : []) {
+      try {
+        const { imageId } = JSON.parse(fs.readFileSync(path.join(root, slot, "spare.json"), "utf8")) as { imageId: string };
+        const pid = Number(fs.readFileSync(path.join(root, slot, "run", "qemu.pid"), "utf8").trim());
+        if (imageId.includes(name) && pid > 1) return { dir: path.join(root, slot), pid };
+      } catch {
+        // being made or taken
+      }
+    }
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+  return undefined;
 }
 
 test("runtime microvm: a QEMU guest with its own kernel runs the agent; the SDK drives it; a restart adopts it; kill ends QEMU", { timeout: 10 * 60_000 }, async (t) => {
@@ -163,10 +204,15 @@ test("microVM memory images (MICROVM_IMAGE_NOTE): snapshot, create from it, fork
     await (forks[0] as Sandbox).files.write("/home/user/note.txt", "fork 0");
     assert.equal(await (forks[1] as Sandbox).files.read("/home/user/note.txt"), "version 1", "forks are independent");
 
-    // Rollback in place: same id, the snapshot's RAM and files.
+    // Rollback in place: same id, the snapshot's RAM and files; its restore takes the QEMU
+    // started ahead for the snapshot's image (SPARE_QEMU_NOTE), which a restore made.
     await run(source, "rm /dev/shm/marker");
+    const spare = await spareFor(snapshotId);
+    assert.ok(spare, "a spare QEMU waits for the snapshot's image");
     const rolled = await server.api("POST", `/sandboxes/${sourceId}/rollback`, { snapshotID: snapshotId });
     assert.equal(rolled.status, 200, JSON.stringify(rolled.json));
+    assert.equal(fs.readFileSync(path.join(server.runDir, "microvm", sourceId, "run", "qemu.pid"), "utf8").trim(), String(spare.pid), "the rolled-back guest runs in the spare's QEMU");
+    assert.ok(!fs.existsSync(spare.dir), "the spare's directory became the guest's");
     const back = await Sandbox.connect(sourceId);
     assert.equal(await run(back, "cat /dev/shm/marker"), "ram-only");
     assert.equal(await back.files.read("/home/user/note.txt"), "version 1");
@@ -193,6 +239,10 @@ test("microVM memory images (MICROVM_IMAGE_NOTE): snapshot, create from it, fork
   for (let i = 0; i < 50 && fs.readdirSync(path.join(imagesDir, "snapshots")).length > 0; i++) await new Promise((resolve) => setTimeout(resolve, 100));
   assert.deepEqual(fs.readdirSync(path.join(imagesDir, "snapshots")), [], "a deleted snapshot's image is gone");
   assert.deepEqual(fs.readdirSync(path.join(server.runDir, "microvm")), [], "no guest directory is left");
+  // A deleted image's spares end with it (they map its RAM file and hold a copy of its disk).
+  for (let i = 0; i < 100 && allQemuPids().length > 0; i++) await new Promise((resolve) => setTimeout(resolve, 100));
+  assert.deepEqual(allQemuPids(), [], "no spare QEMU outlives its image");
+  assert.deepEqual(fs.readdirSync(path.join(server.runDir, "microvm-spares")), [], "no spare's directory is left");
 });
 
 test("a template made by the template builder runs in a microVM: its layer over its base, removed files gone; its guest image goes with the template (BUILT_TEMPLATE_IMAGE_NOTE)", { timeout: 10 * 60_000 }, async (t) => {
@@ -321,6 +371,9 @@ test("a microVM template's warm snapshot: creates restore a guest whose agent al
     const ids: string[] = [];
     for (let i = 0; i < 2; i++) {
       const restoresBefore = (await counts())!.restores;
+      // The second create restores into the QEMU started ahead for the warm image (SPARE_QEMU_NOTE).
+      const spare = i === 1 ? await waitForSpare(warm.runDir) : undefined;
+      if (i === 1) assert.ok(spare, "a spare QEMU waits for the warm image");
       const started = performance.now();
       const created = await warm.api("POST", "/v2/sandboxes", { templateID: "base", timeout: 300 });
       assert.equal(created.status, 201, JSON.stringify(created.json));
@@ -333,6 +386,7 @@ test("a microVM template's warm snapshot: creates restore a guest whose agent al
       assert.equal(out[0], created.json.sandboxID);
       assert.match(out[2]!, /cloud-amd64$/);
       ids.push(out[1]!);
+      if (spare) assert.equal(fs.readFileSync(path.join(warm.runDir, "microvm", created.json.sandboxID, "run", "qemu.pid"), "utf8").trim(), String(spare), "the create ran in the spare's QEMU");
     }
     assert.notEqual(ids[0], ids[1], "each restored guest is a new machine (its own boot id)");
     // Env vars at create are the image's agent's business at boot: such a create boots cold.
@@ -346,7 +400,27 @@ test("a microVM template's warm snapshot: creates restore a guest whose agent al
     for (const id of made) await warm.api("DELETE", `/sandboxes/${id}`).catch(() => undefined);
     await warm.stop();
   }
+  const left = (() => {
+    try {
+      return execFileSync("pgrep", ["-f", `qemu-system-x86_64.*${warm.runDir}`], { encoding: "utf8" }).trim();
+    } catch {
+      return "";
+    }
+  })();
+  assert.equal(left, "", "the server's spare QEMUs end with it");
 });
+
+/** The pid of a spare QEMU of the server in `runDir` (SPARE_QEMU_NOTE), waited for up to a minute. */
+async function waitForSpare(runDir: string): Promise<number | undefined> {
+  const root = path.join(runDir, "microvm-spares");
+  for (const deadline = Date.now() + 60_000; Date.now() < deadline; await new Promise((resolve) => setTimeout(resolve, 200))) {
+    for (const slot of fs.existsSync(root) ? fs.readdirSync(root) : []) {
+      const pid = Number((() => { try { return fs.readFileSync(path.join(root, slot, "run", "qemu.pid"), "utf8"); } catch { return ""; } })().trim());
+      if (pid > 1 && fs.existsSync(path.join(root, slot, "spare.json"))) return pid;
+    }
+  }
+  return undefined;
+}
 
 test("the image budget bounds microVM images too (IMAGE_BUDGET_NOTE): a snapshot past it is a 507 that leaves nothing, and the guest runs on", { timeout: 10 * 60_000 }, async (t) => {
   if (skipReason || !server) return t.skip(skipReason ?? "no server");

@@ -32,6 +32,8 @@ const KIND_DIRS: Record<ImageKind, string> = { snapshot: "snapshots", pause: "pa
 export interface ContainerImageStoreOptions {
   /** Called after each deletion of an image (the runtime collects btrfs quota groups now and then). */
   onDeleted?: () => void;
+  /** Called before an image is removed, with its id (the microVM runtime ends the QEMUs waiting for it). */
+  beforeRemove?: (id: string) => Promise<void>;
 }
 
 /**
@@ -132,6 +134,7 @@ export class ContainerImageStore implements ImageStore {
 
   async remove(id: string, options: { background?: boolean } = {}): Promise<void> {
     if (!isImageId(id)) return;
+    await this.options.beforeRemove?.(id);
     const dir = this.dirOf(id);
     const aside = `${dir}${REMOVED_IMAGE_MARKER}${process.pid}-${++this.counter}`;
     this.bytes.delete(id);

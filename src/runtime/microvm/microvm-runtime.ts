@@ -1,5 +1,6 @@
+import { createHash } from "node:crypto";
 import { constants, existsSync } from "node:fs";
-import { copyFile, mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
+import { copyFile, mkdir, mkdtemp, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
@@ -11,10 +12,11 @@ import { imageBudgetExceeded, imageId, parseImageId } from "../images.js";
 import type { CheckpointInfo, CheckpointOptions, CheckpointTarget, Runtime, RuntimeState, SandboxSpec, SandboxStats } from "../types.js";
 import { builtImageKey, cachedTemplateDiskImage, createOverlay, kitDiskImage, removeUnusedBuiltImages, templateDiskImage, type DiskImage } from "./disk-images.js";
 import { agentLaunchFile, prepareGuestAssets, type GuestAssets } from "./guest-assets.js";
-import { attachGuestNetwork, releaseGuestNetwork, type GuestNetworkHelper } from "./net.js";
+import { attachGuestNetwork, GUEST_ADDRESS, GUEST_GATEWAY, GUEST_MAC_ADDRESS, GUEST_PREFIX_LENGTH, releaseGuestNetwork, type GuestNetworkHelper } from "./net.js";
 import { startShares, stopShares } from "./shares.js";
-import { MICROVM_UID_COUNT, MICROVM_UID_START, reconnectMicrovm, startMicrovm, type Accelerator, type Microvm, type GuestNetworkConfig, type MicrovmConfig, type QemuLauncher, guestStateChannel, MACHINE_DEVICES_VERSION, prepareGuestChroot } from "./qemu.js";
+import { Microvm, MICROVM_UID_COUNT, MICROVM_UID_START, reconnectMicrovm, startMicrovm, type Accelerator, type GuestNetworkConfig, type MicrovmConfig, type QemuLauncher, guestStateChannel, MACHINE_DEVICES_VERSION, prepareGuestChroot } from "./qemu.js";
 import { qemuInstall, sharesRamImages, type QemuInstall } from "./qemu-install.js";
+import { SpareQemus, type Spare } from "./spare-qemus.js";
 
 const log = createLogger("microvm");
 
@@ -51,7 +53,17 @@ export interface MicrovmRuntimeConfig {
    * use of it. Without it this runtime's checkpoints are bounded only by the disk.
    */
   imageBudget?: () => { otherUsedBytes: number; limitBytes: number };
+  /**
+   * QEMUs kept started ahead per snapshot or warm image (SPARE_QEMU_NOTE); 0 or absent: none.
+   * Needs `launcher` and `hostHelper` (the spares' taps are moved by the resident helper).
+   */
+  spares?: number;
 }
+
+/** Where spare QEMUs wait (SPARE_QEMU_NOTE): `<runDir>/microvm-spares/<slot>`. */
+const SPARES_DIR = "microvm-spares";
+/** How many images keep spares: the most recently restored or saved. */
+const SPARE_IMAGES = 2;
 
 /** The idle tiers' quiet share of a guest under TCG (idleCpuShare). */
 const TCG_IDLE_CPU_SHARE = 0.2;
@@ -171,10 +183,19 @@ export class MicrovmRuntime implements Runtime {
   /** Guests' RAM as files (MICROVM_RAM_NOTE): false with a QEMU older than 8.2. */
   private readonly ramFiles: boolean;
 
+  /** QEMUs started ahead for the images restored most (SPARE_QEMU_NOTE); none without the helper. */
+  private readonly spares: SpareQemus | undefined;
+
   constructor(private readonly config: MicrovmRuntimeConfig) {
-    this.images = new ContainerImageStore(path.join(config.stateDir, "microvm", "images"));
+    // An image's spares end before it goes: they map its RAM file and hold a copy of its disk.
+    this.images = new ContainerImageStore(path.join(config.stateDir, "microvm", "images"), { beforeRemove: async (id) => this.spares?.drop(id) });
     this.qemu = qemuInstall();
     this.ramFiles = sharesRamImages(this.qemu);
+    const perImage = config.spares ?? 0;
+    this.spares =
+      perImage > 0 && config.launcher && config.hostHelper
+        ? new SpareQemus({ perImage, images: SPARE_IMAGES, spawn: (imageId, slot) => this.spawnSpare(imageId, slot), discard: (spare) => this.discardSpare(spare) })
+        : undefined;
   }
 
   /**
@@ -222,6 +243,8 @@ export class MicrovmRuntime implements Runtime {
     await rm(path.join(this.cacheDir, "empty"), { recursive: true, force: true });
     await this.images.init();
     if (this.ramFiles) await this.mountRamTmpfs();
+    await this.clearSpares();
+    if (this.spares) await runCommand(["ip", "netns", "add", this.sparesNetns], { timeoutMs: 10_000 });
     await this.adoptGuests();
     // Disk images of builder templates deleted or rebuilt since (BUILT_TEMPLATE_IMAGE_NOTE).
     const layerExists = this.config.layerExists;
@@ -248,6 +271,154 @@ export class MicrovmRuntime implements Runtime {
       }
       this.track(id, { ...record, vm, dir, overlay: path.join(dir, "root.qcow2") });
       log.info("adopted a microVM an earlier server started", { sandboxId: id, pid: vm.pid });
+    }
+  }
+
+  /** The namespace spare QEMUs start in, with their taps (SPARE_QEMU_NOTE): one per server (its run directory). */
+  private get sparesNetns(): string {
+    return `cbspare-${createHash("sha256").update(path.resolve(this.config.runDir)).digest("hex").slice(0, 12)}`;
+  }
+
+  /** Ends the spares an earlier server left (a crash) and their namespace. */
+  private async clearSpares(): Promise<void> {
+    const root = path.join(this.config.runDir, SPARES_DIR);
+    for (const slot of await readdir(root).catch(() => [] as string[])) {
+      const dir = path.join(root, slot);
+      const vm = await reconnectMicrovm(path.join(dir, "run"), 1000);
+      if (vm) await vm.quit(3000).catch(() => vm.kill());
+      await rm(dir, { recursive: true, force: true });
+      await rm(path.join(this.ramDir, `.spare-${slot}.ram`), { force: true });
+    }
+    // Only the spares' taps are in it; a tap moved out to a sandbox is not.
+    await runCommand(["ip", "netns", "del", this.sparesNetns], { timeoutMs: 10_000, allowFailure: true });
+  }
+
+  /** Ends the spare QEMUs (a server's stop): guests run on and are adopted by the next start. */
+  async close(): Promise<void> {
+    if (!this.spares) return;
+    await this.spares.close();
+    await this.clearSpares();
+  }
+
+  /** Spares waiting per image (tests). */
+  spareCounts(): Record<string, number> {
+    return this.spares?.counts() ?? {};
+  }
+
+  /** Resolves once no spare is being started (tests). */
+  async sparesSettled(): Promise<void> {
+    await this.spares?.settled();
+  }
+
+  /** An image restored or saved keeps spares when it is restored again and again: a snapshot's, a warm one. */
+  private wantSpares(imageIdValue: string): void {
+    const kind = parseImageId(imageIdValue).kind;
+    if (kind === "snapshot" || kind === "warm") this.spares?.want(imageIdValue);
+  }
+
+  /**
+   * A QEMU for the image, started ahead (SPARE_QEMU_NOTE): the image's machine shape, RAM file
+   * and a copy of its disk, confined, waiting for the state in the spares' namespace.
+   */
+  private async spawnSpare(imageIdValue: string, slot: number): Promise<Spare | undefined> {
+    const { assets, kit } = this;
+    if (!assets || !kit || !(await this.images.exists(imageIdValue))) return undefined;
+    const imageDir = this.images.dirOf(imageIdValue);
+    const meta = await readImageMeta(imageDir).catch(() => undefined);
+    if (!meta?.memory || !this.restorable(meta, imageDir)) return undefined;
+    const name = `s${slot}`;
+    const dir = path.join(this.config.runDir, SPARES_DIR, name);
+    const overlay = path.join(dir, "root.qcow2");
+    const uid = this.guestUid();
+    const ownRamFile = !meta.ramFile && this.ramFiles ? path.join(this.ramDir, `.spare-${name}.ram`) : undefined;
+    try {
+      await rm(dir, { recursive: true, force: true });
+      await mkdir(dir, { recursive: true, mode: 0o700 });
+      await copyFile(path.join(imageDir, IMAGE_FILES.rootDisk), overlay, constants.COPYFILE_FICLONE);
+      const launchFile = path.join(dir, "launch");
+      await writeFile(launchFile, agentLaunchFile({ sandboxId: name, templateEnv: {}, kitCommand: kit.command, shares: [] }), { mode: 0o600 });
+      await prepareGuestChroot(MicrovmRuntime.chrootOf(dir), overlay, uid, { incoming: true });
+      if (ownRamFile) await rm(ownRamFile, { force: true });
+      const ram = meta.ramFile ? { file: path.join(imageDir, IMAGE_FILES.ram), mode: "image" as const } : ownRamFile ? { file: ownRamFile, mode: "shared" as const } : undefined;
+      const vm = await this.startQemu({
+        accel: this.config.accel,
+        assets,
+        memoryMiB: meta.memoryMiB,
+        cpuCount: meta.cpuCount,
+        rootDisk: overlay,
+        kitDisk: meta.kitImage,
+        network: { tapName: `qs${slot % 1_000_000_000}`, macAddress: GUEST_MAC_ADDRESS, address: GUEST_ADDRESS, prefixLength: GUEST_PREFIX_LENGTH, gateway: GUEST_GATEWAY },
+        launchFile,
+        runDir: path.join(dir, "run"),
+        netnsPath: `/var/run/netns/${this.sparesNetns}`,
+        confine: { uid, gid: uid, chrootDir: MicrovmRuntime.chrootOf(dir) },
+        qemu: this.qemu,
+        incoming: true,
+        ...(ram ? { ram } : {}),
+      });
+      // Which image it waits for (diagnostics, tests; the runtime keeps that in memory), written
+      // last: the spare is in the pool before anything else runs here.
+      await writeFile(path.join(dir, "spare.json"), JSON.stringify({ imageId: imageIdValue }) + "\n", { mode: 0o600 }).catch(async (err) => {
+        await vm.quit(2000).catch(() => vm.kill());
+        throw err;
+      });
+      return { imageId: imageIdValue, stamp: imageStamp(meta), dir, vm, uid, tapName: `qs${slot % 1_000_000_000}`, ...(ownRamFile ? { ownRamFile } : {}) };
+    } catch (err) {
+      await rm(dir, { recursive: true, force: true });
+      if (ownRamFile) await rm(ownRamFile, { force: true });
+      throw err;
+    }
+  }
+
+  private async discardSpare(spare: Spare): Promise<void> {
+    await spare.vm.quit(3000).catch(() => spare.vm.kill());
+    await rm(spare.dir, { recursive: true, force: true });
+    if (spare.ownRamFile) await rm(spare.ownRamFile, { force: true });
+  }
+
+  /** Whether what a memory image needs is all here (restore() says which part is not). */
+  private restorable(meta: MicrovmImageMeta, imageDir: string): boolean {
+    return (
+      meta.kernelVersion === this.assets?.kernelVersion &&
+      meta.devices === this.devicesVersion &&
+      existsSync(meta.kitImage) &&
+      (!meta.baseImage || existsSync(meta.baseImage)) &&
+      (!meta.ramFile || (this.ramFiles && existsSync(path.join(imageDir, IMAGE_FILES.ram))))
+    );
+  }
+
+  /**
+   * A restore into a spare (SPARE_QEMU_NOTE): its directory becomes the sandbox's, its tap moves
+   * into the sandbox's netns, and the state goes into its QEMU. On failure the spare is gone.
+   */
+  private async restoreIntoSpare(spec: SandboxSpec, imageIdValue: string, meta: MicrovmImageMeta, spare: Spare): Promise<void> {
+    const id = spec.sandboxId;
+    const imageDir = this.images.dirOf(imageIdValue);
+    const dir = path.join(this.config.runDir, "microvm", id);
+    const started = performance.now();
+    let vm: Microvm = spare.vm;
+    try {
+      await mkdir(path.dirname(dir), { recursive: true, mode: 0o700 });
+      await rename(spare.dir, dir);
+      // The same QEMU and QMP connection; its files are under the new directory now.
+      vm = new Microvm(spare.vm.pid, spare.vm.qmp, path.join(dir, "run"), true);
+      const ram = meta.ramFile ? { file: path.join(imageDir, IMAGE_FILES.ram), mode: "image" as const } : spare.ownRamFile ? this.sharedRamOf(id) : undefined;
+      if (spare.ownRamFile && ram) await rename(spare.ownRamFile, ram.file);
+      await spec.networkReady;
+      const through = this.guestNetworkHelper(dir)!;
+      await attachGuestNetwork(spec.network, {}, { ...through, spareTap: { netnsName: this.sparesNetns, tapName: spare.tapName } });
+      await vm.loadState(path.join(imageDir, IMAGE_FILES.state), guestStateChannel(MicrovmRuntime.chrootOf(dir)), { withoutSharedRam: meta.ramFile === true });
+      await vm.resume();
+      const record: GuestRecord = { netnsPath: spec.network.netnsPath, memoryBytes: meta.memoryMiB * 1024 * 1024, cpuCount: meta.cpuCount, diskBytes: meta.diskBytes, uid: spare.uid, shares: 0, kitDisk: meta.kitImage, ...(meta.baseImage ? { baseImage: meta.baseImage } : {}), ...(ram ? { ram } : {}) };
+      this.track(id, { ...record, vm, dir, overlay: path.join(dir, "root.qcow2") });
+      await writeFile(path.join(dir, GUEST_RECORD), JSON.stringify(record), { mode: 0o600 });
+      log.debug("restored into a spare QEMU", { sandboxId: id, imageId: imageIdValue, ms: Math.round(performance.now() - started) });
+    } catch (err) {
+      if (!this.guests.has(id)) await vm.quit(2000).catch(() => vm.kill());
+      if (spare.ownRamFile) await rm(spare.ownRamFile, { force: true });
+      await rm(spare.dir, { recursive: true, force: true });
+      await this.destroy(id).catch((cleanup) => log.warn("could not remove a failed restore's guest", { dir, error: (cleanup as Error).message }));
+      throw err;
     }
   }
 
@@ -327,6 +498,7 @@ export class MicrovmRuntime implements Runtime {
   /** A uid no live guest holds. */
   private guestUid(): number {
     const used = new Set([...this.guests.values()].map((guest) => guest.uid));
+    for (const uid of this.spares?.uids() ?? []) used.add(uid);
     for (let tries = 0; tries < MICROVM_UID_COUNT; tries++) {
       const uid = MICROVM_UID_START + (this.nextUid++ % MICROVM_UID_COUNT);
       if (!used.has(uid)) return uid;
@@ -549,6 +721,7 @@ export class MicrovmRuntime implements Runtime {
       };
       await writeFile(path.join(pending.dir, IMAGE_FILES.meta), JSON.stringify(meta, null, 2) + "\n", { mode: 0o600 });
       const info = await this.images.commit(pending);
+      if (options.memory) this.wantSpares(info.id);
       log.debug("checkpoint", { sandboxId, imageId: info.id, stateBytes, frozenMs: Math.round(frozenMs) });
       return { imageId: info.id, sizeBytes: info.sizeBytes, frozenMs, memory: options.memory };
     } catch (err) {
@@ -602,6 +775,19 @@ export class MicrovmRuntime implements Runtime {
     if (meta.baseImage && !existsSync(meta.baseImage)) throw new CubicleError("failed_precondition", `image ${imageId} was made on a template disk image that is gone (the template was rebuilt or deleted); it cannot be restored`);
     const id = spec.sandboxId;
     if (this.guests.has(id)) throw new CubicleError("already_exists", `sandbox ${id} already exists on this host`);
+    const spare = this.spares?.take(imageId, imageStamp(meta));
+    this.wantSpares(imageId);
+    if (spare) {
+      try {
+        await this.restoreIntoSpare(spec, imageId, meta, spare);
+        await spec.whenRunning?.();
+        return;
+      } catch (err) {
+        // The spare is gone; a QEMU of its own may still load the state (the error was the spare's).
+        if (this.guests.has(id)) throw err;
+        log.warn("a restore into a spare QEMU failed; starting one", { sandboxId: id, imageId, error: (err as Error).message });
+      }
+    }
     const dir = path.join(this.config.runDir, "microvm", id);
     const overlay = path.join(dir, "root.qcow2");
     const started = performance.now();
@@ -645,6 +831,11 @@ export class MicrovmRuntime implements Runtime {
     if (!guest) throw new CubicleError("not_found", `sandbox ${sandboxId} does not exist on this host`);
     return guest;
   }
+}
+
+/** What tells one image under an id from another made later under the same id (SPARE_QEMU_NOTE). */
+function imageStamp(meta: MicrovmImageMeta): string {
+  return `${meta.createdAt}/${meta.sizeBytes}`;
 }
 
 /** A microVM image's meta.json (MICROVM_IMAGE_NOTE), checked. */

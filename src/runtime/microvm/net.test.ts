@@ -68,6 +68,46 @@ test(`gives the guest its fixed address on a tap and translates it to the sandbo
 });
 }
 
+test("a spare QEMU's tap (SPARE_QEMU_NOTE) is moved into the sandbox's netns, renamed and addressed there, not made anew", async (t) => {
+  if (!builtHelper()) return t.skip("dist/sandbox-helper is missing: run `node scripts/build.mjs` first");
+  const network = await makeTestNetwork("s", 219);
+  const spareNetns = `cbm-spare-${process.pid}`;
+  const dir = await mkdtemp(path.join(os.tmpdir(), "cbm-net-"));
+  const helper = new SandboxHelper(builtHelper()!);
+  const names = { tapName: "cbmtap0", tableName: "cbm_guest" };
+  try {
+    await runCommand(["ip", "netns", "add", spareNetns]);
+    // What a spare's QEMU leaves there: a tap of its own, down, without an address.
+    await runCommand(["ip", "-n", spareNetns, "tuntap", "add", "dev", "qs7", "mode", "tap"]);
+    const spareMac = (JSON.parse((await runCommand(["ip", "-n", spareNetns, "-j", "link", "show", "qs7"])).stdout) as { address: string }[])[0]!.address;
+    const through = { helper, rulesetFile: path.join(dir, "guest-nat.nft"), spareTap: { netnsName: spareNetns, tapName: "qs7" } };
+    await attachGuestNetwork(network, names, through);
+    const links = JSON.parse(await inNetns(network.netnsPath, ["ip", "-j", "address", "show"])) as (Link & { address: string })[];
+    const tap = links.find((link) => link.ifname === "cbmtap0");
+    assert.ok(tap, "the tap is in the sandbox's netns under the guest's tap name");
+    assert.equal(tap.address, spareMac, "the very tap the spare opened, moved");
+    assert.deepEqual(tap.addr_info?.filter((a) => a.family === "inet").map((a) => `${a.local}/${a.prefixlen}`), [`${GUEST_GATEWAY}/30`]);
+    assert.deepEqual(tap.addr_info?.filter((a) => a.family === "inet6"), [], "no IPv6 on the moved tap");
+    assert.ok(!links.some((link) => link.ifname === "qs7"));
+    assert.deepEqual((JSON.parse((await runCommand(["ip", "-n", spareNetns, "-j", "link", "show"])).stdout) as Link[]).map((link) => link.ifname), ["lo"], "nothing is left in the spares' namespace");
+    assert.match(await inNetns(network.netnsPath, ["nft", "list", "table", "ip", "cbm_guest"]), /dnat to 169\.254\.0\.2/);
+    // Its tap gone (taken twice, or its QEMU ended): an error, and the sandbox's netns has no tap of that name left half made.
+    await assert.rejects(attachGuestNetwork(network, names, through), /finding the spare's tap/);
+    const call = (args: string[]) => helper.call("net-guest-tap", args, { what: "net-guest-tap" });
+    const base = ["--name", network.netnsPath.split("/").pop()!, "--tap", "tap0", "--gateway", "169.254.0.1", "--prefix", "30", "--nft-file", through.rulesetFile];
+    await assert.rejects(call([...base, "--from", spareNetns]), /--from and --from-tap go together/);
+    await assert.rejects(call([...base, "--from", "../x", "--from-tap", "qs7"]), /--from must be/);
+    await assert.rejects(call([...base, "--from", spareNetns, "--from-tap", "eth0"]), /--from-tap may not be eth0 or lo/);
+    await assert.rejects(call([...base, "--from", network.netnsPath.split("/").pop()!, "--from-tap", "qs7"]), /another namespace/);
+    await assert.rejects(call([...base, "--from", "cbm-absent-ns", "--from-tap", "qs7"]), /the spare's namespace/);
+  } finally {
+    helper.close();
+    await runCommand(["ip", "netns", "del", spareNetns], { allowFailure: true });
+    await releaseTestNetwork(network);
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
 test("the resident helper refuses a guest tap it cannot make safely, and a namespace that is not there", async (t) => {
   if (!builtHelper()) return t.skip("dist/sandbox-helper is missing: run `node scripts/build.mjs` first");
   const helper = new SandboxHelper(builtHelper()!);

@@ -65,7 +65,12 @@ export const GUEST_MAC_ADDRESS = "02:cb:00:00:00:02";
 export async function attachGuestNetwork(
   network: Pick<SandboxNetwork, "netnsPath" | "sandboxAddress" | "hostAddress" | "prefixLength">,
   names: GuestNetworkNames = {},
-  through?: { helper: GuestNetworkHelper; rulesetFile: string },
+  through?: {
+    helper: GuestNetworkHelper;
+    rulesetFile: string;
+    /** A spare QEMU's tap to move in instead of making one (SPARE_QEMU_NOTE): its namespace's name and its name there. */
+    spareTap?: { netnsName: string; tapName: string };
+  },
 ): Promise<GuestNetworkConfig> {
   const { tapName, vethName, tableName } = checkedNames(names);
   for (const address of [network.sandboxAddress, network.hostAddress]) {
@@ -77,9 +82,11 @@ export async function attachGuestNetwork(
   if (through && name) {
     await writeFile(through.rulesetFile, ruleset, { mode: 0o600 });
     const args = ["--name", name, "--tap", tapName, "--gateway", GUEST_GATEWAY, "--prefix", String(GUEST_PREFIX_LENGTH), "--nft-file", through.rulesetFile];
+    if (through.spareTap) args.push("--from", through.spareTap.netnsName, "--from-tap", checkedNames({ tapName: through.spareTap.tapName }).tapName);
     await through.helper.call("net-guest-tap", args, { what: "the guest's tap and address translation", timeoutMs: COMMAND_TIMEOUT_MS });
     return config;
   }
+  if (through?.spareTap) throw new CubicleError("internal", "a spare QEMU's tap is moved by the resident helper, into a namespace under /run/netns");
   const inNetns = ["nsenter", `--net=${network.netnsPath}`, "--"];
   // New links inherit `default`: no IPv6 on the tap (no link-local chatter). The netns forwards,
   // and sends the guest no ICMP redirect when it hairpins a packet back out of the tap.

@@ -20,6 +20,10 @@
  *       a persistent tap TAP (mode tap, no packet info; an earlier one of that name is replaced)
  *       with A/N on it, up; then this process becomes `nft -f FILE` in the namespace (its exit
  *       status is the subcommand's).
+ *       With --from SPARE --from-tap T: the tap is not made but taken, the tap T that a QEMU
+ *       started ahead opened in the namespace SPARE (SPARE_QEMU_NOTE in
+ *       src/runtime/microvm/spare-qemus.ts): moved into NAME (after the sysctls, so it gets
+ *       NAME's defaults), renamed TAP there, then addressed and set up as above.
  *   net-guest-release --name NAME --tap TAP --table T
  *       Deletes TAP and the `ip` table T in the namespace (`nft delete table`: this process
  *       becomes nft); the tap being gone is no error. A gone namespace is nothing to do.
@@ -70,12 +74,16 @@ static void net_only_options(int argc, char **argv, const char *const *known) {
 }
 
 /* A namespace file name: a letter or digit, then letters, digits, _ or - (checkSandboxId's alphabet). */
-static const char *net_netns_name(int argc, char **argv) {
-  const char *name = option(argc, argv, "--name", 1);
+static int net_netns_name_ok(const char *name) {
   size_t length = strlen(name);
   int ok = length > 0 && length <= NET_NAME_MAX && isalnum((unsigned char)name[0]);
   for (size_t i = 0; ok && i < length; i++) ok = isalnum((unsigned char)name[i]) || name[i] == '_' || name[i] == '-';
-  if (!ok) usage("--name must be 1-128 letters, digits, _ or -, starting with a letter or digit");
+  return ok;
+}
+
+static const char *net_netns_name(int argc, char **argv) {
+  const char *name = option(argc, argv, "--name", 1);
+  if (!net_netns_name_ok(name)) usage("--name must be 1-128 letters, digits, _ or -, starting with a letter or digit");
   return name;
 }
 
@@ -541,14 +549,43 @@ static int cmd_net_address(int argc, char **argv) {
 /* ---- a microVM's tap ---- */
 
 /* An interface name for a tap: 1-15 lowercase letters or digits, never eth0 or lo. */
-static const char *net_tap_name(int argc, char **argv) {
-  const char *name = option(argc, argv, "--tap", 1);
+static const char *net_tap_option(int argc, char **argv, const char *option_name, int required) {
+  const char *name = option(argc, argv, option_name, required);
+  if (!name) return NULL;
   size_t length = strlen(name);
   int ok = length > 0 && length < IFNAMSIZ && name[0] >= 'a' && name[0] <= 'z';
   for (size_t i = 0; ok && i < length; i++) ok = (name[i] >= 'a' && name[i] <= 'z') || (name[i] >= '0' && name[i] <= '9');
-  if (!ok) usage("--tap must be 1-15 lowercase letters or digits, starting with a letter");
-  if (strcmp(name, NET_SANDBOX_IF) == 0 || strcmp(name, "lo") == 0) usage("--tap may not be eth0 or lo");
+  static char message[96];
+  if (!ok) {
+    snprintf(message, sizeof message, "%s must be 1-15 lowercase letters or digits, starting with a letter", option_name);
+    usage(message);
+  }
+  if (strcmp(name, NET_SANDBOX_IF) == 0 || strcmp(name, "lo") == 0) {
+    snprintf(message, sizeof message, "%s may not be eth0 or lo", option_name);
+    usage(message);
+  }
   return name;
+}
+
+static const char *net_tap_name(int argc, char **argv) { return net_tap_option(argc, argv, "--tap", 1); }
+
+/* `ip link set dev INDEX netns FD`: the link leaves the socket's namespace for the one FD names. */
+static int net_link_move(int fd, int index, int netns_fd) {
+  struct ifinfomsg info = {.ifi_family = AF_UNSPEC, .ifi_index = index};
+  struct net_request request;
+  net_request_init(&request, RTM_NEWLINK, 0, &info, sizeof info);
+  uint32_t ns = (uint32_t)netns_fd;
+  net_attr(&request, IFLA_NET_NS_FD, &ns, sizeof ns);
+  return net_talk(fd, &request, NULL, NULL);
+}
+
+/* `ip link set dev INDEX name NAME` (the link must be down). */
+static int net_link_rename(int fd, int index, const char *name) {
+  struct ifinfomsg info = {.ifi_family = AF_UNSPEC, .ifi_index = index};
+  struct net_request request;
+  net_request_init(&request, RTM_NEWLINK, 0, &info, sizeof info);
+  net_attr(&request, IFLA_IFNAME, name, strlen(name) + 1);
+  return net_talk(fd, &request, NULL, NULL);
 }
 
 /* Enters the namespace file NAME (this process stays there); 1 when it does not exist. */
@@ -578,7 +615,7 @@ static void net_become_nft(char *const *argv) {
  * leaves this process in the namespace and ends it by exec.
  */
 static int cmd_net_guest_tap(int argc, char **argv) {
-  static const char *const known[] = {"--name", "--tap", "--gateway", "--prefix", "--nft-file", NULL};
+  static const char *const known[] = {"--name", "--tap", "--gateway", "--prefix", "--nft-file", "--from", "--from-tap", NULL};
   step = "net-guest-tap";
   net_only_options(argc, argv, known);
   const char *name = net_netns_name(argc, argv);
@@ -588,6 +625,22 @@ static int cmd_net_guest_tap(int argc, char **argv) {
   if (prefix == 0 || prefix > 32) usage("--prefix must be 1-32");
   const char *nft_file = option(argc, argv, "--nft-file", 1);
   if (nft_file[0] != '/') usage("--nft-file must be an absolute path");
+  const char *from = option(argc, argv, "--from", 0);
+  const char *from_tap = net_tap_option(argc, argv, "--from-tap", 0);
+  if ((from == NULL) != (from_tap == NULL)) usage("--from and --from-tap go together");
+  if (from && !net_netns_name_ok(from)) usage("--from must be 1-128 letters, digits, _ or -, starting with a letter or digit");
+  if (from && strcmp(from, name) == 0) usage("--from must be another namespace than --name");
+  /* The spare's namespace: a netlink socket opened there acts there wherever this process goes. */
+  int from_socket = -1;
+  if (from) {
+    step = "net-guest-tap spare";
+    if (net_enter_named(from) != 0) {
+      errno = ENOENT;
+      fail("the spare's namespace");
+    }
+    from_socket = net_socket();
+    if (from_socket < 0) fail("opening a netlink socket in the spare's namespace");
+  }
   if (net_enter_named(name) != 0) {
     errno = ENOENT;
     fail("the namespace");
@@ -609,15 +662,29 @@ static int cmd_net_guest_tap(int argc, char **argv) {
   if (fd < 0) fail("opening a netlink socket in the namespace");
   /* A tap left by an earlier guest of this sandbox (a restore into the same network) goes first. */
   if (net_link_delete(fd, tap) != 0) fail("removing an earlier tap");
-  int tun = open("/dev/net/tun", O_RDWR | O_CLOEXEC);
-  if (tun < 0) fail("/dev/net/tun");
-  struct ifreq request;
-  memset(&request, 0, sizeof request);
-  request.ifr_flags = IFF_TAP | IFF_NO_PI;
-  memcpy(request.ifr_name, tap, strlen(tap) + 1);
-  if (ioctl(tun, TUNSETIFF, &request) != 0) fail("TUNSETIFF");
-  if (ioctl(tun, TUNSETPERSIST, 1) != 0) fail("TUNSETPERSIST");
-  close(tun);
+  if (from) {
+    /* The spare's own tap (its QEMU holds it open): here, under the name the ruleset expects. */
+    int spare_index = net_link_index(from_socket, from_tap);
+    if (spare_index <= 0) fail("finding the spare's tap");
+    int here = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+    if (here < 0) fail("opening the namespace");
+    if (net_link_move(from_socket, spare_index, here) != 0) fail("moving the spare's tap into the namespace");
+    close(here);
+    close(from_socket);
+    int moved = net_link_index(fd, from_tap);
+    if (moved <= 0) fail("finding the moved tap");
+    if (strcmp(from_tap, tap) != 0 && net_link_rename(fd, moved, tap) != 0) fail("renaming the moved tap");
+  } else {
+    int tun = open("/dev/net/tun", O_RDWR | O_CLOEXEC);
+    if (tun < 0) fail("/dev/net/tun");
+    struct ifreq request;
+    memset(&request, 0, sizeof request);
+    request.ifr_flags = IFF_TAP | IFF_NO_PI;
+    memcpy(request.ifr_name, tap, strlen(tap) + 1);
+    if (ioctl(tun, TUNSETIFF, &request) != 0) fail("TUNSETIFF");
+    if (ioctl(tun, TUNSETPERSIST, 1) != 0) fail("TUNSETPERSIST");
+    close(tun);
+  }
   int index = net_link_index(fd, tap);
   if (index <= 0) fail("finding the tap");
   if (net_address_add(fd, index, gateway, (int)prefix) != 0) fail("addressing the tap");
