@@ -244,7 +244,14 @@ export class MicrovmRuntime implements Runtime {
     await this.images.init();
     if (this.ramFiles) await this.mountRamTmpfs();
     await this.clearSpares();
-    if (this.spares) await runCommand(["ip", "netns", "add", this.sparesNetns], { timeoutMs: 10_000 });
+    if (this.spares) {
+      const made = await runCommand(["ip", "netns", "add", this.sparesNetns], { timeoutMs: 10_000, allowFailure: true });
+      if (made.exitCode !== 0) {
+        // Restores start their own QEMU then, as without spares.
+        log.warn("no namespace for spare QEMUs; restores start their own", { netns: this.sparesNetns, error: made.stderr.trim() });
+        await this.spares.close();
+      }
+    }
     await this.adoptGuests();
     // Disk images of builder templates deleted or rebuilt since (BUILT_TEMPLATE_IMAGE_NOTE).
     const layerExists = this.config.layerExists;

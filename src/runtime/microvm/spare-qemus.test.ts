@@ -4,7 +4,7 @@ import type { Microvm } from "./qemu.js";
 import { SpareQemus, type Spare } from "./spare-qemus.js";
 
 /** The pool's bookkeeping with spares that are records (the runtime's make QEMUs: microvm.test.ts, e2e microvm.test.ts). */
-function pool(options: { perImage?: number; images?: number; stamp?: (imageId: string) => string; failFor?: string } = {}) {
+function pool(options: { perImage?: number; images?: number; stamp?: (imageId: string) => string; failFor?: string; exited?: Promise<void> } = {}) {
   const spawned: string[] = [];
   const discarded: string[] = [];
   let uid = 100;
@@ -17,7 +17,7 @@ function pool(options: { perImage?: number; images?: number; stamp?: (imageId: s
       if (imageId === options.failFor) throw new Error("QEMU did not start");
       if (imageId.startsWith("gone/")) return undefined;
       spawned.push(`${imageId}#${slot}`);
-      return { imageId, stamp: options.stamp?.(imageId) ?? "v1", dir: `/spares/s${slot}`, vm: {} as Microvm, uid: uid++, tapName: `qs${slot}` } satisfies Spare;
+      return { imageId, stamp: options.stamp?.(imageId) ?? "v1", dir: `/spares/s${slot}`, vm: (options.exited ? { exited: options.exited } : {}) as Microvm, uid: uid++, tapName: `qs${slot}` } satisfies Spare;
     },
     discard: async (spare) => {
       discarded.push(spare.dir);
@@ -111,5 +111,20 @@ test("perImage 0 makes nothing", async () => {
   spares.want("snapshot/a");
   await filled();
   assert.deepEqual(spawned, []);
+  await spares.close();
+});
+
+test("a spare whose QEMU ends while it waits leaves the pool, and its files go", async () => {
+  let end!: () => void;
+  const exited = new Promise<void>((resolve) => (end = resolve));
+  const { spares, discarded, filled } = pool({ exited });
+  spares.want("snapshot/a");
+  await filled();
+  assert.deepEqual(spares.counts(), { "snapshot/a": 1 });
+  end();
+  await new Promise((resolve) => setTimeout(resolve, 5));
+  assert.deepEqual(spares.counts(), { "snapshot/a": 0 });
+  assert.deepEqual(discarded, ["/spares/s0"]);
+  assert.equal(spares.take("snapshot/a", "v1"), undefined);
   await spares.close();
 });

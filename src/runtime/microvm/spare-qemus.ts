@@ -149,11 +149,23 @@ export class SpareQemus {
           const spares = this.byImage.get(imageId) ?? [];
           spares.push(spare);
           this.byImage.set(imageId, spares);
+          // One that ends while it waits (killed, out of memory) leaves the pool and its files go.
+          void spare.vm.exited?.then(() => this.forget(spare));
         }
       } finally {
         this.filling = undefined;
       }
     })();
+  }
+
+  /** A spare whose QEMU ended on its own: out of the pool (unless taken), its files removed. */
+  private forget(spare: Spare): void {
+    const spares = this.byImage.get(spare.imageId);
+    const at = spares?.indexOf(spare) ?? -1;
+    if (at < 0) return;
+    spares!.splice(at, 1);
+    log.warn("a spare QEMU ended while it waited", { imageId: spare.imageId, dir: spare.dir });
+    void this.discard(spare);
   }
 
   private async discard(spare: Spare): Promise<void> {
