@@ -125,9 +125,17 @@ test("runtime microvm: a QEMU guest with its own kernel runs the agent; the SDK 
     const guestSeconds = Number((await resumed.commands.run("date +%s")).stdout.trim());
     assert.ok(Math.abs(guestSeconds - Date.now() / 1000) < 3, `after a 6 s pause the guest's clock says ${guestSeconds}, the host's ${Math.round(Date.now() / 1000)}`);
     // A server crash leaves the guest running: the next server adopts it (same QEMU, same files).
+    // The spare QEMU a snapshot got (SPARE_QEMU_NOTE) is no guest: the next server ends it.
+    const snapshot = await server.api("POST", `/sandboxes/${id}/snapshots`, {});
+    assert.equal(snapshot.status, 201, JSON.stringify(snapshot.json));
+    const spare = await spareFor(snapshot.json.snapshotID as string);
+    assert.ok(spare, "a spare QEMU waits for the snapshot's image");
     const [qemuBefore] = qemuPids();
     await server.crashAndRestart();
     assert.deepEqual(qemuPids(), [qemuBefore], "the same QEMU, adopted");
+    assert.ok(!allQemuPids().includes(spare.pid), "the crashed server's spare QEMU has ended");
+    assert.ok(!fs.existsSync(spare.dir), "and its directory is gone");
+    assert.equal((await server.api("DELETE", `/templates/${snapshot.json.snapshotID as string}`)).status, 204);
     const info = await server.api("GET", `/sandboxes/${id}`);
     assert.equal(info.json.state, "running", JSON.stringify(info.json));
     const adopted = await Sandbox.connect(id);
