@@ -244,14 +244,6 @@ export class MicrovmRuntime implements Runtime {
     await this.images.init();
     if (this.ramFiles) await this.mountRamTmpfs();
     await this.clearSpares();
-    if (this.spares) {
-      const made = await runCommand(["ip", "netns", "add", this.sparesNetns], { timeoutMs: 10_000, allowFailure: true });
-      if (made.exitCode !== 0) {
-        // Restores start their own QEMU then, as without spares.
-        log.warn("no namespace for spare QEMUs; restores start their own", { netns: this.sparesNetns, error: made.stderr.trim() });
-        await this.spares.close();
-      }
-    }
     await this.adoptGuests();
     // Disk images of builder templates deleted or rebuilt since (BUILT_TEMPLATE_IMAGE_NOTE).
     const layerExists = this.config.layerExists;
@@ -281,9 +273,22 @@ export class MicrovmRuntime implements Runtime {
     }
   }
 
-  /** The namespace spare QEMUs start in, with their taps (SPARE_QEMU_NOTE): one per server (its run directory). */
-  private get sparesNetns(): string {
-    return `cbspare-${createHash("sha256").update(path.resolve(this.config.runDir)).digest("hex").slice(0, 12)}`;
+  /**
+   * The namespace a spare QEMU starts in, with its tap (SPARE_QEMU_NOTE): one per spare, so a
+   * guest's QEMU stays alone in its network namespace (abstract sockets included) after its tap
+   * moved out; named after the server (its run directory) and the spare.
+   */
+  private spareNetns(slot: string): string {
+    return `${this.spareNetnsPrefix}${slot}`;
+  }
+
+  private get spareNetnsPrefix(): string {
+    return `cbspare-${createHash("sha256").update(path.resolve(this.config.runDir)).digest("hex").slice(0, 12)}-`;
+  }
+
+  /** Removes a spare's namespace (its QEMU may still be in it: the namespace then lives as long as it does). */
+  private async removeSpareNetns(name: string): Promise<void> {
+    await runCommand(["ip", "netns", "del", name], { timeoutMs: 10_000, allowFailure: true });
   }
 
   /** Ends the spares an earlier server left (a crash) and their namespace. */
@@ -296,8 +301,10 @@ export class MicrovmRuntime implements Runtime {
       await rm(dir, { recursive: true, force: true });
       await rm(path.join(this.ramDir, `.spare-${slot}.ram`), { force: true });
     }
-    // Only the spares' taps are in it; a tap moved out to a sandbox is not.
-    await runCommand(["ip", "netns", "del", this.sparesNetns], { timeoutMs: 10_000, allowFailure: true });
+    // Their namespaces (only a spare's own tap is in one; a tap moved out to a sandbox is not).
+    for (const name of await readdir("/var/run/netns").catch(() => [] as string[])) {
+      if (name.startsWith(this.spareNetnsPrefix)) await this.removeSpareNetns(name);
+    }
   }
 
   /** Ends the spare QEMUs (a server's stop): guests run on and are adopted by the next start. */
@@ -335,12 +342,15 @@ export class MicrovmRuntime implements Runtime {
     if (!meta?.memory || !this.restorable(meta, imageDir)) return undefined;
     const name = `s${slot}`;
     const dir = path.join(this.config.runDir, SPARES_DIR, name);
+    const netnsName = this.spareNetns(name);
     const overlay = path.join(dir, "root.qcow2");
     const uid = this.guestUid();
     const ownRamFile = !meta.ramFile && this.ramFiles ? path.join(this.ramDir, `.spare-${name}.ram`) : undefined;
     try {
       await rm(dir, { recursive: true, force: true });
       await mkdir(dir, { recursive: true, mode: 0o700 });
+      await this.removeSpareNetns(netnsName);
+      await runCommand(["ip", "netns", "add", netnsName], { timeoutMs: 10_000 });
       await copyFile(path.join(imageDir, IMAGE_FILES.rootDisk), overlay, constants.COPYFILE_FICLONE);
       const launchFile = path.join(dir, "launch");
       await writeFile(launchFile, agentLaunchFile({ sandboxId: name, templateEnv: {}, kitCommand: kit.command, shares: [] }), { mode: 0o600 });
@@ -357,7 +367,7 @@ export class MicrovmRuntime implements Runtime {
         network: { tapName: `qs${slot % 1_000_000_000}`, macAddress: GUEST_MAC_ADDRESS, address: GUEST_ADDRESS, prefixLength: GUEST_PREFIX_LENGTH, gateway: GUEST_GATEWAY },
         launchFile,
         runDir: path.join(dir, "run"),
-        netnsPath: `/var/run/netns/${this.sparesNetns}`,
+        netnsPath: `/var/run/netns/${netnsName}`,
         confine: { uid, gid: uid, chrootDir: MicrovmRuntime.chrootOf(dir) },
         qemu: this.qemu,
         incoming: true,
@@ -369,9 +379,10 @@ export class MicrovmRuntime implements Runtime {
         await vm.quit(2000).catch(() => vm.kill());
         throw err;
       });
-      return { imageId: imageIdValue, stamp: imageStamp(meta), dir, vm, uid, tapName: `qs${slot % 1_000_000_000}`, ...(ownRamFile ? { ownRamFile } : {}) };
+      return { imageId: imageIdValue, stamp: imageStamp(meta), dir, vm, uid, tapName: `qs${slot % 1_000_000_000}`, netnsName, ...(ownRamFile ? { ownRamFile } : {}) };
     } catch (err) {
       await rm(dir, { recursive: true, force: true });
+      await this.removeSpareNetns(netnsName);
       if (ownRamFile) await rm(ownRamFile, { force: true });
       throw err;
     }
@@ -381,6 +392,7 @@ export class MicrovmRuntime implements Runtime {
     await spare.vm.quit(3000).catch(() => spare.vm.kill());
     await rm(spare.dir, { recursive: true, force: true });
     if (spare.ownRamFile) await rm(spare.ownRamFile, { force: true });
+    await this.removeSpareNetns(spare.netnsName);
   }
 
   /** Whether what a memory image needs is all here (restore() says which part is not). */
@@ -413,14 +425,17 @@ export class MicrovmRuntime implements Runtime {
       if (spare.ownRamFile && ram) await rename(spare.ownRamFile, ram.file);
       await spec.networkReady;
       const through = this.guestNetworkHelper(dir)!;
-      await attachGuestNetwork(spec.network, {}, { ...through, spareTap: { netnsName: this.sparesNetns, tapName: spare.tapName } });
+      await attachGuestNetwork(spec.network, {}, { ...through, spareTap: { netnsName: spare.netnsName, tapName: spare.tapName } });
       await vm.loadState(path.join(imageDir, IMAGE_FILES.state), guestStateChannel(MicrovmRuntime.chrootOf(dir)), { withoutSharedRam: meta.ramFile === true });
       await vm.resume();
       const record: GuestRecord = { netnsPath: spec.network.netnsPath, memoryBytes: meta.memoryMiB * 1024 * 1024, cpuCount: meta.cpuCount, diskBytes: meta.diskBytes, uid: spare.uid, shares: 0, kitDisk: meta.kitImage, ...(meta.baseImage ? { baseImage: meta.baseImage } : {}), ...(ram ? { ram } : {}) };
       this.track(id, { ...record, vm, dir, overlay: path.join(dir, "root.qcow2") });
       await writeFile(path.join(dir, GUEST_RECORD), JSON.stringify(record), { mode: 0o600 });
       log.debug("restored into a spare QEMU", { sandboxId: id, imageId: imageIdValue, ms: Math.round(performance.now() - started) });
+      // Its namespace's name goes (QEMU alone keeps it), a little later: not beside the guest's first steps.
+      setTimeout(() => void this.removeSpareNetns(spare.netnsName), 2000).unref();
     } catch (err) {
+      await this.removeSpareNetns(spare.netnsName);
       if (!this.guests.has(id)) await vm.quit(2000).catch(() => vm.kill());
       if (spare.ownRamFile) await rm(spare.ownRamFile, { force: true });
       await rm(spare.dir, { recursive: true, force: true });

@@ -17,7 +17,7 @@ function pool(options: { perImage?: number; images?: number; stamp?: (imageId: s
       if (imageId === options.failFor) throw new Error("QEMU did not start");
       if (imageId.startsWith("gone/")) return undefined;
       spawned.push(`${imageId}#${slot}`);
-      return { imageId, stamp: options.stamp?.(imageId) ?? "v1", dir: `/spares/s${slot}`, vm: (options.exited ? { exited: options.exited } : {}) as Microvm, uid: uid++, tapName: `qs${slot}` } satisfies Spare;
+      return { imageId, stamp: options.stamp?.(imageId) ?? "v1", dir: `/spares/s${slot}`, vm: (options.exited ? { exited: options.exited } : {}) as Microvm, uid: uid++, tapName: `qs${slot}`, netnsName: `spare-s${slot}` } satisfies Spare;
     },
     discard: async (spare) => {
       discarded.push(spare.dir);

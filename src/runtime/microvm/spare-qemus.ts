@@ -10,8 +10,8 @@ const log = createLogger("microvm");
  * again, a snapshot's and a template's warm image, the runtime keeps QEMUs started ahead: each
  * made with the image's machine shape, its RAM file and a copy of its disk, confined like any
  * guest's QEMU (its own uid and chroot), started with `-incoming defer` (its vCPUs have never
- * run: no guest code has been in it) inside a namespace of its own that holds only the taps the
- * spares opened. A restore of that image takes one: its directory is renamed to the sandbox's,
+ * run: no guest code has been in it) inside a network namespace of its own that holds only the
+ * tap it opened (so a guest's QEMU stays alone in its namespace once the tap is gone). A restore of that image takes one: its directory is renamed to the sandbox's,
  * its tap moved into the sandbox's netns and renamed there (the resident helper's
  * `net-guest-tap --from`), and the state is loaded into it. A spare is made once an image has
  * been restored or saved (a snapshot, a warm image), a second after the last such event so it
@@ -28,8 +28,9 @@ export interface Spare {
   readonly dir: string;
   readonly vm: Microvm;
   readonly uid: number;
-  /** Its tap in the spares' namespace. */
+  /** Its tap, in its own namespace (under /var/run/netns). */
   readonly tapName: string;
+  readonly netnsName: string;
   /** Its RAM file, when it has one of its own (an image whose RAM is in the stream). */
   readonly ownRamFile?: string;
 }
