@@ -298,6 +298,9 @@ test("./cubicle bench runtimes: both runtimes side by side, the QEMU start floor
     }
     assert.ok(s.qemuStartFloorMs.p50 > 0 && s.microvmFirstCommandOverQemuStart > 1, JSON.stringify(s));
     assert.ok(s.runtimes.microvm.firstCommandMs.p50 > s.qemuStartFloorMs.p50);
+    // The second create from the snapshot found the spare QEMU waiting for it (SPARE_QEMU_NOTE).
+    assert.equal(s.runtimes.microvm.spareWaited, 1, JSON.stringify(s.runtimes.microvm));
+    assert.ok(s.runtimes.microvm.restoreAgainFirstCommandMs.p50 > 0 && s.runtimes.container.restoreAgainFirstCommandMs.p50 > 0);
     const report = writeReport({ resultsDir, reportDir: resultsDir });
     assert.match(fs.readFileSync(report.reportPath, "utf8"), /## Runtimes: containers and microVMs side by side[\s\S]*\| microvm \| 1 \|/);
     assert.deepEqual(qemuPids(), [], "no QEMU left running");
