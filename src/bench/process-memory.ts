@@ -57,6 +57,13 @@ export async function runningAgentMemory(runcPath: string, runDir: string): Prom
  */
 export async function microvmQemuMemory(runDir: string): Promise<{ runtimeId: string; pid: number; memory: ProcessMemory }[]> {
   const prefix = path.join(runDir, "microvm") + "/";
+  // A guest restored into a spare QEMU (SPARE_QEMU_NOTE) has the spare's directory in its argv:
+  // its pid file, in the guest's directory, names it.
+  const byPidFile = new Map<number, string>();
+  for (const id of await readdir(path.join(runDir, "microvm")).catch(() => [] as string[])) {
+    const pid = Number((await readFile(path.join(runDir, "microvm", id, "run", "qemu.pid"), "utf8").catch(() => "")).trim());
+    if (Number.isInteger(pid) && pid > 1) byPidFile.set(pid, id);
+  }
   const found: { runtimeId: string; pid: number; memory: ProcessMemory }[] = [];
   for (const entry of await readdir("/proc")) {
     if (!/^\d+$/.test(entry)) continue;
@@ -64,10 +71,23 @@ export async function microvmQemuMemory(runDir: string): Promise<{ runtimeId: st
     if (!comm.startsWith("qemu-system")) continue;
     const args = (await readFile(`/proc/${entry}/cmdline`, "utf8").catch(() => "")).split("\0");
     const inDir = args.find((arg) => arg.includes(prefix));
-    if (!inDir) continue;
-    const runtimeId = inDir.slice(inDir.indexOf(prefix) + prefix.length).split("/")[0]!;
+    const runtimeId = byPidFile.get(Number(entry)) ?? (inDir ? inDir.slice(inDir.indexOf(prefix) + prefix.length).split("/")[0]! : undefined);
+    if (!runtimeId) continue;
     const rollup = await readFile(`/proc/${entry}/smaps_rollup`, "utf8").catch(() => "");
     if (rollup) found.push({ runtimeId, pid: Number(entry), memory: parseSmapsRollup(rollup) });
+  }
+  return found;
+}
+
+/** The spare QEMUs of a server (SPARE_QEMU_NOTE) still waiting for a state, with their memory. */
+export async function spareQemuMemory(runDir: string): Promise<{ slot: string; pid: number; memory: ProcessMemory }[]> {
+  const root = path.join(runDir, "microvm-spares");
+  const found: { slot: string; pid: number; memory: ProcessMemory }[] = [];
+  for (const slot of await readdir(root).catch(() => [] as string[])) {
+    const pid = Number((await readFile(path.join(root, slot, "run", "qemu.pid"), "utf8").catch(() => "")).trim());
+    if (!Number.isInteger(pid) || pid <= 1) continue;
+    const rollup = await readFile(`/proc/${pid}/smaps_rollup`, "utf8").catch(() => "");
+    if (rollup) found.push({ slot, pid, memory: parseSmapsRollup(rollup) });
   }
   return found;
 }

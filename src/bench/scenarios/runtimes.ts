@@ -19,7 +19,7 @@ import { QmpClient } from "../../runtime/microvm/qmp.js";
 import { qemuCommand, qemuInstall } from "../../runtime/microvm/qemu-install.js";
 import { runCommand } from "../../shared/exec.js";
 import { memAvailableBytes } from "../machine.js";
-import { microvmQemuMemory } from "../process-memory.js";
+import { microvmQemuMemory, spareQemuMemory } from "../process-memory.js";
 import type { BenchOptions } from "../options.js";
 import { Progress } from "../progress.js";
 import { notAvailable, type ScenarioResult } from "../result.js";
@@ -56,19 +56,27 @@ interface CreateSample {
   restoreAgainFirstCommandMs: number;
   /** Whether a spare QEMU waited for the image before that second create (microVMs). */
   spareWaited?: boolean;
+  /** What that waiting spare QEMU held (smaps_rollup), MiB. */
+  spareQemu?: { rssMiB: number; pssMiB: number; privateMiB: number };
 }
 
-/** Waits up to `ms` for a spare QEMU of the server in `runDir` for an image whose id names `snapshotId`. */
-async function spareWaits(runDir: string | undefined, snapshotId: string, ms: number): Promise<boolean> {
-  if (!runDir) return false;
+/**
+ * Waits up to `ms` for a spare QEMU of the server in `runDir` for an image whose id names
+ * `snapshotId`; its memory once it waits, or undefined when none came.
+ */
+async function spareWaits(runDir: string | undefined, snapshotId: string, ms: number): Promise<{ rssMiB: number; pssMiB: number; privateMiB: number } | undefined> {
+  if (!runDir) return undefined;
   const root = path.join(runDir, "microvm-spares");
+  const mib = (bytes: number) => round2(bytes / 2 ** 20);
   for (const deadline = Date.now() + ms; Date.now() < deadline; await new Promise((resolve) => setTimeout(resolve, 100))) {
     for (const slot of await readdir(root).catch(() => [] as string[])) {
       const spare = await readFile(path.join(root, slot, "spare.json"), "utf8").catch(() => "");
-      if (spare.includes(snapshotId)) return true;
+      if (!spare.includes(snapshotId)) continue;
+      const memory = (await spareQemuMemory(runDir)).find((found) => found.slot === slot)?.memory;
+      return memory ? { rssMiB: mib(memory.rssBytes), pssMiB: mib(memory.pssBytes), privateMiB: mib(memory.privateBytes) } : { rssMiB: NaN, pssMiB: NaN, privateMiB: NaN };
     }
   }
-  return false;
+  return undefined;
 }
 
 /** A QEMU microvm without a guest (`-S`): spawned, daemonized, QMP answering, then quit. */
@@ -130,14 +138,15 @@ export async function benchRuntimes(options: BenchOptions, target: BenchTarget):
       await callApi(target, "DELETE", `/sandboxes/${fromSnapshot.json.sandboxID}`);
       // Again from the same image, as a snapshot that serves many creates is: a microVM's now
       // runs in the QEMU the runtime started for it meanwhile (both runtimes wait the same).
-      const spareWaited = runtime === "microvm" ? await spareWaits(target.runDir, snapshotId, 15_000) : (await new Promise((resolve) => setTimeout(resolve, 2000)), undefined);
+      const spare = runtime === "microvm" ? await spareWaits(target.runDir, snapshotId, 15_000) : (await new Promise((resolve) => setTimeout(resolve, 2000)), undefined);
+      const spareWaited = runtime === "microvm" ? spare !== undefined : undefined;
       const againStarted = performance.now();
       const again = await callApi(target, "POST", "/v2/sandboxes", { templateID: snapshotId, timeout: 1800 });
       if (again.status !== 201) throw new Error(`${runtime} second create from a snapshot: ${again.status} ${JSON.stringify(again.json)}`);
       const restoredAgain = await firstSuccessfulCommand(await Sandbox.connect(again.json.sandboxID, { timeoutMs: 1_800_000 }), againStarted, FIRST_COMMAND_DEADLINE_MS);
       await callApi(target, "DELETE", `/sandboxes/${again.json.sandboxID}`);
       return {
-        sample: { runtime, apiMs, firstCommandMs: first.ms, resumeMs: resume.ms, snapshotMs, restoreFirstCommandMs: restored.ms, restoreAgainFirstCommandMs: restoredAgain.ms, ...(spareWaited === undefined ? {} : { spareWaited }) },
+        sample: { runtime, apiMs, firstCommandMs: first.ms, resumeMs: resume.ms, snapshotMs, restoreFirstCommandMs: restored.ms, restoreAgainFirstCommandMs: restoredAgain.ms, ...(spareWaited === undefined ? {} : { spareWaited }), ...(spare ? { spareQemu: spare } : {}) },
         id,
       };
     } finally {
@@ -231,7 +240,14 @@ export async function benchRuntimes(options: BenchOptions, target: BenchTarget):
           snapshotMs: summarize(mine.map((s) => s.snapshotMs)),
           restoreFirstCommandMs: summarize(mine.map((s) => s.restoreFirstCommandMs)),
           restoreAgainFirstCommandMs: summarize(mine.map((s) => s.restoreAgainFirstCommandMs)),
-          ...(runtime === "microvm" ? { spareWaited: mine.filter((s) => s.spareWaited).length } : {}),
+          ...(runtime === "microvm"
+            ? {
+                spareWaited: mine.filter((s) => s.spareWaited).length,
+                // What one spare QEMU holds while it waits (SPARE_QEMU_NOTE): its cost per image.
+                spareQemuRssMiB: summarize(mine.flatMap((s) => (s.spareQemu && Number.isFinite(s.spareQemu.rssMiB) ? [s.spareQemu.rssMiB] : []))),
+                spareQemuPrivateMiB: summarize(mine.flatMap((s) => (s.spareQemu && Number.isFinite(s.spareQemu.privateMiB) ? [s.spareQemu.privateMiB] : []))),
+              }
+            : {}),
           idleMemory: memory[runtime],
           idleMemoryFromOneSnapshot: restoredMemory[runtime],
         },
