@@ -128,3 +128,21 @@ test("a spare whose QEMU ends while it waits leaves the pool, and its files go",
   assert.equal(spares.take("snapshot/a", "v1"), undefined);
   await spares.close();
 });
+
+test("a fill with nothing to make (the image has its spares) leaves the pool able to fill again and to close", async () => {
+  const { spares, spawned } = pool();
+  // Plain waits, not settled(): a fill that never ended would make settled() spin forever.
+  const wait = () => new Promise((resolve) => setTimeout(resolve, 40));
+  spares.want("snapshot/a");
+  await wait();
+  // Wanted again while it has its spare: the fill finds nothing to make and ends at once.
+  spares.want("snapshot/a");
+  await wait();
+  assert.deepEqual(spawned, ["snapshot/a#0"]);
+  // Taken: the next want makes another.
+  assert.ok(spares.take("snapshot/a", "v1"));
+  spares.want("snapshot/a");
+  await wait();
+  assert.deepEqual(spawned, ["snapshot/a#0", "snapshot/a#1"], "the pool filled again");
+  await spares.close();
+});

@@ -127,36 +127,39 @@ export class SpareQemus {
 
   private fill(): void {
     if (this.filling || this.closed) return;
-    this.filling = (async () => {
-      try {
-        for (;;) {
-          const imageId = [...this.recent].reverse().find((id) => (this.byImage.get(id)?.length ?? 0) < this.options.perImage);
-          if (!imageId || this.closed) return;
-          this.dropped.delete(imageId);
-          const spare = await this.options.spawn(imageId, this.nextSlot++).catch((err: Error) => {
-            log.warn("could not start a spare QEMU", { imageId, error: err.message });
-            return undefined;
-          });
-          if (!spare) {
-            // The image is gone or cannot be loaded: it keeps no spares.
-            const at = this.recent.indexOf(imageId);
-            if (at >= 0) this.recent.splice(at, 1);
-            continue;
-          }
-          if (this.closed || this.dropped.has(imageId) || !this.recent.includes(imageId)) {
-            await this.discard(spare);
-            continue;
-          }
-          const spares = this.byImage.get(imageId) ?? [];
-          spares.push(spare);
-          this.byImage.set(imageId, spares);
-          // One that ends while it waits (killed, out of memory) leaves the pool and its files go.
-          void spare.vm.exited?.then(() => this.forget(spare));
-        }
-      } finally {
-        this.filling = undefined;
+    // Cleared once the run has settled, never before it is assigned: a run with nothing to make
+    // ends without awaiting, and a `finally` inside it would run before the assignment.
+    this.filling = this.fillAll().finally(() => {
+      this.filling = undefined;
+    });
+  }
+
+  /** Makes the missing spares, one at a time, the most recently wanted image first. */
+  private async fillAll(): Promise<void> {
+    for (;;) {
+      const imageId = [...this.recent].reverse().find((id) => (this.byImage.get(id)?.length ?? 0) < this.options.perImage);
+      if (!imageId || this.closed) return;
+      this.dropped.delete(imageId);
+      const spare = await this.options.spawn(imageId, this.nextSlot++).catch((err: Error) => {
+        log.warn("could not start a spare QEMU", { imageId, error: err.message });
+        return undefined;
+      });
+      if (!spare) {
+        // The image is gone or cannot be loaded: it keeps no spares.
+        const at = this.recent.indexOf(imageId);
+        if (at >= 0) this.recent.splice(at, 1);
+        continue;
       }
-    })();
+      if (this.closed || this.dropped.has(imageId) || !this.recent.includes(imageId)) {
+        await this.discard(spare);
+        continue;
+      }
+      const spares = this.byImage.get(imageId) ?? [];
+      spares.push(spare);
+      this.byImage.set(imageId, spares);
+      // One that ends while it waits (killed, out of memory) leaves the pool and its files go.
+      void spare.vm.exited?.then(() => this.forget(spare));
+    }
   }
 
   /** A spare whose QEMU ended on its own: out of the pool (unless taken), its files removed. */
