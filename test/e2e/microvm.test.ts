@@ -61,9 +61,9 @@ function guestPidFiles(): Set<number> {
   return new Set(ids.map((id) => Number((() => { try { return fs.readFileSync(path.join(root, id, "run", "qemu.pid"), "utf8"); } catch { return ""; } })().trim())));
 }
 
-/** The spare waiting for an image whose id contains `name`, within `ms` (SPARE_QEMU_NOTE). */
-async function spareFor(name: string, ms = 60_000): Promise<{ dir: string; pid: number } | undefined> {
-  const root = path.join(server!.runDir, "microvm-spares");
+/** The spare waiting for an image whose id contains `name` (any: ""), of the server in `runDir`, within `ms` (SPARE_QEMU_NOTE). */
+async function spareFor(name: string, runDir = server!.runDir, ms = 60_000): Promise<{ dir: string; pid: number } | undefined> {
+  const root = path.join(runDir, "microvm-spares");
   const deadline = Date.now() + ms;
   while (Date.now() < deadline) {
     for (const slot of fs.existsSync(root) ? fs.readdirSync(root) : []) {
@@ -383,7 +383,7 @@ test("a microVM template's warm snapshot: creates restore a guest whose agent al
     for (let i = 0; i < 2; i++) {
       const restoresBefore = (await counts())!.restores;
       // The second create restores into the QEMU started ahead for the warm image (SPARE_QEMU_NOTE).
-      const spare = i === 1 ? await waitForSpare(warm.runDir) : undefined;
+      const spare = i === 1 ? (await spareFor("", warm.runDir))?.pid : undefined;
       if (i === 1) assert.ok(spare, "a spare QEMU waits for the warm image");
       const started = performance.now();
       const created = await warm.api("POST", "/v2/sandboxes", { templateID: "base", timeout: 300 });
@@ -420,18 +420,6 @@ test("a microVM template's warm snapshot: creates restore a guest whose agent al
   })();
   assert.equal(left, "", "the server's spare QEMUs end with it");
 });
-
-/** The pid of a spare QEMU of the server in `runDir` (SPARE_QEMU_NOTE), waited for up to a minute. */
-async function waitForSpare(runDir: string): Promise<number | undefined> {
-  const root = path.join(runDir, "microvm-spares");
-  for (const deadline = Date.now() + 60_000; Date.now() < deadline; await new Promise((resolve) => setTimeout(resolve, 200))) {
-    for (const slot of fs.existsSync(root) ? fs.readdirSync(root) : []) {
-      const pid = Number((() => { try { return fs.readFileSync(path.join(root, slot, "run", "qemu.pid"), "utf8"); } catch { return ""; } })().trim());
-      if (pid > 1 && fs.existsSync(path.join(root, slot, "spare.json"))) return pid;
-    }
-  }
-  return undefined;
-}
 
 test("the image budget bounds microVM images too (IMAGE_BUDGET_NOTE): a snapshot past it is a 507 that leaves nothing, and the guest runs on", { timeout: 10 * 60_000 }, async (t) => {
   if (skipReason || !server) return t.skip(skipReason ?? "no server");

@@ -314,16 +314,6 @@ export class MicrovmRuntime implements Runtime {
     await this.clearSpares();
   }
 
-  /** Spares waiting per image (tests). */
-  spareCounts(): Record<string, number> {
-    return this.spares?.counts() ?? {};
-  }
-
-  /** Resolves once no spare is being started (tests). */
-  async sparesSettled(): Promise<void> {
-    await this.spares?.settled();
-  }
-
   /** An image restored or saved keeps spares when it is restored again and again: a snapshot's, a warm one. */
   private wantSpares(imageIdValue: string): void {
     const kind = parseImageId(imageIdValue).kind;
@@ -332,7 +322,7 @@ export class MicrovmRuntime implements Runtime {
 
   /**
    * A QEMU for the image, started ahead (SPARE_QEMU_NOTE): the image's machine shape, RAM file
-   * and a copy of its disk, confined, waiting for the state in the spares' namespace.
+   * and a copy of its disk, confined, waiting for the state in a network namespace of its own.
    */
   private async spawnSpare(imageIdValue: string, slot: number): Promise<Spare | undefined> {
     const { assets, kit } = this;
@@ -343,6 +333,7 @@ export class MicrovmRuntime implements Runtime {
     const name = `s${slot}`;
     const dir = path.join(this.config.runDir, SPARES_DIR, name);
     const netnsName = this.spareNetns(name);
+    const tapName = `qs${slot % 1_000_000_000}`;
     const overlay = path.join(dir, "root.qcow2");
     const uid = this.guestUid();
     const ownRamFile = !meta.ramFile && this.ramFiles ? path.join(this.ramDir, `.spare-${name}.ram`) : undefined;
@@ -364,7 +355,7 @@ export class MicrovmRuntime implements Runtime {
         cpuCount: meta.cpuCount,
         rootDisk: overlay,
         kitDisk: meta.kitImage,
-        network: { tapName: `qs${slot % 1_000_000_000}`, macAddress: GUEST_MAC_ADDRESS, address: GUEST_ADDRESS, prefixLength: GUEST_PREFIX_LENGTH, gateway: GUEST_GATEWAY },
+        network: { tapName, macAddress: GUEST_MAC_ADDRESS, address: GUEST_ADDRESS, prefixLength: GUEST_PREFIX_LENGTH, gateway: GUEST_GATEWAY },
         launchFile,
         runDir: path.join(dir, "run"),
         netnsPath: `/var/run/netns/${netnsName}`,
@@ -379,7 +370,7 @@ export class MicrovmRuntime implements Runtime {
         await vm.quit(2000).catch(() => vm.kill());
         throw err;
       });
-      return { imageId: imageIdValue, stamp: imageStamp(meta), dir, vm, uid, tapName: `qs${slot % 1_000_000_000}`, netnsName, ...(ownRamFile ? { ownRamFile } : {}) };
+      return { imageId: imageIdValue, stamp: imageStamp(meta), dir, vm, uid, tapName, netnsName, ...(ownRamFile ? { ownRamFile } : {}) };
     } catch (err) {
       await rm(dir, { recursive: true, force: true });
       await this.removeSpareNetns(netnsName);
