@@ -119,3 +119,12 @@ test("CUBICLE_TEMPLATE_RUNTIME names container or microvm per template; anything
   assert.deepEqual(loadConfig({}).templateRuntime, {});
   for (const bad of ["base", "base=kvm", "=microvm", "base=microvm,", "ba se=microvm"]) assert.throws(() => parseTemplateRuntime(bad), /CUBICLE_TEMPLATE_RUNTIME/, bad);
 });
+
+test("CUBICLE_MICROVM_SPARES: one per image by default, 0 for none; a non-number or more than 16 is refused", () => {
+  assert.equal(loadConfig({}).microvmSpares, 1);
+  assert.equal(loadConfig({ CUBICLE_MICROVM_SPARES: "0" }).microvmSpares, 0);
+  assert.equal(loadConfig({ CUBICLE_MICROVM_SPARES: "16" }).microvmSpares, 16);
+  assert.throws(() => loadConfig({ CUBICLE_MICROVM_SPARES: "17" }), /CUBICLE_MICROVM_SPARES: 17 is more than 16/);
+  assert.throws(() => loadConfig({ CUBICLE_MICROVM_SPARES: "-1" }), /CUBICLE_MICROVM_SPARES: "-1" is not a whole number/);
+  assert.throws(() => loadConfig({ CUBICLE_MICROVM_SPARES: "two" }), /not a whole number/);
+});
