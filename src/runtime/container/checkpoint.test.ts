@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { lstat, mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
+import { lstat, mkdir, mkdtemp, readdir, readFile, stat, writeFile } from "node:fs/promises";
 import http from "node:http";
 import net from "node:net";
 import os from "node:os";
@@ -15,7 +15,7 @@ import type { CheckpointTarget, SandboxSpec } from "../types.js";
 import { imageLayout } from "./checkpoint-image.js";
 import { ContainerRuntime } from "./container-runtime.js";
 import { findCriu } from "./criu.js";
-import { agentGet, cleanUpRuntimeTest, waitForAgentHealth } from "./test-helpers.js";
+import { agentGet, cleanUpRuntimeTest, removeStateAndRunDir, waitForAgentHealth } from "./test-helpers.js";
 
 // Real runc containers checkpointed and restored with CRIU. Needs root, CRIU 4.2+ set up by
 // scripts/setup-host.sh and a shifted template rootfs: CUBICLE_TEST_ROOTFS=/var/lib/cubicle/templates/base/rootfs.
@@ -457,7 +457,7 @@ describe("container checkpoints (CRIU)", { skip }, () => {
       assert.equal((await get(source.net.sandboxAddress, "/health")).status, 204);
     } finally {
       // Each step even when one before it failed: a runtime left mounted outlives the test.
-      const steps = [...clones.map((clone) => () => removeSandbox(clone, agentRuntime)), () => removeSandbox(source, agentRuntime), () => agentRuntime.releaseHostMounts(), () => rm(agentState, { recursive: true, force: true })];
+      const steps = [...clones.map((clone) => () => removeSandbox(clone, agentRuntime)), () => removeSandbox(source, agentRuntime), () => agentRuntime.releaseHostMounts(), () => removeStateAndRunDir(agentState)];
       for (const step of steps) await step().catch((err: unknown) => console.error("clean-up of the real-agent test failed:", err));
     }
   });

@@ -1,9 +1,10 @@
 import net from "node:net";
 /** Helpers the runtime's tests and development scripts share: talking to a sandbox's agent. */
-import { rm } from "node:fs/promises";
+import { readFile, rm } from "node:fs/promises";
 import http from "node:http";
 import type { NetworkManager } from "../../network/types.js";
 import { ENVD_PORT } from "../../protocol/index.js";
+import { defaultRunDir } from "../../shared/config.js";
 import { runCommand } from "../../shared/exec.js";
 import type { ContainerRuntime } from "./container-runtime.js";
 
@@ -45,7 +46,7 @@ export async function waitForAgentHealth(host: string, timeoutMs = 15_000): Prom
 
 /**
  * Removes everything a runtime test made, even after a failure: its sandboxes, namespaces,
- * nftables table and state directory.
+ * nftables table, state directory and (once nothing is mounted under it) run directory.
  */
 export async function cleanUpRuntimeTest(parts: { runtime?: ContainerRuntime; network?: NetworkManager; tableName: string; stateDir?: string }): Promise<void> {
   const { runtime, network } = parts;
@@ -54,7 +55,15 @@ export async function cleanUpRuntimeTest(parts: { runtime?: ContainerRuntime; ne
   await runtime?.releaseHostMounts().catch((err) => console.error("cleanup: unmounting", err));
   for (const id of (await network?.listRuntimeIds()) ?? []) await network!.release(id).catch(() => {});
   await runCommand(["nft", "delete", "table", "inet", parts.tableName], { allowFailure: true });
-  if (parts.stateDir) await rm(parts.stateDir, { recursive: true, force: true });
+  if (parts.stateDir) await removeStateAndRunDir(parts.stateDir);
+}
+
+/** Removes a test's state directory and its default run directory; the latter only when no mount is left under it. */
+export async function removeStateAndRunDir(stateDir: string): Promise<void> {
+  await rm(stateDir, { recursive: true, force: true });
+  const runDir = defaultRunDir(stateDir);
+  const mounts = await readFile("/proc/mounts", "utf8");
+  if (!mounts.split("\n").some((line) => (line.split(" ")[1] ?? "").startsWith(runDir + "/"))) await rm(runDir, { recursive: true, force: true });
 }
 
 /** Everything a TCP server at host:port sends until it closes (2 s without data is an error). */
