@@ -83,7 +83,8 @@ export async function microvmQemuMemory(runDir: string): Promise<{ runtimeId: st
 export async function spareQemuMemory(runDir: string): Promise<{ slot: string; pid: number; memory: ProcessMemory }[]> {
   const root = path.join(runDir, "microvm-spares");
   const found: { slot: string; pid: number; memory: ProcessMemory }[] = [];
-  for (const slot of await readdir(root).catch(() => [] as string[])) {
+  // Spares are `s<n>`; `c<n>` is an image's conversion to a RAM file (RAM_FILE_CONVERSION_NOTE).
+  for (const slot of (await readdir(root).catch(() => [] as string[])).filter((name) => name.startsWith("s"))) {
     const pid = Number((await readFile(path.join(root, slot, "run", "qemu.pid"), "utf8").catch(() => "")).trim());
     if (!Number.isInteger(pid) || pid <= 1) continue;
     const rollup = await readFile(`/proc/${pid}/smaps_rollup`, "utf8").catch(() => "");

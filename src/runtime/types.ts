@@ -180,6 +180,8 @@ export interface CheckpointOptions {
   memory: boolean;
   /** Keep the sandbox running after the dump (snapshot, fork) instead of stopping it (pause). */
   leaveRunning: boolean;
+  /** The image serves one burst of restores and is then removed (a fork's): the runtime prepares nothing for later ones. */
+  transient?: boolean;
 }
 
 export interface CheckpointInfo {

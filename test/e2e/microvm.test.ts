@@ -66,7 +66,8 @@ async function spareFor(name: string, runDir = server!.runDir, ms = 60_000): Pro
   const root = path.join(runDir, "microvm-spares");
   const deadline = Date.now() + ms;
   while (Date.now() < deadline) {
-    for (const slot of fs.existsSync(root) ? fs.readdirSync(root) : []) {
+    // Spares are `s<n>`; `c<n>` is an image's conversion to a RAM file (RAM_FILE_CONVERSION_NOTE).
+    for (const slot of (fs.existsSync(root) ? fs.readdirSync(root) : []).filter((name) => name.startsWith("s"))) {
       try {
         const { imageId } = JSON.parse(fs.readFileSync(path.join(root, slot, "spare.json"), "utf8")) as { imageId: string };
         const pid = Number(fs.readFileSync(path.join(root, slot, "run", "qemu.pid"), "utf8").trim());
@@ -196,6 +197,26 @@ test("microVM memory images (MICROVM_IMAGE_NOTE): snapshot, create from it, fork
     assert.notEqual(restoredIdentity.split("\n")[1], sourceIdentity.split("\n")[1], "a new machine id");
     const guestSeconds = Number(await run(restored, "date +%s"));
     assert.ok(Math.abs(guestSeconds - Date.now() / 1000) < 5, `the guest's clock says ${guestSeconds}, the host's ${Math.round(Date.now() / 1000)}`);
+
+    // A snapshot of a restored guest (its RAM a private mapping) holds its RAM in its stream at
+    // first; in the background it gets a RAM file and a device-only state (RAM_FILE_CONVERSION_NOTE),
+    // which a create from it then maps: the image's pages, shared, not a copy of its own.
+    const second = await server.api("POST", `/sandboxes/${restored.sandboxId}/snapshots`, {});
+    assert.equal(second.status, 201, JSON.stringify(second.json));
+    const secondDir = path.join(imagesDir, "snapshots", second.json.snapshotID as string);
+    const converted = () => {
+      const meta = JSON.parse(fs.readFileSync(path.join(secondDir, "meta.json"), "utf8")) as { ramFile?: boolean; stateFile?: string };
+      return meta.ramFile === true && meta.stateFile === "state.ram" && !fs.existsSync(path.join(secondDir, "state")) && fs.existsSync(path.join(secondDir, "ram"));
+    };
+    for (let i = 0; i < 300 && !converted(); i++) await new Promise((resolve) => setTimeout(resolve, 200));
+    assert.ok(converted(), `the image got its RAM file: ${fs.readdirSync(secondDir).join(", ")}`);
+    const fromSecond = await Sandbox.create(second.json.snapshotID as string, { timeoutMs: 600_000 });
+    made.push(fromSecond.sandboxId);
+    assert.equal(await run(fromSecond, "cat /dev/shm/marker"), "ram-only", "the converted image holds the guest's RAM");
+    assert.equal(await run(fromSecond, "hostname"), fromSecond.sandboxId);
+    const secondPid = fs.readFileSync(path.join(server.runDir, "microvm", fromSecond.sandboxId, "run", "qemu.pid"), "utf8").trim();
+    assert.ok(fs.readFileSync(`/proc/${secondPid}/maps`, "utf8").includes(path.join(secondDir, "ram")), "its QEMU maps the image's RAM file");
+    await fromSecond.kill();
 
     const forks = await restored.fork({ count: 2, timeoutMs: 600_000 });
     assert.equal(forks.length, 2);

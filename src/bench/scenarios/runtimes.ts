@@ -69,7 +69,8 @@ async function spareWaits(runDir: string | undefined, snapshotId: string, ms: nu
   const root = path.join(runDir, "microvm-spares");
   const mib = (bytes: number) => round2(bytes / 2 ** 20);
   for (const deadline = Date.now() + ms; Date.now() < deadline; await new Promise((resolve) => setTimeout(resolve, 100))) {
-    for (const slot of await readdir(root).catch(() => [] as string[])) {
+    // Spares are `s<n>`; `c<n>` is an image's conversion to a RAM file (RAM_FILE_CONVERSION_NOTE).
+    for (const slot of (await readdir(root).catch(() => [] as string[])).filter((name) => name.startsWith("s"))) {
       const spare = await readFile(path.join(root, slot, "spare.json"), "utf8").catch(() => "");
       if (!spare.includes(snapshotId)) continue;
       const memory = (await spareQemuMemory(runDir)).find((found) => found.slot === slot)?.memory;

@@ -167,7 +167,7 @@ export class Snapshots {
     ctx.dropIdleSockets(record);
     let info;
     try {
-      info = await ctx.ports.runtime.checkpoint(runtimeId, { kind: "snapshot", name: snapshotId }, { memory: true, leaveRunning: true });
+      info = await ctx.ports.runtime.checkpoint(runtimeId, { kind: "snapshot", name: snapshotId }, { memory: true, leaveRunning: true, ...(hidden ? { transient: true } : {}) });
     } catch (err) {
       // A failed dump (disk full …) leaves no image behind: the runtime abandons what it wrote.
       const state = await ctx.ports.runtime.state(runtimeId).catch(() => "missing" as const);

@@ -151,6 +151,11 @@ export class ContainerImageStore implements ImageStore {
     if (!options.background) await deletion;
   }
 
+  /** An image's files changed after its commit (the microVM runtime's RAM_FILE_CONVERSION_NOTE): it counts `bytes` now. */
+  resized(id: string, bytes: number): void {
+    if (this.bytes.has(id)) this.bytes.set(id, bytes);
+  }
+
   /**
    * Bytes of the committed images. An image whose directory went another way than remove()
    * (by hand) stops counting here.

@@ -60,8 +60,28 @@ test("images a microVM runtime cannot restore are refused with a clear 4xx, befo
     // RAM images (MICROVM_RAM_NOTE): the field is a boolean, and the file it names must be there.
     await assert.rejects(runtime.restore(spec("a"), await image("ram-kind", { ...good, ramFile: "ram", kitImage, kernelVersion })), refused("failed_precondition", /damaged/));
     await assert.rejects(runtime.restore(spec("a"), await image("ram-missing", { ...good, ramFile: true, kitImage, kernelVersion })), refused("failed_precondition", /RAM file is missing/));
+    // A converted image's device state (RAM_FILE_CONVERSION_NOTE) is `state.ram` or nothing, and only with a RAM file.
+    await assert.rejects(runtime.restore(spec("a"), await image("state-path", { ...good, ramFile: true, stateFile: "../../../etc/shadow", kitImage, kernelVersion })), refused("failed_precondition", /damaged/));
+    await assert.rejects(runtime.restore(spec("a"), await image("state-stream", { ...good, stateFile: "state.ram", kitImage, kernelVersion })), refused("failed_precondition", /damaged/));
     await assert.rejects(runtime.checkpoint("nosuch", { kind: "snapshot", name: "x" }, { memory: true, leaveRunning: true }), refused("not_found", /does not exist/));
     assert.deepEqual(await runtime.list(), [], "no guest was started");
+
+    // What a conversion cut short left goes at the next start: before its swap the new files
+    // (meta.json does not name them), after it the stream; what an image uses stays.
+    const files = async (name: string, names: string[]) => {
+      for (const file of names) await writeFile(path.join(stateDir, "microvm", "images", "snapshots", name, file), "x");
+    };
+    await image("cut-before", { ...good, kitImage, kernelVersion });
+    await files("cut-before", ["state", "ram", "state.ram", "meta.json.new"]);
+    await image("cut-after", { ...good, ramFile: true, stateFile: "state.ram", kitImage, kernelVersion });
+    await files("cut-after", ["state", "ram", "state.ram"]);
+    await image("ram-image", { ...good, ramFile: true, kitImage, kernelVersion });
+    await files("ram-image", ["state", "ram"]);
+    await new MicrovmRuntime({ stateDir, runDir: path.join(stateDir, "run"), distDir: dist, accel: "tcg", kernelDeb: await localKernelDeb() }).init();
+    const left = (name: string) => ["state", "ram", "state.ram", "meta.json.new"].filter((file) => existsSync(path.join(stateDir, "microvm", "images", "snapshots", name, file)));
+    assert.deepEqual(left("cut-before"), ["state"]);
+    assert.deepEqual(left("cut-after"), ["ram", "state.ram"]);
+    assert.deepEqual(left("ram-image"), ["state", "ram"]);
   } finally {
     await runtime?.releaseHostMounts().catch((err) => console.error("cleanup: unmounting", err));
     await rm(stateDir, { recursive: true, force: true });

@@ -2,6 +2,7 @@ import { createHash } from "node:crypto";
 import { constants, existsSync } from "node:fs";
 import { copyFile, mkdir, mkdtemp, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import path from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
 import { mountPoints } from "../../shared/fs.js";
@@ -107,10 +108,19 @@ interface MicrovmImageMeta {
   baseImage?: string;
   /** The RAM is the `ram` file, and `state` holds the devices alone (MICROVM_RAM_NOTE); else `state` holds both. */
   ramFile?: boolean;
+  /** `state.ram`: the devices alone, written when a stream image was given its RAM file (RAM_FILE_CONVERSION_NOTE); else `state`. */
+  stateFile?: typeof CONVERTED_STATE_FILE;
 }
 
 /** The files of a microVM image. */
 const IMAGE_FILES = { state: "state", rootDisk: "root.qcow2", meta: "meta.json", ram: "ram" } as const;
+/** The device state of an image converted to a RAM file (RAM_FILE_CONVERSION_NOTE). */
+const CONVERTED_STATE_FILE = "state.ram";
+
+/** The file of an image that holds its device state (and, without a RAM file, its RAM). */
+function stateFileOf(meta: MicrovmImageMeta): string {
+  return meta.stateFile ?? IMAGE_FILES.state;
+}
 
 /**
  * MICROVM_RAM_NOTE (QEMU 8.2+, QEMU_INSTALL_NOTE): a guest's RAM is a file, so that guests made
@@ -129,6 +139,22 @@ const IMAGE_FILES = { state: "state", rootDisk: "root.qcow2", meta: "meta.json",
  * the page cache under the private mappings never changes.
  */
 const RAM_TMPFS = "microvm-ram";
+
+/**
+ * RAM_FILE_CONVERSION_NOTE: an image saved from a restored guest holds its RAM in its stream
+ * (MICROVM_RAM_NOTE), so every guest restored from it loads a copy of its own and no page is
+ * shared. Most guests are restored ones (a template's warm image), so a snapshot of one is
+ * converted in the background, a second after it is taken, one image at a time: a QEMU of the
+ * image's shape is started as a spare is (SPARE_QEMU_NOTE), with a shared RAM file of its own,
+ * the stream is loaded into it (its vCPUs never run), its devices alone are saved into
+ * `state.ram` and its RAM file copied into the image as `ram`; then meta.json is replaced
+ * (atomically, by rename) to name both, and the stream goes. The swap waits until no restore of
+ * the image is loading its state and holds new ones back while it runs (a few milliseconds), so
+ * a restore reads either the old files or the new ones; files are only added before the swap,
+ * so the image is whole whenever the process dies, and init() removes what a crash left. A
+ * fork's image (`transient`) is restored at once and removed: it is not converted.
+ */
+const CONVERSION_DELAY_MS = 1000;
 
 interface Guest extends GuestRecord {
   vm: Microvm;
@@ -185,10 +211,28 @@ export class MicrovmRuntime implements Runtime {
 
   /** QEMUs started ahead for the images restored most (SPARE_QEMU_NOTE); none without the helper. */
   private readonly spares: SpareQemus | undefined;
+  /** Stream images being given a RAM file, one at a time (RAM_FILE_CONVERSION_NOTE). */
+  private conversions: Promise<void> = Promise.resolve();
+  /** The QEMU of the conversion in progress. */
+  private converting: Spare | undefined;
+  /** Images queued for conversion or being converted: they get spares once it is done. */
+  private readonly toConvert = new Set<string>();
+  /** Images saved `transient` (a fork's): restored in one burst, then removed; no spares. */
+  private readonly transient = new Set<string>();
+  private conversionSlot = 0;
+  /** Restores in progress by image id, and the images whose files are being swapped now. */
+  private readonly loading = new Map<string, number>();
+  private readonly swapping = new Map<string, Promise<void>>();
+  private closed = false;
 
   constructor(private readonly config: MicrovmRuntimeConfig) {
     // An image's spares end before it goes: they map its RAM file and hold a copy of its disk.
-    this.images = new ContainerImageStore(path.join(config.stateDir, "microvm", "images"), { beforeRemove: async (id) => this.spares?.drop(id) });
+    this.images = new ContainerImageStore(path.join(config.stateDir, "microvm", "images"), {
+      beforeRemove: async (id) => {
+        this.transient.delete(id);
+        await this.spares?.drop(id);
+      },
+    });
     this.qemu = qemuInstall();
     this.ramFiles = sharesRamImages(this.qemu);
     const perImage = config.spares ?? 0;
@@ -242,6 +286,7 @@ export class MicrovmRuntime implements Runtime {
     // Chroots are per guest now (prepareGuestChroot): the shared empty one of earlier versions goes.
     await rm(path.join(this.cacheDir, "empty"), { recursive: true, force: true });
     await this.images.init();
+    await this.clearConversionLeftovers();
     if (this.ramFiles) await this.mountRamTmpfs();
     await this.clearSpares();
     await this.adoptGuests();
@@ -309,6 +354,9 @@ export class MicrovmRuntime implements Runtime {
 
   /** Ends the spare QEMUs (a server's stop): guests run on and are adopted by the next start. */
   async close(): Promise<void> {
+    this.closed = true;
+    this.converting?.vm.kill();
+    await this.conversions;
     if (!this.spares) return;
     await this.spares.close();
     await this.clearSpares();
@@ -316,6 +364,7 @@ export class MicrovmRuntime implements Runtime {
 
   /** An image restored or saved keeps spares when it is restored again and again: a snapshot's, a warm one. */
   private wantSpares(imageIdValue: string): void {
+    if (this.toConvert.has(imageIdValue) || this.transient.has(imageIdValue)) return;
     const kind = parseImageId(imageIdValue).kind;
     if (kind === "snapshot" || kind === "warm") this.spares?.want(imageIdValue);
   }
@@ -324,16 +373,16 @@ export class MicrovmRuntime implements Runtime {
    * A QEMU for the image, started ahead (SPARE_QEMU_NOTE): the image's machine shape, RAM file
    * and a copy of its disk, confined, waiting for the state in a network namespace of its own.
    */
-  private async spawnSpare(imageIdValue: string, slot: number): Promise<Spare | undefined> {
+  private async spawnSpare(imageIdValue: string, slot: number, prefix: "s" | "c" = "s"): Promise<Spare | undefined> {
     const { assets, kit } = this;
     if (!assets || !kit || !(await this.images.exists(imageIdValue))) return undefined;
     const imageDir = this.images.dirOf(imageIdValue);
     const meta = await readImageMeta(imageDir).catch(() => undefined);
     if (!meta?.memory || !this.restorable(meta, imageDir)) return undefined;
-    const name = `s${slot}`;
+    const name = `${prefix}${slot % 1_000_000_000}`;
     const dir = path.join(this.config.runDir, SPARES_DIR, name);
     const netnsName = this.spareNetns(name);
-    const tapName = `qs${slot % 1_000_000_000}`;
+    const tapName = `q${name}`;
     const overlay = path.join(dir, "root.qcow2");
     const uid = this.guestUid();
     const ownRamFile = !meta.ramFile && this.ramFiles ? path.join(this.ramDir, `.spare-${name}.ram`) : undefined;
@@ -417,7 +466,7 @@ export class MicrovmRuntime implements Runtime {
       await spec.networkReady;
       const through = this.guestNetworkHelper(dir)!;
       await attachGuestNetwork(spec.network, {}, { ...through, spareTap: { netnsName: spare.netnsName, tapName: spare.tapName } });
-      await vm.loadState(path.join(imageDir, IMAGE_FILES.state), guestStateChannel(MicrovmRuntime.chrootOf(dir)), { withoutSharedRam: meta.ramFile === true });
+      await vm.loadState(path.join(imageDir, stateFileOf(meta)), guestStateChannel(MicrovmRuntime.chrootOf(dir)), { withoutSharedRam: meta.ramFile === true });
       await vm.resume();
       const record: GuestRecord = { netnsPath: spec.network.netnsPath, memoryBytes: meta.memoryMiB * 1024 * 1024, cpuCount: meta.cpuCount, diskBytes: meta.diskBytes, uid: spare.uid, shares: 0, kitDisk: meta.kitImage, ...(meta.baseImage ? { baseImage: meta.baseImage } : {}), ...(ram ? { ram } : {}) };
       this.track(id, { ...record, vm, dir, overlay: path.join(dir, "root.qcow2") });
@@ -512,6 +561,7 @@ export class MicrovmRuntime implements Runtime {
   private guestUid(): number {
     const used = new Set([...this.guests.values()].map((guest) => guest.uid));
     for (const uid of this.spares?.uids() ?? []) used.add(uid);
+    if (this.converting) used.add(this.converting.uid);
     for (let tries = 0; tries < MICROVM_UID_COUNT; tries++) {
       const uid = MICROVM_UID_START + (this.nextUid++ % MICROVM_UID_COUNT);
       if (!used.has(uid)) return uid;
@@ -696,10 +746,7 @@ export class MicrovmRuntime implements Runtime {
       let stateBytes = options.memory ? await guest.vm.saveState(path.join(pending.dir, IMAGE_FILES.state), guestStateChannel(MicrovmRuntime.chrootOf(guest.dir)), { withoutSharedRam: ramFile !== undefined }) : 0;
       if (ramFile) {
         const copy = path.join(pending.dir, IMAGE_FILES.ram);
-        // The resident helper's sparse-copy (no process start from Node while the guest is stopped), else cp.
-        const helper = this.config.hostHelper;
-        if (helper) await helper.call("sparse-copy", ["--from", ramFile, "--to", copy], { what: "copying the guest's RAM into the image", timeoutMs: 120_000 });
-        else await runCommand(["cp", "--sparse=always", ramFile, copy], { timeoutMs: 120_000 });
+        await this.copyRamFile(ramFile, copy);
         stateBytes += (await stat(copy)).blocks * 512;
       }
       // QEMU flushed and released the disk at the end of the save (or at the stop): the copy is consistent.
@@ -734,7 +781,9 @@ export class MicrovmRuntime implements Runtime {
       };
       await writeFile(path.join(pending.dir, IMAGE_FILES.meta), JSON.stringify(meta, null, 2) + "\n", { mode: 0o600 });
       const info = await this.images.commit(pending);
-      if (options.memory) this.wantSpares(info.id);
+      if (options.transient) this.transient.add(info.id);
+      // Spares for an image that will be converted wait for it: they would load its stream.
+      if (options.memory && !options.transient && !(ramFile === undefined && this.convertInBackground(info.id))) this.wantSpares(info.id);
       log.debug("checkpoint", { sandboxId, imageId: info.id, stateBytes, frozenMs: Math.round(frozenMs) });
       return { imageId: info.id, sizeBytes: info.sizeBytes, frozenMs, memory: options.memory };
     } catch (err) {
@@ -762,6 +811,19 @@ export class MicrovmRuntime implements Runtime {
   }
 
   async restore(spec: SandboxSpec, imageId: string): Promise<void> {
+    // Counted from before its meta.json is read until its state is loaded (RAM_FILE_CONVERSION_NOTE).
+    for (let swap = this.swapping.get(imageId); swap; swap = this.swapping.get(imageId)) await swap;
+    this.loading.set(imageId, (this.loading.get(imageId) ?? 0) + 1);
+    try {
+      await this.restoreImage(spec, imageId);
+    } finally {
+      const left = (this.loading.get(imageId) ?? 1) - 1;
+      if (left > 0) this.loading.set(imageId, left);
+      else this.loading.delete(imageId);
+    }
+  }
+
+  private async restoreImage(spec: SandboxSpec, imageId: string): Promise<void> {
     const { assets, kit, kitImage } = this;
     if (!assets || !kit || !kitImage) throw new CubicleError("failed_precondition", "the microVM runtime is not initialised; call init() first");
     const info = await this.images.info(imageId);
@@ -819,7 +881,7 @@ export class MicrovmRuntime implements Runtime {
       if (ram?.mode === "shared") await rm(ram.file, { force: true });
       // The saved machine's shape: its devices and memory must be the same to load its state.
       vm = await this.startQemu({ ...this.qemuConfig(dir, uid, spec, guestNetwork, { memoryMiB: meta.memoryMiB, cpuCount: meta.cpuCount }), kitDisk: meta.kitImage, incoming: true, ...(ram ? { ram } : {}) });
-      await vm.loadState(path.join(imageDir, IMAGE_FILES.state), channel, { withoutSharedRam: meta.ramFile === true });
+      await vm.loadState(path.join(imageDir, stateFileOf(meta)), channel, { withoutSharedRam: meta.ramFile === true });
       await vm.resume();
       const record: GuestRecord = { netnsPath: spec.network.netnsPath, memoryBytes: meta.memoryMiB * 1024 * 1024, cpuCount: meta.cpuCount, diskBytes: meta.diskBytes, uid, shares: 0, kitDisk: meta.kitImage, ...(meta.baseImage ? { baseImage: meta.baseImage } : {}), ...(ram ? { ram } : {}) };
       this.track(id, { ...record, vm, dir, overlay });
@@ -830,6 +892,103 @@ export class MicrovmRuntime implements Runtime {
       if (vm && !this.guests.has(id)) await vm.quit(2000).catch(() => vm!.kill());
       await this.destroy(id).catch((cleanup) => log.warn("could not remove a failed restore's guest", { dir, error: (cleanup as Error).message }));
       throw err;
+    }
+  }
+
+  /** Copies a RAM file sparsely: the resident helper's sparse-copy (no process start from Node), else cp. */
+  private async copyRamFile(from: string, to: string): Promise<void> {
+    const helper = this.config.hostHelper;
+    if (helper) await helper.call("sparse-copy", ["--from", from, "--to", to], { what: "copying the guest's RAM into the image", timeoutMs: 120_000 });
+    else await runCommand(["cp", "--sparse=always", from, to], { timeoutMs: 120_000 });
+  }
+
+  /** Queues the conversion of a stream image to a RAM file (RAM_FILE_CONVERSION_NOTE); false when it gets none. */
+  private convertInBackground(imageIdValue: string): boolean {
+    const kind = parseImageId(imageIdValue).kind;
+    if (this.closed || !this.ramFiles || !this.config.launcher || !this.config.hostHelper || (kind !== "snapshot" && kind !== "warm")) return false;
+    this.toConvert.add(imageIdValue);
+    this.conversions = this.conversions
+      .then(() => sleep(CONVERSION_DELAY_MS))
+      .then(() => this.convertToRamFile(imageIdValue))
+      .catch((err: Error) => log.warn("an image keeps its RAM in its stream: converting it failed", { imageId: imageIdValue, error: err.message }))
+      .finally(() => {
+        this.toConvert.delete(imageIdValue);
+        // As after its save: the image keeps spares (none if it was removed meanwhile: the spawn finds it gone).
+        if (!this.closed) this.wantSpares(imageIdValue);
+      });
+    return true;
+  }
+
+  /** Gives a stream image a RAM file and a device-only state (RAM_FILE_CONVERSION_NOTE). */
+  private async convertToRamFile(imageIdValue: string): Promise<void> {
+    if (this.closed || !(await this.images.exists(imageIdValue))) return;
+    const imageDir = this.images.dirOf(imageIdValue);
+    const meta = await readImageMeta(imageDir);
+    if (!meta.memory || meta.ramFile) return;
+    const started = performance.now();
+    const ram = path.join(imageDir, IMAGE_FILES.ram);
+    const devices = path.join(imageDir, CONVERTED_STATE_FILE);
+    const spare = await this.spawnSpare(imageIdValue, ++this.conversionSlot, "c");
+    if (!spare) return;
+    this.converting = spare;
+    let swapped = false;
+    try {
+      if (!spare.ownRamFile) throw new CubicleError("internal", "the converting QEMU has no RAM file of its own");
+      const channel = guestStateChannel(MicrovmRuntime.chrootOf(spare.dir));
+      await spare.vm.loadState(path.join(imageDir, IMAGE_FILES.state), channel);
+      const deviceBytes = await spare.vm.saveState(devices, channel, { withoutSharedRam: true });
+      await this.copyRamFile(spare.ownRamFile, ram);
+      const ramBytes = (await stat(ram)).blocks * 512;
+      const diskBytes = (await stat(path.join(imageDir, IMAGE_FILES.rootDisk))).blocks * 512;
+      const converted: MicrovmImageMeta = { ...meta, ramFile: true, stateFile: CONVERTED_STATE_FILE, sizeBytes: deviceBytes + ramBytes + diskBytes };
+      const metaFile = path.join(imageDir, IMAGE_FILES.meta);
+      await writeFile(`${metaFile}.new`, JSON.stringify(converted, null, 2) + "\n", { mode: 0o600 });
+      await this.exclusively(imageIdValue, async () => {
+        if (this.closed) throw new CubicleError("canceled", "the server is stopping");
+        await rename(`${metaFile}.new`, metaFile);
+        swapped = true;
+      });
+      await rm(path.join(imageDir, IMAGE_FILES.state), { force: true });
+      this.images.resized(imageIdValue, converted.sizeBytes);
+      log.debug("an image's RAM is a file now", { imageId: imageIdValue, ms: Math.round(performance.now() - started), ramBytes });
+    } finally {
+      this.converting = undefined;
+      await this.discardSpare(spare);
+      if (!swapped) {
+        for (const file of [ram, devices, path.join(imageDir, `${IMAGE_FILES.meta}.new`)]) await rm(file, { force: true });
+      }
+    }
+  }
+
+  /** Runs `swap` once no restore is loading the image, holding new restores back until it is done. */
+  private async exclusively(imageIdValue: string, swap: () => Promise<void>): Promise<void> {
+    while ((this.loading.get(imageIdValue) ?? 0) > 0 || this.swapping.has(imageIdValue)) {
+      if (this.closed) throw new CubicleError("canceled", "the server is stopping");
+      await sleep(20);
+    }
+    // Nothing runs between the check above and the entry below: restores see it from now on.
+    const done = swap();
+    this.swapping.set(imageIdValue, done.then(() => undefined, () => undefined));
+    try {
+      await done;
+    } finally {
+      this.swapping.delete(imageIdValue);
+    }
+  }
+
+  /**
+   * What a conversion cut short left in the images (RAM_FILE_CONVERSION_NOTE): before its swap,
+   * the new files (unused: the image's meta.json does not name them); after it, the stream.
+   */
+  private async clearConversionLeftovers(): Promise<void> {
+    for (const kind of ["snapshot", "warm"] as const) {
+      for (const id of await this.images.list(kind)) {
+        const imageDir = this.images.dirOf(id);
+        const meta = await readImageMeta(imageDir).catch(() => undefined);
+        if (!meta?.memory) continue;
+        const stale = meta.stateFile === CONVERTED_STATE_FILE ? [IMAGE_FILES.state] : meta.ramFile ? [] : [IMAGE_FILES.ram, CONVERTED_STATE_FILE];
+        for (const file of [...stale, `${IMAGE_FILES.meta}.new`]) await rm(path.join(imageDir, file), { force: true });
+      }
     }
   }
 
@@ -848,7 +1007,7 @@ export class MicrovmRuntime implements Runtime {
 
 /** What tells one image under an id from another made later under the same id (SPARE_QEMU_NOTE). */
 function imageStamp(meta: MicrovmImageMeta): string {
-  return `${meta.createdAt}/${meta.sizeBytes}`;
+  return `${meta.createdAt}/${meta.sizeBytes}/${meta.ramFile ? "ram" : "stream"}`;
 }
 
 /** A microVM image's meta.json (MICROVM_IMAGE_NOTE), checked. */
@@ -863,7 +1022,7 @@ async function readImageMeta(imageDir: string): Promise<MicrovmImageMeta> {
     throw new CubicleError("failed_precondition", `the image ${path.basename(imageDir)} is damaged (its meta.json is not JSON)`, { cause: err });
   }
   const positive = (value: unknown) => typeof value === "number" && Number.isInteger(value) && value > 0;
-  if (typeof meta !== "object" || meta === null || meta.runtime !== "microvm" || typeof meta.memory !== "boolean" || !positive(meta.memoryMiB) || !positive(meta.cpuCount) || typeof meta.kitImage !== "string" || typeof meta.kernelVersion !== "string" || (meta.ramFile !== undefined && typeof meta.ramFile !== "boolean")) {
+  if (typeof meta !== "object" || meta === null || meta.runtime !== "microvm" || typeof meta.memory !== "boolean" || !positive(meta.memoryMiB) || !positive(meta.cpuCount) || typeof meta.kitImage !== "string" || typeof meta.kernelVersion !== "string" || (meta.ramFile !== undefined && typeof meta.ramFile !== "boolean") || (meta.stateFile !== undefined && (meta.stateFile !== CONVERTED_STATE_FILE || meta.ramFile !== true))) {
     throw new CubicleError("failed_precondition", `the image ${path.basename(imageDir)} is damaged (its meta.json is not a microVM image's)`);
   }
   return meta as MicrovmImageMeta;

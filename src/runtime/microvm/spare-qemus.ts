@@ -17,8 +17,8 @@ const log = createLogger("microvm");
  * been restored or saved (a snapshot, a warm image), a second after the last such event so it
  * does not compete with the restore that asked for it; only the images restored most recently
  * keep spares, and a spare whose image is removed or rewritten is ended. Pause images and
- * layers get none: each is restored once. A server that stops ends its spares; one that
- * crashed ends them at its next start.
+ * layers get none (each is restored once), nor does a fork's image (restored in one burst, then
+ * removed). A server that stops ends its spares; one that crashed ends them at its next start.
  */
 export interface Spare {
   readonly imageId: string;
