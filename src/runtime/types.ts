@@ -180,8 +180,8 @@ export interface CheckpointOptions {
   memory: boolean;
   /** Keep the sandbox running after the dump (snapshot, fork) instead of stopping it (pause). */
   leaveRunning: boolean;
-  /** The image serves one burst of restores and is then removed (a fork's): the runtime prepares nothing for later ones. */
-  transient?: boolean;
+  /** The image serves this many restores at once and is then removed (a fork's): nothing is prepared for later ones. */
+  transient?: { restores: number };
 }
 
 export interface CheckpointInfo {

@@ -27,7 +27,7 @@ export class Snapshots {
     if (name && (await this.ctx.ports.templates.resolve(name))) {
       throw new CubicleError("conflict", `"${name}" is the name of a template; choose another snapshot name`);
     }
-    return this.withDump(sandboxId, (record) => this.dump(record, newSnapshotId(), name ? [name] : [], false));
+    return this.withDump(sandboxId, (record) => this.dump(record, newSnapshotId(), name ? [name] : []));
   }
 
   async listSnapshots(query: SnapshotQuery): Promise<SnapshotRecord[]> {
@@ -55,7 +55,7 @@ export class Snapshots {
     let source!: SandboxRecord;
     const image = await this.withDump(sandboxId, async (record) => {
       source = { ...record };
-      return this.dump(record, newForkSnapshotId(), [], true);
+      return this.dump(record, newForkSnapshotId(), [], { restores: options.count });
     });
     try {
       const template = await ctx.templateOf(image);
@@ -161,13 +161,15 @@ export class Snapshots {
     }
   }
 
-  private async dump(record: SandboxRecord, snapshotId: string, names: string[], hidden: boolean): Promise<SnapshotRecord> {
+  /** `transient`: a fork's hidden image, restored `restores` times at once and then removed. */
+  private async dump(record: SandboxRecord, snapshotId: string, names: string[], transient?: { restores: number }): Promise<SnapshotRecord> {
+    const hidden = transient !== undefined;
     const { ctx } = this;
     const runtimeId = runtimeIdOf(record);
     ctx.dropIdleSockets(record);
     let info;
     try {
-      info = await ctx.ports.runtime.checkpoint(runtimeId, { kind: "snapshot", name: snapshotId }, { memory: true, leaveRunning: true, ...(hidden ? { transient: true } : {}) });
+      info = await ctx.ports.runtime.checkpoint(runtimeId, { kind: "snapshot", name: snapshotId }, { memory: true, leaveRunning: true, ...(transient ? { transient } : {}) });
     } catch (err) {
       // A failed dump (disk full …) leaves no image behind: the runtime abandons what it wrote.
       const state = await ctx.ports.runtime.state(runtimeId).catch(() => "missing" as const);

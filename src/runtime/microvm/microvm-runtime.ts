@@ -152,7 +152,9 @@ const RAM_TMPFS = "microvm-ram";
  * the image is loading its state and holds new ones back while it runs (a few milliseconds), so
  * a restore reads either the old files or the new ones; files are only added before the swap,
  * so the image is whole whenever the process dies, and init() removes what a crash left. A
- * fork's image (`transient`) is restored at once and removed: it is not converted.
+ * fork's image (`transient`) is restored at once and then removed: it is converted before the
+ * checkpoint returns when two or more restores follow (a fork of one loads the stream once, as
+ * the conversion would; each of more would load a copy of its own, held privately by each).
  */
 const CONVERSION_DELAY_MS = 1000;
 
@@ -213,8 +215,8 @@ export class MicrovmRuntime implements Runtime {
   private readonly spares: SpareQemus | undefined;
   /** Stream images being given a RAM file, one at a time (RAM_FILE_CONVERSION_NOTE). */
   private conversions: Promise<void> = Promise.resolve();
-  /** The QEMU of the conversion in progress. */
-  private converting: Spare | undefined;
+  /** The QEMUs of the conversions in progress (a fork's and the background one). */
+  private readonly converting = new Set<Spare>();
   /** Images queued for conversion or being converted: they get spares once it is done. */
   private readonly toConvert = new Set<string>();
   /** Images saved `transient` (a fork's): restored in one burst, then removed; no spares. */
@@ -355,7 +357,7 @@ export class MicrovmRuntime implements Runtime {
   /** Ends the spare QEMUs (a server's stop): guests run on and are adopted by the next start. */
   async close(): Promise<void> {
     this.closed = true;
-    this.converting?.vm.kill();
+    for (const spare of this.converting) spare.vm.kill();
     await this.conversions;
     if (!this.spares) return;
     await this.spares.close();
@@ -561,7 +563,7 @@ export class MicrovmRuntime implements Runtime {
   private guestUid(): number {
     const used = new Set([...this.guests.values()].map((guest) => guest.uid));
     for (const uid of this.spares?.uids() ?? []) used.add(uid);
-    if (this.converting) used.add(this.converting.uid);
+    for (const spare of this.converting) used.add(spare.uid);
     for (let tries = 0; tries < MICROVM_UID_COUNT; tries++) {
       const uid = MICROVM_UID_START + (this.nextUid++ % MICROVM_UID_COUNT);
       if (!used.has(uid)) return uid;
@@ -782,6 +784,10 @@ export class MicrovmRuntime implements Runtime {
       await writeFile(path.join(pending.dir, IMAGE_FILES.meta), JSON.stringify(meta, null, 2) + "\n", { mode: 0o600 });
       const info = await this.images.commit(pending);
       if (options.transient) this.transient.add(info.id);
+      // A fork's copies map one RAM file instead of each loading the stream (RAM_FILE_CONVERSION_NOTE).
+      if (options.memory && options.transient && options.transient.restores > 1 && ramFile === undefined && this.canConvert(info.id)) {
+        await this.convertToRamFile(info.id).catch((err: Error) => log.warn("a fork's image keeps its RAM in its stream: converting it failed", { imageId: info.id, error: err.message }));
+      }
       // Spares for an image that will be converted wait for it: they would load its stream.
       if (options.memory && !options.transient && !(ramFile === undefined && this.convertInBackground(info.id))) this.wantSpares(info.id);
       log.debug("checkpoint", { sandboxId, imageId: info.id, stateBytes, frozenMs: Math.round(frozenMs) });
@@ -904,8 +910,7 @@ export class MicrovmRuntime implements Runtime {
 
   /** Queues the conversion of a stream image to a RAM file (RAM_FILE_CONVERSION_NOTE); false when it gets none. */
   private convertInBackground(imageIdValue: string): boolean {
-    const kind = parseImageId(imageIdValue).kind;
-    if (this.closed || !this.ramFiles || !this.config.launcher || !this.config.hostHelper || (kind !== "snapshot" && kind !== "warm")) return false;
+    if (!this.canConvert(imageIdValue)) return false;
     this.toConvert.add(imageIdValue);
     this.conversions = this.conversions
       .then(() => sleep(CONVERSION_DELAY_MS))
@@ -919,6 +924,12 @@ export class MicrovmRuntime implements Runtime {
     return true;
   }
 
+  /** Whether this runtime can give the image a RAM file: QEMU 8.2+, the helper, a snapshot's or a warm image. */
+  private canConvert(imageIdValue: string): boolean {
+    const kind = parseImageId(imageIdValue).kind;
+    return !this.closed && this.ramFiles && this.config.launcher !== undefined && this.config.hostHelper !== undefined && (kind === "snapshot" || kind === "warm");
+  }
+
   /** Gives a stream image a RAM file and a device-only state (RAM_FILE_CONVERSION_NOTE). */
   private async convertToRamFile(imageIdValue: string): Promise<void> {
     if (this.closed || !(await this.images.exists(imageIdValue))) return;
@@ -930,7 +941,7 @@ export class MicrovmRuntime implements Runtime {
     const devices = path.join(imageDir, CONVERTED_STATE_FILE);
     const spare = await this.spawnSpare(imageIdValue, ++this.conversionSlot, "c");
     if (!spare) return;
-    this.converting = spare;
+    this.converting.add(spare);
     let swapped = false;
     try {
       if (!spare.ownRamFile) throw new CubicleError("internal", "the converting QEMU has no RAM file of its own");
@@ -952,7 +963,7 @@ export class MicrovmRuntime implements Runtime {
       this.images.resized(imageIdValue, converted.sizeBytes);
       log.debug("an image's RAM is a file now", { imageId: imageIdValue, ms: Math.round(performance.now() - started), ramBytes });
     } finally {
-      this.converting = undefined;
+      this.converting.delete(spare);
       await this.discardSpare(spare);
       if (!swapped) {
         for (const file of [ram, devices, path.join(imageDir, `${IMAGE_FILES.meta}.new`)]) await rm(file, { force: true });
