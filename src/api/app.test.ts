@@ -211,4 +211,6 @@ test("PUT /sandboxes/{id}/network replaces the egress fields, refuses what canno
   assertE2bBody(unknown.statusCode, unknown.json(), 404);
   const createWithMissing = await app.inject({ method: "POST", url: "/v2/sandboxes", headers: auth, payload: { templateID: "base", network: { rules: { "api.test": [{ transform: { headers: { X: "${e2b.secrets.gone}" } } }] } } } });
   assertE2bBody(createWithMissing.statusCode, createWithMissing.json(), 400);
+  // Closing removes the app's build directory (/tmp/cubicle-test-app-builds-*).
+  await app.close();
 });
