@@ -21,6 +21,8 @@ const answerH2 = (stream, headers) => {
   stream.on("error", () => {});
   stream.on("data", (chunk) => (body += chunk));
   stream.on("end", () => {
+    // A session the proxy cut (a policy change) can end a stream that is already destroyed.
+    if (stream.destroyed) return;
     const plain = Object.fromEntries(Object.entries(headers).filter(([name]) => typeof name === "string"));
     stream.respond({ ":status": 200, "content-type": "application/json" }, { waitForTrailers: true });
     stream.on("wantTrailers", () => stream.sendTrailers({ "x-trailer": "done" }));
