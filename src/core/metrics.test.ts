@@ -13,12 +13,14 @@ function harness() {
   let nowMs = 1_700_000_000_000;
   const running = new Map<string, string>();
   const known = new Set<string>();
+  const frozen = new Set<string>();
   const asked: string[] = [];
   let reads = 0;
   const metrics = new SandboxMetrics(
     {
       running: () => new Map(running),
       isKnown: (id) => known.has(id),
+      frozen: (id) => frozen.has(id),
       stats: async (runtimeId) => {
         asked.push(runtimeId);
         return stats(++reads);
@@ -30,6 +32,7 @@ function harness() {
     metrics,
     running,
     known,
+    frozen,
     asked,
     advance: (seconds: number) => (nowMs += seconds * 1000),
     nowSec: () => nowMs / 1000,
@@ -109,4 +112,50 @@ test("the manager's metrics come from the sandbox's runtime id (records of older
     await manager.kill(record.sandboxId);
     await assert.rejects(manager.metrics(record.sandboxId), /not found/);
   });
+});
+
+test("a sandbox frozen for idleness is not read: its newest sample carries on with CPU 0; one frozen before any sample is read once", async () => {
+  const h = harness();
+  for (const id of ["s1", "s2"]) {
+    h.running.set(id, `runtime-of-${id}`);
+    h.known.add(id);
+  }
+  await h.metrics.collect();
+  h.frozen.add("s1");
+  h.frozen.add("s2");
+  h.advance(METRICS_BUCKET_SEC);
+  h.asked.length = 0;
+  await h.metrics.collect();
+  h.advance(METRICS_BUCKET_SEC);
+  await h.metrics.collect();
+  assert.deepEqual(h.asked, [], "no frozen sandbox was read");
+  const history = await h.metrics.range("s1", undefined);
+  assert.equal(history.length, 3);
+  assert.deepEqual(history.map((sample) => sample.cpuUsedPct), [1.5, 0, 0]);
+  assert.equal(new Set(history.map((sample) => sample.memUsedBytes)).size, 1, "memory as it was at the freeze");
+  // Thawed: read again.
+  h.frozen.delete("s1");
+  h.advance(METRICS_BUCKET_SEC);
+  await h.metrics.collect();
+  assert.ok(h.asked.includes("runtime-of-s1"));
+  // Frozen with no sample yet (a new sandbox that froze before its first round): read once.
+  h.running.set("s3", "runtime-of-s3");
+  h.known.add("s3");
+  h.frozen.add("s3");
+  h.asked.length = 0;
+  await h.metrics.collect();
+  assert.deepEqual(h.asked, ["runtime-of-s3"]);
+});
+
+test("a round over many sandboxes lets the event loop run between its batches", async () => {
+  const h = harness();
+  for (let index = 0; index < 100; index++) {
+    h.running.set(`s${index}`, `runtime-of-s${index}`);
+    h.known.add(`s${index}`);
+  }
+  let sampledBeforeTheLoopRan: number | undefined;
+  setImmediate(() => (sampledBeforeTheLoopRan = h.asked.length));
+  await h.metrics.collect();
+  assert.equal(h.asked.length, 100);
+  assert.ok(sampledBeforeTheLoopRan !== undefined && sampledBeforeTheLoopRan < 100, `the loop ran only after ${sampledBeforeTheLoopRan} of 100 samples`);
 });

@@ -144,6 +144,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
       // A sandbox asleep on disk has no container to sample.
       running: () => new Map(this.ctx.table.records().filter((record) => record.state === "running" && record.idle?.tier !== "disk").map((record) => [record.sandboxId, runtimeIdOf(record)])),
       isKnown: (sandboxId) => this.ctx.table.get(sandboxId) !== undefined,
+      frozen: (sandboxId) => this.ctx.table.get(sandboxId)?.idle?.tier === "frozen",
       stats: (runtimeId) => options.runtime.stats(runtimeId),
     });
     this.metricsHistory.start();

@@ -1,7 +1,7 @@
 import { writeFileSync } from "node:fs";
 import { readFile, rmdir } from "node:fs/promises";
 import path from "node:path";
-import { pathExists } from "../../shared/fs.js";
+import { pathExists, readKernelFile } from "../../shared/fs.js";
 
 /**
  * The host's cgroup layout, read once from /proc/self/mountinfo. Pure v2 hosts have one
@@ -83,8 +83,8 @@ export interface CgroupUsage {
 
 /** Total CPU time a container's cgroup consumed, in microseconds (one file read: the idle tiers' check). */
 export async function readCgroupCpuUsec(layout: CgroupLayout, cgroupsPath: string): Promise<number> {
-  if (layout.version === 2) return keyedNumber(await readFile(path.join(layout.v2Mount ?? "/sys/fs/cgroup", cgroupsPath, "cpu.stat"), "utf8"), "usage_usec");
-  const usageNs = await readFile(path.join(layout.v1Mounts.get("cpuacct") ?? "/sys/fs/cgroup/cpuacct", cgroupsPath, "cpuacct.usage"), "utf8");
+  if (layout.version === 2) return keyedNumber(readKernelFile(path.join(layout.v2Mount ?? "/sys/fs/cgroup", cgroupsPath, "cpu.stat")), "usage_usec");
+  const usageNs = readKernelFile(path.join(layout.v1Mounts.get("cpuacct") ?? "/sys/fs/cgroup/cpuacct", cgroupsPath, "cpuacct.usage"));
   return Number(usageNs.trim()) / 1000;
 }
 
@@ -92,31 +92,23 @@ export async function readCgroupCpuUsec(layout: CgroupLayout, cgroupsPath: strin
 export async function readCgroupUsage(layout: CgroupLayout, cgroupsPath: string): Promise<CgroupUsage> {
   if (layout.version === 2) {
     const dir = path.join(layout.v2Mount ?? "/sys/fs/cgroup", cgroupsPath);
-    const [cpuStat, current, memoryStat, max] = await Promise.all([
-      readFile(path.join(dir, "cpu.stat"), "utf8"),
-      readFile(path.join(dir, "memory.current"), "utf8"),
-      readFile(path.join(dir, "memory.stat"), "utf8"),
-      readFile(path.join(dir, "memory.max"), "utf8"),
-    ]);
+    const read = (name: string) => readKernelFile(path.join(dir, name));
+    const max = read("memory.max").trim();
     return {
-      cpuUsageUsec: keyedNumber(cpuStat, "usage_usec"),
-      memoryUsedBytes: Number(current.trim()),
-      memoryCacheBytes: keyedNumber(memoryStat, "file"),
-      memoryLimitBytes: max.trim() === "max" ? undefined : Number(max.trim()),
+      cpuUsageUsec: keyedNumber(read("cpu.stat"), "usage_usec"),
+      memoryUsedBytes: Number(read("memory.current").trim()),
+      memoryCacheBytes: keyedNumber(read("memory.stat"), "file"),
+      memoryLimitBytes: max === "max" ? undefined : Number(max),
     };
   }
   const memoryDir = path.join(layout.v1Mounts.get("memory") ?? "/sys/fs/cgroup/memory", cgroupsPath);
   const cpuacctDir = path.join(layout.v1Mounts.get("cpuacct") ?? "/sys/fs/cgroup/cpuacct", cgroupsPath);
-  const [usageNs, usage, memoryStat, limit] = await Promise.all([
-    readFile(path.join(cpuacctDir, "cpuacct.usage"), "utf8"),
-    readFile(path.join(memoryDir, "memory.usage_in_bytes"), "utf8"),
-    readFile(path.join(memoryDir, "memory.stat"), "utf8"),
-    readFile(path.join(memoryDir, "memory.limit_in_bytes"), "utf8"),
-  ]);
-  const limitBytes = Number(limit.trim());
+  const read = (name: string) => readKernelFile(path.join(memoryDir, name));
+  const memoryStat = read("memory.stat");
+  const limitBytes = Number(read("memory.limit_in_bytes").trim());
   return {
-    cpuUsageUsec: Number(usageNs.trim()) / 1000,
-    memoryUsedBytes: Number(usage.trim()),
+    cpuUsageUsec: Number(readKernelFile(path.join(cpuacctDir, "cpuacct.usage")).trim()) / 1000,
+    memoryUsedBytes: Number(read("memory.usage_in_bytes").trim()),
     memoryCacheBytes: keyedNumber(memoryStat, "total_cache") || keyedNumber(memoryStat, "cache"),
     // v1 reports "unlimited" as a huge page-rounded number.
     memoryLimitBytes: limitBytes >= 2 ** 60 ? undefined : limitBytes,

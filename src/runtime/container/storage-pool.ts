@@ -2,7 +2,7 @@ import { chmod, chown, mkdir, open, readdir, readFile, stat, statfs } from "node
 import path from "node:path";
 import { CubicleError } from "../../shared/cubicle-error.js";
 import { runCommand } from "../../shared/exec.js";
-import { pathExists } from "../../shared/fs.js";
+import { pathExists, readKernelFile } from "../../shared/fs.js";
 import { createLogger } from "../../shared/log.js";
 
 const log = createLogger("storage");
@@ -120,10 +120,16 @@ export class StoragePool {
     if (!this.sysfsDir) throw new CubicleError("failed_precondition", "the storage pool is not initialised");
     const dir = path.join(this.sysfsDir, "qgroups", `0_${subvolumeId}`);
     // `referenced` is accounted at each commit; `rsv_data` holds what was written since.
-    const [referenced, reserved, limit] = await Promise.all(
-      ["referenced", "rsv_data", "max_referenced"].map((name) => readFile(path.join(dir, name), "utf8").then((text) => Number(text.trim()) || 0, () => 0)),
-    );
-    return { usedBytes: referenced! + reserved!, limitBytes: limit! > 0 && limit! < 2 ** 62 ? limit : undefined };
+    // Read synchronously: sysfs files (KERNEL_FILES_NOTE).
+    const read = (name: string) => {
+      try {
+        return Number(readKernelFile(path.join(dir, name)).trim()) || 0;
+      } catch {
+        return 0;
+      }
+    };
+    const limit = read("max_referenced");
+    return { usedBytes: read("referenced") + read("rsv_data"), limitBytes: limit > 0 && limit < 2 ** 62 ? limit : undefined };
   }
 
   private async makeImage(): Promise<void> {
