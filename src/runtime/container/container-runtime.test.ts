@@ -7,6 +7,7 @@ import { after, before, describe, test } from "node:test";
 import { createNetworkManager } from "../../network/index.js";
 import type { NetworkManager, SandboxNetwork } from "../../network/types.js";
 import { defaultRunDir } from "../../shared/config.js";
+import { mountPoints } from "../../shared/fs.js";
 import { runCommand } from "../../shared/exec.js";
 import { SANDBOX_UID_BASE, type SandboxSpec } from "../types.js";
 import { CONTAINER_PREFIX, ContainerRuntime } from "./container-runtime.js";
@@ -301,6 +302,10 @@ describe("container runtime", { skip }, () => {
       for (const [id, base] of [[a.id, baseA], [b.id, baseB]] as const) {
         const container = JSON.parse((await runCommand(["runc", "state", CONTAINER_PREFIX + id])).stdout) as { pid: number };
         assert.equal(await userNamespaceOwner(container.pid), base, `owner of ${id}'s user namespace`);
+        // Its pin served runc's join only: it is unmounted once the sandbox runs (MOUNT_COUNT_NOTE).
+        const pin = path.join(runtime.bundleDir(id), "userns");
+        for (let i = 0; i < 50 && (await mountPoints()).includes(pin); i++) await new Promise((r) => setTimeout(r, 50));
+        assert.ok(!(await mountPoints()).includes(pin), `${pin} is still mounted`);
       }
       // Sandbox A takes every inotify instance its user may have (the host's per-user limit) and keeps them.
       const hog = "import ctypes,time\nlibc=ctypes.CDLL(None)\nfds=[]\nwhile len(fds)<100000:\n  fd=libc.inotify_init()\n  if fd<0: break\n  fds.append(fd)\nopen('/tmp/held','w').write(str(len(fds)))\ntime.sleep(120)\n";
