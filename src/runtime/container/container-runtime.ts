@@ -294,7 +294,7 @@ export class ContainerRuntime implements Runtime {
       await spec.networkReady;
       await this.runc.runDetached(CONTAINER_PREFIX + id, this.paths(id).dir, this.paths(id).runcLog, spec.network.netnsPath);
       const ran = performance.now();
-      this.unpinUserns(id);
+      this.dropStartMounts(id);
       await this.watch(id);
       this.lastCreateTimings = { ...timings, runcMs: roundMs(ran - started - timings.totalMs), totalMs: roundMs(ran - started) };
       log.debug("created", { sandboxId: id, ...this.lastCreateTimings });
@@ -415,12 +415,18 @@ export class ContainerRuntime implements Runtime {
    * new mount namespace and tears the copy down again (runc: unshare, then pivot_root and a
    * detached unmount of the old root), so its cost grows with the mounts on the host: 3,000
    * extra mounts made a bare `runc run` + `delete` 58 → 169 ms here, and 1,000 live sandboxes
-   * hold 3,000 (each an overlay root, a network namespace pin and a user namespace pin). The
-   * user namespace pin only serves runc's join at the start; once the sandbox's init holds the
-   * namespace, the pin goes (in the background: the helper's child, not this process, does it).
+   * held 3,000 (each an overlay root, a network namespace pin and a user namespace pin). The
+   * pin and the root serve runc's start only: once the sandbox's init holds its user namespace
+   * and has its root in its own mount namespace, both leave the host's (in the background: the
+   * helper's children, not this process, unmount them). A restore mounts a new root for CRIU
+   * and drops it the same way; the network namespace pin stays (the network's helpers and CRIU
+   * find the namespace by it).
    */
-  private unpinUserns(id: string): void {
-    this.helper.teardown(this.paths(id).userns, undefined).catch((err) => log.warn("the user namespace pin could not be unmounted", { sandboxId: id, error: String(err) }));
+  private dropStartMounts(id: string): void {
+    const paths = this.paths(id);
+    for (const mount of [paths.userns, paths.rootfs]) {
+      this.helper.teardown(mount, undefined).catch((err) => log.warn("a mount only the start needed could not be unmounted", { sandboxId: id, mount, error: String(err) }));
+    }
   }
 
   async destroy(sandboxId: string): Promise<void> {
@@ -730,9 +736,9 @@ export class ContainerRuntime implements Runtime {
           .finally(() => rm(criuView, { recursive: true, force: true }));
       } else {
         await this.runc.runDetached(CONTAINER_PREFIX + id, paths.dir, paths.runcLog, spec.network.netnsPath);
-        this.unpinUserns(id);
       }
       timings.runcMs = roundMs(performance.now() - runcStarted);
+      this.dropStartMounts(id);
       const container = await this.runc.state(CONTAINER_PREFIX + id);
       if (!container || container.pid <= 0) throw new CubicleError("internal", `sandbox ${id} stopped right after its restore`);
       this.exitWatcher.watch(id, container.pid);
