@@ -49,11 +49,7 @@ class SampleRing {
 
   /** The newest sample, if any. */
   newest(): MetricSample | undefined {
-    if (this.count === 0) return undefined;
-    const base = ((this.next - 1 + METRICS_RETAINED_SAMPLES) % METRICS_RETAINED_SAMPLES) * fields.length;
-    const sample = {} as MetricSample;
-    fields.forEach((field, index) => (sample[field] = this.values[base + index]!));
-    return sample;
+    return this.count === 0 ? undefined : this.sampleAt((this.next - 1 + METRICS_RETAINED_SAMPLES) % METRICS_RETAINED_SAMPLES);
   }
 
   /** The newest sample's bucket, or -Infinity. */
@@ -67,14 +63,18 @@ class SampleRing {
     const found: MetricSample[] = [];
     const first = (this.next - this.count + METRICS_RETAINED_SAMPLES) % METRICS_RETAINED_SAMPLES;
     for (let offset = 0; offset < this.count; offset++) {
-      const base = ((first + offset) % METRICS_RETAINED_SAMPLES) * fields.length;
-      const timestampSec = this.values[base]!;
-      if (timestampSec < start || timestampSec > end) continue;
-      const sample = {} as MetricSample;
-      fields.forEach((field, index) => (sample[field] = this.values[base + index]!));
-      found.push(sample);
+      const slot = (first + offset) % METRICS_RETAINED_SAMPLES;
+      const timestampSec = this.values[slot * fields.length]!;
+      if (timestampSec >= start && timestampSec <= end) found.push(this.sampleAt(slot));
     }
     return found;
+  }
+
+  private sampleAt(slot: number): MetricSample {
+    const base = slot * fields.length;
+    const sample = {} as MetricSample;
+    fields.forEach((field, index) => (sample[field] = this.values[base + index]!));
+    return sample;
   }
 }
 

@@ -1,6 +1,7 @@
 import type { BenchOptions } from "../options.js";
 import type { ScenarioResult } from "../result.js";
-import { fulfilled, rejectedMessages, round2, runMeasured, runPool, sleep } from "../run-helpers.js";
+import { fulfilled, rejectedMessages, round2, runMeasured, sleep } from "../run-helpers.js";
+import { runPool } from "../../shared/pool.js";
 import { summarize } from "../stats.js";
 import { callApi, loadSandboxSdk, type BenchTarget } from "../target.js";
 

@@ -4,7 +4,8 @@ import { memAvailableBytes, memFreeBytes } from "../machine.js";
 import type { BenchOptions } from "../options.js";
 import { Progress } from "../progress.js";
 import type { ScenarioResult } from "../result.js";
-import { errorMessage, fulfilled, rejectedMessages, round2, runPool, sleep } from "../run-helpers.js";
+import { errorMessage, fulfilled, rejectedMessages, round2, sleep } from "../run-helpers.js";
+import { runPool } from "../../shared/pool.js";
 import { summarize } from "../stats.js";
 import { callApi, loadSandboxSdk, type BenchTarget } from "../target.js";
 

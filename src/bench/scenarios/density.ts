@@ -3,7 +3,8 @@ import type { BenchOptions } from "../options.js";
 import { runningAgentMemory } from "../process-memory.js";
 import { Progress } from "../progress.js";
 import type { ScenarioResult } from "../result.js";
-import { errorMessage, fulfilled, rejectedMessages, round2, runPool, sleep } from "../run-helpers.js";
+import { errorMessage, fulfilled, rejectedMessages, round2, sleep } from "../run-helpers.js";
+import { runPool } from "../../shared/pool.js";
 import { loadSandboxSdk, type BenchTarget } from "../target.js";
 
 const MiB = 2 ** 20;

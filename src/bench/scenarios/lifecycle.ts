@@ -6,7 +6,8 @@
 import type { BenchOptions } from "../options.js";
 import { Progress } from "../progress.js";
 import { notAvailable, type ScenarioResult } from "../result.js";
-import { errorMessage, isNotAvailable, NotAvailable, round2, runMeasured, runPool, timed } from "../run-helpers.js";
+import { errorMessage, isNotAvailable, NotAvailable, round2, runMeasured, timed } from "../run-helpers.js";
+import { runPool } from "../../shared/pool.js";
 import { summarize } from "../stats.js";
 import { callApi, loadSandboxSdk, type BenchTarget } from "../target.js";
 import { firstSuccessfulCommand } from "./create.js";

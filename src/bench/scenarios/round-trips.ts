@@ -1,7 +1,8 @@
 import type { BenchOptions } from "../options.js";
 import { Progress } from "../progress.js";
 import type { ScenarioResult } from "../result.js";
-import { errorMessage, fulfilled, rejectedMessages, round2, runPool, timed } from "../run-helpers.js";
+import { errorMessage, fulfilled, rejectedMessages, round2, timed } from "../run-helpers.js";
+import { runPool } from "../../shared/pool.js";
 import { summarize } from "../stats.js";
 import { loadCodeInterpreterSdk, loadSandboxSdk, type BenchTarget } from "../target.js";
 

@@ -1,3 +1,4 @@
+import { runPool } from "../../shared/pool.js";
 import { runtimeIdOf, type SandboxRecord } from "../../store/types.js";
 import type { WarmPool } from "../warm-pool.js";
 import { log, networkPolicyOf, type LifecycleContext } from "./context.js";
@@ -24,22 +25,20 @@ export async function recover(ctx: LifecycleContext, pool: WarmPool, pauses: Pau
   const records = await store.querySandboxes({ states: ["starting", "running", "paused"], order: "asc" });
   // Each sandbox's checks wait mostly on others (runc's state, the agent's health, the network
   // helper): a few at a time, so a thousand are back in seconds rather than a minute.
-  let next = 0;
-  const worker = async () => {
-    while (next < records.length) {
-      const record = records[next++]!;
-      if (await stillThere(ctx, pauses, record)) {
-        ctx.table.adopt(record);
-        if (record.network) await runtime.watch(runtimeIdOf(record)).catch((err) => log.warn("cannot watch an adopted sandbox", { sandboxId: record.sandboxId, error: String(err) }));
-        recovered.adopted.push(record.sandboxId);
-        await ctx.recordEvent(record.sandboxId, "adopted", { state: record.state });
-      } else {
-        await ctx.table.end(record, { state: "dead", reason: record.state === "starting" ? "server stopped during create" : "vanished while the server was down" });
-        recovered.dead.push(record.sandboxId);
-      }
+  const checked = await runPool(records.length, RECOVERY_CONCURRENCY, async (index) => {
+    const record = records[index]!;
+    if (await stillThere(ctx, pauses, record)) {
+      ctx.table.adopt(record);
+      if (record.network) await runtime.watch(runtimeIdOf(record)).catch((err) => log.warn("cannot watch an adopted sandbox", { sandboxId: record.sandboxId, error: String(err) }));
+      recovered.adopted.push(record.sandboxId);
+      await ctx.recordEvent(record.sandboxId, "adopted", { state: record.state });
+    } else {
+      await ctx.table.end(record, { state: "dead", reason: record.state === "starting" ? "server stopped during create" : "vanished while the server was down" });
+      recovered.dead.push(record.sandboxId);
     }
-  };
-  await Promise.all(Array.from({ length: Math.min(RECOVERY_CONCURRENCY, records.length) }, worker));
+  });
+  const failed = checked.find((result) => result.status === "rejected");
+  if (failed) throw failed.reason;
   const liveRuntimeIds = new Set(ctx.table.records().map(runtimeIdOf));
   for (const runtimeId of await runtime.list()) {
     if (liveRuntimeIds.has(runtimeId)) continue;

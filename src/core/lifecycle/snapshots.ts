@@ -1,4 +1,5 @@
 import { CubicleError } from "../../shared/cubicle-error.js";
+import { runPool } from "../../shared/pool.js";
 import { runtimeIdOf, type SandboxRecord, type SnapshotQuery, type SnapshotRecord } from "../../store/types.js";
 import { newForkSnapshotId, newSnapshotId } from "../ids.js";
 import { normaliseSnapshotRef, parseSnapshotName } from "../snapshot-names.js";
@@ -59,19 +60,8 @@ export class Snapshots {
     });
     try {
       const template = await ctx.templateOf(image);
-      const outcomes: ForkOutcome[] = new Array(options.count);
-      let next = 0;
-      const worker = async () => {
-        while (next < options.count) {
-          const index = next++;
-          outcomes[index] = await ctx.starts.run("create", () => this.forkOne(source, image, template, options.timeoutSec)).then(
-            (record) => ({ record }),
-            (err) => ({ error: CubicleError.from(err) }),
-          );
-        }
-      };
-      await Promise.all(Array.from({ length: Math.min(FORK_PARALLELISM, options.count) }, worker));
-      return outcomes;
+      const made = await runPool(options.count, FORK_PARALLELISM, () => ctx.starts.run("create", () => this.forkOne(source, image, template, options.timeoutSec)));
+      return made.map((result): ForkOutcome => (result.status === "fulfilled" ? { record: result.value } : { error: CubicleError.from(result.reason) }));
     } finally {
       await ctx.ports.store.deleteSnapshot(image.snapshotId).catch(() => undefined);
       await ctx.ports.runtime.images.remove(image.imageId).catch(() => undefined);
