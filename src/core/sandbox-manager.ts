@@ -258,6 +258,7 @@ export class SandboxManager extends EventEmitter<SandboxManagerEvents> {
   async resumeForTraffic(sandboxId: string, options: { wake?: boolean } = {}): Promise<RouteTarget | undefined> {
     const live = this.ctx.table.entry(sandboxId);
     if (live?.initialising) {
+      live.hurry?.();
       await live.initialising;
       return this.routeTarget(sandboxId);
     }

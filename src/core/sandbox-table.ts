@@ -28,6 +28,8 @@ export interface LiveSandbox {
   record: SandboxRecord;
   /** A claimed pool entry's agent being given its identity: traffic waits for it. */
   initialising?: Promise<void>;
+  /** Starts what `initialising` still waits for at once (a claim's policy and thaw: POLICY_CLAIM_NOTE). */
+  hurry?: () => void;
   /** A snapshot or fork dump is under way: a second one is refused, not queued. */
   dumping: boolean;
   /** Its move from the hot pause tier to disk failed: not retried until it is resumed and paused again. */

@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { readdirSync, readFileSync, readlinkSync } from "node:fs";
 import path from "node:path";
 import { after, before, test } from "node:test";
 import { defaultDistDir } from "../shared/config.js";
@@ -205,4 +206,54 @@ test("overlapping allowOut and denyOut entries are one range each, not a conflic
   assert.match(await listing(helperTable, "set", `${chain}_a`), /elements = \{ 1\.2\.3\.0-1\.2\.4\.255 \}/);
   assert.match(await listing(helperTable, "set", `${chain}_d`), /elements = \{ 0\.0\.0\.0\/0 \}/);
   await batch(removePolicyOps(address));
+});
+
+/** The nf_tables (NETLINK_NETFILTER) sockets process `pid` holds open, by inode. */
+function netfilterSockets(pid: number): string[] {
+  const inodes = new Set<string>();
+  for (const fd of readdirSync(`/proc/${pid}/fd`)) {
+    const target = (() => {
+      try {
+        return readlinkSync(`/proc/${pid}/fd/${fd}`);
+      } catch {
+        return "";
+      }
+    })();
+    const inode = /^socket:\[(\d+)\]$/.exec(target)?.[1];
+    if (inode) inodes.add(inode);
+  }
+  // Columns: sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode; Eth 12 is NETLINK_NETFILTER.
+  const rows = readFileSync(`/proc/${pid}/net/netlink`, "utf8").split("\n").slice(1).map((line) => line.trim().split(/\s+/));
+  return rows.filter((row) => row[1] === "12" && inodes.has(row[9]!)).map((row) => row[9]!).sort();
+}
+
+test("the resident helper keeps one nf_tables socket from batch to batch, and opens another after a refusal (NFT_SOCKET_NOTE)", { skip: !isRoot && "needs root" }, async () => {
+  const resident = new SandboxHelper(path.join(defaultDistDir(), "sandbox-helper"));
+  const run = (ops: string) => {
+    const [command, ...args] = nftBatchArgs(helperTable, ops);
+    return resident.call(command!, args, { what: "a batch" });
+  };
+  try {
+    await run(policyOps(address, buildEgressPolicy(true, { denyOut: ["8.8.8.0/24"] }), { fresh: true }));
+    const pid = resident.residentPid!;
+    const first = netfilterSockets(pid);
+    assert.equal(first.length, 1, "its socket stays open after the batch");
+    // Batches that delete (a policy change flushes sets, a removal drops the chain) are the ones
+    // whose socket's close would wait for the kernel's cleanup.
+    await run(policyOps(address, buildEgressPolicy(true, { denyOut: ["9.9.9.0/24"] }), { fresh: false }));
+    assert.match(await listing(helperTable, "set", `${chain}_d`), /9\.9\.9\.0\/24/);
+    await run(removePolicyOps(address));
+    assert.deepEqual(netfilterSockets(pid), first, "the same socket served every batch");
+    await assert.rejects(run(`rule ${chain} nosuchset egress_allowed`), /nftables transaction: No such file or directory/);
+    assert.deepEqual(netfilterSockets(pid), [], "a refusal's socket is closed (answers of the rest of its batch may still come)");
+    await run(policyOps(address, buildEgressPolicy(true, { denyOut: ["8.8.8.0/24"] }), { fresh: true }));
+    const second = netfilterSockets(pid);
+    assert.equal(second.length, 1);
+    assert.notDeepEqual(second, first, "a new socket after the refusal");
+    assert.match(await listing(helperTable, "set", `${chain}_d`), /8\.8\.8\.0\/24/, "and its batch applied");
+    await run(removePolicyOps(address));
+    assert.equal(resident.residentPid, pid, "one resident helper throughout");
+  } finally {
+    resident.close();
+  }
 });

@@ -85,13 +85,44 @@ test("a pool claim with a network policy of its own applies it before any traffi
     assert.equal(f.network.policies.get(entry!.runtimeId)?.allowInternetAccess, true, "pool entries allow public egress");
     const record = await f.manager.create(createRequest({ allowInternetAccess: false, networkConfig: { allowOut: ["example.com"] } }));
     assert.equal(record.sandboxId, entry!.runtimeId, "claimed");
+    // POLICY_CLAIM_NOTE: at the 201 it is still frozen, and still under the entry's open policy.
+    assert.equal(f.runtime.containers.get(record.sandboxId), "frozen", "nothing in it runs under the entry's policy");
+    assert.equal(f.network.policies.get(record.sandboxId)?.allowInternetAccess, true);
     // The router's lookup, as the router does it: no target while the policy is being applied
-    // (routeTarget), and resumeForTraffic waits for that step.
+    // (routeTarget), and resumeForTraffic starts that step at once and waits for it.
+    const asked = performance.now();
     const target = f.manager.routeTarget(record.sandboxId) ?? (await f.manager.resumeForTraffic(record.sandboxId));
+    assert.ok(performance.now() - asked < 15, "traffic does not wait for the fallback timer");
     assert.equal(target?.address, record.network!.sandboxAddress);
     const applied = f.network.policies.get(record.sandboxId);
     assert.equal(applied?.allowInternetAccess, false);
     assert.deepEqual(applied?.network?.allowOut, ["example.com"]);
+    assert.equal(f.runtime.containers.get(record.sandboxId), "running", "thawed once its policy is in place");
+    await f.manager.killAll();
+  });
+});
+
+test("a pool claim with a policy of its own and no traffic is given its policy and thawed shortly after the 201 all the same", async () => {
+  await withFakeManager({ poolSizes: { base: 1 } }, async (f) => {
+    await f.manager.startPools();
+    await until(() => f.manager.poolCounts().base?.ready === 1);
+    const record = await f.manager.create(createRequest({ networkConfig: { denyOut: ["10.0.0.0/8"] } }));
+    assert.equal(f.runtime.containers.get(record.sandboxId), "frozen");
+    await until(() => f.runtime.containers.get(record.sandboxId) === "running");
+    assert.deepEqual(f.network.policies.get(record.sandboxId)?.network?.denyOut, ["10.0.0.0/8"]);
+    const claimCalls = f.runtime.calls.filter((call) => call.endsWith(record.sandboxId));
+    assert.equal(claimCalls.at(-1), `thaw ${record.sandboxId}`, "thawed last");
+    await f.manager.killAll();
+  });
+});
+
+test("a pool claim without a policy of its own is thawed before its 201", async () => {
+  await withFakeManager({ poolSizes: { base: 1 } }, async (f) => {
+    await f.manager.startPools();
+    await until(() => f.manager.poolCounts().base?.ready === 1);
+    const record = await f.manager.create(createRequest());
+    assert.equal(f.runtime.containers.get(record.sandboxId), "running");
+    assert.ok(f.manager.routeTarget(record.sandboxId), "traffic goes through at once");
     await f.manager.killAll();
   });
 });

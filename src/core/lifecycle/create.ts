@@ -9,6 +9,9 @@ import type { WarmPool } from "../warm-pool.js";
 import type { WarmSnapshots } from "../warm-snapshots.js";
 import { hasOwnEgressPolicy, log, networkPolicyOf, type LifecycleContext } from "./context.js";
 
+/** A claimed pool entry with a policy of its own is thawed under it by then at the latest (POLICY_CLAIM_NOTE). */
+const POLICY_AFTER_CLAIM_MS = 20;
+
 /** The alias a create named, or the template's first one. */
 function aliasOf(template: TemplateInfo, requested: string): string | undefined {
   return template.aliases.includes(requested) ? requested : template.aliases[0];
@@ -114,9 +117,10 @@ export class Creation {
 
   /**
    * The warm path: the sandbox takes the frozen entry's id (its container already has that
-   * hostname), is recorded in the same transaction that removes the pool row, is thawed and
-   * given its identity. Undefined when the entry turns out broken (it cannot be thawed): it is
-   * torn down and the caller creates cold.
+   * hostname), is recorded in the same transaction that removes the pool row, is thawed (one
+   * with a policy of its own only once the policy is in place: POLICY_CLAIM_NOTE) and given its
+   * identity. Undefined when the entry turns out broken (its cgroup is gone, it cannot be
+   * thawed): it is torn down and the caller creates cold.
    *
    * Most creates (secure, no env vars) need no /init: the entry's agent got the template's
    * defaults and a token of its own before the freeze. Otherwise the agent's /init (identity,
@@ -136,26 +140,23 @@ export class Creation {
     const initialised = entry.agentToken !== undefined && record.envdAccessToken !== undefined && Object.keys(record.envVars).length === 0;
     if (initialised) record.envdAccessToken = entry.agentToken;
     await ctx.table.addClaimed(record);
-    // The entry's network allows all public egress. A policy of the create's own (one netlink
-    // batch in the resident helper, NFT_NETLINK_NOTE) is applied once the 201 is on its way
-    // (setImmediate runs after the reply's write) and awaited with the /init before any traffic:
-    // the router holds the sandbox's traffic until both are done (only the template's own agent
-    // runs meanwhile). Started before the thaw instead, it delayed the 201 by ~0.4 ms (the
-    // helper's work and its reply competing with the claim on two cores) and the first command
-    // not at all; started later (1 ms after the claim, or 5 ms unless traffic came first), it
-    // moved the cost into the first command: 201 1.11x / 1.05x, first command 1.04x / 1.05x
-    // against 1.09x / 1.02x (bench/network.sh, 200 pairs each way).
-    const policy = hasOwnEgressPolicy(record)
-      ? new Promise<void>((resolve) => setImmediate(resolve)).then(() => ctx.ports.network.applyPolicy(runtimeIdOf(record), networkPolicyOf(record)))
-      : undefined;
-    policy?.catch(() => undefined);
+    const ownPolicy = hasOwnEgressPolicy(record);
     try {
       const recorded = performance.now();
       // Made at background CPU priority: the normal one before it runs again (no process start).
+      // This also proves the entry's cgroup is still there.
       await ctx.ports.runtime.foreground(record.sandboxId);
-      await ctx.ports.runtime.thaw(record.sandboxId);
+      // POLICY_CLAIM_NOTE: the entry's network allows all public egress, so a create with a
+      // policy of its own stays frozen until that policy is in the kernel: not one packet of its
+      // template's processes leaves under the entry's. The policy (one netlink batch in the
+      // resident helper, NFT_NETLINK_NOTE) and the thaw come after the 201, when the sandbox's
+      // first request reaches the router or POLICY_AFTER_CLAIM_MS later, whichever is first; the
+      // router holds its traffic until both are done. Applied as the 201 went out, the helper's
+      // work competed with the client reading it on two cores: 201 1.06–1.09x a create without
+      // a policy; not applied at all, 0.98x (bench/network.sh, 100 pairs each).
+      if (!ownPolicy) await ctx.ports.runtime.thaw(record.sandboxId);
       const thawed = performance.now();
-      if (!initialised || policy) this.initialiseInBackground(record, template, thawed, { init: !initialised, policy, currentToken: entry.agentToken });
+      if (!initialised || ownPolicy) this.initialiseInBackground(record, template, thawed, { init: !initialised, policy: ownPolicy, currentToken: entry.agentToken });
       await ctx.markRunning(record, { pooled: true });
       log.debug("claimed a pool entry", {
         sandboxId: record.sandboxId,
@@ -165,7 +166,6 @@ export class Creation {
       });
       return record;
     } catch (err) {
-      await policy?.catch(() => undefined);
       // A broken pool entry must not fail the create: drop it, the caller boots a fresh one.
       log.warn("warm pool claim failed; creating cold", { sandboxId: record.sandboxId, error: String(err) });
       await ctx.table.end(record, { state: "dead", reason: `pool claim failed: ${(err as Error).message}` });
@@ -173,26 +173,38 @@ export class Creation {
     }
   }
 
-  /** See createFromPoolEntry: /init and the create's network policy after the claim's response, the router waiting for them. */
-  private initialiseInBackground(record: SandboxRecord, template: TemplateInfo, thawedAt: number, steps: { init: boolean; policy: Promise<void> | undefined; currentToken: string | undefined }): void {
+  /**
+   * See createFromPoolEntry: /init, and the create's own network policy and thaw
+   * (POLICY_CLAIM_NOTE), after the claim's response, the router holding the sandbox's traffic
+   * until they are done and starting them at once when traffic comes (LiveSandbox.hurry).
+   */
+  private initialiseInBackground(record: SandboxRecord, template: TemplateInfo, claimedAt: number, steps: { init: boolean; policy: boolean; currentToken: string | undefined }): void {
     const { ctx } = this;
     const sandboxId = record.sandboxId;
     const live = ctx.table.entry(sandboxId)!;
     live.initialising = ctx.mutex.run(sandboxId, async () => {
       try {
-        const results = await Promise.allSettled([
-          steps.init ? ctx.initAgent(record, template, steps.currentToken) : undefined,
-          steps.policy,
-        ]);
-        const failed = results.find((result) => result.status === "rejected");
-        if (failed) throw failed.reason;
-        log.debug("initialised a claimed pool entry", { sandboxId, initMs: roundMs(performance.now() - thawedAt) });
+        if (steps.policy) {
+          await new Promise<void>((resolve) => {
+            const timer = setTimeout(resolve, POLICY_AFTER_CLAIM_MS);
+            live.hurry = () => {
+              clearTimeout(timer);
+              resolve();
+            };
+          });
+          live.hurry = undefined;
+          await ctx.ports.network.applyPolicy(runtimeIdOf(record), networkPolicyOf(record));
+          await ctx.ports.runtime.thaw(sandboxId);
+        }
+        if (steps.init) await ctx.initAgent(record, template, steps.currentToken);
+        log.debug("initialised a claimed pool entry", { sandboxId, policy: steps.policy, initMs: roundMs(performance.now() - claimedAt) });
       } catch (err) {
         // Killed meanwhile (it left the table): nothing to do.
         if (!ctx.table.isLive(record)) return;
         log.warn("agent init or network policy after a pool claim failed; killing the sandbox", { sandboxId, error: String(err) });
         await ctx.markDead(record, `agent init failed: ${(err as Error).message}`).catch((markErr) => log.error("marking a sandbox dead failed", { sandboxId, error: String(markErr) }));
       } finally {
+        live.hurry = undefined;
         live.initialising = undefined;
       }
     });
