@@ -1099,8 +1099,9 @@ static void subcommand_argv(char **argv, const char *command, char **args, int a
  * INLINE_NOTE: a subcommand marked run_inline (nft-batch) runs in the serve process itself: a
  * fork of this process, its memfds and its reaping cost ~1.5 ms on this project's machines,
  * the nf_tables batch itself ~0.3 ms, and it sits on a claim's path. Such a subcommand keeps no
- * state, writes nothing to stdout (the reply channel), changes nothing of this process (no
- * setns, no chdir) and closes what it opens on every path; its stderr goes to a memfd for the
+ * state but what it says (nft-batch: its netlink socket, NFT_SOCKET_NOTE), writes nothing to
+ * stdout (the reply channel), changes nothing of this process (no setns, no chdir) and closes
+ * whatever else it opens on every path; its stderr goes to a memfd for the
  * reply, and fail()/usage() jump back here with the exit status instead of ending the process.
  * It blocks the loop only while the kernel answers (bounded by NET_TIMEOUT_SEC); other requests
  * wait that long.
