@@ -16,12 +16,27 @@ import { openCertificateAuthority } from "../../src/network/index.js";
 import { startEgressTestEnv, type EgressTestEnv } from "../support/egress-test-env.js";
 import type { FakeInternet } from "../support/fake-internet.js";
 import { runAsRoot } from "../support/sandbox-shell.js";
-import { TEST_API_KEY, type TestServer } from "./harness.js";
+import { e2eRuntime, TEST_API_KEY, type TestServer } from "./harness.js";
 
 let env: EgressTestEnv;
 let server: TestServer;
 let inet: FakeInternet;
 const repoRoot = path.resolve(path.dirname(new URL(import.meta.url).pathname), "..", "..");
+
+/**
+ * A request through the router to a server a background command is starting in the sandbox:
+ * repeated until it is answered with 200 or the wait is over (Python's start in a microVM under
+ * TCG can take several seconds on a busy CI host). The last response either way.
+ */
+async function fetchUntilServed(url: string, headers: Record<string, string>): Promise<Response> {
+  const deadline = Date.now() + (e2eRuntime === "microvm" ? 60_000 : 10_000);
+  for (;;) {
+    const res = await fetch(url, { headers });
+    if (res.status === 200 || Date.now() > deadline) return res;
+    await res.arrayBuffer();
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
 
 before(async () => {
   env = await startEgressTestEnv({ fakeInternet: { socks: { username: "cubicle", password: "socks-pass" } } });
@@ -408,13 +423,8 @@ server.serve_forever()
 `,
       );
       await sandbox.commands.run("/usr/bin/python3 /tmp/tls-echo.py", { background: true });
-      let res: Response | undefined;
-      for (let i = 0; i < 50; i++) {
-        res = await fetch(`${server.url}/`, { headers: { "e2b-sandbox-id": sandbox.sandboxId, "e2b-sandbox-port": "8443" } });
-        if (res.status === 200) break;
-        await new Promise((resolve) => setTimeout(resolve, 100));
-      }
-      assert.equal(res?.status, 200);
+      const res = await fetchUntilServed(`${server.url}/`, { "e2b-sandbox-id": sandbox.sandboxId, "e2b-sandbox-port": "8443" });
+      assert.equal(res.status, 200);
       assert.equal(await res!.text(), "over tls");
       const info = await Sandbox.getInfo(sandbox.sandboxId);
       assert.deepEqual((info as { network?: { httpsPorts?: number[] } }).network?.httpsPorts, [8443]);
@@ -441,14 +451,9 @@ HTTPServer(('0.0.0.0', 8080), H).serve_forever()
     await sandbox.commands.run("/usr/bin/python3 /tmp/host-echo.py", { background: true });
     const url = `${server.url}/`;
     const headers = { "e2b-sandbox-id": sandbox.sandboxId, "e2b-sandbox-port": "8080" };
-    let ok: Response | undefined;
-    for (let i = 0; i < 50; i++) {
-      ok = await fetch(url, { headers: { ...headers, "e2b-traffic-access-token": sandbox.trafficAccessToken! } });
-      if (ok.status === 200) break;
-      await new Promise((resolve) => setTimeout(resolve, 100));
-    }
-    assert.equal(ok?.status, 200);
-    assert.equal(await ok!.text(), "localhost:8080");
+    const ok = await fetchUntilServed(url, { ...headers, "e2b-traffic-access-token": sandbox.trafficAccessToken! });
+    assert.equal(ok.status, 200);
+    assert.equal(await ok.text(), "localhost:8080");
     const missing = await fetch(url, { headers });
     assert.equal(missing.status, 403);
     assert.equal((await missing.json()).code, 403);
